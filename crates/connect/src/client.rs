@@ -1,0 +1,190 @@
+//! A small Connect client for unary and server-streaming calls, over HTTP/1.1 or HTTP/2 with
+//! prior knowledge (h2c). wrenn's tests, benchmarks and (later) the host agent use it to talk to
+//! envd.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::envelope::{self, EnvelopeDecoder};
+use crate::{Code, Codec, ConnectError, DEFAULT_MAX_MESSAGE_BYTES, Message};
+
+/// Which HTTP version the client speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpVersion {
+    Http1,
+    /// HTTP/2 over plaintext TCP, without upgrade (prior knowledge).
+    Http2,
+}
+
+/// A client bound to one base URL (`http://host:port`).
+#[derive(Debug, Clone)]
+pub struct ConnectClient {
+    base_url: String,
+    codec: Codec,
+    headers: HeaderMap,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl ConnectClient {
+    pub fn new(base_url: impl Into<String>, version: HttpVersion, codec: Codec) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder.pool_idle_timeout(Duration::from_secs(30));
+        if version == HttpVersion::Http2 {
+            builder.http2_only(true);
+        }
+        ConnectClient {
+            base_url: base_url.into().trim_end_matches('/').to_owned(),
+            codec,
+            headers: HeaderMap::new(),
+            http: builder.build(connector),
+        }
+    }
+
+    /// Adds a header sent with every call (e.g. `X-Access-Token`).
+    pub fn with_header(mut self, name: &'static str, value: &str) -> Self {
+        self.headers.insert(
+            HeaderName::from_static(name),
+            HeaderValue::from_str(value).expect("header values given by callers are valid"),
+        );
+        self
+    }
+
+    /// Calls a unary RPC at `path` (`/package.Service/Method`).
+    pub async fn unary<Req: Message, Resp: Message>(
+        &self,
+        path: &str,
+        request: &Req,
+        extra_headers: &HeaderMap,
+    ) -> Result<Resp, ConnectError> {
+        let body = Bytes::from(self.codec.encode(request));
+        let response = self.send(path, self.codec.unary_content_type(), body, extra_headers).await?;
+        let status = response.status();
+        let bytes = collect(response.into_body()).await?;
+        if !status.is_success() {
+            return Err(ConnectError::from_json(&bytes).unwrap_or_else(|| {
+                ConnectError::new(
+                    Code::from_http_status(status.as_u16()),
+                    format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)),
+                )
+            }));
+        }
+        Ok(self.codec.decode(&bytes)?)
+    }
+
+    /// Calls a server-streaming RPC; the messages are read from the returned stream.
+    pub async fn server_stream<Req: Message, Resp: Message>(
+        &self,
+        path: &str,
+        request: &Req,
+        extra_headers: &HeaderMap,
+    ) -> Result<ResponseStream<Resp>, ConnectError> {
+        let body = envelope::encode(0, &self.codec.encode(request));
+        let response = self.send(path, self.codec.streaming_content_type(), body, extra_headers).await?;
+        let status = response.status();
+        if !status.is_success() {
+            let bytes = collect(response.into_body()).await?;
+            return Err(ConnectError::from_json(&bytes).unwrap_or_else(|| {
+                ConnectError::new(Code::from_http_status(status.as_u16()), format!("HTTP {status}"))
+            }));
+        }
+        Ok(ResponseStream {
+            codec: self.codec,
+            body: response.into_body(),
+            decoder: EnvelopeDecoder::new(DEFAULT_MAX_MESSAGE_BYTES),
+            finished: false,
+            _message: std::marker::PhantomData,
+        })
+    }
+
+    async fn send(
+        &self,
+        path: &str,
+        content_type: &'static str,
+        body: Bytes,
+        extra_headers: &HeaderMap,
+    ) -> Result<http::Response<Incoming>, ConnectError> {
+        let mut request = Request::post(format!("{}{path}", self.base_url))
+            .header(header::CONTENT_TYPE, content_type)
+            .header("connect-protocol-version", "1")
+            .body(Full::new(body))
+            .map_err(|error| ConnectError::internal(format!("building request: {error}")))?;
+        for (name, value) in self.headers.iter().chain(extra_headers.iter()) {
+            request.headers_mut().insert(name.clone(), value.clone());
+        }
+        self.http
+            .request(request)
+            .await
+            .map_err(|error| ConnectError::new(Code::Unavailable, format!("request failed: {error}")))
+    }
+}
+
+async fn collect(body: Incoming) -> Result<Bytes, ConnectError> {
+    body.collect()
+        .await
+        .map(|collected| collected.to_bytes())
+        .map_err(|error| ConnectError::new(Code::Unavailable, format!("reading response: {error}")))
+}
+
+/// The messages of a server-streaming response.
+#[derive(Debug)]
+pub struct ResponseStream<M> {
+    codec: Codec,
+    body: Incoming,
+    decoder: EnvelopeDecoder,
+    finished: bool,
+    _message: std::marker::PhantomData<fn() -> M>,
+}
+
+impl<M: Message> ResponseStream<M> {
+    /// The next message; `None` after a successful end-stream, `Some(Err)` for the stream's error
+    /// (or a broken stream).
+    pub async fn message(&mut self) -> Option<Result<M, ConnectError>> {
+        loop {
+            if self.finished {
+                return None;
+            }
+            match self.decoder.next_envelope() {
+                Err(error) => {
+                    self.finished = true;
+                    return Some(Err(crate::server::envelope_error(error)));
+                }
+                Ok(Some(envelope)) if envelope.is_end_stream() => {
+                    self.finished = true;
+                    return match ConnectError::parse_end_stream(&envelope.payload) {
+                        Ok(None) => None,
+                        Ok(Some(error)) | Err(error) => Some(Err(error)),
+                    };
+                }
+                Ok(Some(envelope)) => return Some(self.codec.decode(&envelope.payload).map_err(Into::into)),
+                Ok(None) => {}
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.decoder.push(&data);
+                    }
+                }
+                Some(Err(error)) => {
+                    self.finished = true;
+                    return Some(Err(ConnectError::new(Code::Unavailable, format!("stream broken: {error}"))));
+                }
+                None => {
+                    self.finished = true;
+                    return Some(Err(ConnectError::new(
+                        Code::Internal,
+                        "stream ended without an end-stream message",
+                    )));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! `POST /init`: the host agent hands a started or restored sandbox its settings: environment
+//! variables, access token, default user and working directory, and the current time (a
+//! restored snapshot's clock is stale).
+//!
+//! Token rules (E2B's, without MMDS): the first `/init` may set any token; after that, every
+//! `/init` must carry the same token. Inits are serialised, and one carrying a timestamp older
+//! than the newest applied one changes nothing (a retried, delayed request must not roll back a
+//! newer one).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use http::{HeaderValue, StatusCode, header};
+use serde::Deserialize;
+
+use crate::auth::secrets_equal;
+use crate::state::{ENVD_VERSION, Envd};
+
+/// Variables envd owns; `/init` cannot override them.
+const INTERNAL_VARS: [&str; 4] = ["E2B_SANDBOX", "E2B_SANDBOX_ID", "E2B_TEMPLATE_ID", "E2B_EVENTS_ADDRESS"];
+
+/// The clock is set when it is behind the given time by more than this...
+const MAX_CLOCK_BEHIND_MS: i64 = 50;
+/// ...or ahead of it by more than this.
+const MAX_CLOCK_AHEAD_MS: i64 = 5_000;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct InitRequest {
+    env_vars: Option<BTreeMap<String, String>>,
+    access_token: Option<String>,
+    timestamp: Option<DateTime<Utc>>,
+    default_user: Option<String>,
+    default_workdir: Option<String>,
+}
+
+/// Whether the clock (`now`) is far enough from `given` to be set (both in unix ms).
+pub fn should_set_clock(now_ms: i64, given_ms: i64) -> bool {
+    now_ms < given_ms - MAX_CLOCK_BEHIND_MS || now_ms > given_ms + MAX_CLOCK_AHEAD_MS
+}
+
+fn respond(status: StatusCode, body: &'static str) -> Response {
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert("x-envd-version", HeaderValue::from_static(ENVD_VERSION));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if !body.is_empty() {
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    }
+    response
+}
+
+pub(crate) async fn init(State(envd): State<Arc<Envd>>, body: Bytes) -> Response {
+    let request: InitRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        InitRequest::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(request) => request,
+            Err(error) => {
+                tracing::warn!(%error, "rejecting /init with an invalid body");
+                return respond(StatusCode::BAD_REQUEST, "");
+            }
+        }
+    };
+    if request.access_token.as_deref() == Some("") {
+        return respond(StatusCode::BAD_REQUEST, "empty token not allowed");
+    }
+
+    let _serialised = envd.init_lock.lock().await;
+    match (envd.access_token(), request.access_token.as_deref()) {
+        (None, _) => {}
+        (Some(current), Some(given)) if secrets_equal(given.as_bytes(), current.as_bytes()) => {}
+        (Some(_), None) => return respond(StatusCode::UNAUTHORIZED, "access token reset not authorized"),
+        (Some(_), Some(_)) => return respond(StatusCode::UNAUTHORIZED, "access token validation failed"),
+    }
+
+    if let Some(timestamp) = request.timestamp {
+        let given_ns = timestamp.timestamp_nanos_opt().unwrap_or(i64::MAX);
+        let mut last = envd.last_init_ns.lock().expect("init time lock");
+        if given_ns < *last {
+            tracing::info!(%timestamp, "ignoring an /init older than the last applied one");
+            return respond(StatusCode::NO_CONTENT, "");
+        }
+        *last = given_ns;
+        drop(last);
+        let now_ms = Utc::now().timestamp_millis();
+        if envd.config.sync_clock && should_set_clock(now_ms, timestamp.timestamp_millis()) {
+            set_clock(timestamp);
+        }
+    }
+
+    envd.update_session(|session| {
+        if let Some(vars) = request.env_vars {
+            session.env_vars = vars.into_iter().filter(|(key, _)| !INTERNAL_VARS.contains(&key.as_str())).collect();
+        }
+        if let Some(token) = request.access_token {
+            session.access_token = Some(token);
+        }
+        if let Some(user) = request.default_user.filter(|u| !u.is_empty()) {
+            session.default_user = Some(user);
+        }
+        if let Some(workdir) = request.default_workdir.filter(|w| !w.is_empty()) {
+            session.default_workdir = Some(workdir.into());
+        }
+    });
+    respond(StatusCode::NO_CONTENT, "")
+}
+
+fn set_clock(timestamp: DateTime<Utc>) {
+    let spec = nix::sys::time::TimeSpec::new(timestamp.timestamp(), i64::from(timestamp.timestamp_subsec_nanos()));
+    match nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, spec) {
+        Ok(()) => tracing::info!(%timestamp, "set the system clock"),
+        Err(error) => tracing::warn!(%timestamp, %error, "could not set the system clock"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clock_window() {
+        assert!(!should_set_clock(1_000, 1_000));
+        assert!(!should_set_clock(1_000, 1_040));
+        assert!(should_set_clock(1_000, 1_051));
+        assert!(!should_set_clock(6_000, 1_000));
+        assert!(should_set_clock(6_001, 1_000));
+    }
+
+    #[test]
+    fn request_fields() {
+        let request: InitRequest = serde_json::from_str(
+            r#"{"envVars":{"A":"1"},"accessToken":"t","timestamp":"2026-11-28T10:00:00.5Z","defaultUser":"user","defaultWorkdir":"/w","hyperloopIP":"1.2.3.4"}"#,
+        )
+        .unwrap();
+        assert_eq!(request.env_vars.unwrap()["A"], "1");
+        assert_eq!(request.timestamp.unwrap().timestamp_subsec_millis(), 500);
+        assert_eq!(request.default_user.as_deref(), Some("user"));
+    }
+}

@@ -1,0 +1,56 @@
+//! envd: the agent inside every wrenn sandbox VM, wire-compatible with E2B's envd so that the
+//! official `e2b` SDKs work against it unmodified.
+//!
+//! - [`rpc`]: the Connect services `process.Process` and `filesystem.Filesystem`;
+//! - [`http`]: `/health`, `/files`, `/envs`, `/metrics`, `/init` and the auth middleware;
+//! - [`process`], [`fs`]: the work itself, knowing nothing of the wire;
+//! - [`users`], [`paths`], [`envs`], [`auth`]: who a call runs as, where its paths lead, what
+//!   environment its processes get;
+//! - [`server`]: the listener (HTTP/1.1 + h2c, timeouts).
+
+pub mod auth;
+pub mod envs;
+pub mod fs;
+pub mod http;
+pub mod metrics;
+pub mod paths;
+pub mod process;
+pub mod rpc;
+pub mod server;
+pub mod state;
+pub mod users;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::http::{HeaderName, Method};
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+
+pub use state::{ENVD_VERSION, Envd, EnvdConfig};
+
+/// The port envd listens on by default (E2B's).
+pub const DEFAULT_PORT: u16 = 49983;
+
+/// envd's whole HTTP application: Connect services, plain routes, auth and CORS.
+pub fn app(envd: Arc<Envd>) -> axum::Router {
+    let cors = CorsLayer::new()
+        .allow_origin(AllowOrigin::mirror_request())
+        .allow_headers(AllowHeaders::mirror_request())
+        .allow_methods([Method::HEAD, Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE])
+        .expose_headers([
+            HeaderName::from_static("location"),
+            HeaderName::from_static("cache-control"),
+            HeaderName::from_static("x-content-type-options"),
+            HeaderName::from_static("connect-content-encoding"),
+            HeaderName::from_static("connect-accept-encoding"),
+            HeaderName::from_static("grpc-status"),
+            HeaderName::from_static("grpc-message"),
+            HeaderName::from_static("grpc-status-details-bin"),
+        ])
+        .max_age(Duration::from_secs(2 * 60 * 60));
+    rpc::router()
+        .merge(http::router())
+        .layer(axum::middleware::from_fn_with_state(envd.clone(), http::guard))
+        .layer(cors)
+        .with_state(envd)
+}

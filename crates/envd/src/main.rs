@@ -1,0 +1,74 @@
+//! The `envd` binary: parses flags and serves envd's API.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use wrenn_envd::server::{self, ServerTimeouts};
+use wrenn_envd::{DEFAULT_PORT, ENVD_VERSION, Envd, EnvdConfig};
+
+/// The agent inside a wrenn sandbox (E2B envd compatible).
+#[derive(Debug, Parser)]
+#[command(name = "envd", version = concat!(env!("CARGO_PKG_VERSION"), " (E2B envd protocol ", "0.6.4", ")"))]
+struct Args {
+    /// Port to listen on.
+    #[arg(long, default_value_t = DEFAULT_PORT)]
+    port: u16,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    listen: IpAddr,
+    /// Never let `/init` set the system clock.
+    #[arg(long)]
+    no_clock_sync: bool,
+    /// Seconds a client may take to send its request headers.
+    #[arg(long, default_value_t = 30)]
+    header_read_timeout_secs: u64,
+    /// Largest Connect message accepted, in bytes.
+    #[arg(long, default_value_t = wrenn_connect::DEFAULT_MAX_MESSAGE_BYTES)]
+    max_message_bytes: usize,
+    /// Log more.
+    #[arg(long)]
+    verbose: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ENVD_LOG")
+                .unwrap_or_else(|_| if args.verbose { "debug".into() } else { "info".into() }),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // Two worker threads: envd shares a small VM with the user's work.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(64)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let address = SocketAddr::new(args.listen, args.port);
+    let listener = tokio::net::TcpListener::bind(address).await.with_context(|| format!("listening on {address}"))?;
+    let config = EnvdConfig { max_message_bytes: args.max_message_bytes, sync_clock: !args.no_clock_sync };
+    let envd = Arc::new(Envd::new(config));
+    tracing::info!(%address, version = ENVD_VERSION, "envd listening");
+    let timeouts = ServerTimeouts { header_read: Duration::from_secs(args.header_read_timeout_secs), ..ServerTimeouts::default() };
+    server::serve(listener, wrenn_envd::app(envd), timeouts, shutdown_signal()).await;
+    tracing::info!("envd stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

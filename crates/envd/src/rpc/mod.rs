@@ -1,0 +1,254 @@
+//! envd's Connect services over axum: the routes `/process.Process/*` and
+//! `/filesystem.Filesystem/*`, and the plumbing every call shares (codec negotiation, body
+//! limits, the calling user, deadlines, keepalives). The services themselves parse requests and
+//! delegate to `process` and `fs`.
+
+pub mod filesystem;
+pub mod process;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use http::HeaderMap;
+use http_body_util::BodyExt;
+use wrenn_connect::{Code, Codec, ConnectError, Message, server};
+
+use crate::auth;
+use crate::state::Envd;
+use crate::users::User;
+
+/// The header a client sets to ask for keepalive messages on idle streams (seconds).
+pub const KEEPALIVE_HEADER: &str = "keepalive-ping-interval";
+/// The keepalive interval when the client asks for none (E2B's default).
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(90);
+
+/// The Connect routes.
+pub fn router() -> Router<Arc<Envd>> {
+    use filesystem as fs;
+    use process as p;
+    Router::new()
+        .route("/process.Process/Start", post(p::start))
+        .route("/process.Process/Connect", post(p::connect))
+        .route("/process.Process/List", post(p::list))
+        .route("/process.Process/SendInput", post(p::send_input))
+        .route("/process.Process/StreamInput", post(p::stream_input))
+        .route("/process.Process/Update", post(p::update))
+        .route("/process.Process/SendSignal", post(p::send_signal))
+        .route("/process.Process/CloseStdin", post(p::close_stdin))
+        .route("/filesystem.Filesystem/Stat", post(fs::stat))
+        .route("/filesystem.Filesystem/MakeDir", post(fs::make_dir))
+        .route("/filesystem.Filesystem/Move", post(fs::move_entry))
+        .route("/filesystem.Filesystem/ListDir", post(fs::list_dir))
+        .route("/filesystem.Filesystem/Remove", post(fs::remove))
+        .route("/filesystem.Filesystem/WatchDir", post(fs::watch_dir))
+        .route("/filesystem.Filesystem/CreateWatcher", post(fs::create_watcher))
+        .route("/filesystem.Filesystem/GetWatcherEvents", post(fs::get_watcher_events))
+        .route("/filesystem.Filesystem/RemoveWatcher", post(fs::remove_watcher))
+}
+
+/// What a handler knows about its call besides the message.
+#[derive(Debug)]
+pub struct CallContext {
+    pub user: User,
+    /// The client's deadline (`Connect-Timeout-Ms`).
+    pub deadline: Option<Duration>,
+    /// How long a stream may stay silent before a keepalive message is sent.
+    pub keepalive: Duration,
+}
+
+fn call_context(envd: &Envd, headers: &HeaderMap) -> Result<CallContext, ConnectError> {
+    let requested = auth::basic_username(headers).map_err(|e| ConnectError::new(Code::Unauthenticated, e.to_string()))?;
+    let user = envd
+        .user(requested.as_deref())
+        .map_err(|e| ConnectError::new(Code::Unauthenticated, format!("invalid username: {e}")))?;
+    let deadline = server::timeout(headers)?;
+    // A missing, malformed or non-positive interval means the default (E2B's envd crashes on
+    // zero; we don't).
+    let keepalive = headers
+        .get(KEEPALIVE_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .filter(|seconds| *seconds > 0)
+        .map_or(DEFAULT_KEEPALIVE, Duration::from_secs);
+    Ok(CallContext { user, deadline, keepalive })
+}
+
+async fn read_body(body: Body, max_bytes: usize) -> Result<Bytes, ConnectError> {
+    // One envelope prefix of slack, so that a streaming request of exactly the limit passes.
+    let limit = max_bytes + wrenn_connect::envelope::PREFIX_LEN;
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(ConnectError::new(
+            Code::ResourceExhausted,
+            format!("request body exceeds the limit of {max_bytes} bytes"),
+        )),
+        Err(error) => Err(ConnectError::new(Code::Canceled, format!("reading the request failed: {error}"))),
+    }
+}
+
+/// Serves a unary call: decodes the request, runs `handler` within the client's deadline and
+/// encodes its answer or error.
+pub(crate) async fn unary<Req, Resp, F, Fut>(envd: Arc<Envd>, headers: HeaderMap, body: Body, handler: F) -> Response
+where
+    Req: Message,
+    Resp: Message,
+    F: FnOnce(Arc<Envd>, Req, CallContext) -> Fut,
+    Fut: Future<Output = Result<Resp, ConnectError>>,
+{
+    let codec = match server::unary_codec(&headers) {
+        Ok(codec) => codec,
+        Err(response) => return response.into_response(),
+    };
+    let result = async {
+        server::check_no_compression(&headers, false)?;
+        let context = call_context(&envd, &headers)?;
+        let body = read_body(body, envd.config.max_message_bytes).await?;
+        let request: Req = server::decode_unary(codec, &body, envd.config.max_message_bytes)?;
+        match context.deadline {
+            Some(deadline) => tokio::time::timeout(deadline, handler(envd.clone(), request, context))
+                .await
+                .unwrap_or_else(|_| Err(ConnectError::new(Code::DeadlineExceeded, "the call's deadline passed"))),
+            None => handler(envd.clone(), request, context).await,
+        }
+    }
+    .await;
+    match result {
+        Ok(response) => server::unary_response(codec, &response).into_response(),
+        Err(error) => server::unary_error(&error).into_response(),
+    }
+}
+
+/// Serves a server-streaming call: decodes the single request message and streams what
+/// `handler` returns; a handler error becomes the end-stream error.
+pub(crate) async fn server_streaming<Req, Resp, F, Fut, S>(
+    envd: Arc<Envd>,
+    headers: HeaderMap,
+    body: Body,
+    handler: F,
+) -> Response
+where
+    Req: Message,
+    Resp: Message,
+    F: FnOnce(Arc<Envd>, Req, CallContext) -> Fut,
+    Fut: Future<Output = Result<S, ConnectError>>,
+    S: Stream<Item = Result<Resp, ConnectError>> + Send + 'static,
+{
+    let codec = match server::streaming_codec(&headers) {
+        Ok(codec) => codec,
+        Err(response) => return response.into_response(),
+    };
+    let result = async {
+        server::check_no_compression(&headers, true)?;
+        let context = call_context(&envd, &headers)?;
+        let body = read_body(body, envd.config.max_message_bytes).await?;
+        let request: Req = server::decode_single_envelope(codec, &body, envd.config.max_message_bytes)?;
+        handler(envd.clone(), request, context).await
+    }
+    .await;
+    match result {
+        Ok(stream) => server::streaming_response(codec, stream).into_response(),
+        Err(error) => server::streaming_error(codec, &error).into_response(),
+    }
+}
+
+/// Interleaves keepalive messages into a stream whenever it stays silent for `interval`.
+pub(crate) fn with_keepalive<M, S>(
+    stream: S,
+    interval: Duration,
+    keepalive: fn() -> M,
+) -> impl Stream<Item = Result<M, ConnectError>> + Send + 'static
+where
+    M: Send + 'static,
+    S: Stream<Item = Result<M, ConnectError>> + Send + 'static,
+{
+    futures_util::stream::unfold(Box::pin(stream), move |mut stream| async move {
+        match tokio::time::timeout(interval, stream.next()).await {
+            Ok(Some(item)) => Some((item, stream)),
+            Ok(None) => None,
+            Err(_silent) => Some((Ok(keepalive()), stream)),
+        }
+    })
+}
+
+/// Ends a stream with `deadline_exceeded` once `deadline` passes (if there is one).
+pub(crate) fn with_deadline<M, S>(
+    stream: S,
+    deadline: Option<Duration>,
+) -> impl Stream<Item = Result<M, ConnectError>> + Send + 'static
+where
+    M: Send + 'static,
+    S: Stream<Item = Result<M, ConnectError>> + Send + 'static,
+{
+    let expiry = deadline.map(|d| tokio::time::Instant::now() + d);
+    futures_util::stream::unfold(Some(Box::pin(stream)), move |state| async move {
+        let mut stream = state?;
+        let next = match expiry {
+            Some(at) => match tokio::time::timeout_at(at, stream.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    let error = ConnectError::new(Code::DeadlineExceeded, "the call's deadline passed");
+                    return Some((Err(error), None));
+                }
+            },
+            None => stream.next().await,
+        };
+        next.map(|item| (item, Some(stream)))
+    })
+}
+
+/// The codec-independent decoding of a client-streaming body, one message at a time.
+pub(crate) struct RequestStream {
+    body: Body,
+    decoder: wrenn_connect::envelope::EnvelopeDecoder,
+    codec: Codec,
+    done: bool,
+}
+
+impl RequestStream {
+    pub(crate) fn new(body: Body, codec: Codec, max_bytes: usize) -> Self {
+        RequestStream {
+            body,
+            decoder: wrenn_connect::envelope::EnvelopeDecoder::new(max_bytes),
+            codec,
+            done: false,
+        }
+    }
+
+    /// The next message, `Ok(None)` at the end of the request.
+    pub(crate) async fn message<M: Message>(&mut self) -> Result<Option<M>, ConnectError> {
+        loop {
+            if let Some(envelope) = self.decoder.next_envelope().map_err(server::envelope_error)? {
+                if envelope.is_end_stream() {
+                    self.done = true;
+                    return Ok(None);
+                }
+                return Ok(Some(self.codec.decode(&envelope.payload)?));
+            }
+            if self.done {
+                return Ok(None);
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.decoder.push(&data);
+                    }
+                }
+                Some(Err(error)) => {
+                    return Err(ConnectError::new(Code::Canceled, format!("reading the request failed: {error}")));
+                }
+                None => {
+                    self.decoder.finish().map_err(server::envelope_error)?;
+                    self.done = true;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! envd's shared state: the sandbox session set by `/init` (access token, default user and
+//! working directory, sandbox-wide environment variables) and the long-lived services
+//! (accounts, processes, watchers).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+
+use crate::fs::watch::WatcherRegistry;
+use crate::metrics::CpuSampler;
+use crate::paths::{self, PathError};
+use crate::process::ProcessManager;
+use crate::users::{Accounts, User, UserError};
+
+/// The version envd reports: the E2B envd version whose SDK feature gates this envd meets in
+/// full (every gate of `e2b` 2.63's `envd/versions.py` and `versions.ts` up to 0.6.4).
+pub const ENVD_VERSION: &str = "0.6.4";
+
+/// The user calls run as when neither the call nor `/init` names one.
+pub const FALLBACK_USER: &str = "root";
+
+/// Settings fixed at start-up.
+#[derive(Debug, Clone)]
+pub struct EnvdConfig {
+    /// The largest Connect message accepted.
+    pub max_message_bytes: usize,
+    /// Whether `/init` may set the system clock.
+    pub sync_clock: bool,
+}
+
+impl Default for EnvdConfig {
+    fn default() -> Self {
+        EnvdConfig { max_message_bytes: wrenn_connect::DEFAULT_MAX_MESSAGE_BYTES, sync_clock: true }
+    }
+}
+
+/// What `/init` sets.
+#[derive(Debug, Clone, Default)]
+pub struct Session {
+    pub access_token: Option<String>,
+    pub default_user: Option<String>,
+    pub default_workdir: Option<PathBuf>,
+    pub env_vars: BTreeMap<String, String>,
+}
+
+/// Everything the handlers share.
+#[derive(Debug)]
+pub struct Envd {
+    pub config: EnvdConfig,
+    pub accounts: Accounts,
+    pub processes: ProcessManager,
+    pub watchers: WatcherRegistry,
+    pub cpu: Mutex<CpuSampler>,
+    session: RwLock<Session>,
+    /// Serialises `/init` calls.
+    pub init_lock: tokio::sync::Mutex<()>,
+    /// The timestamp (unix ns) of the newest `/init` applied.
+    pub last_init_ns: Mutex<i64>,
+    /// envd's own PATH, handed to the processes it starts.
+    path_env: Option<String>,
+}
+
+impl Envd {
+    pub fn new(config: EnvdConfig) -> Self {
+        Envd::with_accounts(config, Accounts::default())
+    }
+
+    pub fn with_accounts(config: EnvdConfig, accounts: Accounts) -> Self {
+        Envd {
+            config,
+            accounts,
+            processes: ProcessManager::default(),
+            watchers: WatcherRegistry::default(),
+            cpu: Mutex::new(CpuSampler::default()),
+            session: RwLock::new(Session::default()),
+            init_lock: tokio::sync::Mutex::new(()),
+            last_init_ns: Mutex::new(i64::MIN),
+            path_env: std::env::var("PATH").ok(),
+        }
+    }
+
+    pub fn session(&self) -> Session {
+        self.session.read().expect("session lock").clone()
+    }
+
+    pub fn update_session(&self, update: impl FnOnce(&mut Session)) {
+        update(&mut self.session.write().expect("session lock"));
+    }
+
+    pub fn access_token(&self) -> Option<String> {
+        self.session.read().expect("session lock").access_token.clone()
+    }
+
+    pub fn path_env(&self) -> Option<&str> {
+        self.path_env.as_deref()
+    }
+
+    /// The user a call runs as: the one it names, else the session's default, else root.
+    pub fn user(&self, requested: Option<&str>) -> Result<User, UserError> {
+        match requested {
+            Some(name) => self.accounts.user(name),
+            None => {
+                let default = self.session.read().expect("session lock").default_user.clone();
+                self.accounts.user(default.as_deref().unwrap_or(FALLBACK_USER))
+            }
+        }
+    }
+
+    /// Resolves a client's path for `user` (see [`paths::resolve`]).
+    pub fn resolve_path(&self, path: &str, user: &User) -> Result<PathBuf, PathError> {
+        let workdir = self.session.read().expect("session lock").default_workdir.clone();
+        paths::resolve(path, &user.home, workdir.as_deref())
+    }
+
+    /// The working directory of a process that names none.
+    pub fn default_cwd(&self, user: &User) -> PathBuf {
+        let workdir = self.session.read().expect("session lock").default_workdir.clone();
+        workdir.unwrap_or_else(|| user.home.clone())
+    }
+
+    /// The sandbox-wide environment variables of processes.
+    pub fn sandbox_env(&self) -> BTreeMap<String, String> {
+        let mut env = BTreeMap::from([("E2B_SANDBOX".to_owned(), "true".to_owned())]);
+        env.extend(self.session.read().expect("session lock").env_vars.clone());
+        env
+    }
+}
+
+/// Whether `path` is an existing directory.
+pub fn is_dir(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_dir())
+}

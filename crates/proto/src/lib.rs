@@ -1,0 +1,23 @@
+//! The protocol buffer messages of envd's two Connect services, `process.Process` and
+//! `filesystem.Filesystem`, exactly as E2B's envd defines them (field numbers and names are part of
+//! the wire contract with the `e2b` SDKs).
+//!
+//! Every message is a `prost::Message` (binary codec) and implements `serde` with the proto3 JSON
+//! mapping (lowerCamelCase names with snake_case accepted, base64 bytes, int64 as strings, enum
+//! names, unknown fields ignored), which is the codec the SDKs use. This crate owns no behaviour.
+
+#![allow(missing_debug_implementations)]
+
+/// `package process`: running commands and terminals.
+#[allow(clippy::all, clippy::pedantic)]
+pub mod process {
+    include!(concat!(env!("OUT_DIR"), "/process.rs"));
+    include!(concat!(env!("OUT_DIR"), "/process.serde.rs"));
+}
+
+/// `package filesystem`: files, directories and watchers.
+#[allow(clippy::all, clippy::pedantic)]
+pub mod filesystem {
+    include!(concat!(env!("OUT_DIR"), "/filesystem.rs"));
+    include!(concat!(env!("OUT_DIR"), "/filesystem.serde.rs"));
+}

@@ -1,0 +1,241 @@
+"""Access-token auth (X-Access-Token, set by POST /init) and signed /files URLs.
+
+These run against a second envd (`secure_envd`) whose token was set by `POST /init`.
+"""
+
+import urllib.parse
+import uuid
+
+import httpx
+import pytest
+
+from e2b import AuthenticationException
+
+from support import make_secure_sandbox
+
+
+def _file_path() -> str:
+    return f"/tmp/wrenn-sdk-signed-{uuid.uuid4().hex[:12]}.txt"
+
+
+def _assert_json_401(r: httpx.Response) -> dict:
+    assert r.status_code == 401, (r.status_code, r.text)
+    assert r.headers.get("content-type", "").startswith("application/json"), r.headers
+    body = r.json()
+    assert body["code"] == 401
+    assert isinstance(body["message"], str) and body["message"]
+    return body
+
+
+# --- the SDK with the right, a wrong and no token ----------------------------------------
+
+
+def test_sdk_with_token_works(secure_sandbox):
+    path = _file_path()
+    try:
+        assert secure_sandbox.commands.run("echo secure").stdout == "secure\n"
+        secure_sandbox.files.write(path, "secret content")
+        assert secure_sandbox.files.read(path) == "secret content"
+        assert secure_sandbox.files.exists(path) is True
+        assert secure_sandbox.is_running() is True
+    finally:
+        secure_sandbox.files.remove(path)
+
+
+def test_default_user_after_init_without_default_user_is_root(secure_sandbox):
+    assert secure_sandbox.commands.run("whoami").stdout == "root\n"
+
+
+def test_wrong_token_is_rejected(secure_envd):
+    wrong = make_secure_sandbox(secure_envd.url, "0" * 64)
+    with pytest.raises(AuthenticationException):
+        wrong.commands.run("echo never")
+    with pytest.raises(AuthenticationException):
+        wrong.commands.list()
+    with pytest.raises(AuthenticationException):
+        wrong.files.list("/tmp")
+    with pytest.raises(AuthenticationException):
+        wrong.files.exists("/tmp")
+    # /files with a token header that does not match is refused too, signature or not
+    with pytest.raises(AuthenticationException):
+        wrong.files.read("/etc/hostname")
+    with pytest.raises(AuthenticationException):
+        wrong.files.write(_file_path(), "never")
+
+
+def test_no_token_is_rejected(secure_envd):
+    anonymous = make_secure_sandbox(secure_envd.url, None)
+    with pytest.raises(AuthenticationException):
+        anonymous.commands.run("echo never")
+    with pytest.raises(AuthenticationException):
+        anonymous.files.get_info("/tmp")
+    with pytest.raises(AuthenticationException):
+        anonymous.files.read("/etc/hostname")
+
+
+def test_rpc_without_token_is_a_json_401(secure_envd):
+    r = httpx.post(
+        f"{secure_envd.url}/process.Process/List",
+        content=b"{}",
+        headers={"Content-Type": "application/json", "Connect-Protocol-Version": "1"},
+        timeout=10,
+    )
+    _assert_json_401(r)
+
+
+def test_health_needs_no_token(secure_envd):
+    r = httpx.get(f"{secure_envd.url}/health", timeout=5)
+    assert r.status_code == 204
+
+
+def test_init_keeps_the_first_token(secure_envd):
+    r = httpx.post(f"{secure_envd.url}/init", json={"accessToken": "f" * 64}, timeout=10)
+    assert r.status_code == 401
+    r = httpx.post(f"{secure_envd.url}/init", json={"accessToken": secure_envd.token}, timeout=10)
+    assert r.status_code == 204
+
+
+# --- signed URLs -------------------------------------------------------------------------
+
+
+def _tamper(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qs(parts.query)
+    sig = query["signature"][0]
+    assert sig.startswith("v1_")
+    last = sig[-1]
+    query["signature"] = [sig[:-1] + ("A" if last != "A" else "B")]
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query, doseq=True)))
+
+
+def test_signed_download_url(secure_sandbox):
+    path = _file_path()
+    secure_sandbox.files.write(path, "download me")
+    try:
+        url = secure_sandbox.download_url(path)
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+        assert query["path"] == [path]
+        assert query["signature"][0].startswith("v1_")
+        assert "signature_expiration" not in query
+        r = httpx.get(url, timeout=10)
+        assert r.status_code == 200, r.text
+        assert r.content == b"download me"
+    finally:
+        secure_sandbox.files.remove(path)
+
+
+def test_signed_download_url_with_expiration(secure_sandbox):
+    path = _file_path()
+    secure_sandbox.files.write(path, "expiring")
+    try:
+        url = secure_sandbox.download_url(path, use_signature_expiration=120)
+        assert "signature_expiration=" in url
+        r = httpx.get(url, timeout=10)
+        assert r.status_code == 200, r.text
+        assert r.content == b"expiring"
+    finally:
+        secure_sandbox.files.remove(path)
+
+
+def test_signed_upload_url(secure_sandbox):
+    path = _file_path()
+    try:
+        url = secure_sandbox.upload_url(path, use_signature_expiration=120)
+        r = httpx.post(url, files={"file": ("upload.txt", b"uploaded via signed url")}, timeout=10)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert isinstance(body, list) and len(body) == 1
+        assert body[0]["path"] == path
+        assert body[0]["name"] == path.rsplit("/", 1)[1]
+        assert body[0]["type"] == "file"
+        assert secure_sandbox.files.read(path) == "uploaded via signed url"
+    finally:
+        secure_sandbox.files.remove(path)
+
+
+def test_signed_urls_for_a_user(secure_sandbox, test_user):
+    path = f"/home/{test_user}/wrenn-sdk-signed-{uuid.uuid4().hex[:8]}.txt"
+    try:
+        up = secure_sandbox.upload_url(path, user=test_user)
+        assert f"username={test_user}" in up
+        r = httpx.post(up, files={"file": ("f", b"user's file")}, timeout=10)
+        assert r.status_code == 200, r.text
+        assert secure_sandbox.files.get_info(path).owner == test_user
+        r = httpx.get(secure_sandbox.download_url(path, user=test_user), timeout=10)
+        assert r.status_code == 200, r.text
+        assert r.content == b"user's file"
+        # the user is part of what is signed
+        tampered = secure_sandbox.download_url(path, user=test_user).replace(f"username={test_user}", "username=root")
+        _assert_json_401(httpx.get(tampered, timeout=10))
+    finally:
+        secure_sandbox.files.remove(path)
+
+
+def test_expired_signature(secure_sandbox):
+    path = _file_path()
+    secure_sandbox.files.write(path, "too late")
+    try:
+        url = secure_sandbox.download_url(path, use_signature_expiration=-30)
+        r = httpx.get(url, timeout=10)
+        assert r.status_code == 401
+        assert r.json() == {"code": 401, "message": "signature is already expired"}
+        url = secure_sandbox.upload_url(path, use_signature_expiration=-30)
+        r = httpx.post(url, files={"file": ("f", b"nope")}, timeout=10)
+        assert r.status_code == 401
+        assert r.json() == {"code": 401, "message": "signature is already expired"}
+        assert secure_sandbox.files.read(path) == "too late"
+    finally:
+        secure_sandbox.files.remove(path)
+
+
+def test_tampered_signature(secure_sandbox):
+    path = _file_path()
+    secure_sandbox.files.write(path, "guarded")
+    try:
+        _assert_json_401(httpx.get(_tamper(secure_sandbox.download_url(path)), timeout=10))
+        _assert_json_401(httpx.get(_tamper(secure_sandbox.download_url(path, use_signature_expiration=60)), timeout=10))
+        r = httpx.post(_tamper(secure_sandbox.upload_url(path)), files={"file": ("f", b"evil")}, timeout=10)
+        _assert_json_401(r)
+        assert secure_sandbox.files.read(path) == "guarded"
+    finally:
+        secure_sandbox.files.remove(path)
+
+
+def test_signature_is_bound_to_path_operation_and_expiration(secure_sandbox):
+    path, other = _file_path(), _file_path()
+    secure_sandbox.files.write(path, "a")
+    secure_sandbox.files.write(other, "b")
+    try:
+        # a read signature for `path` used for `other`
+        url = secure_sandbox.download_url(path)
+        _assert_json_401(httpx.get(url.replace(urllib.parse.quote(path, safe=""), urllib.parse.quote(other, safe="")), timeout=10))
+        # a read signature used to write
+        read_url = secure_sandbox.download_url(path)
+        _assert_json_401(httpx.post(read_url, files={"file": ("f", b"evil")}, timeout=10))
+        # a write signature used to read
+        write_url = secure_sandbox.upload_url(path)
+        _assert_json_401(httpx.get(write_url, timeout=10))
+        # a prolonged expiration
+        url = secure_sandbox.download_url(path, use_signature_expiration=60)
+        parts = urllib.parse.urlsplit(url)
+        query = urllib.parse.parse_qs(parts.query)
+        query["signature_expiration"] = [str(int(query["signature_expiration"][0]) + 3600)]
+        longer = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query, doseq=True)))
+        _assert_json_401(httpx.get(longer, timeout=10))
+        assert secure_sandbox.files.read(path) == "a"
+    finally:
+        secure_sandbox.files.remove(path)
+        secure_sandbox.files.remove(other)
+
+
+def test_no_token_and_no_signature(secure_envd, secure_sandbox):
+    path = _file_path()
+    secure_sandbox.files.write(path, "x")
+    try:
+        _assert_json_401(httpx.get(f"{secure_envd.url}/files", params={"path": path}, timeout=10))
+        _assert_json_401(
+            httpx.post(f"{secure_envd.url}/files", params={"path": path}, files={"file": ("f", b"evil")}, timeout=10)
+        )
+        assert secure_sandbox.files.read(path) == "x"
+    finally:
+        secure_sandbox.files.remove(path)

@@ -1,0 +1,170 @@
+"""Directory watching.
+
+The sync SDK polls: Filesystem.CreateWatcher, then GetWatcherEvents, then RemoveWatcher.
+The async SDK streams: Filesystem.WatchDir (first message `start`, then `filesystem` events).
+"""
+
+import asyncio
+import time
+
+import pytest
+
+from e2b import FileNotFoundException, FilesystemEventType, FileType
+
+from support import wait_until
+
+
+class EventLog:
+    """Accumulates the events of a sync WatchHandle across polls."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.events = []
+
+    def poll(self):
+        self.events.extend(self.handle.get_new_events())
+        return self.events
+
+    def has(self, name, kind):
+        return any(e.name == name and e.type == kind for e in self.events)
+
+    def wait_for(self, name, kind, timeout=5.0):
+        def seen():
+            self.poll()
+            return self.has(name, kind)
+
+        wait_until(seen, timeout=timeout, interval=0.1,
+                   message=f"{kind} event for {name!r}; got {[(e.name, e.type) for e in self.events]}")
+
+
+def test_watch_create_write_remove(sandbox, workdir):
+    handle = sandbox.files.watch_dir(workdir)
+    log = EventLog(handle)
+    try:
+        sandbox.files.write(f"{workdir}/watched.txt", "hello")
+        log.wait_for("watched.txt", FilesystemEventType.CREATE)
+        log.wait_for("watched.txt", FilesystemEventType.WRITE)
+        sandbox.files.remove(f"{workdir}/watched.txt")
+        log.wait_for("watched.txt", FilesystemEventType.REMOVE)
+        assert all(e.entry is None for e in log.events)  # include_entry was not asked for
+    finally:
+        handle.stop()
+
+
+def test_watch_rename_and_chmod(sandbox, workdir):
+    sandbox.files.write(f"{workdir}/before.txt", "x")
+    handle = sandbox.files.watch_dir(workdir)
+    log = EventLog(handle)
+    try:
+        sandbox.files.rename(f"{workdir}/before.txt", f"{workdir}/after.txt")
+        log.wait_for("before.txt", FilesystemEventType.RENAME)
+        log.wait_for("after.txt", FilesystemEventType.CREATE)
+        sandbox.commands.run(f"chmod 600 {workdir}/after.txt")
+        log.wait_for("after.txt", FilesystemEventType.CHMOD)
+    finally:
+        handle.stop()
+
+
+def test_watch_is_not_recursive_by_default(sandbox, workdir):
+    sandbox.files.make_dir(f"{workdir}/sub")
+    handle = sandbox.files.watch_dir(workdir)
+    log = EventLog(handle)
+    try:
+        sandbox.files.write(f"{workdir}/sub/inner.txt", "in")
+        sandbox.files.write(f"{workdir}/outer.txt", "out")
+        log.wait_for("outer.txt", FilesystemEventType.CREATE)
+        log.poll()
+        assert not any(e.name.endswith("inner.txt") for e in log.events), log.events
+    finally:
+        handle.stop()
+
+
+def test_watch_recursive(sandbox, workdir):
+    sandbox.files.make_dir(f"{workdir}/sub")
+    handle = sandbox.files.watch_dir(workdir, recursive=True)
+    log = EventLog(handle)
+    try:
+        sandbox.files.write(f"{workdir}/sub/inner.txt", "in")
+        log.wait_for("sub/inner.txt", FilesystemEventType.CREATE)
+        log.wait_for("sub/inner.txt", FilesystemEventType.WRITE)
+        # a directory created after the watch started is watched too
+        sandbox.files.make_dir(f"{workdir}/sub/new")
+        log.wait_for("sub/new", FilesystemEventType.CREATE)
+        time.sleep(0.2)  # give the watcher a moment to add the new directory
+        sandbox.files.write(f"{workdir}/sub/new/deep.txt", "deep")
+        log.wait_for("sub/new/deep.txt", FilesystemEventType.CREATE)
+    finally:
+        handle.stop()
+
+
+def test_watch_include_entry(sandbox, workdir):
+    handle = sandbox.files.watch_dir(workdir, include_entry=True)
+    log = EventLog(handle)
+    try:
+        sandbox.files.write(f"{workdir}/entry.txt", "12345")
+        log.wait_for("entry.txt", FilesystemEventType.WRITE)
+        creates = [e for e in log.events if e.name == "entry.txt" and e.type == FilesystemEventType.CREATE]
+        assert creates and creates[0].entry is not None
+        assert creates[0].entry.path == f"{workdir}/entry.txt"
+        assert creates[0].entry.name == "entry.txt"
+        assert creates[0].entry.type == FileType.FILE
+    finally:
+        handle.stop()
+
+
+def test_watch_events_are_drained(sandbox, workdir):
+    handle = sandbox.files.watch_dir(workdir)
+    log = EventLog(handle)
+    try:
+        sandbox.files.write(f"{workdir}/once.txt", "1")
+        log.wait_for("once.txt", FilesystemEventType.CREATE)
+        time.sleep(0.2)
+        log.poll()
+        # every event is returned by exactly one get_new_events call
+        assert handle.get_new_events() == []
+    finally:
+        handle.stop()
+
+
+def test_watch_missing_dir(sandbox, workdir):
+    with pytest.raises(FileNotFoundException):
+        sandbox.files.watch_dir(f"{workdir}/does-not-exist")
+
+
+async def test_async_watch_dir_stream(async_sandbox, workdir):
+    events = []
+    exits = []
+    handle = await async_sandbox.files.watch_dir(
+        workdir, on_event=events.append, on_exit=exits.append, recursive=True, timeout=30
+    )
+    try:
+        await async_sandbox.files.make_dir(f"{workdir}/adir")
+        await async_sandbox.files.write(f"{workdir}/adir/streamed.txt", "s")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if any(e.name == "adir/streamed.txt" and e.type == FilesystemEventType.WRITE for e in events):
+                break
+            await asyncio.sleep(0.05)
+        kinds = {(e.name, e.type) for e in events}
+        assert ("adir", FilesystemEventType.CREATE) in kinds, kinds
+        assert ("adir/streamed.txt", FilesystemEventType.CREATE) in kinds, kinds
+        assert ("adir/streamed.txt", FilesystemEventType.WRITE) in kinds, kinds
+        assert exits == []  # the stream is still open
+    finally:
+        await handle.stop()
+    assert exits == [None]
+
+
+async def test_async_watch_dir_timeout_ends_the_stream(async_sandbox, workdir):
+    exits = []
+    await async_sandbox.files.watch_dir(workdir, on_event=lambda e: None, on_exit=exits.append, timeout=1)
+    deadline = time.monotonic() + 5
+    while not exits and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert len(exits) == 1
+    assert exits[0] is not None  # the stream ended with deadline_exceeded
+
+
+async def test_async_watch_missing_dir(async_sandbox, workdir):
+    with pytest.raises(FileNotFoundException):
+        await async_sandbox.files.watch_dir(f"{workdir}/missing", on_event=lambda e: None)

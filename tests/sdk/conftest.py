@@ -197,9 +197,9 @@ def _user_exists(name: str) -> bool:
 
 @pytest.fixture
 def test_user() -> str:
-    """The unprivileged user `user` (uid 1000, home /home/user) the CI setup creates."""
+    """The unprivileged user `user` (home /home/user; uid 1000 in E2B templates) the CI setup creates."""
     if not _user_exists(TEST_USER):
-        pytest.skip(f"`id {TEST_USER}` failed: create the test user (useradd -m -u 1000 {TEST_USER}) to run this test")
+        pytest.skip(f"`id {TEST_USER}` failed: create the test user (useradd -m {TEST_USER}) to run this test")
     return TEST_USER
 
 

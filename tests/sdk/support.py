@@ -43,8 +43,9 @@ def make_secure_sandbox(url: str, token: Optional[str], sandbox_id: str = "secur
     )
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.05, message: str = "") -> object:
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+def wait_until(predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.05, message=""):
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds.
+    `message` may be a callable, evaluated only on failure."""
     deadline = time.monotonic() + timeout
     last = None
     while True:
@@ -52,7 +53,8 @@ def wait_until(predicate: Callable[[], object], timeout: float = 5.0, interval: 
         if last:
             return last
         if time.monotonic() >= deadline:
-            pytest.fail(f"condition not met within {timeout} s: {message} (last value: {last!r})")
+            text = message() if callable(message) else message
+            pytest.fail(f"condition not met within {timeout} s: {text} (last value: {last!r})")
         time.sleep(interval)
 
 

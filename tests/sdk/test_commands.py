@@ -147,10 +147,12 @@ def test_default_user_is_root(sandbox):
 
 
 def test_run_as_user(sandbox, test_user):
+    # what the system says about the user, asked as root
+    uid = sandbox.commands.run(f"id -u {test_user}").stdout.strip()
     expected_groups = sandbox.commands.run(f"id -G {test_user}").stdout.split()
     r = sandbox.commands.run('whoami; echo "$HOME"; echo "$USER"; pwd; id -u; id -G', user=test_user)
     lines = r.stdout.splitlines()
-    assert lines[:5] == [test_user, f"/home/{test_user}", test_user, f"/home/{test_user}", "1000"]
+    assert lines[:5] == [test_user, f"/home/{test_user}", test_user, f"/home/{test_user}", uid]
     assert sorted(lines[5].split()) == sorted(expected_groups)
 
 

@@ -95,9 +95,10 @@ def test_pty_connect(sandbox, pty):
 
 
 def test_pty_as_user(sandbox, pty, test_user):
+    uid = int(sandbox.commands.run(f"id -u {test_user}").stdout)
     handle, out = pty(user=test_user)
     sandbox.pty.send_stdin(handle.pid, b"echo $(( $(id -u) + 1 ))uid; pwd | tr a-z A-Z\n")
-    out.wait_for_pty(b"1001uid")
+    out.wait_for_pty(f"{uid + 1}uid".encode())
     out.wait_for_pty(f"/HOME/{test_user.upper()}".encode())
 
 

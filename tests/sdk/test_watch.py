@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from e2b import FileNotFoundException, FilesystemEventType, FileType
+from e2b import FileNotFoundException, FilesystemEventType, FileType, InvalidArgumentException
 
 from support import wait_until
 
@@ -34,10 +34,25 @@ class EventLog:
             return self.has(name, kind)
 
         wait_until(seen, timeout=timeout, interval=0.1,
-                   message=f"{kind} event for {name!r}; got {[(e.name, e.type) for e in self.events]}")
+                   message=lambda: f"{kind} event for {name!r}; got {[(e.name, e.type) for e in self.events]}")
+
+
+def test_watch_shell_write(sandbox, workdir):
+    handle = sandbox.files.watch_dir(workdir)
+    log = EventLog(handle)
+    try:
+        sandbox.commands.run(f"echo hi > {workdir}/shell.txt")
+        log.wait_for("shell.txt", FilesystemEventType.CREATE)
+        log.wait_for("shell.txt", FilesystemEventType.WRITE)
+        sandbox.commands.run(f"rm {workdir}/shell.txt")
+        log.wait_for("shell.txt", FilesystemEventType.REMOVE)
+    finally:
+        handle.stop()
 
 
 def test_watch_create_write_remove(sandbox, workdir):
+    # E2B's envd writes an upload in place, so a watcher sees CREATE, (CHMOD,) WRITE on the
+    # file's own name, as E2B's SDK tests assert.
     handle = sandbox.files.watch_dir(workdir)
     log = EventLog(handle)
     try:
@@ -47,6 +62,8 @@ def test_watch_create_write_remove(sandbox, workdir):
         sandbox.files.remove(f"{workdir}/watched.txt")
         log.wait_for("watched.txt", FilesystemEventType.REMOVE)
         assert all(e.entry is None for e in log.events)  # include_entry was not asked for
+        # the upload wrote the file in place: no other (temporary) name shows up
+        assert {e.name for e in log.events} == {"watched.txt"}, [(e.name, e.type) for e in log.events]
     finally:
         handle.stop()
 
@@ -84,15 +101,16 @@ def test_watch_recursive(sandbox, workdir):
     handle = sandbox.files.watch_dir(workdir, recursive=True)
     log = EventLog(handle)
     try:
-        sandbox.files.write(f"{workdir}/sub/inner.txt", "in")
+        sandbox.commands.run(f"echo in > {workdir}/sub/inner.txt")
         log.wait_for("sub/inner.txt", FilesystemEventType.CREATE)
         log.wait_for("sub/inner.txt", FilesystemEventType.WRITE)
         # a directory created after the watch started is watched too
         sandbox.files.make_dir(f"{workdir}/sub/new")
         log.wait_for("sub/new", FilesystemEventType.CREATE)
         time.sleep(0.2)  # give the watcher a moment to add the new directory
-        sandbox.files.write(f"{workdir}/sub/new/deep.txt", "deep")
+        sandbox.commands.run(f"echo deep > {workdir}/sub/new/deep.txt")
         log.wait_for("sub/new/deep.txt", FilesystemEventType.CREATE)
+        log.wait_for("sub/new/deep.txt", FilesystemEventType.WRITE)
     finally:
         handle.stop()
 
@@ -101,7 +119,7 @@ def test_watch_include_entry(sandbox, workdir):
     handle = sandbox.files.watch_dir(workdir, include_entry=True)
     log = EventLog(handle)
     try:
-        sandbox.files.write(f"{workdir}/entry.txt", "12345")
+        sandbox.commands.run(f"printf 12345 > {workdir}/entry.txt")
         log.wait_for("entry.txt", FilesystemEventType.WRITE)
         creates = [e for e in log.events if e.name == "entry.txt" and e.type == FilesystemEventType.CREATE]
         assert creates and creates[0].entry is not None
@@ -126,6 +144,12 @@ def test_watch_events_are_drained(sandbox, workdir):
         handle.stop()
 
 
+def test_watch_a_file_is_refused(sandbox, workdir):
+    sandbox.files.write(f"{workdir}/plain.txt", "x")
+    with pytest.raises(InvalidArgumentException):
+        sandbox.files.watch_dir(f"{workdir}/plain.txt")
+
+
 def test_watch_missing_dir(sandbox, workdir):
     with pytest.raises(FileNotFoundException):
         sandbox.files.watch_dir(f"{workdir}/does-not-exist")
@@ -139,7 +163,8 @@ async def test_async_watch_dir_stream(async_sandbox, workdir):
     )
     try:
         await async_sandbox.files.make_dir(f"{workdir}/adir")
-        await async_sandbox.files.write(f"{workdir}/adir/streamed.txt", "s")
+        await asyncio.sleep(0.2)  # give the watcher a moment to add the new directory
+        await async_sandbox.commands.run(f"echo s > {workdir}/adir/streamed.txt")
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             if any(e.name == "adir/streamed.txt" and e.type == FilesystemEventType.WRITE for e in events):

@@ -66,7 +66,9 @@ impl ConnectClient {
         extra_headers: &HeaderMap,
     ) -> Result<Resp, ConnectError> {
         let body = Bytes::from(self.codec.encode(request));
-        let response = self.send(path, self.codec.unary_content_type(), body, extra_headers).await?;
+        let response = self
+            .send(path, self.codec.unary_content_type(), body, extra_headers)
+            .await?;
         let status = response.status();
         let bytes = collect(response.into_body()).await?;
         if !status.is_success() {
@@ -88,12 +90,22 @@ impl ConnectClient {
         extra_headers: &HeaderMap,
     ) -> Result<ResponseStream<Resp>, ConnectError> {
         let body = envelope::encode(0, &self.codec.encode(request));
-        let response = self.send(path, self.codec.streaming_content_type(), body, extra_headers).await?;
+        let response = self
+            .send(
+                path,
+                self.codec.streaming_content_type(),
+                body,
+                extra_headers,
+            )
+            .await?;
         let status = response.status();
         if !status.is_success() {
             let bytes = collect(response.into_body()).await?;
             return Err(ConnectError::from_json(&bytes).unwrap_or_else(|| {
-                ConnectError::new(Code::from_http_status(status.as_u16()), format!("HTTP {status}"))
+                ConnectError::new(
+                    Code::from_http_status(status.as_u16()),
+                    format!("HTTP {status}"),
+                )
             }));
         }
         Ok(ResponseStream {
@@ -120,10 +132,9 @@ impl ConnectClient {
         for (name, value) in self.headers.iter().chain(extra_headers.iter()) {
             request.headers_mut().insert(name.clone(), value.clone());
         }
-        self.http
-            .request(request)
-            .await
-            .map_err(|error| ConnectError::new(Code::Unavailable, format!("request failed: {error}")))
+        self.http.request(request).await.map_err(|error| {
+            ConnectError::new(Code::Unavailable, format!("request failed: {error}"))
+        })
     }
 }
 
@@ -164,7 +175,9 @@ impl<M: Message> ResponseStream<M> {
                         Ok(Some(error)) | Err(error) => Some(Err(error)),
                     };
                 }
-                Ok(Some(envelope)) => return Some(self.codec.decode(&envelope.payload).map_err(Into::into)),
+                Ok(Some(envelope)) => {
+                    return Some(self.codec.decode(&envelope.payload).map_err(Into::into));
+                }
                 Ok(None) => {}
             }
             match self.body.frame().await {
@@ -175,7 +188,10 @@ impl<M: Message> ResponseStream<M> {
                 }
                 Some(Err(error)) => {
                     self.finished = true;
-                    return Some(Err(ConnectError::new(Code::Unavailable, format!("stream broken: {error}"))));
+                    return Some(Err(ConnectError::new(
+                        Code::Unavailable,
+                        format!("stream broken: {error}"),
+                    )));
                 }
                 None => {
                     self.finished = true;

@@ -8,9 +8,15 @@ use crate::{Code, ConnectError};
 
 /// What a Connect message must be: a protobuf message with proto3-JSON serde (as the generated
 /// types of `wrenn-proto` are).
-pub trait Message: prost::Message + Serialize + DeserializeOwned + Default + Send + 'static {}
+pub trait Message:
+    prost::Message + Serialize + DeserializeOwned + Default + Send + 'static
+{
+}
 
-impl<M> Message for M where M: prost::Message + Serialize + DeserializeOwned + Default + Send + 'static {}
+impl<M> Message for M where
+    M: prost::Message + Serialize + DeserializeOwned + Default + Send + 'static
+{
+}
 
 /// A message codec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,7 +78,9 @@ impl Codec {
 
     pub fn encode<M: Message>(self, message: &M) -> Vec<u8> {
         match self {
-            Codec::Json => serde_json::to_vec(message).expect("generated messages always serialize"),
+            Codec::Json => {
+                serde_json::to_vec(message).expect("generated messages always serialize")
+            }
             Codec::Proto => message.encode_to_vec(),
         }
     }
@@ -90,7 +98,12 @@ impl Codec {
 }
 
 fn media_type(content_type: &str) -> String {
-    content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
 }
 
 #[cfg(test)]
@@ -103,10 +116,19 @@ mod tests {
 
     #[test]
     fn content_types() {
-        assert_eq!(Codec::from_unary_content_type("application/json; charset=utf-8"), Some(Codec::Json));
-        assert_eq!(Codec::from_unary_content_type("Application/Proto"), Some(Codec::Proto));
+        assert_eq!(
+            Codec::from_unary_content_type("application/json; charset=utf-8"),
+            Some(Codec::Json)
+        );
+        assert_eq!(
+            Codec::from_unary_content_type("Application/Proto"),
+            Some(Codec::Proto)
+        );
         assert_eq!(Codec::from_unary_content_type("text/plain"), None);
-        assert_eq!(Codec::from_streaming_content_type("application/connect+json"), Some(Codec::Json));
+        assert_eq!(
+            Codec::from_streaming_content_type("application/connect+json"),
+            Some(Codec::Json)
+        );
         assert_eq!(Codec::from_streaming_content_type("application/json"), None);
     }
 
@@ -136,10 +158,12 @@ mod tests {
 
     #[test]
     fn json_accepts_snake_case_and_ignores_unknown_fields() {
-        let camel: WatchDirRequest =
-            Codec::Json.decode(br#"{"path":"/x","includeEntry":true,"future":1}"#).unwrap();
-        let snake: WatchDirRequest =
-            Codec::Json.decode(br#"{"path":"/x","include_entry":true}"#).unwrap();
+        let camel: WatchDirRequest = Codec::Json
+            .decode(br#"{"path":"/x","includeEntry":true,"future":1}"#)
+            .unwrap();
+        let snake: WatchDirRequest = Codec::Json
+            .decode(br#"{"path":"/x","include_entry":true}"#)
+            .unwrap();
         assert_eq!(camel, snake);
         assert!(camel.include_entry);
     }
@@ -147,27 +171,49 @@ mod tests {
     #[test]
     fn json_bytes_are_base64_and_oneofs_are_keys() {
         let selector: ProcessSelector = Codec::Json.decode(br#"{"tag":"web"}"#).unwrap();
-        assert_eq!(selector.selector, Some(process_selector::Selector::Tag("web".into())));
+        assert_eq!(
+            selector.selector,
+            Some(process_selector::Selector::Tag("web".into()))
+        );
         let input: wrenn_proto::process::ProcessInput =
             Codec::Json.decode(br#"{"stdin":"aGkK"}"#).unwrap();
         assert_eq!(
             input.input,
-            Some(wrenn_proto::process::process_input::Input::Stdin(b"hi\n".to_vec()))
+            Some(wrenn_proto::process::process_input::Input::Stdin(
+                b"hi\n".to_vec()
+            ))
         );
     }
 
     #[test]
     fn malformed_messages_are_errors() {
         assert!(Codec::Json.decode::<ListDirRequest>(b"{").is_err());
-        assert!(Codec::Json.decode::<ListDirRequest>(br#"{"depth":"many"}"#).is_err());
-        assert!(Codec::Proto.decode::<ListDirRequest>(&[0x0a, 0x05, b'a']).is_err());
-        let error: ConnectError = Codec::Json.decode::<ListDirRequest>(b"[").unwrap_err().into();
+        assert!(
+            Codec::Json
+                .decode::<ListDirRequest>(br#"{"depth":"many"}"#)
+                .is_err()
+        );
+        assert!(
+            Codec::Proto
+                .decode::<ListDirRequest>(&[0x0a, 0x05, b'a'])
+                .is_err()
+        );
+        let error: ConnectError = Codec::Json
+            .decode::<ListDirRequest>(b"[")
+            .unwrap_err()
+            .into();
         assert_eq!(error.code, Code::InvalidArgument);
     }
 
     #[test]
     fn empty_body_is_the_empty_message() {
-        assert_eq!(Codec::Json.decode::<ListDirRequest>(b"").unwrap(), ListDirRequest::default());
-        assert_eq!(Codec::Proto.decode::<ListDirRequest>(b"").unwrap(), ListDirRequest::default());
+        assert_eq!(
+            Codec::Json.decode::<ListDirRequest>(b"").unwrap(),
+            ListDirRequest::default()
+        );
+        assert_eq!(
+            Codec::Proto.decode::<ListDirRequest>(b"").unwrap(),
+            ListDirRequest::default()
+        );
     }
 }

@@ -58,7 +58,10 @@ pub struct EnvelopeDecoder {
 
 impl EnvelopeDecoder {
     pub fn new(max_payload: usize) -> Self {
-        EnvelopeDecoder { buffer: BytesMut::new(), max_payload }
+        EnvelopeDecoder {
+            buffer: BytesMut::new(),
+            max_payload,
+        }
     }
 
     /// Appends received bytes.
@@ -78,9 +81,17 @@ impl EnvelopeDecoder {
         if flags & !(FLAG_COMPRESSED | FLAG_END_STREAM) != 0 {
             return Err(EnvelopeError::UnknownFlags(flags));
         }
-        let len = u32::from_be_bytes([self.buffer[1], self.buffer[2], self.buffer[3], self.buffer[4]]) as usize;
+        let len = u32::from_be_bytes([
+            self.buffer[1],
+            self.buffer[2],
+            self.buffer[3],
+            self.buffer[4],
+        ]) as usize;
         if len > self.max_payload {
-            return Err(EnvelopeError::TooLarge { len, max: self.max_payload });
+            return Err(EnvelopeError::TooLarge {
+                len,
+                max: self.max_payload,
+            });
         }
         if self.buffer.len() < PREFIX_LEN + len {
             self.buffer.reserve(PREFIX_LEN + len - self.buffer.len());
@@ -96,7 +107,9 @@ impl EnvelopeDecoder {
         if self.buffer.is_empty() {
             Ok(())
         } else {
-            Err(EnvelopeError::Truncated { buffered: self.buffer.len() })
+            Err(EnvelopeError::Truncated {
+                buffered: self.buffer.len(),
+            })
         }
     }
 }
@@ -121,7 +134,10 @@ mod tests {
 
     #[test]
     fn encodes_prefix_big_endian() {
-        assert_eq!(&encode(FLAG_END_STREAM, b"{}")[..], &[2, 0, 0, 0, 2, b'{', b'}']);
+        assert_eq!(
+            &encode(FLAG_END_STREAM, b"{}")[..],
+            &[2, 0, 0, 0, 2, b'{', b'}']
+        );
         assert_eq!(&encode(0, b"")[..], &[0, 0, 0, 0, 0]);
     }
 
@@ -131,21 +147,36 @@ mod tests {
         decoder.push(&[0, 0xff, 0xff, 0xff, 0xff]);
         assert_eq!(
             decoder.next_envelope(),
-            Err(EnvelopeError::TooLarge { len: u32::MAX as usize, max: 10 })
+            Err(EnvelopeError::TooLarge {
+                len: u32::MAX as usize,
+                max: 10
+            })
         );
     }
 
     #[test]
     fn refuses_compression_and_unknown_flags() {
-        assert_eq!(decode_all(&[&encode(FLAG_COMPRESSED, b"x")], 10), Err(EnvelopeError::Compressed));
-        assert_eq!(decode_all(&[&encode(0x80, b"x")], 10), Err(EnvelopeError::UnknownFlags(0x80)));
+        assert_eq!(
+            decode_all(&[&encode(FLAG_COMPRESSED, b"x")], 10),
+            Err(EnvelopeError::Compressed)
+        );
+        assert_eq!(
+            decode_all(&[&encode(0x80, b"x")], 10),
+            Err(EnvelopeError::UnknownFlags(0x80))
+        );
     }
 
     #[test]
     fn truncated_input_is_an_error() {
         let full = encode(0, b"hello");
-        assert_eq!(decode_all(&[&full[..7]], 10), Err(EnvelopeError::Truncated { buffered: 7 }));
-        assert_eq!(decode_all(&[&full[..3]], 10), Err(EnvelopeError::Truncated { buffered: 3 }));
+        assert_eq!(
+            decode_all(&[&full[..7]], 10),
+            Err(EnvelopeError::Truncated { buffered: 7 })
+        );
+        assert_eq!(
+            decode_all(&[&full[..3]], 10),
+            Err(EnvelopeError::Truncated { buffered: 3 })
+        );
     }
 
     proptest! {

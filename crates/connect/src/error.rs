@@ -30,7 +30,10 @@ struct EndStream {
 
 impl ConnectError {
     pub fn new(code: Code, message: impl Into<String>) -> Self {
-        ConnectError { code, message: message.into() }
+        ConnectError {
+            code,
+            message: message.into(),
+        }
     }
 
     pub fn invalid_argument(message: impl Into<String>) -> Self {
@@ -53,19 +56,27 @@ impl ConnectError {
     /// Parses a unary error body; `None` when it is not a Connect error (e.g. a proxy's page).
     pub fn from_json(body: &[u8]) -> Option<ConnectError> {
         let wire: WireError = serde_json::from_slice(body).ok()?;
-        Some(ConnectError { code: wire.code.parse().ok()?, message: wire.message })
+        Some(ConnectError {
+            code: wire.code.parse().ok()?,
+            message: wire.message,
+        })
     }
 
     /// The payload of an end-stream envelope that carries `error` (or success when `None`).
     pub fn end_stream_json(error: Option<&ConnectError>) -> Vec<u8> {
-        let end = EndStream { error: error.map(ConnectError::wire) };
+        let end = EndStream {
+            error: error.map(ConnectError::wire),
+        };
         serde_json::to_vec(&end).expect("the end-stream message always serializes")
     }
 
     /// Parses an end-stream payload: `Ok(None)` for success, `Ok(Some)` for an error.
     pub fn parse_end_stream(payload: &[u8]) -> Result<Option<ConnectError>, ConnectError> {
         let end: EndStream = serde_json::from_slice(payload).map_err(|error| {
-            ConnectError::new(Code::Internal, format!("malformed end-stream message: {error}"))
+            ConnectError::new(
+                Code::Internal,
+                format!("malformed end-stream message: {error}"),
+            )
         })?;
         Ok(end.error.map(|wire| ConnectError {
             code: wire.code.parse().unwrap_or(Code::Unknown),
@@ -74,7 +85,10 @@ impl ConnectError {
     }
 
     fn wire(&self) -> WireError {
-        WireError { code: self.code.as_str().to_owned(), message: self.message.clone() }
+        WireError {
+            code: self.code.as_str().to_owned(),
+            message: self.message.clone(),
+        }
     }
 }
 
@@ -95,7 +109,10 @@ mod tests {
 
     #[test]
     fn non_connect_bodies_are_rejected() {
-        assert_eq!(ConnectError::from_json(br#"{"code":502,"message":"x"}"#), None);
+        assert_eq!(
+            ConnectError::from_json(br#"{"code":502,"message":"x"}"#),
+            None
+        );
         assert_eq!(ConnectError::from_json(b"<html>"), None);
     }
 

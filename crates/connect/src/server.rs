@@ -23,7 +23,11 @@ pub const TIMEOUT_HEADER: &str = "connect-timeout-ms";
 pub fn unary_codec(headers: &HeaderMap) -> Result<Codec, Box<Response<ResponseBody>>> {
     content_type(headers)
         .and_then(Codec::from_unary_content_type)
-        .ok_or_else(|| Box::new(unsupported_media_type("application/json, application/proto")))
+        .ok_or_else(|| {
+            Box::new(unsupported_media_type(
+                "application/json, application/proto",
+            ))
+        })
 }
 
 /// The codec of a streaming request, or the 415 response to send back.
@@ -31,7 +35,9 @@ pub fn streaming_codec(headers: &HeaderMap) -> Result<Codec, Box<Response<Respon
     content_type(headers)
         .and_then(Codec::from_streaming_content_type)
         .ok_or_else(|| {
-            Box::new(unsupported_media_type("application/connect+json, application/connect+proto"))
+            Box::new(unsupported_media_type(
+                "application/connect+json, application/connect+proto",
+            ))
         })
 }
 
@@ -52,7 +58,8 @@ pub fn timeout(headers: &HeaderMap) -> Result<Option<Duration>, ConnectError> {
     let Some(value) = headers.get(TIMEOUT_HEADER) else {
         return Ok(None);
     };
-    let invalid = || ConnectError::invalid_argument(format!("invalid {TIMEOUT_HEADER} header {value:?}"));
+    let invalid =
+        || ConnectError::invalid_argument(format!("invalid {TIMEOUT_HEADER} header {value:?}"));
     let text = value.to_str().map_err(|_| invalid())?;
     if text.is_empty() || text.len() > 10 || !text.bytes().all(|b| b.is_ascii_digit()) {
         return Err(invalid());
@@ -63,29 +70,47 @@ pub fn timeout(headers: &HeaderMap) -> Result<Option<Duration>, ConnectError> {
 
 /// Refuses request compression, which wrenn never negotiates.
 pub fn check_no_compression(headers: &HeaderMap, streaming: bool) -> Result<(), ConnectError> {
-    let name = if streaming { "connect-content-encoding" } else { "content-encoding" };
+    let name = if streaming {
+        "connect-content-encoding"
+    } else {
+        "content-encoding"
+    };
     match headers.get(name).map(|v| v.as_bytes()) {
         None | Some(b"identity") => Ok(()),
         Some(other) => Err(ConnectError::new(
             Code::Unimplemented,
-            format!("unsupported compression {:?}: only identity is accepted", String::from_utf8_lossy(other)),
+            format!(
+                "unsupported compression {:?}: only identity is accepted",
+                String::from_utf8_lossy(other)
+            ),
         )),
     }
 }
 
 /// Decodes a unary request body of at most `max_bytes`.
-pub fn decode_unary<M: Message>(codec: Codec, body: &[u8], max_bytes: usize) -> Result<M, ConnectError> {
+pub fn decode_unary<M: Message>(
+    codec: Codec,
+    body: &[u8],
+    max_bytes: usize,
+) -> Result<M, ConnectError> {
     if body.len() > max_bytes {
         return Err(ConnectError::new(
             Code::ResourceExhausted,
-            format!("message of {} bytes exceeds the limit of {max_bytes} bytes", body.len()),
+            format!(
+                "message of {} bytes exceeds the limit of {max_bytes} bytes",
+                body.len()
+            ),
         ));
     }
     Ok(codec.decode(body)?)
 }
 
 /// Decodes the single enveloped message of a server-streaming request.
-pub fn decode_single_envelope<M: Message>(codec: Codec, body: &[u8], max_bytes: usize) -> Result<M, ConnectError> {
+pub fn decode_single_envelope<M: Message>(
+    codec: Codec,
+    body: &[u8],
+    max_bytes: usize,
+) -> Result<M, ConnectError> {
     let mut decoder = EnvelopeDecoder::new(max_bytes);
     decoder.push(body);
     let envelope = decoder
@@ -93,10 +118,14 @@ pub fn decode_single_envelope<M: Message>(codec: Codec, body: &[u8], max_bytes: 
         .map_err(envelope_error)?
         .ok_or_else(|| ConnectError::invalid_argument("request body holds no complete envelope"))?;
     if envelope.is_end_stream() {
-        return Err(ConnectError::invalid_argument("request envelope is marked end-stream"));
+        return Err(ConnectError::invalid_argument(
+            "request envelope is marked end-stream",
+        ));
     }
     if decoder.next_envelope().map_err(envelope_error)?.is_some() {
-        return Err(ConnectError::invalid_argument("server-streaming request holds more than one message"));
+        return Err(ConnectError::invalid_argument(
+            "server-streaming request holds more than one message",
+        ));
     }
     decoder.finish().map_err(envelope_error)?;
     Ok(codec.decode(&envelope.payload)?)
@@ -166,7 +195,10 @@ where
 {
     Response::builder()
         .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, HeaderValue::from_static(codec.streaming_content_type()))
+        .header(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(codec.streaming_content_type()),
+        )
         .body(UnsyncBoxBody::new(StreamBody::new(frames)))
         .expect("static response parts are valid")
 }
@@ -202,13 +234,19 @@ mod tests {
         for bad in ["", "-1", "1.5", "12345678901", "abc"] {
             let mut map = HeaderMap::new();
             map.insert(TIMEOUT_HEADER, HeaderValue::from_str(bad).unwrap());
-            assert_eq!(timeout(&map).unwrap_err().code, Code::InvalidArgument, "{bad:?}");
+            assert_eq!(
+                timeout(&map).unwrap_err().code,
+                Code::InvalidArgument,
+                "{bad:?}"
+            );
         }
     }
 
     #[test]
     fn single_envelope_requests() {
-        let payload = Codec::Json.encode(&StatRequest { path: "/tmp".into() });
+        let payload = Codec::Json.encode(&StatRequest {
+            path: "/tmp".into(),
+        });
         let body = envelope::encode(0, &payload);
         let request: StatRequest = decode_single_envelope(Codec::Json, &body, 1024).unwrap();
         assert_eq!(request.path, "/tmp");
@@ -218,7 +256,9 @@ mod tests {
         assert!(decode_single_envelope::<StatRequest>(Codec::Json, &two, 1024).is_err());
         assert!(decode_single_envelope::<StatRequest>(Codec::Json, &body[..4], 1024).is_err());
         assert_eq!(
-            decode_single_envelope::<StatRequest>(Codec::Json, &body, 2).unwrap_err().code,
+            decode_single_envelope::<StatRequest>(Codec::Json, &body, 2)
+                .unwrap_err()
+                .code,
             Code::ResourceExhausted
         );
     }
@@ -227,7 +267,9 @@ mod tests {
     fn compression_is_refused() {
         assert!(check_no_compression(&headers(&[("content-encoding", "identity")]), false).is_ok());
         assert_eq!(
-            check_no_compression(&headers(&[("connect-content-encoding", "gzip")]), true).unwrap_err().code,
+            check_no_compression(&headers(&[("connect-content-encoding", "gzip")]), true)
+                .unwrap_err()
+                .code,
             Code::Unimplemented
         );
     }

@@ -74,19 +74,40 @@ mod tests {
     fn token_checks() {
         assert!(token_matches(&HeaderMap::new(), None));
         assert!(!token_matches(&HeaderMap::new(), Some("secret")));
-        assert!(token_matches(&with(ACCESS_TOKEN_HEADER, "secret"), Some("secret")));
-        assert!(!token_matches(&with(ACCESS_TOKEN_HEADER, "secreT"), Some("secret")));
-        assert!(!token_matches(&with(ACCESS_TOKEN_HEADER, "secret2"), Some("secret")));
+        assert!(token_matches(
+            &with(ACCESS_TOKEN_HEADER, "secret"),
+            Some("secret")
+        ));
+        assert!(!token_matches(
+            &with(ACCESS_TOKEN_HEADER, "secreT"),
+            Some("secret")
+        ));
+        assert!(!token_matches(
+            &with(ACCESS_TOKEN_HEADER, "secret2"),
+            Some("secret")
+        ));
     }
 
     #[test]
     fn basic_user() {
         // base64("user:")
-        assert_eq!(basic_username(&with("authorization", "Basic dXNlcjo=")), Ok(Some("user".into())));
+        assert_eq!(
+            basic_username(&with("authorization", "Basic dXNlcjo=")),
+            Ok(Some("user".into()))
+        );
         assert_eq!(basic_username(&HeaderMap::new()), Ok(None));
-        assert_eq!(basic_username(&with("authorization", "Bearer x")), Err(BasicAuthError::NotBasic));
-        assert_eq!(basic_username(&with("authorization", "Basic !!!")), Err(BasicAuthError::NotBase64));
+        assert_eq!(
+            basic_username(&with("authorization", "Bearer x")),
+            Err(BasicAuthError::NotBasic)
+        );
+        assert_eq!(
+            basic_username(&with("authorization", "Basic !!!")),
+            Err(BasicAuthError::NotBase64)
+        );
         // base64("nocolon")
-        assert_eq!(basic_username(&with("authorization", "Basic bm9jb2xvbg==")), Err(BasicAuthError::Malformed));
+        assert_eq!(
+            basic_username(&with("authorization", "Basic bm9jb2xvbg==")),
+            Err(BasicAuthError::Malformed)
+        );
     }
 }

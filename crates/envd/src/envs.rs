@@ -17,7 +17,10 @@ pub fn compose(
     request_vars: &std::collections::HashMap<String, String>,
 ) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
-    env.insert("PATH".to_owned(), envd_path.unwrap_or(DEFAULT_PATH).to_owned());
+    env.insert(
+        "PATH".to_owned(),
+        envd_path.unwrap_or(DEFAULT_PATH).to_owned(),
+    );
     env.insert("HOME".to_owned(), user.home.to_string_lossy().into_owned());
     env.insert("USER".to_owned(), user.name.clone());
     env.insert("LOGNAME".to_owned(), user.name.clone());

@@ -36,7 +36,14 @@ pub fn app(envd: Arc<Envd>) -> axum::Router {
     let cors = CorsLayer::new()
         .allow_origin(AllowOrigin::mirror_request())
         .allow_headers(AllowHeaders::mirror_request())
-        .allow_methods([Method::HEAD, Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE])
+        .allow_methods([
+            Method::HEAD,
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+        ])
         .expose_headers([
             HeaderName::from_static("location"),
             HeaderName::from_static("cache-control"),
@@ -50,7 +57,10 @@ pub fn app(envd: Arc<Envd>) -> axum::Router {
         .max_age(Duration::from_secs(2 * 60 * 60));
     rpc::router()
         .merge(http::router())
-        .layer(axum::middleware::from_fn_with_state(envd.clone(), http::guard))
+        .layer(axum::middleware::from_fn_with_state(
+            envd.clone(),
+            http::guard,
+        ))
         .layer(cors)
         .with_state(envd)
 }

@@ -37,8 +37,13 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ENVD_LOG")
-                .unwrap_or_else(|_| if args.verbose { "debug".into() } else { "info".into() }),
+            tracing_subscriber::EnvFilter::try_from_env("ENVD_LOG").unwrap_or_else(|_| {
+                if args.verbose {
+                    "debug".into()
+                } else {
+                    "info".into()
+                }
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -54,11 +59,19 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let address = SocketAddr::new(args.listen, args.port);
-    let listener = tokio::net::TcpListener::bind(address).await.with_context(|| format!("listening on {address}"))?;
-    let config = EnvdConfig { max_message_bytes: args.max_message_bytes, sync_clock: !args.no_clock_sync };
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("listening on {address}"))?;
+    let config = EnvdConfig {
+        max_message_bytes: args.max_message_bytes,
+        sync_clock: !args.no_clock_sync,
+    };
     let envd = Arc::new(Envd::new(config));
     tracing::info!(%address, version = ENVD_VERSION, "envd listening");
-    let timeouts = ServerTimeouts { header_read: Duration::from_secs(args.header_read_timeout_secs), ..ServerTimeouts::default() };
+    let timeouts = ServerTimeouts {
+        header_read: Duration::from_secs(args.header_read_timeout_secs),
+        ..ServerTimeouts::default()
+    };
     server::serve(listener, wrenn_envd::app(envd), timeouts, shutdown_signal()).await;
     tracing::info!("envd stopped");
     Ok(())

@@ -13,14 +13,21 @@ struct CpuTimes {
 
 fn read_cpu_times(stat: &str) -> Option<CpuTimes> {
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
-    let values: Vec<u64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let values: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
     if values.len() < 4 {
         return None;
     }
     // user nice system idle iowait irq softirq steal (guest time is already in user).
     let total: u64 = values.iter().take(8).sum();
     let idle = values[3] + values.get(4).copied().unwrap_or(0);
-    Some(CpuTimes { busy: total - idle, total })
+    Some(CpuTimes {
+        busy: total - idle,
+        total,
+    })
 }
 
 /// Measures CPU use between successive calls.
@@ -31,7 +38,10 @@ pub struct CpuSampler {
 
 impl Default for CpuSampler {
     fn default() -> Self {
-        let last = std::fs::read_to_string("/proc/stat").ok().and_then(|s| read_cpu_times(&s)).unwrap_or_default();
+        let last = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| read_cpu_times(&s))
+            .unwrap_or_default();
         CpuSampler { last }
     }
 }
@@ -39,7 +49,10 @@ impl Default for CpuSampler {
 impl CpuSampler {
     /// Percent of all CPUs busy since the previous call (0..=100, two decimals).
     pub fn sample(&mut self) -> f64 {
-        let Some(now) = std::fs::read_to_string("/proc/stat").ok().and_then(|s| read_cpu_times(&s)) else {
+        let Some(now) = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| read_cpu_times(&s))
+        else {
             return 0.0;
         };
         let pct = busy_percent(self.last, now);
@@ -78,7 +91,10 @@ fn parse_meminfo(text: &str) -> Memory {
     };
     let total = field("MemTotal");
     let cache = field("Cached") + field("SReclaimable");
-    let used = total.saturating_sub(field("MemFree")).saturating_sub(field("Buffers")).saturating_sub(cache);
+    let used = total
+        .saturating_sub(field("MemFree"))
+        .saturating_sub(field("Buffers"))
+        .saturating_sub(cache);
     Memory { total, used, cache }
 }
 
@@ -104,13 +120,18 @@ pub fn collect(cpu: &mut CpuSampler) -> MachineMetrics {
         Ok(stats) => {
             let block = stats.fragment_size();
             let total = stats.blocks() * block;
-            (total, total.saturating_sub(stats.blocks_available() * block))
+            (
+                total,
+                total.saturating_sub(stats.blocks_available() * block),
+            )
         }
         Err(_) => (0, 0),
     };
     MachineMetrics {
         ts: chrono::Utc::now().timestamp(),
-        cpu_count: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        cpu_count: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
         cpu_used_pct: cpu.sample(),
         mem_total_mib: memory.total / (1024 * 1024),
         mem_used_mib: memory.used / (1024 * 1024),
@@ -138,7 +159,14 @@ mod tests {
     #[test]
     fn memory_formula() {
         let meminfo = "MemTotal: 1000 kB\nMemFree: 200 kB\nBuffers: 100 kB\nCached: 300 kB\nSReclaimable: 50 kB\n";
-        assert_eq!(parse_meminfo(meminfo), Memory { total: 1_024_000, used: 358_400, cache: 358_400 });
+        assert_eq!(
+            parse_meminfo(meminfo),
+            Memory {
+                total: 1_024_000,
+                used: 358_400,
+                cache: 358_400
+            }
+        );
     }
 
     #[test]

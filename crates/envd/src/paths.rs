@@ -72,19 +72,32 @@ mod tests {
             ("../../../../etc", "/etc"),
         ];
         for (input, expected) in cases {
-            assert_eq!(resolve(input, home(), None).unwrap(), PathBuf::from(expected), "{input}");
+            assert_eq!(
+                resolve(input, home(), None).unwrap(),
+                PathBuf::from(expected),
+                "{input}"
+            );
         }
     }
 
     #[test]
     fn empty_path_is_the_default_directory() {
-        assert_eq!(resolve("", home(), None).unwrap(), PathBuf::from("/home/user"));
-        assert_eq!(resolve("", home(), Some(Path::new("/code"))).unwrap(), PathBuf::from("/code"));
+        assert_eq!(
+            resolve("", home(), None).unwrap(),
+            PathBuf::from("/home/user")
+        );
+        assert_eq!(
+            resolve("", home(), Some(Path::new("/code"))).unwrap(),
+            PathBuf::from("/code")
+        );
     }
 
     #[test]
     fn rejects_other_homes_and_nul() {
-        assert_eq!(resolve("~root/x", home(), None), Err(PathError::OtherUsersHome("~root/x".into())));
+        assert_eq!(
+            resolve("~root/x", home(), None),
+            Err(PathError::OtherUsersHome("~root/x".into()))
+        );
         assert_eq!(resolve("/a\0b", home(), None), Err(PathError::NulByte));
     }
 

@@ -22,12 +22,20 @@ pub struct ServerTimeouts {
 
 impl Default for ServerTimeouts {
     fn default() -> Self {
-        ServerTimeouts { header_read: Duration::from_secs(30), h2_keepalive: Duration::from_secs(60) }
+        ServerTimeouts {
+            header_read: Duration::from_secs(30),
+            h2_keepalive: Duration::from_secs(60),
+        }
     }
 }
 
 /// Serves `app` on `listener` until `shutdown` completes.
-pub async fn serve(listener: TcpListener, app: Router, timeouts: ServerTimeouts, shutdown: impl Future<Output = ()>) {
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    timeouts: ServerTimeouts,
+    shutdown: impl Future<Output = ()>,
+) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -57,7 +65,10 @@ pub async fn serve(listener: TcpListener, app: Router, timeouts: ServerTimeouts,
         let service = TowerToHyperService::new(app.clone());
         let builder = builder.clone();
         tokio::spawn(async move {
-            if let Err(error) = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await {
+            if let Err(error) = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await
+            {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
         });

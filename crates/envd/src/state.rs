@@ -30,7 +30,10 @@ pub struct EnvdConfig {
 
 impl Default for EnvdConfig {
     fn default() -> Self {
-        EnvdConfig { max_message_bytes: wrenn_connect::DEFAULT_MAX_MESSAGE_BYTES, sync_clock: true }
+        EnvdConfig {
+            max_message_bytes: wrenn_connect::DEFAULT_MAX_MESSAGE_BYTES,
+            sync_clock: true,
+        }
     }
 }
 
@@ -88,7 +91,11 @@ impl Envd {
     }
 
     pub fn access_token(&self) -> Option<String> {
-        self.session.read().expect("session lock").access_token.clone()
+        self.session
+            .read()
+            .expect("session lock")
+            .access_token
+            .clone()
     }
 
     pub fn path_env(&self) -> Option<&str> {
@@ -100,21 +107,37 @@ impl Envd {
         match requested {
             Some(name) => self.accounts.user(name),
             None => {
-                let default = self.session.read().expect("session lock").default_user.clone();
-                self.accounts.user(default.as_deref().unwrap_or(FALLBACK_USER))
+                let default = self
+                    .session
+                    .read()
+                    .expect("session lock")
+                    .default_user
+                    .clone();
+                self.accounts
+                    .user(default.as_deref().unwrap_or(FALLBACK_USER))
             }
         }
     }
 
     /// Resolves a client's path for `user` (see [`paths::resolve`]).
     pub fn resolve_path(&self, path: &str, user: &User) -> Result<PathBuf, PathError> {
-        let workdir = self.session.read().expect("session lock").default_workdir.clone();
+        let workdir = self
+            .session
+            .read()
+            .expect("session lock")
+            .default_workdir
+            .clone();
         paths::resolve(path, &user.home, workdir.as_deref())
     }
 
     /// The working directory of a process that names none.
     pub fn default_cwd(&self, user: &User) -> PathBuf {
-        let workdir = self.session.read().expect("session lock").default_workdir.clone();
+        let workdir = self
+            .session
+            .read()
+            .expect("session lock")
+            .default_workdir
+            .clone();
         workdir.unwrap_or_else(|| user.home.clone())
     }
 

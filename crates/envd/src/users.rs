@@ -128,7 +128,8 @@ impl Accounts {
             return Ok(());
         }
         let read = |path: &Path| {
-            std::fs::read_to_string(path).map_err(|e| UserError::Database(format!("{}: {e}", path.display())))
+            std::fs::read_to_string(path)
+                .map_err(|e| UserError::Database(format!("{}: {e}", path.display())))
         };
         let users = parse_passwd(&read(&self.passwd_path)?);
         // A missing /etc/group only loses supplementary groups and names.
@@ -161,7 +162,11 @@ impl Accounts {
             name: entry.name.clone(),
             uid: entry.uid,
             gid: entry.gid,
-            home: PathBuf::from(if entry.home.is_empty() { "/" } else { &entry.home }),
+            home: PathBuf::from(if entry.home.is_empty() {
+                "/"
+            } else {
+                &entry.home
+            }),
             shell: entry.shell.clone(),
             groups,
         })
@@ -171,14 +176,22 @@ impl Accounts {
     pub fn user_name(&self, uid: u32) -> String {
         let _ = self.refresh();
         let tables = self.tables.read().expect("account tables lock");
-        tables.user_names.get(&uid).cloned().unwrap_or_else(|| uid.to_string())
+        tables
+            .user_names
+            .get(&uid)
+            .cloned()
+            .unwrap_or_else(|| uid.to_string())
     }
 
     /// The name of a gid, or the number as text when it has none.
     pub fn group_name(&self, gid: u32) -> String {
         let _ = self.refresh();
         let tables = self.tables.read().expect("account tables lock");
-        tables.group_names.get(&gid).cloned().unwrap_or_else(|| gid.to_string())
+        tables
+            .group_names
+            .get(&gid)
+            .cloned()
+            .unwrap_or_else(|| gid.to_string())
     }
 }
 
@@ -212,7 +225,10 @@ mod tests {
         let user = accounts.user("user").unwrap();
         assert_eq!(user.groups, vec![1000, 27, 999]);
         assert_eq!(user.home, PathBuf::from("/home/user"));
-        assert_eq!(accounts.user("ghost"), Err(UserError::UnknownUser("ghost".into())));
+        assert_eq!(
+            accounts.user("ghost"),
+            Err(UserError::UnknownUser("ghost".into()))
+        );
         assert_eq!(accounts.user_name(1000), "user");
         assert_eq!(accounts.user_name(4242), "4242");
         assert_eq!(accounts.group_name(27), "sudo");
@@ -225,10 +241,19 @@ mod tests {
         std::fs::write(&passwd, "root:x:0:0:root:/root:/bin/bash\n").unwrap();
         let accounts = Accounts::new(&passwd, dir.path().join("group"));
         assert!(accounts.user("late").is_err());
-        std::fs::write(&passwd, "root:x:0:0:root:/root:/bin/bash\nlate:x:5:5::/l:/bin/sh\n").unwrap();
+        std::fs::write(
+            &passwd,
+            "root:x:0:0:root:/root:/bin/bash\nlate:x:5:5::/l:/bin/sh\n",
+        )
+        .unwrap();
         // Make sure the modification time moves even on coarse-grained filesystems.
         let later = SystemTime::now() + std::time::Duration::from_secs(5);
-        std::fs::File::options().write(true).open(&passwd).unwrap().set_modified(later).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&passwd)
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
         assert_eq!(accounts.user("late").unwrap().uid, 5);
     }
 }

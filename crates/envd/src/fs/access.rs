@@ -66,7 +66,14 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn user(uid: u32, groups: Vec<u32>) -> User {
-        User { name: "u".into(), uid, gid: groups[0], home: "/".into(), shell: String::new(), groups }
+        User {
+            name: "u".into(),
+            uid,
+            gid: groups[0],
+            home: "/".into(),
+            shell: String::new(),
+            groups,
+        }
     }
 
     #[test]

@@ -41,12 +41,19 @@ impl FsError {
         match source.kind() {
             io::ErrorKind::NotFound => FsError::NotFound(path.to_owned()),
             io::ErrorKind::AlreadyExists => FsError::AlreadyExists(path.to_owned()),
-            _ => FsError::Io { op, path: path.to_owned(), source },
+            _ => FsError::Io {
+                op,
+                path: path.to_owned(),
+                source,
+            },
         }
     }
 
     fn denied(user: &User, path: &Path) -> Self {
-        FsError::PermissionDenied { user: user.name.clone(), path: path.to_owned() }
+        FsError::PermissionDenied {
+            user: user.name.clone(),
+            path: path.to_owned(),
+        }
     }
 }
 
@@ -95,7 +102,11 @@ pub fn permissions_string(metadata: &std::fs::Metadata) -> String {
     let mut text = type_letters(metadata);
     let mode = metadata.mode();
     for (i, letter) in "rwxrwxrwx".chars().enumerate() {
-        text.push(if mode & (1 << (8 - i)) != 0 { letter } else { '-' });
+        text.push(if mode & (1 << (8 - i)) != 0 {
+            letter
+        } else {
+            '-'
+        });
     }
     text
 }
@@ -128,14 +139,23 @@ fn describe(path: &Path, metadata: &std::fs::Metadata, accounts: &Accounts) -> E
                 target_metadata.mode() & 0o777,
                 Some(target.to_string_lossy().into_owned()),
             ),
-            _ => (FileType::Unspecified, 0, Some(path.to_string_lossy().into_owned())),
+            _ => (
+                FileType::Unspecified,
+                0,
+                Some(path.to_string_lossy().into_owned()),
+            ),
         }
     } else {
         (file_type(metadata), metadata.mode() & 0o777, None)
     };
     let modified = metadata.modified().ok().map(|time| {
-        let since = time.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        pbjson_types::Timestamp { seconds: since.as_secs() as i64, nanos: since.subsec_nanos() as i32 }
+        let since = time
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        pbjson_types::Timestamp {
+            seconds: since.as_secs() as i64,
+            nanos: since.subsec_nanos() as i32,
+        }
     });
     EntryInfo {
         name: path
@@ -158,7 +178,12 @@ fn describe(path: &Path, metadata: &std::fs::Metadata, accounts: &Accounts) -> E
 
 /// Lists a directory to `depth` levels (0 means 1). The directory itself may be a symlink to
 /// one; symlinks below it are listed but not followed, so loops cannot recurse.
-pub fn list_dir(path: &Path, depth: u32, user: &User, accounts: &Accounts) -> Result<Vec<EntryInfo>, FsError> {
+pub fn list_dir(
+    path: &Path,
+    depth: u32,
+    user: &User,
+    accounts: &Accounts,
+) -> Result<Vec<EntryInfo>, FsError> {
     let metadata = std::fs::metadata(path).map_err(|e| FsError::io("stat", path, e))?;
     if !metadata.is_dir() {
         return Err(FsError::NotADirectory(path.to_owned()));
@@ -177,7 +202,9 @@ pub fn list_dir(path: &Path, depth: u32, user: &User, accounts: &Accounts) -> Re
         };
         for item in read.flatten() {
             let child = item.path();
-            let Ok(child_metadata) = std::fs::symlink_metadata(&child) else { continue };
+            let Ok(child_metadata) = std::fs::symlink_metadata(&child) else {
+                continue;
+            };
             if child_metadata.is_dir() && level < depth.max(1) {
                 pending.push((child.clone(), level + 1));
             }
@@ -236,12 +263,21 @@ pub fn make_dir(path: &Path, user: &User, accounts: &Accounts) -> Result<EntryIn
 }
 
 /// Moves (renames) an entry, creating the destination's parents.
-pub fn move_entry(source: &Path, destination: &Path, user: &User, accounts: &Accounts) -> Result<EntryInfo, FsError> {
+pub fn move_entry(
+    source: &Path,
+    destination: &Path,
+    user: &User,
+    accounts: &Accounts,
+) -> Result<EntryInfo, FsError> {
     std::fs::symlink_metadata(source).map_err(|e| FsError::io("stat", source, e))?;
     let source_parent = source.parent().unwrap_or(Path::new("/"));
-    let parent_ok = std::fs::metadata(source_parent).is_ok_and(|m| access::allowed(&m, user, Want::ModifyDir));
+    let parent_ok =
+        std::fs::metadata(source_parent).is_ok_and(|m| access::allowed(&m, user, Want::ModifyDir));
     if !parent_ok || !access::may_create(destination, user) {
-        return Err(FsError::denied(user, if parent_ok { destination } else { source }));
+        return Err(FsError::denied(
+            user,
+            if parent_ok { destination } else { source },
+        ));
     }
     if let Some(parent) = destination.parent() {
         create_dirs_as(parent, user)?;
@@ -262,9 +298,15 @@ pub fn remove(path: &Path, user: &User) -> Result<(), FsError> {
     if !std::fs::metadata(parent).is_ok_and(|m| access::allowed(&m, user, Want::ModifyDir)) {
         return Err(FsError::denied(user, path));
     }
-    let result = if metadata.is_dir() { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) };
+    let result = if metadata.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
     match result {
-        Err(error) if error.kind() != io::ErrorKind::NotFound => Err(FsError::io("remove", path, error)),
+        Err(error) if error.kind() != io::ErrorKind::NotFound => {
+            Err(FsError::io("remove", path, error))
+        }
         _ => Ok(()),
     }
 }
@@ -275,7 +317,14 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn root() -> User {
-        User { name: "root".into(), uid: 0, gid: 0, home: "/root".into(), shell: String::new(), groups: vec![0] }
+        User {
+            name: "root".into(),
+            uid: 0,
+            gid: 0,
+            home: "/root".into(),
+            shell: String::new(),
+            groups: vec![0],
+        }
     }
 
     #[test]
@@ -284,12 +333,21 @@ mod tests {
         let file = dir.path().join("f");
         std::fs::write(&file, b"abc").unwrap();
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert_eq!(permissions_string(&std::fs::metadata(&file).unwrap()), "-rw-r--r--");
+        assert_eq!(
+            permissions_string(&std::fs::metadata(&file).unwrap()),
+            "-rw-r--r--"
+        );
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1755)).unwrap();
-        assert_eq!(permissions_string(&std::fs::metadata(dir.path()).unwrap()), "dtrwxr-xr-x");
+        assert_eq!(
+            permissions_string(&std::fs::metadata(dir.path()).unwrap()),
+            "dtrwxr-xr-x"
+        );
         let link = dir.path().join("l");
         std::os::unix::fs::symlink(&file, &link).unwrap();
-        assert_eq!(permissions_string(&std::fs::symlink_metadata(&link).unwrap()), "Lrwxrwxrwx");
+        assert_eq!(
+            permissions_string(&std::fs::symlink_metadata(&link).unwrap()),
+            "Lrwxrwxrwx"
+        );
     }
 
     #[test]
@@ -321,18 +379,28 @@ mod tests {
             list_dir(dir.path(), depth, &root(), &accounts)
                 .unwrap()
                 .into_iter()
-                .map(|e| e.path.trim_start_matches(dir.path().to_str().unwrap()).to_owned())
+                .map(|e| {
+                    e.path
+                        .trim_start_matches(dir.path().to_str().unwrap())
+                        .to_owned()
+                })
                 .collect()
         };
         assert_eq!(names(0), vec!["/a"]);
         assert_eq!(names(1), vec!["/a"]);
         assert_eq!(names(2), vec!["/a", "/a/b", "/a/f.txt", "/a/loop"]);
-        assert_eq!(names(10), vec!["/a", "/a/b", "/a/b/c", "/a/f.txt", "/a/loop"]);
+        assert_eq!(
+            names(10),
+            vec!["/a", "/a/b", "/a/b/c", "/a/f.txt", "/a/loop"]
+        );
         assert!(matches!(
             list_dir(&dir.path().join("a/f.txt"), 1, &root(), &accounts),
             Err(FsError::NotADirectory(_))
         ));
-        assert!(matches!(list_dir(&dir.path().join("nope"), 1, &root(), &accounts), Err(FsError::NotFound(_))));
+        assert!(matches!(
+            list_dir(&dir.path().join("nope"), 1, &root(), &accounts),
+            Err(FsError::NotFound(_))
+        ));
     }
 
     #[test]
@@ -340,14 +408,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let accounts = Accounts::default();
         let nested = dir.path().join("x/y/z");
-        assert_eq!(make_dir(&nested, &root(), &accounts).unwrap().r#type, FileType::Directory as i32);
-        assert!(matches!(make_dir(&nested, &root(), &accounts), Err(FsError::AlreadyExists(_))));
+        assert_eq!(
+            make_dir(&nested, &root(), &accounts).unwrap().r#type,
+            FileType::Directory as i32
+        );
+        assert!(matches!(
+            make_dir(&nested, &root(), &accounts),
+            Err(FsError::AlreadyExists(_))
+        ));
         std::fs::write(dir.path().join("file"), b"1").unwrap();
-        assert!(matches!(make_dir(&dir.path().join("file"), &root(), &accounts), Err(FsError::NotADirectory(_))));
-        let moved = move_entry(&dir.path().join("file"), &dir.path().join("new/place"), &root(), &accounts).unwrap();
+        assert!(matches!(
+            make_dir(&dir.path().join("file"), &root(), &accounts),
+            Err(FsError::NotADirectory(_))
+        ));
+        let moved = move_entry(
+            &dir.path().join("file"),
+            &dir.path().join("new/place"),
+            &root(),
+            &accounts,
+        )
+        .unwrap();
         assert_eq!(moved.name, "place");
         assert!(matches!(
-            move_entry(&dir.path().join("file"), &dir.path().join("other"), &root(), &accounts),
+            move_entry(
+                &dir.path().join("file"),
+                &dir.path().join("other"),
+                &root(),
+                &accounts
+            ),
             Err(FsError::NotFound(_))
         ));
         remove(&dir.path().join("x"), &root()).unwrap();

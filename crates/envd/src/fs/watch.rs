@@ -96,7 +96,10 @@ const MASK: WatchMask = WatchMask::CREATE
 
 /// Starts watching; events (or the error that ended the watch) arrive on the receiver, and the
 /// watch stops when the receiver is dropped.
-pub fn watch(spec: WatchSpec, accounts: Accounts) -> Result<mpsc::Receiver<Result<FsEvent, WatchError>>, WatchError> {
+pub fn watch(
+    spec: WatchSpec,
+    accounts: Accounts,
+) -> Result<mpsc::Receiver<Result<FsEvent, WatchError>>, WatchError> {
     match std::fs::metadata(&spec.root) {
         Err(_) => return Err(WatchError::NotFound(spec.root)),
         Ok(metadata) if !metadata.is_dir() => return Err(WatchError::NotADirectory(spec.root)),
@@ -105,14 +108,28 @@ pub fn watch(spec: WatchSpec, accounts: Accounts) -> Result<mpsc::Receiver<Resul
     if !spec.allow_network_mounts && is_network_filesystem(&spec.root) {
         return Err(WatchError::NetworkMount(spec.root));
     }
-    let inotify_error = |source| WatchError::Inotify { path: spec.root.clone(), source };
+    let inotify_error = |source| WatchError::Inotify {
+        path: spec.root.clone(),
+        source,
+    };
     let inotify = Inotify::init().map_err(inotify_error)?;
-    let mut stream = inotify.into_event_stream(vec![0u8; 64 * 1024]).map_err(inotify_error)?;
+    let mut stream = inotify
+        .into_event_stream(vec![0u8; 64 * 1024])
+        .map_err(inotify_error)?;
     let mut dirs: HashMap<WatchDescriptor, PathBuf> = HashMap::new();
-    let root_wd = stream.watches().add(&spec.root, MASK).map_err(inotify_error)?;
+    let root_wd = stream
+        .watches()
+        .add(&spec.root, MASK)
+        .map_err(inotify_error)?;
     dirs.insert(root_wd.clone(), PathBuf::new());
     if spec.recursive {
-        add_subtree(&mut stream.watches(), &spec.root, Path::new(""), &mut dirs, &mut Vec::new());
+        add_subtree(
+            &mut stream.watches(),
+            &spec.root,
+            Path::new(""),
+            &mut dirs,
+            &mut Vec::new(),
+        );
     }
 
     let (sender, receiver) = mpsc::channel(1024);
@@ -125,7 +142,12 @@ pub fn watch(spec: WatchSpec, accounts: Accounts) -> Result<mpsc::Receiver<Resul
             let event = match event {
                 Some(Ok(event)) => event,
                 Some(Err(source)) => {
-                    let _ = sender.send(Err(WatchError::Inotify { path: spec.root.clone(), source })).await;
+                    let _ = sender
+                        .send(Err(WatchError::Inotify {
+                            path: spec.root.clone(),
+                            source,
+                        }))
+                        .await;
                     return;
                 }
                 None => return,
@@ -137,12 +159,16 @@ pub fn watch(spec: WatchSpec, accounts: Accounts) -> Result<mpsc::Receiver<Resul
             if event.mask.contains(EventMask::IGNORED) {
                 dirs.remove(&event.wd);
                 if event.wd == root_wd {
-                    let _ = sender.send(Err(WatchError::RootGone(spec.root.clone()))).await;
+                    let _ = sender
+                        .send(Err(WatchError::RootGone(spec.root.clone())))
+                        .await;
                     return;
                 }
                 continue;
             }
-            let Some(relative_dir) = dirs.get(&event.wd).cloned() else { continue };
+            let Some(relative_dir) = dirs.get(&event.wd).cloned() else {
+                continue;
+            };
             let relative = match event.name.as_deref() {
                 Some(name) => relative_dir.join(name),
                 // Events about a watched directory itself: only the root's are reported (a
@@ -157,7 +183,9 @@ pub fn watch(spec: WatchSpec, accounts: Accounts) -> Result<mpsc::Receiver<Resul
             }
             if spec.recursive
                 && event.mask.contains(EventMask::ISDIR)
-                && event.mask.intersects(EventMask::CREATE | EventMask::MOVED_TO)
+                && event
+                    .mask
+                    .intersects(EventMask::CREATE | EventMask::MOVED_TO)
             {
                 let mut watches = stream.watches();
                 if let Ok(wd) = watches.add(&full, MASK) {
@@ -169,7 +197,13 @@ pub fn watch(spec: WatchSpec, accounts: Accounts) -> Result<mpsc::Receiver<Resul
                 add_subtree(&mut watches, &full, &relative, &mut dirs, &mut found);
                 for nested in found {
                     let nested_full = spec.root.join(&nested);
-                    batch.push(make_event(&spec, &accounts, &nested, &nested_full, EventType::Create));
+                    batch.push(make_event(
+                        &spec,
+                        &accounts,
+                        &nested,
+                        &nested_full,
+                        EventType::Create,
+                    ));
                 }
             }
             for event in batch {
@@ -204,14 +238,24 @@ fn event_types(mask: EventMask) -> Vec<EventType> {
     kinds
 }
 
-fn make_event(spec: &WatchSpec, accounts: &Accounts, relative: &Path, full: &Path, kind: EventType) -> FsEvent {
+fn make_event(
+    spec: &WatchSpec,
+    accounts: &Accounts,
+    relative: &Path,
+    full: &Path,
+    kind: EventType,
+) -> FsEvent {
     let entry = match kind {
         EventType::Create | EventType::Write | EventType::Chmod if spec.include_entry => {
             super::entry_info(full, accounts).ok()
         }
         _ => None,
     };
-    let name = if relative.as_os_str().is_empty() { ".".to_owned() } else { relative.to_string_lossy().into_owned() };
+    let name = if relative.as_os_str().is_empty() {
+        ".".to_owned()
+    } else {
+        relative.to_string_lossy().into_owned()
+    };
     FsEvent { name, kind, entry }
 }
 
@@ -224,7 +268,9 @@ fn add_subtree(
     dirs: &mut HashMap<WatchDescriptor, PathBuf>,
     found: &mut Vec<PathBuf>,
 ) {
-    let Ok(read) = std::fs::read_dir(dir) else { return };
+    let Ok(read) = std::fs::read_dir(dir) else {
+        return;
+    };
     for item in read.flatten() {
         let name: &OsStr = &item.file_name();
         let child_relative = relative.join(name);
@@ -270,7 +316,9 @@ impl WatcherRegistry {
             while let Some(item) = receiver.recv().await {
                 let mut buffer = sink.lock().expect("watcher buffer lock");
                 match item {
-                    Ok(event) if buffer.events.len() < POLLING_WATCHER_MAX_EVENTS => buffer.events.push(event),
+                    Ok(event) if buffer.events.len() < POLLING_WATCHER_MAX_EVENTS => {
+                        buffer.events.push(event)
+                    }
                     Ok(_) => buffer.dropped += 1,
                     Err(error) => {
                         buffer.ended = Some(error.to_string());
@@ -282,7 +330,11 @@ impl WatcherRegistry {
         let id = new_watcher_id();
         self.watchers.lock().expect("watcher registry lock").insert(
             id.clone(),
-            PollingWatcher { events, task: task.abort_handle(), last_poll: Instant::now() },
+            PollingWatcher {
+                events,
+                task: task.abort_handle(),
+                last_poll: Instant::now(),
+            },
         );
         Ok(id)
     }
@@ -292,11 +344,17 @@ impl WatcherRegistry {
     pub fn take_events(&self, id: &str) -> Result<Vec<FsEvent>, WatchError> {
         self.expire_idle();
         let mut watchers = self.watchers.lock().expect("watcher registry lock");
-        let watcher = watchers.get_mut(id).ok_or_else(|| WatchError::UnknownWatcher(id.to_owned()))?;
+        let watcher = watchers
+            .get_mut(id)
+            .ok_or_else(|| WatchError::UnknownWatcher(id.to_owned()))?;
         watcher.last_poll = Instant::now();
         let mut buffer = watcher.events.lock().expect("watcher buffer lock");
         if buffer.dropped > 0 {
-            tracing::warn!(watcher = id, dropped = buffer.dropped, "polling watcher dropped events: polled too rarely");
+            tracing::warn!(
+                watcher = id,
+                dropped = buffer.dropped,
+                "polling watcher dropped events: polled too rarely"
+            );
             buffer.dropped = 0;
         }
         let events = std::mem::take(&mut buffer.events);
@@ -327,14 +385,17 @@ impl WatcherRegistry {
     }
 
     fn expire_idle(&self) {
-        self.watchers.lock().expect("watcher registry lock").retain(|id, watcher| {
-            let keep = watcher.last_poll.elapsed() < POLLING_WATCHER_IDLE_EXPIRY;
-            if !keep {
-                tracing::info!(watcher = id, "removing a polling watcher nobody polled");
-                watcher.task.abort();
-            }
-            keep
-        });
+        self.watchers
+            .lock()
+            .expect("watcher registry lock")
+            .retain(|id, watcher| {
+                let keep = watcher.last_poll.elapsed() < POLLING_WATCHER_IDLE_EXPIRY;
+                if !keep {
+                    tracing::info!(watcher = id, "removing a polling watcher nobody polled");
+                    watcher.task.abort();
+                }
+                keep
+            });
     }
 }
 
@@ -342,14 +403,24 @@ impl WatcherRegistry {
 fn new_watcher_id() -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut bytes = [0u8; 20];
-    let filled = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
+    let filled = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
     if filled.is_err() {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
         for (i, byte) in bytes.iter_mut().enumerate() {
             *byte = (nanos >> (i % 16 * 8)) as u8 ^ i as u8;
         }
     }
-    std::iter::once('w').chain(bytes.iter().map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)).collect()
+    std::iter::once('w')
+        .chain(
+            bytes
+                .iter()
+                .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char),
+        )
+        .collect()
 }
 
 #[cfg(test)]
@@ -357,37 +428,66 @@ mod tests {
     use super::*;
 
     async fn next(receiver: &mut mpsc::Receiver<Result<FsEvent, WatchError>>) -> FsEvent {
-        tokio::time::timeout(Duration::from_secs(5), receiver.recv()).await.unwrap().unwrap().unwrap()
+        tokio::time::timeout(Duration::from_secs(5), receiver.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
     }
 
     #[tokio::test]
     async fn recursive_watch_follows_new_directories() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = WatchSpec { root: dir.path().into(), recursive: true, include_entry: true, allow_network_mounts: false };
+        let spec = WatchSpec {
+            root: dir.path().into(),
+            recursive: true,
+            include_entry: true,
+            allow_network_mounts: false,
+        };
         let mut events = watch(spec, Accounts::default()).unwrap();
         std::fs::create_dir(dir.path().join("sub")).unwrap();
         let created = next(&mut events).await;
-        assert_eq!((created.name.as_str(), created.kind), ("sub", EventType::Create));
+        assert_eq!(
+            (created.name.as_str(), created.kind),
+            ("sub", EventType::Create)
+        );
         assert!(created.entry.is_some());
         std::fs::write(dir.path().join("sub/f.txt"), b"hi").unwrap();
         let created = next(&mut events).await;
-        assert_eq!((created.name.as_str(), created.kind), ("sub/f.txt", EventType::Create));
+        assert_eq!(
+            (created.name.as_str(), created.kind),
+            ("sub/f.txt", EventType::Create)
+        );
         let written = next(&mut events).await;
-        assert_eq!((written.name.as_str(), written.kind), ("sub/f.txt", EventType::Write));
+        assert_eq!(
+            (written.name.as_str(), written.kind),
+            ("sub/f.txt", EventType::Write)
+        );
         std::fs::rename(dir.path().join("sub/f.txt"), dir.path().join("g.txt")).unwrap();
         assert_eq!(next(&mut events).await.kind, EventType::Rename);
         let moved_in = next(&mut events).await;
-        assert_eq!((moved_in.name.as_str(), moved_in.kind), ("g.txt", EventType::Create));
+        assert_eq!(
+            (moved_in.name.as_str(), moved_in.kind),
+            ("g.txt", EventType::Create)
+        );
         std::fs::remove_file(dir.path().join("g.txt")).unwrap();
         let removed = next(&mut events).await;
-        assert_eq!((removed.name.as_str(), removed.kind, removed.entry), ("g.txt", EventType::Remove, None));
+        assert_eq!(
+            (removed.name.as_str(), removed.kind, removed.entry),
+            ("g.txt", EventType::Remove, None)
+        );
     }
 
     #[tokio::test]
     async fn non_recursive_watch_ignores_subdirectories() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("sub")).unwrap();
-        let spec = WatchSpec { root: dir.path().into(), recursive: false, include_entry: false, allow_network_mounts: false };
+        let spec = WatchSpec {
+            root: dir.path().into(),
+            recursive: false,
+            include_entry: false,
+            allow_network_mounts: false,
+        };
         let mut events = watch(spec, Accounts::default()).unwrap();
         std::fs::write(dir.path().join("sub/hidden"), b"x").unwrap();
         std::fs::write(dir.path().join("seen"), b"x").unwrap();
@@ -398,16 +498,32 @@ mod tests {
     async fn refuses_missing_and_files() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f"), b"").unwrap();
-        let spec = |root: PathBuf| WatchSpec { root, recursive: false, include_entry: false, allow_network_mounts: false };
-        assert!(matches!(watch(spec(dir.path().join("nope")), Accounts::default()), Err(WatchError::NotFound(_))));
-        assert!(matches!(watch(spec(dir.path().join("f")), Accounts::default()), Err(WatchError::NotADirectory(_))));
+        let spec = |root: PathBuf| WatchSpec {
+            root,
+            recursive: false,
+            include_entry: false,
+            allow_network_mounts: false,
+        };
+        assert!(matches!(
+            watch(spec(dir.path().join("nope")), Accounts::default()),
+            Err(WatchError::NotFound(_))
+        ));
+        assert!(matches!(
+            watch(spec(dir.path().join("f")), Accounts::default()),
+            Err(WatchError::NotADirectory(_))
+        ));
     }
 
     #[tokio::test]
     async fn polling_watchers_buffer_until_polled() {
         let dir = tempfile::tempdir().unwrap();
         let registry = WatcherRegistry::default();
-        let spec = WatchSpec { root: dir.path().into(), recursive: false, include_entry: false, allow_network_mounts: false };
+        let spec = WatchSpec {
+            root: dir.path().into(),
+            recursive: false,
+            include_entry: false,
+            allow_network_mounts: false,
+        };
         let id = registry.create(spec, Accounts::default()).unwrap();
         std::fs::write(dir.path().join("a"), b"").unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -418,7 +534,10 @@ mod tests {
         }
         assert_eq!(seen[0].name, "a");
         registry.remove(&id).unwrap();
-        assert!(matches!(registry.take_events(&id), Err(WatchError::UnknownWatcher(_))));
+        assert!(matches!(
+            registry.take_events(&id),
+            Err(WatchError::UnknownWatcher(_))
+        ));
         assert!(registry.is_empty());
     }
 }

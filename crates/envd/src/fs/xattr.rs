@@ -11,13 +11,16 @@ use std::path::Path;
 pub const PREFIX: &str = "user.e2b.";
 
 fn c_path(path: &Path) -> io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
 }
 
 /// The metadata of a file (not following a final symlink). Filesystems without xattr support
 /// have none.
 pub fn read_metadata(path: &Path) -> HashMap<String, String> {
-    let Ok(path) = c_path(path) else { return HashMap::new() };
+    let Ok(path) = c_path(path) else {
+        return HashMap::new();
+    };
     let mut names = vec![0u8; 4096];
     // SAFETY: the buffer is valid for writes of its length and the path is NUL-terminated.
     let len = unsafe { libc::llistxattr(path.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
@@ -27,16 +30,30 @@ pub fn read_metadata(path: &Path) -> HashMap<String, String> {
     names.truncate(len as usize);
     let mut metadata = HashMap::new();
     for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
-        let Some(key) = name.strip_prefix(PREFIX.as_bytes()) else { continue };
-        let Ok(c_name) = CString::new(name) else { continue };
+        let Some(key) = name.strip_prefix(PREFIX.as_bytes()) else {
+            continue;
+        };
+        let Ok(c_name) = CString::new(name) else {
+            continue;
+        };
         let mut value = vec![0u8; 4096];
         // SAFETY: as above, with a NUL-terminated attribute name.
-        let len = unsafe { libc::lgetxattr(path.as_ptr(), c_name.as_ptr(), value.as_mut_ptr().cast(), value.len()) };
+        let len = unsafe {
+            libc::lgetxattr(
+                path.as_ptr(),
+                c_name.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
+        };
         if len < 0 {
             continue;
         }
         value.truncate(len as usize);
-        metadata.insert(String::from_utf8_lossy(key).into_owned(), String::from_utf8_lossy(&value).into_owned());
+        metadata.insert(
+            String::from_utf8_lossy(key).into_owned(),
+            String::from_utf8_lossy(&value).into_owned(),
+        );
     }
     metadata
 }
@@ -48,9 +65,19 @@ pub fn write_entry(path: &Path, key: &str, value: &str) -> io::Result<()> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "metadata key contains NUL"))?;
     // SAFETY: path and name are NUL-terminated; the value pointer is valid for its length.
     let result = unsafe {
-        libc::lsetxattr(c_path.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+        libc::lsetxattr(
+            c_path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
     };
-    if result < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if result < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Metadata keys and values must be printable ASCII, keys at most this long (the xattr name
@@ -111,11 +138,22 @@ mod tests {
     fn validation() {
         let ok = validate(&[("Owner".into(), "team a".into())]).unwrap();
         assert_eq!(ok, vec![("owner".to_owned(), "team a".to_owned())]);
-        assert_eq!(validate(&[("k\u{e9}".into(), "v".into())]), Err(MetadataError::KeyNotPrintable("k\u{e9}".into())));
-        assert_eq!(validate(&[("k".into(), "v\n".into())]), Err(MetadataError::ValueNotPrintable("k".into())));
+        assert_eq!(
+            validate(&[("k\u{e9}".into(), "v".into())]),
+            Err(MetadataError::KeyNotPrintable("k\u{e9}".into()))
+        );
+        assert_eq!(
+            validate(&[("k".into(), "v\n".into())]),
+            Err(MetadataError::ValueNotPrintable("k".into()))
+        );
         let long = "k".repeat(247);
-        assert_eq!(validate(&[(long.clone(), "v".into())]), Err(MetadataError::KeyTooLong(long)));
-        let big: Vec<_> = (0..20).map(|i| (format!("k{i}"), "v".repeat(250))).collect();
+        assert_eq!(
+            validate(&[(long.clone(), "v".into())]),
+            Err(MetadataError::KeyTooLong(long))
+        );
+        let big: Vec<_> = (0..20)
+            .map(|i| (format!("k{i}"), "v".repeat(250)))
+            .collect();
         assert_eq!(validate(&big), Err(MetadataError::TooLarge));
     }
 
@@ -125,7 +163,10 @@ mod tests {
         let file = dir.path().join("f");
         std::fs::write(&file, b"x").unwrap();
         match write_entry(&file, "owner", "me") {
-            Ok(()) => assert_eq!(read_metadata(&file).get("owner").map(String::as_str), Some("me")),
+            Ok(()) => assert_eq!(
+                read_metadata(&file).get("owner").map(String::as_str),
+                Some("me")
+            ),
             Err(error) => eprintln!("skipped: this filesystem has no user xattrs ({error})"),
         }
     }

@@ -48,13 +48,26 @@ pub(crate) struct FilesQuery {
 
 /// The access-token or signature check of `/files` (E2B's order: no token set means open; a
 /// token header must match; otherwise the signature must).
-fn authorize(envd: &Envd, headers: &HeaderMap, query: &FilesQuery, operation: Operation) -> Result<(), Response> {
-    let Some(token) = envd.access_token() else { return Ok(()) };
-    if let Some(given) = headers.get(auth::ACCESS_TOKEN_HEADER).filter(|v| !v.is_empty()) {
+fn authorize(
+    envd: &Envd,
+    headers: &HeaderMap,
+    query: &FilesQuery,
+    operation: Operation,
+) -> Result<(), Response> {
+    let Some(token) = envd.access_token() else {
+        return Ok(());
+    };
+    if let Some(given) = headers
+        .get(auth::ACCESS_TOKEN_HEADER)
+        .filter(|v| !v.is_empty())
+    {
         return if auth::secrets_equal(given.as_bytes(), token.as_bytes()) {
             Ok(())
         } else {
-            Err(json_error(StatusCode::UNAUTHORIZED, "access token present in header but does not match"))
+            Err(json_error(
+                StatusCode::UNAUTHORIZED,
+                "access token present in header but does not match",
+            ))
         };
     }
     signature::verify(
@@ -80,13 +93,19 @@ fn files_user(envd: &Envd, headers: &HeaderMap, query: &FilesQuery) -> Result<Us
     };
     envd.user(requested.as_deref()).map_err(|error| {
         let name = requested.unwrap_or_else(|| "<default>".to_owned());
-        json_error(StatusCode::UNAUTHORIZED, format!("error looking up user '{name}': {error}"))
+        json_error(
+            StatusCode::UNAUTHORIZED,
+            format!("error looking up user '{name}': {error}"),
+        )
     })
 }
 
 fn resolve(envd: &Envd, raw: &str, user: &User) -> Result<PathBuf, Response> {
     envd.resolve_path(raw, user).map_err(|error| {
-        json_error(StatusCode::BAD_REQUEST, format!("error expanding and resolving path '{raw}': {error}"))
+        json_error(
+            StatusCode::BAD_REQUEST,
+            format!("error expanding and resolving path '{raw}': {error}"),
+        )
     })
 }
 
@@ -124,14 +143,22 @@ pub fn negotiate_coding(accept_encoding: Option<&str>) -> Result<Coding, NotAcce
                 return None;
             }
             let q = parts
-                .find_map(|p| p.trim().strip_prefix("q=").and_then(|v| v.trim().parse::<f32>().ok()))
+                .find_map(|p| {
+                    p.trim()
+                        .strip_prefix("q=")
+                        .and_then(|v| v.trim().parse::<f32>().ok())
+                })
                 .unwrap_or(1.0);
             Some((name, q))
         })
         .collect();
-    let identity_q = entries.iter().find(|(n, _)| n == "identity").map(|(_, q)| *q);
+    let identity_q = entries
+        .iter()
+        .find(|(n, _)| n == "identity")
+        .map(|(_, q)| *q);
     let star_q = entries.iter().find(|(n, _)| n == "*").map(|(_, q)| *q);
-    let identity_rejected = identity_q == Some(0.0) || (identity_q.is_none() && star_q == Some(0.0));
+    let identity_rejected =
+        identity_q == Some(0.0) || (identity_q.is_none() && star_q == Some(0.0));
     entries.sort_by(|a, b| b.1.total_cmp(&a.1));
     for (name, q) in &entries {
         if *q <= 0.0 {
@@ -140,11 +167,21 @@ pub fn negotiate_coding(accept_encoding: Option<&str>) -> Result<Coding, NotAcce
         match name.as_str() {
             "identity" => return Ok(Coding::Identity),
             "gzip" => return Ok(Coding::Gzip),
-            "*" => return Ok(if identity_rejected { Coding::Gzip } else { Coding::Identity }),
+            "*" => {
+                return Ok(if identity_rejected {
+                    Coding::Gzip
+                } else {
+                    Coding::Identity
+                });
+            }
             _ => {}
         }
     }
-    if identity_rejected { Err(NotAcceptable) } else { Ok(Coding::Identity) }
+    if identity_rejected {
+        Err(NotAcceptable)
+    } else {
+        Ok(Coding::Identity)
+    }
 }
 
 /// `Content-Disposition: inline` with the file's name, quoted or RFC 2231-encoded as needed.
@@ -156,13 +193,26 @@ pub fn content_disposition(name: &str) -> String {
     if !name.is_ascii() || name.chars().any(|c| c.is_ascii_control()) {
         // RFC 2231 attribute characters stay as they are.
         const ENCODED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-            .remove(b'!').remove(b'#').remove(b'$').remove(b'&').remove(b'+').remove(b'-')
-            .remove(b'.').remove(b'^').remove(b'_').remove(b'`').remove(b'|').remove(b'~');
+            .remove(b'!')
+            .remove(b'#')
+            .remove(b'$')
+            .remove(b'&')
+            .remove(b'+')
+            .remove(b'-')
+            .remove(b'.')
+            .remove(b'^')
+            .remove(b'_')
+            .remove(b'`')
+            .remove(b'|')
+            .remove(b'~');
         let encoded = percent_encoding::utf8_percent_encode(name, ENCODED).to_string();
         return format!("inline; filename*=utf-8''{encoded}");
     }
     if name.chars().any(|c| TSPECIALS.contains(c)) {
-        return format!("inline; filename=\"{}\"", name.replace('\\', "\\\\").replace('"', "\\\""));
+        return format!(
+            "inline; filename=\"{}\"",
+            name.replace('\\', "\\\\").replace('"', "\\\"")
+        );
     }
     format!("inline; filename={name}")
 }
@@ -195,7 +245,9 @@ fn content_type_for(path: &Path) -> Option<&'static str> {
 /// the whole file (no header, or one we do not handle such as multiple ranges); `Err` means
 /// unsatisfiable (416).
 pub fn parse_range(header: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, Unsatisfiable> {
-    let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else { return Ok(None) };
+    let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
+        return Ok(None);
+    };
     if spec.contains(',') {
         return Ok(None);
     }
@@ -206,10 +258,19 @@ pub fn parse_range(header: Option<&str>, size: u64) -> Result<Option<(u64, u64)>
         if suffix == 0 {
             return Err(Unsatisfiable);
         }
-        (size.saturating_sub(suffix), size.checked_sub(1).ok_or(Unsatisfiable)?)
+        (
+            size.saturating_sub(suffix),
+            size.checked_sub(1).ok_or(Unsatisfiable)?,
+        )
     } else {
         let start: u64 = start.parse().map_err(|_| Unsatisfiable)?;
-        let end = if end.is_empty() { size.saturating_sub(1) } else { end.parse::<u64>().map_err(|_| Unsatisfiable)?.min(size.saturating_sub(1)) };
+        let end = if end.is_empty() {
+            size.saturating_sub(1)
+        } else {
+            end.parse::<u64>()
+                .map_err(|_| Unsatisfiable)?
+                .min(size.saturating_sub(1))
+        };
         if start >= size || end < start {
             return Err(Unsatisfiable);
         }
@@ -218,7 +279,11 @@ pub fn parse_range(header: Option<&str>, size: u64) -> Result<Option<(u64, u64)>
     Ok(Some(range))
 }
 
-pub(crate) async fn download(State(envd): State<Arc<Envd>>, Query(query): Query<FilesQuery>, headers: HeaderMap) -> Response {
+pub(crate) async fn download(
+    State(envd): State<Arc<Envd>>,
+    Query(query): Query<FilesQuery>,
+    headers: HeaderMap,
+) -> Response {
     if let Err(response) = authorize(&envd, &headers, &query, Operation::Read) {
         return response;
     }
@@ -233,26 +298,43 @@ pub(crate) async fn download(State(envd): State<Arc<Envd>>, Query(query): Query<
     let metadata = match tokio::fs::metadata(&path).await {
         Ok(metadata) => metadata,
         Err(error) if error.kind() == io::ErrorKind::NotFound => {
-            return json_error(StatusCode::NOT_FOUND, format!("path '{}' does not exist", path.display()));
+            return json_error(
+                StatusCode::NOT_FOUND,
+                format!("path '{}' does not exist", path.display()),
+            );
         }
         Err(error) => {
             return json_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                format!("error checking if path exists '{}': {error}", path.display()),
+                format!(
+                    "error checking if path exists '{}': {error}",
+                    path.display()
+                ),
             );
         }
     };
     if metadata.is_dir() {
-        return json_error(StatusCode::BAD_REQUEST, format!("path '{}' is a directory", path.display()));
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            format!("path '{}' is a directory", path.display()),
+        );
     }
     if !access::allowed(&metadata, &user, Want::Read) {
-        return json_error(StatusCode::FORBIDDEN, format!("user '{}' may not read '{}'", user.name, path.display()));
+        return json_error(
+            StatusCode::FORBIDDEN,
+            format!("user '{}' may not read '{}'", user.name, path.display()),
+        );
     }
 
     let header_text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
-    let conditional = [header::RANGE, header::IF_MODIFIED_SINCE, header::IF_NONE_MATCH, header::IF_RANGE]
-        .iter()
-        .any(|name| headers.contains_key(name));
+    let conditional = [
+        header::RANGE,
+        header::IF_MODIFIED_SINCE,
+        header::IF_NONE_MATCH,
+        header::IF_RANGE,
+    ]
+    .iter()
+    .any(|name| headers.contains_key(name));
     let coding = match negotiate_coding(header_text(header::ACCEPT_ENCODING)) {
         Ok(Coding::Gzip) if conditional => Coding::Identity,
         Ok(coding) => coding,
@@ -267,10 +349,16 @@ pub(crate) async fn download(State(envd): State<Arc<Envd>>, Query(query): Query<
     let mut file = match tokio::fs::File::open(&path).await {
         Ok(file) => file,
         Err(error) => {
-            return json_error(StatusCode::INTERNAL_SERVER_ERROR, format!("error opening file '{}': {error}", path.display()));
+            return json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("error opening file '{}': {error}", path.display()),
+            );
         }
     };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let mut response_headers = HeaderMap::new();
     response_headers.insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
     if let Ok(value) = HeaderValue::from_str(&content_disposition(&name)) {
@@ -281,7 +369,9 @@ pub(crate) async fn download(State(envd): State<Arc<Envd>>, Query(query): Query<
         let content_type = content_type_for(&path).unwrap_or("application/octet-stream");
         response_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
         response_headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-        let encoder = async_compression::tokio::bufread::GzipEncoder::new(BufReader::with_capacity(TRANSFER_CHUNK, file));
+        let encoder = async_compression::tokio::bufread::GzipEncoder::new(
+            BufReader::with_capacity(TRANSFER_CHUNK, file),
+        );
         let body = Body::from_stream(ReaderStream::with_capacity(encoder, TRANSFER_CHUNK));
         return (StatusCode::OK, response_headers, body).into_response();
     }
@@ -289,11 +379,22 @@ pub(crate) async fn download(State(envd): State<Arc<Envd>>, Query(query): Query<
     let size = metadata.len();
     let modified = metadata.modified().ok();
     if let Some(modified) = modified {
-        response_headers.insert(header::LAST_MODIFIED, HeaderValue::from_str(&httpdate::fmt_http_date(modified)).expect("http dates are ASCII"));
-        let since = header_text(header::IF_MODIFIED_SINCE).and_then(|v| httpdate::parse_http_date(v).ok());
-        let modified_secs = modified.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        response_headers.insert(
+            header::LAST_MODIFIED,
+            HeaderValue::from_str(&httpdate::fmt_http_date(modified))
+                .expect("http dates are ASCII"),
+        );
+        let since =
+            header_text(header::IF_MODIFIED_SINCE).and_then(|v| httpdate::parse_http_date(v).ok());
+        let modified_secs = modified
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         if let Some(since) = since {
-            let since_secs = since.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let since_secs = since
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
             if modified_secs <= since_secs && !headers.contains_key(header::IF_NONE_MATCH) {
                 return (StatusCode::NOT_MODIFIED, response_headers).into_response();
             }
@@ -307,22 +408,33 @@ pub(crate) async fn download(State(envd): State<Arc<Envd>>, Query(query): Query<
     response_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     match parse_range(header_text(header::RANGE), size) {
         Err(Unsatisfiable) => {
-            response_headers.insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{size}")).expect("ASCII"));
+            response_headers.insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{size}")).expect("ASCII"),
+            );
             (StatusCode::RANGE_NOT_SATISFIABLE, response_headers).into_response()
         }
         Ok(Some((start, end))) => {
             if let Err(error) = file.seek(io::SeekFrom::Start(start)).await {
-                return json_error(StatusCode::INTERNAL_SERVER_ERROR, format!("error reading file: {error}"));
+                return json_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("error reading file: {error}"),
+                );
             }
             let len = end - start + 1;
-            response_headers.insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes {start}-{end}/{size}")).expect("ASCII"));
+            response_headers.insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes {start}-{end}/{size}")).expect("ASCII"),
+            );
             response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-            let body = Body::from_stream(ReaderStream::with_capacity(file.take(len), TRANSFER_CHUNK));
+            let body =
+                Body::from_stream(ReaderStream::with_capacity(file.take(len), TRANSFER_CHUNK));
             (StatusCode::PARTIAL_CONTENT, response_headers, body).into_response()
         }
         Ok(None) => {
             response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-            let body = Body::from_stream(ReaderStream::with_capacity(file.take(size), TRANSFER_CHUNK));
+            let body =
+                Body::from_stream(ReaderStream::with_capacity(file.take(size), TRANSFER_CHUNK));
             (StatusCode::OK, response_headers, body).into_response()
         }
     }
@@ -334,8 +446,14 @@ async fn sniff(file: &mut tokio::fs::File) -> &'static str {
     let read = file.read(&mut head).await.unwrap_or(0);
     let _ = file.seek(io::SeekFrom::Start(0)).await;
     let head = &head[..read];
-    let text = !head.contains(&0) && (std::str::from_utf8(head).is_ok() || read == 512 && std::str::from_utf8(&head[..508]).is_ok());
-    if text { "text/plain; charset=utf-8" } else { "application/octet-stream" }
+    let text = !head.contains(&0)
+        && (std::str::from_utf8(head).is_ok()
+            || read == 512 && std::str::from_utf8(&head[..508]).is_ok());
+    if text {
+        "text/plain; charset=utf-8"
+    } else {
+        "application/octet-stream"
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -375,17 +493,26 @@ impl UploadError {
             UploadError::IsDirectory(_) | UploadError::Body(_) => StatusCode::BAD_REQUEST,
             UploadError::PermissionDenied { .. } => StatusCode::FORBIDDEN,
             UploadError::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
-            UploadError::Directories(_) | UploadError::Io(_) | UploadError::Metadata(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            UploadError::Directories(_) | UploadError::Io(_) | UploadError::Metadata(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
     fn from_write(error: io::Error) -> Self {
-        if is_no_space(&error) { UploadError::NoSpace } else { UploadError::Io(error) }
+        if is_no_space(&error) {
+            UploadError::NoSpace
+        } else {
+            UploadError::Io(error)
+        }
     }
 }
 
 fn is_no_space(error: &io::Error) -> bool {
-    matches!(error.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+    matches!(
+        error.raw_os_error(),
+        Some(libc::ENOSPC) | Some(libc::EDQUOT)
+    )
 }
 
 /// The metadata named by `X-Metadata-<key>` headers (first value of each), validated.
@@ -393,11 +520,15 @@ fn metadata_from_headers(headers: &HeaderMap) -> Result<Vec<(String, String)>, S
     let mut entries = Vec::new();
     let mut seen = HashSet::new();
     for (name, value) in headers {
-        let Some(key) = name.as_str().strip_prefix(METADATA_HEADER_PREFIX) else { continue };
+        let Some(key) = name.as_str().strip_prefix(METADATA_HEADER_PREFIX) else {
+            continue;
+        };
         if key.is_empty() || !seen.insert(key.to_owned()) {
             continue;
         }
-        let value = value.to_str().map_err(|_| format!("metadata value for key {key:?} is not printable ASCII"))?;
+        let value = value
+            .to_str()
+            .map_err(|_| format!("metadata value for key {key:?} is not printable ASCII"))?;
         entries.push((key.to_owned(), value.to_owned()));
     }
     xattr::validate(&entries).map_err(|error| error.to_string())
@@ -415,8 +546,14 @@ impl Drop for TempFileGuard {
 }
 
 fn temp_path_for(target: &Path) -> PathBuf {
-    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
     let unique = format!(".{name}.wrenn-upload-{}-{nanos:08x}", std::process::id());
     target.with_file_name(unique)
 }
@@ -430,7 +567,9 @@ async fn write_file(
 ) -> Result<UploadedFile, UploadError> {
     // Writing through a symlink writes its target, as opening the link would.
     let target = match tokio::fs::symlink_metadata(target).await {
-        Ok(m) if m.file_type().is_symlink() => tokio::fs::canonicalize(target).await.unwrap_or_else(|_| target.to_owned()),
+        Ok(m) if m.file_type().is_symlink() => tokio::fs::canonicalize(target)
+            .await
+            .unwrap_or_else(|_| target.to_owned()),
         _ => target.to_owned(),
     };
     let existing = match tokio::fs::metadata(&target).await {
@@ -438,7 +577,10 @@ async fn write_file(
         Ok(m) => Some(m),
         Err(_) => None,
     };
-    let denied = || UploadError::PermissionDenied { user: user.name.clone(), path: target.clone() };
+    let denied = || UploadError::PermissionDenied {
+        user: user.name.clone(),
+        path: target.clone(),
+    };
     match &existing {
         Some(m) if !access::allowed(m, user, Want::Write) => return Err(denied()),
         None if !access::may_create(&target, user) => return Err(denied()),
@@ -468,7 +610,9 @@ async fn write_file(
         if read == 0 {
             break;
         }
-        file.write_all(&buffer[..read]).await.map_err(UploadError::from_write)?;
+        file.write_all(&buffer[..read])
+            .await
+            .map_err(UploadError::from_write)?;
     }
     file.flush().await.map_err(UploadError::from_write)?;
     file.sync_data().await.map_err(UploadError::from_write)?;
@@ -503,7 +647,10 @@ async fn write_file(
 
     Ok(UploadedFile {
         metadata: xattr::read_metadata(&target),
-        name: target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        name: target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         path: target.to_string_lossy().into_owned(),
         r#type: "file",
     })
@@ -525,7 +672,13 @@ pub(crate) async fn upload(
     let encoding = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
         .unwrap_or_default();
     let gzip = match encoding.as_str() {
         "" | "identity" => false,
@@ -533,7 +686,9 @@ pub(crate) async fn upload(
         other => {
             return json_error(
                 StatusCode::BAD_REQUEST,
-                format!("error decompressing request body: unsupported Content-Encoding: {other}, supported: [gzip]"),
+                format!(
+                    "error decompressing request body: unsupported Content-Encoding: {other}, supported: [gzip]"
+                ),
             );
         }
     };
@@ -543,16 +698,29 @@ pub(crate) async fn upload(
     };
     let metadata = match metadata_from_headers(&headers) {
         Ok(metadata) => metadata,
-        Err(error) => return json_error(StatusCode::BAD_REQUEST, format!("invalid metadata: {error}")),
+        Err(error) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid metadata: {error}"),
+            );
+        }
     };
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-    let media_type = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let media_type = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
 
     let reader: Box<dyn AsyncRead + Unpin + Send> = if gzip {
-        Box::new(async_compression::tokio::bufread::GzipDecoder::new(BufReader::with_capacity(
-            TRANSFER_CHUNK,
-            body_reader(body),
-        )))
+        Box::new(async_compression::tokio::bufread::GzipDecoder::new(
+            BufReader::with_capacity(TRANSFER_CHUNK, body_reader(body)),
+        ))
     } else {
         Box::new(body_reader(body))
     };
@@ -564,7 +732,9 @@ pub(crate) async fn upload(
     } else {
         Err(json_error(
             StatusCode::BAD_REQUEST,
-            format!("unsupported content type: {content_type}, expected multipart/form-data or application/octet-stream"),
+            format!(
+                "unsupported content type: {content_type}, expected multipart/form-data or application/octet-stream"
+            ),
         ))
     };
     match result {
@@ -585,10 +755,15 @@ async fn upload_raw(
     metadata: &[(String, String)],
 ) -> Result<Vec<UploadedFile>, Response> {
     let Some(raw_path) = query.path.as_deref().filter(|p| !p.is_empty()) else {
-        return Err(json_error(StatusCode::BAD_REQUEST, "path query parameter is required for raw body upload"));
+        return Err(json_error(
+            StatusCode::BAD_REQUEST,
+            "path query parameter is required for raw body upload",
+        ));
     };
     let path = resolve(envd, raw_path, user)?;
-    let file = write_file(&path, user, reader, metadata).await.map_err(upload_failure)?;
+    let file = write_file(&path, user, reader, metadata)
+        .await
+        .map_err(upload_failure)?;
     Ok(vec![file])
 }
 
@@ -600,21 +775,36 @@ async fn upload_multipart(
     reader: Box<dyn AsyncRead + Unpin + Send>,
     metadata: &[(String, String)],
 ) -> Result<Vec<UploadedFile>, Response> {
-    let boundary = multer::parse_boundary(content_type)
-        .map_err(|error| json_error(StatusCode::BAD_REQUEST, format!("error parsing multipart form: {error}")))?;
-    let mut multipart = multer::Multipart::new(ReaderStream::with_capacity(reader, TRANSFER_CHUNK), boundary);
+    let boundary = multer::parse_boundary(content_type).map_err(|error| {
+        json_error(
+            StatusCode::BAD_REQUEST,
+            format!("error parsing multipart form: {error}"),
+        )
+    })?;
+    let mut multipart = multer::Multipart::new(
+        ReaderStream::with_capacity(reader, TRANSFER_CHUNK),
+        boundary,
+    );
     let mut uploaded = Vec::new();
     let mut destinations = HashSet::new();
     loop {
         let field = match multipart.next_field().await {
             Ok(Some(field)) => field,
             Ok(None) => break,
-            Err(error) => return Err(json_error(StatusCode::BAD_REQUEST, format!("error reading form: {error}"))),
+            Err(error) => {
+                return Err(json_error(
+                    StatusCode::BAD_REQUEST,
+                    format!("error reading form: {error}"),
+                ));
+            }
         };
         if field.name() != Some("file") {
             continue;
         }
-        let raw_path = match (query.path.as_deref().filter(|p| !p.is_empty()), field.file_name()) {
+        let raw_path = match (
+            query.path.as_deref().filter(|p| !p.is_empty()),
+            field.file_name(),
+        ) {
             (Some(path), _) => path.to_owned(),
             (None, Some(name)) => name.to_owned(),
             (None, None) => {
@@ -635,7 +825,11 @@ async fn upload_multipart(
             ));
         }
         let part = StreamReader::new(field.map_err(io::Error::other));
-        uploaded.push(write_file(&path, user, part, metadata).await.map_err(upload_failure)?);
+        uploaded.push(
+            write_file(&path, user, part, metadata)
+                .await
+                .map_err(upload_failure)?,
+        );
     }
     Ok(uploaded)
 }
@@ -648,21 +842,36 @@ mod tests {
     fn coding_negotiation() {
         assert_eq!(negotiate_coding(None), Ok(Coding::Identity));
         assert_eq!(negotiate_coding(Some("gzip")), Ok(Coding::Gzip));
-        assert_eq!(negotiate_coding(Some("gzip, deflate, br")), Ok(Coding::Gzip));
+        assert_eq!(
+            negotiate_coding(Some("gzip, deflate, br")),
+            Ok(Coding::Gzip)
+        );
         assert_eq!(negotiate_coding(Some("gzip;q=0")), Ok(Coding::Identity));
         assert_eq!(negotiate_coding(Some("identity")), Ok(Coding::Identity));
         assert_eq!(negotiate_coding(Some("br")), Ok(Coding::Identity));
-        assert_eq!(negotiate_coding(Some("br, identity;q=0")), Err(NotAcceptable));
+        assert_eq!(
+            negotiate_coding(Some("br, identity;q=0")),
+            Err(NotAcceptable)
+        );
         assert_eq!(negotiate_coding(Some("*;q=0")), Err(NotAcceptable));
-        assert_eq!(negotiate_coding(Some("identity;q=0.5, gzip;q=0.9")), Ok(Coding::Gzip));
+        assert_eq!(
+            negotiate_coding(Some("identity;q=0.5, gzip;q=0.9")),
+            Ok(Coding::Gzip)
+        );
         assert_eq!(negotiate_coding(Some("*, identity;q=0")), Ok(Coding::Gzip));
     }
 
     #[test]
     fn dispositions() {
         assert_eq!(content_disposition("a.txt"), "inline; filename=a.txt");
-        assert_eq!(content_disposition("my file.txt"), "inline; filename=\"my file.txt\"");
-        assert_eq!(content_disposition("\u{20ac}.txt"), "inline; filename*=utf-8''%E2%82%AC.txt");
+        assert_eq!(
+            content_disposition("my file.txt"),
+            "inline; filename=\"my file.txt\""
+        );
+        assert_eq!(
+            content_disposition("\u{20ac}.txt"),
+            "inline; filename*=utf-8''%E2%82%AC.txt"
+        );
     }
 
     #[test]
@@ -682,7 +891,10 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("x-metadata-owner", HeaderValue::from_static("team-a"));
         headers.insert("content-type", HeaderValue::from_static("text/plain"));
-        assert_eq!(metadata_from_headers(&headers).unwrap(), vec![("owner".to_owned(), "team-a".to_owned())]);
+        assert_eq!(
+            metadata_from_headers(&headers).unwrap(),
+            vec![("owner".to_owned(), "team-a".to_owned())]
+        );
         headers.insert("x-metadata-bad", HeaderValue::from_static("tab\there"));
         assert!(metadata_from_headers(&headers).is_err());
     }

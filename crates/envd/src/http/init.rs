@@ -21,7 +21,12 @@ use crate::auth::secrets_equal;
 use crate::state::{ENVD_VERSION, Envd};
 
 /// Variables envd owns; `/init` cannot override them.
-const INTERNAL_VARS: [&str; 4] = ["E2B_SANDBOX", "E2B_SANDBOX_ID", "E2B_TEMPLATE_ID", "E2B_EVENTS_ADDRESS"];
+const INTERNAL_VARS: [&str; 4] = [
+    "E2B_SANDBOX",
+    "E2B_SANDBOX_ID",
+    "E2B_TEMPLATE_ID",
+    "E2B_EVENTS_ADDRESS",
+];
 
 /// The clock is set when it is behind the given time by more than this...
 const MAX_CLOCK_BEHIND_MS: i64 = 50;
@@ -49,7 +54,10 @@ fn respond(status: StatusCode, body: &'static str) -> Response {
     headers.insert("x-envd-version", HeaderValue::from_static(ENVD_VERSION));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if !body.is_empty() {
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
     }
     response
 }
@@ -74,8 +82,15 @@ pub(crate) async fn init(State(envd): State<Arc<Envd>>, body: Bytes) -> Response
     match (envd.access_token(), request.access_token.as_deref()) {
         (None, _) => {}
         (Some(current), Some(given)) if secrets_equal(given.as_bytes(), current.as_bytes()) => {}
-        (Some(_), None) => return respond(StatusCode::UNAUTHORIZED, "access token reset not authorized"),
-        (Some(_), Some(_)) => return respond(StatusCode::UNAUTHORIZED, "access token validation failed"),
+        (Some(_), None) => {
+            return respond(
+                StatusCode::UNAUTHORIZED,
+                "access token reset not authorized",
+            );
+        }
+        (Some(_), Some(_)) => {
+            return respond(StatusCode::UNAUTHORIZED, "access token validation failed");
+        }
     }
 
     if let Some(timestamp) = request.timestamp {
@@ -95,7 +110,10 @@ pub(crate) async fn init(State(envd): State<Arc<Envd>>, body: Bytes) -> Response
 
     envd.update_session(|session| {
         if let Some(vars) = request.env_vars {
-            session.env_vars = vars.into_iter().filter(|(key, _)| !INTERNAL_VARS.contains(&key.as_str())).collect();
+            session.env_vars = vars
+                .into_iter()
+                .filter(|(key, _)| !INTERNAL_VARS.contains(&key.as_str()))
+                .collect();
         }
         if let Some(token) = request.access_token {
             session.access_token = Some(token);
@@ -111,7 +129,10 @@ pub(crate) async fn init(State(envd): State<Arc<Envd>>, body: Bytes) -> Response
 }
 
 fn set_clock(timestamp: DateTime<Utc>) {
-    let spec = nix::sys::time::TimeSpec::new(timestamp.timestamp(), i64::from(timestamp.timestamp_subsec_nanos()));
+    let spec = nix::sys::time::TimeSpec::new(
+        timestamp.timestamp(),
+        i64::from(timestamp.timestamp_subsec_nanos()),
+    );
     match nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, spec) {
         Ok(()) => tracing::info!(%timestamp, "set the system clock"),
         Err(error) => tracing::warn!(%timestamp, %error, "could not set the system clock"),

@@ -36,8 +36,14 @@ pub fn json_error(status: StatusCode, message: impl Into<String>) -> Response {
     (
         status,
         [
-            (header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8")),
-            (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json; charset=utf-8"),
+            ),
+            (
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            ),
         ],
         text,
     )
@@ -65,7 +71,10 @@ async fn metrics(State(envd): State<Arc<Envd>>) -> Response {
     .await;
     match result {
         Ok(metrics) => (no_store(), axum::Json(metrics)).into_response(),
-        Err(error) => json_error(StatusCode::INTERNAL_SERVER_ERROR, format!("collecting metrics failed: {error}")),
+        Err(error) => json_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("collecting metrics failed: {error}"),
+        ),
     }
 }
 
@@ -74,7 +83,10 @@ async fn metrics(State(envd): State<Arc<Envd>>) -> Response {
 fn exempt_from_token(method: &Method, path: &str) -> bool {
     matches!(
         (method, path),
-        (&Method::GET, "/health") | (&Method::GET, "/files") | (&Method::POST, "/files") | (&Method::POST, "/init")
+        (&Method::GET, "/health")
+            | (&Method::GET, "/files")
+            | (&Method::POST, "/files")
+            | (&Method::POST, "/init")
     )
 }
 
@@ -103,6 +115,12 @@ pub async fn guard(State(envd): State<Arc<Envd>>, request: Request, next: Next) 
 
 /// A Connect-style `unauthenticated` error, which both RPC and plain clients understand.
 fn unauthenticated(message: String) -> Response {
-    let body = wrenn_connect::ConnectError::new(wrenn_connect::Code::Unauthenticated, message).to_json();
-    (StatusCode::UNAUTHORIZED, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+    let body =
+        wrenn_connect::ConnectError::new(wrenn_connect::Code::Unauthenticated, message).to_json();
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
 }

@@ -39,13 +39,25 @@ pub enum SignatureError {
 
 /// The signature of `path` (the raw query value), `operation`, `username` (raw, `""` when
 /// absent) under `token`, optionally expiring at `expiration` (unix seconds).
-pub fn sign(path: &str, operation: Operation, username: &str, token: &str, expiration: Option<i64>) -> String {
+pub fn sign(
+    path: &str,
+    operation: Operation,
+    username: &str,
+    token: &str,
+    expiration: Option<i64>,
+) -> String {
     let raw = match expiration {
-        Some(expiration) => format!("{path}:{}:{username}:{token}:{expiration}", operation.as_str()),
+        Some(expiration) => format!(
+            "{path}:{}:{username}:{token}:{expiration}",
+            operation.as_str()
+        ),
         None => format!("{path}:{}:{username}:{token}", operation.as_str()),
     };
     let digest = Sha256::digest(raw.as_bytes());
-    format!("v1_{}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest))
+    format!(
+        "v1_{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
+    )
 }
 
 /// Checks a request's `signature` and `signature_expiration` query values at time `now`.
@@ -58,9 +70,14 @@ pub fn verify(
     expiration: Option<&str>,
     now_unix: i64,
 ) -> Result<(), SignatureError> {
-    let signature = signature.filter(|s| !s.is_empty()).ok_or(SignatureError::Missing)?;
+    let signature = signature
+        .filter(|s| !s.is_empty())
+        .ok_or(SignatureError::Missing)?;
     let expiration = match expiration.filter(|e| !e.is_empty()) {
-        Some(text) => Some(text.parse::<i64>().map_err(|_| SignatureError::BadExpiration)?),
+        Some(text) => Some(
+            text.parse::<i64>()
+                .map_err(|_| SignatureError::BadExpiration)?,
+        ),
         None => None,
     };
     let expected = sign(path, operation, username, token, expiration);
@@ -89,18 +106,53 @@ mod tests {
         let now = 1_700_000_000;
         let good = sign("a.txt", Operation::Write, "", "tok", Some(now + 60));
         let expiration = (now + 60).to_string();
-        assert_eq!(verify("a.txt", Operation::Write, "", "tok", Some(&good), Some(&expiration), now), Ok(()));
+        assert_eq!(
+            verify(
+                "a.txt",
+                Operation::Write,
+                "",
+                "tok",
+                Some(&good),
+                Some(&expiration),
+                now
+            ),
+            Ok(())
+        );
         // Any field that differs breaks the signature.
         assert_eq!(
-            verify("a.txt", Operation::Read, "", "tok", Some(&good), Some(&expiration), now),
+            verify(
+                "a.txt",
+                Operation::Read,
+                "",
+                "tok",
+                Some(&good),
+                Some(&expiration),
+                now
+            ),
             Err(SignatureError::Invalid)
         );
         assert_eq!(
-            verify("b.txt", Operation::Write, "", "tok", Some(&good), Some(&expiration), now),
+            verify(
+                "b.txt",
+                Operation::Write,
+                "",
+                "tok",
+                Some(&good),
+                Some(&expiration),
+                now
+            ),
             Err(SignatureError::Invalid)
         );
         assert_eq!(
-            verify("a.txt", Operation::Write, "user", "tok", Some(&good), Some(&expiration), now),
+            verify(
+                "a.txt",
+                Operation::Write,
+                "user",
+                "tok",
+                Some(&good),
+                Some(&expiration),
+                now
+            ),
             Err(SignatureError::Invalid)
         );
         assert_eq!(
@@ -108,12 +160,31 @@ mod tests {
             Err(SignatureError::Invalid)
         );
         assert_eq!(
-            verify("a.txt", Operation::Write, "", "tok", Some(&good), Some(&expiration), now + 61),
+            verify(
+                "a.txt",
+                Operation::Write,
+                "",
+                "tok",
+                Some(&good),
+                Some(&expiration),
+                now + 61
+            ),
             Err(SignatureError::Expired)
         );
-        assert_eq!(verify("a.txt", Operation::Write, "", "tok", None, None, now), Err(SignatureError::Missing));
         assert_eq!(
-            verify("a.txt", Operation::Write, "", "tok", Some(&good), Some("soon"), now),
+            verify("a.txt", Operation::Write, "", "tok", None, None, now),
+            Err(SignatureError::Missing)
+        );
+        assert_eq!(
+            verify(
+                "a.txt",
+                Operation::Write,
+                "",
+                "tok",
+                Some(&good),
+                Some("soon"),
+                now
+            ),
             Err(SignatureError::BadExpiration)
         );
     }

@@ -72,7 +72,9 @@ pub enum ProcessError {
     NotPty,
     #[error("error closing stdin: cannot close stdin for PTY process, send Ctrl+D (0x04) instead")]
     IsPty,
-    #[error("error writing to stdin: tty assigned to process, input should be written to the pty, not the stdin")]
+    #[error(
+        "error writing to stdin: tty assigned to process, input should be written to the pty, not the stdin"
+    )]
     InputToPty,
     #[error("writing to the process failed: {0}")]
     Write(#[source] std::io::Error),
@@ -145,7 +147,10 @@ impl ManagedProcess {
             Some(report) => {
                 let _ = sender.send(ProcessEvent::End(report.clone()));
             }
-            None => fanout.subscribers.push(Subscriber { sender, backlog: backlog.clone() }),
+            None => fanout.subscribers.push(Subscriber {
+                sender,
+                backlog: backlog.clone(),
+            }),
         }
         Subscription { receiver, backlog }
     }
@@ -162,7 +167,8 @@ impl ManagedProcess {
         let len = event_len(&event);
         let mut fanout = self.fanout.lock().expect("fanout lock");
         fanout.subscribers.retain(|subscriber| {
-            if subscriber.backlog.fetch_add(len, Ordering::Relaxed) + len > SUBSCRIBER_BACKLOG_BYTES {
+            if subscriber.backlog.fetch_add(len, Ordering::Relaxed) + len > SUBSCRIBER_BACKLOG_BYTES
+            {
                 let _ = subscriber.sender.send(ProcessEvent::Overflowed);
                 return false;
             }
@@ -251,7 +257,11 @@ impl ProcessManager {
         let (mut child, io) = spawn::spawn(spec)?;
         let pid = child.id().expect("a just-spawned child has a pid");
         let (stdin, stdout, stderr, pty) = match io {
-            ChildIo::Pipes { stdin, stdout, stderr } => (stdin, Some(stdout), Some(stderr), None),
+            ChildIo::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            } => (stdin, Some(stdout), Some(stderr), None),
             ChildIo::Pty(master) => (None, None, None, Some(Arc::new(master))),
         };
         let (exited, _) = watch::channel(false);
@@ -265,20 +275,35 @@ impl ProcessManager {
             exited,
         });
         let subscription = process.subscribe();
-        self.processes.lock().expect("process table lock").insert(pid, process.clone());
+        self.processes
+            .lock()
+            .expect("process table lock")
+            .insert(pid, process.clone());
 
         let registry = self.processes.clone();
         let watched = process.clone();
         tokio::spawn(async move {
             let mut readers = Vec::new();
             if let Some(stdout) = stdout {
-                readers.push(tokio::spawn(pump(watched.clone(), stdout, ProcessEvent::Stdout)));
+                readers.push(tokio::spawn(pump(
+                    watched.clone(),
+                    stdout,
+                    ProcessEvent::Stdout,
+                )));
             }
             if let Some(stderr) = stderr {
-                readers.push(tokio::spawn(pump(watched.clone(), stderr, ProcessEvent::Stderr)));
+                readers.push(tokio::spawn(pump(
+                    watched.clone(),
+                    stderr,
+                    ProcessEvent::Stderr,
+                )));
             }
             if let Some(pty) = &watched.pty {
-                readers.push(tokio::spawn(pump(watched.clone(), pty.reader(), ProcessEvent::Pty)));
+                readers.push(tokio::spawn(pump(
+                    watched.clone(),
+                    pty.reader(),
+                    ProcessEvent::Pty,
+                )));
             }
             let report = match child.wait().await {
                 Ok(status) => ExitReport::from_status(status),
@@ -303,7 +328,10 @@ impl ProcessManager {
     pub fn find(&self, selector: &Selector) -> Result<Arc<ManagedProcess>, ProcessError> {
         let table = self.processes.lock().expect("process table lock");
         match selector {
-            Selector::Pid(pid) => table.get(pid).cloned().ok_or(ProcessError::PidNotFound(*pid)),
+            Selector::Pid(pid) => table
+                .get(pid)
+                .cloned()
+                .ok_or(ProcessError::PidNotFound(*pid)),
             Selector::Tag(tag) => table
                 .values()
                 .filter(|p| p.tag.as_deref() == Some(tag.as_str()))
@@ -336,7 +364,11 @@ impl ProcessManager {
     }
 }
 
-async fn pump<R: AsyncRead + Unpin>(process: Arc<ManagedProcess>, mut reader: R, wrap: fn(Bytes) -> ProcessEvent) {
+async fn pump<R: AsyncRead + Unpin>(
+    process: Arc<ManagedProcess>,
+    mut reader: R,
+    wrap: fn(Bytes) -> ProcessEvent,
+) {
     let mut exited = process.exited.subscribe();
     let mut buffer = vec![0u8; READ_CHUNK];
     let mut draining = false;

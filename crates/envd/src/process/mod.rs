@@ -6,6 +6,9 @@ pub mod manager;
 pub mod spawn;
 pub mod status;
 
-pub use manager::{ManagedProcess, ProcessConfig, ProcessError, ProcessEvent, ProcessManager, Selector, Subscription};
+pub use manager::{
+    ManagedProcess, ProcessConfig, ProcessError, ProcessEvent, ProcessManager, Selector,
+    Subscription,
+};
 pub use spawn::{PtySize, SpawnSpec};
 pub use status::ExitReport;

@@ -10,8 +10,8 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::pin::Pin;
+use std::process::Stdio;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
@@ -47,7 +47,11 @@ pub struct SpawnSpec {
 /// The host side of a started process's standard streams.
 #[derive(Debug)]
 pub enum ChildIo {
-    Pipes { stdin: Option<ChildStdin>, stdout: ChildStdout, stderr: ChildStderr },
+    Pipes {
+        stdin: Option<ChildStdin>,
+        stdout: ChildStdout,
+        stderr: ChildStderr,
+    },
     Pty(PtyMaster),
 }
 
@@ -71,11 +75,18 @@ pub fn spawn(spec: &SpawnSpec) -> Result<(Child, ChildIo), SpawnError> {
     let envd_uid = unsafe { libc::geteuid() };
     let switch_user = envd_uid == 0;
     if !switch_user && spec.user.uid != envd_uid {
-        return Err(SpawnError::NotRoot { envd_uid, user: spec.user.name.clone() });
+        return Err(SpawnError::NotRoot {
+            envd_uid,
+            user: spec.user.name.clone(),
+        });
     }
 
     let mut command = std::process::Command::new(&spec.cmd);
-    command.args(&spec.args).env_clear().envs(&spec.env).current_dir(&spec.cwd);
+    command
+        .args(&spec.args)
+        .env_clear()
+        .envs(&spec.env)
+        .current_dir(&spec.cwd);
 
     let pty = match spec.pty {
         Some(size) => Some(open_pty(size).map_err(SpawnError::Pty)?),
@@ -84,11 +95,18 @@ pub fn spawn(spec: &SpawnSpec) -> Result<(Child, ChildIo), SpawnError> {
     match &pty {
         Some((_, slave)) => {
             let stdio = |fd: &OwnedFd| fd.try_clone().map(Stdio::from).map_err(SpawnError::Pty);
-            command.stdin(stdio(slave)?).stdout(stdio(slave)?).stderr(stdio(slave)?);
+            command
+                .stdin(stdio(slave)?)
+                .stdout(stdio(slave)?)
+                .stderr(stdio(slave)?);
         }
         None => {
             command
-                .stdin(if spec.stdin { Stdio::piped() } else { Stdio::null() })
+                .stdin(if spec.stdin {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
         }
@@ -97,7 +115,10 @@ pub fn spawn(spec: &SpawnSpec) -> Result<(Child, ChildIo), SpawnError> {
     let uses_pty = pty.is_some();
     let groups: Vec<libc::gid_t> = spec.user.groups.clone();
     let (uid, gid) = (spec.user.uid, spec.user.gid);
-    let oom = spec.oom_score_adj.filter(|_| switch_user).map(|score| format!("{score}\n"));
+    let oom = spec
+        .oom_score_adj
+        .filter(|_| switch_user)
+        .map(|score| format!("{score}\n"));
     // SAFETY: the hook runs in the child between fork and exec and only makes async-signal-safe
     // system calls (setsid, setpgid, ioctl, open, write, close, setgroups, setgid, setuid) on data
     // prepared before the fork; it allocates nothing.
@@ -115,7 +136,10 @@ pub fn spawn(spec: &SpawnSpec) -> Result<(Child, ChildIo), SpawnError> {
                 return Err(io::Error::last_os_error());
             }
             if let Some(score) = &oom {
-                let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                let fd = libc::open(
+                    c"/proc/self/oom_score_adj".as_ptr(),
+                    libc::O_WRONLY | libc::O_CLOEXEC,
+                );
                 if fd >= 0 {
                     libc::write(fd, score.as_ptr().cast(), score.len());
                     libc::close(fd);
@@ -135,7 +159,10 @@ pub fn spawn(spec: &SpawnSpec) -> Result<(Child, ChildIo), SpawnError> {
     let mut child = tokio::process::Command::from(command)
         .kill_on_drop(false)
         .spawn()
-        .map_err(|source| SpawnError::Exec { cmd: spec.cmd.clone(), source })?;
+        .map_err(|source| SpawnError::Exec {
+            cmd: spec.cmd.clone(),
+            source,
+        })?;
 
     let io = match pty {
         // The slave is closed here, in envd; the child keeps its copies.
@@ -150,12 +177,20 @@ pub fn spawn(spec: &SpawnSpec) -> Result<(Child, ChildIo), SpawnError> {
 }
 
 fn open_pty(size: PtySize) -> io::Result<(OwnedFd, OwnedFd)> {
-    let winsize = Winsize { ws_row: size.rows, ws_col: size.cols, ws_xpixel: 0, ws_ypixel: 0 };
+    let winsize = Winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     let pty = openpty(Some(&winsize), None).map_err(io::Error::from)?;
     // openpty's descriptors are inheritable: keep them out of every other child.
     for fd in [&pty.master, &pty.slave] {
-        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
-            .map_err(io::Error::from)?;
+        nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(io::Error::from)?;
     }
     Ok((pty.master, pty.slave))
 }
@@ -168,7 +203,8 @@ pub struct PtyMaster {
 
 impl PtyMaster {
     fn new(fd: OwnedFd) -> io::Result<Self> {
-        let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL).map_err(io::Error::from)?;
+        let flags =
+            nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL).map_err(io::Error::from)?;
         let flags = nix::fcntl::OFlag::from_bits_retain(flags) | nix::fcntl::OFlag::O_NONBLOCK;
         nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(flags)).map_err(io::Error::from)?;
         // SAFETY: `fd` is an open descriptor owned by the AsyncFd from here on, so it stays open
@@ -186,7 +222,8 @@ impl PtyMaster {
     pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
             let mut guard = self.fd.writable().await?;
-            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from)) {
+            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from))
+            {
                 Ok(Ok(written)) => data = &data[written..],
                 Ok(Err(error)) => return Err(error),
                 Err(_would_block) => continue,
@@ -197,10 +234,20 @@ impl PtyMaster {
 
     /// Sets the terminal size (the kernel sends SIGWINCH to the foreground process group).
     pub fn resize(&self, size: PtySize) -> io::Result<()> {
-        let winsize = libc::winsize { ws_row: size.rows, ws_col: size.cols, ws_xpixel: 0, ws_ypixel: 0 };
+        let winsize = libc::winsize {
+            ws_row: size.rows,
+            ws_col: size.cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
         // SAFETY: TIOCSWINSZ reads one `winsize` from the pointer, which is valid for the call.
-        let result = unsafe { libc::ioctl(self.fd.get_ref().as_raw_fd(), libc::TIOCSWINSZ, &winsize) };
-        if result < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+        let result =
+            unsafe { libc::ioctl(self.fd.get_ref().as_raw_fd(), libc::TIOCSWINSZ, &winsize) };
+        if result < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -210,16 +257,24 @@ impl PtyMaster {
 pub struct PtyReader(Arc<PtyMaster>);
 
 impl AsyncRead for PtyReader {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.0.fd.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
-            match guard.try_io(|fd| nix::unistd::read(fd.get_ref(), unfilled).map_err(io::Error::from)) {
+            match guard
+                .try_io(|fd| nix::unistd::read(fd.get_ref(), unfilled).map_err(io::Error::from))
+            {
                 Ok(Ok(n)) => {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
-                Ok(Err(error)) if error.raw_os_error() == Some(libc::EIO) => return Poll::Ready(Ok(())),
+                Ok(Err(error)) if error.raw_os_error() == Some(libc::EIO) => {
+                    return Poll::Ready(Ok(()));
+                }
                 Ok(Err(error)) => return Poll::Ready(Err(error)),
                 Err(_would_block) => continue,
             }

@@ -30,7 +30,12 @@ impl ExitReport {
             if status.core_dumped() {
                 text.push_str(" (core dumped)");
             }
-            ExitReport { exit_code: -1, exited: false, error: Some(text.clone()), status: text }
+            ExitReport {
+                exit_code: -1,
+                exited: false,
+                error: Some(text.clone()),
+                status: text,
+            }
         }
     }
 
@@ -91,7 +96,15 @@ mod tests {
     #[test]
     fn exit_codes() {
         let ok = ExitReport::from_status(ExitStatus::from_raw(0));
-        assert_eq!(ok, ExitReport { exit_code: 0, exited: true, status: "exit status 0".into(), error: None });
+        assert_eq!(
+            ok,
+            ExitReport {
+                exit_code: 0,
+                exited: true,
+                status: "exit status 0".into(),
+                error: None
+            }
+        );
         let failed = ExitReport::from_status(ExitStatus::from_raw(3 << 8));
         assert_eq!(failed.exit_code, 3);
         assert_eq!(failed.status, "exit status 3");

@@ -48,9 +48,18 @@ pub fn router() -> Router<Arc<Envd>> {
         .route("/filesystem.Filesystem/ListDir", post(fs::list_dir))
         .route("/filesystem.Filesystem/Remove", post(fs::remove))
         .route("/filesystem.Filesystem/WatchDir", post(fs::watch_dir))
-        .route("/filesystem.Filesystem/CreateWatcher", post(fs::create_watcher))
-        .route("/filesystem.Filesystem/GetWatcherEvents", post(fs::get_watcher_events))
-        .route("/filesystem.Filesystem/RemoveWatcher", post(fs::remove_watcher))
+        .route(
+            "/filesystem.Filesystem/CreateWatcher",
+            post(fs::create_watcher),
+        )
+        .route(
+            "/filesystem.Filesystem/GetWatcherEvents",
+            post(fs::get_watcher_events),
+        )
+        .route(
+            "/filesystem.Filesystem/RemoveWatcher",
+            post(fs::remove_watcher),
+        )
 }
 
 /// What a handler knows about its call besides the message.
@@ -64,7 +73,8 @@ pub struct CallContext {
 }
 
 fn call_context(envd: &Envd, headers: &HeaderMap) -> Result<CallContext, ConnectError> {
-    let requested = auth::basic_username(headers).map_err(|e| ConnectError::new(Code::Unauthenticated, e.to_string()))?;
+    let requested = auth::basic_username(headers)
+        .map_err(|e| ConnectError::new(Code::Unauthenticated, e.to_string()))?;
     let user = envd
         .user(requested.as_deref())
         .map_err(|e| ConnectError::new(Code::Unauthenticated, format!("invalid username: {e}")))?;
@@ -77,7 +87,11 @@ fn call_context(envd: &Envd, headers: &HeaderMap) -> Result<CallContext, Connect
         .and_then(|text| text.trim().parse::<u64>().ok())
         .filter(|seconds| *seconds > 0)
         .map_or(DEFAULT_KEEPALIVE, Duration::from_secs);
-    Ok(CallContext { user, deadline, keepalive })
+    Ok(CallContext {
+        user,
+        deadline,
+        keepalive,
+    })
 }
 
 async fn read_body(body: Body, max_bytes: usize) -> Result<Bytes, ConnectError> {
@@ -89,13 +103,21 @@ async fn read_body(body: Body, max_bytes: usize) -> Result<Bytes, ConnectError> 
             Code::ResourceExhausted,
             format!("request body exceeds the limit of {max_bytes} bytes"),
         )),
-        Err(error) => Err(ConnectError::new(Code::Canceled, format!("reading the request failed: {error}"))),
+        Err(error) => Err(ConnectError::new(
+            Code::Canceled,
+            format!("reading the request failed: {error}"),
+        )),
     }
 }
 
 /// Serves a unary call: decodes the request, runs `handler` within the client's deadline and
 /// encodes its answer or error.
-pub(crate) async fn unary<Req, Resp, F, Fut>(envd: Arc<Envd>, headers: HeaderMap, body: Body, handler: F) -> Response
+pub(crate) async fn unary<Req, Resp, F, Fut>(
+    envd: Arc<Envd>,
+    headers: HeaderMap,
+    body: Body,
+    handler: F,
+) -> Response
 where
     Req: Message,
     Resp: Message,
@@ -112,9 +134,16 @@ where
         let body = read_body(body, envd.config.max_message_bytes).await?;
         let request: Req = server::decode_unary(codec, &body, envd.config.max_message_bytes)?;
         match context.deadline {
-            Some(deadline) => tokio::time::timeout(deadline, handler(envd.clone(), request, context))
-                .await
-                .unwrap_or_else(|_| Err(ConnectError::new(Code::DeadlineExceeded, "the call's deadline passed"))),
+            Some(deadline) => {
+                tokio::time::timeout(deadline, handler(envd.clone(), request, context))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(ConnectError::new(
+                            Code::DeadlineExceeded,
+                            "the call's deadline passed",
+                        ))
+                    })
+            }
             None => handler(envd.clone(), request, context).await,
         }
     }
@@ -148,7 +177,8 @@ where
         server::check_no_compression(&headers, true)?;
         let context = call_context(&envd, &headers)?;
         let body = read_body(body, envd.config.max_message_bytes).await?;
-        let request: Req = server::decode_single_envelope(codec, &body, envd.config.max_message_bytes)?;
+        let request: Req =
+            server::decode_single_envelope(codec, &body, envd.config.max_message_bytes)?;
         handler(envd.clone(), request, context).await
     }
     .await;
@@ -193,7 +223,8 @@ where
             Some(at) => match tokio::time::timeout_at(at, stream.next()).await {
                 Ok(next) => next,
                 Err(_) => {
-                    let error = ConnectError::new(Code::DeadlineExceeded, "the call's deadline passed");
+                    let error =
+                        ConnectError::new(Code::DeadlineExceeded, "the call's deadline passed");
                     return Some((Err(error), None));
                 }
             },
@@ -224,7 +255,11 @@ impl RequestStream {
     /// The next message, `Ok(None)` at the end of the request.
     pub(crate) async fn message<M: Message>(&mut self) -> Result<Option<M>, ConnectError> {
         loop {
-            if let Some(envelope) = self.decoder.next_envelope().map_err(server::envelope_error)? {
+            if let Some(envelope) = self
+                .decoder
+                .next_envelope()
+                .map_err(server::envelope_error)?
+            {
                 if envelope.is_end_stream() {
                     self.done = true;
                     return Ok(None);
@@ -241,7 +276,10 @@ impl RequestStream {
                     }
                 }
                 Some(Err(error)) => {
-                    return Err(ConnectError::new(Code::Canceled, format!("reading the request failed: {error}")));
+                    return Err(ConnectError::new(
+                        Code::Canceled,
+                        format!("reading the request failed: {error}"),
+                    ));
                 }
                 None => {
                     self.decoder.finish().map_err(server::envelope_error)?;

@@ -9,12 +9,16 @@ use futures_util::Stream;
 use http::HeaderMap;
 use wrenn_connect::{Code, ConnectError, server};
 use wrenn_proto::process as pb;
-use wrenn_proto::process::process_event::{DataEvent, EndEvent, Event, KeepAlive, StartEvent, data_event};
+use wrenn_proto::process::process_event::{
+    DataEvent, EndEvent, Event, KeepAlive, StartEvent, data_event,
+};
 
 use super::{CallContext, RequestStream, server_streaming, unary, with_deadline, with_keepalive};
 use crate::envs;
-use crate::process::{ProcessConfig, ProcessError, ProcessEvent, PtySize, Selector, SpawnSpec, Subscription};
 use crate::process::spawn::SpawnError;
+use crate::process::{
+    ProcessConfig, ProcessError, ProcessEvent, PtySize, Selector, SpawnSpec, Subscription,
+};
 use crate::state::{Envd, is_dir};
 
 /// The OOM score of user processes: they go before envd when memory runs out.
@@ -28,7 +32,9 @@ pub(crate) fn process_error(error: ProcessError) -> ConnectError {
         ProcessError::Spawn(SpawnError::NotRoot { .. }) => Code::PermissionDenied,
         ProcessError::Spawn(SpawnError::Pty(_)) => Code::InvalidArgument,
         ProcessError::Spawn(SpawnError::Exec { source, .. }) => match source.kind() {
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => Code::InvalidArgument,
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
+                Code::InvalidArgument
+            }
             _ => Code::Internal,
         },
         // E2B's codes, which clients may match on.
@@ -47,7 +53,10 @@ fn selector(selector: Option<pb::ProcessSelector>) -> Result<Selector, ConnectEr
     match selector.and_then(|s| s.selector) {
         Some(pb::process_selector::Selector::Pid(pid)) => Ok(Selector::Pid(pid)),
         Some(pb::process_selector::Selector::Tag(tag)) => Ok(Selector::Tag(tag)),
-        None => Err(ConnectError::new(Code::Unimplemented, "invalid input type: a process selector (pid or tag) is required")),
+        None => Err(ConnectError::new(
+            Code::Unimplemented,
+            "invalid input type: a process selector (pid or tag) is required",
+        )),
     }
 }
 
@@ -66,7 +75,10 @@ fn event(event: Event) -> pb::ProcessEvent {
 }
 
 /// A process's events as the wire sees them: `start`, then output, then exactly one `end`.
-fn process_events(pid: u32, subscription: Subscription) -> impl Stream<Item = Result<pb::ProcessEvent, ConnectError>> {
+fn process_events(
+    pid: u32,
+    subscription: Subscription,
+) -> impl Stream<Item = Result<pb::ProcessEvent, ConnectError>> {
     enum Phase {
         Start(Subscription),
         Running(Subscription),
@@ -74,14 +86,19 @@ fn process_events(pid: u32, subscription: Subscription) -> impl Stream<Item = Re
     }
     futures_util::stream::unfold(Phase::Start(subscription), move |phase| async move {
         match phase {
-            Phase::Start(subscription) => {
-                Some((Ok(event(Event::Start(StartEvent { pid }))), Phase::Running(subscription)))
-            }
+            Phase::Start(subscription) => Some((
+                Ok(event(Event::Start(StartEvent { pid }))),
+                Phase::Running(subscription),
+            )),
             Phase::Running(mut subscription) => {
                 let output = |o| Ok(event(Event::Data(DataEvent { output: Some(o) })));
                 let item = match subscription.next().await? {
-                    ProcessEvent::Stdout(bytes) => output(data_event::Output::Stdout(bytes.to_vec())),
-                    ProcessEvent::Stderr(bytes) => output(data_event::Output::Stderr(bytes.to_vec())),
+                    ProcessEvent::Stdout(bytes) => {
+                        output(data_event::Output::Stdout(bytes.to_vec()))
+                    }
+                    ProcessEvent::Stderr(bytes) => {
+                        output(data_event::Output::Stderr(bytes.to_vec()))
+                    }
                     ProcessEvent::Pty(bytes) => output(data_event::Output::Pty(bytes.to_vec())),
                     ProcessEvent::End(report) => {
                         let end = EndEvent {
@@ -111,142 +128,271 @@ fn keepalive_event() -> pb::ProcessEvent {
     event(Event::Keepalive(KeepAlive {}))
 }
 
-pub(crate) async fn start(State(envd): State<Arc<Envd>>, headers: HeaderMap, body: Body) -> Response {
-    server_streaming(envd, headers, body, |envd, request: pb::StartRequest, context: CallContext| async move {
-        let config = request.process.ok_or_else(|| ConnectError::invalid_argument("process config is required"))?;
-        if config.cmd.is_empty() {
-            return Err(ConnectError::invalid_argument("process cmd is empty"));
-        }
-        let cwd = match config.cwd.as_deref() {
-            Some(cwd) => envd
-                .resolve_path(cwd, &context.user)
-                .map_err(|e| ConnectError::invalid_argument(e.to_string()))?,
-            None => envd.default_cwd(&context.user),
-        };
-        if !is_dir(&cwd) {
-            return Err(ConnectError::invalid_argument(format!("cwd '{}' does not exist", cwd.display())));
-        }
-        let spec = SpawnSpec {
-            cmd: config.cmd.clone(),
-            args: config.args.clone(),
-            env: envs::compose(envd.path_env(), &context.user, &envd.sandbox_env(), &config.envs),
-            cwd,
-            user: context.user.clone(),
-            stdin: request.stdin.unwrap_or(true),
-            pty: request.pty.as_ref().map(pty_size),
-            oom_score_adj: Some(USER_PROCESS_OOM_SCORE),
-        };
-        let recorded = ProcessConfig { cmd: config.cmd, args: config.args, envs: config.envs, cwd: config.cwd };
-        let (process, subscription) = envd.processes.start(&spec, request.tag, recorded).map_err(process_error)?;
+pub(crate) async fn start(
+    State(envd): State<Arc<Envd>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    server_streaming(
+        envd,
+        headers,
+        body,
+        |envd, request: pb::StartRequest, context: CallContext| async move {
+            let config = request
+                .process
+                .ok_or_else(|| ConnectError::invalid_argument("process config is required"))?;
+            if config.cmd.is_empty() {
+                return Err(ConnectError::invalid_argument("process cmd is empty"));
+            }
+            let cwd = match config.cwd.as_deref() {
+                Some(cwd) => envd
+                    .resolve_path(cwd, &context.user)
+                    .map_err(|e| ConnectError::invalid_argument(e.to_string()))?,
+                None => envd.default_cwd(&context.user),
+            };
+            if !is_dir(&cwd) {
+                return Err(ConnectError::invalid_argument(format!(
+                    "cwd '{}' does not exist",
+                    cwd.display()
+                )));
+            }
+            let spec = SpawnSpec {
+                cmd: config.cmd.clone(),
+                args: config.args.clone(),
+                env: envs::compose(
+                    envd.path_env(),
+                    &context.user,
+                    &envd.sandbox_env(),
+                    &config.envs,
+                ),
+                cwd,
+                user: context.user.clone(),
+                stdin: request.stdin.unwrap_or(true),
+                pty: request.pty.as_ref().map(pty_size),
+                oom_score_adj: Some(USER_PROCESS_OOM_SCORE),
+            };
+            let recorded = ProcessConfig {
+                cmd: config.cmd,
+                args: config.args,
+                envs: config.envs,
+                cwd: config.cwd,
+            };
+            let (process, subscription) = envd
+                .processes
+                .start(&spec, request.tag, recorded)
+                .map_err(process_error)?;
 
-        // Connect-Timeout-Ms on Start is the process's lifetime, whether or not the client stays.
-        if let Some(deadline) = context.deadline {
-            let process = process.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(deadline).await;
-                if process.is_running() {
-                    tracing::info!(pid = process.pid, ?deadline, "killing process: its deadline passed");
-                    let _ = process.signal(libc::SIGKILL);
-                }
+            // Connect-Timeout-Ms on Start is the process's lifetime, whether or not the client stays.
+            if let Some(deadline) = context.deadline {
+                let process = process.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(deadline).await;
+                    if process.is_running() {
+                        tracing::info!(
+                            pid = process.pid,
+                            ?deadline,
+                            "killing process: its deadline passed"
+                        );
+                        let _ = process.signal(libc::SIGKILL);
+                    }
+                });
+            }
+            let events = process_events(process.pid, subscription);
+            let events = with_deadline(events, context.deadline);
+            let responses = futures_util::StreamExt::map(events, |item| {
+                item.map(|e| pb::StartResponse { event: Some(e) })
             });
-        }
-        let events = process_events(process.pid, subscription);
-        let events = with_deadline(events, context.deadline);
-        let responses = futures_util::StreamExt::map(events, |item| item.map(|e| pb::StartResponse { event: Some(e) }));
-        Ok(with_keepalive(responses, context.keepalive, || pb::StartResponse { event: Some(keepalive_event()) }))
-    })
+            Ok(with_keepalive(responses, context.keepalive, || {
+                pb::StartResponse {
+                    event: Some(keepalive_event()),
+                }
+            }))
+        },
+    )
     .await
 }
 
-pub(crate) async fn connect(State(envd): State<Arc<Envd>>, headers: HeaderMap, body: Body) -> Response {
-    server_streaming(envd, headers, body, |envd, request: pb::ConnectRequest, context: CallContext| async move {
-        let process = envd.processes.find(&selector(request.process)?).map_err(process_error)?;
-        let events = process_events(process.pid, process.subscribe());
-        // The deadline ends this stream only; the process goes on.
-        let events = with_deadline(events, context.deadline);
-        let responses =
-            futures_util::StreamExt::map(events, |item| item.map(|e| pb::ConnectResponse { event: Some(e) }));
-        Ok(with_keepalive(responses, context.keepalive, || pb::ConnectResponse { event: Some(keepalive_event()) }))
-    })
+pub(crate) async fn connect(
+    State(envd): State<Arc<Envd>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    server_streaming(
+        envd,
+        headers,
+        body,
+        |envd, request: pb::ConnectRequest, context: CallContext| async move {
+            let process = envd
+                .processes
+                .find(&selector(request.process)?)
+                .map_err(process_error)?;
+            let events = process_events(process.pid, process.subscribe());
+            // The deadline ends this stream only; the process goes on.
+            let events = with_deadline(events, context.deadline);
+            let responses = futures_util::StreamExt::map(events, |item| {
+                item.map(|e| pb::ConnectResponse { event: Some(e) })
+            });
+            Ok(with_keepalive(responses, context.keepalive, || {
+                pb::ConnectResponse {
+                    event: Some(keepalive_event()),
+                }
+            }))
+        },
+    )
     .await
 }
 
-pub(crate) async fn list(State(envd): State<Arc<Envd>>, headers: HeaderMap, body: Body) -> Response {
-    unary(envd, headers, body, |envd, _request: pb::ListRequest, _context| async move {
-        let processes = envd
-            .processes
-            .list()
-            .into_iter()
-            .map(|p| pb::ProcessInfo {
-                config: Some(pb::ProcessConfig {
-                    cmd: p.config.cmd.clone(),
-                    args: p.config.args.clone(),
-                    envs: p.config.envs.clone(),
-                    cwd: p.config.cwd.clone(),
-                }),
-                pid: p.pid,
-                tag: p.tag.clone(),
-            })
-            .collect();
-        Ok(pb::ListResponse { processes })
-    })
+pub(crate) async fn list(
+    State(envd): State<Arc<Envd>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    unary(
+        envd,
+        headers,
+        body,
+        |envd, _request: pb::ListRequest, _context| async move {
+            let processes = envd
+                .processes
+                .list()
+                .into_iter()
+                .map(|p| pb::ProcessInfo {
+                    config: Some(pb::ProcessConfig {
+                        cmd: p.config.cmd.clone(),
+                        args: p.config.args.clone(),
+                        envs: p.config.envs.clone(),
+                        cwd: p.config.cwd.clone(),
+                    }),
+                    pid: p.pid,
+                    tag: p.tag.clone(),
+                })
+                .collect();
+            Ok(pb::ListResponse { processes })
+        },
+    )
     .await
 }
 
-async fn deliver_input(envd: &Envd, selector: Selector, input: Option<pb::ProcessInput>) -> Result<(), ConnectError> {
-    let process = envd.processes.find_running(&selector).map_err(process_error)?;
+async fn deliver_input(
+    envd: &Envd,
+    selector: Selector,
+    input: Option<pb::ProcessInput>,
+) -> Result<(), ConnectError> {
+    let process = envd
+        .processes
+        .find_running(&selector)
+        .map_err(process_error)?;
     match input.and_then(|i| i.input) {
         Some(pb::process_input::Input::Stdin(data)) => process.write_stdin(&data).await,
         Some(pb::process_input::Input::Pty(data)) => process.write_pty(&data).await,
-        None => return Err(ConnectError::new(Code::Unimplemented, "invalid input type: stdin or pty input is required")),
+        None => {
+            return Err(ConnectError::new(
+                Code::Unimplemented,
+                "invalid input type: stdin or pty input is required",
+            ));
+        }
     }
     .map_err(process_error)
 }
 
-pub(crate) async fn send_input(State(envd): State<Arc<Envd>>, headers: HeaderMap, body: Body) -> Response {
-    unary(envd, headers, body, |envd, request: pb::SendInputRequest, _context| async move {
-        deliver_input(&envd, selector(request.process)?, request.input).await?;
-        Ok(pb::SendInputResponse {})
-    })
+pub(crate) async fn send_input(
+    State(envd): State<Arc<Envd>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    unary(
+        envd,
+        headers,
+        body,
+        |envd, request: pb::SendInputRequest, _context| async move {
+            deliver_input(&envd, selector(request.process)?, request.input).await?;
+            Ok(pb::SendInputResponse {})
+        },
+    )
     .await
 }
 
-pub(crate) async fn update(State(envd): State<Arc<Envd>>, headers: HeaderMap, body: Body) -> Response {
-    unary(envd, headers, body, |envd, request: pb::UpdateRequest, _context| async move {
-        let process = envd.processes.find_running(&selector(request.process)?).map_err(process_error)?;
-        if let Some(pty) = &request.pty {
-            process.resize(pty_size(pty)).map_err(process_error)?;
-        }
-        Ok(pb::UpdateResponse {})
-    })
+pub(crate) async fn update(
+    State(envd): State<Arc<Envd>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    unary(
+        envd,
+        headers,
+        body,
+        |envd, request: pb::UpdateRequest, _context| async move {
+            let process = envd
+                .processes
+                .find_running(&selector(request.process)?)
+                .map_err(process_error)?;
+            if let Some(pty) = &request.pty {
+                process.resize(pty_size(pty)).map_err(process_error)?;
+            }
+            Ok(pb::UpdateResponse {})
+        },
+    )
     .await
 }
 
-pub(crate) async fn send_signal(State(envd): State<Arc<Envd>>, headers: HeaderMap, body: Body) -> Response {
-    unary(envd, headers, body, |envd, request: pb::SendSignalRequest, _context| async move {
-        let signal = match pb::Signal::try_from(request.signal) {
-            Ok(pb::Signal::Sigkill) => libc::SIGKILL,
-            Ok(pb::Signal::Sigterm) => libc::SIGTERM,
-            _ => return Err(ConnectError::new(Code::Unimplemented, format!("invalid signal: {}", request.signal))),
-        };
-        let process = envd.processes.find_running(&selector(request.process)?).map_err(process_error)?;
-        process.signal(signal).map_err(process_error)?;
-        Ok(pb::SendSignalResponse {})
-    })
+pub(crate) async fn send_signal(
+    State(envd): State<Arc<Envd>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    unary(
+        envd,
+        headers,
+        body,
+        |envd, request: pb::SendSignalRequest, _context| async move {
+            let signal = match pb::Signal::try_from(request.signal) {
+                Ok(pb::Signal::Sigkill) => libc::SIGKILL,
+                Ok(pb::Signal::Sigterm) => libc::SIGTERM,
+                _ => {
+                    return Err(ConnectError::new(
+                        Code::Unimplemented,
+                        format!("invalid signal: {}", request.signal),
+                    ));
+                }
+            };
+            let process = envd
+                .processes
+                .find_running(&selector(request.process)?)
+                .map_err(process_error)?;
+            process.signal(signal).map_err(process_error)?;
+            Ok(pb::SendSignalResponse {})
+        },
+    )
     .await
 }
 
-pub(crate) async fn close_stdin(State(envd): State<Arc<Envd>>, headers: HeaderMap, body: Body) -> Response {
-    unary(envd, headers, body, |envd, request: pb::CloseStdinRequest, _context| async move {
-        let process = envd.processes.find_running(&selector(request.process)?).map_err(process_error)?;
-        process.close_stdin().await.map_err(process_error)?;
-        Ok(pb::CloseStdinResponse {})
-    })
+pub(crate) async fn close_stdin(
+    State(envd): State<Arc<Envd>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    unary(
+        envd,
+        headers,
+        body,
+        |envd, request: pb::CloseStdinRequest, _context| async move {
+            let process = envd
+                .processes
+                .find_running(&selector(request.process)?)
+                .map_err(process_error)?;
+            process.close_stdin().await.map_err(process_error)?;
+            Ok(pb::CloseStdinResponse {})
+        },
+    )
     .await
 }
 
 /// Client streaming: a `start` naming the process, then `data` messages with its input.
-pub(crate) async fn stream_input(State(envd): State<Arc<Envd>>, headers: HeaderMap, body: Body) -> Response {
+pub(crate) async fn stream_input(
+    State(envd): State<Arc<Envd>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let codec = match server::streaming_codec(&headers) {
         Ok(codec) => codec,
         Err(response) => return response.into_response(),
@@ -257,9 +403,15 @@ pub(crate) async fn stream_input(State(envd): State<Arc<Envd>>, headers: HeaderM
         let first: Option<pb::StreamInputRequest> = messages.message().await?;
         let target = match first.and_then(|m| m.event) {
             Some(pb::stream_input_request::Event::Start(start)) => selector(start.process)?,
-            _ => return Err(ConnectError::invalid_argument("the first StreamInput message must be start")),
+            _ => {
+                return Err(ConnectError::invalid_argument(
+                    "the first StreamInput message must be start",
+                ));
+            }
         };
-        envd.processes.find_running(&target).map_err(process_error)?;
+        envd.processes
+            .find_running(&target)
+            .map_err(process_error)?;
         while let Some(message) = messages.message::<pb::StreamInputRequest>().await? {
             match message.event {
                 Some(pb::stream_input_request::Event::Data(data)) => {
@@ -267,7 +419,9 @@ pub(crate) async fn stream_input(State(envd): State<Arc<Envd>>, headers: HeaderM
                 }
                 Some(pb::stream_input_request::Event::Keepalive(_)) => {}
                 Some(pb::stream_input_request::Event::Start(_)) => {
-                    return Err(ConnectError::invalid_argument("StreamInput may start only once"));
+                    return Err(ConnectError::invalid_argument(
+                        "StreamInput may start only once",
+                    ));
                 }
                 None => return Err(ConnectError::invalid_argument("empty StreamInput message")),
             }

@@ -1,0 +1,679 @@
+//! The real envd binary driven by the project's own Connect client, over HTTP/1.1 and h2c, with
+//! both codecs: processes, terminals, filesystem calls, watch streams, deadlines, keepalives and
+//! malformed input.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Envd, request};
+use http::{HeaderMap, HeaderValue};
+use wrenn_connect::client::{ConnectClient, HttpVersion, ResponseStream};
+use wrenn_connect::{Code, Codec, envelope};
+use wrenn_proto::filesystem as fs;
+use wrenn_proto::process as pb;
+use wrenn_proto::process::process_event::{Event, data_event::Output};
+
+fn start_request(cmd: &str, args: &[&str]) -> pb::StartRequest {
+    pb::StartRequest {
+        process: Some(pb::ProcessConfig {
+            cmd: cmd.into(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (name, value) in pairs {
+        map.insert(*name, HeaderValue::from_str(value).unwrap());
+    }
+    map
+}
+
+/// The collected events of a process stream.
+#[derive(Debug, Default)]
+struct Collected {
+    pid: Option<u32>,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    pty: Vec<u8>,
+    keepalives: usize,
+    end: Option<pb::process_event::EndEvent>,
+    error: Option<wrenn_connect::ConnectError>,
+}
+
+async fn collect<M: wrenn_connect::Message>(
+    stream: ResponseStream<M>,
+    event_of: fn(M) -> Option<pb::ProcessEvent>,
+) -> Collected {
+    collect_from(stream, event_of, Collected::default()).await
+}
+
+/// The rest of a stream whose `start` the caller already read.
+async fn collect_rest(stream: ResponseStream<pb::StartResponse>, pid: u32) -> Collected {
+    collect_from(
+        stream,
+        start_event,
+        Collected {
+            pid: Some(pid),
+            ..Collected::default()
+        },
+    )
+    .await
+}
+
+async fn collect_from<M: wrenn_connect::Message>(
+    mut stream: ResponseStream<M>,
+    event_of: fn(M) -> Option<pb::ProcessEvent>,
+    mut collected: Collected,
+) -> Collected {
+    while let Some(message) = tokio::time::timeout(Duration::from_secs(20), stream.message())
+        .await
+        .expect("stream stalled")
+    {
+        match message {
+            Err(error) => {
+                collected.error = Some(error);
+                break;
+            }
+            Ok(message) => match event_of(message).and_then(|e| e.event) {
+                Some(Event::Start(start)) => {
+                    assert!(collected.pid.is_none(), "two start events");
+                    collected.pid = Some(start.pid);
+                }
+                Some(Event::Data(data)) => {
+                    assert!(collected.pid.is_some(), "data before start");
+                    match data.output {
+                        Some(Output::Stdout(b)) => collected.stdout.extend(b),
+                        Some(Output::Stderr(b)) => collected.stderr.extend(b),
+                        Some(Output::Pty(b)) => collected.pty.extend(b),
+                        None => panic!("empty data event"),
+                    }
+                }
+                Some(Event::End(end)) => collected.end = Some(end),
+                Some(Event::Keepalive(_)) => collected.keepalives += 1,
+                None => panic!("empty event"),
+            },
+        }
+    }
+    collected
+}
+
+fn start_event(message: pb::StartResponse) -> Option<pb::ProcessEvent> {
+    message.event
+}
+
+fn connect_event(message: pb::ConnectResponse) -> Option<pb::ProcessEvent> {
+    message.event
+}
+
+async fn run(client: &ConnectClient, request: &pb::StartRequest, extra: &HeaderMap) -> Collected {
+    let stream = client
+        .server_stream("/process.Process/Start", request, extra)
+        .await
+        .expect("Start failed");
+    collect(stream, start_event).await
+}
+
+#[tokio::test]
+async fn start_streams_output_and_exit_over_every_transport_and_codec() {
+    let envd = Envd::start();
+    for version in [HttpVersion::Http1, HttpVersion::Http2] {
+        for codec in [Codec::Json, Codec::Proto] {
+            let client = envd.client(version, codec);
+            let out = run(
+                &client,
+                &start_request("/bin/sh", &["-c", "echo out; echo err >&2; exit 3"]),
+                &HeaderMap::new(),
+            )
+            .await;
+            assert!(out.pid.is_some(), "{version:?} {codec:?}");
+            assert_eq!(out.stdout, b"out\n");
+            assert_eq!(out.stderr, b"err\n");
+            let end = out.end.expect("end event");
+            assert_eq!(
+                (end.exit_code, end.exited, end.status.as_str()),
+                (3, true, "exit status 3")
+            );
+            assert_eq!(end.error.as_deref(), Some("exit status 3"));
+
+            let ok = run(&client, &start_request("/bin/true", &[]), &HeaderMap::new()).await;
+            let end = ok.end.unwrap();
+            assert_eq!((end.exit_code, end.error), (0, None));
+        }
+    }
+}
+
+#[tokio::test]
+async fn environment_cwd_and_users() {
+    let envd = Envd::start();
+    let client = envd.client(HttpVersion::Http1, Codec::Json);
+    let mut request = start_request("/bin/sh", &["-c", "echo $GREETING:$USER:$HOME:$(pwd)"]);
+    let config = request.process.as_mut().unwrap();
+    config.envs.insert("GREETING".into(), "hi".into());
+    config.cwd = Some("/tmp".into());
+    let out = run(&client, &request, &HeaderMap::new()).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi:root:/root:/tmp\n");
+
+    let mut missing = start_request("/bin/true", &[]);
+    missing.process.as_mut().unwrap().cwd = Some("/does/not/exist".into());
+    let out = run(&client, &missing, &HeaderMap::new()).await;
+    assert_eq!(out.error.unwrap().code, Code::InvalidArgument);
+
+    // An unknown Basic user is refused before anything runs.
+    let ghost = headers(&[("authorization", "Basic Z2hvc3Q6")]);
+    let error = client
+        .server_stream::<_, pb::StartResponse>(
+            "/process.Process/Start",
+            &start_request("/bin/true", &[]),
+            &ghost,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(error.code, Code::Unauthenticated);
+
+    if !(common::is_root() && common::test_user_exists()) {
+        eprintln!(
+            "skipped the run-as-user part: needs root and the test user 'user' (scripts/setup.sh creates it)"
+        );
+        return;
+    }
+    let as_user = headers(&[("authorization", "Basic dXNlcjo=")]);
+    let out = run(
+        &client,
+        &start_request("/bin/sh", &["-c", "id -un; echo $HOME; pwd"]),
+        &as_user,
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "user\n/home/user\n/home/user\n"
+    );
+}
+
+#[tokio::test]
+async fn deadline_kills_the_process_and_fails_the_stream() {
+    let envd = Envd::start();
+    let client = envd.client(HttpVersion::Http1, Codec::Json);
+    let mut request = start_request("/bin/sleep", &["30"]);
+    request.tag = Some("doomed".into());
+    let out = run(
+        &client,
+        &request,
+        &headers(&[("connect-timeout-ms", "300")]),
+    )
+    .await;
+    assert_eq!(
+        out.error.expect("deadline error").code,
+        Code::DeadlineExceeded
+    );
+    let pid = out.pid.unwrap();
+    let list: pb::ListResponse = client
+        .unary(
+            "/process.Process/List",
+            &pb::ListRequest {},
+            &HeaderMap::new(),
+        )
+        .await
+        .unwrap();
+    let mut gone = !list.processes.iter().any(|p| p.pid == pid);
+    for _ in 0..50 {
+        if gone {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let list: pb::ListResponse = client
+            .unary(
+                "/process.Process/List",
+                &pb::ListRequest {},
+                &HeaderMap::new(),
+            )
+            .await
+            .unwrap();
+        gone = !list.processes.iter().any(|p| p.pid == pid);
+    }
+    assert!(gone, "the process outlived its deadline");
+    // The late Connect sees how it ended.
+    let connect = pb::ConnectRequest {
+        process: Some(pb::ProcessSelector {
+            selector: Some(pb::process_selector::Selector::Pid(pid)),
+        }),
+    };
+    let late = collect(
+        client
+            .server_stream("/process.Process/Connect", &connect, &HeaderMap::new())
+            .await
+            .unwrap(),
+        connect_event,
+    )
+    .await;
+    let end = late.end.expect("a late Connect gets the end");
+    assert_eq!((end.exit_code, end.status.as_str()), (-1, "signal: killed"));
+}
+
+#[tokio::test]
+async fn dropped_stream_keeps_the_process_and_connect_by_tag_follows_it() {
+    let envd = Envd::start();
+    let client = envd.client(HttpVersion::Http2, Codec::Json);
+    let mut request = start_request("/bin/sh", &["-c", "sleep 0.5; echo late"]);
+    request.tag = Some("survivor".into());
+    let mut stream = client
+        .server_stream::<_, pb::StartResponse>(
+            "/process.Process/Start",
+            &request,
+            &HeaderMap::new(),
+        )
+        .await
+        .unwrap();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(matches!(first.event.unwrap().event, Some(Event::Start(_))));
+    drop(stream);
+
+    let connect = pb::ConnectRequest {
+        process: Some(pb::ProcessSelector {
+            selector: Some(pb::process_selector::Selector::Tag("survivor".into())),
+        }),
+    };
+    let followed = collect(
+        client
+            .server_stream("/process.Process/Connect", &connect, &HeaderMap::new())
+            .await
+            .unwrap(),
+        connect_event,
+    )
+    .await;
+    assert_eq!(followed.stdout, b"late\n");
+    assert_eq!(followed.end.unwrap().exit_code, 0);
+}
+
+#[tokio::test]
+async fn stdin_input_and_close() {
+    let envd = Envd::start();
+    let client = envd.client(HttpVersion::Http1, Codec::Json);
+    let mut request = start_request("/bin/cat", &[]);
+    request.stdin = Some(true);
+    let mut stream = client
+        .server_stream::<_, pb::StartResponse>(
+            "/process.Process/Start",
+            &request,
+            &HeaderMap::new(),
+        )
+        .await
+        .unwrap();
+    let Some(Event::Start(start)) = stream
+        .message()
+        .await
+        .unwrap()
+        .unwrap()
+        .event
+        .unwrap()
+        .event
+    else {
+        panic!("no start")
+    };
+    let selector = Some(pb::ProcessSelector {
+        selector: Some(pb::process_selector::Selector::Pid(start.pid)),
+    });
+    let input = pb::SendInputRequest {
+        process: selector.clone(),
+        input: Some(pb::ProcessInput {
+            input: Some(pb::process_input::Input::Stdin(b"echoed\n".to_vec())),
+        }),
+    };
+    let _: pb::SendInputResponse = client
+        .unary("/process.Process/SendInput", &input, &HeaderMap::new())
+        .await
+        .unwrap();
+    let _: pb::CloseStdinResponse = client
+        .unary(
+            "/process.Process/CloseStdin",
+            &pb::CloseStdinRequest {
+                process: selector.clone(),
+            },
+            &HeaderMap::new(),
+        )
+        .await
+        .unwrap();
+    let rest = collect_rest(stream, start.pid).await;
+    assert_eq!(rest.stdout, b"echoed\n");
+    assert_eq!(rest.end.unwrap().exit_code, 0);
+
+    // Input to a process without stdin, and to one that is gone.
+    let mut no_stdin = start_request("/bin/sleep", &["5"]);
+    no_stdin.stdin = Some(false);
+    let mut stream = client
+        .server_stream::<_, pb::StartResponse>(
+            "/process.Process/Start",
+            &no_stdin,
+            &HeaderMap::new(),
+        )
+        .await
+        .unwrap();
+    let Some(Event::Start(start)) = stream
+        .message()
+        .await
+        .unwrap()
+        .unwrap()
+        .event
+        .unwrap()
+        .event
+    else {
+        panic!("no start")
+    };
+    let input = pb::SendInputRequest {
+        process: Some(pb::ProcessSelector {
+            selector: Some(pb::process_selector::Selector::Pid(start.pid)),
+        }),
+        input: Some(pb::ProcessInput {
+            input: Some(pb::process_input::Input::Stdin(b"x".to_vec())),
+        }),
+    };
+    let error = client
+        .unary::<_, pb::SendInputResponse>("/process.Process/SendInput", &input, &HeaderMap::new())
+        .await
+        .unwrap_err();
+    assert_eq!(error.code, Code::Internal);
+    let kill = pb::SendSignalRequest {
+        process: input.process.clone(),
+        signal: pb::Signal::Sigkill as i32,
+    };
+    let _: pb::SendSignalResponse = client
+        .unary("/process.Process/SendSignal", &kill, &HeaderMap::new())
+        .await
+        .unwrap();
+    let end = collect_rest(stream, start.pid).await.end.unwrap();
+    assert_eq!(end.status, "signal: killed");
+    let unknown = pb::SendSignalRequest {
+        process: Some(pb::ProcessSelector {
+            selector: Some(pb::process_selector::Selector::Pid(999_999)),
+        }),
+        signal: 9,
+    };
+    let error = client
+        .unary::<_, pb::SendSignalResponse>(
+            "/process.Process/SendSignal",
+            &unknown,
+            &HeaderMap::new(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(error.code, Code::NotFound);
+}
+
+#[tokio::test]
+async fn pty_input_resize_and_keepalive() {
+    let envd = Envd::start();
+    let client = envd.client(HttpVersion::Http1, Codec::Json);
+    let mut request = start_request("/bin/sh", &[]);
+    request.pty = Some(pb::Pty {
+        size: Some(pb::pty::Size { cols: 80, rows: 24 }),
+    });
+    let keepalive = headers(&[("keepalive-ping-interval", "1")]);
+    let mut stream = client
+        .server_stream::<_, pb::StartResponse>("/process.Process/Start", &request, &keepalive)
+        .await
+        .unwrap();
+    let Some(Event::Start(start)) = stream
+        .message()
+        .await
+        .unwrap()
+        .unwrap()
+        .event
+        .unwrap()
+        .event
+    else {
+        panic!("no start")
+    };
+    let selector = Some(pb::ProcessSelector {
+        selector: Some(pb::process_selector::Selector::Pid(start.pid)),
+    });
+    let resize = pb::UpdateRequest {
+        process: selector.clone(),
+        pty: Some(pb::Pty {
+            size: Some(pb::pty::Size {
+                cols: 100,
+                rows: 40,
+            }),
+        }),
+    };
+    let _: pb::UpdateResponse = client
+        .unary("/process.Process/Update", &resize, &HeaderMap::new())
+        .await
+        .unwrap();
+    // Stay silent long enough for a keepalive, then ask the terminal its size and leave.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let input = pb::SendInputRequest {
+        process: selector.clone(),
+        input: Some(pb::ProcessInput {
+            input: Some(pb::process_input::Input::Pty(
+                b"stty size; echo $((6*7)); exit\n".to_vec(),
+            )),
+        }),
+    };
+    let _: pb::SendInputResponse = client
+        .unary("/process.Process/SendInput", &input, &HeaderMap::new())
+        .await
+        .unwrap();
+    let error = client
+        .unary::<_, pb::CloseStdinResponse>(
+            "/process.Process/CloseStdin",
+            &pb::CloseStdinRequest { process: selector },
+            &HeaderMap::new(),
+        )
+        .await;
+    // The shell may already have exited; if not, closing a PTY's stdin is refused.
+    if let Err(error) = error {
+        assert!(
+            matches!(error.code, Code::Unknown | Code::NotFound),
+            "{error}"
+        );
+    }
+    let rest = collect_rest(stream, start.pid).await;
+    let screen = String::from_utf8_lossy(&rest.pty);
+    assert!(screen.contains("40 100"), "{screen}");
+    assert!(screen.contains("42"), "{screen}");
+    assert!(rest.keepalives >= 1, "no keepalive on a silent stream");
+    assert_eq!(rest.end.unwrap().exit_code, 0);
+}
+
+#[tokio::test]
+async fn filesystem_calls_and_watch_stream() {
+    let envd = Envd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap().to_owned();
+    let client = envd.client(HttpVersion::Http2, Codec::Json);
+    let none = HeaderMap::new();
+
+    let watch = fs::WatchDirRequest {
+        path: base.clone(),
+        recursive: true,
+        include_entry: true,
+        allow_network_mounts: false,
+    };
+    let mut events = client
+        .server_stream::<_, fs::WatchDirResponse>("/filesystem.Filesystem/WatchDir", &watch, &none)
+        .await
+        .unwrap();
+    assert!(matches!(
+        events.message().await.unwrap().unwrap().event,
+        Some(fs::watch_dir_response::Event::Start(_))
+    ));
+
+    let made: fs::MakeDirResponse = client
+        .unary(
+            "/filesystem.Filesystem/MakeDir",
+            &fs::MakeDirRequest {
+                path: format!("{base}/a/b"),
+            },
+            &none,
+        )
+        .await
+        .unwrap();
+    assert_eq!(made.entry.unwrap().r#type, fs::FileType::Directory as i32);
+    let again = client
+        .unary::<_, fs::MakeDirResponse>(
+            "/filesystem.Filesystem/MakeDir",
+            &fs::MakeDirRequest {
+                path: format!("{base}/a/b"),
+            },
+            &none,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(again.code, Code::AlreadyExists);
+    std::fs::write(format!("{base}/a/b/f.txt"), b"12345").unwrap();
+
+    let listed: fs::ListDirResponse = client
+        .unary(
+            "/filesystem.Filesystem/ListDir",
+            &fs::ListDirRequest {
+                path: base.clone(),
+                depth: 3,
+            },
+            &none,
+        )
+        .await
+        .unwrap();
+    let paths: Vec<_> = listed
+        .entries
+        .iter()
+        .map(|e| e.path.trim_start_matches(&base).to_owned())
+        .collect();
+    assert_eq!(paths, vec!["/a", "/a/b", "/a/b/f.txt"]);
+    let file = &listed.entries[2];
+    assert_eq!(
+        (file.size, file.permissions.len(), file.owner.as_str()),
+        (5, 10, "root")
+    );
+
+    let moved: fs::MoveResponse = client
+        .unary(
+            "/filesystem.Filesystem/Move",
+            &fs::MoveRequest {
+                source: format!("{base}/a/b/f.txt"),
+                destination: format!("{base}/g.txt"),
+            },
+            &none,
+        )
+        .await
+        .unwrap();
+    assert_eq!(moved.entry.unwrap().name, "g.txt");
+    let missing = client
+        .unary::<_, fs::StatResponse>(
+            "/filesystem.Filesystem/Stat",
+            &fs::StatRequest {
+                path: format!("{base}/a/b/f.txt"),
+            },
+            &none,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code, Code::NotFound);
+    let _: fs::RemoveResponse = client
+        .unary(
+            "/filesystem.Filesystem/Remove",
+            &fs::RemoveRequest {
+                path: format!("{base}/a"),
+            },
+            &none,
+        )
+        .await
+        .unwrap();
+
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|(name, kind): &(String, i32)| name == "a" && *kind == fs::EventType::Remove as i32)
+    {
+        let message = tokio::time::timeout(Duration::from_secs(5), events.message())
+            .await
+            .expect("watch stalled")
+            .unwrap()
+            .unwrap();
+        if let Some(fs::watch_dir_response::Event::Filesystem(event)) = message.event {
+            seen.push((event.name, event.r#type));
+        }
+    }
+    let create = fs::EventType::Create as i32;
+    assert!(seen.contains(&("a".to_owned(), create)), "{seen:?}");
+    assert!(seen.contains(&("a/b".to_owned(), create)), "{seen:?}");
+    assert!(seen.contains(&("a/b/f.txt".to_owned(), create)), "{seen:?}");
+    assert!(seen.contains(&("g.txt".to_owned(), create)), "{seen:?}");
+}
+
+#[tokio::test]
+async fn malformed_requests_get_connect_errors() {
+    let envd = Envd::start();
+    let stat = format!("{}/filesystem.Filesystem/Stat", envd.url());
+    let json = [("content-type", "application/json")];
+    let reply = request("POST", &stat, &json, "{not json").await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.json()["code"], "invalid_argument");
+    let reply = request("POST", &stat, &json, r#"{"path":5}"#).await;
+    assert_eq!(reply.json()["code"], "invalid_argument");
+    let reply = request("POST", &stat, &[("content-type", "text/plain")], "{}").await;
+    assert_eq!(reply.status, 415);
+    let huge = format!(r#"{{"path":"{}"}}"#, "a".repeat(5 * 1024 * 1024));
+    let reply = request("POST", &stat, &json, huge).await;
+    assert_eq!(reply.json()["code"], "resource_exhausted");
+    let reply = request(
+        "POST",
+        &stat,
+        &[
+            ("content-type", "application/json"),
+            ("connect-timeout-ms", "soon"),
+        ],
+        "{}",
+    )
+    .await;
+    assert_eq!(reply.json()["code"], "invalid_argument");
+
+    // Streaming: a truncated envelope, a lying length, a compressed flag, an unknown oneof.
+    let start = format!("{}/process.Process/Start", envd.url());
+    let streaming = [("content-type", "application/connect+json")];
+    let body = envelope::encode(0, br#"{"process":{"cmd":"/bin/true"}}"#);
+    for broken in [
+        body.slice(..8),
+        {
+            let mut lying = body.to_vec();
+            lying[1..5].copy_from_slice(&u32::MAX.to_be_bytes());
+            lying.into()
+        },
+        envelope::encode(1, b"{}"),
+    ] {
+        let reply = request("POST", &start, &streaming, broken).await;
+        assert_eq!(reply.status, 200);
+        let mut decoder = envelope::EnvelopeDecoder::new(1 << 20);
+        decoder.push(&reply.body);
+        let end = decoder.next_envelope().unwrap().unwrap();
+        assert!(end.is_end_stream());
+        let error = wrenn_connect::ConnectError::parse_end_stream(&end.payload)
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(
+                error.code,
+                Code::InvalidArgument | Code::ResourceExhausted | Code::Unimplemented
+            ),
+            "{error}"
+        );
+    }
+    let reply = request(
+        "POST",
+        &format!("{}/process.Process/SendSignal", envd.url()),
+        &json,
+        r#"{"process":{}}"#,
+    )
+    .await;
+    assert_eq!(reply.json()["code"], "unimplemented");
+    // envd is still alive and well.
+    assert_eq!(
+        request("GET", &format!("{}/health", envd.url()), &[], "")
+            .await
+            .status,
+        204
+    );
+}

@@ -1,0 +1,383 @@
+//! The real envd binary's plain HTTP routes: `/health`, `/files` in every form, `/init` and the
+//! access token, signed URLs, `/envs`, `/metrics`, and a full disk.
+
+mod common;
+
+use std::io::Write;
+
+use common::{Envd, request};
+
+fn multipart(parts: &[(&str, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "wrenn-test-boundary";
+    let mut body = Vec::new();
+    for (filename, data) in parts {
+        write!(body, "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n").unwrap();
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    write!(body, "--{boundary}--\r\n").unwrap();
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(data).unwrap();
+    encoder.finish().unwrap()
+}
+
+#[tokio::test]
+async fn upload_and_download_every_way() {
+    let envd = Envd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    let files = format!("{}/files", envd.url());
+
+    // Multipart with full paths in the filenames, parents created.
+    let (content_type, body) = multipart(&[
+        (&format!("{base}/x/one.txt"), b"first"),
+        (&format!("{base}/y/two.bin"), &[0, 1, 2]),
+    ]);
+    let reply = request(
+        "POST",
+        &files,
+        &[
+            ("content-type", &content_type),
+            ("x-metadata-Owner", "team-a"),
+        ],
+        body,
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let listed = reply.json();
+    assert_eq!(listed[0]["path"], format!("{base}/x/one.txt"));
+    assert_eq!(listed[0]["name"], "one.txt");
+    assert_eq!(listed[0]["type"], "file");
+    assert_eq!(
+        std::fs::read(format!("{base}/y/two.bin")).unwrap(),
+        [0, 1, 2]
+    );
+
+    // The same path twice in one request is refused.
+    let (content_type, body) = multipart(&[
+        (&format!("{base}/dup"), b"a"),
+        (&format!("{base}/dup"), b"b"),
+    ]);
+    let reply = request("POST", &files, &[("content-type", &content_type)], body).await;
+    assert_eq!(reply.status, 400);
+
+    // Raw body, gzip-encoded, overwriting with the mode kept.
+    let target = format!("{base}/x/one.txt");
+    std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let url = format!("{files}?path={target}");
+    let reply = request(
+        "POST",
+        &url,
+        &[
+            ("content-type", "application/octet-stream"),
+            ("content-encoding", "gzip"),
+        ],
+        gzip(b"second version"),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(std::fs::read(&target).unwrap(), b"second version");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&target).unwrap().permissions())
+            & 0o777,
+        0o600
+    );
+    // No temporary files are left behind.
+    assert_eq!(std::fs::read_dir(format!("{base}/x")).unwrap().count(), 1);
+
+    // Downloads: whole, range, gzip, missing, directory, refused encoding.
+    let reply = request("GET", &url, &[], "").await;
+    assert_eq!(
+        (reply.status, &reply.body[..]),
+        (200, &b"second version"[..])
+    );
+    assert_eq!(
+        reply.headers["content-disposition"],
+        "inline; filename=one.txt"
+    );
+    let reply = request("GET", &url, &[("range", "bytes=7-")], "").await;
+    assert_eq!((reply.status, &reply.body[..]), (206, &b"version"[..]));
+    let reply = request("GET", &url, &[("accept-encoding", "gzip")], "").await;
+    assert_eq!(reply.headers["content-encoding"], "gzip");
+    let mut plain = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::GzDecoder::new(&reply.body[..]),
+        &mut plain,
+    )
+    .unwrap();
+    assert_eq!(plain, b"second version");
+    let reply = request("GET", &url, &[("accept-encoding", "br, identity;q=0")], "").await;
+    assert_eq!(reply.status, 406);
+    let reply = request("GET", &format!("{files}?path={base}/nope"), &[], "").await;
+    assert_eq!(reply.status, 404);
+    assert_eq!(
+        reply.json()["message"],
+        format!("path '{base}/nope' does not exist")
+    );
+    let reply = request("GET", &format!("{files}?path={base}"), &[], "").await;
+    assert_eq!(
+        (reply.status, reply.json()["code"].as_u64()),
+        (400, Some(400))
+    );
+    // Writing to a directory, bad content types, bad metadata, unknown users.
+    let reply = request(
+        "POST",
+        &format!("{files}?path={base}/x"),
+        &[("content-type", "application/octet-stream")],
+        "data",
+    )
+    .await;
+    assert_eq!(reply.status, 400);
+    let reply = request("POST", &url, &[("content-type", "text/plain")], "data").await;
+    assert_eq!(reply.status, 400);
+    let reply = request(
+        "POST",
+        &url,
+        &[
+            ("content-type", "application/octet-stream"),
+            ("x-metadata-k", "caf\u{e9}"),
+        ],
+        "data",
+    )
+    .await;
+    assert_eq!(reply.status, 400);
+    let reply = request("GET", &format!("{url}&username=ghost"), &[], "").await;
+    assert_eq!(reply.status, 401);
+    assert_eq!(
+        std::fs::read(&target).unwrap(),
+        b"second version",
+        "failed uploads must not touch the file"
+    );
+}
+
+#[tokio::test]
+async fn init_token_and_signed_urls() {
+    let envd = Envd::start();
+    let url = envd.url();
+    let dir = tempfile::tempdir().unwrap();
+    let path = format!("{}/signed.txt", dir.path().display());
+    std::fs::write(&path, b"secret data").unwrap();
+
+    // Before /init everything is open; /init sets the token, env vars and defaults.
+    assert_eq!(
+        request("GET", &format!("{url}/envs"), &[], "").await.status,
+        200
+    );
+    let init = format!(
+        r#"{{"accessToken":"tok-1","envVars":{{"TEAM":"blue"}},"defaultWorkdir":"/tmp","timestamp":"{}"}}"#,
+        chrono::Utc::now().to_rfc3339()
+    );
+    let reply = request(
+        "POST",
+        &format!("{url}/init"),
+        &[("content-type", "application/json")],
+        init.clone(),
+    )
+    .await;
+    assert_eq!(reply.status, 204);
+    assert_eq!(reply.headers["x-envd-version"], wrenn_envd::ENVD_VERSION);
+
+    // Now the token guards everything but /health, /files (token or signature) and /init.
+    assert_eq!(
+        request("GET", &format!("{url}/health"), &[], "")
+            .await
+            .status,
+        204
+    );
+    let reply = request("GET", &format!("{url}/envs"), &[], "").await;
+    assert_eq!(reply.status, 401);
+    assert_eq!(
+        reply.json()["message"],
+        "unauthorized access, please provide a valid access token or method signing if supported"
+    );
+    let reply = request(
+        "GET",
+        &format!("{url}/envs"),
+        &[("x-access-token", "tok-1")],
+        "",
+    )
+    .await;
+    assert_eq!(reply.json()["TEAM"], "blue");
+    assert_eq!(reply.json()["E2B_SANDBOX"], "true");
+    let reply = request(
+        "POST",
+        &format!("{url}/filesystem.Filesystem/Stat"),
+        &[
+            ("content-type", "application/json"),
+            ("x-access-token", "wrong"),
+        ],
+        "{}",
+    )
+    .await;
+    assert_eq!(reply.status, 401);
+
+    // A different token is refused; the same one is accepted again.
+    let other = init.replace("tok-1", "tok-2");
+    assert_eq!(
+        request("POST", &format!("{url}/init"), &[], other)
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        request("POST", &format!("{url}/init"), &[], "{}")
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        request("POST", &format!("{url}/init"), &[], init)
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        request("POST", &format!("{url}/init"), &[], "{broken")
+            .await
+            .status,
+        400
+    );
+
+    // Signed downloads.
+    let files = format!("{url}/files?path={path}");
+    let reply = request("GET", &files, &[], "").await;
+    assert_eq!(
+        (reply.status, reply.json()["message"].as_str()),
+        (401, Some("missing signature query parameter"))
+    );
+    let future = chrono::Utc::now().timestamp() + 60;
+    let good = wrenn_envd::http::signature::sign(
+        &path,
+        wrenn_envd::http::signature::Operation::Read,
+        "",
+        "tok-1",
+        Some(future),
+    );
+    let encoded: String =
+        percent_encoding::utf8_percent_encode(&good, percent_encoding::NON_ALPHANUMERIC)
+            .to_string();
+    let reply = request(
+        "GET",
+        &format!("{files}&signature={encoded}&signature_expiration={future}"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!((reply.status, &reply.body[..]), (200, &b"secret data"[..]));
+    let past = chrono::Utc::now().timestamp() - 1;
+    let expired = wrenn_envd::http::signature::sign(
+        &path,
+        wrenn_envd::http::signature::Operation::Read,
+        "",
+        "tok-1",
+        Some(past),
+    );
+    let encoded: String =
+        percent_encoding::utf8_percent_encode(&expired, percent_encoding::NON_ALPHANUMERIC)
+            .to_string();
+    let reply = request(
+        "GET",
+        &format!("{files}&signature={encoded}&signature_expiration={past}"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, 401);
+    assert_eq!(
+        reply.text(),
+        "{\"code\":401,\"message\":\"signature is already expired\"}\n"
+    );
+    let reply = request("GET", &format!("{files}&signature=v1_forged"), &[], "").await;
+    assert_eq!(reply.json()["message"], "invalid signature");
+    // A read signature does not allow writing.
+    let encoded: String =
+        percent_encoding::utf8_percent_encode(&good, percent_encoding::NON_ALPHANUMERIC)
+            .to_string();
+    let reply = request(
+        "POST",
+        &format!("{files}&signature={encoded}&signature_expiration={future}"),
+        &[("content-type", "application/octet-stream")],
+        "overwrite",
+    )
+    .await;
+    assert_eq!(reply.status, 401);
+    assert_eq!(std::fs::read(&path).unwrap(), b"secret data");
+
+    let metrics = request(
+        "GET",
+        &format!("{url}/metrics"),
+        &[("x-access-token", "tok-1")],
+        "",
+    )
+    .await
+    .json();
+    for field in [
+        "ts",
+        "cpu_count",
+        "cpu_used_pct",
+        "mem_total",
+        "mem_used",
+        "mem_cache",
+        "mem_total_mib",
+        "mem_used_mib",
+        "disk_used",
+        "disk_total",
+    ] {
+        assert!(
+            metrics.get(field).is_some(),
+            "{field} missing from {metrics}"
+        );
+    }
+    assert!(metrics["mem_total"].as_u64().unwrap() > 0);
+}
+
+/// A full disk: the upload fails with 507 and the previous file is intact. Needs root (to
+/// mount a tiny tmpfs).
+#[tokio::test]
+async fn full_disk_is_507_and_loses_nothing() {
+    if !common::is_root() {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mount = dir.path().to_str().unwrap().to_owned();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs", &mount])
+        .status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: could not mount a tmpfs here");
+        return;
+    }
+    struct Unmount(String);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mount.clone());
+    std::fs::write(format!("{mount}/keep.txt"), b"precious").unwrap();
+    let envd = Envd::start();
+    let url = format!("{}/files?path={mount}/keep.txt", envd.url());
+    let reply = request(
+        "POST",
+        &url,
+        &[("content-type", "application/octet-stream")],
+        vec![7u8; 2 * 1024 * 1024],
+    )
+    .await;
+    assert_eq!(reply.status, 507, "{}", reply.text());
+    assert_eq!(reply.json()["message"], "not enough disk space available");
+    assert_eq!(
+        std::fs::read(format!("{mount}/keep.txt")).unwrap(),
+        b"precious"
+    );
+    assert_eq!(
+        std::fs::read_dir(&mount).unwrap().count(),
+        1,
+        "the temporary file was removed"
+    );
+}

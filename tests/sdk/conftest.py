@@ -107,9 +107,10 @@ class EnvdProcess:
             except httpx.HTTPError as e:
                 last = repr(e)
             time.sleep(0.05)
+        output = self.output()
         self.stop()
         pytest.fail(
-            f"envd did not answer GET /health with 204 within 10 s (last: {last}). Its output:\n{self.output()}",
+            f"envd did not answer GET /health with 204 within 10 s (last: {last}). Its output:\n{output}",
             pytrace=False,
         )
 
@@ -119,7 +120,9 @@ class EnvdProcess:
             pytest.fail(f"envd '{self.name}' died (exit code {code}). Its output:\n{self.output()}", pytrace=False)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        """Stop envd. Its log is kept (and its path printed) only if envd had died by itself."""
+        died = self.proc.poll() is not None
+        if not died:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=5)
@@ -127,6 +130,10 @@ class EnvdProcess:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
         self._log.close()
+        if died:
+            print(f"envd '{self.name}' log kept at {self.log_path}")
+        else:
+            Path(self.log_path).unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
@@ -145,9 +152,9 @@ def envd() -> Iterator[EnvdProcess]:
             else:
                 os.environ[k] = v
         code = proc.proc.poll()
-        proc.stop()
         if code is not None:
             print(f"envd 'debug' had died with code {code}; output:\n{proc.output()}")
+        proc.stop()
 
 
 @pytest.fixture(scope="session")

@@ -159,7 +159,7 @@ def test_envd_gzips_downloads_on_request(sandbox, workdir):
         assert r.content == data
 
 
-def test_envd_accepts_gzip_multipart_free_upload(sandbox, workdir):
+def test_envd_accepts_a_gzipped_octet_stream_upload(sandbox, workdir):
     # What the SDK's gzip=True upload sends, spelled out.
     path = f"{workdir}/raw-gz-upload.txt"
     data = b"raw gzip upload\n" * 100

@@ -15,6 +15,10 @@ use wrenn_proto::filesystem::{EntryInfo, FileType};
 use crate::users::{Accounts, User};
 use access::Want;
 
+/// Part of the name of an upload's temporary file (`.<name><marker><unique>`), which watchers
+/// hide.
+pub const UPLOAD_TEMP_MARKER: &str = ".wrenn-upload-";
+
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
     #[error("path '{0}' does not exist")]

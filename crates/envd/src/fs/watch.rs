@@ -134,6 +134,7 @@ pub fn watch(
 
     let (sender, receiver) = mpsc::channel(1024);
     tokio::spawn(async move {
+        let mut upload_renames: Vec<u32> = Vec::new();
         loop {
             let event = tokio::select! {
                 event = stream.next() => event,
@@ -176,9 +177,37 @@ pub fn watch(
                 None if event.wd == root_wd => PathBuf::new(),
                 None => continue,
             };
+            // An upload writes a temporary file and renames it over its destination: hide the
+            // temporary file and report the rename as what it means, a written file.
+            let from_upload = if is_upload_temp(&relative) {
+                if event.mask.contains(EventMask::MOVED_FROM) {
+                    upload_renames.push(event.cookie);
+                    if upload_renames.len() > 64 {
+                        upload_renames.remove(0);
+                    }
+                }
+                continue;
+            } else if event.mask.contains(EventMask::MOVED_TO) {
+                match upload_renames
+                    .iter()
+                    .position(|cookie| *cookie == event.cookie)
+                {
+                    Some(index) => {
+                        upload_renames.remove(index);
+                        true
+                    }
+                    None => false,
+                }
+            } else {
+                false
+            };
             let full = spec.root.join(&relative);
             let mut batch = Vec::new();
-            for kind in event_types(event.mask) {
+            let mut kinds = event_types(event.mask);
+            if from_upload {
+                kinds.push(EventType::Write);
+            }
+            for kind in kinds {
                 batch.push(make_event(&spec, &accounts, &relative, &full, kind));
             }
             if spec.recursive
@@ -214,6 +243,13 @@ pub fn watch(
         }
     });
     Ok(receiver)
+}
+
+fn is_upload_temp(relative: &Path) -> bool {
+    relative
+        .file_name()
+        .and_then(|name| name.to_str())
+        .is_some_and(|name| name.starts_with('.') && name.contains(super::UPLOAD_TEMP_MARKER))
 }
 
 /// The events one inotify event stands for, in E2B's order (CREATE, RENAME, CHMOD, WRITE,

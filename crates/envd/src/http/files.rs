@@ -554,7 +554,11 @@ fn temp_path_for(target: &Path) -> PathBuf {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .subsec_nanos();
-    let unique = format!(".{name}.wrenn-upload-{}-{nanos:08x}", std::process::id());
+    let unique = format!(
+        ".{name}{}{}-{nanos:08x}",
+        fs::UPLOAD_TEMP_MARKER,
+        std::process::id()
+    );
     target.with_file_name(unique)
 }
 

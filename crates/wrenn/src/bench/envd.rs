@@ -1,0 +1,283 @@
+//! `wrenn bench envd`: starts the envd binary on loopback and measures what issue #2 promises:
+//! start to first `/health`, idle resident memory, the `Start` round trip of `/bin/true` (no
+//! shell), and 256 MiB uploads and downloads with envd's peak resident memory.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use wrenn_connect::Codec;
+use wrenn_connect::client::{ConnectClient, HttpVersion};
+use wrenn_proto::process as pb;
+
+use super::{median, quantile};
+
+#[derive(Debug, clap::Args)]
+pub struct EnvdBenchArgs {
+    /// The envd binary (default: the static build in target/).
+    #[arg(long, default_value = "target/x86_64-unknown-linux-gnu/release/envd")]
+    envd_bin: PathBuf,
+    /// Process round trips to time.
+    #[arg(long, default_value_t = 500)]
+    round_trips: usize,
+    /// Cold starts to time.
+    #[arg(long, default_value_t = 20)]
+    starts: usize,
+    /// Size of the transferred file, MiB.
+    #[arg(long, default_value_t = 256)]
+    file_mib: usize,
+    /// Transfers each way.
+    #[arg(long, default_value_t = 5)]
+    transfers: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    start_to_health_ms_p50: f64,
+    idle_rss_mib: f64,
+    start_true_round_trip_ms_p50: f64,
+    start_true_round_trip_ms_p99: f64,
+    upload_mib_s_p50: f64,
+    download_mib_s_p50: f64,
+    transfer_peak_rss_mib: f64,
+    file_mib: usize,
+}
+
+struct RunningEnvd {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for RunningEnvd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Starts envd and returns it with the time from spawn to its first 204 from `/health`.
+async fn start_envd(bin: &PathBuf) -> anyhow::Result<(RunningEnvd, Duration)> {
+    let port = free_port()?;
+    let started = Instant::now();
+    let child = Command::new(bin)
+        .args([
+            "--port",
+            &port.to_string(),
+            "--listen",
+            "127.0.0.1",
+            "--no-clock-sync",
+        ])
+        .env("ENVD_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let envd = RunningEnvd { child, port };
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let url: http::Uri = format!("http://127.0.0.1:{port}/health").parse()?;
+    loop {
+        if let Ok(response) = client.get(url.clone()).await
+            && response.status() == 204
+        {
+            return Ok((envd, started.elapsed()));
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            bail!("envd did not answer /health within 10 s");
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+}
+
+fn rss_mib(pid: u32, field: &str) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("{field} missing from /proc/{pid}/status"))?;
+    Ok(kib / 1024.0)
+}
+
+async fn start_round_trip(client: &ConnectClient) -> anyhow::Result<Duration> {
+    let request = pb::StartRequest {
+        process: Some(pb::ProcessConfig {
+            cmd: "/bin/true".into(),
+            ..Default::default()
+        }),
+        stdin: Some(false),
+        ..Default::default()
+    };
+    let began = Instant::now();
+    let mut stream = client
+        .server_stream::<_, pb::StartResponse>(
+            "/process.Process/Start",
+            &request,
+            &http::HeaderMap::new(),
+        )
+        .await?;
+    let mut ended = false;
+    while let Some(message) = stream.message().await {
+        if let Some(pb::process_event::Event::End(end)) = message?.event.and_then(|e| e.event) {
+            anyhow::ensure!(end.exit_code == 0, "/bin/true failed: {}", end.status);
+            ended = true;
+        }
+    }
+    anyhow::ensure!(ended, "no end event");
+    Ok(began.elapsed())
+}
+
+pub async fn run(args: EnvdBenchArgs) -> anyhow::Result<()> {
+    let mut start_times = Vec::new();
+    for _ in 0..args.starts {
+        let (_envd, took) = start_envd(&args.envd_bin).await?;
+        start_times.push(took.as_secs_f64() * 1000.0);
+    }
+
+    let (envd, _) = start_envd(&args.envd_bin).await?;
+    let pid = envd.child.id();
+    let client = ConnectClient::new(
+        format!("http://127.0.0.1:{}", envd.port),
+        HttpVersion::Http1,
+        Codec::Json,
+    );
+    for _ in 0..20 {
+        start_round_trip(&client).await?;
+    }
+    let mut round_trips = Vec::with_capacity(args.round_trips);
+    for _ in 0..args.round_trips {
+        round_trips.push(start_round_trip(&client).await?.as_secs_f64() * 1000.0);
+    }
+    round_trips.sort_by(f64::total_cmp);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle_rss = rss_mib(pid, "VmRSS:")?;
+
+    // Transfers, through a scratch directory.
+    let scratch = tempfile::tempdir()?;
+    let source = scratch.path().join("source.bin");
+    {
+        let mut file = std::fs::File::create(&source)?;
+        let chunk: Vec<u8> = (0..1024 * 1024).map(|i| (i * 31 % 251) as u8).collect();
+        for _ in 0..args.file_mib {
+            std::io::Write::write_all(&mut file, &chunk)?;
+        }
+    }
+    let bytes = (args.file_mib * 1024 * 1024) as u64;
+    let target = scratch.path().join("uploaded.bin");
+    let http: Client<HttpConnector, BoxBody<Bytes, std::io::Error>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let mut uploads = Vec::new();
+    let mut downloads = Vec::new();
+    for _ in 0..args.transfers {
+        let file = tokio::fs::File::open(&source).await?;
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024)
+            .map_ok(hyper::body::Frame::data);
+        let body = BoxBody::new(StreamBody::new(stream));
+        let request = http::Request::post(format!(
+            "http://127.0.0.1:{}/files?path={}",
+            envd.port,
+            target.display()
+        ))
+        .header("content-type", "application/octet-stream")
+        .header("content-length", bytes)
+        .body(body)?;
+        let began = Instant::now();
+        let response = http.request(request).await?;
+        let status = response.status();
+        response.into_body().collect().await?;
+        anyhow::ensure!(status == 200, "upload failed: {status}");
+        uploads.push(bytes as f64 / 1048576.0 / began.elapsed().as_secs_f64());
+
+        let request = http::Request::get(format!(
+            "http://127.0.0.1:{}/files?path={}",
+            envd.port,
+            target.display()
+        ))
+        .body(BoxBody::new(
+            Full::new(Bytes::new()).map_err(|never| match never {}),
+        ))?;
+        let began = Instant::now();
+        let mut body = http.request(request).await?.into_body();
+        let mut received = 0u64;
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                received += data.len() as u64;
+            }
+        }
+        anyhow::ensure!(received == bytes, "downloaded {received} of {bytes} bytes");
+        downloads.push(bytes as f64 / 1048576.0 / began.elapsed().as_secs_f64());
+    }
+    let peak_rss = rss_mib(pid, "VmHWM:")?;
+
+    let report = Report {
+        start_to_health_ms_p50: median(&start_times),
+        idle_rss_mib: idle_rss,
+        start_true_round_trip_ms_p50: quantile(&round_trips, 0.5),
+        start_true_round_trip_ms_p99: quantile(&round_trips, 0.99),
+        upload_mib_s_p50: median(&uploads),
+        download_mib_s_p50: median(&downloads),
+        transfer_peak_rss_mib: peak_rss,
+        file_mib: args.file_mib,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let mut table = comfy_table::Table::new();
+        table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+        table.set_header(["measure", "value", "target"]);
+        table.add_row([
+            "start → first /health (p50)",
+            &format!("{:.1} ms", report.start_to_health_ms_p50),
+            "≤ 50 ms",
+        ]);
+        table.add_row([
+            "idle resident memory",
+            &format!("{:.1} MiB", report.idle_rss_mib),
+            "≤ 16 MiB",
+        ]);
+        table.add_row([
+            "Start /bin/true round trip p50",
+            &format!("{:.2} ms", report.start_true_round_trip_ms_p50),
+            "≤ 3 ms",
+        ]);
+        table.add_row([
+            "Start /bin/true round trip p99",
+            &format!("{:.2} ms", report.start_true_round_trip_ms_p99),
+            "≤ 10 ms",
+        ]);
+        table.add_row([
+            &format!("upload {} MiB (p50)", args.file_mib),
+            &format!("{:.0} MiB/s", report.upload_mib_s_p50),
+            "≥ 500 MiB/s",
+        ]);
+        table.add_row([
+            &format!("download {} MiB (p50)", args.file_mib),
+            &format!("{:.0} MiB/s", report.download_mib_s_p50),
+            "≥ 500 MiB/s",
+        ]);
+        table.add_row([
+            "peak resident memory (whole run)",
+            &format!("{:.1} MiB", report.transfer_peak_rss_mib),
+            "< 64 MiB",
+        ]);
+        println!("{table}");
+    }
+    Ok(())
+}

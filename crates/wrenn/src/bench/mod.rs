@@ -1,0 +1,48 @@
+//! `wrenn bench`: measurements reported in docs/benchmarks.md. Each prints a table, or JSON with
+//! `--json`.
+
+mod envd;
+
+use clap::Subcommand;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// envd on loopback: start time, idle memory, process round trips, file transfer rates.
+    Envd(envd::EnvdBenchArgs),
+}
+
+pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Envd(args) => envd::run(args).await,
+    }
+}
+
+/// The value at quantile `q` (0..=1) of sorted samples.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[index]
+}
+
+/// The median of unsorted samples.
+pub fn median(samples: &[f64]) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    quantile(&sorted, 0.5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles() {
+        let sorted: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(quantile(&sorted, 0.5), 51.0);
+        assert_eq!(quantile(&sorted, 0.99), 99.0);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert!(quantile(&[], 0.5).is_nan());
+    }
+}

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Runs every test of the project; CI (.ci/run) runs exactly this.
+#   1. set-up (packages, test user, SDK venv)   2. format and lints
+#   3. Rust unit and integration tests           4. static envd + the real e2b SDK suite
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+CACHE_DIR="${WRENN_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/wrenn}"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "set-up"
+bash scripts/setup.sh
+
+step "format"
+cargo fmt --all --check
+
+step "lints"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "Rust tests"
+if command -v cargo-nextest >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
+
+step "static envd"
+bash scripts/build-envd.sh
+
+step "e2b SDK tests against the static envd"
+WRENN_ENVD_BIN="$(pwd)/target/x86_64-unknown-linux-gnu/release/envd" \
+  "$CACHE_DIR/sdk-venv/bin/python" -m pytest tests/sdk -q
+
+step "no generated changes left behind"
+if [ -n "$(git status --porcelain)" ]; then
+  git status --porcelain
+  echo "the build changed tracked files (e.g. Cargo.lock): commit them" >&2
+  exit 1
+fi
+echo "all tests passed"

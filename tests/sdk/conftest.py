@@ -164,8 +164,12 @@ def secure_envd() -> Iterator[EnvdProcess]:
     token = secrets.token_hex(32)
     r = httpx.post(f"{proc.url}/init", json={"accessToken": token}, timeout=10)
     if r.status_code != 204:
+        output = proc.output()
         proc.stop()
-        pytest.fail(f"POST /init with a first access token -> {r.status_code} {r.text!r}, expected 204", pytrace=False)
+        pytest.fail(
+            f"POST /init with a first access token -> {r.status_code} {r.text!r}, expected 204. envd output:\n{output}",
+            pytrace=False,
+        )
     proc.token = token  # type: ignore[attr-defined]
     try:
         yield proc

@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::TryStreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, BufReader};
 use tokio_util::io::{ReaderStream, StreamReader};
 
 use super::json_error;
@@ -607,20 +607,50 @@ async fn write_file(
         .custom_flags(libc::O_CLOEXEC)
         .open(&temp)
         .map_err(UploadError::from_write)?;
-    let mut file = tokio::fs::File::from_std(file);
-    let mut buffer = vec![0u8; TRANSFER_CHUNK];
-    loop {
-        let read = body.read(&mut buffer).await.map_err(UploadError::Body)?;
-        if read == 0 {
-            break;
+    // The body is read on the async side and written by one blocking thread, so disk writes
+    // overlap with receiving and no write waits on a task hand-off.
+    let (chunks, mut pending) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    let writer = tokio::task::spawn_blocking(move || -> io::Result<()> {
+        let mut file = file;
+        while let Some(chunk) = pending.blocking_recv() {
+            std::io::Write::write_all(&mut file, &chunk)?;
         }
-        file.write_all(&buffer[..read])
-            .await
-            .map_err(UploadError::from_write)?;
+        // No fsync: the rename already makes the upload atomic for every reader, and a sandbox
+        // never outlives a crash of its VM (its disk is discarded; a pause snapshots memory,
+        // page cache included). Syncing 256 MiB cost a third of the upload rate here.
+        Ok(())
+    });
+    let received = async {
+        loop {
+            let mut buffer = vec![0u8; TRANSFER_CHUNK];
+            let mut filled = 0;
+            // Fill whole chunks: fewer, larger writes.
+            while filled < TRANSFER_CHUNK {
+                let read = body.read(&mut buffer[filled..]).await?;
+                if read == 0 {
+                    break;
+                }
+                filled += read;
+            }
+            if filled == 0 {
+                return Ok(());
+            }
+            buffer.truncate(filled);
+            let last = filled < TRANSFER_CHUNK;
+            if chunks.send(buffer).await.is_err() {
+                // The writer stopped: its error is reported below.
+                return Ok(());
+            }
+            if last {
+                return Ok(());
+            }
+        }
     }
-    file.flush().await.map_err(UploadError::from_write)?;
-    file.sync_data().await.map_err(UploadError::from_write)?;
-    drop(file);
+    .await;
+    drop(chunks);
+    let written = writer.await.map_err(|e| UploadError::Io(io::Error::other(e)))?;
+    received.map_err(UploadError::Body)?;
+    written.map_err(UploadError::from_write)?;
 
     let mode = existing.as_ref().map(|m| m.mode() & 0o7777);
     let (uid, gid) = (user.uid, user.gid);

@@ -93,24 +93,38 @@ fn exempt_from_token(method: &Method, path: &str) -> bool {
 /// Guards every route: the access token (once `/init` set one), and a Basic user that must
 /// exist.
 pub async fn guard(State(envd): State<Arc<Envd>>, request: Request, next: Next) -> Response {
-    if !exempt_from_token(request.method(), request.uri().path())
+    let refusal = if !exempt_from_token(request.method(), request.uri().path())
         && !auth::token_matches(request.headers(), envd.access_token().as_deref())
     {
-        return json_error(StatusCode::UNAUTHORIZED, auth::UNAUTHORIZED_MESSAGE);
-    }
-    match auth::basic_username(request.headers()) {
-        Err(error) => return unauthenticated(error.to_string()),
-        Ok(Some(name)) => {
-            if let Err(error) = envd.accounts.user(&name) {
-                return unauthenticated(match error {
+        Some(json_error(StatusCode::UNAUTHORIZED, auth::UNAUTHORIZED_MESSAGE))
+    } else {
+        match auth::basic_username(request.headers()) {
+            Err(error) => Some(unauthenticated(error.to_string())),
+            Ok(Some(name)) => envd.accounts.user(&name).err().map(|error| {
+                unauthenticated(match error {
                     UserError::UnknownUser(name) => format!("invalid username: '{name}'"),
                     other => other.to_string(),
-                });
-            }
+                })
+            }),
+            Ok(None) => None,
         }
-        Ok(None) => {}
+    };
+    match refusal {
+        Some(response) => {
+            drain_body(request.into_body()).await;
+            response
+        }
+        None => next.run(request).await,
     }
-    next.run(request).await
+}
+
+/// Reads (a bounded amount of) a refused request's body before answering. Answering first makes
+/// hyper drop the connection while a client may still be sending a chunked body: the client then
+/// sees a broken pipe instead of our 401.
+pub async fn drain_body(body: axum::body::Body) {
+    const MAX_DRAIN_BYTES: usize = 1024 * 1024;
+    let limited = http_body_util::Limited::new(body, MAX_DRAIN_BYTES);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), http_body_util::BodyExt::collect(limited)).await;
 }
 
 /// A Connect-style `unauthenticated` error, which both RPC and plain clients understand.

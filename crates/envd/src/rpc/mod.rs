@@ -126,12 +126,16 @@ where
 {
     let codec = match server::unary_codec(&headers) {
         Ok(codec) => codec,
-        Err(response) => return response.into_response(),
+        Err(response) => {
+            crate::http::drain_body(body).await;
+            return response.into_response();
+        }
     };
     let result = async {
+        // The body is read before anything can refuse the call (see `http::drain_body`).
+        let body = read_body(body, envd.config.max_message_bytes).await?;
         server::check_no_compression(&headers, false)?;
         let context = call_context(&envd, &headers)?;
-        let body = read_body(body, envd.config.max_message_bytes).await?;
         let request: Req = server::decode_unary(codec, &body, envd.config.max_message_bytes)?;
         match context.deadline {
             Some(deadline) => {
@@ -171,12 +175,16 @@ where
 {
     let codec = match server::streaming_codec(&headers) {
         Ok(codec) => codec,
-        Err(response) => return response.into_response(),
+        Err(response) => {
+            crate::http::drain_body(body).await;
+            return response.into_response();
+        }
     };
     let result = async {
+        // The body is read before anything can refuse the call (see `http::drain_body`).
+        let body = read_body(body, envd.config.max_message_bytes).await?;
         server::check_no_compression(&headers, true)?;
         let context = call_context(&envd, &headers)?;
-        let body = read_body(body, envd.config.max_message_bytes).await?;
         let request: Req =
             server::decode_single_envelope(codec, &body, envd.config.max_message_bytes)?;
         handler(envd.clone(), request, context).await

@@ -648,7 +648,9 @@ async fn write_file(
     }
     .await;
     drop(chunks);
-    let written = writer.await.map_err(|e| UploadError::Io(io::Error::other(e)))?;
+    let written = writer
+        .await
+        .map_err(|e| UploadError::Io(io::Error::other(e)))?;
     received.map_err(UploadError::Body)?;
     written.map_err(UploadError::from_write)?;
 

@@ -96,7 +96,10 @@ pub async fn guard(State(envd): State<Arc<Envd>>, request: Request, next: Next) 
     let refusal = if !exempt_from_token(request.method(), request.uri().path())
         && !auth::token_matches(request.headers(), envd.access_token().as_deref())
     {
-        Some(json_error(StatusCode::UNAUTHORIZED, auth::UNAUTHORIZED_MESSAGE))
+        Some(json_error(
+            StatusCode::UNAUTHORIZED,
+            auth::UNAUTHORIZED_MESSAGE,
+        ))
     } else {
         match auth::basic_username(request.headers()) {
             Err(error) => Some(unauthenticated(error.to_string())),
@@ -124,7 +127,11 @@ pub async fn guard(State(envd): State<Arc<Envd>>, request: Request, next: Next) 
 pub async fn drain_body(body: axum::body::Body) {
     const MAX_DRAIN_BYTES: usize = 1024 * 1024;
     let limited = http_body_util::Limited::new(body, MAX_DRAIN_BYTES);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), http_body_util::BodyExt::collect(limited)).await;
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        http_body_util::BodyExt::collect(limited),
+    )
+    .await;
 }
 
 /// A Connect-style `unauthenticated` error, which both RPC and plain clients understand.

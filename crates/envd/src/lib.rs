@@ -6,7 +6,9 @@
 //! - [`process`], [`fs`]: the work itself, knowing nothing of the wire;
 //! - [`users`], [`paths`], [`envs`], [`auth`]: who a call runs as, where its paths lead, what
 //!   environment its processes get;
-//! - [`server`]: the listener (HTTP/1.1 + h2c, timeouts).
+//! - [`server`]: the listener (HTTP/1.1 + h2c, timeouts, the connection tracker);
+//! - [`ports`]: forwarding loopback-only ports to the external address;
+//! - `http::snapshot`: `/snapshot/prepare`, which with `/init` makes envd safe to snapshot.
 
 pub mod auth;
 pub mod envs;
@@ -14,6 +16,7 @@ pub mod fs;
 pub mod http;
 pub mod metrics;
 pub mod paths;
+pub mod ports;
 pub mod process;
 pub mod rpc;
 pub mod server;
@@ -27,6 +30,9 @@ use ::http::{HeaderName, Method};
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 pub use state::{ENVD_VERSION, Envd, EnvdConfig};
+
+/// The address of every sandbox guest (the same inside every clone of a snapshot).
+pub const GUEST_ADDRESS: [u8; 4] = [169, 254, 0, 21];
 
 /// The port envd listens on by default (E2B's).
 pub const DEFAULT_PORT: u16 = 49983;

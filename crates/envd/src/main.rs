@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use wrenn_envd::ports::PortConfig;
 use wrenn_envd::server::{self, ServerTimeouts};
 use wrenn_envd::{DEFAULT_PORT, ENVD_VERSION, Envd, EnvdConfig};
 
@@ -25,6 +26,19 @@ struct Args {
     /// Seconds a client may take to send its request headers.
     #[arg(long, default_value_t = 30)]
     header_read_timeout_secs: u64,
+    /// Seconds a connection may stay without a request in flight.
+    #[arg(long, default_value_t = 640)]
+    idle_timeout_secs: u64,
+    /// Where loopback-only ports are made reachable. Default: the sandbox guest address
+    /// 169.254.0.21 when this machine has it, otherwise forwarding is off.
+    #[arg(long)]
+    forward_address: Option<IpAddr>,
+    /// Turn port forwarding off.
+    #[arg(long)]
+    no_port_forwarding: bool,
+    /// How often the port scanner looks for new listeners, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    port_scan_interval_ms: u64,
     /// Largest Connect message accepted, in bytes.
     #[arg(long, default_value_t = wrenn_connect::DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
@@ -62,19 +76,50 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("listening on {address}"))?;
+    let external = match (args.no_port_forwarding, args.forward_address) {
+        (true, _) => None,
+        (false, Some(address)) => Some(address),
+        (false, None) => guest_address_if_local(),
+    };
     let config = EnvdConfig {
         max_message_bytes: args.max_message_bytes,
         sync_clock: !args.no_clock_sync,
+        ports: PortConfig {
+            external,
+            scan_interval: Duration::from_millis(args.port_scan_interval_ms.max(10)),
+        },
     };
     let envd = Arc::new(Envd::new(config));
+    if external.is_none() {
+        tracing::info!("port forwarding is off");
+    }
+    envd.ports.start().await;
     tracing::info!(%address, version = ENVD_VERSION, "envd listening");
     let timeouts = ServerTimeouts {
         header_read: Duration::from_secs(args.header_read_timeout_secs),
+        idle: Duration::from_secs(args.idle_timeout_secs.max(1)),
         ..ServerTimeouts::default()
     };
-    server::serve(listener, wrenn_envd::app(envd), timeouts, shutdown_signal()).await;
+    let tracker = envd.connections.clone();
+    server::serve(
+        listener,
+        wrenn_envd::app(envd.clone()),
+        tracker,
+        timeouts,
+        shutdown_signal(),
+    )
+    .await;
+    envd.ports.stop().await;
     tracing::info!("envd stopped");
     Ok(())
+}
+
+/// The fixed address of every sandbox guest, if this machine has it.
+fn guest_address_if_local() -> Option<IpAddr> {
+    let guest = IpAddr::from(wrenn_envd::GUEST_ADDRESS);
+    std::net::UdpSocket::bind(SocketAddr::new(guest, 0))
+        .ok()
+        .map(|_| guest)
 }
 
 async fn shutdown_signal() {

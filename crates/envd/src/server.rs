@@ -1,21 +1,47 @@
-//! envd's listener: HTTP/1.1 and h2c on one port (hyper's auto-detection), TCP_NODELAY (small
-//! RPCs must not wait on Nagle), and a header-read timeout so a client that never finishes its
-//! request headers cannot hold a connection forever.
+//! envd's listener and its connections: HTTP/1.1 and h2c on one port (hyper's auto-detection),
+//! TCP_NODELAY, a header-read timeout, an idle timeout, and a tracker of every connection that
+//! makes envd safe to snapshot.
+//!
+//! Why the tracker exists (the original wrenn's worst bug): a TCP connection open when the VM is
+//! snapshotted comes back after a restore as a zombie whose peer is long gone. Left alone, such
+//! connections pile up and wedge clients that reuse them (endless loading, terminal timeouts
+//! behind proxies). So `/snapshot/prepare` closes idle connections and turns keep-alive off on
+//! busy ones, and the first `/init` after a restore closes every connection accepted before
+//! the prepare, while keeping every later one, the `/init` request's own included.
+//!
+//! The idle timeout closes a connection with no request in flight for that long; a request
+//! stays in flight until its response body is finished, so a long process-output or watch
+//! stream is never cut by it.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::body::Body;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Frame;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tower::ServiceExt;
 
 /// Connection settings.
 #[derive(Debug, Clone)]
 pub struct ServerTimeouts {
     /// How long a client may take to send a request's headers.
     pub header_read: Duration,
+    /// How long a connection may stay without a request in flight before it is closed. Longer
+    /// than the SDK's pool expiry (300 s), so clients never reuse a connection we just closed.
+    pub idle: Duration,
     /// The interval of HTTP/2 keepalive pings (a dead peer is dropped after a missed one).
     pub h2_keepalive: Duration,
 }
@@ -24,8 +50,179 @@ impl Default for ServerTimeouts {
     fn default() -> Self {
         ServerTimeouts {
             header_read: Duration::from_secs(30),
+            idle: Duration::from_secs(640),
             h2_keepalive: Duration::from_secs(60),
         }
+    }
+}
+
+/// The connection a request arrived on (a request extension).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnectionId(pub u64);
+
+/// What the tracker tells a connection to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Command {
+    Run,
+    /// Finish the requests in flight, then close (keep-alive off).
+    Drain,
+    /// Close now.
+    Close,
+}
+
+#[derive(Debug)]
+struct Tracked {
+    in_flight: Arc<AtomicUsize>,
+    control: watch::Sender<Command>,
+}
+
+#[derive(Debug, Default)]
+struct TrackerState {
+    connections: HashMap<u64, Tracked>,
+    /// Connections with an id up to this one were accepted before the snapshot was prepared.
+    snapshot_boundary: Option<u64>,
+}
+
+/// Every open connection, by id (ids grow with acceptance order).
+#[derive(Debug, Default)]
+pub struct ConnectionTracker {
+    state: Mutex<TrackerState>,
+    next_id: AtomicU64,
+    awaiting_restore: AtomicBool,
+}
+
+/// What a snapshot preparation or a restore did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ConnectionSweep {
+    pub closed: usize,
+    pub drained: usize,
+    pub kept: usize,
+}
+
+impl ConnectionTracker {
+    fn register(&self) -> (u64, Arc<AtomicUsize>, watch::Receiver<Command>) {
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst) + 1;
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let (control, receiver) = watch::channel(Command::Run);
+        self.state.lock().expect("tracker lock").connections.insert(
+            id,
+            Tracked {
+                in_flight: in_flight.clone(),
+                control,
+            },
+        );
+        (id, in_flight, receiver)
+    }
+
+    fn unregister(&self, id: u64) {
+        self.state
+            .lock()
+            .expect("tracker lock")
+            .connections
+            .remove(&id);
+    }
+
+    /// How many connections are open.
+    pub fn open_connections(&self) -> usize {
+        self.state.lock().expect("tracker lock").connections.len()
+    }
+
+    /// Whether a snapshot was prepared and no `/init` has followed yet.
+    pub fn awaiting_restore(&self) -> bool {
+        self.awaiting_restore.load(Ordering::SeqCst)
+    }
+
+    /// Before a snapshot: closes idle connections, turns keep-alive off on busy ones (the
+    /// caller's own connection is drained, so it closes after its answer), and remembers which
+    /// connections existed.
+    pub fn prepare_snapshot(&self, own: Option<ConnectionId>) -> ConnectionSweep {
+        let mut state = self.state.lock().expect("tracker lock");
+        state.snapshot_boundary = Some(self.next_id.load(Ordering::SeqCst));
+        self.awaiting_restore.store(true, Ordering::SeqCst);
+        let mut sweep = ConnectionSweep::default();
+        for (id, tracked) in &state.connections {
+            let idle = tracked.in_flight.load(Ordering::SeqCst) == 0;
+            if idle && own != Some(ConnectionId(*id)) {
+                tracked.control.send_replace(Command::Close);
+                sweep.closed += 1;
+            } else {
+                tracked.control.send_replace(Command::Drain);
+                sweep.drained += 1;
+            }
+        }
+        sweep
+    }
+
+    /// After a restore (the first `/init`): closes every connection accepted before the
+    /// snapshot was prepared, except the caller's own; keeps the rest. A no-op unless a
+    /// snapshot was prepared.
+    pub fn complete_restore(&self, own: Option<ConnectionId>) -> ConnectionSweep {
+        let mut sweep = ConnectionSweep::default();
+        if !self.awaiting_restore.swap(false, Ordering::SeqCst) {
+            return sweep;
+        }
+        let mut state = self.state.lock().expect("tracker lock");
+        let boundary = state.snapshot_boundary.take().unwrap_or(0);
+        for (id, tracked) in &state.connections {
+            if *id <= boundary && own != Some(ConnectionId(*id)) {
+                tracked.control.send_replace(Command::Close);
+                sweep.closed += 1;
+            } else {
+                sweep.kept += 1;
+            }
+        }
+        sweep
+    }
+}
+
+/// Counts a request as in flight until its response body is finished or dropped.
+#[derive(Debug)]
+struct InFlight {
+    count: Arc<AtomicUsize>,
+    last_activity: Arc<Mutex<Instant>>,
+}
+
+impl InFlight {
+    fn new(count: Arc<AtomicUsize>, last_activity: Arc<Mutex<Instant>>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        *last_activity.lock().expect("activity lock") = Instant::now();
+        InFlight {
+            count,
+            last_activity,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        *self.last_activity.lock().expect("activity lock") = Instant::now();
+        self.count.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A response body that keeps its request in flight.
+struct TrackedBody {
+    inner: Body,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -33,6 +230,7 @@ impl Default for ServerTimeouts {
 pub async fn serve(
     listener: TcpListener,
     app: Router,
+    tracker: Arc<ConnectionTracker>,
     timeouts: ServerTimeouts,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -62,15 +260,118 @@ pub async fn serve(
             () = &mut shutdown => return,
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let (id, in_flight, mut control) = tracker.register();
+        let last_activity = Arc::new(Mutex::new(Instant::now()));
+        let service = {
+            let (app, in_flight, last_activity) =
+                (app.clone(), in_flight.clone(), last_activity.clone());
+            tower::service_fn(move |mut request: Request<Incoming>| {
+                let guard = InFlight::new(in_flight.clone(), last_activity.clone());
+                request.extensions_mut().insert(ConnectionId(id));
+                let app = app.clone();
+                async move {
+                    let response = app.oneshot(request.map(Body::new)).await?;
+                    let response: Response<TrackedBody> = response.map(|inner| TrackedBody {
+                        inner,
+                        _in_flight: guard,
+                    });
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            })
+        };
         let builder = builder.clone();
+        let tracker = tracker.clone();
+        let idle_timeout = timeouts.idle;
         tokio::spawn(async move {
-            if let Err(error) = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(%peer, %error, "connection ended with an error");
+            let connection = builder.serve_connection_with_upgrades(
+                TokioIo::new(stream),
+                TowerToHyperService::new(service),
+            );
+            tokio::pin!(connection);
+            let mut idle_check =
+                tokio::time::interval((idle_timeout / 4).max(Duration::from_millis(10)));
+            let mut draining = false;
+            loop {
+                tokio::select! {
+                    result = connection.as_mut() => {
+                        if let Err(error) = result {
+                            tracing::debug!(%peer, %error, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    changed = control.changed() => {
+                        let command = if changed.is_ok() { *control.borrow_and_update() } else { Command::Close };
+                        match command {
+                            Command::Close => {
+                                tracing::debug!(%peer, id, "closing connection");
+                                break;
+                            }
+                            Command::Drain if !draining => {
+                                draining = true;
+                                connection.as_mut().graceful_shutdown();
+                            }
+                            _ => {}
+                        }
+                    }
+                    _ = idle_check.tick() => {
+                        let idle_for = last_activity.lock().expect("activity lock").elapsed();
+                        if !draining && in_flight.load(Ordering::SeqCst) == 0 && idle_for >= idle_timeout {
+                            tracing::debug!(%peer, id, "closing idle connection");
+                            draining = true;
+                            connection.as_mut().graceful_shutdown();
+                        }
+                    }
+                }
             }
+            tracker.unregister(id);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_closes_only_connections_from_before_the_snapshot() {
+        let tracker = ConnectionTracker::default();
+        let (idle, _, idle_control) = tracker.register();
+        let (busy, busy_count, busy_control) = tracker.register();
+        busy_count.store(1, Ordering::SeqCst);
+        let (own, _, own_control) = tracker.register();
+        let sweep = tracker.prepare_snapshot(Some(ConnectionId(own)));
+        assert_eq!(
+            sweep,
+            ConnectionSweep {
+                closed: 1,
+                drained: 2,
+                kept: 0
+            }
+        );
+        assert_eq!(*idle_control.borrow(), Command::Close);
+        assert_eq!(*busy_control.borrow(), Command::Drain);
+        assert_eq!(*own_control.borrow(), Command::Drain);
+        assert!(tracker.awaiting_restore());
+        tracker.unregister(idle);
+        tracker.unregister(own);
+
+        let (after, _, after_control) = tracker.register();
+        let (init, _, init_control) = tracker.register();
+        let sweep = tracker.complete_restore(Some(ConnectionId(init)));
+        assert_eq!(
+            sweep,
+            ConnectionSweep {
+                closed: 1,
+                drained: 0,
+                kept: 2
+            }
+        );
+        assert_eq!(*busy_control.borrow(), Command::Close);
+        assert_eq!(*after_control.borrow(), Command::Run);
+        assert_eq!(*init_control.borrow(), Command::Run);
+        assert!(!tracker.awaiting_restore());
+        // A second /init changes nothing.
+        assert_eq!(tracker.complete_restore(None), ConnectionSweep::default());
+        let _ = (busy, after);
     }
 }

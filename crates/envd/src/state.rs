@@ -9,7 +9,9 @@ use std::sync::{Mutex, RwLock};
 use crate::fs::watch::WatcherRegistry;
 use crate::metrics::CpuSampler;
 use crate::paths::{self, PathError};
+use crate::ports::{PortConfig, PortSubsystem};
 use crate::process::ProcessManager;
+use crate::server::ConnectionTracker;
 use crate::users::{Accounts, User, UserError};
 
 /// The version envd reports: the E2B envd version whose SDK feature gates this envd meets in
@@ -26,6 +28,8 @@ pub struct EnvdConfig {
     pub max_message_bytes: usize,
     /// Whether `/init` may set the system clock.
     pub sync_clock: bool,
+    /// Forwarding of loopback-only ports to the external address.
+    pub ports: PortConfig,
 }
 
 impl Default for EnvdConfig {
@@ -33,6 +37,10 @@ impl Default for EnvdConfig {
         EnvdConfig {
             max_message_bytes: wrenn_connect::DEFAULT_MAX_MESSAGE_BYTES,
             sync_clock: true,
+            ports: PortConfig {
+                external: None,
+                scan_interval: std::time::Duration::from_secs(1),
+            },
         }
     }
 }
@@ -54,6 +62,9 @@ pub struct Envd {
     pub processes: ProcessManager,
     pub watchers: WatcherRegistry,
     pub cpu: Mutex<CpuSampler>,
+    /// Every open connection (snapshot safety).
+    pub connections: std::sync::Arc<ConnectionTracker>,
+    pub ports: PortSubsystem,
     session: RwLock<Session>,
     /// Serialises `/init` calls.
     pub init_lock: tokio::sync::Mutex<()>,
@@ -70,6 +81,8 @@ impl Envd {
 
     pub fn with_accounts(config: EnvdConfig, accounts: Accounts) -> Self {
         Envd {
+            ports: PortSubsystem::new(config.ports.clone()),
+            connections: std::sync::Arc::default(),
             config,
             accounts,
             processes: ProcessManager::default(),

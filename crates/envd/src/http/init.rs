@@ -2,6 +2,9 @@
 //! variables, access token, default user and working directory, and the current time (a
 //! restored snapshot's clock is stale).
 //!
+//! After a snapshot was prepared, the first authorised `/init` completes the restore (see
+//! `server`): connections from before the snapshot are closed and port forwarding restarts.
+//!
 //! Token rules (E2B's, without MMDS): the first `/init` may set any token; after that, every
 //! `/init` must carry the same token. Inits are serialised, and one carrying a timestamp older
 //! than the newest applied one changes nothing (a retried, delayed request must not roll back a
@@ -62,7 +65,11 @@ fn respond(status: StatusCode, body: &'static str) -> Response {
     response
 }
 
-pub(crate) async fn init(State(envd): State<Arc<Envd>>, body: Bytes) -> Response {
+pub(crate) async fn init(
+    State(envd): State<Arc<Envd>>,
+    connection: Option<axum::Extension<crate::server::ConnectionId>>,
+    body: Bytes,
+) -> Response {
     let request: InitRequest = if body.iter().all(u8::is_ascii_whitespace) {
         InitRequest::default()
     } else {
@@ -91,6 +98,17 @@ pub(crate) async fn init(State(envd): State<Arc<Envd>>, body: Bytes) -> Response
         (Some(_), Some(_)) => {
             return respond(StatusCode::UNAUTHORIZED, "access token validation failed");
         }
+    }
+
+    // The first /init after a restore: the connections from before the snapshot are zombies.
+    if envd.connections.awaiting_restore() {
+        let sweep = envd.connections.complete_restore(connection.map(|c| c.0));
+        tracing::info!(
+            closed = sweep.closed,
+            kept = sweep.kept,
+            "restored: closed the connections from before the snapshot"
+        );
+        envd.ports.start().await;
     }
 
     if let Some(timestamp) = request.timestamp {

@@ -4,6 +4,7 @@
 pub mod files;
 pub mod init;
 pub mod signature;
+pub mod snapshot;
 
 use std::sync::Arc;
 
@@ -26,6 +27,7 @@ pub fn router() -> Router<Arc<Envd>> {
         .route("/envs", get(envs))
         .route("/metrics", get(metrics))
         .route("/init", post(init::init))
+        .route("/snapshot/prepare", post(snapshot::prepare))
 }
 
 /// A JSON error in E2B's plain-HTTP form: `{"code":<status>,"message":"..."}`.

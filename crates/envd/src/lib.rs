@@ -15,6 +15,7 @@ pub mod envs;
 pub mod fs;
 pub mod http;
 pub mod metrics;
+pub mod mmds;
 pub mod paths;
 pub mod ports;
 pub mod process;

@@ -36,6 +36,18 @@ struct Args {
     /// Turn port forwarding off.
     #[arg(long)]
     no_port_forwarding: bool,
+    /// Not in a sandbox VM: never look for the metadata service (E2B's flag; also the default
+    /// when --mmds-address is not given).
+    #[arg(long)]
+    isnotfc: bool,
+    /// The metadata service to read the sandbox identity and token hash from (host:port;
+    /// Firecracker's is 169.254.169.254:80). Off when not given: on a host, that address may be a
+    /// cloud provider's metadata service, which envd must not query.
+    #[arg(long)]
+    mmds_address: Option<String>,
+    /// Directory for the sandbox identity files (`wrenn/`, `e2b/`).
+    #[arg(long, default_value = "/run")]
+    run_dir: std::path::PathBuf,
     /// How often the port scanner looks for new listeners, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     port_scan_interval_ms: u64,
@@ -88,12 +100,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
             external,
             scan_interval: Duration::from_millis(args.port_scan_interval_ms.max(10)),
         },
+        mmds_address: args.mmds_address.clone().filter(|_| !args.isnotfc),
+        run_dir: args.run_dir.clone(),
     };
     let envd = Arc::new(Envd::new(config));
     if external.is_none() {
         tracing::info!("port forwarding is off");
     }
     envd.ports.start().await;
+    if envd.mmds.is_some() {
+        // Outside Firecracker nothing answers: say so once and go on without an identity.
+        let envd = envd.clone();
+        tokio::spawn(async move {
+            if envd
+                .refresh_identity(Duration::from_secs(2))
+                .await
+                .is_none()
+            {
+                tracing::info!(
+                    "no metadata service answered: running without a sandbox identity (without it, /init trusts its caller as outside Firecracker)"
+                );
+            }
+        });
+    }
     tracing::info!(%address, version = ENVD_VERSION, "envd listening");
     let timeouts = ServerTimeouts {
         header_read: Duration::from_secs(args.header_read_timeout_secs),

@@ -8,6 +8,7 @@ use std::sync::{Mutex, RwLock};
 
 use crate::fs::watch::WatcherRegistry;
 use crate::metrics::CpuSampler;
+use crate::mmds::{MmdsClient, SandboxMetadata};
 use crate::paths::{self, PathError};
 use crate::ports::{PortConfig, PortSubsystem};
 use crate::process::ProcessManager;
@@ -30,6 +31,10 @@ pub struct EnvdConfig {
     pub sync_clock: bool,
     /// Forwarding of loopback-only ports to the external address.
     pub ports: PortConfig,
+    /// The metadata service (`host:port`); `None` outside Firecracker-like VMs.
+    pub mmds_address: Option<String>,
+    /// Where the sandbox identity files go (`<run_dir>/wrenn`, `<run_dir>/e2b`).
+    pub run_dir: PathBuf,
 }
 
 impl Default for EnvdConfig {
@@ -41,6 +46,8 @@ impl Default for EnvdConfig {
                 external: None,
                 scan_interval: std::time::Duration::from_secs(1),
             },
+            mmds_address: None,
+            run_dir: PathBuf::from("/run"),
         }
     }
 }
@@ -65,6 +72,9 @@ pub struct Envd {
     /// Every open connection (snapshot safety).
     pub connections: std::sync::Arc<ConnectionTracker>,
     pub ports: PortSubsystem,
+    pub mmds: Option<MmdsClient>,
+    /// The sandbox identity read from MMDS.
+    identity: RwLock<Option<SandboxMetadata>>,
     session: RwLock<Session>,
     /// Serialises `/init` calls.
     pub init_lock: tokio::sync::Mutex<()>,
@@ -82,6 +92,8 @@ impl Envd {
     pub fn with_accounts(config: EnvdConfig, accounts: Accounts) -> Self {
         Envd {
             ports: PortSubsystem::new(config.ports.clone()),
+            mmds: config.mmds_address.as_deref().map(MmdsClient::new),
+            identity: RwLock::new(None),
             connections: std::sync::Arc::default(),
             config,
             accounts,
@@ -157,6 +169,10 @@ impl Envd {
     /// The sandbox-wide environment variables of processes.
     pub fn sandbox_env(&self) -> BTreeMap<String, String> {
         let mut env = BTreeMap::from([("E2B_SANDBOX".to_owned(), "true".to_owned())]);
+        if let Some(identity) = self.identity.read().expect("identity lock").as_ref() {
+            env.insert("E2B_SANDBOX_ID".to_owned(), identity.sandbox_id.clone());
+            env.insert("E2B_TEMPLATE_ID".to_owned(), identity.template_id.clone());
+        }
         env.extend(self.session.read().expect("session lock").env_vars.clone());
         env
     }
@@ -165,4 +181,31 @@ impl Envd {
 /// Whether `path` is an existing directory.
 pub fn is_dir(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_dir())
+}
+
+impl Envd {
+    /// Reads the metadata service (when there is one) within `deadline`; on success records the
+    /// sandbox identity and writes its files. `None` without MMDS or when it does not answer.
+    pub async fn refresh_identity(&self, deadline: std::time::Duration) -> Option<SandboxMetadata> {
+        let mmds = self.mmds.as_ref()?;
+        match mmds.fetch(deadline).await {
+            Ok(metadata) => {
+                let changed =
+                    self.identity.read().expect("identity lock").as_ref() != Some(&metadata);
+                if changed {
+                    if let Err(error) = crate::mmds::write_identity(&self.config.run_dir, &metadata)
+                    {
+                        tracing::warn!(%error, "could not write the sandbox identity files");
+                    }
+                    tracing::info!(sandbox = %metadata.sandbox_id, template = %metadata.template_id, "sandbox identity from MMDS");
+                    *self.identity.write().expect("identity lock") = Some(metadata.clone());
+                }
+                Some(metadata)
+            }
+            Err(error) => {
+                tracing::debug!(%error, "MMDS unavailable");
+                None
+            }
+        }
+    }
 }

@@ -5,8 +5,10 @@
 //! After a snapshot was prepared, the first authorised `/init` completes the restore (see
 //! `server`): connections from before the snapshot are closed and port forwarding restarts.
 //!
-//! Token rules (E2B's, without MMDS): the first `/init` may set any token; after that, every
-//! `/init` must carry the same token. Inits are serialised, and one carrying a timestamp older
+//! Token rules (E2B's): an `/init` carrying the stored token is accepted; so is one whose token
+//! hashes (SHA-512) to the `accessTokenHash` the host put in MMDS, which is how a restored clone
+//! gets a new token (the hash of `""` authorises clearing it). Without a stored token and without
+//! MMDS, the first `/init` may set any token. Inits are serialised, and one carrying a timestamp older
 //! than the newest applied one changes nothing (a retried, delayed request must not roll back a
 //! newer one).
 
@@ -86,19 +88,10 @@ pub(crate) async fn init(
     }
 
     let _serialised = envd.init_lock.lock().await;
-    match (envd.access_token(), request.access_token.as_deref()) {
-        (None, _) => {}
-        (Some(current), Some(given)) if secrets_equal(given.as_bytes(), current.as_bytes()) => {}
-        (Some(_), None) => {
-            return respond(
-                StatusCode::UNAUTHORIZED,
-                "access token reset not authorized",
-            );
-        }
-        (Some(_), Some(_)) => {
-            return respond(StatusCode::UNAUTHORIZED, "access token validation failed");
-        }
-    }
+    let clear_token = match authorize(&envd, request.access_token.as_deref()).await {
+        Ok(decision) => decision == Authorized::ClearToken,
+        Err(message) => return respond(StatusCode::UNAUTHORIZED, message),
+    };
 
     // The first /init after a restore: the connections from before the snapshot are zombies.
     if envd.connections.awaiting_restore() {
@@ -135,6 +128,8 @@ pub(crate) async fn init(
         }
         if let Some(token) = request.access_token {
             session.access_token = Some(token);
+        } else if clear_token {
+            session.access_token = None;
         }
         if let Some(user) = request.default_user.filter(|u| !u.is_empty()) {
             session.default_user = Some(user);
@@ -143,7 +138,55 @@ pub(crate) async fn init(
             session.default_workdir = Some(workdir.into());
         }
     });
+    // A restored clone has a new identity: read it again, off the /init path.
+    if envd.mmds.is_some() {
+        let envd = envd.clone();
+        tokio::spawn(async move { envd.refresh_identity(MMDS_DEADLINE).await });
+    }
     respond(StatusCode::NO_CONTENT, "")
+}
+
+/// How long `/init` waits for the metadata service.
+const MMDS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
+
+#[derive(Debug, PartialEq, Eq)]
+enum Authorized {
+    Yes,
+    /// Authorised by the MMDS hash of the empty token: the stored token is cleared.
+    ClearToken,
+}
+
+/// E2B's token rules: the stored token itself; else the MMDS hash of the given token (or of
+/// `""`, which authorises clearing it); else, on first setup, anything.
+async fn authorize(envd: &Envd, given: Option<&str>) -> Result<Authorized, &'static str> {
+    let current = envd.access_token();
+    if let (Some(current), Some(given)) = (&current, given)
+        && secrets_equal(given.as_bytes(), current.as_bytes())
+    {
+        return Ok(Authorized::Yes);
+    }
+    let hash = envd
+        .refresh_identity(MMDS_DEADLINE)
+        .await
+        .map(|m| m.access_token_hash)
+        .filter(|h| !h.is_empty());
+    match (hash, given) {
+        (Some(hash), None)
+            if secrets_equal(hash.as_bytes(), crate::mmds::token_hash("").as_bytes()) =>
+        {
+            Ok(Authorized::ClearToken)
+        }
+        (Some(hash), Some(given))
+            if secrets_equal(hash.as_bytes(), crate::mmds::token_hash(given).as_bytes()) =>
+        {
+            Ok(Authorized::Yes)
+        }
+        (Some(_), None) => Err("access token reset not authorized"),
+        (Some(_), Some(_)) => Err("access token validation failed"),
+        (None, _) if current.is_none() => Ok(Authorized::Yes),
+        (None, None) => Err("access token reset not authorized"),
+        (None, Some(_)) => Err("access token validation failed"),
+    }
 }
 
 fn set_clock(timestamp: DateTime<Utc>) {

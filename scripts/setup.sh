@@ -17,7 +17,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 need_packages=()
-for tool in gcc:gcc mount:mount useradd:passwd ps:procps git:git; do
+for tool in gcc:gcc mount:mount useradd:passwd ps:procps git:git ip:iproute2; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need_packages+=("${tool##*:}")
 done
 if ! command -v python3 >/dev/null 2>&1; then need_packages+=(python3 python3-venv); fi

@@ -11,6 +11,7 @@
 //! - `http::snapshot`: `/snapshot/prepare`, which with `/init` makes envd safe to snapshot.
 
 pub mod auth;
+pub mod cgroups;
 pub mod envs;
 pub mod fs;
 pub mod http;
@@ -19,6 +20,7 @@ pub mod mmds;
 pub mod paths;
 pub mod ports;
 pub mod process;
+pub mod reaper;
 pub mod rpc;
 pub mod server;
 pub mod state;

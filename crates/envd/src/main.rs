@@ -48,6 +48,16 @@ struct Args {
     /// Directory for the sandbox identity files (`wrenn/`, `e2b/`).
     #[arg(long, default_value = "/run")]
     run_dir: std::path::PathBuf,
+    /// envd's cgroup v2 root. Default: /sys/fs/cgroup/wrenn when envd is PID 1 (in a guest);
+    /// otherwise no cgroups unless given (on a host, envd leaves the cgroup tree alone).
+    #[arg(long)]
+    cgroup_root: Option<std::path::PathBuf>,
+    /// Run without cgroups.
+    #[arg(long)]
+    no_cgroups: bool,
+    /// Reap the orphans of envd's descendants (always on when envd is PID 1).
+    #[arg(long)]
+    subreaper: bool,
     /// How often the port scanner looks for new listeners, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     port_scan_interval_ms: u64,
@@ -102,12 +112,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         mmds_address: args.mmds_address.clone().filter(|_| !args.isnotfc),
         run_dir: args.run_dir.clone(),
+        cgroup_root: match (args.no_cgroups, &args.cgroup_root) {
+            (true, _) => None,
+            (false, Some(root)) => Some(root.clone()),
+            (false, None) => {
+                (std::process::id() == 1).then(|| std::path::PathBuf::from("/sys/fs/cgroup/wrenn"))
+            }
+        },
     };
     let envd = Arc::new(Envd::new(config));
     if external.is_none() {
         tracing::info!("port forwarding is off");
     }
     envd.ports.start().await;
+    if std::process::id() == 1 || args.subreaper {
+        if std::process::id() != 1 {
+            wrenn_envd::reaper::become_subreaper().context("becoming a child subreaper")?;
+        }
+        wrenn_envd::reaper::spawn(envd.clone());
+    }
     if envd.mmds.is_some() {
         // Outside Firecracker nothing answers: say so once and go on without an identity.
         let envd = envd.clone();

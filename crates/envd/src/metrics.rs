@@ -111,10 +111,13 @@ pub struct MachineMetrics {
     pub mem_cache: u64,
     pub disk_used: u64,
     pub disk_total: u64,
+    /// Resource use of envd's user and terminal cgroups, when it has them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroups: Option<crate::cgroups::CgroupUsage>,
 }
 
 /// Collects the machine's metrics now.
-pub fn collect(cpu: &mut CpuSampler) -> MachineMetrics {
+pub fn collect(cpu: &mut CpuSampler, cgroups: Option<&crate::cgroups::Cgroups>) -> MachineMetrics {
     let memory = parse_meminfo(&std::fs::read_to_string("/proc/meminfo").unwrap_or_default());
     let (disk_total, disk_used) = match nix::sys::statvfs::statvfs("/") {
         Ok(stats) => {
@@ -140,6 +143,7 @@ pub fn collect(cpu: &mut CpuSampler) -> MachineMetrics {
         mem_cache: memory.cache,
         disk_used,
         disk_total,
+        cgroups: cgroups.map(crate::cgroups::Cgroups::usage),
     }
 }
 
@@ -171,7 +175,7 @@ mod tests {
 
     #[test]
     fn collects_real_values() {
-        let metrics = collect(&mut CpuSampler::default());
+        let metrics = collect(&mut CpuSampler::default(), None);
         assert!(metrics.mem_total > metrics.mem_used);
         assert!(metrics.disk_total >= metrics.disk_used);
         assert!(metrics.cpu_count >= 1);

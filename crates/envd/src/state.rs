@@ -35,6 +35,8 @@ pub struct EnvdConfig {
     pub mmds_address: Option<String>,
     /// Where the sandbox identity files go (`<run_dir>/wrenn`, `<run_dir>/e2b`).
     pub run_dir: PathBuf,
+    /// envd's cgroup v2 root; `None` runs without cgroups.
+    pub cgroup_root: Option<PathBuf>,
 }
 
 impl Default for EnvdConfig {
@@ -48,6 +50,7 @@ impl Default for EnvdConfig {
             },
             mmds_address: None,
             run_dir: PathBuf::from("/run"),
+            cgroup_root: None,
         }
     }
 }
@@ -73,6 +76,7 @@ pub struct Envd {
     pub connections: std::sync::Arc<ConnectionTracker>,
     pub ports: PortSubsystem,
     pub mmds: Option<MmdsClient>,
+    pub cgroups: Option<crate::cgroups::Cgroups>,
     /// The sandbox identity read from MMDS.
     identity: RwLock<Option<SandboxMetadata>>,
     session: RwLock<Session>,
@@ -93,6 +97,15 @@ impl Envd {
         Envd {
             ports: PortSubsystem::new(config.ports.clone()),
             mmds: config.mmds_address.as_deref().map(MmdsClient::new),
+            cgroups: config.cgroup_root.as_deref().and_then(|root| {
+                match crate::cgroups::Cgroups::setup(root) {
+                    Ok(cgroups) => Some(cgroups),
+                    Err(error) => {
+                        tracing::warn!(%error, "running without cgroups");
+                        None
+                    }
+                }
+            }),
             identity: RwLock::new(None),
             connections: std::sync::Arc::default(),
             config,

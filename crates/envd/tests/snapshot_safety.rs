@@ -246,3 +246,68 @@ async fn prepare_with_many_idle_connections_leaves_none() {
         "envd kept sockets open"
     );
 }
+
+#[tokio::test]
+async fn orphans_are_reaped() {
+    let envd = Envd::start_with(&["--subreaper"]);
+    let client = envd.client(HttpVersion::Http1, Codec::Json);
+    // The shell exits at once; its background children are re-parented to envd and die later.
+    let start = pb::StartRequest {
+        process: Some(pb::ProcessConfig {
+            cmd: "/bin/sh".into(),
+            args: vec![
+                "-c".into(),
+                "sleep 0.2 >/dev/null 2>&1 & sleep 0.3 >/dev/null 2>&1 & exit 0".into(),
+            ],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut stream = client
+        .server_stream::<_, pb::StartResponse>(
+            "/process.Process/Start",
+            &start,
+            &http::HeaderMap::new(),
+        )
+        .await
+        .unwrap();
+    while let Some(message) = stream.message().await {
+        message.unwrap();
+    }
+    // Wait until both orphans have exited, then until none is left a zombie.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    while !wrenn_envd::reaper::zombie_children(envd.pid()).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "zombies left: {:?}",
+            wrenn_envd::reaper::zombie_children(envd.pid())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And they really were envd's to reap: a process of envd's own still reports its exit.
+    let out = client
+        .server_stream::<_, pb::StartResponse>(
+            "/process.Process/Start",
+            &pb::StartRequest {
+                process: Some(pb::ProcessConfig {
+                    cmd: "/bin/false".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            &http::HeaderMap::new(),
+        )
+        .await
+        .unwrap();
+    let mut stream = out;
+    let mut exit = None;
+    while let Some(message) = stream.message().await {
+        if let Some(pb::process_event::Event::End(end)) =
+            message.unwrap().event.and_then(|e| e.event)
+        {
+            exit = Some(end.exit_code);
+        }
+    }
+    assert_eq!(exit, Some(1));
+}

@@ -93,6 +93,13 @@ pub(crate) async fn init(
         Err(message) => return respond(StatusCode::UNAUTHORIZED, message),
     };
 
+    // Every authorised /init thaws the user processes (frozen by /snapshot/prepare).
+    if let Some(cgroups) = &envd.cgroups
+        && let Err(error) = cgroups.set_frozen(false)
+    {
+        tracing::warn!(%error, "could not thaw the user cgroups");
+    }
+
     // The first /init after a restore: the connections from before the snapshot are zombies.
     if envd.connections.awaiting_restore() {
         let sweep = envd.connections.complete_restore(connection.map(|c| c.0));

@@ -68,7 +68,7 @@ async fn metrics(State(envd): State<Arc<Envd>>) -> Response {
     let envd = envd.clone();
     let result = tokio::task::spawn_blocking(move || {
         let mut cpu = envd.cpu.lock().expect("cpu sampler lock");
-        crate::metrics::collect(&mut cpu)
+        crate::metrics::collect(&mut cpu, envd.cgroups.as_ref())
     })
     .await;
     match result {

@@ -1,5 +1,5 @@
-//! `POST /snapshot/prepare`: the host agent calls it right before pausing the VM. envd stops its
-//! port subsystem (no forwarded connection is half-open in the snapshot), closes its idle
+//! `POST /snapshot/prepare`: the host agent calls it right before pausing the VM. envd freezes
+//! the user and terminal cgroups (when it has them), stops its port subsystem (no forwarded connection is half-open in the snapshot), closes its idle
 //! connections, turns keep-alive off on the busy ones (this request's own included), and marks
 //! itself as awaiting a restore, which the next `/init` completes. It answers only when that is
 //! done, so the VM can be paused right after the answer.
@@ -30,6 +30,12 @@ pub(crate) async fn prepare(
 ) -> Response {
     let started = Instant::now();
     envd.ports.stop().await;
+    // User processes must not be mid-write when the VM freezes; /init thaws them.
+    if let Some(cgroups) = &envd.cgroups
+        && let Err(error) = cgroups.set_frozen(true)
+    {
+        tracing::warn!(%error, "could not freeze the user cgroups");
+    }
     let sweep = envd.connections.prepare_snapshot(connection.map(|c| c.0));
     let prepared = Prepared {
         closed_connections: sweep.closed,

@@ -355,6 +355,15 @@ impl ProcessManager {
         }
     }
 
+    /// Whether envd still waits for this pid (started by it and not yet reaped).
+    pub fn is_waiting_for(&self, pid: u32) -> bool {
+        self.processes
+            .lock()
+            .expect("process table lock")
+            .get(&pid)
+            .is_some_and(|p| p.is_running())
+    }
+
     /// The running processes, ordered by pid.
     pub fn list(&self) -> Vec<Arc<ManagedProcess>> {
         let table = self.processes.lock().expect("process table lock");

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -42,6 +43,8 @@ pub struct SpawnSpec {
     pub pty: Option<PtySize>,
     /// Written to `/proc/self/oom_score_adj` in the child when envd may do so.
     pub oom_score_adj: Option<i32>,
+    /// The cgroup (directory) the process starts in.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// The host side of a started process's standard streams.
@@ -112,6 +115,16 @@ pub fn spawn(spec: &SpawnSpec) -> Result<(Child, ChildIo), SpawnError> {
         }
     }
 
+    // Opened before the fork: the child only writes "0" (itself) to it.
+    let cgroup_procs = spec.cgroup.as_ref().and_then(|dir| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(dir.join("cgroup.procs"))
+            .map_err(|error| tracing::warn!(cgroup = %dir.display(), %error, "cannot place the process in its cgroup"))
+            .ok()
+    });
+    let cgroup_fd = cgroup_procs.as_ref().map(|file| file.as_raw_fd());
     let uses_pty = pty.is_some();
     let groups: Vec<libc::gid_t> = spec.user.groups.clone();
     let (uid, gid) = (spec.user.uid, spec.user.gid);
@@ -121,7 +134,7 @@ pub fn spawn(spec: &SpawnSpec) -> Result<(Child, ChildIo), SpawnError> {
         .map(|score| format!("{score}\n"));
     // SAFETY: the hook runs in the child between fork and exec and only makes async-signal-safe
     // system calls (setsid, setpgid, ioctl, open, write, close, setgroups, setgid, setuid) on data
-    // prepared before the fork; it allocates nothing.
+    // and descriptors prepared before the fork; it allocates nothing.
     unsafe {
         command.pre_exec(move || {
             if uses_pty {
@@ -134,6 +147,10 @@ pub fn spawn(spec: &SpawnSpec) -> Result<(Child, ChildIo), SpawnError> {
                 }
             } else if libc::setpgid(0, 0) < 0 {
                 return Err(io::Error::last_os_error());
+            }
+            if let Some(fd) = cgroup_fd {
+                // Best effort: a process outside its cgroup still runs.
+                libc::write(fd, c"0".as_ptr().cast(), 1);
             }
             if let Some(score) = &oom {
                 let fd = libc::open(

@@ -14,6 +14,7 @@ use wrenn_proto::process::process_event::{
 };
 
 use super::{CallContext, RequestStream, server_streaming, unary, with_deadline, with_keepalive};
+use crate::cgroups::Group;
 use crate::envs;
 use crate::process::spawn::SpawnError;
 use crate::process::{
@@ -170,6 +171,14 @@ pub(crate) async fn start(
                 stdin: request.stdin.unwrap_or(true),
                 pty: request.pty.as_ref().map(pty_size),
                 oom_score_adj: Some(USER_PROCESS_OOM_SCORE),
+                cgroup: envd.cgroups.as_ref().map(|cgroups| {
+                    let group = if request.pty.is_some() {
+                        Group::Ptys
+                    } else {
+                        Group::User
+                    };
+                    cgroups.path(group)
+                }),
             };
             let recorded = ProcessConfig {
                 cmd: config.cmd,

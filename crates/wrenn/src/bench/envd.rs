@@ -53,6 +53,9 @@ struct Report {
     download_mib_s_p50: f64,
     transfer_peak_rss_mib: f64,
     file_mib: usize,
+    snapshot_prepare_100_idle_ms_p50: f64,
+    init_after_restore_ms_p50: f64,
+    port_scanner_cpu_pct_50_listeners: f64,
 }
 
 struct RunningEnvd {
@@ -75,6 +78,10 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// Starts envd and returns it with the time from spawn to its first 204 from `/health`.
 async fn start_envd(bin: &PathBuf) -> anyhow::Result<(RunningEnvd, Duration)> {
+    start_envd_with(bin, &[]).await
+}
+
+async fn start_envd_with(bin: &PathBuf, extra: &[&str]) -> anyhow::Result<(RunningEnvd, Duration)> {
     let port = free_port()?;
     let started = Instant::now();
     let child = Command::new(bin)
@@ -85,6 +92,7 @@ async fn start_envd(bin: &PathBuf) -> anyhow::Result<(RunningEnvd, Duration)> {
             "127.0.0.1",
             "--no-clock-sync",
         ])
+        .args(extra)
         .env("ENVD_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -241,6 +249,37 @@ pub async fn run(args: EnvdBenchArgs) -> anyhow::Result<()> {
     }
     let peak_rss = rss_mib(pid, "VmHWM:")?;
 
+    // Snapshot preparation with 100 idle keep-alive connections, then the /init that completes
+    // the restore.
+    let mut prepares = Vec::new();
+    let mut inits = Vec::new();
+    for _ in 0..10 {
+        let mut idle = Vec::new();
+        for _ in 0..100 {
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", envd.port)).await?;
+            raw_exchange(&mut stream, b"GET /health HTTP/1.1\r\nHost: envd\r\n\r\n").await?;
+            idle.push(stream);
+        }
+        let mut control = tokio::net::TcpStream::connect(("127.0.0.1", envd.port)).await?;
+        let began = Instant::now();
+        raw_exchange(
+            &mut control,
+            b"POST /snapshot/prepare HTTP/1.1\r\nHost: envd\r\nContent-Length: 0\r\n\r\n",
+        )
+        .await?;
+        prepares.push(began.elapsed().as_secs_f64() * 1000.0);
+        let mut init = tokio::net::TcpStream::connect(("127.0.0.1", envd.port)).await?;
+        let began = Instant::now();
+        raw_exchange(
+            &mut init,
+            b"POST /init HTTP/1.1\r\nHost: envd\r\nContent-Length: 2\r\n\r\n{}",
+        )
+        .await?;
+        inits.push(began.elapsed().as_secs_f64() * 1000.0);
+    }
+
+    let scanner_cpu = port_scanner_cpu(&args.envd_bin).await?;
+
     let report = Report {
         start_to_health_ms_p50: median(&start_times),
         idle_rss_mib: idle_rss,
@@ -251,6 +290,9 @@ pub async fn run(args: EnvdBenchArgs) -> anyhow::Result<()> {
         download_mib_s_p50: median(&downloads),
         transfer_peak_rss_mib: peak_rss,
         file_mib: args.file_mib,
+        snapshot_prepare_100_idle_ms_p50: median(&prepares),
+        init_after_restore_ms_p50: median(&inits),
+        port_scanner_cpu_pct_50_listeners: scanner_cpu,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -294,6 +336,24 @@ pub async fn run(args: EnvdBenchArgs) -> anyhow::Result<()> {
             "≥ 500 MiB/s",
         ]);
         table.add_row([
+            "/snapshot/prepare, 100 idle connections (p50)",
+            &format!("{:.2} ms", report.snapshot_prepare_100_idle_ms_p50),
+            "≤ 50 ms",
+        ]);
+        table.add_row([
+            "/init completing a restore (p50)",
+            &format!("{:.2} ms", report.init_after_restore_ms_p50),
+            "≤ 20 ms",
+        ]);
+        table.add_row([
+            "port scanner CPU, 50 listeners",
+            &format!(
+                "{:.2} % of a core",
+                report.port_scanner_cpu_pct_50_listeners
+            ),
+            "≤ 1 %",
+        ]);
+        table.add_row([
             "peak resident memory (whole run)",
             &format!("{:.1} MiB", report.transfer_peak_rss_mib),
             "< 64 MiB",
@@ -301,4 +361,49 @@ pub async fn run(args: EnvdBenchArgs) -> anyhow::Result<()> {
         println!("{table}");
     }
     Ok(())
+}
+
+/// Sends a raw HTTP/1.1 request and reads until the end of the response head.
+async fn raw_exchange(stream: &mut tokio::net::TcpStream, request: &[u8]) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(request).await?;
+    let mut head = Vec::new();
+    let mut buffer = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let read = stream.read(&mut buffer).await?;
+        anyhow::ensure!(read > 0, "connection closed before the response");
+        head.extend_from_slice(&buffer[..read]);
+    }
+    anyhow::ensure!(
+        head.starts_with(b"HTTP/1.1 2"),
+        "request failed: {}",
+        String::from_utf8_lossy(&head)
+    );
+    Ok(())
+}
+
+/// envd's CPU use, in percent of one core, over 10 s with 50 loopback listeners to forward.
+async fn port_scanner_cpu(bin: &PathBuf) -> anyhow::Result<f64> {
+    let mut listeners = Vec::new();
+    for _ in 0..50 {
+        listeners.push(std::net::TcpListener::bind("127.0.0.1:0")?);
+    }
+    let (envd, _) = start_envd_with(bin, &["--forward-address", "127.0.0.2"]).await?;
+    let pid = envd.child.id();
+    // Let the forwarders come up, then measure a quiet period.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cpu_ticks = || -> anyhow::Result<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let after = &stat[stat.rfind(')').context("malformed stat")? + 1..];
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let before = cpu_ticks()?;
+    let began = Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let used = (cpu_ticks()? - before) as f64 / ticks_per_second;
+    drop(listeners);
+    Ok(100.0 * used / began.elapsed().as_secs_f64())
 }

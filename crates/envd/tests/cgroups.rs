@@ -114,7 +114,11 @@ async fn processes_are_grouped_frozen_and_thawed() {
             .status,
         200
     );
-    wait_for("the groups to freeze", || frozen("user") && frozen("ptys"));
+    // It answers only once they are frozen.
+    assert!(
+        frozen("user") && frozen("ptys"),
+        "/snapshot/prepare answered before the freeze"
+    );
     let metrics = request("GET", &format!("{}/metrics", envd.url()), &[], "")
         .await
         .json();

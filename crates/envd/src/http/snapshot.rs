@@ -13,7 +13,11 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::cgroups::Group;
 use crate::server::ConnectionId;
+
+/// How long `/snapshot/prepare` waits for the user processes to freeze.
+const FREEZE_DEADLINE: std::time::Duration = std::time::Duration::from_millis(500);
 use crate::state::Envd;
 
 #[derive(Debug, Serialize)]
@@ -31,10 +35,23 @@ pub(crate) async fn prepare(
     let started = Instant::now();
     envd.ports.stop().await;
     // User processes must not be mid-write when the VM freezes; /init thaws them.
-    if let Some(cgroups) = &envd.cgroups
-        && let Err(error) = cgroups.set_frozen(true)
-    {
-        tracing::warn!(%error, "could not freeze the user cgroups");
+    // Freezing is asynchronous in the kernel: wait (briefly) until it has happened.
+    if let Some(cgroups) = &envd.cgroups {
+        match cgroups.set_frozen(true) {
+            Ok(()) => {
+                let deadline = Instant::now() + FREEZE_DEADLINE;
+                while !(cgroups.is_frozen(Group::User) && cgroups.is_frozen(Group::Ptys)) {
+                    if Instant::now() >= deadline {
+                        tracing::warn!(
+                            "the user cgroups did not freeze within {FREEZE_DEADLINE:?}"
+                        );
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            }
+            Err(error) => tracing::warn!(%error, "could not freeze the user cgroups"),
+        }
     }
     let sweep = envd.connections.prepare_snapshot(connection.map(|c| c.0));
     let prepared = Prepared {

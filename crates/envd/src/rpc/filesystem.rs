@@ -3,14 +3,11 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::extract::State;
-use axum::response::Response;
-use http::HeaderMap;
+use futures_util::Stream;
 use wrenn_connect::{Code, ConnectError};
 use wrenn_proto::filesystem as pb;
 
-use super::{CallContext, server_streaming, unary, with_keepalive};
+use super::{CallContext, with_keepalive};
 use crate::fs::watch::{FsEvent, WatchError, WatchSpec};
 use crate::fs::{self, FsError};
 use crate::state::Envd;
@@ -63,149 +60,110 @@ async fn blocking<T: Send + 'static>(
 }
 
 pub(crate) async fn stat(
-    State(envd): State<Arc<Envd>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    unary(
-        envd,
-        headers,
-        body,
-        |envd, request: pb::StatRequest, context| async move {
-            let path = resolve(&envd, &request.path, &context)?;
-            blocking(move || {
-                let entry = fs::entry_info(&path, &envd.accounts).map_err(|error| match error {
-                    FsError::NotFound(path) => {
-                        ConnectError::not_found(format!("file not found: '{}'", path.display()))
-                    }
-                    other => fs_error(other),
-                })?;
-                Ok(pb::StatResponse { entry: Some(entry) })
-            })
-            .await
-        },
-    )
+    envd: Arc<Envd>,
+    request: pb::StatRequest,
+    context: CallContext,
+) -> Result<pb::StatResponse, ConnectError> {
+    let path = resolve(&envd, &request.path, &context)?;
+    blocking(move || {
+        let entry = fs::entry_info(&path, &envd.accounts).map_err(|error| match error {
+            FsError::NotFound(path) => {
+                ConnectError::not_found(format!("file not found: '{}'", path.display()))
+            }
+            other => fs_error(other),
+        })?;
+        Ok(pb::StatResponse { entry: Some(entry) })
+    })
     .await
 }
 
 pub(crate) async fn make_dir(
-    State(envd): State<Arc<Envd>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    unary(
-        envd,
-        headers,
-        body,
-        |envd, request: pb::MakeDirRequest, context| async move {
-            let path = resolve(&envd, &request.path, &context)?;
-            blocking(move || {
-                let entry = fs::make_dir(&path, &context.user, &envd.accounts).map_err(
-                    |error| match error {
-                        FsError::AlreadyExists(path) => ConnectError::new(
-                            Code::AlreadyExists,
-                            format!("directory already exists: {}", path.display()),
-                        ),
-                        FsError::NotADirectory(path) => ConnectError::invalid_argument(format!(
-                            "path already exists but it is not a directory: {}",
-                            path.display()
-                        )),
-                        other => fs_error(other),
-                    },
-                )?;
-                Ok(pb::MakeDirResponse { entry: Some(entry) })
-            })
-            .await
-        },
-    )
+    envd: Arc<Envd>,
+    request: pb::MakeDirRequest,
+    context: CallContext,
+) -> Result<pb::MakeDirResponse, ConnectError> {
+    let path = resolve(&envd, &request.path, &context)?;
+    blocking(move || {
+        let entry =
+            fs::make_dir(&path, &context.user, &envd.accounts).map_err(|error| match error {
+                FsError::AlreadyExists(path) => ConnectError::new(
+                    Code::AlreadyExists,
+                    format!("directory already exists: {}", path.display()),
+                ),
+                FsError::NotADirectory(path) => ConnectError::invalid_argument(format!(
+                    "path already exists but it is not a directory: {}",
+                    path.display()
+                )),
+                other => fs_error(other),
+            })?;
+        Ok(pb::MakeDirResponse { entry: Some(entry) })
+    })
     .await
 }
 
 pub(crate) async fn move_entry(
-    State(envd): State<Arc<Envd>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    unary(
-        envd,
-        headers,
-        body,
-        |envd, request: pb::MoveRequest, context| async move {
-            let source = resolve(&envd, &request.source, &context)?;
-            let destination = resolve(&envd, &request.destination, &context)?;
-            blocking(move || {
-                let entry = fs::move_entry(&source, &destination, &context.user, &envd.accounts)
-                    .map_err(|error| match error {
-                        FsError::NotFound(path) => ConnectError::not_found(format!(
-                            "source file not found: '{}'",
-                            path.display()
-                        )),
-                        other => fs_error(other),
-                    })?;
-                Ok(pb::MoveResponse { entry: Some(entry) })
-            })
-            .await
-        },
-    )
+    envd: Arc<Envd>,
+    request: pb::MoveRequest,
+    context: CallContext,
+) -> Result<pb::MoveResponse, ConnectError> {
+    let source = resolve(&envd, &request.source, &context)?;
+    let destination = resolve(&envd, &request.destination, &context)?;
+    blocking(move || {
+        let entry = fs::move_entry(&source, &destination, &context.user, &envd.accounts).map_err(
+            |error| match error {
+                FsError::NotFound(path) => {
+                    ConnectError::not_found(format!("source file not found: '{}'", path.display()))
+                }
+                other => fs_error(other),
+            },
+        )?;
+        Ok(pb::MoveResponse { entry: Some(entry) })
+    })
     .await
 }
 
 pub(crate) async fn list_dir(
-    State(envd): State<Arc<Envd>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    unary(
-        envd,
-        headers,
-        body,
-        |envd, request: pb::ListDirRequest, context| async move {
-            let path = resolve(&envd, &request.path, &context)?;
-            blocking(move || {
-                let entries = fs::list_dir(&path, request.depth, &context.user, &envd.accounts)
-                    .map_err(|error| match error {
-                        FsError::NotFound(path) => {
-                            ConnectError::not_found(format!("path not found: '{}'", path.display()))
-                        }
-                        FsError::NotADirectory(path) => ConnectError::invalid_argument(format!(
-                            "path is not a directory: {}",
-                            path.display()
-                        )),
-                        other => fs_error(other),
-                    })?;
-                Ok(pb::ListDirResponse { entries })
-            })
-            .await
-        },
-    )
+    envd: Arc<Envd>,
+    request: pb::ListDirRequest,
+    context: CallContext,
+) -> Result<pb::ListDirResponse, ConnectError> {
+    let path = resolve(&envd, &request.path, &context)?;
+    blocking(move || {
+        let entries =
+            fs::list_dir(&path, request.depth, &context.user, &envd.accounts).map_err(|error| {
+                match error {
+                    FsError::NotFound(path) => {
+                        ConnectError::not_found(format!("path not found: '{}'", path.display()))
+                    }
+                    FsError::NotADirectory(path) => ConnectError::invalid_argument(format!(
+                        "path is not a directory: {}",
+                        path.display()
+                    )),
+                    other => fs_error(other),
+                }
+            })?;
+        Ok(pb::ListDirResponse { entries })
+    })
     .await
 }
 
 pub(crate) async fn remove(
-    State(envd): State<Arc<Envd>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    unary(
-        envd,
-        headers,
-        body,
-        |envd, request: pb::RemoveRequest, context| async move {
-            // An empty path would resolve to the working directory: refuse rather than delete it.
-            if request.path.trim().is_empty() {
-                return Err(ConnectError::invalid_argument("path is required"));
-            }
-            let path = resolve(&envd, &request.path, &context)?;
-            if path == std::path::Path::new("/") {
-                return Err(ConnectError::invalid_argument("refusing to remove '/'"));
-            }
-            blocking(move || {
-                fs::remove(&path, &context.user).map_err(fs_error)?;
-                Ok(pb::RemoveResponse {})
-            })
-            .await
-        },
-    )
+    envd: Arc<Envd>,
+    request: pb::RemoveRequest,
+    context: CallContext,
+) -> Result<pb::RemoveResponse, ConnectError> {
+    // An empty path would resolve to the working directory: refuse rather than delete it.
+    if request.path.trim().is_empty() {
+        return Err(ConnectError::invalid_argument("path is required"));
+    }
+    let path = resolve(&envd, &request.path, &context)?;
+    if path == std::path::Path::new("/") {
+        return Err(ConnectError::invalid_argument("refusing to remove '/'"));
+    }
+    blocking(move || {
+        fs::remove(&path, &context.user).map_err(fs_error)?;
+        Ok(pb::RemoveResponse {})
+    })
     .await
 }
 
@@ -254,118 +212,88 @@ fn event_message(event: FsEvent) -> pb::FilesystemEvent {
 }
 
 pub(crate) async fn watch_dir(
-    State(envd): State<Arc<Envd>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    server_streaming(
-        envd,
-        headers,
-        body,
-        |envd, request: pb::WatchDirRequest, context: CallContext| async move {
-            use pb::watch_dir_response::{Event, KeepAlive, StartEvent};
-            let spec = watch_spec(
-                &envd,
-                &request.path,
-                request.recursive,
-                request.include_entry,
-                request.allow_network_mounts,
-                &context,
-            )?;
-            let receiver =
-                crate::fs::watch::watch(spec, envd.accounts.clone()).map_err(watch_error)?;
-            let start = pb::WatchDirResponse {
-                event: Some(Event::Start(StartEvent {})),
-            };
-            let events = futures_util::stream::unfold(receiver, |mut receiver| async move {
-                let item = receiver.recv().await?;
-                let message = item
-                    .map(|event| pb::WatchDirResponse {
-                        event: Some(Event::Filesystem(event_message(event))),
-                    })
-                    .map_err(watch_error);
-                Some((message, receiver))
-            });
-            let stream = futures_util::StreamExt::chain(
-                futures_util::stream::once(async move { Ok(start) }),
-                events,
-            );
-            let stream = super::with_deadline(stream, context.deadline);
-            Ok(with_keepalive(stream, context.keepalive, || {
-                pb::WatchDirResponse {
-                    event: Some(Event::Keepalive(KeepAlive {})),
-                }
-            }))
-        },
-    )
-    .await
+    envd: Arc<Envd>,
+    request: pb::WatchDirRequest,
+    context: CallContext,
+) -> Result<
+    impl Stream<Item = Result<pb::WatchDirResponse, ConnectError>> + Send + 'static,
+    ConnectError,
+> {
+    use pb::watch_dir_response::{Event, KeepAlive, StartEvent};
+    let spec = watch_spec(
+        &envd,
+        &request.path,
+        request.recursive,
+        request.include_entry,
+        request.allow_network_mounts,
+        &context,
+    )?;
+    let receiver = crate::fs::watch::watch(spec, envd.accounts.clone()).map_err(watch_error)?;
+    let start = pb::WatchDirResponse {
+        event: Some(Event::Start(StartEvent {})),
+    };
+    let events = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        let item = receiver.recv().await?;
+        let message = item
+            .map(|event| pb::WatchDirResponse {
+                event: Some(Event::Filesystem(event_message(event))),
+            })
+            .map_err(watch_error);
+        Some((message, receiver))
+    });
+    let stream = futures_util::StreamExt::chain(
+        futures_util::stream::once(async move { Ok(start) }),
+        events,
+    );
+    let stream = super::with_deadline(stream, context.deadline);
+    Ok(with_keepalive(stream, context.keepalive, || {
+        pb::WatchDirResponse {
+            event: Some(Event::Keepalive(KeepAlive {})),
+        }
+    }))
 }
 
 pub(crate) async fn create_watcher(
-    State(envd): State<Arc<Envd>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    unary(
-        envd,
-        headers,
-        body,
-        |envd, request: pb::CreateWatcherRequest, context| async move {
-            let spec = watch_spec(
-                &envd,
-                &request.path,
-                request.recursive,
-                request.include_entry,
-                request.allow_network_mounts,
-                &context,
-            )?;
-            let watcher_id = envd
-                .watchers
-                .create(spec, envd.accounts.clone())
-                .map_err(watch_error)?;
-            Ok(pb::CreateWatcherResponse { watcher_id })
-        },
-    )
-    .await
+    envd: Arc<Envd>,
+    request: pb::CreateWatcherRequest,
+    context: CallContext,
+) -> Result<pb::CreateWatcherResponse, ConnectError> {
+    let spec = watch_spec(
+        &envd,
+        &request.path,
+        request.recursive,
+        request.include_entry,
+        request.allow_network_mounts,
+        &context,
+    )?;
+    let watcher_id = envd
+        .watchers
+        .create(spec, envd.accounts.clone())
+        .map_err(watch_error)?;
+    Ok(pb::CreateWatcherResponse { watcher_id })
 }
 
 pub(crate) async fn get_watcher_events(
-    State(envd): State<Arc<Envd>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    unary(
-        envd,
-        headers,
-        body,
-        |envd, request: pb::GetWatcherEventsRequest, _context| async move {
-            let events = envd
-                .watchers
-                .take_events(&request.watcher_id)
-                .map_err(watch_error)?;
-            Ok(pb::GetWatcherEventsResponse {
-                events: events.into_iter().map(event_message).collect(),
-            })
-        },
-    )
-    .await
+    envd: Arc<Envd>,
+    request: pb::GetWatcherEventsRequest,
+    _context: CallContext,
+) -> Result<pb::GetWatcherEventsResponse, ConnectError> {
+    let events = envd
+        .watchers
+        .take_events(&request.watcher_id)
+        .map_err(watch_error)?;
+    Ok(pb::GetWatcherEventsResponse {
+        events: events.into_iter().map(event_message).collect(),
+    })
 }
 
 pub(crate) async fn remove_watcher(
-    State(envd): State<Arc<Envd>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    unary(
-        envd,
-        headers,
-        body,
-        |envd, request: pb::RemoveWatcherRequest, _context| async move {
-            envd.watchers
-                .remove(&request.watcher_id)
-                .map_err(watch_error)?;
-            Ok(pb::RemoveWatcherResponse {})
-        },
-    )
-    .await
+    envd: Arc<Envd>,
+    request: pb::RemoveWatcherRequest,
+    _context: CallContext,
+) -> Result<pb::RemoveWatcherResponse, ConnectError> {
+    envd.watchers
+        .remove(&request.watcher_id)
+        .map_err(watch_error)?;
+    Ok(pb::RemoveWatcherResponse {})
 }

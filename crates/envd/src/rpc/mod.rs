@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{MethodRouter, post};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use http::HeaderMap;
@@ -34,32 +35,69 @@ pub fn router() -> Router<Arc<Envd>> {
     use filesystem as fs;
     use process as p;
     Router::new()
-        .route("/process.Process/Start", post(p::start))
-        .route("/process.Process/Connect", post(p::connect))
-        .route("/process.Process/List", post(p::list))
-        .route("/process.Process/SendInput", post(p::send_input))
+        .route("/process.Process/Start", streaming_rpc(p::start))
+        .route("/process.Process/Connect", streaming_rpc(p::connect))
+        .route("/process.Process/List", unary_rpc(p::list))
+        .route("/process.Process/SendInput", unary_rpc(p::send_input))
         .route("/process.Process/StreamInput", post(p::stream_input))
-        .route("/process.Process/Update", post(p::update))
-        .route("/process.Process/SendSignal", post(p::send_signal))
-        .route("/process.Process/CloseStdin", post(p::close_stdin))
-        .route("/filesystem.Filesystem/Stat", post(fs::stat))
-        .route("/filesystem.Filesystem/MakeDir", post(fs::make_dir))
-        .route("/filesystem.Filesystem/Move", post(fs::move_entry))
-        .route("/filesystem.Filesystem/ListDir", post(fs::list_dir))
-        .route("/filesystem.Filesystem/Remove", post(fs::remove))
-        .route("/filesystem.Filesystem/WatchDir", post(fs::watch_dir))
+        .route("/process.Process/Update", unary_rpc(p::update))
+        .route("/process.Process/SendSignal", unary_rpc(p::send_signal))
+        .route("/process.Process/CloseStdin", unary_rpc(p::close_stdin))
+        .route("/filesystem.Filesystem/Stat", unary_rpc(fs::stat))
+        .route("/filesystem.Filesystem/MakeDir", unary_rpc(fs::make_dir))
+        .route("/filesystem.Filesystem/Move", unary_rpc(fs::move_entry))
+        .route("/filesystem.Filesystem/ListDir", unary_rpc(fs::list_dir))
+        .route("/filesystem.Filesystem/Remove", unary_rpc(fs::remove))
+        .route(
+            "/filesystem.Filesystem/WatchDir",
+            streaming_rpc(fs::watch_dir),
+        )
         .route(
             "/filesystem.Filesystem/CreateWatcher",
-            post(fs::create_watcher),
+            unary_rpc(fs::create_watcher),
         )
         .route(
             "/filesystem.Filesystem/GetWatcherEvents",
-            post(fs::get_watcher_events),
+            unary_rpc(fs::get_watcher_events),
         )
         .route(
             "/filesystem.Filesystem/RemoveWatcher",
-            post(fs::remove_watcher),
+            unary_rpc(fs::remove_watcher),
         )
+}
+
+/// The route of a unary RPC served by `handler` (which sees only the decoded message and its
+/// call context).
+fn unary_rpc<Req, Resp, F, Fut>(handler: F) -> MethodRouter<Arc<Envd>>
+where
+    Req: Message,
+    Resp: Message,
+    F: Fn(Arc<Envd>, Req, CallContext) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Resp, ConnectError>> + Send + 'static,
+{
+    post(
+        move |State(envd): State<Arc<Envd>>, headers: HeaderMap, body: Body| {
+            let handler = handler.clone();
+            async move { unary(envd, headers, body, handler).await }
+        },
+    )
+}
+
+/// The route of a server-streaming RPC served by `handler`.
+fn streaming_rpc<Req, Resp, F, Fut, S>(handler: F) -> MethodRouter<Arc<Envd>>
+where
+    Req: Message,
+    Resp: Message,
+    F: Fn(Arc<Envd>, Req, CallContext) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<S, ConnectError>> + Send + 'static,
+    S: Stream<Item = Result<Resp, ConnectError>> + Send + 'static,
+{
+    post(
+        move |State(envd): State<Arc<Envd>>, headers: HeaderMap, body: Body| {
+            let handler = handler.clone();
+            async move { server_streaming(envd, headers, body, handler).await }
+        },
+    )
 }
 
 /// What a handler knows about its call besides the message.
@@ -112,7 +150,7 @@ async fn read_body(body: Body, max_bytes: usize) -> Result<Bytes, ConnectError> 
 
 /// Serves a unary call: decodes the request, runs `handler` within the client's deadline and
 /// encodes its answer or error.
-pub(crate) async fn unary<Req, Resp, F, Fut>(
+async fn unary<Req, Resp, F, Fut>(
     envd: Arc<Envd>,
     headers: HeaderMap,
     body: Body,
@@ -160,7 +198,7 @@ where
 
 /// Serves a server-streaming call: decodes the single request message and streams what
 /// `handler` returns; a handler error becomes the end-stream error.
-pub(crate) async fn server_streaming<Req, Resp, F, Fut, S>(
+async fn server_streaming<Req, Resp, F, Fut, S>(
     envd: Arc<Envd>,
     headers: HeaderMap,
     body: Body,
@@ -197,14 +235,15 @@ where
 }
 
 /// Interleaves keepalive messages into a stream whenever it stays silent for `interval`.
-pub(crate) fn with_keepalive<M, S>(
+pub(crate) fn with_keepalive<M, S, K>(
     stream: S,
     interval: Duration,
-    keepalive: fn() -> M,
+    keepalive: K,
 ) -> impl Stream<Item = Result<M, ConnectError>> + Send + 'static
 where
     M: Send + 'static,
     S: Stream<Item = Result<M, ConnectError>> + Send + 'static,
+    K: Fn() -> M + Send + Sync + Copy + 'static,
 {
     futures_util::stream::unfold(Box::pin(stream), move |mut stream| async move {
         match tokio::time::timeout(interval, stream.next()).await {

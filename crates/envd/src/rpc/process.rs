@@ -13,7 +13,7 @@ use wrenn_proto::process::process_event::{
     DataEvent, EndEvent, Event, KeepAlive, StartEvent, data_event,
 };
 
-use super::{CallContext, RequestStream, server_streaming, unary, with_deadline, with_keepalive};
+use super::{CallContext, RequestStream, with_deadline, with_keepalive};
 use crate::cgroups::Group;
 use crate::envs;
 use crate::process::spawn::SpawnError;
@@ -125,161 +125,146 @@ fn process_events(
     })
 }
 
-fn keepalive_event() -> pb::ProcessEvent {
-    event(Event::Keepalive(KeepAlive {}))
+/// A process's events as a call's response stream (`wrap` makes the response message): ended
+/// by the call's deadline, with keepalives on silence.
+fn event_responses<R: Send + 'static>(
+    pid: u32,
+    subscription: Subscription,
+    context: &CallContext,
+    wrap: fn(pb::ProcessEvent) -> R,
+) -> impl Stream<Item = Result<R, ConnectError>> + Send + use<R> {
+    let events = with_deadline(process_events(pid, subscription), context.deadline);
+    let responses = futures_util::StreamExt::map(events, move |item| item.map(wrap));
+    with_keepalive(responses, context.keepalive, move || {
+        wrap(event(Event::Keepalive(KeepAlive {})))
+    })
 }
 
 pub(crate) async fn start(
-    State(envd): State<Arc<Envd>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    server_streaming(
-        envd,
-        headers,
-        body,
-        |envd, request: pb::StartRequest, context: CallContext| async move {
-            let config = request
-                .process
-                .ok_or_else(|| ConnectError::invalid_argument("process config is required"))?;
-            if config.cmd.is_empty() {
-                return Err(ConnectError::invalid_argument("process cmd is empty"));
-            }
-            let cwd = match config.cwd.as_deref() {
-                Some(cwd) => envd
-                    .resolve_path(cwd, &context.user)
-                    .map_err(|e| ConnectError::invalid_argument(e.to_string()))?,
-                None => envd.default_cwd(&context.user),
+    envd: Arc<Envd>,
+    request: pb::StartRequest,
+    context: CallContext,
+) -> Result<
+    impl Stream<Item = Result<pb::StartResponse, ConnectError>> + Send + 'static,
+    ConnectError,
+> {
+    let config = request
+        .process
+        .ok_or_else(|| ConnectError::invalid_argument("process config is required"))?;
+    if config.cmd.is_empty() {
+        return Err(ConnectError::invalid_argument("process cmd is empty"));
+    }
+    let cwd = match config.cwd.as_deref() {
+        Some(cwd) => envd
+            .resolve_path(cwd, &context.user)
+            .map_err(|e| ConnectError::invalid_argument(e.to_string()))?,
+        None => envd.default_cwd(&context.user),
+    };
+    if !is_dir(&cwd) {
+        return Err(ConnectError::invalid_argument(format!(
+            "cwd '{}' does not exist",
+            cwd.display()
+        )));
+    }
+    let spec = SpawnSpec {
+        cmd: config.cmd.clone(),
+        args: config.args.clone(),
+        env: envs::compose(
+            envd.path_env(),
+            &context.user,
+            &envd.sandbox_env(),
+            &config.envs,
+        ),
+        cwd,
+        user: context.user.clone(),
+        stdin: request.stdin.unwrap_or(true),
+        pty: request.pty.as_ref().map(pty_size),
+        oom_score_adj: Some(USER_PROCESS_OOM_SCORE),
+        cgroup: envd.cgroups.as_ref().map(|cgroups| {
+            let group = if request.pty.is_some() {
+                Group::Ptys
+            } else {
+                Group::User
             };
-            if !is_dir(&cwd) {
-                return Err(ConnectError::invalid_argument(format!(
-                    "cwd '{}' does not exist",
-                    cwd.display()
-                )));
-            }
-            let spec = SpawnSpec {
-                cmd: config.cmd.clone(),
-                args: config.args.clone(),
-                env: envs::compose(
-                    envd.path_env(),
-                    &context.user,
-                    &envd.sandbox_env(),
-                    &config.envs,
-                ),
-                cwd,
-                user: context.user.clone(),
-                stdin: request.stdin.unwrap_or(true),
-                pty: request.pty.as_ref().map(pty_size),
-                oom_score_adj: Some(USER_PROCESS_OOM_SCORE),
-                cgroup: envd.cgroups.as_ref().map(|cgroups| {
-                    let group = if request.pty.is_some() {
-                        Group::Ptys
-                    } else {
-                        Group::User
-                    };
-                    cgroups.path(group)
-                }),
-            };
-            let recorded = ProcessConfig {
-                cmd: config.cmd,
-                args: config.args,
-                envs: config.envs,
-                cwd: config.cwd,
-            };
-            let (process, subscription) = envd
-                .processes
-                .start(&spec, request.tag, recorded)
-                .map_err(process_error)?;
+            cgroups.path(group)
+        }),
+    };
+    let recorded = ProcessConfig {
+        cmd: config.cmd,
+        args: config.args,
+        envs: config.envs,
+        cwd: config.cwd,
+    };
+    let (process, subscription) = envd
+        .processes
+        .start(&spec, request.tag, recorded)
+        .map_err(process_error)?;
 
-            // Connect-Timeout-Ms on Start is the process's lifetime, whether or not the client stays.
-            if let Some(deadline) = context.deadline {
-                let process = process.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(deadline).await;
-                    if process.is_running() {
-                        tracing::info!(
-                            pid = process.pid,
-                            ?deadline,
-                            "killing process: its deadline passed"
-                        );
-                        let _ = process.signal(libc::SIGKILL);
-                    }
-                });
+    // Connect-Timeout-Ms on Start is the process's lifetime, whether or not the client stays.
+    if let Some(deadline) = context.deadline {
+        let process = process.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(deadline).await;
+            if process.is_running() {
+                tracing::info!(
+                    pid = process.pid,
+                    ?deadline,
+                    "killing process: its deadline passed"
+                );
+                let _ = process.signal(libc::SIGKILL);
             }
-            let events = process_events(process.pid, subscription);
-            let events = with_deadline(events, context.deadline);
-            let responses = futures_util::StreamExt::map(events, |item| {
-                item.map(|e| pb::StartResponse { event: Some(e) })
-            });
-            Ok(with_keepalive(responses, context.keepalive, || {
-                pb::StartResponse {
-                    event: Some(keepalive_event()),
-                }
-            }))
-        },
-    )
-    .await
+        });
+    }
+    Ok(event_responses(
+        process.pid,
+        subscription,
+        &context,
+        |event| pb::StartResponse { event: Some(event) },
+    ))
 }
 
 pub(crate) async fn connect(
-    State(envd): State<Arc<Envd>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    server_streaming(
-        envd,
-        headers,
-        body,
-        |envd, request: pb::ConnectRequest, context: CallContext| async move {
-            let process = envd
-                .processes
-                .find(&selector(request.process)?)
-                .map_err(process_error)?;
-            let events = process_events(process.pid, process.subscribe());
-            // The deadline ends this stream only; the process goes on.
-            let events = with_deadline(events, context.deadline);
-            let responses = futures_util::StreamExt::map(events, |item| {
-                item.map(|e| pb::ConnectResponse { event: Some(e) })
-            });
-            Ok(with_keepalive(responses, context.keepalive, || {
-                pb::ConnectResponse {
-                    event: Some(keepalive_event()),
-                }
-            }))
-        },
-    )
-    .await
+    envd: Arc<Envd>,
+    request: pb::ConnectRequest,
+    context: CallContext,
+) -> Result<
+    impl Stream<Item = Result<pb::ConnectResponse, ConnectError>> + Send + 'static,
+    ConnectError,
+> {
+    let process = envd
+        .processes
+        .find(&selector(request.process)?)
+        .map_err(process_error)?;
+    // The deadline ends this stream only; the process goes on.
+    Ok(event_responses(
+        process.pid,
+        process.subscribe(),
+        &context,
+        |event| pb::ConnectResponse { event: Some(event) },
+    ))
 }
 
 pub(crate) async fn list(
-    State(envd): State<Arc<Envd>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    unary(
-        envd,
-        headers,
-        body,
-        |envd, _request: pb::ListRequest, _context| async move {
-            let processes = envd
-                .processes
-                .list()
-                .into_iter()
-                .map(|p| pb::ProcessInfo {
-                    config: Some(pb::ProcessConfig {
-                        cmd: p.config.cmd.clone(),
-                        args: p.config.args.clone(),
-                        envs: p.config.envs.clone(),
-                        cwd: p.config.cwd.clone(),
-                    }),
-                    pid: p.pid,
-                    tag: p.tag.clone(),
-                })
-                .collect();
-            Ok(pb::ListResponse { processes })
-        },
-    )
-    .await
+    envd: Arc<Envd>,
+    _request: pb::ListRequest,
+    _context: CallContext,
+) -> Result<pb::ListResponse, ConnectError> {
+    let processes = envd
+        .processes
+        .list()
+        .into_iter()
+        .map(|p| pb::ProcessInfo {
+            config: Some(pb::ProcessConfig {
+                cmd: p.config.cmd.clone(),
+                args: p.config.args.clone(),
+                envs: p.config.envs.clone(),
+                cwd: p.config.cwd.clone(),
+            }),
+            pid: p.pid,
+            tag: p.tag.clone(),
+        })
+        .collect();
+    Ok(pb::ListResponse { processes })
 }
 
 async fn deliver_input(
@@ -305,95 +290,63 @@ async fn deliver_input(
 }
 
 pub(crate) async fn send_input(
-    State(envd): State<Arc<Envd>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    unary(
-        envd,
-        headers,
-        body,
-        |envd, request: pb::SendInputRequest, _context| async move {
-            deliver_input(&envd, selector(request.process)?, request.input).await?;
-            Ok(pb::SendInputResponse {})
-        },
-    )
-    .await
+    envd: Arc<Envd>,
+    request: pb::SendInputRequest,
+    _context: CallContext,
+) -> Result<pb::SendInputResponse, ConnectError> {
+    deliver_input(&envd, selector(request.process)?, request.input).await?;
+    Ok(pb::SendInputResponse {})
 }
 
 pub(crate) async fn update(
-    State(envd): State<Arc<Envd>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    unary(
-        envd,
-        headers,
-        body,
-        |envd, request: pb::UpdateRequest, _context| async move {
-            let process = envd
-                .processes
-                .find_running(&selector(request.process)?)
-                .map_err(process_error)?;
-            if let Some(pty) = &request.pty {
-                process.resize(pty_size(pty)).map_err(process_error)?;
-            }
-            Ok(pb::UpdateResponse {})
-        },
-    )
-    .await
+    envd: Arc<Envd>,
+    request: pb::UpdateRequest,
+    _context: CallContext,
+) -> Result<pb::UpdateResponse, ConnectError> {
+    let process = envd
+        .processes
+        .find_running(&selector(request.process)?)
+        .map_err(process_error)?;
+    if let Some(pty) = &request.pty {
+        process.resize(pty_size(pty)).map_err(process_error)?;
+    }
+    Ok(pb::UpdateResponse {})
 }
 
 pub(crate) async fn send_signal(
-    State(envd): State<Arc<Envd>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    unary(
-        envd,
-        headers,
-        body,
-        |envd, request: pb::SendSignalRequest, _context| async move {
-            let signal = match pb::Signal::try_from(request.signal) {
-                Ok(pb::Signal::Sigkill) => libc::SIGKILL,
-                Ok(pb::Signal::Sigterm) => libc::SIGTERM,
-                _ => {
-                    return Err(ConnectError::new(
-                        Code::Unimplemented,
-                        format!("invalid signal: {}", request.signal),
-                    ));
-                }
-            };
-            let process = envd
-                .processes
-                .find_running(&selector(request.process)?)
-                .map_err(process_error)?;
-            process.signal(signal).map_err(process_error)?;
-            Ok(pb::SendSignalResponse {})
-        },
-    )
-    .await
+    envd: Arc<Envd>,
+    request: pb::SendSignalRequest,
+    _context: CallContext,
+) -> Result<pb::SendSignalResponse, ConnectError> {
+    let signal = match pb::Signal::try_from(request.signal) {
+        Ok(pb::Signal::Sigkill) => libc::SIGKILL,
+        Ok(pb::Signal::Sigterm) => libc::SIGTERM,
+        _ => {
+            return Err(ConnectError::new(
+                Code::Unimplemented,
+                format!("invalid signal: {}", request.signal),
+            ));
+        }
+    };
+    let process = envd
+        .processes
+        .find_running(&selector(request.process)?)
+        .map_err(process_error)?;
+    process.signal(signal).map_err(process_error)?;
+    Ok(pb::SendSignalResponse {})
 }
 
 pub(crate) async fn close_stdin(
-    State(envd): State<Arc<Envd>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    unary(
-        envd,
-        headers,
-        body,
-        |envd, request: pb::CloseStdinRequest, _context| async move {
-            let process = envd
-                .processes
-                .find_running(&selector(request.process)?)
-                .map_err(process_error)?;
-            process.close_stdin().await.map_err(process_error)?;
-            Ok(pb::CloseStdinResponse {})
-        },
-    )
-    .await
+    envd: Arc<Envd>,
+    request: pb::CloseStdinRequest,
+    _context: CallContext,
+) -> Result<pb::CloseStdinResponse, ConnectError> {
+    let process = envd
+        .processes
+        .find_running(&selector(request.process)?)
+        .map_err(process_error)?;
+    process.close_stdin().await.map_err(process_error)?;
+    Ok(pb::CloseStdinResponse {})
 }
 
 /// Client streaming: a `start` naming the process, then `data` messages with its input.

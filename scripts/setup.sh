@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what wrenn's tests need on a Debian machine, idempotently:
-#   - Debian packages (compiler, Python venv support, mount/useradd tools);
+#   - Debian packages (compiler, Python venv support, mount/useradd tools, and for guest images
+#     and VMs: QEMU, qemu-img, debootstrap, e2fsprogs, kmod, cpio, iptables);
 #   - the test user `user` (home /home/user), which the SDK tests run commands as;
 #   - a Python venv with the pinned `e2b` SDK and pytest (tests/sdk/requirements.txt), kept in
 #     the cache directory outside the repo and rebuilt only when the requirements change.
@@ -17,9 +18,13 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 need_packages=()
-for tool in gcc:gcc mount:mount useradd:passwd ps:procps git:git ip:iproute2; do
+for tool in gcc:gcc mount:mount useradd:passwd ps:procps git:git ip:iproute2 \
+  qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils debootstrap:debootstrap \
+  mkfs.ext4:e2fsprogs debugfs:e2fsprogs depmod:kmod cpio:cpio iptables:iptables; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need_packages+=("${tool##*:}")
 done
+# Debian's qemu-system-x86 replaces a newer backported qemu-utils: install both together.
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then need_packages+=(qemu-utils); fi
 if ! command -v python3 >/dev/null 2>&1; then need_packages+=(python3 python3-venv); fi
 if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
   need_packages+=(python3-venv)

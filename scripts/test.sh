@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the project; CI (.ci/run) runs exactly this.
 #   1. set-up (packages, test user, SDK venv)   2. format and lints
-#   3. Rust unit and integration tests           4. static envd + the real e2b SDK suite
+#   3. static envd and the guest image (cached)   4. Rust unit, integration and VM tests
+#   5. the real e2b SDK suite against the static envd
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
@@ -18,19 +19,26 @@ cargo fmt --all --check
 step "lints"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "Rust tests"
+step "static envd"
+bash scripts/build-envd.sh
+
+step "guest image (cached in $CACHE_DIR; a no-op when nothing changed)"
+cargo build --locked -p wrenn
+export WRENN_ENVD_BIN="$(pwd)/target/x86_64-unknown-linux-gnu/release/envd"
+export WRENN_IMAGE_DIR="$CACHE_DIR/images/base"
+WRENN_CACHE_DIR="$CACHE_DIR" target/debug/wrenn image build --out "$WRENN_IMAGE_DIR"
+target/debug/wrenn image check "$WRENN_IMAGE_DIR"
+
+step "Rust tests (unit, envd, VMs under QEMU)"
+export WRENN_REQUIRE_VM_TESTS=1
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
 else
   cargo test --workspace --locked --no-fail-fast
 fi
 
-step "static envd"
-bash scripts/build-envd.sh
-
 step "e2b SDK tests against the static envd"
-WRENN_ENVD_BIN="$(pwd)/target/x86_64-unknown-linux-gnu/release/envd" \
-  "$CACHE_DIR/sdk-venv/bin/python" -m pytest tests/sdk -q
+"$CACHE_DIR/sdk-venv/bin/python" -m pytest tests/sdk -q
 
 step "no generated changes left behind"
 if [ -n "$(git status --porcelain)" ]; then

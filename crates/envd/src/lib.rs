@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod mmds;
 pub mod paths;
 pub mod ports;
+pub mod poweroff;
 pub mod process;
 pub mod reaper;
 pub mod rpc;
@@ -32,7 +33,7 @@ use std::time::Duration;
 use ::http::{HeaderName, Method};
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
-pub use state::{ENVD_VERSION, Envd, EnvdConfig};
+pub use state::{ENVD_VERSION, Envd, EnvdConfig, VERSION_MARKER_PREFIX};
 
 /// The address of every sandbox guest (the same inside every clone of a snapshot).
 pub const GUEST_ADDRESS: [u8; 4] = [169, 254, 0, 21];

@@ -7,12 +7,13 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use wrenn_envd::ports::PortConfig;
+use wrenn_envd::poweroff::FinalAction;
 use wrenn_envd::server::{self, ServerTimeouts};
 use wrenn_envd::{DEFAULT_PORT, ENVD_VERSION, Envd, EnvdConfig};
 
 /// The agent inside a wrenn sandbox (E2B envd compatible).
 #[derive(Debug, Parser)]
-#[command(name = "envd", version = concat!(env!("CARGO_PKG_VERSION"), " (E2B envd protocol ", "0.6.4", ")"))]
+#[command(name = "envd", version = concat!(env!("CARGO_PKG_VERSION"), " (E2B envd protocol ", wrenn_envd::envd_version!(), ")"))]
 struct Args {
     /// Port to listen on.
     #[arg(long, default_value_t = DEFAULT_PORT)]
@@ -153,16 +154,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ..ServerTimeouts::default()
     };
     let tracker = envd.connections.clone();
+    let (final_action_tx, final_action_rx) = tokio::sync::oneshot::channel();
     server::serve(
         listener,
         wrenn_envd::app(envd.clone()),
         tracker,
         timeouts,
-        shutdown_signal(),
+        async move {
+            let _ = final_action_tx.send(shutdown_signal().await);
+        },
     )
     .await;
     envd.ports.stop().await;
     tracing::info!("envd stopped");
+    if std::process::id() == 1 {
+        // As the guest's init, stopping means shutting the guest down cleanly.
+        let action = final_action_rx.await.unwrap_or(FinalAction::PowerOff);
+        tracing::info!(?action, "shutting the guest down");
+        let error = wrenn_envd::poweroff::shut_down(action);
+        anyhow::bail!("the kernel refused to power off: {error}");
+    }
     Ok(())
 }
 
@@ -174,11 +185,12 @@ fn guest_address_if_local() -> Option<IpAddr> {
         .map(|_| guest)
 }
 
-async fn shutdown_signal() {
+/// Waits for SIGTERM (power off, when PID 1) or SIGINT (restart, when PID 1).
+async fn shutdown_signal() -> FinalAction {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
     tokio::select! {
-        _ = terminate.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => FinalAction::PowerOff,
+        _ = tokio::signal::ctrl_c() => FinalAction::Restart,
     }
 }

@@ -15,9 +15,37 @@ use crate::process::ProcessManager;
 use crate::server::ConnectionTracker;
 use crate::users::{Accounts, User, UserError};
 
+/// The version as a literal, for `concat!` (the binary's marker and `--version`).
+#[macro_export]
+macro_rules! envd_version {
+    () => {
+        "0.6.4"
+    };
+}
+
 /// The version envd reports: the E2B envd version whose SDK feature gates this envd meets in
 /// full (every gate of `e2b` 2.63's `envd/versions.py` and `versions.ts` up to 0.6.4).
-pub const ENVD_VERSION: &str = "0.6.4";
+pub const ENVD_VERSION: &str = envd_version!();
+
+/// Prefix of the marker that image tooling finds in the binary to learn its version without
+/// running it; the version and a NUL follow it.
+pub const VERSION_MARKER_PREFIX: &[u8] = b"wrenn-envd-protocol-version=";
+
+/// Kept in the binary's read-only data whether or not anything reads it.
+#[used]
+static VERSION_MARKER: [u8; VERSION_MARKER_PREFIX.len() + envd_version!().len() + 1] =
+    *concat_bytes_marker();
+
+const fn concat_bytes_marker()
+-> &'static [u8; VERSION_MARKER_PREFIX.len() + envd_version!().len() + 1] {
+    match concat!("wrenn-envd-protocol-version=", envd_version!(), "\0")
+        .as_bytes()
+        .as_array()
+    {
+        Some(marker) => marker,
+        None => panic!("marker length"),
+    }
+}
 
 /// The user calls run as when neither the call nor `/init` names one.
 pub const FALLBACK_USER: &str = "root";

@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/process/process.proto",
         "proto/filesystem/filesystem.proto",
+        "proto/agent/agent.proto",
     ];
     for proto in &protos {
         println!("cargo:rerun-if-changed={proto}");
@@ -27,6 +28,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     pbjson_build::Builder::new()
         .register_descriptors(&std::fs::read(&descriptor_path)?)?
         .ignore_unknown_fields()
-        .build(&[".process", ".filesystem"])?;
+        .build(&[".process", ".filesystem", ".wrenn.agent.v1"])?;
     Ok(())
 }

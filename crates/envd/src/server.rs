@@ -268,6 +268,9 @@ pub async fn serve(
             tower::service_fn(move |mut request: Request<Incoming>| {
                 let guard = InFlight::new(in_flight.clone(), last_activity.clone());
                 request.extensions_mut().insert(ConnectionId(id));
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
                 let app = app.clone();
                 async move {
                     let response = app.oneshot(request.map(Body::new)).await?;

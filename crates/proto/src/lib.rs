@@ -1,6 +1,6 @@
 //! The protocol buffer messages of envd's two Connect services, `process.Process` and
 //! `filesystem.Filesystem`, exactly as E2B's envd defines them (field numbers and names are part of
-//! the wire contract with the `e2b` SDKs).
+//! the wire contract with the `e2b` SDKs), and of the host agent's own API (`wrenn.agent.v1`).
 //!
 //! Every message is a `prost::Message` (binary codec) and implements `serde` with the proto3 JSON
 //! mapping (lowerCamelCase names with snake_case accepted, base64 bytes, int64 as strings, enum
@@ -20,4 +20,11 @@ pub mod process {
 pub mod filesystem {
     include!(concat!(env!("OUT_DIR"), "/filesystem.rs"));
     include!(concat!(env!("OUT_DIR"), "/filesystem.serde.rs"));
+}
+
+/// `package wrenn.agent.v1`: the host agent's API.
+#[allow(clippy::all, clippy::pedantic)]
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/wrenn.agent.v1.rs"));
+    include!(concat!(env!("OUT_DIR"), "/wrenn.agent.v1.serde.rs"));
 }

@@ -1,6 +1,7 @@
 //! The `wrenn` command: guest images (`wrenn image`), benchmarks (`wrenn bench`); the control
 //! plane, host agent and CLI subcommands join it as they are built.
 
+mod agent;
 mod bench;
 mod image;
 
@@ -22,13 +23,31 @@ enum Command {
     /// Measure wrenn's components.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Run the host agent, or talk to one.
+    #[command(subcommand)]
+    Agent(agent::AgentCommand),
     /// Build and check guest images.
     #[command(subcommand)]
     Image(image::ImageCommand),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    if let Err(error) = run() {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WRENN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     if let Command::Image(command) = cli.command {
         return image::run(command);
     }
@@ -38,5 +57,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Bench(command) => runtime.block_on(bench::run(command)),
         Command::Image(_) => unreachable!("handled above"),
+        Command::Agent(command) => runtime.block_on(agent::run(command)),
     }
 }

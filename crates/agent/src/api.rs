@@ -1,0 +1,371 @@
+//! The agent's Connect API (`wrenn.agent.v1.HostAgent`): unary RPCs in JSON or binary, guarded
+//! by a bearer token compared in constant time, each mapped onto the sandbox manager.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use wrenn_connect::Message;
+use wrenn_connect::server::{decode_unary, unary_codec, unary_error, unary_response};
+use wrenn_connect::{Code, ConnectError, DEFAULT_MAX_MESSAGE_BYTES};
+use wrenn_proto::agent as pb;
+
+use crate::error::AgentError;
+use crate::manager::{CreateOptions, Manager};
+use crate::store::{SandboxRecord, TemplateRecord};
+
+/// The service's path prefix.
+pub const SERVICE: &str = "/wrenn.agent.v1.HostAgent";
+
+#[derive(Debug, Clone)]
+struct ApiState {
+    manager: Arc<Manager>,
+    token: Arc<str>,
+}
+
+/// The API's routes.
+pub fn router(manager: Arc<Manager>, token: &str) -> Router {
+    let state = ApiState {
+        manager,
+        token: token.into(),
+    };
+    Router::new()
+        .route(
+            &format!("{SERVICE}/CreateSandbox"),
+            post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, create_sandbox)),
+        )
+        .route(
+            &format!("{SERVICE}/GetSandbox"),
+            post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, get_sandbox)),
+        )
+        .route(
+            &format!("{SERVICE}/ListSandboxes"),
+            post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, list_sandboxes)),
+        )
+        .route(
+            &format!("{SERVICE}/PauseSandbox"),
+            post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, pause_sandbox)),
+        )
+        .route(
+            &format!("{SERVICE}/ResumeSandbox"),
+            post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, resume_sandbox)),
+        )
+        .route(
+            &format!("{SERVICE}/DestroySandbox"),
+            post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, destroy_sandbox)),
+        )
+        .route(
+            &format!("{SERVICE}/BuildTemplate"),
+            post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, build_template)),
+        )
+        .route(
+            &format!("{SERVICE}/ListTemplates"),
+            post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, list_templates)),
+        )
+        .route(
+            &format!("{SERVICE}/DeleteTemplate"),
+            post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, delete_template)),
+        )
+        .route(
+            &format!("{SERVICE}/HostInfo"),
+            post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, host_info)),
+        )
+        .fallback(|| async {
+            unary_error(&ConnectError::new(
+                Code::NotFound,
+                "no such method of wrenn.agent.v1.HostAgent",
+            ))
+        })
+        .with_state(state)
+}
+
+fn authorized(headers: &HeaderMap, token: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .is_some_and(|given| bool::from(given.as_bytes().ct_eq(token.as_bytes())))
+}
+
+async fn rpc<Req, Resp, F, Fut>(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Body,
+    handler: F,
+) -> Response
+where
+    Req: Message,
+    Resp: Message,
+    F: FnOnce(Arc<Manager>, Req) -> Fut,
+    Fut: Future<Output = Result<Resp, AgentError>>,
+{
+    let codec = match unary_codec(&headers) {
+        Ok(codec) => codec,
+        Err(response) => return (*response).into_response(),
+    };
+    if !authorized(&headers, &state.token) {
+        return unary_error(&ConnectError::new(
+            Code::Unauthenticated,
+            "a valid bearer token is required",
+        ))
+        .into_response();
+    }
+    let bytes = match axum::body::to_bytes(body, DEFAULT_MAX_MESSAGE_BYTES + 1).await {
+        Ok(bytes) => bytes,
+        Err(_) => {
+            return unary_error(&ConnectError::new(
+                Code::ResourceExhausted,
+                format!("request over {DEFAULT_MAX_MESSAGE_BYTES} bytes"),
+            ))
+            .into_response();
+        }
+    };
+    let request: Req = match decode_unary(codec, &bytes, DEFAULT_MAX_MESSAGE_BYTES) {
+        Ok(request) => request,
+        Err(error) => return unary_error(&error).into_response(),
+    };
+    match handler(state.manager.clone(), request).await {
+        Ok(response) => unary_response(codec, &response).into_response(),
+        Err(error) => {
+            tracing::info!(%error, code = ?error.code(), "agent call failed");
+            unary_error(&ConnectError::from(error)).into_response()
+        }
+    }
+}
+
+fn millis(value: u32) -> Option<Duration> {
+    (value > 0).then(|| Duration::from_millis(u64::from(value)))
+}
+
+/// A sandbox as the API shows it.
+pub fn sandbox_message(manager: &Manager, record: &SandboxRecord) -> pb::Sandbox {
+    let usage = manager.usage(record).unwrap_or_default();
+    pb::Sandbox {
+        sandbox_id: record.sandbox_id.clone(),
+        template_id: record.template_id.clone(),
+        state: record.state.as_str().into(),
+        envd_address: record
+            .slot
+            .map(|slot| {
+                format!(
+                    "{}:{}",
+                    crate::network::Slot::new("x", slot).address,
+                    crate::manager::ENVD_PORT
+                )
+            })
+            .unwrap_or_default(),
+        memory_mib: record.machine.memory_mib,
+        vcpus: record.machine.vcpus,
+        created_at_unix_ms: record.created_at_ms,
+        error: record.error.clone().unwrap_or_default(),
+        metadata: record.metadata.clone().into_iter().collect(),
+        slot: record.slot.unwrap_or(0),
+        rss_bytes: usage.rss_bytes,
+        cpu_millis: usage.cpu_millis,
+        pid: record.vm.as_ref().map(|vm| vm.pid).unwrap_or(0),
+        allow_internet_access: record.allow_internet,
+    }
+}
+
+fn template_message(record: &TemplateRecord) -> pb::Template {
+    pb::Template {
+        template_id: record.template_id.clone(),
+        memory_mib: record.machine.memory_mib,
+        vcpus: record.machine.vcpus,
+        accel: record.accel.as_str().into(),
+        created_at_unix_ms: record.created_at_ms,
+        snapshot_bytes: record.snapshot.bytes,
+        envd_version: record.envd_version.clone(),
+        image_key: record.image_key.clone(),
+        build_ms: record.build_ms,
+    }
+}
+
+fn required(field: &str, value: &str) -> Result<(), AgentError> {
+    if value.is_empty() {
+        Err(AgentError::InvalidArgument(format!("{field} is required")))
+    } else {
+        Ok(())
+    }
+}
+
+async fn create_sandbox(
+    manager: Arc<Manager>,
+    request: pb::CreateSandboxRequest,
+) -> Result<pb::CreateSandboxResponse, AgentError> {
+    required("template_id", &request.template_id)?;
+    let options = CreateOptions {
+        template_id: request.template_id,
+        sandbox_id: (!request.sandbox_id.is_empty()).then_some(request.sandbox_id),
+        env_vars: request.env_vars.into_iter().collect(),
+        access_token: (!request.envd_access_token.is_empty()).then_some(request.envd_access_token),
+        allow_internet: request.allow_internet_access,
+        metadata: request.metadata.into_iter().collect(),
+        ready_timeout: millis(request.ready_timeout_ms),
+        init_timeout: millis(request.init_timeout_ms),
+    };
+    let (record, timings) = manager.create(options).await?;
+    Ok(pb::CreateSandboxResponse {
+        sandbox: Some(sandbox_message(&manager, &record)),
+        restore_ms: timings.restore.as_millis() as u64,
+        ready_ms: timings.ready.as_millis() as u64,
+    })
+}
+
+async fn get_sandbox(
+    manager: Arc<Manager>,
+    request: pb::GetSandboxRequest,
+) -> Result<pb::GetSandboxResponse, AgentError> {
+    required("sandbox_id", &request.sandbox_id)?;
+    let record = manager.get(&request.sandbox_id)?;
+    Ok(pb::GetSandboxResponse {
+        sandbox: Some(sandbox_message(&manager, &record)),
+    })
+}
+
+async fn list_sandboxes(
+    manager: Arc<Manager>,
+    _: pb::ListSandboxesRequest,
+) -> Result<pb::ListSandboxesResponse, AgentError> {
+    Ok(pb::ListSandboxesResponse {
+        sandboxes: manager
+            .list()
+            .iter()
+            .map(|record| sandbox_message(&manager, record))
+            .collect(),
+    })
+}
+
+async fn pause_sandbox(
+    manager: Arc<Manager>,
+    request: pb::PauseSandboxRequest,
+) -> Result<pb::PauseSandboxResponse, AgentError> {
+    required("sandbox_id", &request.sandbox_id)?;
+    let record = manager.pause(&request.sandbox_id).await?;
+    Ok(pb::PauseSandboxResponse {
+        snapshot_bytes: record.snapshot.as_ref().map(|s| s.bytes).unwrap_or(0),
+        sandbox: Some(sandbox_message(&manager, &record)),
+    })
+}
+
+async fn resume_sandbox(
+    manager: Arc<Manager>,
+    request: pb::ResumeSandboxRequest,
+) -> Result<pb::ResumeSandboxResponse, AgentError> {
+    required("sandbox_id", &request.sandbox_id)?;
+    let token = (!request.envd_access_token.is_empty()).then_some(request.envd_access_token);
+    let record = manager
+        .resume(
+            &request.sandbox_id,
+            token,
+            millis(request.ready_timeout_ms),
+            millis(request.init_timeout_ms),
+        )
+        .await?;
+    Ok(pb::ResumeSandboxResponse {
+        sandbox: Some(sandbox_message(&manager, &record)),
+    })
+}
+
+async fn destroy_sandbox(
+    manager: Arc<Manager>,
+    request: pb::DestroySandboxRequest,
+) -> Result<pb::DestroySandboxResponse, AgentError> {
+    required("sandbox_id", &request.sandbox_id)?;
+    manager.destroy(&request.sandbox_id).await?;
+    Ok(pb::DestroySandboxResponse {})
+}
+
+async fn build_template(
+    manager: Arc<Manager>,
+    request: pb::BuildTemplateRequest,
+) -> Result<pb::BuildTemplateResponse, AgentError> {
+    required("template_id", &request.template_id)?;
+    let image_dir =
+        (!request.image_dir.is_empty()).then(|| std::path::PathBuf::from(&request.image_dir));
+    let record = manager
+        .build_template(
+            &request.template_id,
+            image_dir.as_deref(),
+            request.memory_mib,
+            request.vcpus,
+            millis(request.boot_timeout_ms),
+        )
+        .await?;
+    Ok(pb::BuildTemplateResponse {
+        template: Some(template_message(&record)),
+    })
+}
+
+async fn list_templates(
+    manager: Arc<Manager>,
+    _: pb::ListTemplatesRequest,
+) -> Result<pb::ListTemplatesResponse, AgentError> {
+    Ok(pb::ListTemplatesResponse {
+        templates: manager
+            .list_templates()
+            .iter()
+            .map(template_message)
+            .collect(),
+    })
+}
+
+async fn delete_template(
+    manager: Arc<Manager>,
+    request: pb::DeleteTemplateRequest,
+) -> Result<pb::DeleteTemplateResponse, AgentError> {
+    required("template_id", &request.template_id)?;
+    manager.delete_template(&request.template_id)?;
+    Ok(pb::DeleteTemplateResponse {})
+}
+
+async fn host_info(
+    manager: Arc<Manager>,
+    _: pb::HostInfoRequest,
+) -> Result<pb::HostInfoResponse, AgentError> {
+    let (running, paused, committed) = manager.counts();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let meminfo_kib = |key: &str| -> u64 {
+        meminfo
+            .lines()
+            .find(|line| line.starts_with(key))
+            .and_then(|line| line.split_whitespace().nth(1))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(0)
+    };
+    let disk_available = nix::sys::statvfs::statvfs(&manager.config().data_dir)
+        .map(|stats| stats.blocks_available() * stats.fragment_size())
+        .unwrap_or(0);
+    let own_rss = wrenn_vmm::process::usage(std::process::id())
+        .map(|u| u.rss_bytes)
+        .unwrap_or(0);
+    Ok(pb::HostInfoResponse {
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        vmm: manager.vmm_name().into(),
+        accel: manager.accel().as_str().into(),
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
+        memory_bytes: meminfo_kib("MemTotal:") * 1024,
+        memory_available_bytes: meminfo_kib("MemAvailable:") * 1024,
+        sandboxes_running: running,
+        sandboxes_paused: paused,
+        memory_committed_mib: committed,
+        slots_total: manager.slots.config().capacity,
+        slots_in_use: manager.slots.in_use(),
+        disk_available_bytes: disk_available,
+        templates: manager
+            .list_templates()
+            .into_iter()
+            .map(|t| t.template_id)
+            .collect(),
+        agent_rss_bytes: own_rss,
+    })
+}

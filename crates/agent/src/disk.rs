@@ -1,0 +1,38 @@
+//! Copy-on-write disks: each sandbox's disk is a qcow2 overlay over its template's frozen disk
+//! (itself an overlay over the template's copy of the image's root filesystem), so a sandbox
+//! writes only its own changes and its size is the base's.
+
+use std::path::Path;
+
+use crate::error::AgentError;
+
+/// Creates `target`, a qcow2 overlay backed by `backing` (of format `backing_format`).
+pub async fn create_overlay(
+    backing: &Path,
+    backing_format: &str,
+    target: &Path,
+) -> Result<(), AgentError> {
+    if !backing.is_file() {
+        return Err(AgentError::Internal(format!(
+            "the base disk {} is missing",
+            backing.display()
+        )));
+    }
+    let output = tokio::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", backing_format, "-b"])
+        .arg(backing)
+        .arg(target)
+        .output()
+        .await
+        .map_err(|error| {
+            AgentError::internal("running qemu-img (Debian package qemu-utils)", error)
+        })?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(AgentError::Internal(format!(
+            "qemu-img create failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )))
+    }
+}

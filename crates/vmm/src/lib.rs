@@ -1,0 +1,153 @@
+//! The virtual machine monitors wrenn drives, behind one trait chosen at run time: the sandbox
+//! manager boots, pauses, snapshots, restores, resumes and destroys VMs without knowing which VMM
+//! runs them. QEMU ([`qemu::Qemu`], over QMP) runs everywhere, with KVM or under software
+//! emulation; Firecracker joins behind the same trait.
+
+pub mod accel;
+pub mod process;
+pub mod qemu;
+pub mod qmp;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+
+use serde::{Deserialize, Serialize};
+
+/// A boxed future of a VMM operation (the trait is used as `dyn Vmm`).
+pub type VmmFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, VmmError>> + Send + 'a>>;
+
+/// What a VMM operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the VMM refused {command}: {message}")]
+    Refused { command: String, message: String },
+    #[error("the VMM process exited: {0}")]
+    Exited(String),
+    #[error("{operation} did not finish within {seconds} s")]
+    Timeout { operation: String, seconds: u64 },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl VmmError {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        VmmError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// The machine a VM is: what it boots, its disk, memory, CPUs and network attachment. A restore
+/// needs the same machine as the snapshot was taken from (only paths may differ).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineSpec {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    /// The VM's disk (a qcow2 overlay for QEMU).
+    pub disk: PathBuf,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    /// Network namespace the VMM runs in (its tap is there), if any.
+    pub netns: Option<String>,
+    /// Tap device name (inside `netns`).
+    pub tap: String,
+    /// The guest NIC's MAC address: fixed, so a restored guest finds its NIC unchanged.
+    pub mac: String,
+}
+
+/// A running VMM process, as recorded on disk so a restarted agent can find it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmProcess {
+    /// Which backend runs it ("qemu").
+    pub backend: String,
+    pub pid: u32,
+    /// The process's start time in clock ticks since boot (tells a reused PID apart).
+    pub start_time: u64,
+    /// The VM's working directory: control socket, console log, VMM log.
+    pub workdir: PathBuf,
+    /// The VMM's control socket (QMP for QEMU).
+    pub control_socket: PathBuf,
+}
+
+impl VmProcess {
+    /// The guest's serial console, written by the VMM.
+    pub fn console_log(&self) -> PathBuf {
+        self.workdir.join("console.log")
+    }
+    /// The VMM's own standard output and error.
+    pub fn vmm_log(&self) -> PathBuf {
+        self.workdir.join("vmm.log")
+    }
+    /// Whether this very process (not a reused PID) is still running.
+    pub fn is_alive(&self) -> bool {
+        process::is_running(self.pid, self.start_time)
+    }
+}
+
+/// The files of a memory snapshot (the disk is the VM's own file, frozen with it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotFiles {
+    /// Device and memory state.
+    pub memory: PathBuf,
+    pub bytes: u64,
+}
+
+/// What a VM uses of the host.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceUse {
+    /// Resident memory of the VMM process, guest memory touched included.
+    pub rss_bytes: u64,
+    /// CPU time used by the VMM process (user + system), in milliseconds.
+    pub cpu_millis: u64,
+}
+
+/// A virtual machine monitor.
+pub trait Vmm: Send + Sync + std::fmt::Debug {
+    /// The backend's name, recorded with each VM ("qemu").
+    fn name(&self) -> &'static str;
+
+    /// Boots a fresh VM and returns once the VMM runs it (not once the guest is ready).
+    fn boot<'a>(&'a self, machine: &'a MachineSpec, workdir: &'a Path) -> VmmFuture<'a, VmProcess>;
+
+    /// Starts a VM from a snapshot taken of the same machine and resumes it.
+    fn restore<'a>(
+        &'a self,
+        machine: &'a MachineSpec,
+        snapshot: &'a SnapshotFiles,
+        workdir: &'a Path,
+    ) -> VmmFuture<'a, VmProcess>;
+
+    /// Stops the guest's CPUs (its memory and devices stay).
+    fn pause<'a>(&'a self, vm: &'a VmProcess) -> VmmFuture<'a, ()>;
+
+    /// Starts the guest's CPUs again.
+    fn resume<'a>(&'a self, vm: &'a VmProcess) -> VmmFuture<'a, ()>;
+
+    /// Writes a paused VM's memory and device state to `memory_file`; the disk is flushed.
+    fn snapshot<'a>(
+        &'a self,
+        vm: &'a VmProcess,
+        memory_file: &'a Path,
+    ) -> VmmFuture<'a, SnapshotFiles>;
+
+    /// Ends the VM and its VMM process (gracefully if it answers, killed otherwise).
+    fn destroy<'a>(&'a self, vm: &'a VmProcess) -> VmmFuture<'a, ()>;
+
+    /// Checks that a VM recorded earlier still runs and answers its control socket.
+    fn adopt<'a>(&'a self, vm: &'a VmProcess) -> VmmFuture<'a, ()>;
+
+    /// What the VM uses now.
+    fn usage(&self, vm: &VmProcess) -> Result<ResourceUse, VmmError> {
+        process::usage(vm.pid)
+            .ok_or_else(|| VmmError::Exited(format!("process {} is gone", vm.pid)))
+    }
+}

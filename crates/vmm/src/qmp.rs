@@ -1,0 +1,183 @@
+//! A small client of the QEMU Machine Protocol: newline-delimited JSON over a Unix socket. It
+//! reads the greeting, negotiates capabilities, then runs one command at a time, matching each
+//! answer by id and keeping the asynchronous events that arrive in between.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+use crate::VmmError;
+
+/// How long one QMP command may take before the VMM counts as hung.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A negotiated QMP session.
+#[derive(Debug)]
+pub struct QmpClient {
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    next_id: u64,
+    /// Events received while waiting for answers, oldest first.
+    pub events: Vec<Value>,
+}
+
+impl QmpClient {
+    /// Connects to a QMP socket and enters command mode.
+    pub async fn connect(socket: &Path) -> Result<Self, VmmError> {
+        let stream = UnixStream::connect(socket).await.map_err(|error| {
+            VmmError::io(format!("connecting to QMP at {}", socket.display()), error)
+        })?;
+        let (read, writer) = stream.into_split();
+        let mut client = QmpClient {
+            reader: BufReader::new(read),
+            writer,
+            next_id: 1,
+            events: Vec::new(),
+        };
+        let greeting = client.read_message().await?;
+        if greeting.get("QMP").is_none() {
+            return Err(VmmError::Invalid(format!("not a QMP greeting: {greeting}")));
+        }
+        client.execute("qmp_capabilities", None).await?;
+        Ok(client)
+    }
+
+    /// Connects, retrying while the socket is not there yet (a VMM that just started).
+    pub async fn connect_when_ready(socket: &Path, within: Duration) -> Result<Self, VmmError> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match Self::connect(socket).await {
+                Ok(client) => return Ok(client),
+                Err(error) if tokio::time::Instant::now() >= deadline => return Err(error),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    /// Runs a command and returns its `return` value.
+    pub async fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, VmmError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut request = json!({ "execute": command, "id": id });
+        if let Some(arguments) = arguments {
+            request["arguments"] = arguments;
+        }
+        let mut line = request.to_string();
+        line.push('\n');
+        self.writer
+            .write_all(line.as_bytes())
+            .await
+            .map_err(|error| VmmError::io(format!("sending QMP {command}"), error))?;
+        let answer = tokio::time::timeout(COMMAND_TIMEOUT, async {
+            loop {
+                let message = self.read_message().await?;
+                if message.get("event").is_some() {
+                    self.events.push(message);
+                    continue;
+                }
+                if message.get("id").and_then(Value::as_u64) == Some(id) {
+                    return Ok(message);
+                }
+            }
+        })
+        .await
+        .map_err(|_| VmmError::Timeout {
+            operation: format!("QMP {command}"),
+            seconds: COMMAND_TIMEOUT.as_secs(),
+        })??;
+        if let Some(error) = answer.get("error") {
+            return Err(VmmError::Refused {
+                command: command.to_string(),
+                message: error
+                    .get("desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no description")
+                    .to_string(),
+            });
+        }
+        Ok(answer.get("return").cloned().unwrap_or(Value::Null))
+    }
+
+    /// The VM's run state (`running`, `paused`, `inmigrate`, `postmigrate`, …).
+    pub async fn status(&mut self) -> Result<String, VmmError> {
+        let status = self.execute("query-status", None).await?;
+        Ok(status
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+            .to_string())
+    }
+
+    async fn read_message(&mut self) -> Result<Value, VmmError> {
+        let mut line = String::new();
+        let read = self
+            .reader
+            .read_line(&mut line)
+            .await
+            .map_err(|error| VmmError::io("reading from QMP", error))?;
+        if read == 0 {
+            return Err(VmmError::Exited("QMP connection closed".into()));
+        }
+        serde_json::from_str(&line)
+            .map_err(|error| VmmError::Invalid(format!("QMP sent invalid JSON ({error}): {line}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    /// A scripted QMP peer: greets, answers capabilities, sends an event, then answers by id.
+    async fn fake_peer(listener: UnixListener) {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        write
+            .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+            .await
+            .unwrap();
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let request: Value = serde_json::from_str(&line).unwrap();
+            let id = request["id"].clone();
+            let answer = match request["execute"].as_str().unwrap() {
+                "qmp_capabilities" => json!({ "return": {}, "id": id }),
+                "query-status" => {
+                    write
+                        .write_all(b"{\"event\": \"STOP\", \"timestamp\": {}}\n")
+                        .await
+                        .unwrap();
+                    json!({ "return": { "status": "paused", "running": false }, "id": id })
+                }
+                other => {
+                    json!({ "error": { "class": "CommandNotFound", "desc": format!("The command {other} has not been found") }, "id": id })
+                }
+            };
+            write
+                .write_all(format!("{answer}\n").as_bytes())
+                .await
+                .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn commands_are_answered_by_id_and_events_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        tokio::spawn(fake_peer(listener));
+        let mut client = QmpClient::connect(&socket).await.unwrap();
+        assert_eq!(client.status().await.unwrap(), "paused");
+        assert_eq!(client.events.len(), 1);
+        let error = client.execute("no-such-thing", None).await.unwrap_err();
+        assert!(error.to_string().contains("has not been found"), "{error}");
+    }
+}

@@ -1,0 +1,457 @@
+//! `wrenn agent …`: run the host agent (`serve`), or talk to one directly for debugging
+//! (`sandbox`, `template`, `host`): tables by default, JSON with `--json`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use wrenn_agent::network::SlotConfig;
+use wrenn_agent::{AgentConfig, Manager};
+use wrenn_connect::Codec;
+use wrenn_connect::client::{ConnectClient, HttpVersion};
+use wrenn_proto::agent as pb;
+use wrenn_vmm::accel::AccelSetting;
+
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Run the host agent.
+    Serve(ServeArgs),
+    /// Sandboxes of an agent.
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
+    /// Templates of an agent.
+    #[command(subcommand)]
+    Template(TemplateCommand),
+    /// Capacity and usage of an agent's host.
+    Host(ClientArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address of the agent's API.
+    #[arg(long, default_value = "127.0.0.1:49990")]
+    listen: SocketAddr,
+    /// Bearer token clients must present.
+    #[arg(long, env = "WRENN_AGENT_TOKEN", hide_env_values = true)]
+    token: String,
+    /// State, templates and sandboxes.
+    #[arg(long, default_value = "/var/lib/wrenn/agent")]
+    data_dir: PathBuf,
+    /// Image templates are built from [default: <cache>/images/base].
+    #[arg(long, env = "WRENN_IMAGE_DIR")]
+    image_dir: Option<PathBuf>,
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// auto (probe KVM, fall back to TCG), kvm or tcg.
+    #[arg(long, default_value = "auto")]
+    accel: AccelSetting,
+    /// Prefix of network namespace and interface names (1 to 6 lowercase letters or digits).
+    #[arg(long, default_value = "wrenn")]
+    slot_prefix: String,
+    /// First network slot index (agents sharing a machine use disjoint ranges).
+    #[arg(long, default_value_t = 1)]
+    first_slot: u32,
+    #[arg(long, default_value_t = 256)]
+    slots: u32,
+    /// Slots created ahead of demand.
+    #[arg(long, default_value_t = 2)]
+    slots_ahead: u32,
+    /// Port of the metadata service guests reach as 169.254.169.254:80.
+    #[arg(long, default_value_t = 49991)]
+    mmds_port: u16,
+    /// Do not give guests a way to the internet through this host.
+    #[arg(long)]
+    no_internet: bool,
+    /// Delete every network slot of this agent on exit (tests); by default running sandboxes
+    /// keep theirs, for the next agent to adopt.
+    #[arg(long)]
+    cleanup_on_exit: bool,
+    #[arg(long, default_value_t = 30)]
+    header_read_timeout_secs: u64,
+    #[arg(long, default_value_t = 640)]
+    idle_timeout_secs: u64,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ClientArgs {
+    /// The agent's API address.
+    #[arg(
+        long,
+        env = "WRENN_AGENT_URL",
+        default_value = "http://127.0.0.1:49990"
+    )]
+    agent: String,
+    #[arg(long, env = "WRENN_AGENT_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    Create {
+        #[command(flatten)]
+        client: ClientArgs,
+        template: String,
+        #[arg(long)]
+        id: Option<String>,
+        /// KEY=VALUE environment variables.
+        #[arg(long = "env")]
+        env: Vec<String>,
+        #[arg(long)]
+        access_token: Option<String>,
+        #[arg(long)]
+        internet: bool,
+    },
+    List(ClientArgs),
+    Get {
+        #[command(flatten)]
+        client: ClientArgs,
+        id: String,
+    },
+    Pause {
+        #[command(flatten)]
+        client: ClientArgs,
+        id: String,
+    },
+    Resume {
+        #[command(flatten)]
+        client: ClientArgs,
+        id: String,
+    },
+    Destroy {
+        #[command(flatten)]
+        client: ClientArgs,
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TemplateCommand {
+    Build {
+        #[command(flatten)]
+        client: ClientArgs,
+        id: String,
+        #[arg(long, default_value_t = 512)]
+        memory_mib: u32,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        #[arg(long)]
+        image_dir: Option<String>,
+    },
+    List(ClientArgs),
+    Delete {
+        #[command(flatten)]
+        client: ClientArgs,
+        id: String,
+    },
+}
+
+pub async fn run(command: AgentCommand) -> anyhow::Result<()> {
+    match command {
+        AgentCommand::Serve(args) => serve(args).await,
+        AgentCommand::Sandbox(command) => sandbox(command).await,
+        AgentCommand::Template(command) => template(command).await,
+        AgentCommand::Host(client) => {
+            let info: pb::HostInfoResponse =
+                call(&client, "HostInfo", &pb::HostInfoRequest {}).await?;
+            if client.json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                let mut table = new_table(&["field", "value"]);
+                for (field, value) in serde_json::to_value(&info)?
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                {
+                    table.add_row([
+                        field.clone(),
+                        value.to_string().trim_matches('"').to_string(),
+                    ]);
+                }
+                println!("{table}");
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !args.token.is_empty(),
+        "--token (or WRENN_AGENT_TOKEN) must not be empty"
+    );
+    let config = AgentConfig {
+        data_dir: args.data_dir.clone(),
+        image_dir: args
+            .image_dir
+            .clone()
+            .unwrap_or_else(wrenn_image::default_image_dir),
+        qemu_binary: args.qemu.clone(),
+        accel: args.accel,
+        slots: SlotConfig {
+            prefix: args.slot_prefix.clone(),
+            first_index: args.first_slot,
+            capacity: args.slots,
+            mmds_port: args.mmds_port,
+        },
+        slots_ahead: args.slots_ahead,
+        host_nat: !args.no_internet,
+    };
+    let manager = Manager::start(config).await.context("starting the agent")?;
+    let api = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let mmds_address = wrenn_agent::mmds_bind_address(args.mmds_port);
+    let mmds = tokio::net::TcpListener::bind(mmds_address)
+        .await
+        .with_context(|| format!("listening for metadata requests on {mmds_address}"))?;
+    tracing::info!(
+        listen = %api.local_addr()?,
+        accel = manager.accel().as_str(),
+        data_dir = %args.data_dir.display(),
+        "host agent ready"
+    );
+    let timeouts = wrenn_envd::server::ServerTimeouts {
+        header_read: Duration::from_secs(args.header_read_timeout_secs),
+        idle: Duration::from_secs(args.idle_timeout_secs.max(1)),
+        ..Default::default()
+    };
+    wrenn_agent::serve(
+        manager.clone(),
+        api,
+        mmds,
+        &args.token,
+        timeouts,
+        shutdown_signal(),
+    )
+    .await;
+    if args.cleanup_on_exit {
+        manager.slots.delete_all().await;
+    } else {
+        manager.shutdown().await;
+    }
+    tracing::info!("host agent stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn call<Req: wrenn_connect::Message, Resp: wrenn_connect::Message>(
+    client: &ClientArgs,
+    method: &str,
+    request: &Req,
+) -> anyhow::Result<Resp> {
+    let connect = ConnectClient::new(client.agent.clone(), HttpVersion::Http1, Codec::Json)
+        .with_header("authorization", &format!("Bearer {}", client.token));
+    connect
+        .unary(
+            &format!("{}/{method}", wrenn_agent::api::SERVICE),
+            request,
+            &http::HeaderMap::new(),
+        )
+        .await
+        .map_err(|error| anyhow::anyhow!("{method}: {error}"))
+}
+
+fn new_table(header: &[&str]) -> comfy_table::Table {
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+    table.set_header(header.to_vec());
+    table
+}
+
+fn print_sandboxes(sandboxes: &[pb::Sandbox], json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(sandboxes)?);
+        return Ok(());
+    }
+    let mut table = new_table(&[
+        "sandbox", "template", "state", "envd", "memory", "rss", "error",
+    ]);
+    for sandbox in sandboxes {
+        table.add_row([
+            sandbox.sandbox_id.clone(),
+            sandbox.template_id.clone(),
+            sandbox.state.clone(),
+            sandbox.envd_address.clone(),
+            format!("{} MiB", sandbox.memory_mib),
+            format!("{} MiB", sandbox.rss_bytes >> 20),
+            sandbox.error.clone(),
+        ]);
+    }
+    println!("{table}");
+    Ok(())
+}
+
+async fn sandbox(command: SandboxCommand) -> anyhow::Result<()> {
+    match command {
+        SandboxCommand::Create {
+            client,
+            template,
+            id,
+            env,
+            access_token,
+            internet,
+        } => {
+            let env_vars = env
+                .iter()
+                .map(|pair| {
+                    pair.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .with_context(|| format!("--env {pair:?} is not KEY=VALUE"))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let request = pb::CreateSandboxRequest {
+                template_id: template,
+                sandbox_id: id.unwrap_or_default(),
+                env_vars,
+                envd_access_token: access_token.unwrap_or_default(),
+                allow_internet_access: internet,
+                ..Default::default()
+            };
+            let response: pb::CreateSandboxResponse =
+                call(&client, "CreateSandbox", &request).await?;
+            print_sandboxes(
+                &response.sandbox.into_iter().collect::<Vec<_>>(),
+                client.json,
+            )
+        }
+        SandboxCommand::List(client) => {
+            let response: pb::ListSandboxesResponse =
+                call(&client, "ListSandboxes", &pb::ListSandboxesRequest {}).await?;
+            print_sandboxes(&response.sandboxes, client.json)
+        }
+        SandboxCommand::Get { client, id } => {
+            let response: pb::GetSandboxResponse = call(
+                &client,
+                "GetSandbox",
+                &pb::GetSandboxRequest { sandbox_id: id },
+            )
+            .await?;
+            print_sandboxes(
+                &response.sandbox.into_iter().collect::<Vec<_>>(),
+                client.json,
+            )
+        }
+        SandboxCommand::Pause { client, id } => {
+            let response: pb::PauseSandboxResponse = call(
+                &client,
+                "PauseSandbox",
+                &pb::PauseSandboxRequest { sandbox_id: id },
+            )
+            .await?;
+            print_sandboxes(
+                &response.sandbox.into_iter().collect::<Vec<_>>(),
+                client.json,
+            )
+        }
+        SandboxCommand::Resume { client, id } => {
+            let request = pb::ResumeSandboxRequest {
+                sandbox_id: id,
+                ..Default::default()
+            };
+            let response: pb::ResumeSandboxResponse =
+                call(&client, "ResumeSandbox", &request).await?;
+            print_sandboxes(
+                &response.sandbox.into_iter().collect::<Vec<_>>(),
+                client.json,
+            )
+        }
+        SandboxCommand::Destroy { client, id } => {
+            let _: pb::DestroySandboxResponse = call(
+                &client,
+                "DestroySandbox",
+                &pb::DestroySandboxRequest {
+                    sandbox_id: id.clone(),
+                },
+            )
+            .await?;
+            if client.json {
+                println!("{}", serde_json::json!({ "destroyed": id }));
+            } else {
+                println!("destroyed {id}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_templates(templates: &[pb::Template], json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(templates)?);
+        return Ok(());
+    }
+    let mut table = new_table(&[
+        "template", "memory", "vcpus", "accel", "snapshot", "envd", "built in",
+    ]);
+    for template in templates {
+        table.add_row([
+            template.template_id.clone(),
+            format!("{} MiB", template.memory_mib),
+            template.vcpus.to_string(),
+            template.accel.clone(),
+            format!("{} MiB", template.snapshot_bytes >> 20),
+            template.envd_version.clone(),
+            format!("{:.1} s", template.build_ms as f64 / 1000.0),
+        ]);
+    }
+    println!("{table}");
+    Ok(())
+}
+
+async fn template(command: TemplateCommand) -> anyhow::Result<()> {
+    match command {
+        TemplateCommand::Build {
+            client,
+            id,
+            memory_mib,
+            vcpus,
+            image_dir,
+        } => {
+            eprintln!(
+                "building template {id} (boots the image once; minutes under software emulation) ..."
+            );
+            let request = pb::BuildTemplateRequest {
+                template_id: id,
+                image_dir: image_dir.unwrap_or_default(),
+                memory_mib,
+                vcpus,
+                boot_timeout_ms: 0,
+            };
+            let response: pb::BuildTemplateResponse =
+                call(&client, "BuildTemplate", &request).await?;
+            print_templates(
+                &response.template.into_iter().collect::<Vec<_>>(),
+                client.json,
+            )
+        }
+        TemplateCommand::List(client) => {
+            let response: pb::ListTemplatesResponse =
+                call(&client, "ListTemplates", &pb::ListTemplatesRequest {}).await?;
+            print_templates(&response.templates, client.json)
+        }
+        TemplateCommand::Delete { client, id } => {
+            let _: pb::DeleteTemplateResponse = call(
+                &client,
+                "DeleteTemplate",
+                &pb::DeleteTemplateRequest {
+                    template_id: id.clone(),
+                },
+            )
+            .await?;
+            println!("deleted {id}");
+            Ok(())
+        }
+    }
+}

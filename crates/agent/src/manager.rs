@@ -90,7 +90,7 @@ pub struct Manager {
     config: AgentConfig,
     vmm: Arc<dyn Vmm>,
     accel: Accel,
-    pub slots: SlotPool,
+    pub slots: Arc<SlotPool>,
     store: Store,
     pub mmds: MmdsRegistry,
     sandboxes: Mutex<HashMap<String, Arc<SandboxEntry>>>,
@@ -152,7 +152,7 @@ impl Manager {
         )
         .await;
         let vmm: Arc<dyn Vmm> = Arc::new(Qemu::new(&config.qemu_binary, accel));
-        let slots = SlotPool::new(config.slots.clone())?;
+        let slots = Arc::new(SlotPool::new(config.slots.clone())?);
         if config.host_nat {
             crate::network::enable_host_nat()?;
         }
@@ -181,6 +181,13 @@ impl Manager {
         let warm = manager.clone();
         tokio::spawn(async move { warm.slots.warm(warm.config.slots_ahead).await });
         Ok(manager)
+    }
+
+    /// Tops the ready slots back up in the background after a lease.
+    fn keep_slots_ready(&self) {
+        let pool = self.slots.clone();
+        let count = self.config.slots_ahead;
+        tokio::spawn(async move { pool.warm(count).await });
     }
 
     pub fn accel(&self) -> Accel {
@@ -538,7 +545,7 @@ impl Manager {
     ) -> Result<CreateTimings, AgentError> {
         let record = entry.snapshot();
         let dir = self.store.sandbox_dir(&record.sandbox_id);
-        if fresh_disk {
+        let slot = if fresh_disk {
             std::fs::create_dir_all(&dir)
                 .map_err(|error| AgentError::internal("creating the sandbox directory", error))?;
             self.store.save_sandbox(&record)?;
@@ -551,9 +558,21 @@ impl Manager {
                 .ok_or_else(|| {
                     AgentError::NotFound(format!("template {} not found", record.template_id))
                 })?;
-            crate::disk::create_overlay(&template_disk, "qcow2", &record.machine.disk).await?;
-        }
-        let slot = self.slots.lease(record.allow_internet).await?;
+            // The disk and the slot are made ready at the same time.
+            let (disk, slot) = tokio::join!(
+                crate::disk::create_overlay(&template_disk, "qcow2", &record.machine.disk),
+                self.slots.lease(record.allow_internet)
+            );
+            if let Err(error) = disk {
+                if let Ok(slot) = slot {
+                    self.slots.release(slot.index).await;
+                }
+                return Err(error);
+            }
+            slot?
+        } else {
+            self.slots.lease(record.allow_internet).await?
+        };
         self.mmds.set(slot.index, Self::metadata(&record));
         let machine = MachineSpec {
             netns: Some(slot.netns.clone()),
@@ -586,6 +605,8 @@ impl Manager {
             ready
         }
         .await;
+        // Replacing the leased slot waits until now, so it never competes with the restore.
+        self.keep_slots_ready();
         match outcome {
             Ok(()) => {
                 self.save(entry, |record| {

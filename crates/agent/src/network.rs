@@ -111,7 +111,7 @@ impl Slot {
 
 #[derive(Debug, Default)]
 struct PoolState {
-    /// Created and clean, ready to lease.
+    /// Created and clean (egress closed), ready to lease.
     ready: Vec<u32>,
     /// Leased to a sandbox or a template build.
     leased: BTreeSet<u32>,
@@ -167,7 +167,11 @@ impl SlotPool {
             if needs_create {
                 self.create(&slot).await?;
             }
-            set_egress(&slot, allow_internet).await
+            // A new or recycled slot has egress closed: only opening it costs anything.
+            if allow_internet {
+                set_egress(&slot, true).await?;
+            }
+            Ok::<_, AgentError>(())
         }
         .await;
         if let Err(error) = prepared {

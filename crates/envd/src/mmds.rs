@@ -62,7 +62,11 @@ impl MmdsClient {
         connector.set_connect_timeout(Some(Duration::from_millis(500)));
         MmdsClient {
             base: format!("http://{address}"),
-            http: Client::builder(TokioExecutor::new()).build(connector),
+            // No idle connections kept: one kept across a snapshot would be a zombie in every
+            // clone (its peer, the old slot's NAT, is gone), stalling the next /init.
+            http: Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(0)
+                .build(connector),
         }
     }
 

@@ -2,6 +2,7 @@
 //! `--json`.
 
 mod envd;
+mod sandbox;
 
 use clap::Subcommand;
 
@@ -9,11 +10,17 @@ use clap::Subcommand;
 pub enum BenchCommand {
     /// envd on loopback: start time, idle memory, process round trips, file transfer rates.
     Envd(envd::EnvdBenchArgs),
+    /// The base image booted cold under QEMU, to envd's /health.
+    Boot(sandbox::BootBenchArgs),
+    /// Sandboxes through a host agent: create, pause, resume, the agent's memory.
+    Sandbox(sandbox::SandboxBenchArgs),
 }
 
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Envd(args) => envd::run(args).await,
+        BenchCommand::Boot(args) => sandbox::boot(args).await,
+        BenchCommand::Sandbox(args) => sandbox::sandbox(args).await,
     }
 }
 

@@ -1,0 +1,473 @@
+//! `wrenn bench boot` and `wrenn bench sandbox`: real QEMU VMs from the built image.
+//! - boot: the image booted cold, QEMU start to envd's `/health` (the floor of template builds);
+//! - sandbox: a `wrenn agent serve` process of its own; create-from-template latency through its
+//!   API (request to envd answering after `/init`), sequential and concurrent, beside a bare QEMU
+//!   restore of the same template snapshot measured in the same run (QEMU start to `/health`);
+//!   pause and resume latency; the agent's resident memory with many sandboxes.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use http::HeaderMap;
+use serde::Serialize;
+use wrenn_agent::network::{GUEST_MAC, SlotConfig, SlotPool};
+use wrenn_agent::store::TemplateRecord;
+use wrenn_connect::Codec;
+use wrenn_connect::client::{ConnectClient, HttpVersion};
+use wrenn_proto::agent as pb;
+use wrenn_vmm::accel::AccelSetting;
+use wrenn_vmm::qemu::Qemu;
+use wrenn_vmm::{MachineSpec, Vmm};
+
+use super::quantile;
+
+#[derive(Debug, Args)]
+pub struct BootBenchArgs {
+    /// Boots to measure.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    #[arg(long, env = "WRENN_IMAGE_DIR")]
+    image_dir: Option<PathBuf>,
+    #[arg(long, default_value = "auto")]
+    accel: AccelSetting,
+    #[arg(long, default_value_t = 512)]
+    memory_mib: u32,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxBenchArgs {
+    /// Sequential creates measured.
+    #[arg(long, default_value_t = 20)]
+    sequential: usize,
+    /// Creates started at once.
+    #[arg(long, default_value_t = 10)]
+    concurrent: usize,
+    /// Sandboxes kept running to measure the agent's memory.
+    #[arg(long, default_value_t = 20)]
+    idle: usize,
+    /// Pause + resume cycles measured.
+    #[arg(long, default_value_t = 5)]
+    pauses: usize,
+    #[arg(long, env = "WRENN_IMAGE_DIR")]
+    image_dir: Option<PathBuf>,
+    #[arg(long, default_value = "auto")]
+    accel: AccelSetting,
+    #[arg(long, default_value_t = 512)]
+    memory_mib: u32,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Latency figures in milliseconds.
+#[derive(Debug, Serialize)]
+struct Latency {
+    runs: usize,
+    p50_ms: f64,
+    p95_ms: f64,
+    min_ms: f64,
+    max_ms: f64,
+}
+
+fn latency(samples: &[Duration]) -> Latency {
+    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+    ms.sort_by(f64::total_cmp);
+    Latency {
+        runs: ms.len(),
+        p50_ms: quantile(&ms, 0.5),
+        p95_ms: quantile(&ms, 0.95),
+        min_ms: ms.first().copied().unwrap_or(f64::NAN),
+        max_ms: ms.last().copied().unwrap_or(f64::NAN),
+    }
+}
+
+fn table(rows: &[(&str, &Latency)]) -> comfy_table::Table {
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+    table.set_header(["measure", "runs", "p50", "p95", "min", "max"]);
+    for (name, figures) in rows {
+        table.add_row([
+            name.to_string(),
+            figures.runs.to_string(),
+            format!("{:.0} ms", figures.p50_ms),
+            format!("{:.0} ms", figures.p95_ms),
+            format!("{:.0} ms", figures.min_ms),
+            format!("{:.0} ms", figures.max_ms),
+        ]);
+    }
+    table
+}
+
+fn overlay(
+    backing: &std::path::Path,
+    format: &str,
+    target: &std::path::Path,
+) -> anyhow::Result<()> {
+    let status = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
+        .arg(backing)
+        .arg(target)
+        .status()?;
+    anyhow::ensure!(status.success(), "qemu-img create failed");
+    Ok(())
+}
+
+pub async fn boot(args: BootBenchArgs) -> anyhow::Result<()> {
+    let image = args
+        .image_dir
+        .unwrap_or_else(wrenn_image::default_image_dir);
+    let manifest = wrenn_image::Manifest::read(&image)
+        .context("reading the image (run `wrenn image build`)")?;
+    let work = tempfile::tempdir()?;
+    let accel = wrenn_vmm::accel::resolve(
+        args.accel,
+        "qemu-system-x86_64".as_ref(),
+        &image.join("vmlinuz"),
+        None,
+    )
+    .await;
+    let qemu = Qemu::new("qemu-system-x86_64", accel);
+    let pool = SlotPool::new(SlotConfig {
+        prefix: "wbboot".into(),
+        first_index: 900,
+        capacity: 1,
+        mmds_port: 9,
+    })?;
+    let slot = pool.lease(false).await?;
+    let mut samples = Vec::new();
+    for run in 0..args.runs {
+        let disk = work.path().join(format!("disk-{run}.qcow2"));
+        overlay(&image.join("rootfs.ext4"), "raw", &disk)?;
+        let machine = MachineSpec {
+            kernel: image.join("vmlinuz"),
+            initrd: Some(image.join("initrd.img")),
+            cmdline: manifest.kernel.cmdline.clone(),
+            disk: disk.clone(),
+            memory_mib: args.memory_mib,
+            vcpus: 1,
+            netns: Some(slot.netns.clone()),
+            tap: "tap0".into(),
+            mac: GUEST_MAC.into(),
+        };
+        let started = Instant::now();
+        let vm = qemu
+            .boot(&machine, &work.path().join(format!("vm-{run}")))
+            .await?;
+        let address = std::net::SocketAddr::new(slot.address.into(), wrenn_image::ENVD_PORT);
+        let ready = wrenn_agent::envd_client::wait_ready(address, Duration::from_secs(300), || {
+            vm.is_alive()
+        })
+        .await;
+        let elapsed = started.elapsed();
+        qemu.destroy(&vm).await?;
+        ready?;
+        eprintln!("boot {}: {:.2} s", run + 1, elapsed.as_secs_f64());
+        samples.push(elapsed);
+        let _ = std::fs::remove_file(&disk);
+    }
+    pool.delete_all().await;
+    let figures = latency(&samples);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({ "accel": accel.as_str(), "memory_mib": args.memory_mib, "boot_to_health": figures })
+        );
+    } else {
+        println!("accel {}, {} MiB guest", accel.as_str(), args.memory_mib);
+        println!("{}", table(&[("boot → envd /health", &figures)]));
+    }
+    Ok(())
+}
+
+/// A `wrenn agent serve` child process for the benchmark.
+struct BenchAgent {
+    child: std::process::Child,
+    data: tempfile::TempDir,
+    client: ConnectClient,
+}
+
+impl BenchAgent {
+    fn start(args: &SandboxBenchArgs) -> anyhow::Result<BenchAgent> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mmds_port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let data = tempfile::tempdir()?;
+        let token = "bench-token";
+        let mut command = std::process::Command::new(std::env::current_exe()?);
+        command
+            .args([
+                "agent",
+                "serve",
+                "--no-internet",
+                "--cleanup-on-exit",
+                "--slot-prefix",
+                "wbs",
+            ])
+            .args([
+                "--first-slot",
+                "1000",
+                "--slots",
+                "64",
+                "--slots-ahead",
+                "12",
+            ])
+            .arg("--accel")
+            .arg(match args.accel {
+                AccelSetting::Auto => "auto",
+                AccelSetting::Kvm => "kvm",
+                AccelSetting::Tcg => "tcg",
+            })
+            .arg("--data-dir")
+            .arg(data.path())
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--mmds-port",
+                &mmds_port.to_string(),
+            ])
+            .env("WRENN_AGENT_TOKEN", token)
+            .env("WRENN_LOG", "warn")
+            .stdin(std::process::Stdio::null());
+        if let Some(image) = &args.image_dir {
+            command.arg("--image-dir").arg(image);
+        }
+        let child = command.spawn().context("starting the agent")?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "the agent did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let client = ConnectClient::new(
+            format!("http://127.0.0.1:{port}"),
+            HttpVersion::Http1,
+            Codec::Proto,
+        )
+        .with_header("authorization", &format!("Bearer {token}"));
+        Ok(BenchAgent {
+            child,
+            data,
+            client,
+        })
+    }
+
+    async fn call<Req: wrenn_connect::Message, Resp: wrenn_connect::Message>(
+        &self,
+        method: &str,
+        request: &Req,
+    ) -> anyhow::Result<Resp> {
+        self.client
+            .unary(
+                &format!("{}/{method}", wrenn_agent::api::SERVICE),
+                request,
+                &HeaderMap::new(),
+            )
+            .await
+            .map_err(|error| anyhow::anyhow!("{method}: {error}"))
+    }
+
+    async fn create(&self, id: String) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let _: pb::CreateSandboxResponse = self
+            .call(
+                "CreateSandbox",
+                &pb::CreateSandboxRequest {
+                    template_id: "bench".into(),
+                    sandbox_id: id,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        Ok(started.elapsed())
+    }
+
+    async fn destroy(&self, id: String) -> anyhow::Result<()> {
+        let _: pb::DestroySandboxResponse = self
+            .call(
+                "DestroySandbox",
+                &pb::DestroySandboxRequest { sandbox_id: id },
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+impl Drop for BenchAgent {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn sandbox(args: SandboxBenchArgs) -> anyhow::Result<()> {
+    let agent = BenchAgent::start(&args)?;
+    eprintln!("building the template (one cold boot) ...");
+    let built: pb::BuildTemplateResponse = agent
+        .call(
+            "BuildTemplate",
+            &pb::BuildTemplateRequest {
+                template_id: "bench".into(),
+                memory_mib: args.memory_mib,
+                vcpus: 1,
+                ..Default::default()
+            },
+        )
+        .await?;
+    let template = built.template.context("no template")?;
+    let record: TemplateRecord = serde_json::from_slice(&std::fs::read(
+        agent.data.path().join("templates/bench/template.json"),
+    )?)?;
+
+    // The floor: QEMU restoring the same snapshot, started by hand, until envd answers. Bare
+    // restores and creates through the agent alternate, so both see the same machine load.
+    eprintln!("bare QEMU restores and sequential creates through the agent, alternating ...");
+    let qemu = Qemu::new("qemu-system-x86_64", record.accel);
+    let pool = SlotPool::new(SlotConfig {
+        prefix: "wbraw".into(),
+        first_index: 1100,
+        capacity: 1,
+        mmds_port: 9,
+    })?;
+    let slot = pool.lease(false).await?;
+    let work = tempfile::tempdir()?;
+    let mut raw = Vec::new();
+    let mut sequential = Vec::new();
+    for run in 0..args.sequential {
+        let disk = work.path().join(format!("disk-{run}.qcow2"));
+        overlay(&record.machine.disk, "qcow2", &disk)?;
+        let machine = MachineSpec {
+            disk: disk.clone(),
+            netns: Some(slot.netns.clone()),
+            ..record.machine.clone()
+        };
+        let started = Instant::now();
+        let vm = qemu
+            .restore(
+                &machine,
+                &record.snapshot,
+                &work.path().join(format!("vm-{run}")),
+            )
+            .await?;
+        let address = std::net::SocketAddr::new(slot.address.into(), wrenn_image::ENVD_PORT);
+        let ready = wrenn_agent::envd_client::wait_ready(address, Duration::from_secs(60), || {
+            vm.is_alive()
+        })
+        .await;
+        raw.push(started.elapsed());
+        qemu.destroy(&vm).await?;
+        ready?;
+        let _ = std::fs::remove_file(&disk);
+        // The next restore gets a clean tap, as an agent's recycled slot does.
+        let _ = std::process::Command::new("ip")
+            .args(["-n", &slot.netns, "link", "set", "tap0", "down"])
+            .status();
+        let _ = std::process::Command::new("ip")
+            .args(["-n", &slot.netns, "link", "set", "tap0", "up"])
+            .status();
+
+        let id = format!("seq-{run}");
+        sequential.push(agent.create(id.clone()).await?);
+        agent.destroy(id).await?;
+    }
+    pool.delete_all().await;
+
+    eprintln!("{} concurrent creates ...", args.concurrent);
+    let creates = (0..args.concurrent).map(|run| agent.create(format!("con-{run}")));
+    let concurrent: Vec<Duration> = futures_util::future::try_join_all(creates).await?;
+    for run in 0..args.concurrent {
+        agent.destroy(format!("con-{run}")).await?;
+    }
+
+    eprintln!("pause and resume ...");
+    agent.create("pauser".into()).await?;
+    let (mut pauses, mut resumes) = (Vec::new(), Vec::new());
+    for _ in 0..args.pauses {
+        let started = Instant::now();
+        let _: pb::PauseSandboxResponse = agent
+            .call(
+                "PauseSandbox",
+                &pb::PauseSandboxRequest {
+                    sandbox_id: "pauser".into(),
+                },
+            )
+            .await?;
+        pauses.push(started.elapsed());
+        let started = Instant::now();
+        let _: pb::ResumeSandboxResponse = agent
+            .call(
+                "ResumeSandbox",
+                &pb::ResumeSandboxRequest {
+                    sandbox_id: "pauser".into(),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        resumes.push(started.elapsed());
+    }
+    agent.destroy("pauser".into()).await?;
+
+    eprintln!("{} idle sandboxes ...", args.idle);
+    for batch in (0..args.idle).collect::<Vec<_>>().chunks(5) {
+        let creates = batch.iter().map(|run| agent.create(format!("idle-{run}")));
+        futures_util::future::try_join_all(creates).await?;
+    }
+    let info: pb::HostInfoResponse = agent.call("HostInfo", &pb::HostInfoRequest {}).await?;
+    for run in 0..args.idle {
+        agent.destroy(format!("idle-{run}")).await?;
+    }
+
+    let raw = latency(&raw);
+    let sequential = latency(&sequential);
+    let concurrent = latency(&concurrent);
+    let pauses = latency(&pauses);
+    let resumes = latency(&resumes);
+    let overhead_percent = (sequential.p50_ms - raw.p50_ms) / raw.p50_ms * 100.0;
+    let agent_rss_mib = info.agent_rss_bytes as f64 / f64::from(1u32 << 20);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "accel": template.accel, "memory_mib": template.memory_mib, "template_build_ms": template.build_ms,
+                "snapshot_bytes": template.snapshot_bytes,
+                "bare_qemu_restore": raw, "create_sequential": sequential, "create_concurrent": concurrent,
+                "agent_overhead_p50_percent": overhead_percent, "pause": pauses, "resume": resumes,
+                "idle_sandboxes": info.sandboxes_running, "agent_rss_mib": agent_rss_mib,
+            })
+        );
+    } else {
+        println!(
+            "accel {}, {} MiB guests, template built in {:.1} s, snapshot {} MiB",
+            template.accel,
+            template.memory_mib,
+            template.build_ms as f64 / 1000.0,
+            template.snapshot_bytes >> 20
+        );
+        println!(
+            "{}",
+            table(&[
+                ("bare QEMU restore → /health", &raw),
+                ("create via agent (sequential)", &sequential),
+                (
+                    &format!("create via agent ({} at once)", args.concurrent),
+                    &concurrent
+                ),
+                ("pause", &pauses),
+                ("resume", &resumes),
+            ])
+        );
+        println!("agent overhead over the bare restore at p50: {overhead_percent:+.1} %");
+        println!(
+            "agent resident memory with {} sandboxes: {agent_rss_mib:.1} MiB",
+            info.sandboxes_running
+        );
+    }
+    Ok(())
+}

@@ -2,7 +2,7 @@
 # Runs every test of the project; CI (.ci/run) runs exactly this.
 #   1. set-up (packages, test user, SDK venv)   2. format and lints
 #   3. static envd and the guest image (cached)   4. Rust unit, integration and VM tests
-#   5. the real e2b SDK suite against the static envd
+#   5. the real e2b SDK suite against the static envd, then against `wrenn up`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
@@ -39,6 +39,9 @@ fi
 
 step "e2b SDK tests against the static envd"
 "$CACHE_DIR/sdk-venv/bin/python" -m pytest tests/sdk -q
+
+step "e2b SDK tests against wrenn up (control plane, agent, QEMU guests)"
+WRENN_BIN="$(pwd)/target/debug/wrenn" "$CACHE_DIR/sdk-venv/bin/python" -m pytest tests/platform -q
 
 step "no generated changes left behind"
 if [ -n "$(git status --porcelain)" ]; then

@@ -181,7 +181,7 @@ fn firecracker_kernel(args: FirecrackerKernelArgs) -> anyhow::Result<()> {
 }
 
 /// The static envd: beside this binary, or where scripts/build-envd.sh puts it.
-fn find_static_envd() -> anyhow::Result<PathBuf> {
+pub fn find_static_envd() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("finding this binary")?;
     let dir = exe.parent().unwrap_or(Path::new("."));
     let candidates = [

@@ -4,6 +4,7 @@
 mod agent;
 mod bench;
 mod image;
+mod up;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +27,11 @@ enum Command {
     /// Run the host agent, or talk to one.
     #[command(subcommand)]
     Agent(agent::AgentCommand),
+    /// Start wrenn on this machine: image, template, host agent, control plane, proxy.
+    Up(up::UpArgs),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Key(up::KeyCommand),
     /// Build and check guest images.
     #[command(subcommand)]
     Image(image::ImageCommand),
@@ -58,5 +64,7 @@ fn run() -> anyhow::Result<()> {
         Command::Bench(command) => runtime.block_on(bench::run(command)),
         Command::Image(_) => unreachable!("handled above"),
         Command::Agent(command) => runtime.block_on(agent::run(command)),
+        Command::Up(args) => runtime.block_on(up::up(args)),
+        Command::Key(command) => runtime.block_on(up::key(command)),
     }
 }

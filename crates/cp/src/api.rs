@@ -1,0 +1,730 @@
+//! The E2B-compatible REST API (`e2b-compat.md` §2): sandboxes (create, list v1 and v2 with
+//! filters and pagination, get, kill, timeout, refreshes, pause, connect, resume, metrics) and
+//! templates, with E2B's field names, status codes and `{code, message}` error bodies. Every
+//! call needs `X-API-KEY`; a team sees only its own sandboxes (another team's are 404).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use wrenn_agent::manager::CreateOptions;
+
+use crate::ControlPlane;
+use crate::auth;
+use crate::store::{ListQuery, SandboxRow, StoreError};
+
+/// E2B's constant client id, which the Python SDK requires in every `Sandbox`.
+pub const CLIENT_ID: &str = "6532622b";
+/// The longest timeout a sandbox may have.
+pub const MAX_TIMEOUT_SECONDS: u64 = 24 * 3600;
+
+/// An API error: its status and message, as `{code, message}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+    fn not_found(id: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, format!("sandbox \"{id}\" not found"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "code": self.status.as_u16(), "message": self.message });
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        tracing::error!(%error, "store failure");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "the store failed")
+    }
+}
+
+impl From<wrenn_agent::AgentError> for ApiError {
+    fn from(error: wrenn_agent::AgentError) -> Self {
+        use wrenn_agent::AgentError as E;
+        let status = match &error {
+            E::NotFound(_) => StatusCode::NOT_FOUND,
+            E::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+            E::FailedPrecondition(_) | E::AlreadyExists(_) => StatusCode::CONFLICT,
+            E::ResourceExhausted(_) => StatusCode::SERVICE_UNAVAILABLE,
+            E::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
+            E::Internal(_) | E::Vmm(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::new(status, error.to_string())
+    }
+}
+
+/// The caller's team, set by the key check.
+#[derive(Debug, Clone)]
+struct TeamId(String);
+
+/// The API's routes.
+pub fn router(plane: Arc<ControlPlane>) -> Router {
+    Router::new()
+        .route("/sandboxes", post(create_sandbox).get(list_v1))
+        .route("/v2/sandboxes", get(list_v2).post(create_sandbox))
+        .route("/v2/sandboxes/{id}/connect", post(connect))
+        .route("/sandboxes/{id}", get(get_sandbox).delete(kill_sandbox))
+        .route("/sandboxes/{id}/timeout", post(set_timeout))
+        .route("/sandboxes/{id}/refreshes", post(refresh))
+        .route("/sandboxes/{id}/pause", post(pause))
+        .route("/sandboxes/{id}/connect", post(connect))
+        .route("/sandboxes/{id}/resume", post(resume))
+        .route("/sandboxes/{id}/metrics", get(metrics))
+        .route("/templates", get(list_templates))
+        .route("/templates/aliases/{alias}", get(template_alias))
+        .layer(middleware::from_fn_with_state(plane.clone(), require_key))
+        .route("/health", get(|| async { StatusCode::NO_CONTENT }))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
+        .with_state(plane)
+}
+
+async fn require_key(
+    State(plane): State<Arc<ControlPlane>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let key = request
+        .headers()
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let Some(key) = key else {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "missing X-API-KEY header").into_response();
+    };
+    match plane.store.team_of_key(&auth::hash_key(&key)).await {
+        Ok(Some(team)) => {
+            request.extensions_mut().insert(TeamId(team));
+            next.run(request).await
+        }
+        Ok(None) => ApiError::new(StatusCode::UNAUTHORIZED, "Invalid API key").into_response(),
+        Err(error) => ApiError::from(error).into_response(),
+    }
+}
+
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// The `Sandbox` answer of create, connect and resume.
+fn sandbox_body(plane: &ControlPlane, row: &SandboxRow) -> Value {
+    let mut body = json!({
+        "templateID": row.template_id,
+        "sandboxID": row.id,
+        "clientID": CLIENT_ID,
+        "envdVersion": row.envd_version,
+        "trafficAccessToken": Value::Null,
+        "domain": plane.domain.clone().map(Value::String).unwrap_or(Value::Null),
+    });
+    if let Some(alias) = &row.alias {
+        body["alias"] = json!(alias);
+    }
+    if let Some(token) = &row.envd_access_token {
+        body["envdAccessToken"] = json!(token);
+    }
+    body
+}
+
+/// `ListedSandbox`, and with `detail` the `SandboxDetail` fields.
+fn listed_body(plane: &ControlPlane, row: &SandboxRow, detail: bool) -> Value {
+    let mut body = json!({
+        "templateID": row.template_id,
+        "sandboxID": row.id,
+        "clientID": CLIENT_ID,
+        "startedAt": rfc3339(row.started_at_ms),
+        "endAt": rfc3339(row.end_at_ms),
+        "cpuCount": row.cpu_count,
+        "memoryMB": row.memory_mb,
+        "diskSizeMB": plane.disk_size_mb,
+        "state": row.state,
+        "envdVersion": row.envd_version,
+        "metadata": row.metadata,
+        "volumeMounts": [],
+    });
+    if let Some(alias) = &row.alias {
+        body["alias"] = json!(alias);
+    }
+    if detail {
+        body["allowInternetAccess"] = json!(row.allow_internet);
+        body["lifecycle"] = json!({ "autoResume": false, "onTimeout": if row.auto_pause { "pause" } else { "kill" } });
+        if let Some(token) = &row.envd_access_token {
+            body["envdAccessToken"] = json!(token);
+        }
+        if let Some(domain) = &plane.domain {
+            body["domain"] = json!(domain);
+        }
+    }
+    body
+}
+
+/// A sandbox of the caller's team (the legacy `<id>-<clientID>` form accepted).
+async fn owned(plane: &ControlPlane, team: &TeamId, id: &str) -> Result<SandboxRow, ApiError> {
+    let id = id.split('-').next().unwrap_or(id);
+    match plane.store.sandbox(id).await? {
+        Some(row) if row.team_id == team.0 => Ok(row),
+        _ => Err(ApiError::not_found(id)),
+    }
+}
+
+fn body_json<T: for<'de> Deserialize<'de> + Default>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(bytes).map_err(|error| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid request body: {error}"),
+        )
+    })
+}
+
+fn check_timeout(seconds: u64) -> Result<u64, ApiError> {
+    if seconds > MAX_TIMEOUT_SECONDS {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "Timeout cannot be greater than 24 hours",
+        ));
+    }
+    Ok(seconds)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NewSandbox {
+    #[serde(rename = "templateID")]
+    template_id: Option<String>,
+    timeout: Option<u64>,
+    auto_pause: Option<bool>,
+    secure: Option<bool>,
+    #[serde(rename = "allow_internet_access")]
+    allow_internet_access: Option<bool>,
+    metadata: Option<BTreeMap<String, String>>,
+    env_vars: Option<BTreeMap<String, String>>,
+}
+
+async fn create_sandbox(
+    State(plane): State<Arc<ControlPlane>>,
+    axum::Extension(team): axum::Extension<TeamId>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let request: NewSandbox = body_json(&body)?;
+    // A retried create (same Idempotency-Key) gets the sandbox the first one made.
+    let idempotency = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .filter(|key| !key.is_empty() && key.len() <= 200)
+        .map(|key| (team.0.clone(), key.to_string()));
+    if let Some(key) = &idempotency {
+        let existing = plane
+            .idempotency
+            .lock()
+            .expect("idempotency lock")
+            .get(key)
+            .cloned();
+        if let Some(id) = existing
+            && let Some(row) = plane.store.sandbox(&id).await?
+        {
+            return Ok(
+                (StatusCode::CREATED, axum::Json(sandbox_body(&plane, &row))).into_response(),
+            );
+        }
+    }
+    let requested = request
+        .template_id
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "templateID is required"))?;
+    let template = plane
+        .manager
+        .list_templates()
+        .into_iter()
+        .find(|t| t.template_id == requested)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("template '{requested}' not found"),
+            )
+        })?;
+    let timeout = check_timeout(request.timeout.unwrap_or(15))?;
+    let id = auth::random_id(20);
+    let token = request.secure.unwrap_or(false).then(auth::random_token);
+    let allow_internet = request.allow_internet_access.unwrap_or(true) && plane.internet;
+    let metadata = request.metadata.unwrap_or_default();
+    let options = CreateOptions {
+        template_id: template.template_id.clone(),
+        sandbox_id: Some(id.clone()),
+        env_vars: request.env_vars.unwrap_or_default(),
+        access_token: token.clone(),
+        allow_internet,
+        metadata: metadata.clone(),
+        ready_timeout: None,
+        init_timeout: None,
+    };
+    plane.manager.create(options).await?;
+    let now = now_ms();
+    let row = SandboxRow {
+        id: id.clone(),
+        team_id: team.0,
+        template_id: template.template_id.clone(),
+        alias: Some(template.template_id.clone()),
+        state: "running".into(),
+        started_at_ms: now,
+        end_at_ms: now + (timeout as i64) * 1000,
+        metadata,
+        envd_access_token: token,
+        auto_pause: request.auto_pause.unwrap_or(false),
+        allow_internet,
+        cpu_count: template.machine.vcpus,
+        memory_mb: template.machine.memory_mib,
+        envd_version: template.envd_version.clone(),
+    };
+    if let Err(error) = plane.store.put_sandbox(row.clone()).await {
+        let _ = plane.manager.destroy(&id).await;
+        return Err(error.into());
+    }
+    if let Some(key) = idempotency {
+        let mut remembered = plane.idempotency.lock().expect("idempotency lock");
+        if remembered.len() > 10_000 {
+            remembered.clear();
+        }
+        remembered.insert(key, id.clone());
+    }
+    tracing::info!(sandbox = %id, template = %template.template_id, "sandbox created");
+    Ok((StatusCode::CREATED, axum::Json(sandbox_body(&plane, &row))).into_response())
+}
+
+/// Parses E2B's metadata filter: the whole value URL-decoded, split on `&` and `=`, and each
+/// key and value URL-decoded again.
+pub fn parse_metadata_filter(raw: &str) -> BTreeMap<String, String> {
+    let decode = |text: &str| {
+        percent_encoding::percent_decode_str(&text.replace('+', " "))
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let whole = decode(raw);
+    whole
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(key, value)| (decode(key), decode(value)))
+        .collect()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ListParams {
+    metadata: Option<String>,
+    state: Option<String>,
+    order: Option<String>,
+    started_after: Option<String>,
+    template: Option<String>,
+    limit: Option<usize>,
+    next_token: Option<String>,
+}
+
+fn encode_token(row: &SandboxRow) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(format!("{}:{}", row.started_at_ms, row.id))
+}
+
+fn decode_token(token: &str) -> Result<(i64, String), ApiError> {
+    use base64::Engine;
+    let invalid = || ApiError::new(StatusCode::BAD_REQUEST, "invalid nextToken");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| invalid())?;
+    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
+    let (started, id) = text.split_once(':').ok_or_else(invalid)?;
+    Ok((started.parse().map_err(|_| invalid())?, id.to_string()))
+}
+
+async fn list_v2(
+    State(plane): State<Arc<ControlPlane>>,
+    axum::Extension(team): axum::Extension<TeamId>,
+    Query(params): Query<ListParams>,
+) -> Result<Response, ApiError> {
+    let limit = params.limit.unwrap_or(100);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "limit must be between 1 and 100",
+        ));
+    }
+    let states: Vec<String> = params
+        .state
+        .as_deref()
+        .map(|s| {
+            s.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_else(|| vec!["running".into(), "paused".into()]);
+    for state in &states {
+        if state != "running" && state != "paused" {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("unknown state {state:?}: use running or paused"),
+            ));
+        }
+    }
+    let started_after_ms = match params.started_after.as_deref() {
+        None | Some("") => None,
+        Some(text) => Some(
+            chrono::DateTime::parse_from_rfc3339(text)
+                .map_err(|_| {
+                    ApiError::new(StatusCode::BAD_REQUEST, "startedAfter must be RFC 3339")
+                })?
+                .timestamp_millis(),
+        ),
+    };
+    let descending = match params.order.as_deref() {
+        None | Some("asc") => false,
+        Some("desc") => true,
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("order must be asc or desc, not {other:?}"),
+            ));
+        }
+    };
+    let query = ListQuery {
+        team_id: team.0,
+        states,
+        metadata: params
+            .metadata
+            .as_deref()
+            .map(parse_metadata_filter)
+            .unwrap_or_default(),
+        template_id: params.template.filter(|t| !t.is_empty()),
+        started_after_ms,
+        descending,
+        limit: limit + 1,
+        after: params
+            .next_token
+            .as_deref()
+            .filter(|t| !t.is_empty())
+            .map(decode_token)
+            .transpose()?,
+    };
+    let (mut rows, total_running) = plane.store.list(query).await?;
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    let body: Vec<Value> = rows
+        .iter()
+        .map(|row| listed_body(&plane, row, false))
+        .collect();
+    let mut response = axum::Json(body).into_response();
+    let headers = response.headers_mut();
+    if more && let Some(last) = rows.last() {
+        headers.insert(
+            "x-next-token",
+            HeaderValue::from_str(&encode_token(last)).expect("base64 is a header value"),
+        );
+    }
+    headers.insert("x-total-running", HeaderValue::from(total_running));
+    Ok(response)
+}
+
+async fn list_v1(
+    State(plane): State<Arc<ControlPlane>>,
+    axum::Extension(team): axum::Extension<TeamId>,
+    Query(params): Query<ListParams>,
+) -> Result<Response, ApiError> {
+    let query = ListQuery {
+        team_id: team.0,
+        states: vec!["running".into()],
+        metadata: params
+            .metadata
+            .as_deref()
+            .map(parse_metadata_filter)
+            .unwrap_or_default(),
+        limit: 10_000,
+        ..ListQuery::default()
+    };
+    let (rows, _) = plane.store.list(query).await?;
+    Ok(axum::Json(
+        rows.iter()
+            .map(|row| listed_body(&plane, row, false))
+            .collect::<Vec<_>>(),
+    )
+    .into_response())
+}
+
+async fn get_sandbox(
+    State(plane): State<Arc<ControlPlane>>,
+    axum::Extension(team): axum::Extension<TeamId>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let row = owned(&plane, &team, &id).await?;
+    Ok(axum::Json(listed_body(&plane, &row, true)).into_response())
+}
+
+async fn kill_sandbox(
+    State(plane): State<Arc<ControlPlane>>,
+    axum::Extension(team): axum::Extension<TeamId>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let row = owned(&plane, &team, &id).await?;
+    plane.kill(&row.id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct TimeoutBody {
+    timeout: Option<u64>,
+    #[serde(rename = "autoPause")]
+    auto_pause: Option<bool>,
+}
+
+async fn set_timeout(
+    State(plane): State<Arc<ControlPlane>>,
+    axum::Extension(team): axum::Extension<TeamId>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let body: TimeoutBody = body_json(&body)?;
+    let timeout = check_timeout(
+        body.timeout
+            .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "timeout is required"))?,
+    )?;
+    let row = owned(&plane, &team, &id).await?;
+    plane
+        .store
+        .set_state(&row.id, &row.state, now_ms() + timeout as i64 * 1000)
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RefreshBody {
+    duration: Option<u64>,
+}
+
+async fn refresh(
+    State(plane): State<Arc<ControlPlane>>,
+    axum::Extension(team): axum::Extension<TeamId>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let body: RefreshBody = body_json(&body)?;
+    let duration = body.duration.unwrap_or(15);
+    if duration > 3600 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "duration must be 0 to 3600 seconds",
+        ));
+    }
+    let row = owned(&plane, &team, &id).await?;
+    let end = row.end_at_ms.max(now_ms() + duration as i64 * 1000);
+    plane.store.set_state(&row.id, &row.state, end).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn pause(
+    State(plane): State<Arc<ControlPlane>>,
+    axum::Extension(team): axum::Extension<TeamId>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let row = owned(&plane, &team, &id).await?;
+    if row.state == "paused" {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("sandbox \"{}\" is already paused", row.id),
+        ));
+    }
+    plane.pause(&row).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn connect(
+    State(plane): State<Arc<ControlPlane>>,
+    axum::Extension(team): axum::Extension<TeamId>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let body: TimeoutBody = body_json(&body)?;
+    let timeout = check_timeout(body.timeout.unwrap_or(15))?;
+    let row = owned(&plane, &team, &id).await?;
+    let end = now_ms() + timeout as i64 * 1000;
+    if row.state == "running" {
+        let end = end.max(row.end_at_ms);
+        plane.store.set_state(&row.id, "running", end).await?;
+        return Ok((StatusCode::OK, axum::Json(sandbox_body(&plane, &row))).into_response());
+    }
+    let row = plane.resume(&row, end, None).await?;
+    Ok((StatusCode::CREATED, axum::Json(sandbox_body(&plane, &row))).into_response())
+}
+
+async fn resume(
+    State(plane): State<Arc<ControlPlane>>,
+    axum::Extension(team): axum::Extension<TeamId>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let body: TimeoutBody = body_json(&body)?;
+    let timeout = check_timeout(body.timeout.unwrap_or(15))?;
+    let row = owned(&plane, &team, &id).await?;
+    if row.state == "running" {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("sandbox \"{}\" is already running", row.id),
+        ));
+    }
+    let row = plane
+        .resume(&row, now_ms() + timeout as i64 * 1000, body.auto_pause)
+        .await?;
+    Ok((StatusCode::CREATED, axum::Json(sandbox_body(&plane, &row))).into_response())
+}
+
+async fn metrics(
+    State(plane): State<Arc<ControlPlane>>,
+    axum::Extension(team): axum::Extension<TeamId>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let row = owned(&plane, &team, &id).await?;
+    if row.state != "running" {
+        return Ok(axum::Json(Vec::<Value>::new()).into_response());
+    }
+    let record = plane.manager.get(&row.id)?;
+    let Some(slot) = record.slot else {
+        return Ok(axum::Json(Vec::<Value>::new()).into_response());
+    };
+    let address = wrenn_agent::network::Slot::new("x", slot).address;
+    let metrics = crate::envd_metrics(
+        address,
+        row.envd_access_token.as_deref(),
+        Duration::from_secs(5),
+    )
+    .await;
+    let now = chrono::Utc::now();
+    let sample = match metrics {
+        Some(m) => json!({
+            "timestamp": now.to_rfc3339(),
+            "timestampUnix": now.timestamp(),
+            "cpuCount": m.get("cpu_count").and_then(Value::as_u64).unwrap_or(u64::from(row.cpu_count)),
+            "cpuUsedPct": m.get("cpu_used_pct").and_then(Value::as_f64).unwrap_or(0.0),
+            "memUsed": m.get("mem_used").and_then(Value::as_u64).unwrap_or(0),
+            "memTotal": m.get("mem_total").and_then(Value::as_u64).unwrap_or(0),
+            "memCache": m.get("mem_cache").and_then(Value::as_u64).unwrap_or(0),
+            "diskUsed": m.get("disk_used").and_then(Value::as_u64).unwrap_or(0),
+            "diskTotal": m.get("disk_total").and_then(Value::as_u64).unwrap_or(0),
+        }),
+        None => return Ok(axum::Json(Vec::<Value>::new()).into_response()),
+    };
+    Ok(axum::Json(vec![sample]).into_response())
+}
+
+async fn list_templates(State(plane): State<Arc<ControlPlane>>) -> Response {
+    let templates: Vec<Value> = plane
+        .manager
+        .list_templates()
+        .iter()
+        .map(|t| {
+            json!({
+                "templateID": t.template_id,
+                "buildID": t.image_key.get(..16).unwrap_or(""),
+                "cpuCount": t.machine.vcpus,
+                "memoryMB": t.machine.memory_mib,
+                "diskSizeMB": plane.disk_size_mb,
+                "public": true,
+                "aliases": [t.template_id],
+                "names": [t.template_id],
+                "createdAt": rfc3339(t.created_at_ms),
+                "updatedAt": rfc3339(t.created_at_ms),
+                "lastSpawnedAt": Value::Null,
+                "spawnCount": 0,
+                "buildCount": 1,
+                "envdVersion": t.envd_version,
+                "buildStatus": "ready",
+            })
+        })
+        .collect();
+    axum::Json(templates).into_response()
+}
+
+async fn template_alias(
+    State(plane): State<Arc<ControlPlane>>,
+    Path(alias): Path<String>,
+) -> Result<Response, ApiError> {
+    plane
+        .manager
+        .list_templates()
+        .iter()
+        .find(|t| t.template_id == alias)
+        .map(|t| axum::Json(json!({ "templateID": t.template_id, "public": true })).into_response())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("template alias '{alias}' not found"),
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_filters_are_decoded_twice() {
+        // The SDK sends urlencode({quote(k): quote(v)}).
+        let raw = "user%3Dalice%2520b%26team%3Dx%2526y";
+        let parsed = parse_metadata_filter(raw);
+        assert_eq!(parsed.get("user").map(String::as_str), Some("alice b"));
+        assert_eq!(parsed.get("team").map(String::as_str), Some("x&y"));
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_garbage_is_refused() {
+        let row = SandboxRow {
+            id: "abc".into(),
+            team_id: "t".into(),
+            template_id: "base".into(),
+            alias: None,
+            state: "running".into(),
+            started_at_ms: 42,
+            end_at_ms: 0,
+            metadata: BTreeMap::new(),
+            envd_access_token: None,
+            auto_pause: false,
+            allow_internet: false,
+            cpu_count: 1,
+            memory_mb: 512,
+            envd_version: "0.6.4".into(),
+        };
+        assert_eq!(
+            decode_token(&encode_token(&row)).unwrap(),
+            (42, "abc".to_string())
+        );
+        assert!(decode_token("!!!").is_err());
+    }
+}

@@ -1,0 +1,254 @@
+//! The edge proxy to sandbox ports (`e2b-compat.md` §3): a request names its sandbox and port by
+//! host (`<port>-<sandboxID>.<domain>`) or, when the host is `localhost`, an IP address or
+//! `sandbox.*`, by the `E2b-Sandbox-Id` and `E2b-Sandbox-Port` headers. It is streamed both ways
+//! without buffering to the guest's port (envd forwards the guest's loopback ports there),
+//! WebSocket and other upgrades included. envd's internal routes are refused.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderValue, Request, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::ControlPlane;
+
+/// envd's port: its internal routes are not for the outside.
+const ENVD_PORT: u16 = 49983;
+const INTERNAL_ROUTES: &[&str] = &["/init", "/snapshot/prepare"];
+
+/// Where a request goes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Target {
+    pub sandbox_id: String,
+    pub port: u16,
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Box<Response> {
+    Box::new((status, text).into_response())
+}
+
+/// Reads the target from the host or the routing headers, with E2B's error texts.
+pub fn route(
+    request_host: Option<&str>,
+    id_header: Option<&str>,
+    port_header: Option<&str>,
+) -> Result<Target, Box<Response>> {
+    let host = request_host.unwrap_or("");
+    let name = host
+        .rsplit_once(':')
+        .map(|(name, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                name
+            } else {
+                host
+            }
+        })
+        .unwrap_or(host);
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    let by_headers =
+        name == "localhost" || name.parse::<IpAddr>().is_ok() || name.starts_with("sandbox.");
+    let (id, port) = if by_headers {
+        match (id_header, port_header) {
+            (Some(id), Some(port)) => (id.to_string(), port.to_string()),
+            (None, None) => return Err(plain(StatusCode::BAD_REQUEST, "Invalid host")),
+            _ => return Err(plain(StatusCode::BAD_REQUEST, "missing header")),
+        }
+    } else {
+        let label = name.split('.').next().unwrap_or("");
+        let Some((port, id)) = label.split_once('-') else {
+            return Err(plain(StatusCode::BAD_REQUEST, "Invalid host"));
+        };
+        (id.to_string(), port.to_string())
+    };
+    if id.is_empty()
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        return Err(plain(StatusCode::BAD_REQUEST, "Invalid sandbox ID"));
+    }
+    let port: u16 = port
+        .parse()
+        .map_err(|_| plain(StatusCode::BAD_REQUEST, "Invalid sandbox port"))?;
+    Ok(Target {
+        sandbox_id: id,
+        port,
+    })
+}
+
+/// The proxy's routes: everything goes through [`forward`].
+pub fn router(plane: Arc<ControlPlane>) -> axum::Router {
+    axum::Router::new().fallback(forward).with_state(plane)
+}
+
+fn bad_gateway(sandbox_id: &str, message: &str, port: Option<u16>) -> Response {
+    let mut body = json!({ "sandboxId": sandbox_id, "message": message, "code": 502 });
+    if let Some(port) = port {
+        body["port"] = json!(port);
+    }
+    (StatusCode::BAD_GATEWAY, axum::Json(body)).into_response()
+}
+
+/// The guest address of a running sandbox.
+fn guest_address(plane: &ControlPlane, sandbox_id: &str) -> Option<Ipv4Addr> {
+    let record = plane.manager.get(sandbox_id).ok()?;
+    if record.state != wrenn_agent::store::SandboxState::Running {
+        return None;
+    }
+    record
+        .slot
+        .map(|slot| wrenn_agent::network::Slot::new("x", slot).address)
+}
+
+async fn forward(
+    axum::extract::State(plane): axum::extract::State<Arc<ControlPlane>>,
+    mut request: Request<Body>,
+) -> Response {
+    let (host, id_header, port_header) = {
+        let header_text = |name: &str| {
+            request
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        (
+            header_text("host").or_else(|| request.uri().host().map(str::to_string)),
+            header_text("e2b-sandbox-id"),
+            header_text("e2b-sandbox-port"),
+        )
+    };
+    let target = match route(
+        host.as_deref(),
+        id_header.as_deref(),
+        port_header.as_deref(),
+    ) {
+        Ok(target) => target,
+        Err(response) => return *response,
+    };
+    if target.port == ENVD_PORT && INTERNAL_ROUTES.contains(&request.uri().path()) {
+        return (
+            StatusCode::FORBIDDEN,
+            axum::Json(json!({ "code": 403, "message": "this envd route is internal" })),
+        )
+            .into_response();
+    }
+    let Some(address) = guest_address(&plane, &target.sandbox_id) else {
+        return bad_gateway(&target.sandbox_id, "The sandbox was not found", None);
+    };
+    let stream = match tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect((address, target.port)),
+    )
+    .await
+    {
+        Ok(Ok(stream)) => stream,
+        _ => {
+            return bad_gateway(
+                &target.sandbox_id,
+                "The sandbox is running but port is not open",
+                Some(target.port),
+            );
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let (mut sender, connection) =
+        match hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await {
+            Ok(pair) => pair,
+            Err(_) => {
+                return bad_gateway(
+                    &target.sandbox_id,
+                    "The sandbox is running but port is not open",
+                    Some(target.port),
+                );
+            }
+        };
+    tokio::spawn(connection.with_upgrades());
+    let wants_upgrade = request.headers().contains_key(header::UPGRADE);
+    let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut request));
+    let path = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    *request.uri_mut() = path.parse().unwrap_or_default();
+    if let Some(original) = host
+        .as_deref()
+        .and_then(|host| HeaderValue::from_str(host).ok())
+    {
+        request.headers_mut().insert("x-forwarded-host", original);
+    }
+    let mut response = match sender.send_request(request).await {
+        Ok(response) => response,
+        Err(error) => {
+            tracing::debug!(%error, sandbox = %target.sandbox_id, "proxied request failed");
+            return bad_gateway(
+                &target.sandbox_id,
+                "The sandbox closed the connection",
+                Some(target.port),
+            );
+        }
+    };
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        let server_upgrade = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            if let (Ok(client), Ok(server)) = (client_upgrade.await, server_upgrade.await) {
+                let mut client = hyper_util::rt::TokioIo::new(client);
+                let mut server = hyper_util::rt::TokioIo::new(server);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            }
+        });
+    }
+    response.map(Body::new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_and_headers_route_as_e2b_does() {
+        assert_eq!(
+            route(Some("8080-abc123.wrenn.local"), None, None).unwrap(),
+            Target {
+                sandbox_id: "abc123".into(),
+                port: 8080
+            }
+        );
+        assert_eq!(
+            route(Some("127.0.0.1:3001"), Some("abc"), Some("49983")).unwrap(),
+            Target {
+                sandbox_id: "abc".into(),
+                port: 49983
+            }
+        );
+        assert_eq!(
+            route(Some("sandbox.wrenn.dev"), Some("x1"), Some("80"))
+                .unwrap()
+                .port,
+            80
+        );
+        assert_eq!(
+            route(Some("localhost:3001"), Some("abc"), None)
+                .unwrap_err()
+                .status(),
+            StatusCode::BAD_REQUEST
+        );
+        for bad in [
+            "nolabel.example.com",
+            "80-ABC.example.com",
+            "99999-abc.example.com",
+        ] {
+            assert_eq!(
+                route(Some(bad), None, None).unwrap_err().status(),
+                StatusCode::BAD_REQUEST,
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,394 @@
+//! The control plane's store: teams, API keys (hashed) and sandboxes. SQLite in a file of the
+//! data directory (WAL, no setup), with its migrations applied at open. Calls run on the blocking
+//! pool; one connection, serialised, which SQLite's single writer needs anyway.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the store failed: {0}")]
+    Database(#[from] rusqlite::Error),
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A team: the owner of keys and sandboxes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Team {
+    pub id: String,
+    pub name: String,
+    pub created_at_ms: i64,
+}
+
+/// An API key as stored (never the key itself).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKey {
+    pub id: String,
+    pub team_id: String,
+    pub name: String,
+    /// The key's first characters, to tell keys apart in lists.
+    pub prefix: String,
+    pub created_at_ms: i64,
+    pub revoked: bool,
+}
+
+/// A sandbox as the control plane knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxRow {
+    pub id: String,
+    pub team_id: String,
+    pub template_id: String,
+    pub alias: Option<String>,
+    /// `running` or `paused`.
+    pub state: String,
+    pub started_at_ms: i64,
+    pub end_at_ms: i64,
+    pub metadata: BTreeMap<String, String>,
+    pub envd_access_token: Option<String>,
+    pub auto_pause: bool,
+    pub allow_internet: bool,
+    pub cpu_count: u32,
+    pub memory_mb: u32,
+    pub envd_version: String,
+}
+
+/// One page of a sandbox listing.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub team_id: String,
+    pub states: Vec<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub template_id: Option<String>,
+    pub started_after_ms: Option<i64>,
+    pub descending: bool,
+    pub limit: usize,
+    /// Continue after this (started_at, id).
+    pub after: Option<(i64, String)>,
+}
+
+const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS teams (
+        id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, created_at_ms INTEGER NOT NULL);
+     CREATE TABLE IF NOT EXISTS api_keys (
+        id TEXT PRIMARY KEY, team_id TEXT NOT NULL REFERENCES teams(id), name TEXT NOT NULL,
+        hash TEXT NOT NULL UNIQUE, prefix TEXT NOT NULL, created_at_ms INTEGER NOT NULL,
+        revoked_at_ms INTEGER);
+     CREATE TABLE IF NOT EXISTS sandboxes (
+        id TEXT PRIMARY KEY, team_id TEXT NOT NULL REFERENCES teams(id), template_id TEXT NOT NULL,
+        alias TEXT, state TEXT NOT NULL, started_at_ms INTEGER NOT NULL, end_at_ms INTEGER NOT NULL,
+        metadata TEXT NOT NULL, envd_access_token TEXT, auto_pause INTEGER NOT NULL,
+        allow_internet INTEGER NOT NULL, cpu_count INTEGER NOT NULL, memory_mb INTEGER NOT NULL,
+        envd_version TEXT NOT NULL);
+     CREATE INDEX IF NOT EXISTS sandboxes_by_team ON sandboxes (team_id, started_at_ms, id);
+     CREATE INDEX IF NOT EXISTS sandboxes_by_end ON sandboxes (end_at_ms);"];
+
+/// The SQLite store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    connection: Arc<Mutex<Connection>>,
+}
+
+impl Store {
+    /// Opens (creating) the database file and applies the migrations it lacks.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|error| StoreError::Unavailable(error.to_string()))?;
+        }
+        let connection = Connection::open(path)?;
+        connection.pragma_update(None, "journal_mode", "WAL")?;
+        connection.pragma_update(None, "synchronous", "NORMAL")?;
+        connection.pragma_update(None, "foreign_keys", "ON")?;
+        connection.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            connection.execute_batch(migration)?;
+            connection.pragma_update(None, "user_version", index as i64 + 1)?;
+        }
+        Ok(Self {
+            connection: Arc::new(Mutex::new(connection)),
+        })
+    }
+
+    async fn with<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let connection = self.connection.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut connection = connection
+                .lock()
+                .map_err(|_| StoreError::Unavailable("poisoned".into()))?;
+            work(&mut connection).map_err(StoreError::from)
+        })
+        .await
+        .map_err(|error| StoreError::Unavailable(error.to_string()))?
+    }
+
+    pub async fn create_team(&self, team: Team) -> Result<(), StoreError> {
+        self.with(move |db| {
+            db.execute(
+                "INSERT INTO teams (id, name, created_at_ms) VALUES (?1, ?2, ?3)",
+                params![team.id, team.name, team.created_at_ms],
+            )
+            .map(drop)
+        })
+        .await
+    }
+
+    pub async fn team_by_name(&self, name: &str) -> Result<Option<Team>, StoreError> {
+        let name = name.to_string();
+        self.with(move |db| {
+            db.query_row(
+                "SELECT id, name, created_at_ms FROM teams WHERE name = ?1",
+                [name],
+                |row| {
+                    Ok(Team {
+                        id: row.get(0)?,
+                        name: row.get(1)?,
+                        created_at_ms: row.get(2)?,
+                    })
+                },
+            )
+            .optional()
+        })
+        .await
+    }
+
+    pub async fn add_key(&self, key: ApiKey, hash: String) -> Result<(), StoreError> {
+        self.with(move |db| {
+            db.execute(
+                "INSERT INTO api_keys (id, team_id, name, hash, prefix, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![key.id, key.team_id, key.name, hash, key.prefix, key.created_at_ms],
+            )
+            .map(drop)
+        })
+        .await
+    }
+
+    /// The team of an unrevoked key with this hash.
+    pub async fn team_of_key(&self, hash: &str) -> Result<Option<String>, StoreError> {
+        let hash = hash.to_string();
+        self.with(move |db| {
+            db.query_row(
+                "SELECT team_id FROM api_keys WHERE hash = ?1 AND revoked_at_ms IS NULL",
+                [hash],
+                |row| row.get(0),
+            )
+            .optional()
+        })
+        .await
+    }
+
+    pub async fn list_keys(&self, team_id: &str) -> Result<Vec<ApiKey>, StoreError> {
+        let team_id = team_id.to_string();
+        self.with(move |db| {
+            let mut statement = db.prepare(
+                "SELECT id, team_id, name, prefix, created_at_ms, revoked_at_ms IS NOT NULL FROM api_keys WHERE team_id = ?1 ORDER BY created_at_ms, id",
+            )?;
+            let rows = statement.query_map([team_id], |row| {
+                Ok(ApiKey {
+                    id: row.get(0)?,
+                    team_id: row.get(1)?,
+                    name: row.get(2)?,
+                    prefix: row.get(3)?,
+                    created_at_ms: row.get(4)?,
+                    revoked: row.get(5)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Revokes a key; false if no such unrevoked key.
+    pub async fn revoke_key(&self, key_id: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let key_id = key_id.to_string();
+        self.with(move |db| {
+            db.execute(
+                "UPDATE api_keys SET revoked_at_ms = ?2 WHERE id = ?1 AND revoked_at_ms IS NULL",
+                params![key_id, now_ms],
+            )
+            .map(|changed| changed == 1)
+        })
+        .await
+    }
+
+    pub async fn put_sandbox(&self, sandbox: SandboxRow) -> Result<(), StoreError> {
+        self.with(move |db| {
+            db.execute(
+                "INSERT INTO sandboxes (id, team_id, template_id, alias, state, started_at_ms, end_at_ms, metadata,
+                    envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                 ON CONFLICT (id) DO UPDATE SET state = excluded.state, end_at_ms = excluded.end_at_ms,
+                    started_at_ms = excluded.started_at_ms, envd_access_token = excluded.envd_access_token,
+                    auto_pause = excluded.auto_pause",
+                params![
+                    sandbox.id,
+                    sandbox.team_id,
+                    sandbox.template_id,
+                    sandbox.alias,
+                    sandbox.state,
+                    sandbox.started_at_ms,
+                    sandbox.end_at_ms,
+                    serde_json::to_string(&sandbox.metadata).unwrap_or_default(),
+                    sandbox.envd_access_token,
+                    sandbox.auto_pause,
+                    sandbox.allow_internet,
+                    sandbox.cpu_count,
+                    sandbox.memory_mb,
+                    sandbox.envd_version
+                ],
+            )
+            .map(drop)
+        })
+        .await
+    }
+
+    pub async fn sandbox(&self, id: &str) -> Result<Option<SandboxRow>, StoreError> {
+        let id = id.to_string();
+        self.with(move |db| {
+            db.query_row(
+                &format!("{SELECT_SANDBOX} WHERE id = ?1"),
+                [id],
+                sandbox_row,
+            )
+            .optional()
+        })
+        .await
+    }
+
+    pub async fn delete_sandbox(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        self.with(move |db| {
+            db.execute("DELETE FROM sandboxes WHERE id = ?1", [id])
+                .map(|n| n == 1)
+        })
+        .await
+    }
+
+    pub async fn set_state(&self, id: &str, state: &str, end_at_ms: i64) -> Result<(), StoreError> {
+        let (id, state) = (id.to_string(), state.to_string());
+        self.with(move |db| {
+            db.execute(
+                "UPDATE sandboxes SET state = ?2, end_at_ms = ?3 WHERE id = ?1",
+                params![id, state, end_at_ms],
+            )
+            .map(drop)
+        })
+        .await
+    }
+
+    /// Running sandboxes whose end time has passed.
+    pub async fn expired(&self, now_ms: i64) -> Result<Vec<SandboxRow>, StoreError> {
+        self.with(move |db| {
+            let mut statement = db.prepare(&format!(
+                "{SELECT_SANDBOX} WHERE state = 'running' AND end_at_ms <= ?1"
+            ))?;
+            let rows = statement.query_map([now_ms], sandbox_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Every sandbox (any team), for reconciliation.
+    pub async fn all_sandboxes(&self) -> Result<Vec<SandboxRow>, StoreError> {
+        self.with(move |db| {
+            let mut statement = db.prepare(SELECT_SANDBOX)?;
+            let rows = statement.query_map([], sandbox_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// One page of a team's sandboxes; metadata filters match every given pair.
+    pub async fn list(&self, query: ListQuery) -> Result<(Vec<SandboxRow>, usize), StoreError> {
+        self.with(move |db| {
+            let mut sql = format!("{SELECT_SANDBOX} WHERE team_id = ?1");
+            let mut values: Vec<rusqlite::types::Value> = vec![query.team_id.clone().into()];
+            if !query.states.is_empty() {
+                let marks: Vec<String> = query
+                    .states
+                    .iter()
+                    .map(|state| {
+                        values.push(state.clone().into());
+                        format!("?{}", values.len())
+                    })
+                    .collect();
+                sql.push_str(&format!(" AND state IN ({})", marks.join(", ")));
+            }
+            if let Some(template) = &query.template_id {
+                values.push(template.clone().into());
+                let mark = values.len();
+                sql.push_str(&format!(" AND (template_id = ?{mark} OR alias = ?{mark})"));
+            }
+            if let Some(after) = query.started_after_ms {
+                values.push(after.into());
+                sql.push_str(&format!(" AND started_at_ms > ?{}", values.len()));
+            }
+            for (key, value) in &query.metadata {
+                values.push(format!("$.\"{}\"", key.replace('"', "")).into());
+                let path = values.len();
+                values.push(value.clone().into());
+                sql.push_str(&format!(
+                    " AND json_extract(metadata, ?{path}) = ?{}",
+                    values.len()
+                ));
+            }
+            let running_sql = format!("SELECT COUNT(*) FROM ({sql}) WHERE state = 'running'");
+            let total_running: i64 = db.query_row(
+                &running_sql,
+                rusqlite::params_from_iter(values.iter()),
+                |row| row.get(0),
+            )?;
+            let order = if query.descending { "DESC" } else { "ASC" };
+            if let Some((started, id)) = &query.after {
+                values.push((*started).into());
+                let started_mark = values.len();
+                values.push(id.clone().into());
+                let id_mark = values.len();
+                let comparison = if query.descending { "<" } else { ">" };
+                sql.push_str(&format!(
+                    " AND (started_at_ms, id) {comparison} (?{started_mark}, ?{id_mark})"
+                ));
+            }
+            sql.push_str(&format!(
+                " ORDER BY started_at_ms {order}, id {order} LIMIT {}",
+                query.limit
+            ));
+            let mut statement = db.prepare(&sql)?;
+            let rows =
+                statement.query_map(rusqlite::params_from_iter(values.iter()), sandbox_row)?;
+            Ok((rows.collect::<Result<Vec<_>, _>>()?, total_running as usize))
+        })
+        .await
+    }
+}
+
+const SELECT_SANDBOX: &str = "SELECT id, team_id, template_id, alias, state, started_at_ms, end_at_ms, metadata,
+    envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version FROM sandboxes";
+
+fn sandbox_row(row: &rusqlite::Row<'_>) -> Result<SandboxRow, rusqlite::Error> {
+    let metadata: String = row.get(7)?;
+    Ok(SandboxRow {
+        id: row.get(0)?,
+        team_id: row.get(1)?,
+        template_id: row.get(2)?,
+        alias: row.get(3)?,
+        state: row.get(4)?,
+        started_at_ms: row.get(5)?,
+        end_at_ms: row.get(6)?,
+        metadata: serde_json::from_str(&metadata).unwrap_or_default(),
+        envd_access_token: row.get(8)?,
+        auto_pause: row.get(9)?,
+        allow_internet: row.get(10)?,
+        cpu_count: row.get(11)?,
+        memory_mb: row.get(12)?,
+        envd_version: row.get(13)?,
+    })
+}

@@ -1,0 +1,104 @@
+"""Starts `wrenn up` (control plane, embedded host agent, QEMU guests) once for the session and
+points the real `e2b` SDK at it through E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Wrenn:
+    def __init__(self, binary: str):
+        self.binary = binary
+        self.data = tempfile.mkdtemp(prefix="wrenn-up-")
+        self.api_port = free_port()
+        self.proxy_port = free_port()
+        self.mmds_port = free_port()
+        self.log = open(os.path.join(self.data, "wrenn-up.log"), "wb")
+        self.process = subprocess.Popen(
+            [
+                binary, "up", "--data-dir", self.data,
+                "--api-listen", f"127.0.0.1:{self.api_port}",
+                "--proxy-listen", f"127.0.0.1:{self.proxy_port}",
+                "--mmds-port", str(self.mmds_port),
+                "--no-internet", "--accel", "tcg", "--slot-prefix", "wup",
+                "--first-slot", "600", "--slots", "32", "--stop-sandboxes-on-exit",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        key_file = os.path.join(self.data, "cp", "initial-api-key")
+        deadline = time.time() + 300
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"wrenn up exited: {self.tail()}")
+            if os.path.exists(key_file) and self.healthy():
+                break
+            if time.time() > deadline:
+                raise RuntimeError(f"wrenn up did not come up: {self.tail()}")
+            time.sleep(0.5)
+        with open(key_file) as f:
+            self.key = f.read().strip()
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self.proxy_port}"
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+                return response.status == 204
+        except OSError:
+            return False
+
+    def tail(self) -> str:
+        self.log.flush()
+        with open(os.path.join(self.data, "wrenn-up.log"), "rb") as f:
+            return f.read()[-3000:].decode(errors="replace")
+
+    def new_team_key(self, team: str) -> str:
+        out = subprocess.run(
+            [self.binary, "key", "create", "--team", team, "--data-dir", self.data, "--json"],
+            check=True, capture_output=True,
+        )
+        return json.loads(out.stdout)["key"]
+
+    def stop(self):
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def wrenn():
+    binary = os.environ.get("WRENN_BIN")
+    if not binary:
+        pytest.skip("WRENN_BIN is not set (scripts/test.sh sets it)")
+    instance = Wrenn(binary)
+    os.environ["E2B_API_URL"] = instance.api_url
+    os.environ["E2B_SANDBOX_URL"] = instance.proxy_url
+    os.environ["E2B_API_KEY"] = instance.key
+    os.environ.pop("E2B_DEBUG", None)
+    yield instance
+    instance.stop()
+    leftovers = subprocess.run(["pgrep", "-f", f"qemu-system.*{instance.data}"], capture_output=True)
+    assert leftovers.stdout == b"", f"QEMU processes left: {leftovers.stdout!r}"

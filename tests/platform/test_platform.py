@@ -1,0 +1,143 @@
+"""The real `e2b` SDK against `wrenn up`: the REST API, the edge proxy, envd in QEMU guests."""
+
+import http.client
+import time
+
+import pytest
+from e2b import Sandbox, SandboxQuery
+from e2b.exceptions import AuthenticationException, NotFoundException
+
+
+def test_create_run_files_info_and_kill(wrenn):
+    sandbox = Sandbox.create(metadata={"purpose": "smoke"}, envs={"GREETING": "hello"}, timeout=120)
+    try:
+        assert sandbox.commands.run("echo $GREETING from $(whoami)").stdout == "hello from user\n"
+        assert sandbox.commands.run("python3 -c 'print(6*7)'").stdout == "42\n"
+        sandbox.files.write("/home/user/notes.txt", "written through wrenn")
+        assert sandbox.files.read("/home/user/notes.txt") == "written through wrenn"
+        names = [entry.name for entry in sandbox.files.list("/home/user")]
+        assert "notes.txt" in names
+        info = sandbox.get_info()
+        assert info.sandbox_id == sandbox.sandbox_id
+        assert info.metadata == {"purpose": "smoke"}
+        assert info.state.value == "running"
+        assert info.template_id == "base"
+        assert 100 <= (info.end_at - info.started_at).total_seconds() <= 121
+        assert sandbox.is_running()
+    finally:
+        assert sandbox.kill() is True
+    with pytest.raises(NotFoundException):
+        Sandbox.get_info(sandbox.sandbox_id)
+    assert Sandbox.kill(sandbox.sandbox_id) is False
+
+
+def test_list_filters_by_metadata_and_paginates(wrenn):
+    group = [Sandbox.create(metadata={"group": "paged", "n": str(i)}, timeout=120) for i in range(3)]
+    other = Sandbox.create(metadata={"group": "elsewhere"}, timeout=120)
+    try:
+        paginator = Sandbox.list(query=SandboxQuery(metadata={"group": "paged"}), limit=2)
+        first = paginator.next_items()
+        assert len(first) == 2
+        assert paginator.has_next
+        second = paginator.next_items()
+        assert len(second) == 1
+        assert not paginator.has_next
+        ids = {s.sandbox_id for s in first + second}
+        assert ids == {s.sandbox_id for s in group}
+        assert other.sandbox_id not in ids
+    finally:
+        for sandbox in group + [other]:
+            sandbox.kill()
+
+
+def test_timeout_is_moved_and_expiry_kills(wrenn):
+    sandbox = Sandbox.create(timeout=4)
+    sandbox.set_timeout(60)
+    info = sandbox.get_info()
+    assert (info.end_at - info.started_at).total_seconds() > 30
+    sandbox.set_timeout(2)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            Sandbox.get_info(sandbox.sandbox_id)
+        except NotFoundException:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the sandbox outlived its timeout")
+
+
+def test_pause_then_connect_resumes_with_files_and_processes(wrenn):
+    sandbox = Sandbox.create(timeout=120)
+    try:
+        sandbox.files.write("/home/user/kept.txt", "before the pause")
+        sandbox.commands.run("sleep 1000", background=True)
+        assert sandbox.pause() is True
+        assert Sandbox.get_info(sandbox.sandbox_id).state.value == "paused"
+        assert sandbox.pause() is False, "a second pause says already paused"
+        resumed = Sandbox.connect(sandbox.sandbox_id, timeout=120)
+        assert Sandbox.get_info(sandbox.sandbox_id).state.value == "running"
+        assert resumed.files.read("/home/user/kept.txt") == "before the pause"
+        assert resumed.commands.run("pgrep -x sleep").exit_code == 0
+    finally:
+        Sandbox.kill(sandbox.sandbox_id)
+
+
+def test_metrics(wrenn):
+    sandbox = Sandbox.create(timeout=60)
+    try:
+        metrics = sandbox.get_metrics()
+        assert len(metrics) >= 1
+        assert metrics[0].mem_total > 0
+        assert metrics[0].cpu_count >= 1
+    finally:
+        sandbox.kill()
+
+
+def test_another_team_cannot_see_or_touch(wrenn):
+    other_key = wrenn.new_team_key("other-team")
+    sandbox = Sandbox.create(timeout=60)
+    try:
+        with pytest.raises(NotFoundException):
+            Sandbox.get_info(sandbox.sandbox_id, api_key=other_key)
+        assert Sandbox.kill(sandbox.sandbox_id, api_key=other_key) is False
+        listed = Sandbox.list(api_key=other_key).next_items()
+        assert sandbox.sandbox_id not in {s.sandbox_id for s in listed}
+        assert sandbox.is_running(), "the owner's sandbox is untouched"
+    finally:
+        sandbox.kill()
+
+
+def test_bad_key_is_refused(wrenn):
+    with pytest.raises(AuthenticationException, match="Invalid API key"):
+        Sandbox.create(api_key="e2b_" + "0" * 40)
+
+
+def test_proxy_reaches_a_server_in_the_sandbox_by_header_and_host(wrenn):
+    sandbox = Sandbox.create(timeout=120)
+    try:
+        sandbox.commands.run("mkdir -p /tmp/site && echo served > /tmp/site/index.html")
+        sandbox.commands.run("cd /tmp/site && python3 -m http.server 8000", background=True)
+        waited = sandbox.commands.run(
+            "for i in $(seq 150); do ss -ltn | grep -q ':8000 ' && exit 0; sleep 0.2; done; exit 1"
+        )
+        assert waited.exit_code == 0, "the server did not listen"
+        time.sleep(1.5)  # envd's port scanner forwards new listeners within a second
+        connection = http.client.HTTPConnection("127.0.0.1", wrenn.proxy_port, timeout=10)
+        connection.request("GET", "/index.html", headers={"E2b-Sandbox-Id": sandbox.sandbox_id, "E2b-Sandbox-Port": "8000"})
+        response = connection.getresponse()
+        assert (response.status, response.read()) == (200, b"served\n")
+        connection = http.client.HTTPConnection("127.0.0.1", wrenn.proxy_port, timeout=10)
+        connection.request("GET", "/index.html", headers={"Host": f"8000-{sandbox.sandbox_id}.wrenn.test"})
+        response = connection.getresponse()
+        assert (response.status, response.read()) == (200, b"served\n")
+        connection = http.client.HTTPConnection("127.0.0.1", wrenn.proxy_port, timeout=10)
+        connection.request("POST", "/init", headers={"E2b-Sandbox-Id": sandbox.sandbox_id, "E2b-Sandbox-Port": "49983"})
+        assert connection.getresponse().status == 403, "envd's internal routes are refused"
+        connection = http.client.HTTPConnection("127.0.0.1", wrenn.proxy_port, timeout=10)
+        connection.request("GET", "/", headers={"E2b-Sandbox-Id": "nosuchsandbox", "E2b-Sandbox-Port": "8000"})
+        response = connection.getresponse()
+        assert response.status == 502
+        assert b"The sandbox was not found" in response.read()
+    finally:
+        sandbox.kill()

@@ -27,9 +27,14 @@ class Wrenn:
         self.proxy_port = free_port()
         self.mmds_port = free_port()
         self.log = open(os.path.join(self.data, "wrenn-up.log"), "wb")
+        self.start()
+        with open(os.path.join(self.data, "cp", "initial-api-key")) as f:
+            self.key = f.read().strip()
+
+    def start(self):
         self.process = subprocess.Popen(
             [
-                binary, "up", "--data-dir", self.data,
+                self.binary, "up", "--data-dir", self.data,
                 "--api-listen", f"127.0.0.1:{self.api_port}",
                 "--proxy-listen", f"127.0.0.1:{self.proxy_port}",
                 "--mmds-port", str(self.mmds_port),
@@ -49,8 +54,12 @@ class Wrenn:
             if time.time() > deadline:
                 raise RuntimeError(f"wrenn up did not come up: {self.tail()}")
             time.sleep(0.5)
-        with open(key_file) as f:
-            self.key = f.read().strip()
+
+    def crash_and_restart(self):
+        """SIGKILL, as a crash would: nothing is cleaned up. Then the same command again."""
+        self.process.kill()
+        self.process.wait()
+        self.start()
 
     @property
     def api_url(self) -> str:

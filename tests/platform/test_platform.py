@@ -1,6 +1,10 @@
 """The real `e2b` SDK against `wrenn up`: the REST API, the edge proxy, envd in QEMU guests."""
 
+import base64
+import hashlib
 import http.client
+import os
+import socket
 import time
 
 import pytest
@@ -141,3 +145,103 @@ def test_proxy_reaches_a_server_in_the_sandbox_by_header_and_host(wrenn):
         assert b"The sandbox was not found" in response.read()
     finally:
         sandbox.kill()
+
+
+WEBSOCKET_ECHO = r"""
+import base64, hashlib, socket, threading
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+def exact(conn, n):
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
+
+def serve(conn):
+    request = b""
+    while b"\r\n\r\n" not in request:
+        request += conn.recv(4096)
+    key = [line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+           if line.lower().startswith(b"sec-websocket-key:")][0]
+    accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
+    conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+    try:
+        while True:
+            first, second = exact(conn, 2)
+            length = second & 127
+            mask = exact(conn, 4)
+            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(exact(conn, length)))
+            conn.sendall(bytes([0x80 | (first & 0x0F), len(payload)]) + payload)
+    except EOFError:
+        conn.close()
+
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("127.0.0.1", 8765))
+server.listen()
+while True:
+    conn, _ = server.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"""
+
+
+def test_websocket_echo_through_the_proxy(wrenn):
+    sandbox = Sandbox.create(timeout=120)
+    try:
+        sandbox.files.write("/home/user/ws_echo.py", WEBSOCKET_ECHO)
+        sandbox.commands.run("python3 /home/user/ws_echo.py", background=True)
+        waited = sandbox.commands.run(
+            "for i in $(seq 150); do ss -ltn | grep -q ':8765 ' && exit 0; sleep 0.2; done; exit 1"
+        )
+        assert waited.exit_code == 0, "the echo server did not listen"
+        key = base64.b64encode(os.urandom(16))
+        # envd's port scanner forwards a new loopback listener within about a second.
+        deadline = time.time() + 20
+        while True:
+            conn = socket.create_connection(("127.0.0.1", wrenn.proxy_port), timeout=10)
+            conn.sendall(
+                b"GET /echo HTTP/1.1\r\nHost: 8765-" + sandbox.sandbox_id.encode() + b".wrenn.test\r\n"
+                b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                b"Sec-WebSocket-Key: " + key + b"\r\n\r\n"
+            )
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(4096)
+            if head.startswith(b"HTTP/1.1 502") and time.time() < deadline:
+                conn.close()
+                time.sleep(0.5)
+                continue
+            break
+        with conn:
+            assert head.startswith(b"HTTP/1.1 101"), head
+            expected = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            assert expected in head
+            message = b"ping through wrenn"
+            mask = os.urandom(4)
+            masked = bytes(b ^ mask[i % 4] for i, b in enumerate(message))
+            conn.sendall(bytes([0x81, 0x80 | len(message)]) + mask + masked)
+            reply = head.split(b"\r\n\r\n", 1)[1]
+            while len(reply) < 2 + len(message):
+                reply += conn.recv(4096)
+            assert reply[0] == 0x81 and reply[1] == len(message)
+            assert reply[2 : 2 + len(message)] == message
+    finally:
+        sandbox.kill()
+
+
+def test_a_crashed_control_plane_restarts_without_losing_a_running_sandbox(wrenn):
+    sandbox = Sandbox.create(metadata={"survives": "restart"}, timeout=300)
+    try:
+        sandbox.files.write("/home/user/before-crash.txt", "still here")
+        wrenn.crash_and_restart()
+        info = Sandbox.get_info(sandbox.sandbox_id)
+        assert info.state.value == "running"
+        assert info.metadata == {"survives": "restart"}
+        assert sandbox.files.read("/home/user/before-crash.txt") == "still here"
+        assert sandbox.commands.run("echo alive").stdout == "alive\n"
+    finally:
+        Sandbox.kill(sandbox.sandbox_id)

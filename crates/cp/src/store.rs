@@ -392,3 +392,144 @@ fn sandbox_row(row: &rusqlite::Row<'_>) -> Result<SandboxRow, rusqlite::Error> {
         envd_version: row.get(13)?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(
+        id: &str,
+        team: &str,
+        started: i64,
+        state: &str,
+        metadata: &[(&str, &str)],
+    ) -> SandboxRow {
+        SandboxRow {
+            id: id.into(),
+            team_id: team.into(),
+            template_id: "base".into(),
+            alias: Some("base".into()),
+            state: state.into(),
+            started_at_ms: started,
+            end_at_ms: started + 1000,
+            metadata: metadata
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            envd_access_token: None,
+            auto_pause: false,
+            allow_internet: false,
+            cpu_count: 1,
+            memory_mb: 512,
+            envd_version: "0.6.4".into(),
+        }
+    }
+
+    async fn store_with_rows() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
+        for team in ["a", "b"] {
+            store
+                .create_team(Team {
+                    id: team.into(),
+                    name: format!("team {team}"),
+                    created_at_ms: 0,
+                })
+                .await
+                .unwrap();
+        }
+        for i in 0..5 {
+            let state = if i == 4 { "paused" } else { "running" };
+            let group = if i % 2 == 0 { "even" } else { "odd" };
+            store
+                .put_sandbox(row(
+                    &format!("s{i}"),
+                    "a",
+                    100 + i,
+                    state,
+                    &[("group", group)],
+                ))
+                .await
+                .unwrap();
+        }
+        store
+            .put_sandbox(row("other", "b", 50, "running", &[("group", "even")]))
+            .await
+            .unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn lists_are_per_team_filtered_and_paged() {
+        let (_dir, store) = store_with_rows().await;
+        let query = ListQuery {
+            team_id: "a".into(),
+            limit: 2,
+            ..ListQuery::default()
+        };
+        let (page, running) = store.list(query.clone()).await.unwrap();
+        assert_eq!(
+            page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["s0", "s1"]
+        );
+        assert_eq!(running, 4);
+        let last = page.last().unwrap();
+        let next = ListQuery {
+            after: Some((last.started_at_ms, last.id.clone())),
+            ..query.clone()
+        };
+        let (page, _) = store.list(next).await.unwrap();
+        assert_eq!(
+            page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["s2", "s3"]
+        );
+
+        let even = ListQuery {
+            metadata: [("group".to_string(), "even".to_string())].into(),
+            states: vec!["running".into()],
+            descending: true,
+            limit: 10,
+            ..query.clone()
+        };
+        let (page, _) = store.list(even).await.unwrap();
+        assert_eq!(
+            page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["s2", "s0"],
+            "team b's row never shows"
+        );
+    }
+
+    #[tokio::test]
+    async fn keys_resolve_to_teams_until_revoked_and_state_survives_reopen() {
+        let (dir, store) = store_with_rows().await;
+        let key = ApiKey {
+            id: "k1".into(),
+            team_id: "a".into(),
+            name: "n".into(),
+            prefix: "e2b_12".into(),
+            created_at_ms: 1,
+            revoked: false,
+        };
+        store.add_key(key, "hash".into()).await.unwrap();
+        assert_eq!(
+            store.team_of_key("hash").await.unwrap().as_deref(),
+            Some("a")
+        );
+        assert!(store.revoke_key("k1", 2).await.unwrap());
+        assert_eq!(store.team_of_key("hash").await.unwrap(), None);
+        assert!(!store.revoke_key("k1", 3).await.unwrap());
+        store.set_state("s0", "paused", 5).await.unwrap();
+        assert_eq!(
+            store.expired(2000).await.unwrap().len(),
+            4,
+            "running rows of every team past their end"
+        );
+        assert!(store.expired(1000).await.unwrap().is_empty());
+        drop(store);
+        let reopened = Store::open(&dir.path().join("db.sqlite")).unwrap();
+        let s0 = reopened.sandbox("s0").await.unwrap().unwrap();
+        assert_eq!((s0.state.as_str(), s0.end_at_ms), ("paused", 5));
+        assert!(reopened.delete_sandbox("s0").await.unwrap());
+        assert!(reopened.sandbox("s0").await.unwrap().is_none());
+    }
+}

@@ -29,7 +29,12 @@ export WRENN_IMAGE_DIR="$CACHE_DIR/images/base"
 WRENN_CACHE_DIR="$CACHE_DIR" target/debug/wrenn image build --out "$WRENN_IMAGE_DIR"
 target/debug/wrenn image check "$WRENN_IMAGE_DIR"
 
-step "Rust tests (unit, envd, VMs under QEMU)"
+step "PostgreSQL for the store tests"
+export WRENN_TEST_DATABASE_URL="$(bash scripts/postgres.sh)"
+export WRENN_REQUIRE_POSTGRES=1
+echo "store tests use $WRENN_TEST_DATABASE_URL"
+
+step "Rust tests (unit, envd, VMs under QEMU, the store on SQLite and PostgreSQL)"
 export WRENN_REQUIRE_VM_TESTS=1
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
@@ -40,8 +45,12 @@ fi
 step "e2b SDK tests against the static envd"
 "$CACHE_DIR/sdk-venv/bin/python" -m pytest tests/sdk -q
 
-step "e2b SDK tests against wrenn up (control plane, agent, QEMU guests)"
+step "e2b SDK tests against wrenn up on SQLite (control plane, agent, QEMU guests)"
 WRENN_BIN="$(pwd)/target/debug/wrenn" "$CACHE_DIR/sdk-venv/bin/python" -m pytest tests/platform -q
+
+step "e2b SDK tests against wrenn up on PostgreSQL"
+DATABASE_URL="$WRENN_TEST_DATABASE_URL" WRENN_BIN="$(pwd)/target/debug/wrenn" \
+  "$CACHE_DIR/sdk-venv/bin/python" -m pytest tests/platform -q
 
 step "no generated changes left behind"
 if [ -n "$(git status --porcelain)" ]; then

@@ -7,6 +7,7 @@ pub mod api;
 pub mod auth;
 pub mod proxy;
 pub mod store;
+pub mod store_pg;
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;

@@ -1,6 +1,7 @@
 //! The control plane's store: teams, API keys (hashed) and sandboxes. SQLite in a file of the
-//! data directory (WAL, no setup), with its migrations applied at open. Calls run on the blocking
-//! pool; one connection, serialised, which SQLite's single writer needs anyway.
+//! data directory by default (WAL, no setup; calls run on the blocking pool over one connection,
+//! which SQLite's single writer needs anyway), or PostgreSQL when a `DATABASE_URL` names one
+//! ([`crate::store_pg`]). Both apply their migrations when opened and answer the same calls.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -14,6 +15,8 @@ use serde::{Deserialize, Serialize};
 pub enum StoreError {
     #[error("the store failed: {0}")]
     Database(#[from] rusqlite::Error),
+    #[error("the store failed: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
     #[error("the store is unavailable: {0}")]
     Unavailable(String),
 }
@@ -89,11 +92,11 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS teams (
 
 /// The SQLite store.
 #[derive(Debug, Clone)]
-pub struct Store {
+pub struct SqliteStore {
     connection: Arc<Mutex<Connection>>,
 }
 
-impl Store {
+impl SqliteStore {
     /// Opens (creating) the database file and applies the migrations it lacks.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent() {
@@ -370,6 +373,64 @@ impl Store {
     }
 }
 
+/// The store the control plane uses: SQLite or PostgreSQL.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Sqlite(SqliteStore),
+    Postgres(crate::store_pg::PgStore),
+}
+
+macro_rules! delegate {
+    ($(fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty;)*) => {
+        impl Store {
+            $(pub async fn $name(&self $(, $arg: $ty)*) -> Result<$ret, StoreError> {
+                match self {
+                    Store::Sqlite(store) => store.$name($($arg),*).await,
+                    Store::Postgres(store) => store.$name($($arg),*).await,
+                }
+            })*
+        }
+    };
+}
+
+delegate! {
+    fn create_team(&self, team: Team) -> ();
+    fn team_by_name(&self, name: &str) -> Option<Team>;
+    fn add_key(&self, key: ApiKey, hash: String) -> ();
+    fn team_of_key(&self, hash: &str) -> Option<String>;
+    fn list_keys(&self, team_id: &str) -> Vec<ApiKey>;
+    fn revoke_key(&self, key_id: &str, now_ms: i64) -> bool;
+    fn put_sandbox(&self, sandbox: SandboxRow) -> ();
+    fn sandbox(&self, id: &str) -> Option<SandboxRow>;
+    fn delete_sandbox(&self, id: &str) -> bool;
+    fn set_state(&self, id: &str, state: &str, end_at_ms: i64) -> ();
+    fn expired(&self, now_ms: i64) -> Vec<SandboxRow>;
+    fn all_sandboxes(&self) -> Vec<SandboxRow>;
+    fn list(&self, query: ListQuery) -> (Vec<SandboxRow>, usize);
+}
+
+impl Store {
+    /// SQLite in a file (created if missing).
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Ok(Store::Sqlite(SqliteStore::open(path)?))
+    }
+
+    /// SQLite at `path`, or PostgreSQL when `database_url` is a `postgres://` URL.
+    pub async fn open_configured(
+        path: &Path,
+        database_url: Option<&str>,
+    ) -> Result<Self, StoreError> {
+        match database_url
+            .filter(|url| url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            Some(url) => Ok(Store::Postgres(
+                crate::store_pg::PgStore::connect(url).await?,
+            )),
+            None => Self::open(path),
+        }
+    }
+}
+
 const SELECT_SANDBOX: &str = "SELECT id, team_id, template_id, alias, state, started_at_ms, end_at_ms, metadata,
     envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version FROM sandboxes";
 
@@ -425,9 +486,41 @@ mod tests {
         }
     }
 
-    async fn store_with_rows() -> (tempfile::TempDir, Store) {
+    /// Every backend to test: SQLite always; PostgreSQL when `WRENN_TEST_DATABASE_URL` names
+    /// one (scripts/test.sh starts it), each test in a fresh schema of its own.
+    async fn backends() -> Vec<(&'static str, Store, Option<tempfile::TempDir>)> {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
+        let sqlite = Store::open(&dir.path().join("db.sqlite")).unwrap();
+        let mut backends = vec![("sqlite", sqlite, Some(dir))];
+        match std::env::var("WRENN_TEST_DATABASE_URL") {
+            Ok(url) => {
+                let schema = format!("test_{}", crate::auth::random_id(12));
+                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(connection);
+                client
+                    .batch_execute(&format!("CREATE SCHEMA {schema}"))
+                    .await
+                    .unwrap();
+                let scoped = format!("{url}?options=-csearch_path%3D{schema}");
+                backends.push((
+                    "postgres",
+                    Store::open_configured(Path::new("/nonexistent"), Some(&scoped))
+                        .await
+                        .unwrap(),
+                    None,
+                ));
+            }
+            Err(_) if std::env::var("WRENN_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") => {
+                panic!("WRENN_TEST_DATABASE_URL is not set (scripts/postgres.sh starts the server)")
+            }
+            Err(_) => eprintln!("SKIPPED on PostgreSQL: WRENN_TEST_DATABASE_URL is not set"),
+        }
+        backends
+    }
+
+    async fn fill(store: &Store) {
         for team in ["a", "b"] {
             store
                 .create_team(Team {
@@ -456,80 +549,121 @@ mod tests {
             .put_sandbox(row("other", "b", 50, "running", &[("group", "even")]))
             .await
             .unwrap();
-        (dir, store)
     }
 
     #[tokio::test]
     async fn lists_are_per_team_filtered_and_paged() {
-        let (_dir, store) = store_with_rows().await;
-        let query = ListQuery {
-            team_id: "a".into(),
-            limit: 2,
-            ..ListQuery::default()
-        };
-        let (page, running) = store.list(query.clone()).await.unwrap();
-        assert_eq!(
-            page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
-            ["s0", "s1"]
-        );
-        assert_eq!(running, 4);
-        let last = page.last().unwrap();
-        let next = ListQuery {
-            after: Some((last.started_at_ms, last.id.clone())),
-            ..query.clone()
-        };
-        let (page, _) = store.list(next).await.unwrap();
-        assert_eq!(
-            page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
-            ["s2", "s3"]
-        );
+        for (backend, store, _dir) in backends().await {
+            fill(&store).await;
+            let query = ListQuery {
+                team_id: "a".into(),
+                limit: 2,
+                ..ListQuery::default()
+            };
+            let (page, running) = store.list(query.clone()).await.unwrap();
+            assert_eq!(
+                page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+                ["s0", "s1"],
+                "{backend}"
+            );
+            assert_eq!(running, 4, "{backend}");
+            let last = page.last().unwrap();
+            let next = ListQuery {
+                after: Some((last.started_at_ms, last.id.clone())),
+                ..query.clone()
+            };
+            let (page, _) = store.list(next).await.unwrap();
+            assert_eq!(
+                page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+                ["s2", "s3"],
+                "{backend}"
+            );
 
-        let even = ListQuery {
-            metadata: [("group".to_string(), "even".to_string())].into(),
-            states: vec!["running".into()],
-            descending: true,
-            limit: 10,
-            ..query.clone()
-        };
-        let (page, _) = store.list(even).await.unwrap();
-        assert_eq!(
-            page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
-            ["s2", "s0"],
-            "team b's row never shows"
-        );
+            let even = ListQuery {
+                metadata: [("group".to_string(), "even".to_string())].into(),
+                states: vec!["running".into()],
+                descending: true,
+                limit: 10,
+                ..query.clone()
+            };
+            let (page, _) = store.list(even).await.unwrap();
+            assert_eq!(
+                page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+                ["s2", "s0"],
+                "{backend}: team b's row never shows"
+            );
+            let paused = ListQuery {
+                states: vec!["paused".into()],
+                limit: 10,
+                ..query
+            };
+            let (page, _) = store.list(paused).await.unwrap();
+            assert_eq!(
+                page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+                ["s4"],
+                "{backend}"
+            );
+        }
     }
 
     #[tokio::test]
-    async fn keys_resolve_to_teams_until_revoked_and_state_survives_reopen() {
-        let (dir, store) = store_with_rows().await;
-        let key = ApiKey {
-            id: "k1".into(),
-            team_id: "a".into(),
-            name: "n".into(),
-            prefix: "e2b_12".into(),
-            created_at_ms: 1,
-            revoked: false,
-        };
-        store.add_key(key, "hash".into()).await.unwrap();
-        assert_eq!(
-            store.team_of_key("hash").await.unwrap().as_deref(),
-            Some("a")
-        );
-        assert!(store.revoke_key("k1", 2).await.unwrap());
-        assert_eq!(store.team_of_key("hash").await.unwrap(), None);
-        assert!(!store.revoke_key("k1", 3).await.unwrap());
-        store.set_state("s0", "paused", 5).await.unwrap();
-        assert_eq!(
-            store.expired(2000).await.unwrap().len(),
-            4,
-            "running rows of every team past their end"
-        );
-        assert!(store.expired(1000).await.unwrap().is_empty());
+    async fn keys_resolve_to_teams_until_revoked_and_rows_change_in_place() {
+        for (backend, store, _dir) in backends().await {
+            fill(&store).await;
+            let key = ApiKey {
+                id: "k1".into(),
+                team_id: "a".into(),
+                name: "n".into(),
+                prefix: "e2b_12".into(),
+                created_at_ms: 1,
+                revoked: false,
+            };
+            store.add_key(key, "hash".into()).await.unwrap();
+            assert_eq!(
+                store.team_of_key("hash").await.unwrap().as_deref(),
+                Some("a"),
+                "{backend}"
+            );
+            assert_eq!(store.list_keys("a").await.unwrap().len(), 1);
+            assert!(store.revoke_key("k1", 2).await.unwrap());
+            assert_eq!(store.team_of_key("hash").await.unwrap(), None, "{backend}");
+            assert!(!store.revoke_key("k1", 3).await.unwrap());
+            assert!(store.list_keys("a").await.unwrap()[0].revoked);
+            store.set_state("s0", "paused", 5).await.unwrap();
+            assert!(store.expired(1000).await.unwrap().is_empty(), "{backend}");
+            assert_eq!(
+                store.expired(2000).await.unwrap().len(),
+                4,
+                "{backend}: running rows of every team past their end"
+            );
+            let s0 = store.sandbox("s0").await.unwrap().unwrap();
+            assert_eq!((s0.state.as_str(), s0.end_at_ms), ("paused", 5));
+            assert_eq!(s0.metadata.get("group").map(String::as_str), Some("even"));
+            assert_eq!(store.team_by_name("team a").await.unwrap().unwrap().id, "a");
+            assert!(store.delete_sandbox("s0").await.unwrap());
+            assert!(store.sandbox("s0").await.unwrap().is_none(), "{backend}");
+            assert_eq!(store.all_sandboxes().await.unwrap().len(), 5);
+            assert!(
+                store
+                    .create_team(Team {
+                        id: "c".into(),
+                        name: "team a".into(),
+                        created_at_ms: 0
+                    })
+                    .await
+                    .is_err(),
+                "team names are unique"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn sqlite_state_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
+        fill(&store).await;
         drop(store);
         let reopened = Store::open(&dir.path().join("db.sqlite")).unwrap();
-        let s0 = reopened.sandbox("s0").await.unwrap().unwrap();
-        assert_eq!((s0.state.as_str(), s0.end_at_ms), ("paused", 5));
-        assert!(reopened.delete_sandbox("s0").await.unwrap());
-        assert!(reopened.sandbox("s0").await.unwrap().is_none());
+        assert_eq!(reopened.all_sandboxes().await.unwrap().len(), 6);
     }
 }

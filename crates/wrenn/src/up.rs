@@ -2,7 +2,8 @@
 //! image and template when they are missing (with progress), starts a host agent in-process and
 //! the control plane on SQLite, creates a first team and API key, serves the E2B REST API and
 //! the edge proxy, and prints how to point the `e2b` SDK at them. `--demo` also runs a sandbox.
-//! `wrenn key …` manages API keys in the same store.
+//! `wrenn key …` manages API keys in the same store. The store is SQLite in the data directory,
+//! or PostgreSQL when `DATABASE_URL` names one.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
@@ -94,6 +95,15 @@ fn store_path(data_dir: &Path) -> PathBuf {
     data_dir.join("cp/wrenn.sqlite")
 }
 
+/// The store: PostgreSQL when `DATABASE_URL` names one, else SQLite in the data directory.
+async fn open_store(data_dir: &Path) -> anyhow::Result<Store> {
+    let url = std::env::var("DATABASE_URL").ok();
+    let store = Store::open_configured(&store_path(data_dir), url.as_deref())
+        .await
+        .context("opening the store")?;
+    Ok(store)
+}
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -134,7 +144,7 @@ pub async fn key(command: KeyCommand) -> anyhow::Result<()> {
             data_dir,
             json,
         } => {
-            let store = Store::open(&store_path(&data_dir))?;
+            let store = open_store(&data_dir).await?;
             let team = team(&store, &name).await?;
             let (key, record) = create_key(&store, &team, &key_name).await?;
             if json {
@@ -154,7 +164,7 @@ pub async fn key(command: KeyCommand) -> anyhow::Result<()> {
             data_dir,
             json,
         } => {
-            let store = Store::open(&store_path(&data_dir))?;
+            let store = open_store(&data_dir).await?;
             let team = store
                 .team_by_name(&name)
                 .await?
@@ -181,7 +191,7 @@ pub async fn key(command: KeyCommand) -> anyhow::Result<()> {
             }
         }
         KeyCommand::Revoke { id, data_dir } => {
-            let store = Store::open(&store_path(&data_dir))?;
+            let store = open_store(&data_dir).await?;
             anyhow::ensure!(store.revoke_key(&id, now_ms()).await?, "no active key {id}");
             println!("revoked {id}");
         }
@@ -271,11 +281,14 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         );
     }
 
-    let store = Store::open(&store_path(&args.data_dir))?;
+    let store = open_store(&args.data_dir).await?;
     let key_file = args.data_dir.join("cp/initial-api-key");
     let first_key = if store.team_by_name("default").await?.is_none() {
         let team = team(&store, "default").await?;
         let (key, _) = create_key(&store, &team, "initial").await?;
+        if let Some(dir) = key_file.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(true)

@@ -1,0 +1,298 @@
+//! The PostgreSQL store: the same calls as SQLite's, over `tokio-postgres`, with its own
+//! migrations (recorded in `wrenn_schema`) applied at connect. Metadata is `jsonb`; listing pages
+//! on `(started_at_ms, id)` like SQLite's.
+
+use std::sync::Arc;
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Row};
+
+use crate::store::{ApiKey, ListQuery, SandboxRow, StoreError, Team};
+
+const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS teams (
+        id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, created_at_ms BIGINT NOT NULL);
+     CREATE TABLE IF NOT EXISTS api_keys (
+        id TEXT PRIMARY KEY, team_id TEXT NOT NULL REFERENCES teams(id), name TEXT NOT NULL,
+        hash TEXT NOT NULL UNIQUE, prefix TEXT NOT NULL, created_at_ms BIGINT NOT NULL,
+        revoked_at_ms BIGINT);
+     CREATE TABLE IF NOT EXISTS sandboxes (
+        id TEXT PRIMARY KEY, team_id TEXT NOT NULL REFERENCES teams(id), template_id TEXT NOT NULL,
+        alias TEXT, state TEXT NOT NULL, started_at_ms BIGINT NOT NULL, end_at_ms BIGINT NOT NULL,
+        metadata JSONB NOT NULL, envd_access_token TEXT, auto_pause BOOLEAN NOT NULL,
+        allow_internet BOOLEAN NOT NULL, cpu_count INTEGER NOT NULL, memory_mb INTEGER NOT NULL,
+        envd_version TEXT NOT NULL);
+     CREATE INDEX IF NOT EXISTS sandboxes_by_team ON sandboxes (team_id, started_at_ms, id);
+     CREATE INDEX IF NOT EXISTS sandboxes_by_end ON sandboxes (end_at_ms);"];
+
+const SELECT_SANDBOX: &str = "SELECT id, team_id, template_id, alias, state, started_at_ms, end_at_ms, metadata::text,
+    envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version FROM sandboxes";
+
+/// A PostgreSQL connection (pipelined: one client serves concurrent calls).
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    client: Arc<Client>,
+}
+
+fn sandbox_row(row: &Row) -> SandboxRow {
+    let metadata: String = row.get(7);
+    let cpu: i32 = row.get(11);
+    let memory: i32 = row.get(12);
+    SandboxRow {
+        id: row.get(0),
+        team_id: row.get(1),
+        template_id: row.get(2),
+        alias: row.get(3),
+        state: row.get(4),
+        started_at_ms: row.get(5),
+        end_at_ms: row.get(6),
+        metadata: serde_json::from_str(&metadata).unwrap_or_default(),
+        envd_access_token: row.get(8),
+        auto_pause: row.get(9),
+        allow_internet: row.get(10),
+        cpu_count: cpu.max(0) as u32,
+        memory_mb: memory.max(0) as u32,
+        envd_version: row.get(13),
+    }
+}
+
+impl PgStore {
+    /// Connects and applies the migrations the database lacks (under an advisory lock, so
+    /// replicas starting together migrate once).
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::error!(%error, "the PostgreSQL connection ended");
+            }
+        });
+        client.batch_execute("SELECT pg_advisory_lock(727365); CREATE TABLE IF NOT EXISTS wrenn_schema (version INTEGER NOT NULL)").await?;
+        let version: i64 = client
+            .query_one(
+                "SELECT COALESCE(MAX(version), 0)::BIGINT FROM wrenn_schema",
+                &[],
+            )
+            .await?
+            .get(0);
+        for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            client.batch_execute(migration).await?;
+            client
+                .execute(
+                    "INSERT INTO wrenn_schema (version) VALUES ($1)",
+                    &[&(index as i32 + 1)],
+                )
+                .await?;
+        }
+        client
+            .batch_execute("SELECT pg_advisory_unlock(727365)")
+            .await?;
+        Ok(Self {
+            client: Arc::new(client),
+        })
+    }
+
+    pub async fn create_team(&self, team: Team) -> Result<(), StoreError> {
+        self.client
+            .execute(
+                "INSERT INTO teams (id, name, created_at_ms) VALUES ($1, $2, $3)",
+                &[&team.id, &team.name, &team.created_at_ms],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn team_by_name(&self, name: &str) -> Result<Option<Team>, StoreError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT id, name, created_at_ms FROM teams WHERE name = $1",
+                &[&name],
+            )
+            .await?;
+        Ok(row.map(|row| Team {
+            id: row.get(0),
+            name: row.get(1),
+            created_at_ms: row.get(2),
+        }))
+    }
+
+    pub async fn add_key(&self, key: ApiKey, hash: String) -> Result<(), StoreError> {
+        self.client
+            .execute(
+                "INSERT INTO api_keys (id, team_id, name, hash, prefix, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&key.id, &key.team_id, &key.name, &hash, &key.prefix, &key.created_at_ms],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn team_of_key(&self, hash: &str) -> Result<Option<String>, StoreError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT team_id FROM api_keys WHERE hash = $1 AND revoked_at_ms IS NULL",
+                &[&hash],
+            )
+            .await?;
+        Ok(row.map(|row| row.get(0)))
+    }
+
+    pub async fn list_keys(&self, team_id: &str) -> Result<Vec<ApiKey>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT id, team_id, name, prefix, created_at_ms, revoked_at_ms IS NOT NULL FROM api_keys WHERE team_id = $1 ORDER BY created_at_ms, id",
+                &[&team_id],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| ApiKey {
+                id: row.get(0),
+                team_id: row.get(1),
+                name: row.get(2),
+                prefix: row.get(3),
+                created_at_ms: row.get(4),
+                revoked: row.get(5),
+            })
+            .collect())
+    }
+
+    pub async fn revoke_key(&self, key_id: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let changed = self
+            .client
+            .execute(
+                "UPDATE api_keys SET revoked_at_ms = $2 WHERE id = $1 AND revoked_at_ms IS NULL",
+                &[&key_id, &now_ms],
+            )
+            .await?;
+        Ok(changed == 1)
+    }
+
+    pub async fn put_sandbox(&self, sandbox: SandboxRow) -> Result<(), StoreError> {
+        let metadata = serde_json::to_string(&sandbox.metadata).unwrap_or_else(|_| "{}".into());
+        let (cpu, memory) = (sandbox.cpu_count as i32, sandbox.memory_mb as i32);
+        self.client
+            .execute(
+                "INSERT INTO sandboxes (id, team_id, template_id, alias, state, started_at_ms, end_at_ms, metadata,
+                    envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::text::jsonb, $9, $10, $11, $12, $13, $14)
+                 ON CONFLICT (id) DO UPDATE SET state = excluded.state, end_at_ms = excluded.end_at_ms,
+                    started_at_ms = excluded.started_at_ms, envd_access_token = excluded.envd_access_token,
+                    auto_pause = excluded.auto_pause",
+                &[
+                    &sandbox.id,
+                    &sandbox.team_id,
+                    &sandbox.template_id,
+                    &sandbox.alias,
+                    &sandbox.state,
+                    &sandbox.started_at_ms,
+                    &sandbox.end_at_ms,
+                    &metadata,
+                    &sandbox.envd_access_token,
+                    &sandbox.auto_pause,
+                    &sandbox.allow_internet,
+                    &cpu,
+                    &memory,
+                    &sandbox.envd_version,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn sandbox(&self, id: &str) -> Result<Option<SandboxRow>, StoreError> {
+        let row = self
+            .client
+            .query_opt(&format!("{SELECT_SANDBOX} WHERE id = $1"), &[&id])
+            .await?;
+        Ok(row.as_ref().map(sandbox_row))
+    }
+
+    pub async fn delete_sandbox(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .client
+            .execute("DELETE FROM sandboxes WHERE id = $1", &[&id])
+            .await?
+            == 1)
+    }
+
+    pub async fn set_state(&self, id: &str, state: &str, end_at_ms: i64) -> Result<(), StoreError> {
+        self.client
+            .execute(
+                "UPDATE sandboxes SET state = $2, end_at_ms = $3 WHERE id = $1",
+                &[&id, &state, &end_at_ms],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn expired(&self, now_ms: i64) -> Result<Vec<SandboxRow>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                &format!("{SELECT_SANDBOX} WHERE state = 'running' AND end_at_ms <= $1"),
+                &[&now_ms],
+            )
+            .await?;
+        Ok(rows.iter().map(sandbox_row).collect())
+    }
+
+    pub async fn all_sandboxes(&self) -> Result<Vec<SandboxRow>, StoreError> {
+        let rows = self.client.query(SELECT_SANDBOX, &[]).await?;
+        Ok(rows.iter().map(sandbox_row).collect())
+    }
+
+    pub async fn list(&self, query: ListQuery) -> Result<(Vec<SandboxRow>, usize), StoreError> {
+        let mut values: Vec<Box<dyn ToSql + Sync + Send>> = vec![Box::new(query.team_id.clone())];
+        let mut sql = format!("{SELECT_SANDBOX} WHERE team_id = $1");
+        if !query.states.is_empty() {
+            values.push(Box::new(query.states.clone()));
+            sql.push_str(&format!(" AND state = ANY(${})", values.len()));
+        }
+        if let Some(template) = &query.template_id {
+            values.push(Box::new(template.clone()));
+            let mark = values.len();
+            sql.push_str(&format!(" AND (template_id = ${mark} OR alias = ${mark})"));
+        }
+        if let Some(after) = query.started_after_ms {
+            values.push(Box::new(after));
+            sql.push_str(&format!(" AND started_at_ms > ${}", values.len()));
+        }
+        for (key, value) in &query.metadata {
+            values.push(Box::new(key.clone()));
+            let key_mark = values.len();
+            values.push(Box::new(value.clone()));
+            sql.push_str(&format!(
+                " AND metadata ->> ${key_mark} = ${}",
+                values.len()
+            ));
+        }
+        let count_sql = format!("SELECT COUNT(*) FROM ({sql}) AS page WHERE state = 'running'");
+        let parameters: Vec<&(dyn ToSql + Sync)> = values
+            .iter()
+            .map(|v| v.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        let running: i64 = self.client.query_one(&count_sql, &parameters).await?.get(0);
+        let order = if query.descending { "DESC" } else { "ASC" };
+        if let Some((started, id)) = &query.after {
+            values.push(Box::new(*started));
+            let started_mark = values.len();
+            values.push(Box::new(id.clone()));
+            let comparison = if query.descending { "<" } else { ">" };
+            sql.push_str(&format!(
+                " AND (started_at_ms, id) {comparison} (${started_mark}, ${})",
+                values.len()
+            ));
+        }
+        sql.push_str(&format!(
+            " ORDER BY started_at_ms {order}, id {order} LIMIT {}",
+            query.limit
+        ));
+        let parameters: Vec<&(dyn ToSql + Sync)> = values
+            .iter()
+            .map(|v| v.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        let rows = self.client.query(&sql, &parameters).await?;
+        Ok((rows.iter().map(sandbox_row).collect(), running as usize))
+    }
+}

@@ -1,6 +1,7 @@
 //! `wrenn bench`: measurements reported in docs/benchmarks.md. Each prints a table, or JSON with
 //! `--json`.
 
+mod api;
 mod envd;
 mod sandbox;
 
@@ -12,6 +13,8 @@ pub enum BenchCommand {
     Envd(envd::EnvdBenchArgs),
     /// The base image booted cold under QEMU, to envd's /health.
     Boot(sandbox::BootBenchArgs),
+    /// The control plane: REST create vs the agent, listings of 10,000 sandboxes, the proxy.
+    Api(api::ApiBenchArgs),
     /// Sandboxes through a host agent: create, pause, resume, the agent's memory.
     Sandbox(sandbox::SandboxBenchArgs),
 }
@@ -20,6 +23,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Envd(args) => envd::run(args).await,
         BenchCommand::Boot(args) => sandbox::boot(args).await,
+        BenchCommand::Api(args) => api::run(args).await,
         BenchCommand::Sandbox(args) => sandbox::sandbox(args).await,
     }
 }

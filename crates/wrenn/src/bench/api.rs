@@ -1,0 +1,430 @@
+//! `wrenn bench api`: the control plane's costs, with a host agent in the same process.
+//! - create through the REST API (request to 201) against a create straight through the agent,
+//!   alternating, from the same template;
+//! - `GET /v2/sandboxes` pages over 10,000 sandboxes in the store, on SQLite and, when
+//!   `--database-url` names one, on PostgreSQL;
+//! - a 256 MiB download from a sandbox (envd's `/files`) through the edge proxy against a direct
+//!   connection to the same guest.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use http_body_util::BodyExt;
+use serde_json::json;
+use wrenn_agent::manager::CreateOptions;
+use wrenn_agent::network::SlotConfig;
+use wrenn_agent::{AgentConfig, Manager};
+use wrenn_cp::ControlPlane;
+use wrenn_cp::store::{ApiKey, SandboxRow, Store, Team};
+use wrenn_vmm::accel::AccelSetting;
+
+use super::quantile;
+
+#[derive(Debug, Args)]
+pub struct ApiBenchArgs {
+    /// Creates measured each way.
+    #[arg(long, default_value_t = 20)]
+    creates: usize,
+    /// Sandboxes put in the store for the listing.
+    #[arg(long, default_value_t = 10_000)]
+    rows: usize,
+    /// Also measure the listing on this PostgreSQL database (its tables are written to).
+    #[arg(long, env = "WRENN_BENCH_DATABASE_URL")]
+    database_url: Option<String>,
+    #[arg(long, default_value = "auto")]
+    accel: AccelSetting,
+    #[arg(long)]
+    json: bool,
+}
+
+fn p50_ms(samples: &mut [Duration]) -> f64 {
+    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+    ms.sort_by(f64::total_cmp);
+    quantile(&ms, 0.5)
+}
+
+async fn request(
+    address: SocketAddr,
+    method: http::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: String,
+) -> anyhow::Result<(u16, http::HeaderMap, bytes::Bytes)> {
+    let stream = tokio::net::TcpStream::connect(address).await?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let mut builder = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", address.to_string());
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let response = sender
+        .send_request(builder.body(http_body_util::Full::new(bytes::Bytes::from(body)))?)
+        .await?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, headers, body))
+}
+
+/// Times a streamed GET, counting the bytes without keeping them.
+async fn download(
+    address: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<(u64, Duration)> {
+    let started = Instant::now();
+    let stream = tokio::net::TcpStream::connect(address).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let mut builder = http::Request::get(path).header("host", address.to_string());
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let response = sender
+        .send_request(builder.body(http_body_util::Empty::<bytes::Bytes>::new())?)
+        .await?;
+    anyhow::ensure!(
+        response.status() == 200,
+        "download: HTTP {}",
+        response.status()
+    );
+    let mut body = response.into_body();
+    let mut bytes = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            bytes += data.len() as u64;
+        }
+    }
+    Ok((bytes, started.elapsed()))
+}
+
+async fn serve(router: axum::Router) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(wrenn_envd::server::serve(
+        listener,
+        router,
+        Arc::new(wrenn_envd::server::ConnectionTracker::default()),
+        wrenn_envd::server::ServerTimeouts::default(),
+        std::future::pending(),
+    ));
+    Ok(address)
+}
+
+async fn plane_over(
+    store: Store,
+    manager: Arc<Manager>,
+) -> anyhow::Result<(Arc<ControlPlane>, String)> {
+    let team = Team {
+        id: "bench".into(),
+        name: "bench".into(),
+        created_at_ms: 0,
+    };
+    store.create_team(team.clone()).await?;
+    let (key, hash) = wrenn_cp::auth::new_key();
+    store
+        .add_key(
+            ApiKey {
+                id: "k".into(),
+                team_id: team.id,
+                name: "bench".into(),
+                prefix: key[..10].into(),
+                created_at_ms: 0,
+                revoked: false,
+            },
+            hash,
+        )
+        .await?;
+    let plane = Arc::new(ControlPlane {
+        store,
+        manager,
+        domain: None,
+        internet: false,
+        disk_size_mb: 0,
+        idempotency: Default::default(),
+    });
+    Ok((plane, key))
+}
+
+/// p50 of the pages of a 10,000-row listing, following `X-Next-Token`.
+async fn list_pages(
+    store: Store,
+    manager: Arc<Manager>,
+    rows: usize,
+) -> anyhow::Result<(f64, usize)> {
+    let (plane, key) = plane_over(store.clone(), manager).await?;
+    for index in 0..rows {
+        store
+            .put_sandbox(SandboxRow {
+                id: format!("row{index:06}"),
+                team_id: "bench".into(),
+                template_id: "base".into(),
+                alias: Some("base".into()),
+                state: if index % 5 == 0 {
+                    "paused".into()
+                } else {
+                    "running".into()
+                },
+                started_at_ms: 1_700_000_000_000 + index as i64,
+                end_at_ms: i64::MAX / 2,
+                metadata: [("n".to_string(), (index % 10).to_string())].into(),
+                envd_access_token: None,
+                auto_pause: false,
+                allow_internet: false,
+                cpu_count: 1,
+                memory_mb: 512,
+                envd_version: "0.6.4".into(),
+            })
+            .await?;
+    }
+    let address = serve(wrenn_cp::api::router(plane)).await?;
+    let mut samples = Vec::new();
+    let mut token: Option<String> = None;
+    for _ in 0..20 {
+        let path = match &token {
+            Some(token) => format!("/v2/sandboxes?limit=100&nextToken={token}"),
+            None => "/v2/sandboxes?limit=100".to_string(),
+        };
+        let started = Instant::now();
+        let (status, headers, _) = request(
+            address,
+            http::Method::GET,
+            &path,
+            &[("x-api-key", &key)],
+            String::new(),
+        )
+        .await?;
+        samples.push(started.elapsed());
+        anyhow::ensure!(status == 200, "listing: HTTP {status}");
+        token = headers
+            .get("x-next-token")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+    }
+    Ok((p50_ms(&mut samples), rows))
+}
+
+pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
+    let work = tempfile::tempdir()?;
+    let config = AgentConfig {
+        data_dir: work.path().join("agent"),
+        image_dir: wrenn_image::default_image_dir(),
+        qemu_binary: "qemu-system-x86_64".into(),
+        accel: args.accel,
+        slots: SlotConfig {
+            prefix: "wbapi".into(),
+            first_index: 1200,
+            capacity: 16,
+            mmds_port: 0,
+        },
+        slots_ahead: 2,
+        host_nat: false,
+    };
+    let mmds = tokio::net::TcpListener::bind("0.0.0.0:0").await?;
+    let config = AgentConfig {
+        slots: SlotConfig {
+            mmds_port: mmds.local_addr()?.port(),
+            ..config.slots.clone()
+        },
+        ..config
+    };
+    let manager = Manager::start(config).await?;
+    tokio::spawn(wrenn_envd::server::serve(
+        mmds,
+        manager.mmds.router(),
+        Arc::new(wrenn_envd::server::ConnectionTracker::default()),
+        wrenn_envd::server::ServerTimeouts::default(),
+        std::future::pending(),
+    ));
+
+    eprintln!("listing {} sandboxes on SQLite ...", args.rows);
+    let sqlite = Store::open(&work.path().join("list.sqlite"))?;
+    let (list_sqlite_ms, _) = list_pages(sqlite, manager.clone(), args.rows).await?;
+    let list_postgres_ms = match &args.database_url {
+        Some(url) => {
+            eprintln!("listing {} sandboxes on PostgreSQL ...", args.rows);
+            let store = Store::open_configured(Path::new("/nonexistent"), Some(url))
+                .await
+                .context("connecting to PostgreSQL")?;
+            Some(list_pages(store, manager.clone(), args.rows).await?.0)
+        }
+        None => None,
+    };
+
+    eprintln!("building the template ...");
+    manager.build_template("base", None, 512, 1, None).await?;
+    let (plane, key) = plane_over(
+        Store::open(&work.path().join("api.sqlite"))?,
+        manager.clone(),
+    )
+    .await?;
+    let api = serve(wrenn_cp::api::router(plane.clone())).await?;
+    let proxy = serve(wrenn_cp::proxy::router(plane.clone())).await?;
+
+    eprintln!("creates through the REST API and straight through the agent, alternating ...");
+    let (mut through_api, mut through_agent) = (Vec::new(), Vec::new());
+    for run in 0..args.creates {
+        // Which goes first alternates, so neither always follows the other's clean-up.
+        for api_first in [run % 2 == 0, run % 2 == 1] {
+            if api_first {
+                let started = Instant::now();
+                let (status, _, body) = request(
+                    api,
+                    http::Method::POST,
+                    "/v2/sandboxes",
+                    &[("x-api-key", &key), ("content-type", "application/json")],
+                    json!({ "templateID": "base", "timeout": 300 }).to_string(),
+                )
+                .await?;
+                through_api.push(started.elapsed());
+                anyhow::ensure!(
+                    status == 201,
+                    "create: HTTP {status}: {}",
+                    String::from_utf8_lossy(&body)
+                );
+                let id = serde_json::from_slice::<serde_json::Value>(&body)?["sandboxID"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                plane
+                    .kill(&id)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            } else {
+                let started = Instant::now();
+                manager
+                    .create(CreateOptions {
+                        template_id: "base".into(),
+                        sandbox_id: Some(format!("direct{run}")),
+                        ..Default::default()
+                    })
+                    .await?;
+                through_agent.push(started.elapsed());
+                manager.destroy(&format!("direct{run}")).await?;
+            }
+        }
+    }
+
+    eprintln!("256 MiB download, through the proxy and direct ...");
+    let (status, _, body) = request(
+        api,
+        http::Method::POST,
+        "/v2/sandboxes",
+        &[("x-api-key", &key), ("content-type", "application/json")],
+        json!({ "templateID": "base", "timeout": 600 }).to_string(),
+    )
+    .await?;
+    anyhow::ensure!(status == 201, "create: HTTP {status}");
+    let id = serde_json::from_slice::<serde_json::Value>(&body)?["sandboxID"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let record = manager.get(&id)?;
+    let guest = SocketAddr::new(
+        wrenn_agent::network::Slot::new("x", record.slot.context("no slot")?)
+            .address
+            .into(),
+        49983,
+    );
+    // A 256 MiB file, uploaded once through envd's /files, then read both ways.
+    let (status, _, _) = request(
+        guest,
+        http::Method::POST,
+        "/files?path=/tmp/big&username=root",
+        &[("content-type", "application/octet-stream")],
+        String::from_utf8(vec![b'x'; 256 << 20]).unwrap_or_default(),
+    )
+    .await?;
+    anyhow::ensure!(status == 200, "upload: HTTP {status}");
+    let path = "/files?path=/tmp/big&username=root";
+    let mut direct = Vec::new();
+    let mut proxied = Vec::new();
+    for _ in 0..3 {
+        let (bytes, elapsed) = download(guest, path, &[]).await?;
+        direct.push(bytes as f64 / (1 << 20) as f64 / elapsed.as_secs_f64());
+        let (bytes, elapsed) = download(
+            proxy,
+            path,
+            &[("e2b-sandbox-id", &id), ("e2b-sandbox-port", "49983")],
+        )
+        .await?;
+        proxied.push(bytes as f64 / (1 << 20) as f64 / elapsed.as_secs_f64());
+    }
+    plane
+        .kill(&id)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    manager.slots.delete_all().await;
+    direct.sort_by(f64::total_cmp);
+    proxied.sort_by(f64::total_cmp);
+
+    let api_p50 = p50_ms(&mut through_api);
+    let agent_p50 = p50_ms(&mut through_agent);
+    let (direct_mib_s, proxied_mib_s) = (quantile(&direct, 0.5), quantile(&proxied, 0.5));
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "accel": manager.accel().as_str(),
+                "create_rest_p50_ms": api_p50, "create_agent_p50_ms": agent_p50,
+                "control_plane_adds_p50_ms": api_p50 - agent_p50,
+                "list_page_p50_ms_sqlite": list_sqlite_ms, "list_page_p50_ms_postgres": list_postgres_ms,
+                "rows": args.rows,
+                "download_direct_mib_s": direct_mib_s, "download_proxied_mib_s": proxied_mib_s,
+            })
+        );
+    } else {
+        let mut table = comfy_table::Table::new();
+        table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+        table.set_header(["measure", "result"]);
+        table.add_row([
+            "create through the REST API, p50".to_string(),
+            format!("{api_p50:.0} ms"),
+        ]);
+        table.add_row([
+            "create straight through the agent, p50".to_string(),
+            format!("{agent_p50:.0} ms"),
+        ]);
+        table.add_row([
+            "the control plane adds, p50".to_string(),
+            format!("{:+.1} ms", api_p50 - agent_p50),
+        ]);
+        table.add_row([
+            format!(
+                "GET /v2/sandboxes page of 100, {} rows, SQLite, p50",
+                args.rows
+            ),
+            format!("{list_sqlite_ms:.1} ms"),
+        ]);
+        if let Some(ms) = list_postgres_ms {
+            table.add_row([
+                format!(
+                    "GET /v2/sandboxes page of 100, {} rows, PostgreSQL, p50",
+                    args.rows
+                ),
+                format!("{ms:.1} ms"),
+            ]);
+        }
+        table.add_row([
+            "256 MiB download, direct to the guest, median".to_string(),
+            format!("{direct_mib_s:.0} MiB/s"),
+        ]);
+        table.add_row([
+            "256 MiB download, through the proxy, median".to_string(),
+            format!("{proxied_mib_s:.0} MiB/s"),
+        ]);
+        println!("accel {}", manager.accel().as_str());
+        println!("{table}");
+    }
+    Ok(())
+}

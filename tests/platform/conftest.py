@@ -27,7 +27,11 @@ class Wrenn:
         self.proxy_port = free_port()
         self.mmds_port = free_port()
         self.log = open(os.path.join(self.data, "wrenn-up.log"), "wb")
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
         with open(os.path.join(self.data, "cp", "initial-api-key")) as f:
             self.key = f.read().strip()
 
@@ -89,6 +93,8 @@ class Wrenn:
         return json.loads(out.stdout)["key"]
 
     def stop(self):
+        if self.process.poll() is not None:
+            return
         self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(timeout=120)

@@ -720,6 +720,9 @@ pub(crate) async fn upload(
         "" | "identity" => false,
         "gzip" => true,
         other => {
+            // Refusals read the (bounded) body first, so the client sees the answer rather
+            // than a broken pipe while it is still sending.
+            crate::http::drain_body(body).await;
             return json_error(
                 StatusCode::BAD_REQUEST,
                 format!(
@@ -730,11 +733,15 @@ pub(crate) async fn upload(
     };
     let user = match files_user(&envd, &headers, &query) {
         Ok(user) => user,
-        Err(response) => return response,
+        Err(response) => {
+            crate::http::drain_body(body).await;
+            return response;
+        }
     };
     let metadata = match metadata_from_headers(&headers) {
         Ok(metadata) => metadata,
         Err(error) => {
+            crate::http::drain_body(body).await;
             return json_error(
                 StatusCode::BAD_REQUEST,
                 format!("invalid metadata: {error}"),
@@ -766,6 +773,11 @@ pub(crate) async fn upload(
     } else if media_type.starts_with("multipart/") {
         upload_multipart(&envd, &query, &user, &content_type, reader, &metadata).await
     } else {
+        // Read the (bounded) body first, so the client sees this answer, not a broken pipe.
+        let mut limited = reader.take(1024 * 1024);
+        let mut sink = tokio::io::sink();
+        let drained = tokio::io::copy(&mut limited, &mut sink);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drained).await;
         Err(json_error(
             StatusCode::BAD_REQUEST,
             format!(

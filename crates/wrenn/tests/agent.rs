@@ -117,11 +117,41 @@ impl Agent {
             .spawn()
             .expect("starting wrenn agent");
         self.child = Some(child);
+        // Ready means answering an authorised call, not just accepting connections.
         let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", self.api_port)).is_err() {
-            assert!(Instant::now() < deadline, "the agent did not listen");
+        while !self.answers() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten())
+            {
+                panic!("the agent exited while starting: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not answer within 60 s"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Whether `HostInfo` gets a 200 (a plain HTTP/1.1 call, blocking).
+    fn answers(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.api_port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let request = format!(
+            "POST /wrenn.agent.v1.HostAgent/HostInfo HTTP/1.1\r\nHost: agent\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}",
+            self.token
+        );
+        if stream.write_all(request.as_bytes()).is_err() {
+            return false;
+        }
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer.starts_with("HTTP/1.1 200")
     }
 
     /// SIGKILL: the agent gets no chance to clean up.

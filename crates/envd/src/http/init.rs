@@ -101,7 +101,8 @@ pub(crate) async fn init(
     }
 
     // The first /init after a restore: the connections from before the snapshot are zombies.
-    if envd.connections.awaiting_restore() {
+    let restored = envd.connections.awaiting_restore();
+    if restored {
         let sweep = envd.connections.complete_restore(connection.map(|c| c.0));
         tracing::info!(
             closed = sweep.closed,
@@ -145,10 +146,15 @@ pub(crate) async fn init(
             session.default_workdir = Some(workdir.into());
         }
     });
-    // A restored clone has a new identity: read it again, off the /init path.
+    // A restored clone has a new identity: it is read before /init answers, so the first
+    // command already sees it (E2B_SANDBOX_ID); other /inits refresh it in the background.
     if envd.mmds.is_some() {
-        let envd = envd.clone();
-        tokio::spawn(async move { envd.refresh_identity(MMDS_DEADLINE).await });
+        if restored {
+            envd.refresh_identity(MMDS_DEADLINE).await;
+        } else {
+            let envd = envd.clone();
+            tokio::spawn(async move { envd.refresh_identity(MMDS_DEADLINE).await });
+        }
     }
     respond(StatusCode::NO_CONTENT, "")
 }

@@ -240,10 +240,12 @@ async fn prepare_with_many_idle_connections_leaves_none() {
     while open_connections(envd.pid()) > baseline && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(
-        open_connections(envd.pid()),
-        baseline,
-        "envd kept sockets open"
+    // At most the baseline: a connection of the start-up health check may still have been open
+    // when the baseline was counted.
+    let remaining = open_connections(envd.pid());
+    assert!(
+        remaining <= baseline,
+        "envd kept sockets open: {remaining} now, {baseline} before the connections came"
     );
 }
 

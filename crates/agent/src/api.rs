@@ -156,7 +156,7 @@ pub fn sandbox_message(manager: &Manager, record: &SandboxRecord) -> pb::Sandbox
             .map(|slot| {
                 format!(
                     "{}:{}",
-                    crate::network::Slot::new("x", slot).address,
+                    crate::network::Slot::address_of(slot),
                     crate::manager::ENVD_PORT
                 )
             })

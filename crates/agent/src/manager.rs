@@ -136,7 +136,7 @@ fn now_ms() -> i64 {
 }
 
 fn envd_address(slot: u32) -> SocketAddr {
-    SocketAddr::new(Slot::new("x", slot).address.into(), ENVD_PORT)
+    SocketAddr::new(Slot::address_of(slot).into(), ENVD_PORT)
 }
 
 impl Manager {

@@ -96,8 +96,13 @@ impl Slot {
             veth_guest: format!("{prefix}g{index}"),
             host_ip: Ipv4Addr::from(transit + 1),
             namespace_ip: Ipv4Addr::from(transit + 2),
-            address: Ipv4Addr::from(SLOT_BASE + index),
+            address: Slot::address_of(index),
         }
+    }
+
+    /// The address by which the host reaches the guest of slot `index` (no names needed).
+    pub fn address_of(index: u32) -> Ipv4Addr {
+        Ipv4Addr::from(SLOT_BASE + index)
     }
 
     /// The slot index a slot address belongs to.

@@ -619,7 +619,7 @@ async fn metrics(
     let Some(slot) = record.slot else {
         return Ok(axum::Json(Vec::<Value>::new()).into_response());
     };
-    let address = wrenn_agent::network::Slot::new("x", slot).address;
+    let address = wrenn_agent::network::Slot::address_of(slot);
     let metrics = crate::envd_metrics(
         address,
         row.envd_access_token.as_deref(),

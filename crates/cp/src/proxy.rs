@@ -98,9 +98,7 @@ fn guest_address(plane: &ControlPlane, sandbox_id: &str) -> Option<Ipv4Addr> {
     if record.state != wrenn_agent::store::SandboxState::Running {
         return None;
     }
-    record
-        .slot
-        .map(|slot| wrenn_agent::network::Slot::new("x", slot).address)
+    record.slot.map(wrenn_agent::network::Slot::address_of)
 }
 
 async fn forward(

@@ -222,12 +222,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             headroom_mib: 1024,
             force: false,
         };
-        let image_dir = image_dir.clone();
         tokio::task::spawn_blocking(move || {
             wrenn_image::build(&options, &mut wrenn_image::progress::Progress::stderr())
         })
         .await??;
-        let _ = image_dir;
     }
     let config = AgentConfig {
         data_dir: args.data_dir.join("agent"),

@@ -331,9 +331,7 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
         .to_string();
     let record = manager.get(&id)?;
     let guest = SocketAddr::new(
-        wrenn_agent::network::Slot::new("x", record.slot.context("no slot")?)
-            .address
-            .into(),
+        wrenn_agent::network::Slot::address_of(record.slot.context("no slot")?).into(),
         49983,
     );
     // A 256 MiB file, uploaded once through envd's /files, then read both ways.

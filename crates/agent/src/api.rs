@@ -330,42 +330,25 @@ async fn host_info(
     manager: Arc<Manager>,
     _: pb::HostInfoRequest,
 ) -> Result<pb::HostInfoResponse, AgentError> {
-    let (running, paused, committed) = manager.counts();
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let meminfo_kib = |key: &str| -> u64 {
-        meminfo
-            .lines()
-            .find(|line| line.starts_with(key))
-            .and_then(|line| line.split_whitespace().nth(1))
-            .and_then(|value| value.parse().ok())
-            .unwrap_or(0)
-    };
-    let disk_available = nix::sys::statvfs::statvfs(&manager.config().data_dir)
-        .map(|stats| stats.blocks_available() * stats.fragment_size())
-        .unwrap_or(0);
-    let own_rss = wrenn_vmm::process::usage(std::process::id())
-        .map(|u| u.rss_bytes)
-        .unwrap_or(0);
+    let report = crate::join::report(&manager);
     Ok(pb::HostInfoResponse {
-        agent_version: env!("CARGO_PKG_VERSION").into(),
-        vmm: manager.vmm_name().into(),
-        accel: manager.accel().as_str().into(),
-        cpus: std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1),
-        memory_bytes: meminfo_kib("MemTotal:") * 1024,
-        memory_available_bytes: meminfo_kib("MemAvailable:") * 1024,
-        sandboxes_running: running,
-        sandboxes_paused: paused,
-        memory_committed_mib: committed,
-        slots_total: manager.slots.config().capacity,
-        slots_in_use: manager.slots.in_use(),
-        disk_available_bytes: disk_available,
-        templates: manager
-            .list_templates()
+        agent_version: report.agent_version,
+        vmm: report.vmm,
+        accel: report.accel,
+        cpus: report.cpus,
+        memory_bytes: report.memory_bytes,
+        memory_available_bytes: report.memory_available_bytes,
+        sandboxes_running: report.sandboxes_running,
+        sandboxes_paused: report.sandboxes_paused,
+        memory_committed_mib: report.memory_committed_mib,
+        slots_total: report.slots_total,
+        slots_in_use: report.slots_in_use,
+        disk_available_bytes: report.disk_available_bytes,
+        templates: report
+            .templates
             .into_iter()
             .map(|t| t.template_id)
             .collect(),
-        agent_rss_bytes: own_rss,
+        agent_rss_bytes: report.agent_rss_bytes,
     })
 }

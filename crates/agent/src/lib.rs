@@ -4,15 +4,19 @@
 //! - [`network`]: network namespaces with veth, tap and NAT, pooled and recycled;
 //! - [`disk`]: copy-on-write disks; [`store`]: state on disk;
 //! - [`mmds`]: the metadata service for guests of VMMs that have none (QEMU);
-//! - [`envd_client`]: the agent's calls to envd; [`api`]: the Connect API.
+//! - [`envd_client`]: the agent's calls to envd; [`api`]: the Connect API;
+//! - [`proxy`]: forwarding to guest ports, and the agent's sandbox proxy;
+//! - [`join`]: registering with a control plane and heartbeating capacity.
 
 pub mod api;
 pub mod disk;
 pub mod envd_client;
 pub mod error;
+pub mod join;
 pub mod manager;
 pub mod mmds;
 pub mod network;
+pub mod proxy;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -21,36 +25,44 @@ use std::sync::Arc;
 pub use error::AgentError;
 pub use manager::{AgentConfig, Manager};
 
-/// Serves the agent's API on `api` and its metadata service on `mmds` until `shutdown`.
+/// The agent's listeners.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The Connect API.
+    pub api: tokio::net::TcpListener,
+    /// The metadata service guests reach as 169.254.169.254.
+    pub mmds: tokio::net::TcpListener,
+    /// The sandbox proxy the control plane's edge proxy forwards to.
+    pub proxy: tokio::net::TcpListener,
+}
+
+/// Serves the agent's API, metadata service and sandbox proxy until `shutdown`.
 pub async fn serve(
     manager: Arc<Manager>,
-    api: tokio::net::TcpListener,
-    mmds: tokio::net::TcpListener,
+    listeners: Listeners,
     token: &str,
     timeouts: wrenn_envd::server::ServerTimeouts,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut mmds_stop = stop_rx.clone();
-    let mmds_server = tokio::spawn(wrenn_envd::server::serve(
-        mmds,
-        manager.mmds.router(),
-        Arc::new(wrenn_envd::server::ConnectionTracker::default()),
-        timeouts.clone(),
-        async move {
-            let _ = mmds_stop.wait_for(|stop| *stop).await;
-        },
-    ));
-    let api_server = wrenn_envd::server::serve(
-        api,
-        api::router(manager.clone(), token),
-        Arc::new(wrenn_envd::server::ConnectionTracker::default()),
-        timeouts,
-        shutdown,
-    );
-    api_server.await;
+    let spawn = |listener: tokio::net::TcpListener, router: axum::Router| {
+        let mut stop = stop_rx.clone();
+        tokio::spawn(wrenn_envd::server::serve(
+            listener,
+            router,
+            Arc::new(wrenn_envd::server::ConnectionTracker::default()),
+            timeouts.clone(),
+            async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            },
+        ))
+    };
+    let mmds_server = spawn(listeners.mmds, manager.mmds.router());
+    let proxy_server = spawn(listeners.proxy, proxy::router(manager.clone(), token));
+    let api_server = spawn(listeners.api, api::router(manager.clone(), token));
+    shutdown.await;
     let _ = stop_tx.send(true);
-    let _ = mmds_server.await;
+    let _ = tokio::join!(api_server, proxy_server, mmds_server);
 }
 
 /// The address the MMDS listens on: every host-side veth address, one port.

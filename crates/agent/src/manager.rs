@@ -909,24 +909,6 @@ impl Manager {
     pub async fn shutdown(&self) {
         self.slots.delete_ready().await;
     }
-
-    /// Sandboxes running and paused, and the guest memory promised to running ones.
-    pub fn counts(&self) -> (u32, u32, u64) {
-        let records = self.list();
-        let running: Vec<_> = records
-            .iter()
-            .filter(|r| r.state == SandboxState::Running)
-            .collect();
-        let paused = records
-            .iter()
-            .filter(|r| r.state == SandboxState::Paused)
-            .count() as u32;
-        let committed = running
-            .iter()
-            .map(|r| u64::from(r.machine.memory_mib))
-            .sum();
-        (running.len() as u32, paused, committed)
-    }
 }
 
 /// Kills VMM processes started for this data directory that no adopted sandbox owns.

@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use wrenn_agent::join::{HostReport, RegisterRequest};
 use wrenn_agent::manager::CreateOptions;
 
 use crate::ControlPlane;
@@ -42,6 +43,17 @@ impl ApiError {
     }
     fn not_found(id: &str) -> Self {
         Self::new(StatusCode::NOT_FOUND, format!("sandbox \"{id}\" not found"))
+    }
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+    /// Puts `text` before the message (to name the host an error came from).
+    pub fn prefix(&mut self, text: &str) {
+        self.message.insert_str(0, text);
     }
 }
 
@@ -93,7 +105,10 @@ pub fn router(plane: Arc<ControlPlane>) -> Router {
         .route("/sandboxes/{id}/metrics", get(metrics))
         .route("/templates", get(list_templates))
         .route("/templates/aliases/{alias}", get(template_alias))
+        .route("/hosts", get(list_hosts))
         .layer(middleware::from_fn_with_state(plane.clone(), require_key))
+        .route("/hosts/register", post(register_host))
+        .route("/hosts/{id}/heartbeat", post(host_heartbeat))
         .route("/health", get(|| async { StatusCode::NO_CONTENT }))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
@@ -162,7 +177,7 @@ fn listed_body(plane: &ControlPlane, row: &SandboxRow, detail: bool) -> Value {
         "endAt": rfc3339(row.end_at_ms),
         "cpuCount": row.cpu_count,
         "memoryMB": row.memory_mb,
-        "diskSizeMB": plane.disk_size_mb,
+        "diskSizeMB": disk_size_mb(plane, &row.template_id),
         "state": row.state,
         "envdVersion": row.envd_version,
         "metadata": row.metadata,
@@ -184,8 +199,34 @@ fn listed_body(plane: &ControlPlane, row: &SandboxRow, detail: bool) -> Value {
     body
 }
 
-/// A sandbox of the caller's team (the legacy `<id>-<clientID>` form accepted).
+fn disk_size_mb(plane: &ControlPlane, template_id: &str) -> u64 {
+    plane
+        .fleet
+        .templates()
+        .iter()
+        .find(|t| t.template_id == template_id)
+        .map(|t| t.disk_size_mb)
+        .unwrap_or(0)
+}
+
+/// A sandbox of the caller's team (the legacy `<id>-<clientID>` form accepted), running or
+/// paused: a lost one (its host went down) is not found, with the reason.
 async fn owned(plane: &ControlPlane, team: &TeamId, id: &str) -> Result<SandboxRow, ApiError> {
+    let row = owned_any(plane, team, id).await?;
+    if row.state == "lost" {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "sandbox \"{}\" was lost: its host stopped answering (kill it to forget it)",
+                row.id
+            ),
+        ));
+    }
+    Ok(row)
+}
+
+/// A sandbox of the caller's team in any state, lost included.
+async fn owned_any(plane: &ControlPlane, team: &TeamId, id: &str) -> Result<SandboxRow, ApiError> {
     let id = id.split('-').next().unwrap_or(id);
     match plane.store.sandbox(id).await? {
         Some(row) if row.team_id == team.0 => Ok(row),
@@ -235,6 +276,7 @@ async fn create_sandbox(
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
+    let handler_started = std::time::Instant::now();
     let request: NewSandbox = body_json(&body)?;
     // A retried create (same Idempotency-Key) gets the sandbox the first one made.
     let idempotency = headers
@@ -261,33 +303,44 @@ async fn create_sandbox(
         .template_id
         .filter(|t| !t.is_empty())
         .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "templateID is required"))?;
-    let template = plane
-        .manager
-        .list_templates()
-        .into_iter()
-        .find(|t| t.template_id == requested)
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("template '{requested}' not found"),
-            )
-        })?;
     let timeout = check_timeout(request.timeout.unwrap_or(15))?;
     let id = auth::random_id(20);
     let token = request.secure.unwrap_or(false).then(auth::random_token);
     let allow_internet = request.allow_internet_access.unwrap_or(true) && plane.internet;
     let metadata = request.metadata.unwrap_or_default();
-    let options = CreateOptions {
-        template_id: template.template_id.clone(),
-        sandbox_id: Some(id.clone()),
-        env_vars: request.env_vars.unwrap_or_default(),
-        access_token: token.clone(),
-        allow_internet,
-        metadata: metadata.clone(),
-        ready_timeout: None,
-        init_timeout: None,
+    let env_vars = request.env_vars.unwrap_or_default();
+    // A host that cannot take it (full, or not answering) passes it to the next one.
+    let mut excluded = Vec::new();
+    let mut agent_time = Duration::ZERO;
+    let placed = loop {
+        let placed = plane.fleet.place(&requested, &excluded)?;
+        let options = CreateOptions {
+            template_id: placed.template.template_id.clone(),
+            sandbox_id: Some(id.clone()),
+            env_vars: env_vars.clone(),
+            access_token: token.clone(),
+            allow_internet,
+            metadata: metadata.clone(),
+            ready_timeout: None,
+            init_timeout: None,
+        };
+        let host = placed.host.row();
+        let agent_started = std::time::Instant::now();
+        let created = placed.host.link.create(&host.name, options).await;
+        agent_time += agent_started.elapsed();
+        match created {
+            Ok(()) => break placed,
+            Err(error)
+                if error.status() == StatusCode::SERVICE_UNAVAILABLE && excluded.len() < 2 =>
+            {
+                tracing::warn!(host = %host.name, error = error.message(), "create failed on a host: trying another");
+                excluded.push(host.id);
+            }
+            Err(error) => return Err(error),
+        }
     };
-    plane.manager.create(options).await?;
+    plane.fleet.created(&placed, &id);
+    let template = &placed.template;
     let now = now_ms();
     let row = SandboxRow {
         id: id.clone(),
@@ -301,12 +354,14 @@ async fn create_sandbox(
         envd_access_token: token,
         auto_pause: request.auto_pause.unwrap_or(false),
         allow_internet,
-        cpu_count: template.machine.vcpus,
-        memory_mb: template.machine.memory_mib,
+        cpu_count: template.vcpus,
+        memory_mb: template.memory_mib,
         envd_version: template.envd_version.clone(),
+        host_id: placed.host.id(),
     };
     if let Err(error) = plane.store.put_sandbox(row.clone()).await {
-        let _ = plane.manager.destroy(&id).await;
+        let _ = placed.host.link.destroy(&placed.host.row().name, &id).await;
+        plane.fleet.forget(&id);
         return Err(error.into());
     }
     if let Some(key) = idempotency {
@@ -316,8 +371,19 @@ async fn create_sandbox(
         }
         remembered.insert(key, id.clone());
     }
-    tracing::info!(sandbox = %id, template = %template.template_id, "sandbox created");
-    Ok((StatusCode::CREATED, axum::Json(sandbox_body(&plane, &row))).into_response())
+    tracing::info!(sandbox = %id, template = %template.template_id, host = %row.host_id, "sandbox created");
+    let mut response =
+        (StatusCode::CREATED, axum::Json(sandbox_body(&plane, &row))).into_response();
+    // The agent's share of the create and the handler's whole time, for `wrenn bench api`.
+    let timing = format!(
+        "agent;dur={:.3}, total;dur={:.3}",
+        agent_time.as_secs_f64() * 1000.0,
+        handler_started.elapsed().as_secs_f64() * 1000.0
+    );
+    if let Ok(value) = HeaderValue::from_str(&timing) {
+        response.headers_mut().insert("server-timing", value);
+    }
+    Ok(response)
 }
 
 /// Parses E2B's metadata filter: the whole value URL-decoded, split on `&` and `=`, and each
@@ -494,8 +560,8 @@ async fn kill_sandbox(
     axum::Extension(team): axum::Extension<TeamId>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let row = owned(&plane, &team, &id).await?;
-    plane.kill(&row.id).await?;
+    let row = owned_any(&plane, &team, &id).await?;
+    plane.kill(&row).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -615,13 +681,15 @@ async fn metrics(
     if row.state != "running" {
         return Ok(axum::Json(Vec::<Value>::new()).into_response());
     }
-    let record = plane.manager.get(&row.id)?;
-    let Some(slot) = record.slot else {
+    let Some(route) = plane
+        .fleet
+        .route(&plane.store, &row.id, wrenn_agent::manager::ENVD_PORT)
+        .await
+    else {
         return Ok(axum::Json(Vec::<Value>::new()).into_response());
     };
-    let address = wrenn_agent::network::Slot::address_of(slot);
     let metrics = crate::envd_metrics(
-        address,
+        &route,
         row.envd_access_token.as_deref(),
         Duration::from_secs(5),
     )
@@ -646,16 +714,16 @@ async fn metrics(
 
 async fn list_templates(State(plane): State<Arc<ControlPlane>>) -> Response {
     let templates: Vec<Value> = plane
-        .manager
-        .list_templates()
+        .fleet
+        .templates()
         .iter()
         .map(|t| {
             json!({
                 "templateID": t.template_id,
                 "buildID": t.image_key.get(..16).unwrap_or(""),
-                "cpuCount": t.machine.vcpus,
-                "memoryMB": t.machine.memory_mib,
-                "diskSizeMB": plane.disk_size_mb,
+                "cpuCount": t.vcpus,
+                "memoryMB": t.memory_mib,
+                "diskSizeMB": t.disk_size_mb,
                 "public": true,
                 "aliases": [t.template_id],
                 "names": [t.template_id],
@@ -677,8 +745,8 @@ async fn template_alias(
     Path(alias): Path<String>,
 ) -> Result<Response, ApiError> {
     plane
-        .manager
-        .list_templates()
+        .fleet
+        .templates()
         .iter()
         .find(|t| t.template_id == alias)
         .map(|t| axum::Json(json!({ "templateID": t.template_id, "public": true })).into_response())
@@ -688,6 +756,76 @@ async fn template_alias(
                 format!("template alias '{alias}' not found"),
             )
         })
+}
+
+fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// `POST /hosts/register`: an agent joins with the join token.
+async fn register_host(
+    State(plane): State<Arc<ControlPlane>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let request: RegisterRequest = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid registration: {error}"),
+        )
+    })?;
+    let (answer, _) = plane
+        .fleet
+        .register(&plane.store, bearer(&headers), request)
+        .await?;
+    let _ = plane.reconcile_now.try_send(answer.host_id.clone());
+    Ok(axum::Json(answer).into_response())
+}
+
+/// `POST /hosts/{id}/heartbeat`: a host's report, with its heartbeat token.
+async fn host_heartbeat(
+    State(plane): State<Arc<ControlPlane>>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let report: HostReport = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::new(StatusCode::BAD_REQUEST, format!("invalid report: {error}"))
+    })?;
+    let came_back = plane
+        .fleet
+        .heartbeat(&plane.store, &id, bearer(&headers), report)
+        .await?;
+    if came_back {
+        let _ = plane.reconcile_now.try_send(id);
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `GET /hosts`: the fleet, with each host's last report.
+async fn list_hosts(State(plane): State<Arc<ControlPlane>>) -> Response {
+    let hosts: Vec<Value> = plane
+        .fleet
+        .hosts()
+        .iter()
+        .map(|host| {
+            let row = host.row();
+            json!({
+                "hostID": row.id,
+                "name": row.name,
+                "state": row.state,
+                "embedded": row.api_url == crate::store::EMBEDDED_API_URL,
+                "apiURL": row.api_url,
+                "lastHeartbeatAt": rfc3339(row.last_heartbeat_ms),
+                "registeredAt": rfc3339(row.registered_at_ms),
+                "report": row.report,
+            })
+        })
+        .collect();
+    axum::Json(json!({ "placement": plane.fleet.placement_name(), "hosts": hosts })).into_response()
 }
 
 #[cfg(test)]
@@ -720,6 +858,7 @@ mod tests {
             cpu_count: 1,
             memory_mb: 512,
             envd_version: "0.6.4".into(),
+            host_id: "local".into(),
         };
         assert_eq!(
             decode_token(&encode_token(&row)).unwrap(),

@@ -1,52 +1,86 @@
 //! wrenn's control plane: the E2B-compatible REST API ([`api`]) over a store ([`store`]) of
-//! teams, hashed API keys ([`auth`]) and sandboxes, sandbox lifecycles (end times, kill or pause
-//! on timeout), and the edge proxy ([`proxy`]) to sandbox ports. Today it drives one host agent
-//! embedded in the same process (`wrenn up`).
+//! teams, hashed API keys ([`auth`]), hosts and sandboxes; the fleet of host agents
+//! ([`fleet`]: registration, heartbeats, placement, reconciliation); sandbox lifecycles (end
+//! times, kill or pause on timeout); and the edge proxy ([`proxy`]) to sandbox ports.
 
 pub mod api;
 pub mod auth;
+pub mod fleet;
 pub mod proxy;
 pub mod store;
 pub mod store_pg;
 
-use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use wrenn_agent::Manager;
-
 use crate::api::ApiError;
+use crate::fleet::Fleet;
 use crate::store::{SandboxRow, Store};
 
-/// The control plane's state, shared by the API, the proxy and the lifecycle loop.
+/// The control plane's state, shared by the API, the proxy and the background loops.
 #[derive(Debug)]
 pub struct ControlPlane {
     pub store: Store,
-    pub manager: Arc<Manager>,
+    pub fleet: Fleet,
     /// The domain sandboxes are reached under, returned to the SDKs (`domain`).
     pub domain: Option<String>,
-    /// Whether sandboxes may reach the internet at all on this host.
+    /// Whether sandboxes may reach the internet at all.
     pub internet: bool,
-    pub disk_size_mb: u64,
     /// Creates by (team, Idempotency-Key): the sandbox each made.
     pub idempotency: std::sync::Mutex<std::collections::HashMap<(String, String), String>>,
+    /// Asks the fleet loop to reconcile a host now (it registered or came back).
+    pub reconcile_now: tokio::sync::mpsc::Sender<String>,
 }
 
 impl ControlPlane {
-    /// Kills a sandbox: its VM and its record.
-    pub async fn kill(&self, id: &str) -> Result<(), ApiError> {
-        match self.manager.destroy(id).await {
-            Ok(()) | Err(wrenn_agent::AgentError::NotFound(_)) => {}
-            Err(error) => return Err(error.into()),
+    /// A control plane over `store` and `fleet`; the receiver goes to [`Self::run_fleet`].
+    pub fn new(
+        store: Store,
+        fleet: Fleet,
+        domain: Option<String>,
+        internet: bool,
+    ) -> (ControlPlane, tokio::sync::mpsc::Receiver<String>) {
+        let (reconcile_now, wake) = tokio::sync::mpsc::channel(64);
+        let plane = ControlPlane {
+            store,
+            fleet,
+            domain,
+            internet,
+            idempotency: Default::default(),
+            reconcile_now,
+        };
+        (plane, wake)
+    }
+
+    /// Kills the sandbox with this id, if there is one: whether there was.
+    pub async fn kill_by_id(&self, id: &str) -> Result<bool, ApiError> {
+        match self.store.sandbox(id).await? {
+            Some(row) => self.kill(&row).await.map(|()| true),
+            None => Ok(false),
         }
-        self.store.delete_sandbox(id).await?;
-        tracing::info!(sandbox = id, "sandbox killed");
+    }
+
+    /// Kills a sandbox: its VM (when its host is up; a lost sandbox's host may be gone for
+    /// good) and its record.
+    pub async fn kill(&self, row: &SandboxRow) -> Result<(), ApiError> {
+        if let Some(host) = self.fleet.host(&row.host_id)
+            && host.is_up()
+        {
+            host.link.destroy(&host.row().name, &row.id).await?;
+        } else if row.state != "lost" {
+            self.fleet.up_host(row)?;
+        }
+        self.fleet.forget(&row.id);
+        self.store.delete_sandbox(&row.id).await?;
+        tracing::info!(sandbox = %row.id, "sandbox killed");
         Ok(())
     }
 
     /// Pauses a running sandbox.
     pub async fn pause(&self, row: &SandboxRow) -> Result<(), ApiError> {
-        self.manager.pause(&row.id).await?;
+        let host = self.fleet.up_host(row)?;
+        self.fleet.forget(&row.id);
+        host.link.pause(&host.row().name, &row.id).await?;
         self.store
             .set_state(&row.id, "paused", row.end_at_ms)
             .await?;
@@ -60,7 +94,8 @@ impl ControlPlane {
         end_at_ms: i64,
         auto_pause: Option<bool>,
     ) -> Result<SandboxRow, ApiError> {
-        self.manager.resume(&row.id, None, None, None).await?;
+        let host = self.fleet.up_host(row)?;
+        host.link.resume(&host.row().name, &row.id).await?;
         let mut row = row.clone();
         row.state = "running".into();
         row.end_at_ms = end_at_ms;
@@ -90,7 +125,7 @@ impl ControlPlane {
                     self.pause(&row).await
                 } else {
                     tracing::info!(sandbox = %row.id, "timeout: killing");
-                    self.kill(&row.id).await
+                    self.kill(&row).await
                 };
                 if let Err(error) = outcome {
                     tracing::warn!(sandbox = %row.id, ?error, "lifecycle action failed");
@@ -98,36 +133,65 @@ impl ControlPlane {
             }
         }
     }
+
+    /// Watches heartbeats (half the interval) and reconciles every up host (each
+    /// `reconcile_interval`, and at once when a host registers or comes back). Runs until the
+    /// process ends.
+    pub async fn run_fleet(self: Arc<Self>, mut wake: tokio::sync::mpsc::Receiver<String>) {
+        let tick = (self.fleet.config.heartbeat_interval / 2).max(Duration::from_millis(100));
+        let mut heartbeats = tokio::time::interval(tick);
+        let mut reconcile = tokio::time::interval(self.fleet.config.reconcile_interval);
+        loop {
+            tokio::select! {
+                _ = heartbeats.tick() => self.fleet.check_heartbeats(&self.store).await,
+                _ = reconcile.tick() => {
+                    for host in self.fleet.hosts() {
+                        if host.is_up() {
+                            self.reconcile(&host).await;
+                        }
+                    }
+                }
+                Some(host_id) = wake.recv() => {
+                    if let Some(host) = self.fleet.host(&host_id) {
+                        self.reconcile(&host).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn reconcile(&self, host: &fleet::Host) {
+        match fleet::reconcile_host(&self.store, &self.fleet, host).await {
+            Ok(done) if done != fleet::Reconciled::default() => {
+                tracing::info!(host = %host.row().name, ?done, "reconciled");
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(host = %host.row().name, ?error, "cannot reconcile the host");
+            }
+        }
+    }
 }
 
 /// envd's `/metrics` of a guest, if it answers.
 pub async fn envd_metrics(
-    address: Ipv4Addr,
+    route: &fleet::GuestRoute,
     token: Option<&str>,
     timeout: Duration,
 ) -> Option<serde_json::Value> {
     use http_body_util::BodyExt;
     let attempt = async {
-        let stream = tokio::net::TcpStream::connect((address, 49983))
-            .await
-            .ok()?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .ok()?;
-        tokio::spawn(connection);
-        let mut request = http::Request::get("/metrics").header("host", format!("{address}:49983"));
+        let mut request = http::Request::get("/metrics").header("host", "envd");
         if let Some(token) = token {
             request = request.header("x-access-token", token);
         }
-        let response = sender
-            .send_request(
-                request
-                    .body(http_body_util::Empty::<bytes::Bytes>::new())
-                    .ok()?,
-            )
+        let response = route
+            .forward(request.body(axum::body::Body::empty()).ok()?)
             .await
             .ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
         let body = response.into_body().collect().await.ok()?.to_bytes();
         serde_json::from_slice(&body).ok()
     };

@@ -1,17 +1,19 @@
 //! The edge proxy to sandbox ports (`e2b-compat.md` §3): a request names its sandbox and port by
 //! host (`<port>-<sandboxID>.<domain>`) or, when the host is `localhost`, an IP address or
 //! `sandbox.*`, by the `E2b-Sandbox-Id` and `E2b-Sandbox-Port` headers. It is streamed both ways
-//! without buffering to the guest's port (envd forwards the guest's loopback ports there),
-//! WebSocket and other upgrades included. envd's internal routes are refused.
+//! without buffering to the guest's port (envd forwards the guest's loopback ports there):
+//! straight to the guest when its host is this machine, else through the sandbox proxy of the
+//! agent on its host. HTTP/1.1 with upgrades (WebSocket) and HTTP/2 with prior knowledge (h2c)
+//! both pass. envd's internal routes are refused.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{HeaderValue, Request, StatusCode, header};
+use axum::http::{HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
+use wrenn_agent::proxy::{SANDBOX_NOT_FOUND, bad_gateway};
 
 use crate::ControlPlane;
 
@@ -84,23 +86,6 @@ pub fn router(plane: Arc<ControlPlane>) -> axum::Router {
     axum::Router::new().fallback(forward).with_state(plane)
 }
 
-fn bad_gateway(sandbox_id: &str, message: &str, port: Option<u16>) -> Response {
-    let mut body = json!({ "sandboxId": sandbox_id, "message": message, "code": 502 });
-    if let Some(port) = port {
-        body["port"] = json!(port);
-    }
-    (StatusCode::BAD_GATEWAY, axum::Json(body)).into_response()
-}
-
-/// The guest address of a running sandbox.
-fn guest_address(plane: &ControlPlane, sandbox_id: &str) -> Option<Ipv4Addr> {
-    let record = plane.manager.get(sandbox_id).ok()?;
-    if record.state != wrenn_agent::store::SandboxState::Running {
-        return None;
-    }
-    record.slot.map(wrenn_agent::network::Slot::address_of)
-}
-
 async fn forward(
     axum::extract::State(plane): axum::extract::State<Arc<ControlPlane>>,
     mut request: Request<Body>,
@@ -114,7 +99,7 @@ async fn forward(
                 .map(str::to_string)
         };
         (
-            header_text("host").or_else(|| request.uri().host().map(str::to_string)),
+            header_text("host").or_else(|| request.uri().authority().map(|a| a.to_string())),
             header_text("e2b-sandbox-id"),
             header_text("e2b-sandbox-port"),
         )
@@ -134,75 +119,23 @@ async fn forward(
         )
             .into_response();
     }
-    let Some(address) = guest_address(&plane, &target.sandbox_id) else {
-        return bad_gateway(&target.sandbox_id, "The sandbox was not found", None);
+    let Some(guest) = plane
+        .fleet
+        .route(&plane.store, &target.sandbox_id, target.port)
+        .await
+    else {
+        return bad_gateway(&target.sandbox_id, SANDBOX_NOT_FOUND, None);
     };
-    let stream = match tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect((address, target.port)),
-    )
-    .await
-    {
-        Ok(Ok(stream)) => stream,
-        _ => {
-            return bad_gateway(
-                &target.sandbox_id,
-                "The sandbox is running but port is not open",
-                Some(target.port),
-            );
-        }
-    };
-    let _ = stream.set_nodelay(true);
-    let (mut sender, connection) =
-        match hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await {
-            Ok(pair) => pair,
-            Err(_) => {
-                return bad_gateway(
-                    &target.sandbox_id,
-                    "The sandbox is running but port is not open",
-                    Some(target.port),
-                );
-            }
-        };
-    tokio::spawn(connection.with_upgrades());
-    let wants_upgrade = request.headers().contains_key(header::UPGRADE);
-    let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut request));
-    let path = request
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
-    *request.uri_mut() = path.parse().unwrap_or_default();
     if let Some(original) = host
         .as_deref()
         .and_then(|host| HeaderValue::from_str(host).ok())
     {
         request.headers_mut().insert("x-forwarded-host", original);
     }
-    let mut response = match sender.send_request(request).await {
+    match guest.forward(request).await {
         Ok(response) => response,
-        Err(error) => {
-            tracing::debug!(%error, sandbox = %target.sandbox_id, "proxied request failed");
-            return bad_gateway(
-                &target.sandbox_id,
-                "The sandbox closed the connection",
-                Some(target.port),
-            );
-        }
-    };
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS
-        && let Some(client_upgrade) = client_upgrade
-    {
-        let server_upgrade = hyper::upgrade::on(&mut response);
-        tokio::spawn(async move {
-            if let (Ok(client), Ok(server)) = (client_upgrade.await, server_upgrade.await) {
-                let mut client = hyper_util::rt::TokioIo::new(client);
-                let mut server = hyper_util::rt::TokioIo::new(server);
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-            }
-        });
+        Err(error) => bad_gateway(&target.sandbox_id, error.message(), Some(target.port)),
     }
-    response.map(Body::new)
 }
 
 #[cfg(test)]

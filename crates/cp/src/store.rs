@@ -1,4 +1,4 @@
-//! The control plane's store: teams, API keys (hashed) and sandboxes. SQLite in a file of the
+//! The control plane's store: teams, API keys (hashed), host agents and sandboxes. SQLite in a file of the
 //! data directory by default (WAL, no setup; calls run on the blocking pool over one connection,
 //! which SQLite's single writer needs anyway), or PostgreSQL when a `DATABASE_URL` names one
 //! ([`crate::store_pg`]). Both apply their migrations when opened and answer the same calls.
@@ -59,7 +59,33 @@ pub struct SandboxRow {
     pub cpu_count: u32,
     pub memory_mb: u32,
     pub envd_version: String,
+    /// The host agent the sandbox lives on.
+    pub host_id: String,
 }
+
+/// A host agent of the fleet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRow {
+    pub id: String,
+    /// Unique in the fleet: an agent registering again under it replaces the entry.
+    pub name: String,
+    /// The agent's Connect API (`http://host:port`), or [`EMBEDDED_API_URL`].
+    pub api_url: String,
+    /// The agent's sandbox proxy (`host:port`).
+    pub proxy_address: String,
+    /// The bearer token of the agent's API and proxy.
+    pub agent_token: String,
+    /// SHA-256 of the token the agent's heartbeats carry.
+    pub heartbeat_hash: String,
+    /// `up` or `down`.
+    pub state: String,
+    pub report: wrenn_agent::join::HostReport,
+    pub last_heartbeat_ms: i64,
+    pub registered_at_ms: i64,
+}
+
+/// The `api_url` of the agent embedded in the control plane's own process (`wrenn up`).
+pub const EMBEDDED_API_URL: &str = "embedded:";
 
 /// One page of a sandbox listing.
 #[derive(Debug, Clone, Default)]
@@ -75,7 +101,8 @@ pub struct ListQuery {
     pub after: Option<(i64, String)>,
 }
 
-const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS teams (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS teams (
         id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, created_at_ms INTEGER NOT NULL);
      CREATE TABLE IF NOT EXISTS api_keys (
         id TEXT PRIMARY KEY, team_id TEXT NOT NULL REFERENCES teams(id), name TEXT NOT NULL,
@@ -88,7 +115,15 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS teams (
         allow_internet INTEGER NOT NULL, cpu_count INTEGER NOT NULL, memory_mb INTEGER NOT NULL,
         envd_version TEXT NOT NULL);
      CREATE INDEX IF NOT EXISTS sandboxes_by_team ON sandboxes (team_id, started_at_ms, id);
-     CREATE INDEX IF NOT EXISTS sandboxes_by_end ON sandboxes (end_at_ms);"];
+     CREATE INDEX IF NOT EXISTS sandboxes_by_end ON sandboxes (end_at_ms);",
+    "CREATE TABLE IF NOT EXISTS hosts (
+        id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, api_url TEXT NOT NULL,
+        proxy_address TEXT NOT NULL, agent_token TEXT NOT NULL, heartbeat_hash TEXT NOT NULL,
+        state TEXT NOT NULL, report TEXT NOT NULL, last_heartbeat_ms INTEGER NOT NULL,
+        registered_at_ms INTEGER NOT NULL);
+     ALTER TABLE sandboxes ADD COLUMN host_id TEXT NOT NULL DEFAULT 'local';
+     CREATE INDEX IF NOT EXISTS sandboxes_by_host ON sandboxes (host_id);",
+];
 
 /// The SQLite store.
 #[derive(Debug, Clone)]
@@ -226,11 +261,11 @@ impl SqliteStore {
         self.with(move |db| {
             db.execute(
                 "INSERT INTO sandboxes (id, team_id, template_id, alias, state, started_at_ms, end_at_ms, metadata,
-                    envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                    envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version, host_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
                  ON CONFLICT (id) DO UPDATE SET state = excluded.state, end_at_ms = excluded.end_at_ms,
                     started_at_ms = excluded.started_at_ms, envd_access_token = excluded.envd_access_token,
-                    auto_pause = excluded.auto_pause",
+                    auto_pause = excluded.auto_pause, host_id = excluded.host_id",
                 params![
                     sandbox.id,
                     sandbox.team_id,
@@ -245,7 +280,8 @@ impl SqliteStore {
                     sandbox.allow_internet,
                     sandbox.cpu_count,
                     sandbox.memory_mb,
-                    sandbox.envd_version
+                    sandbox.envd_version,
+                    sandbox.host_id
                 ],
             )
             .map(drop)
@@ -304,6 +340,100 @@ impl SqliteStore {
         self.with(move |db| {
             let mut statement = db.prepare(SELECT_SANDBOX)?;
             let rows = statement.query_map([], sandbox_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Sets a sandbox's state if it is still `from`: whether it was.
+    pub async fn set_state_if(&self, id: &str, from: &str, to: &str) -> Result<bool, StoreError> {
+        let (id, from, to) = (id.to_string(), from.to_string(), to.to_string());
+        self.with(move |db| {
+            db.execute(
+                "UPDATE sandboxes SET state = ?3 WHERE id = ?1 AND state = ?2",
+                params![id, from, to],
+            )
+            .map(|n| n == 1)
+        })
+        .await
+    }
+
+    /// Every sandbox of a host, whatever its state.
+    pub async fn sandboxes_on_host(&self, host_id: &str) -> Result<Vec<SandboxRow>, StoreError> {
+        let host_id = host_id.to_string();
+        self.with(move |db| {
+            let mut statement = db.prepare(&format!("{SELECT_SANDBOX} WHERE host_id = ?1"))?;
+            let rows = statement.query_map([host_id], sandbox_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Marks a host's running and paused sandboxes lost: how many there were.
+    pub async fn mark_host_lost(&self, host_id: &str) -> Result<u64, StoreError> {
+        let host_id = host_id.to_string();
+        self.with(move |db| {
+            db.execute(
+                "UPDATE sandboxes SET state = 'lost' WHERE host_id = ?1 AND state IN ('running', 'paused')",
+                [host_id],
+            )
+            .map(|n| n as u64)
+        })
+        .await
+    }
+
+    /// Adds or replaces a host.
+    pub async fn put_host(&self, host: HostRow) -> Result<(), StoreError> {
+        self.with(move |db| {
+            db.execute(
+                "INSERT INTO hosts (id, name, api_url, proxy_address, agent_token, heartbeat_hash, state,
+                    report, last_heartbeat_ms, registered_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                 ON CONFLICT (id) DO UPDATE SET name = excluded.name, api_url = excluded.api_url,
+                    proxy_address = excluded.proxy_address, agent_token = excluded.agent_token,
+                    heartbeat_hash = excluded.heartbeat_hash, state = excluded.state,
+                    report = excluded.report, last_heartbeat_ms = excluded.last_heartbeat_ms,
+                    registered_at_ms = excluded.registered_at_ms",
+                params![
+                    host.id,
+                    host.name,
+                    host.api_url,
+                    host.proxy_address,
+                    host.agent_token,
+                    host.heartbeat_hash,
+                    host.state,
+                    serde_json::to_string(&host.report).unwrap_or_default(),
+                    host.last_heartbeat_ms,
+                    host.registered_at_ms
+                ],
+            )
+            .map(drop)
+        })
+        .await
+    }
+
+    /// Every host, by name.
+    pub async fn hosts(&self) -> Result<Vec<HostRow>, StoreError> {
+        self.with(move |db| {
+            let mut statement = db.prepare(
+                "SELECT id, name, api_url, proxy_address, agent_token, heartbeat_hash, state, report,
+                    last_heartbeat_ms, registered_at_ms FROM hosts ORDER BY name",
+            )?;
+            let rows = statement.query_map([], |row| {
+                let report: String = row.get(7)?;
+                Ok(HostRow {
+                    id: row.get(0)?,
+                    name: row.get(1)?,
+                    api_url: row.get(2)?,
+                    proxy_address: row.get(3)?,
+                    agent_token: row.get(4)?,
+                    heartbeat_hash: row.get(5)?,
+                    state: row.get(6)?,
+                    report: serde_json::from_str(&report).unwrap_or_default(),
+                    last_heartbeat_ms: row.get(8)?,
+                    registered_at_ms: row.get(9)?,
+                })
+            })?;
             rows.collect()
         })
         .await
@@ -407,6 +537,11 @@ delegate! {
     fn expired(&self, now_ms: i64) -> Vec<SandboxRow>;
     fn all_sandboxes(&self) -> Vec<SandboxRow>;
     fn list(&self, query: ListQuery) -> (Vec<SandboxRow>, usize);
+    fn set_state_if(&self, id: &str, from: &str, to: &str) -> bool;
+    fn sandboxes_on_host(&self, host_id: &str) -> Vec<SandboxRow>;
+    fn mark_host_lost(&self, host_id: &str) -> u64;
+    fn put_host(&self, host: HostRow) -> ();
+    fn hosts(&self) -> Vec<HostRow>;
 }
 
 impl Store {
@@ -432,7 +567,7 @@ impl Store {
 }
 
 const SELECT_SANDBOX: &str = "SELECT id, team_id, template_id, alias, state, started_at_ms, end_at_ms, metadata,
-    envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version FROM sandboxes";
+    envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version, host_id FROM sandboxes";
 
 fn sandbox_row(row: &rusqlite::Row<'_>) -> Result<SandboxRow, rusqlite::Error> {
     let metadata: String = row.get(7)?;
@@ -451,6 +586,7 @@ fn sandbox_row(row: &rusqlite::Row<'_>) -> Result<SandboxRow, rusqlite::Error> {
         cpu_count: row.get(11)?,
         memory_mb: row.get(12)?,
         envd_version: row.get(13)?,
+        host_id: row.get(14)?,
     })
 }
 
@@ -483,6 +619,7 @@ mod tests {
             cpu_count: 1,
             memory_mb: 512,
             envd_version: "0.6.4".into(),
+            host_id: "h1".into(),
         }
     }
 
@@ -654,6 +791,51 @@ mod tests {
                     .is_err(),
                 "team names are unique"
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn hosts_are_kept_and_a_down_hosts_sandboxes_are_lost() {
+        for (backend, store, _dir) in backends().await {
+            fill(&store).await;
+            let mut host = HostRow {
+                id: "h1".into(),
+                name: "alpha".into(),
+                api_url: "http://10.0.0.1:49990".into(),
+                proxy_address: "10.0.0.1:49992".into(),
+                agent_token: "t".into(),
+                heartbeat_hash: "sha256:x".into(),
+                state: "up".into(),
+                report: wrenn_agent::join::HostReport {
+                    cpus: 8,
+                    slots_total: 16,
+                    ..Default::default()
+                },
+                last_heartbeat_ms: 10,
+                registered_at_ms: 5,
+            };
+            store.put_host(host.clone()).await.unwrap();
+            host.state = "down".into();
+            host.last_heartbeat_ms = 20;
+            store.put_host(host.clone()).await.unwrap();
+            assert_eq!(store.hosts().await.unwrap(), vec![host], "{backend}");
+            assert_eq!(store.sandboxes_on_host("h1").await.unwrap().len(), 6);
+            assert_eq!(
+                store.mark_host_lost("h1").await.unwrap(),
+                6,
+                "{backend}: running and paused rows are lost"
+            );
+            assert_eq!(store.mark_host_lost("h1").await.unwrap(), 0, "{backend}");
+            assert!(
+                store.expired(i64::MAX).await.unwrap().is_empty(),
+                "{backend}"
+            );
+            assert!(store.set_state_if("s1", "lost", "running").await.unwrap());
+            assert!(
+                !store.set_state_if("s1", "lost", "paused").await.unwrap(),
+                "{backend}: a changed state is not overwritten"
+            );
+            assert_eq!(store.sandbox("s1").await.unwrap().unwrap().state, "running");
         }
     }
 

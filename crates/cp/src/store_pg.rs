@@ -7,9 +7,10 @@ use std::sync::Arc;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row};
 
-use crate::store::{ApiKey, ListQuery, SandboxRow, StoreError, Team};
+use crate::store::{ApiKey, HostRow, ListQuery, SandboxRow, StoreError, Team};
 
-const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS teams (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS teams (
         id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, created_at_ms BIGINT NOT NULL);
      CREATE TABLE IF NOT EXISTS api_keys (
         id TEXT PRIMARY KEY, team_id TEXT NOT NULL REFERENCES teams(id), name TEXT NOT NULL,
@@ -22,10 +23,18 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS teams (
         allow_internet BOOLEAN NOT NULL, cpu_count INTEGER NOT NULL, memory_mb INTEGER NOT NULL,
         envd_version TEXT NOT NULL);
      CREATE INDEX IF NOT EXISTS sandboxes_by_team ON sandboxes (team_id, started_at_ms, id);
-     CREATE INDEX IF NOT EXISTS sandboxes_by_end ON sandboxes (end_at_ms);"];
+     CREATE INDEX IF NOT EXISTS sandboxes_by_end ON sandboxes (end_at_ms);",
+    "CREATE TABLE IF NOT EXISTS hosts (
+        id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, api_url TEXT NOT NULL,
+        proxy_address TEXT NOT NULL, agent_token TEXT NOT NULL, heartbeat_hash TEXT NOT NULL,
+        state TEXT NOT NULL, report JSONB NOT NULL, last_heartbeat_ms BIGINT NOT NULL,
+        registered_at_ms BIGINT NOT NULL);
+     ALTER TABLE sandboxes ADD COLUMN IF NOT EXISTS host_id TEXT NOT NULL DEFAULT 'local';
+     CREATE INDEX IF NOT EXISTS sandboxes_by_host ON sandboxes (host_id);",
+];
 
 const SELECT_SANDBOX: &str = "SELECT id, team_id, template_id, alias, state, started_at_ms, end_at_ms, metadata::text,
-    envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version FROM sandboxes";
+    envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version, host_id FROM sandboxes";
 
 /// A PostgreSQL connection (pipelined: one client serves concurrent calls).
 #[derive(Debug, Clone)]
@@ -52,6 +61,7 @@ fn sandbox_row(row: &Row) -> SandboxRow {
         cpu_count: cpu.max(0) as u32,
         memory_mb: memory.max(0) as u32,
         envd_version: row.get(13),
+        host_id: row.get(14),
     }
 }
 
@@ -174,11 +184,11 @@ impl PgStore {
         self.client
             .execute(
                 "INSERT INTO sandboxes (id, team_id, template_id, alias, state, started_at_ms, end_at_ms, metadata,
-                    envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::text::jsonb, $9, $10, $11, $12, $13, $14)
+                    envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version, host_id)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::text::jsonb, $9, $10, $11, $12, $13, $14, $15)
                  ON CONFLICT (id) DO UPDATE SET state = excluded.state, end_at_ms = excluded.end_at_ms,
                     started_at_ms = excluded.started_at_ms, envd_access_token = excluded.envd_access_token,
-                    auto_pause = excluded.auto_pause",
+                    auto_pause = excluded.auto_pause, host_id = excluded.host_id",
                 &[
                     &sandbox.id,
                     &sandbox.team_id,
@@ -194,6 +204,7 @@ impl PgStore {
                     &cpu,
                     &memory,
                     &sandbox.envd_version,
+                    &sandbox.host_id,
                 ],
             )
             .await?;
@@ -240,6 +251,93 @@ impl PgStore {
     pub async fn all_sandboxes(&self) -> Result<Vec<SandboxRow>, StoreError> {
         let rows = self.client.query(SELECT_SANDBOX, &[]).await?;
         Ok(rows.iter().map(sandbox_row).collect())
+    }
+
+    pub async fn set_state_if(&self, id: &str, from: &str, to: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .client
+            .execute(
+                "UPDATE sandboxes SET state = $3 WHERE id = $1 AND state = $2",
+                &[&id, &from, &to],
+            )
+            .await?
+            == 1)
+    }
+
+    pub async fn sandboxes_on_host(&self, host_id: &str) -> Result<Vec<SandboxRow>, StoreError> {
+        let rows = self
+            .client
+            .query(&format!("{SELECT_SANDBOX} WHERE host_id = $1"), &[&host_id])
+            .await?;
+        Ok(rows.iter().map(sandbox_row).collect())
+    }
+
+    pub async fn mark_host_lost(&self, host_id: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .client
+            .execute(
+                "UPDATE sandboxes SET state = 'lost' WHERE host_id = $1 AND state IN ('running', 'paused')",
+                &[&host_id],
+            )
+            .await?)
+    }
+
+    pub async fn put_host(&self, host: HostRow) -> Result<(), StoreError> {
+        let report = serde_json::to_string(&host.report).unwrap_or_else(|_| "{}".into());
+        self.client
+            .execute(
+                "INSERT INTO hosts (id, name, api_url, proxy_address, agent_token, heartbeat_hash, state,
+                    report, last_heartbeat_ms, registered_at_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::text::jsonb, $9, $10)
+                 ON CONFLICT (id) DO UPDATE SET name = excluded.name, api_url = excluded.api_url,
+                    proxy_address = excluded.proxy_address, agent_token = excluded.agent_token,
+                    heartbeat_hash = excluded.heartbeat_hash, state = excluded.state,
+                    report = excluded.report, last_heartbeat_ms = excluded.last_heartbeat_ms,
+                    registered_at_ms = excluded.registered_at_ms",
+                &[
+                    &host.id,
+                    &host.name,
+                    &host.api_url,
+                    &host.proxy_address,
+                    &host.agent_token,
+                    &host.heartbeat_hash,
+                    &host.state,
+                    &report,
+                    &host.last_heartbeat_ms,
+                    &host.registered_at_ms,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn hosts(&self) -> Result<Vec<HostRow>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT id, name, api_url, proxy_address, agent_token, heartbeat_hash, state, report::text,
+                    last_heartbeat_ms, registered_at_ms FROM hosts ORDER BY name",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let report: String = row.get(7);
+                HostRow {
+                    id: row.get(0),
+                    name: row.get(1),
+                    api_url: row.get(2),
+                    proxy_address: row.get(3),
+                    agent_token: row.get(4),
+                    heartbeat_hash: row.get(5),
+                    state: row.get(6),
+                    report: serde_json::from_str(&report).unwrap_or_default(),
+                    last_heartbeat_ms: row.get(8),
+                    registered_at_ms: row.get(9),
+                }
+            })
+            .collect())
     }
 
     pub async fn list(&self, query: ListQuery) -> Result<(Vec<SandboxRow>, usize), StoreError> {

@@ -72,6 +72,21 @@ pub struct ServeArgs {
     header_read_timeout_secs: u64,
     #[arg(long, default_value_t = 640)]
     idle_timeout_secs: u64,
+    /// Address of the sandbox proxy the control plane's edge proxy forwards to.
+    #[arg(long, default_value = "127.0.0.1:49992")]
+    proxy_listen: SocketAddr,
+    /// A control plane to join (`http://host:port`, its REST API).
+    #[arg(long, env = "WRENN_CONTROL_PLANE_URL", requires = "join_token")]
+    join: Option<String>,
+    /// The control plane's join token (`<data>/cp/join-token` on its machine).
+    #[arg(long, env = "WRENN_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// This host's name in the fleet [default: the machine's host name].
+    #[arg(long)]
+    host_name: Option<String>,
+    /// The address the control plane reaches this host at [default: the listen addresses'].
+    #[arg(long)]
+    advertise_host: Option<String>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -205,12 +220,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let api = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
+    let proxy = tokio::net::TcpListener::bind(args.proxy_listen)
+        .await
+        .with_context(|| format!("listening on {}", args.proxy_listen))?;
     let mmds_address = wrenn_agent::mmds_bind_address(args.mmds_port);
     let mmds = tokio::net::TcpListener::bind(mmds_address)
         .await
         .with_context(|| format!("listening for metadata requests on {mmds_address}"))?;
+    let api_address = api.local_addr()?;
+    let proxy_address = proxy.local_addr()?;
     tracing::info!(
-        listen = %api.local_addr()?,
+        listen = %api_address,
+        proxy = %proxy_address,
         accel = manager.accel().as_str(),
         data_dir = %args.data_dir.display(),
         "host agent ready"
@@ -220,15 +241,53 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         idle: Duration::from_secs(args.idle_timeout_secs.max(1)),
         ..Default::default()
     };
-    wrenn_agent::serve(
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    };
+    let joiner = match (&args.join, &args.join_token) {
+        (Some(url), Some(join_token)) => {
+            let advertise = |address: SocketAddr| match &args.advertise_host {
+                Some(host) => format!("{host}:{}", address.port()),
+                None => address.to_string(),
+            };
+            let config = wrenn_agent::join::JoinConfig {
+                control_plane_url: url.trim_end_matches('/').to_string(),
+                join_token: join_token.clone(),
+                name: match &args.host_name {
+                    Some(name) => name.clone(),
+                    None => nix::unistd::gethostname()
+                        .context("reading the host name (or pass --host-name)")?
+                        .to_string_lossy()
+                        .into_owned(),
+                },
+                api_url: format!("http://{}", advertise(api_address)),
+                proxy_address: advertise(proxy_address),
+                agent_token: args.token.clone(),
+            };
+            Some(tokio::spawn(wrenn_agent::join::run(
+                config,
+                manager.clone(),
+                stopped(stop_rx.clone()),
+            )))
+        }
+        _ => None,
+    };
+    let server = wrenn_agent::serve(
         manager.clone(),
-        api,
-        mmds,
+        wrenn_agent::Listeners { api, mmds, proxy },
         &args.token,
         timeouts,
-        shutdown_signal(),
-    )
-    .await;
+        stopped(stop_rx),
+    );
+    let signal = async {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    };
+    tokio::join!(server, signal);
+    if let Some(joiner) = joiner {
+        let _ = joiner.await;
+    }
     if args.cleanup_on_exit {
         manager.slots.delete_all().await;
     } else {

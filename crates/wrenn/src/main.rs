@@ -29,6 +29,8 @@ enum Command {
     Agent(agent::AgentCommand),
     /// Start wrenn on this machine: image, template, host agent, control plane, proxy.
     Up(up::UpArgs),
+    /// Run the control plane alone, for host agents that join it (`wrenn agent serve --join`).
+    Server(up::ServerArgs),
     /// Manage API keys.
     #[command(subcommand)]
     Key(up::KeyCommand),
@@ -65,6 +67,7 @@ fn run() -> anyhow::Result<()> {
         Command::Image(_) => unreachable!("handled above"),
         Command::Agent(command) => runtime.block_on(agent::run(command)),
         Command::Up(args) => runtime.block_on(up::up(args)),
+        Command::Server(args) => runtime.block_on(up::server(args)),
         Command::Key(command) => runtime.block_on(up::key(command)),
     }
 }

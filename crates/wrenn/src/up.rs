@@ -2,13 +2,15 @@
 //! image and template when they are missing (with progress), starts a host agent in-process and
 //! the control plane on SQLite, creates a first team and API key, serves the E2B REST API and
 //! the edge proxy, and prints how to point the `e2b` SDK at them. `--demo` also runs a sandbox.
-//! `wrenn key …` manages API keys in the same store. The store is SQLite in the data directory,
-//! or PostgreSQL when `DATABASE_URL` names one.
+//! `wrenn server` is the control plane alone, for a fleet of `wrenn agent serve --join` hosts
+//! (`wrenn up` takes such agents too). `wrenn key …` manages API keys in the same store. The
+//! store is SQLite in the data directory, or PostgreSQL when `DATABASE_URL` names one.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -18,12 +20,13 @@ use wrenn_cp::store::{ApiKey, Store, Team};
 use wrenn_cp::{ControlPlane, auth};
 use wrenn_vmm::accel::AccelSetting;
 
-#[derive(Debug, Args)]
-pub struct UpArgs {
+/// The control plane's settings, shared by `wrenn up` and `wrenn server`.
+#[derive(Debug, Args, Clone)]
+pub struct PlaneArgs {
     /// Where wrenn keeps its state: the store, the agent's templates and sandboxes.
     #[arg(long, env = "WRENN_DATA_DIR", default_value = "/var/lib/wrenn")]
     data_dir: PathBuf,
-    /// The E2B REST API.
+    /// The E2B REST API (agents join here too).
     #[arg(long, default_value = "127.0.0.1:3000")]
     api_listen: SocketAddr,
     /// The edge proxy to sandbox ports (and envd).
@@ -32,6 +35,33 @@ pub struct UpArgs {
     /// The domain sandboxes are reached under (`<port>-<id>.<domain>`), if one points here.
     #[arg(long)]
     domain: Option<String>,
+    /// Keep sandboxes off the internet.
+    #[arg(long)]
+    no_internet: bool,
+    /// The token host agents join with [default: one generated into <data>/cp/join-token].
+    #[arg(long, env = "WRENN_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// Where new sandboxes go: least-loaded or binpack.
+    #[arg(long, default_value = "least-loaded")]
+    placement: String,
+    /// How often agents heartbeat, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    heartbeat_interval_ms: u64,
+    /// A host silent this long (milliseconds) is down and its sandboxes lost.
+    #[arg(long, default_value_t = 10_000)]
+    down_after_ms: u64,
+    /// How often every host's sandboxes are compared with the store, in seconds.
+    #[arg(long, default_value_t = 30)]
+    reconcile_interval_secs: u64,
+    /// A sandbox a host runs that the store does not know is destroyed once this old (seconds).
+    #[arg(long, default_value_t = 60)]
+    orphan_grace_secs: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    plane: PlaneArgs,
     #[arg(long, env = "WRENN_IMAGE_DIR")]
     image_dir: Option<PathBuf>,
     /// The static envd to build the image with, if it must be built.
@@ -42,9 +72,6 @@ pub struct UpArgs {
     /// Guest memory of the base template.
     #[arg(long, default_value_t = 512)]
     memory_mib: u32,
-    /// Keep sandboxes off the internet.
-    #[arg(long)]
-    no_internet: bool,
     #[arg(long, default_value = "wrenn")]
     slot_prefix: String,
     #[arg(long, default_value_t = 1)]
@@ -59,6 +86,12 @@ pub struct UpArgs {
     /// Also create a sandbox, run Python in it, print the output and kill it.
     #[arg(long)]
     demo: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    #[command(flatten)]
+    plane: PlaneArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -199,6 +232,173 @@ pub async fn key(command: KeyCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A control plane serving its API and proxy.
+struct Running {
+    plane: Arc<ControlPlane>,
+    api_address: SocketAddr,
+    proxy_address: SocketAddr,
+    first_key: Option<String>,
+    key_file: PathBuf,
+    join_token_file: Option<PathBuf>,
+    servers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+type ServeFn<'a> =
+    dyn Fn(tokio::net::TcpListener, axum::Router) -> tokio::task::JoinHandle<()> + 'a;
+
+/// The join token: given, or read from (created in) `<data>/cp/join-token`.
+fn join_token(args: &PlaneArgs) -> anyhow::Result<(String, Option<PathBuf>)> {
+    if let Some(token) = args.join_token.clone().filter(|t| !t.is_empty()) {
+        return Ok((token, None));
+    }
+    let file = args.data_dir.join("cp/join-token");
+    if let Ok(token) = std::fs::read_to_string(&file)
+        && !token.trim().is_empty()
+    {
+        return Ok((token.trim().to_string(), Some(file)));
+    }
+    let token = auth::random_token();
+    write_secret(&file, &token)?;
+    Ok((token, Some(file)))
+}
+
+/// Writes a secret file (0600) atomically.
+fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
+    let dir = path.parent().context("a secret file needs a directory")?;
+    std::fs::create_dir_all(dir)?;
+    let temporary = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&temporary)
+        .with_context(|| format!("writing {}", temporary.display()))?;
+    std::io::Write::write_all(&mut file, text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)?;
+    Ok(())
+}
+
+async fn start_plane(
+    args: &PlaneArgs,
+    embedded: Option<Arc<Manager>>,
+    serve: &ServeFn<'_>,
+) -> anyhow::Result<Running> {
+    let store = open_store(&args.data_dir).await?;
+    let key_file = args.data_dir.join("cp/initial-api-key");
+    let first_key = if store.team_by_name("default").await?.is_none() {
+        let team = team(&store, "default").await?;
+        let (key, _) = create_key(&store, &team, "initial").await?;
+        write_secret(&key_file, &key)?;
+        Some(key)
+    } else {
+        std::fs::read_to_string(&key_file).ok()
+    };
+    let (token, join_token_file) = join_token(args)?;
+    let config = wrenn_cp::fleet::FleetConfig {
+        join_token: Some(token),
+        heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms.max(100)),
+        down_after: Duration::from_millis(args.down_after_ms.max(300)),
+        reconcile_interval: Duration::from_secs(args.reconcile_interval_secs.max(1)),
+        orphan_grace: Duration::from_secs(args.orphan_grace_secs),
+    };
+    let placement = wrenn_cp::fleet::placement(&args.placement).map_err(anyhow::Error::msg)?;
+    let fleet = wrenn_cp::fleet::Fleet::load(&store, config, placement, embedded)
+        .await
+        .context("loading the fleet")?;
+    let (plane, wake) = ControlPlane::new(store, fleet, args.domain.clone(), !args.no_internet);
+    let plane = Arc::new(plane);
+    tokio::spawn(plane.clone().run_lifecycle());
+    tokio::spawn(plane.clone().run_fleet(wake));
+
+    let api = tokio::net::TcpListener::bind(args.api_listen)
+        .await
+        .with_context(|| format!("listening on {}", args.api_listen))?;
+    let proxy = tokio::net::TcpListener::bind(args.proxy_listen)
+        .await
+        .with_context(|| format!("listening on {}", args.proxy_listen))?;
+    let api_address = api.local_addr()?;
+    let proxy_address = proxy.local_addr()?;
+    let servers = vec![
+        serve(api, wrenn_cp::api::router(plane.clone())),
+        serve(proxy, wrenn_cp::proxy::router(plane.clone())),
+    ];
+    Ok(Running {
+        plane,
+        api_address,
+        proxy_address,
+        first_key,
+        key_file,
+        join_token_file,
+        servers,
+    })
+}
+
+fn print_endpoints(running: &Running) {
+    println!("  E2B_API_URL=http://{}", running.api_address);
+    println!("  E2B_SANDBOX_URL=http://{}", running.proxy_address);
+    match &running.first_key {
+        Some(key) => println!(
+            "  E2B_API_KEY={key}    (also in {})",
+            running.key_file.display()
+        ),
+        None => println!("  E2B_API_KEY=<a key of yours: `wrenn key create`>"),
+    }
+    println!(
+        "Then: python3 -c 'from e2b import Sandbox; print(Sandbox.create().commands.run(\"echo hi\").stdout)'"
+    );
+    println!(
+        "CLI:  WRENN_API_URL=http://{} WRENN_API_KEY=… wrenn sandbox list",
+        running.api_address
+    );
+    let token = match &running.join_token_file {
+        Some(file) => format!("$(cat {})", file.display()),
+        None => "<the --join-token>".to_string(),
+    };
+    println!(
+        "Hosts join with: wrenn agent serve --join http://{} --join-token {token} --token <agent token>",
+        running.api_address
+    );
+}
+
+fn server_spawner(
+    stop_rx: tokio::sync::watch::Receiver<bool>,
+) -> impl Fn(tokio::net::TcpListener, axum::Router) -> tokio::task::JoinHandle<()> {
+    let timeouts = wrenn_envd::server::ServerTimeouts::default();
+    move |listener: tokio::net::TcpListener, router: axum::Router| {
+        let mut stop = stop_rx.clone();
+        tokio::spawn(wrenn_envd::server::serve(
+            listener,
+            router,
+            Arc::new(wrenn_envd::server::ConnectionTracker::default()),
+            timeouts.clone(),
+            async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            },
+        ))
+    }
+}
+
+/// `wrenn server`: the control plane alone; hosts join it.
+pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let serve = server_spawner(stop_rx);
+    let running = start_plane(&args.plane, None, &serve).await?;
+    println!(
+        "wrenn server is up ({} hosts known, data in {})",
+        running.plane.fleet.hosts().len(),
+        args.plane.data_dir.display()
+    );
+    print_endpoints(&running);
+    shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    for server in running.servers {
+        let _ = server.await;
+    }
+    Ok(())
+}
+
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let image_dir = args
         .image_dir
@@ -228,7 +428,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .await??;
     }
     let config = AgentConfig {
-        data_dir: args.data_dir.join("agent"),
+        data_dir: args.plane.data_dir.join("agent"),
         image_dir,
         qemu_binary: "qemu-system-x86_64".into(),
         accel: args.accel,
@@ -239,7 +439,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             mmds_port: args.mmds_port,
         },
         slots_ahead: 2,
-        host_nat: !args.no_internet,
+        host_nat: !args.plane.no_internet,
     };
     let manager = Manager::start(config)
         .await
@@ -248,19 +448,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening for metadata requests on port {}", args.mmds_port))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let timeouts = wrenn_envd::server::ServerTimeouts::default();
-    let serve = |listener: tokio::net::TcpListener, router: axum::Router| {
-        let mut stop = stop_rx.clone();
-        tokio::spawn(wrenn_envd::server::serve(
-            listener,
-            router,
-            Arc::new(wrenn_envd::server::ConnectionTracker::default()),
-            timeouts.clone(),
-            async move {
-                let _ = stop.wait_for(|stop| *stop).await;
-            },
-        ))
-    };
+    let serve = server_spawner(stop_rx);
     let mmds_server = serve(mmds, manager.mmds.router());
     if !manager
         .list_templates()
@@ -279,106 +467,46 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         );
     }
 
-    let store = open_store(&args.data_dir).await?;
-    let key_file = args.data_dir.join("cp/initial-api-key");
-    let first_key = if store.team_by_name("default").await?.is_none() {
-        let team = team(&store, "default").await?;
-        let (key, _) = create_key(&store, &team, "initial").await?;
-        if let Some(dir) = key_file.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&key_file)?;
-        std::io::Write::write_all(&mut file, key.as_bytes())?;
-        Some(key)
-    } else {
-        std::fs::read_to_string(&key_file).ok()
-    };
-    let disk_size_mb = manager
-        .list_templates()
-        .iter()
-        .find(|t| t.template_id == "base")
-        .and_then(|t| std::fs::metadata(t.machine.disk.with_file_name("rootfs.ext4")).ok())
-        .map(|m| m.len() >> 20)
-        .unwrap_or(0);
-    let plane = Arc::new(ControlPlane {
-        store,
-        manager: manager.clone(),
-        domain: args.domain.clone(),
-        internet: !args.no_internet,
-        disk_size_mb,
-        idempotency: Default::default(),
-    });
-    reconcile(&plane).await;
-    tokio::spawn(plane.clone().run_lifecycle());
-
-    let api = tokio::net::TcpListener::bind(args.api_listen)
-        .await
-        .with_context(|| format!("listening on {}", args.api_listen))?;
-    let proxy = tokio::net::TcpListener::bind(args.proxy_listen)
-        .await
-        .with_context(|| format!("listening on {}", args.proxy_listen))?;
-    let api_address = api.local_addr()?;
-    let proxy_address = proxy.local_addr()?;
-    let api_server = serve(api, wrenn_cp::api::router(plane.clone()));
-    let proxy_server = serve(proxy, wrenn_cp::proxy::router(plane.clone()));
-
+    let running = start_plane(&args.plane, Some(manager.clone()), &serve).await?;
     println!(
         "wrenn is up ({} guests, data in {})",
         manager.accel().as_str(),
-        args.data_dir.display()
+        args.plane.data_dir.display()
     );
-    println!("  E2B_API_URL=http://{api_address}");
-    println!("  E2B_SANDBOX_URL=http://{proxy_address}");
-    match &first_key {
-        Some(key) => println!("  E2B_API_KEY={key}    (also in {})", key_file.display()),
-        None => println!("  E2B_API_KEY=<a key of yours: `wrenn key create`>"),
-    }
-    println!(
-        "Then: python3 -c 'from e2b import Sandbox; print(Sandbox.create().commands.run(\"echo hi\").stdout)'"
-    );
+    print_endpoints(&running);
 
     if args.demo {
-        let key = first_key
+        let key = running
+            .first_key
             .clone()
             .context("--demo needs the initial key file")?;
-        demo(&api_address, &proxy_address, &key).await?;
+        demo(&running.api_address, &running.proxy_address, &key).await?;
     }
 
     shutdown_signal().await;
     let _ = stop_tx.send(true);
-    let _ = tokio::join!(api_server, proxy_server, mmds_server);
+    for server in running.servers {
+        let _ = server.await;
+    }
+    let _ = mmds_server.await;
     if args.stop_sandboxes_on_exit {
+        let plane = &running.plane;
+        for row in plane
+            .store
+            .sandboxes_on_host(wrenn_cp::fleet::EMBEDDED_HOST_ID)
+            .await
+            .unwrap_or_default()
+        {
+            let _ = plane.kill(&row).await;
+        }
         for record in manager.list() {
-            let _ = plane.kill(&record.sandbox_id).await;
+            let _ = manager.destroy(&record.sandbox_id).await;
         }
         manager.slots.delete_all().await;
     } else {
         manager.shutdown().await;
     }
     Ok(())
-}
-
-/// Store and agent agree: store rows whose VM is gone go, failed VMs are killed.
-async fn reconcile(plane: &ControlPlane) {
-    let Ok(rows) = plane.store.all_sandboxes().await else {
-        return;
-    };
-    for row in rows {
-        let state = plane.manager.get(&row.id).map(|record| record.state);
-        match state {
-            Ok(wrenn_agent::store::SandboxState::Running)
-            | Ok(wrenn_agent::store::SandboxState::Paused) => {}
-            _ => {
-                tracing::warn!(sandbox = %row.id, "the sandbox's VM is gone: removing it");
-                let _ = plane.kill(&row.id).await;
-            }
-        }
-    }
 }
 
 async fn demo(api: &SocketAddr, proxy: &SocketAddr, key: &str) -> anyhow::Result<()> {

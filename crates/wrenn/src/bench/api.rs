@@ -1,6 +1,7 @@
 //! `wrenn bench api`: the control plane's costs, with a host agent in the same process.
 //! - create through the REST API (request to 201) against a create straight through the agent,
-//!   alternating, from the same template;
+//!   alternating, from the same template; and the control plane's own share of each REST create
+//!   (its `Server-Timing`: the handler's time minus the agent's);
 //! - `GET /v2/sandboxes` pages over 10,000 sandboxes in the store, on SQLite and, when
 //!   `--database-url` names one, on PostgreSQL;
 //! - a 256 MiB download from a sandbox (envd's `/files`) through the edge proxy against a direct
@@ -75,6 +76,17 @@ async fn request(
     Ok((status, headers, body))
 }
 
+/// The `agent` and `total` durations (ms) of a create's `Server-Timing` header.
+fn server_timing(header: &str) -> Option<(f64, f64)> {
+    let value = |name: &str| {
+        header.split(',').find_map(|part| {
+            let (metric, duration) = part.trim().split_once(";dur=")?;
+            (metric == name).then(|| duration.parse::<f64>().ok())?
+        })
+    };
+    Some((value("agent")?, value("total")?))
+}
+
 /// Times a streamed GET, counting the bytes without keeping them.
 async fn download(
     address: SocketAddr,
@@ -145,15 +157,15 @@ async fn plane_over(
             hash,
         )
         .await?;
-    let plane = Arc::new(ControlPlane {
-        store,
-        manager,
-        domain: None,
-        internet: false,
-        disk_size_mb: 0,
-        idempotency: Default::default(),
-    });
-    Ok((plane, key))
+    let fleet = wrenn_cp::fleet::Fleet::load(
+        &store,
+        wrenn_cp::fleet::FleetConfig::default(),
+        Box::new(wrenn_cp::fleet::LeastLoaded),
+        Some(manager),
+    )
+    .await?;
+    let (plane, _wake) = ControlPlane::new(store, fleet, None, false);
+    Ok((Arc::new(plane), key))
 }
 
 /// p50 of the pages of a 10,000-row listing, following `X-Next-Token`.
@@ -184,6 +196,7 @@ async fn list_pages(
                 cpu_count: 1,
                 memory_mb: 512,
                 envd_version: "0.6.4".into(),
+                host_id: wrenn_cp::fleet::EMBEDDED_HOST_ID.into(),
             })
             .await?;
     }
@@ -273,12 +286,13 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
 
     eprintln!("creates through the REST API and straight through the agent, alternating ...");
     let (mut through_api, mut through_agent) = (Vec::new(), Vec::new());
+    let mut own_time = Vec::new();
     for run in 0..args.creates {
         // Which goes first alternates, so neither always follows the other's clean-up.
         for api_first in [run % 2 == 0, run % 2 == 1] {
             if api_first {
                 let started = Instant::now();
-                let (status, _, body) = request(
+                let (status, headers, body) = request(
                     api,
                     http::Method::POST,
                     "/v2/sandboxes",
@@ -287,6 +301,13 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
                 )
                 .await?;
                 through_api.push(started.elapsed());
+                if let Some((agent, total)) = headers
+                    .get("server-timing")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(server_timing)
+                {
+                    own_time.push(Duration::from_secs_f64((total - agent).max(0.0) / 1000.0));
+                }
                 anyhow::ensure!(
                     status == 201,
                     "create: HTTP {status}: {}",
@@ -297,7 +318,7 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
                     .unwrap_or_default()
                     .to_string();
                 plane
-                    .kill(&id)
+                    .kill_by_id(&id)
                     .await
                     .map_err(|e| anyhow::anyhow!("{e:?}"))?;
             } else {
@@ -359,13 +380,14 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
         proxied.push(bytes as f64 / (1 << 20) as f64 / elapsed.as_secs_f64());
     }
     plane
-        .kill(&id)
+        .kill_by_id(&id)
         .await
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     manager.slots.delete_all().await;
     direct.sort_by(f64::total_cmp);
     proxied.sort_by(f64::total_cmp);
 
+    let own_p50 = p50_ms(&mut own_time);
     let api_p50 = p50_ms(&mut through_api);
     let agent_p50 = p50_ms(&mut through_agent);
     let (direct_mib_s, proxied_mib_s) = (quantile(&direct, 0.5), quantile(&proxied, 0.5));
@@ -376,6 +398,7 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
                 "accel": manager.accel().as_str(),
                 "create_rest_p50_ms": api_p50, "create_agent_p50_ms": agent_p50,
                 "control_plane_adds_p50_ms": api_p50 - agent_p50,
+                "control_plane_own_time_p50_ms": own_p50,
                 "list_page_p50_ms_sqlite": list_sqlite_ms, "list_page_p50_ms_postgres": list_postgres_ms,
                 "rows": args.rows,
                 "download_direct_mib_s": direct_mib_s, "download_proxied_mib_s": proxied_mib_s,
@@ -396,6 +419,10 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
         table.add_row([
             "the control plane adds, p50".to_string(),
             format!("{:+.1} ms", api_p50 - agent_p50),
+        ]);
+        table.add_row([
+            "the control plane's own time per create (handler minus agent), p50".to_string(),
+            format!("{own_p50:.2} ms"),
         ]);
         table.add_row([
             format!(

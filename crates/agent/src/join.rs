@@ -1,0 +1,288 @@
+//! Joining a control plane: what a host reports of itself ([`HostReport`], built by [`report`]),
+//! the registration and heartbeat messages, and [`run`], the loop that registers with a join
+//! token and then heartbeats the host's capacity, registering again whenever the control plane
+//! has forgotten the host (a 404) or the heartbeat token stops working (a 401).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::manager::Manager;
+use crate::store::SandboxState;
+
+/// A template as a host reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateReport {
+    pub template_id: String,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    pub envd_version: String,
+    pub image_key: String,
+    pub created_at_ms: i64,
+    /// The size of the template's root filesystem.
+    pub disk_size_mb: u64,
+}
+
+/// A host's capacity and use, sent with every heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HostReport {
+    pub agent_version: String,
+    pub vmm: String,
+    pub accel: String,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub memory_available_bytes: u64,
+    pub sandboxes_running: u32,
+    pub sandboxes_paused: u32,
+    /// Guest memory promised to running sandboxes.
+    pub memory_committed_mib: u64,
+    pub slots_total: u32,
+    pub slots_in_use: u32,
+    pub disk_available_bytes: u64,
+    pub agent_rss_bytes: u64,
+    pub templates: Vec<TemplateReport>,
+}
+
+/// What an agent sends to register (`POST /hosts/register`, bearer: the join token).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegisterRequest {
+    /// The host's name, unique in the fleet: registering again under it replaces the old entry.
+    pub name: String,
+    /// The agent's Connect API (`http://host:port`), reachable from the control plane.
+    pub api_url: String,
+    /// The agent's sandbox proxy (`host:port`), reachable from the control plane's proxy.
+    pub proxy_address: String,
+    /// The bearer token of the agent's API and proxy.
+    pub agent_token: String,
+    pub report: HostReport,
+}
+
+/// The control plane's answer to a registration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegisterResponse {
+    pub host_id: String,
+    /// The bearer token of this host's heartbeats.
+    pub heartbeat_token: String,
+    pub heartbeat_interval_ms: u64,
+}
+
+fn meminfo_kib(meminfo: &str, key: &str) -> u64 {
+    meminfo
+        .lines()
+        .find(|line| line.starts_with(key))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0)
+}
+
+/// This host's report, read now.
+pub fn report(manager: &Manager) -> HostReport {
+    let records = manager.list();
+    let running: Vec<_> = records
+        .iter()
+        .filter(|r| r.state == SandboxState::Running)
+        .collect();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let disk_available = nix::sys::statvfs::statvfs(&manager.config().data_dir)
+        .map(|stats| stats.blocks_available() * stats.fragment_size())
+        .unwrap_or(0);
+    HostReport {
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        vmm: manager.vmm_name().into(),
+        accel: manager.accel().as_str().into(),
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
+        memory_bytes: meminfo_kib(&meminfo, "MemTotal:") * 1024,
+        memory_available_bytes: meminfo_kib(&meminfo, "MemAvailable:") * 1024,
+        sandboxes_running: running.len() as u32,
+        sandboxes_paused: records
+            .iter()
+            .filter(|r| r.state == SandboxState::Paused)
+            .count() as u32,
+        memory_committed_mib: running
+            .iter()
+            .map(|r| u64::from(r.machine.memory_mib))
+            .sum(),
+        slots_total: manager.slots.config().capacity,
+        slots_in_use: manager.slots.in_use(),
+        disk_available_bytes: disk_available,
+        agent_rss_bytes: wrenn_vmm::process::usage(std::process::id())
+            .map(|u| u.rss_bytes)
+            .unwrap_or(0),
+        templates: manager
+            .list_templates()
+            .into_iter()
+            .map(|t| TemplateReport {
+                disk_size_mb: std::fs::metadata(t.machine.disk.with_file_name("rootfs.ext4"))
+                    .map(|m| m.len() >> 20)
+                    .unwrap_or(0),
+                template_id: t.template_id,
+                memory_mib: t.machine.memory_mib,
+                vcpus: t.machine.vcpus,
+                envd_version: t.envd_version,
+                image_key: t.image_key,
+                created_at_ms: t.created_at_ms,
+            })
+            .collect(),
+    }
+}
+
+/// Where and how an agent joins.
+#[derive(Debug, Clone)]
+pub struct JoinConfig {
+    /// The control plane's REST API (`http://host:port`).
+    pub control_plane_url: String,
+    pub join_token: String,
+    pub name: String,
+    pub api_url: String,
+    pub proxy_address: String,
+    pub agent_token: String,
+}
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn register(config: &JoinConfig, manager: &Manager) -> Result<RegisterResponse, String> {
+    let request = RegisterRequest {
+        name: config.name.clone(),
+        api_url: config.api_url.clone(),
+        proxy_address: config.proxy_address.clone(),
+        agent_token: config.agent_token.clone(),
+        report: report(manager),
+    };
+    let body = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
+    let bearer = format!("Bearer {}", config.join_token);
+    let response = wrenn_connect::plain::call(
+        http::Method::POST,
+        &format!("{}/hosts/register", config.control_plane_url),
+        &[
+            ("authorization", &bearer),
+            ("content-type", "application/json"),
+        ],
+        body,
+        CALL_TIMEOUT,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    if response.status != http::StatusCode::OK {
+        return Err(format!(
+            "the control plane refused the registration: HTTP {}: {}",
+            response.status,
+            response.text()
+        ));
+    }
+    serde_json::from_slice(&response.body)
+        .map_err(|e| format!("the control plane's answer is not a registration: {e}"))
+}
+
+/// Registers, then heartbeats until `shutdown` resolves. Failures are logged and retried with a
+/// capped backoff: the agent keeps serving its sandboxes whether or not a control plane listens.
+pub async fn run(
+    config: JoinConfig,
+    manager: Arc<Manager>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut backoff = Duration::from_millis(500);
+    let mut registration: Option<RegisterResponse> = None;
+    loop {
+        let wait = match &registration {
+            None => match register(&config, &manager).await {
+                Ok(answer) => {
+                    tracing::info!(host = %answer.host_id, control_plane = %config.control_plane_url, "registered with the control plane");
+                    backoff = Duration::from_millis(500);
+                    let wait = Duration::from_millis(answer.heartbeat_interval_ms.max(100));
+                    registration = Some(answer);
+                    wait
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot register with the control plane; retrying");
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    backoff
+                }
+            },
+            Some(answer) => {
+                let interval = Duration::from_millis(answer.heartbeat_interval_ms.max(100));
+                match heartbeat(&config, answer, &manager).await {
+                    Ok(()) => interval,
+                    Err(HeartbeatError::Forgotten(why)) => {
+                        tracing::warn!(%why, "the control plane no longer knows this host: registering again");
+                        registration = None;
+                        Duration::ZERO
+                    }
+                    Err(HeartbeatError::Failed(error)) => {
+                        tracing::warn!(%error, "heartbeat failed");
+                        interval
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+enum HeartbeatError {
+    Forgotten(String),
+    Failed(String),
+}
+
+async fn heartbeat(
+    config: &JoinConfig,
+    registration: &RegisterResponse,
+    manager: &Manager,
+) -> Result<(), HeartbeatError> {
+    let body =
+        serde_json::to_vec(&report(manager)).map_err(|e| HeartbeatError::Failed(e.to_string()))?;
+    let bearer = format!("Bearer {}", registration.heartbeat_token);
+    let response = wrenn_connect::plain::call(
+        http::Method::POST,
+        &format!(
+            "{}/hosts/{}/heartbeat",
+            config.control_plane_url, registration.host_id
+        ),
+        &[
+            ("authorization", &bearer),
+            ("content-type", "application/json"),
+        ],
+        body,
+        CALL_TIMEOUT,
+    )
+    .await
+    .map_err(|e| HeartbeatError::Failed(e.to_string()))?;
+    match response.status.as_u16() {
+        200..=299 => Ok(()),
+        401 | 404 => Err(HeartbeatError::Forgotten(response.text())),
+        status => Err(HeartbeatError::Failed(format!(
+            "HTTP {status}: {}",
+            response.text()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_read_with_missing_fields_as_defaults() {
+        let report: HostReport = serde_json::from_str(r#"{"cpus":4,"templates":[]}"#).unwrap();
+        assert_eq!(report.cpus, 4);
+        assert_eq!(report.slots_total, 0);
+    }
+
+    #[test]
+    fn meminfo_fields_are_read_in_kib() {
+        let text = "MemTotal:       24000000 kB\nMemAvailable:   1000 kB\n";
+        assert_eq!(meminfo_kib(text, "MemTotal:"), 24_000_000);
+        assert_eq!(meminfo_kib(text, "MemAvailable:"), 1000);
+        assert_eq!(meminfo_kib(text, "Nope:"), 0);
+    }
+}

@@ -1,0 +1,194 @@
+//! Forwarding HTTP to a port of a guest, and the agent's sandbox proxy built on it.
+//!
+//! [`forward`] streams one request to an address and the answer back, unbuffered both ways: an
+//! HTTP/2 request (h2c) goes on over HTTP/2 with prior knowledge, anything else over HTTP/1.1,
+//! with upgrades (WebSocket) spliced into a byte pipe. The control plane's edge proxy uses it to
+//! reach guests on its own host, and to reach this agent's [`router`] for guests on others: that
+//! router takes the sandbox and port from the `X-Wrenn-Sandbox-Id`/`-Port` headers, checks the
+//! agent's token in `X-Wrenn-Agent-Token`, strips all three and forwards to the guest.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::manager::Manager;
+use crate::store::SandboxState;
+
+/// Names the sandbox a request to the agent's proxy is for.
+pub const SANDBOX_ID_HEADER: &str = "x-wrenn-sandbox-id";
+/// Names the guest port a request to the agent's proxy is for.
+pub const SANDBOX_PORT_HEADER: &str = "x-wrenn-sandbox-port";
+/// The agent's token, which a request to its proxy must carry.
+pub const AGENT_TOKEN_HEADER: &str = "x-wrenn-agent-token";
+
+/// How long a connection to a guest port may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a request could not be forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardError {
+    /// Nothing listens on the port (or it did not answer the handshake).
+    PortClosed,
+    /// The far side closed the connection before answering.
+    Closed,
+}
+
+/// Streams `request` to `address` and returns the answer as it comes.
+pub async fn forward(
+    address: SocketAddr,
+    mut request: Request<Body>,
+) -> Result<Response, ForwardError> {
+    let stream = match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect(address),
+    )
+    .await
+    {
+        Ok(Ok(stream)) => stream,
+        _ => return Err(ForwardError::PortClosed),
+    };
+    let _ = stream.set_nodelay(true);
+    let path = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    if request.version() == http::Version::HTTP_2 {
+        // HTTP/2 wants an absolute URI: the authority becomes the :authority pseudo-header.
+        let authority = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| request.uri().authority().map(|a| a.to_string()))
+            .unwrap_or_else(|| address.to_string());
+        *request.uri_mut() = format!("http://{authority}{path}")
+            .parse()
+            .unwrap_or_default();
+        request.headers_mut().remove(header::HOST);
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .map_err(|_| ForwardError::PortClosed)?;
+        tokio::spawn(connection);
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|_| ForwardError::Closed)?;
+        return Ok(response.map(Body::new));
+    }
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|_| ForwardError::PortClosed)?;
+    tokio::spawn(connection.with_upgrades());
+    let client_upgrade = request
+        .headers()
+        .contains_key(header::UPGRADE)
+        .then(|| hyper::upgrade::on(&mut request));
+    *request.uri_mut() = path.parse().unwrap_or_default();
+    let mut response = sender.send_request(request).await.map_err(|error| {
+        tracing::debug!(%error, %address, "forwarded request failed");
+        ForwardError::Closed
+    })?;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        let server_upgrade = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            if let (Ok(client), Ok(server)) = (client_upgrade.await, server_upgrade.await) {
+                let mut client = TokioIo::new(client);
+                let mut server = TokioIo::new(server);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            }
+        });
+    }
+    Ok(response.map(Body::new))
+}
+
+#[derive(Debug, Clone)]
+struct ProxyState {
+    manager: Arc<Manager>,
+    token: Arc<str>,
+}
+
+/// The agent's sandbox proxy: requests for this host's guests, from the control plane's proxy.
+pub fn router(manager: Arc<Manager>, token: &str) -> axum::Router {
+    axum::Router::new()
+        .fallback(proxy_request)
+        .with_state(ProxyState {
+            manager,
+            token: token.into(),
+        })
+}
+
+fn refusal(status: StatusCode, message: &str) -> Response {
+    (
+        status,
+        axum::Json(serde_json::json!({ "code": status.as_u16(), "message": message })),
+    )
+        .into_response()
+}
+
+async fn proxy_request(
+    axum::extract::State(state): axum::extract::State<ProxyState>,
+    mut request: Request<Body>,
+) -> Response {
+    use subtle::ConstantTimeEq;
+    let headers = request.headers_mut();
+    let given = headers
+        .remove(AGENT_TOKEN_HEADER)
+        .map(|v| v.as_bytes().to_vec())
+        .unwrap_or_default();
+    if !bool::from(given.ct_eq(state.token.as_bytes())) {
+        return refusal(StatusCode::UNAUTHORIZED, "a valid agent token is required");
+    }
+    let text =
+        |value: Option<http::HeaderValue>| value.and_then(|v| v.to_str().ok().map(str::to_string));
+    let sandbox_id = text(headers.remove(SANDBOX_ID_HEADER));
+    let port = text(headers.remove(SANDBOX_PORT_HEADER)).and_then(|p| p.parse::<u16>().ok());
+    let (Some(sandbox_id), Some(port)) = (sandbox_id, port) else {
+        return refusal(
+            StatusCode::BAD_REQUEST,
+            "x-wrenn-sandbox-id and x-wrenn-sandbox-port are required",
+        );
+    };
+    let slot = match state.manager.get(&sandbox_id) {
+        Ok(record) if record.state == SandboxState::Running => record.slot,
+        _ => None,
+    };
+    let Some(slot) = slot else {
+        return bad_gateway(&sandbox_id, SANDBOX_NOT_FOUND, None);
+    };
+    let address = SocketAddr::from((crate::network::Slot::address_of(slot), port));
+    match forward(address, request).await {
+        Ok(response) => response,
+        Err(error) => bad_gateway(&sandbox_id, error.message(), Some(port)),
+    }
+}
+
+/// E2B's text for a sandbox the proxy cannot find.
+pub const SANDBOX_NOT_FOUND: &str = "The sandbox was not found";
+
+impl ForwardError {
+    /// E2B's text for this failure.
+    pub fn message(self) -> &'static str {
+        match self {
+            ForwardError::PortClosed => "The sandbox is running but port is not open",
+            ForwardError::Closed => "The sandbox closed the connection",
+        }
+    }
+}
+
+/// E2B's 502 answer: `{sandboxId, message, code, port}`.
+pub fn bad_gateway(sandbox_id: &str, message: &str, port: Option<u16>) -> Response {
+    let mut body = serde_json::json!({ "sandboxId": sandbox_id, "message": message, "code": 502 });
+    if let Some(port) = port {
+        body["port"] = serde_json::json!(port);
+    }
+    (StatusCode::BAD_GATEWAY, axum::Json(body)).into_response()
+}

@@ -1,0 +1,1086 @@
+//! The fleet of host agents: how the control plane reaches each one (the agent embedded in its
+//! own process, or a separate agent over its Connect API and sandbox proxy), what each last
+//! reported of its capacity, where a new sandbox goes ([`Placement`]), which hosts are down, and
+//! the reconcile pass that makes the store agree with what each agent really runs.
+//!
+//! Agents join with the fleet's join token (`POST /hosts/register`) and then heartbeat their
+//! [`HostReport`] (`POST /hosts/{id}/heartbeat`) with a token of their own. A host silent for
+//! longer than [`FleetConfig::down_after`] is marked down and its sandboxes `lost`; when it
+//! heartbeats again it is up, and the reconcile pass gives back the sandboxes it still runs.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use wrenn_agent::Manager;
+use wrenn_agent::join::{HostReport, RegisterRequest, RegisterResponse, TemplateReport};
+use wrenn_agent::manager::CreateOptions;
+use wrenn_connect::client::{ConnectClient, HttpVersion};
+use wrenn_connect::{Code, Codec, ConnectError};
+use wrenn_proto::agent as pb;
+
+use crate::api::ApiError;
+use crate::auth;
+use crate::store::{EMBEDDED_API_URL, HostRow, SandboxRow, Store};
+
+/// The id of the agent embedded in the control plane's process.
+pub const EMBEDDED_HOST_ID: &str = "local";
+
+/// Timings of the fleet.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// The token agents join with; without one, only the embedded agent serves.
+    pub join_token: Option<String>,
+    /// How often agents heartbeat.
+    pub heartbeat_interval: Duration,
+    /// A host silent this long is down.
+    pub down_after: Duration,
+    /// How often every host's sandboxes are compared with the store.
+    pub reconcile_interval: Duration,
+    /// A sandbox an agent runs that the store does not know is destroyed once it is this old
+    /// (younger ones may be creates whose row is being written).
+    pub orphan_grace: Duration,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            join_token: None,
+            heartbeat_interval: Duration::from_secs(2),
+            down_after: Duration::from_secs(10),
+            reconcile_interval: Duration::from_secs(30),
+            orphan_grace: Duration::from_secs(60),
+        }
+    }
+}
+
+/// How the control plane reaches a host's agent.
+#[derive(Debug)]
+pub enum AgentLink {
+    /// The agent runs in this process.
+    Embedded(Arc<Manager>),
+    /// A separate agent: its Connect API, and its sandbox proxy.
+    Remote {
+        api: Box<ConnectClient>,
+        proxy: SocketAddr,
+        token: String,
+    },
+}
+
+/// A sandbox as an agent lists it.
+#[derive(Debug, Clone)]
+pub struct AgentSandbox {
+    pub id: String,
+    /// The agent's state: starting, running, pausing, paused, resuming or failed.
+    pub state: String,
+    pub created_at_ms: i64,
+}
+
+/// Where a guest port is reached from this process.
+#[derive(Debug, Clone)]
+pub enum GuestRoute {
+    /// Straight to the guest (its host is this machine).
+    Direct(SocketAddr),
+    /// Through the sandbox proxy of the agent on the guest's host.
+    ViaAgent {
+        proxy: SocketAddr,
+        token: String,
+        sandbox_id: String,
+        port: u16,
+    },
+}
+
+impl GuestRoute {
+    /// Sends `request` along the route (adding the agent proxy's headers when it goes there).
+    pub async fn forward(
+        &self,
+        mut request: http::Request<axum::body::Body>,
+    ) -> Result<axum::response::Response, wrenn_agent::proxy::ForwardError> {
+        use wrenn_agent::proxy::{AGENT_TOKEN_HEADER, SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER};
+        match self {
+            GuestRoute::Direct(address) => wrenn_agent::proxy::forward(*address, request).await,
+            GuestRoute::ViaAgent {
+                proxy,
+                token,
+                sandbox_id,
+                port,
+            } => {
+                let headers = request.headers_mut();
+                for (name, value) in [
+                    (AGENT_TOKEN_HEADER, token.as_str()),
+                    (SANDBOX_ID_HEADER, sandbox_id.as_str()),
+                    (SANDBOX_PORT_HEADER, &port.to_string()),
+                ] {
+                    if let Ok(value) = http::HeaderValue::from_str(value) {
+                        headers.insert(name, value);
+                    }
+                }
+                wrenn_agent::proxy::forward(*proxy, request).await
+            }
+        }
+    }
+}
+
+fn agent_error(host: &str, error: wrenn_agent::AgentError) -> ApiError {
+    let mut api = ApiError::from(error);
+    api.prefix(&format!("host {host}: "));
+    api
+}
+
+fn connect_error(host: &str, error: ConnectError) -> ApiError {
+    let status = match error.code {
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::InvalidArgument => StatusCode::BAD_REQUEST,
+        Code::FailedPrecondition | Code::AlreadyExists => StatusCode::CONFLICT,
+        Code::ResourceExhausted | Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError::new(status, format!("host {host}: {}", error.message))
+}
+
+impl AgentLink {
+    /// A link to a separate agent.
+    pub async fn remote(api_url: &str, proxy: &str, token: &str) -> Result<AgentLink, String> {
+        let proxy = tokio::net::lookup_host(proxy)
+            .await
+            .map_err(|e| format!("cannot resolve the agent's proxy address {proxy:?}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("the agent's proxy address {proxy:?} resolves to nothing"))?;
+        if !api_url.starts_with("http://") {
+            return Err(format!(
+                "the agent's API URL {api_url:?} is not http://host:port"
+            ));
+        }
+        let api = ConnectClient::new(api_url, HttpVersion::Http1, Codec::Proto)
+            .with_header("authorization", &format!("Bearer {token}"));
+        Ok(AgentLink::Remote {
+            api: Box::new(api),
+            proxy,
+            token: token.to_string(),
+        })
+    }
+
+    async fn call<Req: wrenn_connect::Message, Resp: wrenn_connect::Message>(
+        api: &ConnectClient,
+        method: &str,
+        request: &Req,
+    ) -> Result<Resp, ConnectError> {
+        api.unary(
+            &format!("{}/{method}", wrenn_agent::api::SERVICE),
+            request,
+            &http::HeaderMap::new(),
+        )
+        .await
+    }
+
+    pub async fn create(&self, host: &str, options: CreateOptions) -> Result<(), ApiError> {
+        match self {
+            AgentLink::Embedded(manager) => manager
+                .create(options)
+                .await
+                .map(drop)
+                .map_err(|e| agent_error(host, e)),
+            AgentLink::Remote { api, .. } => {
+                let request = pb::CreateSandboxRequest {
+                    template_id: options.template_id,
+                    sandbox_id: options.sandbox_id.unwrap_or_default(),
+                    env_vars: options.env_vars.into_iter().collect(),
+                    envd_access_token: options.access_token.unwrap_or_default(),
+                    allow_internet_access: options.allow_internet,
+                    metadata: options.metadata.into_iter().collect(),
+                    ready_timeout_ms: 0,
+                    init_timeout_ms: 0,
+                };
+                Self::call::<_, pb::CreateSandboxResponse>(api, "CreateSandbox", &request)
+                    .await
+                    .map(drop)
+                    .map_err(|e| connect_error(host, e))
+            }
+        }
+    }
+
+    pub async fn pause(&self, host: &str, sandbox_id: &str) -> Result<(), ApiError> {
+        match self {
+            AgentLink::Embedded(manager) => manager
+                .pause(sandbox_id)
+                .await
+                .map(drop)
+                .map_err(|e| agent_error(host, e)),
+            AgentLink::Remote { api, .. } => {
+                let request = pb::PauseSandboxRequest {
+                    sandbox_id: sandbox_id.into(),
+                };
+                Self::call::<_, pb::PauseSandboxResponse>(api, "PauseSandbox", &request)
+                    .await
+                    .map(drop)
+                    .map_err(|e| connect_error(host, e))
+            }
+        }
+    }
+
+    pub async fn resume(&self, host: &str, sandbox_id: &str) -> Result<(), ApiError> {
+        match self {
+            AgentLink::Embedded(manager) => manager
+                .resume(sandbox_id, None, None, None)
+                .await
+                .map(drop)
+                .map_err(|e| agent_error(host, e)),
+            AgentLink::Remote { api, .. } => {
+                let request = pb::ResumeSandboxRequest {
+                    sandbox_id: sandbox_id.into(),
+                    ..Default::default()
+                };
+                Self::call::<_, pb::ResumeSandboxResponse>(api, "ResumeSandbox", &request)
+                    .await
+                    .map(drop)
+                    .map_err(|e| connect_error(host, e))
+            }
+        }
+    }
+
+    /// Destroys a sandbox; one the agent does not have is already gone.
+    pub async fn destroy(&self, host: &str, sandbox_id: &str) -> Result<(), ApiError> {
+        match self {
+            AgentLink::Embedded(manager) => match manager.destroy(sandbox_id).await {
+                Ok(()) | Err(wrenn_agent::AgentError::NotFound(_)) => Ok(()),
+                Err(error) => Err(agent_error(host, error)),
+            },
+            AgentLink::Remote { api, .. } => {
+                let request = pb::DestroySandboxRequest {
+                    sandbox_id: sandbox_id.into(),
+                };
+                match Self::call::<_, pb::DestroySandboxResponse>(api, "DestroySandbox", &request)
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    Err(error) if error.code == Code::NotFound => Ok(()),
+                    Err(error) => Err(connect_error(host, error)),
+                }
+            }
+        }
+    }
+
+    /// Every sandbox the agent has.
+    pub async fn list(&self, host: &str) -> Result<Vec<AgentSandbox>, ApiError> {
+        match self {
+            AgentLink::Embedded(manager) => Ok(manager
+                .list()
+                .into_iter()
+                .map(|record| AgentSandbox {
+                    id: record.sandbox_id,
+                    state: record.state.as_str().to_string(),
+                    created_at_ms: record.created_at_ms,
+                })
+                .collect()),
+            AgentLink::Remote { api, .. } => {
+                let response: pb::ListSandboxesResponse =
+                    Self::call(api, "ListSandboxes", &pb::ListSandboxesRequest {})
+                        .await
+                        .map_err(|e| connect_error(host, e))?;
+                Ok(response
+                    .sandboxes
+                    .into_iter()
+                    .map(|sandbox| AgentSandbox {
+                        id: sandbox.sandbox_id,
+                        state: sandbox.state,
+                        created_at_ms: sandbox.created_at_unix_ms,
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    /// How to reach `port` of a running sandbox on this host.
+    pub fn route(&self, sandbox_id: &str, port: u16) -> Option<GuestRoute> {
+        match self {
+            AgentLink::Embedded(manager) => {
+                let record = manager.get(sandbox_id).ok()?;
+                if record.state != wrenn_agent::store::SandboxState::Running {
+                    return None;
+                }
+                let address = wrenn_agent::network::Slot::address_of(record.slot?);
+                Some(GuestRoute::Direct(SocketAddr::from((address, port))))
+            }
+            AgentLink::Remote { proxy, token, .. } => Some(GuestRoute::ViaAgent {
+                proxy: *proxy,
+                token: token.clone(),
+                sandbox_id: sandbox_id.to_string(),
+                port,
+            }),
+        }
+    }
+}
+
+/// A host of the fleet.
+#[derive(Debug)]
+pub struct Host {
+    row: Mutex<HostRow>,
+    pub link: AgentLink,
+    /// Creates placed here and not finished.
+    inflight: AtomicU32,
+    last_seen: Mutex<Instant>,
+}
+
+impl Host {
+    pub fn row(&self) -> HostRow {
+        self.row.lock().expect("host lock").clone()
+    }
+    pub fn id(&self) -> String {
+        self.row.lock().expect("host lock").id.clone()
+    }
+    pub fn is_up(&self) -> bool {
+        self.row.lock().expect("host lock").state == "up"
+    }
+}
+
+/// A host that could take a new sandbox, as a [`Placement`] sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub host_id: String,
+    pub slots_total: u32,
+    /// Slots in use, creates in flight included.
+    pub slots_used: u32,
+    pub memory_available_mib: u64,
+}
+
+impl Candidate {
+    /// The share of the host's slots in use.
+    pub fn load(&self) -> f64 {
+        f64::from(self.slots_used) / f64::from(self.slots_total.max(1))
+    }
+}
+
+/// Chooses the host of a new sandbox among hosts that can all take it.
+pub trait Placement: Send + Sync + std::fmt::Debug {
+    fn name(&self) -> &'static str;
+    /// The index in `candidates` of the chosen host (`candidates` is never empty).
+    fn choose(&self, candidates: &[Candidate]) -> usize;
+}
+
+/// The host with the smallest share of its slots in use; then the most free memory.
+#[derive(Debug, Default)]
+pub struct LeastLoaded;
+
+impl Placement for LeastLoaded {
+    fn name(&self) -> &'static str {
+        "least-loaded"
+    }
+    fn choose(&self, candidates: &[Candidate]) -> usize {
+        (0..candidates.len())
+            .min_by(|&a, &b| {
+                let (a, b) = (&candidates[a], &candidates[b]);
+                a.load()
+                    .total_cmp(&b.load())
+                    .then(b.memory_available_mib.cmp(&a.memory_available_mib))
+                    .then(a.host_id.cmp(&b.host_id))
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// The fullest host that still has room: keeps other hosts empty (to drain or power down).
+#[derive(Debug, Default)]
+pub struct BinPack;
+
+impl Placement for BinPack {
+    fn name(&self) -> &'static str {
+        "binpack"
+    }
+    fn choose(&self, candidates: &[Candidate]) -> usize {
+        (0..candidates.len())
+            .max_by(|&a, &b| {
+                let (a, b) = (&candidates[a], &candidates[b]);
+                a.load()
+                    .total_cmp(&b.load())
+                    .then(b.host_id.cmp(&a.host_id))
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// A placement strategy by name: `least-loaded` or `binpack`.
+pub fn placement(name: &str) -> Result<Box<dyn Placement>, String> {
+    match name {
+        "least-loaded" => Ok(Box::new(LeastLoaded)),
+        "binpack" => Ok(Box::new(BinPack)),
+        other => Err(format!(
+            "unknown placement {other:?}: use least-loaded or binpack"
+        )),
+    }
+}
+
+/// A create placed on a host: counted in flight until dropped.
+#[derive(Debug)]
+pub struct Placed {
+    pub host: Arc<Host>,
+    pub template: TemplateReport,
+}
+
+impl Drop for Placed {
+    fn drop(&mut self) {
+        self.host.inflight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The fleet.
+#[derive(Debug)]
+pub struct Fleet {
+    hosts: RwLock<HashMap<String, Arc<Host>>>,
+    placement: Box<dyn Placement>,
+    pub config: FleetConfig,
+    /// Which host each running sandbox is on, for the proxy (filled from the store on demand).
+    sandbox_hosts: Mutex<HashMap<String, String>>,
+    /// Serialises placements, so two creates do not both take a host's last slot.
+    placing: Mutex<()>,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Fleet {
+    /// The fleet as the store has it; the embedded agent, if any, becomes host `local`. Hosts
+    /// are given a full `down_after` to heartbeat before they are marked down. A stored embedded
+    /// host with no agent in this process is down at once.
+    pub async fn load(
+        store: &Store,
+        config: FleetConfig,
+        placement: Box<dyn Placement>,
+        embedded: Option<Arc<Manager>>,
+    ) -> Result<Fleet, crate::store::StoreError> {
+        let fleet = Fleet {
+            hosts: RwLock::new(HashMap::new()),
+            placement,
+            config,
+            sandbox_hosts: Mutex::new(HashMap::new()),
+            placing: Mutex::new(()),
+        };
+        for row in store.hosts().await? {
+            if row.api_url == EMBEDDED_API_URL {
+                if embedded.is_none() && row.state == "up" {
+                    fleet.mark_down(store, row).await?;
+                }
+                continue;
+            }
+            match AgentLink::remote(&row.api_url, &row.proxy_address, &row.agent_token).await {
+                Ok(link) => fleet.insert(row, link),
+                Err(error) => {
+                    tracing::warn!(host = %row.name, %error, "cannot reach a stored host");
+                    if row.state == "up" {
+                        fleet.mark_down(store, row).await?;
+                    }
+                }
+            }
+        }
+        if let Some(manager) = embedded {
+            let now = now_ms();
+            let row = HostRow {
+                id: EMBEDDED_HOST_ID.into(),
+                name: nix::unistd::gethostname()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| "local".into()),
+                api_url: EMBEDDED_API_URL.into(),
+                proxy_address: String::new(),
+                agent_token: String::new(),
+                heartbeat_hash: String::new(),
+                state: "up".into(),
+                report: wrenn_agent::join::report(&manager),
+                last_heartbeat_ms: now,
+                registered_at_ms: now,
+            };
+            store.put_host(row.clone()).await?;
+            fleet.insert(row, AgentLink::Embedded(manager));
+        }
+        Ok(fleet)
+    }
+
+    fn insert(&self, row: HostRow, link: AgentLink) {
+        let id = row.id.clone();
+        let host = Arc::new(Host {
+            row: Mutex::new(row),
+            link,
+            inflight: AtomicU32::new(0),
+            last_seen: Mutex::new(Instant::now()),
+        });
+        self.hosts.write().expect("fleet lock").insert(id, host);
+    }
+
+    pub fn host(&self, id: &str) -> Option<Arc<Host>> {
+        self.hosts.read().expect("fleet lock").get(id).cloned()
+    }
+
+    /// Every host, by name.
+    pub fn hosts(&self) -> Vec<Arc<Host>> {
+        let mut hosts: Vec<_> = self
+            .hosts
+            .read()
+            .expect("fleet lock")
+            .values()
+            .cloned()
+            .collect();
+        hosts.sort_by_key(|h| h.row().name);
+        hosts
+    }
+
+    pub fn placement_name(&self) -> &'static str {
+        self.placement.name()
+    }
+
+    /// The templates up hosts have (the first host's report of each).
+    pub fn templates(&self) -> Vec<TemplateReport> {
+        let mut seen = HashSet::new();
+        let mut templates = Vec::new();
+        for host in self.hosts() {
+            if !host.is_up() {
+                continue;
+            }
+            for template in host.row().report.templates {
+                if seen.insert(template.template_id.clone()) {
+                    templates.push(template);
+                }
+            }
+        }
+        templates.sort_by(|a, b| a.template_id.cmp(&b.template_id));
+        templates
+    }
+
+    /// Picks the host for a new sandbox of `template_id`, skipping `excluded` hosts: 404 when
+    /// no host has the template, 503 when none has room.
+    pub fn place(&self, template_id: &str, excluded: &[String]) -> Result<Placed, ApiError> {
+        let _placing = self.placing.lock().expect("placement lock");
+        let mut candidates = Vec::new();
+        let mut hosts = Vec::new();
+        let mut known = false;
+        let mut reasons = Vec::new();
+        for host in self.hosts() {
+            if let AgentLink::Embedded(manager) = &host.link {
+                // This process's own agent: its report is read now, not at the last tick.
+                host.row.lock().expect("host lock").report = wrenn_agent::join::report(manager);
+            }
+            let row = host.row();
+            let Some(template) = row
+                .report
+                .templates
+                .iter()
+                .find(|t| t.template_id == template_id)
+                .cloned()
+            else {
+                continue;
+            };
+            known = true;
+            if row.state != "up" {
+                reasons.push(format!("{} is down", row.name));
+                continue;
+            }
+            if excluded.contains(&row.id) {
+                reasons.push(format!("{} did not answer", row.name));
+                continue;
+            }
+            let inflight = host.inflight.load(Ordering::SeqCst);
+            let used = row.report.slots_in_use + inflight;
+            let memory_mib = (row.report.memory_available_bytes >> 20)
+                .saturating_sub(u64::from(inflight) * u64::from(template.memory_mib));
+            if used >= row.report.slots_total {
+                reasons.push(format!("{} has no free network slot", row.name));
+                continue;
+            }
+            if memory_mib < u64::from(template.memory_mib) {
+                reasons.push(format!(
+                    "{} has {memory_mib} MiB free, {} MiB needed",
+                    row.name, template.memory_mib
+                ));
+                continue;
+            }
+            candidates.push(Candidate {
+                host_id: row.id.clone(),
+                slots_total: row.report.slots_total,
+                slots_used: used,
+                memory_available_mib: memory_mib,
+            });
+            hosts.push((host, template));
+        }
+        if !known {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("template '{template_id}' not found"),
+            ));
+        }
+        if candidates.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "no host can take a sandbox of template '{template_id}' now: {}",
+                    reasons.join("; ")
+                ),
+            ));
+        }
+        let chosen = self.placement.choose(&candidates).min(hosts.len() - 1);
+        let (host, template) = hosts.swap_remove(chosen);
+        host.inflight.fetch_add(1, Ordering::SeqCst);
+        Ok(Placed { host, template })
+    }
+
+    /// Counts a finished create in the host's report until its next heartbeat says so itself.
+    pub fn created(&self, placed: &Placed, sandbox_id: &str) {
+        let mut row = placed.host.row.lock().expect("host lock");
+        row.report.slots_in_use += 1;
+        row.report.sandboxes_running += 1;
+        row.report.memory_available_bytes = row
+            .report
+            .memory_available_bytes
+            .saturating_sub(u64::from(placed.template.memory_mib) << 20);
+        self.sandbox_hosts
+            .lock()
+            .expect("route cache lock")
+            .insert(sandbox_id.to_string(), row.id.clone());
+    }
+
+    /// Forgets where a sandbox runs (it was paused, killed or lost).
+    pub fn forget(&self, sandbox_id: &str) {
+        self.sandbox_hosts
+            .lock()
+            .expect("route cache lock")
+            .remove(sandbox_id);
+    }
+
+    /// How to reach `port` of a running sandbox, if it is running on an up host.
+    pub async fn route(&self, store: &Store, sandbox_id: &str, port: u16) -> Option<GuestRoute> {
+        let cached = self
+            .sandbox_hosts
+            .lock()
+            .expect("route cache lock")
+            .get(sandbox_id)
+            .cloned();
+        let host_id = match cached {
+            Some(host_id) => host_id,
+            None => {
+                let row = store.sandbox(sandbox_id).await.ok()??;
+                if row.state != "running" {
+                    return None;
+                }
+                let mut cache = self.sandbox_hosts.lock().expect("route cache lock");
+                if cache.len() > 100_000 {
+                    cache.clear();
+                }
+                cache.insert(sandbox_id.to_string(), row.host_id.clone());
+                row.host_id
+            }
+        };
+        let host = self.host(&host_id)?;
+        if !host.is_up() {
+            return None;
+        }
+        host.link.route(sandbox_id, port)
+    }
+
+    /// The host of a sandbox row, if it is up (else a 503 naming it).
+    pub fn up_host(&self, row: &SandboxRow) -> Result<Arc<Host>, ApiError> {
+        match self.host(&row.host_id) {
+            Some(host) if host.is_up() => Ok(host),
+            Some(host) => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "sandbox \"{}\" is on host {}, which is down",
+                    row.id,
+                    host.row().name
+                ),
+            )),
+            None => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "sandbox \"{}\" is on host {}, which the fleet does not know",
+                    row.id, row.host_id
+                ),
+            )),
+        }
+    }
+
+    /// Takes an agent's registration: the host is (again) up under its name's id.
+    pub async fn register(
+        &self,
+        store: &Store,
+        bearer: Option<&str>,
+        request: RegisterRequest,
+    ) -> Result<(RegisterResponse, bool), ApiError> {
+        use subtle::ConstantTimeEq;
+        let Some(expected) = &self.config.join_token else {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "this control plane takes no agents (it has no join token)",
+            ));
+        };
+        let given = bearer.unwrap_or("");
+        if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid join token",
+            ));
+        }
+        if request.name.is_empty()
+            || request.name.len() > 64
+            || !request
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "a host name is 1 to 64 letters, digits, '-', '.' or '_'",
+            ));
+        }
+        if request.agent_token.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "agentToken is required",
+            ));
+        }
+        let link = AgentLink::remote(
+            &request.api_url,
+            &request.proxy_address,
+            &request.agent_token,
+        )
+        .await
+        .map_err(|message| ApiError::new(StatusCode::BAD_REQUEST, message))?;
+        let existing = self
+            .hosts()
+            .into_iter()
+            .find(|host| host.row().name == request.name);
+        if existing
+            .as_ref()
+            .is_some_and(|host| matches!(host.link, AgentLink::Embedded(_)))
+        {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("{} is the control plane's own host", request.name),
+            ));
+        }
+        let was_down = existing.as_ref().is_some_and(|host| !host.is_up());
+        let id = existing
+            .map(|host| host.id())
+            .unwrap_or_else(|| format!("h{}", auth::random_id(11)));
+        let heartbeat_token = auth::random_token();
+        let now = now_ms();
+        let row = HostRow {
+            id: id.clone(),
+            name: request.name,
+            api_url: request.api_url,
+            proxy_address: request.proxy_address,
+            agent_token: request.agent_token,
+            heartbeat_hash: auth::hash_key(&heartbeat_token),
+            state: "up".into(),
+            report: request.report,
+            last_heartbeat_ms: now,
+            registered_at_ms: now,
+        };
+        store.put_host(row.clone()).await?;
+        tracing::info!(host = %row.name, id = %id, api = %row.api_url, "host registered");
+        self.insert(row, link);
+        Ok((
+            RegisterResponse {
+                host_id: id,
+                heartbeat_token,
+                heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
+            },
+            was_down,
+        ))
+    }
+
+    /// Takes a heartbeat: whether the host was down until now.
+    pub async fn heartbeat(
+        &self,
+        store: &Store,
+        host_id: &str,
+        bearer: Option<&str>,
+        report: HostReport,
+    ) -> Result<bool, ApiError> {
+        use subtle::ConstantTimeEq;
+        let Some(host) = self.host(host_id) else {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("host {host_id} is not registered"),
+            ));
+        };
+        let row = {
+            let mut row = host.row.lock().expect("host lock");
+            let given = auth::hash_key(bearer.unwrap_or(""));
+            if !bool::from(given.as_bytes().ct_eq(row.heartbeat_hash.as_bytes())) {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid heartbeat token: register again",
+                ));
+            }
+            let was_down = row.state != "up";
+            row.state = "up".into();
+            row.report = report;
+            row.last_heartbeat_ms = now_ms();
+            *host.last_seen.lock().expect("host lock") = Instant::now();
+            (row.clone(), was_down)
+        };
+        store.put_host(row.0.clone()).await?;
+        if row.1 {
+            tracing::info!(host = %row.0.name, "host is back");
+        }
+        Ok(row.1)
+    }
+
+    async fn mark_down(
+        &self,
+        store: &Store,
+        mut row: HostRow,
+    ) -> Result<(), crate::store::StoreError> {
+        row.state = "down".into();
+        store.put_host(row.clone()).await?;
+        let lost = store.mark_host_lost(&row.id).await?;
+        self.sandbox_hosts
+            .lock()
+            .expect("route cache lock")
+            .retain(|_, host| host != &row.id);
+        tracing::warn!(host = %row.name, lost, "host is down: its sandboxes are lost");
+        Ok(())
+    }
+
+    /// One pass of the heartbeat watch: the embedded host reports itself, silent hosts go down.
+    pub async fn check_heartbeats(&self, store: &Store) {
+        for host in self.hosts() {
+            match &host.link {
+                AgentLink::Embedded(manager) => {
+                    let row = {
+                        let mut row = host.row.lock().expect("host lock");
+                        row.report = wrenn_agent::join::report(manager);
+                        row.last_heartbeat_ms = now_ms();
+                        row.clone()
+                    };
+                    if let Err(error) = store.put_host(row).await {
+                        tracing::warn!(%error, "cannot record the embedded host's report");
+                    }
+                }
+                AgentLink::Remote { .. } => {
+                    let silent = host.last_seen.lock().expect("host lock").elapsed();
+                    if !host.is_up() || silent < self.config.down_after {
+                        continue;
+                    }
+                    let row = {
+                        let mut row = host.row.lock().expect("host lock");
+                        row.state = "down".into();
+                        row.clone()
+                    };
+                    if let Err(error) = self.mark_down(store, row).await {
+                        tracing::warn!(%error, "cannot mark a host down");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What one reconcile pass of a host did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Rows whose sandbox the agent no longer has (or had failed), removed.
+    pub removed: Vec<String>,
+    /// Rows whose state was corrected to the agent's.
+    pub corrected: Vec<String>,
+    /// Sandboxes the agent ran that the store did not know, destroyed.
+    pub orphans: Vec<String>,
+}
+
+/// Makes the store agree with what `host`'s agent runs. The store is read first and states are
+/// changed only if unchanged since, so a pause or resume racing the pass wins.
+pub async fn reconcile_host(
+    store: &Store,
+    fleet: &Fleet,
+    host: &Host,
+) -> Result<Reconciled, ApiError> {
+    let name = host.row().name;
+    let host_id = host.id();
+    let rows = store.sandboxes_on_host(&host_id).await?;
+    let agent: HashMap<String, AgentSandbox> = host
+        .link
+        .list(&name)
+        .await?
+        .into_iter()
+        .map(|sandbox| (sandbox.id.clone(), sandbox))
+        .collect();
+    let mut done = Reconciled::default();
+    let known: HashSet<&str> = rows.iter().map(|row| row.id.as_str()).collect();
+    for row in &rows {
+        match agent.get(&row.id).map(|s| s.state.as_str()) {
+            None => {
+                tracing::warn!(sandbox = %row.id, host = %name, "drift: the host no longer has the sandbox: removing it");
+                store.delete_sandbox(&row.id).await?;
+                fleet.forget(&row.id);
+                done.removed.push(row.id.clone());
+            }
+            Some("failed") => {
+                tracing::warn!(sandbox = %row.id, host = %name, "drift: the sandbox's VM failed: removing it");
+                host.link.destroy(&name, &row.id).await?;
+                store.delete_sandbox(&row.id).await?;
+                fleet.forget(&row.id);
+                done.removed.push(row.id.clone());
+            }
+            Some(state @ ("running" | "paused")) if state != row.state => {
+                let changed = store.set_state_if(&row.id, &row.state, state).await?;
+                if changed {
+                    tracing::warn!(sandbox = %row.id, host = %name, from = %row.state, to = state, "drift: state corrected");
+                    fleet.forget(&row.id);
+                    done.corrected.push(row.id.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+    let grace = fleet.config.orphan_grace.as_millis() as i64;
+    for sandbox in agent.values() {
+        if known.contains(sandbox.id.as_str()) || now_ms() - sandbox.created_at_ms < grace {
+            continue;
+        }
+        // Written since the rows were read?
+        if store.sandbox(&sandbox.id).await?.is_some() {
+            continue;
+        }
+        tracing::warn!(sandbox = %sandbox.id, host = %name, "drift: the store does not know this sandbox: destroying it");
+        host.link.destroy(&name, &sandbox.id).await?;
+        done.orphans.push(sandbox.id.clone());
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate(id: &str, total: u32, used: u32, memory: u64) -> Candidate {
+        Candidate {
+            host_id: id.into(),
+            slots_total: total,
+            slots_used: used,
+            memory_available_mib: memory,
+        }
+    }
+
+    #[test]
+    fn least_loaded_takes_the_emptiest_share_then_the_most_memory() {
+        let hosts = [
+            candidate("a", 10, 5, 1000),
+            candidate("b", 100, 10, 1000),
+            candidate("c", 100, 10, 4000),
+        ];
+        assert_eq!(LeastLoaded.choose(&hosts), 2);
+        assert_eq!(LeastLoaded.choose(&hosts[..2]), 1);
+    }
+
+    #[test]
+    fn binpack_takes_the_fullest_host() {
+        let hosts = [candidate("a", 10, 5, 1000), candidate("b", 100, 10, 1000)];
+        assert_eq!(BinPack.choose(&hosts), 0);
+    }
+
+    fn fleet_of(hosts: &[(&str, &str, u32, u32, u64)]) -> Fleet {
+        let fleet = Fleet {
+            hosts: RwLock::new(HashMap::new()),
+            placement: Box::new(LeastLoaded),
+            config: FleetConfig::default(),
+            sandbox_hosts: Mutex::new(HashMap::new()),
+            placing: Mutex::new(()),
+        };
+        for (name, state, total, used, memory_mib) in hosts {
+            let row = HostRow {
+                id: format!("id-{name}"),
+                name: name.to_string(),
+                api_url: "http://127.0.0.1:1".into(),
+                proxy_address: "127.0.0.1:1".into(),
+                agent_token: "t".into(),
+                heartbeat_hash: String::new(),
+                state: state.to_string(),
+                report: HostReport {
+                    slots_total: *total,
+                    slots_in_use: *used,
+                    memory_available_bytes: memory_mib << 20,
+                    templates: vec![TemplateReport {
+                        template_id: "base".into(),
+                        memory_mib: 512,
+                        vcpus: 1,
+                        envd_version: "0.6.4".into(),
+                        image_key: String::new(),
+                        created_at_ms: 0,
+                        disk_size_mb: 0,
+                    }],
+                    ..Default::default()
+                },
+                last_heartbeat_ms: 0,
+                registered_at_ms: 0,
+            };
+            let link = AgentLink::Remote {
+                api: Box::new(ConnectClient::new(
+                    "http://127.0.0.1:1",
+                    HttpVersion::Http1,
+                    Codec::Proto,
+                )),
+                proxy: "127.0.0.1:1".parse().unwrap(),
+                token: "t".into(),
+            };
+            fleet.insert(row, link);
+        }
+        fleet
+    }
+
+    #[test]
+    fn placement_skips_down_full_and_excluded_hosts_and_counts_creates_in_flight() {
+        let fleet = fleet_of(&[
+            ("a", "up", 4, 3, 8192),
+            ("b", "up", 4, 0, 8192),
+            ("c", "down", 4, 0, 8192),
+            ("d", "up", 4, 0, 100),
+        ]);
+        let first = fleet.place("base", &[]).unwrap();
+        assert_eq!(first.host.row().name, "b");
+        let unknown = fleet.place("nope", &[]).unwrap_err();
+        assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+        // b holds 1 in flight of 4; a has 3 of 4: b again, until its in-flight creates fill it.
+        let mut held = vec![first];
+        for _ in 0..2 {
+            let placed = fleet.place("base", &[]).unwrap();
+            assert_eq!(placed.host.row().name, "b");
+            held.push(placed);
+        }
+        let fourth = fleet.place("base", &[]).unwrap();
+        assert_eq!(
+            fourth.host.row().name,
+            "a",
+            "both 3/4 full: a has more memory free"
+        );
+        held.push(fourth);
+        let excluded = vec!["id-b".to_string()];
+        let full = fleet.place("base", &excluded).unwrap_err();
+        assert_eq!(full.status(), StatusCode::SERVICE_UNAVAILABLE);
+        for words in [
+            "a has no free network slot",
+            "b did not answer",
+            "c is down",
+            "d has 100 MiB free",
+        ] {
+            assert!(
+                full.message().contains(words),
+                "{words}: {}",
+                full.message()
+            );
+        }
+        drop(held);
+        assert_eq!(
+            fleet.place("base", &[]).unwrap().host.row().name,
+            "b",
+            "finished creates free their count"
+        );
+    }
+
+    #[test]
+    fn strategies_are_chosen_by_name() {
+        assert_eq!(placement("binpack").unwrap().name(), "binpack");
+        assert_eq!(placement("least-loaded").unwrap().name(), "least-loaded");
+        assert!(placement("random").unwrap_err().contains("least-loaded"));
+    }
+}

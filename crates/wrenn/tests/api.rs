@@ -1,0 +1,879 @@
+//! The control plane end to end: `wrenn server` as a process of its own, with real host agents
+//! (`wrenn agent serve --join`, QEMU guests) joined to it, driven through its REST API and edge
+//! proxy:
+//! - the E2B REST API, every route, its codes and error bodies, on SQLite and on PostgreSQL
+//!   (`WRENN_TEST_DATABASE_URL`, started by scripts/postgres.sh), HTTP/1.1, WebSocket-free h2c
+//!   through the proxy, and a control-plane restart that loses nothing;
+//! - the fleet: placement over two hosts, drift corrected by the reconcile loop (a sandbox gone
+//!   from its host, an orphan the store does not know), a host that dies marked down with its
+//!   sandboxes lost, and the same host coming back with them.
+//!
+//! Needs root, QEMU and the built image; see `support::prerequisites`.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode};
+use serde_json::{Value, json};
+use support::*;
+use wrenn_proto::agent as pb;
+
+/// A `wrenn server` process with its own data directory (and database, when given).
+struct Server {
+    child: Option<Child>,
+    data: tempfile::TempDir,
+    api: SocketAddr,
+    proxy: SocketAddr,
+    database_url: Option<String>,
+    join_token: String,
+    key: String,
+}
+
+impl Server {
+    fn start(database_url: Option<String>) -> Server {
+        let mut server = Server {
+            child: None,
+            data: tempfile::tempdir().unwrap(),
+            api: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            proxy: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            database_url,
+            join_token: format!("join-{}", free_port()),
+            key: String::new(),
+        };
+        server.spawn();
+        server.key = std::fs::read_to_string(server.data.path().join("cp/initial-api-key"))
+            .expect("the server writes the first key");
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.api)
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.data.path().to_path_buf()
+    }
+
+    fn spawn(&mut self) {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_wrenn"));
+        command
+            .args(["server", "--no-internet"])
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--api-listen", &self.api.to_string()])
+            .args(["--proxy-listen", &self.proxy.to_string()])
+            .args(["--heartbeat-interval-ms", "300"])
+            .args(["--down-after-ms", "3000"])
+            .args(["--reconcile-interval-secs", "2"])
+            .args(["--orphan-grace-secs", "3"])
+            .env("WRENN_JOIN_TOKEN", &self.join_token)
+            .env_remove("DATABASE_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        if let Some(url) = &self.database_url {
+            command.env("DATABASE_URL", url);
+        }
+        self.child = Some(command.spawn().expect("starting wrenn server"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut stream) = std::net::TcpStream::connect(self.api) {
+                use std::io::{Read, Write};
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = stream
+                    .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                let mut answer = String::new();
+                let _ = stream.read_to_string(&mut answer);
+                if answer.starts_with("HTTP/1.1 204") {
+                    return;
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("wrenn server exited while starting: {status}");
+            }
+            assert!(Instant::now() < deadline, "wrenn server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: nothing is flushed on the way out.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// A key of another team.
+    fn key_of_team(&self, team: &str) -> String {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_wrenn"));
+        command
+            .args(["key", "create", "--team", team, "--json"])
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .env_remove("DATABASE_URL");
+        if let Some(url) = &self.database_url {
+            command.env("DATABASE_URL", url);
+        }
+        let output = command.output().unwrap();
+        assert!(output.status.success(), "{output:?}");
+        let created: Value = serde_json::from_slice(&output.stdout).unwrap();
+        created["key"].as_str().unwrap().to_string()
+    }
+
+    async fn call_with(
+        &self,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        body: &str,
+    ) -> (StatusCode, Value, http::HeaderMap) {
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(key) = key {
+            headers.push(("x-api-key", key));
+        }
+        let response = wrenn_connect::plain::call(
+            method,
+            &format!("{}{path}", self.url()),
+            &headers,
+            body.to_string(),
+            Duration::from_secs(120),
+        )
+        .await
+        .unwrap();
+        let value = if response.body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&response.body)
+                .unwrap_or_else(|_| Value::String(response.text()))
+        };
+        (response.status, value, response.headers)
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Value) -> (StatusCode, Value) {
+        let body = if body.is_null() {
+            String::new()
+        } else {
+            body.to_string()
+        };
+        let (status, value, _) = self.call_with(method, path, Some(&self.key), &body).await;
+        (status, value)
+    }
+
+    async fn create(&self, body: Value) -> Value {
+        let (status, created) = self.call(Method::POST, "/sandboxes", body).await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        created
+    }
+
+    async fn hosts(&self) -> Vec<Value> {
+        let (status, body) = self.call(Method::GET, "/hosts", Value::Null).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["hosts"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Waits until host `name` is in `state` and (when up) reports the template `base`.
+    async fn wait_host(&self, name: &str, state: &str, within: Duration) {
+        wait_until(&format!("host {name} {state}"), within, async || {
+            self.hosts().await.iter().any(|host| {
+                host["name"] == name
+                    && host["state"] == state
+                    && (state != "up"
+                        || host["report"]["templates"]
+                            .as_array()
+                            .is_some_and(|t| t.iter().any(|t| t["templateId"] == "base")))
+            })
+        })
+        .await;
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A fresh database for one test: a schema of its own in `WRENN_TEST_DATABASE_URL`.
+async fn postgres_database() -> Option<String> {
+    let Ok(url) = std::env::var("WRENN_TEST_DATABASE_URL") else {
+        if std::env::var("WRENN_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
+            panic!("WRENN_TEST_DATABASE_URL is not set (scripts/postgres.sh starts the server)");
+        }
+        eprintln!("SKIPPED on PostgreSQL: WRENN_TEST_DATABASE_URL is not set");
+        return None;
+    };
+    let schema = format!("api_{}", free_port());
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+        ))
+        .await
+        .unwrap();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    Some(format!("{url}{separator}options=-csearch_path%3D{schema}"))
+}
+
+/// An agent joined to `server` as `name`, with the template `base` built and reported.
+async fn joined_agent(server: &Server, prefix: &str, first_slot: u32, name: &str) -> Agent {
+    let agent = Agent::start_joined(prefix, first_slot, &server.url(), &server.join_token, name);
+    agent.build_template("base").await;
+    server.wait_host(name, "up", Duration::from_secs(30)).await;
+    agent
+}
+
+/// A GET over HTTP/2 with prior knowledge (h2c) through the proxy to `port` of a sandbox.
+async fn h2c_get(proxy: SocketAddr, sandbox_id: &str, port: u16) -> (http::Version, String) {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get(format!("http://{proxy}/h2"))
+        .header("e2b-sandbox-id", sandbox_id)
+        .header("e2b-sandbox-port", port.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let version = response.version();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (version, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Starts an HTTP/2 (h2c) server on `port` in the sandbox: it answers with the request's
+/// HTTP version.
+async fn start_h2c_server(proxy: SocketAddr, sandbox_id: &str, token: Option<&str>, port: u16) {
+    let script = format!(
+        "nohup node -e \"require('http2').createServer((q, s) => s.end('h2c ' + q.httpVersion)).listen({port})\" >/tmp/h2c.log 2>&1 &\n\
+         for i in $(seq 100); do (echo > /dev/tcp/127.0.0.1/{port}) 2>/dev/null && exit 0; sleep 0.1; done; cat /tmp/h2c.log; exit 1"
+    );
+    let ran = run_via_proxy(proxy, sandbox_id, token, &script).await;
+    assert_eq!(ran.exit_code, Some(0), "{ran:?}");
+}
+
+async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_slot: u32) {
+    let mut server = Server::start(database_url);
+    let agent = joined_agent(&server, prefix, first_slot, &format!("{prefix}-host")).await;
+
+    // Templates.
+    let (status, templates) = server.call(Method::GET, "/templates", Value::Null).await;
+    assert_eq!(status, StatusCode::OK);
+    let base = templates
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["templateID"] == "base")
+        .expect("base is listed")
+        .clone();
+    assert_eq!(
+        (base["cpuCount"].clone(), base["memoryMB"].clone()),
+        (json!(1), json!(512))
+    );
+    assert!(base["diskSizeMB"].as_u64().unwrap() > 0, "{base}");
+    let (status, _) = server
+        .call(Method::GET, "/templates/aliases/base", Value::Null)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = server
+        .call(Method::GET, "/templates/aliases/nope", Value::Null)
+        .await;
+    assert_eq!(
+        (status, body["code"].clone()),
+        (StatusCode::NOT_FOUND, json!(404))
+    );
+
+    // Keys and bad requests.
+    let (status, body, _) = server
+        .call_with(Method::GET, "/v2/sandboxes", None, "")
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let (status, body, _) = server
+        .call_with(
+            Method::GET,
+            "/v2/sandboxes",
+            Some(&format!("e2b_{}", "0".repeat(40))),
+            "",
+        )
+        .await;
+    assert_eq!(
+        (status, body["message"].clone()),
+        (StatusCode::UNAUTHORIZED, json!("Invalid API key"))
+    );
+    let (status, body, _) = server
+        .call_with(Method::POST, "/sandboxes", Some(&server.key), "{")
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("invalid request body"),
+        "{body}"
+    );
+    for (request, code, words) in [
+        (json!({}), StatusCode::BAD_REQUEST, "templateID is required"),
+        (
+            json!({"templateID": "nope"}),
+            StatusCode::NOT_FOUND,
+            "template 'nope' not found",
+        ),
+        (
+            json!({"templateID": "base", "timeout": 100000}),
+            StatusCode::BAD_REQUEST,
+            "24 hours",
+        ),
+    ] {
+        let (status, body) = server.call(Method::POST, "/sandboxes", request).await;
+        assert_eq!(status, code, "{body}");
+        assert!(body["message"].as_str().unwrap().contains(words), "{body}");
+    }
+    let (status, body) = server
+        .call(Method::GET, "/v2/sandboxes?limit=0", Value::Null)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, _) = server
+        .call(Method::GET, "/v2/sandboxes?state=weird", Value::Null)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // Create: secure with metadata and env vars, and a plain one.
+    let alice = server
+        .create(json!({"templateID": "base", "timeout": 120, "secure": true,
+            "metadata": {"user": "alice", "n": "1"}, "envVars": {"GREETING": "hello there"}}))
+        .await;
+    assert_eq!(alice["clientID"], "6532622b");
+    assert_eq!(alice["templateID"], "base");
+    assert!(alice["envdVersion"].as_str().is_some_and(|v| !v.is_empty()));
+    let alice_id = alice["sandboxID"].as_str().unwrap().to_string();
+    let alice_token = alice["envdAccessToken"]
+        .as_str()
+        .expect("secure gives a token")
+        .to_string();
+    let bob = server
+        .create(json!({"templateID": "base", "timeout": 120, "metadata": {"user": "bob"}}))
+        .await;
+    assert!(bob.get("envdAccessToken").is_none(), "{bob}");
+    let bob_id = bob["sandboxID"].as_str().unwrap().to_string();
+
+    // Commands and files through the proxy (then through the agent's proxy to the guest).
+    let ran = run_via_proxy(
+        server.proxy,
+        &alice_id,
+        Some(&alice_token),
+        "echo \"$GREETING\" > /home/user/before-pause.txt; cat /home/user/before-pause.txt",
+    )
+    .await;
+    assert_eq!(
+        (ran.stdout.trim(), ran.exit_code),
+        ("hello there", Some(0)),
+        "{ran:?}"
+    );
+    let sandbox_headers = [
+        ("e2b-sandbox-id", alice_id.as_str()),
+        ("e2b-sandbox-port", "49983"),
+    ];
+    let unauthorised = wrenn_connect::plain::call(
+        Method::GET,
+        &format!(
+            "http://{}/files?path=/etc/hostname&username=user",
+            server.proxy
+        ),
+        &sandbox_headers,
+        "",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        unauthorised.status,
+        StatusCode::UNAUTHORIZED,
+        "envd needs the access token"
+    );
+    let init = wrenn_connect::plain::call(
+        Method::POST,
+        &format!("http://{}/init", server.proxy),
+        &sandbox_headers,
+        "{}",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        init.status,
+        StatusCode::FORBIDDEN,
+        "envd's /init is internal"
+    );
+
+    // Listing: filters, pagination, the running count.
+    let (status, listed, headers) = server
+        .call_with(
+            Method::GET,
+            "/v2/sandboxes?metadata=user%3Dalice",
+            Some(&server.key),
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["sandboxID"], alice_id.as_str());
+    assert_eq!(listed[0]["metadata"]["n"], "1");
+    assert_eq!(headers["x-total-running"], "1");
+    let (_, first, headers) = server
+        .call_with(Method::GET, "/v2/sandboxes?limit=1", Some(&server.key), "")
+        .await;
+    let token = headers["x-next-token"].to_str().unwrap().to_string();
+    let (_, second, headers) = server
+        .call_with(
+            Method::GET,
+            &format!("/v2/sandboxes?limit=1&nextToken={token}"),
+            Some(&server.key),
+            "",
+        )
+        .await;
+    assert!(
+        headers.get("x-next-token").is_none(),
+        "two sandboxes, two pages"
+    );
+    let mut ids = vec![
+        first[0]["sandboxID"].as_str().unwrap().to_string(),
+        second[0]["sandboxID"].as_str().unwrap().to_string(),
+    ];
+    ids.sort();
+    let mut expected = vec![alice_id.clone(), bob_id.clone()];
+    expected.sort();
+    assert_eq!(ids, expected);
+    let (_, v1) = server.call(Method::GET, "/sandboxes", Value::Null).await;
+    assert_eq!(v1.as_array().unwrap().len(), 2);
+
+    // Details, and another team sees nothing.
+    let (status, detail) = server
+        .call(Method::GET, &format!("/sandboxes/{alice_id}"), Value::Null)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (detail["state"].clone(), detail["cpuCount"].clone()),
+        (json!("running"), json!(1))
+    );
+    assert_eq!(detail["envdAccessToken"], alice_token.as_str());
+    let other = server.key_of_team("other");
+    for (method, path) in [
+        (Method::GET, format!("/sandboxes/{alice_id}")),
+        (Method::DELETE, format!("/sandboxes/{alice_id}")),
+        (Method::POST, format!("/sandboxes/{alice_id}/pause")),
+    ] {
+        let (status, body, _) = server.call_with(method, &path, Some(&other), "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
+    }
+    let (_, theirs, _) = server
+        .call_with(Method::GET, "/v2/sandboxes", Some(&other), "")
+        .await;
+    assert_eq!(theirs, json!([]));
+
+    // Timeout and refreshes move the end time.
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/sandboxes/{alice_id}/timeout"),
+            json!({"timeout": 600}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, detail) = server
+        .call(Method::GET, &format!("/sandboxes/{alice_id}"), Value::Null)
+        .await;
+    let end = chrono::DateTime::parse_from_rfc3339(detail["endAt"].as_str().unwrap()).unwrap();
+    assert!(
+        end.timestamp() - chrono::Utc::now().timestamp() > 500,
+        "{detail}"
+    );
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/sandboxes/{bob_id}/refreshes"),
+            json!({"duration": 60}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/sandboxes/{bob_id}/refreshes"),
+            json!({"duration": 4000}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // Metrics from envd.
+    let (status, metrics) = server
+        .call(
+            Method::GET,
+            &format!("/sandboxes/{alice_id}/metrics"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(metrics[0]["memTotal"].as_u64().unwrap() > 0, "{metrics}");
+
+    // h2c through the proxy (and the agent's proxy) to a server in the guest.
+    start_h2c_server(server.proxy, &bob_id, None, 8081).await;
+    let (version, body) = h2c_get(server.proxy, &bob_id, 8081).await;
+    assert_eq!((version, body.as_str()), (http::Version::HTTP_2, "h2c 2.0"));
+
+    // Pause (twice: 409), the proxy refuses a paused sandbox, connect resumes (201), then 200.
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/sandboxes/{alice_id}/pause"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) = server
+        .call(
+            Method::POST,
+            &format!("/sandboxes/{alice_id}/pause"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (_, paused, _) = server
+        .call_with(
+            Method::GET,
+            "/v2/sandboxes?state=paused",
+            Some(&server.key),
+            "",
+        )
+        .await;
+    assert_eq!(paused[0]["sandboxID"], alice_id.as_str());
+    let paused_proxy = wrenn_connect::plain::call(
+        Method::GET,
+        &format!("http://{}/health", server.proxy),
+        &sandbox_headers,
+        "",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        paused_proxy.status,
+        StatusCode::BAD_GATEWAY,
+        "a paused sandbox is not served"
+    );
+    let (status, resumed) = server
+        .call(
+            Method::POST,
+            &format!("/sandboxes/{alice_id}/connect"),
+            json!({"timeout": 120}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{resumed}");
+    assert_eq!(resumed["envdAccessToken"], alice_token.as_str());
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/sandboxes/{alice_id}/connect"),
+            json!({"timeout": 120}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let ran = run_via_proxy(
+        server.proxy,
+        &alice_id,
+        Some(&alice_token),
+        "cat /home/user/before-pause.txt",
+    )
+    .await;
+    assert_eq!(ran.stdout.trim(), "hello there", "{ran:?}");
+    // resume: 409 while running, 201 after a pause.
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/sandboxes/{alice_id}/resume"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/sandboxes/{alice_id}/pause"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/sandboxes/{alice_id}/resume"),
+            json!({"timeout": 120}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    // A control-plane restart (SIGKILL) loses nothing: the sandboxes, the host, the keys.
+    server.kill();
+    server.spawn();
+    let (status, listed, _) = server
+        .call_with(Method::GET, "/v2/sandboxes", Some(&server.key), "")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    let ran = run_via_proxy(
+        server.proxy,
+        &alice_id,
+        Some(&alice_token),
+        "cat /home/user/before-pause.txt",
+    )
+    .await;
+    assert_eq!(ran.stdout.trim(), "hello there", "after a restart: {ran:?}");
+    let (status, _, _) = server
+        .call_with(Method::GET, "/v2/sandboxes", Some(&other), "")
+        .await;
+    assert_eq!(status, StatusCode::OK, "the other team's key survived too");
+
+    // Timeout expiry kills.
+    let short = server
+        .create(json!({"templateID": "base", "timeout": 2}))
+        .await;
+    let short_id = short["sandboxID"].as_str().unwrap().to_string();
+    wait_until(
+        "the short sandbox's timeout",
+        Duration::from_secs(20),
+        async || {
+            let (status, _) = server
+                .call(Method::GET, &format!("/sandboxes/{short_id}"), Value::Null)
+                .await;
+            status == StatusCode::NOT_FOUND
+        },
+    )
+    .await;
+
+    // Kill: 204, then 404.
+    for id in [&alice_id, &bob_id] {
+        let (status, _) = server
+            .call(Method::DELETE, &format!("/sandboxes/{id}"), Value::Null)
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let (status, _) = server
+            .call(Method::DELETE, &format!("/sandboxes/{id}"), Value::Null)
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+    let (status, body) = server
+        .call(Method::GET, &format!("/sandboxes/{alice_id}"), Value::Null)
+        .await;
+    assert_eq!(
+        (status, body["code"].clone()),
+        (StatusCode::NOT_FOUND, json!(404))
+    );
+    // Nothing is left once the agent stops: no VM, namespace, interface or sandbox file.
+    let mut agent = agent;
+    agent.stop();
+    assert_eq!(agent.leftovers(), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_api_on_sqlite() {
+    if prerequisites().is_none() {
+        return;
+    }
+    rest_api_end_to_end(None, "wapis", 1400).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_api_on_postgres() {
+    if prerequisites().is_none() {
+        return;
+    }
+    let Some(url) = postgres_database().await else {
+        return;
+    };
+    rest_api_end_to_end(Some(url), "wapip", 1420).await;
+}
+
+async fn agent_sandboxes(agent: &Agent) -> Vec<String> {
+    let listed: pb::ListSandboxesResponse = agent
+        .call("ListSandboxes", &pb::ListSandboxesRequest {})
+        .await
+        .unwrap();
+    let mut ids: Vec<String> = listed.sandboxes.into_iter().map(|s| s.sandbox_id).collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_places_reconciles_and_survives_a_dead_host() {
+    if prerequisites().is_none() {
+        return;
+    }
+    let server = Server::start(None);
+    let host_a = joined_agent(&server, "wfla", 1440, "fleet-a").await;
+    let mut host_b = joined_agent(&server, "wflb", 1460, "fleet-b").await;
+
+    // A wrong join token is refused, and so is a heartbeat with a wrong token.
+    let (status, body, _) = server
+        .call_with(Method::POST, "/hosts/register", None, "{}")
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let response = wrenn_connect::plain::call(
+        Method::POST,
+        &format!("{}/hosts/register", server.url()),
+        &[
+            ("authorization", "Bearer wrong"),
+            ("content-type", "application/json"),
+        ],
+        json!({"name": "x", "apiUrl": "http://127.0.0.1:1", "proxyAddress": "127.0.0.1:1",
+            "agentToken": "t", "report": {}})
+        .to_string(),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        response.status,
+        StatusCode::UNAUTHORIZED,
+        "{}",
+        response.text()
+    );
+    let host_ids: Vec<String> = server
+        .hosts()
+        .await
+        .iter()
+        .map(|h| h["hostID"].as_str().unwrap().to_string())
+        .collect();
+    let response = wrenn_connect::plain::call(
+        Method::POST,
+        &format!("{}/hosts/{}/heartbeat", server.url(), host_ids[0]),
+        &[
+            ("authorization", "Bearer wrong"),
+            ("content-type", "application/json"),
+        ],
+        "{}",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status, StatusCode::UNAUTHORIZED);
+
+    // Least-loaded placement: two sandboxes, one on each host.
+    let first = server
+        .create(json!({"templateID": "base", "timeout": 300}))
+        .await;
+    let second = server
+        .create(json!({"templateID": "base", "timeout": 300}))
+        .await;
+    let (first_id, second_id) = (
+        first["sandboxID"].as_str().unwrap().to_string(),
+        second["sandboxID"].as_str().unwrap().to_string(),
+    );
+    let (on_a, on_b) = (
+        agent_sandboxes(&host_a).await,
+        agent_sandboxes(&host_b).await,
+    );
+    assert_eq!(on_a.len(), 1, "a: {on_a:?}, b: {on_b:?}");
+    assert_eq!(on_b.len(), 1, "a: {on_a:?}, b: {on_b:?}");
+    let (id_a, id_b) = (on_a[0].clone(), on_b[0].clone());
+    let mut placed = vec![id_a.clone(), id_b.clone()];
+    placed.sort();
+    let mut created = vec![first_id, second_id];
+    created.sort();
+    assert_eq!(placed, created);
+    // Both answer through the one edge proxy.
+    for id in [&id_a, &id_b] {
+        let ran = run_via_proxy(server.proxy, id, None, "echo $E2B_SANDBOX_ID").await;
+        assert_eq!(ran.stdout.trim(), id.as_str(), "{ran:?}");
+    }
+
+    // Drift: a sandbox destroyed behind the control plane's back is removed from the store.
+    let _: pb::DestroySandboxResponse = host_a
+        .call(
+            "DestroySandbox",
+            &pb::DestroySandboxRequest {
+                sandbox_id: id_a.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    wait_until(
+        "the reconcile to drop the destroyed sandbox",
+        Duration::from_secs(15),
+        async || {
+            let (status, _) = server
+                .call(Method::GET, &format!("/sandboxes/{id_a}"), Value::Null)
+                .await;
+            status == StatusCode::NOT_FOUND
+        },
+    )
+    .await;
+    // An orphan (created on the host, unknown to the store) is destroyed after the grace.
+    host_a.create("base", "orphan1", None).await;
+    wait_until(
+        "the reconcile to destroy the orphan",
+        Duration::from_secs(30),
+        async || agent_sandboxes(&host_a).await.is_empty(),
+    )
+    .await;
+
+    // Host b dies (SIGKILL, its VM keeps running): down, its sandbox lost, creates go to a.
+    host_b.kill();
+    server
+        .wait_host("fleet-b", "down", Duration::from_secs(15))
+        .await;
+    let (status, body) = server
+        .call(Method::GET, &format!("/sandboxes/{id_b}"), Value::Null)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("lost"), "{body}");
+    let (_, listed) = server.call(Method::GET, "/v2/sandboxes", Value::Null).await;
+    assert_eq!(listed, json!([]), "a lost sandbox is not listed");
+    let third = server
+        .create(json!({"templateID": "base", "timeout": 300}))
+        .await;
+    let third_id = third["sandboxID"].as_str().unwrap().to_string();
+    assert_eq!(agent_sandboxes(&host_a).await, vec![third_id.clone()]);
+
+    // Host b comes back with its VM: up again, the lost sandbox running and answering.
+    host_b.spawn();
+    server
+        .wait_host("fleet-b", "up", Duration::from_secs(30))
+        .await;
+    wait_until(
+        "the lost sandbox to come back",
+        Duration::from_secs(15),
+        async || {
+            let (_, detail) = server
+                .call(Method::GET, &format!("/sandboxes/{id_b}"), Value::Null)
+                .await;
+            detail["state"] == "running"
+        },
+    )
+    .await;
+    let ran = run_via_proxy(server.proxy, &id_b, None, "echo back").await;
+    assert_eq!(ran.stdout.trim(), "back", "{ran:?}");
+
+    for id in [&id_b, &third_id] {
+        let (status, _) = server
+            .call(Method::DELETE, &format!("/sandboxes/{id}"), Value::Null)
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+    }
+    let mut host_a = host_a;
+    for agent in [&mut host_a, &mut host_b] {
+        agent.stop();
+        assert_eq!(agent.leftovers(), Vec::<String>::new());
+    }
+}

@@ -1,0 +1,440 @@
+//! What the VM tests share: their prerequisites, a `wrenn agent serve` process of a test's own
+//! (data directory, slot range, ports), and running commands through a sandbox's envd.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http::HeaderMap;
+use wrenn_connect::client::{ConnectClient, HttpVersion};
+use wrenn_connect::{Code, Codec, ConnectError};
+use wrenn_proto::agent as pb;
+use wrenn_proto::process as proc_pb;
+use wrenn_proto::process::process_event::{Event, data_event::Output};
+
+pub fn prerequisites() -> Option<PathBuf> {
+    let image = std::env::var_os("WRENN_IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(wrenn_image::default_image_dir);
+    let missing = if !nix::unistd::Uid::effective().is_root() {
+        Some("not root".to_string())
+    } else if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        Some("qemu-system-x86_64 is not installed".to_string())
+    } else if !image.join("manifest.json").is_file() {
+        Some(format!(
+            "no image in {} (run `wrenn image build`)",
+            image.display()
+        ))
+    } else {
+        None
+    };
+    match missing {
+        None => Some(image),
+        Some(reason) if std::env::var("WRENN_REQUIRE_VM_TESTS").is_ok_and(|v| v == "1") => {
+            panic!("VM test prerequisite missing: {reason}")
+        }
+        Some(reason) => {
+            eprintln!("SKIPPED: the agent tests need root, QEMU and a built image: {reason}");
+            None
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `wrenn agent serve` process with its own data directory and slot range.
+pub struct Agent {
+    child: Option<Child>,
+    data: tempfile::TempDir,
+    pub prefix: String,
+    first_slot: u32,
+    pub api_port: u16,
+    pub proxy_port: u16,
+    mmds_port: u16,
+    pub token: String,
+    /// More arguments of `wrenn agent serve` (joining a control plane).
+    extra_args: Vec<String>,
+}
+
+impl Agent {
+    pub fn start(prefix: &str, first_slot: u32) -> Agent {
+        Self::start_with(prefix, first_slot, Vec::new())
+    }
+
+    /// An agent that joins the control plane at `url` as host `name`.
+    pub fn start_joined(
+        prefix: &str,
+        first_slot: u32,
+        url: &str,
+        join_token: &str,
+        name: &str,
+    ) -> Agent {
+        let args = [
+            "--join",
+            url,
+            "--join-token",
+            join_token,
+            "--host-name",
+            name,
+        ];
+        Self::start_with(prefix, first_slot, args.map(str::to_string).to_vec())
+    }
+
+    pub fn start_with(prefix: &str, first_slot: u32, extra_args: Vec<String>) -> Agent {
+        let mut agent = Agent {
+            child: None,
+            data: tempfile::tempdir().unwrap(),
+            prefix: prefix.to_string(),
+            first_slot,
+            api_port: free_port(),
+            proxy_port: free_port(),
+            mmds_port: free_port(),
+            token: format!("token-{prefix}"),
+            extra_args,
+        };
+        agent.spawn();
+        agent
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.data.path().join("agent")
+    }
+
+    pub fn spawn(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_wrenn"))
+            .args([
+                "agent",
+                "serve",
+                "--accel",
+                "tcg",
+                "--no-internet",
+                "--cleanup-on-exit",
+            ])
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--slot-prefix", &self.prefix])
+            .args([
+                "--first-slot",
+                &self.first_slot.to_string(),
+                "--slots",
+                "8",
+                "--slots-ahead",
+                "1",
+            ])
+            .args(["--listen", &format!("127.0.0.1:{}", self.api_port)])
+            .args(["--mmds-port", &self.mmds_port.to_string()])
+            .args(["--proxy-listen", &format!("127.0.0.1:{}", self.proxy_port)])
+            .args(&self.extra_args)
+            .env("WRENN_AGENT_TOKEN", &self.token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting wrenn agent");
+        self.child = Some(child);
+        // Ready means answering an authorised call, not just accepting connections.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.answers() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten())
+            {
+                panic!("the agent exited while starting: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not answer within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether `HostInfo` gets a 200 (a plain HTTP/1.1 call, blocking).
+    pub fn answers(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.api_port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let request = format!(
+            "POST /wrenn.agent.v1.HostAgent/HostInfo HTTP/1.1\r\nHost: agent\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}",
+            self.token
+        );
+        if stream.write_all(request.as_bytes()).is_err() {
+            return false;
+        }
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer.starts_with("HTTP/1.1 200")
+    }
+
+    /// SIGKILL: the agent gets no chance to clean up.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = child.wait();
+        }
+    }
+
+    pub fn client(&self, token: &str) -> ConnectClient {
+        ConnectClient::new(
+            format!("http://127.0.0.1:{}", self.api_port),
+            HttpVersion::Http1,
+            Codec::Json,
+        )
+        .with_header("authorization", &format!("Bearer {token}"))
+    }
+
+    pub async fn call<Req: wrenn_connect::Message, Resp: wrenn_connect::Message>(
+        &self,
+        method: &str,
+        request: &Req,
+    ) -> Result<Resp, ConnectError> {
+        self.client(&self.token)
+            .unary(
+                &format!("/wrenn.agent.v1.HostAgent/{method}"),
+                request,
+                &HeaderMap::new(),
+            )
+            .await
+    }
+
+    pub async fn build_template(&self, id: &str) -> pb::Template {
+        let request = pb::BuildTemplateRequest {
+            template_id: id.into(),
+            memory_mib: 512,
+            vcpus: 1,
+            ..Default::default()
+        };
+        let response: pb::BuildTemplateResponse = self
+            .call("BuildTemplate", &request)
+            .await
+            .expect("BuildTemplate");
+        response.template.unwrap()
+    }
+
+    pub async fn create(&self, template: &str, id: &str, token: Option<&str>) -> pb::Sandbox {
+        let request = pb::CreateSandboxRequest {
+            template_id: template.into(),
+            sandbox_id: id.into(),
+            env_vars: HashMap::from([("SANDBOX_NAME".to_string(), id.to_string())]),
+            envd_access_token: token.unwrap_or_default().into(),
+            ..Default::default()
+        };
+        let response: pb::CreateSandboxResponse = self
+            .call("CreateSandbox", &request)
+            .await
+            .expect("CreateSandbox");
+        response.sandbox.unwrap()
+    }
+
+    pub async fn get(&self, id: &str) -> Result<pb::Sandbox, ConnectError> {
+        let response: pb::GetSandboxResponse = self
+            .call(
+                "GetSandbox",
+                &pb::GetSandboxRequest {
+                    sandbox_id: id.into(),
+                },
+            )
+            .await?;
+        Ok(response.sandbox.unwrap())
+    }
+
+    /// What of this agent is still on the machine: processes, namespaces, interfaces, files.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        let marker = self.data_dir().display().to_string();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if text.contains("qemu-system") && text.contains(&marker) {
+                found.push(format!(
+                    "process {}: {}",
+                    entry.file_name().to_string_lossy(),
+                    &text[..80.min(text.len())]
+                ));
+            }
+        }
+        for entry in std::fs::read_dir("/run/netns")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&format!("{}-", self.prefix)) {
+                found.push(format!("netns {name}"));
+            }
+        }
+        let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
+        for line in String::from_utf8_lossy(&links.stdout).lines() {
+            let name = line
+                .split(':')
+                .nth(1)
+                .unwrap_or("")
+                .trim()
+                .split('@')
+                .next()
+                .unwrap_or("");
+            if name.starts_with(&format!("{}h", self.prefix)) {
+                found.push(format!("interface {name}"));
+            }
+        }
+        for dir in ["sandboxes"] {
+            for entry in std::fs::read_dir(self.data_dir().join(dir))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                found.push(format!("file {}", entry.path().display()));
+            }
+        }
+        found
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+        // Whatever a failed test left: its VMs and slots go with it.
+        let marker = self.data_dir().display().to_string();
+        let _ = Command::new("pkill")
+            .args(["-9", "-f", &format!("qemu-system.*{marker}")])
+            .status();
+        for entry in std::fs::read_dir("/run/netns")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&format!("{}-", self.prefix)) {
+                let _ = Command::new("ip").args(["netns", "del", &name]).status();
+            }
+        }
+    }
+}
+
+/// The output of a command run through a sandbox's envd.
+#[derive(Debug, Default)]
+pub struct Ran {
+    pub stdout: String,
+    pub stderr: String,
+    pub exit_code: Option<i32>,
+}
+
+pub fn envd_headers(token: Option<&str>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    // "user:" in base64.
+    headers.insert("authorization", "Basic dXNlcjo=".parse().unwrap());
+    if let Some(token) = token {
+        headers.insert("x-access-token", token.parse().unwrap());
+    }
+    headers
+}
+
+pub async fn run(sandbox: &pb::Sandbox, token: Option<&str>, script: &str) -> Ran {
+    let client = ConnectClient::new(
+        format!("http://{}", sandbox.envd_address),
+        HttpVersion::Http1,
+        Codec::Json,
+    );
+    run_with(&client, token, script).await
+}
+
+/// Runs `script` in a sandbox through an edge proxy at `proxy` (routing by headers).
+pub async fn run_via_proxy(
+    proxy: std::net::SocketAddr,
+    sandbox_id: &str,
+    token: Option<&str>,
+    script: &str,
+) -> Ran {
+    let client = ConnectClient::new(format!("http://{proxy}"), HttpVersion::Http1, Codec::Json)
+        .with_header("e2b-sandbox-id", sandbox_id)
+        .with_header("e2b-sandbox-port", "49983");
+    run_with(&client, token, script).await
+}
+
+/// Runs `script` with bash through envd's process service at `client`.
+pub async fn run_with(client: &ConnectClient, token: Option<&str>, script: &str) -> Ran {
+    let request = proc_pb::StartRequest {
+        process: Some(proc_pb::ProcessConfig {
+            cmd: "/bin/bash".into(),
+            args: vec!["-l".into(), "-c".into(), script.into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut stream = client
+        .server_stream::<_, proc_pb::StartResponse>(
+            "/process.Process/Start",
+            &request,
+            &envd_headers(token),
+        )
+        .await
+        .expect("Start failed");
+    let mut ran = Ran::default();
+    while let Some(message) = stream.message().await {
+        let Ok(message) = message else { break };
+        match message.event.and_then(|event| event.event) {
+            Some(Event::Data(data)) => match data.output {
+                Some(Output::Stdout(bytes)) => {
+                    ran.stdout.push_str(&String::from_utf8_lossy(&bytes))
+                }
+                Some(Output::Stderr(bytes)) => {
+                    ran.stderr.push_str(&String::from_utf8_lossy(&bytes))
+                }
+                _ => {}
+            },
+            Some(Event::End(end)) => ran.exit_code = Some(end.exit_code),
+            _ => {}
+        }
+    }
+    ran
+}
+
+pub fn assert_code<T: std::fmt::Debug>(result: Result<T, ConnectError>, code: Code, words: &str) {
+    let error = result.expect_err("the call should have failed");
+    assert_eq!(error.code, code, "{error:?}");
+    assert!(
+        error.message.contains(words),
+        "{:?} lacks {words:?}",
+        error.message
+    );
+}
+
+pub async fn wait_until(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,8 +1,11 @@
-//! The `wrenn` command: guest images (`wrenn image`), benchmarks (`wrenn bench`); the control
-//! plane, host agent and CLI subcommands join it as they are built.
+//! The `wrenn` command: wrenn on one machine (`wrenn up`), the control plane alone (`wrenn
+//! server`), the host agent (`wrenn agent`), the CLI over a control plane (`wrenn sandbox`,
+//! `wrenn template`, `wrenn host`), API keys (`wrenn key`), guest images (`wrenn image`) and
+//! benchmarks (`wrenn bench`).
 
 mod agent;
 mod bench;
+mod cli;
 mod image;
 mod up;
 
@@ -34,6 +37,13 @@ enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Key(up::KeyCommand),
+    /// Sandboxes of a control plane: create, list, info, exec, shell, cp, pause, resume, kill,
+    /// timeout.
+    Sandbox(cli::SandboxArgs),
+    /// Templates of a control plane.
+    Template(cli::TemplateArgs),
+    /// Hosts of a control plane's fleet.
+    Host(cli::HostArgs),
     /// Build and check guest images.
     #[command(subcommand)]
     Image(image::ImageCommand),
@@ -68,6 +78,9 @@ fn run() -> anyhow::Result<()> {
         Command::Agent(command) => runtime.block_on(agent::run(command)),
         Command::Up(args) => runtime.block_on(up::up(args)),
         Command::Server(args) => runtime.block_on(up::server(args)),
+        Command::Sandbox(args) => runtime.block_on(cli::sandbox(args)),
+        Command::Template(args) => runtime.block_on(cli::templates(args)),
+        Command::Host(args) => runtime.block_on(cli::hosts(args)),
         Command::Key(command) => runtime.block_on(up::key(command)),
     }
 }

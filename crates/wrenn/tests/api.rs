@@ -264,9 +264,242 @@ async fn start_h2c_server(proxy: SocketAddr, sandbox_id: &str, token: Option<&st
     assert_eq!(ran.exit_code, Some(0), "{ran:?}");
 }
 
+/// Runs `wrenn <args>` against `server`, with `stdin` piped in: (exit code, stdout, stderr).
+async fn wrenn_cli(server: &Server, args: &[&str], stdin: &str) -> (i32, String, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wrenn"))
+        .args(args)
+        .env("WRENN_API_URL", server.url())
+        .env("WRENN_SANDBOX_URL", format!("http://{}", server.proxy))
+        .env("WRENN_API_KEY", &server.key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.as_bytes()).await.unwrap();
+    drop(input);
+    let output = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .expect("the CLI finished")
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The CLI: every `wrenn sandbox` command, `wrenn template list` and `wrenn host list`.
+async fn cli_end_to_end(server: &Server, host_name: &str) {
+    let (code, out, err) = wrenn_cli(
+        server,
+        &[
+            "sandbox",
+            "create",
+            "base",
+            "--metadata",
+            "owner=cli",
+            "--env",
+            "GREETING=hey",
+            "--secure",
+            "--json",
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let created: Value = serde_json::from_str(&out).unwrap();
+    let id = created["sandboxID"].as_str().unwrap().to_string();
+    assert!(created["envdAccessToken"].is_string(), "{created}");
+
+    let (code, out, _) = wrenn_cli(
+        server,
+        &["sandbox", "list", "--metadata", "owner=cli", "--json"],
+        "",
+    )
+    .await;
+    assert_eq!(code, 0);
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["sandboxID"], id.as_str());
+    let (_, table, _) = wrenn_cli(server, &["sandbox", "list"], "").await;
+    assert!(
+        table.contains(&id) && table.contains("running") && table.contains("owner=cli"),
+        "{table}"
+    );
+    let (code, info, _) = wrenn_cli(server, &["sandbox", "info", &id], "").await;
+    assert_eq!(code, 0);
+    assert!(
+        info.contains("owner=cli") && info.contains("allowInternetAccess"),
+        "{info}"
+    );
+
+    // exec: output, stderr, env, exit code (through the secure sandbox's token).
+    let (code, out, err) = wrenn_cli(
+        server,
+        &[
+            "sandbox",
+            "exec",
+            &id,
+            "--",
+            "bash",
+            "-c",
+            "echo \"$GREETING from $(whoami)\"; echo oops >&2; exit 7",
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (7, "hey from user\n", "oops\n")
+    );
+
+    // cp both ways, byte for byte; a missing file fails and leaves nothing behind.
+    let work = tempfile::tempdir().unwrap();
+    let local = work.path().join("up.bin");
+    let content: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(&local, &content).unwrap();
+    let remote = format!("{id}:/home/user/up.bin");
+    let (code, _, err) = wrenn_cli(
+        server,
+        &["sandbox", "cp", local.to_str().unwrap(), &remote],
+        "",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let (_, owner, _) = wrenn_cli(
+        server,
+        &[
+            "sandbox",
+            "exec",
+            &id,
+            "--",
+            "stat",
+            "-c",
+            "%U %s",
+            "/home/user/up.bin",
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(owner.trim(), "user 3000000");
+    let back = work.path().join("back");
+    std::fs::create_dir(&back).unwrap();
+    let (code, _, err) = wrenn_cli(
+        server,
+        &["sandbox", "cp", &remote, back.to_str().unwrap()],
+        "",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        std::fs::read(back.join("up.bin")).unwrap() == content,
+        "the download differs"
+    );
+    let missing = work.path().join("missing");
+    let (code, _, err) = wrenn_cli(
+        server,
+        &[
+            "sandbox",
+            "cp",
+            &format!("{id}:/nope"),
+            missing.to_str().unwrap(),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(err.contains("404"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(work.path()).unwrap().count(),
+        2,
+        "no partial file is left"
+    );
+
+    // shell on a PTY, fed from a pipe.
+    let (code, out, err) = wrenn_cli(
+        server,
+        &["sandbox", "shell", &id],
+        "echo shell-$((6*7))\nexit 5\n",
+    )
+    .await;
+    assert_eq!(code, 5, "{out} {err}");
+    assert!(out.contains("shell-42"), "{out}");
+
+    // timeout, pause, resume, kill.
+    let (code, _, _) = wrenn_cli(server, &["sandbox", "timeout", &id, "600"], "").await;
+    assert_eq!(code, 0);
+    let (code, out, _) = wrenn_cli(server, &["sandbox", "pause", &id, "--json"], "").await;
+    assert_eq!(
+        (
+            code,
+            serde_json::from_str::<Value>(&out).unwrap()["state"].clone()
+        ),
+        (0, json!("paused"))
+    );
+    let (_, out, _) = wrenn_cli(
+        server,
+        &["sandbox", "list", "--state", "paused", "--json"],
+        "",
+    )
+    .await;
+    assert!(out.contains(&id), "{out}");
+    let (code, _, err) = wrenn_cli(server, &["sandbox", "resume", &id], "").await;
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = wrenn_cli(
+        server,
+        &[
+            "sandbox",
+            "exec",
+            &id,
+            "--",
+            "wc",
+            "-c",
+            "/home/user/up.bin",
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(
+        (code, out.trim()),
+        (0, "3000000 /home/user/up.bin"),
+        "the file outlived the pause"
+    );
+    let (code, _, _) = wrenn_cli(server, &["sandbox", "kill", &id], "").await;
+    assert_eq!(code, 0);
+    let (code, _, err) = wrenn_cli(server, &["sandbox", "info", &id], "").await;
+    assert_eq!(code, 1);
+    assert!(err.contains("404 Not Found"), "{err}");
+
+    // Templates, hosts, and a bad key.
+    let (_, out, _) = wrenn_cli(server, &["template", "list"], "").await;
+    assert!(out.contains("base") && out.contains("512 MiB"), "{out}");
+    let (code, out, _) = wrenn_cli(server, &["host", "list", "--json"], "").await;
+    assert_eq!(code, 0);
+    let fleet: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(fleet["hosts"][0]["name"], host_name);
+    assert_eq!(fleet["hosts"][0]["state"], "up");
+    let (_, out, _) = wrenn_cli(server, &["host", "list"], "").await;
+    assert!(
+        out.contains(host_name) && out.contains("least-loaded"),
+        "{out}"
+    );
+    let (code, _, err) = wrenn_cli(server, &["sandbox", "list", "--api-key", "e2b_bad"], "").await;
+    assert_eq!(code, 1);
+    assert!(err.contains("Invalid API key"), "{err}");
+}
+
 async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_slot: u32) {
-    let mut server = Server::start(database_url);
-    let agent = joined_agent(&server, prefix, first_slot, &format!("{prefix}-host")).await;
+    let mut server = Server::start(database_url.clone());
+    let host_name = format!("{prefix}-host");
+    let agent = joined_agent(&server, prefix, first_slot, &host_name).await;
+    if database_url.is_none() {
+        cli_end_to_end(&server, &host_name).await;
+    }
 
     // Templates.
     let (status, templates) = server.call(Method::GET, "/templates", Value::Null).await;

@@ -155,7 +155,7 @@ fn sandbox_body(plane: &ControlPlane, row: &SandboxRow) -> Value {
         "sandboxID": row.id,
         "clientID": CLIENT_ID,
         "envdVersion": row.envd_version,
-        "trafficAccessToken": Value::Null,
+        "trafficAccessToken": row.traffic_access_token.clone().map(Value::String).unwrap_or(Value::Null),
         "domain": plane.domain.clone().map(Value::String).unwrap_or(Value::Null),
     });
     if let Some(alias) = &row.alias {
@@ -188,7 +188,8 @@ fn listed_body(plane: &ControlPlane, row: &SandboxRow, detail: bool) -> Value {
     }
     if detail {
         body["allowInternetAccess"] = json!(row.allow_internet);
-        body["lifecycle"] = json!({ "autoResume": false, "onTimeout": if row.auto_pause { "pause" } else { "kill" } });
+        body["lifecycle"] = json!({ "autoResume": row.auto_resume, "onTimeout": if row.auto_pause { "pause" } else { "kill" } });
+        body["network"] = json!({ "allowPublicTraffic": row.traffic_access_token.is_none() });
         if let Some(token) = &row.envd_access_token {
             body["envdAccessToken"] = json!(token);
         }
@@ -268,6 +269,19 @@ struct NewSandbox {
     allow_internet_access: Option<bool>,
     metadata: Option<BTreeMap<String, String>>,
     env_vars: Option<BTreeMap<String, String>>,
+    network: Option<NetworkBody>,
+    auto_resume: Option<AutoResumeBody>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NetworkBody {
+    allow_public_traffic: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct AutoResumeBody {
+    enabled: Option<bool>,
 }
 
 async fn create_sandbox(
@@ -305,7 +319,20 @@ async fn create_sandbox(
         .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "templateID is required"))?;
     let timeout = check_timeout(request.timeout.unwrap_or(15))?;
     let id = auth::random_id(20);
-    let token = request.secure.unwrap_or(false).then(auth::random_token);
+    let secure = request.secure.unwrap_or(false);
+    let public_traffic = request
+        .network
+        .as_ref()
+        .and_then(|n| n.allow_public_traffic)
+        .unwrap_or(true);
+    if !public_traffic && !secure {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "a sandbox without public traffic must be secure (secure: true)",
+        ));
+    }
+    let token = secure.then(auth::random_token);
+    let traffic_access_token = (!public_traffic).then(auth::random_token);
     let allow_internet = request.allow_internet_access.unwrap_or(true) && plane.internet;
     let metadata = request.metadata.unwrap_or_default();
     let env_vars = request.env_vars.unwrap_or_default();
@@ -339,7 +366,7 @@ async fn create_sandbox(
             Err(error) => return Err(error),
         }
     };
-    plane.fleet.created(&placed, &id);
+    plane.fleet.created(&placed);
     let template = &placed.template;
     let now = now_ms();
     let row = SandboxRow {
@@ -358,6 +385,8 @@ async fn create_sandbox(
         memory_mb: template.memory_mib,
         envd_version: template.envd_version.clone(),
         host_id: placed.host.id(),
+        traffic_access_token,
+        auto_resume: request.auto_resume.and_then(|a| a.enabled).unwrap_or(false),
     };
     if let Err(error) = plane.store.put_sandbox(row.clone()).await {
         let _ = placed.host.link.destroy(&placed.host.row().name, &id).await;
@@ -681,7 +710,7 @@ async fn metrics(
     if row.state != "running" {
         return Ok(axum::Json(Vec::<Value>::new()).into_response());
     }
-    let Some(route) = plane
+    let Some((route, _)) = plane
         .fleet
         .route(&plane.store, &row.id, wrenn_agent::manager::ENVD_PORT)
         .await
@@ -859,6 +888,8 @@ mod tests {
             memory_mb: 512,
             envd_version: "0.6.4".into(),
             host_id: "local".into(),
+            traffic_access_token: None,
+            auto_resume: false,
         };
         assert_eq!(
             decode_token(&encode_token(&row)).unwrap(),

@@ -432,8 +432,9 @@ pub struct Fleet {
     hosts: RwLock<HashMap<String, Arc<Host>>>,
     placement: Box<dyn Placement>,
     pub config: FleetConfig,
-    /// Which host each running sandbox is on, for the proxy (filled from the store on demand).
-    sandbox_hosts: Mutex<HashMap<String, String>>,
+    /// Which host each running sandbox is on, and its traffic token, for the proxy (filled
+    /// from the store on demand).
+    sandbox_hosts: Mutex<HashMap<String, (String, Option<String>)>>,
     /// Serialises placements, so two creates do not both take a host's last slot.
     placing: Mutex<()>,
 }
@@ -625,7 +626,7 @@ impl Fleet {
     }
 
     /// Counts a finished create in the host's report until its next heartbeat says so itself.
-    pub fn created(&self, placed: &Placed, sandbox_id: &str) {
+    pub fn created(&self, placed: &Placed) {
         let mut row = placed.host.row.lock().expect("host lock");
         row.report.slots_in_use += 1;
         row.report.sandboxes_running += 1;
@@ -633,10 +634,6 @@ impl Fleet {
             .report
             .memory_available_bytes
             .saturating_sub(u64::from(placed.template.memory_mib) << 20);
-        self.sandbox_hosts
-            .lock()
-            .expect("route cache lock")
-            .insert(sandbox_id.to_string(), row.id.clone());
     }
 
     /// Forgets where a sandbox runs (it was paused, killed or lost).
@@ -647,34 +644,41 @@ impl Fleet {
             .remove(sandbox_id);
     }
 
-    /// How to reach `port` of a running sandbox, if it is running on an up host.
-    pub async fn route(&self, store: &Store, sandbox_id: &str, port: u16) -> Option<GuestRoute> {
+    /// How to reach `port` of a sandbox running on an up host, and its traffic token if it
+    /// has one.
+    pub async fn route(
+        &self,
+        store: &Store,
+        sandbox_id: &str,
+        port: u16,
+    ) -> Option<(GuestRoute, Option<String>)> {
         let cached = self
             .sandbox_hosts
             .lock()
             .expect("route cache lock")
             .get(sandbox_id)
             .cloned();
-        let host_id = match cached {
-            Some(host_id) => host_id,
+        let (host_id, traffic_token) = match cached {
+            Some(entry) => entry,
             None => {
                 let row = store.sandbox(sandbox_id).await.ok()??;
                 if row.state != "running" {
                     return None;
                 }
+                let entry = (row.host_id, row.traffic_access_token);
                 let mut cache = self.sandbox_hosts.lock().expect("route cache lock");
                 if cache.len() > 100_000 {
                     cache.clear();
                 }
-                cache.insert(sandbox_id.to_string(), row.host_id.clone());
-                row.host_id
+                cache.insert(sandbox_id.to_string(), entry.clone());
+                entry
             }
         };
         let host = self.host(&host_id)?;
         if !host.is_up() {
             return None;
         }
-        host.link.route(sandbox_id, port)
+        Some((host.link.route(sandbox_id, port)?, traffic_token))
     }
 
     /// The host of a sandbox row, if it is up (else a 503 naming it).
@@ -838,7 +842,7 @@ impl Fleet {
         self.sandbox_hosts
             .lock()
             .expect("route cache lock")
-            .retain(|_, host| host != &row.id);
+            .retain(|_, (host, _)| host != &row.id);
         tracing::warn!(host = %row.name, lost, "host is down: its sandboxes are lost");
         Ok(())
     }

@@ -106,6 +106,30 @@ impl ControlPlane {
         Ok(row)
     }
 
+    /// Resumes a paused sandbox that asked to be resumed by traffic (for five minutes): whether
+    /// it runs now.
+    pub async fn resume_on_traffic(&self, id: &str) -> bool {
+        const AUTO_RESUME_TIMEOUT_MS: i64 = 5 * 60 * 1000;
+        let Ok(Some(row)) = self.store.sandbox(id).await else {
+            return false;
+        };
+        if row.state != "paused" || !row.auto_resume {
+            return row.state == "running";
+        }
+        let end = chrono::Utc::now().timestamp_millis() + AUTO_RESUME_TIMEOUT_MS;
+        match self.resume(&row, end, None).await {
+            Ok(_) => {
+                tracing::info!(sandbox = id, "resumed by traffic");
+                true
+            }
+            Err(error) => {
+                // Another request may have resumed it first.
+                tracing::debug!(sandbox = id, ?error, "resume on traffic failed");
+                matches!(self.store.sandbox(id).await, Ok(Some(row)) if row.state == "running")
+            }
+        }
+    }
+
     /// Ends sandboxes whose time is up, once a second: paused if they asked for it, else
     /// killed. Runs until the process ends.
     pub async fn run_lifecycle(self: Arc<Self>) {

@@ -4,7 +4,9 @@
 //! without buffering to the guest's port (envd forwards the guest's loopback ports there):
 //! straight to the guest when its host is this machine, else through the sandbox proxy of the
 //! agent on its host. HTTP/1.1 with upgrades (WebSocket) and HTTP/2 with prior knowledge (h2c)
-//! both pass. envd's internal routes are refused.
+//! both pass. envd's internal routes are refused. A sandbox created without public traffic needs
+//! its traffic token on every port but envd's; a paused sandbox created with `autoResume` is
+//! resumed by the first request that comes for it.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -20,6 +22,8 @@ use crate::ControlPlane;
 /// envd's port: its internal routes are not for the outside.
 const ENVD_PORT: u16 = 49983;
 const INTERNAL_ROUTES: &[&str] = &["/init", "/snapshot/prepare"];
+/// The header carrying a sandbox's traffic token (when it takes no public traffic).
+const TRAFFIC_TOKEN_HEADER: &str = "e2b-traffic-access-token";
 
 /// Where a request goes.
 #[derive(Debug, PartialEq, Eq)]
@@ -119,13 +123,36 @@ async fn forward(
         )
             .into_response();
     }
-    let Some(guest) = plane
+    let mut routed = plane
         .fleet
         .route(&plane.store, &target.sandbox_id, target.port)
-        .await
-    else {
+        .await;
+    if routed.is_none() && plane.resume_on_traffic(&target.sandbox_id).await {
+        routed = plane
+            .fleet
+            .route(&plane.store, &target.sandbox_id, target.port)
+            .await;
+    }
+    let Some((guest, traffic_token)) = routed else {
         return bad_gateway(&target.sandbox_id, SANDBOX_NOT_FOUND, None);
     };
+    let given = request.headers_mut().remove(TRAFFIC_TOKEN_HEADER);
+    if target.port != ENVD_PORT
+        && let Some(expected) = traffic_token
+    {
+        use subtle::ConstantTimeEq;
+        let given = given.as_ref().map(|v| v.as_bytes()).unwrap_or_default();
+        if !bool::from(given.ct_eq(expected.as_bytes())) {
+            return (
+                StatusCode::FORBIDDEN,
+                axum::Json(json!({
+                    "code": 403,
+                    "message": "this sandbox takes no public traffic: send its trafficAccessToken in e2b-traffic-access-token",
+                })),
+            )
+                .into_response();
+        }
+    }
     if let Some(original) = host
         .as_deref()
         .and_then(|host| HeaderValue::from_str(host).ok())

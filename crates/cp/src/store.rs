@@ -61,6 +61,10 @@ pub struct SandboxRow {
     pub envd_version: String,
     /// The host agent the sandbox lives on.
     pub host_id: String,
+    /// Required on the sandbox's ports other than envd's when public traffic is not allowed.
+    pub traffic_access_token: Option<String>,
+    /// Whether traffic to the sandbox through the proxy resumes it when paused.
+    pub auto_resume: bool,
 }
 
 /// A host agent of the fleet.
@@ -123,6 +127,8 @@ const MIGRATIONS: &[&str] = &[
         registered_at_ms INTEGER NOT NULL);
      ALTER TABLE sandboxes ADD COLUMN host_id TEXT NOT NULL DEFAULT 'local';
      CREATE INDEX IF NOT EXISTS sandboxes_by_host ON sandboxes (host_id);",
+    "ALTER TABLE sandboxes ADD COLUMN traffic_access_token TEXT;
+     ALTER TABLE sandboxes ADD COLUMN auto_resume INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// The SQLite store.
@@ -261,8 +267,9 @@ impl SqliteStore {
         self.with(move |db| {
             db.execute(
                 "INSERT INTO sandboxes (id, team_id, template_id, alias, state, started_at_ms, end_at_ms, metadata,
-                    envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version, host_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+                    envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version, host_id,
+                    traffic_access_token, auto_resume)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
                  ON CONFLICT (id) DO UPDATE SET state = excluded.state, end_at_ms = excluded.end_at_ms,
                     started_at_ms = excluded.started_at_ms, envd_access_token = excluded.envd_access_token,
                     auto_pause = excluded.auto_pause, host_id = excluded.host_id",
@@ -281,7 +288,9 @@ impl SqliteStore {
                     sandbox.cpu_count,
                     sandbox.memory_mb,
                     sandbox.envd_version,
-                    sandbox.host_id
+                    sandbox.host_id,
+                    sandbox.traffic_access_token,
+                    sandbox.auto_resume
                 ],
             )
             .map(drop)
@@ -566,8 +575,10 @@ impl Store {
     }
 }
 
-const SELECT_SANDBOX: &str = "SELECT id, team_id, template_id, alias, state, started_at_ms, end_at_ms, metadata,
-    envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version, host_id FROM sandboxes";
+const SELECT_SANDBOX: &str =
+    "SELECT id, team_id, template_id, alias, state, started_at_ms, end_at_ms, metadata,
+    envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version, host_id,
+    traffic_access_token, auto_resume FROM sandboxes";
 
 fn sandbox_row(row: &rusqlite::Row<'_>) -> Result<SandboxRow, rusqlite::Error> {
     let metadata: String = row.get(7)?;
@@ -587,6 +598,8 @@ fn sandbox_row(row: &rusqlite::Row<'_>) -> Result<SandboxRow, rusqlite::Error> {
         memory_mb: row.get(12)?,
         envd_version: row.get(13)?,
         host_id: row.get(14)?,
+        traffic_access_token: row.get(15)?,
+        auto_resume: row.get(16)?,
     })
 }
 
@@ -620,6 +633,8 @@ mod tests {
             memory_mb: 512,
             envd_version: "0.6.4".into(),
             host_id: "h1".into(),
+            traffic_access_token: None,
+            auto_resume: false,
         }
     }
 
@@ -836,6 +851,15 @@ mod tests {
                 "{backend}: a changed state is not overwritten"
             );
             assert_eq!(store.sandbox("s1").await.unwrap().unwrap().state, "running");
+            let mut guarded = row("g1", "a", 1, "running", &[]);
+            guarded.traffic_access_token = Some("traffic".into());
+            guarded.auto_resume = true;
+            store.put_sandbox(guarded.clone()).await.unwrap();
+            assert_eq!(
+                store.sandbox("g1").await.unwrap(),
+                Some(guarded),
+                "{backend}"
+            );
         }
     }
 

@@ -31,10 +31,14 @@ const MIGRATIONS: &[&str] = &[
         registered_at_ms BIGINT NOT NULL);
      ALTER TABLE sandboxes ADD COLUMN IF NOT EXISTS host_id TEXT NOT NULL DEFAULT 'local';
      CREATE INDEX IF NOT EXISTS sandboxes_by_host ON sandboxes (host_id);",
+    "ALTER TABLE sandboxes ADD COLUMN IF NOT EXISTS traffic_access_token TEXT;
+     ALTER TABLE sandboxes ADD COLUMN IF NOT EXISTS auto_resume BOOLEAN NOT NULL DEFAULT FALSE;",
 ];
 
-const SELECT_SANDBOX: &str = "SELECT id, team_id, template_id, alias, state, started_at_ms, end_at_ms, metadata::text,
-    envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version, host_id FROM sandboxes";
+const SELECT_SANDBOX: &str =
+    "SELECT id, team_id, template_id, alias, state, started_at_ms, end_at_ms, metadata::text,
+    envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version, host_id,
+    traffic_access_token, auto_resume FROM sandboxes";
 
 /// A PostgreSQL connection (pipelined: one client serves concurrent calls).
 #[derive(Debug, Clone)]
@@ -62,6 +66,8 @@ fn sandbox_row(row: &Row) -> SandboxRow {
         memory_mb: memory.max(0) as u32,
         envd_version: row.get(13),
         host_id: row.get(14),
+        traffic_access_token: row.get(15),
+        auto_resume: row.get(16),
     }
 }
 
@@ -184,8 +190,9 @@ impl PgStore {
         self.client
             .execute(
                 "INSERT INTO sandboxes (id, team_id, template_id, alias, state, started_at_ms, end_at_ms, metadata,
-                    envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version, host_id)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::text::jsonb, $9, $10, $11, $12, $13, $14, $15)
+                    envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version, host_id,
+                    traffic_access_token, auto_resume)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::text::jsonb, $9, $10, $11, $12, $13, $14, $15, $16, $17)
                  ON CONFLICT (id) DO UPDATE SET state = excluded.state, end_at_ms = excluded.end_at_ms,
                     started_at_ms = excluded.started_at_ms, envd_access_token = excluded.envd_access_token,
                     auto_pause = excluded.auto_pause, host_id = excluded.host_id",
@@ -205,6 +212,8 @@ impl PgStore {
                     &memory,
                     &sandbox.envd_version,
                     &sandbox.host_id,
+                    &sandbox.traffic_access_token,
+                    &sandbox.auto_resume,
                 ],
             )
             .await?;

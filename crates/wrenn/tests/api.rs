@@ -766,6 +766,88 @@ async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_s
     let (version, body) = h2c_get(server.proxy, &bob_id, 8081).await;
     assert_eq!((version, body.as_str()), (http::Version::HTTP_2, "h2c 2.0"));
 
+    // No public traffic: needs secure, gets a traffic token the proxy asks for on other ports
+    // than envd's; with autoResume, traffic to it paused resumes it.
+    let (status, body) = server
+        .call(
+            Method::POST,
+            "/sandboxes",
+            json!({"templateID": "base", "network": {"allowPublicTraffic": false}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let carol = server
+        .create(json!({"templateID": "base", "timeout": 120, "secure": true,
+            "network": {"allowPublicTraffic": false}, "autoResume": {"enabled": true}}))
+        .await;
+    let carol_id = carol["sandboxID"].as_str().unwrap().to_string();
+    let carol_envd = carol["envdAccessToken"].as_str().unwrap().to_string();
+    let traffic = carol["trafficAccessToken"]
+        .as_str()
+        .expect("a traffic token")
+        .to_string();
+    let ran = run_via_proxy(
+        server.proxy,
+        &carol_id,
+        Some(&carol_envd),
+        "cd /tmp && echo served > index.html && (nohup python3 -m http.server 8000 >/dev/null 2>&1 &) && \
+         for i in $(seq 100); do (echo > /dev/tcp/127.0.0.1/8000) 2>/dev/null && exit 0; sleep 0.1; done; exit 1",
+    )
+    .await;
+    assert_eq!(ran.exit_code, Some(0), "{ran:?}");
+    let get_page = async |token: Option<&str>| {
+        let mut headers = vec![
+            ("e2b-sandbox-id", carol_id.as_str()),
+            ("e2b-sandbox-port", "8000"),
+        ];
+        if let Some(token) = token {
+            headers.push(("e2b-traffic-access-token", token));
+        }
+        wrenn_connect::plain::call(
+            Method::GET,
+            &format!("http://{}/index.html", server.proxy),
+            &headers,
+            "",
+            Duration::from_secs(120),
+        )
+        .await
+        .unwrap()
+    };
+    assert_eq!(get_page(None).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(get_page(Some("wrong")).await.status, StatusCode::FORBIDDEN);
+    let page = get_page(Some(&traffic)).await;
+    assert_eq!(
+        (page.status, page.text().trim()),
+        (StatusCode::OK, "served")
+    );
+    let (status, _) = server
+        .call(
+            Method::POST,
+            &format!("/sandboxes/{carol_id}/pause"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let page = get_page(Some(&traffic)).await;
+    assert_eq!(
+        (page.status, page.text().trim()),
+        (StatusCode::OK, "served"),
+        "resumed by traffic"
+    );
+    let (_, detail) = server
+        .call(Method::GET, &format!("/sandboxes/{carol_id}"), Value::Null)
+        .await;
+    assert_eq!(detail["state"], "running");
+    assert_eq!(detail["lifecycle"]["autoResume"], true);
+    let (status, _) = server
+        .call(
+            Method::DELETE,
+            &format!("/sandboxes/{carol_id}"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+
     // Pause (twice: 409), the proxy refuses a paused sandbox, connect resumes (201), then 200.
     let (status, _) = server
         .call(

@@ -197,6 +197,8 @@ async fn list_pages(
                 memory_mb: 512,
                 envd_version: "0.6.4".into(),
                 host_id: wrenn_cp::fleet::EMBEDDED_HOST_ID.into(),
+                traffic_access_token: None,
+                auto_resume: false,
             })
             .await?;
     }

@@ -247,6 +247,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let joiner = match (&args.join, &args.join_token) {
         (Some(url), Some(join_token)) => {
+            anyhow::ensure!(
+                args.advertise_host.is_some()
+                    || !(api_address.ip().is_unspecified() || proxy_address.ip().is_unspecified()),
+                "--advertise-host is required when listening on every address: the control plane must be told where to reach this agent"
+            );
             let advertise = |address: SocketAddr| match &args.advertise_host {
                 Some(host) => format!("{host}:{}", address.port()),
                 None => address.to_string(),

@@ -46,16 +46,7 @@ pub async fn serve(
 ) {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let spawn = |listener: tokio::net::TcpListener, router: axum::Router| {
-        let mut stop = stop_rx.clone();
-        tokio::spawn(wrenn_envd::server::serve(
-            listener,
-            router,
-            Arc::new(wrenn_envd::server::ConnectionTracker::default()),
-            timeouts.clone(),
-            async move {
-                let _ = stop.wait_for(|stop| *stop).await;
-            },
-        ))
+        wrenn_envd::server::spawn_until_stopped(listener, router, timeouts.clone(), stop_rx.clone())
     };
     let mmds_server = spawn(listeners.mmds, manager.mmds.router());
     let proxy_server = spawn(listeners.proxy, proxy::router(manager.clone(), token));

@@ -159,8 +159,15 @@ async fn forward(
     {
         request.headers_mut().insert("x-forwarded-host", original);
     }
+    let via_agent = matches!(guest, crate::fleet::GuestRoute::ViaAgent { .. });
     match guest.forward(request).await {
         Ok(response) => response,
+        // The agent's proxy answers for the guest itself; failing to reach it is the host's fault.
+        Err(_) if via_agent => bad_gateway(
+            &target.sandbox_id,
+            "The sandbox's host does not answer",
+            Some(target.port),
+        ),
         Err(error) => bad_gateway(&target.sandbox_id, error.message(), Some(target.port)),
     }
 }

@@ -226,6 +226,25 @@ impl http_body::Body for TrackedBody {
     }
 }
 
+/// Spawns [`serve`] with a tracker of its own, until `stop` turns true: how the host agent and
+/// the control plane run each of their listeners.
+pub fn spawn_until_stopped(
+    listener: TcpListener,
+    app: Router,
+    timeouts: ServerTimeouts,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(serve(
+        listener,
+        app,
+        Arc::new(ConnectionTracker::default()),
+        timeouts,
+        async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        },
+    ))
+}
+
 /// Serves `app` on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,

@@ -367,16 +367,7 @@ fn server_spawner(
 ) -> impl Fn(tokio::net::TcpListener, axum::Router) -> tokio::task::JoinHandle<()> {
     let timeouts = wrenn_envd::server::ServerTimeouts::default();
     move |listener: tokio::net::TcpListener, router: axum::Router| {
-        let mut stop = stop_rx.clone();
-        tokio::spawn(wrenn_envd::server::serve(
-            listener,
-            router,
-            Arc::new(wrenn_envd::server::ConnectionTracker::default()),
-            timeouts.clone(),
-            async move {
-                let _ = stop.wait_for(|stop| *stop).await;
-            },
-        ))
+        wrenn_envd::server::spawn_until_stopped(listener, router, timeouts.clone(), stop_rx.clone())
     }
 }
 

@@ -493,6 +493,75 @@ async fn cli_end_to_end(server: &Server, host_name: &str) {
     assert!(err.contains("Invalid API key"), "{err}");
 }
 
+/// An upgrade echo server in the guest on port 8766: it answers 101 and then echoes bytes.
+const UPGRADE_ECHO: &str = r#"
+import socket, threading
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("127.0.0.1", 8766))
+server.listen()
+def serve(conn):
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = conn.recv(4096)
+        if not data:
+            return
+        head += data
+    conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    while True:
+        data = conn.recv(4096)
+        if not data:
+            break
+        conn.sendall(data)
+    conn.close()
+while True:
+    conn, _ = server.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"#;
+
+/// Upgrades a connection through the proxy to the guest's echo server and echoes bytes.
+async fn upgrade_echo(proxy: SocketAddr, sandbox_id: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let script = format!(
+        "cat > /tmp/echo.py <<'EOF'\n{UPGRADE_ECHO}\nEOF\n(nohup python3 /tmp/echo.py >/tmp/echo.log 2>&1 &)\n\
+         for i in $(seq 100); do (echo > /dev/tcp/127.0.0.1/8766) 2>/dev/null && exit 0; sleep 0.1; done; exit 1"
+    );
+    let ran = run_via_proxy(proxy, sandbox_id, None, &script).await;
+    assert_eq!(ran.exit_code, Some(0), "{ran:?}");
+    // envd's port scanner forwards a new loopback listener within about a second.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut connection, rest) = loop {
+        let mut connection = tokio::net::TcpStream::connect(proxy).await.unwrap();
+        let request = format!(
+            "GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nE2b-Sandbox-Id: {sandbox_id}\r\nE2b-Sandbox-Port: 8766\r\n\
+             Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+        );
+        connection.write_all(request.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut buffer = [0u8; 1024];
+            let read = connection.read(&mut buffer).await.unwrap();
+            assert!(read > 0, "the proxy closed the connection");
+            head.extend_from_slice(&buffer[..read]);
+        }
+        let text = String::from_utf8_lossy(&head).to_string();
+        if text.starts_with("HTTP/1.1 502") && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+        let split = text.find("\r\n\r\n").unwrap() + 4;
+        break (connection, head[split..].to_vec());
+    };
+    assert!(rest.is_empty());
+    for message in [&b"ping through two proxies"[..], &[0u8, 255, 10, 13][..]] {
+        connection.write_all(message).await.unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        connection.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(echoed, message);
+    }
+}
+
 async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_slot: u32) {
     let mut server = Server::start(database_url.clone());
     let host_name = format!("{prefix}-host");
@@ -765,6 +834,9 @@ async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_s
     start_h2c_server(server.proxy, &bob_id, None, 8081).await;
     let (version, body) = h2c_get(server.proxy, &bob_id, 8081).await;
     assert_eq!((version, body.as_str()), (http::Version::HTTP_2, "h2c 2.0"));
+
+    // An upgraded connection (WebSocket's handshake, then raw bytes) through both proxies.
+    upgrade_echo(server.proxy, &bob_id).await;
 
     // No public traffic: needs secure, gets a traffic token the proxy asks for on other ports
     // than envd's; with autoResume, traffic to it paused resumes it.

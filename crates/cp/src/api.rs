@@ -834,8 +834,22 @@ async fn host_heartbeat(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// `GET /hosts`: the fleet, with each host's last report.
-async fn list_hosts(State(plane): State<Arc<ControlPlane>>) -> Response {
+/// `GET /hosts`: the fleet, with each host's last report (admin teams only).
+async fn list_hosts(
+    State(plane): State<Arc<ControlPlane>>,
+    axum::Extension(team): axum::Extension<TeamId>,
+) -> Result<Response, ApiError> {
+    let admin = plane
+        .store
+        .team_by_id(&team.0)
+        .await?
+        .is_some_and(|team| team.admin);
+    if !admin {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "only an admin team's key may read the fleet",
+        ));
+    }
     let hosts: Vec<Value> = plane
         .fleet
         .hosts()
@@ -854,7 +868,10 @@ async fn list_hosts(State(plane): State<Arc<ControlPlane>>) -> Response {
             })
         })
         .collect();
-    axum::Json(json!({ "placement": plane.fleet.placement_name(), "hosts": hosts })).into_response()
+    Ok(
+        axum::Json(json!({ "placement": plane.fleet.placement_name(), "hosts": hosts }))
+            .into_response(),
+    )
 }
 
 #[cfg(test)]

@@ -27,6 +27,9 @@ pub struct Team {
     pub id: String,
     pub name: String,
     pub created_at_ms: i64,
+    /// An admin team's keys may also read the fleet (`GET /hosts`). `wrenn up` and
+    /// `wrenn server` make the first team, `default`, an admin.
+    pub admin: bool,
 }
 
 /// An API key as stored (never the key itself).
@@ -129,6 +132,8 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX IF NOT EXISTS sandboxes_by_host ON sandboxes (host_id);",
     "ALTER TABLE sandboxes ADD COLUMN traffic_access_token TEXT;
      ALTER TABLE sandboxes ADD COLUMN auto_resume INTEGER NOT NULL DEFAULT 0;",
+    "ALTER TABLE teams ADD COLUMN admin INTEGER NOT NULL DEFAULT 0;
+     UPDATE teams SET admin = 1 WHERE name = 'default';",
 ];
 
 /// The SQLite store.
@@ -177,8 +182,8 @@ impl SqliteStore {
     pub async fn create_team(&self, team: Team) -> Result<(), StoreError> {
         self.with(move |db| {
             db.execute(
-                "INSERT INTO teams (id, name, created_at_ms) VALUES (?1, ?2, ?3)",
-                params![team.id, team.name, team.created_at_ms],
+                "INSERT INTO teams (id, name, created_at_ms, admin) VALUES (?1, ?2, ?3, ?4)",
+                params![team.id, team.name, team.created_at_ms, team.admin],
             )
             .map(drop)
         })
@@ -186,16 +191,29 @@ impl SqliteStore {
     }
 
     pub async fn team_by_name(&self, name: &str) -> Result<Option<Team>, StoreError> {
-        let name = name.to_string();
+        self.team_where("name", name).await
+    }
+
+    pub async fn team_by_id(&self, id: &str) -> Result<Option<Team>, StoreError> {
+        self.team_where("id", id).await
+    }
+
+    async fn team_where(
+        &self,
+        column: &'static str,
+        value: &str,
+    ) -> Result<Option<Team>, StoreError> {
+        let value = value.to_string();
         self.with(move |db| {
             db.query_row(
-                "SELECT id, name, created_at_ms FROM teams WHERE name = ?1",
-                [name],
+                &format!("SELECT id, name, created_at_ms, admin FROM teams WHERE {column} = ?1"),
+                [value],
                 |row| {
                     Ok(Team {
                         id: row.get(0)?,
                         name: row.get(1)?,
                         created_at_ms: row.get(2)?,
+                        admin: row.get(3)?,
                     })
                 },
             )
@@ -535,6 +553,7 @@ macro_rules! delegate {
 delegate! {
     fn create_team(&self, team: Team) -> ();
     fn team_by_name(&self, name: &str) -> Option<Team>;
+    fn team_by_id(&self, id: &str) -> Option<Team>;
     fn add_key(&self, key: ApiKey, hash: String) -> ();
     fn team_of_key(&self, hash: &str) -> Option<String>;
     fn list_keys(&self, team_id: &str) -> Vec<ApiKey>;
@@ -679,6 +698,7 @@ mod tests {
                     id: team.into(),
                     name: format!("team {team}"),
                     created_at_ms: 0,
+                    admin: team == "a",
                 })
                 .await
                 .unwrap();
@@ -792,6 +812,15 @@ mod tests {
             assert_eq!((s0.state.as_str(), s0.end_at_ms), ("paused", 5));
             assert_eq!(s0.metadata.get("group").map(String::as_str), Some("even"));
             assert_eq!(store.team_by_name("team a").await.unwrap().unwrap().id, "a");
+            assert!(
+                store.team_by_id("a").await.unwrap().unwrap().admin,
+                "{backend}"
+            );
+            assert!(
+                !store.team_by_id("b").await.unwrap().unwrap().admin,
+                "{backend}"
+            );
+            assert!(store.team_by_id("zz").await.unwrap().is_none());
             assert!(store.delete_sandbox("s0").await.unwrap());
             assert!(store.sandbox("s0").await.unwrap().is_none(), "{backend}");
             assert_eq!(store.all_sandboxes().await.unwrap().len(), 5);
@@ -800,7 +829,8 @@ mod tests {
                     .create_team(Team {
                         id: "c".into(),
                         name: "team a".into(),
-                        created_at_ms: 0
+                        created_at_ms: 0,
+                        admin: false,
                     })
                     .await
                     .is_err(),

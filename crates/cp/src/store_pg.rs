@@ -33,6 +33,8 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX IF NOT EXISTS sandboxes_by_host ON sandboxes (host_id);",
     "ALTER TABLE sandboxes ADD COLUMN IF NOT EXISTS traffic_access_token TEXT;
      ALTER TABLE sandboxes ADD COLUMN IF NOT EXISTS auto_resume BOOLEAN NOT NULL DEFAULT FALSE;",
+    "ALTER TABLE teams ADD COLUMN IF NOT EXISTS admin BOOLEAN NOT NULL DEFAULT FALSE;
+     UPDATE teams SET admin = TRUE WHERE name = 'default';",
 ];
 
 const SELECT_SANDBOX: &str =
@@ -109,25 +111,38 @@ impl PgStore {
     pub async fn create_team(&self, team: Team) -> Result<(), StoreError> {
         self.client
             .execute(
-                "INSERT INTO teams (id, name, created_at_ms) VALUES ($1, $2, $3)",
-                &[&team.id, &team.name, &team.created_at_ms],
+                "INSERT INTO teams (id, name, created_at_ms, admin) VALUES ($1, $2, $3, $4)",
+                &[&team.id, &team.name, &team.created_at_ms, &team.admin],
             )
             .await?;
         Ok(())
     }
 
     pub async fn team_by_name(&self, name: &str) -> Result<Option<Team>, StoreError> {
+        self.team_where("name", name).await
+    }
+
+    pub async fn team_by_id(&self, id: &str) -> Result<Option<Team>, StoreError> {
+        self.team_where("id", id).await
+    }
+
+    async fn team_where(
+        &self,
+        column: &'static str,
+        value: &str,
+    ) -> Result<Option<Team>, StoreError> {
         let row = self
             .client
             .query_opt(
-                "SELECT id, name, created_at_ms FROM teams WHERE name = $1",
-                &[&name],
+                &format!("SELECT id, name, created_at_ms, admin FROM teams WHERE {column} = $1"),
+                &[&value],
             )
             .await?;
         Ok(row.map(|row| Team {
             id: row.get(0),
             name: row.get(1),
             created_at_ms: row.get(2),
+            admin: row.get(3),
         }))
     }
 

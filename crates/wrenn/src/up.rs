@@ -150,6 +150,8 @@ async fn team(store: &Store, name: &str) -> anyhow::Result<Team> {
         id: auth::random_id(16),
         name: name.to_string(),
         created_at_ms: now_ms(),
+        // The first team, made by `wrenn up` or `wrenn server`, runs the place.
+        admin: name == "default",
     };
     store.create_team(team.clone()).await?;
     Ok(team)

@@ -784,6 +784,14 @@ async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_s
         .call_with(Method::GET, "/v2/sandboxes", Some(&other), "")
         .await;
     assert_eq!(theirs, json!([]));
+    let (status, body, _) = server
+        .call_with(Method::GET, "/hosts", Some(&other), "")
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "only the admin team reads the fleet: {body}"
+    );
 
     // Timeout and refreshes move the end time.
     let (status, _) = server

@@ -141,6 +141,7 @@ async fn plane_over(
         id: "bench".into(),
         name: "bench".into(),
         created_at_ms: 0,
+        admin: true,
     };
     store.create_team(team.clone()).await?;
     let (key, hash) = wrenn_cp::auth::new_key();

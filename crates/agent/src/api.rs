@@ -102,9 +102,9 @@ async fn rpc<Req, Resp, F, Fut>(
 ) -> Response
 where
     Req: Message,
-    Resp: Message,
+    Resp: Message + Send + 'static,
     F: FnOnce(Arc<Manager>, Req) -> Fut,
-    Fut: Future<Output = Result<Resp, AgentError>>,
+    Fut: Future<Output = Result<Resp, AgentError>> + Send + 'static,
 {
     let codec = match unary_codec(&headers) {
         Ok(codec) => codec,
@@ -131,7 +131,9 @@ where
         Ok(request) => request,
         Err(error) => return unary_error(&error).into_response(),
     };
-    match handler(state.manager.clone(), request).await {
+    // The call runs to its end even if the caller hangs up: a create, pause or build cut off
+    // halfway would leave a VM, a slot or a snapshot behind.
+    match crate::detached(handler(state.manager.clone(), request)).await {
         Ok(response) => unary_response(codec, &response).into_response(),
         Err(error) => {
             tracing::info!(%error, code = ?error.code(), "agent call failed");

@@ -56,6 +56,17 @@ pub async fn serve(
     let _ = tokio::join!(api_server, proxy_server, mmds_server);
 }
 
+/// Runs `work` to its end on a task of its own, even if the caller stops waiting (a client that
+/// hangs up, a request that times out): a VM operation cut off halfway would leave a VM, a slot
+/// or a snapshot behind.
+pub async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, AgentError>> + Send + 'static,
+) -> Result<T, AgentError> {
+    tokio::spawn(work)
+        .await
+        .map_err(|error| AgentError::Internal(format!("the operation's task failed: {error}")))?
+}
+
 /// The address the MMDS listens on: every host-side veth address, one port.
 pub fn mmds_bind_address(port: u16) -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], port))

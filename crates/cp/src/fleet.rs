@@ -179,11 +179,13 @@ impl AgentLink {
 
     pub async fn create(&self, host: &str, options: CreateOptions) -> Result<(), ApiError> {
         match self {
-            AgentLink::Embedded(manager) => manager
-                .create(options)
-                .await
-                .map(drop)
-                .map_err(|e| agent_error(host, e)),
+            AgentLink::Embedded(manager) => {
+                let manager = manager.clone();
+                wrenn_agent::detached(async move { manager.create(options).await })
+                    .await
+                    .map(drop)
+                    .map_err(|e| agent_error(host, e))
+            }
             AgentLink::Remote { api, .. } => {
                 let request = pb::CreateSandboxRequest {
                     template_id: options.template_id,
@@ -205,11 +207,13 @@ impl AgentLink {
 
     pub async fn pause(&self, host: &str, sandbox_id: &str) -> Result<(), ApiError> {
         match self {
-            AgentLink::Embedded(manager) => manager
-                .pause(sandbox_id)
-                .await
-                .map(drop)
-                .map_err(|e| agent_error(host, e)),
+            AgentLink::Embedded(manager) => {
+                let (manager, id) = (manager.clone(), sandbox_id.to_string());
+                wrenn_agent::detached(async move { manager.pause(&id).await })
+                    .await
+                    .map(drop)
+                    .map_err(|e| agent_error(host, e))
+            }
             AgentLink::Remote { api, .. } => {
                 let request = pb::PauseSandboxRequest {
                     sandbox_id: sandbox_id.into(),
@@ -224,11 +228,13 @@ impl AgentLink {
 
     pub async fn resume(&self, host: &str, sandbox_id: &str) -> Result<(), ApiError> {
         match self {
-            AgentLink::Embedded(manager) => manager
-                .resume(sandbox_id, None, None, None)
-                .await
-                .map(drop)
-                .map_err(|e| agent_error(host, e)),
+            AgentLink::Embedded(manager) => {
+                let (manager, id) = (manager.clone(), sandbox_id.to_string());
+                wrenn_agent::detached(async move { manager.resume(&id, None, None, None).await })
+                    .await
+                    .map(drop)
+                    .map_err(|e| agent_error(host, e))
+            }
             AgentLink::Remote { api, .. } => {
                 let request = pb::ResumeSandboxRequest {
                     sandbox_id: sandbox_id.into(),
@@ -245,10 +251,13 @@ impl AgentLink {
     /// Destroys a sandbox; one the agent does not have is already gone.
     pub async fn destroy(&self, host: &str, sandbox_id: &str) -> Result<(), ApiError> {
         match self {
-            AgentLink::Embedded(manager) => match manager.destroy(sandbox_id).await {
-                Ok(()) | Err(wrenn_agent::AgentError::NotFound(_)) => Ok(()),
-                Err(error) => Err(agent_error(host, error)),
-            },
+            AgentLink::Embedded(manager) => {
+                let (manager, id) = (manager.clone(), sandbox_id.to_string());
+                match wrenn_agent::detached(async move { manager.destroy(&id).await }).await {
+                    Ok(()) | Err(wrenn_agent::AgentError::NotFound(_)) => Ok(()),
+                    Err(error) => Err(agent_error(host, error)),
+                }
+            }
             AgentLink::Remote { api, .. } => {
                 let request = pb::DestroySandboxRequest {
                     sandbox_id: sandbox_id.into(),

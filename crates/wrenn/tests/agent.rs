@@ -164,7 +164,32 @@ async fn sandboxes_run_pause_resume_and_leave_nothing_behind() {
         "in use",
     );
 
-    for id in ["sbx-a", "sbx-b", "sbx-c"] {
+    // A caller that hangs up mid-create does not cut the create off halfway: it finishes, and
+    // the sandbox runs (its owner can destroy it; nothing is half made).
+    {
+        use std::io::Write;
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", agent.api_port)).unwrap();
+        let body = r#"{"templateId":"base","sandboxId":"sbx-d"}"#;
+        let request = format!(
+            "POST /wrenn.agent.v1.HostAgent/CreateSandbox HTTP/1.1\r\nHost: agent\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            agent.token,
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        drop(stream);
+    }
+    wait_until(
+        "the abandoned create to finish",
+        Duration::from_secs(60),
+        async || agent.get("sbx-d").await.is_ok_and(|s| s.state == "running"),
+    )
+    .await;
+    let abandoned = agent.get("sbx-d").await.unwrap();
+    let ran = run(&abandoned, None, "echo finished").await;
+    assert_eq!(ran.stdout.trim(), "finished", "{ran:?}");
+
+    for id in ["sbx-a", "sbx-b", "sbx-c", "sbx-d"] {
         let _: pb::DestroySandboxResponse = agent
             .call(
                 "DestroySandbox",

@@ -263,8 +263,22 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
         std::future::pending(),
     ));
 
+    // Whatever happens (an error, Ctrl-C), the benchmark's VMs and slots go with it.
+    let outcome = tokio::select! {
+        outcome = measure(&args, work.path(), &manager) => outcome,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    for record in manager.list() {
+        let _ = manager.destroy(&record.sandbox_id).await;
+    }
+    manager.slots.delete_all().await;
+    outcome
+}
+
+/// The measurements, over an agent `run` started and cleans up after.
+async fn measure(args: &ApiBenchArgs, work: &Path, manager: &Arc<Manager>) -> anyhow::Result<()> {
     eprintln!("listing {} sandboxes on SQLite ...", args.rows);
-    let sqlite = Store::open(&work.path().join("list.sqlite"))?;
+    let sqlite = Store::open(&work.join("list.sqlite"))?;
     let (list_sqlite_ms, _) = list_pages(sqlite, manager.clone(), args.rows).await?;
     let list_postgres_ms = match &args.database_url {
         Some(url) => {
@@ -279,11 +293,7 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
 
     eprintln!("building the template ...");
     manager.build_template("base", None, 512, 1, None).await?;
-    let (plane, key) = plane_over(
-        Store::open(&work.path().join("api.sqlite"))?,
-        manager.clone(),
-    )
-    .await?;
+    let (plane, key) = plane_over(Store::open(&work.join("api.sqlite"))?, manager.clone()).await?;
     let api = serve(wrenn_cp::api::router(plane.clone())).await?;
     let proxy = serve(wrenn_cp::proxy::router(plane.clone())).await?;
 
@@ -386,7 +396,6 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
         .kill_by_id(&id)
         .await
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    manager.slots.delete_all().await;
     direct.sort_by(f64::total_cmp);
     proxied.sort_by(f64::total_cmp);
 

@@ -351,8 +351,8 @@ fn print_endpoints(running: &Running) {
         "Then: python3 -c 'from e2b import Sandbox; print(Sandbox.create().commands.run(\"echo hi\").stdout)'"
     );
     println!(
-        "CLI:  WRENN_API_URL=http://{} WRENN_API_KEY=… wrenn sandbox list",
-        running.api_address
+        "CLI:  WRENN_API_URL=http://{} WRENN_SANDBOX_URL=http://{} WRENN_API_KEY=… wrenn sandbox list",
+        running.api_address, running.proxy_address
     );
     let token = match &running.join_token_file {
         Some(file) => format!("$(cat {})", file.display()),

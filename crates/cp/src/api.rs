@@ -800,6 +800,8 @@ async fn register_host(
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
+    // The token first: a stranger learns nothing of what a registration looks like.
+    plane.fleet.check_join_token(bearer(&headers))?;
     let request: RegisterRequest = serde_json::from_slice(&body).map_err(|error| {
         ApiError::new(
             StatusCode::BAD_REQUEST,

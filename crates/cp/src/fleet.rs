@@ -712,13 +712,8 @@ impl Fleet {
         }
     }
 
-    /// Takes an agent's registration: the host is (again) up under its name's id.
-    pub async fn register(
-        &self,
-        store: &Store,
-        bearer: Option<&str>,
-        request: RegisterRequest,
-    ) -> Result<(RegisterResponse, bool), ApiError> {
+    /// Whether `bearer` is the fleet's join token (401 if not, 403 if agents cannot join).
+    pub fn check_join_token(&self, bearer: Option<&str>) -> Result<(), ApiError> {
         use subtle::ConstantTimeEq;
         let Some(expected) = &self.config.join_token else {
             return Err(ApiError::new(
@@ -733,6 +728,17 @@ impl Fleet {
                 "invalid join token",
             ));
         }
+        Ok(())
+    }
+
+    /// Takes an agent's registration: the host is (again) up under its name's id.
+    pub async fn register(
+        &self,
+        store: &Store,
+        bearer: Option<&str>,
+        request: RegisterRequest,
+    ) -> Result<(RegisterResponse, bool), ApiError> {
+        self.check_join_token(bearer)?;
         if request.name.is_empty()
             || request.name.len() > 64
             || !request

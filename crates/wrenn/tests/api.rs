@@ -1119,11 +1119,31 @@ async fn fleet_places_reconciles_and_survives_a_dead_host() {
     let host_a = joined_agent(&server, "wfla", 1440, "fleet-a").await;
     let mut host_b = joined_agent(&server, "wflb", 1460, "fleet-b").await;
 
-    // A wrong join token is refused, and so is a heartbeat with a wrong token.
+    // A missing or wrong join token is refused before anything else; with the right one, a
+    // malformed registration is a 400; a heartbeat with a wrong token is refused.
     let (status, body, _) = server
         .call_with(Method::POST, "/hosts/register", None, "{}")
         .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let bearer = format!("Bearer {}", server.join_token);
+    let malformed = wrenn_connect::plain::call(
+        Method::POST,
+        &format!("{}/hosts/register", server.url()),
+        &[
+            ("authorization", &bearer),
+            ("content-type", "application/json"),
+        ],
+        "{}",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        malformed.status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        malformed.text()
+    );
     let response = wrenn_connect::plain::call(
         Method::POST,
         &format!("{}/hosts/register", server.url()),

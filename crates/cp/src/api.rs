@@ -899,16 +899,7 @@ mod tests {
             state: "running".into(),
             started_at_ms: 42,
             end_at_ms: 0,
-            metadata: BTreeMap::new(),
-            envd_access_token: None,
-            auto_pause: false,
-            allow_internet: false,
-            cpu_count: 1,
-            memory_mb: 512,
-            envd_version: "0.6.4".into(),
-            host_id: "local".into(),
-            traffic_access_token: None,
-            auto_resume: false,
+            ..SandboxRow::default()
         };
         assert_eq!(
             decode_token(&encode_token(&row)).unwrap(),

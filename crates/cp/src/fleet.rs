@@ -532,7 +532,7 @@ impl Fleet {
             .values()
             .cloned()
             .collect();
-        hosts.sort_by_key(|h| h.row().name);
+        hosts.sort_by_cached_key(|h| h.row().name);
         hosts
     }
 
@@ -866,16 +866,12 @@ impl Fleet {
     pub async fn check_heartbeats(&self, store: &Store) {
         for host in self.hosts() {
             match &host.link {
+                // This process's own agent: its report is kept in memory only (the stored row is
+                // written anew at every start, and nothing else reads it).
                 AgentLink::Embedded(manager) => {
-                    let row = {
-                        let mut row = host.row.lock().expect("host lock");
-                        row.report = wrenn_agent::join::report(manager);
-                        row.last_heartbeat_ms = now_ms();
-                        row.clone()
-                    };
-                    if let Err(error) = store.put_host(row).await {
-                        tracing::warn!(%error, "cannot record the embedded host's report");
-                    }
+                    let mut row = host.row.lock().expect("host lock");
+                    row.report = wrenn_agent::join::report(manager);
+                    row.last_heartbeat_ms = now_ms();
                 }
                 AgentLink::Remote { .. } => {
                     let silent = host.last_seen.lock().expect("host lock").elapsed();

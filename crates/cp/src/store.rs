@@ -45,7 +45,7 @@ pub struct ApiKey {
 }
 
 /// A sandbox as the control plane knows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxRow {
     pub id: String,
     pub team_id: String,
@@ -645,15 +645,11 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            envd_access_token: None,
-            auto_pause: false,
-            allow_internet: false,
             cpu_count: 1,
             memory_mb: 512,
             envd_version: "0.6.4".into(),
             host_id: "h1".into(),
-            traffic_access_token: None,
-            auto_resume: false,
+            ..SandboxRow::default()
         }
     }
 

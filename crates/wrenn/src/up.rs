@@ -560,24 +560,15 @@ async fn http_call(
     path: &str,
     body: &str,
 ) -> anyhow::Result<(u16, String)> {
-    use http_body_util::BodyExt;
-    let stream = tokio::net::TcpStream::connect(api).await?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    let request = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", api.to_string())
-        .header("x-api-key", key)
-        .header("content-type", "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            body.to_string(),
-        )))?;
-    let response = sender.send_request(request).await?;
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    let response = wrenn_connect::plain::call(
+        method,
+        &format!("http://{api}{path}"),
+        &[("x-api-key", key), ("content-type", "application/json")],
+        body.to_string(),
+        Duration::from_secs(120),
+    )
+    .await?;
+    Ok((response.status.as_u16(), response.text()))
 }
 
 async fn api_post(api: &SocketAddr, key: &str, path: &str, body: &str) -> anyhow::Result<String> {

@@ -48,6 +48,7 @@ fn p50_ms(samples: &mut [Duration]) -> f64 {
     quantile(&ms, 0.5)
 }
 
+/// One plain call, timed by the caller.
 async fn request(
     address: SocketAddr,
     method: http::Method,
@@ -55,25 +56,15 @@ async fn request(
     headers: &[(&str, &str)],
     body: String,
 ) -> anyhow::Result<(u16, http::HeaderMap, bytes::Bytes)> {
-    let stream = tokio::net::TcpStream::connect(address).await?;
-    let _ = stream.set_nodelay(true);
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    let mut builder = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", address.to_string());
-    for (name, value) in headers {
-        builder = builder.header(*name, *value);
-    }
-    let response = sender
-        .send_request(builder.body(http_body_util::Full::new(bytes::Bytes::from(body)))?)
-        .await?;
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok((status, headers, body))
+    let response = wrenn_connect::plain::call(
+        method,
+        &format!("http://{address}{path}"),
+        headers,
+        body,
+        Duration::from_secs(600),
+    )
+    .await?;
+    Ok((response.status.as_u16(), response.headers, response.body))
 }
 
 /// The `agent` and `total` durations (ms) of a create's `Server-Timing` header.
@@ -191,15 +182,11 @@ async fn list_pages(
                 started_at_ms: 1_700_000_000_000 + index as i64,
                 end_at_ms: i64::MAX / 2,
                 metadata: [("n".to_string(), (index % 10).to_string())].into(),
-                envd_access_token: None,
-                auto_pause: false,
-                allow_internet: false,
                 cpu_count: 1,
                 memory_mb: 512,
                 envd_version: "0.6.4".into(),
                 host_id: wrenn_cp::fleet::EMBEDDED_HOST_ID.into(),
-                traffic_access_token: None,
-                auto_resume: false,
+                ..SandboxRow::default()
             })
             .await?;
     }

@@ -3,6 +3,7 @@
 These run against a second envd (`secure_envd`) whose token was set by `POST /init`.
 """
 
+import base64
 import urllib.parse
 import uuid
 
@@ -239,3 +240,30 @@ def test_no_token_and_no_signature(secure_envd, secure_sandbox):
         assert secure_sandbox.files.read(path) == "x"
     finally:
         secure_sandbox.files.remove(path)
+
+
+def test_a_signed_url_grants_its_own_user_and_no_basic_header_changes_it(secure_envd, secure_sandbox, test_user):
+    # Readable by root only. The URL is signed with no username: it grants envd's default user
+    # (root when envd runs alone) and nothing else; a Basic header naming another user must not
+    # turn the grant into that user's (before, it did, and a URL signed for the default user could
+    # be replayed as root's where the default is `user`).
+    path = f"/root/wrenn-sdk-signed-{uuid.uuid4().hex[:8]}.txt"
+    secure_sandbox.files.write(path, "root's secret", user="root")
+    secure_sandbox.commands.run(f"chmod 600 {path}", user="root")
+    try:
+        url = secure_sandbox.download_url(path)
+        assert "username=" not in url
+        basic = "Basic " + base64.b64encode(f"{test_user}:".encode()).decode()
+        r = httpx.get(url, headers={"Authorization": basic}, timeout=10)
+        assert r.status_code == 200, r.text
+        assert r.content == b"root's secret"
+        # With the token instead of a signature, the Basic user still chooses the user.
+        r = httpx.get(
+            url.split("?")[0],
+            params={"path": path},
+            headers={"Authorization": basic, "X-Access-Token": secure_envd.token},
+            timeout=10,
+        )
+        assert r.status_code in (401, 403), (r.status_code, r.text)
+    finally:
+        secure_sandbox.files.remove(path, user="root")

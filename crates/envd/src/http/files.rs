@@ -46,6 +46,16 @@ pub(crate) struct FilesQuery {
     signature_expiration: Option<String>,
 }
 
+/// How a `/files` call was let in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Grant {
+    /// No access token is set, or the call carries it.
+    Token,
+    /// A signed URL: it grants one path, one operation and one user (the signed `username`,
+    /// the default user when that is empty), nothing else.
+    Signature,
+}
+
 /// The access-token or signature check of `/files` (E2B's order: no token set means open; a
 /// token header must match; otherwise the signature must).
 fn authorize(
@@ -53,16 +63,16 @@ fn authorize(
     headers: &HeaderMap,
     query: &FilesQuery,
     operation: Operation,
-) -> Result<(), Response> {
+) -> Result<Grant, Response> {
     let Some(token) = envd.access_token() else {
-        return Ok(());
+        return Ok(Grant::Token);
     };
     if let Some(given) = headers
         .get(auth::ACCESS_TOKEN_HEADER)
         .filter(|v| !v.is_empty())
     {
         return if auth::secrets_equal(given.as_bytes(), token.as_bytes()) {
-            Ok(())
+            Ok(Grant::Token)
         } else {
             Err(json_error(
                 StatusCode::UNAUTHORIZED,
@@ -79,17 +89,26 @@ fn authorize(
         query.signature_expiration.as_deref(),
         chrono::Utc::now().timestamp(),
     )
+    .map(|()| Grant::Signature)
     .map_err(|error| match error {
         SignatureError::BadExpiration => json_error(StatusCode::BAD_REQUEST, error.to_string()),
         other => json_error(StatusCode::UNAUTHORIZED, other.to_string()),
     })
 }
 
-/// The user of a `/files` call: the `username` query value, else the Basic user, else the default.
-fn files_user(envd: &Envd, headers: &HeaderMap, query: &FilesQuery) -> Result<User, Response> {
+/// The user of a `/files` call: the `username` query value, else (for a caller holding the
+/// token) the Basic user, else the default. A signed URL never falls back to the Basic header:
+/// a URL signed for the default user must not be turned into root's by adding `root:`.
+fn files_user(
+    envd: &Envd,
+    headers: &HeaderMap,
+    query: &FilesQuery,
+    grant: Grant,
+) -> Result<User, Response> {
     let requested = match query.username.as_deref().filter(|u| !u.is_empty()) {
         Some(name) => Some(name.to_owned()),
-        None => auth::basic_username(headers).ok().flatten(),
+        None if grant == Grant::Token => auth::basic_username(headers).ok().flatten(),
+        None => None,
     };
     envd.user(requested.as_deref()).map_err(|error| {
         let name = requested.unwrap_or_else(|| "<default>".to_owned());
@@ -284,10 +303,11 @@ pub(crate) async fn download(
     Query(query): Query<FilesQuery>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(response) = authorize(&envd, &headers, &query, Operation::Read) {
-        return response;
-    }
-    let user = match files_user(&envd, &headers, &query) {
+    let grant = match authorize(&envd, &headers, &query, Operation::Read) {
+        Ok(grant) => grant,
+        Err(response) => return response,
+    };
+    let user = match files_user(&envd, &headers, &query, grant) {
         Ok(user) => user,
         Err(response) => return response,
     };
@@ -702,9 +722,10 @@ pub(crate) async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if let Err(response) = authorize(&envd, &headers, &query, Operation::Write) {
-        return response;
-    }
+    let grant = match authorize(&envd, &headers, &query, Operation::Write) {
+        Ok(grant) => grant,
+        Err(response) => return response,
+    };
     let encoding = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
@@ -731,7 +752,7 @@ pub(crate) async fn upload(
             );
         }
     };
-    let user = match files_user(&envd, &headers, &query) {
+    let user = match files_user(&envd, &headers, &query, grant) {
         Ok(user) => user,
         Err(response) => {
             crate::http::drain_body(body).await;

@@ -28,7 +28,8 @@ pub async fn create_overlay(
             AgentError::internal("running qemu-img (Debian package qemu-utils)", error)
         })?;
     if output.status.success() {
-        Ok(())
+        // The disk holds what the sandbox writes: root's alone.
+        crate::store::private_file(target)
     } else {
         Err(AgentError::Internal(format!(
             "qemu-img create failed: {}",

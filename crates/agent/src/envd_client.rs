@@ -1,6 +1,10 @@
 //! The agent's calls to envd in a guest: `/health`, `/init`, `/snapshot/prepare`. Every call
 //! opens its own connection and closes it, so the agent never holds an idle connection to envd
 //! across a snapshot (it would be a zombie in every clone).
+//!
+//! A guest is not trusted: its root can serve anything on envd's port. So every answer is read
+//! within a deadline and up to [`MAX_CONTROL_ANSWER`] bytes, and the guest's text is shortened
+//! and escaped ([`guest_text`]) before it goes into an error or a log line.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -11,7 +15,38 @@ use serde_json::Value;
 
 use crate::error::AgentError;
 
-/// One request on a fresh connection, within `timeout`.
+/// The most the agent reads of one control answer from a guest.
+pub const MAX_CONTROL_ANSWER: usize = 64 * 1024;
+/// The most of a guest's text placed in an error or a log line.
+const MAX_GUEST_TEXT: usize = 200;
+
+/// A guest's bytes made safe to show: at most 200 characters, control characters and quotes
+/// escaped (no forged log lines, no terminal escapes), and a mark where it was cut.
+pub fn guest_text(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let text = text.trim();
+    let mut shown: String = text
+        .chars()
+        .take(MAX_GUEST_TEXT)
+        .flat_map(char::escape_debug)
+        .collect();
+    if text.chars().nth(MAX_GUEST_TEXT).is_some() {
+        shown.push('…');
+    }
+    shown
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One request on a fresh connection, within `timeout`; the answer's body is read up to
+/// [`MAX_CONTROL_ANSWER`] bytes (a longer one is an error) and returned as [`guest_text`].
 async fn call(
     address: SocketAddr,
     method: http::Method,
@@ -29,7 +64,8 @@ async fn call(
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
                 .map_err(|e| e.to_string())?;
-        let driver = tokio::spawn(connection);
+        // The connection ends with this call whichever way it ends (an error, the deadline).
+        let _driver = AbortOnDrop(tokio::spawn(connection));
         let mut request = http::Request::builder()
             .method(method)
             .uri(format!("http://{address}{path}"))
@@ -51,15 +87,22 @@ async fn call(
             .await
             .map_err(|e| e.to_string())?;
         let status = response.status().as_u16();
-        let body = response
-            .into_body()
+        let body = http_body_util::Limited::new(response.into_body(), MAX_CONTROL_ANSWER)
             .collect()
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|error| {
+                if error.is::<http_body_util::LengthLimitError>() {
+                    format!(
+                        "the answer is larger than {} KiB",
+                        MAX_CONTROL_ANSWER / 1024
+                    )
+                } else {
+                    error.to_string()
+                }
+            })?
             .to_bytes();
         drop(sender);
-        let _ = driver.await;
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        Ok((status, guest_text(&body)))
     };
     tokio::time::timeout(timeout, attempt)
         .await
@@ -122,8 +165,7 @@ pub async fn init(address: SocketAddr, body: Value, timeout: Duration) -> Result
     {
         Ok((status, _)) if (200..300).contains(&status) => Ok(()),
         Ok((status, text)) => Err(AgentError::Internal(format!(
-            "envd refused /init: HTTP {status}: {}",
-            text.trim()
+            "envd refused /init: HTTP {status}: {text}"
         ))),
         Err(error) => Err(AgentError::DeadlineExceeded(format!(
             "envd's /init: {error}"
@@ -150,11 +192,129 @@ pub async fn prepare_snapshot(
     {
         Ok((status, _)) if (200..300).contains(&status) => Ok(()),
         Ok((status, text)) => Err(AgentError::Internal(format!(
-            "envd refused /snapshot/prepare: HTTP {status}: {}",
-            text.trim()
+            "envd refused /snapshot/prepare: HTTP {status}: {text}"
         ))),
         Err(error) => Err(AgentError::DeadlineExceeded(format!(
             "envd's /snapshot/prepare: {error}"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A "guest" whose envd answers every request with headers, then body bytes without end.
+    async fn endless_envd(chunked: bool) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut request = [0u8; 4096];
+                    let _ = stream.read(&mut request).await;
+                    let head: &[u8] = if chunked {
+                        b"HTTP/1.1 500 Oops\r\ntransfer-encoding: chunked\r\n\r\n"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999\r\n\r\n"
+                    };
+                    if stream.write_all(head).await.is_err() {
+                        return;
+                    }
+                    let block = vec![b'\x1b'; 64 * 1024];
+                    loop {
+                        let written = if chunked {
+                            let mut chunk = format!("{:x}\r\n", block.len()).into_bytes();
+                            chunk.extend_from_slice(&block);
+                            chunk.extend_from_slice(b"\r\n");
+                            stream.write_all(&chunk).await
+                        } else {
+                            stream.write_all(&block).await
+                        };
+                        if written.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        address
+    }
+
+    fn rss_bytes() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|value| value.parse().ok())
+            .unwrap();
+        kib * 1024
+    }
+
+    #[tokio::test]
+    async fn endless_answers_fail_at_the_cap_and_memory_stays_flat() {
+        let before = rss_bytes();
+        for chunked in [false, true] {
+            let address = endless_envd(chunked).await;
+            let started = Instant::now();
+            let error = call(
+                address,
+                http::Method::GET,
+                "/metrics",
+                None,
+                None,
+                Duration::from_secs(20),
+            )
+            .await
+            .unwrap_err();
+            assert!(error.contains("larger than 64 KiB"), "{error}");
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "cut at the cap, not the deadline"
+            );
+            let init = init(address, serde_json::json!({}), Duration::from_secs(20))
+                .await
+                .unwrap_err();
+            assert!(init.to_string().contains("larger than 64 KiB"), "{init}");
+            let prepare = prepare_snapshot(address, None, Duration::from_secs(20))
+                .await
+                .unwrap_err();
+            assert!(
+                prepare.to_string().contains("larger than 64 KiB"),
+                "{prepare}"
+            );
+            // /health never succeeds either; the wait gives up with the cap as its reason.
+            let health = wait_ready(address, Duration::from_millis(600), || true)
+                .await
+                .unwrap_err();
+            assert!(
+                health.to_string().contains("larger than 64 KiB"),
+                "{health}"
+            );
+        }
+        // Uncapped, any one of those calls would have buffered the stream until its deadline.
+        let grown = rss_bytes().saturating_sub(before);
+        assert!(grown < 32 << 20, "the agent's memory grew by {grown} bytes");
+    }
+
+    #[test]
+    fn guest_text_is_short_and_escaped() {
+        assert_eq!(guest_text(b"  plain  "), "plain");
+        let forged = guest_text(b"oops\n2026-01-01 INFO forged line\x1b[31m");
+        assert!(
+            !forged.contains('\n') && !forged.contains('\x1b'),
+            "{forged}"
+        );
+        assert!(
+            forged.contains("\\n") && forged.contains("\\u{1b}"),
+            "{forged}"
+        );
+        let long = guest_text(&[b'a'; 10_000]);
+        assert_eq!(long, format!("{}…", "a".repeat(200)));
     }
 }

@@ -2,6 +2,7 @@
 //! template snapshot, and owns the VMs, their network slots, disks and snapshots.
 //! - [`manager`]: templates, sandboxes, pause and resume, recovery after a restart;
 //! - [`network`]: network namespaces with veth, tap and NAT, pooled and recycled;
+//! - [`firewall`]: every firewall rule the agent installs (the sandbox boundary), as text;
 //! - [`disk`]: copy-on-write disks; [`store`]: state on disk;
 //! - [`mmds`]: the metadata service for guests of VMMs that have none (QEMU);
 //! - [`envd_client`]: the agent's calls to envd; [`api`]: the Connect API;
@@ -12,6 +13,7 @@ pub mod api;
 pub mod disk;
 pub mod envd_client;
 pub mod error;
+pub mod firewall;
 pub mod join;
 pub mod manager;
 pub mod mmds;

@@ -49,7 +49,15 @@ pub struct AgentConfig {
     pub slots_ahead: u32,
     /// Give guests that may reach the internet a way out through the host.
     pub host_nat: bool,
+    /// VMMs run as uid and gid `vmm_uid_base + slot index`, each VM as a user of its own
+    /// (numeric ids, no account needed; the range must be unused on the host). 0 runs them as
+    /// root, which only a debugging session should want.
+    pub vmm_uid_base: u32,
 }
+
+/// The default first VMM uid: far above the ranges distributions hand to people and to
+/// container user namespaces.
+pub const DEFAULT_VMM_UID_BASE: u32 = 1_900_000_000;
 
 /// Options of a new sandbox.
 #[derive(Debug, Clone, Default)]
@@ -151,8 +159,15 @@ impl Manager {
             Some(&config.data_dir.join("accel-probe.json")),
         )
         .await;
+        if accel == Accel::Tcg {
+            tracing::warn!(
+                "guests run under software emulation (QEMU TCG), not KVM: slower, and a weaker \
+                 boundary (a guest faces QEMU's emulator, not a hardware-enforced hypervisor)"
+            );
+        }
         let vmm: Arc<dyn Vmm> = Arc::new(Qemu::new(&config.qemu_binary, accel));
         let slots = Arc::new(SlotPool::new(config.slots.clone())?);
+        slots.install_host_rules().await?;
         if config.host_nat {
             crate::network::enable_host_nat()?;
         }
@@ -218,6 +233,22 @@ impl Manager {
             tracing::error!(%error, sandbox = %record.sandbox_id, "could not save the sandbox record");
         }
         record.clone()
+    }
+
+    /// The user a VM in slot `index` runs as.
+    fn vmm_user(&self, index: u32) -> Option<wrenn_vmm::launch::VmmUser> {
+        (self.config.vmm_uid_base != 0).then(|| {
+            let id = self.config.vmm_uid_base + index;
+            wrenn_vmm::launch::VmmUser { uid: id, gid: id }
+        })
+    }
+
+    /// What a sandbox's guest may open (its resolver comes from its kernel command line).
+    fn egress_of(&self, record: &SandboxRecord) -> crate::firewall::Egress {
+        self.slots.egress(
+            record.allow_internet,
+            crate::firewall::guest_resolver(&record.machine.cmdline),
+        )
     }
 
     fn metadata(record: &SandboxRecord) -> Metadata {
@@ -311,8 +342,7 @@ impl Manager {
         })?;
         let dir = self.store.template_dir(template_id);
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)
-            .map_err(|error| AgentError::internal("creating the template directory", error))?;
+        crate::store::private_dir(&dir)?;
         // The template owns copies of the image's files: a rebuilt image never changes it.
         let copy = |name: &str| -> Result<PathBuf, AgentError> {
             let target = dir.join(name);
@@ -327,15 +357,22 @@ impl Manager {
                     "copying {name} from the image failed"
                 )));
             }
+            crate::store::private_file(&target)?;
             Ok(target)
         };
         let kernel = copy("vmlinuz")?;
         let initrd = copy("initrd.img")?;
+        // A confined VMM reads these through /proc/self/fd, which checks their own mode: they
+        // are Debian's kernel and our initramfs, nothing secret.
+        for public in [&kernel, &initrd] {
+            std::fs::set_permissions(public, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                .map_err(|error| AgentError::internal("opening the kernel to VMMs", error))?;
+        }
         let base = copy("rootfs.ext4")?;
         let disk = dir.join("disk.qcow2");
         crate::disk::create_overlay(&base, "raw", &disk).await?;
 
-        let slot = self.slots.lease(false).await?;
+        let slot = self.slots.lease(&crate::firewall::Egress::Closed).await?;
         self.mmds.set(
             slot.index,
             Metadata {
@@ -355,6 +392,7 @@ impl Manager {
             netns: Some(slot.netns.clone()),
             tap: "tap0".into(),
             mac: GUEST_MAC.into(),
+            vmm_user: self.vmm_user(slot.index),
         };
         let workdir = dir.join("vm");
         let outcome = async {
@@ -386,6 +424,7 @@ impl Manager {
             template_id: template_id.to_string(),
             machine: MachineSpec {
                 netns: None,
+                vmm_user: None,
                 ..machine
             },
             accel: self.accel,
@@ -545,9 +584,9 @@ impl Manager {
     ) -> Result<CreateTimings, AgentError> {
         let record = entry.snapshot();
         let dir = self.store.sandbox_dir(&record.sandbox_id);
+        let egress = self.egress_of(&record);
         let slot = if fresh_disk {
-            std::fs::create_dir_all(&dir)
-                .map_err(|error| AgentError::internal("creating the sandbox directory", error))?;
+            crate::store::private_dir(&dir)?;
             self.store.save_sandbox(&record)?;
             let template_disk = self
                 .templates
@@ -561,7 +600,7 @@ impl Manager {
             // The disk and the slot are made ready at the same time.
             let (disk, slot) = tokio::join!(
                 crate::disk::create_overlay(&template_disk, "qcow2", &record.machine.disk),
-                self.slots.lease(record.allow_internet)
+                self.slots.lease(&egress)
             );
             if let Err(error) = disk {
                 if let Ok(slot) = slot {
@@ -571,11 +610,12 @@ impl Manager {
             }
             slot?
         } else {
-            self.slots.lease(record.allow_internet).await?
+            self.slots.lease(&egress).await?
         };
         self.mmds.set(slot.index, Self::metadata(&record));
         let machine = MachineSpec {
             netns: Some(slot.netns.clone()),
+            vmm_user: self.vmm_user(slot.index),
             ..record.machine.clone()
         };
         let mut timings = CreateTimings::default();
@@ -849,10 +889,52 @@ impl Manager {
                 let alive = vm.is_alive() && self.vmm.adopt(&vm).await.is_ok();
                 match (alive, record.state, record.slot) {
                     (true, SandboxState::Running, Some(slot)) => {
-                        self.slots.claim(slot);
+                        if let Err(error) = self.slots.claim(slot, &self.egress_of(&record)).await {
+                            tracing::error!(%error, sandbox = %record.sandbox_id, "could not load the current firewall into an adopted sandbox's slot");
+                        }
                         self.mmds.set(slot, Self::metadata(&record));
                         adopted_pids.insert(vm.pid);
                         tracing::info!(sandbox = %record.sandbox_id, pid = vm.pid, "adopted a running sandbox");
+                    }
+                    // The previous agent stopped mid-pause: the VM lives (perhaps stopped, its
+                    // processes frozen by /snapshot/prepare). Nothing is lost by carrying on:
+                    // it runs again, /init thaws it, and the half-written snapshot goes.
+                    (true, SandboxState::Pausing, Some(slot)) => {
+                        let continued = async {
+                            self.slots.claim(slot, &self.egress_of(&record)).await?;
+                            self.mmds.set(slot, Self::metadata(&record));
+                            self.vmm.resume(&vm).await?;
+                            envd_client::init(
+                                envd_address(slot),
+                                Self::init_body(&record),
+                                DEFAULT_INIT_TIMEOUT,
+                            )
+                            .await
+                        }
+                        .await;
+                        let dir = self.store.sandbox_dir(&record.sandbox_id);
+                        let _ = std::fs::remove_file(dir.join("memory.partial"));
+                        let _ = std::fs::remove_file(dir.join("memory.snap"));
+                        match continued {
+                            Ok(()) => {
+                                record.state = SandboxState::Running;
+                                record.snapshot = None;
+                                adopted_pids.insert(vm.pid);
+                                tracing::info!(sandbox = %record.sandbox_id, pid = vm.pid, "resumed a sandbox the previous agent left mid-pause");
+                            }
+                            Err(error) => {
+                                let _ = self.vmm.destroy(&vm).await;
+                                self.mmds.remove(slot);
+                                self.slots.release(slot).await;
+                                record.error = Some(format!(
+                                    "the agent restarted mid-pause and the sandbox could not continue: {error}"
+                                ));
+                                record.vm = None;
+                                record.slot = None;
+                                record.state = SandboxState::Failed;
+                                tracing::warn!(sandbox = %record.sandbox_id, %error, "sandbox not adopted");
+                            }
+                        }
                     }
                     (alive, state, _) => {
                         if alive {
@@ -868,12 +950,29 @@ impl Manager {
                         });
                         record.vm = None;
                         record.slot = None;
+                        // A pause whose snapshot was complete (it is renamed into place only
+                        // then) but whose record was not yet saved: the sandbox is paused.
+                        let written = self
+                            .store
+                            .sandbox_dir(&record.sandbox_id)
+                            .join("memory.snap");
+                        if !alive && state == SandboxState::Pausing && written.is_file() {
+                            record.snapshot = Some(SnapshotFiles {
+                                bytes: std::fs::metadata(&written).map(|m| m.len()).unwrap_or(0),
+                                memory: written,
+                            });
+                        }
                         record.state =
-                            if state == SandboxState::Resuming && record.snapshot.is_some() {
+                            if matches!(state, SandboxState::Resuming | SandboxState::Pausing)
+                                && record.snapshot.is_some()
+                            {
                                 SandboxState::Paused
                             } else {
                                 SandboxState::Failed
                             };
+                        if record.state == SandboxState::Paused {
+                            record.error = None;
+                        }
                         tracing::warn!(sandbox = %record.sandbox_id, state = record.state.as_str(), "sandbox not adopted");
                     }
                 }

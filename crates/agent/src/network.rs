@@ -2,8 +2,9 @@
 //! host and a tap `tap0` at 169.254.0.22/30 for the guest, which is always 169.254.0.21. NAT in
 //! the namespace maps the slot's unique address (reached from the host through a route over the
 //! veth) to the guest and back, so every clone of one snapshot finds the network it was
-//! snapshotted with. The guest's metadata requests (169.254.169.254:80) are sent to the agent's
-//! MMDS; its other outbound traffic passes only when the sandbox may reach the internet.
+//! snapshotted with. The firewall (default deny, see [`crate::firewall`]) lets the guest reach
+//! its MMDS (169.254.169.254:80, sent to the agent's), and public addresses only when the sandbox
+//! may reach the internet; only the host itself reaches the guest.
 //! Slots are created ahead of demand and recycled clean (a fresh tap, egress closed).
 
 use std::collections::{BTreeSet, HashSet};
@@ -13,6 +14,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
 use crate::error::AgentError;
+use crate::firewall::{self, Egress, HostChains, Ipv4Cidr};
 
 /// The guest's address inside every slot.
 pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 21);
@@ -41,6 +43,9 @@ pub struct SlotConfig {
     pub capacity: u32,
     /// The port of the agent's MMDS on the host side of every veth.
     pub mmds_port: u16,
+    /// Ranges closed to guests by default (private, link-local, …) that the operator opens to
+    /// guests with internet access.
+    pub opened_ranges: Vec<Ipv4Cidr>,
 }
 
 impl SlotConfig {
@@ -127,6 +132,10 @@ struct PoolState {
 pub struct SlotPool {
     config: SlotConfig,
     state: Mutex<PoolState>,
+    /// Set when every slot is being deleted: no more are made ahead of demand.
+    closing: std::sync::atomic::AtomicBool,
+    /// Held while a slot is made ahead of demand, so a deletion of all waits for it.
+    warming: tokio::sync::Mutex<()>,
 }
 
 impl SlotPool {
@@ -135,6 +144,8 @@ impl SlotPool {
         Ok(Self {
             config,
             state: Mutex::new(PoolState::default()),
+            closing: std::sync::atomic::AtomicBool::new(false),
+            warming: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -147,8 +158,21 @@ impl SlotPool {
         self.state.lock().expect("slot pool lock").leased.len() as u32
     }
 
+    /// What a guest with or without internet access may open, given the resolver its kernel
+    /// command line names.
+    pub fn egress(&self, allow_internet: bool, resolver: Ipv4Addr) -> Egress {
+        if allow_internet {
+            Egress::Internet {
+                resolver,
+                opened: self.config.opened_ranges.clone(),
+            }
+        } else {
+            Egress::Closed
+        }
+    }
+
     /// Leases a slot (a ready one, or a new one) with egress set as asked.
-    pub async fn lease(&self, allow_internet: bool) -> Result<Slot, AgentError> {
+    pub async fn lease(&self, egress: &Egress) -> Result<Slot, AgentError> {
         let (index, needs_create) = {
             let mut state = self.state.lock().expect("slot pool lock");
             if let Some(index) = state.ready.pop() {
@@ -173,8 +197,8 @@ impl SlotPool {
                 self.create(&slot).await?;
             }
             // A new or recycled slot has egress closed: only opening it costs anything.
-            if allow_internet {
-                set_egress(&slot, true).await?;
+            if *egress != Egress::Closed {
+                set_egress(&slot, egress).await?;
             }
             Ok::<_, AgentError>(())
         }
@@ -191,12 +215,37 @@ impl SlotPool {
         Ok(slot)
     }
 
-    /// Marks a slot leased without touching it (a sandbox adopted after an agent restart).
-    pub fn claim(&self, index: u32) -> Slot {
-        let mut state = self.state.lock().expect("slot pool lock");
-        state.ready.retain(|&i| i != index);
-        state.leased.insert(index);
-        Slot::new(&self.config.prefix, index)
+    /// Marks a slot leased by a sandbox adopted after an agent restart, and loads the current
+    /// firewall into it (the previous agent may have been an older one). Connections the guest
+    /// has open survive: the connection tracker keeps them.
+    pub async fn claim(&self, index: u32, egress: &Egress) -> Result<Slot, AgentError> {
+        {
+            let mut state = self.state.lock().expect("slot pool lock");
+            state.ready.retain(|&i| i != index);
+            state.leased.insert(index);
+        }
+        let slot = Slot::new(&self.config.prefix, index);
+        let rules = firewall::namespace_rules(&slot, self.config.mmds_port, egress);
+        let netns = slot.netns.clone();
+        run_blocking(move || load_firewall(&netns, &rules)).await?;
+        Ok(slot)
+    }
+
+    /// Installs the host's chains for this agent's slots (see [`crate::firewall`]), replacing
+    /// what an earlier run installed. Idempotent.
+    pub async fn install_host_rules(&self) -> Result<(), AgentError> {
+        let config = self.config.clone();
+        run_blocking(move || install_host_chains(&config)).await
+    }
+
+    /// Removes the host's chains of this agent (with [`SlotPool::delete_all`]).
+    pub async fn remove_host_rules(&self) {
+        let config = self.config.clone();
+        let _ = run_blocking(move || {
+            remove_host_chains(&config);
+            Ok(())
+        })
+        .await;
     }
 
     /// Returns a slot: its tap is recreated and egress closed, then it is ready again. A slot
@@ -217,6 +266,10 @@ impl SlotPool {
     /// Creates slots until `count` are ready (run in the background).
     pub async fn warm(&self, count: u32) {
         loop {
+            let _warming = self.warming.lock().await;
+            if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
             let next = {
                 let mut state = self.state.lock().expect("slot pool lock");
                 if state.ready.len() as u32 >= count {
@@ -272,12 +325,17 @@ impl SlotPool {
         removed
     }
 
-    /// Deletes every slot of this agent (shutdown of a test agent; not on a normal stop, when
-    /// running sandboxes keep their network).
+    /// Deletes every slot of this agent and its host chains (shutdown of a test agent; not on a
+    /// normal stop, when running sandboxes keep their network and its rules).
     pub async fn delete_all(&self) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        // A slot being made ahead of demand is finished first, then goes with the others.
+        let _warming = self.warming.lock().await;
         for index in self.existing_namespaces() {
             let _ = self.delete(&Slot::new(&self.config.prefix, index)).await;
         }
+        self.remove_host_rules().await;
         let mut state = self.state.lock().expect("slot pool lock");
         state.ready.clear();
         state.leased.clear();
@@ -388,32 +446,14 @@ fn in_namespace(
     }
 }
 
-/// The namespace's firewall and NAT, loaded in one `iptables-restore`.
-pub fn namespace_rules(slot: &Slot, mmds_port: u16) -> String {
-    format!(
-        "*nat
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
--A PREROUTING -i {guest_side} -d {address}/32 -j DNAT --to-destination {GUEST_IP}
--A PREROUTING -i tap0 -d {MMDS_IP}/32 -p tcp --dport 80 -j DNAT --to-destination {host_ip}:{mmds_port}
--A POSTROUTING -o {guest_side} -s {GUEST_IP}/32 -j SNAT --to-source {address}
-COMMIT
-*filter
-:INPUT ACCEPT [0:0]
-:FORWARD ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:wrenn-egress - [0:0]
--A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
--A FORWARD -i tap0 -d {host_ip}/32 -j ACCEPT
--A FORWARD -i tap0 -j wrenn-egress
--A wrenn-egress -j DROP
-COMMIT
-",
-        guest_side = slot.veth_guest,
-        address = slot.address,
-        host_ip = slot.host_ip,
+/// Loads a namespace's whole firewall: IPv4 from `rules`, IPv6 dropped.
+fn load_firewall(netns: &str, rules: &str) -> Result<(), AgentError> {
+    in_namespace(netns, "iptables-restore", &[], Some(rules))?;
+    in_namespace(
+        netns,
+        "ip6tables-restore",
+        &[],
+        Some(&firewall::namespace_rules_v6()),
     )
 }
 
@@ -463,14 +503,24 @@ fn create_slot(slot: &Slot, mmds_port: u16) -> Result<(), AgentError> {
             "via",
             &slot.host_ip.to_string(),
         ])?;
-        add_tap(ns)?;
-        in_namespace(ns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"], None)?;
+        // The firewall goes in before the tap exists: no frame of a guest ever meets an open
+        // namespace. Slots have no IPv6.
         in_namespace(
             ns,
-            "iptables-restore",
-            &[],
-            Some(&namespace_rules(slot, mmds_port)),
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ],
+            None,
         )?;
+        load_firewall(
+            ns,
+            &firewall::namespace_rules(slot, mmds_port, &Egress::Closed),
+        )?;
+        add_tap(ns)?;
         ip(&[
             "route",
             "replace",
@@ -507,31 +557,115 @@ async fn recycle(slot: &Slot) -> Result<(), AgentError> {
     let slot = slot.clone();
     run_blocking(move || {
         let _ = ip(&["-n", &slot.netns, "link", "del", "tap0"]);
-        add_tap(&slot.netns)?;
-        in_namespace(&slot.netns, "iptables", &["-F", "wrenn-egress"], None)?;
         in_namespace(
             &slot.netns,
-            "iptables",
-            &["-A", "wrenn-egress", "-j", "DROP"],
-            None,
+            "iptables-restore",
+            &["--noflush"],
+            Some(&firewall::egress_update(&Egress::Closed)),
+        )?;
+        add_tap(&slot.netns)
+    })
+    .await
+}
+
+/// Rewrites a slot's egress chain in one commit.
+async fn set_egress(slot: &Slot, egress: &Egress) -> Result<(), AgentError> {
+    let slot = slot.clone();
+    let rules = firewall::egress_update(egress);
+    run_blocking(move || {
+        in_namespace(
+            &slot.netns,
+            "iptables-restore",
+            &["--noflush"],
+            Some(&rules),
         )
     })
     .await
 }
 
-async fn set_egress(slot: &Slot, allow: bool) -> Result<(), AgentError> {
-    let slot = slot.clone();
-    run_blocking(move || {
-        in_namespace(&slot.netns, "iptables", &["-F", "wrenn-egress"], None)?;
-        let verdict = if allow { "ACCEPT" } else { "DROP" };
-        in_namespace(
-            &slot.netns,
-            "iptables",
-            &["-A", "wrenn-egress", "-j", verdict],
-            None,
-        )
-    })
-    .await
+fn iptables(args: &[String]) -> Result<(), AgentError> {
+    let output = Command::new("iptables")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|error| AgentError::internal("running iptables", error))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(AgentError::Internal(format!(
+            "iptables {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )))
+    }
+}
+
+/// Deletes every rule of `chain` (INPUT, FORWARD) that jumps to `target`.
+fn remove_jumps(chain: &str, target: &str) {
+    let Ok(output) = Command::new("iptables")
+        .args(["-S", chain])
+        .stdin(Stdio::null())
+        .output()
+    else {
+        return;
+    };
+    let listing = String::from_utf8_lossy(&output.stdout);
+    for line in listing.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let jumps_there = words.windows(2).any(|pair| pair == ["-j", target]);
+        if words.first() == Some(&"-A") && jumps_there {
+            let mut args = vec!["-D".to_string()];
+            args.extend(words[1..].iter().map(|word| word.to_string()));
+            let _ = iptables(&args);
+        }
+    }
+}
+
+fn install_host_chains(config: &SlotConfig) -> Result<(), AgentError> {
+    let chains = HostChains::new(&config.prefix, config.first_index, config.capacity);
+    let mut restore = Command::new("iptables-restore")
+        .arg("--noflush")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|error| AgentError::internal("running iptables-restore", error))?;
+    if let Some(mut stdin) = restore.stdin.take() {
+        stdin
+            .write_all(chains.rules(config.mmds_port).as_bytes())
+            .map_err(|error| AgentError::internal("feeding iptables-restore", error))?;
+    }
+    let output = restore
+        .wait_with_output()
+        .map_err(|error| AgentError::internal("running iptables-restore", error))?;
+    if !output.status.success() {
+        return Err(AgentError::Internal(format!(
+            "installing the host's guest chains: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    // One jump each, first in its chain, for the current slot range (an earlier run may have had
+    // another).
+    for (chain, target, jump) in [
+        ("INPUT", &chains.input, chains.input_jump()),
+        ("FORWARD", &chains.forward, chains.forward_jump()),
+    ] {
+        remove_jumps(chain, target);
+        let mut args = vec!["-I".to_string(), chain.to_string(), "1".to_string()];
+        args.extend(jump);
+        iptables(&args)?;
+    }
+    Ok(())
+}
+
+fn remove_host_chains(config: &SlotConfig) {
+    let chains = HostChains::new(&config.prefix, config.first_index, config.capacity);
+    remove_jumps("INPUT", &chains.input);
+    remove_jumps("FORWARD", &chains.forward);
+    for chain in [&chains.input, &chains.forward] {
+        let _ = iptables(&["-F".to_string(), chain.clone()]);
+        let _ = iptables(&["-X".to_string(), chain.clone()]);
+    }
 }
 
 /// Lets guests that may reach the internet out through the host (forwarding and masquerade for
@@ -598,6 +732,7 @@ mod tests {
             first_index: 1,
             capacity: 10,
             mmds_port: 1,
+            opened_ranges: Vec::new(),
         };
         assert!(good.validate().is_ok());
         for bad in [
@@ -617,14 +752,5 @@ mod tests {
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn rules_map_the_slot_address_and_send_metadata_to_the_agent() {
-        let rules = namespace_rules(&Slot::new("wr", 3), 4242);
-        assert!(rules.contains("-d 10.201.0.3/32 -j DNAT --to-destination 169.254.0.21"));
-        assert!(rules.contains("--dport 80 -j DNAT --to-destination 10.200.0.13:4242"));
-        assert!(rules.contains("-j SNAT --to-source 10.201.0.3"));
-        assert!(rules.contains("-A wrenn-egress -j DROP"));
     }
 }

@@ -1,11 +1,13 @@
 //! The agent's state on disk, one directory per sandbox and per template under the data
 //! directory, each with a JSON record written atomically (temporary file, fsync, rename). A
-//! restarted agent reads them back to adopt its VMs; sandbox records are readable by root only
-//! (they hold envd access tokens).
+//! restarted agent reads them back to adopt its VMs. Everything here is root's alone: records,
+//! disks and memory files are 0600 in 0700 directories (records hold envd access tokens; disks
+//! and memory hold whatever the sandbox had). A record that cannot be read is never deleted:
+//! its directory is moved to `quarantine/` with the disk and snapshot it holds.
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
@@ -86,10 +88,16 @@ const TEMPLATE_FILE: &str = "template.json";
 
 impl Store {
     pub fn open(root: &Path) -> Result<Self, AgentError> {
-        for dir in ["sandboxes", "templates"] {
-            std::fs::create_dir_all(root.join(dir)).map_err(|error| {
-                AgentError::internal(&format!("creating {}", root.join(dir).display()), error)
-            })?;
+        for dir in [
+            root.to_path_buf(),
+            root.join("sandboxes"),
+            root.join("templates"),
+        ] {
+            private_dir(&dir)?;
+            // An older agent made them world-readable: tighten them.
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(
+                |error| AgentError::internal(&format!("protecting {}", dir.display()), error),
+            )?;
         }
         Ok(Self {
             root: root.to_path_buf(),
@@ -120,44 +128,102 @@ impl Store {
         write_atomically(
             &self.template_dir(&record.template_id).join(TEMPLATE_FILE),
             record,
-            0o644,
+            0o600,
         )
     }
 
-    /// Every sandbox record, and the directories that hold none (leftovers to remove).
+    /// Every sandbox record, and the directories that hold none (a create that never wrote
+    /// its record: leftovers to remove). Directories whose record cannot be read are
+    /// quarantined.
     pub fn load_sandboxes(&self) -> (Vec<SandboxRecord>, Vec<PathBuf>) {
-        load_all(&self.root.join("sandboxes"), SANDBOX_FILE)
+        self.load_all("sandboxes", SANDBOX_FILE)
     }
 
-    /// Every template record, and the directories that hold none.
+    /// Every template record, and the directories that hold none (unfinished builds).
     pub fn load_templates(&self) -> (Vec<TemplateRecord>, Vec<PathBuf>) {
-        load_all(&self.root.join("templates"), TEMPLATE_FILE)
+        self.load_all("templates", TEMPLATE_FILE)
+    }
+
+    /// Where unreadable records go, with everything beside them.
+    pub fn quarantine_dir(&self) -> PathBuf {
+        self.root.join("quarantine")
+    }
+
+    fn load_all<T: DeserializeOwned>(&self, kind: &str, file: &str) -> (Vec<T>, Vec<PathBuf>) {
+        let mut records = Vec::new();
+        let mut strays = Vec::new();
+        let Ok(entries) = std::fs::read_dir(self.root.join(kind)) else {
+            return (records, strays);
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let bytes = match std::fs::read(path.join(file)) {
+                Ok(bytes) => bytes,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                    strays.push(path);
+                    continue;
+                }
+                Err(error) => {
+                    self.quarantine(kind, &path, &error.to_string());
+                    continue;
+                }
+            };
+            match serde_json::from_slice::<T>(&bytes) {
+                Ok(record) => records.push(record),
+                Err(error) => self.quarantine(kind, &path, &error.to_string()),
+            }
+        }
+        (records, strays)
+    }
+
+    /// Moves a directory whose record is unreadable out of the way, whole.
+    fn quarantine(&self, kind: &str, path: &Path, reason: &str) {
+        let name = path
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let target = self.quarantine_dir().join(format!(
+            "{kind}-{name}-{}",
+            chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ")
+        ));
+        let moved = private_dir(&self.quarantine_dir())
+            .map_err(|error| error.to_string())
+            .and_then(|()| std::fs::rename(path, &target).map_err(|error| error.to_string()));
+        match moved {
+            Ok(()) => tracing::error!(
+                record = %path.display(),
+                quarantined = %target.display(),
+                reason,
+                "a record could not be read: its directory was quarantined, nothing was deleted"
+            ),
+            Err(error) => tracing::error!(
+                record = %path.display(),
+                reason,
+                %error,
+                "a record could not be read and could not be quarantined: left where it is"
+            ),
+        }
     }
 }
 
-fn load_all<T: DeserializeOwned>(dir: &Path, file: &str) -> (Vec<T>, Vec<PathBuf>) {
-    let mut records = Vec::new();
-    let mut strays = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return (records, strays);
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let record = std::fs::read(path.join(file))
-            .ok()
-            .and_then(|bytes| serde_json::from_slice::<T>(&bytes).ok());
-        match record {
-            Some(record) => records.push(record),
-            None => strays.push(path),
-        }
-    }
-    (records, strays)
+/// Creates a directory (and its parents) as 0700.
+pub fn private_dir(dir: &Path) -> Result<(), AgentError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|error| AgentError::internal(&format!("creating {}", dir.display()), error))
+}
+
+/// Makes a file root's alone (0600).
+pub fn private_file(file: &Path) -> Result<(), AgentError> {
+    std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))
+        .map_err(|error| AgentError::internal(&format!("protecting {}", file.display()), error))
 }
 
 fn write_atomically(path: &Path, value: &impl Serialize, mode: u32) -> Result<(), AgentError> {
     let dir = path.parent().expect("records live in a directory");
-    std::fs::create_dir_all(dir)
-        .map_err(|error| AgentError::internal(&format!("creating {}", dir.display()), error))?;
+    private_dir(dir)?;
     let temp = path.with_extension("json.tmp");
     let bytes = serde_json::to_vec_pretty(value).expect("records serialise");
     let written = (|| {
@@ -169,7 +235,9 @@ fn write_atomically(path: &Path, value: &impl Serialize, mode: u32) -> Result<()
             .open(&temp)?;
         file.write_all(&bytes)?;
         file.sync_all()?;
-        std::fs::rename(&temp, path)
+        std::fs::rename(&temp, path)?;
+        // The rename itself is durable only once the directory is.
+        std::fs::File::open(dir)?.sync_all()
     })();
     written.map_err(|error| AgentError::internal(&format!("writing {}", path.display()), error))
 }
@@ -195,6 +263,7 @@ mod tests {
                 netns: None,
                 tap: "tap0".into(),
                 mac: "02:00:00:00:00:01".into(),
+                vmm_user: None,
             },
             created_at_ms: 1,
             env_vars: BTreeMap::new(),
@@ -221,5 +290,65 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600, "records with tokens are root-only");
+    }
+
+    #[test]
+    fn an_unreadable_record_is_quarantined_with_its_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.save_sandbox(&record("good")).unwrap();
+        let broken = store.sandbox_dir("broken");
+        std::fs::create_dir_all(&broken).unwrap();
+        std::fs::write(
+            broken.join(SANDBOX_FILE),
+            b"{\"sandbox_id\": \"broken\", trunc",
+        )
+        .unwrap();
+        std::fs::write(broken.join("disk.qcow2"), b"the paused disk").unwrap();
+        std::fs::write(broken.join("memory.snap"), b"the paused memory").unwrap();
+        let (records, strays) = store.load_sandboxes();
+        assert_eq!(records, vec![record("good")]);
+        assert!(strays.is_empty(), "a broken record is no stray: {strays:?}");
+        assert!(!broken.exists());
+        let quarantined: Vec<_> = std::fs::read_dir(store.quarantine_dir())
+            .unwrap()
+            .flatten()
+            .map(|entry| entry.path())
+            .collect();
+        assert_eq!(quarantined.len(), 1);
+        let name = quarantined[0]
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        assert!(name.starts_with("sandboxes-broken-"), "{name}");
+        assert_eq!(
+            std::fs::read(quarantined[0].join("disk.qcow2")).unwrap(),
+            b"the paused disk"
+        );
+        assert!(quarantined[0].join("memory.snap").is_file());
+    }
+
+    #[test]
+    fn directories_are_private_even_when_an_older_agent_made_them_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("agent");
+        std::fs::create_dir_all(root.join("templates")).unwrap();
+        std::fs::set_permissions(
+            root.join("templates"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let store = Store::open(&root).unwrap();
+        store.save_sandbox(&record("a")).unwrap();
+        for path in [
+            root.clone(),
+            root.join("templates"),
+            root.join("sandboxes"),
+            store.sandbox_dir("a"),
+        ] {
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700, "{}", path.display());
+        }
     }
 }

@@ -198,6 +198,9 @@ impl ControlPlane {
 }
 
 /// envd's `/metrics` of a guest, if it answers.
+/// The most the control plane reads of a guest's `/metrics` answer.
+pub const MAX_METRICS_ANSWER: usize = 64 * 1024;
+
 pub async fn envd_metrics(
     route: &fleet::GuestRoute,
     token: Option<&str>,
@@ -216,7 +219,12 @@ pub async fn envd_metrics(
         if !response.status().is_success() {
             return None;
         }
-        let body = response.into_body().collect().await.ok()?.to_bytes();
+        // The guest's root can serve anything here: read at most 64 KiB of it.
+        let body = http_body_util::Limited::new(response.into_body(), MAX_METRICS_ANSWER)
+            .collect()
+            .await
+            .ok()?
+            .to_bytes();
         serde_json::from_slice(&body).ok()
     };
     tokio::time::timeout(timeout, attempt).await.ok().flatten()

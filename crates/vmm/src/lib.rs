@@ -4,7 +4,10 @@
 //! emulation; Firecracker joins behind the same trait.
 
 pub mod accel;
+pub mod console;
+pub mod launch;
 pub mod process;
+pub mod qcow2;
 pub mod qemu;
 pub mod qmp;
 
@@ -62,6 +65,9 @@ pub struct MachineSpec {
     pub tap: String,
     /// The guest NIC's MAC address: fixed, so a restored guest finds its NIC unchanged.
     pub mac: String,
+    /// The user the VMM runs as (root when none; see [`launch`]).
+    #[serde(default)]
+    pub vmm_user: Option<launch::VmmUser>,
 }
 
 /// A running VMM process, as recorded on disk so a restarted agent can find it again.
@@ -79,9 +85,13 @@ pub struct VmProcess {
 }
 
 impl VmProcess {
-    /// The guest's serial console, written by the VMM.
+    /// The guest's serial console (its newest part; see [`console`]).
     pub fn console_log(&self) -> PathBuf {
         self.workdir.join("console.log")
+    }
+    /// The socket the VMM serves the console on.
+    pub fn console_socket(&self) -> PathBuf {
+        self.workdir.join("console.sock")
     }
     /// The VMM's own standard output and error.
     pub fn vmm_log(&self) -> PathBuf {

@@ -2,8 +2,16 @@
 //! driven over QMP. A snapshot is QMP `stop` plus a migration into a file; a restore starts QEMU
 //! with `-incoming defer`, feeds it the file, and `cont`s. QEMU runs in the sandbox's network
 //! namespace (`ip netns exec`), in a process group of its own so it outlives an agent restart.
+//!
+//! QEMU runs under its seccomp sandbox (`-sandbox on`, with obsolete system calls, privilege
+//! changes, process spawning and resource control denied): a guest that breaks out of the
+//! device models still cannot start a program. So migrations go through descriptors the agent
+//! opens and hands over QMP (`fd:` URIs), never an `exec:` shell. The console goes to a socket
+//! the agent copies into a bounded log ([`crate::console`]).
 
 use std::ffi::OsString;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -12,6 +20,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::accel::Accel;
+use crate::launch::{HandedFd, Launch};
+use crate::qcow2::Layer;
 use crate::qmp::QmpClient;
 use crate::{MachineSpec, SnapshotFiles, VmProcess, Vmm, VmmError, VmmFuture, process};
 
@@ -41,15 +51,20 @@ impl Qemu {
         self.accel
     }
 
-    /// The command line for a machine; `incoming` adds `-incoming defer` (a restore).
+    /// The command line for a machine whose disk is `layers` (top first; see
+    /// [`crate::qcow2::chain`]); `incoming` adds `-incoming defer` (a restore). Every file and
+    /// socket is a descriptor the agent hands over (see [`HandedFd`]); `workdir` only names the
+    /// process (`-name`), so that a restarted agent can tell its VMMs apart.
     pub fn arguments(
         &self,
         machine: &MachineSpec,
         workdir: &Path,
         incoming: bool,
+        layers: &[Layer],
     ) -> Vec<OsString> {
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
+        push(&["-name", &workdir.display().to_string().replace(',', ",,")]);
         match self.accel {
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
             Accel::Tcg => push(&["-accel", "tcg,tb-size=64", "-cpu", "max"]),
@@ -68,42 +83,65 @@ impl Qemu {
             "-smp",
             &machine.vcpus.to_string(),
         ]);
-        let path = |p: &Path| p.display().to_string();
+        push(&[
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        ]);
         push(&[
             "-chardev",
             &format!(
-                "file,id=console,path={},append=on",
-                path(&workdir.join("console.log"))
+                "socket,id=qmp,fd={},server=on,wait=off",
+                HandedFd::Qmp.number()
+            ),
+            "-mon",
+            "chardev=qmp,mode=control",
+        ]);
+        push(&[
+            "-chardev",
+            &format!(
+                "socket,id=console,fd={},server=on,wait=off",
+                HandedFd::Console.number()
             ),
             "-serial",
             "chardev:console",
         ]);
-        push(&["-kernel", &path(&machine.kernel)]);
-        if let Some(initrd) = &machine.initrd {
-            push(&["-initrd", &path(initrd)]);
+        push(&["-kernel", &HandedFd::Kernel.proc_path()]);
+        if machine.initrd.is_some() {
+            push(&["-initrd", &HandedFd::Initrd.proc_path()]);
         }
         push(&["-append", &machine.cmdline]);
-        push(&[
-            "-drive",
-            &format!(
-                "file={},if=none,id=disk0,format=qcow2,cache=writeback",
-                path(&machine.disk)
-            ),
-            "-device",
-            "virtio-blk-pci,drive=disk0",
-        ]);
+        // The disk's layers, base first, each a descriptor in an fd set of its own: QEMU opens
+        // no backing file by the name in an image's header.
+        for (depth, layer) in layers.iter().enumerate().rev() {
+            let fd = HandedFd::Disk(depth).number();
+            let node = if depth == 0 {
+                "disk0".to_string()
+            } else {
+                format!("layer{depth}")
+            };
+            let mut blockdev = format!(
+                "driver={},node-name={node},file.driver=file,file.filename=/dev/fdset/{fd}",
+                layer.format
+            );
+            if depth > 0 {
+                blockdev.push_str(",read-only=on,file.read-only=on");
+            }
+            if layer.format == "qcow2" && depth + 1 < layers.len() {
+                blockdev.push_str(&format!(",backing=layer{}", depth + 1));
+            }
+            push(&[
+                "-add-fd",
+                &format!("fd={fd},set={fd}"),
+                "-blockdev",
+                &blockdev,
+            ]);
+        }
+        push(&["-device", "virtio-blk-pci,drive=disk0"]);
         push(&[
             "-netdev",
-            &format!("tap,id=net0,ifname={},script=no,downscript=no", machine.tap),
+            &format!("tap,id=net0,fd={}", HandedFd::Tap.number()),
             "-device",
             &format!("virtio-net-pci,netdev=net0,mac={}", machine.mac),
-        ]);
-        push(&[
-            "-qmp",
-            &format!(
-                "unix:{},server=on,wait=off",
-                path(&workdir.join("qmp.sock"))
-            ),
         ]);
         if incoming {
             push(&["-incoming", "defer"]);
@@ -117,35 +155,36 @@ impl Qemu {
         workdir: &Path,
         incoming: bool,
     ) -> Result<VmProcess, VmmError> {
-        std::fs::create_dir_all(workdir)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(workdir)
             .map_err(|error| VmmError::io(format!("creating {}", workdir.display()), error))?;
         let socket = workdir.join("qmp.sock");
-        let _ = std::fs::remove_file(&socket);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(workdir.join("vmm.log"))
             .map_err(|error| VmmError::io("opening the VMM log", error))?;
         let log_err = log
             .try_clone()
             .map_err(|error| VmmError::io("opening the VMM log", error))?;
-        let mut command = match &machine.netns {
-            Some(namespace) => {
-                let mut command = std::process::Command::new("ip");
-                command.args(["netns", "exec", namespace]).arg(&self.binary);
-                command
-            }
-            None => std::process::Command::new(&self.binary),
-        };
+        let layers = crate::qcow2::chain(&machine.disk)?;
+        let launch = Launch::prepare(machine, workdir, &layers, self.accel)?;
+        let mut command = std::process::Command::new(&self.binary);
         command
-            .args(self.arguments(machine, workdir, incoming))
+            .args(self.arguments(machine, workdir, incoming, &layers))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
             .process_group(0);
+        launch.apply(&mut command);
         let mut child = command
             .spawn()
             .map_err(|error| VmmError::io(format!("starting {}", self.binary.display()), error))?;
+        // The child has its copies; the agent keeps none of the VM's descriptors.
+        drop(launch);
         let pid = child.id();
         // Reaps QEMU when it exits while this process is its parent.
         std::thread::spawn(move || {
@@ -160,7 +199,10 @@ impl Qemu {
             control_socket: socket.clone(),
         };
         match QmpClient::connect_when_ready(&socket, START_TIMEOUT).await {
-            Ok(_) => Ok(vm),
+            Ok(_) => {
+                crate::console::capture(vm.console_socket(), vm.console_log());
+                Ok(vm)
+            }
             Err(error) => {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid as i32),
@@ -188,22 +230,22 @@ impl Qemu {
 
 /// The last lines of a log, for error messages.
 pub fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(64 * 1024)..]);
     let lines: Vec<&str> = text
         .lines()
         .filter(|line| !line.trim().is_empty())
         .collect();
     let tail = lines[lines.len().saturating_sub(3)..].join(" | ");
     if tail.is_empty() {
-        "it logged nothing".into()
-    } else {
-        tail
+        return "it logged nothing".into();
     }
-}
-
-/// Quotes a path for the shell QEMU's `exec:` migration runs.
-fn shell_quote(path: &Path) -> String {
-    format!("'{}'", path.display().to_string().replace('\'', "'\\''"))
+    // A console log is the guest's text: short, and escaped before it reaches a log or an error.
+    let start = tail.chars().count().saturating_sub(300);
+    tail.chars()
+        .skip(start)
+        .flat_map(char::escape_debug)
+        .collect()
 }
 
 async fn wait_for(
@@ -273,11 +315,13 @@ impl Vmm for Qemu {
             let vm = self.spawn(machine, workdir, true).await?;
             let result = async {
                 let mut qmp = self.qmp(&vm).await?;
-                qmp.execute(
-                    "migrate-incoming",
-                    Some(json!({ "uri": format!("exec:cat {}", shell_quote(&snapshot.memory)) })),
-                )
-                .await?;
+                let memory = std::fs::File::open(&snapshot.memory).map_err(|error| {
+                    VmmError::io(format!("opening {}", snapshot.memory.display()), error)
+                })?;
+                qmp.send_fd("snapshot", memory.as_fd()).await?;
+                drop(memory);
+                qmp.execute("migrate-incoming", Some(json!({ "uri": "fd:snapshot" })))
+                    .await?;
                 wait_for(
                     &mut qmp,
                     "loading the snapshot",
@@ -336,16 +380,21 @@ impl Vmm for Qemu {
             }
             let temp = memory_file.with_extension("partial");
             let _ = std::fs::remove_file(&temp);
+            // Guest memory holds the sandbox's secrets: readable by root only.
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&temp)
+                .map_err(|error| VmmError::io(format!("creating {}", temp.display()), error))?;
             qmp.execute(
                 "migrate-set-parameters",
                 Some(json!({ "max-bandwidth": 64u64 << 30 })),
             )
             .await?;
-            qmp.execute(
-                "migrate",
-                Some(json!({ "uri": format!("exec:cat > {}", shell_quote(&temp)) })),
-            )
-            .await?;
+            qmp.send_fd("snapshot", file.as_fd()).await?;
+            qmp.execute("migrate", Some(json!({ "uri": "fd:snapshot" })))
+                .await?;
             wait_for(
                 &mut qmp,
                 "writing the snapshot",
@@ -354,11 +403,14 @@ impl Vmm for Qemu {
                 "query-migrate",
             )
             .await?;
-            // Guest memory holds the sandbox's secrets: readable by root only.
-            std::fs::set_permissions(&temp, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-                .map_err(|error| VmmError::io("protecting the snapshot", error))?;
+            file.sync_all()
+                .map_err(|error| VmmError::io("flushing the snapshot", error))?;
+            drop(file);
             std::fs::rename(&temp, memory_file)
                 .map_err(|error| VmmError::io("putting the snapshot in place", error))?;
+            if let Some(dir) = memory_file.parent() {
+                let _ = std::fs::File::open(dir).and_then(|dir| dir.sync_all());
+            }
             let bytes = std::fs::metadata(memory_file).map(|m| m.len()).unwrap_or(0);
             Ok(SnapshotFiles {
                 memory: memory_file.to_path_buf(),
@@ -409,6 +461,8 @@ impl Vmm for Qemu {
         Box::pin(async move {
             let mut qmp = self.qmp(vm).await?;
             qmp.status().await?;
+            // The console of a VM started by an earlier agent: copied again from now on.
+            crate::console::capture(vm.console_socket(), vm.console_log());
             Ok(())
         })
     }
@@ -429,36 +483,109 @@ mod tests {
             netns: Some("ns-1".into()),
             tap: "tap0".into(),
             mac: "02:fc:00:00:00:05".into(),
+            vmm_user: None,
         }
     }
 
     #[test]
-    fn command_line_names_every_device_and_the_incoming_mode() {
-        let qemu = Qemu::new("qemu-system-x86_64", Accel::Tcg);
-        let args: Vec<String> = qemu
-            .arguments(&machine(), Path::new("/w"), true)
+    fn command_line_is_complete() {
+        command_line_names_every_device_and_the_incoming_mode();
+    }
+
+    fn layers() -> Vec<Layer> {
+        vec![
+            Layer {
+                path: "/d/disk.qcow2".into(),
+                format: "qcow2",
+            },
+            Layer {
+                path: "/t/disk.qcow2".into(),
+                format: "qcow2",
+            },
+            Layer {
+                path: "/t/rootfs.ext4".into(),
+                format: "raw",
+            },
+        ]
+    }
+
+    fn joined(qemu: &Qemu, incoming: bool) -> String {
+        qemu.arguments(&machine(), Path::new("/w,1"), incoming, &layers())
             .into_iter()
             .map(|a| a.into_string().unwrap())
-            .collect();
-        let joined = args.join(" ");
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn command_line_names_every_device_and_the_incoming_mode() {
+        let joined = joined(&Qemu::new("qemu-system-x86_64", Accel::Tcg), true);
+        assert!(joined.starts_with("-name /w,,1 "), "{joined}");
         assert!(
             joined.contains("-accel tcg,tb-size=64 -cpu max"),
             "{joined}"
         );
         assert!(joined.contains("-m 512 -smp 1"));
-        assert!(joined.contains("file=/d/disk.qcow2,if=none,id=disk0,format=qcow2"));
         assert!(joined.contains("virtio-net-pci,netdev=net0,mac=02:fc:00:00:00:05"));
-        assert!(joined.contains("tap,id=net0,ifname=tap0,script=no,downscript=no"));
-        assert!(joined.contains("unix:/w/qmp.sock,server=on,wait=off"));
+        assert!(joined.contains("-netdev tap,id=net0,fd=7"));
+        assert!(
+            joined.contains("socket,id=qmp,fd=3,server=on,wait=off -mon chardev=qmp,mode=control")
+        );
+        assert!(joined.contains("-kernel /proc/self/fd/5 -initrd /proc/self/fd/6"));
         assert!(joined.ends_with("-incoming defer"));
-        let boot = Qemu::new("q", Accel::Kvm).arguments(&machine(), Path::new("/w"), false);
-        assert!(!boot.iter().any(|a| a == "-incoming"));
-        assert!(boot.iter().any(|a| a == "host"));
+        let boot = joined_kvm();
+        assert!(!boot.contains("-incoming"));
+        assert!(boot.contains("-cpu host"));
+    }
+
+    fn joined_kvm() -> String {
+        joined(&Qemu::new("q", Accel::Kvm), false)
     }
 
     #[test]
-    fn paths_are_quoted_for_the_migration_shell() {
-        assert_eq!(shell_quote(Path::new("/a b/c")), "'/a b/c'");
-        assert_eq!(shell_quote(Path::new("/it's")), "'/it'\\''s'");
+    fn the_disk_chain_is_built_base_first_from_handed_descriptors() {
+        let joined = joined(&Qemu::new("q", Accel::Tcg), false);
+        let base = joined
+            .find("-add-fd fd=10,set=10 -blockdev driver=raw,node-name=layer2,file.driver=file,file.filename=/dev/fdset/10,read-only=on,file.read-only=on")
+            .expect(&joined);
+        let template = joined
+            .find("-add-fd fd=9,set=9 -blockdev driver=qcow2,node-name=layer1,file.driver=file,file.filename=/dev/fdset/9,read-only=on,file.read-only=on,backing=layer2")
+            .expect(&joined);
+        let top = joined
+            .find("-add-fd fd=8,set=8 -blockdev driver=qcow2,node-name=disk0,file.driver=file,file.filename=/dev/fdset/8,backing=layer1 ")
+            .expect(&joined);
+        assert!(base < template && template < top);
+        assert!(joined.contains("-device virtio-blk-pci,drive=disk0"));
+        // No path of the agent's reaches QEMU but its name.
+        assert!(
+            !joined.contains("/d/") && !joined.contains("/t/"),
+            "{joined}"
+        );
+    }
+
+    #[test]
+    fn qemu_runs_sandboxed_with_its_console_on_a_socket() {
+        let joined = joined(&Qemu::new("q", Accel::Tcg), false);
+        assert!(joined.contains(
+            "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+        ));
+        assert!(
+            joined.contains("socket,id=console,fd=4,server=on,wait=off -serial chardev:console")
+        );
+        assert!(!joined.contains("exec:"));
+    }
+
+    #[test]
+    fn log_tails_are_short_and_escaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        std::fs::write(
+            &log,
+            format!("boot\n{}\nlast \u{1b}[2J line\n", "x".repeat(5000)),
+        )
+        .unwrap();
+        let tail = log_tail(&log);
+        assert!(tail.chars().count() <= 400, "{}", tail.len());
+        assert!(tail.ends_with("last \\u{1b}[2J line"), "{tail}");
+        assert_eq!(log_tail(&dir.path().join("none")), "it logged nothing");
     }
 }

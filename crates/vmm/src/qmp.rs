@@ -2,6 +2,7 @@
 //! reads the greeting, negotiates capabilities, then runs one command at a time, matching each
 //! answer by id and keeping the asynchronous events that arrive in between.
 
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -64,6 +65,54 @@ impl QmpClient {
         command: &str,
         arguments: Option<Value>,
     ) -> Result<Value, VmmError> {
+        let (id, line) = self.request(command, arguments);
+        self.writer
+            .write_all(line.as_bytes())
+            .await
+            .map_err(|error| VmmError::io(format!("sending QMP {command}"), error))?;
+        self.answer(id, command).await
+    }
+
+    /// Hands the VMM an open file as `name` (QMP `getfd`, the descriptor passed with
+    /// SCM_RIGHTS), for `fd:<name>` migrations: the VMM then needs neither a path it can open nor
+    /// a shell to run (its seccomp filter forbids both).
+    pub async fn send_fd(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<(), VmmError> {
+        use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+        let (id, line) = self.request("getfd", Some(json!({ "fdname": name })));
+        let stream: &UnixStream = self.writer.as_ref();
+        let fds = [fd.as_raw_fd()];
+        loop {
+            stream
+                .writable()
+                .await
+                .map_err(|error| VmmError::io("waiting to send a descriptor over QMP", error))?;
+            let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+                let iov = [std::io::IoSlice::new(line.as_bytes())];
+                sendmsg::<()>(
+                    stream.as_raw_fd(),
+                    &iov,
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::empty(),
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match sent {
+                Ok(count) if count == line.len() => break,
+                Ok(count) => {
+                    return Err(VmmError::Invalid(format!(
+                        "QMP getfd was sent short ({count} of {} bytes)",
+                        line.len()
+                    )));
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(error) => return Err(VmmError::io("sending a descriptor over QMP", error)),
+            }
+        }
+        self.answer(id, "getfd").await.map(|_| ())
+    }
+
+    fn request(&mut self, command: &str, arguments: Option<Value>) -> (u64, String) {
         let id = self.next_id;
         self.next_id += 1;
         let mut request = json!({ "execute": command, "id": id });
@@ -72,10 +121,10 @@ impl QmpClient {
         }
         let mut line = request.to_string();
         line.push('\n');
-        self.writer
-            .write_all(line.as_bytes())
-            .await
-            .map_err(|error| VmmError::io(format!("sending QMP {command}"), error))?;
+        (id, line)
+    }
+
+    async fn answer(&mut self, id: u64, command: &str) -> Result<Value, VmmError> {
         let answer = tokio::time::timeout(COMMAND_TIMEOUT, async {
             loop {
                 let message = self.read_message().await?;

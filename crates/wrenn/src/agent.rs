@@ -64,6 +64,15 @@ pub struct ServeArgs {
     /// Do not give guests a way to the internet through this host.
     #[arg(long)]
     no_internet: bool,
+    /// A range closed to guests by default (private, link-local, CGNAT, …) that guests with
+    /// internet access may reach (repeat for more; e.g. an internal package mirror's network).
+    /// The host's own addresses stay closed whatever this says.
+    #[arg(long = "guest-open-range", value_name = "CIDR")]
+    guest_open_ranges: Vec<wrenn_agent::firewall::Ipv4Cidr>,
+    /// Each VM's QEMU runs as uid and gid BASE + its slot index (numeric, no account needed;
+    /// keep the range unused on this host). 0 runs QEMU as root: for debugging only.
+    #[arg(long, default_value_t = wrenn_agent::manager::DEFAULT_VMM_UID_BASE)]
+    vmm_uid_base: u32,
     /// Delete every network slot of this agent on exit (tests); by default running sandboxes
     /// keep theirs, for the next agent to adopt.
     #[arg(long)]
@@ -212,9 +221,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             first_index: args.first_slot,
             capacity: args.slots,
             mmds_port: args.mmds_port,
+            opened_ranges: args.guest_open_ranges.clone(),
         },
         slots_ahead: args.slots_ahead,
         host_nat: !args.no_internet,
+        vmm_uid_base: args.vmm_uid_base,
     };
     let manager = Manager::start(config).await.context("starting the agent")?;
     let api = tokio::net::TcpListener::bind(args.listen)

@@ -980,6 +980,11 @@ pub async fn hosts(args: HostArgs) -> anyhow::Result<()> {
                     text(&report["sandboxesRunning"]),
                     text(&report["sandboxesPaused"])
                 ),
+                // Software emulation is a weaker boundary than KVM: the table says so.
+                match report["accel"].as_str() {
+                    Some("tcg") => "tcg (software emulation)".to_string(),
+                    _ => text(&report["accel"]),
+                },
                 format!(
                     "{:.1} GiB",
                     report["memoryAvailableBytes"].as_u64().unwrap_or(0) as f64
@@ -1000,6 +1005,7 @@ pub async fn hosts(args: HostArgs) -> anyhow::Result<()> {
                 "agent",
                 "slots used",
                 "running / paused",
+                "accel",
                 "memory free",
                 "templates",
                 "last heartbeat"

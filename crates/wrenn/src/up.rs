@@ -80,6 +80,15 @@ pub struct UpArgs {
     slots: u32,
     #[arg(long, default_value_t = 49991)]
     mmds_port: u16,
+    /// A range closed to guests by default (private, link-local, CGNAT, …) that guests with
+    /// internet access may reach (repeat for more; e.g. an internal package mirror's network).
+    /// The host's own addresses stay closed whatever this says.
+    #[arg(long = "guest-open-range", value_name = "CIDR")]
+    guest_open_ranges: Vec<wrenn_agent::firewall::Ipv4Cidr>,
+    /// Each VM's QEMU runs as uid and gid BASE + its slot index (numeric, no account needed;
+    /// keep the range unused on this host). 0 runs QEMU as root: for debugging only.
+    #[arg(long, default_value_t = wrenn_agent::manager::DEFAULT_VMM_UID_BASE)]
+    vmm_uid_base: u32,
     /// Destroy every sandbox and network slot on exit (by default they outlive a restart).
     #[arg(long)]
     stop_sandboxes_on_exit: bool,
@@ -430,9 +439,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             first_index: args.first_slot,
             capacity: args.slots,
             mmds_port: args.mmds_port,
+            opened_ranges: args.guest_open_ranges.clone(),
         },
         slots_ahead: 2,
         host_nat: !args.plane.no_internet,
+        vmm_uid_base: args.vmm_uid_base,
     };
     let manager = Manager::start(config)
         .await

@@ -229,14 +229,17 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
             first_index: 1200,
             capacity: 16,
             mmds_port: 0,
+            opened_ranges: Vec::new(),
         },
         slots_ahead: 2,
         host_nat: false,
+        vmm_uid_base: wrenn_agent::manager::DEFAULT_VMM_UID_BASE,
     };
     let mmds = tokio::net::TcpListener::bind("0.0.0.0:0").await?;
     let config = AgentConfig {
         slots: SlotConfig {
             mmds_port: mmds.local_addr()?.port(),
+            opened_ranges: Vec::new(),
             ..config.slots.clone()
         },
         ..config

@@ -135,8 +135,9 @@ pub async fn boot(args: BootBenchArgs) -> anyhow::Result<()> {
         first_index: 900,
         capacity: 1,
         mmds_port: 9,
+        opened_ranges: Vec::new(),
     })?;
-    let slot = pool.lease(false).await?;
+    let slot = pool.lease(&wrenn_agent::firewall::Egress::Closed).await?;
     let mut samples = Vec::new();
     for run in 0..args.runs {
         let disk = work.path().join(format!("disk-{run}.qcow2"));
@@ -151,6 +152,7 @@ pub async fn boot(args: BootBenchArgs) -> anyhow::Result<()> {
             netns: Some(slot.netns.clone()),
             tap: "tap0".into(),
             mac: GUEST_MAC.into(),
+            vmm_user: None,
         };
         let started = Instant::now();
         let vm = qemu
@@ -335,8 +337,9 @@ pub async fn sandbox(args: SandboxBenchArgs) -> anyhow::Result<()> {
         first_index: 1100,
         capacity: 1,
         mmds_port: 9,
+        opened_ranges: Vec::new(),
     })?;
-    let slot = pool.lease(false).await?;
+    let slot = pool.lease(&wrenn_agent::firewall::Egress::Closed).await?;
     let work = tempfile::tempdir()?;
     let mut raw = Vec::new();
     let mut sequential = Vec::new();

@@ -63,10 +63,12 @@ pub struct Agent {
     first_slot: u32,
     pub api_port: u16,
     pub proxy_port: u16,
-    mmds_port: u16,
+    pub mmds_port: u16,
     pub token: String,
     /// More arguments of `wrenn agent serve` (joining a control plane).
     extra_args: Vec<String>,
+    /// The address the API and the sandbox proxy listen on.
+    listen_host: String,
 }
 
 impl Agent {
@@ -94,7 +96,18 @@ impl Agent {
     }
 
     pub fn start_with(prefix: &str, first_slot: u32, extra_args: Vec<String>) -> Agent {
+        Self::start_on("127.0.0.1", prefix, first_slot, extra_args)
+    }
+
+    /// An agent whose API and proxy listen on `listen_host` (`0.0.0.0`: every host address).
+    pub fn start_on(
+        listen_host: &str,
+        prefix: &str,
+        first_slot: u32,
+        extra_args: Vec<String>,
+    ) -> Agent {
         let mut agent = Agent {
+            listen_host: listen_host.to_string(),
             child: None,
             data: tempfile::tempdir().unwrap(),
             prefix: prefix.to_string(),
@@ -134,9 +147,15 @@ impl Agent {
                 "--slots-ahead",
                 "1",
             ])
-            .args(["--listen", &format!("127.0.0.1:{}", self.api_port)])
+            .args([
+                "--listen",
+                &format!("{}:{}", self.listen_host, self.api_port),
+            ])
             .args(["--mmds-port", &self.mmds_port.to_string()])
-            .args(["--proxy-listen", &format!("127.0.0.1:{}", self.proxy_port)])
+            .args([
+                "--proxy-listen",
+                &format!("{}:{}", self.listen_host, self.proxy_port),
+            ])
             .args(&self.extra_args)
             .env("WRENN_AGENT_TOKEN", &self.token)
             .stdin(Stdio::null())

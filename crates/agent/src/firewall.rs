@@ -1,0 +1,486 @@
+//! Every firewall rule the agent installs, generated as text in this one module (and applied by
+//! [`crate::network`] with `iptables-restore`, so each set changes atomically). Nothing here runs
+//! a command: the rules are unit tested as text.
+//!
+//! The sandbox boundary, default deny:
+//! - **In the slot's namespace** (IPv4; IPv6 is switched off there and dropped besides), every
+//!   chain's policy is DROP. A frame from the guest (`tap0`) must carry the guest's own address
+//!   (no spoofing). The guest may open: its MMDS (`169.254.169.254:80`, DNAT'd to the agent),
+//!   and, only while internet access is on, the resolver it was given (port 53) and public
+//!   addresses. Private and special ranges (RFC 1918, CGNAT, link-local, loopback, multicast,
+//!   reserved, the cloud metadata endpoints) stay closed unless the operator opens a range.
+//!   Inbound, only the host itself (packets from the host side of the slot's veth, which is
+//!   what the agent's proxy and API send from) reaches the guest.
+//! - **On the host**, two chains per agent (`wrenn-in-<prefix>`, `wrenn-fwd-<prefix>`), jumped to
+//!   by the agent's slot addresses: packets from guests reach no host port but the MMDS (nor any
+//!   other address of the host, which the namespace cannot know), and no packet is forwarded to
+//!   a slot address unless it answers a connection the guest opened. So another guest, or a
+//!   machine on the host's network that routes to a slot address, gets nothing.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+use crate::network::{GUEST_IP, MMDS_IP, Slot};
+
+/// An IPv4 network in CIDR notation (`10.0.0.0/8`; a bare address is a /32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Cidr {
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Ipv4Cidr {
+    pub const fn new(a: u8, b: u8, c: u8, d: u8, prefix: u8) -> Self {
+        Self {
+            address: Ipv4Addr::new(a, b, c, d),
+            prefix,
+        }
+    }
+
+    /// Whether `address` is inside this network.
+    pub fn contains(&self, address: Ipv4Addr) -> bool {
+        let mask = if self.prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.prefix))
+        };
+        u32::from(address) & mask == u32::from(self.address) & mask
+    }
+}
+
+impl std::fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.address, self.prefix)
+    }
+}
+
+impl FromStr for Ipv4Cidr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (address, prefix) = match text.split_once('/') {
+            Some((address, prefix)) => (
+                address,
+                prefix
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|prefix| *prefix <= 32)
+                    .ok_or_else(|| format!("{text:?}: the prefix length must be 0 to 32"))?,
+            ),
+            None => (text, 32),
+        };
+        let address = address
+            .parse::<Ipv4Addr>()
+            .map_err(|_| format!("{text:?} is not an IPv4 address or network"))?;
+        let cidr = Ipv4Cidr { address, prefix };
+        if !cidr.contains(address) || u32::from(address) & !mask(prefix) != 0 {
+            return Err(format!(
+                "{text:?} has host bits set: write its network address"
+            ));
+        }
+        Ok(cidr)
+    }
+}
+
+fn mask(prefix: u8) -> u32 {
+    if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix))
+    }
+}
+
+/// What a guest may not reach even with internet access, unless the operator opens a range:
+/// every non-public IPv4 range, and the metadata endpoints of clouds that sit on public
+/// addresses.
+pub const CLOSED_RANGES: &[(Ipv4Cidr, &str)] = &[
+    (Ipv4Cidr::new(0, 0, 0, 0, 8), "this network"),
+    (Ipv4Cidr::new(10, 0, 0, 0, 8), "private (RFC 1918)"),
+    (
+        Ipv4Cidr::new(100, 64, 0, 0, 10),
+        "shared CGNAT space (Alibaba's metadata at 100.100.100.200)",
+    ),
+    (Ipv4Cidr::new(127, 0, 0, 0, 8), "loopback"),
+    (
+        Ipv4Cidr::new(169, 254, 0, 0, 16),
+        "link-local (AWS ECS's metadata at 169.254.170.2)",
+    ),
+    (Ipv4Cidr::new(172, 16, 0, 0, 12), "private (RFC 1918)"),
+    (Ipv4Cidr::new(192, 0, 0, 0, 24), "IETF protocol assignments"),
+    (Ipv4Cidr::new(192, 0, 2, 0, 24), "documentation"),
+    (Ipv4Cidr::new(192, 168, 0, 0, 16), "private (RFC 1918)"),
+    (Ipv4Cidr::new(198, 18, 0, 0, 15), "benchmarking"),
+    (Ipv4Cidr::new(198, 51, 100, 0, 24), "documentation"),
+    (Ipv4Cidr::new(203, 0, 113, 0, 24), "documentation"),
+    (Ipv4Cidr::new(224, 0, 0, 0, 4), "multicast"),
+    (Ipv4Cidr::new(240, 0, 0, 0, 4), "reserved and broadcast"),
+    (
+        Ipv4Cidr::new(168, 63, 129, 16, 32),
+        "Azure's wire server and metadata",
+    ),
+];
+
+/// The guest's DNS resolver when its kernel command line names none (wrenn-init's default).
+pub const DEFAULT_GUEST_RESOLVER: Ipv4Addr = Ipv4Addr::new(8, 8, 8, 8);
+
+/// The resolver a guest was given: the eighth field of the kernel's `ip=` argument, else
+/// wrenn-init's default.
+pub fn guest_resolver(cmdline: &str) -> Ipv4Addr {
+    cmdline
+        .split_whitespace()
+        .find_map(|arg| arg.strip_prefix("ip="))
+        .and_then(|spec| spec.split(':').nth(7))
+        .and_then(|dns| dns.parse().ok())
+        .unwrap_or(DEFAULT_GUEST_RESOLVER)
+}
+
+/// The name of the namespace's egress chain, rewritten whenever a slot's egress changes.
+pub const EGRESS_CHAIN: &str = "wrenn-egress";
+
+/// What a slot's guest may open beyond its MMDS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Egress {
+    /// Nothing (internet access off, and every slot between two sandboxes).
+    Closed,
+    /// Public addresses and the given resolver; `opened` are ranges the operator allows
+    /// although they are closed by default.
+    Internet {
+        resolver: Ipv4Addr,
+        opened: Vec<Ipv4Cidr>,
+    },
+}
+
+/// The namespace's IPv4 NAT and filter tables, loaded whole by `iptables-restore`.
+pub fn namespace_rules(slot: &Slot, mmds_port: u16, egress: &Egress) -> String {
+    let veth = &slot.veth_guest;
+    let host_ip = slot.host_ip;
+    let address = slot.address;
+    let mut rules = format!(
+        "*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+# The host reaches the guest at the slot's address.
+-A PREROUTING -i {veth} -d {address}/32 -j DNAT --to-destination {GUEST_IP}
+# The guest's metadata requests go to the agent's MMDS.
+-A PREROUTING -i tap0 -s {GUEST_IP}/32 -d {MMDS_IP}/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination {host_ip}:{mmds_port}
+# The guest's packets leave with the slot's address: it names the slot to the MMDS and the host.
+-A POSTROUTING -o {veth} -s {GUEST_IP}/32 -j SNAT --to-source {address}
+COMMIT
+*filter
+:INPUT DROP [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+:{EGRESS_CHAIN} - [0:0]
+# Nothing from the guest or the host opens a connection to the namespace itself.
+-A INPUT -i lo -j ACCEPT
+-A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+# A guest sends with its own address only.
+-A FORWARD -i tap0 ! -s {GUEST_IP}/32 -j DROP
+-A FORWARD -m conntrack --ctstate INVALID -j DROP
+-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+# Inbound: the host itself (its side of the veth), nobody else.
+-A FORWARD -i {veth} -o tap0 -s {host_ip}/32 -d {GUEST_IP}/32 -j ACCEPT
+# The MMDS, reached only as 169.254.169.254:80.
+-A FORWARD -i tap0 -o {veth} -d {host_ip}/32 -p tcp -m tcp --dport {mmds_port} -m conntrack --ctstate DNAT --ctorigdst {MMDS_IP}/32 -j ACCEPT
+-A FORWARD -i tap0 -o {veth} -j {EGRESS_CHAIN}
+"
+    );
+    rules.push_str(&egress_rules(egress));
+    rules.push_str("COMMIT\n");
+    rules
+}
+
+/// The rules of the egress chain alone (without a table header).
+fn egress_rules(egress: &Egress) -> String {
+    let mut rules = String::new();
+    match egress {
+        Egress::Closed => {
+            let _ = writeln!(rules, "-A {EGRESS_CHAIN} -j DROP");
+        }
+        Egress::Internet { resolver, opened } => {
+            for protocol in ["udp", "tcp"] {
+                let _ = writeln!(
+                    rules,
+                    "-A {EGRESS_CHAIN} -d {resolver}/32 -p {protocol} -m {protocol} --dport 53 -j ACCEPT"
+                );
+            }
+            for range in opened {
+                let _ = writeln!(rules, "-A {EGRESS_CHAIN} -d {range} -j ACCEPT");
+            }
+            for (range, _) in CLOSED_RANGES {
+                let _ = writeln!(rules, "-A {EGRESS_CHAIN} -d {range} -j DROP");
+            }
+            let _ = writeln!(rules, "-A {EGRESS_CHAIN} -j ACCEPT");
+        }
+    }
+    rules
+}
+
+/// A change of the egress chain alone, for `iptables-restore --noflush` (a chain declared in the
+/// input is flushed and refilled in the same commit: the guest never sees it half written).
+pub fn egress_update(egress: &Egress) -> String {
+    format!(
+        "*filter\n:{EGRESS_CHAIN} - [0:0]\n{}COMMIT\n",
+        egress_rules(egress)
+    )
+}
+
+/// The namespace's IPv6 filter: slots have no IPv6 (it is switched off in the namespace), and
+/// this drops it all besides, so no IPv6 range (private, link-local, metadata) is reachable.
+pub fn namespace_rules_v6() -> String {
+    "*filter
+:INPUT DROP [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -i lo -j ACCEPT
+COMMIT
+"
+    .to_string()
+}
+
+/// The host's chains for one agent, by its slot prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostChains {
+    /// Jumped to from INPUT by packets whose source is one of the agent's slot addresses.
+    pub input: String,
+    /// Jumped to from FORWARD by packets whose destination is one of them.
+    pub forward: String,
+    /// The agent's slot addresses, as `iptables`'s iprange writes them (`first-last`).
+    pub range: String,
+}
+
+impl HostChains {
+    pub fn new(prefix: &str, first_index: u32, capacity: u32) -> Self {
+        let first = Slot::address_of(first_index);
+        let last = Slot::address_of(first_index + capacity.max(1) - 1);
+        Self {
+            input: format!("wrenn-in-{prefix}"),
+            forward: format!("wrenn-fwd-{prefix}"),
+            range: format!("{first}-{last}"),
+        }
+    }
+
+    /// The two chains' contents, for `iptables-restore --noflush` (declaring them flushes them).
+    pub fn rules(&self, mmds_port: u16) -> String {
+        let Self { input, forward, .. } = self;
+        format!(
+            "*filter
+:{input} - [0:0]
+:{forward} - [0:0]
+# From a guest: answers to the host's own connections (the agent's proxy and API), and the MMDS
+# (which the namespace DNATs to the host side of its veth, a 10.200.0.0/16 address).
+-A {input} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+-A {input} -d 10.200.0.0/16 -p tcp -m tcp --dport {mmds_port} -j ACCEPT
+-A {input} -j DROP
+# To a guest through the host: answers to what the guest opened; never a new connection.
+-A {forward} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+-A {forward} -j DROP
+COMMIT
+"
+        )
+    }
+
+    /// The arguments (after `-I INPUT 1` / `-D INPUT` / `-C INPUT`) of the jump to the input
+    /// chain.
+    pub fn input_jump(&self) -> Vec<String> {
+        vec![
+            "-m".into(),
+            "iprange".into(),
+            "--src-range".into(),
+            self.range.clone(),
+            "-j".into(),
+            self.input.clone(),
+        ]
+    }
+
+    /// The same for the jump from FORWARD.
+    pub fn forward_jump(&self) -> Vec<String> {
+        vec![
+            "-m".into(),
+            "iprange".into(),
+            "--dst-range".into(),
+            self.range.clone(),
+            "-j".into(),
+            self.forward.clone(),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn internet() -> Egress {
+        Egress::Internet {
+            resolver: Ipv4Addr::new(8, 8, 8, 8),
+            opened: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn cidrs_parse_and_refuse_nonsense() {
+        let cidr: Ipv4Cidr = "10.0.0.0/8".parse().unwrap();
+        assert_eq!(cidr, Ipv4Cidr::new(10, 0, 0, 0, 8));
+        assert!(cidr.contains(Ipv4Addr::new(10, 201, 0, 3)));
+        assert!(!cidr.contains(Ipv4Addr::new(11, 0, 0, 1)));
+        assert_eq!(
+            "1.2.3.4".parse::<Ipv4Cidr>().unwrap().to_string(),
+            "1.2.3.4/32"
+        );
+        assert!(
+            "0.0.0.0/0"
+                .parse::<Ipv4Cidr>()
+                .unwrap()
+                .contains(Ipv4Addr::new(9, 9, 9, 9))
+        );
+        for bad in ["10.0.0.1/8", "10.0.0.0/33", "nope", "10.0.0.0/", "::1/128"] {
+            assert!(bad.parse::<Ipv4Cidr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_special_range_and_metadata_endpoint_is_closed() {
+        let closed = |address: Ipv4Addr| CLOSED_RANGES.iter().any(|(r, _)| r.contains(address));
+        for address in [
+            "10.201.0.7",      // another slot
+            "10.200.0.5",      // a slot's host side
+            "192.168.1.1",     // the host's LAN
+            "172.17.0.1",      // a container bridge
+            "127.0.0.1",       // loopback
+            "169.254.169.254", // metadata (reached only through the DNAT, before this chain)
+            "169.254.170.2",   // AWS ECS
+            "100.100.100.200", // Alibaba
+            "168.63.129.16",   // Azure
+            "224.0.0.251",     // multicast
+            "255.255.255.255", // broadcast
+            "0.0.0.0",
+        ] {
+            assert!(closed(address.parse().unwrap()), "{address} must be closed");
+        }
+        for address in ["8.8.8.8", "1.1.1.1", "151.101.1.1", "100.128.0.1"] {
+            assert!(!closed(address.parse().unwrap()), "{address} must be open");
+        }
+    }
+
+    #[test]
+    fn namespace_rules_deny_by_default_and_admit_only_the_host_inbound() {
+        let slot = Slot::new("wr", 3);
+        let rules = namespace_rules(&slot, 4242, &Egress::Closed);
+        // Policies: nothing passes that no rule admits.
+        assert!(rules.contains(":INPUT DROP [0:0]"));
+        assert!(rules.contains(":FORWARD DROP [0:0]"));
+        // NAT as before: slot address to guest, metadata to the agent, guest to slot address.
+        assert!(rules.contains(
+            "-A PREROUTING -i wrg3 -d 10.201.0.3/32 -j DNAT --to-destination 169.254.0.21"
+        ));
+        assert!(rules.contains("--dport 80 -j DNAT --to-destination 10.200.0.13:4242"));
+        assert!(
+            rules.contains(
+                "-A POSTROUTING -o wrg3 -s 169.254.0.21/32 -j SNAT --to-source 10.201.0.3"
+            )
+        );
+        // Anti-spoofing comes before anything that accepts.
+        let spoof = rules
+            .find("-A FORWARD -i tap0 ! -s 169.254.0.21/32 -j DROP")
+            .unwrap();
+        let first_accept = rules.find("-A FORWARD").unwrap();
+        assert_eq!(spoof, first_accept);
+        // Inbound only from the host side of the veth.
+        assert!(
+            rules.contains(
+                "-A FORWARD -i wrg3 -o tap0 -s 10.200.0.13/32 -d 169.254.0.21/32 -j ACCEPT"
+            )
+        );
+        // The MMDS port only, and only as the metadata address.
+        assert!(rules.contains("-d 10.200.0.13/32 -p tcp -m tcp --dport 4242 -m conntrack --ctstate DNAT --ctorigdst 169.254.169.254/32 -j ACCEPT"));
+        assert!(
+            !rules.contains("-d 10.200.0.13/32 -j ACCEPT"),
+            "no open door to the host"
+        );
+        // Closed egress: one DROP, no resolver.
+        assert!(rules.contains("-A wrenn-egress -j DROP\nCOMMIT"));
+        assert!(!rules.contains("--dport 53"));
+    }
+
+    #[test]
+    fn internet_egress_opens_public_addresses_after_closing_special_ones() {
+        let rules = egress_update(&Egress::Internet {
+            resolver: Ipv4Addr::new(10, 0, 0, 2),
+            opened: vec!["192.168.50.0/24".parse().unwrap()],
+        });
+        assert!(rules.starts_with("*filter\n:wrenn-egress - [0:0]\n"));
+        let position = |needle: &str| {
+            rules
+                .find(needle)
+                .unwrap_or_else(|| panic!("{needle} missing from\n{rules}"))
+        };
+        // The resolver and the operator's range come before the closed ranges that hold them.
+        let resolver =
+            position("-A wrenn-egress -d 10.0.0.2/32 -p udp -m udp --dport 53 -j ACCEPT");
+        position("-A wrenn-egress -d 10.0.0.2/32 -p tcp -m tcp --dport 53 -j ACCEPT");
+        let opened = position("-A wrenn-egress -d 192.168.50.0/24 -j ACCEPT");
+        let private = position("-A wrenn-egress -d 10.0.0.0/8 -j DROP");
+        let lan = position("-A wrenn-egress -d 192.168.0.0/16 -j DROP");
+        assert!(resolver < private && opened < lan);
+        for (range, _) in CLOSED_RANGES {
+            position(&format!("-A wrenn-egress -d {range} -j DROP"));
+        }
+        // Public addresses last.
+        assert!(rules.ends_with("-A wrenn-egress -j ACCEPT\nCOMMIT\n"));
+        // Full namespace rules carry the same chain.
+        let full = namespace_rules(&Slot::new("wr", 1), 1, &internet());
+        assert!(full.contains("-A wrenn-egress -d 168.63.129.16/32 -j DROP"));
+    }
+
+    #[test]
+    fn host_chains_cover_exactly_the_agents_slots() {
+        let chains = HostChains::new("wta", 200, 16);
+        assert_eq!(chains.range, "10.201.0.200-10.201.0.215");
+        assert_eq!(chains.input, "wrenn-in-wta");
+        let rules = chains.rules(5555);
+        assert!(rules.contains(":wrenn-in-wta - [0:0]"));
+        assert!(
+            rules.contains("-A wrenn-in-wta -d 10.200.0.0/16 -p tcp -m tcp --dport 5555 -j ACCEPT")
+        );
+        assert!(rules.contains("-A wrenn-in-wta -j DROP"));
+        assert!(rules.contains("-A wrenn-fwd-wta -j DROP"));
+        // The DROPs are each chain's last rule.
+        let input_rules: Vec<&str> = rules
+            .lines()
+            .filter(|l| l.starts_with("-A wrenn-in-wta"))
+            .collect();
+        assert_eq!(input_rules.last(), Some(&"-A wrenn-in-wta -j DROP"));
+        assert_eq!(
+            chains.forward_jump().join(" "),
+            "-m iprange --dst-range 10.201.0.200-10.201.0.215 -j wrenn-fwd-wta"
+        );
+        assert_eq!(
+            HostChains::new("x", 300, 1).range,
+            "10.201.1.44-10.201.1.44"
+        );
+    }
+
+    #[test]
+    fn the_resolver_comes_from_the_kernel_command_line() {
+        assert_eq!(
+            guest_resolver("console=ttyS0 ip=169.254.0.21::169.254.0.22:255.255.255.252::eth0:off"),
+            DEFAULT_GUEST_RESOLVER
+        );
+        assert_eq!(
+            guest_resolver(
+                "ip=169.254.0.21::169.254.0.22:255.255.255.252::eth0:off:10.0.0.2 quiet"
+            ),
+            Ipv4Addr::new(10, 0, 0, 2)
+        );
+        assert_eq!(guest_resolver(""), DEFAULT_GUEST_RESOLVER);
+    }
+
+    #[test]
+    fn ipv6_is_dropped_whole() {
+        let rules = namespace_rules_v6();
+        assert!(rules.contains(":FORWARD DROP") && rules.contains(":INPUT DROP"));
+    }
+}

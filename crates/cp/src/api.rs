@@ -71,6 +71,18 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::quota::QuotaExceeded> for ApiError {
+    fn from(exceeded: crate::quota::QuotaExceeded) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, exceeded.to_string())
+    }
+}
+
+impl From<crate::unsupported::Unsupported> for ApiError {
+    fn from(refused: crate::unsupported::Unsupported) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, refused.to_string())
+    }
+}
+
 impl From<wrenn_agent::AgentError> for ApiError {
     fn from(error: wrenn_agent::AgentError) -> Self {
         use wrenn_agent::AgentError as E;
@@ -103,9 +115,14 @@ pub fn router(plane: Arc<ControlPlane>) -> Router {
         .route("/sandboxes/{id}/connect", post(connect))
         .route("/sandboxes/{id}/resume", post(resume))
         .route("/sandboxes/{id}/metrics", get(metrics))
+        .route(
+            "/sandboxes/{id}/network",
+            axum::routing::put(update_network),
+        )
         .route("/templates", get(list_templates))
         .route("/templates/aliases/{alias}", get(template_alias))
         .route("/hosts", get(list_hosts))
+        .route("/hosts/{name}", axum::routing::delete(forget_host))
         .layer(middleware::from_fn_with_state(plane.clone(), require_key))
         .route("/hosts/register", post(register_host))
         .route("/hosts/{id}/heartbeat", post(host_heartbeat))
@@ -247,6 +264,26 @@ fn body_json<T: for<'de> Deserialize<'de> + Default>(bytes: &[u8]) -> Result<T, 
     })
 }
 
+/// A body as a JSON value (`{}` when empty), for the checks of [`crate::unsupported`].
+fn body_value(bytes: &[u8]) -> Result<Value, ApiError> {
+    body_json::<Option<Value>>(bytes).map(|value| value.unwrap_or_else(|| json!({})))
+}
+
+/// A body read first as a value, checked by `check`, then as `T`.
+fn checked_body<T: for<'de> Deserialize<'de> + Default>(
+    bytes: &[u8],
+    check: impl FnOnce(&Value) -> Result<(), crate::unsupported::Unsupported>,
+) -> Result<T, ApiError> {
+    let value = body_value(bytes)?;
+    check(&value)?;
+    serde_json::from_value(value).map_err(|error| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid request body: {error}"),
+        )
+    })
+}
+
 fn check_timeout(seconds: u64) -> Result<u64, ApiError> {
     if seconds > MAX_TIMEOUT_SECONDS {
         return Err(ApiError::new(
@@ -291,7 +328,7 @@ async fn create_sandbox(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let handler_started = std::time::Instant::now();
-    let request: NewSandbox = body_json(&body)?;
+    let request: NewSandbox = checked_body(&body, crate::unsupported::check_create)?;
     // A retried create (same Idempotency-Key) gets the sandbox the first one made.
     let idempotency = headers
         .get("idempotency-key")
@@ -336,6 +373,11 @@ async fn create_sandbox(
     let allow_internet = request.allow_internet_access.unwrap_or(true) && plane.internet;
     let metadata = request.metadata.unwrap_or_default();
     let env_vars = request.env_vars.unwrap_or_default();
+    // Counted against the team's quotas until its row is written (or the create fails).
+    let disk_mib = plane.fleet.template_disk_mib(&requested);
+    let _admitted = plane
+        .admit(&team.0, crate::quota::Change::Create { disk_mib })
+        .await?;
     // A host that cannot take it (full, or not answering) passes it to the next one.
     let mut excluded = Vec::new();
     let mut agent_time = Duration::ZERO;
@@ -649,7 +691,9 @@ async fn pause(
     State(plane): State<Arc<ControlPlane>>,
     axum::Extension(team): axum::Extension<TeamId>,
     Path(id): Path<String>,
+    body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
+    crate::unsupported::check_memory(&body_value(&body)?)?;
     let row = owned(&plane, &team, &id).await?;
     if row.state == "paused" {
         return Err(ApiError::new(
@@ -667,7 +711,7 @@ async fn connect(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let body: TimeoutBody = body_json(&body)?;
+    let body: TimeoutBody = checked_body(&body, crate::unsupported::check_memory)?;
     let timeout = check_timeout(body.timeout.unwrap_or(15))?;
     let row = owned(&plane, &team, &id).await?;
     let end = now_ms() + timeout as i64 * 1000;
@@ -686,7 +730,7 @@ async fn resume(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let body: TimeoutBody = body_json(&body)?;
+    let body: TimeoutBody = checked_body(&body, crate::unsupported::check_memory)?;
     let timeout = check_timeout(body.timeout.unwrap_or(15))?;
     let row = owned(&plane, &team, &id).await?;
     if row.state == "running" {
@@ -699,6 +743,18 @@ async fn resume(
         .resume(&row, now_ms() + timeout as i64 * 1000, body.auto_pause)
         .await?;
     Ok((StatusCode::CREATED, axum::Json(sandbox_body(&plane, &row))).into_response())
+}
+
+/// `PUT /sandboxes/{id}/network`: refused (400, naming the field), since a sandbox's network
+/// is set at its create and never changed.
+async fn update_network(
+    State(plane): State<Arc<ControlPlane>>,
+    axum::Extension(team): axum::Extension<TeamId>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    owned(&plane, &team, &id).await?;
+    Err(crate::unsupported::check_network_update(&body_value(&body)?).into())
 }
 
 async fn metrics(
@@ -836,11 +892,8 @@ async fn host_heartbeat(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// `GET /hosts`: the fleet, with each host's last report (admin teams only).
-async fn list_hosts(
-    State(plane): State<Arc<ControlPlane>>,
-    axum::Extension(team): axum::Extension<TeamId>,
-) -> Result<Response, ApiError> {
+/// A 403 unless the caller's team is an admin.
+async fn require_admin(plane: &ControlPlane, team: &TeamId) -> Result<(), ApiError> {
     let admin = plane
         .store
         .team_by_id(&team.0)
@@ -849,9 +902,30 @@ async fn list_hosts(
     if !admin {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
-            "only an admin team's key may read the fleet",
+            "only an admin team's key may read or change the fleet",
         ));
     }
+    Ok(())
+}
+
+/// `DELETE /hosts/{name}`: forgets a host that is down, with its sandboxes, so that a new
+/// agent may take its name (admin teams only).
+async fn forget_host(
+    State(plane): State<Arc<ControlPlane>>,
+    axum::Extension(team): axum::Extension<TeamId>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    require_admin(&plane, &team).await?;
+    let sandboxes = plane.fleet.forget_host(&plane.store, &name).await?;
+    Ok(axum::Json(json!({ "forgotten": name, "sandboxes": sandboxes })).into_response())
+}
+
+/// `GET /hosts`: the fleet, with each host's last report (admin teams only).
+async fn list_hosts(
+    State(plane): State<Arc<ControlPlane>>,
+    axum::Extension(team): axum::Extension<TeamId>,
+) -> Result<Response, ApiError> {
+    require_admin(&plane, &team).await?;
     let hosts: Vec<Value> = plane
         .fleet
         .hosts()

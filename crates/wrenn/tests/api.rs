@@ -6,7 +6,10 @@
 //!   through the proxy, and a control-plane restart that loses nothing;
 //! - the fleet: placement over two hosts, drift corrected by the reconcile loop (a sandbox gone
 //!   from its host, an orphan the store does not know), a host that dies marked down with its
-//!   sandboxes lost, and the same host coming back with them.
+//!   sandboxes lost, and the same host coming back with them;
+//! - without VMs, against fake agents registered through the real route: a host that accepts
+//!   connections and never answers delays no other host's timeouts nor the heartbeat watch,
+//!   and a host's name is taken only with its identity (409 otherwise; `wrenn host forget`).
 //!
 //! Needs root, QEMU and the built image; see `support::prerequisites`.
 
@@ -1291,4 +1294,449 @@ async fn fleet_places_reconciles_and_survives_a_dead_host() {
         agent.stop();
         assert_eq!(agent.leftovers(), Vec::<String>::new());
     }
+}
+
+/// A host agent that is not one, for the fleet's failure cases without VMs: it registers
+/// through the real route with the join token (keeping the identity it is given, like an
+/// agent), heartbeats a report with the template `base`, and serves the Connect calls the
+/// control plane makes (binary protobuf) from a table of sandboxes. A `stuck` one accepts
+/// connections and answers nothing but creates.
+struct FakeAgent {
+    address: SocketAddr,
+    name: String,
+    sandboxes: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    /// When each sandbox was destroyed.
+    destroyed: std::sync::Arc<std::sync::Mutex<Vec<(String, Instant)>>>,
+    /// Report every slot in use.
+    full: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    heartbeats: Option<tokio::task::JoinHandle<()>>,
+    identity: Option<wrenn_agent::join::HostIdentity>,
+}
+
+impl FakeAgent {
+    async fn start(name: &str, stuck: bool) -> FakeAgent {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let agent = FakeAgent {
+            address: listener.local_addr().unwrap(),
+            name: name.to_string(),
+            sandboxes: Default::default(),
+            destroyed: Default::default(),
+            full: Default::default(),
+            heartbeats: None,
+            identity: None,
+        };
+        let (sandboxes, destroyed) = (agent.sandboxes.clone(), agent.destroyed.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (sandboxes, destroyed) = (sandboxes.clone(), destroyed.clone());
+                let service = hyper::service::service_fn(
+                    move |request: http::Request<hyper::body::Incoming>| {
+                        let (sandboxes, destroyed) = (sandboxes.clone(), destroyed.clone());
+                        async move {
+                            use http_body_util::BodyExt;
+                            let method = request
+                                .uri()
+                                .path()
+                                .rsplit('/')
+                                .next()
+                                .unwrap_or("")
+                                .to_string();
+                            let body = request.into_body().collect().await.unwrap().to_bytes();
+                            let codec = wrenn_connect::Codec::Proto;
+                            let answer = match method.as_str() {
+                                "CreateSandbox" => {
+                                    let create: pb::CreateSandboxRequest =
+                                        codec.decode(&body).unwrap();
+                                    sandboxes.lock().unwrap().insert(create.sandbox_id);
+                                    codec.encode(&pb::CreateSandboxResponse::default())
+                                }
+                                _ if stuck => std::future::pending().await,
+                                "ListSandboxes" => {
+                                    let listed = sandboxes
+                                        .lock()
+                                        .unwrap()
+                                        .iter()
+                                        .map(|id| pb::Sandbox {
+                                            sandbox_id: id.clone(),
+                                            state: "running".into(),
+                                            created_at_unix_ms: chrono::Utc::now()
+                                                .timestamp_millis(),
+                                            ..Default::default()
+                                        })
+                                        .collect();
+                                    codec.encode(&pb::ListSandboxesResponse { sandboxes: listed })
+                                }
+                                "DestroySandbox" => {
+                                    let destroy: pb::DestroySandboxRequest =
+                                        codec.decode(&body).unwrap();
+                                    sandboxes.lock().unwrap().remove(&destroy.sandbox_id);
+                                    destroyed
+                                        .lock()
+                                        .unwrap()
+                                        .push((destroy.sandbox_id, Instant::now()));
+                                    codec.encode(&pb::DestroySandboxResponse::default())
+                                }
+                                _ => Vec::new(),
+                            };
+                            Ok::<_, std::convert::Infallible>(
+                                http::Response::builder()
+                                    .header("content-type", "application/proto")
+                                    .body(http_body_util::Full::new(bytes::Bytes::from(answer)))
+                                    .unwrap(),
+                            )
+                        }
+                    },
+                );
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+        agent
+    }
+
+    fn report(&self) -> wrenn_agent::join::HostReport {
+        let full = self.full.load(std::sync::atomic::Ordering::SeqCst);
+        wrenn_agent::join::HostReport {
+            cpus: 4,
+            memory_bytes: 16 << 30,
+            memory_available_bytes: 16 << 30,
+            slots_total: 8,
+            slots_in_use: if full { 8 } else { 0 },
+            disk_available_bytes: 1 << 40,
+            templates: vec![wrenn_agent::join::TemplateReport {
+                template_id: "base".into(),
+                memory_mib: 512,
+                vcpus: 1,
+                envd_version: "0.6.4".into(),
+                image_key: String::new(),
+                created_at_ms: 0,
+                disk_size_mb: 2048,
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// One registration under `name` with `identity`: the status and the answer.
+    async fn register_as(
+        &self,
+        server: &Server,
+        name: &str,
+        identity: Option<&wrenn_agent::join::HostIdentity>,
+    ) -> (StatusCode, Value) {
+        let request = wrenn_agent::join::RegisterRequest {
+            name: name.into(),
+            api_url: format!("http://{}", self.address),
+            proxy_address: self.address.to_string(),
+            agent_token: "fake".into(),
+            report: self.report(),
+            identity: identity.cloned(),
+        };
+        let bearer = format!("Bearer {}", server.join_token);
+        let response = wrenn_connect::plain::call(
+            Method::POST,
+            &format!("{}/hosts/register", server.url()),
+            &[
+                ("authorization", &bearer),
+                ("content-type", "application/json"),
+            ],
+            serde_json::to_string(&request).unwrap(),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        (
+            response.status,
+            serde_json::from_slice(&response.body).unwrap_or(Value::Null),
+        )
+    }
+
+    /// Registers under its name (with its identity, once it has one) and heartbeats every
+    /// 200 ms until [`Self::stop_heartbeats`].
+    async fn join(&mut self, server: &Server) {
+        let (status, answer) = self
+            .register_as(server, &self.name.clone(), self.identity.as_ref())
+            .await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        let host_id = answer["hostId"].as_str().unwrap().to_string();
+        if let Some(secret) = answer["hostSecret"].as_str() {
+            self.identity = Some(wrenn_agent::join::HostIdentity {
+                host_id: host_id.clone(),
+                secret: secret.into(),
+            });
+        }
+        let token = answer["heartbeatToken"].as_str().unwrap().to_string();
+        let url = format!("{}/hosts/{host_id}/heartbeat", server.url());
+        let this = FakeAgent {
+            address: self.address,
+            name: self.name.clone(),
+            sandboxes: self.sandboxes.clone(),
+            destroyed: self.destroyed.clone(),
+            full: self.full.clone(),
+            heartbeats: None,
+            identity: None,
+        };
+        self.stop_heartbeats();
+        self.heartbeats = Some(tokio::spawn(async move {
+            loop {
+                let bearer = format!("Bearer {token}");
+                let _ = wrenn_connect::plain::call(
+                    Method::POST,
+                    &url,
+                    &[
+                        ("authorization", &bearer),
+                        ("content-type", "application/json"),
+                    ],
+                    serde_json::to_string(&this.report()).unwrap(),
+                    Duration::from_secs(5),
+                )
+                .await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }));
+        server
+            .wait_host(&self.name, "up", Duration::from_secs(10))
+            .await;
+    }
+
+    fn stop_heartbeats(&mut self) {
+        if let Some(task) = self.heartbeats.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for FakeAgent {
+    fn drop(&mut self) {
+        self.stop_heartbeats();
+    }
+}
+
+/// The API's view of one host.
+async fn host_view(server: &Server, name: &str) -> Value {
+    server
+        .hosts()
+        .await
+        .into_iter()
+        .find(|host| host["name"] == name)
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_never_answers_delays_no_other_hosts_work() {
+    let server = Server::start(None);
+    // The control plane's files are its own (0600 in a 0700 directory).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let cp = server.data_dir().join("cp");
+        let mode =
+            |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&cp), 0o700);
+        for entry in std::fs::read_dir(&cp).unwrap() {
+            let path = entry.unwrap().path();
+            assert_eq!(mode(&path), 0o600, "{}", path.display());
+        }
+    }
+    // A host that takes creates and then never answers again, with two sandboxes that time out
+    // first; then it reports itself full, so that later creates go elsewhere.
+    let mut slow = FakeAgent::start("slow", true).await;
+    slow.join(&server).await;
+    let mut stuck_ids = Vec::new();
+    for _ in 0..2 {
+        let created = server
+            .create(json!({"templateID": "base", "timeout": 1}))
+            .await;
+        stuck_ids.push(created["sandboxID"].as_str().unwrap().to_string());
+    }
+    assert_eq!(slow.sandboxes.lock().unwrap().len(), 2);
+    slow.full.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_until(
+        "the slow host to report itself full",
+        Duration::from_secs(5),
+        async || host_view(&server, "slow").await["report"]["slotsInUse"] == 8,
+    )
+    .await;
+
+    // A healthy host: its sandboxes end on time although the slow host's kills (and its
+    // reconciles) hang.
+    let mut quick = FakeAgent::start("quick", false).await;
+    quick.join(&server).await;
+    let mut quick_ids = Vec::new();
+    for _ in 0..3 {
+        let created = server
+            .create(json!({"templateID": "base", "timeout": 2}))
+            .await;
+        quick_ids.push(created["sandboxID"].as_str().unwrap().to_string());
+    }
+    let ends = Instant::now() + Duration::from_secs(2);
+    assert_eq!(
+        quick
+            .sandboxes
+            .lock()
+            .unwrap()
+            .iter()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>(),
+        quick_ids.iter().cloned().collect(),
+        "the slow host is full: every create went to the quick one"
+    );
+    wait_until(
+        "the quick host's sandboxes to be killed",
+        Duration::from_secs(10),
+        async || quick.sandboxes.lock().unwrap().is_empty(),
+    )
+    .await;
+    for (id, at) in quick.destroyed.lock().unwrap().iter() {
+        let late = at.saturating_duration_since(ends);
+        assert!(
+            late < Duration::from_secs(4),
+            "{id} was killed {late:?} after its end"
+        );
+    }
+    for id in &quick_ids {
+        let (status, _) = server
+            .call(Method::GET, &format!("/sandboxes/{id}"), Value::Null)
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+    // The slow host's sandboxes are still there: their kills wait on their deadline.
+    for id in &stuck_ids {
+        let (status, body) = server
+            .call(Method::GET, &format!("/sandboxes/{id}"), Value::Null)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    // The heartbeat watch is not held up by the slow host's reconciles: a silent host goes
+    // down on time (down after 3 s).
+    quick.stop_heartbeats();
+    let silent = Instant::now();
+    server
+        .wait_host("quick", "down", Duration::from_secs(8))
+        .await;
+    assert!(
+        silent.elapsed() < Duration::from_secs(7),
+        "{:?}",
+        silent.elapsed()
+    );
+    assert_eq!(host_view(&server, "slow").await["state"], "up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hosts_name_is_taken_only_with_its_identity() {
+    let server = Server::start(None);
+    let mut owner = FakeAgent::start("owned", false).await;
+    owner.join(&server).await;
+    let identity = owner
+        .identity
+        .clone()
+        .expect("a first registration gives an identity");
+    let created = server
+        .create(json!({"templateID": "base", "timeout": 300}))
+        .await;
+    let id = created["sandboxID"].as_str().unwrap().to_string();
+    let before = host_view(&server, "owned").await;
+
+    // A second agent under the live host's name, with no identity or a wrong one: 409, and
+    // nothing of the host changes (its address, its heartbeats, its sandbox).
+    let intruder = FakeAgent::start("intruder", false).await;
+    let forged = wrenn_agent::join::HostIdentity {
+        host_id: identity.host_id.clone(),
+        secret: "guess".into(),
+    };
+    for claim in [None, Some(&forged)] {
+        let (status, answer) = intruder.register_as(&server, "owned", claim).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+        assert!(
+            answer["message"]
+                .as_str()
+                .unwrap()
+                .contains("is up under another identity"),
+            "{answer}"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = host_view(&server, "owned").await;
+    assert_eq!(after["hostID"], before["hostID"]);
+    assert_eq!(after["apiURL"], before["apiURL"]);
+    assert_eq!(after["state"], "up", "the owner's heartbeats still count");
+    let (status, body) = server
+        .call(Method::GET, &format!("/sandboxes/{id}"), Value::Null)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(owner.sandboxes.lock().unwrap().len(), 1);
+    assert!(intruder.sandboxes.lock().unwrap().is_empty());
+
+    // Down: still not the intruder's; its own agent takes it back, with its sandbox.
+    owner.stop_heartbeats();
+    server
+        .wait_host("owned", "down", Duration::from_secs(8))
+        .await;
+    let (status, answer) = intruder.register_as(&server, "owned", None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("wrenn host forget owned"),
+        "{answer}"
+    );
+    // An identity is one host's: it cannot register under another name.
+    let (status, answer) = intruder
+        .register_as(&server, "renamed", Some(&identity))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    owner.join(&server).await;
+    assert_eq!(
+        owner.identity.as_ref(),
+        Some(&identity),
+        "the identity is kept, not renewed"
+    );
+    wait_until(
+        "the sandbox to come back",
+        Duration::from_secs(10),
+        async || {
+            let (_, body) = server
+                .call(Method::GET, &format!("/sandboxes/{id}"), Value::Null)
+                .await;
+            body["state"] == "running"
+        },
+    )
+    .await;
+
+    // Replaced for good: forgetting needs an admin key and a down host; then the name is free.
+    let other_key = server.key_of_team("not-admin");
+    let (status, _, _) = server
+        .call_with(Method::DELETE, "/hosts/owned", Some(&other_key), "")
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) = server
+        .call(Method::DELETE, "/hosts/owned", Value::Null)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "an up host is not forgotten: {body}"
+    );
+    owner.stop_heartbeats();
+    server
+        .wait_host("owned", "down", Duration::from_secs(8))
+        .await;
+    let (code, out, err) = wrenn_cli(&server, &["host", "forget", "owned", "--json"], "").await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["sandboxes"],
+        1,
+        "{out}"
+    );
+    let (status, _) = server
+        .call(Method::GET, &format!("/sandboxes/{id}"), Value::Null)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, answer) = intruder.register_as(&server, "owned", None).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_ne!(answer["hostId"], json!(identity.host_id), "a new identity");
+    assert!(answer["hostSecret"].is_string());
 }

@@ -32,6 +32,8 @@ pub const MAX_TIMEOUT_SECONDS: u64 = 24 * 3600;
 pub struct ApiError {
     status: StatusCode,
     message: String,
+    /// Sent as `Should-Retry` (the SDKs retry a 429, 502, 503 or 504 unless told not to).
+    should_retry: Option<bool>,
 }
 
 impl ApiError {
@@ -39,7 +41,13 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            should_retry: None,
         }
+    }
+    /// Tells clients that trying again will not help (a limit, not a passing state).
+    pub fn final_answer(mut self) -> Self {
+        self.should_retry = Some(false);
+        self
     }
     fn not_found(id: &str) -> Self {
         Self::new(StatusCode::NOT_FOUND, format!("sandbox \"{id}\" not found"))
@@ -60,7 +68,14 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({ "code": self.status.as_u16(), "message": self.message });
-        (self.status, axum::Json(body)).into_response()
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(retry) = self.should_retry {
+            response.headers_mut().insert(
+                "should-retry",
+                HeaderValue::from_static(if retry { "true" } else { "false" }),
+            );
+        }
+        response
     }
 }
 
@@ -73,7 +88,8 @@ impl From<StoreError> for ApiError {
 
 impl From<crate::quota::QuotaExceeded> for ApiError {
     fn from(exceeded: crate::quota::QuotaExceeded) -> Self {
-        Self::new(StatusCode::TOO_MANY_REQUESTS, exceeded.to_string())
+        // A quota holds until the team frees something: retrying does not help.
+        Self::new(StatusCode::TOO_MANY_REQUESTS, exceeded.to_string()).final_answer()
     }
 }
 

@@ -1740,3 +1740,96 @@ async fn a_hosts_name_is_taken_only_with_its_identity() {
     assert_ne!(answer["hostId"], json!(identity.host_id), "a new identity");
     assert!(answer["hostSecret"].is_string());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_cannot_take_a_hosts_name() {
+    if prerequisites().is_none() {
+        return;
+    }
+    let server = Server::start(None);
+    let mut owner = joined_agent(&server, "wida", 1500, "ident-a").await;
+    // The agent keeps the identity it was given, privately.
+    let identity_file = owner.data_dir().join(wrenn_agent::join::IDENTITY_FILE);
+    let kept = wrenn_agent::join::read_identity(&identity_file)
+        .unwrap()
+        .expect("the identity is kept");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&identity_file)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    let created = server
+        .create(json!({"templateID": "base", "timeout": 300}))
+        .await;
+    let id = created["sandboxID"].as_str().unwrap().to_string();
+    let before = host_view(&server, "ident-a").await;
+    assert_eq!(before["hostID"], json!(kept.host_id));
+
+    // A second real agent under the same name keeps being refused (409): the host, its
+    // heartbeats and its sandbox are untouched, up and down.
+    let mut intruder =
+        Agent::start_joined("widb", 1520, &server.url(), &server.join_token, "ident-a");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = host_view(&server, "ident-a").await;
+    assert_eq!(
+        (&after["hostID"], &after["apiURL"], &after["state"]),
+        (&before["hostID"], &before["apiURL"], &json!("up"))
+    );
+    assert!(
+        !intruder
+            .data_dir()
+            .join(wrenn_agent::join::IDENTITY_FILE)
+            .exists(),
+        "the intruder was given no identity"
+    );
+    assert_eq!(agent_sandboxes(&owner).await, vec![id.clone()]);
+    let ran = run_via_proxy(server.proxy, &id, None, "echo intact").await;
+    assert_eq!(ran.stdout.trim(), "intact", "{ran:?}");
+
+    owner.kill();
+    server
+        .wait_host("ident-a", "down", Duration::from_secs(15))
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let down = host_view(&server, "ident-a").await;
+    assert_eq!(
+        (&down["state"], &down["apiURL"]),
+        (&json!("down"), &before["apiURL"]),
+        "a down host is not the intruder's either"
+    );
+    // Its own agent, restarted, takes it back with the kept identity, and the sandbox with it.
+    owner.spawn();
+    server
+        .wait_host("ident-a", "up", Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        wrenn_agent::join::read_identity(&identity_file).unwrap(),
+        Some(kept)
+    );
+    wait_until(
+        "the sandbox to come back",
+        Duration::from_secs(15),
+        async || {
+            let (_, detail) = server
+                .call(Method::GET, &format!("/sandboxes/{id}"), Value::Null)
+                .await;
+            detail["state"] == "running"
+        },
+    )
+    .await;
+    let ran = run_via_proxy(server.proxy, &id, None, "echo back").await;
+    assert_eq!(ran.stdout.trim(), "back", "{ran:?}");
+
+    let (status, _) = server
+        .call(Method::DELETE, &format!("/sandboxes/{id}"), Value::Null)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    for agent in [&mut owner, &mut intruder] {
+        agent.stop();
+        assert_eq!(agent.leftovers(), Vec::<String>::new());
+    }
+}

@@ -179,8 +179,9 @@ async fn embedded<T: Send + 'static>(
 impl AgentLink {
     /// A link to a separate agent.
     pub async fn remote(api_url: &str, proxy: &str, token: &str) -> Result<AgentLink, String> {
-        let proxy = tokio::net::lookup_host(proxy)
+        let proxy = tokio::time::timeout(deadlines::CONNECT, tokio::net::lookup_host(proxy))
             .await
+            .map_err(|_| format!("resolving the agent's proxy address {proxy:?} took too long"))?
             .map_err(|e| format!("cannot resolve the agent's proxy address {proxy:?}: {e}"))?
             .next()
             .ok_or_else(|| format!("the agent's proxy address {proxy:?} resolves to nothing"))?;

@@ -34,10 +34,16 @@ struct Server {
     database_url: Option<String>,
     join_token: String,
     key: String,
+    /// More arguments of `wrenn server`.
+    extra_args: Vec<String>,
 }
 
 impl Server {
     fn start(database_url: Option<String>) -> Server {
+        Self::start_with(database_url, &[])
+    }
+
+    fn start_with(database_url: Option<String>, extra_args: &[&str]) -> Server {
         let mut server = Server {
             child: None,
             data: tempfile::tempdir().unwrap(),
@@ -46,6 +52,7 @@ impl Server {
             database_url,
             join_token: format!("join-{}", free_port()),
             key: String::new(),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         server.spawn();
         server.key = std::fs::read_to_string(server.data.path().join("cp/initial-api-key"))
@@ -73,6 +80,7 @@ impl Server {
             .args(["--down-after-ms", "3000"])
             .args(["--reconcile-interval-secs", "2"])
             .args(["--orphan-grace-secs", "3"])
+            .args(&self.extra_args)
             .env("WRENN_JOIN_TOKEN", &self.join_token)
             .env_remove("DATABASE_URL")
             .stdin(Stdio::null())
@@ -1305,6 +1313,8 @@ struct FakeAgent {
     address: SocketAddr,
     name: String,
     sandboxes: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    /// Those of them paused.
+    paused: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
     /// When each sandbox was destroyed.
     destroyed: std::sync::Arc<std::sync::Mutex<Vec<(String, Instant)>>>,
     /// Report every slot in use.
@@ -1320,19 +1330,23 @@ impl FakeAgent {
             address: listener.local_addr().unwrap(),
             name: name.to_string(),
             sandboxes: Default::default(),
+            paused: Default::default(),
             destroyed: Default::default(),
             full: Default::default(),
             heartbeats: None,
             identity: None,
         };
         let (sandboxes, destroyed) = (agent.sandboxes.clone(), agent.destroyed.clone());
+        let paused = agent.paused.clone();
         tokio::spawn(async move {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
                 let (sandboxes, destroyed) = (sandboxes.clone(), destroyed.clone());
+                let paused = paused.clone();
                 let service = hyper::service::service_fn(
                     move |request: http::Request<hyper::body::Incoming>| {
                         let (sandboxes, destroyed) = (sandboxes.clone(), destroyed.clone());
+                        let paused = paused.clone();
                         async move {
                             use http_body_util::BodyExt;
                             let method = request
@@ -1359,7 +1373,11 @@ impl FakeAgent {
                                         .iter()
                                         .map(|id| pb::Sandbox {
                                             sandbox_id: id.clone(),
-                                            state: "running".into(),
+                                            state: if paused.lock().unwrap().contains(id) {
+                                                "paused".into()
+                                            } else {
+                                                "running".into()
+                                            },
                                             created_at_unix_ms: chrono::Utc::now()
                                                 .timestamp_millis(),
                                             ..Default::default()
@@ -1376,6 +1394,18 @@ impl FakeAgent {
                                         .unwrap()
                                         .push((destroy.sandbox_id, Instant::now()));
                                     codec.encode(&pb::DestroySandboxResponse::default())
+                                }
+                                "PauseSandbox" => {
+                                    let pause: pb::PauseSandboxRequest =
+                                        codec.decode(&body).unwrap();
+                                    paused.lock().unwrap().insert(pause.sandbox_id);
+                                    codec.encode(&pb::PauseSandboxResponse::default())
+                                }
+                                "ResumeSandbox" => {
+                                    let resume: pb::ResumeSandboxRequest =
+                                        codec.decode(&body).unwrap();
+                                    paused.lock().unwrap().remove(&resume.sandbox_id);
+                                    codec.encode(&pb::ResumeSandboxResponse::default())
                                 }
                                 _ => Vec::new(),
                             };
@@ -1473,6 +1503,7 @@ impl FakeAgent {
             address: self.address,
             name: self.name.clone(),
             sandboxes: self.sandboxes.clone(),
+            paused: self.paused.clone(),
             destroyed: self.destroyed.clone(),
             full: self.full.clone(),
             heartbeats: None,
@@ -1832,4 +1863,171 @@ async fn a_second_agent_cannot_take_a_hosts_name() {
         agent.stop();
         assert_eq!(agent.leftovers(), Vec::<String>::new());
     }
+}
+
+async fn post(
+    server: &Server,
+    key: &str,
+    path: &str,
+    body: &str,
+) -> (StatusCode, Value, http::HeaderMap) {
+    server.call_with(Method::POST, path, Some(key), body).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_and_refused_settings_through_the_real_api() {
+    let server = Server::start_with(
+        None,
+        &[
+            "--quota-running",
+            "2",
+            "--quota-paused",
+            "1",
+            "--quota-disk-gib",
+            "6",
+        ],
+    );
+    let mut host = FakeAgent::start("quota-host", false).await;
+    host.join(&server).await;
+    let key = server.key_of_team("limited");
+
+    // Settings wrenn does not enforce: 400 naming the field, and nothing is created.
+    for (body, field) in [
+        (
+            json!({"templateID": "base", "network": {"allowOut": ["1.1.1.1"]}}),
+            "network.allowOut",
+        ),
+        (
+            json!({"templateID": "base", "volumeMounts": [{"name": "v", "path": "/v"}]}),
+            "volumeMounts",
+        ),
+        (
+            json!({"templateID": "base", "autoPause": true, "autoPauseMemory": false}),
+            "autoPauseMemory",
+        ),
+    ] {
+        let (status, answer, _) = server
+            .call_with(Method::POST, "/v2/sandboxes", Some(&key), &body.to_string())
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        assert!(
+            answer["message"].as_str().unwrap().starts_with(field),
+            "{answer}"
+        );
+    }
+    assert!(host.sandboxes.lock().unwrap().is_empty());
+
+    // Six creates at once for a team allowed two running: exactly two are made.
+    let body =
+        json!({"templateID": "base", "timeout": 300, "network": {"allowOut": [], "denyOut": []},
+        "mcp": null, "volumeMounts": [], "autoPauseMemory": true})
+        .to_string();
+    let attempts =
+        (0..6).map(|_| server.call_with(Method::POST, "/v2/sandboxes", Some(&key), &body));
+    let answers = futures_util::future::join_all(attempts).await;
+    let mut made = Vec::new();
+    for (status, answer, headers) in answers {
+        match status {
+            StatusCode::CREATED => made.push(answer["sandboxID"].as_str().unwrap().to_string()),
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert_eq!(
+                    answer["message"],
+                    "team limited has 2 running sandboxes, the limit: kill or pause one first"
+                );
+                assert_eq!(headers["should-retry"], "false");
+            }
+            other => panic!("{other}: {answer}"),
+        }
+    }
+    assert_eq!(made.len(), 2, "{made:?}");
+    assert_eq!(host.sandboxes.lock().unwrap().len(), 2);
+    // Another team has limits of its own.
+    let other = server
+        .create(json!({"templateID": "base", "timeout": 300}))
+        .await;
+
+    // A pause without memory is refused; one pause fits the paused limit, a second does not.
+    let (status, answer, _) = post(
+        &server,
+        &key,
+        &format!("/sandboxes/{}/pause", made[0]),
+        r#"{"memory": false}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert!(answer["message"].as_str().unwrap().starts_with("memory"));
+    let (status, answer, _) = post(
+        &server,
+        &key,
+        &format!("/sandboxes/{}/pause", made[0]),
+        r#"{"memory": true}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{answer}");
+    let (status, answer, _) =
+        post(&server, &key, &format!("/sandboxes/{}/pause", made[1]), "").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("1 paused sandboxes, the limit"),
+        "{answer}"
+    );
+    // Disk: a running sandbox counts its template's 2 GiB, a paused one also its 512 MiB of
+    // memory: 4608 MiB held, and 2048 more would pass 6 GiB.
+    let (status, answer, _) = server
+        .call_with(Method::POST, "/sandboxes", Some(&key), &body)
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{answer}");
+    assert_eq!(
+        answer["message"],
+        "team limited's sandboxes hold 4608 MiB of disk; 2048 MiB more would pass the limit of 6144 MiB"
+    );
+    // Connect with memory: false is refused; a plain one resumes (running 2 of 2 again), and
+    // the network of a sandbox cannot be changed.
+    let (status, _, _) = post(
+        &server,
+        &key,
+        &format!("/sandboxes/{}/connect", made[0]),
+        r#"{"timeout": 60, "memory": false}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, answer, _) = post(
+        &server,
+        &key,
+        &format!("/sandboxes/{}/connect", made[0]),
+        r#"{"timeout": 60}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    let (status, answer, _) = server
+        .call_with(
+            Method::PUT,
+            &format!("/sandboxes/{}/network", made[0]),
+            Some(&key),
+            r#"{"allowOut": ["10.0.0.0/8"]}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert!(
+        answer["message"].as_str().unwrap().contains("allowOut"),
+        "{answer}"
+    );
+    // Killing one frees its slot.
+    let (status, _, _) = server
+        .call_with(
+            Method::DELETE,
+            &format!("/sandboxes/{}", made[1]),
+            Some(&key),
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, answer, _) = server
+        .call_with(Method::POST, "/sandboxes", Some(&key), &body)
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    drop(other);
 }

@@ -1817,7 +1817,11 @@ async fn a_second_agent_cannot_take_a_hosts_name() {
             .exists(),
         "the intruder was given no identity"
     );
-    assert_eq!(agent_sandboxes(&owner).await, vec![id.clone()]);
+    let on_owner = agent_sandboxes(&owner).await;
+    if on_owner != vec![id.clone()] {
+        let detail = owner.get(&id).await;
+        panic!("the owner runs {on_owner:?}, not [{id}]: {detail:?}");
+    }
     let ran = run_via_proxy(server.proxy, &id, None, "echo intact").await;
     assert_eq!(ran.stdout.trim(), "intact", "{ran:?}");
 

@@ -2035,3 +2035,51 @@ async fn quotas_and_refused_settings_through_the_real_api() {
     assert_eq!(status, StatusCode::CREATED, "{answer}");
     drop(other);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_takes_its_api_key_from_a_file() {
+    let server = Server::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("key");
+    std::fs::write(&key_file, format!("{}\n", server.key)).unwrap();
+    let run = |args: Vec<String>, env_key: Option<&str>| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_wrenn"));
+        command
+            .args(&args)
+            .env("WRENN_API_URL", server.url())
+            .env_remove("WRENN_API_KEY")
+            .env_remove("E2B_API_KEY");
+        if let Some(key) = env_key {
+            command.env("WRENN_API_KEY", key);
+        }
+        command.output().unwrap()
+    };
+    let file_arg = key_file.display().to_string();
+    let listed = run(
+        vec![
+            "host".into(),
+            "list".into(),
+            "--json".into(),
+            "--api-key-file".into(),
+            file_arg.clone(),
+        ],
+        None,
+    );
+    assert!(listed.status.success(), "{listed:?}");
+    let fleet: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(fleet["placement"], "least-loaded");
+    let both = run(
+        vec![
+            "host".into(),
+            "list".into(),
+            "--api-key-file".into(),
+            file_arg,
+        ],
+        Some(&server.key),
+    );
+    assert!(!both.status.success());
+    assert!(
+        String::from_utf8_lossy(&both.stderr).contains("not both"),
+        "{both:?}"
+    );
+}

@@ -13,6 +13,10 @@ import urllib.request
 import pytest
 
 
+# The running-sandbox limit of every team (test_quota_* fills a team of its own up to it).
+QUOTA_RUNNING = 5
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -44,6 +48,8 @@ class Wrenn:
                 "--mmds-port", str(self.mmds_port),
                 "--no-internet", "--accel", "tcg", "--slot-prefix", "wup",
                 "--first-slot", "600", "--slots", "32", "--stop-sandboxes-on-exit",
+                # Per team; the other tests never hold more than 4 running sandboxes at once.
+                "--quota-running", str(QUOTA_RUNNING),
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,

@@ -9,7 +9,12 @@ import time
 
 import pytest
 from e2b import Sandbox, SandboxQuery
-from e2b.exceptions import AuthenticationException, NotFoundException
+from e2b.exceptions import (
+    AuthenticationException,
+    NotFoundException,
+    RateLimitException,
+    SandboxException,
+)
 
 
 def test_create_run_files_info_and_kill(wrenn):
@@ -245,3 +250,50 @@ def test_a_crashed_control_plane_restarts_without_losing_a_running_sandbox(wrenn
         assert sandbox.commands.run("echo alive").stdout == "alive\n"
     finally:
         Sandbox.kill(sandbox.sandbox_id)
+
+
+def test_settings_wrenn_does_not_enforce_are_refused_by_name(wrenn):
+    # The SDK sends network egress lists, volume mounts and MCP as the API's fields; wrenn does
+    # not enforce them, so it refuses them (400) rather than ignore them.
+    refused = [
+        ({"network": {"allow_out": ["1.1.1.1"]}}, "network.allowOut"),
+        ({"network": {"deny_out": ["0.0.0.0/0"]}}, "network.denyOut"),
+        ({"network": {"mask_request_host": "${PORT}-x.example.com"}}, "network.maskRequestHost"),
+        ({"mcp": {"github": {"githubPersonalAccessToken": "x"}}}, "mcp"),
+        ({"lifecycle": {"on_timeout": {"action": "pause", "mode": "filesystem"}}}, "autoPauseMemory"),
+    ]
+    for options, field in refused:
+        with pytest.raises(SandboxException) as raised:
+            Sandbox.create(timeout=30, **options)
+        assert "400" in str(raised.value) and field in str(raised.value), (options, raised.value)
+    # What the SDK sends when nothing is asked for still works, and so does what wrenn enforces.
+    sandbox = Sandbox.create(timeout=60, network={"allow_public_traffic": True}, allow_internet_access=False)
+    try:
+        assert sandbox.commands.run("echo plain").stdout == "plain\n"
+        with pytest.raises(SandboxException) as raised:
+            sandbox.pause(mode="filesystem")
+        assert "memory" in str(raised.value), raised.value
+        assert Sandbox.get_info(sandbox.sandbox_id).state.value == "running"
+    finally:
+        sandbox.kill()
+
+
+def test_quota_refuses_the_create_past_a_teams_running_limit(wrenn):
+    from conftest import QUOTA_RUNNING
+
+    key = wrenn.new_team_key("quota-team")
+    held = [Sandbox.create(timeout=120, api_key=key) for _ in range(QUOTA_RUNNING)]
+    try:
+        started = time.time()
+        with pytest.raises(RateLimitException) as raised:
+            Sandbox.create(timeout=120, api_key=key)
+        assert f"team quota-team has {QUOTA_RUNNING} running sandboxes, the limit" in str(raised.value)
+        assert time.time() - started < 10, "a limit is a final answer: the SDK does not retry it"
+        # Another team is not affected, and a freed slot can be used again.
+        other = Sandbox.create(timeout=60)
+        other.kill()
+        held.pop().kill()
+        held.append(Sandbox.create(timeout=120, api_key=key))
+    finally:
+        for sandbox in held:
+            sandbox.kill()

@@ -2,7 +2,14 @@
 //! the registration and heartbeat messages, and [`run`], the loop that registers with a join
 //! token and then heartbeats the host's capacity, registering again whenever the control plane
 //! has forgotten the host (a 404) or the heartbeat token stops working (a 401).
+//!
+//! **Identity**: at its first registration the control plane gives the host an identity (its
+//! host id and a secret), which the agent keeps in its data directory ([`IDENTITY_FILE`],
+//! written atomically, 0600) and presents at every later registration, across restarts. The
+//! control plane refuses (409) a registration that claims a known host's name without that
+//! host's identity, so a second agent cannot take over a live host, nor a dead one's name.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,11 +53,23 @@ pub struct HostReport {
     pub templates: Vec<TemplateReport>,
 }
 
+/// The file, in the agent's data directory, that holds its [`HostIdentity`].
+pub const IDENTITY_FILE: &str = "host-identity.json";
+
+/// Who a host is to the control plane it joined: given at its first registration, kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostIdentity {
+    pub host_id: String,
+    pub secret: String,
+}
+
 /// What an agent sends to register (`POST /hosts/register`, bearer: the join token).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RegisterRequest {
-    /// The host's name, unique in the fleet: registering again under it replaces the old entry.
+    /// The host's name, unique in the fleet: only the agent holding the host's identity may
+    /// register under it again.
     pub name: String,
     /// The agent's Connect API (`http://host:port`), reachable from the control plane.
     pub api_url: String,
@@ -59,6 +78,9 @@ pub struct RegisterRequest {
     /// The bearer token of the agent's API and proxy.
     pub agent_token: String,
     pub report: HostReport,
+    /// The identity the control plane gave this host before; none at a first registration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<HostIdentity>,
 }
 
 /// The control plane's answer to a registration.
@@ -69,6 +91,9 @@ pub struct RegisterResponse {
     /// The bearer token of this host's heartbeats.
     pub heartbeat_token: String,
     pub heartbeat_interval_ms: u64,
+    /// A new identity's secret (with `host_id`): given when the host had none, to be kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_secret: Option<String>,
 }
 
 fn meminfo_kib(meminfo: &str, key: &str) -> u64 {
@@ -143,17 +168,56 @@ pub struct JoinConfig {
     pub api_url: String,
     pub proxy_address: String,
     pub agent_token: String,
+    /// Where the host's identity is kept (`<data>/`[`IDENTITY_FILE`]).
+    pub identity_file: PathBuf,
 }
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The identity kept in `file`, if there is one.
+pub fn read_identity(file: &Path) -> Result<Option<HostIdentity>, String> {
+    match std::fs::read(file) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|error| {
+            format!(
+                "the host identity in {} is unreadable ({error}): restore it, or remove it to join as a new host",
+                file.display()
+            )
+        }),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(format!("reading {}: {error}", file.display())),
+    }
+}
+
+/// Keeps `identity` in `file`: written beside it (0600), synced, renamed over it, and the
+/// directory synced, so that a crash leaves the old identity or the new one, never a torn one.
+pub fn write_identity(file: &Path, identity: &HostIdentity) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = file.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let temporary = file.with_extension("json.tmp");
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&temporary)?;
+    out.write_all(&serde_json::to_vec_pretty(identity).map_err(std::io::Error::other)?)?;
+    out.sync_all()?;
+    drop(out);
+    std::fs::rename(&temporary, file)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
 async fn register(config: &JoinConfig, manager: &Manager) -> Result<RegisterResponse, String> {
+    let identity = read_identity(&config.identity_file)?;
     let request = RegisterRequest {
         name: config.name.clone(),
         api_url: config.api_url.clone(),
         proxy_address: config.proxy_address.clone(),
         agent_token: config.agent_token.clone(),
         report: report(manager),
+        identity,
     };
     let body = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
     let bearer = format!("Bearer {}", config.join_token);
@@ -176,8 +240,22 @@ async fn register(config: &JoinConfig, manager: &Manager) -> Result<RegisterResp
             response.text()
         ));
     }
-    serde_json::from_slice(&response.body)
-        .map_err(|e| format!("the control plane's answer is not a registration: {e}"))
+    let answer: RegisterResponse = serde_json::from_slice(&response.body)
+        .map_err(|e| format!("the control plane's answer is not a registration: {e}"))?;
+    if let Some(secret) = &answer.host_secret {
+        let identity = HostIdentity {
+            host_id: answer.host_id.clone(),
+            secret: secret.clone(),
+        };
+        write_identity(&config.identity_file, &identity).map_err(|error| {
+            format!(
+                "cannot keep the host identity in {}: {error}",
+                config.identity_file.display()
+            )
+        })?;
+        tracing::info!(host = %answer.host_id, file = %config.identity_file.display(), "host identity kept");
+    }
+    Ok(answer)
 }
 
 /// Registers, then heartbeats until `shutdown` resolves. Failures are logged and retried with a
@@ -276,6 +354,35 @@ mod tests {
         let report: HostReport = serde_json::from_str(r#"{"cpus":4,"templates":[]}"#).unwrap();
         assert_eq!(report.cpus, 4);
         assert_eq!(report.slots_total, 0);
+    }
+
+    #[test]
+    fn identities_are_kept_private_and_read_back() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent").join(IDENTITY_FILE);
+        assert_eq!(read_identity(&file), Ok(None));
+        let identity = HostIdentity {
+            host_id: "h1".into(),
+            secret: "s".into(),
+        };
+        write_identity(&file, &identity).unwrap();
+        assert_eq!(read_identity(&file), Ok(Some(identity.clone())));
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let newer = HostIdentity {
+            secret: "t".into(),
+            ..identity
+        };
+        write_identity(&file, &newer).unwrap();
+        assert_eq!(read_identity(&file), Ok(Some(newer)));
+        assert_eq!(
+            std::fs::read_dir(file.parent().unwrap()).unwrap().count(),
+            1,
+            "no temporary left"
+        );
+        std::fs::write(&file, "{").unwrap();
+        assert!(read_identity(&file).unwrap_err().contains("remove it"));
     }
 
     #[test]

@@ -27,26 +27,43 @@ pub enum HttpVersion {
 #[derive(Debug, Clone)]
 pub struct ConnectClient {
     base_url: String,
+    version: HttpVersion,
     codec: Codec,
     headers: HeaderMap,
     http: Client<HttpConnector, Full<Bytes>>,
 }
 
+fn http_client(
+    version: HttpVersion,
+    connect_timeout: Option<Duration>,
+) -> Client<HttpConnector, Full<Bytes>> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(connect_timeout);
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder.pool_idle_timeout(Duration::from_secs(30));
+    if version == HttpVersion::Http2 {
+        builder.http2_only(true);
+    }
+    builder.build(connector)
+}
+
 impl ConnectClient {
     pub fn new(base_url: impl Into<String>, version: HttpVersion, codec: Codec) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder.pool_idle_timeout(Duration::from_secs(30));
-        if version == HttpVersion::Http2 {
-            builder.http2_only(true);
-        }
         ConnectClient {
             base_url: base_url.into().trim_end_matches('/').to_owned(),
+            version,
             codec,
             headers: HeaderMap::new(),
-            http: builder.build(connector),
+            http: http_client(version, None),
         }
+    }
+
+    /// The same client, giving up on a connection not made within `timeout` (without it, the
+    /// operating system's own connect timeout applies: minutes).
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.http = http_client(self.version, Some(timeout));
+        self
     }
 
     /// Adds a header sent with every call (e.g. `X-Access-Token`).

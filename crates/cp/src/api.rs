@@ -32,6 +32,8 @@ pub const MAX_TIMEOUT_SECONDS: u64 = 24 * 3600;
 pub struct ApiError {
     status: StatusCode,
     message: String,
+    /// Sent as `Should-Retry` (the SDKs retry a 429, 502, 503 or 504 unless told not to).
+    should_retry: Option<bool>,
 }
 
 impl ApiError {
@@ -39,7 +41,13 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            should_retry: None,
         }
+    }
+    /// Tells clients that trying again will not help (a limit, not a passing state).
+    pub fn final_answer(mut self) -> Self {
+        self.should_retry = Some(false);
+        self
     }
     fn not_found(id: &str) -> Self {
         Self::new(StatusCode::NOT_FOUND, format!("sandbox \"{id}\" not found"))
@@ -60,7 +68,14 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({ "code": self.status.as_u16(), "message": self.message });
-        (self.status, axum::Json(body)).into_response()
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(retry) = self.should_retry {
+            response.headers_mut().insert(
+                "should-retry",
+                HeaderValue::from_static(if retry { "true" } else { "false" }),
+            );
+        }
+        response
     }
 }
 
@@ -68,6 +83,19 @@ impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         tracing::error!(%error, "store failure");
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "the store failed")
+    }
+}
+
+impl From<crate::quota::QuotaExceeded> for ApiError {
+    fn from(exceeded: crate::quota::QuotaExceeded) -> Self {
+        // A quota holds until the team frees something: retrying does not help.
+        Self::new(StatusCode::TOO_MANY_REQUESTS, exceeded.to_string()).final_answer()
+    }
+}
+
+impl From<crate::unsupported::Unsupported> for ApiError {
+    fn from(refused: crate::unsupported::Unsupported) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, refused.to_string())
     }
 }
 
@@ -103,9 +131,14 @@ pub fn router(plane: Arc<ControlPlane>) -> Router {
         .route("/sandboxes/{id}/connect", post(connect))
         .route("/sandboxes/{id}/resume", post(resume))
         .route("/sandboxes/{id}/metrics", get(metrics))
+        .route(
+            "/sandboxes/{id}/network",
+            axum::routing::put(update_network),
+        )
         .route("/templates", get(list_templates))
         .route("/templates/aliases/{alias}", get(template_alias))
         .route("/hosts", get(list_hosts))
+        .route("/hosts/{name}", axum::routing::delete(forget_host))
         .layer(middleware::from_fn_with_state(plane.clone(), require_key))
         .route("/hosts/register", post(register_host))
         .route("/hosts/{id}/heartbeat", post(host_heartbeat))
@@ -247,6 +280,26 @@ fn body_json<T: for<'de> Deserialize<'de> + Default>(bytes: &[u8]) -> Result<T, 
     })
 }
 
+/// A body as a JSON value (`{}` when empty), for the checks of [`crate::unsupported`].
+fn body_value(bytes: &[u8]) -> Result<Value, ApiError> {
+    body_json::<Option<Value>>(bytes).map(|value| value.unwrap_or_else(|| json!({})))
+}
+
+/// A body read first as a value, checked by `check`, then as `T`.
+fn checked_body<T: for<'de> Deserialize<'de> + Default>(
+    bytes: &[u8],
+    check: impl FnOnce(&Value) -> Result<(), crate::unsupported::Unsupported>,
+) -> Result<T, ApiError> {
+    let value = body_value(bytes)?;
+    check(&value)?;
+    serde_json::from_value(value).map_err(|error| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid request body: {error}"),
+        )
+    })
+}
+
 fn check_timeout(seconds: u64) -> Result<u64, ApiError> {
     if seconds > MAX_TIMEOUT_SECONDS {
         return Err(ApiError::new(
@@ -291,7 +344,7 @@ async fn create_sandbox(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let handler_started = std::time::Instant::now();
-    let request: NewSandbox = body_json(&body)?;
+    let request: NewSandbox = checked_body(&body, crate::unsupported::check_create)?;
     // A retried create (same Idempotency-Key) gets the sandbox the first one made.
     let idempotency = headers
         .get("idempotency-key")
@@ -336,6 +389,11 @@ async fn create_sandbox(
     let allow_internet = request.allow_internet_access.unwrap_or(true) && plane.internet;
     let metadata = request.metadata.unwrap_or_default();
     let env_vars = request.env_vars.unwrap_or_default();
+    // Counted against the team's quotas until its row is written (or the create fails).
+    let disk_mib = plane.fleet.template_disk_mib(&requested);
+    let _admitted = plane
+        .admit(&team.0, crate::quota::Change::Create { disk_mib })
+        .await?;
     // A host that cannot take it (full, or not answering) passes it to the next one.
     let mut excluded = Vec::new();
     let mut agent_time = Duration::ZERO;
@@ -649,7 +707,9 @@ async fn pause(
     State(plane): State<Arc<ControlPlane>>,
     axum::Extension(team): axum::Extension<TeamId>,
     Path(id): Path<String>,
+    body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
+    crate::unsupported::check_memory(&body_value(&body)?)?;
     let row = owned(&plane, &team, &id).await?;
     if row.state == "paused" {
         return Err(ApiError::new(
@@ -667,7 +727,7 @@ async fn connect(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let body: TimeoutBody = body_json(&body)?;
+    let body: TimeoutBody = checked_body(&body, crate::unsupported::check_memory)?;
     let timeout = check_timeout(body.timeout.unwrap_or(15))?;
     let row = owned(&plane, &team, &id).await?;
     let end = now_ms() + timeout as i64 * 1000;
@@ -686,7 +746,7 @@ async fn resume(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let body: TimeoutBody = body_json(&body)?;
+    let body: TimeoutBody = checked_body(&body, crate::unsupported::check_memory)?;
     let timeout = check_timeout(body.timeout.unwrap_or(15))?;
     let row = owned(&plane, &team, &id).await?;
     if row.state == "running" {
@@ -699,6 +759,18 @@ async fn resume(
         .resume(&row, now_ms() + timeout as i64 * 1000, body.auto_pause)
         .await?;
     Ok((StatusCode::CREATED, axum::Json(sandbox_body(&plane, &row))).into_response())
+}
+
+/// `PUT /sandboxes/{id}/network`: refused (400, naming the field), since a sandbox's network
+/// is set at its create and never changed.
+async fn update_network(
+    State(plane): State<Arc<ControlPlane>>,
+    axum::Extension(team): axum::Extension<TeamId>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    owned(&plane, &team, &id).await?;
+    Err(crate::unsupported::check_network_update(&body_value(&body)?).into())
 }
 
 async fn metrics(
@@ -836,11 +908,8 @@ async fn host_heartbeat(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// `GET /hosts`: the fleet, with each host's last report (admin teams only).
-async fn list_hosts(
-    State(plane): State<Arc<ControlPlane>>,
-    axum::Extension(team): axum::Extension<TeamId>,
-) -> Result<Response, ApiError> {
+/// A 403 unless the caller's team is an admin.
+async fn require_admin(plane: &ControlPlane, team: &TeamId) -> Result<(), ApiError> {
     let admin = plane
         .store
         .team_by_id(&team.0)
@@ -849,9 +918,30 @@ async fn list_hosts(
     if !admin {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
-            "only an admin team's key may read the fleet",
+            "only an admin team's key may read or change the fleet",
         ));
     }
+    Ok(())
+}
+
+/// `DELETE /hosts/{name}`: forgets a host that is down, with its sandboxes, so that a new
+/// agent may take its name (admin teams only).
+async fn forget_host(
+    State(plane): State<Arc<ControlPlane>>,
+    axum::Extension(team): axum::Extension<TeamId>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    require_admin(&plane, &team).await?;
+    let sandboxes = plane.fleet.forget_host(&plane.store, &name).await?;
+    Ok(axum::Json(json!({ "forgotten": name, "sandboxes": sandboxes })).into_response())
+}
+
+/// `GET /hosts`: the fleet, with each host's last report (admin teams only).
+async fn list_hosts(
+    State(plane): State<Arc<ControlPlane>>,
+    axum::Extension(team): axum::Extension<TeamId>,
+) -> Result<Response, ApiError> {
+    require_admin(&plane, &team).await?;
     let hosts: Vec<Value> = plane
         .fleet
         .hosts()

@@ -24,6 +24,7 @@ use wrenn_proto::agent as pb;
 
 use crate::api::ApiError;
 use crate::auth;
+use crate::deadlines;
 use crate::store::{EMBEDDED_API_URL, HostRow, SandboxRow, Store};
 
 /// The id of the agent embedded in the control plane's process.
@@ -118,7 +119,17 @@ impl GuestRoute {
                         headers.insert(name, value);
                     }
                 }
-                wrenn_agent::proxy::forward(*proxy, request).await
+                // The agent proxy's forward has its own connect deadline; the response head
+                // must come within ours, so an agent that accepts and never answers releases
+                // the client.
+                let forward = wrenn_agent::proxy::forward(*proxy, request);
+                match tokio::time::timeout(deadlines::PROXY_RESPONSE, forward).await {
+                    Ok(answer) => answer,
+                    Err(_) => {
+                        tracing::warn!(%proxy, sandbox = %sandbox_id, "the agent's sandbox proxy did not answer in time");
+                        Err(wrenn_agent::proxy::ForwardError::Closed)
+                    }
+                }
             }
         }
     }
@@ -142,11 +153,35 @@ fn connect_error(host: &str, error: ConnectError) -> ApiError {
     ApiError::new(status, format!("host {host}: {}", error.message))
 }
 
+fn no_answer(host: &str, what: &str, deadline: Duration) -> ApiError {
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        format!(
+            "host {host}: {what} got no answer within {} s",
+            deadline.as_secs()
+        ),
+    )
+}
+
+/// Runs an embedded agent's operation on a task of its own (so it ends even if this caller
+/// gives up), waiting at most `deadline` for it.
+async fn embedded<T: Send + 'static>(
+    host: &str,
+    what: &str,
+    deadline: Duration,
+    work: impl std::future::Future<Output = Result<T, wrenn_agent::AgentError>> + Send + 'static,
+) -> Result<Result<T, wrenn_agent::AgentError>, ApiError> {
+    tokio::time::timeout(deadline, wrenn_agent::detached(work))
+        .await
+        .map_err(|_| no_answer(host, what, deadline))
+}
+
 impl AgentLink {
     /// A link to a separate agent.
     pub async fn remote(api_url: &str, proxy: &str, token: &str) -> Result<AgentLink, String> {
-        let proxy = tokio::net::lookup_host(proxy)
+        let proxy = tokio::time::timeout(deadlines::CONNECT, tokio::net::lookup_host(proxy))
             .await
+            .map_err(|_| format!("resolving the agent's proxy address {proxy:?} took too long"))?
             .map_err(|e| format!("cannot resolve the agent's proxy address {proxy:?}: {e}"))?
             .next()
             .ok_or_else(|| format!("the agent's proxy address {proxy:?} resolves to nothing"))?;
@@ -156,6 +191,7 @@ impl AgentLink {
             ));
         }
         let api = ConnectClient::new(api_url, HttpVersion::Http1, Codec::Proto)
+            .with_connect_timeout(deadlines::CONNECT)
             .with_header("authorization", &format!("Bearer {token}"));
         Ok(AgentLink::Remote {
             api: Box::new(api),
@@ -164,27 +200,35 @@ impl AgentLink {
         })
     }
 
+    /// A call to a remote agent, answered within `deadline` (a 504 naming the host if not).
     async fn call<Req: wrenn_connect::Message, Resp: wrenn_connect::Message>(
         api: &ConnectClient,
+        host: &str,
         method: &str,
         request: &Req,
-    ) -> Result<Resp, ConnectError> {
-        api.unary(
-            &format!("{}/{method}", wrenn_agent::api::SERVICE),
-            request,
-            &http::HeaderMap::new(),
-        )
-        .await
+        deadline: Duration,
+    ) -> Result<Resp, ApiError> {
+        let (path, headers) = (
+            format!("{}/{method}", wrenn_agent::api::SERVICE),
+            http::HeaderMap::new(),
+        );
+        let call = api.unary(&path, request, &headers);
+        match tokio::time::timeout(deadline, call).await {
+            Ok(answer) => answer.map_err(|e| connect_error(host, e)),
+            Err(_) => Err(no_answer(host, method, deadline)),
+        }
     }
 
     pub async fn create(&self, host: &str, options: CreateOptions) -> Result<(), ApiError> {
         match self {
             AgentLink::Embedded(manager) => {
                 let manager = manager.clone();
-                wrenn_agent::detached(async move { manager.create(options).await })
-                    .await
-                    .map(drop)
-                    .map_err(|e| agent_error(host, e))
+                embedded(host, "CreateSandbox", deadlines::VM_OPERATION, async move {
+                    manager.create(options).await
+                })
+                .await?
+                .map(drop)
+                .map_err(|e| agent_error(host, e))
             }
             AgentLink::Remote { api, .. } => {
                 let request = pb::CreateSandboxRequest {
@@ -197,10 +241,16 @@ impl AgentLink {
                     ready_timeout_ms: 0,
                     init_timeout_ms: 0,
                 };
-                Self::call::<_, pb::CreateSandboxResponse>(api, "CreateSandbox", &request)
-                    .await
-                    .map(drop)
-                    .map_err(|e| connect_error(host, e))
+                let deadline = deadlines::VM_OPERATION;
+                Self::call::<_, pb::CreateSandboxResponse>(
+                    api,
+                    host,
+                    "CreateSandbox",
+                    &request,
+                    deadline,
+                )
+                .await
+                .map(drop)
             }
         }
     }
@@ -209,19 +259,27 @@ impl AgentLink {
         match self {
             AgentLink::Embedded(manager) => {
                 let (manager, id) = (manager.clone(), sandbox_id.to_string());
-                wrenn_agent::detached(async move { manager.pause(&id).await })
-                    .await
-                    .map(drop)
-                    .map_err(|e| agent_error(host, e))
+                embedded(host, "PauseSandbox", deadlines::VM_OPERATION, async move {
+                    manager.pause(&id).await
+                })
+                .await?
+                .map(drop)
+                .map_err(|e| agent_error(host, e))
             }
             AgentLink::Remote { api, .. } => {
                 let request = pb::PauseSandboxRequest {
                     sandbox_id: sandbox_id.into(),
                 };
-                Self::call::<_, pb::PauseSandboxResponse>(api, "PauseSandbox", &request)
-                    .await
-                    .map(drop)
-                    .map_err(|e| connect_error(host, e))
+                let deadline = deadlines::VM_OPERATION;
+                Self::call::<_, pb::PauseSandboxResponse>(
+                    api,
+                    host,
+                    "PauseSandbox",
+                    &request,
+                    deadline,
+                )
+                .await
+                .map(drop)
             }
         }
     }
@@ -230,20 +288,28 @@ impl AgentLink {
         match self {
             AgentLink::Embedded(manager) => {
                 let (manager, id) = (manager.clone(), sandbox_id.to_string());
-                wrenn_agent::detached(async move { manager.resume(&id, None, None, None).await })
-                    .await
-                    .map(drop)
-                    .map_err(|e| agent_error(host, e))
+                embedded(host, "ResumeSandbox", deadlines::VM_OPERATION, async move {
+                    manager.resume(&id, None, None, None).await
+                })
+                .await?
+                .map(drop)
+                .map_err(|e| agent_error(host, e))
             }
             AgentLink::Remote { api, .. } => {
                 let request = pb::ResumeSandboxRequest {
                     sandbox_id: sandbox_id.into(),
                     ..Default::default()
                 };
-                Self::call::<_, pb::ResumeSandboxResponse>(api, "ResumeSandbox", &request)
-                    .await
-                    .map(drop)
-                    .map_err(|e| connect_error(host, e))
+                let deadline = deadlines::VM_OPERATION;
+                Self::call::<_, pb::ResumeSandboxResponse>(
+                    api,
+                    host,
+                    "ResumeSandbox",
+                    &request,
+                    deadline,
+                )
+                .await
+                .map(drop)
             }
         }
     }
@@ -253,7 +319,8 @@ impl AgentLink {
         match self {
             AgentLink::Embedded(manager) => {
                 let (manager, id) = (manager.clone(), sandbox_id.to_string());
-                match wrenn_agent::detached(async move { manager.destroy(&id).await }).await {
+                let destroy = async move { manager.destroy(&id).await };
+                match embedded(host, "DestroySandbox", deadlines::CONTROL_CALL, destroy).await? {
                     Ok(()) | Err(wrenn_agent::AgentError::NotFound(_)) => Ok(()),
                     Err(error) => Err(agent_error(host, error)),
                 }
@@ -262,12 +329,19 @@ impl AgentLink {
                 let request = pb::DestroySandboxRequest {
                     sandbox_id: sandbox_id.into(),
                 };
-                match Self::call::<_, pb::DestroySandboxResponse>(api, "DestroySandbox", &request)
-                    .await
+                let deadline = deadlines::CONTROL_CALL;
+                match Self::call::<_, pb::DestroySandboxResponse>(
+                    api,
+                    host,
+                    "DestroySandbox",
+                    &request,
+                    deadline,
+                )
+                .await
                 {
                     Ok(_) => Ok(()),
-                    Err(error) if error.code == Code::NotFound => Ok(()),
-                    Err(error) => Err(connect_error(host, error)),
+                    Err(error) if error.status() == StatusCode::NOT_FOUND => Ok(()),
+                    Err(error) => Err(error),
                 }
             }
         }
@@ -286,10 +360,14 @@ impl AgentLink {
                 })
                 .collect()),
             AgentLink::Remote { api, .. } => {
-                let response: pb::ListSandboxesResponse =
-                    Self::call(api, "ListSandboxes", &pb::ListSandboxesRequest {})
-                        .await
-                        .map_err(|e| connect_error(host, e))?;
+                let response: pb::ListSandboxesResponse = Self::call(
+                    api,
+                    host,
+                    "ListSandboxes",
+                    &pb::ListSandboxesRequest {},
+                    deadlines::CONTROL_CALL,
+                )
+                .await?;
                 Ok(response
                     .sandboxes
                     .into_iter()
@@ -446,6 +524,8 @@ pub struct Fleet {
     sandbox_hosts: Mutex<HashMap<String, (String, Option<String>)>>,
     /// Serialises placements, so two creates do not both take a host's last slot.
     placing: Mutex<()>,
+    /// Serialises registrations (and forgetting), so two agents cannot both claim a name.
+    registering: tokio::sync::Mutex<()>,
 }
 
 fn now_ms() -> i64 {
@@ -468,6 +548,7 @@ impl Fleet {
             config,
             sandbox_hosts: Mutex::new(HashMap::new()),
             placing: Mutex::new(()),
+            registering: tokio::sync::Mutex::new(()),
         };
         for row in store.hosts().await? {
             if row.api_url == EMBEDDED_API_URL {
@@ -501,6 +582,7 @@ impl Fleet {
                 report: wrenn_agent::join::report(&manager),
                 last_heartbeat_ms: now,
                 registered_at_ms: now,
+                identity_hash: String::new(),
             };
             store.put_host(row.clone()).await?;
             fleet.insert(row, AgentLink::Embedded(manager));
@@ -558,6 +640,16 @@ impl Fleet {
         templates
     }
 
+    /// The disk a sandbox of `template_id` may take (its template's disk size, as the first
+    /// up host that has it reports it); 0 when no up host has it.
+    pub fn template_disk_mib(&self, template_id: &str) -> u64 {
+        self.templates()
+            .iter()
+            .find(|t| t.template_id == template_id)
+            .map(|t| t.disk_size_mb)
+            .unwrap_or(0)
+    }
+
     /// Picks the host for a new sandbox of `template_id`, skipping `excluded` hosts: 404 when
     /// no host has the template, 503 when none has room.
     pub fn place(&self, template_id: &str, excluded: &[String]) -> Result<Placed, ApiError> {
@@ -605,6 +697,16 @@ impl Fleet {
                 ));
                 continue;
             }
+            // The sandbox's disk may grow to the template's size: that much must be free.
+            let disk_free_mib = (row.report.disk_available_bytes >> 20)
+                .saturating_sub(u64::from(inflight) * template.disk_size_mb);
+            if disk_free_mib < template.disk_size_mb {
+                reasons.push(format!(
+                    "{} has {disk_free_mib} MiB of disk free, {} MiB needed",
+                    row.name, template.disk_size_mb
+                ));
+                continue;
+            }
             candidates.push(Candidate {
                 host_id: row.id.clone(),
                 slots_total: row.report.slots_total,
@@ -643,6 +745,10 @@ impl Fleet {
             .report
             .memory_available_bytes
             .saturating_sub(u64::from(placed.template.memory_mib) << 20);
+        row.report.disk_available_bytes = row
+            .report
+            .disk_available_bytes
+            .saturating_sub(placed.template.disk_size_mb << 20);
     }
 
     /// Forgets where a sandbox runs (it was paused, killed or lost).
@@ -731,13 +837,17 @@ impl Fleet {
         Ok(())
     }
 
-    /// Takes an agent's registration: the host is (again) up under its name's id.
+    /// Takes an agent's registration: the host is (again) up under its name's id. A name the
+    /// fleet knows is taken only with that host's identity (409 otherwise, and nothing of the
+    /// host changes); a new name gets a new identity, whose secret the answer carries.
+    /// Registrations are taken one at a time.
     pub async fn register(
         &self,
         store: &Store,
         bearer: Option<&str>,
         request: RegisterRequest,
     ) -> Result<(RegisterResponse, bool), ApiError> {
+        use subtle::ConstantTimeEq;
         self.check_join_token(bearer)?;
         if request.name.is_empty()
             || request.name.len() > 64
@@ -764,23 +874,70 @@ impl Fleet {
         )
         .await
         .map_err(|message| ApiError::new(StatusCode::BAD_REQUEST, message))?;
+        let _registering = self.registering.lock().await;
         let existing = self
             .hosts()
             .into_iter()
             .find(|host| host.row().name == request.name);
-        if existing
-            .as_ref()
-            .is_some_and(|host| matches!(host.link, AgentLink::Embedded(_)))
-        {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                format!("{} is the control plane's own host", request.name),
-            ));
-        }
-        let was_down = existing.as_ref().is_some_and(|host| !host.is_up());
-        let id = existing
-            .map(|host| host.id())
-            .unwrap_or_else(|| format!("h{}", auth::random_id(11)));
+        let name = request.name.clone();
+        let (id, new_secret, was_down) = match &existing {
+            Some(host) if matches!(host.link, AgentLink::Embedded(_)) => {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!("{name} is the control plane's own host"),
+                ));
+            }
+            Some(host) => {
+                let row = host.row();
+                let proven = request.identity.as_ref().is_some_and(|identity| {
+                    let given = auth::hash_key(&identity.secret);
+                    identity.host_id == row.id
+                        && bool::from(given.as_bytes().ct_eq(row.identity_hash.as_bytes()))
+                });
+                // A host registered before identities existed: its next registration sets one.
+                let unclaimed = row.identity_hash.is_empty();
+                if !proven && !unclaimed {
+                    tracing::warn!(host = %name, api = %request.api_url, up = host.is_up(), "registration refused: another identity claims the host's name");
+                    let message = if host.is_up() {
+                        format!(
+                            "host {name} is up under another identity: another agent cannot take its name (give this one another --host-name)"
+                        )
+                    } else {
+                        format!(
+                            "host {name} is down, and only its own agent (with the identity in its data directory's {}) may bring it back; to replace it for good, forget it first: `wrenn host forget {name}`",
+                            wrenn_agent::join::IDENTITY_FILE
+                        )
+                    };
+                    return Err(ApiError::new(StatusCode::CONFLICT, message));
+                }
+                let secret = unclaimed.then(auth::random_token);
+                (row.id, secret, !host.is_up())
+            }
+            None => {
+                if let Some(identity) = &request.identity
+                    && let Some(other) = self.host(&identity.host_id)
+                {
+                    // The agent is a known host that changed its --host-name.
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        format!(
+                            "this agent is host {} (its identity says so), not {name}: register under that name, or forget that host first (`wrenn host forget {}`)",
+                            other.row().name,
+                            other.row().name
+                        ),
+                    ));
+                }
+                let id = format!("h{}", auth::random_id(11));
+                (id, Some(auth::random_token()), false)
+            }
+        };
+        let identity_hash = match &new_secret {
+            Some(secret) => auth::hash_key(secret),
+            None => existing
+                .as_ref()
+                .map(|host| host.row().identity_hash)
+                .unwrap_or_default(),
+        };
         let heartbeat_token = auth::random_token();
         let now = now_ms();
         let row = HostRow {
@@ -794,18 +951,46 @@ impl Fleet {
             report: request.report,
             last_heartbeat_ms: now,
             registered_at_ms: now,
+            identity_hash,
         };
         store.put_host(row.clone()).await?;
-        tracing::info!(host = %row.name, id = %id, api = %row.api_url, "host registered");
+        tracing::info!(host = %row.name, id = %id, api = %row.api_url, new = new_secret.is_some(), "host registered");
         self.insert(row, link);
         Ok((
             RegisterResponse {
                 host_id: id,
                 heartbeat_token,
                 heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
+                host_secret: new_secret,
             },
             was_down,
         ))
+    }
+
+    /// Forgets a host that is down, for good (it will not come back, or is replaced by a new
+    /// agent under its name): its entry and its sandboxes' rows go. How many sandboxes it had.
+    pub async fn forget_host(&self, store: &Store, name: &str) -> Result<u64, ApiError> {
+        let _registering = self.registering.lock().await;
+        let host = self
+            .hosts()
+            .into_iter()
+            .find(|host| host.row().name == name)
+            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no host {name}")))?;
+        if matches!(host.link, AgentLink::Embedded(_)) || host.is_up() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("host {name} is up: stop its agent first (only a down host is forgotten)"),
+            ));
+        }
+        let id = host.id();
+        let sandboxes = store.forget_host(&id).await?;
+        self.hosts.write().expect("fleet lock").remove(&id);
+        self.sandbox_hosts
+            .lock()
+            .expect("route cache lock")
+            .retain(|_, (host, _)| host != &id);
+        tracing::warn!(host = %name, id = %id, sandboxes, "host forgotten");
+        Ok(sandboxes)
     }
 
     /// Takes a heartbeat: whether the host was down until now.
@@ -995,14 +1180,26 @@ mod tests {
     }
 
     fn fleet_of(hosts: &[(&str, &str, u32, u32, u64)]) -> Fleet {
+        fleet_with_disk(
+            &hosts
+                .iter()
+                .map(|&(name, state, total, used, memory)| {
+                    (name, state, total, used, memory, 1 << 40)
+                })
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    fn fleet_with_disk(hosts: &[(&str, &str, u32, u32, u64, u64)]) -> Fleet {
         let fleet = Fleet {
             hosts: RwLock::new(HashMap::new()),
             placement: Box::new(LeastLoaded),
             config: FleetConfig::default(),
             sandbox_hosts: Mutex::new(HashMap::new()),
             placing: Mutex::new(()),
+            registering: tokio::sync::Mutex::new(()),
         };
-        for (name, state, total, used, memory_mib) in hosts {
+        for (name, state, total, used, memory_mib, disk_bytes) in hosts {
             let row = HostRow {
                 id: format!("id-{name}"),
                 name: name.to_string(),
@@ -1015,6 +1212,7 @@ mod tests {
                     slots_total: *total,
                     slots_in_use: *used,
                     memory_available_bytes: memory_mib << 20,
+                    disk_available_bytes: *disk_bytes,
                     templates: vec![TemplateReport {
                         template_id: "base".into(),
                         memory_mib: 512,
@@ -1022,12 +1220,13 @@ mod tests {
                         envd_version: "0.6.4".into(),
                         image_key: String::new(),
                         created_at_ms: 0,
-                        disk_size_mb: 0,
+                        disk_size_mb: 2048,
                     }],
                     ..Default::default()
                 },
                 last_heartbeat_ms: 0,
                 registered_at_ms: 0,
+                identity_hash: String::new(),
             };
             let link = AgentLink::Remote {
                 api: Box::new(ConnectClient::new(
@@ -1090,6 +1289,35 @@ mod tests {
             "b",
             "finished creates free their count"
         );
+    }
+
+    #[test]
+    fn placement_skips_hosts_without_the_disk_a_sandbox_may_take() {
+        let fleet = fleet_with_disk(&[
+            ("small", "up", 8, 0, 8192, 1 << 30),
+            ("roomy", "up", 8, 0, 8192, 3 << 30),
+        ]);
+        let first = fleet.place("base", &[]).unwrap();
+        assert_eq!(
+            first.host.row().name,
+            "roomy",
+            "small has 1 GiB, 2 GiB needed"
+        );
+        // roomy's 3 GiB hold one 2 GiB disk in flight, not two.
+        let full = fleet.place("base", &[]).unwrap_err();
+        assert_eq!(full.status(), StatusCode::SERVICE_UNAVAILABLE);
+        for words in [
+            "small has 1024 MiB of disk free, 2048 MiB needed",
+            "roomy has 1024 MiB of disk free, 2048 MiB needed",
+        ] {
+            assert!(
+                full.message().contains(words),
+                "{words}: {}",
+                full.message()
+            );
+        }
+        drop(first);
+        assert_eq!(fleet.place("base", &[]).unwrap().host.row().name, "roomy");
     }
 
     #[test]

@@ -1,21 +1,27 @@
 //! wrenn's control plane: the E2B-compatible REST API ([`api`]) over a store ([`store`]) of
 //! teams, hashed API keys ([`auth`]), hosts and sandboxes; the fleet of host agents
 //! ([`fleet`]: registration, heartbeats, placement, reconciliation); sandbox lifecycles (end
-//! times, kill or pause on timeout); and the edge proxy ([`proxy`]) to sandbox ports.
+//! times, kill or pause on timeout); per-team quotas ([`quota`]); the settings it refuses
+//! rather than ignore ([`unsupported`]); and the edge proxy ([`proxy`]) to sandbox ports.
 
 pub mod api;
 pub mod auth;
+pub mod deadlines;
 pub mod fleet;
 pub mod proxy;
+pub mod quota;
 pub mod store;
 pub mod store_pg;
+pub mod unsupported;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::ApiError;
 use crate::fleet::Fleet;
-use crate::store::{SandboxRow, Store};
+use crate::quota::{Admission, Change, Quotas, Reservation, Usage};
+use crate::store::{ListQuery, SandboxRow, Store};
 
 /// The control plane's state, shared by the API, the proxy and the background loops.
 #[derive(Debug)]
@@ -30,6 +36,10 @@ pub struct ControlPlane {
     pub idempotency: std::sync::Mutex<std::collections::HashMap<(String, String), String>>,
     /// Asks the fleet loop to reconcile a host now (it registered or came back).
     pub reconcile_now: tokio::sync::mpsc::Sender<String>,
+    /// Every team's limits (none by default; see [`Self::with_quotas`]).
+    pub quotas: Quotas,
+    /// Quota checks, one at a time, with the changes admitted and not yet stored.
+    admission: Admission,
 }
 
 impl ControlPlane {
@@ -48,8 +58,72 @@ impl ControlPlane {
             internet,
             idempotency: Default::default(),
             reconcile_now,
+            quotas: Quotas::default(),
+            admission: Admission::default(),
         };
         (plane, wake)
+    }
+
+    /// The same control plane with every team limited by `quotas`.
+    pub fn with_quotas(mut self, quotas: Quotas) -> Self {
+        self.quotas = quotas;
+        self
+    }
+
+    /// Admits `change` to team `team_id`'s sandboxes, or refuses it with a 429 naming the
+    /// limit. The reservation counts the change until it is dropped: keep it until the store
+    /// holds the change.
+    pub async fn admit(&self, team_id: &str, change: Change) -> Result<Reservation, ApiError> {
+        if self.quotas == Quotas::default() {
+            let nothing = async { Ok::<_, ApiError>(Usage::default()) };
+            return self
+                .admission
+                .admit(&self.quotas, team_id, team_id, change, nothing)
+                .await;
+        }
+        let team_name = self
+            .store
+            .team_by_id(team_id)
+            .await?
+            .map(|team| team.name)
+            .unwrap_or_else(|| team_id.to_string());
+        self.admission
+            .admit(
+                &self.quotas,
+                team_id,
+                &team_name,
+                change,
+                self.team_usage(team_id),
+            )
+            .await
+    }
+
+    /// What a team's running and paused sandboxes hold (disk estimated: see [`quota`]).
+    async fn team_usage(&self, team_id: &str) -> Result<Usage, ApiError> {
+        let query = ListQuery {
+            team_id: team_id.to_string(),
+            states: vec!["running".into(), "paused".into()],
+            limit: 1_000_000,
+            ..ListQuery::default()
+        };
+        let (rows, _) = self.store.list(query).await?;
+        let templates = self.fleet.templates();
+        let mut usage = Usage::default();
+        for row in rows {
+            let disk = templates
+                .iter()
+                .find(|t| t.template_id == row.template_id)
+                .map(|t| t.disk_size_mb)
+                .unwrap_or(0);
+            if row.state == "paused" {
+                usage.paused += 1;
+                usage.disk_mib += disk + u64::from(row.memory_mb);
+            } else {
+                usage.running += 1;
+                usage.disk_mib += disk;
+            }
+        }
+        Ok(usage)
     }
 
     /// Kills the sandbox with this id, if there is one: whether there was.
@@ -79,6 +153,10 @@ impl ControlPlane {
     /// Pauses a running sandbox.
     pub async fn pause(&self, row: &SandboxRow) -> Result<(), ApiError> {
         let host = self.fleet.up_host(row)?;
+        let snapshot_mib = u64::from(row.memory_mb);
+        let _admitted = self
+            .admit(&row.team_id, Change::Pause { snapshot_mib })
+            .await?;
         self.fleet.forget(&row.id);
         host.link.pause(&host.row().name, &row.id).await?;
         self.store
@@ -95,6 +173,7 @@ impl ControlPlane {
         auto_pause: Option<bool>,
     ) -> Result<SandboxRow, ApiError> {
         let host = self.fleet.up_host(row)?;
+        let _admitted = self.admit(&row.team_id, Change::Resume).await?;
         host.link.resume(&host.row().name, &row.id).await?;
         let mut row = row.clone();
         row.state = "running".into();
@@ -131,8 +210,13 @@ impl ControlPlane {
     }
 
     /// Ends sandboxes whose time is up, once a second: paused if they asked for it, else
-    /// killed. Runs until the process ends.
+    /// killed. Each action runs on a task of its own, at most
+    /// [`deadlines::ACTIONS_PER_HOST`] at once per host, so a host that does not answer delays
+    /// only its own sandboxes (whose actions are retried once their calls' deadlines pass).
+    /// Runs until the process ends.
     pub async fn run_lifecycle(self: Arc<Self>) {
+        let busy = Busy::default();
+        let mut per_host: HashMap<String, Arc<tokio::sync::Semaphore>> = HashMap::new();
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let now = chrono::Utc::now().timestamp_millis();
@@ -144,44 +228,90 @@ impl ControlPlane {
                 }
             };
             for row in expired {
-                let outcome = if row.auto_pause {
-                    tracing::info!(sandbox = %row.id, "timeout: pausing");
-                    self.pause(&row).await
-                } else {
-                    tracing::info!(sandbox = %row.id, "timeout: killing");
-                    self.kill(&row).await
+                let slots = per_host
+                    .entry(row.host_id.clone())
+                    .or_insert_with(|| {
+                        Arc::new(tokio::sync::Semaphore::new(deadlines::ACTIONS_PER_HOST))
+                    })
+                    .clone();
+                // Its host is busy with as many actions as it may have: next tick.
+                let Ok(permit) = slots.try_acquire_owned() else {
+                    continue;
                 };
-                if let Err(error) = outcome {
-                    tracing::warn!(sandbox = %row.id, ?error, "lifecycle action failed");
-                }
+                // Still being ended by an earlier tick's task.
+                let Some(claim) = busy.claim(&row.id) else {
+                    continue;
+                };
+                let plane = self.clone();
+                tokio::spawn(async move {
+                    plane.end(&row).await;
+                    drop((permit, claim));
+                });
             }
         }
     }
 
+    /// Ends a sandbox whose time is up.
+    async fn end(&self, row: &SandboxRow) {
+        let outcome = if row.auto_pause {
+            tracing::info!(sandbox = %row.id, "timeout: pausing");
+            match self.pause(row).await {
+                // Past its team's paused (or disk) limit, a sandbox whose time is up is
+                // killed: left running, it would outlive its timeout for good.
+                Err(error) if error.status() == axum::http::StatusCode::TOO_MANY_REQUESTS => {
+                    tracing::warn!(sandbox = %row.id, reason = error.message(), "timeout: cannot pause: killing");
+                    self.kill(row).await
+                }
+                outcome => outcome,
+            }
+        } else {
+            tracing::info!(sandbox = %row.id, "timeout: killing");
+            self.kill(row).await
+        };
+        if let Err(error) = outcome {
+            tracing::warn!(sandbox = %row.id, ?error, "lifecycle action failed");
+        }
+    }
+
     /// Watches heartbeats (half the interval) and reconciles every up host (each
-    /// `reconcile_interval`, and at once when a host registers or comes back). Runs until the
+    /// `reconcile_interval`, and at once when a host registers or comes back). A host's
+    /// reconcile runs on a task of its own, one at a time per host, so that a host that does
+    /// not answer holds up neither the heartbeat watch nor the other hosts. Runs until the
     /// process ends.
     pub async fn run_fleet(self: Arc<Self>, mut wake: tokio::sync::mpsc::Receiver<String>) {
         let tick = (self.fleet.config.heartbeat_interval / 2).max(Duration::from_millis(100));
         let mut heartbeats = tokio::time::interval(tick);
         let mut reconcile = tokio::time::interval(self.fleet.config.reconcile_interval);
+        let busy = Busy::default();
         loop {
             tokio::select! {
                 _ = heartbeats.tick() => self.fleet.check_heartbeats(&self.store).await,
                 _ = reconcile.tick() => {
                     for host in self.fleet.hosts() {
                         if host.is_up() {
-                            self.reconcile(&host).await;
+                            self.spawn_reconcile(host, &busy);
                         }
                     }
                 }
                 Some(host_id) = wake.recv() => {
                     if let Some(host) = self.fleet.host(&host_id) {
-                        self.reconcile(&host).await;
+                        self.spawn_reconcile(host, &busy);
                     }
                 }
             }
         }
+    }
+
+    /// Reconciles `host` on a task of its own, unless a reconcile of it still runs.
+    fn spawn_reconcile(self: &Arc<Self>, host: Arc<fleet::Host>, busy: &Busy) {
+        let Some(claim) = busy.claim(&host.id()) else {
+            return;
+        };
+        let plane = self.clone();
+        tokio::spawn(async move {
+            plane.reconcile(&host).await;
+            drop(claim);
+        });
     }
 
     async fn reconcile(&self, host: &fleet::Host) {
@@ -194,6 +324,26 @@ impl ControlPlane {
                 tracing::warn!(host = %host.row().name, ?error, "cannot reconcile the host");
             }
         }
+    }
+}
+
+/// Names (sandbox or host ids) with work in progress: a claim is held by the task doing it.
+#[derive(Debug, Clone, Default)]
+struct Busy(Arc<std::sync::Mutex<HashSet<String>>>);
+
+/// A name claimed in [`Busy`] until dropped.
+struct Claim(Busy, String);
+
+impl Busy {
+    fn claim(&self, name: &str) -> Option<Claim> {
+        let fresh = self.0.lock().expect("busy lock").insert(name.to_string());
+        fresh.then(|| Claim(self.clone(), name.to_string()))
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.0.0.lock().expect("busy lock").remove(&self.1);
     }
 }
 

@@ -89,6 +89,10 @@ pub struct HostRow {
     pub report: wrenn_agent::join::HostReport,
     pub last_heartbeat_ms: i64,
     pub registered_at_ms: i64,
+    /// SHA-256 of the host's identity secret, given to its agent at its first registration and
+    /// required at every later one (empty for the embedded host, and for a host registered
+    /// before identities existed, until its next registration).
+    pub identity_hash: String,
 }
 
 /// The `api_url` of the agent embedded in the control plane's own process (`wrenn up`).
@@ -134,6 +138,7 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE sandboxes ADD COLUMN auto_resume INTEGER NOT NULL DEFAULT 0;",
     "ALTER TABLE teams ADD COLUMN admin INTEGER NOT NULL DEFAULT 0;
      UPDATE teams SET admin = 1 WHERE name = 'default';",
+    "ALTER TABLE hosts ADD COLUMN identity_hash TEXT NOT NULL DEFAULT '';",
 ];
 
 /// The SQLite store.
@@ -145,10 +150,9 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating) the database file and applies the migrations it lacks.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|error| StoreError::Unavailable(error.to_string()))?;
-        }
+        private_files(path).map_err(|error| {
+            StoreError::Unavailable(format!("securing {}: {error}", path.display()))
+        })?;
         let connection = Connection::open(path)?;
         connection.pragma_update(None, "journal_mode", "WAL")?;
         connection.pragma_update(None, "synchronous", "NORMAL")?;
@@ -414,13 +418,14 @@ impl SqliteStore {
         self.with(move |db| {
             db.execute(
                 "INSERT INTO hosts (id, name, api_url, proxy_address, agent_token, heartbeat_hash, state,
-                    report, last_heartbeat_ms, registered_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                    report, last_heartbeat_ms, registered_at_ms, identity_hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                  ON CONFLICT (id) DO UPDATE SET name = excluded.name, api_url = excluded.api_url,
                     proxy_address = excluded.proxy_address, agent_token = excluded.agent_token,
                     heartbeat_hash = excluded.heartbeat_hash, state = excluded.state,
                     report = excluded.report, last_heartbeat_ms = excluded.last_heartbeat_ms,
-                    registered_at_ms = excluded.registered_at_ms",
+                    registered_at_ms = excluded.registered_at_ms,
+                    identity_hash = excluded.identity_hash",
                 params![
                     host.id,
                     host.name,
@@ -431,10 +436,26 @@ impl SqliteStore {
                     host.state,
                     serde_json::to_string(&host.report).unwrap_or_default(),
                     host.last_heartbeat_ms,
-                    host.registered_at_ms
+                    host.registered_at_ms,
+                    host.identity_hash
                 ],
             )
             .map(drop)
+        })
+        .await
+    }
+
+    /// Removes a host and its sandboxes' rows (a host replaced for good): how many sandboxes
+    /// it had.
+    pub async fn forget_host(&self, host_id: &str) -> Result<u64, StoreError> {
+        let host_id = host_id.to_string();
+        self.with(move |db| {
+            let transaction = db.transaction()?;
+            let sandboxes =
+                transaction.execute("DELETE FROM sandboxes WHERE host_id = ?1", [&host_id])?;
+            transaction.execute("DELETE FROM hosts WHERE id = ?1", [&host_id])?;
+            transaction.commit()?;
+            Ok(sandboxes as u64)
         })
         .await
     }
@@ -444,7 +465,7 @@ impl SqliteStore {
         self.with(move |db| {
             let mut statement = db.prepare(
                 "SELECT id, name, api_url, proxy_address, agent_token, heartbeat_hash, state, report,
-                    last_heartbeat_ms, registered_at_ms FROM hosts ORDER BY name",
+                    last_heartbeat_ms, registered_at_ms, identity_hash FROM hosts ORDER BY name",
             )?;
             let rows = statement.query_map([], |row| {
                 let report: String = row.get(7)?;
@@ -459,6 +480,7 @@ impl SqliteStore {
                     report: serde_json::from_str(&report).unwrap_or_default(),
                     last_heartbeat_ms: row.get(8)?,
                     registered_at_ms: row.get(9)?,
+                    identity_hash: row.get(10)?,
                 })
             })?;
             rows.collect()
@@ -530,6 +552,42 @@ impl SqliteStore {
     }
 }
 
+/// Makes `dir` (and any parent it creates) a private directory: created 0700, and an existing
+/// one tightened to 0700.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// The database's directory 0700, and the database, its WAL and its shared-memory file 0600
+/// (they hold API-key hashes, agent tokens and envd access tokens). The database is created
+/// 0600 before SQLite opens it, because SQLite gives the WAL and shared-memory files it creates
+/// the database file's mode; files left by an older wrenn are tightened.
+fn private_files(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        private_dir(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        match std::fs::set_permissions(&name, std::fs::Permissions::from_mode(0o600)) {
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            other => other?,
+        }
+    }
+    Ok(())
+}
+
 /// The store the control plane uses: SQLite or PostgreSQL.
 #[derive(Debug, Clone)]
 pub enum Store {
@@ -569,6 +627,7 @@ delegate! {
     fn sandboxes_on_host(&self, host_id: &str) -> Vec<SandboxRow>;
     fn mark_host_lost(&self, host_id: &str) -> u64;
     fn put_host(&self, host: HostRow) -> ();
+    fn forget_host(&self, host_id: &str) -> u64;
     fn hosts(&self) -> Vec<HostRow>;
 }
 
@@ -854,6 +913,7 @@ mod tests {
                 },
                 last_heartbeat_ms: 10,
                 registered_at_ms: 5,
+                identity_hash: "sha256:id".into(),
             };
             store.put_host(host.clone()).await.unwrap();
             host.state = "down".into();
@@ -886,6 +946,48 @@ mod tests {
                 Some(guarded),
                 "{backend}"
             );
+            // Forgetting a host removes it and its sandboxes' rows, nothing else.
+            assert_eq!(store.forget_host("nope").await.unwrap(), 0, "{backend}");
+            assert_eq!(store.forget_host("h1").await.unwrap(), 7, "{backend}");
+            assert!(store.hosts().await.unwrap().is_empty(), "{backend}");
+            assert_eq!(store.all_sandboxes().await.unwrap().len(), 0, "{backend}");
+            assert!(store.team_by_id("a").await.unwrap().is_some());
+        }
+    }
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[tokio::test]
+    async fn sqlite_files_are_private_and_old_ones_are_tightened() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cp = dir.path().join("data/cp");
+        let path = cp.join("wrenn.sqlite");
+        let store = Store::open(&path).unwrap();
+        fill(&store).await;
+        for file in ["wrenn.sqlite", "wrenn.sqlite-wal", "wrenn.sqlite-shm"] {
+            assert_eq!(mode(&cp.join(file)), 0o600, "{file}");
+        }
+        assert_eq!(mode(&cp), 0o700);
+        assert_eq!(
+            mode(&dir.path().join("data")),
+            0o700,
+            "a created parent too"
+        );
+        drop(store);
+        // An older wrenn's files, readable by all: tightened at the next open.
+        std::fs::set_permissions(&cp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for file in ["wrenn.sqlite", "wrenn.sqlite-wal", "wrenn.sqlite-shm"] {
+            let _ = std::fs::set_permissions(cp.join(file), std::fs::Permissions::from_mode(0o644));
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.all_sandboxes().await.unwrap().len(), 6);
+        assert_eq!(mode(&cp), 0o700);
+        for file in ["wrenn.sqlite", "wrenn.sqlite-wal", "wrenn.sqlite-shm"] {
+            assert_eq!(mode(&cp.join(file)), 0o600, "{file}");
         }
     }
 

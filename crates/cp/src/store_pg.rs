@@ -35,6 +35,7 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE sandboxes ADD COLUMN IF NOT EXISTS auto_resume BOOLEAN NOT NULL DEFAULT FALSE;",
     "ALTER TABLE teams ADD COLUMN IF NOT EXISTS admin BOOLEAN NOT NULL DEFAULT FALSE;
      UPDATE teams SET admin = TRUE WHERE name = 'default';",
+    "ALTER TABLE hosts ADD COLUMN IF NOT EXISTS identity_hash TEXT NOT NULL DEFAULT '';",
 ];
 
 const SELECT_SANDBOX: &str =
@@ -311,13 +312,14 @@ impl PgStore {
         self.client
             .execute(
                 "INSERT INTO hosts (id, name, api_url, proxy_address, agent_token, heartbeat_hash, state,
-                    report, last_heartbeat_ms, registered_at_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::text::jsonb, $9, $10)
+                    report, last_heartbeat_ms, registered_at_ms, identity_hash)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::text::jsonb, $9, $10, $11)
                  ON CONFLICT (id) DO UPDATE SET name = excluded.name, api_url = excluded.api_url,
                     proxy_address = excluded.proxy_address, agent_token = excluded.agent_token,
                     heartbeat_hash = excluded.heartbeat_hash, state = excluded.state,
                     report = excluded.report, last_heartbeat_ms = excluded.last_heartbeat_ms,
-                    registered_at_ms = excluded.registered_at_ms",
+                    registered_at_ms = excluded.registered_at_ms,
+                    identity_hash = excluded.identity_hash",
                 &[
                     &host.id,
                     &host.name,
@@ -329,10 +331,25 @@ impl PgStore {
                     &report,
                     &host.last_heartbeat_ms,
                     &host.registered_at_ms,
+                    &host.identity_hash,
                 ],
             )
             .await?;
         Ok(())
+    }
+
+    pub async fn forget_host(&self, host_id: &str) -> Result<u64, StoreError> {
+        // One statement, so the host and its sandboxes go together.
+        let row = self
+            .client
+            .query_one(
+                "WITH gone AS (DELETE FROM sandboxes WHERE host_id = $1 RETURNING 1),
+                      host AS (DELETE FROM hosts WHERE id = $1)
+                 SELECT COUNT(*) FROM gone",
+                &[&host_id],
+            )
+            .await?;
+        Ok(row.get::<_, i64>(0) as u64)
     }
 
     pub async fn hosts(&self) -> Result<Vec<HostRow>, StoreError> {
@@ -340,7 +357,7 @@ impl PgStore {
             .client
             .query(
                 "SELECT id, name, api_url, proxy_address, agent_token, heartbeat_hash, state, report::text,
-                    last_heartbeat_ms, registered_at_ms FROM hosts ORDER BY name",
+                    last_heartbeat_ms, registered_at_ms, identity_hash FROM hosts ORDER BY name",
                 &[],
             )
             .await?;
@@ -359,6 +376,7 @@ impl PgStore {
                     report: serde_json::from_str(&report).unwrap_or_default(),
                     last_heartbeat_ms: row.get(8),
                     registered_at_ms: row.get(9),
+                    identity_hash: row.get(10),
                 }
             })
             .collect())

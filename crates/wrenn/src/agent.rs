@@ -33,9 +33,12 @@ pub struct ServeArgs {
     /// Address of the agent's API.
     #[arg(long, default_value = "127.0.0.1:49990")]
     listen: SocketAddr,
-    /// Bearer token clients must present.
+    /// Bearer token clients must present (or --token-file).
     #[arg(long, env = "WRENN_AGENT_TOKEN", hide_env_values = true)]
-    token: String,
+    token: Option<String>,
+    /// A file holding the bearer token.
+    #[arg(long, env = "WRENN_AGENT_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// State, templates and sandboxes.
     #[arg(long, default_value = "/var/lib/wrenn/agent")]
     data_dir: PathBuf,
@@ -85,11 +88,14 @@ pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:49992")]
     proxy_listen: SocketAddr,
     /// A control plane to join (`http://host:port`, its REST API).
-    #[arg(long, env = "WRENN_CONTROL_PLANE_URL", requires = "join_token")]
+    #[arg(long, env = "WRENN_CONTROL_PLANE_URL")]
     join: Option<String>,
     /// The control plane's join token (`<data>/cp/join-token` on its machine).
     #[arg(long, env = "WRENN_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
+    /// A file holding the join token (e.g. a copy of the control plane's `<data>/cp/join-token`).
+    #[arg(long, env = "WRENN_JOIN_TOKEN_FILE")]
+    join_token_file: Option<PathBuf>,
     /// This host's name in the fleet [default: the machine's host name].
     #[arg(long)]
     host_name: Option<String>,
@@ -108,7 +114,10 @@ pub struct ClientArgs {
     )]
     agent: String,
     #[arg(long, env = "WRENN_AGENT_TOKEN", hide_env_values = true)]
-    token: String,
+    token: Option<String>,
+    /// A file holding the agent's token.
+    #[arg(long, env = "WRENN_AGENT_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -204,9 +213,16 @@ pub async fn run(command: AgentCommand) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let token = crate::secrets::resolve("--token", args.token.clone(), args.token_file.as_deref())?
+        .context("--token, WRENN_AGENT_TOKEN or --token-file is required (and not empty)")?;
+    let join_token = crate::secrets::resolve(
+        "--join-token",
+        args.join_token.clone(),
+        args.join_token_file.as_deref(),
+    )?;
     anyhow::ensure!(
-        !args.token.is_empty(),
-        "--token (or WRENN_AGENT_TOKEN) must not be empty"
+        args.join.is_none() || join_token.is_some(),
+        "--join needs --join-token, WRENN_JOIN_TOKEN or --join-token-file"
     );
     let config = AgentConfig {
         data_dir: args.data_dir.clone(),
@@ -256,7 +272,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stop.wait_for(|stop| *stop).await;
     };
-    let joiner = match (&args.join, &args.join_token) {
+    let joiner = match (&args.join, &join_token) {
         (Some(url), Some(join_token)) => {
             anyhow::ensure!(
                 args.advertise_host.is_some()
@@ -279,7 +295,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 },
                 api_url: format!("http://{}", advertise(api_address)),
                 proxy_address: advertise(proxy_address),
-                agent_token: args.token.clone(),
+                agent_token: token.clone(),
+                identity_file: args.data_dir.join(wrenn_agent::join::IDENTITY_FILE),
             };
             Some(tokio::spawn(wrenn_agent::join::run(
                 config,
@@ -292,7 +309,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let server = wrenn_agent::serve(
         manager.clone(),
         wrenn_agent::Listeners { api, mmds, proxy },
-        &args.token,
+        &token,
         timeouts,
         stopped(stop_rx),
     );
@@ -327,8 +344,14 @@ async fn call<Req: wrenn_connect::Message, Resp: wrenn_connect::Message>(
     method: &str,
     request: &Req,
 ) -> anyhow::Result<Resp> {
+    let token = crate::secrets::resolve(
+        "--token",
+        client.token.clone(),
+        client.token_file.as_deref(),
+    )?
+    .context("--token, WRENN_AGENT_TOKEN or --token-file is required")?;
     let connect = ConnectClient::new(client.agent.clone(), HttpVersion::Http1, Codec::Json)
-        .with_header("authorization", &format!("Bearer {}", client.token));
+        .with_header("authorization", &format!("Bearer {token}"));
     connect
         .unary(
             &format!("{}/{method}", wrenn_agent::api::SERVICE),

@@ -40,6 +40,9 @@ pub struct Connection {
     /// /var/lib/wrenn/cp/initial-api-key].
     #[arg(long, global = true, env = "WRENN_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// A file holding the API key.
+    #[arg(long, global = true, env = "WRENN_API_KEY_FILE")]
+    api_key_file: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -155,13 +158,20 @@ pub enum TemplateCommand {
 pub enum HostCommand {
     /// The fleet's hosts, their state and capacity.
     List,
+    /// Forget a host that is down, for good, with its sandboxes: a new agent may then take
+    /// its name (the old one's identity no longer counts).
+    Forget { name: String },
 }
 
 const DEFAULT_KEY_FILE: &str = "/var/lib/wrenn/cp/initial-api-key";
 
 impl Connection {
     fn key(&self) -> anyhow::Result<String> {
-        if let Some(key) = self.api_key.clone().filter(|k| !k.is_empty()) {
+        if let Some(key) = crate::secrets::resolve(
+            "--api-key",
+            self.api_key.clone(),
+            self.api_key_file.as_deref(),
+        )? {
             return Ok(key);
         }
         if let Ok(key) = std::env::var("E2B_API_KEY")
@@ -173,7 +183,7 @@ impl Connection {
             .map(|key| key.trim().to_string())
             .map_err(|_| {
                 anyhow::anyhow!(
-                    "no API key: pass --api-key, set WRENN_API_KEY or E2B_API_KEY, or run where `wrenn up` wrote {DEFAULT_KEY_FILE}"
+                    "no API key: pass --api-key or --api-key-file, set WRENN_API_KEY or E2B_API_KEY, or run where `wrenn up` wrote {DEFAULT_KEY_FILE}"
                 )
             })
     }
@@ -942,7 +952,22 @@ pub async fn hosts(args: HostArgs) -> anyhow::Result<()> {
         connection,
         command,
     } = args;
-    let HostCommand::List = command;
+    if let HostCommand::Forget { name } = command {
+        let path = format!(
+            "/hosts/{}",
+            percent_encoding::utf8_percent_encode(&name, percent_encoding::NON_ALPHANUMERIC)
+        );
+        let (forgotten, _) = connection.call(Method::DELETE, &path, None).await?;
+        if connection.json {
+            println!("{forgotten}");
+        } else {
+            println!(
+                "forgot host {name} and its {} sandboxes",
+                text(&forgotten["sandboxes"])
+            );
+        }
+        return Ok(());
+    }
     let (fleet, _) = connection.call(Method::GET, "/hosts", None).await?;
     if connection.json {
         println!("{}", serde_json::to_string_pretty(&fleet)?);

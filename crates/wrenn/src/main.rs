@@ -7,6 +7,7 @@ mod agent;
 mod bench;
 mod cli;
 mod image;
+mod secrets;
 mod up;
 
 use clap::{Parser, Subcommand};

@@ -41,6 +41,12 @@ pub struct PlaneArgs {
     /// The token host agents join with [default: one generated into <data>/cp/join-token].
     #[arg(long, env = "WRENN_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
+    /// A file holding the join token.
+    #[arg(long, env = "WRENN_JOIN_TOKEN_FILE")]
+    join_token_file: Option<PathBuf>,
+    /// A file holding the PostgreSQL URL (instead of `DATABASE_URL`, when it carries a password).
+    #[arg(long, env = "DATABASE_URL_FILE")]
+    database_url_file: Option<PathBuf>,
     /// Where new sandboxes go: least-loaded or binpack.
     #[arg(long, default_value = "least-loaded")]
     placement: String,
@@ -56,6 +62,16 @@ pub struct PlaneArgs {
     /// A sandbox a host runs that the store does not know is destroyed once this old (seconds).
     #[arg(long, default_value_t = 60)]
     orphan_grace_secs: u64,
+    /// Running sandboxes a team may have (0: no limit).
+    #[arg(long, default_value_t = 20)]
+    quota_running: u32,
+    /// Paused sandboxes a team may have (0: no limit).
+    #[arg(long, default_value_t = 50)]
+    quota_paused: u32,
+    /// Disk a team's sandboxes may hold, in GiB (estimated: each its template's disk size, a
+    /// paused one also its memory; 0: no limit).
+    #[arg(long, default_value_t = 100)]
+    quota_disk_gib: u64,
 }
 
 #[derive(Debug, Args)]
@@ -137,9 +153,15 @@ fn store_path(data_dir: &Path) -> PathBuf {
     data_dir.join("cp/wrenn.sqlite")
 }
 
-/// The store: PostgreSQL when `DATABASE_URL` names one, else SQLite in the data directory.
-async fn open_store(data_dir: &Path) -> anyhow::Result<Store> {
-    let url = std::env::var("DATABASE_URL").ok();
+/// The store: PostgreSQL when `DATABASE_URL` (or the file `url_file`, else
+/// `$DATABASE_URL_FILE`) names one, else SQLite in the data directory.
+async fn open_store(data_dir: &Path, url_file: Option<&Path>) -> anyhow::Result<Store> {
+    let env_file = std::env::var_os("DATABASE_URL_FILE").map(PathBuf::from);
+    let url = crate::secrets::resolve(
+        "--database-url",
+        std::env::var("DATABASE_URL").ok(),
+        url_file.or(env_file.as_deref()),
+    )?;
     let store = Store::open_configured(&store_path(data_dir), url.as_deref())
         .await
         .context("opening the store")?;
@@ -188,7 +210,7 @@ pub async fn key(command: KeyCommand) -> anyhow::Result<()> {
             data_dir,
             json,
         } => {
-            let store = open_store(&data_dir).await?;
+            let store = open_store(&data_dir, None).await?;
             let team = team(&store, &name).await?;
             let (key, record) = create_key(&store, &team, &key_name).await?;
             if json {
@@ -208,7 +230,7 @@ pub async fn key(command: KeyCommand) -> anyhow::Result<()> {
             data_dir,
             json,
         } => {
-            let store = open_store(&data_dir).await?;
+            let store = open_store(&data_dir, None).await?;
             let team = store
                 .team_by_name(&name)
                 .await?
@@ -235,7 +257,7 @@ pub async fn key(command: KeyCommand) -> anyhow::Result<()> {
             }
         }
         KeyCommand::Revoke { id, data_dir } => {
-            let store = open_store(&data_dir).await?;
+            let store = open_store(&data_dir, None).await?;
             anyhow::ensure!(store.revoke_key(&id, now_ms()).await?, "no active key {id}");
             println!("revoked {id}");
         }
@@ -259,8 +281,12 @@ type ServeFn<'a> =
 
 /// The join token: given, or read from (created in) `<data>/cp/join-token`.
 fn join_token(args: &PlaneArgs) -> anyhow::Result<(String, Option<PathBuf>)> {
-    if let Some(token) = args.join_token.clone().filter(|t| !t.is_empty()) {
-        return Ok((token, None));
+    if let Some(token) = crate::secrets::resolve(
+        "--join-token",
+        args.join_token.clone(),
+        args.join_token_file.as_deref(),
+    )? {
+        return Ok((token, args.join_token_file.clone()));
     }
     let file = args.data_dir.join("cp/join-token");
     if let Ok(token) = std::fs::read_to_string(&file)
@@ -273,10 +299,26 @@ fn join_token(args: &PlaneArgs) -> anyhow::Result<(String, Option<PathBuf>)> {
     Ok((token, Some(file)))
 }
 
-/// Writes a secret file (0600) atomically.
+/// The control plane's directory (`<data>/cp`: the SQLite store, the first API key, the join
+/// token) 0700 and every file in it 0600: created so, and tightened if an older wrenn or an
+/// operator left them readable.
+fn secure_plane_files(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    wrenn_cp::store::private_dir(dir).with_context(|| format!("securing {}", dir.display()))?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("securing {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes a secret file (0600, in a 0700 directory) atomically.
 fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
     let dir = path.parent().context("a secret file needs a directory")?;
-    std::fs::create_dir_all(dir)?;
+    wrenn_cp::store::private_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
     let temporary = path.with_extension("tmp");
     let mut file = std::fs::OpenOptions::new()
         .create(true)
@@ -296,7 +338,8 @@ async fn start_plane(
     embedded: Option<Arc<Manager>>,
     serve: &ServeFn<'_>,
 ) -> anyhow::Result<Running> {
-    let store = open_store(&args.data_dir).await?;
+    secure_plane_files(&args.data_dir.join("cp"))?;
+    let store = open_store(&args.data_dir, args.database_url_file.as_deref()).await?;
     let key_file = args.data_dir.join("cp/initial-api-key");
     let first_key = if store.team_by_name("default").await?.is_none() {
         let team = team(&store, "default").await?;
@@ -319,7 +362,11 @@ async fn start_plane(
         .await
         .context("loading the fleet")?;
     let (plane, wake) = ControlPlane::new(store, fleet, args.domain.clone(), !args.no_internet);
-    let plane = Arc::new(plane);
+    let plane = Arc::new(plane.with_quotas(wrenn_cp::quota::Quotas {
+        running: args.quota_running,
+        paused: args.quota_paused,
+        disk_mib: args.quota_disk_gib.saturating_mul(1024),
+    }));
     tokio::spawn(plane.clone().run_lifecycle());
     tokio::spawn(plane.clone().run_fleet(wake));
 
@@ -364,11 +411,11 @@ fn print_endpoints(running: &Running) {
         running.api_address, running.proxy_address
     );
     let token = match &running.join_token_file {
-        Some(file) => format!("$(cat {})", file.display()),
-        None => "<the --join-token>".to_string(),
+        Some(file) => format!("--join-token-file <a copy of {}>", file.display()),
+        None => "--join-token <the --join-token>".to_string(),
     };
     println!(
-        "Hosts join with: wrenn agent serve --join http://{} --join-token {token} --token <agent token>",
+        "Hosts join with: wrenn agent serve --join http://{} {token} --token-file <agent token file>",
         running.api_address
     );
 }

@@ -6,7 +6,10 @@
 //!   through the proxy, and a control-plane restart that loses nothing;
 //! - the fleet: placement over two hosts, drift corrected by the reconcile loop (a sandbox gone
 //!   from its host, an orphan the store does not know), a host that dies marked down with its
-//!   sandboxes lost, and the same host coming back with them.
+//!   sandboxes lost, and the same host coming back with them;
+//! - without VMs, against fake agents registered through the real route: a host that accepts
+//!   connections and never answers delays no other host's timeouts nor the heartbeat watch,
+//!   and a host's name is taken only with its identity (409 otherwise; `wrenn host forget`).
 //!
 //! Needs root, QEMU and the built image; see `support::prerequisites`.
 
@@ -31,10 +34,16 @@ struct Server {
     database_url: Option<String>,
     join_token: String,
     key: String,
+    /// More arguments of `wrenn server`.
+    extra_args: Vec<String>,
 }
 
 impl Server {
     fn start(database_url: Option<String>) -> Server {
+        Self::start_with(database_url, &[])
+    }
+
+    fn start_with(database_url: Option<String>, extra_args: &[&str]) -> Server {
         let mut server = Server {
             child: None,
             data: tempfile::tempdir().unwrap(),
@@ -43,6 +52,7 @@ impl Server {
             database_url,
             join_token: format!("join-{}", free_port()),
             key: String::new(),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         server.spawn();
         server.key = std::fs::read_to_string(server.data.path().join("cp/initial-api-key"))
@@ -70,6 +80,7 @@ impl Server {
             .args(["--down-after-ms", "3000"])
             .args(["--reconcile-interval-secs", "2"])
             .args(["--orphan-grace-secs", "3"])
+            .args(&self.extra_args)
             .env("WRENN_JOIN_TOKEN", &self.join_token)
             .env_remove("DATABASE_URL")
             .stdin(Stdio::null())
@@ -1291,4 +1302,784 @@ async fn fleet_places_reconciles_and_survives_a_dead_host() {
         agent.stop();
         assert_eq!(agent.leftovers(), Vec::<String>::new());
     }
+}
+
+/// A host agent that is not one, for the fleet's failure cases without VMs: it registers
+/// through the real route with the join token (keeping the identity it is given, like an
+/// agent), heartbeats a report with the template `base`, and serves the Connect calls the
+/// control plane makes (binary protobuf) from a table of sandboxes. A `stuck` one accepts
+/// connections and answers nothing but creates.
+struct FakeAgent {
+    address: SocketAddr,
+    name: String,
+    sandboxes: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    /// Those of them paused.
+    paused: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    /// When each sandbox was destroyed.
+    destroyed: std::sync::Arc<std::sync::Mutex<Vec<(String, Instant)>>>,
+    /// Report every slot in use.
+    full: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    heartbeats: Option<tokio::task::JoinHandle<()>>,
+    identity: Option<wrenn_agent::join::HostIdentity>,
+}
+
+impl FakeAgent {
+    async fn start(name: &str, stuck: bool) -> FakeAgent {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let agent = FakeAgent {
+            address: listener.local_addr().unwrap(),
+            name: name.to_string(),
+            sandboxes: Default::default(),
+            paused: Default::default(),
+            destroyed: Default::default(),
+            full: Default::default(),
+            heartbeats: None,
+            identity: None,
+        };
+        let (sandboxes, destroyed) = (agent.sandboxes.clone(), agent.destroyed.clone());
+        let paused = agent.paused.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (sandboxes, destroyed) = (sandboxes.clone(), destroyed.clone());
+                let paused = paused.clone();
+                let service = hyper::service::service_fn(
+                    move |request: http::Request<hyper::body::Incoming>| {
+                        let (sandboxes, destroyed) = (sandboxes.clone(), destroyed.clone());
+                        let paused = paused.clone();
+                        async move {
+                            use http_body_util::BodyExt;
+                            let method = request
+                                .uri()
+                                .path()
+                                .rsplit('/')
+                                .next()
+                                .unwrap_or("")
+                                .to_string();
+                            let body = request.into_body().collect().await.unwrap().to_bytes();
+                            let codec = wrenn_connect::Codec::Proto;
+                            let answer = match method.as_str() {
+                                "CreateSandbox" => {
+                                    let create: pb::CreateSandboxRequest =
+                                        codec.decode(&body).unwrap();
+                                    sandboxes.lock().unwrap().insert(create.sandbox_id);
+                                    codec.encode(&pb::CreateSandboxResponse::default())
+                                }
+                                _ if stuck => std::future::pending().await,
+                                "ListSandboxes" => {
+                                    let listed = sandboxes
+                                        .lock()
+                                        .unwrap()
+                                        .iter()
+                                        .map(|id| pb::Sandbox {
+                                            sandbox_id: id.clone(),
+                                            state: if paused.lock().unwrap().contains(id) {
+                                                "paused".into()
+                                            } else {
+                                                "running".into()
+                                            },
+                                            created_at_unix_ms: chrono::Utc::now()
+                                                .timestamp_millis(),
+                                            ..Default::default()
+                                        })
+                                        .collect();
+                                    codec.encode(&pb::ListSandboxesResponse { sandboxes: listed })
+                                }
+                                "DestroySandbox" => {
+                                    let destroy: pb::DestroySandboxRequest =
+                                        codec.decode(&body).unwrap();
+                                    sandboxes.lock().unwrap().remove(&destroy.sandbox_id);
+                                    destroyed
+                                        .lock()
+                                        .unwrap()
+                                        .push((destroy.sandbox_id, Instant::now()));
+                                    codec.encode(&pb::DestroySandboxResponse::default())
+                                }
+                                "PauseSandbox" => {
+                                    let pause: pb::PauseSandboxRequest =
+                                        codec.decode(&body).unwrap();
+                                    paused.lock().unwrap().insert(pause.sandbox_id);
+                                    codec.encode(&pb::PauseSandboxResponse::default())
+                                }
+                                "ResumeSandbox" => {
+                                    let resume: pb::ResumeSandboxRequest =
+                                        codec.decode(&body).unwrap();
+                                    paused.lock().unwrap().remove(&resume.sandbox_id);
+                                    codec.encode(&pb::ResumeSandboxResponse::default())
+                                }
+                                _ => Vec::new(),
+                            };
+                            Ok::<_, std::convert::Infallible>(
+                                http::Response::builder()
+                                    .header("content-type", "application/proto")
+                                    .body(http_body_util::Full::new(bytes::Bytes::from(answer)))
+                                    .unwrap(),
+                            )
+                        }
+                    },
+                );
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+        agent
+    }
+
+    fn report(&self) -> wrenn_agent::join::HostReport {
+        let full = self.full.load(std::sync::atomic::Ordering::SeqCst);
+        wrenn_agent::join::HostReport {
+            cpus: 4,
+            memory_bytes: 16 << 30,
+            memory_available_bytes: 16 << 30,
+            slots_total: 8,
+            slots_in_use: if full { 8 } else { 0 },
+            disk_available_bytes: 1 << 40,
+            templates: vec![wrenn_agent::join::TemplateReport {
+                template_id: "base".into(),
+                memory_mib: 512,
+                vcpus: 1,
+                envd_version: "0.6.4".into(),
+                image_key: String::new(),
+                created_at_ms: 0,
+                disk_size_mb: 2048,
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// One registration under `name` with `identity`: the status and the answer.
+    async fn register_as(
+        &self,
+        server: &Server,
+        name: &str,
+        identity: Option<&wrenn_agent::join::HostIdentity>,
+    ) -> (StatusCode, Value) {
+        let request = wrenn_agent::join::RegisterRequest {
+            name: name.into(),
+            api_url: format!("http://{}", self.address),
+            proxy_address: self.address.to_string(),
+            agent_token: "fake".into(),
+            report: self.report(),
+            identity: identity.cloned(),
+        };
+        let bearer = format!("Bearer {}", server.join_token);
+        let response = wrenn_connect::plain::call(
+            Method::POST,
+            &format!("{}/hosts/register", server.url()),
+            &[
+                ("authorization", &bearer),
+                ("content-type", "application/json"),
+            ],
+            serde_json::to_string(&request).unwrap(),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        (
+            response.status,
+            serde_json::from_slice(&response.body).unwrap_or(Value::Null),
+        )
+    }
+
+    /// Registers under its name (with its identity, once it has one) and heartbeats every
+    /// 200 ms until [`Self::stop_heartbeats`].
+    async fn join(&mut self, server: &Server) {
+        let (status, answer) = self
+            .register_as(server, &self.name.clone(), self.identity.as_ref())
+            .await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        let host_id = answer["hostId"].as_str().unwrap().to_string();
+        if let Some(secret) = answer["hostSecret"].as_str() {
+            self.identity = Some(wrenn_agent::join::HostIdentity {
+                host_id: host_id.clone(),
+                secret: secret.into(),
+            });
+        }
+        let token = answer["heartbeatToken"].as_str().unwrap().to_string();
+        let url = format!("{}/hosts/{host_id}/heartbeat", server.url());
+        let this = FakeAgent {
+            address: self.address,
+            name: self.name.clone(),
+            sandboxes: self.sandboxes.clone(),
+            paused: self.paused.clone(),
+            destroyed: self.destroyed.clone(),
+            full: self.full.clone(),
+            heartbeats: None,
+            identity: None,
+        };
+        self.stop_heartbeats();
+        self.heartbeats = Some(tokio::spawn(async move {
+            loop {
+                let bearer = format!("Bearer {token}");
+                let _ = wrenn_connect::plain::call(
+                    Method::POST,
+                    &url,
+                    &[
+                        ("authorization", &bearer),
+                        ("content-type", "application/json"),
+                    ],
+                    serde_json::to_string(&this.report()).unwrap(),
+                    Duration::from_secs(5),
+                )
+                .await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }));
+        server
+            .wait_host(&self.name, "up", Duration::from_secs(10))
+            .await;
+    }
+
+    fn stop_heartbeats(&mut self) {
+        if let Some(task) = self.heartbeats.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for FakeAgent {
+    fn drop(&mut self) {
+        self.stop_heartbeats();
+    }
+}
+
+/// The API's view of one host.
+async fn host_view(server: &Server, name: &str) -> Value {
+    server
+        .hosts()
+        .await
+        .into_iter()
+        .find(|host| host["name"] == name)
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_never_answers_delays_no_other_hosts_work() {
+    let server = Server::start(None);
+    // The control plane's files are its own (0600 in a 0700 directory).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let cp = server.data_dir().join("cp");
+        let mode =
+            |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&cp), 0o700);
+        for entry in std::fs::read_dir(&cp).unwrap() {
+            let path = entry.unwrap().path();
+            assert_eq!(mode(&path), 0o600, "{}", path.display());
+        }
+    }
+    // A host that takes creates and then never answers again, with two sandboxes that time out
+    // first; then it reports itself full, so that later creates go elsewhere.
+    let mut slow = FakeAgent::start("slow", true).await;
+    slow.join(&server).await;
+    let mut stuck_ids = Vec::new();
+    for _ in 0..2 {
+        let created = server
+            .create(json!({"templateID": "base", "timeout": 1}))
+            .await;
+        stuck_ids.push(created["sandboxID"].as_str().unwrap().to_string());
+    }
+    assert_eq!(slow.sandboxes.lock().unwrap().len(), 2);
+    slow.full.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_until(
+        "the slow host to report itself full",
+        Duration::from_secs(5),
+        async || host_view(&server, "slow").await["report"]["slotsInUse"] == 8,
+    )
+    .await;
+
+    // A healthy host: its sandboxes end on time although the slow host's kills (and its
+    // reconciles) hang.
+    let mut quick = FakeAgent::start("quick", false).await;
+    quick.join(&server).await;
+    let mut quick_ids = Vec::new();
+    for _ in 0..3 {
+        let created = server
+            .create(json!({"templateID": "base", "timeout": 2}))
+            .await;
+        quick_ids.push(created["sandboxID"].as_str().unwrap().to_string());
+    }
+    let ends = Instant::now() + Duration::from_secs(2);
+    assert_eq!(
+        quick
+            .sandboxes
+            .lock()
+            .unwrap()
+            .iter()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>(),
+        quick_ids.iter().cloned().collect(),
+        "the slow host is full: every create went to the quick one"
+    );
+    wait_until(
+        "the quick host's sandboxes to be killed",
+        Duration::from_secs(10),
+        async || quick.sandboxes.lock().unwrap().is_empty(),
+    )
+    .await;
+    for (id, at) in quick.destroyed.lock().unwrap().iter() {
+        let late = at.saturating_duration_since(ends);
+        assert!(
+            late < Duration::from_secs(4),
+            "{id} was killed {late:?} after its end"
+        );
+    }
+    for id in &quick_ids {
+        let (status, _) = server
+            .call(Method::GET, &format!("/sandboxes/{id}"), Value::Null)
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+    // The slow host's sandboxes are still there: their kills wait on their deadline.
+    for id in &stuck_ids {
+        let (status, body) = server
+            .call(Method::GET, &format!("/sandboxes/{id}"), Value::Null)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    // The heartbeat watch is not held up by the slow host's reconciles: a silent host goes
+    // down on time (down after 3 s).
+    quick.stop_heartbeats();
+    let silent = Instant::now();
+    server
+        .wait_host("quick", "down", Duration::from_secs(8))
+        .await;
+    assert!(
+        silent.elapsed() < Duration::from_secs(7),
+        "{:?}",
+        silent.elapsed()
+    );
+    assert_eq!(host_view(&server, "slow").await["state"], "up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hosts_name_is_taken_only_with_its_identity() {
+    let server = Server::start(None);
+    let mut owner = FakeAgent::start("owned", false).await;
+    owner.join(&server).await;
+    let identity = owner
+        .identity
+        .clone()
+        .expect("a first registration gives an identity");
+    let created = server
+        .create(json!({"templateID": "base", "timeout": 300}))
+        .await;
+    let id = created["sandboxID"].as_str().unwrap().to_string();
+    let before = host_view(&server, "owned").await;
+
+    // A second agent under the live host's name, with no identity or a wrong one: 409, and
+    // nothing of the host changes (its address, its heartbeats, its sandbox).
+    let intruder = FakeAgent::start("intruder", false).await;
+    let forged = wrenn_agent::join::HostIdentity {
+        host_id: identity.host_id.clone(),
+        secret: "guess".into(),
+    };
+    for claim in [None, Some(&forged)] {
+        let (status, answer) = intruder.register_as(&server, "owned", claim).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+        assert!(
+            answer["message"]
+                .as_str()
+                .unwrap()
+                .contains("is up under another identity"),
+            "{answer}"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = host_view(&server, "owned").await;
+    assert_eq!(after["hostID"], before["hostID"]);
+    assert_eq!(after["apiURL"], before["apiURL"]);
+    assert_eq!(after["state"], "up", "the owner's heartbeats still count");
+    let (status, body) = server
+        .call(Method::GET, &format!("/sandboxes/{id}"), Value::Null)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(owner.sandboxes.lock().unwrap().len(), 1);
+    assert!(intruder.sandboxes.lock().unwrap().is_empty());
+
+    // Down: still not the intruder's; its own agent takes it back, with its sandbox.
+    owner.stop_heartbeats();
+    server
+        .wait_host("owned", "down", Duration::from_secs(8))
+        .await;
+    let (status, answer) = intruder.register_as(&server, "owned", None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("wrenn host forget owned"),
+        "{answer}"
+    );
+    // An identity is one host's: it cannot register under another name.
+    let (status, answer) = intruder
+        .register_as(&server, "renamed", Some(&identity))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    owner.join(&server).await;
+    assert_eq!(
+        owner.identity.as_ref(),
+        Some(&identity),
+        "the identity is kept, not renewed"
+    );
+    wait_until(
+        "the sandbox to come back",
+        Duration::from_secs(10),
+        async || {
+            let (_, body) = server
+                .call(Method::GET, &format!("/sandboxes/{id}"), Value::Null)
+                .await;
+            body["state"] == "running"
+        },
+    )
+    .await;
+
+    // Replaced for good: forgetting needs an admin key and a down host; then the name is free.
+    let other_key = server.key_of_team("not-admin");
+    let (status, _, _) = server
+        .call_with(Method::DELETE, "/hosts/owned", Some(&other_key), "")
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) = server
+        .call(Method::DELETE, "/hosts/owned", Value::Null)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "an up host is not forgotten: {body}"
+    );
+    owner.stop_heartbeats();
+    server
+        .wait_host("owned", "down", Duration::from_secs(8))
+        .await;
+    let (code, out, err) = wrenn_cli(&server, &["host", "forget", "owned", "--json"], "").await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["sandboxes"],
+        1,
+        "{out}"
+    );
+    let (status, _) = server
+        .call(Method::GET, &format!("/sandboxes/{id}"), Value::Null)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, answer) = intruder.register_as(&server, "owned", None).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_ne!(answer["hostId"], json!(identity.host_id), "a new identity");
+    assert!(answer["hostSecret"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_cannot_take_a_hosts_name() {
+    if prerequisites().is_none() {
+        return;
+    }
+    let server = Server::start(None);
+    let mut owner = joined_agent(&server, "wida", 1500, "ident-a").await;
+    // The agent keeps the identity it was given, privately.
+    let identity_file = owner.data_dir().join(wrenn_agent::join::IDENTITY_FILE);
+    let kept = wrenn_agent::join::read_identity(&identity_file)
+        .unwrap()
+        .expect("the identity is kept");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&identity_file)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    let created = server
+        .create(json!({"templateID": "base", "timeout": 300}))
+        .await;
+    let id = created["sandboxID"].as_str().unwrap().to_string();
+    let before = host_view(&server, "ident-a").await;
+    assert_eq!(before["hostID"], json!(kept.host_id));
+
+    // A second real agent under the same name keeps being refused (409): the host, its
+    // heartbeats and its sandbox are untouched, up and down.
+    let mut intruder =
+        Agent::start_joined("widb", 1520, &server.url(), &server.join_token, "ident-a");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = host_view(&server, "ident-a").await;
+    assert_eq!(
+        (&after["hostID"], &after["apiURL"], &after["state"]),
+        (&before["hostID"], &before["apiURL"], &json!("up"))
+    );
+    assert!(
+        !intruder
+            .data_dir()
+            .join(wrenn_agent::join::IDENTITY_FILE)
+            .exists(),
+        "the intruder was given no identity"
+    );
+    let on_owner = agent_sandboxes(&owner).await;
+    if on_owner != vec![id.clone()] {
+        let detail = owner.get(&id).await;
+        panic!("the owner runs {on_owner:?}, not [{id}]: {detail:?}");
+    }
+    let ran = run_via_proxy(server.proxy, &id, None, "echo intact").await;
+    assert_eq!(ran.stdout.trim(), "intact", "{ran:?}");
+
+    owner.kill();
+    server
+        .wait_host("ident-a", "down", Duration::from_secs(15))
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let down = host_view(&server, "ident-a").await;
+    assert_eq!(
+        (&down["state"], &down["apiURL"]),
+        (&json!("down"), &before["apiURL"]),
+        "a down host is not the intruder's either"
+    );
+    // Its own agent, restarted, takes it back with the kept identity, and the sandbox with it.
+    owner.spawn();
+    server
+        .wait_host("ident-a", "up", Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        wrenn_agent::join::read_identity(&identity_file).unwrap(),
+        Some(kept)
+    );
+    wait_until(
+        "the sandbox to come back",
+        Duration::from_secs(15),
+        async || {
+            let (_, detail) = server
+                .call(Method::GET, &format!("/sandboxes/{id}"), Value::Null)
+                .await;
+            detail["state"] == "running"
+        },
+    )
+    .await;
+    let ran = run_via_proxy(server.proxy, &id, None, "echo back").await;
+    assert_eq!(ran.stdout.trim(), "back", "{ran:?}");
+
+    let (status, _) = server
+        .call(Method::DELETE, &format!("/sandboxes/{id}"), Value::Null)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    for agent in [&mut owner, &mut intruder] {
+        agent.stop();
+        assert_eq!(agent.leftovers(), Vec::<String>::new());
+    }
+}
+
+async fn post(
+    server: &Server,
+    key: &str,
+    path: &str,
+    body: &str,
+) -> (StatusCode, Value, http::HeaderMap) {
+    server.call_with(Method::POST, path, Some(key), body).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_and_refused_settings_through_the_real_api() {
+    let server = Server::start_with(
+        None,
+        &[
+            "--quota-running",
+            "2",
+            "--quota-paused",
+            "1",
+            "--quota-disk-gib",
+            "6",
+        ],
+    );
+    let mut host = FakeAgent::start("quota-host", false).await;
+    host.join(&server).await;
+    let key = server.key_of_team("limited");
+
+    // Settings wrenn does not enforce: 400 naming the field, and nothing is created.
+    for (body, field) in [
+        (
+            json!({"templateID": "base", "network": {"allowOut": ["1.1.1.1"]}}),
+            "network.allowOut",
+        ),
+        (
+            json!({"templateID": "base", "volumeMounts": [{"name": "v", "path": "/v"}]}),
+            "volumeMounts",
+        ),
+        (
+            json!({"templateID": "base", "autoPause": true, "autoPauseMemory": false}),
+            "autoPauseMemory",
+        ),
+    ] {
+        let (status, answer, _) = server
+            .call_with(Method::POST, "/v2/sandboxes", Some(&key), &body.to_string())
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        assert!(
+            answer["message"].as_str().unwrap().starts_with(field),
+            "{answer}"
+        );
+    }
+    assert!(host.sandboxes.lock().unwrap().is_empty());
+
+    // Six creates at once for a team allowed two running: exactly two are made.
+    let body =
+        json!({"templateID": "base", "timeout": 300, "network": {"allowOut": [], "denyOut": []},
+        "mcp": null, "volumeMounts": [], "autoPauseMemory": true})
+        .to_string();
+    let attempts =
+        (0..6).map(|_| server.call_with(Method::POST, "/v2/sandboxes", Some(&key), &body));
+    let answers = futures_util::future::join_all(attempts).await;
+    let mut made = Vec::new();
+    for (status, answer, headers) in answers {
+        match status {
+            StatusCode::CREATED => made.push(answer["sandboxID"].as_str().unwrap().to_string()),
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert_eq!(
+                    answer["message"],
+                    "team limited has 2 running sandboxes, the limit: kill or pause one first"
+                );
+                assert_eq!(headers["should-retry"], "false");
+            }
+            other => panic!("{other}: {answer}"),
+        }
+    }
+    assert_eq!(made.len(), 2, "{made:?}");
+    assert_eq!(host.sandboxes.lock().unwrap().len(), 2);
+    // Another team has limits of its own.
+    let other = server
+        .create(json!({"templateID": "base", "timeout": 300}))
+        .await;
+
+    // A pause without memory is refused; one pause fits the paused limit, a second does not.
+    let (status, answer, _) = post(
+        &server,
+        &key,
+        &format!("/sandboxes/{}/pause", made[0]),
+        r#"{"memory": false}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert!(answer["message"].as_str().unwrap().starts_with("memory"));
+    let (status, answer, _) = post(
+        &server,
+        &key,
+        &format!("/sandboxes/{}/pause", made[0]),
+        r#"{"memory": true}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{answer}");
+    let (status, answer, _) =
+        post(&server, &key, &format!("/sandboxes/{}/pause", made[1]), "").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("1 paused sandboxes, the limit"),
+        "{answer}"
+    );
+    // Disk: a running sandbox counts its template's 2 GiB, a paused one also its 512 MiB of
+    // memory: 4608 MiB held, and 2048 more would pass 6 GiB.
+    let (status, answer, _) = server
+        .call_with(Method::POST, "/sandboxes", Some(&key), &body)
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{answer}");
+    assert_eq!(
+        answer["message"],
+        "team limited's sandboxes hold 4608 MiB of disk; 2048 MiB more would pass the limit of 6144 MiB"
+    );
+    // Connect with memory: false is refused; a plain one resumes (running 2 of 2 again), and
+    // the network of a sandbox cannot be changed.
+    let (status, _, _) = post(
+        &server,
+        &key,
+        &format!("/sandboxes/{}/connect", made[0]),
+        r#"{"timeout": 60, "memory": false}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, answer, _) = post(
+        &server,
+        &key,
+        &format!("/sandboxes/{}/connect", made[0]),
+        r#"{"timeout": 60}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    let (status, answer, _) = server
+        .call_with(
+            Method::PUT,
+            &format!("/sandboxes/{}/network", made[0]),
+            Some(&key),
+            r#"{"allowOut": ["10.0.0.0/8"]}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert!(
+        answer["message"].as_str().unwrap().contains("allowOut"),
+        "{answer}"
+    );
+    // Killing one frees its slot.
+    let (status, _, _) = server
+        .call_with(
+            Method::DELETE,
+            &format!("/sandboxes/{}", made[1]),
+            Some(&key),
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, answer, _) = server
+        .call_with(Method::POST, "/sandboxes", Some(&key), &body)
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    drop(other);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_takes_its_api_key_from_a_file() {
+    let server = Server::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("key");
+    std::fs::write(&key_file, format!("{}\n", server.key)).unwrap();
+    let run = |args: Vec<String>, env_key: Option<&str>| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_wrenn"));
+        command
+            .args(&args)
+            .env("WRENN_API_URL", server.url())
+            .env_remove("WRENN_API_KEY")
+            .env_remove("E2B_API_KEY");
+        if let Some(key) = env_key {
+            command.env("WRENN_API_KEY", key);
+        }
+        command.output().unwrap()
+    };
+    let file_arg = key_file.display().to_string();
+    let listed = run(
+        vec![
+            "host".into(),
+            "list".into(),
+            "--json".into(),
+            "--api-key-file".into(),
+            file_arg.clone(),
+        ],
+        None,
+    );
+    assert!(listed.status.success(), "{listed:?}");
+    let fleet: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(fleet["placement"], "least-loaded");
+    let both = run(
+        vec![
+            "host".into(),
+            "list".into(),
+            "--api-key-file".into(),
+            file_arg,
+        ],
+        Some(&server.key),
+    );
+    assert!(!both.status.success());
+    assert!(
+        String::from_utf8_lossy(&both.stderr).contains("not both"),
+        "{both:?}"
+    );
 }

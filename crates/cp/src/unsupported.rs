@@ -1,0 +1,226 @@
+//! Request settings wrenn does not enforce (yet): egress allow- and deny-lists, egress rules and
+//! proxies, host masks, DNS servers, HTTPS ports, MCP gateways, workload identity (IAM),
+//! volume mounts, and pauses that drop the memory. A request that sets one of them is refused
+//! with a 400 naming the field; a setting that says "nothing" (absent, `null`, `false`, `""`,
+//! `[]`, `{}`; `true` for the memory flags) is accepted, because the SDKs send those. A security
+//! setting is never accepted and then ignored.
+//!
+//! This module only reads request bodies (as JSON values, so that every spelling and shape is
+//! seen, not just the ones a typed struct would keep); the handlers in [`crate::api`] turn its
+//! error into the HTTP answer.
+
+use serde_json::Value;
+
+/// A setting the request makes that wrenn does not enforce.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field} is not supported by wrenn: {why}")]
+pub struct Unsupported {
+    /// The field as the REST API spells it (`network.allowOut`).
+    pub field: String,
+    pub why: &'static str,
+}
+
+/// Whether a value says "nothing": what the SDKs send for a setting the caller did not make.
+fn is_unset(value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::Bool(set) => !set,
+        Value::String(text) => text.is_empty(),
+        Value::Array(items) => items.is_empty(),
+        Value::Object(fields) => fields.is_empty(),
+        Value::Number(_) => false,
+    }
+}
+
+/// The value of a field under its REST spelling (camelCase) or its snake_case one.
+fn get<'a>(object: &'a Value, camel: &str, snake: &str) -> Option<&'a Value> {
+    object.get(camel).or_else(|| object.get(snake))
+}
+
+const EGRESS: &str = "limiting a sandbox's egress to (or from) a list is not enforced; \
+    allow_internet_access: false cuts it off the internet entirely";
+
+/// `network.*` settings of a create, `(camelCase, snake_case, why)`.
+const NETWORK_FIELDS: &[(&str, &str, &str)] = &[
+    ("allowOut", "allow_out", EGRESS),
+    ("denyOut", "deny_out", EGRESS),
+    (
+        "rules",
+        "rules",
+        "egress rules and transforms are not enforced",
+    ),
+    (
+        "egressProxy",
+        "egress_proxy",
+        "egress is not tunnelled through a proxy",
+    ),
+    (
+        "maskRequestHost",
+        "mask_request_host",
+        "the Host header of proxied requests is not rewritten",
+    ),
+    (
+        "dnsServers",
+        "dns_servers",
+        "a sandbox's DNS servers cannot be chosen",
+    ),
+    (
+        "httpsPorts",
+        "https_ports",
+        "the edge proxy does not reach sandbox ports over HTTPS",
+    ),
+];
+
+/// Top-level settings of a create, `(camelCase, snake_case, why)`.
+const CREATE_FIELDS: &[(&str, &str, &str)] = &[
+    ("mcp", "mcp", "MCP gateways are not provided"),
+    (
+        "volumeMounts",
+        "volume_mounts",
+        "volumes cannot be mounted into sandboxes",
+    ),
+    (
+        "iam",
+        "iam",
+        "workload identity tokens are not issued to sandboxes",
+    ),
+];
+
+const NO_MEMORY: &str = "a pause always keeps the sandbox's memory (a filesystem-only pause, \
+    or a resume that cold-boots, is not implemented)";
+
+/// Checks a create body (`POST /sandboxes`, `POST /v2/sandboxes`).
+pub fn check_create(body: &Value) -> Result<(), Unsupported> {
+    for (camel, snake, why) in CREATE_FIELDS {
+        if get(body, camel, snake).is_some_and(|value| !is_unset(value)) {
+            return Err(Unsupported {
+                field: (*camel).to_string(),
+                why,
+            });
+        }
+    }
+    if let Some(network) = body.get("network").filter(|n| n.is_object()) {
+        for (camel, snake, why) in NETWORK_FIELDS {
+            if get(network, camel, snake).is_some_and(|value| !is_unset(value)) {
+                return Err(Unsupported {
+                    field: format!("network.{camel}"),
+                    why,
+                });
+            }
+        }
+    }
+    if get(body, "autoPauseMemory", "auto_pause_memory") == Some(&Value::Bool(false)) {
+        return Err(Unsupported {
+            field: "autoPauseMemory".into(),
+            why: NO_MEMORY,
+        });
+    }
+    Ok(())
+}
+
+/// Checks the body of a pause, connect or resume: `memory: false` asks for a pause (or resume)
+/// without memory.
+pub fn check_memory(body: &Value) -> Result<(), Unsupported> {
+    if body.get("memory") == Some(&Value::Bool(false)) {
+        return Err(Unsupported {
+            field: "memory".into(),
+            why: NO_MEMORY,
+        });
+    }
+    Ok(())
+}
+
+/// `PUT /sandboxes/{id}/network`: a sandbox's network is fixed when it is created, so every
+/// update is refused, naming the first field it sets.
+pub fn check_network_update(body: &Value) -> Unsupported {
+    const WHY: &str = "a sandbox's network cannot be changed after it is created";
+    let field = body
+        .as_object()
+        .and_then(|fields| fields.iter().find(|(_, value)| !value.is_null()))
+        .map(|(name, _)| format!("network update: {name}"))
+        .unwrap_or_else(|| "network update".to_string());
+    Unsupported { field, why: WHY }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn what_the_sdks_send_by_default_is_accepted() {
+        for body in [
+            json!({}),
+            json!({"templateID": "base", "timeout": 60, "autoPause": false, "autoPauseMemory": true,
+                "metadata": {}, "envVars": {}, "secure": true, "allow_internet_access": true}),
+            json!({"templateID": "base", "network": {}, "mcp": null, "volumeMounts": [], "iam": {}}),
+            json!({"network": {"allowPublicTraffic": false, "allowOut": [], "denyOut": [],
+                "rules": {}, "egressProxy": null, "maskRequestHost": "", "dnsServers": [],
+                "httpsPorts": []}}),
+            json!({"network": null, "mcp": {}}),
+        ] {
+            assert_eq!(check_create(&body), Ok(()), "{body}");
+        }
+        for body in [json!({}), json!({"timeout": 30}), json!({"memory": true})] {
+            assert_eq!(check_memory(&body), Ok(()), "{body}");
+        }
+    }
+
+    #[test]
+    fn each_unenforced_setting_is_refused_by_name() {
+        let cases = [
+            (
+                json!({"network": {"allowOut": ["1.1.1.1"]}}),
+                "network.allowOut",
+            ),
+            (
+                json!({"network": {"allow_out": ["example.com"]}}),
+                "network.allowOut",
+            ),
+            (
+                json!({"network": {"denyOut": ["0.0.0.0/0"]}}),
+                "network.denyOut",
+            ),
+            (
+                json!({"network": {"rules": {"example.com": [{}]}}}),
+                "network.rules",
+            ),
+            (
+                json!({"network": {"egressProxy": {"address": "p:1080"}}}),
+                "network.egressProxy",
+            ),
+            (
+                json!({"network": {"maskRequestHost": "${PORT}-x.example.com"}}),
+                "network.maskRequestHost",
+            ),
+            (
+                json!({"network": {"dnsServers": ["1.1.1.1"]}}),
+                "network.dnsServers",
+            ),
+            (
+                json!({"network": {"httpsPorts": [3000]}}),
+                "network.httpsPorts",
+            ),
+            (json!({"mcp": {"github": {}}}), "mcp"),
+            (
+                json!({"volumeMounts": [{"name": "v", "path": "/data"}]}),
+                "volumeMounts",
+            ),
+            (json!({"iam": {"tokens": {"aws": {}}}}), "iam"),
+            (json!({"autoPauseMemory": false}), "autoPauseMemory"),
+            (json!({"auto_pause_memory": false}), "autoPauseMemory"),
+        ];
+        for (body, field) in cases {
+            let refused = check_create(&body).expect_err(&body.to_string());
+            assert_eq!(refused.field, field, "{body}");
+            assert!(refused.to_string().starts_with(field), "{refused}");
+        }
+        let refused = check_memory(&json!({"timeout": 10, "memory": false})).unwrap_err();
+        assert_eq!(refused.field, "memory");
+        assert!(
+            check_network_update(&json!({"allowOut": ["1.1.1.1"]}))
+                .to_string()
+                .contains("allowOut")
+        );
+    }
+}

@@ -17,7 +17,7 @@ use wrenn_vmm::accel::AccelSetting;
 #[derive(Debug, Subcommand)]
 pub enum AgentCommand {
     /// Run the host agent.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Sandboxes of an agent.
     #[command(subcommand)]
     Sandbox(SandboxCommand),
@@ -185,7 +185,7 @@ pub enum TemplateCommand {
 
 pub async fn run(command: AgentCommand) -> anyhow::Result<()> {
     match command {
-        AgentCommand::Serve(args) => serve(args).await,
+        AgentCommand::Serve(args) => serve(*args).await,
         AgentCommand::Sandbox(command) => sandbox(command).await,
         AgentCommand::Template(command) => template(command).await,
         AgentCommand::Host(client) => {

@@ -372,7 +372,7 @@ impl SlotPool {
     async fn create(&self, slot: &Slot) -> Result<(), AgentError> {
         let slot = slot.clone();
         let mmds_port = self.config.mmds_port;
-        run_blocking(move || create_slot(&slot, mmds_port)).await
+        run_blocking(move || create_slot_blocking(&slot, mmds_port)).await
     }
 
     async fn delete(&self, slot: &Slot) -> Result<(), AgentError> {
@@ -410,7 +410,8 @@ fn ip(args: &[&str]) -> Result<(), AgentError> {
     }
 }
 
-fn in_namespace(
+/// Runs `program` in a namespace, feeding it `input`.
+pub fn in_namespace(
     netns: &str,
     program: &str,
     args: &[&str],
@@ -457,9 +458,43 @@ fn load_firewall(netns: &str, rules: &str) -> Result<(), AgentError> {
     )
 }
 
-fn create_slot(slot: &Slot, mmds_port: u16) -> Result<(), AgentError> {
+/// Makes a slot as the agent does (blocking; `wrenn bench slots` times it).
+pub fn create_slot_blocking(slot: &Slot, mmds_port: u16) -> Result<(), AgentError> {
+    create_slot_with(slot, |ns| {
+        // The firewall goes in before the tap exists: no frame of a guest ever meets an open
+        // namespace. Slots have no IPv6.
+        in_namespace(
+            ns,
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ],
+            None,
+        )?;
+        load_firewall(
+            ns,
+            &firewall::namespace_rules(slot, mmds_port, &Egress::Closed),
+        )?;
+        add_tap(ns)
+    })
+}
+
+/// Deletes a slot's namespace and veth (blocking; nothing happens to what is not there).
+pub fn delete_slot_blocking(slot: &Slot) {
     let _ = ip(&["link", "del", &slot.veth_host]);
     let _ = ip(&["netns", "del", &slot.netns]);
+}
+
+/// A slot's namespace and veth pair with its addresses and routes; `inside(namespace)` adds the
+/// tap and the firewall. Whatever was half made is removed on failure.
+pub fn create_slot_with(
+    slot: &Slot,
+    inside: impl FnOnce(&str) -> Result<(), AgentError>,
+) -> Result<(), AgentError> {
+    delete_slot_blocking(slot);
     let built = (|| {
         let ns = slot.netns.as_str();
         ip(&["netns", "add", ns])?;
@@ -503,24 +538,7 @@ fn create_slot(slot: &Slot, mmds_port: u16) -> Result<(), AgentError> {
             "via",
             &slot.host_ip.to_string(),
         ])?;
-        // The firewall goes in before the tap exists: no frame of a guest ever meets an open
-        // namespace. Slots have no IPv6.
-        in_namespace(
-            ns,
-            "sysctl",
-            &[
-                "-qw",
-                "net.ipv4.ip_forward=1",
-                "net.ipv6.conf.all.disable_ipv6=1",
-                "net.ipv6.conf.default.disable_ipv6=1",
-            ],
-            None,
-        )?;
-        load_firewall(
-            ns,
-            &firewall::namespace_rules(slot, mmds_port, &Egress::Closed),
-        )?;
-        add_tap(ns)?;
+        inside(ns)?;
         ip(&[
             "route",
             "replace",
@@ -532,13 +550,13 @@ fn create_slot(slot: &Slot, mmds_port: u16) -> Result<(), AgentError> {
         ])
     })();
     if built.is_err() {
-        let _ = ip(&["link", "del", &slot.veth_host]);
-        let _ = ip(&["netns", "del", &slot.netns]);
+        delete_slot_blocking(slot);
     }
     built
 }
 
-fn add_tap(ns: &str) -> Result<(), AgentError> {
+/// Adds the guest's tap to a namespace.
+pub fn add_tap(ns: &str) -> Result<(), AgentError> {
     ip(&["-n", ns, "tuntap", "add", "dev", "tap0", "mode", "tap"])?;
     ip(&["-n", ns, "link", "set", "tap0", "address", TAP_MAC])?;
     ip(&[

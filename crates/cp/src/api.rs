@@ -394,6 +394,8 @@ async fn create_sandbox(
     let _admitted = plane
         .admit(&team.0, crate::quota::Change::Create { disk_mib })
         .await?;
+    // On a host before it is in the store: reconcile must not take it for an orphan.
+    let _creating = plane.fleet.creating(&id);
     // A host that cannot take it (full, or not answering) passes it to the next one.
     let mut excluded = Vec::new();
     let mut agent_time = Duration::ZERO;

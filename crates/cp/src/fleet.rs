@@ -526,6 +526,27 @@ pub struct Fleet {
     placing: Mutex<()>,
     /// Serialises registrations (and forgetting), so two agents cannot both claim a name.
     registering: tokio::sync::Mutex<()>,
+    /// Sandboxes being created: on their host already, not in the store yet. Reconcile leaves
+    /// them alone however long the create takes (an orphan grace alone would not: a create under
+    /// load can outlast it).
+    creating: Mutex<HashSet<String>>,
+}
+
+/// A sandbox id marked as being created until this is dropped (see [`Fleet::creating`]).
+#[derive(Debug)]
+pub struct Creating<'a> {
+    fleet: &'a Fleet,
+    id: String,
+}
+
+impl Drop for Creating<'_> {
+    fn drop(&mut self) {
+        self.fleet
+            .creating
+            .lock()
+            .expect("creating lock")
+            .remove(&self.id);
+    }
 }
 
 fn now_ms() -> i64 {
@@ -533,6 +554,25 @@ fn now_ms() -> i64 {
 }
 
 impl Fleet {
+    /// Marks `sandbox_id` as being created until the guard goes (hold it past the row's insert).
+    pub fn creating(&self, sandbox_id: &str) -> Creating<'_> {
+        self.creating
+            .lock()
+            .expect("creating lock")
+            .insert(sandbox_id.to_string());
+        Creating {
+            fleet: self,
+            id: sandbox_id.to_string(),
+        }
+    }
+
+    fn is_being_created(&self, sandbox_id: &str) -> bool {
+        self.creating
+            .lock()
+            .expect("creating lock")
+            .contains(sandbox_id)
+    }
+
     /// The fleet as the store has it; the embedded agent, if any, becomes host `local`. Hosts
     /// are given a full `down_after` to heartbeat before they are marked down. A stored embedded
     /// host with no agent in this process is down at once.
@@ -549,6 +589,7 @@ impl Fleet {
             sandbox_hosts: Mutex::new(HashMap::new()),
             placing: Mutex::new(()),
             registering: tokio::sync::Mutex::new(()),
+            creating: Mutex::new(HashSet::new()),
         };
         for row in store.hosts().await? {
             if row.api_url == EMBEDDED_API_URL {
@@ -1135,7 +1176,10 @@ pub async fn reconcile_host(
     }
     let grace = fleet.config.orphan_grace.as_millis() as i64;
     for sandbox in agent.values() {
-        if known.contains(sandbox.id.as_str()) || now_ms() - sandbox.created_at_ms < grace {
+        if known.contains(sandbox.id.as_str())
+            || fleet.is_being_created(&sandbox.id)
+            || now_ms() - sandbox.created_at_ms < grace
+        {
             continue;
         }
         // Written since the rows were read?
@@ -1198,6 +1242,7 @@ mod tests {
             sandbox_hosts: Mutex::new(HashMap::new()),
             placing: Mutex::new(()),
             registering: tokio::sync::Mutex::new(()),
+            creating: Mutex::new(HashSet::new()),
         };
         for (name, state, total, used, memory_mib, disk_bytes) in hosts {
             let row = HostRow {

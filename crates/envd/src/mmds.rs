@@ -59,7 +59,7 @@ impl MmdsClient {
     /// A client of the MMDS at `address` (`host:port`).
     pub fn new(address: &str) -> Self {
         let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_millis(500)));
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
         MmdsClient {
             base: format!("http://{address}"),
             // No idle connections kept: one kept across a snapshot would be a zombie in every

@@ -7,11 +7,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::VmmError;
+
+/// The longest QMP message read (QEMU's answers to our commands are far shorter).
+pub const MAX_MESSAGE_BYTES: u64 = 1 << 20;
 
 /// How long one QMP command may take before the VMM counts as hung.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -166,14 +169,22 @@ impl QmpClient {
     }
 
     async fn read_message(&mut self) -> Result<Value, VmmError> {
+        // A VMM is the guest's first step out: a line of QMP is read up to a bound, never
+        // without end.
         let mut line = String::new();
-        let read = self
-            .reader
+        let read = (&mut self.reader)
+            .take(MAX_MESSAGE_BYTES)
             .read_line(&mut line)
             .await
             .map_err(|error| VmmError::io("reading from QMP", error))?;
         if read == 0 {
             return Err(VmmError::Exited("QMP connection closed".into()));
+        }
+        if !line.ends_with('\n') && read as u64 >= MAX_MESSAGE_BYTES {
+            return Err(VmmError::Invalid(format!(
+                "a QMP message longer than {} KiB",
+                MAX_MESSAGE_BYTES / 1024
+            )));
         }
         serde_json::from_str(&line)
             .map_err(|error| VmmError::Invalid(format!("QMP sent invalid JSON ({error}): {line}")))
@@ -228,5 +239,22 @@ mod tests {
         assert_eq!(client.events.len(), 1);
         let error = client.execute("no-such-thing", None).await.unwrap_err();
         assert!(error.to_string().contains("has not been found"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn an_endless_line_is_refused_at_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let block = vec![b'x'; 64 * 1024];
+            while stream.write_all(&block).await.is_ok() {}
+        });
+        let error = QmpClient::connect(&socket).await.unwrap_err();
+        assert!(
+            error.to_string().contains("longer than 1024 KiB"),
+            "{error}"
+        );
     }
 }

@@ -159,8 +159,11 @@ pub(crate) async fn init(
     respond(StatusCode::NO_CONTENT, "")
 }
 
-/// How long `/init` waits for the metadata service.
-const MMDS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long `/init` waits for the metadata service. A restored clone's first connections
+/// go through a guest that may share its CPU with many others (software emulation): 1 s was
+/// missed under load, and the clone then kept its template's identity. The agent's `/init`
+/// deadline (10 s) stays well above this.
+const MMDS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, PartialEq, Eq)]
 enum Authorized {

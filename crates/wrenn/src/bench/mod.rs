@@ -4,6 +4,7 @@
 mod api;
 mod envd;
 mod sandbox;
+mod slots;
 
 use clap::Subcommand;
 
@@ -17,6 +18,8 @@ pub enum BenchCommand {
     Api(api::ApiBenchArgs),
     /// Sandboxes through a host agent: create, pause, resume, the agent's memory.
     Sandbox(sandbox::SandboxBenchArgs),
+    /// Network slots: making one and opening its egress, with the firewall before and after #11.
+    Slots(slots::SlotsBenchArgs),
 }
 
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -25,6 +28,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Boot(args) => sandbox::boot(args).await,
         BenchCommand::Api(args) => api::run(args).await,
         BenchCommand::Sandbox(args) => sandbox::sandbox(args).await,
+        BenchCommand::Slots(args) => slots::run(args).await,
     }
 }
 

@@ -3,7 +3,8 @@
 //! a command: the rules are unit tested as text.
 //!
 //! The sandbox boundary, default deny:
-//! - **In the slot's namespace** (IPv4; IPv6 is switched off there and dropped besides), every
+//! - **In the slot's namespace** (IPv4; IPv6 is switched off there, see
+//!   [`crate::network::NAMESPACE_SYSCTLS`]: the kernel drops IPv6 on such interfaces), every
 //!   chain's policy is DROP. A frame from the guest (`tap0`) must carry the guest's own address
 //!   (no spoofing). The guest may open: its MMDS (`169.254.169.254:80`, DNAT'd to the agent),
 //!   and, only while internet access is on, the resolver it was given (port 53) and public
@@ -226,19 +227,6 @@ pub fn egress_update(egress: &Egress) -> String {
         "*filter\n:{EGRESS_CHAIN} - [0:0]\n{}COMMIT\n",
         egress_rules(egress)
     )
-}
-
-/// The namespace's IPv6 filter: slots have no IPv6 (it is switched off in the namespace), and
-/// this drops it all besides, so no IPv6 range (private, link-local, metadata) is reachable.
-pub fn namespace_rules_v6() -> String {
-    "*filter
-:INPUT DROP [0:0]
-:FORWARD DROP [0:0]
-:OUTPUT ACCEPT [0:0]
--A INPUT -i lo -j ACCEPT
-COMMIT
-"
-    .to_string()
 }
 
 /// The host's chains for one agent, by its slot prefix.
@@ -479,8 +467,10 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_is_dropped_whole() {
-        let rules = namespace_rules_v6();
-        assert!(rules.contains(":FORWARD DROP") && rules.contains(":INPUT DROP"));
+    fn slots_have_no_ipv6_now_or_later() {
+        let sysctls = crate::network::NAMESPACE_SYSCTLS;
+        assert!(sysctls.contains(&"net.ipv6.conf.all.disable_ipv6=1"));
+        assert!(sysctls.contains(&"net.ipv6.conf.default.disable_ipv6=1"));
+        assert!(sysctls.contains(&"net.ipv4.ip_forward=1"));
     }
 }

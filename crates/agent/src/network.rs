@@ -227,7 +227,14 @@ impl SlotPool {
         let slot = Slot::new(&self.config.prefix, index);
         let rules = firewall::namespace_rules(&slot, self.config.mmds_port, egress);
         let netns = slot.netns.clone();
-        run_blocking(move || load_firewall(&netns, &rules)).await?;
+        run_blocking(move || {
+            // An older agent's slot may still have IPv6.
+            let mut sysctl = vec!["-qw"];
+            sysctl.extend(NO_IPV6);
+            in_namespace(&netns, "sysctl", &sysctl, None)?;
+            load_firewall(&netns, &rules)
+        })
+        .await?;
         Ok(slot)
     }
 
@@ -447,33 +454,31 @@ pub fn in_namespace(
     }
 }
 
-/// Loads a namespace's whole firewall: IPv4 from `rules`, IPv6 dropped.
+/// Loads a namespace's IPv4 firewall. There is no IPv6 one: IPv6 is switched off in the
+/// namespace ([`NO_IPV6`]), and the kernel drops every IPv6 packet that arrives on an
+/// interface where it is off, the guest's tap included.
 fn load_firewall(netns: &str, rules: &str) -> Result<(), AgentError> {
-    in_namespace(netns, "iptables-restore", &[], Some(rules))?;
-    in_namespace(
-        netns,
-        "ip6tables-restore",
-        &[],
-        Some(&firewall::namespace_rules_v6()),
-    )
+    in_namespace(netns, "iptables-restore", &[], Some(rules))
 }
+
+/// The sysctls of a slot's namespace: forwarding on, IPv6 off on every interface there now
+/// (`all`) and to come (`default`: the tap is made after this).
+pub const NAMESPACE_SYSCTLS: [&str; 3] = ["net.ipv4.ip_forward=1", NO_IPV6[0], NO_IPV6[1]];
+
+/// IPv6 off in a namespace.
+pub const NO_IPV6: [&str; 2] = [
+    "net.ipv6.conf.all.disable_ipv6=1",
+    "net.ipv6.conf.default.disable_ipv6=1",
+];
 
 /// Makes a slot as the agent does (blocking; `wrenn bench slots` times it).
 pub fn create_slot_blocking(slot: &Slot, mmds_port: u16) -> Result<(), AgentError> {
     create_slot_with(slot, |ns| {
         // The firewall goes in before the tap exists: no frame of a guest ever meets an open
         // namespace. Slots have no IPv6.
-        in_namespace(
-            ns,
-            "sysctl",
-            &[
-                "-qw",
-                "net.ipv4.ip_forward=1",
-                "net.ipv6.conf.all.disable_ipv6=1",
-                "net.ipv6.conf.default.disable_ipv6=1",
-            ],
-            None,
-        )?;
+        let mut sysctl = vec!["-qw"];
+        sysctl.extend(NAMESPACE_SYSCTLS);
+        in_namespace(ns, "sysctl", &sysctl, None)?;
         load_firewall(
             ns,
             &firewall::namespace_rules(slot, mmds_port, &Egress::Closed),

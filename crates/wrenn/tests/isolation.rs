@@ -267,6 +267,31 @@ async fn guests_reach_nothing_they_were_not_given() {
         assert_eq!(field("Seccomp:"), "2", "{sandbox}");
     }
 
+    // No IPv6 in a slot: off on the guest's tap and on the veth, no address on either.
+    for slot in [&slot_a, &slot_b] {
+        for interface in ["tap0", slot.veth_guest.as_str()] {
+            let off = Command::new("ip")
+                .args(["netns", "exec", &slot.netns, "cat"])
+                .arg(format!("/proc/sys/net/ipv6/conf/{interface}/disable_ipv6"))
+                .output()
+                .unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&off.stdout).trim(),
+                "1",
+                "{interface}"
+            );
+        }
+        let addresses = Command::new("ip")
+            .args(["-n", &slot.netns, "-6", "addr"])
+            .output()
+            .unwrap();
+        assert!(
+            addresses.stdout.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&addresses.stdout)
+        );
+    }
+
     // B serves a port; the host reaches it and B's envd (the legitimate path).
     let served = run(
         &b,

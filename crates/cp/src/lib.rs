@@ -379,3 +379,47 @@ pub async fn envd_metrics(
     };
     tokio::time::timeout(timeout, attempt).await.ok().flatten()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A guest whose envd answers `/metrics` with a JSON body that never ends.
+    async fn endless_metrics() -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = [0u8; 4096];
+                    let _ = stream.read(&mut request).await;
+                    let head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+                    if stream.write_all(head).await.is_err() {
+                        return;
+                    }
+                    let mut chunk = format!("{:x}\r\n", 64 * 1024).into_bytes();
+                    chunk.extend(std::iter::repeat_n(b' ', 64 * 1024));
+                    chunk.extend_from_slice(b"\r\n");
+                    while stream.write_all(&chunk).await.is_ok() {}
+                });
+            }
+        });
+        address
+    }
+
+    #[tokio::test]
+    async fn an_endless_metrics_answer_is_cut_at_the_cap() {
+        let route = fleet::GuestRoute::Direct(endless_metrics().await);
+        let started = std::time::Instant::now();
+        let metrics = envd_metrics(&route, None, Duration::from_secs(20)).await;
+        assert!(metrics.is_none());
+        // Cut at 64 KiB, not at the deadline (which an unbounded read would have reached,
+        // holding everything it read).
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}

@@ -36,15 +36,6 @@ pub fn guest_text(bytes: &[u8]) -> String {
     shown
 }
 
-/// Aborts a task when dropped.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// One request on a fresh connection, within `timeout`; the answer's body is read up to
 /// [`MAX_CONTROL_ANSWER`] bytes (a longer one is an error) and returned as [`guest_text`].
 async fn call(
@@ -65,7 +56,7 @@ async fn call(
                 .await
                 .map_err(|e| e.to_string())?;
         // The connection ends with this call whichever way it ends (an error, the deadline).
-        let _driver = AbortOnDrop(tokio::spawn(connection));
+        let _driver = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(connection));
         let mut request = http::Request::builder()
             .method(method)
             .uri(format!("http://{address}{path}"))

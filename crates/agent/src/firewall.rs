@@ -41,11 +41,7 @@ impl Ipv4Cidr {
 
     /// Whether `address` is inside this network.
     pub fn contains(&self, address: Ipv4Addr) -> bool {
-        let mask = if self.prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(self.prefix))
-        };
+        let mask = mask(self.prefix);
         u32::from(address) & mask == u32::from(self.address) & mask
     }
 }
@@ -74,16 +70,16 @@ impl FromStr for Ipv4Cidr {
         let address = address
             .parse::<Ipv4Addr>()
             .map_err(|_| format!("{text:?} is not an IPv4 address or network"))?;
-        let cidr = Ipv4Cidr { address, prefix };
-        if !cidr.contains(address) || u32::from(address) & !mask(prefix) != 0 {
+        if u32::from(address) & !mask(prefix) != 0 {
             return Err(format!(
                 "{text:?} has host bits set: write its network address"
             ));
         }
-        Ok(cidr)
+        Ok(Ipv4Cidr { address, prefix })
     }
 }
 
+/// The network mask of a prefix length.
 fn mask(prefix: u8) -> u32 {
     if prefix == 0 {
         0

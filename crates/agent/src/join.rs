@@ -188,25 +188,10 @@ pub fn read_identity(file: &Path) -> Result<Option<HostIdentity>, String> {
     }
 }
 
-/// Keeps `identity` in `file`: written beside it (0600), synced, renamed over it, and the
-/// directory synced, so that a crash leaves the old identity or the new one, never a torn one.
-pub fn write_identity(file: &Path, identity: &HostIdentity) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = file.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let temporary = file.with_extension("json.tmp");
-    let mut out = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&temporary)?;
-    out.write_all(&serde_json::to_vec_pretty(identity).map_err(std::io::Error::other)?)?;
-    out.sync_all()?;
-    drop(out);
-    std::fs::rename(&temporary, file)?;
-    std::fs::File::open(dir)?.sync_all()
+/// Keeps `identity` in `file` (0600, written atomically: a crash leaves the old identity or
+/// the new one, never a torn one).
+pub fn write_identity(file: &Path, identity: &HostIdentity) -> Result<(), crate::AgentError> {
+    crate::store::write_atomically(file, identity, 0o600)
 }
 
 async fn register(config: &JoinConfig, manager: &Manager) -> Result<RegisterResponse, String> {

@@ -209,7 +209,7 @@ impl SlotPool {
                 .expect("slot pool lock")
                 .leased
                 .remove(&index);
-            let _ = self.delete(&slot).await;
+            self.delete(&slot).await;
             return Err(error);
         }
         Ok(slot)
@@ -261,7 +261,7 @@ impl SlotPool {
         let slot = Slot::new(&self.config.prefix, index);
         let clean = recycle(&slot).await.is_ok();
         if !clean {
-            let _ = self.delete(&slot).await;
+            self.delete(&slot).await;
         }
         let mut state = self.state.lock().expect("slot pool lock");
         state.leased.remove(&index);
@@ -325,7 +325,7 @@ impl SlotPool {
         let mut removed = 0;
         for index in self.existing_namespaces() {
             if !known.contains(&index) {
-                let _ = self.delete(&Slot::new(&self.config.prefix, index)).await;
+                self.delete(&Slot::new(&self.config.prefix, index)).await;
                 removed += 1;
             }
         }
@@ -340,7 +340,7 @@ impl SlotPool {
         // A slot being made ahead of demand is finished first, then goes with the others.
         let _warming = self.warming.lock().await;
         for index in self.existing_namespaces() {
-            let _ = self.delete(&Slot::new(&self.config.prefix, index)).await;
+            self.delete(&Slot::new(&self.config.prefix, index)).await;
         }
         self.remove_host_rules().await;
         let mut state = self.state.lock().expect("slot pool lock");
@@ -352,7 +352,7 @@ impl SlotPool {
     pub async fn delete_ready(&self) {
         let ready: Vec<u32> = std::mem::take(&mut self.state.lock().expect("slot pool lock").ready);
         for index in ready {
-            let _ = self.delete(&Slot::new(&self.config.prefix, index)).await;
+            self.delete(&Slot::new(&self.config.prefix, index)).await;
         }
     }
 
@@ -382,13 +382,13 @@ impl SlotPool {
         run_blocking(move || create_slot_blocking(&slot, mmds_port)).await
     }
 
-    async fn delete(&self, slot: &Slot) -> Result<(), AgentError> {
+    async fn delete(&self, slot: &Slot) {
         let slot = slot.clone();
-        run_blocking(move || {
-            let _ = ip(&["link", "del", &slot.veth_host]);
-            ip(&["netns", "del", &slot.netns])
+        let _ = run_blocking(move || {
+            delete_slot_blocking(&slot);
+            Ok(())
         })
-        .await
+        .await;
     }
 }
 
@@ -400,32 +400,9 @@ async fn run_blocking(
         .map_err(|error| AgentError::internal("a network task panicked", error))?
 }
 
-fn ip(args: &[&str]) -> Result<(), AgentError> {
-    let output = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|error| AgentError::internal("running ip", error))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(AgentError::Internal(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        )))
-    }
-}
-
-/// Runs `program` in a namespace, feeding it `input`.
-pub fn in_namespace(
-    netns: &str,
-    program: &str,
-    args: &[&str],
-    input: Option<&str>,
-) -> Result<(), AgentError> {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", netns, program])
+/// Runs `program`, feeding it `input`; its error output becomes the error.
+fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<(), AgentError> {
+    let mut child = Command::new(program)
         .args(args)
         .stdin(if input.is_some() {
             Stdio::piped()
@@ -448,10 +425,31 @@ pub fn in_namespace(
         Ok(())
     } else {
         Err(AgentError::Internal(format!(
-            "{program} in {netns}: {}",
+            "{program} {}: {}",
+            args.join(" "),
             String::from_utf8_lossy(&output.stderr).trim()
         )))
     }
+}
+
+fn ip(args: &[&str]) -> Result<(), AgentError> {
+    run("ip", args, None)
+}
+
+fn iptables(args: &[&str]) -> Result<(), AgentError> {
+    run("iptables", args, None)
+}
+
+/// Runs `program` in a namespace, feeding it `input`.
+pub fn in_namespace(
+    netns: &str,
+    program: &str,
+    args: &[&str],
+    input: Option<&str>,
+) -> Result<(), AgentError> {
+    let mut command = vec!["netns", "exec", netns, program];
+    command.extend_from_slice(args);
+    run("ip", &command, input)
 }
 
 /// Loads a namespace's IPv4 firewall. There is no IPv6 one: IPv6 is switched off in the
@@ -606,23 +604,6 @@ async fn set_egress(slot: &Slot, egress: &Egress) -> Result<(), AgentError> {
     .await
 }
 
-fn iptables(args: &[String]) -> Result<(), AgentError> {
-    let output = Command::new("iptables")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|error| AgentError::internal("running iptables", error))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(AgentError::Internal(format!(
-            "iptables {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        )))
-    }
-}
-
 /// Deletes every rule of `chain` (INPUT, FORWARD) that jumps to `target`.
 fn remove_jumps(chain: &str, target: &str) {
     let Ok(output) = Command::new("iptables")
@@ -637,8 +618,8 @@ fn remove_jumps(chain: &str, target: &str) {
         let words: Vec<&str> = line.split_whitespace().collect();
         let jumps_there = words.windows(2).any(|pair| pair == ["-j", target]);
         if words.first() == Some(&"-A") && jumps_there {
-            let mut args = vec!["-D".to_string()];
-            args.extend(words[1..].iter().map(|word| word.to_string()));
+            let mut args = vec!["-D"];
+            args.extend_from_slice(&words[1..]);
             let _ = iptables(&args);
         }
     }
@@ -646,27 +627,11 @@ fn remove_jumps(chain: &str, target: &str) {
 
 fn install_host_chains(config: &SlotConfig) -> Result<(), AgentError> {
     let chains = HostChains::new(&config.prefix, config.first_index, config.capacity);
-    let mut restore = Command::new("iptables-restore")
-        .arg("--noflush")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|error| AgentError::internal("running iptables-restore", error))?;
-    if let Some(mut stdin) = restore.stdin.take() {
-        stdin
-            .write_all(chains.rules(config.mmds_port).as_bytes())
-            .map_err(|error| AgentError::internal("feeding iptables-restore", error))?;
-    }
-    let output = restore
-        .wait_with_output()
-        .map_err(|error| AgentError::internal("running iptables-restore", error))?;
-    if !output.status.success() {
-        return Err(AgentError::Internal(format!(
-            "installing the host's guest chains: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        )));
-    }
+    run(
+        "iptables-restore",
+        &["--noflush"],
+        Some(&chains.rules(config.mmds_port)),
+    )?;
     // One jump each, first in its chain, for the current slot range (an earlier run may have had
     // another).
     for (chain, target, jump) in [
@@ -674,8 +639,8 @@ fn install_host_chains(config: &SlotConfig) -> Result<(), AgentError> {
         ("FORWARD", &chains.forward, chains.forward_jump()),
     ] {
         remove_jumps(chain, target);
-        let mut args = vec!["-I".to_string(), chain.to_string(), "1".to_string()];
-        args.extend(jump);
+        let mut args = vec!["-I", chain, "1"];
+        args.extend(jump.iter().map(String::as_str));
         iptables(&args)?;
     }
     Ok(())
@@ -686,8 +651,8 @@ fn remove_host_chains(config: &SlotConfig) {
     remove_jumps("INPUT", &chains.input);
     remove_jumps("FORWARD", &chains.forward);
     for chain in [&chains.input, &chains.forward] {
-        let _ = iptables(&["-F".to_string(), chain.clone()]);
-        let _ = iptables(&["-X".to_string(), chain.clone()]);
+        let _ = iptables(&["-F", chain]);
+        let _ = iptables(&["-X", chain]);
     }
 }
 

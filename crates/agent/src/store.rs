@@ -221,7 +221,9 @@ pub fn private_file(file: &Path) -> Result<(), AgentError> {
         .map_err(|error| AgentError::internal(&format!("protecting {}", file.display()), error))
 }
 
-fn write_atomically(path: &Path, value: &impl Serialize, mode: u32) -> Result<(), AgentError> {
+/// Writes `value` as JSON to `path` with `mode`: to a temporary file beside it, synced,
+/// renamed over it, and the directory (made 0700 if missing) synced.
+pub fn write_atomically(path: &Path, value: &impl Serialize, mode: u32) -> Result<(), AgentError> {
     let dir = path.parent().expect("records live in a directory");
     private_dir(dir)?;
     let temp = path.with_extension("json.tmp");

@@ -24,6 +24,7 @@ use wrenn_proto::agent as pb;
 
 use crate::api::ApiError;
 use crate::auth;
+use crate::busy::{Busy, Claim};
 use crate::deadlines;
 use crate::store::{EMBEDDED_API_URL, HostRow, SandboxRow, Store};
 
@@ -529,24 +530,7 @@ pub struct Fleet {
     /// Sandboxes being created: on their host already, not in the store yet. Reconcile leaves
     /// them alone however long the create takes (an orphan grace alone would not: a create under
     /// load can outlast it).
-    creating: Mutex<HashSet<String>>,
-}
-
-/// A sandbox id marked as being created until this is dropped (see [`Fleet::creating`]).
-#[derive(Debug)]
-pub struct Creating<'a> {
-    fleet: &'a Fleet,
-    id: String,
-}
-
-impl Drop for Creating<'_> {
-    fn drop(&mut self) {
-        self.fleet
-            .creating
-            .lock()
-            .expect("creating lock")
-            .remove(&self.id);
-    }
+    creating: Busy,
 }
 
 fn now_ms() -> i64 {
@@ -554,23 +538,10 @@ fn now_ms() -> i64 {
 }
 
 impl Fleet {
-    /// Marks `sandbox_id` as being created until the guard goes (hold it past the row's insert).
-    pub fn creating(&self, sandbox_id: &str) -> Creating<'_> {
-        self.creating
-            .lock()
-            .expect("creating lock")
-            .insert(sandbox_id.to_string());
-        Creating {
-            fleet: self,
-            id: sandbox_id.to_string(),
-        }
-    }
-
-    fn is_being_created(&self, sandbox_id: &str) -> bool {
-        self.creating
-            .lock()
-            .expect("creating lock")
-            .contains(sandbox_id)
+    /// Marks `sandbox_id` as being created until the claim goes (hold it past the row's
+    /// insert).
+    pub fn creating(&self, sandbox_id: &str) -> Option<Claim> {
+        self.creating.claim(sandbox_id)
     }
 
     /// The fleet as the store has it; the embedded agent, if any, becomes host `local`. Hosts
@@ -589,7 +560,7 @@ impl Fleet {
             sandbox_hosts: Mutex::new(HashMap::new()),
             placing: Mutex::new(()),
             registering: tokio::sync::Mutex::new(()),
-            creating: Mutex::new(HashSet::new()),
+            creating: Busy::default(),
         };
         for row in store.hosts().await? {
             if row.api_url == EMBEDDED_API_URL {
@@ -1177,7 +1148,7 @@ pub async fn reconcile_host(
     let grace = fleet.config.orphan_grace.as_millis() as i64;
     for sandbox in agent.values() {
         if known.contains(sandbox.id.as_str())
-            || fleet.is_being_created(&sandbox.id)
+            || fleet.creating.contains(&sandbox.id)
             || now_ms() - sandbox.created_at_ms < grace
         {
             continue;
@@ -1242,7 +1213,7 @@ mod tests {
             sandbox_hosts: Mutex::new(HashMap::new()),
             placing: Mutex::new(()),
             registering: tokio::sync::Mutex::new(()),
-            creating: Mutex::new(HashSet::new()),
+            creating: Busy::default(),
         };
         for (name, state, total, used, memory_mib, disk_bytes) in hosts {
             let row = HostRow {

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod busy;
 pub mod deadlines;
 pub mod fleet;
 pub mod proxy;
@@ -14,11 +15,12 @@ pub mod store;
 pub mod store_pg;
 pub mod unsupported;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::ApiError;
+use crate::busy::Busy;
 use crate::fleet::Fleet;
 use crate::quota::{Admission, Change, Quotas, Reservation, Usage};
 use crate::store::{ListQuery, SandboxRow, Store};
@@ -327,30 +329,10 @@ impl ControlPlane {
     }
 }
 
-/// Names (sandbox or host ids) with work in progress: a claim is held by the task doing it.
-#[derive(Debug, Clone, Default)]
-struct Busy(Arc<std::sync::Mutex<HashSet<String>>>);
-
-/// A name claimed in [`Busy`] until dropped.
-struct Claim(Busy, String);
-
-impl Busy {
-    fn claim(&self, name: &str) -> Option<Claim> {
-        let fresh = self.0.lock().expect("busy lock").insert(name.to_string());
-        fresh.then(|| Claim(self.clone(), name.to_string()))
-    }
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        self.0.0.lock().expect("busy lock").remove(&self.1);
-    }
-}
-
-/// envd's `/metrics` of a guest, if it answers.
 /// The most the control plane reads of a guest's `/metrics` answer.
 pub const MAX_METRICS_ANSWER: usize = 64 * 1024;
 
+/// envd's `/metrics` of a guest, if it answers.
 pub async fn envd_metrics(
     route: &fleet::GuestRoute,
     token: Option<&str>,

@@ -230,8 +230,18 @@ impl Qemu {
 
 /// The last lines of a log, for error messages.
 pub fn log_tail(path: &Path) -> String {
-    let bytes = std::fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(64 * 1024)..]);
+    // Only the end is read: the VMM writes its log, and a VMM is not trusted to keep it small.
+    let bytes = (|| -> std::io::Result<Vec<u8>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = std::fs::File::open(path)?;
+        let length = file.metadata()?.len();
+        file.seek(SeekFrom::Start(length.saturating_sub(64 * 1024)))?;
+        let mut bytes = Vec::new();
+        file.take(64 * 1024).read_to_end(&mut bytes)?;
+        Ok(bytes)
+    })()
+    .unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<&str> = text
         .lines()
         .filter(|line| !line.trim().is_empty())

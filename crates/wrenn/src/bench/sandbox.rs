@@ -64,15 +64,15 @@ pub struct SandboxBenchArgs {
 
 /// Latency figures in milliseconds.
 #[derive(Debug, Serialize)]
-struct Latency {
-    runs: usize,
-    p50_ms: f64,
-    p95_ms: f64,
+pub(super) struct Latency {
+    pub(super) runs: usize,
+    pub(super) p50_ms: f64,
+    pub(super) p95_ms: f64,
     min_ms: f64,
     max_ms: f64,
 }
 
-fn latency(samples: &[Duration]) -> Latency {
+pub(super) fn latency(samples: &[Duration]) -> Latency {
     let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
     ms.sort_by(f64::total_cmp);
     Latency {

@@ -10,7 +10,7 @@ use serde::Serialize;
 use wrenn_agent::firewall::{self, Egress};
 use wrenn_agent::network::{self, Slot};
 
-use super::quantile;
+use super::sandbox::{Latency, latency};
 
 #[derive(Debug, Args)]
 pub struct SlotsBenchArgs {
@@ -94,28 +94,11 @@ fn open_current(slot: &Slot) -> anyhow::Result<()> {
 }
 
 #[derive(Debug, Serialize)]
-struct Figures {
-    runs: usize,
-    p50_ms: f64,
-    p95_ms: f64,
-}
-
-fn figures(samples: &[Duration]) -> Figures {
-    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
-    ms.sort_by(f64::total_cmp);
-    Figures {
-        runs: ms.len(),
-        p50_ms: quantile(&ms, 0.5),
-        p95_ms: quantile(&ms, 0.95),
-    }
-}
-
-#[derive(Debug, Serialize)]
 struct Report {
-    create_before: Figures,
-    create_now: Figures,
-    open_egress_before: Figures,
-    open_egress_now: Figures,
+    create_before: Latency,
+    create_now: Latency,
+    open_egress_before: Latency,
+    open_egress_now: Latency,
 }
 
 fn timed(work: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<Duration> {
@@ -154,10 +137,10 @@ pub async fn run(args: SlotsBenchArgs) -> anyhow::Result<()> {
         }
         outcome?;
         Ok(Report {
-            create_before: figures(&samples[0]),
-            create_now: figures(&samples[1]),
-            open_egress_before: figures(&samples[2]),
-            open_egress_now: figures(&samples[3]),
+            create_before: latency(&samples[0]),
+            create_now: latency(&samples[1]),
+            open_egress_before: latency(&samples[2]),
+            open_egress_now: latency(&samples[3]),
         })
     })
     .await??;

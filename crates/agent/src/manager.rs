@@ -17,6 +17,8 @@ use wrenn_vmm::accel::{Accel, AccelSetting};
 use wrenn_vmm::qemu::{Qemu, log_tail};
 use wrenn_vmm::{MachineSpec, SnapshotFiles, Vmm};
 
+use tokio_util::sync::CancellationToken;
+
 use crate::envd_client;
 use crate::error::AgentError;
 use crate::mmds::{Metadata, MmdsRegistry, token_hash};
@@ -84,11 +86,28 @@ struct SandboxEntry {
     /// Held for the length of an operation (create, pause, resume, destroy).
     operation: tokio::sync::Mutex<()>,
     record: Mutex<SandboxRecord>,
+    /// Cancelled when the VM stops (killed, paused, died): the proxies' connections to the
+    /// guest end then instead of hanging on a guest that will never answer.
+    connections: Mutex<CancellationToken>,
 }
 
 impl SandboxEntry {
+    fn new(record: SandboxRecord) -> SandboxEntry {
+        SandboxEntry {
+            operation: tokio::sync::Mutex::new(()),
+            record: Mutex::new(record),
+            connections: Mutex::new(CancellationToken::new()),
+        }
+    }
+
     fn snapshot(&self) -> SandboxRecord {
         self.record.lock().expect("record lock").clone()
+    }
+
+    /// Ends the proxied connections to the guest (the VM stopped); later ones get a new token.
+    fn end_connections(&self) {
+        let ended = std::mem::take(&mut *self.connections.lock().expect("connections lock"));
+        ended.cancel();
     }
 }
 
@@ -543,10 +562,7 @@ impl Manager {
             error: None,
             snapshot: None,
         };
-        let entry = Arc::new(SandboxEntry {
-            operation: tokio::sync::Mutex::new(()),
-            record: Mutex::new(record.clone()),
-        });
+        let entry = Arc::new(SandboxEntry::new(record.clone()));
         {
             let mut sandboxes = self.sandboxes.lock().expect("sandboxes lock");
             if sandboxes.contains_key(&sandbox_id) {
@@ -687,6 +703,23 @@ impl Manager {
         records
     }
 
+    /// Where a running sandbox's `port` is reached, and the token that is cancelled when its VM
+    /// stops (end the connection then).
+    pub fn guest_route(
+        &self,
+        sandbox_id: &str,
+        port: u16,
+    ) -> Option<(SocketAddr, CancellationToken)> {
+        let entry = self.entry(sandbox_id).ok()?;
+        let record = entry.snapshot();
+        if record.state != SandboxState::Running {
+            return None;
+        }
+        let address = crate::network::Slot::address_of(record.slot?);
+        let ends = entry.connections.lock().expect("connections lock").clone();
+        Some((SocketAddr::from((address, port)), ends))
+    }
+
     /// Resource use of a sandbox's VMM, if it runs.
     pub fn usage(&self, record: &SandboxRecord) -> Option<wrenn_vmm::ResourceUse> {
         record.vm.as_ref().and_then(|vm| self.vmm.usage(vm).ok())
@@ -725,6 +758,7 @@ impl Manager {
         match snapshot {
             Ok(snapshot) => {
                 let _ = self.vmm.destroy(&vm).await;
+                entry.end_connections();
                 self.mmds.remove(slot);
                 self.slots.release(slot).await;
                 Ok(self.save(&entry, |record| {
@@ -805,6 +839,7 @@ impl Manager {
         if let Some(vm) = &record.vm {
             self.vmm.destroy(vm).await?;
         }
+        entry.end_connections();
         if let Some(slot) = record.slot {
             self.mmds.remove(slot);
             self.slots.release(slot).await;
@@ -851,6 +886,7 @@ impl Manager {
                 log_tail(&vm.vmm_log())
             );
             tracing::warn!(sandbox = %record.sandbox_id, %reason, "sandbox failed");
+            entry.end_connections();
             if let Some(slot) = record.slot {
                 self.mmds.remove(slot);
                 self.slots.release(slot).await;
@@ -987,10 +1023,7 @@ impl Manager {
             let _ = self.store.save_sandbox(&record);
             self.sandboxes.lock().expect("sandboxes lock").insert(
                 record.sandbox_id.clone(),
-                Arc::new(SandboxEntry {
-                    operation: tokio::sync::Mutex::new(()),
-                    record: Mutex::new(record),
-                }),
+                Arc::new(SandboxEntry::new(record)),
             );
         }
         let killed = kill_orphan_vmms(&self.config.data_dir, &adopted_pids);

@@ -6,6 +6,9 @@
 //! reach guests on its own host, and to reach this agent's [`router`] for guests on others: that
 //! router takes the sandbox and port from the `X-Wrenn-Sandbox-Id`/`-Port` headers, checks the
 //! agent's token in `X-Wrenn-Agent-Token`, strips all three and forwards to the guest.
+//! A forwarded exchange ends (its body with an error, its upgraded pipe closed) when the
+//! token it was given is cancelled: the manager cancels a sandbox's when its VM stops, so a
+//! client streaming from a killed or paused sandbox learns at once, as with E2B.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,9 +18,9 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio_util::sync::CancellationToken;
 
 use crate::manager::Manager;
-use crate::store::SandboxState;
 
 /// Names the sandbox a request to the agent's proxy is for.
 pub const SANDBOX_ID_HEADER: &str = "x-wrenn-sandbox-id";
@@ -38,10 +41,23 @@ pub enum ForwardError {
     Closed,
 }
 
-/// Streams `request` to `address` and returns the answer as it comes.
+/// Streams `request` to `address` and returns the answer as it comes, until `ends` is
+/// cancelled.
 pub async fn forward(
     address: SocketAddr,
+    request: Request<Body>,
+    ends: CancellationToken,
+) -> Result<Response, ForwardError> {
+    tokio::select! {
+        answer = forward_until(address, request, ends.clone()) => answer,
+        () = ends.cancelled() => Err(ForwardError::Closed),
+    }
+}
+
+async fn forward_until(
+    address: SocketAddr,
     mut request: Request<Body>,
+    ends: CancellationToken,
 ) -> Result<Response, ForwardError> {
     let stream = match tokio::time::timeout(
         CONNECT_TIMEOUT,
@@ -75,17 +91,20 @@ pub async fn forward(
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
                 .await
                 .map_err(|_| ForwardError::PortClosed)?;
-        tokio::spawn(connection);
+        tokio::spawn(ends.clone().run_until_cancelled_owned(connection));
         let response = sender
             .send_request(request)
             .await
             .map_err(|_| ForwardError::Closed)?;
-        return Ok(response.map(Body::new));
+        return Ok(response.map(|body| Body::new(UntilEnded::new(body, ends))));
     }
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|_| ForwardError::PortClosed)?;
-    tokio::spawn(connection.with_upgrades());
+    tokio::spawn(
+        ends.clone()
+            .run_until_cancelled_owned(connection.with_upgrades()),
+    );
     let client_upgrade = request
         .headers()
         .contains_key(header::UPGRADE)
@@ -99,15 +118,69 @@ pub async fn forward(
         && let Some(client_upgrade) = client_upgrade
     {
         let server_upgrade = hyper::upgrade::on(&mut response);
-        tokio::spawn(async move {
+        let pipe_ends = ends.clone();
+        tokio::spawn(pipe_ends.run_until_cancelled_owned(async move {
             if let (Ok(client), Ok(server)) = (client_upgrade.await, server_upgrade.await) {
                 let mut client = TokioIo::new(client);
                 let mut server = TokioIo::new(server);
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
             }
-        });
+        }));
     }
-    Ok(response.map(Body::new))
+    Ok(response.map(|body| Body::new(UntilEnded::new(body, ends))))
+}
+
+/// A forwarded answer's body, cut with an error when its token is cancelled: the server then
+/// aborts the client's stream (an HTTP/2 reset, or an HTTP/1.1 connection closed before the
+/// body's end), which the SDKs read as a connection lost mid-request.
+struct UntilEnded<B> {
+    body: B,
+    ended: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    done: bool,
+}
+
+impl<B> UntilEnded<B> {
+    fn new(body: B, ends: CancellationToken) -> Self {
+        UntilEnded {
+            body,
+            ended: Box::pin(ends.cancelled_owned()),
+            done: false,
+        }
+    }
+}
+
+impl<B> http_body::Body for UntilEnded<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<axum::BoxError>,
+{
+    type Data = bytes::Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if self.ended.as_mut().poll(cx).is_ready() {
+            self.done = true;
+            return Poll::Ready(Some(Err("the sandbox stopped".into())));
+        }
+        std::pin::Pin::new(&mut self.body)
+            .poll_frame(cx)
+            .map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -157,15 +230,10 @@ async fn proxy_request(
             "x-wrenn-sandbox-id and x-wrenn-sandbox-port are required",
         );
     };
-    let slot = match state.manager.get(&sandbox_id) {
-        Ok(record) if record.state == SandboxState::Running => record.slot,
-        _ => None,
-    };
-    let Some(slot) = slot else {
+    let Some((address, ends)) = state.manager.guest_route(&sandbox_id, port) else {
         return bad_gateway(&sandbox_id, SANDBOX_NOT_FOUND, None);
     };
-    let address = SocketAddr::from((crate::network::Slot::address_of(slot), port));
-    match forward(address, request).await {
+    match forward(address, request, ends).await {
         Ok(response) => response,
         Err(error) => bad_gateway(&sandbox_id, error.message(), Some(port)),
     }

@@ -131,6 +131,7 @@ pub fn router(plane: Arc<ControlPlane>) -> Router {
         .route("/sandboxes/{id}/connect", post(connect))
         .route("/sandboxes/{id}/resume", post(resume))
         .route("/sandboxes/{id}/metrics", get(metrics))
+        .route("/sandboxes/metrics", get(metrics_of_many))
         .route(
             "/sandboxes/{id}/network",
             axum::routing::put(update_network),
@@ -143,9 +144,30 @@ pub fn router(plane: Arc<ControlPlane>) -> Router {
         .route("/hosts/register", post(register_host))
         .route("/hosts/{id}/heartbeat", post(host_heartbeat))
         .route("/health", get(|| async { StatusCode::NO_CONTENT }))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
         .with_state(plane)
+}
+
+/// A path wrenn does not serve: 404 saying so (not "sandbox not found", which the SDKs
+/// read into a 404 of a sandbox route).
+async fn unknown_route(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no such route: {method} {} is not part of this API",
+            uri.path()
+        ),
+    )
+}
+
+/// A path wrenn serves, with a method it does not take: 405.
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method {method} is not allowed on {}", uri.path()),
+    )
 }
 
 async fn require_key(
@@ -257,6 +279,17 @@ async fn owned(plane: &ControlPlane, team: &TeamId, id: &str) -> Result<SandboxR
         ));
     }
     Ok(row)
+}
+
+/// A sandbox of the caller's team (not lost), read in its turn of
+/// [`ControlPlane::changes`]: hold the turn while changing its state.
+async fn owned_in_turn(
+    plane: &ControlPlane,
+    team: &TeamId,
+    id: &str,
+) -> Result<(crate::busy::Turn, SandboxRow), ApiError> {
+    let turn = plane.changes.turn(id.split('-').next().unwrap_or(id)).await;
+    Ok((turn, owned(plane, team, id).await?))
 }
 
 /// A sandbox of the caller's team in any state, lost included.
@@ -562,9 +595,10 @@ async fn list_v2(
                 .timestamp_millis(),
         ),
     };
+    // E2B lists newest first unless asked otherwise.
     let descending = match params.order.as_deref() {
-        None | Some("asc") => false,
-        Some("desc") => true,
+        None | Some("") | Some("desc") => true,
+        Some("asc") => false,
         Some(other) => {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -649,6 +683,10 @@ async fn kill_sandbox(
     axum::Extension(team): axum::Extension<TeamId>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    let _turn = plane
+        .changes
+        .turn(id.split('-').next().unwrap_or(&id))
+        .await;
     let row = owned_any(&plane, &team, &id).await?;
     plane.kill(&row).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -672,7 +710,7 @@ async fn set_timeout(
         body.timeout
             .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "timeout is required"))?,
     )?;
-    let row = owned(&plane, &team, &id).await?;
+    let (_turn, row) = owned_in_turn(&plane, &team, &id).await?;
     plane
         .store
         .set_state(&row.id, &row.state, now_ms() + timeout as i64 * 1000)
@@ -699,7 +737,7 @@ async fn refresh(
             "duration must be 0 to 3600 seconds",
         ));
     }
-    let row = owned(&plane, &team, &id).await?;
+    let (_turn, row) = owned_in_turn(&plane, &team, &id).await?;
     let end = row.end_at_ms.max(now_ms() + duration as i64 * 1000);
     plane.store.set_state(&row.id, &row.state, end).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -712,7 +750,7 @@ async fn pause(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     crate::unsupported::check_memory(&body_value(&body)?)?;
-    let row = owned(&plane, &team, &id).await?;
+    let (_turn, row) = owned_in_turn(&plane, &team, &id).await?;
     if row.state == "paused" {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -731,7 +769,7 @@ async fn connect(
 ) -> Result<Response, ApiError> {
     let body: TimeoutBody = checked_body(&body, crate::unsupported::check_memory)?;
     let timeout = check_timeout(body.timeout.unwrap_or(15))?;
-    let row = owned(&plane, &team, &id).await?;
+    let (_turn, row) = owned_in_turn(&plane, &team, &id).await?;
     let end = now_ms() + timeout as i64 * 1000;
     if row.state == "running" {
         let end = end.max(row.end_at_ms);
@@ -750,7 +788,7 @@ async fn resume(
 ) -> Result<Response, ApiError> {
     let body: TimeoutBody = checked_body(&body, crate::unsupported::check_memory)?;
     let timeout = check_timeout(body.timeout.unwrap_or(15))?;
-    let row = owned(&plane, &team, &id).await?;
+    let (_turn, row) = owned_in_turn(&plane, &team, &id).await?;
     if row.state == "running" {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -781,38 +819,110 @@ async fn metrics(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let row = owned(&plane, &team, &id).await?;
-    if row.state != "running" {
-        return Ok(axum::Json(Vec::<Value>::new()).into_response());
+    let samples: Vec<Value> = live_metric(&plane, &row).await.into_iter().collect();
+    Ok(axum::Json(samples).into_response())
+}
+
+/// The most sandboxes one `GET /sandboxes/metrics` may name.
+const MAX_METRICS_SANDBOXES: usize = 100;
+
+/// `GET /sandboxes/metrics?sandbox_ids=a,b`: the latest sample of each named sandbox of the
+/// caller's team that runs (`{"sandboxes": {id: SandboxMetric}}`); the others are left out.
+async fn metrics_of_many(
+    State(plane): State<Arc<ControlPlane>>,
+    axum::Extension(team): axum::Extension<TeamId>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Result<Response, ApiError> {
+    let mut ids: Vec<String> = Vec::new();
+    for (key, value) in url_pairs(query.as_deref().unwrap_or("")) {
+        if key == "sandbox_ids" || key == "sandboxIds" {
+            ids.extend(
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|id| !id.is_empty())
+                    .map(str::to_string),
+            );
+        }
     }
-    let Some((route, _)) = plane
+    ids.sort();
+    ids.dedup();
+    if ids.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "sandbox_ids is required: a comma-separated list of sandbox IDs",
+        ));
+    }
+    if ids.len() > MAX_METRICS_SANDBOXES {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "sandbox_ids names {} sandboxes; at most {MAX_METRICS_SANDBOXES} at once",
+                ids.len()
+            ),
+        ));
+    }
+    let mut rows = Vec::new();
+    for id in &ids {
+        if let Ok(row) = owned(&plane, &team, id).await {
+            rows.push(row);
+        }
+    }
+    let samples =
+        futures_util::future::join_all(rows.iter().map(|row| live_metric(&plane, row))).await;
+    let sandboxes: serde_json::Map<String, Value> = rows
+        .iter()
+        .zip(samples)
+        .filter_map(|(row, sample)| Some((row.id.clone(), sample?)))
+        .collect();
+    Ok(axum::Json(json!({ "sandboxes": sandboxes })).into_response())
+}
+
+/// The decoded `key=value` pairs of a query string.
+fn url_pairs(query: &str) -> Vec<(String, String)> {
+    let decode = |text: &str| {
+        percent_encoding::percent_decode_str(&text.replace('+', " "))
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode(key), decode(value))
+        })
+        .collect()
+}
+
+/// One E2B `SandboxMetric` read from a running sandbox's envd now, or `None` when it does
+/// not run or does not answer within 5 s.
+async fn live_metric(plane: &ControlPlane, row: &SandboxRow) -> Option<Value> {
+    if row.state != "running" {
+        return None;
+    }
+    let (route, _) = plane
         .fleet
         .route(&plane.store, &row.id, wrenn_agent::manager::ENVD_PORT)
-        .await
-    else {
-        return Ok(axum::Json(Vec::<Value>::new()).into_response());
-    };
-    let metrics = crate::envd_metrics(
+        .await?;
+    let m = crate::envd_metrics(
         &route,
         row.envd_access_token.as_deref(),
         Duration::from_secs(5),
     )
-    .await;
+    .await?;
     let now = chrono::Utc::now();
-    let sample = match metrics {
-        Some(m) => json!({
-            "timestamp": now.to_rfc3339(),
-            "timestampUnix": now.timestamp(),
-            "cpuCount": m.get("cpu_count").and_then(Value::as_u64).unwrap_or(u64::from(row.cpu_count)),
-            "cpuUsedPct": m.get("cpu_used_pct").and_then(Value::as_f64).unwrap_or(0.0),
-            "memUsed": m.get("mem_used").and_then(Value::as_u64).unwrap_or(0),
-            "memTotal": m.get("mem_total").and_then(Value::as_u64).unwrap_or(0),
-            "memCache": m.get("mem_cache").and_then(Value::as_u64).unwrap_or(0),
-            "diskUsed": m.get("disk_used").and_then(Value::as_u64).unwrap_or(0),
-            "diskTotal": m.get("disk_total").and_then(Value::as_u64).unwrap_or(0),
-        }),
-        None => return Ok(axum::Json(Vec::<Value>::new()).into_response()),
-    };
-    Ok(axum::Json(vec![sample]).into_response())
+    Some(json!({
+        "timestamp": now.to_rfc3339(),
+        "timestampUnix": now.timestamp(),
+        "cpuCount": m.get("cpu_count").and_then(Value::as_u64).unwrap_or(u64::from(row.cpu_count)),
+        "cpuUsedPct": m.get("cpu_used_pct").and_then(Value::as_f64).unwrap_or(0.0),
+        "memUsed": m.get("mem_used").and_then(Value::as_u64).unwrap_or(0),
+        "memTotal": m.get("mem_total").and_then(Value::as_u64).unwrap_or(0),
+        "memCache": m.get("mem_cache").and_then(Value::as_u64).unwrap_or(0),
+        "diskUsed": m.get("disk_used").and_then(Value::as_u64).unwrap_or(0),
+        "diskTotal": m.get("disk_total").and_then(Value::as_u64).unwrap_or(0),
+    }))
 }
 
 async fn list_templates(State(plane): State<Arc<ControlPlane>>) -> Response {

@@ -84,8 +84,12 @@ pub struct AgentSandbox {
 /// Where a guest port is reached from this process.
 #[derive(Debug, Clone)]
 pub enum GuestRoute {
-    /// Straight to the guest (its host is this machine).
-    Direct(SocketAddr),
+    /// Straight to the guest (its host is this machine), until `ends` is cancelled (its VM
+    /// stopped).
+    Direct {
+        address: SocketAddr,
+        ends: tokio_util::sync::CancellationToken,
+    },
     /// Through the sandbox proxy of the agent on the guest's host.
     ViaAgent {
         proxy: SocketAddr,
@@ -103,7 +107,9 @@ impl GuestRoute {
     ) -> Result<axum::response::Response, wrenn_agent::proxy::ForwardError> {
         use wrenn_agent::proxy::{AGENT_TOKEN_HEADER, SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER};
         match self {
-            GuestRoute::Direct(address) => wrenn_agent::proxy::forward(*address, request).await,
+            GuestRoute::Direct { address, ends } => {
+                wrenn_agent::proxy::forward(*address, request, ends.clone()).await
+            }
             GuestRoute::ViaAgent {
                 proxy,
                 token,
@@ -123,7 +129,12 @@ impl GuestRoute {
                 // The agent proxy's forward has its own connect deadline; the response head
                 // must come within ours, so an agent that accepts and never answers releases
                 // the client.
-                let forward = wrenn_agent::proxy::forward(*proxy, request);
+                // The agent ends the exchange when the VM stops; this side never does.
+                let forward = wrenn_agent::proxy::forward(
+                    *proxy,
+                    request,
+                    tokio_util::sync::CancellationToken::new(),
+                );
                 match tokio::time::timeout(deadlines::PROXY_RESPONSE, forward).await {
                     Ok(answer) => answer,
                     Err(_) => {
@@ -386,12 +397,8 @@ impl AgentLink {
     pub fn route(&self, sandbox_id: &str, port: u16) -> Option<GuestRoute> {
         match self {
             AgentLink::Embedded(manager) => {
-                let record = manager.get(sandbox_id).ok()?;
-                if record.state != wrenn_agent::store::SandboxState::Running {
-                    return None;
-                }
-                let address = wrenn_agent::network::Slot::address_of(record.slot?);
-                Some(GuestRoute::Direct(SocketAddr::from((address, port))))
+                let (address, ends) = manager.guest_route(sandbox_id, port)?;
+                Some(GuestRoute::Direct { address, ends })
             }
             AgentLink::Remote { proxy, token, .. } => Some(GuestRoute::ViaAgent {
                 proxy: *proxy,

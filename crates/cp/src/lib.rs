@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::ApiError;
-use crate::busy::Busy;
+use crate::busy::{Busy, Serial};
 use crate::fleet::Fleet;
 use crate::quota::{Admission, Change, Quotas, Reservation, Usage};
 use crate::store::{ListQuery, SandboxRow, Store};
@@ -42,6 +42,9 @@ pub struct ControlPlane {
     pub quotas: Quotas,
     /// Quota checks, one at a time, with the changes admitted and not yet stored.
     admission: Admission,
+    /// Changes of a sandbox's state, one at a time per sandbox: take its turn, then read its
+    /// row, then change it.
+    pub changes: Serial,
 }
 
 impl ControlPlane {
@@ -62,6 +65,7 @@ impl ControlPlane {
             reconcile_now,
             quotas: Quotas::default(),
             admission: Admission::default(),
+            changes: Serial::default(),
         };
         (plane, wake)
     }
@@ -130,6 +134,7 @@ impl ControlPlane {
 
     /// Kills the sandbox with this id, if there is one: whether there was.
     pub async fn kill_by_id(&self, id: &str) -> Result<bool, ApiError> {
+        let _turn = self.changes.turn(id).await;
         match self.store.sandbox(id).await? {
             Some(row) => self.kill(&row).await.map(|()| true),
             None => Ok(false),
@@ -191,6 +196,7 @@ impl ControlPlane {
     /// it runs now.
     pub async fn resume_on_traffic(&self, id: &str) -> bool {
         const AUTO_RESUME_TIMEOUT_MS: i64 = 5 * 60 * 1000;
+        let _turn = self.changes.turn(id).await;
         let Ok(Some(row)) = self.store.sandbox(id).await else {
             return false;
         };
@@ -204,9 +210,8 @@ impl ControlPlane {
                 true
             }
             Err(error) => {
-                // Another request may have resumed it first.
-                tracing::debug!(sandbox = id, ?error, "resume on traffic failed");
-                matches!(self.store.sandbox(id).await, Ok(Some(row)) if row.state == "running")
+                tracing::warn!(sandbox = id, ?error, "resume on traffic failed");
+                false
             }
         }
     }
@@ -253,8 +258,24 @@ impl ControlPlane {
         }
     }
 
-    /// Ends a sandbox whose time is up.
-    async fn end(&self, row: &SandboxRow) {
+    /// Ends a sandbox whose time is up, unless a change made while it waited for its turn
+    /// (a new timeout, a pause, a kill) means it is not.
+    async fn end(&self, expired: &SandboxRow) {
+        let _turn = self.changes.turn(&expired.id).await;
+        let row = match self.store.sandbox(&expired.id).await {
+            Ok(Some(row))
+                if row.state == "running"
+                    && row.end_at_ms <= chrono::Utc::now().timestamp_millis() =>
+            {
+                row
+            }
+            Ok(_) => return,
+            Err(error) => {
+                tracing::warn!(sandbox = %expired.id, %error, "lifecycle: cannot read the store");
+                return;
+            }
+        };
+        let row = &row;
         let outcome = if row.auto_pause {
             tracing::info!(sandbox = %row.id, "timeout: pausing");
             match self.pause(row).await {
@@ -392,7 +413,10 @@ mod tests {
 
     #[tokio::test]
     async fn an_endless_metrics_answer_is_cut_at_the_cap() {
-        let route = fleet::GuestRoute::Direct(endless_metrics().await);
+        let route = fleet::GuestRoute::Direct {
+            address: endless_metrics().await,
+            ends: tokio_util::sync::CancellationToken::new(),
+        };
         let started = std::time::Instant::now();
         let metrics = envd_metrics(&route, None, Duration::from_secs(20)).await;
         assert!(metrics.is_none());

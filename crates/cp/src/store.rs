@@ -511,7 +511,7 @@ impl SqliteStore {
             }
             if let Some(after) = query.started_after_ms {
                 values.push(after.into());
-                sql.push_str(&format!(" AND started_at_ms > ?{}", values.len()));
+                sql.push_str(&format!(" AND started_at_ms >= ?{}", values.len()));
             }
             for (key, value) in &query.metadata {
                 values.push(format!("$.\"{}\"", key.replace('"', "")).into());

@@ -396,7 +396,7 @@ impl PgStore {
         }
         if let Some(after) = query.started_after_ms {
             values.push(Box::new(after));
-            sql.push_str(&format!(" AND started_at_ms > ${}", values.len()));
+            sql.push_str(&format!(" AND started_at_ms >= ${}", values.len()));
         }
         for (key, value) in &query.metadata {
             values.push(Box::new(key.clone()));

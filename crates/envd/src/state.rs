@@ -47,7 +47,11 @@ const fn concat_bytes_marker()
     }
 }
 
-/// The user calls run as when neither the call nor `/init` names one.
+/// The user calls run as when neither the call nor `/init` names one, if the account exists
+/// (as in E2B's templates, whose SDK code expects `/home/user`).
+pub const DEFAULT_USER: &str = "user";
+/// The user calls run as when neither the call nor `/init` names one and [`DEFAULT_USER`]
+/// does not exist.
 pub const FALLBACK_USER: &str = "root";
 
 /// Settings fixed at start-up.
@@ -168,20 +172,24 @@ impl Envd {
         self.path_env.as_deref()
     }
 
-    /// The user a call runs as: the one it names, else the session's default, else root.
+    /// The user a call runs as: the one it names, else the session's default (from `/init`),
+    /// else `user` when that account exists, else root.
     pub fn user(&self, requested: Option<&str>) -> Result<User, UserError> {
-        match requested {
-            Some(name) => self.accounts.user(name),
-            None => {
-                let default = self
-                    .session
-                    .read()
-                    .expect("session lock")
-                    .default_user
-                    .clone();
-                self.accounts
-                    .user(default.as_deref().unwrap_or(FALLBACK_USER))
-            }
+        if let Some(name) = requested {
+            return self.accounts.user(name);
+        }
+        let default = self
+            .session
+            .read()
+            .expect("session lock")
+            .default_user
+            .clone();
+        match default {
+            Some(name) => self.accounts.user(&name),
+            None => self
+                .accounts
+                .user(DEFAULT_USER)
+                .or_else(|_| self.accounts.user(FALLBACK_USER)),
         }
     }
 

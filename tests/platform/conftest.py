@@ -30,6 +30,7 @@ class Wrenn:
         self.api_port = free_port()
         self.proxy_port = free_port()
         self.mmds_port = free_port()
+        self.https_port = free_port()
         self.log = open(os.path.join(self.data, "wrenn-up.log"), "wb")
         try:
             self.start()
@@ -45,6 +46,7 @@ class Wrenn:
                 self.binary, "up", "--data-dir", self.data,
                 "--api-listen", f"127.0.0.1:{self.api_port}",
                 "--proxy-listen", f"127.0.0.1:{self.proxy_port}",
+                "--https-listen", f"127.0.0.1:{self.https_port}",
                 "--mmds-port", str(self.mmds_port),
                 "--no-internet", "--accel", "tcg", "--slot-prefix", "wup",
                 "--first-slot", "600", "--slots", "32", "--stop-sandboxes-on-exit",
@@ -78,6 +80,20 @@ class Wrenn:
     @property
     def proxy_url(self) -> str:
         return f"http://127.0.0.1:{self.proxy_port}"
+
+    @property
+    def domain(self) -> str:
+        """What a user gives the SDKs as E2B_DOMAIN: the HTTPS front under wrenn.localhost."""
+        return f"wrenn.localhost:{self.https_port}"
+
+    @property
+    def ca_bundle(self) -> str:
+        """The system's trusted certificates plus wrenn's local authority (for SSL_CERT_FILE)."""
+        return os.path.join(self.data, "tls", "ca-bundle.pem")
+
+    @property
+    def ca_cert(self) -> str:
+        return os.path.join(self.data, "tls", "ca.pem")
 
     def healthy(self) -> bool:
         try:

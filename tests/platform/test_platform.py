@@ -54,6 +54,18 @@ def test_list_filters_by_metadata_and_paginates(wrenn):
         ids = {s.sandbox_id for s in first + second}
         assert ids == {s.sandbox_id for s in group}
         assert other.sandbox_id not in ids
+        # Newest first, as E2B lists by default: the pages come in creation order reversed.
+        assert [s.sandbox_id for s in first + second] == [s.sandbox_id for s in reversed(group)]
+        # startedAfter is inclusive at the precision the API gives: a sandbox's own start
+        # time lists it.
+        newest = Sandbox.get_info(group[-1].sandbox_id)
+        since = Sandbox.list(
+            query=SandboxQuery(metadata={"group": "paged"}, started_after=newest.started_at)
+        ).next_items()
+        assert group[-1].sandbox_id in {s.sandbox_id for s in since}
+        assert group[0].sandbox_id not in {s.sandbox_id for s in since} or (
+            Sandbox.get_info(group[0].sandbox_id).started_at == newest.started_at
+        )
     finally:
         for sandbox in group + [other]:
             sandbox.kill()
@@ -90,6 +102,105 @@ def test_pause_then_connect_resumes_with_files_and_processes(wrenn):
         assert resumed.commands.run("pgrep -x sleep").exit_code == 0
     finally:
         Sandbox.kill(sandbox.sandbox_id)
+
+
+def test_a_connect_while_a_timeout_pauses_resumes_the_sandbox_in_place(wrenn):
+    """With on_timeout pause, set_timeout(0) pauses the sandbox; a connect that comes before,
+    during or after that pause gets the same machine running (same boot id), never "not
+    found". The delays put the connect at different points of the lifecycle's pause."""
+    for delay in (0.0, 0.6, 1.0, 1.4, 2.5):
+        sandbox = Sandbox.create(
+            timeout=120, lifecycle={"on_timeout": {"action": "pause", "keep_memory": None}}
+        )
+        try:
+            boot_id = sandbox.commands.run("cat /proc/sys/kernel/random/boot_id").stdout
+            sandbox.set_timeout(0)
+            time.sleep(delay)
+            connected = Sandbox.connect(sandbox.sandbox_id, timeout=120)
+            assert Sandbox.get_info(sandbox.sandbox_id).state.value == "running", delay
+            again = connected.commands.run("cat /proc/sys/kernel/random/boot_id").stdout
+            assert again == boot_id, f"connect {delay} s after set_timeout(0) rebooted the sandbox"
+        finally:
+            Sandbox.kill(sandbox.sandbox_id)
+
+
+def test_a_killed_sandbox_ends_its_streams_at_once(wrenn):
+    """A command, a terminal and a watch streaming from a sandbox that another client kills
+    fail with the SDK's "not running" error instead of waiting for their own timeouts."""
+    import threading
+
+    from e2b.exceptions import SandboxNotRunningException
+
+    sandbox = Sandbox.create(timeout=300)
+    outcomes = {}
+
+    def wait(name, call):
+        try:
+            call()
+            outcomes[name] = "returned"
+        except SandboxNotRunningException as error:
+            outcomes[name] = ("not running", str(error))
+        except Exception as error:  # noqa: BLE001 - what else came is the test's failure text
+            outcomes[name] = ("other", repr(error))
+
+    from e2b import PtySize
+
+    # A download that the client reads slowly: far more than the proxies' buffers hold.
+    sandbox.commands.run("head -c 200M /dev/zero > /home/user/big")
+    download = sandbox.files.read("/home/user/big", format="stream")
+
+    received = []
+
+    def read_slowly():
+        for chunk in download:
+            received.append(len(chunk))
+            time.sleep(0.01)
+
+    command = sandbox.commands.run("sleep 600", background=True, timeout=0)
+    terminal = sandbox.pty.create(size=PtySize(rows=24, cols=80), timeout=0)
+    watch = sandbox.files.watch_dir("/home/user")
+    waiters = [
+        threading.Thread(target=wait, args=("command", command.wait)),
+        threading.Thread(target=wait, args=("terminal", terminal.wait)),
+        threading.Thread(target=wait, args=("download", read_slowly)),
+    ]
+    for waiter in waiters:
+        waiter.start()
+    time.sleep(1)
+    Sandbox.kill(sandbox.sandbox_id)
+    # Far less than the command's 600 s; a stream left open would hold its thread that long.
+    for waiter in waiters:
+        waiter.join(timeout=120)
+    assert not any(w.is_alive() for w in waiters), (
+        f"streams still open after the kill: {outcomes}; downloaded {sum(received)} bytes in "
+        f"{len(received)} chunks"
+    )
+    for name in ("command", "terminal"):
+        assert outcomes[name][0] == "not running", outcomes
+        assert "killed" in outcomes[name][1], outcomes
+    # A plain byte stream has no SDK error of its own: it must fail, not end as if complete.
+    assert outcomes["download"] != "returned", outcomes
+    # The polling watch now fails: its sandbox is gone.
+    with pytest.raises(SandboxException):
+        watch.get_new_events()
+
+
+def test_the_base_template_has_what_e2b_base_has(wrenn):
+    sandbox = Sandbox.create(timeout=120)
+    try:
+        for tool in ("python --version", "pip --version", "node --version", "npm --version",
+                     "git --version", "curl --version", "wget --version"):
+            result = sandbox.commands.run(tool)
+            assert result.exit_code == 0, f"{tool}: {result.stderr}"
+        assert sandbox.commands.run("python -c 'import sys; print(sys.version_info[0])'").stdout == "3\n"
+        assert sandbox.commands.run("sudo -n whoami").stdout == "root\n"
+        assert sandbox.commands.run("echo $LANG").stdout == "C.UTF-8\n"
+        utf8 = sandbox.commands.run("python -c \"print('caf\\u00e9 \\u2713')\"")
+        assert utf8.stdout == "caf\u00e9 \u2713\n"
+        # Global npm and pip installs work for `user`, as in E2B's base (/usr/local writable).
+        assert sandbox.commands.run("test -w /usr/local/lib && test -w /usr/local/bin").exit_code == 0
+    finally:
+        sandbox.kill()
 
 
 def test_metrics(wrenn):

@@ -89,6 +89,8 @@ struct SandboxEntry {
     /// Cancelled when the VM stops (killed, paused, died): the proxies' connections to the
     /// guest end then instead of hanging on a guest that will never answer.
     connections: Mutex<CancellationToken>,
+    /// Set when a destroy begins: no new connection is routed to the guest.
+    destroying: std::sync::atomic::AtomicBool,
 }
 
 impl SandboxEntry {
@@ -97,6 +99,7 @@ impl SandboxEntry {
             operation: tokio::sync::Mutex::new(()),
             record: Mutex::new(record),
             connections: Mutex::new(CancellationToken::new()),
+            destroying: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -279,9 +282,15 @@ impl Manager {
         }
     }
 
+    /// What `/init` tells a sandbox's envd: its environment (a UTF-8 locale unless the
+    /// create set `LANG`, as in E2B's templates), `user` in `/home/user`, the time, the token.
     fn init_body(record: &SandboxRecord) -> serde_json::Value {
+        let mut env_vars = record.env_vars.clone();
+        env_vars
+            .entry("LANG".to_string())
+            .or_insert_with(|| "C.UTF-8".to_string());
         let mut body = json!({
-            "envVars": record.env_vars,
+            "envVars": env_vars,
             "defaultUser": "user",
             "defaultWorkdir": "/home/user",
             "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
@@ -712,7 +721,9 @@ impl Manager {
     ) -> Option<(SocketAddr, CancellationToken)> {
         let entry = self.entry(sandbox_id).ok()?;
         let record = entry.snapshot();
-        if record.state != SandboxState::Running {
+        if record.state != SandboxState::Running
+            || entry.destroying.load(std::sync::atomic::Ordering::SeqCst)
+        {
             return None;
         }
         let address = crate::network::Slot::address_of(record.slot?);
@@ -835,9 +846,19 @@ impl Manager {
     pub async fn destroy(&self, sandbox_id: &str) -> Result<(), AgentError> {
         let entry = self.entry(sandbox_id)?;
         let _operation = entry.operation.lock().await;
+        // A client that sees its stream end and asks again must hear "not found", not be
+        // routed to a guest that is going away.
+        entry
+            .destroying
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let record = entry.snapshot();
-        if let Some(vm) = &record.vm {
-            self.vmm.destroy(vm).await?;
+        if let Some(vm) = &record.vm
+            && let Err(error) = self.vmm.destroy(vm).await
+        {
+            entry
+                .destroying
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            return Err(error.into());
         }
         entry.end_connections();
         if let Some(slot) = record.slot {

@@ -2,7 +2,8 @@
 //! teams, hashed API keys ([`auth`]), hosts and sandboxes; the fleet of host agents
 //! ([`fleet`]: registration, heartbeats, placement, reconciliation); sandbox lifecycles (end
 //! times, kill or pause on timeout); per-team quotas ([`quota`]); the settings it refuses
-//! rather than ignore ([`unsupported`]); and the edge proxy ([`proxy`]) to sandbox ports.
+//! rather than ignore ([`unsupported`]); the edge proxy ([`proxy`]) to sandbox ports; and HTTPS
+//! under its domain ([`tls`]).
 
 pub mod api;
 pub mod auth;
@@ -13,6 +14,7 @@ pub mod proxy;
 pub mod quota;
 pub mod store;
 pub mod store_pg;
+pub mod tls;
 pub mod unsupported;
 
 use std::collections::HashMap;

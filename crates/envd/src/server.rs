@@ -253,17 +253,6 @@ pub async fn serve(
     timeouts: ServerTimeouts,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(timeouts.header_read)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(timeouts.h2_keepalive)
-        .keep_alive_timeout(Duration::from_secs(20));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -279,75 +268,96 @@ pub async fn serve(
             () = &mut shutdown => return,
         };
         let _ = stream.set_nodelay(true);
-        let (id, in_flight, mut control) = tracker.register();
-        let last_activity = Arc::new(Mutex::new(Instant::now()));
-        let service = {
-            let (app, in_flight, last_activity) =
-                (app.clone(), in_flight.clone(), last_activity.clone());
-            tower::service_fn(move |mut request: Request<Incoming>| {
-                let guard = InFlight::new(in_flight.clone(), last_activity.clone());
-                request.extensions_mut().insert(ConnectionId(id));
-                request
-                    .extensions_mut()
-                    .insert(axum::extract::ConnectInfo(peer));
-                let app = app.clone();
-                async move {
-                    let response = app.oneshot(request.map(Body::new)).await?;
-                    let response: Response<TrackedBody> = response.map(|inner| TrackedBody {
-                        inner,
-                        _in_flight: guard,
-                    });
-                    Ok::<_, std::convert::Infallible>(response)
+        spawn_connection(stream, peer, app.clone(), tracker.clone(), &timeouts);
+    }
+}
+
+/// Serves `app` on one accepted connection (plain TCP, or TLS after its handshake) on a task
+/// of its own, with the header-read, idle and keepalive limits of `timeouts`, tracked by
+/// `tracker`.
+pub fn spawn_connection<I>(
+    io: I,
+    peer: std::net::SocketAddr,
+    app: Router,
+    tracker: Arc<ConnectionTracker>,
+    timeouts: &ServerTimeouts,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeouts.header_read)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(timeouts.h2_keepalive)
+        .keep_alive_timeout(Duration::from_secs(20));
+    let (id, in_flight, mut control) = tracker.register();
+    let last_activity = Arc::new(Mutex::new(Instant::now()));
+    let service = {
+        let (in_flight, last_activity) = (in_flight.clone(), last_activity.clone());
+        tower::service_fn(move |mut request: Request<Incoming>| {
+            let guard = InFlight::new(in_flight.clone(), last_activity.clone());
+            request.extensions_mut().insert(ConnectionId(id));
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            let app = app.clone();
+            async move {
+                let response = app.oneshot(request.map(Body::new)).await?;
+                let response: Response<TrackedBody> = response.map(|inner| TrackedBody {
+                    inner,
+                    _in_flight: guard,
+                });
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        })
+    };
+    let idle_timeout = timeouts.idle;
+    tokio::spawn(async move {
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service));
+        tokio::pin!(connection);
+        let mut idle_check =
+            tokio::time::interval((idle_timeout / 4).max(Duration::from_millis(10)));
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        tracing::debug!(%peer, %error, "connection ended with an error");
+                    }
+                    break;
                 }
-            })
-        };
-        let builder = builder.clone();
-        let tracker = tracker.clone();
-        let idle_timeout = timeouts.idle;
-        tokio::spawn(async move {
-            let connection = builder.serve_connection_with_upgrades(
-                TokioIo::new(stream),
-                TowerToHyperService::new(service),
-            );
-            tokio::pin!(connection);
-            let mut idle_check =
-                tokio::time::interval((idle_timeout / 4).max(Duration::from_millis(10)));
-            let mut draining = false;
-            loop {
-                tokio::select! {
-                    result = connection.as_mut() => {
-                        if let Err(error) = result {
-                            tracing::debug!(%peer, %error, "connection ended with an error");
+                changed = control.changed() => {
+                    let command = if changed.is_ok() { *control.borrow_and_update() } else { Command::Close };
+                    match command {
+                        Command::Close => {
+                            tracing::debug!(%peer, id, "closing connection");
+                            break;
                         }
-                        break;
-                    }
-                    changed = control.changed() => {
-                        let command = if changed.is_ok() { *control.borrow_and_update() } else { Command::Close };
-                        match command {
-                            Command::Close => {
-                                tracing::debug!(%peer, id, "closing connection");
-                                break;
-                            }
-                            Command::Drain if !draining => {
-                                draining = true;
-                                connection.as_mut().graceful_shutdown();
-                            }
-                            _ => {}
-                        }
-                    }
-                    _ = idle_check.tick() => {
-                        let idle_for = last_activity.lock().expect("activity lock").elapsed();
-                        if !draining && in_flight.load(Ordering::SeqCst) == 0 && idle_for >= idle_timeout {
-                            tracing::debug!(%peer, id, "closing idle connection");
+                        Command::Drain if !draining => {
                             draining = true;
                             connection.as_mut().graceful_shutdown();
                         }
+                        _ => {}
+                    }
+                }
+                _ = idle_check.tick() => {
+                    let idle_for = last_activity.lock().expect("activity lock").elapsed();
+                    if !draining && in_flight.load(Ordering::SeqCst) == 0 && idle_for >= idle_timeout {
+                        tracing::debug!(%peer, id, "closing idle connection");
+                        draining = true;
+                        connection.as_mut().graceful_shutdown();
                     }
                 }
             }
-            tracker.unregister(id);
-        });
-    }
+        }
+        tracker.unregister(id);
+    });
 }
 
 #[cfg(test)]

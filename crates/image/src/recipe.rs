@@ -64,7 +64,19 @@ mod tests {
     #[test]
     fn package_list_has_what_the_sdk_assumes() {
         let packages = super::packages();
-        for needed in ["python3", "sudo", "bash", "nodejs", "git", "iproute2"] {
+        for needed in [
+            "python3",
+            "python-is-python3",
+            "python3-pip",
+            "sudo",
+            "bash",
+            "nodejs",
+            "npm",
+            "git",
+            "curl",
+            "wget",
+            "iproute2",
+        ] {
             assert!(packages.contains(&needed), "{needed} missing");
         }
         assert!(packages.iter().all(|package| !package.contains(' ')));

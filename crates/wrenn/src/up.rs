@@ -32,9 +32,26 @@ pub struct PlaneArgs {
     /// The edge proxy to sandbox ports (and envd).
     #[arg(long, default_value = "127.0.0.1:3001")]
     proxy_listen: SocketAddr,
-    /// The domain sandboxes are reached under (`<port>-<id>.<domain>`), if one points here.
+    /// The domain the API (`api.<domain>`) and sandboxes (`<port>-<id>.<domain>`) are reached
+    /// under over HTTPS, as the SDKs do with `E2B_DOMAIN` [default for `wrenn up`:
+    /// wrenn.localhost, which names this machine; for `wrenn server`: none, no HTTPS].
     #[arg(long)]
     domain: Option<String>,
+    /// Where HTTPS is served under the domain (repeat for more) [default: 127.0.0.1:443 and
+    /// [::1]:443 for `wrenn up`, 0.0.0.0:443 for `wrenn server`]. On another port than 443 the
+    /// SDKs are given `<domain>:<port>`.
+    #[arg(long = "https-listen", value_name = "ADDRESS")]
+    https_listen: Vec<SocketAddr>,
+    /// No HTTPS front (the API and the proxy stay on their plain HTTP ports).
+    #[arg(long, conflicts_with_all = ["https_listen", "tls_cert"])]
+    no_https: bool,
+    /// The certificate chain (PEM) to serve under the domain [default: one signed by a local
+    /// certificate authority in <data>/tls, made once].
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Keep sandboxes off the internet.
     #[arg(long)]
     no_internet: bool,
@@ -274,6 +291,93 @@ struct Running {
     key_file: PathBuf,
     join_token_file: Option<PathBuf>,
     servers: Vec<tokio::task::JoinHandle<()>>,
+    https: Option<Https>,
+}
+
+/// The HTTPS front, when it runs.
+struct Https {
+    /// What the SDKs are given as the domain (with `:port` off 443).
+    domain: String,
+    addresses: Vec<SocketAddr>,
+    /// The local authority that signed its certificate (none with --tls-cert).
+    authority: Option<wrenn_cp::tls::LocalAuthority>,
+}
+
+/// Starts the HTTPS front when `args` (and `local`, for `wrenn up`'s defaults) ask for it:
+/// binds its listeners and makes its certificate.
+async fn start_https(
+    args: &PlaneArgs,
+    local: bool,
+) -> anyhow::Result<
+    Option<(
+        Https,
+        Vec<tokio::net::TcpListener>,
+        Arc<rustls::ServerConfig>,
+    )>,
+> {
+    if args.no_https {
+        return Ok(None);
+    }
+    let domain = match (&args.domain, local) {
+        (Some(domain), _) => domain.clone(),
+        (None, true) => "wrenn.localhost".to_string(),
+        (None, false) => return Ok(None),
+    };
+    let host = wrenn_cp::tls::domain_host(&domain)?.to_string();
+    let (addresses, best_effort): (Vec<SocketAddr>, Vec<SocketAddr>) =
+        if !args.https_listen.is_empty() {
+            (args.https_listen.clone(), Vec::new())
+        } else if local {
+            (vec!["127.0.0.1:443".parse()?], vec!["[::1]:443".parse()?])
+        } else {
+            (vec!["0.0.0.0:443".parse()?], Vec::new())
+        };
+    let mut listeners = Vec::new();
+    for address in &addresses {
+        let listener = tokio::net::TcpListener::bind(address).await.with_context(|| {
+            format!(
+                "serving HTTPS for {domain} on {address} (choose another with --https-listen, or none with --no-https)"
+            )
+        })?;
+        listeners.push(listener);
+    }
+    for address in &best_effort {
+        match tokio::net::TcpListener::bind(address).await {
+            Ok(listener) => listeners.push(listener),
+            Err(error) => tracing::info!(%address, %error, "no HTTPS on this address"),
+        }
+    }
+    let bound: Vec<SocketAddr> = listeners
+        .iter()
+        .map(|listener| listener.local_addr())
+        .collect::<Result<_, _>>()?;
+    let (cert, key, authority) = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => (cert.clone(), key.clone(), None),
+        _ => {
+            let authority = wrenn_cp::tls::local_authority(&args.data_dir.join("tls"), &host)?;
+            (
+                authority.server_cert.clone(),
+                authority.server_key.clone(),
+                Some(authority),
+            )
+        }
+    };
+    let config = wrenn_cp::tls::server_config(&cert, &key)?;
+    let port = bound[0].port();
+    let advertised = if domain.contains(':') || port == 443 {
+        domain.clone()
+    } else {
+        format!("{domain}:{port}")
+    };
+    Ok(Some((
+        Https {
+            domain: advertised,
+            addresses: bound,
+            authority,
+        },
+        listeners,
+        config,
+    )))
 }
 
 type ServeFn<'a> =
@@ -337,8 +441,10 @@ async fn start_plane(
     args: &PlaneArgs,
     embedded: Option<Arc<Manager>>,
     serve: &ServeFn<'_>,
+    stop: &tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Running> {
     secure_plane_files(&args.data_dir.join("cp"))?;
+    let https = start_https(args, embedded.is_some()).await?;
     let store = open_store(&args.data_dir, args.database_url_file.as_deref()).await?;
     let key_file = args.data_dir.join("cp/initial-api-key");
     let first_key = if store.team_by_name("default").await?.is_none() {
@@ -361,7 +467,11 @@ async fn start_plane(
     let fleet = wrenn_cp::fleet::Fleet::load(&store, config, placement, embedded)
         .await
         .context("loading the fleet")?;
-    let (plane, wake) = ControlPlane::new(store, fleet, args.domain.clone(), !args.no_internet);
+    let domain = match &https {
+        Some((https, _, _)) => Some(https.domain.clone()),
+        None => args.domain.clone(),
+    };
+    let (plane, wake) = ControlPlane::new(store, fleet, domain, !args.no_internet);
     let plane = Arc::new(plane.with_quotas(wrenn_cp::quota::Quotas {
         running: args.quota_running,
         paused: args.quota_paused,
@@ -378,10 +488,31 @@ async fn start_plane(
         .with_context(|| format!("listening on {}", args.proxy_listen))?;
     let api_address = api.local_addr()?;
     let proxy_address = proxy.local_addr()?;
-    let servers = vec![
+    let mut servers = vec![
         serve(api, wrenn_cp::api::router(plane.clone())),
         serve(proxy, wrenn_cp::proxy::router(plane.clone())),
     ];
+    let https = match https {
+        Some((https, listeners, config)) => {
+            let host = wrenn_cp::tls::domain_host(&https.domain)?;
+            let front = wrenn_cp::tls::front_router(
+                host,
+                wrenn_cp::api::router(plane.clone()),
+                wrenn_cp::proxy::router(plane.clone()),
+            );
+            for listener in listeners {
+                servers.push(wrenn_cp::tls::spawn_tls_until_stopped(
+                    listener,
+                    config.clone(),
+                    front.clone(),
+                    wrenn_envd::server::ServerTimeouts::default(),
+                    stop.clone(),
+                ));
+            }
+            Some(https)
+        }
+        None => None,
+    };
     Ok(Running {
         plane,
         api_address,
@@ -390,12 +521,11 @@ async fn start_plane(
         key_file,
         join_token_file,
         servers,
+        https,
     })
 }
 
 fn print_endpoints(running: &Running) {
-    println!("  E2B_API_URL=http://{}", running.api_address);
-    println!("  E2B_SANDBOX_URL=http://{}", running.proxy_address);
     match &running.first_key {
         Some(key) => println!(
             "  E2B_API_KEY={key}    (also in {})",
@@ -403,6 +533,28 @@ fn print_endpoints(running: &Running) {
         ),
         None => println!("  E2B_API_KEY=<a key of yours: `wrenn key create`>"),
     }
+    if let Some(https) = &running.https {
+        let listening: Vec<String> = https.addresses.iter().map(|a| a.to_string()).collect();
+        println!(
+            "  E2B_DOMAIN={}    (HTTPS on {}: https://api.{0} and https://<port>-<sandbox id>.{0}, as on E2B)",
+            https.domain,
+            listening.join(", ")
+        );
+        if let Some(authority) = &https.authority {
+            println!(
+                "  SSL_CERT_FILE={} NODE_EXTRA_CA_CERTS={}    (trust wrenn's local certificate authority)",
+                authority.bundle.display(),
+                authority.ca_cert.display()
+            );
+            println!(
+                "  or trust it system-wide: cp {} /usr/local/share/ca-certificates/wrenn-local-ca.crt && update-ca-certificates",
+                authority.ca_cert.display()
+            );
+        }
+        println!("Or without HTTPS (signed file URLs and get_host() need the domain):");
+    }
+    println!("  E2B_API_URL=http://{}", running.api_address);
+    println!("  E2B_SANDBOX_URL=http://{}", running.proxy_address);
     println!(
         "Then: python3 -c 'from e2b import Sandbox; print(Sandbox.create().commands.run(\"echo hi\").stdout)'"
     );
@@ -432,8 +584,8 @@ fn server_spawner(
 /// `wrenn server`: the control plane alone; hosts join it.
 pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let serve = server_spawner(stop_rx);
-    let running = start_plane(&args.plane, None, &serve).await?;
+    let serve = server_spawner(stop_rx.clone());
+    let running = start_plane(&args.plane, None, &serve, &stop_rx).await?;
     println!(
         "wrenn server is up ({} hosts known, data in {})",
         running.plane.fleet.hosts().len(),
@@ -499,7 +651,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening for metadata requests on port {}", args.mmds_port))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let serve = server_spawner(stop_rx);
+    let serve = server_spawner(stop_rx.clone());
     let mmds_server = serve(mmds, manager.mmds.router());
     if !manager
         .list_templates()
@@ -518,7 +670,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         );
     }
 
-    let running = start_plane(&args.plane, Some(manager.clone()), &serve).await?;
+    let running = start_plane(&args.plane, Some(manager.clone()), &serve, &stop_rx).await?;
     println!(
         "wrenn is up ({} guests, data in {})",
         manager.accel().as_str(),

@@ -761,14 +761,95 @@ async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_s
         headers.get("x-next-token").is_none(),
         "two sandboxes, two pages"
     );
-    let mut ids = vec![
+    // Newest first by default (bob was created after alice), oldest first when asked.
+    let ids = vec![
         first[0]["sandboxID"].as_str().unwrap().to_string(),
         second[0]["sandboxID"].as_str().unwrap().to_string(),
     ];
-    ids.sort();
-    let mut expected = vec![alice_id.clone(), bob_id.clone()];
-    expected.sort();
-    assert_eq!(ids, expected);
+    assert_eq!(ids, vec![bob_id.clone(), alice_id.clone()]);
+    let (_, ascending, _) = server
+        .call_with(
+            Method::GET,
+            "/v2/sandboxes?order=asc",
+            Some(&server.key),
+            "",
+        )
+        .await;
+    let ascending: Vec<&str> = ascending
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["sandboxID"].as_str().unwrap())
+        .collect();
+    assert_eq!(ascending, vec![alice_id.as_str(), bob_id.as_str()]);
+    let (status, _) = server
+        .call(Method::GET, "/v2/sandboxes?order=sideways", Value::Null)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    // startedAfter is inclusive: bob's own start time lists bob.
+    let bob_started = first[0]["startedAt"].as_str().unwrap().to_string();
+    let (_, since, _) = server
+        .call_with(
+            Method::GET,
+            &format!(
+                "/v2/sandboxes?startedAfter={}",
+                bob_started.replace('+', "%2B")
+            ),
+            Some(&server.key),
+            "",
+        )
+        .await;
+    let since: Vec<&str> = since
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["sandboxID"].as_str().unwrap())
+        .collect();
+    assert!(
+        since.contains(&bob_id.as_str()),
+        "{since:?} from {bob_started}"
+    );
+
+    // Routes: the many-sandbox metrics route is not a sandbox id; a wrong method is a 405;
+    // an unknown route says so.
+    let (status, metrics) = server
+        .call(
+            Method::GET,
+            &format!("/sandboxes/metrics?sandbox_ids={alice_id},{bob_id},nosuchsandbox"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{metrics}");
+    let sampled = metrics["sandboxes"].as_object().unwrap();
+    assert!(
+        sampled[&alice_id]["memTotal"].as_u64().unwrap() > 0,
+        "{metrics}"
+    );
+    assert!(sampled.contains_key(&bob_id) && !sampled.contains_key("nosuchsandbox"));
+    let (status, _) = server
+        .call(Method::GET, "/sandboxes/metrics", Value::Null)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, body) = server
+        .call(
+            Method::PUT,
+            &format!("/sandboxes/{alice_id}/pause"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("not allowed"),
+        "{body}"
+    );
+    let (status, body) = server
+        .call(Method::GET, "/v3/no/such/thing", Value::Null)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(
+        body["message"].as_str().unwrap().contains("no such route"),
+        "{body}"
+    );
     let (_, v1) = server.call(Method::GET, "/sandboxes", Value::Null).await;
     assert_eq!(v1.as_array().unwrap().len(), 2);
 

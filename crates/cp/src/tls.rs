@@ -1,0 +1,381 @@
+//! HTTPS for the control plane: the certificate it serves under its domain, and the TLS front
+//! that serves the REST API (`api.<domain>`) and the edge proxy (`<port>-<id>.<domain>`) on
+//! one port, as the E2B SDKs expect when they are given only a domain.
+//!
+//! Without a certificate of the operator's, a **local certificate authority** is made once in
+//! the TLS directory (`ca.pem`, its key `ca-key.pem` private to root) and signs a server
+//! certificate for `<domain>` and `*.<domain>` (`server.pem`, `server-key.pem`), renewed when
+//! the domain changes or a month before it expires. `ca-bundle.pem` is the system's trusted
+//! certificates plus the local authority's: point `SSL_CERT_FILE` at it (Python, the SDK's
+//! Rust transport, curl), or `NODE_EXTRA_CA_CERTS` at `ca.pem` (Node), or install `ca.pem`
+//! system-wide, and the SDKs trust wrenn's HTTPS.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Where Debian keeps the system's trusted certificates, one PEM bundle.
+const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// The local authority's name.
+const CA_NAME: &str = "wrenn local certificate authority";
+/// How long the local authority is valid.
+const CA_VALIDITY_DAYS: i64 = 3650;
+/// How long a server certificate is valid (under the 398 days clients accept).
+const SERVER_VALIDITY_DAYS: i64 = 390;
+/// A server certificate this close to its end is renewed at start.
+const RENEW_BEFORE_DAYS: i64 = 30;
+/// How long a client may take over the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("making a certificate: {0}")]
+    Certificate(#[from] rcgen::Error),
+    #[error("reading {}: {detail}", path.display())]
+    Pem { path: PathBuf, detail: String },
+    #[error("the TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("invalid domain {0:?}: a DNS name such as wrenn.localhost or sandboxes.example.com")]
+    Domain(String),
+}
+
+fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TlsError {
+    let path = path.to_owned();
+    move |source| TlsError::Io { what, path, source }
+}
+
+/// The files of a local authority and the server certificate it signed.
+#[derive(Debug, Clone)]
+pub struct LocalAuthority {
+    /// The authority's certificate: what clients must trust.
+    pub ca_cert: PathBuf,
+    /// The system's trusted certificates plus the authority's (for `SSL_CERT_FILE`).
+    pub bundle: PathBuf,
+    /// The server's certificate chain (server, then authority).
+    pub server_cert: PathBuf,
+    /// The server's private key.
+    pub server_key: PathBuf,
+}
+
+/// The domain's host name: `domain` without a `:port`, checked to be a DNS name.
+pub fn domain_host(domain: &str) -> Result<&str, TlsError> {
+    let host = match domain.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => host,
+        _ => domain,
+    };
+    let valid_label = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    if host.len() > 253 || host.split('.').count() < 2 || !host.split('.').all(valid_label) {
+        return Err(TlsError::Domain(domain.to_string()));
+    }
+    Ok(host)
+}
+
+/// Makes (once) the local authority in `dir` and (when missing, for another domain, or near
+/// its end) a server certificate for `host` and `*.host`.
+pub fn local_authority(dir: &Path, host: &str) -> Result<LocalAuthority, TlsError> {
+    crate::store::private_dir(dir).map_err(io_error("creating", dir))?;
+    let files = LocalAuthority {
+        ca_cert: dir.join("ca.pem"),
+        bundle: dir.join("ca-bundle.pem"),
+        server_cert: dir.join("server.pem"),
+        server_key: dir.join("server-key.pem"),
+    };
+    let ca_key_path = dir.join("ca-key.pem");
+    let made_for = dir.join("server.for");
+    let (ca_key, ca_pem) = if files.ca_cert.exists() && ca_key_path.exists() {
+        let key_pem =
+            std::fs::read_to_string(&ca_key_path).map_err(io_error("reading", &ca_key_path))?;
+        let key = rcgen::KeyPair::from_pem(&key_pem)?;
+        let cert_pem =
+            std::fs::read_to_string(&files.ca_cert).map_err(io_error("reading", &files.ca_cert))?;
+        (key, cert_pem)
+    } else {
+        let key = rcgen::KeyPair::generate()?;
+        let now = time_now();
+        let mut params = authority_params();
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(CA_VALIDITY_DAYS);
+        let cert = params.self_signed(&key)?;
+        write_file(&ca_key_path, key.serialize_pem().as_bytes(), 0o600)?;
+        write_file(&files.ca_cert, cert.pem().as_bytes(), 0o644)?;
+        // A new authority: whatever it signed before is not its.
+        let _ = std::fs::remove_file(&made_for);
+        tracing::info!(path = %files.ca_cert.display(), "made a local certificate authority");
+        (key, cert.pem())
+    };
+    let wanted = format!("{host}\n");
+    let current = std::fs::read_to_string(&made_for).unwrap_or_default();
+    let (current_host, renew_at) = current.split_once('\n').unwrap_or(("", ""));
+    let still_good = format!("{current_host}\n") == wanted
+        && renew_at
+            .trim()
+            .parse::<i64>()
+            .is_ok_and(|at| at > time_now().unix_timestamp())
+        && files.server_cert.exists()
+        && files.server_key.exists();
+    if !still_good {
+        let key = rcgen::KeyPair::generate()?;
+        let now = time_now();
+        let mut params =
+            rcgen::CertificateParams::new(vec![host.to_string(), format!("*.{host}")])?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, host);
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(SERVER_VALIDITY_DAYS);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let issuer = rcgen::Issuer::new(authority_params(), &ca_key);
+        let cert = params.signed_by(&key, &issuer)?;
+        write_file(&files.server_key, key.serialize_pem().as_bytes(), 0o600)?;
+        write_file(
+            &files.server_cert,
+            format!("{}{}", cert.pem(), ca_pem).as_bytes(),
+            0o644,
+        )?;
+        let renew_at =
+            (params.not_after - time::Duration::days(RENEW_BEFORE_DAYS)).unix_timestamp();
+        write_file(&made_for, format!("{host}\n{renew_at}\n").as_bytes(), 0o644)?;
+        tracing::info!(
+            host,
+            "issued the server certificate from the local authority"
+        );
+    }
+    let system = std::fs::read_to_string(SYSTEM_BUNDLE).unwrap_or_default();
+    let mut bundle = system;
+    if !bundle.is_empty() && !bundle.ends_with('\n') {
+        bundle.push('\n');
+    }
+    bundle.push_str(&ca_pem);
+    write_file(&files.bundle, bundle.as_bytes(), 0o644)?;
+    Ok(files)
+}
+
+/// The authority's parameters: the same each time, so that a certificate it signs names it
+/// exactly as its own certificate does.
+fn authority_params() -> rcgen::CertificateParams {
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, CA_NAME);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "wrenn");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    params
+}
+
+fn time_now() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc()
+}
+
+/// Writes `bytes` to `path` through a temporary file, synced, renamed over it, with `mode`.
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let temp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&temp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&temp)
+        .map_err(io_error("creating", &temp))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(io_error("writing", &temp))?;
+    std::fs::rename(&temp, path).map_err(io_error("renaming over", path))?;
+    if let Some(dir) = path.parent()
+        && let Ok(dir) = std::fs::File::open(dir)
+    {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}
+
+/// The TLS settings of a server with the certificate chain and key in these PEM files
+/// (HTTP/2 and HTTP/1.1 by ALPN).
+pub fn server_config(
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let pem_error = |path: &Path| {
+        let path = path.to_owned();
+        move |error: rustls::pki_types::pem::Error| TlsError::Pem {
+            path,
+            detail: error.to_string(),
+        }
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
+        .map_err(pem_error(cert_path))?
+        .collect::<Result<_, _>>()
+        .map_err(pem_error(cert_path))?;
+    if chain.is_empty() {
+        return Err(TlsError::Pem {
+            path: cert_path.to_owned(),
+            detail: "no certificate in it".into(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(pem_error(key_path))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// One router for the TLS front: requests for `api.<domain>` go to `api`, all others to
+/// `proxy` (which reads the sandbox and port from the host name).
+pub fn front_router(domain_host: &str, api: axum::Router, proxy: axum::Router) -> axum::Router {
+    let api_host: Arc<str> = format!("api.{domain_host}").into();
+    axum::Router::new().fallback_service(tower::service_fn(
+        move |request: http::Request<axum::body::Body>| {
+            let to_api = request_host(&request).is_some_and(|host| host == *api_host);
+            let router = if to_api { api.clone() } else { proxy.clone() };
+            async move {
+                use tower::ServiceExt;
+                router.oneshot(request).await
+            }
+        },
+    ))
+}
+
+/// The host a request is for (HTTP/1.1 `Host`, or the HTTP/2 `:authority`), without a port.
+fn request_host(request: &http::Request<axum::body::Body>) -> Option<String> {
+    let raw = request
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| request.uri().authority().map(|a| a.to_string()))?;
+    let host = match raw.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => raw.as_str(),
+    };
+    Some(host.to_ascii_lowercase())
+}
+
+/// Serves `app` over TLS on `listener` until `stop` turns true: each connection's handshake
+/// within [`HANDSHAKE_TIMEOUT`], then HTTP/2 or HTTP/1.1 with the limits of `timeouts`.
+pub fn spawn_tls_until_stopped(
+    listener: tokio::net::TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    app: axum::Router,
+    timeouts: wrenn_envd::server::ServerTimeouts,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let tracker = Arc::new(wrenn_envd::server::ConnectionTracker::default());
+    tokio::spawn(async move {
+        let stopped = async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        };
+        tokio::pin!(stopped);
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut stopped => return,
+            };
+            let _ = stream.set_nodelay(true);
+            let (acceptor, app, tracker, timeouts) = (
+                acceptor.clone(),
+                app.clone(),
+                tracker.clone(),
+                timeouts.clone(),
+            );
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        wrenn_envd::server::spawn_connection(tls, peer, app, tracker, &timeouts)
+                    }
+                    Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domains_are_dns_names_with_an_optional_port() {
+        assert_eq!(domain_host("wrenn.localhost").unwrap(), "wrenn.localhost");
+        assert_eq!(
+            domain_host("wrenn.localhost:8443").unwrap(),
+            "wrenn.localhost"
+        );
+        for bad in [
+            "localhost",
+            "",
+            "a..b",
+            "-a.b",
+            "Wrenn.localhost",
+            "a.b:x",
+            "a_b.c",
+        ] {
+            assert!(domain_host(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_local_authority_is_made_once_and_its_server_certificate_follows_the_domain() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = dir.path().join("tls");
+        let first = local_authority(&tls, "wrenn.localhost").unwrap();
+        let ca = std::fs::read(&first.ca_cert).unwrap();
+        let server = std::fs::read(&first.server_cert).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        for private in [tls.join("ca-key.pem"), first.server_key.clone()] {
+            let mode = std::fs::metadata(&private).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", private.display());
+        }
+        // The same domain again: nothing new.
+        let again = local_authority(&tls, "wrenn.localhost").unwrap();
+        assert_eq!(std::fs::read(&again.ca_cert).unwrap(), ca);
+        assert_eq!(std::fs::read(&again.server_cert).unwrap(), server);
+        // Another domain: a new server certificate from the same authority.
+        let other = local_authority(&tls, "sandboxes.example.com").unwrap();
+        assert_eq!(std::fs::read(&other.ca_cert).unwrap(), ca);
+        assert_ne!(std::fs::read(&other.server_cert).unwrap(), server);
+        // The bundle ends with the authority, and the settings load.
+        let bundle = std::fs::read_to_string(&other.bundle).unwrap();
+        assert!(bundle.ends_with(std::str::from_utf8(&ca).unwrap()));
+        server_config(&other.server_cert, &other.server_key).unwrap();
+    }
+}

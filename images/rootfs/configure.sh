@@ -12,8 +12,10 @@ echo sandbox > /etc/hostname
 printf '127.0.0.1\tlocalhost sandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n' > /etc/hosts
 ln -sf /proc/self/mounts /etc/mtab
 printf 'LANG=C.UTF-8\n' > /etc/default/locale
-# Sandboxes install Python packages freely (as E2B's templates allow).
+# Sandboxes install Python packages freely (as E2B's templates allow), and `user` installs
+# globally without sudo (npm install -g, pip into /usr/local), as in E2B's base template.
 rm -f /usr/lib/python3*/EXTERNALLY-MANAGED
+chmod -R a+rwX /usr/local
 apt-get clean
 rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/debconf/*-old /var/log/*.log \
   /var/log/apt/* /usr/share/man/* /usr/share/info/* /root/.cache

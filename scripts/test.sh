@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the project; CI (.ci/run) runs exactly this.
-#   1. set-up (packages, test user, SDK venv)   2. format and lints
+#   1. set-up (packages, test user, SDK venv), and setup.sh's package resolution in clean
+#      Debian 12 chroots (scripts/test-setup.sh, cached)   2. format and lints
 #   3. static envd and the guest image (cached)   4. Rust unit, integration and VM tests
 #   5. the real e2b SDK suites (Python, then JS too) against the static envd, then `wrenn up`
 set -euo pipefail
@@ -12,6 +13,9 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "set-up"
 bash scripts/setup.sh
+
+step "setup.sh's package resolution in clean Debian 12 chroots (cached in $CACHE_DIR/setup-chroots)"
+WRENN_CACHE_DIR="$CACHE_DIR" bash scripts/test-setup.sh
 
 step "format"
 cargo fmt --all --check

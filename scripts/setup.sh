@@ -43,6 +43,11 @@ for tool in gcc:gcc mount:mount useradd:passwd ps:procps git:git ip:iproute2 \
   command -v "${tool%%:*}" >/dev/null 2>&1 || need_packages+=("${tool##*:}")
 done
 if ! command -v python3 >/dev/null 2>&1; then need_packages+=(python3 python3-venv); fi
+# *.localhost names (wrenn up's HTTPS domain, wrenn.localhost) resolve to the loopback through
+# nss-myhostname; its package adds it to /etc/nsswitch.conf.
+if ! dpkg-query -W -f='${Status}' libnss-myhostname 2>/dev/null | grep -q 'install ok installed'; then
+  need_packages+=(libnss-myhostname)
+fi
 if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
   need_packages+=(python3-venv)
 fi
@@ -144,6 +149,11 @@ else
     echo "setup: simulated: apt can install them (nothing was installed)"
     exit 0
   fi
+fi
+
+if ! getent hosts api.wrenn.localhost >/dev/null 2>&1; then
+  echo "setup: warning: api.wrenn.localhost does not resolve: add 'myhostname' to the hosts line" \
+    "of /etc/nsswitch.conf for wrenn up's HTTPS domain (or run wrenn up with --domain/--no-https)" >&2
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -102,15 +102,19 @@ def test_overwrite_truncates(sandbox, workdir):
     assert sandbox.files.read(path) == "short"
 
 
-def test_relative_path_is_under_home(sandbox):
+def test_relative_path_is_under_home(sandbox, test_user):
+    # The default user is `user`, so a relative path is under /home/user.
     name = f"wrenn-sdk-rel-{uuid.uuid4().hex[:8]}.txt"
+    home = f"/home/{test_user}"
     try:
         info = sandbox.files.write(name, "rel")
-        assert info.path == f"/root/{name}"
-        assert sandbox.files.read(f"/root/{name}") == "rel"
+        assert info.path == f"{home}/{name}"
+        assert sandbox.files.read(f"{home}/{name}") == "rel"
         assert sandbox.files.read(name) == "rel"
+        assert sandbox.files.get_info(name).owner == test_user
+        assert name in [e.name for e in sandbox.files.list(".")]
     finally:
-        sandbox.files.remove(f"/root/{name}")
+        sandbox.files.remove(f"{home}/{name}")
 
 
 def test_read_missing_file(sandbox, workdir):
@@ -232,7 +236,7 @@ def test_exists(sandbox, tree):
     assert sandbox.files.exists(f"{tree}/nope") is False
 
 
-def test_get_info_file(sandbox, workdir):
+def test_get_info_file(sandbox, workdir, default_user):
     path = f"{workdir}/info.txt"
     before = datetime.datetime.now(datetime.timezone.utc)
     sandbox.files.write(path, "12345")
@@ -244,8 +248,9 @@ def test_get_info_file(sandbox, workdir):
     assert info.size == 5
     assert info.mode & 0o777 == 0o644
     assert info.permissions == "-rw-r--r--"
-    assert info.owner == "root"
-    assert info.group == "root"
+    # written by the default user (`user`)
+    assert info.owner == default_user
+    assert info.group == sandbox.commands.run(f"id -gn {default_user}").stdout.strip()
     assert info.symlink_target is None
     modified = info.modified_time
     if modified.tzinfo is None:
@@ -393,10 +398,13 @@ def test_relative_path_as_user_is_under_their_home(sandbox, test_user):
 
 def test_user_cannot_read_roots_private_file(sandbox, workdir, test_user):
     path = f"{workdir}/secret.txt"
-    sandbox.files.write(path, "top secret")
-    sandbox.commands.run(f"chmod 0600 {path}")
+    sandbox.files.write(path, "top secret", user="root")
+    sandbox.commands.run(f"chmod 0600 {path}", user="root")
     with pytest.raises((SandboxException, AuthenticationException)):
         sandbox.files.read(path, user=test_user)
+    # the default user is `user` too
+    with pytest.raises((SandboxException, AuthenticationException)):
+        sandbox.files.read(path)
 
 
 def test_unknown_user_on_files(sandbox, workdir):

@@ -156,7 +156,32 @@ async fn environment_cwd_and_users() {
     config.envs.insert("GREETING".into(), "hi".into());
     config.cwd = Some("/tmp".into());
     let out = run(&client, &request, &HeaderMap::new()).await;
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi:root:/root:/tmp\n");
+    // Without /init, calls that name no user run as `user` where it exists, else as root.
+    let (default_user, default_home) = common::default_account();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("hi:{default_user}:{default_home}:/tmp\n")
+    );
+    // With no cwd, a process starts in its user's home.
+    let out = run(
+        &client,
+        &start_request("/bin/sh", &["-c", "id -un; pwd"]),
+        &HeaderMap::new(),
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{default_user}\n{default_home}\n")
+    );
+    // Naming root still runs as root.
+    let as_root = headers(&[("authorization", "Basic cm9vdDo=")]);
+    let out = run(
+        &client,
+        &start_request("/bin/sh", &["-c", "id -un; echo $HOME; pwd"]),
+        &as_root,
+    )
+    .await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "root\n/root\n/root\n");
 
     let mut missing = start_request("/bin/true", &[]);
     missing.process.as_mut().unwrap().cwd = Some("/does/not/exist".into());
@@ -483,6 +508,12 @@ async fn pty_input_resize_and_keepalive() {
 async fn filesystem_calls_and_watch_stream() {
     let envd = Envd::start();
     let dir = tempfile::tempdir().unwrap();
+    // Open to the default user (`user` where it exists), as the calls below name no user.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
     let base = dir.path().to_str().unwrap().to_owned();
     let client = envd.client(HttpVersion::Http2, Codec::Json);
     let none = HeaderMap::new();
@@ -543,6 +574,13 @@ async fn filesystem_calls_and_watch_stream() {
         .map(|e| e.path.trim_start_matches(&base).to_owned())
         .collect();
     assert_eq!(paths, vec!["/a", "/a/b", "/a/b/f.txt"]);
+    // MakeDir made `a` and `b` as the default user; the test itself (root) wrote the file.
+    let (default_user, _) = common::default_account();
+    let made_dir = &listed.entries[0];
+    assert_eq!(
+        (made_dir.owner.as_str(), made_dir.permissions.as_str()),
+        (default_user, "drwxr-xr-x")
+    );
     let file = &listed.entries[2];
     assert_eq!(
         (file.size, file.permissions.len(), file.owner.as_str()),

@@ -29,6 +29,12 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 async fn upload_and_download_every_way() {
     let envd = Envd::start();
     let dir = tempfile::tempdir().unwrap();
+    // Open to the default user (`user` where it exists), as these calls name no user.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
     let base = dir.path().to_str().unwrap();
     let files = format!("{}/files", envd.url());
 
@@ -361,7 +367,7 @@ async fn full_disk_is_507_and_loses_nothing() {
     let _unmount = Unmount(mount.clone());
     std::fs::write(format!("{mount}/keep.txt"), b"precious").unwrap();
     let envd = Envd::start();
-    let url = format!("{}/files?path={mount}/keep.txt", envd.url());
+    let url = format!("{}/files?path={mount}/keep.txt&username=root", envd.url());
     let reply = request(
         "POST",
         &url,

@@ -123,6 +123,16 @@ pub fn test_user_exists() -> bool {
     std::fs::read_to_string("/etc/passwd").is_ok_and(|p| p.lines().any(|l| l.starts_with("user:")))
 }
 
+/// The user envd runs calls as when neither the call nor `/init` names one, and its home:
+/// `user` where that account exists (the CI set-up creates it), else root.
+pub fn default_account() -> (&'static str, &'static str) {
+    if test_user_exists() {
+        ("user", "/home/user")
+    } else {
+        ("root", "/root")
+    }
+}
+
 /// Whether the tests run as root (needed to switch users and mount filesystems).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.

@@ -224,8 +224,12 @@ pub fn chown_to(path: &Path, user: &User) -> io::Result<()> {
     std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))
 }
 
-/// Creates the missing directories from the deepest existing ancestor down to `path`, each
-/// owned by `user`.
+/// The mode of the directories envd creates (before the umask), E2B's.
+pub const NEW_DIR_MODE: u32 = 0o755;
+
+/// Creates the missing directories from the deepest existing ancestor down to `path`, one by
+/// one, each [`NEW_DIR_MODE`] and owned by `user` (E2B's `EnsureDirs`). No permission check:
+/// callers decide whether `user` may.
 pub fn create_dirs_as(path: &Path, user: &User) -> Result<(), FsError> {
     let mut missing = Vec::new();
     let mut current = path;
@@ -241,8 +245,10 @@ pub fn create_dirs_as(path: &Path, user: &User) -> Result<(), FsError> {
             None => break,
         }
     }
+    let mut builder = std::fs::DirBuilder::new();
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, NEW_DIR_MODE);
     for dir in missing.iter().rev() {
-        match std::fs::create_dir(dir) {
+        match builder.create(dir) {
             Ok(()) => {}
             Err(error) if error.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => continue,
             Err(error) => return Err(FsError::io("create directory", dir, error)),

@@ -642,6 +642,166 @@ async fn filesystem_calls_and_watch_stream() {
     assert!(seen.contains(&("g.txt".to_owned(), create)), "{seen:?}");
 }
 
+/// The events of a watch stream up to (without) the creation of `sentinel`, which this makes:
+/// exactly what the operations before it caused.
+async fn watch_events_until_sentinel(
+    events: &mut ResponseStream<fs::WatchDirResponse>,
+    base: &str,
+) -> Vec<(String, fs::EventType)> {
+    std::fs::write(format!("{base}/sentinel"), b"").unwrap();
+    let mut seen = Vec::new();
+    let mut sentinel_made = false;
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(5), events.message())
+            .await
+            .expect("watch stalled")
+            .unwrap()
+            .unwrap();
+        let Some(fs::watch_dir_response::Event::Filesystem(event)) = message.event else {
+            continue;
+        };
+        let kind = fs::EventType::try_from(event.r#type).unwrap();
+        match (event.name == "sentinel", sentinel_made) {
+            (false, false) => seen.push((event.name, kind)),
+            (true, false) => {
+                assert_eq!(kind, fs::EventType::Create);
+                sentinel_made = true;
+                // Leave nothing queued for the next round.
+                std::fs::remove_file(format!("{base}/sentinel")).unwrap();
+            }
+            (true, true) if kind == fs::EventType::Remove => return seen,
+            (_, true) => panic!("unexpected {} {kind:?} after the sentinel", event.name),
+        }
+    }
+}
+
+/// What a watcher sees of uploads and filesystem calls, as E2B's envd shows them: an upload of
+/// a new file is CREATE, CHMOD, WRITE (no WRITE when empty), of an existing one CHMOD, WRITE,
+/// each with one more CHMOD when metadata is written; never the upload's temporary file.
+#[tokio::test]
+async fn watch_events_of_uploads_and_calls_follow_e2b() {
+    use fs::EventType::{Chmod, Create, Remove, Rename, Write};
+    let envd = Envd::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let base = dir.path().to_str().unwrap().to_owned();
+    let client = envd.client(HttpVersion::Http2, Codec::Proto);
+    let none = HeaderMap::new();
+    let watch = fs::WatchDirRequest {
+        path: base.clone(),
+        recursive: false,
+        include_entry: false,
+        allow_network_mounts: false,
+    };
+    let mut events = client
+        .server_stream::<_, fs::WatchDirResponse>("/filesystem.Filesystem/WatchDir", &watch, &none)
+        .await
+        .unwrap();
+    assert!(matches!(
+        events.message().await.unwrap().unwrap().event,
+        Some(fs::watch_dir_response::Event::Start(_))
+    ));
+    let upload = |name: &str, body: &'static str, metadata: bool| {
+        let url = format!("{}/files?path={base}/{name}", envd.url());
+        async move {
+            let mut headers = vec![("content-type", "application/octet-stream")];
+            if metadata {
+                headers.push(("x-metadata-team", "blue"));
+            }
+            let reply = request("POST", &url, &headers, body).await;
+            assert_eq!(reply.status, 200, "{}", reply.text());
+        }
+    };
+    let expect = |list: &[(&str, fs::EventType)]| -> Vec<(String, fs::EventType)> {
+        list.iter().map(|(n, k)| (n.to_string(), *k)).collect()
+    };
+
+    upload("f.txt", "new", false).await;
+    let seen = watch_events_until_sentinel(&mut events, &base).await;
+    assert_eq!(
+        seen,
+        expect(&[("f.txt", Create), ("f.txt", Chmod), ("f.txt", Write)])
+    );
+    upload("f.txt", "again", false).await;
+    let seen = watch_events_until_sentinel(&mut events, &base).await;
+    assert_eq!(seen, expect(&[("f.txt", Chmod), ("f.txt", Write)]));
+    upload("f.txt", "tagged", true).await;
+    let seen = watch_events_until_sentinel(&mut events, &base).await;
+    assert_eq!(
+        seen,
+        expect(&[("f.txt", Chmod), ("f.txt", Write), ("f.txt", Chmod)])
+    );
+    upload("empty.txt", "", false).await;
+    let seen = watch_events_until_sentinel(&mut events, &base).await;
+    assert_eq!(seen, expect(&[("empty.txt", Create), ("empty.txt", Chmod)]));
+    upload("meta.txt", "m", true).await;
+    let seen = watch_events_until_sentinel(&mut events, &base).await;
+    assert_eq!(
+        seen,
+        expect(&[
+            ("meta.txt", Create),
+            ("meta.txt", Chmod),
+            ("meta.txt", Write),
+            ("meta.txt", Chmod)
+        ])
+    );
+    // Into a new directory: the directory's CREATE and CHMOD (the file is below the watch).
+    upload("new/inner.txt", "in", false).await;
+    let seen = watch_events_until_sentinel(&mut events, &base).await;
+    assert_eq!(seen, expect(&[("new", Create), ("new", Chmod)]));
+
+    let _: fs::MakeDirResponse = client
+        .unary(
+            "/filesystem.Filesystem/MakeDir",
+            &fs::MakeDirRequest {
+                path: format!("{base}/m/n"),
+            },
+            &none,
+        )
+        .await
+        .unwrap();
+    let seen = watch_events_until_sentinel(&mut events, &base).await;
+    assert_eq!(seen, expect(&[("m", Create), ("m", Chmod)]));
+    let _: fs::MoveResponse = client
+        .unary(
+            "/filesystem.Filesystem/Move",
+            &fs::MoveRequest {
+                source: format!("{base}/f.txt"),
+                destination: format!("{base}/g.txt"),
+            },
+            &none,
+        )
+        .await
+        .unwrap();
+    let seen = watch_events_until_sentinel(&mut events, &base).await;
+    assert_eq!(seen, expect(&[("f.txt", Rename), ("g.txt", Create)]));
+    let chmod = run(
+        &client,
+        &start_request("/bin/chmod", &["600", &format!("{base}/g.txt")]),
+        &none,
+    )
+    .await;
+    assert_eq!(chmod.end.unwrap().exit_code, 0);
+    let seen = watch_events_until_sentinel(&mut events, &base).await;
+    assert_eq!(seen, expect(&[("g.txt", Chmod)]));
+    let _: fs::RemoveResponse = client
+        .unary(
+            "/filesystem.Filesystem/Remove",
+            &fs::RemoveRequest {
+                path: format!("{base}/g.txt"),
+            },
+            &none,
+        )
+        .await
+        .unwrap();
+    let seen = watch_events_until_sentinel(&mut events, &base).await;
+    assert_eq!(seen, expect(&[("g.txt", Remove)]));
+}
+
 #[tokio::test]
 async fn malformed_requests_get_connect_errors() {
     let envd = Envd::start();

@@ -3,6 +3,7 @@
 //! HTTP; `rpc::filesystem` and `http::files` map it to the wire.
 
 pub mod access;
+pub mod upload_temp;
 pub mod watch;
 pub mod xattr;
 
@@ -15,9 +16,7 @@ use wrenn_proto::filesystem::{EntryInfo, FileType};
 use crate::users::{Accounts, User};
 use access::Want;
 
-/// Part of the name of an upload's temporary file (`.<name><marker><unique>`), which watchers
-/// hide.
-pub const UPLOAD_TEMP_MARKER: &str = ".wrenn-upload-";
+pub use upload_temp::UPLOAD_TEMP_MARKER;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {

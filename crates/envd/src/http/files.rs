@@ -32,6 +32,7 @@ use super::json_error;
 use super::signature::{self, Operation, SignatureError};
 use crate::auth;
 use crate::fs::access::{self, Want};
+use crate::fs::upload_temp::UploadKind;
 use crate::fs::{self, xattr};
 use crate::state::Envd;
 use crate::users::User;
@@ -568,21 +569,12 @@ impl Drop for TempFileGuard {
     }
 }
 
-fn temp_path_for(target: &Path) -> PathBuf {
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+fn temp_path_for(target: &Path, kind: UploadKind) -> PathBuf {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .subsec_nanos();
-    let unique = format!(
-        ".{name}{}{}-{nanos:08x}",
-        fs::UPLOAD_TEMP_MARKER,
-        std::process::id()
-    );
-    target.with_file_name(unique)
+    kind.temp_path(target, &format!("{}-{nanos:08x}", std::process::id()))
 }
 
 /// Writes `body` to `target` atomically, as `user`, with `metadata`.
@@ -633,7 +625,15 @@ async fn write_file(
         }
     }
 
-    let temp = temp_path_for(&target);
+    // Watchers learn from the temporary file's name which events E2B's in-place write would
+    // have caused (see `fs::upload_temp`). Writing the file's metadata also removes what the
+    // replaced file had, as E2B's envd removes stale metadata.
+    let kind = UploadKind {
+        creates: existing.is_none(),
+        sets_metadata: !metadata.is_empty()
+            || (existing.is_some() && !xattr::read_metadata(&target).is_empty()),
+    };
+    let temp = temp_path_for(&target, kind);
     let mut guard = TempFileGuard(Some(temp.clone()));
     let file = std::fs::OpenOptions::new()
         .write(true)

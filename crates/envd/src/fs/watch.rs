@@ -270,7 +270,8 @@ impl UploadRenames {
 /// `O_CREAT` is CREATE, the chown is CHMOD, the data or the truncation of a replaced file is
 /// WRITE, the metadata's extended attributes are CHMOD): CREATE, CHMOD, WRITE (none for an
 /// empty new file) for a new file; CHMOD, WRITE for a replaced one; then CHMOD if metadata was
-/// written.
+/// written. Like inotify, which merges an event into an identical one still unread (and E2B's
+/// steps follow each other within microseconds), two CHMODs in a row are one.
 fn upload_event_types(kind: UploadKind, full: &Path) -> Vec<EventType> {
     let mut kinds = Vec::with_capacity(4);
     if kind.creates {
@@ -282,7 +283,7 @@ fn upload_event_types(kind: UploadKind, full: &Path) -> Vec<EventType> {
     } else {
         kinds.extend([EventType::Chmod, EventType::Write]);
     }
-    if kind.sets_metadata {
+    if kind.sets_metadata && kinds.last() != Some(&EventType::Chmod) {
         kinds.push(EventType::Chmod);
     }
     kinds
@@ -627,6 +628,16 @@ mod tests {
         upload(&empty, b"", false);
         let seen = events_before_sentinel(&mut events, dir.path()).await;
         assert_eq!(names(&seen), [("empty.txt", Create), ("empty.txt", Chmod)]);
+
+        // Empty with metadata: the chown's and the metadata's CHMODs are one, as inotify
+        // merges them.
+        let empty_tagged = dir.path().join("empty-tagged.txt");
+        upload(&empty_tagged, b"", true);
+        let seen = events_before_sentinel(&mut events, dir.path()).await;
+        assert_eq!(
+            names(&seen),
+            [("empty-tagged.txt", Create), ("empty-tagged.txt", Chmod)]
+        );
 
         let tagged = dir.path().join("tagged.txt");
         upload(&tagged, b"x", true);

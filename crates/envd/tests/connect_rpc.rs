@@ -12,7 +12,7 @@ use wrenn_connect::client::{ConnectClient, HttpVersion, ResponseStream};
 use wrenn_connect::{Code, Codec, envelope};
 use wrenn_proto::filesystem as fs;
 use wrenn_proto::process as pb;
-use wrenn_proto::process::process_event::{Event, data_event::Output};
+use wrenn_proto::process::process_event::{Event, StartEvent, data_event::Output};
 
 fn start_request(cmd: &str, args: &[&str]) -> pb::StartRequest {
     pb::StartRequest {
@@ -502,6 +502,182 @@ async fn pty_input_resize_and_keepalive() {
     assert!(screen.contains("42"), "{screen}");
     assert!(rest.keepalives >= 1, "no keepalive on a silent stream");
     assert_eq!(rest.end.unwrap().exit_code, 0);
+}
+
+/// The lines of terminal output with escape sequences and carriage returns taken out.
+fn screen_lines(pty: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(pty);
+    let mut plain = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => match chars.next() {
+                // CSI: parameters, then one final byte in @..~.
+                Some('[') => {
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+                // OSC (the window title): up to BEL or ESC \.
+                Some(']') => {
+                    while let Some(c) = chars.next() {
+                        if c == '\u{7}' || (c == '\u{1b}' && chars.next_if_eq(&'\\').is_some()) {
+                            break;
+                        }
+                    }
+                }
+                _ => {}
+            },
+            '\r' => {}
+            c => plain.push(c),
+        }
+    }
+    plain.lines().map(str::to_owned).collect()
+}
+
+/// Reads a process stream until its terminal output has a line `line` on its own; returns the
+/// output read. Fails on the stream's end or error, or after 20 s.
+async fn read_pty_until_line<M: wrenn_connect::Message>(
+    stream: &mut ResponseStream<M>,
+    event_of: fn(M) -> Option<pb::ProcessEvent>,
+    line: &str,
+) -> Vec<u8> {
+    let mut pty = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !screen_lines(&pty).iter().any(|l| l == line) {
+        let message = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no line {line:?} within 20 s; output: {:?}",
+                    String::from_utf8_lossy(&pty)
+                )
+            })
+            .unwrap_or_else(|| panic!("stream ended; output: {:?}", String::from_utf8_lossy(&pty)))
+            .unwrap();
+        match event_of(message).and_then(|e| e.event) {
+            Some(Event::Data(pb::process_event::DataEvent {
+                output: Some(Output::Pty(bytes)),
+            })) => pty.extend(bytes),
+            Some(Event::Keepalive(_)) => {}
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+    pty
+}
+
+/// A second handle on a terminal (`Connect`) gets everything the terminal prints from then on,
+/// as the first one (`Start`) does, whether the first is still open (and unread) or was
+/// dropped: E2B's SDK test `test_connect_to_pty` and the issue's `export FOO=bar`, `echo $FOO`.
+#[tokio::test]
+async fn pty_output_reaches_every_connected_stream() {
+    for version in [HttpVersion::Http1, HttpVersion::Http2] {
+        for drop_original in [false, true] {
+            let envd = Envd::start();
+            let client = envd.client(version, Codec::Json);
+            let none = HeaderMap::new();
+            let mut request = start_request("/bin/bash", &["-i", "-l"]);
+            let config = request.process.as_mut().unwrap();
+            config.envs.insert("TERM".into(), "xterm-256color".into());
+            config.envs.insert("LANG".into(), "C.UTF-8".into());
+            request.pty = Some(pb::Pty {
+                size: Some(pb::pty::Size { cols: 80, rows: 24 }),
+            });
+            let mut original = client
+                .server_stream::<_, pb::StartResponse>("/process.Process/Start", &request, &none)
+                .await
+                .unwrap();
+            let Some(Event::Start(start)) = original
+                .message()
+                .await
+                .unwrap()
+                .unwrap()
+                .event
+                .unwrap()
+                .event
+            else {
+                panic!("no start")
+            };
+            let selector = Some(pb::ProcessSelector {
+                selector: Some(pb::process_selector::Selector::Pid(start.pid)),
+            });
+            let connect = pb::ConnectRequest {
+                process: selector.clone(),
+            };
+            let mut connected = Vec::new();
+            for _ in 0..2 {
+                let mut stream = client
+                    .server_stream::<_, pb::ConnectResponse>(
+                        "/process.Process/Connect",
+                        &connect,
+                        &none,
+                    )
+                    .await
+                    .unwrap();
+                // Connect's first message names the process.
+                let first = stream.message().await.unwrap().unwrap().event.unwrap();
+                assert_eq!(
+                    first.event,
+                    Some(Event::Start(StartEvent { pid: start.pid }))
+                );
+                connected.push(stream);
+            }
+            let mut original = (!drop_original).then_some(original);
+
+            for keys in [&b"export FOO=bar\n"[..], b"echo $FOO\n"] {
+                let input = pb::SendInputRequest {
+                    process: selector.clone(),
+                    input: Some(pb::ProcessInput {
+                        input: Some(pb::process_input::Input::Pty(keys.to_vec())),
+                    }),
+                };
+                let _: pb::SendInputResponse = client
+                    .unary("/process.Process/SendInput", &input, &none)
+                    .await
+                    .unwrap();
+            }
+            let case = format!("{version:?}, original dropped: {drop_original}");
+            for stream in &mut connected {
+                let pty = read_pty_until_line(stream, connect_event, "bar").await;
+                eprintln!("{case}: {:?}", String::from_utf8_lossy(&pty));
+            }
+            if let Some(stream) = &mut original {
+                read_pty_until_line(stream, start_event, "bar").await;
+            }
+
+            // One connected stream goes away; the other still gets everything, to the end.
+            connected.remove(0);
+            let input = pb::SendInputRequest {
+                process: selector.clone(),
+                input: Some(pb::ProcessInput {
+                    input: Some(pb::process_input::Input::Pty(
+                        b"echo $((6*7))$FOO; exit\n".to_vec(),
+                    )),
+                }),
+            };
+            let _: pb::SendInputResponse = client
+                .unary("/process.Process/SendInput", &input, &none)
+                .await
+                .unwrap();
+            let rest = collect_from(
+                connected.pop().unwrap(),
+                connect_event,
+                Collected {
+                    pid: Some(start.pid),
+                    ..Collected::default()
+                },
+            )
+            .await;
+            assert!(
+                screen_lines(&rest.pty).iter().any(|l| l == "42bar"),
+                "{case}: {:?}",
+                String::from_utf8_lossy(&rest.pty)
+            );
+            assert_eq!(rest.end.expect("end").exit_code, 0, "{case}");
+        }
+    }
 }
 
 #[tokio::test]

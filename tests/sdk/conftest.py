@@ -215,6 +215,13 @@ def test_user() -> str:
 
 
 @pytest.fixture
+def default_user() -> str:
+    """Who envd runs a call that names no user as while no `/init` named a default: `user` where
+    that account exists (as in E2B's templates), else root."""
+    return TEST_USER if _user_exists(TEST_USER) else "root"
+
+
+@pytest.fixture
 def workdir(request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh, world-writable directory for one test, made and removed through the SDK
     of whichever sandbox the test uses."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from typing import Callable, List, Optional
@@ -56,6 +57,16 @@ def wait_until(predicate: Callable[[], object], timeout: float = 5.0, interval: 
             text = message() if callable(message) else message
             pytest.fail(f"condition not met within {timeout} s: {text} (last value: {last!r})")
         time.sleep(interval)
+
+
+_ESCAPES = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\\\)|\r")
+
+
+def screen_lines(pty: bytes) -> List[str]:
+    """Terminal output as lines, without escape sequences (colours, titles, bracketed paste)
+    and carriage returns: a command's output line can then be told from the echo of what was
+    typed (`echo $FOO` prints a line `bar`; the echo of `export FOO=bar` is not one)."""
+    return _ESCAPES.sub(b"", pty).decode(errors="replace").split("\n")
 
 
 class OutputCollector:
@@ -113,6 +124,14 @@ class OutputCollector:
         out = self.pty
         assert needle in out, f"PTY ended ({self.error!r}) without {needle!r}; output: {out!r}"
         return out
+
+    def wait_for_pty_line(self, line: str, timeout: float = 10.0) -> List[str]:
+        """Wait for a line of terminal output that is exactly `line` (see `screen_lines`)."""
+        wait_until(lambda: line in screen_lines(self.pty) or self.done, timeout=timeout,
+                   message=lambda: f"a PTY output line {line!r}; output: {self.pty!r}")
+        lines = screen_lines(self.pty)
+        assert line in lines, f"PTY ended ({self.error!r}) without a line {line!r}; output: {self.pty!r}"
+        return lines
 
     def wait_for_stdout(self, needle: str, timeout: float = 10.0) -> str:
         wait_until(lambda: needle in self.stdout or self.done, timeout=timeout, message=f"stdout containing {needle!r}")

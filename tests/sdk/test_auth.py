@@ -43,8 +43,10 @@ def test_sdk_with_token_works(secure_sandbox):
         secure_sandbox.files.remove(path)
 
 
-def test_default_user_after_init_without_default_user_is_root(secure_sandbox):
-    assert secure_sandbox.commands.run("whoami").stdout == "root\n"
+def test_default_user_after_init_without_default_user_is_user(secure_sandbox, test_user):
+    # /init set only a token: the default stays `user` (where it exists), in its home.
+    r = secure_sandbox.commands.run("whoami; pwd")
+    assert r.stdout == f"{test_user}\n/home/{test_user}\n"
 
 
 def test_wrong_token_is_rejected(secure_envd):
@@ -244,24 +246,32 @@ def test_no_token_and_no_signature(secure_envd, secure_sandbox):
 
 def test_a_signed_url_grants_its_own_user_and_no_basic_header_changes_it(secure_envd, secure_sandbox, test_user):
     # Readable by root only. The URL is signed with no username: it grants envd's default user
-    # (root when envd runs alone) and nothing else; a Basic header naming another user must not
-    # turn the grant into that user's (before, it did, and a URL signed for the default user could
-    # be replayed as root's where the default is `user`).
+    # (`user`, as no /init named another) and nothing else; a Basic header naming root must not
+    # turn the grant into root's (before, it did: a URL signed for the default user could be
+    # replayed as root's).
     path = f"/root/wrenn-sdk-signed-{uuid.uuid4().hex[:8]}.txt"
     secure_sandbox.files.write(path, "root's secret", user="root")
     secure_sandbox.commands.run(f"chmod 600 {path}", user="root")
     try:
         url = secure_sandbox.download_url(path)
         assert "username=" not in url
-        basic = "Basic " + base64.b64encode(f"{test_user}:".encode()).decode()
+        basic = "Basic " + base64.b64encode(b"root:").decode()
         r = httpx.get(url, headers={"Authorization": basic}, timeout=10)
-        assert r.status_code == 200, r.text
-        assert r.content == b"root's secret"
-        # With the token instead of a signature, the Basic user still chooses the user.
+        assert r.status_code in (401, 403), (r.status_code, r.text)
+        # With the token instead of a signature, the Basic user does choose the user.
         r = httpx.get(
             url.split("?")[0],
             params={"path": path},
             headers={"Authorization": basic, "X-Access-Token": secure_envd.token},
+            timeout=10,
+        )
+        assert r.status_code == 200, r.text
+        assert r.content == b"root's secret"
+        # And the default user with the token is `user`, who may not read it.
+        r = httpx.get(
+            url.split("?")[0],
+            params={"path": path},
+            headers={"X-Access-Token": secure_envd.token},
             timeout=10,
         )
         assert r.status_code in (401, 403), (r.status_code, r.text)

@@ -141,15 +141,23 @@ def test_missing_cwd_is_an_invalid_argument(sandbox):
         sandbox.commands.run("pwd", cwd="/nonexistent/wrenn-sdk-test")
 
 
-def test_default_user_is_root(sandbox):
+def test_default_user_is_user(sandbox, test_user):
+    # No /init named a default user: envd runs calls as `user`, in its home, as E2B's templates
+    # do (envd falls back to root only where `user` does not exist; a unit test covers that).
+    uid = sandbox.commands.run(f"id -u {test_user}", user="root").stdout.strip()
     r = sandbox.commands.run('whoami; echo "$HOME"; echo "$USER"; pwd; id -u')
-    assert r.stdout.splitlines() == ["root", "/root", "root", "/root", "0"]
+    assert r.stdout.splitlines() == [test_user, f"/home/{test_user}", test_user, f"/home/{test_user}", uid]
+
+
+def test_naming_root_runs_as_root(sandbox):
+    r = sandbox.commands.run('whoami; echo "$HOME"; pwd; id -u', user="root")
+    assert r.stdout.splitlines() == ["root", "/root", "/root", "0"]
 
 
 def test_run_as_user(sandbox, test_user):
     # what the system says about the user, asked as root
-    uid = sandbox.commands.run(f"id -u {test_user}").stdout.strip()
-    expected_groups = sandbox.commands.run(f"id -G {test_user}").stdout.split()
+    uid = sandbox.commands.run(f"id -u {test_user}", user="root").stdout.strip()
+    expected_groups = sandbox.commands.run(f"id -G {test_user}", user="root").stdout.split()
     r = sandbox.commands.run('whoami; echo "$HOME"; echo "$USER"; pwd; id -u; id -G', user=test_user)
     lines = r.stdout.splitlines()
     assert lines[:5] == [test_user, f"/home/{test_user}", test_user, f"/home/{test_user}", uid]

@@ -17,6 +17,7 @@ from e2b import (
     NotFoundException,
     SandboxException,
 )
+from e2b.sandbox.filesystem.filesystem import WriteEntry
 
 
 # --- read / write -------------------------------------------------------------------------
@@ -95,6 +96,79 @@ def test_write_creates_parent_directories(sandbox, workdir):
     assert sandbox.files.get_info(f"{workdir}/a/b").type == FileType.DIR
 
 
+def _assert_made_for(sandbox, user, dirs):
+    """Each of `dirs` was created by envd for `user`: owned by them, mode 0755."""
+    for d in dirs:
+        info = sandbox.files.get_info(d)
+        assert info.type == FileType.DIR, d
+        assert (info.owner, info.permissions, info.mode & 0o777) == (user, "drwxr-xr-x", 0o755), d
+
+
+def test_write_files_into_new_directories_as_the_default_user(sandbox, test_user):
+    # The default user is `user`, who may not write `/`: envd still creates every missing
+    # directory (0755, owned by `user`, top-down) and writes the files, as E2B's envd does.
+    tag = uuid.uuid4().hex[:8]
+    home = f"/home/{test_user}"
+    top0, top1, in_tmp, rel = f"/wrenn-sdk-{tag}-0", f"/wrenn-sdk-{tag}-1", f"/tmp/wrenn-sdk-{tag}", f"wrenn-sdk-{tag}"
+    entries = [
+        WriteEntry(path=f"{top0}/multi_test_file0.txt", data="zero"),
+        WriteEntry(path=f"{top1}/deep/multi_test_file1.txt", data="one"),
+        WriteEntry(path=f"{in_tmp}/a/b/multi_test_file2.txt", data=b"two"),
+        WriteEntry(path=f"{rel}/x/multi_test_file3.txt", data="three"),
+        WriteEntry(path=f"{rel}/x/y/multi_test_file4.txt", data="four"),
+    ]
+    expected = [e["path"] if e["path"].startswith("/") else f"{home}/{e['path']}" for e in entries]
+    try:
+        infos = sandbox.files.write_files(entries)
+        assert [i.path for i in infos] == expected
+        for path, entry in zip(expected, entries):
+            data = entry["data"]
+            assert sandbox.files.read(path) == (data.decode() if isinstance(data, bytes) else data)
+            assert sandbox.files.get_info(path).owner == test_user
+        _assert_made_for(sandbox, test_user, [
+            top0, top1, f"{top1}/deep", f"{in_tmp}/a", f"{in_tmp}/a/b",
+            f"{home}/{rel}", f"{home}/{rel}/x", f"{home}/{rel}/x/y",
+        ])
+        # /tmp existed: it is untouched
+        assert sandbox.files.get_info("/tmp").owner == "root"
+    finally:
+        for path in (top0, top1, in_tmp, f"{home}/{rel}"):
+            sandbox.files.remove(path, user="root")
+
+
+@pytest.mark.parametrize("how", ["multipart", "octet-stream", "gzip"])
+def test_write_into_a_new_directory_outside_home(sandbox, test_user, how):
+    # files.write with one entry: a one-part multipart upload, a raw body, a gzip-encoded body.
+    top = f"/wrenn-sdk-{uuid.uuid4().hex[:8]}"
+    path = f"{top}/sub/single.txt"
+    kwargs = {"multipart": {}, "octet-stream": {"use_octet_stream": True}, "gzip": {"gzip": True}}[how]
+    try:
+        info = sandbox.files.write(path, f"via {how}", **kwargs)
+        assert info.path == path
+        assert sandbox.files.read(path) == f"via {how}"
+        assert sandbox.files.get_info(path).owner == test_user
+        _assert_made_for(sandbox, test_user, [top, f"{top}/sub"])
+    finally:
+        sandbox.files.remove(top, user="root")
+
+
+def test_write_into_an_existing_directory_keeps_the_permission_check(sandbox, test_user):
+    # `/` exists and is root's: the default user (`user`) may not add a file to it.
+    path = f"/wrenn-sdk-{uuid.uuid4().hex[:8]}.txt"
+    with pytest.raises((SandboxException, AuthenticationException)):
+        sandbox.files.write(path, "no")
+    assert sandbox.files.exists(path) is False
+
+
+def test_write_through_a_file_is_an_error(sandbox, workdir):
+    sandbox.files.write(f"{workdir}/plain", "x")
+    with pytest.raises(SandboxException):
+        sandbox.files.write(f"{workdir}/plain/sub/f.txt", "no")
+    with pytest.raises(SandboxException):
+        sandbox.files.write(f"{workdir}/plain/f.txt", "no")
+    assert sandbox.files.read(f"{workdir}/plain") == "x"
+
+
 def test_overwrite_truncates(sandbox, workdir):
     path = f"{workdir}/over.txt"
     sandbox.files.write(path, "a much longer original content")
@@ -102,15 +176,19 @@ def test_overwrite_truncates(sandbox, workdir):
     assert sandbox.files.read(path) == "short"
 
 
-def test_relative_path_is_under_home(sandbox):
+def test_relative_path_is_under_home(sandbox, test_user):
+    # The default user is `user`, so a relative path is under /home/user.
     name = f"wrenn-sdk-rel-{uuid.uuid4().hex[:8]}.txt"
+    home = f"/home/{test_user}"
     try:
         info = sandbox.files.write(name, "rel")
-        assert info.path == f"/root/{name}"
-        assert sandbox.files.read(f"/root/{name}") == "rel"
+        assert info.path == f"{home}/{name}"
+        assert sandbox.files.read(f"{home}/{name}") == "rel"
         assert sandbox.files.read(name) == "rel"
+        assert sandbox.files.get_info(name).owner == test_user
+        assert name in [e.name for e in sandbox.files.list(".")]
     finally:
-        sandbox.files.remove(f"/root/{name}")
+        sandbox.files.remove(f"{home}/{name}")
 
 
 def test_read_missing_file(sandbox, workdir):
@@ -232,7 +310,7 @@ def test_exists(sandbox, tree):
     assert sandbox.files.exists(f"{tree}/nope") is False
 
 
-def test_get_info_file(sandbox, workdir):
+def test_get_info_file(sandbox, workdir, default_user):
     path = f"{workdir}/info.txt"
     before = datetime.datetime.now(datetime.timezone.utc)
     sandbox.files.write(path, "12345")
@@ -244,8 +322,9 @@ def test_get_info_file(sandbox, workdir):
     assert info.size == 5
     assert info.mode & 0o777 == 0o644
     assert info.permissions == "-rw-r--r--"
-    assert info.owner == "root"
-    assert info.group == "root"
+    # written by the default user (`user`)
+    assert info.owner == default_user
+    assert info.group == sandbox.commands.run(f"id -gn {default_user}").stdout.strip()
     assert info.symlink_target is None
     modified = info.modified_time
     if modified.tzinfo is None:
@@ -393,10 +472,13 @@ def test_relative_path_as_user_is_under_their_home(sandbox, test_user):
 
 def test_user_cannot_read_roots_private_file(sandbox, workdir, test_user):
     path = f"{workdir}/secret.txt"
-    sandbox.files.write(path, "top secret")
-    sandbox.commands.run(f"chmod 0600 {path}")
+    sandbox.files.write(path, "top secret", user="root")
+    sandbox.commands.run(f"chmod 0600 {path}", user="root")
     with pytest.raises((SandboxException, AuthenticationException)):
         sandbox.files.read(path, user=test_user)
+    # the default user is `user` too
+    with pytest.raises((SandboxException, AuthenticationException)):
+        sandbox.files.read(path)
 
 
 def test_unknown_user_on_files(sandbox, workdir):

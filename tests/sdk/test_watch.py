@@ -36,6 +36,22 @@ class EventLog:
         wait_until(seen, timeout=timeout, interval=0.1,
                    message=lambda: f"{kind} event for {name!r}; got {[(e.name, e.type) for e in self.events]}")
 
+    def settle(self, count, timeout=5.0):
+        """All events once at least `count` arrived and a short quiet spell passed, as
+        (name, type) pairs: what a sequence of exactly `count` events is compared with."""
+        wait_until(lambda: len(self.poll()) >= count, timeout=timeout, interval=0.05,
+                   message=lambda: f"{count} events; got {self.pairs()}")
+        time.sleep(0.3)
+        self.poll()
+        return self.pairs()
+
+    def pairs(self):
+        return [(e.name, e.type) for e in self.events]
+
+
+CREATE, CHMOD, WRITE = FilesystemEventType.CREATE, FilesystemEventType.CHMOD, FilesystemEventType.WRITE
+REMOVE, RENAME = FilesystemEventType.REMOVE, FilesystemEventType.RENAME
+
 
 def test_watch_shell_write(sandbox, workdir):
     handle = sandbox.files.watch_dir(workdir)
@@ -51,7 +67,7 @@ def test_watch_shell_write(sandbox, workdir):
 
 
 def test_watch_create_write_remove(sandbox, workdir):
-    # E2B's envd writes an upload in place, so a watcher sees CREATE, (CHMOD,) WRITE on the
+    # E2B's envd writes an upload in place, so a watcher sees CREATE, CHMOD, WRITE on the
     # file's own name, as E2B's SDK tests assert.
     handle = sandbox.files.watch_dir(workdir)
     log = EventLog(handle)
@@ -64,6 +80,99 @@ def test_watch_create_write_remove(sandbox, workdir):
         assert all(e.entry is None for e in log.events)  # include_entry was not asked for
         # the upload wrote the file in place: no other (temporary) name shows up
         assert {e.name for e in log.events} == {"watched.txt"}, [(e.name, e.type) for e in log.events]
+    finally:
+        handle.stop()
+
+
+# --- exact sequences, as E2B's envd produces them (and E2B's SDK tests assert) ------------
+
+
+def test_watch_new_file_is_create_chmod_write(sandbox, workdir):
+    # E2B's test_watch_directory_changes: exactly 3 events, CREATE, CHMOD, WRITE.
+    sandbox.files.make_dir(f"{workdir}/w")
+    handle = sandbox.files.watch_dir(f"{workdir}/w")
+    log = EventLog(handle)
+    try:
+        sandbox.files.write(f"{workdir}/w/test_watch.txt", "This file will be watched.")
+        assert log.settle(3) == [("test_watch.txt", CREATE), ("test_watch.txt", CHMOD), ("test_watch.txt", WRITE)]
+    finally:
+        handle.stop()
+
+
+def test_watch_new_file_events_are_there_when_write_returns(sandbox, workdir):
+    # E2B's own test polls once, right after the write.
+    handle = sandbox.files.watch_dir(workdir)
+    try:
+        sandbox.files.write(f"{workdir}/at-once.txt", "now")
+        events = handle.get_new_events()
+        assert [(e.name, e.type) for e in events] == [("at-once.txt", CREATE), ("at-once.txt", CHMOD), ("at-once.txt", WRITE)]
+    finally:
+        handle.stop()
+
+
+def test_watch_overwrite_is_chmod_write(sandbox, workdir):
+    path = f"{workdir}/over.txt"
+    sandbox.files.write(path, "first")
+    handle = sandbox.files.watch_dir(workdir)
+    log = EventLog(handle)
+    try:
+        sandbox.files.write(path, "This file has been modified.")
+        assert log.settle(2) == [("over.txt", CHMOD), ("over.txt", WRITE)]
+    finally:
+        handle.stop()
+
+
+def test_watch_empty_new_file_has_no_write(sandbox, workdir):
+    handle = sandbox.files.watch_dir(workdir)
+    log = EventLog(handle)
+    try:
+        sandbox.files.write(f"{workdir}/empty.txt", "")
+        assert log.settle(2) == [("empty.txt", CREATE), ("empty.txt", CHMOD)]
+    finally:
+        handle.stop()
+
+
+def test_watch_metadata_adds_a_chmod(sandbox, workdir):
+    handle = sandbox.files.watch_dir(workdir)
+    log = EventLog(handle)
+    try:
+        sandbox.files.write(f"{workdir}/meta.txt", "m", metadata={"team": "blue"})
+        assert log.settle(4) == [("meta.txt", CREATE), ("meta.txt", CHMOD), ("meta.txt", WRITE), ("meta.txt", CHMOD)]
+        log.events.clear()
+        sandbox.files.write(f"{workdir}/meta.txt", "n", metadata={"team": "red"})
+        assert log.settle(3) == [("meta.txt", CHMOD), ("meta.txt", WRITE), ("meta.txt", CHMOD)]
+    finally:
+        handle.stop()
+
+
+def test_watch_recursive_new_file_is_create_chmod_write(sandbox, workdir):
+    # E2B's test_watch_recursive_directory_changes: 3 events, the first a CREATE of the nested name.
+    sandbox.files.make_dir(f"{workdir}/r/nested")
+    handle = sandbox.files.watch_dir(f"{workdir}/r", recursive=True)
+    log = EventLog(handle)
+    try:
+        sandbox.files.write(f"{workdir}/r/nested/test_watch.txt", "deep")
+        name = "nested/test_watch.txt"
+        assert log.settle(3) == [(name, CREATE), (name, CHMOD), (name, WRITE)]
+    finally:
+        handle.stop()
+
+
+def test_watch_make_dir_rename_remove_exactly(sandbox, workdir):
+    handle = sandbox.files.watch_dir(workdir)
+    log = EventLog(handle)
+    try:
+        sandbox.files.make_dir(f"{workdir}/made/inner")
+        assert log.settle(2) == [("made", CREATE), ("made", CHMOD)]
+        log.events.clear()
+        sandbox.files.rename(f"{workdir}/made", f"{workdir}/moved")
+        assert log.settle(2) == [("made", RENAME), ("moved", CREATE)]
+        log.events.clear()
+        sandbox.commands.run(f"chmod 700 {workdir}/moved")
+        assert log.settle(1) == [("moved", CHMOD)]
+        log.events.clear()
+        sandbox.files.remove(f"{workdir}/moved")
+        assert log.settle(1) == [("moved", REMOVE)]
     finally:
         handle.stop()
 
@@ -178,6 +287,22 @@ async def test_async_watch_dir_stream(async_sandbox, workdir):
     finally:
         await handle.stop()
     assert exits == [None]
+
+
+async def test_async_watch_dir_stream_upload_sequence(async_sandbox, workdir):
+    events = []
+    handle = await async_sandbox.files.watch_dir(workdir, on_event=events.append, timeout=30)
+    try:
+        await async_sandbox.files.write(f"{workdir}/streamed.txt", "s")
+        deadline = time.monotonic() + 5
+        while len(events) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        assert [(e.name, e.type) for e in events] == [
+            ("streamed.txt", CREATE), ("streamed.txt", CHMOD), ("streamed.txt", WRITE)
+        ]
+    finally:
+        await handle.stop()
 
 
 async def test_async_watch_dir_timeout_ends_the_stream(async_sandbox, workdir):

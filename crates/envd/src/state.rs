@@ -258,3 +258,72 @@ impl Envd {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROOT: &str = "root:x:0:0:root:/root:/bin/bash\n";
+    const USER: &str = "user:x:1000:1000::/home/user:/bin/bash\n";
+    const OTHER: &str = "other:x:1001:1001::/home/other:/bin/sh\n";
+
+    /// An envd whose account database is `passwd` (in a temporary directory kept alive with it).
+    fn envd_with(passwd: &str) -> (Envd, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("passwd"), passwd).unwrap();
+        std::fs::write(dir.path().join("group"), "").unwrap();
+        let accounts = Accounts::new(dir.path().join("passwd"), dir.path().join("group"));
+        (Envd::with_accounts(EnvdConfig::default(), accounts), dir)
+    }
+
+    #[test]
+    fn default_user_is_user_when_the_account_exists() {
+        let (envd, _dir) = envd_with(&format!("{ROOT}{USER}{OTHER}"));
+        let user = envd.user(None).unwrap();
+        assert_eq!(user.name, DEFAULT_USER);
+        assert_eq!(envd.default_cwd(&user), PathBuf::from("/home/user"));
+        assert_eq!(
+            envd.resolve_path("notes/a.txt", &user).unwrap(),
+            PathBuf::from("/home/user/notes/a.txt")
+        );
+        // A named user wins over the default.
+        assert_eq!(envd.user(Some("root")).unwrap().name, "root");
+        assert_eq!(
+            envd.user(Some("ghost")),
+            Err(UserError::UnknownUser("ghost".into()))
+        );
+    }
+
+    #[test]
+    fn default_user_falls_back_to_root_without_user() {
+        let (envd, _dir) = envd_with(&format!("{ROOT}{OTHER}"));
+        let user = envd.user(None).unwrap();
+        assert_eq!(user.name, FALLBACK_USER);
+        assert_eq!(envd.default_cwd(&user), PathBuf::from("/root"));
+        assert_eq!(
+            envd.resolve_path("a.txt", &user).unwrap(),
+            PathBuf::from("/root/a.txt")
+        );
+    }
+
+    #[test]
+    fn init_names_the_default_user_and_workdir() {
+        let (envd, _dir) = envd_with(&format!("{ROOT}{USER}{OTHER}"));
+        envd.update_session(|session| {
+            session.default_user = Some("other".into());
+            session.default_workdir = Some("/srv".into());
+        });
+        let user = envd.user(None).unwrap();
+        assert_eq!(user.name, "other");
+        assert_eq!(envd.default_cwd(&user), PathBuf::from("/srv"));
+        // Relative paths stay relative to the home; only an empty path means the workdir.
+        assert_eq!(
+            envd.resolve_path("a.txt", &user).unwrap(),
+            PathBuf::from("/home/other/a.txt")
+        );
+        assert_eq!(envd.resolve_path("", &user).unwrap(), PathBuf::from("/srv"));
+        // A default user /init named that does not exist is an error, not a silent fallback.
+        envd.update_session(|session| session.default_user = Some("gone".into()));
+        assert_eq!(envd.user(None), Err(UserError::UnknownUser("gone".into())));
+    }
+}

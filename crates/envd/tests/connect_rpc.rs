@@ -12,7 +12,7 @@ use wrenn_connect::client::{ConnectClient, HttpVersion, ResponseStream};
 use wrenn_connect::{Code, Codec, envelope};
 use wrenn_proto::filesystem as fs;
 use wrenn_proto::process as pb;
-use wrenn_proto::process::process_event::{Event, data_event::Output};
+use wrenn_proto::process::process_event::{Event, StartEvent, data_event::Output};
 
 fn start_request(cmd: &str, args: &[&str]) -> pb::StartRequest {
     pb::StartRequest {
@@ -156,7 +156,32 @@ async fn environment_cwd_and_users() {
     config.envs.insert("GREETING".into(), "hi".into());
     config.cwd = Some("/tmp".into());
     let out = run(&client, &request, &HeaderMap::new()).await;
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi:root:/root:/tmp\n");
+    // Without /init, calls that name no user run as `user` where it exists, else as root.
+    let (default_user, default_home) = common::default_account();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("hi:{default_user}:{default_home}:/tmp\n")
+    );
+    // With no cwd, a process starts in its user's home.
+    let out = run(
+        &client,
+        &start_request("/bin/sh", &["-c", "id -un; pwd"]),
+        &HeaderMap::new(),
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{default_user}\n{default_home}\n")
+    );
+    // Naming root still runs as root.
+    let as_root = headers(&[("authorization", "Basic cm9vdDo=")]);
+    let out = run(
+        &client,
+        &start_request("/bin/sh", &["-c", "id -un; echo $HOME; pwd"]),
+        &as_root,
+    )
+    .await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "root\n/root\n/root\n");
 
     let mut missing = start_request("/bin/true", &[]);
     missing.process.as_mut().unwrap().cwd = Some("/does/not/exist".into());
@@ -479,10 +504,192 @@ async fn pty_input_resize_and_keepalive() {
     assert_eq!(rest.end.unwrap().exit_code, 0);
 }
 
+/// The lines of terminal output with escape sequences and carriage returns taken out.
+fn screen_lines(pty: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(pty);
+    let mut plain = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => match chars.next() {
+                // CSI: parameters, then one final byte in @..~.
+                Some('[') => {
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+                // OSC (the window title): up to BEL or ESC \.
+                Some(']') => {
+                    while let Some(c) = chars.next() {
+                        if c == '\u{7}' || (c == '\u{1b}' && chars.next_if_eq(&'\\').is_some()) {
+                            break;
+                        }
+                    }
+                }
+                _ => {}
+            },
+            '\r' => {}
+            c => plain.push(c),
+        }
+    }
+    plain.lines().map(str::to_owned).collect()
+}
+
+/// Reads a process stream until its terminal output has a line `line` on its own; returns the
+/// output read. Fails on the stream's end or error, or after 20 s.
+async fn read_pty_until_line<M: wrenn_connect::Message>(
+    stream: &mut ResponseStream<M>,
+    event_of: fn(M) -> Option<pb::ProcessEvent>,
+    line: &str,
+) -> Vec<u8> {
+    let mut pty = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !screen_lines(&pty).iter().any(|l| l == line) {
+        let message = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no line {line:?} within 20 s; output: {:?}",
+                    String::from_utf8_lossy(&pty)
+                )
+            })
+            .unwrap_or_else(|| panic!("stream ended; output: {:?}", String::from_utf8_lossy(&pty)))
+            .unwrap();
+        match event_of(message).and_then(|e| e.event) {
+            Some(Event::Data(pb::process_event::DataEvent {
+                output: Some(Output::Pty(bytes)),
+            })) => pty.extend(bytes),
+            Some(Event::Keepalive(_)) => {}
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+    pty
+}
+
+/// A second handle on a terminal (`Connect`) gets everything the terminal prints from then on,
+/// as the first one (`Start`) does, whether the first is still open (and unread) or was
+/// dropped: E2B's SDK test `test_connect_to_pty` and the issue's `export FOO=bar`, `echo $FOO`.
+#[tokio::test]
+async fn pty_output_reaches_every_connected_stream() {
+    for version in [HttpVersion::Http1, HttpVersion::Http2] {
+        for drop_original in [false, true] {
+            let envd = Envd::start();
+            let client = envd.client(version, Codec::Json);
+            let none = HeaderMap::new();
+            let mut request = start_request("/bin/bash", &["-i", "-l"]);
+            let config = request.process.as_mut().unwrap();
+            config.envs.insert("TERM".into(), "xterm-256color".into());
+            config.envs.insert("LANG".into(), "C.UTF-8".into());
+            request.pty = Some(pb::Pty {
+                size: Some(pb::pty::Size { cols: 80, rows: 24 }),
+            });
+            let mut original = client
+                .server_stream::<_, pb::StartResponse>("/process.Process/Start", &request, &none)
+                .await
+                .unwrap();
+            let Some(Event::Start(start)) = original
+                .message()
+                .await
+                .unwrap()
+                .unwrap()
+                .event
+                .unwrap()
+                .event
+            else {
+                panic!("no start")
+            };
+            let selector = Some(pb::ProcessSelector {
+                selector: Some(pb::process_selector::Selector::Pid(start.pid)),
+            });
+            let connect = pb::ConnectRequest {
+                process: selector.clone(),
+            };
+            let mut connected = Vec::new();
+            for _ in 0..2 {
+                let mut stream = client
+                    .server_stream::<_, pb::ConnectResponse>(
+                        "/process.Process/Connect",
+                        &connect,
+                        &none,
+                    )
+                    .await
+                    .unwrap();
+                // Connect's first message names the process.
+                let first = stream.message().await.unwrap().unwrap().event.unwrap();
+                assert_eq!(
+                    first.event,
+                    Some(Event::Start(StartEvent { pid: start.pid }))
+                );
+                connected.push(stream);
+            }
+            let mut original = (!drop_original).then_some(original);
+
+            for keys in [&b"export FOO=bar\n"[..], b"echo $FOO\n"] {
+                let input = pb::SendInputRequest {
+                    process: selector.clone(),
+                    input: Some(pb::ProcessInput {
+                        input: Some(pb::process_input::Input::Pty(keys.to_vec())),
+                    }),
+                };
+                let _: pb::SendInputResponse = client
+                    .unary("/process.Process/SendInput", &input, &none)
+                    .await
+                    .unwrap();
+            }
+            let case = format!("{version:?}, original dropped: {drop_original}");
+            for stream in &mut connected {
+                let pty = read_pty_until_line(stream, connect_event, "bar").await;
+                eprintln!("{case}: {:?}", String::from_utf8_lossy(&pty));
+            }
+            if let Some(stream) = &mut original {
+                read_pty_until_line(stream, start_event, "bar").await;
+            }
+
+            // One connected stream goes away; the other still gets everything, to the end.
+            connected.remove(0);
+            let input = pb::SendInputRequest {
+                process: selector.clone(),
+                input: Some(pb::ProcessInput {
+                    input: Some(pb::process_input::Input::Pty(
+                        b"echo $((6*7))$FOO; exit\n".to_vec(),
+                    )),
+                }),
+            };
+            let _: pb::SendInputResponse = client
+                .unary("/process.Process/SendInput", &input, &none)
+                .await
+                .unwrap();
+            let rest = collect_from(
+                connected.pop().unwrap(),
+                connect_event,
+                Collected {
+                    pid: Some(start.pid),
+                    ..Collected::default()
+                },
+            )
+            .await;
+            assert!(
+                screen_lines(&rest.pty).iter().any(|l| l == "42bar"),
+                "{case}: {:?}",
+                String::from_utf8_lossy(&rest.pty)
+            );
+            assert_eq!(rest.end.expect("end").exit_code, 0, "{case}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn filesystem_calls_and_watch_stream() {
     let envd = Envd::start();
     let dir = tempfile::tempdir().unwrap();
+    // Open to the default user (`user` where it exists), as the calls below name no user.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
     let base = dir.path().to_str().unwrap().to_owned();
     let client = envd.client(HttpVersion::Http2, Codec::Json);
     let none = HeaderMap::new();
@@ -543,6 +750,13 @@ async fn filesystem_calls_and_watch_stream() {
         .map(|e| e.path.trim_start_matches(&base).to_owned())
         .collect();
     assert_eq!(paths, vec!["/a", "/a/b", "/a/b/f.txt"]);
+    // MakeDir made `a` and `b` as the default user; the test itself (root) wrote the file.
+    let (default_user, _) = common::default_account();
+    let made_dir = &listed.entries[0];
+    assert_eq!(
+        (made_dir.owner.as_str(), made_dir.permissions.as_str()),
+        (default_user, "drwxr-xr-x")
+    );
     let file = &listed.entries[2];
     assert_eq!(
         (file.size, file.permissions.len(), file.owner.as_str()),
@@ -602,6 +816,166 @@ async fn filesystem_calls_and_watch_stream() {
     assert!(seen.contains(&("a/b".to_owned(), create)), "{seen:?}");
     assert!(seen.contains(&("a/b/f.txt".to_owned(), create)), "{seen:?}");
     assert!(seen.contains(&("g.txt".to_owned(), create)), "{seen:?}");
+}
+
+/// The events of a watch stream up to (without) the creation of `sentinel`, which this makes:
+/// exactly what the operations before it caused.
+async fn watch_events_until_sentinel(
+    events: &mut ResponseStream<fs::WatchDirResponse>,
+    base: &str,
+) -> Vec<(String, fs::EventType)> {
+    std::fs::write(format!("{base}/sentinel"), b"").unwrap();
+    let mut seen = Vec::new();
+    let mut sentinel_made = false;
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(5), events.message())
+            .await
+            .expect("watch stalled")
+            .unwrap()
+            .unwrap();
+        let Some(fs::watch_dir_response::Event::Filesystem(event)) = message.event else {
+            continue;
+        };
+        let kind = fs::EventType::try_from(event.r#type).unwrap();
+        match (event.name == "sentinel", sentinel_made) {
+            (false, false) => seen.push((event.name, kind)),
+            (true, false) => {
+                assert_eq!(kind, fs::EventType::Create);
+                sentinel_made = true;
+                // Leave nothing queued for the next round.
+                std::fs::remove_file(format!("{base}/sentinel")).unwrap();
+            }
+            (true, true) if kind == fs::EventType::Remove => return seen,
+            (_, true) => panic!("unexpected {} {kind:?} after the sentinel", event.name),
+        }
+    }
+}
+
+/// What a watcher sees of uploads and filesystem calls, as E2B's envd shows them: an upload of
+/// a new file is CREATE, CHMOD, WRITE (no WRITE when empty), of an existing one CHMOD, WRITE,
+/// each with one more CHMOD when metadata is written; never the upload's temporary file.
+#[tokio::test]
+async fn watch_events_of_uploads_and_calls_follow_e2b() {
+    use fs::EventType::{Chmod, Create, Remove, Rename, Write};
+    let envd = Envd::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let base = dir.path().to_str().unwrap().to_owned();
+    let client = envd.client(HttpVersion::Http2, Codec::Proto);
+    let none = HeaderMap::new();
+    let watch = fs::WatchDirRequest {
+        path: base.clone(),
+        recursive: false,
+        include_entry: false,
+        allow_network_mounts: false,
+    };
+    let mut events = client
+        .server_stream::<_, fs::WatchDirResponse>("/filesystem.Filesystem/WatchDir", &watch, &none)
+        .await
+        .unwrap();
+    assert!(matches!(
+        events.message().await.unwrap().unwrap().event,
+        Some(fs::watch_dir_response::Event::Start(_))
+    ));
+    let upload = |name: &str, body: &'static str, metadata: bool| {
+        let url = format!("{}/files?path={base}/{name}", envd.url());
+        async move {
+            let mut headers = vec![("content-type", "application/octet-stream")];
+            if metadata {
+                headers.push(("x-metadata-team", "blue"));
+            }
+            let reply = request("POST", &url, &headers, body).await;
+            assert_eq!(reply.status, 200, "{}", reply.text());
+        }
+    };
+    let expect = |list: &[(&str, fs::EventType)]| -> Vec<(String, fs::EventType)> {
+        list.iter().map(|(n, k)| (n.to_string(), *k)).collect()
+    };
+
+    upload("f.txt", "new", false).await;
+    let seen = watch_events_until_sentinel(&mut events, &base).await;
+    assert_eq!(
+        seen,
+        expect(&[("f.txt", Create), ("f.txt", Chmod), ("f.txt", Write)])
+    );
+    upload("f.txt", "again", false).await;
+    let seen = watch_events_until_sentinel(&mut events, &base).await;
+    assert_eq!(seen, expect(&[("f.txt", Chmod), ("f.txt", Write)]));
+    upload("f.txt", "tagged", true).await;
+    let seen = watch_events_until_sentinel(&mut events, &base).await;
+    assert_eq!(
+        seen,
+        expect(&[("f.txt", Chmod), ("f.txt", Write), ("f.txt", Chmod)])
+    );
+    upload("empty.txt", "", false).await;
+    let seen = watch_events_until_sentinel(&mut events, &base).await;
+    assert_eq!(seen, expect(&[("empty.txt", Create), ("empty.txt", Chmod)]));
+    upload("meta.txt", "m", true).await;
+    let seen = watch_events_until_sentinel(&mut events, &base).await;
+    assert_eq!(
+        seen,
+        expect(&[
+            ("meta.txt", Create),
+            ("meta.txt", Chmod),
+            ("meta.txt", Write),
+            ("meta.txt", Chmod)
+        ])
+    );
+    // Into a new directory: the directory's CREATE and CHMOD (the file is below the watch).
+    upload("new/inner.txt", "in", false).await;
+    let seen = watch_events_until_sentinel(&mut events, &base).await;
+    assert_eq!(seen, expect(&[("new", Create), ("new", Chmod)]));
+
+    let _: fs::MakeDirResponse = client
+        .unary(
+            "/filesystem.Filesystem/MakeDir",
+            &fs::MakeDirRequest {
+                path: format!("{base}/m/n"),
+            },
+            &none,
+        )
+        .await
+        .unwrap();
+    let seen = watch_events_until_sentinel(&mut events, &base).await;
+    assert_eq!(seen, expect(&[("m", Create), ("m", Chmod)]));
+    let _: fs::MoveResponse = client
+        .unary(
+            "/filesystem.Filesystem/Move",
+            &fs::MoveRequest {
+                source: format!("{base}/f.txt"),
+                destination: format!("{base}/g.txt"),
+            },
+            &none,
+        )
+        .await
+        .unwrap();
+    let seen = watch_events_until_sentinel(&mut events, &base).await;
+    assert_eq!(seen, expect(&[("f.txt", Rename), ("g.txt", Create)]));
+    let chmod = run(
+        &client,
+        &start_request("/bin/chmod", &["600", &format!("{base}/g.txt")]),
+        &none,
+    )
+    .await;
+    assert_eq!(chmod.end.unwrap().exit_code, 0);
+    let seen = watch_events_until_sentinel(&mut events, &base).await;
+    assert_eq!(seen, expect(&[("g.txt", Chmod)]));
+    let _: fs::RemoveResponse = client
+        .unary(
+            "/filesystem.Filesystem/Remove",
+            &fs::RemoveRequest {
+                path: format!("{base}/g.txt"),
+            },
+            &none,
+        )
+        .await
+        .unwrap();
+    let seen = watch_events_until_sentinel(&mut events, &base).await;
+    assert_eq!(seen, expect(&[("g.txt", Remove)]));
 }
 
 #[tokio::test]

@@ -29,6 +29,12 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 async fn upload_and_download_every_way() {
     let envd = Envd::start();
     let dir = tempfile::tempdir().unwrap();
+    // Open to the default user (`user` where it exists), as these calls name no user.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
     let base = dir.path().to_str().unwrap();
     let files = format!("{}/files", envd.url());
 
@@ -361,7 +367,7 @@ async fn full_disk_is_507_and_loses_nothing() {
     let _unmount = Unmount(mount.clone());
     std::fs::write(format!("{mount}/keep.txt"), b"precious").unwrap();
     let envd = Envd::start();
-    let url = format!("{}/files?path={mount}/keep.txt", envd.url());
+    let url = format!("{}/files?path={mount}/keep.txt&username=root", envd.url());
     let reply = request(
         "POST",
         &url,
@@ -380,4 +386,138 @@ async fn full_disk_is_507_and_loses_nothing() {
         1,
         "the temporary file was removed"
     );
+}
+
+/// Uploads into directories that do not exist create every missing level (0755, owned by the
+/// uploading user) even where the user may not write the deepest existing one, as E2B's envd
+/// does (the SDK's users write e.g. `/0/file.txt` as `user`), whatever the form of the upload;
+/// into existing directories the permission checks stay. Needs root and the test user.
+#[tokio::test]
+async fn uploads_create_missing_parents_for_the_user() {
+    let Some((uid, gid)) = common::test_user_ids().filter(|_| common::is_root()) else {
+        eprintln!("skipped: needs root and the test user 'user' (scripts/setup.sh creates it)");
+        return;
+    };
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let envd = Envd::start();
+    let dir = tempfile::tempdir().unwrap();
+    // Like `/`: root's, and not writable by `user`.
+    std::fs::set_permissions(dir.path(), PermissionsExt::from_mode(0o755)).unwrap();
+    let base = dir.path().to_str().unwrap().to_owned();
+    let files = format!("{}/files", envd.url());
+    let as_user = format!("{files}?username=user");
+    let created_for_user = |levels: &[&str]| {
+        for level in levels {
+            let metadata = std::fs::metadata(format!("{base}/{level}")).unwrap();
+            assert!(metadata.is_dir(), "{level}");
+            assert_eq!(
+                (metadata.uid(), metadata.gid(), metadata.mode() & 0o777),
+                (uid, gid, 0o755),
+                "{level}"
+            );
+        }
+    };
+    let owned_by_user = |path: &str, content: &[u8]| {
+        let metadata = std::fs::metadata(format!("{base}/{path}")).unwrap();
+        assert_eq!((metadata.uid(), metadata.gid()), (uid, gid), "{path}");
+        assert_eq!(std::fs::read(format!("{base}/{path}")).unwrap(), content);
+    };
+
+    // A raw body.
+    let reply = request(
+        "POST",
+        &format!("{as_user}&path={base}/raw/a/b/f.txt"),
+        &[("content-type", "application/octet-stream")],
+        "raw",
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    created_for_user(&["raw", "raw/a", "raw/a/b"]);
+    owned_by_user("raw/a/b/f.txt", b"raw");
+
+    // A gzip-encoded raw body.
+    let reply = request(
+        "POST",
+        &format!("{as_user}&path={base}/gz/x/f.txt"),
+        &[
+            ("content-type", "application/octet-stream"),
+            ("content-encoding", "gzip"),
+        ],
+        gzip(b"zipped"),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    created_for_user(&["gz", "gz/x"]);
+    owned_by_user("gz/x/f.txt", b"zipped");
+
+    // Multipart, one part, the destination in the query.
+    let (content_type, body) = multipart(&[("ignored", b"one part")]);
+    let reply = request(
+        "POST",
+        &format!("{as_user}&path={base}/one/f.txt"),
+        &[("content-type", &content_type)],
+        body,
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    created_for_user(&["one"]);
+    owned_by_user("one/f.txt", b"one part");
+
+    // Multipart, many parts, each naming its destination, sharing and not sharing parents.
+    let (content_type, body) = multipart(&[
+        (&format!("{base}/0/multi_test_file0.txt"), b"zero"),
+        (&format!("{base}/1/multi_test_file1.txt"), b"one"),
+        (&format!("{base}/1/deeper/multi_test_file2.txt"), b"two"),
+    ]);
+    let reply = request("POST", &as_user, &[("content-type", &content_type)], body).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json().as_array().unwrap().len(), 3);
+    created_for_user(&["0", "1", "1/deeper"]);
+    owned_by_user("0/multi_test_file0.txt", b"zero");
+    owned_by_user("1/multi_test_file1.txt", b"one");
+    owned_by_user("1/deeper/multi_test_file2.txt", b"two");
+
+    // Into an existing directory the user may not write, or over a file they may not write:
+    // refused, as before.
+    let reply = request(
+        "POST",
+        &format!("{as_user}&path={base}/top.txt"),
+        &[("content-type", "application/octet-stream")],
+        "no",
+    )
+    .await;
+    assert_eq!(reply.status, 403, "{}", reply.text());
+    std::fs::write(format!("{base}/0/roots.txt"), b"root's").unwrap();
+    let reply = request(
+        "POST",
+        &format!("{as_user}&path={base}/0/roots.txt"),
+        &[("content-type", "application/octet-stream")],
+        "no",
+    )
+    .await;
+    assert_eq!(reply.status, 403, "{}", reply.text());
+    assert_eq!(
+        std::fs::read(format!("{base}/0/roots.txt")).unwrap(),
+        b"root's"
+    );
+
+    // A file on the way is an error, whether it is the parent or further up.
+    for path in ["0/roots.txt/f.txt", "0/roots.txt/deeper/f.txt"] {
+        let reply = request(
+            "POST",
+            &format!("{as_user}&path={base}/{path}"),
+            &[("content-type", "application/octet-stream")],
+            "no",
+        )
+        .await;
+        assert_eq!(reply.status, 500, "{path}: {}", reply.text());
+        assert!(
+            reply.json()["message"]
+                .as_str()
+                .unwrap()
+                .contains("is not a directory"),
+            "{}",
+            reply.text()
+        );
+    }
 }

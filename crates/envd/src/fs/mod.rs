@@ -3,6 +3,7 @@
 //! HTTP; `rpc::filesystem` and `http::files` map it to the wire.
 
 pub mod access;
+pub mod upload_temp;
 pub mod watch;
 pub mod xattr;
 
@@ -15,9 +16,7 @@ use wrenn_proto::filesystem::{EntryInfo, FileType};
 use crate::users::{Accounts, User};
 use access::Want;
 
-/// Part of the name of an upload's temporary file (`.<name><marker><unique>`), which watchers
-/// hide.
-pub const UPLOAD_TEMP_MARKER: &str = ".wrenn-upload-";
+pub use upload_temp::UPLOAD_TEMP_MARKER;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
@@ -224,8 +223,12 @@ pub fn chown_to(path: &Path, user: &User) -> io::Result<()> {
     std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))
 }
 
-/// Creates the missing directories from the deepest existing ancestor down to `path`, each
-/// owned by `user`.
+/// The mode of the directories envd creates (before the umask), E2B's.
+pub const NEW_DIR_MODE: u32 = 0o755;
+
+/// Creates the missing directories from the deepest existing ancestor down to `path`, one by
+/// one, each [`NEW_DIR_MODE`] and owned by `user` (E2B's `EnsureDirs`). No permission check:
+/// callers decide whether `user` may.
 pub fn create_dirs_as(path: &Path, user: &User) -> Result<(), FsError> {
     let mut missing = Vec::new();
     let mut current = path;
@@ -241,8 +244,10 @@ pub fn create_dirs_as(path: &Path, user: &User) -> Result<(), FsError> {
             None => break,
         }
     }
+    let mut builder = std::fs::DirBuilder::new();
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, NEW_DIR_MODE);
     for dir in missing.iter().rev() {
-        match std::fs::create_dir(dir) {
+        match builder.create(dir) {
             Ok(()) => {}
             Err(error) if error.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => continue,
             Err(error) => return Err(FsError::io("create directory", dir, error)),

@@ -5,6 +5,11 @@
 //! while it runs. Event names are relative to the watched directory. Every watch ends, and its
 //! inotify descriptor closes, when its consumer goes away; a polling watcher nobody polls for
 //! [`POLLING_WATCHER_IDLE_EXPIRY`] is removed.
+//!
+//! Events follow E2B's envd (its fsnotify fork): one inotify event may stand for several, in
+//! the order CREATE, RENAME, CHMOD, WRITE, REMOVE; a move in is CREATE, a move out RENAME. An
+//! upload's temporary file is never reported: its rename over the destination is reported as
+//! the events E2B's envd's in-place write causes (see [`super::upload_temp`]).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -17,6 +22,7 @@ use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 use tokio::sync::mpsc;
 use wrenn_proto::filesystem::{EntryInfo, EventType};
 
+use super::upload_temp::{UploadKind, is_upload_temp};
 use crate::users::Accounts;
 
 /// A polling watcher is dropped when it was not polled for this long.
@@ -134,7 +140,7 @@ pub fn watch(
 
     let (sender, receiver) = mpsc::channel(1024);
     tokio::spawn(async move {
-        let mut upload_renames: Vec<u32> = Vec::new();
+        let mut upload_renames = UploadRenames::default();
         loop {
             let event = tokio::select! {
                 event = stream.next() => event,
@@ -178,35 +184,28 @@ pub fn watch(
                 None => continue,
             };
             // An upload writes a temporary file and renames it over its destination: hide the
-            // temporary file and report the rename as what it means, a written file.
-            let from_upload = if is_upload_temp(&relative) {
-                if event.mask.contains(EventMask::MOVED_FROM) {
-                    upload_renames.push(event.cookie);
-                    if upload_renames.len() > 64 {
-                        upload_renames.remove(0);
-                    }
+            // temporary file and report the rename as the events E2B's envd's in-place write
+            // causes.
+            let name = relative.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if is_upload_temp(name) {
+                if event.mask.contains(EventMask::MOVED_FROM)
+                    && let Some(kind) = UploadKind::from_temp_name(name)
+                {
+                    upload_renames.remember(event.cookie, kind);
                 }
                 continue;
-            } else if event.mask.contains(EventMask::MOVED_TO) {
-                match upload_renames
-                    .iter()
-                    .position(|cookie| *cookie == event.cookie)
-                {
-                    Some(index) => {
-                        upload_renames.remove(index);
-                        true
-                    }
-                    None => false,
-                }
-            } else {
-                false
-            };
-            let full = spec.root.join(&relative);
-            let mut batch = Vec::new();
-            let mut kinds = event_types(event.mask);
-            if from_upload {
-                kinds.push(EventType::Write);
             }
+            let full = spec.root.join(&relative);
+            let upload = if event.mask.contains(EventMask::MOVED_TO) {
+                upload_renames.take(event.cookie)
+            } else {
+                None
+            };
+            let kinds = match upload {
+                Some(kind) => upload_event_types(kind, &full),
+                None => event_types(event.mask),
+            };
+            let mut batch = Vec::new();
             for kind in kinds {
                 batch.push(make_event(&spec, &accounts, &relative, &full, kind));
             }
@@ -245,11 +244,49 @@ pub fn watch(
     Ok(receiver)
 }
 
-fn is_upload_temp(relative: &Path) -> bool {
-    relative
-        .file_name()
-        .and_then(|name| name.to_str())
-        .is_some_and(|name| name.starts_with('.') && name.contains(super::UPLOAD_TEMP_MARKER))
+/// The uploads whose temporary file was seen leaving (`MOVED_FROM`), by rename cookie, until
+/// their arrival (`MOVED_TO`) is seen. The two are consecutive in the inotify queue, so a few
+/// suffice; the oldest are forgotten.
+#[derive(Debug, Default)]
+struct UploadRenames(Vec<(u32, UploadKind)>);
+
+impl UploadRenames {
+    const KEPT: usize = 64;
+
+    fn remember(&mut self, cookie: u32, kind: UploadKind) {
+        if self.0.len() >= Self::KEPT {
+            self.0.remove(0);
+        }
+        self.0.push((cookie, kind));
+    }
+
+    fn take(&mut self, cookie: u32) -> Option<UploadKind> {
+        let index = self.0.iter().position(|(c, _)| *c == cookie)?;
+        Some(self.0.remove(index).1)
+    }
+}
+
+/// What E2B's envd's upload, writing `full` in place, shows a watcher (research: open with
+/// `O_CREAT` is CREATE, the chown is CHMOD, the data or the truncation of a replaced file is
+/// WRITE, the metadata's extended attributes are CHMOD): CREATE, CHMOD, WRITE (none for an
+/// empty new file) for a new file; CHMOD, WRITE for a replaced one; then CHMOD if metadata was
+/// written. Like inotify, which merges an event into an identical one still unread (and E2B's
+/// steps follow each other within microseconds), two CHMODs in a row are one.
+fn upload_event_types(kind: UploadKind, full: &Path) -> Vec<EventType> {
+    let mut kinds = Vec::with_capacity(4);
+    if kind.creates {
+        kinds.extend([EventType::Create, EventType::Chmod]);
+        // The size now, as the file's content was already complete when it was renamed.
+        if std::fs::symlink_metadata(full).map_or(true, |m| m.len() > 0) {
+            kinds.push(EventType::Write);
+        }
+    } else {
+        kinds.extend([EventType::Chmod, EventType::Write]);
+    }
+    if kind.sets_metadata && kinds.last() != Some(&EventType::Chmod) {
+        kinds.push(EventType::Chmod);
+    }
+    kinds
 }
 
 /// The events one inotify event stands for, in E2B's order (CREATE, RENAME, CHMOD, WRITE,
@@ -511,6 +548,188 @@ mod tests {
         assert_eq!(
             (removed.name.as_str(), removed.kind, removed.entry),
             ("g.txt", EventType::Remove, None)
+        );
+    }
+
+    fn spec(root: &Path, recursive: bool) -> WatchSpec {
+        WatchSpec {
+            root: root.into(),
+            recursive,
+            include_entry: false,
+            allow_network_mounts: false,
+        }
+    }
+
+    /// The events up to (without) the creation of a file named `sentinel`, which the caller
+    /// makes after the operation under test: exactly what the operation caused.
+    async fn events_before_sentinel(
+        receiver: &mut mpsc::Receiver<Result<FsEvent, WatchError>>,
+        dir: &Path,
+    ) -> Vec<(String, EventType)> {
+        std::fs::write(dir.join("sentinel"), b"").unwrap();
+        let mut seen = Vec::new();
+        loop {
+            let event = next(receiver).await;
+            if event.name == "sentinel" {
+                assert_eq!(event.kind, EventType::Create);
+                // Its CHMOD-free CREATE is all an empty `write` causes; leave nothing queued.
+                std::fs::remove_file(dir.join("sentinel")).unwrap();
+                assert_eq!(next(receiver).await.kind, EventType::Remove);
+                return seen;
+            }
+            seen.push((event.name, event.kind));
+        }
+    }
+
+    /// Writes `content` to `target` the way an upload does: a temporary file named for the
+    /// upload's kind, given its mode and metadata, then renamed over the destination.
+    fn upload(target: &Path, content: &[u8], sets_metadata: bool) {
+        let kind = UploadKind {
+            creates: !target.exists(),
+            sets_metadata,
+        };
+        let temp = kind.temp_path(target, "1-2");
+        std::fs::write(&temp, content).unwrap();
+        std::fs::set_permissions(&temp, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap();
+        std::fs::rename(&temp, target).unwrap();
+    }
+
+    fn names(events: &[(String, EventType)]) -> Vec<(&str, EventType)> {
+        events.iter().map(|(n, k)| (n.as_str(), *k)).collect()
+    }
+
+    #[tokio::test]
+    async fn uploads_show_e2b_in_place_write_events() {
+        use EventType::{Chmod, Create, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let mut events = watch(spec(dir.path(), false), Accounts::default()).unwrap();
+        let file = dir.path().join("f.txt");
+
+        upload(&file, b"new", false);
+        let seen = events_before_sentinel(&mut events, dir.path()).await;
+        assert_eq!(
+            names(&seen),
+            [("f.txt", Create), ("f.txt", Chmod), ("f.txt", Write)]
+        );
+
+        upload(&file, b"replaced", false);
+        let seen = events_before_sentinel(&mut events, dir.path()).await;
+        assert_eq!(names(&seen), [("f.txt", Chmod), ("f.txt", Write)]);
+
+        upload(&file, b"", true);
+        let seen = events_before_sentinel(&mut events, dir.path()).await;
+        assert_eq!(
+            names(&seen),
+            [("f.txt", Chmod), ("f.txt", Write), ("f.txt", Chmod)]
+        );
+
+        let empty = dir.path().join("empty.txt");
+        upload(&empty, b"", false);
+        let seen = events_before_sentinel(&mut events, dir.path()).await;
+        assert_eq!(names(&seen), [("empty.txt", Create), ("empty.txt", Chmod)]);
+
+        // Empty with metadata: the chown's and the metadata's CHMODs are one, as inotify
+        // merges them.
+        let empty_tagged = dir.path().join("empty-tagged.txt");
+        upload(&empty_tagged, b"", true);
+        let seen = events_before_sentinel(&mut events, dir.path()).await;
+        assert_eq!(
+            names(&seen),
+            [("empty-tagged.txt", Create), ("empty-tagged.txt", Chmod)]
+        );
+
+        let tagged = dir.path().join("tagged.txt");
+        upload(&tagged, b"x", true);
+        let seen = events_before_sentinel(&mut events, dir.path()).await;
+        assert_eq!(
+            names(&seen),
+            [
+                ("tagged.txt", Create),
+                ("tagged.txt", Chmod),
+                ("tagged.txt", Write),
+                ("tagged.txt", Chmod)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn uploads_below_a_recursive_watch_show_the_same_events() {
+        use EventType::{Chmod, Create, Write};
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let mut events = watch(spec(dir.path(), true), Accounts::default()).unwrap();
+        upload(&dir.path().join("sub/f.txt"), b"deep", false);
+        let seen = events_before_sentinel(&mut events, dir.path()).await;
+        assert_eq!(
+            names(&seen),
+            [
+                ("sub/f.txt", Create),
+                ("sub/f.txt", Chmod),
+                ("sub/f.txt", Write)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn filesystem_operations_show_e2b_events() {
+        use EventType::{Chmod, Create, Remove, Rename};
+        let dir = tempfile::tempdir().unwrap();
+        let metadata = std::fs::metadata(dir.path()).unwrap();
+        // Whoever runs the test, so that giving the new directories to the user works.
+        let me = crate::users::User {
+            name: "me".into(),
+            uid: std::os::unix::fs::MetadataExt::uid(&metadata),
+            gid: std::os::unix::fs::MetadataExt::gid(&metadata),
+            home: dir.path().into(),
+            shell: String::new(),
+            groups: vec![std::os::unix::fs::MetadataExt::gid(&metadata)],
+        };
+        let accounts = Accounts::default();
+        let mut events = watch(spec(dir.path(), false), Accounts::default()).unwrap();
+
+        // make_dir: CREATE then CHMOD (the chown) per level made in the watched directory.
+        super::super::make_dir(&dir.path().join("d/e"), &me, &accounts).unwrap();
+        let seen = events_before_sentinel(&mut events, dir.path()).await;
+        assert_eq!(names(&seen), [("d", Create), ("d", Chmod)]);
+
+        // move: RENAME the old name, CREATE the new one.
+        std::fs::write(dir.path().join("a"), b"a").unwrap();
+        let _ = events_before_sentinel(&mut events, dir.path()).await;
+        super::super::move_entry(&dir.path().join("a"), &dir.path().join("b"), &me, &accounts)
+            .unwrap();
+        let seen = events_before_sentinel(&mut events, dir.path()).await;
+        assert_eq!(names(&seen), [("a", Rename), ("b", Create)]);
+
+        // chmod: CHMOD.
+        std::fs::set_permissions(
+            dir.path().join("b"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        let seen = events_before_sentinel(&mut events, dir.path()).await;
+        assert_eq!(names(&seen), [("b", Chmod)]);
+
+        // remove: REMOVE, for a file and for a directory tree.
+        super::super::remove(&dir.path().join("b"), &me).unwrap();
+        super::super::remove(&dir.path().join("d"), &me).unwrap();
+        let seen = events_before_sentinel(&mut events, dir.path()).await;
+        assert_eq!(names(&seen), [("b", Remove), ("d", Remove)]);
+    }
+
+    #[tokio::test]
+    async fn recursive_watch_reports_removed_trees_child_first() {
+        use EventType::Remove;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("t/u")).unwrap();
+        std::fs::write(dir.path().join("t/u/f"), b"").unwrap();
+        let mut events = watch(spec(dir.path(), true), Accounts::default()).unwrap();
+        std::fs::remove_dir_all(dir.path().join("t")).unwrap();
+        let seen = events_before_sentinel(&mut events, dir.path()).await;
+        // A watched directory's own deletion is reported once, by its parent.
+        assert_eq!(
+            names(&seen),
+            [("t/u/f", Remove), ("t/u", Remove), ("t", Remove)]
         );
     }
 

@@ -2,6 +2,9 @@
 //! gzip) and uploads (multipart with the destination in each part's filename, or a raw body),
 //! authorised by the access token or a signed URL.
 //!
+//! An upload into a directory that does not exist creates every missing level for the uploading
+//! user, as E2B's envd does.
+//!
 //! Uploads never hold a file in memory and never leave a half-written file behind: each one is
 //! written to a temporary file beside its destination, flushed to disk, given its owner, mode
 //! and metadata, and only then renamed over the destination. A failure (a client that goes
@@ -29,6 +32,7 @@ use super::json_error;
 use super::signature::{self, Operation, SignatureError};
 use crate::auth;
 use crate::fs::access::{self, Want};
+use crate::fs::upload_temp::UploadKind;
 use crate::fs::{self, xattr};
 use crate::state::Envd;
 use crate::users::User;
@@ -565,21 +569,12 @@ impl Drop for TempFileGuard {
     }
 }
 
-fn temp_path_for(target: &Path) -> PathBuf {
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+fn temp_path_for(target: &Path, kind: UploadKind) -> PathBuf {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .subsec_nanos();
-    let unique = format!(
-        ".{name}{}{}-{nanos:08x}",
-        fs::UPLOAD_TEMP_MARKER,
-        std::process::id()
-    );
-    target.with_file_name(unique)
+    kind.temp_path(target, &format!("{}-{nanos:08x}", std::process::id()))
 }
 
 /// Writes `body` to `target` atomically, as `user`, with `metadata`.
@@ -605,20 +600,40 @@ async fn write_file(
         user: user.name.clone(),
         path: target.clone(),
     };
-    match &existing {
-        Some(m) if !access::allowed(m, user, Want::Write) => return Err(denied()),
-        None if !access::may_create(&target, user) => return Err(denied()),
-        _ => {}
-    }
-    if let Some(parent) = target.parent() {
-        let (parent, user_for_dirs) = (parent.to_owned(), user.clone());
-        tokio::task::spawn_blocking(move || fs::create_dirs_as(&parent, &user_for_dirs))
-            .await
-            .map_err(|e| UploadError::Io(io::Error::other(e)))?
-            .map_err(UploadError::Directories)?;
+    let parent = target.parent().unwrap_or(Path::new("/")).to_owned();
+    match tokio::fs::metadata(&parent).await {
+        // Into an existing directory: the user must be allowed to write the file, or to add it.
+        Ok(parent_metadata) if parent_metadata.is_dir() => match &existing {
+            Some(m) if !access::allowed(m, user, Want::Write) => return Err(denied()),
+            None if !access::allowed(&parent_metadata, user, Want::ModifyDir) => {
+                return Err(denied());
+            }
+            _ => {}
+        },
+        Ok(_) => {
+            return Err(UploadError::Directories(fs::FsError::NotADirectory(parent)));
+        }
+        // Into a directory that does not exist: E2B's envd creates every missing level (0755,
+        // owned by the uploading user, top-down) whoever owns the deepest existing one, and so
+        // do we (SDK users write e.g. `/0/file.txt` as `user`). A file on the way is an error.
+        Err(_) => {
+            let user_for_dirs = user.clone();
+            tokio::task::spawn_blocking(move || fs::create_dirs_as(&parent, &user_for_dirs))
+                .await
+                .map_err(|e| UploadError::Io(io::Error::other(e)))?
+                .map_err(UploadError::Directories)?;
+        }
     }
 
-    let temp = temp_path_for(&target);
+    // Watchers learn from the temporary file's name which events E2B's in-place write would
+    // have caused (see `fs::upload_temp`). Writing the file's metadata also removes what the
+    // replaced file had, as E2B's envd removes stale metadata.
+    let kind = UploadKind {
+        creates: existing.is_none(),
+        sets_metadata: !metadata.is_empty()
+            || (existing.is_some() && !xattr::read_metadata(&target).is_empty()),
+    };
+    let temp = temp_path_for(&target, kind);
     let mut guard = TempFileGuard(Some(temp.clone()));
     let file = std::fs::OpenOptions::new()
         .write(true)

@@ -123,6 +123,24 @@ pub fn test_user_exists() -> bool {
     std::fs::read_to_string("/etc/passwd").is_ok_and(|p| p.lines().any(|l| l.starts_with("user:")))
 }
 
+/// The uid and gid of the test user `user`, if it exists.
+pub fn test_user_ids() -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    let line = passwd.lines().find(|l| l.starts_with("user:"))?;
+    let fields: Vec<&str> = line.split(':').collect();
+    Some((fields.get(2)?.parse().ok()?, fields.get(3)?.parse().ok()?))
+}
+
+/// The user envd runs calls as when neither the call nor `/init` names one, and its home:
+/// `user` where that account exists (the CI set-up creates it), else root.
+pub fn default_account() -> (&'static str, &'static str) {
+    if test_user_exists() {
+        ("user", "/home/user")
+    } else {
+        ("root", "/root")
+    }
+}
+
 /// Whether the tests run as root (needed to switch users and mount filesystems).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.

@@ -185,6 +185,33 @@ def test_a_killed_sandbox_ends_its_streams_at_once(wrenn):
         watch.get_new_events()
 
 
+def test_a_terminal_reconnected_through_the_proxy_gets_the_commands_output(wrenn):
+    """#12 item 8, through wrenn up's proxy into a guest: after pty.connect() to a terminal,
+    the output of a command typed next (`echo $FOO` -> `bar`) arrives, not only the echo."""
+    import re
+
+    from e2b import PtySize
+
+    escapes = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\\\)|\r")
+
+    def lines(raw: bytes):
+        return escapes.sub(b"", raw).decode(errors="replace").split("\n")
+
+    sandbox = Sandbox.create(timeout=120)
+    try:
+        terminal = sandbox.pty.create(PtySize(rows=24, cols=80), timeout=0)
+        sandbox.pty.send_stdin(terminal.pid, b"export FOO=bar\n")
+        terminal.disconnect()
+        second = bytearray()
+        again = sandbox.pty.connect(terminal.pid, timeout=0)
+        sandbox.pty.send_stdin(terminal.pid, b"echo $FOO\nexit\n")
+        result = again.wait(on_pty=second.extend)
+        assert result.exit_code == 0
+        assert "bar" in lines(bytes(second)), bytes(second)
+    finally:
+        sandbox.kill()
+
+
 def test_the_base_template_has_what_e2b_base_has(wrenn):
     sandbox = Sandbox.create(timeout=120)
     try:

@@ -21,6 +21,7 @@ step "format"
 cargo fmt --all --check
 
 step "lints"
+python3 scripts/check-layers.py
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "static envd"

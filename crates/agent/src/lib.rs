@@ -43,12 +43,12 @@ pub async fn serve(
     manager: Arc<Manager>,
     listeners: Listeners,
     token: &str,
-    timeouts: wrenn_envd::server::ServerTimeouts,
+    timeouts: wrenn_http::server::ServerTimeouts,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let spawn = |listener: tokio::net::TcpListener, router: axum::Router| {
-        wrenn_envd::server::spawn_until_stopped(listener, router, timeouts.clone(), stop_rx.clone())
+        wrenn_http::server::spawn_until_stopped(listener, router, timeouts.clone(), stop_rx.clone())
     };
     let mmds_server = spawn(listeners.mmds, manager.mmds.router());
     let proxy_server = spawn(listeners.proxy, proxy::router(manager.clone(), token));

@@ -1,24 +1,15 @@
-//! Forwarding HTTP to a port of a guest, and the agent's sandbox proxy built on it.
-//!
-//! [`forward`] streams one request to an address and the answer back, unbuffered both ways: an
-//! HTTP/2 request (h2c) goes on over HTTP/2 with prior knowledge, anything else over HTTP/1.1,
-//! with upgrades (WebSocket) spliced into a byte pipe. The control plane's edge proxy uses it to
-//! reach guests on its own host, and to reach this agent's [`router`] for guests on others: that
-//! router takes the sandbox and port from the `X-Wrenn-Sandbox-Id`/`-Port` headers, checks the
-//! agent's token in `X-Wrenn-Agent-Token`, strips all three and forwards to the guest.
-//! A forwarded exchange ends (its body with an error, its upgraded pipe closed) when the
-//! token it was given is cancelled: the manager cancels a sandbox's when its VM stops, so a
-//! client streaming from a killed or paused sandbox learns at once, as with E2B.
+//! The agent's sandbox proxy: requests for this host's guests from the control plane's edge
+//! proxy. [`router`] takes the sandbox and port from the `X-Wrenn-Sandbox-Id`/`-Port` headers,
+//! checks the agent's token in `X-Wrenn-Agent-Token`, strips all three and forwards to the
+//! guest with [`wrenn_http::forward`], until the sandbox's VM stops (the manager cancels the
+//! sandbox's token then).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{Request, StatusCode, header};
+use axum::http::{Request, StatusCode};
 use axum::response::{IntoResponse, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio_util::sync::CancellationToken;
+use wrenn_http::forward::forward;
 
 use crate::manager::Manager;
 
@@ -28,160 +19,6 @@ pub const SANDBOX_ID_HEADER: &str = "x-wrenn-sandbox-id";
 pub const SANDBOX_PORT_HEADER: &str = "x-wrenn-sandbox-port";
 /// The agent's token, which a request to its proxy must carry.
 pub const AGENT_TOKEN_HEADER: &str = "x-wrenn-agent-token";
-
-/// How long a connection to a guest port may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Why a request could not be forwarded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ForwardError {
-    /// Nothing listens on the port (or it did not answer the handshake).
-    PortClosed,
-    /// The far side closed the connection before answering.
-    Closed,
-}
-
-/// Streams `request` to `address` and returns the answer as it comes, until `ends` is
-/// cancelled.
-pub async fn forward(
-    address: SocketAddr,
-    request: Request<Body>,
-    ends: CancellationToken,
-) -> Result<Response, ForwardError> {
-    tokio::select! {
-        answer = forward_until(address, request, ends.clone()) => answer,
-        () = ends.cancelled() => Err(ForwardError::Closed),
-    }
-}
-
-async fn forward_until(
-    address: SocketAddr,
-    mut request: Request<Body>,
-    ends: CancellationToken,
-) -> Result<Response, ForwardError> {
-    let stream = match tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        tokio::net::TcpStream::connect(address),
-    )
-    .await
-    {
-        Ok(Ok(stream)) => stream,
-        _ => return Err(ForwardError::PortClosed),
-    };
-    let _ = stream.set_nodelay(true);
-    let path = request
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
-    if request.version() == http::Version::HTTP_2 {
-        // HTTP/2 wants an absolute URI: the authority becomes the :authority pseudo-header.
-        let authority = request
-            .headers()
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-            .or_else(|| request.uri().authority().map(|a| a.to_string()))
-            .unwrap_or_else(|| address.to_string());
-        *request.uri_mut() = format!("http://{authority}{path}")
-            .parse()
-            .unwrap_or_default();
-        request.headers_mut().remove(header::HOST);
-        let (mut sender, connection) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                .await
-                .map_err(|_| ForwardError::PortClosed)?;
-        tokio::spawn(ends.clone().run_until_cancelled_owned(connection));
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|_| ForwardError::Closed)?;
-        return Ok(response.map(|body| Body::new(UntilEnded::new(body, ends))));
-    }
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|_| ForwardError::PortClosed)?;
-    tokio::spawn(
-        ends.clone()
-            .run_until_cancelled_owned(connection.with_upgrades()),
-    );
-    let client_upgrade = request
-        .headers()
-        .contains_key(header::UPGRADE)
-        .then(|| hyper::upgrade::on(&mut request));
-    *request.uri_mut() = path.parse().unwrap_or_default();
-    let mut response = sender.send_request(request).await.map_err(|error| {
-        tracing::debug!(%error, %address, "forwarded request failed");
-        ForwardError::Closed
-    })?;
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS
-        && let Some(client_upgrade) = client_upgrade
-    {
-        let server_upgrade = hyper::upgrade::on(&mut response);
-        let pipe_ends = ends.clone();
-        tokio::spawn(pipe_ends.run_until_cancelled_owned(async move {
-            if let (Ok(client), Ok(server)) = (client_upgrade.await, server_upgrade.await) {
-                let mut client = TokioIo::new(client);
-                let mut server = TokioIo::new(server);
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-            }
-        }));
-    }
-    Ok(response.map(|body| Body::new(UntilEnded::new(body, ends))))
-}
-
-/// A forwarded answer's body, cut with an error when its token is cancelled: the server then
-/// aborts the client's stream (an HTTP/2 reset, or an HTTP/1.1 connection closed before the
-/// body's end), which the SDKs read as a connection lost mid-request.
-struct UntilEnded<B> {
-    body: B,
-    ended: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
-    done: bool,
-}
-
-impl<B> UntilEnded<B> {
-    fn new(body: B, ends: CancellationToken) -> Self {
-        UntilEnded {
-            body,
-            ended: Box::pin(ends.cancelled_owned()),
-            done: false,
-        }
-    }
-}
-
-impl<B> http_body::Body for UntilEnded<B>
-where
-    B: http_body::Body<Data = bytes::Bytes> + Unpin,
-    B::Error: Into<axum::BoxError>,
-{
-    type Data = bytes::Bytes;
-    type Error = axum::BoxError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        use std::task::Poll;
-        if self.done {
-            return Poll::Ready(None);
-        }
-        if self.ended.as_mut().poll(cx).is_ready() {
-            self.done = true;
-            return Poll::Ready(Some(Err("the sandbox stopped".into())));
-        }
-        std::pin::Pin::new(&mut self.body)
-            .poll_frame(cx)
-            .map_err(Into::into)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done || self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
-}
 
 #[derive(Debug, Clone)]
 struct ProxyState {
@@ -241,16 +78,6 @@ async fn proxy_request(
 
 /// E2B's text for a sandbox the proxy cannot find.
 pub const SANDBOX_NOT_FOUND: &str = "The sandbox was not found";
-
-impl ForwardError {
-    /// E2B's text for this failure.
-    pub fn message(self) -> &'static str {
-        match self {
-            ForwardError::PortClosed => "The sandbox is running but port is not open",
-            ForwardError::Closed => "The sandbox closed the connection",
-        }
-    }
-}
 
 /// E2B's 502 answer: `{sandboxId, message, code, port}`.
 pub fn bad_gateway(sandbox_id: &str, message: &str, port: Option<u16>) -> Response {

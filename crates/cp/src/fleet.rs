@@ -104,11 +104,11 @@ impl GuestRoute {
     pub async fn forward(
         &self,
         mut request: http::Request<axum::body::Body>,
-    ) -> Result<axum::response::Response, wrenn_agent::proxy::ForwardError> {
+    ) -> Result<axum::response::Response, wrenn_http::forward::ForwardError> {
         use wrenn_agent::proxy::{AGENT_TOKEN_HEADER, SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER};
         match self {
             GuestRoute::Direct { address, ends } => {
-                wrenn_agent::proxy::forward(*address, request, ends.clone()).await
+                wrenn_http::forward::forward(*address, request, ends.clone()).await
             }
             GuestRoute::ViaAgent {
                 proxy,
@@ -130,7 +130,7 @@ impl GuestRoute {
                 // must come within ours, so an agent that accepts and never answers releases
                 // the client.
                 // The agent ends the exchange when the VM stops; this side never does.
-                let forward = wrenn_agent::proxy::forward(
+                let forward = wrenn_http::forward::forward(
                     *proxy,
                     request,
                     tokio_util::sync::CancellationToken::new(),
@@ -139,7 +139,7 @@ impl GuestRoute {
                     Ok(answer) => answer,
                     Err(_) => {
                         tracing::warn!(%proxy, sandbox = %sandbox_id, "the agent's sandbox proxy did not answer in time");
-                        Err(wrenn_agent::proxy::ForwardError::Closed)
+                        Err(wrenn_http::forward::ForwardError::Closed)
                     }
                 }
             }

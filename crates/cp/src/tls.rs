@@ -287,11 +287,11 @@ pub fn spawn_tls_until_stopped(
     listener: tokio::net::TcpListener,
     config: Arc<rustls::ServerConfig>,
     app: axum::Router,
-    timeouts: wrenn_envd::server::ServerTimeouts,
+    timeouts: wrenn_http::server::ServerTimeouts,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let tracker = Arc::new(wrenn_envd::server::ConnectionTracker::default());
+    let tracker = Arc::new(wrenn_http::server::ConnectionTracker::default());
     tokio::spawn(async move {
         let stopped = async move {
             let _ = stop.wait_for(|stop| *stop).await;
@@ -319,7 +319,7 @@ pub fn spawn_tls_until_stopped(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
-                        wrenn_envd::server::spawn_connection(tls, peer, app, tracker, &timeouts)
+                        wrenn_http::server::spawn_connection(tls, peer, app, tracker, &timeouts)
                     }
                     Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),

@@ -23,7 +23,9 @@ pub mod poweroff;
 pub mod process;
 pub mod reaper;
 pub mod rpc;
-pub mod server;
+/// The listener and connection tracker envd serves with (shared with the host: see
+/// [`wrenn_http::server`]).
+pub use wrenn_http::server;
 pub mod state;
 pub mod users;
 

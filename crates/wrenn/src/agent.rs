@@ -263,7 +263,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         data_dir = %args.data_dir.display(),
         "host agent ready"
     );
-    let timeouts = wrenn_envd::server::ServerTimeouts {
+    let timeouts = wrenn_http::server::ServerTimeouts {
         header_read: Duration::from_secs(args.header_read_timeout_secs),
         idle: Duration::from_secs(args.idle_timeout_secs.max(1)),
         ..Default::default()

@@ -505,7 +505,7 @@ async fn start_plane(
                     listener,
                     config.clone(),
                     front.clone(),
-                    wrenn_envd::server::ServerTimeouts::default(),
+                    wrenn_http::server::ServerTimeouts::default(),
                     stop.clone(),
                 ));
             }
@@ -575,9 +575,9 @@ fn print_endpoints(running: &Running) {
 fn server_spawner(
     stop_rx: tokio::sync::watch::Receiver<bool>,
 ) -> impl Fn(tokio::net::TcpListener, axum::Router) -> tokio::task::JoinHandle<()> {
-    let timeouts = wrenn_envd::server::ServerTimeouts::default();
+    let timeouts = wrenn_http::server::ServerTimeouts::default();
     move |listener: tokio::net::TcpListener, router: axum::Router| {
-        wrenn_envd::server::spawn_until_stopped(listener, router, timeouts.clone(), stop_rx.clone())
+        wrenn_http::server::spawn_until_stopped(listener, router, timeouts.clone(), stop_rx.clone())
     }
 }
 

@@ -114,11 +114,11 @@ async fn download(
 async fn serve(router: axum::Router) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
-    tokio::spawn(wrenn_envd::server::serve(
+    tokio::spawn(wrenn_http::server::serve(
         listener,
         router,
-        Arc::new(wrenn_envd::server::ConnectionTracker::default()),
-        wrenn_envd::server::ServerTimeouts::default(),
+        Arc::new(wrenn_http::server::ConnectionTracker::default()),
+        wrenn_http::server::ServerTimeouts::default(),
         std::future::pending(),
     ));
     Ok(address)
@@ -245,11 +245,11 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
         ..config
     };
     let manager = Manager::start(config).await?;
-    tokio::spawn(wrenn_envd::server::serve(
+    tokio::spawn(wrenn_http::server::serve(
         mmds,
         manager.mmds.router(),
-        Arc::new(wrenn_envd::server::ConnectionTracker::default()),
-        wrenn_envd::server::ServerTimeouts::default(),
+        Arc::new(wrenn_http::server::ConnectionTracker::default()),
+        wrenn_http::server::ServerTimeouts::default(),
         std::future::pending(),
     ));
 

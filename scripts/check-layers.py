@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Fails when a crate of the workspace depends (outside its tests) on a crate its layer may
+not see. The layers (docs/architecture.md), from the core out:
+
+  proto, http  <-  connect  <-  envd (the guest)
+  proto, connect, http, vmm, image  <-  agent (the host)
+  proto, connect, http  <-  cp (the control plane)
+  everything  <-  wrenn (the binary)
+
+Run by scripts/test.sh; reads `cargo metadata`."""
+
+import json
+import subprocess
+import sys
+
+# crate -> the workspace crates it may depend on (normal and build dependencies).
+ALLOWED = {
+    "wrenn-proto": set(),
+    "wrenn-http": set(),
+    "wrenn-connect": {"wrenn-proto"},
+    "wrenn-envd": {"wrenn-proto", "wrenn-connect", "wrenn-http"},
+    "wrenn-vmm": set(),
+    "wrenn-image": {"wrenn-proto", "wrenn-connect"},
+    "wrenn-agent": {"wrenn-proto", "wrenn-connect", "wrenn-http", "wrenn-vmm", "wrenn-image"},
+    "wrenn-cp": {"wrenn-proto", "wrenn-connect", "wrenn-http"},
+}
+# Edges still to remove, each with the issue that removes it: reported, not failed.
+PENDING = {("wrenn-cp", "wrenn-agent"): "#13: the control plane on a HostAgent trait"}
+
+metadata = json.loads(
+    subprocess.run(
+        ["cargo", "metadata", "--no-deps", "--format-version", "1", "--locked"],
+        check=True, capture_output=True,
+    ).stdout
+)
+members = {package["name"] for package in metadata["packages"]}
+problems, pending = [], []
+for package in metadata["packages"]:
+    name = package["name"]
+    if name == "wrenn":
+        continue
+    if name not in ALLOWED:
+        problems.append(f"{name}: not in scripts/check-layers.py: say which layer it is")
+        continue
+    for dependency in package["dependencies"]:
+        target = dependency["name"]
+        if target not in members or dependency.get("kind") == "dev":
+            continue
+        if target in ALLOWED[name]:
+            continue
+        if (name, target) in PENDING:
+            pending.append(f"{name} -> {target} ({PENDING[(name, target)]})")
+            continue
+        problems.append(f"{name} -> {target}: forbidden by the layers")
+for edge in pending:
+    print(f"check-layers: still to remove: {edge}")
+if problems:
+    for problem in problems:
+        print(f"check-layers: {problem}", file=sys.stderr)
+    sys.exit(1)
+print(f"check-layers: {len(members)} crates, no forbidden dependency")

@@ -128,20 +128,25 @@ pub struct Manager {
     building: Mutex<HashSet<String>>,
 }
 
-/// A generated identifier: a letter then 19 lowercase letters or digits.
-pub fn new_id() -> String {
+/// A generated identifier: a letter then 19 lowercase letters or digits, each equally likely.
+pub fn new_id() -> Result<String, AgentError> {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut bytes = [0u8; 20];
-    if let Ok(mut random) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut random, &mut bytes);
-    }
     let mut id = String::from("i");
-    id.extend(
-        bytes[1..]
-            .iter()
-            .map(|byte| ALPHABET[*byte as usize % ALPHABET.len()] as char),
-    );
-    id
+    let mut pool = [0u8; 64];
+    while id.len() < 20 {
+        getrandom::fill(&mut pool).map_err(|error| {
+            AgentError::Internal(format!("the system gave no randomness: {error}"))
+        })?;
+        // 252 is 7 × 36: bytes above it are dropped so that no character is likelier.
+        let wanted = 20 - id.len();
+        id.extend(
+            pool.iter()
+                .filter(|byte| **byte < 252)
+                .take(wanted)
+                .map(|byte| ALPHABET[usize::from(*byte) % ALPHABET.len()] as char),
+        );
+    }
+    Ok(id)
 }
 
 /// Identifiers name directories: 1 to 64 lowercase letters, digits, `-` or `_`.
@@ -545,7 +550,10 @@ impl Manager {
                 self.accel.as_str()
             )));
         }
-        let sandbox_id = options.sandbox_id.clone().unwrap_or_else(new_id);
+        let sandbox_id = match options.sandbox_id.clone() {
+            Some(id) => id,
+            None => new_id()?,
+        };
         validate_id("sandbox", &sandbox_id)?;
         if options.access_token.as_deref() == Some("") {
             return Err(AgentError::InvalidArgument(
@@ -1114,7 +1122,7 @@ mod tests {
     #[test]
     fn ids_are_checked_and_generated_ones_pass() {
         for _ in 0..50 {
-            let id = new_id();
+            let id = new_id().unwrap();
             assert_eq!(id.len(), 20);
             validate_id("sandbox", &id).unwrap();
         }

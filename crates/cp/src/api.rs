@@ -99,6 +99,12 @@ impl From<crate::unsupported::Unsupported> for ApiError {
     }
 }
 
+impl From<crate::auth::NoRandomness> for ApiError {
+    fn from(error: crate::auth::NoRandomness) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
+    }
+}
+
 impl From<wrenn_agent::AgentError> for ApiError {
     fn from(error: wrenn_agent::AgentError) -> Self {
         use wrenn_agent::AgentError as E;
@@ -404,7 +410,7 @@ async fn create_sandbox(
         .filter(|t| !t.is_empty())
         .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "templateID is required"))?;
     let timeout = check_timeout(request.timeout.unwrap_or(15))?;
-    let id = auth::random_id(20);
+    let id = auth::random_id(20)?;
     let secure = request.secure.unwrap_or(false);
     let public_traffic = request
         .network
@@ -417,8 +423,8 @@ async fn create_sandbox(
             "a sandbox without public traffic must be secure (secure: true)",
         ));
     }
-    let token = secure.then(auth::random_token);
-    let traffic_access_token = (!public_traffic).then(auth::random_token);
+    let token = secure.then(auth::random_token).transpose()?;
+    let traffic_access_token = (!public_traffic).then(auth::random_token).transpose()?;
     let allow_internet = request.allow_internet_access.unwrap_or(true) && plane.internet;
     let metadata = request.metadata.unwrap_or_default();
     let env_vars = request.env_vars.unwrap_or_default();

@@ -3,13 +3,18 @@
 
 use sha2::Digest;
 
+/// The system gave no randomness: no key, token or id can be made.
+#[derive(Debug, thiserror::Error)]
+#[error("the system gave no randomness: {0}")]
+pub struct NoRandomness(getrandom::Error);
+
 /// A new key and its stored hash.
-pub fn new_key() -> (String, String) {
+pub fn new_key() -> Result<(String, String), NoRandomness> {
     let mut bytes = [0u8; 20];
-    random_bytes(&mut bytes);
+    random_bytes(&mut bytes)?;
     let key = format!("e2b_{}", hex(&bytes));
     let hash = hash_key(&key);
-    (key, hash)
+    Ok((key, hash))
 }
 
 /// The stored form of a key.
@@ -17,28 +22,34 @@ pub fn hash_key(key: &str) -> String {
     format!("sha256:{}", hex(&sha2::Sha256::digest(key.as_bytes())))
 }
 
-/// Random identifiers: `len` characters of `[a-z0-9]`.
-pub fn random_id(len: usize) -> String {
+/// Random identifiers: `len` characters of `[a-z0-9]`, each equally likely.
+pub fn random_id(len: usize) -> Result<String, NoRandomness> {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut bytes = vec![0u8; len];
-    random_bytes(&mut bytes);
-    bytes
-        .iter()
-        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
-        .collect()
+    let mut id = String::with_capacity(len);
+    let mut pool = [0u8; 64];
+    while id.len() < len {
+        random_bytes(&mut pool)?;
+        // 252 is 7 × 36: bytes above it are dropped so that no character is likelier.
+        let wanted = len - id.len();
+        id.extend(
+            pool.iter()
+                .filter(|byte| **byte < 252)
+                .take(wanted)
+                .map(|byte| ALPHABET[usize::from(*byte) % ALPHABET.len()] as char),
+        );
+    }
+    Ok(id)
 }
 
 /// A random token in hex (envd access tokens).
-pub fn random_token() -> String {
+pub fn random_token() -> Result<String, NoRandomness> {
     let mut bytes = [0u8; 24];
-    random_bytes(&mut bytes);
-    hex(&bytes)
+    random_bytes(&mut bytes)?;
+    Ok(hex(&bytes))
 }
 
-fn random_bytes(out: &mut [u8]) {
-    let file = std::fs::File::open("/dev/urandom")
-        .and_then(|mut file| std::io::Read::read_exact(&mut file, out));
-    file.expect("/dev/urandom is readable");
+fn random_bytes(out: &mut [u8]) -> Result<(), NoRandomness> {
+    getrandom::fill(out).map_err(NoRandomness)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -51,7 +62,7 @@ mod tests {
 
     #[test]
     fn keys_have_the_sdk_format_and_distinct_hashes() {
-        let (key, hash) = new_key();
+        let (key, hash) = new_key().unwrap();
         assert!(key.starts_with("e2b_") && key.len() == 44);
         assert!(
             key[4..]
@@ -59,8 +70,9 @@ mod tests {
                 .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
         );
         assert_eq!(hash, hash_key(&key));
-        assert_ne!(new_key().1, hash);
-        let id = random_id(20);
+        assert_ne!(new_key().unwrap().1, hash);
+        let id = random_id(20).unwrap();
+        assert_eq!(id.len(), 20);
         assert!(
             id.bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())

@@ -929,7 +929,7 @@ impl Fleet {
                     };
                     return Err(ApiError::new(StatusCode::CONFLICT, message));
                 }
-                let secret = unclaimed.then(auth::random_token);
+                let secret = unclaimed.then(auth::random_token).transpose()?;
                 (row.id, secret, !host.is_up())
             }
             None => {
@@ -946,8 +946,8 @@ impl Fleet {
                         ),
                     ));
                 }
-                let id = format!("h{}", auth::random_id(11));
-                (id, Some(auth::random_token()), false)
+                let id = format!("h{}", auth::random_id(11)?);
+                (id, Some(auth::random_token()?), false)
             }
         };
         let identity_hash = match &new_secret {
@@ -957,7 +957,7 @@ impl Fleet {
                 .map(|host| host.row().identity_hash)
                 .unwrap_or_default(),
         };
-        let heartbeat_token = auth::random_token();
+        let heartbeat_token = auth::random_token()?;
         let now = now_ms();
         let row = HostRow {
             id: id.clone(),

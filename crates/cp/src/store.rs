@@ -720,7 +720,7 @@ mod tests {
         let mut backends = vec![("sqlite", sqlite, Some(dir))];
         match std::env::var("WRENN_TEST_DATABASE_URL") {
             Ok(url) => {
-                let schema = format!("test_{}", crate::auth::random_id(12));
+                let schema = format!("test_{}", crate::auth::random_id(12).unwrap());
                 let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
                     .await
                     .unwrap();

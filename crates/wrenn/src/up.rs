@@ -195,7 +195,7 @@ async fn team(store: &Store, name: &str) -> anyhow::Result<Team> {
         return Ok(team);
     }
     let team = Team {
-        id: auth::random_id(16),
+        id: auth::random_id(16)?,
         name: name.to_string(),
         created_at_ms: now_ms(),
         // The first team, made by `wrenn up` or `wrenn server`, runs the place.
@@ -206,9 +206,9 @@ async fn team(store: &Store, name: &str) -> anyhow::Result<Team> {
 }
 
 async fn create_key(store: &Store, team: &Team, name: &str) -> anyhow::Result<(String, ApiKey)> {
-    let (key, hash) = auth::new_key();
+    let (key, hash) = auth::new_key()?;
     let record = ApiKey {
-        id: auth::random_id(12),
+        id: auth::random_id(12)?,
         team_id: team.id.clone(),
         name: name.to_string(),
         prefix: key[..10].to_string(),
@@ -398,7 +398,7 @@ fn join_token(args: &PlaneArgs) -> anyhow::Result<(String, Option<PathBuf>)> {
     {
         return Ok((token.trim().to_string(), Some(file)));
     }
-    let token = auth::random_token();
+    let token = auth::random_token()?;
     write_secret(&file, &token)?;
     Ok((token, Some(file)))
 }

@@ -77,6 +77,8 @@ pub enum WatchError {
     },
     #[error("the watched directory '{0}' was removed or moved away")]
     RootGone(PathBuf),
+    #[error("the system gave no randomness for a watcher id: {0}")]
+    NoRandomness(getrandom::Error),
     #[error("{0}")]
     Ended(String),
     #[error("watcher error: the inotify queue overflowed and events were lost")]
@@ -382,6 +384,7 @@ impl WatcherRegistry {
     /// Starts a watcher that buffers its events until polled; returns its id.
     pub fn create(&self, spec: WatchSpec, accounts: Accounts) -> Result<String, WatchError> {
         self.expire_idle();
+        let id = new_watcher_id()?;
         let mut receiver = watch(spec, accounts)?;
         let events = Arc::new(Mutex::new(PolledEvents::default()));
         let sink = events.clone();
@@ -400,7 +403,6 @@ impl WatcherRegistry {
                 }
             }
         });
-        let id = new_watcher_id();
         self.watchers.lock().expect("watcher registry lock").insert(
             id.clone(),
             PollingWatcher {
@@ -473,27 +475,22 @@ impl WatcherRegistry {
 }
 
 /// A watcher id: `w` and 20 lowercase letters or digits, like E2B's.
-fn new_watcher_id() -> String {
+fn new_watcher_id() -> Result<String, WatchError> {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut bytes = [0u8; 20];
-    let filled = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
-    if filled.is_err() {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        for (i, byte) in bytes.iter_mut().enumerate() {
-            *byte = (nanos >> (i % 16 * 8)) as u8 ^ i as u8;
-        }
+    let mut id = String::from("w");
+    let mut pool = [0u8; 64];
+    while id.len() < 21 {
+        getrandom::fill(&mut pool).map_err(WatchError::NoRandomness)?;
+        // 252 is 7 × 36: bytes above it are dropped so that no character is likelier.
+        let wanted = 21 - id.len();
+        id.extend(
+            pool.iter()
+                .filter(|byte| **byte < 252)
+                .take(wanted)
+                .map(|byte| ALPHABET[usize::from(*byte) % ALPHABET.len()] as char),
+        );
     }
-    std::iter::once('w')
-        .chain(
-            bytes
-                .iter()
-                .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char),
-        )
-        .collect()
+    Ok(id)
 }
 
 #[cfg(test)]

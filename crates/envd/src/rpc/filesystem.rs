@@ -35,6 +35,7 @@ fn watch_error(error: WatchError) -> ConnectError {
         WatchError::NotADirectory(_) | WatchError::NetworkMount(_) => Code::InvalidArgument,
         WatchError::Inotify { .. }
         | WatchError::RootGone(_)
+        | WatchError::NoRandomness(_)
         | WatchError::Overflow
         | WatchError::Ended(_) => Code::Internal,
     };

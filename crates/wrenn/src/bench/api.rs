@@ -135,7 +135,7 @@ async fn plane_over(
         admin: true,
     };
     store.create_team(team.clone()).await?;
-    let (key, hash) = wrenn_cp::auth::new_key();
+    let (key, hash) = wrenn_cp::auth::new_key()?;
     store
         .add_key(
             ApiKey {

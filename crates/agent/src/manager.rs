@@ -26,7 +26,7 @@ use crate::network::{GUEST_MAC, Slot, SlotConfig, SlotPool};
 use crate::store::{SandboxRecord, SandboxState, Store, TemplateRecord};
 
 /// envd's port in every guest.
-pub const ENVD_PORT: u16 = 49983;
+pub use wrenn_proto::ENVD_PORT;
 /// Default wait for envd after a restore.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default time `/init` may take.

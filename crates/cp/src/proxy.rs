@@ -17,10 +17,11 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use wrenn_agent::proxy::{SANDBOX_NOT_FOUND, bad_gateway};
 
+use wrenn_proto::ENVD_PORT;
+
 use crate::ControlPlane;
 
-/// envd's port: its internal routes are not for the outside.
-const ENVD_PORT: u16 = 49983;
+/// envd's routes that are not for the outside (on [`ENVD_PORT`]).
 const INTERNAL_ROUTES: &[&str] = &["/init", "/snapshot/prepare"];
 /// The header carrying a sandbox's traffic token (when it takes no public traffic).
 const TRAFFIC_TOKEN_HEADER: &str = "e2b-traffic-access-token";

@@ -41,7 +41,7 @@ pub use state::{ENVD_VERSION, Envd, EnvdConfig, VERSION_MARKER_PREFIX};
 pub const GUEST_ADDRESS: [u8; 4] = [169, 254, 0, 21];
 
 /// The port envd listens on by default (E2B's).
-pub const DEFAULT_PORT: u16 = 49983;
+pub const DEFAULT_PORT: u16 = wrenn_proto::ENVD_PORT;
 
 /// envd's whole HTTP application: Connect services, plain routes, auth and CORS.
 pub fn app(envd: Arc<Envd>) -> axum::Router {

@@ -21,7 +21,7 @@ use crate::{envd_version_in, recipe, stage};
 /// The guest's fixed address, its gateway (the tap in its slot) and netmask.
 pub const GUEST_IP_CMDLINE: &str = "ip=169.254.0.21::169.254.0.22:255.255.255.252::eth0:off";
 /// Where envd listens in the guest.
-pub const ENVD_PORT: u16 = 49983;
+pub use wrenn_proto::ENVD_PORT;
 /// Where envd is inside the guest.
 pub const ENVD_GUEST_PATH: &str = "/usr/bin/envd";
 /// Debian's mirror unless `--mirror` says otherwise.

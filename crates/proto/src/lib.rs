@@ -8,6 +8,10 @@
 
 #![allow(missing_debug_implementations)]
 
+/// The port envd serves on in every sandbox: part of E2B's contract (the SDKs reach envd at
+/// `49983-<sandbox id>.<domain>` and name it in `E2b-Sandbox-Port`).
+pub const ENVD_PORT: u16 = 49983;
+
 /// `package process`: running commands and terminals.
 #[allow(clippy::all, clippy::pedantic)]
 pub mod process {

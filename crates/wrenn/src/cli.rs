@@ -246,7 +246,7 @@ impl Connection {
             Codec::Json,
         )
         .with_header("e2b-sandbox-id", id)
-        .with_header("e2b-sandbox-port", "49983");
+        .with_header("e2b-sandbox-port", &wrenn_proto::ENVD_PORT.to_string());
         let mut headers = http::HeaderMap::new();
         if let Some(token) = token {
             headers.insert("x-access-token", token.parse()?);
@@ -798,7 +798,7 @@ async fn copy(
             .header("content-type", "application/octet-stream")
             .header("content-length", length)
             .header("e2b-sandbox-id", id)
-            .header("e2b-sandbox-port", "49983");
+            .header("e2b-sandbox-port", wrenn_proto::ENVD_PORT);
             if let Some(token) = token {
                 request = request.header("x-access-token", token);
             }
@@ -822,7 +822,7 @@ async fn copy(
             ))
             .header("host", &authority)
             .header("e2b-sandbox-id", id)
-            .header("e2b-sandbox-port", "49983");
+            .header("e2b-sandbox-port", wrenn_proto::ENVD_PORT);
             if let Some(token) = token {
                 request = request.header("x-access-token", token);
             }

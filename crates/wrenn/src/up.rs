@@ -731,7 +731,7 @@ async fn demo(api: &SocketAddr, proxy: &SocketAddr, key: &str) -> anyhow::Result
     println!("demo: created sandbox {id}");
     let envd = ConnectClient::new(format!("http://{proxy}"), HttpVersion::Http1, Codec::Json)
         .with_header("e2b-sandbox-id", &id)
-        .with_header("e2b-sandbox-port", "49983");
+        .with_header("e2b-sandbox-port", &wrenn_proto::ENVD_PORT.to_string());
     let request = pb::StartRequest {
         process: Some(pb::ProcessConfig {
             cmd: "python3".into(),

@@ -356,7 +356,7 @@ async fn measure(args: &ApiBenchArgs, work: &Path, manager: &Arc<Manager>) -> an
     let record = manager.get(&id)?;
     let guest = SocketAddr::new(
         wrenn_agent::network::Slot::address_of(record.slot.context("no slot")?).into(),
-        49983,
+        wrenn_proto::ENVD_PORT,
     );
     // A 256 MiB file, uploaded once through envd's /files, then read both ways.
     let (status, _, _) = request(
@@ -377,7 +377,10 @@ async fn measure(args: &ApiBenchArgs, work: &Path, manager: &Arc<Manager>) -> an
         let (bytes, elapsed) = download(
             proxy,
             path,
-            &[("e2b-sandbox-id", &id), ("e2b-sandbox-port", "49983")],
+            &[
+                ("e2b-sandbox-id", &id),
+                ("e2b-sandbox-port", &wrenn_proto::ENVD_PORT.to_string()),
+            ],
         )
         .await?;
         proxied.push(bytes as f64 / (1 << 20) as f64 / elapsed.as_secs_f64());

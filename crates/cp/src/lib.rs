@@ -106,11 +106,13 @@ impl ControlPlane {
             .await
     }
 
-    /// What a team's running and paused sandboxes hold (disk estimated: see [`quota`]).
+    /// What a team's running and paused sandboxes hold (disk estimated: see [`quota`]). A
+    /// lost sandbox (its host stopped answering) counts as running: its host may come back
+    /// with it, and until it is killed it is the team's.
     async fn team_usage(&self, team_id: &str) -> Result<Usage, ApiError> {
         let query = ListQuery {
             team_id: team_id.to_string(),
-            states: vec!["running".into(), "paused".into()],
+            states: vec!["running".into(), "paused".into(), "lost".into()],
             limit: 1_000_000,
             ..ListQuery::default()
         };

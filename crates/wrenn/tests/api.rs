@@ -2114,6 +2114,20 @@ async fn quotas_and_refused_settings_through_the_real_api() {
         .call_with(Method::POST, "/sandboxes", Some(&key), &body)
         .await;
     assert_eq!(status, StatusCode::CREATED, "{answer}");
+    // A host that stops answering leaves its sandboxes lost, and lost ones still count: the
+    // team is at its limit, so a create is refused for the quota, not let through.
+    host.stop_heartbeats();
+    server
+        .wait_host("quota-host", "down", Duration::from_secs(30))
+        .await;
+    let (status, answer, _) = server
+        .call_with(Method::POST, "/sandboxes", Some(&key), &body)
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{answer}");
+    assert_eq!(
+        answer["message"],
+        "team limited has 2 running sandboxes, the limit: kill or pause one first"
+    );
     drop(other);
 }
 

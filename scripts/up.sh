@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # wrenn's main job: builds envd (static, for the guest image) and the wrenn binary, then runs
 # `wrenn up`: the base image and template are built if missing (cached in ~/.cache/wrenn and
-# /var/lib/wrenn), a host agent and the control plane start, and the E2B API (:3000) and the
-# sandbox proxy (:3001) serve. It prints the E2B_* settings for the SDK. Extra arguments go to
+# /var/lib/wrenn), a host agent and the control plane start, and the E2B API (:3000), the
+# sandbox proxy (:3001) and both over HTTPS under wrenn.localhost (:443, a local certificate
+# authority) serve. It prints the E2B_* settings for the SDK. Extra arguments go to
 # `wrenn up` (e.g. --demo, --no-internet). Run as root: VMs, network namespaces, images.
 set -euo pipefail
 cd "$(dirname "$0")/.."

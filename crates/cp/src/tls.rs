@@ -6,9 +6,9 @@
 //! the TLS directory (`ca.pem`, its key `ca-key.pem` private to root) and signs a server
 //! certificate for `<domain>` and `*.<domain>` (`server.pem`, `server-key.pem`), renewed when
 //! the domain changes or a month before it expires. `ca-bundle.pem` is the system's trusted
-//! certificates plus the local authority's: point `SSL_CERT_FILE` at it (Python, the SDK's
-//! Rust transport, curl), or `NODE_EXTRA_CA_CERTS` at `ca.pem` (Node), or install `ca.pem`
-//! system-wide, and the SDKs trust wrenn's HTTPS.
+//! certificates plus the local authority's: point `SSL_CERT_FILE` at it (Python and the SDK's
+//! Rust transport; `CURL_CA_BUNDLE` for curl), or `NODE_EXTRA_CA_CERTS` at `ca.pem` (Node), or
+//! install `ca.pem` system-wide, and the SDKs trust wrenn's HTTPS.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -517,18 +517,19 @@ async fn create_sandbox(
 /// Parses E2B's metadata filter: the whole value URL-decoded, split on `&` and `=`, and each
 /// key and value URL-decoded again.
 pub fn parse_metadata_filter(raw: &str) -> BTreeMap<String, String> {
-    let decode = |text: &str| {
-        percent_encoding::percent_decode_str(&text.replace('+', " "))
-            .decode_utf8_lossy()
-            .into_owned()
-    };
-    let whole = decode(raw);
-    whole
+    decode_query_text(raw)
         .split('&')
         .filter(|pair| !pair.is_empty())
         .filter_map(|pair| pair.split_once('='))
-        .map(|(key, value)| (decode(key), decode(value)))
+        .map(|(key, value)| (decode_query_text(key), decode_query_text(value)))
         .collect()
+}
+
+/// A query string's text decoded (`+` is a space, then percent-escapes).
+fn decode_query_text(text: &str) -> String {
+    percent_encoding::percent_decode_str(&text.replace('+', " "))
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -884,19 +885,14 @@ async fn metrics_of_many(
     Ok(axum::Json(json!({ "sandboxes": sandboxes })).into_response())
 }
 
-/// The decoded `key=value` pairs of a query string.
+/// The decoded `key=value` pairs of a query string (a bare `key` has an empty value).
 fn url_pairs(query: &str) -> Vec<(String, String)> {
-    let decode = |text: &str| {
-        percent_encoding::percent_decode_str(&text.replace('+', " "))
-            .decode_utf8_lossy()
-            .into_owned()
-    };
     query
         .split('&')
         .filter(|pair| !pair.is_empty())
         .map(|pair| {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            (decode(key), decode(value))
+            (decode_query_text(key), decode_query_text(value))
         })
         .collect()
 }

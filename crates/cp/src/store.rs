@@ -552,6 +552,27 @@ impl SqliteStore {
     }
 }
 
+/// Writes `bytes` to `path` through a temporary file beside it: created with `mode`, synced,
+/// renamed over `path`, and the directory synced, so a crash leaves the old file or the new.
+pub fn write_file_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let temp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&temp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&temp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&temp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// Makes `dir` (and any parent it creates) a private directory: created 0700, and an existing
 /// one tightened to 0700.
 pub fn private_dir(dir: &Path) -> std::io::Result<()> {

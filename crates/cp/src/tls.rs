@@ -193,28 +193,9 @@ fn time_now() -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc()
 }
 
-/// Writes `bytes` to `path` through a temporary file, synced, renamed over it, with `mode`.
+/// Writes `bytes` to `path` atomically with `mode` ([`crate::store::write_file_atomically`]).
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let temp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&temp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&temp)
-        .map_err(io_error("creating", &temp))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .map_err(io_error("writing", &temp))?;
-    std::fs::rename(&temp, path).map_err(io_error("renaming over", path))?;
-    if let Some(dir) = path.parent()
-        && let Ok(dir) = std::fs::File::open(dir)
-    {
-        let _ = dir.sync_all();
-    }
-    Ok(())
+    crate::store::write_file_atomically(path, bytes, mode).map_err(io_error("writing", path))
 }
 
 /// The TLS settings of a server with the certificate chain and key in these PEM files
@@ -292,24 +273,13 @@ pub fn spawn_tls_until_stopped(
 ) -> tokio::task::JoinHandle<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let tracker = Arc::new(wrenn_http::server::ConnectionTracker::default());
-    tokio::spawn(async move {
-        let stopped = async move {
-            let _ = stop.wait_for(|stop| *stop).await;
-        };
-        tokio::pin!(stopped);
-        loop {
-            let (stream, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                () = &mut stopped => return,
-            };
-            let _ = stream.set_nodelay(true);
+    let stopped = async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    };
+    tokio::spawn(wrenn_http::server::accept_until(
+        listener,
+        stopped,
+        move |stream, peer| {
             let (acceptor, app, tracker, timeouts) = (
                 acceptor.clone(),
                 app.clone(),
@@ -325,8 +295,8 @@ pub fn spawn_tls_until_stopped(
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 }
             });
-        }
-    })
+        },
+    ))
 }
 
 #[cfg(test)]

@@ -253,11 +253,24 @@ pub async fn serve(
     timeouts: ServerTimeouts,
     shutdown: impl Future<Output = ()>,
 ) {
+    accept_until(listener, shutdown, |stream, peer| {
+        spawn_connection(stream, peer, app.clone(), tracker.clone(), &timeouts)
+    })
+    .await;
+}
+
+/// Accepts connections on `listener` (TCP_NODELAY set) and hands each to `accepted` until
+/// `shutdown` completes: the loop of every server, plain or TLS.
+pub async fn accept_until(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    mut accepted: impl FnMut(tokio::net::TcpStream, std::net::SocketAddr),
+) {
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
+            next = listener.accept() => match next {
+                Ok(next) => next,
                 Err(error) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(%error, "accept failed");
@@ -268,7 +281,7 @@ pub async fn serve(
             () = &mut shutdown => return,
         };
         let _ = stream.set_nodelay(true);
-        spawn_connection(stream, peer, app.clone(), tracker.clone(), &timeouts);
+        accepted(stream, peer);
     }
 }
 

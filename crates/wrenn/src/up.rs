@@ -7,7 +7,6 @@
 //! store is SQLite in the data directory, or PostgreSQL when `DATABASE_URL` names one.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -423,18 +422,8 @@ fn secure_plane_files(dir: &Path) -> anyhow::Result<()> {
 fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
     let dir = path.parent().context("a secret file needs a directory")?;
     wrenn_cp::store::private_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let temporary = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&temporary)
-        .with_context(|| format!("writing {}", temporary.display()))?;
-    std::io::Write::write_all(&mut file, text.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&temporary, path)?;
-    Ok(())
+    wrenn_cp::store::write_file_atomically(path, text.as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 async fn start_plane(

@@ -151,10 +151,15 @@ def test_a_killed_sandbox_ends_its_streams_at_once(wrenn):
 
     received = []
 
+    killed = threading.Event()
+
     def read_slowly():
+        # Slowly until the kill (so the transfer is in flight then), then as fast as the
+        # client can: what the proxies had buffered drains, and the cut must follow.
         for chunk in download:
             received.append(len(chunk))
-            time.sleep(0.01)
+            if not killed.is_set():
+                time.sleep(0.01)
 
     command = sandbox.commands.run("sleep 600", background=True, timeout=0)
     terminal = sandbox.pty.create(size=PtySize(rows=24, cols=80), timeout=0)
@@ -168,6 +173,7 @@ def test_a_killed_sandbox_ends_its_streams_at_once(wrenn):
         waiter.start()
     time.sleep(1)
     Sandbox.kill(sandbox.sandbox_id)
+    killed.set()
     # Far less than the command's 600 s; a stream left open would hold its thread that long.
     for waiter in waiters:
         waiter.join(timeout=120)

@@ -3,6 +3,7 @@ points the real `e2b` SDK at it through E2B_API_URL, E2B_SANDBOX_URL and E2B_API
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,6 +37,7 @@ class Wrenn:
             self.start()
         except BaseException:
             self.stop()
+            shutil.rmtree(self.data, ignore_errors=True)
             raise
         with open(os.path.join(self.data, "cp", "initial-api-key")) as f:
             self.key = f.read().strip()
@@ -135,7 +137,14 @@ def wrenn():
     os.environ["E2B_SANDBOX_URL"] = instance.proxy_url
     os.environ["E2B_API_KEY"] = instance.key
     os.environ.pop("E2B_DEBUG", None)
-    yield instance
-    instance.stop()
-    leftovers = subprocess.run(["pgrep", "-f", f"qemu-system.*{instance.data}"], capture_output=True)
+    try:
+        yield instance
+    finally:
+        instance.stop()
+        leftovers = subprocess.run(
+            ["pgrep", "-f", f"qemu-system.*{instance.data}"], capture_output=True
+        )
+        # The data directory holds a template's disks (about 700 MiB): a run that kept it would
+        # fill the disk after a few dozen sessions.
+        shutil.rmtree(instance.data, ignore_errors=True)
     assert leftovers.stdout == b"", f"QEMU processes left: {leftovers.stdout!r}"

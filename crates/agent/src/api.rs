@@ -21,7 +21,7 @@ use crate::manager::{CreateOptions, Manager};
 use crate::store::{SandboxRecord, TemplateRecord};
 
 /// The service's path prefix.
-pub const SERVICE: &str = "/wrenn.agent.v1.HostAgent";
+pub use wrenn_agent_api::SERVICE;
 
 #[derive(Debug, Clone)]
 struct ApiState {
@@ -187,6 +187,7 @@ fn template_message(record: &TemplateRecord) -> pb::Template {
         envd_version: record.envd_version.clone(),
         image_key: record.image_key.clone(),
         build_ms: record.build_ms,
+        disk_size_mb: record.disk_size_mb(),
     }
 }
 

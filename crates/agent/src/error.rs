@@ -47,3 +47,20 @@ impl From<AgentError> for ConnectError {
         ConnectError::new(error.code(), error.to_string())
     }
 }
+
+impl From<AgentError> for wrenn_agent_api::HostAgentError {
+    fn from(error: AgentError) -> Self {
+        use wrenn_agent_api::HostAgentError as E;
+        let message = error.to_string();
+        match error {
+            AgentError::NotFound(_) => E::NotFound(message),
+            AgentError::InvalidArgument(_) => E::InvalidArgument(message),
+            AgentError::FailedPrecondition(_) | AgentError::AlreadyExists(_) => {
+                E::Conflict(message)
+            }
+            AgentError::ResourceExhausted(_) => E::NoCapacity(message),
+            AgentError::DeadlineExceeded(_) => E::TimedOut(message),
+            AgentError::Internal(_) | AgentError::Vmm(_) => E::Failed(message),
+        }
+    }
+}

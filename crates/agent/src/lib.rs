@@ -7,7 +7,8 @@
 //! - [`mmds`]: the metadata service for guests of VMMs that have none (QEMU);
 //! - [`envd_client`]: the agent's calls to envd; [`api`]: the Connect API;
 //! - [`proxy`]: forwarding to guest ports, and the agent's sandbox proxy;
-//! - [`join`]: registering with a control plane and heartbeating capacity.
+//! - [`join`]: registering with a control plane and heartbeating capacity;
+//! - [`local`]: this agent as the control plane's `HostAgent` when both run in one process.
 
 pub mod api;
 pub mod disk;
@@ -15,6 +16,7 @@ pub mod envd_client;
 pub mod error;
 pub mod firewall;
 pub mod join;
+pub mod local;
 pub mod manager;
 pub mod mmds;
 pub mod network;
@@ -25,6 +27,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 pub use error::AgentError;
+pub use local::LocalAgent;
 pub use manager::{AgentConfig, Manager};
 
 /// The agent's listeners.

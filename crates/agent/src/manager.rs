@@ -5,7 +5,7 @@
 //! restart (adopt live VMs, mark dead ones failed, remove what no record accounts for). A monitor
 //! notices a VMM that dies within a quarter of a second and frees its slot.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -61,18 +61,7 @@ pub struct AgentConfig {
 /// container user namespaces.
 pub const DEFAULT_VMM_UID_BASE: u32 = 1_900_000_000;
 
-/// Options of a new sandbox.
-#[derive(Debug, Clone, Default)]
-pub struct CreateOptions {
-    pub template_id: String,
-    pub sandbox_id: Option<String>,
-    pub env_vars: BTreeMap<String, String>,
-    pub access_token: Option<String>,
-    pub allow_internet: bool,
-    pub metadata: BTreeMap<String, String>,
-    pub ready_timeout: Option<Duration>,
-    pub init_timeout: Option<Duration>,
-}
+pub use wrenn_agent_api::CreateOptions;
 
 /// How long the steps of a create took.
 #[derive(Debug, Clone, Copy, Default)]

@@ -17,30 +17,7 @@ use wrenn_vmm::{MachineSpec, SnapshotFiles, VmProcess};
 
 use crate::error::AgentError;
 
-/// Where a sandbox is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SandboxState {
-    Starting,
-    Running,
-    Pausing,
-    Paused,
-    Resuming,
-    Failed,
-}
-
-impl SandboxState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SandboxState::Starting => "starting",
-            SandboxState::Running => "running",
-            SandboxState::Pausing => "pausing",
-            SandboxState::Paused => "paused",
-            SandboxState::Resuming => "resuming",
-            SandboxState::Failed => "failed",
-        }
-    }
-}
+pub use wrenn_agent_api::SandboxState;
 
 /// Everything the agent knows of a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +52,16 @@ pub struct TemplateRecord {
     pub image_key: String,
     pub envd_version: String,
     pub build_ms: u64,
+}
+
+impl TemplateRecord {
+    /// The size of the template's root filesystem (a sandbox's disk may grow to it), in MiB; 0
+    /// if it cannot be read.
+    pub fn disk_size_mb(&self) -> u64 {
+        std::fs::metadata(self.machine.disk.with_file_name("rootfs.ext4"))
+            .map(|m| m.len() >> 20)
+            .unwrap_or(0)
+    }
 }
 
 /// The records under the data directory.

@@ -15,8 +15,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use wrenn_agent::join::{HostReport, RegisterRequest};
-use wrenn_agent::manager::CreateOptions;
+use wrenn_agent_api::CreateOptions;
+use wrenn_agent_api::join::{HostReport, RegisterRequest};
 
 use crate::ControlPlane;
 use crate::auth;
@@ -105,16 +105,16 @@ impl From<crate::auth::NoRandomness> for ApiError {
     }
 }
 
-impl From<wrenn_agent::AgentError> for ApiError {
-    fn from(error: wrenn_agent::AgentError) -> Self {
-        use wrenn_agent::AgentError as E;
+impl From<wrenn_agent_api::HostAgentError> for ApiError {
+    fn from(error: wrenn_agent_api::HostAgentError) -> Self {
+        use wrenn_agent_api::HostAgentError as E;
         let status = match &error {
             E::NotFound(_) => StatusCode::NOT_FOUND,
             E::InvalidArgument(_) => StatusCode::BAD_REQUEST,
-            E::FailedPrecondition(_) | E::AlreadyExists(_) => StatusCode::CONFLICT,
-            E::ResourceExhausted(_) => StatusCode::SERVICE_UNAVAILABLE,
-            E::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
-            E::Internal(_) | E::Vmm(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            E::Conflict(_) => StatusCode::CONFLICT,
+            E::NoCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
+            E::TimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
+            E::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, error.to_string())
     }
@@ -452,7 +452,7 @@ async fn create_sandbox(
         };
         let host = placed.host.row();
         let agent_started = std::time::Instant::now();
-        let created = placed.host.link.create(&host.name, options).await;
+        let created = placed.host.create(options).await;
         agent_time += agent_started.elapsed();
         match created {
             Ok(()) => break placed,
@@ -488,7 +488,7 @@ async fn create_sandbox(
         auto_resume: request.auto_resume.and_then(|a| a.enabled).unwrap_or(false),
     };
     if let Err(error) = plane.store.put_sandbox(row.clone()).await {
-        let _ = placed.host.link.destroy(&placed.host.row().name, &id).await;
+        let _ = placed.host.destroy(&id).await;
         plane.fleet.forget(&id);
         return Err(error.into());
     }
@@ -905,7 +905,7 @@ async fn live_metric(plane: &ControlPlane, row: &SandboxRow) -> Option<Value> {
     }
     let (route, _) = plane
         .fleet
-        .route(&plane.store, &row.id, wrenn_agent::manager::ENVD_PORT)
+        .route(&plane.store, &row.id, wrenn_proto::ENVD_PORT)
         .await?;
     let m = crate::envd_metrics(
         &route,

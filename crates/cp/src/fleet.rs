@@ -9,18 +9,17 @@
 //! heartbeats again it is up, and the reconcile pass gives back the sandboxes it still runs.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use wrenn_agent::Manager;
-use wrenn_agent::join::{HostReport, RegisterRequest, RegisterResponse, TemplateReport};
-use wrenn_agent::manager::CreateOptions;
-use wrenn_connect::client::{ConnectClient, HttpVersion};
-use wrenn_connect::{Code, Codec, ConnectError};
-use wrenn_proto::agent as pb;
+use wrenn_agent_api::join::{
+    HostReport, IDENTITY_FILE, RegisterRequest, RegisterResponse, TemplateReport,
+};
+use wrenn_agent_api::{
+    CreateOptions, GuestRoute, HostAgent, HostAgentError, RemoteAgent, SandboxState, SandboxSummary,
+};
 
 use crate::api::ApiError;
 use crate::auth;
@@ -59,110 +58,10 @@ impl Default for FleetConfig {
     }
 }
 
-/// How the control plane reaches a host's agent.
-#[derive(Debug)]
-pub enum AgentLink {
-    /// The agent runs in this process.
-    Embedded(Arc<Manager>),
-    /// A separate agent: its Connect API, and its sandbox proxy.
-    Remote {
-        api: Box<ConnectClient>,
-        proxy: SocketAddr,
-        token: String,
-    },
-}
-
-/// A sandbox as an agent lists it.
-#[derive(Debug, Clone)]
-pub struct AgentSandbox {
-    pub id: String,
-    /// The agent's state: starting, running, pausing, paused, resuming or failed.
-    pub state: String,
-    pub created_at_ms: i64,
-}
-
-/// Where a guest port is reached from this process.
-#[derive(Debug, Clone)]
-pub enum GuestRoute {
-    /// Straight to the guest (its host is this machine), until `ends` is cancelled (its VM
-    /// stopped).
-    Direct {
-        address: SocketAddr,
-        ends: tokio_util::sync::CancellationToken,
-    },
-    /// Through the sandbox proxy of the agent on the guest's host.
-    ViaAgent {
-        proxy: SocketAddr,
-        token: String,
-        sandbox_id: String,
-        port: u16,
-    },
-}
-
-impl GuestRoute {
-    /// Sends `request` along the route (adding the agent proxy's headers when it goes there).
-    pub async fn forward(
-        &self,
-        mut request: http::Request<axum::body::Body>,
-    ) -> Result<axum::response::Response, wrenn_http::forward::ForwardError> {
-        use wrenn_agent::proxy::{AGENT_TOKEN_HEADER, SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER};
-        match self {
-            GuestRoute::Direct { address, ends } => {
-                wrenn_http::forward::forward(*address, request, ends.clone()).await
-            }
-            GuestRoute::ViaAgent {
-                proxy,
-                token,
-                sandbox_id,
-                port,
-            } => {
-                let headers = request.headers_mut();
-                for (name, value) in [
-                    (AGENT_TOKEN_HEADER, token.as_str()),
-                    (SANDBOX_ID_HEADER, sandbox_id.as_str()),
-                    (SANDBOX_PORT_HEADER, &port.to_string()),
-                ] {
-                    if let Ok(value) = http::HeaderValue::from_str(value) {
-                        headers.insert(name, value);
-                    }
-                }
-                // The agent proxy's forward has its own connect deadline; the response head
-                // must come within ours, so an agent that accepts and never answers releases
-                // the client.
-                // The agent ends the exchange when the VM stops; this side never does.
-                let forward = wrenn_http::forward::forward(
-                    *proxy,
-                    request,
-                    tokio_util::sync::CancellationToken::new(),
-                );
-                match tokio::time::timeout(deadlines::PROXY_RESPONSE, forward).await {
-                    Ok(answer) => answer,
-                    Err(_) => {
-                        tracing::warn!(%proxy, sandbox = %sandbox_id, "the agent's sandbox proxy did not answer in time");
-                        Err(wrenn_http::forward::ForwardError::Closed)
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn agent_error(host: &str, error: wrenn_agent::AgentError) -> ApiError {
+fn agent_error(host: &str, error: HostAgentError) -> ApiError {
     let mut api = ApiError::from(error);
     api.prefix(&format!("host {host}: "));
     api
-}
-
-fn connect_error(host: &str, error: ConnectError) -> ApiError {
-    let status = match error.code {
-        Code::NotFound => StatusCode::NOT_FOUND,
-        Code::InvalidArgument => StatusCode::BAD_REQUEST,
-        Code::FailedPrecondition | Code::AlreadyExists => StatusCode::CONFLICT,
-        Code::ResourceExhausted | Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    ApiError::new(status, format!("host {host}: {}", error.message))
 }
 
 fn no_answer(host: &str, what: &str, deadline: Duration) -> ApiError {
@@ -175,238 +74,22 @@ fn no_answer(host: &str, what: &str, deadline: Duration) -> ApiError {
     )
 }
 
-/// Runs an embedded agent's operation on a task of its own (so it ends even if this caller
-/// gives up), waiting at most `deadline` for it.
-async fn embedded<T: Send + 'static>(
+/// The agent of a host in another process, as it registered.
+async fn remote_agent(api_url: &str, proxy: &str, token: &str) -> Result<RemoteAgent, String> {
+    RemoteAgent::resolve(api_url, proxy, token, deadlines::CONNECT).await
+}
+
+/// Waits at most `deadline` for an agent's operation (an agent in this process finishes it
+/// anyway; a call to one elsewhere is dropped).
+async fn within<T>(
     host: &str,
     what: &str,
     deadline: Duration,
-    work: impl std::future::Future<Output = Result<T, wrenn_agent::AgentError>> + Send + 'static,
-) -> Result<Result<T, wrenn_agent::AgentError>, ApiError> {
-    tokio::time::timeout(deadline, wrenn_agent::detached(work))
-        .await
-        .map_err(|_| no_answer(host, what, deadline))
-}
-
-impl AgentLink {
-    /// A link to a separate agent.
-    pub async fn remote(api_url: &str, proxy: &str, token: &str) -> Result<AgentLink, String> {
-        let proxy = tokio::time::timeout(deadlines::CONNECT, tokio::net::lookup_host(proxy))
-            .await
-            .map_err(|_| format!("resolving the agent's proxy address {proxy:?} took too long"))?
-            .map_err(|e| format!("cannot resolve the agent's proxy address {proxy:?}: {e}"))?
-            .next()
-            .ok_or_else(|| format!("the agent's proxy address {proxy:?} resolves to nothing"))?;
-        if !api_url.starts_with("http://") {
-            return Err(format!(
-                "the agent's API URL {api_url:?} is not http://host:port"
-            ));
-        }
-        let api = ConnectClient::new(api_url, HttpVersion::Http1, Codec::Proto)
-            .with_connect_timeout(deadlines::CONNECT)
-            .with_header("authorization", &format!("Bearer {token}"));
-        Ok(AgentLink::Remote {
-            api: Box::new(api),
-            proxy,
-            token: token.to_string(),
-        })
-    }
-
-    /// A call to a remote agent, answered within `deadline` (a 504 naming the host if not).
-    async fn call<Req: wrenn_connect::Message, Resp: wrenn_connect::Message>(
-        api: &ConnectClient,
-        host: &str,
-        method: &str,
-        request: &Req,
-        deadline: Duration,
-    ) -> Result<Resp, ApiError> {
-        let (path, headers) = (
-            format!("{}/{method}", wrenn_agent::api::SERVICE),
-            http::HeaderMap::new(),
-        );
-        let call = api.unary(&path, request, &headers);
-        match tokio::time::timeout(deadline, call).await {
-            Ok(answer) => answer.map_err(|e| connect_error(host, e)),
-            Err(_) => Err(no_answer(host, method, deadline)),
-        }
-    }
-
-    pub async fn create(&self, host: &str, options: CreateOptions) -> Result<(), ApiError> {
-        match self {
-            AgentLink::Embedded(manager) => {
-                let manager = manager.clone();
-                embedded(host, "CreateSandbox", deadlines::VM_OPERATION, async move {
-                    manager.create(options).await
-                })
-                .await?
-                .map(drop)
-                .map_err(|e| agent_error(host, e))
-            }
-            AgentLink::Remote { api, .. } => {
-                let request = pb::CreateSandboxRequest {
-                    template_id: options.template_id,
-                    sandbox_id: options.sandbox_id.unwrap_or_default(),
-                    env_vars: options.env_vars.into_iter().collect(),
-                    envd_access_token: options.access_token.unwrap_or_default(),
-                    allow_internet_access: options.allow_internet,
-                    metadata: options.metadata.into_iter().collect(),
-                    ready_timeout_ms: 0,
-                    init_timeout_ms: 0,
-                };
-                let deadline = deadlines::VM_OPERATION;
-                Self::call::<_, pb::CreateSandboxResponse>(
-                    api,
-                    host,
-                    "CreateSandbox",
-                    &request,
-                    deadline,
-                )
-                .await
-                .map(drop)
-            }
-        }
-    }
-
-    pub async fn pause(&self, host: &str, sandbox_id: &str) -> Result<(), ApiError> {
-        match self {
-            AgentLink::Embedded(manager) => {
-                let (manager, id) = (manager.clone(), sandbox_id.to_string());
-                embedded(host, "PauseSandbox", deadlines::VM_OPERATION, async move {
-                    manager.pause(&id).await
-                })
-                .await?
-                .map(drop)
-                .map_err(|e| agent_error(host, e))
-            }
-            AgentLink::Remote { api, .. } => {
-                let request = pb::PauseSandboxRequest {
-                    sandbox_id: sandbox_id.into(),
-                };
-                let deadline = deadlines::VM_OPERATION;
-                Self::call::<_, pb::PauseSandboxResponse>(
-                    api,
-                    host,
-                    "PauseSandbox",
-                    &request,
-                    deadline,
-                )
-                .await
-                .map(drop)
-            }
-        }
-    }
-
-    pub async fn resume(&self, host: &str, sandbox_id: &str) -> Result<(), ApiError> {
-        match self {
-            AgentLink::Embedded(manager) => {
-                let (manager, id) = (manager.clone(), sandbox_id.to_string());
-                embedded(host, "ResumeSandbox", deadlines::VM_OPERATION, async move {
-                    manager.resume(&id, None, None, None).await
-                })
-                .await?
-                .map(drop)
-                .map_err(|e| agent_error(host, e))
-            }
-            AgentLink::Remote { api, .. } => {
-                let request = pb::ResumeSandboxRequest {
-                    sandbox_id: sandbox_id.into(),
-                    ..Default::default()
-                };
-                let deadline = deadlines::VM_OPERATION;
-                Self::call::<_, pb::ResumeSandboxResponse>(
-                    api,
-                    host,
-                    "ResumeSandbox",
-                    &request,
-                    deadline,
-                )
-                .await
-                .map(drop)
-            }
-        }
-    }
-
-    /// Destroys a sandbox; one the agent does not have is already gone.
-    pub async fn destroy(&self, host: &str, sandbox_id: &str) -> Result<(), ApiError> {
-        match self {
-            AgentLink::Embedded(manager) => {
-                let (manager, id) = (manager.clone(), sandbox_id.to_string());
-                let destroy = async move { manager.destroy(&id).await };
-                match embedded(host, "DestroySandbox", deadlines::CONTROL_CALL, destroy).await? {
-                    Ok(()) | Err(wrenn_agent::AgentError::NotFound(_)) => Ok(()),
-                    Err(error) => Err(agent_error(host, error)),
-                }
-            }
-            AgentLink::Remote { api, .. } => {
-                let request = pb::DestroySandboxRequest {
-                    sandbox_id: sandbox_id.into(),
-                };
-                let deadline = deadlines::CONTROL_CALL;
-                match Self::call::<_, pb::DestroySandboxResponse>(
-                    api,
-                    host,
-                    "DestroySandbox",
-                    &request,
-                    deadline,
-                )
-                .await
-                {
-                    Ok(_) => Ok(()),
-                    Err(error) if error.status() == StatusCode::NOT_FOUND => Ok(()),
-                    Err(error) => Err(error),
-                }
-            }
-        }
-    }
-
-    /// Every sandbox the agent has.
-    pub async fn list(&self, host: &str) -> Result<Vec<AgentSandbox>, ApiError> {
-        match self {
-            AgentLink::Embedded(manager) => Ok(manager
-                .list()
-                .into_iter()
-                .map(|record| AgentSandbox {
-                    id: record.sandbox_id,
-                    state: record.state.as_str().to_string(),
-                    created_at_ms: record.created_at_ms,
-                })
-                .collect()),
-            AgentLink::Remote { api, .. } => {
-                let response: pb::ListSandboxesResponse = Self::call(
-                    api,
-                    host,
-                    "ListSandboxes",
-                    &pb::ListSandboxesRequest {},
-                    deadlines::CONTROL_CALL,
-                )
-                .await?;
-                Ok(response
-                    .sandboxes
-                    .into_iter()
-                    .map(|sandbox| AgentSandbox {
-                        id: sandbox.sandbox_id,
-                        state: sandbox.state,
-                        created_at_ms: sandbox.created_at_unix_ms,
-                    })
-                    .collect())
-            }
-        }
-    }
-
-    /// How to reach `port` of a running sandbox on this host.
-    pub fn route(&self, sandbox_id: &str, port: u16) -> Option<GuestRoute> {
-        match self {
-            AgentLink::Embedded(manager) => {
-                let (address, ends) = manager.guest_route(sandbox_id, port)?;
-                Some(GuestRoute::Direct { address, ends })
-            }
-            AgentLink::Remote { proxy, token, .. } => Some(GuestRoute::ViaAgent {
-                proxy: *proxy,
-                token: token.clone(),
-                sandbox_id: sandbox_id.to_string(),
-                port,
-            }),
-        }
+    work: impl std::future::Future<Output = Result<T, HostAgentError>>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(deadline, work).await {
+        Ok(answer) => answer.map_err(|error| agent_error(host, error)),
+        Err(_) => Err(no_answer(host, what, deadline)),
     }
 }
 
@@ -414,7 +97,9 @@ impl AgentLink {
 #[derive(Debug)]
 pub struct Host {
     row: Mutex<HostRow>,
-    pub link: AgentLink,
+    agent: Arc<dyn HostAgent>,
+    /// The agent runs in this process (`wrenn up`): it does not heartbeat, and is never down.
+    in_process: bool,
     /// Creates placed here and not finished.
     inflight: AtomicU32,
     last_seen: Mutex<Instant>,
@@ -427,8 +112,72 @@ impl Host {
     pub fn id(&self) -> String {
         self.row.lock().expect("host lock").id.clone()
     }
+    fn name(&self) -> String {
+        self.row.lock().expect("host lock").name.clone()
+    }
     pub fn is_up(&self) -> bool {
         self.row.lock().expect("host lock").state == "up"
+    }
+    /// Whether the host's agent runs in this process.
+    pub fn in_process(&self) -> bool {
+        self.in_process
+    }
+
+    /// Starts a sandbox on the host.
+    pub async fn create(&self, options: CreateOptions) -> Result<(), ApiError> {
+        let deadline = deadlines::VM_OPERATION;
+        within(
+            &self.name(),
+            "CreateSandbox",
+            deadline,
+            self.agent.create(options),
+        )
+        .await
+    }
+
+    pub async fn pause(&self, sandbox_id: &str) -> Result<(), ApiError> {
+        let deadline = deadlines::VM_OPERATION;
+        within(
+            &self.name(),
+            "PauseSandbox",
+            deadline,
+            self.agent.pause(sandbox_id),
+        )
+        .await
+    }
+
+    pub async fn resume(&self, sandbox_id: &str) -> Result<(), ApiError> {
+        let deadline = deadlines::VM_OPERATION;
+        within(
+            &self.name(),
+            "ResumeSandbox",
+            deadline,
+            self.agent.resume(sandbox_id),
+        )
+        .await
+    }
+
+    /// Destroys a sandbox; one the agent does not have is already gone.
+    pub async fn destroy(&self, sandbox_id: &str) -> Result<(), ApiError> {
+        let deadline = deadlines::CONTROL_CALL;
+        let destroy = async {
+            match self.agent.destroy(sandbox_id).await {
+                Err(HostAgentError::NotFound(_)) => Ok(()),
+                other => other,
+            }
+        };
+        within(&self.name(), "DestroySandbox", deadline, destroy).await
+    }
+
+    /// Every sandbox the agent has.
+    pub async fn list(&self) -> Result<Vec<SandboxSummary>, ApiError> {
+        let deadline = deadlines::CONTROL_CALL;
+        within(&self.name(), "ListSandboxes", deadline, self.agent.list()).await
+    }
+
+    /// How to reach `port` of a running sandbox on this host.
+    pub fn route(&self, sandbox_id: &str, port: u16) -> Option<GuestRoute> {
+        self.agent.route(sandbox_id, port)
     }
 }
 
@@ -558,7 +307,7 @@ impl Fleet {
         store: &Store,
         config: FleetConfig,
         placement: Box<dyn Placement>,
-        embedded: Option<Arc<Manager>>,
+        embedded: Option<Arc<dyn HostAgent>>,
     ) -> Result<Fleet, crate::store::StoreError> {
         let fleet = Fleet {
             hosts: RwLock::new(HashMap::new()),
@@ -576,8 +325,8 @@ impl Fleet {
                 }
                 continue;
             }
-            match AgentLink::remote(&row.api_url, &row.proxy_address, &row.agent_token).await {
-                Ok(link) => fleet.insert(row, link),
+            match remote_agent(&row.api_url, &row.proxy_address, &row.agent_token).await {
+                Ok(agent) => fleet.insert(row, Arc::new(agent), false),
                 Err(error) => {
                     tracing::warn!(host = %row.name, %error, "cannot reach a stored host");
                     if row.state == "up" {
@@ -586,7 +335,7 @@ impl Fleet {
                 }
             }
         }
-        if let Some(manager) = embedded {
+        if let Some(agent) = embedded {
             let now = now_ms();
             let row = HostRow {
                 id: EMBEDDED_HOST_ID.into(),
@@ -598,22 +347,23 @@ impl Fleet {
                 agent_token: String::new(),
                 heartbeat_hash: String::new(),
                 state: "up".into(),
-                report: wrenn_agent::join::report(&manager),
+                report: agent.report_in_process().unwrap_or_default(),
                 last_heartbeat_ms: now,
                 registered_at_ms: now,
                 identity_hash: String::new(),
             };
             store.put_host(row.clone()).await?;
-            fleet.insert(row, AgentLink::Embedded(manager));
+            fleet.insert(row, agent, true);
         }
         Ok(fleet)
     }
 
-    fn insert(&self, row: HostRow, link: AgentLink) {
+    fn insert(&self, row: HostRow, agent: Arc<dyn HostAgent>, in_process: bool) {
         let id = row.id.clone();
         let host = Arc::new(Host {
             row: Mutex::new(row),
-            link,
+            agent,
+            in_process,
             inflight: AtomicU32::new(0),
             last_seen: Mutex::new(Instant::now()),
         });
@@ -678,9 +428,9 @@ impl Fleet {
         let mut known = false;
         let mut reasons = Vec::new();
         for host in self.hosts() {
-            if let AgentLink::Embedded(manager) = &host.link {
-                // This process's own agent: its report is read now, not at the last tick.
-                host.row.lock().expect("host lock").report = wrenn_agent::join::report(manager);
+            // This process's own agent: its report is read now, not at the last tick.
+            if let Some(report) = host.agent.report_in_process() {
+                host.row.lock().expect("host lock").report = report;
             }
             let row = host.row();
             let Some(template) = row
@@ -812,7 +562,7 @@ impl Fleet {
         if !host.is_up() {
             return None;
         }
-        Some((host.link.route(sandbox_id, port)?, traffic_token))
+        Some((host.route(sandbox_id, port)?, traffic_token))
     }
 
     /// The host of a sandbox row, if it is up (else a 503 naming it).
@@ -886,7 +636,7 @@ impl Fleet {
                 "agentToken is required",
             ));
         }
-        let link = AgentLink::remote(
+        let agent = remote_agent(
             &request.api_url,
             &request.proxy_address,
             &request.agent_token,
@@ -900,7 +650,7 @@ impl Fleet {
             .find(|host| host.row().name == request.name);
         let name = request.name.clone();
         let (id, new_secret, was_down) = match &existing {
-            Some(host) if matches!(host.link, AgentLink::Embedded(_)) => {
+            Some(host) if host.in_process => {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
                     format!("{name} is the control plane's own host"),
@@ -924,7 +674,7 @@ impl Fleet {
                     } else {
                         format!(
                             "host {name} is down, and only its own agent (with the identity in its data directory's {}) may bring it back; to replace it for good, forget it first: `wrenn host forget {name}`",
-                            wrenn_agent::join::IDENTITY_FILE
+                            IDENTITY_FILE
                         )
                     };
                     return Err(ApiError::new(StatusCode::CONFLICT, message));
@@ -974,7 +724,7 @@ impl Fleet {
         };
         store.put_host(row.clone()).await?;
         tracing::info!(host = %row.name, id = %id, api = %row.api_url, new = new_secret.is_some(), "host registered");
-        self.insert(row, link);
+        self.insert(row, Arc::new(agent), false);
         Ok((
             RegisterResponse {
                 host_id: id,
@@ -995,7 +745,7 @@ impl Fleet {
             .into_iter()
             .find(|host| host.row().name == name)
             .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no host {name}")))?;
-        if matches!(host.link, AgentLink::Embedded(_)) || host.is_up() {
+        if host.in_process || host.is_up() {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 format!("host {name} is up: stop its agent first (only a down host is forgotten)"),
@@ -1069,28 +819,25 @@ impl Fleet {
     /// One pass of the heartbeat watch: the embedded host reports itself, silent hosts go down.
     pub async fn check_heartbeats(&self, store: &Store) {
         for host in self.hosts() {
-            match &host.link {
-                // This process's own agent: its report is kept in memory only (the stored row is
-                // written anew at every start, and nothing else reads it).
-                AgentLink::Embedded(manager) => {
-                    let mut row = host.row.lock().expect("host lock");
-                    row.report = wrenn_agent::join::report(manager);
-                    row.last_heartbeat_ms = now_ms();
-                }
-                AgentLink::Remote { .. } => {
-                    let silent = host.last_seen.lock().expect("host lock").elapsed();
-                    if !host.is_up() || silent < self.config.down_after {
-                        continue;
-                    }
-                    let row = {
-                        let mut row = host.row.lock().expect("host lock");
-                        row.state = "down".into();
-                        row.clone()
-                    };
-                    if let Err(error) = self.mark_down(store, row).await {
-                        tracing::warn!(%error, "cannot mark a host down");
-                    }
-                }
+            // This process's own agent: its report is kept in memory only (the stored row is
+            // written anew at every start, and nothing else reads it).
+            if let Some(report) = host.agent.report_in_process() {
+                let mut row = host.row.lock().expect("host lock");
+                row.report = report;
+                row.last_heartbeat_ms = now_ms();
+                continue;
+            }
+            let silent = host.last_seen.lock().expect("host lock").elapsed();
+            if !host.is_up() || silent < self.config.down_after {
+                continue;
+            }
+            let row = {
+                let mut row = host.row.lock().expect("host lock");
+                row.state = "down".into();
+                row.clone()
+            };
+            if let Err(error) = self.mark_down(store, row).await {
+                tracing::warn!(%error, "cannot mark a host down");
             }
         }
     }
@@ -1117,31 +864,33 @@ pub async fn reconcile_host(
     let name = host.row().name;
     let host_id = host.id();
     let rows = store.sandboxes_on_host(&host_id).await?;
-    let agent: HashMap<String, AgentSandbox> = host
-        .link
-        .list(&name)
+    let agent: HashMap<String, SandboxSummary> = host
+        .list()
         .await?
         .into_iter()
-        .map(|sandbox| (sandbox.id.clone(), sandbox))
+        .map(|sandbox| (sandbox.sandbox_id.clone(), sandbox))
         .collect();
     let mut done = Reconciled::default();
     let known: HashSet<&str> = rows.iter().map(|row| row.id.as_str()).collect();
     for row in &rows {
-        match agent.get(&row.id).map(|s| s.state.as_str()) {
+        match agent.get(&row.id).map(|s| s.state) {
             None => {
                 tracing::warn!(sandbox = %row.id, host = %name, "drift: the host no longer has the sandbox: removing it");
                 store.delete_sandbox(&row.id).await?;
                 fleet.forget(&row.id);
                 done.removed.push(row.id.clone());
             }
-            Some("failed") => {
+            Some(SandboxState::Failed) => {
                 tracing::warn!(sandbox = %row.id, host = %name, "drift: the sandbox's VM failed: removing it");
-                host.link.destroy(&name, &row.id).await?;
+                host.destroy(&row.id).await?;
                 store.delete_sandbox(&row.id).await?;
                 fleet.forget(&row.id);
                 done.removed.push(row.id.clone());
             }
-            Some(state @ ("running" | "paused")) if state != row.state => {
+            Some(state @ (SandboxState::Running | SandboxState::Paused))
+                if state.as_str() != row.state =>
+            {
+                let state = state.as_str();
                 let changed = store.set_state_if(&row.id, &row.state, state).await?;
                 if changed {
                     tracing::warn!(sandbox = %row.id, host = %name, from = %row.state, to = state, "drift: state corrected");
@@ -1154,19 +903,19 @@ pub async fn reconcile_host(
     }
     let grace = fleet.config.orphan_grace.as_millis() as i64;
     for sandbox in agent.values() {
-        if known.contains(sandbox.id.as_str())
-            || fleet.creating.contains(&sandbox.id)
+        if known.contains(sandbox.sandbox_id.as_str())
+            || fleet.creating.contains(&sandbox.sandbox_id)
             || now_ms() - sandbox.created_at_ms < grace
         {
             continue;
         }
         // Written since the rows were read?
-        if store.sandbox(&sandbox.id).await?.is_some() {
+        if store.sandbox(&sandbox.sandbox_id).await?.is_some() {
             continue;
         }
-        tracing::warn!(sandbox = %sandbox.id, host = %name, "drift: the store does not know this sandbox: destroying it");
-        host.link.destroy(&name, &sandbox.id).await?;
-        done.orphans.push(sandbox.id.clone());
+        tracing::warn!(sandbox = %sandbox.sandbox_id, host = %name, "drift: the store does not know this sandbox: destroying it");
+        host.destroy(&sandbox.sandbox_id).await?;
+        done.orphans.push(sandbox.sandbox_id.clone());
     }
     Ok(done)
 }
@@ -1251,16 +1000,14 @@ mod tests {
                 registered_at_ms: 0,
                 identity_hash: String::new(),
             };
-            let link = AgentLink::Remote {
-                api: Box::new(ConnectClient::new(
-                    "http://127.0.0.1:1",
-                    HttpVersion::Http1,
-                    Codec::Proto,
-                )),
-                proxy: "127.0.0.1:1".parse().unwrap(),
-                token: "t".into(),
-            };
-            fleet.insert(row, link);
+            let agent = RemoteAgent::new(
+                "http://127.0.0.1:1",
+                "127.0.0.1:1".parse().unwrap(),
+                "t",
+                Duration::from_secs(1),
+            )
+            .unwrap();
+            fleet.insert(row, Arc::new(agent), false);
         }
         fleet
     }

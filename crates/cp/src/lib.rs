@@ -151,7 +151,7 @@ impl ControlPlane {
         if let Some(host) = self.fleet.host(&row.host_id)
             && host.is_up()
         {
-            host.link.destroy(&host.row().name, &row.id).await?;
+            host.destroy(&row.id).await?;
         } else if row.state != "lost" {
             self.fleet.up_host(row)?;
         }
@@ -169,7 +169,7 @@ impl ControlPlane {
             .admit(&row.team_id, Change::Pause { snapshot_mib })
             .await?;
         self.fleet.forget(&row.id);
-        host.link.pause(&host.row().name, &row.id).await?;
+        host.pause(&row.id).await?;
         self.store
             .set_state(&row.id, "paused", row.end_at_ms)
             .await?;
@@ -185,7 +185,7 @@ impl ControlPlane {
     ) -> Result<SandboxRow, ApiError> {
         let host = self.fleet.up_host(row)?;
         let _admitted = self.admit(&row.team_id, Change::Resume).await?;
-        host.link.resume(&host.row().name, &row.id).await?;
+        host.resume(&row.id).await?;
         let mut row = row.clone();
         row.state = "running".into();
         row.end_at_ms = end_at_ms;
@@ -359,7 +359,7 @@ pub const MAX_METRICS_ANSWER: usize = 64 * 1024;
 
 /// envd's `/metrics` of a guest, if it answers.
 pub async fn envd_metrics(
-    route: &fleet::GuestRoute,
+    route: &wrenn_agent_api::GuestRoute,
     token: Option<&str>,
     timeout: Duration,
 ) -> Option<serde_json::Value> {
@@ -370,7 +370,10 @@ pub async fn envd_metrics(
             request = request.header("x-access-token", token);
         }
         let response = route
-            .forward(request.body(axum::body::Body::empty()).ok()?)
+            .forward(
+                request.body(axum::body::Body::empty()).ok()?,
+                deadlines::PROXY_RESPONSE,
+            )
             .await
             .ok()?;
         if !response.status().is_success() {
@@ -417,7 +420,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_endless_metrics_answer_is_cut_at_the_cap() {
-        let route = fleet::GuestRoute::Direct {
+        let route = wrenn_agent_api::GuestRoute::Direct {
             address: endless_metrics().await,
             ends: tokio_util::sync::CancellationToken::new(),
         };

@@ -15,7 +15,7 @@ use axum::body::Body;
 use axum::http::{HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
-use wrenn_agent::proxy::{SANDBOX_NOT_FOUND, bad_gateway};
+use wrenn_agent_api::proxy::{SANDBOX_NOT_FOUND, bad_gateway};
 
 use wrenn_proto::ENVD_PORT;
 
@@ -160,8 +160,11 @@ async fn forward(
     {
         request.headers_mut().insert("x-forwarded-host", original);
     }
-    let via_agent = matches!(guest, crate::fleet::GuestRoute::ViaAgent { .. });
-    match guest.forward(request).await {
+    let via_agent = matches!(guest, wrenn_agent_api::GuestRoute::ViaAgent { .. });
+    match guest
+        .forward(request, crate::deadlines::PROXY_RESPONSE)
+        .await
+    {
         Ok(response) => response,
         // The agent's proxy answers for the guest itself; failing to reach it is the host's fault.
         Err(_) if via_agent => bad_gateway(

@@ -86,7 +86,7 @@ pub struct HostRow {
     pub heartbeat_hash: String,
     /// `up` or `down`.
     pub state: String,
-    pub report: wrenn_agent::join::HostReport,
+    pub report: wrenn_agent_api::join::HostReport,
     pub last_heartbeat_ms: i64,
     pub registered_at_ms: i64,
     /// SHA-256 of the host's identity secret, given to its agent at its first registration and
@@ -927,7 +927,7 @@ mod tests {
                 agent_token: "t".into(),
                 heartbeat_hash: "sha256:x".into(),
                 state: "up".into(),
-                report: wrenn_agent::join::HostReport {
+                report: wrenn_agent_api::join::HostReport {
                     cpus: 8,
                     slots_total: 16,
                     ..Default::default()

@@ -428,7 +428,7 @@ fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
 
 async fn start_plane(
     args: &PlaneArgs,
-    embedded: Option<Arc<Manager>>,
+    embedded: Option<Arc<dyn wrenn_agent_api::HostAgent>>,
     serve: &ServeFn<'_>,
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Running> {
@@ -659,7 +659,13 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         );
     }
 
-    let running = start_plane(&args.plane, Some(manager.clone()), &serve, &stop_rx).await?;
+    let running = start_plane(
+        &args.plane,
+        Some(Arc::new(wrenn_agent::LocalAgent::new(manager.clone()))),
+        &serve,
+        &stop_rx,
+    )
+    .await?;
     println!(
         "wrenn is up ({} guests, data in {})",
         manager.accel().as_str(),

@@ -153,7 +153,7 @@ async fn plane_over(
         &store,
         wrenn_cp::fleet::FleetConfig::default(),
         Box::new(wrenn_cp::fleet::LeastLoaded),
-        Some(manager),
+        Some(Arc::new(wrenn_agent::LocalAgent::new(manager))),
     )
     .await?;
     let (plane, _wake) = ControlPlane::new(store, fleet, None, false);

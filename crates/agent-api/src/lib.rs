@@ -1,0 +1,176 @@
+//! The host agent as the control plane sees it.
+//!
+//! - [`HostAgent`]: the operations the control plane asks of a host (create, pause, resume,
+//!   destroy and list sandboxes; the host's report of its capacity and templates; the route to a
+//!   guest port). The host agent's `LocalAgent` implements it in the process that runs the VMs
+//!   (`wrenn up`), [`RemoteAgent`] over a separate agent's Connect API and sandbox proxy, and the
+//!   control plane's tests with an in-memory fake. The control plane knows nothing else of an
+//!   agent.
+//! - [`join`]: the messages an agent registers and heartbeats with.
+//! - [`proxy`]: the headers of the agent's sandbox proxy.
+//! - [`HostAgentError`]: why an operation failed, by cause; the edges map it to HTTP or Connect
+//!   codes.
+
+pub mod join;
+pub mod proxy;
+mod remote;
+mod route;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+pub use remote::{RemoteAgent, SERVICE};
+pub use route::GuestRoute;
+
+use join::HostReport;
+
+/// What a new sandbox is made of.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    pub template_id: String,
+    /// Chosen by the caller (the control plane); the agent makes one up when `None`.
+    pub sandbox_id: Option<String>,
+    pub env_vars: BTreeMap<String, String>,
+    /// envd's access token; `None` for an unsecured sandbox.
+    pub access_token: Option<String>,
+    pub allow_internet: bool,
+    pub metadata: BTreeMap<String, String>,
+    /// How long to wait for envd after the restore (the agent's default when `None`).
+    pub ready_timeout: Option<Duration>,
+    /// How long envd's `/init` may take (the agent's default when `None`).
+    pub init_timeout: Option<Duration>,
+}
+
+/// Where a sandbox is in its life, as its agent sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    Starting,
+    Running,
+    Pausing,
+    Paused,
+    Resuming,
+    /// The VM died or never came up; only a destroy is left to do.
+    Failed,
+}
+
+impl SandboxState {
+    pub const ALL: [SandboxState; 6] = [
+        SandboxState::Starting,
+        SandboxState::Running,
+        SandboxState::Pausing,
+        SandboxState::Paused,
+        SandboxState::Resuming,
+        SandboxState::Failed,
+    ];
+
+    /// The state's name on the wire (the agent's Connect API, its store).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Starting => "starting",
+            SandboxState::Running => "running",
+            SandboxState::Pausing => "pausing",
+            SandboxState::Paused => "paused",
+            SandboxState::Resuming => "resuming",
+            SandboxState::Failed => "failed",
+        }
+    }
+
+    /// The state named `name`, if any is.
+    pub fn from_name(name: &str) -> Option<SandboxState> {
+        SandboxState::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for SandboxState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A sandbox as its agent lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxSummary {
+    pub sandbox_id: String,
+    pub state: SandboxState,
+    pub created_at_ms: i64,
+}
+
+/// Why an agent's operation failed, by cause. The message says what happened, for a person.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostAgentError {
+    /// No such sandbox or template on the host.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request itself is wrong (a bad id, a missing field).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The sandbox is not in a state that allows the operation, or already exists.
+    #[error("{0}")]
+    Conflict(String),
+    /// The host has no room now (slots, memory, disk), or cannot serve at all: another host, or
+    /// later, may do.
+    #[error("{0}")]
+    NoCapacity(String),
+    /// The operation ran out of time on the host (a guest that did not come up).
+    #[error("{0}")]
+    TimedOut(String),
+    /// The host failed to do it.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl HostAgentError {
+    /// The error as the agent's Connect API answers it.
+    pub fn connect_code(&self) -> wrenn_connect::Code {
+        use wrenn_connect::Code;
+        match self {
+            HostAgentError::NotFound(_) => Code::NotFound,
+            HostAgentError::InvalidArgument(_) => Code::InvalidArgument,
+            HostAgentError::Conflict(_) => Code::FailedPrecondition,
+            HostAgentError::NoCapacity(_) => Code::ResourceExhausted,
+            HostAgentError::TimedOut(_) => Code::DeadlineExceeded,
+            HostAgentError::Failed(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<wrenn_connect::ConnectError> for HostAgentError {
+    fn from(error: wrenn_connect::ConnectError) -> Self {
+        use wrenn_connect::Code;
+        let message = error.message;
+        match error.code {
+            Code::NotFound => HostAgentError::NotFound(message),
+            Code::InvalidArgument => HostAgentError::InvalidArgument(message),
+            Code::FailedPrecondition | Code::AlreadyExists => HostAgentError::Conflict(message),
+            Code::ResourceExhausted | Code::Unavailable => HostAgentError::NoCapacity(message),
+            Code::DeadlineExceeded => HostAgentError::TimedOut(message),
+            _ => HostAgentError::Failed(message),
+        }
+    }
+}
+
+/// A host's agent, as the control plane uses it. Every method may take as long as the host
+/// needs: the caller bounds it.
+#[async_trait::async_trait]
+pub trait HostAgent: Send + Sync + std::fmt::Debug {
+    /// Starts a sandbox from `options.template_id`; returns once envd answers in it.
+    async fn create(&self, options: CreateOptions) -> Result<(), HostAgentError>;
+    /// Pauses a running sandbox: its memory, processes and files are kept on the host.
+    async fn pause(&self, sandbox_id: &str) -> Result<(), HostAgentError>;
+    /// Resumes a paused sandbox.
+    async fn resume(&self, sandbox_id: &str) -> Result<(), HostAgentError>;
+    /// Destroys a sandbox and everything it held on the host ([`HostAgentError::NotFound`] if
+    /// the host has no such sandbox).
+    async fn destroy(&self, sandbox_id: &str) -> Result<(), HostAgentError>;
+    /// Every sandbox the host has.
+    async fn list(&self) -> Result<Vec<SandboxSummary>, HostAgentError>;
+    /// The host's capacity, use and templates, read now.
+    async fn report(&self) -> Result<HostReport, HostAgentError>;
+    /// The host's report without a call, for an agent in this process (whose report costs
+    /// nothing to read); `None` for an agent elsewhere, whose heartbeats carry its report.
+    fn report_in_process(&self) -> Option<HostReport>;
+    /// How this process reaches `port` of a running sandbox of the host; `None` if the host
+    /// knows it has no such running sandbox.
+    fn route(&self, sandbox_id: &str, port: u16) -> Option<GuestRoute>;
+}

@@ -1,0 +1,200 @@
+//! [`RemoteAgent`]: the [`HostAgent`] of a host agent in another process, reached over its
+//! Connect API (`wrenn.agent.v1.HostAgent`) and its sandbox proxy, with the agent's bearer
+//! token.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use wrenn_connect::Codec;
+use wrenn_connect::client::{ConnectClient, HttpVersion};
+use wrenn_proto::agent as pb;
+
+use crate::join::{HostReport, TemplateReport};
+use crate::{CreateOptions, GuestRoute, HostAgent, HostAgentError, SandboxState, SandboxSummary};
+
+/// The agent's Connect service.
+pub const SERVICE: &str = "/wrenn.agent.v1.HostAgent";
+
+/// A host agent in another process.
+#[derive(Debug)]
+pub struct RemoteAgent {
+    api: ConnectClient,
+    proxy: SocketAddr,
+    token: String,
+}
+
+impl RemoteAgent {
+    /// The agent whose Connect API is at `api_url` (`http://host:port`) and whose sandbox proxy
+    /// is at `proxy`; connections to its API give up after `connect_timeout`.
+    pub fn new(
+        api_url: &str,
+        proxy: SocketAddr,
+        token: &str,
+        connect_timeout: Duration,
+    ) -> Result<RemoteAgent, String> {
+        if !api_url.starts_with("http://") {
+            return Err(format!(
+                "the agent's API URL {api_url:?} is not http://host:port"
+            ));
+        }
+        let api = ConnectClient::new(api_url, HttpVersion::Http1, Codec::Proto)
+            .with_connect_timeout(connect_timeout)
+            .with_header("authorization", &format!("Bearer {token}"));
+        Ok(RemoteAgent {
+            api,
+            proxy,
+            token: token.to_string(),
+        })
+    }
+
+    /// [`RemoteAgent::new`], with the proxy given as `host:port` and resolved now (within
+    /// `connect_timeout`).
+    pub async fn resolve(
+        api_url: &str,
+        proxy: &str,
+        token: &str,
+        connect_timeout: Duration,
+    ) -> Result<RemoteAgent, String> {
+        let address = tokio::time::timeout(connect_timeout, tokio::net::lookup_host(proxy))
+            .await
+            .map_err(|_| format!("resolving the agent's proxy address {proxy:?} took too long"))?
+            .map_err(|e| format!("cannot resolve the agent's proxy address {proxy:?}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("the agent's proxy address {proxy:?} resolves to nothing"))?;
+        RemoteAgent::new(api_url, address, token, connect_timeout)
+    }
+
+    async fn call<Req: wrenn_connect::Message, Resp: wrenn_connect::Message>(
+        &self,
+        method: &str,
+        request: &Req,
+    ) -> Result<Resp, HostAgentError> {
+        let path = format!("{SERVICE}/{method}");
+        Ok(self
+            .api
+            .unary(&path, request, &http::HeaderMap::new())
+            .await?)
+    }
+}
+
+#[async_trait::async_trait]
+impl HostAgent for RemoteAgent {
+    async fn create(&self, options: CreateOptions) -> Result<(), HostAgentError> {
+        let millis = |d: Option<Duration>| {
+            d.map(|d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX))
+                .unwrap_or(0)
+        };
+        let request = pb::CreateSandboxRequest {
+            template_id: options.template_id,
+            sandbox_id: options.sandbox_id.unwrap_or_default(),
+            env_vars: options.env_vars.into_iter().collect(),
+            envd_access_token: options.access_token.unwrap_or_default(),
+            allow_internet_access: options.allow_internet,
+            metadata: options.metadata.into_iter().collect(),
+            ready_timeout_ms: millis(options.ready_timeout),
+            init_timeout_ms: millis(options.init_timeout),
+        };
+        self.call::<_, pb::CreateSandboxResponse>("CreateSandbox", &request)
+            .await
+            .map(drop)
+    }
+
+    async fn pause(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
+        let request = pb::PauseSandboxRequest {
+            sandbox_id: sandbox_id.into(),
+        };
+        self.call::<_, pb::PauseSandboxResponse>("PauseSandbox", &request)
+            .await
+            .map(drop)
+    }
+
+    async fn resume(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
+        let request = pb::ResumeSandboxRequest {
+            sandbox_id: sandbox_id.into(),
+            ..Default::default()
+        };
+        self.call::<_, pb::ResumeSandboxResponse>("ResumeSandbox", &request)
+            .await
+            .map(drop)
+    }
+
+    async fn destroy(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
+        let request = pb::DestroySandboxRequest {
+            sandbox_id: sandbox_id.into(),
+        };
+        self.call::<_, pb::DestroySandboxResponse>("DestroySandbox", &request)
+            .await
+            .map(drop)
+    }
+
+    async fn list(&self) -> Result<Vec<SandboxSummary>, HostAgentError> {
+        let response: pb::ListSandboxesResponse = self
+            .call("ListSandboxes", &pb::ListSandboxesRequest {})
+            .await?;
+        response
+            .sandboxes
+            .into_iter()
+            .map(|sandbox| {
+                let state = SandboxState::from_name(&sandbox.state).ok_or_else(|| {
+                    HostAgentError::Failed(format!(
+                        "the agent lists sandbox {} in a state this control plane does not know: {:?}",
+                        sandbox.sandbox_id, sandbox.state
+                    ))
+                })?;
+                Ok(SandboxSummary {
+                    sandbox_id: sandbox.sandbox_id,
+                    state,
+                    created_at_ms: sandbox.created_at_unix_ms,
+                })
+            })
+            .collect()
+    }
+
+    async fn report(&self) -> Result<HostReport, HostAgentError> {
+        let info: pb::HostInfoResponse = self.call("HostInfo", &pb::HostInfoRequest {}).await?;
+        let templates: pb::ListTemplatesResponse = self
+            .call("ListTemplates", &pb::ListTemplatesRequest {})
+            .await?;
+        Ok(HostReport {
+            agent_version: info.agent_version,
+            vmm: info.vmm,
+            accel: info.accel,
+            cpus: info.cpus,
+            memory_bytes: info.memory_bytes,
+            memory_available_bytes: info.memory_available_bytes,
+            sandboxes_running: info.sandboxes_running,
+            sandboxes_paused: info.sandboxes_paused,
+            memory_committed_mib: info.memory_committed_mib,
+            slots_total: info.slots_total,
+            slots_in_use: info.slots_in_use,
+            disk_available_bytes: info.disk_available_bytes,
+            agent_rss_bytes: info.agent_rss_bytes,
+            templates: templates
+                .templates
+                .into_iter()
+                .map(|t| TemplateReport {
+                    template_id: t.template_id,
+                    memory_mib: t.memory_mib,
+                    vcpus: t.vcpus,
+                    envd_version: t.envd_version,
+                    image_key: t.image_key,
+                    created_at_ms: t.created_at_unix_ms,
+                    disk_size_mb: t.disk_size_mb,
+                })
+                .collect(),
+        })
+    }
+
+    fn report_in_process(&self) -> Option<HostReport> {
+        None
+    }
+
+    fn route(&self, sandbox_id: &str, port: u16) -> Option<GuestRoute> {
+        Some(GuestRoute::ViaAgent {
+            proxy: self.proxy,
+            token: self.token.clone(),
+            sandbox_id: sandbox_id.to_string(),
+            port,
+        })
+    }
+}

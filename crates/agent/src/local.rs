@@ -1,0 +1,83 @@
+//! [`LocalAgent`]: the [`HostAgent`] of the agent in this process (`wrenn up` runs the control
+//! plane and one host's agent together). Each operation runs to its end on a task of its own
+//! ([`crate::detached`]), even if the control plane stops waiting: a VM operation cut off
+//! halfway would leave a VM, a slot or a snapshot behind.
+
+use std::sync::Arc;
+
+use wrenn_agent_api::join::HostReport;
+use wrenn_agent_api::{CreateOptions, GuestRoute, HostAgent, HostAgentError, SandboxSummary};
+
+use crate::manager::Manager;
+
+/// The agent in this process, as the control plane uses it.
+#[derive(Debug, Clone)]
+pub struct LocalAgent {
+    manager: Arc<Manager>,
+}
+
+impl LocalAgent {
+    pub fn new(manager: Arc<Manager>) -> LocalAgent {
+        LocalAgent { manager }
+    }
+}
+
+#[async_trait::async_trait]
+impl HostAgent for LocalAgent {
+    async fn create(&self, options: CreateOptions) -> Result<(), HostAgentError> {
+        let manager = self.manager.clone();
+        crate::detached(async move { manager.create(options).await })
+            .await
+            .map(drop)
+            .map_err(HostAgentError::from)
+    }
+
+    async fn pause(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
+        let (manager, id) = (self.manager.clone(), sandbox_id.to_string());
+        crate::detached(async move { manager.pause(&id).await })
+            .await
+            .map(drop)
+            .map_err(HostAgentError::from)
+    }
+
+    async fn resume(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
+        let (manager, id) = (self.manager.clone(), sandbox_id.to_string());
+        crate::detached(async move { manager.resume(&id, None, None, None).await })
+            .await
+            .map(drop)
+            .map_err(HostAgentError::from)
+    }
+
+    async fn destroy(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
+        let (manager, id) = (self.manager.clone(), sandbox_id.to_string());
+        crate::detached(async move { manager.destroy(&id).await })
+            .await
+            .map_err(HostAgentError::from)
+    }
+
+    async fn list(&self) -> Result<Vec<SandboxSummary>, HostAgentError> {
+        Ok(self
+            .manager
+            .list()
+            .into_iter()
+            .map(|record| SandboxSummary {
+                sandbox_id: record.sandbox_id,
+                state: record.state,
+                created_at_ms: record.created_at_ms,
+            })
+            .collect())
+    }
+
+    async fn report(&self) -> Result<HostReport, HostAgentError> {
+        Ok(crate::join::report(&self.manager))
+    }
+
+    fn report_in_process(&self) -> Option<HostReport> {
+        Some(crate::join::report(&self.manager))
+    }
+
+    fn route(&self, sandbox_id: &str, port: u16) -> Option<GuestRoute> {
+        let (address, ends) = self.manager.guest_route(sandbox_id, port)?;
+        Some(GuestRoute::Direct { address, ends })
+    }
+}

@@ -8,9 +8,11 @@
 //!   agent.
 //! - [`join`]: the messages an agent registers and heartbeats with.
 //! - [`proxy`]: the headers of the agent's sandbox proxy.
+//! - [`fake`]: an in-memory agent for the control plane's fast tests.
 //! - [`HostAgentError`]: why an operation failed, by cause; the edges map it to HTTP or Connect
 //!   codes.
 
+pub mod fake;
 pub mod join;
 pub mod proxy;
 mod remote;
@@ -25,7 +27,7 @@ pub use route::GuestRoute;
 use join::HostReport;
 
 /// What a new sandbox is made of.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CreateOptions {
     pub template_id: String,
     /// Chosen by the caller (the control plane); the agent makes one up when `None`.

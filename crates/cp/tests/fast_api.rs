@@ -1,0 +1,443 @@
+//! The REST API, lifecycles, placement, reconcile and auth over an in-memory host agent
+//! ([`wrenn_agent_api::fake::FakeAgent`]) and a real SQLite store: no root, no QEMU, seconds.
+//! The real-VM suites (`crates/wrenn/tests/api.rs`, `tests/platform`) are the end-to-end tier.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+use wrenn_agent_api::fake::{FakeAgent, Operation, template};
+use wrenn_agent_api::{HostAgentError, SandboxState};
+use wrenn_cp::ControlPlane;
+use wrenn_cp::fleet::{Fleet, FleetConfig, LeastLoaded};
+use wrenn_cp::quota::Quotas;
+use wrenn_cp::store::{ApiKey, Store, Team};
+
+/// A control plane over one in-memory host, with two teams' keys.
+struct Kit {
+    plane: Arc<ControlPlane>,
+    agent: Arc<FakeAgent>,
+    /// Team `a`'s key, and team `b`'s.
+    key_a: String,
+    key_b: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn add_team(store: &Store, name: &str) -> String {
+    store
+        .create_team(Team {
+            id: format!("team-{name}"),
+            name: name.into(),
+            created_at_ms: 0,
+            admin: false,
+        })
+        .await
+        .unwrap();
+    let (key, hash) = wrenn_cp::auth::new_key().unwrap();
+    store
+        .add_key(
+            ApiKey {
+                id: format!("key-{name}"),
+                team_id: format!("team-{name}"),
+                name: name.into(),
+                prefix: key[..10].into(),
+                created_at_ms: 0,
+                revoked: false,
+            },
+            hash,
+        )
+        .await
+        .unwrap();
+    key
+}
+
+impl Kit {
+    async fn new(slots: u32, quotas: Quotas) -> Kit {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("cp.db")).unwrap();
+        let key_a = add_team(&store, "a").await;
+        let key_b = add_team(&store, "b").await;
+        let agent = Arc::new(FakeAgent::new(slots, vec![template("base", 512)]));
+        let config = FleetConfig {
+            orphan_grace: Duration::from_secs(60),
+            ..FleetConfig::default()
+        };
+        let fleet = Fleet::load(&store, config, Box::new(LeastLoaded), Some(agent.clone()))
+            .await
+            .unwrap();
+        let (plane, _wake) = ControlPlane::new(store, fleet, None, true);
+        Kit {
+            plane: Arc::new(plane.with_quotas(quotas)),
+            agent,
+            key_a,
+            key_b,
+            _dir: dir,
+        }
+    }
+
+    /// One request through the API's router: its status and JSON body (`Null` when empty).
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Value,
+    ) -> (StatusCode, Value) {
+        let mut request = Request::builder().method(method).uri(path);
+        if let Some(key) = key {
+            request = request.header("x-api-key", key);
+        }
+        let body = if body.is_null() {
+            axum::body::Body::empty()
+        } else {
+            request = request.header("content-type", "application/json");
+            axum::body::Body::from(body.to_string())
+        };
+        let response = wrenn_cp::api::router(self.plane.clone())
+            .oneshot(request.body(body).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        (status, value)
+    }
+
+    async fn create(&self, key: &str, body: Value) -> String {
+        let (status, created) = self.call("POST", "/sandboxes", Some(key), body).await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        created["sandboxID"].as_str().unwrap().to_string()
+    }
+
+    async fn state(&self, id: &str) -> (StatusCode, Value) {
+        let (status, body) = self
+            .call(
+                "GET",
+                &format!("/sandboxes/{id}"),
+                Some(&self.key_a),
+                Value::Null,
+            )
+            .await;
+        (status, body["state"].clone())
+    }
+}
+
+#[tokio::test]
+async fn a_sandbox_lives_its_whole_life_on_the_host_the_api_says() {
+    let kit = Kit::new(4, Quotas::default()).await;
+    let id = kit
+        .create(
+            &kit.key_a,
+            json!({"templateID": "base", "timeout": 300, "metadata": {"owner": "me"}, "envVars": {"A": "1"}}),
+        )
+        .await;
+    let held = kit.agent.sandbox(&id).expect("the host runs it");
+    assert_eq!(held.state, SandboxState::Running);
+    assert_eq!(held.options.metadata["owner"], "me");
+    assert_eq!(held.options.env_vars["A"], "1");
+    assert_eq!(kit.state(&id).await, (StatusCode::OK, json!("running")));
+
+    let pause = format!("/sandboxes/{id}/pause");
+    assert_eq!(
+        kit.call("POST", &pause, Some(&kit.key_a), Value::Null)
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(kit.agent.sandbox(&id).unwrap().state, SandboxState::Paused);
+    assert_eq!(kit.state(&id).await, (StatusCode::OK, json!("paused")));
+    let (again, message) = kit
+        .call("POST", &pause, Some(&kit.key_a), Value::Null)
+        .await;
+    assert_eq!(again, StatusCode::CONFLICT, "{message}");
+
+    let (resumed, body) = kit
+        .call(
+            "POST",
+            &format!("/sandboxes/{id}/connect"),
+            Some(&kit.key_a),
+            json!({"timeout": 60}),
+        )
+        .await;
+    assert!(resumed.is_success(), "{resumed} {body}");
+    assert_eq!(kit.agent.sandbox(&id).unwrap().state, SandboxState::Running);
+
+    let kill = kit
+        .call(
+            "DELETE",
+            &format!("/sandboxes/{id}"),
+            Some(&kit.key_a),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(kill.0, StatusCode::NO_CONTENT);
+    assert!(kit.agent.sandbox(&id).is_none(), "the host let it go");
+    assert_eq!(kit.state(&id).await.0, StatusCode::NOT_FOUND);
+    let ops: Vec<Operation> = kit.agent.calls().into_iter().map(|(op, _)| op).collect();
+    assert_eq!(
+        ops,
+        [
+            Operation::Create,
+            Operation::Pause,
+            Operation::Resume,
+            Operation::Destroy
+        ]
+    );
+}
+
+#[tokio::test]
+async fn keys_see_only_their_teams_sandboxes() {
+    let kit = Kit::new(4, Quotas::default()).await;
+    let id = kit.create(&kit.key_a, json!({"templateID": "base"})).await;
+    let path = format!("/sandboxes/{id}");
+    assert_eq!(
+        kit.call("GET", &path, None, Value::Null).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        kit.call("GET", &path, Some("e2b_not_a_key"), Value::Null)
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        kit.call("GET", &path, Some(&kit.key_b), Value::Null)
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        kit.call("DELETE", &path, Some(&kit.key_b), Value::Null)
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    let (_, listed) = kit
+        .call("GET", "/v2/sandboxes", Some(&kit.key_b), Value::Null)
+        .await;
+    assert_eq!(listed, json!([]));
+    let (_, listed) = kit
+        .call("GET", "/v2/sandboxes", Some(&kit.key_a), Value::Null)
+        .await;
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert!(
+        kit.agent.sandbox(&id).is_some(),
+        "team b's kill did not reach the host"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_create_leaves_no_row_and_frees_its_place() {
+    let kit = Kit::new(1, Quotas::default()).await;
+    let (status, body) = kit
+        .call(
+            "POST",
+            "/sandboxes",
+            Some(&kit.key_a),
+            json!({"templateID": "nope"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("nope"), "{body}");
+    assert!(
+        kit.agent.calls().is_empty(),
+        "an unknown template never reaches a host"
+    );
+
+    kit.agent.fail_next(
+        Operation::Create,
+        HostAgentError::Failed("the disk broke".into()),
+    );
+    let (status, body) = kit
+        .call(
+            "POST",
+            "/sandboxes",
+            Some(&kit.key_a),
+            json!({"templateID": "base"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("the disk broke") && message.contains("host "),
+        "{message}"
+    );
+    let (_, listed) = kit
+        .call("GET", "/v2/sandboxes", Some(&kit.key_a), Value::Null)
+        .await;
+    assert_eq!(listed, json!([]));
+    // The host's one slot was held while the create was in flight: it is free again.
+    kit.create(&kit.key_a, json!({"templateID": "base"})).await;
+    let (status, body) = kit
+        .call(
+            "POST",
+            "/sandboxes",
+            Some(&kit.key_a),
+            json!({"templateID": "base"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("no free network slot"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn a_teams_running_limit_is_kept_before_any_host_is_asked() {
+    let quotas = Quotas {
+        running: 2,
+        ..Quotas::default()
+    };
+    let kit = Kit::new(8, quotas).await;
+    for _ in 0..2 {
+        kit.create(&kit.key_a, json!({"templateID": "base"})).await;
+    }
+    let (status, body) = kit
+        .call(
+            "POST",
+            "/sandboxes",
+            Some(&kit.key_a),
+            json!({"templateID": "base"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(
+        kit.agent.calls().len(),
+        2,
+        "the refused create reached no host"
+    );
+    kit.create(&kit.key_b, json!({"templateID": "base"})).await;
+}
+
+#[tokio::test]
+async fn reconcile_drops_dead_and_lost_sandboxes_and_destroys_old_orphans() {
+    let kit = Kit::new(8, Quotas::default()).await;
+    let dead = kit.create(&kit.key_a, json!({"templateID": "base"})).await;
+    let lost = kit.create(&kit.key_a, json!({"templateID": "base"})).await;
+    let kept = kit.create(&kit.key_a, json!({"templateID": "base"})).await;
+    assert!(kit.agent.kill_vm(&dead));
+    assert!(kit.agent.lose(&lost));
+    kit.agent
+        .add_orphan("old-orphan", "base", Duration::from_secs(3600));
+    kit.agent
+        .add_orphan("young-orphan", "base", Duration::from_secs(1));
+
+    let host = kit.plane.fleet.hosts().pop().unwrap();
+    let done = wrenn_cp::fleet::reconcile_host(&kit.plane.store, &kit.plane.fleet, &host)
+        .await
+        .unwrap();
+    let mut removed = done.removed.clone();
+    removed.sort();
+    let mut expected = vec![dead.clone(), lost.clone()];
+    expected.sort();
+    assert_eq!(removed, expected);
+    assert_eq!(done.orphans, ["old-orphan"]);
+    assert_eq!(kit.state(&dead).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(kit.state(&lost).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(kit.state(&kept).await, (StatusCode::OK, json!("running")));
+    let on_host = kit.agent.states();
+    assert!(!on_host.contains_key(&dead) && !on_host.contains_key("old-orphan"));
+    assert!(
+        on_host.contains_key("young-orphan"),
+        "a young orphan may be a create in flight"
+    );
+}
+
+#[tokio::test]
+async fn a_drifted_state_is_corrected_to_the_hosts() {
+    let kit = Kit::new(8, Quotas::default()).await;
+    let id = kit.create(&kit.key_a, json!({"templateID": "base"})).await;
+    // Paused on the host behind the control plane's back (as after a crash mid-pause).
+    use wrenn_agent_api::HostAgent;
+    kit.agent.pause(&id).await.unwrap();
+    let host = kit.plane.fleet.hosts().pop().unwrap();
+    let done = wrenn_cp::fleet::reconcile_host(&kit.plane.store, &kit.plane.fleet, &host)
+        .await
+        .unwrap();
+    assert_eq!(done.corrected, std::slice::from_ref(&id));
+    assert_eq!(kit.state(&id).await, (StatusCode::OK, json!("paused")));
+}
+
+#[tokio::test]
+async fn an_expired_sandbox_is_ended_by_the_lifecycle_loop() {
+    let kit = Kit::new(8, Quotas::default()).await;
+    let short = kit
+        .create(&kit.key_a, json!({"templateID": "base", "timeout": 1}))
+        .await;
+    let paused_at_end = kit
+        .create(
+            &kit.key_a,
+            json!({"templateID": "base", "timeout": 1, "autoPause": true}),
+        )
+        .await;
+    let long = kit
+        .create(&kit.key_a, json!({"templateID": "base", "timeout": 600}))
+        .await;
+    let lifecycle = tokio::spawn(kit.plane.clone().run_lifecycle());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let states = kit.agent.states();
+        if !states.contains_key(&short) && states.get(&paused_at_end) == Some(&SandboxState::Paused)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not ended: {states:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    lifecycle.abort();
+    assert_eq!(kit.state(&short).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        kit.state(&paused_at_end).await,
+        (StatusCode::OK, json!("paused"))
+    );
+    assert_eq!(kit.state(&long).await, (StatusCode::OK, json!("running")));
+}
+
+#[tokio::test]
+async fn a_host_error_reaches_the_caller_by_cause() {
+    let kit = Kit::new(8, Quotas::default()).await;
+    let id = kit.create(&kit.key_a, json!({"templateID": "base"})).await;
+    let pause = format!("/sandboxes/{id}/pause");
+    for (error, status) in [
+        (
+            HostAgentError::Conflict("busy".into()),
+            StatusCode::CONFLICT,
+        ),
+        (
+            HostAgentError::TimedOut("slow guest".into()),
+            StatusCode::GATEWAY_TIMEOUT,
+        ),
+        (
+            HostAgentError::Failed("snapshot failed".into()),
+            StatusCode::INTERNAL_SERVER_ERROR,
+        ),
+    ] {
+        let text = error.to_string();
+        kit.agent.fail_next(Operation::Pause, error);
+        let (got, body) = kit
+            .call("POST", &pause, Some(&kit.key_a), Value::Null)
+            .await;
+        assert_eq!(got, status, "{body}");
+        assert!(body["message"].as_str().unwrap().contains(&text), "{body}");
+        assert_eq!(
+            kit.state(&id).await,
+            (StatusCode::OK, json!("running")),
+            "a failed pause changes nothing"
+        );
+    }
+}

@@ -21,7 +21,7 @@ mod route;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-pub use remote::{RemoteAgent, SERVICE};
+pub use remote::RemoteAgent;
 pub use route::GuestRoute;
 
 use join::HostReport;

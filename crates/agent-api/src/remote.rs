@@ -12,8 +12,7 @@ use wrenn_proto::agent as pb;
 use crate::join::{HostReport, TemplateReport};
 use crate::{CreateOptions, GuestRoute, HostAgent, HostAgentError, SandboxState, SandboxSummary};
 
-/// The agent's Connect service.
-pub const SERVICE: &str = "/wrenn.agent.v1.HostAgent";
+use pb::host_agent as rpc;
 
 /// A host agent in another process.
 #[derive(Debug)]
@@ -64,16 +63,13 @@ impl RemoteAgent {
         RemoteAgent::new(api_url, address, token, connect_timeout)
     }
 
-    async fn call<Req: wrenn_connect::Message, Resp: wrenn_connect::Message>(
-        &self,
-        method: &str,
-        request: &Req,
-    ) -> Result<Resp, HostAgentError> {
-        let path = format!("{SERVICE}/{method}");
-        Ok(self
-            .api
-            .unary(&path, request, &http::HeaderMap::new())
-            .await?)
+    async fn call<M>(&self, request: &M::Request) -> Result<M::Response, HostAgentError>
+    where
+        M: wrenn_proto::Rpc,
+        M::Request: wrenn_connect::Message,
+        M::Response: wrenn_connect::Message,
+    {
+        Ok(self.api.call::<M>(request, &http::HeaderMap::new()).await?)
     }
 }
 
@@ -94,18 +90,14 @@ impl HostAgent for RemoteAgent {
             ready_timeout_ms: millis(options.ready_timeout),
             init_timeout_ms: millis(options.init_timeout),
         };
-        self.call::<_, pb::CreateSandboxResponse>("CreateSandbox", &request)
-            .await
-            .map(drop)
+        self.call::<rpc::CreateSandbox>(&request).await.map(drop)
     }
 
     async fn pause(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
         let request = pb::PauseSandboxRequest {
             sandbox_id: sandbox_id.into(),
         };
-        self.call::<_, pb::PauseSandboxResponse>("PauseSandbox", &request)
-            .await
-            .map(drop)
+        self.call::<rpc::PauseSandbox>(&request).await.map(drop)
     }
 
     async fn resume(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
@@ -113,23 +105,19 @@ impl HostAgent for RemoteAgent {
             sandbox_id: sandbox_id.into(),
             ..Default::default()
         };
-        self.call::<_, pb::ResumeSandboxResponse>("ResumeSandbox", &request)
-            .await
-            .map(drop)
+        self.call::<rpc::ResumeSandbox>(&request).await.map(drop)
     }
 
     async fn destroy(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
         let request = pb::DestroySandboxRequest {
             sandbox_id: sandbox_id.into(),
         };
-        self.call::<_, pb::DestroySandboxResponse>("DestroySandbox", &request)
-            .await
-            .map(drop)
+        self.call::<rpc::DestroySandbox>(&request).await.map(drop)
     }
 
     async fn list(&self) -> Result<Vec<SandboxSummary>, HostAgentError> {
-        let response: pb::ListSandboxesResponse = self
-            .call("ListSandboxes", &pb::ListSandboxesRequest {})
+        let response = self
+            .call::<rpc::ListSandboxes>(&pb::ListSandboxesRequest {})
             .await?;
         response
             .sandboxes
@@ -151,9 +139,9 @@ impl HostAgent for RemoteAgent {
     }
 
     async fn report(&self) -> Result<HostReport, HostAgentError> {
-        let info: pb::HostInfoResponse = self.call("HostInfo", &pb::HostInfoRequest {}).await?;
-        let templates: pb::ListTemplatesResponse = self
-            .call("ListTemplates", &pb::ListTemplatesRequest {})
+        let info = self.call::<rpc::HostInfo>(&pb::HostInfoRequest {}).await?;
+        let templates = self
+            .call::<rpc::ListTemplates>(&pb::ListTemplatesRequest {})
             .await?;
         Ok(HostReport {
             agent_version: info.agent_version,

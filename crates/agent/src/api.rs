@@ -14,14 +14,13 @@ use axum::routing::post;
 use wrenn_connect::Message;
 use wrenn_connect::server::{decode_unary, unary_codec, unary_error, unary_response};
 use wrenn_connect::{Code, ConnectError, DEFAULT_MAX_MESSAGE_BYTES};
+use wrenn_proto::Rpc;
 use wrenn_proto::agent as pb;
+use wrenn_proto::agent::host_agent as rpc;
 
 use crate::error::AgentError;
 use crate::manager::{CreateOptions, Manager};
 use crate::store::{SandboxRecord, TemplateRecord};
-
-/// The service's path prefix.
-pub use wrenn_agent_api::SERVICE;
 
 #[derive(Debug, Clone)]
 struct ApiState {
@@ -37,43 +36,43 @@ pub fn router(manager: Arc<Manager>, token: &str) -> Router {
     };
     Router::new()
         .route(
-            &format!("{SERVICE}/CreateSandbox"),
+            rpc::CreateSandbox::PATH,
             post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, create_sandbox)),
         )
         .route(
-            &format!("{SERVICE}/GetSandbox"),
+            rpc::GetSandbox::PATH,
             post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, get_sandbox)),
         )
         .route(
-            &format!("{SERVICE}/ListSandboxes"),
+            rpc::ListSandboxes::PATH,
             post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, list_sandboxes)),
         )
         .route(
-            &format!("{SERVICE}/PauseSandbox"),
+            rpc::PauseSandbox::PATH,
             post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, pause_sandbox)),
         )
         .route(
-            &format!("{SERVICE}/ResumeSandbox"),
+            rpc::ResumeSandbox::PATH,
             post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, resume_sandbox)),
         )
         .route(
-            &format!("{SERVICE}/DestroySandbox"),
+            rpc::DestroySandbox::PATH,
             post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, destroy_sandbox)),
         )
         .route(
-            &format!("{SERVICE}/BuildTemplate"),
+            rpc::BuildTemplate::PATH,
             post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, build_template)),
         )
         .route(
-            &format!("{SERVICE}/ListTemplates"),
+            rpc::ListTemplates::PATH,
             post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, list_templates)),
         )
         .route(
-            &format!("{SERVICE}/DeleteTemplate"),
+            rpc::DeleteTemplate::PATH,
             post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, delete_template)),
         )
         .route(
-            &format!("{SERVICE}/HostInfo"),
+            rpc::HostInfo::PATH,
             post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, host_info)),
         )
         .fallback(|| async {

@@ -75,6 +75,44 @@ impl ConnectClient {
         self
     }
 
+    /// Calls the unary RPC `M` (e.g. `wrenn_proto::agent::host_agent::HostInfo`).
+    pub async fn call<M>(
+        &self,
+        request: &M::Request,
+        extra_headers: &HeaderMap,
+    ) -> Result<M::Response, ConnectError>
+    where
+        M: wrenn_proto::Rpc,
+        M::Request: Message,
+        M::Response: Message,
+    {
+        debug_assert!(
+            !M::CLIENT_STREAMING && !M::SERVER_STREAMING,
+            "{} streams",
+            M::PATH
+        );
+        self.unary(M::PATH, request, extra_headers).await
+    }
+
+    /// Calls the server-streaming RPC `M` (e.g. `wrenn_proto::process::process::Start`).
+    pub async fn call_streaming<M>(
+        &self,
+        request: &M::Request,
+        extra_headers: &HeaderMap,
+    ) -> Result<ResponseStream<M::Response>, ConnectError>
+    where
+        M: wrenn_proto::Rpc,
+        M::Request: Message,
+        M::Response: Message,
+    {
+        debug_assert!(
+            M::SERVER_STREAMING && !M::CLIENT_STREAMING,
+            "{} is not server-streaming",
+            M::PATH
+        );
+        self.server_stream(M::PATH, request, extra_headers).await
+    }
+
     /// Calls a unary RPC at `path` (`/package.Service/Method`).
     pub async fn unary<Req: Message, Resp: Message>(
         &self,

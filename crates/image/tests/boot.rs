@@ -232,7 +232,7 @@ async fn run(client: &ConnectClient, user: &str, script: &str) -> Ran {
         ..Default::default()
     };
     let mut stream = client
-        .server_stream::<_, pb::StartResponse>("/process.Process/Start", &request, &basic(user))
+        .call_streaming::<wrenn_proto::process::process::Start>(&request, &basic(user))
         .await
         .expect("Start failed");
     let mut ran = Ran::default();

@@ -12,6 +12,19 @@
 /// `49983-<sandbox id>.<domain>` and name it in `E2b-Sandbox-Port`).
 pub const ENVD_PORT: u16 = 49983;
 
+/// One RPC of a Connect service, generated for every method of every service below (e.g.
+/// [`agent::host_agent::CreateSandbox`]): clients and servers name a method by its type.
+pub trait Rpc {
+    /// `/package.Service/Method`.
+    const PATH: &'static str;
+    /// Whether the client sends a stream of requests.
+    const CLIENT_STREAMING: bool;
+    /// Whether the server answers with a stream of responses.
+    const SERVER_STREAMING: bool;
+    type Request;
+    type Response;
+}
+
 /// `package process`: running commands and terminals.
 #[allow(clippy::all, clippy::pedantic)]
 pub mod process {

@@ -12,6 +12,7 @@ use wrenn_agent::{AgentConfig, Manager};
 use wrenn_connect::Codec;
 use wrenn_connect::client::{ConnectClient, HttpVersion};
 use wrenn_proto::agent as pb;
+use wrenn_proto::agent::host_agent;
 use wrenn_vmm::accel::AccelSetting;
 
 #[derive(Debug, Subcommand)]
@@ -190,7 +191,7 @@ pub async fn run(command: AgentCommand) -> anyhow::Result<()> {
         AgentCommand::Template(command) => template(command).await,
         AgentCommand::Host(client) => {
             let info: pb::HostInfoResponse =
-                call(&client, "HostInfo", &pb::HostInfoRequest {}).await?;
+                call::<host_agent::HostInfo>(&client, &pb::HostInfoRequest {}).await?;
             if client.json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {
@@ -339,11 +340,12 @@ async fn shutdown_signal() {
     }
 }
 
-async fn call<Req: wrenn_connect::Message, Resp: wrenn_connect::Message>(
-    client: &ClientArgs,
-    method: &str,
-    request: &Req,
-) -> anyhow::Result<Resp> {
+async fn call<M>(client: &ClientArgs, request: &M::Request) -> anyhow::Result<M::Response>
+where
+    M: wrenn_proto::Rpc,
+    M::Request: wrenn_connect::Message,
+    M::Response: wrenn_connect::Message,
+{
     let token = crate::secrets::resolve(
         "--token",
         client.token.clone(),
@@ -353,13 +355,9 @@ async fn call<Req: wrenn_connect::Message, Resp: wrenn_connect::Message>(
     let connect = ConnectClient::new(client.agent.clone(), HttpVersion::Http1, Codec::Json)
         .with_header("authorization", &format!("Bearer {token}"));
     connect
-        .unary(
-            &format!("{}/{method}", wrenn_agent::api::SERVICE),
-            request,
-            &http::HeaderMap::new(),
-        )
+        .call::<M>(request, &http::HeaderMap::new())
         .await
-        .map_err(|error| anyhow::anyhow!("{method}: {error}"))
+        .map_err(|error| anyhow::anyhow!("{}: {error}", M::PATH))
 }
 
 fn new_table(header: &[&str]) -> comfy_table::Table {
@@ -419,7 +417,7 @@ async fn sandbox(command: SandboxCommand) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let response: pb::CreateSandboxResponse =
-                call(&client, "CreateSandbox", &request).await?;
+                call::<host_agent::CreateSandbox>(&client, &request).await?;
             print_sandboxes(
                 &response.sandbox.into_iter().collect::<Vec<_>>(),
                 client.json,
@@ -427,25 +425,21 @@ async fn sandbox(command: SandboxCommand) -> anyhow::Result<()> {
         }
         SandboxCommand::List(client) => {
             let response: pb::ListSandboxesResponse =
-                call(&client, "ListSandboxes", &pb::ListSandboxesRequest {}).await?;
+                call::<host_agent::ListSandboxes>(&client, &pb::ListSandboxesRequest {}).await?;
             print_sandboxes(&response.sandboxes, client.json)
         }
         SandboxCommand::Get { client, id } => {
-            let response: pb::GetSandboxResponse = call(
-                &client,
-                "GetSandbox",
-                &pb::GetSandboxRequest { sandbox_id: id },
-            )
-            .await?;
+            let response: pb::GetSandboxResponse =
+                call::<host_agent::GetSandbox>(&client, &pb::GetSandboxRequest { sandbox_id: id })
+                    .await?;
             print_sandboxes(
                 &response.sandbox.into_iter().collect::<Vec<_>>(),
                 client.json,
             )
         }
         SandboxCommand::Pause { client, id } => {
-            let response: pb::PauseSandboxResponse = call(
+            let response: pb::PauseSandboxResponse = call::<host_agent::PauseSandbox>(
                 &client,
-                "PauseSandbox",
                 &pb::PauseSandboxRequest { sandbox_id: id },
             )
             .await?;
@@ -460,16 +454,15 @@ async fn sandbox(command: SandboxCommand) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let response: pb::ResumeSandboxResponse =
-                call(&client, "ResumeSandbox", &request).await?;
+                call::<host_agent::ResumeSandbox>(&client, &request).await?;
             print_sandboxes(
                 &response.sandbox.into_iter().collect::<Vec<_>>(),
                 client.json,
             )
         }
         SandboxCommand::Destroy { client, id } => {
-            let _: pb::DestroySandboxResponse = call(
+            let _: pb::DestroySandboxResponse = call::<host_agent::DestroySandbox>(
                 &client,
-                "DestroySandbox",
                 &pb::DestroySandboxRequest {
                     sandbox_id: id.clone(),
                 },
@@ -528,7 +521,7 @@ async fn template(command: TemplateCommand) -> anyhow::Result<()> {
                 boot_timeout_ms: 0,
             };
             let response: pb::BuildTemplateResponse =
-                call(&client, "BuildTemplate", &request).await?;
+                call::<host_agent::BuildTemplate>(&client, &request).await?;
             print_templates(
                 &response.template.into_iter().collect::<Vec<_>>(),
                 client.json,
@@ -536,13 +529,12 @@ async fn template(command: TemplateCommand) -> anyhow::Result<()> {
         }
         TemplateCommand::List(client) => {
             let response: pb::ListTemplatesResponse =
-                call(&client, "ListTemplates", &pb::ListTemplatesRequest {}).await?;
+                call::<host_agent::ListTemplates>(&client, &pb::ListTemplatesRequest {}).await?;
             print_templates(&response.templates, client.json)
         }
         TemplateCommand::Delete { client, id } => {
-            let _: pb::DeleteTemplateResponse = call(
+            let _: pb::DeleteTemplateResponse = call::<host_agent::DeleteTemplate>(
                 &client,
-                "DeleteTemplate",
                 &pb::DeleteTemplateRequest {
                     template_id: id.clone(),
                 },

@@ -549,7 +549,7 @@ async fn exec(
         ..Default::default()
     };
     let mut stream = envd
-        .server_stream::<_, pb::StartResponse>("/process.Process/Start", &request, &headers)
+        .call_streaming::<wrenn_proto::process::process::Start>(&request, &headers)
         .await
         .with_context(|| format!("starting the command in {id}"))?;
     let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
@@ -664,7 +664,7 @@ async fn shell_session(
         ..Default::default()
     };
     let mut stream = envd
-        .server_stream::<_, pb::StartResponse>("/process.Process/Start", &request, &headers)
+        .call_streaming::<wrenn_proto::process::process::Start>(&request, &headers)
         .await
         .with_context(|| format!("starting a shell in {id}"))?;
     use pb::process_event::{Event, data_event::Output};
@@ -704,7 +704,7 @@ async fn shell_session(
                 }),
             };
             let sent: Result<pb::SendInputResponse, _> = input_client
-                .unary("/process.Process/SendInput", &request, &input_headers)
+                .call::<wrenn_proto::process::process::SendInput>(&request, &input_headers)
                 .await;
             if sent.is_err() || read == 0 {
                 return;
@@ -729,7 +729,7 @@ async fn shell_session(
                         pty: Some(pty_of(size)),
                     };
                     let _: Result<pb::UpdateResponse, _> = client
-                        .unary("/process.Process/Update", &request, &headers)
+                        .call::<wrenn_proto::process::process::Update>(&request, &headers)
                         .await;
                 }
             }

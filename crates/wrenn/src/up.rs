@@ -738,7 +738,7 @@ async fn demo(api: &SocketAddr, proxy: &SocketAddr, key: &str) -> anyhow::Result
     let mut headers = http::HeaderMap::new();
     headers.insert("authorization", "Basic dXNlcjo=".parse()?);
     let mut stream = envd
-        .server_stream::<_, pb::StartResponse>("/process.Process/Start", &request, &headers)
+        .call_streaming::<wrenn_proto::process::process::Start>(&request, &headers)
         .await?;
     let mut output = String::new();
     while let Some(message) = stream.message().await {

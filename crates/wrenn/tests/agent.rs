@@ -14,6 +14,7 @@ use support::*;
 use wrenn_connect::client::{ConnectClient, HttpVersion};
 use wrenn_connect::{Code, Codec};
 use wrenn_proto::agent as pb;
+use wrenn_proto::agent::host_agent;
 use wrenn_proto::process as proc_pb;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,8 +59,7 @@ async fn sandboxes_run_pause_resume_and_leave_nothing_behind() {
         HttpVersion::Http1,
         Codec::Json,
     )
-    .server_stream::<_, proc_pb::StartResponse>(
-        "/process.Process/Start",
+    .call_streaming::<wrenn_proto::process::process::Start>(
         &proc_pb::StartRequest::default(),
         &envd_headers(Some("wrong")),
     )
@@ -75,12 +75,9 @@ async fn sandboxes_run_pause_resume_and_leave_nothing_behind() {
     .await;
     let pid: u32 = started.stdout.trim().parse().expect("a pid");
     let paused: pb::PauseSandboxResponse = agent
-        .call(
-            "PauseSandbox",
-            &pb::PauseSandboxRequest {
-                sandbox_id: "sbx-a".into(),
-            },
-        )
+        .call::<host_agent::PauseSandbox>(&pb::PauseSandboxRequest {
+            sandbox_id: "sbx-a".into(),
+        })
         .await
         .expect("PauseSandbox");
     assert_eq!(paused.sandbox.as_ref().unwrap().state, "paused");
@@ -88,24 +85,18 @@ async fn sandboxes_run_pause_resume_and_leave_nothing_behind() {
     assert_eq!(agent.get("sbx-a").await.unwrap().state, "paused");
     assert_code(
         agent
-            .call::<_, pb::PauseSandboxResponse>(
-                "PauseSandbox",
-                &pb::PauseSandboxRequest {
-                    sandbox_id: "sbx-a".into(),
-                },
-            )
+            .call::<host_agent::PauseSandbox>(&pb::PauseSandboxRequest {
+                sandbox_id: "sbx-a".into(),
+            })
             .await,
         Code::FailedPrecondition,
         "only a running sandbox can be paused",
     );
     let resumed: pb::ResumeSandboxResponse = agent
-        .call(
-            "ResumeSandbox",
-            &pb::ResumeSandboxRequest {
-                sandbox_id: "sbx-a".into(),
-                ..Default::default()
-            },
-        )
+        .call::<host_agent::ResumeSandbox>(&pb::ResumeSandboxRequest {
+            sandbox_id: "sbx-a".into(),
+            ..Default::default()
+        })
         .await
         .expect("ResumeSandbox");
     let a = resumed.sandbox.unwrap();
@@ -139,13 +130,10 @@ async fn sandboxes_run_pause_resume_and_leave_nothing_behind() {
     // A second resume of a running sandbox is refused.
     assert_code(
         agent
-            .call::<_, pb::ResumeSandboxResponse>(
-                "ResumeSandbox",
-                &pb::ResumeSandboxRequest {
-                    sandbox_id: "sbx-a".into(),
-                    ..Default::default()
-                },
-            )
+            .call::<host_agent::ResumeSandbox>(&pb::ResumeSandboxRequest {
+                sandbox_id: "sbx-a".into(),
+                ..Default::default()
+            })
             .await,
         Code::FailedPrecondition,
         "only a paused sandbox can be resumed",
@@ -153,12 +141,9 @@ async fn sandboxes_run_pause_resume_and_leave_nothing_behind() {
     // The template is in use: it cannot be deleted yet.
     assert_code(
         agent
-            .call::<_, pb::DeleteTemplateResponse>(
-                "DeleteTemplate",
-                &pb::DeleteTemplateRequest {
-                    template_id: "base".into(),
-                },
-            )
+            .call::<host_agent::DeleteTemplate>(&pb::DeleteTemplateRequest {
+                template_id: "base".into(),
+            })
             .await,
         Code::FailedPrecondition,
         "in use",
@@ -191,27 +176,21 @@ async fn sandboxes_run_pause_resume_and_leave_nothing_behind() {
 
     for id in ["sbx-a", "sbx-b", "sbx-c", "sbx-d"] {
         let _: pb::DestroySandboxResponse = agent
-            .call(
-                "DestroySandbox",
-                &pb::DestroySandboxRequest {
-                    sandbox_id: id.into(),
-                },
-            )
+            .call::<host_agent::DestroySandbox>(&pb::DestroySandboxRequest {
+                sandbox_id: id.into(),
+            })
             .await
             .expect("DestroySandbox");
     }
     let listed: pb::ListSandboxesResponse = agent
-        .call("ListSandboxes", &pb::ListSandboxesRequest {})
+        .call::<host_agent::ListSandboxes>(&pb::ListSandboxesRequest {})
         .await
         .unwrap();
     assert!(listed.sandboxes.is_empty());
     let _: pb::DeleteTemplateResponse = agent
-        .call(
-            "DeleteTemplate",
-            &pb::DeleteTemplateRequest {
-                template_id: "base".into(),
-            },
-        )
+        .call::<host_agent::DeleteTemplate>(&pb::DeleteTemplateRequest {
+            template_id: "base".into(),
+        })
         .await
         .expect("DeleteTemplate");
     agent.stop();
@@ -240,27 +219,21 @@ async fn restarted_agent_adopts_running_sandboxes_and_reports_a_dead_vm() {
     );
     assert_code(
         agent
-            .call::<_, pb::CreateSandboxResponse>(
-                "CreateSandbox",
-                &pb::CreateSandboxRequest {
-                    template_id: "nope".into(),
-                    ..Default::default()
-                },
-            )
+            .call::<host_agent::CreateSandbox>(&pb::CreateSandboxRequest {
+                template_id: "nope".into(),
+                ..Default::default()
+            })
             .await,
         Code::NotFound,
         "template nope not found",
     );
     assert_code(
         agent
-            .call::<_, pb::BuildTemplateResponse>(
-                "BuildTemplate",
-                &pb::BuildTemplateRequest {
-                    template_id: "zero".into(),
-                    memory_mib: 0,
-                    ..Default::default()
-                },
-            )
+            .call::<host_agent::BuildTemplate>(&pb::BuildTemplateRequest {
+                template_id: "zero".into(),
+                memory_mib: 0,
+                ..Default::default()
+            })
             .await,
         Code::InvalidArgument,
         "memory_mib must be at least",
@@ -272,25 +245,19 @@ async fn restarted_agent_adopts_running_sandboxes_and_reports_a_dead_vm() {
     );
     assert_code(
         agent
-            .call::<_, pb::ResumeSandboxResponse>(
-                "ResumeSandbox",
-                &pb::ResumeSandboxRequest {
-                    sandbox_id: "ghost".into(),
-                    ..Default::default()
-                },
-            )
+            .call::<host_agent::ResumeSandbox>(&pb::ResumeSandboxRequest {
+                sandbox_id: "ghost".into(),
+                ..Default::default()
+            })
             .await,
         Code::NotFound,
         "not found",
     );
     assert_code(
         agent
-            .call::<_, pb::DestroySandboxResponse>(
-                "DestroySandbox",
-                &pb::DestroySandboxRequest {
-                    sandbox_id: "../etc".into(),
-                },
-            )
+            .call::<host_agent::DestroySandbox>(&pb::DestroySandboxRequest {
+                sandbox_id: "../etc".into(),
+            })
             .await,
         Code::NotFound,
         "not found",
@@ -299,14 +266,11 @@ async fn restarted_agent_adopts_running_sandboxes_and_reports_a_dead_vm() {
     agent.build_template("base").await;
     assert_code(
         agent
-            .call::<_, pb::CreateSandboxResponse>(
-                "CreateSandbox",
-                &pb::CreateSandboxRequest {
-                    template_id: "base".into(),
-                    sandbox_id: "Bad Id".into(),
-                    ..Default::default()
-                },
-            )
+            .call::<host_agent::CreateSandbox>(&pb::CreateSandboxRequest {
+                template_id: "base".into(),
+                sandbox_id: "Bad Id".into(),
+                ..Default::default()
+            })
             .await,
         Code::InvalidArgument,
         "must be 1 to 64",
@@ -317,14 +281,11 @@ async fn restarted_agent_adopts_running_sandboxes_and_reports_a_dead_vm() {
     );
     assert_code(
         agent
-            .call::<_, pb::CreateSandboxResponse>(
-                "CreateSandbox",
-                &pb::CreateSandboxRequest {
-                    template_id: "base".into(),
-                    sandbox_id: "keep".into(),
-                    ..Default::default()
-                },
-            )
+            .call::<host_agent::CreateSandbox>(&pb::CreateSandboxRequest {
+                template_id: "base".into(),
+                sandbox_id: "keep".into(),
+                ..Default::default()
+            })
             .await,
         Code::AlreadyExists,
         "already exists",
@@ -343,7 +304,7 @@ async fn restarted_agent_adopts_running_sandboxes_and_reports_a_dead_vm() {
 
     // A VM killed behind the agent's back is reported failed and its slot freed.
     let info: pb::HostInfoResponse = agent
-        .call("HostInfo", &pb::HostInfoRequest {})
+        .call::<host_agent::HostInfo>(&pb::HostInfoRequest {})
         .await
         .unwrap();
     assert_eq!(info.sandboxes_running, 2);
@@ -362,7 +323,7 @@ async fn restarted_agent_adopts_running_sandboxes_and_reports_a_dead_vm() {
     assert!(failed.error.contains("exited unexpectedly"), "{failed:?}");
     assert_eq!(failed.envd_address, "");
     let info: pb::HostInfoResponse = agent
-        .call("HostInfo", &pb::HostInfoRequest {})
+        .call::<host_agent::HostInfo>(&pb::HostInfoRequest {})
         .await
         .unwrap();
     assert_eq!(
@@ -373,12 +334,9 @@ async fn restarted_agent_adopts_running_sandboxes_and_reports_a_dead_vm() {
     assert_eq!(info.sandboxes_running, 1);
     assert_code(
         agent
-            .call::<_, pb::PauseSandboxResponse>(
-                "PauseSandbox",
-                &pb::PauseSandboxRequest {
-                    sandbox_id: "doomed".into(),
-                },
-            )
+            .call::<host_agent::PauseSandbox>(&pb::PauseSandboxRequest {
+                sandbox_id: "doomed".into(),
+            })
             .await,
         Code::FailedPrecondition,
         "is failed",
@@ -386,12 +344,9 @@ async fn restarted_agent_adopts_running_sandboxes_and_reports_a_dead_vm() {
 
     for id in ["keep", "doomed"] {
         let _: pb::DestroySandboxResponse = agent
-            .call(
-                "DestroySandbox",
-                &pb::DestroySandboxRequest {
-                    sandbox_id: id.into(),
-                },
-            )
+            .call::<host_agent::DestroySandbox>(&pb::DestroySandboxRequest {
+                sandbox_id: id.into(),
+            })
             .await
             .expect("DestroySandbox");
     }

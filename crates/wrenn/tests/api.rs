@@ -24,6 +24,7 @@ use http::{Method, StatusCode};
 use serde_json::{Value, json};
 use support::*;
 use wrenn_proto::agent as pb;
+use wrenn_proto::agent::host_agent;
 
 /// A `wrenn server` process with its own data directory (and database, when given).
 struct Server {
@@ -1194,7 +1195,7 @@ async fn rest_api_on_postgres() {
 
 async fn agent_sandboxes(agent: &Agent) -> Vec<String> {
     let listed: pb::ListSandboxesResponse = agent
-        .call("ListSandboxes", &pb::ListSandboxesRequest {})
+        .call::<host_agent::ListSandboxes>(&pb::ListSandboxesRequest {})
         .await
         .unwrap();
     let mut ids: Vec<String> = listed.sandboxes.into_iter().map(|s| s.sandbox_id).collect();
@@ -1307,12 +1308,9 @@ async fn fleet_places_reconciles_and_survives_a_dead_host() {
 
     // Drift: a sandbox destroyed behind the control plane's back is removed from the store.
     let _: pb::DestroySandboxResponse = host_a
-        .call(
-            "DestroySandbox",
-            &pb::DestroySandboxRequest {
-                sandbox_id: id_a.clone(),
-            },
-        )
+        .call::<host_agent::DestroySandbox>(&pb::DestroySandboxRequest {
+            sandbox_id: id_a.clone(),
+        })
         .await
         .unwrap();
     wait_until(

@@ -18,6 +18,7 @@ use std::time::Duration;
 use support::*;
 use wrenn_agent::network::Slot;
 use wrenn_proto::agent as pb;
+use wrenn_proto::agent::host_agent;
 
 /// A listener on every host address that answers "victim": what a guest must not reach.
 fn victim_listener() -> u16 {
@@ -186,7 +187,7 @@ async fn create_online(agent: &Agent, id: &str) -> pb::Sandbox {
         ..Default::default()
     };
     let response: pb::CreateSandboxResponse = agent
-        .call("CreateSandbox", &request)
+        .call::<host_agent::CreateSandbox>(&request)
         .await
         .expect("CreateSandbox");
     response.sandbox.unwrap()
@@ -463,12 +464,9 @@ async fn guests_reach_nothing_they_were_not_given() {
     // A corrupt record at start is quarantined with its disk, not deleted.
     for sandbox in ["iso-a", "iso-b"] {
         let _: pb::DestroySandboxResponse = agent
-            .call(
-                "DestroySandbox",
-                &pb::DestroySandboxRequest {
-                    sandbox_id: sandbox.into(),
-                },
-            )
+            .call::<host_agent::DestroySandbox>(&pb::DestroySandboxRequest {
+                sandbox_id: sandbox.into(),
+            })
             .await
             .expect("DestroySandbox");
     }

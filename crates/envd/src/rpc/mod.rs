@@ -34,34 +34,34 @@ pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(90);
 pub fn router() -> Router<Arc<Envd>> {
     use filesystem as fs;
     use process as p;
+    use wrenn_proto::Rpc;
+    use wrenn_proto::filesystem::filesystem as filesystem_rpc;
+    use wrenn_proto::process::process as process_rpc;
     Router::new()
-        .route("/process.Process/Start", streaming_rpc(p::start))
-        .route("/process.Process/Connect", streaming_rpc(p::connect))
-        .route("/process.Process/List", unary_rpc(p::list))
-        .route("/process.Process/SendInput", unary_rpc(p::send_input))
-        .route("/process.Process/StreamInput", post(p::stream_input))
-        .route("/process.Process/Update", unary_rpc(p::update))
-        .route("/process.Process/SendSignal", unary_rpc(p::send_signal))
-        .route("/process.Process/CloseStdin", unary_rpc(p::close_stdin))
-        .route("/filesystem.Filesystem/Stat", unary_rpc(fs::stat))
-        .route("/filesystem.Filesystem/MakeDir", unary_rpc(fs::make_dir))
-        .route("/filesystem.Filesystem/Move", unary_rpc(fs::move_entry))
-        .route("/filesystem.Filesystem/ListDir", unary_rpc(fs::list_dir))
-        .route("/filesystem.Filesystem/Remove", unary_rpc(fs::remove))
+        .route(process_rpc::Start::PATH, streaming_rpc(p::start))
+        .route(process_rpc::Connect::PATH, streaming_rpc(p::connect))
+        .route(process_rpc::List::PATH, unary_rpc(p::list))
+        .route(process_rpc::SendInput::PATH, unary_rpc(p::send_input))
+        .route(process_rpc::StreamInput::PATH, post(p::stream_input))
+        .route(process_rpc::Update::PATH, unary_rpc(p::update))
+        .route(process_rpc::SendSignal::PATH, unary_rpc(p::send_signal))
+        .route(process_rpc::CloseStdin::PATH, unary_rpc(p::close_stdin))
+        .route(filesystem_rpc::Stat::PATH, unary_rpc(fs::stat))
+        .route(filesystem_rpc::MakeDir::PATH, unary_rpc(fs::make_dir))
+        .route(filesystem_rpc::Move::PATH, unary_rpc(fs::move_entry))
+        .route(filesystem_rpc::ListDir::PATH, unary_rpc(fs::list_dir))
+        .route(filesystem_rpc::Remove::PATH, unary_rpc(fs::remove))
+        .route(filesystem_rpc::WatchDir::PATH, streaming_rpc(fs::watch_dir))
         .route(
-            "/filesystem.Filesystem/WatchDir",
-            streaming_rpc(fs::watch_dir),
-        )
-        .route(
-            "/filesystem.Filesystem/CreateWatcher",
+            filesystem_rpc::CreateWatcher::PATH,
             unary_rpc(fs::create_watcher),
         )
         .route(
-            "/filesystem.Filesystem/GetWatcherEvents",
+            filesystem_rpc::GetWatcherEvents::PATH,
             unary_rpc(fs::get_watcher_events),
         )
         .route(
-            "/filesystem.Filesystem/RemoveWatcher",
+            filesystem_rpc::RemoveWatcher::PATH,
             unary_rpc(fs::remove_watcher),
         )
 }

@@ -136,11 +136,7 @@ async fn start_round_trip(client: &ConnectClient) -> anyhow::Result<Duration> {
     };
     let began = Instant::now();
     let mut stream = client
-        .server_stream::<_, pb::StartResponse>(
-            "/process.Process/Start",
-            &request,
-            &http::HeaderMap::new(),
-        )
+        .call_streaming::<wrenn_proto::process::process::Start>(&request, &http::HeaderMap::new())
         .await?;
     let mut ended = false;
     while let Some(message) = stream.message().await {

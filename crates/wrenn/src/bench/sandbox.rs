@@ -17,6 +17,7 @@ use wrenn_agent::store::TemplateRecord;
 use wrenn_connect::Codec;
 use wrenn_connect::client::{ConnectClient, HttpVersion};
 use wrenn_proto::agent as pb;
+use wrenn_proto::agent::host_agent;
 use wrenn_vmm::accel::AccelSetting;
 use wrenn_vmm::qemu::Qemu;
 use wrenn_vmm::{MachineSpec, Vmm};
@@ -258,42 +259,33 @@ impl BenchAgent {
         })
     }
 
-    async fn call<Req: wrenn_connect::Message, Resp: wrenn_connect::Message>(
-        &self,
-        method: &str,
-        request: &Req,
-    ) -> anyhow::Result<Resp> {
+    async fn call<M>(&self, request: &M::Request) -> anyhow::Result<M::Response>
+    where
+        M: wrenn_proto::Rpc,
+        M::Request: wrenn_connect::Message,
+        M::Response: wrenn_connect::Message,
+    {
         self.client
-            .unary(
-                &format!("{}/{method}", wrenn_agent::api::SERVICE),
-                request,
-                &HeaderMap::new(),
-            )
+            .call::<M>(request, &HeaderMap::new())
             .await
-            .map_err(|error| anyhow::anyhow!("{method}: {error}"))
+            .map_err(|error| anyhow::anyhow!("{}: {error}", M::PATH))
     }
 
     async fn create(&self, id: String) -> anyhow::Result<Duration> {
         let started = Instant::now();
         let _: pb::CreateSandboxResponse = self
-            .call(
-                "CreateSandbox",
-                &pb::CreateSandboxRequest {
-                    template_id: "bench".into(),
-                    sandbox_id: id,
-                    ..Default::default()
-                },
-            )
+            .call::<host_agent::CreateSandbox>(&pb::CreateSandboxRequest {
+                template_id: "bench".into(),
+                sandbox_id: id,
+                ..Default::default()
+            })
             .await?;
         Ok(started.elapsed())
     }
 
     async fn destroy(&self, id: String) -> anyhow::Result<()> {
         let _: pb::DestroySandboxResponse = self
-            .call(
-                "DestroySandbox",
-                &pb::DestroySandboxRequest { sandbox_id: id },
-            )
+            .call::<host_agent::DestroySandbox>(&pb::DestroySandboxRequest { sandbox_id: id })
             .await?;
         Ok(())
     }
@@ -313,15 +305,12 @@ pub async fn sandbox(args: SandboxBenchArgs) -> anyhow::Result<()> {
     let agent = BenchAgent::start(&args)?;
     eprintln!("building the template (one cold boot) ...");
     let built: pb::BuildTemplateResponse = agent
-        .call(
-            "BuildTemplate",
-            &pb::BuildTemplateRequest {
-                template_id: "bench".into(),
-                memory_mib: args.memory_mib,
-                vcpus: 1,
-                ..Default::default()
-            },
-        )
+        .call::<host_agent::BuildTemplate>(&pb::BuildTemplateRequest {
+            template_id: "bench".into(),
+            memory_mib: args.memory_mib,
+            vcpus: 1,
+            ..Default::default()
+        })
         .await?;
     let template = built.template.context("no template")?;
     let record: TemplateRecord = serde_json::from_slice(&std::fs::read(
@@ -395,23 +384,17 @@ pub async fn sandbox(args: SandboxBenchArgs) -> anyhow::Result<()> {
     for _ in 0..args.pauses {
         let started = Instant::now();
         let _: pb::PauseSandboxResponse = agent
-            .call(
-                "PauseSandbox",
-                &pb::PauseSandboxRequest {
-                    sandbox_id: "pauser".into(),
-                },
-            )
+            .call::<host_agent::PauseSandbox>(&pb::PauseSandboxRequest {
+                sandbox_id: "pauser".into(),
+            })
             .await?;
         pauses.push(started.elapsed());
         let started = Instant::now();
         let _: pb::ResumeSandboxResponse = agent
-            .call(
-                "ResumeSandbox",
-                &pb::ResumeSandboxRequest {
-                    sandbox_id: "pauser".into(),
-                    ..Default::default()
-                },
-            )
+            .call::<host_agent::ResumeSandbox>(&pb::ResumeSandboxRequest {
+                sandbox_id: "pauser".into(),
+                ..Default::default()
+            })
             .await?;
         resumes.push(started.elapsed());
     }
@@ -422,7 +405,9 @@ pub async fn sandbox(args: SandboxBenchArgs) -> anyhow::Result<()> {
         let creates = batch.iter().map(|run| agent.create(format!("idle-{run}")));
         futures_util::future::try_join_all(creates).await?;
     }
-    let info: pb::HostInfoResponse = agent.call("HostInfo", &pb::HostInfoRequest {}).await?;
+    let info: pb::HostInfoResponse = agent
+        .call::<host_agent::HostInfo>(&pb::HostInfoRequest {})
+        .await?;
     for run in 0..args.idle {
         agent.destroy(format!("idle-{run}")).await?;
     }

@@ -12,6 +12,7 @@ use http::HeaderMap;
 use wrenn_connect::client::{ConnectClient, HttpVersion};
 use wrenn_connect::{Code, Codec, ConnectError};
 use wrenn_proto::agent as pb;
+use wrenn_proto::agent::host_agent;
 use wrenn_proto::process as proc_pb;
 use wrenn_proto::process::process_event::{Event, data_event::Output};
 
@@ -229,17 +230,14 @@ impl Agent {
         .with_header("authorization", &format!("Bearer {token}"))
     }
 
-    pub async fn call<Req: wrenn_connect::Message, Resp: wrenn_connect::Message>(
-        &self,
-        method: &str,
-        request: &Req,
-    ) -> Result<Resp, ConnectError> {
+    pub async fn call<M>(&self, request: &M::Request) -> Result<M::Response, ConnectError>
+    where
+        M: wrenn_proto::Rpc,
+        M::Request: wrenn_connect::Message,
+        M::Response: wrenn_connect::Message,
+    {
         self.client(&self.token)
-            .unary(
-                &format!("/wrenn.agent.v1.HostAgent/{method}"),
-                request,
-                &HeaderMap::new(),
-            )
+            .call::<M>(request, &HeaderMap::new())
             .await
     }
 
@@ -251,7 +249,7 @@ impl Agent {
             ..Default::default()
         };
         let response: pb::BuildTemplateResponse = self
-            .call("BuildTemplate", &request)
+            .call::<host_agent::BuildTemplate>(&request)
             .await
             .expect("BuildTemplate");
         response.template.unwrap()
@@ -266,7 +264,7 @@ impl Agent {
             ..Default::default()
         };
         let response: pb::CreateSandboxResponse = self
-            .call("CreateSandbox", &request)
+            .call::<host_agent::CreateSandbox>(&request)
             .await
             .expect("CreateSandbox");
         response.sandbox.unwrap()
@@ -274,12 +272,9 @@ impl Agent {
 
     pub async fn get(&self, id: &str) -> Result<pb::Sandbox, ConnectError> {
         let response: pb::GetSandboxResponse = self
-            .call(
-                "GetSandbox",
-                &pb::GetSandboxRequest {
-                    sandbox_id: id.into(),
-                },
-            )
+            .call::<host_agent::GetSandbox>(&pb::GetSandboxRequest {
+                sandbox_id: id.into(),
+            })
             .await?;
         Ok(response.sandbox.unwrap())
     }
@@ -410,11 +405,7 @@ pub async fn run_with(client: &ConnectClient, token: Option<&str>, script: &str)
         ..Default::default()
     };
     let mut stream = client
-        .server_stream::<_, proc_pb::StartResponse>(
-            "/process.Process/Start",
-            &request,
-            &envd_headers(token),
-        )
+        .call_streaming::<wrenn_proto::process::process::Start>(&request, &envd_headers(token))
         .await
         .expect("Start failed");
     let mut ran = Ran::default();

@@ -67,7 +67,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({ "code": self.status.as_u16(), "message": self.message });
+        let body = wrenn_api::Error {
+            code: self.status.as_u16(),
+            message: self.message,
+        };
         let mut response = (self.status, axum::Json(body)).into_response();
         if let Some(retry) = self.should_retry {
             response.headers_mut().insert(
@@ -128,8 +131,8 @@ struct TeamId(String);
 pub fn router(plane: Arc<ControlPlane>) -> Router {
     Router::new()
         .route("/sandboxes", post(create_sandbox).get(list_v1))
-        .route("/v2/sandboxes", get(list_v2).post(create_sandbox))
-        .route("/v2/sandboxes/{id}/connect", post(connect))
+        .route("/v2/sandboxes", get(list_v2).post(create_sandbox_v2))
+        .route("/v2/sandboxes/{id}/connect", post(connect_v2))
         .route("/sandboxes/{id}", get(get_sandbox).delete(kill_sandbox))
         .route("/sandboxes/{id}/timeout", post(set_timeout))
         .route("/sandboxes/{id}/refreshes", post(refresh))
@@ -149,11 +152,69 @@ pub fn router(plane: Arc<ControlPlane>) -> Router {
         .layer(middleware::from_fn_with_state(plane.clone(), require_key))
         .route("/hosts/register", post(register_host))
         .route("/hosts/{id}/heartbeat", post(host_heartbeat))
-        .route("/health", get(|| async { StatusCode::NO_CONTENT }))
+        .route("/health", get(health))
+        .route("/openapi.json", get(openapi_document))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
         .with_state(plane)
+}
+
+/// `POST /v2/sandboxes`: the same as `POST /sandboxes` (the SDKs' newer path).
+#[utoipa::path(post, path = "/v2/sandboxes", tag = "sandboxes", security(("api_key" = [])),
+    request_body = wrenn_api::NewSandbox,
+    params(("Idempotency-Key" = Option<String>, Header, description = "A retried create with the same key gets the sandbox the first one made")),
+    responses(
+        (status = 201, description = "The sandbox runs", body = wrenn_api::Sandbox),
+        (status = 400, description = "A bad body or a setting wrenn does not enforce", body = wrenn_api::Error),
+        (status = 401, description = "No valid API key", body = wrenn_api::Error),
+        (status = 404, description = "No host has the template", body = wrenn_api::Error),
+        (status = 429, description = "A team quota is reached", body = wrenn_api::Error),
+        (status = 503, description = "No host has room now", body = wrenn_api::Error),
+    ))]
+async fn create_sandbox_v2(
+    state: State<Arc<ControlPlane>>,
+    team: axum::Extension<TeamId>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    create_sandbox(state, team, headers, body).await
+}
+
+/// `POST /v2/sandboxes/{id}/connect`: the same as `POST /sandboxes/{id}/connect`.
+#[utoipa::path(post, path = "/v2/sandboxes/{id}/connect", tag = "sandboxes", security(("api_key" = [])),
+    params(("id" = String, Path, description = "The sandbox's id")),
+    request_body = wrenn_api::TimeoutRequest,
+    responses(
+        (status = 200, description = "It was running: its timeout is at least `timeout` from now", body = wrenn_api::Sandbox),
+        (status = 201, description = "It was paused: resumed", body = wrenn_api::Sandbox),
+        (status = 401, description = "No valid API key", body = wrenn_api::Error),
+        (status = 404, description = "No such sandbox of the team", body = wrenn_api::Error),
+    ))]
+async fn connect_v2(
+    state: State<Arc<ControlPlane>>,
+    team: axum::Extension<TeamId>,
+    id: Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    connect(state, team, id, body).await
+}
+
+/// `GET /health`: 204 while the control plane serves.
+#[utoipa::path(get, path = "/health", tag = "service", responses((status = 204, description = "Serving")))]
+async fn health() -> StatusCode {
+    StatusCode::NO_CONTENT
+}
+
+/// `GET /openapi.json`: this API's OpenAPI document (the same as `docs/openapi.json`).
+#[utoipa::path(get, path = "/openapi.json", tag = "service",
+    responses((status = 200, description = "The OpenAPI 3.1 document", body = Object)))]
+async fn openapi_document() -> Response {
+    (
+        [(http::header::CONTENT_TYPE, "application/json")],
+        crate::openapi::document_json(),
+    )
+        .into_response()
 }
 
 /// A path wrenn does not serve: 404 saying so (not "sandbox not found", which the SDKs
@@ -210,55 +271,55 @@ fn now_ms() -> i64 {
 }
 
 /// The `Sandbox` answer of create, connect and resume.
-fn sandbox_body(plane: &ControlPlane, row: &SandboxRow) -> Value {
-    let mut body = json!({
-        "templateID": row.template_id,
-        "sandboxID": row.id,
-        "clientID": CLIENT_ID,
-        "envdVersion": row.envd_version,
-        "trafficAccessToken": row.traffic_access_token.clone().map(Value::String).unwrap_or(Value::Null),
-        "domain": plane.domain.clone().map(Value::String).unwrap_or(Value::Null),
-    });
-    if let Some(alias) = &row.alias {
-        body["alias"] = json!(alias);
+fn sandbox_body(plane: &ControlPlane, row: &SandboxRow) -> wrenn_api::Sandbox {
+    wrenn_api::Sandbox {
+        template_id: row.template_id.clone(),
+        sandbox_id: row.id.clone(),
+        client_id: CLIENT_ID.into(),
+        envd_version: row.envd_version.clone(),
+        traffic_access_token: row.traffic_access_token.clone(),
+        domain: plane.domain.clone(),
+        alias: row.alias.clone(),
+        envd_access_token: row.envd_access_token.clone(),
     }
-    if let Some(token) = &row.envd_access_token {
-        body["envdAccessToken"] = json!(token);
-    }
-    body
 }
 
-/// `ListedSandbox`, and with `detail` the `SandboxDetail` fields.
-fn listed_body(plane: &ControlPlane, row: &SandboxRow, detail: bool) -> Value {
-    let mut body = json!({
-        "templateID": row.template_id,
-        "sandboxID": row.id,
-        "clientID": CLIENT_ID,
-        "startedAt": rfc3339(row.started_at_ms),
-        "endAt": rfc3339(row.end_at_ms),
-        "cpuCount": row.cpu_count,
-        "memoryMB": row.memory_mb,
-        "diskSizeMB": disk_size_mb(plane, &row.template_id),
-        "state": row.state,
-        "envdVersion": row.envd_version,
-        "metadata": row.metadata,
-        "volumeMounts": [],
-    });
-    if let Some(alias) = &row.alias {
-        body["alias"] = json!(alias);
+/// A row as `ListedSandbox`.
+fn listed_body(plane: &ControlPlane, row: &SandboxRow) -> wrenn_api::ListedSandbox {
+    wrenn_api::ListedSandbox {
+        template_id: row.template_id.clone(),
+        sandbox_id: row.id.clone(),
+        client_id: CLIENT_ID.into(),
+        started_at: rfc3339(row.started_at_ms),
+        end_at: rfc3339(row.end_at_ms),
+        cpu_count: row.cpu_count,
+        memory_mb: row.memory_mb,
+        disk_size_mb: disk_size_mb(plane, &row.template_id),
+        // The store writes only these three states.
+        state: wrenn_api::SandboxState::from_name(&row.state)
+            .unwrap_or(wrenn_api::SandboxState::Lost),
+        envd_version: row.envd_version.clone(),
+        metadata: row.metadata.clone(),
+        volume_mounts: Vec::new(),
+        alias: row.alias.clone(),
     }
-    if detail {
-        body["allowInternetAccess"] = json!(row.allow_internet);
-        body["lifecycle"] = json!({ "autoResume": row.auto_resume, "onTimeout": if row.auto_pause { "pause" } else { "kill" } });
-        body["network"] = json!({ "allowPublicTraffic": row.traffic_access_token.is_none() });
-        if let Some(token) = &row.envd_access_token {
-            body["envdAccessToken"] = json!(token);
-        }
-        if let Some(domain) = &plane.domain {
-            body["domain"] = json!(domain);
-        }
+}
+
+/// A row as `SandboxDetail`.
+fn detail_body(plane: &ControlPlane, row: &SandboxRow) -> wrenn_api::SandboxDetail {
+    wrenn_api::SandboxDetail {
+        listed: listed_body(plane, row),
+        allow_internet_access: row.allow_internet,
+        lifecycle: wrenn_api::Lifecycle {
+            auto_resume: row.auto_resume,
+            on_timeout: if row.auto_pause { "pause" } else { "kill" }.into(),
+        },
+        network: wrenn_api::SandboxNetwork {
+            allow_public_traffic: row.traffic_access_token.is_none(),
+        },
+        envd_access_token: row.envd_access_token.clone(),
+        domain: plane.domain.clone(),
     }
-    body
 }
 
 fn disk_size_mb(plane: &ControlPlane, template_id: &str) -> u64 {
@@ -349,33 +410,17 @@ fn check_timeout(seconds: u64) -> Result<u64, ApiError> {
     Ok(seconds)
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct NewSandbox {
-    #[serde(rename = "templateID")]
-    template_id: Option<String>,
-    timeout: Option<u64>,
-    auto_pause: Option<bool>,
-    secure: Option<bool>,
-    #[serde(rename = "allow_internet_access")]
-    allow_internet_access: Option<bool>,
-    metadata: Option<BTreeMap<String, String>>,
-    env_vars: Option<BTreeMap<String, String>>,
-    network: Option<NetworkBody>,
-    auto_resume: Option<AutoResumeBody>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct NetworkBody {
-    allow_public_traffic: Option<bool>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct AutoResumeBody {
-    enabled: Option<bool>,
-}
-
+#[utoipa::path(post, path = "/sandboxes", tag = "sandboxes", security(("api_key" = [])),
+    request_body = wrenn_api::NewSandbox,
+    params(("Idempotency-Key" = Option<String>, Header, description = "A retried create with the same key gets the sandbox the first one made")),
+    responses(
+        (status = 201, description = "The sandbox runs", body = wrenn_api::Sandbox),
+        (status = 400, description = "A bad body or a setting wrenn does not enforce", body = wrenn_api::Error),
+        (status = 401, description = "No valid API key", body = wrenn_api::Error),
+        (status = 404, description = "No host has the template", body = wrenn_api::Error),
+        (status = 429, description = "A team quota is reached", body = wrenn_api::Error),
+        (status = 503, description = "No host has room now", body = wrenn_api::Error),
+    ))]
 async fn create_sandbox(
     State(plane): State<Arc<ControlPlane>>,
     axum::Extension(team): axum::Extension<TeamId>,
@@ -383,7 +428,7 @@ async fn create_sandbox(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let handler_started = std::time::Instant::now();
-    let request: NewSandbox = checked_body(&body, crate::unsupported::check_create)?;
+    let request: wrenn_api::NewSandbox = checked_body(&body, crate::unsupported::check_create)?;
     // A retried create (same Idempotency-Key) gets the sandbox the first one made.
     let idempotency = headers
         .get("idempotency-key")
@@ -561,6 +606,22 @@ fn decode_token(token: &str) -> Result<(i64, String), ApiError> {
     Ok((started.parse().map_err(|_| invalid())?, id.to_string()))
 }
 
+#[utoipa::path(get, path = "/v2/sandboxes", tag = "sandboxes", security(("api_key" = [])),
+    params(
+        ("metadata" = Option<String>, Query, description = "URL-encoded key=value pairs every listed sandbox has"),
+        ("state" = Option<Vec<wrenn_api::SandboxState>>, Query, description = "Comma-separated states (default running,paused)"),
+        ("limit" = Option<usize>, Query, description = "Page size (default 100, at most 100)"),
+        ("nextToken" = Option<String>, Query, description = "The X-Next-Token of the previous page"),
+        ("order" = Option<String>, Query, description = "asc or desc by start time (default desc)"),
+        ("startedAfter" = Option<String>, Query, description = "RFC 3339: sandboxes started at or after it"),
+        ("template" = Option<String>, Query, description = "Only sandboxes of this template"),
+    ),
+    responses(
+        (status = 200, description = "A page of the team's sandboxes", body = Vec<wrenn_api::ListedSandbox>,
+            headers(("X-Next-Token" = String, description = "The next page's token, when there is one"))),
+        (status = 400, description = "A bad filter or token", body = wrenn_api::Error),
+        (status = 401, description = "No valid API key", body = wrenn_api::Error),
+    ))]
 async fn list_v2(
     State(plane): State<Arc<ControlPlane>>,
     axum::Extension(team): axum::Extension<TeamId>,
@@ -635,10 +696,8 @@ async fn list_v2(
     let (mut rows, total_running) = plane.store.list(query).await?;
     let more = rows.len() > limit;
     rows.truncate(limit);
-    let body: Vec<Value> = rows
-        .iter()
-        .map(|row| listed_body(&plane, row, false))
-        .collect();
+    let body: Vec<wrenn_api::ListedSandbox> =
+        rows.iter().map(|row| listed_body(&plane, row)).collect();
     let mut response = axum::Json(body).into_response();
     let headers = response.headers_mut();
     if more && let Some(last) = rows.last() {
@@ -651,6 +710,12 @@ async fn list_v2(
     Ok(response)
 }
 
+#[utoipa::path(get, path = "/sandboxes", tag = "sandboxes", security(("api_key" = [])),
+    params(("metadata" = Option<String>, Query, description = "URL-encoded key=value pairs every listed sandbox has")),
+    responses(
+        (status = 200, description = "The team's running sandboxes", body = Vec<wrenn_api::ListedSandbox>),
+        (status = 401, description = "No valid API key", body = wrenn_api::Error),
+    ))]
 async fn list_v1(
     State(plane): State<Arc<ControlPlane>>,
     axum::Extension(team): axum::Extension<TeamId>,
@@ -670,21 +735,35 @@ async fn list_v1(
     let (rows, _) = plane.store.list(query).await?;
     Ok(axum::Json(
         rows.iter()
-            .map(|row| listed_body(&plane, row, false))
+            .map(|row| listed_body(&plane, row))
             .collect::<Vec<_>>(),
     )
     .into_response())
 }
 
+#[utoipa::path(get, path = "/sandboxes/{id}", tag = "sandboxes", security(("api_key" = [])),
+    params(("id" = String, Path, description = "The sandbox's id")),
+    responses(
+        (status = 200, description = "The sandbox", body = wrenn_api::SandboxDetail),
+        (status = 401, description = "No valid API key", body = wrenn_api::Error),
+        (status = 404, description = "No such sandbox of the team", body = wrenn_api::Error),
+    ))]
 async fn get_sandbox(
     State(plane): State<Arc<ControlPlane>>,
     axum::Extension(team): axum::Extension<TeamId>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let row = owned(&plane, &team, &id).await?;
-    Ok(axum::Json(listed_body(&plane, &row, true)).into_response())
+    Ok(axum::Json(detail_body(&plane, &row)).into_response())
 }
 
+#[utoipa::path(delete, path = "/sandboxes/{id}", tag = "sandboxes", security(("api_key" = [])),
+    params(("id" = String, Path, description = "The sandbox's id")),
+    responses(
+        (status = 204, description = "Killed: its VM, disk and snapshot are gone"),
+        (status = 401, description = "No valid API key", body = wrenn_api::Error),
+        (status = 404, description = "No such sandbox of the team", body = wrenn_api::Error),
+    ))]
 async fn kill_sandbox(
     State(plane): State<Arc<ControlPlane>>,
     axum::Extension(team): axum::Extension<TeamId>,
@@ -699,20 +778,22 @@ async fn kill_sandbox(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct TimeoutBody {
-    timeout: Option<u64>,
-    #[serde(rename = "autoPause")]
-    auto_pause: Option<bool>,
-}
-
+#[utoipa::path(post, path = "/sandboxes/{id}/timeout", tag = "sandboxes", security(("api_key" = [])),
+    params(("id" = String, Path, description = "The sandbox's id")),
+    request_body = wrenn_api::TimeoutRequest,
+    responses(
+        (status = 204, description = "The sandbox ends `timeout` seconds from now"),
+        (status = 400, description = "No timeout, or more than 24 hours", body = wrenn_api::Error),
+        (status = 401, description = "No valid API key", body = wrenn_api::Error),
+        (status = 404, description = "No such sandbox of the team", body = wrenn_api::Error),
+    ))]
 async fn set_timeout(
     State(plane): State<Arc<ControlPlane>>,
     axum::Extension(team): axum::Extension<TeamId>,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let body: TimeoutBody = body_json(&body)?;
+    let body: wrenn_api::TimeoutRequest = body_json(&body)?;
     let timeout = check_timeout(
         body.timeout
             .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "timeout is required"))?,
@@ -725,18 +806,22 @@ async fn set_timeout(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct RefreshBody {
-    duration: Option<u64>,
-}
-
+#[utoipa::path(post, path = "/sandboxes/{id}/refreshes", tag = "sandboxes", security(("api_key" = [])),
+    params(("id" = String, Path, description = "The sandbox's id")),
+    request_body = wrenn_api::RefreshRequest,
+    responses(
+        (status = 204, description = "The sandbox lives `duration` more seconds"),
+        (status = 400, description = "More than 24 hours", body = wrenn_api::Error),
+        (status = 401, description = "No valid API key", body = wrenn_api::Error),
+        (status = 404, description = "No such sandbox of the team", body = wrenn_api::Error),
+    ))]
 async fn refresh(
     State(plane): State<Arc<ControlPlane>>,
     axum::Extension(team): axum::Extension<TeamId>,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let body: RefreshBody = body_json(&body)?;
+    let body: wrenn_api::RefreshRequest = body_json(&body)?;
     let duration = body.duration.unwrap_or(15);
     if duration > 3600 {
         return Err(ApiError::new(
@@ -750,6 +835,14 @@ async fn refresh(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+#[utoipa::path(post, path = "/sandboxes/{id}/pause", tag = "sandboxes", security(("api_key" = [])),
+    params(("id" = String, Path, description = "The sandbox's id")),
+    responses(
+        (status = 204, description = "Paused: memory, processes and files kept"),
+        (status = 401, description = "No valid API key", body = wrenn_api::Error),
+        (status = 404, description = "No such sandbox of the team", body = wrenn_api::Error),
+        (status = 409, description = "Already paused", body = wrenn_api::Error),
+    ))]
 async fn pause(
     State(plane): State<Arc<ControlPlane>>,
     axum::Extension(team): axum::Extension<TeamId>,
@@ -768,13 +861,22 @@ async fn pause(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+#[utoipa::path(post, path = "/sandboxes/{id}/connect", tag = "sandboxes", security(("api_key" = [])),
+    params(("id" = String, Path, description = "The sandbox's id")),
+    request_body = wrenn_api::TimeoutRequest,
+    responses(
+        (status = 200, description = "It was running: its timeout is at least `timeout` from now", body = wrenn_api::Sandbox),
+        (status = 201, description = "It was paused: resumed", body = wrenn_api::Sandbox),
+        (status = 401, description = "No valid API key", body = wrenn_api::Error),
+        (status = 404, description = "No such sandbox of the team", body = wrenn_api::Error),
+    ))]
 async fn connect(
     State(plane): State<Arc<ControlPlane>>,
     axum::Extension(team): axum::Extension<TeamId>,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let body: TimeoutBody = checked_body(&body, crate::unsupported::check_memory)?;
+    let body: wrenn_api::TimeoutRequest = checked_body(&body, crate::unsupported::check_memory)?;
     let timeout = check_timeout(body.timeout.unwrap_or(15))?;
     let (_turn, row) = owned_in_turn(&plane, &team, &id).await?;
     let end = now_ms() + timeout as i64 * 1000;
@@ -787,13 +889,22 @@ async fn connect(
     Ok((StatusCode::CREATED, axum::Json(sandbox_body(&plane, &row))).into_response())
 }
 
+#[utoipa::path(post, path = "/sandboxes/{id}/resume", tag = "sandboxes", security(("api_key" = [])),
+    params(("id" = String, Path, description = "The sandbox's id")),
+    request_body = wrenn_api::TimeoutRequest,
+    responses(
+        (status = 201, description = "Resumed", body = wrenn_api::Sandbox),
+        (status = 401, description = "No valid API key", body = wrenn_api::Error),
+        (status = 404, description = "No such sandbox of the team", body = wrenn_api::Error),
+        (status = 409, description = "Not paused", body = wrenn_api::Error),
+    ))]
 async fn resume(
     State(plane): State<Arc<ControlPlane>>,
     axum::Extension(team): axum::Extension<TeamId>,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let body: TimeoutBody = checked_body(&body, crate::unsupported::check_memory)?;
+    let body: wrenn_api::TimeoutRequest = checked_body(&body, crate::unsupported::check_memory)?;
     let timeout = check_timeout(body.timeout.unwrap_or(15))?;
     let (_turn, row) = owned_in_turn(&plane, &team, &id).await?;
     if row.state == "running" {
@@ -810,6 +921,14 @@ async fn resume(
 
 /// `PUT /sandboxes/{id}/network`: refused (400, naming the field), since a sandbox's network
 /// is set at its create and never changed.
+#[utoipa::path(put, path = "/sandboxes/{id}/network", tag = "sandboxes", security(("api_key" = [])),
+    params(("id" = String, Path, description = "The sandbox's id")),
+    request_body(content = Object, description = "E2B's network update"),
+    responses(
+        (status = 400, description = "wrenn does not change a running sandbox's network yet", body = wrenn_api::Error),
+        (status = 401, description = "No valid API key", body = wrenn_api::Error),
+        (status = 404, description = "No such sandbox of the team", body = wrenn_api::Error),
+    ))]
 async fn update_network(
     State(plane): State<Arc<ControlPlane>>,
     axum::Extension(team): axum::Extension<TeamId>,
@@ -820,13 +939,21 @@ async fn update_network(
     Err(crate::unsupported::check_network_update(&body_value(&body)?).into())
 }
 
+#[utoipa::path(get, path = "/sandboxes/{id}/metrics", tag = "sandboxes", security(("api_key" = [])),
+    params(("id" = String, Path, description = "The sandbox's id")),
+    responses(
+        (status = 200, description = "Its latest sample (none when it does not run)", body = Vec<wrenn_api::SandboxMetric>),
+        (status = 401, description = "No valid API key", body = wrenn_api::Error),
+        (status = 404, description = "No such sandbox of the team", body = wrenn_api::Error),
+    ))]
 async fn metrics(
     State(plane): State<Arc<ControlPlane>>,
     axum::Extension(team): axum::Extension<TeamId>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let row = owned(&plane, &team, &id).await?;
-    let samples: Vec<Value> = live_metric(&plane, &row).await.into_iter().collect();
+    let samples: Vec<wrenn_api::SandboxMetric> =
+        live_metric(&plane, &row).await.into_iter().collect();
     Ok(axum::Json(samples).into_response())
 }
 
@@ -835,6 +962,13 @@ const MAX_METRICS_SANDBOXES: usize = 100;
 
 /// `GET /sandboxes/metrics?sandbox_ids=a,b`: the latest sample of each named sandbox of the
 /// caller's team that runs (`{"sandboxes": {id: SandboxMetric}}`); the others are left out.
+#[utoipa::path(get, path = "/sandboxes/metrics", tag = "sandboxes", security(("api_key" = [])),
+    params(("sandbox_ids" = String, Query, description = "Comma-separated sandbox ids, at most 100")),
+    responses(
+        (status = 200, description = "The latest sample of each that runs", body = wrenn_api::SandboxesMetrics),
+        (status = 400, description = "No ids, or too many", body = wrenn_api::Error),
+        (status = 401, description = "No valid API key", body = wrenn_api::Error),
+    ))]
 async fn metrics_of_many(
     State(plane): State<Arc<ControlPlane>>,
     axum::Extension(team): axum::Extension<TeamId>,
@@ -877,12 +1011,12 @@ async fn metrics_of_many(
     }
     let samples =
         futures_util::future::join_all(rows.iter().map(|row| live_metric(&plane, row))).await;
-    let sandboxes: serde_json::Map<String, Value> = rows
+    let sandboxes = rows
         .iter()
         .zip(samples)
         .filter_map(|(row, sample)| Some((row.id.clone(), sample?)))
         .collect();
-    Ok(axum::Json(json!({ "sandboxes": sandboxes })).into_response())
+    Ok(axum::Json(wrenn_api::SandboxesMetrics { sandboxes }).into_response())
 }
 
 /// The decoded `key=value` pairs of a query string (a bare `key` has an empty value).
@@ -899,7 +1033,7 @@ fn url_pairs(query: &str) -> Vec<(String, String)> {
 
 /// One E2B `SandboxMetric` read from a running sandbox's envd now, or `None` when it does
 /// not run or does not answer within 5 s.
-async fn live_metric(plane: &ControlPlane, row: &SandboxRow) -> Option<Value> {
+async fn live_metric(plane: &ControlPlane, row: &SandboxRow) -> Option<wrenn_api::SandboxMetric> {
     if row.state != "running" {
         return None;
     }
@@ -914,47 +1048,61 @@ async fn live_metric(plane: &ControlPlane, row: &SandboxRow) -> Option<Value> {
     )
     .await?;
     let now = chrono::Utc::now();
-    Some(json!({
-        "timestamp": now.to_rfc3339(),
-        "timestampUnix": now.timestamp(),
-        "cpuCount": m.get("cpu_count").and_then(Value::as_u64).unwrap_or(u64::from(row.cpu_count)),
-        "cpuUsedPct": m.get("cpu_used_pct").and_then(Value::as_f64).unwrap_or(0.0),
-        "memUsed": m.get("mem_used").and_then(Value::as_u64).unwrap_or(0),
-        "memTotal": m.get("mem_total").and_then(Value::as_u64).unwrap_or(0),
-        "memCache": m.get("mem_cache").and_then(Value::as_u64).unwrap_or(0),
-        "diskUsed": m.get("disk_used").and_then(Value::as_u64).unwrap_or(0),
-        "diskTotal": m.get("disk_total").and_then(Value::as_u64).unwrap_or(0),
-    }))
+    let count = |key: &str| m.get(key).and_then(Value::as_u64).unwrap_or(0);
+    Some(wrenn_api::SandboxMetric {
+        timestamp: now.to_rfc3339(),
+        timestamp_unix: now.timestamp(),
+        cpu_count: m
+            .get("cpu_count")
+            .and_then(Value::as_u64)
+            .unwrap_or(u64::from(row.cpu_count)),
+        cpu_used_pct: m.get("cpu_used_pct").and_then(Value::as_f64).unwrap_or(0.0),
+        mem_used: count("mem_used"),
+        mem_total: count("mem_total"),
+        mem_cache: count("mem_cache"),
+        disk_used: count("disk_used"),
+        disk_total: count("disk_total"),
+    })
 }
 
+#[utoipa::path(get, path = "/templates", tag = "templates", security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The templates up hosts have", body = Vec<wrenn_api::Template>),
+        (status = 401, description = "No valid API key", body = wrenn_api::Error),
+    ))]
 async fn list_templates(State(plane): State<Arc<ControlPlane>>) -> Response {
-    let templates: Vec<Value> = plane
+    let templates: Vec<wrenn_api::Template> = plane
         .fleet
         .templates()
         .iter()
-        .map(|t| {
-            json!({
-                "templateID": t.template_id,
-                "buildID": t.image_key.get(..16).unwrap_or(""),
-                "cpuCount": t.vcpus,
-                "memoryMB": t.memory_mib,
-                "diskSizeMB": t.disk_size_mb,
-                "public": true,
-                "aliases": [t.template_id],
-                "names": [t.template_id],
-                "createdAt": rfc3339(t.created_at_ms),
-                "updatedAt": rfc3339(t.created_at_ms),
-                "lastSpawnedAt": Value::Null,
-                "spawnCount": 0,
-                "buildCount": 1,
-                "envdVersion": t.envd_version,
-                "buildStatus": "ready",
-            })
+        .map(|t| wrenn_api::Template {
+            template_id: t.template_id.clone(),
+            build_id: t.image_key.get(..16).unwrap_or("").into(),
+            cpu_count: t.vcpus,
+            memory_mb: t.memory_mib,
+            disk_size_mb: t.disk_size_mb,
+            public: true,
+            aliases: vec![t.template_id.clone()],
+            names: vec![t.template_id.clone()],
+            created_at: rfc3339(t.created_at_ms),
+            updated_at: rfc3339(t.created_at_ms),
+            last_spawned_at: None,
+            spawn_count: 0,
+            build_count: 1,
+            envd_version: t.envd_version.clone(),
+            build_status: "ready".into(),
         })
         .collect();
     axum::Json(templates).into_response()
 }
 
+#[utoipa::path(get, path = "/templates/aliases/{alias}", tag = "templates", security(("api_key" = [])),
+    params(("alias" = String, Path, description = "A template's alias")),
+    responses(
+        (status = 200, description = "The template", body = wrenn_api::TemplateAlias),
+        (status = 401, description = "No valid API key", body = wrenn_api::Error),
+        (status = 404, description = "No such template", body = wrenn_api::Error),
+    ))]
 async fn template_alias(
     State(plane): State<Arc<ControlPlane>>,
     Path(alias): Path<String>,
@@ -964,7 +1112,13 @@ async fn template_alias(
         .templates()
         .iter()
         .find(|t| t.template_id == alias)
-        .map(|t| axum::Json(json!({ "templateID": t.template_id, "public": true })).into_response())
+        .map(|t| {
+            axum::Json(wrenn_api::TemplateAlias {
+                template_id: t.template_id.clone(),
+                public: true,
+            })
+            .into_response()
+        })
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -981,6 +1135,14 @@ fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
 }
 
 /// `POST /hosts/register`: an agent joins with the join token.
+#[utoipa::path(post, path = "/hosts/register", tag = "hosts", security(("join_token" = [])),
+    request_body(content = Object, description = "The agent's RegisterRequest (wrenn_agent_api::join)"),
+    responses(
+        (status = 200, description = "Registered: the agent's RegisterResponse", body = Object),
+        (status = 400, description = "A bad name, URL or token", body = wrenn_api::Error),
+        (status = 401, description = "No valid join token", body = wrenn_api::Error),
+        (status = 409, description = "The name belongs to another host", body = wrenn_api::Error),
+    ))]
 async fn register_host(
     State(plane): State<Arc<ControlPlane>>,
     headers: axum::http::HeaderMap,
@@ -1003,6 +1165,14 @@ async fn register_host(
 }
 
 /// `POST /hosts/{id}/heartbeat`: a host's report, with its heartbeat token.
+#[utoipa::path(post, path = "/hosts/{id}/heartbeat", tag = "hosts", security(("heartbeat_token" = [])),
+    params(("id" = String, Path, description = "The host's id")),
+    request_body(content = Object, description = "The host's HostReport (wrenn_agent_api::join)"),
+    responses(
+        (status = 204, description = "Taken"),
+        (status = 401, description = "No valid heartbeat token: register again", body = wrenn_api::Error),
+        (status = 404, description = "The host is not registered: register again", body = wrenn_api::Error),
+    ))]
 async fn host_heartbeat(
     State(plane): State<Arc<ControlPlane>>,
     Path(id): Path<String>,
@@ -1040,6 +1210,15 @@ async fn require_admin(plane: &ControlPlane, team: &TeamId) -> Result<(), ApiErr
 
 /// `DELETE /hosts/{name}`: forgets a host that is down, with its sandboxes, so that a new
 /// agent may take its name (admin teams only).
+#[utoipa::path(delete, path = "/hosts/{name}", tag = "hosts", security(("api_key" = [])),
+    params(("name" = String, Path, description = "The host's name")),
+    responses(
+        (status = 200, description = "Forgotten, with its sandboxes' rows", body = wrenn_api::ForgottenHost),
+        (status = 401, description = "No valid API key", body = wrenn_api::Error),
+        (status = 403, description = "The key's team is not an admin", body = wrenn_api::Error),
+        (status = 404, description = "No such host", body = wrenn_api::Error),
+        (status = 409, description = "The host is up", body = wrenn_api::Error),
+    ))]
 async fn forget_host(
     State(plane): State<Arc<ControlPlane>>,
     axum::Extension(team): axum::Extension<TeamId>,
@@ -1047,37 +1226,48 @@ async fn forget_host(
 ) -> Result<Response, ApiError> {
     require_admin(&plane, &team).await?;
     let sandboxes = plane.fleet.forget_host(&plane.store, &name).await?;
-    Ok(axum::Json(json!({ "forgotten": name, "sandboxes": sandboxes })).into_response())
+    Ok(axum::Json(wrenn_api::ForgottenHost {
+        forgotten: name,
+        sandboxes,
+    })
+    .into_response())
 }
 
 /// `GET /hosts`: the fleet, with each host's last report (admin teams only).
+#[utoipa::path(get, path = "/hosts", tag = "hosts", security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The fleet", body = wrenn_api::Hosts),
+        (status = 401, description = "No valid API key", body = wrenn_api::Error),
+        (status = 403, description = "The key's team is not an admin", body = wrenn_api::Error),
+    ))]
 async fn list_hosts(
     State(plane): State<Arc<ControlPlane>>,
     axum::Extension(team): axum::Extension<TeamId>,
 ) -> Result<Response, ApiError> {
     require_admin(&plane, &team).await?;
-    let hosts: Vec<Value> = plane
+    let hosts = plane
         .fleet
         .hosts()
         .iter()
         .map(|host| {
             let row = host.row();
-            json!({
-                "hostID": row.id,
-                "name": row.name,
-                "state": row.state,
-                "embedded": row.api_url == crate::store::EMBEDDED_API_URL,
-                "apiURL": row.api_url,
-                "lastHeartbeatAt": rfc3339(row.last_heartbeat_ms),
-                "registeredAt": rfc3339(row.registered_at_ms),
-                "report": row.report,
-            })
+            wrenn_api::Host {
+                embedded: row.api_url == crate::store::EMBEDDED_API_URL,
+                last_heartbeat_at: rfc3339(row.last_heartbeat_ms),
+                registered_at: rfc3339(row.registered_at_ms),
+                report: serde_json::to_value(&row.report).unwrap_or_default(),
+                host_id: row.id,
+                name: row.name,
+                state: row.state,
+                api_url: row.api_url,
+            }
         })
         .collect();
-    Ok(
-        axum::Json(json!({ "placement": plane.fleet.placement_name(), "hosts": hosts }))
-            .into_response(),
-    )
+    Ok(axum::Json(wrenn_api::Hosts {
+        placement: plane.fleet.placement_name().into(),
+        hosts,
+    })
+    .into_response())
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod busy;
 pub mod deadlines;
 pub mod fleet;
+pub mod openapi;
 pub mod proxy;
 pub mod quota;
 pub mod store;

@@ -108,6 +108,15 @@ impl Kit {
             serde_json::from_slice(&bytes)
                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
         };
+        // Every answer is what the OpenAPI document says it is.
+        let document = serde_json::to_value(wrenn_cp::openapi::document()).unwrap();
+        let route = path.split('?').next().unwrap_or(path);
+        if let Err(problem) = conformance::check(&document, method, route, status.as_u16(), &value)
+        {
+            panic!(
+                "{method} {path} -> {status}: the answer breaks the OpenAPI document: {problem}\n{value}"
+            );
+        }
         (status, value)
     }
 
@@ -439,5 +448,202 @@ async fn a_host_error_reaches_the_caller_by_cause() {
             (StatusCode::OK, json!("running")),
             "a failed pause changes nothing"
         );
+    }
+}
+
+/// The checked-in OpenAPI document.
+fn checked_in_document_path() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json")
+}
+
+#[tokio::test]
+async fn the_served_openapi_document_is_the_checked_in_one() {
+    let kit = Kit::new(1, Quotas::default()).await;
+    let (status, served) = kit.call("GET", "/openapi.json", None, Value::Null).await;
+    assert_eq!(status, StatusCode::OK);
+    let path = checked_in_document_path();
+    if std::env::var_os("WRENN_WRITE_OPENAPI").is_some() {
+        std::fs::write(&path, wrenn_cp::openapi::document_json()).unwrap();
+    }
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let checked_in: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    assert!(
+        served == checked_in && text == wrenn_cp::openapi::document_json(),
+        "docs/openapi.json is not the document the API serves: regenerate it with \
+         `WRENN_WRITE_OPENAPI=1 cargo test -p wrenn-cp --test fast_api the_served_openapi` and commit it"
+    );
+    for path in [
+        "/sandboxes",
+        "/v2/sandboxes",
+        "/sandboxes/{id}",
+        "/sandboxes/{id}/pause",
+        "/templates",
+        "/hosts",
+    ] {
+        assert!(served["paths"][path].is_object(), "{path} is documented");
+    }
+}
+
+/// Checks answers against the OpenAPI document: the route, method and status are documented,
+/// and the body matches its schema. Stricter than JSON Schema in one way: an object may carry
+/// only the properties its schema names (the document must describe everything served).
+mod conformance {
+    use serde_json::Value;
+
+    /// The documented path template `path` falls under (literal segments win over `{x}`).
+    fn template<'a>(document: &'a Value, path: &str) -> Option<&'a str> {
+        let wanted: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+        document["paths"]
+            .as_object()?
+            .keys()
+            .filter(|template| {
+                let parts: Vec<&str> = template.split('/').collect();
+                parts.len() == wanted.len()
+                    && parts.iter().zip(&wanted).all(|(part, segment)| {
+                        part == segment || (part.starts_with('{') && !segment.is_empty())
+                    })
+            })
+            .min_by_key(|template| template.matches('{').count())
+            .map(String::as_str)
+    }
+
+    pub fn check(
+        document: &Value,
+        method: &str,
+        path: &str,
+        status: u16,
+        body: &Value,
+    ) -> Result<(), String> {
+        let template = template(document, path).ok_or("the path is not documented")?;
+        let operation = &document["paths"][template][method.to_ascii_lowercase()];
+        if !operation.is_object() {
+            return Err(format!("{method} is not documented on {template}"));
+        }
+        let mut answer = &operation["responses"][status.to_string()];
+        if !answer.is_object() && status >= 400 {
+            answer = &operation["responses"]["default"];
+        }
+        if !answer.is_object() {
+            return Err(format!(
+                "status {status} is not documented for {method} {template}"
+            ));
+        }
+        let schema = &answer["content"]["application/json"]["schema"];
+        match (schema.is_null(), body.is_null()) {
+            (true, true) => Ok(()),
+            (true, false) => Err("a body where the document says there is none".into()),
+            (false, true) => Err("no body where the document says there is one".into()),
+            (false, false) => validate(document, schema, body, "body", true),
+        }
+    }
+
+    fn resolve<'a>(document: &'a Value, schema: &'a Value) -> &'a Value {
+        match schema["$ref"].as_str() {
+            Some(reference) => {
+                let name = reference.trim_start_matches("#/components/schemas/");
+                resolve(document, &document["components"]["schemas"][name])
+            }
+            None => schema,
+        }
+    }
+
+    /// Every property `schema` names, through `$ref` and `allOf`.
+    fn named_properties(document: &Value, schema: &Value, names: &mut Vec<String>) {
+        let schema = resolve(document, schema);
+        if let Some(properties) = schema["properties"].as_object() {
+            names.extend(properties.keys().cloned());
+        }
+        for part in schema["allOf"].as_array().into_iter().flatten() {
+            named_properties(document, part, names);
+        }
+    }
+
+    fn type_matches(name: &str, value: &Value) -> bool {
+        match name {
+            "null" => value.is_null(),
+            "boolean" => value.is_boolean(),
+            "object" => value.is_object(),
+            "array" => value.is_array(),
+            "string" => value.is_string(),
+            "integer" => value.is_i64() || value.is_u64(),
+            "number" => value.is_number(),
+            _ => false,
+        }
+    }
+
+    fn validate(
+        document: &Value,
+        schema: &Value,
+        value: &Value,
+        at: &str,
+        strict: bool,
+    ) -> Result<(), String> {
+        let schema = resolve(document, schema);
+        if let Some(parts) = schema["allOf"].as_array() {
+            for part in parts {
+                validate(document, part, value, at, false)?;
+            }
+        }
+        for key in ["oneOf", "anyOf"] {
+            if let Some(choices) = schema[key].as_array()
+                && !choices
+                    .iter()
+                    .any(|choice| validate(document, choice, value, at, strict).is_ok())
+            {
+                return Err(format!("{at}: matches none of {key}"));
+            }
+        }
+        match &schema["type"] {
+            Value::String(name) if !type_matches(name, value) => {
+                return Err(format!("{at}: not of type {name}"));
+            }
+            Value::Array(names)
+                if !names
+                    .iter()
+                    .any(|n| n.as_str().is_some_and(|n| type_matches(n, value))) =>
+            {
+                return Err(format!("{at}: not of types {names:?}"));
+            }
+            _ => {}
+        }
+        if let Some(allowed) = schema["enum"].as_array()
+            && !allowed.contains(value)
+        {
+            return Err(format!("{at}: {value} is not one of {allowed:?}"));
+        }
+        if let (Some(minimum), Some(number)) = (schema["minimum"].as_f64(), value.as_f64())
+            && number < minimum
+        {
+            return Err(format!("{at}: {number} is below {minimum}"));
+        }
+        if let Some(object) = value.as_object() {
+            for required in schema["required"].as_array().into_iter().flatten() {
+                let name = required.as_str().unwrap_or_default();
+                if !object.contains_key(name) {
+                    return Err(format!("{at}: required {name} is missing"));
+                }
+            }
+            let mut named = Vec::new();
+            named_properties(document, schema, &mut named);
+            // A schema that names no property is a free-form object.
+            let strict = strict && !named.is_empty();
+            for (name, item) in object {
+                let property = &schema["properties"][name];
+                let extra = &schema["additionalProperties"];
+                if property.is_object() {
+                    validate(document, property, item, &format!("{at}.{name}"), true)?;
+                } else if extra.is_object() {
+                    validate(document, extra, item, &format!("{at}.{name}"), true)?;
+                } else if strict && extra != &Value::Bool(true) && !named.contains(name) {
+                    return Err(format!("{at}: {name} is served but not documented"));
+                }
+            }
+        }
+        if let (Some(items), Some(array)) = (schema.get("items"), value.as_array()) {
+            for (i, item) in array.iter().enumerate() {
+                validate(document, items, item, &format!("{at}[{i}]"), true)?;
+            }
+        }
+        Ok(())
     }
 }

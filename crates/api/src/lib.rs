@@ -1,0 +1,284 @@
+//! wrenn's REST API as types: the bodies the E2B SDKs send and read (field names are E2B's wire
+//! contract: `sandboxID`, `templateID`, `envdVersion`…), and wrenn's own fleet routes. The
+//! control plane answers with these types, its OpenAPI document (`docs/openapi.json`, served at
+//! `GET /openapi.json`) is generated from them, and clients read them back. No behaviour.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Error {
+    /// The HTTP status again.
+    pub code: u16,
+    pub message: String,
+}
+
+/// `POST /sandboxes`: a new sandbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NewSandbox {
+    /// The template (or its alias) to start from.
+    #[serde(rename = "templateID")]
+    pub template_id: Option<String>,
+    /// Seconds until the sandbox ends (default 15, at most 86400).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<u64>,
+    /// Pause instead of kill when the timeout comes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto_pause: Option<bool>,
+    /// envd requires an access token (returned as `envdAccessToken`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secure: Option<bool>,
+    #[serde(
+        rename = "allow_internet_access",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub allow_internet_access: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub env_vars: Option<BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkRequest>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto_resume: Option<AutoResumeRequest>,
+}
+
+/// The network settings of a new sandbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkRequest {
+    /// Whether the sandbox's ports are reached without a traffic token (default true).
+    pub allow_public_traffic: Option<bool>,
+}
+
+/// Whether traffic to a paused sandbox resumes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AutoResumeRequest {
+    pub enabled: Option<bool>,
+}
+
+/// `POST /sandboxes/{id}/timeout`, `/connect`, `/resume`: a new timeout in seconds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TimeoutRequest {
+    pub timeout: Option<u64>,
+    /// Accepted from older SDKs' resume; the sandbox keeps its own setting.
+    #[serde(rename = "autoPause", default, skip_serializing_if = "Option::is_none")]
+    pub auto_pause: Option<bool>,
+}
+
+/// `POST /sandboxes/{id}/refreshes`: keep the sandbox alive `duration` more seconds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RefreshRequest {
+    pub duration: Option<u64>,
+}
+
+/// The answer of create, connect and resume: how to reach the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Sandbox {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    pub envd_version: String,
+    /// The token a request to a sandbox port must carry when public traffic is off.
+    pub traffic_access_token: Option<String>,
+    /// The domain sandboxes are reached under (the SDKs' default when null).
+    pub domain: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
+    /// envd's access token, for a secure sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envd_access_token: Option<String>,
+}
+
+/// Where a sandbox is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    Running,
+    Paused,
+    /// Its host stopped answering; it may come back with its host.
+    Lost,
+}
+
+impl SandboxState {
+    pub const ALL: [SandboxState; 3] = [
+        SandboxState::Running,
+        SandboxState::Paused,
+        SandboxState::Lost,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Running => "running",
+            SandboxState::Paused => "paused",
+            SandboxState::Lost => "lost",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<SandboxState> {
+        SandboxState::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+/// A sandbox in a listing (`GET /v2/sandboxes`, `GET /sandboxes`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ListedSandbox {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    /// RFC 3339.
+    pub started_at: String,
+    /// RFC 3339.
+    pub end_at: String,
+    pub cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u32,
+    #[serde(rename = "diskSizeMB")]
+    pub disk_size_mb: u64,
+    pub state: SandboxState,
+    pub envd_version: String,
+    pub metadata: BTreeMap<String, String>,
+    /// Always empty: wrenn has no volumes.
+    pub volume_mounts: Vec<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
+}
+
+/// `GET /sandboxes/{id}`: a listed sandbox with its settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxDetail {
+    #[serde(flatten)]
+    pub listed: ListedSandbox,
+    pub allow_internet_access: bool,
+    pub lifecycle: Lifecycle,
+    pub network: SandboxNetwork,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envd_access_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+}
+
+/// What happens at a sandbox's timeout, and whether traffic resumes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Lifecycle {
+    pub auto_resume: bool,
+    /// `kill` or `pause`.
+    pub on_timeout: String,
+}
+
+/// A sandbox's network settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxNetwork {
+    pub allow_public_traffic: bool,
+}
+
+/// One sample of a running sandbox's resource use, read from its envd.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxMetric {
+    /// RFC 3339.
+    pub timestamp: String,
+    pub timestamp_unix: i64,
+    pub cpu_count: u64,
+    pub cpu_used_pct: f64,
+    pub mem_used: u64,
+    pub mem_total: u64,
+    pub mem_cache: u64,
+    pub disk_used: u64,
+    pub disk_total: u64,
+}
+
+/// `GET /sandboxes/metrics`: the latest sample of each running sandbox asked for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SandboxesMetrics {
+    pub sandboxes: BTreeMap<String, SandboxMetric>,
+}
+
+/// A template in `GET /templates`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Template {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    pub cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u32,
+    #[serde(rename = "diskSizeMB")]
+    pub disk_size_mb: u64,
+    pub public: bool,
+    pub aliases: Vec<String>,
+    pub names: Vec<String>,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339.
+    pub updated_at: String,
+    pub last_spawned_at: Option<String>,
+    pub spawn_count: u64,
+    pub build_count: u64,
+    pub envd_version: String,
+    /// Always `ready`: wrenn lists built templates only.
+    pub build_status: String,
+}
+
+/// `GET /templates/aliases/{alias}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TemplateAlias {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    pub public: bool,
+}
+
+/// A host of the fleet in `GET /hosts`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Host {
+    #[serde(rename = "hostID")]
+    pub host_id: String,
+    pub name: String,
+    /// `up` or `down`.
+    pub state: String,
+    /// The agent runs in the control plane's process (`wrenn up`).
+    pub embedded: bool,
+    #[serde(rename = "apiURL")]
+    pub api_url: String,
+    /// RFC 3339.
+    pub last_heartbeat_at: String,
+    /// RFC 3339.
+    pub registered_at: String,
+    /// The host's last report of its capacity, use and templates.
+    #[schema(value_type = Object)]
+    pub report: serde_json::Value,
+}
+
+/// `GET /hosts`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Hosts {
+    /// The placement strategy: `least-loaded` or `binpack`.
+    pub placement: String,
+    pub hosts: Vec<Host>,
+}
+
+/// `DELETE /hosts/{name}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ForgottenHost {
+    pub forgotten: String,
+    /// How many sandboxes' rows went with it.
+    pub sandboxes: u64,
+}

@@ -1,0 +1,128 @@
+//! The REST API's OpenAPI document, generated from the handlers' `#[utoipa::path]` annotations
+//! and the `wrenn-api` types. It is served at `GET /openapi.json` and checked in as
+//! `docs/openapi.json`; a test fails when the two differ, and the API tests validate every
+//! answer they get against it.
+
+use utoipa::OpenApi;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+
+use crate::api;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "wrenn",
+        description = "wrenn's control plane: E2B's sandbox REST API (the `e2b` SDKs work against it unmodified) and wrenn's fleet routes.",
+        license(name = "Apache-2.0"),
+    ),
+    paths(
+        api::create_sandbox,
+        api::create_sandbox_v2,
+        api::list_v1,
+        api::list_v2,
+        api::get_sandbox,
+        api::kill_sandbox,
+        api::set_timeout,
+        api::refresh,
+        api::pause,
+        api::connect,
+        api::connect_v2,
+        api::resume,
+        api::update_network,
+        api::metrics,
+        api::metrics_of_many,
+        api::list_templates,
+        api::template_alias,
+        api::list_hosts,
+        api::forget_host,
+        api::register_host,
+        api::host_heartbeat,
+        api::health,
+        api::openapi_document,
+    ),
+    modifiers(&Security, &OtherErrors),
+    tags(
+        (name = "sandboxes", description = "Sandboxes: create, list, pause, resume, kill, metrics"),
+        (name = "templates", description = "The templates sandboxes start from"),
+        (name = "hosts", description = "The fleet of host agents (admin teams; agents register and heartbeat)"),
+        (name = "service", description = "The control plane itself"),
+    )
+)]
+struct ApiDoc;
+
+/// The security schemes: a team's API key, and the agents' join and heartbeat tokens.
+struct Security;
+
+impl utoipa::Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))),
+        );
+        let bearer =
+            || SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build());
+        components.add_security_scheme("join_token", bearer());
+        components.add_security_scheme("heartbeat_token", bearer());
+    }
+}
+
+/// Every operation's `default` answer: any other error (a host that failed, timed out or had
+/// no room; a store that failed) has the same body.
+struct OtherErrors;
+
+impl utoipa::Modify for OtherErrors {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, RefOr, ResponseBuilder};
+        let error = ResponseBuilder::new()
+            .description("Any other error (a host that failed, timed out or had no room; a store that failed): the message says what happened")
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name("Error"))))
+                    .build(),
+            )
+            .build();
+        for item in openapi.paths.paths.values_mut() {
+            for operation in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.delete,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if operation
+                    .tags
+                    .as_ref()
+                    .is_some_and(|tags| tags.iter().any(|t| t == "service"))
+                {
+                    continue;
+                }
+                operation
+                    .responses
+                    .responses
+                    .insert("default".into(), RefOr::T(error.clone()));
+            }
+        }
+    }
+}
+
+/// The document.
+pub fn document() -> utoipa::openapi::OpenApi {
+    let mut document = ApiDoc::openapi();
+    // The crate's version, not utoipa's default (the package version of this crate anyway),
+    // set here so it is one place.
+    document.info.version = env!("CARGO_PKG_VERSION").to_string();
+    document
+}
+
+/// The document as served and checked in: pretty JSON with a final newline.
+pub fn document_json() -> String {
+    let mut text = document()
+        .to_pretty_json()
+        .expect("an OpenAPI document always serializes");
+    text.push('\n');
+    text
+}

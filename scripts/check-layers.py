@@ -2,10 +2,10 @@
 """Fails when a crate of the workspace depends (outside its tests) on a crate its layer may
 not see. The layers (docs/architecture.md), from the core out:
 
-  proto, http  <-  connect  <-  envd (the guest)
+  proto, http, api (REST bodies)  <-  connect  <-  envd (the guest)
   proto, connect, http  <-  agent-api (the HostAgent trait, join messages, remote client)
   proto, connect, http, vmm, image, agent-api  <-  agent (the host)
-  proto, connect, http, agent-api  <-  cp (the control plane)
+  proto, connect, http, api, agent-api  <-  cp (the control plane)
   everything  <-  wrenn (the binary)
 
 Run by scripts/test.sh; reads `cargo metadata`."""
@@ -18,6 +18,7 @@ import sys
 ALLOWED = {
     "wrenn-proto": set(),
     "wrenn-http": set(),
+    "wrenn-api": set(),
     "wrenn-connect": {"wrenn-proto"},
     "wrenn-envd": {"wrenn-proto", "wrenn-connect", "wrenn-http"},
     "wrenn-vmm": set(),
@@ -26,7 +27,7 @@ ALLOWED = {
     "wrenn-agent": {
         "wrenn-proto", "wrenn-connect", "wrenn-http", "wrenn-vmm", "wrenn-image", "wrenn-agent-api",
     },
-    "wrenn-cp": {"wrenn-proto", "wrenn-connect", "wrenn-http", "wrenn-agent-api"},
+    "wrenn-cp": {"wrenn-proto", "wrenn-connect", "wrenn-http", "wrenn-agent-api", "wrenn-api"},
 }
 # Edges still to remove, each with the issue that removes it: reported, not failed.
 PENDING: dict = {}

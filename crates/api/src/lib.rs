@@ -3,6 +3,8 @@
 //! control plane answers with these types, its OpenAPI document (`docs/openapi.json`, served at
 //! `GET /openapi.json`) is generated from them, and clients read them back. No behaviour.
 
+pub mod conformance;
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};

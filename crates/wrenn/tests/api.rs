@@ -149,7 +149,7 @@ impl Server {
             headers.push(("x-api-key", key));
         }
         let response = wrenn_connect::plain::call(
-            method,
+            method.clone(),
             &format!("{}{path}", self.url()),
             &headers,
             body.to_string(),
@@ -163,6 +163,18 @@ impl Server {
             serde_json::from_slice(&response.body)
                 .unwrap_or_else(|_| Value::String(response.text()))
         };
+        // Every answer is what the OpenAPI document says it is.
+        let document = serde_json::to_value(wrenn_cp::openapi::document()).unwrap();
+        let route = path.split('?').next().unwrap_or(path);
+        let status = response.status.as_u16();
+        if let Err(problem) =
+            wrenn_api::conformance::check(&document, method.as_str(), route, status, &value)
+        {
+            let shown: String = value.to_string().chars().take(600).collect();
+            panic!(
+                "{method} {path} -> {status}: the answer breaks the OpenAPI document: {problem}\n{shown}"
+            );
+        }
         (response.status, value, response.headers)
     }
 

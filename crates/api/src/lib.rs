@@ -101,9 +101,10 @@ pub struct Sandbox {
 }
 
 /// Where a sandbox is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SandboxState {
+    #[default]
     Running,
     Paused,
     /// Its host stopped answering; it may come back with its host.
@@ -127,6 +128,12 @@ impl SandboxState {
 
     pub fn from_name(name: &str) -> Option<SandboxState> {
         SandboxState::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for SandboxState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

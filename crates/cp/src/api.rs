@@ -20,7 +20,7 @@ use wrenn_agent_api::join::{HostReport, RegisterRequest};
 
 use crate::ControlPlane;
 use crate::auth;
-use crate::store::{ListQuery, SandboxRow, StoreError};
+use crate::store::{ListQuery, SandboxRow, SandboxState, StoreError};
 
 /// E2B's constant client id, which the Python SDK requires in every `Sandbox`.
 pub const CLIENT_ID: &str = "6532622b";
@@ -295,9 +295,7 @@ fn listed_body(plane: &ControlPlane, row: &SandboxRow) -> wrenn_api::ListedSandb
         cpu_count: row.cpu_count,
         memory_mb: row.memory_mb,
         disk_size_mb: disk_size_mb(plane, &row.template_id),
-        // The store writes only these three states.
-        state: wrenn_api::SandboxState::from_name(&row.state)
-            .unwrap_or(wrenn_api::SandboxState::Lost),
+        state: row.state,
         envd_version: row.envd_version.clone(),
         metadata: row.metadata.clone(),
         volume_mounts: Vec::new(),
@@ -336,7 +334,7 @@ fn disk_size_mb(plane: &ControlPlane, template_id: &str) -> u64 {
 /// paused: a lost one (its host went down) is not found, with the reason.
 async fn owned(plane: &ControlPlane, team: &TeamId, id: &str) -> Result<SandboxRow, ApiError> {
     let row = owned_any(plane, team, id).await?;
-    if row.state == "lost" {
+    if row.state == SandboxState::Lost {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!(
@@ -518,7 +516,7 @@ async fn create_sandbox(
         team_id: team.0,
         template_id: template.template_id.clone(),
         alias: Some(template.template_id.clone()),
-        state: "running".into(),
+        state: SandboxState::Running,
         started_at_ms: now,
         end_at_ms: now + (timeout as i64) * 1000,
         metadata,
@@ -634,25 +632,24 @@ async fn list_v2(
             "limit must be between 1 and 100",
         ));
     }
-    let states: Vec<String> = params
+    let states: Vec<SandboxState> = params
         .state
         .as_deref()
         .map(|s| {
             s.split(',')
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
-                .map(str::to_string)
-                .collect()
+                .map(|name| match SandboxState::from_name(name) {
+                    Some(state @ (SandboxState::Running | SandboxState::Paused)) => Ok(state),
+                    _ => Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("unknown state {name:?}: use running or paused"),
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()
         })
-        .unwrap_or_else(|| vec!["running".into(), "paused".into()]);
-    for state in &states {
-        if state != "running" && state != "paused" {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("unknown state {state:?}: use running or paused"),
-            ));
-        }
-    }
+        .transpose()?
+        .unwrap_or_else(|| vec![SandboxState::Running, SandboxState::Paused]);
     let started_after_ms = match params.started_after.as_deref() {
         None | Some("") => None,
         Some(text) => Some(
@@ -723,7 +720,7 @@ async fn list_v1(
 ) -> Result<Response, ApiError> {
     let query = ListQuery {
         team_id: team.0,
-        states: vec!["running".into()],
+        states: vec![SandboxState::Running],
         metadata: params
             .metadata
             .as_deref()
@@ -801,7 +798,7 @@ async fn set_timeout(
     let (_turn, row) = owned_in_turn(&plane, &team, &id).await?;
     plane
         .store
-        .set_state(&row.id, &row.state, now_ms() + timeout as i64 * 1000)
+        .set_state(&row.id, row.state, now_ms() + timeout as i64 * 1000)
         .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -831,7 +828,7 @@ async fn refresh(
     }
     let (_turn, row) = owned_in_turn(&plane, &team, &id).await?;
     let end = row.end_at_ms.max(now_ms() + duration as i64 * 1000);
-    plane.store.set_state(&row.id, &row.state, end).await?;
+    plane.store.set_state(&row.id, row.state, end).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -851,7 +848,7 @@ async fn pause(
 ) -> Result<Response, ApiError> {
     crate::unsupported::check_memory(&body_value(&body)?)?;
     let (_turn, row) = owned_in_turn(&plane, &team, &id).await?;
-    if row.state == "paused" {
+    if row.state == SandboxState::Paused {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!("sandbox \"{}\" is already paused", row.id),
@@ -880,9 +877,12 @@ async fn connect(
     let timeout = check_timeout(body.timeout.unwrap_or(15))?;
     let (_turn, row) = owned_in_turn(&plane, &team, &id).await?;
     let end = now_ms() + timeout as i64 * 1000;
-    if row.state == "running" {
+    if row.state == SandboxState::Running {
         let end = end.max(row.end_at_ms);
-        plane.store.set_state(&row.id, "running", end).await?;
+        plane
+            .store
+            .set_state(&row.id, SandboxState::Running, end)
+            .await?;
         return Ok((StatusCode::OK, axum::Json(sandbox_body(&plane, &row))).into_response());
     }
     let row = plane.resume(&row, end, None).await?;
@@ -907,7 +907,7 @@ async fn resume(
     let body: wrenn_api::TimeoutRequest = checked_body(&body, crate::unsupported::check_memory)?;
     let timeout = check_timeout(body.timeout.unwrap_or(15))?;
     let (_turn, row) = owned_in_turn(&plane, &team, &id).await?;
-    if row.state == "running" {
+    if row.state == SandboxState::Running {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!("sandbox \"{}\" is already running", row.id),
@@ -1034,7 +1034,7 @@ fn url_pairs(query: &str) -> Vec<(String, String)> {
 /// One E2B `SandboxMetric` read from a running sandbox's envd now, or `None` when it does
 /// not run or does not answer within 5 s.
 async fn live_metric(plane: &ControlPlane, row: &SandboxRow) -> Option<wrenn_api::SandboxMetric> {
-    if row.state != "running" {
+    if row.state != SandboxState::Running {
         return None;
     }
     let (route, _) = plane
@@ -1258,7 +1258,7 @@ async fn list_hosts(
                 report: serde_json::to_value(&row.report).unwrap_or_default(),
                 host_id: row.id,
                 name: row.name,
-                state: row.state,
+                state: row.state.as_str().into(),
                 api_url: row.api_url,
             }
         })
@@ -1290,7 +1290,7 @@ mod tests {
             team_id: "t".into(),
             template_id: "base".into(),
             alias: None,
-            state: "running".into(),
+            state: SandboxState::Running,
             started_at_ms: 42,
             end_at_ms: 0,
             ..SandboxRow::default()

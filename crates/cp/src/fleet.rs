@@ -25,7 +25,8 @@ use crate::api::ApiError;
 use crate::auth;
 use crate::busy::{Busy, Claim};
 use crate::deadlines;
-use crate::store::{EMBEDDED_API_URL, HostRow, SandboxRow, Store};
+use crate::store::SandboxState as RowState;
+use crate::store::{EMBEDDED_API_URL, HostRow, HostState, SandboxRow, Store};
 
 /// The id of the agent embedded in the control plane's process.
 pub const EMBEDDED_HOST_ID: &str = "local";
@@ -116,7 +117,7 @@ impl Host {
         self.row.lock().expect("host lock").name.clone()
     }
     pub fn is_up(&self) -> bool {
-        self.row.lock().expect("host lock").state == "up"
+        self.row.lock().expect("host lock").state == HostState::Up
     }
     /// Whether the host's agent runs in this process.
     pub fn in_process(&self) -> bool {
@@ -320,7 +321,7 @@ impl Fleet {
         };
         for row in store.hosts().await? {
             if row.api_url == EMBEDDED_API_URL {
-                if embedded.is_none() && row.state == "up" {
+                if embedded.is_none() && row.state == HostState::Up {
                     fleet.mark_down(store, row).await?;
                 }
                 continue;
@@ -329,7 +330,7 @@ impl Fleet {
                 Ok(agent) => fleet.insert(row, Arc::new(agent), false),
                 Err(error) => {
                     tracing::warn!(host = %row.name, %error, "cannot reach a stored host");
-                    if row.state == "up" {
+                    if row.state == HostState::Up {
                         fleet.mark_down(store, row).await?;
                     }
                 }
@@ -346,7 +347,7 @@ impl Fleet {
                 proxy_address: String::new(),
                 agent_token: String::new(),
                 heartbeat_hash: String::new(),
-                state: "up".into(),
+                state: HostState::Up,
                 report: agent.report_in_process().unwrap_or_default(),
                 last_heartbeat_ms: now,
                 registered_at_ms: now,
@@ -443,7 +444,7 @@ impl Fleet {
                 continue;
             };
             known = true;
-            if row.state != "up" {
+            if row.state != HostState::Up {
                 reasons.push(format!("{} is down", row.name));
                 continue;
             }
@@ -546,7 +547,7 @@ impl Fleet {
             Some(entry) => entry,
             None => {
                 let row = store.sandbox(sandbox_id).await.ok()??;
-                if row.state != "running" {
+                if row.state != RowState::Running {
                     return None;
                 }
                 let entry = (row.host_id, row.traffic_access_token);
@@ -716,7 +717,7 @@ impl Fleet {
             proxy_address: request.proxy_address,
             agent_token: request.agent_token,
             heartbeat_hash: auth::hash_key(&heartbeat_token),
-            state: "up".into(),
+            state: HostState::Up,
             report: request.report,
             last_heartbeat_ms: now,
             registered_at_ms: now,
@@ -786,8 +787,8 @@ impl Fleet {
                     "invalid heartbeat token: register again",
                 ));
             }
-            let was_down = row.state != "up";
-            row.state = "up".into();
+            let was_down = row.state != HostState::Up;
+            row.state = HostState::Up;
             row.report = report;
             row.last_heartbeat_ms = now_ms();
             *host.last_seen.lock().expect("host lock") = Instant::now();
@@ -805,7 +806,7 @@ impl Fleet {
         store: &Store,
         mut row: HostRow,
     ) -> Result<(), crate::store::StoreError> {
-        row.state = "down".into();
+        row.state = HostState::Down;
         store.put_host(row.clone()).await?;
         let lost = store.mark_host_lost(&row.id).await?;
         self.sandbox_hosts
@@ -833,7 +834,7 @@ impl Fleet {
             }
             let row = {
                 let mut row = host.row.lock().expect("host lock");
-                row.state = "down".into();
+                row.state = HostState::Down;
                 row.clone()
             };
             if let Err(error) = self.mark_down(store, row).await {
@@ -887,13 +888,17 @@ pub async fn reconcile_host(
                 fleet.forget(&row.id);
                 done.removed.push(row.id.clone());
             }
-            Some(state @ (SandboxState::Running | SandboxState::Paused))
-                if state.as_str() != row.state =>
-            {
-                let state = state.as_str();
-                let changed = store.set_state_if(&row.id, &row.state, state).await?;
+            Some(on_host @ (SandboxState::Running | SandboxState::Paused)) => {
+                let state = match on_host {
+                    SandboxState::Running => RowState::Running,
+                    _ => RowState::Paused,
+                };
+                if state == row.state {
+                    continue;
+                }
+                let changed = store.set_state_if(&row.id, row.state, state).await?;
                 if changed {
-                    tracing::warn!(sandbox = %row.id, host = %name, from = %row.state, to = state, "drift: state corrected");
+                    tracing::warn!(sandbox = %row.id, host = %name, from = %row.state, to = %state, "drift: state corrected");
                     fleet.forget(&row.id);
                     done.corrected.push(row.id.clone());
                 }
@@ -979,7 +984,7 @@ mod tests {
                 proxy_address: "127.0.0.1:1".into(),
                 agent_token: "t".into(),
                 heartbeat_hash: String::new(),
-                state: state.to_string(),
+                state: HostState::from_name(state),
                 report: HostReport {
                     slots_total: *total,
                     slots_in_use: *used,

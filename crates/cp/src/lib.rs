@@ -26,7 +26,7 @@ use crate::api::ApiError;
 use crate::busy::{Busy, Serial};
 use crate::fleet::Fleet;
 use crate::quota::{Admission, Change, Quotas, Reservation, Usage};
-use crate::store::{ListQuery, SandboxRow, Store};
+use crate::store::{ListQuery, SandboxRow, SandboxState, Store};
 
 /// The control plane's state, shared by the API, the proxy and the background loops.
 #[derive(Debug)]
@@ -113,7 +113,11 @@ impl ControlPlane {
     async fn team_usage(&self, team_id: &str) -> Result<Usage, ApiError> {
         let query = ListQuery {
             team_id: team_id.to_string(),
-            states: vec!["running".into(), "paused".into(), "lost".into()],
+            states: vec![
+                SandboxState::Running,
+                SandboxState::Paused,
+                SandboxState::Lost,
+            ],
             limit: 1_000_000,
             ..ListQuery::default()
         };
@@ -126,7 +130,7 @@ impl ControlPlane {
                 .find(|t| t.template_id == row.template_id)
                 .map(|t| t.disk_size_mb)
                 .unwrap_or(0);
-            if row.state == "paused" {
+            if row.state == SandboxState::Paused {
                 usage.paused += 1;
                 usage.disk_mib += disk + u64::from(row.memory_mb);
             } else {
@@ -153,7 +157,7 @@ impl ControlPlane {
             && host.is_up()
         {
             host.destroy(&row.id).await?;
-        } else if row.state != "lost" {
+        } else if row.state != SandboxState::Lost {
             self.fleet.up_host(row)?;
         }
         self.fleet.forget(&row.id);
@@ -172,7 +176,7 @@ impl ControlPlane {
         self.fleet.forget(&row.id);
         host.pause(&row.id).await?;
         self.store
-            .set_state(&row.id, "paused", row.end_at_ms)
+            .set_state(&row.id, SandboxState::Paused, row.end_at_ms)
             .await?;
         Ok(())
     }
@@ -188,7 +192,7 @@ impl ControlPlane {
         let _admitted = self.admit(&row.team_id, Change::Resume).await?;
         host.resume(&row.id).await?;
         let mut row = row.clone();
-        row.state = "running".into();
+        row.state = SandboxState::Running;
         row.end_at_ms = end_at_ms;
         if let Some(auto_pause) = auto_pause {
             row.auto_pause = auto_pause;
@@ -205,8 +209,8 @@ impl ControlPlane {
         let Ok(Some(row)) = self.store.sandbox(id).await else {
             return false;
         };
-        if row.state != "paused" || !row.auto_resume {
-            return row.state == "running";
+        if row.state != SandboxState::Paused || !row.auto_resume {
+            return row.state == SandboxState::Running;
         }
         let end = chrono::Utc::now().timestamp_millis() + AUTO_RESUME_TIMEOUT_MS;
         match self.resume(&row, end, None).await {
@@ -269,7 +273,7 @@ impl ControlPlane {
         let _turn = self.changes.turn(&expired.id).await;
         let row = match self.store.sandbox(&expired.id).await {
             Ok(Some(row))
-                if row.state == "running"
+                if row.state == SandboxState::Running
                     && row.end_at_ms <= chrono::Utc::now().timestamp_millis() =>
             {
                 row

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
+pub use wrenn_api::SandboxState;
 
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
@@ -51,8 +52,7 @@ pub struct SandboxRow {
     pub team_id: String,
     pub template_id: String,
     pub alias: Option<String>,
-    /// `running` or `paused`.
-    pub state: String,
+    pub state: SandboxState,
     pub started_at_ms: i64,
     pub end_at_ms: i64,
     pub metadata: BTreeMap<String, String>,
@@ -84,8 +84,7 @@ pub struct HostRow {
     pub agent_token: String,
     /// SHA-256 of the token the agent's heartbeats carry.
     pub heartbeat_hash: String,
-    /// `up` or `down`.
-    pub state: String,
+    pub state: HostState,
     pub report: wrenn_agent_api::join::HostReport,
     pub last_heartbeat_ms: i64,
     pub registered_at_ms: i64,
@@ -95,6 +94,39 @@ pub struct HostRow {
     pub identity_hash: String,
 }
 
+/// Whether a host answers: `up` while it heartbeats, `down` when it fell silent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostState {
+    #[default]
+    Up,
+    Down,
+}
+
+impl HostState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostState::Up => "up",
+            HostState::Down => "down",
+        }
+    }
+
+    /// A stored name as a state; anything but `up` is down (a host must prove it is up).
+    pub fn from_name(name: &str) -> HostState {
+        if name == "up" {
+            HostState::Up
+        } else {
+            HostState::Down
+        }
+    }
+}
+
+impl std::fmt::Display for HostState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The `api_url` of the agent embedded in the control plane's own process (`wrenn up`).
 pub const EMBEDDED_API_URL: &str = "embedded:";
 
@@ -102,7 +134,7 @@ pub const EMBEDDED_API_URL: &str = "embedded:";
 #[derive(Debug, Clone, Default)]
 pub struct ListQuery {
     pub team_id: String,
-    pub states: Vec<String>,
+    pub states: Vec<SandboxState>,
     pub metadata: BTreeMap<String, String>,
     pub template_id: Option<String>,
     pub started_after_ms: Option<i64>,
@@ -300,7 +332,7 @@ impl SqliteStore {
                     sandbox.team_id,
                     sandbox.template_id,
                     sandbox.alias,
-                    sandbox.state,
+                    sandbox.state.as_str(),
                     sandbox.started_at_ms,
                     sandbox.end_at_ms,
                     serde_json::to_string(&sandbox.metadata).unwrap_or_default(),
@@ -342,8 +374,13 @@ impl SqliteStore {
         .await
     }
 
-    pub async fn set_state(&self, id: &str, state: &str, end_at_ms: i64) -> Result<(), StoreError> {
-        let (id, state) = (id.to_string(), state.to_string());
+    pub async fn set_state(
+        &self,
+        id: &str,
+        state: SandboxState,
+        end_at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let (id, state) = (id.to_string(), state.as_str());
         self.with(move |db| {
             db.execute(
                 "UPDATE sandboxes SET state = ?2, end_at_ms = ?3 WHERE id = ?1",
@@ -377,7 +414,13 @@ impl SqliteStore {
     }
 
     /// Sets a sandbox's state if it is still `from`: whether it was.
-    pub async fn set_state_if(&self, id: &str, from: &str, to: &str) -> Result<bool, StoreError> {
+    pub async fn set_state_if(
+        &self,
+        id: &str,
+        from: SandboxState,
+        to: SandboxState,
+    ) -> Result<bool, StoreError> {
+        let (from, to) = (from.as_str(), to.as_str());
         let (id, from, to) = (id.to_string(), from.to_string(), to.to_string());
         self.with(move |db| {
             db.execute(
@@ -433,7 +476,7 @@ impl SqliteStore {
                     host.proxy_address,
                     host.agent_token,
                     host.heartbeat_hash,
-                    host.state,
+                    host.state.as_str(),
                     serde_json::to_string(&host.report).unwrap_or_default(),
                     host.last_heartbeat_ms,
                     host.registered_at_ms,
@@ -476,7 +519,7 @@ impl SqliteStore {
                     proxy_address: row.get(3)?,
                     agent_token: row.get(4)?,
                     heartbeat_hash: row.get(5)?,
-                    state: row.get(6)?,
+                    state: HostState::from_name(&row.get::<_, String>(6)?),
                     report: serde_json::from_str(&report).unwrap_or_default(),
                     last_heartbeat_ms: row.get(8)?,
                     registered_at_ms: row.get(9)?,
@@ -498,7 +541,7 @@ impl SqliteStore {
                     .states
                     .iter()
                     .map(|state| {
-                        values.push(state.clone().into());
+                        values.push(state.as_str().to_string().into());
                         format!("?{}", values.len())
                     })
                     .collect();
@@ -640,11 +683,11 @@ delegate! {
     fn put_sandbox(&self, sandbox: SandboxRow) -> ();
     fn sandbox(&self, id: &str) -> Option<SandboxRow>;
     fn delete_sandbox(&self, id: &str) -> bool;
-    fn set_state(&self, id: &str, state: &str, end_at_ms: i64) -> ();
+    fn set_state(&self, id: &str, state: SandboxState, end_at_ms: i64) -> ();
     fn expired(&self, now_ms: i64) -> Vec<SandboxRow>;
     fn all_sandboxes(&self) -> Vec<SandboxRow>;
     fn list(&self, query: ListQuery) -> (Vec<SandboxRow>, usize);
-    fn set_state_if(&self, id: &str, from: &str, to: &str) -> bool;
+    fn set_state_if(&self, id: &str, from: SandboxState, to: SandboxState) -> bool;
     fn sandboxes_on_host(&self, host_id: &str) -> Vec<SandboxRow>;
     fn mark_host_lost(&self, host_id: &str) -> u64;
     fn put_host(&self, host: HostRow) -> ();
@@ -679,6 +722,18 @@ const SELECT_SANDBOX: &str =
     envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version, host_id,
     traffic_access_token, auto_resume FROM sandboxes";
 
+/// A stored state's name as a state. A name this version does not know (a newer version's
+/// row) reads as `lost`: the sandbox is listed and can be killed, nothing else is assumed.
+pub fn sandbox_state(name: &str) -> SandboxState {
+    SandboxState::from_name(name).unwrap_or_else(|| {
+        tracing::warn!(
+            state = name,
+            "a sandbox row has a state this version does not know: read as lost"
+        );
+        SandboxState::Lost
+    })
+}
+
 fn sandbox_row(row: &rusqlite::Row<'_>) -> Result<SandboxRow, rusqlite::Error> {
     let metadata: String = row.get(7)?;
     Ok(SandboxRow {
@@ -686,7 +741,7 @@ fn sandbox_row(row: &rusqlite::Row<'_>) -> Result<SandboxRow, rusqlite::Error> {
         team_id: row.get(1)?,
         template_id: row.get(2)?,
         alias: row.get(3)?,
-        state: row.get(4)?,
+        state: sandbox_state(&row.get::<_, String>(4)?),
         started_at_ms: row.get(5)?,
         end_at_ms: row.get(6)?,
         metadata: serde_json::from_str(&metadata).unwrap_or_default(),
@@ -718,7 +773,7 @@ mod tests {
             team_id: team.into(),
             template_id: "base".into(),
             alias: Some("base".into()),
-            state: state.into(),
+            state: sandbox_state(state),
             started_at_ms: started,
             end_at_ms: started + 1000,
             metadata: metadata
@@ -829,7 +884,7 @@ mod tests {
 
             let even = ListQuery {
                 metadata: [("group".to_string(), "even".to_string())].into(),
-                states: vec!["running".into()],
+                states: vec![SandboxState::Running],
                 descending: true,
                 limit: 10,
                 ..query.clone()
@@ -841,7 +896,7 @@ mod tests {
                 "{backend}: team b's row never shows"
             );
             let paused = ListQuery {
-                states: vec!["paused".into()],
+                states: vec![SandboxState::Paused],
                 limit: 10,
                 ..query
             };
@@ -877,7 +932,10 @@ mod tests {
             assert_eq!(store.team_of_key("hash").await.unwrap(), None, "{backend}");
             assert!(!store.revoke_key("k1", 3).await.unwrap());
             assert!(store.list_keys("a").await.unwrap()[0].revoked);
-            store.set_state("s0", "paused", 5).await.unwrap();
+            store
+                .set_state("s0", SandboxState::Paused, 5)
+                .await
+                .unwrap();
             assert!(store.expired(1000).await.unwrap().is_empty(), "{backend}");
             assert_eq!(
                 store.expired(2000).await.unwrap().len(),
@@ -926,7 +984,7 @@ mod tests {
                 proxy_address: "10.0.0.1:49992".into(),
                 agent_token: "t".into(),
                 heartbeat_hash: "sha256:x".into(),
-                state: "up".into(),
+                state: HostState::Up,
                 report: wrenn_agent_api::join::HostReport {
                     cpus: 8,
                     slots_total: 16,
@@ -937,7 +995,7 @@ mod tests {
                 identity_hash: "sha256:id".into(),
             };
             store.put_host(host.clone()).await.unwrap();
-            host.state = "down".into();
+            host.state = HostState::Down;
             host.last_heartbeat_ms = 20;
             store.put_host(host.clone()).await.unwrap();
             assert_eq!(store.hosts().await.unwrap(), vec![host], "{backend}");
@@ -952,12 +1010,23 @@ mod tests {
                 store.expired(i64::MAX).await.unwrap().is_empty(),
                 "{backend}"
             );
-            assert!(store.set_state_if("s1", "lost", "running").await.unwrap());
             assert!(
-                !store.set_state_if("s1", "lost", "paused").await.unwrap(),
+                store
+                    .set_state_if("s1", SandboxState::Lost, SandboxState::Running)
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                !store
+                    .set_state_if("s1", SandboxState::Lost, SandboxState::Paused)
+                    .await
+                    .unwrap(),
                 "{backend}: a changed state is not overwritten"
             );
-            assert_eq!(store.sandbox("s1").await.unwrap().unwrap().state, "running");
+            assert_eq!(
+                store.sandbox("s1").await.unwrap().unwrap().state,
+                SandboxState::Running
+            );
             let mut guarded = row("g1", "a", 1, "running", &[]);
             guarded.traffic_access_token = Some("traffic".into());
             guarded.auto_resume = true;

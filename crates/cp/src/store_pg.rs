@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row};
 
-use crate::store::{ApiKey, HostRow, ListQuery, SandboxRow, StoreError, Team};
+use crate::store::{ApiKey, HostRow, ListQuery, SandboxRow, SandboxState, StoreError, Team};
 
 const MIGRATIONS: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS teams (
@@ -58,7 +58,7 @@ fn sandbox_row(row: &Row) -> SandboxRow {
         team_id: row.get(1),
         template_id: row.get(2),
         alias: row.get(3),
-        state: row.get(4),
+        state: crate::store::sandbox_state(row.get(4)),
         started_at_ms: row.get(5),
         end_at_ms: row.get(6),
         metadata: serde_json::from_str(&metadata).unwrap_or_default(),
@@ -217,7 +217,7 @@ impl PgStore {
                     &sandbox.team_id,
                     &sandbox.template_id,
                     &sandbox.alias,
-                    &sandbox.state,
+                    &sandbox.state.as_str(),
                     &sandbox.started_at_ms,
                     &sandbox.end_at_ms,
                     &metadata,
@@ -252,7 +252,13 @@ impl PgStore {
             == 1)
     }
 
-    pub async fn set_state(&self, id: &str, state: &str, end_at_ms: i64) -> Result<(), StoreError> {
+    pub async fn set_state(
+        &self,
+        id: &str,
+        state: SandboxState,
+        end_at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let state = state.as_str();
         self.client
             .execute(
                 "UPDATE sandboxes SET state = $2, end_at_ms = $3 WHERE id = $1",
@@ -278,7 +284,13 @@ impl PgStore {
         Ok(rows.iter().map(sandbox_row).collect())
     }
 
-    pub async fn set_state_if(&self, id: &str, from: &str, to: &str) -> Result<bool, StoreError> {
+    pub async fn set_state_if(
+        &self,
+        id: &str,
+        from: SandboxState,
+        to: SandboxState,
+    ) -> Result<bool, StoreError> {
+        let (from, to) = (from.as_str(), to.as_str());
         Ok(self
             .client
             .execute(
@@ -327,7 +339,7 @@ impl PgStore {
                     &host.proxy_address,
                     &host.agent_token,
                     &host.heartbeat_hash,
-                    &host.state,
+                    &host.state.as_str(),
                     &report,
                     &host.last_heartbeat_ms,
                     &host.registered_at_ms,
@@ -372,7 +384,7 @@ impl PgStore {
                     proxy_address: row.get(3),
                     agent_token: row.get(4),
                     heartbeat_hash: row.get(5),
-                    state: row.get(6),
+                    state: crate::store::HostState::from_name(row.get(6)),
                     report: serde_json::from_str(&report).unwrap_or_default(),
                     last_heartbeat_ms: row.get(8),
                     registered_at_ms: row.get(9),
@@ -386,7 +398,12 @@ impl PgStore {
         let mut values: Vec<Box<dyn ToSql + Sync + Send>> = vec![Box::new(query.team_id.clone())];
         let mut sql = format!("{SELECT_SANDBOX} WHERE team_id = $1");
         if !query.states.is_empty() {
-            values.push(Box::new(query.states.clone()));
+            let states: Vec<String> = query
+                .states
+                .iter()
+                .map(|s| s.as_str().to_string())
+                .collect();
+            values.push(Box::new(states));
             sql.push_str(&format!(" AND state = ANY(${})", values.len()));
         }
         if let Some(template) = &query.template_id {

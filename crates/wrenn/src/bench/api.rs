@@ -175,9 +175,9 @@ async fn list_pages(
                 template_id: "base".into(),
                 alias: Some("base".into()),
                 state: if index % 5 == 0 {
-                    "paused".into()
+                    wrenn_cp::store::SandboxState::Paused
                 } else {
-                    "running".into()
+                    wrenn_cp::store::SandboxState::Running
                 },
                 started_at_ms: 1_700_000_000_000 + index as i64,
                 end_at_ms: i64::MAX / 2,

@@ -66,12 +66,7 @@ pub fn template(template_id: &str, memory_mib: u32) -> TemplateReport {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+use wrenn_core::now_ms;
 
 impl FakeAgent {
     /// A host with `slots_total` network slots, 64 GiB of memory, 1 TiB of disk, and

@@ -117,25 +117,9 @@ pub struct Manager {
     building: Mutex<HashSet<String>>,
 }
 
-/// A generated identifier: a letter then 19 lowercase letters or digits, each equally likely.
+/// A generated identifier: `i` then 19 lowercase letters or digits, each equally likely.
 pub fn new_id() -> Result<String, AgentError> {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut id = String::from("i");
-    let mut pool = [0u8; 64];
-    while id.len() < 20 {
-        getrandom::fill(&mut pool).map_err(|error| {
-            AgentError::Internal(format!("the system gave no randomness: {error}"))
-        })?;
-        // 252 is 7 × 36: bytes above it are dropped so that no character is likelier.
-        let wanted = 20 - id.len();
-        id.extend(
-            pool.iter()
-                .filter(|byte| **byte < 252)
-                .take(wanted)
-                .map(|byte| ALPHABET[usize::from(*byte) % ALPHABET.len()] as char),
-        );
-    }
-    Ok(id)
+    wrenn_core::random::id("i", 19).map_err(|error| AgentError::Internal(error.to_string()))
 }
 
 /// Identifiers name directories: 1 to 64 lowercase letters, digits, `-` or `_`.
@@ -155,9 +139,7 @@ pub fn validate_id(kind: &str, id: &str) -> Result<(), AgentError> {
     }
 }
 
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
+use wrenn_core::now_ms;
 
 fn envd_address(slot: u32) -> SocketAddr {
     SocketAddr::new(Slot::address_of(slot).into(), ENVD_PORT)

@@ -266,9 +266,7 @@ fn rfc3339(ms: i64) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
+use wrenn_core::now_ms;
 
 /// The `Sandbox` answer of create, connect and resume.
 fn sandbox_body(plane: &ControlPlane, row: &SandboxRow) -> wrenn_api::Sandbox {

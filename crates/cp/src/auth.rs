@@ -3,15 +3,12 @@
 
 use sha2::Digest;
 
-/// The system gave no randomness: no key, token or id can be made.
-#[derive(Debug, thiserror::Error)]
-#[error("the system gave no randomness: {0}")]
-pub struct NoRandomness(getrandom::Error);
+pub use wrenn_core::random::NoRandomness;
 
 /// A new key and its stored hash.
 pub fn new_key() -> Result<(String, String), NoRandomness> {
     let mut bytes = [0u8; 20];
-    random_bytes(&mut bytes)?;
+    wrenn_core::random::fill(&mut bytes)?;
     let key = format!("e2b_{}", hex(&bytes));
     let hash = hash_key(&key);
     Ok((key, hash))
@@ -24,32 +21,12 @@ pub fn hash_key(key: &str) -> String {
 
 /// Random identifiers: `len` characters of `[a-z0-9]`, each equally likely.
 pub fn random_id(len: usize) -> Result<String, NoRandomness> {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut id = String::with_capacity(len);
-    let mut pool = [0u8; 64];
-    while id.len() < len {
-        random_bytes(&mut pool)?;
-        // 252 is 7 × 36: bytes above it are dropped so that no character is likelier.
-        let wanted = len - id.len();
-        id.extend(
-            pool.iter()
-                .filter(|byte| **byte < 252)
-                .take(wanted)
-                .map(|byte| ALPHABET[usize::from(*byte) % ALPHABET.len()] as char),
-        );
-    }
-    Ok(id)
+    wrenn_core::random::id("", len)
 }
 
 /// A random token in hex (envd access tokens).
 pub fn random_token() -> Result<String, NoRandomness> {
-    let mut bytes = [0u8; 24];
-    random_bytes(&mut bytes)?;
-    Ok(hex(&bytes))
-}
-
-fn random_bytes(out: &mut [u8]) -> Result<(), NoRandomness> {
-    getrandom::fill(out).map_err(NoRandomness)
+    wrenn_core::random::hex_token(24)
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -290,9 +290,7 @@ pub struct Fleet {
     creating: Busy,
 }
 
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
+use wrenn_core::now_ms;
 
 impl Fleet {
     /// Marks `sandbox_id` as being created until the claim goes (hold it past the row's

@@ -315,7 +315,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         stopped(stop_rx),
     );
     let signal = async {
-        shutdown_signal().await;
+        crate::shutdown_signal().await;
         let _ = stop_tx.send(true);
     };
     tokio::join!(server, signal);
@@ -329,15 +329,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     tracing::info!("host agent stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
 
 async fn call<M>(client: &ClientArgs, request: &M::Request) -> anyhow::Result<M::Response>

@@ -85,3 +85,14 @@ fn run() -> anyhow::Result<()> {
         Command::Key(command) => runtime.block_on(up::key(command)),
     }
 }
+
+/// Resolves at the first SIGTERM or SIGINT (Ctrl-C): the long-running commands (`wrenn up`,
+/// `wrenn server`, `wrenn agent serve`) then stop cleanly.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

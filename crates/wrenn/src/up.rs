@@ -184,9 +184,7 @@ async fn open_store(data_dir: &Path, url_file: Option<&Path>) -> anyhow::Result<
     Ok(store)
 }
 
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
+use wrenn_core::now_ms;
 
 /// The team of this name, created if missing.
 async fn team(store: &Store, name: &str) -> anyhow::Result<Team> {
@@ -581,7 +579,7 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
         args.plane.data_dir.display()
     );
     print_endpoints(&running);
-    shutdown_signal().await;
+    crate::shutdown_signal().await;
     let _ = stop_tx.send(true);
     for server in running.servers {
         let _ = server.await;
@@ -681,7 +679,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         demo(&running.api_address, &running.proxy_address, &key).await?;
     }
 
-    shutdown_signal().await;
+    crate::shutdown_signal().await;
     let _ = stop_tx.send(true);
     for server in running.servers {
         let _ = server.await;
@@ -786,13 +784,4 @@ async fn api_delete(api: &SocketAddr, key: &str, path: &str) -> anyhow::Result<(
     let (status, text) = http_call(api, key, http::Method::DELETE, path, "").await?;
     anyhow::ensure!(status == 204, "DELETE {path}: HTTP {status}: {text}");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

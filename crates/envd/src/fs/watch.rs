@@ -77,8 +77,8 @@ pub enum WatchError {
     },
     #[error("the watched directory '{0}' was removed or moved away")]
     RootGone(PathBuf),
-    #[error("the system gave no randomness for a watcher id: {0}")]
-    NoRandomness(getrandom::Error),
+    #[error("no watcher id: {0}")]
+    NoRandomness(wrenn_core::random::NoRandomness),
     #[error("{0}")]
     Ended(String),
     #[error("watcher error: the inotify queue overflowed and events were lost")]
@@ -476,21 +476,7 @@ impl WatcherRegistry {
 
 /// A watcher id: `w` and 20 lowercase letters or digits, like E2B's.
 fn new_watcher_id() -> Result<String, WatchError> {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut id = String::from("w");
-    let mut pool = [0u8; 64];
-    while id.len() < 21 {
-        getrandom::fill(&mut pool).map_err(WatchError::NoRandomness)?;
-        // 252 is 7 × 36: bytes above it are dropped so that no character is likelier.
-        let wanted = 21 - id.len();
-        id.extend(
-            pool.iter()
-                .filter(|byte| **byte < 252)
-                .take(wanted)
-                .map(|byte| ALPHABET[usize::from(*byte) % ALPHABET.len()] as char),
-        );
-    }
-    Ok(id)
+    wrenn_core::random::id("w", 20).map_err(WatchError::NoRandomness)
 }
 
 #[cfg(test)]

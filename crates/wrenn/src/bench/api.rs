@@ -33,7 +33,8 @@ pub struct ApiBenchArgs {
     /// Sandboxes put in the store for the listing.
     #[arg(long, default_value_t = 10_000)]
     rows: usize,
-    /// Also measure the listing on this PostgreSQL database (its tables are written to).
+    /// Also measure the listing on this PostgreSQL database: an empty one (10,000 rows and a
+    /// team are written to it).
     #[arg(long, env = "WRENN_BENCH_DATABASE_URL")]
     database_url: Option<String>,
     #[arg(long, default_value = "auto")]
@@ -276,6 +277,12 @@ async fn measure(args: &ApiBenchArgs, work: &Path, manager: &Arc<Manager>) -> an
             let store = Store::open_configured(Path::new("/nonexistent"), Some(url))
                 .await
                 .context("connecting to PostgreSQL")?;
+            if store.team_by_id("bench").await?.is_some() {
+                anyhow::bail!(
+                    "the PostgreSQL database already holds an earlier run's rows: give the \
+                     benchmark an empty database (e.g. `createdb wrenn_bench` and its URL)"
+                );
+            }
             Some(list_pages(store, manager.clone(), args.rows).await?.0)
         }
         None => None,

@@ -7,13 +7,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use wrenn_agent::network::SlotConfig;
 use wrenn_agent::{AgentConfig, Manager};
 use wrenn_connect::Codec;
 use wrenn_connect::client::{ConnectClient, HttpVersion};
 use wrenn_proto::agent as pb;
 use wrenn_proto::agent::host_agent;
-use wrenn_vmm::accel::AccelSetting;
 
 #[derive(Debug, Subcommand)]
 pub enum AgentCommand {
@@ -41,42 +39,21 @@ pub struct ServeArgs {
     #[arg(long, env = "WRENN_AGENT_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// State, templates and sandboxes.
-    #[arg(long, default_value = "/var/lib/wrenn/agent")]
+    #[arg(long, default_value = crate::paths::AGENT_DATA_DIR)]
     data_dir: PathBuf,
     /// Image templates are built from [default: <cache>/images/base].
     #[arg(long, env = "WRENN_IMAGE_DIR")]
     image_dir: Option<PathBuf>,
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
-    /// auto (probe KVM, fall back to TCG), kvm or tcg.
-    #[arg(long, default_value = "auto")]
-    accel: AccelSetting,
-    /// Prefix of network namespace and interface names (1 to 6 lowercase letters or digits).
-    #[arg(long, default_value = "wrenn")]
-    slot_prefix: String,
-    /// First network slot index (agents sharing a machine use disjoint ranges).
-    #[arg(long, default_value_t = 1)]
-    first_slot: u32,
-    #[arg(long, default_value_t = 256)]
-    slots: u32,
+    #[command(flatten)]
+    pub(crate) host: crate::flags::HostFlags,
     /// Slots created ahead of demand.
     #[arg(long, default_value_t = 2)]
     slots_ahead: u32,
-    /// Port of the metadata service guests reach as 169.254.169.254:80.
-    #[arg(long, default_value_t = 49991)]
-    mmds_port: u16,
     /// Do not give guests a way to the internet through this host.
     #[arg(long)]
     no_internet: bool,
-    /// A range closed to guests by default (private, link-local, CGNAT, …) that guests with
-    /// internet access may reach (repeat for more; e.g. an internal package mirror's network).
-    /// The host's own addresses stay closed whatever this says.
-    #[arg(long = "guest-open-range", value_name = "CIDR")]
-    guest_open_ranges: Vec<wrenn_agent::firewall::Ipv4Cidr>,
-    /// Each VM's QEMU runs as uid and gid BASE + its slot index (numeric, no account needed;
-    /// keep the range unused on this host). 0 runs QEMU as root: for debugging only.
-    #[arg(long, default_value_t = wrenn_agent::manager::DEFAULT_VMM_UID_BASE)]
-    vmm_uid_base: u32,
     /// Delete every network slot of this agent on exit (tests); by default running sandboxes
     /// keep theirs, for the next agent to adopt.
     #[arg(long)]
@@ -232,17 +209,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(wrenn_image::default_image_dir),
         qemu_binary: args.qemu.clone(),
-        accel: args.accel,
-        slots: SlotConfig {
-            prefix: args.slot_prefix.clone(),
-            first_index: args.first_slot,
-            capacity: args.slots,
-            mmds_port: args.mmds_port,
-            opened_ranges: args.guest_open_ranges.clone(),
-        },
+        accel: args.host.accel,
+        slots: args.host.slot_config(),
         slots_ahead: args.slots_ahead,
         host_nat: !args.no_internet,
-        vmm_uid_base: args.vmm_uid_base,
+        vmm_uid_base: args.host.vmm_uid_base,
     };
     let manager = Manager::start(config).await.context("starting the agent")?;
     let api = tokio::net::TcpListener::bind(args.listen)
@@ -251,7 +222,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let proxy = tokio::net::TcpListener::bind(args.proxy_listen)
         .await
         .with_context(|| format!("listening on {}", args.proxy_listen))?;
-    let mmds_address = wrenn_agent::mmds_bind_address(args.mmds_port);
+    let mmds_address = wrenn_agent::mmds_bind_address(args.host.mmds_port);
     let mmds = tokio::net::TcpListener::bind(mmds_address)
         .await
         .with_context(|| format!("listening for metadata requests on {mmds_address}"))?;

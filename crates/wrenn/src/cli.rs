@@ -163,7 +163,7 @@ pub enum HostCommand {
     Forget { name: String },
 }
 
-const DEFAULT_KEY_FILE: &str = "/var/lib/wrenn/cp/initial-api-key";
+const DEFAULT_KEY_FILE: &str = crate::paths::INITIAL_KEY_FILE;
 
 impl Connection {
     fn key(&self) -> anyhow::Result<String> {

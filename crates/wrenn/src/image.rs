@@ -56,7 +56,7 @@ pub struct CheckArgs {
 #[derive(Debug, Args)]
 pub struct FirecrackerKernelArgs {
     /// Where the vmlinux goes.
-    #[arg(long, default_value = "/var/lib/wrenn/kernels")]
+    #[arg(long, default_value = crate::paths::KERNEL_DIR)]
     out: PathBuf,
 }
 

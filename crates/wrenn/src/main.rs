@@ -6,7 +6,9 @@
 mod agent;
 mod bench;
 mod cli;
+mod flags;
 mod image;
+mod paths;
 mod secrets;
 mod up;
 
@@ -94,5 +96,55 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::{Cli, Command};
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn up_and_agent_serve_take_the_same_host_flags() {
+        let host = [
+            "--accel",
+            "tcg",
+            "--slot-prefix",
+            "wup",
+            "--first-slot",
+            "600",
+            "--slots",
+            "32",
+            "--mmds-port",
+            "4999",
+            "--guest-open-range",
+            "10.9.0.0/16",
+            "--vmm-uid-base",
+            "7",
+        ];
+        let up = Cli::try_parse_from(["wrenn", "up"].iter().chain(&host)).unwrap();
+        let serve = Cli::try_parse_from(["wrenn", "agent", "serve"].iter().chain(&host)).unwrap();
+        let Command::Up(up) = up.command else {
+            panic!("not up")
+        };
+        let Command::Agent(crate::agent::AgentCommand::Serve(serve)) = serve.command else {
+            panic!("not agent serve")
+        };
+        for flags in [&up.host, &serve.host] {
+            let slots = flags.slot_config();
+            assert_eq!(
+                (slots.prefix.as_str(), slots.first_index, slots.capacity),
+                ("wup", 600, 32)
+            );
+            assert_eq!((slots.mmds_port, flags.vmm_uid_base), (4999, 7));
+            assert_eq!(slots.opened_ranges.len(), 1);
+            assert!(matches!(flags.accel, wrenn_vmm::accel::AccelSetting::Tcg));
+        }
     }
 }

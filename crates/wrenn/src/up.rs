@@ -13,17 +13,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use wrenn_agent::network::SlotConfig;
 use wrenn_agent::{AgentConfig, Manager};
 use wrenn_cp::store::{ApiKey, Store, Team};
 use wrenn_cp::{ControlPlane, auth};
-use wrenn_vmm::accel::AccelSetting;
 
 /// The control plane's settings, shared by `wrenn up` and `wrenn server`.
 #[derive(Debug, Args, Clone)]
 pub struct PlaneArgs {
     /// Where wrenn keeps its state: the store, the agent's templates and sandboxes.
-    #[arg(long, env = "WRENN_DATA_DIR", default_value = "/var/lib/wrenn")]
+    #[arg(long, env = "WRENN_DATA_DIR", default_value = crate::paths::DATA_DIR)]
     data_dir: PathBuf,
     /// The E2B REST API (agents join here too).
     #[arg(long, default_value = "127.0.0.1:3000")]
@@ -99,28 +97,11 @@ pub struct UpArgs {
     /// The static envd to build the image with, if it must be built.
     #[arg(long, env = "WRENN_ENVD_BIN")]
     envd: Option<PathBuf>,
-    #[arg(long, default_value = "auto")]
-    accel: AccelSetting,
+    #[command(flatten)]
+    pub(crate) host: crate::flags::HostFlags,
     /// Guest memory of the base template.
     #[arg(long, default_value_t = 512)]
     memory_mib: u32,
-    #[arg(long, default_value = "wrenn")]
-    slot_prefix: String,
-    #[arg(long, default_value_t = 1)]
-    first_slot: u32,
-    #[arg(long, default_value_t = 256)]
-    slots: u32,
-    #[arg(long, default_value_t = 49991)]
-    mmds_port: u16,
-    /// A range closed to guests by default (private, link-local, CGNAT, …) that guests with
-    /// internet access may reach (repeat for more; e.g. an internal package mirror's network).
-    /// The host's own addresses stay closed whatever this says.
-    #[arg(long = "guest-open-range", value_name = "CIDR")]
-    guest_open_ranges: Vec<wrenn_agent::firewall::Ipv4Cidr>,
-    /// Each VM's QEMU runs as uid and gid BASE + its slot index (numeric, no account needed;
-    /// keep the range unused on this host). 0 runs QEMU as root: for debugging only.
-    #[arg(long, default_value_t = wrenn_agent::manager::DEFAULT_VMM_UID_BASE)]
-    vmm_uid_base: u32,
     /// Destroy every sandbox and network slot on exit (by default they outlive a restart).
     #[arg(long)]
     stop_sandboxes_on_exit: bool,
@@ -143,7 +124,7 @@ pub enum KeyCommand {
         team: String,
         #[arg(long, default_value = "cli")]
         name: String,
-        #[arg(long, env = "WRENN_DATA_DIR", default_value = "/var/lib/wrenn")]
+        #[arg(long, env = "WRENN_DATA_DIR", default_value = crate::paths::DATA_DIR)]
         data_dir: PathBuf,
         #[arg(long)]
         json: bool,
@@ -152,7 +133,7 @@ pub enum KeyCommand {
     List {
         #[arg(long, default_value = "default")]
         team: String,
-        #[arg(long, env = "WRENN_DATA_DIR", default_value = "/var/lib/wrenn")]
+        #[arg(long, env = "WRENN_DATA_DIR", default_value = crate::paths::DATA_DIR)]
         data_dir: PathBuf,
         #[arg(long)]
         json: bool,
@@ -160,7 +141,7 @@ pub enum KeyCommand {
     /// Revoke a key by its id.
     Revoke {
         id: String,
-        #[arg(long, env = "WRENN_DATA_DIR", default_value = "/var/lib/wrenn")]
+        #[arg(long, env = "WRENN_DATA_DIR", default_value = crate::paths::DATA_DIR)]
         data_dir: PathBuf,
     },
 }
@@ -619,24 +600,19 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         data_dir: args.plane.data_dir.join("agent"),
         image_dir,
         qemu_binary: "qemu-system-x86_64".into(),
-        accel: args.accel,
-        slots: SlotConfig {
-            prefix: args.slot_prefix.clone(),
-            first_index: args.first_slot,
-            capacity: args.slots,
-            mmds_port: args.mmds_port,
-            opened_ranges: args.guest_open_ranges.clone(),
-        },
+        accel: args.host.accel,
+        slots: args.host.slot_config(),
         slots_ahead: 2,
         host_nat: !args.plane.no_internet,
-        vmm_uid_base: args.vmm_uid_base,
+        vmm_uid_base: args.host.vmm_uid_base,
     };
     let manager = Manager::start(config)
         .await
         .context("starting the host agent")?;
-    let mmds = tokio::net::TcpListener::bind(wrenn_agent::mmds_bind_address(args.mmds_port))
+    let mmds_port = args.host.mmds_port;
+    let mmds = tokio::net::TcpListener::bind(wrenn_agent::mmds_bind_address(mmds_port))
         .await
-        .with_context(|| format!("listening for metadata requests on port {}", args.mmds_port))?;
+        .with_context(|| format!("listening for metadata requests on port {mmds_port}"))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let serve = server_spawner(stop_rx.clone());
     let mmds_server = serve(mmds, manager.mmds.router());

@@ -1,0 +1,48 @@
+//! Flags more than one command takes, declared once: [`HostFlags`], how a host agent runs its
+//! VMs and network slots (`wrenn agent serve` and `wrenn up`).
+
+use clap::Args;
+use wrenn_agent::network::SlotConfig;
+use wrenn_vmm::accel::AccelSetting;
+
+/// How the host agent runs VMs and their network slots.
+#[derive(Debug, Clone, Args)]
+pub struct HostFlags {
+    /// auto (probe KVM, fall back to TCG), kvm or tcg.
+    #[arg(long, default_value = "auto")]
+    pub accel: AccelSetting,
+    /// Prefix of network namespace and interface names (1 to 6 lowercase letters or digits).
+    #[arg(long, default_value = "wrenn")]
+    pub slot_prefix: String,
+    /// First network slot index (agents sharing a machine use disjoint ranges).
+    #[arg(long, default_value_t = 1)]
+    pub first_slot: u32,
+    /// How many network slots (so how many running sandboxes) the host has.
+    #[arg(long, default_value_t = 256)]
+    pub slots: u32,
+    /// Port of the metadata service guests reach as 169.254.169.254:80.
+    #[arg(long, default_value_t = 49991)]
+    pub mmds_port: u16,
+    /// A range closed to guests by default (private, link-local, CGNAT, …) that guests with
+    /// internet access may reach (repeat for more; e.g. an internal package mirror's network).
+    /// The host's own addresses stay closed whatever this says.
+    #[arg(long = "guest-open-range", value_name = "CIDR")]
+    pub guest_open_ranges: Vec<wrenn_agent::firewall::Ipv4Cidr>,
+    /// Each VM's QEMU runs as uid and gid BASE + its slot index (numeric, no account needed;
+    /// keep the range unused on this host). 0 runs QEMU as root: for debugging only.
+    #[arg(long, default_value_t = wrenn_agent::manager::DEFAULT_VMM_UID_BASE)]
+    pub vmm_uid_base: u32,
+}
+
+impl HostFlags {
+    /// The network slots these flags describe.
+    pub fn slot_config(&self) -> SlotConfig {
+        SlotConfig {
+            prefix: self.slot_prefix.clone(),
+            first_index: self.first_slot,
+            capacity: self.slots,
+            mmds_port: self.mmds_port,
+            opened_ranges: self.guest_open_ranges.clone(),
+        }
+    }
+}

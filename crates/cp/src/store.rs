@@ -144,33 +144,14 @@ pub struct ListQuery {
     pub after: Option<(i64, String)>,
 }
 
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS teams (
-        id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, created_at_ms INTEGER NOT NULL);
-     CREATE TABLE IF NOT EXISTS api_keys (
-        id TEXT PRIMARY KEY, team_id TEXT NOT NULL REFERENCES teams(id), name TEXT NOT NULL,
-        hash TEXT NOT NULL UNIQUE, prefix TEXT NOT NULL, created_at_ms INTEGER NOT NULL,
-        revoked_at_ms INTEGER);
-     CREATE TABLE IF NOT EXISTS sandboxes (
-        id TEXT PRIMARY KEY, team_id TEXT NOT NULL REFERENCES teams(id), template_id TEXT NOT NULL,
-        alias TEXT, state TEXT NOT NULL, started_at_ms INTEGER NOT NULL, end_at_ms INTEGER NOT NULL,
-        metadata TEXT NOT NULL, envd_access_token TEXT, auto_pause INTEGER NOT NULL,
-        allow_internet INTEGER NOT NULL, cpu_count INTEGER NOT NULL, memory_mb INTEGER NOT NULL,
-        envd_version TEXT NOT NULL);
-     CREATE INDEX IF NOT EXISTS sandboxes_by_team ON sandboxes (team_id, started_at_ms, id);
-     CREATE INDEX IF NOT EXISTS sandboxes_by_end ON sandboxes (end_at_ms);",
-    "CREATE TABLE IF NOT EXISTS hosts (
-        id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, api_url TEXT NOT NULL,
-        proxy_address TEXT NOT NULL, agent_token TEXT NOT NULL, heartbeat_hash TEXT NOT NULL,
-        state TEXT NOT NULL, report TEXT NOT NULL, last_heartbeat_ms INTEGER NOT NULL,
-        registered_at_ms INTEGER NOT NULL);
-     ALTER TABLE sandboxes ADD COLUMN host_id TEXT NOT NULL DEFAULT 'local';
-     CREATE INDEX IF NOT EXISTS sandboxes_by_host ON sandboxes (host_id);",
-    "ALTER TABLE sandboxes ADD COLUMN traffic_access_token TEXT;
-     ALTER TABLE sandboxes ADD COLUMN auto_resume INTEGER NOT NULL DEFAULT 0;",
-    "ALTER TABLE teams ADD COLUMN admin INTEGER NOT NULL DEFAULT 0;
-     UPDATE teams SET admin = 1 WHERE name = 'default';",
-    "ALTER TABLE hosts ADD COLUMN identity_hash TEXT NOT NULL DEFAULT '';",
+/// The schema's migrations, in order (`migrations/sqlite/`); a database records how many it has
+/// applied and gets the rest at its next open.
+pub const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/sqlite/0001_teams_keys_sandboxes.sql"),
+    include_str!("../migrations/sqlite/0002_hosts.sql"),
+    include_str!("../migrations/sqlite/0003_traffic_token_auto_resume.sql"),
+    include_str!("../migrations/sqlite/0004_admin_teams.sql"),
+    include_str!("../migrations/sqlite/0005_host_identity.sql"),
 ];
 
 /// The SQLite store.
@@ -760,6 +741,33 @@ fn sandbox_row(row: &rusqlite::Row<'_>) -> Result<SandboxRow, rusqlite::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn both_backends_have_the_same_migrations_in_the_same_order() {
+        let names = |backend: &str| {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("migrations")
+                .join(backend);
+            let mut names: Vec<String> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        let sqlite = names("sqlite");
+        assert_eq!(
+            sqlite,
+            names("postgres"),
+            "a migration of one backend has none in the other"
+        );
+        assert_eq!(
+            sqlite.len(),
+            MIGRATIONS.len(),
+            "a migration file is not in MIGRATIONS"
+        );
+        assert_eq!(sqlite.len(), crate::store_pg::MIGRATIONS.len());
+    }
 
     fn row(
         id: &str,

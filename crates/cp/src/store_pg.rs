@@ -9,33 +9,14 @@ use tokio_postgres::{Client, NoTls, Row};
 
 use crate::store::{ApiKey, HostRow, ListQuery, SandboxRow, SandboxState, StoreError, Team};
 
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS teams (
-        id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, created_at_ms BIGINT NOT NULL);
-     CREATE TABLE IF NOT EXISTS api_keys (
-        id TEXT PRIMARY KEY, team_id TEXT NOT NULL REFERENCES teams(id), name TEXT NOT NULL,
-        hash TEXT NOT NULL UNIQUE, prefix TEXT NOT NULL, created_at_ms BIGINT NOT NULL,
-        revoked_at_ms BIGINT);
-     CREATE TABLE IF NOT EXISTS sandboxes (
-        id TEXT PRIMARY KEY, team_id TEXT NOT NULL REFERENCES teams(id), template_id TEXT NOT NULL,
-        alias TEXT, state TEXT NOT NULL, started_at_ms BIGINT NOT NULL, end_at_ms BIGINT NOT NULL,
-        metadata JSONB NOT NULL, envd_access_token TEXT, auto_pause BOOLEAN NOT NULL,
-        allow_internet BOOLEAN NOT NULL, cpu_count INTEGER NOT NULL, memory_mb INTEGER NOT NULL,
-        envd_version TEXT NOT NULL);
-     CREATE INDEX IF NOT EXISTS sandboxes_by_team ON sandboxes (team_id, started_at_ms, id);
-     CREATE INDEX IF NOT EXISTS sandboxes_by_end ON sandboxes (end_at_ms);",
-    "CREATE TABLE IF NOT EXISTS hosts (
-        id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, api_url TEXT NOT NULL,
-        proxy_address TEXT NOT NULL, agent_token TEXT NOT NULL, heartbeat_hash TEXT NOT NULL,
-        state TEXT NOT NULL, report JSONB NOT NULL, last_heartbeat_ms BIGINT NOT NULL,
-        registered_at_ms BIGINT NOT NULL);
-     ALTER TABLE sandboxes ADD COLUMN IF NOT EXISTS host_id TEXT NOT NULL DEFAULT 'local';
-     CREATE INDEX IF NOT EXISTS sandboxes_by_host ON sandboxes (host_id);",
-    "ALTER TABLE sandboxes ADD COLUMN IF NOT EXISTS traffic_access_token TEXT;
-     ALTER TABLE sandboxes ADD COLUMN IF NOT EXISTS auto_resume BOOLEAN NOT NULL DEFAULT FALSE;",
-    "ALTER TABLE teams ADD COLUMN IF NOT EXISTS admin BOOLEAN NOT NULL DEFAULT FALSE;
-     UPDATE teams SET admin = TRUE WHERE name = 'default';",
-    "ALTER TABLE hosts ADD COLUMN IF NOT EXISTS identity_hash TEXT NOT NULL DEFAULT '';",
+/// The schema's migrations, in order (`migrations/postgres/`); a database records how many it has
+/// applied and gets the rest at its next open.
+pub const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/postgres/0001_teams_keys_sandboxes.sql"),
+    include_str!("../migrations/postgres/0002_hosts.sql"),
+    include_str!("../migrations/postgres/0003_traffic_token_auto_resume.sql"),
+    include_str!("../migrations/postgres/0004_admin_teams.sql"),
+    include_str!("../migrations/postgres/0005_host_identity.sql"),
 ];
 
 const SELECT_SANDBOX: &str =

@@ -1,0 +1,1 @@
+ALTER TABLE hosts ADD COLUMN identity_hash TEXT NOT NULL DEFAULT '';

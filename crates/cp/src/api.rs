@@ -471,7 +471,7 @@ async fn create_sandbox(
     let env_vars = request.env_vars.unwrap_or_default();
     // Counted against the team's quotas until its row is written (or the create fails).
     let disk_mib = plane.fleet.template_disk_mib(&requested);
-    let _admitted = plane
+    let admitted = plane
         .admit(&team.0, crate::quota::Change::Create { disk_mib })
         .await?;
     // On a host before it is in the store: reconcile must not take it for an orphan.
@@ -528,7 +528,7 @@ async fn create_sandbox(
         traffic_access_token,
         auto_resume: request.auto_resume.and_then(|a| a.enabled).unwrap_or(false),
     };
-    if let Err(error) = plane.store.put_sandbox(row.clone()).await {
+    if let Err(error) = admitted.settle(plane.store.put_sandbox(row.clone())).await {
         let _ = placed.host.destroy(&id).await;
         plane.fleet.forget(&id);
         return Err(error.into());

@@ -170,14 +170,15 @@ impl ControlPlane {
     pub async fn pause(&self, row: &SandboxRow) -> Result<(), ApiError> {
         let host = self.fleet.up_host(row)?;
         let snapshot_mib = u64::from(row.memory_mb);
-        let _admitted = self
+        let admitted = self
             .admit(&row.team_id, Change::Pause { snapshot_mib })
             .await?;
         self.fleet.forget(&row.id);
         host.pause(&row.id).await?;
-        self.store
-            .set_state(&row.id, SandboxState::Paused, row.end_at_ms)
-            .await?;
+        let paused = self
+            .store
+            .set_state(&row.id, SandboxState::Paused, row.end_at_ms);
+        admitted.settle(paused).await?;
         Ok(())
     }
 
@@ -189,7 +190,7 @@ impl ControlPlane {
         auto_pause: Option<bool>,
     ) -> Result<SandboxRow, ApiError> {
         let host = self.fleet.up_host(row)?;
-        let _admitted = self.admit(&row.team_id, Change::Resume).await?;
+        let admitted = self.admit(&row.team_id, Change::Resume).await?;
         host.resume(&row.id).await?;
         let mut row = row.clone();
         row.state = SandboxState::Running;
@@ -197,7 +198,7 @@ impl ControlPlane {
         if let Some(auto_pause) = auto_pause {
             row.auto_pause = auto_pause;
         }
-        self.store.put_sandbox(row.clone()).await?;
+        admitted.settle(self.store.put_sandbox(row.clone())).await?;
         Ok(row)
     }
 

@@ -128,8 +128,10 @@ type Pending = Arc<Mutex<HashMap<String, Vec<(u64, Usage)>>>>;
 /// Changes admitted and not yet in the store, per team; admissions happen one at a time.
 #[derive(Debug, Default)]
 pub struct Admission {
-    /// Held from counting a team's usage to reserving the change.
-    serial: tokio::sync::Mutex<()>,
+    /// Held from counting a team's usage to reserving the change, and by
+    /// [`Reservation::settle`] from a change's store write to its reservation's release: an
+    /// admission never sees a change in neither the store nor the pending reservations.
+    serial: Arc<tokio::sync::Mutex<()>>,
     pending: Pending,
     next: std::sync::atomic::AtomicU64,
 }
@@ -141,6 +143,20 @@ pub struct Reservation {
     pending: Pending,
     team: String,
     id: u64,
+    serial: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Reservation {
+    /// Runs `write`, the store write that makes the change the store's, and then releases the
+    /// reservation, with no admission in between (one that read the store before the write
+    /// and the reservations after the release would count the change nowhere).
+    pub async fn settle<T>(self, write: impl std::future::Future<Output = T>) -> T {
+        let serial = self.serial.clone();
+        let _serial = serial.lock().await;
+        let written = write.await;
+        drop(self);
+        written
+    }
 }
 
 impl Drop for Reservation {
@@ -191,6 +207,7 @@ impl Admission {
             pending: self.pending.clone(),
             team: team_id.to_string(),
             id,
+            serial: self.serial.clone(),
         })
     }
 }
@@ -198,6 +215,50 @@ impl Admission {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A change being written to the store when another admission counts: it is counted
+    /// either in the store or as pending, never nowhere. (Without `settle`'s lock, the
+    /// admission below read the store before the write and the reservations after the
+    /// release, and let a second sandbox past a limit of one.)
+    #[tokio::test]
+    async fn a_change_being_settled_is_never_counted_nowhere() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let quotas = Quotas {
+            running: 1,
+            ..Quotas::default()
+        };
+        let admission = Arc::new(Admission::default());
+        let stored_running = Arc::new(AtomicU32::new(0));
+        let create = Change::Create { disk_mib: 0 };
+        let first = admission
+            .admit::<QuotaExceeded>(&quotas, "t", "t", create, async { Ok(Usage::default()) })
+            .await
+            .unwrap();
+        let written = stored_running.clone();
+        let settling = tokio::spawn(first.settle(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            written.store(1, Ordering::SeqCst);
+        }));
+        tokio::task::yield_now().await;
+        let read = stored_running.clone();
+        let slow_count = async move {
+            let running = read.load(Ordering::SeqCst);
+            // The store answers slowly: the first change is released meanwhile.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            Ok(Usage {
+                running,
+                ..Usage::default()
+            })
+        };
+        let second = admission
+            .admit::<QuotaExceeded>(&quotas, "t", "t", create, slow_count)
+            .await;
+        settling.await.unwrap();
+        assert!(
+            matches!(second, Err(QuotaExceeded::Running { .. })),
+            "a second sandbox got past a limit of one"
+        );
+    }
 
     const LIMITS: Quotas = Quotas {
         running: 2,

@@ -796,7 +796,7 @@ pub(crate) async fn upload(
         .trim()
         .to_ascii_lowercase();
 
-    let reader: Box<dyn AsyncRead + Unpin + Send> = if gzip {
+    let mut reader: Box<dyn AsyncRead + Unpin + Send> = if gzip {
         Box::new(async_compression::tokio::bufread::GzipDecoder::new(
             BufReader::with_capacity(TRANSFER_CHUNK, body_reader(body)),
         ))
@@ -807,13 +807,16 @@ pub(crate) async fn upload(
     let result = if media_type == "application/octet-stream" {
         upload_raw(&envd, &query, &user, reader, &metadata).await
     } else if media_type.starts_with("multipart/") {
-        upload_multipart(&envd, &query, &user, &content_type, reader, &metadata).await
+        let uploaded =
+            upload_multipart(&envd, &query, &user, &content_type, &mut reader, &metadata).await;
+        if uploaded.is_err() {
+            // A part failed before the body's end: read the rest, so the client still sending
+            // it gets this answer, not a broken pipe.
+            drain_bounded(&mut reader).await;
+        }
+        uploaded
     } else {
-        // Read the (bounded) body first, so the client sees this answer, not a broken pipe.
-        let mut limited = reader.take(1024 * 1024);
-        let mut sink = tokio::io::sink();
-        let drained = tokio::io::copy(&mut limited, &mut sink);
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drained).await;
+        drain_bounded(&mut reader).await;
         Err(json_error(
             StatusCode::BAD_REQUEST,
             format!(
@@ -825,6 +828,15 @@ pub(crate) async fn upload(
         Ok(files) => (StatusCode::OK, axum::Json(files)).into_response(),
         Err(response) => response,
     }
+}
+
+/// Reads and drops the rest of a request body (at most 1 MiB, for at most 2 s), so that an
+/// error answered before the body's end reaches a client that is still sending it.
+async fn drain_bounded(reader: &mut (dyn AsyncRead + Unpin + Send)) {
+    let mut limited = reader.take(1024 * 1024);
+    let mut sink = tokio::io::sink();
+    let drained = tokio::io::copy(&mut limited, &mut sink);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drained).await;
 }
 
 fn upload_failure(error: UploadError) -> Response {
@@ -856,7 +868,7 @@ async fn upload_multipart(
     query: &FilesQuery,
     user: &User,
     content_type: &str,
-    reader: Box<dyn AsyncRead + Unpin + Send>,
+    reader: &mut (dyn AsyncRead + Unpin + Send),
     metadata: &[(String, String)],
 ) -> Result<Vec<UploadedFile>, Response> {
     let boundary = multer::parse_boundary(content_type).map_err(|error| {

@@ -1,5 +1,5 @@
 //! The agent's calls to envd in a guest: `/health`, `/init`, `/snapshot/prepare`. Every call
-//! opens its own connection and closes it, so the agent never holds an idle connection to envd
+//! opens its own connection and closes it (a client with no idle pool, `Connection: close`), so the agent never holds an idle connection to envd
 //! across a snapshot (it would be a zombie in every clone).
 //!
 //! A guest is not trusted: its root can serve anything on envd's port. So every answer is read
@@ -9,8 +9,6 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 
 use crate::error::AgentError;
@@ -36,7 +34,7 @@ pub fn guest_text(bytes: &[u8]) -> String {
     shown
 }
 
-/// One request on a fresh connection, within `timeout`; the answer's body is read up to
+/// One request on a fresh connection, within `timeout` (connect included); the answer's body is read up to
 /// [`MAX_CONTROL_ANSWER`] bytes (a longer one is an error) and returned as [`guest_text`].
 async fn call(
     address: SocketAddr,
@@ -46,58 +44,50 @@ async fn call(
     token: Option<&str>,
     timeout: Duration,
 ) -> Result<(u16, String), String> {
-    let attempt = async {
-        let stream = tokio::net::TcpStream::connect(address)
-            .await
-            .map_err(|e| e.to_string())?;
-        let _ = stream.set_nodelay(true);
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| e.to_string())?;
-        // The connection ends with this call whichever way it ends (an error, the deadline).
-        let _driver = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(connection));
-        let mut request = http::Request::builder()
-            .method(method)
-            .uri(format!("http://{address}{path}"))
-            .header("host", address.to_string())
-            .header("connection", "close");
-        if let Some(token) = token {
-            request = request.header("x-access-token", token);
+    use wrenn_http::client::{BodyError, describe, read_bounded};
+    let url = format!("http://{address}{path}");
+    let mut request = control_client()
+        .request(method, &url)
+        .timeout(timeout)
+        .header("connection", "close");
+    if let Some(token) = token {
+        request = request.header("x-access-token", token);
+    }
+    if let Some(body) = &body {
+        request = request.json(body);
+    }
+    let no_answer = |error: wrenn_http::client::reqwest::Error| {
+        if error.is_timeout() {
+            format!("no answer within {timeout:?}")
+        } else {
+            describe(&error)
         }
-        let bytes = match &body {
-            Some(body) => {
-                request = request.header("content-type", "application/json");
-                Bytes::from(body.to_string())
-            }
-            None => Bytes::new(),
-        };
-        let request = request.body(Full::new(bytes)).map_err(|e| e.to_string())?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = response.status().as_u16();
-        let body = http_body_util::Limited::new(response.into_body(), MAX_CONTROL_ANSWER)
-            .collect()
-            .await
-            .map_err(|error| {
-                if error.is::<http_body_util::LengthLimitError>() {
-                    format!(
-                        "the answer is larger than {} KiB",
-                        MAX_CONTROL_ANSWER / 1024
-                    )
-                } else {
-                    error.to_string()
-                }
-            })?
-            .to_bytes();
-        drop(sender);
-        Ok((status, guest_text(&body)))
     };
-    tokio::time::timeout(timeout, attempt)
+    let response = request.send().await.map_err(no_answer)?;
+    let status = response.status().as_u16();
+    let body = read_bounded(response, MAX_CONTROL_ANSWER)
         .await
-        .map_err(|_| format!("no answer within {timeout:?}"))?
+        .map_err(|error| match error {
+            BodyError::TooLarge { .. } => format!(
+                "the answer is larger than {} KiB",
+                MAX_CONTROL_ANSWER / 1024
+            ),
+            BodyError::Broken(error) => no_answer(error),
+        })?;
+    Ok((status, guest_text(&body)))
+}
+
+/// The client of every control call: it keeps no connection once a call ends.
+fn control_client() -> &'static wrenn_http::client::reqwest::Client {
+    static CLIENT: std::sync::OnceLock<wrenn_http::client::reqwest::Client> =
+        std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| {
+        wrenn_http::client::client(wrenn_http::client::ClientOptions {
+            connect_timeout: None,
+            keep_idle: false,
+            http2_prior_knowledge: false,
+        })
+    })
 }
 
 /// Waits until envd answers `/health`, giving up early if `alive` says the VM is gone.

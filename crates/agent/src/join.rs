@@ -95,6 +95,34 @@ pub struct JoinConfig {
 }
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most of a control plane's answer read.
+const MAX_ANSWER: usize = 1 << 20;
+
+/// Posts `body` as JSON to the control plane with a bearer token: the answer's status and body.
+async fn post_json(
+    url: &str,
+    bearer: &str,
+    body: &impl serde::Serialize,
+) -> Result<(http::StatusCode, bytes::Bytes), String> {
+    use wrenn_http::client::{ClientOptions, describe, read_bounded};
+    let http = wrenn_http::client::client(ClientOptions {
+        connect_timeout: Some(CALL_TIMEOUT),
+        ..ClientOptions::default()
+    });
+    let response = http
+        .post(url)
+        .timeout(CALL_TIMEOUT)
+        .bearer_auth(bearer)
+        .json(body)
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach {url}: {}", describe(&e)))?;
+    let status = response.status();
+    let answer = read_bounded(response, MAX_ANSWER)
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    Ok((status, answer))
+}
 
 /// The identity kept in `file`, if there is one.
 pub fn read_identity(file: &Path) -> Result<Option<HostIdentity>, String> {
@@ -126,28 +154,15 @@ async fn register(config: &JoinConfig, manager: &Manager) -> Result<RegisterResp
         report: report(manager),
         identity,
     };
-    let body = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
-    let bearer = format!("Bearer {}", config.join_token);
-    let response = wrenn_connect::plain::call(
-        http::Method::POST,
-        &format!("{}/hosts/register", config.control_plane_url),
-        &[
-            ("authorization", &bearer),
-            ("content-type", "application/json"),
-        ],
-        body,
-        CALL_TIMEOUT,
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    if response.status != http::StatusCode::OK {
+    let url = format!("{}/hosts/register", config.control_plane_url);
+    let (status, body) = post_json(&url, &config.join_token, &request).await?;
+    if status != http::StatusCode::OK {
         return Err(format!(
-            "the control plane refused the registration: HTTP {}: {}",
-            response.status,
-            response.text()
+            "the control plane refused the registration: HTTP {status}: {}",
+            String::from_utf8_lossy(&body)
         ));
     }
-    let answer: RegisterResponse = serde_json::from_slice(&response.body)
+    let answer: RegisterResponse = serde_json::from_slice(&body)
         .map_err(|e| format!("the control plane's answer is not a registration: {e}"))?;
     if let Some(secret) = &answer.host_secret {
         let identity = HostIdentity {
@@ -224,31 +239,18 @@ async fn heartbeat(
     registration: &RegisterResponse,
     manager: &Manager,
 ) -> Result<(), HeartbeatError> {
-    let body =
-        serde_json::to_vec(&report(manager)).map_err(|e| HeartbeatError::Failed(e.to_string()))?;
-    let bearer = format!("Bearer {}", registration.heartbeat_token);
-    let response = wrenn_connect::plain::call(
-        http::Method::POST,
-        &format!(
-            "{}/hosts/{}/heartbeat",
-            config.control_plane_url, registration.host_id
-        ),
-        &[
-            ("authorization", &bearer),
-            ("content-type", "application/json"),
-        ],
-        body,
-        CALL_TIMEOUT,
-    )
-    .await
-    .map_err(|e| HeartbeatError::Failed(e.to_string()))?;
-    match response.status.as_u16() {
+    let url = format!(
+        "{}/hosts/{}/heartbeat",
+        config.control_plane_url, registration.host_id
+    );
+    let (status, body) = post_json(&url, &registration.heartbeat_token, &report(manager))
+        .await
+        .map_err(HeartbeatError::Failed)?;
+    let text = String::from_utf8_lossy(&body).into_owned();
+    match status.as_u16() {
         200..=299 => Ok(()),
-        401 | 404 => Err(HeartbeatError::Forgotten(response.text())),
-        status => Err(HeartbeatError::Failed(format!(
-            "HTTP {status}: {}",
-            response.text()
-        ))),
+        401 | 404 => Err(HeartbeatError::Forgotten(text)),
+        status => Err(HeartbeatError::Failed(format!("HTTP {status}: {text}"))),
     }
 }
 

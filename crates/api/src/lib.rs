@@ -1,8 +1,9 @@
 //! wrenn's REST API as types: the bodies the E2B SDKs send and read (field names are E2B's wire
 //! contract: `sandboxID`, `templateID`, `envdVersion`…), and wrenn's own fleet routes. The
 //! control plane answers with these types, its OpenAPI document (`docs/openapi.json`, served at
-//! `GET /openapi.json`) is generated from them, and clients read them back. No behaviour.
+//! `GET /openapi.json`) is generated from them, and clients read them back with [`client`].
 
+pub mod client;
 pub mod conformance;
 
 use std::collections::BTreeMap;

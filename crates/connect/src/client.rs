@@ -1,16 +1,12 @@
 //! A small Connect client for unary and server-streaming calls, over HTTP/1.1 or HTTP/2 with
-//! prior knowledge (h2c). wrenn's tests, benchmarks and (later) the host agent use it to talk to
-//! envd.
+//! prior knowledge (h2c), on wrenn's one HTTP client (`wrenn_http::client`). The control plane
+//! calls agents with it; the CLI, tests and benchmarks call envd and agents.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, header};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http::{HeaderMap, HeaderName, HeaderValue, header};
+use wrenn_http::client::{BodyError, ClientOptions, describe, read_bounded, reqwest};
 
 use crate::envelope::{self, EnvelopeDecoder};
 use crate::{Code, Codec, ConnectError, DEFAULT_MAX_MESSAGE_BYTES, Message};
@@ -30,22 +26,15 @@ pub struct ConnectClient {
     version: HttpVersion,
     codec: Codec,
     headers: HeaderMap,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: reqwest::Client,
 }
 
-fn http_client(
-    version: HttpVersion,
-    connect_timeout: Option<Duration>,
-) -> Client<HttpConnector, Full<Bytes>> {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(connect_timeout);
-    let mut builder = Client::builder(TokioExecutor::new());
-    builder.pool_idle_timeout(Duration::from_secs(30));
-    if version == HttpVersion::Http2 {
-        builder.http2_only(true);
-    }
-    builder.build(connector)
+fn http_client(version: HttpVersion, connect_timeout: Option<Duration>) -> reqwest::Client {
+    wrenn_http::client::client(ClientOptions {
+        connect_timeout,
+        keep_idle: true,
+        http2_prior_knowledge: version == HttpVersion::Http2,
+    })
 }
 
 impl ConnectClient {
@@ -125,7 +114,7 @@ impl ConnectClient {
             .send(path, self.codec.unary_content_type(), body, extra_headers)
             .await?;
         let status = response.status();
-        let bytes = collect(response.into_body()).await?;
+        let bytes = collect(response).await?;
         if !status.is_success() {
             return Err(ConnectError::from_json(&bytes).unwrap_or_else(|| {
                 ConnectError::new(
@@ -155,7 +144,7 @@ impl ConnectClient {
             .await?;
         let status = response.status();
         if !status.is_success() {
-            let bytes = collect(response.into_body()).await?;
+            let bytes = collect(response).await?;
             return Err(ConnectError::from_json(&bytes).unwrap_or_else(|| {
                 ConnectError::new(
                     Code::from_http_status(status.as_u16()),
@@ -165,7 +154,7 @@ impl ConnectClient {
         }
         Ok(ResponseStream {
             codec: self.codec,
-            body: response.into_body(),
+            body: response,
             decoder: EnvelopeDecoder::new(DEFAULT_MAX_MESSAGE_BYTES),
             finished: false,
             _message: std::marker::PhantomData,
@@ -178,33 +167,51 @@ impl ConnectClient {
         content_type: &'static str,
         body: Bytes,
         extra_headers: &HeaderMap,
-    ) -> Result<http::Response<Incoming>, ConnectError> {
-        let mut request = Request::post(format!("{}{path}", self.base_url))
-            .header(header::CONTENT_TYPE, content_type)
-            .header("connect-protocol-version", "1")
-            .body(Full::new(body))
-            .map_err(|error| ConnectError::internal(format!("building request: {error}")))?;
-        for (name, value) in self.headers.iter().chain(extra_headers.iter()) {
-            request.headers_mut().insert(name.clone(), value.clone());
+    ) -> Result<reqwest::Response, ConnectError> {
+        let mut headers = self.headers.clone();
+        for (name, value) in extra_headers {
+            headers.insert(name.clone(), value.clone());
         }
-        self.http.request(request).await.map_err(|error| {
-            ConnectError::new(Code::Unavailable, format!("request failed: {error}"))
-        })
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        headers.insert(
+            HeaderName::from_static("connect-protocol-version"),
+            HeaderValue::from_static("1"),
+        );
+        self.http
+            .post(format!("{}{path}", self.base_url))
+            .headers(headers)
+            .body(body)
+            .send()
+            .await
+            .map_err(|error| {
+                ConnectError::new(
+                    Code::Unavailable,
+                    format!("request failed: {}", describe(&error)),
+                )
+            })
     }
 }
 
-async fn collect(body: Incoming) -> Result<Bytes, ConnectError> {
-    body.collect()
+/// A unary answer or an error answer, read whole up to the largest message.
+async fn collect(response: reqwest::Response) -> Result<Bytes, ConnectError> {
+    read_bounded(response, DEFAULT_MAX_MESSAGE_BYTES)
         .await
-        .map(|collected| collected.to_bytes())
-        .map_err(|error| ConnectError::new(Code::Unavailable, format!("reading response: {error}")))
+        .map_err(|error| match error {
+            BodyError::TooLarge { .. } => {
+                ConnectError::new(Code::ResourceExhausted, format!("response: {error}"))
+            }
+            BodyError::Broken(error) => ConnectError::new(
+                Code::Unavailable,
+                format!("reading response: {}", describe(&error)),
+            ),
+        })
 }
 
 /// The messages of a server-streaming response.
 #[derive(Debug)]
 pub struct ResponseStream<M> {
     codec: Codec,
-    body: Incoming,
+    body: reqwest::Response,
     decoder: EnvelopeDecoder,
     finished: bool,
     _message: std::marker::PhantomData<fn() -> M>,
@@ -235,20 +242,16 @@ impl<M: Message> ResponseStream<M> {
                 }
                 Ok(None) => {}
             }
-            match self.body.frame().await {
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        self.decoder.push(&data);
-                    }
-                }
-                Some(Err(error)) => {
+            match self.body.chunk().await {
+                Ok(Some(data)) => self.decoder.push(&data),
+                Err(error) => {
                     self.finished = true;
                     return Some(Err(ConnectError::new(
                         Code::Unavailable,
-                        format!("stream broken: {error}"),
+                        format!("stream broken: {}", describe(&error)),
                     )));
                 }
-                None => {
+                Ok(None) => {
                     self.finished = true;
                     return Some(Err(ConnectError::new(
                         Code::Internal,

@@ -6,7 +6,6 @@
 //! - [`envelope`]: the 5-byte envelope of streaming calls and an incremental, size-bounded decoder.
 //! - [`server`]: reading a request's protocol headers and building unary and streaming responses.
 //! - [`client`]: a small client for unary and server-streaming calls over HTTP/1.1 or h2c.
-//! - [`plain`]: one-shot plain HTTP/1.1 calls (JSON APIs, health checks).
 //!
 //! It owns no service logic: envd and the host agent put their handlers on top.
 
@@ -15,7 +14,6 @@ mod code;
 mod codec;
 pub mod envelope;
 mod error;
-pub mod plain;
 pub mod server;
 
 pub use code::Code;

@@ -1,16 +1,16 @@
 //! The `wrenn` command: wrenn on one machine (`wrenn up`), the control plane alone (`wrenn
 //! server`), the host agent (`wrenn agent`), the CLI over a control plane (`wrenn sandbox`,
-//! `wrenn template`, `wrenn host`), API keys (`wrenn key`), guest images (`wrenn image`) and
-//! benchmarks (`wrenn bench`).
+//! `wrenn template`, `wrenn host`), API keys (`wrenn key`) and guest images (`wrenn image`): one
+//! module a command group under `commands/`. The benchmarks are the `wrenn-bench` binary.
 
-mod agent;
-mod bench;
-mod cli;
+mod commands;
+mod connection;
 mod flags;
-mod image;
+mod output;
 mod paths;
 mod secrets;
-mod up;
+
+use commands::{agent, host, image, key, sandbox, server, template, up};
 
 use clap::{Parser, Subcommand};
 
@@ -27,26 +27,23 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Measure wrenn's components.
-    #[command(subcommand)]
-    Bench(bench::BenchCommand),
     /// Run the host agent, or talk to one.
     #[command(subcommand)]
     Agent(agent::AgentCommand),
     /// Start wrenn on this machine: image, template, host agent, control plane, proxy.
     Up(up::UpArgs),
     /// Run the control plane alone, for host agents that join it (`wrenn agent serve --join`).
-    Server(up::ServerArgs),
+    Server(server::ServerArgs),
     /// Manage API keys.
     #[command(subcommand)]
-    Key(up::KeyCommand),
+    Key(key::KeyCommand),
     /// Sandboxes of a control plane: create, list, info, exec, shell, cp, pause, resume, kill,
     /// timeout.
-    Sandbox(cli::SandboxArgs),
+    Sandbox(sandbox::SandboxArgs),
     /// Templates of a control plane.
-    Template(cli::TemplateArgs),
+    Template(template::TemplateArgs),
     /// Hosts of a control plane's fleet.
-    Host(cli::HostArgs),
+    Host(host::HostArgs),
     /// Build and check guest images.
     #[command(subcommand)]
     Image(image::ImageCommand),
@@ -76,15 +73,14 @@ fn run() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
-        Command::Bench(command) => runtime.block_on(bench::run(command)),
         Command::Image(_) => unreachable!("handled above"),
         Command::Agent(command) => runtime.block_on(agent::run(command)),
-        Command::Up(args) => runtime.block_on(up::up(args)),
-        Command::Server(args) => runtime.block_on(up::server(args)),
-        Command::Sandbox(args) => runtime.block_on(cli::sandbox(args)),
-        Command::Template(args) => runtime.block_on(cli::templates(args)),
-        Command::Host(args) => runtime.block_on(cli::hosts(args)),
-        Command::Key(command) => runtime.block_on(up::key(command)),
+        Command::Up(args) => runtime.block_on(up::run(args)),
+        Command::Server(args) => runtime.block_on(server::run(args)),
+        Command::Sandbox(args) => runtime.block_on(sandbox::run(args)),
+        Command::Template(args) => runtime.block_on(template::run(args)),
+        Command::Host(args) => runtime.block_on(host::run(args)),
+        Command::Key(command) => runtime.block_on(key::run(command)),
     }
 }
 
@@ -133,7 +129,7 @@ mod tests {
         let Command::Up(up) = up.command else {
             panic!("not up")
         };
-        let Command::Agent(crate::agent::AgentCommand::Serve(serve)) = serve.command else {
+        let Command::Agent(super::agent::AgentCommand::Serve(serve)) = serve.command else {
             panic!("not agent serve")
         };
         for flags in [&up.host, &serve.host] {

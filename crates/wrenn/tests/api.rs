@@ -144,31 +144,27 @@ impl Server {
         key: Option<&str>,
         body: &str,
     ) -> (StatusCode, Value, http::HeaderMap) {
-        let mut headers = vec![("content-type", "application/json")];
-        if let Some(key) = key {
-            headers.push(("x-api-key", key));
-        }
-        let response = wrenn_connect::plain::call(
-            method.clone(),
-            &format!("{}{path}", self.url()),
-            &headers,
-            body.to_string(),
-            Duration::from_secs(120),
-        )
-        .await
-        .unwrap();
-        let value = if response.body.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&response.body)
-                .unwrap_or_else(|_| Value::String(response.text()))
-        };
+        let api = wrenn_api::client::Client::new(&self.url(), key)
+            .unwrap()
+            .with_deadline(Duration::from_secs(120));
+        let response = api
+            .send(
+                method.clone(),
+                path,
+                &http::HeaderMap::new(),
+                Some(bytes::Bytes::from(body.to_string())),
+            )
+            .await
+            .unwrap();
+        let value = response.json();
         // Every answer is what the OpenAPI document says it is.
-        let document = serde_json::to_value(wrenn_cp::openapi::document()).unwrap();
+        static DOCUMENT: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+        let document =
+            DOCUMENT.get_or_init(|| serde_json::to_value(wrenn_cp::openapi::document()).unwrap());
         let route = path.split('?').next().unwrap_or(path);
         let status = response.status.as_u16();
         if let Err(problem) =
-            wrenn_api::conformance::check(&document, method.as_str(), route, status, &value)
+            wrenn_api::conformance::check(document, method.as_str(), route, status, &value)
         {
             let shown: String = value.to_string().chars().take(600).collect();
             panic!(
@@ -711,7 +707,7 @@ async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_s
         ("e2b-sandbox-id", alice_id.as_str()),
         ("e2b-sandbox-port", "49983"),
     ];
-    let unauthorised = wrenn_connect::plain::call(
+    let unauthorised = http_call(
         Method::GET,
         &format!(
             "http://{}/files?path=/etc/hostname&username=user",
@@ -728,7 +724,7 @@ async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_s
         StatusCode::UNAUTHORIZED,
         "envd needs the access token"
     );
-    let init = wrenn_connect::plain::call(
+    let init = http_call(
         Method::POST,
         &format!("http://{}/init", server.proxy),
         &sandbox_headers,
@@ -988,7 +984,7 @@ async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_s
         if let Some(token) = token {
             headers.push(("e2b-traffic-access-token", token));
         }
-        wrenn_connect::plain::call(
+        http_call(
             Method::GET,
             &format!("http://{}/index.html", server.proxy),
             &headers,
@@ -1059,7 +1055,7 @@ async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_s
         )
         .await;
     assert_eq!(paused[0]["sandboxID"], alice_id.as_str());
-    let paused_proxy = wrenn_connect::plain::call(
+    let paused_proxy = http_call(
         Method::GET,
         &format!("http://{}/health", server.proxy),
         &sandbox_headers,
@@ -1231,7 +1227,7 @@ async fn fleet_places_reconciles_and_survives_a_dead_host() {
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     let bearer = format!("Bearer {}", server.join_token);
-    let malformed = wrenn_connect::plain::call(
+    let malformed = http_call(
         Method::POST,
         &format!("{}/hosts/register", server.url()),
         &[
@@ -1249,7 +1245,7 @@ async fn fleet_places_reconciles_and_survives_a_dead_host() {
         "{}",
         malformed.text()
     );
-    let response = wrenn_connect::plain::call(
+    let response = http_call(
         Method::POST,
         &format!("{}/hosts/register", server.url()),
         &[
@@ -1275,7 +1271,7 @@ async fn fleet_places_reconciles_and_survives_a_dead_host() {
         .iter()
         .map(|h| h["hostID"].as_str().unwrap().to_string())
         .collect();
-    let response = wrenn_connect::plain::call(
+    let response = http_call(
         Method::POST,
         &format!("{}/hosts/{}/heartbeat", server.url(), host_ids[0]),
         &[
@@ -1556,7 +1552,7 @@ impl FakeAgent {
             identity: identity.cloned(),
         };
         let bearer = format!("Bearer {}", server.join_token);
-        let response = wrenn_connect::plain::call(
+        let response = http_call(
             Method::POST,
             &format!("{}/hosts/register", server.url()),
             &[
@@ -1604,7 +1600,7 @@ impl FakeAgent {
         self.heartbeats = Some(tokio::spawn(async move {
             loop {
                 let bearer = format!("Bearer {token}");
-                let _ = wrenn_connect::plain::call(
+                let _ = http_call(
                     Method::POST,
                     &url,
                     &[

@@ -448,3 +448,33 @@ pub async fn wait_until(what: &str, within: Duration, mut check: impl AsyncFnMut
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// One HTTP call through wrenn's HTTP client, answered whole (any status).
+#[allow(dead_code)]
+pub async fn http_call(
+    method: http::Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<bytes::Bytes>,
+    timeout: Duration,
+) -> Result<wrenn_api::client::Answer, String> {
+    use wrenn_http::client::{ClientOptions, client, describe, read_bounded};
+    let mut request = client(ClientOptions::default())
+        .request(method, url)
+        .timeout(timeout)
+        .body(body.into());
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.map_err(|e| describe(&e))?;
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = read_bounded(response, 16 << 20)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(wrenn_api::client::Answer {
+        status,
+        headers,
+        body,
+    })
+}

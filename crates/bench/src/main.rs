@@ -1,15 +1,27 @@
-//! `wrenn bench`: measurements reported in docs/benchmarks.md. Each prints a table, or JSON with
-//! `--json`.
+//! `wrenn-bench`: the measurements reported in docs/benchmarks.md, in a binary of their own so
+//! that the product binary (`wrenn`) carries none of them. Each prints a table, or JSON with
+//! `--json`. Build with `cargo build --release -p wrenn -p wrenn-bench -p wrenn-envd`.
 
 mod api;
 mod envd;
 mod sandbox;
 mod slots;
 
-use clap::Subcommand;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "wrenn-bench",
+    version,
+    about = "wrenn's benchmarks (docs/benchmarks.md)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
 
 #[derive(Debug, Subcommand)]
-pub enum BenchCommand {
+enum BenchCommand {
     /// envd on loopback: start time, idle memory, process round trips, file transfer rates.
     Envd(envd::EnvdBenchArgs),
     /// The base image booted cold under QEMU, to envd's /health.
@@ -22,7 +34,39 @@ pub enum BenchCommand {
     Slots(slots::SlotsBenchArgs),
 }
 
-pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WRENN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let outcome = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(run(cli.command)));
+    if let Err(error) = outcome {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The `wrenn` binary beside this one (the benchmarks run `wrenn agent serve`).
+pub fn wrenn_binary() -> anyhow::Result<std::path::PathBuf> {
+    let own = std::env::current_exe()?;
+    let wrenn = own.with_file_name("wrenn");
+    anyhow::ensure!(
+        wrenn.exists(),
+        "no wrenn binary beside {}: build it too (cargo build --release -p wrenn -p wrenn-bench)",
+        own.display()
+    );
+    Ok(wrenn)
+}
+
+async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Envd(args) => envd::run(args).await,
         BenchCommand::Boot(args) => sandbox::boot(args).await,
@@ -51,6 +95,12 @@ pub fn median(samples: &[f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 
     #[test]
     fn quantiles() {

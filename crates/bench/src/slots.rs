@@ -1,4 +1,4 @@
-//! `wrenn bench slots`: what the sandbox firewall of issue #11 costs, against the rules before
+//! `wrenn-bench slots`: what the sandbox firewall of issue #11 costs, against the rules before
 //! it, in one run (interleaved, so both see the same machine): the time to make a network slot
 //! (namespace, veth, tap, NAT and firewall) and the time to open a slot's egress (what a create
 //! with internet access adds to the lease). Needs root; uses slot indexes 950 and 951.
@@ -110,7 +110,7 @@ fn timed(work: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<Duration> 
 pub async fn run(args: SlotsBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         nix::unistd::Uid::effective().is_root(),
-        "wrenn bench slots makes network namespaces: run it as root"
+        "wrenn-bench slots makes network namespaces: run it as root"
     );
     let legacy = Slot::new("wbslot", 950);
     let current = Slot::new("wbslot", 951);

@@ -172,7 +172,7 @@ pub async fn run(command: AgentCommand) -> anyhow::Result<()> {
             if client.json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {
-                let mut table = new_table(&["field", "value"]);
+                let mut table = crate::output::table(&["field", "value"], Vec::new());
                 for (field, value) in serde_json::to_value(&info)?
                     .as_object()
                     .into_iter()
@@ -322,21 +322,17 @@ where
         .map_err(|error| anyhow::anyhow!("{}: {error}", M::PATH))
 }
 
-fn new_table(header: &[&str]) -> comfy_table::Table {
-    let mut table = comfy_table::Table::new();
-    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
-    table.set_header(header.to_vec());
-    table
-}
-
 fn print_sandboxes(sandboxes: &[pb::Sandbox], json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(sandboxes)?);
         return Ok(());
     }
-    let mut table = new_table(&[
-        "sandbox", "template", "state", "envd", "memory", "rss", "error",
-    ]);
+    let mut table = crate::output::table(
+        &[
+            "sandbox", "template", "state", "envd", "memory", "rss", "error",
+        ],
+        Vec::new(),
+    );
     for sandbox in sandboxes {
         table.add_row([
             sandbox.sandbox_id.clone(),
@@ -445,9 +441,12 @@ fn print_templates(templates: &[pb::Template], json: bool) -> anyhow::Result<()>
         println!("{}", serde_json::to_string_pretty(templates)?);
         return Ok(());
     }
-    let mut table = new_table(&[
-        "template", "memory", "vcpus", "accel", "snapshot", "envd", "built in",
-    ]);
+    let mut table = crate::output::table(
+        &[
+            "template", "memory", "vcpus", "accel", "snapshot", "envd", "built in",
+        ],
+        Vec::new(),
+    );
     for template in templates {
         table.add_row([
             template.template_id.clone(),

@@ -1,4 +1,4 @@
-//! `wrenn bench envd`: starts the envd binary on loopback and measures what issue #2 promises:
+//! `wrenn-bench envd`: starts the envd binary on loopback and measures what issue #2 promises:
 //! start to first `/health`, idle resident memory, the `Start` round trip of `/bin/true` (no
 //! shell), and 256 MiB uploads and downloads with envd's peak resident memory.
 

@@ -1,4 +1,4 @@
-//! `wrenn bench api`: the control plane's costs, with a host agent in the same process.
+//! `wrenn-bench api`: the control plane's costs, with a host agent in the same process.
 //! - create through the REST API (request to 201) against a create straight through the agent,
 //!   alternating, from the same template; and the control plane's own share of each REST create
 //!   (its `Server-Timing`: the handler's time minus the agent's);
@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use http_body_util::BodyExt;
 use serde_json::json;
 use wrenn_agent::manager::CreateOptions;
 use wrenn_agent::network::SlotConfig;
@@ -57,15 +56,25 @@ async fn request(
     headers: &[(&str, &str)],
     body: String,
 ) -> anyhow::Result<(u16, http::HeaderMap, bytes::Bytes)> {
-    let response = wrenn_connect::plain::call(
-        method,
-        &format!("http://{address}{path}"),
-        headers,
-        body,
-        Duration::from_secs(600),
-    )
-    .await?;
-    Ok((response.status.as_u16(), response.headers, response.body))
+    let mut request = http_client()
+        .request(method, format!("http://{address}{path}"))
+        .timeout(Duration::from_secs(600))
+        .body(body);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = wrenn_http::client::read_bounded(response, 64 << 20).await?;
+    Ok((status, headers, body))
+}
+
+/// The benchmark's one HTTP client.
+fn http_client() -> &'static wrenn_http::client::reqwest::Client {
+    static CLIENT: std::sync::OnceLock<wrenn_http::client::reqwest::Client> =
+        std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| wrenn_http::client::client(Default::default()))
 }
 
 /// The `agent` and `total` durations (ms) of a create's `Server-Timing` header.
@@ -86,28 +95,19 @@ async fn download(
     headers: &[(&str, &str)],
 ) -> anyhow::Result<(u64, Duration)> {
     let started = Instant::now();
-    let stream = tokio::net::TcpStream::connect(address).await?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    let mut builder = http::Request::get(path).header("host", address.to_string());
+    let mut request = http_client().get(format!("http://{address}{path}"));
     for (name, value) in headers {
-        builder = builder.header(*name, *value);
+        request = request.header(*name, *value);
     }
-    let response = sender
-        .send_request(builder.body(http_body_util::Empty::<bytes::Bytes>::new())?)
-        .await?;
+    let mut response = request.send().await?;
     anyhow::ensure!(
         response.status() == 200,
         "download: HTTP {}",
         response.status()
     );
-    let mut body = response.into_body();
     let mut bytes = 0u64;
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame?.into_data() {
-            bytes += data.len() as u64;
-        }
+    while let Some(data) = response.chunk().await? {
+        bytes += data.len() as u64;
     }
     Ok((bytes, started.elapsed()))
 }

@@ -101,8 +101,7 @@ fn build(args: BuildArgs) -> anyhow::Result<()> {
 }
 
 fn print_manifest(dir: &Path, manifest: &Manifest, state: &str) {
-    let mut table = comfy_table::Table::new();
-    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+    let mut table = crate::output::table(&[], Vec::new());
     table.set_header(["image", "value"]);
     table.add_row(["directory".to_string(), dir.display().to_string()]);
     table.add_row(["state".to_string(), state.to_string()]);

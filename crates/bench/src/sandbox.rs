@@ -1,4 +1,4 @@
-//! `wrenn bench boot` and `wrenn bench sandbox`: real QEMU VMs from the built image.
+//! `wrenn-bench boot` and `wrenn bench sandbox`: real QEMU VMs from the built image.
 //! - boot: the image booted cold, QEMU start to envd's `/health` (the floor of template builds);
 //! - sandbox: a `wrenn agent serve` process of its own; create-from-template latency through its
 //!   API (request to envd answering after `/init`), sequential and concurrent, beside a bare QEMU
@@ -202,7 +202,7 @@ impl BenchAgent {
             .port();
         let data = tempfile::tempdir()?;
         let token = "bench-token";
-        let mut command = std::process::Command::new(std::env::current_exe()?);
+        let mut command = std::process::Command::new(super::wrenn_binary()?);
         command
             .args([
                 "agent",

@@ -1,0 +1,312 @@
+//! `wrenn sandbox …`: sandboxes of a control plane. Lifecycle calls go to its REST API through
+//! the typed client (`wrenn_api::client`); `exec`, `shell` and `cp` reach the sandbox's envd
+//! through the edge proxy (routing by the `E2b-Sandbox-*` headers), as the SDKs do. Output is a
+//! table by default and JSON with `--json`; `exec` and `shell` exit with the command's exit code.
+
+mod copy;
+mod exec;
+
+use std::io::Write;
+
+use clap::{Args, Subcommand};
+use serde_json::json;
+use wrenn_api::client::ListFilter;
+use wrenn_api::{ListedSandbox, NewSandbox, SandboxState};
+
+use crate::connection::Connection;
+use crate::output::{pairs_text, parse_pairs, print_json, table};
+
+#[derive(Debug, Args)]
+pub struct SandboxArgs {
+    #[command(flatten)]
+    connection: Connection,
+    #[command(subcommand)]
+    command: SandboxCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    /// Create a sandbox from a template.
+    Create {
+        #[arg(default_value = "base")]
+        template: String,
+        /// Seconds until it is killed (or paused with --auto-pause).
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// KEY=VALUE metadata (repeatable).
+        #[arg(long = "metadata", value_name = "KEY=VALUE")]
+        metadata: Vec<String>,
+        /// KEY=VALUE environment variables (repeatable).
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Require an access token for envd (returned, and used by exec, shell and cp).
+        #[arg(long)]
+        secure: bool,
+        /// Pause instead of kill on timeout.
+        #[arg(long)]
+        auto_pause: bool,
+    },
+    /// List sandboxes (every page).
+    List {
+        /// running, paused or both (comma-separated).
+        #[arg(long, default_value = "running,paused")]
+        state: String,
+        /// KEY=VALUE metadata every listed sandbox has (repeatable).
+        #[arg(long = "metadata", value_name = "KEY=VALUE")]
+        metadata: Vec<String>,
+    },
+    /// Show one sandbox.
+    Info { id: String },
+    /// Run a command in a sandbox (through bash -l, like the SDKs); exits with its code.
+    Exec {
+        id: String,
+        /// The command and its arguments (after `--`).
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+        #[arg(long, default_value = "user")]
+        user: String,
+        #[arg(long)]
+        cwd: Option<String>,
+        /// KEY=VALUE environment variables (repeatable).
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+    },
+    /// An interactive shell in a sandbox, on a PTY.
+    Shell {
+        id: String,
+        #[arg(long, default_value = "user")]
+        user: String,
+        #[arg(long, default_value = "/bin/bash")]
+        shell: String,
+    },
+    /// Copy a file in or out: `cp ./local ID:/path` or `cp ID:/path ./local`.
+    Cp {
+        source: String,
+        destination: String,
+        #[arg(long, default_value = "user")]
+        user: String,
+    },
+    /// Pause a running sandbox (memory, processes and files kept).
+    Pause { id: String },
+    /// Resume a paused sandbox.
+    Resume {
+        id: String,
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Kill a sandbox.
+    Kill { id: String },
+    /// Set a sandbox's timeout, from now.
+    Timeout { id: String, seconds: u64 },
+}
+
+/// `running,paused` → the states; any other word is refused by name.
+fn parse_states(text: &str) -> anyhow::Result<Vec<SandboxState>> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|word| !word.is_empty())
+        .map(|word| {
+            SandboxState::from_name(word).ok_or_else(|| {
+                anyhow::anyhow!("--state {word:?}: use running, paused or lost (comma-separated)")
+            })
+        })
+        .collect()
+}
+
+fn print_sandboxes(sandboxes: &[ListedSandbox], json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(&sandboxes);
+    }
+    let rows = sandboxes
+        .iter()
+        .map(|s| {
+            vec![
+                s.sandbox_id.clone(),
+                s.template_id.clone(),
+                s.state.to_string(),
+                s.started_at.clone(),
+                s.end_at.clone(),
+                format!("{} / {} MiB", s.cpu_count, s.memory_mb),
+                pairs_text(&s.metadata),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        table(
+            &[
+                "id",
+                "template",
+                "state",
+                "started",
+                "ends",
+                "cpus / memory",
+                "metadata"
+            ],
+            rows
+        )
+    );
+    Ok(())
+}
+
+pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
+    let SandboxArgs {
+        connection,
+        command,
+    } = args;
+    let json = connection.json;
+    match command {
+        SandboxCommand::Create {
+            template,
+            timeout,
+            metadata,
+            env,
+            secure,
+            auto_pause,
+        } => {
+            let new = NewSandbox {
+                template_id: Some(template),
+                timeout: Some(timeout),
+                metadata: Some(parse_pairs(&metadata, "--metadata")?),
+                env_vars: Some(parse_pairs(&env, "--env")?),
+                secure: Some(secure),
+                auto_pause: Some(auto_pause),
+                ..NewSandbox::default()
+            };
+            let created = connection.api()?.create_sandbox(&new).await?;
+            if json {
+                print_json(&created)?;
+            } else {
+                let mut rows = vec![
+                    vec!["id".to_string(), created.sandbox_id.clone()],
+                    vec!["template".to_string(), created.template_id.clone()],
+                    vec!["envd".to_string(), created.envd_version.clone()],
+                ];
+                if let Some(token) = &created.envd_access_token {
+                    rows.push(vec!["access token".to_string(), token.clone()]);
+                }
+                println!("{}", table(&["sandbox", ""], rows));
+            }
+        }
+        SandboxCommand::List { state, metadata } => {
+            let filter = ListFilter {
+                states: parse_states(&state)?,
+                metadata: parse_pairs(&metadata, "--metadata")?,
+            };
+            let all = connection.api()?.list_all(&filter).await?;
+            print_sandboxes(&all, json)?;
+        }
+        SandboxCommand::Info { id } => {
+            let detail = connection.api()?.sandbox(&id).await?;
+            if json {
+                print_json(&detail)?;
+            } else {
+                // Every field the API gives, in its own words.
+                let fields = serde_json::to_value(&detail)?;
+                let rows = fields
+                    .as_object()
+                    .map(|fields| {
+                        fields
+                            .iter()
+                            .map(|(k, v)| vec![k.clone(), field_text(v)])
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                println!("{}", table(&["field", "value"], rows));
+            }
+        }
+        SandboxCommand::Exec {
+            id,
+            command,
+            user,
+            cwd,
+            env,
+        } => {
+            let script = command
+                .iter()
+                .map(|w| exec::quote(w))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let envs = parse_pairs(&env, "--env")?;
+            let code = exec::exec(&connection, &id, &user, cwd, envs, &script).await?;
+            std::io::stdout().flush()?;
+            std::process::exit(code);
+        }
+        SandboxCommand::Shell { id, user, shell } => {
+            let code = exec::shell_session(&connection, &id, &user, &shell).await?;
+            std::process::exit(code);
+        }
+        SandboxCommand::Cp {
+            source,
+            destination,
+            user,
+        } => {
+            copy::copy(&connection, &source, &destination, &user).await?;
+        }
+        SandboxCommand::Pause { id } => {
+            connection.api()?.pause(&id).await?;
+            report(json, &id, "paused");
+        }
+        SandboxCommand::Resume { id, timeout } => {
+            connection.api()?.resume(&id, Some(timeout)).await?;
+            report(json, &id, "running");
+        }
+        SandboxCommand::Kill { id } => {
+            connection.api()?.kill(&id).await?;
+            report(json, &id, "killed");
+        }
+        SandboxCommand::Timeout { id, seconds } => {
+            connection.api()?.set_timeout(&id, seconds).await?;
+            if json {
+                println!("{}", json!({ "sandboxID": id, "timeout": seconds }));
+            } else {
+                println!("{id}: ends in {seconds} s");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A field of `sandbox info` as table text: strings bare, objects as `key=value` words.
+fn field_text(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        serde_json::Value::Object(fields) => fields
+            .iter()
+            .map(|(k, v)| format!("{k}={}", field_text(v)))
+            .collect::<Vec<_>>()
+            .join(" "),
+        other => other.to_string(),
+    }
+}
+
+fn report(json: bool, id: &str, state: &str) {
+    if json {
+        println!("{}", json!({ "sandboxID": id, "state": state }));
+    } else {
+        println!("{id}: {state}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_are_read_by_name_and_others_refused() {
+        assert_eq!(
+            parse_states("running, paused").unwrap(),
+            vec![SandboxState::Running, SandboxState::Paused]
+        );
+        let refused = parse_states("running,asleep").unwrap_err().to_string();
+        assert!(refused.contains("asleep"), "{refused}");
+    }
+
+    #[test]
+    fn info_fields_read_as_words() {
+        assert_eq!(field_text(&json!("x")), "x");
+        assert_eq!(field_text(&json!(null)), "");
+        assert_eq!(field_text(&json!({"a": "1", "b": true})), "a=1 b=true");
+    }
+}

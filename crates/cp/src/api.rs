@@ -59,10 +59,6 @@ impl ApiError {
     pub fn message(&self) -> &str {
         &self.message
     }
-    /// Puts `text` before the message (to name the host an error came from).
-    pub fn prefix(&mut self, text: &str) {
-        self.message.insert_str(0, text);
-    }
 }
 
 impl IntoResponse for ApiError {
@@ -82,44 +78,65 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The one place a cause becomes a status code.
+impl From<crate::Error> for ApiError {
+    fn from(error: crate::Error) -> Self {
+        use crate::Error as E;
+        use wrenn_agent_api::HostAgentError as H;
+        let status = match &error {
+            E::SandboxNotFound(_) | E::TemplateNotFound(_) | E::HostNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            E::InvalidRequest(_) | E::Unsupported(_) => StatusCode::BAD_REQUEST,
+            E::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            E::Forbidden(_) => StatusCode::FORBIDDEN,
+            E::Conflict(_) => StatusCode::CONFLICT,
+            // A quota holds until the team frees something: retrying does not help.
+            E::QuotaExceeded(_) => {
+                return Self::new(StatusCode::TOO_MANY_REQUESTS, error.to_string()).final_answer();
+            }
+            E::NoCapacity(_) | E::HostDown(_) => StatusCode::SERVICE_UNAVAILABLE,
+            E::Host { source, .. } => match source {
+                H::NotFound(_) => StatusCode::NOT_FOUND,
+                H::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+                H::Conflict(_) => StatusCode::CONFLICT,
+                H::NoCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
+                H::TimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
+                H::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            E::HostTimedOut { .. } => StatusCode::GATEWAY_TIMEOUT,
+            // The store's own words go to the log, not to a caller.
+            E::Store(cause) => {
+                tracing::error!(error = %cause, "store failure");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            E::NoRandomness(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::new(status, error.to_string())
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
-        tracing::error!(%error, "store failure");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "the store failed")
+        crate::Error::from(error).into()
     }
 }
 
 impl From<crate::quota::QuotaExceeded> for ApiError {
     fn from(exceeded: crate::quota::QuotaExceeded) -> Self {
-        // A quota holds until the team frees something: retrying does not help.
-        Self::new(StatusCode::TOO_MANY_REQUESTS, exceeded.to_string()).final_answer()
+        crate::Error::from(exceeded).into()
     }
 }
 
 impl From<crate::unsupported::Unsupported> for ApiError {
     fn from(refused: crate::unsupported::Unsupported) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, refused.to_string())
+        crate::Error::from(refused).into()
     }
 }
 
 impl From<crate::auth::NoRandomness> for ApiError {
     fn from(error: crate::auth::NoRandomness) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
-    }
-}
-
-impl From<wrenn_agent_api::HostAgentError> for ApiError {
-    fn from(error: wrenn_agent_api::HostAgentError) -> Self {
-        use wrenn_agent_api::HostAgentError as E;
-        let status = match &error {
-            E::NotFound(_) => StatusCode::NOT_FOUND,
-            E::InvalidArgument(_) => StatusCode::BAD_REQUEST,
-            E::Conflict(_) => StatusCode::CONFLICT,
-            E::NoCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
-            E::TimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
-            E::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        Self::new(status, error.to_string())
+        crate::Error::from(error).into()
     }
 }
 
@@ -497,13 +514,16 @@ async fn create_sandbox(
         agent_time += agent_started.elapsed();
         match created {
             Ok(()) => break placed,
-            Err(error)
-                if error.status() == StatusCode::SERVICE_UNAVAILABLE && excluded.len() < 2 =>
-            {
-                tracing::warn!(host = %host.name, error = error.message(), "create failed on a host: trying another");
+            Err(
+                error @ crate::Error::Host {
+                    source: wrenn_agent_api::HostAgentError::NoCapacity(_),
+                    ..
+                },
+            ) if excluded.len() < 2 => {
+                tracing::warn!(host = %host.name, %error, "create failed on a host: trying another");
                 excluded.push(host.id);
             }
-            Err(error) => return Err(error),
+            Err(error) => return Err(error.into()),
         }
     };
     plane.fleet.created(&placed);
@@ -1039,7 +1059,7 @@ async fn live_metric(plane: &ControlPlane, row: &SandboxRow) -> Option<wrenn_api
         .fleet
         .route(&plane.store, &row.id, wrenn_proto::ENVD_PORT)
         .await?;
-    let m = crate::envd_metrics(
+    let m = envd_metrics(
         &route,
         row.envd_access_token.as_deref(),
         Duration::from_secs(5),
@@ -1298,5 +1318,88 @@ mod tests {
             (42, "abc".to_string())
         );
         assert!(decode_token("!!!").is_err());
+    }
+}
+
+/// The most the control plane reads of a guest's `/metrics` answer.
+pub const MAX_METRICS_ANSWER: usize = 64 * 1024;
+
+/// envd's `/metrics` of a guest, if it answers.
+pub async fn envd_metrics(
+    route: &wrenn_agent_api::GuestRoute,
+    token: Option<&str>,
+    timeout: Duration,
+) -> Option<serde_json::Value> {
+    use http_body_util::BodyExt;
+    let attempt = async {
+        let mut request = http::Request::get("/metrics").header("host", "envd");
+        if let Some(token) = token {
+            request = request.header("x-access-token", token);
+        }
+        let response = route
+            .forward(
+                request.body(axum::body::Body::empty()).ok()?,
+                crate::deadlines::PROXY_RESPONSE,
+            )
+            .await
+            .ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        // The guest's root can serve anything here: read at most 64 KiB of it.
+        let body = http_body_util::Limited::new(response.into_body(), MAX_METRICS_ANSWER)
+            .collect()
+            .await
+            .ok()?
+            .to_bytes();
+        serde_json::from_slice(&body).ok()
+    };
+    tokio::time::timeout(timeout, attempt).await.ok().flatten()
+}
+
+#[cfg(test)]
+mod metrics_tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A guest whose envd answers `/metrics` with a JSON body that never ends.
+    async fn endless_metrics() -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = [0u8; 4096];
+                    let _ = stream.read(&mut request).await;
+                    let head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+                    if stream.write_all(head).await.is_err() {
+                        return;
+                    }
+                    let mut chunk = format!("{:x}\r\n", 64 * 1024).into_bytes();
+                    chunk.extend(std::iter::repeat_n(b' ', 64 * 1024));
+                    chunk.extend_from_slice(b"\r\n");
+                    while stream.write_all(&chunk).await.is_ok() {}
+                });
+            }
+        });
+        address
+    }
+
+    #[tokio::test]
+    async fn an_endless_metrics_answer_is_cut_at_the_cap() {
+        let route = wrenn_agent_api::GuestRoute::Direct {
+            address: endless_metrics().await,
+            ends: tokio_util::sync::CancellationToken::new(),
+        };
+        let started = std::time::Instant::now();
+        let metrics = envd_metrics(&route, None, Duration::from_secs(20)).await;
+        assert!(metrics.is_none());
+        // Cut at 64 KiB, not at the deadline (which an unbounded read would have reached,
+        // holding everything it read).
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
 use wrenn_agent_api::join::{
     HostReport, IDENTITY_FILE, RegisterRequest, RegisterResponse, TemplateReport,
 };
@@ -21,10 +20,10 @@ use wrenn_agent_api::{
     CreateOptions, GuestRoute, HostAgent, HostAgentError, RemoteAgent, SandboxState, SandboxSummary,
 };
 
-use crate::api::ApiError;
 use crate::auth;
 use crate::busy::{Busy, Claim};
 use crate::deadlines;
+use crate::error::Error;
 use crate::store::SandboxState as RowState;
 use crate::store::{EMBEDDED_API_URL, HostRow, HostState, SandboxRow, Store};
 
@@ -59,22 +58,6 @@ impl Default for FleetConfig {
     }
 }
 
-fn agent_error(host: &str, error: HostAgentError) -> ApiError {
-    let mut api = ApiError::from(error);
-    api.prefix(&format!("host {host}: "));
-    api
-}
-
-fn no_answer(host: &str, what: &str, deadline: Duration) -> ApiError {
-    ApiError::new(
-        StatusCode::GATEWAY_TIMEOUT,
-        format!(
-            "host {host}: {what} got no answer within {} s",
-            deadline.as_secs()
-        ),
-    )
-}
-
 /// The agent of a host in another process, as it registered.
 async fn remote_agent(api_url: &str, proxy: &str, token: &str) -> Result<RemoteAgent, String> {
     RemoteAgent::resolve(api_url, proxy, token, deadlines::CONNECT).await
@@ -84,13 +67,20 @@ async fn remote_agent(api_url: &str, proxy: &str, token: &str) -> Result<RemoteA
 /// anyway; a call to one elsewhere is dropped).
 async fn within<T>(
     host: &str,
-    what: &str,
+    what: &'static str,
     deadline: Duration,
     work: impl std::future::Future<Output = Result<T, HostAgentError>>,
-) -> Result<T, ApiError> {
+) -> Result<T, Error> {
     match tokio::time::timeout(deadline, work).await {
-        Ok(answer) => answer.map_err(|error| agent_error(host, error)),
-        Err(_) => Err(no_answer(host, what, deadline)),
+        Ok(answer) => answer.map_err(|source| Error::Host {
+            host: host.to_string(),
+            source,
+        }),
+        Err(_) => Err(Error::HostTimedOut {
+            host: host.to_string(),
+            what,
+            deadline,
+        }),
     }
 }
 
@@ -125,7 +115,7 @@ impl Host {
     }
 
     /// Starts a sandbox on the host.
-    pub async fn create(&self, options: CreateOptions) -> Result<(), ApiError> {
+    pub async fn create(&self, options: CreateOptions) -> Result<(), Error> {
         let deadline = deadlines::VM_OPERATION;
         within(
             &self.name(),
@@ -136,7 +126,7 @@ impl Host {
         .await
     }
 
-    pub async fn pause(&self, sandbox_id: &str) -> Result<(), ApiError> {
+    pub async fn pause(&self, sandbox_id: &str) -> Result<(), Error> {
         let deadline = deadlines::VM_OPERATION;
         within(
             &self.name(),
@@ -147,7 +137,7 @@ impl Host {
         .await
     }
 
-    pub async fn resume(&self, sandbox_id: &str) -> Result<(), ApiError> {
+    pub async fn resume(&self, sandbox_id: &str) -> Result<(), Error> {
         let deadline = deadlines::VM_OPERATION;
         within(
             &self.name(),
@@ -159,7 +149,7 @@ impl Host {
     }
 
     /// Destroys a sandbox; one the agent does not have is already gone.
-    pub async fn destroy(&self, sandbox_id: &str) -> Result<(), ApiError> {
+    pub async fn destroy(&self, sandbox_id: &str) -> Result<(), Error> {
         let deadline = deadlines::CONTROL_CALL;
         let destroy = async {
             match self.agent.destroy(sandbox_id).await {
@@ -171,7 +161,7 @@ impl Host {
     }
 
     /// Every sandbox the agent has.
-    pub async fn list(&self) -> Result<Vec<SandboxSummary>, ApiError> {
+    pub async fn list(&self) -> Result<Vec<SandboxSummary>, Error> {
         let deadline = deadlines::CONTROL_CALL;
         within(&self.name(), "ListSandboxes", deadline, self.agent.list()).await
     }
@@ -420,7 +410,7 @@ impl Fleet {
 
     /// Picks the host for a new sandbox of `template_id`, skipping `excluded` hosts: 404 when
     /// no host has the template, 503 when none has room.
-    pub fn place(&self, template_id: &str, excluded: &[String]) -> Result<Placed, ApiError> {
+    pub fn place(&self, template_id: &str, excluded: &[String]) -> Result<Placed, Error> {
         let _placing = self.placing.lock().expect("placement lock");
         let mut candidates = Vec::new();
         let mut hosts = Vec::new();
@@ -484,19 +474,13 @@ impl Fleet {
             hosts.push((host, template));
         }
         if !known {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("template '{template_id}' not found"),
-            ));
+            return Err(Error::TemplateNotFound(template_id.to_string()));
         }
         if candidates.is_empty() {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "no host can take a sandbox of template '{template_id}' now: {}",
-                    reasons.join("; ")
-                ),
-            ));
+            return Err(Error::NoCapacity(format!(
+                "no host can take a sandbox of template '{template_id}' now: {}",
+                reasons.join("; ")
+            )));
         }
         let chosen = self.placement.choose(&candidates).min(hosts.len() - 1);
         let (host, template) = hosts.swap_remove(chosen);
@@ -565,42 +549,32 @@ impl Fleet {
     }
 
     /// The host of a sandbox row, if it is up (else a 503 naming it).
-    pub fn up_host(&self, row: &SandboxRow) -> Result<Arc<Host>, ApiError> {
+    pub fn up_host(&self, row: &SandboxRow) -> Result<Arc<Host>, Error> {
         match self.host(&row.host_id) {
             Some(host) if host.is_up() => Ok(host),
-            Some(host) => Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "sandbox \"{}\" is on host {}, which is down",
-                    row.id,
-                    host.row().name
-                ),
-            )),
-            None => Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "sandbox \"{}\" is on host {}, which the fleet does not know",
-                    row.id, row.host_id
-                ),
-            )),
+            Some(host) => Err(Error::HostDown(format!(
+                "sandbox \"{}\" is on host {}, which is down",
+                row.id,
+                host.row().name
+            ))),
+            None => Err(Error::HostDown(format!(
+                "sandbox \"{}\" is on host {}, which the fleet does not know",
+                row.id, row.host_id
+            ))),
         }
     }
 
     /// Whether `bearer` is the fleet's join token (401 if not, 403 if agents cannot join).
-    pub fn check_join_token(&self, bearer: Option<&str>) -> Result<(), ApiError> {
+    pub fn check_join_token(&self, bearer: Option<&str>) -> Result<(), Error> {
         use subtle::ConstantTimeEq;
         let Some(expected) = &self.config.join_token else {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "this control plane takes no agents (it has no join token)",
+            return Err(Error::Forbidden(
+                "this control plane takes no agents (it has no join token)".into(),
             ));
         };
         let given = bearer.unwrap_or("");
         if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "invalid join token",
-            ));
+            return Err(Error::Unauthenticated("invalid join token".into()));
         }
         Ok(())
     }
@@ -614,7 +588,7 @@ impl Fleet {
         store: &Store,
         bearer: Option<&str>,
         request: RegisterRequest,
-    ) -> Result<(RegisterResponse, bool), ApiError> {
+    ) -> Result<(RegisterResponse, bool), Error> {
         use subtle::ConstantTimeEq;
         self.check_join_token(bearer)?;
         if request.name.is_empty()
@@ -624,16 +598,12 @@ impl Fleet {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
         {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "a host name is 1 to 64 letters, digits, '-', '.' or '_'",
+            return Err(Error::InvalidRequest(
+                "a host name is 1 to 64 letters, digits, '-', '.' or '_'".into(),
             ));
         }
         if request.agent_token.is_empty() {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "agentToken is required",
-            ));
+            return Err(Error::InvalidRequest("agentToken is required".into()));
         }
         let agent = remote_agent(
             &request.api_url,
@@ -641,7 +611,7 @@ impl Fleet {
             &request.agent_token,
         )
         .await
-        .map_err(|message| ApiError::new(StatusCode::BAD_REQUEST, message))?;
+        .map_err(Error::InvalidRequest)?;
         let _registering = self.registering.lock().await;
         let existing = self
             .hosts()
@@ -650,10 +620,9 @@ impl Fleet {
         let name = request.name.clone();
         let (id, new_secret, was_down) = match &existing {
             Some(host) if host.in_process => {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    format!("{name} is the control plane's own host"),
-                ));
+                return Err(Error::Conflict(format!(
+                    "{name} is the control plane's own host"
+                )));
             }
             Some(host) => {
                 let row = host.row();
@@ -676,7 +645,7 @@ impl Fleet {
                             IDENTITY_FILE
                         )
                     };
-                    return Err(ApiError::new(StatusCode::CONFLICT, message));
+                    return Err(Error::Conflict(message));
                 }
                 let secret = unclaimed.then(auth::random_token).transpose()?;
                 (row.id, secret, !host.is_up())
@@ -686,14 +655,11 @@ impl Fleet {
                     && let Some(other) = self.host(&identity.host_id)
                 {
                     // The agent is a known host that changed its --host-name.
-                    return Err(ApiError::new(
-                        StatusCode::CONFLICT,
-                        format!(
-                            "this agent is host {} (its identity says so), not {name}: register under that name, or forget that host first (`wrenn host forget {}`)",
-                            other.row().name,
-                            other.row().name
-                        ),
-                    ));
+                    return Err(Error::Conflict(format!(
+                        "this agent is host {} (its identity says so), not {name}: register under that name, or forget that host first (`wrenn host forget {}`)",
+                        other.row().name,
+                        other.row().name
+                    )));
                 }
                 let id = format!("h{}", auth::random_id(11)?);
                 (id, Some(auth::random_token()?), false)
@@ -737,18 +703,17 @@ impl Fleet {
 
     /// Forgets a host that is down, for good (it will not come back, or is replaced by a new
     /// agent under its name): its entry and its sandboxes' rows go. How many sandboxes it had.
-    pub async fn forget_host(&self, store: &Store, name: &str) -> Result<u64, ApiError> {
+    pub async fn forget_host(&self, store: &Store, name: &str) -> Result<u64, Error> {
         let _registering = self.registering.lock().await;
         let host = self
             .hosts()
             .into_iter()
             .find(|host| host.row().name == name)
-            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no host {name}")))?;
+            .ok_or_else(|| Error::HostNotFound(format!("no host {name}")))?;
         if host.in_process || host.is_up() {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                format!("host {name} is up: stop its agent first (only a down host is forgotten)"),
-            ));
+            return Err(Error::Conflict(format!(
+                "host {name} is up: stop its agent first (only a down host is forgotten)"
+            )));
         }
         let id = host.id();
         let sandboxes = store.forget_host(&id).await?;
@@ -768,21 +733,19 @@ impl Fleet {
         host_id: &str,
         bearer: Option<&str>,
         report: HostReport,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<bool, Error> {
         use subtle::ConstantTimeEq;
         let Some(host) = self.host(host_id) else {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("host {host_id} is not registered"),
-            ));
+            return Err(Error::HostNotFound(format!(
+                "host {host_id} is not registered"
+            )));
         };
         let row = {
             let mut row = host.row.lock().expect("host lock");
             let given = auth::hash_key(bearer.unwrap_or(""));
             if !bool::from(given.as_bytes().ct_eq(row.heartbeat_hash.as_bytes())) {
-                return Err(ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "invalid heartbeat token: register again",
+                return Err(Error::Unauthenticated(
+                    "invalid heartbeat token: register again".into(),
                 ));
             }
             let was_down = row.state != HostState::Up;
@@ -859,7 +822,7 @@ pub async fn reconcile_host(
     store: &Store,
     fleet: &Fleet,
     host: &Host,
-) -> Result<Reconciled, ApiError> {
+) -> Result<Reconciled, Error> {
     let name = host.row().name;
     let host_id = host.id();
     let rows = store.sandboxes_on_host(&host_id).await?;
@@ -1026,7 +989,7 @@ mod tests {
         let first = fleet.place("base", &[]).unwrap();
         assert_eq!(first.host.row().name, "b");
         let unknown = fleet.place("nope", &[]).unwrap_err();
-        assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+        assert!(matches!(unknown, Error::TemplateNotFound(ref t) if t == "nope"));
         // b holds 1 in flight of 4; a has 3 of 4: b again, until its in-flight creates fill it.
         let mut held = vec![first];
         for _ in 0..2 {
@@ -1043,18 +1006,14 @@ mod tests {
         held.push(fourth);
         let excluded = vec!["id-b".to_string()];
         let full = fleet.place("base", &excluded).unwrap_err();
-        assert_eq!(full.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(matches!(full, Error::NoCapacity(_)), "{full}");
         for words in [
             "a has no free network slot",
             "b did not answer",
             "c is down",
             "d has 100 MiB free",
         ] {
-            assert!(
-                full.message().contains(words),
-                "{words}: {}",
-                full.message()
-            );
+            assert!(full.to_string().contains(words), "{words}: {full}");
         }
         drop(held);
         assert_eq!(
@@ -1078,16 +1037,12 @@ mod tests {
         );
         // roomy's 3 GiB hold one 2 GiB disk in flight, not two.
         let full = fleet.place("base", &[]).unwrap_err();
-        assert_eq!(full.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(matches!(full, Error::NoCapacity(_)), "{full}");
         for words in [
             "small has 1024 MiB of disk free, 2048 MiB needed",
             "roomy has 1024 MiB of disk free, 2048 MiB needed",
         ] {
-            assert!(
-                full.message().contains(words),
-                "{words}: {}",
-                full.message()
-            );
+            assert!(full.to_string().contains(words), "{words}: {full}");
         }
         drop(first);
         assert_eq!(fleet.place("base", &[]).unwrap().host.row().name, "roomy");

@@ -9,12 +9,12 @@ pub mod api;
 pub mod auth;
 pub mod busy;
 pub mod deadlines;
+pub mod error;
 pub mod fleet;
 pub mod openapi;
 pub mod proxy;
 pub mod quota;
 pub mod store;
-pub mod store_pg;
 pub mod tls;
 pub mod unsupported;
 
@@ -22,8 +22,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::api::ApiError;
 use crate::busy::{Busy, Serial};
+pub use crate::error::Error;
 use crate::fleet::Fleet;
 use crate::quota::{Admission, Change, Quotas, Reservation, Usage};
 use crate::store::{ListQuery, SandboxRow, SandboxState, Store};
@@ -82,9 +82,9 @@ impl ControlPlane {
     /// Admits `change` to team `team_id`'s sandboxes, or refuses it with a 429 naming the
     /// limit. The reservation counts the change until it is dropped: keep it until the store
     /// holds the change.
-    pub async fn admit(&self, team_id: &str, change: Change) -> Result<Reservation, ApiError> {
+    pub async fn admit(&self, team_id: &str, change: Change) -> Result<Reservation, Error> {
         if self.quotas == Quotas::default() {
-            let nothing = async { Ok::<_, ApiError>(Usage::default()) };
+            let nothing = async { Ok::<_, Error>(Usage::default()) };
             return self
                 .admission
                 .admit(&self.quotas, team_id, team_id, change, nothing)
@@ -110,7 +110,7 @@ impl ControlPlane {
     /// What a team's running and paused sandboxes hold (disk estimated: see [`quota`]). A
     /// lost sandbox (its host stopped answering) counts as running: its host may come back
     /// with it, and until it is killed it is the team's.
-    async fn team_usage(&self, team_id: &str) -> Result<Usage, ApiError> {
+    async fn team_usage(&self, team_id: &str) -> Result<Usage, Error> {
         let query = ListQuery {
             team_id: team_id.to_string(),
             states: vec![
@@ -142,7 +142,7 @@ impl ControlPlane {
     }
 
     /// Kills the sandbox with this id, if there is one: whether there was.
-    pub async fn kill_by_id(&self, id: &str) -> Result<bool, ApiError> {
+    pub async fn kill_by_id(&self, id: &str) -> Result<bool, Error> {
         let _turn = self.changes.turn(id).await;
         match self.store.sandbox(id).await? {
             Some(row) => self.kill(&row).await.map(|()| true),
@@ -152,7 +152,7 @@ impl ControlPlane {
 
     /// Kills a sandbox: its VM (when its host is up; a lost sandbox's host may be gone for
     /// good) and its record.
-    pub async fn kill(&self, row: &SandboxRow) -> Result<(), ApiError> {
+    pub async fn kill(&self, row: &SandboxRow) -> Result<(), Error> {
         if let Some(host) = self.fleet.host(&row.host_id)
             && host.is_up()
         {
@@ -167,7 +167,7 @@ impl ControlPlane {
     }
 
     /// Pauses a running sandbox.
-    pub async fn pause(&self, row: &SandboxRow) -> Result<(), ApiError> {
+    pub async fn pause(&self, row: &SandboxRow) -> Result<(), Error> {
         let host = self.fleet.up_host(row)?;
         let snapshot_mib = u64::from(row.memory_mb);
         let admitted = self
@@ -188,7 +188,7 @@ impl ControlPlane {
         row: &SandboxRow,
         end_at_ms: i64,
         auto_pause: Option<bool>,
-    ) -> Result<SandboxRow, ApiError> {
+    ) -> Result<SandboxRow, Error> {
         let host = self.fleet.up_host(row)?;
         let admitted = self.admit(&row.team_id, Change::Resume).await?;
         host.resume(&row.id).await?;
@@ -291,8 +291,8 @@ impl ControlPlane {
             match self.pause(row).await {
                 // Past its team's paused (or disk) limit, a sandbox whose time is up is
                 // killed: left running, it would outlive its timeout for good.
-                Err(error) if error.status() == axum::http::StatusCode::TOO_MANY_REQUESTS => {
-                    tracing::warn!(sandbox = %row.id, reason = error.message(), "timeout: cannot pause: killing");
+                Err(Error::QuotaExceeded(exceeded)) => {
+                    tracing::warn!(sandbox = %row.id, reason = %exceeded, "timeout: cannot pause: killing");
                     self.kill(row).await
                 }
                 outcome => outcome,
@@ -354,91 +354,8 @@ impl ControlPlane {
             }
             Ok(_) => {}
             Err(error) => {
-                tracing::warn!(host = %host.row().name, ?error, "cannot reconcile the host");
+                tracing::warn!(host = %host.row().name, %error, "cannot reconcile the host");
             }
         }
-    }
-}
-
-/// The most the control plane reads of a guest's `/metrics` answer.
-pub const MAX_METRICS_ANSWER: usize = 64 * 1024;
-
-/// envd's `/metrics` of a guest, if it answers.
-pub async fn envd_metrics(
-    route: &wrenn_agent_api::GuestRoute,
-    token: Option<&str>,
-    timeout: Duration,
-) -> Option<serde_json::Value> {
-    use http_body_util::BodyExt;
-    let attempt = async {
-        let mut request = http::Request::get("/metrics").header("host", "envd");
-        if let Some(token) = token {
-            request = request.header("x-access-token", token);
-        }
-        let response = route
-            .forward(
-                request.body(axum::body::Body::empty()).ok()?,
-                deadlines::PROXY_RESPONSE,
-            )
-            .await
-            .ok()?;
-        if !response.status().is_success() {
-            return None;
-        }
-        // The guest's root can serve anything here: read at most 64 KiB of it.
-        let body = http_body_util::Limited::new(response.into_body(), MAX_METRICS_ANSWER)
-            .collect()
-            .await
-            .ok()?
-            .to_bytes();
-        serde_json::from_slice(&body).ok()
-    };
-    tokio::time::timeout(timeout, attempt).await.ok().flatten()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    /// A guest whose envd answers `/metrics` with a JSON body that never ends.
-    async fn endless_metrics() -> std::net::SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let mut request = [0u8; 4096];
-                    let _ = stream.read(&mut request).await;
-                    let head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
-                    if stream.write_all(head).await.is_err() {
-                        return;
-                    }
-                    let mut chunk = format!("{:x}\r\n", 64 * 1024).into_bytes();
-                    chunk.extend(std::iter::repeat_n(b' ', 64 * 1024));
-                    chunk.extend_from_slice(b"\r\n");
-                    while stream.write_all(&chunk).await.is_ok() {}
-                });
-            }
-        });
-        address
-    }
-
-    #[tokio::test]
-    async fn an_endless_metrics_answer_is_cut_at_the_cap() {
-        let route = wrenn_agent_api::GuestRoute::Direct {
-            address: endless_metrics().await,
-            ends: tokio_util::sync::CancellationToken::new(),
-        };
-        let started = std::time::Instant::now();
-        let metrics = envd_metrics(&route, None, Duration::from_secs(20)).await;
-        assert!(metrics.is_none());
-        // Cut at 64 KiB, not at the deadline (which an unbounded read would have reached,
-        // holding everything it read).
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "{:?}",
-            started.elapsed()
-        );
     }
 }

@@ -7,16 +7,16 @@ use std::sync::Arc;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row};
 
-use crate::store::{ApiKey, HostRow, ListQuery, SandboxRow, SandboxState, StoreError, Team};
+use super::{ApiKey, HostRow, ListQuery, SandboxRow, SandboxState, StoreBackend, StoreError, Team};
 
 /// The schema's migrations, in order (`migrations/postgres/`); a database records how many it has
 /// applied and gets the rest at its next open.
 pub const MIGRATIONS: &[&str] = &[
-    include_str!("../migrations/postgres/0001_teams_keys_sandboxes.sql"),
-    include_str!("../migrations/postgres/0002_hosts.sql"),
-    include_str!("../migrations/postgres/0003_traffic_token_auto_resume.sql"),
-    include_str!("../migrations/postgres/0004_admin_teams.sql"),
-    include_str!("../migrations/postgres/0005_host_identity.sql"),
+    include_str!("../../migrations/postgres/0001_teams_keys_sandboxes.sql"),
+    include_str!("../../migrations/postgres/0002_hosts.sql"),
+    include_str!("../../migrations/postgres/0003_traffic_token_auto_resume.sql"),
+    include_str!("../../migrations/postgres/0004_admin_teams.sql"),
+    include_str!("../../migrations/postgres/0005_host_identity.sql"),
 ];
 
 const SELECT_SANDBOX: &str =
@@ -90,24 +90,6 @@ impl PgStore {
         })
     }
 
-    pub async fn create_team(&self, team: Team) -> Result<(), StoreError> {
-        self.client
-            .execute(
-                "INSERT INTO teams (id, name, created_at_ms, admin) VALUES ($1, $2, $3, $4)",
-                &[&team.id, &team.name, &team.created_at_ms, &team.admin],
-            )
-            .await?;
-        Ok(())
-    }
-
-    pub async fn team_by_name(&self, name: &str) -> Result<Option<Team>, StoreError> {
-        self.team_where("name", name).await
-    }
-
-    pub async fn team_by_id(&self, id: &str) -> Result<Option<Team>, StoreError> {
-        self.team_where("id", id).await
-    }
-
     async fn team_where(
         &self,
         column: &'static str,
@@ -127,8 +109,29 @@ impl PgStore {
             admin: row.get(3),
         }))
     }
+}
 
-    pub async fn add_key(&self, key: ApiKey, hash: String) -> Result<(), StoreError> {
+#[async_trait::async_trait]
+impl StoreBackend for PgStore {
+    async fn create_team(&self, team: Team) -> Result<(), StoreError> {
+        self.client
+            .execute(
+                "INSERT INTO teams (id, name, created_at_ms, admin) VALUES ($1, $2, $3, $4)",
+                &[&team.id, &team.name, &team.created_at_ms, &team.admin],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn team_by_name(&self, name: &str) -> Result<Option<Team>, StoreError> {
+        self.team_where("name", name).await
+    }
+
+    async fn team_by_id(&self, id: &str) -> Result<Option<Team>, StoreError> {
+        self.team_where("id", id).await
+    }
+
+    async fn add_key(&self, key: ApiKey, hash: String) -> Result<(), StoreError> {
         self.client
             .execute(
                 "INSERT INTO api_keys (id, team_id, name, hash, prefix, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
@@ -138,7 +141,7 @@ impl PgStore {
         Ok(())
     }
 
-    pub async fn team_of_key(&self, hash: &str) -> Result<Option<String>, StoreError> {
+    async fn team_of_key(&self, hash: &str) -> Result<Option<String>, StoreError> {
         let row = self
             .client
             .query_opt(
@@ -149,7 +152,7 @@ impl PgStore {
         Ok(row.map(|row| row.get(0)))
     }
 
-    pub async fn list_keys(&self, team_id: &str) -> Result<Vec<ApiKey>, StoreError> {
+    async fn list_keys(&self, team_id: &str) -> Result<Vec<ApiKey>, StoreError> {
         let rows = self
             .client
             .query(
@@ -170,7 +173,7 @@ impl PgStore {
             .collect())
     }
 
-    pub async fn revoke_key(&self, key_id: &str, now_ms: i64) -> Result<bool, StoreError> {
+    async fn revoke_key(&self, key_id: &str, now_ms: i64) -> Result<bool, StoreError> {
         let changed = self
             .client
             .execute(
@@ -181,7 +184,7 @@ impl PgStore {
         Ok(changed == 1)
     }
 
-    pub async fn put_sandbox(&self, sandbox: SandboxRow) -> Result<(), StoreError> {
+    async fn put_sandbox(&self, sandbox: SandboxRow) -> Result<(), StoreError> {
         let metadata = serde_json::to_string(&sandbox.metadata).unwrap_or_else(|_| "{}".into());
         let (cpu, memory) = (sandbox.cpu_count as i32, sandbox.memory_mb as i32);
         self.client
@@ -217,7 +220,7 @@ impl PgStore {
         Ok(())
     }
 
-    pub async fn sandbox(&self, id: &str) -> Result<Option<SandboxRow>, StoreError> {
+    async fn sandbox(&self, id: &str) -> Result<Option<SandboxRow>, StoreError> {
         let row = self
             .client
             .query_opt(&format!("{SELECT_SANDBOX} WHERE id = $1"), &[&id])
@@ -225,7 +228,7 @@ impl PgStore {
         Ok(row.as_ref().map(sandbox_row))
     }
 
-    pub async fn delete_sandbox(&self, id: &str) -> Result<bool, StoreError> {
+    async fn delete_sandbox(&self, id: &str) -> Result<bool, StoreError> {
         Ok(self
             .client
             .execute("DELETE FROM sandboxes WHERE id = $1", &[&id])
@@ -233,7 +236,7 @@ impl PgStore {
             == 1)
     }
 
-    pub async fn set_state(
+    async fn set_state(
         &self,
         id: &str,
         state: SandboxState,
@@ -249,7 +252,7 @@ impl PgStore {
         Ok(())
     }
 
-    pub async fn expired(&self, now_ms: i64) -> Result<Vec<SandboxRow>, StoreError> {
+    async fn expired(&self, now_ms: i64) -> Result<Vec<SandboxRow>, StoreError> {
         let rows = self
             .client
             .query(
@@ -260,12 +263,12 @@ impl PgStore {
         Ok(rows.iter().map(sandbox_row).collect())
     }
 
-    pub async fn all_sandboxes(&self) -> Result<Vec<SandboxRow>, StoreError> {
+    async fn all_sandboxes(&self) -> Result<Vec<SandboxRow>, StoreError> {
         let rows = self.client.query(SELECT_SANDBOX, &[]).await?;
         Ok(rows.iter().map(sandbox_row).collect())
     }
 
-    pub async fn set_state_if(
+    async fn set_state_if(
         &self,
         id: &str,
         from: SandboxState,
@@ -282,7 +285,7 @@ impl PgStore {
             == 1)
     }
 
-    pub async fn sandboxes_on_host(&self, host_id: &str) -> Result<Vec<SandboxRow>, StoreError> {
+    async fn sandboxes_on_host(&self, host_id: &str) -> Result<Vec<SandboxRow>, StoreError> {
         let rows = self
             .client
             .query(&format!("{SELECT_SANDBOX} WHERE host_id = $1"), &[&host_id])
@@ -290,7 +293,7 @@ impl PgStore {
         Ok(rows.iter().map(sandbox_row).collect())
     }
 
-    pub async fn mark_host_lost(&self, host_id: &str) -> Result<u64, StoreError> {
+    async fn mark_host_lost(&self, host_id: &str) -> Result<u64, StoreError> {
         Ok(self
             .client
             .execute(
@@ -300,7 +303,7 @@ impl PgStore {
             .await?)
     }
 
-    pub async fn put_host(&self, host: HostRow) -> Result<(), StoreError> {
+    async fn put_host(&self, host: HostRow) -> Result<(), StoreError> {
         let report = serde_json::to_string(&host.report).unwrap_or_else(|_| "{}".into());
         self.client
             .execute(
@@ -331,7 +334,7 @@ impl PgStore {
         Ok(())
     }
 
-    pub async fn forget_host(&self, host_id: &str) -> Result<u64, StoreError> {
+    async fn forget_host(&self, host_id: &str) -> Result<u64, StoreError> {
         // One statement, so the host and its sandboxes go together.
         let row = self
             .client
@@ -345,7 +348,7 @@ impl PgStore {
         Ok(row.get::<_, i64>(0) as u64)
     }
 
-    pub async fn hosts(&self) -> Result<Vec<HostRow>, StoreError> {
+    async fn hosts(&self) -> Result<Vec<HostRow>, StoreError> {
         let rows = self
             .client
             .query(
@@ -375,7 +378,7 @@ impl PgStore {
             .collect())
     }
 
-    pub async fn list(&self, query: ListQuery) -> Result<(Vec<SandboxRow>, usize), StoreError> {
+    async fn list(&self, query: ListQuery) -> Result<(Vec<SandboxRow>, usize), StoreError> {
         let mut values: Vec<Box<dyn ToSql + Sync + Send>> = vec![Box::new(query.team_id.clone())];
         let mut sql = format!("{SELECT_SANDBOX} WHERE team_id = $1");
         if !query.states.is_empty() {

@@ -1,0 +1,61 @@
+//! Why the control plane's work fails, named by cause ([`Error`]). The lifecycle, the fleet and
+//! the quotas return it; only the HTTP edge (`api.rs`) turns a cause into a status code.
+
+use std::time::Duration;
+
+use wrenn_agent_api::HostAgentError;
+
+use crate::auth::NoRandomness;
+use crate::quota::QuotaExceeded;
+use crate::store::StoreError;
+use crate::unsupported::Unsupported;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("sandbox \"{0}\" not found")]
+    SandboxNotFound(String),
+    #[error("template '{0}' not found")]
+    TemplateNotFound(String),
+    /// A host name or id the fleet does not know.
+    #[error("{0}")]
+    HostNotFound(String),
+    /// A request that cannot be carried out as asked (a bad name, a missing field).
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// A credential that is missing or wrong.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Something this control plane does not allow at all.
+    #[error("{0}")]
+    Forbidden(String),
+    /// A request that contradicts the present state (a name taken, a host still up).
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    QuotaExceeded(#[from] QuotaExceeded),
+    #[error(transparent)]
+    Unsupported(#[from] Unsupported),
+    /// No host can take the work now.
+    #[error("{0}")]
+    NoCapacity(String),
+    /// The sandbox's host is down or unknown.
+    #[error("{0}")]
+    HostDown(String),
+    /// A host's agent refused or failed the work.
+    #[error("host {host}: {source}")]
+    Host {
+        host: String,
+        #[source]
+        source: HostAgentError,
+    },
+    #[error("host {host}: {what} got no answer within {} s", .deadline.as_secs())]
+    HostTimedOut {
+        host: String,
+        what: &'static str,
+        deadline: Duration,
+    },
+    #[error("the store failed")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    NoRandomness(#[from] NoRandomness),
+}

@@ -1,0 +1,624 @@
+//! The control plane's store: teams, API keys (hashed), host agents and sandboxes, as rows
+//! ([`Team`], [`ApiKey`], [`HostRow`], [`SandboxRow`]) behind one trait ([`StoreBackend`]) with
+//! two implementations: SQLite in a file of the data directory by default ([`sqlite`]), or
+//! PostgreSQL when a `DATABASE_URL` names one ([`postgres`]). Both apply their migrations
+//! (`migrations/{sqlite,postgres}/`) when opened and answer the same calls. [`Store`] is the
+//! handle the control plane holds.
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+pub use wrenn_api::SandboxState;
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the store failed: {0}")]
+    Database(#[from] rusqlite::Error),
+    #[error("the store failed: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A team: the owner of keys and sandboxes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Team {
+    pub id: String,
+    pub name: String,
+    pub created_at_ms: i64,
+    /// An admin team's keys may also read the fleet (`GET /hosts`). `wrenn up` and
+    /// `wrenn server` make the first team, `default`, an admin.
+    pub admin: bool,
+}
+
+/// An API key as stored (never the key itself).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKey {
+    pub id: String,
+    pub team_id: String,
+    pub name: String,
+    /// The key's first characters, to tell keys apart in lists.
+    pub prefix: String,
+    pub created_at_ms: i64,
+    pub revoked: bool,
+}
+
+/// A sandbox as the control plane knows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxRow {
+    pub id: String,
+    pub team_id: String,
+    pub template_id: String,
+    pub alias: Option<String>,
+    pub state: SandboxState,
+    pub started_at_ms: i64,
+    pub end_at_ms: i64,
+    pub metadata: BTreeMap<String, String>,
+    pub envd_access_token: Option<String>,
+    pub auto_pause: bool,
+    pub allow_internet: bool,
+    pub cpu_count: u32,
+    pub memory_mb: u32,
+    pub envd_version: String,
+    /// The host agent the sandbox lives on.
+    pub host_id: String,
+    /// Required on the sandbox's ports other than envd's when public traffic is not allowed.
+    pub traffic_access_token: Option<String>,
+    /// Whether traffic to the sandbox through the proxy resumes it when paused.
+    pub auto_resume: bool,
+}
+
+/// A host agent of the fleet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRow {
+    pub id: String,
+    /// Unique in the fleet: an agent registering again under it replaces the entry.
+    pub name: String,
+    /// The agent's Connect API (`http://host:port`), or [`EMBEDDED_API_URL`].
+    pub api_url: String,
+    /// The agent's sandbox proxy (`host:port`).
+    pub proxy_address: String,
+    /// The bearer token of the agent's API and proxy.
+    pub agent_token: String,
+    /// SHA-256 of the token the agent's heartbeats carry.
+    pub heartbeat_hash: String,
+    pub state: HostState,
+    pub report: wrenn_agent_api::join::HostReport,
+    pub last_heartbeat_ms: i64,
+    pub registered_at_ms: i64,
+    /// SHA-256 of the host's identity secret, given to its agent at its first registration and
+    /// required at every later one (empty for the embedded host, and for a host registered
+    /// before identities existed, until its next registration).
+    pub identity_hash: String,
+}
+
+/// Whether a host answers: `up` while it heartbeats, `down` when it fell silent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostState {
+    #[default]
+    Up,
+    Down,
+}
+
+impl HostState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostState::Up => "up",
+            HostState::Down => "down",
+        }
+    }
+
+    /// A stored name as a state; anything but `up` is down (a host must prove it is up).
+    pub fn from_name(name: &str) -> HostState {
+        if name == "up" {
+            HostState::Up
+        } else {
+            HostState::Down
+        }
+    }
+}
+
+impl std::fmt::Display for HostState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The `api_url` of the agent embedded in the control plane's own process (`wrenn up`).
+pub const EMBEDDED_API_URL: &str = "embedded:";
+
+/// One page of a sandbox listing.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub team_id: String,
+    pub states: Vec<SandboxState>,
+    pub metadata: BTreeMap<String, String>,
+    pub template_id: Option<String>,
+    pub started_after_ms: Option<i64>,
+    pub descending: bool,
+    pub limit: usize,
+    /// Continue after this (started_at, id).
+    pub after: Option<(i64, String)>,
+}
+
+/// The schema's migrations, in order (`migrations/sqlite/`); a database records how many it has
+/// applied and gets the rest at its next open.
+/// What a store answers. Every call is one transaction; a failure is a [`StoreError`].
+#[async_trait::async_trait]
+pub trait StoreBackend: Send + Sync + std::fmt::Debug {
+    async fn create_team(&self, team: Team) -> Result<(), StoreError>;
+    async fn team_by_name(&self, name: &str) -> Result<Option<Team>, StoreError>;
+    async fn team_by_id(&self, id: &str) -> Result<Option<Team>, StoreError>;
+    async fn add_key(&self, key: ApiKey, hash: String) -> Result<(), StoreError>;
+    async fn team_of_key(&self, hash: &str) -> Result<Option<String>, StoreError>;
+    async fn list_keys(&self, team_id: &str) -> Result<Vec<ApiKey>, StoreError>;
+    async fn revoke_key(&self, key_id: &str, now_ms: i64) -> Result<bool, StoreError>;
+    async fn put_sandbox(&self, sandbox: SandboxRow) -> Result<(), StoreError>;
+    async fn sandbox(&self, id: &str) -> Result<Option<SandboxRow>, StoreError>;
+    async fn delete_sandbox(&self, id: &str) -> Result<bool, StoreError>;
+    async fn set_state(
+        &self,
+        id: &str,
+        state: SandboxState,
+        end_at_ms: i64,
+    ) -> Result<(), StoreError>;
+    async fn expired(&self, now_ms: i64) -> Result<Vec<SandboxRow>, StoreError>;
+    async fn all_sandboxes(&self) -> Result<Vec<SandboxRow>, StoreError>;
+    async fn list(&self, query: ListQuery) -> Result<(Vec<SandboxRow>, usize), StoreError>;
+    async fn set_state_if(
+        &self,
+        id: &str,
+        from: SandboxState,
+        to: SandboxState,
+    ) -> Result<bool, StoreError>;
+    async fn sandboxes_on_host(&self, host_id: &str) -> Result<Vec<SandboxRow>, StoreError>;
+    async fn mark_host_lost(&self, host_id: &str) -> Result<u64, StoreError>;
+    async fn put_host(&self, host: HostRow) -> Result<(), StoreError>;
+    async fn forget_host(&self, host_id: &str) -> Result<u64, StoreError>;
+    async fn hosts(&self) -> Result<Vec<HostRow>, StoreError>;
+}
+
+/// The store the control plane uses: SQLite or PostgreSQL, behind [`StoreBackend`].
+#[derive(Debug, Clone)]
+pub struct Store(Arc<dyn StoreBackend>);
+
+impl std::ops::Deref for Store {
+    type Target = dyn StoreBackend;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl Store {
+    /// SQLite in a file (created if missing).
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Ok(Store(Arc::new(sqlite::SqliteStore::open(path)?)))
+    }
+
+    /// SQLite at `path`, or PostgreSQL when `database_url` is a `postgres://` URL.
+    pub async fn open_configured(
+        path: &Path,
+        database_url: Option<&str>,
+    ) -> Result<Self, StoreError> {
+        match database_url
+            .filter(|url| url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            Some(url) => Ok(Store(Arc::new(postgres::PgStore::connect(url).await?))),
+            None => Self::open(path),
+        }
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file beside it: created with `mode`, synced,
+/// renamed over `path`, and the directory synced, so a crash leaves the old file or the new.
+pub fn write_file_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let temp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&temp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&temp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&temp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Makes `dir` (and any parent it creates) a private directory: created 0700, and an existing
+/// one tightened to 0700.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// A stored state's name as a state. A name this version does not know (a newer version's
+/// row) reads as `lost`: the sandbox is listed and can be killed, nothing else is assumed.
+pub fn sandbox_state(name: &str) -> SandboxState {
+    SandboxState::from_name(name).unwrap_or_else(|| {
+        tracing::warn!(
+            state = name,
+            "a sandbox row has a state this version does not know: read as lost"
+        );
+        SandboxState::Lost
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_backends_have_the_same_migrations_in_the_same_order() {
+        let names = |backend: &str| {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("migrations")
+                .join(backend);
+            let mut names: Vec<String> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        let sqlite = names("sqlite");
+        assert_eq!(
+            sqlite,
+            names("postgres"),
+            "a migration of one backend has none in the other"
+        );
+        assert_eq!(
+            sqlite.len(),
+            sqlite::MIGRATIONS.len(),
+            "a migration file is not in MIGRATIONS"
+        );
+        assert_eq!(sqlite.len(), postgres::MIGRATIONS.len());
+    }
+
+    fn row(
+        id: &str,
+        team: &str,
+        started: i64,
+        state: &str,
+        metadata: &[(&str, &str)],
+    ) -> SandboxRow {
+        SandboxRow {
+            id: id.into(),
+            team_id: team.into(),
+            template_id: "base".into(),
+            alias: Some("base".into()),
+            state: sandbox_state(state),
+            started_at_ms: started,
+            end_at_ms: started + 1000,
+            metadata: metadata
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            cpu_count: 1,
+            memory_mb: 512,
+            envd_version: "0.6.4".into(),
+            host_id: "h1".into(),
+            ..SandboxRow::default()
+        }
+    }
+
+    /// Every backend to test: SQLite always; PostgreSQL when `WRENN_TEST_DATABASE_URL` names
+    /// one (scripts/test.sh starts it), each test in a fresh schema of its own.
+    async fn backends() -> Vec<(&'static str, Store, Option<tempfile::TempDir>)> {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = Store::open(&dir.path().join("db.sqlite")).unwrap();
+        let mut backends = vec![("sqlite", sqlite, Some(dir))];
+        match std::env::var("WRENN_TEST_DATABASE_URL") {
+            Ok(url) => {
+                let schema = format!("test_{}", crate::auth::random_id(12).unwrap());
+                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(connection);
+                client
+                    .batch_execute(&format!("CREATE SCHEMA {schema}"))
+                    .await
+                    .unwrap();
+                let scoped = format!("{url}?options=-csearch_path%3D{schema}");
+                backends.push((
+                    "postgres",
+                    Store::open_configured(Path::new("/nonexistent"), Some(&scoped))
+                        .await
+                        .unwrap(),
+                    None,
+                ));
+            }
+            Err(_) if std::env::var("WRENN_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") => {
+                panic!("WRENN_TEST_DATABASE_URL is not set (scripts/postgres.sh starts the server)")
+            }
+            Err(_) => eprintln!("SKIPPED on PostgreSQL: WRENN_TEST_DATABASE_URL is not set"),
+        }
+        backends
+    }
+
+    async fn fill(store: &Store) {
+        for team in ["a", "b"] {
+            store
+                .create_team(Team {
+                    id: team.into(),
+                    name: format!("team {team}"),
+                    created_at_ms: 0,
+                    admin: team == "a",
+                })
+                .await
+                .unwrap();
+        }
+        for i in 0..5 {
+            let state = if i == 4 { "paused" } else { "running" };
+            let group = if i % 2 == 0 { "even" } else { "odd" };
+            store
+                .put_sandbox(row(
+                    &format!("s{i}"),
+                    "a",
+                    100 + i,
+                    state,
+                    &[("group", group)],
+                ))
+                .await
+                .unwrap();
+        }
+        store
+            .put_sandbox(row("other", "b", 50, "running", &[("group", "even")]))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn lists_are_per_team_filtered_and_paged() {
+        for (backend, store, _dir) in backends().await {
+            fill(&store).await;
+            let query = ListQuery {
+                team_id: "a".into(),
+                limit: 2,
+                ..ListQuery::default()
+            };
+            let (page, running) = store.list(query.clone()).await.unwrap();
+            assert_eq!(
+                page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+                ["s0", "s1"],
+                "{backend}"
+            );
+            assert_eq!(running, 4, "{backend}");
+            let last = page.last().unwrap();
+            let next = ListQuery {
+                after: Some((last.started_at_ms, last.id.clone())),
+                ..query.clone()
+            };
+            let (page, _) = store.list(next).await.unwrap();
+            assert_eq!(
+                page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+                ["s2", "s3"],
+                "{backend}"
+            );
+
+            let even = ListQuery {
+                metadata: [("group".to_string(), "even".to_string())].into(),
+                states: vec![SandboxState::Running],
+                descending: true,
+                limit: 10,
+                ..query.clone()
+            };
+            let (page, _) = store.list(even).await.unwrap();
+            assert_eq!(
+                page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+                ["s2", "s0"],
+                "{backend}: team b's row never shows"
+            );
+            let paused = ListQuery {
+                states: vec![SandboxState::Paused],
+                limit: 10,
+                ..query
+            };
+            let (page, _) = store.list(paused).await.unwrap();
+            assert_eq!(
+                page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+                ["s4"],
+                "{backend}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn keys_resolve_to_teams_until_revoked_and_rows_change_in_place() {
+        for (backend, store, _dir) in backends().await {
+            fill(&store).await;
+            let key = ApiKey {
+                id: "k1".into(),
+                team_id: "a".into(),
+                name: "n".into(),
+                prefix: "e2b_12".into(),
+                created_at_ms: 1,
+                revoked: false,
+            };
+            store.add_key(key, "hash".into()).await.unwrap();
+            assert_eq!(
+                store.team_of_key("hash").await.unwrap().as_deref(),
+                Some("a"),
+                "{backend}"
+            );
+            assert_eq!(store.list_keys("a").await.unwrap().len(), 1);
+            assert!(store.revoke_key("k1", 2).await.unwrap());
+            assert_eq!(store.team_of_key("hash").await.unwrap(), None, "{backend}");
+            assert!(!store.revoke_key("k1", 3).await.unwrap());
+            assert!(store.list_keys("a").await.unwrap()[0].revoked);
+            store
+                .set_state("s0", SandboxState::Paused, 5)
+                .await
+                .unwrap();
+            assert!(store.expired(1000).await.unwrap().is_empty(), "{backend}");
+            assert_eq!(
+                store.expired(2000).await.unwrap().len(),
+                4,
+                "{backend}: running rows of every team past their end"
+            );
+            let s0 = store.sandbox("s0").await.unwrap().unwrap();
+            assert_eq!((s0.state.as_str(), s0.end_at_ms), ("paused", 5));
+            assert_eq!(s0.metadata.get("group").map(String::as_str), Some("even"));
+            assert_eq!(store.team_by_name("team a").await.unwrap().unwrap().id, "a");
+            assert!(
+                store.team_by_id("a").await.unwrap().unwrap().admin,
+                "{backend}"
+            );
+            assert!(
+                !store.team_by_id("b").await.unwrap().unwrap().admin,
+                "{backend}"
+            );
+            assert!(store.team_by_id("zz").await.unwrap().is_none());
+            assert!(store.delete_sandbox("s0").await.unwrap());
+            assert!(store.sandbox("s0").await.unwrap().is_none(), "{backend}");
+            assert_eq!(store.all_sandboxes().await.unwrap().len(), 5);
+            assert!(
+                store
+                    .create_team(Team {
+                        id: "c".into(),
+                        name: "team a".into(),
+                        created_at_ms: 0,
+                        admin: false,
+                    })
+                    .await
+                    .is_err(),
+                "team names are unique"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn hosts_are_kept_and_a_down_hosts_sandboxes_are_lost() {
+        for (backend, store, _dir) in backends().await {
+            fill(&store).await;
+            let mut host = HostRow {
+                id: "h1".into(),
+                name: "alpha".into(),
+                api_url: "http://10.0.0.1:49990".into(),
+                proxy_address: "10.0.0.1:49992".into(),
+                agent_token: "t".into(),
+                heartbeat_hash: "sha256:x".into(),
+                state: HostState::Up,
+                report: wrenn_agent_api::join::HostReport {
+                    cpus: 8,
+                    slots_total: 16,
+                    ..Default::default()
+                },
+                last_heartbeat_ms: 10,
+                registered_at_ms: 5,
+                identity_hash: "sha256:id".into(),
+            };
+            store.put_host(host.clone()).await.unwrap();
+            host.state = HostState::Down;
+            host.last_heartbeat_ms = 20;
+            store.put_host(host.clone()).await.unwrap();
+            assert_eq!(store.hosts().await.unwrap(), vec![host], "{backend}");
+            assert_eq!(store.sandboxes_on_host("h1").await.unwrap().len(), 6);
+            assert_eq!(
+                store.mark_host_lost("h1").await.unwrap(),
+                6,
+                "{backend}: running and paused rows are lost"
+            );
+            assert_eq!(store.mark_host_lost("h1").await.unwrap(), 0, "{backend}");
+            assert!(
+                store.expired(i64::MAX).await.unwrap().is_empty(),
+                "{backend}"
+            );
+            assert!(
+                store
+                    .set_state_if("s1", SandboxState::Lost, SandboxState::Running)
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                !store
+                    .set_state_if("s1", SandboxState::Lost, SandboxState::Paused)
+                    .await
+                    .unwrap(),
+                "{backend}: a changed state is not overwritten"
+            );
+            assert_eq!(
+                store.sandbox("s1").await.unwrap().unwrap().state,
+                SandboxState::Running
+            );
+            let mut guarded = row("g1", "a", 1, "running", &[]);
+            guarded.traffic_access_token = Some("traffic".into());
+            guarded.auto_resume = true;
+            store.put_sandbox(guarded.clone()).await.unwrap();
+            assert_eq!(
+                store.sandbox("g1").await.unwrap(),
+                Some(guarded),
+                "{backend}"
+            );
+            // Forgetting a host removes it and its sandboxes' rows, nothing else.
+            assert_eq!(store.forget_host("nope").await.unwrap(), 0, "{backend}");
+            assert_eq!(store.forget_host("h1").await.unwrap(), 7, "{backend}");
+            assert!(store.hosts().await.unwrap().is_empty(), "{backend}");
+            assert_eq!(store.all_sandboxes().await.unwrap().len(), 0, "{backend}");
+            assert!(store.team_by_id("a").await.unwrap().is_some());
+        }
+    }
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[tokio::test]
+    async fn sqlite_files_are_private_and_old_ones_are_tightened() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cp = dir.path().join("data/cp");
+        let path = cp.join("wrenn.sqlite");
+        let store = Store::open(&path).unwrap();
+        fill(&store).await;
+        for file in ["wrenn.sqlite", "wrenn.sqlite-wal", "wrenn.sqlite-shm"] {
+            assert_eq!(mode(&cp.join(file)), 0o600, "{file}");
+        }
+        assert_eq!(mode(&cp), 0o700);
+        assert_eq!(
+            mode(&dir.path().join("data")),
+            0o700,
+            "a created parent too"
+        );
+        drop(store);
+        // An older wrenn's files, readable by all: tightened at the next open.
+        std::fs::set_permissions(&cp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for file in ["wrenn.sqlite", "wrenn.sqlite-wal", "wrenn.sqlite-shm"] {
+            let _ = std::fs::set_permissions(cp.join(file), std::fs::Permissions::from_mode(0o644));
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.all_sandboxes().await.unwrap().len(), 6);
+        assert_eq!(mode(&cp), 0o700);
+        for file in ["wrenn.sqlite", "wrenn.sqlite-wal", "wrenn.sqlite-shm"] {
+            assert_eq!(mode(&cp.join(file)), 0o600, "{file}");
+        }
+    }
+
+    #[tokio::test]
+    async fn sqlite_state_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
+        fill(&store).await;
+        drop(store);
+        let reopened = Store::open(&dir.path().join("db.sqlite")).unwrap();
+        assert_eq!(reopened.all_sandboxes().await.unwrap().len(), 6);
+    }
+}

@@ -1,0 +1,299 @@
+//! The sandbox manager: templates (an image booted once, envd healthy, prepared, snapshotted),
+//! sandboxes created by restoring a template snapshot with a fresh copy-on-write disk and network
+//! slot and then calling envd's `/init`, pause (prepare, freeze, snapshot to the sandbox's own
+//! files, stop the VM) and resume (restore those, `/init`), destroy, and recovery after an agent
+//! restart (adopt live VMs, mark dead ones failed, remove what no record accounts for). A monitor
+//! notices a VMM that dies within a quarter of a second and frees its slot.
+//!
+//! This module holds the [`Manager`], its configuration and what every concern shares; each
+//! concern is a file: [`templates`], [`sandboxes`], [`pause`] (and resume), [`recovery`],
+//! [`monitor`].
+
+mod monitor;
+mod pause;
+mod recovery;
+mod sandboxes;
+mod templates;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use wrenn_image::Manifest;
+use wrenn_vmm::accel::{Accel, AccelSetting};
+use wrenn_vmm::qemu::{Qemu, log_tail};
+use wrenn_vmm::{MachineSpec, SnapshotFiles, Vmm};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::envd_client;
+use crate::error::AgentError;
+use crate::mmds::{Metadata, MmdsRegistry, token_hash};
+use crate::network::{GUEST_MAC, Slot, SlotConfig, SlotPool};
+use crate::store::{SandboxRecord, SandboxState, Store, TemplateRecord};
+
+/// envd's port in every guest.
+pub use wrenn_proto::ENVD_PORT;
+/// Default wait for envd after a restore.
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time `/init` may take.
+pub const DEFAULT_INIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default wait for envd on a template's first boot (software emulation is slow).
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often the monitor looks at the VMM processes.
+const MONITOR_INTERVAL: Duration = Duration::from_millis(250);
+/// The smallest guest that boots the base image.
+pub const MIN_MEMORY_MIB: u32 = 128;
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub data_dir: PathBuf,
+    /// The image templates are built from unless a request names another.
+    pub image_dir: PathBuf,
+    pub qemu_binary: PathBuf,
+    pub accel: AccelSetting,
+    pub slots: SlotConfig,
+    /// Slots kept created ahead of demand.
+    pub slots_ahead: u32,
+    /// Give guests that may reach the internet a way out through the host.
+    pub host_nat: bool,
+    /// VMMs run as uid and gid `vmm_uid_base + slot index`, each VM as a user of its own
+    /// (numeric ids, no account needed; the range must be unused on the host). 0 runs them as
+    /// root, which only a debugging session should want.
+    pub vmm_uid_base: u32,
+}
+
+/// The default first VMM uid: far above the ranges distributions hand to people and to
+/// container user namespaces.
+pub const DEFAULT_VMM_UID_BASE: u32 = 1_900_000_000;
+
+pub use wrenn_agent_api::CreateOptions;
+
+/// How long the steps of a create took.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CreateTimings {
+    pub restore: Duration,
+    pub ready: Duration,
+}
+
+#[derive(Debug)]
+struct SandboxEntry {
+    /// Held for the length of an operation (create, pause, resume, destroy).
+    operation: tokio::sync::Mutex<()>,
+    record: Mutex<SandboxRecord>,
+    /// Cancelled when the VM stops (killed, paused, died): the proxies' connections to the
+    /// guest end then instead of hanging on a guest that will never answer.
+    connections: Mutex<CancellationToken>,
+    /// Set when a destroy begins: no new connection is routed to the guest.
+    destroying: std::sync::atomic::AtomicBool,
+}
+
+impl SandboxEntry {
+    fn new(record: SandboxRecord) -> SandboxEntry {
+        SandboxEntry {
+            operation: tokio::sync::Mutex::new(()),
+            record: Mutex::new(record),
+            connections: Mutex::new(CancellationToken::new()),
+            destroying: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn snapshot(&self) -> SandboxRecord {
+        self.record.lock().expect("record lock").clone()
+    }
+
+    /// Ends the proxied connections to the guest (the VM stopped); later ones get a new token.
+    fn end_connections(&self) {
+        let ended = std::mem::take(&mut *self.connections.lock().expect("connections lock"));
+        ended.cancel();
+    }
+}
+
+/// The host's sandboxes and templates.
+#[derive(Debug)]
+pub struct Manager {
+    config: AgentConfig,
+    vmm: Arc<dyn Vmm>,
+    accel: Accel,
+    pub slots: Arc<SlotPool>,
+    store: Store,
+    pub mmds: MmdsRegistry,
+    sandboxes: Mutex<HashMap<String, Arc<SandboxEntry>>>,
+    templates: Mutex<HashMap<String, TemplateRecord>>,
+    building: Mutex<HashSet<String>>,
+}
+
+/// A generated identifier: `i` then 19 lowercase letters or digits, each equally likely.
+pub fn new_id() -> Result<String, AgentError> {
+    wrenn_core::random::id("i", 19).map_err(|error| AgentError::Internal(error.to_string()))
+}
+
+/// Identifiers name directories: 1 to 64 lowercase letters, digits, `-` or `_`.
+pub fn validate_id(kind: &str, id: &str) -> Result<(), AgentError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && !id.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(AgentError::InvalidArgument(format!(
+            "{kind} id {id:?} must be 1 to 64 lowercase letters, digits, '-' or '_'"
+        )))
+    }
+}
+
+use wrenn_core::now_ms;
+
+fn envd_address(slot: u32) -> SocketAddr {
+    SocketAddr::new(Slot::address_of(slot).into(), ENVD_PORT)
+}
+
+impl Manager {
+    /// Opens the data directory, chooses the accelerator, recovers what a previous run left.
+    pub async fn start(config: AgentConfig) -> Result<Arc<Manager>, AgentError> {
+        let store = Store::open(&config.data_dir)?;
+        let kernel = config.image_dir.join("vmlinuz");
+        let accel = wrenn_vmm::accel::resolve(
+            config.accel,
+            &config.qemu_binary,
+            &kernel,
+            Some(&config.data_dir.join("accel-probe.json")),
+        )
+        .await;
+        if accel == Accel::Tcg {
+            tracing::warn!(
+                "guests run under software emulation (QEMU TCG), not KVM: slower, and a weaker \
+                 boundary (a guest faces QEMU's emulator, not a hardware-enforced hypervisor)"
+            );
+        }
+        let vmm: Arc<dyn Vmm> = Arc::new(Qemu::new(&config.qemu_binary, accel));
+        let slots = Arc::new(SlotPool::new(config.slots.clone())?);
+        slots.install_host_rules().await?;
+        if config.host_nat {
+            crate::network::enable_host_nat()?;
+        }
+        let manager = Arc::new(Manager {
+            config,
+            vmm,
+            accel,
+            slots,
+            store,
+            mmds: MmdsRegistry::default(),
+            sandboxes: Mutex::new(HashMap::new()),
+            templates: Mutex::new(HashMap::new()),
+            building: Mutex::new(HashSet::new()),
+        });
+        manager.recover().await;
+        let monitor = Arc::downgrade(&manager);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(MONITOR_INTERVAL).await;
+                let Some(manager) = monitor.upgrade() else {
+                    return;
+                };
+                manager.check_vmms().await;
+            }
+        });
+        let warm = manager.clone();
+        tokio::spawn(async move { warm.slots.warm(warm.config.slots_ahead).await });
+        Ok(manager)
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    pub fn vmm_name(&self) -> &'static str {
+        self.vmm.name()
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    fn entry(&self, id: &str) -> Result<Arc<SandboxEntry>, AgentError> {
+        self.sandboxes
+            .lock()
+            .expect("sandboxes lock")
+            .get(id)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(format!("sandbox {id} not found")))
+    }
+
+    fn save(&self, entry: &SandboxEntry, change: impl FnOnce(&mut SandboxRecord)) -> SandboxRecord {
+        let mut record = entry.record.lock().expect("record lock");
+        change(&mut record);
+        if let Err(error) = self.store.save_sandbox(&record) {
+            tracing::error!(%error, sandbox = %record.sandbox_id, "could not save the sandbox record");
+        }
+        record.clone()
+    }
+
+    /// The user a VM in slot `index` runs as.
+    fn vmm_user(&self, index: u32) -> Option<wrenn_vmm::launch::VmmUser> {
+        (self.config.vmm_uid_base != 0).then(|| {
+            let id = self.config.vmm_uid_base + index;
+            wrenn_vmm::launch::VmmUser { uid: id, gid: id }
+        })
+    }
+
+    /// What a sandbox's guest may open (its resolver comes from its kernel command line).
+    fn egress_of(&self, record: &SandboxRecord) -> crate::firewall::Egress {
+        self.slots.egress(
+            record.allow_internet,
+            crate::firewall::guest_resolver(&record.machine.cmdline),
+        )
+    }
+
+    fn metadata(record: &SandboxRecord) -> Metadata {
+        Metadata {
+            instance_id: record.sandbox_id.clone(),
+            env_id: record.template_id.clone(),
+            address: String::new(),
+            access_token_hash: token_hash(record.access_token.as_deref().unwrap_or("")),
+        }
+    }
+
+    /// What `/init` tells a sandbox's envd: its environment (a UTF-8 locale unless the
+    /// create set `LANG`, as in E2B's templates), `user` in `/home/user`, the time, the token.
+    fn init_body(record: &SandboxRecord) -> serde_json::Value {
+        let mut env_vars = record.env_vars.clone();
+        env_vars
+            .entry("LANG".to_string())
+            .or_insert_with(|| "C.UTF-8".to_string());
+        let mut body = json!({
+            "envVars": env_vars,
+            "defaultUser": "user",
+            "defaultWorkdir": "/home/user",
+            "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        });
+        if let Some(token) = &record.access_token {
+            body["accessToken"] = json!(token);
+        }
+        body
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_checked_and_generated_ones_pass() {
+        for _ in 0..50 {
+            let id = new_id().unwrap();
+            assert_eq!(id.len(), 20);
+            validate_id("sandbox", &id).unwrap();
+        }
+        for bad in ["", "UPPER", "../x", "a b", &"x".repeat(65), "-lead"] {
+            assert!(validate_id("sandbox", bad).is_err(), "{bad:?}");
+        }
+    }
+}

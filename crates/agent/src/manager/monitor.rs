@@ -1,0 +1,51 @@
+//! The monitor: notices a VMM that dies within a quarter of a second and frees its slot; keeps
+//! network slots ready ahead of creates.
+
+use super::*;
+
+impl Manager {
+    /// Tops the ready slots back up in the background after a lease.
+    pub(super) fn keep_slots_ready(&self) {
+        let pool = self.slots.clone();
+        let count = self.config.slots_ahead;
+        tokio::spawn(async move { pool.warm(count).await });
+    }
+
+    /// Marks sandboxes whose VMM died as failed and frees their slots.
+    pub(super) async fn check_vmms(&self) {
+        let entries: Vec<Arc<SandboxEntry>> = self
+            .sandboxes
+            .lock()
+            .expect("sandboxes lock")
+            .values()
+            .cloned()
+            .collect();
+        for entry in entries {
+            let Ok(_operation) = entry.operation.try_lock() else {
+                continue;
+            };
+            let record = entry.snapshot();
+            let Some(vm) = &record.vm else { continue };
+            if record.state != SandboxState::Running || vm.is_alive() {
+                continue;
+            }
+            let reason = format!(
+                "the VMM (QEMU pid {}) exited unexpectedly: {}",
+                vm.pid,
+                log_tail(&vm.vmm_log())
+            );
+            tracing::warn!(sandbox = %record.sandbox_id, %reason, "sandbox failed");
+            entry.end_connections();
+            if let Some(slot) = record.slot {
+                self.mmds.remove(slot);
+                self.slots.release(slot).await;
+            }
+            self.save(&entry, |record| {
+                record.state = SandboxState::Failed;
+                record.error = Some(reason);
+                record.vm = None;
+                record.slot = None;
+            });
+        }
+    }
+}

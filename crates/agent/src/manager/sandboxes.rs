@@ -1,0 +1,265 @@
+//! Sandboxes: created by restoring a template snapshot with a fresh copy-on-write disk and network
+//! slot and then calling envd's `/init`; looked up, routed to, measured and destroyed.
+
+use super::*;
+
+impl Manager {
+    // ----- sandboxes -----
+
+    /// Restores a template into a new sandbox and hands it its settings through `/init`.
+    pub async fn create(
+        &self,
+        options: CreateOptions,
+    ) -> Result<(SandboxRecord, CreateTimings), AgentError> {
+        let template = self
+            .templates
+            .lock()
+            .expect("templates lock")
+            .get(&options.template_id)
+            .cloned()
+            .ok_or_else(|| {
+                AgentError::NotFound(format!("template {} not found", options.template_id))
+            })?;
+        if template.accel != self.accel {
+            return Err(AgentError::FailedPrecondition(format!(
+                "template {} was snapshotted under {}, this host runs {}: rebuild it here",
+                template.template_id,
+                template.accel.as_str(),
+                self.accel.as_str()
+            )));
+        }
+        let sandbox_id = match options.sandbox_id.clone() {
+            Some(id) => id,
+            None => new_id()?,
+        };
+        validate_id("sandbox", &sandbox_id)?;
+        if options.access_token.as_deref() == Some("") {
+            return Err(AgentError::InvalidArgument(
+                "an empty envd access token is not allowed".into(),
+            ));
+        }
+        let dir = self.store.sandbox_dir(&sandbox_id);
+        let record = SandboxRecord {
+            sandbox_id: sandbox_id.clone(),
+            template_id: template.template_id.clone(),
+            state: SandboxState::Starting,
+            slot: None,
+            vm: None,
+            machine: MachineSpec {
+                disk: dir.join("disk.qcow2"),
+                ..template.machine.clone()
+            },
+            created_at_ms: now_ms(),
+            env_vars: options.env_vars.clone(),
+            access_token: options.access_token.clone(),
+            allow_internet: options.allow_internet,
+            metadata: options.metadata.clone(),
+            error: None,
+            snapshot: None,
+        };
+        let entry = Arc::new(SandboxEntry::new(record.clone()));
+        {
+            let mut sandboxes = self.sandboxes.lock().expect("sandboxes lock");
+            if sandboxes.contains_key(&sandbox_id) {
+                return Err(AgentError::AlreadyExists(format!(
+                    "sandbox {sandbox_id} already exists"
+                )));
+            }
+            sandboxes.insert(sandbox_id.clone(), entry.clone());
+        }
+        let _operation = entry.operation.lock().await;
+        let result = self
+            .start_vm(&entry, &template.snapshot, &options, true)
+            .await;
+        match result {
+            Ok(timings) => Ok((entry.snapshot(), timings)),
+            Err(error) => {
+                self.sandboxes
+                    .lock()
+                    .expect("sandboxes lock")
+                    .remove(&sandbox_id);
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(error)
+            }
+        }
+    }
+
+    /// Restores `snapshot` into the entry's machine with a new slot, waits for envd, `/init`s.
+    /// On failure everything it took is given back (the VM, the slot) and the error returned.
+    pub(super) async fn start_vm(
+        &self,
+        entry: &SandboxEntry,
+        snapshot: &SnapshotFiles,
+        options: &CreateOptions,
+        fresh_disk: bool,
+    ) -> Result<CreateTimings, AgentError> {
+        let record = entry.snapshot();
+        let dir = self.store.sandbox_dir(&record.sandbox_id);
+        let egress = self.egress_of(&record);
+        let slot = if fresh_disk {
+            crate::store::private_dir(&dir)?;
+            self.store.save_sandbox(&record)?;
+            let template_disk = self
+                .templates
+                .lock()
+                .expect("templates lock")
+                .get(&record.template_id)
+                .map(|template| template.machine.disk.clone())
+                .ok_or_else(|| {
+                    AgentError::NotFound(format!("template {} not found", record.template_id))
+                })?;
+            // The disk and the slot are made ready at the same time.
+            let (disk, slot) = tokio::join!(
+                crate::disk::create_overlay(&template_disk, "qcow2", &record.machine.disk),
+                self.slots.lease(&egress)
+            );
+            if let Err(error) = disk {
+                if let Ok(slot) = slot {
+                    self.slots.release(slot.index).await;
+                }
+                return Err(error);
+            }
+            slot?
+        } else {
+            self.slots.lease(&egress).await?
+        };
+        self.mmds.set(slot.index, Self::metadata(&record));
+        let machine = MachineSpec {
+            netns: Some(slot.netns.clone()),
+            vmm_user: self.vmm_user(slot.index),
+            ..record.machine.clone()
+        };
+        let mut timings = CreateTimings::default();
+        let started = Instant::now();
+        let outcome = async {
+            let vm = self
+                .vmm
+                .restore(&machine, snapshot, &dir.join("vm"))
+                .await?;
+            timings.restore = started.elapsed();
+            self.save(entry, |record| {
+                record.vm = Some(vm.clone());
+                record.slot = Some(slot.index);
+            });
+            let ready = async {
+                let address = envd_address(slot.index);
+                let ready_timeout = options.ready_timeout.unwrap_or(DEFAULT_READY_TIMEOUT);
+                envd_client::wait_ready(address, ready_timeout, || vm.is_alive()).await?;
+                timings.ready = started.elapsed() - timings.restore;
+                let init_timeout = options.init_timeout.unwrap_or(DEFAULT_INIT_TIMEOUT);
+                envd_client::init(address, Self::init_body(&entry.snapshot()), init_timeout).await
+            }
+            .await;
+            if ready.is_err() {
+                let _ = self.vmm.destroy(&vm).await;
+            }
+            ready
+        }
+        .await;
+        // Replacing the leased slot waits until now, so it never competes with the restore.
+        self.keep_slots_ready();
+        match outcome {
+            Ok(()) => {
+                self.save(entry, |record| {
+                    record.state = SandboxState::Running;
+                    record.error = None;
+                });
+                Ok(timings)
+            }
+            Err(error) => {
+                self.mmds.remove(slot.index);
+                self.slots.release(slot.index).await;
+                self.save(entry, |record| {
+                    record.vm = None;
+                    record.slot = None;
+                });
+                Err(error)
+            }
+        }
+    }
+
+    pub fn get(&self, sandbox_id: &str) -> Result<SandboxRecord, AgentError> {
+        Ok(self.entry(sandbox_id)?.snapshot())
+    }
+
+    pub fn list(&self) -> Vec<SandboxRecord> {
+        let mut records: Vec<_> = self
+            .sandboxes
+            .lock()
+            .expect("sandboxes lock")
+            .values()
+            .map(|entry| entry.snapshot())
+            .collect();
+        records.sort_by(|a, b| {
+            a.created_at_ms
+                .cmp(&b.created_at_ms)
+                .then(a.sandbox_id.cmp(&b.sandbox_id))
+        });
+        records
+    }
+
+    /// Where a running sandbox's `port` is reached, and the token that is cancelled when its VM
+    /// stops (end the connection then).
+    pub fn guest_route(
+        &self,
+        sandbox_id: &str,
+        port: u16,
+    ) -> Option<(SocketAddr, CancellationToken)> {
+        let entry = self.entry(sandbox_id).ok()?;
+        let record = entry.snapshot();
+        if record.state != SandboxState::Running
+            || entry.destroying.load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return None;
+        }
+        let address = crate::network::Slot::address_of(record.slot?);
+        let ends = entry.connections.lock().expect("connections lock").clone();
+        Some((SocketAddr::from((address, port)), ends))
+    }
+
+    /// Resource use of a sandbox's VMM, if it runs.
+    pub fn usage(&self, record: &SandboxRecord) -> Option<wrenn_vmm::ResourceUse> {
+        record.vm.as_ref().and_then(|vm| self.vmm.usage(vm).ok())
+    }
+
+    /// Stops a sandbox's VM and frees everything it had.
+    pub async fn destroy(&self, sandbox_id: &str) -> Result<(), AgentError> {
+        let entry = self.entry(sandbox_id)?;
+        let _operation = entry.operation.lock().await;
+        // A client that sees its stream end and asks again must hear "not found", not be
+        // routed to a guest that is going away.
+        entry
+            .destroying
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let record = entry.snapshot();
+        if let Some(vm) = &record.vm
+            && let Err(error) = self.vmm.destroy(vm).await
+        {
+            entry
+                .destroying
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            return Err(error.into());
+        }
+        entry.end_connections();
+        if let Some(slot) = record.slot {
+            self.mmds.remove(slot);
+            self.slots.release(slot).await;
+        }
+        self.sandboxes
+            .lock()
+            .expect("sandboxes lock")
+            .remove(sandbox_id);
+        let dir = self.store.sandbox_dir(sandbox_id);
+        std::fs::remove_dir_all(&dir)
+            .or_else(|error| {
+                if error.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(error)
+                }
+            })
+            .map_err(|error| AgentError::internal("removing the sandbox's files", error))?;
+        tracing::info!(sandbox = sandbox_id, "sandbox destroyed");
+        Ok(())
+    }
+}

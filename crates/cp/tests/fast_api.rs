@@ -109,10 +109,12 @@ impl Kit {
                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
         };
         // Every answer is what the OpenAPI document says it is.
-        let document = serde_json::to_value(wrenn_cp::openapi::document()).unwrap();
+        static DOCUMENT: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+        let document =
+            DOCUMENT.get_or_init(|| serde_json::to_value(wrenn_cp::openapi::document()).unwrap());
         let route = path.split('?').next().unwrap_or(path);
         if let Err(problem) =
-            wrenn_api::conformance::check(&document, method, route, status.as_u16(), &value)
+            wrenn_api::conformance::check(document, method, route, status.as_u16(), &value)
         {
             panic!(
                 "{method} {path} -> {status}: the answer breaks the OpenAPI document: {problem}\n{value}"
@@ -121,8 +123,13 @@ impl Kit {
         (status, value)
     }
 
+    /// `POST /sandboxes` as `key`'s team, whatever the answer.
+    async fn try_create(&self, key: &str, body: Value) -> (StatusCode, Value) {
+        self.call("POST", "/sandboxes", Some(key), body).await
+    }
+
     async fn create(&self, key: &str, body: Value) -> String {
-        let (status, created) = self.call("POST", "/sandboxes", Some(key), body).await;
+        let (status, created) = self.try_create(key, body).await;
         assert_eq!(status, StatusCode::CREATED, "{created}");
         created["sandboxID"].as_str().unwrap().to_string()
     }
@@ -248,12 +255,7 @@ async fn keys_see_only_their_teams_sandboxes() {
 async fn a_failed_create_leaves_no_row_and_frees_its_place() {
     let kit = Kit::new(1, Quotas::default()).await;
     let (status, body) = kit
-        .call(
-            "POST",
-            "/sandboxes",
-            Some(&kit.key_a),
-            json!({"templateID": "nope"}),
-        )
+        .try_create(&kit.key_a, json!({"templateID": "nope"}))
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     assert!(body["message"].as_str().unwrap().contains("nope"), "{body}");
@@ -267,12 +269,7 @@ async fn a_failed_create_leaves_no_row_and_frees_its_place() {
         HostAgentError::Failed("the disk broke".into()),
     );
     let (status, body) = kit
-        .call(
-            "POST",
-            "/sandboxes",
-            Some(&kit.key_a),
-            json!({"templateID": "base"}),
-        )
+        .try_create(&kit.key_a, json!({"templateID": "base"}))
         .await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
     let message = body["message"].as_str().unwrap();
@@ -287,12 +284,7 @@ async fn a_failed_create_leaves_no_row_and_frees_its_place() {
     // The host's one slot was held while the create was in flight: it is free again.
     kit.create(&kit.key_a, json!({"templateID": "base"})).await;
     let (status, body) = kit
-        .call(
-            "POST",
-            "/sandboxes",
-            Some(&kit.key_a),
-            json!({"templateID": "base"}),
-        )
+        .try_create(&kit.key_a, json!({"templateID": "base"}))
         .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(
@@ -315,12 +307,7 @@ async fn a_teams_running_limit_is_kept_before_any_host_is_asked() {
         kit.create(&kit.key_a, json!({"templateID": "base"})).await;
     }
     let (status, body) = kit
-        .call(
-            "POST",
-            "/sandboxes",
-            Some(&kit.key_a),
-            json!({"templateID": "base"}),
-        )
+        .try_create(&kit.key_a, json!({"templateID": "base"}))
         .await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
     assert_eq!(

@@ -109,7 +109,7 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A server that answers every connection with `answer` once, and counts connections.
+    /// A server that answers every connection with `answer`.
     async fn serve_once(answer: &'static [u8]) -> std::net::SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
@@ -123,43 +123,34 @@ mod tests {
         address
     }
 
-    #[tokio::test]
-    async fn a_body_within_the_bound_is_read_whole() {
-        let address =
-            serve_once(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello")
-                .await;
+    /// Reads the body of `answer`, served once, with a bound of `limit`.
+    async fn read_answer(answer: &'static [u8], limit: usize) -> Result<Bytes, BodyError> {
+        let address = serve_once(answer).await;
         let response = client(ClientOptions::default())
             .get(format!("http://{address}/"))
             .send()
             .await
             .unwrap();
-        assert_eq!(&read_bounded(response, 5).await.unwrap()[..], b"hello");
+        read_bounded(response, limit).await
+    }
+
+    #[tokio::test]
+    async fn a_body_within_the_bound_is_read_whole() {
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello";
+        assert_eq!(&read_answer(answer, 5).await.unwrap()[..], b"hello");
     }
 
     #[tokio::test]
     async fn a_body_over_the_bound_is_refused_declared_or_not() {
-        let declared =
-            serve_once(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\nconnection: close\r\n\r\nhello!")
-                .await;
-        let response = client(ClientOptions::default())
-            .get(format!("http://{declared}/"))
-            .send()
-            .await
-            .unwrap();
+        let declared = b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\nconnection: close\r\n\r\nhello!";
         assert!(matches!(
-            read_bounded(response, 5).await,
+            read_answer(declared, 5).await,
             Err(BodyError::TooLarge { limit: 5 })
         ));
         // No length given: the body ends when the connection closes.
-        let undeclared =
-            serve_once(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nhello, world").await;
-        let response = client(ClientOptions::default())
-            .get(format!("http://{undeclared}/"))
-            .send()
-            .await
-            .unwrap();
+        let undeclared = b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nhello, world";
         assert!(matches!(
-            read_bounded(response, 5).await,
+            read_answer(undeclared, 5).await,
             Err(BodyError::TooLarge { limit: 5 })
         ));
     }

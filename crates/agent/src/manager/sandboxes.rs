@@ -4,8 +4,6 @@
 use super::*;
 
 impl Manager {
-    // ----- sandboxes -----
-
     /// Restores a template into a new sandbox and hands it its settings through `/init`.
     pub async fn create(
         &self,

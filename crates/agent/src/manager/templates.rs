@@ -3,8 +3,6 @@
 use super::*;
 
 impl Manager {
-    // ----- templates -----
-
     /// Boots an image once, waits for envd, prepares and snapshots it as a template.
     pub async fn build_template(
         &self,

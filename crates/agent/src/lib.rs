@@ -15,6 +15,7 @@ pub mod disk;
 pub mod envd_client;
 pub mod error;
 pub mod firewall;
+pub mod host_network;
 pub mod join;
 pub mod local;
 pub mod manager;

@@ -11,10 +11,11 @@ use std::collections::{BTreeSet, HashSet};
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::error::AgentError;
 use crate::firewall::{self, Egress, HostChains, Ipv4Cidr};
+use crate::host_network::{HostNetwork, LinuxNetwork};
 
 /// The guest's address inside every slot.
 pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 21);
@@ -131,6 +132,7 @@ struct PoolState {
 #[derive(Debug)]
 pub struct SlotPool {
     config: SlotConfig,
+    network: Arc<dyn HostNetwork>,
     state: Mutex<PoolState>,
     /// Set when every slot is being deleted: no more are made ahead of demand.
     closing: std::sync::atomic::AtomicBool,
@@ -139,10 +141,20 @@ pub struct SlotPool {
 }
 
 impl SlotPool {
+    /// A pool over the host's real network.
     pub fn new(config: SlotConfig) -> Result<Self, AgentError> {
+        Self::with_network(config, Arc::new(LinuxNetwork))
+    }
+
+    /// A pool over `network` (a [`crate::host_network::RecordingNetwork`] in tests).
+    pub fn with_network(
+        config: SlotConfig,
+        network: Arc<dyn HostNetwork>,
+    ) -> Result<Self, AgentError> {
         config.validate()?;
         Ok(Self {
             config,
+            network,
             state: Mutex::new(PoolState::default()),
             closing: std::sync::atomic::AtomicBool::new(false),
             warming: tokio::sync::Mutex::new(()),
@@ -198,7 +210,7 @@ impl SlotPool {
             }
             // A new or recycled slot has egress closed: only opening it costs anything.
             if *egress != Egress::Closed {
-                set_egress(&slot, egress).await?;
+                self.network.set_egress(&slot, egress).await?;
             }
             Ok::<_, AgentError>(())
         }
@@ -225,41 +237,28 @@ impl SlotPool {
             state.leased.insert(index);
         }
         let slot = Slot::new(&self.config.prefix, index);
-        let rules = firewall::namespace_rules(&slot, self.config.mmds_port, egress);
-        let netns = slot.netns.clone();
-        run_blocking(move || {
-            // An older agent's slot may still have IPv6.
-            let mut sysctl = vec!["-qw"];
-            sysctl.extend(NO_IPV6);
-            in_namespace(&netns, "sysctl", &sysctl, None)?;
-            load_firewall(&netns, &rules)
-        })
-        .await?;
+        self.network
+            .reload_firewall(&slot, self.config.mmds_port, egress)
+            .await?;
         Ok(slot)
     }
 
     /// Installs the host's chains for this agent's slots (see [`crate::firewall`]), replacing
     /// what an earlier run installed. Idempotent.
     pub async fn install_host_rules(&self) -> Result<(), AgentError> {
-        let config = self.config.clone();
-        run_blocking(move || install_host_chains(&config)).await
+        self.network.install_host_rules(&self.config).await
     }
 
     /// Removes the host's chains of this agent (with [`SlotPool::delete_all`]).
     pub async fn remove_host_rules(&self) {
-        let config = self.config.clone();
-        let _ = run_blocking(move || {
-            remove_host_chains(&config);
-            Ok(())
-        })
-        .await;
+        self.network.remove_host_rules(&self.config).await;
     }
 
     /// Returns a slot: its tap is recreated and egress closed, then it is ready again. A slot
     /// that cannot be cleaned is deleted instead.
     pub async fn release(&self, index: u32) {
         let slot = Slot::new(&self.config.prefix, index);
-        let clean = recycle(&slot).await.is_ok();
+        let clean = self.network.recycle_slot(&slot).await.is_ok();
         if !clean {
             self.delete(&slot).await;
         }
@@ -358,41 +357,19 @@ impl SlotPool {
 
     /// Slot indexes whose namespace exists now.
     pub fn existing_namespaces(&self) -> Vec<u32> {
-        let prefix = format!("{}-", self.config.prefix);
-        std::fs::read_dir("/run/netns")
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .filter_map(|entry| {
-                        entry
-                            .file_name()
-                            .to_str()?
-                            .strip_prefix(&prefix)?
-                            .parse()
-                            .ok()
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
+        self.network.existing_slots(&self.config.prefix)
     }
 
     async fn create(&self, slot: &Slot) -> Result<(), AgentError> {
-        let slot = slot.clone();
-        let mmds_port = self.config.mmds_port;
-        run_blocking(move || create_slot_blocking(&slot, mmds_port)).await
+        self.network.create_slot(slot, self.config.mmds_port).await
     }
 
     async fn delete(&self, slot: &Slot) {
-        let slot = slot.clone();
-        let _ = run_blocking(move || {
-            delete_slot_blocking(&slot);
-            Ok(())
-        })
-        .await;
+        self.network.delete_slot(slot).await;
     }
 }
 
-async fn run_blocking(
+pub(crate) async fn run_blocking(
     work: impl FnOnce() -> Result<(), AgentError> + Send + 'static,
 ) -> Result<(), AgentError> {
     tokio::task::spawn_blocking(work)
@@ -432,7 +409,7 @@ fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<(), AgentErr
     }
 }
 
-fn ip(args: &[&str]) -> Result<(), AgentError> {
+pub(crate) fn ip(args: &[&str]) -> Result<(), AgentError> {
     run("ip", args, None)
 }
 
@@ -455,7 +432,7 @@ pub fn in_namespace(
 /// Loads a namespace's IPv4 firewall. There is no IPv6 one: IPv6 is switched off in the
 /// namespace ([`NO_IPV6`]), and the kernel drops every IPv6 packet that arrives on an
 /// interface where it is off, the guest's tap included.
-fn load_firewall(netns: &str, rules: &str) -> Result<(), AgentError> {
+pub(crate) fn load_firewall(netns: &str, rules: &str) -> Result<(), AgentError> {
     in_namespace(netns, "iptables-restore", &[], Some(rules))
 }
 
@@ -574,36 +551,6 @@ pub fn add_tap(ns: &str) -> Result<(), AgentError> {
     ip(&["-n", ns, "link", "set", "tap0", "up"])
 }
 
-async fn recycle(slot: &Slot) -> Result<(), AgentError> {
-    let slot = slot.clone();
-    run_blocking(move || {
-        let _ = ip(&["-n", &slot.netns, "link", "del", "tap0"]);
-        in_namespace(
-            &slot.netns,
-            "iptables-restore",
-            &["--noflush"],
-            Some(&firewall::egress_update(&Egress::Closed)),
-        )?;
-        add_tap(&slot.netns)
-    })
-    .await
-}
-
-/// Rewrites a slot's egress chain in one commit.
-async fn set_egress(slot: &Slot, egress: &Egress) -> Result<(), AgentError> {
-    let slot = slot.clone();
-    let rules = firewall::egress_update(egress);
-    run_blocking(move || {
-        in_namespace(
-            &slot.netns,
-            "iptables-restore",
-            &["--noflush"],
-            Some(&rules),
-        )
-    })
-    .await
-}
-
 /// Deletes every rule of `chain` (INPUT, FORWARD) that jumps to `target`.
 fn remove_jumps(chain: &str, target: &str) {
     let Ok(output) = Command::new("iptables")
@@ -625,7 +572,7 @@ fn remove_jumps(chain: &str, target: &str) {
     }
 }
 
-fn install_host_chains(config: &SlotConfig) -> Result<(), AgentError> {
+pub(crate) fn install_host_chains(config: &SlotConfig) -> Result<(), AgentError> {
     let chains = HostChains::new(&config.prefix, config.first_index, config.capacity);
     run(
         "iptables-restore",
@@ -646,7 +593,7 @@ fn install_host_chains(config: &SlotConfig) -> Result<(), AgentError> {
     Ok(())
 }
 
-fn remove_host_chains(config: &SlotConfig) {
+pub(crate) fn remove_host_chains(config: &SlotConfig) {
     let chains = HostChains::new(&config.prefix, config.first_index, config.capacity);
     remove_jumps("INPUT", &chains.input);
     remove_jumps("FORWARD", &chains.forward);
@@ -739,6 +686,125 @@ mod tests {
             },
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
+        }
+    }
+
+    mod pool {
+        use super::*;
+        use crate::host_network::{NetworkCall, RecordingNetwork};
+
+        fn pool(capacity: u32) -> (SlotPool, Arc<RecordingNetwork>) {
+            let network = Arc::new(RecordingNetwork::default());
+            let config = SlotConfig {
+                prefix: "wt".into(),
+                first_index: 10,
+                capacity,
+                mmds_port: 1,
+                opened_ranges: Vec::new(),
+            };
+            let pool = SlotPool::with_network(config, network.clone()).unwrap();
+            (pool, network)
+        }
+
+        #[tokio::test]
+        async fn leases_take_ready_slots_first_and_stop_at_capacity() {
+            let (pool, network) = pool(3);
+            pool.warm(1).await;
+            assert_eq!(network.calls(), vec![NetworkCall::Create(10)]);
+            let first = pool.lease(&Egress::Closed).await.unwrap();
+            assert_eq!(first.index, 10, "the ready slot");
+            assert_eq!(network.calls().len(), 1, "a ready slot costs nothing");
+            let second = pool.lease(&Egress::Closed).await.unwrap();
+            let third = pool.lease(&Egress::Closed).await.unwrap();
+            assert_eq!((second.index, third.index), (11, 12));
+            assert_eq!(pool.in_use(), 3);
+            let refused = pool.lease(&Egress::Closed).await.unwrap_err();
+            assert!(
+                refused
+                    .to_string()
+                    .contains("all 3 network slots are in use"),
+                "{refused}"
+            );
+            pool.release(11).await;
+            assert_eq!(pool.in_use(), 2);
+            assert_eq!(
+                pool.lease(&Egress::Closed).await.unwrap().index,
+                11,
+                "recycled"
+            );
+        }
+
+        #[tokio::test]
+        async fn opening_egress_costs_a_call_and_closed_costs_none() {
+            let (pool, network) = pool(2);
+            let internet = pool.egress(true, Ipv4Addr::new(1, 1, 1, 1));
+            let slot = pool.lease(&internet).await.unwrap();
+            assert_eq!(
+                network.calls(),
+                vec![
+                    NetworkCall::Create(10),
+                    NetworkCall::SetEgress(10, internet.clone())
+                ]
+            );
+            pool.release(slot.index).await;
+            assert_eq!(network.calls().last(), Some(&NetworkCall::Recycle(10)));
+            assert_eq!(
+                pool.egress(false, Ipv4Addr::new(1, 1, 1, 1)),
+                Egress::Closed
+            );
+        }
+
+        #[tokio::test]
+        async fn a_slot_that_fails_to_open_is_deleted_and_its_index_freed() {
+            let (pool, network) = pool(1);
+            let internet = pool.egress(true, Ipv4Addr::new(1, 1, 1, 1));
+            network.fail_next_egress();
+            assert!(pool.lease(&internet).await.is_err());
+            assert_eq!(pool.in_use(), 0);
+            assert!(network.namespaces().is_empty(), "the half-made slot went");
+            network.fail_next_create();
+            assert!(pool.lease(&Egress::Closed).await.is_err());
+            assert_eq!(pool.in_use(), 0);
+            assert_eq!(pool.lease(&Egress::Closed).await.unwrap().index, 10);
+        }
+
+        #[tokio::test]
+        async fn a_slot_that_cannot_be_cleaned_is_deleted_not_reused() {
+            let (pool, network) = pool(2);
+            pool.lease(&Egress::Closed).await.unwrap();
+            network.fail_next_recycle();
+            pool.release(10).await;
+            assert!(!network.namespaces().contains(&10));
+            assert_eq!(network.calls().last(), Some(&NetworkCall::Delete(10)));
+            // Not ready: the next lease makes a slot again.
+            pool.lease(&Egress::Closed).await.unwrap();
+            assert_eq!(network.calls().last(), Some(&NetworkCall::Create(10)));
+        }
+
+        #[tokio::test]
+        async fn orphans_go_and_claimed_or_ready_slots_stay() {
+            let (pool, network) = pool(8);
+            for index in [10, 11, 12] {
+                network.leave_namespace(index);
+            }
+            let closed = Egress::Closed;
+            pool.claim(11, &closed).await.unwrap();
+            assert!(
+                network
+                    .calls()
+                    .contains(&NetworkCall::ReloadFirewall(11, closed))
+            );
+            // Made ahead of demand at the first free index, over what was left there.
+            pool.warm(1).await;
+            assert!(network.calls().contains(&NetworkCall::Create(10)));
+            let removed = pool.remove_orphans().await;
+            assert_eq!(removed, 1, "12: no lease or ready slot accounts for it");
+            let left: Vec<u32> = network.namespaces().into_iter().collect();
+            assert_eq!(left, vec![10, 11]);
+            pool.delete_all().await;
+            assert!(network.namespaces().is_empty());
+            assert_eq!(network.calls().last(), Some(&NetworkCall::RemoveHostRules));
+            assert_eq!(pool.in_use(), 0);
         }
     }
 }

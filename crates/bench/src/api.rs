@@ -223,6 +223,7 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
     let config = AgentConfig {
         data_dir: work.path().join("agent"),
         image_dir: wrenn_image::default_image_dir(),
+        vmm: wrenn_vmm::VmmKind::Qemu,
         qemu_binary: "qemu-system-x86_64".into(),
         accel: args.accel,
         slots: SlotConfig {

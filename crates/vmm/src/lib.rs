@@ -1,7 +1,8 @@
 //! The virtual machine monitors wrenn drives, behind one trait chosen at run time: the sandbox
 //! manager boots, pauses, snapshots, restores, resumes and destroys VMs without knowing which VMM
 //! runs them. QEMU ([`qemu::Qemu`], over QMP) runs everywhere, with KVM or under software
-//! emulation; Firecracker joins behind the same trait.
+//! emulation; Firecracker joins behind the same trait. [`new`] makes the one a host runs, by its
+//! [`VmmKind`].
 
 pub mod accel;
 pub mod console;
@@ -14,8 +15,55 @@ pub mod qmp;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+
+/// Which VMM runs a host's VMs (`--vmm`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmmKind {
+    /// QEMU over QMP: KVM where it can, software emulation (TCG) elsewhere.
+    #[default]
+    Qemu,
+}
+
+impl VmmKind {
+    pub const ALL: [VmmKind; 1] = [VmmKind::Qemu];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmmKind::Qemu => "qemu",
+        }
+    }
+}
+
+impl std::fmt::Display for VmmKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for VmmKind {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        VmmKind::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = VmmKind::ALL.iter().map(|k| k.as_str()).collect();
+                format!("unknown VMM {name:?}: use {}", known.join(" or "))
+            })
+    }
+}
+
+/// The VMM of `kind`, running `binary` with `accel`.
+pub fn new(kind: VmmKind, binary: &Path, accel: accel::Accel) -> Arc<dyn Vmm> {
+    match kind {
+        VmmKind::Qemu => Arc::new(qemu::Qemu::new(binary, accel)),
+    }
+}
 
 /// A boxed future of a VMM operation (the trait is used as `dyn Vmm`).
 pub type VmmFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, VmmError>> + Send + 'a>>;
@@ -159,5 +207,21 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     fn usage(&self, vm: &VmProcess) -> Result<ResourceUse, VmmError> {
         process::usage(vm.pid)
             .ok_or_else(|| VmmError::Exited(format!("process {} is gone", vm.pid)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_are_chosen_by_name_and_make_their_vmm() {
+        for kind in VmmKind::ALL {
+            assert_eq!(kind.as_str().parse::<VmmKind>(), Ok(kind));
+            let vmm = new(kind, Path::new("/nonexistent"), accel::Accel::Tcg);
+            assert_eq!(vmm.name(), kind.as_str());
+        }
+        let refused = "firecracker-ish".parse::<VmmKind>().unwrap_err();
+        assert!(refused.contains("use qemu"), "{refused}");
     }
 }

@@ -8,6 +8,9 @@ use wrenn_vmm::accel::AccelSetting;
 /// How the host agent runs VMs and their network slots.
 #[derive(Debug, Clone, Args)]
 pub struct HostFlags {
+    /// The VMM that runs the VMs (today: qemu).
+    #[arg(long, default_value = "qemu")]
+    pub vmm: wrenn_vmm::VmmKind,
     /// auto (probe KVM, fall back to TCG), kvm or tcg.
     #[arg(long, default_value = "auto")]
     pub accel: AccelSetting,

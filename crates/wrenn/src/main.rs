@@ -109,6 +109,8 @@ mod tests {
     #[test]
     fn up_and_agent_serve_take_the_same_host_flags() {
         let host = [
+            "--vmm",
+            "qemu",
             "--accel",
             "tcg",
             "--slot-prefix",
@@ -141,6 +143,7 @@ mod tests {
             assert_eq!((slots.mmds_port, flags.vmm_uid_base), (4999, 7));
             assert_eq!(slots.opened_ranges.len(), 1);
             assert!(matches!(flags.accel, wrenn_vmm::accel::AccelSetting::Tcg));
+            assert_eq!(flags.vmm, wrenn_vmm::VmmKind::Qemu);
         }
     }
 }

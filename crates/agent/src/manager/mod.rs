@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use wrenn_image::Manifest;
 use wrenn_vmm::accel::{Accel, AccelSetting};
-use wrenn_vmm::qemu::{Qemu, log_tail};
+use wrenn_vmm::qemu::log_tail;
 use wrenn_vmm::{MachineSpec, SnapshotFiles, Vmm};
 
 use tokio_util::sync::CancellationToken;
@@ -54,6 +54,8 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// The image templates are built from unless a request names another.
     pub image_dir: PathBuf,
+    /// Which VMM runs the VMs.
+    pub vmm: wrenn_vmm::VmmKind,
     pub qemu_binary: PathBuf,
     pub accel: AccelSetting,
     pub slots: SlotConfig,
@@ -173,7 +175,7 @@ impl Manager {
                  boundary (a guest faces QEMU's emulator, not a hardware-enforced hypervisor)"
             );
         }
-        let vmm: Arc<dyn Vmm> = Arc::new(Qemu::new(&config.qemu_binary, accel));
+        let vmm = wrenn_vmm::new(config.vmm, &config.qemu_binary, accel);
         let slots = Arc::new(SlotPool::new(config.slots.clone())?);
         slots.install_host_rules().await?;
         if config.host_nat {

@@ -208,6 +208,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .image_dir
             .clone()
             .unwrap_or_else(wrenn_image::default_image_dir),
+        vmm: args.host.vmm,
         qemu_binary: args.qemu.clone(),
         accel: args.host.accel,
         slots: args.host.slot_config(),

@@ -67,6 +67,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let config = AgentConfig {
         data_dir: args.plane.data_dir.join("agent"),
         image_dir,
+        vmm: args.host.vmm,
         qemu_binary: "qemu-system-x86_64".into(),
         accel: args.host.accel,
         slots: args.host.slot_config(),

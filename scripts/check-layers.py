@@ -61,18 +61,19 @@ for package in metadata["packages"]:
             pending.append(f"{name} -> {target} ({PENDING[(name, target)]})")
             continue
         problems.append(f"{name} -> {target}: forbidden by the layers")
-# The control plane's core knows no HTTP: only its edge (the REST API, the proxy, the HTTPS
-# front, the OpenAPI document) names axum or status codes.
-CP_EDGE = {"api.rs", "proxy.rs", "tls.rs", "openapi.rs"}
+# The control plane's core knows no HTTP: only its edge (http/: the REST API and its OpenAPI
+# document; the edge proxy; the HTTPS front) names axum or status codes.
+CP_EDGE = {"proxy.rs", "tls.rs"}
 import pathlib, re
 cp_src = pathlib.Path(__file__).resolve().parent.parent / "crates" / "cp" / "src"
 for path in sorted(cp_src.rglob("*.rs")):
-    if path.relative_to(cp_src).as_posix() in CP_EDGE:
+    relative = path.relative_to(cp_src).as_posix()
+    if relative in CP_EDGE or relative.startswith("http/"):
         continue
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if re.search(r"\baxum\b|\bStatusCode\b", line):
             problems.append(
-                f"crates/cp/src/{path.relative_to(cp_src).as_posix()}:{number}: the control plane's core names HTTP (only {sorted(CP_EDGE)} may)"
+                f"crates/cp/src/{path.relative_to(cp_src).as_posix()}:{number}: the control plane's core names HTTP (only http/, proxy.rs and tls.rs may)"
             )
 for edge in pending:
     print(f"check-layers: still to remove: {edge}")

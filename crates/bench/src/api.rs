@@ -191,7 +191,7 @@ async fn list_pages(
             })
             .await?;
     }
-    let address = serve(wrenn_cp::api::router(plane)).await?;
+    let address = serve(wrenn_cp::http::router(plane)).await?;
     let mut samples = Vec::new();
     let mut token: Option<String> = None;
     for _ in 0..20 {
@@ -292,7 +292,7 @@ async fn measure(args: &ApiBenchArgs, work: &Path, manager: &Arc<Manager>) -> an
     eprintln!("building the template ...");
     manager.build_template("base", None, 512, 1, None).await?;
     let (plane, key) = plane_over(Store::open(&work.join("api.sqlite"))?, manager.clone()).await?;
-    let api = serve(wrenn_cp::api::router(plane.clone())).await?;
+    let api = serve(wrenn_cp::http::router(plane.clone())).await?;
     let proxy = serve(wrenn_cp::proxy::router(plane.clone())).await?;
 
     eprintln!("creates through the REST API and straight through the agent, alternating ...");

@@ -20,10 +20,10 @@ use wrenn_agent_api::{
     CreateOptions, GuestRoute, HostAgent, HostAgentError, RemoteAgent, SandboxState, SandboxSummary,
 };
 
+use crate::Error;
 use crate::auth;
 use crate::busy::{Busy, Claim};
 use crate::deadlines;
-use crate::error::Error;
 use crate::store::SandboxState as RowState;
 use crate::store::{EMBEDDED_API_URL, HostRow, HostState, SandboxRow, Store};
 

@@ -96,7 +96,7 @@ impl Kit {
             request = request.header("content-type", "application/json");
             axum::body::Body::from(body.to_string())
         };
-        let response = wrenn_cp::api::router(self.plane.clone())
+        let response = wrenn_cp::http::router(self.plane.clone())
             .oneshot(request.body(body).unwrap())
             .await
             .unwrap();
@@ -110,8 +110,8 @@ impl Kit {
         };
         // Every answer is what the OpenAPI document says it is.
         static DOCUMENT: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
-        let document =
-            DOCUMENT.get_or_init(|| serde_json::to_value(wrenn_cp::openapi::document()).unwrap());
+        let document = DOCUMENT
+            .get_or_init(|| serde_json::to_value(wrenn_cp::http::openapi::document()).unwrap());
         let route = path.split('?').next().unwrap_or(path);
         if let Err(problem) =
             wrenn_api::conformance::check(document, method, route, status.as_u16(), &value)
@@ -451,12 +451,12 @@ async fn the_served_openapi_document_is_the_checked_in_one() {
     assert_eq!(status, StatusCode::OK);
     let path = checked_in_document_path();
     if std::env::var_os("WRENN_WRITE_OPENAPI").is_some() {
-        std::fs::write(&path, wrenn_cp::openapi::document_json()).unwrap();
+        std::fs::write(&path, wrenn_cp::http::openapi::document_json()).unwrap();
     }
     let text = std::fs::read_to_string(&path).unwrap_or_default();
     let checked_in: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
     assert!(
-        served == checked_in && text == wrenn_cp::openapi::document_json(),
+        served == checked_in && text == wrenn_cp::http::openapi::document_json(),
         "docs/openapi.json is not the document the API serves: regenerate it with \
          `WRENN_WRITE_OPENAPI=1 cargo test -p wrenn-cp --test fast_api the_served_openapi` and commit it"
     );

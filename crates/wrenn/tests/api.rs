@@ -159,8 +159,8 @@ impl Server {
         let value = response.json();
         // Every answer is what the OpenAPI document says it is.
         static DOCUMENT: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
-        let document =
-            DOCUMENT.get_or_init(|| serde_json::to_value(wrenn_cp::openapi::document()).unwrap());
+        let document = DOCUMENT
+            .get_or_init(|| serde_json::to_value(wrenn_cp::http::openapi::document()).unwrap());
         let route = path.split('?').next().unwrap_or(path);
         let status = response.status.as_u16();
         if let Err(problem) =

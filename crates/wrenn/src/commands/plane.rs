@@ -335,7 +335,7 @@ pub(super) async fn start_plane(
     let api_address = api.local_addr()?;
     let proxy_address = proxy.local_addr()?;
     let mut servers = vec![
-        serve(api, wrenn_cp::api::router(plane.clone())),
+        serve(api, wrenn_cp::http::router(plane.clone())),
         serve(proxy, wrenn_cp::proxy::router(plane.clone())),
     ];
     let https = match https {
@@ -343,7 +343,7 @@ pub(super) async fn start_plane(
             let host = wrenn_cp::tls::domain_host(&https.domain)?;
             let front = wrenn_cp::tls::front_router(
                 host,
-                wrenn_cp::api::router(plane.clone()),
+                wrenn_cp::http::router(plane.clone()),
                 wrenn_cp::proxy::router(plane.clone()),
             );
             for listener in listeners {

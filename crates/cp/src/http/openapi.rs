@@ -6,7 +6,7 @@
 use utoipa::OpenApi;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use crate::api;
+use super::{hosts, sandboxes, templates};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -16,29 +16,29 @@ use crate::api;
         license(name = "Apache-2.0"),
     ),
     paths(
-        api::create_sandbox,
-        api::create_sandbox_v2,
-        api::list_v1,
-        api::list_v2,
-        api::get_sandbox,
-        api::kill_sandbox,
-        api::set_timeout,
-        api::refresh,
-        api::pause,
-        api::connect,
-        api::connect_v2,
-        api::resume,
-        api::update_network,
-        api::metrics,
-        api::metrics_of_many,
-        api::list_templates,
-        api::template_alias,
-        api::list_hosts,
-        api::forget_host,
-        api::register_host,
-        api::host_heartbeat,
-        api::health,
-        api::openapi_document,
+        sandboxes::create_sandbox,
+        sandboxes::create_sandbox_v2,
+        sandboxes::list_v1,
+        sandboxes::list_v2,
+        sandboxes::get_sandbox,
+        sandboxes::kill_sandbox,
+        sandboxes::set_timeout,
+        sandboxes::refresh,
+        sandboxes::pause,
+        sandboxes::connect,
+        sandboxes::connect_v2,
+        sandboxes::resume,
+        sandboxes::update_network,
+        sandboxes::metrics,
+        sandboxes::metrics_of_many,
+        templates::list_templates,
+        templates::template_alias,
+        hosts::list_hosts,
+        hosts::forget_host,
+        hosts::register_host,
+        hosts::host_heartbeat,
+        super::health,
+        super::openapi_document,
     ),
     modifiers(&Security, &OtherErrors),
     tags(

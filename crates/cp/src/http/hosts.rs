@@ -1,0 +1,146 @@
+//! The fleet routes: agents register and heartbeat; admin teams list and forget hosts.
+
+use super::*;
+
+pub(super) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// `POST /hosts/register`: an agent joins with the join token.
+#[utoipa::path(post, path = "/hosts/register", tag = "hosts", security(("join_token" = [])),
+    request_body(content = Object, description = "The agent's RegisterRequest (wrenn_agent_api::join)"),
+    responses(
+        (status = 200, description = "Registered: the agent's RegisterResponse", body = Object),
+        (status = 400, description = "A bad name, URL or token", body = wrenn_api::Error),
+        (status = 401, description = "No valid join token", body = wrenn_api::Error),
+        (status = 409, description = "The name belongs to another host", body = wrenn_api::Error),
+    ))]
+pub(super) async fn register_host(
+    State(plane): State<Arc<ControlPlane>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    // The token first: a stranger learns nothing of what a registration looks like.
+    plane.fleet.check_join_token(bearer(&headers))?;
+    let request: RegisterRequest = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid registration: {error}"),
+        )
+    })?;
+    let (answer, _) = plane
+        .fleet
+        .register(&plane.store, bearer(&headers), request)
+        .await?;
+    let _ = plane.reconcile_now.try_send(answer.host_id.clone());
+    Ok(axum::Json(answer).into_response())
+}
+
+/// `POST /hosts/{id}/heartbeat`: a host's report, with its heartbeat token.
+#[utoipa::path(post, path = "/hosts/{id}/heartbeat", tag = "hosts", security(("heartbeat_token" = [])),
+    params(("id" = String, Path, description = "The host's id")),
+    request_body(content = Object, description = "The host's HostReport (wrenn_agent_api::join)"),
+    responses(
+        (status = 204, description = "Taken"),
+        (status = 401, description = "No valid heartbeat token: register again", body = wrenn_api::Error),
+        (status = 404, description = "The host is not registered: register again", body = wrenn_api::Error),
+    ))]
+pub(super) async fn host_heartbeat(
+    State(plane): State<Arc<ControlPlane>>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let report: HostReport = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::new(StatusCode::BAD_REQUEST, format!("invalid report: {error}"))
+    })?;
+    let came_back = plane
+        .fleet
+        .heartbeat(&plane.store, &id, bearer(&headers), report)
+        .await?;
+    if came_back {
+        let _ = plane.reconcile_now.try_send(id);
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// A 403 unless the caller's team is an admin.
+pub(super) async fn require_admin(plane: &ControlPlane, team: &TeamId) -> Result<(), ApiError> {
+    let admin = plane
+        .store
+        .team_by_id(&team.0)
+        .await?
+        .is_some_and(|team| team.admin);
+    if !admin {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "only an admin team's key may read or change the fleet",
+        ));
+    }
+    Ok(())
+}
+
+/// `DELETE /hosts/{name}`: forgets a host that is down, with its sandboxes, so that a new
+/// agent may take its name (admin teams only).
+#[utoipa::path(delete, path = "/hosts/{name}", tag = "hosts", security(("api_key" = [])),
+    params(("name" = String, Path, description = "The host's name")),
+    responses(
+        (status = 200, description = "Forgotten, with its sandboxes' rows", body = wrenn_api::ForgottenHost),
+        (status = 401, description = "No valid API key", body = wrenn_api::Error),
+        (status = 403, description = "The key's team is not an admin", body = wrenn_api::Error),
+        (status = 404, description = "No such host", body = wrenn_api::Error),
+        (status = 409, description = "The host is up", body = wrenn_api::Error),
+    ))]
+pub(super) async fn forget_host(
+    State(plane): State<Arc<ControlPlane>>,
+    axum::Extension(team): axum::Extension<TeamId>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    require_admin(&plane, &team).await?;
+    let sandboxes = plane.fleet.forget_host(&plane.store, &name).await?;
+    Ok(axum::Json(wrenn_api::ForgottenHost {
+        forgotten: name,
+        sandboxes,
+    })
+    .into_response())
+}
+
+/// `GET /hosts`: the fleet, with each host's last report (admin teams only).
+#[utoipa::path(get, path = "/hosts", tag = "hosts", security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The fleet", body = wrenn_api::Hosts),
+        (status = 401, description = "No valid API key", body = wrenn_api::Error),
+        (status = 403, description = "The key's team is not an admin", body = wrenn_api::Error),
+    ))]
+pub(super) async fn list_hosts(
+    State(plane): State<Arc<ControlPlane>>,
+    axum::Extension(team): axum::Extension<TeamId>,
+) -> Result<Response, ApiError> {
+    require_admin(&plane, &team).await?;
+    let hosts = plane
+        .fleet
+        .hosts()
+        .iter()
+        .map(|host| {
+            let row = host.row();
+            wrenn_api::Host {
+                embedded: row.api_url == crate::store::EMBEDDED_API_URL,
+                last_heartbeat_at: rfc3339(row.last_heartbeat_ms),
+                registered_at: rfc3339(row.registered_at_ms),
+                report: serde_json::to_value(&row.report).unwrap_or_default(),
+                host_id: row.id,
+                name: row.name,
+                state: row.state.as_str().into(),
+                api_url: row.api_url,
+            }
+        })
+        .collect();
+    Ok(axum::Json(wrenn_api::Hosts {
+        placement: plane.fleet.placement_name().into(),
+        hosts,
+    })
+    .into_response())
+}

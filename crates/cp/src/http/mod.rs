@@ -1,0 +1,396 @@
+//! The control plane's HTTP edge: the E2B-compatible REST API (`e2b-compat.md` §2) with E2B's
+//! field names, status codes and `{code, message}` error bodies, and wrenn's fleet routes. Every
+//! call needs `X-API-KEY` (agents: their join or heartbeat token); a team sees only its own
+//! sandboxes (another team's are 404). This module holds the router, [`ApiError`] (the one
+//! place a cause of [`crate::Error`] becomes a status code), authentication and the bodies'
+//! shared helpers; the handlers are in [`sandboxes`], [`templates`] and [`hosts`], and the
+//! OpenAPI document made from their annotations in [`openapi`].
+
+mod hosts;
+pub mod openapi;
+mod sandboxes;
+mod templates;
+
+use hosts::*;
+use sandboxes::*;
+pub use sandboxes::{MAX_METRICS_ANSWER, envd_metrics, parse_metadata_filter};
+use templates::*;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use wrenn_agent_api::join::{HostReport, RegisterRequest};
+
+use crate::ControlPlane;
+use crate::auth;
+use crate::store::{ListQuery, SandboxRow, SandboxState, StoreError};
+
+/// E2B's constant client id, which the Python SDK requires in every `Sandbox`.
+pub const CLIENT_ID: &str = "6532622b";
+/// The longest timeout a sandbox may have.
+pub const MAX_TIMEOUT_SECONDS: u64 = 24 * 3600;
+
+/// An API error: its status and message, as `{code, message}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    /// Sent as `Should-Retry` (the SDKs retry a 429, 502, 503 or 504 unless told not to).
+    should_retry: Option<bool>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            should_retry: None,
+        }
+    }
+    /// Tells clients that trying again will not help (a limit, not a passing state).
+    pub fn final_answer(mut self) -> Self {
+        self.should_retry = Some(false);
+        self
+    }
+    fn not_found(id: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, format!("sandbox \"{id}\" not found"))
+    }
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = wrenn_api::Error {
+            code: self.status.as_u16(),
+            message: self.message,
+        };
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(retry) = self.should_retry {
+            response.headers_mut().insert(
+                "should-retry",
+                HeaderValue::from_static(if retry { "true" } else { "false" }),
+            );
+        }
+        response
+    }
+}
+
+/// The one place a cause becomes a status code.
+impl From<crate::Error> for ApiError {
+    fn from(error: crate::Error) -> Self {
+        use crate::Error as E;
+        use wrenn_agent_api::HostAgentError as H;
+        let status = match &error {
+            E::SandboxNotFound(_) | E::TemplateNotFound(_) | E::HostNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            E::InvalidRequest(_) | E::Unsupported(_) => StatusCode::BAD_REQUEST,
+            E::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            E::Forbidden(_) => StatusCode::FORBIDDEN,
+            E::Conflict(_) => StatusCode::CONFLICT,
+            // A quota holds until the team frees something: retrying does not help.
+            E::QuotaExceeded(_) => {
+                return Self::new(StatusCode::TOO_MANY_REQUESTS, error.to_string()).final_answer();
+            }
+            E::NoCapacity(_) | E::HostDown(_) => StatusCode::SERVICE_UNAVAILABLE,
+            E::Host { source, .. } => match source {
+                H::NotFound(_) => StatusCode::NOT_FOUND,
+                H::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+                H::Conflict(_) => StatusCode::CONFLICT,
+                H::NoCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
+                H::TimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
+                H::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            E::HostTimedOut { .. } => StatusCode::GATEWAY_TIMEOUT,
+            // The store's own words go to the log, not to a caller.
+            E::Store(cause) => {
+                tracing::error!(error = %cause, "store failure");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            E::NoRandomness(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::new(status, error.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        crate::Error::from(error).into()
+    }
+}
+
+impl From<crate::quota::QuotaExceeded> for ApiError {
+    fn from(exceeded: crate::quota::QuotaExceeded) -> Self {
+        crate::Error::from(exceeded).into()
+    }
+}
+
+impl From<crate::unsupported::Unsupported> for ApiError {
+    fn from(refused: crate::unsupported::Unsupported) -> Self {
+        crate::Error::from(refused).into()
+    }
+}
+
+impl From<crate::auth::NoRandomness> for ApiError {
+    fn from(error: crate::auth::NoRandomness) -> Self {
+        crate::Error::from(error).into()
+    }
+}
+
+/// The caller's team, set by the key check.
+#[derive(Debug, Clone)]
+struct TeamId(String);
+
+/// The API's routes.
+pub fn router(plane: Arc<ControlPlane>) -> Router {
+    Router::new()
+        .route("/sandboxes", post(create_sandbox).get(list_v1))
+        .route("/v2/sandboxes", get(list_v2).post(create_sandbox_v2))
+        .route("/v2/sandboxes/{id}/connect", post(connect_v2))
+        .route("/sandboxes/{id}", get(get_sandbox).delete(kill_sandbox))
+        .route("/sandboxes/{id}/timeout", post(set_timeout))
+        .route("/sandboxes/{id}/refreshes", post(refresh))
+        .route("/sandboxes/{id}/pause", post(pause))
+        .route("/sandboxes/{id}/connect", post(connect))
+        .route("/sandboxes/{id}/resume", post(resume))
+        .route("/sandboxes/{id}/metrics", get(metrics))
+        .route("/sandboxes/metrics", get(metrics_of_many))
+        .route(
+            "/sandboxes/{id}/network",
+            axum::routing::put(update_network),
+        )
+        .route("/templates", get(list_templates))
+        .route("/templates/aliases/{alias}", get(template_alias))
+        .route("/hosts", get(list_hosts))
+        .route("/hosts/{name}", axum::routing::delete(forget_host))
+        .layer(middleware::from_fn_with_state(plane.clone(), require_key))
+        .route("/hosts/register", post(register_host))
+        .route("/hosts/{id}/heartbeat", post(host_heartbeat))
+        .route("/health", get(health))
+        .route("/openapi.json", get(openapi_document))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
+        .with_state(plane)
+}
+
+/// `GET /health`: 204 while the control plane serves.
+#[utoipa::path(get, path = "/health", tag = "service", responses((status = 204, description = "Serving")))]
+async fn health() -> StatusCode {
+    StatusCode::NO_CONTENT
+}
+
+/// `GET /openapi.json`: this API's OpenAPI document (the same as `docs/openapi.json`).
+#[utoipa::path(get, path = "/openapi.json", tag = "service",
+    responses((status = 200, description = "The OpenAPI 3.1 document", body = Object)))]
+async fn openapi_document() -> Response {
+    (
+        [(http::header::CONTENT_TYPE, "application/json")],
+        crate::http::openapi::document_json(),
+    )
+        .into_response()
+}
+
+/// A path wrenn does not serve: 404 saying so (not "sandbox not found", which the SDKs
+/// read into a 404 of a sandbox route).
+async fn unknown_route(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no such route: {method} {} is not part of this API",
+            uri.path()
+        ),
+    )
+}
+
+/// A path wrenn serves, with a method it does not take: 405.
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method {method} is not allowed on {}", uri.path()),
+    )
+}
+
+async fn require_key(
+    State(plane): State<Arc<ControlPlane>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let key = request
+        .headers()
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let Some(key) = key else {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "missing X-API-KEY header").into_response();
+    };
+    match plane.store.team_of_key(&auth::hash_key(&key)).await {
+        Ok(Some(team)) => {
+            request.extensions_mut().insert(TeamId(team));
+            next.run(request).await
+        }
+        Ok(None) => ApiError::new(StatusCode::UNAUTHORIZED, "Invalid API key").into_response(),
+        Err(error) => ApiError::from(error).into_response(),
+    }
+}
+
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+use wrenn_core::now_ms;
+
+/// The `Sandbox` answer of create, connect and resume.
+fn sandbox_body(plane: &ControlPlane, row: &SandboxRow) -> wrenn_api::Sandbox {
+    wrenn_api::Sandbox {
+        template_id: row.template_id.clone(),
+        sandbox_id: row.id.clone(),
+        client_id: CLIENT_ID.into(),
+        envd_version: row.envd_version.clone(),
+        traffic_access_token: row.traffic_access_token.clone(),
+        domain: plane.domain.clone(),
+        alias: row.alias.clone(),
+        envd_access_token: row.envd_access_token.clone(),
+    }
+}
+
+/// A row as `ListedSandbox`.
+fn listed_body(plane: &ControlPlane, row: &SandboxRow) -> wrenn_api::ListedSandbox {
+    wrenn_api::ListedSandbox {
+        template_id: row.template_id.clone(),
+        sandbox_id: row.id.clone(),
+        client_id: CLIENT_ID.into(),
+        started_at: rfc3339(row.started_at_ms),
+        end_at: rfc3339(row.end_at_ms),
+        cpu_count: row.cpu_count,
+        memory_mb: row.memory_mb,
+        disk_size_mb: disk_size_mb(plane, &row.template_id),
+        state: row.state,
+        envd_version: row.envd_version.clone(),
+        metadata: row.metadata.clone(),
+        volume_mounts: Vec::new(),
+        alias: row.alias.clone(),
+    }
+}
+
+/// A row as `SandboxDetail`.
+fn detail_body(plane: &ControlPlane, row: &SandboxRow) -> wrenn_api::SandboxDetail {
+    wrenn_api::SandboxDetail {
+        listed: listed_body(plane, row),
+        allow_internet_access: row.allow_internet,
+        lifecycle: wrenn_api::Lifecycle {
+            auto_resume: row.auto_resume,
+            on_timeout: if row.auto_pause { "pause" } else { "kill" }.into(),
+        },
+        network: wrenn_api::SandboxNetwork {
+            allow_public_traffic: row.traffic_access_token.is_none(),
+        },
+        envd_access_token: row.envd_access_token.clone(),
+        domain: plane.domain.clone(),
+    }
+}
+
+fn disk_size_mb(plane: &ControlPlane, template_id: &str) -> u64 {
+    plane
+        .fleet
+        .templates()
+        .iter()
+        .find(|t| t.template_id == template_id)
+        .map(|t| t.disk_size_mb)
+        .unwrap_or(0)
+}
+
+/// A sandbox of the caller's team (the legacy `<id>-<clientID>` form accepted), running or
+/// paused: a lost one (its host went down) is not found, with the reason.
+async fn owned(plane: &ControlPlane, team: &TeamId, id: &str) -> Result<SandboxRow, ApiError> {
+    let row = owned_any(plane, team, id).await?;
+    if row.state == SandboxState::Lost {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "sandbox \"{}\" was lost: its host stopped answering (kill it to forget it)",
+                row.id
+            ),
+        ));
+    }
+    Ok(row)
+}
+
+/// A sandbox of the caller's team (not lost), read in its turn of
+/// [`ControlPlane::changes`]: hold the turn while changing its state.
+async fn owned_in_turn(
+    plane: &ControlPlane,
+    team: &TeamId,
+    id: &str,
+) -> Result<(crate::busy::Turn, SandboxRow), ApiError> {
+    let turn = plane.changes.turn(id.split('-').next().unwrap_or(id)).await;
+    Ok((turn, owned(plane, team, id).await?))
+}
+
+/// A sandbox of the caller's team in any state, lost included.
+async fn owned_any(plane: &ControlPlane, team: &TeamId, id: &str) -> Result<SandboxRow, ApiError> {
+    let id = id.split('-').next().unwrap_or(id);
+    match plane.store.sandbox(id).await? {
+        Some(row) if row.team_id == team.0 => Ok(row),
+        _ => Err(ApiError::not_found(id)),
+    }
+}
+
+fn body_json<T: for<'de> Deserialize<'de> + Default>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(bytes).map_err(|error| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid request body: {error}"),
+        )
+    })
+}
+
+/// A body as a JSON value (`{}` when empty), for the checks of [`crate::unsupported`].
+fn body_value(bytes: &[u8]) -> Result<Value, ApiError> {
+    body_json::<Option<Value>>(bytes).map(|value| value.unwrap_or_else(|| json!({})))
+}
+
+/// A body read first as a value, checked by `check`, then as `T`.
+fn checked_body<T: for<'de> Deserialize<'de> + Default>(
+    bytes: &[u8],
+    check: impl FnOnce(&Value) -> Result<(), crate::unsupported::Unsupported>,
+) -> Result<T, ApiError> {
+    let value = body_value(bytes)?;
+    check(&value)?;
+    serde_json::from_value(value).map_err(|error| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid request body: {error}"),
+        )
+    })
+}
+
+fn check_timeout(seconds: u64) -> Result<u64, ApiError> {
+    if seconds > MAX_TIMEOUT_SECONDS {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "Timeout cannot be greater than 24 hours",
+        ));
+    }
+    Ok(seconds)
+}

@@ -1,0 +1,126 @@
+//! Creating a sandbox: admission against the team's quotas, placement on a host that has the
+//! template and room, the agent's create (passed to another host when one is full), and the
+//! row written with the reservation released in one step.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use wrenn_agent_api::{CreateOptions, HostAgentError};
+use wrenn_core::now_ms;
+
+use super::{ControlPlane, Error};
+use crate::auth;
+use crate::quota::Change;
+use crate::store::{SandboxRow, SandboxState};
+
+/// A sandbox as a team asked for it (the request's defaults already applied).
+#[derive(Debug, Clone, Default)]
+pub struct SandboxRequest {
+    /// The template or its alias.
+    pub template: String,
+    pub timeout_seconds: u64,
+    /// envd requires an access token.
+    pub secure: bool,
+    /// Its ports are reached without a traffic token.
+    pub public_traffic: bool,
+    /// It may reach the internet (if the control plane allows any sandbox to).
+    pub allow_internet: bool,
+    pub metadata: BTreeMap<String, String>,
+    pub env_vars: BTreeMap<String, String>,
+    pub auto_pause: bool,
+    pub auto_resume: bool,
+}
+
+/// A created sandbox, and how long its host's agent took.
+#[derive(Debug, Clone)]
+pub struct Created {
+    pub row: SandboxRow,
+    pub agent_time: Duration,
+}
+
+/// How many other hosts a create that found a host full may try.
+const OTHER_HOSTS_TRIED: usize = 2;
+
+impl ControlPlane {
+    /// Creates a sandbox for team `team_id`.
+    pub async fn create(&self, team_id: &str, request: SandboxRequest) -> Result<Created, Error> {
+        if !request.public_traffic && !request.secure {
+            return Err(Error::InvalidRequest(
+                "a sandbox without public traffic must be secure (secure: true)".into(),
+            ));
+        }
+        let id = auth::random_id(20)?;
+        let token = request.secure.then(auth::random_token).transpose()?;
+        let traffic_access_token = (!request.public_traffic)
+            .then(auth::random_token)
+            .transpose()?;
+        let allow_internet = request.allow_internet && self.internet;
+        // Counted against the team's quotas until its row is written (or the create fails).
+        let disk_mib = self.fleet.template_disk_mib(&request.template);
+        let admitted = self.admit(team_id, Change::Create { disk_mib }).await?;
+        // On a host before it is in the store: reconcile must not take it for an orphan.
+        let _creating = self.fleet.creating(&id);
+        // A host that cannot take it (full) passes it to the next one.
+        let mut excluded = Vec::new();
+        let mut agent_time = Duration::ZERO;
+        let placed = loop {
+            let placed = self.fleet.place(&request.template, &excluded)?;
+            let options = CreateOptions {
+                template_id: placed.template.template_id.clone(),
+                sandbox_id: Some(id.clone()),
+                env_vars: request.env_vars.clone(),
+                access_token: token.clone(),
+                allow_internet,
+                metadata: request.metadata.clone(),
+                ready_timeout: None,
+                init_timeout: None,
+            };
+            let host = placed.host.row();
+            let agent_started = Instant::now();
+            let created = placed.host.create(options).await;
+            agent_time += agent_started.elapsed();
+            match created {
+                Ok(()) => break placed,
+                Err(
+                    error @ Error::Host {
+                        source: HostAgentError::NoCapacity(_),
+                        ..
+                    },
+                ) if excluded.len() < OTHER_HOSTS_TRIED => {
+                    tracing::warn!(host = %host.name, %error, "create failed on a host: trying another");
+                    excluded.push(host.id);
+                }
+                Err(error) => return Err(error),
+            }
+        };
+        self.fleet.created(&placed);
+        let template = &placed.template;
+        let now = now_ms();
+        let row = SandboxRow {
+            id: id.clone(),
+            team_id: team_id.to_string(),
+            template_id: template.template_id.clone(),
+            alias: Some(template.template_id.clone()),
+            state: SandboxState::Running,
+            started_at_ms: now,
+            end_at_ms: now + (request.timeout_seconds as i64) * 1000,
+            metadata: request.metadata,
+            envd_access_token: token,
+            auto_pause: request.auto_pause,
+            allow_internet,
+            cpu_count: template.vcpus,
+            memory_mb: template.memory_mib,
+            envd_version: template.envd_version.clone(),
+            host_id: placed.host.id(),
+            traffic_access_token,
+            auto_resume: request.auto_resume,
+        };
+        if let Err(error) = admitted.settle(self.store.put_sandbox(row.clone())).await {
+            let _ = placed.host.destroy(&id).await;
+            self.fleet.forget(&id);
+            return Err(error.into());
+        }
+        tracing::info!(sandbox = %id, template = %template.template_id, host = %row.host_id, "sandbox created");
+        Ok(Created { row, agent_time })
+    }
+}

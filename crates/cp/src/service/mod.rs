@@ -1,0 +1,352 @@
+//! The control plane's service: sandbox lifecycles (create with placement and retry on another
+//! host, kill, pause, resume, end times, kill or pause on timeout), admission against the
+//! teams' quotas, and the fleet's loops (heartbeat watch, reconcile). It returns [`Error`],
+//! named by cause; it knows no HTTP.
+
+mod create;
+pub mod error;
+
+pub use create::{Created, SandboxRequest};
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::busy::{Busy, Serial};
+use crate::deadlines;
+use crate::fleet::{self, Fleet};
+use crate::quota::{Admission, Change, Quotas, Reservation, Usage};
+use crate::store::{ListQuery, SandboxRow, SandboxState, Store};
+pub use error::Error;
+
+/// The control plane's state, shared by the API, the proxy and the background loops.
+#[derive(Debug)]
+pub struct ControlPlane {
+    pub store: Store,
+    pub fleet: Fleet,
+    /// The domain sandboxes are reached under, returned to the SDKs (`domain`).
+    pub domain: Option<String>,
+    /// Whether sandboxes may reach the internet at all.
+    pub internet: bool,
+    /// Creates by (team, Idempotency-Key): the sandbox each made.
+    pub idempotency: std::sync::Mutex<std::collections::HashMap<(String, String), String>>,
+    /// Asks the fleet loop to reconcile a host now (it registered or came back).
+    pub reconcile_now: tokio::sync::mpsc::Sender<String>,
+    /// Every team's limits (none by default; see [`Self::with_quotas`]).
+    pub quotas: Quotas,
+    /// Quota checks, one at a time, with the changes admitted and not yet stored.
+    admission: Admission,
+    /// Changes of a sandbox's state, one at a time per sandbox: take its turn, then read its
+    /// row, then change it.
+    pub changes: Serial,
+}
+
+impl ControlPlane {
+    /// A control plane over `store` and `fleet`; the receiver goes to [`Self::run_fleet`].
+    pub fn new(
+        store: Store,
+        fleet: Fleet,
+        domain: Option<String>,
+        internet: bool,
+    ) -> (ControlPlane, tokio::sync::mpsc::Receiver<String>) {
+        let (reconcile_now, wake) = tokio::sync::mpsc::channel(64);
+        let plane = ControlPlane {
+            store,
+            fleet,
+            domain,
+            internet,
+            idempotency: Default::default(),
+            reconcile_now,
+            quotas: Quotas::default(),
+            admission: Admission::default(),
+            changes: Serial::default(),
+        };
+        (plane, wake)
+    }
+
+    /// The same control plane with every team limited by `quotas`.
+    pub fn with_quotas(mut self, quotas: Quotas) -> Self {
+        self.quotas = quotas;
+        self
+    }
+
+    /// Admits `change` to team `team_id`'s sandboxes, or refuses it with a 429 naming the
+    /// limit. The reservation counts the change until it is dropped: keep it until the store
+    /// holds the change.
+    pub async fn admit(&self, team_id: &str, change: Change) -> Result<Reservation, Error> {
+        if self.quotas == Quotas::default() {
+            let nothing = async { Ok::<_, Error>(Usage::default()) };
+            return self
+                .admission
+                .admit(&self.quotas, team_id, team_id, change, nothing)
+                .await;
+        }
+        let team_name = self
+            .store
+            .team_by_id(team_id)
+            .await?
+            .map(|team| team.name)
+            .unwrap_or_else(|| team_id.to_string());
+        self.admission
+            .admit(
+                &self.quotas,
+                team_id,
+                &team_name,
+                change,
+                self.team_usage(team_id),
+            )
+            .await
+    }
+
+    /// What a team's running and paused sandboxes hold (disk estimated: see [`quota`]). A
+    /// lost sandbox (its host stopped answering) counts as running: its host may come back
+    /// with it, and until it is killed it is the team's.
+    async fn team_usage(&self, team_id: &str) -> Result<Usage, Error> {
+        let query = ListQuery {
+            team_id: team_id.to_string(),
+            states: vec![
+                SandboxState::Running,
+                SandboxState::Paused,
+                SandboxState::Lost,
+            ],
+            limit: 1_000_000,
+            ..ListQuery::default()
+        };
+        let (rows, _) = self.store.list(query).await?;
+        let templates = self.fleet.templates();
+        let mut usage = Usage::default();
+        for row in rows {
+            let disk = templates
+                .iter()
+                .find(|t| t.template_id == row.template_id)
+                .map(|t| t.disk_size_mb)
+                .unwrap_or(0);
+            if row.state == SandboxState::Paused {
+                usage.paused += 1;
+                usage.disk_mib += disk + u64::from(row.memory_mb);
+            } else {
+                usage.running += 1;
+                usage.disk_mib += disk;
+            }
+        }
+        Ok(usage)
+    }
+
+    /// Kills the sandbox with this id, if there is one: whether there was.
+    pub async fn kill_by_id(&self, id: &str) -> Result<bool, Error> {
+        let _turn = self.changes.turn(id).await;
+        match self.store.sandbox(id).await? {
+            Some(row) => self.kill(&row).await.map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// Kills a sandbox: its VM (when its host is up; a lost sandbox's host may be gone for
+    /// good) and its record.
+    pub async fn kill(&self, row: &SandboxRow) -> Result<(), Error> {
+        if let Some(host) = self.fleet.host(&row.host_id)
+            && host.is_up()
+        {
+            host.destroy(&row.id).await?;
+        } else if row.state != SandboxState::Lost {
+            self.fleet.up_host(row)?;
+        }
+        self.fleet.forget(&row.id);
+        self.store.delete_sandbox(&row.id).await?;
+        tracing::info!(sandbox = %row.id, "sandbox killed");
+        Ok(())
+    }
+
+    /// Pauses a running sandbox.
+    pub async fn pause(&self, row: &SandboxRow) -> Result<(), Error> {
+        let host = self.fleet.up_host(row)?;
+        let snapshot_mib = u64::from(row.memory_mb);
+        let admitted = self
+            .admit(&row.team_id, Change::Pause { snapshot_mib })
+            .await?;
+        self.fleet.forget(&row.id);
+        host.pause(&row.id).await?;
+        let paused = self
+            .store
+            .set_state(&row.id, SandboxState::Paused, row.end_at_ms);
+        admitted.settle(paused).await?;
+        Ok(())
+    }
+
+    /// Resumes a paused sandbox until `end_at_ms`.
+    pub async fn resume(
+        &self,
+        row: &SandboxRow,
+        end_at_ms: i64,
+        auto_pause: Option<bool>,
+    ) -> Result<SandboxRow, Error> {
+        let host = self.fleet.up_host(row)?;
+        let admitted = self.admit(&row.team_id, Change::Resume).await?;
+        host.resume(&row.id).await?;
+        let mut row = row.clone();
+        row.state = SandboxState::Running;
+        row.end_at_ms = end_at_ms;
+        if let Some(auto_pause) = auto_pause {
+            row.auto_pause = auto_pause;
+        }
+        admitted.settle(self.store.put_sandbox(row.clone())).await?;
+        Ok(row)
+    }
+
+    /// Resumes a paused sandbox that asked to be resumed by traffic (for five minutes): whether
+    /// it runs now.
+    pub async fn resume_on_traffic(&self, id: &str) -> bool {
+        const AUTO_RESUME_TIMEOUT_MS: i64 = 5 * 60 * 1000;
+        let _turn = self.changes.turn(id).await;
+        let Ok(Some(row)) = self.store.sandbox(id).await else {
+            return false;
+        };
+        if row.state != SandboxState::Paused || !row.auto_resume {
+            return row.state == SandboxState::Running;
+        }
+        let end = chrono::Utc::now().timestamp_millis() + AUTO_RESUME_TIMEOUT_MS;
+        match self.resume(&row, end, None).await {
+            Ok(_) => {
+                tracing::info!(sandbox = id, "resumed by traffic");
+                true
+            }
+            Err(error) => {
+                tracing::warn!(sandbox = id, ?error, "resume on traffic failed");
+                false
+            }
+        }
+    }
+
+    /// Ends sandboxes whose time is up, once a second: paused if they asked for it, else
+    /// killed. Each action runs on a task of its own, at most
+    /// [`deadlines::ACTIONS_PER_HOST`] at once per host, so a host that does not answer delays
+    /// only its own sandboxes (whose actions are retried once their calls' deadlines pass).
+    /// Runs until the process ends.
+    pub async fn run_lifecycle(self: Arc<Self>) {
+        let busy = Busy::default();
+        let mut per_host: HashMap<String, Arc<tokio::sync::Semaphore>> = HashMap::new();
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = chrono::Utc::now().timestamp_millis();
+            let expired = match self.store.expired(now).await {
+                Ok(expired) => expired,
+                Err(error) => {
+                    tracing::warn!(%error, "lifecycle: cannot read the store");
+                    continue;
+                }
+            };
+            for row in expired {
+                let slots = per_host
+                    .entry(row.host_id.clone())
+                    .or_insert_with(|| {
+                        Arc::new(tokio::sync::Semaphore::new(deadlines::ACTIONS_PER_HOST))
+                    })
+                    .clone();
+                // Its host is busy with as many actions as it may have: next tick.
+                let Ok(permit) = slots.try_acquire_owned() else {
+                    continue;
+                };
+                // Still being ended by an earlier tick's task.
+                let Some(claim) = busy.claim(&row.id) else {
+                    continue;
+                };
+                let plane = self.clone();
+                tokio::spawn(async move {
+                    plane.end(&row).await;
+                    drop((permit, claim));
+                });
+            }
+        }
+    }
+
+    /// Ends a sandbox whose time is up, unless a change made while it waited for its turn
+    /// (a new timeout, a pause, a kill) means it is not.
+    async fn end(&self, expired: &SandboxRow) {
+        let _turn = self.changes.turn(&expired.id).await;
+        let row = match self.store.sandbox(&expired.id).await {
+            Ok(Some(row))
+                if row.state == SandboxState::Running
+                    && row.end_at_ms <= chrono::Utc::now().timestamp_millis() =>
+            {
+                row
+            }
+            Ok(_) => return,
+            Err(error) => {
+                tracing::warn!(sandbox = %expired.id, %error, "lifecycle: cannot read the store");
+                return;
+            }
+        };
+        let row = &row;
+        let outcome = if row.auto_pause {
+            tracing::info!(sandbox = %row.id, "timeout: pausing");
+            match self.pause(row).await {
+                // Past its team's paused (or disk) limit, a sandbox whose time is up is
+                // killed: left running, it would outlive its timeout for good.
+                Err(Error::QuotaExceeded(exceeded)) => {
+                    tracing::warn!(sandbox = %row.id, reason = %exceeded, "timeout: cannot pause: killing");
+                    self.kill(row).await
+                }
+                outcome => outcome,
+            }
+        } else {
+            tracing::info!(sandbox = %row.id, "timeout: killing");
+            self.kill(row).await
+        };
+        if let Err(error) = outcome {
+            tracing::warn!(sandbox = %row.id, ?error, "lifecycle action failed");
+        }
+    }
+
+    /// Watches heartbeats (half the interval) and reconciles every up host (each
+    /// `reconcile_interval`, and at once when a host registers or comes back). A host's
+    /// reconcile runs on a task of its own, one at a time per host, so that a host that does
+    /// not answer holds up neither the heartbeat watch nor the other hosts. Runs until the
+    /// process ends.
+    pub async fn run_fleet(self: Arc<Self>, mut wake: tokio::sync::mpsc::Receiver<String>) {
+        let tick = (self.fleet.config.heartbeat_interval / 2).max(Duration::from_millis(100));
+        let mut heartbeats = tokio::time::interval(tick);
+        let mut reconcile = tokio::time::interval(self.fleet.config.reconcile_interval);
+        let busy = Busy::default();
+        loop {
+            tokio::select! {
+                _ = heartbeats.tick() => self.fleet.check_heartbeats(&self.store).await,
+                _ = reconcile.tick() => {
+                    for host in self.fleet.hosts() {
+                        if host.is_up() {
+                            self.spawn_reconcile(host, &busy);
+                        }
+                    }
+                }
+                Some(host_id) = wake.recv() => {
+                    if let Some(host) = self.fleet.host(&host_id) {
+                        self.spawn_reconcile(host, &busy);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reconciles `host` on a task of its own, unless a reconcile of it still runs.
+    fn spawn_reconcile(self: &Arc<Self>, host: Arc<fleet::Host>, busy: &Busy) {
+        let Some(claim) = busy.claim(&host.id()) else {
+            return;
+        };
+        let plane = self.clone();
+        tokio::spawn(async move {
+            plane.reconcile(&host).await;
+            drop(claim);
+        });
+    }
+
+    async fn reconcile(&self, host: &fleet::Host) {
+        match fleet::reconcile_host(&self.store, &self.fleet, host).await {
+            Ok(done) if done != fleet::Reconciled::default() => {
+                tracing::info!(host = %host.row().name, ?done, "reconciled");
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(host = %host.row().name, %error, "cannot reconcile the host");
+            }
+        }
+    }
+}

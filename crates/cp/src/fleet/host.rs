@@ -1,0 +1,122 @@
+//! A host of the fleet: its last row and its agent, with the deadlines and the host's name put on
+//! every call ([`Host::create`], pause, resume, destroy, list).
+
+use super::*;
+
+/// The agent of a host in another process, as it registered.
+pub(super) async fn remote_agent(
+    api_url: &str,
+    proxy: &str,
+    token: &str,
+) -> Result<RemoteAgent, String> {
+    RemoteAgent::resolve(api_url, proxy, token, deadlines::CONNECT).await
+}
+
+/// Waits at most `deadline` for an agent's operation (an agent in this process finishes it
+/// anyway; a call to one elsewhere is dropped).
+pub(super) async fn within<T>(
+    host: &str,
+    what: &'static str,
+    deadline: Duration,
+    work: impl std::future::Future<Output = Result<T, HostAgentError>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(deadline, work).await {
+        Ok(answer) => answer.map_err(|source| Error::Host {
+            host: host.to_string(),
+            source,
+        }),
+        Err(_) => Err(Error::HostTimedOut {
+            host: host.to_string(),
+            what,
+            deadline,
+        }),
+    }
+}
+
+/// A host of the fleet.
+#[derive(Debug)]
+pub struct Host {
+    pub(super) row: Mutex<HostRow>,
+    pub(super) agent: Arc<dyn HostAgent>,
+    /// The agent runs in this process (`wrenn up`): it does not heartbeat, and is never down.
+    pub(super) in_process: bool,
+    /// Creates placed here and not finished.
+    pub(super) inflight: AtomicU32,
+    pub(super) last_seen: Mutex<Instant>,
+}
+
+impl Host {
+    pub fn row(&self) -> HostRow {
+        self.row.lock().expect("host lock").clone()
+    }
+    pub fn id(&self) -> String {
+        self.row.lock().expect("host lock").id.clone()
+    }
+    fn name(&self) -> String {
+        self.row.lock().expect("host lock").name.clone()
+    }
+    pub fn is_up(&self) -> bool {
+        self.row.lock().expect("host lock").state == HostState::Up
+    }
+    /// Whether the host's agent runs in this process.
+    pub fn in_process(&self) -> bool {
+        self.in_process
+    }
+
+    /// Starts a sandbox on the host.
+    pub async fn create(&self, options: CreateOptions) -> Result<(), Error> {
+        let deadline = deadlines::VM_OPERATION;
+        within(
+            &self.name(),
+            "CreateSandbox",
+            deadline,
+            self.agent.create(options),
+        )
+        .await
+    }
+
+    pub async fn pause(&self, sandbox_id: &str) -> Result<(), Error> {
+        let deadline = deadlines::VM_OPERATION;
+        within(
+            &self.name(),
+            "PauseSandbox",
+            deadline,
+            self.agent.pause(sandbox_id),
+        )
+        .await
+    }
+
+    pub async fn resume(&self, sandbox_id: &str) -> Result<(), Error> {
+        let deadline = deadlines::VM_OPERATION;
+        within(
+            &self.name(),
+            "ResumeSandbox",
+            deadline,
+            self.agent.resume(sandbox_id),
+        )
+        .await
+    }
+
+    /// Destroys a sandbox; one the agent does not have is already gone.
+    pub async fn destroy(&self, sandbox_id: &str) -> Result<(), Error> {
+        let deadline = deadlines::CONTROL_CALL;
+        let destroy = async {
+            match self.agent.destroy(sandbox_id).await {
+                Err(HostAgentError::NotFound(_)) => Ok(()),
+                other => other,
+            }
+        };
+        within(&self.name(), "DestroySandbox", deadline, destroy).await
+    }
+
+    /// Every sandbox the agent has.
+    pub async fn list(&self) -> Result<Vec<SandboxSummary>, Error> {
+        let deadline = deadlines::CONTROL_CALL;
+        within(&self.name(), "ListSandboxes", deadline, self.agent.list()).await
+    }
+
+    /// How to reach `port` of a running sandbox on this host.
+    pub fn route(&self, sandbox_id: &str, port: u16) -> Option<GuestRoute> {
+        self.agent.route(sandbox_id, port)
+    }
+}

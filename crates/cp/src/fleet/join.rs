@@ -1,0 +1,246 @@
+//! Hosts joining and leaving: the join token, registration (a known name only with its host's
+//! identity), heartbeats, hosts marked down when silent, and hosts forgotten for good.
+
+use super::*;
+
+impl Fleet {
+    /// Whether `bearer` is the fleet's join token (401 if not, 403 if agents cannot join).
+    pub fn check_join_token(&self, bearer: Option<&str>) -> Result<(), Error> {
+        use subtle::ConstantTimeEq;
+        let Some(expected) = &self.config.join_token else {
+            return Err(Error::Forbidden(
+                "this control plane takes no agents (it has no join token)".into(),
+            ));
+        };
+        let given = bearer.unwrap_or("");
+        if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+            return Err(Error::Unauthenticated("invalid join token".into()));
+        }
+        Ok(())
+    }
+
+    /// Takes an agent's registration: the host is (again) up under its name's id. A name the
+    /// fleet knows is taken only with that host's identity (409 otherwise, and nothing of the
+    /// host changes); a new name gets a new identity, whose secret the answer carries.
+    /// Registrations are taken one at a time.
+    pub async fn register(
+        &self,
+        store: &Store,
+        bearer: Option<&str>,
+        request: RegisterRequest,
+    ) -> Result<(RegisterResponse, bool), Error> {
+        use subtle::ConstantTimeEq;
+        self.check_join_token(bearer)?;
+        if request.name.is_empty()
+            || request.name.len() > 64
+            || !request
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        {
+            return Err(Error::InvalidRequest(
+                "a host name is 1 to 64 letters, digits, '-', '.' or '_'".into(),
+            ));
+        }
+        if request.agent_token.is_empty() {
+            return Err(Error::InvalidRequest("agentToken is required".into()));
+        }
+        let agent = remote_agent(
+            &request.api_url,
+            &request.proxy_address,
+            &request.agent_token,
+        )
+        .await
+        .map_err(Error::InvalidRequest)?;
+        let _registering = self.registering.lock().await;
+        let existing = self
+            .hosts()
+            .into_iter()
+            .find(|host| host.row().name == request.name);
+        let name = request.name.clone();
+        let (id, new_secret, was_down) = match &existing {
+            Some(host) if host.in_process => {
+                return Err(Error::Conflict(format!(
+                    "{name} is the control plane's own host"
+                )));
+            }
+            Some(host) => {
+                let row = host.row();
+                let proven = request.identity.as_ref().is_some_and(|identity| {
+                    let given = auth::hash_key(&identity.secret);
+                    identity.host_id == row.id
+                        && bool::from(given.as_bytes().ct_eq(row.identity_hash.as_bytes()))
+                });
+                // A host registered before identities existed: its next registration sets one.
+                let unclaimed = row.identity_hash.is_empty();
+                if !proven && !unclaimed {
+                    tracing::warn!(host = %name, api = %request.api_url, up = host.is_up(), "registration refused: another identity claims the host's name");
+                    let message = if host.is_up() {
+                        format!(
+                            "host {name} is up under another identity: another agent cannot take its name (give this one another --host-name)"
+                        )
+                    } else {
+                        format!(
+                            "host {name} is down, and only its own agent (with the identity in its data directory's {}) may bring it back; to replace it for good, forget it first: `wrenn host forget {name}`",
+                            IDENTITY_FILE
+                        )
+                    };
+                    return Err(Error::Conflict(message));
+                }
+                let secret = unclaimed.then(auth::random_token).transpose()?;
+                (row.id, secret, !host.is_up())
+            }
+            None => {
+                if let Some(identity) = &request.identity
+                    && let Some(other) = self.host(&identity.host_id)
+                {
+                    // The agent is a known host that changed its --host-name.
+                    return Err(Error::Conflict(format!(
+                        "this agent is host {} (its identity says so), not {name}: register under that name, or forget that host first (`wrenn host forget {}`)",
+                        other.row().name,
+                        other.row().name
+                    )));
+                }
+                let id = format!("h{}", auth::random_id(11)?);
+                (id, Some(auth::random_token()?), false)
+            }
+        };
+        let identity_hash = match &new_secret {
+            Some(secret) => auth::hash_key(secret),
+            None => existing
+                .as_ref()
+                .map(|host| host.row().identity_hash)
+                .unwrap_or_default(),
+        };
+        let heartbeat_token = auth::random_token()?;
+        let now = now_ms();
+        let row = HostRow {
+            id: id.clone(),
+            name: request.name,
+            api_url: request.api_url,
+            proxy_address: request.proxy_address,
+            agent_token: request.agent_token,
+            heartbeat_hash: auth::hash_key(&heartbeat_token),
+            state: HostState::Up,
+            report: request.report,
+            last_heartbeat_ms: now,
+            registered_at_ms: now,
+            identity_hash,
+        };
+        store.put_host(row.clone()).await?;
+        tracing::info!(host = %row.name, id = %id, api = %row.api_url, new = new_secret.is_some(), "host registered");
+        self.insert(row, Arc::new(agent), false);
+        Ok((
+            RegisterResponse {
+                host_id: id,
+                heartbeat_token,
+                heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
+                host_secret: new_secret,
+            },
+            was_down,
+        ))
+    }
+
+    /// Forgets a host that is down, for good (it will not come back, or is replaced by a new
+    /// agent under its name): its entry and its sandboxes' rows go. How many sandboxes it had.
+    pub async fn forget_host(&self, store: &Store, name: &str) -> Result<u64, Error> {
+        let _registering = self.registering.lock().await;
+        let host = self
+            .hosts()
+            .into_iter()
+            .find(|host| host.row().name == name)
+            .ok_or_else(|| Error::HostNotFound(format!("no host {name}")))?;
+        if host.in_process || host.is_up() {
+            return Err(Error::Conflict(format!(
+                "host {name} is up: stop its agent first (only a down host is forgotten)"
+            )));
+        }
+        let id = host.id();
+        let sandboxes = store.forget_host(&id).await?;
+        self.hosts.write().expect("fleet lock").remove(&id);
+        self.sandbox_hosts
+            .lock()
+            .expect("route cache lock")
+            .retain(|_, (host, _)| host != &id);
+        tracing::warn!(host = %name, id = %id, sandboxes, "host forgotten");
+        Ok(sandboxes)
+    }
+
+    /// Takes a heartbeat: whether the host was down until now.
+    pub async fn heartbeat(
+        &self,
+        store: &Store,
+        host_id: &str,
+        bearer: Option<&str>,
+        report: HostReport,
+    ) -> Result<bool, Error> {
+        use subtle::ConstantTimeEq;
+        let Some(host) = self.host(host_id) else {
+            return Err(Error::HostNotFound(format!(
+                "host {host_id} is not registered"
+            )));
+        };
+        let row = {
+            let mut row = host.row.lock().expect("host lock");
+            let given = auth::hash_key(bearer.unwrap_or(""));
+            if !bool::from(given.as_bytes().ct_eq(row.heartbeat_hash.as_bytes())) {
+                return Err(Error::Unauthenticated(
+                    "invalid heartbeat token: register again".into(),
+                ));
+            }
+            let was_down = row.state != HostState::Up;
+            row.state = HostState::Up;
+            row.report = report;
+            row.last_heartbeat_ms = now_ms();
+            *host.last_seen.lock().expect("host lock") = Instant::now();
+            (row.clone(), was_down)
+        };
+        store.put_host(row.0.clone()).await?;
+        if row.1 {
+            tracing::info!(host = %row.0.name, "host is back");
+        }
+        Ok(row.1)
+    }
+
+    pub(super) async fn mark_down(
+        &self,
+        store: &Store,
+        mut row: HostRow,
+    ) -> Result<(), crate::store::StoreError> {
+        row.state = HostState::Down;
+        store.put_host(row.clone()).await?;
+        let lost = store.mark_host_lost(&row.id).await?;
+        self.sandbox_hosts
+            .lock()
+            .expect("route cache lock")
+            .retain(|_, (host, _)| host != &row.id);
+        tracing::warn!(host = %row.name, lost, "host is down: its sandboxes are lost");
+        Ok(())
+    }
+
+    /// One pass of the heartbeat watch: the embedded host reports itself, silent hosts go down.
+    pub async fn check_heartbeats(&self, store: &Store) {
+        for host in self.hosts() {
+            // This process's own agent: its report is kept in memory only (the stored row is
+            // written anew at every start, and nothing else reads it).
+            if let Some(report) = host.agent.report_in_process() {
+                let mut row = host.row.lock().expect("host lock");
+                row.report = report;
+                row.last_heartbeat_ms = now_ms();
+                continue;
+            }
+            let silent = host.last_seen.lock().expect("host lock").elapsed();
+            if !host.is_up() || silent < self.config.down_after {
+                continue;
+            }
+            let row = {
+                let mut row = host.row.lock().expect("host lock");
+                row.state = HostState::Down;
+                row.clone()
+            };
+            if let Err(error) = self.mark_down(store, row).await {
+                tracing::warn!(%error, "cannot mark a host down");
+            }
+        }
+    }
+}

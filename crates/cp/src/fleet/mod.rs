@@ -1,0 +1,442 @@
+//! The fleet of host agents: how the control plane reaches each one (the agent embedded in its
+//! own process, or a separate agent over its Connect API and sandbox proxy), what each last
+//! reported of its capacity, where a new sandbox goes ([`Placement`]), which hosts are down, and
+//! the reconcile pass that makes the store agree with what each agent really runs.
+//!
+//! Agents join with the fleet's join token (`POST /hosts/register`) and then heartbeat their
+//! [`HostReport`] (`POST /hosts/{id}/heartbeat`) with a token of their own. A host silent for
+//! longer than [`FleetConfig::down_after`] is marked down and its sandboxes `lost`; when it
+//! heartbeats again it is up, and the reconcile pass gives back the sandboxes it still runs.
+//!
+//! This module is the registry (the hosts, their templates, routes to sandboxes); [`host`] is one
+//! host and its agent's calls, [`placement`] where a sandbox goes, [`join`] registration and
+//! heartbeats, [`reconcile`] the reconcile pass.
+
+mod host;
+mod join;
+mod placement;
+mod reconcile;
+
+pub use host::Host;
+use host::remote_agent;
+pub use placement::{BinPack, Candidate, LeastLoaded, Placed, Placement, placement};
+pub use reconcile::{Reconciled, reconcile_host};
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use wrenn_agent_api::join::{
+    HostReport, IDENTITY_FILE, RegisterRequest, RegisterResponse, TemplateReport,
+};
+use wrenn_agent_api::{
+    CreateOptions, GuestRoute, HostAgent, HostAgentError, RemoteAgent, SandboxState, SandboxSummary,
+};
+
+use crate::Error;
+use crate::auth;
+use crate::busy::{Busy, Claim};
+use crate::deadlines;
+use crate::store::SandboxState as RowState;
+use crate::store::{EMBEDDED_API_URL, HostRow, HostState, SandboxRow, Store};
+
+/// The id of the agent embedded in the control plane's process.
+pub const EMBEDDED_HOST_ID: &str = "local";
+
+/// Timings of the fleet.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// The token agents join with; without one, only the embedded agent serves.
+    pub join_token: Option<String>,
+    /// How often agents heartbeat.
+    pub heartbeat_interval: Duration,
+    /// A host silent this long is down.
+    pub down_after: Duration,
+    /// How often every host's sandboxes are compared with the store.
+    pub reconcile_interval: Duration,
+    /// A sandbox an agent runs that the store does not know is destroyed once it is this old
+    /// (younger ones may be creates whose row is being written).
+    pub orphan_grace: Duration,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            join_token: None,
+            heartbeat_interval: Duration::from_secs(2),
+            down_after: Duration::from_secs(10),
+            reconcile_interval: Duration::from_secs(30),
+            orphan_grace: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The fleet.
+#[derive(Debug)]
+pub struct Fleet {
+    hosts: RwLock<HashMap<String, Arc<Host>>>,
+    placement: Box<dyn Placement>,
+    pub config: FleetConfig,
+    /// Which host each running sandbox is on, and its traffic token, for the proxy (filled
+    /// from the store on demand).
+    sandbox_hosts: Mutex<HashMap<String, (String, Option<String>)>>,
+    /// Serialises placements, so two creates do not both take a host's last slot.
+    placing: Mutex<()>,
+    /// Serialises registrations (and forgetting), so two agents cannot both claim a name.
+    registering: tokio::sync::Mutex<()>,
+    /// Sandboxes being created: on their host already, not in the store yet. Reconcile leaves
+    /// them alone however long the create takes (an orphan grace alone would not: a create under
+    /// load can outlast it).
+    creating: Busy,
+}
+
+use wrenn_core::now_ms;
+
+impl Fleet {
+    /// Marks `sandbox_id` as being created until the claim goes (hold it past the row's
+    /// insert).
+    pub fn creating(&self, sandbox_id: &str) -> Option<Claim> {
+        self.creating.claim(sandbox_id)
+    }
+
+    /// The fleet as the store has it; the embedded agent, if any, becomes host `local`. Hosts
+    /// are given a full `down_after` to heartbeat before they are marked down. A stored embedded
+    /// host with no agent in this process is down at once.
+    pub async fn load(
+        store: &Store,
+        config: FleetConfig,
+        placement: Box<dyn Placement>,
+        embedded: Option<Arc<dyn HostAgent>>,
+    ) -> Result<Fleet, crate::store::StoreError> {
+        let fleet = Fleet {
+            hosts: RwLock::new(HashMap::new()),
+            placement,
+            config,
+            sandbox_hosts: Mutex::new(HashMap::new()),
+            placing: Mutex::new(()),
+            registering: tokio::sync::Mutex::new(()),
+            creating: Busy::default(),
+        };
+        for row in store.hosts().await? {
+            if row.api_url == EMBEDDED_API_URL {
+                if embedded.is_none() && row.state == HostState::Up {
+                    fleet.mark_down(store, row).await?;
+                }
+                continue;
+            }
+            match remote_agent(&row.api_url, &row.proxy_address, &row.agent_token).await {
+                Ok(agent) => fleet.insert(row, Arc::new(agent), false),
+                Err(error) => {
+                    tracing::warn!(host = %row.name, %error, "cannot reach a stored host");
+                    if row.state == HostState::Up {
+                        fleet.mark_down(store, row).await?;
+                    }
+                }
+            }
+        }
+        if let Some(agent) = embedded {
+            let now = now_ms();
+            let row = HostRow {
+                id: EMBEDDED_HOST_ID.into(),
+                name: nix::unistd::gethostname()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| "local".into()),
+                api_url: EMBEDDED_API_URL.into(),
+                proxy_address: String::new(),
+                agent_token: String::new(),
+                heartbeat_hash: String::new(),
+                state: HostState::Up,
+                report: agent.report_in_process().unwrap_or_default(),
+                last_heartbeat_ms: now,
+                registered_at_ms: now,
+                identity_hash: String::new(),
+            };
+            store.put_host(row.clone()).await?;
+            fleet.insert(row, agent, true);
+        }
+        Ok(fleet)
+    }
+
+    fn insert(&self, row: HostRow, agent: Arc<dyn HostAgent>, in_process: bool) {
+        let id = row.id.clone();
+        let host = Arc::new(Host {
+            row: Mutex::new(row),
+            agent,
+            in_process,
+            inflight: AtomicU32::new(0),
+            last_seen: Mutex::new(Instant::now()),
+        });
+        self.hosts.write().expect("fleet lock").insert(id, host);
+    }
+
+    pub fn host(&self, id: &str) -> Option<Arc<Host>> {
+        self.hosts.read().expect("fleet lock").get(id).cloned()
+    }
+
+    /// Every host, by name.
+    pub fn hosts(&self) -> Vec<Arc<Host>> {
+        let mut hosts: Vec<_> = self
+            .hosts
+            .read()
+            .expect("fleet lock")
+            .values()
+            .cloned()
+            .collect();
+        hosts.sort_by_cached_key(|h| h.row().name);
+        hosts
+    }
+
+    pub fn placement_name(&self) -> &'static str {
+        self.placement.name()
+    }
+
+    /// The templates up hosts have (the first host's report of each).
+    pub fn templates(&self) -> Vec<TemplateReport> {
+        let mut seen = HashSet::new();
+        let mut templates = Vec::new();
+        for host in self.hosts() {
+            if !host.is_up() {
+                continue;
+            }
+            for template in host.row().report.templates {
+                if seen.insert(template.template_id.clone()) {
+                    templates.push(template);
+                }
+            }
+        }
+        templates.sort_by(|a, b| a.template_id.cmp(&b.template_id));
+        templates
+    }
+
+    /// Forgets where a sandbox runs (it was paused, killed or lost).
+    pub fn forget(&self, sandbox_id: &str) {
+        self.sandbox_hosts
+            .lock()
+            .expect("route cache lock")
+            .remove(sandbox_id);
+    }
+
+    /// How to reach `port` of a sandbox running on an up host, and its traffic token if it
+    /// has one.
+    pub async fn route(
+        &self,
+        store: &Store,
+        sandbox_id: &str,
+        port: u16,
+    ) -> Option<(GuestRoute, Option<String>)> {
+        let cached = self
+            .sandbox_hosts
+            .lock()
+            .expect("route cache lock")
+            .get(sandbox_id)
+            .cloned();
+        let (host_id, traffic_token) = match cached {
+            Some(entry) => entry,
+            None => {
+                let row = store.sandbox(sandbox_id).await.ok()??;
+                if row.state != RowState::Running {
+                    return None;
+                }
+                let entry = (row.host_id, row.traffic_access_token);
+                let mut cache = self.sandbox_hosts.lock().expect("route cache lock");
+                if cache.len() > 100_000 {
+                    cache.clear();
+                }
+                cache.insert(sandbox_id.to_string(), entry.clone());
+                entry
+            }
+        };
+        let host = self.host(&host_id)?;
+        if !host.is_up() {
+            return None;
+        }
+        Some((host.route(sandbox_id, port)?, traffic_token))
+    }
+
+    /// The host of a sandbox row, if it is up (else a 503 naming it).
+    pub fn up_host(&self, row: &SandboxRow) -> Result<Arc<Host>, Error> {
+        match self.host(&row.host_id) {
+            Some(host) if host.is_up() => Ok(host),
+            Some(host) => Err(Error::HostDown(format!(
+                "sandbox \"{}\" is on host {}, which is down",
+                row.id,
+                host.row().name
+            ))),
+            None => Err(Error::HostDown(format!(
+                "sandbox \"{}\" is on host {}, which the fleet does not know",
+                row.id, row.host_id
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate(id: &str, total: u32, used: u32, memory: u64) -> Candidate {
+        Candidate {
+            host_id: id.into(),
+            slots_total: total,
+            slots_used: used,
+            memory_available_mib: memory,
+        }
+    }
+
+    #[test]
+    fn least_loaded_takes_the_emptiest_share_then_the_most_memory() {
+        let hosts = [
+            candidate("a", 10, 5, 1000),
+            candidate("b", 100, 10, 1000),
+            candidate("c", 100, 10, 4000),
+        ];
+        assert_eq!(LeastLoaded.choose(&hosts), 2);
+        assert_eq!(LeastLoaded.choose(&hosts[..2]), 1);
+    }
+
+    #[test]
+    fn binpack_takes_the_fullest_host() {
+        let hosts = [candidate("a", 10, 5, 1000), candidate("b", 100, 10, 1000)];
+        assert_eq!(BinPack.choose(&hosts), 0);
+    }
+
+    fn fleet_of(hosts: &[(&str, &str, u32, u32, u64)]) -> Fleet {
+        fleet_with_disk(
+            &hosts
+                .iter()
+                .map(|&(name, state, total, used, memory)| {
+                    (name, state, total, used, memory, 1 << 40)
+                })
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    fn fleet_with_disk(hosts: &[(&str, &str, u32, u32, u64, u64)]) -> Fleet {
+        let fleet = Fleet {
+            hosts: RwLock::new(HashMap::new()),
+            placement: Box::new(LeastLoaded),
+            config: FleetConfig::default(),
+            sandbox_hosts: Mutex::new(HashMap::new()),
+            placing: Mutex::new(()),
+            registering: tokio::sync::Mutex::new(()),
+            creating: Busy::default(),
+        };
+        for (name, state, total, used, memory_mib, disk_bytes) in hosts {
+            let row = HostRow {
+                id: format!("id-{name}"),
+                name: name.to_string(),
+                api_url: "http://127.0.0.1:1".into(),
+                proxy_address: "127.0.0.1:1".into(),
+                agent_token: "t".into(),
+                heartbeat_hash: String::new(),
+                state: HostState::from_name(state),
+                report: HostReport {
+                    slots_total: *total,
+                    slots_in_use: *used,
+                    memory_available_bytes: memory_mib << 20,
+                    disk_available_bytes: *disk_bytes,
+                    templates: vec![TemplateReport {
+                        template_id: "base".into(),
+                        memory_mib: 512,
+                        vcpus: 1,
+                        envd_version: "0.6.4".into(),
+                        image_key: String::new(),
+                        created_at_ms: 0,
+                        disk_size_mb: 2048,
+                    }],
+                    ..Default::default()
+                },
+                last_heartbeat_ms: 0,
+                registered_at_ms: 0,
+                identity_hash: String::new(),
+            };
+            let agent = RemoteAgent::new(
+                "http://127.0.0.1:1",
+                "127.0.0.1:1".parse().unwrap(),
+                "t",
+                Duration::from_secs(1),
+            )
+            .unwrap();
+            fleet.insert(row, Arc::new(agent), false);
+        }
+        fleet
+    }
+
+    #[test]
+    fn placement_skips_down_full_and_excluded_hosts_and_counts_creates_in_flight() {
+        let fleet = fleet_of(&[
+            ("a", "up", 4, 3, 8192),
+            ("b", "up", 4, 0, 8192),
+            ("c", "down", 4, 0, 8192),
+            ("d", "up", 4, 0, 100),
+        ]);
+        let first = fleet.place("base", &[]).unwrap();
+        assert_eq!(first.host.row().name, "b");
+        let unknown = fleet.place("nope", &[]).unwrap_err();
+        assert!(matches!(unknown, Error::TemplateNotFound(ref t) if t == "nope"));
+        // b holds 1 in flight of 4; a has 3 of 4: b again, until its in-flight creates fill it.
+        let mut held = vec![first];
+        for _ in 0..2 {
+            let placed = fleet.place("base", &[]).unwrap();
+            assert_eq!(placed.host.row().name, "b");
+            held.push(placed);
+        }
+        let fourth = fleet.place("base", &[]).unwrap();
+        assert_eq!(
+            fourth.host.row().name,
+            "a",
+            "both 3/4 full: a has more memory free"
+        );
+        held.push(fourth);
+        let excluded = vec!["id-b".to_string()];
+        let full = fleet.place("base", &excluded).unwrap_err();
+        assert!(matches!(full, Error::NoCapacity(_)), "{full}");
+        for words in [
+            "a has no free network slot",
+            "b did not answer",
+            "c is down",
+            "d has 100 MiB free",
+        ] {
+            assert!(full.to_string().contains(words), "{words}: {full}");
+        }
+        drop(held);
+        assert_eq!(
+            fleet.place("base", &[]).unwrap().host.row().name,
+            "b",
+            "finished creates free their count"
+        );
+    }
+
+    #[test]
+    fn placement_skips_hosts_without_the_disk_a_sandbox_may_take() {
+        let fleet = fleet_with_disk(&[
+            ("small", "up", 8, 0, 8192, 1 << 30),
+            ("roomy", "up", 8, 0, 8192, 3 << 30),
+        ]);
+        let first = fleet.place("base", &[]).unwrap();
+        assert_eq!(
+            first.host.row().name,
+            "roomy",
+            "small has 1 GiB, 2 GiB needed"
+        );
+        // roomy's 3 GiB hold one 2 GiB disk in flight, not two.
+        let full = fleet.place("base", &[]).unwrap_err();
+        assert!(matches!(full, Error::NoCapacity(_)), "{full}");
+        for words in [
+            "small has 1024 MiB of disk free, 2048 MiB needed",
+            "roomy has 1024 MiB of disk free, 2048 MiB needed",
+        ] {
+            assert!(full.to_string().contains(words), "{words}: {full}");
+        }
+        drop(first);
+        assert_eq!(fleet.place("base", &[]).unwrap().host.row().name, "roomy");
+    }
+
+    #[test]
+    fn strategies_are_chosen_by_name() {
+        assert_eq!(placement("binpack").unwrap().name(), "binpack");
+        assert_eq!(placement("least-loaded").unwrap().name(), "least-loaded");
+        assert!(placement("random").unwrap_err().contains("least-loaded"));
+    }
+}

@@ -1,0 +1,200 @@
+//! Where a new sandbox goes: the hosts that can take it ([`Candidate`]), the strategy that chooses
+//! among them ([`Placement`]: least-loaded or binpack), and the count of creates in flight.
+
+use super::*;
+
+/// A host that could take a new sandbox, as a [`Placement`] sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub host_id: String,
+    pub slots_total: u32,
+    /// Slots in use, creates in flight included.
+    pub slots_used: u32,
+    pub memory_available_mib: u64,
+}
+
+impl Candidate {
+    /// The share of the host's slots in use.
+    pub fn load(&self) -> f64 {
+        f64::from(self.slots_used) / f64::from(self.slots_total.max(1))
+    }
+}
+
+/// Chooses the host of a new sandbox among hosts that can all take it.
+pub trait Placement: Send + Sync + std::fmt::Debug {
+    fn name(&self) -> &'static str;
+    /// The index in `candidates` of the chosen host (`candidates` is never empty).
+    fn choose(&self, candidates: &[Candidate]) -> usize;
+}
+
+/// The host with the smallest share of its slots in use; then the most free memory.
+#[derive(Debug, Default)]
+pub struct LeastLoaded;
+
+impl Placement for LeastLoaded {
+    fn name(&self) -> &'static str {
+        "least-loaded"
+    }
+    fn choose(&self, candidates: &[Candidate]) -> usize {
+        (0..candidates.len())
+            .min_by(|&a, &b| {
+                let (a, b) = (&candidates[a], &candidates[b]);
+                a.load()
+                    .total_cmp(&b.load())
+                    .then(b.memory_available_mib.cmp(&a.memory_available_mib))
+                    .then(a.host_id.cmp(&b.host_id))
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// The fullest host that still has room: keeps other hosts empty (to drain or power down).
+#[derive(Debug, Default)]
+pub struct BinPack;
+
+impl Placement for BinPack {
+    fn name(&self) -> &'static str {
+        "binpack"
+    }
+    fn choose(&self, candidates: &[Candidate]) -> usize {
+        (0..candidates.len())
+            .max_by(|&a, &b| {
+                let (a, b) = (&candidates[a], &candidates[b]);
+                a.load()
+                    .total_cmp(&b.load())
+                    .then(b.host_id.cmp(&a.host_id))
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// A placement strategy by name: `least-loaded` or `binpack`.
+pub fn placement(name: &str) -> Result<Box<dyn Placement>, String> {
+    match name {
+        "least-loaded" => Ok(Box::new(LeastLoaded)),
+        "binpack" => Ok(Box::new(BinPack)),
+        other => Err(format!(
+            "unknown placement {other:?}: use least-loaded or binpack"
+        )),
+    }
+}
+
+/// A create placed on a host: counted in flight until dropped.
+#[derive(Debug)]
+pub struct Placed {
+    pub host: Arc<Host>,
+    pub template: TemplateReport,
+}
+
+impl Drop for Placed {
+    fn drop(&mut self) {
+        self.host.inflight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Fleet {
+    /// The disk a sandbox of `template_id` may take (its template's disk size, as the first
+    /// up host that has it reports it); 0 when no up host has it.
+    pub fn template_disk_mib(&self, template_id: &str) -> u64 {
+        self.templates()
+            .iter()
+            .find(|t| t.template_id == template_id)
+            .map(|t| t.disk_size_mb)
+            .unwrap_or(0)
+    }
+
+    /// Picks the host for a new sandbox of `template_id`, skipping `excluded` hosts: 404 when
+    /// no host has the template, 503 when none has room.
+    pub fn place(&self, template_id: &str, excluded: &[String]) -> Result<Placed, Error> {
+        let _placing = self.placing.lock().expect("placement lock");
+        let mut candidates = Vec::new();
+        let mut hosts = Vec::new();
+        let mut known = false;
+        let mut reasons = Vec::new();
+        for host in self.hosts() {
+            // This process's own agent: its report is read now, not at the last tick.
+            if let Some(report) = host.agent.report_in_process() {
+                host.row.lock().expect("host lock").report = report;
+            }
+            let row = host.row();
+            let Some(template) = row
+                .report
+                .templates
+                .iter()
+                .find(|t| t.template_id == template_id)
+                .cloned()
+            else {
+                continue;
+            };
+            known = true;
+            if row.state != HostState::Up {
+                reasons.push(format!("{} is down", row.name));
+                continue;
+            }
+            if excluded.contains(&row.id) {
+                reasons.push(format!("{} did not answer", row.name));
+                continue;
+            }
+            let inflight = host.inflight.load(Ordering::SeqCst);
+            let used = row.report.slots_in_use + inflight;
+            let memory_mib = (row.report.memory_available_bytes >> 20)
+                .saturating_sub(u64::from(inflight) * u64::from(template.memory_mib));
+            if used >= row.report.slots_total {
+                reasons.push(format!("{} has no free network slot", row.name));
+                continue;
+            }
+            if memory_mib < u64::from(template.memory_mib) {
+                reasons.push(format!(
+                    "{} has {memory_mib} MiB free, {} MiB needed",
+                    row.name, template.memory_mib
+                ));
+                continue;
+            }
+            // The sandbox's disk may grow to the template's size: that much must be free.
+            let disk_free_mib = (row.report.disk_available_bytes >> 20)
+                .saturating_sub(u64::from(inflight) * template.disk_size_mb);
+            if disk_free_mib < template.disk_size_mb {
+                reasons.push(format!(
+                    "{} has {disk_free_mib} MiB of disk free, {} MiB needed",
+                    row.name, template.disk_size_mb
+                ));
+                continue;
+            }
+            candidates.push(Candidate {
+                host_id: row.id.clone(),
+                slots_total: row.report.slots_total,
+                slots_used: used,
+                memory_available_mib: memory_mib,
+            });
+            hosts.push((host, template));
+        }
+        if !known {
+            return Err(Error::TemplateNotFound(template_id.to_string()));
+        }
+        if candidates.is_empty() {
+            return Err(Error::NoCapacity(format!(
+                "no host can take a sandbox of template '{template_id}' now: {}",
+                reasons.join("; ")
+            )));
+        }
+        let chosen = self.placement.choose(&candidates).min(hosts.len() - 1);
+        let (host, template) = hosts.swap_remove(chosen);
+        host.inflight.fetch_add(1, Ordering::SeqCst);
+        Ok(Placed { host, template })
+    }
+
+    /// Counts a finished create in the host's report until its next heartbeat says so itself.
+    pub fn created(&self, placed: &Placed) {
+        let mut row = placed.host.row.lock().expect("host lock");
+        row.report.slots_in_use += 1;
+        row.report.sandboxes_running += 1;
+        row.report.memory_available_bytes = row
+            .report
+            .memory_available_bytes
+            .saturating_sub(u64::from(placed.template.memory_mib) << 20);
+        row.report.disk_available_bytes = row
+            .report
+            .disk_available_bytes
+            .saturating_sub(placed.template.disk_size_mb << 20);
+    }
+}

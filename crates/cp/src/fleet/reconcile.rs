@@ -1,0 +1,84 @@
+//! The reconcile pass: the store made to agree with what a host's agent really runs.
+
+use super::*;
+
+/// What one reconcile pass of a host did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Rows whose sandbox the agent no longer has (or had failed), removed.
+    pub removed: Vec<String>,
+    /// Rows whose state was corrected to the agent's.
+    pub corrected: Vec<String>,
+    /// Sandboxes the agent ran that the store did not know, destroyed.
+    pub orphans: Vec<String>,
+}
+
+/// Makes the store agree with what `host`'s agent runs. The store is read first and states are
+/// changed only if unchanged since, so a pause or resume racing the pass wins.
+pub async fn reconcile_host(
+    store: &Store,
+    fleet: &Fleet,
+    host: &Host,
+) -> Result<Reconciled, Error> {
+    let name = host.row().name;
+    let host_id = host.id();
+    let rows = store.sandboxes_on_host(&host_id).await?;
+    let agent: HashMap<String, SandboxSummary> = host
+        .list()
+        .await?
+        .into_iter()
+        .map(|sandbox| (sandbox.sandbox_id.clone(), sandbox))
+        .collect();
+    let mut done = Reconciled::default();
+    let known: HashSet<&str> = rows.iter().map(|row| row.id.as_str()).collect();
+    for row in &rows {
+        match agent.get(&row.id).map(|s| s.state) {
+            None => {
+                tracing::warn!(sandbox = %row.id, host = %name, "drift: the host no longer has the sandbox: removing it");
+                store.delete_sandbox(&row.id).await?;
+                fleet.forget(&row.id);
+                done.removed.push(row.id.clone());
+            }
+            Some(SandboxState::Failed) => {
+                tracing::warn!(sandbox = %row.id, host = %name, "drift: the sandbox's VM failed: removing it");
+                host.destroy(&row.id).await?;
+                store.delete_sandbox(&row.id).await?;
+                fleet.forget(&row.id);
+                done.removed.push(row.id.clone());
+            }
+            Some(on_host @ (SandboxState::Running | SandboxState::Paused)) => {
+                let state = match on_host {
+                    SandboxState::Running => RowState::Running,
+                    _ => RowState::Paused,
+                };
+                if state == row.state {
+                    continue;
+                }
+                let changed = store.set_state_if(&row.id, row.state, state).await?;
+                if changed {
+                    tracing::warn!(sandbox = %row.id, host = %name, from = %row.state, to = %state, "drift: state corrected");
+                    fleet.forget(&row.id);
+                    done.corrected.push(row.id.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+    let grace = fleet.config.orphan_grace.as_millis() as i64;
+    for sandbox in agent.values() {
+        if known.contains(sandbox.sandbox_id.as_str())
+            || fleet.creating.contains(&sandbox.sandbox_id)
+            || now_ms() - sandbox.created_at_ms < grace
+        {
+            continue;
+        }
+        // Written since the rows were read?
+        if store.sandbox(&sandbox.sandbox_id).await?.is_some() {
+            continue;
+        }
+        tracing::warn!(sandbox = %sandbox.sandbox_id, host = %name, "drift: the store does not know this sandbox: destroying it");
+        host.destroy(&sandbox.sandbox_id).await?;
+        done.orphans.push(sandbox.sandbox_id.clone());
+    }
+    Ok(done)
+}

@@ -683,31 +683,12 @@ async fn pty_output_reaches_every_connected_stream() {
 #[tokio::test]
 async fn filesystem_calls_and_watch_stream() {
     let envd = Envd::start();
-    let dir = tempfile::tempdir().unwrap();
-    // Open to the default user (`user` where it exists), as the calls below name no user.
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
+    let dir = common::open_dir();
     let base = dir.path().to_str().unwrap().to_owned();
     let client = envd.client(HttpVersion::Http2, Codec::Json);
     let none = HeaderMap::new();
 
-    let watch = fs::WatchDirRequest {
-        path: base.clone(),
-        recursive: true,
-        include_entry: true,
-        allow_network_mounts: false,
-    };
-    let mut events = client
-        .server_stream::<_, fs::WatchDirResponse>("/filesystem.Filesystem/WatchDir", &watch, &none)
-        .await
-        .unwrap();
-    assert!(matches!(
-        events.message().await.unwrap().unwrap().event,
-        Some(fs::watch_dir_response::Event::Start(_))
-    ));
+    let mut events = watch_started(&client, &base, true, true).await;
 
     let made: fs::MakeDirResponse = client
         .unary(
@@ -858,29 +839,11 @@ async fn watch_events_until_sentinel(
 async fn watch_events_of_uploads_and_calls_follow_e2b() {
     use fs::EventType::{Chmod, Create, Remove, Rename, Write};
     let envd = Envd::start();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
+    let dir = common::open_dir();
     let base = dir.path().to_str().unwrap().to_owned();
     let client = envd.client(HttpVersion::Http2, Codec::Proto);
     let none = HeaderMap::new();
-    let watch = fs::WatchDirRequest {
-        path: base.clone(),
-        recursive: false,
-        include_entry: false,
-        allow_network_mounts: false,
-    };
-    let mut events = client
-        .server_stream::<_, fs::WatchDirResponse>("/filesystem.Filesystem/WatchDir", &watch, &none)
-        .await
-        .unwrap();
-    assert!(matches!(
-        events.message().await.unwrap().unwrap().event,
-        Some(fs::watch_dir_response::Event::Start(_))
-    ));
+    let mut events = watch_started(&client, &base, false, false).await;
     let upload = |name: &str, body: &'static str, metadata: bool| {
         let url = format!("{}/files?path={base}/{name}", envd.url());
         async move {
@@ -1050,4 +1013,32 @@ async fn malformed_requests_get_connect_errors() {
             .status,
         204
     );
+}
+
+/// A watch of `path`, past its start event.
+async fn watch_started(
+    client: &ConnectClient,
+    path: &str,
+    recursive: bool,
+    include_entry: bool,
+) -> ResponseStream<fs::WatchDirResponse> {
+    let watch = fs::WatchDirRequest {
+        path: path.to_string(),
+        recursive,
+        include_entry,
+        allow_network_mounts: false,
+    };
+    let mut events = client
+        .server_stream::<_, fs::WatchDirResponse>(
+            "/filesystem.Filesystem/WatchDir",
+            &watch,
+            &HeaderMap::new(),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        events.message().await.unwrap().unwrap().event,
+        Some(fs::watch_dir_response::Event::Start(_))
+    ));
+    events
 }

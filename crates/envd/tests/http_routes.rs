@@ -28,13 +28,7 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 #[tokio::test]
 async fn upload_and_download_every_way() {
     let envd = Envd::start();
-    let dir = tempfile::tempdir().unwrap();
-    // Open to the default user (`user` where it exists), as these calls name no user.
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
+    let dir = common::open_dir();
     let base = dir.path().to_str().unwrap();
     let files = format!("{}/files", envd.url());
 

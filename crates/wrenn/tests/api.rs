@@ -590,7 +590,35 @@ async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_s
         cli_end_to_end(&server, &host_name).await;
     }
 
-    // Templates.
+    templates_are_listed_with_their_sizes(&server).await;
+    keys_and_bad_requests_are_refused(&server).await;
+    let sandboxes = two_sandboxes_are_created(&server).await;
+    commands_and_files_reach_a_sandbox(&server, &sandboxes).await;
+    listings_filter_page_and_order(&server, &sandboxes).await;
+    routes_and_methods_are_checked(&server, &sandboxes).await;
+    let other_team = details_are_per_team(&server, &sandboxes).await;
+    timeouts_and_refreshes_move_the_end(&server, &sandboxes).await;
+    metrics_come_from_envd(&server, &sandboxes).await;
+    upgraded_and_private_traffic(&server, &sandboxes).await;
+    pause_and_connect_resume(&server, &sandboxes).await;
+    a_restart_loses_nothing(&mut server, &sandboxes, &other_team).await;
+    timeout_expiry_kills(&server).await;
+    kill_then_404(&server, &sandboxes).await;
+    // Nothing is left once the agent stops: no VM, namespace, interface or sandbox file.
+    let mut agent = agent;
+    agent.stop();
+    assert_eq!(agent.leftovers(), Vec::<String>::new());
+}
+
+/// The two sandboxes the REST test's phases share: alice's is secure.
+struct TwoSandboxes {
+    alice_id: String,
+    alice_token: String,
+    bob_id: String,
+}
+
+/// Templates.
+async fn templates_are_listed_with_their_sizes(server: &Server) {
     let (status, templates) = server.call(Method::GET, "/templates", Value::Null).await;
     assert_eq!(status, StatusCode::OK);
     let base = templates
@@ -616,8 +644,10 @@ async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_s
         (status, body["code"].clone()),
         (StatusCode::NOT_FOUND, json!(404))
     );
+}
 
-    // Keys and bad requests.
+/// Keys and bad requests.
+async fn keys_and_bad_requests_are_refused(server: &Server) {
     let (status, body, _) = server
         .call_with(Method::GET, "/v2/sandboxes", None, "")
         .await;
@@ -670,8 +700,10 @@ async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_s
         .call(Method::GET, "/v2/sandboxes?state=weird", Value::Null)
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+}
 
-    // Create: secure with metadata and env vars, and a plain one.
+/// Create: secure with metadata and env vars, and a plain one.
+async fn two_sandboxes_are_created(server: &Server) -> TwoSandboxes {
     let alice = server
         .create(json!({"templateID": "base", "timeout": 120, "secure": true,
             "metadata": {"user": "alice", "n": "1"}, "envVars": {"GREETING": "hello there"}}))
@@ -690,11 +722,24 @@ async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_s
     assert!(bob.get("envdAccessToken").is_none(), "{bob}");
     let bob_id = bob["sandboxID"].as_str().unwrap().to_string();
 
-    // Commands and files through the proxy (then through the agent's proxy to the guest).
+    TwoSandboxes {
+        alice_id,
+        alice_token,
+        bob_id,
+    }
+}
+
+/// Commands and files through the proxy (then through the agent's proxy to the guest).
+async fn commands_and_files_reach_a_sandbox(server: &Server, sandboxes: &TwoSandboxes) {
+    let TwoSandboxes {
+        alice_id,
+        alice_token,
+        ..
+    } = sandboxes;
     let ran = run_via_proxy(
         server.proxy,
-        &alice_id,
-        Some(&alice_token),
+        alice_id,
+        Some(alice_token),
         "echo \"$GREETING\" > /home/user/before-pause.txt; cat /home/user/before-pause.txt",
     )
     .await;
@@ -738,8 +783,13 @@ async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_s
         StatusCode::FORBIDDEN,
         "envd's /init is internal"
     );
+}
 
-    // Listing: filters, pagination, the running count.
+/// Listing: filters, pagination, the running count.
+async fn listings_filter_page_and_order(server: &Server, sandboxes: &TwoSandboxes) {
+    let TwoSandboxes {
+        alice_id, bob_id, ..
+    } = sandboxes;
     let (status, listed, headers) = server
         .call_with(
             Method::GET,
@@ -818,8 +868,13 @@ async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_s
         since.contains(&bob_id.as_str()),
         "{since:?} from {bob_started}"
     );
+}
 
-    // Routes: the many-sandbox metrics route is not a sandbox id; a wrong method is a 405;
+/// Routes: the many-sandbox metrics route is not a sandbox id; a wrong method is a 405;
+async fn routes_and_methods_are_checked(server: &Server, sandboxes: &TwoSandboxes) {
+    let TwoSandboxes {
+        alice_id, bob_id, ..
+    } = sandboxes;
     // an unknown route says so.
     let (status, metrics) = server
         .call(
@@ -831,10 +886,10 @@ async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_s
     assert_eq!(status, StatusCode::OK, "{metrics}");
     let sampled = metrics["sandboxes"].as_object().unwrap();
     assert!(
-        sampled[&alice_id]["memTotal"].as_u64().unwrap() > 0,
+        sampled[alice_id.as_str()]["memTotal"].as_u64().unwrap() > 0,
         "{metrics}"
     );
-    assert!(sampled.contains_key(&bob_id) && !sampled.contains_key("nosuchsandbox"));
+    assert!(sampled.contains_key(bob_id.as_str()) && !sampled.contains_key("nosuchsandbox"));
     let (status, _) = server
         .call(Method::GET, "/sandboxes/metrics", Value::Null)
         .await;
@@ -861,8 +916,16 @@ async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_s
     );
     let (_, v1) = server.call(Method::GET, "/sandboxes", Value::Null).await;
     assert_eq!(v1.as_array().unwrap().len(), 2);
+}
 
-    // Details, and another team sees nothing.
+/// Details, and another team sees nothing.
+/// (The other team's key is returned: the restart checks it still works.)
+async fn details_are_per_team(server: &Server, sandboxes: &TwoSandboxes) -> String {
+    let TwoSandboxes {
+        alice_id,
+        alice_token,
+        ..
+    } = sandboxes;
     let (status, detail) = server
         .call(Method::GET, &format!("/sandboxes/{alice_id}"), Value::Null)
         .await;
@@ -894,7 +957,14 @@ async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_s
         "only the admin team reads the fleet: {body}"
     );
 
-    // Timeout and refreshes move the end time.
+    other
+}
+
+/// Timeout and refreshes move the end time.
+async fn timeouts_and_refreshes_move_the_end(server: &Server, sandboxes: &TwoSandboxes) {
+    let TwoSandboxes {
+        alice_id, bob_id, ..
+    } = sandboxes;
     let (status, _) = server
         .call(
             Method::POST,
@@ -927,8 +997,13 @@ async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_s
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+}
 
-    // Metrics from envd.
+/// Metrics from envd.
+async fn metrics_come_from_envd(server: &Server, sandboxes: &TwoSandboxes) {
+    let TwoSandboxes {
+        alice_id, bob_id, ..
+    } = sandboxes;
     let (status, metrics) = server
         .call(
             Method::GET,
@@ -940,12 +1015,15 @@ async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_s
     assert!(metrics[0]["memTotal"].as_u64().unwrap() > 0, "{metrics}");
 
     // h2c through the proxy (and the agent's proxy) to a server in the guest.
-    start_h2c_server(server.proxy, &bob_id, None, 8081).await;
-    let (version, body) = h2c_get(server.proxy, &bob_id, 8081).await;
+    start_h2c_server(server.proxy, bob_id, None, 8081).await;
+    let (version, body) = h2c_get(server.proxy, bob_id, 8081).await;
     assert_eq!((version, body.as_str()), (http::Version::HTTP_2, "h2c 2.0"));
+}
 
-    // An upgraded connection (WebSocket's handshake, then raw bytes) through both proxies.
-    upgrade_echo(server.proxy, &bob_id).await;
+/// An upgraded connection (WebSocket's handshake, then raw bytes) through both proxies.
+async fn upgraded_and_private_traffic(server: &Server, sandboxes: &TwoSandboxes) {
+    let TwoSandboxes { bob_id, .. } = sandboxes;
+    upgrade_echo(server.proxy, bob_id).await;
 
     // No public traffic: needs secure, gets a traffic token the proxy asks for on other ports
     // than envd's; with autoResume, traffic to it paused resumes it.
@@ -1028,8 +1106,19 @@ async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_s
         )
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
+}
 
-    // Pause (twice: 409), the proxy refuses a paused sandbox, connect resumes (201), then 200.
+/// Pause (twice: 409), the proxy refuses a paused sandbox, connect resumes (201), then 200.
+async fn pause_and_connect_resume(server: &Server, sandboxes: &TwoSandboxes) {
+    let TwoSandboxes {
+        alice_id,
+        alice_token,
+        ..
+    } = sandboxes;
+    let sandbox_headers = [
+        ("e2b-sandbox-id", alice_id.as_str()),
+        ("e2b-sandbox-port", "49983"),
+    ];
     let (status, _) = server
         .call(
             Method::POST,
@@ -1088,8 +1177,8 @@ async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_s
     assert_eq!(status, StatusCode::OK);
     let ran = run_via_proxy(
         server.proxy,
-        &alice_id,
-        Some(&alice_token),
+        alice_id,
+        Some(alice_token),
         "cat /home/user/before-pause.txt",
     )
     .await;
@@ -1119,8 +1208,15 @@ async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_s
         )
         .await;
     assert_eq!(status, StatusCode::CREATED);
+}
 
-    // A control-plane restart (SIGKILL) loses nothing: the sandboxes, the host, the keys.
+/// A control-plane restart (SIGKILL) loses nothing: the sandboxes, the host, the keys.
+async fn a_restart_loses_nothing(server: &mut Server, sandboxes: &TwoSandboxes, other: &str) {
+    let TwoSandboxes {
+        alice_id,
+        alice_token,
+        ..
+    } = sandboxes;
     server.kill();
     server.spawn();
     let (status, listed, _) = server
@@ -1130,18 +1226,20 @@ async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_s
     assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
     let ran = run_via_proxy(
         server.proxy,
-        &alice_id,
-        Some(&alice_token),
+        alice_id,
+        Some(alice_token),
         "cat /home/user/before-pause.txt",
     )
     .await;
     assert_eq!(ran.stdout.trim(), "hello there", "after a restart: {ran:?}");
     let (status, _, _) = server
-        .call_with(Method::GET, "/v2/sandboxes", Some(&other), "")
+        .call_with(Method::GET, "/v2/sandboxes", Some(other), "")
         .await;
     assert_eq!(status, StatusCode::OK, "the other team's key survived too");
+}
 
-    // Timeout expiry kills.
+/// Timeout expiry kills.
+async fn timeout_expiry_kills(server: &Server) {
     let short = server
         .create(json!({"templateID": "base", "timeout": 2}))
         .await;
@@ -1157,8 +1255,13 @@ async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_s
         },
     )
     .await;
+}
 
-    // Kill: 204, then 404.
+/// Kill: 204, then 404.
+async fn kill_then_404(server: &Server, sandboxes: &TwoSandboxes) {
+    let TwoSandboxes {
+        alice_id, bob_id, ..
+    } = sandboxes;
     for id in [&alice_id, &bob_id] {
         let (status, _) = server
             .call(Method::DELETE, &format!("/sandboxes/{id}"), Value::Null)
@@ -1176,10 +1279,6 @@ async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_s
         (status, body["code"].clone()),
         (StatusCode::NOT_FOUND, json!(404))
     );
-    // Nothing is left once the agent stops: no VM, namespace, interface or sandbox file.
-    let mut agent = agent;
-    agent.stop();
-    assert_eq!(agent.leftovers(), Vec::<String>::new());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

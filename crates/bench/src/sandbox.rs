@@ -24,11 +24,9 @@ use wrenn_vmm::{MachineSpec, Vmm};
 
 use super::quantile;
 
+/// The guests both benchmarks boot, and how they report.
 #[derive(Debug, Args)]
-pub struct BootBenchArgs {
-    /// Boots to measure.
-    #[arg(long, default_value_t = 5)]
-    runs: usize,
+pub struct GuestArgs {
     #[arg(long, env = "WRENN_IMAGE_DIR")]
     image_dir: Option<PathBuf>,
     #[arg(long, default_value = "auto")]
@@ -37,6 +35,15 @@ pub struct BootBenchArgs {
     memory_mib: u32,
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BootBenchArgs {
+    /// Boots to measure.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    #[command(flatten)]
+    guest: GuestArgs,
 }
 
 #[derive(Debug, Args)]
@@ -53,14 +60,8 @@ pub struct SandboxBenchArgs {
     /// Pause + resume cycles measured.
     #[arg(long, default_value_t = 5)]
     pauses: usize,
-    #[arg(long, env = "WRENN_IMAGE_DIR")]
-    image_dir: Option<PathBuf>,
-    #[arg(long, default_value = "auto")]
-    accel: AccelSetting,
-    #[arg(long, default_value_t = 512)]
-    memory_mib: u32,
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    guest: GuestArgs,
 }
 
 /// Latency figures in milliseconds.
@@ -118,13 +119,14 @@ fn overlay(
 
 pub async fn boot(args: BootBenchArgs) -> anyhow::Result<()> {
     let image = args
+        .guest
         .image_dir
         .unwrap_or_else(wrenn_image::default_image_dir);
     let manifest = wrenn_image::Manifest::read(&image)
         .context("reading the image (run `wrenn image build`)")?;
     let work = tempfile::tempdir()?;
     let accel = wrenn_vmm::accel::resolve(
-        args.accel,
+        args.guest.accel,
         "qemu-system-x86_64".as_ref(),
         &image.join("vmlinuz"),
         None,
@@ -148,7 +150,7 @@ pub async fn boot(args: BootBenchArgs) -> anyhow::Result<()> {
             initrd: Some(image.join("initrd.img")),
             cmdline: manifest.kernel.cmdline.clone(),
             disk: disk.clone(),
-            memory_mib: args.memory_mib,
+            memory_mib: args.guest.memory_mib,
             vcpus: 1,
             netns: Some(slot.netns.clone()),
             tap: "tap0".into(),
@@ -173,13 +175,17 @@ pub async fn boot(args: BootBenchArgs) -> anyhow::Result<()> {
     }
     pool.delete_all().await;
     let figures = latency(&samples);
-    if args.json {
+    if args.guest.json {
         println!(
             "{}",
-            serde_json::json!({ "accel": accel.as_str(), "memory_mib": args.memory_mib, "boot_to_health": figures })
+            serde_json::json!({ "accel": accel.as_str(), "memory_mib": args.guest.memory_mib, "boot_to_health": figures })
         );
     } else {
-        println!("accel {}, {} MiB guest", accel.as_str(), args.memory_mib);
+        println!(
+            "accel {}, {} MiB guest",
+            accel.as_str(),
+            args.guest.memory_mib
+        );
         println!("{}", table(&[("boot → envd /health", &figures)]));
     }
     Ok(())
@@ -221,7 +227,7 @@ impl BenchAgent {
                 "12",
             ])
             .arg("--accel")
-            .arg(match args.accel {
+            .arg(match args.guest.accel {
                 AccelSetting::Auto => "auto",
                 AccelSetting::Kvm => "kvm",
                 AccelSetting::Tcg => "tcg",
@@ -237,7 +243,7 @@ impl BenchAgent {
             .env("WRENN_AGENT_TOKEN", token)
             .env("WRENN_LOG", "warn")
             .stdin(std::process::Stdio::null());
-        if let Some(image) = &args.image_dir {
+        if let Some(image) = &args.guest.image_dir {
             command.arg("--image-dir").arg(image);
         }
         let child = command.spawn().context("starting the agent")?;
@@ -307,7 +313,7 @@ pub async fn sandbox(args: SandboxBenchArgs) -> anyhow::Result<()> {
     let built: pb::BuildTemplateResponse = agent
         .call::<host_agent::BuildTemplate>(&pb::BuildTemplateRequest {
             template_id: "bench".into(),
-            memory_mib: args.memory_mib,
+            memory_mib: args.guest.memory_mib,
             vcpus: 1,
             ..Default::default()
         })
@@ -419,7 +425,7 @@ pub async fn sandbox(args: SandboxBenchArgs) -> anyhow::Result<()> {
     let resumes = latency(&resumes);
     let overhead_percent = (sequential.p50_ms - raw.p50_ms) / raw.p50_ms * 100.0;
     let agent_rss_mib = info.agent_rss_bytes as f64 / f64::from(1u32 << 20);
-    if args.json {
+    if args.guest.json {
         println!(
             "{}",
             serde_json::json!({

@@ -1622,15 +1622,7 @@ impl FakeAgent {
             slots_total: 8,
             slots_in_use: if full { 8 } else { 0 },
             disk_available_bytes: 1 << 40,
-            templates: vec![wrenn_agent::join::TemplateReport {
-                template_id: "base".into(),
-                memory_mib: 512,
-                vcpus: 1,
-                envd_version: "0.6.4".into(),
-                image_key: String::new(),
-                created_at_ms: 0,
-                disk_size_mb: 2048,
-            }],
+            templates: vec![wrenn_agent_api::fake::template("base", 512)],
             ..Default::default()
         }
     }

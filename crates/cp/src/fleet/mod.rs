@@ -336,15 +336,7 @@ mod tests {
                     slots_in_use: *used,
                     memory_available_bytes: memory_mib << 20,
                     disk_available_bytes: *disk_bytes,
-                    templates: vec![TemplateReport {
-                        template_id: "base".into(),
-                        memory_mib: 512,
-                        vcpus: 1,
-                        envd_version: "0.6.4".into(),
-                        image_key: String::new(),
-                        created_at_ms: 0,
-                        disk_size_mb: 2048,
-                    }],
+                    templates: vec![wrenn_agent_api::fake::template("base", 512)],
                     ..Default::default()
                 },
                 last_heartbeat_ms: 0,

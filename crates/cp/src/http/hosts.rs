@@ -89,7 +89,6 @@ pub(super) async fn require_admin(plane: &ControlPlane, team: &TeamId) -> Result
     params(("name" = String, Path, description = "The host's name")),
     responses(
         (status = 200, description = "Forgotten, with its sandboxes' rows", body = wrenn_api::ForgottenHost),
-        (status = 401, description = "No valid API key", body = wrenn_api::Error),
         (status = 403, description = "The key's team is not an admin", body = wrenn_api::Error),
         (status = 404, description = "No such host", body = wrenn_api::Error),
         (status = 409, description = "The host is up", body = wrenn_api::Error),
@@ -112,7 +111,6 @@ pub(super) async fn forget_host(
 #[utoipa::path(get, path = "/hosts", tag = "hosts", security(("api_key" = [])),
     responses(
         (status = 200, description = "The fleet", body = wrenn_api::Hosts),
-        (status = 401, description = "No valid API key", body = wrenn_api::Error),
         (status = 403, description = "The key's team is not an admin", body = wrenn_api::Error),
     ))]
 pub(super) async fn list_hosts(

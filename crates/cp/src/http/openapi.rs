@@ -40,7 +40,7 @@ use super::{hosts, sandboxes, templates};
         super::health,
         super::openapi_document,
     ),
-    modifiers(&Security, &OtherErrors),
+    modifiers(&Security, &KeyAndSandboxErrors, &OtherErrors),
     tags(
         (name = "sandboxes", description = "Sandboxes: create, list, pause, resume, kill, metrics"),
         (name = "templates", description = "The templates sandboxes start from"),
@@ -64,6 +64,60 @@ impl utoipa::Modify for Security {
             || SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build());
         components.add_security_scheme("join_token", bearer());
         components.add_security_scheme("heartbeat_token", bearer());
+    }
+}
+
+/// The answers every route of a kind has, written once: 401 on every route that takes an API
+/// key, and 404 on every route of one sandbox (`/sandboxes/{id}/…`, another team's included).
+struct KeyAndSandboxErrors;
+
+impl utoipa::Modify for KeyAndSandboxErrors {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, RefOr, ResponseBuilder};
+        let error = |description: &str| {
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(description)
+                    .content(
+                        "application/json",
+                        ContentBuilder::new()
+                            .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+                                "Error",
+                            ))))
+                            .build(),
+                    )
+                    .build(),
+            )
+        };
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let one_sandbox =
+                path.starts_with("/sandboxes/{id}") || path.starts_with("/v2/sandboxes/{id}");
+            for operation in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.delete,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let takes_key = operation.security.iter().flatten().any(|requirement| {
+                    serde_json::to_value(requirement)
+                        .is_ok_and(|value| value.get("api_key").is_some())
+                });
+                let answers = &mut operation.responses.responses;
+                if takes_key {
+                    answers
+                        .entry("401".into())
+                        .or_insert_with(|| error("No valid API key"));
+                }
+                if one_sandbox {
+                    answers
+                        .entry("404".into())
+                        .or_insert_with(|| error("No such sandbox of the team"));
+                }
+            }
+        }
     }
 }
 

@@ -10,7 +10,6 @@ use super::*;
     responses(
         (status = 201, description = "The sandbox runs", body = wrenn_api::Sandbox),
         (status = 400, description = "A bad body or a setting wrenn does not enforce", body = wrenn_api::Error),
-        (status = 401, description = "No valid API key", body = wrenn_api::Error),
         (status = 404, description = "No host has the template", body = wrenn_api::Error),
         (status = 429, description = "A team quota is reached", body = wrenn_api::Error),
         (status = 503, description = "No host has room now", body = wrenn_api::Error),
@@ -31,8 +30,6 @@ pub(super) async fn create_sandbox_v2(
     responses(
         (status = 200, description = "It was running: its timeout is at least `timeout` from now", body = wrenn_api::Sandbox),
         (status = 201, description = "It was paused: resumed", body = wrenn_api::Sandbox),
-        (status = 401, description = "No valid API key", body = wrenn_api::Error),
-        (status = 404, description = "No such sandbox of the team", body = wrenn_api::Error),
     ))]
 pub(super) async fn connect_v2(
     state: State<Arc<ControlPlane>>,
@@ -49,7 +46,6 @@ pub(super) async fn connect_v2(
     responses(
         (status = 201, description = "The sandbox runs", body = wrenn_api::Sandbox),
         (status = 400, description = "A bad body or a setting wrenn does not enforce", body = wrenn_api::Error),
-        (status = 401, description = "No valid API key", body = wrenn_api::Error),
         (status = 404, description = "No host has the template", body = wrenn_api::Error),
         (status = 429, description = "A team quota is reached", body = wrenn_api::Error),
         (status = 503, description = "No host has room now", body = wrenn_api::Error),
@@ -186,7 +182,6 @@ pub(super) fn decode_token(token: &str) -> Result<(i64, String), ApiError> {
         (status = 200, description = "A page of the team's sandboxes", body = Vec<wrenn_api::ListedSandbox>,
             headers(("X-Next-Token" = String, description = "The next page's token, when there is one"))),
         (status = 400, description = "A bad filter or token", body = wrenn_api::Error),
-        (status = 401, description = "No valid API key", body = wrenn_api::Error),
     ))]
 pub(super) async fn list_v2(
     State(plane): State<Arc<ControlPlane>>,
@@ -279,7 +274,6 @@ pub(super) async fn list_v2(
     params(("metadata" = Option<String>, Query, description = "URL-encoded key=value pairs every listed sandbox has")),
     responses(
         (status = 200, description = "The team's running sandboxes", body = Vec<wrenn_api::ListedSandbox>),
-        (status = 401, description = "No valid API key", body = wrenn_api::Error),
     ))]
 pub(super) async fn list_v1(
     State(plane): State<Arc<ControlPlane>>,
@@ -310,8 +304,6 @@ pub(super) async fn list_v1(
     params(("id" = String, Path, description = "The sandbox's id")),
     responses(
         (status = 200, description = "The sandbox", body = wrenn_api::SandboxDetail),
-        (status = 401, description = "No valid API key", body = wrenn_api::Error),
-        (status = 404, description = "No such sandbox of the team", body = wrenn_api::Error),
     ))]
 pub(super) async fn get_sandbox(
     State(plane): State<Arc<ControlPlane>>,
@@ -326,8 +318,6 @@ pub(super) async fn get_sandbox(
     params(("id" = String, Path, description = "The sandbox's id")),
     responses(
         (status = 204, description = "Killed: its VM, disk and snapshot are gone"),
-        (status = 401, description = "No valid API key", body = wrenn_api::Error),
-        (status = 404, description = "No such sandbox of the team", body = wrenn_api::Error),
     ))]
 pub(super) async fn kill_sandbox(
     State(plane): State<Arc<ControlPlane>>,
@@ -349,8 +339,6 @@ pub(super) async fn kill_sandbox(
     responses(
         (status = 204, description = "The sandbox ends `timeout` seconds from now"),
         (status = 400, description = "No timeout, or more than 24 hours", body = wrenn_api::Error),
-        (status = 401, description = "No valid API key", body = wrenn_api::Error),
-        (status = 404, description = "No such sandbox of the team", body = wrenn_api::Error),
     ))]
 pub(super) async fn set_timeout(
     State(plane): State<Arc<ControlPlane>>,
@@ -377,8 +365,6 @@ pub(super) async fn set_timeout(
     responses(
         (status = 204, description = "The sandbox lives `duration` more seconds"),
         (status = 400, description = "More than 24 hours", body = wrenn_api::Error),
-        (status = 401, description = "No valid API key", body = wrenn_api::Error),
-        (status = 404, description = "No such sandbox of the team", body = wrenn_api::Error),
     ))]
 pub(super) async fn refresh(
     State(plane): State<Arc<ControlPlane>>,
@@ -404,8 +390,6 @@ pub(super) async fn refresh(
     params(("id" = String, Path, description = "The sandbox's id")),
     responses(
         (status = 204, description = "Paused: memory, processes and files kept"),
-        (status = 401, description = "No valid API key", body = wrenn_api::Error),
-        (status = 404, description = "No such sandbox of the team", body = wrenn_api::Error),
         (status = 409, description = "Already paused", body = wrenn_api::Error),
     ))]
 pub(super) async fn pause(
@@ -432,8 +416,6 @@ pub(super) async fn pause(
     responses(
         (status = 200, description = "It was running: its timeout is at least `timeout` from now", body = wrenn_api::Sandbox),
         (status = 201, description = "It was paused: resumed", body = wrenn_api::Sandbox),
-        (status = 401, description = "No valid API key", body = wrenn_api::Error),
-        (status = 404, description = "No such sandbox of the team", body = wrenn_api::Error),
     ))]
 pub(super) async fn connect(
     State(plane): State<Arc<ControlPlane>>,
@@ -462,8 +444,6 @@ pub(super) async fn connect(
     request_body = wrenn_api::TimeoutRequest,
     responses(
         (status = 201, description = "Resumed", body = wrenn_api::Sandbox),
-        (status = 401, description = "No valid API key", body = wrenn_api::Error),
-        (status = 404, description = "No such sandbox of the team", body = wrenn_api::Error),
         (status = 409, description = "Not paused", body = wrenn_api::Error),
     ))]
 pub(super) async fn resume(
@@ -494,8 +474,6 @@ pub(super) async fn resume(
     request_body(content = Object, description = "E2B's network update"),
     responses(
         (status = 400, description = "wrenn does not change a running sandbox's network yet", body = wrenn_api::Error),
-        (status = 401, description = "No valid API key", body = wrenn_api::Error),
-        (status = 404, description = "No such sandbox of the team", body = wrenn_api::Error),
     ))]
 pub(super) async fn update_network(
     State(plane): State<Arc<ControlPlane>>,
@@ -511,8 +489,6 @@ pub(super) async fn update_network(
     params(("id" = String, Path, description = "The sandbox's id")),
     responses(
         (status = 200, description = "Its latest sample (none when it does not run)", body = Vec<wrenn_api::SandboxMetric>),
-        (status = 401, description = "No valid API key", body = wrenn_api::Error),
-        (status = 404, description = "No such sandbox of the team", body = wrenn_api::Error),
     ))]
 pub(super) async fn metrics(
     State(plane): State<Arc<ControlPlane>>,
@@ -535,7 +511,6 @@ const MAX_METRICS_SANDBOXES: usize = 100;
     responses(
         (status = 200, description = "The latest sample of each that runs", body = wrenn_api::SandboxesMetrics),
         (status = 400, description = "No ids, or too many", body = wrenn_api::Error),
-        (status = 401, description = "No valid API key", body = wrenn_api::Error),
     ))]
 pub(super) async fn metrics_of_many(
     State(plane): State<Arc<ControlPlane>>,

@@ -5,7 +5,6 @@ use super::*;
 #[utoipa::path(get, path = "/templates", tag = "templates", security(("api_key" = [])),
     responses(
         (status = 200, description = "The templates up hosts have", body = Vec<wrenn_api::Template>),
-        (status = 401, description = "No valid API key", body = wrenn_api::Error),
     ))]
 pub(super) async fn list_templates(State(plane): State<Arc<ControlPlane>>) -> Response {
     let templates: Vec<wrenn_api::Template> = plane
@@ -37,7 +36,6 @@ pub(super) async fn list_templates(State(plane): State<Arc<ControlPlane>>) -> Re
     params(("alias" = String, Path, description = "A template's alias")),
     responses(
         (status = 200, description = "The template", body = wrenn_api::TemplateAlias),
-        (status = 401, description = "No valid API key", body = wrenn_api::Error),
         (status = 404, description = "No such template", body = wrenn_api::Error),
     ))]
 pub(super) async fn template_alias(

@@ -53,11 +53,7 @@ impl HostNetwork for LinuxNetwork {
 
     async fn delete_slot(&self, slot: &Slot) {
         let slot = slot.clone();
-        let _ = run_blocking(move || {
-            delete_slot_blocking(&slot);
-            Ok(())
-        })
-        .await;
+        best_effort(move || delete_slot_blocking(&slot)).await;
     }
 
     async fn recycle_slot(&self, slot: &Slot) -> Result<(), AgentError> {
@@ -107,11 +103,7 @@ impl HostNetwork for LinuxNetwork {
 
     async fn remove_host_rules(&self, config: &SlotConfig) {
         let config = config.clone();
-        let _ = run_blocking(move || {
-            remove_host_chains(&config);
-            Ok(())
-        })
-        .await;
+        best_effort(move || remove_host_chains(&config)).await;
     }
 
     fn existing_slots(&self, prefix: &str) -> Vec<u32> {
@@ -132,6 +124,15 @@ impl HostNetwork for LinuxNetwork {
             })
             .unwrap_or_default()
     }
+}
+
+/// Runs blocking clean-up work that cannot fail (what is not there is not removed).
+async fn best_effort(work: impl FnOnce() + Send + 'static) {
+    let _ = run_blocking(move || {
+        work();
+        Ok(())
+    })
+    .await;
 }
 
 /// One call a [`RecordingNetwork`] took.

@@ -26,26 +26,17 @@ impl LocalAgent {
 impl HostAgent for LocalAgent {
     async fn create(&self, options: CreateOptions) -> Result<(), HostAgentError> {
         let manager = self.manager.clone();
-        crate::detached(async move { manager.create(options).await })
-            .await
-            .map(drop)
-            .map_err(HostAgentError::from)
+        finished(async move { manager.create(options).await }).await
     }
 
     async fn pause(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
         let (manager, id) = (self.manager.clone(), sandbox_id.to_string());
-        crate::detached(async move { manager.pause(&id).await })
-            .await
-            .map(drop)
-            .map_err(HostAgentError::from)
+        finished(async move { manager.pause(&id).await }).await
     }
 
     async fn resume(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
         let (manager, id) = (self.manager.clone(), sandbox_id.to_string());
-        crate::detached(async move { manager.resume(&id, None, None, None).await })
-            .await
-            .map(drop)
-            .map_err(HostAgentError::from)
+        finished(async move { manager.resume(&id, None, None, None).await }).await
     }
 
     async fn destroy(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
@@ -80,4 +71,15 @@ impl HostAgent for LocalAgent {
         let (address, ends) = self.manager.guest_route(sandbox_id, port)?;
         Some(GuestRoute::Direct { address, ends })
     }
+}
+
+/// Runs an operation detached (it finishes even if the caller gives up) and keeps only whether
+/// it succeeded.
+async fn finished<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, crate::AgentError>> + Send + 'static,
+) -> Result<(), HostAgentError> {
+    crate::detached(work)
+        .await
+        .map(drop)
+        .map_err(HostAgentError::from)
 }

@@ -377,6 +377,14 @@ pub fn spawn_connection<I>(
 mod tests {
     use super::*;
 
+    fn sweep_of(closed: usize, drained: usize, kept: usize) -> ConnectionSweep {
+        ConnectionSweep {
+            closed,
+            drained,
+            kept,
+        }
+    }
+
     #[test]
     fn restore_closes_only_connections_from_before_the_snapshot() {
         let tracker = ConnectionTracker::default();
@@ -385,14 +393,7 @@ mod tests {
         busy_count.store(1, Ordering::SeqCst);
         let (own, _, own_control) = tracker.register();
         let sweep = tracker.prepare_snapshot(Some(ConnectionId(own)));
-        assert_eq!(
-            sweep,
-            ConnectionSweep {
-                closed: 1,
-                drained: 2,
-                kept: 0
-            }
-        );
+        assert_eq!(sweep, sweep_of(1, 2, 0));
         assert_eq!(*idle_control.borrow(), Command::Close);
         assert_eq!(*busy_control.borrow(), Command::Drain);
         assert_eq!(*own_control.borrow(), Command::Drain);
@@ -403,14 +404,7 @@ mod tests {
         let (after, _, after_control) = tracker.register();
         let (init, _, init_control) = tracker.register();
         let sweep = tracker.complete_restore(Some(ConnectionId(init)));
-        assert_eq!(
-            sweep,
-            ConnectionSweep {
-                closed: 1,
-                drained: 0,
-                kept: 2
-            }
-        );
+        assert_eq!(sweep, sweep_of(1, 0, 2));
         assert_eq!(*busy_control.borrow(), Command::Close);
         assert_eq!(*after_control.borrow(), Command::Run);
         assert_eq!(*init_control.borrow(), Command::Run);

@@ -9,12 +9,7 @@ impl Manager {
         let entry = self.entry(sandbox_id)?;
         let _operation = entry.operation.lock().await;
         let record = entry.snapshot();
-        if record.state != SandboxState::Running {
-            return Err(AgentError::FailedPrecondition(format!(
-                "sandbox {sandbox_id} is {}: only a running sandbox can be paused",
-                record.state.as_str()
-            )));
-        }
+        require_state(&record, SandboxState::Running, "paused")?;
         let (Some(vm), Some(slot)) = (record.vm.clone(), record.slot) else {
             return Err(AgentError::Internal(format!(
                 "sandbox {sandbox_id} runs without a VM"
@@ -70,12 +65,7 @@ impl Manager {
         let entry = self.entry(sandbox_id)?;
         let _operation = entry.operation.lock().await;
         let record = entry.snapshot();
-        if record.state != SandboxState::Paused {
-            return Err(AgentError::FailedPrecondition(format!(
-                "sandbox {sandbox_id} is {}: only a paused sandbox can be resumed",
-                record.state.as_str()
-            )));
-        }
+        require_state(&record, SandboxState::Paused, "resumed")?;
         let snapshot = record.snapshot.clone().ok_or_else(|| {
             AgentError::Internal(format!("paused sandbox {sandbox_id} has no snapshot"))
         })?;
@@ -109,4 +99,21 @@ impl Manager {
             }
         }
     }
+}
+
+/// Refuses a change a sandbox in its state cannot take: only a `wanted` one can be `changed`.
+fn require_state(
+    record: &SandboxRecord,
+    wanted: SandboxState,
+    changed: &str,
+) -> Result<(), AgentError> {
+    if record.state == wanted {
+        return Ok(());
+    }
+    Err(AgentError::FailedPrecondition(format!(
+        "sandbox {} is {}: only a {} sandbox can be {changed}",
+        record.sandbox_id,
+        record.state.as_str(),
+        wanted.as_str()
+    )))
 }

@@ -67,55 +67,59 @@ impl utoipa::Modify for Security {
     }
 }
 
+/// An answer with the `Error` body.
+fn error_answer(description: &str) -> utoipa::openapi::RefOr<utoipa::openapi::Response> {
+    use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+    let body = ContentBuilder::new()
+        .schema(Some(RefOr::Ref(Ref::from_schema_name("Error"))))
+        .build();
+    RefOr::T(
+        ResponseBuilder::new()
+            .description(description)
+            .content("application/json", body)
+            .build(),
+    )
+}
+
+/// Every operation of the document, with its path.
+fn operations(
+    openapi: &mut utoipa::openapi::OpenApi,
+) -> impl Iterator<Item = (&String, &mut utoipa::openapi::path::Operation)> {
+    openapi.paths.paths.iter_mut().flat_map(|(path, item)| {
+        [
+            &mut item.get,
+            &mut item.post,
+            &mut item.put,
+            &mut item.delete,
+        ]
+        .into_iter()
+        .flatten()
+        .map(move |operation| (path, operation))
+    })
+}
+
 /// The answers every route of a kind has, written once: 401 on every route that takes an API
 /// key, and 404 on every route of one sandbox (`/sandboxes/{id}/…`, another team's included).
 struct KeyAndSandboxErrors;
 
 impl utoipa::Modify for KeyAndSandboxErrors {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::{ContentBuilder, RefOr, ResponseBuilder};
-        let error = |description: &str| {
-            RefOr::T(
-                ResponseBuilder::new()
-                    .description(description)
-                    .content(
-                        "application/json",
-                        ContentBuilder::new()
-                            .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
-                                "Error",
-                            ))))
-                            .build(),
-                    )
-                    .build(),
-            )
-        };
-        for (path, item) in openapi.paths.paths.iter_mut() {
+        for (path, operation) in operations(openapi) {
             let one_sandbox =
                 path.starts_with("/sandboxes/{id}") || path.starts_with("/v2/sandboxes/{id}");
-            for operation in [
-                &mut item.get,
-                &mut item.post,
-                &mut item.put,
-                &mut item.delete,
-            ]
-            .into_iter()
-            .flatten()
-            {
-                let takes_key = operation.security.iter().flatten().any(|requirement| {
-                    serde_json::to_value(requirement)
-                        .is_ok_and(|value| value.get("api_key").is_some())
-                });
-                let answers = &mut operation.responses.responses;
-                if takes_key {
-                    answers
-                        .entry("401".into())
-                        .or_insert_with(|| error("No valid API key"));
-                }
-                if one_sandbox {
-                    answers
-                        .entry("404".into())
-                        .or_insert_with(|| error("No such sandbox of the team"));
-                }
+            let takes_key = operation.security.iter().flatten().any(|requirement| {
+                serde_json::to_value(requirement).is_ok_and(|value| value.get("api_key").is_some())
+            });
+            let answers = &mut operation.responses.responses;
+            if takes_key {
+                answers
+                    .entry("401".into())
+                    .or_insert_with(|| error_answer("No valid API key"));
+            }
+            if one_sandbox {
+                answers
+                    .entry("404".into())
+                    .or_insert_with(|| error_answer("No such sandbox of the team"));
             }
         }
     }
@@ -127,37 +131,19 @@ struct OtherErrors;
 
 impl utoipa::Modify for OtherErrors {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::{ContentBuilder, RefOr, ResponseBuilder};
-        let error = ResponseBuilder::new()
-            .description("Any other error (a host that failed, timed out or had no room; a store that failed): the message says what happened")
-            .content(
-                "application/json",
-                ContentBuilder::new()
-                    .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name("Error"))))
-                    .build(),
-            )
-            .build();
-        for item in openapi.paths.paths.values_mut() {
-            for operation in [
-                &mut item.get,
-                &mut item.post,
-                &mut item.put,
-                &mut item.delete,
-            ]
-            .into_iter()
-            .flatten()
-            {
-                if operation
-                    .tags
-                    .as_ref()
-                    .is_some_and(|tags| tags.iter().any(|t| t == "service"))
-                {
-                    continue;
-                }
+        let error = error_answer(
+            "Any other error (a host that failed, timed out or had no room; a store that failed): the message says what happened",
+        );
+        for (_, operation) in operations(openapi) {
+            let service = operation
+                .tags
+                .as_ref()
+                .is_some_and(|tags| tags.iter().any(|t| t == "service"));
+            if !service {
                 operation
                     .responses
                     .responses
-                    .insert("default".into(), RefOr::T(error.clone()));
+                    .insert("default".into(), error.clone());
             }
         }
     }

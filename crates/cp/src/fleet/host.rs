@@ -65,34 +65,28 @@ impl Host {
 
     /// Starts a sandbox on the host.
     pub async fn create(&self, options: CreateOptions) -> Result<(), Error> {
-        let deadline = deadlines::VM_OPERATION;
+        let create = self.agent.create(options);
         within(
             &self.name(),
             "CreateSandbox",
-            deadline,
-            self.agent.create(options),
+            deadlines::VM_OPERATION,
+            create,
         )
         .await
     }
 
     pub async fn pause(&self, sandbox_id: &str) -> Result<(), Error> {
-        let deadline = deadlines::VM_OPERATION;
-        within(
-            &self.name(),
-            "PauseSandbox",
-            deadline,
-            self.agent.pause(sandbox_id),
-        )
-        .await
+        let pause = self.agent.pause(sandbox_id);
+        within(&self.name(), "PauseSandbox", deadlines::VM_OPERATION, pause).await
     }
 
     pub async fn resume(&self, sandbox_id: &str) -> Result<(), Error> {
-        let deadline = deadlines::VM_OPERATION;
+        let resume = self.agent.resume(sandbox_id);
         within(
             &self.name(),
             "ResumeSandbox",
-            deadline,
-            self.agent.resume(sandbox_id),
+            deadlines::VM_OPERATION,
+            resume,
         )
         .await
     }

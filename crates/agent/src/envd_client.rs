@@ -134,24 +134,7 @@ pub async fn wait_ready(
 
 /// `POST /init`.
 pub async fn init(address: SocketAddr, body: Value, timeout: Duration) -> Result<(), AgentError> {
-    match call(
-        address,
-        http::Method::POST,
-        "/init",
-        Some(body),
-        None,
-        timeout,
-    )
-    .await
-    {
-        Ok((status, _)) if (200..300).contains(&status) => Ok(()),
-        Ok((status, text)) => Err(AgentError::Internal(format!(
-            "envd refused /init: HTTP {status}: {text}"
-        ))),
-        Err(error) => Err(AgentError::DeadlineExceeded(format!(
-            "envd's /init: {error}"
-        ))),
-    }
+    control_post(address, "/init", Some(body), None, timeout).await
 }
 
 /// `POST /snapshot/prepare`: envd stops its scanners and idle connections and freezes the
@@ -161,22 +144,25 @@ pub async fn prepare_snapshot(
     token: Option<&str>,
     timeout: Duration,
 ) -> Result<(), AgentError> {
-    match call(
-        address,
-        http::Method::POST,
-        "/snapshot/prepare",
-        None,
-        token,
-        timeout,
-    )
-    .await
-    {
+    control_post(address, "/snapshot/prepare", None, token, timeout).await
+}
+
+/// A control `POST` that must be answered with a 2xx: a refusal is an internal error, no
+/// answer a deadline exceeded.
+async fn control_post(
+    address: SocketAddr,
+    path: &str,
+    body: Option<Value>,
+    token: Option<&str>,
+    timeout: Duration,
+) -> Result<(), AgentError> {
+    match call(address, http::Method::POST, path, body, token, timeout).await {
         Ok((status, _)) if (200..300).contains(&status) => Ok(()),
         Ok((status, text)) => Err(AgentError::Internal(format!(
-            "envd refused /snapshot/prepare: HTTP {status}: {text}"
+            "envd refused {path}: HTTP {status}: {text}"
         ))),
         Err(error) => Err(AgentError::DeadlineExceeded(format!(
-            "envd's /snapshot/prepare: {error}"
+            "envd's {path}: {error}"
         ))),
     }
 }

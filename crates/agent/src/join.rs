@@ -104,10 +104,16 @@ async fn post_json(
     bearer: &str,
     body: &impl serde::Serialize,
 ) -> Result<(http::StatusCode, bytes::Bytes), String> {
-    use wrenn_http::client::{ClientOptions, describe, read_bounded};
-    let http = wrenn_http::client::client(ClientOptions {
-        connect_timeout: Some(CALL_TIMEOUT),
-        ..ClientOptions::default()
+    use wrenn_http::client::{ClientOptions, describe, read_bounded, reqwest};
+    // One client for the agent's life, built once. Each call opens its own connection, as a
+    // control plane that restarted leaves no stale one behind.
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    let http = CLIENT.get_or_init(|| {
+        wrenn_http::client::client(ClientOptions {
+            connect_timeout: Some(CALL_TIMEOUT),
+            keep_idle: false,
+            http2_prior_knowledge: false,
+        })
     });
     let response = http
         .post(url)

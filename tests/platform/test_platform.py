@@ -145,8 +145,14 @@ def test_a_killed_sandbox_ends_its_streams_at_once(wrenn):
 
     from e2b import PtySize
 
-    # A download that the client reads slowly: far more than the proxies' buffers hold.
-    sandbox.commands.run("head -c 200M /dev/zero > /home/user/big")
+    # A download that the client reads slowly: far more than the proxies' buffers hold. The
+    # bytes must not compress: httpx asks for gzip, envd gives it, and 200 MiB of zeros (the
+    # first version of this test) is a 200 KiB body that is wholly in flight before the kill.
+    # 8 MiB of random bytes repeated is as incompressible to gzip's 32 KiB window.
+    sandbox.commands.run(
+        "head -c 8M /dev/urandom > /tmp/random && "
+        "for i in $(seq 25); do cat /tmp/random; done > /home/user/big"
+    )
     download = sandbox.files.read("/home/user/big", format="stream")
 
     received = []
@@ -154,12 +160,13 @@ def test_a_killed_sandbox_ends_its_streams_at_once(wrenn):
     killed = threading.Event()
 
     def read_slowly():
-        # Slowly until the kill (so the transfer is in flight then), then as fast as the
-        # client can: what the proxies had buffered drains, and the cut must follow.
+        # At 4 MiB/s until the kill (so the transfer is in flight then), then as fast as the
+        # client can: what the proxies had buffered drains, and the cut must follow. The pace
+        # is per byte: the transport's chunks vary from a few KiB to megabytes.
         for chunk in download:
             received.append(len(chunk))
             if not killed.is_set():
-                time.sleep(0.01)
+                time.sleep(len(chunk) / (4 << 20))
 
     command = sandbox.commands.run("sleep 600", background=True, timeout=0)
     terminal = sandbox.pty.create(size=PtySize(rows=24, cols=80), timeout=0)
@@ -185,7 +192,9 @@ def test_a_killed_sandbox_ends_its_streams_at_once(wrenn):
         assert outcomes[name][0] == "not running", outcomes
         assert "killed" in outcomes[name][1], outcomes
     # A plain byte stream has no SDK error of its own: it must fail, not end as if complete.
-    assert outcomes["download"] != "returned", outcomes
+    assert outcomes["download"] != "returned", (
+        f"{outcomes}; downloaded {sum(received)} of {200 << 20} bytes"
+    )
     # The polling watch now fails: its sandbox is gone.
     with pytest.raises(SandboxException):
         watch.get_new_events()

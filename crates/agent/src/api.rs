@@ -9,10 +9,9 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use wrenn_connect::Message;
-use wrenn_connect::server::{decode_unary, unary_codec, unary_error, unary_response};
+use wrenn_connect::server::{serve_unary, unary_error};
 use wrenn_connect::{Code, ConnectError, DEFAULT_MAX_MESSAGE_BYTES};
 use wrenn_proto::Rpc;
 use wrenn_proto::agent as pb;
@@ -34,47 +33,18 @@ pub fn router(manager: Arc<Manager>, token: &str) -> Router {
         manager,
         token: token.into(),
     };
-    Router::new()
-        .route(
-            rpc::CreateSandbox::PATH,
-            post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, create_sandbox)),
-        )
-        .route(
-            rpc::GetSandbox::PATH,
-            post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, get_sandbox)),
-        )
-        .route(
-            rpc::ListSandboxes::PATH,
-            post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, list_sandboxes)),
-        )
-        .route(
-            rpc::PauseSandbox::PATH,
-            post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, pause_sandbox)),
-        )
-        .route(
-            rpc::ResumeSandbox::PATH,
-            post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, resume_sandbox)),
-        )
-        .route(
-            rpc::DestroySandbox::PATH,
-            post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, destroy_sandbox)),
-        )
-        .route(
-            rpc::BuildTemplate::PATH,
-            post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, build_template)),
-        )
-        .route(
-            rpc::ListTemplates::PATH,
-            post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, list_templates)),
-        )
-        .route(
-            rpc::DeleteTemplate::PATH,
-            post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, delete_template)),
-        )
-        .route(
-            rpc::HostInfo::PATH,
-            post(|s: State<ApiState>, h: HeaderMap, b: Body| rpc(s, h, b, host_info)),
-        )
+    let router = Router::new();
+    let router = serve(router, rpc::CreateSandbox, create_sandbox);
+    let router = serve(router, rpc::GetSandbox, get_sandbox);
+    let router = serve(router, rpc::ListSandboxes, list_sandboxes);
+    let router = serve(router, rpc::PauseSandbox, pause_sandbox);
+    let router = serve(router, rpc::ResumeSandbox, resume_sandbox);
+    let router = serve(router, rpc::DestroySandbox, destroy_sandbox);
+    let router = serve(router, rpc::BuildTemplate, build_template);
+    let router = serve(router, rpc::ListTemplates, list_templates);
+    let router = serve(router, rpc::DeleteTemplate, delete_template);
+    let router = serve(router, rpc::HostInfo, host_info);
+    router
         .fallback(|| async {
             unary_error(&ConnectError::new(
                 Code::NotFound,
@@ -93,52 +63,35 @@ fn authorized(headers: &HeaderMap, token: &str) -> bool {
         .is_some_and(|given| bool::from(given.as_bytes().ct_eq(token.as_bytes())))
 }
 
-async fn rpc<Req, Resp, F, Fut>(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    body: Body,
-    handler: F,
-) -> Response
+/// Adds the unary method `M` to `router`: the token checked, then `handler` on the manager.
+fn serve<M, F, Fut>(router: Router<ApiState>, _method: M, handler: F) -> Router<ApiState>
 where
-    Req: Message,
-    Resp: Message + Send + 'static,
-    F: FnOnce(Arc<Manager>, Req) -> Fut,
-    Fut: Future<Output = Result<Resp, AgentError>> + Send + 'static,
+    M: Rpc,
+    M::Request: Message,
+    M::Response: Message + Send + 'static,
+    F: FnOnce(Arc<Manager>, M::Request) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<M::Response, AgentError>> + Send + 'static,
 {
-    let codec = match unary_codec(&headers) {
-        Ok(codec) => codec,
-        Err(response) => return (*response).into_response(),
-    };
-    if !authorized(&headers, &state.token) {
-        return unary_error(&ConnectError::new(
-            Code::Unauthenticated,
-            "a valid bearer token is required",
-        ))
-        .into_response();
-    }
-    let bytes = match axum::body::to_bytes(body, DEFAULT_MAX_MESSAGE_BYTES + 1).await {
-        Ok(bytes) => bytes,
-        Err(_) => {
+    let call = move |State(state): State<ApiState>, headers: HeaderMap, body: Body| async move {
+        if !authorized(&headers, &state.token) {
             return unary_error(&ConnectError::new(
-                Code::ResourceExhausted,
-                format!("request over {DEFAULT_MAX_MESSAGE_BYTES} bytes"),
-            ))
-            .into_response();
+                Code::Unauthenticated,
+                "a valid bearer token is required",
+            ));
         }
+        serve_unary(&headers, body, DEFAULT_MAX_MESSAGE_BYTES, |request| async {
+            // The call runs to its end even if the caller hangs up: a create, pause or build
+            // cut off halfway would leave a VM, a slot or a snapshot behind.
+            crate::detached(handler(state.manager.clone(), request))
+                .await
+                .map_err(|error| {
+                    tracing::info!(%error, code = ?error.code(), "agent call failed");
+                    ConnectError::from(error)
+                })
+        })
+        .await
     };
-    let request: Req = match decode_unary(codec, &bytes, DEFAULT_MAX_MESSAGE_BYTES) {
-        Ok(request) => request,
-        Err(error) => return unary_error(&error).into_response(),
-    };
-    // The call runs to its end even if the caller hangs up: a create, pause or build cut off
-    // halfway would leave a VM, a slot or a snapshot behind.
-    match crate::detached(handler(state.manager.clone(), request)).await {
-        Ok(response) => unary_response(codec, &response).into_response(),
-        Err(error) => {
-            tracing::info!(%error, code = ?error.code(), "agent call failed");
-            unary_error(&ConnectError::from(error)).into_response()
-        }
-    }
+    router.route(M::PATH, post(call))
 }
 
 fn millis(value: u32) -> Option<Duration> {

@@ -1,12 +1,13 @@
 //! Joining a control plane: what a host reports of itself ([`HostReport`], built by [`report`]),
 //! the registration and heartbeat messages, and [`run`], the loop that registers with a join
 //! token and then heartbeats the host's capacity, registering again whenever the control plane
-//! has forgotten the host (a 404) or the heartbeat token stops working (a 401).
+//! has forgotten the host (NotFound) or the heartbeat token stops working (Unauthenticated). Both
+//! calls are the control plane's `wrenn.fleet.v1.HostRegistry` RPCs, over Connect.
 //!
 //! **Identity**: at its first registration the control plane gives the host an identity (its
 //! host id and a secret), which the agent keeps in its data directory ([`IDENTITY_FILE`],
 //! written atomically, 0600) and presents at every later registration, across restarts. The
-//! control plane refuses (409) a registration that claims a known host's name without that
+//! control plane refuses (AlreadyExists) a registration that claims a known host's name without that
 //! host's identity, so a second agent cannot take over a live host, nor a dead one's name.
 
 use std::path::{Path, PathBuf};
@@ -16,8 +17,12 @@ use std::time::Duration;
 use crate::manager::Manager;
 use crate::store::SandboxState;
 
+use wrenn_connect::client::{ConnectClient, HttpVersion};
+use wrenn_connect::{Code, Codec, ConnectError};
+
 pub use wrenn_agent_api::join::{
-    HostIdentity, HostReport, IDENTITY_FILE, RegisterRequest, RegisterResponse, TemplateReport,
+    HeartbeatRequest, HostIdentity, HostReport, IDENTITY_FILE, RegisterRequest, RegisterResponse,
+    TemplateReport, host_registry,
 };
 
 fn meminfo_kib(meminfo: &str, key: &str) -> u64 {
@@ -94,40 +99,33 @@ pub struct JoinConfig {
     pub identity_file: PathBuf,
 }
 
+/// How long a registration or heartbeat may take, connection included.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-/// The most of a control plane's answer read.
-const MAX_ANSWER: usize = 1 << 20;
 
-/// Posts `body` as JSON to the control plane with a bearer token: the answer's status and body.
-async fn post_json(
-    url: &str,
+/// The control plane's fleet registry, called with `bearer`, over the Connect client the
+/// join loop keeps for its life.
+async fn call<M>(
+    registry: &ConnectClient,
     bearer: &str,
-    body: &impl serde::Serialize,
-) -> Result<(http::StatusCode, bytes::Bytes), String> {
-    use wrenn_http::client::{ClientOptions, describe, read_bounded, reqwest};
-    // One client for the agent's life, built once. Each call opens its own connection, as a
-    // control plane that restarted leaves no stale one behind.
-    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
-    let http = CLIENT.get_or_init(|| {
-        wrenn_http::client::client(ClientOptions {
-            connect_timeout: Some(CALL_TIMEOUT),
-            keep_idle: false,
-            http2_prior_knowledge: false,
+    request: &M::Request,
+) -> Result<M::Response, ConnectError>
+where
+    M: wrenn_proto::Rpc,
+    M::Request: wrenn_connect::Message,
+    M::Response: wrenn_connect::Message,
+{
+    let mut headers = http::HeaderMap::new();
+    let value = http::HeaderValue::from_str(&format!("Bearer {bearer}"))
+        .map_err(|_| ConnectError::new(Code::InvalidArgument, "the token is not a header value"))?;
+    headers.insert(http::header::AUTHORIZATION, value);
+    tokio::time::timeout(CALL_TIMEOUT, registry.call::<M>(request, &headers))
+        .await
+        .unwrap_or_else(|_| {
+            Err(ConnectError::new(
+                Code::DeadlineExceeded,
+                format!("no answer within {} s", CALL_TIMEOUT.as_secs()),
+            ))
         })
-    });
-    let response = http
-        .post(url)
-        .timeout(CALL_TIMEOUT)
-        .bearer_auth(bearer)
-        .json(body)
-        .send()
-        .await
-        .map_err(|e| format!("cannot reach {url}: {}", describe(&e)))?;
-    let status = response.status();
-    let answer = read_bounded(response, MAX_ANSWER)
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
-    Ok((status, answer))
 }
 
 /// The identity kept in `file`, if there is one.
@@ -150,26 +148,28 @@ pub fn write_identity(file: &Path, identity: &HostIdentity) -> Result<(), crate:
     crate::store::write_atomically(file, identity, 0o600)
 }
 
-async fn register(config: &JoinConfig, manager: &Manager) -> Result<RegisterResponse, String> {
+async fn register(
+    config: &JoinConfig,
+    registry: &ConnectClient,
+    manager: &Manager,
+) -> Result<RegisterResponse, String> {
     let identity = read_identity(&config.identity_file)?;
     let request = RegisterRequest {
         name: config.name.clone(),
         api_url: config.api_url.clone(),
         proxy_address: config.proxy_address.clone(),
         agent_token: config.agent_token.clone(),
-        report: report(manager),
+        report: Some(report(manager)),
         identity,
     };
-    let url = format!("{}/hosts/register", config.control_plane_url);
-    let (status, body) = post_json(&url, &config.join_token, &request).await?;
-    if status != http::StatusCode::OK {
-        return Err(format!(
-            "the control plane refused the registration: HTTP {status}: {}",
-            String::from_utf8_lossy(&body)
-        ));
-    }
-    let answer: RegisterResponse = serde_json::from_slice(&body)
-        .map_err(|e| format!("the control plane's answer is not a registration: {e}"))?;
+    let answer = call::<host_registry::Register>(registry, &config.join_token, &request)
+        .await
+        .map_err(|error| {
+            format!(
+                "the control plane at {} refused the registration: {error}",
+                config.control_plane_url
+            )
+        })?;
     if let Some(secret) = &answer.host_secret {
         let identity = HostIdentity {
             host_id: answer.host_id.clone(),
@@ -194,11 +194,15 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    // One client for the loop's life; a connection a restarted control plane closed is
+    // replaced by the pool on the next call.
+    let registry = ConnectClient::new(&config.control_plane_url, HttpVersion::Http1, Codec::Proto)
+        .with_connect_timeout(CALL_TIMEOUT);
     let mut backoff = Duration::from_millis(500);
     let mut registration: Option<RegisterResponse> = None;
     loop {
         let wait = match &registration {
-            None => match register(&config, &manager).await {
+            None => match register(&config, &registry, &manager).await {
                 Ok(answer) => {
                     tracing::info!(host = %answer.host_id, control_plane = %config.control_plane_url, "registered with the control plane");
                     backoff = Duration::from_millis(500);
@@ -214,7 +218,7 @@ pub async fn run(
             },
             Some(answer) => {
                 let interval = Duration::from_millis(answer.heartbeat_interval_ms.max(100));
-                match heartbeat(&config, answer, &manager).await {
+                match heartbeat(&registry, answer, &manager).await {
                     Ok(()) => interval,
                     Err(HeartbeatError::Forgotten(why)) => {
                         tracing::warn!(%why, "the control plane no longer knows this host: registering again");
@@ -241,22 +245,21 @@ enum HeartbeatError {
 }
 
 async fn heartbeat(
-    config: &JoinConfig,
+    registry: &ConnectClient,
     registration: &RegisterResponse,
     manager: &Manager,
 ) -> Result<(), HeartbeatError> {
-    let url = format!(
-        "{}/hosts/{}/heartbeat",
-        config.control_plane_url, registration.host_id
-    );
-    let (status, body) = post_json(&url, &registration.heartbeat_token, &report(manager))
-        .await
-        .map_err(HeartbeatError::Failed)?;
-    let text = String::from_utf8_lossy(&body).into_owned();
-    match status.as_u16() {
-        200..=299 => Ok(()),
-        401 | 404 => Err(HeartbeatError::Forgotten(text)),
-        status => Err(HeartbeatError::Failed(format!("HTTP {status}: {text}"))),
+    let request = HeartbeatRequest {
+        host_id: registration.host_id.clone(),
+        report: Some(report(manager)),
+    };
+    match call::<host_registry::Heartbeat>(registry, &registration.heartbeat_token, &request).await
+    {
+        Ok(_) => Ok(()),
+        Err(error) if matches!(error.code, Code::Unauthenticated | Code::NotFound) => {
+            Err(HeartbeatError::Forgotten(error.to_string()))
+        }
+        Err(error) => Err(HeartbeatError::Failed(error.to_string())),
     }
 }
 

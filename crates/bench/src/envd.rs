@@ -7,15 +7,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use bytes::Bytes;
-use futures_util::TryStreamExt;
-use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use wrenn_connect::Codec;
 use wrenn_connect::client::{ConnectClient, HttpVersion};
+use wrenn_http::client::reqwest;
 use wrenn_proto::process as pb;
 
 use super::{median, quantile};
@@ -99,11 +94,14 @@ async fn start_envd_with(bin: &PathBuf, extra: &[&str]) -> anyhow::Result<(Runni
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
     let envd = RunningEnvd { child, port };
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-    let url: http::Uri = format!("http://127.0.0.1:{port}/health").parse()?;
+    let client = wrenn_http::client::client(wrenn_http::client::ClientOptions {
+        connect_timeout: Some(Duration::from_secs(1)),
+        keep_idle: false,
+        http2_prior_knowledge: false,
+    });
+    let url = format!("http://127.0.0.1:{port}/health");
     loop {
-        if let Ok(response) = client.get(url.clone()).await
+        if let Ok(response) = client.get(&url).send().await
             && response.status() == 204
         {
             return Ok((envd, started.elapsed()));
@@ -149,29 +147,61 @@ async fn start_round_trip(client: &ConnectClient) -> anyhow::Result<Duration> {
     Ok(began.elapsed())
 }
 
-/// Uploads `source` to `target` as a raw body; returns MiB/s.
+/// Uploads `source` to `target` as a raw body; returns MiB/s. Transfers run as root: the
+/// scratch directory is this process's (envd's default user, `user` where the account exists,
+/// could not write it).
 async fn upload(
-    http: &Client<HttpConnector, BoxBody<Bytes, std::io::Error>>,
+    http: &reqwest::Client,
     port: u16,
     source: &std::path::Path,
     target: &std::path::Path,
     bytes: u64,
 ) -> anyhow::Result<f64> {
     let file = tokio::fs::File::open(source).await?;
-    let stream = tokio_util::io::ReaderStream::with_capacity(file, 1024 * 1024)
-        .map_ok(hyper::body::Frame::data);
-    let request = http::Request::post(format!(
-        "http://127.0.0.1:{port}/files?path={}",
-        target.display()
-    ))
-    .header("content-type", "application/octet-stream")
-    .header("content-length", bytes)
-    .body(BoxBody::new(StreamBody::new(stream)))?;
+    let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
+        file,
+        1024 * 1024,
+    ));
     let began = Instant::now();
-    let response = http.request(request).await?;
+    let response = http
+        .post(format!("http://127.0.0.1:{port}/files"))
+        .query(&[
+            ("path", target.display().to_string()),
+            ("username", "root".into()),
+        ])
+        .header("content-type", "application/octet-stream")
+        .header("content-length", bytes)
+        .body(body)
+        .send()
+        .await?;
     let status = response.status();
-    response.into_body().collect().await?;
+    response.bytes().await?;
     anyhow::ensure!(status == 200, "upload failed: {status}");
+    Ok(bytes as f64 / 1048576.0 / began.elapsed().as_secs_f64())
+}
+
+/// Downloads `target` and counts its bytes as they come; returns MiB/s.
+async fn download(
+    http: &reqwest::Client,
+    port: u16,
+    target: &std::path::Path,
+    bytes: u64,
+) -> anyhow::Result<f64> {
+    let began = Instant::now();
+    let mut response = http
+        .get(format!("http://127.0.0.1:{port}/files"))
+        .query(&[
+            ("path", target.display().to_string()),
+            ("username", "root".into()),
+        ])
+        .send()
+        .await?
+        .error_for_status()?;
+    let mut received = 0u64;
+    while let Some(chunk) = response.chunk().await? {
+        received += chunk.len() as u64;
+    }
+    anyhow::ensure!(received == bytes, "downloaded {received} of {bytes} bytes");
     Ok(bytes as f64 / 1048576.0 / began.elapsed().as_secs_f64())
 }
 
@@ -211,8 +241,12 @@ pub async fn run(args: EnvdBenchArgs) -> anyhow::Result<()> {
         }
     }
     let bytes = (args.file_mib * 1024 * 1024) as u64;
-    let http: Client<HttpConnector, BoxBody<Bytes, std::io::Error>> =
-        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    // wrenn's one HTTP client, as the CLI's `cp` uses it.
+    let http = wrenn_http::client::client(wrenn_http::client::ClientOptions {
+        connect_timeout: Some(Duration::from_secs(5)),
+        keep_idle: true,
+        http2_prior_knowledge: false,
+    });
     let mut uploads = Vec::new();
     let mut overwrites = Vec::new();
     let mut downloads = Vec::new();
@@ -223,24 +257,7 @@ pub async fn run(args: EnvdBenchArgs) -> anyhow::Result<()> {
         uploads.push(upload(&http, envd.port, &source, &target, bytes).await?);
         overwrites.push(upload(&http, envd.port, &source, &target, bytes).await?);
 
-        let request = http::Request::get(format!(
-            "http://127.0.0.1:{}/files?path={}",
-            envd.port,
-            target.display()
-        ))
-        .body(BoxBody::new(
-            Full::new(Bytes::new()).map_err(|never| match never {}),
-        ))?;
-        let began = Instant::now();
-        let mut body = http.request(request).await?.into_body();
-        let mut received = 0u64;
-        while let Some(frame) = body.frame().await {
-            if let Ok(data) = frame?.into_data() {
-                received += data.len() as u64;
-            }
-        }
-        anyhow::ensure!(received == bytes, "downloaded {received} of {bytes} bytes");
-        downloads.push(bytes as f64 / 1048576.0 / began.elapsed().as_secs_f64());
+        downloads.push(download(&http, envd.port, &target, bytes).await?);
         std::fs::remove_file(&target)?;
     }
     let peak_rss = rss_mib(pid, "VmHWM:")?;

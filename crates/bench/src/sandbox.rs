@@ -411,9 +411,11 @@ pub async fn sandbox(args: SandboxBenchArgs) -> anyhow::Result<()> {
         let creates = batch.iter().map(|run| agent.create(format!("idle-{run}")));
         futures_util::future::try_join_all(creates).await?;
     }
-    let info: pb::HostInfoResponse = agent
+    let info = agent
         .call::<host_agent::HostInfo>(&pb::HostInfoRequest {})
-        .await?;
+        .await?
+        .report
+        .context("the agent's HostInfo carries no report")?;
     for run in 0..args.idle {
         agent.destroy(format!("idle-{run}")).await?;
     }

@@ -141,6 +141,61 @@ pub fn envelope_error(error: envelope::EnvelopeError) -> ConnectError {
     ConnectError::new(code, error.to_string())
 }
 
+/// Reads a request body of at most `max_bytes`: ResourceExhausted past the limit, Canceled when
+/// the client's body fails.
+pub async fn read_body<B>(body: B, max_bytes: usize) -> Result<Bytes, ConnectError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    match http_body_util::Limited::new(body, max_bytes)
+        .collect()
+        .await
+    {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(ConnectError::new(
+            Code::ResourceExhausted,
+            format!("request body exceeds the limit of {max_bytes} bytes"),
+        )),
+        Err(error) => Err(ConnectError::new(
+            Code::Canceled,
+            format!("reading the request failed: {error}"),
+        )),
+    }
+}
+
+/// Serves one unary call whole: the codec from the headers (415 for another content type), the
+/// body read up to `max_bytes` and decoded, then `handler`'s answer or error encoded. Checks
+/// that come before decoding (a bearer token, a deadline) are the caller's.
+pub async fn serve_unary<Req, Resp, B, Fut>(
+    headers: &HeaderMap,
+    body: B,
+    max_bytes: usize,
+    handler: impl FnOnce(Req) -> Fut,
+) -> Response<ResponseBody>
+where
+    Req: Message,
+    Resp: Message,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Resp, ConnectError>>,
+{
+    let codec = match unary_codec(headers) {
+        Ok(codec) => codec,
+        Err(response) => return *response,
+    };
+    let answer = async {
+        let bytes = read_body(body, max_bytes).await?;
+        let request: Req = decode_unary(codec, &bytes, max_bytes)?;
+        handler(request).await
+    }
+    .await;
+    match answer {
+        Ok(response) => unary_response(codec, &response),
+        Err(error) => unary_error(&error),
+    }
+}
+
 /// A successful unary response.
 pub fn unary_response<M: Message>(codec: Codec, message: &M) -> Response<ResponseBody> {
     Response::builder()

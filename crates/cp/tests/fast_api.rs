@@ -16,6 +16,9 @@ use wrenn_cp::fleet::{Fleet, FleetConfig, LeastLoaded};
 use wrenn_cp::quota::Quotas;
 use wrenn_cp::store::{ApiKey, Store, Team};
 
+/// The token agents join the kit's fleet with.
+const JOIN_TOKEN: &str = "join-secret";
+
 /// A control plane over one in-memory host, with two teams' keys.
 struct Kit {
     plane: Arc<ControlPlane>,
@@ -62,6 +65,7 @@ impl Kit {
         let key_b = add_team(&store, "b").await;
         let agent = Arc::new(FakeAgent::new(slots, vec![template("base", 512)]));
         let config = FleetConfig {
+            join_token: Some(JOIN_TOKEN.into()),
             orphan_grace: Duration::from_secs(60),
             ..FleetConfig::default()
         };
@@ -470,4 +474,157 @@ async fn the_served_openapi_document_is_the_checked_in_one() {
     ] {
         assert!(served["paths"][path].is_object(), "{path} is documented");
     }
+}
+
+/// Asserts that a call failed with `code`.
+fn refused<T: std::fmt::Debug>(
+    result: Result<T, wrenn_connect::ConnectError>,
+    code: wrenn_connect::Code,
+) {
+    match result {
+        Err(error) => assert_eq!(error.code, code, "{error}"),
+        Ok(answer) => panic!("expected {code:?}, got {answer:?}"),
+    }
+}
+
+/// `Authorization: Bearer <token>`.
+fn bearer(token: &str) -> http::HeaderMap {
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    headers
+}
+
+#[tokio::test]
+async fn agents_join_and_heartbeat_through_the_fleet_registry_over_connect() {
+    use wrenn_agent_api::join::{
+        HeartbeatRequest, HostReport, RegisterRequest, host_registry::Heartbeat,
+        host_registry::Register,
+    };
+    use wrenn_connect::client::{ConnectClient, HttpVersion};
+    use wrenn_connect::{Code, Codec};
+
+    let kit = Kit::new(1, Quotas::default()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let router = wrenn_cp::http::router(kit.plane.clone());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let binary = ConnectClient::new(&url, HttpVersion::Http1, Codec::Proto);
+    let json = ConnectClient::new(&url, HttpVersion::Http1, Codec::Json);
+
+    let report = HostReport {
+        cpus: 2,
+        slots_total: 4,
+        memory_available_bytes: 8 << 30,
+        templates: vec![template("base", 512)],
+        ..Default::default()
+    };
+    let request = RegisterRequest {
+        name: "edge-1".into(),
+        api_url: "http://127.0.0.1:1".into(),
+        proxy_address: "127.0.0.1:2".into(),
+        agent_token: "agent-secret".into(),
+        report: Some(report.clone()),
+        identity: None,
+    };
+    refused(
+        binary.call::<Register>(&request, &bearer("wrong")).await,
+        Code::Unauthenticated,
+    );
+    let bad_name = RegisterRequest {
+        name: "not a name".into(),
+        ..request.clone()
+    };
+    refused(
+        binary
+            .call::<Register>(&bad_name, &bearer(JOIN_TOKEN))
+            .await,
+        Code::InvalidArgument,
+    );
+
+    let joined = binary
+        .call::<Register>(&request, &bearer(JOIN_TOKEN))
+        .await
+        .unwrap();
+    let secret = joined
+        .host_secret
+        .clone()
+        .expect("a first registration gets an identity");
+    assert_eq!(joined.heartbeat_interval_ms, 2000);
+    let host = kit
+        .plane
+        .fleet
+        .host(&joined.host_id)
+        .expect("the host is in the fleet");
+    assert_eq!(host.row().name, "edge-1");
+    assert_eq!(host.row().report, report);
+    assert!(host.is_up());
+
+    // The name is the host's: without its identity it is refused, with it taken again.
+    refused(
+        json.call::<Register>(&request, &bearer(JOIN_TOKEN)).await,
+        Code::AlreadyExists,
+    );
+    let again = RegisterRequest {
+        identity: Some(wrenn_agent_api::join::HostIdentity {
+            host_id: joined.host_id.clone(),
+            secret,
+        }),
+        ..request.clone()
+    };
+    let rejoined = json
+        .call::<Register>(&again, &bearer(JOIN_TOKEN))
+        .await
+        .unwrap();
+    assert_eq!(rejoined.host_id, joined.host_id);
+    assert_eq!(
+        rejoined.host_secret, None,
+        "a kept identity is not given again"
+    );
+
+    // Heartbeats: the host's own token only, for a host the fleet knows.
+    let busier = HostReport {
+        slots_in_use: 3,
+        ..report.clone()
+    };
+    let beat = HeartbeatRequest {
+        host_id: joined.host_id.clone(),
+        report: Some(busier.clone()),
+    };
+    refused(
+        binary.call::<Heartbeat>(&beat, &bearer("wrong")).await,
+        Code::Unauthenticated,
+    );
+    refused(
+        binary
+            .call::<Heartbeat>(&beat, &bearer(&joined.heartbeat_token))
+            .await,
+        Code::Unauthenticated,
+    );
+    let unknown = HeartbeatRequest {
+        host_id: "no-such-host".into(),
+        ..beat.clone()
+    };
+    refused(
+        binary
+            .call::<Heartbeat>(&unknown, &bearer(&rejoined.heartbeat_token))
+            .await,
+        Code::NotFound,
+    );
+    binary
+        .call::<Heartbeat>(&beat, &bearer(&rejoined.heartbeat_token))
+        .await
+        .unwrap();
+    // A registration makes the host anew: read it again.
+    let host = kit.plane.fleet.host(&joined.host_id).unwrap();
+    assert_eq!(host.row().report, busier);
+    json.call::<Heartbeat>(&beat, &bearer(&rejoined.heartbeat_token))
+        .await
+        .unwrap();
+
+    // The REST route the registry replaced is gone (`/hosts/{name}` takes only DELETE).
+    let (status, _) = kit.call("POST", "/hosts/register", None, json!({})).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
 }

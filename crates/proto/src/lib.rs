@@ -1,6 +1,7 @@
 //! The protocol buffer messages of envd's two Connect services, `process.Process` and
 //! `filesystem.Filesystem`, exactly as E2B's envd defines them (field numbers and names are part of
-//! the wire contract with the `e2b` SDKs), and of the host agent's own API (`wrenn.agent.v1`).
+//! the wire contract with the `e2b` SDKs), of the host agent's own API (`wrenn.agent.v1`), and of the control plane's
+//! fleet registry that agents join (`wrenn.fleet.v1`).
 //!
 //! Every message is a `prost::Message` (binary codec) and implements `serde` with the proto3 JSON
 //! mapping (lowerCamelCase names with snake_case accepted, base64 bytes, int64 as strings, enum
@@ -44,4 +45,11 @@ pub mod filesystem {
 pub mod agent {
     include!(concat!(env!("OUT_DIR"), "/wrenn.agent.v1.rs"));
     include!(concat!(env!("OUT_DIR"), "/wrenn.agent.v1.serde.rs"));
+}
+
+/// `package wrenn.fleet.v1`: the control plane's fleet registry (registration and heartbeats).
+#[allow(clippy::all, clippy::pedantic)]
+pub mod fleet {
+    include!(concat!(env!("OUT_DIR"), "/wrenn.fleet.v1.rs"));
+    include!(concat!(env!("OUT_DIR"), "/wrenn.fleet.v1.serde.rs"));
 }

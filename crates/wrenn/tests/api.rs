@@ -23,8 +23,10 @@ use std::time::{Duration, Instant};
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 use support::*;
+use wrenn_proto::Rpc;
 use wrenn_proto::agent as pb;
 use wrenn_proto::agent::host_agent;
+use wrenn_proto::fleet::host_registry::{Heartbeat, Register};
 
 /// A `wrenn server` process with its own data directory (and database, when given).
 struct Server {
@@ -1322,13 +1324,13 @@ async fn fleet_places_reconciles_and_survives_a_dead_host() {
     // A missing or wrong join token is refused before anything else; with the right one, a
     // malformed registration is a 400; a heartbeat with a wrong token is refused.
     let (status, body, _) = server
-        .call_with(Method::POST, "/hosts/register", None, "{}")
+        .call_with(Method::POST, Register::PATH, None, "{}")
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     let bearer = format!("Bearer {}", server.join_token);
     let malformed = http_call(
         Method::POST,
-        &format!("{}/hosts/register", server.url()),
+        &format!("{}{}", server.url(), Register::PATH),
         &[
             ("authorization", &bearer),
             ("content-type", "application/json"),
@@ -1346,7 +1348,7 @@ async fn fleet_places_reconciles_and_survives_a_dead_host() {
     );
     let response = http_call(
         Method::POST,
-        &format!("{}/hosts/register", server.url()),
+        &format!("{}{}", server.url(), Register::PATH),
         &[
             ("authorization", "Bearer wrong"),
             ("content-type", "application/json"),
@@ -1372,12 +1374,12 @@ async fn fleet_places_reconciles_and_survives_a_dead_host() {
         .collect();
     let response = http_call(
         Method::POST,
-        &format!("{}/hosts/{}/heartbeat", server.url(), host_ids[0]),
+        &format!("{}{}", server.url(), Heartbeat::PATH),
         &[
             ("authorization", "Bearer wrong"),
             ("content-type", "application/json"),
         ],
-        "{}",
+        json!({ "hostId": host_ids[0] }).to_string(),
         Duration::from_secs(5),
     )
     .await
@@ -1639,13 +1641,13 @@ impl FakeAgent {
             api_url: format!("http://{}", self.address),
             proxy_address: self.address.to_string(),
             agent_token: "fake".into(),
-            report: self.report(),
+            report: Some(self.report()),
             identity: identity.cloned(),
         };
         let bearer = format!("Bearer {}", server.join_token);
         let response = http_call(
             Method::POST,
-            &format!("{}/hosts/register", server.url()),
+            &format!("{}{}", server.url(), Register::PATH),
             &[
                 ("authorization", &bearer),
                 ("content-type", "application/json"),
@@ -1676,7 +1678,7 @@ impl FakeAgent {
             });
         }
         let token = answer["heartbeatToken"].as_str().unwrap().to_string();
-        let url = format!("{}/hosts/{host_id}/heartbeat", server.url());
+        let url = format!("{}{}", server.url(), Heartbeat::PATH);
         let this = FakeAgent {
             address: self.address,
             name: self.name.clone(),
@@ -1698,7 +1700,11 @@ impl FakeAgent {
                         ("authorization", &bearer),
                         ("content-type", "application/json"),
                     ],
-                    serde_json::to_string(&this.report()).unwrap(),
+                    serde_json::to_string(&wrenn_agent::join::HeartbeatRequest {
+                        host_id: host_id.clone(),
+                        report: Some(this.report()),
+                    })
+                    .unwrap(),
                     Duration::from_secs(5),
                 )
                 .await;

@@ -4,7 +4,7 @@
 use super::*;
 
 impl Fleet {
-    /// Whether `bearer` is the fleet's join token (401 if not, 403 if agents cannot join).
+    /// Whether `bearer` is the fleet's join token (Unauthenticated if not, Forbidden if agents cannot join).
     pub fn check_join_token(&self, bearer: Option<&str>) -> Result<(), Error> {
         use subtle::ConstantTimeEq;
         let Some(expected) = &self.config.join_token else {
@@ -122,7 +122,7 @@ impl Fleet {
             agent_token: request.agent_token,
             heartbeat_hash: auth::hash_key(&heartbeat_token),
             state: HostState::Up,
-            report: request.report,
+            report: request.report.unwrap_or_default(),
             last_heartbeat_ms: now,
             registered_at_ms: now,
             identity_hash,

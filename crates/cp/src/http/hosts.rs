@@ -1,4 +1,5 @@
-//! The fleet routes: agents register and heartbeat; admin teams list and forget hosts.
+//! The fleet routes of the REST API: admin teams list and forget hosts (agents join through
+//! [`super::registry`]).
 
 use super::*;
 
@@ -7,64 +8,6 @@ pub(super) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-}
-
-/// `POST /hosts/register`: an agent joins with the join token.
-#[utoipa::path(post, path = "/hosts/register", tag = "hosts", security(("join_token" = [])),
-    request_body(content = Object, description = "The agent's RegisterRequest (wrenn_agent_api::join)"),
-    responses(
-        (status = 200, description = "Registered: the agent's RegisterResponse", body = Object),
-        (status = 400, description = "A bad name, URL or token", body = wrenn_api::Error),
-        (status = 401, description = "No valid join token", body = wrenn_api::Error),
-        (status = 409, description = "The name belongs to another host", body = wrenn_api::Error),
-    ))]
-pub(super) async fn register_host(
-    State(plane): State<Arc<ControlPlane>>,
-    headers: axum::http::HeaderMap,
-    body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
-    // The token first: a stranger learns nothing of what a registration looks like.
-    plane.fleet.check_join_token(bearer(&headers))?;
-    let request: RegisterRequest = serde_json::from_slice(&body).map_err(|error| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("invalid registration: {error}"),
-        )
-    })?;
-    let (answer, _) = plane
-        .fleet
-        .register(&plane.store, bearer(&headers), request)
-        .await?;
-    let _ = plane.reconcile_now.try_send(answer.host_id.clone());
-    Ok(axum::Json(answer).into_response())
-}
-
-/// `POST /hosts/{id}/heartbeat`: a host's report, with its heartbeat token.
-#[utoipa::path(post, path = "/hosts/{id}/heartbeat", tag = "hosts", security(("heartbeat_token" = [])),
-    params(("id" = String, Path, description = "The host's id")),
-    request_body(content = Object, description = "The host's HostReport (wrenn_agent_api::join)"),
-    responses(
-        (status = 204, description = "Taken"),
-        (status = 401, description = "No valid heartbeat token: register again", body = wrenn_api::Error),
-        (status = 404, description = "The host is not registered: register again", body = wrenn_api::Error),
-    ))]
-pub(super) async fn host_heartbeat(
-    State(plane): State<Arc<ControlPlane>>,
-    Path(id): Path<String>,
-    headers: axum::http::HeaderMap,
-    body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
-    let report: HostReport = serde_json::from_slice(&body).map_err(|error| {
-        ApiError::new(StatusCode::BAD_REQUEST, format!("invalid report: {error}"))
-    })?;
-    let came_back = plane
-        .fleet
-        .heartbeat(&plane.store, &id, bearer(&headers), report)
-        .await?;
-    if came_back {
-        let _ = plane.reconcile_now.try_send(id);
-    }
-    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// A 403 unless the caller's team is an admin.

@@ -1,13 +1,15 @@
 //! The control plane's HTTP edge: the E2B-compatible REST API (`e2b-compat.md` §2) with E2B's
 //! field names, status codes and `{code, message}` error bodies, and wrenn's fleet routes. Every
-//! call needs `X-API-KEY` (agents: their join or heartbeat token); a team sees only its own
+//! call needs `X-API-KEY` (agents call the fleet registry, [`registry`], with their join or
+//! heartbeat token); a team sees only its own
 //! sandboxes (another team's are 404). This module holds the router, [`ApiError`] (the one
 //! place a cause of [`crate::Error`] becomes a status code), authentication and the bodies'
-//! shared helpers; the handlers are in [`sandboxes`], [`templates`] and [`hosts`], and the
+//! shared helpers; the handlers are in [`sandboxes`], [`templates`], [`hosts`] and [`registry`], and the
 //! OpenAPI document made from their annotations in [`openapi`].
 
 mod hosts;
 pub mod openapi;
+mod registry;
 mod sandboxes;
 mod templates;
 
@@ -28,7 +30,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use wrenn_agent_api::join::{HostReport, RegisterRequest};
 
 use crate::ControlPlane;
 use crate::auth;
@@ -179,8 +180,7 @@ pub fn router(plane: Arc<ControlPlane>) -> Router {
         .route("/hosts", get(list_hosts))
         .route("/hosts/{name}", axum::routing::delete(forget_host))
         .layer(middleware::from_fn_with_state(plane.clone(), require_key))
-        .route("/hosts/register", post(register_host))
-        .route("/hosts/{id}/heartbeat", post(host_heartbeat))
+        .merge(registry::router())
         .route("/health", get(health))
         .route("/openapi.json", get(openapi_document))
         .fallback(unknown_route)

@@ -4,7 +4,7 @@
 //! answer they get against it.
 
 use utoipa::OpenApi;
-use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 
 use super::{hosts, sandboxes, templates};
 
@@ -35,8 +35,6 @@ use super::{hosts, sandboxes, templates};
         templates::template_alias,
         hosts::list_hosts,
         hosts::forget_host,
-        hosts::register_host,
-        hosts::host_heartbeat,
         super::health,
         super::openapi_document,
     ),
@@ -44,13 +42,13 @@ use super::{hosts, sandboxes, templates};
     tags(
         (name = "sandboxes", description = "Sandboxes: create, list, pause, resume, kill, metrics"),
         (name = "templates", description = "The templates sandboxes start from"),
-        (name = "hosts", description = "The fleet of host agents (admin teams; agents register and heartbeat)"),
+        (name = "hosts", description = "The fleet of host agents (admin teams; agents join over Connect, wrenn.fleet.v1.HostRegistry)"),
         (name = "service", description = "The control plane itself"),
     )
 )]
 struct ApiDoc;
 
-/// The security schemes: a team's API key, and the agents' join and heartbeat tokens.
+/// The security scheme: a team's API key.
 struct Security;
 
 impl utoipa::Modify for Security {
@@ -60,10 +58,6 @@ impl utoipa::Modify for Security {
             "api_key",
             SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))),
         );
-        let bearer =
-            || SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build());
-        components.add_security_scheme("join_token", bearer());
-        components.add_security_scheme("heartbeat_token", bearer());
     }
 }
 

@@ -75,7 +75,7 @@ pub struct SandboxRow {
 }
 
 /// A host agent of the fleet.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HostRow {
     pub id: String,
     /// Unique in the fleet: an agent registering again under it replaces the entry.

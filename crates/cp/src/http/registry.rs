@@ -1,0 +1,101 @@
+//! The fleet registry (`wrenn.fleet.v1.HostRegistry`), served over Connect on the API listener:
+//! agents register with the join token and heartbeat with their host's token. Here a cause of
+//! [`crate::Error`] becomes a Connect code, as [`super::ApiError`] makes it a status for REST.
+
+use super::*;
+
+use wrenn_agent_api::join::{HeartbeatResponse, host_registry as rpc};
+use wrenn_connect::server::{serve_unary, unary_error};
+use wrenn_connect::{Code, ConnectError, DEFAULT_MAX_MESSAGE_BYTES};
+use wrenn_proto::Rpc;
+
+/// The registry's two methods; anything else under its service path is NotFound.
+pub(super) fn router() -> Router<Arc<ControlPlane>> {
+    Router::new()
+        .route(rpc::Register::PATH, post(register))
+        .route(rpc::Heartbeat::PATH, post(heartbeat))
+        .route(
+            &format!("{}/{{method}}", rpc::SERVICE),
+            post(|| async {
+                unary_error(&ConnectError::new(
+                    Code::NotFound,
+                    "no such method of wrenn.fleet.v1.HostRegistry",
+                ))
+            }),
+        )
+}
+
+/// `Register`: an agent joins (again) with the join token.
+async fn register(
+    State(plane): State<Arc<ControlPlane>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    // The token first: a stranger learns nothing of what a registration looks like.
+    if let Err(error) = plane.fleet.check_join_token(bearer(&headers)) {
+        return unary_error(&connect_error(error)).into_response();
+    }
+    serve_unary(&headers, body, DEFAULT_MAX_MESSAGE_BYTES, |request| async {
+        let (answer, _) = plane
+            .fleet
+            .register(&plane.store, bearer(&headers), request)
+            .await
+            .map_err(connect_error)?;
+        let _ = plane.reconcile_now.try_send(answer.host_id.clone());
+        Ok(answer)
+    })
+    .await
+    .into_response()
+}
+
+/// `Heartbeat`: a host's report, with its heartbeat token.
+async fn heartbeat(
+    State(plane): State<Arc<ControlPlane>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    serve_unary(
+        &headers,
+        body,
+        DEFAULT_MAX_MESSAGE_BYTES,
+        |request: wrenn_agent_api::join::HeartbeatRequest| async {
+            let came_back = plane
+                .fleet
+                .heartbeat(
+                    &plane.store,
+                    &request.host_id,
+                    bearer(&headers),
+                    request.report.unwrap_or_default(),
+                )
+                .await
+                .map_err(connect_error)?;
+            if came_back {
+                let _ = plane.reconcile_now.try_send(request.host_id);
+            }
+            Ok(HeartbeatResponse {})
+        },
+    )
+    .await
+    .into_response()
+}
+
+/// The Connect code of a cause; the store's own words go to the log, not to the caller.
+fn connect_error(error: crate::Error) -> ConnectError {
+    use crate::Error as E;
+    let code = match &error {
+        E::HostNotFound(_) | E::SandboxNotFound(_) | E::TemplateNotFound(_) => Code::NotFound,
+        E::InvalidRequest(_) | E::Unsupported(_) => Code::InvalidArgument,
+        E::Unauthenticated(_) => Code::Unauthenticated,
+        E::Forbidden(_) => Code::PermissionDenied,
+        E::Conflict(_) => Code::AlreadyExists,
+        E::QuotaExceeded(_) => Code::ResourceExhausted,
+        E::NoCapacity(_) | E::HostDown(_) => Code::Unavailable,
+        E::HostTimedOut { .. } => Code::DeadlineExceeded,
+        E::Store(cause) => {
+            tracing::error!(error = %cause, "store failure");
+            Code::Internal
+        }
+        E::Host { .. } | E::NoRandomness(_) => Code::Internal,
+    };
+    ConnectError::new(code, error.to_string())
+}

@@ -10,7 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/process/process.proto",
         "proto/filesystem/filesystem.proto",
         "proto/agent/agent.proto",
-        "proto/fleet/fleet.proto",
+        "proto/agent/registry.proto",
     ];
     for proto in &protos {
         println!("cargo:rerun-if-changed={proto}");
@@ -32,12 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     pbjson_build::Builder::new()
         .register_descriptors(&std::fs::read(&descriptor_path)?)?
         .ignore_unknown_fields()
-        .build(&[
-            ".process",
-            ".filesystem",
-            ".wrenn.agent.v1",
-            ".wrenn.fleet.v1",
-        ])?;
+        .build(&[".process", ".filesystem", ".wrenn.agent.v1"])?;
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use wrenn_connect::Codec;
 use wrenn_connect::client::{ConnectClient, HttpVersion};
 use wrenn_proto::agent as pb;
 
-use crate::join::{HostReport, TemplateReport};
+use crate::join::HostReport;
 use crate::{CreateOptions, GuestRoute, HostAgent, HostAgentError, SandboxState, SandboxSummary};
 
 use pb::host_agent as rpc;
@@ -140,36 +140,8 @@ impl HostAgent for RemoteAgent {
 
     async fn report(&self) -> Result<HostReport, HostAgentError> {
         let info = self.call::<rpc::HostInfo>(&pb::HostInfoRequest {}).await?;
-        let templates = self
-            .call::<rpc::ListTemplates>(&pb::ListTemplatesRequest {})
-            .await?;
-        Ok(HostReport {
-            agent_version: info.agent_version,
-            vmm: info.vmm,
-            accel: info.accel,
-            cpus: info.cpus,
-            memory_bytes: info.memory_bytes,
-            memory_available_bytes: info.memory_available_bytes,
-            sandboxes_running: info.sandboxes_running,
-            sandboxes_paused: info.sandboxes_paused,
-            memory_committed_mib: info.memory_committed_mib,
-            slots_total: info.slots_total,
-            slots_in_use: info.slots_in_use,
-            disk_available_bytes: info.disk_available_bytes,
-            agent_rss_bytes: info.agent_rss_bytes,
-            templates: templates
-                .templates
-                .into_iter()
-                .map(|t| TemplateReport {
-                    template_id: t.template_id,
-                    memory_mib: t.memory_mib,
-                    vcpus: t.vcpus,
-                    envd_version: t.envd_version,
-                    image_key: t.image_key,
-                    created_at_ms: t.created_at_unix_ms,
-                    disk_size_mb: t.disk_size_mb,
-                })
-                .collect(),
+        info.report.ok_or_else(|| {
+            HostAgentError::Failed("the agent's HostInfo answer carries no report".into())
         })
     }
 

@@ -285,25 +285,7 @@ async fn host_info(
     manager: Arc<Manager>,
     _: pb::HostInfoRequest,
 ) -> Result<pb::HostInfoResponse, AgentError> {
-    let report = crate::join::report(&manager);
     Ok(pb::HostInfoResponse {
-        agent_version: report.agent_version,
-        vmm: report.vmm,
-        accel: report.accel,
-        cpus: report.cpus,
-        memory_bytes: report.memory_bytes,
-        memory_available_bytes: report.memory_available_bytes,
-        sandboxes_running: report.sandboxes_running,
-        sandboxes_paused: report.sandboxes_paused,
-        memory_committed_mib: report.memory_committed_mib,
-        slots_total: report.slots_total,
-        slots_in_use: report.slots_in_use,
-        disk_available_bytes: report.disk_available_bytes,
-        templates: report
-            .templates
-            .into_iter()
-            .map(|t| t.template_id)
-            .collect(),
-        agent_rss_bytes: report.agent_rss_bytes,
+        report: Some(crate::join::report(&manager)),
     })
 }

@@ -2,7 +2,7 @@
 //! the registration and heartbeat messages, and [`run`], the loop that registers with a join
 //! token and then heartbeats the host's capacity, registering again whenever the control plane
 //! has forgotten the host (NotFound) or the heartbeat token stops working (Unauthenticated). Both
-//! calls are the control plane's `wrenn.fleet.v1.HostRegistry` RPCs, over Connect.
+//! calls are the control plane's `wrenn.agent.v1.HostRegistry` RPCs, over Connect.
 //!
 //! **Identity**: at its first registration the control plane gives the host an identity (its
 //! host id and a secret), which the agent keeps in its data directory ([`IDENTITY_FILE`],

@@ -272,7 +272,7 @@ pub struct Host {
     pub last_heartbeat_at: String,
     /// RFC 3339.
     pub registered_at: String,
-    /// The host's last report of its capacity, use and templates: `wrenn.fleet.v1.HostReport`
+    /// The host's last report of its capacity, use and templates: `wrenn.agent.v1.HostReport`
     /// in the proto3 JSON mapping (lowerCamelCase names, 64-bit numbers as strings, fields at
     /// their default left out).
     #[schema(value_type = Object)]

@@ -1,7 +1,7 @@
 //! The protocol buffer messages of envd's two Connect services, `process.Process` and
 //! `filesystem.Filesystem`, exactly as E2B's envd defines them (field numbers and names are part of
-//! the wire contract with the `e2b` SDKs), of the host agent's own API (`wrenn.agent.v1`), and of the control plane's
-//! fleet registry that agents join (`wrenn.fleet.v1`).
+//! the wire contract with the `e2b` SDKs), and of wrenn's own services in `wrenn.agent.v1`: the host agent's API
+//! (`HostAgent`) and the control plane's fleet registry that agents join (`HostRegistry`).
 //!
 //! Every message is a `prost::Message` (binary codec) and implements `serde` with the proto3 JSON
 //! mapping (lowerCamelCase names with snake_case accepted, base64 bytes, int64 as strings, enum
@@ -40,16 +40,9 @@ pub mod filesystem {
     include!(concat!(env!("OUT_DIR"), "/filesystem.serde.rs"));
 }
 
-/// `package wrenn.agent.v1`: the host agent's API.
+/// `package wrenn.agent.v1`: the host agent's API, and the fleet registry agents join.
 #[allow(clippy::all, clippy::pedantic)]
 pub mod agent {
     include!(concat!(env!("OUT_DIR"), "/wrenn.agent.v1.rs"));
     include!(concat!(env!("OUT_DIR"), "/wrenn.agent.v1.serde.rs"));
-}
-
-/// `package wrenn.fleet.v1`: the control plane's fleet registry (registration and heartbeats).
-#[allow(clippy::all, clippy::pedantic)]
-pub mod fleet {
-    include!(concat!(env!("OUT_DIR"), "/wrenn.fleet.v1.rs"));
-    include!(concat!(env!("OUT_DIR"), "/wrenn.fleet.v1.serde.rs"));
 }

@@ -303,9 +303,11 @@ async fn restarted_agent_adopts_running_sandboxes_and_reports_a_dead_vm() {
     }
 
     // A VM killed behind the agent's back is reported failed and its slot freed.
-    let info: pb::HostInfoResponse = agent
+    let info = agent
         .call::<host_agent::HostInfo>(&pb::HostInfoRequest {})
         .await
+        .unwrap()
+        .report
         .unwrap();
     assert_eq!(info.sandboxes_running, 2);
     let in_use_before = info.slots_in_use;
@@ -322,9 +324,11 @@ async fn restarted_agent_adopts_running_sandboxes_and_reports_a_dead_vm() {
     let failed = agent.get("doomed").await.unwrap();
     assert!(failed.error.contains("exited unexpectedly"), "{failed:?}");
     assert_eq!(failed.envd_address, "");
-    let info: pb::HostInfoResponse = agent
+    let info = agent
         .call::<host_agent::HostInfo>(&pb::HostInfoRequest {})
         .await
+        .unwrap()
+        .report
         .unwrap();
     assert_eq!(
         info.slots_in_use,

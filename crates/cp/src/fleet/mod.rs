@@ -3,7 +3,7 @@
 //! reported of its capacity, where a new sandbox goes ([`Placement`]), which hosts are down, and
 //! the reconcile pass that makes the store agree with what each agent really runs.
 //!
-//! Agents join with the fleet's join token (`wrenn.fleet.v1.HostRegistry/Register`, over
+//! Agents join with the fleet's join token (`wrenn.agent.v1.HostRegistry/Register`, over
 //! Connect) and then heartbeat their [`HostReport`] (`HostRegistry/Heartbeat`) with a token of
 //! their own. A host silent for longer than [`FleetConfig::down_after`] is marked down and its
 //! sandboxes `lost`; when it heartbeats again it is up, and the reconcile pass gives back the

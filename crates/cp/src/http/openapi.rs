@@ -42,7 +42,7 @@ use super::{hosts, sandboxes, templates};
     tags(
         (name = "sandboxes", description = "Sandboxes: create, list, pause, resume, kill, metrics"),
         (name = "templates", description = "The templates sandboxes start from"),
-        (name = "hosts", description = "The fleet of host agents (admin teams; agents join over Connect, wrenn.fleet.v1.HostRegistry)"),
+        (name = "hosts", description = "The fleet of host agents (admin teams; agents join over Connect, wrenn.agent.v1.HostRegistry)"),
         (name = "service", description = "The control plane itself"),
     )
 )]

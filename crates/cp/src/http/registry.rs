@@ -1,4 +1,4 @@
-//! The fleet registry (`wrenn.fleet.v1.HostRegistry`), served over Connect on the API listener:
+//! The fleet registry (`wrenn.agent.v1.HostRegistry`), served over Connect on the API listener:
 //! agents register with the join token and heartbeat with their host's token. Here a cause of
 //! [`crate::Error`] becomes a Connect code, as [`super::ApiError`] makes it a status for REST.
 
@@ -19,7 +19,7 @@ pub(super) fn router() -> Router<Arc<ControlPlane>> {
             post(|| async {
                 unary_error(&ConnectError::new(
                     Code::NotFound,
-                    "no such method of wrenn.fleet.v1.HostRegistry",
+                    "no such method of wrenn.agent.v1.HostRegistry",
                 ))
             }),
         )

@@ -167,8 +167,10 @@ pub async fn run(command: AgentCommand) -> anyhow::Result<()> {
         AgentCommand::Sandbox(command) => sandbox(command).await,
         AgentCommand::Template(command) => template(command).await,
         AgentCommand::Host(client) => {
-            let info: pb::HostInfoResponse =
-                call::<host_agent::HostInfo>(&client, &pb::HostInfoRequest {}).await?;
+            let info = call::<host_agent::HostInfo>(&client, &pb::HostInfoRequest {})
+                .await?
+                .report
+                .context("the agent's answer carries no report")?;
             if client.json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {

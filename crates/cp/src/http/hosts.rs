@@ -37,8 +37,7 @@ pub(super) async fn require_admin(plane: &ControlPlane, team: &TeamId) -> Result
         (status = 409, description = "The host is up", body = wrenn_api::Error),
     ))]
 pub(super) async fn forget_host(
-    State(plane): State<Arc<ControlPlane>>,
-    axum::Extension(team): axum::Extension<TeamId>,
+    TeamCall { plane, team }: TeamCall,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     require_admin(&plane, &team).await?;
@@ -56,10 +55,7 @@ pub(super) async fn forget_host(
         (status = 200, description = "The fleet", body = wrenn_api::Hosts),
         (status = 403, description = "The key's team is not an admin", body = wrenn_api::Error),
     ))]
-pub(super) async fn list_hosts(
-    State(plane): State<Arc<ControlPlane>>,
-    axum::Extension(team): axum::Extension<TeamId>,
-) -> Result<Response, ApiError> {
+pub(super) async fn list_hosts(TeamCall { plane, team }: TeamCall) -> Result<Response, ApiError> {
     require_admin(&plane, &team).await?;
     let hosts = plane
         .fleet

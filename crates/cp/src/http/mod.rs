@@ -157,6 +157,64 @@ impl From<crate::auth::NoRandomness> for ApiError {
 #[derive(Debug, Clone)]
 struct TeamId(String);
 
+/// What a keyed route starts from: the control plane and the caller's team.
+struct TeamCall {
+    plane: Arc<ControlPlane>,
+    team: TeamId,
+}
+
+impl axum::extract::FromRequestParts<Arc<ControlPlane>> for TeamCall {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        plane: &Arc<ControlPlane>,
+    ) -> Result<Self, ApiError> {
+        // `require_key` sets the team on every keyed route; its absence is a routing bug.
+        let team = parts.extensions.get::<TeamId>().cloned().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the route has no key check",
+            )
+        })?;
+        Ok(TeamCall {
+            plane: plane.clone(),
+            team,
+        })
+    }
+}
+
+/// What a `/sandboxes/{id}…` route starts from: [`TeamCall`] and the id in the path.
+struct SandboxCall {
+    plane: Arc<ControlPlane>,
+    team: TeamId,
+    id: String,
+}
+
+impl axum::extract::FromRequestParts<Arc<ControlPlane>> for SandboxCall {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        plane: &Arc<ControlPlane>,
+    ) -> Result<Self, ApiError> {
+        let TeamCall { plane, team } = TeamCall::from_request_parts(parts, plane).await?;
+        let Path(id) = Path::<String>::from_request_parts(parts, &plane)
+            .await
+            .map_err(|rejection| ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text()))?;
+        Ok(SandboxCall { plane, team, id })
+    }
+}
+
+/// The path parameter of every `/sandboxes/{id}…` route, for the OpenAPI document.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+struct SandboxPath {
+    /// The sandbox's id
+    id: String,
+}
+
 /// The API's routes.
 pub fn router(plane: Arc<ControlPlane>) -> Router {
     Router::new()

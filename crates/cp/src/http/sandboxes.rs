@@ -15,29 +15,26 @@ use super::*;
         (status = 503, description = "No host has room now", body = wrenn_api::Error),
     ))]
 pub(super) async fn create_sandbox_v2(
-    state: State<Arc<ControlPlane>>,
-    team: axum::Extension<TeamId>,
+    call: TeamCall,
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    create_sandbox(state, team, headers, body).await
+    create_sandbox(call, headers, body).await
 }
 
 /// `POST /v2/sandboxes/{id}/connect`: the same as `POST /sandboxes/{id}/connect`.
 #[utoipa::path(post, path = "/v2/sandboxes/{id}/connect", tag = "sandboxes", security(("api_key" = [])),
-    params(("id" = String, Path, description = "The sandbox's id")),
+    params(SandboxPath),
     request_body = wrenn_api::TimeoutRequest,
     responses(
         (status = 200, description = "It was running: its timeout is at least `timeout` from now", body = wrenn_api::Sandbox),
         (status = 201, description = "It was paused: resumed", body = wrenn_api::Sandbox),
     ))]
 pub(super) async fn connect_v2(
-    state: State<Arc<ControlPlane>>,
-    team: axum::Extension<TeamId>,
-    id: Path<String>,
+    call: SandboxCall,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    connect(state, team, id, body).await
+    connect(call, body).await
 }
 
 #[utoipa::path(post, path = "/sandboxes", tag = "sandboxes", security(("api_key" = [])),
@@ -51,8 +48,7 @@ pub(super) async fn connect_v2(
         (status = 503, description = "No host has room now", body = wrenn_api::Error),
     ))]
 pub(super) async fn create_sandbox(
-    State(plane): State<Arc<ControlPlane>>,
-    axum::Extension(team): axum::Extension<TeamId>,
+    TeamCall { plane, team }: TeamCall,
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
@@ -184,8 +180,7 @@ pub(super) fn decode_token(token: &str) -> Result<(i64, String), ApiError> {
         (status = 400, description = "A bad filter or token", body = wrenn_api::Error),
     ))]
 pub(super) async fn list_v2(
-    State(plane): State<Arc<ControlPlane>>,
-    axum::Extension(team): axum::Extension<TeamId>,
+    TeamCall { plane, team }: TeamCall,
     Query(params): Query<ListParams>,
 ) -> Result<Response, ApiError> {
     let limit = params.limit.unwrap_or(100);
@@ -276,8 +271,7 @@ pub(super) async fn list_v2(
         (status = 200, description = "The team's running sandboxes", body = Vec<wrenn_api::ListedSandbox>),
     ))]
 pub(super) async fn list_v1(
-    State(plane): State<Arc<ControlPlane>>,
-    axum::Extension(team): axum::Extension<TeamId>,
+    TeamCall { plane, team }: TeamCall,
     Query(params): Query<ListParams>,
 ) -> Result<Response, ApiError> {
     let query = ListQuery {
@@ -301,28 +295,24 @@ pub(super) async fn list_v1(
 }
 
 #[utoipa::path(get, path = "/sandboxes/{id}", tag = "sandboxes", security(("api_key" = [])),
-    params(("id" = String, Path, description = "The sandbox's id")),
+    params(SandboxPath),
     responses(
         (status = 200, description = "The sandbox", body = wrenn_api::SandboxDetail),
     ))]
 pub(super) async fn get_sandbox(
-    State(plane): State<Arc<ControlPlane>>,
-    axum::Extension(team): axum::Extension<TeamId>,
-    Path(id): Path<String>,
+    SandboxCall { plane, team, id }: SandboxCall,
 ) -> Result<Response, ApiError> {
     let row = owned(&plane, &team, &id).await?;
     Ok(axum::Json(detail_body(&plane, &row)).into_response())
 }
 
 #[utoipa::path(delete, path = "/sandboxes/{id}", tag = "sandboxes", security(("api_key" = [])),
-    params(("id" = String, Path, description = "The sandbox's id")),
+    params(SandboxPath),
     responses(
         (status = 204, description = "Killed: its VM, disk and snapshot are gone"),
     ))]
 pub(super) async fn kill_sandbox(
-    State(plane): State<Arc<ControlPlane>>,
-    axum::Extension(team): axum::Extension<TeamId>,
-    Path(id): Path<String>,
+    SandboxCall { plane, team, id }: SandboxCall,
 ) -> Result<Response, ApiError> {
     let _turn = plane
         .changes
@@ -334,16 +324,14 @@ pub(super) async fn kill_sandbox(
 }
 
 #[utoipa::path(post, path = "/sandboxes/{id}/timeout", tag = "sandboxes", security(("api_key" = [])),
-    params(("id" = String, Path, description = "The sandbox's id")),
+    params(SandboxPath),
     request_body = wrenn_api::TimeoutRequest,
     responses(
         (status = 204, description = "The sandbox ends `timeout` seconds from now"),
         (status = 400, description = "No timeout, or more than 24 hours", body = wrenn_api::Error),
     ))]
 pub(super) async fn set_timeout(
-    State(plane): State<Arc<ControlPlane>>,
-    axum::Extension(team): axum::Extension<TeamId>,
-    Path(id): Path<String>,
+    SandboxCall { plane, team, id }: SandboxCall,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let body: wrenn_api::TimeoutRequest = body_json(&body)?;
@@ -360,16 +348,14 @@ pub(super) async fn set_timeout(
 }
 
 #[utoipa::path(post, path = "/sandboxes/{id}/refreshes", tag = "sandboxes", security(("api_key" = [])),
-    params(("id" = String, Path, description = "The sandbox's id")),
+    params(SandboxPath),
     request_body = wrenn_api::RefreshRequest,
     responses(
         (status = 204, description = "The sandbox lives `duration` more seconds"),
         (status = 400, description = "More than 24 hours", body = wrenn_api::Error),
     ))]
 pub(super) async fn refresh(
-    State(plane): State<Arc<ControlPlane>>,
-    axum::Extension(team): axum::Extension<TeamId>,
-    Path(id): Path<String>,
+    SandboxCall { plane, team, id }: SandboxCall,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let body: wrenn_api::RefreshRequest = body_json(&body)?;
@@ -387,15 +373,13 @@ pub(super) async fn refresh(
 }
 
 #[utoipa::path(post, path = "/sandboxes/{id}/pause", tag = "sandboxes", security(("api_key" = [])),
-    params(("id" = String, Path, description = "The sandbox's id")),
+    params(SandboxPath),
     responses(
         (status = 204, description = "Paused: memory, processes and files kept"),
         (status = 409, description = "Already paused", body = wrenn_api::Error),
     ))]
 pub(super) async fn pause(
-    State(plane): State<Arc<ControlPlane>>,
-    axum::Extension(team): axum::Extension<TeamId>,
-    Path(id): Path<String>,
+    SandboxCall { plane, team, id }: SandboxCall,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     crate::unsupported::check_memory(&body_value(&body)?)?;
@@ -411,16 +395,14 @@ pub(super) async fn pause(
 }
 
 #[utoipa::path(post, path = "/sandboxes/{id}/connect", tag = "sandboxes", security(("api_key" = [])),
-    params(("id" = String, Path, description = "The sandbox's id")),
+    params(SandboxPath),
     request_body = wrenn_api::TimeoutRequest,
     responses(
         (status = 200, description = "It was running: its timeout is at least `timeout` from now", body = wrenn_api::Sandbox),
         (status = 201, description = "It was paused: resumed", body = wrenn_api::Sandbox),
     ))]
 pub(super) async fn connect(
-    State(plane): State<Arc<ControlPlane>>,
-    axum::Extension(team): axum::Extension<TeamId>,
-    Path(id): Path<String>,
+    SandboxCall { plane, team, id }: SandboxCall,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let body: wrenn_api::TimeoutRequest = checked_body(&body, crate::unsupported::check_memory)?;
@@ -440,16 +422,14 @@ pub(super) async fn connect(
 }
 
 #[utoipa::path(post, path = "/sandboxes/{id}/resume", tag = "sandboxes", security(("api_key" = [])),
-    params(("id" = String, Path, description = "The sandbox's id")),
+    params(SandboxPath),
     request_body = wrenn_api::TimeoutRequest,
     responses(
         (status = 201, description = "Resumed", body = wrenn_api::Sandbox),
         (status = 409, description = "Not paused", body = wrenn_api::Error),
     ))]
 pub(super) async fn resume(
-    State(plane): State<Arc<ControlPlane>>,
-    axum::Extension(team): axum::Extension<TeamId>,
-    Path(id): Path<String>,
+    SandboxCall { plane, team, id }: SandboxCall,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let body: wrenn_api::TimeoutRequest = checked_body(&body, crate::unsupported::check_memory)?;
@@ -470,15 +450,13 @@ pub(super) async fn resume(
 /// `PUT /sandboxes/{id}/network`: refused (400, naming the field), since a sandbox's network
 /// is set at its create and never changed.
 #[utoipa::path(put, path = "/sandboxes/{id}/network", tag = "sandboxes", security(("api_key" = [])),
-    params(("id" = String, Path, description = "The sandbox's id")),
+    params(SandboxPath),
     request_body(content = Object, description = "E2B's network update"),
     responses(
         (status = 400, description = "wrenn does not change a running sandbox's network yet", body = wrenn_api::Error),
     ))]
 pub(super) async fn update_network(
-    State(plane): State<Arc<ControlPlane>>,
-    axum::Extension(team): axum::Extension<TeamId>,
-    Path(id): Path<String>,
+    SandboxCall { plane, team, id }: SandboxCall,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     owned(&plane, &team, &id).await?;
@@ -486,14 +464,12 @@ pub(super) async fn update_network(
 }
 
 #[utoipa::path(get, path = "/sandboxes/{id}/metrics", tag = "sandboxes", security(("api_key" = [])),
-    params(("id" = String, Path, description = "The sandbox's id")),
+    params(SandboxPath),
     responses(
         (status = 200, description = "Its latest sample (none when it does not run)", body = Vec<wrenn_api::SandboxMetric>),
     ))]
 pub(super) async fn metrics(
-    State(plane): State<Arc<ControlPlane>>,
-    axum::Extension(team): axum::Extension<TeamId>,
-    Path(id): Path<String>,
+    SandboxCall { plane, team, id }: SandboxCall,
 ) -> Result<Response, ApiError> {
     let row = owned(&plane, &team, &id).await?;
     let samples: Vec<wrenn_api::SandboxMetric> =
@@ -513,8 +489,7 @@ const MAX_METRICS_SANDBOXES: usize = 100;
         (status = 400, description = "No ids, or too many", body = wrenn_api::Error),
     ))]
 pub(super) async fn metrics_of_many(
-    State(plane): State<Arc<ControlPlane>>,
-    axum::Extension(team): axum::Extension<TeamId>,
+    TeamCall { plane, team }: TeamCall,
     axum::extract::RawQuery(query): axum::extract::RawQuery,
 ) -> Result<Response, ApiError> {
     let mut ids: Vec<String> = Vec::new();

@@ -141,14 +141,14 @@ pub fn envelope_error(error: envelope::EnvelopeError) -> ConnectError {
     ConnectError::new(code, error.to_string())
 }
 
-/// Reads a request body of at most `max_bytes`: ResourceExhausted past the limit, Canceled when
-/// the client's body fails.
-pub async fn read_body<B>(body: B, max_bytes: usize) -> Result<Bytes, ConnectError>
+/// Reads a request body of at most `max_bytes` (plus `slack`, e.g. an envelope's prefix around a
+/// message of the limit): ResourceExhausted past it, Canceled when the client's body fails.
+pub async fn read_body<B>(body: B, max_bytes: usize, slack: usize) -> Result<Bytes, ConnectError>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
-    match http_body_util::Limited::new(body, max_bytes)
+    match http_body_util::Limited::new(body, max_bytes + slack)
         .collect()
         .await
     {
@@ -185,7 +185,7 @@ where
         Err(response) => return *response,
     };
     let answer = async {
-        let bytes = read_body(body, max_bytes).await?;
+        let bytes = read_body(body, max_bytes, 0).await?;
         let request: Req = decode_unary(codec, &bytes, max_bytes)?;
         handler(request).await
     }

@@ -61,19 +61,9 @@ async fn start(client: &wrenn_connect::client::ConnectClient, pty: bool) -> u32 
         )
         .await
         .unwrap();
-    let event = stream
-        .message()
-        .await
-        .unwrap()
-        .unwrap()
-        .event
-        .unwrap()
-        .event;
-    let Some(pb::process_event::Event::Start(start)) = event else {
-        panic!("no start event")
-    };
+    let pid = wrenn_testkit::started_pid(&mut stream).await;
     // The stream may go; the process stays.
-    start.pid
+    pid
 }
 
 #[tokio::test]

@@ -328,19 +328,9 @@ async fn stdin_input_and_close() {
         )
         .await
         .unwrap();
-    let Some(Event::Start(start)) = stream
-        .message()
-        .await
-        .unwrap()
-        .unwrap()
-        .event
-        .unwrap()
-        .event
-    else {
-        panic!("no start")
-    };
+    let pid = wrenn_testkit::started_pid(&mut stream).await;
     let selector = Some(pb::ProcessSelector {
-        selector: Some(pb::process_selector::Selector::Pid(start.pid)),
+        selector: Some(pb::process_selector::Selector::Pid(pid)),
     });
     let input = pb::SendInputRequest {
         process: selector.clone(),
@@ -362,7 +352,7 @@ async fn stdin_input_and_close() {
         )
         .await
         .unwrap();
-    let rest = collect_rest(stream, start.pid).await;
+    let rest = collect_rest(stream, pid).await;
     assert_eq!(rest.stdout, b"echoed\n");
     assert_eq!(rest.end.unwrap().exit_code, 0);
 
@@ -377,20 +367,10 @@ async fn stdin_input_and_close() {
         )
         .await
         .unwrap();
-    let Some(Event::Start(start)) = stream
-        .message()
-        .await
-        .unwrap()
-        .unwrap()
-        .event
-        .unwrap()
-        .event
-    else {
-        panic!("no start")
-    };
+    let pid = wrenn_testkit::started_pid(&mut stream).await;
     let input = pb::SendInputRequest {
         process: Some(pb::ProcessSelector {
-            selector: Some(pb::process_selector::Selector::Pid(start.pid)),
+            selector: Some(pb::process_selector::Selector::Pid(pid)),
         }),
         input: Some(pb::ProcessInput {
             input: Some(pb::process_input::Input::Stdin(b"x".to_vec())),
@@ -409,7 +389,7 @@ async fn stdin_input_and_close() {
         .unary("/process.Process/SendSignal", &kill, &HeaderMap::new())
         .await
         .unwrap();
-    let end = collect_rest(stream, start.pid).await.end.unwrap();
+    let end = collect_rest(stream, pid).await.end.unwrap();
     assert_eq!(end.status, "signal: killed");
     let unknown = pb::SendSignalRequest {
         process: Some(pb::ProcessSelector {
@@ -441,19 +421,9 @@ async fn pty_input_resize_and_keepalive() {
         .server_stream::<_, pb::StartResponse>("/process.Process/Start", &request, &keepalive)
         .await
         .unwrap();
-    let Some(Event::Start(start)) = stream
-        .message()
-        .await
-        .unwrap()
-        .unwrap()
-        .event
-        .unwrap()
-        .event
-    else {
-        panic!("no start")
-    };
+    let pid = wrenn_testkit::started_pid(&mut stream).await;
     let selector = Some(pb::ProcessSelector {
-        selector: Some(pb::process_selector::Selector::Pid(start.pid)),
+        selector: Some(pb::process_selector::Selector::Pid(pid)),
     });
     let resize = pb::UpdateRequest {
         process: selector.clone(),
@@ -496,7 +466,7 @@ async fn pty_input_resize_and_keepalive() {
             "{error}"
         );
     }
-    let rest = collect_rest(stream, start.pid).await;
+    let rest = collect_rest(stream, pid).await;
     let screen = String::from_utf8_lossy(&rest.pty);
     assert!(screen.contains("40 100"), "{screen}");
     assert!(screen.contains("42"), "{screen}");

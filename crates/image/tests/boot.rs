@@ -10,12 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use http::HeaderMap;
 use wrenn_connect::Codec;
 use wrenn_connect::client::{ConnectClient, HttpVersion};
 use wrenn_image::Manifest;
-use wrenn_proto::process as pb;
-use wrenn_proto::process::process_event::{Event, data_event::Output};
+use wrenn_testkit::{Ran, as_user, run_script};
 
 const GUEST: &str = "169.254.0.21";
 const TAP_ADDRESS: &str = "169.254.0.22/30";
@@ -176,83 +174,9 @@ impl Drop for Qemu {
     }
 }
 
-fn basic(user: &str) -> HeaderMap {
-    use base64_header::encode;
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        "authorization",
-        format!("Basic {}", encode(&format!("{user}:")))
-            .parse()
-            .unwrap(),
-    );
-    headers
-}
-
-/// Base64 for a Basic header, without another dependency.
-mod base64_header {
-    pub fn encode(text: &str) -> String {
-        const ALPHABET: &[u8; 64] =
-            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        let bytes = text.as_bytes();
-        let mut out = String::new();
-        for chunk in bytes.chunks(3) {
-            let b = [
-                chunk[0],
-                *chunk.get(1).unwrap_or(&0),
-                *chunk.get(2).unwrap_or(&0),
-            ];
-            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
-    }
-}
-
-/// Output of a command run through envd.
-#[derive(Debug, Default)]
-struct Ran {
-    stdout: String,
-    stderr: String,
-    exit_code: Option<i32>,
-}
-
+/// Runs `script` as `user` through the guest's envd.
 async fn run(client: &ConnectClient, user: &str, script: &str) -> Ran {
-    let request = pb::StartRequest {
-        process: Some(pb::ProcessConfig {
-            cmd: "/bin/bash".into(),
-            args: vec!["-l".into(), "-c".into(), script.into()],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let mut stream = client
-        .call_streaming::<wrenn_proto::process::process::Start>(&request, &basic(user))
-        .await
-        .expect("Start failed");
-    let mut ran = Ran::default();
-    while let Some(message) = stream.message().await {
-        let Ok(message) = message else { break };
-        match message.event.and_then(|event| event.event) {
-            Some(Event::Data(data)) => match data.output {
-                Some(Output::Stdout(bytes)) => {
-                    ran.stdout.push_str(&String::from_utf8_lossy(&bytes))
-                }
-                Some(Output::Stderr(bytes)) => {
-                    ran.stderr.push_str(&String::from_utf8_lossy(&bytes))
-                }
-                _ => {}
-            },
-            Some(Event::End(end)) => ran.exit_code = Some(end.exit_code),
-            _ => {}
-        }
-    }
-    ran
+    run_script(client, &as_user(user, None), script).await
 }
 
 async fn wait_for_health(deadline: Duration) -> Result<Duration, String> {

@@ -132,20 +132,10 @@ fn call_context(envd: &Envd, headers: &HeaderMap) -> Result<CallContext, Connect
     })
 }
 
+/// Reads a request body, with one envelope prefix of slack so that a streaming request of
+/// exactly the limit passes.
 async fn read_body(body: Body, max_bytes: usize) -> Result<Bytes, ConnectError> {
-    // One envelope prefix of slack, so that a streaming request of exactly the limit passes.
-    let limit = max_bytes + wrenn_connect::envelope::PREFIX_LEN;
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(ConnectError::new(
-            Code::ResourceExhausted,
-            format!("request body exceeds the limit of {max_bytes} bytes"),
-        )),
-        Err(error) => Err(ConnectError::new(
-            Code::Canceled,
-            format!("reading the request failed: {error}"),
-        )),
-    }
+    server::read_body(body, max_bytes, wrenn_connect::envelope::PREFIX_LEN).await
 }
 
 /// Serves a unary call: decodes the request, runs `handler` within the client's deadline and

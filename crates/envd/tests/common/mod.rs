@@ -2,7 +2,6 @@
 
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -26,11 +25,7 @@ impl Envd {
     }
 
     pub fn start_with(extra_args: &[&str]) -> Envd {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = wrenn_testkit::free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_envd"))
             .args([
                 "--port",

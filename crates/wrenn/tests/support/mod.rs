@@ -13,8 +13,9 @@ use wrenn_connect::client::{ConnectClient, HttpVersion};
 use wrenn_connect::{Code, Codec, ConnectError};
 use wrenn_proto::agent as pb;
 use wrenn_proto::agent::host_agent;
-use wrenn_proto::process as proc_pb;
-use wrenn_proto::process::process_event::{Event, data_event::Output};
+#[allow(unused_imports)]
+pub use wrenn_testkit::{Ran, free_port, wait_until};
+use wrenn_testkit::{as_user, run_script};
 
 pub fn prerequisites() -> Option<PathBuf> {
     let image = std::env::var_os("WRENN_IMAGE_DIR")
@@ -46,14 +47,6 @@ pub fn prerequisites() -> Option<PathBuf> {
             None
         }
     }
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A `wrenn agent serve` process with its own data directory and slot range.
@@ -354,22 +347,9 @@ impl Drop for Agent {
     }
 }
 
-/// The output of a command run through a sandbox's envd.
-#[derive(Debug, Default)]
-pub struct Ran {
-    pub stdout: String,
-    pub stderr: String,
-    pub exit_code: Option<i32>,
-}
-
+/// envd's headers for calls as `user`, with the sandbox's access token when it has one.
 pub fn envd_headers(token: Option<&str>) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    // "user:" in base64.
-    headers.insert("authorization", "Basic dXNlcjo=".parse().unwrap());
-    if let Some(token) = token {
-        headers.insert("x-access-token", token.parse().unwrap());
-    }
-    headers
+    as_user("user", token)
 }
 
 pub async fn run(sandbox: &pb::Sandbox, token: Option<&str>, script: &str) -> Ran {
@@ -396,36 +376,7 @@ pub async fn run_via_proxy(
 
 /// Runs `script` with bash through envd's process service at `client`.
 pub async fn run_with(client: &ConnectClient, token: Option<&str>, script: &str) -> Ran {
-    let request = proc_pb::StartRequest {
-        process: Some(proc_pb::ProcessConfig {
-            cmd: "/bin/bash".into(),
-            args: vec!["-l".into(), "-c".into(), script.into()],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let mut stream = client
-        .call_streaming::<wrenn_proto::process::process::Start>(&request, &envd_headers(token))
-        .await
-        .expect("Start failed");
-    let mut ran = Ran::default();
-    while let Some(message) = stream.message().await {
-        let Ok(message) = message else { break };
-        match message.event.and_then(|event| event.event) {
-            Some(Event::Data(data)) => match data.output {
-                Some(Output::Stdout(bytes)) => {
-                    ran.stdout.push_str(&String::from_utf8_lossy(&bytes))
-                }
-                Some(Output::Stderr(bytes)) => {
-                    ran.stderr.push_str(&String::from_utf8_lossy(&bytes))
-                }
-                _ => {}
-            },
-            Some(Event::End(end)) => ran.exit_code = Some(end.exit_code),
-            _ => {}
-        }
-    }
-    ran
+    run_script(client, &envd_headers(token), script).await
 }
 
 pub fn assert_code<T: std::fmt::Debug>(result: Result<T, ConnectError>, code: Code, words: &str) {
@@ -436,17 +387,6 @@ pub fn assert_code<T: std::fmt::Debug>(result: Result<T, ConnectError>, code: Co
         "{:?} lacks {words:?}",
         error.message
     );
-}
-
-pub async fn wait_until(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not happen within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// One HTTP call through wrenn's HTTP client, answered whole (any status).

@@ -1,0 +1,132 @@
+//! What wrenn's tests share, so each suite states only what it checks: running a script with
+//! bash through an envd ([`run_script`], [`Ran`]), the pid a `Start` stream begins with
+//! ([`started_pid`]), envd's headers for a user ([`as_user`]),
+//! waiting for a condition with a deadline ([`wait_until`]) and a free loopback port
+//! ([`free_port`]). A dev-dependency only: no product crate links it.
+
+use std::time::{Duration, Instant};
+
+use http::HeaderMap;
+use wrenn_connect::client::ConnectClient;
+use wrenn_proto::process as pb;
+use wrenn_proto::process::process_event::Event;
+
+/// What a script run through envd printed, and how it ended.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Ran {
+    pub stdout: String,
+    pub stderr: String,
+    /// None when the stream ended without an end event.
+    pub exit_code: Option<i32>,
+}
+
+/// envd's headers for calls as `user` (Basic `user:`), with its access token when it has one.
+pub fn as_user(user: &str, token: Option<&str>) -> HeaderMap {
+    use base64::Engine;
+    let mut headers = HeaderMap::new();
+    let credentials = base64::engine::general_purpose::STANDARD.encode(format!("{user}:"));
+    headers.insert(
+        http::header::AUTHORIZATION,
+        format!("Basic {credentials}")
+            .parse()
+            .expect("a Basic header is a header value"),
+    );
+    if let Some(token) = token {
+        headers.insert(
+            "x-access-token",
+            token.parse().expect("tokens are header values"),
+        );
+    }
+    headers
+}
+
+/// Runs `script` with `bash -l -c` through the process service of the envd `client` reaches,
+/// with `headers`, and collects its output until it ends. Panics if the call is refused.
+pub async fn run_script(client: &ConnectClient, headers: &HeaderMap, script: &str) -> Ran {
+    let request = pb::StartRequest {
+        process: Some(pb::ProcessConfig {
+            cmd: "/bin/bash".into(),
+            args: vec!["-l".into(), "-c".into(), script.into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut stream = client
+        .call_streaming::<pb::process::Start>(&request, headers)
+        .await
+        .expect("Start failed");
+    let mut ran = Ran::default();
+    while let Some(Ok(message)) = stream.message().await {
+        match message.event.and_then(|event| event.event) {
+            Some(Event::Data(data)) => match data.output {
+                Some(pb::process_event::data_event::Output::Stdout(bytes)) => {
+                    ran.stdout.push_str(&String::from_utf8_lossy(&bytes))
+                }
+                Some(pb::process_event::data_event::Output::Stderr(bytes)) => {
+                    ran.stderr.push_str(&String::from_utf8_lossy(&bytes))
+                }
+                _ => {}
+            },
+            Some(Event::End(end)) => ran.exit_code = Some(end.exit_code),
+            _ => {}
+        }
+    }
+    ran
+}
+
+/// The pid in the first message of a `Start` or `Connect` stream (its start event); panics if
+/// the stream begins otherwise.
+pub async fn started_pid(
+    stream: &mut wrenn_connect::client::ResponseStream<pb::StartResponse>,
+) -> u32 {
+    let first = stream
+        .message()
+        .await
+        .expect("the stream ended before its start event")
+        .expect("the stream failed before its start event");
+    match first.event.and_then(|event| event.event) {
+        Some(Event::Start(start)) => start.pid,
+        other => panic!("the stream began with {other:?}, not a start event"),
+    }
+}
+
+/// Waits until `check` holds, polling every 100 ms; panics naming `what` after `within`.
+pub async fn wait_until(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A loopback port free now (the OS's choice; a test binds it soon after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("binding a loopback port")
+        .port()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_headers_carry_basic_credentials_and_the_token() {
+        let headers = as_user("user", Some("t0k"));
+        assert_eq!(headers["authorization"], "Basic dXNlcjo=");
+        assert_eq!(headers["x-access-token"], "t0k");
+        assert!(!as_user("root", None).contains_key("x-access-token"));
+        assert_eq!(as_user("root", None)["authorization"], "Basic cm9vdDo=");
+    }
+
+    #[test]
+    fn free_ports_can_be_bound() {
+        let port = free_port();
+        assert_ne!(port, 0);
+        std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    }
+}

@@ -106,86 +106,35 @@ mod tests {
         let now = 1_700_000_000;
         let good = sign("a.txt", Operation::Write, "", "tok", Some(now + 60));
         let expiration = (now + 60).to_string();
-        assert_eq!(
-            verify(
-                "a.txt",
-                Operation::Write,
-                "",
-                "tok",
-                Some(&good),
-                Some(&expiration),
-                now
-            ),
-            Ok(())
+        let (write, read) = (Operation::Write, Operation::Read);
+        // (path, operation, user, signature, expiration, now): what verify says.
+        type Case<'a> = (
+            &'a str,
+            Operation,
+            &'a str,
+            Option<&'a str>,
+            Option<&'a str>,
+            i64,
         );
-        // Any field that differs breaks the signature.
-        assert_eq!(
-            verify(
-                "a.txt",
-                Operation::Read,
-                "",
-                "tok",
-                Some(&good),
-                Some(&expiration),
-                now
-            ),
-            Err(SignatureError::Invalid)
-        );
-        assert_eq!(
-            verify(
-                "b.txt",
-                Operation::Write,
-                "",
-                "tok",
-                Some(&good),
-                Some(&expiration),
-                now
-            ),
-            Err(SignatureError::Invalid)
-        );
-        assert_eq!(
-            verify(
-                "a.txt",
-                Operation::Write,
-                "user",
-                "tok",
-                Some(&good),
-                Some(&expiration),
-                now
-            ),
-            Err(SignatureError::Invalid)
-        );
-        assert_eq!(
-            verify("a.txt", Operation::Write, "", "tok", Some(&good), None, now),
-            Err(SignatureError::Invalid)
-        );
-        assert_eq!(
-            verify(
-                "a.txt",
-                Operation::Write,
-                "",
-                "tok",
-                Some(&good),
-                Some(&expiration),
-                now + 61
-            ),
-            Err(SignatureError::Expired)
-        );
-        assert_eq!(
-            verify("a.txt", Operation::Write, "", "tok", None, None, now),
-            Err(SignatureError::Missing)
-        );
-        assert_eq!(
-            verify(
-                "a.txt",
-                Operation::Write,
-                "",
-                "tok",
-                Some(&good),
-                Some("soon"),
-                now
-            ),
-            Err(SignatureError::BadExpiration)
-        );
+        use SignatureError::{BadExpiration, Expired, Invalid, Missing};
+        #[rustfmt::skip]
+        let cases: [(Case, Result<(), SignatureError>); 8] = [
+            (("a.txt", write, "", Some(&good), Some(&expiration), now), Ok(())),
+            // Any field that differs breaks the signature.
+            (("a.txt", read, "", Some(&good), Some(&expiration), now), Err(Invalid)),
+            (("b.txt", write, "", Some(&good), Some(&expiration), now), Err(Invalid)),
+            (("a.txt", write, "user", Some(&good), Some(&expiration), now), Err(Invalid)),
+            (("a.txt", write, "", Some(&good), None, now), Err(Invalid)),
+            (("a.txt", write, "", Some(&good), Some(&expiration), now + 61), Err(Expired)),
+            (("a.txt", write, "", None, None, now), Err(Missing)),
+            (("a.txt", write, "", Some(&good), Some("soon"), now), Err(BadExpiration)),
+        ];
+        for ((path, operation, user, signature, expiration, at), expected) in cases {
+            assert_eq!(
+                verify(path, operation, user, "tok", signature, expiration, at),
+                expected,
+                "{path} {operation:?} {user:?} {signature:?} {expiration:?} {at}"
+            );
+        }
     }
 }

@@ -74,31 +74,16 @@ async fn sandboxes_run_pause_resume_and_leave_nothing_behind() {
     )
     .await;
     let pid: u32 = started.stdout.trim().parse().expect("a pid");
-    let paused: pb::PauseSandboxResponse = agent
-        .call::<host_agent::PauseSandbox>(&pb::PauseSandboxRequest {
-            sandbox_id: "sbx-a".into(),
-        })
-        .await
-        .expect("PauseSandbox");
+    let paused: pb::PauseSandboxResponse = agent.pause("sbx-a").await.expect("PauseSandbox");
     assert_eq!(paused.sandbox.as_ref().unwrap().state, "paused");
     assert!(paused.snapshot_bytes > 0);
     assert_eq!(agent.get("sbx-a").await.unwrap().state, "paused");
     assert_code(
-        agent
-            .call::<host_agent::PauseSandbox>(&pb::PauseSandboxRequest {
-                sandbox_id: "sbx-a".into(),
-            })
-            .await,
+        agent.pause("sbx-a").await,
         Code::FailedPrecondition,
         "only a running sandbox can be paused",
     );
-    let resumed: pb::ResumeSandboxResponse = agent
-        .call::<host_agent::ResumeSandbox>(&pb::ResumeSandboxRequest {
-            sandbox_id: "sbx-a".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("ResumeSandbox");
+    let resumed: pb::ResumeSandboxResponse = agent.resume("sbx-a").await.expect("ResumeSandbox");
     let a = resumed.sandbox.unwrap();
     assert_eq!(a.state, "running");
     let before = run(&a, None, "cat ~/name; wc -l < ~/ticks").await;
@@ -129,22 +114,13 @@ async fn sandboxes_run_pause_resume_and_leave_nothing_behind() {
     );
     // A second resume of a running sandbox is refused.
     assert_code(
-        agent
-            .call::<host_agent::ResumeSandbox>(&pb::ResumeSandboxRequest {
-                sandbox_id: "sbx-a".into(),
-                ..Default::default()
-            })
-            .await,
+        agent.resume("sbx-a").await,
         Code::FailedPrecondition,
         "only a paused sandbox can be resumed",
     );
     // The template is in use: it cannot be deleted yet.
     assert_code(
-        agent
-            .call::<host_agent::DeleteTemplate>(&pb::DeleteTemplateRequest {
-                template_id: "base".into(),
-            })
-            .await,
+        agent.delete_template("base").await,
         Code::FailedPrecondition,
         "in use",
     );
@@ -175,24 +151,15 @@ async fn sandboxes_run_pause_resume_and_leave_nothing_behind() {
     assert_eq!(ran.stdout.trim(), "finished", "{ran:?}");
 
     for id in ["sbx-a", "sbx-b", "sbx-c", "sbx-d"] {
-        let _: pb::DestroySandboxResponse = agent
-            .call::<host_agent::DestroySandbox>(&pb::DestroySandboxRequest {
-                sandbox_id: id.into(),
-            })
-            .await
-            .expect("DestroySandbox");
+        let _: pb::DestroySandboxResponse = agent.destroy(id).await.expect("DestroySandbox");
     }
     let listed: pb::ListSandboxesResponse = agent
         .call::<host_agent::ListSandboxes>(&pb::ListSandboxesRequest {})
         .await
         .unwrap();
     assert!(listed.sandboxes.is_empty());
-    let _: pb::DeleteTemplateResponse = agent
-        .call::<host_agent::DeleteTemplate>(&pb::DeleteTemplateRequest {
-            template_id: "base".into(),
-        })
-        .await
-        .expect("DeleteTemplate");
+    let _: pb::DeleteTemplateResponse =
+        agent.delete_template("base").await.expect("DeleteTemplate");
     agent.stop();
     assert_eq!(agent.leftovers(), Vec::<String>::new());
 }
@@ -243,25 +210,8 @@ async fn restarted_agent_adopts_running_sandboxes_and_reports_a_dead_vm() {
         Code::NotFound,
         "sandbox ghost not found",
     );
-    assert_code(
-        agent
-            .call::<host_agent::ResumeSandbox>(&pb::ResumeSandboxRequest {
-                sandbox_id: "ghost".into(),
-                ..Default::default()
-            })
-            .await,
-        Code::NotFound,
-        "not found",
-    );
-    assert_code(
-        agent
-            .call::<host_agent::DestroySandbox>(&pb::DestroySandboxRequest {
-                sandbox_id: "../etc".into(),
-            })
-            .await,
-        Code::NotFound,
-        "not found",
-    );
+    assert_code(agent.resume("ghost").await, Code::NotFound, "not found");
+    assert_code(agent.destroy("../etc").await, Code::NotFound, "not found");
 
     agent.build_template("base").await;
     assert_code(
@@ -337,22 +287,13 @@ async fn restarted_agent_adopts_running_sandboxes_and_reports_a_dead_vm() {
     );
     assert_eq!(info.sandboxes_running, 1);
     assert_code(
-        agent
-            .call::<host_agent::PauseSandbox>(&pb::PauseSandboxRequest {
-                sandbox_id: "doomed".into(),
-            })
-            .await,
+        agent.pause("doomed").await,
         Code::FailedPrecondition,
         "is failed",
     );
 
     for id in ["keep", "doomed"] {
-        let _: pb::DestroySandboxResponse = agent
-            .call::<host_agent::DestroySandbox>(&pb::DestroySandboxRequest {
-                sandbox_id: id.into(),
-            })
-            .await
-            .expect("DestroySandbox");
+        let _: pb::DestroySandboxResponse = agent.destroy(id).await.expect("DestroySandbox");
     }
     agent.stop();
     assert_eq!(agent.leftovers(), Vec::<String>::new());

@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
@@ -60,6 +61,26 @@ impl SqliteStore {
         })
         .await
         .map_err(|error| StoreError::Unavailable(error.to_string()))?
+    }
+
+    /// Runs one statement with owned values: how many rows it changed.
+    async fn execute(&self, sql: &'static str, values: Vec<Value>) -> Result<usize, StoreError> {
+        self.with(move |db| db.execute(sql, rusqlite::params_from_iter(values)))
+            .await
+    }
+
+    /// The sandboxes `SELECT_SANDBOX … WHERE condition` finds, with owned values.
+    async fn sandboxes_where(
+        &self,
+        condition: &'static str,
+        values: Vec<Value>,
+    ) -> Result<Vec<SandboxRow>, StoreError> {
+        self.with(move |db| {
+            let mut statement = db.prepare(&format!("{SELECT_SANDBOX} WHERE {condition}"))?;
+            let rows = statement.query_map(rusqlite::params_from_iter(values), sandbox_row)?;
+            rows.collect()
+        })
+        .await
     }
 
     async fn team_where(
@@ -156,15 +177,12 @@ impl StoreBackend for SqliteStore {
 
     /// Revokes a key; false if no such unrevoked key.
     async fn revoke_key(&self, key_id: &str, now_ms: i64) -> Result<bool, StoreError> {
-        let key_id = key_id.to_string();
-        self.with(move |db| {
-            db.execute(
-                "UPDATE api_keys SET revoked_at_ms = ?2 WHERE id = ?1 AND revoked_at_ms IS NULL",
-                params![key_id, now_ms],
-            )
-            .map(|changed| changed == 1)
-        })
+        self.execute(
+            "UPDATE api_keys SET revoked_at_ms = ?2 WHERE id = ?1 AND revoked_at_ms IS NULL",
+            vec![key_id.to_string().into(), now_ms.into()],
+        )
         .await
+        .map(|changed| changed == 1)
     }
 
     async fn put_sandbox(&self, sandbox: SandboxRow) -> Result<(), StoreError> {
@@ -216,12 +234,12 @@ impl StoreBackend for SqliteStore {
     }
 
     async fn delete_sandbox(&self, id: &str) -> Result<bool, StoreError> {
-        let id = id.to_string();
-        self.with(move |db| {
-            db.execute("DELETE FROM sandboxes WHERE id = ?1", [id])
-                .map(|n| n == 1)
-        })
+        self.execute(
+            "DELETE FROM sandboxes WHERE id = ?1",
+            vec![id.to_string().into()],
+        )
         .await
+        .map(|n| n == 1)
     }
 
     async fn set_state(
@@ -230,27 +248,22 @@ impl StoreBackend for SqliteStore {
         state: SandboxState,
         end_at_ms: i64,
     ) -> Result<(), StoreError> {
-        let (id, state) = (id.to_string(), state.as_str());
-        self.with(move |db| {
-            db.execute(
-                "UPDATE sandboxes SET state = ?2, end_at_ms = ?3 WHERE id = ?1",
-                params![id, state, end_at_ms],
-            )
-            .map(drop)
-        })
+        self.execute(
+            "UPDATE sandboxes SET state = ?2, end_at_ms = ?3 WHERE id = ?1",
+            vec![
+                id.to_string().into(),
+                state.as_str().to_string().into(),
+                end_at_ms.into(),
+            ],
+        )
         .await
+        .map(drop)
     }
 
     /// Running sandboxes whose end time has passed.
     async fn expired(&self, now_ms: i64) -> Result<Vec<SandboxRow>, StoreError> {
-        self.with(move |db| {
-            let mut statement = db.prepare(&format!(
-                "{SELECT_SANDBOX} WHERE state = 'running' AND end_at_ms <= ?1"
-            ))?;
-            let rows = statement.query_map([now_ms], sandbox_row)?;
-            rows.collect()
-        })
-        .await
+        self.sandboxes_where("state = 'running' AND end_at_ms <= ?1", vec![now_ms.into()])
+            .await
     }
 
     /// Every sandbox (any team), for reconciliation.
@@ -270,40 +283,32 @@ impl StoreBackend for SqliteStore {
         from: SandboxState,
         to: SandboxState,
     ) -> Result<bool, StoreError> {
-        let (from, to) = (from.as_str(), to.as_str());
-        let (id, from, to) = (id.to_string(), from.to_string(), to.to_string());
-        self.with(move |db| {
-            db.execute(
-                "UPDATE sandboxes SET state = ?3 WHERE id = ?1 AND state = ?2",
-                params![id, from, to],
-            )
-            .map(|n| n == 1)
-        })
+        self.execute(
+            "UPDATE sandboxes SET state = ?3 WHERE id = ?1 AND state = ?2",
+            vec![
+                id.to_string().into(),
+                from.as_str().to_string().into(),
+                to.as_str().to_string().into(),
+            ],
+        )
         .await
+        .map(|n| n == 1)
     }
 
     /// Every sandbox of a host, whatever its state.
     async fn sandboxes_on_host(&self, host_id: &str) -> Result<Vec<SandboxRow>, StoreError> {
-        let host_id = host_id.to_string();
-        self.with(move |db| {
-            let mut statement = db.prepare(&format!("{SELECT_SANDBOX} WHERE host_id = ?1"))?;
-            let rows = statement.query_map([host_id], sandbox_row)?;
-            rows.collect()
-        })
-        .await
+        self.sandboxes_where("host_id = ?1", vec![host_id.to_string().into()])
+            .await
     }
 
     /// Marks a host's running and paused sandboxes lost: how many there were.
     async fn mark_host_lost(&self, host_id: &str) -> Result<u64, StoreError> {
-        let host_id = host_id.to_string();
-        self.with(move |db| {
-            db.execute(
-                "UPDATE sandboxes SET state = 'lost' WHERE host_id = ?1 AND state IN ('running', 'paused')",
-                [host_id],
-            )
-            .map(|n| n as u64)
-        })
+        self.execute(
+            "UPDATE sandboxes SET state = 'lost' WHERE host_id = ?1 AND state IN ('running', 'paused')",
+            vec![host_id.to_string().into()],
+        )
         .await
+        .map(|n| n as u64)
     }
 
     /// Adds or replaces a host.

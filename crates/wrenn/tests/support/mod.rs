@@ -272,6 +272,38 @@ impl Agent {
         Ok(response.sandbox.unwrap())
     }
 
+    pub async fn pause(&self, id: &str) -> Result<pb::PauseSandboxResponse, ConnectError> {
+        self.call::<host_agent::PauseSandbox>(&pb::PauseSandboxRequest {
+            sandbox_id: id.into(),
+        })
+        .await
+    }
+
+    pub async fn resume(&self, id: &str) -> Result<pb::ResumeSandboxResponse, ConnectError> {
+        let request = pb::ResumeSandboxRequest {
+            sandbox_id: id.into(),
+            ..Default::default()
+        };
+        self.call::<host_agent::ResumeSandbox>(&request).await
+    }
+
+    pub async fn destroy(&self, id: &str) -> Result<pb::DestroySandboxResponse, ConnectError> {
+        let request = pb::DestroySandboxRequest {
+            sandbox_id: id.into(),
+        };
+        self.call::<host_agent::DestroySandbox>(&request).await
+    }
+
+    pub async fn delete_template(
+        &self,
+        id: &str,
+    ) -> Result<pb::DeleteTemplateResponse, ConnectError> {
+        let request = pb::DeleteTemplateRequest {
+            template_id: id.into(),
+        };
+        self.call::<host_agent::DeleteTemplate>(&request).await
+    }
+
     /// What of this agent is still on the machine: processes, namespaces, interfaces, files.
     pub fn leftovers(&self) -> Vec<String> {
         let mut found = Vec::new();

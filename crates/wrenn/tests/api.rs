@@ -198,6 +198,21 @@ impl Server {
         body["hosts"].as_array().cloned().unwrap_or_default()
     }
 
+    /// Waits until sandbox `id` reads as `state` through the API, or is gone (404) when `state`
+    /// is `"gone"`; `what` names the wait when it times out.
+    async fn wait_sandbox(&self, what: &str, id: &str, state: &str, within: Duration) {
+        wait_until(what, within, async || {
+            let (status, body) = self
+                .call(Method::GET, &format!("/sandboxes/{id}"), Value::Null)
+                .await;
+            match state {
+                "gone" => status == StatusCode::NOT_FOUND,
+                _ => body["state"] == state,
+            }
+        })
+        .await;
+    }
+
     /// Waits until host `name` is in `state` and (when up) reports the template `base`.
     async fn wait_host(&self, name: &str, state: &str, within: Duration) {
         wait_until(&format!("host {name} {state}"), within, async || {
@@ -1246,17 +1261,14 @@ async fn timeout_expiry_kills(server: &Server) {
         .create(json!({"templateID": "base", "timeout": 2}))
         .await;
     let short_id = short["sandboxID"].as_str().unwrap().to_string();
-    wait_until(
-        "the short sandbox's timeout",
-        Duration::from_secs(20),
-        async || {
-            let (status, _) = server
-                .call(Method::GET, &format!("/sandboxes/{short_id}"), Value::Null)
-                .await;
-            status == StatusCode::NOT_FOUND
-        },
-    )
-    .await;
+    server
+        .wait_sandbox(
+            "the short sandbox's timeout",
+            &short_id,
+            "gone",
+            Duration::from_secs(20),
+        )
+        .await;
 }
 
 /// Kill: 204, then 404.
@@ -1435,17 +1447,14 @@ async fn fleet_places_reconciles_and_survives_a_dead_host() {
         })
         .await
         .unwrap();
-    wait_until(
-        "the reconcile to drop the destroyed sandbox",
-        Duration::from_secs(15),
-        async || {
-            let (status, _) = server
-                .call(Method::GET, &format!("/sandboxes/{id_a}"), Value::Null)
-                .await;
-            status == StatusCode::NOT_FOUND
-        },
-    )
-    .await;
+    server
+        .wait_sandbox(
+            "the reconcile to drop the destroyed sandbox",
+            &id_a,
+            "gone",
+            Duration::from_secs(15),
+        )
+        .await;
     // An orphan (created on the host, unknown to the store) is destroyed after the grace.
     host_a.create("base", "orphan1", None).await;
     wait_until(
@@ -1478,17 +1487,14 @@ async fn fleet_places_reconciles_and_survives_a_dead_host() {
     server
         .wait_host("fleet-b", "up", Duration::from_secs(30))
         .await;
-    wait_until(
-        "the lost sandbox to come back",
-        Duration::from_secs(15),
-        async || {
-            let (_, detail) = server
-                .call(Method::GET, &format!("/sandboxes/{id_b}"), Value::Null)
-                .await;
-            detail["state"] == "running"
-        },
-    )
-    .await;
+    server
+        .wait_sandbox(
+            "the lost sandbox to come back",
+            &id_b,
+            "running",
+            Duration::from_secs(15),
+        )
+        .await;
     let ran = run_via_proxy(server.proxy, &id_b, None, "echo back").await;
     assert_eq!(ran.stdout.trim(), "back", "{ran:?}");
 
@@ -1922,17 +1928,14 @@ async fn a_hosts_name_is_taken_only_with_its_identity() {
         Some(&identity),
         "the identity is kept, not renewed"
     );
-    wait_until(
-        "the sandbox to come back",
-        Duration::from_secs(10),
-        async || {
-            let (_, body) = server
-                .call(Method::GET, &format!("/sandboxes/{id}"), Value::Null)
-                .await;
-            body["state"] == "running"
-        },
-    )
-    .await;
+    server
+        .wait_sandbox(
+            "the sandbox to come back",
+            &id,
+            "running",
+            Duration::from_secs(10),
+        )
+        .await;
 
     // Replaced for good: forgetting needs an admin key and a down host; then the name is free.
     let other_key = server.key_of_team("not-admin");
@@ -2042,17 +2045,14 @@ async fn a_second_agent_cannot_take_a_hosts_name() {
         wrenn_agent::join::read_identity(&identity_file).unwrap(),
         Some(kept)
     );
-    wait_until(
-        "the sandbox to come back",
-        Duration::from_secs(15),
-        async || {
-            let (_, detail) = server
-                .call(Method::GET, &format!("/sandboxes/{id}"), Value::Null)
-                .await;
-            detail["state"] == "running"
-        },
-    )
-    .await;
+    server
+        .wait_sandbox(
+            "the sandbox to come back",
+            &id,
+            "running",
+            Duration::from_secs(15),
+        )
+        .await;
     let ran = run_via_proxy(server.proxy, &id, None, "echo back").await;
     assert_eq!(ran.stdout.trim(), "back", "{ran:?}");
 

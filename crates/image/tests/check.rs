@@ -58,9 +58,10 @@ fn the_built_image_passes_and_another_expected_version_is_named() {
     );
     let wrong = problems(&image, "9.9.9");
     assert!(
-        wrong
-            .iter()
-            .any(|p| p.contains("envd is version 0.6.4, this wrenn expects 9.9.9")),
+        wrong.iter().any(|p| p.contains(&format!(
+            "envd is version {}, this wrenn expects 9.9.9",
+            wrenn_envd::ENVD_VERSION
+        ))),
         "{wrong:?}"
     );
 }
@@ -135,9 +136,10 @@ fn an_envd_of_another_version_inside_the_image_is_caught() {
     rewritten.write(copy.path()).unwrap();
     let found = problems(copy.path(), wrenn_envd::ENVD_VERSION);
     assert!(
-        found
-            .iter()
-            .any(|p| p.contains("the image's envd is version 0.0.1, this wrenn expects 0.6.4")),
+        found.iter().any(|p| p.contains(&format!(
+            "the image's envd is version 0.0.1, this wrenn expects {}",
+            wrenn_envd::ENVD_VERSION
+        ))),
         "{found:?}"
     );
     assert!(!found.iter().any(|p| p.contains("corrupted")), "{found:?}");

@@ -4,6 +4,7 @@ These run against a second envd (`secure_envd`) whose token was set by `POST /in
 """
 
 import base64
+import contextlib
 import urllib.parse
 import uuid
 
@@ -19,6 +20,26 @@ def _file_path() -> str:
     return f"/tmp/wrenn-sdk-signed-{uuid.uuid4().hex[:12]}.txt"
 
 
+@contextlib.contextmanager
+def _sandbox_file(sbx, content=None, path=None, user=None):
+    """A file path in `sbx` (a fresh one under /tmp unless `path` is given), written with
+    `content` first unless that is None, and removed (as `user`) when the block ends."""
+    path = path or _file_path()
+    if content is not None:
+        sbx.files.write(path, content, user=user)
+    try:
+        yield path
+    finally:
+        sbx.files.remove(path, user=user)
+
+
+def _assert_downloads(url: str, content: bytes) -> None:
+    """GET `url` answers 200 with exactly `content`."""
+    r = httpx.get(url, timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.content == content
+
+
 def _assert_json_401(r: httpx.Response) -> dict:
     assert r.status_code == 401, (r.status_code, r.text)
     assert r.headers.get("content-type", "").startswith("application/json"), r.headers
@@ -32,15 +53,12 @@ def _assert_json_401(r: httpx.Response) -> dict:
 
 
 def test_sdk_with_token_works(secure_sandbox):
-    path = _file_path()
-    try:
+    with _sandbox_file(secure_sandbox) as path:
         assert secure_sandbox.commands.run("echo secure").stdout == "secure\n"
         secure_sandbox.files.write(path, "secret content")
         assert secure_sandbox.files.read(path) == "secret content"
         assert secure_sandbox.files.exists(path) is True
         assert secure_sandbox.is_running() is True
-    finally:
-        secure_sandbox.files.remove(path)
 
 
 def test_default_user_after_init_without_default_user_is_user(secure_sandbox, test_user):
@@ -49,31 +67,37 @@ def test_default_user_after_init_without_default_user_is_user(secure_sandbox, te
     assert r.stdout == f"{test_user}\n/home/{test_user}\n"
 
 
-def test_wrong_token_is_rejected(secure_envd):
+# SDK calls refused with a token that does not match, by case id; the /files ones
+# (read, write) are refused too, signature or not.
+WRONG_TOKEN_CALLS = {
+    "commands.run": lambda sbx: sbx.commands.run("echo never"),
+    "commands.list": lambda sbx: sbx.commands.list(),
+    "files.list": lambda sbx: sbx.files.list("/tmp"),
+    "files.exists": lambda sbx: sbx.files.exists("/tmp"),
+    "files.read": lambda sbx: sbx.files.read("/etc/hostname"),
+    "files.write": lambda sbx: sbx.files.write(_file_path(), "never"),
+}
+
+# SDK calls refused without any token, by case id.
+NO_TOKEN_CALLS = {
+    "commands.run": lambda sbx: sbx.commands.run("echo never"),
+    "files.get_info": lambda sbx: sbx.files.get_info("/tmp"),
+    "files.read": lambda sbx: sbx.files.read("/etc/hostname"),
+}
+
+
+@pytest.mark.parametrize("call", WRONG_TOKEN_CALLS.values(), ids=WRONG_TOKEN_CALLS.keys())
+def test_wrong_token_is_rejected(secure_envd, call):
     wrong = make_secure_sandbox(secure_envd.url, "0" * 64)
     with pytest.raises(AuthenticationException):
-        wrong.commands.run("echo never")
-    with pytest.raises(AuthenticationException):
-        wrong.commands.list()
-    with pytest.raises(AuthenticationException):
-        wrong.files.list("/tmp")
-    with pytest.raises(AuthenticationException):
-        wrong.files.exists("/tmp")
-    # /files with a token header that does not match is refused too, signature or not
-    with pytest.raises(AuthenticationException):
-        wrong.files.read("/etc/hostname")
-    with pytest.raises(AuthenticationException):
-        wrong.files.write(_file_path(), "never")
+        call(wrong)
 
 
-def test_no_token_is_rejected(secure_envd):
+@pytest.mark.parametrize("call", NO_TOKEN_CALLS.values(), ids=NO_TOKEN_CALLS.keys())
+def test_no_token_is_rejected(secure_envd, call):
     anonymous = make_secure_sandbox(secure_envd.url, None)
     with pytest.raises(AuthenticationException):
-        anonymous.commands.run("echo never")
-    with pytest.raises(AuthenticationException):
-        anonymous.files.get_info("/tmp")
-    with pytest.raises(AuthenticationException):
-        anonymous.files.read("/etc/hostname")
+        call(anonymous)
 
 
 def test_rpc_without_token_is_a_json_401(secure_envd):
@@ -112,37 +136,24 @@ def _tamper(url: str) -> str:
 
 
 def test_signed_download_url(secure_sandbox):
-    path = _file_path()
-    secure_sandbox.files.write(path, "download me")
-    try:
+    with _sandbox_file(secure_sandbox, "download me") as path:
         url = secure_sandbox.download_url(path)
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
         assert query["path"] == [path]
         assert query["signature"][0].startswith("v1_")
         assert "signature_expiration" not in query
-        r = httpx.get(url, timeout=10)
-        assert r.status_code == 200, r.text
-        assert r.content == b"download me"
-    finally:
-        secure_sandbox.files.remove(path)
+        _assert_downloads(url, b"download me")
 
 
 def test_signed_download_url_with_expiration(secure_sandbox):
-    path = _file_path()
-    secure_sandbox.files.write(path, "expiring")
-    try:
+    with _sandbox_file(secure_sandbox, "expiring") as path:
         url = secure_sandbox.download_url(path, use_signature_expiration=120)
         assert "signature_expiration=" in url
-        r = httpx.get(url, timeout=10)
-        assert r.status_code == 200, r.text
-        assert r.content == b"expiring"
-    finally:
-        secure_sandbox.files.remove(path)
+        _assert_downloads(url, b"expiring")
 
 
 def test_signed_upload_url(secure_sandbox):
-    path = _file_path()
-    try:
+    with _sandbox_file(secure_sandbox) as path:
         url = secure_sandbox.upload_url(path, use_signature_expiration=120)
         r = httpx.post(url, files={"file": ("upload.txt", b"uploaded via signed url")}, timeout=10)
         assert r.status_code == 200, r.text
@@ -152,32 +163,24 @@ def test_signed_upload_url(secure_sandbox):
         assert body[0]["name"] == path.rsplit("/", 1)[1]
         assert body[0]["type"] == "file"
         assert secure_sandbox.files.read(path) == "uploaded via signed url"
-    finally:
-        secure_sandbox.files.remove(path)
 
 
 def test_signed_urls_for_a_user(secure_sandbox, test_user):
-    path = f"/home/{test_user}/wrenn-sdk-signed-{uuid.uuid4().hex[:8]}.txt"
-    try:
+    home_file = f"/home/{test_user}/wrenn-sdk-signed-{uuid.uuid4().hex[:8]}.txt"
+    with _sandbox_file(secure_sandbox, path=home_file) as path:
         up = secure_sandbox.upload_url(path, user=test_user)
         assert f"username={test_user}" in up
         r = httpx.post(up, files={"file": ("f", b"user's file")}, timeout=10)
         assert r.status_code == 200, r.text
         assert secure_sandbox.files.get_info(path).owner == test_user
-        r = httpx.get(secure_sandbox.download_url(path, user=test_user), timeout=10)
-        assert r.status_code == 200, r.text
-        assert r.content == b"user's file"
+        _assert_downloads(secure_sandbox.download_url(path, user=test_user), b"user's file")
         # the user is part of what is signed
         tampered = secure_sandbox.download_url(path, user=test_user).replace(f"username={test_user}", "username=root")
         _assert_json_401(httpx.get(tampered, timeout=10))
-    finally:
-        secure_sandbox.files.remove(path)
 
 
 def test_expired_signature(secure_sandbox):
-    path = _file_path()
-    secure_sandbox.files.write(path, "too late")
-    try:
+    with _sandbox_file(secure_sandbox, "too late") as path:
         url = secure_sandbox.download_url(path, use_signature_expiration=-30)
         r = httpx.get(url, timeout=10)
         assert r.status_code == 401
@@ -187,28 +190,19 @@ def test_expired_signature(secure_sandbox):
         assert r.status_code == 401
         assert r.json() == {"code": 401, "message": "signature is already expired"}
         assert secure_sandbox.files.read(path) == "too late"
-    finally:
-        secure_sandbox.files.remove(path)
 
 
 def test_tampered_signature(secure_sandbox):
-    path = _file_path()
-    secure_sandbox.files.write(path, "guarded")
-    try:
+    with _sandbox_file(secure_sandbox, "guarded") as path:
         _assert_json_401(httpx.get(_tamper(secure_sandbox.download_url(path)), timeout=10))
         _assert_json_401(httpx.get(_tamper(secure_sandbox.download_url(path, use_signature_expiration=60)), timeout=10))
         r = httpx.post(_tamper(secure_sandbox.upload_url(path)), files={"file": ("f", b"evil")}, timeout=10)
         _assert_json_401(r)
         assert secure_sandbox.files.read(path) == "guarded"
-    finally:
-        secure_sandbox.files.remove(path)
 
 
 def test_signature_is_bound_to_path_operation_and_expiration(secure_sandbox):
-    path, other = _file_path(), _file_path()
-    secure_sandbox.files.write(path, "a")
-    secure_sandbox.files.write(other, "b")
-    try:
+    with _sandbox_file(secure_sandbox, "a") as path, _sandbox_file(secure_sandbox, "b") as other:
         # a read signature for `path` used for `other`
         url = secure_sandbox.download_url(path)
         _assert_json_401(httpx.get(url.replace(urllib.parse.quote(path, safe=""), urllib.parse.quote(other, safe="")), timeout=10))
@@ -226,22 +220,15 @@ def test_signature_is_bound_to_path_operation_and_expiration(secure_sandbox):
         longer = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query, doseq=True)))
         _assert_json_401(httpx.get(longer, timeout=10))
         assert secure_sandbox.files.read(path) == "a"
-    finally:
-        secure_sandbox.files.remove(path)
-        secure_sandbox.files.remove(other)
 
 
 def test_no_token_and_no_signature(secure_envd, secure_sandbox):
-    path = _file_path()
-    secure_sandbox.files.write(path, "x")
-    try:
+    with _sandbox_file(secure_sandbox, "x") as path:
         _assert_json_401(httpx.get(f"{secure_envd.url}/files", params={"path": path}, timeout=10))
         _assert_json_401(
             httpx.post(f"{secure_envd.url}/files", params={"path": path}, files={"file": ("f", b"evil")}, timeout=10)
         )
         assert secure_sandbox.files.read(path) == "x"
-    finally:
-        secure_sandbox.files.remove(path)
 
 
 def test_a_signed_url_grants_its_own_user_and_no_basic_header_changes_it(secure_envd, secure_sandbox, test_user):
@@ -249,10 +236,9 @@ def test_a_signed_url_grants_its_own_user_and_no_basic_header_changes_it(secure_
     # (`user`, as no /init named another) and nothing else; a Basic header naming root must not
     # turn the grant into root's (before, it did: a URL signed for the default user could be
     # replayed as root's).
-    path = f"/root/wrenn-sdk-signed-{uuid.uuid4().hex[:8]}.txt"
-    secure_sandbox.files.write(path, "root's secret", user="root")
-    secure_sandbox.commands.run(f"chmod 600 {path}", user="root")
-    try:
+    root_file = f"/root/wrenn-sdk-signed-{uuid.uuid4().hex[:8]}.txt"
+    with _sandbox_file(secure_sandbox, "root's secret", path=root_file, user="root") as path:
+        secure_sandbox.commands.run(f"chmod 600 {path}", user="root")
         url = secure_sandbox.download_url(path)
         assert "username=" not in url
         basic = "Basic " + base64.b64encode(b"root:").decode()
@@ -275,5 +261,3 @@ def test_a_signed_url_grants_its_own_user_and_no_basic_header_changes_it(secure_
             timeout=10,
         )
         assert r.status_code in (401, 403), (r.status_code, r.text)
-    finally:
-        secure_sandbox.files.remove(path, user="root")

@@ -5,6 +5,7 @@ The async SDK streams: Filesystem.WatchDir (first message `start`, then `filesys
 """
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -49,29 +50,34 @@ class EventLog:
         return [(e.name, e.type) for e in self.events]
 
 
+@contextlib.contextmanager
+def watching(sandbox, path, **options):
+    """Watch `path` (sync SDK, `watch_dir` options as given) for the length of the block,
+    yielding an EventLog of its events; the watcher is removed when the block ends."""
+    handle = sandbox.files.watch_dir(path, **options)
+    try:
+        yield EventLog(handle)
+    finally:
+        handle.stop()
+
+
 CREATE, CHMOD, WRITE = FilesystemEventType.CREATE, FilesystemEventType.CHMOD, FilesystemEventType.WRITE
 REMOVE, RENAME = FilesystemEventType.REMOVE, FilesystemEventType.RENAME
 
 
 def test_watch_shell_write(sandbox, workdir):
-    handle = sandbox.files.watch_dir(workdir)
-    log = EventLog(handle)
-    try:
+    with watching(sandbox, workdir) as log:
         sandbox.commands.run(f"echo hi > {workdir}/shell.txt")
         log.wait_for("shell.txt", FilesystemEventType.CREATE)
         log.wait_for("shell.txt", FilesystemEventType.WRITE)
         sandbox.commands.run(f"rm {workdir}/shell.txt")
         log.wait_for("shell.txt", FilesystemEventType.REMOVE)
-    finally:
-        handle.stop()
 
 
 def test_watch_create_write_remove(sandbox, workdir):
     # E2B's envd writes an upload in place, so a watcher sees CREATE, CHMOD, WRITE on the
     # file's own name, as E2B's SDK tests assert.
-    handle = sandbox.files.watch_dir(workdir)
-    log = EventLog(handle)
-    try:
+    with watching(sandbox, workdir) as log:
         sandbox.files.write(f"{workdir}/watched.txt", "hello")
         log.wait_for("watched.txt", FilesystemEventType.CREATE)
         log.wait_for("watched.txt", FilesystemEventType.WRITE)
@@ -80,8 +86,6 @@ def test_watch_create_write_remove(sandbox, workdir):
         assert all(e.entry is None for e in log.events)  # include_entry was not asked for
         # the upload wrote the file in place: no other (temporary) name shows up
         assert {e.name for e in log.events} == {"watched.txt"}, [(e.name, e.type) for e in log.events]
-    finally:
-        handle.stop()
 
 
 # --- exact sequences, as E2B's envd produces them (and E2B's SDK tests assert) ------------
@@ -90,78 +94,53 @@ def test_watch_create_write_remove(sandbox, workdir):
 def test_watch_new_file_is_create_chmod_write(sandbox, workdir):
     # E2B's test_watch_directory_changes: exactly 3 events, CREATE, CHMOD, WRITE.
     sandbox.files.make_dir(f"{workdir}/w")
-    handle = sandbox.files.watch_dir(f"{workdir}/w")
-    log = EventLog(handle)
-    try:
+    with watching(sandbox, f"{workdir}/w") as log:
         sandbox.files.write(f"{workdir}/w/test_watch.txt", "This file will be watched.")
         assert log.settle(3) == [("test_watch.txt", CREATE), ("test_watch.txt", CHMOD), ("test_watch.txt", WRITE)]
-    finally:
-        handle.stop()
 
 
 def test_watch_new_file_events_are_there_when_write_returns(sandbox, workdir):
     # E2B's own test polls once, right after the write.
-    handle = sandbox.files.watch_dir(workdir)
-    try:
+    with watching(sandbox, workdir) as log:
         sandbox.files.write(f"{workdir}/at-once.txt", "now")
-        events = handle.get_new_events()
+        events = log.handle.get_new_events()
         assert [(e.name, e.type) for e in events] == [("at-once.txt", CREATE), ("at-once.txt", CHMOD), ("at-once.txt", WRITE)]
-    finally:
-        handle.stop()
 
 
 def test_watch_overwrite_is_chmod_write(sandbox, workdir):
     path = f"{workdir}/over.txt"
     sandbox.files.write(path, "first")
-    handle = sandbox.files.watch_dir(workdir)
-    log = EventLog(handle)
-    try:
+    with watching(sandbox, workdir) as log:
         sandbox.files.write(path, "This file has been modified.")
         assert log.settle(2) == [("over.txt", CHMOD), ("over.txt", WRITE)]
-    finally:
-        handle.stop()
 
 
 def test_watch_empty_new_file_has_no_write(sandbox, workdir):
-    handle = sandbox.files.watch_dir(workdir)
-    log = EventLog(handle)
-    try:
+    with watching(sandbox, workdir) as log:
         sandbox.files.write(f"{workdir}/empty.txt", "")
         assert log.settle(2) == [("empty.txt", CREATE), ("empty.txt", CHMOD)]
-    finally:
-        handle.stop()
 
 
 def test_watch_metadata_adds_a_chmod(sandbox, workdir):
-    handle = sandbox.files.watch_dir(workdir)
-    log = EventLog(handle)
-    try:
+    with watching(sandbox, workdir) as log:
         sandbox.files.write(f"{workdir}/meta.txt", "m", metadata={"team": "blue"})
         assert log.settle(4) == [("meta.txt", CREATE), ("meta.txt", CHMOD), ("meta.txt", WRITE), ("meta.txt", CHMOD)]
         log.events.clear()
         sandbox.files.write(f"{workdir}/meta.txt", "n", metadata={"team": "red"})
         assert log.settle(3) == [("meta.txt", CHMOD), ("meta.txt", WRITE), ("meta.txt", CHMOD)]
-    finally:
-        handle.stop()
 
 
 def test_watch_recursive_new_file_is_create_chmod_write(sandbox, workdir):
     # E2B's test_watch_recursive_directory_changes: 3 events, the first a CREATE of the nested name.
     sandbox.files.make_dir(f"{workdir}/r/nested")
-    handle = sandbox.files.watch_dir(f"{workdir}/r", recursive=True)
-    log = EventLog(handle)
-    try:
+    with watching(sandbox, f"{workdir}/r", recursive=True) as log:
         sandbox.files.write(f"{workdir}/r/nested/test_watch.txt", "deep")
         name = "nested/test_watch.txt"
         assert log.settle(3) == [(name, CREATE), (name, CHMOD), (name, WRITE)]
-    finally:
-        handle.stop()
 
 
 def test_watch_make_dir_rename_remove_exactly(sandbox, workdir):
-    handle = sandbox.files.watch_dir(workdir)
-    log = EventLog(handle)
-    try:
+    with watching(sandbox, workdir) as log:
         sandbox.files.make_dir(f"{workdir}/made/inner")
         assert log.settle(2) == [("made", CREATE), ("made", CHMOD)]
         log.events.clear()
@@ -173,43 +152,31 @@ def test_watch_make_dir_rename_remove_exactly(sandbox, workdir):
         log.events.clear()
         sandbox.files.remove(f"{workdir}/moved")
         assert log.settle(1) == [("moved", REMOVE)]
-    finally:
-        handle.stop()
 
 
 def test_watch_rename_and_chmod(sandbox, workdir):
     sandbox.files.write(f"{workdir}/before.txt", "x")
-    handle = sandbox.files.watch_dir(workdir)
-    log = EventLog(handle)
-    try:
+    with watching(sandbox, workdir) as log:
         sandbox.files.rename(f"{workdir}/before.txt", f"{workdir}/after.txt")
         log.wait_for("before.txt", FilesystemEventType.RENAME)
         log.wait_for("after.txt", FilesystemEventType.CREATE)
         sandbox.commands.run(f"chmod 600 {workdir}/after.txt")
         log.wait_for("after.txt", FilesystemEventType.CHMOD)
-    finally:
-        handle.stop()
 
 
 def test_watch_is_not_recursive_by_default(sandbox, workdir):
     sandbox.files.make_dir(f"{workdir}/sub")
-    handle = sandbox.files.watch_dir(workdir)
-    log = EventLog(handle)
-    try:
+    with watching(sandbox, workdir) as log:
         sandbox.files.write(f"{workdir}/sub/inner.txt", "in")
         sandbox.files.write(f"{workdir}/outer.txt", "out")
         log.wait_for("outer.txt", FilesystemEventType.CREATE)
         log.poll()
         assert not any(e.name.endswith("inner.txt") for e in log.events), log.events
-    finally:
-        handle.stop()
 
 
 def test_watch_recursive(sandbox, workdir):
     sandbox.files.make_dir(f"{workdir}/sub")
-    handle = sandbox.files.watch_dir(workdir, recursive=True)
-    log = EventLog(handle)
-    try:
+    with watching(sandbox, workdir, recursive=True) as log:
         sandbox.commands.run(f"echo in > {workdir}/sub/inner.txt")
         log.wait_for("sub/inner.txt", FilesystemEventType.CREATE)
         log.wait_for("sub/inner.txt", FilesystemEventType.WRITE)
@@ -220,14 +187,10 @@ def test_watch_recursive(sandbox, workdir):
         sandbox.commands.run(f"echo deep > {workdir}/sub/new/deep.txt")
         log.wait_for("sub/new/deep.txt", FilesystemEventType.CREATE)
         log.wait_for("sub/new/deep.txt", FilesystemEventType.WRITE)
-    finally:
-        handle.stop()
 
 
 def test_watch_include_entry(sandbox, workdir):
-    handle = sandbox.files.watch_dir(workdir, include_entry=True)
-    log = EventLog(handle)
-    try:
+    with watching(sandbox, workdir, include_entry=True) as log:
         sandbox.commands.run(f"printf 12345 > {workdir}/entry.txt")
         log.wait_for("entry.txt", FilesystemEventType.WRITE)
         creates = [e for e in log.events if e.name == "entry.txt" and e.type == FilesystemEventType.CREATE]
@@ -235,22 +198,16 @@ def test_watch_include_entry(sandbox, workdir):
         assert creates[0].entry.path == f"{workdir}/entry.txt"
         assert creates[0].entry.name == "entry.txt"
         assert creates[0].entry.type == FileType.FILE
-    finally:
-        handle.stop()
 
 
 def test_watch_events_are_drained(sandbox, workdir):
-    handle = sandbox.files.watch_dir(workdir)
-    log = EventLog(handle)
-    try:
+    with watching(sandbox, workdir) as log:
         sandbox.files.write(f"{workdir}/once.txt", "1")
         log.wait_for("once.txt", FilesystemEventType.CREATE)
         time.sleep(0.2)
         log.poll()
         # every event is returned by exactly one get_new_events call
-        assert handle.get_new_events() == []
-    finally:
-        handle.stop()
+        assert log.handle.get_new_events() == []
 
 
 def test_watch_a_file_is_refused(sandbox, workdir):

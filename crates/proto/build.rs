@@ -10,7 +10,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/process/process.proto",
         "proto/filesystem/filesystem.proto",
         "proto/agent/agent.proto",
-        "proto/agent/registry.proto",
     ];
     for proto in &protos {
         println!("cargo:rerun-if-changed={proto}");

@@ -1,4 +1,4 @@
-//! The messages of joining a control plane, defined in `registry.proto` (`wrenn.agent.v1.HostRegistry`) and
+//! The messages of joining a control plane, defined in `agent.proto` (`wrenn.agent.v1.HostRegistry`) and
 //! re-exported here: what a host reports of itself ([`HostReport`]), the identity the control
 //! plane gives it ([`HostIdentity`], kept in [`IDENTITY_FILE`]), and the registration
 //! ([`RegisterRequest`], [`RegisterResponse`]). Heartbeats carry a [`HostReport`] in a

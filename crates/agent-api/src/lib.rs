@@ -43,50 +43,19 @@ pub struct CreateOptions {
     pub init_timeout: Option<Duration>,
 }
 
-/// Where a sandbox is in its life, as its agent sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SandboxState {
-    Starting,
-    Running,
-    Pausing,
-    Paused,
-    Resuming,
-    /// The VM died or never came up; only a destroy is left to do.
-    Failed,
-}
-
-impl SandboxState {
-    pub const ALL: [SandboxState; 6] = [
-        SandboxState::Starting,
-        SandboxState::Running,
-        SandboxState::Pausing,
-        SandboxState::Paused,
-        SandboxState::Resuming,
-        SandboxState::Failed,
-    ];
-
-    /// The state's name on the wire (the agent's Connect API, its store).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SandboxState::Starting => "starting",
-            SandboxState::Running => "running",
-            SandboxState::Pausing => "pausing",
-            SandboxState::Paused => "paused",
-            SandboxState::Resuming => "resuming",
-            SandboxState::Failed => "failed",
-        }
-    }
-
-    /// The state named `name`, if any is.
-    pub fn from_name(name: &str) -> Option<SandboxState> {
-        SandboxState::ALL.into_iter().find(|s| s.as_str() == name)
-    }
-}
-
-impl std::fmt::Display for SandboxState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+wrenn_core::named_enum! {
+    /// Where a sandbox is in its life, as its agent sees it; the names are those of the agent's
+    /// Connect API and its store.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum SandboxState {
+        Starting = "starting",
+        Running = "running",
+        Pausing = "pausing",
+        Paused = "paused",
+        Resuming = "resuming",
+        /// The VM died or never came up; only a destroy is left to do.
+        Failed = "failed",
     }
 }
 

@@ -34,6 +34,11 @@ pub fn guest_text(bytes: &[u8]) -> String {
     shown
 }
 
+/// A GET of `path` without a body or a token: its status and body.
+async fn get(address: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, String), String> {
+    call(address, http::Method::GET, path, None, None, timeout).await
+}
+
 /// One request on a fresh connection, within `timeout` (connect included); the answer's body is read up to
 /// [`MAX_CONTROL_ANSWER`] bytes (a longer one is an error) and returned as [`guest_text`].
 async fn call(
@@ -104,16 +109,7 @@ pub async fn wait_ready(
                 "the VM exited before envd answered (last attempt: {last})"
             )));
         }
-        match call(
-            address,
-            http::Method::GET,
-            "/health",
-            None,
-            None,
-            Duration::from_secs(2),
-        )
-        .await
-        {
+        match get(address, "/health", Duration::from_secs(2)).await {
             Ok((status, _)) if (200..300).contains(&status) => return Ok(started.elapsed()),
             Ok((status, body)) => last = format!("HTTP {status}: {body}"),
             Err(error) => last = error,
@@ -229,16 +225,9 @@ mod tests {
         for chunked in [false, true] {
             let address = endless_envd(chunked).await;
             let started = Instant::now();
-            let error = call(
-                address,
-                http::Method::GET,
-                "/metrics",
-                None,
-                None,
-                Duration::from_secs(20),
-            )
-            .await
-            .unwrap_err();
+            let error = get(address, "/metrics", Duration::from_secs(20))
+                .await
+                .unwrap_err();
             assert!(error.contains("larger than 64 KiB"), "{error}");
             assert!(
                 started.elapsed() < Duration::from_secs(20),

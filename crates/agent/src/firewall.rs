@@ -268,28 +268,21 @@ COMMIT
     }
 
     /// The arguments (after `-I INPUT 1` / `-D INPUT` / `-C INPUT`) of the jump to the input
-    /// chain.
+    /// chain: what comes from the slots' range.
     pub fn input_jump(&self) -> Vec<String> {
-        vec![
-            "-m".into(),
-            "iprange".into(),
-            "--src-range".into(),
-            self.range.clone(),
-            "-j".into(),
-            self.input.clone(),
-        ]
+        self.range_jump("--src-range", &self.input)
     }
 
-    /// The same for the jump from FORWARD.
+    /// The same for the jump from FORWARD: what goes to the slots' range.
     pub fn forward_jump(&self) -> Vec<String> {
-        vec![
-            "-m".into(),
-            "iprange".into(),
-            "--dst-range".into(),
-            self.range.clone(),
-            "-j".into(),
-            self.forward.clone(),
-        ]
+        self.range_jump("--dst-range", &self.forward)
+    }
+
+    /// `-m iprange <side> <range> -j <chain>`.
+    fn range_jump(&self, side: &str, chain: &str) -> Vec<String> {
+        ["-m", "iprange", side, &self.range, "-j", chain]
+            .map(String::from)
+            .to_vec()
     }
 }
 

@@ -101,40 +101,16 @@ pub struct Sandbox {
     pub envd_access_token: Option<String>,
 }
 
-/// Where a sandbox is in its life.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum SandboxState {
-    #[default]
-    Running,
-    Paused,
-    /// Its host stopped answering; it may come back with its host.
-    Lost,
-}
-
-impl SandboxState {
-    pub const ALL: [SandboxState; 3] = [
-        SandboxState::Running,
-        SandboxState::Paused,
-        SandboxState::Lost,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SandboxState::Running => "running",
-            SandboxState::Paused => "paused",
-            SandboxState::Lost => "lost",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<SandboxState> {
-        SandboxState::ALL.into_iter().find(|s| s.as_str() == name)
-    }
-}
-
-impl std::fmt::Display for SandboxState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+wrenn_core::named_enum! {
+    /// Where a sandbox is in its life.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+    #[serde(rename_all = "lowercase")]
+    pub enum SandboxState {
+        #[default]
+        Running = "running",
+        Paused = "paused",
+        /// Its host stopped answering; it may come back with its host.
+        Lost = "lost",
     }
 }
 

@@ -22,7 +22,7 @@ use wrenn_cp::ControlPlane;
 use wrenn_cp::store::{ApiKey, SandboxRow, Store, Team};
 use wrenn_vmm::accel::AccelSetting;
 
-use super::quantile;
+use super::report::{quantile, table};
 
 #[derive(Debug, Args)]
 pub struct ApiBenchArgs {
@@ -68,6 +68,35 @@ async fn request(
     let headers = response.headers().clone();
     let body = wrenn_http::client::read_bounded(response, 64 << 20).await?;
     Ok((status, headers, body))
+}
+
+/// Creates a sandbox of the `base` template through the REST API at `api`, killed after
+/// `timeout` seconds: its id, the response's headers and the time from request to response.
+async fn create_through_api(
+    api: SocketAddr,
+    key: &str,
+    timeout: u64,
+) -> anyhow::Result<(String, http::HeaderMap, Duration)> {
+    let started = Instant::now();
+    let (status, headers, body) = request(
+        api,
+        http::Method::POST,
+        "/v2/sandboxes",
+        &[("x-api-key", key), ("content-type", "application/json")],
+        json!({ "templateID": "base", "timeout": timeout }).to_string(),
+    )
+    .await?;
+    let took = started.elapsed();
+    anyhow::ensure!(
+        status == 201,
+        "create: HTTP {status}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    let id = serde_json::from_slice::<serde_json::Value>(&body)?["sandboxID"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    Ok((id, headers, took))
 }
 
 /// The benchmark's one HTTP client.
@@ -302,16 +331,8 @@ async fn measure(args: &ApiBenchArgs, work: &Path, manager: &Arc<Manager>) -> an
         // Which goes first alternates, so neither always follows the other's clean-up.
         for api_first in [run % 2 == 0, run % 2 == 1] {
             if api_first {
-                let started = Instant::now();
-                let (status, headers, body) = request(
-                    api,
-                    http::Method::POST,
-                    "/v2/sandboxes",
-                    &[("x-api-key", &key), ("content-type", "application/json")],
-                    json!({ "templateID": "base", "timeout": 300 }).to_string(),
-                )
-                .await?;
-                through_api.push(started.elapsed());
+                let (id, headers, took) = create_through_api(api, &key, 300).await?;
+                through_api.push(took);
                 if let Some((agent, total)) = headers
                     .get("server-timing")
                     .and_then(|v| v.to_str().ok())
@@ -319,15 +340,6 @@ async fn measure(args: &ApiBenchArgs, work: &Path, manager: &Arc<Manager>) -> an
                 {
                     own_time.push(Duration::from_secs_f64((total - agent).max(0.0) / 1000.0));
                 }
-                anyhow::ensure!(
-                    status == 201,
-                    "create: HTTP {status}: {}",
-                    String::from_utf8_lossy(&body)
-                );
-                let id = serde_json::from_slice::<serde_json::Value>(&body)?["sandboxID"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
                 plane
                     .kill_by_id(&id)
                     .await
@@ -348,19 +360,7 @@ async fn measure(args: &ApiBenchArgs, work: &Path, manager: &Arc<Manager>) -> an
     }
 
     eprintln!("256 MiB download, through the proxy and direct ...");
-    let (status, _, body) = request(
-        api,
-        http::Method::POST,
-        "/v2/sandboxes",
-        &[("x-api-key", &key), ("content-type", "application/json")],
-        json!({ "templateID": "base", "timeout": 600 }).to_string(),
-    )
-    .await?;
-    anyhow::ensure!(status == 201, "create: HTTP {status}");
-    let id = serde_json::from_slice::<serde_json::Value>(&body)?["sandboxID"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let (id, _, _) = create_through_api(api, &key, 600).await?;
     let record = manager.get(&id)?;
     let guest = SocketAddr::new(
         wrenn_agent::network::Slot::address_of(record.slot.context("no slot")?).into(),
@@ -418,9 +418,7 @@ async fn measure(args: &ApiBenchArgs, work: &Path, manager: &Arc<Manager>) -> an
             })
         );
     } else {
-        let mut table = comfy_table::Table::new();
-        table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
-        table.set_header(["measure", "result"]);
+        let mut table = table(["measure", "result"]);
         table.add_row([
             "create through the REST API, p50".to_string(),
             format!("{api_p50:.0} ms"),

@@ -13,7 +13,7 @@ use wrenn_connect::client::{ConnectClient, HttpVersion};
 use wrenn_http::client::reqwest;
 use wrenn_proto::process as pb;
 
-use super::{median, quantile};
+use super::report::{median, ms, quantile, table};
 
 #[derive(Debug, clap::Args)]
 pub struct EnvdBenchArgs {
@@ -163,12 +163,7 @@ async fn upload(
         1024 * 1024,
     ));
     let began = Instant::now();
-    let response = http
-        .post(format!("http://127.0.0.1:{port}/files"))
-        .query(&[
-            ("path", target.display().to_string()),
-            ("username", "root".into()),
-        ])
+    let response = files_request(http, reqwest::Method::POST, port, target)
         .header("content-type", "application/octet-stream")
         .header("content-length", bytes)
         .body(body)
@@ -177,7 +172,7 @@ async fn upload(
     let status = response.status();
     response.bytes().await?;
     anyhow::ensure!(status == 200, "upload failed: {status}");
-    Ok(bytes as f64 / 1048576.0 / began.elapsed().as_secs_f64())
+    Ok(mib_per_s(bytes, began))
 }
 
 /// Downloads `target` and counts its bytes as they come; returns MiB/s.
@@ -188,12 +183,7 @@ async fn download(
     bytes: u64,
 ) -> anyhow::Result<f64> {
     let began = Instant::now();
-    let mut response = http
-        .get(format!("http://127.0.0.1:{port}/files"))
-        .query(&[
-            ("path", target.display().to_string()),
-            ("username", "root".into()),
-        ])
+    let mut response = files_request(http, reqwest::Method::GET, port, target)
         .send()
         .await?
         .error_for_status()?;
@@ -202,7 +192,26 @@ async fn download(
         received += chunk.len() as u64;
     }
     anyhow::ensure!(received == bytes, "downloaded {received} of {bytes} bytes");
-    Ok(bytes as f64 / 1048576.0 / began.elapsed().as_secs_f64())
+    Ok(mib_per_s(bytes, began))
+}
+
+/// A call to envd's `/files` on `target`, as root.
+fn files_request(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    port: u16,
+    target: &std::path::Path,
+) -> reqwest::RequestBuilder {
+    http.request(method, format!("http://127.0.0.1:{port}/files"))
+        .query(&[
+            ("path", target.display().to_string()),
+            ("username", "root".into()),
+        ])
+}
+
+/// The rate of `bytes` moved since `began`, in MiB/s.
+fn mib_per_s(bytes: u64, began: Instant) -> f64 {
+    bytes as f64 / 1048576.0 / began.elapsed().as_secs_f64()
 }
 
 pub async fn run(args: EnvdBenchArgs) -> anyhow::Result<()> {
@@ -269,26 +278,15 @@ pub async fn run(args: EnvdBenchArgs) -> anyhow::Result<()> {
     for _ in 0..10 {
         let mut idle = Vec::new();
         for _ in 0..100 {
-            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", envd.port)).await?;
-            raw_exchange(&mut stream, b"GET /health HTTP/1.1\r\nHost: envd\r\n\r\n").await?;
-            idle.push(stream);
+            let health = b"GET /health HTTP/1.1\r\nHost: envd\r\n\r\n";
+            idle.push(timed_exchange(envd.port, health).await?.0);
         }
-        let mut control = tokio::net::TcpStream::connect(("127.0.0.1", envd.port)).await?;
-        let began = Instant::now();
-        raw_exchange(
-            &mut control,
-            b"POST /snapshot/prepare HTTP/1.1\r\nHost: envd\r\nContent-Length: 0\r\n\r\n",
-        )
-        .await?;
-        prepares.push(began.elapsed().as_secs_f64() * 1000.0);
-        let mut init = tokio::net::TcpStream::connect(("127.0.0.1", envd.port)).await?;
-        let began = Instant::now();
-        raw_exchange(
-            &mut init,
-            b"POST /init HTTP/1.1\r\nHost: envd\r\nContent-Length: 2\r\n\r\n{}",
-        )
-        .await?;
-        inits.push(began.elapsed().as_secs_f64() * 1000.0);
+        let prepare = b"POST /snapshot/prepare HTTP/1.1\r\nHost: envd\r\nContent-Length: 0\r\n\r\n";
+        let (_control, took) = timed_exchange(envd.port, prepare).await?;
+        prepares.push(took);
+        let init = b"POST /init HTTP/1.1\r\nHost: envd\r\nContent-Length: 2\r\n\r\n{}";
+        let (_init, took) = timed_exchange(envd.port, init).await?;
+        inits.push(took);
     }
 
     let scanner_cpu = port_scanner_cpu(&args.envd_bin).await?;
@@ -310,70 +308,90 @@ pub async fn run(args: EnvdBenchArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        let mut table = comfy_table::Table::new();
-        table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
-        table.set_header(["measure", "value", "target"]);
-        table.add_row([
-            "start → first /health (p50)",
-            &format!("{:.1} ms", report.start_to_health_ms_p50),
+        print_table(&report);
+    }
+    Ok(())
+}
+
+/// The report as a table: each measure, its figure and the target issue #2 sets for it.
+fn print_table(report: &Report) {
+    let mib = |value: f64| format!("{value:.1} MiB");
+    let rate = |value: f64| format!("{value:.0} MiB/s");
+    let file = report.file_mib;
+    let rows = [
+        (
+            "start → first /health (p50)".to_string(),
+            ms(report.start_to_health_ms_p50, 1),
             "≤ 50 ms",
-        ]);
-        table.add_row([
-            "idle resident memory",
-            &format!("{:.1} MiB", report.idle_rss_mib),
+        ),
+        (
+            "idle resident memory".to_string(),
+            mib(report.idle_rss_mib),
             "≤ 16 MiB",
-        ]);
-        table.add_row([
-            "Start /bin/true round trip p50",
-            &format!("{:.2} ms", report.start_true_round_trip_ms_p50),
+        ),
+        (
+            "Start /bin/true round trip p50".to_string(),
+            ms(report.start_true_round_trip_ms_p50, 2),
             "≤ 3 ms",
-        ]);
-        table.add_row([
-            "Start /bin/true round trip p99",
-            &format!("{:.2} ms", report.start_true_round_trip_ms_p99),
+        ),
+        (
+            "Start /bin/true round trip p99".to_string(),
+            ms(report.start_true_round_trip_ms_p99, 2),
             "≤ 10 ms",
-        ]);
-        table.add_row([
-            &format!("upload {} MiB (p50)", args.file_mib),
-            &format!("{:.0} MiB/s", report.upload_mib_s_p50),
+        ),
+        (
+            format!("upload {file} MiB (p50)"),
+            rate(report.upload_mib_s_p50),
             "≥ 500 MiB/s",
-        ]);
-        table.add_row([
-            &format!("upload {} MiB over an existing file (p50)", args.file_mib),
-            &format!("{:.0} MiB/s", report.upload_overwrite_mib_s_p50),
+        ),
+        (
+            format!("upload {file} MiB over an existing file (p50)"),
+            rate(report.upload_overwrite_mib_s_p50),
             "≥ 500 MiB/s",
-        ]);
-        table.add_row([
-            &format!("download {} MiB (p50)", args.file_mib),
-            &format!("{:.0} MiB/s", report.download_mib_s_p50),
+        ),
+        (
+            format!("download {file} MiB (p50)"),
+            rate(report.download_mib_s_p50),
             "≥ 500 MiB/s",
-        ]);
-        table.add_row([
-            "/snapshot/prepare, 100 idle connections (p50)",
-            &format!("{:.2} ms", report.snapshot_prepare_100_idle_ms_p50),
+        ),
+        (
+            "/snapshot/prepare, 100 idle connections (p50)".to_string(),
+            ms(report.snapshot_prepare_100_idle_ms_p50, 2),
             "≤ 50 ms",
-        ]);
-        table.add_row([
-            "/init completing a restore (p50)",
-            &format!("{:.2} ms", report.init_after_restore_ms_p50),
+        ),
+        (
+            "/init completing a restore (p50)".to_string(),
+            ms(report.init_after_restore_ms_p50, 2),
             "≤ 20 ms",
-        ]);
-        table.add_row([
-            "port scanner CPU, 50 listeners",
-            &format!(
+        ),
+        (
+            "port scanner CPU, 50 listeners".to_string(),
+            format!(
                 "{:.2} % of a core",
                 report.port_scanner_cpu_pct_50_listeners
             ),
             "≤ 1 %",
-        ]);
-        table.add_row([
-            "peak resident memory (whole run)",
-            &format!("{:.1} MiB", report.transfer_peak_rss_mib),
+        ),
+        (
+            "peak resident memory (whole run)".to_string(),
+            mib(report.transfer_peak_rss_mib),
             "< 64 MiB",
-        ]);
-        println!("{table}");
+        ),
+    ];
+    let mut table = table(["measure", "value", "target"]);
+    for (measure, value, target) in rows {
+        table.add_row([measure, value, target.to_string()]);
     }
-    Ok(())
+    println!("{table}");
+}
+
+/// Sends `request` on a new connection to envd; returns the connection, and the milliseconds
+/// from sending to the end of the response head.
+async fn timed_exchange(port: u16, request: &[u8]) -> anyhow::Result<(tokio::net::TcpStream, f64)> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let began = Instant::now();
+    raw_exchange(&mut stream, request).await?;
+    Ok((stream, began.elapsed().as_secs_f64() * 1000.0))
 }
 
 /// Sends a raw HTTP/1.1 request and reads until the end of the response head.

@@ -4,23 +4,14 @@
 
 mod api;
 mod envd;
+mod report;
 mod sandbox;
 mod slots;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "wrenn-bench",
-    version,
-    about = "wrenn's benchmarks (docs/benchmarks.md)"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: BenchCommand,
-}
-
-#[derive(Debug, Subcommand)]
+#[command(version, about = "wrenn's benchmarks (docs/benchmarks.md)")]
 enum BenchCommand {
     /// envd on loopback: start time, idle memory, process round trips, file transfer rates.
     Envd(envd::EnvdBenchArgs),
@@ -35,19 +26,13 @@ enum BenchCommand {
 }
 
 fn main() {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WRENN_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let command = BenchCommand::parse();
+    wrenn_core::logging::log_to_stderr("WRENN_LOG", "info");
     let outcome = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(anyhow::Error::from)
-        .and_then(|runtime| runtime.block_on(run(cli.command)));
+        .and_then(|runtime| runtime.block_on(run(command)));
     if let Err(error) = outcome {
         eprintln!("error: {error:#}");
         std::process::exit(1);
@@ -76,22 +61,6 @@ async fn run(command: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
-/// The value at quantile `q` (0..=1) of sorted samples.
-pub fn quantile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let index = ((sorted.len() - 1) as f64 * q).round() as usize;
-    sorted[index]
-}
-
-/// The median of unsorted samples.
-pub fn median(samples: &[f64]) -> f64 {
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    quantile(&sorted, 0.5)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,15 +68,6 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         use clap::CommandFactory;
-        Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn quantiles() {
-        let sorted: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(quantile(&sorted, 0.5), 51.0);
-        assert_eq!(quantile(&sorted, 0.99), 99.0);
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
-        assert!(quantile(&[], 0.5).is_nan());
+        BenchCommand::command().debug_assert();
     }
 }

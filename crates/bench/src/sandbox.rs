@@ -22,7 +22,7 @@ use wrenn_vmm::accel::AccelSetting;
 use wrenn_vmm::qemu::Qemu;
 use wrenn_vmm::{MachineSpec, Vmm};
 
-use super::quantile;
+use super::report::{ms, quantile, table};
 
 /// The guests both benchmarks boot, and how they report.
 #[derive(Debug, Args)]
@@ -86,19 +86,18 @@ pub(super) fn latency(samples: &[Duration]) -> Latency {
     }
 }
 
-fn table(rows: &[(&str, &Latency)]) -> comfy_table::Table {
-    let mut table = comfy_table::Table::new();
-    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
-    table.set_header(["measure", "runs", "p50", "p95", "min", "max"]);
+/// A table of latencies: a row of each measure's figures.
+fn latency_table(rows: &[(&str, &Latency)]) -> comfy_table::Table {
+    let mut table = table(["measure", "runs", "p50", "p95", "min", "max"]);
     for (name, figures) in rows {
-        table.add_row([
-            name.to_string(),
-            figures.runs.to_string(),
-            format!("{:.0} ms", figures.p50_ms),
-            format!("{:.0} ms", figures.p95_ms),
-            format!("{:.0} ms", figures.min_ms),
-            format!("{:.0} ms", figures.max_ms),
-        ]);
+        let quantiles = [
+            figures.p50_ms,
+            figures.p95_ms,
+            figures.min_ms,
+            figures.max_ms,
+        ];
+        let head = [name.to_string(), figures.runs.to_string()];
+        table.add_row(head.into_iter().chain(quantiles.map(|q| ms(q, 0))));
     }
     table
 }
@@ -186,7 +185,7 @@ pub async fn boot(args: BootBenchArgs) -> anyhow::Result<()> {
             accel.as_str(),
             args.guest.memory_mib
         );
-        println!("{}", table(&[("boot → envd /health", &figures)]));
+        println!("{}", latency_table(&[("boot → envd /health", &figures)]));
     }
     Ok(())
 }
@@ -448,7 +447,7 @@ pub async fn sandbox(args: SandboxBenchArgs) -> anyhow::Result<()> {
         );
         println!(
             "{}",
-            table(&[
+            latency_table(&[
                 ("bare QEMU restore → /health", &raw),
                 ("create via agent (sequential)", &sequential),
                 (

@@ -10,6 +10,7 @@ use serde::Serialize;
 use wrenn_agent::firewall::{self, Egress};
 use wrenn_agent::network::{self, Slot};
 
+use super::report::{ms, table};
 use super::sandbox::{Latency, latency};
 
 #[derive(Debug, Args)]
@@ -148,9 +149,7 @@ pub async fn run(args: SlotsBenchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    let mut table = comfy_table::Table::new();
-    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
-    table.set_header([
+    let mut table = table([
         "measure",
         "runs",
         "before #11 p50",
@@ -167,15 +166,14 @@ pub async fn run(args: SlotsBenchArgs) -> anyhow::Result<()> {
             &report.open_egress_now,
         ),
     ] {
-        table.add_row([
-            name.to_string(),
-            before.runs.to_string(),
-            format!("{:.1} ms", before.p50_ms),
-            format!("{:.1} ms", now.p50_ms),
-            format!("{:.1} ms", before.p95_ms),
-            format!("{:.1} ms", now.p95_ms),
-            format!("{:+.0} %", (now.p50_ms / before.p50_ms - 1.0) * 100.0),
-        ]);
+        let quantiles = [before.p50_ms, now.p50_ms, before.p95_ms, now.p95_ms];
+        let change = format!("{:+.0} %", (now.p50_ms / before.p50_ms - 1.0) * 100.0);
+        let head = [name.to_string(), before.runs.to_string()];
+        table.add_row(
+            head.into_iter()
+                .chain(quantiles.map(|q| ms(q, 1)))
+                .chain([change]),
+        );
     }
     println!("{table}");
     Ok(())

@@ -377,6 +377,17 @@ pub fn spawn_connection<I>(
 mod tests {
     use super::*;
 
+    /// Each named connection's control holds the command given.
+    fn assert_commands(expected: &[(&str, &watch::Receiver<Command>, Command)]) {
+        for (name, control, command) in expected {
+            assert_eq!(
+                *control.borrow(),
+                *command,
+                "the {name} connection's command"
+            );
+        }
+    }
+
     fn sweep_of(closed: usize, drained: usize, kept: usize) -> ConnectionSweep {
         ConnectionSweep {
             closed,
@@ -394,9 +405,11 @@ mod tests {
         let (own, _, own_control) = tracker.register();
         let sweep = tracker.prepare_snapshot(Some(ConnectionId(own)));
         assert_eq!(sweep, sweep_of(1, 2, 0));
-        assert_eq!(*idle_control.borrow(), Command::Close);
-        assert_eq!(*busy_control.borrow(), Command::Drain);
-        assert_eq!(*own_control.borrow(), Command::Drain);
+        assert_commands(&[
+            ("idle", &idle_control, Command::Close),
+            ("busy", &busy_control, Command::Drain),
+            ("own", &own_control, Command::Drain),
+        ]);
         assert!(tracker.awaiting_restore());
         tracker.unregister(idle);
         tracker.unregister(own);
@@ -405,9 +418,11 @@ mod tests {
         let (init, _, init_control) = tracker.register();
         let sweep = tracker.complete_restore(Some(ConnectionId(init)));
         assert_eq!(sweep, sweep_of(1, 0, 2));
-        assert_eq!(*busy_control.borrow(), Command::Close);
-        assert_eq!(*after_control.borrow(), Command::Run);
-        assert_eq!(*init_control.borrow(), Command::Run);
+        assert_commands(&[
+            ("busy", &busy_control, Command::Close),
+            ("after", &after_control, Command::Run),
+            ("init", &init_control, Command::Run),
+        ]);
         assert!(!tracker.awaiting_restore());
         // A second /init changes nothing.
         assert_eq!(tracker.complete_restore(None), ConnectionSweep::default());

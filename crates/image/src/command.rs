@@ -44,10 +44,7 @@ pub fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|error| ImageError::Io {
-            context: format!("{step}: starting {:?}", command.get_program()),
-            source: error,
-        })?;
+        .map_err(|error| not_started(step, &command, error))?;
     let (lines_tx, lines_rx) = mpsc::channel::<String>();
     let mut readers = Vec::new();
     if let Some(stdout) = child.stdout.take() {
@@ -113,10 +110,7 @@ pub fn output(step: &str, mut command: Command) -> Result<String, ImageError> {
     let result = command
         .stdin(Stdio::null())
         .output()
-        .map_err(|error| ImageError::Io {
-            context: format!("{step}: starting {:?}", command.get_program()),
-            source: error,
-        })?;
+        .map_err(|error| not_started(step, &command, error))?;
     if !result.status.success() {
         let stderr = String::from_utf8_lossy(&result.stderr);
         return Err(ImageError::Invalid(format!(
@@ -140,4 +134,12 @@ fn forward_lines(
             }
         }
     })
+}
+
+/// The error of a command that could not be started.
+fn not_started(step: &str, command: &Command, error: std::io::Error) -> ImageError {
+    ImageError::Io {
+        context: format!("{step}: starting {:?}", command.get_program()),
+        source: error,
+    }
 }

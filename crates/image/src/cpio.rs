@@ -124,6 +124,21 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o755);
     }
+
+    #[test]
+    fn written_archives_read_back() {
+        let mut writer = CpioWriter::new(Vec::new());
+        writer.directory("etc", 0o755).unwrap();
+        writer.file("etc/a", 0o600, b"12345").unwrap();
+        let bytes = writer.finish().unwrap();
+        let entries = read_archive(&bytes).unwrap();
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[1].path, "etc/a");
+        assert_eq!(entries[1].mode, 0o100600);
+        assert_eq!(entries[1].data, b"12345");
+        assert!(read_archive(&bytes[..50]).is_err());
+        assert!(read_archive(b"not an archive at all, certainly not one with a header").is_err());
+    }
 }
 
 /// One entry read back from a `newc` archive.
@@ -173,25 +188,5 @@ pub fn read_archive(bytes: &[u8]) -> io::Result<Vec<CpioEntry>> {
             data: data.to_vec(),
         });
         offset = align(data_start + size);
-    }
-}
-
-#[cfg(test)]
-mod read_tests {
-    use super::*;
-
-    #[test]
-    fn written_archives_read_back() {
-        let mut writer = CpioWriter::new(Vec::new());
-        writer.directory("etc", 0o755).unwrap();
-        writer.file("etc/a", 0o600, b"12345").unwrap();
-        let bytes = writer.finish().unwrap();
-        let entries = read_archive(&bytes).unwrap();
-        assert_eq!(entries.len(), 2);
-        assert_eq!(entries[1].path, "etc/a");
-        assert_eq!(entries[1].mode, 0o100600);
-        assert_eq!(entries[1].data, b"12345");
-        assert!(read_archive(&bytes[..50]).is_err());
-        assert!(read_archive(b"not an archive at all, certainly not one with a header").is_err());
     }
 }

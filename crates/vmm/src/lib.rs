@@ -19,28 +19,14 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-/// Which VMM runs a host's VMs (`--vmm`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VmmKind {
-    /// QEMU over QMP: KVM where it can, software emulation (TCG) elsewhere.
-    #[default]
-    Qemu,
-}
-
-impl VmmKind {
-    pub const ALL: [VmmKind; 1] = [VmmKind::Qemu];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VmmKind::Qemu => "qemu",
-        }
-    }
-}
-
-impl std::fmt::Display for VmmKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+wrenn_core::named_enum! {
+    /// Which VMM runs a host's VMs (`--vmm`).
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum VmmKind {
+        /// QEMU over QMP: KVM where it can, software emulation (TCG) elsewhere.
+        #[default]
+        Qemu = "qemu",
     }
 }
 
@@ -48,13 +34,10 @@ impl std::str::FromStr for VmmKind {
     type Err = String;
 
     fn from_str(name: &str) -> Result<Self, Self::Err> {
-        VmmKind::ALL
-            .into_iter()
-            .find(|kind| kind.as_str() == name)
-            .ok_or_else(|| {
-                let known: Vec<&str> = VmmKind::ALL.iter().map(|k| k.as_str()).collect();
-                format!("unknown VMM {name:?}: use {}", known.join(" or "))
-            })
+        VmmKind::from_name(name).ok_or_else(|| {
+            let known: Vec<&str> = VmmKind::ALL.iter().map(|k| k.as_str()).collect();
+            format!("unknown VMM {name:?}: use {}", known.join(" or "))
+        })
     }
 }
 

@@ -258,6 +258,19 @@ pub fn log_tail(path: &Path) -> String {
         .collect()
 }
 
+/// Hands QEMU the snapshot's file as the descriptor `snapshot` and starts `command` (`migrate`
+/// to write it, `migrate-incoming` to load it) on that descriptor.
+async fn start_migration(
+    qmp: &mut QmpClient,
+    command: &str,
+    file: std::os::fd::BorrowedFd<'_>,
+) -> Result<(), VmmError> {
+    qmp.send_fd("snapshot", file).await?;
+    qmp.execute(command, Some(json!({ "uri": "fd:snapshot" })))
+        .await?;
+    Ok(())
+}
+
 async fn wait_for(
     qmp: &mut QmpClient,
     operation: &str,
@@ -328,10 +341,8 @@ impl Vmm for Qemu {
                 let memory = std::fs::File::open(&snapshot.memory).map_err(|error| {
                     VmmError::io(format!("opening {}", snapshot.memory.display()), error)
                 })?;
-                qmp.send_fd("snapshot", memory.as_fd()).await?;
+                start_migration(&mut qmp, "migrate-incoming", memory.as_fd()).await?;
                 drop(memory);
-                qmp.execute("migrate-incoming", Some(json!({ "uri": "fd:snapshot" })))
-                    .await?;
                 wait_for(
                     &mut qmp,
                     "loading the snapshot",
@@ -402,9 +413,7 @@ impl Vmm for Qemu {
                 Some(json!({ "max-bandwidth": 64u64 << 30 })),
             )
             .await?;
-            qmp.send_fd("snapshot", file.as_fd()).await?;
-            qmp.execute("migrate", Some(json!({ "uri": "fd:snapshot" })))
-                .await?;
+            start_migration(&mut qmp, "migrate", file.as_fd()).await?;
             wait_for(
                 &mut qmp,
                 "writing the snapshot",

@@ -21,6 +21,33 @@ pub fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A column of a listing: its header, and the text of an item's cell.
+pub type Column<T> = (&'static str, fn(&T) -> String);
+
+/// Prints `items` as pretty JSON with `json`, else as a table with a column of each of
+/// `columns` and a row per item.
+pub fn print_list<T: Serialize>(
+    items: &[T],
+    json: bool,
+    columns: &[Column<T>],
+) -> anyhow::Result<()> {
+    if json {
+        return print_json(&items);
+    }
+    println!("{}", list_table(items, columns));
+    Ok(())
+}
+
+/// The table of [`print_list`]: a column of each of `columns`, a row per item.
+fn list_table<T>(items: &[T], columns: &[Column<T>]) -> comfy_table::Table {
+    let header: Vec<&str> = columns.iter().map(|(header, _)| *header).collect();
+    let rows = items
+        .iter()
+        .map(|item| columns.iter().map(|(_, cell)| cell(item)).collect())
+        .collect();
+    table(&header, rows)
+}
+
 /// Metadata as `key=value` words.
 pub fn pairs_text(pairs: &BTreeMap<String, String>) -> String {
     pairs
@@ -55,6 +82,27 @@ mod tests {
                 .to_string()
                 .contains("--env")
         );
+    }
+
+    #[test]
+    fn a_listing_has_a_column_of_each_column_and_a_row_of_each_item() {
+        let columns: [Column<(u32, &str)>; 2] = [
+            ("number", |item| item.0.to_string()),
+            ("name", |item| item.1.to_uppercase()),
+        ];
+        let listing = list_table(&[(1, "one"), (2, "two")], &columns);
+        let header: Vec<String> = listing
+            .header()
+            .unwrap()
+            .cell_iter()
+            .map(|c| c.content())
+            .collect();
+        assert_eq!(header, ["number", "name"]);
+        let rows: Vec<Vec<String>> = listing
+            .row_iter()
+            .map(|row| row.cell_iter().map(|c| c.content()).collect())
+            .collect();
+        assert_eq!(rows, [["1", "ONE"], ["2", "TWO"]]);
     }
 
     #[test]

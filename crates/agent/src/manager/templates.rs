@@ -2,6 +2,16 @@
 
 use super::*;
 
+/// A template build's inputs, checked and with the agent's defaults filled in.
+pub(super) struct TemplateBuild {
+    /// The image directory (`wrenn image build`) the template's files are copied from.
+    pub(super) image_dir: PathBuf,
+    pub(super) memory_mib: u32,
+    pub(super) vcpus: u32,
+    /// How long the first boot may take to reach envd.
+    pub(super) boot_timeout: Duration,
+}
+
 impl Manager {
     /// Boots an image once, waits for envd, prepares and snapshots it as a template.
     pub async fn build_template(
@@ -39,9 +49,13 @@ impl Manager {
                 "template {template_id} already exists"
             )));
         }
-        let result = self
-            .build_template_inner(template_id, image_dir, memory_mib, vcpus, boot_timeout)
-            .await;
+        let build = TemplateBuild {
+            image_dir: image_dir.unwrap_or(&self.config.image_dir).to_path_buf(),
+            memory_mib,
+            vcpus,
+            boot_timeout: boot_timeout.unwrap_or(DEFAULT_BOOT_TIMEOUT),
+        };
+        let result = self.build_template_inner(template_id, build).await;
         self.building
             .lock()
             .expect("building lock")
@@ -55,13 +69,15 @@ impl Manager {
     pub(super) async fn build_template_inner(
         &self,
         template_id: &str,
-        image_dir: Option<&Path>,
-        memory_mib: u32,
-        vcpus: u32,
-        boot_timeout: Option<Duration>,
+        build: TemplateBuild,
     ) -> Result<TemplateRecord, AgentError> {
         let started = Instant::now();
-        let image_dir = image_dir.unwrap_or(&self.config.image_dir).to_path_buf();
+        let TemplateBuild {
+            image_dir,
+            memory_mib,
+            vcpus,
+            boot_timeout,
+        } = build;
         let manifest = Manifest::read(&image_dir).map_err(|error| {
             AgentError::FailedPrecondition(format!(
                 "no usable image in {} ({error}): run `wrenn image build`",
@@ -127,7 +143,6 @@ impl Manager {
             let vm = self.vmm.boot(&machine, &workdir).await?;
             let snapshot = async {
                 let address = envd_address(slot.index);
-                let boot_timeout = boot_timeout.unwrap_or(DEFAULT_BOOT_TIMEOUT);
                 envd_client::wait_ready(address, boot_timeout, || vm.is_alive())
                     .await
                     .map_err(|error| {

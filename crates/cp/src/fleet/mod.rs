@@ -331,7 +331,7 @@ mod tests {
                 proxy_address: "127.0.0.1:1".into(),
                 agent_token: "t".into(),
                 heartbeat_hash: String::new(),
-                state: HostState::from_name(state),
+                state: HostState::from_stored(state),
                 report: HostReport {
                     slots_total: *total,
                     slots_in_use: *used,

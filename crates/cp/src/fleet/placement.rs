@@ -36,15 +36,12 @@ impl Placement for LeastLoaded {
         "least-loaded"
     }
     fn choose(&self, candidates: &[Candidate]) -> usize {
-        (0..candidates.len())
-            .min_by(|&a, &b| {
-                let (a, b) = (&candidates[a], &candidates[b]);
-                a.load()
-                    .total_cmp(&b.load())
-                    .then(b.memory_available_mib.cmp(&a.memory_available_mib))
-                    .then(a.host_id.cmp(&b.host_id))
-            })
-            .unwrap_or(0)
+        first_by(candidates, |a, b| {
+            a.load()
+                .total_cmp(&b.load())
+                .then(b.memory_available_mib.cmp(&a.memory_available_mib))
+                .then(a.host_id.cmp(&b.host_id))
+        })
     }
 }
 
@@ -57,15 +54,22 @@ impl Placement for BinPack {
         "binpack"
     }
     fn choose(&self, candidates: &[Candidate]) -> usize {
-        (0..candidates.len())
-            .max_by(|&a, &b| {
-                let (a, b) = (&candidates[a], &candidates[b]);
-                a.load()
-                    .total_cmp(&b.load())
-                    .then(b.host_id.cmp(&a.host_id))
-            })
-            .unwrap_or(0)
+        first_by(candidates, |a, b| {
+            b.load()
+                .total_cmp(&a.load())
+                .then(a.host_id.cmp(&b.host_id))
+        })
     }
+}
+
+/// The index of the candidate that sorts first by `order` (0 when there are none).
+fn first_by(
+    candidates: &[Candidate],
+    order: impl Fn(&Candidate, &Candidate) -> std::cmp::Ordering,
+) -> usize {
+    (0..candidates.len())
+        .min_by(|&a, &b| order(&candidates[a], &candidates[b]))
+        .unwrap_or(0)
 }
 
 /// A placement strategy by name: `least-loaded` or `binpack`.

@@ -219,8 +219,8 @@ struct SandboxPath {
 pub fn router(plane: Arc<ControlPlane>) -> Router {
     Router::new()
         .route("/sandboxes", post(create_sandbox).get(list_v1))
-        .route("/v2/sandboxes", get(list_v2).post(create_sandbox_v2))
-        .route("/v2/sandboxes/{id}/connect", post(connect_v2))
+        .route("/v2/sandboxes", get(list_v2).post(create_sandbox))
+        .route("/v2/sandboxes/{id}/connect", post(connect))
         .route("/sandboxes/{id}", get(get_sandbox).delete(kill_sandbox))
         .route("/sandboxes/{id}/timeout", post(set_timeout))
         .route("/sandboxes/{id}/refreshes", post(refresh))

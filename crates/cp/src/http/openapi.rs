@@ -17,7 +17,6 @@ use super::{hosts, sandboxes, templates};
     ),
     paths(
         sandboxes::create_sandbox,
-        sandboxes::create_sandbox_v2,
         sandboxes::list_v1,
         sandboxes::list_v2,
         sandboxes::get_sandbox,
@@ -26,7 +25,6 @@ use super::{hosts, sandboxes, templates};
         sandboxes::refresh,
         sandboxes::pause,
         sandboxes::connect,
-        sandboxes::connect_v2,
         sandboxes::resume,
         sandboxes::update_network,
         sandboxes::metrics,
@@ -38,7 +36,7 @@ use super::{hosts, sandboxes, templates};
         super::health,
         super::openapi_document,
     ),
-    modifiers(&Security, &KeyAndSandboxErrors, &OtherErrors),
+    modifiers(&Security, &V2Aliases, &KeyAndSandboxErrors, &OtherErrors),
     tags(
         (name = "sandboxes", description = "Sandboxes: create, list, pause, resume, kill, metrics"),
         (name = "templates", description = "The templates sandboxes start from"),
@@ -58,6 +56,35 @@ impl utoipa::Modify for Security {
             "api_key",
             SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))),
         );
+    }
+}
+
+/// The SDKs' newer paths that are the same operation as an older one (one handler serves both):
+/// `(new path, old path)`, both `POST`.
+const V2_ALIASES: [(&str, &str); 2] = [
+    ("/v2/sandboxes", "/sandboxes"),
+    ("/v2/sandboxes/{id}/connect", "/sandboxes/{id}/connect"),
+];
+
+/// Documents each [`V2_ALIASES`] path as a copy of its old path's operation.
+struct V2Aliases;
+
+impl utoipa::Modify for V2Aliases {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for (new, old) in V2_ALIASES {
+            let Some(mut operation) = openapi
+                .paths
+                .paths
+                .get(old)
+                .and_then(|item| item.post.clone())
+            else {
+                continue;
+            };
+            operation.operation_id = operation.operation_id.map(|id| format!("{id}_v2"));
+            operation.summary = Some(format!("`POST {new}`: the same as `POST {old}`."));
+            let item = openapi.paths.paths.entry(new.to_string()).or_default();
+            item.post = Some(operation);
+        }
     }
 }
 

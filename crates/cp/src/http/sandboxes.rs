@@ -3,40 +3,6 @@
 
 use super::*;
 
-/// `POST /v2/sandboxes`: the same as `POST /sandboxes` (the SDKs' newer path).
-#[utoipa::path(post, path = "/v2/sandboxes", tag = "sandboxes", security(("api_key" = [])),
-    request_body = wrenn_api::NewSandbox,
-    params(("Idempotency-Key" = Option<String>, Header, description = "A retried create with the same key gets the sandbox the first one made")),
-    responses(
-        (status = 201, description = "The sandbox runs", body = wrenn_api::Sandbox),
-        (status = 400, description = "A bad body or a setting wrenn does not enforce", body = wrenn_api::Error),
-        (status = 404, description = "No host has the template", body = wrenn_api::Error),
-        (status = 429, description = "A team quota is reached", body = wrenn_api::Error),
-        (status = 503, description = "No host has room now", body = wrenn_api::Error),
-    ))]
-pub(super) async fn create_sandbox_v2(
-    call: TeamCall,
-    headers: axum::http::HeaderMap,
-    body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
-    create_sandbox(call, headers, body).await
-}
-
-/// `POST /v2/sandboxes/{id}/connect`: the same as `POST /sandboxes/{id}/connect`.
-#[utoipa::path(post, path = "/v2/sandboxes/{id}/connect", tag = "sandboxes", security(("api_key" = [])),
-    params(SandboxPath),
-    request_body = wrenn_api::TimeoutRequest,
-    responses(
-        (status = 200, description = "It was running: its timeout is at least `timeout` from now", body = wrenn_api::Sandbox),
-        (status = 201, description = "It was paused: resumed", body = wrenn_api::Sandbox),
-    ))]
-pub(super) async fn connect_v2(
-    call: SandboxCall,
-    body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
-    connect(call, body).await
-}
-
 #[utoipa::path(post, path = "/sandboxes", tag = "sandboxes", security(("api_key" = [])),
     request_body = wrenn_api::NewSandbox,
     params(("Idempotency-Key" = Option<String>, Header, description = "A retried create with the same key gets the sandbox the first one made")),
@@ -405,8 +371,7 @@ pub(super) async fn connect(
     SandboxCall { plane, team, id }: SandboxCall,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let body: wrenn_api::TimeoutRequest = checked_body(&body, crate::unsupported::check_memory)?;
-    let timeout = check_timeout(body.timeout.unwrap_or(15))?;
+    let (_, timeout) = wake_request(&body)?;
     let (_turn, row) = owned_in_turn(&plane, &team, &id).await?;
     let end = now_ms() + timeout as i64 * 1000;
     if row.state == SandboxState::Running {
@@ -432,8 +397,7 @@ pub(super) async fn resume(
     SandboxCall { plane, team, id }: SandboxCall,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let body: wrenn_api::TimeoutRequest = checked_body(&body, crate::unsupported::check_memory)?;
-    let timeout = check_timeout(body.timeout.unwrap_or(15))?;
+    let (body, timeout) = wake_request(&body)?;
     let (_turn, row) = owned_in_turn(&plane, &team, &id).await?;
     if row.state == SandboxState::Running {
         return Err(ApiError::new(
@@ -700,4 +664,12 @@ mod metrics_tests {
             started.elapsed()
         );
     }
+}
+
+/// The body of a connect or a resume, and its timeout (15 s by default): how long the sandbox
+/// lives from now.
+fn wake_request(body: &[u8]) -> Result<(wrenn_api::TimeoutRequest, u64), ApiError> {
+    let body: wrenn_api::TimeoutRequest = checked_body(body, crate::unsupported::check_memory)?;
+    let timeout = check_timeout(body.timeout.unwrap_or(15))?;
+    Ok((body, timeout))
 }

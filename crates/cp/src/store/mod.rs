@@ -15,6 +15,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 pub use wrenn_api::SandboxState;
 
+/// What a store call gives: its answer, or why the store failed.
+pub type StoreResult<T> = Result<T, StoreError>;
+
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -98,36 +101,21 @@ pub struct HostRow {
     pub identity_hash: String,
 }
 
-/// Whether a host answers: `up` while it heartbeats, `down` when it fell silent.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HostState {
-    #[default]
-    Up,
-    Down,
+wrenn_core::named_enum! {
+    /// Whether a host answers: `up` while it heartbeats, `down` when it fell silent.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum HostState {
+        #[default]
+        Up = "up",
+        Down = "down",
+    }
 }
 
 impl HostState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            HostState::Up => "up",
-            HostState::Down => "down",
-        }
-    }
-
     /// A stored name as a state; anything but `up` is down (a host must prove it is up).
-    pub fn from_name(name: &str) -> HostState {
-        if name == "up" {
-            HostState::Up
-        } else {
-            HostState::Down
-        }
-    }
-}
-
-impl std::fmt::Display for HostState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+    pub fn from_stored(name: &str) -> HostState {
+        HostState::from_name(name).unwrap_or(HostState::Down)
     }
 }
 
@@ -153,36 +141,31 @@ pub struct ListQuery {
 /// What a store answers. Every call is one transaction; a failure is a [`StoreError`].
 #[async_trait::async_trait]
 pub trait StoreBackend: Send + Sync + std::fmt::Debug {
-    async fn create_team(&self, team: Team) -> Result<(), StoreError>;
-    async fn team_by_name(&self, name: &str) -> Result<Option<Team>, StoreError>;
-    async fn team_by_id(&self, id: &str) -> Result<Option<Team>, StoreError>;
-    async fn add_key(&self, key: ApiKey, hash: String) -> Result<(), StoreError>;
-    async fn team_of_key(&self, hash: &str) -> Result<Option<String>, StoreError>;
-    async fn list_keys(&self, team_id: &str) -> Result<Vec<ApiKey>, StoreError>;
-    async fn revoke_key(&self, key_id: &str, now_ms: i64) -> Result<bool, StoreError>;
-    async fn put_sandbox(&self, sandbox: SandboxRow) -> Result<(), StoreError>;
-    async fn sandbox(&self, id: &str) -> Result<Option<SandboxRow>, StoreError>;
-    async fn delete_sandbox(&self, id: &str) -> Result<bool, StoreError>;
-    async fn set_state(
-        &self,
-        id: &str,
-        state: SandboxState,
-        end_at_ms: i64,
-    ) -> Result<(), StoreError>;
-    async fn expired(&self, now_ms: i64) -> Result<Vec<SandboxRow>, StoreError>;
-    async fn all_sandboxes(&self) -> Result<Vec<SandboxRow>, StoreError>;
-    async fn list(&self, query: ListQuery) -> Result<(Vec<SandboxRow>, usize), StoreError>;
+    async fn create_team(&self, team: Team) -> StoreResult<()>;
+    async fn team_by_name(&self, name: &str) -> StoreResult<Option<Team>>;
+    async fn team_by_id(&self, id: &str) -> StoreResult<Option<Team>>;
+    async fn add_key(&self, key: ApiKey, hash: String) -> StoreResult<()>;
+    async fn team_of_key(&self, hash: &str) -> StoreResult<Option<String>>;
+    async fn list_keys(&self, team_id: &str) -> StoreResult<Vec<ApiKey>>;
+    async fn revoke_key(&self, key_id: &str, now_ms: i64) -> StoreResult<bool>;
+    async fn put_sandbox(&self, sandbox: SandboxRow) -> StoreResult<()>;
+    async fn sandbox(&self, id: &str) -> StoreResult<Option<SandboxRow>>;
+    async fn delete_sandbox(&self, id: &str) -> StoreResult<bool>;
+    async fn set_state(&self, id: &str, state: SandboxState, end_at_ms: i64) -> StoreResult<()>;
+    async fn expired(&self, now_ms: i64) -> StoreResult<Vec<SandboxRow>>;
+    async fn all_sandboxes(&self) -> StoreResult<Vec<SandboxRow>>;
+    async fn list(&self, query: ListQuery) -> StoreResult<(Vec<SandboxRow>, usize)>;
     async fn set_state_if(
         &self,
         id: &str,
         from: SandboxState,
         to: SandboxState,
-    ) -> Result<bool, StoreError>;
-    async fn sandboxes_on_host(&self, host_id: &str) -> Result<Vec<SandboxRow>, StoreError>;
-    async fn mark_host_lost(&self, host_id: &str) -> Result<u64, StoreError>;
-    async fn put_host(&self, host: HostRow) -> Result<(), StoreError>;
-    async fn forget_host(&self, host_id: &str) -> Result<u64, StoreError>;
-    async fn hosts(&self) -> Result<Vec<HostRow>, StoreError>;
+    ) -> StoreResult<bool>;
+    async fn sandboxes_on_host(&self, host_id: &str) -> StoreResult<Vec<SandboxRow>>;
+    async fn mark_host_lost(&self, host_id: &str) -> StoreResult<u64>;
+    async fn put_host(&self, host: HostRow) -> StoreResult<()>;
+    async fn forget_host(&self, host_id: &str) -> StoreResult<u64>;
+    async fn hosts(&self) -> StoreResult<Vec<HostRow>>;
 }
 
 /// The store the control plane uses: SQLite or PostgreSQL, behind [`StoreBackend`].
@@ -199,15 +182,12 @@ impl std::ops::Deref for Store {
 
 impl Store {
     /// SQLite in a file (created if missing).
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
+    pub fn open(path: &Path) -> StoreResult<Self> {
         Ok(Store(Arc::new(sqlite::SqliteStore::open(path)?)))
     }
 
     /// SQLite at `path`, or PostgreSQL when `database_url` is a `postgres://` URL.
-    pub async fn open_configured(
-        path: &Path,
-        database_url: Option<&str>,
-    ) -> Result<Self, StoreError> {
+    pub async fn open_configured(path: &Path, database_url: Option<&str>) -> StoreResult<Self> {
         match database_url
             .filter(|url| url.starts_with("postgres://") || url.starts_with("postgresql://"))
         {
@@ -321,6 +301,12 @@ mod tests {
 
     /// Every backend to test: SQLite always; PostgreSQL when `WRENN_TEST_DATABASE_URL` names
     /// one (scripts/test.sh starts it), each test in a fresh schema of its own.
+    /// The ids of a listing's page.
+    fn ids(listed: StoreResult<(Vec<SandboxRow>, usize)>) -> Vec<String> {
+        let (page, _) = listed.unwrap();
+        page.into_iter().map(|row| row.id).collect()
+    }
+
     async fn backends() -> Vec<(&'static str, Store, Option<tempfile::TempDir>)> {
         let dir = tempfile::tempdir().unwrap();
         let sqlite = Store::open(&dir.path().join("db.sqlite")).unwrap();
@@ -406,12 +392,7 @@ mod tests {
                 after: Some((last.started_at_ms, last.id.clone())),
                 ..query.clone()
             };
-            let (page, _) = store.list(next).await.unwrap();
-            assert_eq!(
-                page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
-                ["s2", "s3"],
-                "{backend}"
-            );
+            assert_eq!(ids(store.list(next).await), ["s2", "s3"], "{backend}");
 
             let even = ListQuery {
                 metadata: [("group".to_string(), "even".to_string())].into(),
@@ -420,9 +401,8 @@ mod tests {
                 limit: 10,
                 ..query.clone()
             };
-            let (page, _) = store.list(even).await.unwrap();
             assert_eq!(
-                page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+                ids(store.list(even).await),
                 ["s2", "s0"],
                 "{backend}: team b's row never shows"
             );
@@ -431,12 +411,7 @@ mod tests {
                 limit: 10,
                 ..query
             };
-            let (page, _) = store.list(paused).await.unwrap();
-            assert_eq!(
-                page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
-                ["s4"],
-                "{backend}"
-            );
+            assert_eq!(ids(store.list(paused).await), ["s4"], "{backend}");
         }
     }
 

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row};
 
-use super::{ApiKey, HostRow, ListQuery, SandboxRow, SandboxState, StoreBackend, StoreError, Team};
+use super::{
+    ApiKey, HostRow, ListQuery, SandboxRow, SandboxState, StoreBackend, StoreResult, Team,
+};
 
 /// The schema's migrations, in order (`migrations/postgres/`); a database records how many it has
 /// applied and gets the rest at its next open.
@@ -58,7 +60,7 @@ fn sandbox_row(row: &Row) -> SandboxRow {
 impl PgStore {
     /// Connects and applies the migrations the database lacks (under an advisory lock, so
     /// replicas starting together migrate once).
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+    pub async fn connect(url: &str) -> StoreResult<Self> {
         let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
@@ -90,11 +92,7 @@ impl PgStore {
         })
     }
 
-    async fn team_where(
-        &self,
-        column: &'static str,
-        value: &str,
-    ) -> Result<Option<Team>, StoreError> {
+    async fn team_where(&self, column: &'static str, value: &str) -> StoreResult<Option<Team>> {
         let row = self
             .client
             .query_opt(
@@ -113,7 +111,7 @@ impl PgStore {
 
 #[async_trait::async_trait]
 impl StoreBackend for PgStore {
-    async fn create_team(&self, team: Team) -> Result<(), StoreError> {
+    async fn create_team(&self, team: Team) -> StoreResult<()> {
         self.client
             .execute(
                 "INSERT INTO teams (id, name, created_at_ms, admin) VALUES ($1, $2, $3, $4)",
@@ -123,15 +121,15 @@ impl StoreBackend for PgStore {
         Ok(())
     }
 
-    async fn team_by_name(&self, name: &str) -> Result<Option<Team>, StoreError> {
+    async fn team_by_name(&self, name: &str) -> StoreResult<Option<Team>> {
         self.team_where("name", name).await
     }
 
-    async fn team_by_id(&self, id: &str) -> Result<Option<Team>, StoreError> {
+    async fn team_by_id(&self, id: &str) -> StoreResult<Option<Team>> {
         self.team_where("id", id).await
     }
 
-    async fn add_key(&self, key: ApiKey, hash: String) -> Result<(), StoreError> {
+    async fn add_key(&self, key: ApiKey, hash: String) -> StoreResult<()> {
         self.client
             .execute(
                 "INSERT INTO api_keys (id, team_id, name, hash, prefix, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
@@ -141,7 +139,7 @@ impl StoreBackend for PgStore {
         Ok(())
     }
 
-    async fn team_of_key(&self, hash: &str) -> Result<Option<String>, StoreError> {
+    async fn team_of_key(&self, hash: &str) -> StoreResult<Option<String>> {
         let row = self
             .client
             .query_opt(
@@ -152,7 +150,7 @@ impl StoreBackend for PgStore {
         Ok(row.map(|row| row.get(0)))
     }
 
-    async fn list_keys(&self, team_id: &str) -> Result<Vec<ApiKey>, StoreError> {
+    async fn list_keys(&self, team_id: &str) -> StoreResult<Vec<ApiKey>> {
         let rows = self
             .client
             .query(
@@ -173,7 +171,7 @@ impl StoreBackend for PgStore {
             .collect())
     }
 
-    async fn revoke_key(&self, key_id: &str, now_ms: i64) -> Result<bool, StoreError> {
+    async fn revoke_key(&self, key_id: &str, now_ms: i64) -> StoreResult<bool> {
         let changed = self
             .client
             .execute(
@@ -184,7 +182,7 @@ impl StoreBackend for PgStore {
         Ok(changed == 1)
     }
 
-    async fn put_sandbox(&self, sandbox: SandboxRow) -> Result<(), StoreError> {
+    async fn put_sandbox(&self, sandbox: SandboxRow) -> StoreResult<()> {
         let metadata = serde_json::to_string(&sandbox.metadata).unwrap_or_else(|_| "{}".into());
         let (cpu, memory) = (sandbox.cpu_count as i32, sandbox.memory_mb as i32);
         self.client
@@ -220,7 +218,7 @@ impl StoreBackend for PgStore {
         Ok(())
     }
 
-    async fn sandbox(&self, id: &str) -> Result<Option<SandboxRow>, StoreError> {
+    async fn sandbox(&self, id: &str) -> StoreResult<Option<SandboxRow>> {
         let row = self
             .client
             .query_opt(&format!("{SELECT_SANDBOX} WHERE id = $1"), &[&id])
@@ -228,7 +226,7 @@ impl StoreBackend for PgStore {
         Ok(row.as_ref().map(sandbox_row))
     }
 
-    async fn delete_sandbox(&self, id: &str) -> Result<bool, StoreError> {
+    async fn delete_sandbox(&self, id: &str) -> StoreResult<bool> {
         Ok(self
             .client
             .execute("DELETE FROM sandboxes WHERE id = $1", &[&id])
@@ -236,12 +234,7 @@ impl StoreBackend for PgStore {
             == 1)
     }
 
-    async fn set_state(
-        &self,
-        id: &str,
-        state: SandboxState,
-        end_at_ms: i64,
-    ) -> Result<(), StoreError> {
+    async fn set_state(&self, id: &str, state: SandboxState, end_at_ms: i64) -> StoreResult<()> {
         let state = state.as_str();
         self.client
             .execute(
@@ -252,7 +245,7 @@ impl StoreBackend for PgStore {
         Ok(())
     }
 
-    async fn expired(&self, now_ms: i64) -> Result<Vec<SandboxRow>, StoreError> {
+    async fn expired(&self, now_ms: i64) -> StoreResult<Vec<SandboxRow>> {
         let rows = self
             .client
             .query(
@@ -263,7 +256,7 @@ impl StoreBackend for PgStore {
         Ok(rows.iter().map(sandbox_row).collect())
     }
 
-    async fn all_sandboxes(&self) -> Result<Vec<SandboxRow>, StoreError> {
+    async fn all_sandboxes(&self) -> StoreResult<Vec<SandboxRow>> {
         let rows = self.client.query(SELECT_SANDBOX, &[]).await?;
         Ok(rows.iter().map(sandbox_row).collect())
     }
@@ -273,7 +266,7 @@ impl StoreBackend for PgStore {
         id: &str,
         from: SandboxState,
         to: SandboxState,
-    ) -> Result<bool, StoreError> {
+    ) -> StoreResult<bool> {
         let (from, to) = (from.as_str(), to.as_str());
         Ok(self
             .client
@@ -285,7 +278,7 @@ impl StoreBackend for PgStore {
             == 1)
     }
 
-    async fn sandboxes_on_host(&self, host_id: &str) -> Result<Vec<SandboxRow>, StoreError> {
+    async fn sandboxes_on_host(&self, host_id: &str) -> StoreResult<Vec<SandboxRow>> {
         let rows = self
             .client
             .query(&format!("{SELECT_SANDBOX} WHERE host_id = $1"), &[&host_id])
@@ -293,7 +286,7 @@ impl StoreBackend for PgStore {
         Ok(rows.iter().map(sandbox_row).collect())
     }
 
-    async fn mark_host_lost(&self, host_id: &str) -> Result<u64, StoreError> {
+    async fn mark_host_lost(&self, host_id: &str) -> StoreResult<u64> {
         Ok(self
             .client
             .execute(
@@ -303,7 +296,7 @@ impl StoreBackend for PgStore {
             .await?)
     }
 
-    async fn put_host(&self, host: HostRow) -> Result<(), StoreError> {
+    async fn put_host(&self, host: HostRow) -> StoreResult<()> {
         let report = serde_json::to_string(&host.report).unwrap_or_else(|_| "{}".into());
         self.client
             .execute(
@@ -334,7 +327,7 @@ impl StoreBackend for PgStore {
         Ok(())
     }
 
-    async fn forget_host(&self, host_id: &str) -> Result<u64, StoreError> {
+    async fn forget_host(&self, host_id: &str) -> StoreResult<u64> {
         // One statement, so the host and its sandboxes go together.
         let row = self
             .client
@@ -348,7 +341,7 @@ impl StoreBackend for PgStore {
         Ok(row.get::<_, i64>(0) as u64)
     }
 
-    async fn hosts(&self) -> Result<Vec<HostRow>, StoreError> {
+    async fn hosts(&self) -> StoreResult<Vec<HostRow>> {
         let rows = self
             .client
             .query(
@@ -368,7 +361,7 @@ impl StoreBackend for PgStore {
                     proxy_address: row.get(3),
                     agent_token: row.get(4),
                     heartbeat_hash: row.get(5),
-                    state: crate::store::HostState::from_name(row.get(6)),
+                    state: crate::store::HostState::from_stored(row.get(6)),
                     report: serde_json::from_str(&report).unwrap_or_default(),
                     last_heartbeat_ms: row.get(8),
                     registered_at_ms: row.get(9),
@@ -378,7 +371,7 @@ impl StoreBackend for PgStore {
             .collect())
     }
 
-    async fn list(&self, query: ListQuery) -> Result<(Vec<SandboxRow>, usize), StoreError> {
+    async fn list(&self, query: ListQuery) -> StoreResult<(Vec<SandboxRow>, usize)> {
         let mut values: Vec<Box<dyn ToSql + Sync + Send>> = vec![Box::new(query.team_id.clone())];
         let mut sql = format!("{SELECT_SANDBOX} WHERE team_id = $1");
         if !query.states.is_empty() {

@@ -13,6 +13,8 @@ use wrenn_connect::client::{ConnectClient, HttpVersion};
 use wrenn_proto::agent as pb;
 use wrenn_proto::agent::host_agent;
 
+use crate::output::{Column, print_list};
+
 #[derive(Debug, Subcommand)]
 pub enum AgentCommand {
     /// Run the host agent.
@@ -101,6 +103,16 @@ pub struct ClientArgs {
     json: bool,
 }
 
+/// An agent, and the id of the sandbox or template a command is about. (`about = None`: clap
+/// would otherwise show this comment as the description of the commands taking it.)
+#[derive(Debug, Args)]
+#[command(about = None, long_about = None)]
+pub struct IdArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    id: String,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum SandboxCommand {
     Create {
@@ -118,26 +130,10 @@ pub enum SandboxCommand {
         internet: bool,
     },
     List(ClientArgs),
-    Get {
-        #[command(flatten)]
-        client: ClientArgs,
-        id: String,
-    },
-    Pause {
-        #[command(flatten)]
-        client: ClientArgs,
-        id: String,
-    },
-    Resume {
-        #[command(flatten)]
-        client: ClientArgs,
-        id: String,
-    },
-    Destroy {
-        #[command(flatten)]
-        client: ClientArgs,
-        id: String,
-    },
+    Get(IdArgs),
+    Pause(IdArgs),
+    Resume(IdArgs),
+    Destroy(IdArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -154,11 +150,7 @@ pub enum TemplateCommand {
         image_dir: Option<String>,
     },
     List(ClientArgs),
-    Delete {
-        #[command(flatten)]
-        client: ClientArgs,
-        id: String,
-    },
+    Delete(IdArgs),
 }
 
 pub async fn run(command: AgentCommand) -> anyhow::Result<()> {
@@ -219,12 +211,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         vmm_uid_base: args.host.vmm_uid_base,
     };
     let manager = Manager::start(config).await.context("starting the agent")?;
-    let api = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
-    let proxy = tokio::net::TcpListener::bind(args.proxy_listen)
-        .await
-        .with_context(|| format!("listening on {}", args.proxy_listen))?;
+    let api = crate::listen(args.listen).await?;
+    let proxy = crate::listen(args.proxy_listen).await?;
     let mmds_address = wrenn_agent::mmds_bind_address(args.host.mmds_port);
     let mmds = tokio::net::TcpListener::bind(mmds_address)
         .await
@@ -326,33 +314,20 @@ where
 }
 
 fn print_sandboxes(sandboxes: &[pb::Sandbox], json: bool) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(sandboxes)?);
-        return Ok(());
-    }
-    let mut table = crate::output::table(
-        &[
-            "sandbox", "template", "state", "envd", "memory", "rss", "error",
-        ],
-        Vec::new(),
-    );
-    for sandbox in sandboxes {
-        table.add_row([
-            sandbox.sandbox_id.clone(),
-            sandbox.template_id.clone(),
-            sandbox.state.clone(),
-            sandbox.envd_address.clone(),
-            format!("{} MiB", sandbox.memory_mib),
-            format!("{} MiB", sandbox.rss_bytes >> 20),
-            sandbox.error.clone(),
-        ]);
-    }
-    println!("{table}");
-    Ok(())
+    let columns: [Column<pb::Sandbox>; 7] = [
+        ("sandbox", |s| s.sandbox_id.clone()),
+        ("template", |s| s.template_id.clone()),
+        ("state", |s| s.state.clone()),
+        ("envd", |s| s.envd_address.clone()),
+        ("memory", |s| format!("{} MiB", s.memory_mib)),
+        ("rss", |s| format!("{} MiB", s.rss_bytes >> 20)),
+        ("error", |s| s.error.clone()),
+    ];
+    print_list(sandboxes, json, &columns)
 }
 
 async fn sandbox(command: SandboxCommand) -> anyhow::Result<()> {
-    match command {
+    let (client, sandboxes) = match command {
         SandboxCommand::Create {
             client,
             template,
@@ -361,112 +336,75 @@ async fn sandbox(command: SandboxCommand) -> anyhow::Result<()> {
             access_token,
             internet,
         } => {
-            let env_vars = env
-                .iter()
-                .map(|pair| {
-                    pair.split_once('=')
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .with_context(|| format!("--env {pair:?} is not KEY=VALUE"))
-                })
-                .collect::<anyhow::Result<_>>()?;
             let request = pb::CreateSandboxRequest {
                 template_id: template,
                 sandbox_id: id.unwrap_or_default(),
-                env_vars,
+                env_vars: crate::output::parse_pairs(&env, "--env")?
+                    .into_iter()
+                    .collect(),
                 envd_access_token: access_token.unwrap_or_default(),
                 allow_internet_access: internet,
                 ..Default::default()
             };
-            let response: pb::CreateSandboxResponse =
-                call::<host_agent::CreateSandbox>(&client, &request).await?;
-            print_sandboxes(
-                &response.sandbox.into_iter().collect::<Vec<_>>(),
-                client.json,
-            )
+            let created = call::<host_agent::CreateSandbox>(&client, &request).await?;
+            (client, Vec::from_iter(created.sandbox))
         }
         SandboxCommand::List(client) => {
-            let response: pb::ListSandboxesResponse =
-                call::<host_agent::ListSandboxes>(&client, &pb::ListSandboxesRequest {}).await?;
-            print_sandboxes(&response.sandboxes, client.json)
+            let request = pb::ListSandboxesRequest {};
+            let listed = call::<host_agent::ListSandboxes>(&client, &request).await?;
+            (client, listed.sandboxes)
         }
-        SandboxCommand::Get { client, id } => {
-            let response: pb::GetSandboxResponse =
-                call::<host_agent::GetSandbox>(&client, &pb::GetSandboxRequest { sandbox_id: id })
-                    .await?;
-            print_sandboxes(
-                &response.sandbox.into_iter().collect::<Vec<_>>(),
-                client.json,
-            )
+        SandboxCommand::Get(IdArgs { client, id }) => {
+            let request = pb::GetSandboxRequest { sandbox_id: id };
+            let found = call::<host_agent::GetSandbox>(&client, &request).await?;
+            (client, Vec::from_iter(found.sandbox))
         }
-        SandboxCommand::Pause { client, id } => {
-            let response: pb::PauseSandboxResponse = call::<host_agent::PauseSandbox>(
-                &client,
-                &pb::PauseSandboxRequest { sandbox_id: id },
-            )
-            .await?;
-            print_sandboxes(
-                &response.sandbox.into_iter().collect::<Vec<_>>(),
-                client.json,
-            )
+        SandboxCommand::Pause(IdArgs { client, id }) => {
+            let request = pb::PauseSandboxRequest { sandbox_id: id };
+            let paused = call::<host_agent::PauseSandbox>(&client, &request).await?;
+            (client, Vec::from_iter(paused.sandbox))
         }
-        SandboxCommand::Resume { client, id } => {
+        SandboxCommand::Resume(IdArgs { client, id }) => {
             let request = pb::ResumeSandboxRequest {
                 sandbox_id: id,
                 ..Default::default()
             };
-            let response: pb::ResumeSandboxResponse =
-                call::<host_agent::ResumeSandbox>(&client, &request).await?;
-            print_sandboxes(
-                &response.sandbox.into_iter().collect::<Vec<_>>(),
-                client.json,
-            )
+            let resumed = call::<host_agent::ResumeSandbox>(&client, &request).await?;
+            (client, Vec::from_iter(resumed.sandbox))
         }
-        SandboxCommand::Destroy { client, id } => {
-            let _: pb::DestroySandboxResponse = call::<host_agent::DestroySandbox>(
-                &client,
-                &pb::DestroySandboxRequest {
-                    sandbox_id: id.clone(),
-                },
-            )
-            .await?;
+        SandboxCommand::Destroy(IdArgs { client, id }) => {
+            let request = pb::DestroySandboxRequest {
+                sandbox_id: id.clone(),
+            };
+            call::<host_agent::DestroySandbox>(&client, &request).await?;
             if client.json {
                 println!("{}", serde_json::json!({ "destroyed": id }));
             } else {
                 println!("destroyed {id}");
             }
-            Ok(())
+            return Ok(());
         }
-    }
+    };
+    print_sandboxes(&sandboxes, client.json)
 }
 
 fn print_templates(templates: &[pb::Template], json: bool) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(templates)?);
-        return Ok(());
-    }
-    let mut table = crate::output::table(
-        &[
-            "template", "memory", "vcpus", "accel", "snapshot", "envd", "built in",
-        ],
-        Vec::new(),
-    );
-    for template in templates {
-        table.add_row([
-            template.template_id.clone(),
-            format!("{} MiB", template.memory_mib),
-            template.vcpus.to_string(),
-            template.accel.clone(),
-            format!("{} MiB", template.snapshot_bytes >> 20),
-            template.envd_version.clone(),
-            format!("{:.1} s", template.build_ms as f64 / 1000.0),
-        ]);
-    }
-    println!("{table}");
-    Ok(())
+    let columns: [Column<pb::Template>; 7] = [
+        ("template", |t| t.template_id.clone()),
+        ("memory", |t| format!("{} MiB", t.memory_mib)),
+        ("vcpus", |t| t.vcpus.to_string()),
+        ("accel", |t| t.accel.clone()),
+        ("snapshot", |t| format!("{} MiB", t.snapshot_bytes >> 20)),
+        ("envd", |t| t.envd_version.clone()),
+        ("built in", |t| {
+            format!("{:.1} s", t.build_ms as f64 / 1000.0)
+        }),
+    ];
+    print_list(templates, json, &columns)
 }
 
 async fn template(command: TemplateCommand) -> anyhow::Result<()> {
-    match command {
+    let (client, templates) = match command {
         TemplateCommand::Build {
             client,
             id,
@@ -484,28 +422,71 @@ async fn template(command: TemplateCommand) -> anyhow::Result<()> {
                 vcpus,
                 boot_timeout_ms: 0,
             };
-            let response: pb::BuildTemplateResponse =
-                call::<host_agent::BuildTemplate>(&client, &request).await?;
-            print_templates(
-                &response.template.into_iter().collect::<Vec<_>>(),
-                client.json,
-            )
+            let built = call::<host_agent::BuildTemplate>(&client, &request).await?;
+            (client, Vec::from_iter(built.template))
         }
         TemplateCommand::List(client) => {
-            let response: pb::ListTemplatesResponse =
-                call::<host_agent::ListTemplates>(&client, &pb::ListTemplatesRequest {}).await?;
-            print_templates(&response.templates, client.json)
+            let request = pb::ListTemplatesRequest {};
+            let listed = call::<host_agent::ListTemplates>(&client, &request).await?;
+            (client, listed.templates)
         }
-        TemplateCommand::Delete { client, id } => {
-            let _: pb::DeleteTemplateResponse = call::<host_agent::DeleteTemplate>(
-                &client,
-                &pb::DeleteTemplateRequest {
-                    template_id: id.clone(),
-                },
-            )
-            .await?;
+        TemplateCommand::Delete(IdArgs { client, id }) => {
+            let request = pb::DeleteTemplateRequest {
+                template_id: id.clone(),
+            };
+            call::<host_agent::DeleteTemplate>(&client, &request).await?;
             println!("deleted {id}");
-            Ok(())
+            return Ok(());
+        }
+    };
+    print_templates(&templates, client.json)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// `wrenn agent …` alone.
+    #[derive(Debug, Parser)]
+    struct Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    }
+
+    #[test]
+    fn calls_on_one_sandbox_or_template_take_the_agent_and_an_id() {
+        for (group, call) in [
+            ("sandbox", "get"),
+            ("sandbox", "pause"),
+            ("sandbox", "resume"),
+            ("sandbox", "destroy"),
+            ("template", "delete"),
+        ] {
+            let words = [
+                "agent",
+                group,
+                call,
+                "x1",
+                "--agent",
+                "http://h:1",
+                "--json",
+            ];
+            let parsed = Agent::try_parse_from(words).unwrap_or_else(|e| panic!("{call}: {e}"));
+            let (AgentCommand::Sandbox(
+                SandboxCommand::Get(args)
+                | SandboxCommand::Pause(args)
+                | SandboxCommand::Resume(args)
+                | SandboxCommand::Destroy(args),
+            )
+            | AgentCommand::Template(TemplateCommand::Delete(args))) = parsed.command
+            else {
+                panic!("{group} {call}: parsed as {:?}", parsed.command)
+            };
+            assert_eq!(args.id, "x1", "{group} {call}");
+            assert_eq!(args.client.agent, "http://h:1", "{group} {call}");
+            assert!(args.client.json, "{group} {call}");
         }
     }
 }

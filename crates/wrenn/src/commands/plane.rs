@@ -326,12 +326,8 @@ pub(super) async fn start_plane(
     tokio::spawn(plane.clone().run_lifecycle());
     tokio::spawn(plane.clone().run_fleet(wake));
 
-    let api = tokio::net::TcpListener::bind(args.api_listen)
-        .await
-        .with_context(|| format!("listening on {}", args.api_listen))?;
-    let proxy = tokio::net::TcpListener::bind(args.proxy_listen)
-        .await
-        .with_context(|| format!("listening on {}", args.proxy_listen))?;
+    let api = crate::listen(args.api_listen).await?;
+    let proxy = crate::listen(args.proxy_listen).await?;
     let api_address = api.local_addr()?;
     let proxy_address = proxy.local_addr()?;
     let mut servers = vec![

@@ -3,7 +3,7 @@
 use clap::{Args, Subcommand};
 
 use crate::connection::Connection;
-use crate::output::{print_json, table};
+use crate::output::{Column, print_list};
 
 #[derive(Debug, Args)]
 pub struct TemplateArgs {
@@ -25,28 +25,13 @@ pub async fn run(args: TemplateArgs) -> anyhow::Result<()> {
         command: TemplateCommand::List,
     } = args;
     let templates = connection.api()?.templates().await?;
-    if connection.json {
-        return print_json(&templates);
-    }
-    let rows = templates
-        .iter()
-        .map(|t| {
-            vec![
-                t.template_id.clone(),
-                t.cpu_count.to_string(),
-                format!("{} MiB", t.memory_mb),
-                format!("{} MiB", t.disk_size_mb),
-                t.envd_version.clone(),
-                t.created_at.clone(),
-            ]
-        })
-        .collect();
-    println!(
-        "{}",
-        table(
-            &["template", "cpus", "memory", "disk", "envd", "built"],
-            rows
-        )
-    );
-    Ok(())
+    let columns: [Column<wrenn_api::Template>; 6] = [
+        ("template", |t| t.template_id.clone()),
+        ("cpus", |t| t.cpu_count.to_string()),
+        ("memory", |t| format!("{} MiB", t.memory_mb)),
+        ("disk", |t| format!("{} MiB", t.disk_size_mb)),
+        ("envd", |t| t.envd_version.clone()),
+        ("built", |t| t.created_at.clone()),
+    ];
+    print_list(&templates, connection.json, &columns)
 }

@@ -167,14 +167,9 @@ async fn demo(api: &SocketAddr, proxy: &SocketAddr, key: &str) -> anyhow::Result
     let envd = ConnectClient::new(format!("http://{proxy}"), HttpVersion::Http1, Codec::Json)
         .with_header("e2b-sandbox-id", &id)
         .with_header("e2b-sandbox-port", &wrenn_proto::ENVD_PORT.to_string());
-    let request = pb::StartRequest {
-        process: Some(pb::ProcessConfig {
-            cmd: "python3".into(),
-            args: vec!["-c".into(), "print(sum(range(10)))".into()],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    // Through bash, as the SDKs' `commands.run` (and `wrenn sandbox exec`) run a command.
+    let script = "python3 -c 'print(sum(range(10)))'";
+    let request = super::sandbox::bash_request(script, None, Default::default());
     let mut headers = http::HeaderMap::new();
     headers.insert("authorization", crate::connection::basic_user("user")?);
     let mut stream = envd

@@ -22,6 +22,24 @@ pub fn quote(word: &str) -> String {
     }
 }
 
+/// envd's `Start` of `script` under `bash -l -c`, as the SDKs run commands, its stdin closed.
+pub fn bash_request(
+    script: &str,
+    cwd: Option<String>,
+    envs: BTreeMap<String, String>,
+) -> pb::StartRequest {
+    pb::StartRequest {
+        process: Some(pb::ProcessConfig {
+            cmd: "/bin/bash".into(),
+            args: vec!["-l".into(), "-c".into(), script.into()],
+            envs: envs.into_iter().collect(),
+            cwd,
+        }),
+        stdin: Some(false),
+        ..Default::default()
+    }
+}
+
 /// Runs `script` with `bash -l -c`, streaming its output: its exit code.
 pub async fn exec(
     connection: &Connection,
@@ -33,16 +51,7 @@ pub async fn exec(
 ) -> anyhow::Result<i32> {
     let (envd, mut headers) = connection.envd(id).await?;
     headers.insert("authorization", basic_user(user)?);
-    let request = pb::StartRequest {
-        process: Some(pb::ProcessConfig {
-            cmd: "/bin/bash".into(),
-            args: vec!["-l".into(), "-c".into(), script.into()],
-            envs: envs.into_iter().collect(),
-            cwd,
-        }),
-        stdin: Some(false),
-        ..Default::default()
-    };
+    let request = bash_request(script, cwd, envs);
     let mut stream = envd
         .call_streaming::<wrenn_proto::process::process::Start>(&request, &headers)
         .await

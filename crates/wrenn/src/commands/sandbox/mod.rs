@@ -6,6 +6,8 @@
 mod copy;
 mod exec;
 
+pub(crate) use exec::bash_request;
+
 use std::io::Write;
 
 use clap::{Args, Subcommand};
@@ -14,7 +16,7 @@ use wrenn_api::client::ListFilter;
 use wrenn_api::{ListedSandbox, NewSandbox, SandboxState};
 
 use crate::connection::Connection;
-use crate::output::{pairs_text, parse_pairs, print_json, table};
+use crate::output::{Column, pairs_text, parse_pairs, print_json, print_list, table};
 
 #[derive(Debug, Args)]
 pub struct SandboxArgs {
@@ -114,39 +116,18 @@ fn parse_states(text: &str) -> anyhow::Result<Vec<SandboxState>> {
 }
 
 fn print_sandboxes(sandboxes: &[ListedSandbox], json: bool) -> anyhow::Result<()> {
-    if json {
-        return print_json(&sandboxes);
-    }
-    let rows = sandboxes
-        .iter()
-        .map(|s| {
-            vec![
-                s.sandbox_id.clone(),
-                s.template_id.clone(),
-                s.state.to_string(),
-                s.started_at.clone(),
-                s.end_at.clone(),
-                format!("{} / {} MiB", s.cpu_count, s.memory_mb),
-                pairs_text(&s.metadata),
-            ]
-        })
-        .collect();
-    println!(
-        "{}",
-        table(
-            &[
-                "id",
-                "template",
-                "state",
-                "started",
-                "ends",
-                "cpus / memory",
-                "metadata"
-            ],
-            rows
-        )
-    );
-    Ok(())
+    let columns: [Column<ListedSandbox>; 7] = [
+        ("id", |s| s.sandbox_id.clone()),
+        ("template", |s| s.template_id.clone()),
+        ("state", |s| s.state.to_string()),
+        ("started", |s| s.started_at.clone()),
+        ("ends", |s| s.end_at.clone()),
+        ("cpus / memory", |s| {
+            format!("{} / {} MiB", s.cpu_count, s.memory_mb)
+        }),
+        ("metadata", |s| pairs_text(&s.metadata)),
+    ];
+    print_list(sandboxes, json, &columns)
 }
 
 pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {

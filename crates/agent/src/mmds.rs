@@ -35,14 +35,8 @@ pub struct Metadata {
     pub access_token_hash: String,
 }
 
-/// Hex SHA-512 of a token, as envd checks it.
-pub fn token_hash(token: &str) -> String {
-    use sha2::Digest;
-    sha2::Sha512::digest(token.as_bytes())
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
-}
+/// Hex SHA-512 of a token, as envd checks it (one definition for both: wrenn-core's).
+pub use wrenn_core::access_token_hash as token_hash;
 
 /// Session tokens a slot may hold at once.
 pub const MAX_TOKENS_PER_SLOT: usize = 8;
@@ -233,20 +227,12 @@ async fn handle(
 }
 
 fn new_token() -> Result<String, TokenError> {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|error| TokenError::NoRandomness(error.to_string()))?;
-    Ok(bytes.iter().map(|byte| format!("{byte:02x}")).collect())
+    wrenn_core::random::hex_token(32).map_err(|error| TokenError::NoRandomness(error.to_string()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hashes_match_envds() {
-        assert!(token_hash("").starts_with("cf83e1357eefb8bd"));
-        assert_eq!(token_hash("x").len(), 128);
-    }
 
     #[test]
     fn only_slot_addresses_are_served() {

@@ -15,7 +15,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
-use sha2::{Digest, Sha512};
 
 /// Firecracker's default MMDS address.
 pub const DEFAULT_MMDS_ADDRESS: &str = "169.254.169.254:80";
@@ -117,13 +116,9 @@ impl MmdsClient {
     }
 }
 
-/// Hex SHA-512 of a token, as the host agent puts it in `accessTokenHash`.
-pub fn token_hash(token: &str) -> String {
-    Sha512::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+/// Hex SHA-512 of a token, as the host agent puts it in `accessTokenHash` (one definition for
+/// both: wrenn-core's).
+pub use wrenn_core::access_token_hash as token_hash;
 
 /// Writes the sandbox's identity where processes can read it: `<run>/wrenn/sandbox-id`,
 /// `<run>/wrenn/template-id`, and E2B's `<run>/e2b/.E2B_SANDBOX_ID`, `.E2B_TEMPLATE_ID`,
@@ -153,13 +148,6 @@ pub fn write_identity(run_dir: &Path, metadata: &SandboxMetadata) -> std::io::Re
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hashes_like_the_host_agent() {
-        // sha512("") is a well-known constant.
-        assert!(token_hash("").starts_with("cf83e1357eefb8bdf1542850d66d8007"));
-        assert_eq!(token_hash("abc").len(), 128);
-    }
 
     #[test]
     fn metadata_document() {

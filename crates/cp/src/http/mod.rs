@@ -57,6 +57,10 @@ impl ApiError {
             should_retry: None,
         }
     }
+    /// A request the API cannot take as it is (400).
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
     /// Tells clients that trying again will not help (a limit, not a passing state).
     pub fn final_answer(mut self) -> Self {
         self.should_retry = Some(false);
@@ -201,7 +205,7 @@ impl axum::extract::FromRequestParts<Arc<ControlPlane>> for SandboxCall {
         let TeamCall { plane, team } = TeamCall::from_request_parts(parts, plane).await?;
         let Path(id) = Path::<String>::from_request_parts(parts, &plane)
             .await
-            .map_err(|rejection| ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text()))?;
+            .map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
         Ok(SandboxCall { plane, team, id })
     }
 }
@@ -415,12 +419,8 @@ fn body_json<T: for<'de> Deserialize<'de> + Default>(bytes: &[u8]) -> Result<T, 
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(bytes).map_err(|error| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("invalid request body: {error}"),
-        )
-    })
+    serde_json::from_slice(bytes)
+        .map_err(|error| ApiError::bad_request(format!("invalid request body: {error}")))
 }
 
 /// A body as a JSON value (`{}` when empty), for the checks of [`crate::unsupported`].
@@ -435,18 +435,13 @@ fn checked_body<T: for<'de> Deserialize<'de> + Default>(
 ) -> Result<T, ApiError> {
     let value = body_value(bytes)?;
     check(&value)?;
-    serde_json::from_value(value).map_err(|error| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("invalid request body: {error}"),
-        )
-    })
+    serde_json::from_value(value)
+        .map_err(|error| ApiError::bad_request(format!("invalid request body: {error}")))
 }
 
 fn check_timeout(seconds: u64) -> Result<u64, ApiError> {
     if seconds > MAX_TIMEOUT_SECONDS {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
+        return Err(ApiError::bad_request(
             "Timeout cannot be greater than 24 hours",
         ));
     }

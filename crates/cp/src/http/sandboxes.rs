@@ -44,7 +44,7 @@ pub(super) async fn create_sandbox(
     let template = request
         .template_id
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "templateID is required"))?;
+        .ok_or_else(|| ApiError::bad_request("templateID is required"))?;
     let asked = crate::service::SandboxRequest {
         template,
         timeout_seconds: check_timeout(request.timeout.unwrap_or(15))?,
@@ -121,7 +121,7 @@ pub(super) fn encode_token(row: &SandboxRow) -> String {
 
 pub(super) fn decode_token(token: &str) -> Result<(i64, String), ApiError> {
     use base64::Engine;
-    let invalid = || ApiError::new(StatusCode::BAD_REQUEST, "invalid nextToken");
+    let invalid = || ApiError::bad_request("invalid nextToken");
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(token)
         .map_err(|_| invalid())?;
@@ -151,10 +151,7 @@ pub(super) async fn list_v2(
 ) -> Result<Response, ApiError> {
     let limit = params.limit.unwrap_or(100);
     if !(1..=100).contains(&limit) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "limit must be between 1 and 100",
-        ));
+        return Err(ApiError::bad_request("limit must be between 1 and 100"));
     }
     let states: Vec<SandboxState> = params
         .state
@@ -165,10 +162,9 @@ pub(super) async fn list_v2(
                 .filter(|s| !s.is_empty())
                 .map(|name| match SandboxState::from_name(name) {
                     Some(state @ (SandboxState::Running | SandboxState::Paused)) => Ok(state),
-                    _ => Err(ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        format!("unknown state {name:?}: use running or paused"),
-                    )),
+                    _ => Err(ApiError::bad_request(format!(
+                        "unknown state {name:?}: use running or paused"
+                    ))),
                 })
                 .collect::<Result<Vec<_>, _>>()
         })
@@ -178,9 +174,7 @@ pub(super) async fn list_v2(
         None | Some("") => None,
         Some(text) => Some(
             chrono::DateTime::parse_from_rfc3339(text)
-                .map_err(|_| {
-                    ApiError::new(StatusCode::BAD_REQUEST, "startedAfter must be RFC 3339")
-                })?
+                .map_err(|_| ApiError::bad_request("startedAfter must be RFC 3339"))?
                 .timestamp_millis(),
         ),
     };
@@ -189,10 +183,9 @@ pub(super) async fn list_v2(
         None | Some("") | Some("desc") => true,
         Some("asc") => false,
         Some(other) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("order must be asc or desc, not {other:?}"),
-            ));
+            return Err(ApiError::bad_request(format!(
+                "order must be asc or desc, not {other:?}"
+            )));
         }
     };
     let query = ListQuery {
@@ -303,7 +296,7 @@ pub(super) async fn set_timeout(
     let body: wrenn_api::TimeoutRequest = body_json(&body)?;
     let timeout = check_timeout(
         body.timeout
-            .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "timeout is required"))?,
+            .ok_or_else(|| ApiError::bad_request("timeout is required"))?,
     )?;
     let (_turn, row) = owned_in_turn(&plane, &team, &id).await?;
     plane
@@ -327,10 +320,7 @@ pub(super) async fn refresh(
     let body: wrenn_api::RefreshRequest = body_json(&body)?;
     let duration = body.duration.unwrap_or(15);
     if duration > 3600 {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "duration must be 0 to 3600 seconds",
-        ));
+        return Err(ApiError::bad_request("duration must be 0 to 3600 seconds"));
     }
     let (_turn, row) = owned_in_turn(&plane, &team, &id).await?;
     let end = row.end_at_ms.max(now_ms() + duration as i64 * 1000);
@@ -471,19 +461,15 @@ pub(super) async fn metrics_of_many(
     ids.sort();
     ids.dedup();
     if ids.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
+        return Err(ApiError::bad_request(
             "sandbox_ids is required: a comma-separated list of sandbox IDs",
         ));
     }
     if ids.len() > MAX_METRICS_SANDBOXES {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "sandbox_ids names {} sandboxes; at most {MAX_METRICS_SANDBOXES} at once",
-                ids.len()
-            ),
-        ));
+        return Err(ApiError::bad_request(format!(
+            "sandbox_ids names {} sandboxes; at most {MAX_METRICS_SANDBOXES} at once",
+            ids.len()
+        )));
     }
     let mut rows = Vec::new();
     for id in &ids {

@@ -153,7 +153,12 @@ impl Envd {
     }
 
     pub fn session(&self) -> Session {
-        self.session.read().expect("session lock").clone()
+        self.read_session(Session::clone)
+    }
+
+    /// What `read` takes from the session (under its lock).
+    fn read_session<T>(&self, read: impl FnOnce(&Session) -> T) -> T {
+        read(&self.session.read().expect("session lock"))
     }
 
     pub fn update_session(&self, update: impl FnOnce(&mut Session)) {
@@ -161,11 +166,7 @@ impl Envd {
     }
 
     pub fn access_token(&self) -> Option<String> {
-        self.session
-            .read()
-            .expect("session lock")
-            .access_token
-            .clone()
+        self.read_session(|session| session.access_token.clone())
     }
 
     pub fn path_env(&self) -> Option<&str> {
@@ -178,13 +179,7 @@ impl Envd {
         if let Some(name) = requested {
             return self.accounts.user(name);
         }
-        let default = self
-            .session
-            .read()
-            .expect("session lock")
-            .default_user
-            .clone();
-        match default {
+        match self.read_session(|session| session.default_user.clone()) {
             Some(name) => self.accounts.user(&name),
             None => self
                 .accounts
@@ -195,24 +190,18 @@ impl Envd {
 
     /// Resolves a client's path for `user` (see [`paths::resolve`]).
     pub fn resolve_path(&self, path: &str, user: &User) -> Result<PathBuf, PathError> {
-        let workdir = self
-            .session
-            .read()
-            .expect("session lock")
-            .default_workdir
-            .clone();
+        let workdir = self.default_workdir();
         paths::resolve(path, &user.home, workdir.as_deref())
     }
 
     /// The working directory of a process that names none.
     pub fn default_cwd(&self, user: &User) -> PathBuf {
-        let workdir = self
-            .session
-            .read()
-            .expect("session lock")
-            .default_workdir
-            .clone();
-        workdir.unwrap_or_else(|| user.home.clone())
+        self.default_workdir().unwrap_or_else(|| user.home.clone())
+    }
+
+    /// The working directory `/init` set, if any.
+    fn default_workdir(&self) -> Option<PathBuf> {
+        self.read_session(|session| session.default_workdir.clone())
     }
 
     /// The sandbox-wide environment variables of processes.
@@ -222,7 +211,7 @@ impl Envd {
             env.insert("E2B_SANDBOX_ID".to_owned(), identity.sandbox_id.clone());
             env.insert("E2B_TEMPLATE_ID".to_owned(), identity.template_id.clone());
         }
-        env.extend(self.session.read().expect("session lock").env_vars.clone());
+        env.extend(self.read_session(|session| session.env_vars.clone()));
         env
     }
 }
@@ -276,15 +265,28 @@ mod tests {
         (Envd::with_accounts(EnvdConfig::default(), accounts), dir)
     }
 
+    /// Asserts that `envd`'s default user is `name`, that its processes start in `cwd`, and
+    /// that `relative` resolves to `resolved` for it; returns the user.
+    fn assert_defaults(envd: &Envd, name: &str, cwd: &str, relative: &str, resolved: &str) -> User {
+        let user = envd.user(None).unwrap();
+        assert_eq!(user.name, name);
+        assert_eq!(envd.default_cwd(&user), PathBuf::from(cwd));
+        assert_eq!(
+            envd.resolve_path(relative, &user).unwrap(),
+            PathBuf::from(resolved)
+        );
+        user
+    }
+
     #[test]
     fn default_user_is_user_when_the_account_exists() {
         let (envd, _dir) = envd_with(&format!("{ROOT}{USER}{OTHER}"));
-        let user = envd.user(None).unwrap();
-        assert_eq!(user.name, DEFAULT_USER);
-        assert_eq!(envd.default_cwd(&user), PathBuf::from("/home/user"));
-        assert_eq!(
-            envd.resolve_path("notes/a.txt", &user).unwrap(),
-            PathBuf::from("/home/user/notes/a.txt")
+        assert_defaults(
+            &envd,
+            DEFAULT_USER,
+            "/home/user",
+            "notes/a.txt",
+            "/home/user/notes/a.txt",
         );
         // A named user wins over the default.
         assert_eq!(envd.user(Some("root")).unwrap().name, "root");
@@ -297,13 +299,7 @@ mod tests {
     #[test]
     fn default_user_falls_back_to_root_without_user() {
         let (envd, _dir) = envd_with(&format!("{ROOT}{OTHER}"));
-        let user = envd.user(None).unwrap();
-        assert_eq!(user.name, FALLBACK_USER);
-        assert_eq!(envd.default_cwd(&user), PathBuf::from("/root"));
-        assert_eq!(
-            envd.resolve_path("a.txt", &user).unwrap(),
-            PathBuf::from("/root/a.txt")
-        );
+        assert_defaults(&envd, FALLBACK_USER, "/root", "a.txt", "/root/a.txt");
     }
 
     #[test]
@@ -313,14 +309,8 @@ mod tests {
             session.default_user = Some("other".into());
             session.default_workdir = Some("/srv".into());
         });
-        let user = envd.user(None).unwrap();
-        assert_eq!(user.name, "other");
-        assert_eq!(envd.default_cwd(&user), PathBuf::from("/srv"));
         // Relative paths stay relative to the home; only an empty path means the workdir.
-        assert_eq!(
-            envd.resolve_path("a.txt", &user).unwrap(),
-            PathBuf::from("/home/other/a.txt")
-        );
+        let user = assert_defaults(&envd, "other", "/srv", "a.txt", "/home/other/a.txt");
         assert_eq!(envd.resolve_path("", &user).unwrap(), PathBuf::from("/srv"));
         // A default user /init named that does not exist is an error, not a silent fallback.
         envd.update_session(|session| session.default_user = Some("gone".into()));

@@ -21,6 +21,27 @@ pub struct User {
     pub groups: Vec<u32>,
 }
 
+#[cfg(test)]
+impl User {
+    /// A user for tests: `name` with `uid`, `home` and `groups` (the first its primary group),
+    /// and no shell.
+    pub(crate) fn for_tests(
+        name: &str,
+        uid: u32,
+        home: impl Into<PathBuf>,
+        groups: Vec<u32>,
+    ) -> User {
+        User {
+            name: name.to_owned(),
+            uid,
+            gid: groups[0],
+            home: home.into(),
+            shell: String::new(),
+            groups,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UserError {
     #[error("user '{0}' does not exist")]
@@ -45,17 +66,28 @@ struct GroupEntry {
     members: Vec<String>,
 }
 
-fn parse_passwd(text: &str) -> Vec<PasswdEntry> {
+/// The entries of an account file (`/etc/passwd`, `/etc/group`: `name:password:id:...`) that
+/// are no comment and have at least `min_fields` fields, a name and a numeric id: each one's
+/// name, id and fields.
+fn records(text: &str, min_fields: usize) -> impl Iterator<Item = (String, u32, Vec<&str>)> {
     text.lines()
         .filter(|line| !line.trim_start().starts_with('#'))
-        .filter_map(|line| {
+        .filter_map(move |line| {
             let fields: Vec<&str> = line.split(':').collect();
-            if fields.len() < 7 || fields[0].is_empty() {
+            if fields.len() < min_fields || fields[0].is_empty() {
                 return None;
             }
+            let id = fields[2].parse().ok()?;
+            Some((fields[0].to_owned(), id, fields))
+        })
+}
+
+fn parse_passwd(text: &str) -> Vec<PasswdEntry> {
+    records(text, 7)
+        .filter_map(|(name, uid, fields)| {
             Some(PasswdEntry {
-                name: fields[0].to_owned(),
-                uid: fields[2].parse().ok()?,
+                name,
+                uid,
                 gid: fields[3].parse().ok()?,
                 home: fields[5].to_owned(),
                 shell: fields[6].to_owned(),
@@ -65,23 +97,16 @@ fn parse_passwd(text: &str) -> Vec<PasswdEntry> {
 }
 
 fn parse_group(text: &str) -> Vec<GroupEntry> {
-    text.lines()
-        .filter(|line| !line.trim_start().starts_with('#'))
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(':').collect();
-            if fields.len() < 4 || fields[0].is_empty() {
-                return None;
-            }
-            Some(GroupEntry {
-                name: fields[0].to_owned(),
-                gid: fields[2].parse().ok()?,
-                members: fields[3]
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|m| !m.is_empty())
-                    .map(str::to_owned)
-                    .collect(),
-            })
+    records(text, 4)
+        .map(|(name, gid, fields)| GroupEntry {
+            name,
+            gid,
+            members: fields[3]
+                .split(',')
+                .map(str::trim)
+                .filter(|m| !m.is_empty())
+                .map(str::to_owned)
+                .collect(),
         })
         .collect()
 }
@@ -174,24 +199,22 @@ impl Accounts {
 
     /// The name of a uid, or the number as text when it has none (like `ls -l`).
     pub fn user_name(&self, uid: u32) -> String {
-        let _ = self.refresh();
-        let tables = self.tables.read().expect("account tables lock");
-        tables
-            .user_names
-            .get(&uid)
-            .cloned()
-            .unwrap_or_else(|| uid.to_string())
+        self.name_of(uid, |tables| &tables.user_names)
     }
 
     /// The name of a gid, or the number as text when it has none.
     pub fn group_name(&self, gid: u32) -> String {
+        self.name_of(gid, |tables| &tables.group_names)
+    }
+
+    /// The name `names` gives `id`, or the number as text when it has none.
+    fn name_of(&self, id: u32, names: impl FnOnce(&Tables) -> &HashMap<u32, String>) -> String {
         let _ = self.refresh();
         let tables = self.tables.read().expect("account tables lock");
-        tables
-            .group_names
-            .get(&gid)
+        names(&tables)
+            .get(&id)
             .cloned()
-            .unwrap_or_else(|| gid.to_string())
+            .unwrap_or_else(|| id.to_string())
     }
 }
 

@@ -5,9 +5,9 @@
 mod common;
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Envd, request};
+use common::{Envd, pty, start_request, start_stream};
 use wrenn_connect::Codec;
 use wrenn_connect::client::HttpVersion;
 use wrenn_proto::process as pb;
@@ -33,37 +33,15 @@ fn cgroup_of(pid: u32) -> String {
         .unwrap_or_default()
 }
 
-fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
+/// Starts `sleep 30` (in a terminal if `terminal`) and returns its pid.
+async fn start(client: &wrenn_connect::client::ConnectClient, terminal: bool) -> u32 {
+    let mut request = start_request("/bin/sleep", &["30"]);
+    if terminal {
+        request.pty = pty(80, 24);
     }
-}
-
-async fn start(client: &wrenn_connect::client::ConnectClient, pty: bool) -> u32 {
-    let request = pb::StartRequest {
-        process: Some(pb::ProcessConfig {
-            cmd: "/bin/sleep".into(),
-            args: vec!["30".into()],
-            ..Default::default()
-        }),
-        pty: pty.then_some(pb::Pty {
-            size: Some(pb::pty::Size { cols: 80, rows: 24 }),
-        }),
-        ..Default::default()
-    };
-    let mut stream = client
-        .server_stream::<_, pb::StartResponse>(
-            "/process.Process/Start",
-            &request,
-            &http::HeaderMap::new(),
-        )
-        .await
-        .unwrap();
-    let pid = wrenn_testkit::started_pid(&mut stream).await;
+    let mut stream = start_stream(client, &request, &http::HeaderMap::new()).await;
     // The stream may go; the process stays.
-    pid
+    wrenn_testkit::started_pid(&mut stream).await
 }
 
 #[tokio::test]
@@ -98,47 +76,28 @@ async fn processes_are_grouped_frozen_and_thawed() {
             .unwrap()
             .contains("frozen 1")
     };
-    assert_eq!(
-        request("POST", &format!("{}/snapshot/prepare", envd.url()), &[], "")
-            .await
-            .status,
-        200
-    );
+    let prepared = envd.request("POST", "/snapshot/prepare", &[], "").await;
+    assert_eq!(prepared.status, 200);
     // It answers only once they are frozen.
     assert!(
         frozen("user") && frozen("ptys"),
         "/snapshot/prepare answered before the freeze"
     );
-    let metrics = request("GET", &format!("{}/metrics", envd.url()), &[], "")
-        .await
-        .json();
+    let metrics = envd.request("GET", "/metrics", &[], "").await.json();
     assert_eq!(metrics["cgroups"]["user"]["frozen"], true, "{metrics}");
-    assert_eq!(
-        request("POST", &format!("{}/init", envd.url()), &[], "{}")
-            .await
-            .status,
-        204
-    );
-    wait_for("the groups to thaw", || !frozen("user") && !frozen("ptys"));
+    assert_eq!(envd.request("POST", "/init", &[], "{}").await.status, 204);
+    let within = Duration::from_secs(5);
+    common::wait_for("the groups thawing", within, || {
+        !frozen("user") && !frozen("ptys")
+    });
 
     for pid in [command, terminal] {
-        let kill = pb::SendSignalRequest {
-            process: Some(pb::ProcessSelector {
-                selector: Some(pb::process_selector::Selector::Pid(pid)),
-            }),
-            signal: pb::Signal::Sigkill as i32,
-        };
-        let _: pb::SendSignalResponse = client
-            .unary(
-                "/process.Process/SendSignal",
-                &kill,
-                &http::HeaderMap::new(),
-            )
+        common::send_signal(&client, pid, pb::Signal::Sigkill)
             .await
             .unwrap();
     }
     drop(envd);
-    wait_for("the groups to empty", || {
+    common::wait_for("the groups emptying", within, || {
         ["user", "ptys"].iter().all(|g| {
             std::fs::read_to_string(root.join(g).join("cgroup.procs"))
                 .map(|p| p.trim().is_empty())

@@ -6,24 +6,18 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Envd, request};
+use common::{
+    Collected, Envd, collect, collect_from, collect_rest, connect_event, pid_selector, pty,
+    request, run, start_event, start_request, start_stream,
+};
 use http::{HeaderMap, HeaderValue};
 use wrenn_connect::client::{ConnectClient, HttpVersion, ResponseStream};
-use wrenn_connect::{Code, Codec, envelope};
+use wrenn_connect::{Code, Codec, ConnectError, envelope};
 use wrenn_proto::filesystem as fs;
+use wrenn_proto::filesystem::filesystem as fs_rpc;
 use wrenn_proto::process as pb;
 use wrenn_proto::process::process_event::{Event, StartEvent, data_event::Output};
-
-fn start_request(cmd: &str, args: &[&str]) -> pb::StartRequest {
-    pb::StartRequest {
-        process: Some(pb::ProcessConfig {
-            cmd: cmd.into(),
-            args: args.iter().map(|a| a.to_string()).collect(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
+use wrenn_proto::process::process_input::Input;
 
 fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
     let mut map = HeaderMap::new();
@@ -33,89 +27,95 @@ fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
     map
 }
 
-/// The collected events of a process stream.
-#[derive(Debug, Default)]
-struct Collected {
-    pid: Option<u32>,
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-    pty: Vec<u8>,
-    keepalives: usize,
-    end: Option<pb::process_event::EndEvent>,
-    error: Option<wrenn_connect::ConnectError>,
+/// Runs `script` with `/bin/sh -c` through `Start` with `headers` and collects its stream.
+async fn sh(client: &ConnectClient, script: &str, headers: &HeaderMap) -> Collected {
+    run(client, &start_request("/bin/sh", &["-c", script]), headers).await
 }
 
-async fn collect<M: wrenn_connect::Message>(
-    stream: ResponseStream<M>,
-    event_of: fn(M) -> Option<pb::ProcessEvent>,
-) -> Collected {
-    collect_from(stream, event_of, Collected::default()).await
+/// Calls the unary RPC `M` with `request` and no extra headers.
+async fn call<M>(client: &ConnectClient, request: M::Request) -> Result<M::Response, ConnectError>
+where
+    M: wrenn_proto::Rpc,
+    M::Request: wrenn_connect::Message,
+    M::Response: wrenn_connect::Message,
+{
+    client.call::<M>(&request, &HeaderMap::new()).await
 }
 
-/// The rest of a stream whose `start` the caller already read.
-async fn collect_rest(stream: ResponseStream<pb::StartResponse>, pid: u32) -> Collected {
-    collect_from(
-        stream,
-        start_event,
-        Collected {
-            pid: Some(pid),
-            ..Collected::default()
-        },
-    )
-    .await
+/// The pids of the processes envd lists.
+async fn listed_pids(client: &ConnectClient) -> Vec<u32> {
+    let list = call::<pb::process::List>(client, pb::ListRequest {}).await;
+    list.unwrap().processes.iter().map(|p| p.pid).collect()
 }
 
-async fn collect_from<M: wrenn_connect::Message>(
-    mut stream: ResponseStream<M>,
-    event_of: fn(M) -> Option<pb::ProcessEvent>,
-    mut collected: Collected,
-) -> Collected {
-    while let Some(message) = tokio::time::timeout(Duration::from_secs(20), stream.message())
+/// The response stream of `Connect` to the process `process` selects; panics if refused.
+async fn connect_stream(
+    client: &ConnectClient,
+    process: Option<pb::ProcessSelector>,
+) -> ResponseStream<pb::ConnectResponse> {
+    let request = pb::ConnectRequest { process };
+    client
+        .call_streaming::<pb::process::Connect>(&request, &HeaderMap::new())
         .await
-        .expect("stream stalled")
-    {
-        match message {
-            Err(error) => {
-                collected.error = Some(error);
-                break;
-            }
-            Ok(message) => match event_of(message).and_then(|e| e.event) {
-                Some(Event::Start(start)) => {
-                    assert!(collected.pid.is_none(), "two start events");
-                    collected.pid = Some(start.pid);
-                }
-                Some(Event::Data(data)) => {
-                    assert!(collected.pid.is_some(), "data before start");
-                    match data.output {
-                        Some(Output::Stdout(b)) => collected.stdout.extend(b),
-                        Some(Output::Stderr(b)) => collected.stderr.extend(b),
-                        Some(Output::Pty(b)) => collected.pty.extend(b),
-                        None => panic!("empty data event"),
-                    }
-                }
-                Some(Event::End(end)) => collected.end = Some(end),
-                Some(Event::Keepalive(_)) => collected.keepalives += 1,
-                None => panic!("empty event"),
-            },
-        }
-    }
-    collected
+        .expect("Connect failed")
 }
 
-fn start_event(message: pb::StartResponse) -> Option<pb::ProcessEvent> {
-    message.event
+/// `SendInput` of `input` to the process `process` selects.
+async fn send_input(
+    client: &ConnectClient,
+    process: Option<pb::ProcessSelector>,
+    input: Input,
+) -> Result<pb::SendInputResponse, ConnectError> {
+    let input = Some(pb::ProcessInput { input: Some(input) });
+    call::<pb::process::SendInput>(client, pb::SendInputRequest { process, input }).await
 }
 
-fn connect_event(message: pb::ConnectResponse) -> Option<pb::ProcessEvent> {
-    message.event
+/// `CloseStdin` of the process `process` selects.
+async fn close_stdin(
+    client: &ConnectClient,
+    process: Option<pb::ProcessSelector>,
+) -> Result<pb::CloseStdinResponse, ConnectError> {
+    call::<pb::process::CloseStdin>(client, pb::CloseStdinRequest { process }).await
 }
 
-async fn run(client: &ConnectClient, request: &pb::StartRequest, extra: &HeaderMap) -> Collected {
-    let stream = client
-        .server_stream("/process.Process/Start", request, extra)
-        .await
-        .expect("Start failed");
-    collect(stream, start_event).await
+/// `Stat` of `path`.
+async fn stat(client: &ConnectClient, path: String) -> Result<fs::StatResponse, ConnectError> {
+    call::<fs_rpc::Stat>(client, fs::StatRequest { path }).await
+}
+
+/// `MakeDir` of `path`.
+async fn make_dir(
+    client: &ConnectClient,
+    path: String,
+) -> Result<fs::MakeDirResponse, ConnectError> {
+    call::<fs_rpc::MakeDir>(client, fs::MakeDirRequest { path }).await
+}
+
+/// `Move` of `source` to `destination`.
+async fn move_entry(
+    client: &ConnectClient,
+    source: String,
+    destination: String,
+) -> Result<fs::MoveResponse, ConnectError> {
+    let request = fs::MoveRequest {
+        source,
+        destination,
+    };
+    call::<fs_rpc::Move>(client, request).await
+}
+
+/// `ListDir` of `path`, `depth` levels deep.
+async fn list_dir(
+    client: &ConnectClient,
+    path: String,
+    depth: u32,
+) -> Result<fs::ListDirResponse, ConnectError> {
+    call::<fs_rpc::ListDir>(client, fs::ListDirRequest { path, depth }).await
+}
+
+/// `Remove` of `path`.
+async fn remove(client: &ConnectClient, path: String) -> Result<fs::RemoveResponse, ConnectError> {
+    call::<fs_rpc::Remove>(client, fs::RemoveRequest { path }).await
 }
 
 #[tokio::test]
@@ -163,24 +163,14 @@ async fn environment_cwd_and_users() {
         format!("hi:{default_user}:{default_home}:/tmp\n")
     );
     // With no cwd, a process starts in its user's home.
-    let out = run(
-        &client,
-        &start_request("/bin/sh", &["-c", "id -un; pwd"]),
-        &HeaderMap::new(),
-    )
-    .await;
+    let out = sh(&client, "id -un; pwd", &HeaderMap::new()).await;
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         format!("{default_user}\n{default_home}\n")
     );
     // Naming root still runs as root.
     let as_root = headers(&[("authorization", "Basic cm9vdDo=")]);
-    let out = run(
-        &client,
-        &start_request("/bin/sh", &["-c", "id -un; echo $HOME; pwd"]),
-        &as_root,
-    )
-    .await;
+    let out = sh(&client, "id -un; echo $HOME; pwd", &as_root).await;
     assert_eq!(String::from_utf8_lossy(&out.stdout), "root\n/root\n/root\n");
 
     let mut missing = start_request("/bin/true", &[]);
@@ -191,11 +181,7 @@ async fn environment_cwd_and_users() {
     // An unknown Basic user is refused before anything runs.
     let ghost = headers(&[("authorization", "Basic Z2hvc3Q6")]);
     let error = client
-        .server_stream::<_, pb::StartResponse>(
-            "/process.Process/Start",
-            &start_request("/bin/true", &[]),
-            &ghost,
-        )
+        .call_streaming::<pb::process::Start>(&start_request("/bin/true", &[]), &ghost)
         .await
         .unwrap_err();
     assert_eq!(error.code, Code::Unauthenticated);
@@ -207,12 +193,7 @@ async fn environment_cwd_and_users() {
         return;
     }
     let as_user = headers(&[("authorization", "Basic dXNlcjo=")]);
-    let out = run(
-        &client,
-        &start_request("/bin/sh", &["-c", "id -un; echo $HOME; pwd"]),
-        &as_user,
-    )
-    .await;
+    let out = sh(&client, "id -un; echo $HOME; pwd", &as_user).await;
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "user\n/home/user\n/home/user\n"
@@ -236,42 +217,15 @@ async fn deadline_kills_the_process_and_fails_the_stream() {
         Code::DeadlineExceeded
     );
     let pid = out.pid.unwrap();
-    let list: pb::ListResponse = client
-        .unary(
-            "/process.Process/List",
-            &pb::ListRequest {},
-            &HeaderMap::new(),
-        )
-        .await
-        .unwrap();
-    let mut gone = !list.processes.iter().any(|p| p.pid == pid);
-    for _ in 0..50 {
-        if gone {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let list: pb::ListResponse = client
-            .unary(
-                "/process.Process/List",
-                &pb::ListRequest {},
-                &HeaderMap::new(),
-            )
-            .await
-            .unwrap();
-        gone = !list.processes.iter().any(|p| p.pid == pid);
-    }
-    assert!(gone, "the process outlived its deadline");
+    wrenn_testkit::wait_until(
+        "the end of the process whose deadline passed",
+        Duration::from_millis(2500),
+        async || !listed_pids(&client).await.contains(&pid),
+    )
+    .await;
     // The late Connect sees how it ended.
-    let connect = pb::ConnectRequest {
-        process: Some(pb::ProcessSelector {
-            selector: Some(pb::process_selector::Selector::Pid(pid)),
-        }),
-    };
     let late = collect(
-        client
-            .server_stream("/process.Process/Connect", &connect, &HeaderMap::new())
-            .await
-            .unwrap(),
+        connect_stream(&client, pid_selector(pid)).await,
         connect_event,
     )
     .await;
@@ -285,31 +239,15 @@ async fn dropped_stream_keeps_the_process_and_connect_by_tag_follows_it() {
     let client = envd.client(HttpVersion::Http2, Codec::Json);
     let mut request = start_request("/bin/sh", &["-c", "sleep 0.5; echo late"]);
     request.tag = Some("survivor".into());
-    let mut stream = client
-        .server_stream::<_, pb::StartResponse>(
-            "/process.Process/Start",
-            &request,
-            &HeaderMap::new(),
-        )
-        .await
-        .unwrap();
+    let mut stream = start_stream(&client, &request, &HeaderMap::new()).await;
     let first = stream.message().await.unwrap().unwrap();
     assert!(matches!(first.event.unwrap().event, Some(Event::Start(_))));
     drop(stream);
 
-    let connect = pb::ConnectRequest {
-        process: Some(pb::ProcessSelector {
-            selector: Some(pb::process_selector::Selector::Tag("survivor".into())),
-        }),
-    };
-    let followed = collect(
-        client
-            .server_stream("/process.Process/Connect", &connect, &HeaderMap::new())
-            .await
-            .unwrap(),
-        connect_event,
-    )
-    .await;
+    let survivor = Some(pb::ProcessSelector {
+        selector: Some(pb::process_selector::Selector::Tag("survivor".into())),
+    });
+    let followed = collect(connect_stream(&client, survivor).await, connect_event).await;
     assert_eq!(followed.stdout, b"late\n");
     assert_eq!(followed.end.unwrap().exit_code, 0);
 }
@@ -320,38 +258,13 @@ async fn stdin_input_and_close() {
     let client = envd.client(HttpVersion::Http1, Codec::Json);
     let mut request = start_request("/bin/cat", &[]);
     request.stdin = Some(true);
-    let mut stream = client
-        .server_stream::<_, pb::StartResponse>(
-            "/process.Process/Start",
-            &request,
-            &HeaderMap::new(),
-        )
-        .await
-        .unwrap();
+    let mut stream = start_stream(&client, &request, &HeaderMap::new()).await;
     let pid = wrenn_testkit::started_pid(&mut stream).await;
-    let selector = Some(pb::ProcessSelector {
-        selector: Some(pb::process_selector::Selector::Pid(pid)),
-    });
-    let input = pb::SendInputRequest {
-        process: selector.clone(),
-        input: Some(pb::ProcessInput {
-            input: Some(pb::process_input::Input::Stdin(b"echoed\n".to_vec())),
-        }),
-    };
-    let _: pb::SendInputResponse = client
-        .unary("/process.Process/SendInput", &input, &HeaderMap::new())
+    let echoed = Input::Stdin(b"echoed\n".to_vec());
+    send_input(&client, pid_selector(pid), echoed)
         .await
         .unwrap();
-    let _: pb::CloseStdinResponse = client
-        .unary(
-            "/process.Process/CloseStdin",
-            &pb::CloseStdinRequest {
-                process: selector.clone(),
-            },
-            &HeaderMap::new(),
-        )
-        .await
-        .unwrap();
+    close_stdin(&client, pid_selector(pid)).await.unwrap();
     let rest = collect_rest(stream, pid).await;
     assert_eq!(rest.stdout, b"echoed\n");
     assert_eq!(rest.end.unwrap().exit_code, 0);
@@ -359,50 +272,18 @@ async fn stdin_input_and_close() {
     // Input to a process without stdin, and to one that is gone.
     let mut no_stdin = start_request("/bin/sleep", &["5"]);
     no_stdin.stdin = Some(false);
-    let mut stream = client
-        .server_stream::<_, pb::StartResponse>(
-            "/process.Process/Start",
-            &no_stdin,
-            &HeaderMap::new(),
-        )
-        .await
-        .unwrap();
+    let mut stream = start_stream(&client, &no_stdin, &HeaderMap::new()).await;
     let pid = wrenn_testkit::started_pid(&mut stream).await;
-    let input = pb::SendInputRequest {
-        process: Some(pb::ProcessSelector {
-            selector: Some(pb::process_selector::Selector::Pid(pid)),
-        }),
-        input: Some(pb::ProcessInput {
-            input: Some(pb::process_input::Input::Stdin(b"x".to_vec())),
-        }),
-    };
-    let error = client
-        .unary::<_, pb::SendInputResponse>("/process.Process/SendInput", &input, &HeaderMap::new())
+    let error = send_input(&client, pid_selector(pid), Input::Stdin(b"x".to_vec()))
         .await
         .unwrap_err();
     assert_eq!(error.code, Code::Internal);
-    let kill = pb::SendSignalRequest {
-        process: input.process.clone(),
-        signal: pb::Signal::Sigkill as i32,
-    };
-    let _: pb::SendSignalResponse = client
-        .unary("/process.Process/SendSignal", &kill, &HeaderMap::new())
+    common::send_signal(&client, pid, pb::Signal::Sigkill)
         .await
         .unwrap();
     let end = collect_rest(stream, pid).await.end.unwrap();
     assert_eq!(end.status, "signal: killed");
-    let unknown = pb::SendSignalRequest {
-        process: Some(pb::ProcessSelector {
-            selector: Some(pb::process_selector::Selector::Pid(999_999)),
-        }),
-        signal: 9,
-    };
-    let error = client
-        .unary::<_, pb::SendSignalResponse>(
-            "/process.Process/SendSignal",
-            &unknown,
-            &HeaderMap::new(),
-        )
+    let error = common::send_signal(&client, 999_999, pb::Signal::Sigkill)
         .await
         .unwrap_err();
     assert_eq!(error.code, Code::NotFound);
@@ -413,54 +294,21 @@ async fn pty_input_resize_and_keepalive() {
     let envd = Envd::start();
     let client = envd.client(HttpVersion::Http1, Codec::Json);
     let mut request = start_request("/bin/sh", &[]);
-    request.pty = Some(pb::Pty {
-        size: Some(pb::pty::Size { cols: 80, rows: 24 }),
-    });
+    request.pty = pty(80, 24);
     let keepalive = headers(&[("keepalive-ping-interval", "1")]);
-    let mut stream = client
-        .server_stream::<_, pb::StartResponse>("/process.Process/Start", &request, &keepalive)
-        .await
-        .unwrap();
+    let mut stream = start_stream(&client, &request, &keepalive).await;
     let pid = wrenn_testkit::started_pid(&mut stream).await;
-    let selector = Some(pb::ProcessSelector {
-        selector: Some(pb::process_selector::Selector::Pid(pid)),
-    });
     let resize = pb::UpdateRequest {
-        process: selector.clone(),
-        pty: Some(pb::Pty {
-            size: Some(pb::pty::Size {
-                cols: 100,
-                rows: 40,
-            }),
-        }),
+        process: pid_selector(pid),
+        pty: pty(100, 40),
     };
-    let _: pb::UpdateResponse = client
-        .unary("/process.Process/Update", &resize, &HeaderMap::new())
-        .await
-        .unwrap();
+    call::<pb::process::Update>(&client, resize).await.unwrap();
     // Stay silent long enough for a keepalive, then ask the terminal its size and leave.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let input = pb::SendInputRequest {
-        process: selector.clone(),
-        input: Some(pb::ProcessInput {
-            input: Some(pb::process_input::Input::Pty(
-                b"stty size; echo $((6*7)); exit\n".to_vec(),
-            )),
-        }),
-    };
-    let _: pb::SendInputResponse = client
-        .unary("/process.Process/SendInput", &input, &HeaderMap::new())
-        .await
-        .unwrap();
-    let error = client
-        .unary::<_, pb::CloseStdinResponse>(
-            "/process.Process/CloseStdin",
-            &pb::CloseStdinRequest { process: selector },
-            &HeaderMap::new(),
-        )
-        .await;
+    let keys = Input::Pty(b"stty size; echo $((6*7)); exit\n".to_vec());
+    send_input(&client, pid_selector(pid), keys).await.unwrap();
     // The shell may already have exited; if not, closing a PTY's stdin is refused.
-    if let Err(error) = error {
+    if let Err(error) = close_stdin(&client, pid_selector(pid)).await {
         assert!(
             matches!(error.code, Code::Unknown | Code::NotFound),
             "{error}"
@@ -547,66 +395,26 @@ async fn pty_output_reaches_every_connected_stream() {
         for drop_original in [false, true] {
             let envd = Envd::start();
             let client = envd.client(version, Codec::Json);
-            let none = HeaderMap::new();
             let mut request = start_request("/bin/bash", &["-i", "-l"]);
             let config = request.process.as_mut().unwrap();
             config.envs.insert("TERM".into(), "xterm-256color".into());
             config.envs.insert("LANG".into(), "C.UTF-8".into());
-            request.pty = Some(pb::Pty {
-                size: Some(pb::pty::Size { cols: 80, rows: 24 }),
-            });
-            let mut original = client
-                .server_stream::<_, pb::StartResponse>("/process.Process/Start", &request, &none)
-                .await
-                .unwrap();
-            let Some(Event::Start(start)) = original
-                .message()
-                .await
-                .unwrap()
-                .unwrap()
-                .event
-                .unwrap()
-                .event
-            else {
-                panic!("no start")
-            };
-            let selector = Some(pb::ProcessSelector {
-                selector: Some(pb::process_selector::Selector::Pid(start.pid)),
-            });
-            let connect = pb::ConnectRequest {
-                process: selector.clone(),
-            };
+            request.pty = pty(80, 24);
+            let mut original = start_stream(&client, &request, &HeaderMap::new()).await;
+            let pid = wrenn_testkit::started_pid(&mut original).await;
             let mut connected = Vec::new();
             for _ in 0..2 {
-                let mut stream = client
-                    .server_stream::<_, pb::ConnectResponse>(
-                        "/process.Process/Connect",
-                        &connect,
-                        &none,
-                    )
-                    .await
-                    .unwrap();
+                let mut stream = connect_stream(&client, pid_selector(pid)).await;
                 // Connect's first message names the process.
                 let first = stream.message().await.unwrap().unwrap().event.unwrap();
-                assert_eq!(
-                    first.event,
-                    Some(Event::Start(StartEvent { pid: start.pid }))
-                );
+                assert_eq!(first.event, Some(Event::Start(StartEvent { pid })));
                 connected.push(stream);
             }
             let mut original = (!drop_original).then_some(original);
 
             for keys in [&b"export FOO=bar\n"[..], b"echo $FOO\n"] {
-                let input = pb::SendInputRequest {
-                    process: selector.clone(),
-                    input: Some(pb::ProcessInput {
-                        input: Some(pb::process_input::Input::Pty(keys.to_vec())),
-                    }),
-                };
-                let _: pb::SendInputResponse = client
-                    .unary("/process.Process/SendInput", &input, &none)
-                    .await
-                    .unwrap();
+                let keys = Input::Pty(keys.to_vec());
+                send_input(&client, pid_selector(pid), keys).await.unwrap();
             }
             let case = format!("{version:?}, original dropped: {drop_original}");
             for stream in &mut connected {
@@ -619,23 +427,13 @@ async fn pty_output_reaches_every_connected_stream() {
 
             // One connected stream goes away; the other still gets everything, to the end.
             connected.remove(0);
-            let input = pb::SendInputRequest {
-                process: selector.clone(),
-                input: Some(pb::ProcessInput {
-                    input: Some(pb::process_input::Input::Pty(
-                        b"echo $((6*7))$FOO; exit\n".to_vec(),
-                    )),
-                }),
-            };
-            let _: pb::SendInputResponse = client
-                .unary("/process.Process/SendInput", &input, &none)
-                .await
-                .unwrap();
+            let keys = Input::Pty(b"echo $((6*7))$FOO; exit\n".to_vec());
+            send_input(&client, pid_selector(pid), keys).await.unwrap();
             let rest = collect_from(
                 connected.pop().unwrap(),
                 connect_event,
                 Collected {
-                    pid: Some(start.pid),
+                    pid: Some(pid),
                     ..Collected::default()
                 },
             )
@@ -652,49 +450,15 @@ async fn pty_output_reaches_every_connected_stream() {
 
 #[tokio::test]
 async fn filesystem_calls_and_watch_stream() {
-    let envd = Envd::start();
-    let dir = common::open_dir();
-    let base = dir.path().to_str().unwrap().to_owned();
-    let client = envd.client(HttpVersion::Http2, Codec::Json);
-    let none = HeaderMap::new();
+    let (_envd, _dir, base, client, mut events) = watched_dir(Codec::Json, true, true).await;
 
-    let mut events = watch_started(&client, &base, true, true).await;
-
-    let made: fs::MakeDirResponse = client
-        .unary(
-            "/filesystem.Filesystem/MakeDir",
-            &fs::MakeDirRequest {
-                path: format!("{base}/a/b"),
-            },
-            &none,
-        )
-        .await
-        .unwrap();
+    let made = make_dir(&client, format!("{base}/a/b")).await.unwrap();
     assert_eq!(made.entry.unwrap().r#type, fs::FileType::Directory as i32);
-    let again = client
-        .unary::<_, fs::MakeDirResponse>(
-            "/filesystem.Filesystem/MakeDir",
-            &fs::MakeDirRequest {
-                path: format!("{base}/a/b"),
-            },
-            &none,
-        )
-        .await
-        .unwrap_err();
+    let again = make_dir(&client, format!("{base}/a/b")).await.unwrap_err();
     assert_eq!(again.code, Code::AlreadyExists);
     std::fs::write(format!("{base}/a/b/f.txt"), b"12345").unwrap();
 
-    let listed: fs::ListDirResponse = client
-        .unary(
-            "/filesystem.Filesystem/ListDir",
-            &fs::ListDirRequest {
-                path: base.clone(),
-                depth: 3,
-            },
-            &none,
-        )
-        .await
-        .unwrap();
+    let listed = list_dir(&client, base.clone(), 3).await.unwrap();
     let paths: Vec<_> = listed
         .entries
         .iter()
@@ -714,39 +478,19 @@ async fn filesystem_calls_and_watch_stream() {
         (5, 10, "root")
     );
 
-    let moved: fs::MoveResponse = client
-        .unary(
-            "/filesystem.Filesystem/Move",
-            &fs::MoveRequest {
-                source: format!("{base}/a/b/f.txt"),
-                destination: format!("{base}/g.txt"),
-            },
-            &none,
-        )
-        .await
-        .unwrap();
+    let moved = move_entry(
+        &client,
+        format!("{base}/a/b/f.txt"),
+        format!("{base}/g.txt"),
+    )
+    .await
+    .unwrap();
     assert_eq!(moved.entry.unwrap().name, "g.txt");
-    let missing = client
-        .unary::<_, fs::StatResponse>(
-            "/filesystem.Filesystem/Stat",
-            &fs::StatRequest {
-                path: format!("{base}/a/b/f.txt"),
-            },
-            &none,
-        )
+    let missing = stat(&client, format!("{base}/a/b/f.txt"))
         .await
         .unwrap_err();
     assert_eq!(missing.code, Code::NotFound);
-    let _: fs::RemoveResponse = client
-        .unary(
-            "/filesystem.Filesystem/Remove",
-            &fs::RemoveRequest {
-                path: format!("{base}/a"),
-            },
-            &none,
-        )
-        .await
-        .unwrap();
+    remove(&client, format!("{base}/a")).await.unwrap();
 
     let mut seen = Vec::new();
     while !seen
@@ -808,82 +552,40 @@ async fn watch_events_until_sentinel(
 #[tokio::test]
 async fn watch_events_of_uploads_and_calls_follow_e2b() {
     use fs::EventType::{Chmod, Create, Remove, Rename, Write};
-    let envd = Envd::start();
-    let dir = common::open_dir();
-    let base = dir.path().to_str().unwrap().to_owned();
-    let client = envd.client(HttpVersion::Http2, Codec::Proto);
-    let none = HeaderMap::new();
-    let mut events = watch_started(&client, &base, false, false).await;
-    let upload = |name: &str, body: &'static str, metadata: bool| {
-        let url = format!("{}/files?path={base}/{name}", envd.url());
-        async move {
-            let mut headers = vec![("content-type", "application/octet-stream")];
-            if metadata {
-                headers.push(("x-metadata-team", "blue"));
-            }
-            let reply = request("POST", &url, &headers, body).await;
-            assert_eq!(reply.status, 200, "{}", reply.text());
-        }
-    };
+    let (envd, _dir, base, client, mut events) = watched_dir(Codec::Proto, false, false).await;
     let expect = |list: &[(&str, fs::EventType)]| -> Vec<(String, fs::EventType)> {
         list.iter().map(|(n, k)| (n.to_string(), *k)).collect()
     };
 
-    upload("f.txt", "new", false).await;
-    let seen = watch_events_until_sentinel(&mut events, &base).await;
-    assert_eq!(
-        seen,
-        expect(&[("f.txt", Create), ("f.txt", Chmod), ("f.txt", Write)])
-    );
-    upload("f.txt", "again", false).await;
-    let seen = watch_events_until_sentinel(&mut events, &base).await;
-    assert_eq!(seen, expect(&[("f.txt", Chmod), ("f.txt", Write)]));
-    upload("f.txt", "tagged", true).await;
-    let seen = watch_events_until_sentinel(&mut events, &base).await;
-    assert_eq!(
-        seen,
-        expect(&[("f.txt", Chmod), ("f.txt", Write), ("f.txt", Chmod)])
-    );
-    upload("empty.txt", "", false).await;
-    let seen = watch_events_until_sentinel(&mut events, &base).await;
-    assert_eq!(seen, expect(&[("empty.txt", Create), ("empty.txt", Chmod)]));
-    upload("meta.txt", "m", true).await;
-    let seen = watch_events_until_sentinel(&mut events, &base).await;
-    assert_eq!(
-        seen,
-        expect(&[
-            ("meta.txt", Create),
-            ("meta.txt", Chmod),
-            ("meta.txt", Write),
-            ("meta.txt", Chmod)
-        ])
-    );
-    // Into a new directory: the directory's CREATE and CHMOD (the file is below the watch).
-    upload("new/inner.txt", "in", false).await;
-    let seen = watch_events_until_sentinel(&mut events, &base).await;
-    assert_eq!(seen, expect(&[("new", Create), ("new", Chmod)]));
+    // Uploads: the path, the content, whether metadata comes with it, and the events seen of
+    // the entry in the watched directory.
+    let uploads: [(&str, &str, bool, &[fs::EventType]); 6] = [
+        ("f.txt", "new", false, &[Create, Chmod, Write]),
+        ("f.txt", "again", false, &[Chmod, Write]),
+        ("f.txt", "tagged", true, &[Chmod, Write, Chmod]),
+        ("empty.txt", "", false, &[Create, Chmod]),
+        ("meta.txt", "m", true, &[Create, Chmod, Write, Chmod]),
+        // Into a new directory: the directory's CREATE and CHMOD (the file is below the watch).
+        ("new/inner.txt", "in", false, &[Create, Chmod]),
+    ];
+    for (name, body, metadata, seen) in uploads {
+        let url = format!("{}/files?path={base}/{name}", envd.url());
+        let tag = [("x-metadata-team", "blue")];
+        let reply = common::upload(&url, if metadata { &tag } else { &[] }, body).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let entry = name.split('/').next().unwrap();
+        let seen: Vec<_> = seen.iter().map(|kind| (entry, *kind)).collect();
+        assert_eq!(
+            watch_events_until_sentinel(&mut events, &base).await,
+            expect(&seen),
+            "upload of {body:?} to {name}, metadata: {metadata}"
+        );
+    }
 
-    let _: fs::MakeDirResponse = client
-        .unary(
-            "/filesystem.Filesystem/MakeDir",
-            &fs::MakeDirRequest {
-                path: format!("{base}/m/n"),
-            },
-            &none,
-        )
-        .await
-        .unwrap();
+    make_dir(&client, format!("{base}/m/n")).await.unwrap();
     let seen = watch_events_until_sentinel(&mut events, &base).await;
     assert_eq!(seen, expect(&[("m", Create), ("m", Chmod)]));
-    let _: fs::MoveResponse = client
-        .unary(
-            "/filesystem.Filesystem/Move",
-            &fs::MoveRequest {
-                source: format!("{base}/f.txt"),
-                destination: format!("{base}/g.txt"),
-            },
-            &none,
-        )
+    move_entry(&client, format!("{base}/f.txt"), format!("{base}/g.txt"))
         .await
         .unwrap();
     let seen = watch_events_until_sentinel(&mut events, &base).await;
@@ -891,22 +593,13 @@ async fn watch_events_of_uploads_and_calls_follow_e2b() {
     let chmod = run(
         &client,
         &start_request("/bin/chmod", &["600", &format!("{base}/g.txt")]),
-        &none,
+        &HeaderMap::new(),
     )
     .await;
     assert_eq!(chmod.end.unwrap().exit_code, 0);
     let seen = watch_events_until_sentinel(&mut events, &base).await;
     assert_eq!(seen, expect(&[("g.txt", Chmod)]));
-    let _: fs::RemoveResponse = client
-        .unary(
-            "/filesystem.Filesystem/Remove",
-            &fs::RemoveRequest {
-                path: format!("{base}/g.txt"),
-            },
-            &none,
-        )
-        .await
-        .unwrap();
+    remove(&client, format!("{base}/g.txt")).await.unwrap();
     let seen = watch_events_until_sentinel(&mut events, &base).await;
     assert_eq!(seen, expect(&[("g.txt", Remove)]));
 }
@@ -985,30 +678,36 @@ async fn malformed_requests_get_connect_errors() {
     );
 }
 
-/// A watch of `path`, past its start event.
-async fn watch_started(
-    client: &ConnectClient,
-    path: &str,
+/// A new envd; a directory every user may write in, and its path; a client of the envd over
+/// h2c with `codec`; and a watch of the directory, past its start event.
+async fn watched_dir(
+    codec: Codec,
     recursive: bool,
     include_entry: bool,
-) -> ResponseStream<fs::WatchDirResponse> {
+) -> (
+    Envd,
+    tempfile::TempDir,
+    String,
+    ConnectClient,
+    ResponseStream<fs::WatchDirResponse>,
+) {
+    let envd = Envd::start();
+    let dir = common::open_dir();
+    let base = dir.path().to_str().unwrap().to_owned();
+    let client = envd.client(HttpVersion::Http2, codec);
     let watch = fs::WatchDirRequest {
-        path: path.to_string(),
+        path: base.clone(),
         recursive,
         include_entry,
         allow_network_mounts: false,
     };
     let mut events = client
-        .server_stream::<_, fs::WatchDirResponse>(
-            "/filesystem.Filesystem/WatchDir",
-            &watch,
-            &HeaderMap::new(),
-        )
+        .call_streaming::<fs_rpc::WatchDir>(&watch, &HeaderMap::new())
         .await
         .unwrap();
     assert!(matches!(
         events.message().await.unwrap().unwrap().event,
         Some(fs::watch_dir_response::Event::Start(_))
     ));
-    events
+    (envd, dir, base, client, events)
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::io::Write;
 
-use common::{Envd, request};
+use common::{Envd, request, upload};
 
 fn multipart(parts: &[(&str, &[u8])]) -> (String, Vec<u8>) {
     let boundary = "wrenn-test-boundary";
@@ -17,6 +17,20 @@ fn multipart(parts: &[(&str, &[u8])]) -> (String, Vec<u8>) {
     }
     write!(body, "--{boundary}--\r\n").unwrap();
     (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// The query that signs `operation` on `path` with the access token `tok-1`, valid until
+/// `expiration` (unix seconds).
+fn signed_query(
+    path: &str,
+    operation: wrenn_envd::http::signature::Operation,
+    expiration: i64,
+) -> String {
+    let signature =
+        wrenn_envd::http::signature::sign(path, operation, "", "tok-1", Some(expiration));
+    let encoded =
+        percent_encoding::utf8_percent_encode(&signature, percent_encoding::NON_ALPHANUMERIC);
+    format!("signature={encoded}&signature_expiration={expiration}")
 }
 
 fn gzip(data: &[u8]) -> Vec<u8> {
@@ -69,16 +83,8 @@ async fn upload_and_download_every_way() {
     let target = format!("{base}/x/one.txt");
     std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let url = format!("{files}?path={target}");
-    let reply = request(
-        "POST",
-        &url,
-        &[
-            ("content-type", "application/octet-stream"),
-            ("content-encoding", "gzip"),
-        ],
-        gzip(b"second version"),
-    )
-    .await;
+    let gzipped = [("content-encoding", "gzip")];
+    let reply = upload(&url, &gzipped, gzip(b"second version")).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(std::fs::read(&target).unwrap(), b"second version");
     assert_eq!(
@@ -124,26 +130,11 @@ async fn upload_and_download_every_way() {
         (400, Some(400))
     );
     // Writing to a directory, bad content types, bad metadata, unknown users.
-    let reply = request(
-        "POST",
-        &format!("{files}?path={base}/x"),
-        &[("content-type", "application/octet-stream")],
-        "data",
-    )
-    .await;
+    let reply = upload(&format!("{files}?path={base}/x"), &[], "data").await;
     assert_eq!(reply.status, 400);
     let reply = request("POST", &url, &[("content-type", "text/plain")], "data").await;
     assert_eq!(reply.status, 400);
-    let reply = request(
-        "POST",
-        &url,
-        &[
-            ("content-type", "application/octet-stream"),
-            ("x-metadata-k", "caf\u{e9}"),
-        ],
-        "data",
-    )
-    .await;
+    let reply = upload(&url, &[("x-metadata-k", "caf\u{e9}")], "data").await;
     assert_eq!(reply.status, 400);
     let reply = request("GET", &format!("{url}&username=ghost"), &[], "").await;
     assert_eq!(reply.status, 401);
@@ -157,135 +148,66 @@ async fn upload_and_download_every_way() {
 #[tokio::test]
 async fn init_token_and_signed_urls() {
     let envd = Envd::start();
-    let url = envd.url();
     let dir = tempfile::tempdir().unwrap();
     let path = format!("{}/signed.txt", dir.path().display());
     std::fs::write(&path, b"secret data").unwrap();
 
     // Before /init everything is open; /init sets the token, env vars and defaults.
-    assert_eq!(
-        request("GET", &format!("{url}/envs"), &[], "").await.status,
-        200
-    );
+    assert_eq!(envd.request("GET", "/envs", &[], "").await.status, 200);
     let init = format!(
         r#"{{"accessToken":"tok-1","envVars":{{"TEAM":"blue"}},"defaultWorkdir":"/tmp","timestamp":"{}"}}"#,
         chrono::Utc::now().to_rfc3339()
     );
-    let reply = request(
-        "POST",
-        &format!("{url}/init"),
-        &[("content-type", "application/json")],
-        init.clone(),
-    )
-    .await;
+    let json = ("content-type", "application/json");
+    let reply = envd.request("POST", "/init", &[json], init.clone()).await;
     assert_eq!(reply.status, 204);
     assert_eq!(reply.headers["x-envd-version"], wrenn_envd::ENVD_VERSION);
 
     // Now the token guards everything but /health, /files (token or signature) and /init.
-    assert_eq!(
-        request("GET", &format!("{url}/health"), &[], "")
-            .await
-            .status,
-        204
-    );
-    let reply = request("GET", &format!("{url}/envs"), &[], "").await;
+    assert_eq!(envd.request("GET", "/health", &[], "").await.status, 204);
+    let reply = envd.request("GET", "/envs", &[], "").await;
     assert_eq!(reply.status, 401);
     assert_eq!(
         reply.json()["message"],
         "unauthorized access, please provide a valid access token or method signing if supported"
     );
-    let reply = request(
-        "GET",
-        &format!("{url}/envs"),
-        &[("x-access-token", "tok-1")],
-        "",
-    )
-    .await;
+    let token = ("x-access-token", "tok-1");
+    let reply = envd.request("GET", "/envs", &[token], "").await;
     assert_eq!(reply.json()["TEAM"], "blue");
     assert_eq!(reply.json()["E2B_SANDBOX"], "true");
-    let reply = request(
-        "POST",
-        &format!("{url}/filesystem.Filesystem/Stat"),
-        &[
-            ("content-type", "application/json"),
-            ("x-access-token", "wrong"),
-        ],
-        "{}",
-    )
-    .await;
+    let wrong = [json, ("x-access-token", "wrong")];
+    let reply = envd
+        .request("POST", "/filesystem.Filesystem/Stat", &wrong, "{}")
+        .await;
     assert_eq!(reply.status, 401);
 
     // A different token is refused; the same one is accepted again.
     let other = init.replace("tok-1", "tok-2");
-    assert_eq!(
-        request("POST", &format!("{url}/init"), &[], other)
-            .await
-            .status,
-        401
-    );
-    assert_eq!(
-        request("POST", &format!("{url}/init"), &[], "{}")
-            .await
-            .status,
-        401
-    );
-    assert_eq!(
-        request("POST", &format!("{url}/init"), &[], init)
-            .await
-            .status,
-        204
-    );
-    assert_eq!(
-        request("POST", &format!("{url}/init"), &[], "{broken")
-            .await
-            .status,
-        400
-    );
+    for (body, status) in [
+        (other.as_str(), 401),
+        ("{}", 401),
+        (&init, 204),
+        ("{broken", 400),
+    ] {
+        let reply = envd.request("POST", "/init", &[], body.to_owned()).await;
+        assert_eq!(reply.status, status, "/init with {body}");
+    }
 
     // Signed downloads.
-    let files = format!("{url}/files?path={path}");
+    let files = format!("{}/files?path={path}", envd.url());
     let reply = request("GET", &files, &[], "").await;
     assert_eq!(
         (reply.status, reply.json()["message"].as_str()),
         (401, Some("missing signature query parameter"))
     );
+    use wrenn_envd::http::signature::Operation;
     let future = chrono::Utc::now().timestamp() + 60;
-    let good = wrenn_envd::http::signature::sign(
-        &path,
-        wrenn_envd::http::signature::Operation::Read,
-        "",
-        "tok-1",
-        Some(future),
-    );
-    let encoded: String =
-        percent_encoding::utf8_percent_encode(&good, percent_encoding::NON_ALPHANUMERIC)
-            .to_string();
-    let reply = request(
-        "GET",
-        &format!("{files}&signature={encoded}&signature_expiration={future}"),
-        &[],
-        "",
-    )
-    .await;
+    let readable = format!("{files}&{}", signed_query(&path, Operation::Read, future));
+    let reply = request("GET", &readable, &[], "").await;
     assert_eq!((reply.status, &reply.body[..]), (200, &b"secret data"[..]));
     let past = chrono::Utc::now().timestamp() - 1;
-    let expired = wrenn_envd::http::signature::sign(
-        &path,
-        wrenn_envd::http::signature::Operation::Read,
-        "",
-        "tok-1",
-        Some(past),
-    );
-    let encoded: String =
-        percent_encoding::utf8_percent_encode(&expired, percent_encoding::NON_ALPHANUMERIC)
-            .to_string();
-    let reply = request(
-        "GET",
-        &format!("{files}&signature={encoded}&signature_expiration={past}"),
-        &[],
-        "",
-    )
-    .await;
+    let expired = format!("{files}&{}", signed_query(&path, Operation::Read, past));
+    let reply = request("GET", &expired, &[], "").await;
     assert_eq!(reply.status, 401);
     assert_eq!(
         reply.text(),
@@ -294,27 +216,11 @@ async fn init_token_and_signed_urls() {
     let reply = request("GET", &format!("{files}&signature=v1_forged"), &[], "").await;
     assert_eq!(reply.json()["message"], "invalid signature");
     // A read signature does not allow writing.
-    let encoded: String =
-        percent_encoding::utf8_percent_encode(&good, percent_encoding::NON_ALPHANUMERIC)
-            .to_string();
-    let reply = request(
-        "POST",
-        &format!("{files}&signature={encoded}&signature_expiration={future}"),
-        &[("content-type", "application/octet-stream")],
-        "overwrite",
-    )
-    .await;
+    let reply = upload(&readable, &[], "overwrite").await;
     assert_eq!(reply.status, 401);
     assert_eq!(std::fs::read(&path).unwrap(), b"secret data");
 
-    let metrics = request(
-        "GET",
-        &format!("{url}/metrics"),
-        &[("x-access-token", "tok-1")],
-        "",
-    )
-    .await
-    .json();
+    let metrics = envd.request("GET", "/metrics", &[token], "").await.json();
     for field in [
         "ts",
         "cpu_count",
@@ -362,13 +268,7 @@ async fn full_disk_is_507_and_loses_nothing() {
     std::fs::write(format!("{mount}/keep.txt"), b"precious").unwrap();
     let envd = Envd::start();
     let url = format!("{}/files?path={mount}/keep.txt&username=root", envd.url());
-    let reply = request(
-        "POST",
-        &url,
-        &[("content-type", "application/octet-stream")],
-        vec![7u8; 2 * 1024 * 1024],
-    )
-    .await;
+    let reply = upload(&url, &[], vec![7u8; 2 * 1024 * 1024]).await;
     assert_eq!(reply.status, 507, "{}", reply.text());
     assert_eq!(reply.json()["message"], "not enough disk space available");
     assert_eq!(
@@ -418,25 +318,16 @@ async fn uploads_create_missing_parents_for_the_user() {
     };
 
     // A raw body.
-    let reply = request(
-        "POST",
-        &format!("{as_user}&path={base}/raw/a/b/f.txt"),
-        &[("content-type", "application/octet-stream")],
-        "raw",
-    )
-    .await;
+    let reply = upload(&format!("{as_user}&path={base}/raw/a/b/f.txt"), &[], "raw").await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     created_for_user(&["raw", "raw/a", "raw/a/b"]);
     owned_by_user("raw/a/b/f.txt", b"raw");
 
     // A gzip-encoded raw body.
-    let reply = request(
-        "POST",
+    let gzipped = [("content-encoding", "gzip")];
+    let reply = upload(
         &format!("{as_user}&path={base}/gz/x/f.txt"),
-        &[
-            ("content-type", "application/octet-stream"),
-            ("content-encoding", "gzip"),
-        ],
+        &gzipped,
         gzip(b"zipped"),
     )
     .await;
@@ -473,23 +364,11 @@ async fn uploads_create_missing_parents_for_the_user() {
 
     // Into an existing directory the user may not write, or over a file they may not write:
     // refused, as before.
-    let reply = request(
-        "POST",
-        &format!("{as_user}&path={base}/top.txt"),
-        &[("content-type", "application/octet-stream")],
-        "no",
-    )
-    .await;
-    assert_eq!(reply.status, 403, "{}", reply.text());
     std::fs::write(format!("{base}/0/roots.txt"), b"root's").unwrap();
-    let reply = request(
-        "POST",
-        &format!("{as_user}&path={base}/0/roots.txt"),
-        &[("content-type", "application/octet-stream")],
-        "no",
-    )
-    .await;
-    assert_eq!(reply.status, 403, "{}", reply.text());
+    for path in ["top.txt", "0/roots.txt"] {
+        let reply = upload(&format!("{as_user}&path={base}/{path}"), &[], "no").await;
+        assert_eq!(reply.status, 403, "{path}: {}", reply.text());
+    }
     assert_eq!(
         std::fs::read(format!("{base}/0/roots.txt")).unwrap(),
         b"root's"
@@ -497,13 +376,7 @@ async fn uploads_create_missing_parents_for_the_user() {
 
     // A file on the way is an error, whether it is the parent or further up.
     for path in ["0/roots.txt/f.txt", "0/roots.txt/deeper/f.txt"] {
-        let reply = request(
-            "POST",
-            &format!("{as_user}&path={base}/{path}"),
-            &[("content-type", "application/octet-stream")],
-            "no",
-        )
-        .await;
+        let reply = upload(&format!("{as_user}&path={base}/{path}"), &[], "no").await;
         assert_eq!(reply.status, 500, "{path}: {}", reply.text());
         assert!(
             reply.json()["message"]

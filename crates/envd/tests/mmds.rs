@@ -5,12 +5,12 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, put};
-use common::{Envd, request};
+use common::Envd;
 use wrenn_envd::mmds::token_hash;
 
 #[derive(Default)]
@@ -70,10 +70,8 @@ fn set_hash(mmds: &Shared, token: &str) {
     mmds.lock().unwrap().document["accessTokenHash"] = serde_json::Value::String(token_hash(token));
 }
 
-#[tokio::test]
-async fn identity_and_token_changes_through_mmds() {
-    let document = serde_json::json!({"instanceID": "sbxmmds1", "envID": "base", "address": "", "accessTokenHash": token_hash("first")});
-    let (mmds, port) = start_mmds(document).await;
+/// An envd reading its metadata from `127.0.0.1:port`, and its run directory.
+fn envd_with_mmds_at(port: u16) -> (Envd, tempfile::TempDir) {
     let run_dir = tempfile::tempdir().unwrap();
     let envd = Envd::start_with(&[
         "--mmds-address",
@@ -81,16 +79,22 @@ async fn identity_and_token_changes_through_mmds() {
         "--run-dir",
         run_dir.path().to_str().unwrap(),
     ]);
+    (envd, run_dir)
+}
+
+#[tokio::test]
+async fn identity_and_token_changes_through_mmds() {
+    let document = serde_json::json!({"instanceID": "sbxmmds1", "envID": "base", "address": "", "accessTokenHash": token_hash("first")});
+    let (mmds, port) = start_mmds(document).await;
+    let (envd, run_dir) = envd_with_mmds_at(port);
 
     let id_file = run_dir.path().join("e2b/.E2B_SANDBOX_ID");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !id_file.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "envd never wrote the identity files"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wrenn_testkit::wait_until(
+        "envd writing the identity files",
+        Duration::from_secs(5),
+        async || id_file.exists(),
+    )
+    .await;
     assert_eq!(std::fs::read_to_string(&id_file).unwrap(), "sbxmmds1");
     assert_eq!(
         std::fs::read_to_string(run_dir.path().join("wrenn/template-id")).unwrap(),
@@ -102,19 +106,16 @@ async fn identity_and_token_changes_through_mmds() {
             Some(token) => format!(r#"{{"accessToken":"{token}"}}"#),
             None => "{}".to_owned(),
         };
-        let url = format!("{}/init", envd.url());
-        async move { request("POST", &url, &[], body).await }
+        envd.request("POST", "/init", &[], body)
     };
+    let envs_status =
+        async |headers: &[(&str, &str)]| envd.request("GET", "/envs", headers, "").await.status;
     // The token whose hash MMDS holds is accepted; another is refused.
     assert_eq!(init(Some("wrong")).await.status, 401);
     assert_eq!(init(Some("first")).await.status, 204);
-    let envs = request(
-        "GET",
-        &format!("{}/envs", envd.url()),
-        &[("x-access-token", "first")],
-        "",
-    )
-    .await;
+    let envs = envd
+        .request("GET", "/envs", &[("x-access-token", "first")], "")
+        .await;
     assert_eq!(envs.json()["E2B_SANDBOX_ID"], "sbxmmds1");
     assert_eq!(envs.json()["E2B_TEMPLATE_ID"], "base");
 
@@ -122,28 +123,8 @@ async fn identity_and_token_changes_through_mmds() {
     assert_eq!(init(Some("second")).await.status, 401);
     set_hash(&mmds, "second");
     assert_eq!(init(Some("second")).await.status, 204);
-    assert_eq!(
-        request(
-            "GET",
-            &format!("{}/envs", envd.url()),
-            &[("x-access-token", "first")],
-            ""
-        )
-        .await
-        .status,
-        401
-    );
-    assert_eq!(
-        request(
-            "GET",
-            &format!("{}/envs", envd.url()),
-            &[("x-access-token", "second")],
-            ""
-        )
-        .await
-        .status,
-        200
-    );
+    assert_eq!(envs_status(&[("x-access-token", "first")]).await, 401);
+    assert_eq!(envs_status(&[("x-access-token", "second")]).await, 200);
 
     // Clearing the token needs the hash of "".
     let reply = init(None).await;
@@ -153,12 +134,7 @@ async fn identity_and_token_changes_through_mmds() {
     );
     set_hash(&mmds, "");
     assert_eq!(init(None).await.status, 204);
-    assert_eq!(
-        request("GET", &format!("{}/envs", envd.url()), &[], "")
-            .await
-            .status,
-        200
-    );
+    assert_eq!(envs_status(&[]).await, 200);
 
     let mmds = mmds.lock().unwrap();
     assert!(
@@ -175,45 +151,15 @@ async fn identity_and_token_changes_through_mmds() {
 async fn without_mmds_envd_runs_and_init_keeps_e2b_rules() {
     // An address where nothing answers: envd must still serve, and /init falls back to the
     // no-MMDS rules.
-    let unused = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let run_dir = tempfile::tempdir().unwrap();
-    let envd = Envd::start_with(&[
-        "--mmds-address",
-        &format!("127.0.0.1:{unused}"),
-        "--run-dir",
-        run_dir.path().to_str().unwrap(),
-    ]);
-    assert_eq!(
-        request("GET", &format!("{}/health", envd.url()), &[], "")
-            .await
-            .status,
-        204
-    );
-    assert_eq!(
-        request(
-            "POST",
-            &format!("{}/init", envd.url()),
-            &[],
-            r#"{"accessToken":"t1"}"#
-        )
-        .await
-        .status,
-        204
-    );
-    assert_eq!(
-        request(
-            "POST",
-            &format!("{}/init", envd.url()),
-            &[],
-            r#"{"accessToken":"t2"}"#
-        )
-        .await
-        .status,
-        401
-    );
+    let (envd, run_dir) = envd_with_mmds_at(wrenn_testkit::free_port());
+    assert_eq!(envd.request("GET", "/health", &[], "").await.status, 204);
+    // The first token is taken; another is refused.
+    for (body, status) in [
+        (r#"{"accessToken":"t1"}"#, 204),
+        (r#"{"accessToken":"t2"}"#, 401),
+    ] {
+        let reply = envd.request("POST", "/init", &[], body).await;
+        assert_eq!(reply.status, status, "/init with {body}");
+    }
     assert!(!run_dir.path().join("e2b").exists());
 }

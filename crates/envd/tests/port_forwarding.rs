@@ -8,7 +8,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A network namespace joined to ours by a veth pair, removed on drop.
 struct Namespace {
@@ -105,12 +105,9 @@ fn reachable(port: u16) -> bool {
     .is_ok()
 }
 
-fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// Waits up to 10 s until `condition` holds; panics naming `what` otherwise.
+fn wait_until(what: &str, condition: impl FnMut() -> bool) {
+    common::wait_for(what, Duration::from_secs(10), condition);
 }
 
 fn post(port: u16, path: &str, body: &str) -> String {

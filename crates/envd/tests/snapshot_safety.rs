@@ -9,10 +9,10 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{Envd, request};
+use common::{Envd, run, start_request, start_stream};
+use http::HeaderMap;
 use wrenn_connect::Codec;
 use wrenn_connect::client::HttpVersion;
-use wrenn_proto::process as pb;
 
 /// A raw keep-alive HTTP/1.1 connection.
 struct RawConnection(TcpStream);
@@ -86,26 +86,12 @@ async fn prepare_and_restore_close_exactly_the_old_connections() {
 
     // A streaming connection from before the snapshot: a long-running process's output.
     let client = envd.client(HttpVersion::Http1, Codec::Json);
-    let start = pb::StartRequest {
-        process: Some(pb::ProcessConfig {
-            cmd: "/bin/sleep".into(),
-            args: vec!["30".into()],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let mut stream = client
-        .server_stream::<_, pb::StartResponse>(
-            "/process.Process/Start",
-            &start,
-            &http::HeaderMap::new(),
-        )
-        .await
-        .unwrap();
+    let sleep = start_request("/bin/sleep", &["30"]);
+    let mut stream = start_stream(&client, &sleep, &HeaderMap::new()).await;
     assert!(stream.message().await.unwrap().is_ok());
 
     let began = Instant::now();
-    let reply = request("POST", &format!("{}/snapshot/prepare", envd.url()), &[], "").await;
+    let reply = envd.request("POST", "/snapshot/prepare", &[], "").await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert!(began.elapsed() < Duration::from_secs(2));
     assert_eq!(reply.json()["closedConnections"], 1, "{}", reply.text());
@@ -143,12 +129,7 @@ async fn prepare_and_restore_close_exactly_the_old_connections() {
     let mut later = RawConnection::open(envd.port);
     later.health().unwrap();
     // A second /init is an ordinary one: nothing more is closed.
-    assert_eq!(
-        request("POST", &format!("{}/init", envd.url()), &[], "{}")
-            .await
-            .status,
-        204
-    );
+    assert_eq!(envd.request("POST", "/init", &[], "{}").await.status, 204);
     after
         .health()
         .expect("a later /init closed a live connection");
@@ -184,41 +165,11 @@ async fn header_read_and_idle_timeouts_spare_long_streams() {
 
     // Silent for three idle timeouts, then output: the stream must survive.
     let client = envd.client(HttpVersion::Http1, Codec::Json);
-    let start = pb::StartRequest {
-        process: Some(pb::ProcessConfig {
-            cmd: "/bin/sh".into(),
-            args: vec!["-c".into(), "sleep 3; echo done".into()],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let mut stream = client
-        .server_stream::<_, pb::StartResponse>(
-            "/process.Process/Start",
-            &start,
-            &http::HeaderMap::new(),
-        )
-        .await
-        .unwrap();
-    let mut stdout = Vec::new();
-    let mut ended = false;
-    while let Some(message) = stream.message().await {
-        match message
-            .expect("the stream was cut")
-            .event
-            .and_then(|e| e.event)
-        {
-            Some(pb::process_event::Event::Data(data)) => {
-                if let Some(pb::process_event::data_event::Output::Stdout(bytes)) = data.output {
-                    stdout.extend(bytes);
-                }
-            }
-            Some(pb::process_event::Event::End(_)) => ended = true,
-            _ => {}
-        }
-    }
-    assert!(ended);
-    assert_eq!(stdout, b"done\n");
+    let late_output = start_request("/bin/sh", &["-c", "sleep 3; echo done"]);
+    let out = run(&client, &late_output, &HeaderMap::new()).await;
+    assert!(out.error.is_none(), "the stream was cut: {:?}", out.error);
+    assert!(out.end.is_some());
+    assert_eq!(out.stdout, b"done\n");
 }
 
 #[tokio::test]
@@ -229,7 +180,7 @@ async fn prepare_with_many_idle_connections_leaves_none() {
     for connection in &mut connections {
         connection.health().unwrap();
     }
-    let reply = request("POST", &format!("{}/snapshot/prepare", envd.url()), &[], "").await;
+    let reply = envd.request("POST", "/snapshot/prepare", &[], "").await;
     assert_eq!(reply.json()["closedConnections"], 100);
     for connection in &mut connections {
         assert!(connection.closed_by_peer(Duration::from_secs(2)));
@@ -254,28 +205,14 @@ async fn orphans_are_reaped() {
     let envd = Envd::start_with(&["--subreaper"]);
     let client = envd.client(HttpVersion::Http1, Codec::Json);
     // The shell exits at once; its background children are re-parented to envd and die later.
-    let start = pb::StartRequest {
-        process: Some(pb::ProcessConfig {
-            cmd: "/bin/sh".into(),
-            args: vec![
-                "-c".into(),
-                "sleep 0.2 >/dev/null 2>&1 & sleep 0.3 >/dev/null 2>&1 & exit 0".into(),
-            ],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let mut stream = client
-        .server_stream::<_, pb::StartResponse>(
-            "/process.Process/Start",
-            &start,
-            &http::HeaderMap::new(),
-        )
-        .await
-        .unwrap();
-    while let Some(message) = stream.message().await {
-        message.unwrap();
-    }
+    let script = "sleep 0.2 >/dev/null 2>&1 & sleep 0.3 >/dev/null 2>&1 & exit 0";
+    let out = run(
+        &client,
+        &start_request("/bin/sh", &["-c", script]),
+        &HeaderMap::new(),
+    )
+    .await;
+    assert!(out.error.is_none(), "{:?}", out.error);
     // Wait until both orphans have exited, then until none is left a zombie.
     let deadline = Instant::now() + Duration::from_secs(10);
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -288,28 +225,12 @@ async fn orphans_are_reaped() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // And they really were envd's to reap: a process of envd's own still reports its exit.
-    let out = client
-        .server_stream::<_, pb::StartResponse>(
-            "/process.Process/Start",
-            &pb::StartRequest {
-                process: Some(pb::ProcessConfig {
-                    cmd: "/bin/false".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-            &http::HeaderMap::new(),
-        )
-        .await
-        .unwrap();
-    let mut stream = out;
-    let mut exit = None;
-    while let Some(message) = stream.message().await {
-        if let Some(pb::process_event::Event::End(end)) =
-            message.unwrap().event.and_then(|e| e.event)
-        {
-            exit = Some(end.exit_code);
-        }
-    }
-    assert_eq!(exit, Some(1));
+    let out = run(
+        &client,
+        &start_request("/bin/false", &[]),
+        &HeaderMap::new(),
+    )
+    .await;
+    assert!(out.error.is_none(), "{:?}", out.error);
+    assert_eq!(out.end.map(|end| end.exit_code), Some(1));
 }

@@ -66,22 +66,12 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn user(uid: u32, groups: Vec<u32>) -> User {
-        User {
-            name: "u".into(),
-            uid,
-            gid: groups[0],
-            home: "/".into(),
-            shell: String::new(),
-            groups,
-        }
+        User::for_tests("u", uid, "/", groups)
     }
 
     #[test]
     fn permission_classes() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("f");
-        std::fs::write(&file, b"").unwrap();
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let (_dir, file) = crate::fs::testing::file_with_mode(b"", 0o640);
         let metadata = std::fs::metadata(&file).unwrap();
         let owner = user(metadata.uid(), vec![424242]);
         let group_member = user(4242, vec![metadata.gid()]);

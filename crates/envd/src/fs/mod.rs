@@ -320,28 +320,35 @@ pub fn remove(path: &Path, user: &User) -> Result<(), FsError> {
     }
 }
 
+/// What the tests of this module and of its submodules share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
+
+    /// A new temporary directory (removed when dropped) holding a file `f` with `contents` and
+    /// the permission bits `mode`.
+    pub(crate) fn file_with_mode(contents: &[u8], mode: u32) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, contents).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        (dir, file)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
     fn root() -> User {
-        User {
-            name: "root".into(),
-            uid: 0,
-            gid: 0,
-            home: "/root".into(),
-            shell: String::new(),
-            groups: vec![0],
-        }
+        User::for_tests("root", 0, "/root", vec![0])
     }
 
     #[test]
     fn permission_strings_follow_go() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("f");
-        std::fs::write(&file, b"abc").unwrap();
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (dir, file) = testing::file_with_mode(b"abc", 0o644);
         assert_eq!(
             permissions_string(&std::fs::metadata(&file).unwrap()),
             "-rw-r--r--"

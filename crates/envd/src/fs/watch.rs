@@ -491,14 +491,21 @@ mod tests {
             .unwrap()
     }
 
+    fn spec(root: &Path, recursive: bool) -> WatchSpec {
+        WatchSpec {
+            root: root.into(),
+            recursive,
+            include_entry: false,
+            allow_network_mounts: false,
+        }
+    }
+
     #[tokio::test]
     async fn recursive_watch_follows_new_directories() {
         let dir = tempfile::tempdir().unwrap();
         let spec = WatchSpec {
-            root: dir.path().into(),
-            recursive: true,
             include_entry: true,
-            allow_network_mounts: false,
+            ..spec(dir.path(), true)
         };
         let mut events = watch(spec, Accounts::default()).unwrap();
         std::fs::create_dir(dir.path().join("sub")).unwrap();
@@ -532,15 +539,6 @@ mod tests {
             (removed.name.as_str(), removed.kind, removed.entry),
             ("g.txt", EventType::Remove, None)
         );
-    }
-
-    fn spec(root: &Path, recursive: bool) -> WatchSpec {
-        WatchSpec {
-            root: root.into(),
-            recursive,
-            include_entry: false,
-            allow_network_mounts: false,
-        }
     }
 
     /// The events up to (without) the creation of a file named `sentinel`, which the caller
@@ -660,14 +658,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let metadata = std::fs::metadata(dir.path()).unwrap();
         // Whoever runs the test, so that giving the new directories to the user works.
-        let me = crate::users::User {
-            name: "me".into(),
-            uid: std::os::unix::fs::MetadataExt::uid(&metadata),
-            gid: std::os::unix::fs::MetadataExt::gid(&metadata),
-            home: dir.path().into(),
-            shell: String::new(),
-            groups: vec![std::os::unix::fs::MetadataExt::gid(&metadata)],
-        };
+        let me = crate::users::User::for_tests(
+            "me",
+            std::os::unix::fs::MetadataExt::uid(&metadata),
+            dir.path(),
+            vec![std::os::unix::fs::MetadataExt::gid(&metadata)],
+        );
         let accounts = Accounts::default();
         let mut events = watch(spec(dir.path(), false), Accounts::default()).unwrap();
 
@@ -720,13 +716,7 @@ mod tests {
     async fn non_recursive_watch_ignores_subdirectories() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("sub")).unwrap();
-        let spec = WatchSpec {
-            root: dir.path().into(),
-            recursive: false,
-            include_entry: false,
-            allow_network_mounts: false,
-        };
-        let mut events = watch(spec, Accounts::default()).unwrap();
+        let mut events = watch(spec(dir.path(), false), Accounts::default()).unwrap();
         std::fs::write(dir.path().join("sub/hidden"), b"x").unwrap();
         std::fs::write(dir.path().join("seen"), b"x").unwrap();
         assert_eq!(next(&mut events).await.name, "seen");
@@ -736,18 +726,12 @@ mod tests {
     async fn refuses_missing_and_files() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f"), b"").unwrap();
-        let spec = |root: PathBuf| WatchSpec {
-            root,
-            recursive: false,
-            include_entry: false,
-            allow_network_mounts: false,
-        };
         assert!(matches!(
-            watch(spec(dir.path().join("nope")), Accounts::default()),
+            watch(spec(&dir.path().join("nope"), false), Accounts::default()),
             Err(WatchError::NotFound(_))
         ));
         assert!(matches!(
-            watch(spec(dir.path().join("f")), Accounts::default()),
+            watch(spec(&dir.path().join("f"), false), Accounts::default()),
             Err(WatchError::NotADirectory(_))
         ));
     }
@@ -756,13 +740,9 @@ mod tests {
     async fn polling_watchers_buffer_until_polled() {
         let dir = tempfile::tempdir().unwrap();
         let registry = WatcherRegistry::default();
-        let spec = WatchSpec {
-            root: dir.path().into(),
-            recursive: false,
-            include_entry: false,
-            allow_network_mounts: false,
-        };
-        let id = registry.create(spec, Accounts::default()).unwrap();
+        let id = registry
+            .create(spec(dir.path(), false), Accounts::default())
+            .unwrap();
         std::fs::write(dir.path().join("a"), b"").unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut seen = Vec::new();

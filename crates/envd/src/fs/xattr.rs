@@ -15,19 +15,32 @@ fn c_path(path: &Path) -> io::Result<CString> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
 }
 
+/// The most bytes read of a file's attribute names, and of one attribute's value.
+const READ_BUFFER_BYTES: usize = 4096;
+
+/// What a get-style xattr call writes into a buffer of [`READ_BUFFER_BYTES`]: `fill` gets the
+/// buffer and its length and returns how many bytes it wrote, or a negative number on failure
+/// (then `None`).
+fn read_into(fill: impl FnOnce(*mut libc::c_void, usize) -> isize) -> Option<Vec<u8>> {
+    let mut buffer = vec![0u8; READ_BUFFER_BYTES];
+    let len = usize::try_from(fill(buffer.as_mut_ptr().cast(), buffer.len())).ok()?;
+    buffer.truncate(len);
+    Some(buffer)
+}
+
 /// The metadata of a file (not following a final symlink). Filesystems without xattr support
 /// have none.
 pub fn read_metadata(path: &Path) -> HashMap<String, String> {
     let Ok(path) = c_path(path) else {
         return HashMap::new();
     };
-    let mut names = vec![0u8; 4096];
-    // SAFETY: the buffer is valid for writes of its length and the path is NUL-terminated.
-    let len = unsafe { libc::llistxattr(path.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
-    if len <= 0 {
+    // SAFETY: `read_into` passes a buffer valid for writes of the length it passes; the path
+    // is NUL-terminated.
+    let Some(names) =
+        read_into(|buffer, len| unsafe { libc::llistxattr(path.as_ptr(), buffer.cast(), len) })
+    else {
         return HashMap::new();
-    }
-    names.truncate(len as usize);
+    };
     let mut metadata = HashMap::new();
     for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
         let Some(key) = name.strip_prefix(PREFIX.as_bytes()) else {
@@ -36,20 +49,12 @@ pub fn read_metadata(path: &Path) -> HashMap<String, String> {
         let Ok(c_name) = CString::new(name) else {
             continue;
         };
-        let mut value = vec![0u8; 4096];
         // SAFETY: as above, with a NUL-terminated attribute name.
-        let len = unsafe {
-            libc::lgetxattr(
-                path.as_ptr(),
-                c_name.as_ptr(),
-                value.as_mut_ptr().cast(),
-                value.len(),
-            )
-        };
-        if len < 0 {
+        let Some(value) = read_into(|buffer, len| unsafe {
+            libc::lgetxattr(path.as_ptr(), c_name.as_ptr(), buffer, len)
+        }) else {
             continue;
-        }
-        value.truncate(len as usize);
+        };
         metadata.insert(
             String::from_utf8_lossy(key).into_owned(),
             String::from_utf8_lossy(&value).into_owned(),

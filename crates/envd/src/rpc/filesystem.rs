@@ -1,18 +1,39 @@
 //! The `filesystem.Filesystem` service: maps Connect messages to `fs` and back.
 
-use std::path::PathBuf;
-use std::sync::Arc;
-
-use futures_util::Stream;
 use wrenn_connect::{Code, ConnectError};
 use wrenn_proto::filesystem as pb;
 
-use super::{CallContext, with_keepalive};
+use super::{Call, Responses, with_keepalive};
 use crate::fs::watch::{FsEvent, WatchError, WatchSpec};
 use crate::fs::{self, FsError};
-use crate::state::Envd;
 
-fn fs_error(error: FsError) -> ConnectError {
+/// The messages E2B's envd gives a call's failures, each followed by the path: a missing path
+/// (quoted), an existing one, and one that is not a directory. `None` keeps the error's own.
+#[derive(Debug, Clone, Copy)]
+struct Wording {
+    not_found: Option<&'static str>,
+    exists: Option<&'static str>,
+    not_a_directory: Option<&'static str>,
+}
+
+impl Wording {
+    /// Every failure keeps its own message.
+    const OWN: Wording = Wording {
+        not_found: None,
+        exists: None,
+        not_a_directory: None,
+    };
+
+    /// Only a missing path has a message of its own.
+    const fn not_found(message: &'static str) -> Wording {
+        Wording {
+            not_found: Some(message),
+            ..Wording::OWN
+        }
+    }
+}
+
+fn fs_error(error: FsError, wording: Wording) -> ConnectError {
     let code = match &error {
         FsError::NotFound(_) => Code::NotFound,
         FsError::AlreadyExists(_) => Code::AlreadyExists,
@@ -26,7 +47,34 @@ fn fs_error(error: FsError) -> ConnectError {
         }
         FsError::Io { .. } => Code::Internal,
     };
-    ConnectError::new(code, error.to_string())
+    let message = match (&error, wording) {
+        (
+            FsError::NotFound(path),
+            Wording {
+                not_found: Some(text),
+                ..
+            },
+        ) => {
+            format!("{text}: '{}'", path.display())
+        }
+        (
+            FsError::AlreadyExists(path),
+            Wording {
+                exists: Some(text), ..
+            },
+        )
+        | (
+            FsError::NotADirectory(path),
+            Wording {
+                not_a_directory: Some(text),
+                ..
+            },
+        ) => {
+            format!("{text}: {}", path.display())
+        }
+        _ => error.to_string(),
+    };
+    ConnectError::new(code, message)
 }
 
 fn watch_error(error: WatchError) -> ConnectError {
@@ -42,16 +90,13 @@ fn watch_error(error: WatchError) -> ConnectError {
     ConnectError::new(code, error.to_string())
 }
 
-fn resolve(envd: &Envd, path: &str, context: &CallContext) -> Result<PathBuf, ConnectError> {
-    envd.resolve_path(path, &context.user)
-        .map_err(|e| ConnectError::invalid_argument(e.to_string()))
-}
-
-/// Runs blocking filesystem work off the async threads.
+/// Runs blocking filesystem work off the async threads; its failure is worded as `wording`
+/// says.
 async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, ConnectError> + Send + 'static,
+    wording: Wording,
+    work: impl FnOnce() -> Result<T, FsError> + Send + 'static,
 ) -> Result<T, ConnectError> {
-    tokio::task::spawn_blocking(work)
+    tokio::task::spawn_blocking(move || work().map_err(|error| fs_error(error, wording)))
         .await
         .unwrap_or_else(|error| {
             Err(ConnectError::internal(format!(
@@ -60,138 +105,114 @@ async fn blocking<T: Send + 'static>(
         })
 }
 
-pub(crate) async fn stat(
-    envd: Arc<Envd>,
-    request: pb::StatRequest,
-    context: CallContext,
-) -> Result<pb::StatResponse, ConnectError> {
-    let path = resolve(&envd, &request.path, &context)?;
-    blocking(move || {
-        let entry = fs::entry_info(&path, &envd.accounts).map_err(|error| match error {
-            FsError::NotFound(path) => {
-                ConnectError::not_found(format!("file not found: '{}'", path.display()))
-            }
-            other => fs_error(other),
-        })?;
-        Ok(pb::StatResponse { entry: Some(entry) })
-    })
-    .await
+/// E2B's wording of the failures of `Stat`, `MakeDir`, `Move` and `ListDir`.
+const STAT: Wording = Wording::not_found("file not found");
+const MAKE_DIR: Wording = Wording {
+    exists: Some("directory already exists"),
+    not_a_directory: Some("path already exists but it is not a directory"),
+    ..Wording::OWN
+};
+const MOVE: Wording = Wording::not_found("source file not found");
+const LIST_DIR: Wording = Wording {
+    not_a_directory: Some("path is not a directory"),
+    ..Wording::not_found("path not found")
+};
+
+pub(crate) async fn stat(call: Call<pb::StatRequest>) -> Result<pb::StatResponse, ConnectError> {
+    let path = call.resolve(&call.request.path)?;
+    let entry = blocking(STAT, move || fs::entry_info(&path, &call.envd.accounts)).await?;
+    Ok(pb::StatResponse { entry: Some(entry) })
 }
 
 pub(crate) async fn make_dir(
-    envd: Arc<Envd>,
-    request: pb::MakeDirRequest,
-    context: CallContext,
+    call: Call<pb::MakeDirRequest>,
 ) -> Result<pb::MakeDirResponse, ConnectError> {
-    let path = resolve(&envd, &request.path, &context)?;
-    blocking(move || {
-        let entry =
-            fs::make_dir(&path, &context.user, &envd.accounts).map_err(|error| match error {
-                FsError::AlreadyExists(path) => ConnectError::new(
-                    Code::AlreadyExists,
-                    format!("directory already exists: {}", path.display()),
-                ),
-                FsError::NotADirectory(path) => ConnectError::invalid_argument(format!(
-                    "path already exists but it is not a directory: {}",
-                    path.display()
-                )),
-                other => fs_error(other),
-            })?;
-        Ok(pb::MakeDirResponse { entry: Some(entry) })
+    let path = call.resolve(&call.request.path)?;
+    let entry = blocking(MAKE_DIR, move || {
+        fs::make_dir(&path, &call.context.user, &call.envd.accounts)
     })
-    .await
+    .await?;
+    Ok(pb::MakeDirResponse { entry: Some(entry) })
 }
 
 pub(crate) async fn move_entry(
-    envd: Arc<Envd>,
-    request: pb::MoveRequest,
-    context: CallContext,
+    call: Call<pb::MoveRequest>,
 ) -> Result<pb::MoveResponse, ConnectError> {
-    let source = resolve(&envd, &request.source, &context)?;
-    let destination = resolve(&envd, &request.destination, &context)?;
-    blocking(move || {
-        let entry = fs::move_entry(&source, &destination, &context.user, &envd.accounts).map_err(
-            |error| match error {
-                FsError::NotFound(path) => {
-                    ConnectError::not_found(format!("source file not found: '{}'", path.display()))
-                }
-                other => fs_error(other),
-            },
-        )?;
-        Ok(pb::MoveResponse { entry: Some(entry) })
+    let source = call.resolve(&call.request.source)?;
+    let destination = call.resolve(&call.request.destination)?;
+    let entry = blocking(MOVE, move || {
+        fs::move_entry(
+            &source,
+            &destination,
+            &call.context.user,
+            &call.envd.accounts,
+        )
     })
-    .await
+    .await?;
+    Ok(pb::MoveResponse { entry: Some(entry) })
 }
 
 pub(crate) async fn list_dir(
-    envd: Arc<Envd>,
-    request: pb::ListDirRequest,
-    context: CallContext,
+    call: Call<pb::ListDirRequest>,
 ) -> Result<pb::ListDirResponse, ConnectError> {
-    let path = resolve(&envd, &request.path, &context)?;
-    blocking(move || {
-        let entries =
-            fs::list_dir(&path, request.depth, &context.user, &envd.accounts).map_err(|error| {
-                match error {
-                    FsError::NotFound(path) => {
-                        ConnectError::not_found(format!("path not found: '{}'", path.display()))
-                    }
-                    FsError::NotADirectory(path) => ConnectError::invalid_argument(format!(
-                        "path is not a directory: {}",
-                        path.display()
-                    )),
-                    other => fs_error(other),
-                }
-            })?;
-        Ok(pb::ListDirResponse { entries })
+    let path = call.resolve(&call.request.path)?;
+    let entries = blocking(LIST_DIR, move || {
+        fs::list_dir(
+            &path,
+            call.request.depth,
+            &call.context.user,
+            &call.envd.accounts,
+        )
     })
-    .await
+    .await?;
+    Ok(pb::ListDirResponse { entries })
 }
 
 pub(crate) async fn remove(
-    envd: Arc<Envd>,
-    request: pb::RemoveRequest,
-    context: CallContext,
+    call: Call<pb::RemoveRequest>,
 ) -> Result<pb::RemoveResponse, ConnectError> {
     // An empty path would resolve to the working directory: refuse rather than delete it.
-    if request.path.trim().is_empty() {
+    if call.request.path.trim().is_empty() {
         return Err(ConnectError::invalid_argument("path is required"));
     }
-    let path = resolve(&envd, &request.path, &context)?;
+    let path = call.resolve(&call.request.path)?;
     if path == std::path::Path::new("/") {
         return Err(ConnectError::invalid_argument("refusing to remove '/'"));
     }
-    blocking(move || {
-        fs::remove(&path, &context.user).map_err(fs_error)?;
-        Ok(pb::RemoveResponse {})
-    })
-    .await
+    blocking(Wording::OWN, move || fs::remove(&path, &call.context.user)).await?;
+    Ok(pb::RemoveResponse {})
 }
 
-fn watch_spec(
-    envd: &Envd,
+/// The checked [`WatchSpec`] of a `WatchDir` or `CreateWatcher` call (two request types with
+/// the same fields).
+macro_rules! watch_spec_of {
+    ($call:expr) => {
+        watch_spec(
+            &$call,
+            &$call.request.path,
+            $call.request.recursive,
+            $call.request.include_entry,
+            $call.request.allow_network_mounts,
+        )
+    };
+}
+
+fn watch_spec<Req>(
+    call: &Call<Req>,
     path: &str,
     recursive: bool,
     include_entry: bool,
     allow_network_mounts: bool,
-    context: &CallContext,
 ) -> Result<WatchSpec, ConnectError> {
-    let root = resolve(envd, path, context)?;
+    let root = call.resolve(path)?;
+    let user = &call.context.user;
     match std::fs::metadata(&root) {
         Ok(metadata)
-            if !crate::fs::access::allowed(
-                &metadata,
-                &context.user,
-                crate::fs::access::Want::Read,
-            ) =>
+            if !crate::fs::access::allowed(&metadata, user, crate::fs::access::Want::Read) =>
         {
             return Err(ConnectError::new(
                 Code::PermissionDenied,
-                format!(
-                    "user '{}' may not access '{}'",
-                    context.user.name,
-                    root.display()
-                ),
+                format!("user '{}' may not access '{}'", user.name, root.display()),
             ));
         }
         _ => {}
@@ -213,23 +234,12 @@ fn event_message(event: FsEvent) -> pb::FilesystemEvent {
 }
 
 pub(crate) async fn watch_dir(
-    envd: Arc<Envd>,
-    request: pb::WatchDirRequest,
-    context: CallContext,
-) -> Result<
-    impl Stream<Item = Result<pb::WatchDirResponse, ConnectError>> + Send + 'static,
-    ConnectError,
-> {
+    call: Call<pb::WatchDirRequest>,
+) -> Result<impl Responses<pb::WatchDirResponse>, ConnectError> {
     use pb::watch_dir_response::{Event, KeepAlive, StartEvent};
-    let spec = watch_spec(
-        &envd,
-        &request.path,
-        request.recursive,
-        request.include_entry,
-        request.allow_network_mounts,
-        &context,
-    )?;
-    let receiver = crate::fs::watch::watch(spec, envd.accounts.clone()).map_err(watch_error)?;
+    let spec = watch_spec_of!(call)?;
+    let receiver =
+        crate::fs::watch::watch(spec, call.envd.accounts.clone()).map_err(watch_error)?;
     let start = pb::WatchDirResponse {
         event: Some(Event::Start(StartEvent {})),
     };
@@ -246,8 +256,8 @@ pub(crate) async fn watch_dir(
         futures_util::stream::once(async move { Ok(start) }),
         events,
     );
-    let stream = super::with_deadline(stream, context.deadline);
-    Ok(with_keepalive(stream, context.keepalive, || {
+    let stream = super::with_deadline(stream, call.context.deadline);
+    Ok(with_keepalive(stream, call.context.keepalive, || {
         pb::WatchDirResponse {
             event: Some(Event::Keepalive(KeepAlive {})),
         }
@@ -255,33 +265,24 @@ pub(crate) async fn watch_dir(
 }
 
 pub(crate) async fn create_watcher(
-    envd: Arc<Envd>,
-    request: pb::CreateWatcherRequest,
-    context: CallContext,
+    call: Call<pb::CreateWatcherRequest>,
 ) -> Result<pb::CreateWatcherResponse, ConnectError> {
-    let spec = watch_spec(
-        &envd,
-        &request.path,
-        request.recursive,
-        request.include_entry,
-        request.allow_network_mounts,
-        &context,
-    )?;
-    let watcher_id = envd
+    let spec = watch_spec_of!(call)?;
+    let watcher_id = call
+        .envd
         .watchers
-        .create(spec, envd.accounts.clone())
+        .create(spec, call.envd.accounts.clone())
         .map_err(watch_error)?;
     Ok(pb::CreateWatcherResponse { watcher_id })
 }
 
 pub(crate) async fn get_watcher_events(
-    envd: Arc<Envd>,
-    request: pb::GetWatcherEventsRequest,
-    _context: CallContext,
+    call: Call<pb::GetWatcherEventsRequest>,
 ) -> Result<pb::GetWatcherEventsResponse, ConnectError> {
-    let events = envd
+    let events = call
+        .envd
         .watchers
-        .take_events(&request.watcher_id)
+        .take_events(&call.request.watcher_id)
         .map_err(watch_error)?;
     Ok(pb::GetWatcherEventsResponse {
         events: events.into_iter().map(event_message).collect(),
@@ -289,12 +290,11 @@ pub(crate) async fn get_watcher_events(
 }
 
 pub(crate) async fn remove_watcher(
-    envd: Arc<Envd>,
-    request: pb::RemoveWatcherRequest,
-    _context: CallContext,
+    call: Call<pb::RemoveWatcherRequest>,
 ) -> Result<pb::RemoveWatcherResponse, ConnectError> {
-    envd.watchers
-        .remove(&request.watcher_id)
+    call.envd
+        .watchers
+        .remove(&call.request.watcher_id)
         .map_err(watch_error)?;
     Ok(pb::RemoveWatcherResponse {})
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use axum::routing::{MethodRouter, post};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
@@ -66,36 +66,85 @@ pub fn router() -> Router<Arc<Envd>> {
         )
 }
 
-/// The route of a unary RPC served by `handler` (which sees only the decoded message and its
-/// call context).
+/// The route of a unary RPC served by `handler`, within the client's deadline.
 fn unary_rpc<Req, Resp, F, Fut>(handler: F) -> MethodRouter<Arc<Envd>>
 where
     Req: Message,
     Resp: Message,
-    F: Fn(Arc<Envd>, Req, CallContext) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Call<Req>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Resp, ConnectError>> + Send + 'static,
 {
-    post(
-        move |State(envd): State<Arc<Envd>>, headers: HeaderMap, body: Body| {
-            let handler = handler.clone();
-            async move { unary(envd, headers, body, handler).await }
-        },
-    )
+    let bounded = move |call: Call<Req>| {
+        let deadline = call.context.deadline;
+        let answer = handler(call);
+        async move {
+            match deadline {
+                Some(deadline) => tokio::time::timeout(deadline, answer)
+                    .await
+                    .unwrap_or_else(|_| Err(deadline_passed())),
+                None => answer.await,
+            }
+        }
+    };
+    rpc(false, bounded, |codec, result| match result {
+        Ok(response) => server::unary_response(codec, &response),
+        Err(error) => server::unary_error(&error),
+    })
 }
 
-/// The route of a server-streaming RPC served by `handler`.
+/// The route of a server-streaming RPC served by `handler`; a handler error becomes the
+/// end-stream error.
 fn streaming_rpc<Req, Resp, F, Fut, S>(handler: F) -> MethodRouter<Arc<Envd>>
 where
     Req: Message,
     Resp: Message,
-    F: Fn(Arc<Envd>, Req, CallContext) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Call<Req>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<S, ConnectError>> + Send + 'static,
-    S: Stream<Item = Result<Resp, ConnectError>> + Send + 'static,
+    S: Responses<Resp>,
+{
+    rpc(true, handler, |codec, result| match result {
+        Ok(stream) => server::streaming_response(codec, stream),
+        Err(error) => server::streaming_error(codec, &error),
+    })
+}
+
+/// The route of an RPC whose request is one message (`streaming`: in an envelope, as a
+/// server-streaming call sends it): negotiates the codec, receives the [`Call`], runs
+/// `handler` on it and encodes its result with `respond`.
+fn rpc<Req, Out, F, Fut>(
+    streaming: bool,
+    handler: F,
+    respond: fn(Codec, Result<Out, ConnectError>) -> http::Response<server::ResponseBody>,
+) -> MethodRouter<Arc<Envd>>
+where
+    Req: Message,
+    Out: 'static,
+    F: Fn(Call<Req>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Out, ConnectError>> + Send + 'static,
 {
     post(
         move |State(envd): State<Arc<Envd>>, headers: HeaderMap, body: Body| {
             let handler = handler.clone();
-            async move { server_streaming(envd, headers, body, handler).await }
+            async move {
+                let negotiated = if streaming {
+                    server::streaming_codec(&headers)
+                } else {
+                    server::unary_codec(&headers)
+                };
+                let codec = match negotiated {
+                    Ok(codec) => codec,
+                    Err(response) => {
+                        crate::http::drain_body(body).await;
+                        return response.into_response();
+                    }
+                };
+                let result = async {
+                    let call = receive(envd, &headers, body, codec, streaming).await?;
+                    handler(call).await
+                }
+                .await;
+                respond(codec, result).into_response()
+            }
         },
     )
 }
@@ -108,6 +157,23 @@ pub struct CallContext {
     pub deadline: Option<Duration>,
     /// How long a stream may stay silent before a keepalive message is sent.
     pub keepalive: Duration,
+}
+
+/// One call as its handler sees it: envd, the decoded request message and its context.
+#[derive(Debug)]
+pub struct Call<Req> {
+    pub envd: Arc<Envd>,
+    pub request: Req,
+    pub context: CallContext,
+}
+
+impl<Req> Call<Req> {
+    /// Resolves a path the call names, for its user (see [`Envd::resolve_path`]).
+    pub fn resolve(&self, path: &str) -> Result<std::path::PathBuf, ConnectError> {
+        self.envd
+            .resolve_path(path, &self.context.user)
+            .map_err(|e| ConnectError::invalid_argument(e.to_string()))
+    }
 }
 
 fn call_context(envd: &Envd, headers: &HeaderMap) -> Result<CallContext, ConnectError> {
@@ -138,101 +204,53 @@ async fn read_body(body: Body, max_bytes: usize) -> Result<Bytes, ConnectError> 
     server::read_body(body, max_bytes, wrenn_connect::envelope::PREFIX_LEN).await
 }
 
-/// Serves a unary call: decodes the request, runs `handler` within the client's deadline and
-/// encodes its answer or error.
-async fn unary<Req, Resp, F, Fut>(
+/// The call whose one request message `body` holds (`streaming`: in an envelope). The body is
+/// read before anything can refuse the call (see `http::drain_body`).
+async fn receive<Req: Message>(
     envd: Arc<Envd>,
-    headers: HeaderMap,
+    headers: &HeaderMap,
     body: Body,
-    handler: F,
-) -> Response
-where
-    Req: Message,
-    Resp: Message,
-    F: FnOnce(Arc<Envd>, Req, CallContext) -> Fut,
-    Fut: Future<Output = Result<Resp, ConnectError>>,
-{
-    let codec = match server::unary_codec(&headers) {
-        Ok(codec) => codec,
-        Err(response) => {
-            crate::http::drain_body(body).await;
-            return response.into_response();
-        }
+    codec: Codec,
+    streaming: bool,
+) -> Result<Call<Req>, ConnectError> {
+    let body = read_body(body, envd.config.max_message_bytes).await?;
+    server::check_no_compression(headers, streaming)?;
+    let context = call_context(&envd, headers)?;
+    let decode = if streaming {
+        server::decode_single_envelope
+    } else {
+        server::decode_unary
     };
-    let result = async {
-        // The body is read before anything can refuse the call (see `http::drain_body`).
-        let body = read_body(body, envd.config.max_message_bytes).await?;
-        server::check_no_compression(&headers, false)?;
-        let context = call_context(&envd, &headers)?;
-        let request: Req = server::decode_unary(codec, &body, envd.config.max_message_bytes)?;
-        match context.deadline {
-            Some(deadline) => {
-                tokio::time::timeout(deadline, handler(envd.clone(), request, context))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(ConnectError::new(
-                            Code::DeadlineExceeded,
-                            "the call's deadline passed",
-                        ))
-                    })
-            }
-            None => handler(envd.clone(), request, context).await,
-        }
-    }
-    .await;
-    match result {
-        Ok(response) => server::unary_response(codec, &response).into_response(),
-        Err(error) => server::unary_error(&error).into_response(),
-    }
+    let request = decode(codec, &body, envd.config.max_message_bytes)?;
+    Ok(Call {
+        envd,
+        request,
+        context,
+    })
 }
 
-/// Serves a server-streaming call: decodes the single request message and streams what
-/// `handler` returns; a handler error becomes the end-stream error.
-async fn server_streaming<Req, Resp, F, Fut, S>(
-    envd: Arc<Envd>,
-    headers: HeaderMap,
-    body: Body,
-    handler: F,
-) -> Response
-where
-    Req: Message,
-    Resp: Message,
-    F: FnOnce(Arc<Envd>, Req, CallContext) -> Fut,
-    Fut: Future<Output = Result<S, ConnectError>>,
-    S: Stream<Item = Result<Resp, ConnectError>> + Send + 'static,
-{
-    let codec = match server::streaming_codec(&headers) {
-        Ok(codec) => codec,
-        Err(response) => {
-            crate::http::drain_body(body).await;
-            return response.into_response();
-        }
-    };
-    let result = async {
-        // The body is read before anything can refuse the call (see `http::drain_body`).
-        let body = read_body(body, envd.config.max_message_bytes).await?;
-        server::check_no_compression(&headers, true)?;
-        let context = call_context(&envd, &headers)?;
-        let request: Req =
-            server::decode_single_envelope(codec, &body, envd.config.max_message_bytes)?;
-        handler(envd.clone(), request, context).await
-    }
-    .await;
-    match result {
-        Ok(stream) => server::streaming_response(codec, stream).into_response(),
-        Err(error) => server::streaming_error(codec, &error).into_response(),
-    }
+/// The error of a call or stream whose deadline passed.
+fn deadline_passed() -> ConnectError {
+    ConnectError::new(Code::DeadlineExceeded, "the call's deadline passed")
 }
+
+/// The responses of a server-streaming call, each a message or the error that ends them.
+pub(crate) trait Responses<M>:
+    Stream<Item = Result<M, ConnectError>> + Send + 'static
+{
+}
+
+impl<M, S> Responses<M> for S where S: Stream<Item = Result<M, ConnectError>> + Send + 'static {}
 
 /// Interleaves keepalive messages into a stream whenever it stays silent for `interval`.
 pub(crate) fn with_keepalive<M, S, K>(
     stream: S,
     interval: Duration,
     keepalive: K,
-) -> impl Stream<Item = Result<M, ConnectError>> + Send + 'static
+) -> impl Responses<M>
 where
     M: Send + 'static,
-    S: Stream<Item = Result<M, ConnectError>> + Send + 'static,
+    S: Responses<M>,
     K: Fn() -> M + Send + Sync + Copy + 'static,
 {
     futures_util::stream::unfold(Box::pin(stream), move |mut stream| async move {
@@ -245,13 +263,10 @@ where
 }
 
 /// Ends a stream with `deadline_exceeded` once `deadline` passes (if there is one).
-pub(crate) fn with_deadline<M, S>(
-    stream: S,
-    deadline: Option<Duration>,
-) -> impl Stream<Item = Result<M, ConnectError>> + Send + 'static
+pub(crate) fn with_deadline<M, S>(stream: S, deadline: Option<Duration>) -> impl Responses<M>
 where
     M: Send + 'static,
-    S: Stream<Item = Result<M, ConnectError>> + Send + 'static,
+    S: Responses<M>,
 {
     let expiry = deadline.map(|d| tokio::time::Instant::now() + d);
     futures_util::stream::unfold(Some(Box::pin(stream)), move |state| async move {
@@ -259,11 +274,7 @@ where
         let next = match expiry {
             Some(at) => match tokio::time::timeout_at(at, stream.next()).await {
                 Ok(next) => next,
-                Err(_) => {
-                    let error =
-                        ConnectError::new(Code::DeadlineExceeded, "the call's deadline passed");
-                    return Some((Err(error), None));
-                }
+                Err(_) => return Some((Err(deadline_passed()), None)),
             },
             None => stream.next().await,
         };

@@ -13,12 +13,13 @@ use wrenn_proto::process::process_event::{
     DataEvent, EndEvent, Event, KeepAlive, StartEvent, data_event,
 };
 
-use super::{CallContext, RequestStream, with_deadline, with_keepalive};
+use super::{Call, CallContext, RequestStream, Responses, with_deadline, with_keepalive};
 use crate::cgroups::Group;
 use crate::envs;
 use crate::process::spawn::SpawnError;
 use crate::process::{
-    ProcessConfig, ProcessError, ProcessEvent, PtySize, Selector, SpawnSpec, Subscription,
+    ManagedProcess, ProcessConfig, ProcessError, ProcessEvent, PtySize, Selector, SpawnSpec,
+    Subscription,
 };
 use crate::state::{Envd, is_dir};
 
@@ -132,7 +133,7 @@ fn event_responses<R: Send + 'static>(
     subscription: Subscription,
     context: &CallContext,
     wrap: fn(pb::ProcessEvent) -> R,
-) -> impl Stream<Item = Result<R, ConnectError>> + Send + use<R> {
+) -> impl Responses<R> + use<R> {
     let events = with_deadline(process_events(pid, subscription), context.deadline);
     let responses = futures_util::StreamExt::map(events, move |item| item.map(wrap));
     with_keepalive(responses, context.keepalive, move || {
@@ -141,25 +142,25 @@ fn event_responses<R: Send + 'static>(
 }
 
 pub(crate) async fn start(
-    envd: Arc<Envd>,
-    request: pb::StartRequest,
-    context: CallContext,
-) -> Result<
-    impl Stream<Item = Result<pb::StartResponse, ConnectError>> + Send + 'static,
-    ConnectError,
-> {
-    let config = request
+    mut call: Call<pb::StartRequest>,
+) -> Result<impl Responses<pb::StartResponse>, ConnectError> {
+    let config = call
+        .request
         .process
+        .take()
         .ok_or_else(|| ConnectError::invalid_argument("process config is required"))?;
     if config.cmd.is_empty() {
         return Err(ConnectError::invalid_argument("process cmd is empty"));
     }
     let cwd = match config.cwd.as_deref() {
-        Some(cwd) => envd
-            .resolve_path(cwd, &context.user)
-            .map_err(|e| ConnectError::invalid_argument(e.to_string()))?,
-        None => envd.default_cwd(&context.user),
+        Some(cwd) => call.resolve(cwd)?,
+        None => call.envd.default_cwd(&call.context.user),
     };
+    let Call {
+        envd,
+        request,
+        context,
+    } = call;
     if !is_dir(&cwd) {
         return Err(ConnectError::invalid_argument(format!(
             "cwd '{}' does not exist",
@@ -224,32 +225,25 @@ pub(crate) async fn start(
 }
 
 pub(crate) async fn connect(
-    envd: Arc<Envd>,
-    request: pb::ConnectRequest,
-    context: CallContext,
-) -> Result<
-    impl Stream<Item = Result<pb::ConnectResponse, ConnectError>> + Send + 'static,
-    ConnectError,
-> {
-    let process = envd
+    call: Call<pb::ConnectRequest>,
+) -> Result<impl Responses<pb::ConnectResponse>, ConnectError> {
+    let process = call
+        .envd
         .processes
-        .find(&selector(request.process)?)
+        .find(&selector(call.request.process)?)
         .map_err(process_error)?;
     // The deadline ends this stream only; the process goes on.
     Ok(event_responses(
         process.pid,
         process.subscribe(),
-        &context,
+        &call.context,
         |event| pb::ConnectResponse { event: Some(event) },
     ))
 }
 
-pub(crate) async fn list(
-    envd: Arc<Envd>,
-    _request: pb::ListRequest,
-    _context: CallContext,
-) -> Result<pb::ListResponse, ConnectError> {
-    let processes = envd
+pub(crate) async fn list(call: Call<pb::ListRequest>) -> Result<pb::ListResponse, ConnectError> {
+    let processes = call
+        .envd
         .processes
         .list()
         .into_iter()
@@ -267,15 +261,17 @@ pub(crate) async fn list(
     Ok(pb::ListResponse { processes })
 }
 
+/// The running process `selector` names, or the error saying why there is none.
+fn running(envd: &Envd, selector: &Selector) -> Result<Arc<ManagedProcess>, ConnectError> {
+    envd.processes.find_running(selector).map_err(process_error)
+}
+
 async fn deliver_input(
     envd: &Envd,
     selector: Selector,
     input: Option<pb::ProcessInput>,
 ) -> Result<(), ConnectError> {
-    let process = envd
-        .processes
-        .find_running(&selector)
-        .map_err(process_error)?;
+    let process = running(envd, &selector)?;
     match input.and_then(|i| i.input) {
         Some(pb::process_input::Input::Stdin(data)) => process.write_stdin(&data).await,
         Some(pb::process_input::Input::Pty(data)) => process.write_pty(&data).await,
@@ -290,34 +286,27 @@ async fn deliver_input(
 }
 
 pub(crate) async fn send_input(
-    envd: Arc<Envd>,
-    request: pb::SendInputRequest,
-    _context: CallContext,
+    call: Call<pb::SendInputRequest>,
 ) -> Result<pb::SendInputResponse, ConnectError> {
-    deliver_input(&envd, selector(request.process)?, request.input).await?;
+    let target = selector(call.request.process)?;
+    deliver_input(&call.envd, target, call.request.input).await?;
     Ok(pb::SendInputResponse {})
 }
 
 pub(crate) async fn update(
-    envd: Arc<Envd>,
-    request: pb::UpdateRequest,
-    _context: CallContext,
+    call: Call<pb::UpdateRequest>,
 ) -> Result<pb::UpdateResponse, ConnectError> {
-    let process = envd
-        .processes
-        .find_running(&selector(request.process)?)
-        .map_err(process_error)?;
-    if let Some(pty) = &request.pty {
+    let process = running(&call.envd, &selector(call.request.process)?)?;
+    if let Some(pty) = &call.request.pty {
         process.resize(pty_size(pty)).map_err(process_error)?;
     }
     Ok(pb::UpdateResponse {})
 }
 
 pub(crate) async fn send_signal(
-    envd: Arc<Envd>,
-    request: pb::SendSignalRequest,
-    _context: CallContext,
+    call: Call<pb::SendSignalRequest>,
 ) -> Result<pb::SendSignalResponse, ConnectError> {
+    let request = call.request;
     let signal = match pb::Signal::try_from(request.signal) {
         Ok(pb::Signal::Sigkill) => libc::SIGKILL,
         Ok(pb::Signal::Sigterm) => libc::SIGTERM,
@@ -328,23 +317,15 @@ pub(crate) async fn send_signal(
             ));
         }
     };
-    let process = envd
-        .processes
-        .find_running(&selector(request.process)?)
-        .map_err(process_error)?;
+    let process = running(&call.envd, &selector(request.process)?)?;
     process.signal(signal).map_err(process_error)?;
     Ok(pb::SendSignalResponse {})
 }
 
 pub(crate) async fn close_stdin(
-    envd: Arc<Envd>,
-    request: pb::CloseStdinRequest,
-    _context: CallContext,
+    call: Call<pb::CloseStdinRequest>,
 ) -> Result<pb::CloseStdinResponse, ConnectError> {
-    let process = envd
-        .processes
-        .find_running(&selector(request.process)?)
-        .map_err(process_error)?;
+    let process = running(&call.envd, &selector(call.request.process)?)?;
     process.close_stdin().await.map_err(process_error)?;
     Ok(pb::CloseStdinResponse {})
 }
@@ -371,9 +352,7 @@ pub(crate) async fn stream_input(
                 ));
             }
         };
-        envd.processes
-            .find_running(&target)
-            .map_err(process_error)?;
+        running(&envd, &target)?;
         while let Some(message) = messages.message::<pb::StreamInputRequest>().await? {
             match message.event {
                 Some(pb::stream_input_request::Event::Data(data)) => {

@@ -1,4 +1,5 @@
-//! Starting the real envd binary on a free port for a test, and small HTTP helpers.
+//! Starting the real envd binary on a free port for a test, small HTTP helpers, and the
+//! process calls the suites share: starting a command, collecting its stream, signalling it.
 
 #![allow(dead_code)]
 
@@ -6,12 +7,15 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::HeaderMap;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use wrenn_connect::Codec;
-use wrenn_connect::client::{ConnectClient, HttpVersion};
+use wrenn_connect::client::{ConnectClient, HttpVersion, ResponseStream};
+use wrenn_connect::{Codec, ConnectError};
+use wrenn_proto::process as pb;
+use wrenn_proto::process::process_event::{Event, data_event::Output};
 
 /// A running envd, killed on drop.
 pub struct Envd {
@@ -40,16 +44,25 @@ impl Envd {
             .spawn()
             .expect("starting envd");
         let envd = Envd { child, port };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "envd did not start listening");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_for("envd listening", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
         envd
     }
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Sends one plain HTTP/1.1 request for `path` (with its query) to this envd.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Reply {
+        request(method, &format!("{}{path}", self.url()), headers, body).await
     }
 
     pub fn client(&self, version: HttpVersion, codec: Codec) -> ConnectClient {
@@ -113,6 +126,171 @@ pub async fn request(
     }
 }
 
+/// Uploads `body` raw (`application/octet-stream`) to `url` (`/files?path=...`), with `headers`
+/// besides the content type.
+pub async fn upload(url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+    let mut all = vec![("content-type", "application/octet-stream")];
+    all.extend_from_slice(headers);
+    request("POST", url, &all, body).await
+}
+
+/// Waits (blocking the thread) until `condition` holds, polling every 10 ms; panics naming
+/// `what` after `within`.
+pub fn wait_for(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A `Start` request for `cmd` with `args`, envd's defaults for everything else.
+pub fn start_request(cmd: &str, args: &[&str]) -> pb::StartRequest {
+    pb::StartRequest {
+        process: Some(pb::ProcessConfig {
+            cmd: cmd.into(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A terminal of `cols` by `rows`, for a `Start` or `Update` request.
+pub fn pty(cols: u32, rows: u32) -> Option<pb::Pty> {
+    Some(pb::Pty {
+        size: Some(pb::pty::Size { cols, rows }),
+    })
+}
+
+/// The selector of the process `pid`.
+pub fn pid_selector(pid: u32) -> Option<pb::ProcessSelector> {
+    Some(pb::ProcessSelector {
+        selector: Some(pb::process_selector::Selector::Pid(pid)),
+    })
+}
+
+/// The response stream of `Start` with `request` and `headers`; panics if the call is refused.
+pub async fn start_stream(
+    client: &ConnectClient,
+    request: &pb::StartRequest,
+    headers: &HeaderMap,
+) -> ResponseStream<pb::StartResponse> {
+    client
+        .call_streaming::<pb::process::Start>(request, headers)
+        .await
+        .expect("Start failed")
+}
+
+/// Sends `signal` to the process `pid`.
+pub async fn send_signal(
+    client: &ConnectClient,
+    pid: u32,
+    signal: pb::Signal,
+) -> Result<pb::SendSignalResponse, ConnectError> {
+    let request = pb::SendSignalRequest {
+        process: pid_selector(pid),
+        signal: signal as i32,
+    };
+    client
+        .call::<pb::process::SendSignal>(&request, &HeaderMap::new())
+        .await
+}
+
+/// The collected events of a process stream.
+#[derive(Debug, Default)]
+pub struct Collected {
+    pub pid: Option<u32>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub pty: Vec<u8>,
+    pub keepalives: usize,
+    pub end: Option<pb::process_event::EndEvent>,
+    pub error: Option<ConnectError>,
+}
+
+/// Everything a process stream brings until it ends (`event_of` takes the event out of each
+/// message); fails if it stalls for 20 s.
+pub async fn collect<M: wrenn_connect::Message>(
+    stream: ResponseStream<M>,
+    event_of: fn(M) -> Option<pb::ProcessEvent>,
+) -> Collected {
+    collect_from(stream, event_of, Collected::default()).await
+}
+
+/// The rest of a stream whose `start` the caller already read.
+pub async fn collect_rest(stream: ResponseStream<pb::StartResponse>, pid: u32) -> Collected {
+    collect_from(
+        stream,
+        start_event,
+        Collected {
+            pid: Some(pid),
+            ..Collected::default()
+        },
+    )
+    .await
+}
+
+/// [`collect`], adding to what `collected` already holds.
+pub async fn collect_from<M: wrenn_connect::Message>(
+    mut stream: ResponseStream<M>,
+    event_of: fn(M) -> Option<pb::ProcessEvent>,
+    mut collected: Collected,
+) -> Collected {
+    while let Some(message) = tokio::time::timeout(Duration::from_secs(20), stream.message())
+        .await
+        .expect("stream stalled")
+    {
+        match message {
+            Err(error) => {
+                collected.error = Some(error);
+                break;
+            }
+            Ok(message) => match event_of(message).and_then(|e| e.event) {
+                Some(Event::Start(start)) => {
+                    assert!(collected.pid.is_none(), "two start events");
+                    collected.pid = Some(start.pid);
+                }
+                Some(Event::Data(data)) => {
+                    assert!(collected.pid.is_some(), "data before start");
+                    match data.output {
+                        Some(Output::Stdout(b)) => collected.stdout.extend(b),
+                        Some(Output::Stderr(b)) => collected.stderr.extend(b),
+                        Some(Output::Pty(b)) => collected.pty.extend(b),
+                        None => panic!("empty data event"),
+                    }
+                }
+                Some(Event::End(end)) => collected.end = Some(end),
+                Some(Event::Keepalive(_)) => collected.keepalives += 1,
+                None => panic!("empty event"),
+            },
+        }
+    }
+    collected
+}
+
+/// The event of a `Start` response.
+pub fn start_event(message: pb::StartResponse) -> Option<pb::ProcessEvent> {
+    message.event
+}
+
+/// The event of a `Connect` response.
+pub fn connect_event(message: pb::ConnectResponse) -> Option<pb::ProcessEvent> {
+    message.event
+}
+
+/// Runs `request` through `Start` with `headers` and collects its stream.
+pub async fn run(
+    client: &ConnectClient,
+    request: &pb::StartRequest,
+    headers: &HeaderMap,
+) -> Collected {
+    collect(start_stream(client, request, headers).await, start_event).await
+}
+
 /// Whether the test user `user` exists here (the CI set-up creates it).
 pub fn test_user_exists() -> bool {
     std::fs::read_to_string("/etc/passwd").is_ok_and(|p| p.lines().any(|l| l.starts_with("user:")))
@@ -144,7 +322,6 @@ pub fn is_root() -> bool {
 
 /// A temporary directory every user may write in (the calls of a test may name no user, and
 /// envd's default user is `user` where it exists).
-#[allow(dead_code)]
 pub fn open_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(

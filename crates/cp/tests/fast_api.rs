@@ -138,15 +138,21 @@ impl Kit {
         created["sandboxID"].as_str().unwrap().to_string()
     }
 
+    /// A bodyless request as team `a`: its status and JSON body.
+    async fn call_a(&self, method: &str, path: &str) -> (StatusCode, Value) {
+        self.call(method, path, Some(&self.key_a), Value::Null)
+            .await
+    }
+
+    /// `POST /sandboxes` as team `a`, which must answer `status`: the answer's body.
+    async fn create_refused(&self, body: Value, status: StatusCode) -> Value {
+        let (got, answer) = self.try_create(&self.key_a, body).await;
+        assert_eq!(got, status, "{answer}");
+        answer
+    }
+
     async fn state(&self, id: &str) -> (StatusCode, Value) {
-        let (status, body) = self
-            .call(
-                "GET",
-                &format!("/sandboxes/{id}"),
-                Some(&self.key_a),
-                Value::Null,
-            )
-            .await;
+        let (status, body) = self.call_a("GET", &format!("/sandboxes/{id}")).await;
         (status, body["state"].clone())
     }
 }
@@ -167,17 +173,10 @@ async fn a_sandbox_lives_its_whole_life_on_the_host_the_api_says() {
     assert_eq!(kit.state(&id).await, (StatusCode::OK, json!("running")));
 
     let pause = format!("/sandboxes/{id}/pause");
-    assert_eq!(
-        kit.call("POST", &pause, Some(&kit.key_a), Value::Null)
-            .await
-            .0,
-        StatusCode::NO_CONTENT
-    );
+    assert_eq!(kit.call_a("POST", &pause).await.0, StatusCode::NO_CONTENT);
     assert_eq!(kit.agent.sandbox(&id).unwrap().state, SandboxState::Paused);
     assert_eq!(kit.state(&id).await, (StatusCode::OK, json!("paused")));
-    let (again, message) = kit
-        .call("POST", &pause, Some(&kit.key_a), Value::Null)
-        .await;
+    let (again, message) = kit.call_a("POST", &pause).await;
     assert_eq!(again, StatusCode::CONFLICT, "{message}");
 
     let (resumed, body) = kit
@@ -191,14 +190,7 @@ async fn a_sandbox_lives_its_whole_life_on_the_host_the_api_says() {
     assert!(resumed.is_success(), "{resumed} {body}");
     assert_eq!(kit.agent.sandbox(&id).unwrap().state, SandboxState::Running);
 
-    let kill = kit
-        .call(
-            "DELETE",
-            &format!("/sandboxes/{id}"),
-            Some(&kit.key_a),
-            Value::Null,
-        )
-        .await;
+    let kill = kit.call_a("DELETE", &format!("/sandboxes/{id}")).await;
     assert_eq!(kill.0, StatusCode::NO_CONTENT);
     assert!(kit.agent.sandbox(&id).is_none(), "the host let it go");
     assert_eq!(kit.state(&id).await.0, StatusCode::NOT_FOUND);
@@ -245,9 +237,7 @@ async fn keys_see_only_their_teams_sandboxes() {
         .call("GET", "/v2/sandboxes", Some(&kit.key_b), Value::Null)
         .await;
     assert_eq!(listed, json!([]));
-    let (_, listed) = kit
-        .call("GET", "/v2/sandboxes", Some(&kit.key_a), Value::Null)
-        .await;
+    let (_, listed) = kit.call_a("GET", "/v2/sandboxes").await;
     assert_eq!(listed.as_array().unwrap().len(), 1);
     assert!(
         kit.agent.sandbox(&id).is_some(),
@@ -258,10 +248,9 @@ async fn keys_see_only_their_teams_sandboxes() {
 #[tokio::test]
 async fn a_failed_create_leaves_no_row_and_frees_its_place() {
     let kit = Kit::new(1, Quotas::default()).await;
-    let (status, body) = kit
-        .try_create(&kit.key_a, json!({"templateID": "nope"}))
+    let body = kit
+        .create_refused(json!({"templateID": "nope"}), StatusCode::NOT_FOUND)
         .await;
-    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     assert!(body["message"].as_str().unwrap().contains("nope"), "{body}");
     assert!(
         kit.agent.calls().is_empty(),
@@ -272,25 +261,27 @@ async fn a_failed_create_leaves_no_row_and_frees_its_place() {
         Operation::Create,
         HostAgentError::Failed("the disk broke".into()),
     );
-    let (status, body) = kit
-        .try_create(&kit.key_a, json!({"templateID": "base"}))
+    let body = kit
+        .create_refused(
+            json!({"templateID": "base"}),
+            StatusCode::INTERNAL_SERVER_ERROR,
+        )
         .await;
-    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
     let message = body["message"].as_str().unwrap();
     assert!(
         message.contains("the disk broke") && message.contains("host "),
         "{message}"
     );
-    let (_, listed) = kit
-        .call("GET", "/v2/sandboxes", Some(&kit.key_a), Value::Null)
-        .await;
+    let (_, listed) = kit.call_a("GET", "/v2/sandboxes").await;
     assert_eq!(listed, json!([]));
     // The host's one slot was held while the create was in flight: it is free again.
     kit.create(&kit.key_a, json!({"templateID": "base"})).await;
-    let (status, body) = kit
-        .try_create(&kit.key_a, json!({"templateID": "base"}))
+    let body = kit
+        .create_refused(
+            json!({"templateID": "base"}),
+            StatusCode::SERVICE_UNAVAILABLE,
+        )
         .await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(
         body["message"]
             .as_str()
@@ -310,10 +301,8 @@ async fn a_teams_running_limit_is_kept_before_any_host_is_asked() {
     for _ in 0..2 {
         kit.create(&kit.key_a, json!({"templateID": "base"})).await;
     }
-    let (status, body) = kit
-        .try_create(&kit.key_a, json!({"templateID": "base"}))
+    kit.create_refused(json!({"templateID": "base"}), StatusCode::TOO_MANY_REQUESTS)
         .await;
-    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
     assert_eq!(
         kit.agent.calls().len(),
         2,
@@ -430,9 +419,7 @@ async fn a_host_error_reaches_the_caller_by_cause() {
     ] {
         let text = error.to_string();
         kit.agent.fail_next(Operation::Pause, error);
-        let (got, body) = kit
-            .call("POST", &pause, Some(&kit.key_a), Value::Null)
-            .await;
+        let (got, body) = kit.call_a("POST", &pause).await;
         assert_eq!(got, status, "{body}");
         assert!(body["message"].as_str().unwrap().contains(&text), "{body}");
         assert_eq!(

@@ -22,33 +22,7 @@ fn image_dir() -> Option<PathBuf> {
     let dir = std::env::var_os("WRENN_IMAGE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(wrenn_image::default_image_dir);
-    let required = std::env::var("WRENN_REQUIRE_VM_TESTS").is_ok_and(|v| v == "1");
-    let missing = if !nix::unistd::Uid::effective().is_root() {
-        Some("not root".to_string())
-    } else if which("qemu-system-x86_64").is_none() {
-        Some("qemu-system-x86_64 is not installed (Debian package qemu-system-x86)".into())
-    } else if !dir.join("manifest.json").is_file() {
-        Some(format!(
-            "no image in {} (run `wrenn image build`)",
-            dir.display()
-        ))
-    } else {
-        None
-    };
-    match missing {
-        None => Some(dir),
-        Some(reason) if required => panic!("VM test prerequisite missing: {reason}"),
-        Some(reason) => {
-            eprintln!("SKIPPED: the boot test needs a built image, QEMU and root: {reason}");
-            None
-        }
-    }
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join(program))
-        .find(|path| path.is_file())
+    wrenn_testkit::vm_prerequisites(dir, "the boot test")
 }
 
 /// A network namespace with `tap0` at the guest's gateway address, deleted on drop.

@@ -49,6 +49,14 @@ fn problems(dir: &Path, expected: &str) -> Vec<String> {
         .collect()
 }
 
+/// Checks `dir` against this wrenn's envd version, asserts that one of the problems found
+/// satisfies `expected`, and returns them all.
+fn assert_found(dir: &Path, expected: impl Fn(&str) -> bool) -> Vec<String> {
+    let found = problems(dir, wrenn_envd::ENVD_VERSION);
+    assert!(found.iter().any(|p| expected(p)), "{found:?}");
+    found
+}
+
 #[test]
 fn the_built_image_passes_and_another_expected_version_is_named() {
     let Some(image) = image_dir() else { return };
@@ -77,17 +85,10 @@ fn a_flipped_byte_in_the_rootfs_is_reported_as_corruption() {
     bytes[offset] ^= 0x5a;
     std::fs::write(&rootfs, &bytes).unwrap();
     drop(bytes);
-    let found = problems(copy.path(), wrenn_envd::ENVD_VERSION);
-    assert!(
-        found
-            .iter()
-            .any(|p| p.starts_with("rootfs.ext4 is corrupted")),
-        "{found:?}"
-    );
+    assert_found(copy.path(), |p| p.starts_with("rootfs.ext4 is corrupted"));
 
     std::fs::remove_file(copy.path().join("vmlinuz")).unwrap();
-    let found = problems(copy.path(), wrenn_envd::ENVD_VERSION);
-    assert!(found.iter().any(|p| p == "vmlinuz is missing"), "{found:?}");
+    assert_found(copy.path(), |p| p == "vmlinuz is missing");
 }
 
 #[test]
@@ -134,14 +135,11 @@ fn an_envd_of_another_version_inside_the_image_is_caught() {
         .files
         .insert("rootfs.ext4".into(), describe_file(&rootfs).unwrap());
     rewritten.write(copy.path()).unwrap();
-    let found = problems(copy.path(), wrenn_envd::ENVD_VERSION);
-    assert!(
-        found.iter().any(|p| p.contains(&format!(
-            "the image's envd is version 0.0.1, this wrenn expects {}",
-            wrenn_envd::ENVD_VERSION
-        ))),
-        "{found:?}"
+    let expected = format!(
+        "the image's envd is version 0.0.1, this wrenn expects {}",
+        wrenn_envd::ENVD_VERSION
     );
+    let found = assert_found(copy.path(), |p| p.contains(&expected));
     assert!(!found.iter().any(|p| p.contains("corrupted")), "{found:?}");
 }
 
@@ -179,11 +177,7 @@ fn an_initramfs_without_ext4_is_caught() {
         .files
         .insert("initrd.img".into(), describe_file(&initrd).unwrap());
     manifest.write(copy.path()).unwrap();
-    let found = problems(copy.path(), wrenn_envd::ENVD_VERSION);
-    assert!(
-        found
-            .iter()
-            .any(|p| p.contains("module ext4 is missing from initrd.img")),
-        "{found:?}"
-    );
+    assert_found(copy.path(), |p| {
+        p.contains("module ext4 is missing from initrd.img")
+    });
 }

@@ -1,8 +1,9 @@
 //! What wrenn's tests share, so each suite states only what it checks: running a script with
 //! bash through an envd ([`run_script`], [`Ran`]), the pid a `Start` stream begins with
 //! ([`started_pid`]), envd's headers for a user ([`as_user`]),
-//! waiting for a condition with a deadline ([`wait_until`]) and a free loopback port
-//! ([`free_port`]). A dev-dependency only: no product crate links it.
+//! waiting for a condition with a deadline ([`wait_until`]), a free loopback port
+//! ([`free_port`]) and the check that a VM test can run here ([`vm_prerequisites`]). A
+//! dev-dependency only: no product crate links it.
 
 use std::time::{Duration, Instant};
 
@@ -108,6 +109,37 @@ pub fn free_port() -> u16 {
         .and_then(|listener| listener.local_addr())
         .expect("binding a loopback port")
         .port()
+}
+
+/// The image directory a VM test boots, when this machine can run the test: root, QEMU and a
+/// built image in `image_dir`. Otherwise it fails the test when `WRENN_REQUIRE_VM_TESTS=1` (as in
+/// CI), or says why `suite` is skipped and gives `None`.
+pub fn vm_prerequisites(image_dir: std::path::PathBuf, suite: &str) -> Option<std::path::PathBuf> {
+    let qemu_installed = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| dir.join("qemu-system-x86_64").is_file())
+    });
+    let missing = if !nix::unistd::Uid::effective().is_root() {
+        Some("not root".to_string())
+    } else if !qemu_installed {
+        Some("qemu-system-x86_64 is not installed (Debian package qemu-system-x86)".to_string())
+    } else if !image_dir.join("manifest.json").is_file() {
+        Some(format!(
+            "no image in {} (run `wrenn image build`)",
+            image_dir.display()
+        ))
+    } else {
+        None
+    };
+    match missing {
+        None => Some(image_dir),
+        Some(reason) if std::env::var("WRENN_REQUIRE_VM_TESTS").is_ok_and(|v| v == "1") => {
+            panic!("VM test prerequisite missing: {reason}")
+        }
+        Some(reason) => {
+            eprintln!("SKIPPED: {suite}: needs root, QEMU and a built image: {reason}");
+            None
+        }
+    }
 }
 
 #[cfg(test)]

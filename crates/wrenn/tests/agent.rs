@@ -17,6 +17,14 @@ use wrenn_proto::agent as pb;
 use wrenn_proto::agent::host_agent;
 use wrenn_proto::process as proc_pb;
 
+/// Asserts that the first line of `ran`'s output is `first` (`what` names it in a failure), and
+/// returns the number on its second line.
+fn line_then_number(ran: &Ran, first: &str, what: &str) -> u64 {
+    let mut lines = ran.stdout.lines();
+    assert_eq!(lines.next(), Some(first), "{what}: {ran:?}");
+    lines.next().unwrap().trim().parse().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sandboxes_run_pause_resume_and_leave_nothing_behind() {
     let Some(_image) = prerequisites() else {
@@ -96,20 +104,8 @@ async fn sandboxes_run_pause_resume_and_leave_nothing_behind() {
         &format!("kill -0 {pid} && echo alive; wc -l < ~/ticks"),
     )
     .await;
-    let mut lines = before.stdout.lines();
-    assert_eq!(
-        lines.next(),
-        Some("sbx-a"),
-        "the file written before the pause: {before:?}"
-    );
-    let ticks_before: u64 = lines.next().unwrap().trim().parse().unwrap();
-    let mut lines = after.stdout.lines();
-    assert_eq!(
-        lines.next(),
-        Some("alive"),
-        "the background process: {after:?}"
-    );
-    let ticks_after: u64 = lines.next().unwrap().trim().parse().unwrap();
+    let ticks_before = line_then_number(&before, "sbx-a", "the file written before the pause");
+    let ticks_after = line_then_number(&after, "alive", "the background process");
     assert!(
         ticks_after > ticks_before,
         "the background process still writes: {ticks_before} → {ticks_after}"
@@ -142,13 +138,14 @@ async fn sandboxes_run_pause_resume_and_leave_nothing_behind() {
         std::thread::sleep(Duration::from_millis(100));
         drop(stream);
     }
-    wait_until(
-        "the abandoned create to finish",
-        Duration::from_secs(60),
-        async || agent.get("sbx-d").await.is_ok_and(|s| s.state == "running"),
-    )
-    .await;
-    let abandoned = agent.get("sbx-d").await.unwrap();
+    let abandoned = agent
+        .wait_state(
+            "the abandoned create to finish",
+            Duration::from_secs(60),
+            "sbx-d",
+            "running",
+        )
+        .await;
     let ran = run(&abandoned, None, "echo finished").await;
     assert_eq!(ran.stdout.trim(), "finished", "{ran:?}");
 
@@ -187,12 +184,7 @@ async fn restarted_agent_adopts_running_sandboxes_and_reports_a_dead_vm() {
         "bearer token",
     );
     assert_code(
-        agent
-            .call::<host_agent::CreateSandbox>(&pb::CreateSandboxRequest {
-                template_id: "nope".into(),
-                ..Default::default()
-            })
-            .await,
+        agent.try_create("nope", "").await,
         Code::NotFound,
         "template nope not found",
     );
@@ -217,13 +209,7 @@ async fn restarted_agent_adopts_running_sandboxes_and_reports_a_dead_vm() {
 
     agent.build_template("base").await;
     assert_code(
-        agent
-            .call::<host_agent::CreateSandbox>(&pb::CreateSandboxRequest {
-                template_id: "base".into(),
-                sandbox_id: "Bad Id".into(),
-                ..Default::default()
-            })
-            .await,
+        agent.try_create("base", "Bad Id").await,
         Code::InvalidArgument,
         "must be 1 to 64",
     );
@@ -232,13 +218,7 @@ async fn restarted_agent_adopts_running_sandboxes_and_reports_a_dead_vm() {
         agent.create("base", "doomed", None)
     );
     assert_code(
-        agent
-            .call::<host_agent::CreateSandbox>(&pb::CreateSandboxRequest {
-                template_id: "base".into(),
-                sandbox_id: "keep".into(),
-                ..Default::default()
-            })
-            .await,
+        agent.try_create("base", "keep").await,
         Code::AlreadyExists,
         "already exists",
     );
@@ -255,33 +235,24 @@ async fn restarted_agent_adopts_running_sandboxes_and_reports_a_dead_vm() {
     }
 
     // A VM killed behind the agent's back is reported failed and its slot freed.
-    let info = agent
-        .call::<host_agent::HostInfo>(&pb::HostInfoRequest {})
-        .await
-        .unwrap()
-        .report
-        .unwrap();
+    let info = agent.host_info().await;
     assert_eq!(info.sandboxes_running, 2);
     let in_use_before = info.slots_in_use;
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(two.pid as i32),
         nix::sys::signal::Signal::SIGKILL,
     );
-    wait_until(
-        "the agent noticing the dead VM",
-        Duration::from_secs(3),
-        async || agent.get("doomed").await.is_ok_and(|s| s.state == "failed"),
-    )
-    .await;
-    let failed = agent.get("doomed").await.unwrap();
+    let failed = agent
+        .wait_state(
+            "the agent noticing the dead VM",
+            Duration::from_secs(3),
+            "doomed",
+            "failed",
+        )
+        .await;
     assert!(failed.error.contains("exited unexpectedly"), "{failed:?}");
     assert_eq!(failed.envd_address, "");
-    let info = agent
-        .call::<host_agent::HostInfo>(&pb::HostInfoRequest {})
-        .await
-        .unwrap()
-        .report
-        .unwrap();
+    let info = agent.host_info().await;
     assert_eq!(
         info.slots_in_use,
         in_use_before - 1,

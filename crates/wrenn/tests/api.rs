@@ -177,13 +177,59 @@ impl Server {
     }
 
     async fn call(&self, method: Method, path: &str, body: Value) -> (StatusCode, Value) {
-        let body = if body.is_null() {
-            String::new()
-        } else {
-            body.to_string()
-        };
-        let (status, value, _) = self.call_with(method, path, Some(&self.key), &body).await;
+        let (status, value, _) = self
+            .call_with(method, path, Some(&self.key), &json_text(&body))
+            .await;
         (status, value)
+    }
+
+    /// A call with `key` that must answer `expected`: the answer's body and headers.
+    async fn expect_with(
+        &self,
+        expected: StatusCode,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        body: &str,
+    ) -> (Value, http::HeaderMap) {
+        let (status, answer, headers) = self.call_with(method.clone(), path, key, body).await;
+        assert_eq!(status, expected, "{method} {path}: {answer}");
+        (answer, headers)
+    }
+
+    /// A call with the first key that must answer `expected`: the answer's body.
+    async fn expect(&self, expected: StatusCode, method: Method, path: &str, body: Value) -> Value {
+        let (answer, _) = self
+            .expect_with(expected, method, path, Some(&self.key), &json_text(&body))
+            .await;
+        answer
+    }
+
+    /// `GET path` with the first key, which must answer `expected`: the answer's body.
+    async fn get(&self, expected: StatusCode, path: &str) -> Value {
+        self.expect(expected, Method::GET, path, Value::Null).await
+    }
+
+    /// `GET /v2/sandboxes<query>` with the first key, which must answer 200: the listing and
+    /// its headers.
+    async fn list(&self, query: &str) -> (Value, http::HeaderMap) {
+        let path = format!("/v2/sandboxes{query}");
+        self.expect_with(StatusCode::OK, Method::GET, &path, Some(&self.key), "")
+            .await
+    }
+
+    /// Sandbox `id`'s routes, called with the first key.
+    fn sandbox(&self, id: &str) -> SandboxRoutes<'_> {
+        self.sandbox_as(id, &self.key)
+    }
+
+    /// Sandbox `id`'s routes, called with `key`.
+    fn sandbox_as(&self, id: &str, key: &str) -> SandboxRoutes<'_> {
+        SandboxRoutes {
+            server: self,
+            path: format!("/sandboxes/{id}"),
+            key: key.to_string(),
+        }
     }
 
     async fn create(&self, body: Value) -> Value {
@@ -192,15 +238,30 @@ impl Server {
         created
     }
 
+    /// Creates a sandbox (201): its id.
+    async fn create_id(&self, body: Value) -> String {
+        sandbox_id(&self.create(body).await)
+    }
+
+    /// Creates `count` sandboxes (201 each) one after another: their ids.
+    async fn create_ids(&self, count: usize, body: Value) -> Vec<String> {
+        let mut ids = Vec::new();
+        for _ in 0..count {
+            ids.push(self.create_id(body.clone()).await);
+        }
+        ids
+    }
+
     async fn hosts(&self) -> Vec<Value> {
         let (status, body) = self.call(Method::GET, "/hosts", Value::Null).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         body["hosts"].as_array().cloned().unwrap_or_default()
     }
 
-    /// Waits until sandbox `id` reads as `state` through the API, or is gone (404) when `state`
-    /// is `"gone"`; `what` names the wait when it times out.
-    async fn wait_sandbox(&self, what: &str, id: &str, state: &str, within: Duration) {
+    /// Waits up to `within_secs` until sandbox `id` reads as `state` through the API, or is gone
+    /// (404) when `state` is `"gone"`; `what` names the wait when it times out.
+    async fn wait_sandbox(&self, what: &str, id: &str, state: &str, within_secs: u64) {
+        let within = Duration::from_secs(within_secs);
         wait_until(what, within, async || {
             let (status, body) = self
                 .call(Method::GET, &format!("/sandboxes/{id}"), Value::Null)
@@ -233,6 +294,119 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// One sandbox's routes (`/sandboxes/{id}…`) on a server, called with one key.
+struct SandboxRoutes<'a> {
+    server: &'a Server,
+    /// `/sandboxes/{id}`.
+    path: String,
+    key: String,
+}
+
+impl SandboxRoutes<'_> {
+    /// `method /sandboxes/{id}<route>`, which must answer `expected`: the answer's body.
+    async fn expect(
+        &self,
+        expected: StatusCode,
+        method: Method,
+        route: &str,
+        body: Value,
+    ) -> Value {
+        let path = format!("{}{route}", self.path);
+        let (answer, _) = self
+            .server
+            .expect_with(expected, method, &path, Some(&self.key), &json_text(&body))
+            .await;
+        answer
+    }
+
+    /// `POST /sandboxes/{id}<route>`, which must answer `expected`: the answer's body.
+    async fn post(&self, expected: StatusCode, route: &str, body: Value) -> Value {
+        self.expect(expected, Method::POST, route, body).await
+    }
+
+    /// `GET /sandboxes/{id}`, which must answer `expected`: the answer's body.
+    async fn detail(&self, expected: StatusCode) -> Value {
+        self.expect(expected, Method::GET, "", Value::Null).await
+    }
+
+    /// `POST /sandboxes/{id}/pause` without a body, which must answer `expected`.
+    async fn pause(&self, expected: StatusCode) -> Value {
+        self.post(expected, "/pause", Value::Null).await
+    }
+
+    /// `DELETE /sandboxes/{id}`, which must answer `expected`.
+    async fn kill(&self, expected: StatusCode) -> Value {
+        self.expect(expected, Method::DELETE, "", Value::Null).await
+    }
+}
+
+/// A request body: `body` as JSON text, nothing when it is null.
+fn json_text(body: &Value) -> String {
+    if body.is_null() {
+        String::new()
+    } else {
+        body.to_string()
+    }
+}
+
+/// The `sandboxID` of a created sandbox.
+fn sandbox_id(created: &Value) -> String {
+    created["sandboxID"].as_str().unwrap().to_string()
+}
+
+/// The `sandboxID`s of a listing, in its order.
+fn ids_of(listing: &Value) -> Vec<&str> {
+    listing
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["sandboxID"].as_str().unwrap())
+        .collect()
+}
+
+/// Asserts that an error answer's message contains `words`.
+fn assert_message(answer: &Value, words: &str) {
+    assert!(
+        answer["message"].as_str().unwrap().contains(words),
+        "{answer}"
+    );
+}
+
+/// The headers that route a request through the edge proxy to envd in sandbox `id`.
+fn envd_route(id: &str) -> [(&'static str, &str); 2] {
+    [("e2b-sandbox-id", id), ("e2b-sandbox-port", "49983")]
+}
+
+/// `method path` through `server`'s edge proxy with `headers`, answered whole (two minutes at
+/// the most).
+async fn proxy_call(
+    server: &Server,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &'static str,
+) -> wrenn_api::client::Answer {
+    let url = format!("http://{}{path}", server.proxy);
+    http_call(method, &url, headers, body, Duration::from_secs(120))
+        .await
+        .unwrap()
+}
+
+/// POSTs `body` (JSON) to a route of the fleet registry at `url`, with `token` as the bearer
+/// when given.
+async fn registry_post(
+    url: &str,
+    token: Option<&str>,
+    body: String,
+) -> Result<wrenn_api::client::Answer, String> {
+    let bearer = token.map(|token| format!("Bearer {token}"));
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(bearer) = &bearer {
+        headers.push(("authorization", bearer));
+    }
+    http_call(Method::POST, url, &headers, body, Duration::from_secs(5)).await
 }
 
 /// A fresh database for one test: a schema of its own in `WRENN_TEST_DATABASE_URL`.
@@ -290,15 +464,32 @@ async fn h2c_get(proxy: SocketAddr, sandbox_id: &str, port: u16) -> (http::Versi
     (version, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// Runs `start` in sandbox `id` through the edge proxy at `proxy` and waits (10 s at the most)
+/// for what it starts to listen on `port` of the guest's loopback; when nothing does, the
+/// test fails with the guest file `log`.
+async fn start_guest_server(
+    proxy: SocketAddr,
+    id: &str,
+    token: Option<&str>,
+    start: &str,
+    port: u16,
+    log: &str,
+) {
+    let script = format!(
+        "{start}\n\
+         for i in $(seq 100); do (echo > /dev/tcp/127.0.0.1/{port}) 2>/dev/null && exit 0; sleep 0.1; done; cat {log}; exit 1"
+    );
+    let ran = run_via_proxy(proxy, id, token, &script).await;
+    assert_eq!(ran.exit_code, Some(0), "{ran:?}");
+}
+
 /// Starts an HTTP/2 (h2c) server on `port` in the sandbox: it answers with the request's
 /// HTTP version.
 async fn start_h2c_server(proxy: SocketAddr, sandbox_id: &str, token: Option<&str>, port: u16) {
-    let script = format!(
-        "nohup node -e \"require('http2').createServer((q, s) => s.end('h2c ' + q.httpVersion)).listen({port})\" >/tmp/h2c.log 2>&1 &\n\
-         for i in $(seq 100); do (echo > /dev/tcp/127.0.0.1/{port}) 2>/dev/null && exit 0; sleep 0.1; done; cat /tmp/h2c.log; exit 1"
+    let start = format!(
+        "nohup node -e \"require('http2').createServer((q, s) => s.end('h2c ' + q.httpVersion)).listen({port})\" >/tmp/h2c.log 2>&1 &"
     );
-    let ran = run_via_proxy(proxy, sandbox_id, token, &script).await;
-    assert_eq!(ran.exit_code, Some(0), "{ran:?}");
+    start_guest_server(proxy, sandbox_id, token, &start, port, "/tmp/h2c.log").await;
 }
 
 /// Runs `wrenn <args>` against `server`, with `stdin` piped in: (exit code, stdout, stderr).
@@ -328,9 +519,28 @@ async fn wrenn_cli(server: &Server, args: &[&str], stdin: &str) -> (i32, String,
     )
 }
 
+/// Runs `wrenn <args>` against `server`, which must succeed: its stdout.
+async fn wrenn_ok(server: &Server, args: &[&str]) -> String {
+    let (code, out, err) = wrenn_cli(server, args, "").await;
+    assert_eq!(code, 0, "wrenn {args:?}: {err}");
+    out
+}
+
+/// Runs `wrenn <args>` against `server`, which must fail (exit code 1): its stderr.
+async fn wrenn_fails(server: &Server, args: &[&str]) -> String {
+    let (code, out, err) = wrenn_cli(server, args, "").await;
+    assert_eq!(code, 1, "wrenn {args:?}: {out}");
+    err
+}
+
+/// The arguments of `wrenn sandbox exec <id> -- <command>`.
+fn exec_args<'a>(id: &'a str, command: &[&'a str]) -> Vec<&'a str> {
+    [&["sandbox", "exec", id, "--"], command].concat()
+}
+
 /// The CLI: every `wrenn sandbox` command, `wrenn template list` and `wrenn host list`.
 async fn cli_end_to_end(server: &Server, host_name: &str) {
-    let (code, out, err) = wrenn_cli(
+    let out = wrenn_ok(
         server,
         &[
             "sandbox",
@@ -343,51 +553,34 @@ async fn cli_end_to_end(server: &Server, host_name: &str) {
             "--secure",
             "--json",
         ],
-        "",
     )
     .await;
-    assert_eq!(code, 0, "{err}");
     let created: Value = serde_json::from_str(&out).unwrap();
-    let id = created["sandboxID"].as_str().unwrap().to_string();
+    let id = sandbox_id(&created);
     assert!(created["envdAccessToken"].is_string(), "{created}");
 
-    let (code, out, _) = wrenn_cli(
+    let out = wrenn_ok(
         server,
         &["sandbox", "list", "--metadata", "owner=cli", "--json"],
-        "",
     )
     .await;
-    assert_eq!(code, 0);
     let listed: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
     assert_eq!(listed[0]["sandboxID"], id.as_str());
-    let (_, table, _) = wrenn_cli(server, &["sandbox", "list"], "").await;
+    let table = wrenn_ok(server, &["sandbox", "list"]).await;
     assert!(
         table.contains(&id) && table.contains("running") && table.contains("owner=cli"),
         "{table}"
     );
-    let (code, info, _) = wrenn_cli(server, &["sandbox", "info", &id], "").await;
-    assert_eq!(code, 0);
+    let info = wrenn_ok(server, &["sandbox", "info", &id]).await;
     assert!(
         info.contains("owner=cli") && info.contains("allowInternetAccess"),
         "{info}"
     );
 
     // exec: output, stderr, env, exit code (through the secure sandbox's token).
-    let (code, out, err) = wrenn_cli(
-        server,
-        &[
-            "sandbox",
-            "exec",
-            &id,
-            "--",
-            "bash",
-            "-c",
-            "echo \"$GREETING from $(whoami)\"; echo oops >&2; exit 7",
-        ],
-        "",
-    )
-    .await;
+    let greet = "echo \"$GREETING from $(whoami)\"; echo oops >&2; exit 7";
+    let (code, out, err) = wrenn_cli(server, &exec_args(&id, &["bash", "-c", greet]), "").await;
     assert_eq!(
         (code, out.as_str(), err.as_str()),
         (7, "hey from user\n", "oops\n")
@@ -401,55 +594,20 @@ async fn cli_end_to_end(server: &Server, host_name: &str) {
         .collect();
     std::fs::write(&local, &content).unwrap();
     let remote = format!("{id}:/home/user/up.bin");
-    let (code, _, err) = wrenn_cli(
-        server,
-        &["sandbox", "cp", local.to_str().unwrap(), &remote],
-        "",
-    )
-    .await;
-    assert_eq!(code, 0, "{err}");
-    let (_, owner, _) = wrenn_cli(
-        server,
-        &[
-            "sandbox",
-            "exec",
-            &id,
-            "--",
-            "stat",
-            "-c",
-            "%U %s",
-            "/home/user/up.bin",
-        ],
-        "",
-    )
-    .await;
+    wrenn_ok(server, &["sandbox", "cp", local.to_str().unwrap(), &remote]).await;
+    let stat = ["stat", "-c", "%U %s", "/home/user/up.bin"];
+    let owner = wrenn_ok(server, &exec_args(&id, &stat)).await;
     assert_eq!(owner.trim(), "user 3000000");
     let back = work.path().join("back");
     std::fs::create_dir(&back).unwrap();
-    let (code, _, err) = wrenn_cli(
-        server,
-        &["sandbox", "cp", &remote, back.to_str().unwrap()],
-        "",
-    )
-    .await;
-    assert_eq!(code, 0, "{err}");
+    wrenn_ok(server, &["sandbox", "cp", &remote, back.to_str().unwrap()]).await;
     assert!(
         std::fs::read(back.join("up.bin")).unwrap() == content,
         "the download differs"
     );
     let missing = work.path().join("missing");
-    let (code, _, err) = wrenn_cli(
-        server,
-        &[
-            "sandbox",
-            "cp",
-            &format!("{id}:/nope"),
-            missing.to_str().unwrap(),
-        ],
-        "",
-    )
-    .await;
-    assert_eq!(code, 1);
+    let nope = format!("{id}:/nope");
+    let err = wrenn_fails(server, &["sandbox", "cp", &nope, missing.to_str().unwrap()]).await;
     assert!(err.contains("404"), "{err}");
     assert_eq!(
         std::fs::read_dir(work.path()).unwrap().count(),
@@ -468,65 +626,38 @@ async fn cli_end_to_end(server: &Server, host_name: &str) {
     assert!(out.contains("shell-42"), "{out}");
 
     // timeout, pause, resume, kill.
-    let (code, _, _) = wrenn_cli(server, &["sandbox", "timeout", &id, "600"], "").await;
-    assert_eq!(code, 0);
-    let (code, out, _) = wrenn_cli(server, &["sandbox", "pause", &id, "--json"], "").await;
+    wrenn_ok(server, &["sandbox", "timeout", &id, "600"]).await;
+    let out = wrenn_ok(server, &["sandbox", "pause", &id, "--json"]).await;
     assert_eq!(
-        (
-            code,
-            serde_json::from_str::<Value>(&out).unwrap()["state"].clone()
-        ),
-        (0, json!("paused"))
+        serde_json::from_str::<Value>(&out).unwrap()["state"],
+        "paused"
     );
-    let (_, out, _) = wrenn_cli(
-        server,
-        &["sandbox", "list", "--state", "paused", "--json"],
-        "",
-    )
-    .await;
+    let out = wrenn_ok(server, &["sandbox", "list", "--state", "paused", "--json"]).await;
     assert!(out.contains(&id), "{out}");
-    let (code, _, err) = wrenn_cli(server, &["sandbox", "resume", &id], "").await;
-    assert_eq!(code, 0, "{err}");
-    let (code, out, _) = wrenn_cli(
-        server,
-        &[
-            "sandbox",
-            "exec",
-            &id,
-            "--",
-            "wc",
-            "-c",
-            "/home/user/up.bin",
-        ],
-        "",
-    )
-    .await;
+    wrenn_ok(server, &["sandbox", "resume", &id]).await;
+    let out = wrenn_ok(server, &exec_args(&id, &["wc", "-c", "/home/user/up.bin"])).await;
     assert_eq!(
-        (code, out.trim()),
-        (0, "3000000 /home/user/up.bin"),
+        out.trim(),
+        "3000000 /home/user/up.bin",
         "the file outlived the pause"
     );
-    let (code, _, _) = wrenn_cli(server, &["sandbox", "kill", &id], "").await;
-    assert_eq!(code, 0);
-    let (code, _, err) = wrenn_cli(server, &["sandbox", "info", &id], "").await;
-    assert_eq!(code, 1);
+    wrenn_ok(server, &["sandbox", "kill", &id]).await;
+    let err = wrenn_fails(server, &["sandbox", "info", &id]).await;
     assert!(err.contains("404 Not Found"), "{err}");
 
     // Templates, hosts, and a bad key.
-    let (_, out, _) = wrenn_cli(server, &["template", "list"], "").await;
+    let out = wrenn_ok(server, &["template", "list"]).await;
     assert!(out.contains("base") && out.contains("512 MiB"), "{out}");
-    let (code, out, _) = wrenn_cli(server, &["host", "list", "--json"], "").await;
-    assert_eq!(code, 0);
+    let out = wrenn_ok(server, &["host", "list", "--json"]).await;
     let fleet: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(fleet["hosts"][0]["name"], host_name);
     assert_eq!(fleet["hosts"][0]["state"], "up");
-    let (_, out, _) = wrenn_cli(server, &["host", "list"], "").await;
+    let out = wrenn_ok(server, &["host", "list"]).await;
     assert!(
         out.contains(host_name) && out.contains("least-loaded"),
         "{out}"
     );
-    let (code, _, err) = wrenn_cli(server, &["sandbox", "list", "--api-key", "e2b_bad"], "").await;
-    assert_eq!(code, 1);
+    let err = wrenn_fails(server, &["sandbox", "list", "--api-key", "e2b_bad"]).await;
     assert!(err.contains("Invalid API key"), "{err}");
 }
 
@@ -559,12 +690,10 @@ while True:
 /// Upgrades a connection through the proxy to the guest's echo server and echoes bytes.
 async fn upgrade_echo(proxy: SocketAddr, sandbox_id: &str) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let script = format!(
-        "cat > /tmp/echo.py <<'EOF'\n{UPGRADE_ECHO}\nEOF\n(nohup python3 /tmp/echo.py >/tmp/echo.log 2>&1 &)\n\
-         for i in $(seq 100); do (echo > /dev/tcp/127.0.0.1/8766) 2>/dev/null && exit 0; sleep 0.1; done; exit 1"
+    let start = format!(
+        "cat > /tmp/echo.py <<'EOF'\n{UPGRADE_ECHO}\nEOF\n(nohup python3 /tmp/echo.py >/tmp/echo.log 2>&1 &)"
     );
-    let ran = run_via_proxy(proxy, sandbox_id, None, &script).await;
-    assert_eq!(ran.exit_code, Some(0), "{ran:?}");
+    start_guest_server(proxy, sandbox_id, None, &start, 8766, "/tmp/echo.log").await;
     // envd's port scanner forwards a new loopback listener within about a second.
     let deadline = Instant::now() + Duration::from_secs(20);
     let (mut connection, rest) = loop {
@@ -636,8 +765,7 @@ struct TwoSandboxes {
 
 /// Templates.
 async fn templates_are_listed_with_their_sizes(server: &Server) {
-    let (status, templates) = server.call(Method::GET, "/templates", Value::Null).await;
-    assert_eq!(status, StatusCode::OK);
+    let templates = server.get(StatusCode::OK, "/templates").await;
     let base = templates
         .as_array()
         .unwrap()
@@ -650,48 +778,40 @@ async fn templates_are_listed_with_their_sizes(server: &Server) {
         (json!(1), json!(512))
     );
     assert!(base["diskSizeMB"].as_u64().unwrap() > 0, "{base}");
-    let (status, _) = server
-        .call(Method::GET, "/templates/aliases/base", Value::Null)
+    server.get(StatusCode::OK, "/templates/aliases/base").await;
+    let missing = server
+        .get(StatusCode::NOT_FOUND, "/templates/aliases/nope")
         .await;
-    assert_eq!(status, StatusCode::OK);
-    let (status, body) = server
-        .call(Method::GET, "/templates/aliases/nope", Value::Null)
-        .await;
-    assert_eq!(
-        (status, body["code"].clone()),
-        (StatusCode::NOT_FOUND, json!(404))
-    );
+    assert_eq!(missing["code"], json!(404));
 }
 
 /// Keys and bad requests.
 async fn keys_and_bad_requests_are_refused(server: &Server) {
-    let (status, body, _) = server
-        .call_with(Method::GET, "/v2/sandboxes", None, "")
+    let unauthorized = StatusCode::UNAUTHORIZED;
+    server
+        .expect_with(unauthorized, Method::GET, "/v2/sandboxes", None, "")
         .await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
-    let (status, body, _) = server
-        .call_with(
+    let bad_key = format!("e2b_{}", "0".repeat(40));
+    let (body, _) = server
+        .expect_with(
+            unauthorized,
             Method::GET,
             "/v2/sandboxes",
-            Some(&format!("e2b_{}", "0".repeat(40))),
+            Some(&bad_key),
             "",
         )
         .await;
-    assert_eq!(
-        (status, body["message"].clone()),
-        (StatusCode::UNAUTHORIZED, json!("Invalid API key"))
-    );
-    let (status, body, _) = server
-        .call_with(Method::POST, "/sandboxes", Some(&server.key), "{")
+    assert_eq!(body["message"], "Invalid API key");
+    let (body, _) = server
+        .expect_with(
+            StatusCode::BAD_REQUEST,
+            Method::POST,
+            "/sandboxes",
+            Some(&server.key),
+            "{",
+        )
         .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(
-        body["message"]
-            .as_str()
-            .unwrap()
-            .contains("invalid request body"),
-        "{body}"
-    );
+    assert_message(&body, "invalid request body");
     for (request, code, words) in [
         (json!({}), StatusCode::BAD_REQUEST, "templateID is required"),
         (
@@ -705,18 +825,15 @@ async fn keys_and_bad_requests_are_refused(server: &Server) {
             "24 hours",
         ),
     ] {
-        let (status, body) = server.call(Method::POST, "/sandboxes", request).await;
-        assert_eq!(status, code, "{body}");
-        assert!(body["message"].as_str().unwrap().contains(words), "{body}");
+        let body = server
+            .expect(code, Method::POST, "/sandboxes", request)
+            .await;
+        assert_message(&body, words);
     }
-    let (status, body) = server
-        .call(Method::GET, "/v2/sandboxes?limit=0", Value::Null)
-        .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    let (status, _) = server
-        .call(Method::GET, "/v2/sandboxes?state=weird", Value::Null)
-        .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
+    for query in ["limit=0", "state=weird"] {
+        let path = format!("/v2/sandboxes?{query}");
+        server.get(StatusCode::BAD_REQUEST, &path).await;
+    }
 }
 
 /// Create: secure with metadata and env vars, and a plain one.
@@ -728,7 +845,7 @@ async fn two_sandboxes_are_created(server: &Server) -> TwoSandboxes {
     assert_eq!(alice["clientID"], "6532622b");
     assert_eq!(alice["templateID"], "base");
     assert!(alice["envdVersion"].as_str().is_some_and(|v| !v.is_empty()));
-    let alice_id = alice["sandboxID"].as_str().unwrap().to_string();
+    let alice_id = sandbox_id(&alice);
     let alice_token = alice["envdAccessToken"]
         .as_str()
         .expect("secure gives a token")
@@ -737,7 +854,7 @@ async fn two_sandboxes_are_created(server: &Server) -> TwoSandboxes {
         .create(json!({"templateID": "base", "timeout": 120, "metadata": {"user": "bob"}}))
         .await;
     assert!(bob.get("envdAccessToken").is_none(), "{bob}");
-    let bob_id = bob["sandboxID"].as_str().unwrap().to_string();
+    let bob_id = sandbox_id(&bob);
 
     TwoSandboxes {
         alice_id,
@@ -765,36 +882,15 @@ async fn commands_and_files_reach_a_sandbox(server: &Server, sandboxes: &TwoSand
         ("hello there", Some(0)),
         "{ran:?}"
     );
-    let sandbox_headers = [
-        ("e2b-sandbox-id", alice_id.as_str()),
-        ("e2b-sandbox-port", "49983"),
-    ];
-    let unauthorised = http_call(
-        Method::GET,
-        &format!(
-            "http://{}/files?path=/etc/hostname&username=user",
-            server.proxy
-        ),
-        &sandbox_headers,
-        "",
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    let to_envd = envd_route(alice_id);
+    let files = "/files?path=/etc/hostname&username=user";
+    let unauthorised = proxy_call(server, Method::GET, files, &to_envd, "").await;
     assert_eq!(
         unauthorised.status,
         StatusCode::UNAUTHORIZED,
         "envd needs the access token"
     );
-    let init = http_call(
-        Method::POST,
-        &format!("http://{}/init", server.proxy),
-        &sandbox_headers,
-        "{}",
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    let init = proxy_call(server, Method::POST, "/init", &to_envd, "{}").await;
     assert_eq!(
         init.status,
         StatusCode::FORBIDDEN,
@@ -807,80 +903,32 @@ async fn listings_filter_page_and_order(server: &Server, sandboxes: &TwoSandboxe
     let TwoSandboxes {
         alice_id, bob_id, ..
     } = sandboxes;
-    let (status, listed, headers) = server
-        .call_with(
-            Method::GET,
-            "/v2/sandboxes?metadata=user%3Dalice",
-            Some(&server.key),
-            "",
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK);
+    let (listed, headers) = server.list("?metadata=user%3Dalice").await;
     let listed = listed.as_array().unwrap();
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0]["sandboxID"], alice_id.as_str());
     assert_eq!(listed[0]["metadata"]["n"], "1");
     assert_eq!(headers["x-total-running"], "1");
-    let (_, first, headers) = server
-        .call_with(Method::GET, "/v2/sandboxes?limit=1", Some(&server.key), "")
-        .await;
+    let (first, headers) = server.list("?limit=1").await;
     let token = headers["x-next-token"].to_str().unwrap().to_string();
-    let (_, second, headers) = server
-        .call_with(
-            Method::GET,
-            &format!("/v2/sandboxes?limit=1&nextToken={token}"),
-            Some(&server.key),
-            "",
-        )
-        .await;
+    let (second, headers) = server.list(&format!("?limit=1&nextToken={token}")).await;
     assert!(
         headers.get("x-next-token").is_none(),
         "two sandboxes, two pages"
     );
     // Newest first by default (bob was created after alice), oldest first when asked.
-    let ids = vec![
-        first[0]["sandboxID"].as_str().unwrap().to_string(),
-        second[0]["sandboxID"].as_str().unwrap().to_string(),
-    ];
-    assert_eq!(ids, vec![bob_id.clone(), alice_id.clone()]);
-    let (_, ascending, _) = server
-        .call_with(
-            Method::GET,
-            "/v2/sandboxes?order=asc",
-            Some(&server.key),
-            "",
-        )
+    let ids = [ids_of(&first), ids_of(&second)].concat();
+    assert_eq!(ids, vec![bob_id.as_str(), alice_id.as_str()]);
+    let (ascending, _) = server.list("?order=asc").await;
+    assert_eq!(ids_of(&ascending), vec![alice_id.as_str(), bob_id.as_str()]);
+    server
+        .get(StatusCode::BAD_REQUEST, "/v2/sandboxes?order=sideways")
         .await;
-    let ascending: Vec<&str> = ascending
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["sandboxID"].as_str().unwrap())
-        .collect();
-    assert_eq!(ascending, vec![alice_id.as_str(), bob_id.as_str()]);
-    let (status, _) = server
-        .call(Method::GET, "/v2/sandboxes?order=sideways", Value::Null)
-        .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
     // startedAfter is inclusive: bob's own start time lists bob.
     let bob_started = first[0]["startedAt"].as_str().unwrap().to_string();
-    let (_, since, _) = server
-        .call_with(
-            Method::GET,
-            &format!(
-                "/v2/sandboxes?startedAfter={}",
-                bob_started.replace('+', "%2B")
-            ),
-            Some(&server.key),
-            "",
-        )
-        .await;
-    let since: Vec<&str> = since
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["sandboxID"].as_str().unwrap())
-        .collect();
+    let after = bob_started.replace('+', "%2B");
+    let (since, _) = server.list(&format!("?startedAfter={after}")).await;
+    let since = ids_of(&since);
     assert!(
         since.contains(&bob_id.as_str()),
         "{since:?} from {bob_started}"
@@ -893,44 +941,33 @@ async fn routes_and_methods_are_checked(server: &Server, sandboxes: &TwoSandboxe
         alice_id, bob_id, ..
     } = sandboxes;
     // an unknown route says so.
-    let (status, metrics) = server
-        .call(
-            Method::GET,
+    let metrics = server
+        .get(
+            StatusCode::OK,
             &format!("/sandboxes/metrics?sandbox_ids={alice_id},{bob_id},nosuchsandbox"),
-            Value::Null,
         )
         .await;
-    assert_eq!(status, StatusCode::OK, "{metrics}");
     let sampled = metrics["sandboxes"].as_object().unwrap();
     assert!(
         sampled[alice_id.as_str()]["memTotal"].as_u64().unwrap() > 0,
         "{metrics}"
     );
     assert!(sampled.contains_key(bob_id.as_str()) && !sampled.contains_key("nosuchsandbox"));
-    let (status, _) = server
-        .call(Method::GET, "/sandboxes/metrics", Value::Null)
+    server
+        .get(StatusCode::BAD_REQUEST, "/sandboxes/metrics")
         .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    let (status, body) = server
-        .call(
+    let body = server
+        .sandbox(alice_id)
+        .expect(
+            StatusCode::METHOD_NOT_ALLOWED,
             Method::PUT,
-            &format!("/sandboxes/{alice_id}/pause"),
+            "/pause",
             Value::Null,
         )
         .await;
-    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{body}");
-    assert!(
-        body["message"].as_str().unwrap().contains("not allowed"),
-        "{body}"
-    );
-    let (status, body) = server
-        .call(Method::GET, "/v3/no/such/thing", Value::Null)
-        .await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
-    assert!(
-        body["message"].as_str().unwrap().contains("no such route"),
-        "{body}"
-    );
+    assert_message(&body, "not allowed");
+    let body = server.get(StatusCode::NOT_FOUND, "/v3/no/such/thing").await;
+    assert_message(&body, "no such route");
     let (_, v1) = server.call(Method::GET, "/sandboxes", Value::Null).await;
     assert_eq!(v1.as_array().unwrap().len(), 2);
 }
@@ -943,28 +980,27 @@ async fn details_are_per_team(server: &Server, sandboxes: &TwoSandboxes) -> Stri
         alice_token,
         ..
     } = sandboxes;
-    let (status, detail) = server
-        .call(Method::GET, &format!("/sandboxes/{alice_id}"), Value::Null)
-        .await;
-    assert_eq!(status, StatusCode::OK);
+    let detail = server.sandbox(alice_id).detail(StatusCode::OK).await;
     assert_eq!(
         (detail["state"].clone(), detail["cpuCount"].clone()),
         (json!("running"), json!(1))
     );
     assert_eq!(detail["envdAccessToken"], alice_token.as_str());
     let other = server.key_of_team("other");
-    for (method, path) in [
-        (Method::GET, format!("/sandboxes/{alice_id}")),
-        (Method::DELETE, format!("/sandboxes/{alice_id}")),
-        (Method::POST, format!("/sandboxes/{alice_id}/pause")),
-    ] {
-        let (status, body, _) = server.call_with(method, &path, Some(&other), "").await;
-        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
-    }
-    let (_, theirs, _) = server
-        .call_with(Method::GET, "/v2/sandboxes", Some(&other), "")
+    let theirs = server.sandbox_as(alice_id, &other);
+    theirs.detail(StatusCode::NOT_FOUND).await;
+    theirs.kill(StatusCode::NOT_FOUND).await;
+    theirs.pause(StatusCode::NOT_FOUND).await;
+    let (listed, _) = server
+        .expect_with(
+            StatusCode::OK,
+            Method::GET,
+            "/v2/sandboxes",
+            Some(&other),
+            "",
+        )
         .await;
-    assert_eq!(theirs, json!([]));
+    assert_eq!(listed, json!([]));
     let (status, body, _) = server
         .call_with(Method::GET, "/hosts", Some(&other), "")
         .await;
@@ -982,38 +1018,26 @@ async fn timeouts_and_refreshes_move_the_end(server: &Server, sandboxes: &TwoSan
     let TwoSandboxes {
         alice_id, bob_id, ..
     } = sandboxes;
-    let (status, _) = server
-        .call(
-            Method::POST,
-            &format!("/sandboxes/{alice_id}/timeout"),
-            json!({"timeout": 600}),
-        )
+    let alice = server.sandbox(alice_id);
+    alice
+        .post(StatusCode::NO_CONTENT, "/timeout", json!({"timeout": 600}))
         .await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
-    let (_, detail) = server
-        .call(Method::GET, &format!("/sandboxes/{alice_id}"), Value::Null)
-        .await;
+    let detail = alice.detail(StatusCode::OK).await;
     let end = chrono::DateTime::parse_from_rfc3339(detail["endAt"].as_str().unwrap()).unwrap();
     assert!(
         end.timestamp() - chrono::Utc::now().timestamp() > 500,
         "{detail}"
     );
-    let (status, _) = server
-        .call(
-            Method::POST,
-            &format!("/sandboxes/{bob_id}/refreshes"),
-            json!({"duration": 60}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
-    let (status, _) = server
-        .call(
-            Method::POST,
-            &format!("/sandboxes/{bob_id}/refreshes"),
-            json!({"duration": 4000}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
+    for (duration, expected) in [
+        (60, StatusCode::NO_CONTENT),
+        (4000, StatusCode::BAD_REQUEST),
+    ] {
+        let refresh = json!({ "duration": duration });
+        server
+            .sandbox(bob_id)
+            .post(expected, "/refreshes", refresh)
+            .await;
+    }
 }
 
 /// Metrics from envd.
@@ -1021,14 +1045,10 @@ async fn metrics_come_from_envd(server: &Server, sandboxes: &TwoSandboxes) {
     let TwoSandboxes {
         alice_id, bob_id, ..
     } = sandboxes;
-    let (status, metrics) = server
-        .call(
-            Method::GET,
-            &format!("/sandboxes/{alice_id}/metrics"),
-            Value::Null,
-        )
+    let metrics = server
+        .sandbox(alice_id)
+        .expect(StatusCode::OK, Method::GET, "/metrics", Value::Null)
         .await;
-    assert_eq!(status, StatusCode::OK);
     assert!(metrics[0]["memTotal"].as_u64().unwrap() > 0, "{metrics}");
 
     // h2c through the proxy (and the agent's proxy) to a server in the guest.
@@ -1044,33 +1064,33 @@ async fn upgraded_and_private_traffic(server: &Server, sandboxes: &TwoSandboxes)
 
     // No public traffic: needs secure, gets a traffic token the proxy asks for on other ports
     // than envd's; with autoResume, traffic to it paused resumes it.
-    let (status, body) = server
-        .call(
+    server
+        .expect(
+            StatusCode::BAD_REQUEST,
             Method::POST,
             "/sandboxes",
             json!({"templateID": "base", "network": {"allowPublicTraffic": false}}),
         )
         .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     let carol = server
         .create(json!({"templateID": "base", "timeout": 120, "secure": true,
             "network": {"allowPublicTraffic": false}, "autoResume": {"enabled": true}}))
         .await;
-    let carol_id = carol["sandboxID"].as_str().unwrap().to_string();
+    let carol_id = sandbox_id(&carol);
     let carol_envd = carol["envdAccessToken"].as_str().unwrap().to_string();
     let traffic = carol["trafficAccessToken"]
         .as_str()
         .expect("a traffic token")
         .to_string();
-    let ran = run_via_proxy(
+    start_guest_server(
         server.proxy,
         &carol_id,
         Some(&carol_envd),
-        "cd /tmp && echo served > index.html && (nohup python3 -m http.server 8000 >/dev/null 2>&1 &) && \
-         for i in $(seq 100); do (echo > /dev/tcp/127.0.0.1/8000) 2>/dev/null && exit 0; sleep 0.1; done; exit 1",
+        "cd /tmp && echo served > index.html && (nohup python3 -m http.server 8000 >/tmp/page.log 2>&1 &)",
+        8000,
+        "/tmp/page.log",
     )
     .await;
-    assert_eq!(ran.exit_code, Some(0), "{ran:?}");
     let get_page = async |token: Option<&str>| {
         let mut headers = vec![
             ("e2b-sandbox-id", carol_id.as_str()),
@@ -1079,15 +1099,7 @@ async fn upgraded_and_private_traffic(server: &Server, sandboxes: &TwoSandboxes)
         if let Some(token) = token {
             headers.push(("e2b-traffic-access-token", token));
         }
-        http_call(
-            Method::GET,
-            &format!("http://{}/index.html", server.proxy),
-            &headers,
-            "",
-            Duration::from_secs(120),
-        )
-        .await
-        .unwrap()
+        proxy_call(server, Method::GET, "/index.html", &headers, "").await
     };
     assert_eq!(get_page(None).await.status, StatusCode::FORBIDDEN);
     assert_eq!(get_page(Some("wrong")).await.status, StatusCode::FORBIDDEN);
@@ -1096,33 +1108,18 @@ async fn upgraded_and_private_traffic(server: &Server, sandboxes: &TwoSandboxes)
         (page.status, page.text().trim()),
         (StatusCode::OK, "served")
     );
-    let (status, _) = server
-        .call(
-            Method::POST,
-            &format!("/sandboxes/{carol_id}/pause"),
-            Value::Null,
-        )
-        .await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
+    let carol = server.sandbox(&carol_id);
+    carol.pause(StatusCode::NO_CONTENT).await;
     let page = get_page(Some(&traffic)).await;
     assert_eq!(
         (page.status, page.text().trim()),
         (StatusCode::OK, "served"),
         "resumed by traffic"
     );
-    let (_, detail) = server
-        .call(Method::GET, &format!("/sandboxes/{carol_id}"), Value::Null)
-        .await;
+    let detail = carol.detail(StatusCode::OK).await;
     assert_eq!(detail["state"], "running");
     assert_eq!(detail["lifecycle"]["autoResume"], true);
-    let (status, _) = server
-        .call(
-            Method::DELETE,
-            &format!("/sandboxes/{carol_id}"),
-            Value::Null,
-        )
-        .await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
+    carol.kill(StatusCode::NO_CONTENT).await;
 }
 
 /// Pause (twice: 409), the proxy refuses a paused sandbox, connect resumes (201), then 200.
@@ -1132,99 +1129,40 @@ async fn pause_and_connect_resume(server: &Server, sandboxes: &TwoSandboxes) {
         alice_token,
         ..
     } = sandboxes;
-    let sandbox_headers = [
-        ("e2b-sandbox-id", alice_id.as_str()),
-        ("e2b-sandbox-port", "49983"),
-    ];
-    let (status, _) = server
-        .call(
-            Method::POST,
-            &format!("/sandboxes/{alice_id}/pause"),
-            Value::Null,
-        )
-        .await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
-    let (status, body) = server
-        .call(
-            Method::POST,
-            &format!("/sandboxes/{alice_id}/pause"),
-            Value::Null,
-        )
-        .await;
-    assert_eq!(status, StatusCode::CONFLICT, "{body}");
-    let (_, paused, _) = server
-        .call_with(
-            Method::GET,
-            "/v2/sandboxes?state=paused",
-            Some(&server.key),
-            "",
-        )
-        .await;
+    let alice = server.sandbox(alice_id);
+    alice.pause(StatusCode::NO_CONTENT).await;
+    alice.pause(StatusCode::CONFLICT).await;
+    let (paused, _) = server.list("?state=paused").await;
     assert_eq!(paused[0]["sandboxID"], alice_id.as_str());
-    let paused_proxy = http_call(
-        Method::GET,
-        &format!("http://{}/health", server.proxy),
-        &sandbox_headers,
-        "",
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    let paused_proxy = proxy_call(server, Method::GET, "/health", &envd_route(alice_id), "").await;
     assert_eq!(
         paused_proxy.status,
         StatusCode::BAD_GATEWAY,
         "a paused sandbox is not served"
     );
-    let (status, resumed) = server
-        .call(
-            Method::POST,
-            &format!("/sandboxes/{alice_id}/connect"),
-            json!({"timeout": 120}),
-        )
+    let two_minutes = json!({"timeout": 120});
+    let resumed = alice
+        .post(StatusCode::CREATED, "/connect", two_minutes.clone())
         .await;
-    assert_eq!(status, StatusCode::CREATED, "{resumed}");
     assert_eq!(resumed["envdAccessToken"], alice_token.as_str());
-    let (status, _) = server
-        .call(
-            Method::POST,
-            &format!("/sandboxes/{alice_id}/connect"),
-            json!({"timeout": 120}),
-        )
+    alice
+        .post(StatusCode::OK, "/connect", two_minutes.clone())
         .await;
-    assert_eq!(status, StatusCode::OK);
-    let ran = run_via_proxy(
+    let file = "cat /home/user/before-pause.txt";
+    run_via_proxy_expecting(
         server.proxy,
         alice_id,
         Some(alice_token),
-        "cat /home/user/before-pause.txt",
+        file,
+        "hello there",
     )
     .await;
-    assert_eq!(ran.stdout.trim(), "hello there", "{ran:?}");
     // resume: 409 while running, 201 after a pause.
-    let (status, _) = server
-        .call(
-            Method::POST,
-            &format!("/sandboxes/{alice_id}/resume"),
-            json!({}),
-        )
+    alice.post(StatusCode::CONFLICT, "/resume", json!({})).await;
+    alice.pause(StatusCode::NO_CONTENT).await;
+    alice
+        .post(StatusCode::CREATED, "/resume", two_minutes)
         .await;
-    assert_eq!(status, StatusCode::CONFLICT);
-    let (status, _) = server
-        .call(
-            Method::POST,
-            &format!("/sandboxes/{alice_id}/pause"),
-            Value::Null,
-        )
-        .await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
-    let (status, _) = server
-        .call(
-            Method::POST,
-            &format!("/sandboxes/{alice_id}/resume"),
-            json!({"timeout": 120}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED);
 }
 
 /// A control-plane restart (SIGKILL) loses nothing: the sandboxes, the host, the keys.
@@ -1236,10 +1174,7 @@ async fn a_restart_loses_nothing(server: &mut Server, sandboxes: &TwoSandboxes, 
     } = sandboxes;
     server.kill();
     server.spawn();
-    let (status, listed, _) = server
-        .call_with(Method::GET, "/v2/sandboxes", Some(&server.key), "")
-        .await;
-    assert_eq!(status, StatusCode::OK);
+    let (listed, _) = server.list("").await;
     assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
     let ran = run_via_proxy(
         server.proxy,
@@ -1257,18 +1192,11 @@ async fn a_restart_loses_nothing(server: &mut Server, sandboxes: &TwoSandboxes, 
 
 /// Timeout expiry kills.
 async fn timeout_expiry_kills(server: &Server) {
-    let short = server
-        .create(json!({"templateID": "base", "timeout": 2}))
+    let short_id = server
+        .create_id(json!({"templateID": "base", "timeout": 2}))
         .await;
-    let short_id = short["sandboxID"].as_str().unwrap().to_string();
-    server
-        .wait_sandbox(
-            "the short sandbox's timeout",
-            &short_id,
-            "gone",
-            Duration::from_secs(20),
-        )
-        .await;
+    let what = "the short sandbox's timeout";
+    server.wait_sandbox(what, &short_id, "gone", 20).await;
 }
 
 /// Kill: 204, then 404.
@@ -1277,22 +1205,12 @@ async fn kill_then_404(server: &Server, sandboxes: &TwoSandboxes) {
         alice_id, bob_id, ..
     } = sandboxes;
     for id in [&alice_id, &bob_id] {
-        let (status, _) = server
-            .call(Method::DELETE, &format!("/sandboxes/{id}"), Value::Null)
-            .await;
-        assert_eq!(status, StatusCode::NO_CONTENT);
-        let (status, _) = server
-            .call(Method::DELETE, &format!("/sandboxes/{id}"), Value::Null)
-            .await;
-        assert_eq!(status, StatusCode::NOT_FOUND);
+        let sandbox = server.sandbox(id);
+        sandbox.kill(StatusCode::NO_CONTENT).await;
+        sandbox.kill(StatusCode::NOT_FOUND).await;
     }
-    let (status, body) = server
-        .call(Method::GET, &format!("/sandboxes/{alice_id}"), Value::Null)
-        .await;
-    assert_eq!(
-        (status, body["code"].clone()),
-        (StatusCode::NOT_FOUND, json!(404))
-    );
+    let body = server.sandbox(alice_id).detail(StatusCode::NOT_FOUND).await;
+    assert_eq!(body["code"], json!(404));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1337,91 +1255,40 @@ async fn fleet_places_reconciles_and_survives_a_dead_host() {
     // malformed registration is a 400; a heartbeat with a wrong token is refused.
     // (The registry speaks Connect, not the REST API: its answers are not in the OpenAPI
     // document, so these calls go around the checking `Server::call`.)
-    let anonymous = http_call(
-        Method::POST,
-        &format!("{}{}", server.url(), Register::PATH),
-        &[("content-type", "application/json")],
-        "{}",
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        anonymous.status,
-        StatusCode::UNAUTHORIZED,
-        "{}",
-        anonymous.text()
-    );
-    let bearer = format!("Bearer {}", server.join_token);
-    let malformed = http_call(
-        Method::POST,
-        &format!("{}{}", server.url(), Register::PATH),
-        &[
-            ("authorization", &bearer),
-            ("content-type", "application/json"),
-        ],
-        "{}",
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        malformed.status,
-        StatusCode::BAD_REQUEST,
-        "{}",
-        malformed.text()
-    );
-    let response = http_call(
-        Method::POST,
-        &format!("{}{}", server.url(), Register::PATH),
-        &[
-            ("authorization", "Bearer wrong"),
-            ("content-type", "application/json"),
-        ],
-        json!({"name": "x", "apiUrl": "http://127.0.0.1:1", "proxyAddress": "127.0.0.1:1",
-            "agentToken": "t", "report": {}})
-        .to_string(),
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        response.status,
-        StatusCode::UNAUTHORIZED,
-        "{}",
-        response.text()
-    );
+    let register = format!("{}{}", server.url(), Register::PATH);
+    let registration = json!({"name": "x", "apiUrl": "http://127.0.0.1:1",
+        "proxyAddress": "127.0.0.1:1", "agentToken": "t", "report": {}});
+    for (token, body, expected) in [
+        (None, json!({}), StatusCode::UNAUTHORIZED),
+        (
+            Some(server.join_token.as_str()),
+            json!({}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (Some("wrong"), registration, StatusCode::UNAUTHORIZED),
+    ] {
+        let answer = registry_post(&register, token, body.to_string())
+            .await
+            .unwrap();
+        assert_eq!(answer.status, expected, "{token:?}: {}", answer.text());
+    }
     let host_ids: Vec<String> = server
         .hosts()
         .await
         .iter()
         .map(|h| h["hostID"].as_str().unwrap().to_string())
         .collect();
-    let response = http_call(
-        Method::POST,
-        &format!("{}{}", server.url(), Heartbeat::PATH),
-        &[
-            ("authorization", "Bearer wrong"),
-            ("content-type", "application/json"),
-        ],
-        json!({ "hostId": host_ids[0] }).to_string(),
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
-    assert_eq!(response.status, StatusCode::UNAUTHORIZED);
+    let heartbeat = format!("{}{}", server.url(), Heartbeat::PATH);
+    let beat = json!({ "hostId": host_ids[0] }).to_string();
+    let answer = registry_post(&heartbeat, Some("wrong"), beat)
+        .await
+        .unwrap();
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
 
     // Least-loaded placement: two sandboxes, one on each host.
-    let first = server
-        .create(json!({"templateID": "base", "timeout": 300}))
-        .await;
-    let second = server
-        .create(json!({"templateID": "base", "timeout": 300}))
-        .await;
-    let (first_id, second_id) = (
-        first["sandboxID"].as_str().unwrap().to_string(),
-        second["sandboxID"].as_str().unwrap().to_string(),
-    );
+    let five_minutes = json!({"templateID": "base", "timeout": 300});
+    let first_id = server.create_id(five_minutes.clone()).await;
+    let second_id = server.create_id(five_minutes.clone()).await;
     let (on_a, on_b) = (
         agent_sandboxes(&host_a).await,
         agent_sandboxes(&host_b).await,
@@ -1436,25 +1303,13 @@ async fn fleet_places_reconciles_and_survives_a_dead_host() {
     assert_eq!(placed, created);
     // Both answer through the one edge proxy.
     for id in [&id_a, &id_b] {
-        let ran = run_via_proxy(server.proxy, id, None, "echo $E2B_SANDBOX_ID").await;
-        assert_eq!(ran.stdout.trim(), id.as_str(), "{ran:?}");
+        run_via_proxy_expecting(server.proxy, id, None, "echo $E2B_SANDBOX_ID", id).await;
     }
 
     // Drift: a sandbox destroyed behind the control plane's back is removed from the store.
-    let _: pb::DestroySandboxResponse = host_a
-        .call::<host_agent::DestroySandbox>(&pb::DestroySandboxRequest {
-            sandbox_id: id_a.clone(),
-        })
-        .await
-        .unwrap();
-    server
-        .wait_sandbox(
-            "the reconcile to drop the destroyed sandbox",
-            &id_a,
-            "gone",
-            Duration::from_secs(15),
-        )
-        .await;
+    host_a.destroy(&id_a).await.unwrap();
+    let what = "the reconcile to drop the destroyed sandbox";
+    server.wait_sandbox(what, &id_a, "gone", 15).await;
     // An orphan (created on the host, unknown to the store) is destroyed after the grace.
     host_a.create("base", "orphan1", None).await;
     wait_until(
@@ -1469,17 +1324,11 @@ async fn fleet_places_reconciles_and_survives_a_dead_host() {
     server
         .wait_host("fleet-b", "down", Duration::from_secs(15))
         .await;
-    let (status, body) = server
-        .call(Method::GET, &format!("/sandboxes/{id_b}"), Value::Null)
-        .await;
-    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
-    assert!(body["message"].as_str().unwrap().contains("lost"), "{body}");
-    let (_, listed) = server.call(Method::GET, "/v2/sandboxes", Value::Null).await;
+    let body = server.sandbox(&id_b).detail(StatusCode::NOT_FOUND).await;
+    assert_message(&body, "lost");
+    let (listed, _) = server.list("").await;
     assert_eq!(listed, json!([]), "a lost sandbox is not listed");
-    let third = server
-        .create(json!({"templateID": "base", "timeout": 300}))
-        .await;
-    let third_id = third["sandboxID"].as_str().unwrap().to_string();
+    let third_id = server.create_id(five_minutes).await;
     assert_eq!(agent_sandboxes(&host_a).await, vec![third_id.clone()]);
 
     // Host b comes back with its VM: up again, the lost sandbox running and answering.
@@ -1487,22 +1336,12 @@ async fn fleet_places_reconciles_and_survives_a_dead_host() {
     server
         .wait_host("fleet-b", "up", Duration::from_secs(30))
         .await;
-    server
-        .wait_sandbox(
-            "the lost sandbox to come back",
-            &id_b,
-            "running",
-            Duration::from_secs(15),
-        )
-        .await;
-    let ran = run_via_proxy(server.proxy, &id_b, None, "echo back").await;
-    assert_eq!(ran.stdout.trim(), "back", "{ran:?}");
+    let what = "the lost sandbox to come back";
+    server.wait_sandbox(what, &id_b, "running", 15).await;
+    run_via_proxy_expecting(server.proxy, &id_b, None, "echo back", "back").await;
 
     for id in [&id_b, &third_id] {
-        let (status, _) = server
-            .call(Method::DELETE, &format!("/sandboxes/{id}"), Value::Null)
-            .await;
-        assert_eq!(status, StatusCode::NO_CONTENT);
+        server.sandbox(id).kill(StatusCode::NO_CONTENT).await;
     }
     let mut host_a = host_a;
     for agent in [&mut host_a, &mut host_b] {
@@ -1648,13 +1487,15 @@ impl FakeAgent {
         }
     }
 
-    /// One registration under `name` with `identity`: the status and the answer.
+    /// One registration under `name` with `identity`, which must answer `expected`: the
+    /// answer.
     async fn register_as(
         &self,
         server: &Server,
         name: &str,
         identity: Option<&wrenn_agent::join::HostIdentity>,
-    ) -> (StatusCode, Value) {
+        expected: StatusCode,
+    ) -> Value {
         let request = wrenn_agent::join::RegisterRequest {
             name: name.into(),
             api_url: format!("http://{}", self.address),
@@ -1663,32 +1504,29 @@ impl FakeAgent {
             report: Some(self.report()),
             identity: identity.cloned(),
         };
-        let bearer = format!("Bearer {}", server.join_token);
-        let response = http_call(
-            Method::POST,
+        let response = registry_post(
             &format!("{}{}", server.url(), Register::PATH),
-            &[
-                ("authorization", &bearer),
-                ("content-type", "application/json"),
-            ],
+            Some(&server.join_token),
             serde_json::to_string(&request).unwrap(),
-            Duration::from_secs(5),
         )
         .await
         .unwrap();
-        (
-            response.status,
-            serde_json::from_slice(&response.body).unwrap_or(Value::Null),
-        )
+        let answer = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
+        assert_eq!(response.status, expected, "{name}: {answer}");
+        answer
     }
 
     /// Registers under its name (with its identity, once it has one) and heartbeats every
     /// 200 ms until [`Self::stop_heartbeats`].
     async fn join(&mut self, server: &Server) {
-        let (status, answer) = self
-            .register_as(server, &self.name.clone(), self.identity.as_ref())
+        let answer = self
+            .register_as(
+                server,
+                &self.name.clone(),
+                self.identity.as_ref(),
+                StatusCode::OK,
+            )
             .await;
-        assert_eq!(status, StatusCode::OK, "{answer}");
         let host_id = answer["hostId"].as_str().unwrap().to_string();
         if let Some(secret) = answer["hostSecret"].as_str() {
             self.identity = Some(wrenn_agent::join::HostIdentity {
@@ -1711,22 +1549,12 @@ impl FakeAgent {
         self.stop_heartbeats();
         self.heartbeats = Some(tokio::spawn(async move {
             loop {
-                let bearer = format!("Bearer {token}");
-                let _ = http_call(
-                    Method::POST,
-                    &url,
-                    &[
-                        ("authorization", &bearer),
-                        ("content-type", "application/json"),
-                    ],
-                    serde_json::to_string(&wrenn_agent::join::HeartbeatRequest {
-                        host_id: host_id.clone(),
-                        report: Some(this.report()),
-                    })
-                    .unwrap(),
-                    Duration::from_secs(5),
-                )
-                .await;
+                let beat = wrenn_agent::join::HeartbeatRequest {
+                    host_id: host_id.clone(),
+                    report: Some(this.report()),
+                };
+                let beat = serde_json::to_string(&beat).unwrap();
+                let _ = registry_post(&url, Some(&token), beat).await;
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }));
@@ -1777,13 +1605,9 @@ async fn a_host_that_never_answers_delays_no_other_hosts_work() {
     // first; then it reports itself full, so that later creates go elsewhere.
     let mut slow = FakeAgent::start("slow", true).await;
     slow.join(&server).await;
-    let mut stuck_ids = Vec::new();
-    for _ in 0..2 {
-        let created = server
-            .create(json!({"templateID": "base", "timeout": 1}))
-            .await;
-        stuck_ids.push(created["sandboxID"].as_str().unwrap().to_string());
-    }
+    let stuck_ids = server
+        .create_ids(2, json!({"templateID": "base", "timeout": 1}))
+        .await;
     assert_eq!(slow.sandboxes.lock().unwrap().len(), 2);
     slow.full.store(true, std::sync::atomic::Ordering::SeqCst);
     wait_until(
@@ -1797,13 +1621,9 @@ async fn a_host_that_never_answers_delays_no_other_hosts_work() {
     // reconciles) hang.
     let mut quick = FakeAgent::start("quick", false).await;
     quick.join(&server).await;
-    let mut quick_ids = Vec::new();
-    for _ in 0..3 {
-        let created = server
-            .create(json!({"templateID": "base", "timeout": 2}))
-            .await;
-        quick_ids.push(created["sandboxID"].as_str().unwrap().to_string());
-    }
+    let quick_ids = server
+        .create_ids(3, json!({"templateID": "base", "timeout": 2}))
+        .await;
     let ends = Instant::now() + Duration::from_secs(2);
     assert_eq!(
         quick
@@ -1830,17 +1650,11 @@ async fn a_host_that_never_answers_delays_no_other_hosts_work() {
         );
     }
     for id in &quick_ids {
-        let (status, _) = server
-            .call(Method::GET, &format!("/sandboxes/{id}"), Value::Null)
-            .await;
-        assert_eq!(status, StatusCode::NOT_FOUND);
+        server.sandbox(id).detail(StatusCode::NOT_FOUND).await;
     }
     // The slow host's sandboxes are still there: their kills wait on their deadline.
     for id in &stuck_ids {
-        let (status, body) = server
-            .call(Method::GET, &format!("/sandboxes/{id}"), Value::Null)
-            .await;
-        assert_eq!(status, StatusCode::OK, "{body}");
+        server.sandbox(id).detail(StatusCode::OK).await;
     }
 
     // The heartbeat watch is not held up by the slow host's reconciles: a silent host goes
@@ -1867,10 +1681,9 @@ async fn a_hosts_name_is_taken_only_with_its_identity() {
         .identity
         .clone()
         .expect("a first registration gives an identity");
-    let created = server
-        .create(json!({"templateID": "base", "timeout": 300}))
+    let id = server
+        .create_id(json!({"templateID": "base", "timeout": 300}))
         .await;
-    let id = created["sandboxID"].as_str().unwrap().to_string();
     let before = host_view(&server, "owned").await;
 
     // A second agent under the live host's name, with no identity or a wrong one: 409, and
@@ -1881,25 +1694,17 @@ async fn a_hosts_name_is_taken_only_with_its_identity() {
         secret: "guess".into(),
     };
     for claim in [None, Some(&forged)] {
-        let (status, answer) = intruder.register_as(&server, "owned", claim).await;
-        assert_eq!(status, StatusCode::CONFLICT, "{answer}");
-        assert!(
-            answer["message"]
-                .as_str()
-                .unwrap()
-                .contains("is up under another identity"),
-            "{answer}"
-        );
+        let answer = intruder
+            .register_as(&server, "owned", claim, StatusCode::CONFLICT)
+            .await;
+        assert_message(&answer, "is up under another identity");
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = host_view(&server, "owned").await;
     assert_eq!(after["hostID"], before["hostID"]);
     assert_eq!(after["apiURL"], before["apiURL"]);
     assert_eq!(after["state"], "up", "the owner's heartbeats still count");
-    let (status, body) = server
-        .call(Method::GET, &format!("/sandboxes/{id}"), Value::Null)
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    server.sandbox(&id).detail(StatusCode::OK).await;
     assert_eq!(owner.sandboxes.lock().unwrap().len(), 1);
     assert!(intruder.sandboxes.lock().unwrap().is_empty());
 
@@ -1908,20 +1713,14 @@ async fn a_hosts_name_is_taken_only_with_its_identity() {
     server
         .wait_host("owned", "down", Duration::from_secs(8))
         .await;
-    let (status, answer) = intruder.register_as(&server, "owned", None).await;
-    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
-    assert!(
-        answer["message"]
-            .as_str()
-            .unwrap()
-            .contains("wrenn host forget owned"),
-        "{answer}"
-    );
-    // An identity is one host's: it cannot register under another name.
-    let (status, answer) = intruder
-        .register_as(&server, "renamed", Some(&identity))
+    let answer = intruder
+        .register_as(&server, "owned", None, StatusCode::CONFLICT)
         .await;
-    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert_message(&answer, "wrenn host forget owned");
+    // An identity is one host's: it cannot register under another name.
+    intruder
+        .register_as(&server, "renamed", Some(&identity), StatusCode::CONFLICT)
+        .await;
     owner.join(&server).await;
     assert_eq!(
         owner.identity.as_ref(),
@@ -1929,20 +1728,20 @@ async fn a_hosts_name_is_taken_only_with_its_identity() {
         "the identity is kept, not renewed"
     );
     server
-        .wait_sandbox(
-            "the sandbox to come back",
-            &id,
-            "running",
-            Duration::from_secs(10),
-        )
+        .wait_sandbox("the sandbox to come back", &id, "running", 10)
         .await;
 
     // Replaced for good: forgetting needs an admin key and a down host; then the name is free.
     let other_key = server.key_of_team("not-admin");
-    let (status, _, _) = server
-        .call_with(Method::DELETE, "/hosts/owned", Some(&other_key), "")
+    server
+        .expect_with(
+            StatusCode::FORBIDDEN,
+            Method::DELETE,
+            "/hosts/owned",
+            Some(&other_key),
+            "",
+        )
         .await;
-    assert_eq!(status, StatusCode::FORBIDDEN);
     let (status, body) = server
         .call(Method::DELETE, "/hosts/owned", Value::Null)
         .await;
@@ -1955,19 +1754,16 @@ async fn a_hosts_name_is_taken_only_with_its_identity() {
     server
         .wait_host("owned", "down", Duration::from_secs(8))
         .await;
-    let (code, out, err) = wrenn_cli(&server, &["host", "forget", "owned", "--json"], "").await;
-    assert_eq!(code, 0, "{err}");
+    let out = wrenn_ok(&server, &["host", "forget", "owned", "--json"]).await;
     assert_eq!(
         serde_json::from_str::<Value>(&out).unwrap()["sandboxes"],
         1,
         "{out}"
     );
-    let (status, _) = server
-        .call(Method::GET, &format!("/sandboxes/{id}"), Value::Null)
+    server.sandbox(&id).detail(StatusCode::NOT_FOUND).await;
+    let answer = intruder
+        .register_as(&server, "owned", None, StatusCode::OK)
         .await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, answer) = intruder.register_as(&server, "owned", None).await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
     assert_ne!(answer["hostId"], json!(identity.host_id), "a new identity");
     assert!(answer["hostSecret"].is_string());
 }
@@ -1993,10 +1789,9 @@ async fn a_second_agent_cannot_take_a_hosts_name() {
             & 0o777;
         assert_eq!(mode, 0o600);
     }
-    let created = server
-        .create(json!({"templateID": "base", "timeout": 300}))
+    let id = server
+        .create_id(json!({"templateID": "base", "timeout": 300}))
         .await;
-    let id = created["sandboxID"].as_str().unwrap().to_string();
     let before = host_view(&server, "ident-a").await;
     assert_eq!(before["hostID"], json!(kept.host_id));
 
@@ -2022,8 +1817,7 @@ async fn a_second_agent_cannot_take_a_hosts_name() {
         let detail = owner.get(&id).await;
         panic!("the owner runs {on_owner:?}, not [{id}]: {detail:?}");
     }
-    let ran = run_via_proxy(server.proxy, &id, None, "echo intact").await;
-    assert_eq!(ran.stdout.trim(), "intact", "{ran:?}");
+    run_via_proxy_expecting(server.proxy, &id, None, "echo intact", "intact").await;
 
     owner.kill();
     server
@@ -2046,33 +1840,15 @@ async fn a_second_agent_cannot_take_a_hosts_name() {
         Some(kept)
     );
     server
-        .wait_sandbox(
-            "the sandbox to come back",
-            &id,
-            "running",
-            Duration::from_secs(15),
-        )
+        .wait_sandbox("the sandbox to come back", &id, "running", 15)
         .await;
-    let ran = run_via_proxy(server.proxy, &id, None, "echo back").await;
-    assert_eq!(ran.stdout.trim(), "back", "{ran:?}");
+    run_via_proxy_expecting(server.proxy, &id, None, "echo back", "back").await;
 
-    let (status, _) = server
-        .call(Method::DELETE, &format!("/sandboxes/{id}"), Value::Null)
-        .await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
+    server.sandbox(&id).kill(StatusCode::NO_CONTENT).await;
     for agent in [&mut owner, &mut intruder] {
         agent.stop();
         assert_eq!(agent.leftovers(), Vec::<String>::new());
     }
-}
-
-async fn post(
-    server: &Server,
-    key: &str,
-    path: &str,
-    body: &str,
-) -> (StatusCode, Value, http::HeaderMap) {
-    server.call_with(Method::POST, path, Some(key), body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2107,10 +1883,15 @@ async fn quotas_and_refused_settings_through_the_real_api() {
             "autoPauseMemory",
         ),
     ] {
-        let (status, answer, _) = server
-            .call_with(Method::POST, "/v2/sandboxes", Some(&key), &body.to_string())
+        let (answer, _) = server
+            .expect_with(
+                StatusCode::BAD_REQUEST,
+                Method::POST,
+                "/v2/sandboxes",
+                Some(&key),
+                &body.to_string(),
+            )
             .await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
         assert!(
             answer["message"].as_str().unwrap().starts_with(field),
             "{answer}"
@@ -2127,14 +1908,12 @@ async fn quotas_and_refused_settings_through_the_real_api() {
         (0..6).map(|_| server.call_with(Method::POST, "/v2/sandboxes", Some(&key), &body));
     let answers = futures_util::future::join_all(attempts).await;
     let mut made = Vec::new();
+    let running_limit = "team limited has 2 running sandboxes, the limit: kill or pause one first";
     for (status, answer, headers) in answers {
         match status {
-            StatusCode::CREATED => made.push(answer["sandboxID"].as_str().unwrap().to_string()),
+            StatusCode::CREATED => made.push(sandbox_id(&answer)),
             StatusCode::TOO_MANY_REQUESTS => {
-                assert_eq!(
-                    answer["message"],
-                    "team limited has 2 running sandboxes, the limit: kill or pause one first"
-                );
+                assert_eq!(answer["message"], running_limit);
                 assert_eq!(headers["should-retry"], "false");
             }
             other => panic!("{other}: {answer}"),
@@ -2146,104 +1925,67 @@ async fn quotas_and_refused_settings_through_the_real_api() {
     let other = server
         .create(json!({"templateID": "base", "timeout": 300}))
         .await;
+    // The team's creates of `body`, which must answer `expected`.
+    let create = async |expected: StatusCode| {
+        let (answer, _) = server
+            .expect_with(expected, Method::POST, "/sandboxes", Some(&key), &body)
+            .await;
+        answer
+    };
 
     // A pause without memory is refused; one pause fits the paused limit, a second does not.
-    let (status, answer, _) = post(
-        &server,
-        &key,
-        &format!("/sandboxes/{}/pause", made[0]),
-        r#"{"memory": false}"#,
-    )
-    .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
-    assert!(answer["message"].as_str().unwrap().starts_with("memory"));
-    let (status, answer, _) = post(
-        &server,
-        &key,
-        &format!("/sandboxes/{}/pause", made[0]),
-        r#"{"memory": true}"#,
-    )
-    .await;
-    assert_eq!(status, StatusCode::NO_CONTENT, "{answer}");
-    let (status, answer, _) =
-        post(&server, &key, &format!("/sandboxes/{}/pause", made[1]), "").await;
-    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{answer}");
-    assert!(
-        answer["message"]
-            .as_str()
-            .unwrap()
-            .contains("1 paused sandboxes, the limit"),
-        "{answer}"
+    let (first, second) = (
+        server.sandbox_as(&made[0], &key),
+        server.sandbox_as(&made[1], &key),
     );
+    let answer = first
+        .post(StatusCode::BAD_REQUEST, "/pause", json!({"memory": false}))
+        .await;
+    assert!(answer["message"].as_str().unwrap().starts_with("memory"));
+    first
+        .post(StatusCode::NO_CONTENT, "/pause", json!({"memory": true}))
+        .await;
+    let answer = second.pause(StatusCode::TOO_MANY_REQUESTS).await;
+    assert_message(&answer, "1 paused sandboxes, the limit");
     // Disk: a running sandbox counts its template's 2 GiB, a paused one also its 512 MiB of
     // memory: 4608 MiB held, and 2048 more would pass 6 GiB.
-    let (status, answer, _) = server
-        .call_with(Method::POST, "/sandboxes", Some(&key), &body)
-        .await;
-    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{answer}");
+    let answer = create(StatusCode::TOO_MANY_REQUESTS).await;
     assert_eq!(
         answer["message"],
         "team limited's sandboxes hold 4608 MiB of disk; 2048 MiB more would pass the limit of 6144 MiB"
     );
     // Connect with memory: false is refused; a plain one resumes (running 2 of 2 again), and
     // the network of a sandbox cannot be changed.
-    let (status, _, _) = post(
-        &server,
-        &key,
-        &format!("/sandboxes/{}/connect", made[0]),
-        r#"{"timeout": 60, "memory": false}"#,
-    )
-    .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    let (status, answer, _) = post(
-        &server,
-        &key,
-        &format!("/sandboxes/{}/connect", made[0]),
-        r#"{"timeout": 60}"#,
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{answer}");
-    let (status, answer, _) = server
-        .call_with(
+    first
+        .post(
+            StatusCode::BAD_REQUEST,
+            "/connect",
+            json!({"timeout": 60, "memory": false}),
+        )
+        .await;
+    first
+        .post(StatusCode::CREATED, "/connect", json!({"timeout": 60}))
+        .await;
+    let answer = first
+        .expect(
+            StatusCode::BAD_REQUEST,
             Method::PUT,
-            &format!("/sandboxes/{}/network", made[0]),
-            Some(&key),
-            r#"{"allowOut": ["10.0.0.0/8"]}"#,
+            "/network",
+            json!({"allowOut": ["10.0.0.0/8"]}),
         )
         .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
-    assert!(
-        answer["message"].as_str().unwrap().contains("allowOut"),
-        "{answer}"
-    );
+    assert_message(&answer, "allowOut");
     // Killing one frees its slot.
-    let (status, _, _) = server
-        .call_with(
-            Method::DELETE,
-            &format!("/sandboxes/{}", made[1]),
-            Some(&key),
-            "",
-        )
-        .await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
-    let (status, answer, _) = server
-        .call_with(Method::POST, "/sandboxes", Some(&key), &body)
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    second.kill(StatusCode::NO_CONTENT).await;
+    create(StatusCode::CREATED).await;
     // A host that stops answering leaves its sandboxes lost, and lost ones still count: the
     // team is at its limit, so a create is refused for the quota, not let through.
     host.stop_heartbeats();
     server
         .wait_host("quota-host", "down", Duration::from_secs(30))
         .await;
-    let (status, answer, _) = server
-        .call_with(Method::POST, "/sandboxes", Some(&key), &body)
-        .await;
-    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{answer}");
-    assert_eq!(
-        answer["message"],
-        "team limited has 2 running sandboxes, the limit: kill or pause one first"
-    );
+    let answer = create(StatusCode::TOO_MANY_REQUESTS).await;
+    assert_eq!(answer["message"], running_limit);
     drop(other);
 }
 

@@ -18,7 +18,6 @@ use std::time::Duration;
 use support::*;
 use wrenn_agent::network::Slot;
 use wrenn_proto::agent as pb;
-use wrenn_proto::agent::host_agent;
 
 /// A listener on every host address that answers "victim": what a guest must not reach.
 fn victim_listener() -> u16 {
@@ -179,18 +178,16 @@ impl Drop for Outsider {
     }
 }
 
+/// A sandbox `id` of the base template with internet access.
 async fn create_online(agent: &Agent, id: &str) -> pb::Sandbox {
-    let request = pb::CreateSandboxRequest {
-        template_id: "base".into(),
-        sandbox_id: id.into(),
-        allow_internet_access: true,
-        ..Default::default()
-    };
-    let response: pb::CreateSandboxResponse = agent
-        .call::<host_agent::CreateSandbox>(&request)
+    agent
+        .create_from(pb::CreateSandboxRequest {
+            template_id: "base".into(),
+            sandbox_id: id.into(),
+            allow_internet_access: true,
+            ..Default::default()
+        })
         .await
-        .expect("CreateSandbox");
-    response.sandbox.unwrap()
 }
 
 /// `/proc/<pid>/status` of the QEMU running `sandbox` (found by the name it is given).
@@ -213,6 +210,13 @@ fn vmm_status(agent: &Agent, sandbox: &str) -> String {
 }
 
 const MMDS_TOKEN: &str = "curl -s -m 5 -X PUT -H 'X-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token";
+
+/// A guest script that prints the instance id the MMDS gives it (with a fresh session token).
+fn mmds_identity_script() -> String {
+    format!(
+        "t=$({MMDS_TOKEN}); curl -s -m 5 -H \"X-metadata-token: $t\" http://169.254.169.254/instanceID"
+    )
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guests_reach_nothing_they_were_not_given() {
@@ -294,13 +298,12 @@ async fn guests_reach_nothing_they_were_not_given() {
     }
 
     // B serves a port; the host reaches it and B's envd (the legitimate path).
-    let served = run(
+    run_expecting(
         &b,
-        None,
         "nohup python3 -m http.server 8000 --bind 0.0.0.0 >/dev/null 2>&1 & sleep 0.1; echo started",
+        "started",
     )
     .await;
-    assert_eq!(served.stdout.trim(), "started", "{served:?}");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !reachable_from_host(slot_b.address, 8000) {
         assert!(
@@ -359,13 +362,7 @@ async fn guests_reach_nothing_they_were_not_given() {
     );
 
     // The MMDS answers A with A's identity only.
-    let identity = run(
-        &a,
-        None,
-        &format!("t=$({MMDS_TOKEN}); curl -s -m 5 -H \"X-metadata-token: $t\" http://169.254.169.254/instanceID"),
-    )
-    .await;
-    assert_eq!(identity.stdout.trim(), "\"iso-a\"", "{identity:?}");
+    run_expecting(&a, &mmds_identity_script(), "\"iso-a\"").await;
 
     // A spoofed source address gets nothing, even from the MMDS; the real one still works.
     let spoofed = run(
@@ -416,12 +413,7 @@ async fn guests_reach_nothing_they_were_not_given() {
     );
     let neighbour = async {
         tokio::time::sleep(Duration::from_secs(3)).await;
-        run(
-            &b,
-            None,
-            &format!("t=$({MMDS_TOKEN}); curl -s -m 5 -H \"X-metadata-token: $t\" http://169.254.169.254/instanceID"),
-        )
-        .await
+        run(&b, None, &mmds_identity_script()).await
     };
     let (flood, neighbour) = tokio::join!(flood, neighbour);
     assert_eq!(flood.stdout.trim(), "flooded", "{flood:?}");
@@ -431,13 +423,12 @@ async fn guests_reach_nothing_they_were_not_given() {
     // emulated serial port carries some 100 KB/s under software emulation, so the flood here
     // lasts 30 s (a few MiB, several times the cap); `wrenn_vmm::console`'s own test pushes
     // 200 MiB through the same copy.
-    let flooded = run(
+    run_expecting(
         &a,
-        None,
         "sudo sh -c 'timeout 30 sh -c \"tr \\\"\\\\000\\\" x < /dev/zero > /dev/ttyS0\"; echo console-flood-done > /dev/ttyS0'; echo done",
+        "done",
     )
     .await;
-    assert_eq!(flooded.stdout.trim(), "done", "{flooded:?}");
     let vm_dir = agent.data_dir().join("sandboxes/iso-a/vm");
     let log = vm_dir.join("console.log");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -463,12 +454,7 @@ async fn guests_reach_nothing_they_were_not_given() {
 
     // A corrupt record at start is quarantined with its disk, not deleted.
     for sandbox in ["iso-a", "iso-b"] {
-        let _: pb::DestroySandboxResponse = agent
-            .call::<host_agent::DestroySandbox>(&pb::DestroySandboxRequest {
-                sandbox_id: sandbox.into(),
-            })
-            .await
-            .expect("DestroySandbox");
+        let _: pb::DestroySandboxResponse = agent.destroy(sandbox).await.expect("DestroySandbox");
     }
     let broken = agent.data_dir().join("sandboxes/broken");
     std::fs::create_dir_all(&broken).unwrap();

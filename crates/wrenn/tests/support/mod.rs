@@ -21,32 +21,7 @@ pub fn prerequisites() -> Option<PathBuf> {
     let image = std::env::var_os("WRENN_IMAGE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(wrenn_image::default_image_dir);
-    let missing = if !nix::unistd::Uid::effective().is_root() {
-        Some("not root".to_string())
-    } else if Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        Some("qemu-system-x86_64 is not installed".to_string())
-    } else if !image.join("manifest.json").is_file() {
-        Some(format!(
-            "no image in {} (run `wrenn image build`)",
-            image.display()
-        ))
-    } else {
-        None
-    };
-    match missing {
-        None => Some(image),
-        Some(reason) if std::env::var("WRENN_REQUIRE_VM_TESTS").is_ok_and(|v| v == "1") => {
-            panic!("VM test prerequisite missing: {reason}")
-        }
-        Some(reason) => {
-            eprintln!("SKIPPED: the agent tests need root, QEMU and a built image: {reason}");
-            None
-        }
-    }
+    wrenn_testkit::vm_prerequisites(image, "the agent tests")
 }
 
 /// A `wrenn agent serve` process with its own data directory and slot range.
@@ -234,6 +209,18 @@ impl Agent {
             .await
     }
 
+    /// Calls `M`, which must succeed: a failure panics with the method's path and the error.
+    pub async fn call_ok<M>(&self, request: &M::Request) -> M::Response
+    where
+        M: wrenn_proto::Rpc,
+        M::Request: wrenn_connect::Message,
+        M::Response: wrenn_connect::Message,
+    {
+        self.call::<M>(request)
+            .await
+            .unwrap_or_else(|error| panic!("{}: {error:?}", M::PATH))
+    }
+
     pub async fn build_template(&self, id: &str) -> pb::Template {
         let request = pb::BuildTemplateRequest {
             template_id: id.into(),
@@ -241,26 +228,64 @@ impl Agent {
             vcpus: 1,
             ..Default::default()
         };
-        let response: pb::BuildTemplateResponse = self
-            .call::<host_agent::BuildTemplate>(&request)
-            .await
-            .expect("BuildTemplate");
-        response.template.unwrap()
+        let built = self.call_ok::<host_agent::BuildTemplate>(&request).await;
+        built.template.unwrap()
     }
 
+    /// A sandbox `id` of `template` whose `SANDBOX_NAME` is its id, secured by `token` if any.
     pub async fn create(&self, template: &str, id: &str, token: Option<&str>) -> pb::Sandbox {
-        let request = pb::CreateSandboxRequest {
+        self.create_from(pb::CreateSandboxRequest {
             template_id: template.into(),
             sandbox_id: id.into(),
             env_vars: HashMap::from([("SANDBOX_NAME".to_string(), id.to_string())]),
             envd_access_token: token.unwrap_or_default().into(),
             ..Default::default()
+        })
+        .await
+    }
+
+    /// The sandbox `request` creates; the create must succeed.
+    pub async fn create_from(&self, request: pb::CreateSandboxRequest) -> pb::Sandbox {
+        let created = self.call_ok::<host_agent::CreateSandbox>(&request).await;
+        created.sandbox.unwrap()
+    }
+
+    /// CreateSandbox with only the template and the sandbox id set, as it answers.
+    pub async fn try_create(
+        &self,
+        template: &str,
+        id: &str,
+    ) -> Result<pb::CreateSandboxResponse, ConnectError> {
+        let request = pb::CreateSandboxRequest {
+            template_id: template.into(),
+            sandbox_id: id.into(),
+            ..Default::default()
         };
-        let response: pb::CreateSandboxResponse = self
-            .call::<host_agent::CreateSandbox>(&request)
-            .await
-            .expect("CreateSandbox");
-        response.sandbox.unwrap()
+        self.call::<host_agent::CreateSandbox>(&request).await
+    }
+
+    /// Waits up to `within` for sandbox `id` to reach `state` (`what` names the wait in a
+    /// timeout), and returns it as it is then.
+    pub async fn wait_state(
+        &self,
+        what: &str,
+        within: Duration,
+        id: &str,
+        state: &str,
+    ) -> pb::Sandbox {
+        wait_until(what, within, async || {
+            self.get(id).await.is_ok_and(|s| s.state == state)
+        })
+        .await;
+        self.get(id).await.unwrap()
+    }
+
+    /// The host's report (HostInfo).
+    pub async fn host_info(&self) -> pb::HostReport {
+        let info = self
+            .call_ok::<host_agent::HostInfo>(&pb::HostInfoRequest {})
+            .await;
+        info.report.unwrap()
     }
 
     pub async fn get(&self, id: &str) -> Result<pb::Sandbox, ConnectError> {
@@ -304,6 +329,18 @@ impl Agent {
         self.call::<host_agent::DeleteTemplate>(&request).await
     }
 
+    /// The network namespaces of this agent's slots that exist now.
+    pub fn namespaces(&self) -> Vec<String> {
+        let prefix = format!("{}-", self.prefix);
+        std::fs::read_dir("/run/netns")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with(&prefix))
+            .collect()
+    }
+
     /// What of this agent is still on the machine: processes, namespaces, interfaces, files.
     pub fn leftovers(&self) -> Vec<String> {
         let mut found = Vec::new();
@@ -321,15 +358,8 @@ impl Agent {
                 ));
             }
         }
-        for entry in std::fs::read_dir("/run/netns")
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(&format!("{}-", self.prefix)) {
-                found.push(format!("netns {name}"));
-            }
+        for name in self.namespaces() {
+            found.push(format!("netns {name}"));
         }
         let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
         for line in String::from_utf8_lossy(&links.stdout).lines() {
@@ -366,15 +396,8 @@ impl Drop for Agent {
         let _ = Command::new("pkill")
             .args(["-9", "-f", &format!("qemu-system.*{marker}")])
             .status();
-        for entry in std::fs::read_dir("/run/netns")
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(&format!("{}-", self.prefix)) {
-                let _ = Command::new("ip").args(["netns", "del", &name]).status();
-            }
+        for name in self.namespaces() {
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
         }
     }
 }
@@ -393,6 +416,13 @@ pub async fn run(sandbox: &pb::Sandbox, token: Option<&str>, script: &str) -> Ra
     run_with(&client, token, script).await
 }
 
+/// Runs `script` in `sandbox` (which has no access token) and asserts that its output, trimmed,
+/// is `expected`.
+pub async fn run_expecting(sandbox: &pb::Sandbox, script: &str, expected: &str) {
+    let ran = run(sandbox, None, script).await;
+    assert_eq!(ran.stdout.trim(), expected, "{ran:?}");
+}
+
 /// Runs `script` in a sandbox through an edge proxy at `proxy` (routing by headers).
 pub async fn run_via_proxy(
     proxy: std::net::SocketAddr,
@@ -404,6 +434,19 @@ pub async fn run_via_proxy(
         .with_header("e2b-sandbox-id", sandbox_id)
         .with_header("e2b-sandbox-port", "49983");
     run_with(&client, token, script).await
+}
+
+/// Runs `script` in sandbox `sandbox_id` through the edge proxy at `proxy` and asserts that its
+/// output, trimmed, is `expected`.
+pub async fn run_via_proxy_expecting(
+    proxy: std::net::SocketAddr,
+    sandbox_id: &str,
+    token: Option<&str>,
+    script: &str,
+    expected: &str,
+) {
+    let ran = run_via_proxy(proxy, sandbox_id, token, script).await;
+    assert_eq!(ran.stdout.trim(), expected, "{ran:?}");
 }
 
 /// Runs `script` with bash through envd's process service at `client`.

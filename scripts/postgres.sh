@@ -4,7 +4,11 @@
 # 127.0.0.1:${WRENN_PG_PORT:-54329} with trust auth (loopback only), and a fresh database
 # `wrenn_test` (dropped and created again on every run).
 # Prints the DATABASE_URL for it. Run as root.
+# `postgres.sh restart` restarts the server (fast: open connections are cut) and `postgres.sh
+# stop` stops it: the store's reconnect test runs a cluster of its own (WRENN_PG_DIR,
+# WRENN_PG_PORT) and restarts it under load.
 set -euo pipefail
+ACTION="${1:-start}"
 
 PORT="${WRENN_PG_PORT:-54329}"
 DATA="${WRENN_PG_DIR:-/var/lib/wrenn/test-postgres}"
@@ -17,6 +21,17 @@ BIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1)"
 mkdir -p "$DATA"
 chown postgres:postgres "$DATA"
 run() { (cd / && runuser -u postgres -- "$@"); }
+case "$ACTION" in
+start) ;;
+restart | stop)
+  run "$BIN/pg_ctl" -D "$DATA" -l "$DATA/server.log" -w -m fast "$ACTION" >/dev/null
+  exit 0
+  ;;
+*)
+  echo "postgres: unknown action $ACTION (start, restart or stop)" >&2
+  exit 2
+  ;;
+esac
 if [ ! -f "$DATA/PG_VERSION" ]; then
   run "$BIN/initdb" -D "$DATA" -A trust -U postgres >/dev/null
 fi

@@ -21,6 +21,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -32,7 +33,9 @@ import pytest
 
 from e2b import AsyncSandbox, Sandbox
 
-from support import REQUEST_TIMEOUT, TEST_USER, make_secure_sandbox
+# tests/prerequisites.py, shared with the platform suite.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from support import REQUEST_TIMEOUT, TEST_USER, make_secure_sandbox, missing_prerequisite
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_ENVD_BIN = REPO / "target" / "x86_64-unknown-linux-gnu" / "release" / "envd"
@@ -210,7 +213,10 @@ def _user_exists(name: str) -> bool:
 def test_user() -> str:
     """The unprivileged user `user` (home /home/user; uid 1000 in E2B templates) the CI setup creates."""
     if not _user_exists(TEST_USER):
-        pytest.skip(f"`id {TEST_USER}` failed: create the test user (useradd -m {TEST_USER}) to run this test")
+        missing_prerequisite(
+            "the tests as the test user",
+            f"`id {TEST_USER}` failed: create the test user (useradd -m {TEST_USER}; scripts/setup.sh does)",
+        )
     return TEST_USER
 
 

@@ -11,6 +11,7 @@ import pytest
 from packaging.version import Version
 
 from e2b import ConnectionConfig, Sandbox
+from prerequisites import missing_prerequisite  # noqa: F401 (tests/prerequisites.py, on the path by conftest)
 
 # The envd version the secure sandbox claims: every feature gate of the SDK is open from 0.6.4.
 SECURE_ENVD_VERSION = Version("0.6.4")

@@ -1,6 +1,7 @@
 //! envd with cgroups v2: processes and terminals land in their groups, `/snapshot/prepare`
 //! freezes them and `/init` thaws them, `/metrics` reports them. Needs root and a writable
-//! cgroup v2 hierarchy; skipped with a message otherwise.
+//! cgroup v2 hierarchy: without them skipped with a message, or failed where
+//! `WRENN_REQUIRE_PREREQUISITES=1` (see `wrenn_testkit::missing_prerequisite`).
 
 mod common;
 
@@ -46,12 +47,12 @@ async fn start(client: &wrenn_connect::client::ConnectClient, terminal: bool) ->
 
 #[tokio::test]
 async fn processes_are_grouped_frozen_and_thawed() {
-    if !common::is_root() {
-        eprintln!("skipped: cgroups need root");
-        return;
-    }
-    let Some(mount) = cgroup2_mount() else {
-        eprintln!("skipped: no writable cgroup v2 hierarchy on this machine");
+    // Making cgroups needs root, and a cgroup v2 hierarchy it may write to.
+    let Some(mount) = cgroup2_mount().filter(|_| common::is_root()) else {
+        wrenn_testkit::missing_prerequisite(
+            "the cgroup test",
+            "needs root and a writable cgroup v2 hierarchy",
+        );
         return;
     };
     let name = format!("wrenn-test-{}", std::process::id());

@@ -187,8 +187,9 @@ async fn environment_cwd_and_users() {
     assert_eq!(error.code, Code::Unauthenticated);
 
     if !(common::is_root() && common::test_user_exists()) {
-        eprintln!(
-            "skipped the run-as-user part: needs root and the test user 'user' (scripts/setup.sh creates it)"
+        wrenn_testkit::missing_prerequisite(
+            "running a process as the test user",
+            "needs root and the test user 'user' (scripts/setup.sh creates it)",
         );
         return;
     }

@@ -1,5 +1,7 @@
 //! The real envd binary's plain HTTP routes: `/health`, `/files` in every form, `/init` and the
-//! access token, signed URLs, `/envs`, `/metrics`, and a full disk.
+//! access token, signed URLs, `/envs`, `/metrics`, and a full disk. The full disk and the
+//! uploads as the test user need root (and the user); without them those tests are skipped with a
+//! message, or failed where `WRENN_REQUIRE_PREREQUISITES=1`.
 
 mod common;
 
@@ -245,8 +247,9 @@ async fn init_token_and_signed_urls() {
 /// mount a tiny tmpfs).
 #[tokio::test]
 async fn full_disk_is_507_and_loses_nothing() {
+    const WHAT: &str = "the full disk test";
     if !common::is_root() {
-        eprintln!("skipped: mounting a small tmpfs needs root");
+        wrenn_testkit::missing_prerequisite(WHAT, "mounting a small tmpfs needs root");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -254,8 +257,9 @@ async fn full_disk_is_507_and_loses_nothing() {
     let mounted = std::process::Command::new("mount")
         .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs", &mount])
         .status();
-    if !mounted.is_ok_and(|s| s.success()) {
-        eprintln!("skipped: could not mount a tmpfs here");
+    if !mounted.as_ref().is_ok_and(|status| status.success()) {
+        let reason = format!("could not mount a tmpfs at {mount}: {mounted:?}");
+        wrenn_testkit::missing_prerequisite(WHAT, &reason);
         return;
     }
     struct Unmount(String);
@@ -289,7 +293,10 @@ async fn full_disk_is_507_and_loses_nothing() {
 #[tokio::test]
 async fn uploads_create_missing_parents_for_the_user() {
     let Some((uid, gid)) = common::test_user_ids().filter(|_| common::is_root()) else {
-        eprintln!("skipped: needs root and the test user 'user' (scripts/setup.sh creates it)");
+        wrenn_testkit::missing_prerequisite(
+            "the uploads as the test user",
+            "needs root and the test user 'user' (scripts/setup.sh creates it)",
+        );
         return;
     };
     use std::os::unix::fs::{MetadataExt, PermissionsExt};

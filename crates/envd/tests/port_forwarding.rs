@@ -1,7 +1,8 @@
 //! Port forwarding across a real network boundary: envd runs in a network namespace of its own
 //! (made by the test, with a veth pair to the test's namespace); a server bound to 127.0.0.1
 //! inside it becomes reachable at the namespace's external address, and stops being reachable
-//! while a snapshot is prepared. Needs root and `ip`; skipped with a message otherwise.
+//! while a snapshot is prepared. Needs root and `ip`: without them skipped with a message, or
+//! failed where `WRENN_REQUIRE_PREREQUISITES=1` (see `wrenn_testkit::missing_prerequisite`).
 
 mod common;
 
@@ -120,12 +121,19 @@ fn post(port: u16, path: &str, body: &str) -> String {
 
 #[test]
 fn loopback_server_in_a_namespace_is_reachable_from_outside() {
+    const WHAT: &str = "the port forwarding test";
     if !common::is_root() || Command::new("ip").arg("-V").output().is_err() {
-        eprintln!("skipped: needs root and iproute2 (`ip`) to make a network namespace");
+        wrenn_testkit::missing_prerequisite(
+            WHAT,
+            "making a network namespace needs root and iproute2 (`ip`)",
+        );
         return;
     }
     let Some(namespace) = Namespace::create() else {
-        eprintln!("skipped: could not create a network namespace with a veth pair here");
+        wrenn_testkit::missing_prerequisite(
+            WHAT,
+            "could not create a network namespace with a veth pair here",
+        );
         return;
     };
     let envd_port = 49983;

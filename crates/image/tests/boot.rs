@@ -3,7 +3,7 @@
 //! envd's process service (Python, `sudo -u user`), and powers the guest off cleanly.
 //!
 //! Needs the image (`wrenn image build`, which `scripts/test.sh` runs first), QEMU and root. When
-//! one is missing the test says so and passes, unless `WRENN_REQUIRE_VM_TESTS=1` (set by
+//! one is missing the test says so and passes, unless `WRENN_REQUIRE_PREREQUISITES=1` (set by
 //! scripts/test.sh), where it fails.
 
 use std::path::{Path, PathBuf};

@@ -15,12 +15,9 @@ fn image_dir() -> Option<PathBuf> {
     if dir.join("manifest.json").is_file() {
         return Some(dir);
     }
-    if std::env::var("WRENN_REQUIRE_VM_TESTS").is_ok_and(|v| v == "1") {
-        panic!("no image in {} (run `wrenn image build`)", dir.display());
-    }
-    eprintln!(
-        "SKIPPED: no image in {} (run `wrenn image build`)",
-        dir.display()
+    wrenn_testkit::missing_prerequisite(
+        "the image check tests",
+        &format!("no image in {} (run `wrenn image build`)", dir.display()),
     );
     None
 }

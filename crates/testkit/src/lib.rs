@@ -4,6 +4,11 @@
 //! waiting for a condition with a deadline ([`wait_until`]), a free loopback port
 //! ([`free_port`]) and the check that a VM test can run here ([`vm_prerequisites`]). A
 //! dev-dependency only: no product crate links it.
+//!
+//! A test that needs something of its machine (root, QEMU, a built image, a writable cgroup v2
+//! hierarchy, the test user, PostgreSQL...) reports a missing one with [`missing_prerequisite`]
+//! and returns: with `WRENN_REQUIRE_PREREQUISITES=1` (the one switch, which scripts/test.sh and
+//! so CI set) that fails the test; elsewhere the test says `SKIPPED: ...` on stderr and passes.
 
 use std::time::{Duration, Instant};
 
@@ -111,35 +116,51 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The environment variable that makes a missing prerequisite fail its test when it is `1`.
+pub const REQUIRE_PREREQUISITES: &str = "WRENN_REQUIRE_PREREQUISITES";
+
+/// Whether a test whose prerequisite is missing fails (`WRENN_REQUIRE_PREREQUISITES=1`, as
+/// scripts/test.sh sets) rather than being skipped.
+pub fn prerequisites_required() -> bool {
+    std::env::var(REQUIRE_PREREQUISITES).is_ok_and(|value| value == "1")
+}
+
+/// Reports that `what` (a test, or a part of one) cannot run here because of `reason`: panics
+/// when [`prerequisites_required`], else prints `SKIPPED: {what}: {reason}` to stderr, and the
+/// caller skips what it cannot run (returns). The panic names the caller's line.
+#[track_caller]
+pub fn missing_prerequisite(what: &str, reason: &str) {
+    if prerequisites_required() {
+        panic!("prerequisite missing for {what}: {reason} ({REQUIRE_PREREQUISITES}=1)");
+    }
+    eprintln!("SKIPPED: {what}: {reason}");
+}
+
 /// The image directory a VM test boots, when this machine can run the test: root, QEMU and a
-/// built image in `image_dir`. Otherwise it fails the test when `WRENN_REQUIRE_VM_TESTS=1` (as in
-/// CI), or says why `suite` is skipped and gives `None`.
+/// built image in `image_dir`. Otherwise it reports the missing one for `suite` through
+/// [`missing_prerequisite`] (failing the test when prerequisites are required) and gives `None`.
+#[track_caller]
 pub fn vm_prerequisites(image_dir: std::path::PathBuf, suite: &str) -> Option<std::path::PathBuf> {
     let qemu_installed = std::env::var_os("PATH").is_some_and(|path| {
         std::env::split_paths(&path).any(|dir| dir.join("qemu-system-x86_64").is_file())
     });
     let missing = if !nix::unistd::Uid::effective().is_root() {
-        Some("not root".to_string())
+        "not root".to_string()
     } else if !qemu_installed {
-        Some("qemu-system-x86_64 is not installed (Debian package qemu-system-x86)".to_string())
+        "qemu-system-x86_64 is not installed (Debian package qemu-system-x86)".to_string()
     } else if !image_dir.join("manifest.json").is_file() {
-        Some(format!(
+        format!(
             "no image in {} (run `wrenn image build`)",
             image_dir.display()
-        ))
+        )
     } else {
-        None
+        return Some(image_dir);
     };
-    match missing {
-        None => Some(image_dir),
-        Some(reason) if std::env::var("WRENN_REQUIRE_VM_TESTS").is_ok_and(|v| v == "1") => {
-            panic!("VM test prerequisite missing: {reason}")
-        }
-        Some(reason) => {
-            eprintln!("SKIPPED: {suite}: needs root, QEMU and a built image: {reason}");
-            None
-        }
-    }
+    missing_prerequisite(
+        suite,
+        &format!("needs root, QEMU and a built image: {missing}"),
+    );
+    None
 }
 
 #[cfg(test)]
@@ -153,6 +174,13 @@ mod tests {
         assert_eq!(headers["x-access-token"], "t0k");
         assert!(!as_user("root", None).contains_key("x-access-token"));
         assert_eq!(as_user("root", None)["authorization"], "Basic cm9vdDo=");
+    }
+
+    #[test]
+    fn a_missing_prerequisite_fails_only_when_required() {
+        let required = prerequisites_required();
+        let reported = std::panic::catch_unwind(|| missing_prerequisite("this test", "nothing"));
+        assert_eq!(reported.is_err(), required);
     }
 
     #[test]

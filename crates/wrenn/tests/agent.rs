@@ -3,7 +3,7 @@
 //! sandbox, kill and restart it, kill a VM, and check that nothing is left afterwards.
 //!
 //! Needs root, QEMU and the built image (`wrenn image build`); without them the tests say so and
-//! pass, unless `WRENN_REQUIRE_VM_TESTS=1` (scripts/test.sh sets it), where they fail.
+//! pass, unless `WRENN_REQUIRE_PREREQUISITES=1` (scripts/test.sh sets it), where they fail.
 
 mod support;
 

@@ -412,10 +412,10 @@ async fn registry_post(
 /// A fresh database for one test: a schema of its own in `WRENN_TEST_DATABASE_URL`.
 async fn postgres_database() -> Option<String> {
     let Ok(url) = std::env::var("WRENN_TEST_DATABASE_URL") else {
-        if std::env::var("WRENN_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
-            panic!("WRENN_TEST_DATABASE_URL is not set (scripts/postgres.sh starts the server)");
-        }
-        eprintln!("SKIPPED on PostgreSQL: WRENN_TEST_DATABASE_URL is not set");
+        wrenn_testkit::missing_prerequisite(
+            "the API tests on PostgreSQL",
+            "WRENN_TEST_DATABASE_URL is not set (scripts/postgres.sh starts the server)",
+        );
         return None;
     };
     let schema = format!("api_{}", free_port());

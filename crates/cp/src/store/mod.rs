@@ -299,14 +299,15 @@ mod tests {
         }
     }
 
-    /// Every backend to test: SQLite always; PostgreSQL when `WRENN_TEST_DATABASE_URL` names
-    /// one (scripts/test.sh starts it), each test in a fresh schema of its own.
     /// The ids of a listing's page.
     fn ids(listed: StoreResult<(Vec<SandboxRow>, usize)>) -> Vec<String> {
         let (page, _) = listed.unwrap();
         page.into_iter().map(|row| row.id).collect()
     }
 
+    /// Every backend to test: SQLite always; PostgreSQL when `WRENN_TEST_DATABASE_URL` names
+    /// one (scripts/test.sh starts it), each test in a fresh schema of its own. Without it the
+    /// PostgreSQL half is skipped with a message, or fails where `WRENN_REQUIRE_PREREQUISITES=1`.
     async fn backends() -> Vec<(&'static str, Store, Option<tempfile::TempDir>)> {
         let dir = tempfile::tempdir().unwrap();
         let sqlite = Store::open(&dir.path().join("db.sqlite")).unwrap();
@@ -331,10 +332,10 @@ mod tests {
                     None,
                 ));
             }
-            Err(_) if std::env::var("WRENN_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") => {
-                panic!("WRENN_TEST_DATABASE_URL is not set (scripts/postgres.sh starts the server)")
-            }
-            Err(_) => eprintln!("SKIPPED on PostgreSQL: WRENN_TEST_DATABASE_URL is not set"),
+            Err(_) => wrenn_testkit::missing_prerequisite(
+                "the store tests on PostgreSQL",
+                "WRENN_TEST_DATABASE_URL is not set (scripts/postgres.sh starts the server)",
+            ),
         }
         backends
     }

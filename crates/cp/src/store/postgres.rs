@@ -1,11 +1,14 @@
-//! The PostgreSQL store: the same calls as SQLite's, over `tokio-postgres`, with its own
-//! migrations (recorded in `wrenn_schema`) applied at connect. Metadata is `jsonb`; listing pages
+//! The PostgreSQL store: the same calls as SQLite's, over `tokio-postgres` connections from a
+//! pool (`deadpool-postgres`), with its own migrations (recorded in `wrenn_schema`) applied at
+//! connect. A connection is checked before each use and replaced when PostgreSQL closed it, so a
+//! restarted server costs only the calls that were in flight. Metadata is `jsonb`; listing pages
 //! on `(started_at_ms, id)` like SQLite's.
 
-use std::sync::Arc;
+use std::time::Duration;
 
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls, Row};
+use tokio_postgres::{NoTls, Row};
 
 use super::{
     ApiKey, HostRow, ListQuery, SandboxRow, SandboxState, StoreBackend, StoreResult, Team,
@@ -26,11 +29,26 @@ const SELECT_SANDBOX: &str =
     envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version, host_id,
     traffic_access_token, auto_resume FROM sandboxes";
 
-/// A PostgreSQL connection (pipelined: one client serves concurrent calls).
-#[derive(Debug, Clone)]
+/// Connections to one PostgreSQL database.
+#[derive(Clone)]
 pub struct PgStore {
-    client: Arc<Client>,
+    pool: Pool,
 }
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let status = self.pool.status();
+        f.debug_struct("PgStore")
+            .field("connections", &status.size)
+            .field("idle", &status.available)
+            .finish()
+    }
+}
+
+/// Connections kept at most (each serves one call at a time).
+const POOL_SIZE: usize = 16;
+/// How long a call waits for a free connection, or for a new one to be made.
+const CONNECTION_WAIT: Duration = Duration::from_secs(10);
 
 fn sandbox_row(row: &Row) -> SandboxRow {
     let metadata: String = row.get(7);
@@ -61,12 +79,41 @@ impl PgStore {
     /// Connects and applies the migrations the database lacks (under an advisory lock, so
     /// replicas starting together migrate once).
     pub async fn connect(url: &str) -> StoreResult<Self> {
-        let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::error!(%error, "the PostgreSQL connection ended");
-            }
-        });
+        let config: tokio_postgres::Config = url.parse()?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                // A connection PostgreSQL closed (a restart, a failover) may not know it yet:
+                // each is tried with an empty query before it is handed out.
+                recycling_method: RecyclingMethod::Verified,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(CONNECTION_WAIT))
+            .create_timeout(Some(CONNECTION_WAIT))
+            .recycle_timeout(Some(CONNECTION_WAIT))
+            .build()
+            .map_err(|error| super::StoreError::Unavailable(format!("PostgreSQL: {error}")))?;
+        let store = Self { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// A connection from the pool, made anew if the last one was closed.
+    async fn client(&self) -> StoreResult<Object> {
+        self.pool.get().await.map_err(|error| match error {
+            deadpool_postgres::PoolError::Backend(error) => error.into(),
+            other => super::StoreError::Unavailable(format!("PostgreSQL: {other}")),
+        })
+    }
+
+    /// Applies the migrations the database lacks, on one connection under an advisory lock, so
+    /// replicas starting together migrate once.
+    async fn migrate(&self) -> StoreResult<()> {
+        let client = self.client().await?;
         client.batch_execute("SELECT pg_advisory_lock(727365); CREATE TABLE IF NOT EXISTS wrenn_schema (version INTEGER NOT NULL)").await?;
         let version: i64 = client
             .query_one(
@@ -87,14 +134,13 @@ impl PgStore {
         client
             .batch_execute("SELECT pg_advisory_unlock(727365)")
             .await?;
-        Ok(Self {
-            client: Arc::new(client),
-        })
+        Ok(())
     }
 
     async fn team_where(&self, column: &'static str, value: &str) -> StoreResult<Option<Team>> {
         let row = self
-            .client
+            .client()
+            .await?
             .query_opt(
                 &format!("SELECT id, name, created_at_ms, admin FROM teams WHERE {column} = $1"),
                 &[&value],
@@ -112,7 +158,8 @@ impl PgStore {
 #[async_trait::async_trait]
 impl StoreBackend for PgStore {
     async fn create_team(&self, team: Team) -> StoreResult<()> {
-        self.client
+        self.client()
+            .await?
             .execute(
                 "INSERT INTO teams (id, name, created_at_ms, admin) VALUES ($1, $2, $3, $4)",
                 &[&team.id, &team.name, &team.created_at_ms, &team.admin],
@@ -130,8 +177,7 @@ impl StoreBackend for PgStore {
     }
 
     async fn add_key(&self, key: ApiKey, hash: String) -> StoreResult<()> {
-        self.client
-            .execute(
+        self.client().await?.execute(
                 "INSERT INTO api_keys (id, team_id, name, hash, prefix, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
                 &[&key.id, &key.team_id, &key.name, &hash, &key.prefix, &key.created_at_ms],
             )
@@ -141,7 +187,8 @@ impl StoreBackend for PgStore {
 
     async fn team_of_key(&self, hash: &str) -> StoreResult<Option<String>> {
         let row = self
-            .client
+            .client()
+            .await?
             .query_opt(
                 "SELECT team_id FROM api_keys WHERE hash = $1 AND revoked_at_ms IS NULL",
                 &[&hash],
@@ -151,9 +198,7 @@ impl StoreBackend for PgStore {
     }
 
     async fn list_keys(&self, team_id: &str) -> StoreResult<Vec<ApiKey>> {
-        let rows = self
-            .client
-            .query(
+        let rows = self.client().await?.query(
                 "SELECT id, team_id, name, prefix, created_at_ms, revoked_at_ms IS NOT NULL FROM api_keys WHERE team_id = $1 ORDER BY created_at_ms, id",
                 &[&team_id],
             )
@@ -173,7 +218,8 @@ impl StoreBackend for PgStore {
 
     async fn revoke_key(&self, key_id: &str, now_ms: i64) -> StoreResult<bool> {
         let changed = self
-            .client
+            .client()
+            .await?
             .execute(
                 "UPDATE api_keys SET revoked_at_ms = $2 WHERE id = $1 AND revoked_at_ms IS NULL",
                 &[&key_id, &now_ms],
@@ -185,8 +231,7 @@ impl StoreBackend for PgStore {
     async fn put_sandbox(&self, sandbox: SandboxRow) -> StoreResult<()> {
         let metadata = serde_json::to_string(&sandbox.metadata).unwrap_or_else(|_| "{}".into());
         let (cpu, memory) = (sandbox.cpu_count as i32, sandbox.memory_mb as i32);
-        self.client
-            .execute(
+        self.client().await?.execute(
                 "INSERT INTO sandboxes (id, team_id, template_id, alias, state, started_at_ms, end_at_ms, metadata,
                     envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version, host_id,
                     traffic_access_token, auto_resume)
@@ -220,7 +265,8 @@ impl StoreBackend for PgStore {
 
     async fn sandbox(&self, id: &str) -> StoreResult<Option<SandboxRow>> {
         let row = self
-            .client
+            .client()
+            .await?
             .query_opt(&format!("{SELECT_SANDBOX} WHERE id = $1"), &[&id])
             .await?;
         Ok(row.as_ref().map(sandbox_row))
@@ -228,7 +274,8 @@ impl StoreBackend for PgStore {
 
     async fn delete_sandbox(&self, id: &str) -> StoreResult<bool> {
         Ok(self
-            .client
+            .client()
+            .await?
             .execute("DELETE FROM sandboxes WHERE id = $1", &[&id])
             .await?
             == 1)
@@ -236,7 +283,8 @@ impl StoreBackend for PgStore {
 
     async fn set_state(&self, id: &str, state: SandboxState, end_at_ms: i64) -> StoreResult<()> {
         let state = state.as_str();
-        self.client
+        self.client()
+            .await?
             .execute(
                 "UPDATE sandboxes SET state = $2, end_at_ms = $3 WHERE id = $1",
                 &[&id, &state, &end_at_ms],
@@ -247,7 +295,8 @@ impl StoreBackend for PgStore {
 
     async fn expired(&self, now_ms: i64) -> StoreResult<Vec<SandboxRow>> {
         let rows = self
-            .client
+            .client()
+            .await?
             .query(
                 &format!("{SELECT_SANDBOX} WHERE state = 'running' AND end_at_ms <= $1"),
                 &[&now_ms],
@@ -257,7 +306,7 @@ impl StoreBackend for PgStore {
     }
 
     async fn all_sandboxes(&self) -> StoreResult<Vec<SandboxRow>> {
-        let rows = self.client.query(SELECT_SANDBOX, &[]).await?;
+        let rows = self.client().await?.query(SELECT_SANDBOX, &[]).await?;
         Ok(rows.iter().map(sandbox_row).collect())
     }
 
@@ -269,7 +318,8 @@ impl StoreBackend for PgStore {
     ) -> StoreResult<bool> {
         let (from, to) = (from.as_str(), to.as_str());
         Ok(self
-            .client
+            .client()
+            .await?
             .execute(
                 "UPDATE sandboxes SET state = $3 WHERE id = $1 AND state = $2",
                 &[&id, &from, &to],
@@ -280,16 +330,15 @@ impl StoreBackend for PgStore {
 
     async fn sandboxes_on_host(&self, host_id: &str) -> StoreResult<Vec<SandboxRow>> {
         let rows = self
-            .client
+            .client()
+            .await?
             .query(&format!("{SELECT_SANDBOX} WHERE host_id = $1"), &[&host_id])
             .await?;
         Ok(rows.iter().map(sandbox_row).collect())
     }
 
     async fn mark_host_lost(&self, host_id: &str) -> StoreResult<u64> {
-        Ok(self
-            .client
-            .execute(
+        Ok(self.client().await?.execute(
                 "UPDATE sandboxes SET state = 'lost' WHERE host_id = $1 AND state IN ('running', 'paused')",
                 &[&host_id],
             )
@@ -298,8 +347,7 @@ impl StoreBackend for PgStore {
 
     async fn put_host(&self, host: HostRow) -> StoreResult<()> {
         let report = serde_json::to_string(&host.report).unwrap_or_else(|_| "{}".into());
-        self.client
-            .execute(
+        self.client().await?.execute(
                 "INSERT INTO hosts (id, name, api_url, proxy_address, agent_token, heartbeat_hash, state,
                     report, last_heartbeat_ms, registered_at_ms, identity_hash)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8::text::jsonb, $9, $10, $11)
@@ -330,7 +378,8 @@ impl StoreBackend for PgStore {
     async fn forget_host(&self, host_id: &str) -> StoreResult<u64> {
         // One statement, so the host and its sandboxes go together.
         let row = self
-            .client
+            .client()
+            .await?
             .query_one(
                 "WITH gone AS (DELETE FROM sandboxes WHERE host_id = $1 RETURNING 1),
                       host AS (DELETE FROM hosts WHERE id = $1)
@@ -342,9 +391,7 @@ impl StoreBackend for PgStore {
     }
 
     async fn hosts(&self) -> StoreResult<Vec<HostRow>> {
-        let rows = self
-            .client
-            .query(
+        let rows = self.client().await?.query(
                 "SELECT id, name, api_url, proxy_address, agent_token, heartbeat_hash, state, report::text,
                     last_heartbeat_ms, registered_at_ms, identity_hash FROM hosts ORDER BY name",
                 &[],
@@ -406,7 +453,12 @@ impl StoreBackend for PgStore {
             .iter()
             .map(|v| v.as_ref() as &(dyn ToSql + Sync))
             .collect();
-        let running: i64 = self.client.query_one(&count_sql, &parameters).await?.get(0);
+        let running: i64 = self
+            .client()
+            .await?
+            .query_one(&count_sql, &parameters)
+            .await?
+            .get(0);
         let order = if query.descending { "DESC" } else { "ASC" };
         if let Some((started, id)) = &query.after {
             values.push(Box::new(*started));
@@ -426,7 +478,7 @@ impl StoreBackend for PgStore {
             .iter()
             .map(|v| v.as_ref() as &(dyn ToSql + Sync))
             .collect();
-        let rows = self.client.query(&sql, &parameters).await?;
+        let rows = self.client().await?.query(&sql, &parameters).await?;
         Ok((rows.iter().map(sandbox_row).collect(), running as usize))
     }
 }

@@ -161,6 +161,15 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# cargo-nextest runs the Rust tests: each test in its own process (the descriptor-counting test
+# of envd's ports.rs needs that), test binaries in parallel. Installed from crates.io at a pinned
+# version when this machine has none (about 5 minutes of compiling, once).
+NEXTEST_VERSION=0.9.143
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-nextest $NEXTEST_VERSION (cargo install --locked)"
+  cargo install --locked --quiet "cargo-nextest@$NEXTEST_VERSION"
+fi
+
 if ! id user >/dev/null 2>&1; then
   echo "setup: creating the test user 'user'"
   useradd --create-home --home-dir /home/user --shell /bin/bash user

@@ -3,13 +3,35 @@
 #   1. set-up (packages, test user, SDK venv), and setup.sh's package resolution in clean
 #      Debian 12 chroots (scripts/test-setup.sh, cached)   2. format and lints
 #   3. static envd and the guest image (cached)   4. Rust unit, integration and VM tests
-#   5. the real e2b SDK suites (Python, then JS too) against the static envd, then `wrenn up`
+#   5. the real e2b SDK suites (Python, then JS too) against the static envd, then `wrenn up` on
+#      SQLite and on PostgreSQL at once   6. a smoke run of every `wrenn-bench` command
+# Each stage's duration is printed at the end (and when a stage fails).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 CACHE_DIR="${WRENN_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/wrenn}"
 
-step() { printf '\n==> %s\n' "$*"; }
+STAGE=""
+STAGE_STARTED=$SECONDS
+DURATIONS=()
+# Ends the running stage (its duration is kept) and starts the next one.
+step() {
+  if [ -n "$STAGE" ]; then DURATIONS+=("$(printf '%5d s  %s' $((SECONDS - STAGE_STARTED)) "$STAGE")"); fi
+  STAGE="$*"
+  STAGE_STARTED=$SECONDS
+  printf '\n==> %s\n' "$*"
+}
+durations() {
+  local status=$?
+  DURATIONS+=("$(printf '%5d s  %s' $((SECONDS - STAGE_STARTED)) "$STAGE")")
+  printf '\nstage durations (total %d s%s):\n' "$SECONDS" "$([ "$status" = 0 ] || echo ", FAILED")"
+  printf '%s\n' "${DURATIONS[@]}"
+}
+trap durations EXIT
+
+# Every test whose prerequisite (root, QEMU, an image, PostgreSQL, cgroups, the test user…) is
+# missing fails here instead of skipping: the one switch the test kits read.
+export WRENN_REQUIRE_PREREQUISITES=1
 
 step "set-up"
 bash scripts/setup.sh
@@ -38,16 +60,10 @@ target/debug/wrenn image check "$WRENN_IMAGE_DIR"
 step "PostgreSQL for the store tests"
 WRENN_TEST_DATABASE_URL="$(bash scripts/postgres.sh)"
 export WRENN_TEST_DATABASE_URL
-export WRENN_REQUIRE_POSTGRES=1
 echo "store tests use $WRENN_TEST_DATABASE_URL"
 
 step "Rust tests (unit, envd, VMs under QEMU, the store on SQLite and PostgreSQL)"
-export WRENN_REQUIRE_VM_TESTS=1
-if command -v cargo-nextest >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast
-else
-  cargo test --workspace --locked --no-fail-fast
-fi
+cargo nextest run --workspace --locked --no-fail-fast
 
 step "e2b SDK tests against the static envd"
 "$CACHE_DIR/sdk-venv/bin/python" -m pytest tests/sdk -q
@@ -58,12 +74,44 @@ export WRENN_NODE_DIR
 (cd tests/js && PATH="$WRENN_NODE_DIR/bin:$PATH" "$WRENN_NODE_DIR/bin/node" \
   "$WRENN_NODE_DIR/lib/node_modules/npm/bin/npm-cli.js" ci --no-audit --no-fund --loglevel=error)
 
-step "e2b SDK tests against wrenn up on SQLite (control plane, agent, QEMU guests)"
-WRENN_BIN="$(pwd)/target/debug/wrenn" "$CACHE_DIR/sdk-venv/bin/python" -m pytest tests/platform -q
+step "e2b SDK tests against wrenn up on SQLite and on PostgreSQL, at once (control plane, agent, QEMU guests)"
+# Each run has its own slots (prefix, addresses, host chains) and ports; their output is shown
+# when both have ended.
+LOG_DIR="$(mktemp -d)"
+platform_run() {
+  local name="$1"
+  shift
+  env "$@" WRENN_BIN="$(pwd)/target/debug/wrenn" \
+    "$CACHE_DIR/sdk-venv/bin/python" -m pytest tests/platform -q -p no:cacheprovider \
+    >"$LOG_DIR/$name.log" 2>&1
+}
+platform_run sqlite WRENN_PLATFORM_SLOT_PREFIX=wup WRENN_PLATFORM_FIRST_SLOT=600 &
+sqlite_run=$!
+platform_run postgres DATABASE_URL="$WRENN_TEST_DATABASE_URL" \
+  WRENN_PLATFORM_SLOT_PREFIX=wpg WRENN_PLATFORM_FIRST_SLOT=640 &
+postgres_run=$!
+sqlite_status=0
+postgres_status=0
+wait "$sqlite_run" || sqlite_status=$?
+wait "$postgres_run" || postgres_status=$?
+for name in sqlite postgres; do
+  printf -- '--- wrenn up on %s\n' "$name"
+  cat "$LOG_DIR/$name.log"
+done
+rm -rf "$LOG_DIR"
+if [ "$sqlite_status" != 0 ] || [ "$postgres_status" != 0 ]; then
+  echo "the platform suite failed (SQLite: exit $sqlite_status, PostgreSQL: exit $postgres_status)" >&2
+  exit 1
+fi
 
-step "e2b SDK tests against wrenn up on PostgreSQL"
-DATABASE_URL="$WRENN_TEST_DATABASE_URL" WRENN_BIN="$(pwd)/target/debug/wrenn" \
-  "$CACHE_DIR/sdk-venv/bin/python" -m pytest tests/platform -q
+step "a smoke run of every wrenn-bench command (few runs each: that they still work, not figures)"
+cargo build --locked -p wrenn-bench
+BENCH="$(pwd)/target/debug/wrenn-bench"
+"$BENCH" envd --envd-bin "$WRENN_ENVD_BIN" --round-trips 20 --starts 2 --file-mib 4 --transfers 1
+"$BENCH" slots --runs 2
+"$BENCH" boot --runs 1 --accel tcg
+"$BENCH" sandbox --sequential 2 --concurrent 2 --idle 2 --pauses 1 --accel tcg
+"$BENCH" api --creates 2 --rows 200 --accel tcg
 
 step "no generated changes left behind"
 if [ -n "$(git status --porcelain)" ]; then

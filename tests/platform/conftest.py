@@ -9,13 +9,24 @@ import socket
 import subprocess
 import tempfile
 import time
+import sys
 import urllib.request
 
 import pytest
 
+# tests/prerequisites.py, shared with the SDK suite.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from prerequisites import missing_prerequisite  # noqa: E402
+
 
 # The running-sandbox limit of every team (test_quota_* fills a team of its own up to it).
 QUOTA_RUNNING = 5
+
+
+# Each run's own network slots (namespaces, addresses, host chains), so that two runs (the SQLite
+# and the PostgreSQL one) can share the machine at once: scripts/test.sh gives each its own.
+SLOT_PREFIX = os.environ.get("WRENN_PLATFORM_SLOT_PREFIX", "wup")
+FIRST_SLOT = int(os.environ.get("WRENN_PLATFORM_FIRST_SLOT", "600"))
 
 
 def free_port() -> int:
@@ -50,8 +61,8 @@ class Wrenn:
                 "--proxy-listen", f"127.0.0.1:{self.proxy_port}",
                 "--https-listen", f"127.0.0.1:{self.https_port}",
                 "--mmds-port", str(self.mmds_port),
-                "--no-internet", "--accel", "tcg", "--slot-prefix", "wup",
-                "--first-slot", "600", "--slots", "32", "--stop-sandboxes-on-exit",
+                "--no-internet", "--accel", "tcg", "--slot-prefix", SLOT_PREFIX,
+                "--first-slot", str(FIRST_SLOT), "--slots", "32", "--stop-sandboxes-on-exit",
                 # Per team; the other tests never hold more than 4 running sandboxes at once.
                 "--quota-running", str(QUOTA_RUNNING),
             ],
@@ -131,7 +142,7 @@ class Wrenn:
 def wrenn():
     binary = os.environ.get("WRENN_BIN")
     if not binary:
-        pytest.skip("WRENN_BIN is not set (scripts/test.sh sets it)")
+        missing_prerequisite("the platform tests", "WRENN_BIN is not set (scripts/test.sh sets it)")
     instance = Wrenn(binary)
     os.environ["E2B_API_URL"] = instance.api_url
     os.environ["E2B_SANDBOX_URL"] = instance.proxy_url

@@ -3,8 +3,10 @@
 import base64
 import hashlib
 import http.client
+import json
 import os
 import socket
+import subprocess
 import time
 
 import pytest
@@ -268,6 +270,50 @@ def test_another_team_cannot_see_or_touch(wrenn):
         assert sandbox.is_running(), "the owner's sandbox is untouched"
     finally:
         sandbox.kill()
+
+
+def test_the_store_is_the_one_the_run_asked_for(wrenn):
+    # scripts/test.sh runs this suite twice: on SQLite, then with DATABASE_URL on PostgreSQL. The
+    # PostgreSQL run must not have fallen back to a SQLite file in the data directory, and its
+    # CLI, given the same URL, must read the keys `wrenn up` wrote there.
+    sqlite_file = os.path.join(wrenn.data, "cp", "wrenn.sqlite")
+    keys = subprocess.run(
+        [wrenn.binary, "key", "list", "--team", "default", "--data-dir", wrenn.data, "--json"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    assert json.loads(keys.stdout), "the store has the first team's key"
+    if os.environ.get("DATABASE_URL"):
+        assert not os.path.exists(sqlite_file), "the PostgreSQL run made a SQLite store"
+    else:
+        assert os.path.exists(sqlite_file), "the SQLite run has no SQLite store"
+
+
+def test_a_revoked_key_is_refused_and_listed_as_revoked(wrenn):
+    def cli(*args):
+        done = subprocess.run(
+            [wrenn.binary, "key", *args, "--data-dir", wrenn.data, "--json"],
+            capture_output=True, text=True, timeout=60, check=True,
+        )
+        return json.loads(done.stdout) if done.stdout.strip() else None
+
+    made = cli("create", "--team", "revoking")
+    assert Sandbox.list(api_key=made["key"]).next_items() == []
+    listed = {key["id"]: key for key in cli("list", "--team", "revoking")}
+    assert listed[made["id"]]["revoked"] is False
+    subprocess.run(
+        [wrenn.binary, "key", "revoke", made["id"], "--data-dir", wrenn.data],
+        capture_output=True, timeout=60, check=True,
+    )
+    with pytest.raises(AuthenticationException, match="Invalid API key"):
+        Sandbox.list(api_key=made["key"]).next_items()
+    listed = {key["id"]: key for key in cli("list", "--team", "revoking")}
+    assert listed[made["id"]]["revoked"] is True
+    # A second revoke of the same key says it found none to revoke.
+    again = subprocess.run(
+        [wrenn.binary, "key", "revoke", made["id"], "--data-dir", wrenn.data],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert again.returncode != 0, again.stdout
 
 
 def test_bad_key_is_refused(wrenn):

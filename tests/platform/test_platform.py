@@ -316,6 +316,30 @@ def test_a_revoked_key_is_refused_and_listed_as_revoked(wrenn):
     assert again.returncode != 0, again.stdout
 
 
+def test_envd_through_the_proxy_wants_the_sandboxs_access_token(wrenn):
+    # Every sandbox the SDK creates is secured (the SDK's `secure` is always on): envd answers
+    # only requests that carry the sandbox's own access token, given at the create.
+    sandbox = Sandbox.create(timeout=120)
+    try:
+        token = sandbox._envd_access_token
+        assert token, "the create gave the sandbox an envd access token"
+
+        def read_hostname(headers):
+            connection = http.client.HTTPConnection("127.0.0.1", wrenn.proxy_port, timeout=10)
+            connection.request(
+                "GET", "/files?path=/etc/hostname&username=user",
+                headers={"E2b-Sandbox-Id": sandbox.sandbox_id, "E2b-Sandbox-Port": "49983", **headers},
+            )
+            return connection.getresponse().status
+
+        assert read_hostname({}) == 401, "no token"
+        assert read_hostname({"X-Access-Token": "0" * len(token)}) == 401, "another token"
+        assert read_hostname({"X-Access-Token": token}) == 200, "the sandbox's token"
+        assert sandbox.files.read("/etc/hostname").strip(), "and the SDK reads through it"
+    finally:
+        sandbox.kill()
+
+
 def test_bad_key_is_refused(wrenn):
     with pytest.raises(AuthenticationException, match="Invalid API key"):
         Sandbox.create(api_key="e2b_" + "0" * 40)
@@ -330,11 +354,20 @@ def test_proxy_reaches_a_server_in_the_sandbox_by_header_and_host(wrenn):
             "for i in $(seq 150); do ss -ltn | grep -q ':8000 ' && exit 0; sleep 0.2; done; exit 1"
         )
         assert waited.exit_code == 0, "the server did not listen"
-        time.sleep(1.5)  # envd's port scanner forwards new listeners within a second
-        connection = http.client.HTTPConnection("127.0.0.1", wrenn.proxy_port, timeout=10)
-        connection.request("GET", "/index.html", headers={"E2b-Sandbox-Id": sandbox.sandbox_id, "E2b-Sandbox-Port": "8000"})
-        response = connection.getresponse()
-        assert (response.status, response.read()) == (200, b"served\n")
+
+        # envd's port scanner forwards a new listener within about a second: ask until it does.
+        def served():
+            connection = http.client.HTTPConnection("127.0.0.1", wrenn.proxy_port, timeout=10)
+            connection.request("GET", "/index.html", headers={"E2b-Sandbox-Id": sandbox.sandbox_id, "E2b-Sandbox-Port": "8000"})
+            response = connection.getresponse()
+            return response.status, response.read()
+
+        answer = served()
+        deadline = time.monotonic() + 30
+        while answer != (200, b"served\n") and time.monotonic() < deadline:
+            time.sleep(0.2)
+            answer = served()
+        assert answer == (200, b"served\n")
         connection = http.client.HTTPConnection("127.0.0.1", wrenn.proxy_port, timeout=10)
         connection.request("GET", "/index.html", headers={"Host": f"8000-{sandbox.sandbox_id}.wrenn.test"})
         response = connection.getresponse()

@@ -98,8 +98,36 @@ mod tests {
     }
 
     #[test]
-    fn this_process_is_not_listed_but_its_parent_chain_is_seen() {
+    fn user_processes_are_listed_and_this_one_and_kernel_threads_are_not() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let listed = user_processes();
-        assert!(!listed.contains(&std::process::id()));
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            listed.contains(&child.id()),
+            "a child of this process is a user process"
+        );
+        assert!(
+            !listed.contains(&std::process::id()),
+            "the caller is never listed"
+        );
+        // kthreadd (PID 2) and its children, the kernel's threads, are not user processes.
+        assert!(!listed.contains(&2));
+        let kernel_threads: Vec<u32> = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|stat| parent_of(&stat))
+                    == Some(2)
+            })
+            .collect();
+        for thread in kernel_threads {
+            assert!(!listed.contains(&thread), "kernel thread {thread} listed");
+        }
     }
 }

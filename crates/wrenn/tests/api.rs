@@ -851,7 +851,10 @@ async fn two_sandboxes_are_created(server: &Server) -> TwoSandboxes {
         .expect("secure gives a token")
         .to_string();
     let bob = server
-        .create(json!({"templateID": "base", "timeout": 120, "metadata": {"user": "bob"}}))
+        .create(
+            json!({"templateID": "base", "timeout": 120, "secure": false,
+                       "metadata": {"user": "bob"}}),
+        )
         .await;
     assert!(bob.get("envdAccessToken").is_none(), "{bob}");
     let bob_id = sandbox_id(&bob);
@@ -1062,14 +1065,15 @@ async fn upgraded_and_private_traffic(server: &Server, sandboxes: &TwoSandboxes)
     let TwoSandboxes { bob_id, .. } = sandboxes;
     upgrade_echo(server.proxy, bob_id).await;
 
-    // No public traffic: needs secure, gets a traffic token the proxy asks for on other ports
-    // than envd's; with autoResume, traffic to it paused resumes it.
+    // No public traffic: needs secure (an explicit `secure: false` is refused; an absent one
+    // is secure), gets a traffic token the proxy asks for on other ports than envd's; with
+    // autoResume, traffic to it paused resumes it.
     server
         .expect(
             StatusCode::BAD_REQUEST,
             Method::POST,
             "/sandboxes",
-            json!({"templateID": "base", "network": {"allowPublicTraffic": false}}),
+            json!({"templateID": "base", "secure": false, "network": {"allowPublicTraffic": false}}),
         )
         .await;
     let carol = server
@@ -1286,7 +1290,8 @@ async fn fleet_places_reconciles_and_survives_a_dead_host() {
     assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
 
     // Least-loaded placement: two sandboxes, one on each host.
-    let five_minutes = json!({"templateID": "base", "timeout": 300});
+    // Unsecured (explicit `secure: false`): the scripts below reach envd without a token.
+    let five_minutes = json!({"templateID": "base", "timeout": 300, "secure": false});
     let first_id = server.create_id(five_minutes.clone()).await;
     let second_id = server.create_id(five_minutes.clone()).await;
     let (on_a, on_b) = (
@@ -1790,7 +1795,7 @@ async fn a_second_agent_cannot_take_a_hosts_name() {
         assert_eq!(mode, 0o600);
     }
     let id = server
-        .create_id(json!({"templateID": "base", "timeout": 300}))
+        .create_id(json!({"templateID": "base", "timeout": 300, "secure": false}))
         .await;
     let before = host_view(&server, "ident-a").await;
     assert_eq!(before["hostID"], json!(kept.host_id));

@@ -48,7 +48,11 @@ pub(super) async fn create_sandbox(
     let asked = crate::service::SandboxRequest {
         template,
         timeout_seconds: check_timeout(request.timeout.unwrap_or(15))?,
-        secure: request.secure.unwrap_or(false),
+        // The SDKs since 2.x send no `secure` (E2B: "Ignored. All system communication with the
+        // sandbox is always secured"): an absent `secure` is a secured sandbox, with an envd
+        // access token. An explicit `false` (older SDKs, `wrenn sandbox create` without
+        // `--secure`) still makes one without.
+        secure: request.secure.unwrap_or(true),
         public_traffic: request
             .network
             .as_ref()

@@ -164,9 +164,13 @@ async fn demo(api: &SocketAddr, proxy: &SocketAddr, key: &str) -> anyhow::Result
         .await?;
     let id = created.sandbox_id;
     println!("demo: created sandbox {id}");
-    let envd = ConnectClient::new(format!("http://{proxy}"), HttpVersion::Http1, Codec::Json)
+    let mut envd = ConnectClient::new(format!("http://{proxy}"), HttpVersion::Http1, Codec::Json)
         .with_header("e2b-sandbox-id", &id)
         .with_header("e2b-sandbox-port", &wrenn_proto::ENVD_PORT.to_string());
+    // A create without `secure` is secured, as the SDKs' are: envd wants the sandbox's token.
+    if let Some(token) = &created.envd_access_token {
+        envd = envd.with_header("x-access-token", token);
+    }
     // Through bash, as the SDKs' `commands.run` (and `wrenn sandbox exec`) run a command.
     let script = "python3 -c 'print(sum(range(10)))'";
     let request = super::sandbox::bash_request(script, None, Default::default());

@@ -182,8 +182,9 @@ def test_watch_recursive(sandbox, workdir):
         log.wait_for("sub/inner.txt", FilesystemEventType.WRITE)
         # a directory created after the watch started is watched too
         sandbox.files.make_dir(f"{workdir}/sub/new")
+        # envd watches a new directory before it reports it: once its CREATE is seen, what
+        # happens inside it is seen too (no pause needed).
         log.wait_for("sub/new", FilesystemEventType.CREATE)
-        time.sleep(0.2)  # give the watcher a moment to add the new directory
         sandbox.commands.run(f"echo deep > {workdir}/sub/new/deep.txt")
         log.wait_for("sub/new/deep.txt", FilesystemEventType.CREATE)
         log.wait_for("sub/new/deep.txt", FilesystemEventType.WRITE)
@@ -203,11 +204,11 @@ def test_watch_include_entry(sandbox, workdir):
 def test_watch_events_are_drained(sandbox, workdir):
     with watching(sandbox, workdir) as log:
         sandbox.files.write(f"{workdir}/once.txt", "1")
-        log.wait_for("once.txt", FilesystemEventType.CREATE)
-        time.sleep(0.2)
-        log.poll()
+        # An upload's last event is its WRITE: once it is in, every event is.
+        log.wait_for("once.txt", FilesystemEventType.WRITE)
         # every event is returned by exactly one get_new_events call
         assert log.handle.get_new_events() == []
+        assert log.pairs() == [("once.txt", CREATE), ("once.txt", CHMOD), ("once.txt", WRITE)]
 
 
 def test_watch_a_file_is_refused(sandbox, workdir):
@@ -229,7 +230,10 @@ async def test_async_watch_dir_stream(async_sandbox, workdir):
     )
     try:
         await async_sandbox.files.make_dir(f"{workdir}/adir")
-        await asyncio.sleep(0.2)  # give the watcher a moment to add the new directory
+        # envd watches a new directory before it reports it (see test_watch_recursive).
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any(e.name == "adir" for e in events):
+            await asyncio.sleep(0.05)
         await async_sandbox.commands.run(f"echo s > {workdir}/adir/streamed.txt")
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:

@@ -220,7 +220,7 @@ async fn deadline_kills_the_process_and_fails_the_stream() {
     let pid = out.pid.unwrap();
     wrenn_testkit::wait_until(
         "the end of the process whose deadline passed",
-        Duration::from_millis(2500),
+        Duration::from_secs(15),
         async || !listed_pids(&client).await.contains(&pid),
     )
     .await;
@@ -238,7 +238,14 @@ async fn deadline_kills_the_process_and_fails_the_stream() {
 async fn dropped_stream_keeps_the_process_and_connect_by_tag_follows_it() {
     let envd = Envd::start();
     let client = envd.client(HttpVersion::Http2, Codec::Json);
-    let mut request = start_request("/bin/sh", &["-c", "sleep 0.5; echo late"]);
+    // The process speaks only once the test lets it (a file appears), after the Connect.
+    let gate = tempfile::tempdir().unwrap();
+    let go = gate.path().join("go");
+    let script = format!(
+        "while [ ! -e {} ]; do sleep 0.02; done; echo late",
+        go.display()
+    );
+    let mut request = start_request("/bin/sh", &["-c", &script]);
     request.tag = Some("survivor".into());
     let mut stream = start_stream(&client, &request, &HeaderMap::new()).await;
     let first = stream.message().await.unwrap().unwrap();
@@ -248,7 +255,9 @@ async fn dropped_stream_keeps_the_process_and_connect_by_tag_follows_it() {
     let survivor = Some(pb::ProcessSelector {
         selector: Some(pb::process_selector::Selector::Tag("survivor".into())),
     });
-    let followed = collect(connect_stream(&client, survivor).await, connect_event).await;
+    let following = connect_stream(&client, survivor).await;
+    std::fs::write(&go, "").unwrap();
+    let followed = collect(following, connect_event).await;
     assert_eq!(followed.stdout, b"late\n");
     assert_eq!(followed.end.unwrap().exit_code, 0);
 }

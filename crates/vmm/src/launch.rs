@@ -5,7 +5,8 @@
 //! supplementary groups but `/dev/kvm`'s when KVM is used, no capabilities, `no_new_privs`) and
 //! executes the VMM, whose seccomp filter then forbids it to start programs. A VMM broken into by
 //! its guest so holds nothing but its own VM's descriptors: it can open none of the agent's
-//! files, another VM's disk, or a socket of the host's namespace.
+//! files, another VM's disk, or a socket of the host's namespace. It runs in a session of its
+//! own, so that it outlives the agent whatever signals reach the agent's process group.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
@@ -233,6 +234,10 @@ fn confine(
     // SAFETY: plain system calls on descriptors this process holds and on values built before
     // the fork; each result is checked.
     unsafe {
+        // A session of its own: no signal meant for the agent's terminal or process group
+        // reaches the VM, and the agent's death does not make its group an orphan (which
+        // would bring a stopped VMM SIGHUP): the VM outlives the agent, to be adopted.
+        check(libc::setsid())?;
         if let Some(netns) = netns {
             check(libc::setns(netns, libc::CLONE_NEWNET))?;
         }

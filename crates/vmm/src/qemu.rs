@@ -12,7 +12,6 @@
 use std::ffi::OsString;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -177,8 +176,7 @@ impl Qemu {
             .args(self.arguments(machine, workdir, incoming, &layers))
             .stdin(Stdio::null())
             .stdout(log)
-            .stderr(log_err)
-            .process_group(0);
+            .stderr(log_err);
         launch.apply(&mut command);
         let mut child = command
             .spawn()

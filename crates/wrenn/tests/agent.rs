@@ -76,6 +76,18 @@ async fn sandboxes_run_pause_resume_and_leave_nothing_behind() {
     // envd's 401 (E2B's body, not a Connect error) reads as Unauthenticated.
     assert_code(refused, Code::Unauthenticated, "401");
 
+    // The metadata service gives each guest the hash of its own envd token, as envd checks it.
+    let mmds_hash = "t=$(curl -s -m 5 -X PUT -H 'X-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token); curl -s -m 5 -H \"X-metadata-token: $t\" http://169.254.169.254/accessTokenHash";
+    for (sandbox, token) in [(&a, ""), (&b, "secret-b")] {
+        let ran = run(sandbox, Some(token).filter(|t| !t.is_empty()), mmds_hash).await;
+        assert_eq!(
+            ran.stdout.trim(),
+            format!("\"{}\"", wrenn_core::access_token_hash(token)),
+            "{}: {ran:?}",
+            sandbox.sandbox_id
+        );
+    }
+
     // A background process started before the pause lives on after the resume.
     let started = run(
         &a,
@@ -126,16 +138,22 @@ async fn sandboxes_run_pause_resume_and_leave_nothing_behind() {
     // A caller that hangs up mid-create does not cut the create off halfway: it finishes, and
     // the sandbox runs (its owner can destroy it; nothing is half made).
     {
-        use std::io::Write;
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", agent.api_port)).unwrap();
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", agent.api_port))
+            .await
+            .unwrap();
         let body = r#"{"templateId":"base","sandboxId":"sbx-d"}"#;
         let request = format!(
             "POST /wrenn.agent.v1.HostAgent/CreateSandbox HTTP/1.1\r\nHost: agent\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             agent.token,
             body.len()
         );
-        stream.write_all(request.as_bytes()).unwrap();
-        std::thread::sleep(Duration::from_millis(100));
+        stream.write_all(request.as_bytes()).await.unwrap();
+        // Hang up once the create has begun.
+        wait_until("the create to begin", Duration::from_secs(30), async || {
+            agent.get("sbx-d").await.is_ok()
+        })
+        .await;
         drop(stream);
     }
     let abandoned = agent
@@ -245,7 +263,7 @@ async fn restarted_agent_adopts_running_sandboxes_and_reports_a_dead_vm() {
     let failed = agent
         .wait_state(
             "the agent noticing the dead VM",
-            Duration::from_secs(3),
+            Duration::from_secs(30),
             "doomed",
             "failed",
         )
@@ -267,6 +285,162 @@ async fn restarted_agent_adopts_running_sandboxes_and_reports_a_dead_vm() {
 
     for id in ["keep", "doomed"] {
         let _: pb::DestroySandboxResponse = agent.destroy(id).await.expect("DestroySandbox");
+    }
+    agent.stop();
+    assert_eq!(agent.leftovers(), Vec::<String>::new());
+}
+
+/// Starts `PauseSandbox` or `ResumeSandbox` for `id` on a client of its own and leaves it in
+/// flight (the agent is killed under it, so it ends in an error nobody reads).
+fn start_in_background<M>(agent: &Agent, request: M::Request) -> tokio::task::JoinHandle<()>
+where
+    M: wrenn_proto::Rpc + 'static,
+    M::Request: wrenn_connect::Message + Send + 'static,
+    M::Response: wrenn_connect::Message + Send,
+{
+    let client = agent.client(&agent.token);
+    tokio::spawn(async move {
+        let _ = client.call::<M>(&request, &HeaderMap::new()).await;
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_with_operations_in_flight_leaves_every_sandbox_whole_or_failed() {
+    use nix::sys::signal::Signal;
+    let Some(_image) = prerequisites() else {
+        return;
+    };
+    let mut agent = Agent::start("wtc", 400);
+    agent.build_template("base").await;
+    let (paused, waking, pausing, gone) = tokio::join!(
+        agent.create("base", "paused", None),
+        agent.create("base", "waking", None),
+        agent.create("base", "pausing", None),
+        agent.create("base", "gone", None),
+    );
+    for sandbox in [&paused, &waking, &pausing] {
+        run_expecting(sandbox, "echo kept > ~/kept && cat ~/kept", "kept").await;
+    }
+    for id in ["paused", "waking"] {
+        let _: pb::PauseSandboxResponse = agent.pause(id).await.expect("PauseSandbox");
+    }
+
+    // In flight when the agent dies, each held where it is by a stopped VMM:
+    // a pause (its VM stopped, so envd's /snapshot/prepare cannot answer),
+    let pausing_vmm = pausing.pid as i32;
+    signal(pausing_vmm, Signal::SIGSTOP);
+    let _pause = start_in_background::<host_agent::PauseSandbox>(
+        &agent,
+        pb::PauseSandboxRequest {
+            sandbox_id: "pausing".into(),
+        },
+    );
+    agent
+        .wait_state(
+            "the pause to begin",
+            Duration::from_secs(30),
+            "pausing",
+            "pausing",
+        )
+        .await;
+    // a resume (its new VMM stopped while it loads the snapshot),
+    let _resume = start_in_background::<host_agent::ResumeSandbox>(
+        &agent,
+        pb::ResumeSandboxRequest {
+            sandbox_id: "waking".into(),
+            ..Default::default()
+        },
+    );
+    let waking_vmm = agent.freeze_new_vmm("waking").await;
+    // and a create (the same).
+    let create = pb::CreateSandboxRequest {
+        template_id: "base".into(),
+        sandbox_id: "half".into(),
+        ..Default::default()
+    };
+    let _create = start_in_background::<host_agent::CreateSandbox>(&agent, create);
+    let half_vmm = agent.freeze_new_vmm("half").await;
+    for (id, state) in [("waking", "resuming"), ("half", "starting")] {
+        let seen = agent.get(id).await.unwrap();
+        assert_eq!(seen.state, state, "{id} is held mid-way: {seen:?}");
+    }
+
+    agent.kill();
+    // While no agent runs: a VMM dies, the stopped ones run on, and a VMM no record accounts
+    // for appears.
+    signal(gone.pid as i32, Signal::SIGKILL);
+    for pid in [pausing_vmm, waking_vmm, half_vmm] {
+        signal(pid, Signal::SIGCONT);
+    }
+    let orphan_marker = format!("{}/sandboxes/orphan", agent.data_dir().display());
+    let mut orphan = std::process::Command::new("qemu-system-x86_64")
+        .args(["-machine", "none", "-display", "none", "-nodefaults", "-S"])
+        .args(["-name", &orphan_marker])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("starting a stray QEMU");
+    wait_until(
+        "the stray QEMU to start",
+        Duration::from_secs(30),
+        async || !vmm_pids_matching(&orphan_marker).is_empty(),
+    )
+    .await;
+    agent.spawn();
+
+    // The stray VMM is killed.
+    let mut orphan_status = None;
+    wait_until(
+        "the stray QEMU to be killed",
+        Duration::from_secs(30),
+        async || {
+            orphan_status = orphan.try_wait().unwrap();
+            orphan_status.is_some()
+        },
+    )
+    .await;
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        orphan_status.unwrap().signal(),
+        Some(Signal::SIGKILL as i32),
+        "the stray QEMU is killed"
+    );
+    // The pause in flight is given up: the VM runs on, its processes thawed, nothing lost.
+    let resumed = agent.get("pausing").await.unwrap();
+    assert_eq!(
+        (resumed.state.as_str(), resumed.pid),
+        ("running", pausing.pid),
+        "{resumed:?}"
+    );
+    run_expecting(&resumed, "cat ~/kept", "kept").await;
+    // The VMM that died while no agent ran is reported, its slot given back.
+    let dead = agent.get("gone").await.unwrap();
+    assert_eq!(dead.state, "failed", "{dead:?}");
+    assert!(dead.error.contains("VMM was gone"), "{dead:?}");
+    // The create in flight failed and holds nothing.
+    let half = agent.get("half").await.unwrap();
+    assert_eq!(half.state, "failed", "{half:?}");
+    assert!(half.error.contains("agent stopped"), "{half:?}");
+    assert_eq!(agent.vmm_pids("half"), Vec::<i32>::new());
+    // The resume in flight leaves the sandbox paused, its snapshot kept: it resumes again,
+    // as does the one paused before the crash.
+    for id in ["waking", "paused"] {
+        let seen = agent.get(id).await.unwrap();
+        assert_eq!(seen.state, "paused", "{id}: {seen:?}");
+        assert_eq!(agent.vmm_pids(id), Vec::<i32>::new(), "{id}");
+        let resumed = agent
+            .resume(id)
+            .await
+            .unwrap_or_else(|error| panic!("resuming {id}: {error:?}"));
+        run_expecting(&resumed.sandbox.unwrap(), "cat ~/kept", "kept").await;
+    }
+    let info = agent.host_info().await;
+    assert_eq!(info.sandboxes_running, 3, "{info:?}");
+
+    for id in ["paused", "waking", "pausing", "gone", "half"] {
+        let _: pb::DestroySandboxResponse = agent
+            .destroy(id)
+            .await
+            .unwrap_or_else(|error| panic!("destroying {id}: {error:?}"));
     }
     agent.stop();
     assert_eq!(agent.leftovers(), Vec::<String>::new());

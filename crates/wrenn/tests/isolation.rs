@@ -209,6 +209,9 @@ fn vmm_status(agent: &Agent, sandbox: &str) -> String {
     panic!("no QEMU runs {sandbox}");
 }
 
+/// The metadata service as guests address it.
+const MMDS: &str = "http://169.254.169.254";
+
 const MMDS_TOKEN: &str = "curl -s -m 5 -X PUT -H 'X-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token";
 
 /// A guest script that prints the instance id the MMDS gives it (with a fresh session token).
@@ -363,6 +366,46 @@ async fn guests_reach_nothing_they_were_not_given() {
 
     // The MMDS answers A with A's identity only.
     run_expecting(&a, &mmds_identity_script(), "\"iso-a\"").await;
+    // The MMDS V2 session protocol, as a guest meets it: a token needs a TTL of 1 to 21600 s,
+    // reads need a live token of the guest's own, and a token stops working when its TTL ends.
+    let session = run(
+        &a,
+        None,
+        &format!(
+            "code() {{ curl -s -m 5 -o /dev/null -w '%{{http_code}}' \"$@\"; }}; \
+             echo ttl0=$(code -X PUT -H 'X-metadata-token-ttl-seconds: 0' {MMDS}/latest/api/token); \
+             echo ttl-too-long=$(code -X PUT -H 'X-metadata-token-ttl-seconds: 21601' {MMDS}/latest/api/token); \
+             echo no-ttl=$(code -X PUT {MMDS}/latest/api/token); \
+             echo no-token=$(code {MMDS}/instanceID); \
+             echo forged=$(code -H 'X-metadata-token: forged' {MMDS}/instanceID); \
+             echo post=$(code -X POST {MMDS}/latest/api/token); \
+             short=$(curl -s -m 5 -X PUT -H 'X-metadata-token-ttl-seconds: 1' {MMDS}/latest/api/token); \
+             long=$(curl -s -m 5 -X PUT -H 'X-metadata-token-ttl-seconds: 60' {MMDS}/latest/api/token); \
+             echo short=$(code -H \"X-metadata-token: $short\" {MMDS}/instanceID); \
+             for i in $(seq 60); do \
+               [ $(code -H \"X-metadata-token: $short\" {MMDS}/instanceID) = 401 ] && break; sleep 0.5; \
+             done; \
+             echo short-later=$(code -H \"X-metadata-token: $short\" {MMDS}/instanceID); \
+             echo long-later=$(code -H \"X-metadata-token: $long\" {MMDS}/instanceID); \
+             echo unknown-key=$(code -H \"X-metadata-token: $long\" {MMDS}/nothing); \
+             echo token=$long"
+        ),
+    )
+    .await;
+    let (answers, token) = session.stdout.trim().rsplit_once("\ntoken=").unwrap();
+    assert_eq!(
+        answers,
+        "ttl0=400\nttl-too-long=400\nno-ttl=400\nno-token=401\nforged=401\npost=405\n\
+         short=200\nshort-later=401\nlong-later=200\nunknown-key=404",
+        "{session:?}"
+    );
+    // A's live token is worth nothing from B's slot.
+    run_expecting(
+        &b,
+        &format!("curl -s -m 5 -o /dev/null -w '%{{http_code}}' -H 'X-metadata-token: {token}' {MMDS}/instanceID"),
+        "401",
+    )
+    .await;
 
     // A spoofed source address gets nothing, even from the MMDS; the real one still works.
     let spoofed = run(

@@ -26,7 +26,13 @@ impl Manager {
         let mut adopted_pids = HashSet::new();
         for mut record in records {
             if let Some(vm) = record.vm.clone() {
-                let alive = vm.is_alive() && self.vmm.adopt(&vm).await.is_ok();
+                // Why a VM is not taken back: it is gone (None), or it runs and will not answer.
+                let adopted = if vm.is_alive() {
+                    self.vmm.adopt(&vm).await.map_err(Some)
+                } else {
+                    Err(None)
+                };
+                let alive = adopted.is_ok();
                 match (alive, record.state, record.slot) {
                     (true, SandboxState::Running, Some(slot)) => {
                         if let Err(error) = self.slots.claim(slot, &self.egress_of(&record)).await {
@@ -85,6 +91,9 @@ impl Manager {
                                 "the agent restarted while the sandbox was {}",
                                 state.as_str()
                             )
+                        } else if let Err(Some(error)) = &adopted {
+                            // Killed below with the other VMMs no sandbox owns.
+                            format!("the agent restarted and could not take the VMM back: {error}")
                         } else {
                             "the VMM was gone when the agent restarted".to_string()
                         });
@@ -116,9 +125,17 @@ impl Manager {
                         tracing::warn!(sandbox = %record.sandbox_id, state = record.state.as_str(), "sandbox not adopted");
                     }
                 }
+            } else if record.state == SandboxState::Resuming && record.snapshot.is_some() {
+                // The previous agent stopped before the resumed VM was recorded (a VMM it had
+                // started is an orphan, killed below): the snapshot is whole, the sandbox paused.
+                record.state = SandboxState::Paused;
+                tracing::warn!(sandbox = %record.sandbox_id, "a resume the previous agent left unfinished is undone");
             } else if matches!(
                 record.state,
-                SandboxState::Starting | SandboxState::Running | SandboxState::Pausing
+                SandboxState::Starting
+                    | SandboxState::Running
+                    | SandboxState::Pausing
+                    | SandboxState::Resuming
             ) {
                 record.state = SandboxState::Failed;
                 record.error =

@@ -329,6 +329,31 @@ impl Agent {
         self.call::<host_agent::DeleteTemplate>(&request).await
     }
 
+    /// The pids of the VMM processes running for sandbox `id` (its directory is on their
+    /// command line).
+    pub fn vmm_pids(&self, id: &str) -> Vec<i32> {
+        let marker = format!("{}/sandboxes/{id}/", self.data_dir().display());
+        vmm_pids_matching(&marker)
+    }
+
+    /// Waits for the VMM of sandbox `id` to appear (an operation in flight starts it) and stops
+    /// it with SIGSTOP, so that the operation hangs where it is; returns the VMM's pid.
+    pub async fn freeze_new_vmm(&self, id: &str) -> i32 {
+        let mut found = None;
+        wait_until(
+            &format!("a VMM for {id} to start"),
+            Duration::from_secs(60),
+            async || {
+                found = self.vmm_pids(id).first().copied();
+                found.is_some()
+            },
+        )
+        .await;
+        let pid = found.unwrap();
+        signal(pid, nix::sys::signal::Signal::SIGSTOP);
+        pid
+    }
+
     /// The network namespaces of this agent's slots that exist now.
     pub fn namespaces(&self) -> Vec<String> {
         let prefix = format!("{}-", self.prefix);
@@ -386,6 +411,31 @@ impl Agent {
         }
         found
     }
+}
+
+/// The pids of QEMU processes whose command line contains `marker`.
+pub fn vmm_pids_matching(marker: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let program = text.split(' ').next().unwrap_or("");
+        if program.contains("qemu-system") && text.contains(marker) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Sends `signal` to process `pid`, which must exist.
+pub fn signal(pid: i32, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+        .unwrap_or_else(|error| panic!("{signal} to {pid}: {error}"));
 }
 
 impl Drop for Agent {

@@ -27,58 +27,59 @@ pub trait Placement: Send + Sync + std::fmt::Debug {
     fn choose(&self, candidates: &[Candidate]) -> usize;
 }
 
-/// The host with the smallest share of its slots in use; then the most free memory.
-#[derive(Debug, Default)]
-pub struct LeastLoaded;
+/// The placement strategies (each variant is re-exported, so `LeastLoaded` is a placement).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// The host with the smallest share of its slots in use; then the most free memory.
+    LeastLoaded,
+    /// The fullest host that still has room: keeps other hosts empty (to drain or power down).
+    BinPack,
+}
 
-impl Placement for LeastLoaded {
-    fn name(&self) -> &'static str {
-        "least-loaded"
-    }
-    fn choose(&self, candidates: &[Candidate]) -> usize {
-        first_by(candidates, |a, b| {
-            a.load()
+pub use Strategy::{BinPack, LeastLoaded};
+
+impl Strategy {
+    /// Every strategy, in the order an unknown name's error lists them.
+    const ALL: [Strategy; 2] = [LeastLoaded, BinPack];
+
+    /// The order in which this strategy ranks two hosts (the first is chosen); a tie goes to
+    /// the smaller host id.
+    fn order(self, a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
+        let by_load = match self {
+            LeastLoaded => a
+                .load()
                 .total_cmp(&b.load())
-                .then(b.memory_available_mib.cmp(&a.memory_available_mib))
-                .then(a.host_id.cmp(&b.host_id))
-        })
+                .then(b.memory_available_mib.cmp(&a.memory_available_mib)),
+            BinPack => b.load().total_cmp(&a.load()),
+        };
+        by_load.then(a.host_id.cmp(&b.host_id))
     }
 }
 
-/// The fullest host that still has room: keeps other hosts empty (to drain or power down).
-#[derive(Debug, Default)]
-pub struct BinPack;
-
-impl Placement for BinPack {
+impl Placement for Strategy {
     fn name(&self) -> &'static str {
-        "binpack"
+        match self {
+            LeastLoaded => "least-loaded",
+            BinPack => "binpack",
+        }
     }
     fn choose(&self, candidates: &[Candidate]) -> usize {
-        first_by(candidates, |a, b| {
-            b.load()
-                .total_cmp(&a.load())
-                .then(a.host_id.cmp(&b.host_id))
-        })
+        (0..candidates.len())
+            .min_by(|&a, &b| self.order(&candidates[a], &candidates[b]))
+            .unwrap_or(0)
     }
-}
-
-/// The index of the candidate that sorts first by `order` (0 when there are none).
-fn first_by(
-    candidates: &[Candidate],
-    order: impl Fn(&Candidate, &Candidate) -> std::cmp::Ordering,
-) -> usize {
-    (0..candidates.len())
-        .min_by(|&a, &b| order(&candidates[a], &candidates[b]))
-        .unwrap_or(0)
 }
 
 /// A placement strategy by name: `least-loaded` or `binpack`.
 pub fn placement(name: &str) -> Result<Box<dyn Placement>, String> {
-    match name {
-        "least-loaded" => Ok(Box::new(LeastLoaded)),
-        "binpack" => Ok(Box::new(BinPack)),
-        other => Err(format!(
-            "unknown placement {other:?}: use least-loaded or binpack"
+    match Strategy::ALL
+        .into_iter()
+        .find(|strategy| strategy.name() == name)
+    {
+        Some(strategy) => Ok(Box::new(strategy)),
+        None => Err(format!(
+            "unknown placement {name:?}: use {}",
+            Strategy::ALL.map(|strategy| strategy.name()).join(" or ")
         )),
     }
 }

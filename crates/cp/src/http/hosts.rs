@@ -29,15 +29,12 @@ pub(super) async fn require_admin(plane: &ControlPlane, team: &TeamId) -> Result
 /// `DELETE /hosts/{name}`: forgets a host that is down, with its sandboxes, so that a new
 /// agent may take its name (admin teams only).
 #[utoipa::path(delete, path = "/hosts/{name}", tag = "hosts", security(("api_key" = [])),
-    params(("name" = String, Path, description = "The host's name")),
     responses(
         (status = 200, description = "Forgotten, with its sandboxes' rows", body = wrenn_api::ForgottenHost),
-        (status = 403, description = "The key's team is not an admin", body = wrenn_api::Error),
-        (status = 404, description = "No such host", body = wrenn_api::Error),
         (status = 409, description = "The host is up", body = wrenn_api::Error),
     ))]
 pub(super) async fn forget_host(
-    TeamCall { plane, team }: TeamCall,
+    TeamCall { plane, team, .. }: TeamCall,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     require_admin(&plane, &team).await?;
@@ -53,9 +50,10 @@ pub(super) async fn forget_host(
 #[utoipa::path(get, path = "/hosts", tag = "hosts", security(("api_key" = [])),
     responses(
         (status = 200, description = "The fleet", body = wrenn_api::Hosts),
-        (status = 403, description = "The key's team is not an admin", body = wrenn_api::Error),
     ))]
-pub(super) async fn list_hosts(TeamCall { plane, team }: TeamCall) -> Result<Response, ApiError> {
+pub(super) async fn list_hosts(
+    TeamCall { plane, team, .. }: TeamCall,
+) -> Result<Response, ApiError> {
     require_admin(&plane, &team).await?;
     let hosts = plane
         .fleet

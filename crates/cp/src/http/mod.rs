@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -161,13 +161,44 @@ impl From<crate::auth::NoRandomness> for ApiError {
 #[derive(Debug, Clone)]
 struct TeamId(String);
 
-/// What a keyed route starts from: the control plane and the caller's team.
-struct TeamCall {
+/// What a keyed route starts from: the control plane, the caller's team and `id`, what the
+/// route's path names ([`PathId`]).
+struct KeyedCall<Id> {
     plane: Arc<ControlPlane>,
     team: TeamId,
+    id: Id,
 }
 
-impl axum::extract::FromRequestParts<Arc<ControlPlane>> for TeamCall {
+/// What a keyed route starts from: the control plane and the caller's team.
+type TeamCall = KeyedCall<()>;
+
+/// What a `/sandboxes/{id}…` route starts from: [`TeamCall`] and the id in the path.
+type SandboxCall = KeyedCall<String>;
+
+/// What a keyed route's path names, read by [`KeyedCall`]: nothing (`()`), or one id (a path
+/// that does not give one is a 400).
+trait PathId: Sized {
+    fn from_path(
+        parts: &mut axum::http::request::Parts,
+    ) -> impl Future<Output = Result<Self, ApiError>> + Send;
+}
+
+impl PathId for () {
+    async fn from_path(_: &mut axum::http::request::Parts) -> Result<Self, ApiError> {
+        Ok(())
+    }
+}
+
+impl PathId for String {
+    async fn from_path(parts: &mut axum::http::request::Parts) -> Result<Self, ApiError> {
+        let Path(id) = Path::<String>::from_request_parts(parts, &())
+            .await
+            .map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
+        Ok(id)
+    }
+}
+
+impl<Id: PathId> FromRequestParts<Arc<ControlPlane>> for KeyedCall<Id> {
     type Rejection = ApiError;
 
     async fn from_request_parts(
@@ -181,42 +212,13 @@ impl axum::extract::FromRequestParts<Arc<ControlPlane>> for TeamCall {
                 "the route has no key check",
             )
         })?;
-        Ok(TeamCall {
+        let id = Id::from_path(parts).await?;
+        Ok(KeyedCall {
             plane: plane.clone(),
             team,
+            id,
         })
     }
-}
-
-/// What a `/sandboxes/{id}…` route starts from: [`TeamCall`] and the id in the path.
-struct SandboxCall {
-    plane: Arc<ControlPlane>,
-    team: TeamId,
-    id: String,
-}
-
-impl axum::extract::FromRequestParts<Arc<ControlPlane>> for SandboxCall {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        plane: &Arc<ControlPlane>,
-    ) -> Result<Self, ApiError> {
-        let TeamCall { plane, team } = TeamCall::from_request_parts(parts, plane).await?;
-        let Path(id) = Path::<String>::from_request_parts(parts, &plane)
-            .await
-            .map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
-        Ok(SandboxCall { plane, team, id })
-    }
-}
-
-/// The path parameter of every `/sandboxes/{id}…` route, for the OpenAPI document.
-#[derive(utoipa::IntoParams)]
-#[into_params(parameter_in = Path)]
-#[allow(dead_code)]
-struct SandboxPath {
-    /// The sandbox's id
-    id: String,
 }
 
 /// The API's routes.

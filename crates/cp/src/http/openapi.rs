@@ -36,7 +36,7 @@ use super::{hosts, sandboxes, templates};
         super::health,
         super::openapi_document,
     ),
-    modifiers(&Security, &V2Aliases, &KeyAndSandboxErrors, &OtherErrors),
+    modifiers(&Security, &V2Aliases, &PathNames, &KeyErrors, &OtherErrors),
     tags(
         (name = "sandboxes", description = "Sandboxes: create, list, pause, resume, kill, metrics"),
         (name = "templates", description = "The templates sandboxes start from"),
@@ -120,27 +120,71 @@ fn operations(
 }
 
 /// The answers every route of a kind has, written once: 401 on every route that takes an API
-/// key, and 404 on every route of one sandbox (`/sandboxes/{id}/…`, another team's included).
-struct KeyAndSandboxErrors;
+/// key, and 403 on every fleet (`hosts`) route, which only an admin team may call.
+struct KeyErrors;
 
-impl utoipa::Modify for KeyAndSandboxErrors {
+impl utoipa::Modify for KeyErrors {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        for (path, operation) in operations(openapi) {
-            let one_sandbox =
-                path.starts_with("/sandboxes/{id}") || path.starts_with("/v2/sandboxes/{id}");
+        for (_, operation) in operations(openapi) {
             let takes_key = operation.security.iter().flatten().any(|requirement| {
                 serde_json::to_value(requirement).is_ok_and(|value| value.get("api_key").is_some())
             });
+            let admin_only = operation
+                .tags
+                .as_ref()
+                .is_some_and(|tags| tags.iter().any(|t| t == "hosts"));
             let answers = &mut operation.responses.responses;
             if takes_key {
                 answers
                     .entry("401".into())
                     .or_insert_with(|| error_answer("No valid API key"));
             }
-            if one_sandbox {
+            if admin_only {
                 answers
+                    .entry("403".into())
+                    .or_insert_with(|| error_answer("The key's team is not an admin"));
+            }
+        }
+    }
+}
+
+/// What a path parameter names, the same on every route that has it: `(parameter, its
+/// description, the description of the 404 when there is no such thing)`.
+const PATH_NAMES: [(&str, &str, &str); 3] = [
+    // Another team's sandbox is not found either.
+    ("id", "The sandbox's id", "No such sandbox of the team"),
+    ("alias", "A template's alias", "No such template"),
+    ("name", "The host's name", "No such host"),
+];
+
+/// Documents each route's path parameters ([`PATH_NAMES`]): the parameter, and the 404 of a
+/// name that names nothing.
+struct PathNames;
+
+impl utoipa::Modify for PathNames {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::{ParameterBuilder, ParameterIn};
+        use utoipa::openapi::{ObjectBuilder, Required, Type};
+        for (path, operation) in operations(openapi) {
+            let named = PATH_NAMES
+                .iter()
+                .filter(|(name, _, _)| path.contains(&format!("{{{name}}}")));
+            for (index, (name, description, missing)) in named.enumerate() {
+                let parameter = ParameterBuilder::new()
+                    .name(*name)
+                    .parameter_in(ParameterIn::Path)
+                    .description(Some(*description))
+                    .required(Required::True)
+                    .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+                    .build();
+                // Path parameters first, before any of the handler's own.
+                let parameters = operation.parameters.get_or_insert_with(Vec::new);
+                parameters.insert(index, parameter);
+                operation
+                    .responses
+                    .responses
                     .entry("404".into())
-                    .or_insert_with(|| error_answer("No such sandbox of the team"));
+                    .or_insert_with(|| error_answer(missing));
             }
         }
     }

@@ -14,7 +14,7 @@ use super::*;
         (status = 503, description = "No host has room now", body = wrenn_api::Error),
     ))]
 pub(super) async fn create_sandbox(
-    TeamCall { plane, team }: TeamCall,
+    TeamCall { plane, team, .. }: TeamCall,
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
@@ -150,7 +150,7 @@ pub(super) fn decode_token(token: &str) -> Result<(i64, String), ApiError> {
         (status = 400, description = "A bad filter or token", body = wrenn_api::Error),
     ))]
 pub(super) async fn list_v2(
-    TeamCall { plane, team }: TeamCall,
+    TeamCall { plane, team, .. }: TeamCall,
     Query(params): Query<ListParams>,
 ) -> Result<Response, ApiError> {
     let limit = params.limit.unwrap_or(100);
@@ -234,7 +234,7 @@ pub(super) async fn list_v2(
         (status = 200, description = "The team's running sandboxes", body = Vec<wrenn_api::ListedSandbox>),
     ))]
 pub(super) async fn list_v1(
-    TeamCall { plane, team }: TeamCall,
+    TeamCall { plane, team, .. }: TeamCall,
     Query(params): Query<ListParams>,
 ) -> Result<Response, ApiError> {
     let query = ListQuery {
@@ -258,7 +258,6 @@ pub(super) async fn list_v1(
 }
 
 #[utoipa::path(get, path = "/sandboxes/{id}", tag = "sandboxes", security(("api_key" = [])),
-    params(SandboxPath),
     responses(
         (status = 200, description = "The sandbox", body = wrenn_api::SandboxDetail),
     ))]
@@ -270,7 +269,6 @@ pub(super) async fn get_sandbox(
 }
 
 #[utoipa::path(delete, path = "/sandboxes/{id}", tag = "sandboxes", security(("api_key" = [])),
-    params(SandboxPath),
     responses(
         (status = 204, description = "Killed: its VM, disk and snapshot are gone"),
     ))]
@@ -287,7 +285,6 @@ pub(super) async fn kill_sandbox(
 }
 
 #[utoipa::path(post, path = "/sandboxes/{id}/timeout", tag = "sandboxes", security(("api_key" = [])),
-    params(SandboxPath),
     request_body = wrenn_api::TimeoutRequest,
     responses(
         (status = 204, description = "The sandbox ends `timeout` seconds from now"),
@@ -311,7 +308,6 @@ pub(super) async fn set_timeout(
 }
 
 #[utoipa::path(post, path = "/sandboxes/{id}/refreshes", tag = "sandboxes", security(("api_key" = [])),
-    params(SandboxPath),
     request_body = wrenn_api::RefreshRequest,
     responses(
         (status = 204, description = "The sandbox lives `duration` more seconds"),
@@ -333,7 +329,6 @@ pub(super) async fn refresh(
 }
 
 #[utoipa::path(post, path = "/sandboxes/{id}/pause", tag = "sandboxes", security(("api_key" = [])),
-    params(SandboxPath),
     responses(
         (status = 204, description = "Paused: memory, processes and files kept"),
         (status = 409, description = "Already paused", body = wrenn_api::Error),
@@ -355,7 +350,6 @@ pub(super) async fn pause(
 }
 
 #[utoipa::path(post, path = "/sandboxes/{id}/connect", tag = "sandboxes", security(("api_key" = [])),
-    params(SandboxPath),
     request_body = wrenn_api::TimeoutRequest,
     responses(
         (status = 200, description = "It was running: its timeout is at least `timeout` from now", body = wrenn_api::Sandbox),
@@ -381,7 +375,6 @@ pub(super) async fn connect(
 }
 
 #[utoipa::path(post, path = "/sandboxes/{id}/resume", tag = "sandboxes", security(("api_key" = [])),
-    params(SandboxPath),
     request_body = wrenn_api::TimeoutRequest,
     responses(
         (status = 201, description = "Resumed", body = wrenn_api::Sandbox),
@@ -408,7 +401,6 @@ pub(super) async fn resume(
 /// `PUT /sandboxes/{id}/network`: refused (400, naming the field), since a sandbox's network
 /// is set at its create and never changed.
 #[utoipa::path(put, path = "/sandboxes/{id}/network", tag = "sandboxes", security(("api_key" = [])),
-    params(SandboxPath),
     request_body(content = Object, description = "E2B's network update"),
     responses(
         (status = 400, description = "wrenn does not change a running sandbox's network yet", body = wrenn_api::Error),
@@ -422,7 +414,6 @@ pub(super) async fn update_network(
 }
 
 #[utoipa::path(get, path = "/sandboxes/{id}/metrics", tag = "sandboxes", security(("api_key" = [])),
-    params(SandboxPath),
     responses(
         (status = 200, description = "Its latest sample (none when it does not run)", body = Vec<wrenn_api::SandboxMetric>),
     ))]
@@ -447,7 +438,7 @@ const MAX_METRICS_SANDBOXES: usize = 100;
         (status = 400, description = "No ids, or too many", body = wrenn_api::Error),
     ))]
 pub(super) async fn metrics_of_many(
-    TeamCall { plane, team }: TeamCall,
+    TeamCall { plane, team, .. }: TeamCall,
     axum::extract::RawQuery(query): axum::extract::RawQuery,
 ) -> Result<Response, ApiError> {
     let mut ids: Vec<String> = Vec::new();

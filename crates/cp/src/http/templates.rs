@@ -33,10 +33,8 @@ pub(super) async fn list_templates(State(plane): State<Arc<ControlPlane>>) -> Re
 }
 
 #[utoipa::path(get, path = "/templates/aliases/{alias}", tag = "templates", security(("api_key" = [])),
-    params(("alias" = String, Path, description = "A template's alias")),
     responses(
         (status = 200, description = "The template", body = wrenn_api::TemplateAlias),
-        (status = 404, description = "No such template", body = wrenn_api::Error),
     ))]
 pub(super) async fn template_alias(
     State(plane): State<Arc<ControlPlane>>,

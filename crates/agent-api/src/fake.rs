@@ -5,11 +5,19 @@
 //! ([`HostAgentError::NoCapacity`]), an unknown template or sandbox is
 //! [`HostAgentError::NotFound`]. A test can inject what a real host does on a bad day: an error
 //! for the next call of an operation, a delay, a VM that dies, a sandbox the agent lost, one the
-//! control plane never knew; and read back every call the control plane made.
+//! control plane never knew; and read back every call the control plane made. Like the real
+//! agent's, an operation runs to its end even if its caller stops waiting (a deadline passed).
+//! [`FakeAgent::router`] serves it over the agent's Connect API, so that it can join a control
+//! plane's fleet as a host in another process would.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use wrenn_connect::server::{serve_unary, unary_error};
+use wrenn_connect::{Code, ConnectError, DEFAULT_MAX_MESSAGE_BYTES, Message};
+use wrenn_proto::Rpc;
+use wrenn_proto::agent as pb;
 
 use crate::join::{HostReport, TemplateReport};
 use crate::{CreateOptions, GuestRoute, HostAgent, HostAgentError, SandboxState, SandboxSummary};
@@ -50,7 +58,7 @@ struct State {
 /// An in-memory host agent.
 #[derive(Debug)]
 pub struct FakeAgent {
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
 }
 
 /// A template as the fake's hosts report it: `memory_mib` of memory, a 2 GiB disk.
@@ -73,13 +81,13 @@ impl FakeAgent {
     /// `templates`.
     pub fn new(slots_total: u32, templates: Vec<TemplateReport>) -> FakeAgent {
         FakeAgent {
-            state: Mutex::new(State {
+            state: Arc::new(Mutex::new(State {
                 templates,
                 slots_total,
                 memory_bytes: 64 << 30,
                 disk_bytes: 1 << 40,
                 ..State::default()
-            }),
+            })),
         }
     }
 
@@ -96,7 +104,8 @@ impl FakeAgent {
             .push(error);
     }
 
-    /// Every later call of `operation` takes `delay` before it does anything.
+    /// Every later call of `operation` takes `delay` before it does anything (`Duration::ZERO`
+    /// for none).
     pub fn delay(&self, operation: Operation, delay: Duration) {
         self.lock().delays.insert(operation, delay);
     }
@@ -161,38 +170,99 @@ impl FakeAgent {
         self.lock().calls.clone()
     }
 
-    /// Records the call, waits its delay, and returns its injected failure if there is one.
-    async fn begin(&self, operation: Operation, subject: &str) -> Result<(), HostAgentError> {
+    /// Runs one call as the real agent does, on a task of its own that finishes even if the
+    /// caller stops waiting: the call recorded, its delay waited, its injected failure returned
+    /// if there is one, else `work` done on the state.
+    async fn run<T: Send + 'static>(
+        &self,
+        operation: Operation,
+        subject: &str,
+        work: impl FnOnce(&mut State) -> Result<T, HostAgentError> + Send + 'static,
+    ) -> Result<T, HostAgentError> {
         let delay = {
             let mut state = self.lock();
             state.calls.push((operation, subject.to_string()));
             state.delays.get(&operation).copied()
         };
-        if let Some(delay) = delay {
-            tokio::time::sleep(delay).await;
+        let state = self.state.clone();
+        let task = tokio::spawn(async move {
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
+            let mut state = state.lock().expect("fake agent lock");
+            match state.failures.get_mut(&operation) {
+                Some(queue) if !queue.is_empty() => Err(queue.remove(0)),
+                _ => work(&mut state),
+            }
+        });
+        match task.await {
+            Ok(answer) => answer,
+            Err(error) => Err(HostAgentError::Failed(format!(
+                "the operation's task failed: {error}"
+            ))),
         }
-        let mut state = self.lock();
-        match state.failures.get_mut(&operation) {
-            Some(queue) if !queue.is_empty() => Err(queue.remove(0)),
-            _ => Ok(()),
+    }
+}
+
+impl State {
+    fn running(&self) -> u32 {
+        self.sandboxes
+            .values()
+            .filter(|s| s.state == SandboxState::Running)
+            .count() as u32
+    }
+
+    /// Creates the sandbox: its id.
+    fn create(&mut self, options: CreateOptions) -> Result<String, HostAgentError> {
+        if !self
+            .templates
+            .iter()
+            .any(|t| t.template_id == options.template_id)
+        {
+            return Err(HostAgentError::NotFound(format!(
+                "no template {}",
+                options.template_id
+            )));
         }
+        let id = match &options.sandbox_id {
+            Some(id) => id.clone(),
+            None => {
+                self.next_id += 1;
+                format!("fake{}", self.next_id)
+            }
+        };
+        if self.sandboxes.contains_key(&id) {
+            return Err(HostAgentError::Conflict(format!(
+                "sandbox {id} already exists"
+            )));
+        }
+        if self.running() >= self.slots_total {
+            return Err(HostAgentError::NoCapacity(
+                "no free network slot on this host".into(),
+            ));
+        }
+        self.sandboxes.insert(
+            id.clone(),
+            FakeSandbox {
+                template_id: options.template_id.clone(),
+                state: SandboxState::Running,
+                created_at_ms: now_ms(),
+                options,
+            },
+        );
+        Ok(id)
     }
 
     /// Moves a sandbox from `from` to `to`, or says why it cannot.
     fn transition(
-        &self,
+        &mut self,
         sandbox_id: &str,
         from: SandboxState,
         to: SandboxState,
     ) -> Result<(), HostAgentError> {
-        let mut state = self.lock();
-        let running = state
-            .sandboxes
-            .values()
-            .filter(|s| s.state == SandboxState::Running)
-            .count() as u32;
-        let slots_total = state.slots_total;
-        let sandbox = state
+        let running = self.running();
+        let slots_total = self.slots_total;
+        let sandbox = self
             .sandboxes
             .get_mut(sandbox_id)
             .ok_or_else(|| HostAgentError::NotFound(format!("no sandbox {sandbox_id}")))?;
@@ -210,96 +280,68 @@ impl FakeAgent {
         sandbox.state = to;
         Ok(())
     }
-}
 
-#[async_trait::async_trait]
-impl HostAgent for FakeAgent {
-    async fn create(&self, options: CreateOptions) -> Result<(), HostAgentError> {
-        self.begin(
-            Operation::Create,
-            options.sandbox_id.as_deref().unwrap_or(""),
-        )
-        .await?;
-        let mut state = self.lock();
-        if !state
-            .templates
-            .iter()
-            .any(|t| t.template_id == options.template_id)
-        {
-            return Err(HostAgentError::NotFound(format!(
-                "no template {}",
-                options.template_id
-            )));
-        }
-        let id = match &options.sandbox_id {
-            Some(id) => id.clone(),
-            None => {
-                state.next_id += 1;
-                format!("fake{}", state.next_id)
-            }
-        };
-        if state.sandboxes.contains_key(&id) {
-            return Err(HostAgentError::Conflict(format!(
-                "sandbox {id} already exists"
-            )));
-        }
-        let running = state
-            .sandboxes
-            .values()
-            .filter(|s| s.state == SandboxState::Running)
-            .count() as u32;
-        if running >= state.slots_total {
-            return Err(HostAgentError::NoCapacity(
-                "no free network slot on this host".into(),
-            ));
-        }
-        state.sandboxes.insert(
-            id,
-            FakeSandbox {
-                template_id: options.template_id.clone(),
-                state: SandboxState::Running,
-                created_at_ms: now_ms(),
-                options,
-            },
-        );
-        Ok(())
-    }
-
-    async fn pause(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
-        self.begin(Operation::Pause, sandbox_id).await?;
-        self.transition(sandbox_id, SandboxState::Running, SandboxState::Paused)
-    }
-
-    async fn resume(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
-        self.begin(Operation::Resume, sandbox_id).await?;
-        self.transition(sandbox_id, SandboxState::Paused, SandboxState::Running)
-    }
-
-    async fn destroy(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
-        self.begin(Operation::Destroy, sandbox_id).await?;
-        match self.lock().sandboxes.remove(sandbox_id) {
+    fn destroy(&mut self, sandbox_id: &str) -> Result<(), HostAgentError> {
+        match self.sandboxes.remove(sandbox_id) {
             Some(_) => Ok(()),
             None => Err(HostAgentError::NotFound(format!("no sandbox {sandbox_id}"))),
         }
     }
 
-    async fn list(&self) -> Result<Vec<SandboxSummary>, HostAgentError> {
-        self.begin(Operation::List, "").await?;
-        Ok(self
-            .lock()
-            .sandboxes
+    fn list(&self) -> Vec<SandboxSummary> {
+        self.sandboxes
             .iter()
             .map(|(id, sandbox)| SandboxSummary {
                 sandbox_id: id.clone(),
                 state: sandbox.state,
                 created_at_ms: sandbox.created_at_ms,
             })
-            .collect())
+            .collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl HostAgent for FakeAgent {
+    async fn create(&self, options: CreateOptions) -> Result<(), HostAgentError> {
+        let subject = options.sandbox_id.clone().unwrap_or_default();
+        self.run(Operation::Create, &subject, move |state| {
+            state.create(options).map(drop)
+        })
+        .await
+    }
+
+    async fn pause(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
+        let id = sandbox_id.to_string();
+        self.run(Operation::Pause, sandbox_id, move |state| {
+            state.transition(&id, SandboxState::Running, SandboxState::Paused)
+        })
+        .await
+    }
+
+    async fn resume(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
+        let id = sandbox_id.to_string();
+        self.run(Operation::Resume, sandbox_id, move |state| {
+            state.transition(&id, SandboxState::Paused, SandboxState::Running)
+        })
+        .await
+    }
+
+    async fn destroy(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
+        let id = sandbox_id.to_string();
+        self.run(Operation::Destroy, sandbox_id, move |state| {
+            state.destroy(&id)
+        })
+        .await
+    }
+
+    async fn list(&self) -> Result<Vec<SandboxSummary>, HostAgentError> {
+        self.run(Operation::List, "", |state| Ok(state.list()))
+            .await
     }
 
     async fn report(&self) -> Result<HostReport, HostAgentError> {
-        self.begin(Operation::Report, "").await?;
-        Ok(self.report_now())
+        self.run(Operation::Report, "", |state| Ok(state.report()))
+            .await
     }
 
     fn report_in_process(&self) -> Option<HostReport> {
@@ -312,24 +354,180 @@ impl HostAgent for FakeAgent {
     }
 }
 
+/// What the fake's Connect API serves from.
+#[derive(Debug, Clone)]
+struct Served {
+    agent: Arc<FakeAgent>,
+    token: Arc<str>,
+}
+
+impl FakeAgent {
+    /// The fake's Connect API (`wrenn.agent.v1.HostAgent`), as a host agent in another process
+    /// serves it to the control plane: every call needs `Authorization: Bearer <token>`, each
+    /// method is the fake's operation (injected failures and delays included), an error is the
+    /// Connect code the real agent answers it with, an unknown method is NotFound.
+    pub fn router(self: &Arc<Self>, token: &str) -> axum::Router {
+        use wrenn_proto::agent::host_agent as rpc;
+        let router = axum::Router::new();
+        let router = serve::<rpc::CreateSandbox, _, _>(router, |agent, request| async move {
+            required("template_id", &request.template_id)?;
+            let millis = |ms: u32| (ms > 0).then(|| Duration::from_millis(u64::from(ms)));
+            let options = CreateOptions {
+                template_id: request.template_id,
+                sandbox_id: (!request.sandbox_id.is_empty()).then_some(request.sandbox_id),
+                env_vars: request.env_vars.into_iter().collect(),
+                access_token: (!request.envd_access_token.is_empty())
+                    .then_some(request.envd_access_token),
+                allow_internet: request.allow_internet_access,
+                metadata: request.metadata.into_iter().collect(),
+                ready_timeout: millis(request.ready_timeout_ms),
+                init_timeout: millis(request.init_timeout_ms),
+            };
+            let subject = options.sandbox_id.clone().unwrap_or_default();
+            let id = agent
+                .run(Operation::Create, &subject, move |state| {
+                    state.create(options)
+                })
+                .await?;
+            Ok(pb::CreateSandboxResponse {
+                sandbox: agent.sandbox_message(&id),
+                ..Default::default()
+            })
+        });
+        let router = serve::<rpc::PauseSandbox, _, _>(router, |agent, request| async move {
+            required("sandbox_id", &request.sandbox_id)?;
+            agent.pause(&request.sandbox_id).await?;
+            Ok(pb::PauseSandboxResponse {
+                sandbox: agent.sandbox_message(&request.sandbox_id),
+                ..Default::default()
+            })
+        });
+        let router = serve::<rpc::ResumeSandbox, _, _>(router, |agent, request| async move {
+            required("sandbox_id", &request.sandbox_id)?;
+            agent.resume(&request.sandbox_id).await?;
+            Ok(pb::ResumeSandboxResponse {
+                sandbox: agent.sandbox_message(&request.sandbox_id),
+            })
+        });
+        let router = serve::<rpc::DestroySandbox, _, _>(router, |agent, request| async move {
+            required("sandbox_id", &request.sandbox_id)?;
+            agent.destroy(&request.sandbox_id).await?;
+            Ok(pb::DestroySandboxResponse {})
+        });
+        let router = serve::<rpc::ListSandboxes, _, _>(router, |agent, _| async move {
+            let listed = agent.list().await?;
+            Ok(pb::ListSandboxesResponse {
+                sandboxes: listed
+                    .iter()
+                    .filter_map(|s| agent.sandbox_message(&s.sandbox_id))
+                    .collect(),
+            })
+        });
+        let router = serve::<rpc::HostInfo, _, _>(router, |agent, _| async move {
+            Ok(pb::HostInfoResponse {
+                report: Some(agent.report().await?),
+            })
+        });
+        router
+            .fallback(|| async {
+                unary_error(&ConnectError::new(
+                    Code::NotFound,
+                    "no such method of wrenn.agent.v1.HostAgent",
+                ))
+            })
+            .with_state(Served {
+                agent: self.clone(),
+                token: token.into(),
+            })
+    }
+
+    /// A sandbox as the agent's API shows it.
+    fn sandbox_message(&self, sandbox_id: &str) -> Option<pb::Sandbox> {
+        let state = self.lock();
+        let sandbox = state.sandboxes.get(sandbox_id)?;
+        let template = state
+            .templates
+            .iter()
+            .find(|t| t.template_id == sandbox.template_id);
+        Some(pb::Sandbox {
+            sandbox_id: sandbox_id.to_string(),
+            template_id: sandbox.template_id.clone(),
+            state: sandbox.state.as_str().into(),
+            memory_mib: template.map(|t| t.memory_mib).unwrap_or(0),
+            vcpus: template.map(|t| t.vcpus).unwrap_or(0),
+            created_at_unix_ms: sandbox.created_at_ms,
+            metadata: sandbox.options.metadata.clone().into_iter().collect(),
+            allow_internet_access: sandbox.options.allow_internet,
+            ..Default::default()
+        })
+    }
+}
+
+/// The real agent's check of a required field.
+fn required(field: &str, value: &str) -> Result<(), HostAgentError> {
+    if value.is_empty() {
+        Err(HostAgentError::InvalidArgument(format!(
+            "{field} is required"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+/// Adds the unary method `M` to `router`: the token checked, then `handler` on the fake.
+fn serve<M, F, Fut>(router: axum::Router<Served>, handler: F) -> axum::Router<Served>
+where
+    M: Rpc,
+    M::Request: Message,
+    M::Response: Message + Send + 'static,
+    F: FnOnce(Arc<FakeAgent>, M::Request) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<M::Response, HostAgentError>> + Send + 'static,
+{
+    let call = move |axum::extract::State(served): axum::extract::State<Served>,
+                     headers: axum::http::HeaderMap,
+                     body: axum::body::Body| async move {
+        let authorized = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            == Some(&*served.token);
+        if !authorized {
+            return unary_error(&ConnectError::new(
+                Code::Unauthenticated,
+                "a valid bearer token is required",
+            ));
+        }
+        serve_unary(&headers, body, DEFAULT_MAX_MESSAGE_BYTES, |request| async {
+            handler(served.agent.clone(), request)
+                .await
+                .map_err(|error| ConnectError::new(error.connect_code(), error.to_string()))
+        })
+        .await
+    };
+    router.route(M::PATH, axum::routing::post(call))
+}
+
 impl FakeAgent {
     fn report_now(&self) -> HostReport {
-        let state = self.lock();
+        self.lock().report()
+    }
+}
+
+impl State {
+    fn report(&self) -> HostReport {
         let count = |wanted: SandboxState| {
-            state
-                .sandboxes
+            self.sandboxes
                 .values()
                 .filter(|s| s.state == wanted)
                 .count() as u32
         };
         let running = count(SandboxState::Running);
-        let committed_mib: u64 = state
+        let committed_mib: u64 = self
             .sandboxes
             .values()
             .filter(|s| s.state == SandboxState::Running)
             .filter_map(|s| {
-                state
-                    .templates
+                self.templates
                     .iter()
                     .find(|t| t.template_id == s.template_id)
             })
@@ -340,16 +538,16 @@ impl FakeAgent {
             vmm: "fake".into(),
             accel: "none".into(),
             cpus: 2,
-            memory_bytes: state.memory_bytes,
-            memory_available_bytes: state.memory_bytes.saturating_sub(committed_mib << 20),
+            memory_bytes: self.memory_bytes,
+            memory_available_bytes: self.memory_bytes.saturating_sub(committed_mib << 20),
             sandboxes_running: running,
             sandboxes_paused: count(SandboxState::Paused),
             memory_committed_mib: committed_mib,
-            slots_total: state.slots_total,
+            slots_total: self.slots_total,
             slots_in_use: running,
-            disk_available_bytes: state.disk_bytes,
+            disk_available_bytes: self.disk_bytes,
             agent_rss_bytes: 0,
-            templates: state.templates.clone(),
+            templates: self.templates.clone(),
         }
     }
 }
@@ -418,5 +616,64 @@ mod tests {
         assert_eq!(agent.calls().len(), 3);
         assert!(agent.kill_vm("a"));
         assert_eq!(agent.states()["a"], SandboxState::Failed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_operation_runs_to_its_end_when_its_caller_stops_waiting() {
+        let agent = FakeAgent::new(4, vec![template("base", 512)]);
+        agent.delay(Operation::Create, Duration::from_secs(60));
+        let cut = tokio::time::timeout(Duration::from_secs(1), agent.create(options("a"))).await;
+        assert!(cut.is_err(), "the caller stopped waiting");
+        assert!(agent.sandbox("a").is_none(), "not made yet");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(agent.sandbox("a").unwrap().state, SandboxState::Running);
+    }
+
+    #[tokio::test]
+    async fn over_its_connect_api_the_fake_answers_as_it_does_in_process() {
+        let agent = Arc::new(FakeAgent::new(1, vec![template("base", 512)]));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let router = agent.router("secret");
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        let proxy = "127.0.0.1:1".parse().unwrap();
+        let remote =
+            |token| crate::RemoteAgent::new(&url, proxy, token, Duration::from_secs(5)).unwrap();
+
+        let stranger = remote("wrong").create(options("a")).await.unwrap_err();
+        assert!(
+            matches!(&stranger, HostAgentError::Failed(m) if m.contains("bearer token")),
+            "{stranger:?}"
+        );
+        assert!(agent.calls().is_empty(), "a stranger reaches nothing");
+
+        let remote = remote("secret");
+        remote.create(options("a")).await.unwrap();
+        assert!(matches!(
+            remote.create(options("b")).await,
+            Err(HostAgentError::NoCapacity(_))
+        ));
+        assert!(matches!(
+            remote.resume("a").await,
+            Err(HostAgentError::Conflict(_))
+        ));
+        remote.pause("a").await.unwrap();
+        let listed = remote.list().await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            (listed[0].sandbox_id.as_str(), listed[0].state),
+            ("a", SandboxState::Paused)
+        );
+        assert_eq!(remote.report().await.unwrap().sandboxes_paused, 1);
+        agent.fail_next(Operation::Resume, HostAgentError::TimedOut("slow".into()));
+        assert_eq!(
+            remote.resume("a").await,
+            Err(HostAgentError::TimedOut("slow".into()))
+        );
+        remote.destroy("a").await.unwrap();
+        assert!(matches!(
+            remote.destroy("a").await,
+            Err(HostAgentError::NotFound(_))
+        ));
     }
 }

@@ -12,7 +12,7 @@ use tower::ServiceExt;
 use wrenn_agent_api::fake::{FakeAgent, Operation, template};
 use wrenn_agent_api::{HostAgentError, SandboxState};
 use wrenn_cp::ControlPlane;
-use wrenn_cp::fleet::{Fleet, FleetConfig, LeastLoaded};
+use wrenn_cp::fleet::{EMBEDDED_HOST_ID, Fleet, FleetConfig, LeastLoaded};
 use wrenn_cp::quota::Quotas;
 use wrenn_cp::store::{ApiKey, Store, Team};
 
@@ -26,7 +26,17 @@ struct Kit {
     /// Team `a`'s key, and team `b`'s.
     key_a: String,
     key_b: String,
+    /// The store's SQLite file.
+    database: std::path::PathBuf,
     _dir: tempfile::TempDir,
+}
+
+/// A fake agent joined to a kit's fleet as a host in another process joins it: served over the
+/// agent's Connect API, registered through the fleet registry.
+struct Joined {
+    agent: Arc<FakeAgent>,
+    host_id: String,
+    heartbeat_token: String,
 }
 
 async fn add_team(store: &Store, name: &str) -> String {
@@ -59,14 +69,21 @@ async fn add_team(store: &Store, name: &str) -> String {
 
 impl Kit {
     async fn new(slots: u32, quotas: Quotas) -> Kit {
+        Kit::with_down_after(slots, quotas, FleetConfig::default().down_after).await
+    }
+
+    /// A kit whose fleet marks a host down once it has been silent for `down_after`.
+    async fn with_down_after(slots: u32, quotas: Quotas, down_after: Duration) -> Kit {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("cp.db")).unwrap();
+        let database = dir.path().join("cp.db");
+        let store = Store::open(&database).unwrap();
         let key_a = add_team(&store, "a").await;
         let key_b = add_team(&store, "b").await;
         let agent = Arc::new(FakeAgent::new(slots, vec![template("base", 512)]));
         let config = FleetConfig {
             join_token: Some(JOIN_TOKEN.into()),
             orphan_grace: Duration::from_secs(60),
+            down_after,
             ..FleetConfig::default()
         };
         let fleet = Fleet::load(&store, config, Box::new(LeastLoaded), Some(agent.clone()))
@@ -78,8 +95,63 @@ impl Kit {
             agent,
             key_a,
             key_b,
+            database,
             _dir: dir,
         }
+    }
+
+    /// Serves the API on a local port: its URL.
+    async fn serve(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let router = wrenn_cp::http::router(self.plane.clone());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        url
+    }
+
+    /// `agent` joins the fleet of the kit served at `url` as host `name`, reporting what it has.
+    async fn join(&self, url: &str, name: &str, agent: FakeAgent) -> Joined {
+        use wrenn_agent_api::HostAgent;
+        use wrenn_agent_api::join::{RegisterRequest, host_registry::Register};
+        use wrenn_connect::Codec;
+        use wrenn_connect::client::{ConnectClient, HttpVersion};
+
+        let agent = Arc::new(agent);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api_url = format!("http://{}", listener.local_addr().unwrap());
+        let router = agent.router("agent-secret");
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        let request = RegisterRequest {
+            name: name.into(),
+            api_url,
+            proxy_address: "127.0.0.1:1".into(),
+            agent_token: "agent-secret".into(),
+            report: agent.report_in_process(),
+            identity: None,
+        };
+        let joined = ConnectClient::new(url, HttpVersion::Http1, Codec::Proto)
+            .call::<Register>(&request, &bearer(JOIN_TOKEN))
+            .await
+            .unwrap();
+        Joined {
+            agent,
+            host_id: joined.host_id,
+            heartbeat_token: joined.heartbeat_token,
+        }
+    }
+
+    /// The host falls silent past the fleet's `down_after`, and the heartbeat watch marks it
+    /// down.
+    async fn fall_silent(&self, host_id: &str) {
+        tokio::time::sleep(self.plane.fleet.config.down_after + Duration::from_millis(50)).await;
+        self.plane.fleet.check_heartbeats(&self.plane.store).await;
+        assert!(!self.plane.fleet.host(host_id).unwrap().is_up());
+    }
+
+    /// The name of the host whose agent runs in the control plane's process.
+    fn own_host_name(&self) -> String {
+        let host = self.plane.fleet.host(EMBEDDED_HOST_ID).unwrap();
+        host.row().name
     }
 
     /// One request through the API's router: its status and JSON body (`Null` when empty).
@@ -614,4 +686,320 @@ async fn agents_join_and_heartbeat_through_the_fleet_registry_over_connect() {
     // The REST route the registry replaced is gone (`/hosts/{name}` takes only DELETE).
     let (status, _) = kit.call("POST", "/hosts/register", None, json!({})).await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+/// The message of an error answer.
+fn message(body: &Value) -> &str {
+    body["message"].as_str().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_create_no_host_can_take_is_a_503_naming_each_hosts_reason_and_leaves_nothing() {
+    let kit = Kit::with_down_after(1, Quotas::default(), Duration::from_millis(100)).await;
+    let url = kit.serve().await;
+    let edge = kit
+        .join(
+            &url,
+            "edge-1",
+            FakeAgent::new(4, vec![template("base", 512)]),
+        )
+        .await;
+    kit.fall_silent(&edge.host_id).await;
+    // The control plane's own host takes one sandbox, and is then full.
+    let first = kit.create(&kit.key_a, json!({"templateID": "base"})).await;
+
+    let body = kit
+        .create_refused(
+            json!({"templateID": "base"}),
+            StatusCode::SERVICE_UNAVAILABLE,
+        )
+        .await;
+    assert_eq!(body["code"], 503, "{body}");
+    let full = format!("{} has no free network slot", kit.own_host_name());
+    for cause in [full.as_str(), "edge-1 is down"] {
+        assert!(message(&body).contains(cause), "{cause}: {body}");
+    }
+    let (_, listed) = kit.call_a("GET", "/v2/sandboxes").await;
+    let ids: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["sandboxID"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [first.as_str()], "the refused create has no row");
+    assert_eq!(
+        kit.agent.calls().len(),
+        1,
+        "the refused create reached no host"
+    );
+    assert!(edge.agent.calls().is_empty(), "a down host is not asked");
+    // Nothing of the refused create holds the host's slot.
+    let kill = kit.call_a("DELETE", &format!("/sandboxes/{first}")).await;
+    assert_eq!(kill.0, StatusCode::NO_CONTENT);
+    kit.create(&kit.key_a, json!({"templateID": "base"})).await;
+}
+
+#[tokio::test]
+async fn an_operation_on_a_sandbox_whose_host_went_down_is_a_404_saying_it_was_lost_and_a_kill_forgets_it()
+ {
+    let kit = Kit::with_down_after(8, Quotas::default(), Duration::from_millis(100)).await;
+    let url = kit.serve().await;
+    // Only the edge host has the template: the sandbox is there.
+    let edge = kit
+        .join(
+            &url,
+            "edge-1",
+            FakeAgent::new(4, vec![template("edge-only", 256)]),
+        )
+        .await;
+    let id = kit
+        .create(&kit.key_a, json!({"templateID": "edge-only"}))
+        .await;
+    assert!(edge.agent.sandbox(&id).is_some());
+    kit.fall_silent(&edge.host_id).await;
+
+    let path = format!("/sandboxes/{id}");
+    for (method, route, body) in [
+        ("GET", path.clone(), Value::Null),
+        ("POST", format!("{path}/pause"), Value::Null),
+        ("POST", format!("{path}/resume"), json!({"timeout": 60})),
+        ("POST", format!("{path}/connect"), json!({"timeout": 60})),
+        ("POST", format!("{path}/timeout"), json!({"timeout": 60})),
+        ("POST", format!("{path}/refreshes"), json!({"duration": 60})),
+    ] {
+        let (status, answer) = kit.call(method, &route, Some(&kit.key_a), body).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{method} {route}: {answer}");
+        assert!(
+            message(&answer).contains("was lost: its host stopped answering"),
+            "{method} {route}: {answer}"
+        );
+    }
+    let ops: Vec<Operation> = edge.agent.calls().into_iter().map(|(op, _)| op).collect();
+    assert_eq!(
+        ops,
+        [Operation::Create],
+        "nothing was asked of the down host"
+    );
+
+    // A kill forgets it without waiting on the down host.
+    assert_eq!(kit.call_a("DELETE", &path).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(kit.plane.store.sandbox(&id).await.unwrap(), None);
+    let (status, answer) = kit.call_a("GET", &path).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(!message(&answer).contains("lost"), "{answer}");
+    assert_eq!(edge.agent.calls().len(), 1);
+}
+
+#[tokio::test]
+async fn a_create_a_full_host_turns_down_is_placed_on_another_host() {
+    let kit = Kit::new(8, Quotas::default()).await;
+    let url = kit.serve().await;
+    // As empty as the control plane's own host, with less memory: asked second.
+    let edge_agent = FakeAgent::new(8, vec![template("base", 512)]);
+    edge_agent.set_free(8 << 30, 1 << 40);
+    let edge = kit.join(&url, "edge-1", edge_agent).await;
+    kit.agent.fail_next(
+        Operation::Create,
+        HostAgentError::NoCapacity("out of memory on this host".into()),
+    );
+
+    let id = kit.create(&kit.key_a, json!({"templateID": "base"})).await;
+    assert_eq!(kit.agent.calls(), [(Operation::Create, id.clone())]);
+    assert_eq!(edge.agent.calls(), [(Operation::Create, id.clone())]);
+    assert!(kit.agent.sandbox(&id).is_none());
+    assert_eq!(
+        edge.agent.sandbox(&id).unwrap().state,
+        SandboxState::Running
+    );
+    let row = kit.plane.store.sandbox(&id).await.unwrap().unwrap();
+    assert_eq!(
+        row.host_id, edge.host_id,
+        "the row names the host it runs on"
+    );
+    assert_eq!(kit.state(&id).await, (StatusCode::OK, json!("running")));
+}
+
+#[tokio::test]
+async fn a_create_a_host_fails_for_another_cause_than_room_is_not_tried_on_another_host() {
+    let kit = Kit::new(8, Quotas::default()).await;
+    let url = kit.serve().await;
+    let edge_agent = FakeAgent::new(8, vec![template("base", 512)]);
+    edge_agent.set_free(8 << 30, 1 << 40);
+    let edge = kit.join(&url, "edge-1", edge_agent).await;
+    kit.agent.fail_next(
+        Operation::Create,
+        HostAgentError::Failed("the disk broke".into()),
+    );
+
+    let body = kit
+        .create_refused(
+            json!({"templateID": "base"}),
+            StatusCode::INTERNAL_SERVER_ERROR,
+        )
+        .await;
+    assert!(message(&body).contains("the disk broke"), "{body}");
+    assert_eq!(kit.agent.calls().len(), 1);
+    assert!(
+        edge.agent.calls().is_empty(),
+        "a create that may have half run is not made twice"
+    );
+    let (_, listed) = kit.call_a("GET", "/v2/sandboxes").await;
+    assert_eq!(listed, json!([]));
+}
+
+#[tokio::test]
+async fn a_kill_its_host_does_not_answer_in_time_is_a_504_and_keeps_the_sandbox() {
+    let kit = Kit::new(8, Quotas::default()).await;
+    let id = kit.create(&kit.key_a, json!({"templateID": "base"})).await;
+    let path = format!("/sandboxes/{id}");
+    // Longer than the control plane's deadline for a destroy (30 s).
+    kit.agent
+        .delay(Operation::Destroy, Duration::from_secs(3600));
+
+    let (status, body) = kit.call_a("DELETE", &path).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    let said = format!(
+        "host {}: DestroySandbox got no answer within 30 s",
+        kit.own_host_name()
+    );
+    assert_eq!(message(&body), said, "{body}");
+    assert_eq!(
+        kit.state(&id).await,
+        (StatusCode::OK, json!("running")),
+        "a kill that did not finish keeps the sandbox's row, to be killed again"
+    );
+
+    kit.agent.delay(Operation::Destroy, Duration::ZERO);
+    assert_eq!(kit.call_a("DELETE", &path).await.0, StatusCode::NO_CONTENT);
+    assert!(kit.agent.sandbox(&id).is_none());
+    assert_eq!(kit.state(&id).await.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_store_failure_is_a_500_that_hides_the_stores_words_and_leaves_no_sandbox_behind() {
+    // One slot, one running sandbox allowed: a leaked slot or reservation would refuse the
+    // create that follows the failure.
+    let quotas = Quotas {
+        running: 1,
+        ..Quotas::default()
+    };
+    let kit = Kit::new(1, quotas).await;
+    // Writes of sandboxes fail, as on a full or broken disk; reads still work.
+    let other = rusqlite::Connection::open(&kit.database).unwrap();
+    other
+        .execute_batch(
+            "CREATE TRIGGER broken_disk BEFORE INSERT ON sandboxes \
+             BEGIN SELECT RAISE(ABORT, 'simulated disk failure'); END;",
+        )
+        .unwrap();
+
+    let body = kit
+        .create_refused(
+            json!({"templateID": "base"}),
+            StatusCode::INTERNAL_SERVER_ERROR,
+        )
+        .await;
+    assert_eq!(body, json!({"code": 500, "message": "the store failed"}));
+    let calls = kit.agent.calls();
+    let ops: Vec<Operation> = calls.iter().map(|(op, _)| *op).collect();
+    assert_eq!(ops, [Operation::Create, Operation::Destroy], "{calls:?}");
+    assert_eq!(
+        calls[0].1, calls[1].1,
+        "the VM made for the row is destroyed"
+    );
+    assert!(kit.agent.states().is_empty());
+    let (_, listed) = kit.call_a("GET", "/v2/sandboxes").await;
+    assert_eq!(listed, json!([]));
+
+    other.execute_batch("DROP TRIGGER broken_disk;").unwrap();
+    kit.create(&kit.key_a, json!({"templateID": "base"})).await;
+}
+
+#[tokio::test]
+async fn an_agent_cannot_register_under_the_control_planes_own_host_name() {
+    use wrenn_agent_api::join::{RegisterRequest, host_registry::Register};
+    use wrenn_connect::client::{ConnectClient, HttpVersion};
+    use wrenn_connect::{Code, Codec};
+
+    let kit = Kit::new(1, Quotas::default()).await;
+    let url = kit.serve().await;
+    let own = kit.own_host_name();
+    let request = RegisterRequest {
+        name: own.clone(),
+        api_url: "http://127.0.0.1:1".into(),
+        proxy_address: "127.0.0.1:2".into(),
+        agent_token: "agent-secret".into(),
+        report: None,
+        identity: None,
+    };
+    let refused = ConnectClient::new(&url, HttpVersion::Http1, Codec::Proto)
+        .call::<Register>(&request, &bearer(JOIN_TOKEN))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code, Code::AlreadyExists, "{refused}");
+    assert_eq!(
+        refused.message,
+        format!("{own} is the control plane's own host")
+    );
+    let hosts = kit.plane.fleet.hosts();
+    assert_eq!(hosts.len(), 1);
+    assert!(hosts[0].in_process() && hosts[0].is_up());
+    assert_eq!(hosts[0].id(), EMBEDDED_HOST_ID);
+    let stored = kit.plane.store.hosts().await.unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].id, EMBEDDED_HOST_ID);
+    assert_eq!(
+        stored[0].agent_token, "",
+        "the intruder's token was not kept"
+    );
+    // The host still serves.
+    kit.create(&kit.key_a, json!({"templateID": "base"})).await;
+}
+
+#[tokio::test]
+async fn a_forgotten_hosts_heartbeat_is_refused_as_unknown_and_does_not_bring_it_back() {
+    use wrenn_agent_api::HostAgent;
+    use wrenn_agent_api::join::{HeartbeatRequest, host_registry::Heartbeat};
+    use wrenn_connect::client::{ConnectClient, HttpVersion};
+    use wrenn_connect::{Code, Codec};
+
+    let kit = Kit::with_down_after(1, Quotas::default(), Duration::from_millis(100)).await;
+    let url = kit.serve().await;
+    let edge = kit
+        .join(
+            &url,
+            "edge-1",
+            FakeAgent::new(4, vec![template("base", 512)]),
+        )
+        .await;
+    kit.fall_silent(&edge.host_id).await;
+    assert_eq!(
+        kit.plane
+            .fleet
+            .forget_host(&kit.plane.store, "edge-1")
+            .await
+            .unwrap(),
+        0
+    );
+
+    // Its agent was not stopped: it heartbeats with the token it was given.
+    let beat = HeartbeatRequest {
+        host_id: edge.host_id.clone(),
+        report: edge.agent.report_in_process(),
+    };
+    let refused = ConnectClient::new(&url, HttpVersion::Http1, Codec::Json)
+        .call::<Heartbeat>(&beat, &bearer(&edge.heartbeat_token))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code, Code::NotFound, "{refused}");
+    assert_eq!(
+        refused.message,
+        format!("host {} is not registered", edge.host_id)
+    );
+    assert!(kit.plane.fleet.host(&edge.host_id).is_none());
+    let stored = kit.plane.store.hosts().await.unwrap();
+    assert!(
+        stored.iter().all(|host| host.id != edge.host_id),
+        "{stored:?}"
+    );
 }

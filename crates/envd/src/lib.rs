@@ -43,6 +43,19 @@ pub const GUEST_ADDRESS: [u8; 4] = [169, 254, 0, 21];
 /// The port envd listens on by default (E2B's).
 pub const DEFAULT_PORT: u16 = wrenn_proto::ENVD_PORT;
 
+/// The flags that run the envd binary as a process of this host, as its tests and benchmarks
+/// do: serving on 127.0.0.1:`port` only, and never letting `/init` set this machine's clock.
+pub fn loopback_args(port: u16) -> [String; 5] {
+    [
+        "--port",
+        &port.to_string(),
+        "--listen",
+        "127.0.0.1",
+        "--no-clock-sync",
+    ]
+    .map(String::from)
+}
+
 /// envd's whole HTTP application: Connect services, plain routes, auth and CORS.
 pub fn app(envd: Arc<Envd>) -> axum::Router {
     let cors = CorsLayer::new()

@@ -31,13 +31,7 @@ impl Envd {
     pub fn start_with(extra_args: &[&str]) -> Envd {
         let port = wrenn_testkit::free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_envd"))
-            .args([
-                "--port",
-                &port.to_string(),
-                "--listen",
-                "127.0.0.1",
-                "--no-clock-sync",
-            ])
+            .args(wrenn_envd::loopback_args(port))
             .args(extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use clap::builder::TypedValueParser;
 use wrenn_cp::store::{ApiKey, Store, Team};
 use wrenn_cp::{ControlPlane, auth};
 
@@ -60,17 +61,17 @@ pub struct PlaneArgs {
     #[arg(long, default_value = "least-loaded")]
     pub(super) placement: String,
     /// How often agents heartbeat, in milliseconds.
-    #[arg(long, default_value_t = 2000)]
-    pub(super) heartbeat_interval_ms: u64,
+    #[arg(long, default_value = "2000", value_parser = millis())]
+    pub(super) heartbeat_interval_ms: Duration,
     /// A host silent this long (milliseconds) is down and its sandboxes lost.
-    #[arg(long, default_value_t = 10_000)]
-    pub(super) down_after_ms: u64,
+    #[arg(long, default_value = "10000", value_parser = millis())]
+    pub(super) down_after_ms: Duration,
     /// How often every host's sandboxes are compared with the store, in seconds.
-    #[arg(long, default_value_t = 30)]
-    pub(super) reconcile_interval_secs: u64,
+    #[arg(long, default_value = "30", value_parser = seconds())]
+    pub(super) reconcile_interval_secs: Duration,
     /// A sandbox a host runs that the store does not know is destroyed once this old (seconds).
-    #[arg(long, default_value_t = 60)]
-    pub(super) orphan_grace_secs: u64,
+    #[arg(long, default_value = "60", value_parser = seconds())]
+    pub(super) orphan_grace_secs: Duration,
     /// Running sandboxes a team may have (0: no limit).
     #[arg(long, default_value_t = 20)]
     pub(super) quota_running: u32,
@@ -81,6 +82,16 @@ pub struct PlaneArgs {
     /// paused one also its memory; 0: no limit).
     #[arg(long, default_value_t = 100)]
     pub(super) quota_disk_gib: u64,
+}
+
+/// A duration flag given in milliseconds: a whole number, parsed (and refused) as any other.
+fn millis() -> impl TypedValueParser<Value = Duration> {
+    clap::value_parser!(u64).map(Duration::from_millis)
+}
+
+/// A duration flag given in seconds: a whole number, parsed (and refused) as any other.
+fn seconds() -> impl TypedValueParser<Value = Duration> {
+    clap::value_parser!(u64).map(Duration::from_secs)
 }
 
 fn store_path(data_dir: &Path) -> PathBuf {
@@ -304,10 +315,10 @@ pub(super) async fn start_plane(
     let (token, join_token_file) = join_token(args)?;
     let config = wrenn_cp::fleet::FleetConfig {
         join_token: Some(token),
-        heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms.max(100)),
-        down_after: Duration::from_millis(args.down_after_ms.max(300)),
-        reconcile_interval: Duration::from_secs(args.reconcile_interval_secs.max(1)),
-        orphan_grace: Duration::from_secs(args.orphan_grace_secs),
+        heartbeat_interval: args.heartbeat_interval_ms.max(Duration::from_millis(100)),
+        down_after: args.down_after_ms.max(Duration::from_millis(300)),
+        reconcile_interval: args.reconcile_interval_secs.max(Duration::from_secs(1)),
+        orphan_grace: args.orphan_grace_secs,
     };
     let placement = wrenn_cp::fleet::placement(&args.placement).map_err(anyhow::Error::msg)?;
     let fleet = wrenn_cp::fleet::Fleet::load(&store, config, placement, embedded)

@@ -564,9 +564,10 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn states_move_as_the_agents_do_and_wrong_moves_are_refused() {
-        let agent = FakeAgent::new(1, vec![template("base", 512)]);
+    /// Through `agent` (the fake itself, or a client of its Connect API), with one free slot:
+    /// `a` is created, a second create finds no room, a running sandbox cannot be resumed, and
+    /// `a` is paused, which the host's report counts.
+    async fn first_moves(agent: &dyn HostAgent) {
         agent.create(options("a")).await.unwrap();
         assert!(matches!(
             agent.create(options("b")).await,
@@ -577,7 +578,13 @@ mod tests {
             Err(HostAgentError::Conflict(_))
         ));
         agent.pause("a").await.unwrap();
-        assert_eq!(agent.report_now().sandboxes_paused, 1);
+        assert_eq!(agent.report().await.unwrap().sandboxes_paused, 1);
+    }
+
+    #[tokio::test]
+    async fn states_move_as_the_agents_do_and_wrong_moves_are_refused() {
+        let agent = FakeAgent::new(1, vec![template("base", 512)]);
+        first_moves(&agent).await;
         agent.create(options("b")).await.unwrap();
         assert!(
             matches!(agent.resume("a").await, Err(HostAgentError::NoCapacity(_))),
@@ -648,23 +655,13 @@ mod tests {
         assert!(agent.calls().is_empty(), "a stranger reaches nothing");
 
         let remote = remote("secret");
-        remote.create(options("a")).await.unwrap();
-        assert!(matches!(
-            remote.create(options("b")).await,
-            Err(HostAgentError::NoCapacity(_))
-        ));
-        assert!(matches!(
-            remote.resume("a").await,
-            Err(HostAgentError::Conflict(_))
-        ));
-        remote.pause("a").await.unwrap();
+        first_moves(&remote).await;
         let listed = remote.list().await.unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(
             (listed[0].sandbox_id.as_str(), listed[0].state),
             ("a", SandboxState::Paused)
         );
-        assert_eq!(remote.report().await.unwrap().sandboxes_paused, 1);
         agent.fail_next(Operation::Resume, HostAgentError::TimedOut("slow".into()));
         assert_eq!(
             remote.resume("a").await,

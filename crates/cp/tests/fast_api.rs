@@ -72,6 +72,15 @@ impl Kit {
         Kit::with_down_after(slots, quotas, FleetConfig::default().down_after).await
     }
 
+    /// A kit whose teams may each run at most `running` sandboxes at once.
+    async fn with_running_limit(slots: u32, running: u32) -> Kit {
+        let quotas = Quotas {
+            running,
+            ..Quotas::default()
+        };
+        Kit::new(slots, quotas).await
+    }
+
     /// A kit whose fleet marks a host down once it has been silent for `down_after`.
     async fn with_down_after(slots: u32, quotas: Quotas, down_after: Duration) -> Kit {
         let dir = tempfile::tempdir().unwrap();
@@ -98,6 +107,15 @@ impl Kit {
             database,
             _dir: dir,
         }
+    }
+
+    /// A kit served on a local port, whose fleet marks a host down once it has been silent
+    /// for `down_after`, with `edge` joined as host `edge-1`: the kit, its URL, the host.
+    async fn with_edge(slots: u32, down_after: Duration, edge: FakeAgent) -> (Kit, String, Joined) {
+        let kit = Kit::with_down_after(slots, Quotas::default(), down_after).await;
+        let url = kit.serve().await;
+        let edge = kit.join(&url, "edge-1", edge).await;
+        (kit, url, edge)
     }
 
     /// Serves the API on a local port: its URL.
@@ -223,6 +241,16 @@ impl Kit {
         answer
     }
 
+    /// A create as team `a` that the kit's own host fails ("the disk broke"): a 500, whose
+    /// body this returns.
+    async fn create_with_a_broken_disk(&self) -> Value {
+        let broken = HostAgentError::Failed("the disk broke".into());
+        self.agent.fail_next(Operation::Create, broken);
+        let body = json!({"templateID": "base"});
+        self.create_refused(body, StatusCode::INTERNAL_SERVER_ERROR)
+            .await
+    }
+
     async fn state(&self, id: &str) -> (StatusCode, Value) {
         let (status, body) = self.call_a("GET", &format!("/sandboxes/{id}")).await;
         (status, body["state"].clone())
@@ -329,16 +357,7 @@ async fn a_failed_create_leaves_no_row_and_frees_its_place() {
         "an unknown template never reaches a host"
     );
 
-    kit.agent.fail_next(
-        Operation::Create,
-        HostAgentError::Failed("the disk broke".into()),
-    );
-    let body = kit
-        .create_refused(
-            json!({"templateID": "base"}),
-            StatusCode::INTERNAL_SERVER_ERROR,
-        )
-        .await;
+    let body = kit.create_with_a_broken_disk().await;
     let message = body["message"].as_str().unwrap();
     assert!(
         message.contains("the disk broke") && message.contains("host "),
@@ -365,11 +384,7 @@ async fn a_failed_create_leaves_no_row_and_frees_its_place() {
 
 #[tokio::test]
 async fn a_teams_running_limit_is_kept_before_any_host_is_asked() {
-    let quotas = Quotas {
-        running: 2,
-        ..Quotas::default()
-    };
-    let kit = Kit::new(8, quotas).await;
+    let kit = Kit::with_running_limit(8, 2).await;
     for _ in 0..2 {
         kit.create(&kit.key_a, json!({"templateID": "base"})).await;
     }
@@ -666,11 +681,18 @@ async fn agents_join_and_heartbeat_through_the_fleet_registry_over_connect() {
         host_id: "no-such-host".into(),
         ..beat.clone()
     };
-    refused(
-        binary
-            .call::<Heartbeat>(&unknown, &bearer(&rejoined.heartbeat_token))
-            .await,
-        Code::NotFound,
+    // An unknown host gets the answer a wrong token gets: no caller learns which hosts exist.
+    let wrong_token = binary
+        .call::<Heartbeat>(&beat, &bearer("wrong"))
+        .await
+        .unwrap_err();
+    let unknown_host = binary
+        .call::<Heartbeat>(&unknown, &bearer(&rejoined.heartbeat_token))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (unknown_host.code, &unknown_host.message),
+        (wrong_token.code, &wrong_token.message)
     );
     binary
         .call::<Heartbeat>(&beat, &bearer(&rejoined.heartbeat_token))
@@ -695,15 +717,8 @@ fn message(body: &Value) -> &str {
 
 #[tokio::test]
 async fn a_create_no_host_can_take_is_a_503_naming_each_hosts_reason_and_leaves_nothing() {
-    let kit = Kit::with_down_after(1, Quotas::default(), Duration::from_millis(100)).await;
-    let url = kit.serve().await;
-    let edge = kit
-        .join(
-            &url,
-            "edge-1",
-            FakeAgent::new(4, vec![template("base", 512)]),
-        )
-        .await;
+    let base = FakeAgent::new(4, vec![template("base", 512)]);
+    let (kit, url, edge) = Kit::with_edge(1, Duration::from_millis(100), base).await;
     kit.fall_silent(&edge.host_id).await;
     // The control plane's own host takes one sandbox, and is then full.
     let first = kit.create(&kit.key_a, json!({"templateID": "base"})).await;
@@ -742,16 +757,9 @@ async fn a_create_no_host_can_take_is_a_503_naming_each_hosts_reason_and_leaves_
 #[tokio::test]
 async fn an_operation_on_a_sandbox_whose_host_went_down_is_a_404_saying_it_was_lost_and_a_kill_forgets_it()
  {
-    let kit = Kit::with_down_after(8, Quotas::default(), Duration::from_millis(100)).await;
-    let url = kit.serve().await;
     // Only the edge host has the template: the sandbox is there.
-    let edge = kit
-        .join(
-            &url,
-            "edge-1",
-            FakeAgent::new(4, vec![template("edge-only", 256)]),
-        )
-        .await;
+    let edge_only = FakeAgent::new(4, vec![template("edge-only", 256)]);
+    let (kit, _url, edge) = Kit::with_edge(8, Duration::from_millis(100), edge_only).await;
     let id = kit
         .create(&kit.key_a, json!({"templateID": "edge-only"}))
         .await;
@@ -790,14 +798,17 @@ async fn an_operation_on_a_sandbox_whose_host_went_down_is_a_404_saying_it_was_l
     assert_eq!(edge.agent.calls().len(), 1);
 }
 
+/// A host as empty as the control plane's own, with less memory: placement asks it second.
+fn second_choice() -> FakeAgent {
+    let agent = FakeAgent::new(8, vec![template("base", 512)]);
+    agent.set_free(8 << 30, 1 << 40);
+    agent
+}
+
 #[tokio::test]
 async fn a_create_a_full_host_turns_down_is_placed_on_another_host() {
-    let kit = Kit::new(8, Quotas::default()).await;
-    let url = kit.serve().await;
-    // As empty as the control plane's own host, with less memory: asked second.
-    let edge_agent = FakeAgent::new(8, vec![template("base", 512)]);
-    edge_agent.set_free(8 << 30, 1 << 40);
-    let edge = kit.join(&url, "edge-1", edge_agent).await;
+    let (kit, _url, edge) =
+        Kit::with_edge(8, FleetConfig::default().down_after, second_choice()).await;
     kit.agent.fail_next(
         Operation::Create,
         HostAgentError::NoCapacity("out of memory on this host".into()),
@@ -821,22 +832,9 @@ async fn a_create_a_full_host_turns_down_is_placed_on_another_host() {
 
 #[tokio::test]
 async fn a_create_a_host_fails_for_another_cause_than_room_is_not_tried_on_another_host() {
-    let kit = Kit::new(8, Quotas::default()).await;
-    let url = kit.serve().await;
-    let edge_agent = FakeAgent::new(8, vec![template("base", 512)]);
-    edge_agent.set_free(8 << 30, 1 << 40);
-    let edge = kit.join(&url, "edge-1", edge_agent).await;
-    kit.agent.fail_next(
-        Operation::Create,
-        HostAgentError::Failed("the disk broke".into()),
-    );
-
-    let body = kit
-        .create_refused(
-            json!({"templateID": "base"}),
-            StatusCode::INTERNAL_SERVER_ERROR,
-        )
-        .await;
+    let (kit, _url, edge) =
+        Kit::with_edge(8, FleetConfig::default().down_after, second_choice()).await;
+    let body = kit.create_with_a_broken_disk().await;
     assert!(message(&body).contains("the disk broke"), "{body}");
     assert_eq!(kit.agent.calls().len(), 1);
     assert!(
@@ -879,11 +877,7 @@ async fn a_kill_its_host_does_not_answer_in_time_is_a_504_and_keeps_the_sandbox(
 async fn a_store_failure_is_a_500_that_hides_the_stores_words_and_leaves_no_sandbox_behind() {
     // One slot, one running sandbox allowed: a leaked slot or reservation would refuse the
     // create that follows the failure.
-    let quotas = Quotas {
-        running: 1,
-        ..Quotas::default()
-    };
-    let kit = Kit::new(1, quotas).await;
+    let kit = Kit::with_running_limit(1, 1).await;
     // Writes of sandboxes fail, as on a full or broken disk; reads still work.
     let other = rusqlite::Connection::open(&kit.database).unwrap();
     other
@@ -957,21 +951,14 @@ async fn an_agent_cannot_register_under_the_control_planes_own_host_name() {
 }
 
 #[tokio::test]
-async fn a_forgotten_hosts_heartbeat_is_refused_as_unknown_and_does_not_bring_it_back() {
+async fn a_forgotten_hosts_heartbeat_is_refused_and_does_not_bring_it_back() {
     use wrenn_agent_api::HostAgent;
     use wrenn_agent_api::join::{HeartbeatRequest, host_registry::Heartbeat};
     use wrenn_connect::client::{ConnectClient, HttpVersion};
     use wrenn_connect::{Code, Codec};
 
-    let kit = Kit::with_down_after(1, Quotas::default(), Duration::from_millis(100)).await;
-    let url = kit.serve().await;
-    let edge = kit
-        .join(
-            &url,
-            "edge-1",
-            FakeAgent::new(4, vec![template("base", 512)]),
-        )
-        .await;
+    let base = FakeAgent::new(4, vec![template("base", 512)]);
+    let (kit, url, edge) = Kit::with_edge(1, Duration::from_millis(100), base).await;
     kit.fall_silent(&edge.host_id).await;
     assert_eq!(
         kit.plane
@@ -991,11 +978,8 @@ async fn a_forgotten_hosts_heartbeat_is_refused_as_unknown_and_does_not_bring_it
         .call::<Heartbeat>(&beat, &bearer(&edge.heartbeat_token))
         .await
         .unwrap_err();
-    assert_eq!(refused.code, Code::NotFound, "{refused}");
-    assert_eq!(
-        refused.message,
-        format!("host {} is not registered", edge.host_id)
-    );
+    assert_eq!(refused.code, Code::Unauthenticated, "{refused}");
+    assert_eq!(refused.message, "invalid heartbeat token: register again");
     assert!(kit.plane.fleet.host(&edge.host_id).is_none());
     let stored = kit.plane.store.hosts().await.unwrap();
     assert!(

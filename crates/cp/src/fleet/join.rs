@@ -175,18 +175,16 @@ impl Fleet {
         report: HostReport,
     ) -> Result<bool, Error> {
         use subtle::ConstantTimeEq;
-        let Some(host) = self.host(host_id) else {
-            return Err(Error::HostNotFound(format!(
-                "host {host_id} is not registered"
-            )));
-        };
+        // An unknown host and a wrong token get the same answer, so that a caller without a
+        // host's token learns nothing, not even whether the host exists; either way the agent
+        // registers again.
+        let refused = || Error::Unauthenticated("invalid heartbeat token: register again".into());
+        let given = auth::hash_key(bearer.unwrap_or(""));
+        let host = self.host(host_id).ok_or_else(refused)?;
         let row = {
             let mut row = host.row.lock().expect("host lock");
-            let given = auth::hash_key(bearer.unwrap_or(""));
             if !bool::from(given.as_bytes().ct_eq(row.heartbeat_hash.as_bytes())) {
-                return Err(Error::Unauthenticated(
-                    "invalid heartbeat token: register again".into(),
-                ));
+                return Err(refused());
             }
             let was_down = row.state != HostState::Up;
             row.state = HostState::Up;

@@ -387,7 +387,7 @@ mod tests {
         assert!(matches!(full, Error::NoCapacity(_)), "{full}");
         for words in [
             "a has no free network slot",
-            "b did not answer",
+            "b said it had no room",
             "c is down",
             "d has 100 MiB free",
         ] {

@@ -137,7 +137,7 @@ impl Fleet {
                 continue;
             }
             if excluded.contains(&row.id) {
-                reasons.push(format!("{} did not answer", row.name));
+                reasons.push(format!("{} said it had no room", row.name));
                 continue;
             }
             let inflight = host.inflight.load(Ordering::SeqCst);

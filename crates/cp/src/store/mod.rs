@@ -2,10 +2,11 @@
 //! ([`Team`], [`ApiKey`], [`HostRow`], [`SandboxRow`]) behind one trait ([`StoreBackend`]) with
 //! two implementations: SQLite in a file of the data directory by default ([`sqlite`]), or
 //! PostgreSQL when a `DATABASE_URL` names one ([`postgres`]). Both apply their migrations
-//! (`migrations/{sqlite,postgres}/`) when opened and answer the same calls. [`Store`] is the
-//! handle the control plane holds.
+//! (`migrations/{sqlite,postgres}/`) when opened, answer the same calls and read their rows
+//! alike ([`rows`]). [`Store`] is the handle the control plane holds.
 
 pub mod postgres;
+pub mod rows;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -136,14 +137,32 @@ pub struct ListQuery {
     pub after: Option<(i64, String)>,
 }
 
-/// The schema's migrations, in order (`migrations/sqlite/`); a database records how many it has
-/// applied and gets the rest at its next open.
+/// A change of state for the sandboxes whose `column` is `value` and whose state is one of
+/// `from`: theirs becomes `to`.
+#[derive(Debug, Clone, Copy)]
+pub struct StateChange<'a> {
+    /// `id` (one sandbox) or `host_id` (a host's sandboxes).
+    pub column: &'static str,
+    pub value: &'a str,
+    pub from: &'a [SandboxState],
+    pub to: SandboxState,
+}
+
 /// What a store answers. Every call is one transaction; a failure is a [`StoreError`].
 #[async_trait::async_trait]
 pub trait StoreBackend: Send + Sync + std::fmt::Debug {
     async fn create_team(&self, team: Team) -> StoreResult<()>;
-    async fn team_by_name(&self, name: &str) -> StoreResult<Option<Team>>;
-    async fn team_by_id(&self, id: &str) -> StoreResult<Option<Team>>;
+    /// The team whose `column` (`id` or `name`, both unique) is `value`.
+    async fn team_where(&self, column: &'static str, value: &str) -> StoreResult<Option<Team>>;
+
+    async fn team_by_name(&self, name: &str) -> StoreResult<Option<Team>> {
+        self.team_where("name", name).await
+    }
+
+    async fn team_by_id(&self, id: &str) -> StoreResult<Option<Team>> {
+        self.team_where("id", id).await
+    }
+
     async fn add_key(&self, key: ApiKey, hash: String) -> StoreResult<()>;
     async fn team_of_key(&self, hash: &str) -> StoreResult<Option<String>>;
     async fn list_keys(&self, team_id: &str) -> StoreResult<Vec<ApiKey>>;
@@ -155,14 +174,38 @@ pub trait StoreBackend: Send + Sync + std::fmt::Debug {
     async fn expired(&self, now_ms: i64) -> StoreResult<Vec<SandboxRow>>;
     async fn all_sandboxes(&self) -> StoreResult<Vec<SandboxRow>>;
     async fn list(&self, query: ListQuery) -> StoreResult<(Vec<SandboxRow>, usize)>;
+    /// Gives the sandboxes `change` selects its new state: how many changed.
+    async fn change_states(&self, change: StateChange<'_>) -> StoreResult<u64>;
+
+    /// Sets a sandbox's state if it is still `from`: whether it was.
     async fn set_state_if(
         &self,
         id: &str,
         from: SandboxState,
         to: SandboxState,
-    ) -> StoreResult<bool>;
+    ) -> StoreResult<bool> {
+        let change = StateChange {
+            column: "id",
+            value: id,
+            from: &[from],
+            to,
+        };
+        Ok(self.change_states(change).await? == 1)
+    }
+
     async fn sandboxes_on_host(&self, host_id: &str) -> StoreResult<Vec<SandboxRow>>;
-    async fn mark_host_lost(&self, host_id: &str) -> StoreResult<u64>;
+
+    /// Marks a host's running and paused sandboxes lost: how many there were.
+    async fn mark_host_lost(&self, host_id: &str) -> StoreResult<u64> {
+        let change = StateChange {
+            column: "host_id",
+            value: host_id,
+            from: &[SandboxState::Running, SandboxState::Paused],
+            to: SandboxState::Lost,
+        };
+        self.change_states(change).await
+    }
+
     async fn put_host(&self, host: HostRow) -> StoreResult<()>;
     async fn forget_host(&self, host_id: &str) -> StoreResult<u64>;
     async fn hosts(&self) -> StoreResult<Vec<HostRow>>;
@@ -308,6 +351,7 @@ mod tests {
     /// Every backend to test: SQLite always; PostgreSQL when `WRENN_TEST_DATABASE_URL` names
     /// one (scripts/test.sh starts it), each test in a fresh schema of its own. Without it the
     /// PostgreSQL half is skipped with a message, or fails where `WRENN_REQUIRE_PREREQUISITES=1`.
+    /// Each store starts with [`fill`]'s rows.
     async fn backends() -> Vec<(&'static str, Store, Option<tempfile::TempDir>)> {
         let dir = tempfile::tempdir().unwrap();
         let sqlite = Store::open(&dir.path().join("db.sqlite")).unwrap();
@@ -336,6 +380,9 @@ mod tests {
                 "the store tests on PostgreSQL",
                 "WRENN_TEST_DATABASE_URL is not set (scripts/postgres.sh starts the server)",
             ),
+        }
+        for (_, store, _) in &backends {
+            fill(store).await;
         }
         backends
     }
@@ -375,7 +422,6 @@ mod tests {
     #[tokio::test]
     async fn lists_are_per_team_filtered_and_paged() {
         for (backend, store, _dir) in backends().await {
-            fill(&store).await;
             let query = ListQuery {
                 team_id: "a".into(),
                 limit: 2,
@@ -419,7 +465,6 @@ mod tests {
     #[tokio::test]
     async fn keys_resolve_to_teams_until_revoked_and_rows_change_in_place() {
         for (backend, store, _dir) in backends().await {
-            fill(&store).await;
             let key = ApiKey {
                 id: "k1".into(),
                 team_id: "a".into(),
@@ -483,7 +528,6 @@ mod tests {
     #[tokio::test]
     async fn hosts_are_kept_and_a_down_hosts_sandboxes_are_lost() {
         for (backend, store, _dir) in backends().await {
-            fill(&store).await;
             let mut host = HostRow {
                 id: "h1".into(),
                 name: "alpha".into(),

@@ -10,9 +10,14 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, R
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
+use super::rows::{HOST_UPSERT, SANDBOX_UPSERT, Stored, first};
 use super::{
-    ApiKey, HostRow, ListQuery, SandboxRow, SandboxState, StoreBackend, StoreResult, Team,
+    ApiKey, HostRow, ListQuery, SandboxRow, SandboxState, StateChange, StoreBackend, StoreResult,
+    Team,
 };
+
+/// A statement's parameters, as `tokio-postgres` takes them.
+type Parameters<'a> = [&'a (dyn ToSql + Sync)];
 
 /// The schema's migrations, in order (`migrations/postgres/`); a database records how many it has
 /// applied and gets the rest at its next open.
@@ -23,11 +28,6 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0004_admin_teams.sql"),
     include_str!("../../migrations/postgres/0005_host_identity.sql"),
 ];
-
-const SELECT_SANDBOX: &str =
-    "SELECT id, team_id, template_id, alias, state, started_at_ms, end_at_ms, metadata::text,
-    envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version, host_id,
-    traffic_access_token, auto_resume FROM sandboxes";
 
 /// Connections to one PostgreSQL database.
 #[derive(Clone)]
@@ -49,31 +49,6 @@ impl std::fmt::Debug for PgStore {
 const POOL_SIZE: usize = 16;
 /// How long a call waits for a free connection, or for a new one to be made.
 const CONNECTION_WAIT: Duration = Duration::from_secs(10);
-
-fn sandbox_row(row: &Row) -> SandboxRow {
-    let metadata: String = row.get(7);
-    let cpu: i32 = row.get(11);
-    let memory: i32 = row.get(12);
-    SandboxRow {
-        id: row.get(0),
-        team_id: row.get(1),
-        template_id: row.get(2),
-        alias: row.get(3),
-        state: crate::store::sandbox_state(row.get(4)),
-        started_at_ms: row.get(5),
-        end_at_ms: row.get(6),
-        metadata: serde_json::from_str(&metadata).unwrap_or_default(),
-        envd_access_token: row.get(8),
-        auto_pause: row.get(9),
-        allow_internet: row.get(10),
-        cpu_count: cpu.max(0) as u32,
-        memory_mb: memory.max(0) as u32,
-        envd_version: row.get(13),
-        host_id: row.get(14),
-        traffic_access_token: row.get(15),
-        auto_resume: row.get(16),
-    }
-}
 
 impl PgStore {
     /// Connects and applies the migrations the database lacks (under an advisory lock, so
@@ -137,108 +112,85 @@ impl PgStore {
         Ok(())
     }
 
-    async fn team_where(&self, column: &'static str, value: &str) -> StoreResult<Option<Team>> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
-                &format!("SELECT id, name, created_at_ms, admin FROM teams WHERE {column} = $1"),
-                &[&value],
-            )
-            .await?;
-        Ok(row.map(|row| Team {
-            id: row.get(0),
-            name: row.get(1),
-            created_at_ms: row.get(2),
-            admin: row.get(3),
-        }))
+    /// Runs one statement: how many rows it changed.
+    async fn execute(&self, sql: &str, parameters: &Parameters<'_>) -> StoreResult<u64> {
+        Ok(self.client().await?.execute(sql, parameters).await?)
+    }
+
+    /// Every row one query finds, each made by `row_of`.
+    async fn rows<T>(
+        &self,
+        sql: &str,
+        parameters: &Parameters<'_>,
+        row_of: impl Fn(&Row) -> Result<T, tokio_postgres::Error>,
+    ) -> StoreResult<Vec<T>> {
+        let rows = self.client().await?.query(sql, parameters).await?;
+        Ok(rows.iter().map(row_of).collect::<Result<_, _>>()?)
+    }
+
+    /// The `T`s its [`Stored::select`] with `clause` finds.
+    async fn select<T: Stored>(
+        &self,
+        clause: &str,
+        parameters: &Parameters<'_>,
+    ) -> StoreResult<Vec<T>> {
+        self.rows(&T::select(clause), parameters, T::read).await
     }
 }
 
 #[async_trait::async_trait]
 impl StoreBackend for PgStore {
     async fn create_team(&self, team: Team) -> StoreResult<()> {
-        self.client()
-            .await?
-            .execute(
-                "INSERT INTO teams (id, name, created_at_ms, admin) VALUES ($1, $2, $3, $4)",
-                &[&team.id, &team.name, &team.created_at_ms, &team.admin],
-            )
-            .await?;
-        Ok(())
+        self.execute(
+            "INSERT INTO teams (id, name, created_at_ms, admin) VALUES ($1, $2, $3, $4)",
+            &[&team.id, &team.name, &team.created_at_ms, &team.admin],
+        )
+        .await
+        .map(drop)
     }
 
-    async fn team_by_name(&self, name: &str) -> StoreResult<Option<Team>> {
-        self.team_where("name", name).await
-    }
-
-    async fn team_by_id(&self, id: &str) -> StoreResult<Option<Team>> {
-        self.team_where("id", id).await
+    async fn team_where(&self, column: &'static str, value: &str) -> StoreResult<Option<Team>> {
+        let clause = format!("WHERE {column} = $1");
+        self.select(&clause, &[&value]).await.map(first)
     }
 
     async fn add_key(&self, key: ApiKey, hash: String) -> StoreResult<()> {
-        self.client().await?.execute(
-                "INSERT INTO api_keys (id, team_id, name, hash, prefix, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
-                &[&key.id, &key.team_id, &key.name, &hash, &key.prefix, &key.created_at_ms],
-            )
-            .await?;
-        Ok(())
+        self.execute(
+            "INSERT INTO api_keys (id, team_id, name, hash, prefix, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+            &[&key.id, &key.team_id, &key.name, &hash, &key.prefix, &key.created_at_ms],
+        )
+        .await
+        .map(drop)
     }
 
     async fn team_of_key(&self, hash: &str) -> StoreResult<Option<String>> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
-                "SELECT team_id FROM api_keys WHERE hash = $1 AND revoked_at_ms IS NULL",
-                &[&hash],
-            )
-            .await?;
-        Ok(row.map(|row| row.get(0)))
+        let sql = "SELECT team_id FROM api_keys WHERE hash = $1 AND revoked_at_ms IS NULL";
+        self.rows(sql, &[&hash], |row| row.try_get(0))
+            .await
+            .map(first)
     }
 
     async fn list_keys(&self, team_id: &str) -> StoreResult<Vec<ApiKey>> {
-        let rows = self.client().await?.query(
-                "SELECT id, team_id, name, prefix, created_at_ms, revoked_at_ms IS NOT NULL FROM api_keys WHERE team_id = $1 ORDER BY created_at_ms, id",
-                &[&team_id],
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|row| ApiKey {
-                id: row.get(0),
-                team_id: row.get(1),
-                name: row.get(2),
-                prefix: row.get(3),
-                created_at_ms: row.get(4),
-                revoked: row.get(5),
-            })
-            .collect())
+        let clause = "WHERE team_id = $1 ORDER BY created_at_ms, id";
+        self.select(clause, &[&team_id]).await
     }
 
     async fn revoke_key(&self, key_id: &str, now_ms: i64) -> StoreResult<bool> {
-        let changed = self
-            .client()
-            .await?
-            .execute(
-                "UPDATE api_keys SET revoked_at_ms = $2 WHERE id = $1 AND revoked_at_ms IS NULL",
-                &[&key_id, &now_ms],
-            )
-            .await?;
-        Ok(changed == 1)
+        let sql = "UPDATE api_keys SET revoked_at_ms = $2 WHERE id = $1 AND revoked_at_ms IS NULL";
+        Ok(self.execute(sql, &[&key_id, &now_ms]).await? == 1)
     }
 
     async fn put_sandbox(&self, sandbox: SandboxRow) -> StoreResult<()> {
         let metadata = serde_json::to_string(&sandbox.metadata).unwrap_or_else(|_| "{}".into());
         let (cpu, memory) = (sandbox.cpu_count as i32, sandbox.memory_mb as i32);
-        self.client().await?.execute(
+        self.execute(
+                &format!(
                 "INSERT INTO sandboxes (id, team_id, template_id, alias, state, started_at_ms, end_at_ms, metadata,
                     envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version, host_id,
                     traffic_access_token, auto_resume)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8::text::jsonb, $9, $10, $11, $12, $13, $14, $15, $16, $17)
-                 ON CONFLICT (id) DO UPDATE SET state = excluded.state, end_at_ms = excluded.end_at_ms,
-                    started_at_ms = excluded.started_at_ms, envd_access_token = excluded.envd_access_token,
-                    auto_pause = excluded.auto_pause, host_id = excluded.host_id",
+                 {SANDBOX_UPSERT}"
+            ),
                 &[
                     &sandbox.id,
                     &sandbox.team_id,
@@ -259,104 +211,60 @@ impl StoreBackend for PgStore {
                     &sandbox.auto_resume,
                 ],
             )
-            .await?;
-        Ok(())
+            .await
+            .map(drop)
     }
 
     async fn sandbox(&self, id: &str) -> StoreResult<Option<SandboxRow>> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(&format!("{SELECT_SANDBOX} WHERE id = $1"), &[&id])
-            .await?;
-        Ok(row.as_ref().map(sandbox_row))
+        self.select("WHERE id = $1", &[&id]).await.map(first)
     }
 
     async fn delete_sandbox(&self, id: &str) -> StoreResult<bool> {
         Ok(self
-            .client()
-            .await?
             .execute("DELETE FROM sandboxes WHERE id = $1", &[&id])
             .await?
             == 1)
     }
 
     async fn set_state(&self, id: &str, state: SandboxState, end_at_ms: i64) -> StoreResult<()> {
-        let state = state.as_str();
-        self.client()
-            .await?
-            .execute(
-                "UPDATE sandboxes SET state = $2, end_at_ms = $3 WHERE id = $1",
-                &[&id, &state, &end_at_ms],
-            )
-            .await?;
-        Ok(())
+        let sql = "UPDATE sandboxes SET state = $2, end_at_ms = $3 WHERE id = $1";
+        self.execute(sql, &[&id, &state.as_str(), &end_at_ms])
+            .await
+            .map(drop)
     }
 
     async fn expired(&self, now_ms: i64) -> StoreResult<Vec<SandboxRow>> {
-        let rows = self
-            .client()
-            .await?
-            .query(
-                &format!("{SELECT_SANDBOX} WHERE state = 'running' AND end_at_ms <= $1"),
-                &[&now_ms],
-            )
-            .await?;
-        Ok(rows.iter().map(sandbox_row).collect())
+        let clause = "WHERE state = 'running' AND end_at_ms <= $1";
+        self.select(clause, &[&now_ms]).await
     }
 
     async fn all_sandboxes(&self) -> StoreResult<Vec<SandboxRow>> {
-        let rows = self.client().await?.query(SELECT_SANDBOX, &[]).await?;
-        Ok(rows.iter().map(sandbox_row).collect())
+        self.select("", &[]).await
     }
 
-    async fn set_state_if(
-        &self,
-        id: &str,
-        from: SandboxState,
-        to: SandboxState,
-    ) -> StoreResult<bool> {
-        let (from, to) = (from.as_str(), to.as_str());
-        Ok(self
-            .client()
-            .await?
-            .execute(
-                "UPDATE sandboxes SET state = $3 WHERE id = $1 AND state = $2",
-                &[&id, &from, &to],
-            )
-            .await?
-            == 1)
+    async fn change_states(&self, change: StateChange<'_>) -> StoreResult<u64> {
+        let sql = format!(
+            "UPDATE sandboxes SET state = $2 WHERE {} = $1 AND state = ANY($3)",
+            change.column
+        );
+        let from = state_names(change.from);
+        self.execute(&sql, &[&change.value, &change.to.as_str(), &from])
+            .await
     }
 
     async fn sandboxes_on_host(&self, host_id: &str) -> StoreResult<Vec<SandboxRow>> {
-        let rows = self
-            .client()
-            .await?
-            .query(&format!("{SELECT_SANDBOX} WHERE host_id = $1"), &[&host_id])
-            .await?;
-        Ok(rows.iter().map(sandbox_row).collect())
-    }
-
-    async fn mark_host_lost(&self, host_id: &str) -> StoreResult<u64> {
-        Ok(self.client().await?.execute(
-                "UPDATE sandboxes SET state = 'lost' WHERE host_id = $1 AND state IN ('running', 'paused')",
-                &[&host_id],
-            )
-            .await?)
+        self.select("WHERE host_id = $1", &[&host_id]).await
     }
 
     async fn put_host(&self, host: HostRow) -> StoreResult<()> {
         let report = serde_json::to_string(&host.report).unwrap_or_else(|_| "{}".into());
-        self.client().await?.execute(
+        self.execute(
+                &format!(
                 "INSERT INTO hosts (id, name, api_url, proxy_address, agent_token, heartbeat_hash, state,
                     report, last_heartbeat_ms, registered_at_ms, identity_hash)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8::text::jsonb, $9, $10, $11)
-                 ON CONFLICT (id) DO UPDATE SET name = excluded.name, api_url = excluded.api_url,
-                    proxy_address = excluded.proxy_address, agent_token = excluded.agent_token,
-                    heartbeat_hash = excluded.heartbeat_hash, state = excluded.state,
-                    report = excluded.report, last_heartbeat_ms = excluded.last_heartbeat_ms,
-                    registered_at_ms = excluded.registered_at_ms,
-                    identity_hash = excluded.identity_hash",
+                 {HOST_UPSERT}"
+            ),
                 &[
                     &host.id,
                     &host.name,
@@ -371,63 +279,28 @@ impl StoreBackend for PgStore {
                     &host.identity_hash,
                 ],
             )
-            .await?;
-        Ok(())
+            .await
+            .map(drop)
     }
 
     async fn forget_host(&self, host_id: &str) -> StoreResult<u64> {
         // One statement, so the host and its sandboxes go together.
-        let row = self
-            .client()
-            .await?
-            .query_one(
-                "WITH gone AS (DELETE FROM sandboxes WHERE host_id = $1 RETURNING 1),
-                      host AS (DELETE FROM hosts WHERE id = $1)
-                 SELECT COUNT(*) FROM gone",
-                &[&host_id],
-            )
-            .await?;
+        let sql = "WITH gone AS (DELETE FROM sandboxes WHERE host_id = $1 RETURNING 1),
+                host AS (DELETE FROM hosts WHERE id = $1)
+            SELECT COUNT(*) FROM gone";
+        let row = self.client().await?.query_one(sql, &[&host_id]).await?;
         Ok(row.get::<_, i64>(0) as u64)
     }
 
     async fn hosts(&self) -> StoreResult<Vec<HostRow>> {
-        let rows = self.client().await?.query(
-                "SELECT id, name, api_url, proxy_address, agent_token, heartbeat_hash, state, report::text,
-                    last_heartbeat_ms, registered_at_ms, identity_hash FROM hosts ORDER BY name",
-                &[],
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|row| {
-                let report: String = row.get(7);
-                HostRow {
-                    id: row.get(0),
-                    name: row.get(1),
-                    api_url: row.get(2),
-                    proxy_address: row.get(3),
-                    agent_token: row.get(4),
-                    heartbeat_hash: row.get(5),
-                    state: crate::store::HostState::from_stored(row.get(6)),
-                    report: serde_json::from_str(&report).unwrap_or_default(),
-                    last_heartbeat_ms: row.get(8),
-                    registered_at_ms: row.get(9),
-                    identity_hash: row.get(10),
-                }
-            })
-            .collect())
+        self.select("ORDER BY name", &[]).await
     }
 
     async fn list(&self, query: ListQuery) -> StoreResult<(Vec<SandboxRow>, usize)> {
         let mut values: Vec<Box<dyn ToSql + Sync + Send>> = vec![Box::new(query.team_id.clone())];
-        let mut sql = format!("{SELECT_SANDBOX} WHERE team_id = $1");
+        let mut sql = SandboxRow::select("WHERE team_id = $1");
         if !query.states.is_empty() {
-            let states: Vec<String> = query
-                .states
-                .iter()
-                .map(|s| s.as_str().to_string())
-                .collect();
-            values.push(Box::new(states));
+            values.push(Box::new(state_names(&query.states)));
             sql.push_str(&format!(" AND state = ANY(${})", values.len()));
         }
         if let Some(template) = &query.template_id {
@@ -478,7 +351,12 @@ impl StoreBackend for PgStore {
             .iter()
             .map(|v| v.as_ref() as &(dyn ToSql + Sync))
             .collect();
-        let rows = self.client().await?.query(&sql, &parameters).await?;
-        Ok((rows.iter().map(sandbox_row).collect(), running as usize))
+        let page = self.rows(&sql, &parameters, SandboxRow::read).await?;
+        Ok((page, running as usize))
     }
+}
+
+/// The names of `states`, a `TEXT[]` parameter.
+fn state_names(states: &[SandboxState]) -> Vec<String> {
+    states.iter().map(|s| s.as_str().to_string()).collect()
 }

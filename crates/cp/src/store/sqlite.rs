@@ -4,13 +4,15 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use rusqlite::Connection;
 use rusqlite::types::Value;
+use rusqlite::{Connection, TransactionBehavior};
 
+use super::rows::{HOST_UPSERT, SANDBOX_UPSERT, Stored, first};
 use super::{
-    ApiKey, HostRow, HostState, ListQuery, SandboxRow, SandboxState, StoreBackend, StoreError,
-    StoreResult, Team, private_dir, sandbox_state,
+    ApiKey, HostRow, ListQuery, SandboxRow, SandboxState, StateChange, StoreBackend, StoreError,
+    StoreResult, Team, private_dir,
 };
 
 /// A statement's owned values: `values![a, b]` is `vec![Value::from(a), Value::from(b)]`.
@@ -20,6 +22,8 @@ macro_rules! values {
     };
 }
 
+/// The schema's migrations, in order (`migrations/sqlite/`); a database records how many it has
+/// applied (`user_version`) and gets the rest at its next open.
 pub const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0001_teams_keys_sandboxes.sql"),
     include_str!("../../migrations/sqlite/0002_hosts.sql"),
@@ -35,21 +39,20 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating) the database file and applies the migrations it lacks.
+    /// Opens (creating) the database file and applies the migrations it lacks. Stores opening
+    /// one database at once (control planes starting together) take turns ([`opening_lock`]).
     pub fn open(path: &Path) -> StoreResult<Self> {
-        private_files(path).map_err(|error| {
-            StoreError::Unavailable(format!("securing {}: {error}", path.display()))
-        })?;
-        let connection = Connection::open(path)?;
+        let unavailable = |doing: &str, error: std::io::Error| {
+            StoreError::Unavailable(format!("{doing} {}: {error}", path.display()))
+        };
+        let _turn = opening_lock(path).map_err(|error| unavailable("waiting to open", error))?;
+        private_files(path).map_err(|error| unavailable("securing", error))?;
+        let mut connection = Connection::open(path)?;
+        connection.busy_timeout(LOCK_WAIT)?;
         connection.pragma_update(None, "journal_mode", "WAL")?;
         connection.pragma_update(None, "synchronous", "NORMAL")?;
         connection.pragma_update(None, "foreign_keys", "ON")?;
-        connection.busy_timeout(std::time::Duration::from_secs(5))?;
-        let version: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
-        for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            connection.execute_batch(migration)?;
-            connection.pragma_update(None, "user_version", index as i64 + 1)?;
-        }
+        migrate(&mut connection)?;
         Ok(Self {
             connection: Arc::new(Mutex::new(connection)),
         })
@@ -71,8 +74,9 @@ impl SqliteStore {
     }
 
     /// Runs one statement with owned values: how many rows it changed.
-    async fn execute(&self, sql: &'static str, values: Vec<Value>) -> StoreResult<usize> {
-        self.with(move |db| db.execute(sql, rusqlite::params_from_iter(values)))
+    async fn execute(&self, sql: impl Into<String>, values: Vec<Value>) -> StoreResult<usize> {
+        let sql = sql.into();
+        self.with(move |db| db.execute(&sql, rusqlite::params_from_iter(values)))
             .await
     }
 
@@ -91,38 +95,77 @@ impl SqliteStore {
         .await
     }
 
-    /// The first row a query finds, if any.
-    async fn row<T: Send + 'static>(
+    /// The `T`s its [`Stored::select`] with `clause` finds, with owned values.
+    async fn select<T: Stored + Send + 'static>(
         &self,
-        sql: String,
+        clause: &str,
         values: Vec<Value>,
-        row_of: fn(&rusqlite::Row<'_>) -> Result<T, rusqlite::Error>,
-    ) -> StoreResult<Option<T>> {
-        Ok(self.rows(sql, values, row_of).await?.into_iter().next())
+    ) -> StoreResult<Vec<T>> {
+        self.rows(T::select(clause), values, |row| T::read(row))
+            .await
     }
+}
 
-    /// The sandboxes `SELECT_SANDBOX … WHERE condition` finds, with owned values.
-    async fn sandboxes_where(
-        &self,
-        condition: &'static str,
-        values: Vec<Value>,
-    ) -> StoreResult<Vec<SandboxRow>> {
-        let sql = format!("{SELECT_SANDBOX} WHERE {condition}");
-        self.rows(sql, values, sandbox_row).await
+/// How long an open waits for another store's turn ([`opening_lock`]), and a call for SQLite's
+/// locks (the busy timeout).
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// An exclusive lock (`flock`) on the database's directory, created private if missing, held
+/// while the database is opened, switched to WAL and migrated: stores opening one database at
+/// once, in one process or several, take turns. SQLite's own locks cannot order that: the
+/// switch to WAL does not wait on its busy timeout (two at once fail `database is locked`),
+/// and a migrator that read `user_version` before another's migrations applied them again
+/// (`duplicate column name`). The lock is on the directory, not the database file, because
+/// closing a descriptor of the database would drop the process's SQLite locks on it.
+fn opening_lock(path: &Path) -> std::io::Result<std::fs::File> {
+    let dir = match path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        Some(dir) => {
+            private_dir(dir)?;
+            dir
+        }
+        None => Path::new("."),
+    };
+    let dir = std::fs::File::open(dir)?;
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match dir.try_lock() {
+            Ok(()) => return Ok(dir),
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("another store held the database for {LOCK_WAIT:?}"),
+                ));
+            }
+            Err(std::fs::TryLockError::Error(error)) => return Err(error),
+        }
     }
+}
 
-    async fn team_where(&self, column: &'static str, value: &str) -> StoreResult<Option<Team>> {
-        let sql = format!("SELECT id, name, created_at_ms, admin FROM teams WHERE {column} = ?1");
-        self.row(sql, values![value.to_string()], |row| {
-            Ok(Team {
-                id: row.get(0)?,
-                name: row.get(1)?,
-                created_at_ms: row.get(2)?,
-                admin: row.get(3)?,
-            })
+/// Applies the migrations the database lacks, in one `BEGIN IMMEDIATE` transaction (the write
+/// lock taken before `user_version` is read): all of them or, if one fails, none.
+fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
+    let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let version: i64 = transaction.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        transaction.execute_batch(migration)?;
+        transaction.pragma_update(None, "user_version", index as i64 + 1)?;
+    }
+    transaction.commit()
+}
+
+/// Placeholders for `states`, added to `values`: `?3, ?4` for two states after two values.
+fn state_marks(states: &[SandboxState], values: &mut Vec<Value>) -> String {
+    let marks: Vec<String> = states
+        .iter()
+        .map(|state| {
+            values.push(state.as_str().to_string().into());
+            format!("?{}", values.len())
         })
-        .await
-    }
+        .collect();
+    marks.join(", ")
 }
 
 #[async_trait::async_trait]
@@ -136,12 +179,11 @@ impl StoreBackend for SqliteStore {
         .map(drop)
     }
 
-    async fn team_by_name(&self, name: &str) -> StoreResult<Option<Team>> {
-        self.team_where("name", name).await
-    }
-
-    async fn team_by_id(&self, id: &str) -> StoreResult<Option<Team>> {
-        self.team_where("id", id).await
+    async fn team_where(&self, column: &'static str, value: &str) -> StoreResult<Option<Team>> {
+        let clause = format!("WHERE {column} = ?1");
+        self.select(&clause, values![value.to_string()])
+            .await
+            .map(first)
     }
 
     async fn add_key(&self, key: ApiKey, hash: String) -> StoreResult<()> {
@@ -156,24 +198,14 @@ impl StoreBackend for SqliteStore {
     /// The team of an unrevoked key with this hash.
     async fn team_of_key(&self, hash: &str) -> StoreResult<Option<String>> {
         let sql = "SELECT team_id FROM api_keys WHERE hash = ?1 AND revoked_at_ms IS NULL";
-        self.row(sql.into(), values![hash.to_string()], |row| row.get(0))
+        self.rows(sql.into(), values![hash.to_string()], |row| row.get(0))
             .await
+            .map(first)
     }
 
     async fn list_keys(&self, team_id: &str) -> StoreResult<Vec<ApiKey>> {
-        let sql = "SELECT id, team_id, name, prefix, created_at_ms, revoked_at_ms IS NOT NULL
-            FROM api_keys WHERE team_id = ?1 ORDER BY created_at_ms, id";
-        self.rows(sql.into(), values![team_id.to_string()], |row| {
-            Ok(ApiKey {
-                id: row.get(0)?,
-                team_id: row.get(1)?,
-                name: row.get(2)?,
-                prefix: row.get(3)?,
-                created_at_ms: row.get(4)?,
-                revoked: row.get(5)?,
-            })
-        })
-        .await
+        let clause = "WHERE team_id = ?1 ORDER BY created_at_ms, id";
+        self.select(clause, values![team_id.to_string()]).await
     }
 
     /// Revokes a key; false if no such unrevoked key.
@@ -188,13 +220,13 @@ impl StoreBackend for SqliteStore {
 
     async fn put_sandbox(&self, sandbox: SandboxRow) -> StoreResult<()> {
         self.execute(
-            "INSERT INTO sandboxes (id, team_id, template_id, alias, state, started_at_ms, end_at_ms, metadata,
+            format!(
+                "INSERT INTO sandboxes (id, team_id, template_id, alias, state, started_at_ms, end_at_ms, metadata,
                     envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version, host_id,
                     traffic_access_token, auto_resume)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
-                 ON CONFLICT (id) DO UPDATE SET state = excluded.state, end_at_ms = excluded.end_at_ms,
-                    started_at_ms = excluded.started_at_ms, envd_access_token = excluded.envd_access_token,
-                    auto_pause = excluded.auto_pause, host_id = excluded.host_id",
+                 {SANDBOX_UPSERT}"
+            ),
             values![
                 sandbox.id,
                 sandbox.team_id,
@@ -220,8 +252,9 @@ impl StoreBackend for SqliteStore {
     }
 
     async fn sandbox(&self, id: &str) -> StoreResult<Option<SandboxRow>> {
-        let sql = format!("{SELECT_SANDBOX} WHERE id = ?1");
-        self.row(sql, values![id.to_string()], sandbox_row).await
+        self.select("WHERE id = ?1", values![id.to_string()])
+            .await
+            .map(first)
     }
 
     async fn delete_sandbox(&self, id: &str) -> StoreResult<bool> {
@@ -244,63 +277,43 @@ impl StoreBackend for SqliteStore {
 
     /// Running sandboxes whose end time has passed.
     async fn expired(&self, now_ms: i64) -> StoreResult<Vec<SandboxRow>> {
-        self.sandboxes_where("state = 'running' AND end_at_ms <= ?1", values![now_ms])
-            .await
+        self.select(
+            "WHERE state = 'running' AND end_at_ms <= ?1",
+            values![now_ms],
+        )
+        .await
     }
 
     /// Every sandbox (any team), for reconciliation.
     async fn all_sandboxes(&self) -> StoreResult<Vec<SandboxRow>> {
-        self.rows(SELECT_SANDBOX.into(), values![], sandbox_row)
-            .await
+        self.select("", values![]).await
     }
 
-    /// Sets a sandbox's state if it is still `from`: whether it was.
-    async fn set_state_if(
-        &self,
-        id: &str,
-        from: SandboxState,
-        to: SandboxState,
-    ) -> StoreResult<bool> {
-        self.execute(
-            "UPDATE sandboxes SET state = ?3 WHERE id = ?1 AND state = ?2",
-            values![
-                id.to_string(),
-                from.as_str().to_string(),
-                to.as_str().to_string()
-            ],
-        )
-        .await
-        .map(|n| n == 1)
+    async fn change_states(&self, change: StateChange<'_>) -> StoreResult<u64> {
+        let mut values = values![change.value.to_string(), change.to.as_str().to_string()];
+        let from = state_marks(change.from, &mut values);
+        let sql = format!(
+            "UPDATE sandboxes SET state = ?2 WHERE {} = ?1 AND state IN ({from})",
+            change.column
+        );
+        self.execute(sql, values).await.map(|n| n as u64)
     }
 
     /// Every sandbox of a host, whatever its state.
     async fn sandboxes_on_host(&self, host_id: &str) -> StoreResult<Vec<SandboxRow>> {
-        self.sandboxes_where("host_id = ?1", values![host_id.to_string()])
+        self.select("WHERE host_id = ?1", values![host_id.to_string()])
             .await
-    }
-
-    /// Marks a host's running and paused sandboxes lost: how many there were.
-    async fn mark_host_lost(&self, host_id: &str) -> StoreResult<u64> {
-        self.execute(
-            "UPDATE sandboxes SET state = 'lost' WHERE host_id = ?1 AND state IN ('running', 'paused')",
-            values![host_id.to_string()],
-        )
-        .await
-        .map(|n| n as u64)
     }
 
     /// Adds or replaces a host.
     async fn put_host(&self, host: HostRow) -> StoreResult<()> {
         self.execute(
-            "INSERT INTO hosts (id, name, api_url, proxy_address, agent_token, heartbeat_hash, state,
+            format!(
+                "INSERT INTO hosts (id, name, api_url, proxy_address, agent_token, heartbeat_hash, state,
                     report, last_heartbeat_ms, registered_at_ms, identity_hash)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
-                 ON CONFLICT (id) DO UPDATE SET name = excluded.name, api_url = excluded.api_url,
-                    proxy_address = excluded.proxy_address, agent_token = excluded.agent_token,
-                    heartbeat_hash = excluded.heartbeat_hash, state = excluded.state,
-                    report = excluded.report, last_heartbeat_ms = excluded.last_heartbeat_ms,
-                    registered_at_ms = excluded.registered_at_ms,
-                    identity_hash = excluded.identity_hash",
+                 {HOST_UPSERT}"
+            ),
             values![
                 host.id,
                 host.name,
@@ -336,43 +349,17 @@ impl StoreBackend for SqliteStore {
 
     /// Every host, by name.
     async fn hosts(&self) -> StoreResult<Vec<HostRow>> {
-        let sql =
-            "SELECT id, name, api_url, proxy_address, agent_token, heartbeat_hash, state, report,
-            last_heartbeat_ms, registered_at_ms, identity_hash FROM hosts ORDER BY name";
-        self.rows(sql.into(), values![], |row| {
-            let report: String = row.get(7)?;
-            Ok(HostRow {
-                id: row.get(0)?,
-                name: row.get(1)?,
-                api_url: row.get(2)?,
-                proxy_address: row.get(3)?,
-                agent_token: row.get(4)?,
-                heartbeat_hash: row.get(5)?,
-                state: HostState::from_stored(&row.get::<_, String>(6)?),
-                report: serde_json::from_str(&report).unwrap_or_default(),
-                last_heartbeat_ms: row.get(8)?,
-                registered_at_ms: row.get(9)?,
-                identity_hash: row.get(10)?,
-            })
-        })
-        .await
+        self.select("ORDER BY name", values![]).await
     }
 
     /// One page of a team's sandboxes; metadata filters match every given pair.
     async fn list(&self, query: ListQuery) -> StoreResult<(Vec<SandboxRow>, usize)> {
         self.with(move |db| {
-            let mut sql = format!("{SELECT_SANDBOX} WHERE team_id = ?1");
+            let mut sql = SandboxRow::select("WHERE team_id = ?1");
             let mut values: Vec<rusqlite::types::Value> = values![query.team_id.clone()];
             if !query.states.is_empty() {
-                let marks: Vec<String> = query
-                    .states
-                    .iter()
-                    .map(|state| {
-                        values.push(state.as_str().to_string().into());
-                        format!("?{}", values.len())
-                    })
-                    .collect();
-                sql.push_str(&format!(" AND state IN ({})", marks.join(", ")));
+                let marks = state_marks(&query.states, &mut values);
+                sql.push_str(&format!(" AND state IN ({marks})"));
             }
             if let Some(template) = &query.template_id {
                 values.push(template.clone().into());
@@ -414,23 +401,21 @@ impl StoreBackend for SqliteStore {
                 query.limit
             ));
             let mut statement = db.prepare(&sql)?;
-            let rows =
-                statement.query_map(rusqlite::params_from_iter(values.iter()), sandbox_row)?;
+            let rows = statement.query_map(rusqlite::params_from_iter(values.iter()), |row| {
+                SandboxRow::read(row)
+            })?;
             Ok((rows.collect::<Result<Vec<_>, _>>()?, total_running as usize))
         })
         .await
     }
 }
 
-/// The database's directory 0700, and the database, its WAL and its shared-memory file 0600
-/// (they hold API-key hashes, agent tokens and envd access tokens). The database is created
-/// 0600 before SQLite opens it, because SQLite gives the WAL and shared-memory files it creates
-/// the database file's mode; files left by an older wrenn are tightened.
+/// The database, its WAL and its shared-memory file 0600 (they hold API-key hashes, agent
+/// tokens and envd access tokens; [`opening_lock`] made the directory 0700). The database is
+/// created 0600 before SQLite opens it, because SQLite gives the WAL and shared-memory files it
+/// creates the database file's mode; files left by an older wrenn are tightened.
 fn private_files(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-        private_dir(dir)?;
-    }
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -445,32 +430,4 @@ fn private_files(path: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-const SELECT_SANDBOX: &str =
-    "SELECT id, team_id, template_id, alias, state, started_at_ms, end_at_ms, metadata,
-    envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version, host_id,
-    traffic_access_token, auto_resume FROM sandboxes";
-
-fn sandbox_row(row: &rusqlite::Row<'_>) -> Result<SandboxRow, rusqlite::Error> {
-    let metadata: String = row.get(7)?;
-    Ok(SandboxRow {
-        id: row.get(0)?,
-        team_id: row.get(1)?,
-        template_id: row.get(2)?,
-        alias: row.get(3)?,
-        state: sandbox_state(&row.get::<_, String>(4)?),
-        started_at_ms: row.get(5)?,
-        end_at_ms: row.get(6)?,
-        metadata: serde_json::from_str(&metadata).unwrap_or_default(),
-        envd_access_token: row.get(8)?,
-        auto_pause: row.get(9)?,
-        allow_internet: row.get(10)?,
-        cpu_count: row.get(11)?,
-        memory_mb: row.get(12)?,
-        envd_version: row.get(13)?,
-        host_id: row.get(14)?,
-        traffic_access_token: row.get(15)?,
-        auto_resume: row.get(16)?,
-    })
 }

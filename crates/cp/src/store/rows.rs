@@ -1,0 +1,172 @@
+//! The store's rows as both backends read and write them. Each row type ([`Team`], [`ApiKey`],
+//! [`SandboxRow`], [`HostRow`]) is declared once with the columns it is read from and how each
+//! reads ([`Stored`]), and read by name from either backend's row ([`Columns`]), so one query
+//! text and one mapper serve SQLite and PostgreSQL alike.
+
+use serde::de::DeserializeOwned;
+
+use super::{ApiKey, HostRow, HostState, SandboxRow, SandboxState, Team, sandbox_state};
+
+/// A row a backend read: its columns by name, as the few kinds of value the store keeps.
+pub trait Columns {
+    /// Why a column could not be read (the backend's own error).
+    type Error;
+    fn text(&self, column: &str) -> Result<String, Self::Error>;
+    fn optional_text(&self, column: &str) -> Result<Option<String>, Self::Error>;
+    fn int(&self, column: &str) -> Result<i64, Self::Error>;
+    fn flag(&self, column: &str) -> Result<bool, Self::Error>;
+    /// A count kept in an `INTEGER` column (CPUs, MiB).
+    fn count(&self, column: &str) -> Result<u32, Self::Error>;
+
+    /// A sandbox's state, by [`sandbox_state`].
+    fn sandbox_state(&self, column: &str) -> Result<SandboxState, Self::Error> {
+        Ok(sandbox_state(&self.text(column)?))
+    }
+
+    /// A host's state, by [`HostState::from_stored`].
+    fn host_state(&self, column: &str) -> Result<HostState, Self::Error> {
+        Ok(HostState::from_stored(&self.text(column)?))
+    }
+
+    /// A JSON document kept as text; unreadable JSON reads as the default.
+    fn json<T: DeserializeOwned + Default>(&self, column: &str) -> Result<T, Self::Error> {
+        Ok(serde_json::from_str(&self.text(column)?).unwrap_or_default())
+    }
+}
+
+/// [`Columns`] for a backend's row type: each kind read by the row's `$get` (its `FromSql`
+/// conversion), a count from a `$stored` integer made a `u32` by `$count`.
+macro_rules! columns {
+    ($row:ty, $error:ty, $get:ident, $stored:ty, $count:expr) => {
+        impl Columns for $row {
+            type Error = $error;
+
+            fn text(&self, column: &str) -> Result<String, $error> {
+                self.$get(column)
+            }
+
+            fn optional_text(&self, column: &str) -> Result<Option<String>, $error> {
+                self.$get(column)
+            }
+
+            fn int(&self, column: &str) -> Result<i64, $error> {
+                self.$get(column)
+            }
+
+            fn flag(&self, column: &str) -> Result<bool, $error> {
+                self.$get(column)
+            }
+
+            fn count(&self, column: &str) -> Result<u32, $error> {
+                self.$get::<_, $stored>(column).map($count)
+            }
+        }
+    };
+}
+
+columns!(rusqlite::Row<'_>, rusqlite::Error, get, u32, |count| count);
+// PostgreSQL has no unsigned integers: counts are `INTEGER`, a negative one reads as 0.
+columns!(
+    tokio_postgres::Row,
+    tokio_postgres::Error,
+    try_get,
+    i32,
+    |count: i32| count.max(0) as u32
+);
+
+/// A row type of the store: the one query that reads it and the one mapper of its rows.
+pub trait Stored: Sized {
+    /// `SELECT` its columns `FROM` its table, then `clause` (`WHERE …`, `ORDER BY …`).
+    fn select(clause: &str) -> String;
+    /// The row type from a row that [`Stored::select`] read.
+    fn read<R: Columns>(row: &R) -> Result<Self, R::Error>;
+}
+
+/// Declares a row type's table and fields: each field is its table's column of the same name,
+/// or the SQL expression given after `=` (named after the field), read by the [`Columns`]
+/// method named after `:`.
+macro_rules! stored {
+    ($type:ident from $table:ident { $($field:ident: $kind:ident $(= $sql:literal)?),* $(,)? }) => {
+        impl Stored for $type {
+            fn select(clause: &str) -> String {
+                let columns: &[&str] = &[$(column!($field $(, $sql)?)),*];
+                format!("SELECT {} FROM {} {clause}", columns.join(", "), stringify!($table))
+            }
+
+            fn read<R: Columns>(row: &R) -> Result<Self, R::Error> {
+                Ok($type { $($field: row.$kind(stringify!($field))?),* })
+            }
+        }
+    };
+}
+
+/// A field's column in a `SELECT`: its own name, or an expression named after it.
+macro_rules! column {
+    ($field:ident) => {
+        stringify!($field)
+    };
+    ($field:ident, $sql:literal) => {
+        concat!($sql, " AS ", stringify!($field))
+    };
+}
+
+stored!(Team from teams { id: text, name: text, created_at_ms: int, admin: flag });
+
+stored!(ApiKey from api_keys {
+    id: text, team_id: text, name: text, prefix: text, created_at_ms: int,
+    revoked: flag = "revoked_at_ms IS NOT NULL",
+});
+
+// JSON columns are read as text: `jsonb` on PostgreSQL, already text on SQLite.
+stored!(SandboxRow from sandboxes {
+    id: text, team_id: text, template_id: text, alias: optional_text,
+    state: sandbox_state, started_at_ms: int, end_at_ms: int,
+    metadata: json = "CAST(metadata AS TEXT)",
+    envd_access_token: optional_text, auto_pause: flag, allow_internet: flag,
+    cpu_count: count, memory_mb: count, envd_version: text, host_id: text,
+    traffic_access_token: optional_text, auto_resume: flag,
+});
+
+stored!(HostRow from hosts {
+    id: text, name: text, api_url: text, proxy_address: text, agent_token: text,
+    heartbeat_hash: text, state: host_state,
+    report: json = "CAST(report AS TEXT)",
+    last_heartbeat_ms: int, registered_at_ms: int, identity_hash: text,
+});
+
+/// How `put_sandbox` updates a sandbox stored already: its lifecycle's columns.
+pub const SANDBOX_UPSERT: &str = "ON CONFLICT (id) DO UPDATE SET state = excluded.state,
+    end_at_ms = excluded.end_at_ms, started_at_ms = excluded.started_at_ms,
+    envd_access_token = excluded.envd_access_token, auto_pause = excluded.auto_pause,
+    host_id = excluded.host_id";
+
+/// How `put_host` updates a host stored already (registered again): every column but its id.
+pub const HOST_UPSERT: &str = "ON CONFLICT (id) DO UPDATE SET name = excluded.name,
+    api_url = excluded.api_url, proxy_address = excluded.proxy_address,
+    agent_token = excluded.agent_token, heartbeat_hash = excluded.heartbeat_hash,
+    state = excluded.state, report = excluded.report,
+    last_heartbeat_ms = excluded.last_heartbeat_ms, registered_at_ms = excluded.registered_at_ms,
+    identity_hash = excluded.identity_hash";
+
+/// The first of a query's rows, if any.
+pub fn first<T>(rows: Vec<T>) -> Option<T> {
+    rows.into_iter().next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_row_types_select_names_every_field_and_aliases_expressions() {
+        assert_eq!(
+            Team::select("WHERE id = ?1"),
+            "SELECT id, name, created_at_ms, admin FROM teams WHERE id = ?1"
+        );
+        assert_eq!(
+            ApiKey::select("ORDER BY id"),
+            "SELECT id, team_id, name, prefix, created_at_ms, \
+             revoked_at_ms IS NOT NULL AS revoked FROM api_keys ORDER BY id"
+        );
+    }
+}

@@ -718,7 +718,7 @@ fn message(body: &Value) -> &str {
 #[tokio::test]
 async fn a_create_no_host_can_take_is_a_503_naming_each_hosts_reason_and_leaves_nothing() {
     let base = FakeAgent::new(4, vec![template("base", 512)]);
-    let (kit, url, edge) = Kit::with_edge(1, Duration::from_millis(100), base).await;
+    let (kit, _url, edge) = Kit::with_edge(1, Duration::from_millis(100), base).await;
     kit.fall_silent(&edge.host_id).await;
     // The control plane's own host takes one sandbox, and is then full.
     let first = kit.create(&kit.key_a, json!({"templateID": "base"})).await;

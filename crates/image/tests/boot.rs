@@ -14,6 +14,7 @@ use wrenn_connect::Codec;
 use wrenn_connect::client::{ConnectClient, HttpVersion};
 use wrenn_image::Manifest;
 use wrenn_testkit::{Ran, as_user, run_script};
+use wrenn_vmm::accel::Accel;
 
 const GUEST: &str = "169.254.0.21";
 const TAP_ADDRESS: &str = "169.254.0.22/30";
@@ -99,10 +100,7 @@ impl Qemu {
         let console = work.join("console.log");
         let child = Command::new("ip")
             .args(["netns", "exec", &namespace.name, "qemu-system-x86_64"])
-            .args([
-                "-M", "pc", "-accel", "tcg", "-cpu", "max", "-m", "512", "-smp", "1",
-            ])
-            .args(["-nodefaults", "-nographic", "-no-reboot", "-no-user-config"])
+            .args(wrenn_vmm::qemu::machine_arguments(Accel::Tcg, 512, 1))
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
             .arg("-kernel")

@@ -111,10 +111,7 @@ pub async fn probe_kvm(qemu: &Path, kernel: &Path) -> bool {
     let Ok(dir) = tempdir() else { return false };
     let console = dir.join("console.log");
     let child = tokio::process::Command::new(qemu)
-        .args([
-            "-accel", "kvm", "-cpu", "host", "-M", "pc", "-m", "128", "-smp", "1",
-        ])
-        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .args(crate::qemu::machine_arguments(Accel::Kvm, 128, 1))
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
         .arg("-kernel")

@@ -38,6 +38,36 @@ pub struct Qemu {
     accel: Accel,
 }
 
+/// The start of every QEMU command line wrenn writes: the accelerator and the CPU model that
+/// goes with it, a `pc` machine without default devices, user configuration or window, that
+/// does not reboot (a guest's end is QEMU's), with `memory_mib` of memory and `vcpus` CPUs.
+pub fn machine_arguments(accel: Accel, memory_mib: u32, vcpus: u32) -> Vec<OsString> {
+    let accelerator: &[&str] = match accel {
+        Accel::Kvm => &["-accel", "kvm", "-cpu", "host"],
+        Accel::Tcg => &["-accel", "tcg,tb-size=64", "-cpu", "max"],
+    };
+    let machine = [
+        "-M",
+        "pc",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+    ];
+    let size = [
+        "-m".to_string(),
+        memory_mib.to_string(),
+        "-smp".to_string(),
+        vcpus.to_string(),
+    ];
+    accelerator
+        .iter()
+        .chain(&machine)
+        .map(OsString::from)
+        .chain(size.into_iter().map(OsString::from))
+        .collect()
+}
+
 impl Qemu {
     pub fn new(binary: impl Into<PathBuf>, accel: Accel) -> Self {
         Self {
@@ -61,27 +91,14 @@ impl Qemu {
         incoming: bool,
         layers: &[Layer],
     ) -> Vec<OsString> {
-        let mut args: Vec<OsString> = Vec::new();
+        let name = workdir.display().to_string().replace(',', ",,");
+        let mut args = vec![OsString::from("-name"), OsString::from(name)];
+        args.extend(machine_arguments(
+            self.accel,
+            machine.memory_mib,
+            machine.vcpus,
+        ));
         let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
-        push(&["-name", &workdir.display().to_string().replace(',', ",,")]);
-        match self.accel {
-            Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
-            Accel::Tcg => push(&["-accel", "tcg,tb-size=64", "-cpu", "max"]),
-        }
-        push(&[
-            "-M",
-            "pc",
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-no-reboot",
-        ]);
-        push(&[
-            "-m",
-            &machine.memory_mib.to_string(),
-            "-smp",
-            &machine.vcpus.to_string(),
-        ]);
         push(&[
             "-sandbox",
             "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",

@@ -395,18 +395,16 @@ impl FakeAgent {
             })
         });
         let router = serve::<rpc::PauseSandbox, _, _>(router, |agent, request| async move {
-            required("sandbox_id", &request.sandbox_id)?;
-            agent.pause(&request.sandbox_id).await?;
+            let sandbox = agent.pause_or_resume(Operation::Pause, &request.sandbox_id);
             Ok(pb::PauseSandboxResponse {
-                sandbox: agent.sandbox_message(&request.sandbox_id),
+                sandbox: sandbox.await?,
                 ..Default::default()
             })
         });
         let router = serve::<rpc::ResumeSandbox, _, _>(router, |agent, request| async move {
-            required("sandbox_id", &request.sandbox_id)?;
-            agent.resume(&request.sandbox_id).await?;
+            let sandbox = agent.pause_or_resume(Operation::Resume, &request.sandbox_id);
             Ok(pb::ResumeSandboxResponse {
-                sandbox: agent.sandbox_message(&request.sandbox_id),
+                sandbox: sandbox.await?,
             })
         });
         let router = serve::<rpc::DestroySandbox, _, _>(router, |agent, request| async move {
@@ -442,6 +440,22 @@ impl FakeAgent {
     }
 
     /// A sandbox as the agent's API shows it.
+    /// Pauses sandbox `sandbox_id` (a required field), or resumes it, as `operation` says:
+    /// the sandbox as the agent's API shows it then.
+    async fn pause_or_resume(
+        &self,
+        operation: Operation,
+        sandbox_id: &str,
+    ) -> Result<Option<pb::Sandbox>, HostAgentError> {
+        required("sandbox_id", sandbox_id)?;
+        if operation == Operation::Pause {
+            self.pause(sandbox_id).await?;
+        } else {
+            self.resume(sandbox_id).await?;
+        }
+        Ok(self.sandbox_message(sandbox_id))
+    }
+
     fn sandbox_message(&self, sandbox_id: &str) -> Option<pb::Sandbox> {
         let state = self.lock();
         let sandbox = state.sandboxes.get(sandbox_id)?;

@@ -20,6 +20,8 @@ pub struct Error {
 }
 
 /// `POST /sandboxes`: a new sandbox.
+// Absent settings are left out of the body, not sent as null.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NewSandbox {
@@ -27,26 +29,16 @@ pub struct NewSandbox {
     #[serde(rename = "templateID")]
     pub template_id: Option<String>,
     /// Seconds until the sandbox ends (default 15, at most 86400).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout: Option<u64>,
     /// Pause instead of kill when the timeout comes.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub auto_pause: Option<bool>,
     /// envd requires an access token (returned as `envdAccessToken`).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub secure: Option<bool>,
-    #[serde(
-        rename = "allow_internet_access",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "allow_internet_access")]
     pub allow_internet_access: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub metadata: Option<BTreeMap<String, String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub env_vars: Option<BTreeMap<String, String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkRequest>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub auto_resume: Option<AutoResumeRequest>,
 }
 

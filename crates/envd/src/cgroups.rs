@@ -49,13 +49,11 @@ pub struct Cgroups {
 }
 
 /// Resource use of one group (fields absent where the controller is not enabled).
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct GroupUsage {
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_usage_usec: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_current: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub pids_current: Option<u64>,
     pub frozen: bool,
 }

@@ -377,23 +377,29 @@ pub fn spawn_connection<I>(
 mod tests {
     use super::*;
 
-    /// Each named connection's control holds the command given.
-    fn assert_commands(expected: &[(&str, &watch::Receiver<Command>, Command)]) {
-        for (name, control, command) in expected {
+    /// A sweep closed, drained and kept as many connections as given, each named connection's
+    /// control then holds the command given, and the tracker awaits a restore or not.
+    fn assert_swept(
+        tracker: &ConnectionTracker,
+        sweep: ConnectionSweep,
+        [closed, drained, kept]: [usize; 3],
+        commands: &[(&str, &watch::Receiver<Command>, Command)],
+        awaiting_restore: bool,
+    ) {
+        let expected = ConnectionSweep {
+            closed,
+            drained,
+            kept,
+        };
+        assert_eq!(sweep, expected);
+        for (name, control, command) in commands {
             assert_eq!(
                 *control.borrow(),
                 *command,
                 "the {name} connection's command"
             );
         }
-    }
-
-    fn sweep_of(closed: usize, drained: usize, kept: usize) -> ConnectionSweep {
-        ConnectionSweep {
-            closed,
-            drained,
-            kept,
-        }
+        assert_eq!(tracker.awaiting_restore(), awaiting_restore);
     }
 
     #[test]
@@ -404,26 +410,24 @@ mod tests {
         busy_count.store(1, Ordering::SeqCst);
         let (own, _, own_control) = tracker.register();
         let sweep = tracker.prepare_snapshot(Some(ConnectionId(own)));
-        assert_eq!(sweep, sweep_of(1, 2, 0));
-        assert_commands(&[
+        let commands = [
             ("idle", &idle_control, Command::Close),
             ("busy", &busy_control, Command::Drain),
             ("own", &own_control, Command::Drain),
-        ]);
-        assert!(tracker.awaiting_restore());
+        ];
+        assert_swept(&tracker, sweep, [1, 2, 0], &commands, true);
         tracker.unregister(idle);
         tracker.unregister(own);
 
         let (after, _, after_control) = tracker.register();
         let (init, _, init_control) = tracker.register();
         let sweep = tracker.complete_restore(Some(ConnectionId(init)));
-        assert_eq!(sweep, sweep_of(1, 0, 2));
-        assert_commands(&[
+        let commands = [
             ("busy", &busy_control, Command::Close),
             ("after", &after_control, Command::Run),
             ("init", &init_control, Command::Run),
-        ]);
-        assert!(!tracker.awaiting_restore());
+        ];
+        assert_swept(&tracker, sweep, [1, 0, 2], &commands, false);
         // A second /init changes nothing.
         assert_eq!(tracker.complete_restore(None), ConnectionSweep::default());
         let _ = (busy, after);

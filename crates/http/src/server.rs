@@ -377,59 +377,98 @@ pub fn spawn_connection<I>(
 mod tests {
     use super::*;
 
-    /// A sweep closed, drained and kept as many connections as given, each named connection's
-    /// control then holds the command given, and the tracker awaits a restore or not.
-    fn assert_swept(
-        tracker: &ConnectionTracker,
-        sweep: ConnectionSweep,
-        [closed, drained, kept]: [usize; 3],
-        commands: &[(&str, &watch::Receiver<Command>, Command)],
-        awaiting_restore: bool,
-    ) {
-        let expected = ConnectionSweep {
-            closed,
-            drained,
-            kept,
-        };
-        assert_eq!(sweep, expected);
-        for (name, control, command) in commands {
-            assert_eq!(
-                *control.borrow(),
-                *command,
-                "the {name} connection's command"
-            );
+    /// A connection of [`Named`].
+    struct Connection {
+        name: &'static str,
+        id: u64,
+        in_flight: Arc<AtomicUsize>,
+        control: watch::Receiver<Command>,
+    }
+
+    /// A tracker whose connections have names, to check what each sweep tells each of them.
+    #[derive(Default)]
+    struct Named {
+        tracker: ConnectionTracker,
+        connections: Vec<Connection>,
+    }
+
+    impl Named {
+        fn register(&mut self, names: &[&'static str]) {
+            for name in names {
+                let (id, in_flight, control) = self.tracker.register();
+                let connection = Connection {
+                    name,
+                    id,
+                    in_flight,
+                    control,
+                };
+                self.connections.push(connection);
+            }
         }
-        assert_eq!(tracker.awaiting_restore(), awaiting_restore);
+
+        fn connection(&self, name: &str) -> &Connection {
+            let found = self.connections.iter().find(|c| c.name == name);
+            found.unwrap_or_else(|| panic!("no connection {name}"))
+        }
+
+        fn id(&self, name: &str) -> ConnectionId {
+            ConnectionId(self.connection(name).id)
+        }
+
+        fn unregister(&self, names: &[&str]) {
+            for name in names {
+                self.tracker.unregister(self.connection(name).id);
+            }
+        }
+
+        /// A sweep closed, drained and kept as many connections as given, each named
+        /// connection's control then holds the command given, and the tracker awaits a
+        /// restore or not.
+        fn assert_swept(
+            &self,
+            sweep: ConnectionSweep,
+            [closed, drained, kept]: [usize; 3],
+            commands: &[(&str, Command)],
+            awaiting_restore: bool,
+        ) {
+            let expected = ConnectionSweep {
+                closed,
+                drained,
+                kept,
+            };
+            assert_eq!(sweep, expected);
+            for (name, command) in commands {
+                let control = &self.connection(name).control;
+                assert_eq!(
+                    *control.borrow(),
+                    *command,
+                    "the {name} connection's command"
+                );
+            }
+            assert_eq!(self.tracker.awaiting_restore(), awaiting_restore);
+        }
     }
 
     #[test]
     fn restore_closes_only_connections_from_before_the_snapshot() {
-        let tracker = ConnectionTracker::default();
-        let (idle, _, idle_control) = tracker.register();
-        let (busy, busy_count, busy_control) = tracker.register();
-        busy_count.store(1, Ordering::SeqCst);
-        let (own, _, own_control) = tracker.register();
-        let sweep = tracker.prepare_snapshot(Some(ConnectionId(own)));
-        let commands = [
-            ("idle", &idle_control, Command::Close),
-            ("busy", &busy_control, Command::Drain),
-            ("own", &own_control, Command::Drain),
-        ];
-        assert_swept(&tracker, sweep, [1, 2, 0], &commands, true);
-        tracker.unregister(idle);
-        tracker.unregister(own);
+        use Command::{Close, Drain, Run};
+        let mut named = Named::default();
+        named.register(&["idle", "busy", "own"]);
+        named
+            .connection("busy")
+            .in_flight
+            .store(1, Ordering::SeqCst);
+        let sweep = named.tracker.prepare_snapshot(Some(named.id("own")));
+        let told = [("idle", Close), ("busy", Drain), ("own", Drain)];
+        named.assert_swept(sweep, [1, 2, 0], &told, true);
+        named.unregister(&["idle", "own"]);
 
-        let (after, _, after_control) = tracker.register();
-        let (init, _, init_control) = tracker.register();
-        let sweep = tracker.complete_restore(Some(ConnectionId(init)));
-        let commands = [
-            ("busy", &busy_control, Command::Close),
-            ("after", &after_control, Command::Run),
-            ("init", &init_control, Command::Run),
-        ];
-        assert_swept(&tracker, sweep, [1, 0, 2], &commands, false);
+        named.register(&["after", "init"]);
+        let sweep = named.tracker.complete_restore(Some(named.id("init")));
+        let told = [("busy", Close), ("after", Run), ("init", Run)];
+        named.assert_swept(sweep, [1, 0, 2], &told, false);
         // A second /init changes nothing.
-        assert_eq!(tracker.complete_restore(None), ConnectionSweep::default());
-        let _ = (busy, after);
+        let again = named.tracker.complete_restore(None);
+        assert_eq!(again, ConnectionSweep::default());
     }
 }

@@ -371,18 +371,7 @@ impl FakeAgent {
         let router = axum::Router::new();
         let router = serve::<rpc::CreateSandbox, _, _>(router, |agent, request| async move {
             required("template_id", &request.template_id)?;
-            let millis = |ms: u32| (ms > 0).then(|| Duration::from_millis(u64::from(ms)));
-            let options = CreateOptions {
-                template_id: request.template_id,
-                sandbox_id: (!request.sandbox_id.is_empty()).then_some(request.sandbox_id),
-                env_vars: request.env_vars.into_iter().collect(),
-                access_token: (!request.envd_access_token.is_empty())
-                    .then_some(request.envd_access_token),
-                allow_internet: request.allow_internet_access,
-                metadata: request.metadata.into_iter().collect(),
-                ready_timeout: millis(request.ready_timeout_ms),
-                init_timeout: millis(request.init_timeout_ms),
-            };
+            let options = CreateOptions::from(request);
             let subject = options.sandbox_id.clone().unwrap_or_default();
             let id = agent
                 .run(Operation::Create, &subject, move |state| {

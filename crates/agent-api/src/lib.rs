@@ -43,6 +43,46 @@ pub struct CreateOptions {
     pub init_timeout: Option<Duration>,
 }
 
+/// A create as the agent's Connect API carries it: an empty id or token and a zero timeout are
+/// absent.
+impl From<wrenn_proto::agent::CreateSandboxRequest> for CreateOptions {
+    fn from(request: wrenn_proto::agent::CreateSandboxRequest) -> Self {
+        let present = |text: String| (!text.is_empty()).then_some(text);
+        let millis = |ms: u32| (ms > 0).then(|| Duration::from_millis(u64::from(ms)));
+        CreateOptions {
+            template_id: request.template_id,
+            sandbox_id: present(request.sandbox_id),
+            env_vars: request.env_vars.into_iter().collect(),
+            access_token: present(request.envd_access_token),
+            allow_internet: request.allow_internet_access,
+            metadata: request.metadata.into_iter().collect(),
+            ready_timeout: millis(request.ready_timeout_ms),
+            init_timeout: millis(request.init_timeout_ms),
+        }
+    }
+}
+
+/// The create the agent's Connect API carries (the inverse of the conversion above; a timeout
+/// longer than `u32::MAX` ms is that).
+impl From<CreateOptions> for wrenn_proto::agent::CreateSandboxRequest {
+    fn from(options: CreateOptions) -> Self {
+        let millis = |d: Option<Duration>| {
+            d.map(|d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX))
+                .unwrap_or(0)
+        };
+        wrenn_proto::agent::CreateSandboxRequest {
+            template_id: options.template_id,
+            sandbox_id: options.sandbox_id.unwrap_or_default(),
+            env_vars: options.env_vars.into_iter().collect(),
+            envd_access_token: options.access_token.unwrap_or_default(),
+            allow_internet_access: options.allow_internet,
+            metadata: options.metadata.into_iter().collect(),
+            ready_timeout_ms: millis(options.ready_timeout),
+            init_timeout_ms: millis(options.init_timeout),
+        }
+    }
+}
+
 wrenn_core::named_enum! {
     /// Where a sandbox is in its life, as its agent sees it; the names are those of the agent's
     /// Connect API and its store.
@@ -144,4 +184,40 @@ pub trait HostAgent: Send + Sync + std::fmt::Debug {
     /// How this process reaches `port` of a running sandbox of the host; `None` if the host
     /// knows it has no such running sandbox.
     fn route(&self, sandbox_id: &str, port: u16) -> Option<GuestRoute>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wrenn_proto::agent::CreateSandboxRequest;
+
+    #[test]
+    fn a_create_crosses_the_connect_api_unchanged() {
+        let options = CreateOptions {
+            template_id: "base".into(),
+            sandbox_id: Some("sbx-1".into()),
+            env_vars: BTreeMap::from([("A".into(), "1".into())]),
+            access_token: Some("secret".into()),
+            allow_internet: true,
+            metadata: BTreeMap::from([("owner".into(), "me".into())]),
+            ready_timeout: Some(Duration::from_millis(1500)),
+            init_timeout: Some(Duration::from_secs(3)),
+        };
+        let request = CreateSandboxRequest::from(options.clone());
+        assert_eq!(
+            (request.ready_timeout_ms, request.envd_access_token.as_str()),
+            (1500, "secret")
+        );
+        assert_eq!(CreateOptions::from(request), options);
+        // Empty strings and zero timeouts on the wire are absent settings.
+        let bare = CreateSandboxRequest {
+            template_id: "base".into(),
+            ..Default::default()
+        };
+        let expected = CreateOptions {
+            template_id: "base".into(),
+            ..CreateOptions::default()
+        };
+        assert_eq!(CreateOptions::from(bare), expected);
+    }
 }

@@ -76,20 +76,7 @@ impl RemoteAgent {
 #[async_trait::async_trait]
 impl HostAgent for RemoteAgent {
     async fn create(&self, options: CreateOptions) -> Result<(), HostAgentError> {
-        let millis = |d: Option<Duration>| {
-            d.map(|d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX))
-                .unwrap_or(0)
-        };
-        let request = pb::CreateSandboxRequest {
-            template_id: options.template_id,
-            sandbox_id: options.sandbox_id.unwrap_or_default(),
-            env_vars: options.env_vars.into_iter().collect(),
-            envd_access_token: options.access_token.unwrap_or_default(),
-            allow_internet_access: options.allow_internet,
-            metadata: options.metadata.into_iter().collect(),
-            ready_timeout_ms: millis(options.ready_timeout),
-            init_timeout_ms: millis(options.init_timeout),
-        };
+        let request = pb::CreateSandboxRequest::from(options);
         self.call::<rpc::CreateSandbox>(&request).await.map(drop)
     }
 

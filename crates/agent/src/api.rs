@@ -156,17 +156,7 @@ async fn create_sandbox(
     request: pb::CreateSandboxRequest,
 ) -> Result<pb::CreateSandboxResponse, AgentError> {
     required("template_id", &request.template_id)?;
-    let options = CreateOptions {
-        template_id: request.template_id,
-        sandbox_id: (!request.sandbox_id.is_empty()).then_some(request.sandbox_id),
-        env_vars: request.env_vars.into_iter().collect(),
-        access_token: (!request.envd_access_token.is_empty()).then_some(request.envd_access_token),
-        allow_internet: request.allow_internet_access,
-        metadata: request.metadata.into_iter().collect(),
-        ready_timeout: millis(request.ready_timeout_ms),
-        init_timeout: millis(request.init_timeout_ms),
-    };
-    let (record, timings) = manager.create(options).await?;
+    let (record, timings) = manager.create(CreateOptions::from(request)).await?;
     Ok(pb::CreateSandboxResponse {
         sandbox: Some(sandbox_message(&manager, &record)),
         restore_ms: timings.restore.as_millis() as u64,

@@ -120,12 +120,20 @@ class Wrenn:
         with open(os.path.join(self.data, "wrenn-up.log"), "rb") as f:
             return f.read()[-3000:].decode(errors="replace")
 
-    def new_team_key(self, team: str) -> str:
-        out = subprocess.run(
-            [self.binary, "key", "create", "--team", team, "--data-dir", self.data, "--json"],
-            check=True, capture_output=True,
+    def key_cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """`wrenn key ARGS` on this control plane's data directory (and its store)."""
+        return subprocess.run(
+            [self.binary, "key", *args, "--data-dir", self.data],
+            capture_output=True, text=True, timeout=60, check=check,
         )
-        return json.loads(out.stdout)["key"]
+
+    def key_cli_json(self, *args: str):
+        """`wrenn key ARGS --json`, its output parsed (None when it prints nothing)."""
+        out = self.key_cli(*args, "--json").stdout
+        return json.loads(out) if out.strip() else None
+
+    def new_team_key(self, team: str) -> str:
+        return self.key_cli_json("create", "--team", team)["key"]
 
     def stop(self):
         if self.process.poll() is not None:

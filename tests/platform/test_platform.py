@@ -3,10 +3,8 @@
 import base64
 import hashlib
 import http.client
-import json
 import os
 import socket
-import subprocess
 import time
 
 import pytest
@@ -277,11 +275,7 @@ def test_the_store_is_the_one_the_run_asked_for(wrenn):
     # PostgreSQL run must not have fallen back to a SQLite file in the data directory, and its
     # CLI, given the same URL, must read the keys `wrenn up` wrote there.
     sqlite_file = os.path.join(wrenn.data, "cp", "wrenn.sqlite")
-    keys = subprocess.run(
-        [wrenn.binary, "key", "list", "--team", "default", "--data-dir", wrenn.data, "--json"],
-        capture_output=True, text=True, timeout=60, check=True,
-    )
-    assert json.loads(keys.stdout), "the store has the first team's key"
+    assert wrenn.key_cli_json("list", "--team", "default"), "the store has the first team's key"
     if os.environ.get("DATABASE_URL"):
         assert not os.path.exists(sqlite_file), "the PostgreSQL run made a SQLite store"
     else:
@@ -289,30 +283,17 @@ def test_the_store_is_the_one_the_run_asked_for(wrenn):
 
 
 def test_a_revoked_key_is_refused_and_listed_as_revoked(wrenn):
-    def cli(*args):
-        done = subprocess.run(
-            [wrenn.binary, "key", *args, "--data-dir", wrenn.data, "--json"],
-            capture_output=True, text=True, timeout=60, check=True,
-        )
-        return json.loads(done.stdout) if done.stdout.strip() else None
-
-    made = cli("create", "--team", "revoking")
+    made = wrenn.key_cli_json("create", "--team", "revoking")
     assert Sandbox.list(api_key=made["key"]).next_items() == []
-    listed = {key["id"]: key for key in cli("list", "--team", "revoking")}
+    listed = {key["id"]: key for key in wrenn.key_cli_json("list", "--team", "revoking")}
     assert listed[made["id"]]["revoked"] is False
-    subprocess.run(
-        [wrenn.binary, "key", "revoke", made["id"], "--data-dir", wrenn.data],
-        capture_output=True, timeout=60, check=True,
-    )
+    wrenn.key_cli("revoke", made["id"])
     with pytest.raises(AuthenticationException, match="Invalid API key"):
         Sandbox.list(api_key=made["key"]).next_items()
-    listed = {key["id"]: key for key in cli("list", "--team", "revoking")}
+    listed = {key["id"]: key for key in wrenn.key_cli_json("list", "--team", "revoking")}
     assert listed[made["id"]]["revoked"] is True
     # A second revoke of the same key says it found none to revoke.
-    again = subprocess.run(
-        [wrenn.binary, "key", "revoke", made["id"], "--data-dir", wrenn.data],
-        capture_output=True, text=True, timeout=60,
-    )
+    again = wrenn.key_cli("revoke", made["id"], check=False)
     assert again.returncode != 0, again.stdout
 
 
@@ -529,3 +510,85 @@ def test_quota_refuses_the_create_past_a_teams_running_limit(wrenn):
     finally:
         for sandbox in held:
             sandbox.kill()
+
+
+def test_sandbox_shell_in_a_real_terminal_is_raw_follows_resizes_and_restores_it(wrenn):
+    # `wrenn sandbox shell` on a pseudo-terminal of its own, as a user at a terminal runs it:
+    # the terminal goes raw while the shell runs, a resize reaches the sandbox's PTY, the
+    # shell's exit code is the CLI's, and the terminal is as it was afterwards.
+    import fcntl
+    import pty
+    import re
+    import select
+    import struct
+    import subprocess
+    import termios
+
+    def set_size(fd, rows, cols):
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def canonical(fd):
+        return bool(termios.tcgetattr(fd)[3] & termios.ICANON)
+
+    sandbox = Sandbox.create(timeout=120)
+    master, terminal = pty.openpty()
+    set_size(terminal, 24, 80)
+    assert canonical(terminal), "a new terminal is canonical"
+    env = dict(
+        os.environ,
+        WRENN_API_URL=wrenn.api_url,
+        WRENN_SANDBOX_URL=wrenn.proxy_url,
+        WRENN_API_KEY=wrenn.key,
+        TERM="xterm",
+    )
+
+    def own_terminal():
+        # The CLI leads a session whose controlling terminal is the pseudo-terminal, so that
+        # the kernel sends it SIGWINCH when the terminal's size changes.
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    cli = subprocess.Popen(
+        [wrenn.binary, "sandbox", "shell", sandbox.sandbox_id],
+        stdin=terminal, stdout=terminal, stderr=terminal, env=env, preexec_fn=own_terminal,
+    )
+    screen = b""
+
+    def read_until(pattern, within=60.0):
+        nonlocal screen
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            found = re.search(pattern, screen)
+            if found:
+                return found
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    screen += os.read(master, 65536)
+                except OSError:
+                    break
+        raise AssertionError(f"{pattern!r} not on the screen within {within} s: {screen[-2000:]!r}")
+
+    try:
+        os.write(master, b"echo size=$(stty size)\n")
+        read_until(rb"size=24 80")
+        assert not canonical(terminal), "the CLI puts the terminal in raw mode"
+        set_size(master, 40, 100)
+        deadline = time.monotonic() + 60
+        while not re.search(rb"size=40 100", screen):
+            assert time.monotonic() < deadline, f"the resize never reached the sandbox: {screen[-2000:]!r}"
+            os.write(master, b"echo size=$(stty size)\n")
+            try:
+                read_until(rb"size=40 100", within=2)
+            except AssertionError:
+                pass
+        os.write(master, b"exit 3\n")
+        assert cli.wait(timeout=60) == 3
+        assert canonical(terminal), "the terminal is restored when the shell ends"
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+        os.close(master)
+        os.close(terminal)
+        sandbox.kill()

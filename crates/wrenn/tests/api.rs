@@ -1270,13 +1270,32 @@ async fn agent_sandboxes(agent: &Agent) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fleet_places_reconciles_and_survives_a_dead_host() {
+async fn fleet_places_reconciles_and_survives_a_dead_host_on_sqlite() {
     if prerequisites().is_none() {
         return;
     }
-    let server = Server::start(None);
-    let host_a = joined_agent(&server, "wfla", 1440, "fleet-a").await;
-    let mut host_b = joined_agent(&server, "wflb", 1460, "fleet-b").await;
+    fleet_end_to_end(None, [("wfla", 1440), ("wflb", 1460)]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_places_reconciles_and_survives_a_dead_host_on_postgres() {
+    if prerequisites().is_none() {
+        return;
+    }
+    let Some(url) = postgres_database().await else {
+        return;
+    };
+    fleet_end_to_end(Some(url), [("wfpa", 1480), ("wfpb", 1540)]).await;
+}
+
+/// Two real hosts join a control plane on the store `database_url` names (SQLite when
+/// `None`), each with its slot prefix and first slot: placement, reconcile, a host that dies
+/// and comes back.
+async fn fleet_end_to_end(database_url: Option<String>, slots: [(&str, u32); 2]) {
+    let [(prefix_a, first_a), (prefix_b, first_b)] = slots;
+    let server = Server::start(database_url);
+    let host_a = joined_agent(&server, prefix_a, first_a, "fleet-a").await;
+    let mut host_b = joined_agent(&server, prefix_b, first_b, "fleet-b").await;
 
     // A missing or wrong join token is refused before anything else; with the right one, a
     // malformed registration is a 400; a heartbeat with a wrong token is refused.

@@ -749,12 +749,10 @@ async fn upgrade_echo(proxy: SocketAddr, sandbox_id: &str) {
 }
 
 async fn rest_api_end_to_end(database_url: Option<String>, prefix: &str, first_slot: u32) {
-    let mut server = Server::start(database_url.clone());
+    let mut server = Server::start(database_url);
     let host_name = format!("{prefix}-host");
     let agent = joined_agent(&server, prefix, first_slot, &host_name).await;
-    if database_url.is_none() {
-        cli_end_to_end(&server, &host_name).await;
-    }
+    cli_end_to_end(&server, &host_name).await;
 
     templates_are_listed_with_their_sizes(&server).await;
     keys_and_bad_requests_are_refused(&server).await;

@@ -409,6 +409,13 @@ async fn registry_post(
     http_call(Method::POST, url, &headers, body, Duration::from_secs(5)).await
 }
 
+/// For a VM test on PostgreSQL: a fresh schema's URL when the VM prerequisites and the
+/// database are both there (else the test is skipped, or fails under the switch, saying why).
+async fn vm_test_on_postgres() -> Option<String> {
+    prerequisites()?;
+    postgres_database().await
+}
+
 /// A fresh database for one test: a schema of its own in `WRENN_TEST_DATABASE_URL`.
 async fn postgres_database() -> Option<String> {
     let Ok(url) = std::env::var("WRENN_TEST_DATABASE_URL") else {
@@ -1248,10 +1255,7 @@ async fn rest_api_on_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_api_on_postgres() {
-    if prerequisites().is_none() {
-        return;
-    }
-    let Some(url) = postgres_database().await else {
+    let Some(url) = vm_test_on_postgres().await else {
         return;
     };
     rest_api_end_to_end(Some(url), "wapip", 1420).await;
@@ -1277,10 +1281,7 @@ async fn fleet_places_reconciles_and_survives_a_dead_host_on_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_places_reconciles_and_survives_a_dead_host_on_postgres() {
-    if prerequisites().is_none() {
-        return;
-    }
-    let Some(url) = postgres_database().await else {
+    let Some(url) = vm_test_on_postgres().await else {
         return;
     };
     fleet_end_to_end(Some(url), [("wfpa", 1480), ("wfpb", 1540)]).await;

@@ -428,7 +428,6 @@ impl FakeAgent {
             })
     }
 
-    /// A sandbox as the agent's API shows it.
     /// Pauses sandbox `sandbox_id` (a required field), or resumes it, as `operation` says:
     /// the sandbox as the agent's API shows it then.
     async fn pause_or_resume(
@@ -445,6 +444,7 @@ impl FakeAgent {
         Ok(self.sandbox_message(sandbox_id))
     }
 
+    /// A sandbox as the agent's API shows it.
     fn sandbox_message(&self, sandbox_id: &str) -> Option<pb::Sandbox> {
         let state = self.lock();
         let sandbox = state.sandboxes.get(sandbox_id)?;

@@ -43,21 +43,36 @@ pub struct CreateOptions {
     pub init_timeout: Option<Duration>,
 }
 
+/// A timeout as the agent's Connect API carries it, in milliseconds: 0 is none (the default).
+pub fn timeout_from_millis(ms: u32) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(u64::from(ms)))
+}
+
 /// A create as the agent's Connect API carries it: an empty id or token and a zero timeout are
-/// absent.
+/// absent. Every field is taken apart by name, so a field added to the message must be handled
+/// here before this compiles.
 impl From<wrenn_proto::agent::CreateSandboxRequest> for CreateOptions {
     fn from(request: wrenn_proto::agent::CreateSandboxRequest) -> Self {
+        let wrenn_proto::agent::CreateSandboxRequest {
+            template_id,
+            sandbox_id,
+            env_vars,
+            envd_access_token,
+            allow_internet_access,
+            metadata,
+            ready_timeout_ms,
+            init_timeout_ms,
+        } = request;
         let present = |text: String| (!text.is_empty()).then_some(text);
-        let millis = |ms: u32| (ms > 0).then(|| Duration::from_millis(u64::from(ms)));
         CreateOptions {
-            template_id: request.template_id,
-            sandbox_id: present(request.sandbox_id),
-            env_vars: request.env_vars.into_iter().collect(),
-            access_token: present(request.envd_access_token),
-            allow_internet: request.allow_internet_access,
-            metadata: request.metadata.into_iter().collect(),
-            ready_timeout: millis(request.ready_timeout_ms),
-            init_timeout: millis(request.init_timeout_ms),
+            template_id,
+            sandbox_id: present(sandbox_id),
+            env_vars: env_vars.into_iter().collect(),
+            access_token: present(envd_access_token),
+            allow_internet: allow_internet_access,
+            metadata: metadata.into_iter().collect(),
+            ready_timeout: timeout_from_millis(ready_timeout_ms),
+            init_timeout: timeout_from_millis(init_timeout_ms),
         }
     }
 }

@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -20,6 +19,7 @@ use wrenn_proto::agent::host_agent as rpc;
 use crate::error::AgentError;
 use crate::manager::{CreateOptions, Manager};
 use crate::store::{SandboxRecord, TemplateRecord};
+use wrenn_agent_api::timeout_from_millis;
 
 #[derive(Debug, Clone)]
 struct ApiState {
@@ -92,10 +92,6 @@ where
         .await
     };
     router.route(M::PATH, post(call))
-}
-
-fn millis(value: u32) -> Option<Duration> {
-    (value > 0).then(|| Duration::from_millis(u64::from(value)))
 }
 
 /// A sandbox as the API shows it.
@@ -210,8 +206,8 @@ async fn resume_sandbox(
         .resume(
             &request.sandbox_id,
             token,
-            millis(request.ready_timeout_ms),
-            millis(request.init_timeout_ms),
+            timeout_from_millis(request.ready_timeout_ms),
+            timeout_from_millis(request.init_timeout_ms),
         )
         .await?;
     Ok(pb::ResumeSandboxResponse {
@@ -241,7 +237,7 @@ async fn build_template(
             image_dir.as_deref(),
             request.memory_mib,
             request.vcpus,
-            millis(request.boot_timeout_ms),
+            timeout_from_millis(request.boot_timeout_ms),
         )
         .await?;
     Ok(pb::BuildTemplateResponse {

@@ -32,7 +32,8 @@ pub struct NewSandbox {
     pub timeout: Option<u64>,
     /// Pause instead of kill when the timeout comes.
     pub auto_pause: Option<bool>,
-    /// envd requires an access token (returned as `envdAccessToken`).
+    /// envd requires an access token (returned as `envdAccessToken`); default true, an
+    /// explicit `false` makes an unsecured sandbox.
     pub secure: Option<bool>,
     #[serde(rename = "allow_internet_access")]
     pub allow_internet_access: Option<bool>,

@@ -581,10 +581,7 @@ async fn agents_join_and_heartbeat_through_the_fleet_registry_over_connect() {
     use wrenn_connect::{Code, Codec};
 
     let kit = Kit::new(1, Quotas::default()).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let router = wrenn_cp::http::router(kit.plane.clone());
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    let url = kit.serve().await;
     let binary = ConnectClient::new(&url, HttpVersion::Http1, Codec::Proto);
     let json = ConnectClient::new(&url, HttpVersion::Http1, Codec::Json);
 
@@ -850,15 +847,16 @@ async fn a_kill_its_host_does_not_answer_in_time_is_a_504_and_keeps_the_sandbox(
     let kit = Kit::new(8, Quotas::default()).await;
     let id = kit.create(&kit.key_a, json!({"templateID": "base"})).await;
     let path = format!("/sandboxes/{id}");
-    // Longer than the control plane's deadline for a destroy (30 s).
+    // Longer than the control plane's deadline for a destroy.
     kit.agent
         .delay(Operation::Destroy, Duration::from_secs(3600));
 
     let (status, body) = kit.call_a("DELETE", &path).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
     let said = format!(
-        "host {}: DestroySandbox got no answer within 30 s",
-        kit.own_host_name()
+        "host {}: DestroySandbox got no answer within {} s",
+        kit.own_host_name(),
+        wrenn_cp::deadlines::CONTROL_CALL.as_secs()
     );
     assert_eq!(message(&body), said, "{body}");
     assert_eq!(

@@ -111,25 +111,13 @@ impl Manager {
                                 memory: written,
                             });
                         }
-                        record.state =
-                            if matches!(state, SandboxState::Resuming | SandboxState::Pausing)
-                                && record.snapshot.is_some()
-                            {
-                                SandboxState::Paused
-                            } else {
-                                SandboxState::Failed
-                            };
+                        record.state = after_restart(state, record.snapshot.is_some());
                         if record.state == SandboxState::Paused {
                             record.error = None;
                         }
                         tracing::warn!(sandbox = %record.sandbox_id, state = record.state.as_str(), "sandbox not adopted");
                     }
                 }
-            } else if record.state == SandboxState::Resuming && record.snapshot.is_some() {
-                // The previous agent stopped before the resumed VM was recorded (a VMM it had
-                // started is an orphan, killed below): the snapshot is whole, the sandbox paused.
-                record.state = SandboxState::Paused;
-                tracing::warn!(sandbox = %record.sandbox_id, "a resume the previous agent left unfinished is undone");
             } else if matches!(
                 record.state,
                 SandboxState::Starting
@@ -137,9 +125,14 @@ impl Manager {
                     | SandboxState::Pausing
                     | SandboxState::Resuming
             ) {
-                record.state = SandboxState::Failed;
-                record.error =
-                    Some("the agent stopped before the sandbox's VM was recorded".into());
+                // The previous agent stopped before the VM was recorded (a VMM it had started
+                // is an orphan, killed below).
+                record.state = after_restart(record.state, record.snapshot.is_some());
+                if record.state == SandboxState::Failed {
+                    record.error =
+                        Some("the agent stopped before the sandbox's VM was recorded".into());
+                }
+                tracing::warn!(sandbox = %record.sandbox_id, state = record.state.as_str(), "an operation the previous agent left unfinished is undone");
             }
             let _ = self.store.save_sandbox(&record);
             self.sandboxes.lock().expect("sandboxes lock").insert(
@@ -161,6 +154,16 @@ impl Manager {
     /// Deletes the slots kept ready (at shutdown; leased ones stay with their sandboxes).
     pub async fn shutdown(&self) {
         self.slots.delete_ready().await;
+    }
+}
+
+/// What a sandbox whose VM is not taken back is after a restart that cut off an operation in
+/// `state`: paused if it was pausing or resuming and its snapshot is whole, else failed.
+fn after_restart(state: SandboxState, has_snapshot: bool) -> SandboxState {
+    if matches!(state, SandboxState::Resuming | SandboxState::Pausing) && has_snapshot {
+        SandboxState::Paused
+    } else {
+        SandboxState::Failed
     }
 }
 

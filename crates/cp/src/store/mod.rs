@@ -235,7 +235,13 @@ impl Store {
             .filter(|url| url.starts_with("postgres://") || url.starts_with("postgresql://"))
         {
             Some(url) => Ok(Store(Arc::new(postgres::PgStore::connect(url).await?))),
-            None => Self::open(path),
+            // Opening may wait for another opener's turn and migrates: not on a runtime thread.
+            None => {
+                let path = path.to_owned();
+                tokio::task::spawn_blocking(move || Self::open(&path))
+                    .await
+                    .map_err(|error| StoreError::Unavailable(error.to_string()))?
+            }
         }
     }
 }

@@ -255,6 +255,43 @@ impl Kit {
         let (status, body) = self.call_a("GET", &format!("/sandboxes/{id}")).await;
         (status, body["state"].clone())
     }
+
+    /// One request through the control plane's proxy to port 8000 of `sandbox_id` (named by
+    /// the routing headers): its status and JSON body.
+    async fn through_proxy(&self, sandbox_id: &str) -> (StatusCode, Value) {
+        let request = Request::builder()
+            .uri("/")
+            .header("host", "localhost")
+            .header("e2b-sandbox-id", sandbox_id)
+            .header("e2b-sandbox-port", "8000")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = wrenn_cp::proxy::router(self.plane.clone())
+            .oneshot(request)
+            .await
+            .unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+}
+
+impl Joined {
+    /// Waits until the control plane has asked this host for `operation` on `sandbox_id`.
+    async fn asked(&self, operation: Operation, sandbox_id: &str) {
+        let call = (operation, sandbox_id.to_string());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !self.agent.calls().contains(&call) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the host was never asked for {call:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 #[tokio::test]
@@ -983,5 +1020,80 @@ async fn a_forgotten_hosts_heartbeat_is_refused_and_does_not_bring_it_back() {
     assert!(
         stored.iter().all(|host| host.id != edge.host_id),
         "{stored:?}"
+    );
+}
+
+/// Traffic that reaches the proxy while a sandbox is being paused (through the API or by its
+/// timeout) or killed reads a route that the change is about to end, and must not keep it: the
+/// next request finds a paused sandbox with autoResume paused and resumes it, and a killed one
+/// not found. (The edge host's sandbox proxy does not answer, so traffic sent along a route
+/// is told "The sandbox's host does not answer".)
+#[tokio::test]
+async fn traffic_during_a_pause_or_a_kill_leaves_no_route_behind() {
+    let edge_only = FakeAgent::new(4, vec![template("edge-only", 256)]);
+    let (kit, _url, edge) = Kit::with_edge(8, FleetConfig::default().down_after, edge_only).await;
+    let routed_while_running = "The sandbox's host does not answer";
+    let resumed_by_traffic = async |id: &str| {
+        kit.through_proxy(id).await;
+        assert_eq!(
+            edge.agent.sandbox(id).unwrap().state,
+            SandboxState::Running,
+            "the paused sandbox was resumed by traffic"
+        );
+        assert_eq!(kit.state(id).await, (StatusCode::OK, json!("running")));
+    };
+    edge.agent
+        .delay(Operation::Pause, Duration::from_millis(300));
+    edge.agent
+        .delay(Operation::Destroy, Duration::from_millis(300));
+
+    // Paused through the API.
+    let resumable = json!({"templateID": "edge-only", "autoResume": {"enabled": true}});
+    let id = kit.create(&kit.key_a, resumable).await;
+    let pause = format!("/sandboxes/{id}/pause");
+    let (paused, during) = tokio::join!(kit.call_a("POST", &pause), async {
+        edge.asked(Operation::Pause, &id).await;
+        kit.through_proxy(&id).await
+    });
+    assert_eq!(paused.0, StatusCode::NO_CONTENT, "{}", paused.1);
+    assert_eq!(message(&during.1), routed_while_running, "{}", during.1);
+    resumed_by_traffic(&id).await;
+
+    // Paused by its timeout.
+    let timing_out = json!({"templateID": "edge-only", "timeout": 1, "autoPause": true,
+        "autoResume": {"enabled": true}});
+    let id = kit.create(&kit.key_a, timing_out).await;
+    let lifecycle = tokio::spawn(kit.plane.clone().run_lifecycle());
+    edge.asked(Operation::Pause, &id).await;
+    let during = kit.through_proxy(&id).await;
+    assert_eq!(message(&during.1), routed_while_running, "{}", during.1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while kit.state(&id).await.1 != json!("paused") {
+        assert!(tokio::time::Instant::now() < deadline, "never paused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    resumed_by_traffic(&id).await;
+    lifecycle.abort();
+
+    // Killed.
+    let id = kit
+        .create(&kit.key_a, json!({"templateID": "edge-only"}))
+        .await;
+    let path = format!("/sandboxes/{id}");
+    let (killed, during) = tokio::join!(kit.call_a("DELETE", &path), async {
+        edge.asked(Operation::Destroy, &id).await;
+        kit.through_proxy(&id).await
+    });
+    assert_eq!(killed.0, StatusCode::NO_CONTENT, "{}", killed.1);
+    assert_eq!(message(&during.1), routed_while_running, "{}", during.1);
+    let after = kit.through_proxy(&id).await;
+    assert_eq!(
+        (after.0, message(&after.1)),
+        (
+            StatusCode::BAD_GATEWAY,
+            wrenn_agent_api::proxy::SANDBOX_NOT_FOUND
+        ),
+        "{}",
+        after.1
     );
 }

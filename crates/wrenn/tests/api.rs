@@ -93,6 +93,12 @@ impl Server {
             command.env("DATABASE_URL", url);
         }
         self.child = Some(command.spawn().expect("starting wrenn server"));
+        // The wait blocks this thread: in a test's runtime, its other tasks move to other
+        // workers.
+        tokio::task::block_in_place(|| self.wait_until_healthy());
+    }
+
+    fn wait_until_healthy(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(mut stream) = std::net::TcpStream::connect(self.api) {

@@ -158,10 +158,7 @@ impl Fleet {
         let id = host.id();
         let sandboxes = store.forget_host(&id).await?;
         self.hosts.write().expect("fleet lock").remove(&id);
-        self.sandbox_hosts
-            .lock()
-            .expect("route cache lock")
-            .retain(|_, (host, _)| host != &id);
+        self.routes.forget_host(&id);
         tracing::warn!(host = %name, id = %id, sandboxes, "host forgotten");
         Ok(sandboxes)
     }
@@ -208,10 +205,7 @@ impl Fleet {
         row.state = HostState::Down;
         store.put_host(row.clone()).await?;
         let lost = store.mark_host_lost(&row.id).await?;
-        self.sandbox_hosts
-            .lock()
-            .expect("route cache lock")
-            .retain(|_, (host, _)| host != &row.id);
+        self.routes.forget_host(&row.id);
         tracing::warn!(host = %row.name, lost, "host is down: its sandboxes are lost");
         Ok(())
     }

@@ -17,11 +17,13 @@ mod host;
 mod join;
 mod placement;
 mod reconcile;
+mod routes;
 
 pub use host::Host;
 use host::remote_agent;
 pub use placement::{BinPack, Candidate, LeastLoaded, Placed, Placement, placement};
 pub use reconcile::{Reconciled, reconcile_host};
+use routes::{CachedRoute, RouteCache};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -81,7 +83,7 @@ pub struct Fleet {
     pub config: FleetConfig,
     /// Which host each running sandbox is on, and its traffic token, for the proxy (filled
     /// from the store on demand).
-    sandbox_hosts: Mutex<HashMap<String, (String, Option<String>)>>,
+    routes: RouteCache,
     /// Serialises placements, so two creates do not both take a host's last slot.
     placing: Mutex<()>,
     /// Serialises registrations (and forgetting), so two agents cannot both claim a name.
@@ -114,7 +116,7 @@ impl Fleet {
             hosts: RwLock::new(HashMap::new()),
             placement,
             config,
-            sandbox_hosts: Mutex::new(HashMap::new()),
+            routes: RouteCache::default(),
             placing: Mutex::new(()),
             registering: tokio::sync::Mutex::new(()),
             creating: Busy::default(),
@@ -210,12 +212,10 @@ impl Fleet {
         templates
     }
 
-    /// Forgets where a sandbox runs (it was paused, killed or lost).
+    /// Forgets where a sandbox runs (it was paused, killed or lost): call it once the store
+    /// says so, so that no route read before the change outlives it.
     pub fn forget(&self, sandbox_id: &str) {
-        self.sandbox_hosts
-            .lock()
-            .expect("route cache lock")
-            .remove(sandbox_id);
+        self.routes.forget(sandbox_id);
     }
 
     /// How to reach `port` of a sandbox running on an up host, and its traffic token if it
@@ -226,26 +226,22 @@ impl Fleet {
         sandbox_id: &str,
         port: u16,
     ) -> Option<(GuestRoute, Option<String>)> {
-        let cached = self
-            .sandbox_hosts
-            .lock()
-            .expect("route cache lock")
-            .get(sandbox_id)
-            .cloned();
-        let (host_id, traffic_token) = match cached {
-            Some(entry) => entry,
-            None => {
+        let CachedRoute {
+            host_id,
+            traffic_token,
+        } = match self.routes.get(sandbox_id) {
+            Ok(route) => route,
+            Err(miss) => {
                 let row = store.sandbox(sandbox_id).await.ok()??;
                 if row.state != RowState::Running {
                     return None;
                 }
-                let entry = (row.host_id, row.traffic_access_token);
-                let mut cache = self.sandbox_hosts.lock().expect("route cache lock");
-                if cache.len() > 100_000 {
-                    cache.clear();
-                }
-                cache.insert(sandbox_id.to_string(), entry.clone());
-                entry
+                let route = CachedRoute {
+                    host_id: row.host_id,
+                    traffic_token: row.traffic_access_token,
+                };
+                self.routes.keep(sandbox_id, route.clone(), miss);
+                route
             }
         };
         let host = self.host(&host_id)?;
@@ -318,7 +314,7 @@ mod tests {
             hosts: RwLock::new(HashMap::new()),
             placement: Box::new(LeastLoaded),
             config: FleetConfig::default(),
-            sandbox_hosts: Mutex::new(HashMap::new()),
+            routes: RouteCache::default(),
             placing: Mutex::new(()),
             registering: tokio::sync::Mutex::new(()),
             creating: Busy::default(),

@@ -151,8 +151,10 @@ impl ControlPlane {
         } else if row.state != SandboxState::Lost {
             self.fleet.up_host(row)?;
         }
+        let deleted = self.store.delete_sandbox(&row.id).await;
+        // After the store's change, so that a route read before it is not kept.
         self.fleet.forget(&row.id);
-        self.store.delete_sandbox(&row.id).await?;
+        deleted?;
         tracing::info!(sandbox = %row.id, "sandbox killed");
         Ok(())
     }
@@ -164,12 +166,15 @@ impl ControlPlane {
         let admitted = self
             .admit(&row.team_id, Change::Pause { snapshot_mib })
             .await?;
-        self.fleet.forget(&row.id);
         host.pause(&row.id).await?;
         let paused = self
             .store
             .set_state(&row.id, SandboxState::Paused, row.end_at_ms);
-        admitted.settle(paused).await?;
+        let settled = admitted.settle(paused).await;
+        // After the store's change, so that a route read before it (traffic that came while
+        // the host paused it) is not kept: a stale route would never let autoResume resume it.
+        self.fleet.forget(&row.id);
+        settled?;
         Ok(())
     }
 

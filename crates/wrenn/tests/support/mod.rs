@@ -133,7 +133,12 @@ impl Agent {
             .spawn()
             .expect("starting wrenn agent");
         self.child = Some(child);
-        // Ready means answering an authorised call, not just accepting connections.
+        // Ready means answering an authorised call, not just accepting connections. The wait
+        // blocks this thread: in a test's runtime, its other tasks move to other workers.
+        tokio::task::block_in_place(|| self.wait_until_it_answers());
+    }
+
+    fn wait_until_it_answers(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !self.answers() {
             if let Some(status) = self

@@ -19,6 +19,7 @@ use wrenn_connect::{Code, ConnectError, DEFAULT_MAX_MESSAGE_BYTES, Message};
 use wrenn_proto::Rpc;
 use wrenn_proto::agent as pb;
 
+use crate::build::{BuildLog, LogLevel, TemplateBuild};
 use crate::join::{HostReport, TemplateReport};
 use crate::{CreateOptions, GuestRoute, HostAgent, HostAgentError, SandboxState, SandboxSummary};
 
@@ -31,6 +32,8 @@ pub enum Operation {
     Destroy,
     List,
     Report,
+    Build,
+    DeleteTemplate,
 }
 
 /// A sandbox the fake holds.
@@ -53,6 +56,8 @@ struct State {
     delays: BTreeMap<Operation, Duration>,
     calls: Vec<(Operation, String)>,
     next_id: u64,
+    /// Each built template's parent.
+    parents: BTreeMap<String, String>,
 }
 
 /// An in-memory host agent.
@@ -288,6 +293,83 @@ impl State {
         }
     }
 
+    fn delete_template(&mut self, template_id: &str) -> Result<(), HostAgentError> {
+        if !self.templates.iter().any(|t| t.template_id == template_id) {
+            return Err(HostAgentError::NotFound(format!(
+                "template {template_id} not found"
+            )));
+        }
+        if let Some((id, _)) = self
+            .sandboxes
+            .iter()
+            .find(|(_, sandbox)| sandbox.template_id == template_id)
+        {
+            return Err(HostAgentError::Conflict(format!(
+                "template {template_id} is in use by sandboxes {id}: destroy them first"
+            )));
+        }
+        if let Some(child) = self
+            .parents
+            .iter()
+            .find(|(_, parent)| *parent == template_id)
+        {
+            return Err(HostAgentError::Conflict(format!(
+                "template {template_id} is the parent of templates {}: delete them first",
+                child.0
+            )));
+        }
+        self.templates.retain(|t| t.template_id != template_id);
+        self.parents.remove(template_id);
+        Ok(())
+    }
+
+    fn build(
+        &mut self,
+        build: TemplateBuild,
+        logs: &tokio::sync::mpsc::UnboundedSender<BuildLog>,
+    ) -> Result<TemplateReport, HostAgentError> {
+        let parent = self
+            .templates
+            .iter()
+            .find(|t| t.template_id == build.from_template)
+            .cloned()
+            .ok_or_else(|| {
+                HostAgentError::NotFound(format!("template {} not found", build.from_template))
+            })?;
+        if self
+            .templates
+            .iter()
+            .any(|t| t.template_id == build.template_id)
+        {
+            return Err(HostAgentError::Conflict(format!(
+                "template {} already exists",
+                build.template_id
+            )));
+        }
+        let total = build.steps.len();
+        for (index, step) in build.steps.iter().enumerate() {
+            step.check(index + 1)
+                .map_err(HostAgentError::InvalidArgument)?;
+            let line = format!("[{}/{total}] {}", index + 1, step.describe());
+            let _ = logs.send(BuildLog::now(
+                LogLevel::Info,
+                Some((index + 1).to_string()),
+                line,
+            ));
+        }
+        let template = TemplateReport {
+            template_id: build.template_id,
+            memory_mib: build.memory_mib.unwrap_or(parent.memory_mib),
+            vcpus: build.vcpus.unwrap_or(parent.vcpus),
+            created_at_ms: now_ms(),
+            ..parent
+        };
+        self.templates.push(template.clone());
+        self.parents
+            .insert(template.template_id.clone(), build.from_template.clone());
+        Ok(template)
+    }
+
     fn list(&self) -> Vec<SandboxSummary> {
         self.sandboxes
             .iter()
@@ -351,6 +433,31 @@ impl HostAgent for FakeAgent {
     /// The fake runs no guest: there is no port to reach.
     fn route(&self, _sandbox_id: &str, _port: u16) -> Option<GuestRoute> {
         None
+    }
+
+    /// Refuses a template a sandbox or another template (built from it) stands on, as the
+    /// real agent does.
+    async fn delete_template(&self, template_id: &str) -> Result<(), HostAgentError> {
+        let id = template_id.to_string();
+        self.run(Operation::DeleteTemplate, template_id, move |state| {
+            state.delete_template(&id)
+        })
+        .await
+    }
+
+    /// Checks the build as the real agent does, logs a line per step, and adds the template
+    /// (its size the parent's unless the build names one). No step runs: an injected failure
+    /// stands for one that fails.
+    async fn build_template(
+        &self,
+        build: TemplateBuild,
+        logs: tokio::sync::mpsc::UnboundedSender<BuildLog>,
+    ) -> Result<TemplateReport, HostAgentError> {
+        let subject = build.template_id.clone();
+        self.run(Operation::Build, &subject, move |state| {
+            state.build(build, &logs)
+        })
+        .await
     }
 }
 

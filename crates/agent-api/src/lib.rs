@@ -6,12 +6,14 @@
 //!   (`wrenn up`), [`RemoteAgent`] over a separate agent's Connect API and sandbox proxy, and the
 //!   control plane's tests with an in-memory fake. The control plane knows nothing else of an
 //!   agent.
+//! - [`build`]: template builds (their steps, their log).
 //! - [`join`]: the messages an agent registers and heartbeats with.
 //! - [`proxy`]: the headers of the agent's sandbox proxy.
 //! - [`fake`]: an in-memory agent for the control plane's fast tests.
 //! - [`HostAgentError`]: why an operation failed, by cause; the edges map it to HTTP or Connect
 //!   codes.
 
+pub mod build;
 pub mod fake;
 pub mod join;
 pub mod proxy;
@@ -199,6 +201,17 @@ pub trait HostAgent: Send + Sync + std::fmt::Debug {
     /// How this process reaches `port` of a running sandbox of the host; `None` if the host
     /// knows it has no such running sandbox.
     fn route(&self, sandbox_id: &str, port: u16) -> Option<GuestRoute>;
+    /// Builds a template on the host from one it has; each line of the build's log goes to
+    /// `logs` as it is written. Dropping the future cancels the build, which then leaves
+    /// nothing behind.
+    async fn build_template(
+        &self,
+        build: build::TemplateBuild,
+        logs: tokio::sync::mpsc::UnboundedSender<build::BuildLog>,
+    ) -> Result<join::TemplateReport, HostAgentError>;
+    /// Deletes a template of the host ([`HostAgentError::Conflict`] while a sandbox or another
+    /// template stands on it, [`HostAgentError::NotFound`] if the host has no such template).
+    async fn delete_template(&self, template_id: &str) -> Result<(), HostAgentError>;
 }
 
 #[cfg(test)]

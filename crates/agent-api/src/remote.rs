@@ -9,7 +9,8 @@ use wrenn_connect::Codec;
 use wrenn_connect::client::{ConnectClient, HttpVersion};
 use wrenn_proto::agent as pb;
 
-use crate::join::HostReport;
+use crate::build::{BuildLog, TemplateBuild};
+use crate::join::{HostReport, TemplateReport};
 use crate::{CreateOptions, GuestRoute, HostAgent, HostAgentError, SandboxState, SandboxSummary};
 
 use pb::host_agent as rpc;
@@ -134,6 +135,39 @@ impl HostAgent for RemoteAgent {
 
     fn report_in_process(&self) -> Option<HostReport> {
         None
+    }
+
+    async fn delete_template(&self, template_id: &str) -> Result<(), HostAgentError> {
+        let request = pb::DeleteTemplateRequest {
+            template_id: template_id.into(),
+        };
+        self.call::<rpc::DeleteTemplate>(&request).await.map(drop)
+    }
+
+    async fn build_template(
+        &self,
+        build: TemplateBuild,
+        logs: tokio::sync::mpsc::UnboundedSender<BuildLog>,
+    ) -> Result<TemplateReport, HostAgentError> {
+        let request = pb::RunTemplateBuildRequest::from(build);
+        let mut stream = self
+            .api
+            .call_streaming::<rpc::RunTemplateBuild>(&request, &http::HeaderMap::new())
+            .await?;
+        while let Some(event) = stream.message().await {
+            match event?.event {
+                Some(pb::run_template_build_event::Event::Log(entry)) => {
+                    let _ = logs.send(BuildLog::from(entry));
+                }
+                Some(pb::run_template_build_event::Event::Template(template)) => {
+                    return Ok(template);
+                }
+                None => {}
+            }
+        }
+        Err(HostAgentError::Failed(
+            "the agent's build stream ended without a template".into(),
+        ))
     }
 
     fn route(&self, sandbox_id: &str, port: u16) -> Option<GuestRoute> {

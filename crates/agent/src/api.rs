@@ -1,5 +1,6 @@
-//! The agent's Connect API (`wrenn.agent.v1.HostAgent`): unary RPCs in JSON or binary, guarded
-//! by a bearer token compared in constant time, each mapped onto the sandbox manager.
+//! The agent's Connect API (`wrenn.agent.v1.HostAgent`): unary RPCs in JSON or binary, and the
+//! server-streaming template build, guarded by a bearer token compared in constant time, each
+//! mapped onto the sandbox manager.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -8,9 +9,10 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
+use axum::response::IntoResponse;
 use axum::routing::post;
 use wrenn_connect::Message;
-use wrenn_connect::server::{serve_unary, unary_error};
+use wrenn_connect::server::{serve_server_streaming, serve_unary, unary_error};
 use wrenn_connect::{Code, ConnectError, DEFAULT_MAX_MESSAGE_BYTES};
 use wrenn_proto::Rpc;
 use wrenn_proto::agent as pb;
@@ -44,6 +46,7 @@ pub fn router(manager: Arc<Manager>, token: &str) -> Router {
     let router = serve(router, rpc::ListTemplates, list_templates);
     let router = serve(router, rpc::DeleteTemplate, delete_template);
     let router = serve(router, rpc::HostInfo, host_info);
+    let router = router.route(rpc::RunTemplateBuild::PATH, post(run_template_build));
     router
         .fallback(|| async {
             unary_error(&ConnectError::new(
@@ -243,6 +246,71 @@ async fn build_template(
     Ok(pb::BuildTemplateResponse {
         template: Some(template_message(&record)),
     })
+}
+
+/// `RunTemplateBuild`: the build's log as it is written, then the template (or the build's
+/// error). The build runs on a task of its own; a caller that hangs up stops it, and it then
+/// cleans up on that task.
+async fn run_template_build(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Body,
+) -> axum::response::Response {
+    use wrenn_agent_api::build::TemplateBuild;
+    let authorized = authorized(&headers, &state.token);
+    serve_server_streaming(
+        &headers,
+        body,
+        DEFAULT_MAX_MESSAGE_BYTES,
+        |request: pb::RunTemplateBuildRequest| async move {
+            if !authorized {
+                return Err(ConnectError::new(
+                    Code::Unauthenticated,
+                    "a valid bearer token is required",
+                ));
+            }
+            required("template_id", &request.template_id)?;
+            required("from_template", &request.from_template)?;
+            let build = TemplateBuild::try_from(request).map_err(ConnectError::invalid_argument)?;
+            let (logs, lines) = tokio::sync::mpsc::unbounded_channel();
+            let stop = tokio_util::sync::CancellationToken::new();
+            let stop_when_dropped = stop.clone().drop_guard();
+            let manager = state.manager.clone();
+            let task = tokio::spawn(async move { manager.run_build(build, logs, stop).await });
+            let events = futures_util::stream::unfold(
+                Some((lines, task, stop_when_dropped)),
+                |progress| async move {
+                    let (mut lines, task, guard) = progress?;
+                    if let Some(line) = lines.recv().await {
+                        let event = pb::run_template_build_event::Event::Log(line.into());
+                        let message = pb::RunTemplateBuildEvent { event: Some(event) };
+                        return Some((Ok(message), Some((lines, task, guard))));
+                    }
+                    // Every sender is gone: the build has ended.
+                    let ended = match task.await {
+                        Ok(Ok(record)) => Ok(pb::RunTemplateBuildEvent {
+                            event: Some(pb::run_template_build_event::Event::Template(
+                                record.report(),
+                            )),
+                        }),
+                        Ok(Err(error)) => {
+                            tracing::info!(%error, "template build failed");
+                            Err(ConnectError::from(error))
+                        }
+                        Err(error) => Err(ConnectError::new(
+                            Code::Internal,
+                            format!("the build's task failed: {error}"),
+                        )),
+                    };
+                    drop(guard);
+                    Some((ended, None))
+                },
+            );
+            Ok(events)
+        },
+    )
+    .await
+    .into_response()
 }
 
 async fn list_templates(

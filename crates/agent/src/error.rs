@@ -19,6 +19,9 @@ pub enum AgentError {
     DeadlineExceeded(String),
     #[error("{0}")]
     Internal(String),
+    /// The caller went away, or asked it to stop.
+    #[error("{0}")]
+    Cancelled(String),
     #[error(transparent)]
     Vmm(#[from] wrenn_vmm::VmmError),
 }
@@ -37,6 +40,7 @@ impl AgentError {
             AgentError::AlreadyExists(_) => Code::AlreadyExists,
             AgentError::ResourceExhausted(_) => Code::ResourceExhausted,
             AgentError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            AgentError::Cancelled(_) => Code::Canceled,
             AgentError::Internal(_) | AgentError::Vmm(_) => Code::Internal,
         }
     }
@@ -60,7 +64,9 @@ impl From<AgentError> for wrenn_agent_api::HostAgentError {
             }
             AgentError::ResourceExhausted(_) => E::NoCapacity(message),
             AgentError::DeadlineExceeded(_) => E::TimedOut(message),
-            AgentError::Internal(_) | AgentError::Vmm(_) => E::Failed(message),
+            AgentError::Cancelled(_) | AgentError::Internal(_) | AgentError::Vmm(_) => {
+                E::Failed(message)
+            }
         }
     }
 }

@@ -72,15 +72,7 @@ pub fn report(manager: &Manager) -> HostReport {
         templates: manager
             .list_templates()
             .into_iter()
-            .map(|t| TemplateReport {
-                disk_size_mb: t.disk_size_mb(),
-                template_id: t.template_id,
-                memory_mib: t.machine.memory_mib,
-                vcpus: t.machine.vcpus,
-                envd_version: t.envd_version,
-                image_key: t.image_key,
-                created_at_ms: t.created_at_ms,
-            })
+            .map(|t| t.report())
             .collect(),
     }
 }

@@ -5,7 +5,8 @@
 
 use std::sync::Arc;
 
-use wrenn_agent_api::join::HostReport;
+use wrenn_agent_api::build::{BuildLog, TemplateBuild};
+use wrenn_agent_api::join::{HostReport, TemplateReport};
 use wrenn_agent_api::{CreateOptions, GuestRoute, HostAgent, HostAgentError, SandboxSummary};
 
 use crate::manager::Manager;
@@ -70,6 +71,28 @@ impl HostAgent for LocalAgent {
     fn route(&self, sandbox_id: &str, port: u16) -> Option<GuestRoute> {
         let (address, ends) = self.manager.guest_route(sandbox_id, port)?;
         Some(GuestRoute::Direct { address, ends })
+    }
+
+    async fn delete_template(&self, template_id: &str) -> Result<(), HostAgentError> {
+        self.manager
+            .delete_template(template_id)
+            .map_err(HostAgentError::from)
+    }
+
+    /// The build runs on a task of its own; dropping this future stops it (it then cleans up
+    /// on that task).
+    async fn build_template(
+        &self,
+        build: TemplateBuild,
+        logs: tokio::sync::mpsc::UnboundedSender<BuildLog>,
+    ) -> Result<TemplateReport, HostAgentError> {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let _stop_when_dropped = stop.clone().drop_guard();
+        let manager = self.manager.clone();
+        let record = crate::detached(async move { manager.run_build(build, logs, stop).await })
+            .await
+            .map_err(HostAgentError::from)?;
+        Ok(record.report())
     }
 }
 

@@ -52,13 +52,41 @@ pub struct TemplateRecord {
     pub image_key: String,
     pub envd_version: String,
     pub build_ms: u64,
+    /// The template it was built from (whose disk is below its own), if any.
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// The user and directory its sandboxes' commands run as and in (the build's last USER
+    /// and WORKDIR); the base image's when `None`.
+    #[serde(default)]
+    pub default_user: Option<String>,
+    #[serde(default)]
+    pub default_workdir: Option<String>,
+    /// The command its build left running in it.
+    #[serde(default)]
+    pub start_cmd: Option<String>,
 }
 
 impl TemplateRecord {
-    /// The size of the template's root filesystem (a sandbox's disk may grow to it), in MiB; 0
-    /// if it cannot be read.
+    /// The template as its host reports it to the control plane.
+    pub fn report(&self) -> wrenn_agent_api::join::TemplateReport {
+        wrenn_agent_api::join::TemplateReport {
+            disk_size_mb: self.disk_size_mb(),
+            template_id: self.template_id.clone(),
+            memory_mib: self.machine.memory_mib,
+            vcpus: self.machine.vcpus,
+            envd_version: self.envd_version.clone(),
+            image_key: self.image_key.clone(),
+            created_at_ms: self.created_at_ms,
+        }
+    }
+
+    /// The size of the template's root filesystem, the raw image at the bottom of its disk's
+    /// chain (a sandbox's disk may grow to it), in MiB; 0 if it cannot be read.
     pub fn disk_size_mb(&self) -> u64 {
-        std::fs::metadata(self.machine.disk.with_file_name("rootfs.ext4"))
+        wrenn_vmm::qcow2::chain(&self.machine.disk)
+            .ok()
+            .and_then(|layers| layers.last().cloned())
+            .and_then(|base| std::fs::metadata(base.path).ok())
             .map(|m| m.len() >> 20)
             .unwrap_or(0)
     }

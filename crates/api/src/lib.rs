@@ -224,6 +224,120 @@ pub struct TemplateAlias {
     pub public: bool,
 }
 
+/// `POST /v3/templates`: a template (new, or one of the team's by its name) and a build of it
+/// to start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateBuildRequest {
+    /// `name` or `name:tag`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The old spelling of `name`.
+    #[serde(default)]
+    pub alias: Option<String>,
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
+    #[serde(default)]
+    pub cpu_count: Option<u32>,
+    #[serde(rename = "memoryMB", default)]
+    pub memory_mb: Option<u32>,
+}
+
+/// The answer of `POST /v3/templates` (202).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TemplateBuildRequested {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// A UUID.
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    pub public: bool,
+    pub names: Vec<String>,
+    pub tags: Vec<String>,
+    pub aliases: Vec<String>,
+}
+
+/// One step of a build (`TemplateStep`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateStep {
+    /// RUN, COPY, ENV, WORKDIR or USER.
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub files_hash: Option<String>,
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `POST /v2/templates/{templateID}/builds/{buildID}`: what the build starts from and does.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateBuildStart {
+    /// A template (its name, `name:tag`, or id) to build on.
+    #[serde(default)]
+    pub from_template: Option<String>,
+    /// An OCI image to build from.
+    #[serde(default)]
+    pub from_image: Option<String>,
+    /// Credentials for `fromImage`'s registry.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub from_image_registry: Option<serde_json::Value>,
+    #[serde(default)]
+    pub force: bool,
+    #[serde(default)]
+    pub steps: Vec<TemplateStep>,
+    #[serde(default)]
+    pub start_cmd: Option<String>,
+    #[serde(default)]
+    pub ready_cmd: Option<String>,
+}
+
+/// A line of a build's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BuildLogEntry {
+    /// RFC 3339.
+    pub timestamp: String,
+    pub message: String,
+    /// debug, info, warn or error.
+    pub level: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+}
+
+/// Why a build failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildStatusReason {
+    pub message: String,
+    /// The step it failed at: 1-based, `base` or `finalize`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    #[serde(default)]
+    pub log_entries: Vec<BuildLogEntry>,
+}
+
+/// `GET /templates/{templateID}/builds/{buildID}/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateBuildInfo {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    /// waiting, building, ready or error.
+    pub status: String,
+    /// Always empty (the lines are in `logEntries`).
+    pub logs: Vec<String>,
+    /// The build's log from `logsOffset` on, at most `limit` lines.
+    pub log_entries: Vec<BuildLogEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<BuildStatusReason>,
+}
+
 /// A host of the fleet in `GET /hosts`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

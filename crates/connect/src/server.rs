@@ -196,6 +196,40 @@ where
     }
 }
 
+/// Serves one server-streaming call: the codec from the headers (415 for another content
+/// type), the body read up to `max_bytes` and its one enveloped message decoded, then
+/// `handler`'s stream sent, or its error as the stream's end. Checks that come before decoding
+/// (a bearer token) are the caller's.
+pub async fn serve_server_streaming<Req, Resp, B, Fut, S>(
+    headers: &HeaderMap,
+    body: B,
+    max_bytes: usize,
+    handler: impl FnOnce(Req) -> Fut,
+) -> Response<ResponseBody>
+where
+    Req: Message,
+    Resp: Message,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<S, ConnectError>>,
+    S: Stream<Item = Result<Resp, ConnectError>> + Send + 'static,
+{
+    let codec = match streaming_codec(headers) {
+        Ok(codec) => codec,
+        Err(response) => return *response,
+    };
+    let answer = async {
+        let bytes = read_body(body, max_bytes, envelope::PREFIX_LEN).await?;
+        let request: Req = decode_single_envelope(codec, &bytes, max_bytes)?;
+        handler(request).await
+    }
+    .await;
+    match answer {
+        Ok(messages) => streaming_response(codec, messages),
+        Err(error) => streaming_error(codec, &error),
+    }
+}
+
 /// A successful unary response.
 pub fn unary_response<M: Message>(codec: Codec, message: &M) -> Response<ResponseBody> {
     Response::builder()

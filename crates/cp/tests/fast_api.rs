@@ -1097,3 +1097,291 @@ async fn traffic_during_a_pause_or_a_kill_leaves_no_route_behind() {
         after.1
     );
 }
+
+impl Kit {
+    /// Polls a build's status until it ends: its last answer, and every log line read on the
+    /// way (with `logsOffset` moved on as the SDKs move it).
+    async fn wait_for_build(&self, template_id: &str, build_id: &str) -> (Value, Vec<Value>) {
+        let mut lines = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let path = format!(
+                "/templates/{template_id}/builds/{build_id}/status?logsOffset={}&limit=100",
+                lines.len()
+            );
+            let (status, info) = self.call_a("GET", &path).await;
+            assert_eq!(status, StatusCode::OK, "{info}");
+            let entries = info["logEntries"].as_array().unwrap().clone();
+            let ended = matches!(info["status"].as_str(), Some("ready" | "error"));
+            let drained = entries.is_empty();
+            lines.extend(entries);
+            if ended && drained {
+                return (info, lines);
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{info}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `POST /v3/templates` as team `a` for `name`: the template and build ids.
+    async fn request_build(&self, name: &str) -> (String, String) {
+        let body = json!({"name": name, "cpuCount": 1});
+        let (status, answer) = self
+            .call("POST", "/v3/templates", Some(&self.key_a), body)
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+        (
+            answer["templateID"].as_str().unwrap().to_string(),
+            answer["buildID"].as_str().unwrap().to_string(),
+        )
+    }
+}
+
+#[tokio::test]
+async fn a_template_built_from_base_is_what_its_sandboxes_start_from() {
+    let kit = Kit::new(8, Quotas::default()).await;
+    let body = json!({"name": "My-App:v1", "tags": ["prod"], "cpuCount": 1, "memoryMB": 256});
+    let (status, requested) = kit
+        .call("POST", "/v3/templates", Some(&kit.key_a), body)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{requested}");
+    assert_eq!(requested["names"], json!(["my-app"]));
+    assert_eq!(requested["tags"], json!(["v1", "prod"]));
+    let template_id = requested["templateID"].as_str().unwrap().to_string();
+    let build_id = requested["buildID"].as_str().unwrap().to_string();
+    assert_eq!(build_id.len(), 36, "a UUID: {build_id}");
+
+    let start = json!({"fromTemplate": "base", "force": false, "steps": [
+        {"type": "RUN", "args": ["pip install numpy"], "force": false},
+        {"type": "ENV", "args": ["A", "1"], "force": false, "forceUpload": true},
+    ], "startCmd": "serve", "readyCmd": "true"});
+    let path = format!("/v2/templates/{template_id}/builds/{build_id}");
+    let (status, answer) = kit
+        .call("POST", &path, Some(&kit.key_a), start.clone())
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let (info, lines) = kit.wait_for_build(&template_id, &build_id).await;
+    assert_eq!(info["status"], "ready", "{info}");
+    let messages: Vec<&str> = lines
+        .iter()
+        .map(|l| l["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(messages, ["[1/2] RUN pip install numpy", "[2/2] ENV A=1"]);
+    assert_eq!(lines[1]["step"], "2");
+    // Paged: from the second line on, then nothing past the end.
+    let page = format!("/templates/{template_id}/builds/{build_id}/status?logsOffset=1&limit=1");
+    let (_, second) = kit.call_a("GET", &page).await;
+    assert_eq!(second["logEntries"][0]["message"], "[2/2] ENV A=1");
+    let past = format!("/templates/{template_id}/builds/{build_id}/status?logsOffset=2");
+    assert_eq!(kit.call_a("GET", &past).await.1["logEntries"], json!([]));
+    // Started once only.
+    let (status, again) = kit.call("POST", &path, Some(&kit.key_a), start).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{again}");
+
+    // The host built it under the build's name, from base, as asked.
+    let host_template = format!("b{}", build_id.replace('-', ""));
+    let built = wrenn_agent_api::HostAgent::report_in_process(&*kit.agent)
+        .unwrap()
+        .templates
+        .into_iter()
+        .find(|t| t.template_id == host_template)
+        .expect("the host has the build");
+    assert_eq!((built.vcpus, built.memory_mib), (1, 256));
+
+    // Its sandboxes, by name or id, start from that build.
+    let mut sandboxes = Vec::new();
+    for named in ["my-app", "my-app:v1", template_id.as_str()] {
+        let id = kit.create(&kit.key_a, json!({"templateID": named})).await;
+        sandboxes.push(id.clone());
+        assert_eq!(kit.agent.sandbox(&id).unwrap().template_id, host_template);
+        let (_, detail) = kit.call_a("GET", &format!("/sandboxes/{id}")).await;
+        assert_eq!(
+            (&detail["templateID"], &detail["alias"]),
+            (&json!(template_id), &json!("my-app"))
+        );
+    }
+    let (_, listed) = kit.call_a("GET", "/templates").await;
+    let mine = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["templateID"] == json!(template_id))
+        .expect("listed");
+    assert_eq!(
+        (&mine["buildStatus"], &mine["aliases"], &mine["buildID"]),
+        (&json!("ready"), &json!(["my-app"]), &json!(build_id))
+    );
+    let (status, alias) = kit.call_a("GET", "/templates/aliases/my-app").await;
+    assert_eq!(
+        (status, &alias["templateID"]),
+        (StatusCode::OK, &json!(template_id))
+    );
+
+    // Another team: sees it exists (403), cannot run it, cannot take its name.
+    let b = Some(kit.key_b.as_str());
+    let (status, _) = kit
+        .call("GET", "/templates/aliases/my-app", b, Value::Null)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, refused) = kit
+        .try_create(&kit.key_b, json!({"templateID": "my-app"}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{refused}");
+    let (status, taken) = kit
+        .call("POST", "/v3/templates", b, json!({"name": "my-app"}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{taken}");
+    let (status, _) = kit
+        .call("GET", "/templates/aliases/nothing", b, Value::Null)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let template_path = format!("/templates/{template_id}");
+    let (status, _) = kit.call("DELETE", &template_path, b, Value::Null).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "not theirs to delete");
+
+    // Deleted: refused while its sandboxes run, then gone from the host and the API.
+    let (status, answer) = kit.call_a("DELETE", &template_path).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert!(message(&answer).contains("in use by sandboxes"), "{answer}");
+    for id in &sandboxes {
+        let (status, _) = kit.call_a("DELETE", &format!("/sandboxes/{id}")).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+    }
+    assert_eq!(
+        kit.call_a("DELETE", &template_path).await.0,
+        StatusCode::NO_CONTENT
+    );
+    let report = wrenn_agent_api::HostAgent::report_in_process(&*kit.agent).unwrap();
+    assert!(
+        !report
+            .templates
+            .iter()
+            .any(|t| t.template_id == host_template)
+    );
+    assert_eq!(
+        kit.call_a("GET", "/templates/aliases/my-app").await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        kit.call_a("DELETE", &template_path).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let (status, _) = kit
+        .try_create(&kit.key_a, json!({"templateID": "my-app"}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn bad_builds_are_refused_and_a_failed_one_says_where_it_failed() {
+    let kit = Kit::new(8, Quotas::default()).await;
+    for (body, said) in [
+        (json!({"name": ""}), "a template needs a name"),
+        (json!({"name": "a b"}), "use lowercase letters"),
+        (
+            json!({"name": "ok", "cpuCount": 0}),
+            "cpuCount must be 1 to 64",
+        ),
+        (
+            json!({"name": "ok", "memoryMB": 64}),
+            "memoryMB must be at least 128",
+        ),
+    ] {
+        let (status, answer) = kit
+            .call("POST", "/v3/templates", Some(&kit.key_a), body)
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        assert!(message(&answer).contains(said), "{answer}");
+    }
+
+    let (template_id, build_id) = kit.request_build("broken").await;
+    let path = format!("/v2/templates/{template_id}/builds/{build_id}");
+    for (body, said) in [
+        (
+            json!({"fromImage": "python:3.12"}),
+            "building from an OCI image is not supported",
+        ),
+        (json!({}), "fromTemplate (or fromImage) is required"),
+        (
+            json!({"fromTemplate": "base", "steps": [{"type": "ADD", "args": ["a"]}]}),
+            "step 1: unknown type \"ADD\"",
+        ),
+        (
+            json!({"fromTemplate": "base", "steps": [{"type": "ENV", "args": ["A"]}]}),
+            "step 1 (ENV): takes name and value pairs",
+        ),
+        (
+            json!({"fromTemplate": "base", "steps": [{"type": "COPY", "args": ["a", "/b", "", ""]}]}),
+            "COPY is not supported by wrenn yet",
+        ),
+    ] {
+        let (status, answer) = kit.call("POST", &path, Some(&kit.key_a), body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        assert!(message(&answer).contains(said), "{answer}");
+    }
+    let unknown =
+        format!("/v2/templates/{template_id}/builds/00000000-0000-4000-8000-000000000000");
+    let (status, _) = kit
+        .call(
+            "POST",
+            &unknown,
+            Some(&kit.key_a),
+            json!({"fromTemplate": "base"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = kit
+        .call(
+            "POST",
+            &path,
+            Some(&kit.key_a),
+            json!({"fromTemplate": "nothing"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "a source no host has");
+    // Another team's key does not reach the template.
+    let (status, _) = kit
+        .call(
+            "POST",
+            &path,
+            Some(&kit.key_b),
+            json!({"fromTemplate": "base"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // A step that fails on the host: the build ends in error, naming the step.
+    kit.agent.fail_next(
+        Operation::Build,
+        HostAgentError::Conflict(
+            "step 2 (RUN make): exited with code 2; its output ended with:\nno rule".into(),
+        ),
+    );
+    let start = json!({"fromTemplate": "base", "steps": [
+        {"type": "RUN", "args": ["true"]}, {"type": "RUN", "args": ["make"]}]});
+    let (status, _) = kit.call("POST", &path, Some(&kit.key_a), start).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (info, lines) = kit.wait_for_build(&template_id, &build_id).await;
+    assert_eq!(info["status"], "error", "{info}");
+    assert_eq!(info["reason"]["step"], "2", "{info}");
+    assert!(
+        info["reason"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("exited with code 2"),
+        "{info}"
+    );
+    let last = lines.last().unwrap();
+    assert_eq!(
+        (&last["level"], &last["step"]),
+        (&json!("error"), &json!("2"))
+    );
+    let (status, answer) = kit
+        .try_create(&kit.key_a, json!({"templateID": "broken"}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert!(
+        message(&answer).contains("has no ready build yet"),
+        "{answer}"
+    );
+}

@@ -445,3 +445,217 @@ async fn an_agent_killed_with_operations_in_flight_leaves_every_sandbox_whole_or
     agent.stop();
     assert_eq!(agent.leftovers(), Vec::<String>::new());
 }
+
+/// A build step as E2B's SDK sends it.
+fn step(kind: &str, args: &[&str]) -> pb::BuildStep {
+    pb::BuildStep {
+        r#type: kind.into(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// Whether `log` has a line `message` under `step`.
+fn logged(log: &[pb::BuildLogEntry], step: &str, message: &str) -> bool {
+    log.iter().any(|l| l.step == step && l.message == message)
+}
+
+/// A template built from `base` runs every step in its VM (RUN as the current user in the
+/// current directory with the build's ENV, WORKDIR, USER), starts its start command and waits
+/// for its ready command; a sandbox of it finds the files, starts as its last USER in its last
+/// WORKDIR, and has the started server running. A failing step, a cancelled build and bad
+/// requests leave nothing behind, and a template with children cannot be deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templates_built_from_templates_run_their_steps_and_leave_nothing_when_they_fail() {
+    let Some(_image) = prerequisites() else {
+        return;
+    };
+    let mut agent = Agent::start("wtd", 460);
+    agent.build_template("base").await;
+    let build = |id: &str, steps: Vec<pb::BuildStep>| pb::RunTemplateBuildRequest {
+        template_id: id.into(),
+        from_template: "base".into(),
+        steps,
+        ..Default::default()
+    };
+
+    // Refused before any VM starts.
+    let (_, unknown_parent) = agent
+        .run_build(&pb::RunTemplateBuildRequest {
+            from_template: "nope".into(),
+            ..build("orphan", vec![])
+        })
+        .await;
+    assert_code(unknown_parent, Code::NotFound, "template nope not found");
+    let (_, unknown_step) = agent
+        .run_build(&build("odd", vec![step("ADD", &["x", "/y"])]))
+        .await;
+    assert_code(
+        unknown_step,
+        Code::InvalidArgument,
+        "step 1: unknown type \"ADD\"",
+    );
+    let (_, odd_env) = agent
+        .run_build(&build("odd", vec![step("ENV", &["A"])]))
+        .await;
+    assert_code(
+        odd_env,
+        Code::InvalidArgument,
+        "step 1 (ENV): takes name and value pairs",
+    );
+
+    let mut request = build(
+        "built",
+        vec![
+            step(
+                "RUN",
+                &["echo from-run > /home/user/run.txt && echo to-stderr >&2"],
+            ),
+            step("ENV", &["GREETING", "hello world"]),
+            step("WORKDIR", &["app"]),
+            step(
+                "RUN",
+                &["echo \"$GREETING\" > greeting.txt; pwd > where.txt; id -un > who.txt"],
+            ),
+            step("USER", &["root"]),
+            step("RUN", &["id -un > /who-root.txt"]),
+            step("RUN", &["chown user /who-root.txt", "root"]),
+            step("USER", &["user"]),
+        ],
+    );
+    request.start_cmd = "python3 -m http.server 8000 > /tmp/server.log 2>&1".into();
+    request.ready_cmd =
+        "python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", 8000))'".into();
+    let (log, built) = agent.run_build(&request).await;
+    let built = built.unwrap_or_else(|error| panic!("{error:?}; log: {log:?}"));
+    assert_eq!(
+        (built.template_id.as_str(), built.memory_mib),
+        ("built", 512)
+    );
+    assert!(
+        logged(
+            &log,
+            "1",
+            "[1/8] RUN echo from-run > /home/user/run.txt && echo to-stderr >&2"
+        ),
+        "{log:?}"
+    );
+    assert!(
+        logged(&log, "1", "to-stderr"),
+        "a step's output is in the log: {log:?}"
+    );
+    assert!(
+        logged(&log, "2", "[2/8] ENV GREETING=hello world"),
+        "{log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.step == "finalize" && l.message.starts_with("ready after")),
+        "{log:?}"
+    );
+    let listed = agent.host_info().await.templates;
+    assert!(
+        listed.iter().any(|t| t.template_id == "built"),
+        "{listed:?}"
+    );
+
+    let sandbox = agent.create("built", "frombuilt", None).await;
+    run_expecting(&sandbox, "cat /home/user/run.txt", "from-run").await;
+    run_expecting(
+        &sandbox,
+        "cat /home/user/app/greeting.txt /home/user/app/where.txt /home/user/app/who.txt",
+        "hello world\n/home/user/app\nuser",
+    )
+    .await;
+    run_expecting(&sandbox, "cat /who-root.txt", "root").await;
+    run_expecting(
+        &sandbox,
+        "echo ${GREETING:-build-time only}",
+        "build-time only",
+    )
+    .await;
+    // Without a user named, a command runs as the template's last USER in its last WORKDIR.
+    let envd = ConnectClient::new(
+        format!("http://{}", sandbox.envd_address),
+        HttpVersion::Http1,
+        Codec::Json,
+    );
+    let defaults = wrenn_testkit::run_script(&envd, &HeaderMap::new(), "id -un; pwd").await;
+    assert_eq!(defaults.stdout, "user\n/home/user/app\n", "{defaults:?}");
+    // The start command runs in the sandbox, restored from the snapshot.
+    run_expecting(
+        &sandbox,
+        "python3 -c 'import urllib.request; print(urllib.request.urlopen(\"http://127.0.0.1:8000/\").status)'",
+        "200",
+    )
+    .await;
+    assert_code(
+        agent.delete_template("base").await,
+        Code::FailedPrecondition,
+        "is the parent of templates built",
+    );
+    agent.destroy("frombuilt").await.unwrap();
+
+    // A failing step: its number, exit code and output in the error; nothing left.
+    let (log, failed) = agent
+        .run_build(&build(
+            "broken",
+            vec![
+                step("RUN", &["true"]),
+                step("RUN", &["echo about to fail; exit 3"]),
+                step("RUN", &["echo never"]),
+            ],
+        ))
+        .await;
+    let error = failed.expect_err("the build fails");
+    assert_eq!(error.code, Code::FailedPrecondition, "{error:?}");
+    for words in [
+        "step 2 (RUN echo about to fail; exit 3): exited with code 3",
+        "about to fail",
+    ] {
+        assert!(
+            error.message.contains(words),
+            "{words:?} not in {:?}",
+            error.message
+        );
+    }
+    assert!(!log.iter().any(|l| l.message == "never"), "{log:?}");
+    assert!(!agent.data_dir().join("templates/broken").exists());
+
+    // A build whose caller hangs up stops, and leaves nothing.
+    let mut stream = agent
+        .start_build(&build(
+            "cut",
+            vec![step("RUN", &["echo sleeping; sleep 600"])],
+        ))
+        .await
+        .unwrap();
+    while let Some(event) = stream.message().await {
+        if let Ok(Some(pb::run_template_build_event::Event::Log(line))) = event.map(|e| e.event)
+            && line.message == "sleeping"
+        {
+            break;
+        }
+    }
+    drop(stream);
+    let cut_dir = agent.data_dir().join("templates/cut");
+    wait_until(
+        "the cancelled build to clean up",
+        Duration::from_secs(60),
+        async || !cut_dir.exists() && vmm_pids_matching(&cut_dir.display().to_string()).is_empty(),
+    )
+    .await;
+    let report = agent.host_info().await;
+    assert_eq!(report.slots_in_use, 0, "{report:?}");
+    let names: Vec<_> = report
+        .templates
+        .iter()
+        .map(|t| t.template_id.as_str())
+        .collect();
+    assert_eq!(names, ["base", "built"]);
+
+    agent.delete_template("built").await.unwrap();
+    agent.delete_template("base").await.unwrap();
+    agent.stop();
+    assert_eq!(agent.leftovers(), Vec::<String>::new());
+}

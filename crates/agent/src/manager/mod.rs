@@ -6,9 +6,10 @@
 //! notices a VMM that dies within a quarter of a second and frees its slot.
 //!
 //! This module holds the [`Manager`], its configuration and what every concern shares; each
-//! concern is a file: [`templates`], [`sandboxes`], [`pause`] (and resume), [`recovery`],
-//! [`monitor`].
+//! concern is a file: [`templates`], [`build`] (templates built from templates, step by step),
+//! [`sandboxes`], [`pause`] (and resume), [`recovery`], [`monitor`].
 
+mod build;
 mod monitor;
 mod pause;
 mod recovery;
@@ -265,15 +266,29 @@ impl Manager {
 
     /// What `/init` tells a sandbox's envd: its environment (a UTF-8 locale unless the
     /// create set `LANG`, as in E2B's templates), `user` in `/home/user`, the time, the token.
-    fn init_body(record: &SandboxRecord) -> serde_json::Value {
+    /// `/init`'s body for a sandbox: its env vars and token, and its template's user and
+    /// working directory.
+    fn init_body(&self, record: &SandboxRecord) -> serde_json::Value {
         let mut env_vars = record.env_vars.clone();
         env_vars
             .entry("LANG".to_string())
             .or_insert_with(|| "C.UTF-8".to_string());
+        let (user, workdir) = self
+            .templates
+            .lock()
+            .expect("templates lock")
+            .get(&record.template_id)
+            .map(|template| {
+                (
+                    template.default_user.clone(),
+                    template.default_workdir.clone(),
+                )
+            })
+            .unwrap_or_default();
         let mut body = json!({
             "envVars": env_vars,
-            "defaultUser": "user",
-            "defaultWorkdir": "/home/user",
+            "defaultUser": user.as_deref().unwrap_or(build::DEFAULT_USER),
+            "defaultWorkdir": workdir.as_deref().unwrap_or(build::DEFAULT_WORKDIR),
             "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         });
         if let Some(token) = &record.access_token {

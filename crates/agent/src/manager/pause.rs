@@ -45,8 +45,8 @@ impl Manager {
             Err(error) => {
                 // Back to running: the VM continues and /init thaws what prepare froze.
                 let _ = self.vmm.resume(&vm).await;
-                let _ = envd_client::init(address, Self::init_body(&record), DEFAULT_INIT_TIMEOUT)
-                    .await;
+                let _ =
+                    envd_client::init(address, self.init_body(&record), DEFAULT_INIT_TIMEOUT).await;
                 let _ = std::fs::remove_file(dir.join("memory.snap"));
                 self.save(&entry, |record| record.state = SandboxState::Running);
                 Err(error)

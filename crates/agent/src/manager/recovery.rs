@@ -52,7 +52,7 @@ impl Manager {
                             self.vmm.resume(&vm).await?;
                             envd_client::init(
                                 envd_address(slot),
-                                Self::init_body(&record),
+                                self.init_body(&record),
                                 DEFAULT_INIT_TIMEOUT,
                             )
                             .await

@@ -145,7 +145,7 @@ impl Manager {
                 envd_client::wait_ready(address, ready_timeout, || vm.is_alive()).await?;
                 timings.ready = started.elapsed() - timings.restore;
                 let init_timeout = options.init_timeout.unwrap_or(DEFAULT_INIT_TIMEOUT);
-                envd_client::init(address, Self::init_body(&entry.snapshot()), init_timeout).await
+                envd_client::init(address, self.init_body(&entry.snapshot()), init_timeout).await
             }
             .await;
             if ready.is_err() {

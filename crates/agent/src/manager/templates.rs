@@ -1,16 +1,41 @@
-//! Templates: an image booted once, envd healthy, prepared and snapshotted; listed and deleted.
+//! Templates: an image (or another template's disk) booted once, envd healthy, work done in
+//! the guest (a build's steps, see [`super::build`]), prepared and snapshotted; listed and
+//! deleted (never while a sandbox or another template stands on one).
 
 use super::*;
 
-/// A template build's inputs, checked and with the agent's defaults filled in.
-pub(super) struct TemplateBuild {
-    /// The image directory (`wrenn image build`) the template's files are copied from.
-    pub(super) image_dir: PathBuf,
-    pub(super) memory_mib: u32,
-    pub(super) vcpus: u32,
-    /// How long the first boot may take to reach envd.
-    pub(super) boot_timeout: Duration,
+/// What a template's files come from.
+pub(super) enum TemplateSource {
+    /// An image directory (`wrenn image build`): its kernel, initramfs and root filesystem are
+    /// copied, and the disk is a new layer over the copy.
+    Image(PathBuf),
+    /// A template of this host: its kernel and initramfs are linked, and the disk is a new
+    /// layer over the parent's disk (which is kept while the child exists).
+    Template(Box<TemplateRecord>),
 }
+
+/// What a template's first boot does in the guest before the snapshot.
+#[async_trait::async_trait]
+pub(super) trait VmWork: Sync {
+    /// Stops the work (and the boot's wait for envd) when cancelled.
+    fn stop(&self) -> Option<&CancellationToken> {
+        None
+    }
+    /// Told when envd answers, `took` after the VM started.
+    fn booted(&self, _took: Duration) {}
+    /// Runs in the booted guest, whose envd is at `address`.
+    async fn in_guest(
+        &self,
+        _address: SocketAddr,
+    ) -> Result<super::build::TemplateDefaults, AgentError> {
+        Ok(super::build::TemplateDefaults::default())
+    }
+}
+
+/// Nothing but the boot.
+struct BootOnly;
+
+impl VmWork for BootOnly {}
 
 impl Manager {
     /// Boots an image once, waits for envd, prepares and snapshots it as a template.
@@ -23,6 +48,34 @@ impl Manager {
         boot_timeout: Option<Duration>,
     ) -> Result<TemplateRecord, AgentError> {
         validate_id("template", template_id)?;
+        let source =
+            TemplateSource::Image(image_dir.unwrap_or(&self.config.image_dir).to_path_buf());
+        self.make_template(
+            template_id,
+            source,
+            memory_mib,
+            vcpus,
+            boot_timeout.unwrap_or(DEFAULT_BOOT_TIMEOUT),
+            false,
+            &BootOnly,
+        )
+        .await
+    }
+
+    /// Makes a template from `source`: its files, a first boot (on a slot open to the
+    /// internet when `internet`) with `work` done in the guest, then prepare and snapshot. The
+    /// id is taken for the length of the build; on failure nothing of it is left.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn make_template(
+        &self,
+        template_id: &str,
+        source: TemplateSource,
+        memory_mib: u32,
+        vcpus: u32,
+        boot_timeout: Duration,
+        internet: bool,
+        work: &dyn VmWork,
+    ) -> Result<TemplateRecord, AgentError> {
         if memory_mib < MIN_MEMORY_MIB {
             return Err(AgentError::InvalidArgument(format!(
                 "memory_mib must be at least {MIN_MEMORY_MIB} (got {memory_mib})"
@@ -49,13 +102,17 @@ impl Manager {
                 "template {template_id} already exists"
             )));
         }
-        let build = TemplateBuild {
-            image_dir: image_dir.unwrap_or(&self.config.image_dir).to_path_buf(),
-            memory_mib,
-            vcpus,
-            boot_timeout: boot_timeout.unwrap_or(DEFAULT_BOOT_TIMEOUT),
-        };
-        let result = self.build_template_inner(template_id, build).await;
+        let result = self
+            .make_template_inner(
+                template_id,
+                source,
+                memory_mib,
+                vcpus,
+                boot_timeout,
+                internet,
+                work,
+            )
+            .await;
         self.building
             .lock()
             .expect("building lock")
@@ -66,57 +123,29 @@ impl Manager {
         result
     }
 
-    pub(super) async fn build_template_inner(
+    #[allow(clippy::too_many_arguments)]
+    async fn make_template_inner(
         &self,
         template_id: &str,
-        build: TemplateBuild,
+        source: TemplateSource,
+        memory_mib: u32,
+        vcpus: u32,
+        boot_timeout: Duration,
+        internet: bool,
+        work: &dyn VmWork,
     ) -> Result<TemplateRecord, AgentError> {
         let started = Instant::now();
-        let TemplateBuild {
-            image_dir,
-            memory_mib,
-            vcpus,
-            boot_timeout,
-        } = build;
-        let manifest = Manifest::read(&image_dir).map_err(|error| {
-            AgentError::FailedPrecondition(format!(
-                "no usable image in {} ({error}): run `wrenn image build`",
-                image_dir.display()
-            ))
-        })?;
         let dir = self.store.template_dir(template_id);
         let _ = std::fs::remove_dir_all(&dir);
         crate::store::private_dir(&dir)?;
-        // The template owns copies of the image's files: a rebuilt image never changes it.
-        let copy = |name: &str| -> Result<PathBuf, AgentError> {
-            let target = dir.join(name);
-            let status = std::process::Command::new("cp")
-                .arg("--sparse=always")
-                .arg(image_dir.join(name))
-                .arg(&target)
-                .status()
-                .map_err(|error| AgentError::internal("copying the image", error))?;
-            if !status.success() {
-                return Err(AgentError::Internal(format!(
-                    "copying {name} from the image failed"
-                )));
-            }
-            crate::store::private_file(&target)?;
-            Ok(target)
+        let files = self.template_files(&dir, &source).await?;
+        let egress = if internet {
+            self.slots
+                .egress(true, crate::firewall::guest_resolver(&files.cmdline))
+        } else {
+            crate::firewall::Egress::Closed
         };
-        let kernel = copy("vmlinuz")?;
-        let initrd = copy("initrd.img")?;
-        // A confined VMM reads these through /proc/self/fd, which checks their own mode: they
-        // are Debian's kernel and our initramfs, nothing secret.
-        for public in [&kernel, &initrd] {
-            std::fs::set_permissions(public, std::os::unix::fs::PermissionsExt::from_mode(0o644))
-                .map_err(|error| AgentError::internal("opening the kernel to VMMs", error))?;
-        }
-        let base = copy("rootfs.ext4")?;
-        let disk = dir.join("disk.qcow2");
-        crate::disk::create_overlay(&base, "raw", &disk).await?;
-
-        let slot = self.slots.lease(&crate::firewall::Egress::Closed).await?;
+        let slot = self.slots.lease(&egress).await?;
         self.mmds.set(
             slot.index,
             Metadata {
@@ -127,10 +156,10 @@ impl Manager {
             },
         );
         let machine = MachineSpec {
-            kernel,
-            initrd: Some(initrd),
-            cmdline: manifest.kernel.cmdline.clone(),
-            disk,
+            kernel: files.kernel,
+            initrd: Some(files.initrd),
+            cmdline: files.cmdline,
+            disk: files.disk,
             memory_mib,
             vcpus,
             netns: Some(slot.netns.clone()),
@@ -143,17 +172,27 @@ impl Manager {
             let vm = self.vmm.boot(&machine, &workdir).await?;
             let snapshot = async {
                 let address = envd_address(slot.index);
-                envd_client::wait_ready(address, boot_timeout, || vm.is_alive())
-                    .await
-                    .map_err(|error| {
-                        AgentError::Internal(format!(
-                            "{error}; guest console: {}",
-                            log_tail(&vm.console_log())
-                        ))
-                    })?;
+                let ready = envd_client::wait_ready(address, boot_timeout, || vm.is_alive());
+                let took = match work.stop() {
+                    Some(stop) => tokio::select! {
+                        took = ready => took,
+                        () = stop.cancelled() => Err(AgentError::Cancelled("the build was stopped".into())),
+                    },
+                    None => ready.await,
+                }
+                .map_err(|error| match error {
+                    AgentError::Cancelled(_) => error,
+                    error => AgentError::Internal(format!(
+                        "{error}; guest console: {}",
+                        log_tail(&vm.console_log())
+                    )),
+                })?;
+                work.booted(took);
+                let defaults = work.in_guest(address).await?;
                 envd_client::prepare_snapshot(address, None, Duration::from_secs(30)).await?;
                 self.vmm.pause(&vm).await?;
-                Ok::<_, AgentError>(self.vmm.snapshot(&vm, &dir.join("memory.snap")).await?)
+                let snapshot = self.vmm.snapshot(&vm, &dir.join("memory.snap")).await?;
+                Ok::<_, AgentError>((snapshot, defaults))
             }
             .await;
             let _ = self.vmm.destroy(&vm).await;
@@ -162,7 +201,7 @@ impl Manager {
         .await;
         self.mmds.remove(slot.index);
         self.slots.release(slot.index).await;
-        let snapshot = outcome?;
+        let (snapshot, defaults) = outcome?;
         let record = TemplateRecord {
             template_id: template_id.to_string(),
             machine: MachineSpec {
@@ -173,9 +212,16 @@ impl Manager {
             accel: self.accel,
             snapshot,
             created_at_ms: now_ms(),
-            image_key: manifest.inputs_key.clone(),
-            envd_version: manifest.envd.version.clone(),
+            image_key: files.image_key,
+            envd_version: files.envd_version,
             build_ms: started.elapsed().as_millis() as u64,
+            parent: match &source {
+                TemplateSource::Template(parent) => Some(parent.template_id.clone()),
+                TemplateSource::Image(_) => None,
+            },
+            default_user: defaults.user,
+            default_workdir: defaults.workdir,
+            start_cmd: defaults.start_cmd,
         };
         self.store.save_template(&record)?;
         self.templates
@@ -188,6 +234,88 @@ impl Manager {
             "template built"
         );
         Ok(record)
+    }
+
+    /// The template's kernel, initramfs and disk in `dir`, from `source`.
+    async fn template_files(
+        &self,
+        dir: &Path,
+        source: &TemplateSource,
+    ) -> Result<TemplateFiles, AgentError> {
+        let files = match source {
+            TemplateSource::Image(image_dir) => {
+                let manifest = Manifest::read(image_dir).map_err(|error| {
+                    AgentError::FailedPrecondition(format!(
+                        "no usable image in {} ({error}): run `wrenn image build`",
+                        image_dir.display()
+                    ))
+                })?;
+                // The template owns copies of the image's files: a rebuilt image never
+                // changes it.
+                let copy = |name: &str| -> Result<PathBuf, AgentError> {
+                    let target = dir.join(name);
+                    let status = std::process::Command::new("cp")
+                        .arg("--sparse=always")
+                        .arg(image_dir.join(name))
+                        .arg(&target)
+                        .status()
+                        .map_err(|error| AgentError::internal("copying the image", error))?;
+                    if !status.success() {
+                        return Err(AgentError::Internal(format!(
+                            "copying {name} from the image failed"
+                        )));
+                    }
+                    crate::store::private_file(&target)?;
+                    Ok(target)
+                };
+                let base = copy("rootfs.ext4")?;
+                let disk = dir.join("disk.qcow2");
+                crate::disk::create_overlay(&base, "raw", &disk).await?;
+                TemplateFiles {
+                    kernel: copy("vmlinuz")?,
+                    initrd: copy("initrd.img")?,
+                    disk,
+                    cmdline: manifest.kernel.cmdline.clone(),
+                    image_key: manifest.inputs_key.clone(),
+                    envd_version: manifest.envd.version.clone(),
+                }
+            }
+            TemplateSource::Template(parent) => {
+                // Linked, not copied: the parent's files never change while it exists.
+                let link = |from: &Path, name: &str| -> Result<PathBuf, AgentError> {
+                    let target = dir.join(name);
+                    std::fs::hard_link(from, &target)
+                        .or_else(|_| std::fs::copy(from, &target).map(drop))
+                        .map_err(|error| {
+                            AgentError::internal(&format!("taking {name} from the parent"), error)
+                        })?;
+                    Ok(target)
+                };
+                let initrd = parent.machine.initrd.as_ref().ok_or_else(|| {
+                    AgentError::FailedPrecondition(format!(
+                        "template {} has no initramfs to build on",
+                        parent.template_id
+                    ))
+                })?;
+                let disk = dir.join("disk.qcow2");
+                crate::disk::create_overlay(&parent.machine.disk, "qcow2", &disk).await?;
+                TemplateFiles {
+                    kernel: link(&parent.machine.kernel, "vmlinuz")?,
+                    initrd: link(initrd, "initrd.img")?,
+                    disk,
+                    cmdline: parent.machine.cmdline.clone(),
+                    image_key: parent.image_key.clone(),
+                    envd_version: parent.envd_version.clone(),
+                }
+            }
+        };
+        // A confined VMM reads these through /proc/self/fd, which checks their own mode: they
+        // are Debian's kernel and our initramfs, nothing secret.
+        for public in [&files.kernel, &files.initrd] {
+            std::fs::set_permissions(public, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                .map_err(|error| AgentError::internal("opening the kernel to VMMs", error))?;
+        }
+        Ok(files)
     }
 
     pub fn list_templates(&self) -> Vec<TemplateRecord> {
@@ -222,6 +350,20 @@ impl Manager {
             .filter(|record| record.template_id == template_id)
             .map(|record| record.sandbox_id)
             .collect();
+        let children: Vec<String> = self
+            .templates
+            .lock()
+            .expect("templates lock")
+            .values()
+            .filter(|template| template.parent.as_deref() == Some(template_id))
+            .map(|template| template.template_id.clone())
+            .collect();
+        if !children.is_empty() {
+            return Err(AgentError::FailedPrecondition(format!(
+                "template {template_id} is the parent of templates {}: delete them first",
+                children.join(", ")
+            )));
+        }
         if !users.is_empty() {
             return Err(AgentError::FailedPrecondition(format!(
                 "template {template_id} is in use by sandboxes {}: destroy them first",
@@ -235,4 +377,14 @@ impl Manager {
         std::fs::remove_dir_all(self.store.template_dir(template_id))
             .map_err(|error| AgentError::internal("removing the template", error))
     }
+}
+
+/// A template's files in its directory.
+struct TemplateFiles {
+    kernel: PathBuf,
+    initrd: PathBuf,
+    disk: PathBuf,
+    cmdline: String,
+    image_key: String,
+    envd_version: String,
 }

@@ -103,6 +103,51 @@ impl Host {
         within(&self.name(), "DestroySandbox", deadline, destroy).await
     }
 
+    /// Builds a template on the host, its log to `logs`; the build's own deadline, and a
+    /// minute for the snapshot after it, bound the wait.
+    pub async fn build_template(
+        &self,
+        build: wrenn_agent_api::build::TemplateBuild,
+        logs: tokio::sync::mpsc::UnboundedSender<wrenn_agent_api::build::BuildLog>,
+    ) -> Result<wrenn_agent_api::join::TemplateReport, Error> {
+        let deadline = build.deadline + deadlines::VM_OPERATION;
+        let run = self.agent.build_template(build, logs);
+        within(&self.name(), "RunTemplateBuild", deadline, run).await
+    }
+
+    /// Deletes a template of the host; one the host does not have is already gone.
+    pub async fn delete_template(&self, template_id: &str) -> Result<(), Error> {
+        let delete = async {
+            match self.agent.delete_template(template_id).await {
+                Err(HostAgentError::NotFound(_)) => Ok(()),
+                other => other,
+            }
+        };
+        within(
+            &self.name(),
+            "DeleteTemplate",
+            deadlines::CONTROL_CALL,
+            delete,
+        )
+        .await?;
+        self.row
+            .lock()
+            .expect("host lock")
+            .report
+            .templates
+            .retain(|known| known.template_id != template_id);
+        Ok(())
+    }
+
+    /// Takes a template the host has just built into its last report, so that creates find
+    /// it before the host's next heartbeat says so.
+    pub fn learned_template(&self, template: wrenn_agent_api::join::TemplateReport) {
+        let mut row = self.row.lock().expect("host lock");
+        let templates = &mut row.report.templates;
+        templates.retain(|known| known.template_id != template.template_id);
+        templates.push(template);
+    }
+
     /// Every sandbox the agent has.
     pub async fn list(&self) -> Result<Vec<SandboxSummary>, Error> {
         let deadline = deadlines::CONTROL_CALL;

@@ -198,6 +198,15 @@ impl PathId for String {
     }
 }
 
+impl PathId for (String, String) {
+    async fn from_path(parts: &mut axum::http::request::Parts) -> Result<Self, ApiError> {
+        let Path(ids) = Path::<(String, String)>::from_request_parts(parts, &())
+            .await
+            .map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
+        Ok(ids)
+    }
+}
+
 impl<Id: PathId> FromRequestParts<Arc<ControlPlane>> for KeyedCall<Id> {
     type Rejection = ApiError;
 
@@ -240,6 +249,19 @@ pub fn router(plane: Arc<ControlPlane>) -> Router {
             axum::routing::put(update_network),
         )
         .route("/templates", get(list_templates))
+        .route("/v3/templates", post(request_build))
+        .route(
+            "/templates/{template_id}",
+            axum::routing::delete(delete_template),
+        )
+        .route(
+            "/v2/templates/{template_id}/builds/{build_id}",
+            post(start_build),
+        )
+        .route(
+            "/templates/{template_id}/builds/{build_id}/status",
+            get(build_status),
+        )
         .route("/templates/aliases/{alias}", get(template_alias))
         .route("/hosts", get(list_hosts))
         .route("/hosts/{name}", axum::routing::delete(forget_host))

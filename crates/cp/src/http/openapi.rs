@@ -30,6 +30,10 @@ use super::{hosts, sandboxes, templates};
         sandboxes::metrics,
         sandboxes::metrics_of_many,
         templates::list_templates,
+        templates::request_build,
+        templates::start_build,
+        templates::build_status,
+        templates::delete_template,
         templates::template_alias,
         hosts::list_hosts,
         hosts::forget_host,
@@ -150,11 +154,21 @@ impl utoipa::Modify for KeyErrors {
 
 /// What a path parameter names, the same on every route that has it: `(parameter, its
 /// description, the description of the 404 when there is no such thing)`.
-const PATH_NAMES: [(&str, &str, &str); 3] = [
+const PATH_NAMES: [(&str, &str, &str); 5] = [
     // Another team's sandbox is not found either.
     ("id", "The sandbox's id", "No such sandbox of the team"),
     ("alias", "A template's alias", "No such template"),
     ("name", "The host's name", "No such host"),
+    (
+        "template_id",
+        "A template's id or name",
+        "No such template of the team",
+    ),
+    (
+        "build_id",
+        "A build of the template (a UUID)",
+        "No such template",
+    ),
 ];
 
 /// Documents each route's path parameters ([`PATH_NAMES`]): the parameter, and the 404 of a

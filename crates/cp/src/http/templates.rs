@@ -1,13 +1,16 @@
-//! The template routes: the templates up hosts have, and alias lookups.
+//! The template routes: the templates up hosts have and the team's own, alias lookups, and
+//! E2B's template build API (request a build, start it, read its status and log).
 
 use super::*;
 
 #[utoipa::path(get, path = "/templates", tag = "templates", security(("api_key" = [])),
     responses(
-        (status = 200, description = "The templates up hosts have", body = Vec<wrenn_api::Template>),
+        (status = 200, description = "The templates up hosts have, then the team's own and the public ones", body = Vec<wrenn_api::Template>),
     ))]
-pub(super) async fn list_templates(State(plane): State<Arc<ControlPlane>>) -> Response {
-    let templates: Vec<wrenn_api::Template> = plane
+pub(super) async fn list_templates(
+    TeamCall { plane, team, .. }: TeamCall,
+) -> Result<Response, ApiError> {
+    let mut templates: Vec<wrenn_api::Template> = plane
         .fleet
         .templates()
         .iter()
@@ -29,17 +32,213 @@ pub(super) async fn list_templates(State(plane): State<Arc<ControlPlane>>) -> Re
             build_status: "ready".into(),
         })
         .collect();
-    axum::Json(templates).into_response()
+    for template in plane.store.templates_for(&team.0).await? {
+        let builds = plane.store.builds_of(&template.id).await?;
+        let ready = builds
+            .iter()
+            .find(|build| Some(&build.id) == template.ready_build_id.as_ref());
+        let last = builds.last();
+        let shown = ready.or(last);
+        let alias: Vec<String> = template.alias.iter().cloned().collect();
+        templates.push(wrenn_api::Template {
+            template_id: template.id.clone(),
+            build_id: shown.map(|b| b.id.clone()).unwrap_or_default(),
+            cpu_count: shown.map_or(template.cpu_count, |b| b.cpu_count).max(1),
+            memory_mb: shown.map_or(template.memory_mb, |b| b.memory_mb).max(128),
+            disk_size_mb: shown.map_or(0, |b| u64::from(b.disk_size_mb)),
+            public: template.public,
+            names: alias.clone(),
+            aliases: alias,
+            created_at: rfc3339(template.created_at_ms),
+            updated_at: rfc3339(template.updated_at_ms),
+            last_spawned_at: None,
+            spawn_count: 0,
+            build_count: builds.len() as u64,
+            envd_version: shown.map(|b| b.envd_version.clone()).unwrap_or_default(),
+            build_status: if ready.is_some() {
+                "ready".into()
+            } else {
+                last.map_or("waiting", |b| b.status.as_str()).into()
+            },
+        });
+    }
+    Ok(axum::Json(templates).into_response())
+}
+
+#[utoipa::path(post, path = "/v3/templates", tag = "templates", security(("api_key" = [])),
+    request_body = wrenn_api::TemplateBuildRequest,
+    responses(
+        (status = 202, description = "The template (new, or the team's of that name) and a build of it, to start", body = wrenn_api::TemplateBuildRequested),
+        (status = 400, description = "A bad name or size", body = wrenn_api::Error),
+        (status = 409, description = "Another team's template has that name", body = wrenn_api::Error),
+    ))]
+pub(super) async fn request_build(
+    TeamCall { plane, team, .. }: TeamCall,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let request: wrenn_api::TemplateBuildRequest = body_json(&body)?;
+    let name = request
+        .name
+        .filter(|name| !name.is_empty())
+        .or(request.alias)
+        .unwrap_or_default();
+    let new = crate::service::templates::NewBuild {
+        name,
+        tags: request.tags.unwrap_or_default(),
+        cpu_count: request.cpu_count,
+        memory_mb: request.memory_mb,
+    };
+    let (template, build, tags) = plane.request_build(&team.0, new).await?;
+    let aliases: Vec<String> = template.alias.iter().cloned().collect();
+    let answer = wrenn_api::TemplateBuildRequested {
+        template_id: template.id,
+        build_id: build.id,
+        public: template.public,
+        names: aliases.clone(),
+        tags,
+        aliases,
+    };
+    Ok((StatusCode::ACCEPTED, axum::Json(answer)).into_response())
+}
+
+#[utoipa::path(post, path = "/v2/templates/{template_id}/builds/{build_id}", tag = "templates", security(("api_key" = [])),
+    request_body = wrenn_api::TemplateBuildStart,
+    responses(
+        (status = 202, description = "The build runs"),
+        (status = 400, description = "A bad step, an unknown build, or a source wrenn does not build from", body = wrenn_api::Error),
+        (status = 404, description = "No such template", body = wrenn_api::Error),
+        (status = 409, description = "The build was started already", body = wrenn_api::Error),
+        (status = 503, description = "No host has the template it starts from, or room", body = wrenn_api::Error),
+    ))]
+pub(super) async fn start_build(
+    KeyedCall {
+        plane,
+        team,
+        id: (template_id, build_id),
+    }: KeyedCall<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let request: wrenn_api::TemplateBuildStart = body_json(&body)?;
+    if request
+        .from_image_registry
+        .as_ref()
+        .is_some_and(|registry| !registry.is_null())
+        && request.from_image.is_none()
+    {
+        return Err(ApiError::bad_request(
+            "fromImageRegistry is given without fromImage",
+        ));
+    }
+    let spec = crate::service::templates::BuildSpec {
+        from_template: request.from_template,
+        from_image: request.from_image,
+        steps: request
+            .steps
+            .into_iter()
+            .map(|step| (step.kind, step.args, step.files_hash, step.force))
+            .collect(),
+        start_cmd: request.start_cmd,
+        ready_cmd: request.ready_cmd,
+    };
+    plane
+        .start_build(&team.0, &template_id, &build_id, spec)
+        .await?;
+    Ok(StatusCode::ACCEPTED.into_response())
+}
+
+/// `GET /templates/{templateID}/builds/{buildID}/status`'s query.
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct StatusQuery {
+    /// The first log line to return (0-based).
+    #[serde(default)]
+    logs_offset: Option<i64>,
+    /// The most log lines to return (at most 100).
+    #[serde(default)]
+    limit: Option<i64>,
+}
+
+#[utoipa::path(get, path = "/templates/{template_id}/builds/{build_id}/status", tag = "templates", security(("api_key" = [])),
+    params(StatusQuery),
+    responses(
+        (status = 200, description = "The build, and its log from logsOffset on", body = wrenn_api::TemplateBuildInfo),
+        (status = 400, description = "An unknown build", body = wrenn_api::Error),
+        (status = 404, description = "No such template", body = wrenn_api::Error),
+    ))]
+pub(super) async fn build_status(
+    KeyedCall {
+        plane,
+        team,
+        id: (template_id, build_id),
+    }: KeyedCall<(String, String)>,
+    Query(query): Query<StatusQuery>,
+) -> Result<Response, ApiError> {
+    use crate::service::templates::MAX_LOG_PAGE;
+    let (build, lines) = plane
+        .build_status(
+            &team.0,
+            &template_id,
+            &build_id,
+            query.logs_offset.unwrap_or(0),
+            query.limit.unwrap_or(MAX_LOG_PAGE),
+        )
+        .await?;
+    let entry = |line: crate::store::BuildLogRow| wrenn_api::BuildLogEntry {
+        timestamp: rfc3339(line.timestamp_ms),
+        message: line.message,
+        level: line.level,
+        step: line.step,
+    };
+    let reason = build
+        .reason
+        .clone()
+        .map(|message| wrenn_api::BuildStatusReason {
+            message,
+            step: build.reason_step.clone(),
+            log_entries: Vec::new(),
+        });
+    let info = wrenn_api::TemplateBuildInfo {
+        template_id: build.template_id.clone(),
+        build_id: build.id.clone(),
+        status: build.status.as_str().into(),
+        logs: Vec::new(),
+        log_entries: lines.into_iter().map(entry).collect(),
+        reason,
+    };
+    Ok(axum::Json(info).into_response())
 }
 
 #[utoipa::path(get, path = "/templates/aliases/{alias}", tag = "templates", security(("api_key" = [])),
     responses(
         (status = 200, description = "The template", body = wrenn_api::TemplateAlias),
+        (status = 403, description = "Another team's private template has that name", body = wrenn_api::Error),
+        (status = 404, description = "No template has that name", body = wrenn_api::Error),
     ))]
 pub(super) async fn template_alias(
-    State(plane): State<Arc<ControlPlane>>,
-    Path(alias): Path<String>,
+    KeyedCall {
+        plane,
+        team,
+        id: alias,
+    }: KeyedCall<String>,
 ) -> Result<Response, ApiError> {
+    let name = alias
+        .split(':')
+        .next()
+        .unwrap_or(&alias)
+        .to_ascii_lowercase();
+    if let Some(template) = plane.store.template_by_alias(&name).await? {
+        if template.team_id != team.0 && !template.public {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("template alias '{alias}' belongs to another team"),
+            ));
+        }
+        let found = wrenn_api::TemplateAlias {
+            template_id: template.id,
+            public: template.public,
+        };
+        return Ok(axum::Json(found).into_response());
+    }
     plane
         .fleet
         .templates()
@@ -58,4 +257,21 @@ pub(super) async fn template_alias(
                 format!("template alias '{alias}' not found"),
             )
         })
+}
+
+#[utoipa::path(delete, path = "/templates/{template_id}", tag = "templates", security(("api_key" = [])),
+    responses(
+        (status = 204, description = "Deleted, with its builds on their hosts"),
+        (status = 403, description = "Another team's public template", body = wrenn_api::Error),
+        (status = 409, description = "A sandbox of it runs or is paused, or a build of it runs", body = wrenn_api::Error),
+    ))]
+pub(super) async fn delete_template(
+    KeyedCall {
+        plane,
+        team,
+        id: template_id,
+    }: KeyedCall<String>,
+) -> Result<Response, ApiError> {
+    plane.delete_template(&team.0, &template_id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

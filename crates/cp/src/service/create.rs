@@ -55,8 +55,9 @@ impl ControlPlane {
             .then(auth::random_token)
             .transpose()?;
         let allow_internet = request.allow_internet && self.internet;
+        let template = self.resolve_template(team_id, &request.template).await?;
         // Counted against the team's quotas until its row is written (or the create fails).
-        let disk_mib = self.fleet.template_disk_mib(&request.template);
+        let disk_mib = self.fleet.template_disk_mib(&template.on_hosts);
         let admitted = self.admit(team_id, Change::Create { disk_mib }).await?;
         // On a host before it is in the store: reconcile must not take it for an orphan.
         let _creating = self.fleet.creating(&id);
@@ -64,7 +65,7 @@ impl ControlPlane {
         let mut excluded = Vec::new();
         let mut agent_time = Duration::ZERO;
         let placed = loop {
-            let placed = self.fleet.place(&request.template, &excluded)?;
+            let placed = self.fleet.place(&template.on_hosts, &excluded)?;
             let options = CreateOptions {
                 template_id: placed.template.template_id.clone(),
                 sandbox_id: Some(id.clone()),
@@ -94,13 +95,14 @@ impl ControlPlane {
             }
         };
         self.fleet.created(&placed);
+        let named = template;
         let template = &placed.template;
         let now = now_ms();
         let row = SandboxRow {
             id: id.clone(),
             team_id: team_id.to_string(),
-            template_id: template.template_id.clone(),
-            alias: Some(template.template_id.clone()),
+            template_id: named.id,
+            alias: named.alias,
             state: SandboxState::Running,
             started_at_ms: now,
             end_at_ms: now + (request.timeout_seconds as i64) * 1000,

@@ -1,10 +1,12 @@
 //! The control plane's service: sandbox lifecycles (create with placement and retry on another
 //! host, kill, pause, resume, end times, kill or pause on timeout), admission against the
-//! teams' quotas, and the fleet's loops (heartbeat watch, reconcile). It returns [`Error`],
+//! teams' quotas, template builds ([`templates`]), and the fleet's loops (heartbeat watch,
+//! reconcile). It returns [`Error`],
 //! named by cause; it knows no HTTP.
 
 mod create;
 pub mod error;
+pub mod templates;
 
 pub use create::{Created, SandboxRequest};
 

@@ -120,6 +120,74 @@ impl HostState {
     }
 }
 
+/// A team's template: made by `POST /v3/templates`, runnable once a build of it is ready.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateRow {
+    pub id: String,
+    pub team_id: String,
+    /// Its name (E2B's alias), unique in the store.
+    pub alias: Option<String>,
+    /// Readable (and runnable) by every team.
+    pub public: bool,
+    pub cpu_count: u32,
+    pub memory_mb: u32,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    /// The build its sandboxes start from: its last ready one.
+    pub ready_build_id: Option<String>,
+}
+
+wrenn_core::named_enum! {
+    /// Where a template build is, as E2B names it.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum BuildStatus {
+        /// Made by `POST /v3/templates`, not started yet.
+        #[default]
+        Waiting = "waiting",
+        Building = "building",
+        Ready = "ready",
+        Error = "error",
+    }
+}
+
+/// One build of a template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildRow {
+    /// A UUID (the SDKs parse it as one).
+    pub id: String,
+    pub template_id: String,
+    pub status: BuildStatus,
+    /// Why it failed.
+    pub reason: Option<String>,
+    /// The step it failed at: 1-based, `base` or `finalize`.
+    pub reason_step: Option<String>,
+    /// The host template it starts from (as the hosts name it).
+    pub from_template: String,
+    /// The host it runs (ran) on.
+    pub host_id: Option<String>,
+    /// The template it makes, as the hosts name it.
+    pub host_template_id: String,
+    pub cpu_count: u32,
+    pub memory_mb: u32,
+    pub disk_size_mb: u32,
+    pub envd_version: String,
+    pub created_at_ms: i64,
+    /// 0 until it ends.
+    pub finished_at_ms: i64,
+}
+
+/// One line of a build's log; `seq` counts from 0 in each build.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildLogRow {
+    pub seq: i64,
+    pub timestamp_ms: i64,
+    /// debug, info, warn or error.
+    pub level: String,
+    pub message: String,
+    pub step: Option<String>,
+}
+
 /// The `api_url` of the agent embedded in the control plane's own process (`wrenn up`).
 pub const EMBEDDED_API_URL: &str = "embedded:";
 
@@ -209,6 +277,29 @@ pub trait StoreBackend: Send + Sync + std::fmt::Debug {
     async fn put_host(&self, host: HostRow) -> StoreResult<()>;
     async fn forget_host(&self, host_id: &str) -> StoreResult<u64>;
     async fn hosts(&self) -> StoreResult<Vec<HostRow>>;
+
+    /// Stores a template, or changes one stored already (all but its id, team and birth).
+    async fn put_template(&self, template: TemplateRow) -> StoreResult<()>;
+    async fn template(&self, id: &str) -> StoreResult<Option<TemplateRow>>;
+    async fn template_by_alias(&self, alias: &str) -> StoreResult<Option<TemplateRow>>;
+    /// A team's templates and the public ones, oldest first.
+    async fn templates_for(&self, team_id: &str) -> StoreResult<Vec<TemplateRow>>;
+    /// Deletes a template with its builds and their logs: whether it was there.
+    async fn delete_template(&self, id: &str) -> StoreResult<bool>;
+    /// Stores a build, or changes one stored already (its outcome and where it ran).
+    async fn put_build(&self, build: BuildRow) -> StoreResult<()>;
+    async fn build(&self, id: &str) -> StoreResult<Option<BuildRow>>;
+    /// A template's builds, oldest first.
+    async fn builds_of(&self, template_id: &str) -> StoreResult<Vec<BuildRow>>;
+    /// Appends lines to a build's log (their `seq` numbers follow the last one's).
+    async fn add_build_logs(&self, build_id: &str, lines: Vec<BuildLogRow>) -> StoreResult<()>;
+    /// At most `limit` lines of a build's log from the `offset`th on.
+    async fn build_logs(
+        &self,
+        build_id: &str,
+        offset: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<BuildLogRow>>;
 }
 
 /// The store the control plane uses: SQLite or PostgreSQL, behind [`StoreBackend`].

@@ -10,10 +10,10 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, R
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
-use super::rows::{HOST_UPSERT, SANDBOX_UPSERT, Stored, first};
+use super::rows::{BUILD_UPSERT, HOST_UPSERT, SANDBOX_UPSERT, Stored, TEMPLATE_UPSERT, first};
 use super::{
-    ApiKey, HostRow, ListQuery, SandboxRow, SandboxState, StateChange, StoreBackend, StoreResult,
-    Team,
+    ApiKey, BuildLogRow, BuildRow, HostRow, ListQuery, SandboxRow, SandboxState, StateChange,
+    StoreBackend, StoreResult, Team, TemplateRow,
 };
 
 /// A statement's parameters, as `tokio-postgres` takes them.
@@ -27,6 +27,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0003_traffic_token_auto_resume.sql"),
     include_str!("../../migrations/postgres/0004_admin_teams.sql"),
     include_str!("../../migrations/postgres/0005_host_identity.sql"),
+    include_str!("../../migrations/postgres/0006_templates.sql"),
 ];
 
 /// Connections to one PostgreSQL database.
@@ -294,6 +295,135 @@ impl StoreBackend for PgStore {
 
     async fn hosts(&self) -> StoreResult<Vec<HostRow>> {
         self.select("ORDER BY name", &[]).await
+    }
+
+    async fn put_template(&self, template: TemplateRow) -> StoreResult<()> {
+        let (cpu, memory) = (template.cpu_count as i32, template.memory_mb as i32);
+        self.execute(
+            &format!(
+                "INSERT INTO templates (id, team_id, alias, public, cpu_count, memory_mb,
+                    created_at_ms, updated_at_ms, ready_build_id)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) {TEMPLATE_UPSERT}"
+            ),
+            &[
+                &template.id,
+                &template.team_id,
+                &template.alias,
+                &template.public,
+                &cpu,
+                &memory,
+                &template.created_at_ms,
+                &template.updated_at_ms,
+                &template.ready_build_id,
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn template(&self, id: &str) -> StoreResult<Option<TemplateRow>> {
+        self.select("WHERE id = $1", &[&id]).await.map(first)
+    }
+
+    async fn template_by_alias(&self, alias: &str) -> StoreResult<Option<TemplateRow>> {
+        self.select("WHERE alias = $1", &[&alias]).await.map(first)
+    }
+
+    async fn templates_for(&self, team_id: &str) -> StoreResult<Vec<TemplateRow>> {
+        let clause = "WHERE team_id = $1 OR public ORDER BY created_at_ms, id";
+        self.select(clause, &[&team_id]).await
+    }
+
+    async fn delete_template(&self, id: &str) -> StoreResult<bool> {
+        Ok(self
+            .execute("DELETE FROM templates WHERE id = $1", &[&id])
+            .await?
+            == 1)
+    }
+
+    async fn put_build(&self, build: BuildRow) -> StoreResult<()> {
+        let (cpu, memory, disk) = (
+            build.cpu_count as i32,
+            build.memory_mb as i32,
+            build.disk_size_mb as i32,
+        );
+        self.execute(
+            &format!(
+                "INSERT INTO template_builds (id, template_id, status, reason, reason_step,
+                    from_template, host_id, host_template_id, cpu_count, memory_mb, disk_size_mb,
+                    envd_version, created_at_ms, finished_at_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+                 {BUILD_UPSERT}"
+            ),
+            &[
+                &build.id,
+                &build.template_id,
+                &build.status.as_str(),
+                &build.reason,
+                &build.reason_step,
+                &build.from_template,
+                &build.host_id,
+                &build.host_template_id,
+                &cpu,
+                &memory,
+                &disk,
+                &build.envd_version,
+                &build.created_at_ms,
+                &build.finished_at_ms,
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn build(&self, id: &str) -> StoreResult<Option<BuildRow>> {
+        self.select("WHERE id = $1", &[&id]).await.map(first)
+    }
+
+    async fn builds_of(&self, template_id: &str) -> StoreResult<Vec<BuildRow>> {
+        let clause = "WHERE template_id = $1 ORDER BY created_at_ms, id";
+        self.select(clause, &[&template_id]).await
+    }
+
+    async fn add_build_logs(&self, build_id: &str, lines: Vec<BuildLogRow>) -> StoreResult<()> {
+        let mut client = self.client().await?;
+        let transaction = client.transaction().await?;
+        // One writer of a build's log at a time: the next numbers are this one's.
+        transaction
+            .execute(
+                "SELECT 1 FROM template_builds WHERE id = $1 FOR UPDATE",
+                &[&build_id],
+            )
+            .await?;
+        let next: i64 = transaction
+            .query_one(
+                "SELECT COALESCE(MAX(seq) + 1, 0)::BIGINT FROM template_build_logs WHERE build_id = $1",
+                &[&build_id],
+            )
+            .await?
+            .get(0);
+        for (offset, line) in lines.iter().enumerate() {
+            let seq = next + offset as i64;
+            transaction
+                .execute(
+                    "INSERT INTO template_build_logs (build_id, seq, timestamp_ms, level, message, step)
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[&build_id, &seq, &line.timestamp_ms, &line.level, &line.message, &line.step],
+                )
+                .await?;
+        }
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    async fn build_logs(
+        &self,
+        build_id: &str,
+        offset: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<BuildLogRow>> {
+        let clause = "WHERE build_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3";
+        self.select(clause, &[&build_id, &offset, &limit]).await
     }
 
     async fn list(&self, query: ListQuery) -> StoreResult<(Vec<SandboxRow>, usize)> {

@@ -5,7 +5,10 @@
 
 use serde::de::DeserializeOwned;
 
-use super::{ApiKey, HostRow, HostState, SandboxRow, SandboxState, Team, sandbox_state};
+use super::{
+    ApiKey, BuildLogRow, BuildRow, BuildStatus, HostRow, HostState, SandboxRow, SandboxState, Team,
+    TemplateRow, sandbox_state,
+};
 
 /// A row a backend read: its columns by name, as the few kinds of value the store keeps.
 pub trait Columns {
@@ -21,6 +24,11 @@ pub trait Columns {
     /// A sandbox's state, by [`sandbox_state`].
     fn sandbox_state(&self, column: &str) -> Result<SandboxState, Self::Error> {
         Ok(sandbox_state(&self.text(column)?))
+    }
+
+    /// A build's status; one this version does not know reads as an error.
+    fn build_status(&self, column: &str) -> Result<BuildStatus, Self::Error> {
+        Ok(BuildStatus::from_name(&self.text(column)?).unwrap_or(BuildStatus::Error))
     }
 
     /// A host's state, by [`HostState::from_stored`].
@@ -133,6 +141,33 @@ stored!(HostRow from hosts {
     report: json = "CAST(report AS TEXT)",
     last_heartbeat_ms: int, registered_at_ms: int, identity_hash: text,
 });
+
+stored!(TemplateRow from templates {
+    id: text, team_id: text, alias: optional_text, public: flag, cpu_count: count,
+    memory_mb: count, created_at_ms: int, updated_at_ms: int, ready_build_id: optional_text,
+});
+
+stored!(BuildRow from template_builds {
+    id: text, template_id: text, status: build_status, reason: optional_text,
+    reason_step: optional_text, from_template: text, host_id: optional_text,
+    host_template_id: text, cpu_count: count, memory_mb: count, disk_size_mb: count,
+    envd_version: text, created_at_ms: int, finished_at_ms: int,
+});
+
+stored!(BuildLogRow from template_build_logs {
+    seq: int, timestamp_ms: int, level: text, message: text, step: optional_text,
+});
+
+/// How `put_template` changes a template stored already.
+pub const TEMPLATE_UPSERT: &str = "ON CONFLICT (id) DO UPDATE SET alias = excluded.alias,
+    public = excluded.public, cpu_count = excluded.cpu_count, memory_mb = excluded.memory_mb,
+    updated_at_ms = excluded.updated_at_ms, ready_build_id = excluded.ready_build_id";
+
+/// How `put_build` changes a build stored already.
+pub const BUILD_UPSERT: &str = "ON CONFLICT (id) DO UPDATE SET status = excluded.status,
+    reason = excluded.reason, reason_step = excluded.reason_step, host_id = excluded.host_id,
+    disk_size_mb = excluded.disk_size_mb, envd_version = excluded.envd_version,
+    finished_at_ms = excluded.finished_at_ms";
 
 /// How `put_sandbox` updates a sandbox stored already: its lifecycle's columns.
 pub const SANDBOX_UPSERT: &str = "ON CONFLICT (id) DO UPDATE SET state = excluded.state,

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use rusqlite::types::Value;
 use rusqlite::{Connection, TransactionBehavior};
 
-use super::rows::{HOST_UPSERT, SANDBOX_UPSERT, Stored, first};
+use super::rows::{BUILD_UPSERT, HOST_UPSERT, SANDBOX_UPSERT, Stored, TEMPLATE_UPSERT, first};
 use super::{
-    ApiKey, HostRow, ListQuery, SandboxRow, SandboxState, StateChange, StoreBackend, StoreError,
-    StoreResult, Team, private_dir,
+    ApiKey, BuildLogRow, BuildRow, HostRow, ListQuery, SandboxRow, SandboxState, StateChange,
+    StoreBackend, StoreError, StoreResult, Team, TemplateRow, private_dir,
 };
 
 /// A statement's owned values: `values![a, b]` is `vec![Value::from(a), Value::from(b)]`.
@@ -30,6 +30,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0003_traffic_token_auto_resume.sql"),
     include_str!("../../migrations/sqlite/0004_admin_teams.sql"),
     include_str!("../../migrations/sqlite/0005_host_identity.sql"),
+    include_str!("../../migrations/sqlite/0006_templates.sql"),
 ];
 
 /// The SQLite store.
@@ -350,6 +351,135 @@ impl StoreBackend for SqliteStore {
     /// Every host, by name.
     async fn hosts(&self) -> StoreResult<Vec<HostRow>> {
         self.select("ORDER BY name", values![]).await
+    }
+
+    async fn put_template(&self, template: TemplateRow) -> StoreResult<()> {
+        self.execute(
+            format!(
+                "INSERT INTO templates (id, team_id, alias, public, cpu_count, memory_mb,
+                    created_at_ms, updated_at_ms, ready_build_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) {TEMPLATE_UPSERT}"
+            ),
+            values![
+                template.id,
+                template.team_id,
+                template.alias,
+                template.public,
+                template.cpu_count,
+                template.memory_mb,
+                template.created_at_ms,
+                template.updated_at_ms,
+                template.ready_build_id,
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn template(&self, id: &str) -> StoreResult<Option<TemplateRow>> {
+        self.select("WHERE id = ?1", values![id.to_string()])
+            .await
+            .map(first)
+    }
+
+    async fn template_by_alias(&self, alias: &str) -> StoreResult<Option<TemplateRow>> {
+        self.select("WHERE alias = ?1", values![alias.to_string()])
+            .await
+            .map(first)
+    }
+
+    async fn templates_for(&self, team_id: &str) -> StoreResult<Vec<TemplateRow>> {
+        let clause = "WHERE team_id = ?1 OR public ORDER BY created_at_ms, id";
+        self.select(clause, values![team_id.to_string()]).await
+    }
+
+    async fn delete_template(&self, id: &str) -> StoreResult<bool> {
+        self.execute(
+            "DELETE FROM templates WHERE id = ?1",
+            values![id.to_string()],
+        )
+        .await
+        .map(|n| n == 1)
+    }
+
+    async fn put_build(&self, build: BuildRow) -> StoreResult<()> {
+        self.execute(
+            format!(
+                "INSERT INTO template_builds (id, template_id, status, reason, reason_step,
+                    from_template, host_id, host_template_id, cpu_count, memory_mb, disk_size_mb,
+                    envd_version, created_at_ms, finished_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                 {BUILD_UPSERT}"
+            ),
+            values![
+                build.id,
+                build.template_id,
+                build.status.as_str().to_string(),
+                build.reason,
+                build.reason_step,
+                build.from_template,
+                build.host_id,
+                build.host_template_id,
+                build.cpu_count,
+                build.memory_mb,
+                build.disk_size_mb,
+                build.envd_version,
+                build.created_at_ms,
+                build.finished_at_ms,
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn build(&self, id: &str) -> StoreResult<Option<BuildRow>> {
+        self.select("WHERE id = ?1", values![id.to_string()])
+            .await
+            .map(first)
+    }
+
+    async fn builds_of(&self, template_id: &str) -> StoreResult<Vec<BuildRow>> {
+        let clause = "WHERE template_id = ?1 ORDER BY created_at_ms, id";
+        self.select(clause, values![template_id.to_string()]).await
+    }
+
+    async fn add_build_logs(&self, build_id: &str, lines: Vec<BuildLogRow>) -> StoreResult<()> {
+        let build_id = build_id.to_string();
+        self.with(move |db| {
+            let transaction = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let next: i64 = transaction.query_row(
+                "SELECT COALESCE(MAX(seq) + 1, 0) FROM template_build_logs WHERE build_id = ?1",
+                [&build_id],
+                |row| row.get(0),
+            )?;
+            for (offset, line) in lines.into_iter().enumerate() {
+                transaction.execute(
+                    "INSERT INTO template_build_logs (build_id, seq, timestamp_ms, level, message, step)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    rusqlite::params![
+                        build_id,
+                        next + offset as i64,
+                        line.timestamp_ms,
+                        line.level,
+                        line.message,
+                        line.step
+                    ],
+                )?;
+            }
+            transaction.commit()
+        })
+        .await
+    }
+
+    async fn build_logs(
+        &self,
+        build_id: &str,
+        offset: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<BuildLogRow>> {
+        let clause = "WHERE build_id = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3";
+        self.select(clause, values![build_id.to_string(), offset, limit])
+            .await
     }
 
     /// One page of a team's sandboxes; metadata filters match every given pair.

@@ -237,6 +237,47 @@ impl Agent {
         built.template.unwrap()
     }
 
+    /// Starts a `RunTemplateBuild`: its stream of events.
+    pub async fn start_build(
+        &self,
+        request: &pb::RunTemplateBuildRequest,
+    ) -> Result<wrenn_connect::client::ResponseStream<pb::RunTemplateBuildEvent>, ConnectError>
+    {
+        self.client(&self.token)
+            .call_streaming::<host_agent::RunTemplateBuild>(request, &HeaderMap::new())
+            .await
+    }
+
+    /// Runs a build to its end: its log, and the template or the build's error.
+    pub async fn run_build(
+        &self,
+        request: &pb::RunTemplateBuildRequest,
+    ) -> (
+        Vec<pb::BuildLogEntry>,
+        Result<pb::TemplateReport, ConnectError>,
+    ) {
+        let mut stream = match self.start_build(request).await {
+            Ok(stream) => stream,
+            Err(error) => return (Vec::new(), Err(error)),
+        };
+        let mut log = Vec::new();
+        while let Some(event) = stream.message().await {
+            match event.map(|e| e.event) {
+                Ok(Some(pb::run_template_build_event::Event::Log(line))) => log.push(line),
+                Ok(Some(pb::run_template_build_event::Event::Template(template))) => {
+                    assert!(
+                        stream.message().await.is_none(),
+                        "nothing after the template"
+                    );
+                    return (log, Ok(template));
+                }
+                Ok(None) => {}
+                Err(error) => return (log, Err(error)),
+            }
+        }
+        panic!("the build's stream ended with neither a template nor an error; log: {log:?}")
+    }
+
     /// A sandbox `id` of `template` whose `SANDBOX_NAME` is its id, secured by `token` if any.
     pub async fn create(&self, template: &str, id: &str, token: Option<&str>) -> pb::Sandbox {
         self.create_from(pb::CreateSandboxRequest {

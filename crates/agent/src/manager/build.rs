@@ -1,0 +1,604 @@
+//! Template builds from a template the host has ([`Manager::run_build`]): a VM booted on a new
+//! copy-on-write layer over the parent's disk, the steps run through envd as E2B runs them (RUN
+//! as the current user in the current directory with the build's ENV; WORKDIR made if missing;
+//! USER checked to exist), the start command started in the background and the ready command
+//! run until it exits 0, then prepared and snapshotted like any template. The new template's
+//! sandboxes start as its last USER in its last WORKDIR, its start command running.
+//!
+//! A build streams its log as it goes. One that fails (the step, its exit code and the end of
+//! its output are in the error), is cancelled (its caller hung up) or runs past its deadline
+//! leaves no VM, network slot or file behind.
+
+use std::collections::BTreeMap;
+
+use tokio::sync::mpsc::UnboundedSender;
+use wrenn_agent_api::build::{BuildLog, BuildStep, LogLevel, StepKind, TemplateBuild};
+use wrenn_connect::Codec;
+use wrenn_connect::client::{ConnectClient, HttpVersion};
+use wrenn_proto::process as pb;
+
+use super::templates::{TemplateSource, VmWork};
+use super::*;
+
+/// The user and directory a build from a template starts in when the parent names none (the
+/// base image's).
+pub const DEFAULT_USER: &str = "user";
+pub const DEFAULT_WORKDIR: &str = "/home/user";
+/// How many of a failed command's last output lines its error carries.
+const FAILED_OUTPUT_LINES: usize = 20;
+/// The longest log line kept whole.
+const MAX_LOG_LINE: usize = 4096;
+/// How long one run of the ready command may take.
+const READY_CMD_TRY: Duration = Duration::from_secs(30);
+/// The pause between runs of the ready command.
+const READY_CMD_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Where a build is, as its log lines name it.
+fn base() -> Option<String> {
+    Some("base".into())
+}
+fn finalize() -> Option<String> {
+    Some("finalize".into())
+}
+
+/// Sends build log lines (a caller that went away is not an error: the build's end is).
+#[derive(Debug, Clone)]
+pub struct BuildLogger {
+    logs: UnboundedSender<BuildLog>,
+}
+
+impl BuildLogger {
+    pub fn new(logs: UnboundedSender<BuildLog>) -> BuildLogger {
+        BuildLogger { logs }
+    }
+
+    fn log(&self, level: LogLevel, step: Option<String>, message: impl Into<String>) {
+        let _ = self.logs.send(BuildLog::now(level, step, message));
+    }
+}
+
+/// What the steps have set so far.
+#[derive(Debug, Clone)]
+struct StepState {
+    user: String,
+    workdir: String,
+    envs: BTreeMap<String, String>,
+}
+
+impl Manager {
+    /// Builds `build.template_id` from `build.from_template` (see the module's documentation),
+    /// its log to `logs`; `stop` cancels it.
+    pub async fn run_build(
+        &self,
+        build: TemplateBuild,
+        logs: UnboundedSender<BuildLog>,
+        stop: CancellationToken,
+    ) -> Result<TemplateRecord, AgentError> {
+        let logger = BuildLogger::new(logs);
+        validate_id("template", &build.template_id)?;
+        for (index, step) in build.steps.iter().enumerate() {
+            step.check(index + 1).map_err(AgentError::InvalidArgument)?;
+            if step.kind == StepKind::Copy {
+                return Err(AgentError::InvalidArgument(format!(
+                    "step {} (COPY): copying uploaded files is not supported by this host yet",
+                    index + 1
+                )));
+            }
+        }
+        let parent = self
+            .templates
+            .lock()
+            .expect("templates lock")
+            .get(&build.from_template)
+            .cloned()
+            .ok_or_else(|| {
+                AgentError::NotFound(format!("template {} not found", build.from_template))
+            })?;
+        let memory_mib = build.memory_mib.unwrap_or(parent.machine.memory_mib);
+        let vcpus = build.vcpus.unwrap_or(parent.machine.vcpus);
+        let state = StepState {
+            user: parent
+                .default_user
+                .clone()
+                .unwrap_or_else(|| DEFAULT_USER.into()),
+            workdir: parent
+                .default_workdir
+                .clone()
+                .unwrap_or_else(|| DEFAULT_WORKDIR.into()),
+            envs: BTreeMap::new(),
+        };
+        // The deadline stops the build as a hang-up would.
+        let deadline = stop.child_token();
+        let timer = {
+            let deadline = deadline.clone();
+            let after = build.deadline;
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                deadline.cancel();
+            })
+        };
+        logger.log(
+            LogLevel::Info,
+            base(),
+            format!(
+                "building {} from {} ({} MiB, {} vCPU)",
+                build.template_id, build.from_template, memory_mib, vcpus
+            ),
+        );
+        let work = BuildWork {
+            build: &build,
+            logger: &logger,
+            stop: &deadline,
+            state: std::sync::Mutex::new(state),
+        };
+        let source = TemplateSource::Template(Box::new(parent.clone()));
+        let result = self
+            .make_template(
+                &build.template_id,
+                source,
+                memory_mib,
+                vcpus,
+                DEFAULT_BOOT_TIMEOUT,
+                true,
+                &work,
+            )
+            .await;
+        timer.abort();
+        let stopped_by_deadline = deadline.is_cancelled() && !stop.is_cancelled();
+        match result {
+            Ok(record) => {
+                logger.log(
+                    LogLevel::Info,
+                    finalize(),
+                    format!(
+                        "template {} built in {} ms",
+                        record.template_id, record.build_ms
+                    ),
+                );
+                Ok(record)
+            }
+            Err(_) if stopped_by_deadline => Err(AgentError::DeadlineExceeded(format!(
+                "the build of {} ran past its deadline of {} s",
+                build.template_id,
+                build.deadline.as_secs()
+            ))),
+            Err(_) if stop.is_cancelled() => Err(AgentError::Cancelled(format!(
+                "the build of {} was cancelled",
+                build.template_id
+            ))),
+            Err(error) => {
+                logger.log(LogLevel::Error, None, error.to_string());
+                Err(error)
+            }
+        }
+    }
+}
+
+/// A build's work inside its VM.
+struct BuildWork<'a> {
+    build: &'a TemplateBuild,
+    logger: &'a BuildLogger,
+    stop: &'a CancellationToken,
+    state: std::sync::Mutex<StepState>,
+}
+
+#[async_trait::async_trait]
+impl VmWork for BuildWork<'_> {
+    fn stop(&self) -> Option<&CancellationToken> {
+        Some(self.stop)
+    }
+
+    fn booted(&self, took: Duration) {
+        self.logger.log(
+            LogLevel::Info,
+            base(),
+            format!("the VM is up ({} ms)", took.as_millis()),
+        );
+    }
+
+    async fn in_guest(&self, address: SocketAddr) -> Result<TemplateDefaults, AgentError> {
+        let total = self.build.steps.len();
+        for (index, step) in self.build.steps.iter().enumerate() {
+            let number = index + 1;
+            let label = Some(number.to_string());
+            self.logger.log(
+                LogLevel::Info,
+                label.clone(),
+                format!("[{number}/{total}] {}", step.describe()),
+            );
+            let state = self.state.lock().expect("build state").clone();
+            let next = run_step(address, step, number, state, self.logger, self.stop).await?;
+            *self.state.lock().expect("build state") = next;
+        }
+        let state = self.state.lock().expect("build state").clone();
+        if let Some(start_cmd) = &self.build.start_cmd {
+            self.logger
+                .log(LogLevel::Info, finalize(), format!("starting: {start_cmd}"));
+            start_in_background(address, &state, start_cmd).await?;
+        }
+        if let Some(ready_cmd) = &self.build.ready_cmd {
+            self.logger.log(
+                LogLevel::Info,
+                finalize(),
+                format!("waiting until it is ready: {ready_cmd}"),
+            );
+            wait_until_ready(address, &state, ready_cmd, self.logger, self.stop).await?;
+        }
+        self.logger
+            .log(LogLevel::Info, finalize(), "taking the snapshot");
+        Ok(TemplateDefaults {
+            user: Some(state.user),
+            workdir: Some(state.workdir),
+            start_cmd: self.build.start_cmd.clone(),
+        })
+    }
+}
+
+/// What a template's sandboxes start with.
+#[derive(Debug, Clone, Default)]
+pub struct TemplateDefaults {
+    pub user: Option<String>,
+    pub workdir: Option<String>,
+    pub start_cmd: Option<String>,
+}
+
+/// Runs one step: the state after it.
+async fn run_step(
+    address: SocketAddr,
+    step: &BuildStep,
+    number: usize,
+    mut state: StepState,
+    logger: &BuildLogger,
+    stop: &CancellationToken,
+) -> Result<StepState, AgentError> {
+    let label = Some(number.to_string());
+    let failed = |what: String| {
+        AgentError::FailedPrecondition(format!("step {number} ({}): {what}", step.describe()))
+    };
+    match step.kind {
+        StepKind::Run => {
+            let user = step
+                .args
+                .get(1)
+                .filter(|u| !u.is_empty())
+                .cloned()
+                .unwrap_or_else(|| state.user.clone());
+            let ran = run_command(
+                address,
+                &user,
+                &state.workdir,
+                &state.envs,
+                &step.args[0],
+                logger,
+                label,
+                stop,
+            )
+            .await?;
+            if ran.exit_code != 0 {
+                return Err(failed(format!(
+                    "exited with code {}{}",
+                    ran.exit_code,
+                    ran.output_tail()
+                )));
+            }
+        }
+        StepKind::Env => {
+            for pair in step.args.chunks(2) {
+                state.envs.insert(pair[0].clone(), pair[1].clone());
+            }
+        }
+        StepKind::Workdir => {
+            let path = resolve(&state.workdir, &step.args[0]);
+            // Made as root, then given to the current user when it made it.
+            let script = format!(
+                "if [ ! -d {dir} ]; then mkdir -p {dir} && chown {user}: {dir}; fi",
+                dir = quote(&path),
+                user = quote(&state.user)
+            );
+            let ran = run_command(
+                address,
+                "root",
+                "/",
+                &BTreeMap::new(),
+                &script,
+                logger,
+                label,
+                stop,
+            )
+            .await?;
+            if ran.exit_code != 0 {
+                return Err(failed(format!(
+                    "cannot make the directory{}",
+                    ran.output_tail()
+                )));
+            }
+            state.workdir = path;
+        }
+        StepKind::User => {
+            let user = &step.args[0];
+            let script = format!("id -u {} >/dev/null", quote(user));
+            let ran = run_command(
+                address,
+                "root",
+                "/",
+                &BTreeMap::new(),
+                &script,
+                logger,
+                label,
+                stop,
+            )
+            .await?;
+            if ran.exit_code != 0 {
+                return Err(failed(format!("there is no user {user:?} in the template")));
+            }
+            state.user = user.clone();
+        }
+        StepKind::Copy => {
+            return Err(failed(
+                "copying uploaded files is not supported by this host yet".into(),
+            ));
+        }
+    }
+    Ok(state)
+}
+
+/// `path` from `workdir`, as a shell's `cd` takes it.
+fn resolve(workdir: &str, path: &str) -> String {
+    if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("{}/{path}", workdir.trim_end_matches('/'))
+    }
+}
+
+/// Shell-quotes one word.
+fn quote(word: &str) -> String {
+    format!("'{}'", word.replace('\'', r"'\''"))
+}
+
+/// A finished command: its exit code and its last lines of output.
+struct Ran {
+    exit_code: i32,
+    tail: std::collections::VecDeque<String>,
+}
+
+impl Ran {
+    fn output_tail(&self) -> String {
+        if self.tail.is_empty() {
+            String::new()
+        } else {
+            let lines: Vec<&str> = self.tail.iter().map(String::as_str).collect();
+            format!("; its output ended with:\n{}", lines.join("\n"))
+        }
+    }
+}
+
+/// envd's process service in the guest at `address`, as `user`.
+fn envd_client(address: SocketAddr, user: &str) -> (ConnectClient, http::HeaderMap) {
+    use base64::Engine;
+    let client = ConnectClient::new(
+        format!("http://{address}"),
+        HttpVersion::Http1,
+        Codec::Proto,
+    )
+    .with_connect_timeout(Duration::from_secs(5));
+    let mut headers = http::HeaderMap::new();
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:"));
+    if let Ok(value) = format!("Basic {encoded}").parse() {
+        headers.insert(http::header::AUTHORIZATION, value);
+    }
+    (client, headers)
+}
+
+fn bash(script: &str, workdir: &str, envs: &BTreeMap<String, String>) -> pb::StartRequest {
+    pb::StartRequest {
+        process: Some(pb::ProcessConfig {
+            cmd: "/bin/bash".into(),
+            args: vec!["-l".into(), "-c".into(), script.into()],
+            envs: envs.clone().into_iter().collect(),
+            cwd: Some(workdir.into()),
+        }),
+        stdin: Some(false),
+        ..Default::default()
+    }
+}
+
+/// Runs `script` with `bash -l -c` in the guest, each line of its output logged under `step`
+/// as it comes; `stop` ends it (an error).
+#[allow(clippy::too_many_arguments)]
+async fn run_command(
+    address: SocketAddr,
+    user: &str,
+    workdir: &str,
+    envs: &BTreeMap<String, String>,
+    script: &str,
+    logger: &BuildLogger,
+    step: Option<String>,
+    stop: &CancellationToken,
+) -> Result<Ran, AgentError> {
+    let (client, headers) = envd_client(address, user);
+    let request = bash(script, workdir, envs);
+    let run = async {
+        let mut stream = client
+            .call_streaming::<pb::process::Start>(&request, &headers)
+            .await
+            .map_err(|error| envd_error(user, workdir, error))?;
+        let mut lines = LineSplitter::default();
+        let mut tail = std::collections::VecDeque::new();
+        let mut keep = |line: String| {
+            logger.log(LogLevel::Info, step.clone(), line.clone());
+            if tail.len() == FAILED_OUTPUT_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        };
+        while let Some(message) = stream.message().await {
+            use pb::process_event::{Event, data_event::Output};
+            let message = message.map_err(|error| envd_error(user, workdir, error))?;
+            match message.event.and_then(|e| e.event) {
+                Some(Event::Data(data)) => {
+                    if let Some(
+                        Output::Stdout(bytes) | Output::Stderr(bytes) | Output::Pty(bytes),
+                    ) = data.output
+                    {
+                        lines.push(&bytes).into_iter().for_each(&mut keep);
+                    }
+                }
+                Some(Event::End(end)) => {
+                    lines.finish().into_iter().for_each(&mut keep);
+                    let exit_code = if end.exited { end.exit_code } else { -1 };
+                    return Ok(Ran { exit_code, tail });
+                }
+                _ => {}
+            }
+        }
+        Err(AgentError::Internal(
+            "the command's stream ended without an exit code (the VM went away?)".into(),
+        ))
+    };
+    tokio::select! {
+        ran = run => ran,
+        () = stop.cancelled() => Err(AgentError::Cancelled("the build was stopped".into())),
+    }
+}
+
+/// An envd error as the build reports it.
+fn envd_error(user: &str, workdir: &str, error: wrenn_connect::ConnectError) -> AgentError {
+    AgentError::FailedPrecondition(format!(
+        "envd refused to run it as {user:?} in {workdir:?}: {}",
+        error.message
+    ))
+}
+
+/// Starts `start_cmd` and leaves it running (envd keeps a process whose caller went away).
+async fn start_in_background(
+    address: SocketAddr,
+    state: &StepState,
+    start_cmd: &str,
+) -> Result<(), AgentError> {
+    let (client, headers) = envd_client(address, &state.user);
+    let request = bash(start_cmd, &state.workdir, &state.envs);
+    let mut stream = client
+        .call_streaming::<pb::process::Start>(&request, &headers)
+        .await
+        .map_err(|error| envd_error(&state.user, &state.workdir, error))?;
+    // The first event says it started; the stream is then let go.
+    match tokio::time::timeout(Duration::from_secs(30), stream.message()).await {
+        Ok(Some(Ok(_))) => Ok(()),
+        Ok(Some(Err(error))) => Err(envd_error(&state.user, &state.workdir, error)),
+        Ok(None) | Err(_) => Err(AgentError::FailedPrecondition(
+            "the start command did not start".into(),
+        )),
+    }
+}
+
+/// Runs `ready_cmd` until it exits 0, or the build is stopped.
+async fn wait_until_ready(
+    address: SocketAddr,
+    state: &StepState,
+    ready_cmd: &str,
+    logger: &BuildLogger,
+    stop: &CancellationToken,
+) -> Result<(), AgentError> {
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let quiet = BuildLogger::new(tokio::sync::mpsc::unbounded_channel().0);
+        let once = run_command(
+            address,
+            &state.user,
+            &state.workdir,
+            &state.envs,
+            ready_cmd,
+            &quiet,
+            finalize(),
+            stop,
+        );
+        match tokio::time::timeout(READY_CMD_TRY, once).await {
+            Ok(Ok(ran)) if ran.exit_code == 0 => {
+                logger.log(
+                    LogLevel::Info,
+                    finalize(),
+                    format!("ready after {tries} run(s) of the ready command"),
+                );
+                return Ok(());
+            }
+            Ok(Ok(ran)) => logger.log(
+                LogLevel::Debug,
+                finalize(),
+                format!("not ready yet (exit code {})", ran.exit_code),
+            ),
+            Ok(Err(error)) => return Err(error),
+            Err(_) => logger.log(
+                LogLevel::Debug,
+                finalize(),
+                format!("not ready yet (the ready command ran past {READY_CMD_TRY:?})"),
+            ),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(READY_CMD_INTERVAL) => {}
+            () = stop.cancelled() => {
+                return Err(AgentError::Cancelled("the build was stopped".into()));
+            }
+        }
+    }
+}
+
+/// Splits a byte stream into lines (invalid UTF-8 replaced, a line cut at [`MAX_LOG_LINE`]).
+#[derive(Debug, Default)]
+struct LineSplitter {
+    partial: Vec<u8>,
+}
+
+impl LineSplitter {
+    fn push(&mut self, bytes: &[u8]) -> Vec<String> {
+        let mut lines = Vec::new();
+        for &byte in bytes {
+            if byte == b'\n' {
+                lines.push(Self::text(std::mem::take(&mut self.partial)));
+            } else if self.partial.len() < MAX_LOG_LINE {
+                self.partial.push(byte);
+            }
+        }
+        lines
+    }
+
+    fn finish(&mut self) -> Vec<String> {
+        if self.partial.is_empty() {
+            Vec::new()
+        } else {
+            vec![Self::text(std::mem::take(&mut self.partial))]
+        }
+    }
+
+    fn text(bytes: Vec<u8>) -> String {
+        String::from_utf8_lossy(&bytes)
+            .trim_end_matches('\r')
+            .to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_is_split_into_lines_across_chunks() {
+        let mut splitter = LineSplitter::default();
+        assert_eq!(splitter.push(b"one\ntw"), ["one"]);
+        assert_eq!(splitter.push(b"o\r\nthree"), ["two"]);
+        assert_eq!(splitter.finish(), ["three"]);
+        assert!(splitter.finish().is_empty());
+        let long = vec![b'x'; MAX_LOG_LINE + 10];
+        assert_eq!(splitter.push(&long), Vec::<String>::new());
+        assert_eq!(splitter.push(b"\n")[0].len(), MAX_LOG_LINE);
+    }
+
+    #[test]
+    fn workdirs_resolve_as_cd_does() {
+        assert_eq!(resolve("/home/user", "app"), "/home/user/app");
+        assert_eq!(resolve("/", "app"), "/app");
+        assert_eq!(resolve("/home/user", "/srv"), "/srv");
+        assert_eq!(quote("it's"), r"'it'\''s'");
+    }
+}

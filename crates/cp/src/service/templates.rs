@@ -1,0 +1,554 @@
+//! Templates a team builds (E2B's template build API): a template is asked for by name
+//! ([`ControlPlane::request_build`], which also makes its first or next build), its build
+//! started from a template the fleet has ([`ControlPlane::start_build`]) and run as a job on a
+//! host that has that template and room for the VM, its log kept in the store as the host
+//! streams it ([`ControlPlane::build_status`] reads it from an offset). A ready build is what
+//! the template's sandboxes start from: a create names the template by its id or name and
+//! runs on a host that has the build ([`ControlPlane::resolve_template`]).
+
+use std::sync::Arc;
+
+use wrenn_agent_api::build::{
+    BuildLog, BuildStep, DEFAULT_BUILD_DEADLINE, StepKind, TemplateBuild,
+};
+use wrenn_core::now_ms;
+
+use super::{ControlPlane, Error};
+use crate::auth;
+use crate::store::{BuildLogRow, BuildRow, BuildStatus, TemplateRow};
+
+/// The longest template name.
+const MAX_NAME: usize = 128;
+/// The most log lines one status answer carries.
+pub const MAX_LOG_PAGE: i64 = 100;
+
+/// A template asked for by `POST /v3/templates`.
+#[derive(Debug, Clone, Default)]
+pub struct NewBuild {
+    /// `name` or `name:tag`.
+    pub name: String,
+    pub tags: Vec<String>,
+    pub cpu_count: Option<u32>,
+    pub memory_mb: Option<u32>,
+}
+
+/// What a build does, as `POST /v2/templates/{id}/builds/{bid}` asks it.
+#[derive(Debug, Clone, Default)]
+pub struct BuildSpec {
+    pub from_template: Option<String>,
+    pub from_image: Option<String>,
+    pub steps: Vec<(String, Vec<String>, Option<String>, bool)>,
+    pub start_cmd: Option<String>,
+    pub ready_cmd: Option<String>,
+}
+
+/// A template as the API names it, and as the hosts do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedTemplate {
+    /// The hosts' name of it (its ready build's template, or `base`).
+    pub on_hosts: String,
+    /// Its id in the API.
+    pub id: String,
+    pub alias: Option<String>,
+}
+
+/// A template's name split into its alias and its tag (`default` when none is given).
+pub fn split_name(name: &str) -> Result<(String, String), Error> {
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(Error::InvalidRequest("a template needs a name".into()));
+    }
+    if name.len() > MAX_NAME {
+        return Err(Error::InvalidRequest(format!(
+            "a template name is at most {MAX_NAME} characters"
+        )));
+    }
+    let (alias, tag) = match name.split_once(':') {
+        Some((alias, tag)) => (alias, tag),
+        None => (name, "default"),
+    };
+    let alias = alias.to_ascii_lowercase();
+    let tag = tag.to_ascii_lowercase();
+    let fits = |text: &str, extra: &[u8]| {
+        !text.is_empty()
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || extra.contains(&b))
+    };
+    if !fits(&alias, b"-_") {
+        return Err(Error::InvalidRequest(format!(
+            "template name {alias:?}: use lowercase letters, digits, '-' and '_'"
+        )));
+    }
+    if !fits(&tag, b"-_.") {
+        return Err(Error::InvalidRequest(format!(
+            "template tag {tag:?}: use lowercase letters, digits, '-', '_' and '.'"
+        )));
+    }
+    Ok((alias, tag))
+}
+
+/// A new build id: a random (version 4) UUID.
+fn new_build_id() -> Result<String, Error> {
+    let mut bytes = [0u8; 16];
+    wrenn_core::random::fill(&mut bytes)?;
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    ))
+}
+
+/// The name a build's template has on the hosts.
+fn host_template_id(build_id: &str) -> String {
+    format!("b{}", build_id.replace('-', ""))
+}
+
+/// The step (1-based) an agent's build error names (`step 3 (RUN …): …`), if any.
+fn failed_step(message: &str) -> Option<String> {
+    let rest = message.split("step ").nth(1)?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    (!digits.is_empty()).then_some(digits)
+}
+
+impl ControlPlane {
+    /// `POST /v3/templates`: the team's template of that name (made now if it has none) and a
+    /// new build of it, waiting to be started.
+    pub async fn request_build(
+        &self,
+        team_id: &str,
+        request: NewBuild,
+    ) -> Result<(TemplateRow, BuildRow, Vec<String>), Error> {
+        let (alias, tag) = split_name(&request.name)?;
+        if let Some(cpus) = request.cpu_count
+            && !(1..=64).contains(&cpus)
+        {
+            return Err(Error::InvalidRequest(format!(
+                "cpuCount must be 1 to 64 (got {cpus})"
+            )));
+        }
+        if let Some(memory) = request.memory_mb
+            && memory < 128
+        {
+            return Err(Error::InvalidRequest(format!(
+                "memoryMB must be at least 128 (got {memory})"
+            )));
+        }
+        let mut tags = vec![tag];
+        for tag in request.tags {
+            let (_, tag) = split_name(&format!("x:{tag}"))?;
+            if !tags.contains(&tag) {
+                tags.push(tag);
+            }
+        }
+        let _turn = self.changes.turn(&format!("template-name:{alias}")).await;
+        let now = now_ms();
+        let template = match self.store.template_by_alias(&alias).await? {
+            Some(template) if template.team_id == team_id => TemplateRow {
+                cpu_count: request.cpu_count.unwrap_or(template.cpu_count),
+                memory_mb: request.memory_mb.unwrap_or(template.memory_mb),
+                updated_at_ms: now,
+                ..template
+            },
+            Some(_) => {
+                return Err(Error::Conflict(format!(
+                    "template name {alias:?} is taken by another team"
+                )));
+            }
+            None => TemplateRow {
+                id: auth::random_id(20)?,
+                team_id: team_id.to_string(),
+                alias: Some(alias),
+                public: false,
+                // 0: the template it is built from decides.
+                cpu_count: request.cpu_count.unwrap_or(0),
+                memory_mb: request.memory_mb.unwrap_or(0),
+                created_at_ms: now,
+                updated_at_ms: now,
+                ready_build_id: None,
+            },
+        };
+        self.store.put_template(template.clone()).await?;
+        let build_id = new_build_id()?;
+        let build = BuildRow {
+            host_template_id: host_template_id(&build_id),
+            id: build_id,
+            template_id: template.id.clone(),
+            status: BuildStatus::Waiting,
+            reason: None,
+            reason_step: None,
+            from_template: String::new(),
+            host_id: None,
+            cpu_count: template.cpu_count,
+            memory_mb: template.memory_mb,
+            disk_size_mb: 0,
+            envd_version: String::new(),
+            created_at_ms: now,
+            finished_at_ms: 0,
+        };
+        self.store.put_build(build.clone()).await?;
+        Ok((template, build, tags))
+    }
+
+    /// A template the team may use, by its id or its name (`name` or `name:tag`).
+    pub async fn team_template(&self, team_id: &str, named: &str) -> Result<TemplateRow, Error> {
+        let by_id = self.store.template(named).await?;
+        let template = match by_id {
+            Some(template) => Some(template),
+            None => match split_name(named) {
+                Ok((alias, _)) => self.store.template_by_alias(&alias).await?,
+                Err(_) => None,
+            },
+        };
+        template
+            .filter(|template| template.team_id == team_id || template.public)
+            .ok_or_else(|| Error::TemplateNotFound(named.to_string()))
+    }
+
+    /// The template a create or a build names: a team's template (its ready build), or a
+    /// template the hosts have themselves (`base`).
+    pub async fn resolve_template(
+        &self,
+        team_id: &str,
+        named: &str,
+    ) -> Result<ResolvedTemplate, Error> {
+        match self.team_template(team_id, named).await {
+            Ok(template) => {
+                let build_id = template.ready_build_id.ok_or_else(|| {
+                    Error::Conflict(format!("template {named:?} has no ready build yet"))
+                })?;
+                Ok(ResolvedTemplate {
+                    on_hosts: host_template_id(&build_id),
+                    id: template.id,
+                    alias: template.alias,
+                })
+            }
+            Err(Error::TemplateNotFound(_)) => Ok(ResolvedTemplate {
+                on_hosts: named.to_string(),
+                id: named.to_string(),
+                alias: Some(named.to_string()),
+            }),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// `POST /v2/templates/{templateID}/builds/{buildID}`: starts a waiting build as a job on
+    /// a host that has the template it starts from; returns once it runs.
+    pub async fn start_build(
+        self: &Arc<Self>,
+        team_id: &str,
+        template_id: &str,
+        build_id: &str,
+        spec: BuildSpec,
+    ) -> Result<(), Error> {
+        let template = self.team_template(team_id, template_id).await?;
+        if template.team_id != team_id {
+            return Err(Error::Forbidden(format!(
+                "template {template_id:?} belongs to another team"
+            )));
+        }
+        let _turn = self.changes.turn(&format!("build:{build_id}")).await;
+        let build = self
+            .store
+            .build(build_id)
+            .await?
+            .filter(|build| build.template_id == template.id)
+            .ok_or_else(|| Error::InvalidRequest(format!("build {build_id:?} not found")))?;
+        if build.status != BuildStatus::Waiting {
+            return Err(Error::Conflict(format!(
+                "build {build_id} is {} already",
+                build.status.as_str()
+            )));
+        }
+        if spec
+            .from_image
+            .as_deref()
+            .is_some_and(|image| !image.is_empty())
+        {
+            return Err(Error::InvalidRequest(
+                "fromImage: building from an OCI image is not supported by wrenn yet; \
+                 build fromTemplate (e.g. \"base\")"
+                    .into(),
+            ));
+        }
+        let from = spec
+            .from_template
+            .filter(|from| !from.is_empty())
+            .ok_or_else(|| {
+                Error::InvalidRequest("fromTemplate (or fromImage) is required".into())
+            })?;
+        let steps = spec
+            .steps
+            .into_iter()
+            .enumerate()
+            .map(|(index, (kind, args, files_hash, force))| {
+                let kind = StepKind::from_name(&kind).ok_or_else(|| {
+                    Error::InvalidRequest(format!(
+                        "step {}: unknown type {kind:?} (RUN, COPY, ENV, WORKDIR and USER are known)",
+                        index + 1
+                    ))
+                })?;
+                let step = BuildStep {
+                    kind,
+                    args,
+                    files_hash,
+                    force,
+                };
+                step.check(index + 1).map_err(Error::InvalidRequest)?;
+                if kind == StepKind::Copy {
+                    return Err(Error::InvalidRequest(format!(
+                        "step {}: COPY is not supported by wrenn yet",
+                        index + 1
+                    )));
+                }
+                Ok(step)
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let from_host_template = self.resolve_template(team_id, &from).await?.on_hosts;
+        let placed = self.fleet.place(&from_host_template, &[])?;
+        let parent = placed.template.clone();
+        let job = TemplateBuild {
+            template_id: build.host_template_id.clone(),
+            from_template: from_host_template.clone(),
+            steps,
+            start_cmd: spec.start_cmd.filter(|c| !c.is_empty()),
+            ready_cmd: spec.ready_cmd.filter(|c| !c.is_empty()),
+            memory_mib: (build.memory_mb > 0).then_some(build.memory_mb),
+            vcpus: (build.cpu_count > 0).then_some(build.cpu_count),
+            deadline: DEFAULT_BUILD_DEADLINE,
+        };
+        let build = BuildRow {
+            status: BuildStatus::Building,
+            from_template: from_host_template,
+            host_id: Some(placed.host.id()),
+            cpu_count: job.vcpus.unwrap_or(parent.vcpus),
+            memory_mb: job.memory_mib.unwrap_or(parent.memory_mib),
+            ..build
+        };
+        self.store.put_build(build.clone()).await?;
+        let plane = self.clone();
+        tokio::spawn(async move {
+            let host = placed.host.clone();
+            plane.run_build_job(&host, build, job).await;
+            drop(placed);
+        });
+        Ok(())
+    }
+
+    /// Runs a started build on `host` to its end: its log into the store as it comes, then its
+    /// outcome (a ready build becomes its template's).
+    async fn run_build_job(&self, host: &crate::fleet::Host, build: BuildRow, job: TemplateBuild) {
+        let (logs, mut lines) = tokio::sync::mpsc::unbounded_channel::<BuildLog>();
+        let store = self.store.clone();
+        let build_id = build.id.clone();
+        // Lines are written in batches, in order, while the build runs.
+        let writer = tokio::spawn(async move {
+            while let Some(first) = lines.recv().await {
+                let mut batch = vec![first];
+                while let Ok(line) = lines.try_recv() {
+                    batch.push(line);
+                }
+                let rows = batch.into_iter().map(log_row).collect();
+                if let Err(error) = store.add_build_logs(&build_id, rows).await {
+                    tracing::warn!(build = %build_id, %error, "a build's log lines were not kept");
+                }
+            }
+        });
+        let outcome = host.build_template(job, logs).await;
+        if let Ok(report) = &outcome {
+            host.learned_template(report.clone());
+        }
+        // Every line is stored before the build's end is: a reader that sees the end has
+        // seen the whole log.
+        let _ = writer.await;
+        let now = now_ms();
+        let ended = match outcome {
+            Ok(report) => BuildRow {
+                status: BuildStatus::Ready,
+                cpu_count: report.vcpus,
+                memory_mb: report.memory_mib,
+                disk_size_mb: u32::try_from(report.disk_size_mb).unwrap_or(u32::MAX),
+                envd_version: report.envd_version,
+                finished_at_ms: now,
+                ..build
+            },
+            Err(error) => {
+                let message = match &error {
+                    Error::Host { source, .. } => source.to_string(),
+                    other => other.to_string(),
+                };
+                let step = failed_step(&message).or_else(|| Some("base".into()));
+                let line = BuildLogRow {
+                    seq: 0,
+                    timestamp_ms: now,
+                    level: "error".into(),
+                    message: format!("build failed: {message}"),
+                    step: step.clone(),
+                };
+                if let Err(error) = self.store.add_build_logs(&build.id, vec![line]).await {
+                    tracing::warn!(build = %build.id, %error, "a build's last log line was not kept");
+                }
+                BuildRow {
+                    status: BuildStatus::Error,
+                    reason: Some(message),
+                    reason_step: step,
+                    finished_at_ms: now,
+                    ..build
+                }
+            }
+        };
+        let ready = (ended.status == BuildStatus::Ready).then(|| ended.clone());
+        if let Err(error) = self.store.put_build(ended.clone()).await {
+            tracing::warn!(build = %ended.id, %error, "a build's end was not kept");
+            return;
+        }
+        if let Some(ready) = ready {
+            let _turn = self
+                .changes
+                .turn(&format!("template:{}", ready.template_id))
+                .await;
+            match self.store.template(&ready.template_id).await {
+                Ok(Some(template)) => {
+                    let template = TemplateRow {
+                        ready_build_id: Some(ready.id.clone()),
+                        cpu_count: ready.cpu_count,
+                        memory_mb: ready.memory_mb,
+                        updated_at_ms: now,
+                        ..template
+                    };
+                    if let Err(error) = self.store.put_template(template).await {
+                        tracing::warn!(build = %ready.id, %error, "a ready build was not made its template's");
+                    }
+                }
+                Ok(None) => tracing::info!(build = %ready.id, "built a template deleted meanwhile"),
+                Err(error) => {
+                    tracing::warn!(build = %ready.id, %error, "a ready build was not made its template's")
+                }
+            }
+            tracing::info!(template = %ready.template_id, build = %ready.id, "template built");
+        }
+    }
+
+    /// `DELETE /templates/{templateID}`: the team's template, its builds on their hosts
+    /// (refused while a sandbox of it runs or is paused) and their logs. A build still
+    /// running is left to end, and its template is deleted with the rest.
+    pub async fn delete_template(&self, team_id: &str, named: &str) -> Result<(), Error> {
+        let template = self.team_template(team_id, named).await?;
+        if template.team_id != team_id {
+            return Err(Error::Forbidden(format!(
+                "template {named:?} belongs to another team"
+            )));
+        }
+        let _turn = self
+            .changes
+            .turn(&format!("template:{}", template.id))
+            .await;
+        let builds = self.store.builds_of(&template.id).await?;
+        if builds
+            .iter()
+            .any(|build| build.status == BuildStatus::Building)
+        {
+            return Err(Error::Conflict(format!(
+                "template {named:?} has a build running: wait for it to end"
+            )));
+        }
+        for build in builds.iter().filter(|b| b.status == BuildStatus::Ready) {
+            let Some(host) = build.host_id.as_deref().and_then(|id| self.fleet.host(id)) else {
+                continue;
+            };
+            if !host.is_up() {
+                return Err(Error::HostDown(format!(
+                    "template {named:?} is on host {}, which is down: delete it once the host is back",
+                    host.row().name
+                )));
+            }
+            host.delete_template(&build.host_template_id).await?;
+        }
+        self.store.delete_template(&template.id).await?;
+        tracing::info!(template = %template.id, "template deleted");
+        Ok(())
+    }
+
+    /// `GET /templates/{templateID}/builds/{buildID}/status`: the build and its log from the
+    /// `offset`th line on (at most `limit`, at most [`MAX_LOG_PAGE`]).
+    pub async fn build_status(
+        &self,
+        team_id: &str,
+        template_id: &str,
+        build_id: &str,
+        offset: i64,
+        limit: i64,
+    ) -> Result<(BuildRow, Vec<BuildLogRow>), Error> {
+        let template = self.team_template(team_id, template_id).await?;
+        let build = self
+            .store
+            .build(build_id)
+            .await?
+            .filter(|build| build.template_id == template.id)
+            .ok_or_else(|| Error::InvalidRequest(format!("build {build_id:?} not found")))?;
+        let lines = self
+            .store
+            .build_logs(build_id, offset.max(0), limit.clamp(0, MAX_LOG_PAGE))
+            .await?;
+        Ok((build, lines))
+    }
+}
+
+fn log_row(line: BuildLog) -> BuildLogRow {
+    BuildLogRow {
+        seq: 0,
+        timestamp_ms: line.timestamp_ms,
+        level: line.level.name().into(),
+        message: line.message,
+        step: line.step,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_split_into_alias_and_tag() {
+        assert_eq!(
+            split_name("My-App").unwrap(),
+            ("my-app".into(), "default".into())
+        );
+        assert_eq!(
+            split_name("app:v1.2").unwrap(),
+            ("app".into(), "v1.2".into())
+        );
+        for bad in ["", "a b", "app:", ":v1", "ns/app", "app:v 1"] {
+            assert!(split_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn build_ids_are_uuids_and_name_host_templates() {
+        let id = new_build_id().unwrap();
+        let parts: Vec<usize> = id.split('-').map(str::len).collect();
+        assert_eq!(parts, [8, 4, 4, 4, 12]);
+        assert_eq!(&id[14..15], "4");
+        let host = host_template_id(&id);
+        assert_eq!(host.len(), 33);
+        assert!(
+            host.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        );
+    }
+
+    #[test]
+    fn an_agents_error_names_the_failed_step() {
+        assert_eq!(
+            failed_step("step 12 (RUN make): exited with code 2").as_deref(),
+            Some("12")
+        );
+        assert_eq!(failed_step("the VM did not start"), None);
+    }
+}

@@ -1,0 +1,76 @@
+"""The real `e2b` SDK's `Template` builder against `wrenn up`: templates built from `base` step by
+step, their sandboxes, a failing step, and what another team may see of them."""
+
+import pytest
+from e2b import Sandbox, Template, wait_for_port
+from e2b.exceptions import BuildException, NotFoundException
+
+
+def test_a_template_built_from_base_runs_its_steps_and_start_command(wrenn):
+    template = (
+        Template()
+        .from_template("base")
+        .run_cmd("echo built > /home/user/built.txt && echo to-the-log")
+        .set_envs({"GREETING": "hello from the build"})
+        .set_workdir("/home/user/app")
+        .run_cmd('echo "$GREETING" > greeting.txt; id -un > who.txt')
+        .run_cmd("id -un > /root-made.txt", user="root")
+        .set_start_cmd("python3 -m http.server 8000", wait_for_port(8000))
+    )
+    logs = []
+    info = Template.build(template, "sdk-app:v1", cpu_count=1, memory_mb=512, on_build_logs=logs.append)
+    assert info.name == "sdk-app:v1"
+    messages = [entry.message for entry in logs]
+    assert "to-the-log" in messages, messages
+    assert any("RUN id -un > /root-made.txt (as root)" in m for m in messages), messages
+    assert Template.exists("sdk-app")
+    assert not Template.exists("no-such-template")
+
+    sandbox = Sandbox.create("sdk-app", timeout=120)
+    try:
+        run = sandbox.commands.run
+        assert run("cat /home/user/built.txt").stdout == "built\n"
+        # The build's last WORKDIR and USER are the sandbox's; its ENV was the build's only.
+        assert run("pwd; whoami").stdout == "/home/user/app\nuser\n"
+        assert run("cat greeting.txt who.txt /root-made.txt").stdout == "hello from the build\nuser\nroot\n"
+        assert run("echo ${GREETING:-unset}").stdout == "unset\n"
+        # The start command runs in the sandbox, restored from the template's snapshot.
+        page = run("curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8000/")
+        assert page.stdout == "200"
+        assert sandbox.get_info().template_id == info.template_id
+    finally:
+        sandbox.kill()
+
+
+def test_a_failing_step_fails_the_build_with_its_output(wrenn):
+    template = (
+        Template()
+        .from_template("base")
+        .run_cmd("echo fine")
+        .run_cmd("echo about to fail >&2; exit 7")
+        .run_cmd("echo never reached")
+    )
+    logs = []
+    with pytest.raises(BuildException) as failed:
+        Template.build(template, "sdk-broken", on_build_logs=logs.append)
+    said = str(failed.value)
+    assert "exited with code 7" in said, said
+    assert "about to fail" in said, said
+    messages = [entry.message for entry in logs]
+    assert "never reached" not in messages
+    # A template whose only build failed has nothing to start from.
+    with pytest.raises(Exception) as refused:
+        Sandbox.create("sdk-broken", timeout=60)
+    assert "no ready build" in str(refused.value)
+
+
+def test_another_team_cannot_run_or_take_a_teams_template(wrenn):
+    Template.build(Template().from_template("base").run_cmd("true"), "sdk-private")
+    other_key = wrenn.new_team_key("template-outsiders")
+    # It exists (the name is taken), but is not theirs to run or to build.
+    assert Template.exists("sdk-private", api_key=other_key)
+    with pytest.raises(NotFoundException):
+        Sandbox.create("sdk-private", api_key=other_key, timeout=60)
+    with pytest.raises(BuildException) as taken:
+        Template.build(Template().from_template("base"), "sdk-private", api_key=other_key)
+    assert "taken by another team" in str(taken.value)

@@ -3,7 +3,7 @@ step, their sandboxes, a failing step, and what another team may see of them."""
 
 import pytest
 from e2b import Sandbox, Template, wait_for_port
-from e2b.exceptions import BuildException, NotFoundException
+from e2b.exceptions import BuildException, SandboxException
 
 
 def test_a_template_built_from_base_runs_its_steps_and_start_command(wrenn):
@@ -69,8 +69,9 @@ def test_another_team_cannot_run_or_take_a_teams_template(wrenn):
     other_key = wrenn.new_team_key("template-outsiders")
     # It exists (the name is taken), but is not theirs to run or to build.
     assert Template.exists("sdk-private", api_key=other_key)
-    with pytest.raises(NotFoundException):
+    with pytest.raises(SandboxException) as refused:
         Sandbox.create("sdk-private", api_key=other_key, timeout=60)
+    assert "404: template 'sdk-private' not found" in str(refused.value)
     with pytest.raises(BuildException) as taken:
         Template.build(Template().from_template("base"), "sdk-private", api_key=other_key)
     assert "taken by another team" in str(taken.value)

@@ -338,6 +338,40 @@ pub struct TemplateBuildInfo {
     pub reason: Option<BuildStatusReason>,
 }
 
+/// `POST /templates/tags`: tags to point at the build `target` (`name:tag` or `name`) names.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AssignTags {
+    pub target: String,
+    pub tags: Vec<String>,
+}
+
+/// The answer of `POST /templates/tags` (201).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AssignedTags {
+    pub tags: Vec<String>,
+    /// The build the tags name (a UUID).
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+}
+
+/// `DELETE /templates/tags`: tags to remove from the template `name`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RemoveTags {
+    pub name: String,
+    pub tags: Vec<String>,
+}
+
+/// A tag in `GET /templates/{templateID}/tags`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateTag {
+    pub tag: String,
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
 /// A host of the fleet in `GET /hosts`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

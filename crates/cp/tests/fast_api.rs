@@ -1385,3 +1385,96 @@ async fn bad_builds_are_refused_and_a_failed_one_says_where_it_failed() {
         "{answer}"
     );
 }
+
+#[tokio::test]
+async fn tags_name_builds_and_move_between_them() {
+    let kit = Kit::new(8, Quotas::default()).await;
+    let mut builds = Vec::new();
+    for name in ["app:v1", "app"] {
+        let (template_id, build_id) = kit.request_build(name).await;
+        let path = format!("/v2/templates/{template_id}/builds/{build_id}");
+        let start = json!({"fromTemplate": "base", "steps": [{"type": "RUN", "args": [name]}]});
+        let (status, _) = kit.call("POST", &path, Some(&kit.key_a), start).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        let (info, _) = kit.wait_for_build(&template_id, &build_id).await;
+        assert_eq!(info["status"], "ready");
+        builds.push((template_id, build_id));
+    }
+    let (template_id, v1) = builds[0].clone();
+    let default = builds[1].1.clone();
+    assert_eq!(builds[1].0, template_id, "one template, two builds");
+    let on_host = |build: &str| format!("b{}", build.replace('-', ""));
+    let started_from = async |named: &str| {
+        let id = kit.create(&kit.key_a, json!({"templateID": named})).await;
+        kit.agent.sandbox(&id).unwrap().template_id
+    };
+    assert_eq!(started_from("app:v1").await, on_host(&v1));
+    assert_eq!(started_from("app").await, on_host(&default));
+    assert_eq!(started_from("app:default").await, on_host(&default));
+
+    // A new tag on the build v1 names.
+    let body = json!({"target": "app:v1", "tags": ["Stable"]});
+    let (status, assigned) = kit
+        .call("POST", "/templates/tags", Some(&kit.key_a), body)
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{assigned}");
+    assert_eq!(assigned, json!({"tags": ["stable"], "buildID": v1}));
+    assert_eq!(started_from("app:stable").await, on_host(&v1));
+    let (status, listed) = kit
+        .call_a("GET", &format!("/templates/{template_id}/tags"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let named: Vec<(&str, &str)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["tag"].as_str().unwrap(), t["buildID"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        named,
+        [
+            ("default", default.as_str()),
+            ("stable", v1.as_str()),
+            ("v1", v1.as_str())
+        ]
+    );
+
+    // Removed: gone from the list and from creates.
+    let body = json!({"name": "app", "tags": ["stable"]});
+    let (status, _) = kit
+        .call("DELETE", "/templates/tags", Some(&kit.key_a), body)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = kit
+        .try_create(&kit.key_a, json!({"templateID": "app:stable"}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    for (body, status) in [
+        (
+            json!({"target": "app:nope", "tags": ["x"]}),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            json!({"target": "app", "tags": []}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!({"target": "app", "tags": ["bad tag"]}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!({"target": "nothing", "tags": ["x"]}),
+            StatusCode::NOT_FOUND,
+        ),
+    ] {
+        let (got, answer) = kit
+            .call("POST", "/templates/tags", Some(&kit.key_a), body)
+            .await;
+        assert_eq!(got, status, "{answer}");
+    }
+    let body = json!({"target": "app", "tags": ["theirs"]});
+    let (status, _) = kit
+        .call("POST", "/templates/tags", Some(&kit.key_b), body)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "another team's template");
+}

@@ -10,9 +10,13 @@ CREATE TABLE IF NOT EXISTS template_builds (
     host_id TEXT, host_template_id TEXT NOT NULL, cpu_count INTEGER NOT NULL,
     memory_mb INTEGER NOT NULL, disk_size_mb INTEGER NOT NULL DEFAULT 0,
     envd_version TEXT NOT NULL DEFAULT '', created_at_ms BIGINT NOT NULL,
-    finished_at_ms BIGINT NOT NULL DEFAULT 0);
+    finished_at_ms BIGINT NOT NULL DEFAULT 0, tags TEXT NOT NULL DEFAULT '[]');
 CREATE INDEX IF NOT EXISTS template_builds_by_template ON template_builds (template_id);
 CREATE TABLE IF NOT EXISTS template_build_logs (
     build_id TEXT NOT NULL REFERENCES template_builds (id) ON DELETE CASCADE,
     seq BIGINT NOT NULL, timestamp_ms BIGINT NOT NULL, level TEXT NOT NULL,
     message TEXT NOT NULL, step TEXT, PRIMARY KEY (build_id, seq));
+CREATE TABLE IF NOT EXISTS template_tags (
+    template_id TEXT NOT NULL REFERENCES templates (id) ON DELETE CASCADE, tag TEXT NOT NULL,
+    build_id TEXT NOT NULL REFERENCES template_builds (id) ON DELETE CASCADE,
+    created_at_ms BIGINT NOT NULL, PRIMARY KEY (template_id, tag));

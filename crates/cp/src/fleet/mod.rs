@@ -218,6 +218,12 @@ impl Fleet {
         self.routes.forget(sandbox_id);
     }
 
+    /// Holds a sandbox's route out of the proxy's cache for the length of a change (a pause,
+    /// a kill): take it before the host is asked, drop it once the store has the change.
+    pub fn hold_route(&self, sandbox_id: &str) -> routes::RouteHold<'_> {
+        self.routes.hold(sandbox_id)
+    }
+
     /// How to reach `port` of a sandbox running on an up host, and its traffic token if it
     /// has one.
     pub async fn route(

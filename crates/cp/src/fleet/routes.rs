@@ -4,8 +4,10 @@
 //! A route read from the store while the sandbox is being paused or killed would, cached after
 //! the change, outlive it: traffic would keep going to the old host (a paused sandbox with
 //! `autoResume` would never be resumed; a host back from the dead would be sent traffic for a
-//! sandbox the store has dropped). So every forget is counted, and a route read before a
-//! forget that happened while it was being read is used for its request but not kept.
+//! sandbox the store has dropped). So a pause or kill holds the sandbox's route out of the
+//! cache until the store has the change ([`RouteCache::hold`]), every forget is counted, and a
+//! route read before a forget that happened while it was being read is used for its request
+//! but not kept.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -25,6 +27,36 @@ struct Routes {
     by_sandbox: HashMap<String, CachedRoute>,
     /// Forgets so far: a route may be kept only if none came while it was being read.
     forgets: u64,
+    /// Sandboxes being changed (paused, killed), and by how many changes: their routes are
+    /// read from the store for every request, and never kept, until the change is stored.
+    held: HashMap<String, u32>,
+}
+
+impl Routes {
+    fn forget(&mut self, sandbox_id: &str) {
+        self.forgets += 1;
+        self.by_sandbox.remove(sandbox_id);
+    }
+}
+
+/// A sandbox's route held uncached for the length of a change (see [`RouteCache::hold`]).
+#[derive(Debug)]
+pub struct RouteHold<'a> {
+    cache: &'a RouteCache,
+    sandbox_id: String,
+}
+
+impl Drop for RouteHold<'_> {
+    fn drop(&mut self) {
+        let mut routes = self.cache.lock();
+        if let Some(count) = routes.held.get_mut(&self.sandbox_id) {
+            *count -= 1;
+            if *count == 0 {
+                routes.held.remove(&self.sandbox_id);
+            }
+        }
+        routes.forget(&self.sandbox_id);
+    }
 }
 
 /// The cache (see the module's documentation).
@@ -44,9 +76,28 @@ impl RouteCache {
         self.routes.lock().expect("route cache lock")
     }
 
+    /// Holds `sandbox_id`'s route out of the cache until the returned hold is dropped: hold it
+    /// before a change of the sandbox reaches its host, and drop it once the store has the
+    /// change. Until then every request reads the store; after it, none finds a route read
+    /// before the change.
+    pub fn hold(&self, sandbox_id: &str) -> RouteHold<'_> {
+        let mut routes = self.lock();
+        *routes.held.entry(sandbox_id.to_string()).or_default() += 1;
+        routes.forget(sandbox_id);
+        RouteHold {
+            cache: self,
+            sandbox_id: sandbox_id.to_string(),
+        }
+    }
+
     /// The cached route of `sandbox_id`, or the ticket to read it with.
     pub fn get(&self, sandbox_id: &str) -> Result<CachedRoute, Miss> {
         let routes = self.lock();
+        if routes.held.contains_key(sandbox_id) {
+            return Err(Miss {
+                forgets_before: routes.forgets,
+            });
+        }
         match routes.by_sandbox.get(sandbox_id) {
             Some(route) => Ok(route.clone()),
             None => Err(Miss {
@@ -59,7 +110,7 @@ impl RouteCache {
     /// (it may be this sandbox, paused or killed while the route was read). Whether it was kept.
     pub fn keep(&self, sandbox_id: &str, route: CachedRoute, miss: Miss) -> bool {
         let mut routes = self.lock();
-        if routes.forgets != miss.forgets_before {
+        if routes.forgets != miss.forgets_before || routes.held.contains_key(sandbox_id) {
             return false;
         }
         if routes.by_sandbox.len() >= MOST_ROUTES {
@@ -71,9 +122,7 @@ impl RouteCache {
 
     /// Forgets a sandbox's route (it was paused, killed or lost).
     pub fn forget(&self, sandbox_id: &str) {
-        let mut routes = self.lock();
-        routes.forgets += 1;
-        routes.by_sandbox.remove(sandbox_id);
+        self.lock().forget(sandbox_id);
     }
 
     /// Forgets the routes to every sandbox on `host_id` (it went down, or was forgotten).
@@ -126,6 +175,32 @@ mod tests {
         assert!(cache.get("a").is_err());
         assert_eq!(cache.get("b").unwrap(), on("h2"));
         assert!(!cache.keep("c", on("h1"), reading));
+    }
+
+    #[test]
+    fn a_held_route_is_never_served_from_the_cache_nor_kept() {
+        let cache = RouteCache::default();
+        let miss = cache.get("a").unwrap_err();
+        assert!(cache.keep("a", on("h1"), miss));
+        let hold = cache.hold("a");
+        let second = cache.hold("a");
+        assert!(cache.get("a").is_err(), "held: read from the store");
+        let miss = cache.get("a").unwrap_err();
+        assert!(!cache.keep("a", on("h1"), miss), "held: not kept");
+        drop(hold);
+        let miss = cache.get("a").unwrap_err();
+        assert!(
+            !cache.keep("a", on("h1"), miss),
+            "still held by the second change"
+        );
+        drop(second);
+        assert!(
+            cache.get("a").is_err(),
+            "a release forgets what was read meanwhile"
+        );
+        let miss = cache.get("a").unwrap_err();
+        assert!(cache.keep("a", on("h2"), miss));
+        assert_eq!(cache.get("a").unwrap(), on("h2"));
     }
 
     #[test]

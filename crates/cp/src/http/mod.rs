@@ -250,6 +250,8 @@ pub fn router(plane: Arc<ControlPlane>) -> Router {
         )
         .route("/templates", get(list_templates))
         .route("/v3/templates", post(request_build))
+        .route("/templates/tags", post(assign_tags).delete(remove_tags))
+        .route("/templates/{template_id}/tags", get(template_tags))
         .route(
             "/templates/{template_id}",
             axum::routing::delete(delete_template),

@@ -275,3 +275,66 @@ pub(super) async fn delete_template(
     plane.delete_template(&team.0, &template_id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
+
+#[utoipa::path(post, path = "/templates/tags", tag = "templates", security(("api_key" = [])),
+    request_body = wrenn_api::AssignTags,
+    responses(
+        (status = 201, description = "The tags name the build the target names", body = wrenn_api::AssignedTags),
+        (status = 400, description = "A bad tag, or none", body = wrenn_api::Error),
+        (status = 403, description = "Another team's public template", body = wrenn_api::Error),
+        (status = 404, description = "No such template or tag", body = wrenn_api::Error),
+    ))]
+pub(super) async fn assign_tags(
+    TeamCall { plane, team, .. }: TeamCall,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let request: wrenn_api::AssignTags = body_json(&body)?;
+    let (build_id, tags) = plane
+        .assign_tags(&team.0, &request.target, request.tags)
+        .await?;
+    let answer = wrenn_api::AssignedTags { tags, build_id };
+    Ok((StatusCode::CREATED, axum::Json(answer)).into_response())
+}
+
+#[utoipa::path(delete, path = "/templates/tags", tag = "templates", security(("api_key" = [])),
+    request_body = wrenn_api::RemoveTags,
+    responses(
+        (status = 204, description = "The tags are gone"),
+        (status = 400, description = "A bad tag, or none", body = wrenn_api::Error),
+        (status = 403, description = "Another team's public template", body = wrenn_api::Error),
+        (status = 404, description = "No such template", body = wrenn_api::Error),
+    ))]
+pub(super) async fn remove_tags(
+    TeamCall { plane, team, .. }: TeamCall,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let request: wrenn_api::RemoveTags = body_json(&body)?;
+    plane
+        .remove_tags(&team.0, &request.name, request.tags)
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[utoipa::path(get, path = "/templates/{template_id}/tags", tag = "templates", security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The template's tags and the builds they name", body = Vec<wrenn_api::TemplateTag>),
+    ))]
+pub(super) async fn template_tags(
+    KeyedCall {
+        plane,
+        team,
+        id: template_id,
+    }: KeyedCall<String>,
+) -> Result<Response, ApiError> {
+    let tags: Vec<wrenn_api::TemplateTag> = plane
+        .tags(&team.0, &template_id)
+        .await?
+        .into_iter()
+        .map(|row| wrenn_api::TemplateTag {
+            tag: row.tag,
+            build_id: row.build_id,
+            created_at: rfc3339(row.created_at_ms),
+        })
+        .collect();
+    Ok(axum::Json(tags).into_response())
+}

@@ -146,6 +146,7 @@ impl ControlPlane {
     /// Kills a sandbox: its VM (when its host is up; a lost sandbox's host may be gone for
     /// good) and its record.
     pub async fn kill(&self, row: &SandboxRow) -> Result<(), Error> {
+        let _uncached = self.fleet.hold_route(&row.id);
         if let Some(host) = self.fleet.host(&row.host_id)
             && host.is_up()
         {
@@ -153,10 +154,7 @@ impl ControlPlane {
         } else if row.state != SandboxState::Lost {
             self.fleet.up_host(row)?;
         }
-        let deleted = self.store.delete_sandbox(&row.id).await;
-        // After the store's change, so that a route read before it is not kept.
-        self.fleet.forget(&row.id);
-        deleted?;
+        self.store.delete_sandbox(&row.id).await?;
         tracing::info!(sandbox = %row.id, "sandbox killed");
         Ok(())
     }
@@ -168,15 +166,14 @@ impl ControlPlane {
         let admitted = self
             .admit(&row.team_id, Change::Pause { snapshot_mib })
             .await?;
+        // Until the store says paused, traffic is routed by the store, never by a route kept
+        // from before: a stale one would never let autoResume resume it.
+        let _uncached = self.fleet.hold_route(&row.id);
         host.pause(&row.id).await?;
         let paused = self
             .store
             .set_state(&row.id, SandboxState::Paused, row.end_at_ms);
-        let settled = admitted.settle(paused).await;
-        // After the store's change, so that a route read before it (traffic that came while
-        // the host paused it) is not kept: a stale route would never let autoResume resume it.
-        self.fleet.forget(&row.id);
-        settled?;
+        admitted.settle(paused).await?;
         Ok(())
     }
 

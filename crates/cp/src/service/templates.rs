@@ -110,6 +110,21 @@ fn host_template_id(build_id: &str) -> String {
     format!("b{}", build_id.replace('-', ""))
 }
 
+/// Tags as a request gives them, checked and lowercased; at least one.
+fn checked_tags(tags: Vec<String>) -> Result<Vec<String>, Error> {
+    let mut checked = Vec::new();
+    for tag in tags {
+        let (_, tag) = split_name(&format!("x:{tag}"))?;
+        if !checked.contains(&tag) {
+            checked.push(tag);
+        }
+    }
+    if checked.is_empty() {
+        return Err(Error::InvalidRequest("no tags given".into()));
+    }
+    Ok(checked)
+}
+
 /// The step (1-based) an agent's build error names (`step 3 (RUN …): …`), if any.
 fn failed_step(message: &str) -> Option<String> {
     let rest = message.split("step ").nth(1)?;
@@ -191,6 +206,7 @@ impl ControlPlane {
             envd_version: String::new(),
             created_at_ms: now,
             finished_at_ms: 0,
+            tags: tags.clone(),
         };
         self.store.put_build(build.clone()).await?;
         Ok((template, build, tags))
@@ -220,9 +236,7 @@ impl ControlPlane {
     ) -> Result<ResolvedTemplate, Error> {
         match self.team_template(team_id, named).await {
             Ok(template) => {
-                let build_id = template.ready_build_id.ok_or_else(|| {
-                    Error::Conflict(format!("template {named:?} has no ready build yet"))
-                })?;
+                let build_id = self.build_named(&template, named).await?;
                 Ok(ResolvedTemplate {
                     on_hosts: host_template_id(&build_id),
                     id: template.id,
@@ -238,6 +252,86 @@ impl ControlPlane {
         }
     }
 
+    /// The build `named` (`name:tag`, `name` or the template's id) means: its tag's, or for
+    /// no tag the `default` tag's, else the template's last ready build.
+    async fn build_named(&self, template: &TemplateRow, named: &str) -> Result<String, Error> {
+        let tag = named
+            .split_once(':')
+            .map(|(_, tag)| tag.to_ascii_lowercase());
+        let tags = self.store.tags_of(&template.id).await?;
+        let tagged = |wanted: &str| {
+            tags.iter()
+                .find(|row| row.tag == wanted)
+                .map(|row| row.build_id.clone())
+        };
+        match tag {
+            Some(tag) => tagged(&tag).ok_or_else(|| Error::TemplateNotFound(named.to_string())),
+            None => tagged("default")
+                .or_else(|| template.ready_build_id.clone())
+                .ok_or_else(|| {
+                    Error::Conflict(format!("template {named:?} has no ready build yet"))
+                }),
+        }
+    }
+
+    /// `POST /templates/tags`: `tags` of the template `target` names now name the build it
+    /// names (see [`Self::build_named`]): that build, and the tags as stored.
+    pub async fn assign_tags(
+        &self,
+        team_id: &str,
+        target: &str,
+        tags: Vec<String>,
+    ) -> Result<(String, Vec<String>), Error> {
+        let template = self.own_template(team_id, target).await?;
+        let build_id = self.build_named(&template, target).await?;
+        let tags = checked_tags(tags)?;
+        let now = now_ms();
+        for tag in &tags {
+            let row = crate::store::TagRow {
+                template_id: template.id.clone(),
+                tag: tag.clone(),
+                build_id: build_id.clone(),
+                created_at_ms: now,
+            };
+            self.store.put_tag(row).await?;
+        }
+        Ok((build_id, tags))
+    }
+
+    /// `DELETE /templates/tags`: removes tags of the team's template `name`.
+    pub async fn remove_tags(
+        &self,
+        team_id: &str,
+        name: &str,
+        tags: Vec<String>,
+    ) -> Result<(), Error> {
+        let template = self.own_template(team_id, name).await?;
+        let tags = checked_tags(tags)?;
+        self.store.delete_tags(&template.id, tags).await?;
+        Ok(())
+    }
+
+    /// `GET /templates/{templateID}/tags`.
+    pub async fn tags(
+        &self,
+        team_id: &str,
+        named: &str,
+    ) -> Result<Vec<crate::store::TagRow>, Error> {
+        let template = self.team_template(team_id, named).await?;
+        Ok(self.store.tags_of(&template.id).await?)
+    }
+
+    /// A template of the team's own (another team's public one is a 403).
+    async fn own_template(&self, team_id: &str, named: &str) -> Result<TemplateRow, Error> {
+        let template = self.team_template(team_id, named).await?;
+        if template.team_id != team_id {
+            return Err(Error::Forbidden(format!(
+                "template {named:?} belongs to another team"
+            )));
+        }
+        Ok(template)
+    }
+
     /// `POST /v2/templates/{templateID}/builds/{buildID}`: starts a waiting build as a job on
     /// a host that has the template it starts from; returns once it runs.
     pub async fn start_build(
@@ -247,12 +341,7 @@ impl ControlPlane {
         build_id: &str,
         spec: BuildSpec,
     ) -> Result<(), Error> {
-        let template = self.team_template(team_id, template_id).await?;
-        if template.team_id != team_id {
-            return Err(Error::Forbidden(format!(
-                "template {template_id:?} belongs to another team"
-            )));
-        }
+        let template = self.own_template(team_id, template_id).await?;
         let _turn = self.changes.turn(&format!("build:{build_id}")).await;
         let build = self
             .store
@@ -425,6 +514,17 @@ impl ControlPlane {
                     if let Err(error) = self.store.put_template(template).await {
                         tracing::warn!(build = %ready.id, %error, "a ready build was not made its template's");
                     }
+                    for tag in &ready.tags {
+                        let row = crate::store::TagRow {
+                            template_id: ready.template_id.clone(),
+                            tag: tag.clone(),
+                            build_id: ready.id.clone(),
+                            created_at_ms: now,
+                        };
+                        if let Err(error) = self.store.put_tag(row).await {
+                            tracing::warn!(build = %ready.id, %tag, %error, "a ready build's tag was not kept");
+                        }
+                    }
                 }
                 Ok(None) => tracing::info!(build = %ready.id, "built a template deleted meanwhile"),
                 Err(error) => {
@@ -439,12 +539,7 @@ impl ControlPlane {
     /// (refused while a sandbox of it runs or is paused) and their logs. A build still
     /// running is left to end, and its template is deleted with the rest.
     pub async fn delete_template(&self, team_id: &str, named: &str) -> Result<(), Error> {
-        let template = self.team_template(team_id, named).await?;
-        if template.team_id != team_id {
-            return Err(Error::Forbidden(format!(
-                "template {named:?} belongs to another team"
-            )));
-        }
+        let template = self.own_template(team_id, named).await?;
         let _turn = self
             .changes
             .turn(&format!("template:{}", template.id))

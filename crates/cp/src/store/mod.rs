@@ -175,6 +175,17 @@ pub struct BuildRow {
     pub created_at_ms: i64,
     /// 0 until it ends.
     pub finished_at_ms: i64,
+    /// The tags it takes once it is ready.
+    pub tags: Vec<String>,
+}
+
+/// A tag of a template: the build it names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagRow {
+    pub template_id: String,
+    pub tag: String,
+    pub build_id: String,
+    pub created_at_ms: i64,
 }
 
 /// One line of a build's log; `seq` counts from 0 in each build.
@@ -293,6 +304,12 @@ pub trait StoreBackend: Send + Sync + std::fmt::Debug {
     async fn builds_of(&self, template_id: &str) -> StoreResult<Vec<BuildRow>>;
     /// Appends lines to a build's log (their `seq` numbers follow the last one's).
     async fn add_build_logs(&self, build_id: &str, lines: Vec<BuildLogRow>) -> StoreResult<()>;
+    /// Points `tag` of a template at a build (moving it if it named another).
+    async fn put_tag(&self, tag: TagRow) -> StoreResult<()>;
+    /// Removes tags of a template: how many there were.
+    async fn delete_tags(&self, template_id: &str, tags: Vec<String>) -> StoreResult<u64>;
+    /// A template's tags, by name.
+    async fn tags_of(&self, template_id: &str) -> StoreResult<Vec<TagRow>>;
     /// At most `limit` lines of a build's log from the `offset`th on.
     async fn build_logs(
         &self,

@@ -10,6 +10,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, R
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
+use super::TagRow;
 use super::rows::{BUILD_UPSERT, HOST_UPSERT, SANDBOX_UPSERT, Stored, TEMPLATE_UPSERT, first};
 use super::{
     ApiKey, BuildLogRow, BuildRow, HostRow, ListQuery, SandboxRow, SandboxState, StateChange,
@@ -347,12 +348,13 @@ impl StoreBackend for PgStore {
             build.memory_mb as i32,
             build.disk_size_mb as i32,
         );
+        let tags = serde_json::to_string(&build.tags).unwrap_or_else(|_| "[]".into());
         self.execute(
             &format!(
                 "INSERT INTO template_builds (id, template_id, status, reason, reason_step,
                     from_template, host_id, host_template_id, cpu_count, memory_mb, disk_size_mb,
-                    envd_version, created_at_ms, finished_at_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+                    envd_version, created_at_ms, finished_at_ms, tags)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
                  {BUILD_UPSERT}"
             ),
             &[
@@ -370,6 +372,7 @@ impl StoreBackend for PgStore {
                 &build.envd_version,
                 &build.created_at_ms,
                 &build.finished_at_ms,
+                &tags,
             ],
         )
         .await
@@ -414,6 +417,36 @@ impl StoreBackend for PgStore {
         }
         transaction.commit().await?;
         Ok(())
+    }
+
+    async fn put_tag(&self, tag: TagRow) -> StoreResult<()> {
+        self.execute(
+            "INSERT INTO template_tags (template_id, tag, build_id, created_at_ms)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (template_id, tag) DO UPDATE SET build_id = excluded.build_id,
+                created_at_ms = excluded.created_at_ms",
+            &[
+                &tag.template_id,
+                &tag.tag,
+                &tag.build_id,
+                &tag.created_at_ms,
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn delete_tags(&self, template_id: &str, tags: Vec<String>) -> StoreResult<u64> {
+        self.execute(
+            "DELETE FROM template_tags WHERE template_id = $1 AND tag = ANY($2)",
+            &[&template_id, &tags],
+        )
+        .await
+    }
+
+    async fn tags_of(&self, template_id: &str) -> StoreResult<Vec<TagRow>> {
+        self.select("WHERE template_id = $1 ORDER BY tag", &[&template_id])
+            .await
     }
 
     async fn build_logs(

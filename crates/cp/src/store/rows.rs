@@ -6,8 +6,8 @@
 use serde::de::DeserializeOwned;
 
 use super::{
-    ApiKey, BuildLogRow, BuildRow, BuildStatus, HostRow, HostState, SandboxRow, SandboxState, Team,
-    TemplateRow, sandbox_state,
+    ApiKey, BuildLogRow, BuildRow, BuildStatus, HostRow, HostState, SandboxRow, SandboxState,
+    TagRow, Team, TemplateRow, sandbox_state,
 };
 
 /// A row a backend read: its columns by name, as the few kinds of value the store keeps.
@@ -151,8 +151,10 @@ stored!(BuildRow from template_builds {
     id: text, template_id: text, status: build_status, reason: optional_text,
     reason_step: optional_text, from_template: text, host_id: optional_text,
     host_template_id: text, cpu_count: count, memory_mb: count, disk_size_mb: count,
-    envd_version: text, created_at_ms: int, finished_at_ms: int,
+    envd_version: text, created_at_ms: int, finished_at_ms: int, tags: json,
 });
+
+stored!(TagRow from template_tags { template_id: text, tag: text, build_id: text, created_at_ms: int });
 
 stored!(BuildLogRow from template_build_logs {
     seq: int, timestamp_ms: int, level: text, message: text, step: optional_text,

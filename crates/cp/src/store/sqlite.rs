@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use rusqlite::types::Value;
 use rusqlite::{Connection, TransactionBehavior};
 
+use super::TagRow;
 use super::rows::{BUILD_UPSERT, HOST_UPSERT, SANDBOX_UPSERT, Stored, TEMPLATE_UPSERT, first};
 use super::{
     ApiKey, BuildLogRow, BuildRow, HostRow, ListQuery, SandboxRow, SandboxState, StateChange,
@@ -407,8 +408,8 @@ impl StoreBackend for SqliteStore {
             format!(
                 "INSERT INTO template_builds (id, template_id, status, reason, reason_step,
                     from_template, host_id, host_template_id, cpu_count, memory_mb, disk_size_mb,
-                    envd_version, created_at_ms, finished_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                    envd_version, created_at_ms, finished_at_ms, tags)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
                  {BUILD_UPSERT}"
             ),
             values![
@@ -426,6 +427,7 @@ impl StoreBackend for SqliteStore {
                 build.envd_version,
                 build.created_at_ms,
                 build.finished_at_ms,
+                serde_json::to_string(&build.tags).unwrap_or_else(|_| "[]".into()),
             ],
         )
         .await
@@ -469,6 +471,40 @@ impl StoreBackend for SqliteStore {
             transaction.commit()
         })
         .await
+    }
+
+    async fn put_tag(&self, tag: TagRow) -> StoreResult<()> {
+        self.execute(
+            "INSERT INTO template_tags (template_id, tag, build_id, created_at_ms)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (template_id, tag) DO UPDATE SET build_id = excluded.build_id,
+                created_at_ms = excluded.created_at_ms",
+            values![tag.template_id, tag.tag, tag.build_id, tag.created_at_ms],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn delete_tags(&self, template_id: &str, tags: Vec<String>) -> StoreResult<u64> {
+        let template_id = template_id.to_string();
+        self.with(move |db| {
+            let transaction = db.transaction()?;
+            let mut removed = 0;
+            for tag in tags {
+                removed += transaction.execute(
+                    "DELETE FROM template_tags WHERE template_id = ?1 AND tag = ?2",
+                    rusqlite::params![template_id, tag],
+                )? as u64;
+            }
+            transaction.commit()?;
+            Ok(removed)
+        })
+        .await
+    }
+
+    async fn tags_of(&self, template_id: &str) -> StoreResult<Vec<TagRow>> {
+        let clause = "WHERE template_id = ?1 ORDER BY tag";
+        self.select(clause, values![template_id.to_string()]).await
     }
 
     async fn build_logs(

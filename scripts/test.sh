@@ -127,6 +127,7 @@ BENCH="$(pwd)/target/debug/wrenn-bench"
 "$BENCH" boot --runs 1 --accel tcg
 "$BENCH" sandbox --sequential 2 --concurrent 2 --idle 2 --pauses 1 --accel tcg
 "$BENCH" api --creates 2 --rows 200 --accel tcg
+"$BENCH" build --runs 1 --accel tcg
 
 step "no generated changes left behind"
 if [ -n "$(git status --porcelain)" ]; then

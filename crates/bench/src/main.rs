@@ -3,6 +3,7 @@
 //! `--json`. Build with `cargo build --release -p wrenn -p wrenn-bench -p wrenn-envd`.
 
 mod api;
+mod build;
 mod envd;
 mod report;
 mod sandbox;
@@ -23,6 +24,8 @@ enum BenchCommand {
     Sandbox(sandbox::SandboxBenchArgs),
     /// Network slots: making one and opening its egress, with the firewall before and after #11.
     Slots(slots::SlotsBenchArgs),
+    /// Template builds: three steps from a template, and the first create from the result.
+    Build(build::BuildBenchArgs),
 }
 
 fn main() {
@@ -58,6 +61,7 @@ async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Api(args) => api::run(args).await,
         BenchCommand::Sandbox(args) => sandbox::sandbox(args).await,
         BenchCommand::Slots(args) => slots::run(args).await,
+        BenchCommand::Build(args) => build::run(args).await,
     }
 }
 

@@ -32,9 +32,9 @@ pub struct GuestArgs {
     #[arg(long, default_value = "auto")]
     accel: AccelSetting,
     #[arg(long, default_value_t = 512)]
-    memory_mib: u32,
+    pub(super) memory_mib: u32,
     #[arg(long)]
-    json: bool,
+    pub(super) json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -87,7 +87,7 @@ pub(super) fn latency(samples: &[Duration]) -> Latency {
 }
 
 /// A table of latencies: a row of each measure's figures.
-fn latency_table(rows: &[(&str, &Latency)]) -> comfy_table::Table {
+pub(super) fn latency_table(rows: &[(&str, &Latency)]) -> comfy_table::Table {
     let mut table = table(["measure", "runs", "p50", "p95", "min", "max"]);
     for (name, figures) in rows {
         let quantiles = [
@@ -191,14 +191,14 @@ pub async fn boot(args: BootBenchArgs) -> anyhow::Result<()> {
 }
 
 /// A `wrenn agent serve` child process for the benchmark.
-struct BenchAgent {
+pub(super) struct BenchAgent {
     child: std::process::Child,
     data: tempfile::TempDir,
     client: ConnectClient,
 }
 
 impl BenchAgent {
-    fn start(args: &SandboxBenchArgs) -> anyhow::Result<BenchAgent> {
+    pub(super) fn start(guest: &GuestArgs) -> anyhow::Result<BenchAgent> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -226,7 +226,7 @@ impl BenchAgent {
                 "12",
             ])
             .arg("--accel")
-            .arg(match args.guest.accel {
+            .arg(match guest.accel {
                 AccelSetting::Auto => "auto",
                 AccelSetting::Kvm => "kvm",
                 AccelSetting::Tcg => "tcg",
@@ -242,7 +242,7 @@ impl BenchAgent {
             .env("WRENN_AGENT_TOKEN", token)
             .env("WRENN_LOG", "warn")
             .stdin(std::process::Stdio::null());
-        if let Some(image) = &args.guest.image_dir {
+        if let Some(image) = &guest.image_dir {
             command.arg("--image-dir").arg(image);
         }
         let child = command.spawn().context("starting the agent")?;
@@ -264,7 +264,7 @@ impl BenchAgent {
         })
     }
 
-    async fn call<M>(&self, request: &M::Request) -> anyhow::Result<M::Response>
+    pub(super) async fn call<M>(&self, request: &M::Request) -> anyhow::Result<M::Response>
     where
         M: wrenn_proto::Rpc,
         M::Request: wrenn_connect::Message,
@@ -277,10 +277,15 @@ impl BenchAgent {
     }
 
     async fn create(&self, id: String) -> anyhow::Result<Duration> {
+        self.create_from("bench", id).await
+    }
+
+    /// A sandbox `id` of `template`: how long the create took.
+    pub(super) async fn create_from(&self, template: &str, id: String) -> anyhow::Result<Duration> {
         let started = Instant::now();
         let _: pb::CreateSandboxResponse = self
             .call::<host_agent::CreateSandbox>(&pb::CreateSandboxRequest {
-                template_id: "bench".into(),
+                template_id: template.into(),
                 sandbox_id: id,
                 ..Default::default()
             })
@@ -288,7 +293,12 @@ impl BenchAgent {
         Ok(started.elapsed())
     }
 
-    async fn destroy(&self, id: String) -> anyhow::Result<()> {
+    /// The agent's Connect client.
+    pub(super) fn client(&self) -> &ConnectClient {
+        &self.client
+    }
+
+    pub(super) async fn destroy(&self, id: String) -> anyhow::Result<()> {
         let _: pb::DestroySandboxResponse = self
             .call::<host_agent::DestroySandbox>(&pb::DestroySandboxRequest { sandbox_id: id })
             .await?;
@@ -307,7 +317,7 @@ impl Drop for BenchAgent {
 }
 
 pub async fn sandbox(args: SandboxBenchArgs) -> anyhow::Result<()> {
-    let agent = BenchAgent::start(&args)?;
+    let agent = BenchAgent::start(&args.guest)?;
     eprintln!("building the template (one cold boot) ...");
     let built: pb::BuildTemplateResponse = agent
         .call::<host_agent::BuildTemplate>(&pb::BuildTemplateRequest {

@@ -41,6 +41,15 @@ def test_a_template_built_from_base_runs_its_steps_and_start_command(wrenn):
     finally:
         sandbox.kill()
 
+    # Tags: the build's own, one more on it, then that one removed.
+    assigned = Template.assign_tags("sdk-app:v1", "stable")
+    assert assigned.tags == ["stable"]
+    assert str(assigned.build_id) == info.build_id
+    tags = {tag.tag: str(tag.build_id) for tag in Template.get_tags("sdk-app")}
+    assert tags == {"v1": info.build_id, "stable": info.build_id}
+    Template.remove_tags("sdk-app", "stable")
+    assert [tag.tag for tag in Template.get_tags(info.template_id)] == ["v1"]
+
 
 def test_a_failing_step_fails_the_build_with_its_output(wrenn):
     template = (

@@ -84,3 +84,51 @@ def test_another_team_cannot_run_or_take_a_teams_template(wrenn):
     with pytest.raises(BuildException) as taken:
         Template.build(Template().from_template("base"), "sdk-private", api_key=other_key)
     assert "taken by another team" in str(taken.value)
+
+
+def test_the_cli_builds_a_dockerfile_lists_tags_and_deletes_it(wrenn, tmp_path):
+    import json
+    import os
+    import subprocess
+
+    env = dict(os.environ, WRENN_API_URL=wrenn.api_url, WRENN_API_KEY=wrenn.key)
+
+    def cli(*args, check=True):
+        return subprocess.run([wrenn.binary, "template", *args], capture_output=True, text=True,
+                              timeout=600, env=env, check=check)
+
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text(
+        "FROM base\n"
+        "ARG GREETING=hello\n"
+        "WORKDIR /home/user/site\n"
+        "RUN echo \"$GREETING from the cli\" > index.html \\\n"
+        "    && echo step-output\n"
+        'CMD ["python3", "-m", "http.server", "8000"]\n'
+    )
+    built = cli("build", "-f", str(dockerfile), "--name", "cli-app:v2", "--ready-cmd",
+                "[ -n \"$(ss -Htln sport = :8000)\" ]")
+    assert "step-output" in built.stdout, built.stdout
+    assert "built cli-app:v2" in built.stdout, built.stdout
+    listed = json.loads(cli("list", "--json").stdout)
+    mine = [t for t in listed if t["aliases"] == ["cli-app"]]
+    assert len(mine) == 1 and mine[0]["buildStatus"] == "ready", listed
+    tags = json.loads(cli("tags", "cli-app", "--json").stdout)
+    assert [t["tag"] for t in tags] == ["v2"]
+
+    sandbox = Sandbox.create("cli-app:v2", timeout=120)
+    try:
+        page = sandbox.commands.run("curl -s http://127.0.0.1:8000/index.html")
+        assert page.stdout == "hello from the cli\n"
+        refused = cli("delete", "cli-app", check=False)
+        assert refused.returncode != 0 and "in use by sandboxes" in refused.stderr, refused.stderr
+    finally:
+        sandbox.kill()
+    cli("delete", "cli-app")
+    assert not Template.exists("cli-app")
+
+    copying = tmp_path / "Copying.Dockerfile"
+    copying.write_text("FROM base\nCOPY . /app\n")
+    refused = cli("build", "-f", str(copying), "--name", "cli-copy", check=False)
+    assert refused.returncode != 0
+    assert "Dockerfile line 2 (COPY): copying files" in refused.stderr, refused.stderr

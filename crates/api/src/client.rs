@@ -12,8 +12,9 @@ use serde::de::DeserializeOwned;
 use wrenn_http::client::{BodyError, ClientOptions, describe, read_bounded, reqwest};
 
 use crate::{
-    ForgottenHost, Hosts, ListedSandbox, NewSandbox, Sandbox, SandboxDetail, SandboxState,
-    Template, TimeoutRequest,
+    AssignTags, AssignedTags, ForgottenHost, Hosts, ListedSandbox, NewSandbox, RemoveTags, Sandbox,
+    SandboxDetail, SandboxState, Template, TemplateBuildInfo, TemplateBuildRequest,
+    TemplateBuildRequested, TemplateBuildStart, TemplateTag, TimeoutRequest,
 };
 
 /// The largest answer read: 16 MiB.
@@ -376,6 +377,75 @@ impl Client {
     /// `GET /templates`.
     pub async fn templates(&self) -> Result<Vec<Template>, ClientError> {
         self.fetch(Method::GET, "/templates", NO_BODY).await
+    }
+
+    /// `POST /v3/templates`: a template of that name (the team's own, or a new one) and a
+    /// build of it to start.
+    pub async fn request_build(
+        &self,
+        request: &TemplateBuildRequest,
+    ) -> Result<TemplateBuildRequested, ClientError> {
+        self.fetch(Method::POST, "/v3/templates", Some(request))
+            .await
+    }
+
+    /// `POST /v2/templates/{templateID}/builds/{buildID}`.
+    pub async fn start_build(
+        &self,
+        template_id: &str,
+        build_id: &str,
+        start: &TemplateBuildStart,
+    ) -> Result<(), ClientError> {
+        let path = format!(
+            "/v2/templates/{}/builds/{}",
+            segment(template_id),
+            segment(build_id)
+        );
+        self.expect_success(Method::POST, &path, Some(start))
+            .await
+            .map(drop)
+    }
+
+    /// `GET /templates/{templateID}/builds/{buildID}/status` from the `logs_offset`th line.
+    pub async fn build_status(
+        &self,
+        template_id: &str,
+        build_id: &str,
+        logs_offset: usize,
+    ) -> Result<TemplateBuildInfo, ClientError> {
+        let path = format!(
+            "/templates/{}/builds/{}/status?logsOffset={logs_offset}&limit=100",
+            segment(template_id),
+            segment(build_id)
+        );
+        self.fetch(Method::GET, &path, NO_BODY).await
+    }
+
+    /// `DELETE /templates/{templateID}`.
+    pub async fn delete_template(&self, template: &str) -> Result<(), ClientError> {
+        let path = format!("/templates/{}", segment(template));
+        self.expect_success(Method::DELETE, &path, NO_BODY)
+            .await
+            .map(drop)
+    }
+
+    /// `GET /templates/{templateID}/tags`.
+    pub async fn template_tags(&self, template: &str) -> Result<Vec<TemplateTag>, ClientError> {
+        let path = format!("/templates/{}/tags", segment(template));
+        self.fetch(Method::GET, &path, NO_BODY).await
+    }
+
+    /// `POST /templates/tags`.
+    pub async fn assign_tags(&self, request: &AssignTags) -> Result<AssignedTags, ClientError> {
+        self.fetch(Method::POST, "/templates/tags", Some(request))
+            .await
+    }
+
+    /// `DELETE /templates/tags`.
+    pub async fn remove_tags(&self, request: &RemoveTags) -> Result<(), ClientError> {
+        self.expect_success(Method::DELETE, "/templates/tags", Some(request))
+            .await
+            .map(drop)
     }
 
     /// `GET /hosts`.

@@ -5,6 +5,7 @@
 
 mod commands;
 mod connection;
+mod dockerfile;
 mod flags;
 mod output;
 mod paths;

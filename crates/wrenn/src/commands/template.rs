@@ -1,5 +1,12 @@
-//! `wrenn template list`: the templates of a control plane.
+//! `wrenn template`: the templates of a control plane. `build` reads a Dockerfile (see
+//! [`crate::dockerfile`]), builds it through the template build API and shows its log live with a
+//! progress line; `list`, `delete`, `tags`, `tag` and `untag` manage what was built.
 
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use crate::connection::Connection;
@@ -17,21 +24,219 @@ pub struct TemplateArgs {
 pub enum TemplateCommand {
     /// The templates sandboxes can be created from.
     List,
+    /// Build a template from a Dockerfile whose FROM names a template (e.g. `FROM base`).
+    Build(BuildArgs),
+    /// Delete a template of the team (refused while a sandbox of it exists).
+    Delete {
+        /// Its name or id.
+        template: String,
+    },
+    /// A template's tags and the builds they name.
+    Tags {
+        /// Its name or id.
+        template: String,
+    },
+    /// Point tags at the build `name:tag` (or `name`) names.
+    Tag {
+        /// `name:tag` or `name`.
+        target: String,
+        #[arg(required = true)]
+        tags: Vec<String>,
+    },
+    /// Remove tags from a template.
+    Untag {
+        /// Its name.
+        template: String,
+        #[arg(required = true)]
+        tags: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// The Dockerfile.
+    #[arg(short = 'f', long = "file", default_value = "Dockerfile")]
+    file: PathBuf,
+    /// The template's name (`name` or `name:tag`).
+    #[arg(long)]
+    name: String,
+    /// vCPUs of its sandboxes [default: its FROM template's].
+    #[arg(long)]
+    cpu: Option<u32>,
+    /// Memory of its sandboxes in MiB [default: its FROM template's].
+    #[arg(long)]
+    memory: Option<u32>,
+    /// The command its sandboxes start with (instead of the Dockerfile's CMD/ENTRYPOINT).
+    #[arg(long)]
+    start_cmd: Option<String>,
+    /// A command run until it exits 0 before the snapshot is taken.
+    #[arg(long)]
+    ready_cmd: Option<String>,
 }
 
 pub async fn run(args: TemplateArgs) -> anyhow::Result<()> {
     let TemplateArgs {
         connection,
-        command: TemplateCommand::List,
+        command,
     } = args;
-    let templates = connection.api()?.templates().await?;
-    let columns: [Column<wrenn_api::Template>; 6] = [
-        ("template", |t| t.template_id.clone()),
-        ("cpus", |t| t.cpu_count.to_string()),
-        ("memory", |t| format!("{} MiB", t.memory_mb)),
-        ("disk", |t| format!("{} MiB", t.disk_size_mb)),
-        ("envd", |t| t.envd_version.clone()),
-        ("built", |t| t.created_at.clone()),
-    ];
-    print_list(&templates, connection.json, &columns)
+    let api = connection.api()?;
+    match command {
+        TemplateCommand::List => {
+            let templates = api.templates().await?;
+            let columns: [Column<wrenn_api::Template>; 7] = [
+                ("template", |t| t.template_id.clone()),
+                ("name", |t| t.aliases.join(", ")),
+                ("status", |t| t.build_status.clone()),
+                ("cpus", |t| t.cpu_count.to_string()),
+                ("memory", |t| format!("{} MiB", t.memory_mb)),
+                ("envd", |t| t.envd_version.clone()),
+                ("updated", |t| t.updated_at.clone()),
+            ];
+            print_list(&templates, connection.json, &columns)
+        }
+        TemplateCommand::Build(build) => build_template(&connection, build).await,
+        TemplateCommand::Delete { template } => {
+            api.delete_template(&template).await?;
+            if !connection.json {
+                println!("deleted template {template}");
+            }
+            Ok(())
+        }
+        TemplateCommand::Tags { template } => {
+            let tags = api.template_tags(&template).await?;
+            let columns: [Column<wrenn_api::TemplateTag>; 3] = [
+                ("tag", |t| t.tag.clone()),
+                ("build", |t| t.build_id.clone()),
+                ("tagged", |t| t.created_at.clone()),
+            ];
+            print_list(&tags, connection.json, &columns)
+        }
+        TemplateCommand::Tag { target, tags } => {
+            let assigned = api
+                .assign_tags(&wrenn_api::AssignTags { target, tags })
+                .await?;
+            if connection.json {
+                println!("{}", serde_json::to_string_pretty(&assigned)?);
+            } else {
+                println!(
+                    "tagged build {} as {}",
+                    assigned.build_id,
+                    assigned.tags.join(", ")
+                );
+            }
+            Ok(())
+        }
+        TemplateCommand::Untag { template, tags } => {
+            api.remove_tags(&wrenn_api::RemoveTags {
+                name: template.clone(),
+                tags,
+            })
+            .await?;
+            if !connection.json {
+                println!("untagged {template}");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// How often a build's status is read.
+const POLL: Duration = Duration::from_millis(300);
+
+async fn build_template(connection: &Connection, args: BuildArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("reading {}", args.file.display()))?;
+    let dockerfile = crate::dockerfile::parse(&text)?;
+    let api = connection.api()?;
+    let requested = api
+        .request_build(&wrenn_api::TemplateBuildRequest {
+            name: Some(args.name.clone()),
+            cpu_count: args.cpu,
+            memory_mb: args.memory,
+            ..Default::default()
+        })
+        .await?;
+    let start = wrenn_api::TemplateBuildStart {
+        from_template: Some(dockerfile.from.clone()),
+        steps: dockerfile
+            .steps
+            .iter()
+            .map(|(kind, args)| wrenn_api::TemplateStep {
+                kind: kind.clone(),
+                args: args.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        start_cmd: args.start_cmd.or(dockerfile.start_cmd),
+        ready_cmd: args.ready_cmd,
+        ..Default::default()
+    };
+    api.start_build(&requested.template_id, &requested.build_id, &start)
+        .await
+        .with_context(|| format!("starting the build FROM {}", dockerfile.from))?;
+    let started = Instant::now();
+    let total = dockerfile.steps.len();
+    let progress = !connection.json && std::io::stderr().is_terminal();
+    let mut seen = 0;
+    let info = loop {
+        let info = api
+            .build_status(&requested.template_id, &requested.build_id, seen)
+            .await?;
+        seen += info.log_entries.len();
+        if progress && !info.log_entries.is_empty() {
+            // Clear the progress line before the log lines it sat under.
+            eprint!("\r\x1b[2K");
+        }
+        if !connection.json {
+            for entry in &info.log_entries {
+                let step = entry.step.as_deref().unwrap_or("");
+                println!("[{step:>8}] {}", entry.message);
+            }
+        }
+        let ended = matches!(info.status.as_str(), "ready" | "error");
+        if ended && info.log_entries.is_empty() {
+            break info;
+        }
+        if progress {
+            let step = info
+                .log_entries
+                .iter()
+                .rev()
+                .find_map(|e| e.step.clone())
+                .unwrap_or_default();
+            eprint!(
+                "\r\x1b[2K{} {}: step {step} of {total}, {} s",
+                info.status,
+                args.name,
+                started.elapsed().as_secs()
+            );
+            let _ = std::io::stderr().flush();
+        }
+        if !ended {
+            tokio::time::sleep(POLL).await;
+        }
+    };
+    if progress {
+        eprint!("\r\x1b[2K");
+    }
+    if connection.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    }
+    if info.status == "error" {
+        let why = info
+            .reason
+            .map(|reason| reason.message)
+            .unwrap_or_else(|| "the build failed".into());
+        anyhow::bail!("the build of {} failed: {why}", args.name);
+    }
+    if !connection.json {
+        println!(
+            "built {} (template {}, build {}) in {} s",
+            args.name,
+            requested.template_id,
+            requested.build_id,
+            started.elapsed().as_secs()
+        );
+    }
+    Ok(())
 }

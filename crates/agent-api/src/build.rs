@@ -2,12 +2,15 @@
 //! ([`TemplateBuild`], its [`BuildStep`]s, E2B's step types) and the log it streams
 //! ([`BuildLog`]), with their forms on the agent's Connect API.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use wrenn_proto::agent as pb;
 
 /// How long a build may take when its caller sets no deadline.
 pub const DEFAULT_BUILD_DEADLINE: Duration = Duration::from_secs(30 * 60);
+/// The most a build's COPY files may weigh in all (they travel in its request).
+pub const MAX_BUILD_FILES_BYTES: usize = 256 << 20;
 
 /// A step's type, as E2B's `TemplateStep.type` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +111,17 @@ impl BuildStep {
             StepKind::Copy if self.args.len() < 2 || self.args.len() > 4 || !nonempty_first => {
                 wrong("takes a source, a destination, an owner and a mode")
             }
+            StepKind::Copy if self.args[1].is_empty() => wrong("has no destination"),
+            StepKind::Copy if self.files_hash.is_none() => {
+                wrong("names no uploaded files (filesHash)")
+            }
+            StepKind::Copy
+                if self.args.get(3).is_some_and(|mode| {
+                    !mode.is_empty() && u32::from_str_radix(mode, 8).is_err()
+                }) =>
+            {
+                wrong("its mode must be octal (e.g. 0644)")
+            }
             _ => Ok(()),
         }
     }
@@ -132,6 +146,8 @@ pub struct TemplateBuild {
     pub memory_mib: Option<u32>,
     pub vcpus: Option<u32>,
     pub deadline: Duration,
+    /// What COPY steps copy: a tar (gzipped or not) for each `files_hash`.
+    pub files: BTreeMap<String, Vec<u8>>,
 }
 
 fn nonempty(text: String) -> Option<String> {
@@ -152,6 +168,7 @@ impl TryFrom<pb::RunTemplateBuildRequest> for TemplateBuild {
             memory_mib,
             vcpus,
             deadline_ms,
+            files,
         } = request;
         let steps = steps
             .into_iter()
@@ -187,6 +204,7 @@ impl TryFrom<pb::RunTemplateBuildRequest> for TemplateBuild {
             memory_mib: (memory_mib > 0).then_some(memory_mib),
             vcpus: (vcpus > 0).then_some(vcpus),
             deadline: crate::timeout_from_millis(deadline_ms).unwrap_or(DEFAULT_BUILD_DEADLINE),
+            files: files.into_iter().collect(),
         })
     }
 }
@@ -202,6 +220,7 @@ impl From<TemplateBuild> for pb::RunTemplateBuildRequest {
             memory_mib,
             vcpus,
             deadline,
+            files,
         } = build;
         pb::RunTemplateBuildRequest {
             template_id,
@@ -220,6 +239,7 @@ impl From<TemplateBuild> for pb::RunTemplateBuildRequest {
             memory_mib: memory_mib.unwrap_or(0),
             vcpus: vcpus.unwrap_or(0),
             deadline_ms: u32::try_from(deadline.as_millis()).unwrap_or(u32::MAX),
+            files: files.into_iter().collect(),
         }
     }
 }
@@ -329,6 +349,7 @@ mod tests {
             memory_mib: Some(768),
             vcpus: None,
             deadline: Duration::from_secs(90),
+            files: BTreeMap::from([("abc".into(), b"tar".to_vec())]),
         };
         let request = pb::RunTemplateBuildRequest::from(build.clone());
         assert_eq!(TemplateBuild::try_from(request).unwrap(), build);
@@ -351,6 +372,10 @@ mod tests {
             (step(StepKind::Workdir, &[]), "one non-empty argument"),
             (step(StepKind::User, &["a", "b"]), "one non-empty argument"),
             (step(StepKind::Copy, &["a"]), "a source, a destination"),
+            (
+                step(StepKind::Copy, &["a", "/b"]),
+                "names no uploaded files",
+            ),
         ] {
             let error = bad.check(3).unwrap_err();
             assert!(error.contains(said), "{error}");

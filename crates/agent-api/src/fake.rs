@@ -58,6 +58,8 @@ struct State {
     next_id: u64,
     /// Each built template's parent.
     parents: BTreeMap<String, String>,
+    /// Every build asked for, in order.
+    builds: Vec<TemplateBuild>,
 }
 
 /// An in-memory host agent.
@@ -168,6 +170,11 @@ impl FakeAgent {
             .iter()
             .map(|(id, sandbox)| (id.clone(), sandbox.state))
             .collect()
+    }
+
+    /// Every build the control plane asked for, in order (files included).
+    pub fn builds(&self) -> Vec<TemplateBuild> {
+        self.lock().builds.clone()
     }
 
     /// Every call the control plane made, in order, with the sandbox (or template) it named.
@@ -350,6 +357,14 @@ impl State {
         for (index, step) in build.steps.iter().enumerate() {
             step.check(index + 1)
                 .map_err(HostAgentError::InvalidArgument)?;
+            if let Some(hash) = &step.files_hash
+                && !build.files.contains_key(hash)
+            {
+                return Err(HostAgentError::InvalidArgument(format!(
+                    "step {} (COPY): the build carries no files {hash}",
+                    index + 1
+                )));
+            }
             let line = format!("[{}/{total}] {}", index + 1, step.describe());
             let _ = logs.send(BuildLog::now(
                 LogLevel::Info,
@@ -454,6 +469,7 @@ impl HostAgent for FakeAgent {
         logs: tokio::sync::mpsc::UnboundedSender<BuildLog>,
     ) -> Result<TemplateReport, HostAgentError> {
         let subject = build.template_id.clone();
+        self.lock().builds.push(build.clone());
         self.run(Operation::Build, &subject, move |state| {
             state.build(build, &logs)
         })

@@ -133,6 +133,43 @@ pub async fn init(address: SocketAddr, body: Value, timeout: Duration) -> Result
     control_post(address, "/init", Some(body), None, timeout).await
 }
 
+/// Writes `bytes` to `path` in the guest as root (envd's raw `POST /files`), within
+/// `timeout`.
+pub async fn upload_as_root(
+    address: SocketAddr,
+    path: &str,
+    bytes: Vec<u8>,
+    timeout: Duration,
+) -> Result<(), AgentError> {
+    let url = format!("http://{address}/files");
+    let sent = control_client()
+        .post(&url)
+        .query(&[("path", path), ("username", "root")])
+        .timeout(timeout)
+        .header("connection", "close")
+        .header("content-type", "application/octet-stream")
+        .body(bytes)
+        .send()
+        .await
+        .map_err(|error| {
+            AgentError::FailedPrecondition(format!(
+                "uploading {path} to the guest: {}",
+                wrenn_http::client::describe(&error)
+            ))
+        })?;
+    let status = sent.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let body = wrenn_http::client::read_bounded(sent, MAX_CONTROL_ANSWER)
+        .await
+        .unwrap_or_default();
+    Err(AgentError::FailedPrecondition(format!(
+        "envd refused the upload of {path}: HTTP {status}: {}",
+        guest_text(&body)
+    )))
+}
+
 /// `POST /snapshot/prepare`: envd stops its scanners and idle connections and freezes the
 /// sandbox's processes.
 pub async fn prepare_snapshot(

@@ -338,6 +338,15 @@ pub struct TemplateBuildInfo {
     pub reason: Option<BuildStatusReason>,
 }
 
+/// `GET /templates/{templateID}/files/{hash}` (201): whether a COPY step's files are there
+/// already, and if not, where to `PUT` them (a link that authorises itself, good for an hour).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TemplateFilesUpload {
+    pub present: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
 /// `POST /templates/tags`: tags to point at the build `target` (`name:tag` or `name`) names.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct AssignTags {

@@ -236,8 +236,12 @@ pub fn server_config(
 pub fn front_router(domain_host: &str, api: axum::Router, proxy: axum::Router) -> axum::Router {
     let api_host: Arc<str> = format!("api.{domain_host}").into();
     axum::Router::new().fallback_service(tower::service_fn(
-        move |request: http::Request<axum::body::Body>| {
+        move |mut request: http::Request<axum::body::Body>| {
             let to_api = request_host(&request).is_some_and(|host| host == *api_host);
+            // The API's answers that name its own URLs (upload links) name them over HTTPS.
+            request
+                .headers_mut()
+                .insert("x-forwarded-proto", http::HeaderValue::from_static("https"));
             let router = if to_api { api.clone() } else { proxy.clone() };
             async move {
                 use tower::ServiceExt;

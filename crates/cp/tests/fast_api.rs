@@ -99,6 +99,7 @@ impl Kit {
             .await
             .unwrap();
         let (plane, _wake) = ControlPlane::new(store, fleet, None, true);
+        let plane = plane.with_template_files(dir.path().join("template-files"));
         Kit {
             plane: Arc::new(plane.with_quotas(quotas)),
             agent,
@@ -1312,7 +1313,7 @@ async fn bad_builds_are_refused_and_a_failed_one_says_where_it_failed() {
         ),
         (
             json!({"fromTemplate": "base", "steps": [{"type": "COPY", "args": ["a", "/b", "", ""]}]}),
-            "COPY is not supported by wrenn yet",
+            "step 1 (COPY): names no uploaded files (filesHash)",
         ),
     ] {
         let (status, answer) = kit.call("POST", &path, Some(&kit.key_a), body).await;
@@ -1477,4 +1478,91 @@ async fn tags_name_builds_and_move_between_them() {
         .call("POST", "/templates/tags", Some(&kit.key_b), body)
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "another team's template");
+}
+
+#[tokio::test]
+async fn copy_files_are_uploaded_once_through_their_link_and_go_with_the_build() {
+    use wrenn_api::client::Client;
+    let kit = Kit::new(8, Quotas::default()).await;
+    let url = kit.serve().await;
+    let client = Client::new(&url, Some(&kit.key_a)).unwrap();
+    let anonymous = Client::new(&url, None).unwrap();
+    let no_headers = http::HeaderMap::new();
+    let (template_id, build_id) = kit.request_build("copier").await;
+    let hash = "ab".repeat(32);
+    let files = format!("/templates/{template_id}/files/{hash}");
+    let answer = client
+        .send(http::Method::GET, &files, &no_headers, None)
+        .await
+        .unwrap();
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.text());
+    let link = answer.json();
+    assert_eq!(link["present"], false);
+    let upload = link["url"].as_str().unwrap().to_string();
+    let upload_path = upload
+        .strip_prefix(&url)
+        .unwrap_or_else(|| panic!("{upload} is not under {url}"))
+        .to_string();
+    assert!(
+        upload_path.starts_with("/templates/files/uploads/"),
+        "{upload}"
+    );
+
+    // A build whose COPY files were not uploaded is refused, naming the step.
+    let copy = json!({"type": "COPY", "args": ["app", "/srv/app", "", "0755"], "filesHash": hash});
+    let start = json!({"fromTemplate": "base", "steps": [{"type": "RUN", "args": ["true"]}, copy]});
+    let path = format!("/v2/templates/{template_id}/builds/{build_id}");
+    let (status, refused) = kit
+        .call("POST", &path, Some(&kit.key_a), start.clone())
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert!(
+        message(&refused).contains("step 2 (COPY): its files"),
+        "{refused}"
+    );
+
+    // The upload needs no key; its link works once.
+    let tar = bytes::Bytes::from_static(b"a tar, as far as the control plane cares");
+    for (attempt, status) in [(1, StatusCode::CREATED), (2, StatusCode::UNAUTHORIZED)] {
+        let answer = anonymous
+            .send(
+                http::Method::PUT,
+                &upload_path,
+                &no_headers,
+                Some(tar.clone()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(answer.status, status, "upload {attempt}: {}", answer.text());
+    }
+    let answer = client
+        .send(http::Method::GET, &files, &no_headers, None)
+        .await
+        .unwrap();
+    assert_eq!(answer.json(), json!({"present": true}));
+    let bad = format!("/templates/{template_id}/files/not-a-hash");
+    let answer = client
+        .send(http::Method::GET, &bad, &no_headers, None)
+        .await
+        .unwrap();
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    let theirs = Client::new(&url, Some(&kit.key_b)).unwrap();
+    let answer = theirs
+        .send(http::Method::GET, &files, &no_headers, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        answer.status,
+        StatusCode::NOT_FOUND,
+        "another team's template"
+    );
+
+    // Now the build runs, and the host gets the files with it.
+    let (status, answer) = kit.call("POST", &path, Some(&kit.key_a), start).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let (info, _) = kit.wait_for_build(&template_id, &build_id).await;
+    assert_eq!(info["status"], "ready", "{info}");
+    let sent = kit.agent.builds().pop().unwrap();
+    assert_eq!(sent.files.get(&hash).map(Vec::as_slice), Some(&tar[..]));
+    assert_eq!(sent.steps[1].args, ["app", "/srv/app", "", "0755"]);
 }

@@ -7,6 +7,7 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use http::HeaderMap;
@@ -504,6 +505,33 @@ async fn templates_built_from_templates_run_their_steps_and_leave_nothing_when_t
         "step 1 (ENV): takes name and value pairs",
     );
 
+    // COPY's files, as the SDK packs them: paths relative to the context, links kept.
+    let context = tempfile::tempdir().unwrap();
+    let root = context.path();
+    std::fs::create_dir_all(root.join("folder/deeper")).unwrap();
+    std::fs::write(root.join("folder/a.txt"), "copied\n").unwrap();
+    std::fs::write(root.join("folder/deeper/b.txt"), "deeper\n").unwrap();
+    std::os::unix::fs::symlink("a.txt", root.join("folder/relative")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", root.join("folder/absolute")).unwrap();
+    std::os::unix::fs::symlink("nowhere", root.join("folder/dangling")).unwrap();
+    std::fs::write(root.join("file.sh"), "#!/bin/sh\necho run\n").unwrap();
+    let pack = |members: &[&str], gzip: bool| {
+        let archive = root.join("files.tar");
+        let status = std::process::Command::new("tar")
+            .arg(if gzip { "-czf" } else { "-cf" })
+            .arg(&archive)
+            .arg("-C")
+            .arg(root)
+            .args(members)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::fs::read(&archive).unwrap()
+    };
+    let copy = |args: &[&str], hash: &str| pb::BuildStep {
+        files_hash: hash.into(),
+        ..step("COPY", args)
+    };
     let mut request = build(
         "built",
         vec![
@@ -513,6 +541,8 @@ async fn templates_built_from_templates_run_their_steps_and_leave_nothing_when_t
             ),
             step("ENV", &["GREETING", "hello world"]),
             step("WORKDIR", &["app"]),
+            copy(&["folder", "/home/user/folder", "", ""], "folder-files"),
+            copy(&["file.sh", "bin/", "root", "0750"], "script-files"),
             step(
                 "RUN",
                 &["echo \"$GREETING\" > greeting.txt; pwd > where.txt; id -un > who.txt"],
@@ -523,6 +553,10 @@ async fn templates_built_from_templates_run_their_steps_and_leave_nothing_when_t
             step("USER", &["user"]),
         ],
     );
+    request.files = HashMap::from([
+        ("folder-files".to_string(), pack(&["folder"], true)),
+        ("script-files".to_string(), pack(&["file.sh"], false)),
+    ]);
     request.start_cmd = "python3 -m http.server 8000 > /tmp/server.log 2>&1".into();
     request.ready_cmd =
         "python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", 8000))'".into();
@@ -536,7 +570,7 @@ async fn templates_built_from_templates_run_their_steps_and_leave_nothing_when_t
         logged(
             &log,
             "1",
-            "[1/8] RUN echo from-run > /home/user/run.txt && echo to-stderr >&2"
+            "[1/10] RUN echo from-run > /home/user/run.txt && echo to-stderr >&2"
         ),
         "{log:?}"
     );
@@ -545,7 +579,7 @@ async fn templates_built_from_templates_run_their_steps_and_leave_nothing_when_t
         "a step's output is in the log: {log:?}"
     );
     assert!(
-        logged(&log, "2", "[2/8] ENV GREETING=hello world"),
+        logged(&log, "2", "[2/10] ENV GREETING=hello world"),
         "{log:?}"
     );
     assert!(
@@ -568,6 +602,19 @@ async fn templates_built_from_templates_run_their_steps_and_leave_nothing_when_t
     )
     .await;
     run_expecting(&sandbox, "cat /who-root.txt", "root").await;
+    // COPY: contents merged, links kept as links (dangling too), owners and modes as asked.
+    run_expecting(
+        &sandbox,
+        "cd /home/user/folder && cat a.txt deeper/b.txt relative && readlink relative absolute dangling",
+        "copied\ndeeper\ncopied\na.txt\n/etc/hostname\nnowhere",
+    )
+    .await;
+    run_expecting(
+        &sandbox,
+        "stat -c '%U %a' /home/user/folder/a.txt /home/user/app/bin/file.sh",
+        "user 644\nroot 750",
+    )
+    .await;
     run_expecting(
         &sandbox,
         "echo ${GREETING:-build-time only}",

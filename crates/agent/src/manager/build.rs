@@ -5,6 +5,10 @@
 //! run until it exits 0, then prepared and snapshotted like any template. The new template's
 //! sandboxes start as its last USER in its last WORKDIR, its start command running.
 //!
+//! COPY takes the files its client uploaded (a tar for each `filesHash`, carried with the
+//! build): the tar is written into the guest through envd, unpacked as root in a stage, then
+//! owned, moded and moved as E2B does ([`copy_step`]).
+//!
 //! A build streams its log as it goes. One that fails (the step, its exit code and the end of
 //! its output are in the error), is cancelled (its caller hung up) or runs past its deadline
 //! leaves no VM, network slot or file behind.
@@ -78,11 +82,19 @@ impl Manager {
         validate_id("template", &build.template_id)?;
         for (index, step) in build.steps.iter().enumerate() {
             step.check(index + 1).map_err(AgentError::InvalidArgument)?;
-            if step.kind == StepKind::Copy {
+            if let Some(hash) = &step.files_hash
+                && step.kind == StepKind::Copy
+                && !build.files.contains_key(hash)
+            {
                 return Err(AgentError::InvalidArgument(format!(
-                    "step {} (COPY): copying uploaded files is not supported by this host yet",
+                    "step {} (COPY): the build carries no files {hash}",
                     index + 1
                 )));
+            }
+            if step.kind == StepKind::Copy {
+                copy_source(&step.args[0]).map_err(|why| {
+                    AgentError::InvalidArgument(format!("step {} (COPY): {why}", index + 1))
+                })?;
             }
         }
         let parent = self
@@ -207,7 +219,20 @@ impl VmWork for BuildWork<'_> {
                 format!("[{number}/{total}] {}", step.describe()),
             );
             let state = self.state.lock().expect("build state").clone();
-            let next = run_step(address, step, number, state, self.logger, self.stop).await?;
+            let next = if step.kind == StepKind::Copy {
+                copy_step(
+                    address,
+                    step,
+                    number,
+                    state,
+                    self.build,
+                    self.logger,
+                    self.stop,
+                )
+                .await?
+            } else {
+                run_step(address, step, number, state, self.logger, self.stop).await?
+            };
             *self.state.lock().expect("build state") = next;
         }
         let state = self.state.lock().expect("build state").clone();
@@ -333,11 +358,131 @@ async fn run_step(
             }
             state.user = user.clone();
         }
-        StepKind::Copy => {
-            return Err(failed(
-                "copying uploaded files is not supported by this host yet".into(),
-            ));
+        StepKind::Copy => return Err(failed("is run by copy_step".into())),
+    }
+    Ok(state)
+}
+
+/// The part of a COPY's source to take from the uploaded files: the source up to its first
+/// component with a glob (the client sent only what the glob matched), relative to the build's
+/// context; `.` for all of it.
+fn copy_source(source: &str) -> Result<String, String> {
+    let mut kept = Vec::new();
+    for part in source.split('/') {
+        if part.contains(['*', '?', '[']) {
+            break;
         }
+        match part {
+            "" | "." => {}
+            ".." => return Err(format!("the source {source:?} leaves the build's context")),
+            part => kept.push(part),
+        }
+    }
+    if source.starts_with('/') {
+        return Err(format!(
+            "the source {source:?} is not within the build's context"
+        ));
+    }
+    Ok(if kept.is_empty() {
+        ".".into()
+    } else {
+        kept.join("/")
+    })
+}
+
+/// COPY: the step's files into the guest (`src`, `dest`, owner, mode), as E2B copies: owner
+/// and mode set first (the owner is the current user when none is given, a bare `u` meaning
+/// `u`'s own group), a directory's contents merged into `dest`, a file moved to `dest` (into
+/// it when it ends with `/` or is a directory), links kept as links.
+#[allow(clippy::too_many_arguments)]
+async fn copy_step(
+    address: SocketAddr,
+    step: &BuildStep,
+    number: usize,
+    state: StepState,
+    build: &TemplateBuild,
+    logger: &BuildLogger,
+    stop: &CancellationToken,
+) -> Result<StepState, AgentError> {
+    let failed = |what: String| {
+        AgentError::FailedPrecondition(format!("step {number} ({}): {what}", step.describe()))
+    };
+    let hash = step.files_hash.as_deref().unwrap_or_default();
+    let tar = build
+        .files
+        .get(hash)
+        .cloned()
+        .ok_or_else(|| failed(format!("the build carries no files {hash}")))?;
+    let source = copy_source(&step.args[0]).map_err(failed)?;
+    let raw_destination = &step.args[1];
+    let destination = resolve(&state.workdir, raw_destination);
+    let owner = match step.args.get(2).filter(|o| !o.is_empty()) {
+        Some(owner) if owner.contains(':') => owner.clone(),
+        Some(owner) => format!("{owner}:"),
+        None => format!("{}:", state.user),
+    };
+    let mode = step.args.get(3).filter(|m| !m.is_empty());
+    let archive = format!("/tmp/wrenn-copy-{number}.tar");
+    tokio::select! {
+        uploaded = envd_client::upload_as_root(address, &archive, tar, Duration::from_secs(300)) => uploaded?,
+        () = stop.cancelled() => return Err(AgentError::Cancelled("the build was stopped".into())),
+    }
+    let chmod = match mode {
+        Some(mode) => format!(
+            "if [ -d \"$src\" ] && [ ! -L \"$src\" ]; then chmod -R {m} \"$src\"; else chmod {m} \"$src\" 2>/dev/null || true; fi",
+            m = quote(mode)
+        ),
+        None => String::new(),
+    };
+    let into_directory = raw_destination.ends_with('/');
+    let script = format!(
+        r#"set -eu
+archive={archive}
+stage=$(mktemp -d /tmp/wrenn-copy.XXXXXX)
+trap 'rm -rf "$stage" "$archive"' EXIT
+tar -xf "$archive" -C "$stage" --no-same-owner
+src="$stage"/{source}
+if [ ! -e "$src" ] && [ ! -L "$src" ]; then
+  echo "{shown_source} is not in the uploaded files" >&2
+  exit 1
+fi
+chown -R -h {owner} "$src"
+{chmod}
+dest={destination}
+if [ -d "$src" ] && [ ! -L "$src" ]; then
+  mkdir -p "$dest"
+  cp -a "$src"/. "$dest"/
+elif [ {into_directory} = true ] || {{ [ -d "$dest" ] && [ ! -L "$dest" ]; }}; then
+  mkdir -p "$dest"
+  mv "$src" "$dest"/
+else
+  mkdir -p "$(dirname "$dest")"
+  mv -T "$src" "$dest"
+fi
+"#,
+        archive = quote(&archive),
+        source = quote(&source),
+        shown_source = step.args[0].replace(['"', '$', '`', '\\'], "_"),
+        owner = quote(&owner),
+        destination = quote(&destination),
+    );
+    let ran = run_command(
+        address,
+        "root",
+        "/",
+        &BTreeMap::new(),
+        &script,
+        logger,
+        Some(number.to_string()),
+        stop,
+    )
+    .await?;
+    if ran.exit_code != 0 {
+        return Err(failed(format!(
+            "exited with code {}{}",
+            ran.exit_code,
+            ran.output_tail()
+        )));
     }
     Ok(state)
 }
@@ -592,6 +737,16 @@ mod tests {
         let long = vec![b'x'; MAX_LOG_LINE + 10];
         assert_eq!(splitter.push(&long), Vec::<String>::new());
         assert_eq!(splitter.push(b"\n")[0].len(), MAX_LOG_LINE);
+    }
+
+    #[test]
+    fn copy_sources_stop_at_their_glob_and_stay_in_the_context() {
+        assert_eq!(copy_source("app/src").unwrap(), "app/src");
+        assert_eq!(copy_source("./app/*.py").unwrap(), "app");
+        assert_eq!(copy_source("*.txt").unwrap(), ".");
+        assert_eq!(copy_source(".").unwrap(), ".");
+        assert!(copy_source("../secrets").is_err());
+        assert!(copy_source("/etc/passwd").is_err());
     }
 
     #[test]

@@ -127,7 +127,7 @@ impl From<crate::Error> for ApiError {
                 tracing::error!(error = %cause, "store failure");
                 StatusCode::INTERNAL_SERVER_ERROR
             }
-            E::NoRandomness(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            E::NoRandomness(_) | E::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, error.to_string())
     }
@@ -252,6 +252,7 @@ pub fn router(plane: Arc<ControlPlane>) -> Router {
         .route("/v3/templates", post(request_build))
         .route("/templates/tags", post(assign_tags).delete(remove_tags))
         .route("/templates/{template_id}/tags", get(template_tags))
+        .route("/templates/{template_id}/files/{hash}", get(template_files))
         .route(
             "/templates/{template_id}",
             axum::routing::delete(delete_template),
@@ -269,6 +270,12 @@ pub fn router(plane: Arc<ControlPlane>) -> Router {
         .route("/hosts/{name}", axum::routing::delete(forget_host))
         .layer(middleware::from_fn_with_state(plane.clone(), require_key))
         .merge(registry::router())
+        // Uploads authorise themselves (the link's token), and may be large.
+        .route(
+            "/templates/files/uploads/{token}",
+            axum::routing::put(upload_template_files)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/health", get(health))
         .route("/openapi.json", get(openapi_document))
         .fallback(unknown_route)

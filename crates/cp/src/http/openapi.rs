@@ -37,6 +37,8 @@ use super::{hosts, sandboxes, templates};
         templates::assign_tags,
         templates::remove_tags,
         templates::template_tags,
+        templates::template_files,
+        templates::upload_template_files,
         templates::template_alias,
         hosts::list_hosts,
         hosts::forget_host,

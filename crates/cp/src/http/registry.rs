@@ -95,7 +95,7 @@ fn connect_error(error: crate::Error) -> ConnectError {
             tracing::error!(error = %cause, "store failure");
             Code::Internal
         }
-        E::Host { .. } | E::NoRandomness(_) => Code::Internal,
+        E::Host { .. } | E::NoRandomness(_) | E::Internal(_) => Code::Internal,
     };
     ConnectError::new(code, error.to_string())
 }

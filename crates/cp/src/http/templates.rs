@@ -338,3 +338,97 @@ pub(super) async fn template_tags(
         .collect();
     Ok(axum::Json(tags).into_response())
 }
+
+#[utoipa::path(get, path = "/templates/{template_id}/files/{hash}", tag = "templates", security(("api_key" = [])),
+    params(("hash" = String, Path, description = "The SHA-256 (lowercase hex) of a COPY step's files")),
+    responses(
+        (status = 201, description = "Whether the files are there, else a link to PUT them to", body = wrenn_api::TemplateFilesUpload),
+        (status = 400, description = "Not a SHA-256", body = wrenn_api::Error),
+        (status = 403, description = "Another team's public template", body = wrenn_api::Error),
+    ))]
+pub(super) async fn template_files(
+    KeyedCall {
+        plane,
+        team,
+        id: (template_id, hash),
+    }: KeyedCall<(String, String)>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let (present, token) = plane.files_upload(&team.0, &template_id, &hash).await?;
+    let url = match token {
+        Some(token) => {
+            let host = headers
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| ApiError::bad_request("the request names no Host"))?;
+            let scheme = headers
+                .get("x-forwarded-proto")
+                .and_then(|v| v.to_str().ok())
+                .filter(|proto| *proto == "https")
+                .unwrap_or("http");
+            Some(format!("{scheme}://{host}/templates/files/uploads/{token}"))
+        }
+        None => None,
+    };
+    let answer = wrenn_api::TemplateFilesUpload { present, url };
+    Ok((StatusCode::CREATED, axum::Json(answer)).into_response())
+}
+
+/// `PUT /templates/files/uploads/{token}`: the files of a COPY step, sent to the link `GET
+/// /templates/{templateID}/files/{hash}` gave (it needs no key: the link authorises itself,
+/// once). Written whole or not at all.
+#[utoipa::path(put, path = "/templates/files/uploads/{token}", tag = "templates",
+    params(("token" = String, Path, description = "The upload link's token")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "A tar, gzipped or not"),
+    responses(
+        (status = 201, description = "Kept"),
+        (status = 401, description = "An unknown, used or expired link", body = wrenn_api::Error),
+        (status = 413, description = "Larger than 256 MiB", body = wrenn_api::Error),
+    ))]
+pub(super) async fn upload_template_files(
+    State(plane): State<Arc<ControlPlane>>,
+    Path(token): Path<String>,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncWriteExt;
+    let store = plane
+        .template_files
+        .as_ref()
+        .ok_or_else(|| ApiError::bad_request("this control plane keeps no uploaded files"))?;
+    let (path, temporary) = store.take_upload(&token)?;
+    let failed = |error: std::io::Error| {
+        crate::Error::Internal(format!("keeping the uploaded files: {error}"))
+    };
+    let mut file = tokio::fs::File::create(&temporary).await.map_err(failed)?;
+    let mut body = body;
+    let mut written = 0u64;
+    let outcome = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame
+                .map_err(|error| ApiError::bad_request(format!("the upload broke off: {error}")))?;
+            if let Ok(data) = frame.into_data() {
+                written += data.len() as u64;
+                if written > crate::service::templates::MAX_UPLOAD_BYTES {
+                    return Err(ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!(
+                            "an upload is at most {} MiB",
+                            crate::service::templates::MAX_UPLOAD_BYTES >> 20
+                        ),
+                    ));
+                }
+                file.write_all(&data).await.map_err(failed)?;
+            }
+        }
+        file.sync_all().await.map_err(failed)?;
+        tokio::fs::rename(&temporary, &path).await.map_err(failed)?;
+        Ok(())
+    }
+    .await;
+    if outcome.is_err() {
+        let _ = tokio::fs::remove_file(&temporary).await;
+    }
+    outcome?;
+    Ok(StatusCode::CREATED.into_response())
+}

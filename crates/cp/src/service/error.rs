@@ -56,6 +56,9 @@ pub enum Error {
     },
     #[error("the store failed")]
     Store(#[from] StoreError),
+    /// The control plane's own failure (its disk), said as it is.
+    #[error("{0}")]
+    Internal(String),
     #[error(transparent)]
     NoRandomness(#[from] NoRandomness),
 }

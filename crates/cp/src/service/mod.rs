@@ -41,6 +41,8 @@ pub struct ControlPlane {
     /// Changes of a sandbox's state, one at a time per sandbox: take its turn, then read its
     /// row, then change it.
     pub changes: Serial,
+    /// Where the files template builds copy are kept (see [`templates::TemplateFiles`]).
+    pub template_files: Option<templates::TemplateFiles>,
 }
 
 impl ControlPlane {
@@ -62,8 +64,15 @@ impl ControlPlane {
             quotas: Quotas::default(),
             admission: Admission::default(),
             changes: Serial::default(),
+            template_files: None,
         };
         (plane, wake)
+    }
+
+    /// The same control plane keeping template builds' uploaded files in `dir`.
+    pub fn with_template_files(mut self, dir: std::path::PathBuf) -> Self {
+        self.template_files = Some(templates::TemplateFiles::new(dir));
+        self
     }
 
     /// The same control plane with every team limited by `quotas`.

@@ -42,6 +42,94 @@ pub struct BuildSpec {
     pub ready_cmd: Option<String>,
 }
 
+/// The files template builds copy (E2B's `filesHash` uploads): one file a team and hash, in
+/// `<dir>/<team id>/<hash>`, written whole or not at all. An upload is authorised by a token
+/// the files route handed out, good for [`UPLOAD_TOKEN_LIFE`].
+#[derive(Debug)]
+pub struct TemplateFiles {
+    dir: std::path::PathBuf,
+    uploads: std::sync::Mutex<std::collections::HashMap<String, PendingUpload>>,
+}
+
+/// How long an upload link works.
+pub const UPLOAD_TOKEN_LIFE: std::time::Duration = std::time::Duration::from_secs(3600);
+/// The largest upload taken.
+pub const MAX_UPLOAD_BYTES: u64 = wrenn_agent_api::build::MAX_BUILD_FILES_BYTES as u64;
+
+#[derive(Debug, Clone)]
+struct PendingUpload {
+    team_id: String,
+    hash: String,
+    expires: std::time::Instant,
+}
+
+/// Whether `hash` is a SHA-256 in lowercase hex, as the SDKs send it.
+fn valid_hash(hash: &str) -> bool {
+    hash.len() == 64
+        && hash
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+impl TemplateFiles {
+    pub fn new(dir: std::path::PathBuf) -> TemplateFiles {
+        TemplateFiles {
+            dir,
+            uploads: Default::default(),
+        }
+    }
+
+    /// Where team `team_id`'s files of `hash` are kept.
+    pub fn path(&self, team_id: &str, hash: &str) -> std::path::PathBuf {
+        self.dir.join(team_id).join(hash)
+    }
+
+    /// Whether they are there.
+    pub fn present(&self, team_id: &str, hash: &str) -> bool {
+        self.path(team_id, hash).is_file()
+    }
+
+    /// A token authorising one upload of `hash` for the team.
+    pub fn upload_token(&self, team_id: &str, hash: &str) -> Result<String, Error> {
+        let token = wrenn_core::random::hex_token(24)?;
+        let mut uploads = self.uploads.lock().expect("uploads lock");
+        let now = std::time::Instant::now();
+        uploads.retain(|_, pending| pending.expires > now);
+        uploads.insert(
+            token.clone(),
+            PendingUpload {
+                team_id: team_id.to_string(),
+                hash: hash.to_string(),
+                expires: now + UPLOAD_TOKEN_LIFE,
+            },
+        );
+        Ok(token)
+    }
+
+    /// Takes an upload `token` authorises: the file's final path, and a temporary one to write
+    /// first (rename it over the final one once whole).
+    pub fn take_upload(
+        &self,
+        token: &str,
+    ) -> Result<(std::path::PathBuf, std::path::PathBuf), Error> {
+        let pending = self
+            .uploads
+            .lock()
+            .expect("uploads lock")
+            .remove(token)
+            .filter(|pending| pending.expires > std::time::Instant::now())
+            .ok_or_else(|| {
+                Error::Unauthenticated("this upload link is unknown, used or expired".into())
+            })?;
+        let path = self.path(&pending.team_id, &pending.hash);
+        let dir = path.parent().expect("a team's directory");
+        std::fs::create_dir_all(dir)
+            .map_err(|error| Error::Internal(format!("the template files directory: {error}")))?;
+        let temporary = dir.join(format!(".{}.{token}.part", pending.hash));
+        Ok((path, temporary))
+    }
+}
+
 /// A template as the API names it, and as the hosts do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResolvedTemplate {
@@ -390,15 +478,10 @@ impl ControlPlane {
                     force,
                 };
                 step.check(index + 1).map_err(Error::InvalidRequest)?;
-                if kind == StepKind::Copy {
-                    return Err(Error::InvalidRequest(format!(
-                        "step {}: COPY is not supported by wrenn yet",
-                        index + 1
-                    )));
-                }
                 Ok(step)
             })
             .collect::<Result<Vec<_>, Error>>()?;
+        let files = self.files_of(team_id, &steps).await?;
         let from_host_template = self.resolve_template(team_id, &from).await?.on_hosts;
         let placed = self.fleet.place(&from_host_template, &[])?;
         let parent = placed.template.clone();
@@ -411,6 +494,7 @@ impl ControlPlane {
             memory_mib: (build.memory_mb > 0).then_some(build.memory_mb),
             vcpus: (build.cpu_count > 0).then_some(build.cpu_count),
             deadline: DEFAULT_BUILD_DEADLINE,
+            files,
         };
         let build = BuildRow {
             status: BuildStatus::Building,
@@ -428,6 +512,79 @@ impl ControlPlane {
             drop(placed);
         });
         Ok(())
+    }
+
+    /// The files the COPY steps copy, read from the team's uploads: a 400 naming the step whose
+    /// files were not uploaded.
+    async fn files_of(
+        &self,
+        team_id: &str,
+        steps: &[BuildStep],
+    ) -> Result<std::collections::BTreeMap<String, Vec<u8>>, Error> {
+        let mut files = std::collections::BTreeMap::new();
+        let mut total = 0u64;
+        for (index, step) in steps.iter().enumerate() {
+            let Some(hash) = step
+                .files_hash
+                .as_ref()
+                .filter(|_| step.kind == StepKind::Copy)
+            else {
+                continue;
+            };
+            if files.contains_key(hash) {
+                continue;
+            }
+            let store = self.template_files.as_ref().ok_or_else(|| {
+                Error::InvalidRequest("COPY: this control plane keeps no uploaded files".into())
+            })?;
+            let path = store.path(team_id, hash);
+            let bytes = match tokio::fs::read(&path).await {
+                Ok(bytes) => bytes,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(Error::InvalidRequest(format!(
+                        "step {} (COPY): its files ({hash}) were not uploaded",
+                        index + 1
+                    )));
+                }
+                Err(error) => {
+                    return Err(Error::Internal(format!(
+                        "reading the uploaded files {hash}: {error}"
+                    )));
+                }
+            };
+            total += bytes.len() as u64;
+            if total > MAX_UPLOAD_BYTES {
+                return Err(Error::InvalidRequest(format!(
+                    "the build's COPY files weigh more than {} MiB in all",
+                    MAX_UPLOAD_BYTES >> 20
+                )));
+            }
+            files.insert(hash.clone(), bytes);
+        }
+        Ok(files)
+    }
+
+    /// `GET /templates/{templateID}/files/{hash}`: whether the team's files of `hash` are
+    /// there, and if not, a token to upload them with.
+    pub async fn files_upload(
+        &self,
+        team_id: &str,
+        template_id: &str,
+        hash: &str,
+    ) -> Result<(bool, Option<String>), Error> {
+        self.own_template(team_id, template_id).await?;
+        if !valid_hash(hash) {
+            return Err(Error::InvalidRequest(format!(
+                "{hash:?} is not a SHA-256 in lowercase hex"
+            )));
+        }
+        let store = self.template_files.as_ref().ok_or_else(|| {
+            Error::InvalidRequest("this control plane keeps no uploaded files".into())
+        })?;
+        if store.present(team_id, hash) {
+            return Ok((true, None));
+        }
+        Ok((false, Some(store.upload_token(team_id, hash)?)))
     }
 
     /// Runs a started build on `host` to its end: its log into the store as it comes, then its

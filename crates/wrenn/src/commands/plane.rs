@@ -329,6 +329,7 @@ pub(super) async fn start_plane(
         None => args.domain.clone(),
     };
     let (plane, wake) = ControlPlane::new(store, fleet, domain, !args.no_internet);
+    let plane = plane.with_template_files(args.data_dir.join("cp/template-files"));
     let plane = Arc::new(plane.with_quotas(wrenn_cp::quota::Quotas {
         running: args.quota_running,
         paused: args.quota_paused,

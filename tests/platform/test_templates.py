@@ -6,13 +6,24 @@ from e2b import Sandbox, Template, wait_for_port
 from e2b.exceptions import BuildException, SandboxException
 
 
-def test_a_template_built_from_base_runs_its_steps_and_start_command(wrenn):
+def test_a_template_built_from_base_runs_its_steps_and_start_command(wrenn, tmp_path):
+    # COPY's sources: a folder with relative, absolute and dangling links, and a script.
+    folder = tmp_path / "folder"
+    (folder / "deeper").mkdir(parents=True)
+    (folder / "a.txt").write_text("copied\n")
+    (folder / "deeper" / "b.txt").write_text("deeper\n")
+    (folder / "relative").symlink_to("a.txt")
+    (folder / "absolute").symlink_to("/etc/hostname")
+    (folder / "dangling").symlink_to("nowhere")
+    (tmp_path / "tool.sh").write_text("#!/bin/sh\necho tool ran\n")
     template = (
-        Template()
+        Template(file_context_path=str(tmp_path))
         .from_template("base")
         .run_cmd("echo built > /home/user/built.txt && echo to-the-log")
         .set_envs({"GREETING": "hello from the build"})
         .set_workdir("/home/user/app")
+        .copy("folder", "/home/user/folder")
+        .copy("tool.sh", "/usr/local/bin/", user="root", mode=0o755)
         .run_cmd('echo "$GREETING" > greeting.txt; id -un > who.txt')
         .run_cmd("id -un > /root-made.txt", user="root")
         .set_start_cmd("python3 -m http.server 8000", wait_for_port(8000))
@@ -34,6 +45,9 @@ def test_a_template_built_from_base_runs_its_steps_and_start_command(wrenn):
         assert run("pwd; whoami").stdout == "/home/user/app\nuser\n"
         assert run("cat greeting.txt who.txt /root-made.txt").stdout == "hello from the build\nuser\nroot\n"
         assert run("echo ${GREETING:-unset}").stdout == "unset\n"
+        copied = run("cd /home/user/folder && cat a.txt deeper/b.txt relative && readlink relative absolute dangling")
+        assert copied.stdout == "copied\ndeeper\ncopied\na.txt\n/etc/hostname\nnowhere\n"
+        assert run("stat -c '%U' /home/user/folder/a.txt; tool.sh; stat -c '%U %a' /usr/local/bin/tool.sh").stdout == "user\ntool ran\nroot 755\n"
         # The start command runs in the sandbox, restored from the template's snapshot.
         page = run("curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8000/")
         assert page.stdout == "200"

@@ -111,11 +111,17 @@ def test_the_cli_builds_a_dockerfile_lists_tags_and_deletes_it(wrenn, tmp_path):
         return subprocess.run([wrenn.binary, "template", *args], capture_output=True, text=True,
                               timeout=600, env=env, check=check)
 
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "about.html").write_text("copied by the cli\n")
+    (tmp_path / "site" / "link.html").symlink_to("about.html")
+    (tmp_path / "tool.sh").write_text("#!/bin/sh\necho cli tool\n")
     dockerfile = tmp_path / "Dockerfile"
     dockerfile.write_text(
         "FROM base\n"
         "ARG GREETING=hello\n"
         "WORKDIR /home/user/site\n"
+        "COPY site/ /home/user/site/\n"
+        "COPY --chown=root --chmod=750 tool.sh /usr/local/bin/\n"
         "RUN echo \"$GREETING from the cli\" > index.html \\\n"
         "    && echo step-output\n"
         'CMD ["python3", "-m", "http.server", "8000"]\n'
@@ -134,6 +140,10 @@ def test_the_cli_builds_a_dockerfile_lists_tags_and_deletes_it(wrenn, tmp_path):
     try:
         page = sandbox.commands.run("curl -s http://127.0.0.1:8000/index.html")
         assert page.stdout == "hello from the cli\n"
+        copied = sandbox.commands.run(
+            "curl -s http://127.0.0.1:8000/link.html; readlink link.html; stat -c '%U %a' /usr/local/bin/tool.sh",
+            user="root")
+        assert copied.stdout == "copied by the cli\nabout.html\nroot 750\n"
         refused = cli("delete", "cli-app", check=False)
         assert refused.returncode != 0 and "in use by sandboxes" in refused.stderr, refused.stderr
     finally:
@@ -141,8 +151,8 @@ def test_the_cli_builds_a_dockerfile_lists_tags_and_deletes_it(wrenn, tmp_path):
     cli("delete", "cli-app")
     assert not Template.exists("cli-app")
 
-    copying = tmp_path / "Copying.Dockerfile"
-    copying.write_text("FROM base\nCOPY . /app\n")
-    refused = cli("build", "-f", str(copying), "--name", "cli-copy", check=False)
+    globbing = tmp_path / "Glob.Dockerfile"
+    globbing.write_text("FROM base\nCOPY *.sh /app/\n")
+    refused = cli("build", "-f", str(globbing), "--name", "cli-glob", check=False)
     assert refused.returncode != 0
-    assert "Dockerfile line 2 (COPY): copying files" in refused.stderr, refused.stderr
+    assert "Dockerfile line 2 (COPY): *.sh: globs are not supported" in refused.stderr, refused.stderr

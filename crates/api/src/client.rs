@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use wrenn_http::client::{BodyError, ClientOptions, describe, read_bounded, reqwest};
 
+use crate::TemplateFilesUpload;
 use crate::{
     AssignTags, AssignedTags, ForgottenHost, Hosts, ListedSandbox, NewSandbox, RemoveTags, Sandbox,
     SandboxDetail, SandboxState, Template, TemplateBuildInfo, TemplateBuildRequest,
@@ -419,6 +420,56 @@ impl Client {
             segment(build_id)
         );
         self.fetch(Method::GET, &path, NO_BODY).await
+    }
+
+    /// `GET /templates/{templateID}/files/{hash}`: whether a COPY step's files are there, and
+    /// if not, the link to upload them to.
+    pub async fn template_files(
+        &self,
+        template_id: &str,
+        hash: &str,
+    ) -> Result<TemplateFilesUpload, ClientError> {
+        let path = format!(
+            "/templates/{}/files/{}",
+            segment(template_id),
+            segment(hash)
+        );
+        self.fetch(Method::GET, &path, NO_BODY).await
+    }
+
+    /// `PUT`s a COPY step's files to the upload link `url` gave (no key: the link authorises
+    /// itself).
+    pub async fn upload_files(&self, url: &str, tar: Bytes) -> Result<(), ClientError> {
+        let method = Method::PUT;
+        let response = self
+            .http
+            .put(url)
+            .timeout(self.deadline)
+            .header("content-type", "application/octet-stream")
+            .body(tar)
+            .send()
+            .await
+            .map_err(|error| ClientError::Unreachable {
+                method: method.clone(),
+                url: url.to_string(),
+                reason: describe(&error),
+            })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let body = read_bounded(response, MAX_ANSWER_BYTES)
+            .await
+            .unwrap_or_default();
+        let message = serde_json::from_slice::<crate::Error>(&body)
+            .map(|error| error.message)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+        Err(ClientError::Refused {
+            method,
+            path: url.to_string(),
+            status,
+            message,
+        })
     }
 
     /// `DELETE /templates/{templateID}`.

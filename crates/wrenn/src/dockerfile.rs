@@ -2,8 +2,10 @@
 //! names what the build starts from; `RUN`, `ENV` (and `ARG` with its default), `WORKDIR` and
 //! `USER` become steps; `CMD` or `ENTRYPOINT` the start command. Lines continue with `\`,
 //! `#` starts a comment, `EXPOSE`, `LABEL`, `VOLUME`, `MAINTAINER`, `STOPSIGNAL`,
-//! `HEALTHCHECK` and `SHELL` are ignored. `COPY` and `ADD` are refused with the line they are
-//! on: copying files into a template is not built yet. Only one stage.
+//! `HEALTHCHECK` and `SHELL` are ignored. `COPY` (and `ADD` of local files) becomes one COPY
+//! step a source, with `--chown` as its owner and `--chmod` as its mode; its files are packed
+//! from the context directory when the build is sent. Only one stage; no `--from`, globs or
+//! URLs.
 
 use anyhow::bail;
 
@@ -15,6 +17,8 @@ pub struct DockerfileBuild {
     /// `(type, args)` of each step, as E2B's `TemplateStep` has them.
     pub steps: Vec<(String, Vec<String>)>,
     pub start_cmd: Option<String>,
+    /// Each COPY step's source, relative to the context, in step order.
+    pub copies: Vec<String>,
 }
 
 /// The instructions of a Dockerfile: `(line number, keyword upper-cased, the rest)`, with
@@ -150,6 +154,60 @@ fn shell_words(text: &str) -> anyhow::Result<Vec<String>> {
     Ok(words)
 }
 
+/// A `COPY`'s steps: `(source, [source, destination, owner, mode])` for each source.
+fn copy_steps(text: &str) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+    let mut words = match exec_form(text) {
+        Some(words) => words,
+        None => shell_words(text)?,
+    };
+    let (mut owner, mut mode) = (String::new(), String::new());
+    while let Some(flag) = words.first().filter(|w| w.starts_with("--")).cloned() {
+        words.remove(0);
+        match flag.split_once('=') {
+            Some(("--chown", value)) => owner = value.to_string(),
+            Some(("--chmod", value)) => {
+                let parsed = u32::from_str_radix(value, 8)
+                    .map_err(|_| anyhow::anyhow!("--chmod={value} is not an octal mode"))?;
+                mode = format!("{parsed:04o}");
+            }
+            _ => bail!("{flag} is not supported (only --chown and --chmod)"),
+        }
+    }
+    if words.len() < 2 {
+        bail!("takes at least a source and a destination");
+    }
+    let destination = words.pop().expect("two words");
+    if words.len() > 1 && !destination.ends_with('/') {
+        bail!("with several sources the destination must end with /");
+    }
+    words
+        .into_iter()
+        .map(|source| {
+            if source.contains("://") {
+                bail!("{source}: only files of the context are copied, not URLs");
+            }
+            if source.contains(['*', '?', '[']) {
+                bail!("{source}: globs are not supported by wrenn template build yet");
+            }
+            let relative = std::path::Path::new(&source);
+            if relative.is_absolute()
+                || relative
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                bail!("{source} is not within the build's context");
+            }
+            let args = vec![
+                source.clone(),
+                destination.clone(),
+                owner.clone(),
+                mode.clone(),
+            ];
+            Ok((source, args))
+        })
+        .collect()
+}
+
 /// Reads a Dockerfile's build.
 pub fn parse(text: &str) -> anyhow::Result<DockerfileBuild> {
     let mut build = DockerfileBuild::default();
@@ -189,9 +247,10 @@ pub fn parse(text: &str) -> anyhow::Result<DockerfileBuild> {
             "CMD" => cmd = Some(command(&rest)),
             "ENTRYPOINT" => entrypoint = Some(command(&rest)),
             "COPY" | "ADD" => {
-                return Err(at(
-                    "copying files into a template is not supported by wrenn yet".into(),
-                ));
+                for (source, args) in copy_steps(&rest).map_err(|e| at(e.to_string()))? {
+                    build.copies.push(source);
+                    build.steps.push(step("COPY", args));
+                }
             }
             "EXPOSE" | "LABEL" | "VOLUME" | "MAINTAINER" | "STOPSIGNAL" | "HEALTHCHECK"
             | "SHELL" | "ONBUILD" => {}
@@ -255,13 +314,29 @@ CMD ["http.server", "8000"]
             build.start_cmd.as_deref(),
             Some("python3 -m http.server 8000")
         );
+        let copying = parse("FROM base\nCOPY --chown=user --chmod=755 a.txt dir /srv/\n").unwrap();
+        assert_eq!(copying.copies, ["a.txt", "dir"]);
+        assert_eq!(
+            copying.steps[1],
+            ("COPY".into(), strings(&["dir", "/srv/", "user", "0755"]))
+        );
     }
 
     #[test]
     fn what_wrenn_cannot_build_is_refused_with_its_line() {
         for (text, said) in [
             ("RUN x", "line 1 (RUN): comes before FROM"),
-            ("FROM base\nCOPY a /b", "line 2 (COPY): copying files"),
+            (
+                "FROM base\nCOPY a",
+                "line 2 (COPY): takes at least a source",
+            ),
+            (
+                "FROM base\nCOPY ../a /b",
+                "is not within the build's context",
+            ),
+            ("FROM base\nCOPY *.py /b/", "globs are not supported"),
+            ("FROM base\nCOPY --from=x a /b", "--from=x is not supported"),
+            ("FROM base\nCOPY a b /c", "must end with /"),
             ("FROM base\nFROM other", "line 2 (FROM): only one stage"),
             ("FROM base\nRUN", "line 2 (RUN): has no command"),
             ("FROM base\nENV A=\"x", "line 2 (ENV): an unclosed quote"),

@@ -72,6 +72,9 @@ pub struct BuildArgs {
     /// A command run until it exits 0 before the snapshot is taken.
     #[arg(long)]
     ready_cmd: Option<String>,
+    /// The directory COPY's sources are in [default: the Dockerfile's].
+    #[arg(long)]
+    context: Option<PathBuf>,
 }
 
 pub async fn run(args: TemplateArgs) -> anyhow::Result<()> {
@@ -156,6 +159,33 @@ async fn build_template(connection: &Connection, args: BuildArgs) -> anyhow::Res
             ..Default::default()
         })
         .await?;
+    // Each COPY's files, packed from the context and uploaded unless the control plane has them.
+    let context = match args.context.clone() {
+        Some(context) => context,
+        None => args
+            .file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(".")),
+    };
+    let mut hashes = Vec::new();
+    for source in &dockerfile.copies {
+        let tar = pack(&context, source)?;
+        let hash = sha256_hex(&tar);
+        let link = api.template_files(&requested.template_id, &hash).await?;
+        match link.url {
+            Some(url) if !link.present => {
+                if !connection.json {
+                    println!("uploading {source} ({} KiB)", tar.len().div_ceil(1024));
+                }
+                api.upload_files(&url, tar.into()).await?;
+            }
+            _ => {}
+        }
+        hashes.push(hash);
+    }
+    let mut hashes = hashes.into_iter();
     let start = wrenn_api::TemplateBuildStart {
         from_template: Some(dockerfile.from.clone()),
         steps: dockerfile
@@ -164,6 +194,7 @@ async fn build_template(connection: &Connection, args: BuildArgs) -> anyhow::Res
             .map(|(kind, args)| wrenn_api::TemplateStep {
                 kind: kind.clone(),
                 args: args.clone(),
+                files_hash: (kind == "COPY").then(|| hashes.next()).flatten(),
                 ..Default::default()
             })
             .collect(),
@@ -239,4 +270,36 @@ async fn build_template(connection: &Connection, args: BuildArgs) -> anyhow::Res
         );
     }
     Ok(())
+}
+
+/// `source` (a file, a link or a directory, under `context`) packed as a gzipped tar whose
+/// member names are relative to `context`, links kept as links.
+fn pack(context: &std::path::Path, source: &str) -> anyhow::Result<Vec<u8>> {
+    let path = context.join(source);
+    let metadata = std::fs::symlink_metadata(&path)
+        .with_context(|| format!("COPY {source}: {} is not there", path.display()))?;
+    let encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let mut archive = tar::Builder::new(encoder);
+    archive.follow_symlinks(false);
+    let name = std::path::Path::new(source.trim_end_matches('/'));
+    if metadata.is_dir() {
+        archive
+            .append_dir_all(name, &path)
+            .with_context(|| format!("packing {}", path.display()))?;
+    } else {
+        archive
+            .append_path_with_name(&path, name)
+            .with_context(|| format!("packing {}", path.display()))?;
+    }
+    let encoder = archive.into_inner().context("packing the files")?;
+    encoder.finish().context("compressing the files")
+}
+
+/// SHA-256 in lowercase hex.
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

@@ -258,10 +258,12 @@ async fn run_template_build(
 ) -> axum::response::Response {
     use wrenn_agent_api::build::TemplateBuild;
     let authorized = authorized(&headers, &state.token);
+    // The request carries the build's COPY files.
+    let most = wrenn_agent_api::build::MAX_BUILD_FILES_BYTES + DEFAULT_MAX_MESSAGE_BYTES;
     serve_server_streaming(
         &headers,
         body,
-        DEFAULT_MAX_MESSAGE_BYTES,
+        most,
         |request: pb::RunTemplateBuildRequest| async move {
             if !authorized {
                 return Err(ConnectError::new(

@@ -1232,6 +1232,22 @@ async fn a_template_built_from_base_is_what_its_sandboxes_start_from() {
         .call("POST", "/v3/templates", b, json!({"name": "my-app"}))
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "{taken}");
+    // Nor by the build's name on the hosts, which no listing shows.
+    let (status, refused) = kit
+        .try_create(&kit.key_b, json!({"templateID": host_template}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{refused}");
+    let (_, theirs) = kit.call("GET", "/templates", b, Value::Null).await;
+    assert!(!theirs.to_string().contains(&host_template), "{theirs}");
+    let (status, _) = kit
+        .call(
+            "GET",
+            &format!("/templates/aliases/{host_template}"),
+            b,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _) = kit
         .call("GET", "/templates/aliases/nothing", b, Value::Null)
         .await;
@@ -1521,6 +1537,15 @@ async fn copy_files_are_uploaded_once_through_their_link_and_go_with_the_build()
         "{refused}"
     );
 
+    // A filesHash that is no SHA-256 names no file (it would name a path).
+    for hash in ["../../cp.db", "/etc/passwd", "AB"] {
+        let copy = json!({"type": "COPY", "args": ["app", "/srv"], "filesHash": hash});
+        let body = json!({"fromTemplate": "base", "steps": [copy]});
+        let (status, refused) = kit.call("POST", &path, Some(&kit.key_a), body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{hash}: {refused}");
+        assert!(message(&refused).contains("is not a SHA-256"), "{refused}");
+    }
+
     // The upload needs no key; its link works once.
     let tar = bytes::Bytes::from_static(b"a tar, as far as the control plane cares");
     for (attempt, status) in [(1, StatusCode::CREATED), (2, StatusCode::UNAUTHORIZED)] {
@@ -1565,4 +1590,31 @@ async fn copy_files_are_uploaded_once_through_their_link_and_go_with_the_build()
     let sent = kit.agent.builds().pop().unwrap();
     assert_eq!(sent.files.get(&hash).map(Vec::as_slice), Some(&tar[..]));
     assert_eq!(sent.steps[1].args, ["app", "/srv/app", "", "0755"]);
+}
+
+#[tokio::test]
+async fn a_build_a_previous_run_left_building_is_failed_at_start() {
+    let kit = Kit::new(8, Quotas::default()).await;
+    let (template_id, build_id) = kit.request_build("interrupted").await;
+    let mut build = kit.plane.store.build(&build_id).await.unwrap().unwrap();
+    build.status = wrenn_cp::store::BuildStatus::Building;
+    kit.plane.store.put_build(build).await.unwrap();
+
+    assert_eq!(kit.plane.fail_interrupted_builds().await.unwrap(), 1);
+    let (info, lines) = kit.wait_for_build(&template_id, &build_id).await;
+    assert_eq!(info["status"], "error", "{info}");
+    assert!(
+        info["reason"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the control plane restarted during the build"),
+        "{info}"
+    );
+    assert_eq!(lines.last().unwrap()["level"], "error");
+    assert_eq!(kit.plane.fail_interrupted_builds().await.unwrap(), 0);
+    // It no longer holds the template: it can be deleted.
+    let (status, _) = kit
+        .call_a("DELETE", &format!("/templates/{template_id}"))
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
 }

@@ -542,6 +542,7 @@ async fn templates_built_from_templates_run_their_steps_and_leave_nothing_when_t
             step("ENV", &["GREETING", "hello world"]),
             step("WORKDIR", &["app"]),
             copy(&["folder", "/home/user/folder", "", ""], "folder-files"),
+            copy(&["folder", "/opt", "", ""], "folder-files"),
             copy(&["file.sh", "bin/", "root", "0750"], "script-files"),
             step(
                 "RUN",
@@ -570,7 +571,7 @@ async fn templates_built_from_templates_run_their_steps_and_leave_nothing_when_t
         logged(
             &log,
             "1",
-            "[1/10] RUN echo from-run > /home/user/run.txt && echo to-stderr >&2"
+            "[1/11] RUN echo from-run > /home/user/run.txt && echo to-stderr >&2"
         ),
         "{log:?}"
     );
@@ -579,7 +580,7 @@ async fn templates_built_from_templates_run_their_steps_and_leave_nothing_when_t
         "a step's output is in the log: {log:?}"
     );
     assert!(
-        logged(&log, "2", "[2/10] ENV GREETING=hello world"),
+        logged(&log, "2", "[2/11] ENV GREETING=hello world"),
         "{log:?}"
     );
     assert!(
@@ -602,7 +603,8 @@ async fn templates_built_from_templates_run_their_steps_and_leave_nothing_when_t
     )
     .await;
     run_expecting(&sandbox, "cat /who-root.txt", "root").await;
-    // COPY: contents merged, links kept as links (dangling too), owners and modes as asked.
+    // COPY: contents merged (an existing destination keeps its own owner and mode), links
+    // kept as links (dangling too), owners and modes as asked.
     run_expecting(
         &sandbox,
         "cd /home/user/folder && cat a.txt deeper/b.txt relative && readlink relative absolute dangling",
@@ -611,8 +613,8 @@ async fn templates_built_from_templates_run_their_steps_and_leave_nothing_when_t
     .await;
     run_expecting(
         &sandbox,
-        "stat -c '%U %a' /home/user/folder/a.txt /home/user/app/bin/file.sh",
-        "user 644\nroot 750",
+        "stat -c '%U %a' /home/user/folder/a.txt /home/user/app/bin/file.sh /opt /opt/a.txt",
+        "user 644\nroot 750\nroot 755\nuser 644",
     )
     .await;
     run_expecting(

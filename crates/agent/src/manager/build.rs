@@ -45,19 +45,37 @@ fn finalize() -> Option<String> {
     Some("finalize".into())
 }
 
+/// The most lines a build logs; past it one line says so, and the rest are dropped (a failed
+/// step's error still carries the end of its output).
+pub const MAX_LOG_LINES: usize = 20_000;
+
 /// Sends build log lines (a caller that went away is not an error: the build's end is).
 #[derive(Debug, Clone)]
 pub struct BuildLogger {
     logs: UnboundedSender<BuildLog>,
+    sent: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl BuildLogger {
     pub fn new(logs: UnboundedSender<BuildLog>) -> BuildLogger {
-        BuildLogger { logs }
+        BuildLogger {
+            logs,
+            sent: Default::default(),
+        }
     }
 
     fn log(&self, level: LogLevel, step: Option<String>, message: impl Into<String>) {
-        let _ = self.logs.send(BuildLog::now(level, step, message));
+        let sent = self.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let line = match sent.cmp(&MAX_LOG_LINES) {
+            std::cmp::Ordering::Less => BuildLog::now(level, step, message),
+            std::cmp::Ordering::Equal => BuildLog::now(
+                LogLevel::Warn,
+                step,
+                format!("the log stops here: a build logs at most {MAX_LOG_LINES} lines"),
+            ),
+            std::cmp::Ordering::Greater => return,
+        };
+        let _ = self.logs.send(line);
     }
 }
 
@@ -179,7 +197,10 @@ impl Manager {
                 build.template_id
             ))),
             Err(error) => {
-                logger.log(LogLevel::Error, None, error.to_string());
+                // Past the cap too: the end of a build is always in its log.
+                let _ = logger
+                    .logs
+                    .send(BuildLog::now(LogLevel::Error, None, error.to_string()));
                 Err(error)
             }
         }
@@ -248,6 +269,25 @@ impl VmWork for BuildWork<'_> {
                 format!("waiting until it is ready: {ready_cmd}"),
             );
             wait_until_ready(address, &state, ready_cmd, self.logger, self.stop).await?;
+        }
+        // What the steps wrote reaches the disk: a template built from this one boots from
+        // its disk alone.
+        let synced = run_command(
+            address,
+            "root",
+            "/",
+            &BTreeMap::new(),
+            "sync",
+            self.logger,
+            finalize(),
+            self.stop,
+        )
+        .await?;
+        if synced.exit_code != 0 {
+            return Err(AgentError::Internal(format!(
+                "sync in the guest exited with code {}",
+                synced.exit_code
+            )));
         }
         self.logger
             .log(LogLevel::Info, finalize(), "taking the snapshot");
@@ -451,7 +491,8 @@ chown -R -h {owner} "$src"
 dest={destination}
 if [ -d "$src" ] && [ ! -L "$src" ]; then
   mkdir -p "$dest"
-  cp -a "$src"/. "$dest"/
+  # Its entries, so that the destination directory itself keeps its owner and mode.
+  find "$src" -mindepth 1 -maxdepth 1 -exec cp -a {{}} "$dest"/ \;
 elif [ {into_directory} = true ] || {{ [ -d "$dest" ] && [ ! -L "$dest" ]; }}; then
   mkdir -p "$dest"
   mv "$src" "$dest"/

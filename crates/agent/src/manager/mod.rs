@@ -127,7 +127,8 @@ pub struct Manager {
     pub mmds: MmdsRegistry,
     sandboxes: Mutex<HashMap<String, Arc<SandboxEntry>>>,
     templates: Mutex<HashMap<String, TemplateRecord>>,
-    building: Mutex<HashSet<String>>,
+    /// Templates being made, and the template each is built from (which is kept meanwhile).
+    building: Mutex<HashMap<String, Option<String>>>,
 }
 
 /// A generated identifier: `i` then 19 lowercase letters or digits, each equally likely.
@@ -191,7 +192,7 @@ impl Manager {
             mmds: MmdsRegistry::default(),
             sandboxes: Mutex::new(HashMap::new()),
             templates: Mutex::new(HashMap::new()),
-            building: Mutex::new(HashSet::new()),
+            building: Mutex::new(HashMap::new()),
         });
         manager.recover().await;
         let monitor = Arc::downgrade(&manager);

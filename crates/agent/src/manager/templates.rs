@@ -87,20 +87,25 @@ impl Manager {
                 "vcpus must be 1 to 64 (got {vcpus})"
             )));
         }
-        if self
-            .templates
-            .lock()
-            .expect("templates lock")
-            .contains_key(template_id)
-            || !self
-                .building
-                .lock()
-                .expect("building lock")
-                .insert(template_id.to_string())
         {
-            return Err(AgentError::AlreadyExists(format!(
-                "template {template_id} already exists"
-            )));
+            // Locks in this order (templates, then building), as a delete takes them.
+            let templates = self.templates.lock().expect("templates lock");
+            let mut building = self.building.lock().expect("building lock");
+            if templates.contains_key(template_id) || building.contains_key(template_id) {
+                return Err(AgentError::AlreadyExists(format!(
+                    "template {template_id} already exists"
+                )));
+            }
+            let parent = match &source {
+                TemplateSource::Template(parent) => Some(parent.template_id.clone()),
+                TemplateSource::Image(_) => None,
+            };
+            if let Some(parent) = &parent
+                && !templates.contains_key(parent)
+            {
+                return Err(AgentError::NotFound(format!("template {parent} not found")));
+            }
+            building.insert(template_id.to_string(), parent);
         }
         let result = self
             .make_template_inner(
@@ -350,14 +355,21 @@ impl Manager {
             .filter(|record| record.template_id == template_id)
             .map(|record| record.sandbox_id)
             .collect();
-        let children: Vec<String> = self
-            .templates
-            .lock()
-            .expect("templates lock")
-            .values()
-            .filter(|template| template.parent.as_deref() == Some(template_id))
-            .map(|template| template.template_id.clone())
-            .collect();
+        let children: Vec<String> = {
+            let templates = self.templates.lock().expect("templates lock");
+            let building = self.building.lock().expect("building lock");
+            templates
+                .values()
+                .filter(|template| template.parent.as_deref() == Some(template_id))
+                .map(|template| template.template_id.clone())
+                .chain(
+                    building
+                        .iter()
+                        .filter(|(_, parent)| parent.as_deref() == Some(template_id))
+                        .map(|(child, _)| format!("{child} (being built)")),
+                )
+                .collect()
+        };
         if !children.is_empty() {
             return Err(AgentError::FailedPrecondition(format!(
                 "template {template_id} is the parent of templates {}: delete them first",

@@ -10,10 +10,12 @@ use super::*;
 pub(super) async fn list_templates(
     TeamCall { plane, team, .. }: TeamCall,
 ) -> Result<Response, ApiError> {
+    use crate::service::templates::is_build_template;
     let mut templates: Vec<wrenn_api::Template> = plane
         .fleet
         .templates()
         .iter()
+        .filter(|t| !is_build_template(&t.template_id))
         .map(|t| wrenn_api::Template {
             template_id: t.template_id.clone(),
             build_id: t.image_key.get(..16).unwrap_or("").into(),
@@ -243,6 +245,7 @@ pub(super) async fn template_alias(
         .fleet
         .templates()
         .iter()
+        .filter(|t| !crate::service::templates::is_build_template(&t.template_id))
         .find(|t| t.template_id == alias)
         .map(|t| {
             axum::Json(wrenn_api::TemplateAlias {
@@ -353,14 +356,18 @@ pub(super) async fn template_files(
         id: (template_id, hash),
     }: KeyedCall<(String, String)>,
     headers: axum::http::HeaderMap,
+    uri: axum::http::Uri,
 ) -> Result<Response, ApiError> {
     let (present, token) = plane.files_upload(&team.0, &template_id, &hash).await?;
     let url = match token {
         Some(token) => {
+            // HTTP/1.1's Host, or HTTP/2's :authority.
             let host = headers
                 .get(http::header::HOST)
                 .and_then(|v| v.to_str().ok())
-                .ok_or_else(|| ApiError::bad_request("the request names no Host"))?;
+                .map(str::to_string)
+                .or_else(|| uri.authority().map(|a| a.to_string()))
+                .ok_or_else(|| ApiError::bad_request("the request names no host"))?;
             let scheme = headers
                 .get("x-forwarded-proto")
                 .and_then(|v| v.to_str().ok())

@@ -79,8 +79,13 @@ impl TemplateFiles {
         }
     }
 
-    /// Where team `team_id`'s files of `hash` are kept.
+    /// Where team `team_id`'s files of `hash` are kept (`hash` must be a SHA-256 in hex:
+    /// nothing else names a path here).
     pub fn path(&self, team_id: &str, hash: &str) -> std::path::PathBuf {
+        assert!(
+            valid_hash(hash),
+            "a files hash that is no SHA-256 reached the files store"
+        );
         self.dir.join(team_id).join(hash)
     }
 
@@ -213,6 +218,16 @@ fn checked_tags(tags: Vec<String>) -> Result<Vec<String>, Error> {
     Ok(checked)
 }
 
+/// Whether a template of the hosts is a build's (`b` and a UUID's 32 hex digits): those belong
+/// to their team's template, and are neither listed nor named as the hosts' own.
+pub fn is_build_template(host_template: &str) -> bool {
+    host_template.len() == 33
+        && host_template.starts_with('b')
+        && host_template[1..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// The step (1-based) an agent's build error names (`step 3 (RUN …): …`), if any.
 fn failed_step(message: &str) -> Option<String> {
     let rest = message.split("step ").nth(1)?;
@@ -330,6 +345,10 @@ impl ControlPlane {
                     id: template.id,
                     alias: template.alias,
                 })
+            }
+            // A build's own template on the hosts is reached through its template only.
+            Err(Error::TemplateNotFound(_)) if is_build_template(named) => {
+                Err(Error::TemplateNotFound(named.to_string()))
             }
             Err(Error::TemplateNotFound(_)) => Ok(ResolvedTemplate {
                 on_hosts: named.to_string(),
@@ -531,6 +550,12 @@ impl ControlPlane {
             else {
                 continue;
             };
+            if !valid_hash(hash) {
+                return Err(Error::InvalidRequest(format!(
+                    "step {} (COPY): filesHash {hash:?} is not a SHA-256 in lowercase hex",
+                    index + 1
+                )));
+            }
             if files.contains_key(hash) {
                 continue;
             }
@@ -650,9 +675,16 @@ impl ControlPlane {
             }
         };
         let ready = (ended.status == BuildStatus::Ready).then(|| ended.clone());
-        if let Err(error) = self.store.put_build(ended.clone()).await {
-            tracing::warn!(build = %ended.id, %error, "a build's end was not kept");
-            return;
+        // A build whose end is not stored would read `building` for good: retried for a while.
+        let mut attempt = 0;
+        while let Err(error) = self.store.put_build(ended.clone()).await {
+            attempt += 1;
+            if attempt == 10 {
+                tracing::error!(build = %ended.id, %error, "a build's end was not kept");
+                return;
+            }
+            tracing::warn!(build = %ended.id, %error, "a build's end was not kept: retrying");
+            tokio::time::sleep(std::time::Duration::from_secs(1 << attempt.min(4))).await;
         }
         if let Some(ready) = ready {
             let _turn = self
@@ -710,7 +742,12 @@ impl ControlPlane {
                 "template {named:?} has a build running: wait for it to end"
             )));
         }
-        for build in builds.iter().filter(|b| b.status == BuildStatus::Ready) {
+        // Newest first: a build made from an older one of the same template stands on it.
+        for build in builds
+            .iter()
+            .rev()
+            .filter(|b| b.status == BuildStatus::Ready)
+        {
             let Some(host) = build.host_id.as_deref().and_then(|id| self.fleet.host(id)) else {
                 continue;
             };
@@ -725,6 +762,35 @@ impl ControlPlane {
         self.store.delete_template(&template.id).await?;
         tracing::info!(template = %template.id, "template deleted");
         Ok(())
+    }
+
+    /// Ends the builds a previous run of the control plane left running: their job went with
+    /// it (a host's build stops when its caller goes). How many there were.
+    pub async fn fail_interrupted_builds(&self) -> Result<usize, Error> {
+        let interrupted = self.store.builds_in(BuildStatus::Building).await?;
+        let now = now_ms();
+        for build in &interrupted {
+            let message =
+                "the control plane restarted during the build: start a new one".to_string();
+            let line = BuildLogRow {
+                seq: 0,
+                timestamp_ms: now,
+                level: "error".into(),
+                message: format!("build failed: {message}"),
+                step: Some("base".into()),
+            };
+            self.store.add_build_logs(&build.id, vec![line]).await?;
+            self.store
+                .put_build(BuildRow {
+                    status: BuildStatus::Error,
+                    reason: Some(message),
+                    reason_step: Some("base".into()),
+                    finished_at_ms: now,
+                    ..build.clone()
+                })
+                .await?;
+        }
+        Ok(interrupted.len())
     }
 
     /// `GET /templates/{templateID}/builds/{buildID}/status`: the build and its log from the

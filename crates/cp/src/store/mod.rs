@@ -302,6 +302,8 @@ pub trait StoreBackend: Send + Sync + std::fmt::Debug {
     async fn build(&self, id: &str) -> StoreResult<Option<BuildRow>>;
     /// A template's builds, oldest first.
     async fn builds_of(&self, template_id: &str) -> StoreResult<Vec<BuildRow>>;
+    /// Every build in `status`, oldest first.
+    async fn builds_in(&self, status: BuildStatus) -> StoreResult<Vec<BuildRow>>;
     /// Appends lines to a build's log (their `seq` numbers follow the last one's).
     async fn add_build_logs(&self, build_id: &str, lines: Vec<BuildLogRow>) -> StoreResult<()>;
     /// Points `tag` of a template at a build (moving it if it named another).

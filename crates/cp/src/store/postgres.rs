@@ -388,6 +388,11 @@ impl StoreBackend for PgStore {
         self.select(clause, &[&template_id]).await
     }
 
+    async fn builds_in(&self, status: super::BuildStatus) -> StoreResult<Vec<BuildRow>> {
+        let clause = "WHERE status = $1 ORDER BY created_at_ms, id";
+        self.select(clause, &[&status.as_str()]).await
+    }
+
     async fn add_build_logs(&self, build_id: &str, lines: Vec<BuildLogRow>) -> StoreResult<()> {
         let mut client = self.client().await?;
         let transaction = client.transaction().await?;

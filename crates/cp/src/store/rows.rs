@@ -168,8 +168,9 @@ pub const TEMPLATE_UPSERT: &str = "ON CONFLICT (id) DO UPDATE SET alias = exclud
 /// How `put_build` changes a build stored already.
 pub const BUILD_UPSERT: &str = "ON CONFLICT (id) DO UPDATE SET status = excluded.status,
     reason = excluded.reason, reason_step = excluded.reason_step, host_id = excluded.host_id,
-    disk_size_mb = excluded.disk_size_mb, envd_version = excluded.envd_version,
-    finished_at_ms = excluded.finished_at_ms";
+    from_template = excluded.from_template, cpu_count = excluded.cpu_count,
+    memory_mb = excluded.memory_mb, disk_size_mb = excluded.disk_size_mb,
+    envd_version = excluded.envd_version, finished_at_ms = excluded.finished_at_ms";
 
 /// How `put_sandbox` updates a sandbox stored already: its lifecycle's columns.
 pub const SANDBOX_UPSERT: &str = "ON CONFLICT (id) DO UPDATE SET state = excluded.state,

@@ -445,6 +445,12 @@ impl StoreBackend for SqliteStore {
         self.select(clause, values![template_id.to_string()]).await
     }
 
+    async fn builds_in(&self, status: super::BuildStatus) -> StoreResult<Vec<BuildRow>> {
+        let clause = "WHERE status = ?1 ORDER BY created_at_ms, id";
+        self.select(clause, values![status.as_str().to_string()])
+            .await
+    }
+
     async fn add_build_logs(&self, build_id: &str, lines: Vec<BuildLogRow>) -> StoreResult<()> {
         let build_id = build_id.to_string();
         self.with(move |db| {

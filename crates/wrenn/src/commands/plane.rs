@@ -335,6 +335,16 @@ pub(super) async fn start_plane(
         paused: args.quota_paused,
         disk_mib: args.quota_disk_gib.saturating_mul(1024),
     }));
+    let interrupted = plane
+        .fail_interrupted_builds()
+        .await
+        .context("ending the builds a previous run left")?;
+    if interrupted > 0 {
+        tracing::warn!(
+            interrupted,
+            "template builds a previous run left are failed"
+        );
+    }
     tokio::spawn(plane.clone().run_lifecycle());
     tokio::spawn(plane.clone().run_fleet(wake));
 

@@ -99,8 +99,16 @@ fn command(text: &str) -> String {
 fn env_pairs(text: &str) -> anyhow::Result<Vec<String>> {
     let words = shell_words(text)?;
     if !words.is_empty() && !words[0].contains('=') {
-        let value = text[words[0].len()..].trim().to_string();
-        return Ok(vec![words[0].clone(), value]);
+        // The old form, `ENV NAME the rest`: the rest as written.
+        let (name, value) = text
+            .trim()
+            .split_once(char::is_whitespace)
+            .unwrap_or((text.trim(), ""));
+        let name = shell_words(name)?.join("");
+        if value.trim().is_empty() {
+            bail!("{name} has no value (ENV NAME=value, or ENV NAME value)");
+        }
+        return Ok(vec![name, value.trim().to_string()]);
     }
     let mut pairs = Vec::new();
     for word in words {
@@ -341,6 +349,7 @@ CMD ["http.server", "8000"]
             ("FROM base\nRUN", "line 2 (RUN): has no command"),
             ("FROM base\nENV A=\"x", "line 2 (ENV): an unclosed quote"),
             ("FROM base\nFOO bar", "an instruction wrenn does not know"),
+            ("FROM base\nENV \"é\"", "line 2 (ENV)"),
             ("# nothing", "has no FROM"),
         ] {
             let error = parse(text).unwrap_err().to_string();

@@ -469,7 +469,7 @@ async fn copy_step(
     }
     let chmod = match mode {
         Some(mode) => format!(
-            "if [ -d \"$src\" ] && [ ! -L \"$src\" ]; then chmod -R {m} \"$src\"; else chmod {m} \"$src\" 2>/dev/null || true; fi",
+            "if [ -d \"$src\" ] && [ ! -L \"$src\" ]; then chmod -R {m} \"$src\"; elif [ ! -L \"$src\" ]; then chmod {m} \"$src\"; fi",
             m = quote(mode)
         ),
         None => String::new(),
@@ -690,17 +690,23 @@ async fn wait_until_ready(
     loop {
         tries += 1;
         let quiet = BuildLogger::new(tokio::sync::mpsc::unbounded_channel().0);
+        // Bounded in the guest too, so that a run that hangs leaves no process in the snapshot.
+        let bounded = format!(
+            "timeout -k 5 {} bash -c {}",
+            READY_CMD_TRY.as_secs(),
+            quote(ready_cmd)
+        );
         let once = run_command(
             address,
             &state.user,
             &state.workdir,
             &state.envs,
-            ready_cmd,
+            &bounded,
             &quiet,
             finalize(),
             stop,
         );
-        match tokio::time::timeout(READY_CMD_TRY, once).await {
+        match tokio::time::timeout(READY_CMD_TRY + Duration::from_secs(10), once).await {
             Ok(Ok(ran)) if ran.exit_code == 0 => {
                 logger.log(
                     LogLevel::Info,

@@ -258,7 +258,14 @@ impl ControlPlane {
                 "memoryMB must be at least 128 (got {memory})"
             )));
         }
-        let mut tags = vec![tag];
+        // A tag in the name comes first; `default` only when no tag is given at all (as E2B:
+        // a build tagged `staging` does not move what the bare name starts).
+        let named_tag = request.name.contains(':');
+        let mut tags = if named_tag || request.tags.is_empty() {
+            vec![tag]
+        } else {
+            Vec::new()
+        };
         for tag in request.tags {
             let (_, tag) = split_name(&format!("x:{tag}"))?;
             if !tags.contains(&tag) {
@@ -267,7 +274,21 @@ impl ControlPlane {
         }
         let _turn = self.changes.turn(&format!("template-name:{alias}")).await;
         let now = now_ms();
-        let template = match self.store.template_by_alias(&alias).await? {
+        // An existing template is changed in its own turn, which a build's end and a delete
+        // take too, and read again in it.
+        let mut _template_turn = None;
+        let existing = match self.store.template_by_alias(&alias).await? {
+            Some(template) if template.team_id == team_id => {
+                _template_turn = Some(
+                    self.changes
+                        .turn(&format!("template:{}", template.id))
+                        .await,
+                );
+                self.store.template(&template.id).await?
+            }
+            other => other,
+        };
+        let template = match existing {
             Some(template) if template.team_id == team_id => TemplateRow {
                 cpu_count: request.cpu_count.unwrap_or(template.cpu_count),
                 memory_mb: request.memory_mb.unwrap_or(template.memory_mb),
@@ -449,7 +470,14 @@ impl ControlPlane {
         spec: BuildSpec,
     ) -> Result<(), Error> {
         let template = self.own_template(team_id, template_id).await?;
-        let _turn = self.changes.turn(&format!("build:{build_id}")).await;
+        // The template's turn: a delete does not run between the checks and the job's start.
+        let _turn = self
+            .changes
+            .turn(&format!("template:{}", template.id))
+            .await;
+        if self.store.template(&template.id).await?.is_none() {
+            return Err(Error::TemplateNotFound(template_id.to_string()));
+        }
         let build = self
             .store
             .build(build_id)

@@ -148,6 +148,8 @@ pub struct TemplateBuild {
     pub deadline: Duration,
     /// What COPY steps copy: a tar (gzipped or not) for each `files_hash`.
     pub files: BTreeMap<String, Vec<u8>>,
+    /// Whether the build's VM may reach public addresses.
+    pub allow_internet: bool,
 }
 
 fn nonempty(text: String) -> Option<String> {
@@ -169,6 +171,7 @@ impl TryFrom<pb::RunTemplateBuildRequest> for TemplateBuild {
             vcpus,
             deadline_ms,
             files,
+            allow_internet,
         } = request;
         let steps = steps
             .into_iter()
@@ -205,6 +208,7 @@ impl TryFrom<pb::RunTemplateBuildRequest> for TemplateBuild {
             vcpus: (vcpus > 0).then_some(vcpus),
             deadline: crate::timeout_from_millis(deadline_ms).unwrap_or(DEFAULT_BUILD_DEADLINE),
             files: files.into_iter().collect(),
+            allow_internet,
         })
     }
 }
@@ -221,6 +225,7 @@ impl From<TemplateBuild> for pb::RunTemplateBuildRequest {
             vcpus,
             deadline,
             files,
+            allow_internet,
         } = build;
         pb::RunTemplateBuildRequest {
             template_id,
@@ -240,6 +245,7 @@ impl From<TemplateBuild> for pb::RunTemplateBuildRequest {
             vcpus: vcpus.unwrap_or(0),
             deadline_ms: u32::try_from(deadline.as_millis()).unwrap_or(u32::MAX),
             files: files.into_iter().collect(),
+            allow_internet,
         }
     }
 }
@@ -350,6 +356,7 @@ mod tests {
             vcpus: None,
             deadline: Duration::from_secs(90),
             files: BTreeMap::from([("abc".into(), b"tar".to_vec())]),
+            allow_internet: true,
         };
         let request = pb::RunTemplateBuildRequest::from(build.clone());
         assert_eq!(TemplateBuild::try_from(request).unwrap(), build);

@@ -241,6 +241,10 @@ pub struct TemplateBuildRequest {
     pub cpu_count: Option<u32>,
     #[serde(rename = "memoryMB", default)]
     pub memory_mb: Option<u32>,
+    /// Free disk the build's host must have (wrenn refuses any but 0: placement already asks
+    /// for the template's disk).
+    #[serde(rename = "minFreeDiskMb", default)]
+    pub min_free_disk_mb: Option<u64>,
 }
 
 /// The answer of `POST /v3/templates` (202).

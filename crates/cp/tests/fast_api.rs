@@ -1303,6 +1303,10 @@ async fn bad_builds_are_refused_and_a_failed_one_says_where_it_failed() {
             json!({"name": "ok", "memoryMB": 64}),
             "memoryMB must be at least 128",
         ),
+        (
+            json!({"name": "ok", "minFreeDiskMb": 100}),
+            "minFreeDiskMb is not supported",
+        ),
     ] {
         let (status, answer) = kit
             .call("POST", "/v3/templates", Some(&kit.key_a), body)
@@ -1590,6 +1594,7 @@ async fn copy_files_are_uploaded_once_through_their_link_and_go_with_the_build()
     let sent = kit.agent.builds().pop().unwrap();
     assert_eq!(sent.files.get(&hash).map(Vec::as_slice), Some(&tar[..]));
     assert_eq!(sent.steps[1].args, ["app", "/srv/app", "", "0755"]);
+    assert!(sent.allow_internet, "the plane allows the internet, and says so to the build");
 }
 
 #[tokio::test]

@@ -169,7 +169,7 @@ impl Manager {
                 memory_mib,
                 vcpus,
                 DEFAULT_BOOT_TIMEOUT,
-                true,
+                build.allow_internet,
                 &work,
             )
             .await;

@@ -79,6 +79,11 @@ pub(super) async fn request_build(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let request: wrenn_api::TemplateBuildRequest = body_json(&body)?;
+    if request.min_free_disk_mb.is_some_and(|mb| mb > 0) {
+        return Err(ApiError::bad_request(
+            "minFreeDiskMb is not supported by wrenn: a build's host needs the template's disk free",
+        ));
+    }
     let name = request
         .name
         .filter(|name| !name.is_empty())

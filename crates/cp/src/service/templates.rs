@@ -542,6 +542,7 @@ impl ControlPlane {
             vcpus: (build.cpu_count > 0).then_some(build.cpu_count),
             deadline: DEFAULT_BUILD_DEADLINE,
             files,
+            allow_internet: self.internet,
         };
         let build = BuildRow {
             status: BuildStatus::Building,

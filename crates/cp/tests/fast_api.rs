@@ -1594,7 +1594,10 @@ async fn copy_files_are_uploaded_once_through_their_link_and_go_with_the_build()
     let sent = kit.agent.builds().pop().unwrap();
     assert_eq!(sent.files.get(&hash).map(Vec::as_slice), Some(&tar[..]));
     assert_eq!(sent.steps[1].args, ["app", "/srv/app", "", "0755"]);
-    assert!(sent.allow_internet, "the plane allows the internet, and says so to the build");
+    assert!(
+        sent.allow_internet,
+        "the plane allows the internet, and says so to the build"
+    );
 }
 
 #[tokio::test]

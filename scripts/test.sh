@@ -2,7 +2,8 @@
 # Runs every test of the project; CI (.ci/run) runs exactly this.
 #   1. set-up (packages, test user, SDK venv), and setup.sh's package resolution in clean
 #      Debian 12 chroots (scripts/test-setup.sh, cached)   2. format and lints
-#   3. static envd and the guest image (cached)   4. Rust unit, integration and VM tests
+#   3. static envd and the guest image (cached); PostgreSQL and OCI registries for the tests
+#   4. Rust unit, integration and VM tests
 #   5. the real e2b SDK suites (Python, then JS too) against the static envd, then `wrenn up` on
 #      SQLite and on PostgreSQL at once   6. a smoke run of every `wrenn-bench` command
 # Each stage's duration is printed at the end (and when a stage fails).
@@ -64,6 +65,16 @@ step "PostgreSQL for the store tests"
 WRENN_TEST_DATABASE_URL="$(bash scripts/postgres.sh)"
 export WRENN_TEST_DATABASE_URL
 echo "store tests use $WRENN_TEST_DATABASE_URL"
+
+step "OCI registries and the test image for template builds from images"
+registries="$(WRENN_CACHE_DIR="$CACHE_DIR" bash scripts/registry.sh)"
+WRENN_TEST_REGISTRY="$(sed -n 1p <<<"$registries")"
+WRENN_TEST_PRIVATE_REGISTRY="$(sed -n 2p <<<"$registries")"
+WRENN_TEST_REGISTRY_LOGIN="$(sed -n 3p <<<"$registries")"
+# `wrenn up` in the platform suite reaches them over plain HTTP on the loopback.
+WRENN_INSECURE_REGISTRIES="$WRENN_TEST_REGISTRY,$WRENN_TEST_PRIVATE_REGISTRY"
+export WRENN_TEST_REGISTRY WRENN_TEST_PRIVATE_REGISTRY WRENN_TEST_REGISTRY_LOGIN WRENN_INSECURE_REGISTRIES
+echo "registries: $WRENN_TEST_REGISTRY (open), $WRENN_TEST_PRIVATE_REGISTRY (login)"
 
 step "free disk for the VM tests"
 # A host agent refuses a sandbox when its data directory's disk has less free than the
@@ -127,7 +138,7 @@ BENCH="$(pwd)/target/debug/wrenn-bench"
 "$BENCH" boot --runs 1 --accel tcg
 "$BENCH" sandbox --sequential 2 --concurrent 2 --idle 2 --pauses 1 --accel tcg
 "$BENCH" api --creates 2 --rows 200 --accel tcg
-"$BENCH" build --runs 1 --accel tcg
+"$BENCH" build --runs 1 --accel tcg --image "$WRENN_TEST_REGISTRY/wrenn-test/busybox:v1"
 
 step "no generated changes left behind"
 if [ -n "$(git status --porcelain)" ]; then

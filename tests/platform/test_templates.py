@@ -156,3 +156,107 @@ def test_the_cli_builds_a_dockerfile_lists_tags_and_deletes_it(wrenn, tmp_path):
     refused = cli("build", "-f", str(globbing), "--name", "cli-glob", check=False)
     assert refused.returncode != 0
     assert "Dockerfile line 2 (COPY): *.sh: globs are not supported" in refused.stderr, refused.stderr
+
+
+def registries():
+    """The registries scripts/registry.sh started (open, private, "user:password"), or a failure
+    saying how to start them."""
+    import os
+
+    names = ("WRENN_TEST_REGISTRY", "WRENN_TEST_PRIVATE_REGISTRY", "WRENN_TEST_REGISTRY_LOGIN")
+    values = [os.environ.get(name) for name in names]
+    if not all(values):
+        pytest.fail(f"{', '.join(names)} are not set: run scripts/registry.sh (scripts/test.sh does)",
+                    pytrace=False)
+    open_registry, private_registry, login = values
+    username, password = login.split(":", 1)
+    return open_registry, private_registry, username, password
+
+
+def test_a_template_from_a_registry_image_has_its_files_user_and_workdir(wrenn):
+    open_registry, _, _, _ = registries()
+    template = (
+        Template()
+        .from_image(f"{open_registry}/wrenn-test/busybox:v1")
+        .run_cmd("echo \"$WRENN_IMAGE_ENV, $(id -un) in $(pwd)\" > made-by-sdk.txt")
+    )
+    logs = []
+    Template.build(template, "sdk-from-image", on_build_logs=logs.append)
+    messages = [entry.message for entry in logs]
+    assert any(m.startswith("pulling ") for m in messages), messages
+    sandbox = Sandbox.create("sdk-from-image", timeout=120)
+    try:
+        run = sandbox.commands.run
+        # The image's USER and WORKDIR are the sandbox's, and the step ran as them with its ENV.
+        assert run("whoami; pwd; cat made-by-sdk.txt").stdout == "app\n/app\nfrom-image, app in /app\n"
+        # The layers as stacked: the second's whiteouts removed the first's files.
+        listing = run("cat /usr/share/wrenn-test/hello; ls /opt/lower; ls /etc/layer-one-gone 2>&1 || true")
+        assert listing.stdout.startswith("kept from layer one\nnew\n"), listing.stdout
+        assert "No such file" in listing.stdout, listing.stdout
+        sandbox.files.write("/app/written.txt", "through envd\n")
+        assert sandbox.files.read("/app/written.txt") == "through envd\n"
+    finally:
+        sandbox.kill()
+
+
+def test_a_private_image_needs_its_login_and_an_unknown_image_is_an_error(wrenn):
+    open_registry, private_registry, username, password = registries()
+    private_image = f"{private_registry}/wrenn-test/private:v1"
+    with pytest.raises(BuildException) as refused:
+        Template.build(Template().from_image(private_image), "sdk-private-image")
+    assert "needs credentials" in str(refused.value), str(refused.value)
+    with pytest.raises(BuildException) as refused:
+        Template.build(Template().from_image(private_image, username=username, password="wrong"),
+                       "sdk-private-image")
+    assert "refused the credentials" in str(refused.value), str(refused.value)
+    with pytest.raises(BuildException) as unknown:
+        Template.build(Template().from_image(f"{open_registry}/wrenn-test/nothing:v1"), "sdk-no-image")
+    assert "has no image" in str(unknown.value), str(unknown.value)
+
+    info = Template.build(Template().from_image(private_image, username=username, password=password),
+                          "sdk-private-image")
+    sandbox = Sandbox.create(info.template_id, timeout=120)
+    try:
+        assert sandbox.commands.run("cat /app/marker").stdout == "from layer two\n"
+    finally:
+        sandbox.kill()
+
+
+def test_the_sdks_default_base_image_and_a_dockerfile_from_an_image(wrenn):
+    open_registry, _, _, _ = registries()
+    # from_base_image() is e2bdev/base (the default of a Template()): wrenn's base template.
+    Template.build(Template().from_base_image().run_cmd("echo on-base > /home/user/default.txt"),
+                   "sdk-default-base")
+    dockerfile = (
+        f"FROM {open_registry}/wrenn-test/busybox:v1\n"
+        "RUN echo \"dockerfile as $(id -un) in $(pwd)\" > /made.txt\n"
+        "ENV NOT_KEPT=1\n"
+    )
+    Template.build(Template().from_dockerfile(dockerfile), "sdk-dockerfile-image")
+    for name, script, expected in [
+        ("sdk-default-base", "cat /home/user/default.txt; python3 --version | cut -c1-7", "on-base\nPython \n"),
+        # The SDK runs a Dockerfile's steps as root in /, and its sandboxes as user in /home/user.
+        ("sdk-dockerfile-image", "cat /made.txt; whoami; pwd", "dockerfile as root in /\nuser\n/home/user\n"),
+    ]:
+        sandbox = Sandbox.create(name, timeout=120)
+        try:
+            assert sandbox.commands.run(script).stdout == expected
+        finally:
+            sandbox.kill()
+
+
+def test_the_cli_builds_a_dockerfile_from_an_image(wrenn, tmp_path):
+    import os
+    import subprocess
+
+    open_registry, _, _, _ = registries()
+    env = dict(os.environ, WRENN_API_URL=wrenn.api_url, WRENN_API_KEY=wrenn.key)
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text(f"FROM {open_registry}/wrenn-test/busybox:v1\nRUN id -un > /who.txt\n")
+    built = subprocess.run([wrenn.binary, "template", "build", "-f", str(dockerfile), "--name", "cli-image"],
+                           capture_output=True, text=True, timeout=600, env=env)
+    assert built.returncode == 0, built.stderr
+    # An image's Dockerfile starts as root in / and ends as user in /home/user, as in the SDKs.
+    for line in [f"pulling {open_registry}/wrenn-test/busybox:v1", "[1/5] USER root", "[2/5] WORKDIR /",
+                 "[4/5] USER user", "[5/5] WORKDIR /home/user", "built cli-image"]:
+        assert line in built.stdout, built.stdout

@@ -133,12 +133,35 @@ fn valid_env_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-/// A build: a new template from an existing one, its steps, and the commands its sandboxes
-/// start with.
+/// A registry's image a build starts from (E2B's `fromImage`, with `fromImageRegistry`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ImageSource {
+    /// `[registry/]repository[:tag][@digest]`, as Docker reads it.
+    pub reference: String,
+    /// A login for the registry.
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for ImageSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageSource")
+            .field("reference", &self.reference)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "(hidden)"))
+            .finish()
+    }
+}
+
+/// A build: a new template from an existing one or from a registry's image, its steps, and the
+/// commands its sandboxes start with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TemplateBuild {
     pub template_id: String,
+    /// The host's template it starts from; with `from_image`, the template whose kernel and
+    /// guest files (envd, init) the image gets.
     pub from_template: String,
+    pub from_image: Option<ImageSource>,
     pub steps: Vec<BuildStep>,
     pub start_cmd: Option<String>,
     pub ready_cmd: Option<String>,
@@ -172,6 +195,9 @@ impl TryFrom<pb::RunTemplateBuildRequest> for TemplateBuild {
             deadline_ms,
             files,
             allow_internet,
+            from_image,
+            registry_username,
+            registry_password,
         } = request;
         let steps = steps
             .into_iter()
@@ -209,6 +235,11 @@ impl TryFrom<pb::RunTemplateBuildRequest> for TemplateBuild {
             deadline: crate::timeout_from_millis(deadline_ms).unwrap_or(DEFAULT_BUILD_DEADLINE),
             files: files.into_iter().collect(),
             allow_internet,
+            from_image: nonempty(from_image).map(|reference| ImageSource {
+                reference,
+                username: nonempty(registry_username),
+                password: nonempty(registry_password),
+            }),
         })
     }
 }
@@ -226,7 +257,16 @@ impl From<TemplateBuild> for pb::RunTemplateBuildRequest {
             deadline,
             files,
             allow_internet,
+            from_image,
         } = build;
+        let (from_image, registry_username, registry_password) = match from_image {
+            Some(image) => (
+                image.reference,
+                image.username.unwrap_or_default(),
+                image.password.unwrap_or_default(),
+            ),
+            None => Default::default(),
+        };
         pb::RunTemplateBuildRequest {
             template_id,
             from_template,
@@ -246,6 +286,9 @@ impl From<TemplateBuild> for pb::RunTemplateBuildRequest {
             deadline_ms: u32::try_from(deadline.as_millis()).unwrap_or(u32::MAX),
             files: files.into_iter().collect(),
             allow_internet,
+            from_image,
+            registry_username,
+            registry_password,
         }
     }
 }
@@ -357,7 +400,16 @@ mod tests {
             deadline: Duration::from_secs(90),
             files: BTreeMap::from([("abc".into(), b"tar".to_vec())]),
             allow_internet: true,
+            from_image: Some(ImageSource {
+                reference: "localhost:5000/app:v1".into(),
+                username: Some("ci".into()),
+                password: Some("secret".into()),
+            }),
         };
+        assert!(
+            !format!("{build:?}").contains("secret"),
+            "the password is not in Debug"
+        );
         let request = pb::RunTemplateBuildRequest::from(build.clone());
         assert_eq!(TemplateBuild::try_from(request).unwrap(), build);
 

@@ -353,6 +353,18 @@ impl State {
                 build.template_id
             )));
         }
+        if let Some(image) = &build.from_image {
+            let login = image
+                .username
+                .as_ref()
+                .map(|user| format!(" (login as {user})"))
+                .unwrap_or_default();
+            let _ = logs.send(BuildLog::now(
+                LogLevel::Info,
+                Some("base".into()),
+                format!("pulling {}{login}", image.reference),
+            ));
+        }
         let total = build.steps.len();
         for (index, step) in build.steps.iter().enumerate() {
             step.check(index + 1)
@@ -380,8 +392,11 @@ impl State {
             ..parent
         };
         self.templates.push(template.clone());
-        self.parents
-            .insert(template.template_id.clone(), build.from_template.clone());
+        // A template from an image stands on no other (it took only the base's kernel).
+        if build.from_image.is_none() {
+            self.parents
+                .insert(template.template_id.clone(), build.from_template.clone());
+        }
         Ok(template)
     }
 

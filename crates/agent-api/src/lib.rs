@@ -6,7 +6,8 @@
 //!   (`wrenn up`), [`RemoteAgent`] over a separate agent's Connect API and sandbox proxy, and the
 //!   control plane's tests with an in-memory fake. The control plane knows nothing else of an
 //!   agent.
-//! - [`build`]: template builds (their steps, their log).
+//! - [`build`]: template builds (their steps, their log); [`image_reference`]: the registry
+//!   image names builds start from.
 //! - [`join`]: the messages an agent registers and heartbeats with.
 //! - [`proxy`]: the headers of the agent's sandbox proxy.
 //! - [`fake`]: an in-memory agent for the control plane's fast tests.
@@ -15,6 +16,7 @@
 
 pub mod build;
 pub mod fake;
+pub mod image_reference;
 pub mod join;
 pub mod proxy;
 mod remote;

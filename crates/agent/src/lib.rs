@@ -4,6 +4,7 @@
 //! - [`network`]: network namespaces with veth, tap and NAT, pooled and recycled;
 //! - [`firewall`]: every firewall rule the agent installs (the sandbox boundary), as text;
 //! - [`disk`]: copy-on-write disks; [`store`]: state on disk;
+//! - [`oci`]: images pulled from registries and made root filesystems, for template builds;
 //! - [`mmds`]: the metadata service for guests of VMMs that have none (QEMU);
 //! - [`envd_client`]: the agent's calls to envd; [`api`]: the Connect API;
 //! - [`proxy`]: forwarding to guest ports, and the agent's sandbox proxy;
@@ -21,6 +22,7 @@ pub mod local;
 pub mod manager;
 pub mod mmds;
 pub mod network;
+pub mod oci;
 pub mod proxy;
 pub mod store;
 

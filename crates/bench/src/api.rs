@@ -267,6 +267,8 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
         slots_ahead: 2,
         host_nat: false,
         vmm_uid_base: wrenn_agent::manager::DEFAULT_VMM_UID_BASE,
+        insecure_registries: Vec::new(),
+        image_cache_bytes: wrenn_agent::oci::cache::DEFAULT_CACHE_BYTES,
     };
     let mmds = tokio::net::TcpListener::bind("0.0.0.0:0").await?;
     let config = AgentConfig {

@@ -1,7 +1,9 @@
 //! `wrenn-bench build`: template builds through a `wrenn agent serve` of its own (#14's
 //! numbers): a three-step template built from a template (a cold boot on the parent's disk,
 //! the steps through envd, the snapshot), and the first create from the built template beside
-//! a create from its parent.
+//! a create from its parent. With `--image`, also builds from a registry's image: once with its
+//! layers pulled (the pull's rate from the agent's log) and once with them in the host's blob
+//! cache.
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +20,10 @@ pub struct BuildBenchArgs {
     /// Builds measured.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// An image to build from too (its registry reached as the agent's `--insecure-registry`
+    /// or `WRENN_INSECURE_REGISTRIES` allows).
+    #[arg(long)]
+    image: Option<String>,
     #[command(flatten)]
     guest: GuestArgs,
 }
@@ -39,12 +45,25 @@ fn steps() -> Vec<pb::BuildStep> {
     ]
 }
 
-/// Runs one build to its end: how long it took.
-async fn build(agent: &BenchAgent, template_id: &str) -> anyhow::Result<Duration> {
+/// Runs one build to its end: how long it took, and its log.
+async fn build(
+    agent: &BenchAgent,
+    template_id: &str,
+    from_image: Option<&str>,
+) -> anyhow::Result<(Duration, Vec<String>)> {
     let request = pb::RunTemplateBuildRequest {
         template_id: template_id.into(),
         from_template: "bench".into(),
-        steps: steps(),
+        from_image: from_image.unwrap_or_default().into(),
+        steps: if from_image.is_some() {
+            vec![pb::BuildStep {
+                r#type: "RUN".into(),
+                args: vec!["echo built > /tmp/built.txt".into()],
+                ..Default::default()
+            }]
+        } else {
+            steps()
+        },
         ..Default::default()
     };
     let started = Instant::now();
@@ -52,12 +71,30 @@ async fn build(agent: &BenchAgent, template_id: &str) -> anyhow::Result<Duration
         .client()
         .call_streaming::<host_agent::RunTemplateBuild>(&request, &HeaderMap::new())
         .await?;
+    let mut log = Vec::new();
     while let Some(event) = stream.message().await {
-        if let Some(pb::run_template_build_event::Event::Template(_)) = event?.event {
-            return Ok(started.elapsed());
+        match event?.event {
+            Some(pb::run_template_build_event::Event::Template(_)) => {
+                return Ok((started.elapsed(), log));
+            }
+            Some(pb::run_template_build_event::Event::Log(line)) => log.push(line.message),
+            None => {}
         }
     }
-    anyhow::bail!("the build of {template_id} ended without a template")
+    anyhow::bail!("the build of {template_id} ended without a template; its log: {log:?}")
+}
+
+/// The pull rates (MiB/s) the agent logged for the layers it fetched, and their MiB.
+fn pull_rates(log: &[String]) -> Vec<(f64, f64)> {
+    log.iter()
+        .filter(|line| line.starts_with("layer ") && line.ends_with("MiB/s)"))
+        .filter_map(|line| {
+            let (_, after) = line.split_once(": ")?;
+            let mib: f64 = after.split(' ').next()?.parse().ok()?;
+            let rate = line.rsplit_once('(')?.1.split(' ').next()?.parse().ok()?;
+            Some((mib, rate))
+        })
+        .collect()
 }
 
 pub async fn run(args: BuildBenchArgs) -> anyhow::Result<()> {
@@ -75,7 +112,7 @@ pub async fn run(args: BuildBenchArgs) -> anyhow::Result<()> {
     for run in 0..args.runs {
         eprintln!("build {} of {} ...", run + 1, args.runs);
         let template = format!("three-{run}");
-        builds.push(build(&agent, &template).await.context("the build")?);
+        builds.push(build(&agent, &template, None).await.context("the build")?.0);
         // Creates from the new template and from its parent alternate.
         let id = format!("first-{run}");
         first_creates.push(agent.create_from(&template, id.clone()).await?);
@@ -84,26 +121,73 @@ pub async fn run(args: BuildBenchArgs) -> anyhow::Result<()> {
         parent_creates.push(agent.create_from("bench", id.clone()).await?);
         agent.destroy(id).await?;
     }
+    // From an image: the first build pulls its layers, the others find them in the cache.
+    let (mut pulled, mut cached, mut image_creates, mut rates) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    if let Some(image) = &args.image {
+        for run in 0..args.runs.max(2) {
+            eprintln!("build {} from {image} ...", run + 1);
+            let template = format!("image-{run}");
+            let (took, log) = build(&agent, &template, Some(image))
+                .await
+                .context("the build from the image")?;
+            if run == 0 {
+                rates = pull_rates(&log);
+                pulled.push(took);
+            } else {
+                cached.push(took);
+            }
+            let id = format!("image-first-{run}");
+            image_creates.push(agent.create_from(&template, id.clone()).await?);
+            agent.destroy(id).await?;
+        }
+    }
     let builds = latency(&builds);
     let first_creates = latency(&first_creates);
     let parent_creates = latency(&parent_creates);
+    let mut rows = vec![
+        ("three-step build from a template (cold)", builds.clone()),
+        (
+            "first create from the built template",
+            first_creates.clone(),
+        ),
+        ("create from its parent", parent_creates.clone()),
+    ];
+    if args.image.is_some() {
+        rows.push(("build from an image, layers pulled", latency(&pulled)));
+        rows.push(("build from an image, layers in the cache", latency(&cached)));
+        rows.push((
+            "first create from an image's template",
+            latency(&image_creates),
+        ));
+    }
+    let pulled_mib: f64 = rates.iter().map(|(mib, _)| mib).sum();
     if args.guest.json {
         println!(
             "{}",
             serde_json::json!({
                 "three_step_build": builds, "first_create_from_built": first_creates,
                 "create_from_parent": parent_creates,
+                "image": args.image.as_ref().map(|_| serde_json::json!({
+                    "build_pulled": latency(&pulled), "build_cached": latency(&cached),
+                    "first_create": latency(&image_creates),
+                    "layers": rates.iter().map(|(mib, rate)| serde_json::json!({"mib": mib, "mib_per_s": rate})).collect::<Vec<_>>(),
+                })),
             })
         );
     } else {
-        println!(
-            "{}",
-            latency_table(&[
-                ("three-step build from a template (cold)", &builds),
-                ("first create from the built template", &first_creates),
-                ("create from its parent", &parent_creates),
-            ])
-        );
+        let rows: Vec<_> = rows.iter().map(|(name, stats)| (*name, stats)).collect();
+        println!("{}", latency_table(&rows));
+        if !rates.is_empty() {
+            let rates: Vec<String> = rates
+                .iter()
+                .map(|(mib, rate)| format!("{mib:.1} MiB at {rate:.1} MiB/s"))
+                .collect();
+            println!(
+                "image layers pulled: {pulled_mib:.1} MiB ({})",
+                rates.join(", ")
+            );
+        }
     }
     Ok(())
 }

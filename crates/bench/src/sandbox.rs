@@ -65,7 +65,7 @@ pub struct SandboxBenchArgs {
 }
 
 /// Latency figures in milliseconds.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub(super) struct Latency {
     pub(super) runs: usize,
     pub(super) p50_ms: f64,

@@ -1289,6 +1289,49 @@ async fn a_template_built_from_base_is_what_its_sandboxes_start_from() {
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
+/// A build from a registry's image goes to a host with the base template, the image's name and
+/// login with it; the SDKs' default base image is wrenn's base template.
+#[tokio::test]
+async fn builds_from_images_carry_the_image_and_its_login_to_the_host() {
+    let kit = Kit::new(8, Quotas::default()).await;
+    let (template_id, build_id) = kit.request_build("from-image").await;
+    let path = format!("/v2/templates/{template_id}/builds/{build_id}");
+    let body = json!({
+        "fromImage": "registry.example.com/team/app:v1",
+        "fromImageRegistry": {"type": "registry", "username": "robot", "password": "s3cret"},
+        "steps": [{"type": "RUN", "args": ["make"]}],
+    });
+    let (status, answer) = kit.call("POST", &path, Some(&kit.key_a), body).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let (info, lines) = kit.wait_for_build(&template_id, &build_id).await;
+    assert_eq!(info["status"], "ready", "{info}");
+    let messages: Vec<&str> = lines.iter().filter_map(|l| l["message"].as_str()).collect();
+    assert!(
+        messages.contains(&"pulling registry.example.com/team/app:v1 (login as robot)"),
+        "{messages:?}"
+    );
+
+    let (template_id, build_id) = kit.request_build("from-e2b-base").await;
+    let path = format!("/v2/templates/{template_id}/builds/{build_id}");
+    let (status, answer) = kit
+        .call(
+            "POST",
+            &path,
+            Some(&kit.key_a),
+            json!({"fromImage": "e2bdev/base:latest"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let (info, lines) = kit.wait_for_build(&template_id, &build_id).await;
+    assert_eq!(info["status"], "ready", "{info}");
+    assert!(
+        !lines.iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("pulling"))),
+        "e2bdev/base is the base template, not pulled: {lines:?}"
+    );
+}
+
 #[tokio::test]
 async fn bad_builds_are_refused_and_a_failed_one_says_where_it_failed() {
     let kit = Kit::new(8, Quotas::default()).await;
@@ -1318,11 +1361,20 @@ async fn bad_builds_are_refused_and_a_failed_one_says_where_it_failed() {
     let (template_id, build_id) = kit.request_build("broken").await;
     let path = format!("/v2/templates/{template_id}/builds/{build_id}");
     for (body, said) in [
+        (json!({"fromImage": "Not An Image"}), "fromImage:"),
         (
-            json!({"fromImage": "python:3.12"}),
-            "building from an OCI image is not supported",
+            json!({"fromTemplate": "base", "fromImage": "python"}),
+            "not both",
         ),
-        (json!({}), "fromTemplate (or fromImage) is required"),
+        (
+            json!({"fromImage": "python", "fromImageRegistry": {"type": "aws", "awsAccessKeyId": "a"}}),
+            "type aws is not supported",
+        ),
+        (
+            json!({"fromImage": "python", "fromImageRegistry": {"type": "registry", "username": "u"}}),
+            "password is required",
+        ),
+        (json!({}), "fromTemplate or fromImage is required"),
         (
             json!({"fromTemplate": "base", "steps": [{"type": "ADD", "args": ["a"]}]}),
             "step 1: unknown type \"ADD\"",

@@ -2,7 +2,8 @@
 //! API, an agent's registration and heartbeats, Connect calls to agents and to envd, an agent's
 //! control calls to envd) goes through a `reqwest::Client` built by [`client`], so connect
 //! deadlines, proxies and pooling are decided here once, and answers are read with a bound
-//! ([`read_bounded`]).
+//! ([`read_bounded`]). Calls to the internet (an agent pulling images from registries) use
+//! [`internet_client_builder`]: HTTPS checked against the host's trusted authorities.
 
 use std::time::Duration;
 
@@ -38,6 +39,7 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A client with `options`. It ignores proxy settings in the environment: wrenn's calls go to
 /// its own hosts and guests, never through a proxy meant for the internet.
 pub fn client(options: ClientOptions) -> reqwest::Client {
+    use_ring_for_tls();
     let mut builder = reqwest::Client::builder()
         .no_proxy()
         .tcp_nodelay(true)
@@ -55,6 +57,29 @@ pub fn client(options: ClientOptions) -> reqwest::Client {
     builder
         .build()
         .expect("a plain-HTTP reqwest client always builds")
+}
+
+/// A client builder for calls to the internet: HTTPS verified against the host's trusted
+/// authorities (the system's store, as `ca-certificates` keeps it), no environment proxies, a
+/// connect deadline; the caller adds its resolver and redirect policy.
+pub fn internet_client_builder() -> reqwest::ClientBuilder {
+    use_ring_for_tls();
+    reqwest::Client::builder()
+        .no_proxy()
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(15))
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .tls_backend_rustls()
+}
+
+/// Makes _ring_ the process's TLS crypto provider (the one wrenn builds rustls with), once:
+/// reqwest takes it from there.
+fn use_ring_for_tls() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        // Another provider installed first (a test's, say) serves as well.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
 }
 
 /// Why an answer's body could not be read whole.

@@ -24,6 +24,13 @@ pub const GUEST_IP_CMDLINE: &str = "ip=169.254.0.21::169.254.0.22:255.255.255.25
 pub use wrenn_proto::ENVD_PORT;
 /// Where envd is inside the guest.
 pub const ENVD_GUEST_PATH: &str = "/usr/bin/envd";
+/// Where a root filesystem carries the static busybox wrenn's init runs its tools from.
+pub const GUEST_BUSYBOX: &str = "/usr/lib/wrenn/busybox";
+/// Where a root filesystem carries wrenn's init (the initramfs starts `/sbin/wrenn-init`, which
+/// is this in Debian, whose `/sbin` is a link to `usr/sbin`).
+pub const GUEST_INIT: &str = "/usr/sbin/wrenn-init";
+/// Where a root filesystem carries `poweroff` (and `reboot`, a link to it).
+pub const GUEST_POWEROFF: &str = "/usr/local/sbin/poweroff";
 /// Debian's mirror unless `--mirror` says otherwise.
 pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 
@@ -161,23 +168,7 @@ pub fn build(options: &BuildOptions, progress: &mut Progress) -> Result<BuildOut
     file.set_len(size_mib * 1024 * 1024)
         .map_err(|error| ImageError::io("sizing the rootfs image", &image_parent, error))?;
     drop(file);
-    let mut mkfs = Command::new("mkfs.ext4");
-    mkfs.args([
-        "-q",
-        "-F",
-        "-L",
-        "wrenn-root",
-        "-b",
-        "4096",
-        "-m",
-        "1",
-        "-E",
-        "root_owner=0:0",
-        "-d",
-    ])
-    .arg(&farm)
-    .arg(&rootfs_path)
-    .env("E2FSPROGS_FAKE_TIME", "0");
+    let mkfs = mkfs_ext4_command(&farm, &rootfs_path);
     command::run("mkfs.ext4 -d", mkfs, &log, progress)?;
     stage::remove_tree(&farm)?;
     for (from, to) in [
@@ -344,13 +335,22 @@ fn inject(
         &envd,
         0o755,
     )?;
+    let busybox = std::fs::read(kernel.busybox()).map_err(|error| ImageError::Io {
+        context: format!("reading {}", kernel.busybox().display()),
+        source: error,
+    })?;
     write_new(
-        &farm.join("usr/sbin/wrenn-init"),
+        &farm.join(GUEST_BUSYBOX.trim_start_matches('/')),
+        &busybox,
+        0o755,
+    )?;
+    write_new(
+        &farm.join(GUEST_INIT.trim_start_matches('/')),
         recipe::WRENN_INIT.as_bytes(),
         0o755,
     )?;
     write_new(
-        &farm.join("usr/local/sbin/poweroff"),
+        &farm.join(GUEST_POWEROFF.trim_start_matches('/')),
         recipe::POWEROFF.as_bytes(),
         0o755,
     )?;
@@ -406,9 +406,33 @@ fn copy_tree(from: &Path, to: &Path) -> Result<(), ImageError> {
     Ok(())
 }
 
+/// `mkfs.ext4 -d`: an ext4 file system in `image` (a file already sized) holding the tree at
+/// `tree`, owned by root at its top, reproducible (no clock in it). Image builds and the agent's
+/// templates from registries' images make their root filesystems with it.
+pub fn mkfs_ext4_command(tree: &Path, image: &Path) -> Command {
+    let mut mkfs = Command::new("mkfs.ext4");
+    mkfs.args([
+        "-q",
+        "-F",
+        "-L",
+        "wrenn-root",
+        "-b",
+        "4096",
+        "-m",
+        "1",
+        "-E",
+        "root_owner=0:0",
+        "-d",
+    ])
+    .arg(tree)
+    .arg(image)
+    .env("E2FSPROGS_FAKE_TIME", "0");
+    mkfs
+}
+
 /// Root filesystem size: the files plus an eighth for metadata, plus headroom, rounded up to
 /// 256 MiB.
-fn filesystem_size_mib(tree_bytes: u64, headroom_mib: u64) -> u64 {
+pub fn filesystem_size_mib(tree_bytes: u64, headroom_mib: u64) -> u64 {
     let files_mib = tree_bytes.div_ceil(1024 * 1024);
     let wanted = files_mib + files_mib / 8 + 64 + headroom_mib;
     wanted.div_ceil(256) * 256

@@ -45,6 +45,11 @@ impl KernelStage {
     pub fn initrd(&self) -> PathBuf {
         self.dir.join("initrd.img")
     }
+    /// The static busybox, which root filesystems carry for wrenn's init (an image from a
+    /// registry may have no shell tools of its own).
+    pub fn busybox(&self) -> PathBuf {
+        self.dir.join("busybox")
+    }
     /// The `lib/modules/<release>` tree to copy into the root filesystem.
     pub fn modules_tree(&self) -> PathBuf {
         self.dir.join("modules").join(&self.release)
@@ -97,7 +102,7 @@ fn candidate_version(package: &str) -> Result<String, ImageError> {
 
 /// The cache key of a kernel stage.
 pub fn stage_key(packages: &KernelPackages) -> String {
-    let mut inputs = String::from("kernel-stage-v1\n");
+    let mut inputs = String::from("kernel-stage-v2\n");
     for part in [
         packages.kernel.as_str(),
         &packages.kernel_version,
@@ -206,6 +211,8 @@ pub fn ensure(
         .map_err(|error| ImageError::io("writing the initramfs", cache_dir, error))?;
     std::fs::write(kept.join("initrd.img"), &initrd)
         .map_err(|error| ImageError::io("writing the initramfs", cache_dir, error))?;
+    std::fs::write(kept.join("busybox"), &busybox)
+        .map_err(|error| ImageError::io("keeping busybox", cache_dir, error))?;
     copy(
         &kernel_tree.join("boot").join(format!("vmlinuz-{release}")),
         &kept.join("vmlinuz"),
@@ -237,7 +244,7 @@ fn load(dir: &Path) -> Result<KernelStage, ImageError> {
     let mut stage: KernelStage = serde_json::from_str(&text)
         .map_err(|error| ImageError::Invalid(format!("{}: {error}", dir.display())))?;
     stage.dir = dir.to_path_buf();
-    for file in [stage.vmlinuz(), stage.initrd()] {
+    for file in [stage.vmlinuz(), stage.initrd(), stage.busybox()] {
         if !file.is_file() {
             return Err(ImageError::Invalid(format!(
                 "{} is missing",

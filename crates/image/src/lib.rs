@@ -23,12 +23,14 @@ mod rootfs;
 mod stage;
 
 pub use build::{
-    BuildOptions, BuildOutcome, DEFAULT_MIRROR, ENVD_GUEST_PATH, ENVD_PORT, GUEST_IP_CMDLINE,
-    build, default_cache_dir, default_cmdline, default_image_dir,
+    BuildOptions, BuildOutcome, DEFAULT_MIRROR, ENVD_GUEST_PATH, ENVD_PORT, GUEST_BUSYBOX,
+    GUEST_INIT, GUEST_IP_CMDLINE, GUEST_POWEROFF, build, default_cache_dir, default_cmdline,
+    default_image_dir, filesystem_size_mib, mkfs_ext4_command,
 };
 pub use check::{Problem, check};
 pub use error::ImageError;
 pub use manifest::Manifest;
+pub use stage::tree_bytes;
 
 /// The marker envd carries in its binary, followed by its version and a NUL: how the image tools
 /// learn envd's version without running a binary taken from an image.

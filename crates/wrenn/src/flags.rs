@@ -35,6 +35,20 @@ pub struct HostFlags {
     /// keep the range unused on this host). 0 runs QEMU as root: for debugging only.
     #[arg(long, default_value_t = wrenn_agent::manager::DEFAULT_VMM_UID_BASE)]
     pub vmm_uid_base: u32,
+    /// A registry (`host[:port]`) that template builds from images reach over plain HTTP, and
+    /// may reach on a private address (repeat, or separate with commas). Any other registry is
+    /// reached over HTTPS, on public addresses only.
+    #[arg(
+        long = "insecure-registry",
+        value_name = "HOST[:PORT]",
+        env = "WRENN_INSECURE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    pub insecure_registries: Vec<String>,
+    /// The most disk the host's cache of image layers takes, in MiB (the layers used least
+    /// recently go first).
+    #[arg(long, default_value_t = 10240)]
+    pub image_cache_mib: u64,
 }
 
 impl HostFlags {

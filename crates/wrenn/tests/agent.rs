@@ -708,3 +708,172 @@ async fn templates_built_from_templates_run_their_steps_and_leave_nothing_when_t
     agent.stop();
     assert_eq!(agent.leftovers(), Vec::<String>::new());
 }
+
+/// The test registries `scripts/registry.sh` started: the open one, the private one, and the
+/// private one's login (`user:password`); `None` (skipped, or failed under
+/// `WRENN_REQUIRE_PREREQUISITES=1`) when they are not there.
+fn test_registries() -> Option<(String, String, (String, String))> {
+    let open = std::env::var("WRENN_TEST_REGISTRY").ok();
+    let private = std::env::var("WRENN_TEST_PRIVATE_REGISTRY").ok();
+    let login = std::env::var("WRENN_TEST_REGISTRY_LOGIN").ok();
+    match (open, private, login) {
+        (Some(open), Some(private), Some(login)) => {
+            let (user, password) = login
+                .split_once(':')
+                .expect("WRENN_TEST_REGISTRY_LOGIN is user:password");
+            Some((open, private, (user.to_string(), password.to_string())))
+        }
+        _ => {
+            wrenn_testkit::missing_prerequisite(
+                "templates from registries' images",
+                "no test registry (WRENN_TEST_REGISTRY, WRENN_TEST_PRIVATE_REGISTRY, \
+                 WRENN_TEST_REGISTRY_LOGIN): run scripts/registry.sh",
+            );
+            None
+        }
+    }
+}
+
+/// A template built from an image in a registry: pulled (its layers kept for the next build),
+/// unpacked with its whiteouts, given envd, the init and a `user`, booted, its steps run as the
+/// image's USER in its WORKDIR with its ENV; a sandbox of it sees the image's files as the
+/// layers left them. A private image needs its login; an unknown image, a refused login and a
+/// registry the agent may not reach are clear errors; nothing is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templates_built_from_registry_images_run_with_the_images_files_and_settings() {
+    let Some(_image) = prerequisites() else {
+        return;
+    };
+    let Some((open, private, (user, password))) = test_registries() else {
+        return;
+    };
+    let mut agent = Agent::start_with(
+        "wti",
+        500,
+        vec!["--insecure-registry".into(), format!("{open},{private}")],
+    );
+    agent.build_template("base").await;
+    let build = |id: &str, image: String| pb::RunTemplateBuildRequest {
+        template_id: id.into(),
+        from_template: "base".into(),
+        from_image: image,
+        ..Default::default()
+    };
+
+    let mut request = build("fromimage", format!("{open}/wrenn-test/busybox:v1"));
+    request.steps = vec![step(
+        "RUN",
+        &["echo $WRENN_IMAGE_ENV > made.txt; id -un >> made.txt; pwd >> made.txt"],
+    )];
+    let (log, built) = agent.run_build(&request).await;
+    let built = built.unwrap_or_else(|error| panic!("{error:?}; log: {log:?}"));
+    assert_eq!(built.template_id, "fromimage");
+    for words in [
+        "pulling 127.0.0.1",
+        "layer 1/2 ",
+        "unpacked 2 layers",
+        "added the user user",
+        "root filesystem ready",
+    ] {
+        assert!(
+            log.iter()
+                .any(|l| l.step == "base" && l.message.contains(words)),
+            "{words:?} not in {log:?}"
+        );
+    }
+    let sandbox = agent.create("fromimage", "fromimage-1", None).await;
+    // The step ran as the image's USER in its WORKDIR, with its ENV.
+    run_expecting(&sandbox, "cat /app/made.txt", "from-image\napp\n/app").await;
+    // The layers as stacked: layer one's file kept, the whited-out ones gone, layer two's
+    // files there with their owner.
+    run_expecting(
+        &sandbox,
+        "cat /usr/share/wrenn-test/hello /opt/lower/new; ls -a /opt/lower | tr '\\n' ' '; \
+         test -e /etc/layer-one-gone && echo still-there; stat -c '%U %a' /app/marker",
+        "kept from layer one\nfrom layer two\n. .. new app 644",
+    )
+    .await;
+    // wrenn's user was added beside the image's own accounts; the image's busybox and bash run.
+    run_expecting(
+        &sandbox,
+        "id -u user; id -u app; bash -c 'echo $BASH_VERSION' | cut -c1",
+        "1000\n2000\n5",
+    )
+    .await;
+    let envd = ConnectClient::new(
+        format!("http://{}", sandbox.envd_address),
+        HttpVersion::Http1,
+        Codec::Json,
+    );
+    let defaults = wrenn_testkit::run_script(&envd, &HeaderMap::new(), "id -un; pwd").await;
+    assert_eq!(
+        defaults.stdout, "app\n/app\n",
+        "the image's USER and WORKDIR: {defaults:?}"
+    );
+    agent.destroy("fromimage-1").await.unwrap();
+
+    // Bad images fail before any VM starts, each with its cause.
+    for (image, code, words) in [
+        (
+            format!("{open}/wrenn-test/nope:v1"),
+            Code::NotFound,
+            "has no image",
+        ),
+        (
+            format!("{open}/wrenn-test/busybox:v9"),
+            Code::NotFound,
+            "has no image",
+        ),
+        (
+            "Not An Image".to_string(),
+            Code::InvalidArgument,
+            "fromImage",
+        ),
+        (
+            format!("{private}/wrenn-test/private:v1"),
+            Code::FailedPrecondition,
+            "needs credentials",
+        ),
+        (
+            "10.255.255.1:5000/any/image:v1".to_string(),
+            Code::FailedPrecondition,
+            "not a public address",
+        ),
+    ] {
+        let (_, result) = agent.run_build(&build("refused", image.clone())).await;
+        assert_code(result, code, words);
+    }
+    let mut refused_login = build("refused", format!("{private}/wrenn-test/private:v1"));
+    refused_login.registry_username = user.clone();
+    refused_login.registry_password = "not-the-password".into();
+    let (_, result) = agent.run_build(&refused_login).await;
+    assert_code(result, Code::FailedPrecondition, "refused the credentials");
+
+    // The private image with its login; the layers come from the cache this time.
+    let mut private_build = build("private", format!("{private}/wrenn-test/private:v1"));
+    private_build.registry_username = user;
+    private_build.registry_password = password;
+    let (log, built) = agent.run_build(&private_build).await;
+    built.unwrap_or_else(|error| panic!("{error:?}; log: {log:?}"));
+    assert!(
+        log.iter()
+            .filter(|l| l.message.contains(": cached ("))
+            .count()
+            == 2,
+        "both layers from the blob cache: {log:?}"
+    );
+
+    assert!(!agent.data_dir().join("templates/refused").exists());
+    let staging = agent.data_dir().join("oci/staging");
+    assert_eq!(
+        std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0),
+        0,
+        "no staging directory left in {}",
+        staging.display()
+    );
+    for template in ["private", "fromimage", "base"] {
+        agent.delete_template(template).await.unwrap();
+    }
+    agent.stop();
+    assert_eq!(agent.leftovers(), Vec::<String>::new());
+}

@@ -1,5 +1,6 @@
-//! Template builds from a template the host has ([`Manager::run_build`]): a VM booted on a new
-//! copy-on-write layer over the parent's disk, the steps run through envd as E2B runs them (RUN
+//! Template builds from a template the host has, or from a registry's image made a root
+//! filesystem first ([`super::from_image`]) ([`Manager::run_build`]): a VM booted on a new
+//! copy-on-write layer over the parent's disk (or the image's), the steps run through envd as E2B runs them (RUN
 //! as the current user in the current directory with the build's ENV; WORKDIR made if missing;
 //! USER checked to exist), the start command started in the background and the ready command
 //! run until it exits 0, then prepared and snapshotted like any template. The new template's
@@ -64,7 +65,7 @@ impl BuildLogger {
         }
     }
 
-    fn log(&self, level: LogLevel, step: Option<String>, message: impl Into<String>) {
+    pub(super) fn log(&self, level: LogLevel, step: Option<String>, message: impl Into<String>) {
         let sent = self.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let line = match sent.cmp(&MAX_LOG_LINES) {
             std::cmp::Ordering::Less => BuildLog::now(level, step, message),
@@ -126,17 +127,6 @@ impl Manager {
             })?;
         let memory_mib = build.memory_mib.unwrap_or(parent.machine.memory_mib);
         let vcpus = build.vcpus.unwrap_or(parent.machine.vcpus);
-        let state = StepState {
-            user: parent
-                .default_user
-                .clone()
-                .unwrap_or_else(|| DEFAULT_USER.into()),
-            workdir: parent
-                .default_workdir
-                .clone()
-                .unwrap_or_else(|| DEFAULT_WORKDIR.into()),
-            envs: BTreeMap::new(),
-        };
         // The deadline stops the build as a hang-up would.
         let deadline = stop.child_token();
         let timer = {
@@ -147,23 +137,57 @@ impl Manager {
                 deadline.cancel();
             })
         };
+        let from = match &build.from_image {
+            Some(image) => format!("the image {}", image.reference),
+            None => build.from_template.clone(),
+        };
         logger.log(
             LogLevel::Info,
             base(),
             format!(
-                "building {} from {} ({} MiB, {} vCPU)",
-                build.template_id, build.from_template, memory_mib, vcpus
+                "building {} from {from} ({memory_mib} MiB, {vcpus} vCPU)",
+                build.template_id
             ),
         );
-        let work = BuildWork {
-            build: &build,
-            logger: &logger,
-            stop: &deadline,
-            state: std::sync::Mutex::new(state),
-        };
-        let source = TemplateSource::Template(Box::new(parent.clone()));
-        let result = self
-            .make_template(
+        let result = async {
+            let (source, state, _staging) = match &build.from_image {
+                Some(image) => {
+                    let made = self
+                        .rootfs_from_image(&build.template_id, image, &parent, &logger, &deadline)
+                        .await?;
+                    let state = StepState {
+                        user: made.user,
+                        workdir: made.workdir,
+                        envs: made.envs,
+                    };
+                    (made.source, state, Some(made.staging))
+                }
+                None => {
+                    let state = StepState {
+                        user: parent
+                            .default_user
+                            .clone()
+                            .unwrap_or_else(|| DEFAULT_USER.into()),
+                        workdir: parent
+                            .default_workdir
+                            .clone()
+                            .unwrap_or_else(|| DEFAULT_WORKDIR.into()),
+                        envs: BTreeMap::new(),
+                    };
+                    (
+                        TemplateSource::Template(Box::new(parent.clone())),
+                        state,
+                        None,
+                    )
+                }
+            };
+            let work = BuildWork {
+                build: &build,
+                logger: &logger,
+                stop: &deadline,
+                state: std::sync::Mutex::new(state),
+            };
+            self.make_template(
                 &build.template_id,
                 source,
                 memory_mib,
@@ -172,7 +196,9 @@ impl Manager {
                 build.allow_internet,
                 &work,
             )
-            .await;
+            .await
+        }
+        .await;
         timer.abort();
         let stopped_by_deadline = deadline.is_cancelled() && !stop.is_cancelled();
         match result {

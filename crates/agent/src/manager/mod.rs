@@ -6,10 +6,12 @@
 //! notices a VMM that dies within a quarter of a second and frees its slot.
 //!
 //! This module holds the [`Manager`], its configuration and what every concern shares; each
-//! concern is a file: [`templates`], [`build`] (templates built from templates, step by step),
+//! concern is a file: [`templates`], [`build`] (templates built from templates or images, step
+//! by step; [`from_image`] makes an image a root filesystem),
 //! [`sandboxes`], [`pause`] (and resume), [`recovery`], [`monitor`].
 
 mod build;
+mod from_image;
 mod monitor;
 mod pause;
 mod recovery;
@@ -68,6 +70,10 @@ pub struct AgentConfig {
     /// (numeric ids, no account needed; the range must be unused on the host). 0 runs them as
     /// root, which only a debugging session should want.
     pub vmm_uid_base: u32,
+    /// Registries (`host[:port]`) builds from images reach over plain HTTP, on any address.
+    pub insecure_registries: Vec<String>,
+    /// The most the cache of image layers (`<data>/oci/blobs`) keeps.
+    pub image_cache_bytes: u64,
 }
 
 /// The default first VMM uid: far above the ranges distributions hand to people and to
@@ -129,6 +135,9 @@ pub struct Manager {
     templates: Mutex<HashMap<String, TemplateRecord>>,
     /// Templates being made, and the template each is built from (which is kept meanwhile).
     building: Mutex<HashMap<String, Option<String>>>,
+    /// Builds from images pull through these.
+    registries: crate::oci::Registries,
+    blobs: crate::oci::BlobCache,
 }
 
 /// A generated identifier: `i` then 19 lowercase letters or digits, each equally likely.
@@ -183,7 +192,18 @@ impl Manager {
         if config.host_nat {
             crate::network::enable_host_nat()?;
         }
+        let registries = crate::oci::Registries::new(&config.insecure_registries)
+            .map_err(|error| AgentError::Internal(error.to_string()))?;
+        // Builds are not resumed after a restart: what they staged goes.
+        let _ = std::fs::remove_dir_all(from_image::staging_root(&config.data_dir));
+        let blobs = crate::oci::BlobCache::open(
+            &config.data_dir.join("oci").join("blobs"),
+            config.image_cache_bytes,
+        )
+        .map_err(|error| AgentError::Internal(error.to_string()))?;
         let manager = Arc::new(Manager {
+            registries,
+            blobs,
             config,
             vmm,
             accel,

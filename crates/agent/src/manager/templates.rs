@@ -12,6 +12,23 @@ pub(super) enum TemplateSource {
     /// A template of this host: its kernel and initramfs are linked, and the disk is a new
     /// layer over the parent's disk (which is kept while the child exists).
     Template(Box<TemplateRecord>),
+    /// A root filesystem made from a registry's image ([`crate::oci`]), moved into the
+    /// template; the kernel and initramfs are linked from `kernel_from`, a template of this
+    /// host, which the new one does not depend on.
+    Rootfs {
+        rootfs: PathBuf,
+        kernel_from: Box<TemplateRecord>,
+    },
+}
+
+impl TemplateSource {
+    /// The template the new one stands on (and which is kept while it exists).
+    fn parent(&self) -> Option<String> {
+        match self {
+            TemplateSource::Template(parent) => Some(parent.template_id.clone()),
+            TemplateSource::Image(_) | TemplateSource::Rootfs { .. } => None,
+        }
+    }
 }
 
 /// What a template's first boot does in the guest before the snapshot.
@@ -96,10 +113,7 @@ impl Manager {
                     "template {template_id} already exists"
                 )));
             }
-            let parent = match &source {
-                TemplateSource::Template(parent) => Some(parent.template_id.clone()),
-                TemplateSource::Image(_) => None,
-            };
+            let parent = source.parent();
             if let Some(parent) = &parent
                 && !templates.contains_key(parent)
             {
@@ -220,10 +234,7 @@ impl Manager {
             image_key: files.image_key,
             envd_version: files.envd_version,
             build_ms: started.elapsed().as_millis() as u64,
-            parent: match &source {
-                TemplateSource::Template(parent) => Some(parent.template_id.clone()),
-                TemplateSource::Image(_) => None,
-            },
+            parent: source.parent(),
             default_user: defaults.user,
             default_workdir: defaults.workdir,
             start_cmd: defaults.start_cmd,
@@ -286,32 +297,21 @@ impl Manager {
                 }
             }
             TemplateSource::Template(parent) => {
-                // Linked, not copied: the parent's files never change while it exists.
-                let link = |from: &Path, name: &str| -> Result<PathBuf, AgentError> {
-                    let target = dir.join(name);
-                    std::fs::hard_link(from, &target)
-                        .or_else(|_| std::fs::copy(from, &target).map(drop))
-                        .map_err(|error| {
-                            AgentError::internal(&format!("taking {name} from the parent"), error)
-                        })?;
-                    Ok(target)
-                };
-                let initrd = parent.machine.initrd.as_ref().ok_or_else(|| {
-                    AgentError::FailedPrecondition(format!(
-                        "template {} has no initramfs to build on",
-                        parent.template_id
-                    ))
-                })?;
                 let disk = dir.join("disk.qcow2");
                 crate::disk::create_overlay(&parent.machine.disk, "qcow2", &disk).await?;
-                TemplateFiles {
-                    kernel: link(&parent.machine.kernel, "vmlinuz")?,
-                    initrd: link(initrd, "initrd.img")?,
-                    disk,
-                    cmdline: parent.machine.cmdline.clone(),
-                    image_key: parent.image_key.clone(),
-                    envd_version: parent.envd_version.clone(),
-                }
+                linked_files(parent, dir, disk)?
+            }
+            TemplateSource::Rootfs {
+                rootfs,
+                kernel_from,
+            } => {
+                let base = dir.join("rootfs.ext4");
+                std::fs::rename(rootfs, &base)
+                    .map_err(|error| AgentError::internal("taking the root filesystem", error))?;
+                crate::store::private_file(&base)?;
+                let disk = dir.join("disk.qcow2");
+                crate::disk::create_overlay(&base, "raw", &disk).await?;
+                linked_files(kernel_from, dir, disk)?
             }
         };
         // A confined VMM reads these through /proc/self/fd, which checks their own mode: they
@@ -389,6 +389,38 @@ impl Manager {
         std::fs::remove_dir_all(self.store.template_dir(template_id))
             .map_err(|error| AgentError::internal("removing the template", error))
     }
+}
+
+/// A template's files with `disk`, the kernel and initramfs linked from `from` (a template's
+/// files never change while it exists), as is the command line and the guest's versions.
+fn linked_files(
+    from: &TemplateRecord,
+    dir: &Path,
+    disk: PathBuf,
+) -> Result<TemplateFiles, AgentError> {
+    let link = |source: &Path, name: &str| -> Result<PathBuf, AgentError> {
+        let target = dir.join(name);
+        std::fs::hard_link(source, &target)
+            .or_else(|_| std::fs::copy(source, &target).map(drop))
+            .map_err(|error| {
+                AgentError::internal(&format!("taking {name} from {}", from.template_id), error)
+            })?;
+        Ok(target)
+    };
+    let initrd = from.machine.initrd.as_ref().ok_or_else(|| {
+        AgentError::FailedPrecondition(format!(
+            "template {} has no initramfs to build on",
+            from.template_id
+        ))
+    })?;
+    Ok(TemplateFiles {
+        kernel: link(&from.machine.kernel, "vmlinuz")?,
+        initrd: link(initrd, "initrd.img")?,
+        disk,
+        cmdline: from.machine.cmdline.clone(),
+        image_key: from.image_key.clone(),
+        envd_version: from.envd_version.clone(),
+    })
 }
 
 /// A template's files in its directory.

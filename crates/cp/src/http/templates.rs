@@ -126,19 +126,19 @@ pub(super) async fn start_build(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let request: wrenn_api::TemplateBuildStart = body_json(&body)?;
-    if request
-        .from_image_registry
-        .as_ref()
-        .is_some_and(|registry| !registry.is_null())
-        && request.from_image.is_none()
-    {
-        return Err(ApiError::bad_request(
-            "fromImageRegistry is given without fromImage",
-        ));
-    }
+    let registry_login = match request.from_image_registry.as_ref() {
+        None | Some(serde_json::Value::Null) => None,
+        Some(_) if request.from_image.is_none() => {
+            return Err(ApiError::bad_request(
+                "fromImageRegistry is given without fromImage",
+            ));
+        }
+        Some(registry) => Some(registry_login(registry)?),
+    };
     let spec = crate::service::templates::BuildSpec {
         from_template: request.from_template,
         from_image: request.from_image,
+        registry_login,
         steps: request
             .steps
             .into_iter()
@@ -151,6 +151,31 @@ pub(super) async fn start_build(
         .start_build(&team.0, &template_id, &build_id, spec)
         .await?;
     Ok(StatusCode::ACCEPTED.into_response())
+}
+
+/// The username and password E2B's `fromImageRegistry` gives: `registry` (a username and
+/// password) or `gcp` (a service account's JSON key, Google's registries' `_json_key` login).
+/// `aws` would need ECR's token exchange, which wrenn does not do: its own login is refused.
+fn registry_login(registry: &serde_json::Value) -> Result<(String, String), ApiError> {
+    let text = |name: &str| {
+        registry
+            .get(name)
+            .and_then(serde_json::Value::as_str)
+            .filter(|value| !value.is_empty())
+            .map(str::to_string)
+            .ok_or_else(|| ApiError::bad_request(format!("fromImageRegistry: {name} is required")))
+    };
+    match registry.get("type").and_then(serde_json::Value::as_str) {
+        Some("registry") => Ok((text("username")?, text("password")?)),
+        Some("gcp") => Ok(("_json_key".to_string(), text("serviceAccountJson")?)),
+        Some("aws") => Err(ApiError::bad_request(
+            "fromImageRegistry of type aws is not supported: give type registry, username AWS \
+             and the password `aws ecr get-login-password` prints",
+        )),
+        other => Err(ApiError::bad_request(format!(
+            "fromImageRegistry: type {other:?} is not one of registry, gcp, aws"
+        ))),
+    }
 }
 
 /// `GET /templates/{templateID}/builds/{buildID}/status`'s query.

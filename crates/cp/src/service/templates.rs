@@ -1,6 +1,7 @@
 //! Templates a team builds (E2B's template build API): a template is asked for by name
 //! ([`ControlPlane::request_build`], which also makes its first or next build), its build
-//! started from a template the fleet has ([`ControlPlane::start_build`]) and run as a job on a
+//! started from a template the fleet has or from a registry's image ([`ControlPlane::start_build`];
+//! an image gets the base template's kernel and guest files on the host) and run as a job on a
 //! host that has that template and room for the VM, its log kept in the store as the host
 //! streams it ([`ControlPlane::build_status`] reads it from an offset). A ready build is what
 //! the template's sandboxes start from: a create names the template by its id or name and
@@ -9,14 +10,19 @@
 use std::sync::Arc;
 
 use wrenn_agent_api::build::{
-    BuildLog, BuildStep, DEFAULT_BUILD_DEADLINE, StepKind, TemplateBuild,
+    BuildLog, BuildStep, DEFAULT_BUILD_DEADLINE, ImageSource, StepKind, TemplateBuild,
 };
+use wrenn_agent_api::image_reference::ImageReference;
 use wrenn_core::now_ms;
 
 use super::{ControlPlane, Error};
 use crate::auth;
 use crate::store::{BuildLogRow, BuildRow, BuildStatus, TemplateRow};
 
+/// The image the SDKs' `from_base_image()` names (on Docker Hub): built as wrenn's base.
+const E2B_BASE_IMAGE: &str = "e2bdev/base";
+/// The host template whose kernel and guest files builds from images take.
+const BASE_TEMPLATE: &str = "base";
 /// The longest template name.
 const MAX_NAME: usize = 128;
 /// The most log lines one status answer carries.
@@ -37,6 +43,8 @@ pub struct NewBuild {
 pub struct BuildSpec {
     pub from_template: Option<String>,
     pub from_image: Option<String>,
+    /// A login for `from_image`'s registry: username and password.
+    pub registry_login: Option<(String, String)>,
     pub steps: Vec<(String, Vec<String>, Option<String>, bool)>,
     pub start_cmd: Option<String>,
     pub ready_cmd: Option<String>,
@@ -490,23 +498,39 @@ impl ControlPlane {
                 build.status.as_str()
             )));
         }
-        if spec
-            .from_image
-            .as_deref()
-            .is_some_and(|image| !image.is_empty())
-        {
-            return Err(Error::InvalidRequest(
-                "fromImage: building from an OCI image is not supported by wrenn yet; \
-                 build fromTemplate (e.g. \"base\")"
-                    .into(),
-            ));
-        }
-        let from = spec
-            .from_template
-            .filter(|from| !from.is_empty())
-            .ok_or_else(|| {
-                Error::InvalidRequest("fromTemplate (or fromImage) is required".into())
-            })?;
+        let (from, image) = match (
+            spec.from_template.filter(|from| !from.is_empty()),
+            spec.from_image.filter(|image| !image.is_empty()),
+        ) {
+            (Some(_), Some(_)) => {
+                return Err(Error::InvalidRequest(
+                    "give fromTemplate or fromImage, not both".into(),
+                ));
+            }
+            (None, None) => {
+                return Err(Error::InvalidRequest(
+                    "fromTemplate or fromImage is required".into(),
+                ));
+            }
+            (Some(from), None) => (from, None),
+            (None, Some(image)) => {
+                let reference = ImageReference::parse(&image)
+                    .map_err(|why| Error::InvalidRequest(format!("fromImage: {why}")))?;
+                if reference.registry == "docker.io" && reference.repository == E2B_BASE_IMAGE {
+                    // The SDKs' default base image is wrenn's own base template.
+                    (BASE_TEMPLATE.to_string(), None)
+                } else {
+                    let (username, password) = spec.registry_login.unzip();
+                    let image = ImageSource {
+                        reference: image,
+                        username,
+                        password,
+                    };
+                    // The image gets envd, the init and the kernel of the base template.
+                    (BASE_TEMPLATE.to_string(), Some(image))
+                }
+            }
+        };
         let steps = spec
             .steps
             .into_iter()
@@ -543,6 +567,7 @@ impl ControlPlane {
             deadline: DEFAULT_BUILD_DEADLINE,
             files,
             allow_internet: self.internet,
+            from_image: image,
         };
         let build = BuildRow {
             status: BuildStatus::Building,

@@ -209,6 +209,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         slots_ahead: args.slots_ahead,
         host_nat: !args.no_internet,
         vmm_uid_base: args.host.vmm_uid_base,
+        insecure_registries: args.host.insecure_registries.clone(),
+        image_cache_bytes: args.host.image_cache_mib << 20,
     };
     let manager = Manager::start(config).await.context("starting the agent")?;
     let api = crate::listen(args.listen).await?;

@@ -24,7 +24,10 @@ pub struct TemplateArgs {
 pub enum TemplateCommand {
     /// The templates sandboxes can be created from.
     List,
-    /// Build a template from a Dockerfile whose FROM names a template (e.g. `FROM base`).
+    /// Build a template from a Dockerfile. FROM names a template (`FROM base`, or one of the
+    /// team's) or else an image in a registry (`FROM python:3.12`, `FROM ghcr.io/org/app:v1`),
+    /// whose steps then start as root in / and whose sandboxes as `user` in /home/user unless
+    /// the Dockerfile says otherwise (as E2B's SDKs read a Dockerfile).
     Build(BuildArgs),
     /// Delete a template of the team (refused while a sandbox of it exists).
     Delete {
@@ -186,10 +189,29 @@ async fn build_template(connection: &Connection, args: BuildArgs) -> anyhow::Res
         hashes.push(hash);
     }
     let mut hashes = hashes.into_iter();
+    let from_image = !names_a_template(&api, &dockerfile.from).await?;
+    let mut steps = dockerfile.steps.clone();
+    if from_image {
+        let sets = |kind: &str| steps.iter().any(|(step, _)| step == kind);
+        let (user_set, workdir_set) = (sets("USER"), sets("WORKDIR"));
+        let step = |kind: &str, arg: &str| (kind.to_string(), vec![arg.to_string()]);
+        steps.splice(0..0, [step("USER", "root"), step("WORKDIR", "/")]);
+        if !user_set {
+            steps.push(step("USER", "user"));
+        }
+        if !workdir_set {
+            steps.push(step("WORKDIR", "/home/user"));
+        }
+    }
+    let (from_template, from_image) = if from_image {
+        (None, Some(dockerfile.from.clone()))
+    } else {
+        (Some(dockerfile.from.clone()), None)
+    };
     let start = wrenn_api::TemplateBuildStart {
-        from_template: Some(dockerfile.from.clone()),
-        steps: dockerfile
-            .steps
+        from_template,
+        from_image,
+        steps: steps
             .iter()
             .map(|(kind, args)| wrenn_api::TemplateStep {
                 kind: kind.clone(),
@@ -206,7 +228,7 @@ async fn build_template(connection: &Connection, args: BuildArgs) -> anyhow::Res
         .await
         .with_context(|| format!("starting the build FROM {}", dockerfile.from))?;
     let started = Instant::now();
-    let total = dockerfile.steps.len();
+    let total = steps.len();
     let progress = !connection.json && std::io::stderr().is_terminal();
     let mut seen = 0;
     let info = loop {
@@ -270,6 +292,23 @@ async fn build_template(connection: &Connection, args: BuildArgs) -> anyhow::Res
         );
     }
     Ok(())
+}
+
+/// Whether a Dockerfile's FROM names a template (`base`, or a template the team can list by
+/// id or name) rather than a registry's image: a name with a registry or a path in it is an
+/// image.
+async fn names_a_template(api: &wrenn_api::client::Client, from: &str) -> anyhow::Result<bool> {
+    if from.contains('/') {
+        return Ok(false);
+    }
+    let name = from.split(':').next().unwrap_or(from);
+    if name == "base" {
+        return Ok(true);
+    }
+    let templates = api.templates().await?;
+    Ok(templates.iter().any(|template| {
+        template.template_id == name || template.aliases.iter().any(|alias| alias == name)
+    }))
 }
 
 /// `source` (a file, a link or a directory, under `context`) packed as a gzipped tar whose

@@ -74,6 +74,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         slots_ahead: 2,
         host_nat: !args.plane.no_internet,
         vmm_uid_base: args.host.vmm_uid_base,
+        insecure_registries: args.host.insecure_registries.clone(),
+        image_cache_bytes: args.host.image_cache_mib << 20,
     };
     let manager = Manager::start(config)
         .await

@@ -184,7 +184,13 @@ def test_a_template_from_a_registry_image_has_its_files_user_and_workdir(wrenn):
     Template.build(template, "sdk-from-image", on_build_logs=logs.append)
     messages = [entry.message for entry in logs]
     assert any(m.startswith("pulling ") for m in messages), messages
-    sandbox = Sandbox.create("sdk-from-image", timeout=120)
+    # The same build again hits the cache: no step runs; its sandboxes are the same.
+    logs = []
+    Template.build(template, "sdk-from-image:again", on_build_logs=logs.append)
+    messages = [entry.message for entry in logs]
+    assert any(m.startswith("cached: the same build as template") for m in messages), messages
+    assert not any(m.startswith("the VM is up") for m in messages), messages
+    sandbox = Sandbox.create("sdk-from-image:again", timeout=120)
     try:
         run = sandbox.commands.run
         # The image's USER and WORKDIR are the sandbox's, and the step ran as them with its ENV.

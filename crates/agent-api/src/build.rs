@@ -162,6 +162,9 @@ pub struct TemplateBuild {
     /// guest files (envd, init) the image gets.
     pub from_template: String,
     pub from_image: Option<ImageSource>,
+    /// Run every step even when the host has a template built of the same (E2B's `force`; a
+    /// step's own `force` does it too).
+    pub force: bool,
     pub steps: Vec<BuildStep>,
     pub start_cmd: Option<String>,
     pub ready_cmd: Option<String>,
@@ -198,6 +201,7 @@ impl TryFrom<pb::RunTemplateBuildRequest> for TemplateBuild {
             from_image,
             registry_username,
             registry_password,
+            force,
         } = request;
         let steps = steps
             .into_iter()
@@ -235,6 +239,7 @@ impl TryFrom<pb::RunTemplateBuildRequest> for TemplateBuild {
             deadline: crate::timeout_from_millis(deadline_ms).unwrap_or(DEFAULT_BUILD_DEADLINE),
             files: files.into_iter().collect(),
             allow_internet,
+            force,
             from_image: nonempty(from_image).map(|reference| ImageSource {
                 reference,
                 username: nonempty(registry_username),
@@ -258,6 +263,7 @@ impl From<TemplateBuild> for pb::RunTemplateBuildRequest {
             files,
             allow_internet,
             from_image,
+            force,
         } = build;
         let (from_image, registry_username, registry_password) = match from_image {
             Some(image) => (
@@ -289,6 +295,7 @@ impl From<TemplateBuild> for pb::RunTemplateBuildRequest {
             from_image,
             registry_username,
             registry_password,
+            force,
         }
     }
 }
@@ -400,6 +407,7 @@ mod tests {
             deadline: Duration::from_secs(90),
             files: BTreeMap::from([("abc".into(), b"tar".to_vec())]),
             allow_internet: true,
+            force: true,
             from_image: Some(ImageSource {
                 reference: "localhost:5000/app:v1".into(),
                 username: Some("ci".into()),

@@ -37,3 +37,34 @@ pub async fn create_overlay(
         )))
     }
 }
+
+/// Points the qcow2 file `disk` at `backing` (of `backing_format`) without touching its data
+/// (`qemu-img rebase -u`): for a layer moved beside a copy of what it stood on.
+pub async fn rebase(disk: &Path, backing: &Path, backing_format: &str) -> Result<(), AgentError> {
+    let output = tokio::process::Command::new("qemu-img")
+        .args([
+            "rebase",
+            "-q",
+            "-u",
+            "-f",
+            "qcow2",
+            "-F",
+            backing_format,
+            "-b",
+        ])
+        .arg(backing)
+        .arg(disk)
+        .output()
+        .await
+        .map_err(|error| {
+            AgentError::internal("running qemu-img (Debian package qemu-utils)", error)
+        })?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(AgentError::Internal(format!(
+            "qemu-img rebase failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )))
+    }
+}

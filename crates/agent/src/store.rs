@@ -64,6 +64,10 @@ pub struct TemplateRecord {
     /// The command its build left running in it.
     #[serde(default)]
     pub start_cmd: Option<String>,
+    /// What its build was made of (source, steps, files, commands, size), hashed: a build of
+    /// the same takes this template's files instead of running again.
+    #[serde(default)]
+    pub build_key: Option<String>,
 }
 
 impl TemplateRecord {
@@ -99,7 +103,7 @@ pub struct Store {
 }
 
 const SANDBOX_FILE: &str = "sandbox.json";
-const TEMPLATE_FILE: &str = "template.json";
+pub(crate) const TEMPLATE_FILE: &str = "template.json";
 
 impl Store {
     pub fn open(root: &Path) -> Result<Self, AgentError> {

@@ -1,7 +1,8 @@
 //! `wrenn-bench build`: template builds through a `wrenn agent serve` of its own (#14's
 //! numbers): a three-step template built from a template (a cold boot on the parent's disk,
 //! the steps through envd, the snapshot), and the first create from the built template beside
-//! a create from its parent. With `--image`, also builds from a registry's image: once with its
+//! a create from its parent, and the same build again, which takes the first one's files. With
+//! `--image`, also builds from a registry's image: once with its
 //! layers pulled (the pull's rate from the agent's log) and once with them in the host's blob
 //! cache.
 
@@ -46,15 +47,18 @@ fn steps() -> Vec<pb::BuildStep> {
 }
 
 /// Runs one build to its end: how long it took, and its log.
+/// `force` runs every step even when the host has a template built of the same.
 async fn build(
     agent: &BenchAgent,
     template_id: &str,
     from_image: Option<&str>,
+    force: bool,
 ) -> anyhow::Result<(Duration, Vec<String>)> {
     let request = pb::RunTemplateBuildRequest {
         template_id: template_id.into(),
         from_template: "bench".into(),
         from_image: from_image.unwrap_or_default().into(),
+        force,
         steps: if from_image.is_some() {
             vec![pb::BuildStep {
                 r#type: "RUN".into(),
@@ -112,7 +116,12 @@ pub async fn run(args: BuildBenchArgs) -> anyhow::Result<()> {
     for run in 0..args.runs {
         eprintln!("build {} of {} ...", run + 1, args.runs);
         let template = format!("three-{run}");
-        builds.push(build(&agent, &template, None).await.context("the build")?.0);
+        builds.push(
+            build(&agent, &template, None, true)
+                .await
+                .context("the build")?
+                .0,
+        );
         // Creates from the new template and from its parent alternate.
         let id = format!("first-{run}");
         first_creates.push(agent.create_from(&template, id.clone()).await?);
@@ -121,14 +130,21 @@ pub async fn run(args: BuildBenchArgs) -> anyhow::Result<()> {
         parent_creates.push(agent.create_from("bench", id.clone()).await?);
         agent.destroy(id).await?;
     }
-    // From an image: the first build pulls its layers, the others find them in the cache.
+    // The same three steps again: the host has a template built of the same.
+    let mut cached_builds = Vec::new();
+    for run in 0..args.runs {
+        let template = format!("three-cached-{run}");
+        cached_builds.push(build(&agent, &template, None, false).await?.0);
+    }
+    // From an image: the first build pulls its layers, the others (forced) find them in the
+    // cache.
     let (mut pulled, mut cached, mut image_creates, mut rates) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     if let Some(image) = &args.image {
         for run in 0..args.runs.max(2) {
             eprintln!("build {} from {image} ...", run + 1);
             let template = format!("image-{run}");
-            let (took, log) = build(&agent, &template, Some(image))
+            let (took, log) = build(&agent, &template, Some(image), true)
                 .await
                 .context("the build from the image")?;
             if run == 0 {
@@ -145,8 +161,10 @@ pub async fn run(args: BuildBenchArgs) -> anyhow::Result<()> {
     let builds = latency(&builds);
     let first_creates = latency(&first_creates);
     let parent_creates = latency(&parent_creates);
+    let cached_builds = latency(&cached_builds);
     let mut rows = vec![
         ("three-step build from a template (cold)", builds.clone()),
+        ("the same build again (fully cached)", cached_builds.clone()),
         (
             "first create from the built template",
             first_creates.clone(),
@@ -166,7 +184,8 @@ pub async fn run(args: BuildBenchArgs) -> anyhow::Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "three_step_build": builds, "first_create_from_built": first_creates,
+                "three_step_build": builds, "three_step_build_cached": cached_builds,
+                "first_create_from_built": first_creates,
                 "create_from_parent": parent_creates,
                 "image": args.image.as_ref().map(|_| serde_json::json!({
                     "build_pulled": latency(&pulled), "build_cached": latency(&cached),

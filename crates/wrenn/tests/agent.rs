@@ -737,7 +737,7 @@ fn test_registries() -> Option<(String, String, (String, String))> {
 /// A template built from an image in a registry: pulled (its layers kept for the next build),
 /// unpacked with its whiteouts, given envd, the init and a `user`, booted, its steps run as the
 /// image's USER in its WORKDIR with its ENV; a sandbox of it sees the image's files as the
-/// layers left them. A private image needs its login; an unknown image, a refused login and a
+/// layers left them. The same build again is the first one's files (unless forced). A private image needs its login; an unknown image, a refused login and a
 /// registry the agent may not reach are clear errors; nothing is left behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn templates_built_from_registry_images_run_with_the_images_files_and_settings() {
@@ -812,6 +812,64 @@ async fn templates_built_from_registry_images_run_with_the_images_files_and_sett
     );
     agent.destroy("fromimage-1").await.unwrap();
 
+    // The same build again takes the first one's files: no step runs, no VM boots; and its
+    // template stands alone (the first one deleted, a sandbox of it runs). Forced, it runs.
+    let again = pb::RunTemplateBuildRequest {
+        template_id: "fromimage-again".into(),
+        ..request.clone()
+    };
+    let (log, cached) = agent.run_build(&again).await;
+    cached.unwrap_or_else(|error| panic!("{error:?}; log: {log:?}"));
+    assert!(
+        log.iter().any(|l| l
+            .message
+            .starts_with("cached: the same build as template fromimage")),
+        "{log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.step == "1" && l.message.ends_with("(cached)")),
+        "{log:?}"
+    );
+    assert!(
+        !log.iter().any(|l| l.message.contains("the VM is up")),
+        "{log:?}"
+    );
+    agent.delete_template("fromimage").await.unwrap();
+    let sandbox = agent.create("fromimage-again", "fromimage-2", None).await;
+    run_expecting(&sandbox, "cat /app/made.txt", "from-image\napp\n/app").await;
+    agent.destroy("fromimage-2").await.unwrap();
+    let forced = pb::RunTemplateBuildRequest {
+        template_id: "fromimage-forced".into(),
+        force: true,
+        ..request.clone()
+    };
+    let (log, built) = agent.run_build(&forced).await;
+    built.unwrap_or_else(|error| panic!("{error:?}; log: {log:?}"));
+    assert!(
+        !log.iter()
+            .any(|l| l.message.starts_with("cached:") || l.message.ends_with("(cached)")),
+        "{log:?}"
+    );
+    assert!(
+        log.iter().any(|l| l.message.contains("the VM is up")),
+        "{log:?}"
+    );
+    // Past its deadline (here before its VM is up), a build stops and leaves nothing.
+    let late = pb::RunTemplateBuildRequest {
+        template_id: "late".into(),
+        force: true,
+        deadline_ms: 4000,
+        ..request.clone()
+    };
+    let (_, result) = agent.run_build(&late).await;
+    assert_code(
+        result,
+        Code::DeadlineExceeded,
+        "ran past its deadline of 4 s",
+    );
+    assert!(!agent.data_dir().join("templates/late").exists());
+
     // Bad images fail before any VM starts, each with its cause.
     for (image, code, words) in [
         (
@@ -871,7 +929,7 @@ async fn templates_built_from_registry_images_run_with_the_images_files_and_sett
         "no staging directory left in {}",
         staging.display()
     );
-    for template in ["private", "fromimage", "base"] {
+    for template in ["private", "fromimage-again", "fromimage-forced", "base"] {
         agent.delete_template(template).await.unwrap();
     }
     agent.stop();

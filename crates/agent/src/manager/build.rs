@@ -149,11 +149,48 @@ impl Manager {
                 build.template_id
             ),
         );
+        let forced = build.force || build.steps.iter().any(|step| step.force);
         let result = async {
-            let (source, state, _staging) = match &build.from_image {
-                Some(image) => {
+            let pulled = match &build.from_image {
+                Some(image) => Some(self.pull_image(image, &logger, &deadline).await?),
+                None => None,
+            };
+            let source_key = match &pulled {
+                Some(pulled) => format!(
+                    "image {} with the guest of {} ({})",
+                    pulled.manifest_digest, parent.template_id, parent.created_at_ms
+                ),
+                None => format!("template {} ({})", parent.template_id, parent.created_at_ms),
+            };
+            let key = build_key(&build, &source_key, memory_mib, vcpus);
+            if !forced && let Some(cached) = self.template_built_as(&key) {
+                for (index, step) in build.steps.iter().enumerate() {
+                    logger.log(
+                        LogLevel::Info,
+                        Some((index + 1).to_string()),
+                        format!(
+                            "[{}/{}] {} (cached)",
+                            index + 1,
+                            build.steps.len(),
+                            step.describe()
+                        ),
+                    );
+                }
+                logger.log(
+                    LogLevel::Info,
+                    finalize(),
+                    format!(
+                        "cached: the same build as template {}, whose files it takes \
+                         (force the build or a step to run them again)",
+                        cached.template_id
+                    ),
+                );
+                return self.clone_template(&build.template_id, &cached).await;
+            }
+            let (source, state, _staging) = match pulled {
+                Some(pulled) => {
                     let made = self
-                        .rootfs_from_image(&build.template_id, image, &parent, &logger, &deadline)
+                        .rootfs_from_image(&build.template_id, pulled, &parent, &logger, &deadline)
                         .await?;
                     let state = StepState {
                         user: made.user,
@@ -186,6 +223,7 @@ impl Manager {
                 logger: &logger,
                 stop: &deadline,
                 state: std::sync::Mutex::new(state),
+                key,
             };
             self.make_template(
                 &build.template_id,
@@ -239,12 +277,18 @@ struct BuildWork<'a> {
     logger: &'a BuildLogger,
     stop: &'a CancellationToken,
     state: std::sync::Mutex<StepState>,
+    /// What the build is made of, hashed ([`build_key`]).
+    key: String,
 }
 
 #[async_trait::async_trait]
 impl VmWork for BuildWork<'_> {
     fn stop(&self) -> Option<&CancellationToken> {
         Some(self.stop)
+    }
+
+    fn build_key(&self) -> Option<String> {
+        Some(self.key.clone())
     }
 
     fn booted(&self, took: Duration) {
@@ -322,6 +366,58 @@ impl VmWork for BuildWork<'_> {
             workdir: Some(state.workdir),
             start_cmd: self.build.start_cmd.clone(),
         })
+    }
+}
+
+/// What a build is made of, hashed (SHA-256, hex): where it starts (`source`: the parent
+/// template as made, or the image's manifest digest with the template giving the guest's
+/// files), the VM's size and network, every step with its arguments and, for COPY, its files'
+/// bytes, and the start and ready commands. Two builds of one key make the same template.
+fn build_key(build: &TemplateBuild, source: &str, memory_mib: u32, vcpus: u32) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    let mut part = |text: &[u8]| {
+        hasher.update((text.len() as u64).to_le_bytes());
+        hasher.update(text);
+    };
+    part(b"wrenn-build-v1");
+    part(source.as_bytes());
+    part(
+        format!(
+            "{memory_mib} MiB, {vcpus} vCPU, internet {}",
+            build.allow_internet
+        )
+        .as_bytes(),
+    );
+    for step in &build.steps {
+        part(step.kind.name().as_bytes());
+        part(&(step.args.len() as u64).to_le_bytes());
+        for arg in &step.args {
+            part(arg.as_bytes());
+        }
+        let files = step
+            .files_hash
+            .as_ref()
+            .and_then(|hash| build.files.get(hash))
+            .map(|bytes| format!("{:x}", Sha256::digest(bytes)))
+            .unwrap_or_default();
+        part(files.as_bytes());
+    }
+    part(build.start_cmd.as_deref().unwrap_or("").as_bytes());
+    part(build.ready_cmd.as_deref().unwrap_or("").as_bytes());
+    format!("{:x}", hasher.finalize())
+}
+
+impl Manager {
+    /// A template of this host built as `key` says, if one is (the newest).
+    fn template_built_as(&self, key: &str) -> Option<TemplateRecord> {
+        self.templates
+            .lock()
+            .expect("templates lock")
+            .values()
+            .filter(|template| template.build_key.as_deref() == Some(key))
+            .max_by_key(|template| template.created_at_ms)
+            .cloned()
     }
 }
 

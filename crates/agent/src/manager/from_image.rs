@@ -10,7 +10,7 @@ use wrenn_agent_api::build::{ImageSource, LogLevel};
 use super::build::{BuildLogger, DEFAULT_USER, DEFAULT_WORKDIR};
 use super::templates::TemplateSource;
 use super::*;
-use crate::oci::{Credentials, ImageReference, OciError, layers, rootfs};
+use crate::oci::{Credentials, ImageReference, OciError, PulledImage, layers, rootfs};
 
 /// A root filesystem made from an image, and what the image's config sets.
 pub(super) struct ImageRootfs {
@@ -37,20 +37,51 @@ pub(super) fn staging_root(data_dir: &Path) -> PathBuf {
 }
 
 impl Manager {
-    /// Makes the root filesystem of `template_id` from `image`, the guest's files taken from
-    /// `kit` (a template of this host made from an image, `base`); `stop` cancels.
+    /// Pulls `image` into the host's blob cache (layers it has are not fetched again); `stop`
+    /// cancels.
+    pub(super) async fn pull_image(
+        &self,
+        image: &ImageSource,
+        logger: &BuildLogger,
+        stop: &CancellationToken,
+    ) -> Result<PulledImage, AgentError> {
+        let step = || Some("base".to_string());
+        let reference = ImageReference::parse(&image.reference).map_err(|why| {
+            AgentError::InvalidArgument(format!("fromImage {:?}: {why}", image.reference))
+        })?;
+        let credentials = match (&image.username, &image.password) {
+            (Some(username), Some(password)) => Some(Credentials {
+                username: username.clone(),
+                password: password.clone(),
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(AgentError::InvalidArgument(
+                    "a registry login needs both a username and a password".into(),
+                ));
+            }
+        };
+        logger.log(LogLevel::Info, step(), format!("pulling {reference}"));
+        let progress = |line: String| logger.log(LogLevel::Info, step(), line);
+        cancellable(
+            stop,
+            self.registries
+                .pull(&reference, credentials.as_ref(), &self.blobs, &progress),
+        )
+        .await
+    }
+
+    /// Makes the root filesystem of `template_id` from the pulled image, the guest's files
+    /// taken from `kit` (a template of this host made from an image, `base`); `stop` cancels.
     pub(super) async fn rootfs_from_image(
         &self,
         template_id: &str,
-        image: &ImageSource,
+        pulled: PulledImage,
         kit: &TemplateRecord,
         logger: &BuildLogger,
         stop: &CancellationToken,
     ) -> Result<ImageRootfs, AgentError> {
         let step = || Some("base".to_string());
-        let reference = ImageReference::parse(&image.reference).map_err(|why| {
-            AgentError::InvalidArgument(format!("fromImage {:?}: {why}", image.reference))
-        })?;
         let kit_rootfs = self
             .store
             .template_dir(&kit.template_id)
@@ -67,26 +98,6 @@ impl Manager {
         let staging = StagingDir(staging_root(&self.config.data_dir).join(template_id));
         let _ = std::fs::remove_dir_all(&staging.0);
         crate::store::private_dir(&staging.0)?;
-        let credentials = match (&image.username, &image.password) {
-            (Some(username), Some(password)) => Some(Credentials {
-                username: username.clone(),
-                password: password.clone(),
-            }),
-            (None, None) => None,
-            _ => {
-                return Err(AgentError::InvalidArgument(
-                    "a registry login needs both a username and a password".into(),
-                ));
-            }
-        };
-        logger.log(LogLevel::Info, step(), format!("pulling {reference}"));
-        let progress = |line: String| logger.log(LogLevel::Info, step(), line);
-        let pulled = cancellable(
-            stop,
-            self.registries
-                .pull(&reference, credentials.as_ref(), &self.blobs, &progress),
-        )
-        .await?;
 
         let tree = staging.0.join("tree");
         std::fs::create_dir(&tree)

@@ -40,6 +40,10 @@ pub(super) trait VmWork: Sync {
     }
     /// Told when envd answers, `took` after the VM started.
     fn booted(&self, _took: Duration) {}
+    /// What the template's build was made of, hashed (see [`TemplateRecord::build_key`]).
+    fn build_key(&self) -> Option<String> {
+        None
+    }
     /// Runs in the booted guest, whose envd is at `address`.
     async fn in_guest(
         &self,
@@ -104,23 +108,7 @@ impl Manager {
                 "vcpus must be 1 to 64 (got {vcpus})"
             )));
         }
-        {
-            // Locks in this order (templates, then building), as a delete takes them.
-            let templates = self.templates.lock().expect("templates lock");
-            let mut building = self.building.lock().expect("building lock");
-            if templates.contains_key(template_id) || building.contains_key(template_id) {
-                return Err(AgentError::AlreadyExists(format!(
-                    "template {template_id} already exists"
-                )));
-            }
-            let parent = source.parent();
-            if let Some(parent) = &parent
-                && !templates.contains_key(parent)
-            {
-                return Err(AgentError::NotFound(format!("template {parent} not found")));
-            }
-            building.insert(template_id.to_string(), parent);
-        }
+        self.reserve_template(template_id, source.parent())?;
         let result = self
             .make_template_inner(
                 template_id,
@@ -140,6 +128,127 @@ impl Manager {
             let _ = std::fs::remove_dir_all(self.store.template_dir(template_id));
         }
         result
+    }
+
+    /// Takes `template_id` for a template being made on `parent` (kept meanwhile): refused when
+    /// it exists or is being made, or when `parent` does not exist. [`Manager::building`] holds
+    /// it until the maker removes it.
+    fn reserve_template(
+        &self,
+        template_id: &str,
+        parent: Option<String>,
+    ) -> Result<(), AgentError> {
+        // Locks in this order (templates, then building), as a delete takes them.
+        let templates = self.templates.lock().expect("templates lock");
+        let mut building = self.building.lock().expect("building lock");
+        if templates.contains_key(template_id) || building.contains_key(template_id) {
+            return Err(AgentError::AlreadyExists(format!(
+                "template {template_id} already exists"
+            )));
+        }
+        if let Some(parent) = &parent
+            && !templates.contains_key(parent)
+        {
+            return Err(AgentError::NotFound(format!("template {parent} not found")));
+        }
+        building.insert(template_id.to_string(), parent);
+        Ok(())
+    }
+
+    /// Makes `template_id` the same template as `cached` (a build of the same, see
+    /// [`TemplateRecord::build_key`]): its files linked (a template's files never change), but
+    /// for the disk's own layer, which is copied and, when its backing file is `cached`'s own,
+    /// pointed at the new template's link of it.
+    pub(super) async fn clone_template(
+        &self,
+        template_id: &str,
+        cached: &TemplateRecord,
+    ) -> Result<TemplateRecord, AgentError> {
+        validate_id("template", template_id)?;
+        self.reserve_template(template_id, cached.parent.clone())?;
+        let dir = self.store.template_dir(template_id);
+        let result = async {
+            let _ = std::fs::remove_dir_all(&dir);
+            crate::store::private_dir(&dir)?;
+            let from = self.store.template_dir(&cached.template_id);
+            let moved = |path: &Path| -> Result<PathBuf, AgentError> {
+                let name = path.file_name().ok_or_else(|| {
+                    AgentError::Internal(format!("{} names no file", path.display()))
+                })?;
+                Ok(dir.join(name))
+            };
+            let entries = std::fs::read_dir(&from)
+                .map_err(|error| AgentError::internal("listing the cached template", error))?;
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let target = dir.join(&name);
+                if entry.path() == cached.machine.disk {
+                    let copied = tokio::process::Command::new("cp")
+                        .arg("--sparse=always")
+                        .arg("--reflink=auto")
+                        .arg(entry.path())
+                        .arg(&target)
+                        .status()
+                        .await
+                        .map_err(|error| AgentError::internal("copying the cached disk", error))?;
+                    if !copied.success() {
+                        return Err(AgentError::Internal(
+                            "copying the cached disk failed".into(),
+                        ));
+                    }
+                } else if entry.file_type().is_ok_and(|kind| kind.is_file())
+                    && name != std::ffi::OsStr::new(crate::store::TEMPLATE_FILE)
+                {
+                    std::fs::hard_link(entry.path(), &target).map_err(|error| {
+                        AgentError::internal("linking the cached template", error)
+                    })?;
+                }
+            }
+            let disk = moved(&cached.machine.disk)?;
+            let layers = wrenn_vmm::qcow2::chain(&cached.machine.disk)
+                .map_err(|error| AgentError::internal("reading the cached disk's chain", error))?;
+            if let Some(backing) = layers.get(1)
+                && backing.path.parent() == Some(from.as_path())
+            {
+                crate::disk::rebase(&disk, &moved(&backing.path)?, "raw").await?;
+            }
+            let record = TemplateRecord {
+                template_id: template_id.to_string(),
+                machine: MachineSpec {
+                    kernel: moved(&cached.machine.kernel)?,
+                    initrd: cached.machine.initrd.as_deref().map(moved).transpose()?,
+                    disk,
+                    ..cached.machine.clone()
+                },
+                snapshot: SnapshotFiles {
+                    memory: moved(&cached.snapshot.memory)?,
+                    ..cached.snapshot.clone()
+                },
+                created_at_ms: now_ms(),
+                build_ms: 0,
+                ..cached.clone()
+            };
+            self.store.save_template(&record)?;
+            Ok(record)
+        }
+        .await;
+        self.building
+            .lock()
+            .expect("building lock")
+            .remove(template_id);
+        match result {
+            Ok(record) => {
+                self.templates
+                    .lock()
+                    .expect("templates lock")
+                    .insert(template_id.to_string(), record.clone());
+                Ok(record)
+            }
+            Err(error) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(error)
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -238,6 +347,7 @@ impl Manager {
             default_user: defaults.user,
             default_workdir: defaults.workdir,
             start_cmd: defaults.start_cmd,
+            build_key: work.build_key(),
         };
         self.store.save_template(&record)?;
         self.templates

@@ -139,6 +139,7 @@ pub(super) async fn start_build(
         from_template: request.from_template,
         from_image: request.from_image,
         registry_login,
+        force: request.force,
         steps: request
             .steps
             .into_iter()

@@ -45,6 +45,8 @@ pub struct BuildSpec {
     pub from_image: Option<String>,
     /// A login for `from_image`'s registry: username and password.
     pub registry_login: Option<(String, String)>,
+    /// Run every step even when a host has a template built of the same.
+    pub force: bool,
     pub steps: Vec<(String, Vec<String>, Option<String>, bool)>,
     pub start_cmd: Option<String>,
     pub ready_cmd: Option<String>,
@@ -568,6 +570,7 @@ impl ControlPlane {
             files,
             allow_internet: self.internet,
             from_image: image,
+            force: spec.force,
         };
         let build = BuildRow {
             status: BuildStatus::Building,

@@ -18,40 +18,39 @@ pub async fn create_overlay(
             backing.display()
         )));
     }
-    let output = tokio::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", backing_format, "-b"])
-        .arg(backing)
-        .arg(target)
-        .output()
-        .await
-        .map_err(|error| {
-            AgentError::internal("running qemu-img (Debian package qemu-utils)", error)
-        })?;
-    if output.status.success() {
-        // The disk holds what the sandbox writes: root's alone.
-        crate::store::private_file(target)
-    } else {
-        Err(AgentError::Internal(format!(
-            "qemu-img create failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        )))
-    }
+    qemu_img(
+        "create",
+        &["-q", "-f", "qcow2", "-F", backing_format, "-b"],
+        backing,
+        target,
+    )
+    .await?;
+    // The disk holds what the sandbox writes: root's alone.
+    crate::store::private_file(target)
 }
 
 /// Points the qcow2 file `disk` at `backing` (of `backing_format`) without touching its data
 /// (`qemu-img rebase -u`): for a layer moved beside a copy of what it stood on.
 pub async fn rebase(disk: &Path, backing: &Path, backing_format: &str) -> Result<(), AgentError> {
+    qemu_img(
+        "rebase",
+        &["-q", "-u", "-f", "qcow2", "-F", backing_format, "-b"],
+        backing,
+        disk,
+    )
+    .await
+}
+
+/// Runs `qemu-img <command> <options> <backing> <disk>`: an error with its words if it fails.
+async fn qemu_img(
+    command: &str,
+    options: &[&str],
+    backing: &Path,
+    disk: &Path,
+) -> Result<(), AgentError> {
     let output = tokio::process::Command::new("qemu-img")
-        .args([
-            "rebase",
-            "-q",
-            "-u",
-            "-f",
-            "qcow2",
-            "-F",
-            backing_format,
-            "-b",
-        ])
+        .arg(command)
+        .args(options)
         .arg(backing)
         .arg(disk)
         .output()
@@ -63,7 +62,7 @@ pub async fn rebase(disk: &Path, backing: &Path, backing_format: &str) -> Result
         Ok(())
     } else {
         Err(AgentError::Internal(format!(
-            "qemu-img rebase failed: {}",
+            "qemu-img {command} failed: {}",
             String::from_utf8_lossy(&output.stderr).trim()
         )))
     }

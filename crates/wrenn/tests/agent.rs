@@ -624,13 +624,7 @@ async fn templates_built_from_templates_run_their_steps_and_leave_nothing_when_t
     )
     .await;
     // Without a user named, a command runs as the template's last USER in its last WORKDIR.
-    let envd = ConnectClient::new(
-        format!("http://{}", sandbox.envd_address),
-        HttpVersion::Http1,
-        Codec::Json,
-    );
-    let defaults = wrenn_testkit::run_script(&envd, &HeaderMap::new(), "id -un; pwd").await;
-    assert_eq!(defaults.stdout, "user\n/home/user/app\n", "{defaults:?}");
+    assert_eq!(user_and_directory(&sandbox).await, "user\n/home/user/app\n");
     // The start command runs in the sandbox, restored from the snapshot.
     run_expecting(
         &sandbox,
@@ -707,6 +701,18 @@ async fn templates_built_from_templates_run_their_steps_and_leave_nothing_when_t
     agent.delete_template("base").await.unwrap();
     agent.stop();
     assert_eq!(agent.leftovers(), Vec::<String>::new());
+}
+
+/// Who a command runs as, and where, when it names neither (`id -un; pwd`'s output).
+async fn user_and_directory(sandbox: &pb::Sandbox) -> String {
+    let envd = ConnectClient::new(
+        format!("http://{}", sandbox.envd_address),
+        HttpVersion::Http1,
+        Codec::Json,
+    );
+    wrenn_testkit::run_script(&envd, &HeaderMap::new(), "id -un; pwd")
+        .await
+        .stdout
 }
 
 /// The test registries `scripts/registry.sh` started: the open one, the private one, and the
@@ -800,15 +806,10 @@ async fn templates_built_from_registry_images_run_with_the_images_files_and_sett
         "1000\n2000\n5",
     )
     .await;
-    let envd = ConnectClient::new(
-        format!("http://{}", sandbox.envd_address),
-        HttpVersion::Http1,
-        Codec::Json,
-    );
-    let defaults = wrenn_testkit::run_script(&envd, &HeaderMap::new(), "id -un; pwd").await;
     assert_eq!(
-        defaults.stdout, "app\n/app\n",
-        "the image's USER and WORKDIR: {defaults:?}"
+        user_and_directory(&sandbox).await,
+        "app\n/app\n",
+        "the image's USER and WORKDIR"
     );
     agent.destroy("fromimage-1").await.unwrap();
 

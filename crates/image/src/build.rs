@@ -385,8 +385,9 @@ fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), ImageError> 
         .map_err(|error| ImageError::io(format!("writing {}", path.display()), path, error))
 }
 
-/// Copies a directory tree of regular files (the module tree).
-fn copy_tree(from: &Path, to: &Path) -> Result<(), ImageError> {
+/// Copies a directory tree of regular files (the module tree; the agent copies the kernel's
+/// modules into roots made from registries' images with it too).
+pub fn copy_tree(from: &Path, to: &Path) -> Result<(), ImageError> {
     std::fs::create_dir_all(to)
         .map_err(|error| ImageError::io(format!("creating {}", to.display()), to, error))?;
     let entries = std::fs::read_dir(from).map_err(|error| ImageError::Io {

@@ -24,8 +24,8 @@ mod stage;
 
 pub use build::{
     BuildOptions, BuildOutcome, DEFAULT_MIRROR, ENVD_GUEST_PATH, ENVD_PORT, GUEST_BUSYBOX,
-    GUEST_INIT, GUEST_IP_CMDLINE, GUEST_POWEROFF, build, default_cache_dir, default_cmdline,
-    default_image_dir, filesystem_size_mib, mkfs_ext4_command,
+    GUEST_INIT, GUEST_IP_CMDLINE, GUEST_POWEROFF, build, copy_tree, default_cache_dir,
+    default_cmdline, default_image_dir, filesystem_size_mib, mkfs_ext4_command,
 };
 pub use check::{Problem, check};
 pub use error::ImageError;

@@ -87,6 +87,8 @@ pub struct Registries {
     http: reqwest::Client,
     /// `host[:port]` of registries reached over plain HTTP.
     plain_http: Arc<HashSet<String>>,
+    /// The hosts of those registries, which may be on private addresses.
+    private_hosts: Arc<HashSet<String>>,
 }
 
 impl Registries {
@@ -114,7 +116,9 @@ impl Registries {
         });
         let http = wrenn_http::client::internet_client_builder()
             .redirect(policy)
-            .dns_resolver(Arc::new(PublicResolver { private_hosts }))
+            .dns_resolver(Arc::new(PublicResolver {
+                private_hosts: private_hosts.clone(),
+            }))
             .build()
             .map_err(|error| {
                 OciError::Network(format!(
@@ -122,7 +126,11 @@ impl Registries {
                     wrenn_http::client::describe(&error)
                 ))
             })?;
-        Ok(Registries { http, plain_http })
+        Ok(Registries {
+            http,
+            plain_http,
+            private_hosts,
+        })
     }
 
     /// Pulls `reference` into `cache` (layers already there are not fetched again), telling
@@ -584,12 +592,7 @@ impl Registries {
     fn check_url(&self, url: &str) -> Result<(), OciError> {
         let parsed = reqwest::Url::parse(url)
             .map_err(|error| OciError::Invalid(format!("{url:?} is not a URL: {error}")))?;
-        let private_hosts: HashSet<String> = self
-            .plain_http
-            .iter()
-            .map(|registry| host_of(registry).to_string())
-            .collect();
-        allowed(&parsed, &self.plain_http, &private_hosts).map_err(OciError::Refused)
+        allowed(&parsed, &self.plain_http, &self.private_hosts).map_err(OciError::Refused)
     }
 }
 

@@ -87,7 +87,12 @@ pub fn install_kit(tree: &Path, kit: &Path) -> Result<(), OciError> {
     for entry in entries.flatten() {
         let target = resolve_in_root(tree, &Path::new("lib/modules").join(entry.file_name()))?;
         remove_any(&target)?;
-        copy_tree(&entry.path(), &target)?;
+        wrenn_image::copy_tree(&entry.path(), &target).map_err(|error| {
+            OciError::io(
+                "copying the modules",
+                std::io::Error::other(error.to_string()),
+            )
+        })?;
     }
     for (dir, mode) in [
         ("proc", 0o555),
@@ -302,23 +307,6 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), OciError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|error| OciError::io(format!("moding {}", path.display()), error))
-}
-
-/// Copies a tree of directories and regular files (the kit's modules).
-fn copy_tree(from: &Path, to: &Path) -> Result<(), OciError> {
-    std::fs::create_dir_all(to).map_err(|error| OciError::io("copying the modules", error))?;
-    let entries =
-        std::fs::read_dir(from).map_err(|error| OciError::io("copying the modules", error))?;
-    for entry in entries.flatten() {
-        let target = to.join(entry.file_name());
-        if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
-            copy_tree(&entry.path(), &target)?;
-        } else {
-            std::fs::copy(entry.path(), &target)
-                .map_err(|error| OciError::io("copying the modules", error))?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 # Runs every test of the project; CI (.ci/run) runs exactly this.
 #   1. set-up (packages, test user, SDK venv), and setup.sh's package resolution in clean
 #      Debian 12 chroots (scripts/test-setup.sh, cached)   2. format and lints
-#   3. static envd and the guest image (cached); PostgreSQL and OCI registries for the tests
+#   3. static envd and the guest image (cached); PostgreSQL, OCI registries and an S3 server
+#      (the template store) for the tests
 #   4. Rust unit, integration and VM tests
 #   5. the real e2b SDK suites (Python, then JS too) against the static envd, then `wrenn up` on
 #      SQLite and on PostgreSQL at once   6. a smoke run of every `wrenn-bench` command
@@ -75,6 +76,20 @@ WRENN_TEST_REGISTRY_LOGIN="$(sed -n 3p <<<"$registries")"
 WRENN_INSECURE_REGISTRIES="$WRENN_TEST_REGISTRY,$WRENN_TEST_PRIVATE_REGISTRY"
 export WRENN_TEST_REGISTRY WRENN_TEST_PRIVATE_REGISTRY WRENN_TEST_REGISTRY_LOGIN WRENN_INSECURE_REGISTRIES
 echo "registries: $WRENN_TEST_REGISTRY (open), $WRENN_TEST_PRIVATE_REGISTRY (login)"
+
+step "an S3-compatible server for the template store"
+s3="$(WRENN_CACHE_DIR="$CACHE_DIR" bash scripts/s3.sh)"
+WRENN_TEST_S3_ENDPOINT="$(sed -n 1p <<<"$s3")"
+WRENN_TEST_S3_BUCKET="$(sed -n 2p <<<"$s3")"
+# How agents given an s3:// store (--template-store) reach it: any key signs for this server.
+AWS_ENDPOINT_URL="$WRENN_TEST_S3_ENDPOINT"
+AWS_ALLOW_HTTP=true
+AWS_REGION=us-east-1
+AWS_ACCESS_KEY_ID=wrenn-test
+AWS_SECRET_ACCESS_KEY=wrenn-test-secret
+export WRENN_TEST_S3_ENDPOINT WRENN_TEST_S3_BUCKET AWS_ENDPOINT_URL AWS_ALLOW_HTTP AWS_REGION \
+  AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
+echo "S3: $WRENN_TEST_S3_ENDPOINT, bucket $WRENN_TEST_S3_BUCKET"
 
 step "free disk for the VM tests"
 # A host agent refuses a sandbox when its data directory's disk has less free than the

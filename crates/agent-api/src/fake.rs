@@ -21,7 +21,10 @@ use wrenn_proto::agent as pb;
 
 use crate::build::{BuildLog, LogLevel, TemplateBuild};
 use crate::join::{HostReport, TemplateReport};
-use crate::{CreateOptions, GuestRoute, HostAgent, HostAgentError, SandboxState, SandboxSummary};
+use crate::{
+    CreateOptions, CreateTimings, GuestRoute, HostAgent, HostAgentError, SandboxState,
+    SandboxSummary,
+};
 
 /// An operation of the [`HostAgent`] trait, to inject a failure or a delay into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -34,6 +37,8 @@ pub enum Operation {
     Report,
     Build,
     DeleteTemplate,
+    /// A template taken from the store (by a create that needed it).
+    Pull,
 }
 
 /// A sandbox the fake holds.
@@ -60,6 +65,31 @@ struct State {
     parents: BTreeMap<String, String>,
     /// Every build asked for, in order.
     builds: Vec<TemplateBuild>,
+    /// The template store it puts its builds in and pulls missing templates from.
+    store: Option<FakeTemplateStore>,
+}
+
+/// A template store fakes share (as the real agents of a fleet share one): the templates
+/// their builds put there, by location.
+#[derive(Debug, Clone, Default)]
+pub struct FakeTemplateStore {
+    pub location: String,
+    templates: Arc<Mutex<Vec<TemplateReport>>>,
+}
+
+impl FakeTemplateStore {
+    pub fn new(location: &str) -> FakeTemplateStore {
+        FakeTemplateStore {
+            location: location.into(),
+            templates: Arc::default(),
+        }
+    }
+
+    /// The ids of the templates in it.
+    pub fn template_ids(&self) -> Vec<String> {
+        let templates = self.templates.lock().expect("fake store lock");
+        templates.iter().map(|t| t.template_id.clone()).collect()
+    }
 }
 
 /// An in-memory host agent.
@@ -115,6 +145,11 @@ impl FakeAgent {
     /// for none).
     pub fn delay(&self, operation: Operation, delay: Duration) {
         self.lock().delays.insert(operation, delay);
+    }
+
+    /// Puts its builds in `store`, and pulls the templates it lacks from there.
+    pub fn use_store(&self, store: &FakeTemplateStore) {
+        self.lock().store = Some(store.clone());
     }
 
     /// Sets the free memory and disk the host reports.
@@ -226,6 +261,7 @@ impl State {
 
     /// Creates the sandbox: its id.
     fn create(&mut self, options: CreateOptions) -> Result<String, HostAgentError> {
+        self.pull(&options.template_id);
         if !self
             .templates
             .iter()
@@ -300,7 +336,35 @@ impl State {
         }
     }
 
+    /// Takes `template_id` from the store when it lacks it and the store has it.
+    fn pull(&mut self, template_id: &str) {
+        if self.templates.iter().any(|t| t.template_id == template_id) {
+            return;
+        }
+        let Some(store) = &self.store else { return };
+        let stored = store
+            .templates
+            .lock()
+            .expect("fake store lock")
+            .iter()
+            .find(|t| t.template_id == template_id)
+            .cloned();
+        if let Some(template) = stored {
+            self.calls.push((Operation::Pull, template_id.to_string()));
+            self.templates.push(template);
+        }
+    }
+
     fn delete_template(&mut self, template_id: &str) -> Result<(), HostAgentError> {
+        let stored = self.store.as_ref().is_some_and(|store| {
+            let mut templates = store.templates.lock().expect("fake store lock");
+            let before = templates.len();
+            templates.retain(|t| t.template_id != template_id);
+            templates.len() != before
+        });
+        if stored && !self.templates.iter().any(|t| t.template_id == template_id) {
+            return Ok(());
+        }
         if !self.templates.iter().any(|t| t.template_id == template_id) {
             return Err(HostAgentError::NotFound(format!(
                 "template {template_id} not found"
@@ -392,6 +456,13 @@ impl State {
             ..parent
         };
         self.templates.push(template.clone());
+        if let Some(store) = &self.store {
+            store
+                .templates
+                .lock()
+                .expect("fake store lock")
+                .push(template.clone());
+        }
         // A template from an image stands on no other (it took only the base's kernel).
         if build.from_image.is_none() {
             self.parents
@@ -414,10 +485,10 @@ impl State {
 
 #[async_trait::async_trait]
 impl HostAgent for FakeAgent {
-    async fn create(&self, options: CreateOptions) -> Result<(), HostAgentError> {
+    async fn create(&self, options: CreateOptions) -> Result<CreateTimings, HostAgentError> {
         let subject = options.sandbox_id.clone().unwrap_or_default();
         self.run(Operation::Create, &subject, move |state| {
-            state.create(options).map(drop)
+            state.create(options).map(|_| CreateTimings::default())
         })
         .await
     }
@@ -689,6 +760,11 @@ impl State {
             disk_available_bytes: self.disk_bytes,
             agent_rss_bytes: 0,
             templates: self.templates.clone(),
+            template_store: self
+                .store
+                .as_ref()
+                .map(|store| store.location.clone())
+                .unwrap_or_default(),
         }
     }
 }

@@ -26,6 +26,17 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 pub use remote::RemoteAgent;
+
+/// How long the steps of a create took on its host.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CreateTimings {
+    /// The template's pull from the template store (zero when the host had it).
+    pub pull: std::time::Duration,
+    /// The VM's restore.
+    pub restore: std::time::Duration,
+    /// The wait for envd (and its `/init`).
+    pub ready: std::time::Duration,
+}
 pub use route::GuestRoute;
 
 use join::HostReport;
@@ -184,8 +195,9 @@ impl From<wrenn_connect::ConnectError> for HostAgentError {
 /// needs: the caller bounds it.
 #[async_trait::async_trait]
 pub trait HostAgent: Send + Sync + std::fmt::Debug {
-    /// Starts a sandbox from `options.template_id`; returns once envd answers in it.
-    async fn create(&self, options: CreateOptions) -> Result<(), HostAgentError>;
+    /// Starts a sandbox from `options.template_id`; returns once envd answers in it, with how
+    /// long its steps took.
+    async fn create(&self, options: CreateOptions) -> Result<CreateTimings, HostAgentError>;
     /// Pauses a running sandbox: its memory, processes and files are kept on the host.
     async fn pause(&self, sandbox_id: &str) -> Result<(), HostAgentError>;
     /// Resumes a paused sandbox.

@@ -11,7 +11,10 @@ use wrenn_proto::agent as pb;
 
 use crate::build::{BuildLog, TemplateBuild};
 use crate::join::{HostReport, TemplateReport};
-use crate::{CreateOptions, GuestRoute, HostAgent, HostAgentError, SandboxState, SandboxSummary};
+use crate::{
+    CreateOptions, CreateTimings, GuestRoute, HostAgent, HostAgentError, SandboxState,
+    SandboxSummary,
+};
 
 use pb::host_agent as rpc;
 
@@ -76,9 +79,14 @@ impl RemoteAgent {
 
 #[async_trait::async_trait]
 impl HostAgent for RemoteAgent {
-    async fn create(&self, options: CreateOptions) -> Result<(), HostAgentError> {
+    async fn create(&self, options: CreateOptions) -> Result<CreateTimings, HostAgentError> {
         let request = pb::CreateSandboxRequest::from(options);
-        self.call::<rpc::CreateSandbox>(&request).await.map(drop)
+        let response = self.call::<rpc::CreateSandbox>(&request).await?;
+        Ok(CreateTimings {
+            pull: Duration::from_millis(response.pull_ms),
+            restore: Duration::from_millis(response.restore_ms),
+            ready: Duration::from_millis(response.ready_ms),
+        })
     }
 
     async fn pause(&self, sandbox_id: &str) -> Result<(), HostAgentError> {

@@ -160,6 +160,7 @@ async fn create_sandbox(
         sandbox: Some(sandbox_message(&manager, &record)),
         restore_ms: timings.restore.as_millis() as u64,
         ready_ms: timings.ready.as_millis() as u64,
+        pull_ms: timings.pull.as_millis() as u64,
     })
 }
 
@@ -333,7 +334,7 @@ async fn delete_template(
     request: pb::DeleteTemplateRequest,
 ) -> Result<pb::DeleteTemplateResponse, AgentError> {
     required("template_id", &request.template_id)?;
-    manager.delete_template(&request.template_id)?;
+    manager.delete_template(&request.template_id).await?;
     Ok(pb::DeleteTemplateResponse {})
 }
 

@@ -74,6 +74,7 @@ pub fn report(manager: &Manager) -> HostReport {
             .into_iter()
             .map(|t| t.report())
             .collect(),
+        template_store: manager.config().template_store.clone().unwrap_or_default(),
     }
 }
 

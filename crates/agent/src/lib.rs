@@ -4,6 +4,7 @@
 //! - [`network`]: network namespaces with veth, tap and NAT, pooled and recycled;
 //! - [`firewall`]: every firewall rule the agent installs (the sandbox boundary), as text;
 //! - [`disk`]: copy-on-write disks; [`store`]: state on disk;
+//! - [`template_store`]: the store of templates every host of a fleet pulls from;
 //! - [`oci`]: images pulled from registries and made root filesystems, for template builds;
 //! - [`mmds`]: the metadata service for guests of VMMs that have none (QEMU);
 //! - [`envd_client`]: the agent's calls to envd; [`api`]: the Connect API;
@@ -25,6 +26,7 @@ pub mod network;
 pub mod oci;
 pub mod proxy;
 pub mod store;
+pub mod template_store;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use wrenn_agent_api::build::{BuildLog, TemplateBuild};
 use wrenn_agent_api::join::{HostReport, TemplateReport};
-use wrenn_agent_api::{CreateOptions, GuestRoute, HostAgent, HostAgentError, SandboxSummary};
+use wrenn_agent_api::{
+    CreateOptions, CreateTimings, GuestRoute, HostAgent, HostAgentError, SandboxSummary,
+};
 
 use crate::manager::Manager;
 
@@ -25,9 +27,12 @@ impl LocalAgent {
 
 #[async_trait::async_trait]
 impl HostAgent for LocalAgent {
-    async fn create(&self, options: CreateOptions) -> Result<(), HostAgentError> {
+    async fn create(&self, options: CreateOptions) -> Result<CreateTimings, HostAgentError> {
         let manager = self.manager.clone();
-        finished(async move { manager.create(options).await }).await
+        crate::detached(async move { manager.create(options).await })
+            .await
+            .map(|(_, timings)| timings)
+            .map_err(HostAgentError::from)
     }
 
     async fn pause(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
@@ -76,6 +81,7 @@ impl HostAgent for LocalAgent {
     async fn delete_template(&self, template_id: &str) -> Result<(), HostAgentError> {
         self.manager
             .delete_template(template_id)
+            .await
             .map_err(HostAgentError::from)
     }
 

@@ -68,6 +68,14 @@ pub struct TemplateRecord {
     /// the same takes this template's files instead of running again.
     #[serde(default)]
     pub build_key: Option<String>,
+    /// The SHA-256 of its files that were hashed (for the template store), by file name in
+    /// its directory.
+    #[serde(default)]
+    pub digests: BTreeMap<String, String>,
+    /// Whether the template store has it (it was put there, or pulled from there): such a
+    /// template may be removed from the host when its cache is full.
+    #[serde(default)]
+    pub stored: bool,
 }
 
 impl TemplateRecord {

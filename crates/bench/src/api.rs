@@ -269,6 +269,8 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
         vmm_uid_base: wrenn_agent::manager::DEFAULT_VMM_UID_BASE,
         insecure_registries: Vec::new(),
         image_cache_bytes: wrenn_agent::oci::cache::DEFAULT_CACHE_BYTES,
+        template_store: None,
+        template_cache_bytes: 0,
     };
     let mmds = tokio::net::TcpListener::bind("0.0.0.0:0").await?;
     let config = AgentConfig {

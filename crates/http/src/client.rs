@@ -74,7 +74,7 @@ pub fn internet_client_builder() -> reqwest::ClientBuilder {
 
 /// Makes _ring_ the process's TLS crypto provider (the one wrenn builds rustls with), once:
 /// reqwest takes it from there.
-fn use_ring_for_tls() {
+pub fn use_ring_for_tls() {
     static INSTALLED: std::sync::Once = std::sync::Once::new();
     INSTALLED.call_once(|| {
         // Another provider installed first (a test's, say) serves as well.

@@ -49,6 +49,21 @@ pub struct HostFlags {
     /// recently go first).
     #[arg(long, default_value_t = 10240)]
     pub image_cache_mib: u64,
+    /// The template store, where template builds are put and templates this host lacks are
+    /// pulled from: a directory, or s3://BUCKET[/PREFIX] (credentials, region and endpoint from
+    /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL, AWS_ALLOW_HTTP).
+    /// Hosts of a fleet share one. `wrenn up` keeps one in its data directory unless told;
+    /// `wrenn agent serve` has none unless told.
+    #[arg(
+        long,
+        env = "WRENN_TEMPLATE_STORE",
+        value_name = "DIR|s3://BUCKET/PREFIX"
+    )]
+    pub template_store: Option<String>,
+    /// The most disk templates from the store take on this host, in MiB: past it, the least
+    /// recently used that nothing stands on are removed (the store keeps them).
+    #[arg(long, default_value_t = 20480)]
+    pub template_cache_mib: u64,
 }
 
 impl HostFlags {

@@ -936,3 +936,120 @@ async fn templates_built_from_registry_images_run_with_the_images_files_and_sett
     agent.stop();
     assert_eq!(agent.leftovers(), Vec::<String>::new());
 }
+
+/// The template store the store test uses: the S3 server `scripts/s3.sh` started (a prefix of
+/// the test's own), or `None` (skipped, or failed under `WRENN_REQUIRE_PREREQUISITES=1`).
+fn test_s3_store(prefix: &str) -> Option<String> {
+    match (
+        std::env::var("WRENN_TEST_S3_ENDPOINT"),
+        std::env::var("WRENN_TEST_S3_BUCKET"),
+    ) {
+        (Ok(_), Ok(bucket)) => Some(format!(
+            "s3://{bucket}/{prefix}-{}-{}",
+            std::process::id(),
+            wrenn_core::now_ms()
+        )),
+        _ => {
+            let why = "WRENN_TEST_S3_ENDPOINT and WRENN_TEST_S3_BUCKET are not set \
+                       (scripts/s3.sh starts the server, scripts/test.sh sets them)";
+            if std::env::var("WRENN_REQUIRE_PREREQUISITES").as_deref() == Ok("1") {
+                panic!("{why}");
+            }
+            eprintln!("SKIPPED: {why}");
+            None
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_built_on_one_host_runs_on_another_through_the_s3_store() {
+    let Some(_image) = prerequisites() else {
+        return;
+    };
+    let Some(location) = test_s3_store("agents") else {
+        return;
+    };
+    let store_args = vec!["--template-store".to_string(), location.clone()];
+    let mut builder = Agent::start_with("wts", 560, store_args.clone());
+    // The second host has no template at all, not even base: everything comes from the store.
+    let mut puller = Agent::start_with("wtu", 580, store_args);
+    assert_eq!(puller.host_info().await.template_store, location);
+    builder.build_template("base").await;
+    let (log, built) = builder
+        .run_build(&pb::RunTemplateBuildRequest {
+            template_id: "shared".into(),
+            from_template: "base".into(),
+            steps: vec![step("RUN", &["echo from-the-store > ~/stored.txt"])],
+            ..Default::default()
+        })
+        .await;
+    built.unwrap_or_else(|error| panic!("{error}; log: {log:?}"));
+    assert!(
+        log.iter()
+            .any(|l| l.step == "finalize" && l.message.starts_with("stored: ")),
+        "{log:?}"
+    );
+
+    // The puller lacks it: the create pulls it (and says how long that took), then runs it.
+    let created = puller
+        .call_ok::<host_agent::CreateSandbox>(&pb::CreateSandboxRequest {
+            template_id: "shared".into(),
+            sandbox_id: "pulled-1".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(created.pull_ms > 0, "{created:?}");
+    let first = created.sandbox.unwrap();
+    run_expecting(&first, "cat ~/stored.txt", "from-the-store").await;
+    let again = puller
+        .call_ok::<host_agent::CreateSandbox>(&pb::CreateSandboxRequest {
+            template_id: "shared".into(),
+            sandbox_id: "pulled-2".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(again.pull_ms, 0, "the host has it now");
+    let names: Vec<_> = puller
+        .host_info()
+        .await
+        .templates
+        .into_iter()
+        .map(|t| t.template_id)
+        .collect();
+    assert_eq!(names, ["shared"], "only what it pulled");
+
+    // A delete is refused while sandboxes use it, and then takes it from the host and the store.
+    assert_code(
+        puller.delete_template("shared").await,
+        Code::FailedPrecondition,
+        "in use by sandboxes",
+    );
+    for id in ["pulled-1", "pulled-2"] {
+        puller.destroy(id).await.unwrap();
+    }
+    puller.delete_template("shared").await.unwrap();
+    let store = wrenn_agent::template_store::TemplateStore::open(&location).unwrap();
+    assert!(store.artifact("shared").await.unwrap().is_none());
+    assert_code(
+        puller.try_create("shared", "pulled-3").await,
+        Code::NotFound,
+        "not found (on this host or in its template store)",
+    );
+    // The builder's own copy stays until it is deleted there (the store has it no more).
+    assert_code(
+        builder.delete_template("base").await,
+        Code::FailedPrecondition,
+        "parent of templates shared",
+    );
+    builder.delete_template("shared").await.unwrap();
+    builder.delete_template("base").await.unwrap();
+    assert_code(
+        builder.delete_template("shared").await,
+        Code::NotFound,
+        "template shared not found",
+    );
+    builder.stop();
+    puller.stop();
+    assert_eq!(builder.leftovers(), Vec::<String>::new());
+    assert_eq!(puller.leftovers(), Vec::<String>::new());
+}

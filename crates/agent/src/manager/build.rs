@@ -116,15 +116,18 @@ impl Manager {
                 })?;
             }
         }
-        let parent = self
-            .templates
-            .lock()
-            .expect("templates lock")
-            .get(&build.from_template)
-            .cloned()
-            .ok_or_else(|| {
-                AgentError::NotFound(format!("template {} not found", build.from_template))
-            })?;
+        let (parent, pulled_in) = self.template_or_pull(&build.from_template).await?;
+        if !pulled_in.is_zero() {
+            logger.log(
+                LogLevel::Info,
+                base(),
+                format!(
+                    "pulled {} from the template store in {} ms",
+                    build.from_template,
+                    pulled_in.as_millis()
+                ),
+            );
+        }
         let memory_mib = build.memory_mib.unwrap_or(parent.machine.memory_mib);
         let vcpus = build.vcpus.unwrap_or(parent.machine.vcpus);
         // The deadline stops the build as a hang-up would.
@@ -249,6 +252,35 @@ impl Manager {
                         record.template_id, record.build_ms
                     ),
                 );
+                if self.template_store.is_some() {
+                    logger.log(
+                        LogLevel::Info,
+                        finalize(),
+                        "putting the template in the store",
+                    );
+                    match self.push_template(&record.template_id).await {
+                        Ok(moved) => logger.log(
+                            LogLevel::Info,
+                            finalize(),
+                            format!(
+                                "stored: {} new files, {} MiB ({} MiB compressed)",
+                                moved.files,
+                                moved.bytes >> 20,
+                                moved.stored_bytes >> 20
+                            ),
+                        ),
+                        Err(error) => {
+                            // A template only this host has would be lost with it: the build
+                            // fails whole.
+                            let _ = self.remove_template(&record.template_id);
+                            return Err(AgentError::Internal(format!(
+                                "the template was built, but could not be put in the template \
+                                 store: {error}"
+                            )));
+                        }
+                    }
+                    self.trim_template_cache(Some(&record.template_id));
+                }
                 Ok(record)
             }
             Err(_) if stopped_by_deadline => Err(AgentError::DeadlineExceeded(format!(

@@ -16,6 +16,7 @@ mod monitor;
 mod pause;
 mod recovery;
 mod sandboxes;
+mod stored;
 mod templates;
 
 use std::collections::{HashMap, HashSet};
@@ -74,6 +75,12 @@ pub struct AgentConfig {
     pub insecure_registries: Vec<String>,
     /// The most the cache of image layers (`<data>/oci/blobs`) keeps.
     pub image_cache_bytes: u64,
+    /// The template store ([`crate::template_store`]): where builds are put and missing
+    /// templates pulled from. `None`: templates stay on the host that made them.
+    pub template_store: Option<String>,
+    /// The most the templates from the store may take on this host's disk: past it, the least
+    /// recently used that no sandbox or template stands on are removed (the store keeps them).
+    pub template_cache_bytes: u64,
 }
 
 /// The default first VMM uid: far above the ranges distributions hand to people and to
@@ -82,12 +89,7 @@ pub const DEFAULT_VMM_UID_BASE: u32 = 1_900_000_000;
 
 pub use wrenn_agent_api::CreateOptions;
 
-/// How long the steps of a create took.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CreateTimings {
-    pub restore: Duration,
-    pub ready: Duration,
-}
+pub use wrenn_agent_api::CreateTimings;
 
 #[derive(Debug)]
 struct SandboxEntry {
@@ -138,6 +140,13 @@ pub struct Manager {
     /// Builds from images pull through these.
     registries: crate::oci::Registries,
     blobs: crate::oci::BlobCache,
+    /// Where templates are put and pulled from, if anywhere.
+    template_store: Option<crate::template_store::TemplateStore>,
+    /// Held while a template is pulled: one pull at a time, and a second create of it waits
+    /// for the first's pull.
+    pulling: tokio::sync::Mutex<()>,
+    /// When each template was last used by a create (ms), for the cache's LRU.
+    template_used_ms: Mutex<HashMap<String, i64>>,
 }
 
 /// A generated identifier: `i` then 19 lowercase letters or digits, each equally likely.
@@ -201,7 +210,18 @@ impl Manager {
             config.image_cache_bytes,
         )
         .map_err(|error| AgentError::Internal(error.to_string()))?;
+        let template_store = config
+            .template_store
+            .as_deref()
+            .map(crate::template_store::TemplateStore::open)
+            .transpose()?;
+        if let Some(store) = &template_store {
+            store.check().await?;
+        }
         let manager = Arc::new(Manager {
+            template_store,
+            pulling: tokio::sync::Mutex::new(()),
+            template_used_ms: Mutex::new(HashMap::new()),
             registries,
             blobs,
             config,

@@ -9,15 +9,8 @@ impl Manager {
         &self,
         options: CreateOptions,
     ) -> Result<(SandboxRecord, CreateTimings), AgentError> {
-        let template = self
-            .templates
-            .lock()
-            .expect("templates lock")
-            .get(&options.template_id)
-            .cloned()
-            .ok_or_else(|| {
-                AgentError::NotFound(format!("template {} not found", options.template_id))
-            })?;
+        validate_id("template", &options.template_id)?;
+        let (template, pulled_in) = self.template_or_pull(&options.template_id).await?;
         if template.accel != self.accel {
             return Err(AgentError::FailedPrecondition(format!(
                 "template {} was snapshotted under {}, this host runs {}: rebuild it here",
@@ -70,7 +63,13 @@ impl Manager {
             .start_vm(&entry, &template.snapshot, &options, true)
             .await;
         match result {
-            Ok(timings) => Ok((entry.snapshot(), timings)),
+            Ok(timings) => Ok((
+                entry.snapshot(),
+                CreateTimings {
+                    pull: pulled_in,
+                    ..timings
+                },
+            )),
             Err(error) => {
                 self.sandboxes
                     .lock()

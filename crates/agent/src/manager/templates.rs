@@ -2,6 +2,8 @@
 //! the guest (a build's steps, see [`super::build`]), prepared and snapshotted; listed and
 //! deleted (never while a sandbox or another template stands on one).
 
+use std::collections::BTreeMap;
+
 use super::*;
 
 /// What a template's files come from.
@@ -133,7 +135,7 @@ impl Manager {
     /// Takes `template_id` for a template being made on `parent` (kept meanwhile): refused when
     /// it exists or is being made, or when `parent` does not exist. [`Manager::building`] holds
     /// it until the maker removes it.
-    fn reserve_template(
+    pub(super) fn reserve_template(
         &self,
         template_id: &str,
         parent: Option<String>,
@@ -205,6 +207,10 @@ impl Manager {
                 }
             }
             let disk = moved(&cached.machine.disk)?;
+            let disk_name = disk
+                .file_name()
+                .and_then(|n| n.to_str())
+                .map(str::to_string);
             let layers = wrenn_vmm::qcow2::chain(&cached.machine.disk)
                 .map_err(|error| AgentError::internal("reading the cached disk's chain", error))?;
             if let Some(backing) = layers.get(1)
@@ -226,6 +232,14 @@ impl Manager {
                 },
                 created_at_ms: now_ms(),
                 build_ms: 0,
+                // Its disk layer is its own (pointed at its own backing file): hashed anew.
+                digests: cached
+                    .digests
+                    .iter()
+                    .filter(|(name, _)| Some(*name) != disk_name.as_ref())
+                    .map(|(name, sha256)| (name.clone(), sha256.clone()))
+                    .collect(),
+                stored: false,
                 ..cached.clone()
             };
             self.store.save_template(&record)?;
@@ -348,6 +362,8 @@ impl Manager {
             default_workdir: defaults.workdir,
             start_cmd: defaults.start_cmd,
             build_key: work.build_key(),
+            digests: BTreeMap::new(),
+            stored: false,
         };
         self.store.save_template(&record)?;
         self.templates
@@ -445,7 +461,9 @@ impl Manager {
         templates
     }
 
-    pub fn delete_template(&self, template_id: &str) -> Result<(), AgentError> {
+    /// Removes the template from this host (not from the template store): refused while a
+    /// sandbox or another template stands on it.
+    pub(super) fn remove_template(&self, template_id: &str) -> Result<(), AgentError> {
         if !self
             .templates
             .lock()

@@ -63,8 +63,11 @@ impl Host {
         self.in_process
     }
 
-    /// Starts a sandbox on the host.
-    pub async fn create(&self, options: CreateOptions) -> Result<(), Error> {
+    /// Starts a sandbox on the host: how long its steps took there.
+    pub async fn create(
+        &self,
+        options: CreateOptions,
+    ) -> Result<wrenn_agent_api::CreateTimings, Error> {
         let create = self.agent.create(options);
         within(
             &self.name(),

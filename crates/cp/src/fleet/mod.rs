@@ -366,18 +366,18 @@ mod tests {
             ("c", "down", 4, 0, 8192),
             ("d", "up", 4, 0, 100),
         ]);
-        let first = fleet.place("base", &[]).unwrap();
+        let first = fleet.place("base", None, &[]).unwrap();
         assert_eq!(first.host.row().name, "b");
-        let unknown = fleet.place("nope", &[]).unwrap_err();
+        let unknown = fleet.place("nope", None, &[]).unwrap_err();
         assert!(matches!(unknown, Error::TemplateNotFound(ref t) if t == "nope"));
         // b holds 1 in flight of 4; a has 3 of 4: b again, until its in-flight creates fill it.
         let mut held = vec![first];
         for _ in 0..2 {
-            let placed = fleet.place("base", &[]).unwrap();
+            let placed = fleet.place("base", None, &[]).unwrap();
             assert_eq!(placed.host.row().name, "b");
             held.push(placed);
         }
-        let fourth = fleet.place("base", &[]).unwrap();
+        let fourth = fleet.place("base", None, &[]).unwrap();
         assert_eq!(
             fourth.host.row().name,
             "a",
@@ -385,7 +385,7 @@ mod tests {
         );
         held.push(fourth);
         let excluded = vec!["id-b".to_string()];
-        let full = fleet.place("base", &excluded).unwrap_err();
+        let full = fleet.place("base", None, &excluded).unwrap_err();
         assert!(matches!(full, Error::NoCapacity(_)), "{full}");
         for words in [
             "a has no free network slot",
@@ -397,10 +397,55 @@ mod tests {
         }
         drop(held);
         assert_eq!(
-            fleet.place("base", &[]).unwrap().host.row().name,
+            fleet.place("base", None, &[]).unwrap().host.row().name,
             "b",
             "finished creates free their count"
         );
+    }
+
+    #[test]
+    fn a_template_in_the_store_goes_to_a_host_that_has_it_else_to_one_that_can_pull_it() {
+        let fleet = fleet_of(&[
+            ("has", "up", 4, 3, 8192),
+            ("pulls", "up", 4, 0, 8192),
+            ("nostore", "up", 4, 0, 8192),
+        ]);
+        let set = |name: &str, store: &str, built: bool| {
+            let host = fleet
+                .hosts()
+                .into_iter()
+                .find(|h| h.row().name == name)
+                .unwrap();
+            let mut row = host.row.lock().unwrap();
+            row.report.template_store = store.into();
+            if built {
+                row.report
+                    .templates
+                    .push(wrenn_agent_api::fake::template("built", 1024));
+            }
+        };
+        set("has", "s3://fleet", true);
+        set("pulls", "s3://fleet", false);
+        let stored = wrenn_agent_api::fake::template("built", 1024);
+        // The host that has it, though it is the busier one.
+        let first = fleet.place("built", Some(&stored), &[]).unwrap();
+        assert_eq!(first.host.row().name, "has");
+        // Full now (3 + 1 of 4): the host with the store pulls it; the one without never.
+        let second = fleet.place("built", Some(&stored), &[]).unwrap();
+        assert_eq!(second.host.row().name, "pulls");
+        assert_eq!(second.template.memory_mib, 1024);
+        // Not in the store (`None`): only the host that has it, which is full.
+        let full = fleet.place("built", None, &[]).unwrap_err();
+        assert!(matches!(full, Error::NoCapacity(_)), "{full}");
+        // Nobody has it and nobody may pull it: not found.
+        set("pulls", "", false);
+        set("has", "", false);
+        drop((first, second));
+        let fleet_without = fleet_of(&[("nostore", "up", 4, 0, 8192)]);
+        let unknown = fleet_without
+            .place("built", Some(&stored), &[])
+            .unwrap_err();
+        assert!(matches!(unknown, Error::TemplateNotFound(_)), "{unknown}");
     }
 
     #[test]
@@ -409,14 +454,14 @@ mod tests {
             ("small", "up", 8, 0, 8192, 1 << 30),
             ("roomy", "up", 8, 0, 8192, 3 << 30),
         ]);
-        let first = fleet.place("base", &[]).unwrap();
+        let first = fleet.place("base", None, &[]).unwrap();
         assert_eq!(
             first.host.row().name,
             "roomy",
             "small has 1 GiB, 2 GiB needed"
         );
         // roomy's 3 GiB hold one 2 GiB disk in flight, not two.
-        let full = fleet.place("base", &[]).unwrap_err();
+        let full = fleet.place("base", None, &[]).unwrap_err();
         assert!(matches!(full, Error::NoCapacity(_)), "{full}");
         for words in [
             "small has 1024 MiB of disk free, 2048 MiB needed",
@@ -425,7 +470,10 @@ mod tests {
             assert!(full.to_string().contains(words), "{words}: {full}");
         }
         drop(first);
-        assert_eq!(fleet.place("base", &[]).unwrap().host.row().name, "roomy");
+        assert_eq!(
+            fleet.place("base", None, &[]).unwrap().host.row().name,
+            "roomy"
+        );
     }
 
     #[test]

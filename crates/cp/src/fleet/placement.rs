@@ -108,12 +108,20 @@ impl Fleet {
             .unwrap_or(0)
     }
 
-    /// Picks the host for a new sandbox of `template_id`, skipping `excluded` hosts: 404 when
-    /// no host has the template, 503 when none has room.
-    pub fn place(&self, template_id: &str, excluded: &[String]) -> Result<Placed, Error> {
+    /// Picks the host for a new sandbox of `template_id`, skipping `excluded` hosts: one
+    /// that has the template when one can take it; else, when the template store has it
+    /// (`stored`: its figures), one with a store, which pulls it. 404 when no host has it or
+    /// can pull it, 503 when none has room.
+    pub fn place(
+        &self,
+        template_id: &str,
+        stored: Option<&TemplateReport>,
+        excluded: &[String],
+    ) -> Result<Placed, Error> {
         let _placing = self.placing.lock().expect("placement lock");
-        let mut candidates = Vec::new();
-        let mut hosts = Vec::new();
+        // Hosts that have the template, then hosts that would pull it.
+        let mut having = (Vec::new(), Vec::new());
+        let mut pulling = (Vec::new(), Vec::new());
         let mut known = false;
         let mut reasons = Vec::new();
         for host in self.hosts() {
@@ -122,60 +130,33 @@ impl Fleet {
                 host.row.lock().expect("host lock").report = report;
             }
             let row = host.row();
-            let Some(template) = row
+            let has = row
                 .report
                 .templates
                 .iter()
                 .find(|t| t.template_id == template_id)
-                .cloned()
-            else {
-                continue;
+                .cloned();
+            let (template, list, pulls) = match (has, stored) {
+                (Some(template), _) => (template, &mut having, false),
+                (None, Some(stored)) if !row.report.template_store.is_empty() => {
+                    (stored.clone(), &mut pulling, true)
+                }
+                (None, _) => continue,
             };
             known = true;
-            if row.state != HostState::Up {
-                reasons.push(format!("{} is down", row.name));
-                continue;
+            match room_for(&host, &row, &template, excluded) {
+                Ok(candidate) => {
+                    list.0.push(candidate);
+                    list.1.push((host, template));
+                }
+                Err(reason) if pulls => reasons.push(format!("{reason} (it would pull it)")),
+                Err(reason) => reasons.push(reason),
             }
-            if excluded.contains(&row.id) {
-                reasons.push(format!("{} said it had no room", row.name));
-                continue;
-            }
-            let inflight = host.inflight.load(Ordering::SeqCst);
-            let used = row.report.slots_in_use + inflight;
-            let memory_mib = (row.report.memory_available_bytes >> 20)
-                .saturating_sub(u64::from(inflight) * u64::from(template.memory_mib));
-            if used >= row.report.slots_total {
-                reasons.push(format!("{} has no free network slot", row.name));
-                continue;
-            }
-            if memory_mib < u64::from(template.memory_mib) {
-                reasons.push(format!(
-                    "{} has {memory_mib} MiB free, {} MiB needed",
-                    row.name, template.memory_mib
-                ));
-                continue;
-            }
-            // The sandbox's disk may grow to the template's size: that much must be free.
-            let disk_free_mib = (row.report.disk_available_bytes >> 20)
-                .saturating_sub(u64::from(inflight) * template.disk_size_mb);
-            if disk_free_mib < template.disk_size_mb {
-                reasons.push(format!(
-                    "{} has {disk_free_mib} MiB of disk free, {} MiB needed",
-                    row.name, template.disk_size_mb
-                ));
-                continue;
-            }
-            candidates.push(Candidate {
-                host_id: row.id.clone(),
-                slots_total: row.report.slots_total,
-                slots_used: used,
-                memory_available_mib: memory_mib,
-            });
-            hosts.push((host, template));
         }
         if !known {
             return Err(Error::TemplateNotFound(template_id.to_string()));
         }
+        let (candidates, mut hosts) = if having.0.is_empty() { pulling } else { having };
         if candidates.is_empty() {
             return Err(Error::NoCapacity(format!(
                 "no host can take a sandbox of template '{template_id}' now: {}",
@@ -202,4 +183,48 @@ impl Fleet {
             .disk_available_bytes
             .saturating_sub(placed.template.disk_size_mb << 20);
     }
+}
+
+/// Whether `host` (whose row is `row`) can take a sandbox of `template` now: a candidate, or
+/// why not.
+fn room_for(
+    host: &Host,
+    row: &HostRow,
+    template: &TemplateReport,
+    excluded: &[String],
+) -> Result<Candidate, String> {
+    if row.state != HostState::Up {
+        return Err(format!("{} is down", row.name));
+    }
+    if excluded.contains(&row.id) {
+        return Err(format!("{} said it had no room", row.name));
+    }
+    let inflight = host.inflight.load(Ordering::SeqCst);
+    let used = row.report.slots_in_use + inflight;
+    let memory_mib = (row.report.memory_available_bytes >> 20)
+        .saturating_sub(u64::from(inflight) * u64::from(template.memory_mib));
+    if used >= row.report.slots_total {
+        return Err(format!("{} has no free network slot", row.name));
+    }
+    if memory_mib < u64::from(template.memory_mib) {
+        return Err(format!(
+            "{} has {memory_mib} MiB free, {} MiB needed",
+            row.name, template.memory_mib
+        ));
+    }
+    // The sandbox's disk may grow to the template's size: that much must be free.
+    let disk_free_mib = (row.report.disk_available_bytes >> 20)
+        .saturating_sub(u64::from(inflight) * template.disk_size_mb);
+    if disk_free_mib < template.disk_size_mb {
+        return Err(format!(
+            "{} has {disk_free_mib} MiB of disk free, {} MiB needed",
+            row.name, template.disk_size_mb
+        ));
+    }
+    Ok(Candidate {
+        host_id: row.id.clone(),
+        slots_total: row.report.slots_total,
+        slots_used: used,
+        memory_available_mib: memory_mib,
+    })
 }

@@ -64,7 +64,11 @@ pub(super) async fn create_sandbox(
         auto_pause: request.auto_pause.unwrap_or(false),
         auto_resume: request.auto_resume.and_then(|a| a.enabled).unwrap_or(false),
     };
-    let crate::service::Created { row, agent_time } = plane.create(&team.0, asked).await?;
+    let crate::service::Created {
+        row,
+        agent_time,
+        pull_time,
+    } = plane.create(&team.0, asked).await?;
     let id = row.id.clone();
     if let Some(key) = idempotency {
         let mut remembered = plane.idempotency.lock().expect("idempotency lock");
@@ -75,10 +79,12 @@ pub(super) async fn create_sandbox(
     }
     let mut response =
         (StatusCode::CREATED, axum::Json(sandbox_body(&plane, &row))).into_response();
-    // The agent's share of the create and the handler's whole time, for `wrenn bench api`.
+    // The agent's share of the create (and of that, the template's pull from the store) and
+    // the handler's whole time, for `wrenn bench api`.
     let timing = format!(
-        "agent;dur={:.3}, total;dur={:.3}",
+        "agent;dur={:.3}, pull;dur={:.3}, total;dur={:.3}",
         agent_time.as_secs_f64() * 1000.0,
+        pull_time.as_secs_f64() * 1000.0,
         handler_started.elapsed().as_secs_f64() * 1000.0
     );
     if let Ok(value) = HeaderValue::from_str(&timing) {

@@ -36,6 +36,8 @@ pub struct SandboxRequest {
 pub struct Created {
     pub row: SandboxRow,
     pub agent_time: Duration,
+    /// The part of it the host spent pulling the template from the template store.
+    pub pull_time: Duration,
 }
 
 /// How many other hosts a create that found a host full may try.
@@ -57,15 +59,21 @@ impl ControlPlane {
         let allow_internet = request.allow_internet && self.internet;
         let template = self.resolve_template(team_id, &request.template).await?;
         // Counted against the team's quotas until its row is written (or the create fails).
-        let disk_mib = self.fleet.template_disk_mib(&template.on_hosts);
+        let disk_mib = match self.fleet.template_disk_mib(&template.on_hosts) {
+            0 => template.stored.as_ref().map_or(0, |t| t.disk_size_mb),
+            known => known,
+        };
         let admitted = self.admit(team_id, Change::Create { disk_mib }).await?;
         // On a host before it is in the store: reconcile must not take it for an orphan.
         let _creating = self.fleet.creating(&id);
         // A host that cannot take it (full) passes it to the next one.
         let mut excluded = Vec::new();
         let mut agent_time = Duration::ZERO;
+        let mut pull_time = Duration::ZERO;
         let placed = loop {
-            let placed = self.fleet.place(&template.on_hosts, &excluded)?;
+            let placed =
+                self.fleet
+                    .place(&template.on_hosts, template.stored.as_ref(), &excluded)?;
             let options = CreateOptions {
                 template_id: placed.template.template_id.clone(),
                 sandbox_id: Some(id.clone()),
@@ -81,7 +89,10 @@ impl ControlPlane {
             let created = placed.host.create(options).await;
             agent_time += agent_started.elapsed();
             match created {
-                Ok(()) => break placed,
+                Ok(timings) => {
+                    pull_time += timings.pull;
+                    break placed;
+                }
                 Err(
                     error @ Error::Host {
                         source: HostAgentError::NoCapacity(_),
@@ -123,6 +134,10 @@ impl ControlPlane {
             return Err(error.into());
         }
         tracing::info!(sandbox = %id, template = %template.template_id, host = %row.host_id, "sandbox created");
-        Ok(Created { row, agent_time })
+        Ok(Created {
+            row,
+            agent_time,
+            pull_time,
+        })
     }
 }

@@ -153,6 +153,9 @@ pub struct ResolvedTemplate {
     /// Its id in the API.
     pub id: String,
     pub alias: Option<String>,
+    /// Its figures when it is a ready build's, which the template store has (hosts with
+    /// a store may pull it): placement may then take a host that lacks it.
+    pub stored: Option<wrenn_agent_api::join::TemplateReport>,
 }
 
 /// A template's name split into its alias and its tag (`default` when none is given).
@@ -371,10 +374,25 @@ impl ControlPlane {
         match self.team_template(team_id, named).await {
             Ok(template) => {
                 let build_id = self.build_named(&template, named).await?;
+                let stored = self
+                    .store
+                    .build(&build_id)
+                    .await?
+                    .filter(|build| build.status == BuildStatus::Ready)
+                    .map(|build| wrenn_agent_api::join::TemplateReport {
+                        template_id: build.host_template_id.clone(),
+                        memory_mib: build.memory_mb,
+                        vcpus: build.cpu_count,
+                        envd_version: build.envd_version.clone(),
+                        image_key: String::new(),
+                        created_at_ms: build.finished_at_ms,
+                        disk_size_mb: u64::from(build.disk_size_mb),
+                    });
                 Ok(ResolvedTemplate {
                     on_hosts: host_template_id(&build_id),
                     id: template.id,
                     alias: template.alias,
+                    stored,
                 })
             }
             // A build's own template on the hosts is reached through its template only.
@@ -385,6 +403,7 @@ impl ControlPlane {
                 on_hosts: named.to_string(),
                 id: named.to_string(),
                 alias: Some(named.to_string()),
+                stored: None,
             }),
             Err(error) => Err(error),
         }
@@ -555,8 +574,11 @@ impl ControlPlane {
             })
             .collect::<Result<Vec<_>, Error>>()?;
         let files = self.files_of(team_id, &steps).await?;
-        let from_host_template = self.resolve_template(team_id, &from).await?.on_hosts;
-        let placed = self.fleet.place(&from_host_template, &[])?;
+        let from = self.resolve_template(team_id, &from).await?;
+        let from_host_template = from.on_hosts.clone();
+        let placed = self
+            .fleet
+            .place(&from_host_template, from.stored.as_ref(), &[])?;
         let parent = placed.template.clone();
         let job = TemplateBuild {
             template_id: build.host_template_id.clone(),
@@ -805,16 +827,34 @@ impl ControlPlane {
             .rev()
             .filter(|b| b.status == BuildStatus::Ready)
         {
-            let Some(host) = build.host_id.as_deref().and_then(|id| self.fleet.host(id)) else {
-                continue;
-            };
-            if !host.is_up() {
+            let builder = build.host_id.as_deref().and_then(|id| self.fleet.host(id));
+            if let Some(host) = builder.as_ref().filter(|host| !host.is_up()) {
                 return Err(Error::HostDown(format!(
                     "template {named:?} is on host {}, which is down: delete it once the host is back",
                     host.row().name
                 )));
             }
-            host.delete_template(&build.host_template_id).await?;
+            // The hosts that pulled it first, then the one that built it, which takes it out
+            // of the template store too (any host with the store does, when it is gone).
+            let builder_id = builder.as_ref().map(|host| host.id());
+            let mut holders: Vec<_> = self
+                .fleet
+                .hosts()
+                .into_iter()
+                .filter(|host| host.is_up() && Some(host.id()) != builder_id)
+                .filter(|host| {
+                    let row = host.row();
+                    row.report
+                        .templates
+                        .iter()
+                        .any(|t| t.template_id == build.host_template_id)
+                        || (builder_id.is_none() && !row.report.template_store.is_empty())
+                })
+                .collect();
+            holders.extend(builder);
+            for host in holders {
+                host.delete_template(&build.host_template_id).await?;
+            }
         }
         self.store.delete_template(&template.id).await?;
         tracing::info!(template = %template.id, "template deleted");

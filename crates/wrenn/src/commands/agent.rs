@@ -211,6 +211,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         vmm_uid_base: args.host.vmm_uid_base,
         insecure_registries: args.host.insecure_registries.clone(),
         image_cache_bytes: args.host.image_cache_mib << 20,
+        template_store: args.host.template_store.clone(),
+        template_cache_bytes: args.host.template_cache_mib << 20,
     };
     let manager = Manager::start(config).await.context("starting the agent")?;
     let api = crate::listen(args.listen).await?;

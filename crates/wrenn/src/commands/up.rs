@@ -76,6 +76,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         vmm_uid_base: args.host.vmm_uid_base,
         insecure_registries: args.host.insecure_registries.clone(),
         image_cache_bytes: args.host.image_cache_mib << 20,
+        template_store: Some(args.host.template_store.clone().unwrap_or_else(|| {
+            let dir = args.plane.data_dir.join("template-store");
+            std::path::absolute(&dir)
+                .unwrap_or(dir)
+                .to_string_lossy()
+                .into_owned()
+        })),
+        template_cache_bytes: args.host.template_cache_mib << 20,
     };
     let manager = Manager::start(config)
         .await

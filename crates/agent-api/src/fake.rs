@@ -488,7 +488,18 @@ impl HostAgent for FakeAgent {
     async fn create(&self, options: CreateOptions) -> Result<CreateTimings, HostAgentError> {
         let subject = options.sandbox_id.clone().unwrap_or_default();
         self.run(Operation::Create, &subject, move |state| {
-            state.create(options).map(|_| CreateTimings::default())
+            let pulls = |state: &State| {
+                let calls = state.calls.iter();
+                calls.filter(|(op, _)| *op == Operation::Pull).count()
+            };
+            let before = pulls(state);
+            state.create(options)?;
+            // A pull takes time, however little.
+            let pulled = pulls(state) > before;
+            Ok(CreateTimings {
+                pull: Duration::from_millis(u64::from(pulled)),
+                ..CreateTimings::default()
+            })
         })
         .await
     }
@@ -582,15 +593,17 @@ impl FakeAgent {
             required("template_id", &request.template_id)?;
             let options = CreateOptions::from(request);
             let subject = options.sandbox_id.clone().unwrap_or_default();
-            let id = agent
-                .run(Operation::Create, &subject, move |state| {
-                    state.create(options)
-                })
-                .await?;
+            let timings = agent.create(options).await?;
             Ok(pb::CreateSandboxResponse {
-                sandbox: agent.sandbox_message(&id),
+                sandbox: agent.sandbox_message(&subject),
+                pull_ms: timings.pull.as_millis() as u64,
                 ..Default::default()
             })
+        });
+        let router = serve::<rpc::DeleteTemplate, _, _>(router, |agent, request| async move {
+            required("template_id", &request.template_id)?;
+            agent.delete_template(&request.template_id).await?;
+            Ok(pb::DeleteTemplateResponse {})
         });
         let router = serve::<rpc::PauseSandbox, _, _>(router, |agent, request| async move {
             let sandbox = agent.pause_or_resume(Operation::Pause, &request.sandbox_id);

@@ -1678,3 +1678,83 @@ async fn a_build_a_previous_run_left_building_is_failed_at_start() {
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
 }
+
+/// With a template store the hosts share, a built template runs on a host that does not have
+/// it (that host pulls it) when the one that has it has no room, and a delete takes it from
+/// every host and from the store.
+#[tokio::test]
+async fn a_stored_template_runs_on_a_host_that_pulls_it_and_a_delete_takes_it_everywhere() {
+    use wrenn_agent_api::HostAgent;
+    use wrenn_agent_api::fake::FakeTemplateStore;
+    let store = FakeTemplateStore::new("s3://fleet/templates");
+    // The edge has no template: builds go to the kit's own host (which has base).
+    let edge = FakeAgent::new(4, Vec::new());
+    edge.use_store(&store);
+    let (kit, _url, edge) = Kit::with_edge(4, FleetConfig::default().down_after, edge).await;
+    kit.agent.use_store(&store);
+    let (template_id, build_id) = kit.request_build("shared").await;
+    let path = format!("/v2/templates/{template_id}/builds/{build_id}");
+    let (status, answer) = kit
+        .call(
+            "POST",
+            &path,
+            Some(&kit.key_a),
+            json!({"fromTemplate": "base", "steps": [{"type": "RUN", "args": ["make"]}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let (info, _) = kit.wait_for_build(&template_id, &build_id).await;
+    assert_eq!(info["status"], "ready", "{info}");
+    assert_eq!(store.template_ids().len(), 1, "the build is in the store");
+    let host_template = store.template_ids()[0].clone();
+    let (builder, puller): (&FakeAgent, &FakeAgent) = (&kit.agent, &edge.agent);
+    assert_eq!(builder.builds().len(), 1);
+
+    // The host that has it takes it while it has room; when it says it has none, the other
+    // pulls it.
+    let first = kit
+        .create(&kit.key_a, json!({"templateID": "shared"}))
+        .await;
+    assert!(builder.sandbox(&first).is_some());
+    builder.fail_next(
+        Operation::Create,
+        wrenn_agent_api::HostAgentError::NoCapacity("full".into()),
+    );
+    let second = kit
+        .create(&kit.key_a, json!({"templateID": "shared"}))
+        .await;
+    assert!(puller.sandbox(&second).is_some());
+    assert!(
+        puller
+            .calls()
+            .contains(&(Operation::Pull, host_template.clone())),
+        "{:?}",
+        puller.calls()
+    );
+
+    // A delete waits for the sandboxes (as without a store), then takes it everywhere.
+    let (status, _) = kit
+        .call_a("DELETE", &format!("/templates/{template_id}"))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    for id in [&first, &second] {
+        let (status, answer) = kit.call_a("DELETE", &format!("/sandboxes/{id}")).await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{answer}");
+    }
+    let (status, answer) = kit
+        .call_a("DELETE", &format!("/templates/{template_id}"))
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{answer}");
+    assert!(store.template_ids().is_empty());
+    for host in [builder, puller] {
+        let report = host.report_in_process().unwrap();
+        assert!(
+            report
+                .templates
+                .iter()
+                .all(|t| t.template_id != host_template),
+            "{report:?} {:?}",
+            host.calls()
+        );
+    }
+}

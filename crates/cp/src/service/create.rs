@@ -91,6 +91,11 @@ impl ControlPlane {
             match created {
                 Ok(timings) => {
                     pull_time += timings.pull;
+                    if !timings.pull.is_zero() {
+                        // It has the template now: creates find it there before its next
+                        // heartbeat says so.
+                        placed.host.learned_template(placed.template.clone());
+                    }
                     break placed;
                 }
                 Err(

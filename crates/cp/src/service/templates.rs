@@ -843,12 +843,14 @@ impl ControlPlane {
                 .into_iter()
                 .filter(|host| host.is_up() && Some(host.id()) != builder_id)
                 .filter(|host| {
+                    // A host with a store may have pulled it since its last report.
                     let row = host.row();
-                    row.report
-                        .templates
-                        .iter()
-                        .any(|t| t.template_id == build.host_template_id)
-                        || (builder_id.is_none() && !row.report.template_store.is_empty())
+                    !row.report.template_store.is_empty()
+                        || row
+                            .report
+                            .templates
+                            .iter()
+                            .any(|t| t.template_id == build.host_template_id)
                 })
                 .collect();
             holders.extend(builder);

@@ -153,7 +153,8 @@ BENCH="$(pwd)/target/debug/wrenn-bench"
 "$BENCH" boot --runs 1 --accel tcg
 "$BENCH" sandbox --sequential 2 --concurrent 2 --idle 2 --pauses 1 --accel tcg
 "$BENCH" api --creates 2 --rows 200 --accel tcg
-"$BENCH" build --runs 1 --accel tcg --image "$WRENN_TEST_REGISTRY/wrenn-test/busybox:v1"
+"$BENCH" build --runs 1 --accel tcg --image "$WRENN_TEST_REGISTRY/wrenn-test/busybox:v1" \
+  --store "s3://$WRENN_TEST_S3_BUCKET/bench-$$"
 
 step "no generated changes left behind"
 if [ -n "$(git status --porcelain)" ]; then

@@ -126,9 +126,15 @@ def test_the_cli_builds_a_dockerfile_lists_tags_and_deletes_it(wrenn, tmp_path):
         "    && echo step-output\n"
         'CMD ["python3", "-m", "http.server", "8000"]\n'
     )
+    # wrenn up keeps its template store in its data directory: the build is put there.
+    import glob
+    stored = lambda: set(glob.glob(os.path.join(wrenn.data, "template-store", "templates", "*.json")))
+    before = stored()
     built = cli("build", "-f", str(dockerfile), "--name", "cli-app:v2", "--ready-cmd",
                 "[ -n \"$(ss -Htln sport = :8000)\" ]")
     assert "step-output" in built.stdout, built.stdout
+    put = stored() - before
+    assert len(put) == 1, (before, stored())
     assert "built cli-app:v2" in built.stdout, built.stdout
     listed = json.loads(cli("list", "--json").stdout)
     mine = [t for t in listed if t["aliases"] == ["cli-app"]]
@@ -150,6 +156,7 @@ def test_the_cli_builds_a_dockerfile_lists_tags_and_deletes_it(wrenn, tmp_path):
         sandbox.kill()
     cli("delete", "cli-app")
     assert not Template.exists("cli-app")
+    assert not (put & stored()), "the delete takes it from the store"
 
     globbing = tmp_path / "Glob.Dockerfile"
     globbing.write_text("FROM base\nCOPY *.sh /app/\n")

@@ -4,7 +4,8 @@
 //! a create from its parent, and the same build again, which takes the first one's files. With
 //! `--image`, also builds from a registry's image: once with its
 //! layers pulled (the pull's rate from the agent's log) and once with them in the host's blob
-//! cache.
+//! cache. With `--store`, the builds are put in a template store, and a second agent with no
+//! template pulls each for its first create (the pull's time and rate), then creates again.
 
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,11 @@ pub struct BuildBenchArgs {
     /// or `WRENN_INSECURE_REGISTRIES` allows).
     #[arg(long)]
     image: Option<String>,
+    /// A template store (a directory, or s3://BUCKET/PREFIX with the AWS_* environment): the
+    /// builds are put there, and a second agent with no template at all pulls the first and
+    /// creates from it.
+    #[arg(long)]
+    store: Option<String>,
     #[command(flatten)]
     guest: GuestArgs,
 }
@@ -102,7 +108,11 @@ fn pull_rates(log: &[String]) -> Vec<(f64, f64)> {
 }
 
 pub async fn run(args: BuildBenchArgs) -> anyhow::Result<()> {
-    let agent = BenchAgent::start(&args.guest)?;
+    let store_args: Vec<String> = match &args.store {
+        Some(location) => vec!["--template-store".into(), location.clone()],
+        None => Vec::new(),
+    };
+    let agent = BenchAgent::start_with(&args.guest, "wbs", 1000, &store_args)?;
     eprintln!("building the parent template (one cold boot) ...");
     let _: pb::BuildTemplateResponse = agent
         .call::<host_agent::BuildTemplate>(&pb::BuildTemplateRequest {
@@ -158,6 +168,36 @@ pub async fn run(args: BuildBenchArgs) -> anyhow::Result<()> {
             agent.destroy(id).await?;
         }
     }
+    // Through the store: a second host with no template pulls each built one for its first
+    // create, then creates from it again.
+    let (mut pulls, mut pulled_creates, mut local_creates, mut template_mib) =
+        (Vec::new(), Vec::new(), Vec::new(), 0.0);
+    if let Some(location) = &args.store {
+        let puller = BenchAgent::start_with(&args.guest, "wbp", 1100, &store_args)?;
+        let store = wrenn_agent::template_store::TemplateStore::open(location)?;
+        for run in 0..args.runs {
+            let template = format!("three-{run}");
+            let artifact = store
+                .artifact(&template)
+                .await?
+                .context("the build is not in the store")?;
+            template_mib = artifact.size() as f64 / f64::from(1 << 20);
+            let started = Instant::now();
+            let created: pb::CreateSandboxResponse = puller
+                .call::<host_agent::CreateSandbox>(&pb::CreateSandboxRequest {
+                    template_id: template.clone(),
+                    sandbox_id: format!("pulled-{run}"),
+                    ..Default::default()
+                })
+                .await?;
+            pulled_creates.push(started.elapsed());
+            pulls.push(Duration::from_millis(created.pull_ms));
+            puller.destroy(format!("pulled-{run}")).await?;
+            let id = format!("pulled-again-{run}");
+            local_creates.push(puller.create_from(&template, id.clone()).await?);
+            puller.destroy(id).await?;
+        }
+    }
     let builds = latency(&builds);
     let first_creates = latency(&first_creates);
     let parent_creates = latency(&parent_creates);
@@ -179,6 +219,18 @@ pub async fn run(args: BuildBenchArgs) -> anyhow::Result<()> {
             latency(&image_creates),
         ));
     }
+    if args.store.is_some() {
+        rows.push(("second host: pull of the template", latency(&pulls)));
+        rows.push((
+            "second host: first create (pull included)",
+            latency(&pulled_creates),
+        ));
+        rows.push(("second host: create once pulled", latency(&local_creates)));
+    }
+    let pull_rate = |pull: &Duration| template_mib / pull.as_secs_f64().max(0.001);
+    let mut pull_rates: Vec<f64> = pulls.iter().map(pull_rate).collect();
+    pull_rates.sort_by(f64::total_cmp);
+    let pull_mib_per_s = pull_rates.get(pull_rates.len() / 2).copied();
     let pulled_mib: f64 = rates.iter().map(|(mib, _)| mib).sum();
     if args.guest.json {
         println!(
@@ -187,6 +239,12 @@ pub async fn run(args: BuildBenchArgs) -> anyhow::Result<()> {
                 "three_step_build": builds, "three_step_build_cached": cached_builds,
                 "first_create_from_built": first_creates,
                 "create_from_parent": parent_creates,
+                "store": args.store.as_ref().map(|_| serde_json::json!({
+                    "template_mib": template_mib,
+                    "pull": latency(&pulls), "pull_mib_per_s": pull_mib_per_s,
+                    "first_create_pulled": latency(&pulled_creates),
+                    "create_once_pulled": latency(&local_creates),
+                })),
                 "image": args.image.as_ref().map(|_| serde_json::json!({
                     "build_pulled": latency(&pulled), "build_cached": latency(&cached),
                     "first_create": latency(&image_creates),
@@ -197,6 +255,12 @@ pub async fn run(args: BuildBenchArgs) -> anyhow::Result<()> {
     } else {
         let rows: Vec<_> = rows.iter().map(|(name, stats)| (*name, stats)).collect();
         println!("{}", latency_table(&rows));
+        if let Some(rate) = pull_mib_per_s {
+            println!(
+                "template pulled by the second host: {template_mib:.0} MiB at {rate:.1} MiB/s \
+                 (median)"
+            );
+        }
         if !rates.is_empty() {
             let rates: Vec<String> = rates
                 .iter()

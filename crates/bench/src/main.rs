@@ -24,7 +24,8 @@ enum BenchCommand {
     Sandbox(sandbox::SandboxBenchArgs),
     /// Network slots: making one and opening its egress, with the firewall before and after #11.
     Slots(slots::SlotsBenchArgs),
-    /// Template builds: three steps from a template, and the first create from the result.
+    /// Template builds: three steps from a template, the first create from the result, and
+    /// (with --store) its pull by a second host.
     Build(build::BuildBenchArgs),
 }
 

@@ -199,6 +199,20 @@ pub(super) struct BenchAgent {
 
 impl BenchAgent {
     pub(super) fn start(guest: &GuestArgs) -> anyhow::Result<BenchAgent> {
+        Self::start_with(guest, "wbs", 1000, &[])
+    }
+
+    /// An agent on its own slots (`slot_prefix`, from `first_slot`), its sandbox proxy on a
+    /// port of its own, with `extra` arguments.
+    pub(super) fn start_with(
+        guest: &GuestArgs,
+        slot_prefix: &str,
+        first_slot: u32,
+        extra: &[String],
+    ) -> anyhow::Result<BenchAgent> {
+        let proxy_port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -215,16 +229,19 @@ impl BenchAgent {
                 "--no-internet",
                 "--cleanup-on-exit",
                 "--slot-prefix",
-                "wbs",
+                slot_prefix,
             ])
             .args([
                 "--first-slot",
-                "1000",
+                &first_slot.to_string(),
                 "--slots",
                 "64",
                 "--slots-ahead",
                 "12",
+                "--proxy-listen",
+                &format!("127.0.0.1:{proxy_port}"),
             ])
+            .args(extra)
             .arg("--accel")
             .arg(match guest.accel {
                 AccelSetting::Auto => "auto",

@@ -273,3 +273,33 @@ def test_the_cli_builds_a_dockerfile_from_an_image(wrenn, tmp_path):
     for line in [f"pulling {open_registry}/wrenn-test/busybox:v1", "[1/5] USER root", "[2/5] WORKDIR /",
                  "[4/5] USER user", "[5/5] WORKDIR /home/user", "built cli-image"]:
         assert line in built.stdout, built.stdout
+
+
+def test_deleting_a_template_while_it_builds_cancels_the_build(wrenn):
+    import os
+    import subprocess
+    import time
+
+    template = Template().from_template("base").run_cmd("echo the-long-step-began; sleep 600")
+    info = Template.build_in_background(template, "sdk-cancelled")
+    deadline = time.time() + 300
+    seen = []
+    while not any("the-long-step-began" in entry.message for entry in seen):
+        status = Template.get_build_status(info, logs_offset=len(seen))
+        seen.extend(status.log_entries)
+        assert status.status.value == "building", (status, seen)
+        assert time.time() < deadline, seen
+        time.sleep(0.5)
+
+    env = dict(os.environ, WRENN_API_URL=wrenn.api_url, WRENN_API_KEY=wrenn.key)
+    subprocess.run([wrenn.binary, "template", "delete", "sdk-cancelled"], capture_output=True,
+                   text=True, timeout=120, env=env, check=True)
+    assert not Template.exists("sdk-cancelled")
+    # The host stopped the build: its VM and its template's directory go.
+    build_dir = os.path.join(wrenn.data, "agent", "templates", "b" + info.build_id.replace("-", ""))
+    deadline = time.time() + 60
+    while os.path.exists(build_dir):
+        assert time.time() < deadline, f"{build_dir} is still there"
+        time.sleep(0.5)
+    running = subprocess.run(["pgrep", "-f", build_dir], capture_output=True, text=True)
+    assert running.stdout == "", running.stdout

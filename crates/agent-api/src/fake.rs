@@ -176,6 +176,11 @@ impl FakeAgent {
     }
 
     /// A running sandbox the control plane never asked for, created `age` ago.
+    /// The host has `template` too (as if it had built or pulled it).
+    pub fn add_template(&self, template: TemplateReport) {
+        self.lock().templates.push(template);
+    }
+
     pub fn add_orphan(&self, sandbox_id: &str, template_id: &str, age: Duration) {
         let created_at_ms = now_ms() - age.as_millis() as i64;
         self.lock().sandboxes.insert(

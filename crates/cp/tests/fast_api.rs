@@ -10,6 +10,7 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 use wrenn_agent_api::fake::{FakeAgent, Operation, template};
+use wrenn_agent_api::join::TemplateReport;
 use wrenn_agent_api::{HostAgentError, SandboxState};
 use wrenn_cp::ControlPlane;
 use wrenn_cp::fleet::{EMBEDDED_HOST_ID, Fleet, FleetConfig, LeastLoaded};
@@ -1757,4 +1758,95 @@ async fn a_stored_template_runs_on_a_host_that_pulls_it_and_a_delete_takes_it_ev
             host.calls()
         );
     }
+}
+
+/// Deleting a template while it builds cancels the build (its call to the host is dropped,
+/// which stops it there) instead of waiting for it.
+#[tokio::test]
+async fn deleting_a_template_cancels_its_running_build() {
+    let kit = Kit::new(8, Quotas::default()).await;
+    // Without a cancel, this build would run for ten minutes.
+    kit.agent.delay(Operation::Build, Duration::from_secs(600));
+    let (template_id, build_id) = kit.request_build("slow").await;
+    let path = format!("/v2/templates/{template_id}/builds/{build_id}");
+    let (status, answer) = kit
+        .call(
+            "POST",
+            &path,
+            Some(&kit.key_a),
+            json!({"fromTemplate": "base", "steps": [{"type": "RUN", "args": ["sleep 600"]}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let status_path = format!("/templates/{template_id}/builds/{build_id}/status");
+    let (_, info) = kit.call_a("GET", &status_path).await;
+    assert_eq!(info["status"], "building", "{info}");
+
+    let (status, answer) = kit
+        .call_a("DELETE", &format!("/templates/{template_id}"))
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{answer}");
+    let (status, _) = kit.call_a("GET", &status_path).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // The job ends with its build (it stored the build's end before the delete went on).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !kit.plane.build_jobs_running().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the build's job did not end"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A build's template on a host whose build the store does not keep (its template deleted, or
+/// the build failed while the host finished it) is deleted by the reconcile pass; a ready
+/// build's, a young one and the hosts' own templates stay.
+#[tokio::test]
+async fn reconcile_deletes_build_templates_no_build_keeps() {
+    let kit = Kit::new(8, Quotas::default()).await;
+    let (template_id, build_id) = kit.request_build("kept").await;
+    let path = format!("/v2/templates/{template_id}/builds/{build_id}");
+    let (status, answer) = kit
+        .call(
+            "POST",
+            &path,
+            Some(&kit.key_a),
+            json!({"fromTemplate": "base"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let (info, _) = kit.wait_for_build(&template_id, &build_id).await;
+    assert_eq!(info["status"], "ready", "{info}");
+    let kept = format!("b{}", build_id.replace('-', ""));
+    let old = |id: &str| TemplateReport {
+        created_at_ms: 0,
+        ..template(id, 512)
+    };
+    let orphan = "b0123456789abcdef0123456789abcdef";
+    kit.agent.add_template(old(orphan));
+    let young = TemplateReport {
+        created_at_ms: wrenn_core::now_ms(),
+        ..template("bfedcba9876543210fedcba9876543210", 512)
+    };
+    kit.agent.add_template(young.clone());
+
+    let host = kit.plane.fleet.hosts().pop().unwrap();
+    let done = wrenn_cp::fleet::reconcile_host(&kit.plane.store, &kit.plane.fleet, &host)
+        .await
+        .unwrap();
+    assert_eq!(done.orphan_templates, [orphan]);
+    use wrenn_agent_api::HostAgent;
+    let mut left: Vec<String> = kit
+        .agent
+        .report_in_process()
+        .unwrap()
+        .templates
+        .into_iter()
+        .map(|t| t.template_id)
+        .collect();
+    left.sort();
+    let mut expected = vec!["base".to_string(), young.template_id, kept];
+    expected.sort();
+    assert_eq!(left, expected);
 }

@@ -1,6 +1,7 @@
 //! The reconcile pass: the store made to agree with what a host's agent really runs.
 
 use super::*;
+use crate::store::BuildStatus;
 
 /// What one reconcile pass of a host did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -11,6 +12,9 @@ pub struct Reconciled {
     pub corrected: Vec<String>,
     /// Sandboxes the agent ran that the store did not know, destroyed.
     pub orphans: Vec<String>,
+    /// Build templates the host had whose build the store no longer keeps (deleted, or ended
+    /// in error while the host finished it), deleted from the host (and its template store).
+    pub orphan_templates: Vec<String>,
 }
 
 /// Makes the store agree with what `host`'s agent runs. The store is read first and states are
@@ -80,5 +84,51 @@ pub async fn reconcile_host(
         host.destroy(&sandbox.sandbox_id).await?;
         done.orphans.push(sandbox.sandbox_id.clone());
     }
+    // This process's own agent: its templates are read now, not at the last tick.
+    let templates = match host.agent.report_in_process() {
+        Some(report) => report.templates,
+        None => host.row().report.templates,
+    };
+    for template in templates {
+        let Some(build_id) = build_of_host_template(&template.template_id) else {
+            continue;
+        };
+        if now_ms() - template.created_at_ms < grace {
+            continue;
+        }
+        let kept = store.build(&build_id).await?.is_some_and(|build| {
+            matches!(
+                build.status,
+                BuildStatus::Ready | BuildStatus::Building | BuildStatus::Waiting
+            )
+        });
+        if kept {
+            continue;
+        }
+        tracing::warn!(template = %template.template_id, host = %name, "drift: no build keeps this template: deleting it");
+        // One a sandbox still stands on stays until a later pass.
+        match host.delete_template(&template.template_id).await {
+            Ok(()) => done.orphan_templates.push(template.template_id.clone()),
+            Err(error) => {
+                tracing::warn!(template = %template.template_id, host = %name, %error, "the orphan template stays for now")
+            }
+        }
+    }
     Ok(done)
+}
+
+/// The build (its UUID) a host template is made by: `b` and the UUID's 32 hex digits.
+fn build_of_host_template(host_template: &str) -> Option<String> {
+    if !crate::service::templates::is_build_template(host_template) {
+        return None;
+    }
+    let hex = &host_template[1..];
+    Some(format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    ))
 }

@@ -43,9 +43,19 @@ pub struct ControlPlane {
     pub changes: Serial,
     /// Where the files template builds copy are kept (see [`templates::TemplateFiles`]).
     pub template_files: Option<templates::TemplateFiles>,
+    /// The build jobs running in this process, by build id: cancelling one stops its build
+    /// on the host (a template's delete does).
+    pub(crate) build_jobs:
+        std::sync::Mutex<std::collections::HashMap<String, tokio_util::sync::CancellationToken>>,
 }
 
 impl ControlPlane {
+    /// The ids of the builds whose jobs run in this process.
+    pub fn build_jobs_running(&self) -> Vec<String> {
+        let jobs = self.build_jobs.lock().expect("build jobs lock");
+        jobs.keys().cloned().collect()
+    }
+
     /// A control plane over `store` and `fleet`; the receiver goes to [`Self::run_fleet`].
     pub fn new(
         store: Store,
@@ -64,6 +74,7 @@ impl ControlPlane {
             quotas: Quotas::default(),
             admission: Admission::default(),
             changes: Serial::default(),
+            build_jobs: Default::default(),
             template_files: None,
         };
         (plane, wake)

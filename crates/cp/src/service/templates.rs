@@ -145,6 +145,9 @@ impl TemplateFiles {
     }
 }
 
+/// How long a template's delete waits for the builds it cancels to end.
+const BUILD_CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A template as the API names it, and as the hosts do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResolvedTemplate {
@@ -603,10 +606,21 @@ impl ControlPlane {
             ..build
         };
         self.store.put_build(build.clone()).await?;
+        let cancel = tokio_util::sync::CancellationToken::new();
+        self.build_jobs
+            .lock()
+            .expect("build jobs lock")
+            .insert(build.id.clone(), cancel.clone());
         let plane = self.clone();
         tokio::spawn(async move {
             let host = placed.host.clone();
-            plane.run_build_job(&host, build, job).await;
+            let build_id = build.id.clone();
+            plane.run_build_job(&host, build, job, cancel).await;
+            plane
+                .build_jobs
+                .lock()
+                .expect("build jobs lock")
+                .remove(&build_id);
             drop(placed);
         });
         Ok(())
@@ -693,7 +707,13 @@ impl ControlPlane {
 
     /// Runs a started build on `host` to its end: its log into the store as it comes, then its
     /// outcome (a ready build becomes its template's).
-    async fn run_build_job(&self, host: &crate::fleet::Host, build: BuildRow, job: TemplateBuild) {
+    async fn run_build_job(
+        &self,
+        host: &crate::fleet::Host,
+        build: BuildRow,
+        job: TemplateBuild,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
         let (logs, mut lines) = tokio::sync::mpsc::unbounded_channel::<BuildLog>();
         let store = self.store.clone();
         let build_id = build.id.clone();
@@ -710,13 +730,24 @@ impl ControlPlane {
                 }
             }
         });
-        let outcome = host.build_template(job, logs).await;
+        // Cancelled, the build's call is dropped: the host stops the build and cleans up.
+        let outcome = tokio::select! {
+            outcome = host.build_template(job, logs) => outcome,
+            () = cancel.cancelled() => Err(Error::Conflict(
+                "the build was cancelled: its template is being deleted".into(),
+            )),
+        };
         if let Ok(report) = &outcome {
             host.learned_template(report.clone());
         }
-        // Every line is stored before the build's end is: a reader that sees the end has
-        // seen the whole log.
-        let _ = writer.await;
+        if cancel.is_cancelled() {
+            // The host may log a while longer as it stops; its template is going anyway.
+            writer.abort();
+        } else {
+            // Every line is stored before the build's end is: a reader that sees the end has
+            // seen the whole log.
+            let _ = writer.await;
+        }
         let now = now_ms();
         let ended = match outcome {
             Ok(report) => BuildRow {
@@ -812,14 +843,49 @@ impl ControlPlane {
             .changes
             .turn(&format!("template:{}", template.id))
             .await;
-        let builds = self.store.builds_of(&template.id).await?;
-        if builds
+        let mut builds = self.store.builds_of(&template.id).await?;
+        // Its running builds are cancelled, and waited for (their end is stored first).
+        let running: Vec<String> = builds
             .iter()
-            .any(|build| build.status == BuildStatus::Building)
-        {
-            return Err(Error::Conflict(format!(
-                "template {named:?} has a build running: wait for it to end"
-            )));
+            .filter(|build| build.status == BuildStatus::Building)
+            .map(|build| build.id.clone())
+            .collect();
+        if !running.is_empty() {
+            let deadline = tokio::time::Instant::now() + BUILD_CANCEL_WAIT;
+            for id in &running {
+                let job = self
+                    .build_jobs
+                    .lock()
+                    .expect("build jobs lock")
+                    .get(id)
+                    .cloned();
+                match job {
+                    Some(cancel) => cancel.cancel(),
+                    // Another control plane runs it (or ran it and went): not ours to stop.
+                    None => {
+                        return Err(Error::Conflict(format!(
+                            "template {named:?} has a build running elsewhere: wait for it to end"
+                        )));
+                    }
+                }
+            }
+            loop {
+                builds = self.store.builds_of(&template.id).await?;
+                if !builds
+                    .iter()
+                    .any(|build| build.status == BuildStatus::Building)
+                {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(Error::Conflict(format!(
+                        "template {named:?}: its build did not stop within {} s; try again",
+                        BUILD_CANCEL_WAIT.as_secs()
+                    )));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            tracing::info!(template = %template.id, builds = ?running, "builds cancelled by the template's delete");
         }
         // Newest first: a build made from an older one of the same template stands on it.
         for build in builds

@@ -12,6 +12,11 @@ use super::templates::TemplateSource;
 use super::*;
 use crate::oci::{Credentials, ImageReference, OciError, PulledImage, layers, rootfs};
 
+/// The most an image's files may weigh unpacked.
+const MAX_UNPACKED_BYTES: u64 = 64 << 30;
+/// Disk left free for everything else when an image is unpacked.
+const UNPACK_RESERVE_BYTES: u64 = 1 << 30;
+
 /// A root filesystem made from an image, and what the image's config sets.
 pub(super) struct ImageRootfs {
     pub source: TemplateSource,
@@ -104,12 +109,18 @@ impl Manager {
             .map_err(|error| AgentError::internal("making the image's tree", error))?;
         let started = Instant::now();
         let stopped = Arc::new(AtomicBool::new(false));
+        // The tree and the filesystem made of it take about as much again: half the free disk
+        // (less a reserve), and never past the largest image pulled.
+        let free = nix::sys::statvfs::statvfs(&staging.0)
+            .map(|stats| stats.blocks_available() * stats.fragment_size())
+            .map_err(|error| AgentError::internal("reading the free disk", error))?;
+        let max_bytes = (free.saturating_sub(UNPACK_RESERVE_BYTES) / 2).min(MAX_UNPACKED_BYTES);
         let unpacked = {
             let layers = pulled.layers.clone();
             let tree = tree.clone();
             let stopped_flag = stopped.clone();
             let work = tokio::task::spawn_blocking(move || {
-                layers::unpack_layers(&layers, &tree, &stopped_flag)
+                layers::unpack_layers(&layers, &tree, &stopped_flag, max_bytes)
             });
             let stop_watch = {
                 let stop = stop.clone();

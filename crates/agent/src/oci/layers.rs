@@ -31,11 +31,13 @@ pub struct UnpackStats {
 }
 
 /// Unpacks `layers` into `root` (an existing, empty directory) in order. `stop` set makes it
-/// return [`OciError::Cancelled`] at the next entry.
+/// return [`OciError::Cancelled`] at the next entry; files' bytes past `max_bytes` in all (a
+/// layer that decompresses to more than the disk holds) are [`OciError::TooLarge`].
 pub fn unpack_layers(
     layers: &[PulledLayer],
     root: &Path,
     stop: &AtomicBool,
+    max_bytes: u64,
 ) -> Result<UnpackStats, OciError> {
     let mut stats = UnpackStats::default();
     for (index, layer) in layers.iter().enumerate() {
@@ -55,20 +57,22 @@ pub fn unpack_layers(
         } else {
             Box::new(reader)
         };
-        unpack_layer(stream, root, stop, &mut stats).map_err(|error| match error {
-            OciError::Cancelled(_) => error,
+        unpack_layer(stream, root, stop, &mut stats, max_bytes).map_err(|error| match error {
+            OciError::Cancelled(_) | OciError::TooLarge(_) => error,
             error => OciError::Layer(format!("layer {} ({}): {error}", index + 1, layer.digest)),
         })?;
     }
     Ok(stats)
 }
 
-/// Unpacks one layer's tar stream over `root`.
+/// Unpacks one layer's tar stream over `root`, its files' bytes counted in `stats` up to
+/// `max_bytes`.
 pub fn unpack_layer(
     stream: impl Read,
     root: &Path,
     stop: &AtomicBool,
     stats: &mut UnpackStats,
+    max_bytes: u64,
 ) -> Result<(), OciError> {
     let mut archive = tar::Archive::new(stream);
     // Paths written by this layer: an opaque directory keeps them.
@@ -152,9 +156,21 @@ pub fn unpack_layer(
                     .map_err(|error| {
                         OciError::io(format!("writing {}", relative.display()), error)
                     })?;
-                stats.bytes += std::io::copy(&mut entry, &mut file).map_err(|error| {
-                    OciError::io(format!("writing {}", relative.display()), error)
-                })?;
+                let room = max_bytes.saturating_sub(stats.bytes);
+                let copied =
+                    std::io::copy(&mut (&mut entry).take(room.saturating_add(1)), &mut file)
+                        .map_err(|error| {
+                            OciError::io(format!("writing {}", relative.display()), error)
+                        })?;
+                if copied > room {
+                    return Err(OciError::TooLarge(format!(
+                        "the image unpacks to more than {} MiB, what this host may give it \
+                         ({} is where it went over)",
+                        max_bytes >> 20,
+                        relative.display()
+                    )));
+                }
+                stats.bytes += copied;
                 drop(file);
                 own_and_mode(&target, uid, gid, Some(mode))?;
             } else if kind.is_symlink() {
@@ -488,6 +504,7 @@ mod tests {
             root,
             &AtomicBool::new(false),
             &mut stats,
+            u64::MAX,
         )?;
         Ok(stats)
     }
@@ -633,9 +650,45 @@ mod tests {
             root,
             &AtomicBool::new(true),
             &mut stats,
+            u64::MAX,
         )
         .unwrap_err();
         assert!(matches!(error, OciError::Cancelled(_)), "{error}");
         assert!(!root.join("late").exists());
+    }
+
+    #[test]
+    fn an_image_that_unpacks_past_its_limit_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = Layer::new()
+            .file("small", "12345", 0o644, 0)
+            .file("big", &"x".repeat(100), 0o644, 0)
+            .bytes();
+        let mut stats = UnpackStats::default();
+        let error = unpack_layer(
+            &layer[..],
+            dir.path(),
+            &AtomicBool::new(false),
+            &mut stats,
+            50,
+        )
+        .unwrap_err();
+        assert!(matches!(error, OciError::TooLarge(_)), "{error}");
+        assert!(
+            error.to_string().contains("big is where it went over"),
+            "{error}"
+        );
+        // Right at the limit is fine.
+        let dir = tempfile::tempdir().unwrap();
+        let mut stats = UnpackStats::default();
+        unpack_layer(
+            &layer[..],
+            dir.path(),
+            &AtomicBool::new(false),
+            &mut stats,
+            105,
+        )
+        .unwrap();
+        assert_eq!(stats.bytes, 105);
     }
 }

@@ -232,7 +232,13 @@ async fn an_index_is_narrowed_to_amd64_with_a_bearer_login_and_layers_are_cached
     assert_eq!(image.config.working_dir.as_deref(), Some("/srv"));
     assert_eq!(image.config.env, vec!["PATH=/bin", "FROM_IMAGE=yes"]);
     let tree = tempfile::tempdir().unwrap();
-    layers::unpack_layers(&image.layers, tree.path(), &AtomicBool::new(false)).unwrap();
+    layers::unpack_layers(
+        &image.layers,
+        tree.path(),
+        &AtomicBool::new(false),
+        u64::MAX,
+    )
+    .unwrap();
     assert_eq!(
         std::fs::read_to_string(tree.path().join("srv/which")).unwrap(),
         "amd64\n"

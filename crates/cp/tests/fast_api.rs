@@ -1850,3 +1850,47 @@ async fn reconcile_deletes_build_templates_no_build_keeps() {
     expected.sort();
     assert_eq!(left, expected);
 }
+
+/// A build runs a VM as a sandbox does: it is admitted against the team's running limit, and
+/// holds its place until it ends.
+#[tokio::test]
+async fn a_build_counts_as_a_running_sandbox_against_the_teams_quota() {
+    let kit = Kit::with_running_limit(8, 1).await;
+    let sandbox = kit.create(&kit.key_a, json!({"templateID": "base"})).await;
+    let (template_id, build_id) = kit.request_build("quota").await;
+    let path = format!("/v2/templates/{template_id}/builds/{build_id}");
+    let start = json!({"fromTemplate": "base", "steps": [{"type": "RUN", "args": ["make"]}]});
+    let (status, answer) = kit
+        .call("POST", &path, Some(&kit.key_a), start.clone())
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{answer}");
+    assert!(
+        kit.agent.builds().is_empty(),
+        "the refused build reached no host"
+    );
+
+    let (status, _) = kit.call_a("DELETE", &format!("/sandboxes/{sandbox}")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    kit.agent.delay(Operation::Build, Duration::from_secs(600));
+    let (status, answer) = kit.call("POST", &path, Some(&kit.key_a), start).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    // While it builds, the team's one place is taken.
+    kit.create_refused(json!({"templateID": "base"}), StatusCode::TOO_MANY_REQUESTS)
+        .await;
+    // Its end (here: its template's delete cancels it) gives the place back.
+    let (status, answer) = kit
+        .call_a("DELETE", &format!("/templates/{template_id}"))
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{answer}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _) = kit
+            .try_create(&kit.key_a, json!({"templateID": "base"}))
+            .await;
+        if status == StatusCode::CREATED {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -579,6 +579,15 @@ impl ControlPlane {
         let files = self.files_of(team_id, &steps).await?;
         let from = self.resolve_template(team_id, &from).await?;
         let from_host_template = from.on_hosts.clone();
+        // A build runs a VM as a sandbox does: it counts as one of the team's running
+        // sandboxes, with its parent's disk, until it ends.
+        let disk_mib = match self.fleet.template_disk_mib(&from_host_template) {
+            0 => from.stored.as_ref().map_or(0, |t| t.disk_size_mb),
+            known => known,
+        };
+        let admitted = self
+            .admit(team_id, crate::quota::Change::Create { disk_mib })
+            .await?;
         let placed = self
             .fleet
             .place(&from_host_template, from.stored.as_ref(), &[])?;
@@ -621,7 +630,7 @@ impl ControlPlane {
                 .lock()
                 .expect("build jobs lock")
                 .remove(&build_id);
-            drop(placed);
+            drop((placed, admitted));
         });
         Ok(())
     }

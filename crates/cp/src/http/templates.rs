@@ -115,6 +115,7 @@ pub(super) async fn request_build(
         (status = 400, description = "A bad step, an unknown build, or a source wrenn does not build from", body = wrenn_api::Error),
         (status = 404, description = "No such template", body = wrenn_api::Error),
         (status = 409, description = "The build was started already", body = wrenn_api::Error),
+        (status = 429, description = "A team quota is reached (a build counts as a running sandbox)", body = wrenn_api::Error),
         (status = 503, description = "No host has the template it starts from, or room", body = wrenn_api::Error),
     ))]
 pub(super) async fn start_build(
@@ -297,7 +298,7 @@ pub(super) async fn template_alias(
     responses(
         (status = 204, description = "Deleted, with its builds on their hosts"),
         (status = 403, description = "Another team's public template", body = wrenn_api::Error),
-        (status = 409, description = "A sandbox of it runs or is paused, or a build of it runs", body = wrenn_api::Error),
+        (status = 409, description = "A sandbox of it runs or is paused, or a build of it runs elsewhere or did not stop (a build this control plane runs is cancelled)", body = wrenn_api::Error),
     ))]
 pub(super) async fn delete_template(
     KeyedCall {

@@ -89,6 +89,14 @@ pub enum QuotaExceeded {
         needed_mib: u64,
         limit_mib: u64,
     },
+    #[error(
+        "team {team}'s uploaded template files hold {used_mib} MiB, the limit: files no build used for {unused_days} days go"
+    )]
+    TemplateFiles {
+        team: String,
+        used_mib: u64,
+        unused_days: u64,
+    },
 }
 
 impl Quotas {

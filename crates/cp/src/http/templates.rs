@@ -380,6 +380,7 @@ pub(super) async fn template_tags(
         (status = 201, description = "Whether the files are there, else a link to PUT them to", body = wrenn_api::TemplateFilesUpload),
         (status = 400, description = "Not a SHA-256", body = wrenn_api::Error),
         (status = 403, description = "Another team's public template", body = wrenn_api::Error),
+        (status = 429, description = "The team's uploaded files hold their limit", body = wrenn_api::Error),
     ))]
 pub(super) async fn template_files(
     KeyedCall {

@@ -249,8 +249,19 @@ impl ControlPlane {
     pub async fn run_lifecycle(self: Arc<Self>) {
         let busy = Busy::default();
         let mut per_host: HashMap<String, Arc<tokio::sync::Semaphore>> = HashMap::new();
+        let mut files_checked: Option<std::time::Instant> = None;
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
+            // Template files no build used for a week: at the start, then hourly.
+            if files_checked.is_none_or(|at| at.elapsed() > Duration::from_secs(3600)) {
+                files_checked = Some(std::time::Instant::now());
+                if let Some(files) = &self.template_files {
+                    let removed = files.remove_unused(templates::UNUSED_FILES_LIFE);
+                    if removed > 0 {
+                        tracing::info!(removed, "template files no build used for a week removed");
+                    }
+                }
+            }
             let now = chrono::Utc::now().timestamp_millis();
             let expired = match self.store.expired(now).await {
                 Ok(expired) => expired,

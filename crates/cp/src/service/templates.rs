@@ -59,7 +59,14 @@ pub struct BuildSpec {
 pub struct TemplateFiles {
     dir: std::path::PathBuf,
     uploads: std::sync::Mutex<std::collections::HashMap<String, PendingUpload>>,
+    /// The most a team's files may hold: past it, no upload link is handed out.
+    team_limit_bytes: u64,
 }
+
+/// The most a team's uploaded files may hold, by default.
+pub const TEAM_FILES_BYTES: u64 = 4 << 30;
+/// Uploaded files that no build used for this long are removed.
+pub const UNUSED_FILES_LIFE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 /// How long an upload link works.
 pub const UPLOAD_TOKEN_LIFE: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -86,7 +93,69 @@ impl TemplateFiles {
         TemplateFiles {
             dir,
             uploads: Default::default(),
+            team_limit_bytes: TEAM_FILES_BYTES,
         }
+    }
+
+    /// The same, with every team's files limited to `bytes`.
+    pub fn with_team_limit(self, bytes: u64) -> TemplateFiles {
+        TemplateFiles {
+            team_limit_bytes: bytes,
+            ..self
+        }
+    }
+
+    /// What team `team_id`'s files hold.
+    pub fn team_bytes(&self, team_id: &str) -> u64 {
+        std::fs::read_dir(self.dir.join(team_id))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|entry| entry.metadata().ok())
+                    .filter(|meta| meta.is_file())
+                    .map(|meta| meta.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Notes that a build used the team's files of `hash` (they are kept
+    /// [`UNUSED_FILES_LIFE`] from now).
+    pub fn used(&self, team_id: &str, hash: &str) {
+        let path = self.path(team_id, hash);
+        let touched = std::fs::File::options()
+            .append(true)
+            .open(&path)
+            .and_then(|file| file.set_modified(std::time::SystemTime::now()));
+        if let Err(error) = touched {
+            tracing::warn!(path = %path.display(), %error, "could not mark template files used");
+        }
+    }
+
+    /// Removes the files (and broken-off uploads) not written or used for `life`: how many.
+    pub fn remove_unused(&self, life: std::time::Duration) -> u64 {
+        let Some(oldest) = std::time::SystemTime::now().checked_sub(life) else {
+            return 0;
+        };
+        let mut removed = 0;
+        let Ok(teams) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        for team in teams.flatten() {
+            let Ok(files) = std::fs::read_dir(team.path()) else {
+                continue;
+            };
+            for file in files.flatten() {
+                let old = file
+                    .metadata()
+                    .and_then(|meta| meta.modified())
+                    .is_ok_and(|modified| modified < oldest);
+                if old && std::fs::remove_file(file.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
     }
 
     /// Where team `team_id`'s files of `hash` are kept (`hash` must be a SHA-256 in hex:
@@ -106,6 +175,15 @@ impl TemplateFiles {
 
     /// A token authorising one upload of `hash` for the team.
     pub fn upload_token(&self, team_id: &str, hash: &str) -> Result<String, Error> {
+        let used = self.team_bytes(team_id);
+        if used >= self.team_limit_bytes {
+            return Err(crate::quota::QuotaExceeded::TemplateFiles {
+                team: team_id.to_string(),
+                used_mib: used >> 20,
+                unused_days: UNUSED_FILES_LIFE.as_secs() / 86400,
+            }
+            .into());
+        }
         let token = wrenn_core::random::hex_token(24)?;
         let mut uploads = self.uploads.lock().expect("uploads lock");
         let now = std::time::Instant::now();
@@ -679,6 +757,7 @@ impl ControlPlane {
                     )));
                 }
             };
+            store.used(team_id, hash);
             total += bytes.len() as u64;
             if total > MAX_UPLOAD_BYTES {
                 return Err(Error::InvalidRequest(format!(
@@ -1005,6 +1084,39 @@ fn log_row(line: BuildLog) -> BuildLogRow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uploaded_files_have_a_team_limit_and_go_when_no_build_used_them_for_a_week() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = TemplateFiles::new(dir.path().to_path_buf()).with_team_limit(10);
+        let (a, b, c) = ("ab".repeat(32), "cd".repeat(32), "ef".repeat(32));
+        files.upload_token("team", &a).unwrap();
+        std::fs::create_dir_all(dir.path().join("team")).unwrap();
+        std::fs::write(files.path("team", &a), b"12345678").unwrap();
+        std::fs::write(files.path("team", &b), b"12345678").unwrap();
+        assert_eq!(files.team_bytes("team"), 16);
+        let refused = files.upload_token("team", &c).unwrap_err();
+        assert!(
+            refused.to_string().contains("uploaded template files hold"),
+            "{refused}"
+        );
+        files.upload_token("other-team", &c).unwrap();
+
+        // Both written eight days ago; a build has used b since.
+        let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(8 * 86400);
+        for hash in [&a, &b] {
+            let file = std::fs::File::options()
+                .append(true)
+                .open(files.path("team", hash))
+                .unwrap();
+            file.set_modified(long_ago).unwrap();
+        }
+        files.used("team", &b);
+        assert_eq!(files.remove_unused(UNUSED_FILES_LIFE), 1);
+        assert!(!files.present("team", &a));
+        assert!(files.present("team", &b));
+        files.upload_token("team", &c).unwrap();
+    }
 
     #[test]
     fn names_split_into_alias_and_tag() {

@@ -330,6 +330,23 @@ impl TemplateStore {
         })
     }
 
+    /// What the artifact's blobs take in the store (compressed), each counted once.
+    pub async fn stored_bytes(&self, artifact: &Artifact) -> Result<u64, AgentError> {
+        let mut seen = std::collections::HashSet::new();
+        let mut total = 0;
+        for file in artifact.all_files() {
+            if seen.insert(file.sha256.clone()) {
+                let meta = self
+                    .objects
+                    .head(&Self::blob_path(&file.sha256))
+                    .await
+                    .map_err(|error| store_error("looking at a blob", error))?;
+                total += meta.size;
+            }
+        }
+        Ok(total)
+    }
+
     /// Writes the template's artifact (one put: readers see all of it or none).
     pub async fn put_artifact(&self, artifact: &Artifact) -> Result<(), AgentError> {
         let json = serde_json::to_vec_pretty(artifact)

@@ -961,6 +961,47 @@ fn test_s3_store(prefix: &str) -> Option<String> {
     }
 }
 
+/// Builds `id` from base on `agent` with one RUN step writing `text` to `~/stored.txt`; the
+/// build's log must say it was put in the store.
+async fn build_stored(agent: &Agent, id: &str, text: &str) {
+    let (log, built) = agent
+        .run_build(&pb::RunTemplateBuildRequest {
+            template_id: id.into(),
+            from_template: "base".into(),
+            steps: vec![step("RUN", &[&format!("echo {text} > ~/stored.txt")])],
+            ..Default::default()
+        })
+        .await;
+    built.unwrap_or_else(|error| panic!("{error}; log: {log:?}"));
+    assert!(
+        log.iter()
+            .any(|l| l.step == "finalize" && l.message.starts_with("stored: ")),
+        "{log:?}"
+    );
+}
+
+/// Creates sandbox `id` of `template` on `agent`: the sandbox, and how long the template's
+/// pull took (0: the host had it).
+async fn create_timed(agent: &Agent, template: &str, id: &str) -> (pb::Sandbox, u64) {
+    let created = agent
+        .call_ok::<host_agent::CreateSandbox>(&pb::CreateSandboxRequest {
+            template_id: template.into(),
+            sandbox_id: id.into(),
+            ..Default::default()
+        })
+        .await;
+    (created.sandbox.unwrap(), created.pull_ms)
+}
+
+async fn template_names(agent: &Agent) -> Vec<String> {
+    let report = agent.host_info().await;
+    report
+        .templates
+        .into_iter()
+        .map(|t| t.template_id)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_template_built_on_one_host_runs_on_another_through_the_s3_store() {
     let Some(_image) = prerequisites() else {
@@ -972,53 +1013,25 @@ async fn a_template_built_on_one_host_runs_on_another_through_the_s3_store() {
     let store_args = vec!["--template-store".to_string(), location.clone()];
     let mut builder = Agent::start_with("wts", 560, store_args.clone());
     // The second host has no template at all, not even base: everything comes from the store.
-    let mut puller = Agent::start_with("wtu", 580, store_args);
+    // Its cache holds 1 MiB: a pulled template goes as soon as nothing stands on it and
+    // another is pulled.
+    let cache_args = ["--template-cache-mib", "1"].map(str::to_string);
+    let mut puller = Agent::start_with("wtu", 580, [store_args, cache_args.to_vec()].concat());
     assert_eq!(puller.host_info().await.template_store, location);
     builder.build_template("base").await;
-    let (log, built) = builder
-        .run_build(&pb::RunTemplateBuildRequest {
-            template_id: "shared".into(),
-            from_template: "base".into(),
-            steps: vec![step("RUN", &["echo from-the-store > ~/stored.txt"])],
-            ..Default::default()
-        })
-        .await;
-    built.unwrap_or_else(|error| panic!("{error}; log: {log:?}"));
-    assert!(
-        log.iter()
-            .any(|l| l.step == "finalize" && l.message.starts_with("stored: ")),
-        "{log:?}"
-    );
+    build_stored(&builder, "shared", "from-the-store").await;
 
     // The puller lacks it: the create pulls it (and says how long that took), then runs it.
-    let created = puller
-        .call_ok::<host_agent::CreateSandbox>(&pb::CreateSandboxRequest {
-            template_id: "shared".into(),
-            sandbox_id: "pulled-1".into(),
-            ..Default::default()
-        })
-        .await;
-    assert!(created.pull_ms > 0, "{created:?}");
-    let first = created.sandbox.unwrap();
+    let (first, pulled_in) = create_timed(&puller, "shared", "pulled-1").await;
+    assert!(pulled_in > 0);
     run_expecting(&first, "cat ~/stored.txt", "from-the-store").await;
-    let again = puller
-        .call_ok::<host_agent::CreateSandbox>(&pb::CreateSandboxRequest {
-            template_id: "shared".into(),
-            sandbox_id: "pulled-2".into(),
-            ..Default::default()
-        })
-        .await;
-    assert_eq!(again.pull_ms, 0, "the host has it now");
-    let names: Vec<_> = puller
-        .host_info()
-        .await
-        .templates
-        .into_iter()
-        .map(|t| t.template_id)
-        .collect();
-    assert_eq!(names, ["shared"], "only what it pulled");
-
-    // A delete is refused while sandboxes use it, and then takes it from the host and the store.
+    let (_, pulled_in) = create_timed(&puller, "shared", "pulled-2").await;
+    assert_eq!(pulled_in, 0, "the host has it now");
+    assert_eq!(
+        template_names(&puller).await,
+        ["shared"],
+        "only what it pulled"
+    );
     assert_code(
         puller.delete_template("shared").await,
         Code::FailedPrecondition,
@@ -1027,11 +1040,29 @@ async fn a_template_built_on_one_host_runs_on_another_through_the_s3_store() {
     for id in ["pulled-1", "pulled-2"] {
         puller.destroy(id).await.unwrap();
     }
+
+    // A second template pulled: the first, which nothing stands on now, leaves the cache.
+    build_stored(&builder, "shared-two", "the-second").await;
+    let (second, pulled_in) = create_timed(&puller, "shared-two", "pulled-3").await;
+    assert!(pulled_in > 0);
+    run_expecting(&second, "cat ~/stored.txt", "the-second").await;
+    assert_eq!(template_names(&puller).await, ["shared-two"]);
+    // Wanted again, it is pulled again; the second stays, a sandbox stands on it.
+    let (again, pulled_in) = create_timed(&puller, "shared", "pulled-4").await;
+    assert!(pulled_in > 0);
+    run_expecting(&again, "cat ~/stored.txt", "from-the-store").await;
+    assert_eq!(template_names(&puller).await, ["shared", "shared-two"]);
+    for id in ["pulled-3", "pulled-4"] {
+        puller.destroy(id).await.unwrap();
+    }
+
+    // A delete takes it from the host and the store.
     puller.delete_template("shared").await.unwrap();
     let store = wrenn_agent::template_store::TemplateStore::open(&location).unwrap();
     assert!(store.artifact("shared").await.unwrap().is_none());
+    assert!(store.artifact("shared-two").await.unwrap().is_some());
     assert_code(
-        puller.try_create("shared", "pulled-3").await,
+        puller.try_create("shared", "pulled-5").await,
         Code::NotFound,
         "not found (on this host or in its template store)",
     );
@@ -1039,15 +1070,20 @@ async fn a_template_built_on_one_host_runs_on_another_through_the_s3_store() {
     assert_code(
         builder.delete_template("base").await,
         Code::FailedPrecondition,
-        "parent of templates shared",
+        "parent of templates",
     );
-    builder.delete_template("shared").await.unwrap();
-    builder.delete_template("base").await.unwrap();
+    for id in ["shared", "shared-two", "base"] {
+        builder.delete_template(id).await.unwrap();
+    }
+    assert!(store.artifact("shared-two").await.unwrap().is_none());
     assert_code(
         builder.delete_template("shared").await,
         Code::NotFound,
         "template shared not found",
     );
+    // The puller keeps its copy of the second (now in no store) until it is deleted there.
+    puller.delete_template("shared-two").await.unwrap();
+    assert!(template_names(&puller).await.is_empty());
     builder.stop();
     puller.stop();
     assert_eq!(builder.leftovers(), Vec::<String>::new());

@@ -116,6 +116,8 @@ impl Manager {
                 })?;
             }
         }
+        // The parent stays on the host for the build's length.
+        let _creating = self.creating_from(&build.from_template);
         let (parent, pulled_in) = self.template_or_pull(&build.from_template).await?;
         if !pulled_in.is_zero() {
             logger.log(

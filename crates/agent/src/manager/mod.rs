@@ -147,6 +147,8 @@ pub struct Manager {
     pulling: tokio::sync::Mutex<()>,
     /// When each template was last used by a create (ms), for the cache's LRU.
     template_used_ms: Mutex<HashMap<String, i64>>,
+    /// Creates in flight by template: the cache does not remove those templates.
+    creating_from: Mutex<HashMap<String, usize>>,
 }
 
 /// A generated identifier: `i` then 19 lowercase letters or digits, each equally likely.
@@ -222,6 +224,7 @@ impl Manager {
             template_store,
             pulling: tokio::sync::Mutex::new(()),
             template_used_ms: Mutex::new(HashMap::new()),
+            creating_from: Mutex::new(HashMap::new()),
             registries,
             blobs,
             config,

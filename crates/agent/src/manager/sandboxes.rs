@@ -10,6 +10,7 @@ impl Manager {
         options: CreateOptions,
     ) -> Result<(SandboxRecord, CreateTimings), AgentError> {
         validate_id("template", &options.template_id)?;
+        let _creating = self.creating_from(&options.template_id);
         let (template, pulled_in) = self.template_or_pull(&options.template_id).await?;
         if template.accel != self.accel {
             return Err(AgentError::FailedPrecondition(format!(

@@ -308,15 +308,12 @@ impl Manager {
             return;
         }
         let used = self.template_used_ms.lock().expect("used lock").clone();
-        // One used in the last minute may be on its way to a sandbox: it stays.
-        let recent = now_ms() - 60_000;
+        // One a create is on its way to a sandbox from stays.
+        let creating = self.creating_from.lock().expect("creating lock").clone();
         let mut candidates: Vec<&TemplateRecord> = stored
             .iter()
             .filter(|template| Some(template.template_id.as_str()) != keep)
-            .filter(|template| {
-                used.get(&template.template_id)
-                    .is_none_or(|at| *at < recent)
-            })
+            .filter(|template| !creating.contains_key(&template.template_id))
             .collect();
         candidates.sort_by_key(|template| {
             used.get(&template.template_id)
@@ -351,6 +348,21 @@ impl Manager {
             .get(template_id)
             .cloned()
             .ok_or_else(|| AgentError::NotFound(format!("template {template_id} not found")))
+    }
+
+    /// Counts a create from `template_id` in flight until the guard is dropped: the cache
+    /// keeps the template meanwhile.
+    pub(super) fn creating_from(&self, template_id: &str) -> CreatingFrom<'_> {
+        *self
+            .creating_from
+            .lock()
+            .expect("creating lock")
+            .entry(template_id.to_string())
+            .or_default() += 1;
+        CreatingFrom {
+            manager: self,
+            template_id: template_id.to_string(),
+        }
     }
 
     /// Notes that `template_id` was used now.
@@ -509,4 +521,22 @@ fn dir_bytes(dir: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// A create from a template in flight (see [`Manager::creating_from`]).
+pub(super) struct CreatingFrom<'a> {
+    manager: &'a Manager,
+    template_id: String,
+}
+
+impl Drop for CreatingFrom<'_> {
+    fn drop(&mut self) {
+        let mut creating = self.manager.creating_from.lock().expect("creating lock");
+        if let Some(count) = creating.get_mut(&self.template_id) {
+            *count -= 1;
+            if *count == 0 {
+                creating.remove(&self.template_id);
+            }
+        }
+    }
 }

@@ -341,6 +341,12 @@ impl State {
         }
     }
 
+    /// How many pulls it made.
+    fn pulls(&self) -> usize {
+        let calls = self.calls.iter();
+        calls.filter(|(op, _)| *op == Operation::Pull).count()
+    }
+
     /// Takes `template_id` from the store when it lacks it and the store has it.
     fn pull(&mut self, template_id: &str) {
         if self.templates.iter().any(|t| t.template_id == template_id) {
@@ -493,14 +499,10 @@ impl HostAgent for FakeAgent {
     async fn create(&self, options: CreateOptions) -> Result<CreateTimings, HostAgentError> {
         let subject = options.sandbox_id.clone().unwrap_or_default();
         self.run(Operation::Create, &subject, move |state| {
-            let pulls = |state: &State| {
-                let calls = state.calls.iter();
-                calls.filter(|(op, _)| *op == Operation::Pull).count()
-            };
-            let before = pulls(state);
+            let before = state.pulls();
             state.create(options)?;
             // A pull takes time, however little.
-            let pulled = pulls(state) > before;
+            let pulled = state.pulls() > before;
             Ok(CreateTimings {
                 pull: Duration::from_millis(u64::from(pulled)),
                 ..CreateTimings::default()
@@ -598,10 +600,17 @@ impl FakeAgent {
             required("template_id", &request.template_id)?;
             let options = CreateOptions::from(request);
             let subject = options.sandbox_id.clone().unwrap_or_default();
-            let timings = agent.create(options).await?;
+            let (id, pulled) = agent
+                .run(Operation::Create, &subject, move |state| {
+                    let before = state.pulls();
+                    let id = state.create(options)?;
+                    Ok((id, state.pulls() > before))
+                })
+                .await?;
             Ok(pb::CreateSandboxResponse {
-                sandbox: agent.sandbox_message(&subject),
-                pull_ms: timings.pull.as_millis() as u64,
+                sandbox: agent.sandbox_message(&id),
+                // A pull takes time, however little.
+                pull_ms: u64::from(pulled),
                 ..Default::default()
             })
         });

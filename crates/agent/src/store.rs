@@ -72,6 +72,11 @@ pub struct TemplateRecord {
     /// its directory.
     #[serde(default)]
     pub digests: BTreeMap<String, String>,
+    /// The SHA-256 of the store's blobs its pull made the disk layers it then pointed at their
+    /// neighbours from (their bytes differ now in the backing file's name), by file name: a
+    /// later pull of the same blob copies the layer and points it anew.
+    #[serde(default)]
+    pub pulled_digests: BTreeMap<String, String>,
     /// Whether the template store has it (it was put there, or pulled from there): such a
     /// template may be removed from the host when its cache is full.
     #[serde(default)]

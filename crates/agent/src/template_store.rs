@@ -414,21 +414,40 @@ impl TemplateStore {
     /// are older than `blob_age` (a younger one may belong to a template being put). Whether
     /// the store had it.
     pub async fn delete(&self, template_id: &str, blob_age: Duration) -> Result<bool, AgentError> {
-        let had = self.artifact(template_id).await.ok().flatten().is_some();
+        let had = match self.objects.head(&Self::artifact_path(template_id)).await {
+            Ok(_) => true,
+            Err(object_store::Error::NotFound { .. }) => false,
+            Err(error) => return Err(store_error("looking for a template", error)),
+        };
+        if !had {
+            return Ok(false);
+        }
         match self.objects.delete(&Self::artifact_path(template_id)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             Err(error) => return Err(store_error("removing a template", error)),
         }
-        self.collect_garbage(blob_age).await?;
-        Ok(had)
+        // The template is gone whatever the collection does: it is tried again at the next.
+        if let Err(error) = self.collect_garbage(blob_age).await {
+            tracing::warn!(template = template_id, %error, "the template store's blobs were not collected");
+        }
+        Ok(true)
     }
 
     /// Removes the blobs no template names that are older than `age`: how many.
     pub async fn collect_garbage(&self, age: Duration) -> Result<u64, AgentError> {
         let mut named = std::collections::HashSet::new();
         for id in self.template_ids().await? {
-            if let Some(artifact) = self.artifact(&id).await? {
-                named.extend(artifact.all_files().map(|file| file.sha256.clone()));
+            // One that cannot be read may name any blob: nothing is removed then.
+            match self.artifact(&id).await {
+                Ok(Some(artifact)) => {
+                    named.extend(artifact.all_files().map(|file| file.sha256.clone()))
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    return Err(AgentError::Internal(format!(
+                        "template {id} in the store cannot be read, so no blob is removed: {error}"
+                    )));
+                }
             }
         }
         let oldest =

@@ -80,16 +80,27 @@ impl Manager {
                 },
                 parent: None,
                 digests: BTreeMap::new(),
+                pulled_digests: BTreeMap::new(),
                 stored: true,
                 ..record.clone()
             },
-            files: files.into_iter().map(|(_, file)| file).collect(),
+            files: files.iter().map(|(_, file)| file.clone()).collect(),
             disk: disk
-                .into_iter()
-                .map(|(_, file, format)| (file, format))
+                .iter()
+                .map(|(_, file, format)| (file.clone(), format.clone()))
                 .collect(),
         };
         store.put_artifact(&artifact).await?;
+        // A blob found in the store was named by no record of this template until now: another
+        // host's garbage collection may have taken it meanwhile. Now named, it stays: any it
+        // took is sent again.
+        for (path, file) in files
+            .iter()
+            .map(|(path, file)| (path, file))
+            .chain(disk.iter().map(|(path, file, _)| (path, file)))
+        {
+            moved += store.put_blob(path, file).await?;
+        }
         self.update_template(template_id, |record| record.stored = true);
         tracing::info!(
             template = template_id,
@@ -215,8 +226,15 @@ impl Manager {
                     ..pulled.snapshot.clone()
                 },
                 parent: None,
+                // The layers pointed at their neighbours are not their blobs' bytes any more.
                 digests: artifact
                     .all_files()
+                    .filter(|file| !rebased.contains(&file.name.as_str()))
+                    .map(|file| (file.name.clone(), file.sha256.clone()))
+                    .collect(),
+                pulled_digests: artifact
+                    .all_files()
+                    .filter(|file| rebased.contains(&file.name.as_str()))
                     .map(|file| (file.name.clone(), file.sha256.clone()))
                     .collect(),
                 stored: true,
@@ -458,19 +476,27 @@ impl Manager {
                 if !same_size || name == crate::store::TEMPLATE_FILE {
                     continue;
                 }
+                // A layer a pull pointed at its neighbour was that blob before: a copy of it,
+                // pointed anew, is what this pull would make of the blob.
+                if writable && template.pulled_digests.get(&name) == Some(&file.sha256) {
+                    candidates.insert(0, (path, true));
+                    continue;
+                }
                 match template.digests.get(&name) {
-                    Some(sha256) if *sha256 == file.sha256 => candidates.insert(0, path),
+                    Some(sha256) if *sha256 == file.sha256 => candidates.insert(0, (path, false)),
                     Some(_) => {}
-                    None => candidates.push(path),
+                    None => candidates.push((path, false)),
                 }
             }
         }
-        for candidate in candidates {
-            let Ok(found) = self.stored_file(&candidate, &file.name).await else {
-                continue;
-            };
-            if found.sha256 != file.sha256 {
-                continue;
+        for (candidate, as_pulled) in candidates {
+            if !as_pulled {
+                let Ok(found) = self.stored_file(&candidate, &file.name).await else {
+                    continue;
+                };
+                if found.sha256 != file.sha256 {
+                    continue;
+                }
             }
             let taken = if writable {
                 copy_file(&candidate, target).await
@@ -509,14 +535,15 @@ async fn copy_file(from: &Path, to: &Path) -> Result<(), AgentError> {
     crate::store::private_file(to)
 }
 
-/// The disk the files directly in `dir` take (allocated blocks, not lengths).
+/// The disk removing `dir` would free: the allocated blocks of the files directly in it that
+/// no other directory links (a file linked from another template stays with it).
 fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|entries| {
             entries
                 .flatten()
                 .filter_map(|entry| entry.metadata().ok())
-                .filter(|meta| meta.is_file())
+                .filter(|meta| meta.is_file() && meta.nlink() == 1)
                 .map(|meta| meta.blocks() * 512)
                 .sum()
         })

@@ -179,12 +179,22 @@ impl Manager {
                 })?;
                 Ok(dir.join(name))
             };
+            let layers = wrenn_vmm::qcow2::chain(&cached.machine.disk)
+                .map_err(|error| AgentError::internal("reading the cached disk's chain", error))?;
+            // The layers in the cached template's own directory that stand on another (its top,
+            // and a pulled template's whole chain): copied, and pointed at the new template's
+            // files, so that the new one never depends on the cached one's directory.
+            let pointed: Vec<usize> = (0..layers.len().saturating_sub(1))
+                .filter(|&i| layers[i].path.parent() == Some(from.as_path()))
+                .collect();
             let entries = std::fs::read_dir(&from)
                 .map_err(|error| AgentError::internal("listing the cached template", error))?;
             for entry in entries.flatten() {
                 let name = entry.file_name();
                 let target = dir.join(&name);
-                if entry.path() == cached.machine.disk {
+                if entry.path() == cached.machine.disk
+                    || pointed.iter().any(|&i| layers[i].path == entry.path())
+                {
                     let copied = tokio::process::Command::new("cp")
                         .arg("--sparse=always")
                         .arg("--reflink=auto")
@@ -207,17 +217,18 @@ impl Manager {
                 }
             }
             let disk = moved(&cached.machine.disk)?;
-            let disk_name = disk
-                .file_name()
-                .and_then(|n| n.to_str())
-                .map(str::to_string);
-            let layers = wrenn_vmm::qcow2::chain(&cached.machine.disk)
-                .map_err(|error| AgentError::internal("reading the cached disk's chain", error))?;
-            if let Some(backing) = layers.get(1)
-                && backing.path.parent() == Some(from.as_path())
-            {
-                crate::disk::rebase(&disk, &moved(&backing.path)?, "raw").await?;
+            for &i in &pointed {
+                let below = &layers[i + 1];
+                if below.path.parent() == Some(from.as_path()) {
+                    let layer = moved(&layers[i].path)?;
+                    crate::disk::rebase(&layer, &moved(&below.path)?, below.format).await?;
+                }
             }
+            // Their bytes changed (the backing file's name): hashed anew when needed.
+            let rewritten: Vec<String> = pointed
+                .iter()
+                .filter_map(|&i| layers[i].path.file_name()?.to_str().map(str::to_string))
+                .collect();
             let record = TemplateRecord {
                 template_id: template_id.to_string(),
                 machine: MachineSpec {
@@ -232,11 +243,10 @@ impl Manager {
                 },
                 created_at_ms: now_ms(),
                 build_ms: 0,
-                // Its disk layer is its own (pointed at its own backing file): hashed anew.
                 digests: cached
                     .digests
                     .iter()
-                    .filter(|(name, _)| Some(*name) != disk_name.as_ref())
+                    .filter(|(name, _)| !rewritten.contains(name))
                     .map(|(name, sha256)| (name.clone(), sha256.clone()))
                     .collect(),
                 stored: false,
@@ -363,6 +373,7 @@ impl Manager {
             start_cmd: defaults.start_cmd,
             build_key: work.build_key(),
             digests: BTreeMap::new(),
+            pulled_digests: BTreeMap::new(),
             stored: false,
         };
         self.store.save_template(&record)?;

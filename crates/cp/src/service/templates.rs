@@ -175,7 +175,17 @@ impl TemplateFiles {
 
     /// A token authorising one upload of `hash` for the team.
     pub fn upload_token(&self, team_id: &str, hash: &str) -> Result<String, Error> {
-        let used = self.team_bytes(team_id);
+        // The links handed out and not used yet count as full uploads.
+        let pending = {
+            let mut uploads = self.uploads.lock().expect("uploads lock");
+            let now = std::time::Instant::now();
+            uploads.retain(|_, pending| pending.expires > now);
+            uploads
+                .values()
+                .filter(|pending| pending.team_id == team_id)
+                .count() as u64
+        };
+        let used = self.team_bytes(team_id) + pending * MAX_UPLOAD_BYTES;
         if used >= self.team_limit_bytes {
             return Err(crate::quota::QuotaExceeded::TemplateFiles {
                 team: team_id.to_string(),
@@ -460,6 +470,14 @@ impl ControlPlane {
                     .build(&build_id)
                     .await?
                     .filter(|build| build.status == BuildStatus::Ready)
+                    // Put in a store only if the host that built it has one.
+                    .filter(|build| {
+                        build
+                            .host_id
+                            .as_deref()
+                            .and_then(|id| self.fleet.host(id))
+                            .is_some_and(|host| !host.row().report.template_store.is_empty())
+                    })
                     .map(|build| wrenn_agent_api::join::TemplateReport {
                         template_id: build.host_template_id.clone(),
                         memory_mib: build.memory_mb,
@@ -922,9 +940,9 @@ impl ControlPlane {
         }
     }
 
-    /// `DELETE /templates/{templateID}`: the team's template, its builds on their hosts
-    /// (refused while a sandbox of it runs or is paused) and their logs. A build still
-    /// running is left to end, and its template is deleted with the rest.
+    /// `DELETE /templates/{templateID}`: the team's template, its builds on their hosts and in
+    /// the template store, and their logs; refused while a sandbox of it runs or is paused, or
+    /// a build of another template stands on it. Its running builds are cancelled first.
     pub async fn delete_template(&self, team_id: &str, named: &str) -> Result<(), Error> {
         let template = self.own_template(team_id, named).await?;
         let _turn = self
@@ -974,6 +992,42 @@ impl ControlPlane {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
             tracing::info!(template = %template.id, builds = ?running, "builds cancelled by the template's delete");
+        }
+        // Refused here, before any host is asked: a host that lacks the template takes it out
+        // of the template store at once, which must not happen while it is still in use.
+        let host_templates: Vec<&str> = builds
+            .iter()
+            .filter(|build| build.status == BuildStatus::Ready)
+            .map(|build| build.host_template_id.as_str())
+            .collect();
+        let users: Vec<String> = self
+            .store
+            .all_sandboxes()
+            .await?
+            .into_iter()
+            .filter(|sandbox| sandbox.template_id == template.id)
+            .map(|sandbox| sandbox.id)
+            .collect();
+        if !users.is_empty() {
+            return Err(Error::Conflict(format!(
+                "template {named:?} is in use by sandboxes {}: kill them first",
+                users.join(", ")
+            )));
+        }
+        let children: Vec<String> = self
+            .store
+            .builds_in(BuildStatus::Ready)
+            .await?
+            .into_iter()
+            .filter(|build| build.template_id != template.id)
+            .filter(|build| host_templates.contains(&build.from_template.as_str()))
+            .map(|build| build.template_id)
+            .collect();
+        if !children.is_empty() {
+            return Err(Error::Conflict(format!(
+                "template {named:?} is the parent of templates {}: delete them first",
+                children.join(", ")
+            )));
         }
         // Newest first: a build made from an older one of the same template stands on it.
         for build in builds
@@ -1087,20 +1141,28 @@ mod tests {
 
     #[test]
     fn uploaded_files_have_a_team_limit_and_go_when_no_build_used_them_for_a_week() {
+        // Links handed out and not used yet count as full uploads.
         let dir = tempfile::tempdir().unwrap();
-        let files = TemplateFiles::new(dir.path().to_path_buf()).with_team_limit(10);
+        let files =
+            TemplateFiles::new(dir.path().to_path_buf()).with_team_limit(MAX_UPLOAD_BYTES + 10);
         let (a, b, c) = ("ab".repeat(32), "cd".repeat(32), "ef".repeat(32));
         files.upload_token("team", &a).unwrap();
-        std::fs::create_dir_all(dir.path().join("team")).unwrap();
-        std::fs::write(files.path("team", &a), b"12345678").unwrap();
-        std::fs::write(files.path("team", &b), b"12345678").unwrap();
-        assert_eq!(files.team_bytes("team"), 16);
+        files.upload_token("team", &b).unwrap();
         let refused = files.upload_token("team", &c).unwrap_err();
         assert!(
             refused.to_string().contains("uploaded template files hold"),
             "{refused}"
         );
         files.upload_token("other-team", &c).unwrap();
+
+        // Files written count as they are.
+        let dir = tempfile::tempdir().unwrap();
+        let files = TemplateFiles::new(dir.path().to_path_buf()).with_team_limit(10);
+        std::fs::create_dir_all(dir.path().join("team")).unwrap();
+        std::fs::write(files.path("team", &a), b"12345678").unwrap();
+        std::fs::write(files.path("team", &b), b"12345678").unwrap();
+        assert_eq!(files.team_bytes("team"), 16);
+        assert!(files.upload_token("team", &c).is_err());
 
         // Both written eight days ago; a build has used b since.
         let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(8 * 86400);

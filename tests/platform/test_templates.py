@@ -211,6 +211,21 @@ def test_a_template_from_a_registry_image_has_its_files_user_and_workdir(wrenn):
     finally:
         sandbox.kill()
 
+    # A build that adds a step starts from the disk the first one's step left: only its own
+    # step runs.
+    logs = []
+    Template.build(template.run_cmd("echo extra > extra.txt"), "sdk-from-image:more",
+                   on_build_logs=logs.append)
+    messages = [entry.message for entry in logs]
+    assert any(m.startswith("cached: steps 1 to 1 as template") for m in messages), messages
+    assert any(m.startswith("the VM is up") for m in messages), messages
+    sandbox = Sandbox.create("sdk-from-image:more", timeout=120)
+    try:
+        assert sandbox.commands.run("cat made-by-sdk.txt extra.txt").stdout == \
+            "from-image, app in /app\nextra\n"
+    finally:
+        sandbox.kill()
+
 
 def test_a_private_image_needs_its_login_and_an_unknown_image_is_an_error(wrenn):
     open_registry, private_registry, username, password = registries()

@@ -29,6 +29,43 @@ pub async fn create_overlay(
     crate::store::private_file(target)
 }
 
+/// Creates `target`, a qcow2 overlay of `size` bytes backed by `backing` (of format
+/// `backing_format`) without opening `backing` (`qemu-img create -u`): for the top of a disk a
+/// running VMM holds, whose locks refuse a reader.
+pub async fn create_overlay_unopened(
+    backing: &Path,
+    backing_format: &str,
+    target: &Path,
+    size: u64,
+) -> Result<(), AgentError> {
+    let output = tokio::process::Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-u",
+            "-f",
+            "qcow2",
+            "-F",
+            backing_format,
+            "-b",
+        ])
+        .arg(backing)
+        .arg(target)
+        .arg(size.to_string())
+        .output()
+        .await
+        .map_err(|error| {
+            AgentError::internal("running qemu-img (Debian package qemu-utils)", error)
+        })?;
+    if !output.status.success() {
+        return Err(AgentError::Internal(format!(
+            "qemu-img create failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    crate::store::private_file(target)
+}
+
 /// Points the qcow2 file `disk` at `backing` (of `backing_format`) without touching its data
 /// (`qemu-img rebase -u`): for a layer moved beside a copy of what it stood on.
 pub async fn rebase(disk: &Path, backing: &Path, backing_format: &str) -> Result<(), AgentError> {

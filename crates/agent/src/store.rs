@@ -81,6 +81,29 @@ pub struct TemplateRecord {
     /// template may be removed from the host when its cache is full.
     #[serde(default)]
     pub stored: bool,
+    /// Its build's steps whose disks its chain keeps, for later builds that share their first
+    /// steps (E2B's layer cache), step 0 being where the build started.
+    #[serde(default)]
+    pub steps: Vec<StepLayer>,
+}
+
+/// A build step's result kept in a template: the disk as the step left it (a layer of the
+/// template's chain, frozen as the step ended) and what the steps had set by then. A later
+/// build whose first steps are the same starts from it instead of running them again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepLayer {
+    /// What the build was made of up to this step, hashed (its source, then every step with
+    /// its arguments and files).
+    pub key: String,
+    /// The step's number (0: the source, before any step).
+    pub step: usize,
+    /// How many layers of the template's disk chain, counted from its base, make the disk as
+    /// the step left it (a template's chain keeps its order when it is copied, put in the
+    /// store or pulled, but not its files' names).
+    pub layers: usize,
+    pub user: String,
+    pub workdir: String,
+    pub envs: BTreeMap<String, String>,
 }
 
 impl TemplateRecord {

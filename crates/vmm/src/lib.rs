@@ -180,6 +180,20 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
         memory_file: &'a Path,
     ) -> VmmFuture<'a, SnapshotFiles>;
 
+    /// Freezes a running VM's disk as it is now: `overlay`, a new qcow2 image whose header
+    /// names the disk's current top as its backing file, becomes the layer the VM writes to,
+    /// and the old top is written no more (a build keeps it as its step's layer). The VM's own
+    /// caches are flushed first; the guest's are the caller's to sync.
+    fn layer_disk<'a>(&'a self, vm: &'a VmProcess, overlay: &'a Path) -> VmmFuture<'a, ()> {
+        let _ = (vm, overlay);
+        Box::pin(async move {
+            Err(VmmError::Invalid(format!(
+                "{} cannot freeze a running VM's disk",
+                self.name()
+            )))
+        })
+    }
+
     /// Ends the VM and its VMM process (gracefully if it answers, killed otherwise).
     fn destroy<'a>(&'a self, vm: &'a VmProcess) -> VmmFuture<'a, ()>;
 

@@ -9,7 +9,7 @@ use crate::VmmError;
 
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
 /// Chains deeper than this are refused (a loop, or not ours).
-const MAX_LAYERS: usize = 16;
+pub const MAX_LAYERS: usize = 40;
 
 /// One image of a chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +62,23 @@ fn backing_of(path: &Path, file: &mut std::fs::File) -> std::io::Result<Option<P
     } else {
         path.parent().unwrap_or(Path::new("/")).join(name)
     }))
+}
+
+/// The size of the disk a qcow2 image holds (its header's), read without opening its chain.
+pub fn virtual_size(path: &Path) -> Result<u64, VmmError> {
+    let context = || format!("reading the disk image {}", path.display());
+    let mut file = std::fs::File::open(path).map_err(|error| VmmError::io(context(), error))?;
+    if format_of(&mut file).map_err(|error| VmmError::io(context(), error))? != "qcow2" {
+        return file
+            .metadata()
+            .map(|metadata| metadata.len())
+            .map_err(|error| VmmError::io(context(), error));
+    }
+    let mut size = [0u8; 8];
+    file.seek(SeekFrom::Start(24))
+        .and_then(|_| file.read_exact(&mut size))
+        .map_err(|error| VmmError::io(context(), error))?;
+    Ok(u64::from_be_bytes(size))
 }
 
 /// The chain from `top` down to its base, top first.
@@ -135,6 +152,19 @@ mod tests {
         let alone = dir.path().join("alone.qcow2");
         std::fs::write(&alone, qcow2_naming(None)).unwrap();
         assert_eq!(chain(&alone).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn sizes_are_read_from_the_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut image = qcow2_naming(None);
+        image[24..32].copy_from_slice(&(3u64 << 30).to_be_bytes());
+        let top = dir.path().join("disk.qcow2");
+        std::fs::write(&top, image).unwrap();
+        assert_eq!(virtual_size(&top).unwrap(), 3 << 30);
+        let raw = dir.path().join("rootfs.ext4");
+        std::fs::write(&raw, vec![0u8; 8192]).unwrap();
+        assert_eq!(virtual_size(&raw).unwrap(), 8192);
     }
 
     #[test]

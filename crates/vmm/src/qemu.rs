@@ -316,6 +316,69 @@ async fn wait_for(
     }
 }
 
+/// Puts `overlay` on top of the disk of a stopped VM (QMP `blockdev-snapshot`): handed over as
+/// a descriptor in an fd set of its own (the VMM opens no path), added as a node without a
+/// backing file, then made the top with the current top under it.
+async fn add_top_layer(qmp: &mut QmpClient, overlay: &Path) -> Result<(), VmmError> {
+    let blocks = qmp.execute("query-block", None).await?;
+    let top = blocks
+        .as_array()
+        .and_then(|devices| {
+            devices.iter().find_map(|device| {
+                device
+                    .get("inserted")?
+                    .get("node-name")?
+                    .as_str()
+                    .map(str::to_string)
+            })
+        })
+        .ok_or_else(|| VmmError::Invalid("the VM has no disk to layer".into()))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(overlay)
+        .map_err(|error| VmmError::io(format!("opening {}", overlay.display()), error))?;
+    let added = qmp.execute_with_fd("add-fd", None, file.as_fd()).await?;
+    drop(file);
+    let fdset = added
+        .get("fdset-id")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| VmmError::Invalid(format!("QMP add-fd answered {added}")))?;
+    // Fd sets are never removed from a VM's QEMU once used, so their ids name nodes uniquely.
+    let node = format!("step{fdset}");
+    let layered = async {
+        qmp.execute(
+            "blockdev-add",
+            Some(json!({
+                "driver": "qcow2",
+                "node-name": node,
+                "file": { "driver": "file", "filename": format!("/dev/fdset/{fdset}") },
+                "backing": null,
+            })),
+        )
+        .await?;
+        let snapshot = qmp
+            .execute(
+                "blockdev-snapshot",
+                Some(json!({ "node": top, "overlay": node })),
+            )
+            .await;
+        if snapshot.is_err() {
+            let _ = qmp
+                .execute("blockdev-del", Some(json!({ "node-name": node })))
+                .await;
+        }
+        snapshot.map(drop)
+    }
+    .await;
+    if layered.is_err() {
+        let _ = qmp
+            .execute("remove-fd", Some(json!({ "fdset-id": fdset })))
+            .await;
+    }
+    layered
+}
+
 fn migration_state(answer: &serde_json::Value) -> Option<Result<(), String>> {
     match answer.get("status").and_then(serde_json::Value::as_str) {
         Some("completed") => Some(Ok(())),
@@ -450,6 +513,26 @@ impl Vmm for Qemu {
                 memory: memory_file.to_path_buf(),
                 bytes,
             })
+        })
+    }
+
+    fn layer_disk<'a>(&'a self, vm: &'a VmProcess, overlay: &'a Path) -> VmmFuture<'a, ()> {
+        Box::pin(async move {
+            let mut qmp = self.qmp(vm).await?;
+            // Stopping drains and flushes every layer: the old top is whole on its file.
+            let was_running = qmp.status().await? == "running";
+            if was_running {
+                qmp.execute("stop", None).await?;
+            }
+            let layered = add_top_layer(&mut qmp, overlay).await;
+            if was_running {
+                let resumed = qmp.execute("cont", None).await;
+                layered?;
+                resumed?;
+                Ok(())
+            } else {
+                layered
+            }
         })
     }
 

@@ -80,8 +80,21 @@ impl QmpClient {
     /// SCM_RIGHTS), for `fd:<name>` migrations: the VMM then needs neither a path it can open nor
     /// a shell to run (its seccomp filter forbids both).
     pub async fn send_fd(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<(), VmmError> {
+        self.execute_with_fd("getfd", Some(json!({ "fdname": name })), fd)
+            .await
+            .map(|_| ())
+    }
+
+    /// Runs a command with an open file passed along (SCM_RIGHTS), as `getfd` and `add-fd`
+    /// take theirs, and returns its `return` value.
+    pub async fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: BorrowedFd<'_>,
+    ) -> Result<Value, VmmError> {
         use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
-        let (id, line) = self.request("getfd", Some(json!({ "fdname": name })));
+        let (id, line) = self.request(command, arguments);
         let stream: &UnixStream = self.writer.as_ref();
         let fds = [fd.as_raw_fd()];
         loop {
@@ -104,7 +117,7 @@ impl QmpClient {
                 Ok(count) if count == line.len() => break,
                 Ok(count) => {
                     return Err(VmmError::Invalid(format!(
-                        "QMP getfd was sent short ({count} of {} bytes)",
+                        "QMP {command} was sent short ({count} of {} bytes)",
                         line.len()
                     )));
                 }
@@ -112,7 +125,7 @@ impl QmpClient {
                 Err(error) => return Err(VmmError::io("sending a descriptor over QMP", error)),
             }
         }
-        self.answer(id, "getfd").await.map(|_| ())
+        self.answer(id, command).await
     }
 
     fn request(&mut self, command: &str, arguments: Option<Value>) -> (u64, String) {

@@ -639,6 +639,59 @@ async fn templates_built_from_templates_run_their_steps_and_leave_nothing_when_t
     );
     agent.destroy("frombuilt").await.unwrap();
 
+    // A build that shares its first seven steps with "built" starts from the disk and state
+    // step 7 left (ENV and WORKDIR's too): those steps do not run again; its own step does.
+    let mut resumed = request.clone();
+    resumed.template_id = "resumed".into();
+    resumed.start_cmd = String::new();
+    resumed.ready_cmd = String::new();
+    resumed.steps.truncate(7);
+    resumed.steps.push(step(
+        "RUN",
+        &["echo \"$GREETING from $(pwd)\" > resumed.txt"],
+    ));
+    let (log, built) = agent.run_build(&resumed).await;
+    built.unwrap_or_else(|error| panic!("{error:?}; log: {log:?}"));
+    for number in 1..=7 {
+        assert!(
+            log.iter()
+                .any(|l| l.step == number.to_string() && l.message.ends_with("(cached)")),
+            "step {number} is cached: {log:?}"
+        );
+    }
+    assert!(
+        log.iter()
+            .any(|l| l.message == "cached: steps 1 to 7 as template built's build left them"),
+        "{log:?}"
+    );
+    assert!(
+        !log.iter().any(|l| l.message == "to-stderr"),
+        "step 1 did not run again: {log:?}"
+    );
+    assert!(logged(
+        &log,
+        "8",
+        "[8/8] RUN echo \"$GREETING from $(pwd)\" > resumed.txt"
+    ));
+    // A forced step runs again, and every one after it: here step 7 on step 6's disk.
+    let mut forced = resumed.clone();
+    forced.template_id = "reforced".into();
+    forced.steps[6].force = true;
+    let (log, built) = agent.run_build(&forced).await;
+    built.unwrap_or_else(|error| panic!("{error:?}; log: {log:?}"));
+    assert!(
+        log.iter()
+            .any(|l| l.message.starts_with("cached: steps 1 to 6 as template ")),
+        "{log:?}"
+    );
+    assert!(
+        log.iter().any(|l| l.step == "7"
+            && l.message.starts_with("[7/8] RUN ")
+            && !l.message.ends_with("(cached)")),
+        "{log:?}"
+    );
+    agent.delete_template("reforced").await.unwrap();
+
     // A failing step: its number, exit code and output in the error; nothing left.
     let (log, failed) = agent
         .run_build(&build(
@@ -695,9 +748,21 @@ async fn templates_built_from_templates_run_their_steps_and_leave_nothing_when_t
         .iter()
         .map(|t| t.template_id.as_str())
         .collect();
-    assert_eq!(names, ["base", "built"]);
+    assert_eq!(names, ["base", "built", "resumed"]);
 
+    // The resumed template has its own copy of the layers it took: "built" gone, its sandbox
+    // finds every step's files, and starts as step 7 left the user and directory.
     agent.delete_template("built").await.unwrap();
+    let sandbox = agent.create("resumed", "fromresumed", None).await;
+    run_expecting(
+        &sandbox,
+        "cat resumed.txt /home/user/run.txt where.txt /home/user/folder/a.txt",
+        "hello world from /home/user/app\nfrom-run\n/home/user/app\ncopied",
+    )
+    .await;
+    assert_eq!(user_and_directory(&sandbox).await, "user\n/home/user/app\n");
+    agent.destroy("fromresumed").await.unwrap();
+    agent.delete_template("resumed").await.unwrap();
     agent.delete_template("base").await.unwrap();
     agent.stop();
     assert_eq!(agent.leftovers(), Vec::<String>::new());
@@ -836,7 +901,39 @@ async fn templates_built_from_registry_images_run_with_the_images_files_and_sett
         !log.iter().any(|l| l.message.contains("the VM is up")),
         "{log:?}"
     );
+    // Another build from the same image takes the root filesystem the first one made: the
+    // image is not unpacked again.
+    let mut other_steps = request.clone();
+    other_steps.template_id = "fromimage-other".into();
+    other_steps.steps = vec![step("RUN", &["cat made.txt 2>/dev/null || echo fresh"])];
+    let (log, built) = agent.run_build(&other_steps).await;
+    built.unwrap_or_else(|error| panic!("{error:?}; log: {log:?}"));
+    assert!(
+        log.iter().any(|l| l
+            .message
+            .starts_with("taking the root filesystem made from this image for template fromimage")),
+        "{log:?}"
+    );
+    assert!(logged(&log, "1", "fresh"), "{log:?}");
+    assert!(
+        !log.iter().any(|l| l.message.contains("unpacked")),
+        "{log:?}"
+    );
     agent.delete_template("fromimage").await.unwrap();
+    let sandbox = agent.create("fromimage-other", "fromimage-3", None).await;
+    run_expecting(
+        &sandbox,
+        "cat /usr/share/wrenn-test/hello",
+        "kept from layer one",
+    )
+    .await;
+    assert_eq!(
+        user_and_directory(&sandbox).await,
+        "app\n/app\n",
+        "the image's USER and WORKDIR, kept with its root filesystem"
+    );
+    agent.destroy("fromimage-3").await.unwrap();
+    agent.delete_template("fromimage-other").await.unwrap();
     let sandbox = agent.create("fromimage-again", "fromimage-2", None).await;
     run_expecting(&sandbox, "cat /app/made.txt", "from-image\napp\n/app").await;
     agent.destroy("fromimage-2").await.unwrap();
@@ -1056,7 +1153,75 @@ async fn a_template_built_on_one_host_runs_on_another_through_the_s3_store() {
         puller.destroy(id).await.unwrap();
     }
 
+    // Builds on a pulled template find the cache in templates pulled with it. "layered", built
+    // on "shared" by the builder, is pulled with its steps' layers: the same build on the
+    // puller is a copy of it (its whole pulled chain, pointed at the copy's files), and one
+    // that shares its first step starts from that step's layer.
+    let layered = |id: &str, last: &str| pb::RunTemplateBuildRequest {
+        template_id: id.into(),
+        from_template: "shared".into(),
+        steps: vec![
+            step("RUN", &["echo first > ~/first.txt"]),
+            step("RUN", &[&format!("echo {last} > ~/last.txt")]),
+        ],
+        ..Default::default()
+    };
+    // The second template stays meanwhile: a sandbox stands on it.
+    let (_, pulled_in) = create_timed(&puller, "shared-two", "pin").await;
+    assert_eq!(pulled_in, 0);
+    let (log, built) = builder.run_build(&layered("layered", "builder")).await;
+    built.unwrap_or_else(|error| panic!("{error}; log: {log:?}"));
+    let (_, pulled_in) = create_timed(&puller, "layered", "pulled-5").await;
+    assert!(pulled_in > 0);
+    let (log, built) = puller.run_build(&layered("layered-copy", "builder")).await;
+    built.unwrap_or_else(|error| panic!("{error}; log: {log:?}"));
+    assert!(
+        log.iter().any(|l| l
+            .message
+            .starts_with("cached: the same build as template layered")),
+        "{log:?}"
+    );
+    let (log, built) = puller.run_build(&layered("layered-other", "puller")).await;
+    built.unwrap_or_else(|error| panic!("{error}; log: {log:?}"));
+    assert!(
+        log.iter().any(|l| l
+            .message
+            .starts_with("cached: steps 1 to 1 as template layered")),
+        "{log:?}"
+    );
+    puller.destroy("pulled-5").await.unwrap();
+    for (template, last) in [("layered-copy", "builder"), ("layered-other", "puller")] {
+        let (sandbox, _) = create_timed(&puller, template, "pulled-6").await;
+        run_expecting(
+            &sandbox,
+            "cat ~/first.txt ~/last.txt",
+            &format!("first\n{last}"),
+        )
+        .await;
+        puller.destroy("pulled-6").await.unwrap();
+    }
+    for template in ["layered-other", "layered-copy", "layered"] {
+        if template_names(&puller)
+            .await
+            .iter()
+            .any(|name| name == template)
+        {
+            puller.delete_template(template).await.unwrap();
+        }
+    }
+    builder.delete_template("layered").await.unwrap();
+
     // A delete takes it from the host and the store.
+    if !template_names(&puller)
+        .await
+        .iter()
+        .any(|name| name == "shared")
+    {
+        let (_, pulled_in) = create_timed(&puller, "shared", "pulled-7").await;
+        assert!(pulled_in > 0);
+        puller.destroy("pulled-7").await.unwrap();
+    }
+    puller.destroy("pin").await.unwrap();
     puller.delete_template("shared").await.unwrap();
     let store = wrenn_agent::template_store::TemplateStore::open(&location).unwrap();
     assert!(store.artifact("shared").await.unwrap().is_none());

@@ -22,8 +22,9 @@ use wrenn_connect::Codec;
 use wrenn_connect::client::{ConnectClient, HttpVersion};
 use wrenn_proto::process as pb;
 
-use super::templates::{TemplateSource, VmWork};
+use super::templates::{TemplateSource, VmDisk, VmWork};
 use super::*;
+use crate::store::StepLayer;
 
 /// The user and directory a build from a template starts in when the parent names none (the
 /// base image's).
@@ -192,8 +193,66 @@ impl Manager {
                 );
                 return self.clone_template(&build.template_id, &cached).await;
             }
-            let (source, state, _staging) = match pulled {
-                Some(pulled) => {
+            let keys = step_keys(&build, &source_key);
+            // A forced step runs again, and every one after it.
+            let deepest = (!build.force).then(|| {
+                build
+                    .steps
+                    .iter()
+                    .position(|step| step.force)
+                    .unwrap_or(build.steps.len())
+            });
+            let resumed = deepest
+                .and_then(|deepest| self.deepest_step_layer(&keys, deepest, pulled.is_some()));
+            // The template whose layers the build takes stays meanwhile.
+            let _taking_from = resumed
+                .as_ref()
+                .map(|(from, _)| self.creating_from(&from.template_id));
+            let (source, state, skip, inherited, _staging) = match (resumed, pulled) {
+                (Some((from, layer)), _) => {
+                    for (index, step) in build.steps.iter().take(layer.step).enumerate() {
+                        logger.log(
+                            LogLevel::Info,
+                            Some((index + 1).to_string()),
+                            format!(
+                                "[{}/{}] {} (cached)",
+                                index + 1,
+                                build.steps.len(),
+                                step.describe()
+                            ),
+                        );
+                    }
+                    logger.log(
+                        LogLevel::Info,
+                        base(),
+                        if layer.step == 0 {
+                            format!(
+                                "taking the root filesystem made from this image for template {}",
+                                from.template_id
+                            )
+                        } else {
+                            format!(
+                                "cached: steps 1 to {} as template {}'s build left them",
+                                layer.step, from.template_id
+                            )
+                        },
+                    );
+                    let inherited: Vec<StepLayer> = from
+                        .steps
+                        .iter()
+                        .filter(|kept| kept.step <= layer.step)
+                        .cloned()
+                        .collect();
+                    let from_dir = self.store.template_dir(&from.template_id);
+                    let source = TemplateSource::layers_of(from, layer.layers, from_dir)?;
+                    let state = StepState {
+                        user: layer.user,
+                        workdir: layer.workdir,
+                        envs: layer.envs,
+                    };
+                    (source, state, layer.step, inherited, None)
+                }
+                (None, Some(pulled)) => {
                     let made = self
                         .rootfs_from_image(&build.template_id, pulled, &parent, &logger, &deadline)
                         .await?;
@@ -202,9 +261,9 @@ impl Manager {
                         workdir: made.workdir,
                         envs: made.envs,
                     };
-                    (made.source, state, Some(made.staging))
+                    (made.source, state, 0, Vec::new(), Some(made.staging))
                 }
-                None => {
+                (None, None) => {
                     let state = StepState {
                         user: parent
                             .default_user
@@ -219,6 +278,8 @@ impl Manager {
                     (
                         TemplateSource::Template(Box::new(parent.clone())),
                         state,
+                        0,
+                        Vec::new(),
                         None,
                     )
                 }
@@ -229,6 +290,12 @@ impl Manager {
                 stop: &deadline,
                 state: std::sync::Mutex::new(state),
                 key,
+                keys,
+                skip,
+                kept: std::sync::Mutex::new(KeptLayers {
+                    steps: inherited,
+                    keeping: true,
+                }),
             };
             self.make_template(
                 &build.template_id,
@@ -313,6 +380,118 @@ struct BuildWork<'a> {
     state: std::sync::Mutex<StepState>,
     /// What the build is made of, hashed ([`build_key`]).
     key: String,
+    /// What the build is made of up to each step, hashed ([`step_keys`]).
+    keys: Vec<String>,
+    /// The steps its source's layers have run already.
+    skip: usize,
+    kept: std::sync::Mutex<KeptLayers>,
+}
+
+/// The steps whose disks a build's chain keeps so far.
+struct KeptLayers {
+    steps: Vec<StepLayer>,
+    /// False once a step's disk could not be kept: the later ones cannot be either.
+    keeping: bool,
+}
+
+/// The longest disk chain a build adds step layers to (a deeper chain still builds, its later
+/// steps kept only with the whole build); sandboxes and builds on the template add theirs
+/// below [`wrenn_vmm::qcow2::MAX_LAYERS`].
+const MAX_STEP_CHAIN: usize = 24;
+
+impl BuildWork<'_> {
+    fn state(&self) -> StepState {
+        self.state.lock().expect("build state").clone()
+    }
+
+    fn keep(&self, step: usize, layers: usize) {
+        let state = self.state();
+        self.kept
+            .lock()
+            .expect("kept layers")
+            .steps
+            .push(StepLayer {
+                key: self.keys[step].clone(),
+                step,
+                layers,
+                user: state.user,
+                workdir: state.workdir,
+                envs: state.envs,
+            });
+    }
+
+    fn stop_keeping(&self, number: usize, why: String) {
+        let mut kept = self.kept.lock().expect("kept layers");
+        if kept.keeping {
+            kept.keeping = false;
+            self.logger.log(
+                LogLevel::Warn,
+                Some(number.to_string()),
+                format!("this step and the later ones are not kept for later builds: {why}"),
+            );
+        }
+    }
+
+    /// Keeps the disk as step `number` left it, for later builds that share the steps so far:
+    /// frozen as a layer of the chain when the step may have written to it, the layer below
+    /// when it only changed the steps' state. A disk that cannot be kept is logged, not an
+    /// error: the build goes on.
+    async fn keep_step(
+        &self,
+        number: usize,
+        step: &BuildStep,
+        address: SocketAddr,
+        disk: &VmDisk<'_>,
+    ) -> Result<(), AgentError> {
+        let below = {
+            let kept = self.kept.lock().expect("kept layers");
+            if !kept.keeping {
+                return Ok(());
+            }
+            kept.steps.last().map(|last| last.layers)
+        };
+        let Some(below) = below else {
+            self.stop_keeping(number, "the disk before it was not kept".into());
+            return Ok(());
+        };
+        if matches!(step.kind, StepKind::Env | StepKind::User) {
+            self.keep(number, below);
+            return Ok(());
+        }
+        let chain = disk.layers_below_top()? + 1;
+        if chain + 1 > MAX_STEP_CHAIN {
+            self.stop_keeping(
+                number,
+                format!(
+                    "the disk's chain has {chain} layers, and a build adds to {MAX_STEP_CHAIN}"
+                ),
+            );
+            return Ok(());
+        }
+        let synced = run_command(
+            address,
+            "root",
+            "/",
+            &BTreeMap::new(),
+            "sync",
+            &BuildLogger::new(tokio::sync::mpsc::unbounded_channel().0),
+            None,
+            self.stop,
+        )
+        .await?;
+        if synced.exit_code != 0 {
+            self.stop_keeping(
+                number,
+                format!("sync in the guest exited with code {}", synced.exit_code),
+            );
+            return Ok(());
+        }
+        match disk.freeze(&format!("step-{number}.qcow2")).await {
+            Ok(layers) => self.keep(number, layers),
+            Err(error) => self.stop_keeping(number, error.to_string()),
+        }
+        Ok(())
+    }
 }
 
 #[async_trait::async_trait]
@@ -333,9 +512,20 @@ impl VmWork for BuildWork<'_> {
         );
     }
 
-    async fn in_guest(&self, address: SocketAddr) -> Result<TemplateDefaults, AgentError> {
+    fn step_layers(&self) -> Vec<StepLayer> {
+        self.kept.lock().expect("kept layers").steps.clone()
+    }
+
+    async fn in_guest(
+        &self,
+        address: SocketAddr,
+        disk: &VmDisk<'_>,
+    ) -> Result<TemplateDefaults, AgentError> {
         let total = self.build.steps.len();
-        for (index, step) in self.build.steps.iter().enumerate() {
+        if self.skip == 0 {
+            self.keep(0, disk.layers_below_top()?);
+        }
+        for (index, step) in self.build.steps.iter().enumerate().skip(self.skip) {
             let number = index + 1;
             let label = Some(number.to_string());
             self.logger.log(
@@ -359,6 +549,7 @@ impl VmWork for BuildWork<'_> {
                 run_step(address, step, number, state, self.logger, self.stop).await?
             };
             *self.state.lock().expect("build state") = next;
+            self.keep_step(number, step, address, disk).await?;
         }
         let state = self.state.lock().expect("build state").clone();
         if let Some(start_cmd) = &self.build.start_cmd {
@@ -410,10 +601,7 @@ impl VmWork for BuildWork<'_> {
 fn build_key(build: &TemplateBuild, source: &str, memory_mib: u32, vcpus: u32) -> String {
     use sha2::{Digest, Sha256};
     let mut hasher = Sha256::new();
-    let mut part = |text: &[u8]| {
-        hasher.update((text.len() as u64).to_le_bytes());
-        hasher.update(text);
-    };
+    let mut part = |text: &[u8]| hash_part(&mut hasher, text);
     part(b"wrenn-build-v1");
     part(source.as_bytes());
     part(
@@ -424,25 +612,84 @@ fn build_key(build: &TemplateBuild, source: &str, memory_mib: u32, vcpus: u32) -
         .as_bytes(),
     );
     for step in &build.steps {
-        part(step.kind.name().as_bytes());
-        part(&(step.args.len() as u64).to_le_bytes());
-        for arg in &step.args {
-            part(arg.as_bytes());
-        }
-        let files = step
-            .files_hash
-            .as_ref()
-            .and_then(|hash| build.files.get(hash))
-            .map(|bytes| format!("{:x}", Sha256::digest(bytes)))
-            .unwrap_or_default();
-        part(files.as_bytes());
+        hash_step(&mut hasher, build, step);
     }
+    let mut part = |text: &[u8]| hash_part(&mut hasher, text);
     part(build.start_cmd.as_deref().unwrap_or("").as_bytes());
     part(build.ready_cmd.as_deref().unwrap_or("").as_bytes());
     format!("{:x}", hasher.finalize())
 }
 
+/// What a build is made of up to each step, hashed (SHA-256, hex): at 0 where it starts and
+/// its network, then each step added (its kind, arguments and, for COPY, its files' bytes).
+/// Builds that share a step's key leave the same disk and state after it, whatever their size
+/// or their other steps.
+fn step_keys(build: &TemplateBuild, source: &str) -> Vec<String> {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hash_part(&mut hasher, b"wrenn-step-v1");
+    hash_part(&mut hasher, source.as_bytes());
+    hash_part(
+        &mut hasher,
+        format!("internet {}", build.allow_internet).as_bytes(),
+    );
+    let mut keys = vec![format!("{:x}", hasher.finalize())];
+    for step in &build.steps {
+        let mut hasher = Sha256::new();
+        hash_part(&mut hasher, keys.last().expect("a key").as_bytes());
+        hash_step(&mut hasher, build, step);
+        keys.push(format!("{:x}", hasher.finalize()));
+    }
+    keys
+}
+
+/// Adds `text` to a key, its length first (so that parts cannot run into each other).
+fn hash_part(hasher: &mut sha2::Sha256, text: &[u8]) {
+    use sha2::Digest;
+    hasher.update((text.len() as u64).to_le_bytes());
+    hasher.update(text);
+}
+
+/// Adds a step to a key: its kind, its arguments and, for COPY, its files' bytes hashed.
+fn hash_step(hasher: &mut sha2::Sha256, build: &TemplateBuild, step: &BuildStep) {
+    use sha2::{Digest, Sha256};
+    hash_part(hasher, step.kind.name().as_bytes());
+    hash_part(hasher, &(step.args.len() as u64).to_le_bytes());
+    for arg in &step.args {
+        hash_part(hasher, arg.as_bytes());
+    }
+    let files = step
+        .files_hash
+        .as_ref()
+        .and_then(|hash| build.files.get(hash))
+        .map(|bytes| format!("{:x}", Sha256::digest(bytes)))
+        .unwrap_or_default();
+    hash_part(hasher, files.as_bytes());
+}
+
 impl Manager {
+    /// The deepest step layer of this host's templates whose key is the build's at its step,
+    /// up to step `deepest` (the newest template's when several are as deep); step 0 (the
+    /// source itself) only for builds from an image, whose root filesystem it saves making.
+    fn deepest_step_layer(
+        &self,
+        keys: &[String],
+        deepest: usize,
+        from_image: bool,
+    ) -> Option<(TemplateRecord, StepLayer)> {
+        let templates = self.templates.lock().expect("templates lock");
+        templates
+            .values()
+            .flat_map(|template| template.steps.iter().map(move |layer| (template, layer)))
+            .filter(|(_, layer)| {
+                layer.step <= deepest
+                    && (layer.step > 0 || from_image)
+                    && keys.get(layer.step) == Some(&layer.key)
+            })
+            .max_by_key(|(template, layer)| (layer.step, template.created_at_ms))
+            .map(|(template, layer)| (template.clone(), layer.clone()))
+    }
+
     /// A template of this host built as `key` says, if one is (the newest).
     fn template_built_as(&self, key: &str) -> Option<TemplateRecord> {
         self.templates
@@ -950,6 +1197,79 @@ mod tests {
         assert_eq!(copy_source(".").unwrap(), ".");
         assert!(copy_source("../secrets").is_err());
         assert!(copy_source("/etc/passwd").is_err());
+    }
+
+    fn build_of(steps: Vec<BuildStep>, files: &[(&str, &[u8])]) -> TemplateBuild {
+        TemplateBuild {
+            template_id: "t".into(),
+            from_template: "base".into(),
+            from_image: None,
+            force: false,
+            steps,
+            start_cmd: None,
+            ready_cmd: None,
+            memory_mib: None,
+            vcpus: None,
+            deadline: Duration::from_secs(60),
+            files: files
+                .iter()
+                .map(|(hash, bytes)| (hash.to_string(), bytes.to_vec()))
+                .collect(),
+            allow_internet: false,
+        }
+    }
+
+    fn step_of(kind: StepKind, args: &[&str], files_hash: Option<&str>) -> BuildStep {
+        BuildStep {
+            kind,
+            args: args.iter().map(|arg| arg.to_string()).collect(),
+            files_hash: files_hash.map(str::to_string),
+            force: false,
+        }
+    }
+
+    #[test]
+    fn step_keys_are_shared_by_builds_up_to_their_first_difference() {
+        let run = |script: &str| step_of(StepKind::Run, &[script], None);
+        let copy = step_of(StepKind::Copy, &["app", "/app"], Some("h"));
+        let first = build_of(vec![run("a"), copy.clone(), run("b")], &[("h", b"one")]);
+        let keys = step_keys(&first, "template base (1)");
+        assert_eq!(keys.len(), 4, "the source's key, then one per step");
+        assert_eq!(keys.iter().collect::<HashSet<_>>().len(), 4);
+
+        // The same first steps, whatever comes after, the start command or the VM's size.
+        let mut longer = build_of(vec![run("a"), copy.clone(), run("c")], &[("h", b"one")]);
+        longer.start_cmd = Some("serve".into());
+        longer.memory_mib = Some(4096);
+        let other = step_keys(&longer, "template base (1)");
+        assert_eq!(keys[..3], other[..3]);
+        assert_ne!(keys[3], other[3]);
+
+        // The COPY's bytes count, not the hash its client named them by.
+        let changed = step_keys(
+            &build_of(vec![run("a"), copy.clone(), run("b")], &[("h", b"two")]),
+            "template base (1)",
+        );
+        assert_eq!(keys[..2], changed[..2]);
+        assert_ne!(keys[2], changed[2]);
+        assert_ne!(keys[3], changed[3]);
+
+        // Another source or network is another build from the start.
+        let rebuilt_base = step_keys(&first, "template base (2)");
+        assert!(keys.iter().zip(&rebuilt_base).all(|(a, b)| a != b));
+        let mut online = first.clone();
+        online.allow_internet = true;
+        assert_ne!(keys[0], step_keys(&online, "template base (1)")[0]);
+        // Arguments cannot run into each other.
+        let split = step_keys(
+            &build_of(vec![step_of(StepKind::Env, &["AB", "C"], None)], &[]),
+            "s",
+        );
+        let moved = step_keys(
+            &build_of(vec![step_of(StepKind::Env, &["A", "BC"], None)], &[]),
+            "s",
+        );
+        assert_ne!(split[1], moved[1]);
     }
 
     #[test]

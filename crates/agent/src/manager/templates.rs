@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::*;
+use crate::store::StepLayer;
 
 /// What a template's files come from.
 pub(super) enum TemplateSource {
@@ -21,6 +22,17 @@ pub(super) enum TemplateSource {
         rootfs: PathBuf,
         kernel_from: Box<TemplateRecord>,
     },
+    /// The bottom of another template's disk chain, as one of its build's steps left it (see
+    /// [`StepLayer`]): the layers of it in `from`'s directory are taken (linked, or copied and
+    /// pointed at their neighbours' copies), those below stay its parent's; the kernel and
+    /// initramfs are linked from `from`.
+    Layers {
+        from: Box<TemplateRecord>,
+        /// The chain's bottom, top first.
+        layers: Vec<wrenn_vmm::qcow2::Layer>,
+        /// `from`'s directory.
+        from_dir: PathBuf,
+    },
 }
 
 impl TemplateSource {
@@ -29,7 +41,91 @@ impl TemplateSource {
         match self {
             TemplateSource::Template(parent) => Some(parent.template_id.clone()),
             TemplateSource::Image(_) | TemplateSource::Rootfs { .. } => None,
+            // Layers below `from`'s own are its parent's, which the new template then stands on.
+            TemplateSource::Layers {
+                from,
+                layers,
+                from_dir,
+            } => layers
+                .iter()
+                .any(|layer| layer.path.parent() != Some(from_dir.as_path()))
+                .then(|| from.parent.clone())
+                .flatten(),
         }
+    }
+
+    /// The bottom `count` layers of `from`'s disk chain (see [`StepLayer::layers`]), whose
+    /// directory is `from_dir`.
+    pub(super) fn layers_of(
+        from: TemplateRecord,
+        count: usize,
+        from_dir: PathBuf,
+    ) -> Result<TemplateSource, AgentError> {
+        let chain = wrenn_vmm::qcow2::chain(&from.machine.disk)
+            .map_err(|error| AgentError::internal("reading a cached layer's chain", error))?;
+        if count == 0 || count >= chain.len() {
+            return Err(AgentError::Internal(format!(
+                "template {} keeps no step layer {count} in its chain of {}",
+                from.template_id,
+                chain.len()
+            )));
+        }
+        let layers = chain[chain.len() - count..].to_vec();
+        Ok(TemplateSource::Layers {
+            from: Box::new(from),
+            layers,
+            from_dir,
+        })
+    }
+}
+
+/// The disk of a VM a template is being made from, as the work in its guest sees it: its
+/// layers can be frozen as they are ([`VmDisk::freeze`]).
+pub(super) struct VmDisk<'a> {
+    vmm: &'a dyn Vmm,
+    vm: &'a wrenn_vmm::VmProcess,
+    /// The top, which the VM writes (the template's `disk.qcow2`).
+    top: &'a Path,
+}
+
+impl VmDisk<'_> {
+    /// How many layers the disk's chain has below its top.
+    pub fn layers_below_top(&self) -> Result<usize, AgentError> {
+        wrenn_vmm::qcow2::chain(self.top)
+            .map(|layers| layers.len() - 1)
+            .map_err(|error| AgentError::internal("reading the disk's chain", error))
+    }
+
+    /// Freezes the disk as it is now (the guest's writes synced) as `name` in the template's
+    /// directory: the top is renamed (the VMM holds it open), a new top made over it, and the
+    /// VM moved onto that. Returns how many layers, from the base, make the frozen disk. On
+    /// failure the disk is as it was.
+    pub async fn freeze(&self, name: &str) -> Result<usize, AgentError> {
+        let frozen = self.top.with_file_name(name);
+        if frozen.exists() {
+            return Err(AgentError::Internal(format!(
+                "the layer {} exists already",
+                frozen.display()
+            )));
+        }
+        let size = wrenn_vmm::qcow2::virtual_size(self.top)
+            .map_err(|error| AgentError::internal("reading the disk's size", error))?;
+        std::fs::rename(self.top, &frozen)
+            .map_err(|error| AgentError::internal("naming the frozen layer", error))?;
+        let layered = async {
+            crate::disk::create_overlay_unopened(&frozen, "qcow2", self.top, size).await?;
+            self.vmm.layer_disk(self.vm, self.top).await?;
+            Ok::<_, AgentError>(())
+        }
+        .await;
+        if let Err(error) = layered {
+            let _ = std::fs::remove_file(self.top);
+            let _ = std::fs::rename(&frozen, self.top);
+            return Err(error);
+        }
+        wrenn_vmm::qcow2::chain(&frozen)
+            .map(|layers| layers.len())
+            .map_err(|error| AgentError::internal("reading the frozen layer's chain", error))
     }
 }
 
@@ -46,12 +142,17 @@ pub(super) trait VmWork: Sync {
     fn build_key(&self) -> Option<String> {
         None
     }
-    /// Runs in the booted guest, whose envd is at `address`.
+    /// Runs in the booted guest, whose envd is at `address` and whose disk is `disk`.
     async fn in_guest(
         &self,
         _address: SocketAddr,
+        _disk: &VmDisk<'_>,
     ) -> Result<super::build::TemplateDefaults, AgentError> {
         Ok(super::build::TemplateDefaults::default())
+    }
+    /// The steps whose disks the template's chain keeps (see [`StepLayer`]).
+    fn step_layers(&self) -> Vec<StepLayer> {
+        Vec::new()
     }
 }
 
@@ -340,7 +441,12 @@ impl Manager {
                     )),
                 })?;
                 work.booted(took);
-                let defaults = work.in_guest(address).await?;
+                let disk = VmDisk {
+                    vmm: self.vmm.as_ref(),
+                    vm: &vm,
+                    top: &machine.disk,
+                };
+                let defaults = work.in_guest(address, &disk).await?;
                 envd_client::prepare_snapshot(address, None, Duration::from_secs(30)).await?;
                 self.vmm.pause(&vm).await?;
                 let snapshot = self.vmm.snapshot(&vm, &dir.join("memory.snap")).await?;
@@ -375,6 +481,7 @@ impl Manager {
             digests: BTreeMap::new(),
             pulled_digests: BTreeMap::new(),
             stored: false,
+            steps: work.step_layers(),
         };
         self.store.save_template(&record)?;
         self.templates
@@ -437,6 +544,16 @@ impl Manager {
                 let disk = dir.join("disk.qcow2");
                 crate::disk::create_overlay(&parent.machine.disk, "qcow2", &disk).await?;
                 linked_files(parent, dir, disk)?
+            }
+            TemplateSource::Layers {
+                from,
+                layers,
+                from_dir,
+            } => {
+                let (base, format) = take_layers(layers, from_dir, dir).await?;
+                let disk = dir.join("disk.qcow2");
+                crate::disk::create_overlay(&base, format, &disk).await?;
+                linked_files(from, dir, disk)?
             }
             TemplateSource::Rootfs {
                 rootfs,
@@ -560,6 +677,57 @@ fn linked_files(
         image_key: from.image_key.clone(),
         envd_version: from.envd_version.clone(),
     })
+}
+
+/// Takes a chain's bottom `layers` (top first) into `dir`: those in `from_dir` are linked (a
+/// template's files never change while it exists) when nothing of `from_dir` is below them, and
+/// copied and pointed at the copy below otherwise; those elsewhere (a parent's) stay. Returns
+/// the top as the new template finds it, with its format.
+async fn take_layers(
+    layers: &[wrenn_vmm::qcow2::Layer],
+    from_dir: &Path,
+    dir: &Path,
+) -> Result<(PathBuf, &'static str), AgentError> {
+    let mut below: Option<PathBuf> = None;
+    let mut below_taken = false;
+    for (index, layer) in layers.iter().enumerate().rev() {
+        if layer.path.parent() != Some(from_dir) {
+            below = Some(layer.path.clone());
+            below_taken = false;
+            continue;
+        }
+        let name = layer.path.file_name().ok_or_else(|| {
+            AgentError::Internal(format!("{} names no file", layer.path.display()))
+        })?;
+        let target = dir.join(name);
+        if below_taken {
+            let copied = tokio::process::Command::new("cp")
+                .arg("--sparse=always")
+                .arg("--reflink=auto")
+                .arg(&layer.path)
+                .arg(&target)
+                .status()
+                .await
+                .map_err(|error| AgentError::internal("copying a cached layer", error))?;
+            if !copied.success() {
+                return Err(AgentError::Internal(format!(
+                    "copying the cached layer {} failed",
+                    layer.path.display()
+                )));
+            }
+            let lower = &layers[index + 1];
+            let lower_copy = below.as_deref().expect("a layer below");
+            crate::disk::rebase(&target, lower_copy, lower.format).await?;
+        } else {
+            std::fs::hard_link(&layer.path, &target)
+                .or_else(|_| std::fs::copy(&layer.path, &target).map(drop))
+                .map_err(|error| AgentError::internal("linking a cached layer", error))?;
+        }
+        below = Some(target);
+        below_taken = true;
+    }
+    let top = below.ok_or_else(|| AgentError::Internal("no layers to take".into()))?;
+    Ok((top, layers[0].format))
 }
 
 /// A template's files in its directory.

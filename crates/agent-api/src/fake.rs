@@ -181,6 +181,16 @@ impl FakeAgent {
         self.lock().templates.push(template);
     }
 
+    /// Makes the host's template `template_id` as old as `age` (past the reconcile pass's
+    /// grace, say).
+    pub fn age_template(&self, template_id: &str, age: Duration) {
+        for template in &mut self.lock().templates {
+            if template.template_id == template_id {
+                template.created_at_ms = now_ms() - age.as_millis() as i64;
+            }
+        }
+    }
+
     pub fn add_orphan(&self, sandbox_id: &str, template_id: &str, age: Duration) {
         let created_at_ms = now_ms() - age.as_millis() as i64;
         self.lock().sandboxes.insert(
@@ -367,6 +377,18 @@ impl State {
     }
 
     fn delete_template(&mut self, template_id: &str) -> Result<(), HostAgentError> {
+        // As the agent does: a copy the host cannot remove leaves the store's alone.
+        let local = self.templates.iter().any(|t| t.template_id == template_id);
+        if local
+            && let Some((id, _)) = self
+                .sandboxes
+                .iter()
+                .find(|(_, sandbox)| sandbox.template_id == template_id)
+        {
+            return Err(HostAgentError::Conflict(format!(
+                "template {template_id} is in use by sandboxes {id}: destroy them first"
+            )));
+        }
         let stored = self.store.as_ref().is_some_and(|store| {
             let mut templates = store.templates.lock().expect("fake store lock");
             let before = templates.len();

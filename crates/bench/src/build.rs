@@ -1,11 +1,13 @@
 //! `wrenn-bench build`: template builds through a `wrenn agent serve` of its own (#14's
 //! numbers): a three-step template built from a template (a cold boot on the parent's disk,
 //! the steps through envd, the snapshot), and the first create from the built template beside
-//! a create from its parent, and the same build again, which takes the first one's files. With
-//! `--image`, also builds from a registry's image: once with its
-//! layers pulled (the pull's rate from the agent's log) and once with them in the host's blob
-//! cache. With `--store`, the builds are put in a template store, and a second agent with no
-//! template pulls each for its first create (the pull's time and rate), then creates again.
+//! a create from its parent; the same build again, which takes the first one's files; and the
+//! build with its third step changed, whose first two steps come from the layer cache. With
+//! `--image`, also builds from a registry's image: once with its layers pulled (the pull's rate
+//! from the agent's log), once with them in the host's blob cache, and with other steps, which
+//! take the root filesystem the first made. With `--store`, the builds are put in a template
+//! store, and a second agent with no template pulls each for its first create (the pull's time
+//! and rate), then creates again.
 
 use std::time::{Duration, Instant};
 
@@ -60,20 +62,36 @@ async fn build(
     from_image: Option<&str>,
     force: bool,
 ) -> anyhow::Result<(Duration, Vec<String>)> {
+    let steps = if from_image.is_some() {
+        vec![run_step("echo built > /tmp/built.txt")]
+    } else {
+        steps()
+    };
+    build_steps(agent, template_id, from_image, force, steps).await
+}
+
+fn run_step(script: &str) -> pb::BuildStep {
+    pb::BuildStep {
+        r#type: "RUN".into(),
+        args: vec![script.into()],
+        ..Default::default()
+    }
+}
+
+/// Runs one build of `steps` to its end: how long it took, and its log.
+async fn build_steps(
+    agent: &BenchAgent,
+    template_id: &str,
+    from_image: Option<&str>,
+    force: bool,
+    steps: Vec<pb::BuildStep>,
+) -> anyhow::Result<(Duration, Vec<String>)> {
     let request = pb::RunTemplateBuildRequest {
         template_id: template_id.into(),
         from_template: "bench".into(),
         from_image: from_image.unwrap_or_default().into(),
         force,
-        steps: if from_image.is_some() {
-            vec![pb::BuildStep {
-                r#type: "RUN".into(),
-                args: vec!["echo built > /tmp/built.txt".into()],
-                ..Default::default()
-            }]
-        } else {
-            steps()
-        },
+        steps,
         ..Default::default()
     };
     let started = Instant::now();
@@ -146,10 +164,32 @@ pub async fn run(args: BuildBenchArgs) -> anyhow::Result<()> {
         let template = format!("three-cached-{run}");
         cached_builds.push(build(&agent, &template, None, false).await?.0);
     }
+    // The first two steps again with another third: they come from the layer cache, only
+    // the third runs.
+    let mut resumed_builds = Vec::new();
+    for run in 0..args.runs {
+        let mut changed = steps();
+        changed[2] = run_step(&format!("echo changed-{run} > three.txt"));
+        let (took, log) = build_steps(
+            &agent,
+            &format!("three-resumed-{run}"),
+            None,
+            false,
+            changed,
+        )
+        .await?;
+        anyhow::ensure!(
+            log.iter()
+                .any(|line| line.starts_with("cached: steps 1 to 2 ")),
+            "the build did not start from step 2's layer: {log:?}"
+        );
+        resumed_builds.push(took);
+    }
     // From an image: the first build pulls its layers, the others (forced) find them in the
-    // cache.
+    // cache; then builds with other steps take the root filesystem the first made.
     let (mut pulled, mut cached, mut image_creates, mut rates) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut image_rootfs_cached = Vec::new();
     if let Some(image) = &args.image {
         for run in 0..args.runs.max(2) {
             eprintln!("build {} from {image} ...", run + 1);
@@ -166,6 +206,22 @@ pub async fn run(args: BuildBenchArgs) -> anyhow::Result<()> {
             let id = format!("image-first-{run}");
             image_creates.push(agent.create_from(&template, id.clone()).await?);
             agent.destroy(id).await?;
+        }
+        for run in 0..args.runs {
+            let (took, log) = build_steps(
+                &agent,
+                &format!("image-other-{run}"),
+                Some(image),
+                false,
+                vec![run_step(&format!("echo other-{run} > /tmp/other.txt"))],
+            )
+            .await?;
+            anyhow::ensure!(
+                log.iter()
+                    .any(|line| line.starts_with("taking the root filesystem made from this image")),
+                "the build did not take the image's root filesystem: {log:?}"
+            );
+            image_rootfs_cached.push(took);
         }
     }
     // Through the store: a second host with no template pulls each built one for its first
@@ -207,9 +263,14 @@ pub async fn run(args: BuildBenchArgs) -> anyhow::Result<()> {
     let first_creates = latency(&first_creates);
     let parent_creates = latency(&parent_creates);
     let cached_builds = latency(&cached_builds);
+    let resumed_builds = latency(&resumed_builds);
     let mut rows = vec![
         ("three-step build from a template (cold)", builds.clone()),
         ("the same build again (fully cached)", cached_builds.clone()),
+        (
+            "its third step changed (steps 1-2 cached)",
+            resumed_builds.clone(),
+        ),
         (
             "first create from the built template",
             first_creates.clone(),
@@ -219,6 +280,10 @@ pub async fn run(args: BuildBenchArgs) -> anyhow::Result<()> {
     if args.image.is_some() {
         rows.push(("build from an image, layers pulled", latency(&pulled)));
         rows.push(("build from an image, layers in the cache", latency(&cached)));
+        rows.push((
+            "build from an image, other steps (its rootfs cached)",
+            latency(&image_rootfs_cached),
+        ));
         rows.push((
             "first create from an image's template",
             latency(&image_creates),
@@ -253,6 +318,7 @@ pub async fn run(args: BuildBenchArgs) -> anyhow::Result<()> {
             "{}",
             serde_json::json!({
                 "three_step_build": builds, "three_step_build_cached": cached_builds,
+                "three_step_build_last_changed": resumed_builds,
                 "first_create_from_built": first_creates,
                 "create_from_parent": parent_creates,
                 "store": args.store.as_ref().map(|_| serde_json::json!({
@@ -263,6 +329,7 @@ pub async fn run(args: BuildBenchArgs) -> anyhow::Result<()> {
                 })),
                 "image": args.image.as_ref().map(|_| serde_json::json!({
                     "build_pulled": latency(&pulled), "build_cached": latency(&cached),
+                    "build_rootfs_cached": latency(&image_rootfs_cached),
                     "first_create": latency(&image_creates),
                     "layers": rates.iter().map(|(mib, rate)| serde_json::json!({"mib": mib, "mib_per_s": rate})).collect::<Vec<_>>(),
                 })),

@@ -1257,25 +1257,39 @@ async fn a_template_built_from_base_is_what_its_sandboxes_start_from() {
     let (status, _) = kit.call("DELETE", &template_path, b, Value::Null).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "not theirs to delete");
 
-    // Deleted: refused while its sandboxes run, then gone from the host and the API.
+    // Deleted while its sandboxes run: gone from the API at once; its sandboxes go on, on the
+    // host's copy, which the reconcile pass deletes once they are gone.
     let (status, answer) = kit.call_a("DELETE", &template_path).await;
-    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
-    assert!(message(&answer).contains("in use by sandboxes"), "{answer}");
-    for id in &sandboxes {
-        let (status, _) = kit.call_a("DELETE", &format!("/sandboxes/{id}")).await;
-        assert_eq!(status, StatusCode::NO_CONTENT);
-    }
-    assert_eq!(
-        kit.call_a("DELETE", &template_path).await.0,
-        StatusCode::NO_CONTENT
-    );
-    let report = wrenn_agent_api::HostAgent::report_in_process(&*kit.agent).unwrap();
-    assert!(
-        !report
+    assert_eq!(status, StatusCode::NO_CONTENT, "{answer}");
+    let on_host = || {
+        wrenn_agent_api::HostAgent::report_in_process(&*kit.agent)
+            .unwrap()
             .templates
             .iter()
             .any(|t| t.template_id == host_template)
-    );
+    };
+    assert!(on_host(), "its sandboxes keep the host's copy");
+    kit.agent
+        .age_template(&host_template, Duration::from_secs(3600));
+    let host = kit.plane.fleet.hosts().pop().unwrap();
+    let done = wrenn_cp::fleet::reconcile_host(&kit.plane.store, &kit.plane.fleet, &host)
+        .await
+        .unwrap();
+    assert!(done.orphan_templates.is_empty(), "{done:?}");
+    for id in &sandboxes {
+        let (status, detail) = kit.call_a("GET", &format!("/sandboxes/{id}")).await;
+        assert_eq!(
+            (status, &detail["state"], &detail["alias"]),
+            (StatusCode::OK, &json!("running"), &json!("my-app"))
+        );
+        let (status, _) = kit.call_a("DELETE", &format!("/sandboxes/{id}")).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+    }
+    let done = wrenn_cp::fleet::reconcile_host(&kit.plane.store, &kit.plane.fleet, &host)
+        .await
+        .unwrap();
+    assert_eq!(done.orphan_templates, [host_template.clone()]);
+    assert!(!on_host());
     assert_eq!(
         kit.call_a("GET", "/templates/aliases/my-app").await.0,
         StatusCode::NOT_FOUND
@@ -1691,7 +1705,7 @@ async fn a_stored_template_runs_on_a_host_that_pulls_it_and_a_delete_takes_it_ev
     // The edge has no template: builds go to the kit's own host (which has base).
     let edge = FakeAgent::new(4, Vec::new());
     edge.use_store(&store);
-    let (kit, _url, edge) = Kit::with_edge(4, FleetConfig::default().down_after, edge).await;
+    let (kit, url, edge) = Kit::with_edge(4, FleetConfig::default().down_after, edge).await;
     kit.agent.use_store(&store);
     let (template_id, build_id) = kit.request_build("shared").await;
     let path = format!("/v2/templates/{template_id}/builds/{build_id}");
@@ -1733,19 +1747,40 @@ async fn a_stored_template_runs_on_a_host_that_pulls_it_and_a_delete_takes_it_ev
         puller.calls()
     );
 
-    // A delete waits for the sandboxes (as without a store), then takes it everywhere.
-    let (status, _) = kit
-        .call_a("DELETE", &format!("/templates/{template_id}"))
-        .await;
-    assert_eq!(status, StatusCode::CONFLICT);
-    for id in [&first, &second] {
-        let (status, answer) = kit.call_a("DELETE", &format!("/sandboxes/{id}")).await;
-        assert_eq!(status, StatusCode::NO_CONTENT, "{answer}");
-    }
+    // A delete while sandboxes of it run on both hosts: the template is gone for the API at
+    // once; the hosts keep their copies, and the store its artifact, while the sandboxes
+    // use them; the reconcile pass takes them everywhere once they are gone.
     let (status, answer) = kit
         .call_a("DELETE", &format!("/templates/{template_id}"))
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT, "{answer}");
+    assert_eq!(store.template_ids(), [host_template.clone()]);
+    for id in [&first, &second] {
+        let (status, answer) = kit.call_a("DELETE", &format!("/sandboxes/{id}")).await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{answer}");
+    }
+    for host in [builder, puller] {
+        host.age_template(&host_template, Duration::from_secs(3600));
+    }
+    // The edge tells its aged template in its heartbeat (the kit's own host is read directly).
+    {
+        use wrenn_agent_api::join::{HeartbeatRequest, host_registry::Heartbeat};
+        use wrenn_connect::Codec;
+        use wrenn_connect::client::{ConnectClient, HttpVersion};
+        let beat = HeartbeatRequest {
+            host_id: edge.host_id.clone(),
+            report: Some(puller.report_in_process().unwrap()),
+        };
+        ConnectClient::new(&url, HttpVersion::Http1, Codec::Proto)
+            .call::<Heartbeat>(&beat, &bearer(&edge.heartbeat_token))
+            .await
+            .unwrap();
+    }
+    for host in kit.plane.fleet.hosts() {
+        wrenn_cp::fleet::reconcile_host(&kit.plane.store, &kit.plane.fleet, &host)
+            .await
+            .unwrap();
+    }
     assert!(store.template_ids().is_empty());
     for host in [builder, puller] {
         let report = host.report_in_process().unwrap();

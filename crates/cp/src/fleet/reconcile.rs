@@ -105,10 +105,18 @@ pub async fn reconcile_host(
         if kept {
             continue;
         }
-        tracing::warn!(template = %template.template_id, host = %name, "drift: no build keeps this template: deleting it");
-        // One a sandbox still stands on stays until a later pass.
+        // One a sandbox still stands on (a deleted template's) stays until a later pass.
         match host.delete_template(&template.template_id).await {
-            Ok(()) => done.orphan_templates.push(template.template_id.clone()),
+            Ok(()) => {
+                tracing::info!(template = %template.template_id, host = %name, "no build keeps this template: deleted it");
+                done.orphan_templates.push(template.template_id.clone())
+            }
+            Err(Error::Host {
+                source: HostAgentError::Conflict(why),
+                ..
+            }) => {
+                tracing::debug!(template = %template.template_id, host = %name, %why, "the deleted template stays while sandboxes use it")
+            }
             Err(error) => {
                 tracing::warn!(template = %template.template_id, host = %name, %error, "the orphan template stays for now")
             }

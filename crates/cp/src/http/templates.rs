@@ -296,9 +296,9 @@ pub(super) async fn template_alias(
 
 #[utoipa::path(delete, path = "/templates/{template_id}", tag = "templates", security(("api_key" = [])),
     responses(
-        (status = 204, description = "Deleted, with its builds on their hosts"),
+        (status = 204, description = "Deleted, with its builds on their hosts and in the template store; its sandboxes go on, and a host keeps its copy until they are gone"),
         (status = 403, description = "Another team's public template", body = wrenn_api::Error),
-        (status = 409, description = "A sandbox of it runs or is paused, or a build of it runs elsewhere or did not stop (a build this control plane runs is cancelled)", body = wrenn_api::Error),
+        (status = 409, description = "Another template's build stands on it, or a build of it runs elsewhere or did not stop (a build this control plane runs is cancelled)", body = wrenn_api::Error),
     ))]
 pub(super) async fn delete_template(
     KeyedCall {

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use wrenn_agent_api::HostAgentError;
 use wrenn_agent_api::build::{
     BuildLog, BuildStep, DEFAULT_BUILD_DEADLINE, ImageSource, StepKind, TemplateBuild,
 };
@@ -941,8 +942,9 @@ impl ControlPlane {
     }
 
     /// `DELETE /templates/{templateID}`: the team's template, its builds on their hosts and in
-    /// the template store, and their logs; refused while a sandbox of it runs or is paused, or
-    /// a build of another template stands on it. Its running builds are cancelled first.
+    /// the template store, and their logs; refused while a build of another template stands on
+    /// it. Its running builds are cancelled first. Its sandboxes go on: a host where they run
+    /// or are paused keeps its copy until they are gone (the reconcile pass deletes it then).
     pub async fn delete_template(&self, team_id: &str, named: &str) -> Result<(), Error> {
         let template = self.own_template(team_id, named).await?;
         let _turn = self
@@ -994,26 +996,13 @@ impl ControlPlane {
             tracing::info!(template = %template.id, builds = ?running, "builds cancelled by the template's delete");
         }
         // Refused here, before any host is asked: a host that lacks the template takes it out
-        // of the template store at once, which must not happen while it is still in use.
+        // of the template store at once, which must not happen while another template stands
+        // on it.
         let host_templates: Vec<&str> = builds
             .iter()
             .filter(|build| build.status == BuildStatus::Ready)
             .map(|build| build.host_template_id.as_str())
             .collect();
-        let users: Vec<String> = self
-            .store
-            .all_sandboxes()
-            .await?
-            .into_iter()
-            .filter(|sandbox| sandbox.template_id == template.id)
-            .map(|sandbox| sandbox.id)
-            .collect();
-        if !users.is_empty() {
-            return Err(Error::Conflict(format!(
-                "template {named:?} is in use by sandboxes {}: kill them first",
-                users.join(", ")
-            )));
-        }
         let children: Vec<String> = self
             .store
             .builds_in(BuildStatus::Ready)
@@ -1063,7 +1052,18 @@ impl ControlPlane {
                 .collect();
             holders.extend(builder);
             for host in holders {
-                host.delete_template(&build.host_template_id).await?;
+                match host.delete_template(&build.host_template_id).await {
+                    // Sandboxes of it run or are paused there: they keep the host's copy, which
+                    // the reconcile pass deletes (with the store's, if that host has it) once
+                    // they are gone.
+                    Err(Error::Host {
+                        source: HostAgentError::Conflict(why),
+                        ..
+                    }) => {
+                        tracing::info!(template = %template.id, host = %host.row().name, %why, "the host keeps the deleted template while its sandboxes use it")
+                    }
+                    other => other?,
+                }
             }
         }
         self.store.delete_template(&template.id).await?;

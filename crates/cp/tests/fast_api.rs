@@ -1288,7 +1288,7 @@ async fn a_template_built_from_base_is_what_its_sandboxes_start_from() {
     let done = wrenn_cp::fleet::reconcile_host(&kit.plane.store, &kit.plane.fleet, &host)
         .await
         .unwrap();
-    assert_eq!(done.orphan_templates, [host_template.clone()]);
+    assert_eq!(done.orphan_templates, std::slice::from_ref(&host_template));
     assert!(!on_host());
     assert_eq!(
         kit.call_a("GET", "/templates/aliases/my-app").await.0,
@@ -1754,7 +1754,7 @@ async fn a_stored_template_runs_on_a_host_that_pulls_it_and_a_delete_takes_it_ev
         .call_a("DELETE", &format!("/templates/{template_id}"))
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT, "{answer}");
-    assert_eq!(store.template_ids(), [host_template.clone()]);
+    assert_eq!(store.template_ids(), std::slice::from_ref(&host_template));
     for id in [&first, &second] {
         let (status, answer) = kit.call_a("DELETE", &format!("/sandboxes/{id}")).await;
         assert_eq!(status, StatusCode::NO_CONTENT, "{answer}");

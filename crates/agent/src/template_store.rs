@@ -42,6 +42,9 @@ static ZEROS: [u8; BLOCK_BYTES] = [0; BLOCK_BYTES];
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// A blob no template names is removed only once it is this old: a host may be putting the
 /// template that names it.
+/// The largest template record read from a store.
+pub const MAX_ARTIFACT_BYTES: u64 = 4 << 20;
+
 pub const UNREFERENCED_BLOB_AGE: Duration = Duration::from_secs(3600);
 
 /// A file of a template, by content.
@@ -368,6 +371,14 @@ impl TemplateStore {
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(error) => return Err(store_error("reading a template", error)),
         };
+        // A record names a few dozen files: one far larger is not ours to read into memory.
+        if got.meta.size > MAX_ARTIFACT_BYTES {
+            return Err(AgentError::Internal(format!(
+                "the template store's record of {template_id} is {} bytes, over the {} a record \
+                 may have",
+                got.meta.size, MAX_ARTIFACT_BYTES
+            )));
+        }
         let bytes = got
             .bytes()
             .await

@@ -1119,9 +1119,15 @@ async fn a_template_built_on_one_host_runs_on_another_through_the_s3_store() {
     build_stored(&builder, "shared", "from-the-store").await;
 
     // The puller lacks it: the create pulls it (and says how long that took), then runs it.
-    let (first, pulled_in) = create_timed(&puller, "shared", "pulled-1").await;
+    // A second create at the same time waits for that pull, and runs it too.
+    let ((first, pulled_in), (together, _)) = tokio::join!(
+        create_timed(&puller, "shared", "pulled-1"),
+        create_timed(&puller, "shared", "pulled-1b")
+    );
     assert!(pulled_in > 0);
     run_expecting(&first, "cat ~/stored.txt", "from-the-store").await;
+    run_expecting(&together, "cat ~/stored.txt", "from-the-store").await;
+    puller.destroy("pulled-1b").await.unwrap();
     let (_, pulled_in) = create_timed(&puller, "shared", "pulled-2").await;
     assert_eq!(pulled_in, 0, "the host has it now");
     assert_eq!(

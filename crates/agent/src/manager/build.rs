@@ -327,7 +327,7 @@ impl Manager {
                         finalize(),
                         "putting the template in the store",
                     );
-                    match self.push_template(&record.template_id).await {
+                    match self.push_template(&record.template_id, &stop).await {
                         Ok(moved) => logger.log(
                             LogLevel::Info,
                             finalize(),
@@ -342,6 +342,12 @@ impl Manager {
                             // A template only this host has would be lost with it: the build
                             // fails whole.
                             let _ = self.remove_template(&record.template_id);
+                            if let AgentError::Cancelled(_) = error {
+                                return Err(AgentError::Cancelled(format!(
+                                    "the build of {} was cancelled",
+                                    build.template_id
+                                )));
+                            }
                             return Err(AgentError::Internal(format!(
                                 "the template was built, but could not be put in the template \
                                  store: {error}"
@@ -468,6 +474,7 @@ impl BuildWork<'_> {
             );
             return Ok(());
         }
+        let started = Instant::now();
         let synced = run_command(
             address,
             "root",
@@ -487,7 +494,17 @@ impl BuildWork<'_> {
             return Ok(());
         }
         match disk.freeze(&format!("step-{number}.qcow2")).await {
-            Ok(layers) => self.keep(number, layers),
+            Ok(layers) => {
+                self.keep(number, layers);
+                self.logger.log(
+                    LogLevel::Debug,
+                    Some(number.to_string()),
+                    format!(
+                        "its disk kept for later builds ({} ms)",
+                        started.elapsed().as_millis()
+                    ),
+                );
+            }
             Err(error) => self.stop_keeping(number, error.to_string()),
         }
         Ok(())

@@ -142,9 +142,9 @@ pub struct Manager {
     blobs: crate::oci::BlobCache,
     /// Where templates are put and pulled from, if anywhere.
     template_store: Option<crate::template_store::TemplateStore>,
-    /// Held while a template is pulled: one pull at a time, and a second create of it waits
-    /// for the first's pull.
-    pulling: tokio::sync::Mutex<()>,
+    /// A lock per template being pulled: a second create of it waits for the first's pull,
+    /// while pulls of other templates go on.
+    pulling: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// When each template was last used by a create (ms), for the cache's LRU.
     template_used_ms: Mutex<HashMap<String, i64>>,
     /// Creates in flight by template: the cache does not remove those templates.
@@ -222,7 +222,7 @@ impl Manager {
         }
         let manager = Arc::new(Manager {
             template_store,
-            pulling: tokio::sync::Mutex::new(()),
+            pulling: Mutex::new(HashMap::new()),
             template_used_ms: Mutex::new(HashMap::new()),
             creating_from: Mutex::new(HashMap::new()),
             registries,
@@ -250,6 +250,23 @@ impl Manager {
         });
         let warm = manager.clone();
         tokio::spawn(async move { warm.slots.warm(warm.config.slots_ahead).await });
+        if manager.template_store.is_some() {
+            let collector = Arc::downgrade(&manager);
+            tokio::spawn(async move {
+                // Hosts started together collect at different times.
+                let mut wait = Duration::from_millis(
+                    (now_ms() as u64) % stored::STORE_COLLECTION_INTERVAL.as_millis() as u64,
+                );
+                loop {
+                    tokio::time::sleep(wait).await;
+                    wait = stored::STORE_COLLECTION_INTERVAL;
+                    let Some(manager) = collector.upgrade() else {
+                        return;
+                    };
+                    manager.collect_store_garbage().await;
+                }
+            });
+        }
         Ok(manager)
     }
 

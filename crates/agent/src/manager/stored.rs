@@ -20,6 +20,9 @@ const INITRD: &str = "initrd.img";
 const MEMORY: &str = "memory.snap";
 const DISK: &str = "disk.qcow2";
 
+/// How often a host collects the template store's unnamed blobs.
+pub(super) const STORE_COLLECTION_INTERVAL: Duration = Duration::from_secs(3600);
+
 impl Manager {
     /// The template store, if this host has one.
     pub fn template_store(&self) -> Option<&crate::template_store::TemplateStore> {
@@ -28,7 +31,11 @@ impl Manager {
 
     /// Puts `template_id` in the template store (the files the store lacks, then its record).
     /// Nothing when the host has no store.
-    pub async fn push_template(&self, template_id: &str) -> Result<Moved, AgentError> {
+    pub async fn push_template(
+        &self,
+        template_id: &str,
+        stop: &CancellationToken,
+    ) -> Result<Moved, AgentError> {
         let Some(store) = &self.template_store else {
             return Ok(Moved::default());
         };
@@ -56,12 +63,23 @@ impl Manager {
             disk.push((layer.path.clone(), file, layer.format.to_string()));
         }
         let mut moved = Moved::default();
-        for (path, file) in files
-            .iter()
-            .map(|(path, file)| (path, file))
-            .chain(disk.iter().map(|(path, file, _)| (path, file)))
-        {
-            moved += store.put_blob(path, file).await?;
+        // A stop ends the put before its record is written (blobs sent meanwhile are
+        // collected later); once the record is written, the put finishes.
+        let send = async {
+            for (path, file) in files
+                .iter()
+                .map(|(path, file)| (path, file))
+                .chain(disk.iter().map(|(path, file, _)| (path, file)))
+            {
+                moved += store.put_blob(path, file).await?;
+            }
+            Ok::<_, AgentError>(())
+        };
+        tokio::select! {
+            sent = send => sent?,
+            () = stop.cancelled() => {
+                return Err(AgentError::Cancelled("the put was stopped".into()));
+            }
         }
         let artifact = Artifact {
             format: crate::template_store::ARTIFACT_FORMAT,
@@ -134,17 +152,44 @@ impl Manager {
         Ok((record, started.elapsed()))
     }
 
-    /// Pulls `template_id` from the store (one pull at a time; a template another pull
-    /// brought meanwhile is taken as it is): the record and what was fetched.
+    /// Pulls `template_id` from the store (one pull of a template at a time; a template
+    /// another pull brought meanwhile is taken as it is): the record and what was fetched.
     pub async fn pull_template(
         &self,
         template_id: &str,
     ) -> Result<(TemplateRecord, Moved), AgentError> {
         validate_id("template", template_id)?;
+        if self.template_store.is_none() {
+            return Err(AgentError::FailedPrecondition(
+                "this host has no template store".into(),
+            ));
+        }
+        let lock = self
+            .pulling
+            .lock()
+            .expect("pulling lock")
+            .entry(template_id.to_string())
+            .or_default()
+            .clone();
+        let pulled = {
+            let _pulling = lock.lock().await;
+            self.pull_template_locked(template_id).await
+        };
+        // The last one out takes the lock away (clones are made under the map's lock only).
+        let mut pulling = self.pulling.lock().expect("pulling lock");
+        if Arc::strong_count(&lock) == 2 {
+            pulling.remove(template_id);
+        }
+        pulled
+    }
+
+    async fn pull_template_locked(
+        &self,
+        template_id: &str,
+    ) -> Result<(TemplateRecord, Moved), AgentError> {
         let store = self.template_store.as_ref().ok_or_else(|| {
             AgentError::FailedPrecondition("this host has no template store".into())
         })?;
-        let _pulling = self.pulling.lock().await;
         if let Ok(record) = self.template(template_id) {
             self.touch_template(template_id);
             return Ok((record, Moved::default()));
@@ -299,6 +344,29 @@ impl Manager {
             "template deleted"
         );
         Ok(())
+    }
+
+    /// Takes out of the template store the blobs no template names, older than
+    /// [`UNREFERENCED_BLOB_AGE`] (a put that failed half-way leaves some): every host with the
+    /// store does it about hourly; collections at once are safe, each removing only what no
+    /// record names.
+    pub(super) async fn collect_store_garbage(&self) {
+        let Some(store) = &self.template_store else {
+            return;
+        };
+        match store.collect_garbage(UNREFERENCED_BLOB_AGE).await {
+            Ok(0) => tracing::debug!(store = store.location(), "no blob to collect"),
+            Ok(removed) => {
+                tracing::info!(
+                    store = store.location(),
+                    removed,
+                    "blobs no template names collected"
+                )
+            }
+            Err(error) => {
+                tracing::warn!(store = store.location(), %error, "the template store's collection failed")
+            }
+        }
     }
 
     /// Removes the templates from the store that nothing stands on, least recently used

@@ -478,7 +478,7 @@ impl Manager {
             default_workdir: defaults.workdir,
             start_cmd: defaults.start_cmd,
             build_key: work.build_key(),
-            digests: BTreeMap::new(),
+            digests: files.digests,
             pulled_digests: BTreeMap::new(),
             stored: false,
             steps: work.step_layers(),
@@ -538,6 +538,7 @@ impl Manager {
                     cmdline: manifest.kernel.cmdline.clone(),
                     image_key: manifest.inputs_key.clone(),
                     envd_version: manifest.envd.version.clone(),
+                    digests: BTreeMap::new(),
                 }
             }
             TemplateSource::Template(parent) => {
@@ -550,10 +551,16 @@ impl Manager {
                 layers,
                 from_dir,
             } => {
-                let (base, format) = take_layers(layers, from_dir, dir).await?;
+                let (base, format, linked) = take_layers(layers, from_dir, dir).await?;
                 let disk = dir.join("disk.qcow2");
                 crate::disk::create_overlay(&base, format, &disk).await?;
-                linked_files(from, dir, disk)?
+                let mut files = linked_files(from, dir, disk)?;
+                for name in linked {
+                    if let Some(sha256) = from.digests.get(&name) {
+                        files.digests.insert(name, sha256.clone());
+                    }
+                }
+                files
             }
             TemplateSource::Rootfs {
                 rootfs,
@@ -669,6 +676,15 @@ fn linked_files(
             from.template_id
         ))
     })?;
+    let mut digests = BTreeMap::new();
+    for (source, name) in [(&from.machine.kernel, "vmlinuz"), (initrd, "initrd.img")] {
+        let known = source
+            .file_name()
+            .and_then(|own| from.digests.get(own.to_str()?));
+        if let Some(sha256) = known {
+            digests.insert(name.to_string(), sha256.clone());
+        }
+    }
     Ok(TemplateFiles {
         kernel: link(&from.machine.kernel, "vmlinuz")?,
         initrd: link(initrd, "initrd.img")?,
@@ -676,18 +692,20 @@ fn linked_files(
         cmdline: from.machine.cmdline.clone(),
         image_key: from.image_key.clone(),
         envd_version: from.envd_version.clone(),
+        digests,
     })
 }
 
 /// Takes a chain's bottom `layers` (top first) into `dir`: those in `from_dir` are linked (a
 /// template's files never change while it exists) when nothing of `from_dir` is below them, and
 /// copied and pointed at the copy below otherwise; those elsewhere (a parent's) stay. Returns
-/// the top as the new template finds it, with its format.
+/// the top as the new template finds it, with its format, and the names of the layers linked.
 async fn take_layers(
     layers: &[wrenn_vmm::qcow2::Layer],
     from_dir: &Path,
     dir: &Path,
-) -> Result<(PathBuf, &'static str), AgentError> {
+) -> Result<(PathBuf, &'static str, Vec<String>), AgentError> {
+    let mut linked = Vec::new();
     let mut below: Option<PathBuf> = None;
     let mut below_taken = false;
     for (index, layer) in layers.iter().enumerate().rev() {
@@ -722,12 +740,13 @@ async fn take_layers(
             std::fs::hard_link(&layer.path, &target)
                 .or_else(|_| std::fs::copy(&layer.path, &target).map(drop))
                 .map_err(|error| AgentError::internal("linking a cached layer", error))?;
+            linked.extend(name.to_str().map(str::to_string));
         }
         below = Some(target);
         below_taken = true;
     }
     let top = below.ok_or_else(|| AgentError::Internal("no layers to take".into()))?;
-    Ok((top, layers[0].format))
+    Ok((top, layers[0].format, linked))
 }
 
 /// A template's files in its directory.
@@ -738,4 +757,7 @@ struct TemplateFiles {
     cmdline: String,
     image_key: String,
     envd_version: String,
+    /// The hashes the template's source had of the files it linked (the same bytes), by
+    /// name: a put need not hash them again.
+    digests: BTreeMap<String, String>,
 }

@@ -112,6 +112,18 @@ async fn build_steps(
     anyhow::bail!("the build of {template_id} ended without a template; its log: {log:?}")
 }
 
+/// How long each step's freeze took (sync, stop, new layer, resume), from the build's log.
+fn freeze_times(log: &[String]) -> Vec<Duration> {
+    log.iter()
+        .filter_map(|line| {
+            let ms = line
+                .strip_prefix("its disk kept for later builds (")?
+                .strip_suffix(" ms)")?;
+            ms.parse().ok().map(Duration::from_millis)
+        })
+        .collect()
+}
+
 /// The pull rates (MiB/s) the agent logged for the layers it fetched, and their MiB.
 fn pull_rates(log: &[String]) -> Vec<(f64, f64)> {
     log.iter()
@@ -141,15 +153,15 @@ pub async fn run(args: BuildBenchArgs) -> anyhow::Result<()> {
         })
         .await?;
     let (mut builds, mut first_creates, mut parent_creates) = (Vec::new(), Vec::new(), Vec::new());
+    let mut freezes = Vec::new();
     for run in 0..args.runs {
         eprintln!("build {} of {} ...", run + 1, args.runs);
         let template = format!("three-{run}");
-        builds.push(
-            build(&agent, &template, None, true)
-                .await
-                .context("the build")?
-                .0,
-        );
+        let (took, log) = build(&agent, &template, None, true)
+            .await
+            .context("the build")?;
+        builds.push(took);
+        freezes.extend(freeze_times(&log));
         // Creates from the new template and from its parent alternate.
         let id = format!("first-{run}");
         first_creates.push(agent.create_from(&template, id.clone()).await?);
@@ -264,8 +276,13 @@ pub async fn run(args: BuildBenchArgs) -> anyhow::Result<()> {
     let parent_creates = latency(&parent_creates);
     let cached_builds = latency(&cached_builds);
     let resumed_builds = latency(&resumed_builds);
+    let freezes = latency(&freezes);
     let mut rows = vec![
         ("three-step build from a template (cold)", builds.clone()),
+        (
+            "  a step's disk frozen for the layer cache",
+            freezes.clone(),
+        ),
         ("the same build again (fully cached)", cached_builds.clone()),
         (
             "its third step changed (steps 1-2 cached)",
@@ -319,6 +336,7 @@ pub async fn run(args: BuildBenchArgs) -> anyhow::Result<()> {
             serde_json::json!({
                 "three_step_build": builds, "three_step_build_cached": cached_builds,
                 "three_step_build_last_changed": resumed_builds,
+                "step_freeze": freezes,
                 "first_create_from_built": first_creates,
                 "create_from_parent": parent_creates,
                 "store": args.store.as_ref().map(|_| serde_json::json!({

@@ -176,6 +176,9 @@ pub struct TemplateBuild {
     pub files: BTreeMap<String, Vec<u8>>,
     /// Whether the build's VM may reach public addresses.
     pub allow_internet: bool,
+    /// Who may share the build's cache (a team): cached steps and builds are taken only from
+    /// builds of the same scope.
+    pub cache_scope: String,
 }
 
 fn nonempty(text: String) -> Option<String> {
@@ -202,6 +205,7 @@ impl TryFrom<pb::RunTemplateBuildRequest> for TemplateBuild {
             registry_username,
             registry_password,
             force,
+            cache_scope,
         } = request;
         let steps = steps
             .into_iter()
@@ -240,6 +244,7 @@ impl TryFrom<pb::RunTemplateBuildRequest> for TemplateBuild {
             files: files.into_iter().collect(),
             allow_internet,
             force,
+            cache_scope,
             from_image: nonempty(from_image).map(|reference| ImageSource {
                 reference,
                 username: nonempty(registry_username),
@@ -264,6 +269,7 @@ impl From<TemplateBuild> for pb::RunTemplateBuildRequest {
             allow_internet,
             from_image,
             force,
+            cache_scope,
         } = build;
         let (from_image, registry_username, registry_password) = match from_image {
             Some(image) => (
@@ -296,6 +302,7 @@ impl From<TemplateBuild> for pb::RunTemplateBuildRequest {
             registry_username,
             registry_password,
             force,
+            cache_scope,
         }
     }
 }
@@ -408,6 +415,7 @@ mod tests {
             files: BTreeMap::from([("abc".into(), b"tar".to_vec())]),
             allow_internet: true,
             force: true,
+            cache_scope: "team-a".into(),
             from_image: Some(ImageSource {
                 reference: "localhost:5000/app:v1".into(),
                 username: Some("ci".into()),

@@ -40,11 +40,10 @@ const BLOCK_BYTES: usize = 64 << 10;
 static ZEROS: [u8; BLOCK_BYTES] = [0; BLOCK_BYTES];
 /// The longest one request to the store may take (a blob is one request each way).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// The largest template record written to or read from a store.
+pub const MAX_ARTIFACT_BYTES: u64 = 4 << 20;
 /// A blob no template names is removed only once it is this old: a host may be putting the
 /// template that names it.
-/// The largest template record read from a store.
-pub const MAX_ARTIFACT_BYTES: u64 = 4 << 20;
-
 pub const UNREFERENCED_BLOB_AGE: Duration = Duration::from_secs(3600);
 
 /// A file of a template, by content.
@@ -354,6 +353,14 @@ impl TemplateStore {
     pub async fn put_artifact(&self, artifact: &Artifact) -> Result<(), AgentError> {
         let json = serde_json::to_vec_pretty(artifact)
             .map_err(|error| AgentError::internal("encoding the artifact", error))?;
+        if json.len() as u64 > MAX_ARTIFACT_BYTES {
+            return Err(AgentError::FailedPrecondition(format!(
+                "template {}'s record is {} bytes, over the {MAX_ARTIFACT_BYTES} a store's \
+                 record may have (its steps' ENV, most likely)",
+                artifact.record.template_id,
+                json.len()
+            )));
+        }
         self.objects
             .put(
                 &Self::artifact_path(&artifact.record.template_id),

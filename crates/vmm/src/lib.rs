@@ -180,10 +180,16 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
         memory_file: &'a Path,
     ) -> VmmFuture<'a, SnapshotFiles>;
 
+    /// Whether [`Vmm::layer_disk`] works with this VMM.
+    fn can_layer_disk(&self) -> bool {
+        false
+    }
+
     /// Freezes a running VM's disk as it is now: `overlay`, a new qcow2 image whose header
     /// names the disk's current top as its backing file, becomes the layer the VM writes to,
     /// and the old top is written no more (a build keeps it as its step's layer). The VM's own
-    /// caches are flushed first; the guest's are the caller's to sync.
+    /// caches are flushed first; the guest's are the caller's to sync. On an error the VM may
+    /// be writing to either file: it must not be snapshotted as a template.
     fn layer_disk<'a>(&'a self, vm: &'a VmProcess, overlay: &'a Path) -> VmmFuture<'a, ()> {
         let _ = (vm, overlay);
         Box::pin(async move {

@@ -516,6 +516,10 @@ impl Vmm for Qemu {
         })
     }
 
+    fn can_layer_disk(&self) -> bool {
+        true
+    }
+
     fn layer_disk<'a>(&'a self, vm: &'a VmProcess, overlay: &'a Path) -> VmmFuture<'a, ()> {
         Box::pin(async move {
             let mut qmp = self.qmp(vm).await?;

@@ -496,6 +496,38 @@ async fn templates_built_from_templates_run_their_steps_and_leave_nothing_when_t
         Code::InvalidArgument,
         "step 1: unknown type \"ADD\"",
     );
+    // COPY files that are not a tar, or lack the step's source, fail before any VM.
+    for (files, said) in [
+        (
+            b"not a tar at all, whatever its hash says".to_vec(),
+            "step 1 (COPY): its uploaded files are not a tar archive",
+        ),
+        (
+            {
+                let mut empty_folder = tar::Builder::new(Vec::new());
+                empty_folder
+                    .append_dir("other", std::env::temp_dir())
+                    .unwrap();
+                empty_folder.into_inner().unwrap()
+            },
+            "step 1 (COPY): app is not in its uploaded files",
+        ),
+    ] {
+        let mut request = build(
+            "odd",
+            vec![pb::BuildStep {
+                files_hash: "h".into(),
+                ..step("COPY", &["app", "/srv/app"])
+            }],
+        );
+        request.files = HashMap::from([("h".to_string(), files)]);
+        let (log, refused) = agent.run_build(&request).await;
+        assert_code(refused, Code::InvalidArgument, said);
+        assert!(
+            !log.iter().any(|l| l.message.contains("the VM is up")),
+            "{log:?}"
+        );
+    }
     let (_, odd_env) = agent
         .run_build(&build("odd", vec![step("ENV", &["A"])]))
         .await;

@@ -112,9 +112,17 @@ impl Manager {
                 )));
             }
             if step.kind == StepKind::Copy {
-                copy_source(&step.args[0]).map_err(|why| {
+                let refused = |why: String| {
                     AgentError::InvalidArgument(format!("step {} (COPY): {why}", index + 1))
-                })?;
+                };
+                let source = copy_source(&step.args[0]).map_err(refused)?;
+                let files = step
+                    .files_hash
+                    .as_ref()
+                    .and_then(|hash| build.files.get(hash))
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
+                check_copy_files(files, &source).map_err(refused)?;
             }
         }
         // The parent stays on the host for the build's length.
@@ -204,12 +212,31 @@ impl Manager {
             });
             let resumed = deepest
                 .and_then(|deepest| self.deepest_step_layer(&keys, deepest, pulled.is_some()));
-            // The template whose layers the build takes stays meanwhile.
+            // The template whose layers the build takes stays meanwhile (it cannot be
+            // removed while a build or create from it is in flight).
             let _taking_from = resumed
                 .as_ref()
                 .map(|(from, _)| self.creating_from(&from.template_id));
+            // It may have gone between the lookup and the guard: the build then runs its steps.
+            let resumed = resumed.and_then(|(from, layer)| {
+                let from_id = from.template_id.clone();
+                let inherited: Vec<StepLayer> = from
+                    .steps
+                    .iter()
+                    .filter(|kept| kept.step <= layer.step)
+                    .cloned()
+                    .collect();
+                let from_dir = self.store.template_dir(&from_id);
+                match TemplateSource::layers_of(from, layer.layers, from_dir) {
+                    Ok(source) => Some((source, from_id, layer, inherited)),
+                    Err(error) => {
+                        tracing::warn!(template = %from_id, %error, "a cached step's layers could not be taken: the steps run");
+                        None
+                    }
+                }
+            });
             let (source, state, skip, inherited, _staging) = match (resumed, pulled) {
-                (Some((from, layer)), _) => {
+                (Some((source, from_id, layer, inherited)), _) => {
                     for (index, step) in build.steps.iter().take(layer.step).enumerate() {
                         logger.log(
                             LogLevel::Info,
@@ -227,24 +254,16 @@ impl Manager {
                         base(),
                         if layer.step == 0 {
                             format!(
-                                "taking the root filesystem made from this image for template {}",
-                                from.template_id
+                                "taking the root filesystem made from this image for template \
+                                 {from_id}"
                             )
                         } else {
                             format!(
-                                "cached: steps 1 to {} as template {}'s build left them",
-                                layer.step, from.template_id
+                                "cached: steps 1 to {} as template {from_id}'s build left them",
+                                layer.step
                             )
                         },
                     );
-                    let inherited: Vec<StepLayer> = from
-                        .steps
-                        .iter()
-                        .filter(|kept| kept.step <= layer.step)
-                        .cloned()
-                        .collect();
-                    let from_dir = self.store.template_dir(&from.template_id);
-                    let source = TemplateSource::layers_of(from, layer.layers, from_dir)?;
                     let state = StepState {
                         user: layer.user,
                         workdir: layer.workdir,
@@ -440,8 +459,8 @@ impl BuildWork<'_> {
 
     /// Keeps the disk as step `number` left it, for later builds that share the steps so far:
     /// frozen as a layer of the chain when the step may have written to it, the layer below
-    /// when it only changed the steps' state. A disk that cannot be kept is logged, not an
-    /// error: the build goes on.
+    /// when it only changed the steps' state. A disk this VMM cannot freeze, or whose chain is
+    /// at its cap, is logged and the build goes on; a freeze that fails fails the build.
     async fn keep_step(
         &self,
         number: usize,
@@ -462,6 +481,13 @@ impl BuildWork<'_> {
         };
         if matches!(step.kind, StepKind::Env | StepKind::User) {
             self.keep(number, below);
+            return Ok(());
+        }
+        if !disk.can_freeze() {
+            self.stop_keeping(
+                number,
+                "this host's VMM cannot freeze a running VM's disk".into(),
+            );
             return Ok(());
         }
         let chain = disk.layers_below_top()? + 1;
@@ -493,20 +519,17 @@ impl BuildWork<'_> {
             );
             return Ok(());
         }
-        match disk.freeze(&format!("step-{number}.qcow2")).await {
-            Ok(layers) => {
-                self.keep(number, layers);
-                self.logger.log(
-                    LogLevel::Debug,
-                    Some(number.to_string()),
-                    format!(
-                        "its disk kept for later builds ({} ms)",
-                        started.elapsed().as_millis()
-                    ),
-                );
-            }
-            Err(error) => self.stop_keeping(number, error.to_string()),
-        }
+        // A freeze that failed half-way leaves the VM's disk in doubt: the build fails.
+        let layers = disk.freeze(&format!("step-{number}.qcow2")).await?;
+        self.keep(number, layers);
+        self.logger.log(
+            LogLevel::Debug,
+            Some(number.to_string()),
+            format!(
+                "its disk kept for later builds ({} ms)",
+                started.elapsed().as_millis()
+            ),
+        );
         Ok(())
     }
 }
@@ -539,7 +562,8 @@ impl VmWork for BuildWork<'_> {
         disk: &VmDisk<'_>,
     ) -> Result<TemplateDefaults, AgentError> {
         let total = self.build.steps.len();
-        if self.skip == 0 {
+        // Step 0 (the source) is kept unless the source is a kept step itself.
+        if self.kept.lock().expect("kept layers").steps.is_empty() {
             self.keep(0, disk.layers_below_top()?);
         }
         for (index, step) in self.build.steps.iter().enumerate().skip(self.skip) {
@@ -611,7 +635,8 @@ impl VmWork for BuildWork<'_> {
     }
 }
 
-/// What a build is made of, hashed (SHA-256, hex): where it starts (`source`: the parent
+/// What a build is made of, hashed (SHA-256, hex): who may share it (its cache scope), where
+/// it starts (`source`: the parent
 /// template as made, or the image's manifest digest with the template giving the guest's
 /// files), the VM's size and network, every step with its arguments and, for COPY, its files'
 /// bytes, and the start and ready commands. Two builds of one key make the same template.
@@ -620,6 +645,7 @@ fn build_key(build: &TemplateBuild, source: &str, memory_mib: u32, vcpus: u32) -
     let mut hasher = Sha256::new();
     let mut part = |text: &[u8]| hash_part(&mut hasher, text);
     part(b"wrenn-build-v1");
+    part(build.cache_scope.as_bytes());
     part(source.as_bytes());
     part(
         format!(
@@ -637,14 +663,15 @@ fn build_key(build: &TemplateBuild, source: &str, memory_mib: u32, vcpus: u32) -
     format!("{:x}", hasher.finalize())
 }
 
-/// What a build is made of up to each step, hashed (SHA-256, hex): at 0 where it starts and
-/// its network, then each step added (its kind, arguments and, for COPY, its files' bytes).
+/// What a build is made of up to each step, hashed (SHA-256, hex): at 0 who may share it
+/// (its cache scope), where it starts and its network, then each step added (its kind, arguments and, for COPY, its files' bytes).
 /// Builds that share a step's key leave the same disk and state after it, whatever their size
 /// or their other steps.
 fn step_keys(build: &TemplateBuild, source: &str) -> Vec<String> {
     use sha2::{Digest, Sha256};
     let mut hasher = Sha256::new();
     hash_part(&mut hasher, b"wrenn-step-v1");
+    hash_part(&mut hasher, build.cache_scope.as_bytes());
     hash_part(&mut hasher, source.as_bytes());
     hash_part(
         &mut hasher,
@@ -848,6 +875,42 @@ fn copy_source(source: &str) -> Result<String, String> {
     } else {
         kept.join("/")
     })
+}
+
+/// Checks, before any VM starts, that a COPY's uploaded files are a tar (gzipped or not) that
+/// has `source` (a path relative to the build's context, `.` for all of it).
+fn check_copy_files(files: &[u8], source: &str) -> Result<(), String> {
+    let reader: Box<dyn std::io::Read + '_> = if files.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::read::GzDecoder::new(files))
+    } else {
+        Box::new(files)
+    };
+    let not_a_tar =
+        |error: std::io::Error| format!("its uploaded files are not a tar archive: {error}");
+    let mut archive = tar::Archive::new(reader);
+    let mut entries = 0usize;
+    let mut found = source == ".";
+    for entry in archive.entries().map_err(not_a_tar)? {
+        let entry = entry.map_err(not_a_tar)?;
+        entries += 1;
+        if found {
+            continue;
+        }
+        let path = entry.path().map_err(not_a_tar)?;
+        let path = path.to_string_lossy();
+        let path = path.trim_start_matches("./").trim_end_matches('/');
+        found = path == source
+            || path
+                .strip_prefix(source)
+                .is_some_and(|rest| rest.starts_with('/'));
+    }
+    if entries == 0 {
+        return Err("its uploaded files are an empty archive".into());
+    }
+    if !found {
+        return Err(format!("{source} is not in its uploaded files"));
+    }
+    Ok(())
 }
 
 /// COPY: the step's files into the guest (`src`, `dest`, owner, mode), as E2B copies: owner
@@ -1233,6 +1296,7 @@ mod tests {
                 .map(|(hash, bytes)| (hash.to_string(), bytes.to_vec()))
                 .collect(),
             allow_internet: false,
+            cache_scope: String::new(),
         }
     }
 
@@ -1271,9 +1335,17 @@ mod tests {
         assert_ne!(keys[2], changed[2]);
         assert_ne!(keys[3], changed[3]);
 
-        // Another source or network is another build from the start.
+        // Another source, network or scope (team) is another build from the start.
         let rebuilt_base = step_keys(&first, "template base (2)");
         assert!(keys.iter().zip(&rebuilt_base).all(|(a, b)| a != b));
+        let mut other_team = first.clone();
+        other_team.cache_scope = "team-b".into();
+        let theirs = step_keys(&other_team, "template base (1)");
+        assert!(keys.iter().zip(&theirs).all(|(a, b)| a != b));
+        assert_ne!(
+            build_key(&first, "template base (1)", 512, 1),
+            build_key(&other_team, "template base (1)", 512, 1)
+        );
         let mut online = first.clone();
         online.allow_internet = true;
         assert_ne!(keys[0], step_keys(&online, "template base (1)")[0]);
@@ -1287,6 +1359,44 @@ mod tests {
             "s",
         );
         assert_ne!(split[1], moved[1]);
+    }
+
+    #[test]
+    fn copy_files_are_checked_before_any_vm_starts() {
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        header.set_size(5);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder
+            .append_data(&mut header.clone(), "app/main.py", &b"print"[..])
+            .unwrap();
+        builder
+            .append_data(&mut header, "./notes.txt", &b"notes"[..])
+            .unwrap();
+        let plain = builder.into_inner().unwrap();
+        let mut gzipped = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gzipped, &plain).unwrap();
+        let gzipped = gzipped.finish().unwrap();
+        for files in [&plain, &gzipped] {
+            for source in [".", "app", "app/main.py", "notes.txt"] {
+                assert_eq!(check_copy_files(files, source), Ok(()), "{source}");
+            }
+            let missing = check_copy_files(files, "ap").unwrap_err();
+            assert_eq!(missing, "ap is not in its uploaded files");
+            assert!(check_copy_files(files, "src").is_err());
+        }
+        let garbage = check_copy_files(b"not a tar at all, as anyone can see", ".").unwrap_err();
+        assert!(
+            garbage.starts_with("its uploaded files are not a tar archive"),
+            "{garbage}"
+        );
+        let truncated = check_copy_files(&gzipped[..gzipped.len() / 2], "app").unwrap_err();
+        assert!(truncated.contains("not a tar archive"), "{truncated}");
+        assert!(
+            check_copy_files(&[0u8; 1024], ".").is_err(),
+            "an empty archive"
+        );
     }
 
     #[test]

@@ -164,23 +164,14 @@ impl Manager {
                 "this host has no template store".into(),
             ));
         }
-        let lock = self
-            .pulling
+        let turn = PullTurn::take(self, template_id);
+        let _pulling = turn
+            .lock
+            .as_ref()
+            .expect("a lock until dropped")
             .lock()
-            .expect("pulling lock")
-            .entry(template_id.to_string())
-            .or_default()
-            .clone();
-        let pulled = {
-            let _pulling = lock.lock().await;
-            self.pull_template_locked(template_id).await
-        };
-        // The last one out takes the lock away (clones are made under the map's lock only).
-        let mut pulling = self.pulling.lock().expect("pulling lock");
-        if Arc::strong_count(&lock) == 2 {
-            pulling.remove(template_id);
-        }
-        pulled
+            .await;
+        self.pull_template_locked(template_id).await
     }
 
     async fn pull_template_locked(
@@ -616,6 +607,43 @@ fn dir_bytes(dir: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// A pull's place in its template's lock ([`Manager::pulling`]): the last one out takes the
+/// lock away, under the map's lock, where alone the locks are cloned (so a count of two, the
+/// map's and this one's, means no one else waits), even when the pull is dropped half-way.
+struct PullTurn<'a> {
+    manager: &'a Manager,
+    template_id: String,
+    lock: Option<Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl<'a> PullTurn<'a> {
+    fn take(manager: &'a Manager, template_id: &str) -> PullTurn<'a> {
+        let lock = manager
+            .pulling
+            .lock()
+            .expect("pulling lock")
+            .entry(template_id.to_string())
+            .or_default()
+            .clone();
+        PullTurn {
+            manager,
+            template_id: template_id.to_string(),
+            lock: Some(lock),
+        }
+    }
+}
+
+impl Drop for PullTurn<'_> {
+    fn drop(&mut self) {
+        let mut pulling = self.manager.pulling.lock().expect("pulling lock");
+        if let Some(lock) = self.lock.take()
+            && Arc::strong_count(&lock) == 2
+        {
+            pulling.remove(&self.template_id);
+        }
+    }
 }
 
 /// A create from a template in flight (see [`Manager::creating_from`]).

@@ -96,10 +96,16 @@ impl VmDisk<'_> {
             .map_err(|error| AgentError::internal("reading the disk's chain", error))
     }
 
+    /// Whether this host's VMM can freeze a running VM's disk.
+    pub fn can_freeze(&self) -> bool {
+        self.vmm.can_layer_disk()
+    }
+
     /// Freezes the disk as it is now (the guest's writes synced) as `name` in the template's
     /// directory: the top is renamed (the VMM holds it open), a new top made over it, and the
-    /// VM moved onto that. Returns how many layers, from the base, make the frozen disk. On
-    /// failure the disk is as it was.
+    /// VM moved onto that. Returns how many layers, from the base, make the frozen disk. A
+    /// failure before the VMM is asked leaves the disk as it was; one after leaves it in doubt
+    /// (the VM may write to either file), and the template must not be made.
     pub async fn freeze(&self, name: &str) -> Result<usize, AgentError> {
         let frozen = self.top.with_file_name(name);
         if frozen.exists() {
@@ -112,17 +118,22 @@ impl VmDisk<'_> {
             .map_err(|error| AgentError::internal("reading the disk's size", error))?;
         std::fs::rename(self.top, &frozen)
             .map_err(|error| AgentError::internal("naming the frozen layer", error))?;
-        let layered = async {
-            crate::disk::create_overlay_unopened(&frozen, "qcow2", self.top, size).await?;
-            self.vmm.layer_disk(self.vm, self.top).await?;
-            Ok::<_, AgentError>(())
-        }
-        .await;
-        if let Err(error) = layered {
+        if let Err(error) =
+            crate::disk::create_overlay_unopened(&frozen, "qcow2", self.top, size).await
+        {
             let _ = std::fs::remove_file(self.top);
             let _ = std::fs::rename(&frozen, self.top);
             return Err(error);
         }
+        self.vmm
+            .layer_disk(self.vm, self.top)
+            .await
+            .map_err(|error| {
+                AgentError::Internal(format!(
+                    "the build's disk could not be frozen after a step, and the build cannot \
+                     go on: {error}"
+                ))
+            })?;
         wrenn_vmm::qcow2::chain(&frozen)
             .map(|layers| layers.len())
             .map_err(|error| AgentError::internal("reading the frozen layer's chain", error))
@@ -643,6 +654,19 @@ impl Manager {
             return Err(AgentError::FailedPrecondition(format!(
                 "template {template_id} is in use by sandboxes {}: destroy them first",
                 users.join(", ")
+            )));
+        }
+        let in_flight = self
+            .creating_from
+            .lock()
+            .expect("creating lock")
+            .get(template_id)
+            .copied()
+            .unwrap_or(0);
+        if in_flight > 0 {
+            return Err(AgentError::FailedPrecondition(format!(
+                "template {template_id} is in use by {in_flight} create(s) or build(s) in \
+                 flight: try again once they end"
             )));
         }
         self.templates

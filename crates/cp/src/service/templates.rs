@@ -702,6 +702,7 @@ impl ControlPlane {
             allow_internet: self.internet,
             from_image: image,
             force: spec.force,
+            cache_scope: team_id.to_string(),
         };
         let build = BuildRow {
             status: BuildStatus::Building,
@@ -1003,10 +1004,11 @@ impl ControlPlane {
             .filter(|build| build.status == BuildStatus::Ready)
             .map(|build| build.host_template_id.as_str())
             .collect();
-        let children: Vec<String> = self
-            .store
-            .builds_in(BuildStatus::Ready)
-            .await?
+        // Ready builds stand on it, and running or waiting ones will.
+        let mut others = self.store.builds_in(BuildStatus::Ready).await?;
+        others.extend(self.store.builds_in(BuildStatus::Building).await?);
+        others.extend(self.store.builds_in(BuildStatus::Waiting).await?);
+        let children: Vec<String> = others
             .into_iter()
             .filter(|build| build.template_id != template.id)
             .filter(|build| host_templates.contains(&build.from_template.as_str()))
@@ -1053,9 +1055,9 @@ impl ControlPlane {
             holders.extend(builder);
             for host in holders {
                 match host.delete_template(&build.host_template_id).await {
-                    // Sandboxes of it run or are paused there: they keep the host's copy, which
-                    // the reconcile pass deletes (with the store's, if that host has it) once
-                    // they are gone.
+                    // Sandboxes of it run or are paused there, or a create or build from it is
+                    // in flight: they keep the host's copy, which the reconcile pass deletes
+                    // (with the store's, if that host has it) once they are gone.
                     Err(Error::Host {
                         source: HostAgentError::Conflict(why),
                         ..

@@ -66,6 +66,25 @@ pub async fn create_overlay_unopened(
     crate::store::private_file(target)
 }
 
+/// Copies `from` to `to` (sparse, and shared on filesystems that can).
+pub async fn copy_file(from: &Path, to: &Path) -> Result<(), AgentError> {
+    let status = tokio::process::Command::new("cp")
+        .arg("--sparse=always")
+        .arg("--reflink=auto")
+        .arg(from)
+        .arg(to)
+        .status()
+        .await
+        .map_err(|error| AgentError::internal("copying a disk file", error))?;
+    if !status.success() {
+        return Err(AgentError::Internal(format!(
+            "copying {} failed",
+            from.display()
+        )));
+    }
+    crate::store::private_file(to)
+}
+
 /// Points the qcow2 file `disk` at `backing` (of `backing_format`) without touching its data
 /// (`qemu-img rebase -u`): for a layer moved beside a copy of what it stood on.
 pub async fn rebase(disk: &Path, backing: &Path, backing_format: &str) -> Result<(), AgentError> {

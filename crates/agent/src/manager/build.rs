@@ -178,18 +178,7 @@ impl Manager {
             };
             let key = build_key(&build, &source_key, memory_mib, vcpus);
             if !forced && let Some(cached) = self.template_built_as(&key) {
-                for (index, step) in build.steps.iter().enumerate() {
-                    logger.log(
-                        LogLevel::Info,
-                        Some((index + 1).to_string()),
-                        format!(
-                            "[{}/{}] {} (cached)",
-                            index + 1,
-                            build.steps.len(),
-                            step.describe()
-                        ),
-                    );
-                }
+                log_cached_steps(&logger, &build, build.steps.len());
                 logger.log(
                     LogLevel::Info,
                     finalize(),
@@ -237,18 +226,7 @@ impl Manager {
             });
             let (source, state, skip, inherited, _staging) = match (resumed, pulled) {
                 (Some((source, from_id, layer, inherited)), _) => {
-                    for (index, step) in build.steps.iter().take(layer.step).enumerate() {
-                        logger.log(
-                            LogLevel::Info,
-                            Some((index + 1).to_string()),
-                            format!(
-                                "[{}/{}] {} (cached)",
-                                index + 1,
-                                build.steps.len(),
-                                step.describe()
-                            ),
-                        );
-                    }
+                    log_cached_steps(&logger, &build, layer.step);
                     logger.log(
                         LogLevel::Info,
                         base(),
@@ -394,6 +372,22 @@ impl Manager {
                 Err(error)
             }
         }
+    }
+}
+
+/// Logs the build's first `through` steps as cached (not run).
+fn log_cached_steps(logger: &BuildLogger, build: &TemplateBuild, through: usize) {
+    for (index, step) in build.steps.iter().take(through).enumerate() {
+        logger.log(
+            LogLevel::Info,
+            Some((index + 1).to_string()),
+            format!(
+                "[{}/{}] {} (cached)",
+                index + 1,
+                build.steps.len(),
+                step.describe()
+            ),
+        );
     }
 }
 

@@ -558,7 +558,7 @@ impl Manager {
                 }
             }
             let taken = if writable {
-                copy_file(&candidate, target).await
+                crate::disk::copy_file(&candidate, target).await
             } else {
                 std::fs::hard_link(&candidate, target)
                     .map_err(|error| AgentError::internal("linking a template's file", error))
@@ -573,25 +573,6 @@ impl Manager {
         }
         Ok(false)
     }
-}
-
-/// Copies `from` to `to` (sparse, and shared on filesystems that can).
-async fn copy_file(from: &Path, to: &Path) -> Result<(), AgentError> {
-    let status = tokio::process::Command::new("cp")
-        .arg("--sparse=always")
-        .arg("--reflink=auto")
-        .arg(from)
-        .arg(to)
-        .status()
-        .await
-        .map_err(|error| AgentError::internal("copying a template's file", error))?;
-    if !status.success() {
-        return Err(AgentError::Internal(format!(
-            "copying {} failed",
-            from.display()
-        )));
-    }
-    crate::store::private_file(to)
 }
 
 /// The disk removing `dir` would free: the allocated blocks of the files directly in it that

@@ -307,19 +307,7 @@ impl Manager {
                 if entry.path() == cached.machine.disk
                     || pointed.iter().any(|&i| layers[i].path == entry.path())
                 {
-                    let copied = tokio::process::Command::new("cp")
-                        .arg("--sparse=always")
-                        .arg("--reflink=auto")
-                        .arg(entry.path())
-                        .arg(&target)
-                        .status()
-                        .await
-                        .map_err(|error| AgentError::internal("copying the cached disk", error))?;
-                    if !copied.success() {
-                        return Err(AgentError::Internal(
-                            "copying the cached disk failed".into(),
-                        ));
-                    }
+                    crate::disk::copy_file(&entry.path(), &target).await?;
                 } else if entry.file_type().is_ok_and(|kind| kind.is_file())
                     && name != std::ffi::OsStr::new(crate::store::TEMPLATE_FILE)
                 {
@@ -743,20 +731,7 @@ async fn take_layers(
         })?;
         let target = dir.join(name);
         if below_taken {
-            let copied = tokio::process::Command::new("cp")
-                .arg("--sparse=always")
-                .arg("--reflink=auto")
-                .arg(&layer.path)
-                .arg(&target)
-                .status()
-                .await
-                .map_err(|error| AgentError::internal("copying a cached layer", error))?;
-            if !copied.success() {
-                return Err(AgentError::Internal(format!(
-                    "copying the cached layer {} failed",
-                    layer.path.display()
-                )));
-            }
+            crate::disk::copy_file(&layer.path, &target).await?;
             let lower = &layers[index + 1];
             let lower_copy = below.as_deref().expect("a layer below");
             crate::disk::rebase(&target, lower_copy, lower.format).await?;

@@ -39,6 +39,7 @@ pub enum Operation {
     DeleteTemplate,
     /// A template taken from the store (by a create that needed it).
     Pull,
+    Checkpoint,
 }
 
 /// A sandbox the fake holds.
@@ -48,6 +49,16 @@ pub struct FakeSandbox {
     pub state: SandboxState,
     pub created_at_ms: i64,
     pub options: CreateOptions,
+    /// Paused without its memory.
+    pub disk_only: bool,
+    /// The checkpoints taken of it, which its disk stands on.
+    pub layered_on: Vec<String>,
+}
+
+impl FakeSandbox {
+    fn stands_on(&self, template_id: &str) -> bool {
+        self.template_id == template_id || self.layered_on.iter().any(|id| id == template_id)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -67,6 +78,8 @@ struct State {
     builds: Vec<TemplateBuild>,
     /// The template store it puts its builds in and pulls missing templates from.
     store: Option<FakeTemplateStore>,
+    /// Its forks' checkpoints, removed once nothing stands on them.
+    ephemeral: Vec<String>,
 }
 
 /// A template store fakes share (as the real agents of a fleet share one): the templates
@@ -204,6 +217,8 @@ impl FakeAgent {
                     sandbox_id: Some(sandbox_id.into()),
                     ..CreateOptions::default()
                 },
+                disk_only: false,
+                layered_on: Vec::new(),
             },
         );
     }
@@ -311,9 +326,84 @@ impl State {
                 state: SandboxState::Running,
                 created_at_ms: now_ms(),
                 options,
+                disk_only: false,
+                layered_on: Vec::new(),
             },
         );
         Ok(id)
+    }
+
+    /// Takes a checkpoint of a running sandbox as the template `template_id`, over the
+    /// sandbox's template (and its earlier checkpoints), which it then stands on.
+    fn checkpoint(
+        &mut self,
+        sandbox_id: &str,
+        template_id: &str,
+        ephemeral: bool,
+    ) -> Result<crate::Checkpoint, HostAgentError> {
+        if self.templates.iter().any(|t| t.template_id == template_id) {
+            return Err(HostAgentError::Conflict(format!(
+                "template {template_id} already exists"
+            )));
+        }
+        let sandbox = self
+            .sandboxes
+            .get_mut(sandbox_id)
+            .ok_or_else(|| HostAgentError::NotFound(format!("no sandbox {sandbox_id}")))?;
+        if sandbox.state != SandboxState::Running {
+            return Err(HostAgentError::Conflict(format!(
+                "sandbox {sandbox_id} is {}: only a running sandbox can be snapshotted or forked",
+                sandbox.state
+            )));
+        }
+        let parent = sandbox
+            .layered_on
+            .last()
+            .cloned()
+            .unwrap_or_else(|| sandbox.template_id.clone());
+        sandbox.layered_on.push(template_id.to_string());
+        let of = self
+            .templates
+            .iter()
+            .find(|t| t.template_id == sandbox.template_id)
+            .cloned()
+            .unwrap_or_else(|| template(&sandbox.template_id, 512));
+        let made = TemplateReport {
+            template_id: template_id.to_string(),
+            created_at_ms: now_ms(),
+            ..of
+        };
+        self.templates.push(made.clone());
+        self.parents.insert(template_id.to_string(), parent);
+        if ephemeral {
+            self.ephemeral.push(template_id.to_string());
+        } else if let Some(store) = &self.store {
+            store
+                .templates
+                .lock()
+                .expect("fake store lock")
+                .push(made.clone());
+        }
+        Ok(crate::Checkpoint {
+            snapshot_bytes: u64::from(made.memory_mib) << 20,
+            template: made,
+            paused: Duration::from_millis(1),
+            total: Duration::from_millis(2),
+        })
+    }
+
+    /// Removes the forks' checkpoints nothing stands on any more.
+    fn collect_ephemeral(&mut self) {
+        loop {
+            let unused = self.ephemeral.iter().find(|id| {
+                !self.sandboxes.values().any(|s| s.stands_on(id))
+                    && !self.parents.values().any(|parent| parent == *id)
+            });
+            let Some(id) = unused.cloned() else { return };
+            self.ephemeral.retain(|other| *other != id);
+            self.templates.retain(|t| t.template_id != id);
+            self.parents.remove(&id);
+        }
     }
 
     /// Moves a sandbox from `from` to `to`, or says why it cannot.
@@ -346,7 +436,10 @@ impl State {
 
     fn destroy(&mut self, sandbox_id: &str) -> Result<(), HostAgentError> {
         match self.sandboxes.remove(sandbox_id) {
-            Some(_) => Ok(()),
+            Some(_) => {
+                self.collect_ephemeral();
+                Ok(())
+            }
             None => Err(HostAgentError::NotFound(format!("no sandbox {sandbox_id}"))),
         }
     }
@@ -383,7 +476,7 @@ impl State {
             && let Some((id, _)) = self
                 .sandboxes
                 .iter()
-                .find(|(_, sandbox)| sandbox.template_id == template_id)
+                .find(|(_, sandbox)| sandbox.stands_on(template_id))
         {
             return Err(HostAgentError::Conflict(format!(
                 "template {template_id} is in use by sandboxes {id}: destroy them first"
@@ -533,18 +626,39 @@ impl HostAgent for FakeAgent {
         .await
     }
 
-    async fn pause(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
+    async fn pause(&self, sandbox_id: &str, disk_only: bool) -> Result<(), HostAgentError> {
         let id = sandbox_id.to_string();
         self.run(Operation::Pause, sandbox_id, move |state| {
-            state.transition(&id, SandboxState::Running, SandboxState::Paused)
+            state.transition(&id, SandboxState::Running, SandboxState::Paused)?;
+            if let Some(sandbox) = state.sandboxes.get_mut(&id) {
+                sandbox.disk_only = disk_only;
+            }
+            Ok(())
         })
         .await
     }
 
-    async fn resume(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
+    async fn checkpoint(
+        &self,
+        sandbox_id: &str,
+        template_id: &str,
+        ephemeral: bool,
+    ) -> Result<crate::Checkpoint, HostAgentError> {
+        let (id, template_id) = (sandbox_id.to_string(), template_id.to_string());
+        self.run(Operation::Checkpoint, sandbox_id, move |state| {
+            state.checkpoint(&id, &template_id, ephemeral)
+        })
+        .await
+    }
+
+    async fn resume(&self, sandbox_id: &str, _from_disk: bool) -> Result<(), HostAgentError> {
         let id = sandbox_id.to_string();
         self.run(Operation::Resume, sandbox_id, move |state| {
-            state.transition(&id, SandboxState::Paused, SandboxState::Running)
+            state.transition(&id, SandboxState::Paused, SandboxState::Running)?;
+            if let Some(sandbox) = state.sandboxes.get_mut(&id) {
+                sandbox.disk_only = false;
+            }
+            Ok(())
         })
         .await
     }
@@ -642,17 +756,27 @@ impl FakeAgent {
             Ok(pb::DeleteTemplateResponse {})
         });
         let router = serve::<rpc::PauseSandbox, _, _>(router, |agent, request| async move {
-            let sandbox = agent.pause_or_resume(Operation::Pause, &request.sandbox_id);
+            let operation = Operation::Pause;
+            let sandbox = agent.pause_or_resume(operation, &request.sandbox_id, request.disk_only);
             Ok(pb::PauseSandboxResponse {
                 sandbox: sandbox.await?,
                 ..Default::default()
             })
         });
         let router = serve::<rpc::ResumeSandbox, _, _>(router, |agent, request| async move {
-            let sandbox = agent.pause_or_resume(Operation::Resume, &request.sandbox_id);
+            let sandbox =
+                agent.pause_or_resume(Operation::Resume, &request.sandbox_id, request.from_disk);
             Ok(pb::ResumeSandboxResponse {
                 sandbox: sandbox.await?,
             })
+        });
+        let router = serve::<rpc::CheckpointSandbox, _, _>(router, |agent, request| async move {
+            required("sandbox_id", &request.sandbox_id)?;
+            required("template_id", &request.template_id)?;
+            let checkpoint = agent
+                .checkpoint(&request.sandbox_id, &request.template_id, request.ephemeral)
+                .await?;
+            Ok(pb::CheckpointSandboxResponse::from(checkpoint))
         });
         let router = serve::<rpc::DestroySandbox, _, _>(router, |agent, request| async move {
             required("sandbox_id", &request.sandbox_id)?;
@@ -686,18 +810,20 @@ impl FakeAgent {
             })
     }
 
-    /// Pauses sandbox `sandbox_id` (a required field), or resumes it, as `operation` says:
-    /// the sandbox as the agent's API shows it then.
+    /// Pauses sandbox `sandbox_id` (a required field), or resumes it, as `operation` says
+    /// (`disk_only`: a pause without memory, a resume from the disk): the sandbox as the
+    /// agent's API shows it then.
     async fn pause_or_resume(
         &self,
         operation: Operation,
         sandbox_id: &str,
+        disk_only: bool,
     ) -> Result<Option<pb::Sandbox>, HostAgentError> {
         required("sandbox_id", sandbox_id)?;
         if operation == Operation::Pause {
-            self.pause(sandbox_id).await?;
+            self.pause(sandbox_id, disk_only).await?;
         } else {
-            self.resume(sandbox_id).await?;
+            self.resume(sandbox_id, disk_only).await?;
         }
         Ok(self.sandbox_message(sandbox_id))
     }
@@ -840,10 +966,10 @@ mod tests {
             Err(HostAgentError::NoCapacity(_))
         ));
         assert!(matches!(
-            agent.resume("a").await,
+            agent.resume("a", false).await,
             Err(HostAgentError::Conflict(_))
         ));
-        agent.pause("a").await.unwrap();
+        agent.pause("a", false).await.unwrap();
         assert_eq!(agent.report().await.unwrap().sandboxes_paused, 1);
     }
 
@@ -853,11 +979,14 @@ mod tests {
         first_moves(&agent).await;
         agent.create(options("b")).await.unwrap();
         assert!(
-            matches!(agent.resume("a").await, Err(HostAgentError::NoCapacity(_))),
+            matches!(
+                agent.resume("a", false).await,
+                Err(HostAgentError::NoCapacity(_))
+            ),
             "b holds the only slot"
         );
         agent.destroy("b").await.unwrap();
-        agent.resume("a").await.unwrap();
+        agent.resume("a", false).await.unwrap();
         assert!(matches!(
             agent.destroy("b").await,
             Err(HostAgentError::NotFound(_))
@@ -930,7 +1059,7 @@ mod tests {
         );
         agent.fail_next(Operation::Resume, HostAgentError::TimedOut("slow".into()));
         assert_eq!(
-            remote.resume("a").await,
+            remote.resume("a", false).await,
             Err(HostAgentError::TimedOut("slow".into()))
         );
         remote.destroy("a").await.unwrap();

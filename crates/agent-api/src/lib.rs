@@ -1,7 +1,7 @@
 //! The host agent as the control plane sees it.
 //!
 //! - [`HostAgent`]: the operations the control plane asks of a host (create, pause, resume,
-//!   destroy and list sandboxes; the host's report of its capacity and templates; the route to a
+//!   checkpoint, destroy and list sandboxes; the host's report of its capacity and templates; the route to a
 //!   guest port). The host agent's `LocalAgent` implements it in the process that runs the VMs
 //!   (`wrenn up`), [`RemoteAgent`] over a separate agent's Connect API and sandbox proxy, and the
 //!   control plane's tests with an in-memory fake. The control plane knows nothing else of an
@@ -40,6 +40,41 @@ pub struct CreateTimings {
 pub use route::GuestRoute;
 
 use join::HostReport;
+
+/// A checkpoint a host took of a running sandbox (see [`HostAgent::checkpoint`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The template it made.
+    pub template: join::TemplateReport,
+    /// The size of its memory snapshot.
+    pub snapshot_bytes: u64,
+    /// How long the sandbox was stopped.
+    pub paused: Duration,
+    /// The whole checkpoint, the template store's put included.
+    pub total: Duration,
+}
+
+impl From<wrenn_proto::agent::CheckpointSandboxResponse> for Checkpoint {
+    fn from(response: wrenn_proto::agent::CheckpointSandboxResponse) -> Self {
+        Checkpoint {
+            template: response.template.unwrap_or_default(),
+            snapshot_bytes: response.snapshot_bytes,
+            paused: Duration::from_millis(response.paused_ms),
+            total: Duration::from_millis(response.total_ms),
+        }
+    }
+}
+
+impl From<Checkpoint> for wrenn_proto::agent::CheckpointSandboxResponse {
+    fn from(checkpoint: Checkpoint) -> Self {
+        wrenn_proto::agent::CheckpointSandboxResponse {
+            template: Some(checkpoint.template),
+            snapshot_bytes: checkpoint.snapshot_bytes,
+            paused_ms: checkpoint.paused.as_millis() as u64,
+            total_ms: checkpoint.total.as_millis() as u64,
+        }
+    }
+}
 
 /// What a new sandbox is made of.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -198,10 +233,22 @@ pub trait HostAgent: Send + Sync + std::fmt::Debug {
     /// Starts a sandbox from `options.template_id`; returns once envd answers in it, with how
     /// long its steps took.
     async fn create(&self, options: CreateOptions) -> Result<CreateTimings, HostAgentError>;
-    /// Pauses a running sandbox: its memory, processes and files are kept on the host.
-    async fn pause(&self, sandbox_id: &str) -> Result<(), HostAgentError>;
-    /// Resumes a paused sandbox.
-    async fn resume(&self, sandbox_id: &str) -> Result<(), HostAgentError>;
+    /// Pauses a running sandbox: its memory, processes and files are kept on the host; with
+    /// `disk_only`, its files alone (synced first), and the resume boots it from them.
+    async fn pause(&self, sandbox_id: &str, disk_only: bool) -> Result<(), HostAgentError>;
+    /// Resumes a paused sandbox: restores its memory, or (`from_disk`, or a pause that kept
+    /// none) boots it from its disk.
+    async fn resume(&self, sandbox_id: &str, from_disk: bool) -> Result<(), HostAgentError>;
+    /// Saves a running sandbox's memory and disk as the host's template `template_id` while
+    /// the sandbox goes on (it is stopped while its memory is written). A persistent one is in
+    /// the template store (when the host has one) once this returns; an `ephemeral` one (a
+    /// fork's) is not, and goes from the host as soon as nothing stands on it.
+    async fn checkpoint(
+        &self,
+        sandbox_id: &str,
+        template_id: &str,
+        ephemeral: bool,
+    ) -> Result<Checkpoint, HostAgentError>;
     /// Destroys a sandbox and everything it held on the host ([`HostAgentError::NotFound`] if
     /// the host has no such sandbox).
     async fn destroy(&self, sandbox_id: &str) -> Result<(), HostAgentError>;

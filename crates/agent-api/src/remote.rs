@@ -89,16 +89,38 @@ impl HostAgent for RemoteAgent {
         })
     }
 
-    async fn pause(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
+    async fn pause(&self, sandbox_id: &str, disk_only: bool) -> Result<(), HostAgentError> {
         let request = pb::PauseSandboxRequest {
             sandbox_id: sandbox_id.into(),
+            disk_only,
         };
         self.call::<rpc::PauseSandbox>(&request).await.map(drop)
     }
 
-    async fn resume(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
+    async fn checkpoint(
+        &self,
+        sandbox_id: &str,
+        template_id: &str,
+        ephemeral: bool,
+    ) -> Result<crate::Checkpoint, HostAgentError> {
+        let request = pb::CheckpointSandboxRequest {
+            sandbox_id: sandbox_id.into(),
+            template_id: template_id.into(),
+            ephemeral,
+        };
+        let response = self.call::<rpc::CheckpointSandbox>(&request).await?;
+        if response.template.is_none() {
+            return Err(HostAgentError::Failed(
+                "the agent's checkpoint answer carries no template".into(),
+            ));
+        }
+        Ok(crate::Checkpoint::from(response))
+    }
+
+    async fn resume(&self, sandbox_id: &str, from_disk: bool) -> Result<(), HostAgentError> {
         let request = pb::ResumeSandboxRequest {
             sandbox_id: sandbox_id.into(),
+            from_disk,
             ..Default::default()
         };
         self.call::<rpc::ResumeSandbox>(&request).await.map(drop)

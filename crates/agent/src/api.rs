@@ -41,6 +41,7 @@ pub fn router(manager: Arc<Manager>, token: &str) -> Router {
     let router = serve(router, rpc::ListSandboxes, list_sandboxes);
     let router = serve(router, rpc::PauseSandbox, pause_sandbox);
     let router = serve(router, rpc::ResumeSandbox, resume_sandbox);
+    let router = serve(router, rpc::CheckpointSandbox, checkpoint_sandbox);
     let router = serve(router, rpc::DestroySandbox, destroy_sandbox);
     let router = serve(router, rpc::BuildTemplate, build_template);
     let router = serve(router, rpc::ListTemplates, list_templates);
@@ -193,10 +194,32 @@ async fn pause_sandbox(
     request: pb::PauseSandboxRequest,
 ) -> Result<pb::PauseSandboxResponse, AgentError> {
     required("sandbox_id", &request.sandbox_id)?;
-    let record = manager.pause(&request.sandbox_id).await?;
+    let record = manager
+        .pause(&request.sandbox_id, request.disk_only)
+        .await?;
     Ok(pb::PauseSandboxResponse {
         snapshot_bytes: record.snapshot.as_ref().map(|s| s.bytes).unwrap_or(0),
         sandbox: Some(sandbox_message(&manager, &record)),
+    })
+}
+
+async fn checkpoint_sandbox(
+    manager: Arc<Manager>,
+    request: pb::CheckpointSandboxRequest,
+) -> Result<pb::CheckpointSandboxResponse, AgentError> {
+    required("sandbox_id", &request.sandbox_id)?;
+    required("template_id", &request.template_id)?;
+    let started = std::time::Instant::now();
+    let options = crate::manager::CheckpointOptions {
+        template_id: request.template_id.clone(),
+        ephemeral: request.ephemeral,
+    };
+    let (record, paused) = manager.checkpoint(&request.sandbox_id, options).await?;
+    Ok(pb::CheckpointSandboxResponse {
+        template: Some(record.report()),
+        snapshot_bytes: record.snapshot.bytes,
+        paused_ms: paused.as_millis() as u64,
+        total_ms: started.elapsed().as_millis() as u64,
     })
 }
 
@@ -205,15 +228,13 @@ async fn resume_sandbox(
     request: pb::ResumeSandboxRequest,
 ) -> Result<pb::ResumeSandboxResponse, AgentError> {
     required("sandbox_id", &request.sandbox_id)?;
-    let token = (!request.envd_access_token.is_empty()).then_some(request.envd_access_token);
-    let record = manager
-        .resume(
-            &request.sandbox_id,
-            token,
-            timeout_from_millis(request.ready_timeout_ms),
-            timeout_from_millis(request.init_timeout_ms),
-        )
-        .await?;
+    let options = crate::manager::ResumeOptions {
+        access_token: (!request.envd_access_token.is_empty()).then_some(request.envd_access_token),
+        ready_timeout: timeout_from_millis(request.ready_timeout_ms),
+        init_timeout: timeout_from_millis(request.init_timeout_ms),
+        from_disk: request.from_disk,
+    };
+    let record = manager.resume(&request.sandbox_id, options).await?;
     Ok(pb::ResumeSandboxResponse {
         sandbox: Some(sandbox_message(&manager, &record)),
     })

@@ -1,4 +1,5 @@
-//! The agent's calls to envd in a guest: `/health`, `/init`, `/snapshot/prepare`. Every call
+//! The agent's calls to envd in a guest: `/health`, `/init`, `/snapshot/prepare` and
+//! `/snapshot/continue`. Every call
 //! opens its own connection and closes it (a client with no idle pool, `Connection: close`), so the agent never holds an idle connection to envd
 //! across a snapshot (it would be a zombie in every clone).
 //!
@@ -178,6 +179,27 @@ pub async fn prepare_snapshot(
     timeout: Duration,
 ) -> Result<(), AgentError> {
     control_post(address, "/snapshot/prepare", None, token, timeout).await
+}
+
+/// `POST /snapshot/prepare` before a stop that keeps no memory: envd also writes every dirty
+/// page to the disks once the processes are frozen.
+pub async fn prepare_disk_only(
+    address: SocketAddr,
+    token: Option<&str>,
+    timeout: Duration,
+) -> Result<(), AgentError> {
+    let body = serde_json::json!({ "syncDisks": true });
+    control_post(address, "/snapshot/prepare", Some(body), token, timeout).await
+}
+
+/// `POST /snapshot/continue`: the prepared VM goes on running (a checkpoint was taken of it):
+/// envd thaws the sandbox's processes and keeps its connections.
+pub async fn continue_after_snapshot(
+    address: SocketAddr,
+    token: Option<&str>,
+    timeout: Duration,
+) -> Result<(), AgentError> {
+    control_post(address, "/snapshot/continue", None, token, timeout).await
 }
 
 /// A control `POST` that must be answered with a 2xx: a refusal is an internal error, no

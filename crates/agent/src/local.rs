@@ -8,7 +8,7 @@ use std::sync::Arc;
 use wrenn_agent_api::build::{BuildLog, TemplateBuild};
 use wrenn_agent_api::join::{HostReport, TemplateReport};
 use wrenn_agent_api::{
-    CreateOptions, CreateTimings, GuestRoute, HostAgent, HostAgentError, SandboxSummary,
+    Checkpoint, CreateOptions, CreateTimings, GuestRoute, HostAgent, HostAgentError, SandboxSummary,
 };
 
 use crate::manager::Manager;
@@ -35,14 +35,42 @@ impl HostAgent for LocalAgent {
             .map_err(HostAgentError::from)
     }
 
-    async fn pause(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
+    async fn pause(&self, sandbox_id: &str, disk_only: bool) -> Result<(), HostAgentError> {
         let (manager, id) = (self.manager.clone(), sandbox_id.to_string());
-        finished(async move { manager.pause(&id).await }).await
+        finished(async move { manager.pause(&id, disk_only).await }).await
     }
 
-    async fn resume(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
+    async fn checkpoint(
+        &self,
+        sandbox_id: &str,
+        template_id: &str,
+        ephemeral: bool,
+    ) -> Result<Checkpoint, HostAgentError> {
         let (manager, id) = (self.manager.clone(), sandbox_id.to_string());
-        finished(async move { manager.resume(&id, None, None, None).await }).await
+        let options = crate::manager::CheckpointOptions {
+            template_id: template_id.to_string(),
+            ephemeral,
+        };
+        let started = std::time::Instant::now();
+        let (record, paused) =
+            crate::detached(async move { manager.checkpoint(&id, options).await })
+                .await
+                .map_err(HostAgentError::from)?;
+        Ok(Checkpoint {
+            snapshot_bytes: record.snapshot.bytes,
+            template: record.report(),
+            paused,
+            total: started.elapsed(),
+        })
+    }
+
+    async fn resume(&self, sandbox_id: &str, from_disk: bool) -> Result<(), HostAgentError> {
+        let (manager, id) = (self.manager.clone(), sandbox_id.to_string());
+        let options = crate::manager::ResumeOptions {
+            from_disk,
+            ..Default::default()
+        };
+        finished(async move { manager.resume(&id, options).await }).await
     }
 
     async fn destroy(&self, sandbox_id: &str) -> Result<(), HostAgentError> {

@@ -36,8 +36,23 @@ pub struct SandboxRecord {
     pub allow_internet: bool,
     pub metadata: BTreeMap<String, String>,
     pub error: Option<String>,
-    /// The sandbox's own snapshot while paused.
+    /// The sandbox's own snapshot while paused (`None` for a pause that kept only the disk).
     pub snapshot: Option<SnapshotFiles>,
+    /// Paused without its memory: the disk alone was kept, and a resume boots from it.
+    #[serde(default)]
+    pub disk_only: bool,
+    /// The templates its disk's chain stands on besides its own template, oldest first: the
+    /// checkpoints taken of it (snapshots, forks), whose layers its disk's top is over. They
+    /// are kept while it exists.
+    #[serde(default)]
+    pub layered_on: Vec<String>,
+}
+
+impl SandboxRecord {
+    /// Whether its disk or its template is `template_id`'s.
+    pub fn stands_on(&self, template_id: &str) -> bool {
+        self.template_id == template_id || self.layered_on.iter().any(|id| id == template_id)
+    }
 }
 
 /// A template: a booted image, prepared and snapshotted.
@@ -85,6 +100,17 @@ pub struct TemplateRecord {
     /// steps (E2B's layer cache), step 0 being where the build started.
     #[serde(default)]
     pub steps: Vec<StepLayer>,
+    /// The environment variables its sandboxes start with (a create's own come on top): a
+    /// checkpoint's are its sandbox's.
+    #[serde(default)]
+    pub env_vars: BTreeMap<String, String>,
+    /// A checkpoint of a sandbox taken for its forks (or a checkpoint whose memory could not be
+    /// written): removed from the host as soon as no sandbox or template stands on it.
+    #[serde(default)]
+    pub ephemeral: bool,
+    /// The sandbox it is a checkpoint of, if it is one.
+    #[serde(default)]
+    pub source_sandbox: Option<String>,
 }
 
 /// A build step's result kept in a template: the disk as the step left it (a layer of the
@@ -329,6 +355,8 @@ mod tests {
             metadata: BTreeMap::new(),
             error: None,
             snapshot: None,
+            disk_only: false,
+            layered_on: Vec::new(),
         }
     }
 

@@ -345,19 +345,101 @@ impl Client {
         .map(drop)
     }
 
-    /// `POST /sandboxes/{id}/pause`.
-    pub async fn pause(&self, id: &str) -> Result<(), ClientError> {
+    /// `POST /sandboxes/{id}/pause`: with its memory, or (`memory` false) its disk alone.
+    pub async fn pause(&self, id: &str, memory: bool) -> Result<(), ClientError> {
         let path = format!("/sandboxes/{}/pause", segment(id));
-        self.expect_success(Method::POST, &path, NO_BODY)
+        let body = crate::PauseRequest {
+            memory: (!memory).then_some(false),
+            ..crate::PauseRequest::default()
+        };
+        self.expect_success(Method::POST, &path, Some(&body))
             .await
             .map(drop)
+    }
+
+    /// `POST /sandboxes/{id}/snapshots`: a persistent snapshot of a running sandbox.
+    pub async fn create_snapshot(
+        &self,
+        id: &str,
+        name: Option<String>,
+    ) -> Result<crate::SnapshotInfo, ClientError> {
+        let path = format!("/sandboxes/{}/snapshots", segment(id));
+        let body = crate::SnapshotRequest { name, memory: None };
+        self.fetch(Method::POST, &path, Some(&body)).await
+    }
+
+    /// `GET /snapshots`, every page: the team's snapshots, of one sandbox if given.
+    pub async fn snapshots(
+        &self,
+        sandbox_id: Option<&str>,
+    ) -> Result<Vec<crate::SnapshotInfo>, ClientError> {
+        let mut all = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let mut query = vec![("limit", "100".to_string())];
+            if let Some(id) = sandbox_id {
+                query.push(("sandboxID", id.to_string()));
+            }
+            if let Some(token) = &next {
+                query.push(("nextToken", token.clone()));
+            }
+            let query: Vec<String> = query
+                .iter()
+                .map(|(name, value)| format!("{name}={}", segment(value)))
+                .collect();
+            let path = format!("/snapshots?{}", query.join("&"));
+            let answer = self.expect_success(Method::GET, &path, NO_BODY).await?;
+            let page: Vec<crate::SnapshotInfo> =
+                serde_json::from_slice(&answer.body).map_err(|error| ClientError::Unexpected {
+                    method: Method::GET,
+                    path: path.clone(),
+                    reason: error.to_string(),
+                })?;
+            all.extend(page);
+            let token = answer.header("x-next-token").map(str::to_string);
+            match token {
+                Some(token) => next = Some(token),
+                None => return Ok(all),
+            }
+        }
+    }
+
+    /// `POST /sandboxes/{id}/fork`: `count` forks, each living `timeout` seconds.
+    pub async fn fork(
+        &self,
+        id: &str,
+        count: u32,
+        timeout: Option<u64>,
+    ) -> Result<Vec<crate::ForkResult>, ClientError> {
+        let path = format!("/sandboxes/{}/fork", segment(id));
+        let body = crate::ForkRequest {
+            timeout,
+            count: Some(count),
+        };
+        self.fetch(Method::POST, &path, Some(&body)).await
     }
 
     /// `POST /sandboxes/{id}/resume`, with a new timeout in seconds if given.
     pub async fn resume(&self, id: &str, timeout: Option<u64>) -> Result<Sandbox, ClientError> {
         let body = TimeoutRequest {
             timeout,
-            auto_pause: None,
+            ..TimeoutRequest::default()
+        };
+        let path = format!("/sandboxes/{}/resume", segment(id));
+        self.fetch(Method::POST, &path, Some(&body)).await
+    }
+
+    /// `POST /sandboxes/{id}/resume` booting the sandbox from its disk (its pause's memory
+    /// left aside).
+    pub async fn resume_from_disk(
+        &self,
+        id: &str,
+        timeout: Option<u64>,
+    ) -> Result<Sandbox, ClientError> {
+        let body = TimeoutRequest {
+            timeout,
+            memory: Some(false),
+            ..TimeoutRequest::default()
         };
         let path = format!("/sandboxes/{}/resume", segment(id));
         self.fetch(Method::POST, &path, Some(&body)).await
@@ -367,7 +449,7 @@ impl Client {
     pub async fn set_timeout(&self, id: &str, seconds: u64) -> Result<(), ClientError> {
         let body = TimeoutRequest {
             timeout: Some(seconds),
-            auto_pause: None,
+            ..TimeoutRequest::default()
         };
         let path = format!("/sandboxes/{}/timeout", segment(id));
         self.expect_success(Method::POST, &path, Some(&body))

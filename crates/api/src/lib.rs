@@ -32,6 +32,9 @@ pub struct NewSandbox {
     pub timeout: Option<u64>,
     /// Pause instead of kill when the timeout comes.
     pub auto_pause: Option<bool>,
+    /// Whether that pause keeps the memory (default true); `false` keeps the disk alone, and
+    /// the resume boots from it (which traffic cannot trigger: not with `autoResume`).
+    pub auto_pause_memory: Option<bool>,
     /// envd requires an access token (returned as `envdAccessToken`); default true, an
     /// explicit `false` makes an unsecured sandbox.
     pub secure: Option<bool>,
@@ -64,6 +67,10 @@ pub struct TimeoutRequest {
     /// Accepted from older SDKs' resume; the sandbox keeps its own setting.
     #[serde(rename = "autoPause", default, skip_serializing_if = "Option::is_none")]
     pub auto_pause: Option<bool>,
+    /// `false`: a paused sandbox is booted from its disk, its pause's memory left aside (a
+    /// no-op for a pause that kept none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<bool>,
 }
 
 /// `POST /sandboxes/{id}/refreshes`: keep the sandbox alive `duration` more seconds.
@@ -148,6 +155,65 @@ pub struct SandboxDetail {
     pub envd_access_token: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
+    /// What a paused sandbox's pause kept: `full` (memory and disk: the resume restores it
+    /// where it was) or `filesystem` (the disk: the resume boots it). Absent while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_mode: Option<String>,
+}
+
+/// `POST /sandboxes/{id}/pause`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PauseRequest {
+    /// Keep the memory (default true); `false` keeps the disk alone (synced first), and the
+    /// resume boots from it: files stay, processes do not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<bool>,
+    /// Accepted; the pause always needs envd to answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_healthy_guest: Option<bool>,
+}
+
+/// `POST /sandboxes/{id}/snapshots`: a persistent snapshot of a running sandbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotRequest {
+    /// The snapshot template's name (`name` or `name:tag`): a snapshot of that name the team
+    /// has gets a new build, as E2B's do. None: the snapshot is known by its id alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Must be true (the default): wrenn's snapshots keep the memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<bool>,
+}
+
+/// A snapshot: `POST /sandboxes/{id}/snapshots`'s answer and `GET /snapshots`'s items.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotInfo {
+    /// What a create names it by: its name with its tag, or its id with the tag.
+    #[serde(rename = "snapshotID")]
+    pub snapshot_id: String,
+    /// Its full names (`team/name:tag`).
+    pub names: Vec<String>,
+}
+
+/// `POST /sandboxes/{id}/fork`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ForkRequest {
+    /// Seconds until each fork ends (default 15).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<u64>,
+    /// How many forks (1 to 100, default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+}
+
+/// One fork's outcome: its sandbox, or why it did not start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ForkResult {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<Sandbox>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<Error>,
 }
 
 /// What happens at a sandbox's timeout, and whether traffic resumes it.

@@ -418,6 +418,7 @@ pub async fn sandbox(args: SandboxBenchArgs) -> anyhow::Result<()> {
         let _: pb::PauseSandboxResponse = agent
             .call::<host_agent::PauseSandbox>(&pb::PauseSandboxRequest {
                 sandbox_id: "pauser".into(),
+                ..Default::default()
             })
             .await?;
         pauses.push(started.elapsed());

@@ -22,7 +22,7 @@ use wrenn_proto::ENVD_PORT;
 use crate::ControlPlane;
 
 /// envd's routes that are not for the outside (on [`ENVD_PORT`]).
-const INTERNAL_ROUTES: &[&str] = &["/init", "/snapshot/prepare"];
+const INTERNAL_ROUTES: &[&str] = &["/init", "/snapshot/prepare", "/snapshot/continue"];
 /// The header carrying a sandbox's traffic token (when it takes no public traffic).
 const TRAFFIC_TOKEN_HEADER: &str = "e2b-traffic-access-token";
 

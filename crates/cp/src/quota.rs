@@ -1,5 +1,5 @@
 //! Per-team quotas: how many sandboxes a team may have running, how many paused, and how much
-//! disk its sandboxes may hold. [`Quotas::check`] decides whether one change (a create, a
+//! disk its sandboxes and snapshots may hold. [`Quotas::check`] decides whether one change (a create, a
 //! resume, a pause) stays within them; [`Admission`] makes the count and the decision atomic,
 //! counting the changes admitted but not yet written to the store, so that two concurrent
 //! creates cannot both take a team's last slot.
@@ -48,6 +48,8 @@ pub enum Change {
     Resume,
     /// A running sandbox is paused and writes a memory snapshot of `snapshot_mib`.
     Pause { snapshot_mib: u64 },
+    /// A persistent snapshot is taken, holding `disk_mib` (its memory and its disk's most).
+    Snapshot { disk_mib: u64 },
 }
 
 impl Change {
@@ -67,6 +69,10 @@ impl Change {
             Change::Pause { snapshot_mib } => Usage {
                 paused: 1,
                 disk_mib: snapshot_mib,
+                ..Usage::default()
+            },
+            Change::Snapshot { disk_mib } => Usage {
+                disk_mib,
                 ..Usage::default()
             },
         }

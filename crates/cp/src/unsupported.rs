@@ -86,9 +86,6 @@ const CREATE_FIELDS: &[(&str, &str, &str)] = &[
     ),
 ];
 
-const NO_MEMORY: &str = "a pause always keeps the sandbox's memory (a filesystem-only pause, \
-    or a resume that cold-boots, is not implemented)";
-
 /// Checks a create body (`POST /sandboxes`, `POST /v2/sandboxes`).
 pub fn check_create(body: &Value) -> Result<(), Unsupported> {
     for (camel, snake, why) in CREATE_FIELDS {
@@ -108,24 +105,6 @@ pub fn check_create(body: &Value) -> Result<(), Unsupported> {
                 });
             }
         }
-    }
-    if get(body, "autoPauseMemory", "auto_pause_memory") == Some(&Value::Bool(false)) {
-        return Err(Unsupported {
-            field: "autoPauseMemory".into(),
-            why: NO_MEMORY,
-        });
-    }
-    Ok(())
-}
-
-/// Checks the body of a pause, connect or resume: `memory: false` asks for a pause (or resume)
-/// without memory.
-pub fn check_memory(body: &Value) -> Result<(), Unsupported> {
-    if body.get("memory") == Some(&Value::Bool(false)) {
-        return Err(Unsupported {
-            field: "memory".into(),
-            why: NO_MEMORY,
-        });
     }
     Ok(())
 }
@@ -158,11 +137,9 @@ mod tests {
                 "rules": {}, "egressProxy": null, "maskRequestHost": "", "dnsServers": [],
                 "httpsPorts": []}}),
             json!({"network": null, "mcp": {}}),
+            json!({"autoPause": true, "autoPauseMemory": false}),
         ] {
             assert_eq!(check_create(&body), Ok(()), "{body}");
-        }
-        for body in [json!({}), json!({"timeout": 30}), json!({"memory": true})] {
-            assert_eq!(check_memory(&body), Ok(()), "{body}");
         }
     }
 
@@ -207,16 +184,12 @@ mod tests {
                 "volumeMounts",
             ),
             (json!({"iam": {"tokens": {"aws": {}}}}), "iam"),
-            (json!({"autoPauseMemory": false}), "autoPauseMemory"),
-            (json!({"auto_pause_memory": false}), "autoPauseMemory"),
         ];
         for (body, field) in cases {
             let refused = check_create(&body).expect_err(&body.to_string());
             assert_eq!(refused.field, field, "{body}");
             assert!(refused.to_string().starts_with(field), "{refused}");
         }
-        let refused = check_memory(&json!({"timeout": 10, "memory": false})).unwrap_err();
-        assert_eq!(refused.field, "memory");
         assert!(
             check_network_update(&json!({"allowOut": ["1.1.1.1"]}))
                 .to_string()

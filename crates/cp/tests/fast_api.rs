@@ -182,6 +182,18 @@ impl Kit {
         key: Option<&str>,
         body: Value,
     ) -> (StatusCode, Value) {
+        let (status, _, value) = self.call_full(method, path, key, body).await;
+        (status, value)
+    }
+
+    /// [`Kit::call`] with the answer's headers.
+    async fn call_full(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Value,
+    ) -> (StatusCode, http::HeaderMap, Value) {
         let mut request = Request::builder().method(method).uri(path);
         if let Some(key) = key {
             request = request.header("x-api-key", key);
@@ -197,6 +209,7 @@ impl Kit {
             .await
             .unwrap();
         let status = response.status();
+        let headers = response.headers().clone();
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         let value = if bytes.is_empty() {
             Value::Null
@@ -216,7 +229,7 @@ impl Kit {
                 "{method} {path} -> {status}: the answer breaks the OpenAPI document: {problem}\n{value}"
             );
         }
-        (status, value)
+        (status, headers, value)
     }
 
     /// `POST /sandboxes` as `key`'s team, whatever the answer.
@@ -477,7 +490,7 @@ async fn a_drifted_state_is_corrected_to_the_hosts() {
     let id = kit.create(&kit.key_a, json!({"templateID": "base"})).await;
     // Paused on the host behind the control plane's back (as after a crash mid-pause).
     use wrenn_agent_api::HostAgent;
-    kit.agent.pause(&id).await.unwrap();
+    kit.agent.pause(&id, false).await.unwrap();
     let host = kit.plane.fleet.hosts().pop().unwrap();
     let done = wrenn_cp::fleet::reconcile_host(&kit.plane.store, &kit.plane.fleet, &host)
         .await
@@ -1928,4 +1941,367 @@ async fn a_build_counts_as_a_running_sandbox_against_the_teams_quota() {
         assert!(tokio::time::Instant::now() < deadline, "{status}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The templates the kit's host has.
+fn host_templates(kit: &Kit) -> Vec<String> {
+    use wrenn_agent_api::HostAgent;
+    let report = kit.agent.report_in_process().unwrap();
+    report
+        .templates
+        .into_iter()
+        .map(|t| t.template_id)
+        .collect()
+}
+
+#[tokio::test]
+async fn snapshots_are_team_templates_listed_paged_started_and_deleted() {
+    let kit = Kit::new(8, Quotas::default()).await;
+    let kit = &kit;
+    let source = kit
+        .create(
+            &kit.key_a,
+            json!({"templateID": "base", "envVars": {"A": "1"}}),
+        )
+        .await;
+    let snapshot = |name: Value| {
+        let path = format!("/sandboxes/{source}/snapshots");
+        let body = match name {
+            Value::Null => json!({}),
+            name => json!({ "name": name }),
+        };
+        async move { kit.call("POST", &path, Some(&kit.key_a), body).await }
+    };
+    let (status, named) = snapshot(json!("my-snap")).await;
+    assert_eq!(status, StatusCode::CREATED, "{named}");
+    assert_eq!(
+        named,
+        json!({"snapshotID": "my-snap:default", "names": ["my-snap:default"]})
+    );
+    let (status, unnamed) = snapshot(Value::Null).await;
+    assert_eq!(status, StatusCode::CREATED, "{unnamed}");
+    let unnamed_id = unnamed["snapshotID"].as_str().unwrap().to_string();
+    assert!(unnamed_id.ends_with(":default"), "{unnamed}");
+    assert_eq!(unnamed["names"], json!([]));
+    // Each is a checkpoint of the running source on its host, which goes on.
+    let checkpoints = kit
+        .agent
+        .calls()
+        .into_iter()
+        .filter(|(op, id)| *op == Operation::Checkpoint && *id == source)
+        .count();
+    assert_eq!(checkpoints, 2);
+    assert_eq!(kit.state(&source).await, (StatusCode::OK, json!("running")));
+    // The same name again: a new build of the same snapshot.
+    let (status, again) = snapshot(json!("my-snap")).await;
+    assert_eq!((status, &again), (StatusCode::CREATED, &named));
+
+    // Listed, filtered and paged.
+    let list = |query: &str| {
+        let path = format!("/snapshots{query}");
+        async move {
+            let (status, headers, body) = kit
+                .call_full("GET", &path, Some(&kit.key_a), Value::Null)
+                .await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            let next = headers
+                .get("x-next-token")
+                .map(|v| v.to_str().unwrap().to_string());
+            let ids: Vec<String> = body
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["snapshotID"].as_str().unwrap().to_string())
+                .collect();
+            (ids, next)
+        }
+    };
+    let (all, next) = list("").await;
+    assert_eq!(all, vec!["my-snap:default".to_string(), unnamed_id.clone()]);
+    assert_eq!(next, None);
+    assert_eq!(list(&format!("?sandboxID={source}")).await.0.len(), 2);
+    assert!(list("?sandboxID=nosuch").await.0.is_empty());
+    assert_eq!(
+        list("?name=my-snap").await.0,
+        vec!["my-snap:default".to_string()]
+    );
+    assert!(list("?name=my-snap:v9").await.0.is_empty());
+    let (first, next) = list("?limit=1").await;
+    assert_eq!(first, vec!["my-snap:default".to_string()]);
+    let next = next.expect("a next page");
+    let (second, last) = list(&format!("?limit=1&nextToken={next}")).await;
+    assert_eq!((second, last), (vec![unnamed_id.clone()], None));
+    let (status, _) = kit.call_a("GET", "/snapshots?limit=0").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // Another team sees none of them and cannot start or delete them.
+    let (status, theirs) = kit
+        .call("GET", "/snapshots", Some(&kit.key_b), Value::Null)
+        .await;
+    assert_eq!((status, theirs), (StatusCode::OK, json!([])));
+    let (status, _) = kit
+        .try_create(&kit.key_b, json!({"templateID": "my-snap"}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = kit
+        .call(
+            "DELETE",
+            "/templates/my-snap",
+            Some(&kit.key_b),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = kit
+        .call(
+            "POST",
+            &format!("/sandboxes/{source}/snapshots"),
+            Some(&kit.key_b),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Sandboxes start from a snapshot by its name or its id.
+    let by_name = kit
+        .create(&kit.key_a, json!({"templateID": "my-snap"}))
+        .await;
+    let by_id = kit
+        .create(&kit.key_a, json!({"templateID": unnamed_id}))
+        .await;
+    let on_host = kit.agent.sandbox(&by_name).unwrap().template_id;
+    assert!(
+        on_host.starts_with('b') && host_templates(kit).contains(&on_host),
+        "{on_host}"
+    );
+    assert_ne!(kit.agent.sandbox(&by_id).unwrap().template_id, on_host);
+    // A snapshot a sandbox was made from is not deleted.
+    let (status, refused) = kit.call_a("DELETE", "/templates/my-snap").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    assert!(message(&refused).contains(&by_name), "{refused}");
+    assert_eq!(
+        kit.call_a("DELETE", &format!("/sandboxes/{by_name}"))
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    let (status, answer) = kit.call_a("DELETE", "/templates/my-snap:default").await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{answer}");
+    assert_eq!(list("").await.0, vec![unnamed_id.clone()]);
+
+    // Refusals: a snapshot without memory, of a paused sandbox, of an unknown one, a name
+    // that is a template's.
+    let (status, _) = kit
+        .call(
+            "POST",
+            &format!("/sandboxes/{source}/snapshots"),
+            Some(&kit.key_a),
+            json!({"memory": false}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = kit.call_a("POST", "/sandboxes/nosuch/snapshots").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        kit.call_a("POST", &format!("/sandboxes/{source}/pause"))
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    let (status, refused) = snapshot(Value::Null).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    assert!(message(&refused).contains("paused"), "{refused}");
+}
+
+#[tokio::test]
+async fn a_snapshot_counts_against_the_teams_disk_quota() {
+    // base: 512 MiB of memory, a 2 GiB disk; the sandbox counts its disk.
+    let quotas = Quotas {
+        disk_mib: 2048 + 2048 + 512,
+        ..Quotas::default()
+    };
+    let kit = Kit::new(8, quotas).await;
+    let source = kit.create(&kit.key_a, json!({"templateID": "base"})).await;
+    let path = format!("/sandboxes/{source}/snapshots");
+    let (status, body) = kit.call("POST", &path, Some(&kit.key_a), json!({})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = kit.call("POST", &path, Some(&kit.key_a), json!({})).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+}
+
+#[tokio::test]
+async fn a_fork_starts_count_sandboxes_from_one_checkpoint_each_reported_alone() {
+    let kit = Kit::new(5, Quotas::default()).await;
+    let kit = &kit;
+    let source = kit
+        .create(
+            &kit.key_a,
+            json!({"templateID": "base", "timeout": 300, "metadata": {"job": "7"}}),
+        )
+        .await;
+    let fork = |count: Value| {
+        let path = format!("/sandboxes/{source}/fork");
+        async move {
+            kit.call(
+                "POST",
+                &path,
+                Some(&kit.key_a),
+                json!({"count": count, "timeout": 60}),
+            )
+            .await
+        }
+    };
+    let (status, forks) = fork(json!(3)).await;
+    assert_eq!(status, StatusCode::CREATED, "{forks}");
+    let forks = forks.as_array().unwrap().clone();
+    assert_eq!(forks.len(), 3);
+    let ids: std::collections::BTreeSet<String> = forks
+        .iter()
+        .map(|f| {
+            f["sandbox"]["sandboxID"]
+                .as_str()
+                .expect("a sandbox")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ids.len(), 3);
+    let tokens: std::collections::BTreeSet<&str> = forks
+        .iter()
+        .map(|f| f["sandbox"]["envdAccessToken"].as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.len(), 3, "each fork has a token of its own");
+    // One checkpoint, which every fork starts from.
+    let checkpoints = kit
+        .agent
+        .calls()
+        .into_iter()
+        .filter(|(op, _)| *op == Operation::Checkpoint)
+        .count();
+    assert_eq!(checkpoints, 1);
+    let from: std::collections::BTreeSet<String> = ids
+        .iter()
+        .map(|id| kit.agent.sandbox(id).unwrap().template_id)
+        .collect();
+    assert_eq!(from.len(), 1, "{from:?}");
+    for id in &ids {
+        let (status, detail) = kit.call_a("GET", &format!("/sandboxes/{id}")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            (&detail["templateID"], &detail["metadata"]["job"]),
+            (&json!("base"), &json!("7"))
+        );
+    }
+    // The source keeps its id and its end.
+    let (_, detail) = kit.call_a("GET", &format!("/sandboxes/{source}")).await;
+    assert_eq!(detail["state"], json!("running"));
+
+    // A host with room for one more: one fork starts, the others fail, each on its own.
+    let (status, forks) = fork(json!(3)).await;
+    assert_eq!(status, StatusCode::CREATED, "{forks}");
+    let started = forks
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f.get("sandbox").is_some())
+        .count();
+    let failed: Vec<&Value> = forks
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f.get("error"))
+        .collect();
+    assert_eq!((started, failed.len()), (1, 2), "{forks}");
+    assert_eq!(failed[0]["code"], json!(503), "{forks}");
+
+    // Bad counts, and a source that is not running.
+    for count in [json!(0), json!(101)] {
+        assert_eq!(fork(count).await.0, StatusCode::BAD_REQUEST);
+    }
+    assert_eq!(
+        kit.call_a("POST", &format!("/sandboxes/{source}/pause"))
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    let (status, refused) = fork(json!(1)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    assert_eq!(
+        kit.call_a("DELETE", &format!("/sandboxes/{source}"))
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(fork(json!(1)).await.0, StatusCode::NOT_FOUND);
+
+    // Once the forks are gone too, so are the checkpoints.
+    let (_, listed) = kit.call_a("GET", "/v2/sandboxes").await;
+    for sandbox in listed.as_array().unwrap() {
+        let id = sandbox["sandboxID"].as_str().unwrap();
+        assert_eq!(
+            kit.call_a("DELETE", &format!("/sandboxes/{id}")).await.0,
+            StatusCode::NO_CONTENT
+        );
+    }
+    assert_eq!(host_templates(kit), vec!["base".to_string()]);
+}
+
+#[tokio::test]
+async fn a_pause_may_keep_the_disk_alone_and_the_sandbox_says_which_kind() {
+    let kit = Kit::new(8, Quotas::default()).await;
+    let id = kit.create(&kit.key_a, json!({"templateID": "base"})).await;
+    let pause = format!("/sandboxes/{id}/pause");
+    let (status, _) = kit
+        .call("POST", &pause, Some(&kit.key_a), json!({"memory": false}))
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(kit.agent.sandbox(&id).unwrap().disk_only);
+    let (_, detail) = kit.call_a("GET", &format!("/sandboxes/{id}")).await;
+    assert_eq!(detail["pauseMode"], json!("filesystem"), "{detail}");
+    let connect = format!("/sandboxes/{id}/connect");
+    let (status, _) = kit
+        .call("POST", &connect, Some(&kit.key_a), json!({"timeout": 60}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (_, detail) = kit.call_a("GET", &format!("/sandboxes/{id}")).await;
+    assert_eq!(
+        (detail["state"].clone(), detail.get("pauseMode")),
+        (json!("running"), None)
+    );
+    let (status, _) = kit.call("POST", &pause, Some(&kit.key_a), json!({})).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(!kit.agent.sandbox(&id).unwrap().disk_only);
+    let (_, detail) = kit.call_a("GET", &format!("/sandboxes/{id}")).await;
+    assert_eq!(detail["pauseMode"], json!("full"));
+    // A resume may leave the memory aside.
+    let (status, _) = kit
+        .call(
+            "POST",
+            &format!("/sandboxes/{id}/resume"),
+            Some(&kit.key_a),
+            json!({"timeout": 60, "memory": false}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(kit.agent.calls().contains(&(Operation::Resume, id.clone())));
+
+    // Traffic cannot resume a disk-only pause, so the two are not combined.
+    let refused = kit
+        .create_refused(
+            json!({"templateID": "base", "autoPause": true, "autoPauseMemory": false, "autoResume": {"enabled": true}}),
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
+    assert!(message(&refused).contains("autoPauseMemory"), "{refused}");
+    // The lifecycle's pause keeps what the create asked for.
+    let ends = kit
+        .create(&kit.key_a, json!({"templateID": "base", "timeout": 1, "autoPause": true, "autoPauseMemory": false}))
+        .await;
+    let lifecycle = tokio::spawn(kit.plane.clone().run_lifecycle());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while kit.agent.sandbox(&ends).unwrap().state != SandboxState::Paused {
+        assert!(tokio::time::Instant::now() < deadline, "not paused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    lifecycle.abort();
+    assert!(kit.agent.sandbox(&ends).unwrap().disk_only);
 }

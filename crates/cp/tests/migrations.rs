@@ -242,6 +242,8 @@ fn running_sandbox() -> SandboxRow {
         host_id: "local".into(),
         traffic_access_token: None,
         auto_resume: false,
+        auto_pause_memory: true,
+        paused_disk_only: false,
     }
 }
 
@@ -265,6 +267,8 @@ fn paused_sandbox() -> SandboxRow {
         host_id: "local".into(),
         traffic_access_token: None,
         auto_resume: false,
+        auto_pause_memory: true,
+        paused_disk_only: false,
     }
 }
 

@@ -153,6 +153,17 @@ impl ConnectionTracker {
         sweep
     }
 
+    /// The snapshot was taken (or given up) and this very VM goes on: nothing is closed (its
+    /// connections are live, not zombies); the ones told to drain still close after their
+    /// requests in flight. A no-op unless a snapshot was prepared.
+    pub fn continue_after_snapshot(&self) -> bool {
+        if !self.awaiting_restore.swap(false, Ordering::SeqCst) {
+            return false;
+        }
+        self.state.lock().expect("tracker lock").snapshot_boundary = None;
+        true
+    }
+
     /// After a restore (the first `/init`): closes every connection accepted before the
     /// snapshot was prepared, except the caller's own; keeps the rest. A no-op unless a
     /// snapshot was prepared.
@@ -470,5 +481,30 @@ mod tests {
         // A second /init changes nothing.
         let again = named.tracker.complete_restore(None);
         assert_eq!(again, ConnectionSweep::default());
+    }
+
+    #[test]
+    fn a_vm_that_goes_on_after_its_snapshot_keeps_its_connections() {
+        use Command::{Close, Drain, Run};
+        let mut named = Named::default();
+        named.register(&["idle", "busy"]);
+        named
+            .connection("busy")
+            .in_flight
+            .store(1, Ordering::SeqCst);
+        named.tracker.prepare_snapshot(None);
+        assert!(named.tracker.awaiting_restore());
+        assert!(named.tracker.continue_after_snapshot());
+        assert!(!named.tracker.awaiting_restore());
+        // A later /init (the VM's own, not a clone's) closes nothing.
+        named.register(&["later"]);
+        let sweep = named.tracker.complete_restore(None);
+        assert_eq!(sweep, ConnectionSweep::default());
+        let told = [("idle", Close), ("busy", Drain), ("later", Run)];
+        for (name, command) in told {
+            assert_eq!(*named.connection(name).control.borrow(), command, "{name}");
+        }
+        // Only once per prepared snapshot.
+        assert!(!named.tracker.continue_after_snapshot());
     }
 }

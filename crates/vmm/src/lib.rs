@@ -187,8 +187,9 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
 
     /// Freezes a running VM's disk as it is now: `overlay`, a new qcow2 image whose header
     /// names the disk's current top as its backing file, becomes the layer the VM writes to,
-    /// and the old top is written no more (a build keeps it as its step's layer). The VM's own
-    /// caches are flushed first; the guest's are the caller's to sync. On an error the VM may
+    /// and the old top is written no more (a build keeps it as its step's layer; a checkpoint
+    /// as its template's disk; see [`Vmm::seal_layers`]). The VM's own caches are flushed
+    /// first; the guest's are the caller's to sync. On an error the VM may
     /// be writing to either file: it must not be snapshotted as a template.
     fn layer_disk<'a>(&'a self, vm: &'a VmProcess, overlay: &'a Path) -> VmmFuture<'a, ()> {
         let _ = (vm, overlay);
@@ -198,6 +199,14 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
                 self.name()
             )))
         })
+    }
+
+    /// Makes every layer of a running VM's disk but its top read-only in the VMM (after
+    /// [`Vmm::layer_disk`]), giving up their write locks: other VMs may then open them while
+    /// this one runs.
+    fn seal_layers<'a>(&'a self, vm: &'a VmProcess) -> VmmFuture<'a, ()> {
+        let _ = vm;
+        Box::pin(async { Ok(()) })
     }
 
     /// Ends the VM and its VMM process (gracefully if it answers, killed otherwise).

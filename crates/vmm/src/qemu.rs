@@ -379,6 +379,95 @@ async fn add_top_layer(qmp: &mut QmpClient, overlay: &Path) -> Result<(), VmmErr
     layered
 }
 
+/// Makes `node`, a layer the VM writes no more (the backing of a newer top), read-only in the
+/// VMM of process `pid`, and closes the read-write descriptor it was opened with: the file's
+/// write lock goes with it, so that other VMMs may open the layer (a checkpoint's sandboxes)
+/// while this one runs. The VM must be running: QEMU closes a removed descriptor only then.
+async fn reopen_read_only(qmp: &mut QmpClient, node: &str, pid: u32) -> Result<(), VmmError> {
+    let graph = qmp.execute("x-debug-query-block-graph", None).await?;
+    let nodes = graph.get("nodes").and_then(serde_json::Value::as_array);
+    let edges = graph.get("edges").and_then(serde_json::Value::as_array);
+    let (Some(nodes), Some(edges)) = (nodes, edges) else {
+        return Err(VmmError::Invalid(format!("QMP's block graph is {graph}")));
+    };
+    let id_of = |name: &str| {
+        nodes
+            .iter()
+            .find_map(|n| (n.get("name")?.as_str()? == name).then(|| n.get("id")?.as_u64())?)
+    };
+    let name_of = |id: u64| {
+        nodes.iter().find_map(|n| {
+            (n.get("id")?.as_u64()? == id).then(|| n.get("name")?.as_str().map(str::to_string))?
+        })
+    };
+    let node_id = id_of(node).ok_or_else(|| VmmError::Invalid(format!("no block node {node}")))?;
+    let child = |edge: &str| {
+        edges.iter().find_map(|e| {
+            (e.get("parent")?.as_u64()? == node_id && e.get("name")?.as_str()? == edge)
+                .then(|| name_of(e.get("child")?.as_u64()?))?
+        })
+    };
+    let file = child("file").ok_or_else(|| VmmError::Invalid(format!("{node} has no file")))?;
+    let backing = child("backing");
+    let named = qmp
+        .execute("query-named-block-nodes", Some(json!({ "flat": true })))
+        .await?;
+    let fdset = named
+        .as_array()
+        .and_then(|all| {
+            all.iter().find_map(|n| {
+                (n.get("node-name")?.as_str()? == file).then(|| n.get("file")?.as_str())?
+            })
+        })
+        .and_then(|name| name.strip_prefix("/dev/fdset/"))
+        .and_then(|id| id.parse::<u64>().ok())
+        .ok_or_else(|| VmmError::Invalid(format!("{node}'s file is not an fd set's")))?;
+    let fdsets = qmp.execute("query-fdsets", None).await?;
+    let writable: Vec<u64> = fdsets
+        .as_array()
+        .and_then(|sets| {
+            sets.iter()
+                .find(|set| set.get("fdset-id").and_then(serde_json::Value::as_u64) == Some(fdset))
+        })
+        .and_then(|set| set.get("fds")?.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|fd| fd.get("fd")?.as_u64())
+        .collect();
+    // The same file, opened anew read-only through the VMM's own descriptor.
+    let path = format!(
+        "/proc/{pid}/fd/{}",
+        writable
+            .first()
+            .ok_or_else(|| VmmError::Invalid(format!("fd set {fdset} is empty")))?
+    );
+    let read_only = std::fs::File::open(&path)
+        .map_err(|error| VmmError::io(format!("opening {path}"), error))?;
+    qmp.execute_with_fd(
+        "add-fd",
+        Some(json!({ "fdset-id": fdset })),
+        read_only.as_fd(),
+    )
+    .await?;
+    drop(read_only);
+    qmp.execute(
+        "blockdev-reopen",
+        Some(json!({ "options": [{
+            "driver": "qcow2",
+            "node-name": node,
+            "file": file,
+            "backing": backing,
+            "read-only": true,
+        }] })),
+    )
+    .await?;
+    for fd in writable {
+        qmp.execute("remove-fd", Some(json!({ "fdset-id": fdset, "fd": fd })))
+            .await?;
+    }
+    Ok(())
+}
+
 fn migration_state(answer: &serde_json::Value) -> Option<Result<(), String>> {
     match answer.get("status").and_then(serde_json::Value::as_str) {
         Some("completed") => Some(Ok(())),
@@ -537,6 +626,47 @@ impl Vmm for Qemu {
             } else {
                 layered
             }
+        })
+    }
+
+    fn seal_layers<'a>(&'a self, vm: &'a VmProcess) -> VmmFuture<'a, ()> {
+        Box::pin(async move {
+            let mut qmp = self.qmp(vm).await?;
+            let top = qmp
+                .execute("query-block", None)
+                .await?
+                .as_array()
+                .and_then(|devices| {
+                    devices.iter().find_map(|device| {
+                        device
+                            .get("inserted")?
+                            .get("node-name")?
+                            .as_str()
+                            .map(str::to_string)
+                    })
+                })
+                .ok_or_else(|| VmmError::Invalid("the VM has no disk".into()))?;
+            let named = qmp
+                .execute("query-named-block-nodes", Some(json!({ "flat": true })))
+                .await?;
+            let writable: Vec<String> = named
+                .as_array()
+                .map(|nodes| {
+                    nodes
+                        .iter()
+                        .filter(|n| {
+                            n.get("drv").and_then(serde_json::Value::as_str) == Some("qcow2")
+                        })
+                        .filter(|n| n.get("ro").and_then(serde_json::Value::as_bool) == Some(false))
+                        .filter_map(|n| n.get("node-name")?.as_str().map(str::to_string))
+                        .filter(|name| *name != top)
+                        .collect()
+                })
+                .unwrap_or_default();
+            for node in writable {
+                reopen_read_only(&mut qmp, &node, vm.pid).await?;
+            }
+            Ok(())
         })
     }
 

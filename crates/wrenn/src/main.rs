@@ -1,6 +1,6 @@
 //! The `wrenn` command: wrenn on one machine (`wrenn up`), the control plane alone (`wrenn
 //! server`), the host agent (`wrenn agent`), the CLI over a control plane (`wrenn sandbox`,
-//! `wrenn template`, `wrenn host`), API keys (`wrenn key`) and guest images (`wrenn image`): one
+//! `wrenn snapshot`, `wrenn template`, `wrenn host`), API keys (`wrenn key`) and guest images (`wrenn image`): one
 //! module a command group under `commands/`. The benchmarks are the `wrenn-bench` binary.
 
 mod commands;
@@ -11,7 +11,7 @@ mod output;
 mod paths;
 mod secrets;
 
-use commands::{agent, host, image, key, sandbox, server, template, up};
+use commands::{agent, host, image, key, sandbox, server, snapshot, template, up};
 
 use clap::{Parser, Subcommand};
 
@@ -38,9 +38,11 @@ enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Key(key::KeyCommand),
-    /// Sandboxes of a control plane: create, list, info, exec, shell, cp, pause, resume, kill,
-    /// timeout.
+    /// Sandboxes of a control plane: create, list, info, exec, shell, cp, pause, resume,
+    /// snapshot, fork, kill, timeout.
     Sandbox(sandbox::SandboxArgs),
+    /// Snapshots of a control plane's team: list, delete.
+    Snapshot(snapshot::SnapshotArgs),
     /// Templates of a control plane.
     Template(template::TemplateArgs),
     /// Hosts of a control plane's fleet.
@@ -73,6 +75,7 @@ fn run() -> anyhow::Result<()> {
         Command::Server(args) => runtime.block_on(server::run(args)),
         Command::Sandbox(args) => runtime.block_on(sandbox::run(args)),
         Command::Template(args) => runtime.block_on(template::run(args)),
+        Command::Snapshot(args) => runtime.block_on(snapshot::run(args)),
         Command::Host(args) => runtime.block_on(host::run(args)),
         Command::Key(command) => runtime.block_on(key::run(command)),
     }

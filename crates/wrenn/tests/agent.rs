@@ -182,6 +182,191 @@ async fn sandboxes_run_pause_resume_and_leave_nothing_behind() {
     assert_eq!(agent.leftovers(), Vec::<String>::new());
 }
 
+/// The number a background ticker (started by [`start_ticker`]) has written so far, and
+/// whether its process `pid` lives.
+async fn ticks(sandbox: &pb::Sandbox, token: Option<&str>, pid: u32) -> (bool, u64) {
+    let ran = run(
+        sandbox,
+        token,
+        &format!("kill -0 {pid} 2>/dev/null && echo alive || echo gone; wc -l < ~/ticks"),
+    )
+    .await;
+    let mut lines = ran.stdout.lines();
+    let alive = lines.next() == Some("alive");
+    let count = lines.next().unwrap_or("").trim().parse().unwrap_or(0);
+    (alive, count)
+}
+
+/// Starts a process in the background that appends a line to `~/ticks` every 0.2 s: its pid.
+async fn start_ticker(sandbox: &pb::Sandbox, token: Option<&str>) -> u32 {
+    let started = run(
+        sandbox,
+        token,
+        "nohup sh -c 'while true; do date +%s%N >> /home/user/ticks; sleep 0.2; done' >/dev/null 2>&1 & echo $!",
+    )
+    .await;
+    started.stdout.trim().parse().expect("a pid")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_make_snapshots_and_forks_of_running_sandboxes_and_pauses_may_keep_the_disk_alone()
+ {
+    let Some(_image) = prerequisites() else {
+        return;
+    };
+    let mut agent = Agent::start("wtk", 520);
+    agent.build_template("base").await;
+    let source = agent.create("base", "sbx-src", Some("secret-src")).await;
+    let src_token = Some("secret-src");
+    run(&source, src_token, "echo before > ~/before").await;
+    let pid = start_ticker(&source, src_token).await;
+
+    // A snapshot: the source is stopped only while its memory is written, and goes on.
+    let made = agent
+        .checkpoint("sbx-src", "snap-1", false)
+        .await
+        .expect("CheckpointSandbox");
+    let template = made.template.clone().unwrap();
+    assert_eq!(template.template_id, "snap-1");
+    assert!(made.snapshot_bytes > 0 && made.paused_ms > 0, "{made:?}");
+    assert!(made.paused_ms <= made.total_ms, "{made:?}");
+    let (alive, at_snapshot) = ticks(&source, src_token, pid).await;
+    assert!(alive, "the source's process goes on");
+    run(&source, src_token, "echo after > ~/after").await;
+    // Another checkpoint of the same name is refused, and one of a sandbox that is not running.
+    assert_code(
+        agent.checkpoint("sbx-src", "snap-1", false).await,
+        Code::AlreadyExists,
+        "already exists",
+    );
+
+    // Sandboxes from it: the file and the process from before it, not what came after; each
+    // with its own token and variables, diverging from the others.
+    let (f1, f2) = tokio::join!(
+        agent.create("snap-1", "sbx-f1", Some("secret-f1")),
+        agent.create("snap-1", "sbx-f2", Some("secret-f2")),
+    );
+    for (fork, token) in [(&f1, "secret-f1"), (&f2, "secret-f2")] {
+        assert_eq!(fork.state, "running");
+        let ran = run(
+            fork,
+            Some(token),
+            "cat ~/before; test -e ~/after && echo leaked || echo clean; echo $SANDBOX_NAME",
+        )
+        .await;
+        assert_eq!(
+            ran.stdout,
+            format!("before\nclean\n{}\n", fork.sandbox_id),
+            "{ran:?}"
+        );
+        let (alive, first) = ticks(fork, Some(token), pid).await;
+        assert!(
+            alive,
+            "{}: the process from before the snapshot runs",
+            fork.sandbox_id
+        );
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let (_, later) = ticks(fork, Some(token), pid).await;
+        assert!(
+            later > first,
+            "{}: it still writes ({first} → {later})",
+            fork.sandbox_id
+        );
+        // Its ticks start from the snapshot's, not from what the source wrote after it.
+        assert!(
+            first >= at_snapshot.saturating_sub(2),
+            "{first} vs {at_snapshot}"
+        );
+        // The source's token is not this sandbox's.
+        let refused = ConnectClient::new(
+            format!("http://{}", fork.envd_address),
+            HttpVersion::Http1,
+            Codec::Json,
+        )
+        .call_streaming::<wrenn_proto::process::process::Start>(
+            &proc_pb::StartRequest::default(),
+            &envd_headers(Some("secret-src")),
+        )
+        .await
+        .map(drop);
+        assert_code(refused, Code::Unauthenticated, "401");
+    }
+    run(&f1, Some("secret-f1"), "echo f1 > ~/mine").await;
+    let ran = run(
+        &f2,
+        Some("secret-f2"),
+        "cat ~/mine 2>/dev/null || echo none",
+    )
+    .await;
+    assert_eq!(ran.stdout.trim(), "none", "{ran:?}");
+    let ran = run(
+        &source,
+        src_token,
+        "cat ~/after; test -e ~/mine && echo leaked || echo clean",
+    )
+    .await;
+    assert_eq!(ran.stdout, "after\nclean\n", "{ran:?}");
+    // A snapshot a sandbox stands on is not deleted.
+    assert_code(
+        agent.delete_template("snap-1").await,
+        Code::FailedPrecondition,
+        "in use",
+    );
+
+    // A fork's checkpoint: ephemeral, gone once neither the source nor its forks stand on it.
+    agent
+        .checkpoint("sbx-src", "fork-1", true)
+        .await
+        .expect("an ephemeral checkpoint");
+    let k = agent.create("fork-1", "sbx-k", Some("secret-k")).await;
+    let ran = run(&k, Some("secret-k"), "cat ~/after").await;
+    assert_eq!(ran.stdout.trim(), "after", "{ran:?}");
+    let _: pb::DestroySandboxResponse = agent.destroy("sbx-k").await.unwrap();
+    assert!(template_names(&agent).await.contains(&"fork-1".to_string()));
+    let _: pb::DestroySandboxResponse = agent.destroy("sbx-src").await.unwrap();
+    let names = template_names(&agent).await;
+    assert!(!names.contains(&"fork-1".to_string()), "{names:?}");
+    assert!(names.contains(&"snap-1".to_string()), "{names:?}");
+
+    // A pause that keeps the disk alone: files stay, processes go, the token and variables
+    // stay.
+    run(&f1, Some("secret-f1"), "echo kept > ~/kept").await;
+    let paused = agent
+        .pause_disk_only("sbx-f1")
+        .await
+        .expect("a disk-only pause");
+    assert_eq!(paused.sandbox.as_ref().unwrap().state, "paused");
+    assert_eq!(paused.snapshot_bytes, 0);
+    let resumed = agent
+        .resume("sbx-f1")
+        .await
+        .expect("a resume from the disk");
+    let f1 = resumed.sandbox.unwrap();
+    let ran = run(
+        &f1,
+        Some("secret-f1"),
+        "cat ~/kept ~/mine; echo $SANDBOX_NAME",
+    )
+    .await;
+    assert_eq!(ran.stdout, "kept\nf1\nsbx-f1\n", "{ran:?}");
+    let (alive, _) = ticks(&f1, Some("secret-f1"), pid).await;
+    assert!(!alive, "a boot leaves no process of before");
+
+    for id in ["sbx-f1", "sbx-f2"] {
+        let _: pb::DestroySandboxResponse = agent.destroy(id).await.unwrap();
+    }
+    let _: pb::DeleteTemplateResponse = agent.delete_template("snap-1").await.unwrap();
+    let _: pb::DeleteTemplateResponse = agent.delete_template("base").await.unwrap();
+    agent.stop();
+    assert_eq!(agent.leftovers(), Vec::<String>::new());
+    let left: Vec<_> = std::fs::read_dir(agent.data_dir().join("templates"))
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_agent_adopts_running_sandboxes_and_reports_a_dead_vm() {
     let Some(_image) = prerequisites() else {
@@ -334,6 +519,7 @@ async fn an_agent_killed_with_operations_in_flight_leaves_every_sandbox_whole_or
         &agent,
         pb::PauseSandboxRequest {
             sandbox_id: "pausing".into(),
+            disk_only: false,
         },
     );
     agent

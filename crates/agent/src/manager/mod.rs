@@ -8,9 +8,11 @@
 //! This module holds the [`Manager`], its configuration and what every concern shares; each
 //! concern is a file: [`templates`], [`build`] (templates built from templates or images, step
 //! by step; [`from_image`] makes an image a root filesystem),
-//! [`sandboxes`], [`pause`] (and resume), [`recovery`], [`monitor`].
+//! [`sandboxes`], [`pause`] (and resume), [`checkpoint`] (snapshots and forks of running
+//! sandboxes), [`recovery`], [`monitor`].
 
 mod build;
+mod checkpoint;
 mod from_image;
 mod monitor;
 mod pause;
@@ -90,6 +92,9 @@ pub const DEFAULT_VMM_UID_BASE: u32 = 1_900_000_000;
 pub use wrenn_agent_api::CreateOptions;
 
 pub use wrenn_agent_api::CreateTimings;
+
+pub use checkpoint::CheckpointOptions;
+pub use pause::ResumeOptions;
 
 #[derive(Debug)]
 struct SandboxEntry {

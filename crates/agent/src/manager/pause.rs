@@ -1,11 +1,17 @@
 //! Pause (prepare, freeze, snapshot to the sandbox's own files, stop the VM) and resume (restore
-//! those, `/init`).
+//! those, `/init`); a pause without memory (prepare with the guest's disks synced, stop the VM:
+//! the disk is all that is kept) and its resume (a boot from the disk, `/init`).
 
 use super::*;
 
 impl Manager {
-    /// Snapshots a running sandbox to its own files and stops its VM.
-    pub async fn pause(&self, sandbox_id: &str) -> Result<SandboxRecord, AgentError> {
+    /// Snapshots a running sandbox to its own files and stops its VM; with `disk_only`, syncs
+    /// the guest's disks and stops the VM keeping no memory.
+    pub async fn pause(
+        &self,
+        sandbox_id: &str,
+        disk_only: bool,
+    ) -> Result<SandboxRecord, AgentError> {
         let entry = self.entry(sandbox_id)?;
         let _operation = entry.operation.lock().await;
         let record = entry.snapshot();
@@ -19,14 +25,18 @@ impl Manager {
         let dir = self.store.sandbox_dir(sandbox_id);
         let address = envd_address(slot);
         let snapshot = async {
-            envd_client::prepare_snapshot(
-                address,
-                record.access_token.as_deref(),
-                Duration::from_secs(30),
-            )
-            .await?;
+            let token = record.access_token.as_deref();
+            if disk_only {
+                // Stopping drains and flushes the VM's disk: what the guest synced is on it.
+                envd_client::prepare_disk_only(address, token, Duration::from_secs(120)).await?;
+                self.vmm.pause(&vm).await?;
+                return Ok(None);
+            }
+            envd_client::prepare_snapshot(address, token, Duration::from_secs(30)).await?;
             self.vmm.pause(&vm).await?;
-            Ok::<_, AgentError>(self.vmm.snapshot(&vm, &dir.join("memory.snap")).await?)
+            Ok::<_, AgentError>(Some(
+                self.vmm.snapshot(&vm, &dir.join("memory.snap")).await?,
+            ))
         }
         .await;
         match snapshot {
@@ -39,7 +49,8 @@ impl Manager {
                     record.state = SandboxState::Paused;
                     record.vm = None;
                     record.slot = None;
-                    record.snapshot = Some(snapshot);
+                    record.disk_only = snapshot.is_none();
+                    record.snapshot = snapshot;
                 }))
             }
             Err(error) => {
@@ -54,21 +65,34 @@ impl Manager {
         }
     }
 
-    /// Restores a paused sandbox from its own files.
+    /// Restores a paused sandbox from its own files (or boots it from its disk: see
+    /// [`ResumeOptions::from_disk`]).
     pub async fn resume(
         &self,
         sandbox_id: &str,
-        access_token: Option<String>,
-        ready_timeout: Option<Duration>,
-        init_timeout: Option<Duration>,
+        options: ResumeOptions,
     ) -> Result<SandboxRecord, AgentError> {
+        let ResumeOptions {
+            access_token,
+            ready_timeout,
+            init_timeout,
+            from_disk,
+        } = options;
         let entry = self.entry(sandbox_id)?;
         let _operation = entry.operation.lock().await;
         let record = entry.snapshot();
         require_state(&record, SandboxState::Paused, "resumed")?;
-        let snapshot = record.snapshot.clone().ok_or_else(|| {
-            AgentError::Internal(format!("paused sandbox {sandbox_id} has no snapshot"))
-        })?;
+        // None: paused without memory, booted from its disk.
+        let snapshot = match (&record.snapshot, record.disk_only) {
+            (Some(_), _) if from_disk => None,
+            (Some(snapshot), _) => Some(snapshot.clone()),
+            (None, true) => None,
+            (None, false) => {
+                return Err(AgentError::Internal(format!(
+                    "paused sandbox {sandbox_id} has no snapshot"
+                )));
+            }
+        };
         if access_token.as_deref() == Some("") {
             return Err(AgentError::InvalidArgument(
                 "an empty envd access token is not allowed".into(),
@@ -85,10 +109,18 @@ impl Manager {
             init_timeout,
             ..CreateOptions::default()
         };
-        match self.start_vm(&entry, &snapshot, &options, false).await {
+        match self
+            .start_vm(&entry, snapshot.as_ref(), &options, false)
+            .await
+        {
             Ok(_) => {
-                let _ = std::fs::remove_file(&snapshot.memory);
-                Ok(self.save(&entry, |record| record.snapshot = None))
+                if let Some(snapshot) = &record.snapshot {
+                    let _ = std::fs::remove_file(&snapshot.memory);
+                }
+                Ok(self.save(&entry, |record| {
+                    record.snapshot = None;
+                    record.disk_only = false;
+                }))
             }
             Err(error) => {
                 self.save(&entry, |record| {
@@ -99,6 +131,18 @@ impl Manager {
             }
         }
     }
+}
+
+/// How a paused sandbox is resumed.
+#[derive(Debug, Clone, Default)]
+pub struct ResumeOptions {
+    /// A new access token for envd (`None` keeps the current one).
+    pub access_token: Option<String>,
+    pub ready_timeout: Option<Duration>,
+    pub init_timeout: Option<Duration>,
+    /// Boot from the disk, leaving the pause's memory aside (it is then removed, as every
+    /// resume removes it): the guest finds its files as a crash would leave them.
+    pub from_disk: bool,
 }
 
 /// Refuses a change a sandbox in its state cannot take: only a `wanted` one can be `changed`.

@@ -111,7 +111,8 @@ impl Manager {
                                 memory: written,
                             });
                         }
-                        record.state = after_restart(state, record.snapshot.is_some());
+                        record.state =
+                            after_restart(state, record.snapshot.is_some() || record.disk_only);
                         if record.state == SandboxState::Paused {
                             record.error = None;
                         }
@@ -127,7 +128,8 @@ impl Manager {
             ) {
                 // The previous agent stopped before the VM was recorded (a VMM it had started
                 // is an orphan, killed below).
-                record.state = after_restart(record.state, record.snapshot.is_some());
+                record.state =
+                    after_restart(record.state, record.snapshot.is_some() || record.disk_only);
                 if record.state == SandboxState::Failed {
                     record.error =
                         Some("the agent stopped before the sandbox's VM was recorded".into());
@@ -140,6 +142,8 @@ impl Manager {
                 Arc::new(SandboxEntry::new(record)),
             );
         }
+        // Forks' checkpoints whose sandboxes went while the agent was down.
+        self.collect_ephemeral();
         let killed = kill_orphan_vmms(&self.config.data_dir, &adopted_pids);
         let removed = self.slots.remove_orphans().await;
         if killed + removed > 0 {
@@ -158,7 +162,8 @@ impl Manager {
 }
 
 /// What a sandbox whose VM is not taken back is after a restart that cut off an operation in
-/// `state`: paused if it was pausing or resuming and its snapshot is whole, else failed.
+/// `state`: paused if it was pausing or resuming and its snapshot is whole (or it was paused
+/// without memory, its disk all it needs), else failed.
 fn after_restart(state: SandboxState, has_snapshot: bool) -> SandboxState {
     if matches!(state, SandboxState::Resuming | SandboxState::Pausing) && has_snapshot {
         SandboxState::Paused

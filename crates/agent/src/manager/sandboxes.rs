@@ -42,12 +42,20 @@ impl Manager {
                 ..template.machine.clone()
             },
             created_at_ms: now_ms(),
-            env_vars: options.env_vars.clone(),
+            // A checkpoint's sandboxes start with its sandbox's variables; the create's win.
+            env_vars: template
+                .env_vars
+                .iter()
+                .chain(&options.env_vars)
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect(),
             access_token: options.access_token.clone(),
             allow_internet: options.allow_internet,
             metadata: options.metadata.clone(),
             error: None,
             snapshot: None,
+            disk_only: false,
+            layered_on: Vec::new(),
         };
         let entry = Arc::new(SandboxEntry::new(record.clone()));
         {
@@ -61,7 +69,7 @@ impl Manager {
         }
         let _operation = entry.operation.lock().await;
         let result = self
-            .start_vm(&entry, &template.snapshot, &options, true)
+            .start_vm(&entry, Some(&template.snapshot), &options, true)
             .await;
         match result {
             Ok(timings) => Ok((
@@ -82,12 +90,13 @@ impl Manager {
         }
     }
 
-    /// Restores `snapshot` into the entry's machine with a new slot, waits for envd, `/init`s.
-    /// On failure everything it took is given back (the VM, the slot) and the error returned.
+    /// Restores `snapshot` into the entry's machine with a new slot (or, for `None`, boots the
+    /// machine from its disk), waits for envd, `/init`s. On failure everything it took is given
+    /// back (the VM, the slot) and the error returned.
     pub(super) async fn start_vm(
         &self,
         entry: &SandboxEntry,
-        snapshot: &SnapshotFiles,
+        snapshot: Option<&SnapshotFiles>,
         options: &CreateOptions,
         fresh_disk: bool,
     ) -> Result<CreateTimings, AgentError> {
@@ -130,10 +139,14 @@ impl Manager {
         let mut timings = CreateTimings::default();
         let started = Instant::now();
         let outcome = async {
-            let vm = self
-                .vmm
-                .restore(&machine, snapshot, &dir.join("vm"))
-                .await?;
+            let vm = match snapshot {
+                Some(snapshot) => {
+                    self.vmm
+                        .restore(&machine, snapshot, &dir.join("vm"))
+                        .await?
+                }
+                None => self.vmm.boot(&machine, &dir.join("vm")).await?,
+            };
             timings.restore = started.elapsed();
             self.save(entry, |record| {
                 record.vm = Some(vm.clone());
@@ -141,7 +154,14 @@ impl Manager {
             });
             let ready = async {
                 let address = envd_address(slot.index);
-                let ready_timeout = options.ready_timeout.unwrap_or(DEFAULT_READY_TIMEOUT);
+                let ready_timeout = match snapshot {
+                    Some(_) => options.ready_timeout.unwrap_or(DEFAULT_READY_TIMEOUT),
+                    // A boot takes as long as a template's first one.
+                    None => options
+                        .ready_timeout
+                        .unwrap_or(DEFAULT_BOOT_TIMEOUT)
+                        .max(DEFAULT_BOOT_TIMEOUT),
+                };
                 envd_client::wait_ready(address, ready_timeout, || vm.is_alive()).await?;
                 timings.ready = started.elapsed() - timings.restore;
                 let init_timeout = options.init_timeout.unwrap_or(DEFAULT_INIT_TIMEOUT);
@@ -258,6 +278,16 @@ impl Manager {
             })
             .map_err(|error| AgentError::internal("removing the sandbox's files", error))?;
         tracing::info!(sandbox = sandbox_id, "sandbox destroyed");
+        if !record.layered_on.is_empty()
+            || self
+                .templates
+                .lock()
+                .expect("templates lock")
+                .get(&record.template_id)
+                .is_some_and(|template| template.ephemeral)
+        {
+            self.collect_ephemeral();
+        }
         Ok(())
     }
 }

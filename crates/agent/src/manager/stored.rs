@@ -451,7 +451,11 @@ impl Manager {
     }
 
     /// Changes the record of `template_id` and saves it.
-    fn update_template(&self, template_id: &str, change: impl FnOnce(&mut TemplateRecord)) {
+    pub(super) fn update_template(
+        &self,
+        template_id: &str,
+        change: impl FnOnce(&mut TemplateRecord),
+    ) {
         let mut templates = self.templates.lock().expect("templates lock");
         if let Some(record) = templates.get_mut(template_id) {
             change(record);

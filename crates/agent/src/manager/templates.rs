@@ -481,6 +481,9 @@ impl Manager {
             pulled_digests: BTreeMap::new(),
             stored: false,
             steps: work.step_layers(),
+            env_vars: BTreeMap::new(),
+            ephemeral: false,
+            source_sandbox: None,
         };
         self.store.save_template(&record)?;
         self.templates
@@ -614,7 +617,7 @@ impl Manager {
             .expect("sandboxes lock")
             .values()
             .map(|entry| entry.snapshot())
-            .filter(|record| record.template_id == template_id)
+            .filter(|record| record.stands_on(template_id))
             .map(|record| record.sandbox_id)
             .collect();
         let children: Vec<String> = {

@@ -78,13 +78,35 @@ impl Host {
         .await
     }
 
-    pub async fn pause(&self, sandbox_id: &str) -> Result<(), Error> {
-        let pause = self.agent.pause(sandbox_id);
+    /// Pauses a sandbox, with its memory or (`disk_only`) without.
+    pub async fn pause(&self, sandbox_id: &str, disk_only: bool) -> Result<(), Error> {
+        let pause = self.agent.pause(sandbox_id, disk_only);
         within(&self.name(), "PauseSandbox", deadlines::VM_OPERATION, pause).await
     }
 
-    pub async fn resume(&self, sandbox_id: &str) -> Result<(), Error> {
-        let resume = self.agent.resume(sandbox_id);
+    /// Saves a running sandbox as the host's template `template_id` (see
+    /// [`HostAgent::checkpoint`]); the host knows the template at once. A persistent one's put
+    /// in the template store is bounded by the build deadline's minute.
+    pub async fn checkpoint(
+        &self,
+        sandbox_id: &str,
+        template_id: &str,
+        ephemeral: bool,
+    ) -> Result<wrenn_agent_api::Checkpoint, Error> {
+        let deadline = if ephemeral {
+            deadlines::VM_OPERATION
+        } else {
+            deadlines::VM_OPERATION * 2
+        };
+        let checkpoint = self.agent.checkpoint(sandbox_id, template_id, ephemeral);
+        let made = within(&self.name(), "CheckpointSandbox", deadline, checkpoint).await?;
+        self.learned_template(made.template.clone());
+        Ok(made)
+    }
+
+    /// Resumes a sandbox: its memory restored, or (`from_disk`) booted from its disk.
+    pub async fn resume(&self, sandbox_id: &str, from_disk: bool) -> Result<(), Error> {
+        let resume = self.agent.resume(sandbox_id, from_disk);
         within(
             &self.name(),
             "ResumeSandbox",

@@ -4,18 +4,21 @@
 //! heartbeat token); a team sees only its own
 //! sandboxes (another team's are 404). This module holds the router, [`ApiError`] (the one
 //! place a cause of [`crate::Error`] becomes a status code), authentication and the bodies'
-//! shared helpers; the handlers are in [`sandboxes`], [`templates`], [`hosts`] and [`registry`], and the
+//! shared helpers; the handlers are in [`sandboxes`], [`snapshots`], [`templates`], [`hosts`] and
+//! [`registry`], and the
 //! OpenAPI document made from their annotations in [`openapi`].
 
 mod hosts;
 pub mod openapi;
 mod registry;
 mod sandboxes;
+mod snapshots;
 mod templates;
 
 use hosts::*;
 use sandboxes::*;
 pub use sandboxes::{MAX_METRICS_ANSWER, envd_metrics, parse_metadata_filter};
+use snapshots::*;
 use templates::*;
 
 use std::collections::BTreeMap;
@@ -243,6 +246,9 @@ pub fn router(plane: Arc<ControlPlane>) -> Router {
         .route("/sandboxes/{id}/connect", post(connect))
         .route("/sandboxes/{id}/resume", post(resume))
         .route("/sandboxes/{id}/metrics", get(metrics))
+        .route("/sandboxes/{id}/snapshots", post(create_snapshot))
+        .route("/sandboxes/{id}/fork", post(fork))
+        .route("/snapshots", get(list_snapshots))
         .route("/sandboxes/metrics", get(metrics_of_many))
         .route(
             "/sandboxes/{id}/network",
@@ -399,6 +405,14 @@ fn detail_body(plane: &ControlPlane, row: &SandboxRow) -> wrenn_api::SandboxDeta
         },
         envd_access_token: row.envd_access_token.clone(),
         domain: plane.domain.clone(),
+        pause_mode: (row.state == SandboxState::Paused).then(|| {
+            if row.paused_disk_only {
+                "filesystem"
+            } else {
+                "full"
+            }
+            .to_string()
+        }),
     }
 }
 

@@ -6,7 +6,7 @@
 use utoipa::OpenApi;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 
-use super::{hosts, sandboxes, templates};
+use super::{hosts, sandboxes, snapshots, templates};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -29,6 +29,9 @@ use super::{hosts, sandboxes, templates};
         sandboxes::update_network,
         sandboxes::metrics,
         sandboxes::metrics_of_many,
+        snapshots::create_snapshot,
+        snapshots::list_snapshots,
+        snapshots::fork,
         templates::list_templates,
         templates::request_build,
         templates::start_build,
@@ -49,6 +52,7 @@ use super::{hosts, sandboxes, templates};
     tags(
         (name = "sandboxes", description = "Sandboxes: create, list, pause, resume, kill, metrics"),
         (name = "templates", description = "The templates sandboxes start from"),
+        (name = "snapshots", description = "Persistent snapshots of running sandboxes (deleted as templates are)"),
         (name = "hosts", description = "The fleet of host agents (admin teams; agents join over Connect, wrenn.agent.v1.HostRegistry)"),
         (name = "service", description = "The control plane itself"),
     )

@@ -62,8 +62,15 @@ pub(super) async fn create_sandbox(
         metadata: request.metadata.unwrap_or_default(),
         env_vars: request.env_vars.unwrap_or_default(),
         auto_pause: request.auto_pause.unwrap_or(false),
+        auto_pause_memory: request.auto_pause_memory.unwrap_or(true),
         auto_resume: request.auto_resume.and_then(|a| a.enabled).unwrap_or(false),
     };
+    if !asked.auto_pause_memory && asked.auto_resume {
+        return Err(ApiError::bad_request(
+            "autoResume cannot be combined with autoPauseMemory false: a sandbox paused without \
+             its memory is resumed by an explicit connect or resume, never by traffic",
+        ));
+    }
     let crate::service::Created {
         row,
         agent_time,
@@ -335,15 +342,16 @@ pub(super) async fn refresh(
 }
 
 #[utoipa::path(post, path = "/sandboxes/{id}/pause", tag = "sandboxes", security(("api_key" = [])),
+    request_body = wrenn_api::PauseRequest,
     responses(
-        (status = 204, description = "Paused: memory, processes and files kept"),
+        (status = 204, description = "Paused: memory, processes and files kept (with memory false, the files alone)"),
         (status = 409, description = "Already paused", body = wrenn_api::Error),
     ))]
 pub(super) async fn pause(
     SandboxCall { plane, team, id }: SandboxCall,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    crate::unsupported::check_memory(&body_value(&body)?)?;
+    let request: wrenn_api::PauseRequest = body_json(&body)?;
     let (_turn, row) = owned_in_turn(&plane, &team, &id).await?;
     if row.state == SandboxState::Paused {
         return Err(ApiError::new(
@@ -351,7 +359,7 @@ pub(super) async fn pause(
             format!("sandbox \"{}\" is already paused", row.id),
         ));
     }
-    plane.pause(&row).await?;
+    plane.pause(&row, request.memory.unwrap_or(true)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -365,7 +373,7 @@ pub(super) async fn connect(
     SandboxCall { plane, team, id }: SandboxCall,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let (_, timeout) = wake_request(&body)?;
+    let (body, timeout) = wake_request(&body)?;
     let (_turn, row) = owned_in_turn(&plane, &team, &id).await?;
     let end = now_ms() + timeout as i64 * 1000;
     if row.state == SandboxState::Running {
@@ -376,7 +384,8 @@ pub(super) async fn connect(
             .await?;
         return Ok((StatusCode::OK, axum::Json(sandbox_body(&plane, &row))).into_response());
     }
-    let row = plane.resume(&row, end, None).await?;
+    let from_disk = body.memory == Some(false);
+    let row = plane.resume(&row, end, None, from_disk).await?;
     Ok((StatusCode::CREATED, axum::Json(sandbox_body(&plane, &row))).into_response())
 }
 
@@ -398,8 +407,14 @@ pub(super) async fn resume(
             format!("sandbox \"{}\" is already running", row.id),
         ));
     }
+    let from_disk = body.memory == Some(false);
     let row = plane
-        .resume(&row, now_ms() + timeout as i64 * 1000, body.auto_pause)
+        .resume(
+            &row,
+            now_ms() + timeout as i64 * 1000,
+            body.auto_pause,
+            from_disk,
+        )
         .await?;
     Ok((StatusCode::CREATED, axum::Json(sandbox_body(&plane, &row))).into_response())
 }
@@ -656,7 +671,7 @@ mod metrics_tests {
 /// The body of a connect or a resume, and its timeout (15 s by default): how long the sandbox
 /// lives from now.
 fn wake_request(body: &[u8]) -> Result<(wrenn_api::TimeoutRequest, u64), ApiError> {
-    let body: wrenn_api::TimeoutRequest = checked_body(body, crate::unsupported::check_memory)?;
+    let body: wrenn_api::TimeoutRequest = body_json(body)?;
     let timeout = check_timeout(body.timeout.unwrap_or(15))?;
     Ok((body, timeout))
 }

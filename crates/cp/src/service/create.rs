@@ -28,6 +28,8 @@ pub struct SandboxRequest {
     pub metadata: BTreeMap<String, String>,
     pub env_vars: BTreeMap<String, String>,
     pub auto_pause: bool,
+    /// Whether a pause on timeout keeps the memory.
+    pub auto_pause_memory: bool,
     pub auto_resume: bool,
 }
 
@@ -51,13 +53,29 @@ impl ControlPlane {
                 "a sandbox without public traffic must be secure (secure: true)".into(),
             ));
         }
+        let template = self.resolve_template(team_id, &request.template).await?;
+        self.create_from(team_id, request, template).await
+    }
+
+    /// Creates a sandbox of team `team_id` from a template already resolved (a fork's comes
+    /// from its checkpoint, which only its host has).
+    pub(super) async fn create_from(
+        &self,
+        team_id: &str,
+        request: SandboxRequest,
+        template: super::templates::ResolvedTemplate,
+    ) -> Result<Created, Error> {
+        if !request.public_traffic && !request.secure {
+            return Err(Error::InvalidRequest(
+                "a sandbox without public traffic must be secure (secure: true)".into(),
+            ));
+        }
         let id = auth::random_id(20)?;
         let token = request.secure.then(auth::random_token).transpose()?;
         let traffic_access_token = (!request.public_traffic)
             .then(auth::random_token)
             .transpose()?;
         let allow_internet = request.allow_internet && self.internet;
-        let template = self.resolve_template(team_id, &request.template).await?;
         // Counted against the team's quotas until its row is written (or the create fails).
         let disk_mib = match self.fleet.template_disk_mib(&template.on_hosts) {
             0 => template.stored.as_ref().map_or(0, |t| t.disk_size_mb),
@@ -132,6 +150,8 @@ impl ControlPlane {
             host_id: placed.host.id(),
             traffic_access_token,
             auto_resume: request.auto_resume,
+            auto_pause_memory: request.auto_pause_memory,
+            paused_disk_only: false,
         };
         if let Err(error) = admitted.settle(self.store.put_sandbox(row.clone())).await {
             let _ = placed.host.destroy(&id).await;

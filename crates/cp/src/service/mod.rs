@@ -1,11 +1,13 @@
 //! The control plane's service: sandbox lifecycles (create with placement and retry on another
 //! host, kill, pause, resume, end times, kill or pause on timeout), admission against the
-//! teams' quotas, template builds ([`templates`]), and the fleet's loops (heartbeat watch,
+//! teams' quotas, template builds ([`templates`]), snapshots and forks ([`snapshots`]), and
+//! the fleet's loops (heartbeat watch,
 //! reconcile). It returns [`Error`],
 //! named by cause; it knows no HTTP.
 
 mod create;
 pub mod error;
+pub mod snapshots;
 pub mod templates;
 
 pub use create::{Created, SandboxRequest};
@@ -137,6 +139,17 @@ impl ControlPlane {
         let (rows, _) = self.store.list(query).await?;
         let templates = self.fleet.templates();
         let mut usage = Usage::default();
+        // Its snapshots: their memory and the most their disk can hold.
+        for template in self.store.templates_for(team_id).await? {
+            if template.team_id != team_id || template.source_sandbox_id.is_none() {
+                continue;
+            }
+            for build in self.store.builds_of(&template.id).await? {
+                if build.status == crate::store::BuildStatus::Ready {
+                    usage.disk_mib += u64::from(build.memory_mb) + u64::from(build.disk_size_mb);
+                }
+            }
+        }
         for row in rows {
             let disk = templates
                 .iter()
@@ -179,36 +192,41 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Pauses a running sandbox.
-    pub async fn pause(&self, row: &SandboxRow) -> Result<(), Error> {
+    /// Pauses a running sandbox, with its memory or (`memory` false) its disk alone.
+    pub async fn pause(&self, row: &SandboxRow, memory: bool) -> Result<(), Error> {
         let host = self.fleet.up_host(row)?;
-        let snapshot_mib = u64::from(row.memory_mb);
+        let snapshot_mib = if memory { u64::from(row.memory_mb) } else { 0 };
         let admitted = self
             .admit(&row.team_id, Change::Pause { snapshot_mib })
             .await?;
         // Until the store says paused, traffic is routed by the store, never by a route kept
         // from before: a stale one would never let autoResume resume it.
         let _uncached = self.fleet.hold_route(&row.id);
-        host.pause(&row.id).await?;
-        let paused = self
-            .store
-            .set_state(&row.id, SandboxState::Paused, row.end_at_ms);
-        admitted.settle(paused).await?;
+        host.pause(&row.id, !memory).await?;
+        let paused = SandboxRow {
+            state: SandboxState::Paused,
+            paused_disk_only: !memory,
+            ..row.clone()
+        };
+        admitted.settle(self.store.put_sandbox(paused)).await?;
         Ok(())
     }
 
-    /// Resumes a paused sandbox until `end_at_ms`.
+    /// Resumes a paused sandbox until `end_at_ms`: its memory restored, or (`from_disk`, or a
+    /// pause that kept none) booted from its disk.
     pub async fn resume(
         &self,
         row: &SandboxRow,
         end_at_ms: i64,
         auto_pause: Option<bool>,
+        from_disk: bool,
     ) -> Result<SandboxRow, Error> {
         let host = self.fleet.up_host(row)?;
         let admitted = self.admit(&row.team_id, Change::Resume).await?;
-        host.resume(&row.id).await?;
+        host.resume(&row.id, from_disk).await?;
         let mut row = row.clone();
         row.state = SandboxState::Running;
+        row.paused_disk_only = false;
         row.end_at_ms = end_at_ms;
         if let Some(auto_pause) = auto_pause {
             row.auto_pause = auto_pause;
@@ -225,11 +243,13 @@ impl ControlPlane {
         let Ok(Some(row)) = self.store.sandbox(id).await else {
             return false;
         };
-        if row.state != SandboxState::Paused || !row.auto_resume {
+        // A sandbox paused without memory is resumed by an explicit request only (E2B's rule:
+        // traffic must not reboot it).
+        if row.state != SandboxState::Paused || !row.auto_resume || row.paused_disk_only {
             return row.state == SandboxState::Running;
         }
         let end = chrono::Utc::now().timestamp_millis() + AUTO_RESUME_TIMEOUT_MS;
-        match self.resume(&row, end, None).await {
+        match self.resume(&row, end, None, false).await {
             Ok(_) => {
                 tracing::info!(sandbox = id, "resumed by traffic");
                 true
@@ -314,7 +334,7 @@ impl ControlPlane {
         let row = &row;
         let outcome = if row.auto_pause {
             tracing::info!(sandbox = %row.id, "timeout: pausing");
-            match self.pause(row).await {
+            match self.pause(row, row.auto_pause_memory).await {
                 // Past its team's paused (or disk) limit, a sandbox whose time is up is
                 // killed: left running, it would outlive its timeout for good.
                 Err(Error::QuotaExceeded(exceeded)) => {

@@ -287,7 +287,7 @@ pub fn split_name(name: &str) -> Result<(String, String), Error> {
 }
 
 /// A new build id: a random (version 4) UUID.
-fn new_build_id() -> Result<String, Error> {
+pub(super) fn new_build_id() -> Result<String, Error> {
     let mut bytes = [0u8; 16];
     wrenn_core::random::fill(&mut bytes)?;
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
@@ -304,7 +304,7 @@ fn new_build_id() -> Result<String, Error> {
 }
 
 /// The name a build's template has on the hosts.
-fn host_template_id(build_id: &str) -> String {
+pub(super) fn host_template_id(build_id: &str) -> String {
     format!("b{}", build_id.replace('-', ""))
 }
 
@@ -416,6 +416,7 @@ impl ControlPlane {
                 created_at_ms: now,
                 updated_at_ms: now,
                 ready_build_id: None,
+                source_sandbox_id: None,
             },
         };
         self.store.put_template(template.clone()).await?;
@@ -446,8 +447,16 @@ impl ControlPlane {
         let by_id = self.store.template(named).await?;
         let template = match by_id {
             Some(template) => Some(template),
+            // `name`, `name:tag`, or an id with a tag (a snapshot's id is `<id>:<tag>`).
             None => match split_name(named) {
-                Ok((alias, _)) => self.store.template_by_alias(&alias).await?,
+                Ok((alias, _)) => match self.store.template_by_alias(&alias).await? {
+                    Some(template) => Some(template),
+                    None if named.contains(':') => {
+                        let id = named.split_once(':').map_or(named, |(id, _)| id);
+                        self.store.template(id).await?
+                    }
+                    None => None,
+                },
                 Err(_) => None,
             },
         };
@@ -952,6 +961,8 @@ impl ControlPlane {
             .changes
             .turn(&format!("template:{}", template.id))
             .await;
+        // A template's sandboxes outlive it (E2B's rule); a snapshot's do not let it go.
+        self.check_snapshot_unused(&template).await?;
         let mut builds = self.store.builds_of(&template.id).await?;
         // Its running builds are cancelled, and waited for (their end is stored first).
         let running: Vec<String> = builds

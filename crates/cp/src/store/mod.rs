@@ -76,6 +76,10 @@ pub struct SandboxRow {
     pub traffic_access_token: Option<String>,
     /// Whether traffic to the sandbox through the proxy resumes it when paused.
     pub auto_resume: bool,
+    /// Whether a pause on timeout keeps the memory (E2B's `autoPauseMemory`).
+    pub auto_pause_memory: bool,
+    /// Paused without its memory: its resume boots it from its disk.
+    pub paused_disk_only: bool,
 }
 
 /// A host agent of the fleet.
@@ -135,6 +139,8 @@ pub struct TemplateRow {
     pub updated_at_ms: i64,
     /// The build its sandboxes start from: its last ready one.
     pub ready_build_id: Option<String>,
+    /// For a snapshot (E2B's snapshot template): the sandbox it was taken of.
+    pub source_sandbox_id: Option<String>,
 }
 
 wrenn_core::named_enum! {

@@ -29,6 +29,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0004_admin_teams.sql"),
     include_str!("../../migrations/postgres/0005_host_identity.sql"),
     include_str!("../../migrations/postgres/0006_templates.sql"),
+    include_str!("../../migrations/postgres/0007_snapshots.sql"),
 ];
 
 /// Connections to one PostgreSQL database.
@@ -189,8 +190,8 @@ impl StoreBackend for PgStore {
                 &format!(
                 "INSERT INTO sandboxes (id, team_id, template_id, alias, state, started_at_ms, end_at_ms, metadata,
                     envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version, host_id,
-                    traffic_access_token, auto_resume)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::text::jsonb, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+                    traffic_access_token, auto_resume, auto_pause_memory, paused_disk_only)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::text::jsonb, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
                  {SANDBOX_UPSERT}"
             ),
                 &[
@@ -211,6 +212,8 @@ impl StoreBackend for PgStore {
                     &sandbox.host_id,
                     &sandbox.traffic_access_token,
                     &sandbox.auto_resume,
+                    &sandbox.auto_pause_memory,
+                    &sandbox.paused_disk_only,
                 ],
             )
             .await
@@ -303,8 +306,8 @@ impl StoreBackend for PgStore {
         self.execute(
             &format!(
                 "INSERT INTO templates (id, team_id, alias, public, cpu_count, memory_mb,
-                    created_at_ms, updated_at_ms, ready_build_id)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) {TEMPLATE_UPSERT}"
+                    created_at_ms, updated_at_ms, ready_build_id, source_sandbox_id)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) {TEMPLATE_UPSERT}"
             ),
             &[
                 &template.id,
@@ -316,6 +319,7 @@ impl StoreBackend for PgStore {
                 &template.created_at_ms,
                 &template.updated_at_ms,
                 &template.ready_build_id,
+                &template.source_sandbox_id,
             ],
         )
         .await

@@ -132,7 +132,8 @@ stored!(SandboxRow from sandboxes {
     metadata: json = "CAST(metadata AS TEXT)",
     envd_access_token: optional_text, auto_pause: flag, allow_internet: flag,
     cpu_count: count, memory_mb: count, envd_version: text, host_id: text,
-    traffic_access_token: optional_text, auto_resume: flag,
+    traffic_access_token: optional_text, auto_resume: flag, auto_pause_memory: flag,
+    paused_disk_only: flag,
 });
 
 stored!(HostRow from hosts {
@@ -145,6 +146,7 @@ stored!(HostRow from hosts {
 stored!(TemplateRow from templates {
     id: text, team_id: text, alias: optional_text, public: flag, cpu_count: count,
     memory_mb: count, created_at_ms: int, updated_at_ms: int, ready_build_id: optional_text,
+    source_sandbox_id: optional_text,
 });
 
 stored!(BuildRow from template_builds {
@@ -176,7 +178,8 @@ pub const BUILD_UPSERT: &str = "ON CONFLICT (id) DO UPDATE SET status = excluded
 pub const SANDBOX_UPSERT: &str = "ON CONFLICT (id) DO UPDATE SET state = excluded.state,
     end_at_ms = excluded.end_at_ms, started_at_ms = excluded.started_at_ms,
     envd_access_token = excluded.envd_access_token, auto_pause = excluded.auto_pause,
-    host_id = excluded.host_id";
+    host_id = excluded.host_id, auto_pause_memory = excluded.auto_pause_memory,
+    paused_disk_only = excluded.paused_disk_only";
 
 /// How `put_host` updates a host stored already (registered again): every column but its id.
 pub const HOST_UPSERT: &str = "ON CONFLICT (id) DO UPDATE SET name = excluded.name,

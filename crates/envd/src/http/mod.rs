@@ -28,6 +28,7 @@ pub fn router() -> Router<Arc<Envd>> {
         .route("/metrics", get(metrics))
         .route("/init", post(init::init))
         .route("/snapshot/prepare", post(snapshot::prepare))
+        .route("/snapshot/continue", post(snapshot::continue_running))
 }
 
 /// A JSON error in E2B's plain-HTTP form: `{"code":<status>,"message":"..."}`.

@@ -4,7 +4,13 @@
 //! itself as awaiting a restore, which the next `/init` completes. It answers only when that is
 //! done, so the VM can be paused right after the answer.
 //!
-//! Like `/init`, the route is internal: the edge proxy must not forward it.
+//! `POST /snapshot/continue`: the host agent calls it when the VM it prepared goes on running
+//! instead of being stopped (a checkpoint: the snapshot is for other sandboxes, or it failed):
+//! envd thaws the user processes and restarts its port subsystem, and keeps its connections
+//! (they are this VM's, alive); the snapshot's copies of envd complete their restore at their
+//! own first `/init`.
+//!
+//! Like `/init`, the routes are internal: the edge proxy must not forward them.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -28,10 +34,34 @@ struct Prepared {
     elapsed_ms: f64,
 }
 
+/// What `/snapshot/prepare` may be asked (the body is optional).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PrepareRequest {
+    /// Write every dirty page to the disks once the processes are frozen: the VM is about to
+    /// be stopped without its memory, and its disk must hold everything.
+    #[serde(default)]
+    sync_disks: bool,
+}
+
 pub(crate) async fn prepare(
     State(envd): State<Arc<Envd>>,
     connection: Option<axum::Extension<ConnectionId>>,
+    body: bytes::Bytes,
 ) -> Response {
+    let request: PrepareRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        PrepareRequest::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(request) => request,
+            Err(error) => {
+                return super::json_error(
+                    http::StatusCode::BAD_REQUEST,
+                    format!("invalid /snapshot/prepare body: {error}"),
+                );
+            }
+        }
+    };
     let started = Instant::now();
     envd.ports.stop().await;
     // User processes must not be mid-write when the VM freezes; /init thaws them.
@@ -53,6 +83,13 @@ pub(crate) async fn prepare(
             Err(error) => tracing::warn!(%error, "could not freeze the user cgroups"),
         }
     }
+    if request.sync_disks {
+        // SAFETY: sync(2) takes no arguments and cannot fail; it only blocks this thread.
+        let synced = tokio::task::spawn_blocking(|| unsafe { libc::sync() }).await;
+        if let Err(error) = synced {
+            tracing::warn!(%error, "the disks' sync did not finish");
+        }
+    }
     let sweep = envd.connections.prepare_snapshot(connection.map(|c| c.0));
     let prepared = Prepared {
         closed_connections: sweep.closed,
@@ -61,4 +98,17 @@ pub(crate) async fn prepare(
     };
     tracing::info!(?prepared, "prepared for a snapshot");
     axum::Json(prepared).into_response()
+}
+
+pub(crate) async fn continue_running(State(envd): State<Arc<Envd>>) -> Response {
+    if let Some(cgroups) = &envd.cgroups
+        && let Err(error) = cgroups.set_frozen(false)
+    {
+        tracing::warn!(%error, "could not thaw the user cgroups");
+    }
+    if envd.connections.continue_after_snapshot() {
+        envd.ports.start().await;
+        tracing::info!("continuing after a snapshot");
+    }
+    http::StatusCode::NO_CONTENT.into_response()
 }

@@ -364,7 +364,10 @@ async fn sandbox(command: SandboxCommand) -> anyhow::Result<()> {
             (client, Vec::from_iter(found.sandbox))
         }
         SandboxCommand::Pause(IdArgs { client, id }) => {
-            let request = pb::PauseSandboxRequest { sandbox_id: id };
+            let request = pb::PauseSandboxRequest {
+                sandbox_id: id,
+                ..Default::default()
+            };
             let paused = call::<host_agent::PauseSandbox>(&client, &request).await?;
             (client, Vec::from_iter(paused.sandbox))
         }

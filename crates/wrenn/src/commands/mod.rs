@@ -1,6 +1,6 @@
 //! The `wrenn` command's groups, one module each: `up` (wrenn on one machine), `server` (the
 //! control plane alone), `agent` (the host agent, and calls to one), `key` (API keys), `image`
-//! (guest images), and the CLI over a control plane: `sandbox`, `template`, `host`. `plane`
+//! (guest images), and the CLI over a control plane: `sandbox`, `snapshot`, `template`, `host`. `plane`
 //! holds what `up` and `server` share.
 
 pub mod agent;
@@ -10,5 +10,6 @@ pub mod key;
 mod plane;
 pub mod sandbox;
 pub mod server;
+pub mod snapshot;
 pub mod template;
 pub mod up;

@@ -346,6 +346,34 @@ impl Agent {
     pub async fn pause(&self, id: &str) -> Result<pb::PauseSandboxResponse, ConnectError> {
         self.call::<host_agent::PauseSandbox>(&pb::PauseSandboxRequest {
             sandbox_id: id.into(),
+            disk_only: false,
+        })
+        .await
+    }
+
+    /// A pause that keeps the disk alone.
+    pub async fn pause_disk_only(
+        &self,
+        id: &str,
+    ) -> Result<pb::PauseSandboxResponse, ConnectError> {
+        self.call::<host_agent::PauseSandbox>(&pb::PauseSandboxRequest {
+            sandbox_id: id.into(),
+            disk_only: true,
+        })
+        .await
+    }
+
+    /// A checkpoint of a running sandbox as the template `template_id`.
+    pub async fn checkpoint(
+        &self,
+        id: &str,
+        template_id: &str,
+        ephemeral: bool,
+    ) -> Result<pb::CheckpointSandboxResponse, ConnectError> {
+        self.call::<host_agent::CheckpointSandbox>(&pb::CheckpointSandboxRequest {
+            sandbox_id: id.into(),
+            template_id: template_id.into(),
+            ephemeral,
         })
         .await
     }

@@ -89,10 +89,37 @@ pub enum SandboxCommand {
         user: String,
     },
     /// Pause a running sandbox (memory, processes and files kept).
-    Pause { id: String },
+    Pause {
+        id: String,
+        /// Keep the disk alone (synced first): the resume boots the sandbox, its files kept,
+        /// its processes gone.
+        #[arg(long)]
+        disk_only: bool,
+    },
     /// Resume a paused sandbox.
     Resume {
         id: String,
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// Boot it from its disk, leaving its pause's memory aside.
+        #[arg(long)]
+        from_disk: bool,
+    },
+    /// Take a persistent snapshot of a running sandbox (it goes on); sandboxes are created
+    /// from it by its id or name, on any host.
+    Snapshot {
+        id: String,
+        /// The snapshot's name (`name` or `name:tag`).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Fork a running sandbox: one checkpoint, then N sandboxes from it (the source goes on).
+    Fork {
+        id: String,
+        /// How many forks.
+        #[arg(short = 'n', long = "count", default_value_t = 1)]
+        count: u32,
+        /// Seconds until each fork is killed.
         #[arg(long, default_value_t = 300)]
         timeout: u64,
     },
@@ -224,13 +251,61 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
         } => {
             copy::copy(&connection, &source, &destination, &user).await?;
         }
-        SandboxCommand::Pause { id } => {
-            connection.api()?.pause(&id).await?;
-            report(json, &id, "paused");
+        SandboxCommand::Pause { id, disk_only } => {
+            connection.api()?.pause(&id, !disk_only).await?;
+            report(
+                json,
+                &id,
+                if disk_only {
+                    "paused (disk only)"
+                } else {
+                    "paused"
+                },
+            );
         }
-        SandboxCommand::Resume { id, timeout } => {
-            connection.api()?.resume(&id, Some(timeout)).await?;
+        SandboxCommand::Resume {
+            id,
+            timeout,
+            from_disk,
+        } => {
+            let api = connection.api()?;
+            if from_disk {
+                api.resume_from_disk(&id, Some(timeout)).await?;
+            } else {
+                api.resume(&id, Some(timeout)).await?;
+            }
             report(json, &id, "running");
+        }
+        SandboxCommand::Snapshot { id, name } => {
+            let snapshot = connection.api()?.create_snapshot(&id, name).await?;
+            if json {
+                print_json(&snapshot)?;
+            } else {
+                println!("{id}: snapshot {}", snapshot.snapshot_id);
+            }
+        }
+        SandboxCommand::Fork { id, count, timeout } => {
+            let forks = connection.api()?.fork(&id, count, Some(timeout)).await?;
+            if json {
+                print_json(&forks)?;
+            } else {
+                let columns: [Column<wrenn_api::ForkResult>; 2] = [
+                    ("fork", |f| {
+                        f.sandbox
+                            .as_ref()
+                            .map(|s| s.sandbox_id.clone())
+                            .unwrap_or_else(|| "-".into())
+                    }),
+                    ("outcome", |f| match &f.error {
+                        Some(error) => format!("failed: {}", error.message),
+                        None => "running".into(),
+                    }),
+                ];
+                print_list(&forks, false, &columns)?;
+            }
+            if forks.iter().all(|fork| fork.sandbox.is_none()) {
+                anyhow::bail!("no fork of {id} started");
+            }
         }
         SandboxCommand::Kill { id } => {
             connection.api()?.kill(&id).await?;

@@ -1402,6 +1402,113 @@ async fn fleet_end_to_end(database_url: Option<String>, slots: [(&str, u32); 2])
     }
 }
 
+/// A snapshot taken on one host starts on another: its host goes down, and a second host,
+/// which shares its template store, pulls the snapshot and starts it with the files and the
+/// running processes of its moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_taken_on_one_host_starts_on_another() {
+    if prerequisites().is_none() {
+        return;
+    }
+    let store = tempfile::tempdir().unwrap();
+    let with_store = vec![
+        "--template-store".to_string(),
+        store.path().display().to_string(),
+    ];
+    let server = Server::start(None);
+    let join = |prefix: &str, slot: u32, name: &str| {
+        Agent::start_joined_with(
+            prefix,
+            slot,
+            &server.url(),
+            &server.join_token,
+            name,
+            with_store.clone(),
+        )
+    };
+    let mut host_a = join("wxa", 1600, "snap-a");
+    host_a.build_template("base").await;
+    server
+        .wait_host("snap-a", "up", Duration::from_secs(30))
+        .await;
+    let created = server
+        .create(json!({"templateID": "base", "timeout": 300}))
+        .await;
+    let source = sandbox_id(&created);
+    let token = created["envdAccessToken"].as_str().unwrap().to_string();
+    let ran = run_via_proxy(
+        server.proxy,
+        &source,
+        Some(&token),
+        "echo snapshotted > /home/user/moment.txt; nohup sleep 3600 >/dev/null 2>&1 & echo $!",
+    )
+    .await;
+    let pid = ran.stdout.trim().to_string();
+    let taken = server
+        .expect(
+            StatusCode::CREATED,
+            Method::POST,
+            &format!("/sandboxes/{source}/snapshots"),
+            json!({"name": "moved"}),
+        )
+        .await;
+    assert_eq!(taken["snapshotID"], json!("moved:default"));
+
+    let mut host_b = join("wxb", 1620, "snap-b");
+    host_b.build_template("base").await;
+    server
+        .wait_host("snap-b", "up", Duration::from_secs(30))
+        .await;
+    host_a.kill();
+    server
+        .wait_host("snap-a", "down", Duration::from_secs(15))
+        .await;
+    let created = server
+        .create(json!({"templateID": "moved:default", "timeout": 120}))
+        .await;
+    let moved = sandbox_id(&created);
+    let moved_token = created["envdAccessToken"].as_str().unwrap().to_string();
+    assert_eq!(agent_sandboxes(&host_b).await, vec![moved.clone()]);
+    let ran = run_via_proxy(
+        server.proxy,
+        &moved,
+        Some(&moved_token),
+        &format!("cat /home/user/moment.txt; kill -0 {pid} && echo running"),
+    )
+    .await;
+    assert_eq!(ran.stdout, "snapshotted\nrunning\n", "{ran:?}");
+    server.sandbox(&moved).kill(StatusCode::NO_CONTENT).await;
+
+    // Its builder back, the source runs on; once it is gone the snapshot is deleted
+    // everywhere.
+    host_a.spawn();
+    server
+        .wait_host("snap-a", "up", Duration::from_secs(30))
+        .await;
+    server
+        .wait_sandbox("the source to come back", &source, "running", 15)
+        .await;
+    server.sandbox(&source).kill(StatusCode::NO_CONTENT).await;
+    server
+        .expect(
+            StatusCode::NO_CONTENT,
+            Method::DELETE,
+            "/templates/moved",
+            Value::Null,
+        )
+        .await;
+    for agent in [&mut host_a, &mut host_b] {
+        agent.stop();
+        assert_eq!(agent.leftovers(), Vec::<String>::new());
+    }
+    let stored: Vec<_> = std::fs::read_dir(store.path().join("templates"))
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.file_name())
+        .collect();
+    assert_eq!(stored, Vec::<std::ffi::OsString>::new());
+}
+
 /// A host agent that is not one, for the fleet's failure cases without VMs: it registers
 /// through the real route with the join token (keeping the identity it is given, like an
 /// agent), heartbeats a report with the template `base`, and serves the Connect calls the

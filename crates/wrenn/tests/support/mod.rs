@@ -53,6 +53,18 @@ impl Agent {
         join_token: &str,
         name: &str,
     ) -> Agent {
+        Self::start_joined_with(prefix, first_slot, url, join_token, name, Vec::new())
+    }
+
+    /// [`Agent::start_joined`] with more arguments for `wrenn agent serve`.
+    pub fn start_joined_with(
+        prefix: &str,
+        first_slot: u32,
+        url: &str,
+        join_token: &str,
+        name: &str,
+        extra_args: Vec<String>,
+    ) -> Agent {
         let args = [
             "--join",
             url,
@@ -61,7 +73,8 @@ impl Agent {
             "--host-name",
             name,
         ];
-        Self::start_with(prefix, first_slot, args.map(str::to_string).to_vec())
+        let args = args.map(str::to_string).into_iter().chain(extra_args);
+        Self::start_with(prefix, first_slot, args.collect())
     }
 
     pub fn start_with(prefix: &str, first_slot: u32, extra_args: Vec<String>) -> Agent {

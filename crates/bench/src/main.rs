@@ -8,6 +8,7 @@ mod envd;
 mod report;
 mod sandbox;
 mod slots;
+mod snapshot;
 
 use clap::Parser;
 
@@ -22,6 +23,8 @@ enum BenchCommand {
     Api(api::ApiBenchArgs),
     /// Sandboxes through a host agent: create, pause, resume, the agent's memory.
     Sandbox(sandbox::SandboxBenchArgs),
+    /// Snapshots and forks of running sandboxes, and pauses with and without memory.
+    Snapshot(snapshot::SnapshotBenchArgs),
     /// Network slots: making one and opening its egress, with the firewall before and after #11.
     Slots(slots::SlotsBenchArgs),
     /// Template builds: three steps from a template, the first create from the result, and
@@ -62,6 +65,7 @@ async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Api(args) => api::run(args).await,
         BenchCommand::Sandbox(args) => sandbox::sandbox(args).await,
         BenchCommand::Slots(args) => slots::run(args).await,
+        BenchCommand::Snapshot(args) => snapshot::run(args).await,
         BenchCommand::Build(args) => build::run(args).await,
     }
 }

@@ -112,54 +112,62 @@ impl Manager {
         self.reserve_template(template_id, Some(parent.clone()))?;
         let dir = self.store.template_dir(template_id);
         let started = Instant::now();
+        // Saved as soon as the sandbox stands on the layer (an agent that stops then finds
+        // it at start, ephemeral, and keeps it while the sandbox does); made whole at the end.
+        let provisional = TemplateRecord {
+            template_id: template_id.to_string(),
+            machine: MachineSpec {
+                kernel: dir.join("vmlinuz"),
+                initrd: template
+                    .machine
+                    .initrd
+                    .as_ref()
+                    .map(|_| dir.join("initrd.img")),
+                disk: dir.join("disk.qcow2"),
+                netns: None,
+                vmm_user: None,
+                ..record.machine.clone()
+            },
+            accel: self.accel,
+            snapshot: SnapshotFiles {
+                memory: dir.join("memory.snap"),
+                bytes: 0,
+            },
+            created_at_ms: now_ms(),
+            image_key: template.image_key.clone(),
+            envd_version: template.envd_version.clone(),
+            build_ms: 0,
+            parent: Some(parent),
+            default_user: template.default_user.clone(),
+            default_workdir: template.default_workdir.clone(),
+            start_cmd: None,
+            build_key: None,
+            digests: template
+                .digests
+                .iter()
+                .filter(|(name, _)| ["vmlinuz", "initrd.img"].contains(&name.as_str()))
+                .map(|(name, sha256)| (name.clone(), sha256.clone()))
+                .collect(),
+            pulled_digests: BTreeMap::new(),
+            stored: false,
+            steps: Vec::new(),
+            env_vars: record.env_vars.clone(),
+            ephemeral: true,
+            source_sandbox: Some(record.sandbox_id.clone()),
+        };
         let made = self
-            .checkpoint_files(entry, &record, &template, (&vm, slot), template_id)
+            .checkpoint_files(entry, &record, &template, (&vm, slot), &provisional)
             .await;
         let mut paused = Duration::ZERO;
         let outcome = match made {
             Ok((snapshot, stopped)) => {
                 paused = stopped;
                 let new = TemplateRecord {
-                    template_id: template_id.to_string(),
-                    machine: MachineSpec {
-                        kernel: dir.join("vmlinuz"),
-                        initrd: template
-                            .machine
-                            .initrd
-                            .as_ref()
-                            .map(|_| dir.join("initrd.img")),
-                        disk: dir.join("disk.qcow2"),
-                        netns: None,
-                        vmm_user: None,
-                        ..record.machine.clone()
-                    },
-                    accel: self.accel,
-                    snapshot: snapshot.clone().unwrap_or(SnapshotFiles {
-                        memory: dir.join("memory.snap"),
-                        bytes: 0,
-                    }),
-                    created_at_ms: now_ms(),
-                    image_key: template.image_key.clone(),
-                    envd_version: template.envd_version.clone(),
+                    snapshot: snapshot.clone().unwrap_or(provisional.snapshot.clone()),
                     build_ms: started.elapsed().as_millis() as u64,
-                    parent: Some(parent),
-                    default_user: template.default_user.clone(),
-                    default_workdir: template.default_workdir.clone(),
-                    start_cmd: None,
-                    build_key: None,
-                    digests: template
-                        .digests
-                        .iter()
-                        .filter(|(name, _)| ["vmlinuz", "initrd.img"].contains(&name.as_str()))
-                        .map(|(name, sha256)| (name.clone(), sha256.clone()))
-                        .collect(),
-                    pulled_digests: BTreeMap::new(),
-                    stored: false,
-                    steps: Vec::new(),
-                    env_vars: record.env_vars.clone(),
                     // Without its memory it is only the layer the sandbox stands on.
                     ephemeral: options.ephemeral || snapshot.is_none(),
-                    source_sandbox: Some(record.sandbox_id.clone()),
+                    ..provisional
                 };
                 match self.store.save_template(&new) {
                     Ok(()) => {
@@ -212,17 +220,19 @@ impl Manager {
         outcome.map(|record| (record, paused))
     }
 
-    /// The checkpoint's files in `dir`: the kernel and initramfs linked from the sandbox's
-    /// template, the frozen disk, the memory (`None` when only the disk could be frozen: the
-    /// sandbox then stands on it all the same).
+    /// The checkpoint's files in its directory: the kernel and initramfs linked from the
+    /// sandbox's template, the frozen disk, the memory (`None` when only the disk could be
+    /// frozen: the sandbox then stands on it all the same), and `provisional` as its record
+    /// once the sandbox stands on its disk.
     async fn checkpoint_files(
         &self,
         entry: &SandboxEntry,
         record: &SandboxRecord,
         template: &TemplateRecord,
         (vm, slot): (&wrenn_vmm::VmProcess, u32),
-        template_id: &str,
+        provisional: &TemplateRecord,
     ) -> Result<(Option<SnapshotFiles>, Duration), AgentError> {
+        let template_id = provisional.template_id.as_str();
         let dir = self.store.template_dir(template_id);
         crate::store::private_dir(&dir)?;
         let link = |source: &Path, name: &str| -> Result<(), AgentError> {
@@ -299,6 +309,9 @@ impl Manager {
             return Err(error);
         }
         // From here the sandbox's disk stands on the frozen layer.
+        if let Err(error) = self.store.save_template(provisional) {
+            tracing::error!(sandbox = %record.sandbox_id, %error, "the checkpoint's first record could not be written");
+        }
         self.save(entry, |record| {
             record.layered_on.push(template_id.to_string())
         });

@@ -40,6 +40,17 @@ impl Manager {
                         }
                         self.mmds.set(slot, Self::metadata(&record));
                         adopted_pids.insert(vm.pid);
+                        // The previous agent may have stopped mid-checkpoint, the VM stopped
+                        // and envd's processes frozen: both go on (a no-op otherwise).
+                        if let Err(error) = self.vmm.resume(&vm).await {
+                            tracing::warn!(%error, sandbox = %record.sandbox_id, "an adopted VM did not take cont");
+                        }
+                        let _ = envd_client::continue_after_snapshot(
+                            envd_address(slot),
+                            record.access_token.as_deref(),
+                            Duration::from_secs(5),
+                        )
+                        .await;
                         tracing::info!(sandbox = %record.sandbox_id, pid = vm.pid, "adopted a running sandbox");
                     }
                     // The previous agent stopped mid-pause: the VM lives (perhaps stopped, its

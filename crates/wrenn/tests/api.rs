@@ -2030,8 +2030,9 @@ async fn quotas_and_refused_settings_through_the_real_api() {
             "volumeMounts",
         ),
         (
-            json!({"templateID": "base", "autoPause": true, "autoPauseMemory": false}),
-            "autoPauseMemory",
+            json!({"templateID": "base", "autoPause": true, "autoPauseMemory": false,
+                "autoResume": {"enabled": true}}),
+            "autoResume",
         ),
     ] {
         let (answer, _) = server
@@ -2084,15 +2085,11 @@ async fn quotas_and_refused_settings_through_the_real_api() {
         answer
     };
 
-    // A pause without memory is refused; one pause fits the paused limit, a second does not.
+    // One pause fits the paused limit, a second does not.
     let (first, second) = (
         server.sandbox_as(&made[0], &key),
         server.sandbox_as(&made[1], &key),
     );
-    let answer = first
-        .post(StatusCode::BAD_REQUEST, "/pause", json!({"memory": false}))
-        .await;
-    assert!(answer["message"].as_str().unwrap().starts_with("memory"));
     first
         .post(StatusCode::NO_CONTENT, "/pause", json!({"memory": true}))
         .await;
@@ -2105,17 +2102,14 @@ async fn quotas_and_refused_settings_through_the_real_api() {
         answer["message"],
         "team limited's sandboxes hold 4608 MiB of disk; 2048 MiB more would pass the limit of 6144 MiB"
     );
-    // Connect with memory: false is refused; a plain one resumes (running 2 of 2 again), and
-    // the network of a sandbox cannot be changed.
+    // A connect that leaves the memory aside resumes it from its disk (running 2 of 2 again),
+    // and the network of a sandbox cannot be changed.
     first
         .post(
-            StatusCode::BAD_REQUEST,
+            StatusCode::CREATED,
             "/connect",
             json!({"timeout": 60, "memory": false}),
         )
-        .await;
-    first
-        .post(StatusCode::CREATED, "/connect", json!({"timeout": 60}))
         .await;
     let answer = first
         .expect(

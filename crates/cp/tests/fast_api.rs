@@ -1995,6 +1995,34 @@ async fn snapshots_are_team_templates_listed_paged_started_and_deleted() {
     // The same name again: a new build of the same snapshot.
     let (status, again) = snapshot(json!("my-snap")).await;
     assert_eq!((status, &again), (StatusCode::CREATED, &named));
+    // Of another sandbox: the name is that sandbox's snapshot from then on.
+    let other = kit.create(&kit.key_a, json!({"templateID": "base"})).await;
+    let (status, _) = kit
+        .call(
+            "POST",
+            &format!("/sandboxes/{other}/snapshots"),
+            Some(&kit.key_a),
+            json!({"name": "my-snap"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (_, of_other) = kit
+        .call_a("GET", &format!("/snapshots?sandboxID={other}"))
+        .await;
+    assert_eq!(of_other, json!([named.clone()]));
+    assert_eq!(
+        kit.call_a("DELETE", &format!("/sandboxes/{other}")).await.0,
+        StatusCode::NO_CONTENT
+    );
+    let again = kit
+        .call(
+            "POST",
+            &format!("/sandboxes/{source}/snapshots"),
+            Some(&kit.key_a),
+            json!({"name": "my-snap"}),
+        )
+        .await;
+    assert_eq!(again.0, StatusCode::CREATED);
 
     // Listed, filtered and paged.
     let list = |query: &str| {

@@ -165,7 +165,8 @@ stored!(BuildLogRow from template_build_logs {
 /// How `put_template` changes a template stored already.
 pub const TEMPLATE_UPSERT: &str = "ON CONFLICT (id) DO UPDATE SET alias = excluded.alias,
     public = excluded.public, cpu_count = excluded.cpu_count, memory_mb = excluded.memory_mb,
-    updated_at_ms = excluded.updated_at_ms, ready_build_id = excluded.ready_build_id";
+    updated_at_ms = excluded.updated_at_ms, ready_build_id = excluded.ready_build_id,
+    source_sandbox_id = excluded.source_sandbox_id";
 
 /// How `put_build` changes a build stored already.
 pub const BUILD_UPSERT: &str = "ON CONFLICT (id) DO UPDATE SET status = excluded.status,

@@ -323,9 +323,19 @@ async fn checkpoints_make_snapshots_and_forks_of_running_sandboxes_and_pauses_ma
     assert_eq!(ran.stdout.trim(), "after", "{ran:?}");
     let _: pb::DestroySandboxResponse = agent.destroy("sbx-k").await.unwrap();
     assert!(template_names(&agent).await.contains(&"fork-1".to_string()));
+    // A snapshot no sandbox was made from is deleted while its source runs on its layer: the
+    // host keeps the layer until the source goes.
+    agent
+        .checkpoint("sbx-src", "snap-2", false)
+        .await
+        .expect("a second snapshot");
+    let _: pb::DeleteTemplateResponse = agent.delete_template("snap-2").await.unwrap();
+    let ran = run(&source, src_token, "cat ~/after").await;
+    assert_eq!(ran.stdout.trim(), "after", "{ran:?}");
     let _: pb::DestroySandboxResponse = agent.destroy("sbx-src").await.unwrap();
     let names = template_names(&agent).await;
     assert!(!names.contains(&"fork-1".to_string()), "{names:?}");
+    assert!(!names.contains(&"snap-2".to_string()), "{names:?}");
     assert!(names.contains(&"snap-1".to_string()), "{names:?}");
 
     // A pause that keeps the disk alone: files stay, processes go, the token and variables

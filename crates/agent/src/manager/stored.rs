@@ -313,11 +313,26 @@ impl Manager {
 
     /// Deletes `template_id` from this host (refused while a sandbox or a template stands on
     /// it) and from the template store, with the blobs no other template names. NotFound
-    /// when neither has it.
+    /// when neither has it. A checkpoint (a snapshot) that no sandbox was made from, but that
+    /// its source or later checkpoints stand on, is deleted all the same: it is made ephemeral,
+    /// hidden from then on and removed from the host as soon as nothing stands on it (its
+    /// layer is theirs too), and its store record goes now (the others' records name every
+    /// blob they need).
     pub async fn delete_template(&self, template_id: &str) -> Result<(), AgentError> {
-        let local = self.template(template_id).is_ok();
-        if local {
-            self.remove_template(template_id)?;
+        let found = self.template(template_id).ok();
+        let local = found.is_some();
+        if let Some(template) = found {
+            match self.remove_template(template_id) {
+                Ok(()) => self.collect_ephemeral(),
+                // Sandboxes made from it (or being made) keep it a template: refused.
+                Err(AgentError::FailedPrecondition(why))
+                    if template.source_sandbox.is_some() && !self.made_from(template_id) =>
+                {
+                    self.update_template(template_id, |record| record.ephemeral = true);
+                    tracing::info!(template = template_id, %why, "checkpoint deleted: kept on the host while its layer is in use");
+                }
+                Err(error) => return Err(error),
+            }
         }
         let stored = match &self.template_store {
             Some(store) => store.delete(template_id, UNREFERENCED_BLOB_AGE).await?,
@@ -335,6 +350,24 @@ impl Manager {
             "template deleted"
         );
         Ok(())
+    }
+
+    /// Whether a sandbox was made from `template_id`, or a create or build from it is in
+    /// flight.
+    fn made_from(&self, template_id: &str) -> bool {
+        let creating = self
+            .creating_from
+            .lock()
+            .expect("creating lock")
+            .get(template_id)
+            .is_some_and(|count| *count > 0);
+        creating
+            || self
+                .sandboxes
+                .lock()
+                .expect("sandboxes lock")
+                .values()
+                .any(|entry| entry.snapshot().template_id == template_id)
     }
 
     /// Takes out of the template store the blobs no template names, older than

@@ -36,8 +36,14 @@ def free_port() -> int:
 
 
 class Wrenn:
-    def __init__(self, binary: str):
+    def __init__(self, binary: str, slot_prefix: str = SLOT_PREFIX, first_slot: int = FIRST_SLOT,
+                 slots: int = 32, internet: bool = False, extra_args=()):
         self.binary = binary
+        self.slot_prefix = slot_prefix
+        self.first_slot = first_slot
+        self.slots = slots
+        self.internet = internet
+        self.extra_args = list(extra_args)
         self.data = tempfile.mkdtemp(prefix="wrenn-up-")
         self.api_port = free_port()
         self.proxy_port = free_port()
@@ -61,10 +67,13 @@ class Wrenn:
                 "--proxy-listen", f"127.0.0.1:{self.proxy_port}",
                 "--https-listen", f"127.0.0.1:{self.https_port}",
                 "--mmds-port", str(self.mmds_port),
-                "--no-internet", "--accel", "tcg", "--slot-prefix", SLOT_PREFIX,
-                "--first-slot", str(FIRST_SLOT), "--slots", "32", "--stop-sandboxes-on-exit",
+                *([] if self.internet else ["--no-internet"]),
+                "--accel", "tcg", "--slot-prefix", self.slot_prefix,
+                "--first-slot", str(self.first_slot), "--slots", str(self.slots),
+                "--stop-sandboxes-on-exit",
                 # Per team; the other tests never hold more than 4 running sandboxes at once.
                 "--quota-running", str(QUOTA_RUNNING),
+                *self.extra_args,
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -107,6 +116,11 @@ class Wrenn:
     @property
     def ca_cert(self) -> str:
         return os.path.join(self.data, "tls", "ca.pem")
+
+    @property
+    def sdk(self) -> dict:
+        """The SDK's connection options for this instance (another than the session's)."""
+        return {"api_url": self.api_url, "sandbox_url": self.proxy_url, "api_key": self.key}
 
     def healthy(self) -> bool:
         try:

@@ -40,6 +40,7 @@ pub enum Operation {
     /// A template taken from the store (by a create that needed it).
     Pull,
     Checkpoint,
+    UpdateNetwork,
 }
 
 /// A sandbox the fake holds.
@@ -663,6 +664,28 @@ impl HostAgent for FakeAgent {
         .await
     }
 
+    async fn update_network(
+        &self,
+        sandbox_id: &str,
+        allow_internet: bool,
+        egress: &crate::network::EgressSettings,
+    ) -> Result<(), HostAgentError> {
+        let (id, egress) = (sandbox_id.to_string(), egress.clone());
+        self.run(Operation::UpdateNetwork, sandbox_id, move |state| {
+            egress
+                .parse()
+                .map_err(|error| HostAgentError::InvalidArgument(error.to_string()))?;
+            let sandbox = state
+                .sandboxes
+                .get_mut(&id)
+                .ok_or_else(|| HostAgentError::NotFound(format!("no sandbox {id}")))?;
+            sandbox.options.allow_internet = allow_internet;
+            sandbox.options.egress = egress;
+            Ok(())
+        })
+        .await
+    }
+
     async fn destroy(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
         let id = sandbox_id.to_string();
         self.run(Operation::Destroy, sandbox_id, move |state| {
@@ -734,7 +757,7 @@ impl FakeAgent {
         let router = axum::Router::new();
         let router = serve::<rpc::CreateSandbox, _, _>(router, |agent, request| async move {
             required("template_id", &request.template_id)?;
-            let options = CreateOptions::from(request);
+            let options = CreateOptions::try_from(request)?;
             let subject = options.sandbox_id.clone().unwrap_or_default();
             let (id, pulled) = agent
                 .run(Operation::Create, &subject, move |state| {
@@ -783,6 +806,15 @@ impl FakeAgent {
             agent.destroy(&request.sandbox_id).await?;
             Ok(pb::DestroySandboxResponse {})
         });
+        let router =
+            serve::<rpc::UpdateSandboxNetwork, _, _>(router, |agent, request| async move {
+                required("sandbox_id", &request.sandbox_id)?;
+                let egress = crate::egress_from_json(&request.egress_json)?;
+                agent
+                    .update_network(&request.sandbox_id, request.allow_internet_access, &egress)
+                    .await?;
+                Ok(pb::UpdateSandboxNetworkResponse {})
+            });
         let router = serve::<rpc::ListSandboxes, _, _>(router, |agent, _| async move {
             let listed = agent.list().await?;
             Ok(pb::ListSandboxesResponse {

@@ -18,6 +18,8 @@ pub mod build;
 pub mod fake;
 pub mod image_reference;
 pub mod join;
+/// A sandbox's egress settings and their validation (the REST API's types, shared).
+pub use wrenn_api::network;
 pub mod proxy;
 mod remote;
 mod route;
@@ -86,6 +88,8 @@ pub struct CreateOptions {
     /// envd's access token; `None` for an unsecured sandbox.
     pub access_token: Option<String>,
     pub allow_internet: bool,
+    /// Its egress rules (what `allow_internet` leaves open, they narrow).
+    pub egress: network::EgressSettings,
     pub metadata: BTreeMap<String, String>,
     /// How long to wait for envd after the restore (the agent's default when `None`).
     pub ready_timeout: Option<Duration>,
@@ -98,11 +102,31 @@ pub fn timeout_from_millis(ms: u32) -> Option<Duration> {
     (ms > 0).then(|| Duration::from_millis(u64::from(ms)))
 }
 
+/// Egress settings as the agent's Connect API carries them: JSON, empty for none.
+pub fn egress_from_json(json: &str) -> Result<network::EgressSettings, HostAgentError> {
+    if json.is_empty() {
+        return Ok(network::EgressSettings::default());
+    }
+    serde_json::from_str(json)
+        .map_err(|error| HostAgentError::InvalidArgument(format!("bad egress settings: {error}")))
+}
+
+/// The inverse of [`egress_from_json`].
+pub fn egress_to_json(settings: &network::EgressSettings) -> String {
+    if settings.is_empty() {
+        String::new()
+    } else {
+        serde_json::to_string(settings).expect("egress settings serialize")
+    }
+}
+
 /// A create as the agent's Connect API carries it: an empty id or token and a zero timeout are
 /// absent. Every field is taken apart by name, so a field added to the message must be handled
-/// here before this compiles.
-impl From<wrenn_proto::agent::CreateSandboxRequest> for CreateOptions {
-    fn from(request: wrenn_proto::agent::CreateSandboxRequest) -> Self {
+/// here before this compiles. Egress settings that do not parse refuse the create.
+impl TryFrom<wrenn_proto::agent::CreateSandboxRequest> for CreateOptions {
+    type Error = HostAgentError;
+
+    fn try_from(request: wrenn_proto::agent::CreateSandboxRequest) -> Result<Self, Self::Error> {
         let wrenn_proto::agent::CreateSandboxRequest {
             template_id,
             sandbox_id,
@@ -112,18 +136,20 @@ impl From<wrenn_proto::agent::CreateSandboxRequest> for CreateOptions {
             metadata,
             ready_timeout_ms,
             init_timeout_ms,
+            egress_json,
         } = request;
         let present = |text: String| (!text.is_empty()).then_some(text);
-        CreateOptions {
+        Ok(CreateOptions {
             template_id,
             sandbox_id: present(sandbox_id),
             env_vars: env_vars.into_iter().collect(),
             access_token: present(envd_access_token),
             allow_internet: allow_internet_access,
+            egress: egress_from_json(&egress_json)?,
             metadata: metadata.into_iter().collect(),
             ready_timeout: timeout_from_millis(ready_timeout_ms),
             init_timeout: timeout_from_millis(init_timeout_ms),
-        }
+        })
     }
 }
 
@@ -141,6 +167,7 @@ impl From<CreateOptions> for wrenn_proto::agent::CreateSandboxRequest {
             env_vars: options.env_vars.into_iter().collect(),
             envd_access_token: options.access_token.unwrap_or_default(),
             allow_internet_access: options.allow_internet,
+            egress_json: egress_to_json(&options.egress),
             metadata: options.metadata.into_iter().collect(),
             ready_timeout_ms: millis(options.ready_timeout),
             init_timeout_ms: millis(options.init_timeout),
@@ -252,6 +279,14 @@ pub trait HostAgent: Send + Sync + std::fmt::Debug {
     /// Destroys a sandbox and everything it held on the host ([`HostAgentError::NotFound`] if
     /// the host has no such sandbox).
     async fn destroy(&self, sandbox_id: &str) -> Result<(), HostAgentError>;
+    /// Replaces a sandbox's egress rules: a running sandbox's at once (connections they now
+    /// forbid are cut), a paused one's at its resume.
+    async fn update_network(
+        &self,
+        sandbox_id: &str,
+        allow_internet: bool,
+        egress: &network::EgressSettings,
+    ) -> Result<(), HostAgentError>;
     /// Every sandbox the host has.
     async fn list(&self) -> Result<Vec<SandboxSummary>, HostAgentError>;
     /// The host's capacity, use and templates, read now.
@@ -288,6 +323,11 @@ mod tests {
             env_vars: BTreeMap::from([("A".into(), "1".into())]),
             access_token: Some("secret".into()),
             allow_internet: true,
+            egress: network::EgressSettings {
+                deny_out: vec!["0.0.0.0/0".into()],
+                allow_out: vec!["1.1.1.1".into()],
+                ..Default::default()
+            },
             metadata: BTreeMap::from([("owner".into(), "me".into())]),
             ready_timeout: Some(Duration::from_millis(1500)),
             init_timeout: Some(Duration::from_secs(3)),
@@ -297,7 +337,7 @@ mod tests {
             (request.ready_timeout_ms, request.envd_access_token.as_str()),
             (1500, "secret")
         );
-        assert_eq!(CreateOptions::from(request), options);
+        assert_eq!(CreateOptions::try_from(request).unwrap(), options);
         // Empty strings and zero timeouts on the wire are absent settings.
         let bare = CreateSandboxRequest {
             template_id: "base".into(),
@@ -307,6 +347,6 @@ mod tests {
             template_id: "base".into(),
             ..CreateOptions::default()
         };
-        assert_eq!(CreateOptions::from(bare), expected);
+        assert_eq!(CreateOptions::try_from(bare).unwrap(), expected);
     }
 }

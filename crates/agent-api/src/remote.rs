@@ -126,6 +126,22 @@ impl HostAgent for RemoteAgent {
         self.call::<rpc::ResumeSandbox>(&request).await.map(drop)
     }
 
+    async fn update_network(
+        &self,
+        sandbox_id: &str,
+        allow_internet: bool,
+        egress: &crate::network::EgressSettings,
+    ) -> Result<(), HostAgentError> {
+        let request = pb::UpdateSandboxNetworkRequest {
+            sandbox_id: sandbox_id.into(),
+            allow_internet_access: allow_internet,
+            egress_json: crate::egress_to_json(egress),
+        };
+        self.call::<rpc::UpdateSandboxNetwork>(&request)
+            .await
+            .map(drop)
+    }
+
     async fn destroy(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
         let request = pb::DestroySandboxRequest {
             sandbox_id: sandbox_id.into(),

@@ -43,6 +43,7 @@ pub fn router(manager: Arc<Manager>, token: &str) -> Router {
     let router = serve(router, rpc::ResumeSandbox, resume_sandbox);
     let router = serve(router, rpc::CheckpointSandbox, checkpoint_sandbox);
     let router = serve(router, rpc::DestroySandbox, destroy_sandbox);
+    let router = serve(router, rpc::UpdateSandboxNetwork, update_sandbox_network);
     let router = serve(router, rpc::BuildTemplate, build_template);
     let router = serve(router, rpc::ListTemplates, list_templates);
     let router = serve(router, rpc::DeleteTemplate, delete_template);
@@ -156,7 +157,9 @@ async fn create_sandbox(
     request: pb::CreateSandboxRequest,
 ) -> Result<pb::CreateSandboxResponse, AgentError> {
     required("template_id", &request.template_id)?;
-    let (record, timings) = manager.create(CreateOptions::from(request)).await?;
+    let options = CreateOptions::try_from(request)
+        .map_err(|error| AgentError::InvalidArgument(error.to_string()))?;
+    let (record, timings) = manager.create(options).await?;
     Ok(pb::CreateSandboxResponse {
         sandbox: Some(sandbox_message(&manager, &record)),
         restore_ms: timings.restore.as_millis() as u64,
@@ -247,6 +250,19 @@ async fn destroy_sandbox(
     required("sandbox_id", &request.sandbox_id)?;
     manager.destroy(&request.sandbox_id).await?;
     Ok(pb::DestroySandboxResponse {})
+}
+
+async fn update_sandbox_network(
+    manager: Arc<Manager>,
+    request: pb::UpdateSandboxNetworkRequest,
+) -> Result<pb::UpdateSandboxNetworkResponse, AgentError> {
+    required("sandbox_id", &request.sandbox_id)?;
+    let egress = wrenn_agent_api::egress_from_json(&request.egress_json)
+        .map_err(|error| AgentError::InvalidArgument(error.to_string()))?;
+    manager
+        .update_network(&request.sandbox_id, request.allow_internet_access, egress)
+        .await?;
+    Ok(pb::UpdateSandboxNetworkResponse {})
 }
 
 async fn build_template(

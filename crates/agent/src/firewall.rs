@@ -18,9 +18,11 @@
 //!   a slot address unless it answers a connection the guest opened. So another guest, or a
 //!   machine on the host's network that routes to a slot address, gets nothing.
 
-use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
+
+use ipnet::{IpNet, Ipv4Net};
+use wrenn_agent_api::network::EgressPolicy;
 
 use crate::network::{GUEST_IP, MMDS_IP, Slot};
 
@@ -132,20 +134,62 @@ pub fn guest_resolver(cmdline: &str) -> Ipv4Addr {
         .unwrap_or(DEFAULT_GUEST_RESOLVER)
 }
 
-/// The name of the namespace's egress chain, rewritten whenever a slot's egress changes.
+/// The name of the namespace's egress chain, rewritten whenever a slot's egress changes: it
+/// sees every packet of the guest's own connections, not only their first, so a change of the
+/// lists cuts a connection they now forbid.
 pub const EGRESS_CHAIN: &str = "wrenn-egress";
+/// The sandbox's own lists, jumped to from [`EGRESS_CHAIN`].
+pub const LISTS_CHAIN: &str = "wrenn-lists";
+/// Where a denied packet goes: a TCP packet of an established connection is answered with a
+/// reset (the guest's connection ends at once), anything else is dropped (a new connection
+/// times out, as E2B's do).
+pub const DENY_CHAIN: &str = "wrenn-deny";
 
 /// What a slot's guest may open beyond its MMDS.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Egress {
-    /// Nothing (internet access off, and every slot between two sandboxes).
+    /// Nothing (internet access off with no allowed address, and every slot between two
+    /// sandboxes).
     Closed,
-    /// Public addresses and the given resolver; `opened` are ranges the operator allows
-    /// although they are closed by default.
+    /// Public addresses and the given resolver, as the sandbox's own lists narrow them;
+    /// `opened` are ranges the operator allows although they are closed by default.
     Internet {
         resolver: Ipv4Addr,
         opened: Vec<Ipv4Cidr>,
+        lists: AddressLists,
     },
+}
+
+/// A sandbox's own address lists (E2B's `allowOut` and `denyOut`, their IPv4 entries): an
+/// allowed entry wins over a denied one, and what neither names is allowed. They narrow what
+/// the operator lets guests reach, never widen it: a closed range stays closed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AddressLists {
+    pub allow: Vec<Ipv4Net>,
+    pub deny: Vec<Ipv4Net>,
+}
+
+impl AddressLists {
+    /// The IPv4 entries of a sandbox's policy.
+    pub fn of(policy: &EgressPolicy) -> Self {
+        let v4 = |nets: &[IpNet]| {
+            nets.iter()
+                .filter_map(|net| match net {
+                    IpNet::V4(net) => Some(*net),
+                    IpNet::V6(_) => None,
+                })
+                .collect()
+        };
+        AddressLists {
+            allow: v4(&policy.allow_nets),
+            deny: v4(&policy.deny_nets),
+        }
+    }
+
+    /// Whether the lists deny every IPv4 address and allow none: the guest reaches nothing.
+    pub fn deny_everything(&self) -> bool {
+        self.allow.is_empty() && self.deny.iter().any(|net| net.prefix_len() == 0)
+    }
 }
 
 /// The namespace's IPv4 NAT and filter tables, loaded whole by `iptables-restore`.
@@ -171,17 +215,22 @@ COMMIT
 :FORWARD DROP [0:0]
 :OUTPUT ACCEPT [0:0]
 :{EGRESS_CHAIN} - [0:0]
+:{LISTS_CHAIN} - [0:0]
+:{DENY_CHAIN} - [0:0]
 # Nothing from the guest or the host opens a connection to the namespace itself.
 -A INPUT -i lo -j ACCEPT
 -A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
 # A guest sends with its own address only.
 -A FORWARD -i tap0 ! -s {GUEST_IP}/32 -j DROP
 -A FORWARD -m conntrack --ctstate INVALID -j DROP
--A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+# Answers to the guest, and the guest's answers to the host's connections.
+-A FORWARD -i {veth} -o tap0 -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+-A FORWARD -i tap0 -o {veth} -m conntrack --ctstate ESTABLISHED,RELATED --ctdir REPLY -j ACCEPT
 # Inbound: the host itself (its side of the veth), nobody else.
 -A FORWARD -i {veth} -o tap0 -s {host_ip}/32 -d {GUEST_IP}/32 -j ACCEPT
 # The MMDS, reached only as 169.254.169.254:80.
 -A FORWARD -i tap0 -o {veth} -d {host_ip}/32 -p tcp -m tcp --dport {mmds_port} -m conntrack --ctstate DNAT --ctorigdst {MMDS_IP}/32 -j ACCEPT
+# Every packet of the guest's own connections, the first and the rest.
 -A FORWARD -i tap0 -o {veth} -j {EGRESS_CHAIN}
 "
     );
@@ -190,37 +239,58 @@ COMMIT
     rules
 }
 
-/// The rules of the egress chain alone (without a table header).
+/// The rules of the egress, lists and deny chains (without a table header).
 fn egress_rules(egress: &Egress) -> String {
     let mut rules = String::new();
+    let mut line = |text: String| {
+        rules.push_str(&text);
+        rules.push('\n');
+    };
+    line(format!(
+        "-A {DENY_CHAIN} -p tcp -m conntrack --ctstate ESTABLISHED -j REJECT --reject-with tcp-reset"
+    ));
+    line(format!("-A {DENY_CHAIN} -j DROP"));
     match egress {
         Egress::Closed => {
-            let _ = writeln!(rules, "-A {EGRESS_CHAIN} -j DROP");
+            line(format!("-A {EGRESS_CHAIN} -j {DENY_CHAIN}"));
         }
-        Egress::Internet { resolver, opened } => {
+        Egress::Internet {
+            resolver,
+            opened,
+            lists,
+        } => {
+            // The resolver and the operator's ranges are open unless the lists close them.
             for protocol in ["udp", "tcp"] {
-                let _ = writeln!(
-                    rules,
-                    "-A {EGRESS_CHAIN} -d {resolver}/32 -p {protocol} -m {protocol} --dport 53 -j ACCEPT"
-                );
+                line(format!(
+                    "-A {EGRESS_CHAIN} -d {resolver}/32 -p {protocol} -m {protocol} --dport 53 -j {LISTS_CHAIN}"
+                ));
             }
             for range in opened {
-                let _ = writeln!(rules, "-A {EGRESS_CHAIN} -d {range} -j ACCEPT");
+                line(format!("-A {EGRESS_CHAIN} -d {range} -j {LISTS_CHAIN}"));
             }
+            // Closed ranges stay closed whatever the lists say.
             for (range, _) in CLOSED_RANGES {
-                let _ = writeln!(rules, "-A {EGRESS_CHAIN} -d {range} -j DROP");
+                line(format!("-A {EGRESS_CHAIN} -d {range} -j {DENY_CHAIN}"));
             }
-            let _ = writeln!(rules, "-A {EGRESS_CHAIN} -j ACCEPT");
+            line(format!("-A {EGRESS_CHAIN} -j {LISTS_CHAIN}"));
+            // An allowed entry wins over a denied one; what neither names passes.
+            for net in &lists.allow {
+                line(format!("-A {LISTS_CHAIN} -d {net} -j ACCEPT"));
+            }
+            for net in &lists.deny {
+                line(format!("-A {LISTS_CHAIN} -d {net} -j {DENY_CHAIN}"));
+            }
+            line(format!("-A {LISTS_CHAIN} -j ACCEPT"));
         }
     }
     rules
 }
 
-/// A change of the egress chain alone, for `iptables-restore --noflush` (a chain declared in the
-/// input is flushed and refilled in the same commit: the guest never sees it half written).
+/// A change of the egress chains alone, for `iptables-restore --noflush` (a chain declared in
+/// the input is flushed and refilled in the same commit: the guest never sees it half written).
 pub fn egress_update(egress: &Egress) -> String {
     format!(
-        "*filter\n:{EGRESS_CHAIN} - [0:0]\n{}COMMIT\n",
+        "*filter\n:{EGRESS_CHAIN} - [0:0]\n:{LISTS_CHAIN} - [0:0]\n:{DENY_CHAIN} - [0:0]\n{}COMMIT\n",
         egress_rules(egress)
     )
 }
@@ -294,6 +364,7 @@ mod tests {
         Egress::Internet {
             resolver: Ipv4Addr::new(8, 8, 8, 8),
             opened: Vec::new(),
+            lists: AddressLists::default(),
         }
     }
 
@@ -377,8 +448,8 @@ mod tests {
             !rules.contains("-d 10.200.0.13/32 -j ACCEPT"),
             "no open door to the host"
         );
-        // Closed egress: one DROP, no resolver.
-        assert!(rules.contains("-A wrenn-egress -j DROP\nCOMMIT"));
+        // Closed egress: everything to the deny chain, no resolver.
+        assert!(rules.contains("-A wrenn-egress -j wrenn-deny\nCOMMIT"));
         assert!(!rules.contains("--dport 53"));
     }
 
@@ -387,8 +458,11 @@ mod tests {
         let rules = egress_update(&Egress::Internet {
             resolver: Ipv4Addr::new(10, 0, 0, 2),
             opened: vec!["192.168.50.0/24".parse().unwrap()],
+            lists: AddressLists::default(),
         });
-        assert!(rules.starts_with("*filter\n:wrenn-egress - [0:0]\n"));
+        assert!(rules.starts_with(
+            "*filter\n:wrenn-egress - [0:0]\n:wrenn-lists - [0:0]\n:wrenn-deny - [0:0]\n"
+        ));
         let position = |needle: &str| {
             rules
                 .find(needle)
@@ -396,20 +470,72 @@ mod tests {
         };
         // The resolver and the operator's range come before the closed ranges that hold them.
         let resolver =
-            position("-A wrenn-egress -d 10.0.0.2/32 -p udp -m udp --dport 53 -j ACCEPT");
-        position("-A wrenn-egress -d 10.0.0.2/32 -p tcp -m tcp --dport 53 -j ACCEPT");
-        let opened = position("-A wrenn-egress -d 192.168.50.0/24 -j ACCEPT");
-        let private = position("-A wrenn-egress -d 10.0.0.0/8 -j DROP");
-        let lan = position("-A wrenn-egress -d 192.168.0.0/16 -j DROP");
+            position("-A wrenn-egress -d 10.0.0.2/32 -p udp -m udp --dport 53 -j wrenn-lists");
+        position("-A wrenn-egress -d 10.0.0.2/32 -p tcp -m tcp --dport 53 -j wrenn-lists");
+        let opened = position("-A wrenn-egress -d 192.168.50.0/24 -j wrenn-lists");
+        let private = position("-A wrenn-egress -d 10.0.0.0/8 -j wrenn-deny");
+        let lan = position("-A wrenn-egress -d 192.168.0.0/16 -j wrenn-deny");
         assert!(resolver < private && opened < lan);
         for (range, _) in CLOSED_RANGES {
-            position(&format!("-A wrenn-egress -d {range} -j DROP"));
+            position(&format!("-A wrenn-egress -d {range} -j wrenn-deny"));
         }
-        // Public addresses last.
-        assert!(rules.ends_with("-A wrenn-egress -j ACCEPT\nCOMMIT\n"));
-        // Full namespace rules carry the same chain.
+        // Public addresses next, then (no lists) everything passes.
+        let public = position("-A wrenn-egress -j wrenn-lists\n");
+        assert!(lan < public);
+        assert!(rules.ends_with("-A wrenn-lists -j ACCEPT\nCOMMIT\n"));
+        // A denied established TCP connection is reset, anything else denied is dropped.
+        let reset = position(
+            "-A wrenn-deny -p tcp -m conntrack --ctstate ESTABLISHED -j REJECT --reject-with tcp-reset",
+        );
+        assert!(reset < position("-A wrenn-deny -j DROP"));
+        // Full namespace rules carry the same chains.
         let full = namespace_rules(&Slot::new("wr", 1), 1, &internet());
-        assert!(full.contains("-A wrenn-egress -d 168.63.129.16/32 -j DROP"));
+        assert!(full.contains("-A wrenn-egress -d 168.63.129.16/32 -j wrenn-deny"));
+        assert!(full.contains(":wrenn-lists - [0:0]"));
+    }
+
+    #[test]
+    fn the_lists_allow_before_they_deny_and_never_open_a_closed_range() {
+        let policy = wrenn_agent_api::network::EgressSettings {
+            allow_out: vec![
+                "203.0.113.7".into(),
+                "8.8.8.0/24".into(),
+                "2001:db8::/32".into(),
+                "example.com".into(),
+            ],
+            deny_out: vec!["0.0.0.0/0".into(), "1.1.1.1".into()],
+            ..Default::default()
+        }
+        .parse()
+        .unwrap();
+        let lists = AddressLists::of(&policy);
+        // IPv4 entries only: slots have no IPv6, and domains are not addresses.
+        assert_eq!(lists.allow.len(), 2);
+        assert!(!lists.deny_everything());
+        let rules = egress_update(&Egress::Internet {
+            resolver: Ipv4Addr::new(8, 8, 8, 8),
+            opened: Vec::new(),
+            lists,
+        });
+        let position = |needle: &str| {
+            rules
+                .find(needle)
+                .unwrap_or_else(|| panic!("{needle} missing from\n{rules}"))
+        };
+        let allow = position("-A wrenn-lists -d 8.8.8.0/24 -j ACCEPT");
+        let deny_all = position("-A wrenn-lists -d 0.0.0.0/0 -j wrenn-deny");
+        position("-A wrenn-lists -d 1.1.1.1/32 -j wrenn-deny");
+        assert!(allow < deny_all);
+        // 203.0.113.7 is in a closed range (documentation): the egress chain denies it before
+        // the lists are read.
+        let closed = position("-A wrenn-egress -d 203.0.113.0/24 -j wrenn-deny");
+        let lists_jump = position("-A wrenn-egress -j wrenn-lists\n");
+        assert!(closed < lists_jump);
+        // Internet off and nothing allowed: nothing at all.
+        let off = AddressLists::of(
+            &wrenn_agent_api::network::EgressPolicy::default().with_internet(false),
+        );
+        assert!(off.deny_everything());
     }
 
     #[test]

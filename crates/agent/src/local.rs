@@ -73,6 +73,19 @@ impl HostAgent for LocalAgent {
         finished(async move { manager.resume(&id, options).await }).await
     }
 
+    async fn update_network(
+        &self,
+        sandbox_id: &str,
+        allow_internet: bool,
+        egress: &wrenn_agent_api::network::EgressSettings,
+    ) -> Result<(), HostAgentError> {
+        let (manager, id, egress) = (self.manager.clone(), sandbox_id.to_string(), egress.clone());
+        crate::detached(async move { manager.update_network(&id, allow_internet, egress).await })
+            .await
+            .map(drop)
+            .map_err(HostAgentError::from)
+    }
+
     async fn destroy(&self, sandbox_id: &str) -> Result<(), HostAgentError> {
         let (manager, id) = (self.manager.clone(), sandbox_id.to_string());
         crate::detached(async move { manager.destroy(&id).await })

@@ -170,17 +170,30 @@ impl SlotPool {
         self.state.lock().expect("slot pool lock").leased.len() as u32
     }
 
-    /// What a guest with or without internet access may open, given the resolver its kernel
-    /// command line names.
-    pub fn egress(&self, allow_internet: bool, resolver: Ipv4Addr) -> Egress {
-        if allow_internet {
+    /// What a guest may open under `policy` (internet access already folded in, see
+    /// [`wrenn_agent_api::network::EgressPolicy::with_internet`]), given the resolver its
+    /// kernel command line names.
+    pub fn egress(
+        &self,
+        policy: &wrenn_agent_api::network::EgressPolicy,
+        resolver: Ipv4Addr,
+    ) -> Egress {
+        let lists = crate::firewall::AddressLists::of(policy);
+        if lists.deny_everything() {
+            Egress::Closed
+        } else {
             Egress::Internet {
                 resolver,
                 opened: self.config.opened_ranges.clone(),
+                lists,
             }
-        } else {
-            Egress::Closed
         }
+    }
+
+    /// Replaces the egress of a leased slot (atomically: the guest never sees half of it).
+    pub async fn set_egress(&self, index: u32, egress: &Egress) -> Result<(), AgentError> {
+        let slot = Slot::new(&self.config.prefix, index);
+        self.network.set_egress(&slot, egress).await
     }
 
     /// Leases a slot (a ready one, or a new one) with egress set as asked.
@@ -737,7 +750,8 @@ mod tests {
         #[tokio::test]
         async fn opening_egress_costs_a_call_and_closed_costs_none() {
             let (pool, network) = pool(2);
-            let internet = pool.egress(true, Ipv4Addr::new(1, 1, 1, 1));
+            let open = wrenn_agent_api::network::EgressPolicy::default();
+            let internet = pool.egress(&open, Ipv4Addr::new(1, 1, 1, 1));
             let slot = pool.lease(&internet).await.unwrap();
             assert_eq!(
                 network.calls(),
@@ -749,15 +763,33 @@ mod tests {
             pool.release(slot.index).await;
             assert_eq!(network.calls().last(), Some(&NetworkCall::Recycle(10)));
             assert_eq!(
-                pool.egress(false, Ipv4Addr::new(1, 1, 1, 1)),
+                pool.egress(
+                    &open.clone().with_internet(false),
+                    Ipv4Addr::new(1, 1, 1, 1)
+                ),
                 Egress::Closed
             );
+            // Internet off but an address allowed: the lists say what passes.
+            let one = wrenn_agent_api::network::EgressSettings {
+                allow_out: vec!["1.2.3.4".into()],
+                ..Default::default()
+            }
+            .parse()
+            .unwrap()
+            .with_internet(false);
+            let Egress::Internet { lists, .. } = pool.egress(&one, Ipv4Addr::new(1, 1, 1, 1))
+            else {
+                panic!("an allowed address keeps the slot open")
+            };
+            assert_eq!(lists.allow.len(), 1);
+            // Granted: a live change is one call.
+            pool.set_egress(slot.index, &Egress::Closed).await.unwrap();
         }
 
         #[tokio::test]
         async fn a_slot_that_fails_to_open_is_deleted_and_its_index_freed() {
             let (pool, network) = pool(1);
-            let internet = pool.egress(true, Ipv4Addr::new(1, 1, 1, 1));
+            let internet = pool.egress(&Default::default(), Ipv4Addr::new(1, 1, 1, 1));
             network.fail_next_egress();
             assert!(pool.lease(&internet).await.is_err());
             assert_eq!(pool.in_use(), 0);

@@ -18,6 +18,7 @@ use wrenn_vmm::{MachineSpec, SnapshotFiles, VmProcess};
 use crate::error::AgentError;
 
 pub use wrenn_agent_api::SandboxState;
+use wrenn_agent_api::network::EgressSettings;
 
 /// Everything the agent knows of a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +35,9 @@ pub struct SandboxRecord {
     pub env_vars: BTreeMap<String, String>,
     pub access_token: Option<String>,
     pub allow_internet: bool,
+    /// Its egress rules (what `allow_internet` leaves open, they narrow).
+    #[serde(default, skip_serializing_if = "EgressSettings::is_empty")]
+    pub egress: EgressSettings,
     pub metadata: BTreeMap<String, String>,
     pub error: Option<String>,
     /// The sandbox's own snapshot while paused (`None` for a pause that kept only the disk).
@@ -352,6 +356,7 @@ mod tests {
             env_vars: BTreeMap::new(),
             access_token: Some("secret".into()),
             allow_internet: false,
+            egress: EgressSettings::default(),
             metadata: BTreeMap::new(),
             error: None,
             snapshot: None,

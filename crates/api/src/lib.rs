@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod conformance;
+pub mod network;
 
 use std::collections::BTreeMap;
 
@@ -51,7 +52,39 @@ pub struct NewSandbox {
 #[serde(rename_all = "camelCase")]
 pub struct NetworkRequest {
     /// Whether the sandbox's ports are reached without a traffic token (default true).
+    #[serde(
+        default,
+        alias = "allow_public_traffic",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub allow_public_traffic: Option<bool>,
+    /// Its egress rules.
+    #[serde(flatten)]
+    pub egress: network::EgressSettings,
+    /// The `Host` its ports' requests reach it with (`${PORT}` is the port), instead of the
+    /// proxy's.
+    #[serde(
+        default,
+        alias = "mask_request_host",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mask_request_host: Option<String>,
+}
+
+/// `PUT /sandboxes/{id}/network`: the sandbox's new egress rules, replacing all of its old
+/// ones (a field left out is cleared).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NetworkUpdate {
+    #[serde(flatten)]
+    pub egress: network::EgressSettings,
+    /// `false` is `denyOut: ["0.0.0.0/0"]` (default true).
+    #[serde(
+        default,
+        rename = "allow_internet_access",
+        alias = "allowInternetAccess",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub allow_internet_access: Option<bool>,
 }
 
 /// Whether traffic to a paused sandbox resumes it.
@@ -225,11 +258,16 @@ pub struct Lifecycle {
     pub on_timeout: String,
 }
 
-/// A sandbox's network settings.
+/// A sandbox's network settings, as in force (a transform's header values and the egress
+/// proxy's password are not shown).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SandboxNetwork {
     pub allow_public_traffic: bool,
+    #[serde(flatten)]
+    pub egress: network::EgressSettings,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_request_host: Option<String>,
 }
 
 /// One sample of a running sandbox's resource use, read from its envd.

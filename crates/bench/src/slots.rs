@@ -84,6 +84,7 @@ fn open_current(slot: &Slot) -> anyhow::Result<()> {
     let egress = Egress::Internet {
         resolver: firewall::DEFAULT_GUEST_RESOLVER,
         opened: Vec::new(),
+        lists: firewall::AddressLists::default(),
     };
     network::in_namespace(
         &slot.netns,

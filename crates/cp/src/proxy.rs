@@ -134,12 +134,12 @@ async fn forward(
             .route(&plane.store, &target.sandbox_id, target.port)
             .await;
     }
-    let Some((guest, traffic_token)) = routed else {
+    let Some((guest, route)) = routed else {
         return bad_gateway(&target.sandbox_id, SANDBOX_NOT_FOUND, None);
     };
     let given = request.headers_mut().remove(TRAFFIC_TOKEN_HEADER);
     if target.port != ENVD_PORT
-        && let Some(expected) = traffic_token
+        && let Some(expected) = route.traffic_token
     {
         use subtle::ConstantTimeEq;
         let given = given.as_ref().map(|v| v.as_bytes()).unwrap_or_default();
@@ -159,6 +159,17 @@ async fn forward(
         .and_then(|host| HeaderValue::from_str(host).ok())
     {
         request.headers_mut().insert("x-forwarded-host", original);
+    }
+    // E2B's maskRequestHost: the guest's server sees the mask as the Host (envd's own port
+    // keeps the proxy's).
+    if target.port != ENVD_PORT
+        && let Some(mask) = &route.host_mask
+        && let Ok(masked) =
+            HeaderValue::from_str(&mask.replace("${PORT}", &target.port.to_string()))
+    {
+        request
+            .headers_mut()
+            .insert(axum::http::header::HOST, masked);
     }
     let via_agent = matches!(guest, wrenn_agent_api::GuestRoute::ViaAgent { .. });
     match guest

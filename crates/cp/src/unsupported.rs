@@ -1,6 +1,6 @@
-//! Request settings wrenn does not enforce (yet): egress allow- and deny-lists, egress rules and
-//! proxies, host masks, DNS servers, HTTPS ports, MCP gateways, workload identity (IAM),
-//! volume mounts, and pauses that drop the memory. A request that sets one of them is refused
+//! Request settings wrenn does not enforce (yet): domain entries in the egress allow-list,
+//! egress transforms and proxies, DNS servers, HTTPS ports, MCP gateways, workload identity
+//! (IAM), and volume mounts. A request that sets one of them is refused
 //! with a 400 naming the field; a setting that says "nothing" (absent, `null`, `false`, `""`,
 //! `[]`, `{}`; `true` for the memory flags) is accepted, because the SDKs send those. A security
 //! setting is never accepted and then ignored.
@@ -37,13 +37,8 @@ fn get<'a>(object: &'a Value, camel: &str, snake: &str) -> Option<&'a Value> {
     object.get(camel).or_else(|| object.get(snake))
 }
 
-const EGRESS: &str = "limiting a sandbox's egress to (or from) a list is not enforced; \
-    allow_internet_access: false cuts it off the internet entirely";
-
 /// `network.*` settings of a create, `(camelCase, snake_case, why)`.
 const NETWORK_FIELDS: &[(&str, &str, &str)] = &[
-    ("allowOut", "allow_out", EGRESS),
-    ("denyOut", "deny_out", EGRESS),
     (
         "rules",
         "rules",
@@ -53,11 +48,6 @@ const NETWORK_FIELDS: &[(&str, &str, &str)] = &[
         "egressProxy",
         "egress_proxy",
         "egress is not tunnelled through a proxy",
-    ),
-    (
-        "maskRequestHost",
-        "mask_request_host",
-        "the Host header of proxied requests is not rewritten",
     ),
     (
         "dnsServers",
@@ -109,16 +99,28 @@ pub fn check_create(body: &Value) -> Result<(), Unsupported> {
     Ok(())
 }
 
-/// `PUT /sandboxes/{id}/network`: a sandbox's network is fixed when it is created, so every
-/// update is refused, naming the first field it sets.
-pub fn check_network_update(body: &Value) -> Unsupported {
-    const WHY: &str = "a sandbox's network cannot be changed after it is created";
-    let field = body
-        .as_object()
-        .and_then(|fields| fields.iter().find(|(_, value)| !value.is_null()))
-        .map(|(name, _)| format!("network update: {name}"))
-        .unwrap_or_else(|| "network update".to_string());
-    Unsupported { field, why: WHY }
+/// Checks a network update body (`PUT /sandboxes/{id}/network`).
+pub fn check_network_update(body: &Value) -> Result<(), Unsupported> {
+    for (camel, snake, why) in NETWORK_FIELDS {
+        if get(body, camel, snake).is_some_and(|value| !is_unset(value)) {
+            return Err(Unsupported {
+                field: (*camel).to_string(),
+                why,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks validated egress rules for what wrenn does not enforce yet: domain entries.
+pub fn check_egress(policy: &wrenn_agent_api::network::EgressPolicy) -> Result<(), Unsupported> {
+    match policy.allow_domains.first() {
+        Some(domain) => Err(Unsupported {
+            field: format!("network.allowOut ({domain})"),
+            why: "domain entries are not enforced yet: allow the addresses (CIDRs or IPs) instead",
+        }),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -145,19 +147,14 @@ mod tests {
 
     #[test]
     fn each_unenforced_setting_is_refused_by_name() {
+        // Enforced now: address lists and host masks.
+        for body in [
+            json!({"network": {"allowOut": ["1.1.1.1"], "denyOut": ["0.0.0.0/0"]}}),
+            json!({"network": {"maskRequestHost": "${PORT}-x.example.com"}}),
+        ] {
+            assert_eq!(check_create(&body), Ok(()), "{body}");
+        }
         let cases = [
-            (
-                json!({"network": {"allowOut": ["1.1.1.1"]}}),
-                "network.allowOut",
-            ),
-            (
-                json!({"network": {"allow_out": ["example.com"]}}),
-                "network.allowOut",
-            ),
-            (
-                json!({"network": {"denyOut": ["0.0.0.0/0"]}}),
-                "network.denyOut",
-            ),
             (
                 json!({"network": {"rules": {"example.com": [{}]}}}),
                 "network.rules",
@@ -165,10 +162,6 @@ mod tests {
             (
                 json!({"network": {"egressProxy": {"address": "p:1080"}}}),
                 "network.egressProxy",
-            ),
-            (
-                json!({"network": {"maskRequestHost": "${PORT}-x.example.com"}}),
-                "network.maskRequestHost",
             ),
             (
                 json!({"network": {"dnsServers": ["1.1.1.1"]}}),
@@ -190,10 +183,27 @@ mod tests {
             assert_eq!(refused.field, field, "{body}");
             assert!(refused.to_string().starts_with(field), "{refused}");
         }
+        assert_eq!(
+            check_network_update(&json!({"allowOut": ["1.1.1.1"], "allow_internet_access": false})),
+            Ok(())
+        );
+        assert_eq!(
+            check_network_update(&json!({"egressProxy": {"address": "p:1080"}}))
+                .unwrap_err()
+                .field,
+            "egressProxy"
+        );
+        let domains = wrenn_agent_api::network::EgressSettings {
+            allow_out: vec!["1.1.1.1".into(), "example.com".into()],
+            ..Default::default()
+        }
+        .parse()
+        .unwrap();
         assert!(
-            check_network_update(&json!({"allowOut": ["1.1.1.1"]}))
-                .to_string()
-                .contains("allowOut")
+            check_egress(&domains)
+                .unwrap_err()
+                .field
+                .contains("example.com")
         );
     }
 }

@@ -2333,3 +2333,203 @@ async fn a_pause_may_keep_the_disk_alone_and_the_sandbox_says_which_kind() {
     lifecycle.abort();
     assert!(kit.agent.sandbox(&ends).unwrap().disk_only);
 }
+
+#[tokio::test]
+async fn egress_rules_reach_the_host_are_shown_replaced_live_and_kept_by_snapshots_and_forks() {
+    let kit = Kit::new(8, Quotas::default()).await;
+    let network = json!({
+        "allowOut": ["203.0.114.7", "8.8.8.0/24"],
+        "denyOut": ["0.0.0.0/0"],
+        "maskRequestHost": "${PORT}-app.example.com",
+    });
+    let id = kit
+        .create(
+            &kit.key_a,
+            json!({"templateID": "base", "network": network}),
+        )
+        .await;
+    let held = kit.agent.sandbox(&id).unwrap();
+    assert_eq!(held.options.egress.allow_out, ["203.0.114.7", "8.8.8.0/24"]);
+    assert_eq!(held.options.egress.deny_out, ["0.0.0.0/0"]);
+    assert!(held.options.allow_internet);
+    let (status, detail) = kit.call_a("GET", &format!("/sandboxes/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        detail["network"]["allowOut"],
+        json!(["203.0.114.7", "8.8.8.0/24"])
+    );
+    assert_eq!(detail["network"]["denyOut"], json!(["0.0.0.0/0"]));
+    assert_eq!(
+        detail["network"]["maskRequestHost"],
+        "${PORT}-app.example.com"
+    );
+    assert_eq!(detail["network"]["allowPublicTraffic"], true);
+
+    // A live update replaces everything: what it leaves out is cleared; the mask stays.
+    let path = format!("/sandboxes/{id}/network");
+    let (status, body) = kit
+        .call(
+            "PUT",
+            &path,
+            Some(&kit.key_a),
+            json!({"denyOut": ["1.1.1.1"], "allow_internet_access": true}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let held = kit.agent.sandbox(&id).unwrap();
+    assert!(held.options.egress.allow_out.is_empty());
+    assert_eq!(held.options.egress.deny_out, ["1.1.1.1"]);
+    let (_, detail) = kit.call_a("GET", &format!("/sandboxes/{id}")).await;
+    assert_eq!(detail["network"].get("allowOut"), None);
+    assert_eq!(detail["network"]["denyOut"], json!(["1.1.1.1"]));
+    assert_eq!(
+        detail["network"]["maskRequestHost"],
+        "${PORT}-app.example.com"
+    );
+    // Internet off, as E2B's update spells it.
+    let (status, _) = kit
+        .call(
+            "PUT",
+            &path,
+            Some(&kit.key_a),
+            json!({"allow_internet_access": false}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(!kit.agent.sandbox(&id).unwrap().options.allow_internet);
+    let (_, detail) = kit.call_a("GET", &format!("/sandboxes/{id}")).await;
+    assert_eq!(detail["allowInternetAccess"], false);
+    // Bad rules are refused, naming the entry, and the old ones stay.
+    for (body, says) in [
+        (json!({"allowOut": ["10.0.0.0/33"]}), "10.0.0.0/33"),
+        (json!({"allowOut": ["10.0.0.1/8"]}), "host bits"),
+        (json!({"allowOut": [""]}), "empty domain"),
+        (json!({"denyOut": ["example.com"]}), "denyOut takes CIDRs"),
+        (json!({"allowOut": ["example.com"]}), "not enforced yet"),
+        (json!({"egressProxy": {"address": "p:1080"}}), "egressProxy"),
+        (json!({"allowOut": "1.1.1.1"}), "invalid request body"),
+    ] {
+        let (status, refused) = kit.call("PUT", &path, Some(&kit.key_a), body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(message(&refused).contains(says), "{body}: {refused}");
+    }
+    let many: Vec<String> = (0..600)
+        .map(|i| format!("10.1.{}.{}", i / 250, i % 250))
+        .collect();
+    let (status, refused) = kit
+        .call("PUT", &path, Some(&kit.key_a), json!({ "allowOut": many }))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(message(&refused).contains("at most"), "{refused}");
+    assert!(
+        !kit.agent.sandbox(&id).unwrap().options.allow_internet,
+        "the old rules stay"
+    );
+    // Another team's key finds no such sandbox.
+    let (status, _) = kit
+        .call("PUT", &path, Some(&kit.key_b), json!({"denyOut": []}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // A create's bad rules are refused the same way, and nothing is made.
+    for network in [
+        json!({"allowOut": ["300.1.1.1"]}),
+        json!({"maskRequestHost": "a b"}),
+        json!({"rules": {"example.com": [{"transform": {"headers": {"X-A": "1"}}}]}}),
+    ] {
+        let refused = kit
+            .create_refused(
+                json!({"templateID": "base", "network": network}),
+                StatusCode::BAD_REQUEST,
+            )
+            .await;
+        assert!(!message(&refused).is_empty(), "{refused}");
+    }
+
+    // Paused: the rules are kept for the resume.
+    let (status, _) = kit
+        .call(
+            "PUT",
+            &path,
+            Some(&kit.key_a),
+            json!({"allowOut": ["9.9.9.9"], "denyOut": ["0.0.0.0/0"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        kit.call_a("POST", &format!("/sandboxes/{id}/pause"))
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    let (status, _) = kit
+        .call(
+            "PUT",
+            &path,
+            Some(&kit.key_a),
+            json!({"allowOut": ["9.9.9.10"], "denyOut": ["0.0.0.0/0"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        kit.agent.sandbox(&id).unwrap().options.egress.allow_out,
+        ["9.9.9.10"]
+    );
+    let (status, _) = kit
+        .call(
+            "POST",
+            &format!("/sandboxes/{id}/connect"),
+            Some(&kit.key_a),
+            json!({"timeout": 60}),
+        )
+        .await;
+    assert!(status.is_success(), "{status}");
+    let (_, detail) = kit.call_a("GET", &format!("/sandboxes/{id}")).await;
+    assert_eq!(detail["network"]["allowOut"], json!(["9.9.9.10"]));
+
+    // A snapshot keeps them: its sandboxes start with them unless their create sets some.
+    let (status, snapshot) = kit
+        .call(
+            "POST",
+            &format!("/sandboxes/{id}/snapshots"),
+            Some(&kit.key_a),
+            json!({"name": "ruled"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{snapshot}");
+    let from_snapshot = kit.create(&kit.key_a, json!({"templateID": "ruled"})).await;
+    let held = kit.agent.sandbox(&from_snapshot).unwrap();
+    assert_eq!(held.options.egress.allow_out, ["9.9.9.10"]);
+    // (The last update left allow_internet_access out: back to its default, on.)
+    assert!(held.options.allow_internet);
+    let (_, detail) = kit
+        .call_a("GET", &format!("/sandboxes/{from_snapshot}"))
+        .await;
+    assert_eq!(
+        detail["network"]["maskRequestHost"],
+        "${PORT}-app.example.com"
+    );
+    let own = kit
+        .create(
+            &kit.key_a,
+            json!({"templateID": "ruled", "network": {"denyOut": ["1.0.0.0/8"]}}),
+        )
+        .await;
+    let held = kit.agent.sandbox(&own).unwrap();
+    assert_eq!(held.options.egress.deny_out, ["1.0.0.0/8"]);
+    assert!(held.options.egress.allow_out.is_empty());
+    assert!(held.options.allow_internet);
+    // A fork copies its source's.
+    let (status, forks) = kit
+        .call(
+            "POST",
+            &format!("/sandboxes/{id}/fork"),
+            Some(&kit.key_a),
+            json!({"count": 1}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{forks}");
+    let fork = forks[0]["sandbox"]["sandboxID"].as_str().unwrap();
+    let held = kit.agent.sandbox(fork).unwrap();
+    assert_eq!(held.options.egress.allow_out, ["9.9.9.10"]);
+    assert_eq!(held.options.egress.deny_out, ["0.0.0.0/0"]);
+}

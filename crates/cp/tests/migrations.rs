@@ -244,6 +244,7 @@ fn running_sandbox() -> SandboxRow {
         auto_resume: false,
         auto_pause_memory: true,
         paused_disk_only: false,
+        network: Default::default(),
     }
 }
 
@@ -269,6 +270,7 @@ fn paused_sandbox() -> SandboxRow {
         auto_resume: false,
         auto_pause_memory: true,
         paused_disk_only: false,
+        network: Default::default(),
     }
 }
 

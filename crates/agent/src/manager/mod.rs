@@ -40,6 +40,7 @@ use crate::error::AgentError;
 use crate::mmds::{Metadata, MmdsRegistry, token_hash};
 use crate::network::{GUEST_MAC, Slot, SlotConfig, SlotPool};
 use crate::store::{SandboxRecord, SandboxState, Store, TemplateRecord};
+use wrenn_agent_api::network::EgressSettings;
 
 /// envd's port in every guest.
 pub use wrenn_proto::ENVD_PORT;
@@ -314,11 +315,19 @@ impl Manager {
     }
 
     /// What a sandbox's guest may open (its resolver comes from its kernel command line).
+    /// Rules that no longer parse (a record from a future agent) close the guest off: egress
+    /// fails closed.
     fn egress_of(&self, record: &SandboxRecord) -> crate::firewall::Egress {
-        self.slots.egress(
-            record.allow_internet,
-            crate::firewall::guest_resolver(&record.machine.cmdline),
-        )
+        match record.egress.parse() {
+            Ok(policy) => self.slots.egress(
+                &policy.with_internet(record.allow_internet),
+                crate::firewall::guest_resolver(&record.machine.cmdline),
+            ),
+            Err(error) => {
+                tracing::error!(%error, sandbox = %record.sandbox_id, "egress rules do not parse: egress closed");
+                crate::firewall::Egress::Closed
+            }
+        }
     }
 
     fn metadata(record: &SandboxRecord) -> Metadata {

@@ -30,6 +30,10 @@ impl Manager {
                 "an empty envd access token is not allowed".into(),
             ));
         }
+        options
+            .egress
+            .parse()
+            .map_err(|error| AgentError::InvalidArgument(error.to_string()))?;
         let dir = self.store.sandbox_dir(&sandbox_id);
         let record = SandboxRecord {
             sandbox_id: sandbox_id.clone(),
@@ -51,6 +55,7 @@ impl Manager {
                 .collect(),
             access_token: options.access_token.clone(),
             allow_internet: options.allow_internet,
+            egress: options.egress.clone(),
             metadata: options.metadata.clone(),
             error: None,
             snapshot: None,
@@ -238,6 +243,38 @@ impl Manager {
     /// Resource use of a sandbox's VMM, if it runs.
     pub fn usage(&self, record: &SandboxRecord) -> Option<wrenn_vmm::ResourceUse> {
         record.vm.as_ref().and_then(|vm| self.vmm.usage(vm).ok())
+    }
+
+    /// Replaces a sandbox's egress rules. A running sandbox's slot gets them at once, in one
+    /// atomic change of its firewall (a packet of a connection they now forbid is answered
+    /// with a reset); a paused sandbox's are kept for its resume. Rules that do not parse are
+    /// refused and the old ones stay.
+    pub async fn update_network(
+        &self,
+        sandbox_id: &str,
+        allow_internet: bool,
+        egress: EgressSettings,
+    ) -> Result<SandboxRecord, AgentError> {
+        egress
+            .parse()
+            .map_err(|error| AgentError::InvalidArgument(error.to_string()))?;
+        let entry = self.entry(sandbox_id)?;
+        let _operation = entry.operation.lock().await;
+        let mut changed = entry.snapshot();
+        changed.allow_internet = allow_internet;
+        changed.egress = egress.clone();
+        if changed.state == SandboxState::Running
+            && let Some(slot) = changed.slot
+        {
+            self.slots
+                .set_egress(slot, &self.egress_of(&changed))
+                .await?;
+        }
+        tracing::info!(sandbox = sandbox_id, "egress rules replaced");
+        Ok(self.save(&entry, |record| {
+            record.allow_internet = allow_internet;
+            record.egress = egress;
+        }))
     }
 
     /// Stops a sandbox's VM and frees everything it had.

@@ -392,8 +392,10 @@ impl Manager {
         crate::store::private_dir(&dir)?;
         let files = self.template_files(&dir, &source).await?;
         let egress = if internet {
-            self.slots
-                .egress(true, crate::firewall::guest_resolver(&files.cmdline))
+            self.slots.egress(
+                &Default::default(),
+                crate::firewall::guest_resolver(&files.cmdline),
+            )
         } else {
             crate::firewall::Egress::Closed
         };

@@ -128,6 +128,25 @@ impl Host {
         within(&self.name(), "DestroySandbox", deadline, destroy).await
     }
 
+    /// Replaces a sandbox's egress rules on the host.
+    pub async fn update_network(
+        &self,
+        sandbox_id: &str,
+        allow_internet: bool,
+        egress: &wrenn_agent_api::network::EgressSettings,
+    ) -> Result<(), Error> {
+        let update = self
+            .agent
+            .update_network(sandbox_id, allow_internet, egress);
+        within(
+            &self.name(),
+            "UpdateSandboxNetwork",
+            deadlines::CONTROL_CALL,
+            update,
+        )
+        .await
+    }
+
     /// Builds a template on the host, its log to `logs`; the build's own deadline, and a
     /// minute for the snapshot after it, bound the wait.
     pub async fn build_template(

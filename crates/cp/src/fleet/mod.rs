@@ -224,18 +224,15 @@ impl Fleet {
         self.routes.hold(sandbox_id)
     }
 
-    /// How to reach `port` of a sandbox running on an up host, and its traffic token if it
-    /// has one.
+    /// How to reach `port` of a sandbox running on an up host, and what its proxying needs
+    /// (its traffic token, its host mask).
     pub async fn route(
         &self,
         store: &Store,
         sandbox_id: &str,
         port: u16,
-    ) -> Option<(GuestRoute, Option<String>)> {
-        let CachedRoute {
-            host_id,
-            traffic_token,
-        } = match self.routes.get(sandbox_id) {
+    ) -> Option<(GuestRoute, CachedRoute)> {
+        let route = match self.routes.get(sandbox_id) {
             Ok(route) => route,
             Err(miss) => {
                 let row = store.sandbox(sandbox_id).await.ok()??;
@@ -245,16 +242,17 @@ impl Fleet {
                 let route = CachedRoute {
                     host_id: row.host_id,
                     traffic_token: row.traffic_access_token,
+                    host_mask: row.network.mask_request_host,
                 };
                 self.routes.keep(sandbox_id, route.clone(), miss);
                 route
             }
         };
-        let host = self.host(&host_id)?;
+        let host = self.host(&route.host_id)?;
         if !host.is_up() {
             return None;
         }
-        Some((host.route(sandbox_id, port)?, traffic_token))
+        Some((host.route(sandbox_id, port)?, route))
     }
 
     /// The host of a sandbox row, if it is up (else a 503 naming it).

@@ -17,6 +17,8 @@ use std::sync::Mutex;
 pub struct CachedRoute {
     pub host_id: String,
     pub traffic_token: Option<String>,
+    /// The `Host` its ports' requests carry (`${PORT}` is the port), when it has a mask.
+    pub host_mask: Option<String>,
 }
 
 /// How many routes the cache holds before it starts again empty.
@@ -143,6 +145,7 @@ mod tests {
         CachedRoute {
             host_id: host_id.into(),
             traffic_token: None,
+            host_mask: None,
         }
     }
 

@@ -402,6 +402,8 @@ fn detail_body(plane: &ControlPlane, row: &SandboxRow) -> wrenn_api::SandboxDeta
         },
         network: wrenn_api::SandboxNetwork {
             allow_public_traffic: row.traffic_access_token.is_none(),
+            egress: row.network.egress.redacted(),
+            mask_request_host: row.network.mask_request_host.clone(),
         },
         envd_access_token: row.envd_access_token.clone(),
         domain: plane.domain.clone(),

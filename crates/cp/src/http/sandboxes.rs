@@ -64,6 +64,14 @@ pub(super) async fn create_sandbox(
         auto_pause: request.auto_pause.unwrap_or(false),
         auto_pause_memory: request.auto_pause_memory.unwrap_or(true),
         auto_resume: request.auto_resume.and_then(|a| a.enabled).unwrap_or(false),
+        network: request
+            .network
+            .map(|network| crate::store::StoredNetwork {
+                egress: network.egress,
+                mask_request_host: network.mask_request_host.filter(|mask| !mask.is_empty()),
+                allow_internet: None,
+            })
+            .unwrap_or_default(),
     };
     if !asked.auto_pause_memory && asked.auto_resume {
         return Err(ApiError::bad_request(
@@ -419,19 +427,32 @@ pub(super) async fn resume(
     Ok((StatusCode::CREATED, axum::Json(sandbox_body(&plane, &row))).into_response())
 }
 
-/// `PUT /sandboxes/{id}/network`: refused (400, naming the field), since a sandbox's network
-/// is set at its create and never changed.
+/// `PUT /sandboxes/{id}/network`: replaces the sandbox's egress rules, all of them (a field
+/// left out is cleared). A running sandbox gets them at once and loses the connections they
+/// now forbid; a paused one gets them at its resume.
 #[utoipa::path(put, path = "/sandboxes/{id}/network", tag = "sandboxes", security(("api_key" = [])),
-    request_body(content = Object, description = "E2B's network update"),
+    request_body = wrenn_api::NetworkUpdate,
     responses(
-        (status = 400, description = "wrenn does not change a running sandbox's network yet", body = wrenn_api::Error),
+        (status = 204, description = "The rules are in force (or will be at the resume)"),
+        (status = 400, description = "A bad rule (the message names it), or one wrenn does not enforce", body = wrenn_api::Error),
+        (status = 404, description = "No such sandbox of the team", body = wrenn_api::Error),
+        (status = 409, description = "The sandbox is changing state", body = wrenn_api::Error),
     ))]
 pub(super) async fn update_network(
     SandboxCall { plane, team, id }: SandboxCall,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    owned(&plane, &team, &id).await?;
-    Err(crate::unsupported::check_network_update(&body_value(&body)?).into())
+    let update: wrenn_api::NetworkUpdate =
+        checked_body(&body, crate::unsupported::check_network_update)?;
+    plane
+        .update_network(
+            &team.0,
+            &id,
+            update.allow_internet_access.unwrap_or(true),
+            update.egress,
+        )
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[utoipa::path(get, path = "/sandboxes/{id}/metrics", tag = "sandboxes", security(("api_key" = [])),

@@ -11,7 +11,7 @@ use wrenn_core::now_ms;
 use super::{ControlPlane, Error};
 use crate::auth;
 use crate::quota::Change;
-use crate::store::{SandboxRow, SandboxState};
+use crate::store::{SandboxRow, SandboxState, StoredNetwork};
 
 /// A sandbox as a team asked for it (the request's defaults already applied).
 #[derive(Debug, Clone, Default)]
@@ -31,6 +31,8 @@ pub struct SandboxRequest {
     /// Whether a pause on timeout keeps the memory.
     pub auto_pause_memory: bool,
     pub auto_resume: bool,
+    /// Its egress rules and host mask (none: a snapshot's sandbox gets the snapshot's).
+    pub network: StoredNetwork,
 }
 
 /// A created sandbox, and how long its host's agent took.
@@ -53,6 +55,7 @@ impl ControlPlane {
                 "a sandbox without public traffic must be secure (secure: true)".into(),
             ));
         }
+        check_network(&request.network)?;
         let template = self.resolve_template(team_id, &request.template).await?;
         self.create_from(team_id, request, template).await
     }
@@ -75,7 +78,19 @@ impl ControlPlane {
         let traffic_access_token = (!request.public_traffic)
             .then(auth::random_token)
             .transpose()?;
-        let allow_internet = request.allow_internet && self.internet;
+        // A snapshot's sandbox starts with the snapshot's rules unless the create sets some.
+        let (network, allow_internet) = match &template.network {
+            Some(snapshot) if request.network == StoredNetwork::default() => (
+                StoredNetwork {
+                    allow_internet: None,
+                    ..snapshot.clone()
+                },
+                request.allow_internet && snapshot.allow_internet.unwrap_or(true),
+            ),
+            _ => (request.network.clone(), request.allow_internet),
+        };
+        check_network(&network)?;
+        let allow_internet = allow_internet && self.internet;
         // Counted against the team's quotas until its row is written (or the create fails).
         let disk_mib = match self.fleet.template_disk_mib(&template.on_hosts) {
             0 => template.stored.as_ref().map_or(0, |t| t.disk_size_mb),
@@ -98,6 +113,7 @@ impl ControlPlane {
                 env_vars: request.env_vars.clone(),
                 access_token: token.clone(),
                 allow_internet,
+                egress: network.egress.clone(),
                 metadata: request.metadata.clone(),
                 ready_timeout: None,
                 init_timeout: None,
@@ -152,6 +168,7 @@ impl ControlPlane {
             auto_resume: request.auto_resume,
             auto_pause_memory: request.auto_pause_memory,
             paused_disk_only: false,
+            network,
         };
         if let Err(error) = admitted.settle(self.store.put_sandbox(row.clone())).await {
             let _ = placed.host.destroy(&id).await;
@@ -164,5 +181,36 @@ impl ControlPlane {
             agent_time,
             pull_time,
         })
+    }
+}
+
+/// Checks a sandbox's network settings: its egress rules parse and wrenn enforces what they
+/// ask, and its host mask is a host.
+pub(crate) fn check_network(network: &StoredNetwork) -> Result<(), Error> {
+    let policy = network
+        .egress
+        .parse()
+        .map_err(|error| Error::InvalidRequest(error.0))?;
+    crate::unsupported::check_egress(&policy)
+        .map_err(|unsupported| Error::InvalidRequest(unsupported.to_string()))?;
+    if let Some(mask) = &network.mask_request_host {
+        check_host_mask(mask)?;
+    }
+    Ok(())
+}
+
+/// A `maskRequestHost`: a host (`${PORT}` where the port goes), fit for a `Host` header.
+fn check_host_mask(mask: &str) -> Result<(), Error> {
+    let valid = !mask.is_empty()
+        && mask.len() <= 253
+        && mask
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-_:[]${}".contains(&b));
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::InvalidRequest(format!(
+            "maskRequestHost {mask:?} is not a host (letters, digits, '.', '-', ':' and ${{PORT}})"
+        )))
     }
 }

@@ -212,6 +212,48 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// `PUT /sandboxes/{id}/network`: replaces the team's sandbox's egress rules (a running
+    /// one's at once, a paused one's for its resume); its host mask stays.
+    pub async fn update_network(
+        &self,
+        team_id: &str,
+        sandbox_id: &str,
+        allow_internet: bool,
+        egress: wrenn_agent_api::network::EgressSettings,
+    ) -> Result<(), Error> {
+        let _turn = self.changes.turn(sandbox_id).await;
+        let row = self
+            .store
+            .sandbox(sandbox_id)
+            .await?
+            .filter(|row| row.team_id == team_id && row.state != SandboxState::Lost)
+            .ok_or_else(|| Error::SandboxNotFound(sandbox_id.to_string()))?;
+        let network = crate::store::StoredNetwork {
+            egress,
+            ..row.network.clone()
+        };
+        create::check_network(&network)?;
+        if !matches!(row.state, SandboxState::Running | SandboxState::Paused) {
+            return Err(Error::Conflict(format!(
+                "sandbox \"{sandbox_id}\" is {}: its network changes once it runs or is paused",
+                row.state.as_str()
+            )));
+        }
+        let allow_internet = allow_internet && self.internet;
+        let host = self.fleet.up_host(&row)?;
+        host.update_network(&row.id, allow_internet, &network.egress)
+            .await?;
+        self.store
+            .put_sandbox(SandboxRow {
+                allow_internet,
+                network,
+                ..row
+            })
+            .await?;
+        tracing::info!(sandbox = %sandbox_id, "network rules replaced");
+        Ok(())
+    }
+
     /// Resumes a paused sandbox until `end_at_ms`: its memory restored, or (`from_disk`, or a
     /// pause that kept none) booted from its disk.
     pub async fn resume(

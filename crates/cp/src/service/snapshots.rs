@@ -119,6 +119,10 @@ impl ControlPlane {
             }
             Some(template) => TemplateRow {
                 source_sandbox_id: Some(row.id.clone()),
+                network: crate::store::StoredNetwork {
+                    allow_internet: Some(row.allow_internet),
+                    ..row.network.clone()
+                },
                 cpu_count: row.cpu_count,
                 memory_mb: row.memory_mb,
                 updated_at_ms: now,
@@ -135,6 +139,10 @@ impl ControlPlane {
                 updated_at_ms: now,
                 ready_build_id: None,
                 source_sandbox_id: Some(row.id.clone()),
+                network: crate::store::StoredNetwork {
+                    allow_internet: Some(row.allow_internet),
+                    ..row.network.clone()
+                },
             },
         };
         let is_new = template.ready_build_id.is_none();
@@ -320,6 +328,8 @@ impl ControlPlane {
             id: row.template_id.clone(),
             alias: row.alias.clone(),
             stored: None,
+            // The forks get the source's rules as they are now.
+            network: None,
         };
         let request = SandboxRequest {
             template: row.template_id.clone(),
@@ -333,6 +343,7 @@ impl ControlPlane {
             auto_pause: row.auto_pause,
             auto_pause_memory: row.auto_pause_memory,
             auto_resume: row.auto_resume,
+            network: row.network.clone(),
         };
         let forks = futures_util::stream::iter(0..count)
             .map(|_| self.create_from(team_id, request.clone(), template.clone()))

@@ -248,6 +248,9 @@ pub struct ResolvedTemplate {
     /// Its figures when it is a ready build's, which the template store has (hosts with
     /// a store may pull it): placement may then take a host that lacks it.
     pub stored: Option<wrenn_agent_api::join::TemplateReport>,
+    /// A snapshot's network settings, which its sandboxes start with unless their create
+    /// sets their own.
+    pub network: Option<crate::store::StoredNetwork>,
 }
 
 /// A template's name split into its alias and its tag (`default` when none is given).
@@ -417,6 +420,7 @@ impl ControlPlane {
                 updated_at_ms: now,
                 ready_build_id: None,
                 source_sandbox_id: None,
+                network: Default::default(),
             },
         };
         self.store.put_template(template.clone()).await?;
@@ -499,6 +503,10 @@ impl ControlPlane {
                     });
                 Ok(ResolvedTemplate {
                     on_hosts: host_template_id(&build_id),
+                    network: template
+                        .source_sandbox_id
+                        .is_some()
+                        .then_some(template.network),
                     id: template.id,
                     alias: template.alias,
                     stored,
@@ -513,6 +521,7 @@ impl ControlPlane {
                 id: named.to_string(),
                 alias: Some(named.to_string()),
                 stored: None,
+                network: None,
             }),
             Err(error) => Err(error),
         }

@@ -80,6 +80,23 @@ pub struct SandboxRow {
     pub auto_pause_memory: bool,
     /// Paused without its memory: its resume boots it from its disk.
     pub paused_disk_only: bool,
+    /// Its egress rules and host mask.
+    pub network: StoredNetwork,
+}
+
+/// A sandbox's network settings beyond `allow_internet`, as stored (JSON): its egress rules
+/// and its host mask; for a snapshot's template, its sandbox's at the snapshot, internet
+/// access included.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredNetwork {
+    #[serde(flatten)]
+    pub egress: wrenn_agent_api::network::EgressSettings,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_request_host: Option<String>,
+    /// A snapshot's only (a sandbox's is its row's `allow_internet`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_internet: Option<bool>,
 }
 
 /// A host agent of the fleet.
@@ -141,6 +158,9 @@ pub struct TemplateRow {
     pub ready_build_id: Option<String>,
     /// For a snapshot (E2B's snapshot template): the sandbox it was taken of.
     pub source_sandbox_id: Option<String>,
+    /// For a snapshot: its sandbox's network settings then, which sandboxes made from it
+    /// start with unless their create sets their own.
+    pub network: StoredNetwork,
 }
 
 wrenn_core::named_enum! {

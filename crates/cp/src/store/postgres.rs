@@ -30,6 +30,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0005_host_identity.sql"),
     include_str!("../../migrations/postgres/0006_templates.sql"),
     include_str!("../../migrations/postgres/0007_snapshots.sql"),
+    include_str!("../../migrations/postgres/0008_network.sql"),
 ];
 
 /// Connections to one PostgreSQL database.
@@ -185,13 +186,14 @@ impl StoreBackend for PgStore {
 
     async fn put_sandbox(&self, sandbox: SandboxRow) -> StoreResult<()> {
         let metadata = serde_json::to_string(&sandbox.metadata).unwrap_or_else(|_| "{}".into());
+        let network = serde_json::to_string(&sandbox.network).unwrap_or_else(|_| "{}".into());
         let (cpu, memory) = (sandbox.cpu_count as i32, sandbox.memory_mb as i32);
         self.execute(
                 &format!(
                 "INSERT INTO sandboxes (id, team_id, template_id, alias, state, started_at_ms, end_at_ms, metadata,
                     envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version, host_id,
-                    traffic_access_token, auto_resume, auto_pause_memory, paused_disk_only)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::text::jsonb, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
+                    traffic_access_token, auto_resume, auto_pause_memory, paused_disk_only, network)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::text::jsonb, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20::text::jsonb)
                  {SANDBOX_UPSERT}"
             ),
                 &[
@@ -214,6 +216,7 @@ impl StoreBackend for PgStore {
                     &sandbox.auto_resume,
                     &sandbox.auto_pause_memory,
                     &sandbox.paused_disk_only,
+                    &network,
                 ],
             )
             .await
@@ -303,11 +306,12 @@ impl StoreBackend for PgStore {
 
     async fn put_template(&self, template: TemplateRow) -> StoreResult<()> {
         let (cpu, memory) = (template.cpu_count as i32, template.memory_mb as i32);
+        let network = serde_json::to_string(&template.network).unwrap_or_else(|_| "{}".into());
         self.execute(
             &format!(
                 "INSERT INTO templates (id, team_id, alias, public, cpu_count, memory_mb,
-                    created_at_ms, updated_at_ms, ready_build_id, source_sandbox_id)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) {TEMPLATE_UPSERT}"
+                    created_at_ms, updated_at_ms, ready_build_id, source_sandbox_id, network)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::text::jsonb) {TEMPLATE_UPSERT}"
             ),
             &[
                 &template.id,
@@ -320,6 +324,7 @@ impl StoreBackend for PgStore {
                 &template.updated_at_ms,
                 &template.ready_build_id,
                 &template.source_sandbox_id,
+                &network,
             ],
         )
         .await

@@ -134,6 +134,7 @@ stored!(SandboxRow from sandboxes {
     cpu_count: count, memory_mb: count, envd_version: text, host_id: text,
     traffic_access_token: optional_text, auto_resume: flag, auto_pause_memory: flag,
     paused_disk_only: flag,
+    network: json = "CAST(network AS TEXT)",
 });
 
 stored!(HostRow from hosts {
@@ -147,6 +148,7 @@ stored!(TemplateRow from templates {
     id: text, team_id: text, alias: optional_text, public: flag, cpu_count: count,
     memory_mb: count, created_at_ms: int, updated_at_ms: int, ready_build_id: optional_text,
     source_sandbox_id: optional_text,
+    network: json = "CAST(network AS TEXT)",
 });
 
 stored!(BuildRow from template_builds {
@@ -166,7 +168,7 @@ stored!(BuildLogRow from template_build_logs {
 pub const TEMPLATE_UPSERT: &str = "ON CONFLICT (id) DO UPDATE SET alias = excluded.alias,
     public = excluded.public, cpu_count = excluded.cpu_count, memory_mb = excluded.memory_mb,
     updated_at_ms = excluded.updated_at_ms, ready_build_id = excluded.ready_build_id,
-    source_sandbox_id = excluded.source_sandbox_id";
+    source_sandbox_id = excluded.source_sandbox_id, network = excluded.network";
 
 /// How `put_build` changes a build stored already.
 pub const BUILD_UPSERT: &str = "ON CONFLICT (id) DO UPDATE SET status = excluded.status,
@@ -180,7 +182,8 @@ pub const SANDBOX_UPSERT: &str = "ON CONFLICT (id) DO UPDATE SET state = exclude
     end_at_ms = excluded.end_at_ms, started_at_ms = excluded.started_at_ms,
     envd_access_token = excluded.envd_access_token, auto_pause = excluded.auto_pause,
     host_id = excluded.host_id, auto_pause_memory = excluded.auto_pause_memory,
-    paused_disk_only = excluded.paused_disk_only";
+    paused_disk_only = excluded.paused_disk_only, allow_internet = excluded.allow_internet,
+    network = excluded.network";
 
 /// How `put_host` updates a host stored already (registered again): every column but its id.
 pub const HOST_UPSERT: &str = "ON CONFLICT (id) DO UPDATE SET name = excluded.name,

@@ -33,6 +33,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0005_host_identity.sql"),
     include_str!("../../migrations/sqlite/0006_templates.sql"),
     include_str!("../../migrations/sqlite/0007_snapshots.sql"),
+    include_str!("../../migrations/sqlite/0008_network.sql"),
 ];
 
 /// The SQLite store.
@@ -226,8 +227,8 @@ impl StoreBackend for SqliteStore {
             format!(
                 "INSERT INTO sandboxes (id, team_id, template_id, alias, state, started_at_ms, end_at_ms, metadata,
                     envd_access_token, auto_pause, allow_internet, cpu_count, memory_mb, envd_version, host_id,
-                    traffic_access_token, auto_resume, auto_pause_memory, paused_disk_only)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)
+                    traffic_access_token, auto_resume, auto_pause_memory, paused_disk_only, network)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)
                  {SANDBOX_UPSERT}"
             ),
             values![
@@ -250,6 +251,7 @@ impl StoreBackend for SqliteStore {
                 sandbox.auto_resume,
                 sandbox.auto_pause_memory,
                 sandbox.paused_disk_only,
+                serde_json::to_string(&sandbox.network).unwrap_or_else(|_| "{}".into()),
             ],
         )
         .await
@@ -361,8 +363,8 @@ impl StoreBackend for SqliteStore {
         self.execute(
             format!(
                 "INSERT INTO templates (id, team_id, alias, public, cpu_count, memory_mb,
-                    created_at_ms, updated_at_ms, ready_build_id, source_sandbox_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) {TEMPLATE_UPSERT}"
+                    created_at_ms, updated_at_ms, ready_build_id, source_sandbox_id, network)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) {TEMPLATE_UPSERT}"
             ),
             values![
                 template.id,
@@ -375,6 +377,7 @@ impl StoreBackend for SqliteStore {
                 template.updated_at_ms,
                 template.ready_build_id,
                 template.source_sandbox_id,
+                serde_json::to_string(&template.network).unwrap_or_else(|_| "{}".into()),
             ],
         )
         .await

@@ -1,0 +1,2 @@
+ALTER TABLE sandboxes ADD COLUMN network TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE templates ADD COLUMN network TEXT NOT NULL DEFAULT '{}';

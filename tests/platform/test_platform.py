@@ -466,12 +466,11 @@ def test_a_crashed_control_plane_restarts_without_losing_a_running_sandbox(wrenn
 
 
 def test_settings_wrenn_does_not_enforce_are_refused_by_name(wrenn):
-    # The SDK sends network egress lists, volume mounts and MCP as the API's fields; wrenn does
-    # not enforce them, so it refuses them (400) rather than ignore them.
+    # The SDK sends domain rules, egress proxies, volume mounts and MCP as the API's fields;
+    # wrenn does not enforce them (yet), so it refuses them (400) rather than ignore them.
     refused = [
-        ({"network": {"allow_out": ["1.1.1.1"]}}, "network.allowOut"),
-        ({"network": {"deny_out": ["0.0.0.0/0"]}}, "network.denyOut"),
-        ({"network": {"mask_request_host": "${PORT}-x.example.com"}}, "network.maskRequestHost"),
+        ({"network": {"allow_out": ["example.com"]}}, "network.allowOut"),
+        ({"network": {"egress_proxy": {"address": "proxy.example.com:1080"}}}, "network.egressProxy"),
         ({"mcp": {"github": {"githubPersonalAccessToken": "x"}}}, "mcp"),
     ]
     for options, field in refused:

@@ -2022,7 +2022,7 @@ async fn quotas_and_refused_settings_through_the_real_api() {
     // Settings wrenn does not enforce: 400 naming the field, and nothing is created.
     for (body, field) in [
         (
-            json!({"templateID": "base", "network": {"allowOut": ["1.1.1.1"]}}),
+            json!({"templateID": "base", "network": {"allowOut": ["example.com"]}}),
             "network.allowOut",
         ),
         (
@@ -2103,7 +2103,7 @@ async fn quotas_and_refused_settings_through_the_real_api() {
         "team limited's sandboxes hold 4608 MiB of disk; 2048 MiB more would pass the limit of 6144 MiB"
     );
     // A connect that leaves the memory aside resumes it from its disk (running 2 of 2 again),
-    // and the network of a sandbox cannot be changed.
+    // and its network rules change (a bad one is refused, naming it).
     first
         .post(
             StatusCode::CREATED,
@@ -2116,10 +2116,18 @@ async fn quotas_and_refused_settings_through_the_real_api() {
             StatusCode::BAD_REQUEST,
             Method::PUT,
             "/network",
-            json!({"allowOut": ["10.0.0.0/8"]}),
+            json!({"allowOut": ["10.0.0.0/33"]}),
         )
         .await;
-    assert_message(&answer, "allowOut");
+    assert_message(&answer, "10.0.0.0/33");
+    first
+        .expect(
+            StatusCode::NO_CONTENT,
+            Method::PUT,
+            "/network",
+            json!({"allowOut": ["10.0.0.0/8"], "denyOut": ["0.0.0.0/0"]}),
+        )
+        .await;
     // Killing one frees its slot.
     second.kill(StatusCode::NO_CONTENT).await;
     create(StatusCode::CREATED).await;

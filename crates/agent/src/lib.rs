@@ -2,7 +2,8 @@
 //! template snapshot, and owns the VMs, their network slots, disks and snapshots.
 //! - [`manager`]: templates, sandboxes, pause and resume, recovery after a restart;
 //! - [`network`]: network namespaces with veth, tap and NAT, pooled and recycled;
-//! - [`firewall`]: every firewall rule the agent installs (the sandbox boundary), as text;
+//! - [`firewall`]: every firewall rule the agent installs (the sandbox boundary and each
+//!   sandbox's address lists), as text; [`egress`]: what domain rules decide of a connection;
 //! - [`disk`]: copy-on-write disks; [`store`]: state on disk;
 //! - [`template_store`]: the store of templates every host of a fleet pulls from;
 //! - [`oci`]: images pulled from registries and made root filesystems, for template builds;
@@ -14,6 +15,7 @@
 
 pub mod api;
 pub mod disk;
+pub mod egress;
 pub mod envd_client;
 pub mod error;
 pub mod firewall;

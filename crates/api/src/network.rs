@@ -154,9 +154,6 @@ impl FromStr for DomainPattern {
                 ));
             }
         }
-        if !name.contains('.') && wildcard {
-            return Err(format!("{text:?}: a wildcard needs a domain under it"));
-        }
         Ok(DomainPattern { name, wildcard })
     }
 }

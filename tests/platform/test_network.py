@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import textwrap
 import time
 
@@ -25,12 +26,24 @@ NETNS = f"{SLOT_PREFIX}-inet"
 HOST_SIDE = f"{SLOT_PREFIX}in0"
 TARGETS = {"a": f"{NET}.2", "b": f"{NET}.3", "c": f"{NET}.17", "d": f"{NET}.18"}
 
+# The internet's names (its DNS server answers these, and nothing else).
+NAMES = {
+    "allowed.test": TARGETS["c"],
+    "other.test": TARGETS["c"],
+    "api.wild.test": TARGETS["d"],
+    "far.test": TARGETS["b"],
+}
+
 SERVER = textwrap.dedent(
     """
-    import json, socket, socketserver, threading
+    import json, socket, socketserver, ssl, sys, threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+    NAMES = json.loads(sys.argv[1])
+
     class Who(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
         def do_GET(self):
             body = json.dumps({
                 "address": self.connection.getsockname()[0],
@@ -56,10 +69,36 @@ SERVER = textwrap.dedent(
         allow_reuse_address = True
         daemon_threads = True
 
+    def dns():
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("0.0.0.0", 53))
+        while True:
+            query, peer = udp.recvfrom(512)
+            labels, at = [], 12
+            while query[at]:
+                labels.append(query[at + 1:at + 1 + query[at]].decode())
+                at += 1 + query[at]
+            end = at + 5
+            name, qtype = ".".join(labels).lower(), int.from_bytes(query[at + 1:at + 3], "big")
+            address = NAMES.get(name)
+            found = address is not None and qtype == 1
+            header = query[:2] + bytes([0x81, 0x80 if address else 0x83]) + query[4:6]
+            header += (1 if found else 0).to_bytes(2, "big") + bytes(4)
+            answer = header + query[12:end]
+            if found:
+                answer += bytes([0xC0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4])
+                answer += bytes(int(part) for part in address.split("."))
+            udp.sendto(answer, peer)
+
     ThreadingHTTPServer.allow_reuse_address = True
     http = ThreadingHTTPServer(("0.0.0.0", 80), Who)
+    https = ThreadingHTTPServer(("0.0.0.0", 443), Who)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(sys.argv[2], sys.argv[3])
+    https.socket = context.wrap_socket(https.socket, server_side=True)
     echo = Threaded(("0.0.0.0", 7000), Echo)
-    threading.Thread(target=echo.serve_forever, daemon=True).start()
+    for serve in (echo.serve_forever, https.serve_forever, dns):
+        threading.Thread(target=serve, daemon=True).start()
     print("serving", flush=True)
     http.serve_forever()
     """
@@ -84,8 +123,17 @@ class Internet:
         ip("-n", NETNS, "link", "set", "inet0", "up")
         ip("-n", NETNS, "link", "set", "lo", "up")
         ip("-n", NETNS, "route", "add", "default", "via", f"{NET}.1")
+        # One certificate for every name (guests do not check it: -k).
+        self.tls = tempfile.mkdtemp(prefix="wrenn-inet-")
+        cert, key = os.path.join(self.tls, "cert.pem"), os.path.join(self.tls, "key.pem")
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-keyout", key, "-out", cert, "-subj", "/CN=internet.test",
+             "-addext", "subjectAltName=" + ",".join(f"DNS:{n}" for n in NAMES)],
+            check=True, capture_output=True,
+        )
         self.server = subprocess.Popen(
-            ["ip", "netns", "exec", NETNS, "python3", "-c", SERVER],
+            ["ip", "netns", "exec", NETNS, "python3", "-c", SERVER, json.dumps(NAMES), cert, key],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
         assert self.server.stdout.readline().strip() == b"serving"
@@ -99,6 +147,7 @@ class Internet:
     def stop(self):
         self.server.kill()
         self.server.wait()
+        shutil.rmtree(self.tls, ignore_errors=True)
         self.remove()
 
 
@@ -115,7 +164,7 @@ def net(wrenn):
             first_slot=FIRST_SLOT + 32,
             slots=8,
             internet=True,
-            extra_args=["--guest-open-range", f"{NET}.0/24"],
+            extra_args=["--guest-open-range", f"{NET}.0/24", "--egress-dns", f"{TARGETS['a']}:53"],
         )
         yield instance
     finally:
@@ -320,3 +369,118 @@ def test_the_host_mask_is_the_host_a_guest_server_sees(net):
         assert info.network["mask_request_host"] == "custom-host.example.com:${PORT}"
     finally:
         sandbox.kill()
+
+
+def fetch(sandbox: Sandbox, checks: dict) -> dict:
+    """Runs curl checks in the guest at once: name -> (curl's exit code, the answer's address
+    and Host when it answered)."""
+    script = "\n".join(
+        f"(out=$(curl -sk -m 5 {args}); echo \"{name} $? $out\") &" for name, args in checks.items()
+    ) + "\nwait\n"
+    ran = sandbox.commands.run(script, timeout=60)
+    results = {}
+    for line in ran.stdout.splitlines():
+        name, code, *rest = line.split(" ", 2)
+        if int(code) == 0:
+            answer = json.loads(rest[0])
+            results[name] = (0, answer["address"], answer["headers"].get("Host"))
+        else:
+            results[name] = (int(code), None, None)
+    assert set(results) == set(checks), ran.stdout
+    return results
+
+
+def answered(result) -> bool:
+    return result[0] == 0
+
+
+DNS_QUERY = textwrap.dedent(
+    """
+    import socket, sys
+    name = sys.argv[2]
+    query = b"\\x12\\x34\\x01\\x00\\x00\\x01" + bytes(6)
+    query += b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\\x00\\x00\\x01\\x00\\x01"
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(5)
+    s.sendto(query, (sys.argv[1], 53))
+    answer = s.recv(512)
+    print("rcode", answer[3] & 15, "answers", int.from_bytes(answer[6:8], "big"))
+    """
+)
+
+
+def test_domains_admit_their_names_at_the_addresses_they_resolve_to_and_nothing_else(net):
+    sandbox = create(net, network={
+        "allow_out": ["allowed.test", "*.wild.test"],
+        "deny_out": lambda ctx: [ctx.all_traffic],
+    })
+    try:
+        c, b = TARGETS["c"], TARGETS["b"]
+        results = fetch(sandbox, {
+            "http": "http://allowed.test/",
+            "https": "https://allowed.test/",
+            "wild": "http://api.wild.test/",
+            "wild_tls": "https://api.wild.test/",
+            # Another name on the allowed name's address.
+            "other": f"--resolve other.test:80:{c} http://other.test/",
+            "other_tls": f"--resolve other.test:443:{c} https://other.test/",
+            # The address literal.
+            "literal": f"http://{c}/",
+            "literal_tls": f"https://{c}/",
+            # The allowed name sent to an address it does not resolve to.
+            "elsewhere": f"--resolve allowed.test:80:{b} http://allowed.test/",
+            "elsewhere_tls": f"--resolve allowed.test:443:{b} https://allowed.test/",
+            # A name the resolver does not give.
+            "unresolved": "http://other.test/",
+        })
+        assert results["http"] == (0, c, "allowed.test"), results
+        assert results["https"][:2] == (0, c), results
+        assert results["wild"] == (0, TARGETS["d"], "api.wild.test"), results
+        assert answered(results["wild_tls"]), results
+        for refused in ["other", "other_tls", "literal", "literal_tls", "elsewhere",
+                        "elsewhere_tls", "unresolved"]:
+            assert not answered(results[refused]), (refused, results)
+        # The guest's resolver (or any other it asks) is the agent's: other names are refused.
+        sandbox.files.write("/tmp/dns.py", DNS_QUERY)
+        assert sandbox.commands.run("python3 /tmp/dns.py 8.8.8.8 allowed.test").stdout.split() == [
+            "rcode", "0", "answers", "1"]
+        assert sandbox.commands.run(f"python3 /tmp/dns.py {TARGETS['a']} other.test").stdout.split() == [
+            "rcode", "5", "answers", "0"]
+        # Domain rules are for ports 80 and 443: the echo port of the same address is closed.
+        assert probe(sandbox, ["c"], port=7000)["c"] != "open"
+
+        # A live update moves the allowance to the other name, and cuts a kept-alive connection
+        # the new rules forbid.
+        sandbox.files.write("/tmp/keep.py", KEEP_ALIVE)
+        sandbox.commands.run("python3 /tmp/keep.py", background=True)
+        wait_for_file(sandbox, "/tmp/keep-ok", 15)
+        sandbox.update_network({"allow_out": ["other.test"], "deny_out": ["0.0.0.0/0"]})
+        wait_for_file(sandbox, "/tmp/keep-cut", 10)
+        assert sandbox.files.read("/tmp/keep-cut") in ("ConnectionResetError", "EOFError")
+        results = fetch(sandbox, {"allowed": "http://allowed.test/", "other": "http://other.test/"})
+        assert not answered(results["allowed"]), results
+        assert results["other"] == (0, c, "other.test"), results
+    finally:
+        sandbox.kill()
+
+
+KEEP_ALIVE = textwrap.dedent(
+    """
+    import http.client, os, time
+    connection = http.client.HTTPConnection("allowed.test", 80, timeout=5)
+    try:
+        while True:
+            connection.request("GET", "/")
+            connection.getresponse().read()
+            if not os.path.exists("/tmp/keep-ok"):
+                open("/tmp/keep-ok", "w").close()
+            time.sleep(0.1)
+    except Exception as error:
+        kind = type(error).__name__
+        if kind in ("RemoteDisconnected", "BadStatusLine"):
+            kind = "EOFError"
+        with open("/tmp/keep-cut.part", "w") as f:
+            f.write(kind)
+        os.rename("/tmp/keep-cut.part", "/tmp/keep-cut")
+    """
+)

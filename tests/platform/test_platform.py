@@ -466,10 +466,9 @@ def test_a_crashed_control_plane_restarts_without_losing_a_running_sandbox(wrenn
 
 
 def test_settings_wrenn_does_not_enforce_are_refused_by_name(wrenn):
-    # The SDK sends domain rules, egress proxies, volume mounts and MCP as the API's fields;
-    # wrenn does not enforce them (yet), so it refuses them (400) rather than ignore them.
+    # The SDK sends egress proxies, volume mounts and MCP as the API's fields; wrenn does not
+    # enforce them (yet), so it refuses them (400) rather than ignore them.
     refused = [
-        ({"network": {"allow_out": ["example.com"]}}, "network.allowOut"),
         ({"network": {"egress_proxy": {"address": "proxy.example.com:1080"}}}, "network.egressProxy"),
         ({"mcp": {"github": {"githubPersonalAccessToken": "x"}}}, "mcp"),
     ]

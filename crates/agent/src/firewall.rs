@@ -157,8 +157,22 @@ pub enum Egress {
         resolver: Ipv4Addr,
         opened: Vec<Ipv4Cidr>,
         lists: AddressLists,
+        /// The sandbox's whole policy when it has domain rules: its DNS and its connections to
+        /// ports 80 and 443 that no address entry allows then go to the agent
+        /// ([`crate::egress`]), listening in the namespace on [`PROXY_PORT`] and [`DNS_PORT`].
+        domains: Option<std::sync::Arc<EgressPolicy>>,
     },
 }
+
+/// Where the agent's egress proxy listens in a slot's namespace (its connections come there
+/// redirected, with their original destination kept by the connection tracker).
+pub const PROXY_PORT: u16 = 15001;
+/// Where the agent's resolver for a slot listens in its namespace (UDP).
+pub const DNS_PORT: u16 = 15053;
+/// The guest's ports whose connections domain rules decide (E2B: HTTP by `Host`, TLS by SNI).
+pub const NAMED_PORTS: &str = "80,443";
+/// The namespace's NAT chain that sends the guest's DNS and named connections to the agent.
+pub const REDIRECT_CHAIN: &str = "wrenn-redirect";
 
 /// A sandbox's own address lists (E2B's `allowOut` and `denyOut`, their IPv4 entries): an
 /// allowed entry wins over a denied one, and what neither names is allowed. They narrow what
@@ -186,7 +200,8 @@ impl AddressLists {
         }
     }
 
-    /// Whether the lists deny every IPv4 address and allow none: the guest reaches nothing.
+    /// Whether the lists deny every IPv4 address and allow none: the guest reaches nothing
+    /// (unless domain rules admit some).
     pub fn deny_everything(&self) -> bool {
         self.allow.is_empty() && self.deny.iter().any(|net| net.prefix_len() == 0)
     }
@@ -197,19 +212,23 @@ pub fn namespace_rules(slot: &Slot, mmds_port: u16, egress: &Egress) -> String {
     let veth = &slot.veth_guest;
     let host_ip = slot.host_ip;
     let address = slot.address;
+    let redirect = redirect_rules(egress);
     let mut rules = format!(
         "*nat
 :PREROUTING ACCEPT [0:0]
 :INPUT ACCEPT [0:0]
 :OUTPUT ACCEPT [0:0]
 :POSTROUTING ACCEPT [0:0]
+:{REDIRECT_CHAIN} - [0:0]
 # The host reaches the guest at the slot's address.
 -A PREROUTING -i {veth} -d {address}/32 -j DNAT --to-destination {GUEST_IP}
 # The guest's metadata requests go to the agent's MMDS.
 -A PREROUTING -i tap0 -s {GUEST_IP}/32 -d {MMDS_IP}/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination {host_ip}:{mmds_port}
+# Domain rules: the guest's DNS and named connections go to the agent.
+-A PREROUTING -i tap0 -s {GUEST_IP}/32 -j {REDIRECT_CHAIN}
 # The guest's packets leave with the slot's address: it names the slot to the MMDS and the host.
 -A POSTROUTING -o {veth} -s {GUEST_IP}/32 -j SNAT --to-source {address}
-COMMIT
+{redirect}COMMIT
 *filter
 :INPUT DROP [0:0]
 :FORWARD DROP [0:0]
@@ -220,6 +239,9 @@ COMMIT
 # Nothing from the guest or the host opens a connection to the namespace itself.
 -A INPUT -i lo -j ACCEPT
 -A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+# Only what the redirect chain sent reaches the agent's proxy and resolver.
+-A INPUT -i tap0 -p tcp -m tcp --dport {PROXY_PORT} -m conntrack --ctstate DNAT -j ACCEPT
+-A INPUT -i tap0 -p udp -m udp --dport {DNS_PORT} -m conntrack --ctstate DNAT -j ACCEPT
 # A guest sends with its own address only.
 -A FORWARD -i tap0 ! -s {GUEST_IP}/32 -j DROP
 -A FORWARD -m conntrack --ctstate INVALID -j DROP
@@ -258,6 +280,7 @@ fn egress_rules(egress: &Egress) -> String {
             resolver,
             opened,
             lists,
+            ..
         } => {
             // The resolver and the operator's ranges are open unless the lists close them.
             for protocol in ["udp", "tcp"] {
@@ -286,11 +309,35 @@ fn egress_rules(egress: &Egress) -> String {
     rules
 }
 
+/// The rules of the redirect chain (NAT): with domain rules, the guest's DNS goes to the
+/// agent's resolver, and its connections to the named ports that no allowed address entry
+/// takes go to the agent's proxy. Without, nothing.
+fn redirect_rules(egress: &Egress) -> String {
+    let Egress::Internet {
+        lists,
+        domains: Some(_),
+        ..
+    } = egress
+    else {
+        return String::new();
+    };
+    let mut rules =
+        format!("-A {REDIRECT_CHAIN} -p udp -m udp --dport 53 -j REDIRECT --to-ports {DNS_PORT}\n");
+    for net in &lists.allow {
+        rules.push_str(&format!("-A {REDIRECT_CHAIN} -d {net} -j RETURN\n"));
+    }
+    rules.push_str(&format!(
+        "-A {REDIRECT_CHAIN} -p tcp -m multiport --dports {NAMED_PORTS} -j REDIRECT --to-ports {PROXY_PORT}\n"
+    ));
+    rules
+}
+
 /// A change of the egress chains alone, for `iptables-restore --noflush` (a chain declared in
 /// the input is flushed and refilled in the same commit: the guest never sees it half written).
 pub fn egress_update(egress: &Egress) -> String {
     format!(
-        "*filter\n:{EGRESS_CHAIN} - [0:0]\n:{LISTS_CHAIN} - [0:0]\n:{DENY_CHAIN} - [0:0]\n{}COMMIT\n",
+        "*nat\n:{REDIRECT_CHAIN} - [0:0]\n{}COMMIT\n*filter\n:{EGRESS_CHAIN} - [0:0]\n:{LISTS_CHAIN} - [0:0]\n:{DENY_CHAIN} - [0:0]\n{}COMMIT\n",
+        redirect_rules(egress),
         egress_rules(egress)
     )
 }
@@ -365,6 +412,7 @@ mod tests {
             resolver: Ipv4Addr::new(8, 8, 8, 8),
             opened: Vec::new(),
             lists: AddressLists::default(),
+            domains: None,
         }
     }
 
@@ -459,10 +507,9 @@ mod tests {
             resolver: Ipv4Addr::new(10, 0, 0, 2),
             opened: vec!["192.168.50.0/24".parse().unwrap()],
             lists: AddressLists::default(),
+            domains: None,
         });
-        assert!(rules.starts_with(
-            "*filter\n:wrenn-egress - [0:0]\n:wrenn-lists - [0:0]\n:wrenn-deny - [0:0]\n"
-        ));
+        assert!(rules.starts_with("*nat\n:wrenn-redirect - [0:0]\nCOMMIT\n*filter\n:wrenn-egress - [0:0]\n:wrenn-lists - [0:0]\n:wrenn-deny - [0:0]\n"));
         let position = |needle: &str| {
             rules
                 .find(needle)
@@ -515,7 +562,8 @@ mod tests {
         let rules = egress_update(&Egress::Internet {
             resolver: Ipv4Addr::new(8, 8, 8, 8),
             opened: Vec::new(),
-            lists,
+            lists: lists.clone(),
+            domains: None,
         });
         let position = |needle: &str| {
             rules
@@ -531,6 +579,26 @@ mod tests {
         let closed = position("-A wrenn-egress -d 203.0.113.0/24 -j wrenn-deny");
         let lists_jump = position("-A wrenn-egress -j wrenn-lists\n");
         assert!(closed < lists_jump);
+        // No domain rules: nothing is redirected.
+        assert!(!rules.contains("REDIRECT"));
+        // With them: DNS to the agent, the named ports to its proxy unless an allowed address
+        // takes them first.
+        let with_domains = egress_update(&Egress::Internet {
+            resolver: Ipv4Addr::new(8, 8, 8, 8),
+            opened: Vec::new(),
+            lists,
+            domains: Some(std::sync::Arc::new(policy)),
+        });
+        let dns = with_domains
+            .find("-A wrenn-redirect -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053")
+            .unwrap();
+        let allowed = with_domains
+            .find("-A wrenn-redirect -d 8.8.8.0/24 -j RETURN")
+            .unwrap();
+        let proxy = with_domains
+            .find("-A wrenn-redirect -p tcp -m multiport --dports 80,443 -j REDIRECT --to-ports 15001")
+            .unwrap();
+        assert!(dns < allowed && allowed < proxy);
         // Internet off and nothing allowed: nothing at all.
         let off = AddressLists::of(
             &wrenn_agent_api::network::EgressPolicy::default().with_internet(false),

@@ -38,6 +38,12 @@ pub trait HostNetwork: Send + Sync + std::fmt::Debug {
     async fn remove_host_rules(&self, config: &SlotConfig);
     /// The indexes of the slots named with `prefix` whose namespace exists now.
     fn existing_slots(&self, prefix: &str) -> Vec<u32>;
+    /// A TCP listener and a UDP socket inside a slot's namespace, on its egress proxy's and
+    /// resolver's ports ([`crate::firewall::PROXY_PORT`], [`crate::firewall::DNS_PORT`]).
+    async fn bind_in_slot(
+        &self,
+        slot: &Slot,
+    ) -> Result<(std::net::TcpListener, std::net::UdpSocket), AgentError>;
 }
 
 /// The host's real network, through `ip`, `iptables-restore` and `sysctl`.
@@ -104,6 +110,42 @@ impl HostNetwork for LinuxNetwork {
     async fn remove_host_rules(&self, config: &SlotConfig) {
         let config = config.clone();
         best_effort(move || remove_host_chains(&config)).await;
+    }
+
+    async fn bind_in_slot(
+        &self,
+        slot: &Slot,
+    ) -> Result<(std::net::TcpListener, std::net::UdpSocket), AgentError> {
+        let path = format!("/run/netns/{}", slot.netns);
+        // A thread of its own enters the namespace (a socket belongs to the namespace it was
+        // made in) and ends with it: no thread of the runtime ever leaves the host's.
+        let bound = tokio::task::spawn_blocking(move || {
+            std::thread::spawn(move || {
+                let namespace = std::fs::File::open(&path)
+                    .map_err(|e| AgentError::internal("opening the slot's namespace", e))?;
+                nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| AgentError::internal("entering the slot's namespace", e))?;
+                let listener = std::net::TcpListener::bind((
+                    std::net::Ipv4Addr::UNSPECIFIED,
+                    firewall::PROXY_PORT,
+                ))
+                .map_err(|e| AgentError::internal("binding the slot's egress proxy", e))?;
+                let dns = std::net::UdpSocket::bind((
+                    std::net::Ipv4Addr::UNSPECIFIED,
+                    firewall::DNS_PORT,
+                ))
+                .map_err(|e| AgentError::internal("binding the slot's resolver", e))?;
+                Ok((listener, dns))
+            })
+            .join()
+        })
+        .await;
+        match bound {
+            Ok(Ok(result)) => result,
+            _ => Err(AgentError::Internal(
+                "the thread binding a slot's sockets failed".into(),
+            )),
+        }
     }
 
     fn existing_slots(&self, prefix: &str) -> Vec<u32> {
@@ -260,5 +302,17 @@ impl HostNetwork for RecordingNetwork {
 
     fn existing_slots(&self, _prefix: &str) -> Vec<u32> {
         self.namespaces().into_iter().collect()
+    }
+
+    /// Sockets on the loopback (there are no namespaces here).
+    async fn bind_in_slot(
+        &self,
+        _slot: &Slot,
+    ) -> Result<(std::net::TcpListener, std::net::UdpSocket), AgentError> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")
+            .map_err(|e| AgentError::internal("binding", e))?;
+        let dns = std::net::UdpSocket::bind("127.0.0.1:0")
+            .map_err(|e| AgentError::internal("binding", e))?;
+        Ok((listener, dns))
     }
 }

@@ -47,6 +47,9 @@ pub struct SlotConfig {
     /// Ranges closed to guests by default (private, link-local, …) that the operator opens to
     /// guests with internet access.
     pub opened_ranges: Vec<Ipv4Cidr>,
+    /// The resolver the agent answers guests' DNS from when they have domain rules (`None`:
+    /// the host's, [`crate::egress::service::host_resolver`]).
+    pub upstream_dns: Option<std::net::SocketAddr>,
 }
 
 impl SlotConfig {
@@ -133,6 +136,8 @@ struct PoolState {
 pub struct SlotPool {
     config: SlotConfig,
     network: Arc<dyn HostNetwork>,
+    /// The proxies and resolvers of slots with domain rules.
+    pub egress_service: crate::egress::service::EgressService,
     state: Mutex<PoolState>,
     /// Set when every slot is being deleted: no more are made ahead of demand.
     closing: std::sync::atomic::AtomicBool,
@@ -152,7 +157,15 @@ impl SlotPool {
         network: Arc<dyn HostNetwork>,
     ) -> Result<Self, AgentError> {
         config.validate()?;
+        let egress_service = crate::egress::service::EgressService::new(
+            network.clone(),
+            config
+                .upstream_dns
+                .unwrap_or_else(crate::egress::service::host_resolver),
+            crate::egress::service::ClosedRanges::new(config.opened_ranges.clone()),
+        );
         Ok(Self {
+            egress_service,
             config,
             network,
             state: Mutex::new(PoolState::default()),
@@ -179,20 +192,25 @@ impl SlotPool {
         resolver: Ipv4Addr,
     ) -> Egress {
         let lists = crate::firewall::AddressLists::of(policy);
-        if lists.deny_everything() {
+        let has_domains = !policy.allow_domains.is_empty();
+        if lists.deny_everything() && !has_domains {
             Egress::Closed
         } else {
             Egress::Internet {
                 resolver,
                 opened: self.config.opened_ranges.clone(),
                 lists,
+                domains: has_domains.then(|| Arc::new(policy.clone())),
             }
         }
     }
 
-    /// Replaces the egress of a leased slot (atomically: the guest never sees half of it).
+    /// Replaces the egress of a leased slot (atomically: the guest never sees half of it),
+    /// domain rules included.
     pub async fn set_egress(&self, index: u32, egress: &Egress) -> Result<(), AgentError> {
         let slot = Slot::new(&self.config.prefix, index);
+        // The proxy and resolver first: the redirect must find them listening.
+        self.egress_service.apply(&slot, egress).await?;
         self.network.set_egress(&slot, egress).await
     }
 
@@ -223,12 +241,14 @@ impl SlotPool {
             }
             // A new or recycled slot has egress closed: only opening it costs anything.
             if *egress != Egress::Closed {
+                self.egress_service.apply(&slot, egress).await?;
                 self.network.set_egress(&slot, egress).await?;
             }
             Ok::<_, AgentError>(())
         }
         .await;
         if let Err(error) = prepared {
+            self.egress_service.release(index);
             self.state
                 .lock()
                 .expect("slot pool lock")
@@ -250,6 +270,7 @@ impl SlotPool {
             state.leased.insert(index);
         }
         let slot = Slot::new(&self.config.prefix, index);
+        self.egress_service.apply(&slot, egress).await?;
         self.network
             .reload_firewall(&slot, self.config.mmds_port, egress)
             .await?;
@@ -270,6 +291,7 @@ impl SlotPool {
     /// Returns a slot: its tap is recreated and egress closed, then it is ready again. A slot
     /// that cannot be cleaned is deleted instead.
     pub async fn release(&self, index: u32) {
+        self.egress_service.release(index);
         let slot = Slot::new(&self.config.prefix, index);
         let clean = self.network.recycle_slot(&slot).await.is_ok();
         if !clean {
@@ -681,6 +703,7 @@ mod tests {
             capacity: 10,
             mmds_port: 1,
             opened_ranges: Vec::new(),
+            upstream_dns: None,
         };
         assert!(good.validate().is_ok());
         for bad in [
@@ -714,6 +737,7 @@ mod tests {
                 capacity,
                 mmds_port: 1,
                 opened_ranges: Vec::new(),
+                upstream_dns: None,
             };
             let pool = SlotPool::with_network(config, network.clone()).unwrap();
             (pool, network)

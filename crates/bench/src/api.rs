@@ -263,6 +263,7 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
             capacity: 16,
             mmds_port: 0,
             opened_ranges: Vec::new(),
+            upstream_dns: None,
         },
         slots_ahead: 2,
         host_nat: false,
@@ -277,6 +278,7 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
         slots: SlotConfig {
             mmds_port: mmds.local_addr()?.port(),
             opened_ranges: Vec::new(),
+            upstream_dns: None,
             ..config.slots.clone()
         },
         ..config

@@ -138,6 +138,7 @@ pub async fn boot(args: BootBenchArgs) -> anyhow::Result<()> {
         capacity: 1,
         mmds_port: 9,
         opened_ranges: Vec::new(),
+        upstream_dns: None,
     })?;
     let slot = pool.lease(&wrenn_agent::firewall::Egress::Closed).await?;
     let mut samples = Vec::new();
@@ -359,6 +360,7 @@ pub async fn sandbox(args: SandboxBenchArgs) -> anyhow::Result<()> {
         capacity: 1,
         mmds_port: 9,
         opened_ranges: Vec::new(),
+        upstream_dns: None,
     })?;
     let slot = pool.lease(&wrenn_agent::firewall::Egress::Closed).await?;
     let work = tempfile::tempdir()?;

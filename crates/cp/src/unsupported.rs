@@ -1,6 +1,5 @@
-//! Request settings wrenn does not enforce (yet): domain entries in the egress allow-list,
-//! egress transforms and proxies, DNS servers, HTTPS ports, MCP gateways, workload identity
-//! (IAM), and volume mounts. A request that sets one of them is refused
+//! Request settings wrenn does not enforce (yet): egress transforms and proxies, DNS servers,
+//! HTTPS ports, MCP gateways, workload identity (IAM), and volume mounts. A request that sets one of them is refused
 //! with a 400 naming the field; a setting that says "nothing" (absent, `null`, `false`, `""`,
 //! `[]`, `{}`; `true` for the memory flags) is accepted, because the SDKs send those. A security
 //! setting is never accepted and then ignored.
@@ -112,17 +111,6 @@ pub fn check_network_update(body: &Value) -> Result<(), Unsupported> {
     Ok(())
 }
 
-/// Checks validated egress rules for what wrenn does not enforce yet: domain entries.
-pub fn check_egress(policy: &wrenn_agent_api::network::EgressPolicy) -> Result<(), Unsupported> {
-    match policy.allow_domains.first() {
-        Some(domain) => Err(Unsupported {
-            field: format!("network.allowOut ({domain})"),
-            why: "domain entries are not enforced yet: allow the addresses (CIDRs or IPs) instead",
-        }),
-        None => Ok(()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,9 +135,9 @@ mod tests {
 
     #[test]
     fn each_unenforced_setting_is_refused_by_name() {
-        // Enforced now: address lists and host masks.
+        // Enforced now: address and domain lists, and host masks.
         for body in [
-            json!({"network": {"allowOut": ["1.1.1.1"], "denyOut": ["0.0.0.0/0"]}}),
+            json!({"network": {"allowOut": ["1.1.1.1", "*.example.com"], "denyOut": ["0.0.0.0/0"]}}),
             json!({"network": {"maskRequestHost": "${PORT}-x.example.com"}}),
         ] {
             assert_eq!(check_create(&body), Ok(()), "{body}");
@@ -192,18 +180,6 @@ mod tests {
                 .unwrap_err()
                 .field,
             "egressProxy"
-        );
-        let domains = wrenn_agent_api::network::EgressSettings {
-            allow_out: vec!["1.1.1.1".into(), "example.com".into()],
-            ..Default::default()
-        }
-        .parse()
-        .unwrap();
-        assert!(
-            check_egress(&domains)
-                .unwrap_err()
-                .field
-                .contains("example.com")
         );
     }
 }

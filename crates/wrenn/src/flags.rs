@@ -31,6 +31,10 @@ pub struct HostFlags {
     /// The host's own addresses stay closed whatever this says.
     #[arg(long = "guest-open-range", value_name = "CIDR")]
     pub guest_open_ranges: Vec<wrenn_agent::firewall::Ipv4Cidr>,
+    /// The resolver sandboxes with domain rules are answered from (`ip:port`); default: the
+    /// host's first `nameserver` in /etc/resolv.conf.
+    #[arg(long = "egress-dns", value_name = "IP:PORT")]
+    pub egress_dns: Option<std::net::SocketAddr>,
     /// Each VM's QEMU runs as uid and gid BASE + its slot index (numeric, no account needed;
     /// keep the range unused on this host). 0 runs QEMU as root: for debugging only.
     #[arg(long, default_value_t = wrenn_agent::manager::DEFAULT_VMM_UID_BASE)]
@@ -75,6 +79,7 @@ impl HostFlags {
             capacity: self.slots,
             mmds_port: self.mmds_port,
             opened_ranges: self.guest_open_ranges.clone(),
+            upstream_dns: self.egress_dns,
         }
     }
 }

@@ -32,7 +32,7 @@ enum Command {
     #[command(subcommand)]
     Agent(agent::AgentCommand),
     /// Start wrenn on this machine: image, template, host agent, control plane, proxy.
-    Up(up::UpArgs),
+    Up(Box<up::UpArgs>),
     /// Run the control plane alone, for host agents that join it (`wrenn agent serve --join`).
     Server(server::ServerArgs),
     /// Manage API keys.
@@ -71,7 +71,7 @@ fn run() -> anyhow::Result<()> {
     match cli.command {
         Command::Image(_) => unreachable!("handled above"),
         Command::Agent(command) => runtime.block_on(agent::run(command)),
-        Command::Up(args) => runtime.block_on(up::run(args)),
+        Command::Up(args) => runtime.block_on(up::run(*args)),
         Command::Server(args) => runtime.block_on(server::run(args)),
         Command::Sandbox(args) => runtime.block_on(sandbox::run(args)),
         Command::Template(args) => runtime.block_on(template::run(args)),

@@ -14,6 +14,7 @@
 //! connections the new ones forbid.
 
 pub mod dns;
+pub mod service;
 pub mod sniff;
 
 use std::collections::HashMap;

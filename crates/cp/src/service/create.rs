@@ -184,15 +184,12 @@ impl ControlPlane {
     }
 }
 
-/// Checks a sandbox's network settings: its egress rules parse and wrenn enforces what they
-/// ask, and its host mask is a host.
+/// Checks a sandbox's network settings: its egress rules parse, and its host mask is a host.
 pub(crate) fn check_network(network: &StoredNetwork) -> Result<(), Error> {
-    let policy = network
+    network
         .egress
         .parse()
         .map_err(|error| Error::InvalidRequest(error.0))?;
-    crate::unsupported::check_egress(&policy)
-        .map_err(|unsupported| Error::InvalidRequest(unsupported.to_string()))?;
     if let Some(mask) = &network.mask_request_host {
         check_host_mask(mask)?;
     }

@@ -90,6 +90,71 @@ SERVER = textwrap.dedent(
                 answer += bytes(int(part) for part in address.split("."))
             udp.sendto(answer, peer)
 
+    LOG = open(sys.argv[4], "a", buffering=1)
+
+    def pipe(a, b):
+        def one_way(x, y):
+            try:
+                while True:
+                    data = x.recv(65536)
+                    if not data:
+                        break
+                    y.sendall(data)
+            except OSError:
+                pass
+            for s in (x, y):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        threading.Thread(target=one_way, args=(a, b), daemon=True).start()
+        one_way(b, a)
+
+    class Connect(socketserver.BaseRequestHandler):
+        # An HTTP CONNECT proxy: what it was asked to reach goes to the log.
+        def handle(self):
+            head = b""
+            while not head.endswith(b"\\r\\n\\r\\n"):
+                byte = self.request.recv(1)
+                if not byte:
+                    return
+                head += byte
+            target = head.split()[1].decode()
+            LOG.write("connect " + target + "\\n")
+            host, port = target.rsplit(":", 1)
+            upstream = socket.create_connection((NAMES.get(host, host), int(port)), 5)
+            self.request.sendall(b"HTTP/1.1 200 Connection established\\r\\n\\r\\n")
+            pipe(self.request, upstream)
+
+    class Socks(socketserver.BaseRequestHandler):
+        # A SOCKS5 proxy that wants user/secret; it resolves names itself.
+        def handle(self):
+            r = self.request
+            version, count = r.recv(2)
+            methods = r.recv(count)
+            if 2 not in methods:
+                r.sendall(bytes([5, 255]))
+                return
+            r.sendall(bytes([5, 2]))
+            r.recv(1)
+            user = r.recv(r.recv(1)[0]).decode()
+            password = r.recv(r.recv(1)[0]).decode()
+            if (user, password) != ("user", "secret"):
+                r.sendall(bytes([1, 1]))
+                return
+            r.sendall(bytes([1, 0]))
+            _, command, _, kind = r.recv(4)
+            if kind == 3:
+                host = r.recv(r.recv(1)[0]).decode()
+                address = NAMES[host]
+            else:
+                address = host = socket.inet_ntoa(r.recv(4))
+            port = int.from_bytes(r.recv(2), "big")
+            LOG.write(f"socks {host}:{port}\\n")
+            upstream = socket.create_connection((address, port), 5)
+            r.sendall(bytes([5, 0, 0, 1, 0, 0, 0, 0, 0, 0]))
+            pipe(r, upstream)
+
     ThreadingHTTPServer.allow_reuse_address = True
     http = ThreadingHTTPServer(("0.0.0.0", 80), Who)
     https = ThreadingHTTPServer(("0.0.0.0", 443), Who)
@@ -97,7 +162,10 @@ SERVER = textwrap.dedent(
     context.load_cert_chain(sys.argv[2], sys.argv[3])
     https.socket = context.wrap_socket(https.socket, server_side=True)
     echo = Threaded(("0.0.0.0", 7000), Echo)
-    for serve in (echo.serve_forever, https.serve_forever, dns):
+    connect = Threaded(("0.0.0.0", 3128), Connect)
+    socks = Threaded(("0.0.0.0", 1080), Socks)
+    for serve in (echo.serve_forever, https.serve_forever, dns, connect.serve_forever,
+                  socks.serve_forever):
         threading.Thread(target=serve, daemon=True).start()
     print("serving", flush=True)
     http.serve_forever()
@@ -132,8 +200,10 @@ class Internet:
              "-addext", "subjectAltName=" + ",".join(f"DNS:{n}" for n in NAMES)],
             check=True, capture_output=True,
         )
+        self.proxy_log = os.path.join(self.tls, "proxies.log")
         self.server = subprocess.Popen(
-            ["ip", "netns", "exec", NETNS, "python3", "-c", SERVER, json.dumps(NAMES), cert, key],
+            ["ip", "netns", "exec", NETNS, "python3", "-c", SERVER, json.dumps(NAMES), cert, key,
+             self.proxy_log],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
         assert self.server.stdout.readline().strip() == b"serving"
@@ -143,6 +213,11 @@ class Internet:
         subprocess.run(["pkill", "-f", f"ip netns exec {NETNS} "], capture_output=True)
         ip("link", "del", HOST_SIDE, check=False)
         ip("netns", "del", NETNS, check=False)
+
+    def proxied(self) -> list:
+        """What the test proxies were asked to reach, in order."""
+        with open(self.proxy_log) as f:
+            return f.read().splitlines()
 
     def stop(self):
         self.server.kill()
@@ -166,6 +241,7 @@ def net(wrenn):
             internet=True,
             extra_args=["--guest-open-range", f"{NET}.0/24", "--egress-dns", f"{TARGETS['a']}:53"],
         )
+        instance.internet = internet
         yield instance
     finally:
         if instance is not None:
@@ -484,3 +560,62 @@ KEEP_ALIVE = textwrap.dedent(
         os.rename("/tmp/keep-cut.part", "/tmp/keep-cut")
     """
 )
+
+
+def test_an_http_connect_egress_proxy_carries_all_the_egress_the_lists_allow(net):
+    a, b, c, d = (TARGETS[n] for n in "abcd")
+    before = len(net.internet.proxied())
+    sandbox = create(net, network={
+        "egress_proxy": {"address": f"http://{a}:3128"},
+        "deny_out": [b],
+    })
+    try:
+        results = fetch(sandbox, {"c": f"http://{c}/", "d_tls": f"https://{d}/", "b": f"http://{b}/"})
+        assert results["c"] == (0, c, c), results
+        assert answered(results["d_tls"]), results
+        assert not answered(results["b"]), "the lists apply before the proxy"
+        assert "hello" in sandbox.commands.run(
+            f"python3 -c \"import socket; s=socket.create_connection(('{c}', 7000), 3);"
+            f" s.sendall(b'hello'); print(s.recv(5).decode())\""
+        ).stdout
+        seen = net.internet.proxied()[before:]
+        assert f"connect {c}:80" in seen and f"connect {d}:443" in seen and f"connect {c}:7000" in seen, seen
+        assert not any(b in line for line in seen), seen
+        # The guest cannot see the proxy: nothing in its environment names it.
+        assert a not in sandbox.commands.run("env; cat /etc/resolv.conf").stdout
+    finally:
+        sandbox.kill()
+
+
+def test_a_socks5_egress_proxy_with_a_login_gets_names_for_domain_rules(net):
+    before = len(net.internet.proxied())
+    proxy = {"address": f"{TARGETS['a']}:1080", "username": "user", "password": "secret"}
+    sandbox = create(net, network={
+        "egress_proxy": proxy,
+        "allow_out": ["allowed.test"],
+        "deny_out": lambda ctx: [ctx.all_traffic],
+    })
+    try:
+        results = fetch(sandbox, {"named": "http://allowed.test/", "other": "http://far.test/"})
+        assert results["named"] == (0, TARGETS["c"], "allowed.test"), results
+        assert not answered(results["other"]), results
+        seen = net.internet.proxied()[before:]
+        assert seen == ["socks allowed.test:80"], seen
+        info = Sandbox.get_info(sandbox.sandbox_id, **net.sdk)
+        assert info.network["egress_proxy"]["address"] == proxy["address"]
+        assert info.network["egress_proxy"].get("username") == "user"
+        assert "password" not in info.network["egress_proxy"]
+        # A wrong login: egress fails closed, never around the proxy.
+        sandbox.update_network({
+            "egress_proxy": dict(proxy, password="wrong"),
+            "allow_out": ["allowed.test"],
+            "deny_out": ["0.0.0.0/0"],
+        })
+        assert not answered(fetch(sandbox, {"named": "http://allowed.test/"})["named"])
+        # An update that leaves the proxy out sends egress out directly.
+        sandbox.update_network({"allow_out": ["allowed.test"], "deny_out": ["0.0.0.0/0"]})
+        count = len(net.internet.proxied())
+        assert fetch(sandbox, {"named": "http://allowed.test/"})["named"][0] == 0
+        assert len(net.internet.proxied()) == count
+    finally:
+        sandbox.kill()

@@ -157,10 +157,11 @@ pub enum Egress {
         resolver: Ipv4Addr,
         opened: Vec<Ipv4Cidr>,
         lists: AddressLists,
-        /// The sandbox's whole policy when it has domain rules: its DNS and its connections to
-        /// ports 80 and 443 that no address entry allows then go to the agent
-        /// ([`crate::egress`]), listening in the namespace on [`PROXY_PORT`] and [`DNS_PORT`].
-        domains: Option<std::sync::Arc<EgressPolicy>>,
+        /// The sandbox's whole policy when the agent must see its connections
+        /// ([`crate::egress`], listening in the namespace on [`PROXY_PORT`] and [`DNS_PORT`]):
+        /// with domain rules, its DNS and its connections to ports 80 and 443 that no address
+        /// entry allows go there; with an egress proxy, all of its TCP does.
+        proxied: Option<std::sync::Arc<EgressPolicy>>,
     },
 }
 
@@ -311,18 +312,29 @@ fn egress_rules(egress: &Egress) -> String {
 
 /// The rules of the redirect chain (NAT): with domain rules, the guest's DNS goes to the
 /// agent's resolver, and its connections to the named ports that no allowed address entry
-/// takes go to the agent's proxy. Without, nothing.
+/// takes go to the agent's proxy; with an egress proxy, every TCP connection goes to the
+/// agent's proxy (which applies the lists itself, then tunnels). Otherwise nothing.
 fn redirect_rules(egress: &Egress) -> String {
     let Egress::Internet {
         lists,
-        domains: Some(_),
+        proxied: Some(policy),
         ..
     } = egress
     else {
         return String::new();
     };
-    let mut rules =
-        format!("-A {REDIRECT_CHAIN} -p udp -m udp --dport 53 -j REDIRECT --to-ports {DNS_PORT}\n");
+    let mut rules = String::new();
+    if !policy.allow_domains.is_empty() {
+        rules.push_str(&format!(
+            "-A {REDIRECT_CHAIN} -p udp -m udp --dport 53 -j REDIRECT --to-ports {DNS_PORT}\n"
+        ));
+    }
+    if policy.egress_proxy.is_some() {
+        rules.push_str(&format!(
+            "-A {REDIRECT_CHAIN} -p tcp -j REDIRECT --to-ports {PROXY_PORT}\n"
+        ));
+        return rules;
+    }
     for net in &lists.allow {
         rules.push_str(&format!("-A {REDIRECT_CHAIN} -d {net} -j RETURN\n"));
     }
@@ -412,7 +424,7 @@ mod tests {
             resolver: Ipv4Addr::new(8, 8, 8, 8),
             opened: Vec::new(),
             lists: AddressLists::default(),
-            domains: None,
+            proxied: None,
         }
     }
 
@@ -507,7 +519,7 @@ mod tests {
             resolver: Ipv4Addr::new(10, 0, 0, 2),
             opened: vec!["192.168.50.0/24".parse().unwrap()],
             lists: AddressLists::default(),
-            domains: None,
+            proxied: None,
         });
         assert!(rules.starts_with("*nat\n:wrenn-redirect - [0:0]\nCOMMIT\n*filter\n:wrenn-egress - [0:0]\n:wrenn-lists - [0:0]\n:wrenn-deny - [0:0]\n"));
         let position = |needle: &str| {
@@ -563,7 +575,7 @@ mod tests {
             resolver: Ipv4Addr::new(8, 8, 8, 8),
             opened: Vec::new(),
             lists: lists.clone(),
-            domains: None,
+            proxied: None,
         });
         let position = |needle: &str| {
             rules
@@ -587,7 +599,7 @@ mod tests {
             resolver: Ipv4Addr::new(8, 8, 8, 8),
             opened: Vec::new(),
             lists,
-            domains: Some(std::sync::Arc::new(policy)),
+            proxied: Some(std::sync::Arc::new(policy)),
         });
         let dns = with_domains
             .find("-A wrenn-redirect -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053")

@@ -196,11 +196,12 @@ impl SlotPool {
         if lists.deny_everything() && !has_domains {
             Egress::Closed
         } else {
+            let proxied = has_domains || policy.egress_proxy.is_some();
             Egress::Internet {
                 resolver,
                 opened: self.config.opened_ranges.clone(),
                 lists,
-                domains: has_domains.then(|| Arc::new(policy.clone())),
+                proxied: proxied.then(|| Arc::new(policy.clone())),
             }
         }
     }

@@ -85,7 +85,7 @@ fn open_current(slot: &Slot) -> anyhow::Result<()> {
         resolver: firewall::DEFAULT_GUEST_RESOLVER,
         opened: Vec::new(),
         lists: firewall::AddressLists::default(),
-        domains: None,
+        proxied: None,
     };
     network::in_namespace(
         &slot.netns,

@@ -1,5 +1,5 @@
-//! Request settings wrenn does not enforce (yet): egress transforms and proxies, DNS servers,
-//! HTTPS ports, MCP gateways, workload identity (IAM), and volume mounts. A request that sets one of them is refused
+//! Request settings wrenn does not enforce (yet): egress transforms, TLS to an egress proxy,
+//! DNS servers, HTTPS ports, MCP gateways, workload identity (IAM), and volume mounts. A request that sets one of them is refused
 //! with a 400 naming the field; a setting that says "nothing" (absent, `null`, `false`, `""`,
 //! `[]`, `{}`; `true` for the memory flags) is accepted, because the SDKs send those. A security
 //! setting is never accepted and then ignored.
@@ -44,11 +44,6 @@ const NETWORK_FIELDS: &[(&str, &str, &str)] = &[
         "egress rules and transforms are not enforced",
     ),
     (
-        "egressProxy",
-        "egress_proxy",
-        "egress is not tunnelled through a proxy",
-    ),
-    (
         "dnsServers",
         "dns_servers",
         "a sandbox's DNS servers cannot be chosen",
@@ -86,29 +81,40 @@ pub fn check_create(body: &Value) -> Result<(), Unsupported> {
         }
     }
     if let Some(network) = body.get("network").filter(|n| n.is_object()) {
-        for (camel, snake, why) in NETWORK_FIELDS {
-            if get(network, camel, snake).is_some_and(|value| !is_unset(value)) {
-                return Err(Unsupported {
-                    field: format!("network.{camel}"),
-                    why,
-                });
-            }
-        }
+        check_network_fields(network).map_err(|unsupported| Unsupported {
+            field: format!("network.{}", unsupported.field),
+            why: unsupported.why,
+        })?;
     }
     Ok(())
 }
 
-/// Checks a network update body (`PUT /sandboxes/{id}/network`).
-pub fn check_network_update(body: &Value) -> Result<(), Unsupported> {
+/// The `network` fields wrenn does not enforce, named as the REST API spells them.
+fn check_network_fields(network: &Value) -> Result<(), Unsupported> {
     for (camel, snake, why) in NETWORK_FIELDS {
-        if get(body, camel, snake).is_some_and(|value| !is_unset(value)) {
+        if get(network, camel, snake).is_some_and(|value| !is_unset(value)) {
             return Err(Unsupported {
                 field: (*camel).to_string(),
                 why,
             });
         }
     }
+    // TLS to the egress proxy: its `enabled` (or anything in it) would be ignored.
+    if get(network, "egressProxy", "egress_proxy")
+        .and_then(|proxy| proxy.get("tls"))
+        .is_some_and(|tls| !is_unset(tls))
+    {
+        return Err(Unsupported {
+            field: "egressProxy.tls".into(),
+            why: "the egress proxy is reached over plain TCP (SOCKS5 or HTTP CONNECT) only",
+        });
+    }
     Ok(())
+}
+
+/// Checks a network update body (`PUT /sandboxes/{id}/network`).
+pub fn check_network_update(body: &Value) -> Result<(), Unsupported> {
+    check_network_fields(body)
 }
 
 #[cfg(test)]
@@ -148,8 +154,8 @@ mod tests {
                 "network.rules",
             ),
             (
-                json!({"network": {"egressProxy": {"address": "p:1080"}}}),
-                "network.egressProxy",
+                json!({"network": {"egressProxy": {"address": "p:1080", "tls": {"enabled": true}}}}),
+                "network.egressProxy.tls",
             ),
             (
                 json!({"network": {"dnsServers": ["1.1.1.1"]}}),
@@ -176,10 +182,12 @@ mod tests {
             Ok(())
         );
         assert_eq!(
-            check_network_update(&json!({"egressProxy": {"address": "p:1080"}}))
-                .unwrap_err()
-                .field,
-            "egressProxy"
+            check_network_update(
+                &json!({"egressProxy": {"address": "p:1080", "tls": {"enabled": true}}})
+            )
+            .unwrap_err()
+            .field,
+            "egressProxy.tls"
         );
     }
 }

@@ -2405,7 +2405,14 @@ async fn egress_rules_reach_the_host_are_shown_replaced_live_and_kept_by_snapsho
         (json!({"allowOut": ["10.0.0.1/8"]}), "host bits"),
         (json!({"allowOut": [""]}), "empty domain"),
         (json!({"denyOut": ["example.com"]}), "denyOut takes CIDRs"),
-        (json!({"egressProxy": {"address": "p:1080"}}), "egressProxy"),
+        (
+            json!({"egressProxy": {"address": "p:1080", "tls": {"enabled": true}}}),
+            "egressProxy.tls",
+        ),
+        (
+            json!({"egressProxy": {"address": "ftp://p:1080"}}),
+            "socks5:// or http://",
+        ),
         (json!({"allowOut": "1.1.1.1"}), "invalid request body"),
     ] {
         let (status, refused) = kit.call("PUT", &path, Some(&kit.key_a), body.clone()).await;

@@ -2022,8 +2022,8 @@ async fn quotas_and_refused_settings_through_the_real_api() {
     // Settings wrenn does not enforce: 400 naming the field, and nothing is created.
     for (body, field) in [
         (
-            json!({"templateID": "base", "network": {"egressProxy": {"address": "p:1080"}}}),
-            "network.egressProxy",
+            json!({"templateID": "base", "network": {"httpsPorts": [3000]}}),
+            "network.httpsPorts",
         ),
         (
             json!({"templateID": "base", "volumeMounts": [{"name": "v", "path": "/v"}]}),

@@ -16,6 +16,7 @@
 pub mod dns;
 pub mod service;
 pub mod sniff;
+pub mod tunnel;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

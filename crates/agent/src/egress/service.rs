@@ -97,7 +97,7 @@ impl EgressService {
     /// proxy is cut; the guest's next ones go out directly under the address lists).
     pub async fn apply(&self, slot: &Slot, egress: &Egress) -> Result<(), AgentError> {
         let Egress::Internet {
-            domains: Some(policy),
+            proxied: Some(policy),
             resolver,
             ..
         } = egress
@@ -230,10 +230,28 @@ async fn proxy_connection(mut guest: TcpStream, state: &SlotEgress, closed: &Clo
             return reset(guest);
         }
     };
-    let Ok(Ok(mut upstream)) =
-        tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(destination)).await
-    else {
-        return reset(guest);
+    let policy = state.policy();
+    let upstream = match &policy.egress_proxy {
+        // A name is asked for only when a domain rule admitted it by that name.
+        Some(proxy) => {
+            let by_name = name.as_deref().filter(|name| policy.allows_domain(name));
+            super::tunnel::open(proxy, destination, by_name, closed).await
+        }
+        None => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(destination))
+            .await
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the destination took too long",
+                ))
+            }),
+    };
+    let mut upstream = match upstream {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            tracing::debug!(%destination, %error, "egress connection failed");
+            return reset(guest);
+        }
     };
     let _ = upstream.set_nodelay(true);
     if upstream.write_all(&first).await.is_err() {

@@ -153,6 +153,7 @@ BENCH="$(pwd)/target/debug/wrenn-bench"
 "$BENCH" boot --runs 1 --accel tcg
 "$BENCH" sandbox --sequential 2 --concurrent 2 --idle 2 --pauses 1 --accel tcg
 "$BENCH" snapshot --snapshots 1 --forks 1 --fork-count 2 --pauses 1 --accel tcg
+"$BENCH" egress --downloads 1 --mib 8 --connections 3 --accel tcg
 "$BENCH" api --creates 2 --rows 200 --accel tcg
 "$BENCH" build --runs 1 --accel tcg --image "$WRENN_TEST_REGISTRY/wrenn-test/busybox:v1" \
   --store "s3://$WRENN_TEST_S3_BUCKET/bench-$$"

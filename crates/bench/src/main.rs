@@ -4,6 +4,7 @@
 
 mod api;
 mod build;
+mod egress;
 mod envd;
 mod report;
 mod sandbox;
@@ -27,6 +28,9 @@ enum BenchCommand {
     Snapshot(snapshot::SnapshotBenchArgs),
     /// Network slots: making one and opening its egress, with the firewall before and after #11.
     Slots(slots::SlotsBenchArgs),
+    /// Egress through the agent's proxy (domain rules) against direct: download throughput and
+    /// connection setup.
+    Egress(egress::EgressBenchArgs),
     /// Template builds: three steps from a template, the first create from the result, and
     /// (with --store) its pull by a second host.
     Build(build::BuildBenchArgs),
@@ -67,6 +71,7 @@ async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Slots(args) => slots::run(args).await,
         BenchCommand::Snapshot(args) => snapshot::run(args).await,
         BenchCommand::Build(args) => build::run(args).await,
+        BenchCommand::Egress(args) => egress::run_bench(args).await,
     }
 }
 

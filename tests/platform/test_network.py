@@ -619,3 +619,17 @@ def test_a_socks5_egress_proxy_with_a_login_gets_names_for_domain_rules(net):
         assert len(net.internet.proxied()) == count
     finally:
         sandbox.kill()
+
+
+def test_domain_rules_hold_after_the_agent_restarts(net):
+    sandbox = create(net, network={"allow_out": ["allowed.test"], "deny_out": ["0.0.0.0/0"]})
+    try:
+        assert fetch(sandbox, {"named": "http://allowed.test/"})["named"][0] == 0
+        # A crash: nothing cleaned up; the new agent adopts the sandbox and serves its rules.
+        net.crash_and_restart()
+        results = fetch(sandbox, {"named": "http://allowed.test/", "other": "http://far.test/",
+                                  "literal": f"http://{TARGETS['c']}/"})
+        assert results["named"] == (0, TARGETS["c"], "allowed.test"), results
+        assert not answered(results["other"]) and not answered(results["literal"]), results
+    finally:
+        sandbox.kill()

@@ -276,6 +276,31 @@ def probe(sandbox: Sandbox, names=tuple(TARGETS), port: int = 80) -> dict:
     return results
 
 
+ECHO = textwrap.dedent(
+    """
+    import socket, sys
+    try:
+        s = socket.create_connection((sys.argv[1], 7000), 3)
+        s.sendall(b"hello")
+        print("open" if s.recv(5) == b"hello" else "garbled")
+    except socket.timeout:
+        print("timeout")
+    except OSError as error:
+        print(type(error).__name__)
+    """
+)
+
+
+def echo(sandbox: Sandbox, names) -> dict:
+    """The TCP echo of each target from the guest: name -> "open", "timeout" or the error."""
+    sandbox.files.write("/tmp/echo-probe.py", ECHO)
+    script = "\n".join(
+        f"(echo \"{name} $(python3 /tmp/echo-probe.py {TARGETS[name]})\") &" for name in names
+    ) + "\nwait\n"
+    lines = sandbox.commands.run(script, timeout=30).stdout.split("\n")
+    return dict(line.split(" ", 1) for line in lines if line)
+
+
 def test_allow_one_cidr_and_deny_everything_else(net):
     sandbox = create(net, network={
         "allow_out": [f"{NET}.16/29"],
@@ -523,7 +548,7 @@ def test_domains_admit_their_names_at_the_addresses_they_resolve_to_and_nothing_
         assert sandbox.commands.run(f"python3 /tmp/dns.py {TARGETS['a']} other.test").stdout.split() == [
             "rcode", "5", "answers", "0"]
         # Domain rules are for ports 80 and 443: the echo port of the same address is closed.
-        assert probe(sandbox, ["c"], port=7000)["c"] != "open"
+        assert echo(sandbox, ["c"]) == {"c": "timeout"}
 
         # A live update moves the allowance to the other name, and cuts a kept-alive connection
         # the new rules forbid.
@@ -631,5 +656,24 @@ def test_domain_rules_hold_after_the_agent_restarts(net):
                                   "literal": f"http://{TARGETS['c']}/"})
         assert results["named"] == (0, TARGETS["c"], "allowed.test"), results
         assert not answered(results["other"]) and not answered(results["literal"]), results
+    finally:
+        sandbox.kill()
+
+
+def test_dns_servers_are_open_addresses_with_domain_rules_and_their_dns_is_still_the_agents(net):
+    a, b = TARGETS["a"], TARGETS["b"]
+    sandbox = create(net, network={
+        "allow_out": ["allowed.test"],
+        "deny_out": lambda ctx: [ctx.all_traffic],
+        "dns_servers": [b],
+    })
+    try:
+        # E2B: all traffic to a DNS server is allowed with domain rules...
+        assert echo(sandbox, ["a", "b"]) == {"a": "timeout", "b": "open"}
+        # ...but DNS asked of it is the agent's: names outside the rules are refused.
+        sandbox.files.write("/tmp/dns.py", DNS_QUERY)
+        assert sandbox.commands.run(f"python3 /tmp/dns.py {b} other.test").stdout.split() == [
+            "rcode", "5", "answers", "0"]
+        assert Sandbox.get_info(sandbox.sandbox_id, **net.sdk).network["dns_servers"] == [b]
     finally:
         sandbox.kill()

@@ -51,7 +51,9 @@ pub struct EgressSettings {
         skip_serializing_if = "Option::is_none"
     )]
     pub egress_proxy: Option<EgressProxy>,
-    /// The resolvers a sandbox with domain rules may reach (E2B's default: `8.8.8.8`).
+    /// Addresses all of whose traffic a sandbox with domain rules may reach (E2B: its DNS
+    /// servers; at most 10 IPv4 addresses). Its DNS is answered by the agent's resolver all the
+    /// same.
     #[serde(
         default,
         alias = "dns_servers",
@@ -313,9 +315,6 @@ pub enum AddressVerdict {
     Unlisted,
 }
 
-/// E2B's resolver when a sandbox with domain rules names none.
-pub const DEFAULT_DNS_SERVER: Ipv4Addr = Ipv4Addr::new(8, 8, 8, 8);
-
 impl EgressSettings {
     /// Whether the settings restrict or redirect nothing (no lists, rules or proxy).
     pub fn is_empty(&self) -> bool {
@@ -402,6 +401,18 @@ impl EgressSettings {
                 .collect::<Result<Vec<_>, _>>()?;
             policy.dns_servers = Some(parsed);
         }
+        // E2B: with domain rules, all traffic to the named DNS servers is allowed. (Their DNS
+        // is answered by the agent's resolver all the same: DNS cannot be used around the
+        // rules. Without `dnsServers` nothing more is opened: the agent answers the guest's
+        // resolver itself.)
+        if !policy.allow_domains.is_empty() {
+            for server in policy.dns_servers.iter().flatten() {
+                let net = IpNet::from(IpAddr::V4(*server));
+                if !policy.allow_nets.contains(&net) {
+                    policy.allow_nets.push(net);
+                }
+            }
+        }
         Ok(policy)
     }
 }
@@ -443,13 +454,6 @@ impl EgressPolicy {
             .iter()
             .find(|(pattern, _)| pattern.matches(host))
             .map(|(_, headers)| headers.as_slice())
-    }
-
-    /// The resolvers a guest with domain rules may reach.
-    pub fn dns_servers(&self) -> Vec<Ipv4Addr> {
-        self.dns_servers
-            .clone()
-            .unwrap_or_else(|| vec![DEFAULT_DNS_SERVER])
     }
 }
 
@@ -641,17 +645,21 @@ mod tests {
             ..proxy("p:1")
         };
         assert!(no_user.parse().is_err());
-        let resolvers = EgressSettings {
+        // With domain rules, the DNS servers are allowed addresses; without, they change nothing.
+        let mut resolvers = EgressSettings {
             dns_servers: Some(vec!["1.1.1.1".into()]),
+            deny_out: vec!["0.0.0.0/0".into()],
             ..Default::default()
         };
+        let one = "1.1.1.1".parse().unwrap();
         assert_eq!(
-            resolvers.parse().unwrap().dns_servers(),
-            vec![Ipv4Addr::new(1, 1, 1, 1)]
+            resolvers.parse().unwrap().address_verdict(one),
+            AddressVerdict::Denied
         );
+        resolvers.allow_out = vec!["example.com".into()];
         assert_eq!(
-            EgressPolicy::default().dns_servers(),
-            vec![DEFAULT_DNS_SERVER]
+            resolvers.parse().unwrap().address_verdict(one),
+            AddressVerdict::Allowed
         );
         let bad = EgressSettings {
             dns_servers: Some(vec!["::1".into()]),

@@ -1,5 +1,5 @@
 //! Request settings wrenn does not enforce (yet): egress transforms, TLS to an egress proxy,
-//! DNS servers, HTTPS ports, MCP gateways, workload identity (IAM), and volume mounts. A request that sets one of them is refused
+//! HTTPS ports, MCP gateways, workload identity (IAM), and volume mounts. A request that sets one of them is refused
 //! with a 400 naming the field; a setting that says "nothing" (absent, `null`, `false`, `""`,
 //! `[]`, `{}`; `true` for the memory flags) is accepted, because the SDKs send those. A security
 //! setting is never accepted and then ignored.
@@ -42,11 +42,6 @@ const NETWORK_FIELDS: &[(&str, &str, &str)] = &[
         "rules",
         "rules",
         "egress rules and transforms are not enforced",
-    ),
-    (
-        "dnsServers",
-        "dns_servers",
-        "a sandbox's DNS servers cannot be chosen",
     ),
     (
         "httpsPorts",
@@ -156,10 +151,6 @@ mod tests {
             (
                 json!({"network": {"egressProxy": {"address": "p:1080", "tls": {"enabled": true}}}}),
                 "network.egressProxy.tls",
-            ),
-            (
-                json!({"network": {"dnsServers": ["1.1.1.1"]}}),
-                "network.dnsServers",
             ),
             (
                 json!({"network": {"httpsPorts": [3000]}}),

@@ -3,7 +3,8 @@
 not see. The layers (docs/architecture.md), from the core out:
 
   proto, http  <-  connect  <-  envd (the guest)
-  proto, connect, http  <-  agent-api (the HostAgent trait, join messages, remote client)
+  proto, connect, http, api  <-  agent-api (the HostAgent trait, join messages, remote client;
+                                  api for the egress settings the agent enforces)
   proto, connect, http, vmm, image, agent-api  <-  agent (the host)
   proto, connect, http, api, agent-api  <-  cp (the control plane)
   everything  <-  wrenn (the binary)
@@ -26,7 +27,8 @@ ALLOWED = {
     "wrenn-envd": {"wrenn-core", "wrenn-proto", "wrenn-connect", "wrenn-http"},
     "wrenn-vmm": {"wrenn-core"},
     "wrenn-image": {"wrenn-core", "wrenn-proto", "wrenn-connect", "wrenn-http"},
-    "wrenn-agent-api": {"wrenn-core", "wrenn-proto", "wrenn-connect", "wrenn-http"},
+    # api: `wrenn_api::network`, the egress settings the REST API takes and the agent enforces.
+    "wrenn-agent-api": {"wrenn-core", "wrenn-proto", "wrenn-connect", "wrenn-http", "wrenn-api"},
     "wrenn-agent": {
         "wrenn-core", "wrenn-proto", "wrenn-connect", "wrenn-http", "wrenn-vmm", "wrenn-image",
         "wrenn-agent-api",

@@ -37,8 +37,12 @@ def free_port() -> int:
 
 class Wrenn:
     def __init__(self, binary: str, slot_prefix: str = SLOT_PREFIX, first_slot: int = FIRST_SLOT,
-                 slots: int = 32, internet: bool = False, extra_args=()):
+                 slots: int = 32, internet: bool = False, extra_args=(),
+                 own_store: bool = False):
         self.binary = binary
+        # A store of its own (SQLite in its data directory) even when the session's instance
+        # uses the PostgreSQL of DATABASE_URL: two control planes must not share one.
+        self.own_store = own_store
         self.slot_prefix = slot_prefix
         self.first_slot = first_slot
         self.slots = slots
@@ -77,6 +81,7 @@ class Wrenn:
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            env={k: v for k, v in os.environ.items() if not (self.own_store and k == "DATABASE_URL")},
         )
         key_file = os.path.join(self.data, "cp", "initial-api-key")
         deadline = time.time() + 300

@@ -239,6 +239,7 @@ def net(wrenn):
             first_slot=FIRST_SLOT + 32,
             slots=8,
             internet=True,
+            own_store=True,
             extra_args=["--guest-open-range", f"{NET}.0/24", "--egress-dns", f"{TARGETS['a']}:53"],
         )
         instance.internet = internet

@@ -249,7 +249,7 @@ impl SlotPool {
         }
         .await;
         if let Err(error) = prepared {
-            self.egress_service.release(index);
+            self.egress_service.release(index).await;
             self.state
                 .lock()
                 .expect("slot pool lock")
@@ -292,7 +292,7 @@ impl SlotPool {
     /// Returns a slot: its tap is recreated and egress closed, then it is ready again. A slot
     /// that cannot be cleaned is deleted instead.
     pub async fn release(&self, index: u32) {
-        self.egress_service.release(index);
+        self.egress_service.release(index).await;
         let slot = Slot::new(&self.config.prefix, index);
         let clean = self.network.recycle_slot(&slot).await.is_ok();
         if !clean {

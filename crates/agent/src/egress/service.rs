@@ -66,6 +66,20 @@ impl ClosedRanges {
 struct Served {
     state: Arc<SlotEgress>,
     stop: CancellationToken,
+    /// The proxy's and the resolver's tasks: each owns its socket, closed when it ends.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Served {
+    /// Ends the admitted connections and the tasks, and waits until the tasks (and so the
+    /// sockets) are gone: the slot's ports are free again when this returns.
+    async fn end(self) {
+        self.state.end();
+        self.stop.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
 }
 
 /// The proxies and resolvers of an agent's slots.
@@ -102,7 +116,7 @@ impl EgressService {
             ..
         } = egress
         else {
-            self.release(slot.index);
+            self.release(slot.index).await;
             return Ok(());
         };
         let existing = self
@@ -134,38 +148,40 @@ impl EgressService {
             .map_err(|e| AgentError::internal("serving the slot's resolver", e))?;
         let state = Arc::new(SlotEgress::new((**policy).clone()));
         let stop = CancellationToken::new();
-        tokio::spawn(serve_proxy(
-            listener,
-            state.clone(),
-            self.closed.clone(),
-            stop.clone(),
-        ));
-        tokio::spawn(serve_resolver(
-            dns,
-            state.clone(),
-            self.upstream_dns,
-            *resolver,
-            self.closed.clone(),
-            stop.clone(),
-        ));
-        if let Some(previous) = self
+        let tasks = vec![
+            tokio::spawn(serve_proxy(
+                listener,
+                state.clone(),
+                self.closed.clone(),
+                stop.clone(),
+            )),
+            tokio::spawn(serve_resolver(
+                dns,
+                state.clone(),
+                self.upstream_dns,
+                *resolver,
+                self.closed.clone(),
+                stop.clone(),
+            )),
+        ];
+        let previous = self
             .served
             .lock()
             .expect("served lock")
-            .insert(slot.index, Served { state, stop })
-        {
-            previous.state.end();
-            previous.stop.cancel();
+            .insert(slot.index, Served { state, stop, tasks });
+        if let Some(previous) = previous {
+            previous.end().await;
         }
         tracing::debug!(slot = slot.index, "domain rules served");
         Ok(())
     }
 
-    /// Stops serving a slot: its proxy and resolver close and their connections end.
-    pub fn release(&self, index: u32) {
-        if let Some(served) = self.served.lock().expect("served lock").remove(&index) {
-            served.state.end();
-            served.stop.cancel();
+    /// Stops serving a slot: its proxy and resolver close (their ports are free when this
+    /// returns) and their connections end.
+    pub async fn release(&self, index: u32) {
+        let served = self.served.lock().expect("served lock").remove(&index);
+        if let Some(served) = served {
+            served.end().await;
         }
     }
 

@@ -678,3 +678,60 @@ def test_dns_servers_are_open_addresses_with_domain_rules_and_their_dns_is_still
         assert Sandbox.get_info(sandbox.sandbox_id, **net.sdk).network["dns_servers"] == [b]
     finally:
         sandbox.kill()
+
+
+def test_the_agents_proxy_reaches_no_host_address_the_guest_could_not(net):
+    """The agent's proxy dials from the slot's namespace, so its connections are the guest's to
+    the host's chains: a host address (here the host's side of the internet namespace, in the
+    range the operator opened) stays closed with domain rules and through an egress proxy."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    host = f"{NET}.1"
+    seen = []
+
+    class Record(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.path)
+            body = json.dumps({"address": host, "headers": dict(self.headers.items())}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_CONNECT(self):
+            seen.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    servers = [ThreadingHTTPServer((host, port), Record) for port in (80, 3128)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    sandbox = create(net, network={"allow_out": ["allowed.test"]})
+    try:
+        # The host answers its own requests (the servers work)...
+        import urllib.request
+        with urllib.request.urlopen(f"http://{host}/from-the-host", timeout=5) as answer:
+            assert answer.status == 200
+        seen.clear()
+        # ...but not the guest's, named or not, through the agent's proxy.
+        results = fetch(sandbox, {
+            "named": f"-H 'Host: allowed.test' http://{host}/named",
+            "bare": f"http://{host}/bare",
+            "allowed": "http://allowed.test/",
+        })
+        assert not answered(results["named"]) and not answered(results["bare"]), results
+        assert results["allowed"] == (0, TARGETS["c"], "allowed.test"), results
+        # An egress proxy at a host address fails closed: nothing leaves, nothing reaches it.
+        sandbox.update_network({"egress_proxy": {"address": f"http://{host}:3128"}})
+        results = fetch(sandbox, {"through": f"http://{TARGETS['b']}/through"})
+        assert not answered(results["through"]), results
+        assert seen == [], seen
+    finally:
+        sandbox.kill()
+        for server in servers:
+            server.shutdown()
+            server.server_close()

@@ -145,6 +145,11 @@ pub const LISTS_CHAIN: &str = "wrenn-lists";
 /// times out, as E2B's do).
 pub const DENY_CHAIN: &str = "wrenn-deny";
 
+/// The chain of what the agent itself dials out of the namespace (its egress proxy's
+/// connections, [`crate::host_network::SlotDialer`]): the operator's closed ranges stay closed
+/// to it as to the guest (the proxy checks them too), and nothing leaves while egress is closed.
+pub const AGENT_OUT_CHAIN: &str = "wrenn-agent-out";
+
 /// What a slot's guest may open beyond its MMDS.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Egress {
@@ -213,6 +218,7 @@ pub fn namespace_rules(slot: &Slot, mmds_port: u16, egress: &Egress) -> String {
     let veth = &slot.veth_guest;
     let host_ip = slot.host_ip;
     let address = slot.address;
+    let namespace_ip = slot.namespace_ip;
     let redirect = redirect_rules(egress);
     let mut rules = format!(
         "*nat
@@ -229,6 +235,9 @@ pub fn namespace_rules(slot: &Slot, mmds_port: u16, egress: &Egress) -> String {
 -A PREROUTING -i tap0 -s {GUEST_IP}/32 -j {REDIRECT_CHAIN}
 # The guest's packets leave with the slot's address: it names the slot to the MMDS and the host.
 -A POSTROUTING -o {veth} -s {GUEST_IP}/32 -j SNAT --to-source {address}
+# So do the agent's egress proxy's (dialled from inside the namespace): the host treats them
+# as the guest's.
+-A POSTROUTING -o {veth} -s {namespace_ip}/32 -j SNAT --to-source {address}
 {redirect}COMMIT
 *filter
 :INPUT DROP [0:0]
@@ -237,6 +246,9 @@ pub fn namespace_rules(slot: &Slot, mmds_port: u16, egress: &Egress) -> String {
 :{EGRESS_CHAIN} - [0:0]
 :{LISTS_CHAIN} - [0:0]
 :{DENY_CHAIN} - [0:0]
+:{AGENT_OUT_CHAIN} - [0:0]
+# What the agent's egress proxy dials from the namespace.
+-A OUTPUT -o {veth} -j {AGENT_OUT_CHAIN}
 # Nothing from the guest or the host opens a connection to the namespace itself.
 -A INPUT -i lo -j ACCEPT
 -A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
@@ -273,9 +285,13 @@ fn egress_rules(egress: &Egress) -> String {
         "-A {DENY_CHAIN} -p tcp -m conntrack --ctstate ESTABLISHED -j REJECT --reject-with tcp-reset"
     ));
     line(format!("-A {DENY_CHAIN} -j DROP"));
+    line(format!(
+        "-A {AGENT_OUT_CHAIN} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
+    ));
     match egress {
         Egress::Closed => {
             line(format!("-A {EGRESS_CHAIN} -j {DENY_CHAIN}"));
+            line(format!("-A {AGENT_OUT_CHAIN} -j DROP"));
         }
         Egress::Internet {
             resolver,
@@ -297,6 +313,13 @@ fn egress_rules(egress: &Egress) -> String {
                 line(format!("-A {EGRESS_CHAIN} -d {range} -j {DENY_CHAIN}"));
             }
             line(format!("-A {EGRESS_CHAIN} -j {LISTS_CHAIN}"));
+            for range in opened {
+                line(format!("-A {AGENT_OUT_CHAIN} -d {range} -j ACCEPT"));
+            }
+            for (range, _) in CLOSED_RANGES {
+                line(format!("-A {AGENT_OUT_CHAIN} -d {range} -j DROP"));
+            }
+            line(format!("-A {AGENT_OUT_CHAIN} -j ACCEPT"));
             // An allowed entry wins over a denied one; what neither names passes.
             for net in &lists.allow {
                 line(format!("-A {LISTS_CHAIN} -d {net} -j ACCEPT"));
@@ -348,7 +371,7 @@ fn redirect_rules(egress: &Egress) -> String {
 /// the input is flushed and refilled in the same commit: the guest never sees it half written).
 pub fn egress_update(egress: &Egress) -> String {
     format!(
-        "*nat\n:{REDIRECT_CHAIN} - [0:0]\n{}COMMIT\n*filter\n:{EGRESS_CHAIN} - [0:0]\n:{LISTS_CHAIN} - [0:0]\n:{DENY_CHAIN} - [0:0]\n{}COMMIT\n",
+        "*nat\n:{REDIRECT_CHAIN} - [0:0]\n{}COMMIT\n*filter\n:{EGRESS_CHAIN} - [0:0]\n:{LISTS_CHAIN} - [0:0]\n:{DENY_CHAIN} - [0:0]\n:{AGENT_OUT_CHAIN} - [0:0]\n{}COMMIT\n",
         redirect_rules(egress),
         egress_rules(egress)
     )
@@ -509,8 +532,17 @@ mod tests {
             "no open door to the host"
         );
         // Closed egress: everything to the deny chain, no resolver.
-        assert!(rules.contains("-A wrenn-egress -j wrenn-deny\nCOMMIT"));
+        assert!(rules.contains("-A wrenn-egress -j wrenn-deny\n"));
         assert!(!rules.contains("--dport 53"));
+        // Nothing the agent dials leaves the namespace either; what it would dial leaves with
+        // the slot's address (the host's chains for guests apply to it).
+        assert!(rules.contains("-A OUTPUT -o wrg3 -j wrenn-agent-out\n"));
+        assert!(rules.contains("-A wrenn-agent-out -j DROP\nCOMMIT"));
+        assert!(
+            rules.contains(
+                "-A POSTROUTING -o wrg3 -s 10.200.0.14/32 -j SNAT --to-source 10.201.0.3\n"
+            )
+        );
     }
 
     #[test]
@@ -542,6 +574,14 @@ mod tests {
         let public = position("-A wrenn-egress -j wrenn-lists\n");
         assert!(lan < public);
         assert!(rules.ends_with("-A wrenn-lists -j ACCEPT\nCOMMIT\n"));
+        // What the agent's proxy dials: the operator's ranges open, the closed ones closed,
+        // the rest (the proxy decided) open.
+        let out_opened = position("-A wrenn-agent-out -d 192.168.50.0/24 -j ACCEPT");
+        let out_lan = position("-A wrenn-agent-out -d 192.168.0.0/16 -j DROP");
+        for (range, _) in CLOSED_RANGES {
+            position(&format!("-A wrenn-agent-out -d {range} -j DROP"));
+        }
+        assert!(out_opened < out_lan && out_lan < position("-A wrenn-agent-out -j ACCEPT"));
         // A denied established TCP connection is reset, anything else denied is dropped.
         let reset = position(
             "-A wrenn-deny -p tcp -m conntrack --ctstate ESTABLISHED -j REJECT --reject-with tcp-reset",

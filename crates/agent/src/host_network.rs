@@ -5,6 +5,7 @@
 //! logic is tested without root.
 
 use std::collections::BTreeSet;
+use std::os::fd::OwnedFd;
 use std::sync::Mutex;
 
 use crate::error::AgentError;
@@ -39,11 +40,105 @@ pub trait HostNetwork: Send + Sync + std::fmt::Debug {
     /// The indexes of the slots named with `prefix` whose namespace exists now.
     fn existing_slots(&self, prefix: &str) -> Vec<u32>;
     /// A TCP listener and a UDP socket inside a slot's namespace, on its egress proxy's and
-    /// resolver's ports ([`crate::firewall::PROXY_PORT`], [`crate::firewall::DNS_PORT`]).
-    async fn bind_in_slot(
+    /// resolver's ports ([`crate::firewall::PROXY_PORT`], [`crate::firewall::DNS_PORT`]), and
+    /// the dialer of the proxy's own connections out of it.
+    async fn bind_in_slot(&self, slot: &Slot) -> Result<SlotSockets, AgentError>;
+}
+
+/// What the agent serves a slot's domain rules with: its sockets inside the slot's namespace.
+#[derive(Debug)]
+pub struct SlotSockets {
+    pub proxy: std::net::TcpListener,
+    pub resolver: std::net::UdpSocket,
+    pub dialer: SlotDialer,
+}
+
+/// Opens the egress proxy's connections **from inside the slot's namespace**, so they leave
+/// as the guest's own do: through the namespace's firewall and, on the host, the chains that
+/// keep every host address (the agent's ports, the host's public address, an opened range's
+/// host side) out of a guest's reach. (A connection dialled from the host's namespace would
+/// be the host's own, and reach all of them.)
+#[derive(Debug, Clone)]
+pub enum SlotDialer {
+    /// A thread that entered the namespace makes the sockets (a socket belongs to the
+    /// namespace it was made in); it ends when the last dialer is dropped.
+    InNamespace(std::sync::mpsc::Sender<tokio::sync::oneshot::Sender<std::io::Result<OwnedFd>>>),
+    /// The agent's own namespace (tests without namespaces).
+    Host,
+}
+
+impl SlotDialer {
+    /// A dialer whose sockets are made inside the namespace at `path`.
+    fn in_namespace(path: String) -> Result<SlotDialer, AgentError> {
+        let namespace = std::fs::File::open(&path)
+            .map_err(|e| AgentError::internal("opening the slot's namespace", e))?;
+        let (requests, waiting) =
+            std::sync::mpsc::channel::<tokio::sync::oneshot::Sender<std::io::Result<OwnedFd>>>();
+        let (entered, entering) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("slot-dialer".into())
+            .spawn(move || {
+                let result = nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET);
+                drop(namespace);
+                let ok = result.is_ok();
+                let _ = entered.send(result);
+                if !ok {
+                    return;
+                }
+                while let Ok(reply) = waiting.recv() {
+                    let socket = nix::sys::socket::socket(
+                        nix::sys::socket::AddressFamily::Inet,
+                        nix::sys::socket::SockType::Stream,
+                        nix::sys::socket::SockFlag::SOCK_NONBLOCK
+                            | nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+                        None,
+                    )
+                    .map_err(std::io::Error::from);
+                    let _ = reply.send(socket);
+                }
+            })
+            .map_err(|e| AgentError::internal("starting the slot's dialer", e))?;
+        match entering.recv() {
+            Ok(Ok(())) => Ok(SlotDialer::InNamespace(requests)),
+            Ok(Err(e)) => Err(AgentError::internal("entering the slot's namespace", e)),
+            Err(_) => Err(AgentError::Internal("the slot's dialer failed".into())),
+        }
+    }
+
+    /// A TCP connection to `destination` (IPv4: slots have no IPv6), within `timeout`.
+    pub async fn connect(
         &self,
-        slot: &Slot,
-    ) -> Result<(std::net::TcpListener, std::net::UdpSocket), AgentError>;
+        destination: std::net::SocketAddr,
+        timeout: std::time::Duration,
+    ) -> std::io::Result<tokio::net::TcpStream> {
+        if !destination.is_ipv4() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "sandboxes have no IPv6",
+            ));
+        }
+        let socket = match self {
+            SlotDialer::Host => tokio::net::TcpSocket::new_v4()?,
+            SlotDialer::InNamespace(requests) => {
+                let (reply, made) = tokio::sync::oneshot::channel();
+                requests.send(reply).map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the slot's dialer ended")
+                })?;
+                let socket = made.await.map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the slot's dialer ended")
+                })??;
+                tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(socket))
+            }
+        };
+        tokio::time::timeout(timeout, socket.connect(destination))
+            .await
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{destination} took too long to answer"),
+                ))
+            })
+    }
 }
 
 /// The host's real network, through `ip`, `iptables-restore` and `sysctl`.
@@ -112,14 +207,12 @@ impl HostNetwork for LinuxNetwork {
         best_effort(move || remove_host_chains(&config)).await;
     }
 
-    async fn bind_in_slot(
-        &self,
-        slot: &Slot,
-    ) -> Result<(std::net::TcpListener, std::net::UdpSocket), AgentError> {
+    async fn bind_in_slot(&self, slot: &Slot) -> Result<SlotSockets, AgentError> {
         let path = format!("/run/netns/{}", slot.netns);
         // A thread of its own enters the namespace (a socket belongs to the namespace it was
         // made in) and ends with it: no thread of the runtime ever leaves the host's.
         let bound = tokio::task::spawn_blocking(move || {
+            let dialer = SlotDialer::in_namespace(path.clone())?;
             std::thread::spawn(move || {
                 let namespace = std::fs::File::open(&path)
                     .map_err(|e| AgentError::internal("opening the slot's namespace", e))?;
@@ -135,13 +228,18 @@ impl HostNetwork for LinuxNetwork {
                     firewall::DNS_PORT,
                 ))
                 .map_err(|e| AgentError::internal("binding the slot's resolver", e))?;
-                Ok((listener, dns))
+                Ok(SlotSockets {
+                    proxy: listener,
+                    resolver: dns,
+                    dialer,
+                })
             })
             .join()
+            .unwrap_or_else(|_| Err(AgentError::Internal("the binding thread panicked".into())))
         })
         .await;
         match bound {
-            Ok(Ok(result)) => result,
+            Ok(result) => result,
             _ => Err(AgentError::Internal(
                 "the thread binding a slot's sockets failed".into(),
             )),
@@ -305,14 +403,15 @@ impl HostNetwork for RecordingNetwork {
     }
 
     /// Sockets on the loopback (there are no namespaces here).
-    async fn bind_in_slot(
-        &self,
-        _slot: &Slot,
-    ) -> Result<(std::net::TcpListener, std::net::UdpSocket), AgentError> {
+    async fn bind_in_slot(&self, _slot: &Slot) -> Result<SlotSockets, AgentError> {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")
             .map_err(|e| AgentError::internal("binding", e))?;
         let dns = std::net::UdpSocket::bind("127.0.0.1:0")
             .map_err(|e| AgentError::internal("binding", e))?;
-        Ok((listener, dns))
+        Ok(SlotSockets {
+            proxy: listener,
+            resolver: dns,
+            dialer: SlotDialer::Host,
+        })
     }
 }

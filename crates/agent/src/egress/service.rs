@@ -1,6 +1,8 @@
 //! The agent's per-slot proxy and resolver for domain rules: a TCP listener and a UDP socket
 //! made inside the slot's namespace (where the firewall's redirect chain sends the guest's
-//! named connections and DNS), served by the agent's runtime, dialling out from the host.
+//! named connections and DNS), served by the agent's runtime. The proxy's own connections
+//! leave from the slot's namespace too ([`SlotDialer`]), under the same firewall as the guest's;
+//! the resolver's queries go from the host to the operator's upstream.
 //!
 //! - **Proxy**: a connection's original destination is read from the connection tracker
 //!   (`SO_ORIGINAL_DST`), its first bytes are read for a name ([`super::sniff`]), the slot's
@@ -26,7 +28,7 @@ use super::SlotEgress;
 use super::sniff::{self, Sniffed};
 use crate::error::AgentError;
 use crate::firewall::{CLOSED_RANGES, Egress, Ipv4Cidr};
-use crate::host_network::HostNetwork;
+use crate::host_network::{HostNetwork, SlotDialer, SlotSockets};
 use crate::network::Slot;
 
 /// How long a connection's first bytes may take to name what it asks for.
@@ -137,7 +139,11 @@ impl EgressService {
             }
             return Ok(());
         }
-        let (listener, dns) = self.network.bind_in_slot(slot).await?;
+        let SlotSockets {
+            proxy: listener,
+            resolver: dns,
+            dialer,
+        } = self.network.bind_in_slot(slot).await?;
         listener
             .set_nonblocking(true)
             .and_then(|()| dns.set_nonblocking(true))
@@ -151,6 +157,7 @@ impl EgressService {
         let tasks = vec![
             tokio::spawn(serve_proxy(
                 listener,
+                dialer,
                 state.clone(),
                 self.closed.clone(),
                 stop.clone(),
@@ -197,6 +204,7 @@ impl EgressService {
 
 async fn serve_proxy(
     listener: TcpListener,
+    dialer: SlotDialer,
     state: Arc<SlotEgress>,
     closed: ClosedRanges,
     stop: CancellationToken,
@@ -210,11 +218,12 @@ async fn serve_proxy(
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let (state, closed, stop) = (state.clone(), closed.clone(), stop.clone());
+        let (dialer, state, closed, stop) =
+            (dialer.clone(), state.clone(), closed.clone(), stop.clone());
         tokio::spawn(async move {
             tokio::select! {
                 () = stop.cancelled() => {}
-                () = proxy_connection(stream, &state, &closed) => {}
+                () = proxy_connection(stream, &dialer, &state, &closed) => {}
             }
         });
     }
@@ -233,7 +242,12 @@ fn reset(stream: TcpStream) {
     drop(stream);
 }
 
-async fn proxy_connection(mut guest: TcpStream, state: &SlotEgress, closed: &ClosedRanges) {
+async fn proxy_connection(
+    mut guest: TcpStream,
+    dialer: &SlotDialer,
+    state: &SlotEgress,
+    closed: &ClosedRanges,
+) {
     let Ok(destination) = original_destination(&guest) else {
         return reset(guest);
     };
@@ -251,16 +265,9 @@ async fn proxy_connection(mut guest: TcpStream, state: &SlotEgress, closed: &Clo
         // A name is asked for only when a domain rule admitted it by that name.
         Some(proxy) => {
             let by_name = name.as_deref().filter(|name| policy.allows_domain(name));
-            super::tunnel::open(proxy, destination, by_name, closed).await
+            super::tunnel::open(proxy, destination, by_name, dialer, closed).await
         }
-        None => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(destination))
-            .await
-            .unwrap_or_else(|_| {
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "the destination took too long",
-                ))
-            }),
+        None => dialer.connect(destination, CONNECT_TIMEOUT).await,
     };
     let mut upstream = match upstream {
         Ok(upstream) => upstream,

@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use wrenn_agent_api::network::{ProxyKind, ProxyTarget};
 
 use super::service::ClosedRanges;
+use crate::host_network::SlotDialer;
 
 /// The whole of a tunnel's setup (dial and handshake).
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -28,6 +29,7 @@ pub async fn open(
     proxy: &ProxyTarget,
     destination: SocketAddr,
     name: Option<&str>,
+    dialer: &SlotDialer,
     closed: &ClosedRanges,
 ) -> io::Result<TcpStream> {
     tokio::time::timeout(SETUP_TIMEOUT, async {
@@ -43,7 +45,7 @@ pub async fn open(
                     proxy.host
                 ))
             })?;
-        let mut stream = TcpStream::connect(address).await?;
+        let mut stream = dialer.connect(*address, SETUP_TIMEOUT).await?;
         let _ = stream.set_nodelay(true);
         match proxy.kind {
             ProxyKind::Socks5 => socks5(&mut stream, proxy, destination, name).await?,
@@ -226,6 +228,7 @@ mod tests {
             &target(ProxyKind::Socks5, port, true),
             destination,
             Some("api.test"),
+            &SlotDialer::Host,
             &ClosedRanges::new(vec!["127.0.0.0/8".parse().unwrap()]),
         )
         .await
@@ -265,8 +268,12 @@ mod tests {
         });
         let proxy = target(ProxyKind::HttpConnect, port, true);
         let destination: SocketAddr = "10.9.9.9:7000".parse().unwrap();
-        open(&proxy, destination, None, &opened).await.unwrap();
-        let error = open(&proxy, destination, None, &opened).await.unwrap_err();
+        open(&proxy, destination, None, &SlotDialer::Host, &opened)
+            .await
+            .unwrap();
+        let error = open(&proxy, destination, None, &SlotDialer::Host, &opened)
+            .await
+            .unwrap_err();
         assert!(error.to_string().contains("403"), "{error}");
         let asked = server.await.unwrap();
         assert!(
@@ -277,7 +284,9 @@ mod tests {
         assert!(asked[0].contains("Proxy-Authorization: Basic dXNlcjpzZWNyZXQ=\r\n"));
         // A proxy in a closed range is never dialled.
         let closed = ClosedRanges::new(Vec::new());
-        let error = open(&proxy, destination, None, &closed).await.unwrap_err();
+        let error = open(&proxy, destination, None, &SlotDialer::Host, &closed)
+            .await
+            .unwrap_err();
         assert!(
             error.to_string().contains("no address guests may reach"),
             "{error}"

@@ -45,10 +45,13 @@ SERVER = textwrap.dedent(
         protocol_version = "HTTP/1.1"
 
         def do_GET(self):
-            body = json.dumps({
-                "address": self.connection.getsockname()[0],
-                "headers": dict(self.headers.items()),
-            }).encode()
+            # Every request's headers are recorded here, for the tests to read from the host;
+            # a "/quiet" request's answer does not carry them back.
+            SEEN.write(json.dumps({"path": self.path, "headers": dict(self.headers.items())}) + "\\n")
+            answer = {"address": self.connection.getsockname()[0]}
+            if not self.path.startswith("/quiet"):
+                answer["headers"] = dict(self.headers.items())
+            body = json.dumps(answer).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -91,6 +94,7 @@ SERVER = textwrap.dedent(
             udp.sendto(answer, peer)
 
     LOG = open(sys.argv[4], "a", buffering=1)
+    SEEN = open(sys.argv[5], "a", buffering=1)
 
     def pipe(a, b):
         def one_way(x, y):
@@ -191,19 +195,30 @@ class Internet:
         ip("-n", NETNS, "link", "set", "inet0", "up")
         ip("-n", NETNS, "link", "set", "lo", "up")
         ip("-n", NETNS, "route", "add", "default", "via", f"{NET}.1")
-        # One certificate for every name (guests do not check it: -k).
+        # The internet's own authority (the agent is told to trust it: --egress-ca-file) and
+        # one certificate it signed for every name (guests do not check it, -k, unless a
+        # transform's interception puts the sandbox's own authority in front).
         self.tls = tempfile.mkdtemp(prefix="wrenn-inet-")
-        cert, key = os.path.join(self.tls, "cert.pem"), os.path.join(self.tls, "key.pem")
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-             "-keyout", key, "-out", cert, "-subj", "/CN=internet.test",
-             "-addext", "subjectAltName=" + ",".join(f"DNS:{n}" for n in NAMES)],
-            check=True, capture_output=True,
-        )
-        self.proxy_log = os.path.join(self.tls, "proxies.log")
+        at = lambda name: os.path.join(self.tls, name)
+        self.ca_cert, cert, key = at("ca.pem"), at("cert.pem"), at("key.pem")
+        with open(at("leaf.ext"), "w") as f:
+            f.write("basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+                    "subjectAltName=" + ",".join(f"DNS:{n}" for n in NAMES) + "\n")
+        for command in [
+            ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout",
+             at("ca-key.pem"), "-out", self.ca_cert, "-subj", "/CN=the internet's authority"],
+            ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", at("leaf.csr"),
+             "-subj", "/CN=internet.test"],
+            ["x509", "-req", "-in", at("leaf.csr"), "-CA", self.ca_cert, "-CAkey",
+             at("ca-key.pem"), "-CAcreateserial", "-days", "2", "-out", cert, "-extfile",
+             at("leaf.ext")],
+        ]:
+            subprocess.run(["openssl", *command], check=True, capture_output=True)
+        self.proxy_log = at("proxies.log")
+        self.seen_log = at("seen.log")
         self.server = subprocess.Popen(
             ["ip", "netns", "exec", NETNS, "python3", "-c", SERVER, json.dumps(NAMES), cert, key,
-             self.proxy_log],
+             self.proxy_log, self.seen_log],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
         assert self.server.stdout.readline().strip() == b"serving"
@@ -213,6 +228,15 @@ class Internet:
         subprocess.run(["pkill", "-f", f"ip netns exec {NETNS} "], capture_output=True)
         ip("link", "del", HOST_SIDE, check=False)
         ip("netns", "del", NETNS, check=False)
+
+    def seen(self) -> list:
+        """Every request the targets' HTTP servers got: {"path", "headers"} (names lower-cased),
+        in order."""
+        with open(self.seen_log) as f:
+            requests = [json.loads(line) for line in f]
+        for request in requests:
+            request["headers"] = {k.lower(): v for k, v in request["headers"].items()}
+        return requests
 
     def proxied(self) -> list:
         """What the test proxies were asked to reach, in order."""
@@ -240,7 +264,8 @@ def net(wrenn):
             slots=8,
             internet=True,
             own_store=True,
-            extra_args=["--guest-open-range", f"{NET}.0/24", "--egress-dns", f"{TARGETS['a']}:53"],
+            extra_args=["--guest-open-range", f"{NET}.0/24", "--egress-dns", f"{TARGETS['a']}:53",
+                        "--egress-ca-file", internet.ca_cert],
         )
         instance.internet = internet
         yield instance
@@ -735,3 +760,136 @@ def test_the_agents_proxy_reaches_no_host_address_the_guest_could_not(net):
         for server in servers:
             server.shutdown()
             server.server_close()
+
+
+def verified(sandbox: Sandbox, checks: dict) -> dict:
+    """Like `fetch`, but curl verifies certificates (the guest's trust store, no -k): name ->
+    (curl's exit code, the HTTP status)."""
+    script = "\n".join(
+        f"(code=$(curl -s -o /dev/null -w '%{{http_code}}' -m 10 {args}); echo \"{name} $? $code\") &"
+        for name, args in checks.items()
+    ) + "\nwait\n"
+    ran = sandbox.commands.run(script, timeout=60)
+    results = {}
+    for line in ran.stdout.splitlines():
+        name, code, status = line.split(" ")
+        results[name] = (int(code), int(status))
+    assert set(results) == set(checks), ran.stdout
+    return results
+
+
+FIND_REVERSED = textwrap.dedent(
+    """
+    import os, sys
+    # The needle comes reversed: the secret itself is never on a command line in the guest.
+    needle = sys.argv[1][::-1].encode()
+    for top in ("/etc", "/root", "/home", "/tmp", "/var", "/run", "/usr/local", "/opt"):
+        for root, dirs, files in os.walk(top):
+            for name in files:
+                path = os.path.join(root, name)
+                try:
+                    if os.path.getsize(path) < 4 << 20 and needle in open(path, "rb").read():
+                        print("found in", path)
+                except OSError:
+                    pass
+    """
+)
+
+
+def secret_anywhere(sandbox: Sandbox, secret: str) -> str:
+    """Everything in the guest a secret could be read from, brought to the host to be searched
+    there: its processes' environments and command lines, what curl itself sent and got
+    (verbose) on a transformed request, and which of its files hold the secret."""
+    sandbox.files.write("/tmp/find-reversed.py", FIND_REVERSED)
+    # The search finds what is there (a canary, not the secret).
+    sandbox.files.write("/tmp/canary.txt", "a canary-1234 here")
+    assert "found in /tmp/canary.txt" in sandbox.commands.run(
+        "python3 /tmp/find-reversed.py 4321-yranac", timeout=180).stdout
+    ran = sandbox.commands.run(
+        "env; ps auxeww; cat /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' '\\n';"
+        " curl -sv https://allowed.test/quiet/verbose 2>&1;"
+        f" python3 /tmp/find-reversed.py '{secret[::-1]}'",
+        timeout=180,
+    )
+    return ran.stdout + ran.stderr
+
+
+def test_a_transform_sets_headers_the_target_sees_and_the_guest_never_does(net):
+    import uuid
+    secret = f"wrenn-{uuid.uuid4().hex}"
+    rules = {"allowed.test": [{"transform": {"headers": {"X-Api-Key": secret}}}]}
+    sandbox = create(net, network={
+        "allow_out": ["allowed.test"],
+        "deny_out": lambda ctx: [ctx.all_traffic],
+        "rules": rules,
+    })
+    try:
+        before = len(net.internet.seen())
+        # HTTPS verified against the guest's trust store (the sandbox's authority, from
+        # /init), and plain HTTP: both reach the target with the header.
+        results = verified(sandbox, {
+            "tls": "https://allowed.test/quiet/tls",
+            "plain": "http://allowed.test/quiet/plain",
+            # Another host on a connection opened for the transformed name: 421, not sent.
+            "misdirected": "-H 'Host: other.test' https://allowed.test/quiet/misdirected",
+            # A name the rules do not allow gets nothing.
+            "other": "https://far.test/quiet/other",
+        })
+        assert results["tls"] == (0, 200) and results["plain"] == (0, 200), results
+        assert results["misdirected"] == (0, 421), results
+        assert results["other"][0] != 0, results
+        seen = {r["path"]: r["headers"] for r in net.internet.seen()[before:]}
+        assert seen["/quiet/tls"].get("x-api-key") == secret, seen
+        assert seen["/quiet/plain"].get("x-api-key") == secret, seen
+        assert "/quiet/misdirected" not in seen and "/quiet/other" not in seen, seen
+        # The guest cannot read it from anywhere.
+        found = secret_anywhere(sandbox, secret)
+        assert "HTTP/1.1 200" in found or "< HTTP" in found, found[-2000:]
+        assert secret not in found and "found in" not in found, found[-2000:]
+        # The value is never shown back either.
+        info = Sandbox.get_info(sandbox.sandbox_id, **net.sdk)
+        assert secret not in json.dumps(info.network, default=str)
+        # Kept across a pause and a resume (the authority and the interception with it).
+        sandbox.pause()
+        resumed = Sandbox.connect(sandbox.sandbox_id, timeout=180, **net.sdk)
+        before = len(net.internet.seen())
+        assert verified(resumed, {"tls": "https://allowed.test/quiet/resumed"})["tls"] == (0, 200)
+        assert net.internet.seen()[before:][0]["headers"].get("x-api-key") == secret
+    finally:
+        sandbox.kill()
+
+
+def test_transforms_added_live_install_the_authority_and_change_with_the_rules(net):
+    sandbox = create(net, network={"allow_out": ["allowed.test"], "deny_out": ["0.0.0.0/0"]})
+    try:
+        # No transform: the target's own certificate, which the guest does not trust.
+        assert verified(sandbox, {"tls": "https://allowed.test/quiet/a"})["tls"][0] == 60
+        sandbox.update_network({
+            "allow_out": ["allowed.test"],
+            "deny_out": ["0.0.0.0/0"],
+            "rules": {"allowed.test": [{"transform": {"headers": {"Authorization": "Bearer one"}}}]},
+        })
+        before = len(net.internet.seen())
+        assert verified(sandbox, {"tls": "https://allowed.test/quiet/b"})["tls"] == (0, 200)
+        assert net.internet.seen()[before:][0]["headers"].get("authorization") == "Bearer one"
+        # Runtimes with trust stores of their own are pointed at the system's.
+        env = sandbox.commands.run("env").stdout
+        assert "NODE_EXTRA_CA_CERTS=" in env and "REQUESTS_CA_BUNDLE=" in env, env
+        # New values apply to the next connection.
+        sandbox.update_network({
+            "allow_out": ["*.wild.test", "allowed.test"],
+            "deny_out": ["0.0.0.0/0"],
+            "rules": {"*.wild.test": [{"transform": {"headers": {"Authorization": "Bearer two"}}}]},
+        })
+        before = len(net.internet.seen())
+        results = verified(sandbox, {
+            "wild": "https://api.wild.test/quiet/c",
+            # No longer transformed: the target's own certificate again.
+            "untransformed": "-k https://allowed.test/quiet/d",
+        })
+        assert results == {"wild": (0, 200), "untransformed": (0, 200)}, results
+        seen = {r["path"]: r["headers"] for r in net.internet.seen()[before:]}
+        assert seen["/quiet/c"].get("authorization") == "Bearer two", seen
+        assert "authorization" not in seen["/quiet/d"], seen
+    finally:
+        sandbox.kill()

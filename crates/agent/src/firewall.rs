@@ -167,6 +167,9 @@ pub enum Egress {
         /// with domain rules, its DNS and its connections to ports 80 and 443 that no address
         /// entry allows go there; with an egress proxy, all of its TCP does.
         proxied: Option<std::sync::Arc<EgressPolicy>>,
+        /// The sandbox's certificate authority, with which the proxy intercepts the
+        /// connections its header transforms apply to ([`crate::egress::transform`]).
+        ca: Option<std::sync::Arc<crate::egress::transform::SandboxCa>>,
     },
 }
 
@@ -347,7 +350,8 @@ fn redirect_rules(egress: &Egress) -> String {
         return String::new();
     };
     let mut rules = String::new();
-    if !policy.allow_domains.is_empty() {
+    // Transforms need the resolver too: a name's headers go only to an address it resolved to.
+    if !policy.allow_domains.is_empty() || !policy.transforms.is_empty() {
         rules.push_str(&format!(
             "-A {REDIRECT_CHAIN} -p udp -m udp --dport 53 -j REDIRECT --to-ports {DNS_PORT}\n"
         ));
@@ -358,8 +362,12 @@ fn redirect_rules(egress: &Egress) -> String {
         ));
         return rules;
     }
-    for net in &lists.allow {
-        rules.push_str(&format!("-A {REDIRECT_CHAIN} -d {net} -j RETURN\n"));
+    // With transforms, even an allowed address's named connections go to the proxy (the
+    // request may be for a transformed name); it decides them by address as the lists would.
+    if policy.transforms.is_empty() {
+        for net in &lists.allow {
+            rules.push_str(&format!("-A {REDIRECT_CHAIN} -d {net} -j RETURN\n"));
+        }
     }
     rules.push_str(&format!(
         "-A {REDIRECT_CHAIN} -p tcp -m multiport --dports {NAMED_PORTS} -j REDIRECT --to-ports {PROXY_PORT}\n"
@@ -448,6 +456,7 @@ mod tests {
             opened: Vec::new(),
             lists: AddressLists::default(),
             proxied: None,
+            ca: None,
         }
     }
 
@@ -552,6 +561,7 @@ mod tests {
             opened: vec!["192.168.50.0/24".parse().unwrap()],
             lists: AddressLists::default(),
             proxied: None,
+            ca: None,
         });
         assert!(rules.starts_with("*nat\n:wrenn-redirect - [0:0]\nCOMMIT\n*filter\n:wrenn-egress - [0:0]\n:wrenn-lists - [0:0]\n:wrenn-deny - [0:0]\n"));
         let position = |needle: &str| {
@@ -594,6 +604,39 @@ mod tests {
     }
 
     #[test]
+    fn transforms_send_even_allowed_addresses_named_connections_and_dns_to_the_agent() {
+        let policy = wrenn_agent_api::network::EgressSettings {
+            allow_out: vec!["1.2.3.0/24".into()],
+            rules: [(
+                "api.test".to_string(),
+                vec![wrenn_agent_api::network::NetworkRule {
+                    transform: Some(wrenn_agent_api::network::NetworkTransform {
+                        headers: [("X-Key".to_string(), "v".to_string())].into(),
+                    }),
+                }],
+            )]
+            .into(),
+            ..Default::default()
+        }
+        .parse()
+        .unwrap();
+        let rules = egress_update(&Egress::Internet {
+            resolver: Ipv4Addr::new(8, 8, 8, 8),
+            opened: Vec::new(),
+            lists: AddressLists::of(&policy),
+            proxied: Some(std::sync::Arc::new(policy)),
+            ca: None,
+        });
+        assert!(
+            rules.contains(
+                "-A wrenn-redirect -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053\n"
+            )
+        );
+        assert!(rules.contains("--dports 80,443 -j REDIRECT --to-ports 15001\n"));
+        assert!(!rules.contains("-j RETURN"), "{rules}");
+    }
+
+    #[test]
     fn the_lists_allow_before_they_deny_and_never_open_a_closed_range() {
         let policy = wrenn_agent_api::network::EgressSettings {
             allow_out: vec![
@@ -616,6 +659,7 @@ mod tests {
             opened: Vec::new(),
             lists: lists.clone(),
             proxied: None,
+            ca: None,
         });
         let position = |needle: &str| {
             rules
@@ -640,6 +684,7 @@ mod tests {
             opened: Vec::new(),
             lists,
             proxied: Some(std::sync::Arc::new(policy)),
+            ca: None,
         });
         let dns = with_domains
             .find("-A wrenn-redirect -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053")

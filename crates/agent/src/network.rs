@@ -50,6 +50,9 @@ pub struct SlotConfig {
     /// The resolver the agent answers guests' DNS from when they have domain rules (`None`:
     /// the host's, [`crate::egress::service::host_resolver`]).
     pub upstream_dns: Option<std::net::SocketAddr>,
+    /// Authorities (a PEM file) trusted besides the host's store when the agent opens TLS to
+    /// a destination of a sandbox's header transforms.
+    pub egress_authorities: Option<std::path::PathBuf>,
 }
 
 impl SlotConfig {
@@ -163,6 +166,7 @@ impl SlotPool {
                 .upstream_dns
                 .unwrap_or_else(crate::egress::service::host_resolver),
             crate::egress::service::ClosedRanges::new(config.opened_ranges.clone()),
+            config.egress_authorities.clone(),
         );
         Ok(Self {
             egress_service,
@@ -186,22 +190,26 @@ impl SlotPool {
     /// What a guest may open under `policy` (internet access already folded in, see
     /// [`wrenn_agent_api::network::EgressPolicy::with_internet`]), given the resolver its
     /// kernel command line names.
+    /// `ca` is the sandbox's certificate authority, which its header transforms need.
     pub fn egress(
         &self,
         policy: &wrenn_agent_api::network::EgressPolicy,
         resolver: Ipv4Addr,
+        ca: Option<Arc<crate::egress::transform::SandboxCa>>,
     ) -> Egress {
         let lists = crate::firewall::AddressLists::of(policy);
         let has_domains = !policy.allow_domains.is_empty();
         if lists.deny_everything() && !has_domains {
             Egress::Closed
         } else {
-            let proxied = has_domains || policy.egress_proxy.is_some();
+            let transforms = !policy.transforms.is_empty() && ca.is_some();
+            let proxied = has_domains || policy.egress_proxy.is_some() || transforms;
             Egress::Internet {
                 resolver,
                 opened: self.config.opened_ranges.clone(),
                 lists,
                 proxied: proxied.then(|| Arc::new(policy.clone())),
+                ca: if transforms { ca } else { None },
             }
         }
     }
@@ -705,6 +713,7 @@ mod tests {
             mmds_port: 1,
             opened_ranges: Vec::new(),
             upstream_dns: None,
+            egress_authorities: None,
         };
         assert!(good.validate().is_ok());
         for bad in [
@@ -739,6 +748,7 @@ mod tests {
                 mmds_port: 1,
                 opened_ranges: Vec::new(),
                 upstream_dns: None,
+                egress_authorities: None,
             };
             let pool = SlotPool::with_network(config, network.clone()).unwrap();
             (pool, network)
@@ -776,7 +786,7 @@ mod tests {
         async fn opening_egress_costs_a_call_and_closed_costs_none() {
             let (pool, network) = pool(2);
             let open = wrenn_agent_api::network::EgressPolicy::default();
-            let internet = pool.egress(&open, Ipv4Addr::new(1, 1, 1, 1));
+            let internet = pool.egress(&open, Ipv4Addr::new(1, 1, 1, 1), None);
             let slot = pool.lease(&internet).await.unwrap();
             assert_eq!(
                 network.calls(),
@@ -790,7 +800,8 @@ mod tests {
             assert_eq!(
                 pool.egress(
                     &open.clone().with_internet(false),
-                    Ipv4Addr::new(1, 1, 1, 1)
+                    Ipv4Addr::new(1, 1, 1, 1),
+                    None
                 ),
                 Egress::Closed
             );
@@ -802,7 +813,7 @@ mod tests {
             .parse()
             .unwrap()
             .with_internet(false);
-            let Egress::Internet { lists, .. } = pool.egress(&one, Ipv4Addr::new(1, 1, 1, 1))
+            let Egress::Internet { lists, .. } = pool.egress(&one, Ipv4Addr::new(1, 1, 1, 1), None)
             else {
                 panic!("an allowed address keeps the slot open")
             };
@@ -814,7 +825,7 @@ mod tests {
         #[tokio::test]
         async fn a_slot_that_fails_to_open_is_deleted_and_its_index_freed() {
             let (pool, network) = pool(1);
-            let internet = pool.egress(&Default::default(), Ipv4Addr::new(1, 1, 1, 1));
+            let internet = pool.egress(&Default::default(), Ipv4Addr::new(1, 1, 1, 1), None);
             network.fail_next_egress();
             assert!(pool.lease(&internet).await.is_err());
             assert_eq!(pool.in_use(), 0);

@@ -38,6 +38,10 @@ pub struct SandboxRecord {
     /// Its egress rules (what `allow_internet` leaves open, they narrow).
     #[serde(default, skip_serializing_if = "EgressSettings::is_empty")]
     pub egress: EgressSettings,
+    /// Its certificate authority, made when its rules first had header transforms (the
+    /// guest trusts it from then on; its key stays here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_ca: Option<crate::egress::transform::SandboxCa>,
     pub metadata: BTreeMap<String, String>,
     pub error: Option<String>,
     /// The sandbox's own snapshot while paused (`None` for a pause that kept only the disk).
@@ -357,6 +361,7 @@ mod tests {
             access_token: Some("secret".into()),
             allow_internet: false,
             egress: EgressSettings::default(),
+            egress_ca: None,
             metadata: BTreeMap::new(),
             error: None,
             snapshot: None,

@@ -264,6 +264,7 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
             mmds_port: 0,
             opened_ranges: Vec::new(),
             upstream_dns: None,
+            egress_authorities: None,
         },
         slots_ahead: 2,
         host_nat: false,
@@ -279,6 +280,7 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
             mmds_port: mmds.local_addr()?.port(),
             opened_ranges: Vec::new(),
             upstream_dns: None,
+            egress_authorities: None,
             ..config.slots.clone()
         },
         ..config

@@ -139,6 +139,7 @@ pub async fn boot(args: BootBenchArgs) -> anyhow::Result<()> {
         mmds_port: 9,
         opened_ranges: Vec::new(),
         upstream_dns: None,
+        egress_authorities: None,
     })?;
     let slot = pool.lease(&wrenn_agent::firewall::Egress::Closed).await?;
     let mut samples = Vec::new();
@@ -361,6 +362,7 @@ pub async fn sandbox(args: SandboxBenchArgs) -> anyhow::Result<()> {
         mmds_port: 9,
         opened_ranges: Vec::new(),
         upstream_dns: None,
+        egress_authorities: None,
     })?;
     let slot = pool.lease(&wrenn_agent::firewall::Egress::Closed).await?;
     let work = tempfile::tempdir()?;

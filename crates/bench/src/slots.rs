@@ -86,6 +86,7 @@ fn open_current(slot: &Slot) -> anyhow::Result<()> {
         opened: Vec::new(),
         lists: firewall::AddressLists::default(),
         proxied: None,
+        ca: None,
     };
     network::in_namespace(
         &slot.netns,

@@ -37,18 +37,11 @@ fn get<'a>(object: &'a Value, camel: &str, snake: &str) -> Option<&'a Value> {
 }
 
 /// `network.*` settings of a create, `(camelCase, snake_case, why)`.
-const NETWORK_FIELDS: &[(&str, &str, &str)] = &[
-    (
-        "rules",
-        "rules",
-        "egress rules and transforms are not enforced",
-    ),
-    (
-        "httpsPorts",
-        "https_ports",
-        "the edge proxy does not reach sandbox ports over HTTPS",
-    ),
-];
+const NETWORK_FIELDS: &[(&str, &str, &str)] = &[(
+    "httpsPorts",
+    "https_ports",
+    "the edge proxy does not reach sandbox ports over HTTPS",
+)];
 
 /// Top-level settings of a create, `(camelCase, snake_case, why)`.
 const CREATE_FIELDS: &[(&str, &str, &str)] = &[
@@ -136,18 +129,15 @@ mod tests {
 
     #[test]
     fn each_unenforced_setting_is_refused_by_name() {
-        // Enforced now: address and domain lists, and host masks.
+        // Enforced now: address and domain lists, header transforms, and host masks.
         for body in [
             json!({"network": {"allowOut": ["1.1.1.1", "*.example.com"], "denyOut": ["0.0.0.0/0"]}}),
             json!({"network": {"maskRequestHost": "${PORT}-x.example.com"}}),
+            json!({"network": {"rules": {"example.com": [{"transform": {"headers": {"A": "b"}}}]}}}),
         ] {
             assert_eq!(check_create(&body), Ok(()), "{body}");
         }
         let cases = [
-            (
-                json!({"network": {"rules": {"example.com": [{}]}}}),
-                "network.rules",
-            ),
             (
                 json!({"network": {"egressProxy": {"address": "p:1080", "tls": {"enabled": true}}}}),
                 "network.egressProxy.tls",

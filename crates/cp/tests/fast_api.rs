@@ -2440,7 +2440,8 @@ async fn egress_rules_reach_the_host_are_shown_replaced_live_and_kept_by_snapsho
     for network in [
         json!({"allowOut": ["300.1.1.1"]}),
         json!({"maskRequestHost": "a b"}),
-        json!({"rules": {"example.com": [{"transform": {"headers": {"X-A": "1"}}}]}}),
+        json!({"rules": {"example.com": [{"transform": {"headers": {"Host": "1"}}}]}}),
+        json!({"rules": {"": [{"transform": {"headers": {"X-A": "1"}}}]}}),
     ] {
         let refused = kit
             .create_refused(
@@ -2538,4 +2539,58 @@ async fn egress_rules_reach_the_host_are_shown_replaced_live_and_kept_by_snapsho
     let held = kit.agent.sandbox(fork).unwrap();
     assert_eq!(held.options.egress.allow_out, ["9.9.9.10"]);
     assert_eq!(held.options.egress.deny_out, ["0.0.0.0/0"]);
+}
+
+/// Header transforms reach the host whole (the agent enforces them), and are never shown
+/// back: `GET` and a list show their values as `***`.
+#[tokio::test]
+async fn header_transforms_reach_the_host_and_their_values_are_never_shown() {
+    let kit = Kit::new(8, Quotas::default()).await;
+    let network = json!({
+        "allowOut": ["api.example.com"],
+        "denyOut": ["0.0.0.0/0"],
+        "rules": {"api.example.com": [{"transform": {"headers": {"Authorization": "Bearer s3cret"}}}]},
+    });
+    let id = kit
+        .create(
+            &kit.key_a,
+            json!({"templateID": "base", "network": network}),
+        )
+        .await;
+    let held = kit.agent.sandbox(&id).unwrap();
+    let rule = &held.options.egress.rules["api.example.com"][0];
+    assert_eq!(
+        rule.transform.as_ref().unwrap().headers["Authorization"],
+        "Bearer s3cret"
+    );
+    let (status, detail) = kit.call_a("GET", &format!("/sandboxes/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        detail["network"]["rules"]["api.example.com"][0]["transform"]["headers"]["Authorization"],
+        "***"
+    );
+    assert!(!detail.to_string().contains("s3cret"), "{detail}");
+    // A live update with new values: the host has them, nobody is shown them.
+    let (status, body) = kit
+        .call(
+            "PUT",
+            &format!("/sandboxes/{id}/network"),
+            Some(&kit.key_a),
+            json!({"rules": {"*.example.com": [{"transform": {"headers": {"X-Key": "k2"}}}]}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let held = kit.agent.sandbox(&id).unwrap();
+    assert_eq!(
+        held.options.egress.rules["*.example.com"][0]
+            .transform
+            .as_ref()
+            .unwrap()
+            .headers["X-Key"],
+        "k2"
+    );
+    let (_, listed) = kit.call_a("GET", "/v2/sandboxes").await;
+    assert!(!listed.to_string().contains("k2"), "{listed}");
+    let (_, detail) = kit.call_a("GET", &format!("/sandboxes/{id}")).await;
+    assert!(!detail.to_string().contains("k2"), "{detail}");
 }

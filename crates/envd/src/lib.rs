@@ -8,6 +8,7 @@
 //!   environment its processes get;
 //! - [`server`]: the listener (HTTP/1.1 + h2c, timeouts, the connection tracker);
 //! - [`ports`]: forwarding loopback-only ports to the external address;
+//! - [`trust`]: the sandbox's certificate authority in the guest's trust store;
 //! - `http::snapshot`: `/snapshot/prepare`, which with `/init` makes envd safe to snapshot.
 
 pub mod auth;
@@ -27,6 +28,7 @@ pub mod rpc;
 /// [`wrenn_http::server`]).
 pub use wrenn_http::server;
 pub mod state;
+pub mod trust;
 pub mod users;
 
 use std::sync::Arc;

@@ -56,6 +56,15 @@ struct Args {
     /// Run without cgroups.
     #[arg(long)]
     no_cgroups: bool,
+    /// Where `/init`'s `caBundle` (the sandbox's certificate authority) is written alone...
+    #[arg(
+        long,
+        default_value = "/usr/local/share/ca-certificates/wrenn-sandbox-ca.crt"
+    )]
+    trust_ca_file: std::path::PathBuf,
+    /// ...and the system bundle it is added to.
+    #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt")]
+    trust_bundle: std::path::PathBuf,
     /// Reap the orphans of envd's descendants (always on when envd is PID 1).
     #[arg(long)]
     subreaper: bool,
@@ -113,6 +122,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         mmds_address: args.mmds_address.clone().filter(|_| !args.isnotfc),
         run_dir: args.run_dir.clone(),
+        trust_store: wrenn_envd::trust::TrustStore {
+            ca_file: args.trust_ca_file.clone(),
+            bundle: args.trust_bundle.clone(),
+        },
         cgroup_root: match (args.no_cgroups, &args.cgroup_root) {
             (true, _) => None,
             (false, Some(root)) => Some(root.clone()),

@@ -69,6 +69,8 @@ pub struct EnvdConfig {
     pub run_dir: PathBuf,
     /// envd's cgroup v2 root; `None` runs without cgroups.
     pub cgroup_root: Option<PathBuf>,
+    /// Where `/init`'s `caBundle` goes.
+    pub trust_store: crate::trust::TrustStore,
 }
 
 impl Default for EnvdConfig {
@@ -83,6 +85,7 @@ impl Default for EnvdConfig {
             mmds_address: None,
             run_dir: PathBuf::from("/run"),
             cgroup_root: None,
+            trust_store: crate::trust::TrustStore::default(),
         }
     }
 }

@@ -395,3 +395,49 @@ async fn uploads_create_missing_parents_for_the_user() {
         );
     }
 }
+
+/// `/init`'s `caBundle` joins the trust store (the authority's own file and the system bundle,
+/// given here as temporary paths); a second `/init` with another replaces it; one that is not
+/// PEM certificates is refused with a 400 and changes nothing.
+#[tokio::test]
+async fn init_installs_the_sandbox_authority_in_the_trust_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("local/wrenn.crt");
+    let bundle = dir.path().join("bundle.crt");
+    std::fs::write(&bundle, "SYSTEM ROOTS\n").unwrap();
+    let envd = Envd::start_with(&[
+        "--trust-ca-file",
+        ca_file.to_str().unwrap(),
+        "--trust-bundle",
+        bundle.to_str().unwrap(),
+    ]);
+    let pem =
+        |tag: &str| format!("-----BEGIN CERTIFICATE-----\nMIIB{tag}\n-----END CERTIFICATE-----\n");
+    let init = |ca: &str| serde_json::json!({ "accessToken": "tok", "caBundle": ca }).to_string();
+    let json = ("content-type", "application/json");
+    assert_eq!(
+        envd.request("POST", "/init", &[json], init(&pem("One")))
+            .await
+            .status,
+        204
+    );
+    assert_eq!(std::fs::read_to_string(&ca_file).unwrap(), pem("One"));
+    let installed = std::fs::read_to_string(&bundle).unwrap();
+    assert!(installed.starts_with("SYSTEM ROOTS\n") && installed.contains(&pem("One")));
+
+    assert_eq!(
+        envd.request("POST", "/init", &[json], init(&pem("Two")))
+            .await
+            .status,
+        204
+    );
+    let replaced = std::fs::read_to_string(&bundle).unwrap();
+    assert!(replaced.contains(&pem("Two")) && !replaced.contains("MIIBOne"));
+    assert!(replaced.starts_with("SYSTEM ROOTS\n"));
+
+    let reply = envd
+        .request("POST", "/init", &[json], init("not a certificate"))
+        .await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(std::fs::read_to_string(&bundle).unwrap(), replaced);
+}

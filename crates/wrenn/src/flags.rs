@@ -35,6 +35,11 @@ pub struct HostFlags {
     /// host's first `nameserver` in /etc/resolv.conf.
     #[arg(long = "egress-dns", value_name = "IP:PORT")]
     pub egress_dns: Option<std::net::SocketAddr>,
+    /// Certificate authorities (a PEM file) the agent trusts, besides the host's store, when it
+    /// opens TLS to a destination whose requests a sandbox's header transforms change (an
+    /// internal service with a private authority).
+    #[arg(long = "egress-ca-file", value_name = "PEM")]
+    pub egress_ca_file: Option<std::path::PathBuf>,
     /// Each VM's QEMU runs as uid and gid BASE + its slot index (numeric, no account needed;
     /// keep the range unused on this host). 0 runs QEMU as root: for debugging only.
     #[arg(long, default_value_t = wrenn_agent::manager::DEFAULT_VMM_UID_BASE)]
@@ -80,6 +85,7 @@ impl HostFlags {
             mmds_port: self.mmds_port,
             opened_ranges: self.guest_open_ranges.clone(),
             upstream_dns: self.egress_dns,
+            egress_authorities: self.egress_ca_file.clone(),
         }
     }
 }

@@ -16,6 +16,7 @@
 pub mod dns;
 pub mod service;
 pub mod sniff;
+pub mod transform;
 pub mod tunnel;
 
 use std::collections::HashMap;
@@ -93,6 +94,8 @@ pub struct SlotEgress {
     admitted: Mutex<Vec<Admitted>>,
     /// Cancelled when the slot's sandbox ends: every admitted connection ends.
     ends: CancellationToken,
+    /// With header transforms: what intercepts the connections they apply to.
+    interceptor: Mutex<Option<Arc<transform::Interceptor>>>,
 }
 
 impl SlotEgress {
@@ -102,7 +105,16 @@ impl SlotEgress {
             resolved: Mutex::new(HashMap::new()),
             admitted: Mutex::new(Vec::new()),
             ends: CancellationToken::new(),
+            interceptor: Mutex::new(None),
         }
+    }
+
+    pub fn interceptor(&self) -> Option<Arc<transform::Interceptor>> {
+        self.interceptor.lock().expect("interceptor lock").clone()
+    }
+
+    pub fn set_interceptor(&self, interceptor: Option<Arc<transform::Interceptor>>) {
+        *self.interceptor.lock().expect("interceptor lock") = interceptor;
     }
 
     pub fn policy(&self) -> Arc<EgressPolicy> {

@@ -16,7 +16,8 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -26,6 +27,7 @@ use wrenn_agent_api::network::{AddressVerdict, EgressPolicy};
 
 use super::SlotEgress;
 use super::sniff::{self, Sniffed};
+use super::transform::{Intercepted, Interceptor, Prefixed, upstream_tls};
 use crate::error::AgentError;
 use crate::firewall::{CLOSED_RANGES, Egress, Ipv4Cidr};
 use crate::host_network::{HostNetwork, SlotDialer, SlotSockets};
@@ -90,6 +92,11 @@ pub struct EgressService {
     network: Arc<dyn HostNetwork>,
     upstream_dns: SocketAddr,
     closed: ClosedRanges,
+    /// Authorities (PEM) the agent trusts besides the host's when it opens TLS for a header
+    /// transform (`--egress-ca-file`).
+    extra_authorities: Option<PathBuf>,
+    /// Those TLS settings, made on first use.
+    upstream_tls: OnceLock<Arc<rustls::ClientConfig>>,
     served: Mutex<HashMap<u32, Served>>,
 }
 
@@ -98,13 +105,31 @@ impl EgressService {
         network: Arc<dyn HostNetwork>,
         upstream_dns: SocketAddr,
         closed: ClosedRanges,
+        extra_authorities: Option<PathBuf>,
     ) -> Self {
         EgressService {
             network,
             upstream_dns,
             closed,
+            extra_authorities,
+            upstream_tls: OnceLock::new(),
             served: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The interceptor of a slot whose egress has header transforms.
+    fn interceptor(&self, egress: &Egress) -> Result<Option<Arc<Interceptor>>, AgentError> {
+        let Egress::Internet { ca: Some(ca), .. } = egress else {
+            return Ok(None);
+        };
+        let upstream = match self.upstream_tls.get() {
+            Some(config) => config.clone(),
+            None => {
+                let config = upstream_tls(self.extra_authorities.as_deref())?;
+                self.upstream_tls.get_or_init(|| config).clone()
+            }
+        };
+        Ok(Some(Arc::new(Interceptor::new(ca, upstream)?)))
     }
 
     /// Makes a slot's domain rules `egress`'s: served from now on (the proxy and resolver made
@@ -121,6 +146,7 @@ impl EgressService {
             self.release(slot.index).await;
             return Ok(());
         };
+        let interceptor = self.interceptor(egress)?;
         let existing = self
             .served
             .lock()
@@ -128,6 +154,7 @@ impl EgressService {
             .get(&slot.index)
             .map(|served| served.state.clone());
         if let Some(state) = existing {
+            state.set_interceptor(interceptor);
             let closed = self.closed.clone();
             let cut = state.set_policy((**policy).clone(), |a| closed.contains(a));
             if cut > 0 {
@@ -153,6 +180,7 @@ impl EgressService {
         let dns = UdpSocket::from_std(dns)
             .map_err(|e| AgentError::internal("serving the slot's resolver", e))?;
         let state = Arc::new(SlotEgress::new((**policy).clone()));
+        state.set_interceptor(interceptor);
         let stop = CancellationToken::new();
         let tasks = vec![
             tokio::spawn(serve_proxy(
@@ -277,6 +305,31 @@ async fn proxy_connection(
         }
     };
     let _ = upstream.set_nodelay(true);
+    // A transformed name, at an address the sandbox's resolver gave for it: relayed request
+    // by request, its headers set.
+    if let Some(name) = &name
+        && let Some(headers) = policy.headers_for(name)
+        && let Some(interceptor) = state.interceptor()
+        && state.resolved_to(name, destination.ip())
+    {
+        let relay = super::transform::relay(Intercepted {
+            guest: Prefixed::new(first, guest),
+            upstream,
+            name: name.clone(),
+            tls: destination.port() == 443,
+            headers: headers.to_vec(),
+            interceptor: &interceptor,
+        });
+        tokio::select! {
+            () = ends.cancelled() => {}
+            relayed = relay => {
+                if let Err(error) = relayed {
+                    tracing::debug!(%destination, name, %error, "a transformed connection failed");
+                }
+            }
+        }
+        return;
+    }
     if upstream.write_all(&first).await.is_err() {
         return reset(guest);
     }
@@ -354,6 +407,8 @@ async fn resolve(
     let question = super::dns::question(query)?;
     let policy: Arc<EgressPolicy> = state.policy();
     let allowed = policy.allows_domain(&question.name);
+    // A transformed name's addresses are learned too: its headers go only there.
+    let learned = allowed || policy.headers_for(&question.name).is_some();
     let resolver = IpAddr::V4(guest_resolver);
     let resolver_open =
         policy.address_verdict(resolver) != AddressVerdict::Denied && !closed.contains(resolver);
@@ -375,7 +430,7 @@ async fn resolve(
         .ok()?
         .ok()?;
     buffer.truncate(len);
-    if allowed {
+    if learned {
         state.learn(&question.name, &super::dns::addresses(&buffer));
     }
     Some(buffer)

@@ -137,7 +137,7 @@ fn parse_hello(body: &[u8]) -> Option<Sniffed> {
 }
 
 /// A host name as sent: ASCII letters, digits, `-`, `_`, `.`; lower-cased, trailing dot gone.
-fn host_name(bytes: &[u8]) -> Option<String> {
+pub(crate) fn host_name(bytes: &[u8]) -> Option<String> {
     let valid = !bytes.is_empty()
         && bytes.len() <= 253
         && bytes

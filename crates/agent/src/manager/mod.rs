@@ -322,6 +322,7 @@ impl Manager {
             Ok(policy) => self.slots.egress(
                 &policy.with_internet(record.allow_internet),
                 crate::firewall::guest_resolver(&record.machine.cmdline),
+                record.egress_ca.clone().map(std::sync::Arc::new),
             ),
             Err(error) => {
                 tracing::error!(%error, sandbox = %record.sandbox_id, "egress rules do not parse: egress closed");
@@ -368,6 +369,16 @@ impl Manager {
         });
         if let Some(token) = &record.access_token {
             body["accessToken"] = json!(token);
+        }
+        if let Some(ca) = &record.egress_ca {
+            body["caBundle"] = json!(ca.cert_pem);
+            for (name, value) in crate::egress::transform::GUEST_CA_VARIABLES {
+                body["envVars"]
+                    .as_object_mut()
+                    .expect("envVars is an object")
+                    .entry(name)
+                    .or_insert_with(|| json!(value));
+            }
         }
         body
     }

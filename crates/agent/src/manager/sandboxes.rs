@@ -2,6 +2,7 @@
 //! slot and then calling envd's `/init`; looked up, routed to, measured and destroyed.
 
 use super::*;
+use crate::egress::transform::SandboxCa;
 
 impl Manager {
     /// Restores a template into a new sandbox and hands it its settings through `/init`.
@@ -30,10 +31,16 @@ impl Manager {
                 "an empty envd access token is not allowed".into(),
             ));
         }
-        options
+        let policy = options
             .egress
             .parse()
             .map_err(|error| AgentError::InvalidArgument(error.to_string()))?;
+        // Header transforms need the sandbox's own authority, trusted by its guest from /init.
+        let egress_ca = if policy.transforms.is_empty() {
+            None
+        } else {
+            Some(SandboxCa::generate(&sandbox_id)?)
+        };
         let dir = self.store.sandbox_dir(&sandbox_id);
         let record = SandboxRecord {
             sandbox_id: sandbox_id.clone(),
@@ -56,6 +63,7 @@ impl Manager {
             access_token: options.access_token.clone(),
             allow_internet: options.allow_internet,
             egress: options.egress.clone(),
+            egress_ca,
             metadata: options.metadata.clone(),
             error: None,
             snapshot: None,
@@ -255,7 +263,7 @@ impl Manager {
         allow_internet: bool,
         egress: EgressSettings,
     ) -> Result<SandboxRecord, AgentError> {
-        egress
+        let policy = egress
             .parse()
             .map_err(|error| AgentError::InvalidArgument(error.to_string()))?;
         let entry = self.entry(sandbox_id)?;
@@ -263,17 +271,32 @@ impl Manager {
         let mut changed = entry.snapshot();
         changed.allow_internet = allow_internet;
         changed.egress = egress.clone();
+        let new_ca = changed.egress_ca.is_none() && !policy.transforms.is_empty();
+        if new_ca {
+            changed.egress_ca = Some(SandboxCa::generate(sandbox_id)?);
+        }
         if changed.state == SandboxState::Running
             && let Some(slot) = changed.slot
         {
+            if new_ca {
+                // The guest trusts the new authority before any connection is intercepted.
+                envd_client::init(
+                    envd_address(slot),
+                    self.init_body(&changed),
+                    DEFAULT_INIT_TIMEOUT,
+                )
+                .await?;
+            }
             self.slots
                 .set_egress(slot, &self.egress_of(&changed))
                 .await?;
         }
         tracing::info!(sandbox = sandbox_id, "egress rules replaced");
+        let egress_ca = changed.egress_ca;
         Ok(self.save(&entry, |record| {
             record.allow_internet = allow_internet;
             record.egress = egress;
+            record.egress_ca = egress_ca;
         }))
     }
 

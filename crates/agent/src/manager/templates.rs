@@ -395,6 +395,7 @@ impl Manager {
             self.slots.egress(
                 &Default::default(),
                 crate::firewall::guest_resolver(&files.cmdline),
+                None,
             )
         } else {
             crate::firewall::Egress::Closed

@@ -1,6 +1,7 @@
 //! `POST /init`: the host agent hands a started or restored sandbox its settings: environment
-//! variables, access token, default user and working directory, and the current time (a
-//! restored snapshot's clock is stale).
+//! variables, access token, default user and working directory, the current time (a
+//! restored snapshot's clock is stale), and the sandbox's certificate authority when its
+//! egress rules need one ([`crate::trust`]).
 //!
 //! After a snapshot was prepared, the first authorised `/init` completes the restore (see
 //! `server`): connections from before the snapshot are closed and port forwarding restarts.
@@ -46,6 +47,8 @@ struct InitRequest {
     timestamp: Option<DateTime<Utc>>,
     default_user: Option<String>,
     default_workdir: Option<String>,
+    /// The sandbox's certificate authority (PEM), added to the trust store.
+    ca_bundle: Option<String>,
 }
 
 /// Whether the clock (`now`) is far enough from `given` to be set (both in unix ms).
@@ -124,6 +127,36 @@ pub(crate) async fn init(
         let now_ms = Utc::now().timestamp_millis();
         if envd.config.sync_clock && should_set_clock(now_ms, timestamp.timestamp_millis()) {
             set_clock(timestamp);
+        }
+    }
+
+    if let Some(pem) = request.ca_bundle.filter(|pem| !pem.trim().is_empty()) {
+        let store = envd.config.trust_store.clone();
+        let installed =
+            tokio::task::spawn_blocking(move || crate::trust::install(&store, &pem)).await;
+        match installed {
+            Ok(Ok(changed)) => {
+                if changed {
+                    tracing::info!("the sandbox's certificate authority is trusted");
+                }
+            }
+            Ok(Err(error @ crate::trust::TrustError::Invalid(_))) => {
+                tracing::warn!(%error, "rejecting /init");
+                return respond(StatusCode::BAD_REQUEST, "caBundle is not PEM certificates");
+            }
+            Ok(Err(error)) => {
+                tracing::error!(%error, "could not install the sandbox's certificate authority");
+                return respond(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "could not install caBundle in the trust store",
+                );
+            }
+            Err(_) => {
+                return respond(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "could not install caBundle in the trust store",
+                );
+            }
         }
     }
 

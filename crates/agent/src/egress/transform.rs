@@ -1,0 +1,632 @@
+//! Header transforms (E2B's `network.rules`): requests a guest sends to a named domain get
+//! headers the guest never sees, typically credentials.
+//!
+//! A sandbox with transforms has its own certificate authority ([`SandboxCa`]), made by the
+//! agent and kept in its record; only its certificate goes to the guest (envd's `/init`
+//! `caBundle`, which adds it to the guest's trust store), its key never leaves the agent. A
+//! connection the egress proxy admitted under a name some transform names is not joined byte
+//! for byte: the agent ends the guest's TLS with a certificate for that name signed by the
+//! sandbox's authority ([`Interceptor`]), opens its own TLS to the destination (verified
+//! against the host's trust store and the operator's extra authorities), and relays HTTP/1.1
+//! request by request, setting the transform's headers on each request **whose `Host` is the
+//! name the connection was admitted for** (a request for another host on the same connection
+//! is answered 421, so a credential cannot be sent where its rule does not say). Plain HTTP on
+//! port 80 is relayed the same way without TLS.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::error::AgentError;
+
+/// How long a guest may take to send a request's head on an intercepted connection.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the TLS handshakes (the guest's and the destination's) may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a sandbox's authority is valid (it lives as long as the sandbox: a resume a year
+/// later still has it).
+const CA_VALIDITY_DAYS: i64 = 3650;
+/// How long a certificate it signs for a name is valid.
+const LEAF_VALIDITY_DAYS: i64 = 30;
+/// Where envd puts the authority in the guest (Debian's place for local authorities), and the
+/// variables that point runtimes with their own trust stores at it (set unless the sandbox
+/// sets them).
+pub const GUEST_CA_FILE: &str = "/usr/local/share/ca-certificates/wrenn-sandbox-ca.crt";
+pub const GUEST_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+pub const GUEST_CA_VARIABLES: [(&str, &str); 2] = [
+    ("NODE_EXTRA_CA_CERTS", GUEST_CA_FILE),
+    ("REQUESTS_CA_BUNDLE", GUEST_BUNDLE),
+];
+
+/// A sandbox's certificate authority (PEM), kept in its record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxCa {
+    /// Its subject's common name (a certificate it signs names its issuer so).
+    pub common_name: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// The authority's parameters: the same each time, so a certificate it signs names it exactly
+/// as its own certificate does.
+fn authority_params(common_name: &str) -> rcgen::CertificateParams {
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, common_name);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "wrenn");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    params
+}
+
+fn certificate_error(error: impl std::fmt::Display) -> AgentError {
+    AgentError::Internal(format!("the sandbox's certificate authority: {error}"))
+}
+
+impl SandboxCa {
+    /// A new authority for `sandbox_id`.
+    pub fn generate(sandbox_id: &str) -> Result<SandboxCa, AgentError> {
+        let key = rcgen::KeyPair::generate().map_err(certificate_error)?;
+        let now = time::OffsetDateTime::now_utc();
+        let common_name = format!("wrenn sandbox {sandbox_id}");
+        let mut params = authority_params(&common_name);
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(CA_VALIDITY_DAYS);
+        let cert = params.self_signed(&key).map_err(certificate_error)?;
+        Ok(SandboxCa {
+            common_name,
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// What the egress proxy intercepts a slot's transformed connections with: its sandbox's
+/// authority (certificates for names are made on first use and kept) and the TLS settings
+/// of its connections to destinations.
+pub struct Interceptor {
+    ca_der: CertificateDer<'static>,
+    ca_key: rcgen::KeyPair,
+    issuer_params: rcgen::CertificateParams,
+    leaves: Mutex<HashMap<String, Arc<rustls::ServerConfig>>>,
+    upstream: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for Interceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Interceptor").finish_non_exhaustive()
+    }
+}
+
+impl Interceptor {
+    pub fn new(
+        ca: &SandboxCa,
+        upstream: Arc<rustls::ClientConfig>,
+    ) -> Result<Interceptor, AgentError> {
+        let ca_der = CertificateDer::from_pem_slice(ca.cert_pem.as_bytes())
+            .map_err(certificate_error)?
+            .into_owned();
+        let ca_key = rcgen::KeyPair::from_pem(&ca.key_pem).map_err(certificate_error)?;
+        Ok(Interceptor {
+            ca_der,
+            ca_key,
+            issuer_params: authority_params(&ca.common_name),
+            leaves: Mutex::new(HashMap::new()),
+            upstream,
+        })
+    }
+
+    /// The TLS settings that present a certificate for `name` (made once per name).
+    fn server_config(&self, name: &str) -> Result<Arc<rustls::ServerConfig>, AgentError> {
+        if let Some(config) = self.leaves.lock().expect("leaves lock").get(name) {
+            return Ok(config.clone());
+        }
+        let key = rcgen::KeyPair::generate().map_err(certificate_error)?;
+        let now = time::OffsetDateTime::now_utc();
+        let mut params =
+            rcgen::CertificateParams::new(vec![name.to_string()]).map_err(certificate_error)?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(LEAF_VALIDITY_DAYS);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let issuer = rcgen::Issuer::from_params(&self.issuer_params, &self.ca_key);
+        let cert = params.signed_by(&key, &issuer).map_err(certificate_error)?;
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(certificate_error)?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone(), self.ca_der.clone()], key_der)
+        .map_err(certificate_error)?;
+        // HTTP/1.1 only: the relay is HTTP/1.1's (a client offering h2 falls back).
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let config = Arc::new(config);
+        let mut leaves = self.leaves.lock().expect("leaves lock");
+        if leaves.len() >= 256 {
+            leaves.clear();
+        }
+        leaves.insert(name.to_string(), config.clone());
+        Ok(config)
+    }
+}
+
+/// The TLS settings of the agent's connections to transformed destinations: the host's trust
+/// store, plus the authorities in `extra` (PEM) when given.
+pub fn upstream_tls(extra: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, AgentError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    let (added, _) = roots.add_parsable_certificates(native.certs);
+    if let Some(path) = extra {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| {
+                AgentError::Internal(format!(
+                    "reading the authorities in {}: {e}",
+                    path.display()
+                ))
+            })?;
+        if certs.is_empty() {
+            return Err(AgentError::Internal(format!(
+                "{} holds no certificate",
+                path.display()
+            )));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| {
+                AgentError::Internal(format!("an authority in {}: {e}", path.display()))
+            })?;
+        }
+    } else if added == 0 {
+        tracing::warn!(
+            "the host's trust store has no authority: transformed HTTPS will fail until one is given"
+        );
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(certificate_error)?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A stream whose first bytes were already read (`prefix`) and are read again first.
+#[derive(Debug)]
+pub struct Prefixed<S> {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    pub fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Prefixed {
+            prefix,
+            at: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.at < self.prefix.len() {
+            let n = (self.prefix.len() - self.at).min(buf.remaining());
+            let at = self.at;
+            buf.put_slice(&self.prefix[at..at + n]);
+            self.at += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// One intercepted connection.
+pub struct Intercepted<'a> {
+    /// The guest's side, with the bytes the proxy read to name it.
+    pub guest: Prefixed<TcpStream>,
+    /// The connection to the destination (direct, or through the egress proxy).
+    pub upstream: TcpStream,
+    /// The name it was admitted for (lower case).
+    pub name: String,
+    /// Whether it is TLS (port 443) or plain HTTP (port 80).
+    pub tls: bool,
+    pub headers: Vec<(String, String)>,
+    pub interceptor: &'a Interceptor,
+}
+
+impl std::fmt::Debug for Intercepted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The headers' values are credentials: never shown.
+        f.debug_struct("Intercepted")
+            .field("name", &self.name)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+type RelayBody = BoxBody<Bytes, hyper::Error>;
+
+fn answer(status: StatusCode, text: &'static str) -> Response<RelayBody> {
+    let mut response = Response::new(
+        Full::new(Bytes::from_static(text.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// The host a request asks for (from its URI's authority, else its `Host`), normalised as the
+/// proxy's names are.
+fn request_host<B>(request: &Request<B>) -> Option<String> {
+    let value = match request.uri().authority() {
+        Some(authority) => authority.host().to_string(),
+        None => {
+            let host = request.headers().get(http::header::HOST)?.to_str().ok()?;
+            match host.rsplit_once(':') {
+                Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name.to_string(),
+                _ => host.to_string(),
+            }
+        }
+    };
+    super::sniff::host_name(value.as_bytes())
+}
+
+/// Relays an intercepted connection until either side ends it.
+pub async fn relay(connection: Intercepted<'_>) -> Result<(), AgentError> {
+    let Intercepted {
+        guest,
+        upstream,
+        name,
+        tls,
+        headers,
+        interceptor,
+    } = connection;
+    let headers: Arc<Vec<(HeaderName, HeaderValue)>> = Arc::new(
+        headers
+            .iter()
+            .filter_map(|(key, value)| {
+                Some((
+                    HeaderName::from_bytes(key.as_bytes()).ok()?,
+                    HeaderValue::from_str(value).ok()?,
+                ))
+            })
+            .collect(),
+    );
+    let handshake_failed = |side: &'static str| {
+        move |e: std::io::Error| AgentError::Internal(format!("TLS with the {side}: {e}"))
+    };
+    let timed_out = |side: &'static str| {
+        move |_| AgentError::Internal(format!("TLS with the {side} took too long"))
+    };
+    if tls {
+        let server = interceptor.server_config(&name)?;
+        let guest = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            tokio_rustls::TlsAcceptor::from(server).accept(guest),
+        )
+        .await
+        .map_err(timed_out("guest"))?
+        .map_err(handshake_failed("guest"))?;
+        let server_name = ServerName::try_from(name.clone())
+            .map_err(|e| AgentError::Internal(format!("{name:?}: {e}")))?;
+        let upstream = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            tokio_rustls::TlsConnector::from(interceptor.upstream.clone())
+                .connect(server_name, upstream),
+        )
+        .await
+        .map_err(timed_out("destination"))?
+        .map_err(handshake_failed("destination"))?;
+        relay_http(guest, upstream, name, headers).await
+    } else {
+        relay_http(guest, upstream, name, headers).await
+    }
+}
+
+/// Relays HTTP/1.1 requests from `guest` to `upstream`, setting `headers` on those for `name`.
+async fn relay_http<G, U>(
+    guest: G,
+    upstream: U,
+    name: String,
+    headers: Arc<Vec<(HeaderName, HeaderValue)>>,
+) -> Result<(), AgentError>
+where
+    G: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, upstream_connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(upstream))
+            .await
+            .map_err(|e| AgentError::Internal(format!("HTTP with the destination: {e}")))?;
+    let sender = Arc::new(tokio::sync::Mutex::new(sender));
+    let name: Arc<str> = name.into();
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        let (sender, name, headers) = (sender.clone(), name.clone(), headers.clone());
+        async move {
+            if request_host(&request).as_deref() != Some(&*name) {
+                return Ok::<_, std::convert::Infallible>(answer(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "this connection was opened for another host\n",
+                ));
+            }
+            for (key, value) in headers.iter() {
+                request.headers_mut().insert(key.clone(), value.clone());
+            }
+            let mut sender = sender.lock().await;
+            if sender.ready().await.is_err() {
+                return Ok(answer(
+                    StatusCode::BAD_GATEWAY,
+                    "the destination closed the connection\n",
+                ));
+            }
+            Ok(match sender.send_request(request).await {
+                Ok(response) => response.map(BodyExt::boxed),
+                Err(error) => {
+                    tracing::debug!(%error, "a transformed request failed");
+                    answer(StatusCode::BAD_GATEWAY, "the destination failed\n")
+                }
+            })
+        }
+    });
+    let guest_connection = hyper::server::conn::http1::Builder::new()
+        .preserve_header_case(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(guest), service);
+    tokio::pin!(guest_connection);
+    tokio::pin!(upstream_connection);
+    tokio::select! {
+        _ = &mut guest_connection => {}
+        _ = &mut upstream_connection => {
+            // The destination closed: the guest's connection ends once its request is answered.
+            guest_connection.as_mut().graceful_shutdown();
+            let _ = guest_connection.await;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// Reads one request head (up to the blank line).
+    async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Option<String> {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if stream.read(&mut byte).await.ok()? == 0 {
+                return None;
+            }
+            head.push(byte[0]);
+        }
+        Some(String::from_utf8(head).unwrap())
+    }
+
+    /// A destination that records every request head it gets and answers `ok`.
+    async fn destination(
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let recorded = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (tls, seen) = (tls.clone(), seen.clone());
+                tokio::spawn(async move {
+                    let mut stream: Box<dyn AsyncReadWrite> = match tls {
+                        Some(config) => Box::new(
+                            tokio_rustls::TlsAcceptor::from(config)
+                                .accept(stream)
+                                .await
+                                .unwrap(),
+                        ),
+                        None => Box::new(stream),
+                    };
+                    while let Some(head) = read_head(&mut stream).await {
+                        seen.lock().unwrap().push(head);
+                        stream
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                            .await
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        (address, recorded)
+    }
+
+    trait AsyncReadWrite: AsyncRead + AsyncWrite + Unpin + Send {}
+    impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncReadWrite for T {}
+
+    /// A guest's connection handed to the relay: the guest's end, and the relay's task.
+    async fn intercepted(
+        interceptor: Arc<Interceptor>,
+        upstream: std::net::SocketAddr,
+        tls: bool,
+    ) -> TcpStream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let guest = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let upstream = TcpStream::connect(upstream).await.unwrap();
+        tokio::spawn(async move {
+            let _ = relay(Intercepted {
+                guest: Prefixed::new(Vec::new(), accepted),
+                upstream,
+                name: "api.test".into(),
+                tls,
+                headers: vec![("X-Secret".into(), "s3cret".into())],
+                interceptor: &interceptor,
+            })
+            .await;
+        });
+        guest
+    }
+
+    async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, host: &str) -> String {
+        stream
+            .write_all(
+                format!("GET /x HTTP/1.1\r\nHost: {host}\r\nX-Secret: mine\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+        let head = read_head(stream).await.unwrap();
+        let length: usize = head
+            .lines()
+            .find_map(|line| {
+                line.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap();
+        let mut body = vec![0u8; length];
+        stream.read_exact(&mut body).await.unwrap();
+        format!("{head}{}", String::from_utf8(body).unwrap())
+    }
+
+    /// The destination's own authority and a certificate for `api.test` it signed.
+    fn destination_tls(dir: &Path) -> (Arc<rustls::ServerConfig>, std::path::PathBuf) {
+        let ca = SandboxCa::generate("destination").unwrap();
+        let interceptor = Interceptor::new(&ca, upstream_tls(None).unwrap()).unwrap();
+        let path = dir.join("destination-ca.pem");
+        std::fs::write(&path, &ca.cert_pem).unwrap();
+        (interceptor.server_config("api.test").unwrap(), path)
+    }
+
+    #[tokio::test]
+    async fn plain_http_requests_for_the_name_get_the_headers_and_others_get_421() {
+        let (address, seen) = destination(None).await;
+        let ca = SandboxCa::generate("sbx").unwrap();
+        let interceptor = Arc::new(Interceptor::new(&ca, upstream_tls(None).unwrap()).unwrap());
+        let mut guest = intercepted(interceptor, address, false).await;
+        let answer = exchange(&mut guest, "api.test:80").await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok"),
+            "{answer}"
+        );
+        // Another host on the same connection: refused, nothing reaches the destination.
+        let answer = exchange(&mut guest, "other.test").await;
+        assert!(answer.starts_with("HTTP/1.1 421"), "{answer}");
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        // The transform's value replaced the guest's own.
+        assert!(seen[0].contains("x-secret: s3cret\r\n"), "{}", seen[0]);
+        assert!(!seen[0].contains("mine"), "{}", seen[0]);
+    }
+
+    #[tokio::test]
+    async fn https_is_ended_with_the_sandbox_authority_and_verified_upstream() {
+        let dir = tempfile::tempdir().unwrap();
+        let (server, destination_ca) = destination_tls(dir.path());
+        let (address, seen) = destination(Some(server)).await;
+        let ca = SandboxCa::generate("sbx").unwrap();
+        // The guest trusts only the sandbox's authority.
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).unwrap())
+            .unwrap();
+        let guest_tls = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        );
+        let connect = |interceptor: Arc<Interceptor>| {
+            let guest_tls = guest_tls.clone();
+            async move {
+                let guest = intercepted(interceptor, address, true).await;
+                tokio_rustls::TlsConnector::from(guest_tls)
+                    .connect(ServerName::try_from("api.test").unwrap(), guest)
+                    .await
+            }
+        };
+        // Upstream verified against the operator's extra authority: the request goes through.
+        let trusting =
+            Arc::new(Interceptor::new(&ca, upstream_tls(Some(&destination_ca)).unwrap()).unwrap());
+        let mut guest = connect(trusting).await.unwrap();
+        let answer = exchange(&mut guest, "api.test").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(!answer.contains("s3cret"));
+        assert!(seen.lock().unwrap()[0].contains("x-secret: s3cret\r\n"));
+        // A destination whose certificate the agent cannot verify gets no request.
+        let untrusting = Arc::new(Interceptor::new(&ca, upstream_tls(None).unwrap()).unwrap());
+        let refused = match connect(untrusting).await {
+            Ok(mut guest) => {
+                let mut rest = Vec::new();
+                let _ = guest
+                    .write_all(b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n")
+                    .await;
+                let _ = guest.read_to_end(&mut rest).await;
+                rest.is_empty() || String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 502")
+            }
+            Err(_) => true,
+        };
+        assert!(refused);
+        assert_eq!(seen.lock().unwrap().len(), 1);
+    }
+}

@@ -1,7 +1,9 @@
 //! `wrenn-bench egress`: what domain rules cost a guest's connections. A namespace of the
 //! benchmark's own plays a web server (a 256 MiB body and a small one, by name through a DNS
 //! server of its own); one sandbox reaches it directly (no rules), another through the agent's
-//! egress proxy (an allowed domain, everything else denied). Each downloads the big body
+//! egress proxy (an allowed domain, everything else denied), a third with a header transform
+//! on that domain besides (its HTTP relayed by the agent request by request, the header set).
+//! Each downloads the big body
 //! (throughput, median of the runs) and fetches the small one again and again (connection
 //! setup: curl's time to the first byte of the answer, on a new connection each time).
 
@@ -276,6 +278,15 @@ pub async fn run_bench(args: EgressBenchArgs) -> anyhow::Result<()> {
         (
             "through the egress proxy (domain rule)",
             serde_json::json!({"allowOut": [NAME], "denyOut": ["0.0.0.0/0"]}).to_string(),
+        ),
+        (
+            "with a header transform (relayed per request)",
+            serde_json::json!({
+                "allowOut": [NAME],
+                "denyOut": ["0.0.0.0/0"],
+                "rules": {NAME: [{"transform": {"headers": {"X-Bench": "1"}}}]},
+            })
+            .to_string(),
         ),
     ] {
         eprintln!("{label} ...");

@@ -168,8 +168,11 @@ SERVER = textwrap.dedent(
     echo = Threaded(("0.0.0.0", 7000), Echo)
     connect = Threaded(("0.0.0.0", 3128), Connect)
     socks = Threaded(("0.0.0.0", 1080), Socks)
+    # The same SOCKS5 proxy over TLS (the internet's certificate).
+    socks_tls = Threaded(("0.0.0.0", 1443), Socks)
+    socks_tls.socket = context.wrap_socket(socks_tls.socket, server_side=True)
     for serve in (echo.serve_forever, https.serve_forever, dns, connect.serve_forever,
-                  socks.serve_forever):
+                  socks.serve_forever, socks_tls.serve_forever):
         threading.Thread(target=serve, daemon=True).start()
     print("serving", flush=True)
     http.serve_forever()
@@ -891,5 +894,31 @@ def test_transforms_added_live_install_the_authority_and_change_with_the_rules(n
         seen = {r["path"]: r["headers"] for r in net.internet.seen()[before:]}
         assert seen["/quiet/c"].get("authorization") == "Bearer two", seen
         assert "authorization" not in seen["/quiet/d"], seen
+    finally:
+        sandbox.kill()
+
+
+def test_an_egress_proxy_over_tls_is_verified_and_fails_closed(net):
+    c = TARGETS["c"]
+    with open(net.internet.ca_cert) as f:
+        authority = f.read()
+    proxy = {"address": f"{TARGETS['a']}:1443", "username": "user", "password": "secret",
+             "tls": {"server_name": "far.test", "ca_cert": authority}}
+    before = len(net.internet.proxied())
+    sandbox = create(net, network={"egress_proxy": proxy})
+    try:
+        results = fetch(sandbox, {"c": f"http://{c}/"})
+        assert results["c"] == (0, c, c), results
+        assert net.internet.proxied()[before:] == [f"socks {c}:80"]
+        shown = Sandbox.get_info(sandbox.sandbox_id, **net.sdk).network["egress_proxy"]
+        assert shown.get("tls") == {"server_name": "far.test"}, shown
+        assert "BEGIN CERTIFICATE" not in json.dumps(shown)
+        # A name the certificate does not hold, or the system's trust store (which does not
+        # know the internet's authority): refused, never sent in the clear.
+        for tls in [{"server_name": "nope.test", "ca_cert": authority}, True]:
+            sandbox.update_network({"egress_proxy": dict(proxy, tls=tls)})
+            count = len(net.internet.proxied())
+            assert not answered(fetch(sandbox, {"c": f"http://{c}/"})["c"]), tls
+            assert len(net.internet.proxied()) == count, tls
     finally:
         sandbox.kill()

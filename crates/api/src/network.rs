@@ -86,6 +86,39 @@ pub struct EgressProxy {
     pub username: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
+    /// TLS to the proxy (the SOCKS5 or CONNECT handshake and the tunnelled bytes inside it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<EgressProxyTls>,
+}
+
+/// TLS to an egress proxy, as E2B spells it: the certificate is always verified (against
+/// `caCert` when given, which replaces the system's trust store, else the system's), against
+/// `serverName` (default: the address's host), which is also sent as SNI.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressProxyTls {
+    pub enabled: bool,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        alias = "server_name"
+    )]
+    pub server_name: Option<String>,
+    /// PEM certificates, at most 8 KiB; never returned.
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "ca_cert")]
+    pub ca_cert: Option<String>,
+}
+
+/// The most bytes of an egress proxy's `tls.caCert`.
+pub const MAX_PROXY_CA_BYTES: usize = 8192;
+
+/// A parsed [`EgressProxyTls`] that is enabled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyTls {
+    /// Verified against, and sent as SNI.
+    pub server_name: String,
+    /// PEM certificates that replace the system's trust store.
+    pub ca_pem: Option<String>,
 }
 
 /// Why settings were refused: the message names the field and the entry.
@@ -240,6 +273,49 @@ pub struct ProxyTarget {
     pub port: u16,
     pub username: Option<String>,
     pub password: Option<String>,
+    pub tls: Option<ProxyTls>,
+}
+
+impl EgressProxyTls {
+    /// The TLS settings in force (`None`: plain TCP), for a proxy at `host`.
+    fn parse(&self, host: &str) -> Result<Option<ProxyTls>, String> {
+        if !self.enabled {
+            if self.server_name.is_some() || self.ca_cert.is_some() {
+                return Err("egressProxy.tls: with enabled false no other field may be set".into());
+            }
+            return Ok(None);
+        }
+        let server_name = match &self.server_name {
+            Some(name) => {
+                let valid = name.len() <= 253
+                    && (name.parse::<IpAddr>().is_ok()
+                        || name
+                            .parse::<DomainPattern>()
+                            .is_ok_and(|pattern| !pattern.wildcard));
+                if !valid {
+                    return Err(format!(
+                        "egressProxy.tls.serverName {name:?} is not a host name"
+                    ));
+                }
+                name.clone()
+            }
+            None => host.to_string(),
+        };
+        if let Some(pem) = &self.ca_cert {
+            if pem.len() > MAX_PROXY_CA_BYTES {
+                return Err(format!(
+                    "egressProxy.tls.caCert is over {MAX_PROXY_CA_BYTES} bytes"
+                ));
+            }
+            if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                return Err("egressProxy.tls.caCert holds no PEM certificate".into());
+            }
+        }
+        Ok(Some(ProxyTls {
+            server_name,
+            ca_pem: self.ca_cert.clone(),
+        }))
+    }
 }
 
 impl EgressProxy {
@@ -281,12 +357,17 @@ impl EgressProxy {
         if self.password.is_some() && self.username.is_none() {
             return Err("egressProxy.password needs a username".into());
         }
+        let tls = match &self.tls {
+            Some(tls) => tls.parse(host)?,
+            None => None,
+        };
         Ok(ProxyTarget {
             kind,
             host: host.to_string(),
             port,
             username: self.username.clone(),
             password: self.password.clone(),
+            tls,
         })
     }
 }
@@ -464,6 +545,9 @@ impl EgressSettings {
         let mut shown = self.clone();
         if let Some(proxy) = &mut shown.egress_proxy {
             proxy.password = None;
+            if let Some(tls) = &mut proxy.tls {
+                tls.ca_cert = None;
+            }
         }
         for rules in shown.rules.values_mut() {
             for rule in rules {
@@ -645,6 +729,75 @@ mod tests {
             ..proxy("p:1")
         };
         assert!(no_user.parse().is_err());
+        // TLS to the proxy: the server name defaults to the host; a CA is checked and never shown.
+        let tls = |tls: EgressProxyTls| EgressProxy {
+            tls: Some(tls),
+            ..proxy("proxy.example.com:1080")
+        };
+        let on = tls(EgressProxyTls {
+            enabled: true,
+            ..Default::default()
+        });
+        assert_eq!(
+            on.parse().unwrap().tls.unwrap().server_name,
+            "proxy.example.com"
+        );
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let custom = tls(EgressProxyTls {
+            enabled: true,
+            server_name: Some("edge.example.com".into()),
+            ca_cert: Some(pem.into()),
+        });
+        let parsed = custom.parse().unwrap().tls.unwrap();
+        assert_eq!(parsed.server_name, "edge.example.com");
+        assert_eq!(parsed.ca_pem.as_deref(), Some(pem));
+        let settings = EgressSettings {
+            egress_proxy: Some(custom),
+            ..Default::default()
+        };
+        let shown = settings.redacted();
+        assert_eq!(
+            shown
+                .egress_proxy
+                .as_ref()
+                .unwrap()
+                .tls
+                .as_ref()
+                .unwrap()
+                .ca_cert,
+            None
+        );
+        assert!(
+            tls(EgressProxyTls::default())
+                .parse()
+                .unwrap()
+                .tls
+                .is_none()
+        );
+        for bad in [
+            EgressProxyTls {
+                enabled: false,
+                server_name: Some("x.example.com".into()),
+                ca_cert: None,
+            },
+            EgressProxyTls {
+                enabled: true,
+                server_name: Some("not a name".into()),
+                ca_cert: None,
+            },
+            EgressProxyTls {
+                enabled: true,
+                server_name: None,
+                ca_cert: Some("garbage".into()),
+            },
+            EgressProxyTls {
+                enabled: true,
+                server_name: None,
+                ca_cert: Some(pem.repeat(200)),
+            },
+        ] {
+            assert!(tls(bad.clone()).parse().is_err(), "{bad:?}");
+        }
         // With domain rules, the DNS servers are allowed addresses; without, they change nothing.
         let mut resolvers = EgressSettings {
             dns_servers: Some(vec!["1.1.1.1".into()]),

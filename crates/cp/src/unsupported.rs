@@ -87,16 +87,6 @@ fn check_network_fields(network: &Value) -> Result<(), Unsupported> {
             });
         }
     }
-    // TLS to the egress proxy: its `enabled` (or anything in it) would be ignored.
-    if get(network, "egressProxy", "egress_proxy")
-        .and_then(|proxy| proxy.get("tls"))
-        .is_some_and(|tls| !is_unset(tls))
-    {
-        return Err(Unsupported {
-            field: "egressProxy.tls".into(),
-            why: "the egress proxy is reached over plain TCP (SOCKS5 or HTTP CONNECT) only",
-        });
-    }
     Ok(())
 }
 
@@ -134,14 +124,11 @@ mod tests {
             json!({"network": {"allowOut": ["1.1.1.1", "*.example.com"], "denyOut": ["0.0.0.0/0"]}}),
             json!({"network": {"maskRequestHost": "${PORT}-x.example.com"}}),
             json!({"network": {"rules": {"example.com": [{"transform": {"headers": {"A": "b"}}}]}}}),
+            json!({"network": {"egressProxy": {"address": "p:1080", "tls": {"enabled": true}}}}),
         ] {
             assert_eq!(check_create(&body), Ok(()), "{body}");
         }
         let cases = [
-            (
-                json!({"network": {"egressProxy": {"address": "p:1080", "tls": {"enabled": true}}}}),
-                "network.egressProxy.tls",
-            ),
             (
                 json!({"network": {"httpsPorts": [3000]}}),
                 "network.httpsPorts",
@@ -165,10 +152,14 @@ mod tests {
         assert_eq!(
             check_network_update(
                 &json!({"egressProxy": {"address": "p:1080", "tls": {"enabled": true}}})
-            )
-            .unwrap_err()
-            .field,
-            "egressProxy.tls"
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            check_network_update(&json!({"httpsPorts": [443]}))
+                .unwrap_err()
+                .field,
+            "httpsPorts"
         );
     }
 }

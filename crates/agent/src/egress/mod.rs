@@ -33,6 +33,13 @@ pub const RESOLUTION_GRACE: Duration = Duration::from_secs(300);
 /// The shortest life of a resolution, whatever its TTL.
 pub const SHORTEST_RESOLUTION: Duration = Duration::from_secs(30);
 
+/// A connection out of a slot: plain TCP, or TLS to an egress proxy.
+pub type Upstream = Box<dyn UpstreamStream>;
+
+/// What an [`Upstream`] is.
+pub trait UpstreamStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> UpstreamStream for T {}
+
 /// What the rules say of a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {

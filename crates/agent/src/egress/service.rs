@@ -295,7 +295,13 @@ async fn proxy_connection(
             let by_name = name.as_deref().filter(|name| policy.allows_domain(name));
             super::tunnel::open(proxy, destination, by_name, dialer, closed).await
         }
-        None => dialer.connect(destination, CONNECT_TIMEOUT).await,
+        None => dialer
+            .connect(destination, CONNECT_TIMEOUT)
+            .await
+            .map(|tcp| {
+                let _ = tcp.set_nodelay(true);
+                Box::new(tcp) as super::Upstream
+            }),
     };
     let mut upstream = match upstream {
         Ok(upstream) => upstream,
@@ -304,7 +310,6 @@ async fn proxy_connection(
             return reset(guest);
         }
     };
-    let _ = upstream.set_nodelay(true);
     // A transformed name, at an address the sandbox's resolver gave for it: relayed request
     // by request, its headers set.
     if let Some(name) = &name

@@ -137,7 +137,10 @@ impl Interceptor {
     }
 
     /// The TLS settings that present a certificate for `name` (made once per name).
-    fn server_config(&self, name: &str) -> Result<Arc<rustls::ServerConfig>, AgentError> {
+    pub(crate) fn server_config(
+        &self,
+        name: &str,
+    ) -> Result<Arc<rustls::ServerConfig>, AgentError> {
         if let Some(config) = self.leaves.lock().expect("leaves lock").get(name) {
             return Ok(config.clone());
         }
@@ -276,7 +279,7 @@ pub struct Intercepted<'a> {
     /// The guest's side, with the bytes the proxy read to name it.
     pub guest: Prefixed<TcpStream>,
     /// The connection to the destination (direct, or through the egress proxy).
-    pub upstream: TcpStream,
+    pub upstream: super::Upstream,
     /// The name it was admitted for (lower case).
     pub name: String,
     /// Whether it is TLS (port 443) or plain HTTP (port 80).
@@ -510,7 +513,8 @@ mod tests {
             .await
             .unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
-        let upstream = TcpStream::connect(upstream).await.unwrap();
+        let upstream: super::super::Upstream =
+            Box::new(TcpStream::connect(upstream).await.unwrap());
         tokio::spawn(async move {
             let _ = relay(Intercepted {
                 guest: Prefixed::new(Vec::new(), accepted),
@@ -572,7 +576,13 @@ mod tests {
         let seen = seen.lock().unwrap().clone();
         assert_eq!(seen.len(), 1, "{seen:?}");
         // The transform's value replaced the guest's own.
-        assert!(seen[0].contains("x-secret: s3cret\r\n"), "{}", seen[0]);
+        assert!(
+            seen[0]
+                .to_ascii_lowercase()
+                .contains("x-secret: s3cret\r\n"),
+            "{}",
+            seen[0]
+        );
         assert!(!seen[0].contains("mine"), "{}", seen[0]);
     }
 
@@ -612,7 +622,11 @@ mod tests {
         let answer = exchange(&mut guest, "api.test").await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(!answer.contains("s3cret"));
-        assert!(seen.lock().unwrap()[0].contains("x-secret: s3cret\r\n"));
+        assert!(
+            seen.lock().unwrap()[0]
+                .to_ascii_lowercase()
+                .contains("x-secret: s3cret\r\n")
+        );
         // A destination whose certificate the agent cannot verify gets no request.
         let untrusting = Arc::new(Interceptor::new(&ca, upstream_tls(None).unwrap()).unwrap());
         let refused = match connect(untrusting).await {

@@ -324,6 +324,7 @@ async fn proxy_connection(
             tls: destination.port() == 443,
             headers: headers.to_vec(),
             interceptor: &interceptor,
+            ends: ends.clone(),
         });
         tokio::select! {
             () = ends.cancelled() => {}

@@ -30,6 +30,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::AgentError;
 
@@ -286,6 +287,9 @@ pub struct Intercepted<'a> {
     pub tls: bool,
     pub headers: Vec<(String, String)>,
     pub interceptor: &'a Interceptor,
+    /// Cancelled when the rules stop allowing it or the sandbox ends (a switched protocol's
+    /// joined bytes end with it too).
+    pub ends: CancellationToken,
 }
 
 impl std::fmt::Debug for Intercepted<'_> {
@@ -339,6 +343,7 @@ pub async fn relay(connection: Intercepted<'_>) -> Result<(), AgentError> {
         tls,
         headers,
         interceptor,
+        ends,
     } = connection;
     let headers: Arc<Vec<(HeaderName, HeaderValue)>> = Arc::new(
         headers
@@ -376,9 +381,9 @@ pub async fn relay(connection: Intercepted<'_>) -> Result<(), AgentError> {
         .await
         .map_err(timed_out("destination"))?
         .map_err(handshake_failed("destination"))?;
-        relay_http(guest, upstream, name, headers).await
+        relay_http(guest, upstream, name, headers, ends).await
     } else {
-        relay_http(guest, upstream, name, headers).await
+        relay_http(guest, upstream, name, headers, ends).await
     }
 }
 
@@ -388,6 +393,7 @@ async fn relay_http<G, U>(
     upstream: U,
     name: String,
     headers: Arc<Vec<(HeaderName, HeaderValue)>>,
+    ends: CancellationToken,
 ) -> Result<(), AgentError>
 where
     G: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -399,8 +405,11 @@ where
             .map_err(|e| AgentError::Internal(format!("HTTP with the destination: {e}")))?;
     let sender = Arc::new(tokio::sync::Mutex::new(sender));
     let name: Arc<str> = name.into();
+    let upgraded = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let upgrades = upgraded.clone();
     let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
         let (sender, name, headers) = (sender.clone(), name.clone(), headers.clone());
+        let (upgraded, ends) = (upgrades.clone(), ends.clone());
         async move {
             if request_host(&request).as_deref() != Some(&*name) {
                 return Ok::<_, std::convert::Infallible>(answer(
@@ -418,8 +427,29 @@ where
                     "the destination closed the connection\n",
                 ));
             }
+            // A protocol switch (WebSocket): once both sides have switched, their bytes are
+            // joined as they are (the headers went with the request that asked for it).
+            let guest_side = hyper::upgrade::on(&mut request);
             Ok(match sender.send_request(request).await {
-                Ok(response) => response.map(BodyExt::boxed),
+                Ok(mut response) => {
+                    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        upgraded.store(true, std::sync::atomic::Ordering::SeqCst);
+                        let upstream_side = hyper::upgrade::on(&mut response);
+                        tokio::spawn(async move {
+                            let (Ok(guest), Ok(upstream)) = tokio::join!(guest_side, upstream_side)
+                            else {
+                                return;
+                            };
+                            let (mut guest, mut upstream) =
+                                (TokioIo::new(guest), TokioIo::new(upstream));
+                            tokio::select! {
+                                () = ends.cancelled() => {}
+                                _ = tokio::io::copy_bidirectional(&mut guest, &mut upstream) => {}
+                            }
+                        });
+                    }
+                    response.map(BodyExt::boxed)
+                }
                 Err(error) => {
                     tracing::debug!(%error, "a transformed request failed");
                     answer(StatusCode::BAD_GATEWAY, "the destination failed\n")
@@ -431,14 +461,20 @@ where
         .preserve_header_case(true)
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .serve_connection(TokioIo::new(guest), service);
+        .serve_connection(TokioIo::new(guest), service)
+        .with_upgrades();
+    let upstream_connection = upstream_connection.with_upgrades();
     tokio::pin!(guest_connection);
     tokio::pin!(upstream_connection);
     tokio::select! {
         _ = &mut guest_connection => {}
         _ = &mut upstream_connection => {
-            // The destination closed: the guest's connection ends once its request is answered.
-            guest_connection.as_mut().graceful_shutdown();
+            // Switched protocols: the guest's side hands its connection over once the answer
+            // is written. Else the destination closed: the guest's connection ends once its
+            // request is answered.
+            if !upgraded.load(std::sync::atomic::Ordering::SeqCst) {
+                guest_connection.as_mut().graceful_shutdown();
+            }
             let _ = guest_connection.await;
         }
     }
@@ -487,7 +523,22 @@ mod tests {
                         None => Box::new(stream),
                     };
                     while let Some(head) = read_head(&mut stream).await {
+                        let upgrade = head.to_ascii_lowercase().contains("upgrade: websocket");
                         seen.lock().unwrap().push(head);
+                        if upgrade {
+                            // Switched: from now on an echo of raw bytes.
+                            stream
+                                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+                                .await
+                                .unwrap();
+                            let mut buffer = [0u8; 64];
+                            loop {
+                                match stream.read(&mut buffer).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => stream.write_all(&buffer[..n]).await.unwrap(),
+                                }
+                            }
+                        }
                         stream
                             .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                             .await
@@ -523,6 +574,7 @@ mod tests {
                 tls,
                 headers: vec![("X-Secret".into(), "s3cret".into())],
                 interceptor: &interceptor,
+                ends: CancellationToken::new(),
             })
             .await;
         });
@@ -584,6 +636,36 @@ mod tests {
             seen[0]
         );
         assert!(!seen[0].contains("mine"), "{}", seen[0]);
+    }
+
+    #[tokio::test]
+    async fn a_protocol_switch_joins_the_two_sides_after_the_headers_went() {
+        let (address, seen) = destination(None).await;
+        let ca = SandboxCa::generate("sbx").unwrap();
+        let interceptor = Arc::new(Interceptor::new(&ca, upstream_tls(None).unwrap()).unwrap());
+        let mut guest = intercepted(interceptor, address, false).await;
+        guest
+            .write_all(b"GET /socket HTTP/1.1\r\nHost: api.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut guest).await.unwrap();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        for message in [&b"ping"[..], b"pong!"] {
+            guest.write_all(message).await.unwrap();
+            let mut echoed = vec![0u8; message.len()];
+            tokio::time::timeout(Duration::from_secs(5), guest.read_exact(&mut echoed))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(echoed, message);
+        }
+        let seen = seen.lock().unwrap().clone();
+        assert!(
+            seen[0]
+                .to_ascii_lowercase()
+                .contains("x-secret: s3cret\r\n"),
+            "{seen:?}"
+        );
     }
 
     #[tokio::test]

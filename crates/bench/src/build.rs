@@ -143,15 +143,7 @@ pub async fn run(args: BuildBenchArgs) -> anyhow::Result<()> {
         None => Vec::new(),
     };
     let agent = BenchAgent::start_with(&args.guest, "wbs", 1000, &store_args)?;
-    eprintln!("building the parent template (one cold boot) ...");
-    let _: pb::BuildTemplateResponse = agent
-        .call::<host_agent::BuildTemplate>(&pb::BuildTemplateRequest {
-            template_id: "bench".into(),
-            memory_mib: args.guest.memory_mib,
-            vcpus: 1,
-            ..Default::default()
-        })
-        .await?;
+    agent.build_template(args.guest.memory_mib).await?;
     let (mut builds, mut first_creates, mut parent_creates) = (Vec::new(), Vec::new(), Vec::new());
     let mut freezes = Vec::new();
     for run in 0..args.runs {

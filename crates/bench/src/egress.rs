@@ -263,15 +263,7 @@ pub async fn run_bench(args: EgressBenchArgs) -> anyhow::Result<()> {
             format!("{NET}.2:53"),
         ],
     )?;
-    eprintln!("building the template (one cold boot) ...");
-    let _: pb::BuildTemplateResponse = agent
-        .call::<host_agent::BuildTemplate>(&pb::BuildTemplateRequest {
-            template_id: "bench".into(),
-            memory_mib: args.guest.memory_mib,
-            vcpus: 1,
-            ..Default::default()
-        })
-        .await?;
+    agent.build_template(args.guest.memory_mib).await?;
     let mut results = Vec::new();
     for (label, egress) in [
         ("direct (no rules)", String::new()),

@@ -200,6 +200,21 @@ pub(super) struct BenchAgent {
 }
 
 impl BenchAgent {
+    /// Builds the benchmarks' template `bench` (one cold boot) with `memory_mib` and one vCPU.
+    pub(super) async fn build_template(
+        &self,
+        memory_mib: u32,
+    ) -> anyhow::Result<pb::BuildTemplateResponse> {
+        eprintln!("building the template (one cold boot) ...");
+        self.call::<host_agent::BuildTemplate>(&pb::BuildTemplateRequest {
+            template_id: "bench".into(),
+            memory_mib,
+            vcpus: 1,
+            ..Default::default()
+        })
+        .await
+    }
+
     pub(super) fn start(guest: &GuestArgs) -> anyhow::Result<BenchAgent> {
         Self::start_with(guest, "wbs", 1000, &[])
     }
@@ -337,15 +352,7 @@ impl Drop for BenchAgent {
 
 pub async fn sandbox(args: SandboxBenchArgs) -> anyhow::Result<()> {
     let agent = BenchAgent::start(&args.guest)?;
-    eprintln!("building the template (one cold boot) ...");
-    let built: pb::BuildTemplateResponse = agent
-        .call::<host_agent::BuildTemplate>(&pb::BuildTemplateRequest {
-            template_id: "bench".into(),
-            memory_mib: args.guest.memory_mib,
-            vcpus: 1,
-            ..Default::default()
-        })
-        .await?;
+    let built = agent.build_template(args.guest.memory_mib).await?;
     let template = built.template.context("no template")?;
     let record: TemplateRecord = serde_json::from_slice(&std::fs::read(
         agent.data.path().join("templates/bench/template.json"),

@@ -144,15 +144,7 @@ async fn resume(agent: &BenchAgent, id: &str) -> anyhow::Result<Duration> {
 
 pub async fn run(args: SnapshotBenchArgs) -> anyhow::Result<()> {
     let agent = BenchAgent::start_with(&args.guest, "wbn", 1200, &[])?;
-    eprintln!("building the template (one cold boot) ...");
-    let _: pb::BuildTemplateResponse = agent
-        .call::<host_agent::BuildTemplate>(&pb::BuildTemplateRequest {
-            template_id: "bench".into(),
-            memory_mib: args.guest.memory_mib,
-            vcpus: 1,
-            ..Default::default()
-        })
-        .await?;
+    agent.build_template(args.guest.memory_mib).await?;
 
     eprintln!("{} snapshots of a running sandbox ...", args.snapshots);
     agent.create_from("bench", "source".into()).await?;

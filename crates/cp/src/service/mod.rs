@@ -212,6 +212,20 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// The team's sandbox `sandbox_id` (a lost one is gone), else "not found": another team's
+    /// is not told apart from none.
+    pub(crate) async fn team_sandbox(
+        &self,
+        team_id: &str,
+        sandbox_id: &str,
+    ) -> Result<SandboxRow, Error> {
+        self.store
+            .sandbox(sandbox_id)
+            .await?
+            .filter(|row| row.team_id == team_id && row.state != SandboxState::Lost)
+            .ok_or_else(|| Error::SandboxNotFound(sandbox_id.to_string()))
+    }
+
     /// `PUT /sandboxes/{id}/network`: replaces the team's sandbox's egress rules (a running
     /// one's at once, a paused one's for its resume); its host mask stays.
     pub async fn update_network(
@@ -222,12 +236,7 @@ impl ControlPlane {
         egress: wrenn_agent_api::network::EgressSettings,
     ) -> Result<(), Error> {
         let _turn = self.changes.turn(sandbox_id).await;
-        let row = self
-            .store
-            .sandbox(sandbox_id)
-            .await?
-            .filter(|row| row.team_id == team_id && row.state != SandboxState::Lost)
-            .ok_or_else(|| Error::SandboxNotFound(sandbox_id.to_string()))?;
+        let row = self.team_sandbox(team_id, sandbox_id).await?;
         let network = crate::store::StoredNetwork {
             egress,
             ..row.network.clone()

@@ -73,12 +73,7 @@ impl ControlPlane {
             .map(split_name)
             .transpose()?;
         let _turn = self.changes.turn(sandbox_id).await;
-        let row = self
-            .store
-            .sandbox(sandbox_id)
-            .await?
-            .filter(|row| row.team_id == team_id && row.state != SandboxState::Lost)
-            .ok_or_else(|| Error::SandboxNotFound(sandbox_id.to_string()))?;
+        let row = self.team_sandbox(team_id, sandbox_id).await?;
         if row.state != SandboxState::Running {
             return Err(Error::Conflict(format!(
                 "sandbox \"{sandbox_id}\" is {}: only a running sandbox can be snapshotted",
@@ -301,12 +296,7 @@ impl ControlPlane {
         // Held to the end: the source is not killed or paused between its checkpoint and the
         // forks' creates.
         let _turn = self.changes.turn(sandbox_id).await;
-        let row = self
-            .store
-            .sandbox(sandbox_id)
-            .await?
-            .filter(|row| row.team_id == team_id && row.state != SandboxState::Lost)
-            .ok_or_else(|| Error::SandboxNotFound(sandbox_id.to_string()))?;
+        let row = self.team_sandbox(team_id, sandbox_id).await?;
         if row.state != SandboxState::Running {
             return Err(Error::Conflict(format!(
                 "sandbox \"{sandbox_id}\" is {}: only a running sandbox can be forked",

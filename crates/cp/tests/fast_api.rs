@@ -2406,7 +2406,7 @@ async fn egress_rules_reach_the_host_are_shown_replaced_live_and_kept_by_snapsho
         (json!({"allowOut": [""]}), "empty domain"),
         (json!({"denyOut": ["example.com"]}), "denyOut takes CIDRs"),
         (
-            json!({"egressProxy": {"address": "p:1080", "tls": {"enabled": true}}}),
+            json!({"egressProxy": {"address": "p:1080", "tls": {"enabled": false, "serverName": "x.example.com"}}}),
             "egressProxy.tls",
         ),
         (

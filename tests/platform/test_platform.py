@@ -466,11 +466,10 @@ def test_a_crashed_control_plane_restarts_without_losing_a_running_sandbox(wrenn
 
 
 def test_settings_wrenn_does_not_enforce_are_refused_by_name(wrenn):
-    # The SDK sends TLS to an egress proxy, volume mounts and MCP as the API's fields; wrenn
-    # does not enforce them (yet), so it refuses them (400) rather than ignore them.
+    # The SDK sends volume mounts and MCP as the API's fields; wrenn does not enforce them
+    # (yet), so it refuses them (400) rather than ignore them.
     refused = [
-        ({"network": {"egress_proxy": {"address": "proxy.example.com:1080", "tls": True}}},
-         "network.egressProxy.tls"),
+        ({"volume_mounts": {"/data": "my-volume"}}, "volumeMounts"),
         ({"mcp": {"github": {"githubPersonalAccessToken": "x"}}}, "mcp"),
     ]
     for options, field in refused:

@@ -2576,7 +2576,7 @@ async fn header_transforms_reach_the_host_and_their_values_are_never_shown() {
             "PUT",
             &format!("/sandboxes/{id}/network"),
             Some(&kit.key_a),
-            json!({"rules": {"*.example.com": [{"transform": {"headers": {"X-Key": "k2"}}}]}}),
+            json!({"rules": {"*.example.com": [{"transform": {"headers": {"X-Key": "second-s3cret-value"}}}]}}),
         )
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
@@ -2587,10 +2587,16 @@ async fn header_transforms_reach_the_host_and_their_values_are_never_shown() {
             .as_ref()
             .unwrap()
             .headers["X-Key"],
-        "k2"
+        "second-s3cret-value"
     );
     let (_, listed) = kit.call_a("GET", "/v2/sandboxes").await;
-    assert!(!listed.to_string().contains("k2"), "{listed}");
+    assert!(
+        !listed.to_string().contains("second-s3cret-value"),
+        "{listed}"
+    );
     let (_, detail) = kit.call_a("GET", &format!("/sandboxes/{id}")).await;
-    assert!(!detail.to_string().contains("k2"), "{detail}");
+    assert!(
+        !detail.to_string().contains("second-s3cret-value"),
+        "{detail}"
+    );
 }

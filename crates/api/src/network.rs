@@ -252,6 +252,15 @@ fn check_header(name: &str, value: &str) -> Result<(), String> {
             "the value of header {name:?} holds a line break or a NUL"
         ));
     }
+    // What every HTTP/1.1 implementation sends as is: visible ASCII, spaces and tabs.
+    if !value
+        .bytes()
+        .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+    {
+        return Err(format!(
+            "the value of header {name:?} holds a character other than visible ASCII, spaces and tabs"
+        ));
+    }
     if value.len() > 8192 {
         return Err(format!("the value of header {name:?} is over 8 KiB"));
     }
@@ -684,6 +693,8 @@ mod tests {
             ("Content-Length", "1"),
             ("X Bad", "x"),
             ("X-Ok", "a\r\nb"),
+            ("X-Ok", "caf\u{e9}"),
+            ("X-Ok", "a\u{7}b"),
         ] {
             let mut bad = EgressSettings::default();
             bad.rules.insert(

@@ -116,40 +116,72 @@ fn without_block(bundle: &str) -> String {
     }
 }
 
-/// Installs `pem` as the sandbox's authority (replacing an earlier one). Returns whether
-/// anything changed.
-pub fn install(store: &TrustStore, pem: &str) -> Result<bool, TrustError> {
+/// What [`install`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Installed {
+    /// Whether anything was written (the same authority again writes nothing).
+    pub changed: bool,
+    /// Whether the system bundle holds it (a guest without one, another distribution's
+    /// layout, gets none made: a bundle of the authority alone would distrust everything else).
+    pub in_bundle: bool,
+}
+
+/// The variables that point runtimes with trust stores of their own at the authority: Node
+/// always (it adds the file to its own roots), Python's requests only when the system bundle
+/// holds it (the variable replaces requests' roots).
+pub fn variables(store: &TrustStore, installed: Installed) -> Vec<(String, String)> {
+    let mut variables = vec![(
+        "NODE_EXTRA_CA_CERTS".to_string(),
+        store.ca_file.display().to_string(),
+    )];
+    if installed.in_bundle {
+        variables.push((
+            "REQUESTS_CA_BUNDLE".to_string(),
+            store.bundle.display().to_string(),
+        ));
+    }
+    variables
+}
+
+/// Installs `pem` as the sandbox's authority (replacing an earlier one).
+pub fn install(store: &TrustStore, pem: &str) -> Result<Installed, TrustError> {
     validate(pem)?;
     let mut pem = pem.trim().to_string();
     pem.push('\n');
-    if std::fs::read_to_string(&store.ca_file).is_ok_and(|current| current == pem) {
-        let bundle = std::fs::read_to_string(&store.bundle).unwrap_or_default();
-        if bundle.contains(&format!("{BEGIN}{pem}{END}")) {
-            return Ok(false);
-        }
+    let block = format!("{BEGIN}{pem}{END}");
+    let bundle_exists = store.bundle.exists();
+    if std::fs::read_to_string(&store.ca_file).is_ok_and(|current| current == pem)
+        && (!bundle_exists
+            || std::fs::read_to_string(&store.bundle).is_ok_and(|bundle| bundle.contains(&block)))
+    {
+        return Ok(Installed {
+            changed: false,
+            in_bundle: bundle_exists,
+        });
     }
     write_atomically(&store.ca_file, pem.as_bytes())?;
+    if !bundle_exists {
+        return Ok(Installed {
+            changed: true,
+            in_bundle: false,
+        });
+    }
     // A bundle that is a link (to another distribution's store) is written where it leads.
     let bundle_path = std::fs::canonicalize(&store.bundle).unwrap_or(store.bundle.clone());
-    let current = match std::fs::read_to_string(&bundle_path) {
-        Ok(text) => text,
-        Err(error) if error.kind() == io::ErrorKind::NotFound => String::new(),
-        Err(source) => {
-            return Err(TrustError::Io {
-                path: bundle_path,
-                source,
-            });
-        }
-    };
+    let current = std::fs::read_to_string(&bundle_path).map_err(|source| TrustError::Io {
+        path: bundle_path.clone(),
+        source,
+    })?;
     let mut bundle = without_block(&current);
     if !bundle.is_empty() && !bundle.ends_with('\n') {
         bundle.push('\n');
     }
-    bundle.push_str(BEGIN);
-    bundle.push_str(&pem);
-    bundle.push_str(END);
+    bundle.push_str(&block);
     write_atomically(&bundle_path, bundle.as_bytes())?;
-    Ok(true)
+    Ok(Installed {
+        changed: true,
+        in_bundle: true,
+    })
 }
 
 #[cfg(test)]
@@ -174,14 +206,20 @@ mod tests {
         let store = store(dir.path());
         std::fs::create_dir_all(dir.path().join("certs")).unwrap();
         std::fs::write(&store.bundle, "SYSTEM ROOTS\n").unwrap();
-        assert!(install(&store, ONE).unwrap());
+        assert_eq!(
+            install(&store, ONE).unwrap(),
+            Installed {
+                changed: true,
+                in_bundle: true
+            }
+        );
         assert_eq!(std::fs::read_to_string(&store.ca_file).unwrap(), ONE);
         let bundle = std::fs::read_to_string(&store.bundle).unwrap();
         assert_eq!(bundle, format!("SYSTEM ROOTS\n{BEGIN}{ONE}{END}"));
         // Again: nothing changes.
-        assert!(!install(&store, ONE).unwrap());
+        assert!(!install(&store, ONE).unwrap().changed);
         // A new authority replaces the old; the system's roots stay.
-        assert!(install(&store, TWO).unwrap());
+        assert!(install(&store, TWO).unwrap().changed);
         let bundle = std::fs::read_to_string(&store.bundle).unwrap();
         assert_eq!(bundle, format!("SYSTEM ROOTS\n{BEGIN}{TWO}{END}"));
         assert!(!bundle.contains("UOne"));
@@ -190,6 +228,23 @@ mod tests {
             std::fs::read_dir(dir.path().join("certs")).unwrap().count(),
             1
         );
+    }
+
+    /// A guest without the bundle (another distribution) gets the authority's own file, no
+    /// bundle of it alone, and only the variable that adds to a runtime's roots.
+    #[test]
+    fn no_bundle_is_made_where_the_guest_has_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let installed = install(&store, ONE).unwrap();
+        assert!(installed.changed && !installed.in_bundle);
+        assert!(store.ca_file.exists() && !store.bundle.exists());
+        let names: Vec<String> = variables(&store, installed)
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(names, ["NODE_EXTRA_CA_CERTS"]);
+        assert!(!install(&store, ONE).unwrap().changed);
     }
 
     #[test]

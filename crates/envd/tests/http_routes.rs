@@ -424,6 +424,13 @@ async fn init_installs_the_sandbox_authority_in_the_trust_store() {
     assert_eq!(std::fs::read_to_string(&ca_file).unwrap(), pem("One"));
     let installed = std::fs::read_to_string(&bundle).unwrap();
     assert!(installed.starts_with("SYSTEM ROOTS\n") && installed.contains(&pem("One")));
+    // Processes are pointed at it (Node's extra roots, Python requests' bundle).
+    let envs = envd
+        .request("GET", "/envs", &[("x-access-token", "tok")], "")
+        .await
+        .json();
+    assert_eq!(envs["NODE_EXTRA_CA_CERTS"], ca_file.to_str().unwrap());
+    assert_eq!(envs["REQUESTS_CA_BUNDLE"], bundle.to_str().unwrap());
 
     assert_eq!(
         envd.request("POST", "/init", &[json], init(&pem("Two")))

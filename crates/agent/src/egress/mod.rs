@@ -90,6 +90,22 @@ struct Admitted {
     address: IpAddr,
     name: Option<String>,
     ends: CancellationToken,
+    /// Gone when the connection's [`Admission`] (and every clone of its keep) is dropped.
+    alive: std::sync::Weak<()>,
+}
+
+impl Admitted {
+    fn open(&self) -> bool {
+        !self.ends.is_cancelled() && self.alive.strong_count() > 0
+    }
+}
+
+/// An admitted connection, held by whatever carries it: while it (or a clone of `keep`) lives,
+/// the slot tracks the connection; `ends` is cancelled when the rules stop allowing it.
+#[derive(Debug)]
+pub struct Admission {
+    pub ends: CancellationToken,
+    pub keep: Arc<()>,
 }
 
 /// One slot's egress state.
@@ -134,7 +150,7 @@ impl SlotEgress {
         let policy = Arc::new(policy);
         *self.policy.lock().expect("egress policy lock") = policy.clone();
         let mut admitted = self.admitted.lock().expect("admitted lock");
-        admitted.retain(|connection| !connection.ends.is_cancelled());
+        admitted.retain(Admitted::open);
         let mut cut = 0;
         for connection in admitted.iter() {
             let decision = decide(
@@ -149,7 +165,7 @@ impl SlotEgress {
                 cut += 1;
             }
         }
-        admitted.retain(|connection| !connection.ends.is_cancelled());
+        admitted.retain(Admitted::open);
         cut
     }
 
@@ -191,7 +207,7 @@ impl SlotEgress {
         destination: SocketAddr,
         name: Option<&str>,
         closed: impl Fn(IpAddr) -> bool,
-    ) -> Result<CancellationToken, &'static str> {
+    ) -> Result<Admission, &'static str> {
         let policy = self.policy();
         match decide(
             &policy,
@@ -202,14 +218,17 @@ impl SlotEgress {
         ) {
             Decision::Allow => {
                 let ends = self.ends.child_token();
+                let keep = Arc::new(());
                 let mut admitted = self.admitted.lock().expect("admitted lock");
-                admitted.retain(|connection| !connection.ends.is_cancelled());
+                // Connections that ended are forgotten here (the list does not grow with them).
+                admitted.retain(Admitted::open);
                 admitted.push(Admitted {
                     address: destination.ip(),
                     name: name.map(str::to_string),
                     ends: ends.clone(),
+                    alive: Arc::downgrade(&keep),
                 });
-                Ok(ends)
+                Ok(Admission { ends, keep })
             }
             Decision::Deny(why) => Err(why),
         }
@@ -223,7 +242,7 @@ impl SlotEgress {
     /// Admitted connections still open.
     pub fn open_connections(&self) -> usize {
         let mut admitted = self.admitted.lock().expect("admitted lock");
-        admitted.retain(|connection| !connection.ends.is_cancelled());
+        admitted.retain(Admitted::open);
         admitted.len()
     }
 }
@@ -303,6 +322,8 @@ mod tests {
         assert!(egress.resolved_to("api.test", ip("1.2.3.4")));
         assert!(!egress.resolved_to("api.test", ip("1.2.3.5")));
         let first = egress.admit(at, Some("api.test"), open).unwrap();
+        // A connection that ended (its admission dropped) is no longer counted.
+        drop(egress.admit(at, Some("api.test"), open).unwrap());
         let other = SocketAddr::from(([7, 7, 7, 7], 80));
         assert!(egress.admit(other, None, open).is_err());
         assert_eq!(egress.open_connections(), 1);
@@ -311,14 +332,14 @@ mod tests {
             egress.set_policy(policy(&["*.test", "api.test"], &["0.0.0.0/0"]), open),
             0
         );
-        assert!(!first.is_cancelled());
+        assert!(!first.ends.is_cancelled());
         // Rules that no longer do end it.
         assert_eq!(egress.set_policy(policy(&[], &["1.0.0.0/8"]), open), 1);
-        assert!(first.is_cancelled());
+        assert!(first.ends.is_cancelled());
         assert_eq!(egress.open_connections(), 0);
         // The slot's end ends them all.
         let second = egress.admit(other, None, open).unwrap();
         egress.end();
-        assert!(second.is_cancelled());
+        assert!(second.ends.is_cancelled());
     }
 }

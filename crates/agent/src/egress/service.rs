@@ -273,7 +273,7 @@ fn reset(stream: TcpStream) {
 async fn proxy_connection(
     mut guest: TcpStream,
     dialer: &SlotDialer,
-    state: &SlotEgress,
+    state: &Arc<SlotEgress>,
     closed: &ClosedRanges,
 ) {
     let Ok(destination) = original_destination(&guest) else {
@@ -281,13 +281,14 @@ async fn proxy_connection(
     };
     let mut first = Vec::new();
     let name = sniff_name(&mut guest, destination.port(), &mut first).await;
-    let ends = match state.admit(destination, name.as_deref(), |a| closed.contains(a)) {
-        Ok(ends) => ends,
+    let admission = match state.admit(destination, name.as_deref(), |a| closed.contains(a)) {
+        Ok(admission) => admission,
         Err(why) => {
             tracing::debug!(%destination, name = name.as_deref().unwrap_or(""), why, "egress refused");
             return reset(guest);
         }
     };
+    let ends = admission.ends.clone();
     let policy = state.policy();
     let upstream = match &policy.egress_proxy {
         // A name is asked for only when a domain rule admitted it by that name.
@@ -313,18 +314,29 @@ async fn proxy_connection(
     // A transformed name, at an address the sandbox's resolver gave for it: relayed request
     // by request, its headers set.
     if let Some(name) = &name
-        && let Some(headers) = policy.headers_for(name)
+        && policy.headers_for(name).is_some()
         && let Some(interceptor) = state.interceptor()
         && state.resolved_to(name, destination.ip())
     {
+        let headers: super::transform::HeaderSource = {
+            let (state, name) = (state.clone(), name.clone());
+            Arc::new(move || {
+                state
+                    .policy()
+                    .headers_for(&name)
+                    .map(<[_]>::to_vec)
+                    .unwrap_or_default()
+            })
+        };
         let relay = super::transform::relay(Intercepted {
             guest: Prefixed::new(first, guest),
             upstream,
             name: name.clone(),
             tls: destination.port() == 443,
-            headers: headers.to_vec(),
+            headers,
             interceptor: &interceptor,
             ends: ends.clone(),
+            keep: admission.keep.clone(),
         });
         tokio::select! {
             () = ends.cancelled() => {}

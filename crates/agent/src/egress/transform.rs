@@ -43,16 +43,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const CA_VALIDITY_DAYS: i64 = 3650;
 /// How long a certificate it signs for a name is valid.
 const LEAF_VALIDITY_DAYS: i64 = 30;
-/// Where envd puts the authority in the guest (Debian's place for local authorities), and the
-/// variables that point runtimes with their own trust stores at it (set unless the sandbox
-/// sets them).
-pub const GUEST_CA_FILE: &str = "/usr/local/share/ca-certificates/wrenn-sandbox-ca.crt";
-pub const GUEST_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
-pub const GUEST_CA_VARIABLES: [(&str, &str); 2] = [
-    ("NODE_EXTRA_CA_CERTS", GUEST_CA_FILE),
-    ("REQUESTS_CA_BUNDLE", GUEST_BUNDLE),
-];
-
 /// A sandbox's certificate authority (PEM), kept in its record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxCa {
@@ -109,7 +99,8 @@ pub struct Interceptor {
     ca_der: CertificateDer<'static>,
     ca_key: rcgen::KeyPair,
     issuer_params: rcgen::CertificateParams,
-    leaves: Mutex<HashMap<String, Arc<rustls::ServerConfig>>>,
+    /// A name's TLS settings, and when to make new ones (before its certificate ends).
+    leaves: Mutex<HashMap<String, (Arc<rustls::ServerConfig>, std::time::Instant)>>,
     upstream: Arc<rustls::ClientConfig>,
 }
 
@@ -142,7 +133,9 @@ impl Interceptor {
         &self,
         name: &str,
     ) -> Result<Arc<rustls::ServerConfig>, AgentError> {
-        if let Some(config) = self.leaves.lock().expect("leaves lock").get(name) {
+        if let Some((config, renew_at)) = self.leaves.lock().expect("leaves lock").get(name)
+            && *renew_at > std::time::Instant::now()
+        {
             return Ok(config.clone());
         }
         let key = rcgen::KeyPair::generate().map_err(certificate_error)?;
@@ -175,7 +168,10 @@ impl Interceptor {
         if leaves.len() >= 256 {
             leaves.clear();
         }
-        leaves.insert(name.to_string(), config.clone());
+        // Renewed a day before it ends (a sandbox may run for longer than a certificate).
+        let renew_at = std::time::Instant::now()
+            + Duration::from_secs((LEAF_VALIDITY_DAYS as u64 - 1) * 24 * 3600);
+        leaves.insert(name.to_string(), (config.clone(), renew_at));
         Ok(config)
     }
 }
@@ -285,11 +281,16 @@ pub struct Intercepted<'a> {
     pub name: String,
     /// Whether it is TLS (port 443) or plain HTTP (port 80).
     pub tls: bool,
-    pub headers: Vec<(String, String)>,
+    /// The transform's headers for the name **now** (asked at each request: an update that
+    /// changes or removes them applies to connections already open).
+    pub headers: HeaderSource,
     pub interceptor: &'a Interceptor,
     /// Cancelled when the rules stop allowing it or the sandbox ends (a switched protocol's
     /// joined bytes end with it too).
     pub ends: CancellationToken,
+    /// Held while the connection (or a protocol switch's joined bytes) lives: the slot
+    /// tracks it until then.
+    pub keep: Arc<()>,
 }
 
 impl std::fmt::Debug for Intercepted<'_> {
@@ -303,6 +304,22 @@ impl std::fmt::Debug for Intercepted<'_> {
 }
 
 type RelayBody = BoxBody<Bytes, hyper::Error>;
+
+/// Where a relay reads the headers to set (none: the rules set none any more).
+pub type HeaderSource = Arc<dyn Fn() -> Vec<(String, String)> + Send + Sync>;
+
+/// The headers as hyper takes them (the API validated them; one that would not pass is left out).
+fn header_pairs(headers: &[(String, String)]) -> Vec<(HeaderName, HeaderValue)> {
+    headers
+        .iter()
+        .filter_map(|(key, value)| {
+            Some((
+                HeaderName::from_bytes(key.as_bytes()).ok()?,
+                HeaderValue::from_str(value).ok()?,
+            ))
+        })
+        .collect()
+}
 
 fn answer(status: StatusCode, text: &'static str) -> Response<RelayBody> {
     let mut response = Response::new(
@@ -318,20 +335,33 @@ fn answer(status: StatusCode, text: &'static str) -> Response<RelayBody> {
     response
 }
 
-/// The host a request asks for (from its URI's authority, else its `Host`), normalised as the
-/// proxy's names are.
-fn request_host<B>(request: &Request<B>) -> Option<String> {
-    let value = match request.uri().authority() {
-        Some(authority) => authority.host().to_string(),
-        None => {
-            let host = request.headers().get(http::header::HOST)?.to_str().ok()?;
-            match host.rsplit_once(':') {
-                Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name.to_string(),
-                _ => host.to_string(),
-            }
-        }
+/// A `Host` value's name, normalised as the proxy's names are (its port left out).
+fn host_value_name(value: &HeaderValue) -> Option<String> {
+    let host = value.to_str().ok()?;
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
     };
-    super::sniff::host_name(value.as_bytes())
+    super::sniff::host_name(name.as_bytes())
+}
+
+/// Whether a request is for `name` alone: exactly one `Host`, naming it, and no other
+/// authority in its URI (a server that routes by one or the other must not be told another
+/// host).
+fn for_name<B>(request: &Request<B>, name: &str) -> bool {
+    let mut hosts = request.headers().get_all(http::header::HOST).iter();
+    let (Some(host), None) = (hosts.next(), hosts.next()) else {
+        return false;
+    };
+    if host_value_name(host).as_deref() != Some(name) {
+        return false;
+    }
+    match request.uri().authority() {
+        Some(authority) => {
+            super::sniff::host_name(authority.host().as_bytes()).as_deref() == Some(name)
+        }
+        None => true,
+    }
 }
 
 /// Relays an intercepted connection until either side ends it.
@@ -344,18 +374,8 @@ pub async fn relay(connection: Intercepted<'_>) -> Result<(), AgentError> {
         headers,
         interceptor,
         ends,
+        keep,
     } = connection;
-    let headers: Arc<Vec<(HeaderName, HeaderValue)>> = Arc::new(
-        headers
-            .iter()
-            .filter_map(|(key, value)| {
-                Some((
-                    HeaderName::from_bytes(key.as_bytes()).ok()?,
-                    HeaderValue::from_str(value).ok()?,
-                ))
-            })
-            .collect(),
-    );
     let handshake_failed = |side: &'static str| {
         move |e: std::io::Error| AgentError::Internal(format!("TLS with the {side}: {e}"))
     };
@@ -381,9 +401,9 @@ pub async fn relay(connection: Intercepted<'_>) -> Result<(), AgentError> {
         .await
         .map_err(timed_out("destination"))?
         .map_err(handshake_failed("destination"))?;
-        relay_http(guest, upstream, name, headers, ends).await
+        relay_http(guest, upstream, name, headers, ends, keep).await
     } else {
-        relay_http(guest, upstream, name, headers, ends).await
+        relay_http(guest, upstream, name, headers, ends, keep).await
     }
 }
 
@@ -392,8 +412,9 @@ async fn relay_http<G, U>(
     guest: G,
     upstream: U,
     name: String,
-    headers: Arc<Vec<(HeaderName, HeaderValue)>>,
+    headers: HeaderSource,
     ends: CancellationToken,
+    keep: Arc<()>,
 ) -> Result<(), AgentError>
 where
     G: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -409,16 +430,35 @@ where
     let upgrades = upgraded.clone();
     let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
         let (sender, name, headers) = (sender.clone(), name.clone(), headers.clone());
-        let (upgraded, ends) = (upgrades.clone(), ends.clone());
+        let (upgraded, ends, keep) = (upgrades.clone(), ends.clone(), keep.clone());
         async move {
-            if request_host(&request).as_deref() != Some(&*name) {
+            if !for_name(&request, &name) {
                 return Ok::<_, std::convert::Infallible>(answer(
                     StatusCode::MISDIRECTED_REQUEST,
                     "this connection was opened for another host\n",
                 ));
             }
-            for (key, value) in headers.iter() {
-                request.headers_mut().insert(key.clone(), value.clone());
+            // TRACE echoes the request (the headers set here included) back to the guest.
+            if request.method() == http::Method::TRACE || request.method() == http::Method::CONNECT
+            {
+                return Ok(answer(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "TRACE and CONNECT are not relayed on a connection whose requests get headers\n",
+                ));
+            }
+            // Origin-form from here on: the destination sees no other authority than the name.
+            if request.uri().authority().is_some() {
+                let origin = request
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.as_str().to_string())
+                    .unwrap_or_else(|| "/".into());
+                if let Ok(uri) = origin.parse() {
+                    *request.uri_mut() = uri;
+                }
+            }
+            for (key, value) in header_pairs(&headers()) {
+                request.headers_mut().insert(key, value);
             }
             let mut sender = sender.lock().await;
             if sender.ready().await.is_err() {
@@ -436,6 +476,7 @@ where
                         upgraded.store(true, std::sync::atomic::Ordering::SeqCst);
                         let upstream_side = hyper::upgrade::on(&mut response);
                         tokio::spawn(async move {
+                            let _keep = keep;
                             let (Ok(guest), Ok(upstream)) = tokio::join!(guest_side, upstream_side)
                             else {
                                 return;
@@ -559,6 +600,21 @@ mod tests {
         upstream: std::net::SocketAddr,
         tls: bool,
     ) -> TcpStream {
+        intercepted_with(
+            interceptor,
+            upstream,
+            tls,
+            Arc::new(|| vec![("X-Secret".into(), "s3cret".into())]),
+        )
+        .await
+    }
+
+    async fn intercepted_with(
+        interceptor: Arc<Interceptor>,
+        upstream: std::net::SocketAddr,
+        tls: bool,
+        headers: HeaderSource,
+    ) -> TcpStream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let guest = TcpStream::connect(listener.local_addr().unwrap())
             .await
@@ -572,9 +628,10 @@ mod tests {
                 upstream,
                 name: "api.test".into(),
                 tls,
-                headers: vec![("X-Secret".into(), "s3cret".into())],
+                headers,
                 interceptor: &interceptor,
                 ends: CancellationToken::new(),
+                keep: Arc::new(()),
             })
             .await;
         });
@@ -636,6 +693,90 @@ mod tests {
             seen[0]
         );
         assert!(!seen[0].contains("mine"), "{}", seen[0]);
+    }
+
+    async fn raw_exchange<S: AsyncRead + AsyncWrite + Unpin>(
+        stream: &mut S,
+        request: &str,
+    ) -> String {
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let head = read_head(stream).await.unwrap();
+        let length: usize = head
+            .lines()
+            .find_map(|line| {
+                line.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap_or(0);
+        let mut body = vec![0u8; length];
+        stream.read_exact(&mut body).await.unwrap();
+        head
+    }
+
+    /// A request naming another host anywhere (its URI, a second `Host`) or one that would
+    /// echo the headers back (TRACE) is not sent; the headers are the rules' at each request.
+    #[tokio::test]
+    async fn only_requests_for_the_name_alone_get_the_current_headers() {
+        let (address, seen) = destination(None).await;
+        let ca = SandboxCa::generate("sbx").unwrap();
+        let interceptor = Arc::new(Interceptor::new(&ca, upstream_tls(None).unwrap()).unwrap());
+        let value = Arc::new(Mutex::new("one".to_string()));
+        let current = value.clone();
+        let source: HeaderSource =
+            Arc::new(move || vec![("X-Secret".into(), current.lock().unwrap().clone())]);
+        let mut guest = intercepted_with(interceptor, address, false, source).await;
+        for (request, status) in [
+            (
+                "GET http://evil.test/ HTTP/1.1\r\nHost: api.test\r\n\r\n",
+                "421",
+            ),
+            (
+                "GET http://api.test/ HTTP/1.1\r\nHost: evil.test\r\n\r\n",
+                "421",
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: api.test\r\nHost: evil.test\r\n\r\n",
+                "421",
+            ),
+            ("TRACE / HTTP/1.1\r\nHost: api.test\r\n\r\n", "405"),
+            (
+                "GET http://api.test/absolute HTTP/1.1\r\nHost: api.test\r\n\r\n",
+                "200",
+            ),
+        ] {
+            let head = raw_exchange(&mut guest, request).await;
+            assert!(
+                head.starts_with(&format!("HTTP/1.1 {status}")),
+                "{request:?}: {head}"
+            );
+        }
+        // Rotated: the next request on the same connection carries the new value.
+        *value.lock().unwrap() = "two".into();
+        let head = raw_exchange(
+            &mut guest,
+            "GET /rotated HTTP/1.1\r\nHost: api.test\r\n\r\n",
+        )
+        .await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        // Sent in origin form, with the value of its moment.
+        assert!(
+            seen[0].starts_with("GET /absolute HTTP/1.1\r\n"),
+            "{}",
+            seen[0]
+        );
+        assert!(
+            seen[0].to_ascii_lowercase().contains("x-secret: one\r\n"),
+            "{}",
+            seen[0]
+        );
+        assert!(
+            seen[1].to_ascii_lowercase().contains("x-secret: two\r\n"),
+            "{}",
+            seen[1]
+        );
     }
 
     #[tokio::test]

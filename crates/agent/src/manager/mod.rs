@@ -370,15 +370,10 @@ impl Manager {
         if let Some(token) = &record.access_token {
             body["accessToken"] = json!(token);
         }
+        // envd adds it to the guest's trust store (and sets the variables that point runtimes
+        // with stores of their own at it).
         if let Some(ca) = &record.egress_ca {
             body["caBundle"] = json!(ca.cert_pem);
-            for (name, value) in crate::egress::transform::GUEST_CA_VARIABLES {
-                body["envVars"]
-                    .as_object_mut()
-                    .expect("envVars is an object")
-                    .entry(name)
-                    .or_insert_with(|| json!(value));
-            }
         }
         body
     }

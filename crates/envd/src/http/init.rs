@@ -115,30 +115,26 @@ pub(crate) async fn init(
         envd.ports.start().await;
     }
 
-    if let Some(timestamp) = request.timestamp {
-        let given_ns = timestamp.timestamp_nanos_opt().unwrap_or(i64::MAX);
-        let mut last = envd.last_init_ns.lock().expect("init time lock");
-        if given_ns < *last {
-            tracing::info!(%timestamp, "ignoring an /init older than the last applied one");
-            return respond(StatusCode::NO_CONTENT, "");
-        }
-        *last = given_ns;
-        drop(last);
-        let now_ms = Utc::now().timestamp_millis();
-        if envd.config.sync_clock && should_set_clock(now_ms, timestamp.timestamp_millis()) {
-            set_clock(timestamp);
-        }
-    }
-
-    if let Some(pem) = request.ca_bundle.filter(|pem| !pem.trim().is_empty()) {
+    // Before the timestamp's check: an /init older than the last one still brings the
+    // sandbox's authority (a restored clone's clock may be behind the host's).
+    let mut ca_variables = Vec::new();
+    if let Some(pem) = request
+        .ca_bundle
+        .clone()
+        .filter(|pem| !pem.trim().is_empty())
+    {
         let store = envd.config.trust_store.clone();
         let installed =
             tokio::task::spawn_blocking(move || crate::trust::install(&store, &pem)).await;
         match installed {
-            Ok(Ok(changed)) => {
-                if changed {
-                    tracing::info!("the sandbox's certificate authority is trusted");
+            Ok(Ok(installed)) => {
+                if installed.changed {
+                    tracing::info!(
+                        in_bundle = installed.in_bundle,
+                        "the sandbox's certificate authority is trusted"
+                    );
                 }
+                ca_variables = crate::trust::variables(&envd.config.trust_store, installed);
             }
             Ok(Err(error @ crate::trust::TrustError::Invalid(_))) => {
                 tracing::warn!(%error, "rejecting /init");
@@ -160,12 +156,31 @@ pub(crate) async fn init(
         }
     }
 
+    if let Some(timestamp) = request.timestamp {
+        let given_ns = timestamp.timestamp_nanos_opt().unwrap_or(i64::MAX);
+        let mut last = envd.last_init_ns.lock().expect("init time lock");
+        if given_ns < *last {
+            tracing::info!(%timestamp, "ignoring an /init older than the last applied one");
+            return respond(StatusCode::NO_CONTENT, "");
+        }
+        *last = given_ns;
+        drop(last);
+        let now_ms = Utc::now().timestamp_millis();
+        if envd.config.sync_clock && should_set_clock(now_ms, timestamp.timestamp_millis()) {
+            set_clock(timestamp);
+        }
+    }
+
     envd.update_session(|session| {
         if let Some(vars) = request.env_vars {
             session.env_vars = vars
                 .into_iter()
                 .filter(|(key, _)| !INTERNAL_VARS.contains(&key.as_str()))
                 .collect();
+        }
+        // The authority's variables, unless the sandbox sets its own.
+        for (name, value) in ca_variables {
+            session.env_vars.entry(name).or_insert(value);
         }
         if let Some(token) = request.access_token {
             session.access_token = Some(token);

@@ -179,9 +179,8 @@ impl Interceptor {
 /// The TLS settings of the agent's connections to transformed destinations: the host's trust
 /// store, plus the authorities in `extra` (PEM) when given.
 pub fn upstream_tls(extra: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, AgentError> {
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    let (added, _) = roots.add_parsable_certificates(native.certs);
+    let mut roots = (*super::tunnel::system_roots()).clone();
+    let added = roots.len();
     if let Some(path) = extra {
         let certs = CertificateDer::pem_file_iter(path)
             .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
@@ -639,24 +638,17 @@ mod tests {
     }
 
     async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, host: &str) -> String {
-        stream
-            .write_all(
-                format!("GET /x HTTP/1.1\r\nHost: {host}\r\nX-Secret: mine\r\n\r\n").as_bytes(),
-            )
-            .await
-            .unwrap();
-        let head = read_head(stream).await.unwrap();
-        let length: usize = head
-            .lines()
-            .find_map(|line| {
-                line.to_ascii_lowercase()
-                    .strip_prefix("content-length: ")
-                    .map(|v| v.trim().parse().unwrap())
-            })
-            .unwrap();
-        let mut body = vec![0u8; length];
-        stream.read_exact(&mut body).await.unwrap();
-        format!("{head}{}", String::from_utf8(body).unwrap())
+        raw_exchange(
+            stream,
+            &format!("GET /x HTTP/1.1\r\nHost: {host}\r\nX-Secret: mine\r\n\r\n"),
+        )
+        .await
+    }
+
+    /// An interceptor with a new sandbox authority, trusting the host's store upstream.
+    fn sandbox_interceptor() -> Arc<Interceptor> {
+        let ca = SandboxCa::generate("sbx").unwrap();
+        Arc::new(Interceptor::new(&ca, upstream_tls(None).unwrap()).unwrap())
     }
 
     /// The destination's own authority and a certificate for `api.test` it signed.
@@ -671,8 +663,7 @@ mod tests {
     #[tokio::test]
     async fn plain_http_requests_for_the_name_get_the_headers_and_others_get_421() {
         let (address, seen) = destination(None).await;
-        let ca = SandboxCa::generate("sbx").unwrap();
-        let interceptor = Arc::new(Interceptor::new(&ca, upstream_tls(None).unwrap()).unwrap());
+        let interceptor = sandbox_interceptor();
         let mut guest = intercepted(interceptor, address, false).await;
         let answer = exchange(&mut guest, "api.test:80").await;
         assert!(
@@ -711,7 +702,7 @@ mod tests {
             .unwrap_or(0);
         let mut body = vec![0u8; length];
         stream.read_exact(&mut body).await.unwrap();
-        head
+        format!("{head}{}", String::from_utf8(body).unwrap())
     }
 
     /// A request naming another host anywhere (its URI, a second `Host`) or one that would
@@ -719,8 +710,7 @@ mod tests {
     #[tokio::test]
     async fn only_requests_for_the_name_alone_get_the_current_headers() {
         let (address, seen) = destination(None).await;
-        let ca = SandboxCa::generate("sbx").unwrap();
-        let interceptor = Arc::new(Interceptor::new(&ca, upstream_tls(None).unwrap()).unwrap());
+        let interceptor = sandbox_interceptor();
         let value = Arc::new(Mutex::new("one".to_string()));
         let current = value.clone();
         let source: HeaderSource =
@@ -782,8 +772,7 @@ mod tests {
     #[tokio::test]
     async fn a_protocol_switch_joins_the_two_sides_after_the_headers_went() {
         let (address, seen) = destination(None).await;
-        let ca = SandboxCa::generate("sbx").unwrap();
-        let interceptor = Arc::new(Interceptor::new(&ca, upstream_tls(None).unwrap()).unwrap());
+        let interceptor = sandbox_interceptor();
         let mut guest = intercepted(interceptor, address, false).await;
         guest
             .write_all(b"GET /socket HTTP/1.1\r\nHost: api.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")

@@ -102,8 +102,9 @@ async fn tls_to(
         .map_err(|e| refused(format!("TLS with the egress proxy: {e}")))
 }
 
-/// The host's trust store, read once.
-fn system_roots() -> Arc<rustls::RootCertStore> {
+/// The host's trust store, read once (for TLS to egress proxies and to transformed
+/// destinations).
+pub(crate) fn system_roots() -> Arc<rustls::RootCertStore> {
     static ROOTS: OnceLock<Arc<rustls::RootCertStore>> = OnceLock::new();
     ROOTS
         .get_or_init(|| {

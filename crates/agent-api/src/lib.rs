@@ -34,10 +34,14 @@ pub use remote::RemoteAgent;
 pub struct CreateTimings {
     /// The template's pull from the template store (zero when the host had it).
     pub pull: std::time::Duration,
-    /// The VM's restore.
+    /// The sandbox's disk and network slot made ready (at once), its record written.
+    pub prepare: std::time::Duration,
+    /// The VM's restore (the template's memory loaded first, when this is its first use).
     pub restore: std::time::Duration,
-    /// The wait for envd (and its `/init`).
+    /// The wait for envd after the restore.
     pub ready: std::time::Duration,
+    /// envd's `/init`.
+    pub init: std::time::Duration,
 }
 pub use route::GuestRoute;
 

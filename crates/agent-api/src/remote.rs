@@ -84,8 +84,10 @@ impl HostAgent for RemoteAgent {
         let response = self.call::<rpc::CreateSandbox>(&request).await?;
         Ok(CreateTimings {
             pull: Duration::from_millis(response.pull_ms),
+            prepare: Duration::from_millis(response.prepare_ms),
             restore: Duration::from_millis(response.restore_ms),
             ready: Duration::from_millis(response.ready_ms),
+            init: Duration::from_millis(response.init_ms),
         })
     }
 

@@ -165,6 +165,8 @@ async fn create_sandbox(
         restore_ms: timings.restore.as_millis() as u64,
         ready_ms: timings.ready.as_millis() as u64,
         pull_ms: timings.pull.as_millis() as u64,
+        prepare_ms: timings.prepare.as_millis() as u64,
+        init_ms: timings.init.as_millis() as u64,
     })
 }
 

@@ -355,6 +355,7 @@ mod tests {
                 tap: "tap0".into(),
                 mac: "02:00:00:00:00:01".into(),
                 vmm_user: None,
+                memory: Default::default(),
             },
             created_at_ms: 1,
             env_vars: BTreeMap::new(),

@@ -28,8 +28,11 @@ use sha2::{Digest, Sha256};
 use crate::error::AgentError;
 use crate::store::TemplateRecord;
 
-/// The version of [`Artifact`] this agent writes and reads.
-pub const ARTIFACT_FORMAT: u32 = 1;
+/// The version of [`Artifact`] this agent writes: 2 has the guest's memory in a file of its
+/// own when the template keeps it so (an agent that reads only 1 cannot restore it).
+pub const ARTIFACT_FORMAT: u32 = 2;
+/// The oldest version this agent reads.
+pub const OLDEST_ARTIFACT_FORMAT: u32 = 1;
 /// How many compressed bytes a chunk between the compressing thread and the upload holds.
 const CHUNK_BYTES: usize = 1 << 20;
 /// The zstd level blobs are written at: fast, and zeros (sparse disks) cost nothing.
@@ -395,10 +398,11 @@ impl TemplateStore {
                 "the template store's record of {template_id} is unreadable: {error}"
             ))
         })?;
-        if artifact.format != ARTIFACT_FORMAT {
+        if !(OLDEST_ARTIFACT_FORMAT..=ARTIFACT_FORMAT).contains(&artifact.format) {
             return Err(AgentError::FailedPrecondition(format!(
-                "template {template_id} is in the store's format {}, this agent reads {}",
-                artifact.format, ARTIFACT_FORMAT
+                "template {template_id} is in the store's format {}, this agent reads \
+                 {OLDEST_ARTIFACT_FORMAT} to {ARTIFACT_FORMAT}",
+                artifact.format
             )));
         }
         if artifact.record.template_id != template_id {

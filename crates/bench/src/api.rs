@@ -273,6 +273,7 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
         image_cache_bytes: wrenn_agent::oci::cache::DEFAULT_CACHE_BYTES,
         template_store: None,
         template_cache_bytes: 0,
+        mapped_memory: true,
     };
     let mmds = tokio::net::TcpListener::bind("0.0.0.0:0").await?;
     let config = AgentConfig {

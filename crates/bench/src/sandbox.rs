@@ -157,6 +157,7 @@ pub async fn boot(args: BootBenchArgs) -> anyhow::Result<()> {
             tap: "tap0".into(),
             mac: GUEST_MAC.into(),
             vmm_user: None,
+            memory: Default::default(),
         };
         let started = Instant::now();
         let vm = qemu
@@ -190,6 +191,146 @@ pub async fn boot(args: BootBenchArgs) -> anyhow::Result<()> {
         println!("{}", latency_table(&[("boot → envd /health", &figures)]));
     }
     Ok(())
+}
+
+/// The host memory of idle sandboxes' VMMs (from `/proc/<pid>/smaps_rollup`), in MiB.
+#[derive(Debug, Default, Serialize)]
+struct IdleMemory {
+    vmms: usize,
+    /// Resident memory, summed: pages shared between VMMs counted in each.
+    rss_mib: f64,
+    /// Proportional: a page shared by n VMMs counts 1/n in each; the sum is what they take.
+    pss_mib: f64,
+    /// Of the resident memory, pages mapped by more than one process (a template's memory).
+    shared_mib: f64,
+    /// Pages of each VMM's own (its writes, its device memory).
+    private_mib: f64,
+}
+
+impl IdleMemory {
+    fn of(pids: impl Iterator<Item = u32>) -> IdleMemory {
+        let mut memory = IdleMemory::default();
+        for pid in pids {
+            let Ok(rollup) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) else {
+                continue;
+            };
+            memory.vmms += 1;
+            for line in rollup.lines() {
+                let mut words = line.split_whitespace();
+                let (Some(key), Some(kib)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let Ok(kib) = kib.parse::<f64>() else {
+                    continue;
+                };
+                let mib = kib / 1024.0;
+                match key {
+                    "Rss:" => memory.rss_mib += mib,
+                    "Pss:" => memory.pss_mib += mib,
+                    "Shared_Clean:" | "Shared_Dirty:" => memory.shared_mib += mib,
+                    "Private_Clean:" | "Private_Dirty:" => memory.private_mib += mib,
+                    _ => {}
+                }
+            }
+        }
+        memory
+    }
+}
+
+/// QEMU restores started by hand, without an agent: the floor creates are measured against.
+struct BareRestores<'a> {
+    qemu: &'a Qemu,
+    slot: &'a wrenn_agent::network::Slot,
+    work: &'a std::path::Path,
+}
+
+impl BareRestores<'_> {
+    fn address(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(self.slot.address.into(), wrenn_image::ENVD_PORT)
+    }
+
+    /// A restore of `snapshot` into `machine` (on a new overlay of its disk) until envd
+    /// answers: how long it took.
+    async fn restore(
+        &self,
+        machine: &MachineSpec,
+        snapshot: &wrenn_vmm::SnapshotFiles,
+        run: &str,
+    ) -> anyhow::Result<Duration> {
+        let disk = self.work.join(format!("disk-{run}.qcow2"));
+        overlay(&machine.disk, "qcow2", &disk)?;
+        let machine = MachineSpec {
+            disk: disk.clone(),
+            netns: Some(self.slot.netns.clone()),
+            ..machine.clone()
+        };
+        let started = Instant::now();
+        let vm = self
+            .qemu
+            .restore(&machine, snapshot, &self.work.join(format!("vm-{run}")))
+            .await?;
+        let ready =
+            wrenn_agent::envd_client::wait_ready(self.address(), Duration::from_secs(60), || {
+                vm.is_alive()
+            })
+            .await;
+        let took = started.elapsed();
+        self.qemu.destroy(&vm).await?;
+        ready?;
+        let _ = std::fs::remove_file(&disk);
+        self.reset_tap();
+        Ok(took)
+    }
+
+    /// The next restore gets a clean tap, as an agent's recycled slot does.
+    fn reset_tap(&self) {
+        for state in ["down", "up"] {
+            let _ = std::process::Command::new("ip")
+                .args(["-n", &self.slot.netns, "link", "set", "tap0", state])
+                .status();
+        }
+    }
+
+    /// The template's guest as a classic snapshot (its memory in the stream), with the disk it
+    /// goes with: a restore of it, paused and written whole.
+    async fn classic_snapshot(
+        &self,
+        machine: &MachineSpec,
+        snapshot: &wrenn_vmm::SnapshotFiles,
+    ) -> anyhow::Result<(MachineSpec, wrenn_vmm::SnapshotFiles)> {
+        let disk = self.work.join("classic.qcow2");
+        overlay(&machine.disk, "qcow2", &disk)?;
+        let restored = MachineSpec {
+            disk: disk.clone(),
+            netns: Some(self.slot.netns.clone()),
+            ..machine.clone()
+        };
+        let vm = self
+            .qemu
+            .restore(&restored, snapshot, &self.work.join("vm-classic"))
+            .await?;
+        let written = async {
+            wrenn_agent::envd_client::wait_ready(self.address(), Duration::from_secs(60), || {
+                vm.is_alive()
+            })
+            .await?;
+            self.qemu.pause(&vm).await?;
+            anyhow::Ok(
+                self.qemu
+                    .snapshot(&vm, &self.work.join("classic.snap"))
+                    .await?,
+            )
+        }
+        .await;
+        self.qemu.destroy(&vm).await?;
+        self.reset_tap();
+        let classic = MachineSpec {
+            disk,
+            memory: wrenn_vmm::GuestMemory::Anonymous,
+            ..machine.clone()
+        };
+        Ok((classic, written?))
+    }
 }
 
 /// A `wrenn agent serve` child process for the benchmark.
@@ -316,15 +457,25 @@ impl BenchAgent {
 
     /// A sandbox `id` of `template`: how long the create took.
     pub(super) async fn create_from(&self, template: &str, id: String) -> anyhow::Result<Duration> {
+        Ok(self.create_phased(template, id).await?.0)
+    }
+
+    /// A sandbox `id` of `template`: how long the create took, and the agent's answer (the
+    /// time of each of its phases).
+    async fn create_phased(
+        &self,
+        template: &str,
+        id: String,
+    ) -> anyhow::Result<(Duration, pb::CreateSandboxResponse)> {
         let started = Instant::now();
-        let _: pb::CreateSandboxResponse = self
+        let created: pb::CreateSandboxResponse = self
             .call::<host_agent::CreateSandbox>(&pb::CreateSandboxRequest {
                 template_id: template.into(),
                 sandbox_id: id,
                 ..Default::default()
             })
             .await?;
-        Ok(started.elapsed())
+        Ok((started.elapsed(), created))
     }
 
     /// The agent's Connect client.
@@ -373,43 +524,61 @@ pub async fn sandbox(args: SandboxBenchArgs) -> anyhow::Result<()> {
     })?;
     let slot = pool.lease(&wrenn_agent::firewall::Egress::Closed).await?;
     let work = tempfile::tempdir()?;
+    let bare = BareRestores {
+        qemu: &qemu,
+        slot: &slot,
+        work: work.path(),
+    };
+    // The template's memory, mapped as the agent maps it (when it is a file).
+    let memory = match &record.snapshot.ram {
+        Some(ram) => wrenn_vmm::GuestMemory::Private(std::sync::Arc::new(wrenn_vmm::memory::load(
+            ram, "bench",
+        )?)),
+        None => wrenn_vmm::GuestMemory::Anonymous,
+    };
+    let template_machine = MachineSpec {
+        memory,
+        ..record.machine.clone()
+    };
+    // The same guest as a classic snapshot, its memory in the stream: a restore of the
+    // template, paused and written whole.
+    let classic = match &record.snapshot.ram {
+        Some(_) => Some(
+            bare.classic_snapshot(&template_machine, &record.snapshot)
+                .await?,
+        ),
+        None => None,
+    };
     let mut raw = Vec::new();
+    let mut raw_classic = Vec::new();
     let mut sequential = Vec::new();
+    // prepare (disk, slot), restore, envd ready, /init, the rest (records, the API).
+    let mut phase_samples: [Vec<Duration>; 5] = Default::default();
     for run in 0..args.sequential {
-        let disk = work.path().join(format!("disk-{run}.qcow2"));
-        overlay(&record.machine.disk, "qcow2", &disk)?;
-        let machine = MachineSpec {
-            disk: disk.clone(),
-            netns: Some(slot.netns.clone()),
-            ..record.machine.clone()
-        };
-        let started = Instant::now();
-        let vm = qemu
-            .restore(
-                &machine,
-                &record.snapshot,
-                &work.path().join(format!("vm-{run}")),
-            )
-            .await?;
-        let address = std::net::SocketAddr::new(slot.address.into(), wrenn_image::ENVD_PORT);
-        let ready = wrenn_agent::envd_client::wait_ready(address, Duration::from_secs(60), || {
-            vm.is_alive()
-        })
-        .await;
-        raw.push(started.elapsed());
-        qemu.destroy(&vm).await?;
-        ready?;
-        let _ = std::fs::remove_file(&disk);
-        // The next restore gets a clean tap, as an agent's recycled slot does.
-        let _ = std::process::Command::new("ip")
-            .args(["-n", &slot.netns, "link", "set", "tap0", "down"])
-            .status();
-        let _ = std::process::Command::new("ip")
-            .args(["-n", &slot.netns, "link", "set", "tap0", "up"])
-            .status();
-
+        raw.push(
+            bare.restore(&template_machine, &record.snapshot, &format!("{run}"))
+                .await?,
+        );
+        if let Some((machine, snapshot)) = &classic {
+            raw_classic.push(
+                bare.restore(machine, snapshot, &format!("classic-{run}"))
+                    .await?,
+            );
+        }
         let id = format!("seq-{run}");
-        sequential.push(agent.create(id.clone()).await?);
+        let (took, created) = agent.create_phased("bench", id.clone()).await?;
+        sequential.push(took);
+        let phases = [
+            created.prepare_ms,
+            created.restore_ms,
+            created.ready_ms,
+            created.init_ms,
+        ];
+        let rest = took.saturating_sub(Duration::from_millis(phases.iter().sum()));
+        for (samples, ms) in phase_samples.iter_mut().zip(phases) {
+            samples.push(Duration::from_millis(ms));
+        }
+        phase_samples[4].push(rest);
         agent.destroy(id).await?;
     }
     pool.delete_all().await;
@@ -454,11 +623,20 @@ pub async fn sandbox(args: SandboxBenchArgs) -> anyhow::Result<()> {
         .await?
         .report
         .context("the agent's HostInfo carries no report")?;
+    let listed = agent
+        .call::<host_agent::ListSandboxes>(&pb::ListSandboxesRequest {})
+        .await?;
+    let idle_memory = IdleMemory::of(listed.sandboxes.iter().map(|sandbox| sandbox.pid));
     for run in 0..args.idle {
         agent.destroy(format!("idle-{run}")).await?;
     }
 
+    let phases: Vec<Latency> = phase_samples
+        .iter()
+        .map(|samples| latency(samples))
+        .collect();
     let raw = latency(&raw);
+    let raw_classic = (!raw_classic.is_empty()).then(|| latency(&raw_classic));
     let sequential = latency(&sequential);
     let concurrent = latency(&concurrent);
     let pauses = latency(&pauses);
@@ -471,9 +649,14 @@ pub async fn sandbox(args: SandboxBenchArgs) -> anyhow::Result<()> {
             serde_json::json!({
                 "accel": template.accel, "memory_mib": template.memory_mib, "template_build_ms": template.build_ms,
                 "snapshot_bytes": template.snapshot_bytes,
-                "bare_qemu_restore": raw, "create_sequential": sequential, "create_concurrent": concurrent,
+                "bare_qemu_restore": raw, "bare_qemu_restore_classic": raw_classic, "create_sequential": sequential, "create_concurrent": concurrent,
                 "agent_overhead_p50_percent": overhead_percent, "pause": pauses, "resume": resumes,
                 "idle_sandboxes": info.sandboxes_running, "agent_rss_mib": agent_rss_mib,
+                "idle_vmm_memory": idle_memory,
+                "create_phases": {
+                    "prepare": phases[0], "restore": phases[1], "ready": phases[2],
+                    "init": phases[3], "rest": phases[4],
+                },
             })
         );
     } else {
@@ -484,23 +667,36 @@ pub async fn sandbox(args: SandboxBenchArgs) -> anyhow::Result<()> {
             template.build_ms as f64 / 1000.0,
             template.snapshot_bytes >> 20
         );
-        println!(
-            "{}",
-            latency_table(&[
-                ("bare QEMU restore → /health", &raw),
-                ("create via agent (sequential)", &sequential),
-                (
-                    &format!("create via agent ({} at once)", args.concurrent),
-                    &concurrent
-                ),
-                ("pause", &pauses),
-                ("resume", &resumes),
-            ])
-        );
+        let at_once = format!("create via agent ({} at once)", args.concurrent);
+        let mut rows = vec![("bare QEMU restore → /health", &raw)];
+        if let Some(classic) = &raw_classic {
+            rows.push(("bare QEMU restore, memory read whole", classic));
+        }
+        rows.extend([
+            ("create via agent (sequential)", &sequential),
+            ("  its disk and slot", &phases[0]),
+            ("  its restore", &phases[1]),
+            ("  envd ready after it", &phases[2]),
+            ("  envd /init", &phases[3]),
+            ("  the rest (records, API)", &phases[4]),
+            (at_once.as_str(), &concurrent),
+            ("pause", &pauses),
+            ("resume", &resumes),
+        ]);
+        println!("{}", latency_table(&rows));
         println!("agent overhead over the bare restore at p50: {overhead_percent:+.1} %");
         println!(
             "agent resident memory with {} sandboxes: {agent_rss_mib:.1} MiB",
             info.sandboxes_running
+        );
+        println!(
+            "their {} VMMs: {:.0} MiB proportional (Pss), {:.0} MiB resident of which {:.0} MiB \
+             shared between them and {:.0} MiB their own",
+            idle_memory.vmms,
+            idle_memory.pss_mib,
+            idle_memory.rss_mib,
+            idle_memory.shared_mib,
+            idle_memory.private_mib
         );
     }
     Ok(())

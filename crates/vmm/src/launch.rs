@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::accel::Accel;
 use crate::qcow2::Layer;
-use crate::{MachineSpec, VmmError};
+use crate::{GuestMemory, MachineSpec, VmmError};
 
 /// The unprivileged identity a VMM runs as (numeric: it needs no entry in `/etc/passwd`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +37,8 @@ pub enum HandedFd {
     Initrd,
     /// The tap, attached in the sandbox's namespace.
     Tap,
+    /// The memory file the guest's memory is (see [`crate::memory`]), when it is one.
+    Memory,
     /// A disk layer, 0 being the top (the VM's own, writable).
     Disk(usize),
 }
@@ -49,7 +51,8 @@ impl HandedFd {
             HandedFd::Kernel => 5,
             HandedFd::Initrd => 6,
             HandedFd::Tap => 7,
-            HandedFd::Disk(depth) => 8 + depth as RawFd,
+            HandedFd::Memory => 8,
+            HandedFd::Disk(depth) => 9 + depth as RawFd,
         }
     }
 
@@ -142,6 +145,21 @@ impl Launch {
                     .into(),
                 HandedFd::Initrd,
             ));
+        }
+        match &machine.memory {
+            GuestMemory::Anonymous => {}
+            GuestMemory::Shared(memory) | GuestMemory::Private(memory) => handed.push((
+                memory
+                    .try_clone()
+                    .map_err(io("handing over the memory file"))?,
+                HandedFd::Memory,
+            )),
+        }
+        if layers.len() >= (HIGH_FD - HandedFd::Disk(0).number()) as usize {
+            return Err(VmmError::Invalid(format!(
+                "a disk of {} layers is more than a VMM is handed",
+                layers.len()
+            )));
         }
         for (depth, layer) in layers.iter().enumerate() {
             let file = std::fs::OpenOptions::new()
@@ -281,6 +299,7 @@ mod tests {
             HandedFd::Kernel,
             HandedFd::Initrd,
             HandedFd::Tap,
+            HandedFd::Memory,
             HandedFd::Disk(0),
             HandedFd::Disk(15),
         ];

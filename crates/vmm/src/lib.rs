@@ -7,6 +7,7 @@
 pub mod accel;
 pub mod console;
 pub mod launch;
+pub mod memory;
 pub mod process;
 pub mod qcow2;
 pub mod qemu;
@@ -99,7 +100,38 @@ pub struct MachineSpec {
     /// The user the VMM runs as (root when none; see [`launch`]).
     #[serde(default)]
     pub vmm_user: Option<launch::VmmUser>,
+    /// Where its memory is (a descriptor of the agent's: never recorded).
+    #[serde(skip)]
+    pub memory: GuestMemory,
 }
+
+/// Where a VM's memory is (see [`memory`]).
+#[derive(Debug, Clone, Default)]
+pub enum GuestMemory {
+    /// The VMM's own anonymous memory: what a boot gets, and what a restore gets of a snapshot
+    /// whose stream holds the memory.
+    #[default]
+    Anonymous,
+    /// This memory file, written through by the guest (a template's VM): a snapshot of the VM
+    /// holds its device state only and writes the file beside it ([`SnapshotFiles::ram`]).
+    Shared(std::sync::Arc<std::os::fd::OwnedFd>),
+    /// This sealed memory file, mapped copy-on-write: the memory of a restore of a snapshot
+    /// whose RAM is in a file (its [`SnapshotFiles::ram`], loaded by [`memory::load`]).
+    Private(std::sync::Arc<std::os::fd::OwnedFd>),
+}
+
+impl PartialEq for GuestMemory {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (GuestMemory::Anonymous, GuestMemory::Anonymous) => true,
+            (GuestMemory::Shared(a), GuestMemory::Shared(b))
+            | (GuestMemory::Private(a), GuestMemory::Private(b)) => std::sync::Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for GuestMemory {}
 
 /// A running VMM process, as recorded on disk so a restarted agent can find it again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,9 +169,17 @@ impl VmProcess {
 /// The files of a memory snapshot (the disk is the VM's own file, frozen with it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotFiles {
-    /// Device and memory state.
+    /// Device state, and the guest's memory unless [`SnapshotFiles::ram`] holds it.
     pub memory: PathBuf,
     pub bytes: u64,
+    /// The guest's memory, when the VM's was a memory file ([`GuestMemory::Shared`]): a
+    /// restore maps it ([`GuestMemory::Private`]) instead of reading it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram: Option<PathBuf>,
+    /// Whether the VM's memory was a memory object of its own rather than the VMM's
+    /// built-in (as a VM restored from a memory file's is): a restore must lay it out the same.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub memory_object: bool,
 }
 
 /// What a VM uses of the host.
@@ -179,6 +219,22 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
         vm: &'a VmProcess,
         memory_file: &'a Path,
     ) -> VmmFuture<'a, SnapshotFiles>;
+
+    /// The description of a snapshot written completely at `memory_file` whose description
+    /// was lost (its VMM's agent ended before it recorded it): a snapshot of a sandbox, whose
+    /// memory is in the file (a VM writing through a memory file is a template's build, which
+    /// is not recovered but made again).
+    fn written_snapshot(&self, memory_file: &Path) -> Result<SnapshotFiles, VmmError> {
+        let bytes = std::fs::metadata(memory_file)
+            .map_err(|error| VmmError::io(format!("reading {}", memory_file.display()), error))?
+            .len();
+        Ok(SnapshotFiles {
+            memory: memory_file.to_path_buf(),
+            bytes,
+            ram: None,
+            memory_object: false,
+        })
+    }
 
     /// Whether [`Vmm::layer_disk`] works with this VMM.
     fn can_layer_disk(&self) -> bool {

@@ -22,7 +22,9 @@ use crate::accel::Accel;
 use crate::launch::{HandedFd, Launch};
 use crate::qcow2::Layer;
 use crate::qmp::QmpClient;
-use crate::{MachineSpec, SnapshotFiles, VmProcess, Vmm, VmmError, VmmFuture, process};
+use crate::{
+    GuestMemory, MachineSpec, SnapshotFiles, VmProcess, Vmm, VmmError, VmmFuture, process,
+};
 
 /// How long a new QEMU may take to open its QMP socket.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -81,14 +83,15 @@ impl Qemu {
     }
 
     /// The command line for a machine whose disk is `layers` (top first; see
-    /// [`crate::qcow2::chain`]); `incoming` adds `-incoming defer` (a restore). Every file and
-    /// socket is a descriptor the agent hands over (see [`HandedFd`]); `workdir` only names the
+    /// [`crate::qcow2::chain`]); `restoring` (the snapshot a restore loads) adds
+    /// `-incoming defer` and lays the memory out as the snapshot's was. Every file and socket
+    /// is a descriptor the agent hands over (see [`HandedFd`]); `workdir` only names the
     /// process (`-name`), so that a restarted agent can tell its VMMs apart.
     pub fn arguments(
         &self,
         machine: &MachineSpec,
         workdir: &Path,
-        incoming: bool,
+        restoring: Option<&SnapshotFiles>,
         layers: &[Layer],
     ) -> Vec<OsString> {
         let name = workdir.display().to_string().replace(',', ",,");
@@ -121,6 +124,27 @@ impl Qemu {
             "-serial",
             "chardev:console",
         ]);
+        // Memory as an object of its own (`ram0`) when it is a file, or when a snapshot of a
+        // VM whose memory was one is restored: a migration finds memory by the object's name.
+        let size = format!("size={}M", machine.memory_mib);
+        let object = match &machine.memory {
+            GuestMemory::Anonymous if restoring.is_some_and(|snapshot| snapshot.memory_object) => {
+                Some(format!("memory-backend-ram,id=ram0,{size}"))
+            }
+            GuestMemory::Anonymous => None,
+            GuestMemory::Shared(_) | GuestMemory::Private(_) => Some(format!(
+                "memory-backend-file,id=ram0,{size},mem-path={},share={}",
+                HandedFd::Memory.proc_path(),
+                if matches!(machine.memory, GuestMemory::Shared(_)) {
+                    "on"
+                } else {
+                    "off"
+                }
+            )),
+        };
+        if let Some(object) = object {
+            push(&["-object", &object, "-machine", "memory-backend=ram0"]);
+        }
         push(&["-kernel", &HandedFd::Kernel.proc_path()]);
         if machine.initrd.is_some() {
             push(&["-initrd", &HandedFd::Initrd.proc_path()]);
@@ -159,7 +183,7 @@ impl Qemu {
             "-device",
             &format!("virtio-net-pci,netdev=net0,mac={}", machine.mac),
         ]);
-        if incoming {
+        if restoring.is_some() {
             push(&["-incoming", "defer"]);
         }
         args
@@ -169,7 +193,7 @@ impl Qemu {
         &self,
         machine: &MachineSpec,
         workdir: &Path,
-        incoming: bool,
+        restoring: Option<&SnapshotFiles>,
     ) -> Result<VmProcess, VmmError> {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -190,7 +214,7 @@ impl Qemu {
         let launch = Launch::prepare(machine, workdir, &layers, self.accel)?;
         let mut command = std::process::Command::new(&self.binary);
         command
-            .args(self.arguments(machine, workdir, incoming, &layers))
+            .args(self.arguments(machine, workdir, restoring, &layers))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
@@ -468,6 +492,17 @@ async fn reopen_read_only(qmp: &mut QmpClient, node: &str, pid: u32) -> Result<(
     Ok(())
 }
 
+/// Whether migrations leave out memory the VM shares with a file (`x-ignore-shared`): a
+/// stream written with it is loaded only with it.
+async fn set_ignore_shared(qmp: &mut QmpClient, on: bool) -> Result<(), VmmError> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": on }] })),
+    )
+    .await?;
+    Ok(())
+}
+
 fn migration_state(answer: &serde_json::Value) -> Option<Result<(), String>> {
     match answer.get("status").and_then(serde_json::Value::as_str) {
         Some("completed") => Some(Ok(())),
@@ -486,7 +521,7 @@ impl Vmm for Qemu {
     }
 
     fn boot<'a>(&'a self, machine: &'a MachineSpec, workdir: &'a Path) -> VmmFuture<'a, VmProcess> {
-        Box::pin(self.spawn(machine, workdir, false))
+        Box::pin(self.spawn(machine, workdir, None))
     }
 
     fn restore<'a>(
@@ -502,9 +537,26 @@ impl Vmm for Qemu {
                     snapshot.memory.display()
                 )));
             }
-            let vm = self.spawn(machine, workdir, true).await?;
+            let mapped = matches!(machine.memory, GuestMemory::Private(_));
+            match (&snapshot.ram, &machine.memory) {
+                (Some(_), GuestMemory::Private(_)) | (None, GuestMemory::Anonymous) => {}
+                (Some(ram), _) => {
+                    return Err(VmmError::Invalid(format!(
+                        "the snapshot's memory is {}: the restore must map it",
+                        ram.display()
+                    )));
+                }
+                (None, _) => {
+                    return Err(VmmError::Invalid(
+                        "the snapshot holds its memory: a restore cannot map a memory file".into(),
+                    ));
+                }
+            }
+            let vm = self.spawn(machine, workdir, Some(snapshot)).await?;
             let result = async {
                 let mut qmp = self.qmp(&vm).await?;
+                // The stream leaves the mapped memory out (as it was written).
+                set_ignore_shared(&mut qmp, mapped).await?;
                 let memory = std::fs::File::open(&snapshot.memory).map_err(|error| {
                     VmmError::io(format!("opening {}", snapshot.memory.display()), error)
                 })?;
@@ -580,18 +632,58 @@ impl Vmm for Qemu {
                 Some(json!({ "max-bandwidth": 64u64 << 30 })),
             )
             .await?;
-            start_migration(&mut qmp, "migrate", file.as_fd()).await?;
-            wait_for(
-                &mut qmp,
-                "writing the snapshot",
-                SNAPSHOT_TIMEOUT,
-                migration_state,
-                "query-migrate",
-            )
-            .await?;
+            // A memory file the VM writes through is left out of the stream, and written
+            // beside it.
+            let memdevs = qmp.execute("query-memdev", None).await?;
+            let memdevs = memdevs.as_array().cloned().unwrap_or_default();
+            let memory_object = !memdevs.is_empty();
+            let shared = memdevs.iter().any(|memdev| {
+                memdev.get("share").and_then(serde_json::Value::as_bool) == Some(true)
+            });
+            set_ignore_shared(&mut qmp, shared).await?;
+            let written = async {
+                start_migration(&mut qmp, "migrate", file.as_fd()).await?;
+                wait_for(
+                    &mut qmp,
+                    "writing the snapshot",
+                    SNAPSHOT_TIMEOUT,
+                    migration_state,
+                    "query-migrate",
+                )
+                .await
+            }
+            .await;
+            if shared {
+                let _ = set_ignore_shared(&mut qmp, false).await;
+            }
+            if let Err(error) = written {
+                let _ = std::fs::remove_file(&temp);
+                return Err(error);
+            }
             file.sync_all()
                 .map_err(|error| VmmError::io("flushing the snapshot", error))?;
             drop(file);
+            let ram = if shared {
+                let ram = memory_file.with_extension("ram");
+                // The VMM's own descriptor of the file (the agent's may be gone).
+                let path = format!("/proc/{}/fd/{}", vm.pid, HandedFd::Memory.number());
+                let memory: std::os::fd::OwnedFd = std::fs::File::open(&path)
+                    .map_err(|error| VmmError::io(format!("opening {path}"), error))?
+                    .into();
+                let saved = tokio::task::spawn_blocking({
+                    let ram = ram.clone();
+                    move || crate::memory::save(&memory, &ram)
+                })
+                .await
+                .map_err(|error| VmmError::Invalid(format!("saving the memory: {error}")))?;
+                if let Err(error) = saved {
+                    let _ = std::fs::remove_file(&temp);
+                    return Err(error);
+                }
+                Some(ram)
+            } else {
+                None
+            };
             std::fs::rename(&temp, memory_file)
                 .map_err(|error| VmmError::io("putting the snapshot in place", error))?;
             if let Some(dir) = memory_file.parent() {
@@ -601,7 +693,34 @@ impl Vmm for Qemu {
             Ok(SnapshotFiles {
                 memory: memory_file.to_path_buf(),
                 bytes,
+                ram,
+                memory_object,
             })
+        })
+    }
+
+    fn written_snapshot(&self, memory_file: &Path) -> Result<SnapshotFiles, VmmError> {
+        use std::io::Read;
+        let read = |error| VmmError::io(format!("reading {}", memory_file.display()), error);
+        let file = std::fs::File::open(memory_file).map_err(read)?;
+        let bytes = file.metadata().map_err(read)?.len();
+        // The stream names its memory blocks before their pages: QEMU's built-in memory is
+        // `pc.ram`, an object's has the object's name.
+        let mut head = Vec::new();
+        file.take(1 << 20).read_to_end(&mut head).map_err(read)?;
+        let builtin = head.windows(7).any(|window| window == b"\x06pc.ram");
+        let named = head.windows(5).any(|window| window == b"\x04ram0");
+        if builtin == named {
+            return Err(VmmError::Invalid(format!(
+                "{} is not a QEMU snapshot wrenn wrote",
+                memory_file.display()
+            )));
+        }
+        Ok(SnapshotFiles {
+            memory: memory_file.to_path_buf(),
+            bytes,
+            ram: None,
+            memory_object: named,
         })
     }
 
@@ -735,6 +854,7 @@ mod tests {
             tap: "tap0".into(),
             mac: "02:fc:00:00:00:05".into(),
             vmm_user: None,
+            memory: GuestMemory::Anonymous,
         }
     }
 
@@ -760,12 +880,39 @@ mod tests {
         ]
     }
 
-    fn joined(qemu: &Qemu, incoming: bool) -> String {
-        qemu.arguments(&machine(), Path::new("/w,1"), incoming, &layers())
+    fn snapshot(ram: bool, memory_object: bool) -> SnapshotFiles {
+        SnapshotFiles {
+            memory: "/s/memory.snap".into(),
+            bytes: 1,
+            ram: ram.then(|| "/s/memory.ram".into()),
+            memory_object,
+        }
+    }
+
+    fn joined_with(
+        qemu: &Qemu,
+        machine: &MachineSpec,
+        restoring: Option<&SnapshotFiles>,
+    ) -> String {
+        qemu.arguments(machine, Path::new("/w,1"), restoring, &layers())
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect::<Vec<_>>()
             .join(" ")
+    }
+
+    fn joined(qemu: &Qemu, incoming: bool) -> String {
+        let snapshot = snapshot(false, false);
+        qemu.arguments(
+            &machine(),
+            Path::new("/w,1"),
+            incoming.then_some(&snapshot),
+            &layers(),
+        )
+        .into_iter()
+        .map(|a| a.into_string().unwrap())
+        .collect::<Vec<_>>()
+        .join(" ")
     }
 
     fn command_line_names_every_device_and_the_incoming_mode() {
@@ -796,13 +943,13 @@ mod tests {
     fn the_disk_chain_is_built_base_first_from_handed_descriptors() {
         let joined = joined(&Qemu::new("q", Accel::Tcg), false);
         let base = joined
-            .find("-add-fd fd=10,set=10 -blockdev driver=raw,node-name=layer2,file.driver=file,file.filename=/dev/fdset/10,read-only=on,file.read-only=on")
+            .find("-add-fd fd=11,set=11 -blockdev driver=raw,node-name=layer2,file.driver=file,file.filename=/dev/fdset/11,read-only=on,file.read-only=on")
             .expect(&joined);
         let template = joined
-            .find("-add-fd fd=9,set=9 -blockdev driver=qcow2,node-name=layer1,file.driver=file,file.filename=/dev/fdset/9,read-only=on,file.read-only=on,backing=layer2")
+            .find("-add-fd fd=10,set=10 -blockdev driver=qcow2,node-name=layer1,file.driver=file,file.filename=/dev/fdset/10,read-only=on,file.read-only=on,backing=layer2")
             .expect(&joined);
         let top = joined
-            .find("-add-fd fd=8,set=8 -blockdev driver=qcow2,node-name=disk0,file.driver=file,file.filename=/dev/fdset/8,backing=layer1 ")
+            .find("-add-fd fd=9,set=9 -blockdev driver=qcow2,node-name=disk0,file.driver=file,file.filename=/dev/fdset/9,backing=layer1 ")
             .expect(&joined);
         assert!(base < template && template < top);
         assert!(joined.contains("-device virtio-blk-pci,drive=disk0"));
@@ -810,6 +957,44 @@ mod tests {
         assert!(
             !joined.contains("/d/") && !joined.contains("/t/"),
             "{joined}"
+        );
+    }
+
+    #[test]
+    fn memory_is_a_named_object_when_it_is_a_file_or_restores_one() {
+        let qemu = Qemu::new("q", Accel::Tcg);
+        // Booted and restored classically: QEMU's built-in memory.
+        assert!(!joined(&qemu, false).contains("memory-backend"));
+        assert!(!joined(&qemu, true).contains("memory-backend"));
+        let file = std::sync::Arc::new(crate::memory::create("args", 1 << 20).unwrap());
+        let shared = MachineSpec {
+            memory: GuestMemory::Shared(file.clone()),
+            ..machine()
+        };
+        let booted = joined_with(&qemu, &shared, None);
+        assert!(
+            booted.contains("-object memory-backend-file,id=ram0,size=512M,mem-path=/proc/self/fd/8,share=on -machine memory-backend=ram0"),
+            "{booted}"
+        );
+        let mapped = MachineSpec {
+            memory: GuestMemory::Private(file),
+            ..machine()
+        };
+        let restored = joined_with(&qemu, &mapped, Some(&snapshot(true, true)));
+        assert!(
+            restored.contains(
+                "memory-backend-file,id=ram0,size=512M,mem-path=/proc/self/fd/8,share=off"
+            ),
+            "{restored}"
+        );
+        assert!(restored.ends_with("-incoming defer"));
+        // A snapshot of a VM that mapped a file holds its memory, under the object's name.
+        let resumed = joined_with(&qemu, &machine(), Some(&snapshot(false, true)));
+        assert!(
+            resumed.contains(
+                "-object memory-backend-ram,id=ram0,size=512M -machine memory-backend=ram0"
+            ),
+            "{resumed}"
         );
     }
 

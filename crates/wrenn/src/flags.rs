@@ -73,6 +73,10 @@ pub struct HostFlags {
     /// recently used that nothing stands on are removed (the store keeps them).
     #[arg(long, default_value_t = 20480)]
     pub template_cache_mib: u64,
+    /// Templates keep the guest's memory in the snapshot's stream, read whole by every
+    /// restore, instead of a memory file their sandboxes map and share (the default).
+    #[arg(long, env = "WRENN_CLASSIC_MEMORY")]
+    pub classic_memory: bool,
 }
 
 impl HostFlags {

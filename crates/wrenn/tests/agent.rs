@@ -486,6 +486,153 @@ async fn restarted_agent_adopts_running_sandboxes_and_reports_a_dead_vm() {
     assert_eq!(agent.leftovers(), Vec::<String>::new());
 }
 
+/// Memory of `pid` shared with other processes (`Shared_Clean` + `Shared_Dirty`), in MiB.
+fn shared_mib(pid: i32) -> u64 {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    rollup
+        .lines()
+        .filter(|line| line.starts_with("Shared_"))
+        .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum::<u64>()
+        >> 10
+}
+
+/// A sandbox maps its template's memory instead of reading a copy: a process the build left
+/// running runs in every sandbox, a file kept only in guest memory (tmpfs) reads back the same in
+/// five of them, whose VMMs share its pages, and a sandbox's writes stay its own (the template
+/// and the other sandboxes never see them). A restarted agent loads the memory from the
+/// template's file; a sandbox paused and resumed keeps its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxes_map_their_templates_memory_and_keep_their_writes_their_own() {
+    let Some(_image) = prerequisites() else {
+        return;
+    };
+    let mut agent = Agent::start("wtm", 620);
+    agent.build_template("base").await;
+    let (log, built) = agent
+        .run_build(&pb::RunTemplateBuildRequest {
+            template_id: "inmem".into(),
+            from_template: "base".into(),
+            steps: vec![step(
+                "RUN",
+                &["head -c 48M /dev/urandom > /dev/shm/big && sha256sum < /dev/shm/big > /dev/shm/big.sum"],
+            )],
+            start_cmd: "sh -c 'echo $$ > /dev/shm/probe.pid; exec sleep 100000'".into(),
+            ..Default::default()
+        })
+        .await;
+    let built = built.unwrap_or_else(|error| panic!("{error}: {log:?}"));
+    // The snapshot holds the devices' state; the memory is a file of its own.
+    let dir = agent.data_dir().join("templates/inmem");
+    let ram = std::fs::metadata(dir.join("memory.ram")).expect("the template's memory file");
+    assert_eq!(ram.len(), 512 << 20);
+    let stream = std::fs::metadata(dir.join("memory.snap")).unwrap().len();
+    assert!(stream < 8 << 20, "the stream holds memory: {stream} bytes");
+    assert_eq!(built.template_id, "inmem");
+
+    let check = "kill -0 $(cat /dev/shm/probe.pid) && echo alive; sha256sum < /dev/shm/big; cat /dev/shm/big.sum";
+    let expect_template = |ran: &Ran, who: &str| {
+        let lines: Vec<&str> = ran.stdout.lines().collect();
+        assert_eq!(lines.len(), 3, "{who}: {ran:?}");
+        assert_eq!(
+            lines[0], "alive",
+            "{who}: the build's process runs: {ran:?}"
+        );
+        assert_eq!(
+            lines[1], lines[2],
+            "{who}: the file in memory is the template's: {ran:?}"
+        );
+        lines[2].to_string()
+    };
+    let mut sandboxes = Vec::new();
+    let mut sum = None;
+    for n in 0..5 {
+        let id = format!("mem-{n}");
+        let sandbox = agent.create("inmem", &id, None).await;
+        let seen = expect_template(&run(&sandbox, None, check).await, &id);
+        assert_eq!(sum.get_or_insert(seen.clone()), &seen);
+        sandboxes.push(sandbox);
+    }
+    // The file's pages are the template's, mapped by every VMM, not copies.
+    for sandbox in &sandboxes {
+        let pids = agent.vmm_pids(&sandbox.sandbox_id);
+        assert_eq!(pids.len(), 1, "{pids:?}");
+        let shared = shared_mib(pids[0]);
+        assert!(
+            shared >= 48,
+            "{}'s VMM shares {shared} MiB: the template's memory was copied",
+            sandbox.sandbox_id
+        );
+    }
+    // Each writes over the file: its own sees its write, the others and new sandboxes do not.
+    for sandbox in &sandboxes {
+        let wrote = run(
+            sandbox,
+            None,
+            "printf %s $SANDBOX_NAME | dd of=/dev/shm/big conv=notrunc status=none && head -c 5 /dev/shm/big",
+        )
+        .await;
+        assert_eq!(wrote.stdout, sandbox.sandbox_id, "{wrote:?}");
+    }
+    for sandbox in &sandboxes {
+        let read = run(sandbox, None, "head -c 5 /dev/shm/big").await;
+        assert_eq!(read.stdout, sandbox.sandbox_id, "{read:?}");
+    }
+
+    // Restarted, the agent loads the memory again from the template's file.
+    agent.kill();
+    agent.spawn();
+    let late = agent.create("inmem", "mem-late", None).await;
+    let seen = expect_template(&run(&late, None, check).await, "mem-late");
+    assert_eq!(Some(&seen), sum.as_ref());
+    // A pause writes the sandbox's memory whole; its resume reads it back, its write kept.
+    let first = &sandboxes[0];
+    agent.pause(&first.sandbox_id).await.expect("PauseSandbox");
+    // Its stream names the memory by its object (what an agent restarted during a pause reads
+    // to restore it the same way).
+    let stream = std::fs::read(
+        agent
+            .data_dir()
+            .join(format!("sandboxes/{}/memory.snap", first.sandbox_id)),
+    )
+    .unwrap();
+    let head = &stream[..stream.len().min(1 << 20)];
+    assert!(head.windows(5).any(|w| w == b"\x04ram0"));
+    assert!(!head.windows(7).any(|w| w == b"\x06pc.ram"));
+    assert!(stream.len() > 48 << 20, "the pause holds the whole memory");
+    let resumed = agent
+        .resume(&first.sandbox_id)
+        .await
+        .expect("ResumeSandbox")
+        .sandbox
+        .unwrap();
+    let read = run(
+        &resumed,
+        None,
+        "head -c 5 /dev/shm/big; echo; kill -0 $(cat /dev/shm/probe.pid) && echo alive",
+    )
+    .await;
+    assert_eq!(
+        read.stdout,
+        format!("{}\nalive\n", first.sandbox_id),
+        "{read:?}"
+    );
+
+    for sandbox in sandboxes.iter().chain([&late]) {
+        agent
+            .destroy(&sandbox.sandbox_id)
+            .await
+            .expect("DestroySandbox");
+    }
+    agent
+        .delete_template("inmem")
+        .await
+        .expect("DeleteTemplate");
+    assert!(!dir.exists());
+    agent.stop();
+    assert_eq!(agent.leftovers(), Vec::<String>::new());
+}
+
 /// Starts `PauseSandbox` or `ResumeSandbox` for `id` on a client of its own and leaves it in
 /// flight (the agent is killed under it, so it ends in an error nobody reads).
 fn start_in_background<M>(agent: &Agent, request: M::Request) -> tokio::task::JoinHandle<()>

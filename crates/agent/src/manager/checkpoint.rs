@@ -132,6 +132,8 @@ impl Manager {
             snapshot: SnapshotFiles {
                 memory: dir.join("memory.snap"),
                 bytes: 0,
+                ram: None,
+                memory_object: false,
             },
             created_at_ms: now_ms(),
             image_key: template.image_key.clone(),

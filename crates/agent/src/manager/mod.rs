@@ -31,7 +31,7 @@ use serde_json::json;
 use wrenn_image::Manifest;
 use wrenn_vmm::accel::{Accel, AccelSetting};
 use wrenn_vmm::qemu::log_tail;
-use wrenn_vmm::{MachineSpec, SnapshotFiles, Vmm};
+use wrenn_vmm::{GuestMemory, MachineSpec, SnapshotFiles, Vmm};
 
 use tokio_util::sync::CancellationToken;
 
@@ -84,6 +84,10 @@ pub struct AgentConfig {
     /// The most the templates from the store may take on this host's disk: past it, the least
     /// recently used that no sandbox or template stands on are removed (the store keeps them).
     pub template_cache_bytes: u64,
+    /// Templates built here keep the guest's memory in a file their sandboxes map and share
+    /// (see [`wrenn_vmm::memory`]); otherwise in the snapshot's stream, which every restore
+    /// reads whole.
+    pub mapped_memory: bool,
 }
 
 /// The default first VMM uid: far above the ranges distributions hand to people and to
@@ -155,6 +159,11 @@ pub struct Manager {
     template_used_ms: Mutex<HashMap<String, i64>>,
     /// Creates in flight by template: the cache does not remove those templates.
     creating_from: Mutex<HashMap<String, usize>>,
+    /// The sealed memory files of templates whose memory is one, by template: loaded on the
+    /// first restore after the agent starts, shared by every sandbox of the template.
+    memory_files: Mutex<HashMap<PathBuf, Arc<std::os::fd::OwnedFd>>>,
+    /// Held while a memory file is loaded.
+    memory_loading: tokio::sync::Mutex<()>,
 }
 
 /// A generated identifier: `i` then 19 lowercase letters or digits, each equally likely.
@@ -231,6 +240,8 @@ impl Manager {
             pulling: Mutex::new(HashMap::new()),
             template_used_ms: Mutex::new(HashMap::new()),
             creating_from: Mutex::new(HashMap::new()),
+            memory_files: Mutex::new(HashMap::new()),
+            memory_loading: tokio::sync::Mutex::new(()),
             registries,
             blobs,
             config,

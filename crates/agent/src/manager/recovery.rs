@@ -117,10 +117,12 @@ impl Manager {
                             .sandbox_dir(&record.sandbox_id)
                             .join("memory.snap");
                         if !alive && state == SandboxState::Pausing && written.is_file() {
-                            record.snapshot = Some(SnapshotFiles {
-                                bytes: std::fs::metadata(&written).map(|m| m.len()).unwrap_or(0),
-                                memory: written,
-                            });
+                            match self.vmm.written_snapshot(&written) {
+                                Ok(snapshot) => record.snapshot = Some(snapshot),
+                                Err(error) => {
+                                    tracing::warn!(sandbox = %record.sandbox_id, %error, "a pause's snapshot is unusable")
+                                }
+                            }
                         }
                         record.state =
                             after_restart(state, record.snapshot.is_some() || record.disk_only);

@@ -113,6 +113,7 @@ impl Manager {
         options: &CreateOptions,
         fresh_disk: bool,
     ) -> Result<CreateTimings, AgentError> {
+        let prepared = Instant::now();
         let record = entry.snapshot();
         let dir = self.store.sandbox_dir(&record.sandbox_id);
         let egress = self.egress_of(&record);
@@ -144,14 +145,24 @@ impl Manager {
             self.slots.lease(&egress).await?
         };
         self.mmds.set(slot.index, Self::metadata(&record));
-        let machine = MachineSpec {
-            netns: Some(slot.netns.clone()),
-            vmm_user: self.vmm_user(slot.index),
-            ..record.machine.clone()
+        let mut timings = CreateTimings {
+            prepare: prepared.elapsed(),
+            ..CreateTimings::default()
         };
-        let mut timings = CreateTimings::default();
         let started = Instant::now();
         let outcome = async {
+            let memory = match snapshot.and_then(|snapshot| snapshot.ram.as_deref()) {
+                Some(ram) => {
+                    GuestMemory::Private(self.mapped_memory(ram, record.machine.memory_mib).await?)
+                }
+                None => GuestMemory::Anonymous,
+            };
+            let machine = MachineSpec {
+                netns: Some(slot.netns.clone()),
+                vmm_user: self.vmm_user(slot.index),
+                memory,
+                ..record.machine.clone()
+            };
             let vm = match snapshot {
                 Some(snapshot) => {
                     self.vmm
@@ -178,7 +189,10 @@ impl Manager {
                 envd_client::wait_ready(address, ready_timeout, || vm.is_alive()).await?;
                 timings.ready = started.elapsed() - timings.restore;
                 let init_timeout = options.init_timeout.unwrap_or(DEFAULT_INIT_TIMEOUT);
-                envd_client::init(address, self.init_body(&entry.snapshot()), init_timeout).await
+                let init = Instant::now();
+                envd_client::init(address, self.init_body(&entry.snapshot()), init_timeout).await?;
+                timings.init = init.elapsed();
+                Ok(())
             }
             .await;
             if ready.is_err() {

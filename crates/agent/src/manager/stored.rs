@@ -18,6 +18,7 @@ use crate::template_store::{Artifact, Moved, StoredFile, UNREFERENCED_BLOB_AGE, 
 const KERNEL: &str = "vmlinuz";
 const INITRD: &str = "initrd.img";
 const MEMORY: &str = "memory.snap";
+const RAM: &str = "memory.ram";
 const DISK: &str = "disk.qcow2";
 
 /// How often a host collects the template store's unnamed blobs.
@@ -46,6 +47,7 @@ impl Manager {
             (Some(&record.machine.kernel), KERNEL),
             (record.machine.initrd.as_ref(), INITRD),
             (Some(&record.snapshot.memory), MEMORY),
+            (record.snapshot.ram.as_ref(), RAM),
         ] {
             let Some(path) = path else { continue };
             files.push((path.clone(), self.stored_file(path, name).await?));
@@ -82,7 +84,12 @@ impl Manager {
             }
         }
         let artifact = Artifact {
-            format: crate::template_store::ARTIFACT_FORMAT,
+            // Older agents read a template whose memory is in its stream.
+            format: if record.snapshot.ram.is_some() {
+                crate::template_store::ARTIFACT_FORMAT
+            } else {
+                crate::template_store::OLDEST_ARTIFACT_FORMAT
+            },
             record: TemplateRecord {
                 machine: MachineSpec {
                     kernel: KERNEL.into(),
@@ -94,6 +101,7 @@ impl Manager {
                 },
                 snapshot: SnapshotFiles {
                     memory: MEMORY.into(),
+                    ram: record.snapshot.ram.as_ref().map(|_| RAM.into()),
                     ..record.snapshot.clone()
                 },
                 parent: None,
@@ -208,6 +216,7 @@ impl Manager {
         };
         if artifact.disk.is_empty()
             || artifact.disk[0].0.name != DISK
+            || (artifact.record.snapshot.ram.is_some() && !names.contains(&RAM))
             || names.iter().any(|name| unsafe_name(name))
             || (1..names.len()).any(|i| names[..i].contains(&names[i]))
         {
@@ -259,6 +268,7 @@ impl Manager {
                 },
                 snapshot: SnapshotFiles {
                     memory: dir.join(MEMORY),
+                    ram: pulled.snapshot.ram.as_ref().map(|_| dir.join(RAM)),
                     ..pulled.snapshot.clone()
                 },
                 parent: None,

@@ -3,6 +3,7 @@
 //! deleted (never while a sandbox or another template stands on one).
 
 use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
 
 use super::*;
 use crate::store::StepLayer;
@@ -339,6 +340,7 @@ impl Manager {
                 },
                 snapshot: SnapshotFiles {
                     memory: moved(&cached.snapshot.memory)?,
+                    ram: cached.snapshot.ram.as_deref().map(moved).transpose()?,
                     ..cached.snapshot.clone()
                 },
                 created_at_ms: now_ms(),
@@ -421,6 +423,7 @@ impl Manager {
             tap: "tap0".into(),
             mac: GUEST_MAC.into(),
             vmm_user: self.vmm_user(slot.index),
+            memory: self.template_memory(template_id, memory_mib),
         };
         let workdir = dir.join("vm");
         let outcome = async {
@@ -462,11 +465,27 @@ impl Manager {
         self.mmds.remove(slot.index);
         self.slots.release(slot.index).await;
         let (snapshot, defaults) = outcome?;
+        // The VM has ended: nothing writes its memory file any more. Kept sealed for its
+        // sandboxes (a file that cannot be sealed is loaded from the saved one instead).
+        if let (Some(ram), GuestMemory::Shared(memory)) = (&snapshot.ram, &machine.memory) {
+            match wrenn_vmm::memory::seal(memory) {
+                Ok(()) => {
+                    self.memory_files
+                        .lock()
+                        .expect("memory files lock")
+                        .insert(ram.clone(), memory.clone());
+                }
+                Err(error) => {
+                    tracing::warn!(template = template_id, %error, "memory file not kept")
+                }
+            }
+        }
         let record = TemplateRecord {
             template_id: template_id.to_string(),
             machine: MachineSpec {
                 netns: None,
                 vmm_user: None,
+                memory: GuestMemory::Anonymous,
                 ..machine
             },
             accel: self.accel,
@@ -667,8 +686,86 @@ impl Manager {
             .lock()
             .expect("templates lock")
             .remove(template_id);
-        std::fs::remove_dir_all(self.store.template_dir(template_id))
+        let dir = self.store.template_dir(template_id);
+        self.memory_files
+            .lock()
+            .expect("memory files lock")
+            .retain(|ram, _| !ram.starts_with(&dir));
+        std::fs::remove_dir_all(&dir)
             .map_err(|error| AgentError::internal("removing the template", error))
+    }
+
+    /// The memory a template's build VM runs with: a new memory file when templates keep
+    /// their memory in one (QEMU's own memory otherwise, or when the file cannot be made).
+    fn template_memory(&self, template_id: &str, memory_mib: u32) -> GuestMemory {
+        if !self.config.mapped_memory {
+            return GuestMemory::Anonymous;
+        }
+        match wrenn_vmm::memory::create(template_id, u64::from(memory_mib) << 20) {
+            Ok(memory) => GuestMemory::Shared(Arc::new(memory)),
+            Err(error) => {
+                tracing::warn!(template = template_id, %error, "the template's memory stays in its snapshot");
+                GuestMemory::Anonymous
+            }
+        }
+    }
+
+    /// The sealed memory file holding `ram` (a template's memory, see
+    /// [`wrenn_vmm::memory`]) for a restore of `memory_mib`: loaded from the file on its first
+    /// use since the agent started, then shared by every restore.
+    pub(super) async fn mapped_memory(
+        &self,
+        ram: &Path,
+        memory_mib: u32,
+    ) -> Result<Arc<OwnedFd>, AgentError> {
+        let cached = || {
+            self.memory_files
+                .lock()
+                .expect("memory files lock")
+                .get(ram)
+                .cloned()
+        };
+        let memory = match cached() {
+            Some(memory) => memory,
+            None => {
+                // One load per file at a time; the others wait for it.
+                let _loading = self.memory_loading.lock().await;
+                match cached() {
+                    Some(memory) => memory,
+                    None => {
+                        let path = ram.to_path_buf();
+                        let name = path
+                            .parent()
+                            .and_then(Path::file_name)
+                            .map(|name| name.to_string_lossy().into_owned())
+                            .unwrap_or_default();
+                        let started = Instant::now();
+                        let memory = tokio::task::spawn_blocking(move || {
+                            wrenn_vmm::memory::load(&path, &name)
+                        })
+                        .await
+                        .map_err(|error| AgentError::internal("loading a memory file", error))?
+                        .map_err(|error| AgentError::internal("loading a memory file", error))?;
+                        tracing::info!(ram = %ram.display(), ms = started.elapsed().as_millis() as u64, "memory file loaded");
+                        let memory = Arc::new(memory);
+                        self.memory_files
+                            .lock()
+                            .expect("memory files lock")
+                            .insert(ram.to_path_buf(), memory.clone());
+                        memory
+                    }
+                }
+            }
+        };
+        let length = wrenn_vmm::memory::len(&memory)
+            .map_err(|error| AgentError::internal("reading a memory file", error))?;
+        if length != u64::from(memory_mib) << 20 {
+            return Err(AgentError::Internal(format!(
+                "{} holds {length} bytes of memory, not the machine's {memory_mib} MiB",
+                ram.display()
+            )));
+        }
+        Ok(memory)
     }
 }
 

@@ -213,6 +213,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         image_cache_bytes: args.host.image_cache_mib << 20,
         template_store: args.host.template_store.clone(),
         template_cache_bytes: args.host.template_cache_mib << 20,
+        mapped_memory: !args.host.classic_memory,
     };
     let manager = Manager::start(config).await.context("starting the agent")?;
     let api = crate::listen(args.listen).await?;

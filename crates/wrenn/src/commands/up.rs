@@ -84,6 +84,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 .into_owned()
         })),
         template_cache_bytes: args.host.template_cache_mib << 20,
+        mapped_memory: !args.host.classic_memory,
     };
     let manager = Manager::start(config)
         .await

@@ -129,6 +129,41 @@ pub async fn wait_ready(
     )))
 }
 
+/// Waits until the guest accepts a connection on envd's port, giving up early if `alive` says
+/// the VM is gone. After a restore envd listens already (it did when the snapshot was taken):
+/// the first connection's handshake waits in the tap until the guest runs and completes the
+/// moment its network does, the guest's own answer rather than a poll. An attempt refused or
+/// unanswered for a second (a guest not there yet, a packet lost) is made again.
+pub async fn wait_accepting(
+    address: SocketAddr,
+    within: Duration,
+    alive: impl Fn() -> bool,
+) -> Result<Duration, AgentError> {
+    let started = Instant::now();
+    let mut last = String::from("no attempt");
+    while started.elapsed() < within {
+        if !alive() {
+            return Err(AgentError::Internal(format!(
+                "the VM exited before envd answered (last attempt: {last})"
+            )));
+        }
+        let attempt = within
+            .saturating_sub(started.elapsed())
+            .min(Duration::from_secs(1));
+        match tokio::time::timeout(attempt, tokio::net::TcpStream::connect(address)).await {
+            Ok(Ok(_connection)) => return Ok(started.elapsed()),
+            Ok(Err(error)) => {
+                last = error.to_string();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(_) => last = format!("no answer within {attempt:?}"),
+        }
+    }
+    Err(AgentError::DeadlineExceeded(format!(
+        "envd at {address} did not answer within {within:?} (last attempt: {last})"
+    )))
+}
+
 /// `POST /init`.
 pub async fn init(address: SocketAddr, body: Value, timeout: Duration) -> Result<(), AgentError> {
     control_post(address, "/init", Some(body), None, timeout).await
@@ -315,6 +350,36 @@ mod tests {
         // Uncapped, any one of those calls would have buffered the stream until its deadline.
         let grown = rss_bytes().saturating_sub(before);
         assert!(grown < 32 << 20, "the agent's memory grew by {grown} bytes");
+    }
+
+    #[tokio::test]
+    async fn readiness_is_the_first_accepted_connection_and_a_dead_vm_ends_the_wait() {
+        // A port nothing listens on yet: refused, tried again, accepted once it listens.
+        let reserved = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = reserved.local_addr().unwrap();
+        drop(reserved);
+        let opened = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let listener = tokio::net::TcpListener::bind(address).await.unwrap();
+            let _ = listener.accept().await;
+        });
+        let took = wait_accepting(address, Duration::from_secs(10), || true)
+            .await
+            .unwrap();
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        opened.await.unwrap();
+        // Nothing listens and the VM is gone: the wait ends with that reason.
+        let error = wait_accepting(address, Duration::from_secs(10), || false)
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("the VM exited"), "{error}");
+        let error = wait_accepting(address, Duration::from_millis(200), || true)
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("did not answer within"),
+            "{error}"
+        );
     }
 
     #[test]

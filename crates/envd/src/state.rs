@@ -219,6 +219,21 @@ impl Envd {
     }
 }
 
+impl Envd {
+    /// Records the sandbox identity `metadata` (from `source`) and writes its files, when it
+    /// differs from the one recorded.
+    pub fn set_identity(&self, metadata: &SandboxMetadata, source: &str) {
+        let changed = self.identity.read().expect("identity lock").as_ref() != Some(metadata);
+        if changed {
+            if let Err(error) = crate::mmds::write_identity(&self.config.run_dir, metadata) {
+                tracing::warn!(%error, "could not write the sandbox identity files");
+            }
+            tracing::info!(sandbox = %metadata.sandbox_id, template = %metadata.template_id, source, "sandbox identity");
+            *self.identity.write().expect("identity lock") = Some(metadata.clone());
+        }
+    }
+}
+
 /// Whether `path` is an existing directory.
 pub fn is_dir(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_dir())
@@ -231,16 +246,7 @@ impl Envd {
         let mmds = self.mmds.as_ref()?;
         match mmds.fetch(deadline).await {
             Ok(metadata) => {
-                let changed =
-                    self.identity.read().expect("identity lock").as_ref() != Some(&metadata);
-                if changed {
-                    if let Err(error) = crate::mmds::write_identity(&self.config.run_dir, &metadata)
-                    {
-                        tracing::warn!(%error, "could not write the sandbox identity files");
-                    }
-                    tracing::info!(sandbox = %metadata.sandbox_id, template = %metadata.template_id, "sandbox identity from MMDS");
-                    *self.identity.write().expect("identity lock") = Some(metadata.clone());
-                }
+                self.set_identity(&metadata, "MMDS");
                 Some(metadata)
             }
             Err(error) => {

@@ -162,4 +162,17 @@ async fn without_mmds_envd_runs_and_init_keeps_e2b_rules() {
         assert_eq!(reply.status, status, "/init with {body}");
     }
     assert!(!run_dir.path().join("e2b").exists());
+
+    // The identity an /init carries is taken at once (the metadata service is not waited for).
+    let body = r#"{"accessToken":"t1","metadata":{"instanceID":"sbxgiven","envID":"tpl","address":"","accessTokenHash":""}}"#;
+    assert_eq!(envd.request("POST", "/init", &[], body).await.status, 204);
+    assert_eq!(
+        std::fs::read_to_string(run_dir.path().join("e2b/.E2B_SANDBOX_ID")).unwrap(),
+        "sbxgiven"
+    );
+    let envs = envd
+        .request("GET", "/envs", &[("x-access-token", "t1")], "")
+        .await;
+    assert_eq!(envs.json()["E2B_SANDBOX_ID"], "sbxgiven");
+    assert_eq!(envs.json()["E2B_TEMPLATE_ID"], "tpl");
 }

@@ -352,9 +352,8 @@ impl Manager {
     }
 
     /// What `/init` tells a sandbox's envd: its environment (a UTF-8 locale unless the
-    /// create set `LANG`, as in E2B's templates), `user` in `/home/user`, the time, the token.
-    /// `/init`'s body for a sandbox: its env vars and token, and its template's user and
-    /// working directory.
+    /// create set `LANG`, as in E2B's templates), its template's user and working directory,
+    /// the time, the token, its certificate authority, and its identity.
     fn init_body(&self, record: &SandboxRecord) -> serde_json::Value {
         let mut env_vars = record.env_vars.clone();
         env_vars
@@ -381,6 +380,9 @@ impl Manager {
         if let Some(token) = &record.access_token {
             body["accessToken"] = json!(token);
         }
+        // Its identity as the metadata service has it: a restored clone's first command sees
+        // it without envd's round trip to the service (older envds ignore it and make it).
+        body["metadata"] = json!(Self::metadata(record));
         // envd adds it to the guest's trust store (and sets the variables that point runtimes
         // with stores of their own at it).
         if let Some(ca) = &record.egress_ca {

@@ -186,7 +186,17 @@ impl Manager {
                         .unwrap_or(DEFAULT_BOOT_TIMEOUT)
                         .max(DEFAULT_BOOT_TIMEOUT),
                 };
-                envd_client::wait_ready(address, ready_timeout, || vm.is_alive()).await?;
+                match snapshot {
+                    // The guest's envd listened when it was snapshotted: its accepting a
+                    // connection is its readiness, and `/init` follows at once.
+                    Some(_) => {
+                        envd_client::wait_accepting(address, ready_timeout, || vm.is_alive())
+                            .await?
+                    }
+                    None => {
+                        envd_client::wait_ready(address, ready_timeout, || vm.is_alive()).await?
+                    }
+                };
                 timings.ready = started.elapsed() - timings.restore;
                 let init_timeout = options.init_timeout.unwrap_or(DEFAULT_INIT_TIMEOUT);
                 let init = Instant::now();

@@ -49,6 +49,10 @@ struct InitRequest {
     default_workdir: Option<String>,
     /// The sandbox's certificate authority (PEM), added to the trust store.
     ca_bundle: Option<String>,
+    /// The sandbox's identity as the metadata service holds it (wrenn's agent sends it with
+    /// a restore's `/init`, so that the first command sees it without a round trip to the
+    /// service; the service is read afterwards all the same).
+    metadata: Option<crate::mmds::SandboxMetadata>,
 }
 
 /// Whether the clock (`now`) is far enough from `given` to be set (both in unix ms).
@@ -196,8 +200,14 @@ pub(crate) async fn init(
     });
     // A restored clone has a new identity: it is read before /init answers, so the first
     // command already sees it (E2B_SANDBOX_ID); other /inits refresh it in the background.
+    let given = request
+        .metadata
+        .filter(|metadata| !metadata.sandbox_id.is_empty());
+    if let Some(metadata) = &given {
+        envd.set_identity(metadata, "/init");
+    }
     if envd.mmds.is_some() {
-        if restored {
+        if restored && given.is_none() {
             envd.refresh_identity(MMDS_DEADLINE).await;
         } else {
             let envd = envd.clone();

@@ -122,6 +122,7 @@ pub fn template(template_id: &str, memory_mib: u32) -> TemplateReport {
         image_key: "fake".into(),
         created_at_ms: 0,
         disk_size_mb: 2048,
+        memory_mapped: false,
     }
 }
 
@@ -369,9 +370,11 @@ impl State {
             .find(|t| t.template_id == sandbox.template_id)
             .cloned()
             .unwrap_or_else(|| template(&sandbox.template_id, 512));
+        // A checkpoint's memory is in its stream (as a real host writes it).
         let made = TemplateReport {
             template_id: template_id.to_string(),
             created_at_ms: now_ms(),
+            memory_mapped: false,
             ..of
         };
         self.templates.push(made.clone());
@@ -964,6 +967,7 @@ impl State {
             memory_committed_mib: committed_mib,
             slots_total: self.slots_total,
             slots_in_use: running,
+            slots_starting: 0,
             disk_available_bytes: self.disk_bytes,
             agent_rss_bytes: 0,
             templates: self.templates.clone(),

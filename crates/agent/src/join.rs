@@ -65,6 +65,7 @@ pub fn report(manager: &Manager) -> HostReport {
             .sum(),
         slots_total: manager.slots.config().capacity,
         slots_in_use: manager.slots.in_use(),
+        slots_starting: manager.slots_starting(),
         disk_available_bytes: disk_available,
         agent_rss_bytes: wrenn_vmm::process::usage(std::process::id())
             .map(|u| u.rss_bytes)

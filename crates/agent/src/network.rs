@@ -521,47 +521,29 @@ pub fn create_slot_with(
     delete_slot_blocking(slot);
     let built = (|| {
         let ns = slot.netns.as_str();
-        ip(&["netns", "add", ns])?;
-        ip(&[
-            "link",
-            "add",
-            &slot.veth_host,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &slot.veth_guest,
-            "netns",
-            ns,
-        ])?;
-        ip(&[
-            "addr",
-            "add",
-            &format!("{}/30", slot.host_ip),
-            "dev",
-            &slot.veth_host,
-        ])?;
-        ip(&["link", "set", &slot.veth_host, "up"])?;
-        ip(&[
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{}/30", slot.namespace_ip),
-            "dev",
-            &slot.veth_guest,
-        ])?;
-        ip(&["-n", ns, "link", "set", &slot.veth_guest, "up"])?;
-        ip(&["-n", ns, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n",
-            ns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &slot.host_ip.to_string(),
-        ])?;
+        // One `ip` per side and step (a batch stops at its first failing line), not one per
+        // change: a slot is a handful of processes, not sixteen.
+        ip_batch(
+            None,
+            &[
+                format!("netns add {ns}"),
+                format!(
+                    "link add {} type veth peer name {} netns {ns}",
+                    slot.veth_host, slot.veth_guest
+                ),
+                format!("addr add {}/30 dev {}", slot.host_ip, slot.veth_host),
+                format!("link set {} up", slot.veth_host),
+            ],
+        )?;
+        ip_batch(
+            Some(ns),
+            &[
+                format!("addr add {}/30 dev {}", slot.namespace_ip, slot.veth_guest),
+                format!("link set {} up", slot.veth_guest),
+                "link set lo up".to_string(),
+                format!("route add default via {}", slot.host_ip),
+            ],
+        )?;
         inside(ns)?;
         ip(&[
             "route",
@@ -579,20 +561,34 @@ pub fn create_slot_with(
     built
 }
 
+/// Runs `lines` as one `ip -batch` (in namespace `netns` when given): it stops at the first
+/// line that fails, which is the error.
+fn ip_batch(netns: Option<&str>, lines: &[String]) -> Result<(), AgentError> {
+    // A line is split on white space: no argument may hold any (names and addresses do not).
+    if let Some(line) = lines.iter().find(|line| line.contains('\n')) {
+        return Err(AgentError::Internal(format!(
+            "{line:?} is not one ip command"
+        )));
+    }
+    let mut args = Vec::new();
+    if let Some(netns) = netns {
+        args.extend(["-n", netns]);
+    }
+    args.extend(["-batch", "-"]);
+    run("ip", &args, Some(&(lines.join("\n") + "\n")))
+}
+
 /// Adds the guest's tap to a namespace.
 pub fn add_tap(ns: &str) -> Result<(), AgentError> {
-    ip(&["-n", ns, "tuntap", "add", "dev", "tap0", "mode", "tap"])?;
-    ip(&["-n", ns, "link", "set", "tap0", "address", TAP_MAC])?;
-    ip(&[
-        "-n",
-        ns,
-        "addr",
-        "add",
-        &format!("{TAP_IP}/30"),
-        "dev",
-        "tap0",
-    ])?;
-    ip(&["-n", ns, "link", "set", "tap0", "up"])
+    ip_batch(
+        Some(ns),
+        &[
+            "tuntap add dev tap0 mode tap".to_string(),
+            format!("link set tap0 address {TAP_MAC}"),
+            format!("addr add {TAP_IP}/30 dev tap0"),
+            "link set tap0 up".to_string(),
+        ],
+    )
 }
 
 /// Deletes every rule of `chain` (INPUT, FORWARD) that jumps to `target`.

@@ -151,6 +151,7 @@ impl TemplateRecord {
             envd_version: self.envd_version.clone(),
             image_key: self.image_key.clone(),
             created_at_ms: self.created_at_ms,
+            memory_mapped: self.snapshot.ram.is_some(),
         }
     }
 

@@ -585,9 +585,23 @@ pub async fn sandbox(args: SandboxBenchArgs) -> anyhow::Result<()> {
 
     eprintln!("{} concurrent creates ...", args.concurrent);
     let creates = (0..args.concurrent).map(|run| agent.create(format!("con-{run}")));
-    let concurrent: Vec<Duration> = futures_util::future::try_join_all(creates).await?;
-    for run in 0..args.concurrent {
-        agent.destroy(format!("con-{run}")).await?;
+    let mut concurrent = Vec::new();
+    let mut concurrent_errors = Vec::new();
+    for (run, created) in futures_util::future::join_all(creates)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        match created {
+            Ok(took) => {
+                concurrent.push(took);
+                agent.destroy(format!("con-{run}")).await?;
+            }
+            Err(error) => concurrent_errors.push(error.to_string()),
+        }
+    }
+    for error in &concurrent_errors {
+        eprintln!("a concurrent create failed: {error}");
     }
 
     eprintln!("pause and resume ...");
@@ -649,7 +663,7 @@ pub async fn sandbox(args: SandboxBenchArgs) -> anyhow::Result<()> {
             serde_json::json!({
                 "accel": template.accel, "memory_mib": template.memory_mib, "template_build_ms": template.build_ms,
                 "snapshot_bytes": template.snapshot_bytes,
-                "bare_qemu_restore": raw, "bare_qemu_restore_classic": raw_classic, "create_sequential": sequential, "create_concurrent": concurrent,
+                "bare_qemu_restore": raw, "bare_qemu_restore_classic": raw_classic, "create_sequential": sequential, "create_concurrent": concurrent, "create_concurrent_errors": concurrent_errors.len(),
                 "agent_overhead_p50_percent": overhead_percent, "pause": pauses, "resume": resumes,
                 "idle_sandboxes": info.sandboxes_running, "agent_rss_mib": agent_rss_mib,
                 "idle_vmm_memory": idle_memory,
@@ -684,6 +698,11 @@ pub async fn sandbox(args: SandboxBenchArgs) -> anyhow::Result<()> {
             ("resume", &resumes),
         ]);
         println!("{}", latency_table(&rows));
+        println!(
+            "{} of the {} concurrent creates failed",
+            concurrent_errors.len(),
+            args.concurrent
+        );
         println!("agent overhead over the bare restore at p50: {overhead_percent:+.1} %");
         println!(
             "agent resident memory with {} sandboxes: {agent_rss_mib:.1} MiB",

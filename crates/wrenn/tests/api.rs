@@ -1251,6 +1251,82 @@ async fn kill_then_404(server: &Server, sandboxes: &TwoSandboxes) {
     assert_eq!(body["code"], json!(404));
 }
 
+/// Fifty creates at once through the REST API (fifty SDK `Sandbox.create` calls at once) all
+/// succeed and each sandbox answers with its own identity; once they are killed the host keeps
+/// no VM, no sandbox file and no leased slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_creates_at_once_through_the_rest_api_succeed_and_leave_nothing() {
+    if prerequisites().is_none() {
+        return;
+    }
+    const COUNT: usize = 50;
+    let server = Server::start_with(None, &["--quota-running", "0"]);
+    let mut agent = Agent::start_joined_with(
+        "wff",
+        1700,
+        &server.url(),
+        &server.join_token,
+        "fifty",
+        ["--slots", "64", "--slots-ahead", "4"]
+            .map(String::from)
+            .to_vec(),
+    );
+    agent.build_template("base").await;
+    server
+        .wait_host("fifty", "up", Duration::from_secs(30))
+        .await;
+
+    let creates = (0..COUNT).map(|n| {
+        server.call(
+            Method::POST,
+            "/sandboxes",
+            json!({"templateID": "base", "timeout": 600, "secure": false,
+                "metadata": {"n": n.to_string()}}),
+        )
+    });
+    let mut ids = Vec::new();
+    let mut failed = Vec::new();
+    for (status, body) in futures_util::future::join_all(creates).await {
+        if status == StatusCode::CREATED {
+            ids.push(sandbox_id(&body));
+        } else {
+            failed.push(format!("{status}: {body}"));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {COUNT} creates failed: {failed:?}",
+        failed.len()
+    );
+    let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), COUNT);
+    for batch in ids.chunks(10) {
+        let runs = batch
+            .iter()
+            .map(|id| run_via_proxy_expecting(server.proxy, id, None, "echo $E2B_SANDBOX_ID", id));
+        futures_util::future::join_all(runs).await;
+    }
+    assert_eq!(agent.host_info().await.sandboxes_running, COUNT as u32);
+
+    let server = &server;
+    let kills = ids
+        .iter()
+        .map(|id| async move { server.sandbox(id).kill(StatusCode::NO_CONTENT).await });
+    futures_util::future::join_all(kills).await;
+    let info = agent.host_info().await;
+    assert_eq!((info.sandboxes_running, info.slots_in_use), (0, 0));
+    assert_eq!(
+        vmm_pids_matching(&agent.data_dir().display().to_string()),
+        Vec::<i32>::new()
+    );
+    let files = std::fs::read_dir(agent.data_dir().join("sandboxes"))
+        .map(|dir| dir.count())
+        .unwrap_or(0);
+    assert_eq!(files, 0, "sandbox directories are left");
+    agent.stop();
+    assert_eq!(agent.leftovers(), Vec::<String>::new());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_api_on_sqlite() {
     if prerequisites().is_none() {

@@ -164,6 +164,8 @@ pub struct Manager {
     memory_files: Mutex<HashMap<PathBuf, Arc<std::os::fd::OwnedFd>>>,
     /// Held while a memory file is loaded.
     memory_loading: tokio::sync::Mutex<()>,
+    /// Slots leased by creates whose VMs are not up yet.
+    slots_starting: std::sync::atomic::AtomicU32,
 }
 
 /// A generated identifier: `i` then 19 lowercase letters or digits, each equally likely.
@@ -242,6 +244,7 @@ impl Manager {
             creating_from: Mutex::new(HashMap::new()),
             memory_files: Mutex::new(HashMap::new()),
             memory_loading: tokio::sync::Mutex::new(()),
+            slots_starting: std::sync::atomic::AtomicU32::new(0),
             registries,
             blobs,
             config,
@@ -293,6 +296,13 @@ impl Manager {
 
     pub fn vmm_name(&self) -> &'static str {
         self.vmm.name()
+    }
+
+    /// Slots leased by creates whose VMs are not up yet (reported to the control plane, which
+    /// counts those creates itself while they are in flight).
+    pub fn slots_starting(&self) -> u32 {
+        self.slots_starting
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn config(&self) -> &AgentConfig {

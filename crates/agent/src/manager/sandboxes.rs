@@ -144,6 +144,13 @@ impl Manager {
         } else {
             self.slots.lease(&egress).await?
         };
+        // A create's slot is reported apart from the settled ones until the VM is up or the
+        // slot given back (the control plane counts its create in flight meanwhile).
+        let _started = fresh_disk.then(|| {
+            self.slots_starting
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            SlotStarting(&self.slots_starting)
+        });
         self.mmds.set(slot.index, Self::metadata(&record));
         let mut timings = CreateTimings {
             prepare: prepared.elapsed(),
@@ -373,5 +380,15 @@ impl Manager {
             self.collect_ephemeral();
         }
         Ok(())
+    }
+}
+
+/// A slot leased by a VM being started (see [`Manager::slots_starting`]): uncounted when
+/// dropped.
+struct SlotStarting<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl Drop for SlotStarting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }

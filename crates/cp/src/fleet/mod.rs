@@ -314,6 +314,15 @@ mod tests {
     }
 
     fn fleet_with_disk(hosts: &[(&str, &str, u32, u32, u64, u64)]) -> Fleet {
+        fleet_with(hosts, wrenn_agent_api::fake::template("base", 512))
+    }
+
+    /// Hosts (name, state, slots, slots in use, MiB of memory, bytes of disk free) that have
+    /// `template`.
+    fn fleet_with(
+        hosts: &[(&str, &str, u32, u32, u64, u64)],
+        template: wrenn_agent_api::join::TemplateReport,
+    ) -> Fleet {
         let fleet = Fleet {
             hosts: RwLock::new(HashMap::new()),
             placement: Box::new(LeastLoaded),
@@ -337,7 +346,7 @@ mod tests {
                     slots_in_use: *used,
                     memory_available_bytes: memory_mib << 20,
                     disk_available_bytes: *disk_bytes,
-                    templates: vec![wrenn_agent_api::fake::template("base", 512)],
+                    templates: vec![template.clone()],
                     ..Default::default()
                 },
                 last_heartbeat_ms: 0,
@@ -449,8 +458,8 @@ mod tests {
     #[test]
     fn placement_skips_hosts_without_the_disk_a_sandbox_may_take() {
         let fleet = fleet_with_disk(&[
-            ("small", "up", 8, 0, 8192, 1 << 30),
-            ("roomy", "up", 8, 0, 8192, 3 << 30),
+            ("small", "up", 64, 0, 8192, 1 << 30),
+            ("roomy", "up", 64, 0, 65536, 3 << 30),
         ]);
         let first = fleet.place("base", None, &[]).unwrap();
         assert_eq!(
@@ -458,20 +467,68 @@ mod tests {
             "roomy",
             "small has 1 GiB, 2 GiB needed"
         );
-        // roomy's 3 GiB hold one 2 GiB disk in flight, not two.
+        // A create in flight is counted at what a new sandbox's overlay takes (64 MiB), not at
+        // the 2 GiB its disk may grow to: roomy's 3 GiB take 17 at once (the last one still
+        // sees 2 GiB free), not one.
+        let mut placed = vec![first];
+        for _ in 1..17 {
+            placed.push(fleet.place("base", None, &[]).unwrap());
+        }
         let full = fleet.place("base", None, &[]).unwrap_err();
         assert!(matches!(full, Error::NoCapacity(_)), "{full}");
         for words in [
             "small has 1024 MiB of disk free, 2048 MiB needed",
-            "roomy has 1024 MiB of disk free, 2048 MiB needed",
+            "roomy has 1984 MiB of disk free, 2048 MiB needed",
         ] {
             assert!(full.to_string().contains(words), "{words}: {full}");
         }
-        drop(first);
+        placed.pop();
         assert_eq!(
             fleet.place("base", None, &[]).unwrap().host.row().name,
             "roomy"
         );
+    }
+
+    #[test]
+    fn a_hosts_creates_not_up_yet_are_not_counted_twice() {
+        let fleet = fleet_with_disk(&[("host", "up", 8, 0, 1 << 20, 1 << 40)]);
+        let placed: Vec<_> = (0..6)
+            .map(|_| fleet.place("base", None, &[]).unwrap())
+            .collect();
+        // Its heartbeat: the six creates have their slots, none is up yet.
+        {
+            let host = &fleet.hosts()[0];
+            let mut row = host.row.lock().unwrap();
+            row.report.slots_in_use = 6;
+            row.report.slots_starting = 6;
+        }
+        let more: Vec<_> = (0..2)
+            .map(|_| fleet.place("base", None, &[]).unwrap())
+            .collect();
+        let full = fleet.place("base", None, &[]).unwrap_err();
+        assert!(full.to_string().contains("no free network slot"), "{full}");
+        drop((placed, more));
+    }
+
+    #[test]
+    fn creates_in_flight_count_a_mapped_templates_memory_at_what_a_sandbox_starts_with() {
+        let classic = wrenn_agent_api::fake::template("base", 1024);
+        let mapped = wrenn_agent_api::join::TemplateReport {
+            memory_mapped: true,
+            ..classic.clone()
+        };
+        let at_once = |template| {
+            let fleet = fleet_with(&[("host", "up", 100, 0, 4096, 1 << 40)], template);
+            let mut placed = Vec::new();
+            while let Ok(one) = fleet.place("base", None, &[]) {
+                placed.push(one);
+            }
+            placed.len()
+        };
+        // 4 GiB: four 1 GiB guests that read their memory in; with it mapped, a sandbox is
+        // counted at 64 MiB until its host reports it, while 1 GiB stays free for each.
+        assert_eq!(at_once(classic), 4);
+        assert_eq!(at_once(mapped), 49);
     }
 
     #[test]

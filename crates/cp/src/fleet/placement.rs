@@ -174,15 +174,36 @@ impl Fleet {
         let mut row = placed.host.row.lock().expect("host lock");
         row.report.slots_in_use += 1;
         row.report.sandboxes_running += 1;
+        let (memory_mib, disk_mib) = start_cost(&placed.template);
         row.report.memory_available_bytes = row
             .report
             .memory_available_bytes
-            .saturating_sub(u64::from(placed.template.memory_mib) << 20);
+            .saturating_sub(memory_mib << 20);
         row.report.disk_available_bytes = row
             .report
             .disk_available_bytes
-            .saturating_sub(placed.template.disk_size_mb << 20);
+            .saturating_sub(disk_mib << 20);
     }
+}
+
+/// What a sandbox mapping its template's memory is counted to hold of its own at first (an
+/// idle one holds ~45 MiB under TCG, benchmarks.md).
+const MAPPED_START_MEMORY_MIB: u64 = 64;
+/// What a new sandbox's disk is counted to take at first: its overlay and first writes.
+const START_DISK_MIB: u64 = 64;
+
+/// What a new sandbox of `template` takes of its host at once, in MiB of memory and of disk:
+/// counted for creates in flight and just made until the host's next report says what they
+/// take. Its disk is a copy-on-write overlay of the template's; its memory is the template's
+/// whole when it reads it in, its own writes when it maps it. What it may grow to is checked
+/// for each create ([`room_for`]), as it is for the sandboxes already running.
+fn start_cost(template: &TemplateReport) -> (u64, u64) {
+    let memory = if template.memory_mapped {
+        MAPPED_START_MEMORY_MIB.min(u64::from(template.memory_mib))
+    } else {
+        u64::from(template.memory_mib)
+    };
+    (memory, START_DISK_MIB.min(template.disk_size_mb))
 }
 
 /// Whether `host` (whose row is `row`) can take a sandbox of `template` now: a candidate, or
@@ -200,9 +221,15 @@ fn room_for(
         return Err(format!("{} said it had no room", row.name));
     }
     let inflight = host.inflight.load(Ordering::SeqCst);
-    let used = row.report.slots_in_use + inflight;
+    // The host's creates not up yet are this plane's creates in flight, counted here.
+    let used = row
+        .report
+        .slots_in_use
+        .saturating_sub(row.report.slots_starting)
+        + inflight;
+    let (start_memory_mib, start_disk_mib) = start_cost(template);
     let memory_mib = (row.report.memory_available_bytes >> 20)
-        .saturating_sub(u64::from(inflight) * u64::from(template.memory_mib));
+        .saturating_sub(u64::from(inflight) * start_memory_mib);
     if used >= row.report.slots_total {
         return Err(format!("{} has no free network slot", row.name));
     }
@@ -214,7 +241,7 @@ fn room_for(
     }
     // The sandbox's disk may grow to the template's size: that much must be free.
     let disk_free_mib = (row.report.disk_available_bytes >> 20)
-        .saturating_sub(u64::from(inflight) * template.disk_size_mb);
+        .saturating_sub(u64::from(inflight) * start_disk_mib);
     if disk_free_mib < template.disk_size_mb {
         return Err(format!(
             "{} has {disk_free_mib} MiB of disk free, {} MiB needed",

@@ -500,6 +500,8 @@ impl ControlPlane {
                         image_key: String::new(),
                         created_at_ms: build.finished_at_ms,
                         disk_size_mb: u64::from(build.disk_size_mb),
+                        // Not known before a host has it: counted as a classic one.
+                        memory_mapped: false,
                     });
                 Ok(ResolvedTemplate {
                     on_hosts: host_template_id(&build_id),

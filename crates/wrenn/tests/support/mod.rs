@@ -121,14 +121,13 @@ impl Agent {
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(["--slot-prefix", &self.prefix])
-            .args([
-                "--first-slot",
-                &self.first_slot.to_string(),
-                "--slots",
-                "8",
-                "--slots-ahead",
-                "1",
-            ])
+            .args(["--first-slot", &self.first_slot.to_string()])
+            // Eight slots, one kept ready, unless the test says otherwise.
+            .args(if self.extra_args.iter().any(|arg| arg == "--slots") {
+                &[][..]
+            } else {
+                &["--slots", "8", "--slots-ahead", "1"][..]
+            })
             .args([
                 "--listen",
                 &format!("{}:{}", self.listen_host, self.api_port),

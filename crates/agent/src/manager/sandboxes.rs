@@ -117,6 +117,14 @@ impl Manager {
         let record = entry.snapshot();
         let dir = self.store.sandbox_dir(&record.sandbox_id);
         let egress = self.egress_of(&record);
+        // A create's slot is reported apart from the settled ones from before it is leased
+        // until the VM is up or the slot given back: the control plane counts the create in
+        // flight meanwhile, and must not count its slot a second time as a settled one.
+        let _started = fresh_disk.then(|| {
+            self.slots_starting
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            SlotStarting(&self.slots_starting)
+        });
         let slot = if fresh_disk {
             crate::store::private_dir(&dir)?;
             self.store.save_sandbox(&record)?;
@@ -144,13 +152,6 @@ impl Manager {
         } else {
             self.slots.lease(&egress).await?
         };
-        // A create's slot is reported apart from the settled ones until the VM is up or the
-        // slot given back (the control plane counts its create in flight meanwhile).
-        let _started = fresh_disk.then(|| {
-            self.slots_starting
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            SlotStarting(&self.slots_starting)
-        });
         self.mmds.set(slot.index, Self::metadata(&record));
         let mut timings = CreateTimings {
             prepare: prepared.elapsed(),

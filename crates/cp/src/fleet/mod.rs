@@ -391,11 +391,17 @@ mod tests {
             "both 3/4 full: a has more memory free"
         );
         held.push(fourth);
+        // Without b, a is full by the estimate (3 of 4 in its report, 1 in flight) but not by
+        // its own count: it is tried, and refuses itself if its slot is taken.
         let excluded = vec!["id-b".to_string()];
+        let fifth = fleet.place("base", None, &excluded).unwrap();
+        assert_eq!(fifth.host.row().name, "a");
+        held.push(fifth);
+        let excluded = vec!["id-a".to_string(), "id-b".to_string()];
         let full = fleet.place("base", None, &excluded).unwrap_err();
         assert!(matches!(full, Error::NoCapacity(_)), "{full}");
         for words in [
-            "a has no free network slot",
+            "a said it had no room",
             "b said it had no room",
             "c is down",
             "d has 100 MiB free",
@@ -441,8 +447,14 @@ mod tests {
         let second = fleet.place("built", Some(&stored), &[]).unwrap();
         assert_eq!(second.host.row().name, "pulls");
         assert_eq!(second.template.memory_mib, 1024);
-        // Not in the store (`None`): only the host that has it, which is full.
-        let full = fleet.place("built", None, &[]).unwrap_err();
+        // Not in the store (`None`): only the host that has it, full by the estimate but not by
+        // its own count (3 of 4): tried, it refuses itself if its slot is taken; without it,
+        // no host.
+        let third = fleet.place("built", None, &[]).unwrap();
+        assert_eq!(third.host.row().name, "has");
+        drop(third);
+        let excluded = vec!["id-has".to_string()];
+        let full = fleet.place("built", None, &excluded).unwrap_err();
         assert!(matches!(full, Error::NoCapacity(_)), "{full}");
         // Nobody has it and nobody may pull it: not found.
         set("pulls", "", false);
@@ -491,23 +503,39 @@ mod tests {
 
     #[test]
     fn a_hosts_creates_not_up_yet_are_not_counted_twice() {
-        let fleet = fleet_with_disk(&[("host", "up", 8, 0, 1 << 20, 1 << 40)]);
-        let placed: Vec<_> = (0..6)
+        let fleet = fleet_with_disk(&[
+            ("host", "up", 8, 0, 1 << 20, 1 << 40),
+            ("busy", "up", 8, 7, 1 << 20, 1 << 40),
+        ]);
+        let host_of = |placed: &Placed| placed.host.row().name;
+        let mut placed: Vec<_> = (0..6)
             .map(|_| fleet.place("base", None, &[]).unwrap())
             .collect();
-        // Its heartbeat: the six creates have their slots, none is up yet.
-        {
-            let host = &fleet.hosts()[0];
+        assert!(placed.iter().all(|p| host_of(p) == "host"));
+        // Its heartbeat: the six creates have their slots, none is up yet. Counted twice, it
+        // would be full (6 + 6 of 8) and the next create would go to busy (7 of 8).
+        let set_report = |in_use, starting| {
+            let host = fleet.hosts().into_iter().find(|h| h.row().name == "host");
+            let host = host.unwrap();
             let mut row = host.row.lock().unwrap();
-            row.report.slots_in_use = 6;
-            row.report.slots_starting = 6;
-        }
-        let more: Vec<_> = (0..2)
-            .map(|_| fleet.place("base", None, &[]).unwrap())
-            .collect();
-        let full = fleet.place("base", None, &[]).unwrap_err();
-        assert!(full.to_string().contains("no free network slot"), "{full}");
-        drop((placed, more));
+            row.report.slots_in_use = in_use;
+            row.report.slots_starting = starting;
+        };
+        set_report(6, 6);
+        let seventh = fleet.place("base", None, &[]).unwrap();
+        assert_eq!(host_of(&seventh), "host");
+        placed.push(seventh);
+        // Full by its own count: refused, busy takes it.
+        set_report(8, 0);
+        let ninth = fleet.place("base", None, &[]).unwrap();
+        assert_eq!(host_of(&ninth), "busy");
+        let excluded = vec!["id-busy".to_string()];
+        let full = fleet.place("base", None, &excluded).unwrap_err();
+        assert!(
+            full.to_string().contains("host has no free network slot"),
+            "{full}"
+        );
+        drop((placed, ninth));
     }
 
     #[test]

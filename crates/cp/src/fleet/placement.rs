@@ -8,7 +8,8 @@ use super::*;
 pub struct Candidate {
     pub host_id: String,
     pub slots_total: u32,
-    /// Slots in use, creates in flight included.
+    /// Slots in use, creates in flight included: an estimate, which may reach `slots_total`
+    /// (such a host is tried only when no other has room by it).
     pub slots_used: u32,
     pub memory_available_mib: u64,
 }
@@ -17,6 +18,11 @@ impl Candidate {
     /// The share of the host's slots in use.
     pub fn load(&self) -> f64 {
         f64::from(self.slots_used) / f64::from(self.slots_total.max(1))
+    }
+
+    /// Whether the host has a free slot by the plane's estimate.
+    pub fn has_room(&self) -> bool {
+        self.slots_used < self.slots_total
     }
 }
 
@@ -156,7 +162,25 @@ impl Fleet {
         if !known {
             return Err(Error::TemplateNotFound(template_id.to_string()));
         }
-        let (candidates, mut hosts) = if having.0.is_empty() { pulling } else { having };
+        // Hosts that have the template before those that would pull it; hosts full by the
+        // estimate only when no other has room: each refuses a create it has no slot for, and
+        // the create goes on to the next.
+        let with_room = |(candidates, hosts): (Vec<Candidate>, Vec<_>)| -> (Vec<_>, Vec<_>) {
+            candidates
+                .into_iter()
+                .zip(hosts)
+                .filter(|(candidate, _)| candidate.has_room())
+                .unzip()
+        };
+        let (candidates, mut hosts) = [
+            with_room(having.clone()),
+            with_room(pulling.clone()),
+            having,
+            pulling,
+        ]
+        .into_iter()
+        .find(|(candidates, _)| !candidates.is_empty())
+        .unwrap_or_default();
         if candidates.is_empty() {
             return Err(Error::NoCapacity(format!(
                 "no host can take a sandbox of template '{template_id}' now: {}",
@@ -230,7 +254,10 @@ fn room_for(
     let (start_memory_mib, start_disk_mib) = start_cost(template);
     let memory_mib = (row.report.memory_available_bytes >> 20)
         .saturating_sub(u64::from(inflight) * start_memory_mib);
-    if used >= row.report.slots_total {
+    // The host's own count refuses; the estimate only ranks. A create that has just come up
+    // is counted twice until the plane hears its answer (in the host's report and in flight):
+    // the host itself, which leases the slot, refuses a create it has no slot for.
+    if row.report.slots_in_use >= row.report.slots_total {
         return Err(format!("{} has no free network slot", row.name));
     }
     if memory_mib < u64::from(template.memory_mib) {

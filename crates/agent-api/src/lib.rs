@@ -34,7 +34,8 @@ pub use remote::RemoteAgent;
 pub struct CreateTimings {
     /// The template's pull from the template store (zero when the host had it).
     pub pull: std::time::Duration,
-    /// The sandbox's disk and network slot made ready (at once), its record written.
+    /// The sandbox's disk and network slot made ready (at once), its record written, and its
+    /// wait for a turn to start when the host starts as many guests as it can at once.
     pub prepare: std::time::Duration,
     /// The VM's restore (the template's memory loaded first, when this is its first use).
     pub restore: std::time::Duration,
@@ -42,6 +43,8 @@ pub struct CreateTimings {
     pub ready: std::time::Duration,
     /// envd's `/init`.
     pub init: std::time::Duration,
+    /// Whether the VMM was a warm one, started before the create (see the agent's warm pool).
+    pub warm: bool,
 }
 pub use route::GuestRoute;
 

@@ -88,6 +88,7 @@ impl HostAgent for RemoteAgent {
             restore: Duration::from_millis(response.restore_ms),
             ready: Duration::from_millis(response.ready_ms),
             init: Duration::from_millis(response.init_ms),
+            warm: response.warm,
         })
     }
 

@@ -167,6 +167,7 @@ async fn create_sandbox(
         pull_ms: timings.pull.as_millis() as u64,
         prepare_ms: timings.prepare.as_millis() as u64,
         init_ms: timings.init.as_millis() as u64,
+        warm: timings.warm,
     })
 }
 

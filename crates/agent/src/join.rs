@@ -25,7 +25,7 @@ pub use wrenn_agent_api::join::{
     TemplateReport, host_registry,
 };
 
-fn meminfo_kib(meminfo: &str, key: &str) -> u64 {
+pub(crate) fn meminfo_kib(meminfo: &str, key: &str) -> u64 {
     meminfo
         .lines()
         .find(|line| line.starts_with(key))
@@ -64,7 +64,8 @@ pub fn report(manager: &Manager) -> HostReport {
             .map(|r| u64::from(r.machine.memory_mib))
             .sum(),
         slots_total: manager.slots.config().capacity,
-        slots_in_use: manager.slots.in_use(),
+        // A warm VMM's slot is free for a create (which takes the VMM, or its slot).
+        slots_in_use: manager.slots.in_use().saturating_sub(manager.warm_slots()),
         slots_starting: manager.slots_starting(),
         disk_available_bytes: disk_available,
         agent_rss_bytes: wrenn_vmm::process::usage(std::process::id())

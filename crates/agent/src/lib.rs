@@ -66,6 +66,8 @@ pub async fn serve(
     shutdown.await;
     let _ = stop_tx.send(true);
     let _ = tokio::join!(api_server, proxy_server, mmds_server);
+    // Warm VMMs have no sandbox to outlive the agent for.
+    manager.close_warm_pool().await;
 }
 
 /// Runs `work` to its end on a task of its own, even if the caller stops waiting (a client that

@@ -274,6 +274,8 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
         template_store: None,
         template_cache_bytes: 0,
         mapped_memory: true,
+        warm_pool: 0,
+        warm_pool_min_free_mib: 0,
     };
     let mmds = tokio::net::TcpListener::bind("0.0.0.0:0").await?;
     let config = AgentConfig {

@@ -60,6 +60,9 @@ pub struct SandboxBenchArgs {
     /// Pause + resume cycles measured.
     #[arg(long, default_value_t = 5)]
     pauses: usize,
+    /// The agent's warm pool (VMMs waiting per template; 0: every create starts its VMM).
+    #[arg(long, default_value_t = 2)]
+    warm_pool: u32,
     #[command(flatten)]
     guest: GuestArgs,
 }
@@ -356,10 +359,6 @@ impl BenchAgent {
         .await
     }
 
-    pub(super) fn start(guest: &GuestArgs) -> anyhow::Result<BenchAgent> {
-        Self::start_with(guest, "wbs", 1000, &[])
-    }
-
     /// An agent on its own slots (`slot_prefix`, from `first_slot`), its sandbox proxy on a
     /// port of its own, with `extra` arguments.
     pub(super) fn start_with(
@@ -400,6 +399,12 @@ impl BenchAgent {
                 &format!("127.0.0.1:{proxy_port}"),
             ])
             .args(extra)
+            // The other benches measure without warm VMMs, whose refills would land in them.
+            .args(if extra.iter().any(|arg| arg == "--warm-pool") {
+                &[][..]
+            } else {
+                &["--warm-pool", "0"][..]
+            })
             .arg("--accel")
             .arg(match guest.accel {
                 AccelSetting::Auto => "auto",
@@ -502,7 +507,12 @@ impl Drop for BenchAgent {
 }
 
 pub async fn sandbox(args: SandboxBenchArgs) -> anyhow::Result<()> {
-    let agent = BenchAgent::start(&args.guest)?;
+    let agent = BenchAgent::start_with(
+        &args.guest,
+        "wbs",
+        1000,
+        &["--warm-pool".to_string(), args.warm_pool.to_string()],
+    )?;
     let built = agent.build_template(args.guest.memory_mib).await?;
     let template = built.template.context("no template")?;
     let record: TemplateRecord = serde_json::from_slice(&std::fs::read(
@@ -554,6 +564,7 @@ pub async fn sandbox(args: SandboxBenchArgs) -> anyhow::Result<()> {
     let mut sequential = Vec::new();
     // prepare (disk, slot), restore, envd ready, /init, the rest (records, the API).
     let mut phase_samples: [Vec<Duration>; 5] = Default::default();
+    let mut warm_creates = 0;
     for run in 0..args.sequential {
         raw.push(
             bare.restore(&template_machine, &record.snapshot, &format!("{run}"))
@@ -579,7 +590,14 @@ pub async fn sandbox(args: SandboxBenchArgs) -> anyhow::Result<()> {
             samples.push(Duration::from_millis(ms));
         }
         phase_samples[4].push(rest);
+        if created.warm {
+            warm_creates += 1;
+        }
         agent.destroy(id).await?;
+        // The pool refills in the background: not during the next bare restore.
+        if args.warm_pool > 0 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
     pool.delete_all().await;
 
@@ -667,6 +685,7 @@ pub async fn sandbox(args: SandboxBenchArgs) -> anyhow::Result<()> {
                 "agent_overhead_p50_percent": overhead_percent, "pause": pauses, "resume": resumes,
                 "idle_sandboxes": info.sandboxes_running, "agent_rss_mib": agent_rss_mib,
                 "idle_vmm_memory": idle_memory,
+                "warm_pool": args.warm_pool, "warm_creates": warm_creates,
                 "create_phases": {
                     "prepare": phases[0], "restore": phases[1], "ready": phases[2],
                     "init": phases[3], "rest": phases[4],
@@ -698,6 +717,10 @@ pub async fn sandbox(args: SandboxBenchArgs) -> anyhow::Result<()> {
             ("resume", &resumes),
         ]);
         println!("{}", latency_table(&rows));
+        println!(
+            "warm pool of {}: {warm_creates} of the {} sequential creates took a warm VMM",
+            args.warm_pool, args.sequential
+        );
         println!(
             "{} of the {} concurrent creates failed",
             concurrent_errors.len(),

@@ -164,6 +164,21 @@ impl VmProcess {
     pub fn is_alive(&self) -> bool {
         process::is_running(self.pid, self.start_time)
     }
+
+    /// The same process after its working directory was renamed to `workdir` (its sockets
+    /// and logs move with the directory; the VMM keeps what it opened).
+    pub fn moved_to(&self, workdir: &Path) -> VmProcess {
+        let socket_name = self
+            .control_socket
+            .file_name()
+            .map(PathBuf::from)
+            .unwrap_or_default();
+        VmProcess {
+            workdir: workdir.to_path_buf(),
+            control_socket: workdir.join(socket_name),
+            ..self.clone()
+        }
+    }
 }
 
 /// The files of a memory snapshot (the disk is the VM's own file, frozen with it).
@@ -199,13 +214,44 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     /// Boots a fresh VM and returns once the VMM runs it (not once the guest is ready).
     fn boot<'a>(&'a self, machine: &'a MachineSpec, workdir: &'a Path) -> VmmFuture<'a, VmProcess>;
 
-    /// Starts a VM from a snapshot taken of the same machine and resumes it.
+    /// Starts a VM from a snapshot taken of the same machine and resumes it: the two halves
+    /// below, the VMM destroyed if the second fails.
     fn restore<'a>(
         &'a self,
         machine: &'a MachineSpec,
         snapshot: &'a SnapshotFiles,
         workdir: &'a Path,
+    ) -> VmmFuture<'a, VmProcess> {
+        Box::pin(async move {
+            let vm = self.start_restore(machine, snapshot, workdir).await?;
+            match self.finish_restore(&vm, snapshot).await {
+                Ok(()) => Ok(vm),
+                Err(error) => {
+                    let _ = self.destroy(&vm).await;
+                    Err(error)
+                }
+            }
+        })
+    }
+
+    /// The first half of [`Vmm::restore`]: starts a VMM for `machine` that waits for a
+    /// snapshot laid out as `snapshot` is (QEMU at `-incoming defer`), no guest running yet.
+    /// A warm pool keeps such VMMs ready, so a create pays only the second half.
+    fn start_restore<'a>(
+        &'a self,
+        machine: &'a MachineSpec,
+        snapshot: &'a SnapshotFiles,
+        workdir: &'a Path,
     ) -> VmmFuture<'a, VmProcess>;
+
+    /// The second half: loads `snapshot` into a VMM that [`Vmm::start_restore`] started for
+    /// it (or for a snapshot of the same layout) and runs the guest. On an error the VMM is
+    /// left running for the caller to destroy.
+    fn finish_restore<'a>(
+        &'a self,
+        vm: &'a VmProcess,
+        snapshot: &'a SnapshotFiles,
+    ) -> VmmFuture<'a, ()>;
 
     /// Stops the guest's CPUs (its memory and devices stay).
     fn pause<'a>(&'a self, vm: &'a VmProcess) -> VmmFuture<'a, ()>;

@@ -524,7 +524,7 @@ impl Vmm for Qemu {
         Box::pin(self.spawn(machine, workdir, None))
     }
 
-    fn restore<'a>(
+    fn start_restore<'a>(
         &'a self,
         machine: &'a MachineSpec,
         snapshot: &'a SnapshotFiles,
@@ -537,7 +537,6 @@ impl Vmm for Qemu {
                     snapshot.memory.display()
                 )));
             }
-            let mapped = matches!(machine.memory, GuestMemory::Private(_));
             match (&snapshot.ram, &machine.memory) {
                 (Some(_), GuestMemory::Private(_)) | (None, GuestMemory::Anonymous) => {}
                 (Some(ram), _) => {
@@ -553,41 +552,51 @@ impl Vmm for Qemu {
                 }
             }
             let vm = self.spawn(machine, workdir, Some(snapshot)).await?;
-            let result = async {
+            // The stream of a snapshot whose memory is a file leaves that memory out (as it
+            // was written): set before the VMM waits, so the load has nothing left to set.
+            let ignore_shared = async {
                 let mut qmp = self.qmp(&vm).await?;
-                // The stream leaves the mapped memory out (as it was written).
-                set_ignore_shared(&mut qmp, mapped).await?;
-                let memory = std::fs::File::open(&snapshot.memory).map_err(|error| {
-                    VmmError::io(format!("opening {}", snapshot.memory.display()), error)
-                })?;
-                start_migration(&mut qmp, "migrate-incoming", memory.as_fd()).await?;
-                drop(memory);
-                wait_for(
-                    &mut qmp,
-                    "loading the snapshot",
-                    RESTORE_TIMEOUT,
-                    |status| match status.get("status").and_then(serde_json::Value::as_str) {
-                        Some("inmigrate") => None,
-                        Some("paused") | Some("running") => Some(Ok(())),
-                        Some(other) => Some(Err(format!("the guest is {other} after loading"))),
-                        None => None,
-                    },
-                    "query-status",
-                )
-                .await?;
-                if qmp.status().await? != "running" {
-                    qmp.execute("cont", None).await?;
-                }
-                Ok::<_, VmmError>(())
-            }
-            .await;
-            match result {
+                set_ignore_shared(&mut qmp, snapshot.ram.is_some()).await
+            };
+            match ignore_shared.await {
                 Ok(()) => Ok(vm),
                 Err(error) => {
                     let _ = self.destroy(&vm).await;
                     Err(error)
                 }
             }
+        })
+    }
+
+    fn finish_restore<'a>(
+        &'a self,
+        vm: &'a VmProcess,
+        snapshot: &'a SnapshotFiles,
+    ) -> VmmFuture<'a, ()> {
+        Box::pin(async move {
+            let mut qmp = self.qmp(vm).await?;
+            let memory = std::fs::File::open(&snapshot.memory).map_err(|error| {
+                VmmError::io(format!("opening {}", snapshot.memory.display()), error)
+            })?;
+            start_migration(&mut qmp, "migrate-incoming", memory.as_fd()).await?;
+            drop(memory);
+            wait_for(
+                &mut qmp,
+                "loading the snapshot",
+                RESTORE_TIMEOUT,
+                |status| match status.get("status").and_then(serde_json::Value::as_str) {
+                    Some("inmigrate") => None,
+                    Some("paused") | Some("running") => Some(Ok(())),
+                    Some(other) => Some(Err(format!("the guest is {other} after loading"))),
+                    None => None,
+                },
+                "query-status",
+            )
+            .await?;
+            if qmp.status().await? != "running" {
+                qmp.execute("cont", None).await?;
+            }
+            Ok(())
         })
     }
 

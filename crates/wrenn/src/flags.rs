@@ -77,6 +77,14 @@ pub struct HostFlags {
     /// restore, instead of a memory file their sandboxes map and share (the default).
     #[arg(long, env = "WRENN_CLASSIC_MEMORY")]
     pub classic_memory: bool,
+    /// VMMs kept started and waiting for each template created from in the last ten minutes,
+    /// so that a create only loads the snapshot (0: every create starts its VMM).
+    #[arg(long, env = "WRENN_WARM_POOL", default_value_t = wrenn_agent::manager::DEFAULT_WARM_POOL)]
+    pub warm_pool: u32,
+    /// The warm pool starts no VMM while the host has less memory available than this (MiB),
+    /// and stops its VMMs meanwhile.
+    #[arg(long, default_value_t = wrenn_agent::manager::DEFAULT_WARM_POOL_MIN_FREE_MIB)]
+    pub warm_pool_min_free_mib: u64,
 }
 
 impl HostFlags {

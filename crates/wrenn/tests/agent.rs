@@ -183,12 +183,16 @@ async fn sandboxes_run_pause_resume_and_leave_nothing_behind() {
 }
 
 /// The number a background ticker (started by [`start_ticker`]) has written so far, and
-/// whether its process `pid` lives.
+/// whether its process `pid` lives: the process of that pid is the ticker (after a boot the
+/// pid may be another's; the pattern is written so that it does not match this command's own).
 async fn ticks(sandbox: &pb::Sandbox, token: Option<&str>, pid: u32) -> (bool, u64) {
     let ran = run(
         sandbox,
         token,
-        &format!("kill -0 {pid} 2>/dev/null && echo alive || echo gone; wc -l < ~/ticks"),
+        &format!(
+            "if tr '\\0' ' ' < /proc/{pid}/cmdline 2>/dev/null | grep -q '[w]hile true'; \
+             then echo alive; else echo gone; fi; wc -l < ~/ticks"
+        ),
     )
     .await;
     let mut lines = ran.stdout.lines();
@@ -1642,4 +1646,174 @@ async fn a_template_built_on_one_host_runs_on_another_through_the_s3_store() {
     puller.stop();
     assert_eq!(builder.leftovers(), Vec::<String>::new());
     assert_eq!(puller.leftovers(), Vec::<String>::new());
+}
+
+/// The pids of the VMMs of `agent` started warm (their command lines name the directories they
+/// started in, `sandboxes/warm-…`): those waiting, and those sandboxes took.
+fn warm_pids(agent: &Agent) -> Vec<i32> {
+    vmm_pids_matching(&format!("{}/sandboxes/warm-", agent.data_dir().display()))
+}
+
+/// The directories of `agent`'s warm VMMs waiting now (a create renames the one it takes).
+fn warm_dirs(agent: &Agent) -> Vec<String> {
+    std::fs::read_dir(agent.data_dir().join("sandboxes"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("warm-"))
+        .collect()
+}
+
+/// CreateSandbox of `template` as `id` (its `SANDBOX_NAME`), as it answers.
+async fn create_answer(agent: &Agent, template: &str, id: &str) -> pb::CreateSandboxResponse {
+    agent
+        .call_ok::<host_agent::CreateSandbox>(&pb::CreateSandboxRequest {
+            template_id: template.into(),
+            sandbox_id: id.into(),
+            env_vars: HashMap::from([("SANDBOX_NAME".to_string(), id.to_string())]),
+            ..Default::default()
+        })
+        .await
+}
+
+async fn wait_for_warm(agent: &Agent, count: usize) {
+    wait_until(
+        &format!("{count} warm VMMs"),
+        Duration::from_secs(60),
+        async || {
+            // A directory is made before its VMM starts.
+            let dirs = warm_dirs(agent);
+            dirs.len() == count
+                && dirs.iter().all(|dir| {
+                    let marker = format!("{}/sandboxes/{dir}/", agent.data_dir().display());
+                    !vmm_pids_matching(&marker).is_empty()
+                })
+        },
+    )
+    .await;
+}
+
+/// The warm pool: after a template's first create the agent starts VMMs waiting for its
+/// snapshot; the next creates take them (the answer says so, the sandbox's VMM is one of them,
+/// its directory the sandbox's, its guest the sandbox's own), and the pool fills again. Warm
+/// VMMs never take the last slot, and give theirs to a create that finds none free. A deleted
+/// template's warm VMMs go with it; an agent killed leaves warm VMMs that its next start removes;
+/// an agent stopped stops them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_vmms_wait_for_creates_give_way_and_leave_nothing() {
+    let Some(_image) = prerequisites() else {
+        return;
+    };
+    let mut agent = Agent::start_with(
+        "wtw",
+        1800,
+        ["--warm-pool", "2", "--slots", "4", "--slots-ahead", "1"]
+            .map(String::from)
+            .to_vec(),
+    );
+    agent.build_template("base").await;
+    assert!(warm_pids(&agent).is_empty(), "no create yet, no warm VMM");
+    let first = create_answer(&agent, "base", "w-0").await;
+    assert!(!first.warm, "the pool was empty: {first:?}");
+    // Two wait (1 sandbox + 2 of 4 slots: the last stays free).
+    wait_for_warm(&agent, 2).await;
+    let waiting = warm_pids(&agent);
+    let second = create_answer(&agent, "base", "w-1").await;
+    assert!(second.warm, "{second:?}");
+    let sandbox = second.sandbox.unwrap();
+    assert!(
+        waiting.contains(&(sandbox.pid as i32)),
+        "its VMM ({}) is one of the warm ones ({waiting:?})",
+        sandbox.pid
+    );
+    run_expecting(&sandbox, "echo $SANDBOX_NAME", "w-1").await;
+    assert!(
+        agent.data_dir().join("sandboxes/w-1/disk.qcow2").is_file(),
+        "its directory is the sandbox's"
+    );
+    // Its writes are its own: the first sandbox's disk does not see them.
+    run_expecting(
+        &sandbox,
+        "echo mine > /home/user/f && sync && cat /home/user/f",
+        "mine",
+    )
+    .await;
+    let first_sandbox = first.sandbox.unwrap();
+    run_expecting(
+        &first_sandbox,
+        "cat /home/user/f 2>/dev/null || echo none",
+        "none",
+    )
+    .await;
+    // 2 sandboxes and 1 warm VMM hold 3 of 4 slots: no second warm one now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(warm_dirs(&agent).len(), 1);
+    assert_eq!(warm_pids(&agent).len(), 2, "the one waiting and w-1's");
+    // The host reports the warm VMM's slot as free.
+    assert_eq!(agent.host_info().await.slots_in_use, 2);
+
+    // Another template, whose creates find no warm VMM: the second finds no free slot either,
+    // and the warm VMM gives its own.
+    agent
+        .checkpoint("w-1", "other", false)
+        .await
+        .expect("CheckpointSandbox");
+    let third = create_answer(&agent, "other", "o-0").await;
+    assert!(!third.warm, "{third:?}");
+    let fourth = create_answer(&agent, "other", "o-1").await;
+    assert!(!fourth.warm, "{fourth:?}");
+    assert!(warm_dirs(&agent).is_empty(), "the warm VMM gave its slot");
+    assert_eq!(warm_pids(&agent).len(), 1, "w-1's alone");
+    assert_eq!(agent.host_info().await.slots_in_use, 4);
+    run_expecting(&fourth.sandbox.unwrap(), "echo $SANDBOX_NAME", "o-1").await;
+
+    // The template deleted, its warm VMMs go.
+    for id in ["o-0", "o-1", "w-1"] {
+        agent.destroy(id).await.expect("DestroySandbox");
+    }
+    let fifth = create_answer(&agent, "other", "o-2").await;
+    assert!(!fifth.warm);
+    // 2 sandboxes: one warm VMM (3 of 4 slots).
+    wait_for_warm(&agent, 1).await;
+    agent.destroy("o-2").await.expect("DestroySandbox");
+    agent
+        .delete_template("other")
+        .await
+        .expect("DeleteTemplate");
+    wait_for_warm(&agent, 0).await;
+    wait_until(
+        "the warm VMMs stopped",
+        Duration::from_secs(30),
+        async || warm_pids(&agent).is_empty(),
+    )
+    .await;
+
+    // Killed with warm VMMs, the agent's next start removes them; stopped, it stops them.
+    create_answer(&agent, "base", "w-2").await;
+    wait_for_warm(&agent, 1).await;
+    agent.kill();
+    assert_eq!(
+        warm_pids(&agent).len(),
+        1,
+        "warm VMMs outlive a killed agent"
+    );
+    agent.spawn();
+    agent.host_info().await;
+    wait_until(
+        "the restarted agent to stop the warm VMM",
+        Duration::from_secs(10),
+        async || warm_pids(&agent).is_empty(),
+    )
+    .await;
+    assert!(warm_dirs(&agent).is_empty(), "{:?}", warm_dirs(&agent));
+    agent.destroy("w-2").await.expect("DestroySandbox");
+    let again = create_answer(&agent, "base", "w-3").await;
+    assert!(!again.warm, "the restarted agent's pool starts empty");
+    wait_for_warm(&agent, 1).await;
+    for id in ["w-0", "w-3"] {
+        agent.destroy(id).await.expect("DestroySandbox");
+    }
+    agent.stop();
+    assert_eq!(agent.leftovers(), Vec::<String>::new());
 }

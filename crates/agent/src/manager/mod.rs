@@ -9,7 +9,7 @@
 //! concern is a file: [`templates`], [`build`] (templates built from templates or images, step
 //! by step; [`from_image`] makes an image a root filesystem),
 //! [`sandboxes`], [`pause`] (and resume), [`checkpoint`] (snapshots and forks of running
-//! sandboxes), [`recovery`], [`monitor`].
+//! sandboxes), [`recovery`], [`monitor`], [`warm`] (VMMs started ahead of creates).
 
 mod build;
 mod checkpoint;
@@ -20,6 +20,7 @@ mod recovery;
 mod sandboxes;
 mod stored;
 mod templates;
+mod warm;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -88,7 +89,18 @@ pub struct AgentConfig {
     /// (see [`wrenn_vmm::memory`]); otherwise in the snapshot's stream, which every restore
     /// reads whole.
     pub mapped_memory: bool,
+    /// VMMs kept started and waiting for each template created from lately (see [`warm`]);
+    /// 0 starts every VMM on its create.
+    pub warm_pool: u32,
+    /// The warm pool starts no VMM while the host has less memory available than this, and
+    /// stops its VMMs one by one meanwhile.
+    pub warm_pool_min_free_mib: u64,
 }
+
+/// The default size of the warm pool, per template.
+pub const DEFAULT_WARM_POOL: u32 = 2;
+/// The default memory the warm pool leaves free.
+pub const DEFAULT_WARM_POOL_MIN_FREE_MIB: u64 = 2048;
 
 /// The default first VMM uid: far above the ranges distributions hand to people and to
 /// container user namespaces.
@@ -100,6 +112,7 @@ pub use wrenn_agent_api::CreateTimings;
 
 pub use checkpoint::CheckpointOptions;
 pub use pause::ResumeOptions;
+pub use warm::WarmPoolStats;
 
 #[derive(Debug)]
 struct SandboxEntry {
@@ -166,6 +179,16 @@ pub struct Manager {
     memory_loading: tokio::sync::Mutex<()>,
     /// Slots leased by creates whose VMs are not up yet.
     slots_starting: std::sync::atomic::AtomicU32,
+    /// VMMs started ahead of creates.
+    warm: warm::WarmPool,
+    /// Held from a VM's restore or boot until its envd has answered `/init`: at most twice
+    /// as many guests start at once as the host has CPUs. More at once only share the CPUs
+    /// thinner, until every one of them misses its deadlines (fifty TCG guests starting on two
+    /// cores each took over 10 s for `/init`); the others wait their turn, their disk and slot
+    /// ready.
+    starting: tokio::sync::Semaphore,
+    /// The manager itself, for work it starts in the background.
+    me: std::sync::Weak<Manager>,
 }
 
 /// A generated identifier: `i` then 19 lowercase letters or digits, each equally likely.
@@ -237,7 +260,12 @@ impl Manager {
         if let Some(store) = &template_store {
             store.check().await?;
         }
-        let manager = Arc::new(Manager {
+        let manager = Arc::new_cyclic(|me| Manager {
+            me: me.clone(),
+            warm: warm::WarmPool::default(),
+            starting: tokio::sync::Semaphore::new(
+                2 * std::thread::available_parallelism().map_or(1, |cpus| cpus.get()),
+            ),
             template_store,
             pulling: Mutex::new(HashMap::new()),
             template_used_ms: Mutex::new(HashMap::new()),
@@ -258,6 +286,7 @@ impl Manager {
             building: Mutex::new(HashMap::new()),
         });
         manager.recover().await;
+        manager.watch_warm_pool();
         let monitor = Arc::downgrade(&manager);
         tokio::spawn(async move {
             loop {

@@ -84,6 +84,8 @@ impl Manager {
         let result = self
             .start_vm(&entry, Some(&template.snapshot), &options, true)
             .await;
+        // The template's warm VMMs are made again in the background.
+        self.refill_warm(&template.template_id);
         match result {
             Ok(timings) => Ok((
                 entry.snapshot(),
@@ -125,7 +127,22 @@ impl Manager {
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             SlotStarting(&self.slots_starting)
         });
-        let slot = if fresh_disk {
+        // A create from a template takes a warm VMM when one waits for its snapshot.
+        let warm = match snapshot {
+            Some(snapshot) if fresh_disk => self.take_warm(&record.template_id, snapshot).await,
+            _ => None,
+        };
+        let mut warm_vm = None;
+        let slot = if let Some(warm) = warm {
+            let (slot, vm) = self.adopt_warm(warm, &dir, &egress).await?;
+            if let Err(error) = self.store.save_sandbox(&record) {
+                let _ = self.vmm.destroy(&vm).await;
+                self.slots.release(slot.index).await;
+                return Err(error);
+            }
+            warm_vm = Some(vm);
+            slot
+        } else if fresh_disk {
             crate::store::private_dir(&dir)?;
             self.store.save_sandbox(&record)?;
             let template_disk = self
@@ -148,36 +165,66 @@ impl Manager {
                 }
                 return Err(error);
             }
-            slot?
+            match slot {
+                // Warm VMMs hold slots a create may have: one gives its slot back.
+                Err(AgentError::ResourceExhausted(_)) if self.release_a_warm_slot().await => {
+                    self.slots.lease(&egress).await?
+                }
+                slot => slot?,
+            }
         } else {
-            self.slots.lease(&egress).await?
+            match self.slots.lease(&egress).await {
+                Err(AgentError::ResourceExhausted(_)) if self.release_a_warm_slot().await => {
+                    self.slots.lease(&egress).await?
+                }
+                slot => slot?,
+            }
         };
         self.mmds.set(slot.index, Self::metadata(&record));
+        // Its turn to start (see `Manager::starting`); the wait counts in `prepare`.
+        let _turn = self
+            .starting
+            .acquire()
+            .await
+            .expect("the start semaphore is never closed");
         let mut timings = CreateTimings {
             prepare: prepared.elapsed(),
+            warm: warm_vm.is_some(),
             ..CreateTimings::default()
         };
         let started = Instant::now();
         let outcome = async {
-            let memory = match snapshot.and_then(|snapshot| snapshot.ram.as_deref()) {
-                Some(ram) => {
-                    GuestMemory::Private(self.mapped_memory(ram, record.machine.memory_mib).await?)
+            let vm = match (warm_vm, snapshot) {
+                // The warm VMM waits for the snapshot: only its load is left.
+                (Some(vm), Some(snapshot)) => {
+                    if let Err(error) = self.vmm.finish_restore(&vm, snapshot).await {
+                        let _ = self.vmm.destroy(&vm).await;
+                        return Err(error.into());
+                    }
+                    vm
                 }
-                None => GuestMemory::Anonymous,
-            };
-            let machine = MachineSpec {
-                netns: Some(slot.netns.clone()),
-                vmm_user: self.vmm_user(slot.index),
-                memory,
-                ..record.machine.clone()
-            };
-            let vm = match snapshot {
-                Some(snapshot) => {
-                    self.vmm
-                        .restore(&machine, snapshot, &dir.join("vm"))
-                        .await?
+                _ => {
+                    let memory = match snapshot.and_then(|snapshot| snapshot.ram.as_deref()) {
+                        Some(ram) => GuestMemory::Private(
+                            self.mapped_memory(ram, record.machine.memory_mib).await?,
+                        ),
+                        None => GuestMemory::Anonymous,
+                    };
+                    let machine = MachineSpec {
+                        netns: Some(slot.netns.clone()),
+                        vmm_user: self.vmm_user(slot.index),
+                        memory,
+                        ..record.machine.clone()
+                    };
+                    match snapshot {
+                        Some(snapshot) => {
+                            self.vmm
+                                .restore(&machine, snapshot, &dir.join("vm"))
+                                .await?
+                        }
+                        None => self.vmm.boot(&machine, &dir.join("vm")).await?,
+                    }
                 }
-                None => self.vmm.boot(&machine, &dir.join("vm")).await?,
             };
             timings.restore = started.elapsed();
             self.save(entry, |record| {

@@ -686,6 +686,7 @@ impl Manager {
             .lock()
             .expect("templates lock")
             .remove(template_id);
+        self.drain_warm(template_id);
         let dir = self.store.template_dir(template_id);
         self.memory_files
             .lock()

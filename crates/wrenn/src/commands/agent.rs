@@ -214,6 +214,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         template_store: args.host.template_store.clone(),
         template_cache_bytes: args.host.template_cache_mib << 20,
         mapped_memory: !args.host.classic_memory,
+        warm_pool: args.host.warm_pool,
+        warm_pool_min_free_mib: args.host.warm_pool_min_free_mib,
     };
     let manager = Manager::start(config).await.context("starting the agent")?;
     let api = crate::listen(args.listen).await?;

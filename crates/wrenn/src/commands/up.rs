@@ -85,6 +85,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         })),
         template_cache_bytes: args.host.template_cache_mib << 20,
         mapped_memory: !args.host.classic_memory,
+        warm_pool: args.host.warm_pool,
+        warm_pool_min_free_mib: args.host.warm_pool_min_free_mib,
     };
     let manager = Manager::start(config)
         .await
@@ -141,6 +143,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let _ = server.await;
     }
     let _ = mmds_server.await;
+    // Warm VMMs have no sandbox to outlive the agent for.
+    manager.close_warm_pool().await;
     if args.stop_sandboxes_on_exit {
         let plane = &running.plane;
         for row in plane

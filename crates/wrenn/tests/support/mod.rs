@@ -128,6 +128,13 @@ impl Agent {
             } else {
                 &["--slots", "8", "--slots-ahead", "1"][..]
             })
+            // No warm VMMs (whose processes, slots and directories a test would count as its
+            // sandboxes' leftovers), unless the test asks for them.
+            .args(if self.extra_args.iter().any(|arg| arg == "--warm-pool") {
+                &[][..]
+            } else {
+                &["--warm-pool", "0"][..]
+            })
             .args([
                 "--listen",
                 &format!("{}:{}", self.listen_host, self.api_port),

@@ -1,7 +1,8 @@
 //! The agent's calls to envd in a guest: `/health`, `/init`, `/snapshot/prepare` and
-//! `/snapshot/continue`. Every call
-//! opens its own connection and closes it (a client with no idle pool, `Connection: close`), so the agent never holds an idle connection to envd
-//! across a snapshot (it would be a zombie in every clone).
+//! `/snapshot/continue`. Every call opens its own connection and closes it (a client with no
+//! idle pool, `Connection: close`), so the agent never holds an idle connection to envd across
+//! a snapshot (it would be a zombie in every clone); a restore's `/init` goes out on the
+//! connection that showed the guest ready ([`init_on`]), closed likewise.
 //!
 //! A guest is not trusted: its root can serve anything on envd's port. So every answer is read
 //! within a deadline and up to [`MAX_CONTROL_ANSWER`] bytes, and the guest's text is shortened
@@ -133,12 +134,13 @@ pub async fn wait_ready(
 /// the VM is gone. After a restore envd listens already (it did when the snapshot was taken):
 /// the first connection's handshake waits in the tap until the guest runs and completes the
 /// moment its network does, the guest's own answer rather than a poll. An attempt refused or
-/// unanswered for a second (a guest not there yet, a packet lost) is made again.
+/// unanswered for a second (a guest not there yet, a packet lost) is made again. Returns the
+/// accepted connection, on which `/init` goes out at once ([`init_on`]).
 pub async fn wait_accepting(
     address: SocketAddr,
     within: Duration,
     alive: impl Fn() -> bool,
-) -> Result<Duration, AgentError> {
+) -> Result<tokio::net::TcpStream, AgentError> {
     let started = Instant::now();
     let mut last = String::from("no attempt");
     while started.elapsed() < within {
@@ -151,7 +153,7 @@ pub async fn wait_accepting(
             .saturating_sub(started.elapsed())
             .min(Duration::from_secs(1));
         match tokio::time::timeout(attempt, tokio::net::TcpStream::connect(address)).await {
-            Ok(Ok(_connection)) => return Ok(started.elapsed()),
+            Ok(Ok(connection)) => return Ok(connection),
             Ok(Err(error)) => {
                 last = error.to_string();
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -167,6 +169,77 @@ pub async fn wait_accepting(
 /// `POST /init`.
 pub async fn init(address: SocketAddr, body: Value, timeout: Duration) -> Result<(), AgentError> {
     control_post(address, "/init", Some(body), None, timeout).await
+}
+
+/// `POST /init` on `connection`, which envd has just accepted (a restore's readiness,
+/// [`wait_accepting`]): the guest, whose every path runs for the first time after a restore,
+/// does not set up a second connection first. The connection is closed after the answer, which
+/// is read as [`init`]'s is (within `timeout`, up to [`MAX_CONTROL_ANSWER`] bytes).
+pub async fn init_on(
+    connection: tokio::net::TcpStream,
+    address: SocketAddr,
+    body: Value,
+    timeout: Duration,
+) -> Result<(), AgentError> {
+    use http_body_util::BodyExt;
+    let exchange = async {
+        let (mut sender, driver) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(connection))
+                .await
+                .map_err(|error| error.to_string())?;
+        // The connection's own task, ended with this call whatever happens.
+        let driver = AbortOnDrop(tokio::spawn(driver));
+        let request = http::Request::post("/init")
+            .header(http::header::HOST, address.to_string())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::CONNECTION, "close")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_string(),
+            )))
+            .map_err(|error| error.to_string())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|error| error.to_string())?;
+        let status = response.status().as_u16();
+        let text = http_body_util::Limited::new(response.into_body(), MAX_CONTROL_ANSWER)
+            .collect()
+            .await
+            .map_err(|error| {
+                if error.is::<http_body_util::LengthLimitError>() {
+                    format!(
+                        "the answer is larger than {} KiB",
+                        MAX_CONTROL_ANSWER / 1024
+                    )
+                } else {
+                    error.to_string()
+                }
+            })?
+            .to_bytes();
+        drop(driver);
+        Ok::<_, String>((status, guest_text(&text)))
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok((status, _))) if (200..300).contains(&status) => Ok(()),
+        Ok(Ok((status, text))) => Err(AgentError::Internal(format!(
+            "envd refused /init: HTTP {status}: {text}"
+        ))),
+        Ok(Err(error)) => Err(AgentError::DeadlineExceeded(format!(
+            "envd's /init: {error}"
+        ))),
+        Err(_) => Err(AgentError::DeadlineExceeded(format!(
+            "envd's /init: no answer within {timeout:?}"
+        ))),
+    }
+}
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Writes `bytes` to `path` in the guest as root (envd's raw `POST /files`), within
@@ -361,13 +434,37 @@ mod tests {
         let opened = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(300)).await;
             let listener = tokio::net::TcpListener::bind(address).await.unwrap();
-            let _ = listener.accept().await;
+            let (mut accepted, _) = listener.accept().await.unwrap();
+            // The connection it returns is the one accepted: `/init` goes out on it.
+            let mut request = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !String::from_utf8_lossy(&request).contains("\"ok\":true") {
+                let read = accepted.read(&mut chunk).await.unwrap();
+                assert!(read > 0, "closed before the body");
+                request.extend_from_slice(&chunk[..read]);
+            }
+            accepted
+                .write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            String::from_utf8(request).unwrap()
         });
-        let took = wait_accepting(address, Duration::from_secs(10), || true)
+        let started = Instant::now();
+        let connection = wait_accepting(address, Duration::from_secs(10), || true)
             .await
             .unwrap();
+        let took = started.elapsed();
         assert!(took >= Duration::from_millis(300), "{took:?}");
-        opened.await.unwrap();
+        init_on(
+            connection,
+            address,
+            serde_json::json!({"ok": true}),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        let request = opened.await.unwrap();
+        assert!(request.starts_with("POST /init HTTP/1.1\r\n"), "{request}");
         // Nothing listens and the VM is gone: the wait ends with that reason.
         let error = wait_accepting(address, Duration::from_secs(10), || false)
             .await

@@ -122,7 +122,8 @@ pub use wrenn_core::access_token_hash as token_hash;
 
 /// Writes the sandbox's identity where processes can read it: `<run>/wrenn/sandbox-id`,
 /// `<run>/wrenn/template-id`, and E2B's `<run>/e2b/.E2B_SANDBOX_ID`, `.E2B_TEMPLATE_ID`,
-/// `.E2B_SANDBOX`. Each file is replaced atomically.
+/// `.E2B_SANDBOX`. Each file is replaced atomically, and only when its content changes (a
+/// template's clone keeps its template id and `.E2B_SANDBOX`; a restore's `/init` waits on this).
 pub fn write_identity(run_dir: &Path, metadata: &SandboxMetadata) -> std::io::Result<()> {
     let files: [(PathBuf, &str); 5] = [
         (run_dir.join("wrenn/sandbox-id"), &metadata.sandbox_id),
@@ -132,6 +133,9 @@ pub fn write_identity(run_dir: &Path, metadata: &SandboxMetadata) -> std::io::Re
         (run_dir.join("e2b/.E2B_SANDBOX"), "true"),
     ];
     for (path, content) in files {
+        if std::fs::read(&path).is_ok_and(|current| current == content.as_bytes()) {
+            continue;
+        }
         let parent = path.parent().expect("identity files have a parent");
         std::fs::create_dir_all(parent)?;
         let temp = parent.join(format!(
@@ -181,5 +185,21 @@ mod tests {
             std::fs::read_to_string(dir.path().join("e2b/.E2B_SANDBOX")).unwrap(),
             "true"
         );
+        // A clone: its sandbox id is replaced, the files that stay the same are left alone.
+        use std::os::unix::fs::MetadataExt;
+        let inode = |name: &str| std::fs::metadata(dir.path().join(name)).unwrap().ino();
+        let template_file = inode("wrenn/template-id");
+        let sandbox_file = inode("wrenn/sandbox-id");
+        let clone = SandboxMetadata {
+            sandbox_id: "sbx2".into(),
+            ..metadata
+        };
+        write_identity(dir.path(), &clone).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("e2b/.E2B_SANDBOX_ID")).unwrap(),
+            "sbx2"
+        );
+        assert_ne!(inode("wrenn/sandbox-id"), sandbox_file, "replaced");
+        assert_eq!(inode("wrenn/template-id"), template_file, "left alone");
     }
 }

@@ -112,7 +112,6 @@ pub use wrenn_agent_api::CreateTimings;
 
 pub use checkpoint::CheckpointOptions;
 pub use pause::ResumeOptions;
-pub use warm::WarmPoolStats;
 
 #[derive(Debug)]
 struct SandboxEntry {
@@ -286,17 +285,14 @@ impl Manager {
             building: Mutex::new(HashMap::new()),
         });
         manager.recover().await;
-        manager.watch_warm_pool();
-        let monitor = Arc::downgrade(&manager);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(MONITOR_INTERVAL).await;
-                let Some(manager) = monitor.upgrade() else {
-                    return;
-                };
-                manager.check_vmms().await;
-            }
+        manager.repeat_while_alive(MONITOR_INTERVAL, |manager| async move {
+            manager.check_vmms().await
         });
+        if manager.config.warm_pool > 0 {
+            manager.repeat_while_alive(warm::WARM_CHECK_INTERVAL, |manager| async move {
+                manager.check_warm().await
+            });
+        }
         let warm = manager.clone();
         tokio::spawn(async move { warm.slots.warm(warm.config.slots_ahead).await });
         if manager.template_store.is_some() {

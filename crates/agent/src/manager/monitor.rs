@@ -1,9 +1,31 @@
 //! The monitor: notices a VMM that dies within a quarter of a second and frees its slot; keeps
-//! network slots ready ahead of creates.
+//! network slots ready ahead of creates; runs the manager's periodic checks.
 
 use super::*;
 
 impl Manager {
+    /// Runs `check` every `interval` while the manager lives (the task holds it only while a
+    /// check runs).
+    pub(super) fn repeat_while_alive<Check, Checking>(
+        self: &Arc<Self>,
+        interval: Duration,
+        check: Check,
+    ) where
+        Check: Fn(Arc<Manager>) -> Checking + Send + 'static,
+        Checking: std::future::Future<Output = ()> + Send,
+    {
+        let manager = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(manager) = manager.upgrade() else {
+                    return;
+                };
+                check(manager).await;
+            }
+        });
+    }
+
     /// Tops the ready slots back up in the background after a lease.
     pub(super) fn keep_slots_ready(&self) {
         let pool = self.slots.clone();

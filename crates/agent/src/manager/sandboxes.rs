@@ -241,22 +241,29 @@ impl Manager {
                         .unwrap_or(DEFAULT_BOOT_TIMEOUT)
                         .max(DEFAULT_BOOT_TIMEOUT),
                 };
+                let init_timeout = options.init_timeout.unwrap_or(DEFAULT_INIT_TIMEOUT);
                 match snapshot {
                     // The guest's envd listened when it was snapshotted: its accepting a
-                    // connection is its readiness, and `/init` follows at once.
+                    // connection is its readiness, and `/init` goes out on that connection.
                     Some(_) => {
-                        envd_client::wait_accepting(address, ready_timeout, || vm.is_alive())
-                            .await?
+                        let connection =
+                            envd_client::wait_accepting(address, ready_timeout, || vm.is_alive())
+                                .await?;
+                        timings.ready = started.elapsed() - timings.restore;
+                        let init = Instant::now();
+                        let body = self.init_body(&entry.snapshot());
+                        envd_client::init_on(connection, address, body, init_timeout).await?;
+                        timings.init = init.elapsed();
                     }
                     None => {
-                        envd_client::wait_ready(address, ready_timeout, || vm.is_alive()).await?
+                        envd_client::wait_ready(address, ready_timeout, || vm.is_alive()).await?;
+                        timings.ready = started.elapsed() - timings.restore;
+                        let init = Instant::now();
+                        let body = self.init_body(&entry.snapshot());
+                        envd_client::init(address, body, init_timeout).await?;
+                        timings.init = init.elapsed();
                     }
                 };
-                timings.ready = started.elapsed() - timings.restore;
-                let init_timeout = options.init_timeout.unwrap_or(DEFAULT_INIT_TIMEOUT);
-                let init = Instant::now();
-                envd_client::init(address, self.init_body(&entry.snapshot()), init_timeout).await?;
-                timings.init = init.elapsed();
                 Ok(())
             }
             .await;

@@ -11,7 +11,7 @@
 //! record: a restarted agent finds the previous run's as VMMs and directories that no record
 //! accounts for, and recovery kills and removes them.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use wrenn_vmm::VmProcess;
 
@@ -21,7 +21,7 @@ use crate::firewall::Egress;
 /// How long a template's warm VMMs wait for a create before they are stopped.
 pub const WARM_POOL_IDLE: Duration = Duration::from_secs(600);
 /// How often the pool is checked against memory, idleness and dead VMMs.
-const WARM_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+pub(super) const WARM_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// Warm VMMs' directories are sandbox directories named so; no sandbox id has a `-` there.
 const WARM_DIR_PREFIX: &str = "warm-";
 
@@ -46,18 +46,6 @@ pub(super) struct WarmPool {
     used: Mutex<HashMap<String, Instant>>,
     /// Set at shutdown: nothing is added any more.
     closed: AtomicBool,
-    hits: AtomicU64,
-    misses: AtomicU64,
-}
-
-/// What the pool holds and has done (reported by the agent).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct WarmPoolStats {
-    /// VMMs waiting now, all templates.
-    pub waiting: u32,
-    /// Creates that took a warm VMM, and those that found none, since the agent started.
-    pub hits: u64,
-    pub misses: u64,
 }
 
 impl Manager {
@@ -79,12 +67,8 @@ impl Manager {
                 .expect("warm pool lock")
                 .get_mut(template_id)
                 .and_then(Vec::pop);
-            let Some(warm) = taken else {
-                self.warm.misses.fetch_add(1, Ordering::Relaxed);
-                return None;
-            };
+            let warm = taken?;
             if warm.snapshot == *snapshot && warm.vm.is_alive() {
-                self.warm.hits.fetch_add(1, Ordering::Relaxed);
                 return Some(warm);
             }
             self.discard_warm(warm).await;
@@ -406,40 +390,13 @@ impl Manager {
 
     /// Slots held by warm VMMs (free for creates: a create takes a warm VMM or its slot).
     pub fn warm_slots(&self) -> u32 {
-        self.warm_stats().waiting
-    }
-
-    pub fn warm_stats(&self) -> WarmPoolStats {
-        let waiting = self
-            .warm
+        self.warm
             .ready
             .lock()
             .expect("warm pool lock")
             .values()
             .map(Vec::len)
-            .sum::<usize>() as u32;
-        WarmPoolStats {
-            waiting,
-            hits: self.warm.hits.load(Ordering::Relaxed),
-            misses: self.warm.misses.load(Ordering::Relaxed),
-        }
-    }
-
-    /// Runs [`Manager::check_warm`] every few seconds while the manager lives.
-    pub(super) fn watch_warm_pool(self: &Arc<Self>) {
-        if self.config.warm_pool == 0 {
-            return;
-        }
-        let manager = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(WARM_CHECK_INTERVAL).await;
-                let Some(manager) = manager.upgrade() else {
-                    return;
-                };
-                manager.check_warm().await;
-            }
-        });
+            .sum::<usize>() as u32
     }
 }
 

@@ -15,6 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -79,6 +80,7 @@ pub(crate) async fn init(
     connection: Option<axum::Extension<crate::server::ConnectionId>>,
     body: Bytes,
 ) -> Response {
+    let mut phases = Phases::new();
     let request: InitRequest = if body.iter().all(u8::is_ascii_whitespace) {
         InitRequest::default()
     } else {
@@ -95,11 +97,13 @@ pub(crate) async fn init(
     }
 
     let _serialised = envd.init_lock.lock().await;
+    phases.lap();
     let clear_token = match authorize(&envd, request.access_token.as_deref()).await {
         Ok(decision) => decision == Authorized::ClearToken,
         Err(message) => return respond(StatusCode::UNAUTHORIZED, message),
     };
 
+    phases.authorize = phases.lap();
     // Every authorised /init thaws the user processes (frozen by /snapshot/prepare).
     if let Some(cgroups) = &envd.cgroups
         && let Err(error) = cgroups.set_frozen(false)
@@ -107,16 +111,15 @@ pub(crate) async fn init(
         tracing::warn!(%error, "could not thaw the user cgroups");
     }
 
+    phases.thaw = phases.lap();
     // The first /init after a restore: the connections from before the snapshot are zombies.
     let restored = envd.connections.awaiting_restore();
+    let mut sweep = None;
     if restored {
-        let sweep = envd.connections.complete_restore(connection.map(|c| c.0));
-        tracing::info!(
-            closed = sweep.closed,
-            kept = sweep.kept,
-            "restored: closed the connections from before the snapshot"
-        );
+        sweep = Some(envd.connections.complete_restore(connection.map(|c| c.0)));
+        phases.sweep = phases.lap();
         envd.ports.start().await;
+        phases.ports = phases.lap();
     }
 
     // Before the timestamp's check: an /init older than the last one still brings the
@@ -165,6 +168,7 @@ pub(crate) async fn init(
         let mut last = envd.last_init_ns.lock().expect("init time lock");
         if given_ns < *last {
             tracing::info!(%timestamp, "ignoring an /init older than the last applied one");
+            phases.log_restore(sweep);
             return respond(StatusCode::NO_CONTENT, "");
         }
         *last = given_ns;
@@ -175,6 +179,7 @@ pub(crate) async fn init(
         }
     }
 
+    phases.clock = phases.lap();
     envd.update_session(|session| {
         if let Some(vars) = request.env_vars {
             session.env_vars = vars
@@ -206,6 +211,7 @@ pub(crate) async fn init(
     if let Some(metadata) = &given {
         envd.set_identity(metadata, "/init");
     }
+    phases.identity = phases.lap();
     if envd.mmds.is_some() {
         if restored && given.is_none() {
             envd.refresh_identity(MMDS_DEADLINE).await;
@@ -214,14 +220,71 @@ pub(crate) async fn init(
             tokio::spawn(async move { envd.refresh_identity(MMDS_DEADLINE).await });
         }
     }
+    phases.log_restore(sweep);
     respond(StatusCode::NO_CONTENT, "")
+}
+
+/// Where a restore's `/init` spends its time in the guest, logged with its end (the agent
+/// measures the whole round trip; the difference is the guest's network and HTTP handling).
+struct Phases {
+    started: Instant,
+    lap: Instant,
+    authorize: Duration,
+    thaw: Duration,
+    sweep: Duration,
+    ports: Duration,
+    clock: Duration,
+    identity: Duration,
+}
+
+impl Phases {
+    fn new() -> Self {
+        let now = Instant::now();
+        Phases {
+            started: now,
+            lap: now,
+            authorize: Duration::ZERO,
+            thaw: Duration::ZERO,
+            sweep: Duration::ZERO,
+            ports: Duration::ZERO,
+            clock: Duration::ZERO,
+            identity: Duration::ZERO,
+        }
+    }
+
+    /// The time since the previous lap, and a new lap started.
+    fn lap(&mut self) -> Duration {
+        let now = Instant::now();
+        let since = now - self.lap;
+        self.lap = now;
+        since
+    }
+
+    /// Logs the restore's sweep of connections and the phases, if this `/init` completed a
+    /// restore.
+    fn log_restore(&self, sweep: Option<crate::server::ConnectionSweep>) {
+        let Some(sweep) = sweep else { return };
+        let us = |phase: Duration| phase.as_micros() as u64;
+        tracing::info!(
+            closed = sweep.closed,
+            kept = sweep.kept,
+            total_us = us(self.started.elapsed()),
+            authorize_us = us(self.authorize),
+            thaw_us = us(self.thaw),
+            sweep_us = us(self.sweep),
+            ports_us = us(self.ports),
+            clock_us = us(self.clock),
+            identity_us = us(self.identity),
+            "restored: closed the connections from before the snapshot; /init's phases"
+        );
+    }
 }
 
 /// How long `/init` waits for the metadata service. A restored clone's first connections
 /// go through a guest that may share its CPU with many others (software emulation): 1 s was
 /// missed under load, and the clone then kept its template's identity. The agent's `/init`
 /// deadline (10 s) stays well above this.
-const MMDS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+const MMDS_DEADLINE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, PartialEq, Eq)]
 enum Authorized {

@@ -153,7 +153,11 @@ pub async fn wait_accepting(
             .saturating_sub(started.elapsed())
             .min(Duration::from_secs(1));
         match tokio::time::timeout(attempt, tokio::net::TcpStream::connect(address)).await {
-            Ok(Ok(connection)) => return Ok(connection),
+            Ok(Ok(connection)) => {
+                // `/init` follows on it: its request must not wait on an acknowledgement.
+                let _ = connection.set_nodelay(true);
+                return Ok(connection);
+            }
             Ok(Err(error)) => {
                 last = error.to_string();
                 tokio::time::sleep(Duration::from_millis(5)).await;

@@ -12,6 +12,7 @@ pub mod process;
 pub mod qcow2;
 pub mod qemu;
 pub mod qmp;
+pub mod uffd;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

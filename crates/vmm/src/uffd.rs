@@ -1,0 +1,996 @@
+//! The userfaultfd page server of Firecracker restores (issue #18, its first part): Firecracker,
+//! loading a snapshot with the `Uffd` memory backend, maps the guest's memory anonymously,
+//! registers it with a userfaultfd, connects to a Unix socket the host agent listens on and sends
+//! one message: the JSON list of its regions ([`GuestRegionUffdMapping`]) with the userfaultfd
+//! attached (`SCM_RIGHTS`). From then on every first touch of a guest page stops the vCPU until the
+//! server copies the page in from the snapshot's memory file (`UFFDIO_COPY`), or maps the zero
+//! page (`UFFDIO_ZEROPAGE`) where the file has a hole. After the handshake a prefetcher copies in
+//! every page not yet touched, in a recorded order when one is given, sequentially otherwise, on a
+//! thread of its own, so later touches never wait; a fault never waits for it.
+//!
+//! A balloon's `madvise(MADV_DONTNEED)` reaches the server as `UFFD_EVENT_REMOVE`: those pages are
+//! the guest's zeros from then on (served as zero pages, never prefetched). While such an event is
+//! unread the kernel refuses copies with `EAGAIN`; a fault so refused is tried again after the
+//! events are read. A copy that finds the page present (`EEXIST`: the prefetcher was first) wakes
+//! the faulting thread instead.
+//!
+//! If the server fails, Firecracker would hang on its next fault for ever: the server kills it
+//! (its pid comes from the socket's `SO_PEERCRED`). It stops by itself when Firecracker exits.
+//! Facts from `../shared/spec/firecracker.md` §1.6 and the kernel's `linux/userfaultfd.h`.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{IoSliceMut, Seek, SeekFrom};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// `UFFDIO_API`, `UFFDIO_REGISTER`, `UFFDIO_COPY`, `UFFDIO_ZEROPAGE`, `UFFDIO_WAKE`: the kernel's
+/// ioctl numbers (`_IOWR(0xAA, n, struct …)`, `_IOR` for `WAKE`).
+pub mod ioctl {
+    pub const UFFD_API: u64 = 0xAA;
+    pub const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
+    pub const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
+    pub const UFFDIO_WAKE: libc::c_ulong = 0x8010_AA02;
+    pub const UFFDIO_COPY: libc::c_ulong = 0xC028_AA03;
+    pub const UFFDIO_ZEROPAGE: libc::c_ulong = 0xC020_AA04;
+    /// `UFFDIO_REGISTER_MODE_MISSING`.
+    pub const REGISTER_MODE_MISSING: u64 = 1;
+    /// `UFFD_FEATURE_EVENT_REMOVE`.
+    pub const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+    pub const EVENT_PAGEFAULT: u8 = 0x12;
+    pub const EVENT_REMOVE: u8 = 0x15;
+
+    /// `struct uffdio_api`.
+    #[repr(C)]
+    #[derive(Debug, Default)]
+    pub struct Api {
+        pub api: u64,
+        pub features: u64,
+        pub ioctls: u64,
+    }
+
+    /// `struct uffdio_range`.
+    #[repr(C)]
+    #[derive(Debug, Default, Clone, Copy)]
+    pub struct Range {
+        pub start: u64,
+        pub len: u64,
+    }
+
+    /// `struct uffdio_register`.
+    #[repr(C)]
+    #[derive(Debug, Default)]
+    pub struct Register {
+        pub range: Range,
+        pub mode: u64,
+        pub ioctls: u64,
+    }
+
+    /// `struct uffdio_copy`.
+    #[repr(C)]
+    #[derive(Debug, Default)]
+    pub struct Copy {
+        pub dst: u64,
+        pub src: u64,
+        pub len: u64,
+        pub mode: u64,
+        pub copy: i64,
+    }
+
+    /// `struct uffdio_zeropage`.
+    #[repr(C)]
+    #[derive(Debug, Default)]
+    pub struct ZeroPage {
+        pub range: Range,
+        pub mode: u64,
+        pub zeropage: i64,
+    }
+
+    /// `struct uffd_msg`: the event, then 24 bytes whose meaning depends on it (a page fault's
+    /// flags and address; a removal's start and end).
+    #[repr(C)]
+    #[derive(Debug, Default, Clone, Copy)]
+    pub struct Message {
+        pub event: u8,
+        pub reserved1: u8,
+        pub reserved2: u16,
+        pub reserved3: u32,
+        pub arg: [u64; 3],
+    }
+}
+
+/// One region of guest memory, as Firecracker (1.16.1's `GuestRegionUffdMapping`) describes it.
+/// Page sizes are in bytes in both fields; `page_size_kib` is the older name (deprecated, still
+/// sent), and the only one before 1.12.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestRegionUffdMapping {
+    /// Where the region starts in Firecracker's address space.
+    pub base_host_virt_addr: u64,
+    /// Its length in bytes.
+    pub size: u64,
+    /// Where its contents start in the memory file.
+    pub offset: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_size_kib: Option<u64>,
+}
+
+impl GuestRegionUffdMapping {
+    /// The region's page size in bytes: 4 KiB, or 2 MiB (hugetlbfs).
+    pub fn page_bytes(&self) -> Result<u64, UffdError> {
+        let size = match (self.page_size, self.page_size_kib) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(UffdError::Handshake(format!(
+                    "a region gives two page sizes, {a} and {b}"
+                )));
+            }
+            (Some(size), _) | (None, Some(size)) => size,
+            (None, None) => {
+                return Err(UffdError::Handshake("a region gives no page size".into()));
+            }
+        };
+        if size != 4096 && size != 2 << 20 {
+            return Err(UffdError::Handshake(format!(
+                "page size {size} is neither 4 KiB nor 2 MiB"
+            )));
+        }
+        Ok(size)
+    }
+
+    fn contains(&self, address: u64) -> bool {
+        address >= self.base_host_virt_addr && address - self.base_host_virt_addr < self.size
+    }
+}
+
+/// What can go wrong serving a restore's memory.
+#[derive(Debug, thiserror::Error)]
+pub enum UffdError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Firecracker's handshake: {0}")]
+    Handshake(String),
+    #[error("the memory file: {0}")]
+    Memory(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> UffdError {
+    let what = what.into();
+    move |source| UffdError::Io { what, source }
+}
+
+/// In which order the prefetcher copies pages in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Prefetch {
+    /// Not at all: pages come in as the guest touches them.
+    None,
+    /// Region by region, page by page.
+    #[default]
+    Sequential,
+    /// These memory-file offsets first (the order a template's first run touched its pages),
+    /// then every other page sequentially.
+    Recorded(Vec<u64>),
+}
+
+/// How a page server runs.
+#[derive(Debug, Clone)]
+pub struct PageServerOptions {
+    /// How long it waits for Firecracker to connect and send its regions.
+    pub handshake_timeout: Duration,
+    pub prefetch: Prefetch,
+}
+
+impl Default for PageServerOptions {
+    fn default() -> Self {
+        PageServerOptions {
+            handshake_timeout: Duration::from_secs(10),
+            prefetch: Prefetch::Sequential,
+        }
+    }
+}
+
+/// What a page server has done so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageServerStats {
+    /// Faults answered with the file's page, and with the zero page.
+    pub faults_served: u64,
+    pub zero_faults: u64,
+    /// Pages the prefetcher copied in (a page a fault brought first is not counted).
+    pub pages_prefetched: u64,
+    /// `UFFD_EVENT_REMOVE` ranges (a balloon's).
+    pub removals: u64,
+    /// From the handshake until the prefetcher had every page in, once it has.
+    pub resident_after: Option<Duration>,
+}
+
+/// The snapshot's memory file, mapped read-only, and where it has data (elsewhere: holes, which
+/// read as zeros and are mapped as the zero page).
+#[derive(Debug)]
+struct MemoryFile {
+    base: *const u8,
+    len: u64,
+    /// Sorted, disjoint `[start, end)` ranges of the file that have data.
+    data: Vec<(u64, u64)>,
+}
+
+// SAFETY: the mapping is read-only and lives as long as the struct; reading it from several
+// threads is sound.
+unsafe impl Send for MemoryFile {}
+// SAFETY: as above: shared read-only memory.
+unsafe impl Sync for MemoryFile {}
+
+impl MemoryFile {
+    fn open(path: &Path) -> Result<Self, UffdError> {
+        let mut file = File::open(path).map_err(io(format!("opening {}", path.display())))?;
+        let len = file
+            .metadata()
+            .map_err(io(format!("reading {}", path.display())))?
+            .len();
+        if len == 0 {
+            return Err(UffdError::Memory(format!("{} is empty", path.display())));
+        }
+        let data = data_ranges(&mut file, len)?;
+        // SAFETY: a fresh private read-only mapping of a file we hold open; the kernel picks the
+        // address; the result is checked before use and unmapped in Drop.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(UffdError::Io {
+                what: format!("mapping {}", path.display()),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(MemoryFile {
+            base: base as *const u8,
+            len,
+            data,
+        })
+    }
+
+    /// Whether `[offset, offset + len)` lies wholly in a hole.
+    fn is_hole(&self, offset: u64, len: u64) -> bool {
+        let end = offset + len;
+        // The first data range that ends after `offset`.
+        let index = self
+            .data
+            .partition_point(|&(_, data_end)| data_end <= offset);
+        self.data
+            .get(index)
+            .is_none_or(|&(data_start, _)| data_start >= end)
+    }
+}
+
+impl Drop for MemoryFile {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `open`, of this length, unmapped once.
+        unsafe {
+            libc::munmap(self.base as *mut libc::c_void, self.len as usize);
+        }
+    }
+}
+
+/// The file's data ranges, by `SEEK_DATA` / `SEEK_HOLE` (a filesystem without holes reports
+/// the whole file as data).
+fn data_ranges(file: &mut File, len: u64) -> Result<Vec<(u64, u64)>, UffdError> {
+    let fd = file.as_raw_fd();
+    let mut ranges = Vec::new();
+    let mut at: i64 = 0;
+    while (at as u64) < len {
+        // SAFETY: lseek on a descriptor we own; no memory is involved.
+        let start = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        if start < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.raw_os_error() == Some(libc::ENXIO) {
+                break; // No data after `at`.
+            }
+            return Err(UffdError::Io {
+                what: "finding the memory file's data".into(),
+                source: error,
+            });
+        }
+        // SAFETY: as above.
+        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+        if end < 0 {
+            return Err(UffdError::Io {
+                what: "finding the memory file's holes".into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        ranges.push((start as u64, end as u64));
+        at = end;
+    }
+    file.seek(SeekFrom::Start(0))
+        .map_err(io("rewinding the memory file"))?;
+    Ok(ranges)
+}
+
+/// A page server bound to its socket, before Firecracker connects.
+#[derive(Debug)]
+pub struct PageServer {
+    listener: UnixListener,
+    socket: PathBuf,
+    memory: Arc<MemoryFile>,
+}
+
+impl PageServer {
+    /// Listens on `socket` (which must not exist; owner-only) to serve `memory_file`.
+    pub fn bind(socket: &Path, memory_file: &Path) -> Result<Self, UffdError> {
+        let memory = Arc::new(MemoryFile::open(memory_file)?);
+        let listener =
+            UnixListener::bind(socket).map_err(io(format!("listening on {}", socket.display())))?;
+        std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(io(format!("restricting {}", socket.display())))?;
+        Ok(PageServer {
+            listener,
+            socket: socket.to_path_buf(),
+            memory,
+        })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Waits for Firecracker's handshake, then serves its faults and prefetches on threads of
+    /// its own. A handshake that is malformed or describes memory the file does not have kills
+    /// the peer and fails; so does one that does not come within the timeout (no peer to kill).
+    pub fn serve(self, options: PageServerOptions) -> Result<RunningPageServer, UffdError> {
+        let deadline = Instant::now() + options.handshake_timeout;
+        let stream = accept_until(&self.listener, deadline)?;
+        let peer = peer_pid(&stream);
+        let handshake = receive_handshake(&stream, deadline).and_then(|(regions, uffd)| {
+            check_regions(&regions, self.memory.len)?;
+            Ok((regions, uffd))
+        });
+        let (regions, uffd) = match handshake {
+            Ok(handshake) => handshake,
+            Err(error) => {
+                kill_peer(peer, &error);
+                return Err(error);
+            }
+        };
+        let _ = std::fs::remove_file(&self.socket);
+        let shared = Arc::new(Shared {
+            uffd,
+            regions,
+            memory: self.memory,
+            peer,
+            removed: Mutex::new(Vec::new()),
+            stopping: AtomicBool::new(false),
+            failed: Mutex::new(None),
+            faults_served: AtomicU64::new(0),
+            zero_faults: AtomicU64::new(0),
+            pages_prefetched: AtomicU64::new(0),
+            removals: AtomicU64::new(0),
+            resident_after: Mutex::new(None),
+            started: Instant::now(),
+        });
+        let (stop_read, stop_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|errno| io("making the stop pipe")(errno.into()))?;
+        let pidfd = peer.and_then(pidfd_open);
+        let faults = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("uffd-faults".into())
+                .spawn(move || serve_faults(&shared, &stop_read, pidfd.as_ref()))
+                .map_err(io("starting the fault thread"))?
+        };
+        let prefetcher = match options.prefetch {
+            Prefetch::None => None,
+            order => {
+                let shared = shared.clone();
+                Some(
+                    std::thread::Builder::new()
+                        .name("uffd-prefetch".into())
+                        .spawn(move || prefetch(&shared, &order))
+                        .map_err(io("starting the prefetcher"))?,
+                )
+            }
+        };
+        // Firecracker never writes on the socket again, nor closes it; nor do we until the end.
+        Ok(RunningPageServer {
+            shared,
+            stop: Some(stop_write),
+            faults: Some(faults),
+            prefetcher,
+            _stream: stream,
+        })
+    }
+}
+
+/// A page server serving a restored VM; dropping it stops it.
+#[derive(Debug)]
+pub struct RunningPageServer {
+    shared: Arc<Shared>,
+    stop: Option<OwnedFd>,
+    faults: Option<std::thread::JoinHandle<()>>,
+    prefetcher: Option<std::thread::JoinHandle<()>>,
+    _stream: UnixStream,
+}
+
+impl RunningPageServer {
+    pub fn stats(&self) -> PageServerStats {
+        let shared = &self.shared;
+        PageServerStats {
+            faults_served: shared.faults_served.load(Ordering::Relaxed),
+            zero_faults: shared.zero_faults.load(Ordering::Relaxed),
+            pages_prefetched: shared.pages_prefetched.load(Ordering::Relaxed),
+            removals: shared.removals.load(Ordering::Relaxed),
+            resident_after: *shared.resident_after.lock().expect("stats lock"),
+        }
+    }
+
+    /// The peer's pid, as the socket gave it.
+    pub fn peer(&self) -> Option<i32> {
+        self.shared.peer
+    }
+
+    /// Why the server stopped serving, if it failed (it killed the peer then).
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failed.lock().expect("failure lock").clone()
+    }
+
+    /// Whether the fault thread still runs (it ends when the peer exits, fails, or is stopped).
+    pub fn is_serving(&self) -> bool {
+        self.faults
+            .as_ref()
+            .is_some_and(|thread| !thread.is_finished())
+    }
+
+    /// Stops serving, waits for both threads, and returns what was done.
+    pub fn stop(mut self) -> PageServerStats {
+        self.stop_threads();
+        self.stats()
+    }
+
+    fn stop_threads(&mut self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        // Closing the pipe's write end wakes the fault thread's poll.
+        self.stop.take();
+        for thread in [self.faults.take(), self.prefetcher.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for RunningPageServer {
+    fn drop(&mut self) {
+        self.stop_threads();
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    uffd: OwnedFd,
+    regions: Vec<GuestRegionUffdMapping>,
+    memory: Arc<MemoryFile>,
+    peer: Option<i32>,
+    /// Address ranges the guest gave back (`UFFD_EVENT_REMOVE`): zeros from then on.
+    removed: Mutex<Vec<(u64, u64)>>,
+    stopping: AtomicBool,
+    failed: Mutex<Option<String>>,
+    faults_served: AtomicU64,
+    zero_faults: AtomicU64,
+    pages_prefetched: AtomicU64,
+    removals: AtomicU64,
+    resident_after: Mutex<Option<Duration>>,
+    started: Instant,
+}
+
+/// How one attempt to place a page ended.
+enum Placed {
+    Done,
+    /// Already there (`EEXIST`).
+    Present,
+    /// Refused while an event is unread (`EAGAIN`): try again after reading events.
+    Later,
+    /// The VM's memory is gone (`ESRCH`, `ENOENT`: Firecracker exited).
+    Gone,
+}
+
+impl Shared {
+    fn region_of(&self, address: u64) -> Option<&GuestRegionUffdMapping> {
+        self.regions.iter().find(|region| region.contains(address))
+    }
+
+    fn is_removed(&self, address: u64) -> bool {
+        self.removed
+            .lock()
+            .expect("removed lock")
+            .iter()
+            .any(|&(start, end)| address >= start && address < end)
+    }
+
+    /// Places the page at `address` (page-aligned, in `region`): the file's bytes, or the zero
+    /// page for a hole or a removed range.
+    fn place(
+        &self,
+        region: &GuestRegionUffdMapping,
+        address: u64,
+    ) -> Result<Placed, std::io::Error> {
+        let page = region.page_bytes().unwrap_or(4096);
+        let offset = region.offset + (address - region.base_host_virt_addr);
+        let zero = self.is_removed(address) || self.memory.is_hole(offset, page);
+        // The zero page exists only for 4 KiB pages; a huge page is copied (a hole reads as
+        // zeros through the mapping).
+        let result = if zero && page == 4096 {
+            let mut request = ioctl::ZeroPage {
+                range: ioctl::Range {
+                    start: address,
+                    len: page,
+                },
+                ..Default::default()
+            };
+            // SAFETY: UFFDIO_ZEROPAGE with a properly sized, initialised request that lives
+            // across the call; the range is a page of a region the peer registered.
+            unsafe { libc::ioctl(self.uffd.as_raw_fd(), ioctl::UFFDIO_ZEROPAGE, &mut request) }
+        } else if zero {
+            let zeros = vec![0u8; page as usize];
+            self.copy(address, zeros.as_ptr() as u64, page)
+        } else {
+            // SAFETY: `offset + page` is within the mapping (regions were checked against the
+            // file's length at the handshake).
+            let source = unsafe { self.memory.base.add(offset as usize) };
+            self.copy(address, source as u64, page)
+        };
+        if result == 0 {
+            return Ok(Placed::Done);
+        }
+        let error = std::io::Error::last_os_error();
+        match error.raw_os_error() {
+            Some(libc::EEXIST) => Ok(Placed::Present),
+            Some(libc::EAGAIN) => Ok(Placed::Later),
+            Some(libc::ESRCH) | Some(libc::ENOENT) => Ok(Placed::Gone),
+            _ => Err(error),
+        }
+    }
+
+    fn copy(&self, address: u64, source: u64, len: u64) -> libc::c_int {
+        let mut request = ioctl::Copy {
+            dst: address,
+            src: source,
+            len,
+            ..Default::default()
+        };
+        // SAFETY: UFFDIO_COPY with a properly sized request; `source` points at `len` readable
+        // bytes (the file's mapping or a buffer the caller holds across the call).
+        unsafe { libc::ioctl(self.uffd.as_raw_fd(), ioctl::UFFDIO_COPY, &mut request) }
+    }
+
+    /// Wakes the threads waiting on the page at `address` (it was already there).
+    fn wake(&self, address: u64, len: u64) {
+        let mut range = ioctl::Range {
+            start: address,
+            len,
+        };
+        // SAFETY: UFFDIO_WAKE with a properly sized range; no memory is written.
+        unsafe {
+            libc::ioctl(self.uffd.as_raw_fd(), ioctl::UFFDIO_WAKE, &mut range);
+        }
+    }
+
+    fn fail(&self, reason: String) {
+        tracing::error!(%reason, peer = ?self.peer, "the page server failed: its VMM is killed");
+        *self.failed.lock().expect("failure lock") = Some(reason.clone());
+        self.stopping.store(true, Ordering::SeqCst);
+        kill_peer(self.peer, &reason);
+    }
+}
+
+/// The fault thread: reads events until stopped, the peer exits or something fails.
+fn serve_faults(shared: &Shared, stop: &OwnedFd, pidfd: Option<&OwnedFd>) {
+    let mut deferred: VecDeque<u64> = VecDeque::new();
+    let mut messages = [ioctl::Message::default(); 64];
+    while !shared.stopping.load(Ordering::SeqCst) {
+        let mut fds = vec![
+            nix::poll::PollFd::new(shared.uffd.as_fd(), nix::poll::PollFlags::POLLIN),
+            nix::poll::PollFd::new(stop.as_fd(), nix::poll::PollFlags::POLLIN),
+        ];
+        if let Some(pidfd) = pidfd {
+            fds.push(nix::poll::PollFd::new(
+                pidfd.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            ));
+        }
+        // Deferred faults are retried soon even without a new event.
+        let timeout = if deferred.is_empty() { 1000u16 } else { 1 };
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(timeout)) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(errno) => return shared.fail(format!("polling the userfaultfd: {errno}")),
+        }
+        let ready = |fd: &nix::poll::PollFd| fd.revents().is_some_and(|events| !events.is_empty());
+        if ready(&fds[1]) || fds.get(2).is_some_and(ready) {
+            return; // Stopped, or the VMM exited.
+        }
+        // Every event first: a removal must be known before a fault in its range is served.
+        loop {
+            // SAFETY: reads whole `uffd_msg`s into a buffer of exactly that type and size.
+            let read = unsafe {
+                libc::read(
+                    shared.uffd.as_raw_fd(),
+                    messages.as_mut_ptr() as *mut libc::c_void,
+                    std::mem::size_of_val(&messages),
+                )
+            };
+            if read < 0 {
+                let error = std::io::Error::last_os_error();
+                match error.raw_os_error() {
+                    Some(libc::EAGAIN) => break,
+                    Some(libc::EINTR) => continue,
+                    _ => return shared.fail(format!("reading the userfaultfd: {error}")),
+                }
+            }
+            if read == 0 {
+                return;
+            }
+            let count = read as usize / std::mem::size_of::<ioctl::Message>();
+            for message in &messages[..count] {
+                match message.event {
+                    ioctl::EVENT_PAGEFAULT => deferred.push_back(message.arg[1]),
+                    ioctl::EVENT_REMOVE => {
+                        let (start, end) = (message.arg[0], message.arg[1]);
+                        shared
+                            .removed
+                            .lock()
+                            .expect("removed lock")
+                            .push((start, end));
+                        shared.removals.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // Not asked for (fork, remap, unmap): nothing to do.
+                    _ => {}
+                }
+            }
+        }
+        // Then the faults, oldest first; one refused for now waits for the next round.
+        let mut later = VecDeque::new();
+        while let Some(address) = deferred.pop_front() {
+            let Some(region) = shared.region_of(address) else {
+                return shared.fail(format!(
+                    "a fault at {address:#x}, outside every region the VMM gave"
+                ));
+            };
+            let page = region.page_bytes().unwrap_or(4096);
+            let aligned = address & !(page - 1);
+            match shared.place(region, aligned) {
+                Ok(Placed::Done) => {
+                    let counter = if shared.is_removed(aligned)
+                        || shared
+                            .memory
+                            .is_hole(region.offset + (aligned - region.base_host_virt_addr), page)
+                    {
+                        &shared.zero_faults
+                    } else {
+                        &shared.faults_served
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Placed::Present) => shared.wake(aligned, page),
+                Ok(Placed::Later) => later.push_back(address),
+                Ok(Placed::Gone) => return,
+                Err(error) => {
+                    return shared.fail(format!("serving the fault at {aligned:#x}: {error}"));
+                }
+            }
+        }
+        deferred = later;
+    }
+}
+
+/// The prefetcher: every page not yet present, in `order`; a page a fault (or a removal) got to
+/// first is skipped.
+fn prefetch(shared: &Shared, order: &Prefetch) {
+    let mut pages: Vec<(usize, u64)> = Vec::new();
+    let recorded: &[u64] = match order {
+        Prefetch::Recorded(offsets) => offsets,
+        _ => &[],
+    };
+    let mut seen = std::collections::HashSet::new();
+    for &offset in recorded {
+        if let Some((index, region)) = shared
+            .regions
+            .iter()
+            .enumerate()
+            .find(|(_, region)| offset >= region.offset && offset - region.offset < region.size)
+        {
+            let page = region.page_bytes().unwrap_or(4096);
+            let address = region.base_host_virt_addr + ((offset - region.offset) & !(page - 1));
+            if seen.insert(address) {
+                pages.push((index, address));
+            }
+        }
+    }
+    for (index, region) in shared.regions.iter().enumerate() {
+        let page = region.page_bytes().unwrap_or(4096);
+        let mut address = region.base_host_virt_addr;
+        while address < region.base_host_virt_addr + region.size {
+            if !seen.contains(&address) {
+                pages.push((index, address));
+            }
+            address += page;
+        }
+    }
+    for (index, address) in pages {
+        let region = &shared.regions[index];
+        if shared.is_removed(address) {
+            continue;
+        }
+        loop {
+            if shared.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            match shared.place(region, address) {
+                Ok(Placed::Done) => {
+                    shared.pages_prefetched.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                Ok(Placed::Present) => break,
+                // A removal is being read by the fault thread: a moment, then again.
+                Ok(Placed::Later) => std::thread::sleep(Duration::from_micros(100)),
+                Ok(Placed::Gone) => return,
+                // The fault thread reports failures; the prefetcher only stops.
+                Err(error) => {
+                    tracing::warn!(%error, address, "the prefetcher stopped");
+                    return;
+                }
+            }
+        }
+    }
+    *shared.resident_after.lock().expect("stats lock") = Some(shared.started.elapsed());
+}
+
+fn check_regions(regions: &[GuestRegionUffdMapping], file_len: u64) -> Result<(), UffdError> {
+    if regions.is_empty() {
+        return Err(UffdError::Handshake("no memory regions".into()));
+    }
+    for region in regions {
+        let page = region.page_bytes()?;
+        if region.size == 0
+            || region.base_host_virt_addr % page != 0
+            || region.size % page != 0
+            || region.offset % page != 0
+        {
+            return Err(UffdError::Handshake(format!(
+                "region {region:?} is not whole pages of {page} bytes"
+            )));
+        }
+        if region
+            .offset
+            .checked_add(region.size)
+            .is_none_or(|end| end > file_len)
+        {
+            return Err(UffdError::Handshake(format!(
+                "region {region:?} ends beyond the memory file ({file_len} bytes)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn accept_until(listener: &UnixListener, deadline: Instant) -> Result<UnixStream, UffdError> {
+    listener
+        .set_nonblocking(true)
+        .map_err(io("making the listener non-blocking"))?;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream
+                    .set_nonblocking(false)
+                    .map_err(io("making the connection blocking"))?;
+                return Ok(stream);
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(UffdError::Handshake(
+                        "the VMM did not connect in time".into(),
+                    ));
+                }
+                let mut fds = [nix::poll::PollFd::new(
+                    listener.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                let wait = left.as_millis().min(1000) as u16;
+                let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(wait));
+            }
+            Err(error) => return Err(io("accepting the VMM's connection")(error)),
+        }
+    }
+}
+
+/// Reads the regions and the userfaultfd: bytes until they parse as the JSON list, one
+/// descriptor with them.
+fn receive_handshake(
+    stream: &UnixStream,
+    deadline: Instant,
+) -> Result<(Vec<GuestRegionUffdMapping>, OwnedFd), UffdError> {
+    const MAX_HANDSHAKE: usize = 1 << 20;
+    let mut bytes = Vec::new();
+    let mut uffd: Option<OwnedFd> = None;
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(UffdError::Handshake(
+                "the regions and the userfaultfd did not come in time".into(),
+            ));
+        }
+        stream
+            .set_read_timeout(Some(left))
+            .map_err(io("setting the handshake's deadline"))?;
+        let mut space = nix::cmsg_space!([RawFd; 1]);
+        let mut iov = [IoSliceMut::new(&mut chunk)];
+        let received = nix::sys::socket::recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
+        );
+        let message = match received {
+            Ok(message) => message,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::EAGAIN) => {
+                return Err(UffdError::Handshake(
+                    "the regions and the userfaultfd did not come in time".into(),
+                ));
+            }
+            Err(errno) => return Err(io("receiving the handshake")(errno.into())),
+        };
+        let length = message.bytes;
+        if let Ok(controls) = message.cmsgs() {
+            for control in controls {
+                if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = control {
+                    for fd in fds {
+                        // SAFETY: the kernel just gave us this descriptor (SCM_RIGHTS); nothing
+                        // else owns it.
+                        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                        if uffd.is_none() {
+                            uffd = Some(owned);
+                        }
+                    }
+                }
+            }
+        }
+        if length == 0 {
+            return Err(UffdError::Handshake(
+                "the VMM closed the socket before its regions".into(),
+            ));
+        }
+        bytes.extend_from_slice(&chunk[..length]);
+        if bytes.len() > MAX_HANDSHAKE {
+            return Err(UffdError::Handshake("more than 1 MiB of regions".into()));
+        }
+        match serde_json::from_slice::<Vec<GuestRegionUffdMapping>>(&bytes) {
+            Ok(regions) => {
+                return match uffd {
+                    Some(uffd) => Ok((regions, uffd)),
+                    None => Err(UffdError::Handshake(
+                        "the regions came without a userfaultfd".into(),
+                    )),
+                };
+            }
+            Err(error) if error.is_eof() => continue,
+            Err(error) => {
+                return Err(UffdError::Handshake(format!(
+                    "the regions are not Firecracker's JSON: {error}"
+                )));
+            }
+        }
+    }
+}
+
+fn peer_pid(stream: &UnixStream) -> Option<i32> {
+    nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+        .ok()
+        .map(|credentials| credentials.pid())
+        .filter(|pid| *pid > 0)
+}
+
+/// A descriptor that becomes readable when `pid` exits.
+fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    // SAFETY: a descriptor the kernel just returned, owned by nothing else.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Kills the VMM that would otherwise hang on its next fault. Never this process.
+fn kill_peer(peer: Option<i32>, reason: &dyn std::fmt::Display) {
+    let Some(pid) = peer.filter(|pid| *pid != std::process::id() as i32) else {
+        return;
+    };
+    tracing::warn!(pid, %reason, "killing the VMM whose memory cannot be served");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(page_size: Option<u64>, page_size_kib: Option<u64>) -> GuestRegionUffdMapping {
+        GuestRegionUffdMapping {
+            base_host_virt_addr: 0x7f00_0000_0000,
+            size: 2 << 20,
+            offset: 0,
+            page_size,
+            page_size_kib,
+        }
+    }
+
+    #[test]
+    fn firecrackers_region_json_is_read_with_either_page_size_field() {
+        let regions: Vec<GuestRegionUffdMapping> = serde_json::from_str(
+            r#"[{"base_host_virt_addr":139637976727552,"size":134217728,"offset":0,"page_size":4096,"page_size_kib":4096}]"#,
+        )
+        .unwrap();
+        assert_eq!(regions[0].page_bytes().unwrap(), 4096);
+        assert_eq!(regions[0].size, 134217728);
+        // Before 1.12, `page_size_kib` alone (in bytes despite its name).
+        assert_eq!(region(None, Some(2 << 20)).page_bytes().unwrap(), 2 << 20);
+        assert!(region(None, None).page_bytes().is_err());
+        assert!(region(Some(4096), Some(8192)).page_bytes().is_err());
+        assert!(region(Some(1024), None).page_bytes().is_err());
+    }
+
+    #[test]
+    fn regions_must_be_whole_pages_inside_the_file() {
+        let good = region(Some(4096), None);
+        check_regions(&[good], 2 << 20).unwrap();
+        assert!(
+            check_regions(&[good], (2 << 20) - 4096).is_err(),
+            "past the end"
+        );
+        assert!(check_regions(&[], 2 << 20).is_err());
+        let odd = GuestRegionUffdMapping { size: 4097, ..good };
+        assert!(check_regions(&[odd], 2 << 20).is_err());
+        let overflowing = GuestRegionUffdMapping {
+            offset: u64::MAX - 4095,
+            ..good
+        };
+        assert!(check_regions(&[overflowing], 2 << 20).is_err());
+    }
+
+    #[test]
+    fn holes_are_found_and_data_is_not() {
+        use std::io::Write;
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory");
+        let mut file = File::create(&path).unwrap();
+        file.set_len(8 << 20).unwrap();
+        file.write_all_at(&[1u8; 4096], 4 << 20).unwrap();
+        file.flush().unwrap();
+        drop(file);
+        let memory = MemoryFile::open(&path).unwrap();
+        assert!(!memory.is_hole(4 << 20, 4096));
+        // A filesystem may round data ranges out, never in: far from the data, holes.
+        if memory.data.len() == 1 && memory.data[0] != (0, 8 << 20) {
+            assert!(memory.is_hole(0, 4096));
+            assert!(memory.is_hole(7 << 20, 4096));
+        }
+    }
+}

@@ -10,6 +10,7 @@ mod report;
 mod sandbox;
 mod slots;
 mod snapshot;
+mod uffd;
 
 use clap::Parser;
 
@@ -34,6 +35,9 @@ enum BenchCommand {
     /// Template builds: three steps from a template, the first create from the result, and
     /// (with --store) its pull by a second host.
     Build(build::BuildBenchArgs),
+    /// The userfaultfd page server of Firecracker restores: faults answered a second, and the
+    /// prefetcher's rate against a plain copy (needs root).
+    Uffd(uffd::UffdBenchArgs),
 }
 
 fn main() {
@@ -72,6 +76,7 @@ async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Snapshot(args) => snapshot::run(args).await,
         BenchCommand::Build(args) => build::run(args).await,
         BenchCommand::Egress(args) => egress::run_bench(args).await,
+        BenchCommand::Uffd(args) => uffd::run(args).await,
     }
 }
 

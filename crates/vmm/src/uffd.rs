@@ -927,6 +927,89 @@ fn kill_peer(peer: Option<i32>, reason: &dyn std::fmt::Display) {
     );
 }
 
+/// Firecracker's side of the protocol, for the tests and `wrenn-bench uffd`, which play it
+/// against a real page server: a userfaultfd made as Firecracker makes it, anonymous memory
+/// registered with it, and the one handshake message.
+pub mod peer {
+    use super::*;
+
+    /// A userfaultfd as Firecracker makes it: non-blocking, close-on-exec, with removals
+    /// reported (`UFFD_FEATURE_EVENT_REMOVE`).
+    pub fn userfaultfd() -> std::io::Result<OwnedFd> {
+        // SAFETY: userfaultfd(2) takes flags and returns a new descriptor or -1.
+        let fd =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the descriptor the kernel just returned, owned by nothing else.
+        let uffd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let mut api = ioctl::Api {
+            api: ioctl::UFFD_API,
+            features: ioctl::FEATURE_EVENT_REMOVE,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_API with a properly sized request.
+        if unsafe { libc::ioctl(uffd.as_raw_fd(), ioctl::UFFDIO_API, &mut api) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(uffd)
+    }
+
+    /// `len` bytes of fresh anonymous memory registered with `uffd` for missing pages; its
+    /// address. It stays mapped for the life of the process (as a VMM's guest memory does).
+    pub fn register_anonymous(uffd: &OwnedFd, len: u64) -> std::io::Result<u64> {
+        // SAFETY: a fresh anonymous private mapping; the kernel picks the address.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut register = ioctl::Register {
+            range: ioctl::Range {
+                start: base as u64,
+                len,
+            },
+            mode: ioctl::REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_REGISTER of the mapping just made, with a properly sized request.
+        if unsafe { libc::ioctl(uffd.as_raw_fd(), ioctl::UFFDIO_REGISTER, &mut register) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(base as u64)
+    }
+
+    /// Connects to the page server at `socket` and sends the regions' JSON with `uffd`; the
+    /// connection is to be kept open, as Firecracker keeps it.
+    pub fn send_handshake(
+        socket: &Path,
+        regions: &[GuestRegionUffdMapping],
+        uffd: &OwnedFd,
+    ) -> std::io::Result<UnixStream> {
+        let stream = UnixStream::connect(socket)?;
+        let json = serde_json::to_vec(regions).map_err(std::io::Error::other)?;
+        let fds = [uffd.as_raw_fd()];
+        nix::sys::socket::sendmsg::<()>(
+            stream.as_raw_fd(),
+            &[std::io::IoSlice::new(&json)],
+            &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+            nix::sys::socket::MsgFlags::empty(),
+            None,
+        )
+        .map_err(std::io::Error::from)?;
+        Ok(stream)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

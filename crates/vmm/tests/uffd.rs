@@ -5,76 +5,32 @@
 //! so and pass, unless WRENN_REQUIRE_PREREQUISITES=1.
 
 use std::io::IoSlice;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use wrenn_vmm::uffd::{
-    GuestRegionUffdMapping, PageServer, PageServerOptions, Prefetch, RunningPageServer, ioctl,
+    GuestRegionUffdMapping, PageServer, PageServerOptions, Prefetch, RunningPageServer, peer,
 };
 
 const PAGE: u64 = 4096;
 
-/// A userfaultfd as Firecracker makes it (non-blocking, close-on-exec, removals reported), or
-/// `None` with the reason printed when this machine does not allow one.
+/// A userfaultfd as Firecracker makes it, or `None` with the reason printed when this machine
+/// does not allow one.
 fn userfaultfd() -> Option<OwnedFd> {
-    // SAFETY: userfaultfd(2) takes flags and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-    if fd < 0 {
-        let error = std::io::Error::last_os_error();
-        let message = format!("no userfaultfd here ({error}): the page server tests need root");
-        if std::env::var("WRENN_REQUIRE_PREREQUISITES").as_deref() == Ok("1") {
-            panic!("{message}");
+    match peer::userfaultfd() {
+        Ok(uffd) => Some(uffd),
+        Err(error) => {
+            let message = format!("no userfaultfd here ({error}): the page server tests need root");
+            if std::env::var("WRENN_REQUIRE_PREREQUISITES").as_deref() == Ok("1") {
+                panic!("{message}");
+            }
+            eprintln!("skipped: {message}");
+            None
         }
-        eprintln!("skipped: {message}");
-        return None;
     }
-    // SAFETY: the descriptor the kernel just returned, owned by nothing else.
-    let uffd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-    let mut api = ioctl::Api {
-        api: ioctl::UFFD_API,
-        features: ioctl::FEATURE_EVENT_REMOVE,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_API with a properly sized request.
-    let done = unsafe { libc::ioctl(uffd.as_raw_fd(), ioctl::UFFDIO_API, &mut api) };
-    assert_eq!(done, 0, "UFFDIO_API: {}", std::io::Error::last_os_error());
-    Some(uffd)
-}
-
-/// Anonymous memory of `len` bytes registered with `uffd` for missing pages.
-fn registered(uffd: &OwnedFd, len: u64) -> u64 {
-    // SAFETY: a fresh anonymous private mapping; the kernel picks the address.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(base, libc::MAP_FAILED);
-    let mut register = ioctl::Register {
-        range: ioctl::Range {
-            start: base as u64,
-            len,
-        },
-        mode: ioctl::REGISTER_MODE_MISSING,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_REGISTER of the mapping just made, with a properly sized request.
-    let done = unsafe { libc::ioctl(uffd.as_raw_fd(), ioctl::UFFDIO_REGISTER, &mut register) };
-    assert_eq!(
-        done,
-        0,
-        "UFFDIO_REGISTER: {}",
-        std::io::Error::last_os_error()
-    );
-    base as u64
 }
 
 /// The byte at `offset` of the memory file's data pages.
@@ -114,7 +70,7 @@ impl Guest {
         let regions = [(0u64, 8u64 << 20), (8 << 20, 4 << 20)]
             .into_iter()
             .map(|(offset, size)| GuestRegionUffdMapping {
-                base_host_virt_addr: registered(&uffd, size),
+                base_host_virt_addr: peer::register_anonymous(&uffd, size).unwrap(),
                 size,
                 offset,
                 page_size: Some(PAGE),
@@ -129,18 +85,7 @@ impl Guest {
 
     /// Connects to the server and sends the handshake: the JSON, the descriptor with it.
     fn handshake(&self, socket: &Path) -> UnixStream {
-        let stream = UnixStream::connect(socket).unwrap();
-        let json = serde_json::to_vec(&self.regions).unwrap();
-        let fds = [self._uffd.as_raw_fd()];
-        nix::sys::socket::sendmsg::<()>(
-            stream.as_raw_fd(),
-            &[IoSlice::new(&json)],
-            &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
-            nix::sys::socket::MsgFlags::empty(),
-            None,
-        )
-        .unwrap();
-        stream
+        peer::send_handshake(socket, &self.regions, &self._uffd).unwrap()
     }
 
     /// Every page's (address, file offset), region by region.

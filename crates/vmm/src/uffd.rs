@@ -522,6 +522,13 @@ impl Shared {
             .any(|&(start, end)| address >= start && address < end)
     }
 
+    /// Whether `len` bytes at `address` (in `region`) are the guest's zeros: a hole of the
+    /// file or a range the guest gave back.
+    fn is_zero(&self, region: &GuestRegionUffdMapping, address: u64, len: u64) -> bool {
+        let offset = region.offset + (address - region.base_host_virt_addr);
+        self.is_removed(address) || self.memory.is_hole(offset, len)
+    }
+
     /// Places the page at `address` (page-aligned, in `region`): the file's bytes, or the zero
     /// page for a hole or a removed range.
     fn place(
@@ -530,43 +537,62 @@ impl Shared {
         address: u64,
     ) -> Result<Placed, std::io::Error> {
         let page = region.page_bytes().unwrap_or(4096);
+        let zero = self.is_zero(region, address, page);
+        self.place_range(region, address, page, zero)
+            .map(|(placed, _)| placed)
+    }
+
+    /// Places `len` bytes of whole pages at `address` (in `region`), all of them zeros or all of
+    /// them the file's: how it ended, and how many bytes were placed before it did.
+    fn place_range(
+        &self,
+        region: &GuestRegionUffdMapping,
+        address: u64,
+        len: u64,
+        zero: bool,
+    ) -> Result<(Placed, u64), std::io::Error> {
+        let page = region.page_bytes().unwrap_or(4096);
         let offset = region.offset + (address - region.base_host_virt_addr);
-        let zero = self.is_removed(address) || self.memory.is_hole(offset, page);
-        // The zero page exists only for 4 KiB pages; a huge page is copied (a hole reads as
+        // The zero page exists only for 4 KiB pages; huge pages are copied (a hole reads as
         // zeros through the mapping).
-        let result = if zero && page == 4096 {
+        let (result, done) = if zero && page == 4096 {
             let mut request = ioctl::ZeroPage {
                 range: ioctl::Range {
                     start: address,
-                    len: page,
+                    len,
                 },
                 ..Default::default()
             };
             // SAFETY: UFFDIO_ZEROPAGE with a properly sized, initialised request that lives
-            // across the call; the range is a page of a region the peer registered.
-            unsafe { libc::ioctl(self.uffd.as_raw_fd(), ioctl::UFFDIO_ZEROPAGE, &mut request) }
+            // across the call; the range is whole pages of a region the peer registered.
+            let result =
+                unsafe { libc::ioctl(self.uffd.as_raw_fd(), ioctl::UFFDIO_ZEROPAGE, &mut request) };
+            (result, request.zeropage)
         } else if zero {
-            let zeros = vec![0u8; page as usize];
-            self.copy(address, zeros.as_ptr() as u64, page)
+            let zeros = vec![0u8; len as usize];
+            self.copy(address, zeros.as_ptr() as u64, len)
         } else {
-            // SAFETY: `offset + page` is within the mapping (regions were checked against the
-            // file's length at the handshake).
+            // SAFETY: `offset + len` is within the mapping (regions were checked against the
+            // file's length at the handshake, and ranges stay inside their region).
             let source = unsafe { self.memory.base.add(offset as usize) };
-            self.copy(address, source as u64, page)
+            self.copy(address, source as u64, len)
         };
         if result == 0 {
-            return Ok(Placed::Done);
+            return Ok((Placed::Done, len));
         }
         let error = std::io::Error::last_os_error();
+        // On an error the kernel reports the bytes placed before it (or the negated error).
+        let placed = u64::try_from(done).unwrap_or(0).min(len);
         match error.raw_os_error() {
-            Some(libc::EEXIST) => Ok(Placed::Present),
-            Some(libc::EAGAIN) => Ok(Placed::Later),
-            Some(libc::ESRCH) | Some(libc::ENOENT) => Ok(Placed::Gone),
+            Some(libc::EEXIST) => Ok((Placed::Present, placed)),
+            Some(libc::EAGAIN) => Ok((Placed::Later, placed)),
+            Some(libc::ESRCH) | Some(libc::ENOENT) => Ok((Placed::Gone, placed)),
             _ => Err(error),
         }
     }
 
-    fn copy(&self, address: u64, source: u64, len: u64) -> libc::c_int {
+    /// `UFFDIO_COPY`: the ioctl's result, and the bytes it reports copied.
+    fn copy(&self, address: u64, source: u64, len: u64) -> (libc::c_int, i64) {
         let mut request = ioctl::Copy {
             dst: address,
             src: source,
@@ -575,7 +601,9 @@ impl Shared {
         };
         // SAFETY: UFFDIO_COPY with a properly sized request; `source` points at `len` readable
         // bytes (the file's mapping or a buffer the caller holds across the call).
-        unsafe { libc::ioctl(self.uffd.as_raw_fd(), ioctl::UFFDIO_COPY, &mut request) }
+        let result =
+            unsafe { libc::ioctl(self.uffd.as_raw_fd(), ioctl::UFFDIO_COPY, &mut request) };
+        (result, request.copy)
     }
 
     /// Wakes the threads waiting on the page at `address` (it was already there).
@@ -598,10 +626,14 @@ impl Shared {
     }
 }
 
+/// How long the fault thread looks for the next fault without sleeping after one.
+const FAULT_SPIN: Duration = Duration::from_micros(100);
+
 /// The fault thread: reads events until stopped, the peer exits or something fails.
 fn serve_faults(shared: &Shared, stop: &OwnedFd, pidfd: Option<&OwnedFd>) {
     let mut deferred: VecDeque<u64> = VecDeque::new();
     let mut messages = [ioctl::Message::default(); 64];
+    let mut last_fault = Instant::now() - FAULT_SPIN;
     while !shared.stopping.load(Ordering::SeqCst) {
         let mut fds = vec![
             nix::poll::PollFd::new(shared.uffd.as_fd(), nix::poll::PollFlags::POLLIN),
@@ -613,8 +645,16 @@ fn serve_faults(shared: &Shared, stop: &OwnedFd, pidfd: Option<&OwnedFd>) {
                 nix::poll::PollFlags::POLLIN,
             ));
         }
-        // Deferred faults are retried soon even without a new event.
-        let timeout = if deferred.is_empty() { 1000u16 } else { 1 };
+        // Deferred faults are retried soon even without a new event; right after a fault the
+        // next is looked for without sleeping (a guest's faults come in streams, and a
+        // sleeping thread's wake-up costs more than the copy).
+        let timeout = if last_fault.elapsed() < FAULT_SPIN {
+            0u16
+        } else if deferred.is_empty() {
+            1000
+        } else {
+            1
+        };
         match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(timeout)) {
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
@@ -648,7 +688,10 @@ fn serve_faults(shared: &Shared, stop: &OwnedFd, pidfd: Option<&OwnedFd>) {
             let count = read as usize / std::mem::size_of::<ioctl::Message>();
             for message in &messages[..count] {
                 match message.event {
-                    ioctl::EVENT_PAGEFAULT => deferred.push_back(message.arg[1]),
+                    ioctl::EVENT_PAGEFAULT => {
+                        last_fault = Instant::now();
+                        deferred.push_back(message.arg[1]);
+                    }
                     ioctl::EVENT_REMOVE => {
                         let (start, end) = (message.arg[0], message.arg[1]);
                         shared
@@ -675,11 +718,7 @@ fn serve_faults(shared: &Shared, stop: &OwnedFd, pidfd: Option<&OwnedFd>) {
             let aligned = address & !(page - 1);
             match shared.place(region, aligned) {
                 Ok(Placed::Done) => {
-                    let counter = if shared.is_removed(aligned)
-                        || shared
-                            .memory
-                            .is_hole(region.offset + (aligned - region.base_host_virt_addr), page)
-                    {
+                    let counter = if shared.is_zero(region, aligned, page) {
                         &shared.zero_faults
                     } else {
                         &shared.faults_served
@@ -697,6 +736,9 @@ fn serve_faults(shared: &Shared, stop: &OwnedFd, pidfd: Option<&OwnedFd>) {
         deferred = later;
     }
 }
+
+/// The most the prefetcher places with one ioctl.
+const PREFETCH_RUN: u64 = 1 << 20;
 
 /// The prefetcher: every page not yet present, in `order`; a page a fault (or a removal) got to
 /// first is skipped.
@@ -731,24 +773,60 @@ fn prefetch(shared: &Shared, order: &Prefetch) {
             address += page;
         }
     }
-    for (index, address) in pages {
+    // Consecutive pages of one kind (the file's, or zeros) go in one copy of up to
+    // PREFETCH_RUN bytes: one ioctl per page would cost more than the copying.
+    let mut at = 0;
+    while at < pages.len() {
+        let (index, start) = pages[at];
         let region = &shared.regions[index];
-        if shared.is_removed(address) {
+        let page = region.page_bytes().unwrap_or(4096);
+        at += 1;
+        if shared.is_removed(start) {
             continue;
         }
-        loop {
+        let zero = shared.is_zero(region, start, page);
+        let mut len = page;
+        while at < pages.len()
+            && len < PREFETCH_RUN
+            && pages[at] == (index, start + len)
+            && !shared.is_removed(start + len)
+            && shared.is_zero(region, start + len, page) == zero
+        {
+            len += page;
+            at += 1;
+        }
+        let (mut address, end) = (start, start + len);
+        while address < end {
             if shared.stopping.load(Ordering::SeqCst) {
                 return;
             }
-            match shared.place(region, address) {
-                Ok(Placed::Done) => {
-                    shared.pages_prefetched.fetch_add(1, Ordering::Relaxed);
-                    break;
+            match shared.place_range(region, address, end - address, zero) {
+                Ok((Placed::Done, placed)) => {
+                    shared
+                        .pages_prefetched
+                        .fetch_add(placed / page, Ordering::Relaxed);
+                    address += placed;
                 }
-                Ok(Placed::Present) => break,
-                // A removal is being read by the fault thread: a moment, then again.
-                Ok(Placed::Later) => std::thread::sleep(Duration::from_micros(100)),
-                Ok(Placed::Gone) => return,
+                // A page a fault brought first: the ones before it are in; go on after it.
+                Ok((Placed::Present, placed)) => {
+                    shared
+                        .pages_prefetched
+                        .fetch_add(placed / page, Ordering::Relaxed);
+                    address += placed + page;
+                }
+                // A removal is being read by the fault thread: a moment, then again (the range
+                // may be zeros now).
+                Ok((Placed::Later, placed)) => {
+                    shared
+                        .pages_prefetched
+                        .fetch_add(placed / page, Ordering::Relaxed);
+                    address += placed;
+                    std::thread::sleep(Duration::from_micros(100));
+                    if shared.is_removed(address) {
+                        address += page;
+                    }
+                }
+                Ok((Placed::Gone, _)) => return,
                 // The fault thread reports failures; the prefetcher only stops.
                 Err(error) => {
                     tracing::warn!(%error, address, "the prefetcher stopped");

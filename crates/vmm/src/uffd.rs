@@ -326,8 +326,19 @@ fn data_ranges(file: &mut File, len: u64) -> Result<Vec<(u64, u64)>, UffdError> 
 #[derive(Debug)]
 pub struct PageServer {
     listener: UnixListener,
-    socket: PathBuf,
+    socket: SocketFile,
     memory: Arc<MemoryFile>,
+}
+
+/// The listening socket's path, removed when this is dropped: whether the handshake succeeds,
+/// fails or never comes, and when a server is dropped unused, no socket file is left.
+#[derive(Debug)]
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 impl PageServer {
@@ -336,17 +347,21 @@ impl PageServer {
         let memory = Arc::new(MemoryFile::open(memory_file)?);
         let listener =
             UnixListener::bind(socket).map_err(io(format!("listening on {}", socket.display())))?;
-        std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .map_err(io(format!("restricting {}", socket.display())))?;
+        let socket = SocketFile(socket.to_path_buf());
+        std::fs::set_permissions(
+            &socket.0,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .map_err(io(format!("restricting {}", socket.0.display())))?;
         Ok(PageServer {
             listener,
-            socket: socket.to_path_buf(),
+            socket,
             memory,
         })
     }
 
     pub fn socket(&self) -> &Path {
-        &self.socket
+        &self.socket.0
     }
 
     /// Waits for Firecracker's handshake, then serves its faults and prefetches on threads of
@@ -367,7 +382,7 @@ impl PageServer {
                 return Err(error);
             }
         };
-        let _ = std::fs::remove_file(&self.socket);
+        drop(self.socket);
         let shared = Arc::new(Shared {
             uffd,
             regions,

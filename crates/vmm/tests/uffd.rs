@@ -276,6 +276,10 @@ fn a_handshake_the_server_cannot_serve_kills_the_vmm_that_sent_it() {
     let status = child.wait().unwrap();
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    assert!(
+        !socket.exists(),
+        "the socket is removed after a failed handshake"
+    );
 
     // Nobody connects: the wait ends at its deadline.
     let socket = dir.path().join("lonely.sock");
@@ -290,4 +294,9 @@ fn a_handshake_the_server_cannot_serve_kills_the_vmm_that_sent_it() {
         error.to_string().contains("did not connect in time"),
         "{error}"
     );
+    assert!(!socket.exists(), "the socket is removed when nobody came");
+    // A server dropped unused leaves no socket either.
+    let socket = dir.path().join("unused.sock");
+    drop(PageServer::bind(&socket, &memory).unwrap());
+    assert!(!socket.exists());
 }

@@ -6,6 +6,7 @@
 
 pub mod accel;
 pub mod console;
+pub mod firecracker;
 pub mod launch;
 pub mod memory;
 pub mod process;

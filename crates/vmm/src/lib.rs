@@ -8,6 +8,7 @@ pub mod accel;
 pub mod console;
 pub mod firecracker;
 pub mod launch;
+pub mod layers;
 pub mod memory;
 pub mod process;
 pub mod qcow2;

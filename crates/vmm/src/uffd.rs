@@ -19,8 +19,7 @@
 //! Facts from `../shared/spec/firecracker.md` §1.6 and the kernel's `linux/userfaultfd.h`.
 
 use std::collections::VecDeque;
-use std::fs::File;
-use std::io::{IoSliceMut, Seek, SeekFrom};
+use std::io::IoSliceMut;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -29,6 +28,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+use crate::layers::MemoryImage;
 
 /// `UFFDIO_API`, `UFFDIO_REGISTER`, `UFFDIO_COPY`, `UFFDIO_ZEROPAGE`, `UFFDIO_WAKE`: the kernel's
 /// ioctl numbers (`_IOWR(0xAA, n, struct …)`, `_IOR` for `WAKE`).
@@ -213,121 +214,12 @@ pub struct PageServerStats {
     pub resident_after: Option<Duration>,
 }
 
-/// The snapshot's memory file, mapped read-only, and where it has data (elsewhere: holes, which
-/// read as zeros and are mapped as the zero page).
-#[derive(Debug)]
-struct MemoryFile {
-    base: *const u8,
-    len: u64,
-    /// Sorted, disjoint `[start, end)` ranges of the file that have data.
-    data: Vec<(u64, u64)>,
-}
-
-// SAFETY: the mapping is read-only and lives as long as the struct; reading it from several
-// threads is sound.
-unsafe impl Send for MemoryFile {}
-// SAFETY: as above: shared read-only memory.
-unsafe impl Sync for MemoryFile {}
-
-impl MemoryFile {
-    fn open(path: &Path) -> Result<Self, UffdError> {
-        let mut file = File::open(path).map_err(io(format!("opening {}", path.display())))?;
-        let len = file
-            .metadata()
-            .map_err(io(format!("reading {}", path.display())))?
-            .len();
-        if len == 0 {
-            return Err(UffdError::Memory(format!("{} is empty", path.display())));
-        }
-        let data = data_ranges(&mut file, len)?;
-        // SAFETY: a fresh private read-only mapping of a file we hold open; the kernel picks the
-        // address; the result is checked before use and unmapped in Drop.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(UffdError::Io {
-                what: format!("mapping {}", path.display()),
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(MemoryFile {
-            base: base as *const u8,
-            len,
-            data,
-        })
-    }
-
-    /// Whether `[offset, offset + len)` lies wholly in a hole.
-    fn is_hole(&self, offset: u64, len: u64) -> bool {
-        let end = offset + len;
-        // The first data range that ends after `offset`.
-        let index = self
-            .data
-            .partition_point(|&(_, data_end)| data_end <= offset);
-        self.data
-            .get(index)
-            .is_none_or(|&(data_start, _)| data_start >= end)
-    }
-}
-
-impl Drop for MemoryFile {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `open`, of this length, unmapped once.
-        unsafe {
-            libc::munmap(self.base as *mut libc::c_void, self.len as usize);
-        }
-    }
-}
-
-/// The file's data ranges, by `SEEK_DATA` / `SEEK_HOLE` (a filesystem without holes reports
-/// the whole file as data).
-fn data_ranges(file: &mut File, len: u64) -> Result<Vec<(u64, u64)>, UffdError> {
-    let fd = file.as_raw_fd();
-    let mut ranges = Vec::new();
-    let mut at: i64 = 0;
-    while (at as u64) < len {
-        // SAFETY: lseek on a descriptor we own; no memory is involved.
-        let start = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
-        if start < 0 {
-            let error = std::io::Error::last_os_error();
-            if error.raw_os_error() == Some(libc::ENXIO) {
-                break; // No data after `at`.
-            }
-            return Err(UffdError::Io {
-                what: "finding the memory file's data".into(),
-                source: error,
-            });
-        }
-        // SAFETY: as above.
-        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
-        if end < 0 {
-            return Err(UffdError::Io {
-                what: "finding the memory file's holes".into(),
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        ranges.push((start as u64, end as u64));
-        at = end;
-    }
-    file.seek(SeekFrom::Start(0))
-        .map_err(io("rewinding the memory file"))?;
-    Ok(ranges)
-}
-
 /// A page server bound to its socket, before Firecracker connects.
 #[derive(Debug)]
 pub struct PageServer {
     listener: UnixListener,
     socket: SocketFile,
-    memory: Arc<MemoryFile>,
+    memory: Arc<MemoryImage>,
 }
 
 /// The listening socket's path, removed when this is dropped: whether the handshake succeeds,
@@ -344,7 +236,9 @@ impl Drop for SocketFile {
 impl PageServer {
     /// Listens on `socket` (which must not exist; owner-only) to serve `memory_file`.
     pub fn bind(socket: &Path, memory_file: &Path) -> Result<Self, UffdError> {
-        let memory = Arc::new(MemoryFile::open(memory_file)?);
+        let memory = Arc::new(
+            MemoryImage::open(memory_file).map_err(|error| UffdError::Memory(error.to_string()))?,
+        );
         let listener =
             UnixListener::bind(socket).map_err(io(format!("listening on {}", socket.display())))?;
         let socket = SocketFile(socket.to_path_buf());
@@ -372,7 +266,7 @@ impl PageServer {
         let stream = accept_until(&self.listener, deadline)?;
         let peer = peer_pid(&stream);
         let handshake = receive_handshake(&stream, deadline).and_then(|(regions, uffd)| {
-            check_regions(&regions, self.memory.len)?;
+            check_regions(&regions, self.memory.len())?;
             Ok((regions, uffd))
         });
         let (regions, uffd) = match handshake {
@@ -499,7 +393,7 @@ impl Drop for RunningPageServer {
 struct Shared {
     uffd: OwnedFd,
     regions: Vec<GuestRegionUffdMapping>,
-    memory: Arc<MemoryFile>,
+    memory: Arc<MemoryImage>,
     peer: Option<i32>,
     /// Address ranges the guest gave back (`UFFD_EVENT_REMOVE`): zeros from then on.
     removed: Mutex<Vec<(u64, u64)>>,
@@ -541,7 +435,7 @@ impl Shared {
     /// file or a range the guest gave back.
     fn is_zero(&self, region: &GuestRegionUffdMapping, address: u64, len: u64) -> bool {
         let offset = region.offset + (address - region.base_host_virt_addr);
-        self.is_removed(address) || self.memory.is_hole(offset, len)
+        self.is_removed(address) || self.memory.is_zero(offset, len)
     }
 
     /// Places the page at `address` (page-aligned, in `region`): the file's bytes, or the zero
@@ -586,11 +480,13 @@ impl Shared {
         } else if zero {
             let zeros = vec![0u8; len as usize];
             self.copy(address, zeros.as_ptr() as u64, len)
-        } else {
-            // SAFETY: `offset + len` is within the mapping (regions were checked against the
-            // file's length at the handshake, and ranges stay inside their region).
-            let source = unsafe { self.memory.base.add(offset as usize) };
+        } else if let Some(source) = self.memory.contiguous(offset, len) {
             self.copy(address, source as u64, len)
+        } else {
+            // Stored in several places (a huge page over blocks of several layers): gathered.
+            let mut gathered = vec![0u8; len as usize];
+            self.memory.read_at(offset, &mut gathered);
+            self.copy(address, gathered.as_ptr() as u64, len)
         };
         if result == 0 {
             return Ok((Placed::Done, len));
@@ -800,12 +696,16 @@ fn prefetch(shared: &Shared, order: &Prefetch) {
             continue;
         }
         let zero = shared.is_zero(region, start, page);
+        // A run of the file's bytes stays where they are stored together (one layer's run).
+        let offset = region.offset + (start - region.base_host_virt_addr);
+        let stored_until = shared.memory.run_end(offset);
         let mut len = page;
         while at < pages.len()
             && len < PREFETCH_RUN
             && pages[at] == (index, start + len)
             && !shared.is_removed(start + len)
             && shared.is_zero(region, start + len, page) == zero
+            && (zero || offset + len + page <= stored_until)
         {
             len += page;
             at += 1;
@@ -1152,6 +1052,7 @@ mod tests {
 
     #[test]
     fn holes_are_found_and_data_is_not() {
+        use std::fs::File;
         use std::io::Write;
         use std::os::unix::fs::FileExt;
         let dir = tempfile::tempdir().unwrap();
@@ -1161,12 +1062,13 @@ mod tests {
         file.write_all_at(&[1u8; 4096], 4 << 20).unwrap();
         file.flush().unwrap();
         drop(file);
-        let memory = MemoryFile::open(&path).unwrap();
-        assert!(!memory.is_hole(4 << 20, 4096));
+        let memory = MemoryImage::open(&path).unwrap();
+        assert!(!memory.is_zero(4 << 20, 4096));
         // A filesystem may round data ranges out, never in: far from the data, holes.
-        if memory.data.len() == 1 && memory.data[0] != (0, 8 << 20) {
-            assert!(memory.is_hole(0, 4096));
-            assert!(memory.is_hole(7 << 20, 4096));
+        let data = crate::layers::data_ranges(&File::open(&path).unwrap(), 8 << 20).unwrap();
+        if data.len() == 1 && data[0] != (0, 8 << 20) {
+            assert!(memory.is_zero(0, 4096));
+            assert!(memory.is_zero(7 << 20, 4096));
         }
     }
 }

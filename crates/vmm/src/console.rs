@@ -2,7 +2,8 @@
 //! socket (QEMU's chardev in server mode, which drops the output while nobody listens, so a
 //! guest never stalls on it); [`capture`] reads it and writes `console.log`, moving it to
 //! `console.log.1` whenever it reaches half of [`CONSOLE_LOG_CAP`]. So a guest that floods its
-//! console (`cat /dev/zero > /dev/ttyS0`) costs the host at most that much disk.
+//! console (`cat /dev/zero > /dev/ttyS0`) costs the host at most that much disk. Firecracker
+//! writes the console on its standard output: a FIFO, copied the same way ([`capture_fifo`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -41,8 +42,23 @@ async fn open_log(log: &Path) -> std::io::Result<(tokio::fs::File, u64)> {
     Ok((file, size))
 }
 
+/// Copies the console written into the FIFO at `fifo` (Firecracker's standard output, made
+/// non-blocking so that a full FIFO drops output rather than stalling the guest) into `log`, as
+/// [`capture`] does, until every writer has closed it (the VMM exited).
+pub fn capture_fifo(fifo: PathBuf, log: PathBuf) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let copied = async {
+            let receiver = tokio::net::unix::pipe::OpenOptions::new().open_receiver(&fifo)?;
+            copy_stream_rotating(receiver, &log).await
+        };
+        if let Err(error) = copied.await {
+            tracing::debug!(%error, fifo = %fifo.display(), "console capture ended");
+        }
+    })
+}
+
 async fn copy_rotating(socket: &Path, log: &Path) -> std::io::Result<()> {
-    let mut stream = {
+    let stream = {
         let mut tries = 0;
         loop {
             match tokio::net::UnixStream::connect(socket).await {
@@ -55,6 +71,13 @@ async fn copy_rotating(socket: &Path, log: &Path) -> std::io::Result<()> {
             }
         }
     };
+    copy_stream_rotating(stream, log).await
+}
+
+async fn copy_stream_rotating(
+    mut stream: impl tokio::io::AsyncRead + Unpin,
+    log: &Path,
+) -> std::io::Result<()> {
     let half = CONSOLE_LOG_CAP / 2;
     let (mut file, mut size) = open_log(log).await?;
     let mut buffer = vec![0u8; 64 * 1024];

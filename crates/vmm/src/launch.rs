@@ -73,7 +73,8 @@ pub struct Launch {
     /// (the agent's copy, the number the VMM finds it at).
     handed: Vec<(OwnedFd, RawFd)>,
     netns: Option<OwnedFd>,
-    tap: TapRequest,
+    /// The tap to attach for the VMM (QEMU's); Firecracker attaches its own.
+    tap: Option<TapRequest>,
     user: Option<VmmUser>,
     groups: Vec<libc::gid_t>,
 }
@@ -121,23 +122,48 @@ fn listener(path: &Path) -> Result<OwnedFd, VmmError> {
 }
 
 impl Launch {
-    /// Opens what the VM of `machine` needs; its sockets are bound in `workdir`.
+    /// Opens what the QEMU VM of `machine` needs; its sockets are bound in `workdir`.
     pub fn prepare(
         machine: &MachineSpec,
         workdir: &Path,
         layers: &[Layer],
         accel: Accel,
     ) -> Result<Self, VmmError> {
-        let mut handed = vec![
+        let sockets = vec![
             (listener(&workdir.join("qmp.sock"))?, HandedFd::Qmp),
             (listener(&workdir.join("console.sock"))?, HandedFd::Console),
-            (
-                std::fs::File::open(&machine.kernel)
-                    .map_err(io(format!("opening {}", machine.kernel.display())))?
-                    .into(),
-                HandedFd::Kernel,
-            ),
         ];
+        Self::prepare_with(machine, sockets, layers, accel, true)
+    }
+
+    /// Opens what the Firecracker VM of `machine` needs: kernel, initrd and disk, which it
+    /// opens again by their `/proc/self/fd` paths (the same in every Firecracker process: a
+    /// snapshot names them, and restores anywhere). Firecracker binds its API socket and
+    /// attaches its tap (by name, in the namespace) itself.
+    pub fn prepare_firecracker(machine: &MachineSpec, disk: &Layer) -> Result<Self, VmmError> {
+        Self::prepare_with(
+            machine,
+            Vec::new(),
+            std::slice::from_ref(disk),
+            Accel::Kvm,
+            false,
+        )
+    }
+
+    fn prepare_with(
+        machine: &MachineSpec,
+        sockets: Vec<(OwnedFd, HandedFd)>,
+        layers: &[Layer],
+        accel: Accel,
+        attach_tap: bool,
+    ) -> Result<Self, VmmError> {
+        let mut handed = sockets;
+        handed.push((
+            std::fs::File::open(&machine.kernel)
+                .map_err(io(format!("opening {}", machine.kernel.display())))?
+                .into(),
+            HandedFd::Kernel,
+        ));
         if let Some(initrd) = &machine.initrd {
             handed.push((
                 std::fs::File::open(initrd)
@@ -207,7 +233,7 @@ impl Launch {
         Ok(Self {
             handed,
             netns,
-            tap: TapRequest(tap),
+            tap: attach_tap.then_some(TapRequest(tap)),
             user: machine.vmm_user,
             groups,
         })
@@ -228,7 +254,7 @@ impl Launch {
         // (no allocation, no locks): everything it reads was built before the fork, and the
         // descriptors it uses stay open in the parent until the spawn returns.
         unsafe {
-            command.pre_exec(move || confine(netns, &tap, &handed, user, &groups));
+            command.pre_exec(move || confine(netns, tap.as_ref(), &handed, user, &groups));
         }
     }
 }
@@ -244,7 +270,7 @@ fn check(result: libc::c_int) -> std::io::Result<libc::c_int> {
 /// The child's side (see [`Launch::apply`]): async-signal-safe calls only.
 fn confine(
     netns: Option<RawFd>,
-    tap: &TapRequest,
+    tap: Option<&TapRequest>,
     handed: &[(RawFd, RawFd)],
     user: Option<VmmUser>,
     groups: &[libc::gid_t],
@@ -260,18 +286,20 @@ fn confine(
             check(libc::setns(netns, libc::CLONE_NEWNET))?;
         }
         // The tap is attached here, in the sandbox's namespace, while still root.
-        let tun = check(libc::open(
-            c"/dev/net/tun".as_ptr(),
-            libc::O_RDWR | libc::O_CLOEXEC,
-        ))?;
-        check(libc::ioctl(
-            tun,
-            libc::TUNSETIFF,
-            &tap.0 as *const libc::ifreq,
-        ))?;
-        let tun_high = check(libc::fcntl(tun, libc::F_DUPFD_CLOEXEC, HIGH_FD))?;
-        libc::close(tun);
-        check(libc::dup2(tun_high, HandedFd::Tap.number()))?;
+        if let Some(tap) = tap {
+            let tun = check(libc::open(
+                c"/dev/net/tun".as_ptr(),
+                libc::O_RDWR | libc::O_CLOEXEC,
+            ))?;
+            check(libc::ioctl(
+                tun,
+                libc::TUNSETIFF,
+                &tap.0 as *const libc::ifreq,
+            ))?;
+            let tun_high = check(libc::fcntl(tun, libc::F_DUPFD_CLOEXEC, HIGH_FD))?;
+            libc::close(tun);
+            check(libc::dup2(tun_high, HandedFd::Tap.number()))?;
+        }
         // Every source is at HIGH_FD or above and every target below it, so no dup2 here
         // overwrites a source, and each target comes out without close-on-exec.
         for (source, target) in handed {

@@ -1,8 +1,9 @@
 //! The virtual machine monitors wrenn drives, behind one trait chosen at run time: the sandbox
 //! manager boots, pauses, snapshots, restores, resumes and destroys VMs without knowing which VMM
 //! runs them. QEMU ([`qemu::Qemu`], over QMP) runs everywhere, with KVM or under software
-//! emulation; Firecracker joins behind the same trait. [`new`] makes the one a host runs, by its
-//! [`VmmKind`].
+//! emulation; Firecracker ([`firecracker::Firecracker`], over its API socket, restores served by
+//! the page server of [`uffd`] from [`layers`]) where KVM runs. [`new`] makes the one a host
+//! runs, by its [`VmmKind`].
 
 pub mod accel;
 pub mod console;
@@ -31,6 +32,8 @@ wrenn_core::named_enum! {
         /// QEMU over QMP: KVM where it can, software emulation (TCG) elsewhere.
         #[default]
         Qemu = "qemu",
+        /// Firecracker over its API socket: KVM only; restores served by the page server.
+        Firecracker = "firecracker",
     }
 }
 
@@ -49,6 +52,10 @@ impl std::str::FromStr for VmmKind {
 pub fn new(kind: VmmKind, binary: &Path, accel: accel::Accel) -> Arc<dyn Vmm> {
     match kind {
         VmmKind::Qemu => Arc::new(qemu::Qemu::new(binary, accel)),
+        VmmKind::Firecracker => Arc::new(firecracker::Firecracker::new(
+            binary,
+            firecracker::FirecrackerOptions::default(),
+        )),
     }
 }
 
@@ -171,14 +178,15 @@ impl VmProcess {
     /// The same process after its working directory was renamed to `workdir` (its sockets
     /// and logs move with the directory; the VMM keeps what it opened).
     pub fn moved_to(&self, workdir: &Path) -> VmProcess {
-        let socket_name = self
+        let socket = self
             .control_socket
-            .file_name()
-            .map(PathBuf::from)
+            .strip_prefix(&self.workdir)
+            .map(Path::to_path_buf)
+            .or_else(|_| self.control_socket.file_name().map(PathBuf::from).ok_or(()))
             .unwrap_or_default();
         VmProcess {
             workdir: workdir.to_path_buf(),
-            control_socket: workdir.join(socket_name),
+            control_socket: workdir.join(socket),
             ..self.clone()
         }
     }

@@ -189,6 +189,12 @@ pub struct PageServerOptions {
     /// How long it waits for Firecracker to connect and send its regions.
     pub handshake_timeout: Duration,
     pub prefetch: Prefetch,
+    /// Set by the caller to stop waiting for the handshake (the VMM failed its load and will
+    /// never connect).
+    pub abandon: Option<Arc<AtomicBool>>,
+    /// A file created once the prefetcher has every page in (a restarted agent reads it: the
+    /// VM no longer needs a page server, but for a balloon's removals).
+    pub resident_marker: Option<PathBuf>,
 }
 
 impl Default for PageServerOptions {
@@ -196,6 +202,8 @@ impl Default for PageServerOptions {
         PageServerOptions {
             handshake_timeout: Duration::from_secs(10),
             prefetch: Prefetch::Sequential,
+            abandon: None,
+            resident_marker: None,
         }
     }
 }
@@ -236,6 +244,16 @@ impl Drop for SocketFile {
 impl PageServer {
     /// Listens on `socket` (which must not exist; owner-only) to serve `memory_file`.
     pub fn bind(socket: &Path, memory_file: &Path) -> Result<Self, UffdError> {
+        Self::bind_for(socket, memory_file, None)
+    }
+
+    /// As [`PageServer::bind`], the socket owned by `owner` (uid, gid): the unprivileged
+    /// user Firecracker runs as must be able to connect to it.
+    pub fn bind_for(
+        socket: &Path,
+        memory_file: &Path,
+        owner: Option<(u32, u32)>,
+    ) -> Result<Self, UffdError> {
         let memory = Arc::new(
             MemoryImage::open(memory_file).map_err(|error| UffdError::Memory(error.to_string()))?,
         );
@@ -247,6 +265,10 @@ impl PageServer {
             std::os::unix::fs::PermissionsExt::from_mode(0o600),
         )
         .map_err(io(format!("restricting {}", socket.0.display())))?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::lchown(&socket.0, Some(uid), Some(gid))
+                .map_err(io(format!("handing {} to its VMM", socket.0.display())))?;
+        }
         Ok(PageServer {
             listener,
             socket,
@@ -263,7 +285,7 @@ impl PageServer {
     /// the peer and fails; so does one that does not come within the timeout (no peer to kill).
     pub fn serve(self, options: PageServerOptions) -> Result<RunningPageServer, UffdError> {
         let deadline = Instant::now() + options.handshake_timeout;
-        let stream = accept_until(&self.listener, deadline)?;
+        let stream = accept_until(&self.listener, deadline, options.abandon.as_deref())?;
         let peer = peer_pid(&stream);
         let handshake = receive_handshake(&stream, deadline).and_then(|(regions, uffd)| {
             check_regions(&regions, self.memory.len())?;
@@ -306,10 +328,17 @@ impl PageServer {
             Prefetch::None => None,
             order => {
                 let shared = shared.clone();
+                let marker = options.resident_marker.clone();
                 Some(
                     std::thread::Builder::new()
                         .name("uffd-prefetch".into())
-                        .spawn(move || prefetch(&shared, &order))
+                        .spawn(move || {
+                            prefetch(&shared, &order);
+                            let resident = shared.resident_after.lock().expect("stats lock");
+                            if let (Some(_), Some(marker)) = (*resident, marker) {
+                                let _ = std::fs::write(marker, b"");
+                            }
+                        })
                         .map_err(io("starting the prefetcher"))?,
                 )
             }
@@ -781,7 +810,11 @@ fn check_regions(regions: &[GuestRegionUffdMapping], file_len: u64) -> Result<()
     Ok(())
 }
 
-fn accept_until(listener: &UnixListener, deadline: Instant) -> Result<UnixStream, UffdError> {
+fn accept_until(
+    listener: &UnixListener,
+    deadline: Instant,
+    abandon: Option<&AtomicBool>,
+) -> Result<UnixStream, UffdError> {
     listener
         .set_nonblocking(true)
         .map_err(io("making the listener non-blocking"))?;
@@ -800,11 +833,16 @@ fn accept_until(listener: &UnixListener, deadline: Instant) -> Result<UnixStream
                         "the VMM did not connect in time".into(),
                     ));
                 }
+                if abandon.is_some_and(|flag| flag.load(Ordering::SeqCst)) {
+                    return Err(UffdError::Handshake(
+                        "abandoned: the VMM will not connect".into(),
+                    ));
+                }
                 let mut fds = [nix::poll::PollFd::new(
                     listener.as_fd(),
                     nix::poll::PollFlags::POLLIN,
                 )];
-                let wait = left.as_millis().min(1000) as u16;
+                let wait = left.as_millis().min(50) as u16;
                 let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(wait));
             }
             Err(error) => return Err(io("accepting the VMM's connection")(error)),

@@ -141,11 +141,14 @@ fn serve(
     prefetch: Prefetch,
 ) -> std::thread::JoinHandle<RunningPageServer> {
     let server = PageServer::bind(socket, memory).unwrap();
+    let resident_marker = Some(socket.with_extension("resident"));
     std::thread::spawn(move || {
         server
             .serve(PageServerOptions {
                 handshake_timeout: Duration::from_secs(10),
                 prefetch,
+                resident_marker,
+                ..PageServerOptions::default()
             })
             .unwrap()
     })
@@ -215,7 +218,8 @@ fn the_prefetcher_brings_every_page_in_and_faults_still_get_theirs() {
     // Threads read while the prefetcher runs.
     guest.read_all(3, &is_data, &[]);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while server.stats().resident_after.is_none() {
+    let marker = socket.with_extension("resident");
+    while server.stats().resident_after.is_none() || !marker.exists() {
         assert!(Instant::now() < deadline, "{:?}", server.stats());
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -288,6 +292,7 @@ fn a_handshake_the_server_cannot_serve_kills_the_vmm_that_sent_it() {
         .serve(PageServerOptions {
             handshake_timeout: Duration::from_millis(300),
             prefetch: Prefetch::None,
+            ..PageServerOptions::default()
         })
         .unwrap_err();
     assert!(
@@ -295,6 +300,26 @@ fn a_handshake_the_server_cannot_serve_kills_the_vmm_that_sent_it() {
         "{error}"
     );
     assert!(!socket.exists(), "the socket is removed when nobody came");
+    // A wait the caller abandons (the VMM failed its load) ends long before its deadline.
+    let socket = dir.path().join("abandoned.sock");
+    let server = PageServer::bind(&socket, &memory).unwrap();
+    let abandon = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let waiting = std::thread::spawn({
+        let abandon = abandon.clone();
+        move || {
+            server.serve(PageServerOptions {
+                handshake_timeout: Duration::from_secs(600),
+                prefetch: Prefetch::None,
+                abandon: Some(abandon),
+                resident_marker: None,
+            })
+        }
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    abandon.store(true, std::sync::atomic::Ordering::SeqCst);
+    let error = waiting.join().unwrap().unwrap_err();
+    assert!(error.to_string().contains("abandoned"), "{error}");
+    assert!(!socket.exists());
     // A server dropped unused leaves no socket either.
     let socket = dir.path().join("unused.sock");
     drop(PageServer::bind(&socket, &memory).unwrap());

@@ -273,7 +273,13 @@ fn layered_files(dir: &std::path::Path, args: &UffdBenchArgs) -> anyhow::Result<
     let base_header = dir.join("base.header");
     let base_layer = dir.join("base.layer");
     let started = Instant::now();
-    layers::write_base(&full, bytes, layers::DEFAULT_BLOCK_BYTES, &base_header, &base_layer)?;
+    layers::write_base(
+        &full,
+        bytes,
+        layers::DEFAULT_BLOCK_BYTES,
+        &base_header,
+        &base_layer,
+    )?;
     let base_write = started.elapsed();
     std::fs::remove_file(&full)?;
 
@@ -393,9 +399,9 @@ fn fault_run(
                         let address = region.base_host_virt_addr + page * PAGE;
                         // SAFETY: a page of the registered mapping; the read faults and the
                         // server fills it.
-                        sum = sum.wrapping_add(
-                            unsafe { std::ptr::read_volatile(address as *const u8) } as u64,
-                        );
+                        sum = sum.wrapping_add(unsafe {
+                            std::ptr::read_volatile(address as *const u8)
+                        } as u64);
                         page += touchers;
                     }
                     sum

@@ -53,11 +53,33 @@ fn prerequisites() -> Option<Prerequisites> {
     Some(Prerequisites { binary, kernel })
 }
 
+/// The VM's own user, as the agent runs it (numeric; no account needed), where the host lets
+/// an unprivileged Firecracker open `/dev/net/tun` (mode 0666, as Debian makes it) and
+/// `/dev/kvm` (0660 with its group handed, or 0666); root otherwise, saying so.
+fn vm_user(uid: u32) -> Option<VmmUser> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &str| {
+        std::fs::metadata(path)
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or(0)
+    };
+    let (tun, kvm) = (mode("/dev/net/tun"), mode("/dev/kvm"));
+    if tun & 0o006 == 0o006 && kvm & 0o060 == 0o060 {
+        Some(VmmUser { uid, gid: uid })
+    } else {
+        eprintln!(
+            "Firecracker runs as root here: /dev/net/tun is {tun:o} and /dev/kvm {kvm:o}, which an \
+             unprivileged VMM cannot open"
+        );
+        None
+    }
+}
+
 /// A network namespace with a tap `tap0` the VM's user may attach, removed when dropped.
 struct Namespace(String);
 
 impl Namespace {
-    fn new(user: VmmUser) -> Namespace {
+    fn new(user: Option<VmmUser>) -> Namespace {
         let name = format!("wrenn-fct{}", std::process::id());
         let ip = |arguments: &[&str]| {
             let status = Command::new("ip").args(arguments).status().unwrap();
@@ -65,7 +87,7 @@ impl Namespace {
         };
         ip(&["netns", "add", &name]);
         let namespace = Namespace(name.clone());
-        let uid = user.uid.to_string();
+        let uid = user.map_or(0, |user| user.uid).to_string();
         ip(&[
             "-n", &name, "tuntap", "add", "dev", "tap0", "mode", "tap", "user", &uid, "vnet_hdr",
         ]);
@@ -115,10 +137,7 @@ async fn boot_snapshot_restore_through_the_page_server_diff_and_destroy() {
     };
     let root = tempfile::tempdir().unwrap();
     // The VM's own user, as the agent runs it (numeric; no account needed).
-    let user = VmmUser {
-        uid: 64_900,
-        gid: 64_900,
-    };
+    let user = vm_user(64_900);
     let namespace = Namespace::new(user);
     // Directories the VM's user must pass through to reach its own.
     use std::os::unix::fs::PermissionsExt;
@@ -139,7 +158,7 @@ async fn boot_snapshot_restore_through_the_page_server_diff_and_destroy() {
         netns: Some(namespace.0.clone()),
         tap: "tap0".into(),
         mac: "02:fc:00:00:00:05".into(),
-        vmm_user: Some(user),
+        vmm_user: user,
         memory: GuestMemory::Anonymous,
     };
     let firecracker = Firecracker::new(&prerequisites.binary, FirecrackerOptions::default());
@@ -246,10 +265,7 @@ async fn a_refused_load_reports_firecrackers_reason_and_leaves_nothing() {
         return;
     };
     let root = tempfile::tempdir().unwrap();
-    let user = VmmUser {
-        uid: 64_901,
-        gid: 64_901,
-    };
+    let user = vm_user(64_901);
     let namespace = Namespace::new(user);
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
@@ -268,7 +284,7 @@ async fn a_refused_load_reports_firecrackers_reason_and_leaves_nothing() {
         netns: Some(namespace.0.clone()),
         tap: "tap0".into(),
         mac: "02:fc:00:00:00:05".into(),
-        vmm_user: Some(user),
+        vmm_user: user,
         memory: GuestMemory::Anonymous,
     };
     let memory = root.path().join("memory");

@@ -281,6 +281,10 @@ impl Firecracker {
             .mode(0o700)
             .create(workdir)
             .map_err(io(format!("creating {}", workdir.display())))?;
+        // The VM's user passes through (to its own directory) but lists nothing; the files here
+        // are root's alone. Every directory above must let it pass too.
+        std::fs::set_permissions(workdir, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+            .map_err(io(format!("opening {} to its VMM", workdir.display())))?;
         // The VM user's directory, made afresh: nothing an earlier process left is trusted.
         let own = files.own();
         if own.exists() {

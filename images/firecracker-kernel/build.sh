@@ -54,4 +54,6 @@ cp vmlinux "$out/.$name.tmp"
 cp .config "$out/.$name.config.tmp"
 mv "$out/.$name.config.tmp" "$out/$name.config"
 mv "$out/.$name.tmp" "$out/$name"
+# `vmlinux` names the newest: what `wrenn agent serve --vmm firecracker` boots from an image dir.
+ln -sfn "$name" "$out/.vmlinux.tmp" && mv -T "$out/.vmlinux.tmp" "$out/vmlinux"
 echo "==> firecracker kernel: $out/$name ($(du -h "$out/$name" | cut -f1))"

@@ -1,6 +1,12 @@
 //! Copy-on-write disks: each sandbox's disk is a qcow2 overlay over its template's frozen disk
 //! (itself an overlay over the template's copy of the image's root filesystem), so a sandbox
 //! writes only its own changes and its size is the base's.
+//!
+//! Firecracker opens one raw file: a template's chain is flattened into `disk.raw` once
+//! ([`flatten_to_raw`]), and each sandbox's disk is a clone of it ([`create_sandbox_disk`]): a
+//! reflink where the filesystem shares blocks (XFS, Btrfs: instant, and only what the sandbox
+//! writes takes space), a sparse copy elsewhere (ext4: the template's used blocks are copied,
+//! so a create costs a read and write of them, and each sandbox takes their size).
 
 use std::path::Path;
 
@@ -64,6 +70,51 @@ pub async fn create_overlay_unopened(
         )));
     }
     crate::store::private_file(target)
+}
+
+/// Makes the disk of a sandbox of a template whose disk is `template_disk`: a qcow2 overlay,
+/// or (`raw`, for Firecracker) a clone of the template's raw file.
+pub async fn create_sandbox_disk(
+    raw: bool,
+    template_disk: &Path,
+    target: &Path,
+) -> Result<(), AgentError> {
+    if !raw {
+        return create_overlay(template_disk, "qcow2", target).await;
+    }
+    if !template_disk.is_file() {
+        return Err(AgentError::Internal(format!(
+            "the base disk {} is missing",
+            template_disk.display()
+        )));
+    }
+    copy_file(template_disk, target).await
+}
+
+/// Writes the disk whose top is `disk` (a qcow2 chain or a raw file) as one sparse raw file at
+/// `raw` (`qemu-img convert`), through a temporary file renamed into place.
+pub async fn flatten_to_raw(disk: &Path, raw: &Path) -> Result<(), AgentError> {
+    let partial = raw.with_extension("raw.partial");
+    let output = tokio::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-O", "raw", "-S", "4k"])
+        .arg(disk)
+        .arg(&partial)
+        .output()
+        .await
+        .map_err(|error| {
+            AgentError::internal("running qemu-img (Debian package qemu-utils)", error)
+        })?;
+    if !output.status.success() {
+        let _ = std::fs::remove_file(&partial);
+        return Err(AgentError::Internal(format!(
+            "flattening {} into a raw disk failed: {}",
+            disk.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    std::fs::rename(&partial, raw)
+        .map_err(|error| AgentError::internal("putting the raw disk in place", error))?;
+    crate::store::private_file(raw)
 }
 
 /// Copies `from` to `to` (sparse, and shared on filesystems that can).

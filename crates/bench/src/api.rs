@@ -256,6 +256,7 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
         image_dir: wrenn_image::default_image_dir(),
         vmm: wrenn_vmm::VmmKind::Qemu,
         qemu_binary: "qemu-system-x86_64".into(),
+        firecracker_binary: "firecracker".into(),
         accel: args.accel,
         slots: SlotConfig {
             prefix: "wbapi".into(),

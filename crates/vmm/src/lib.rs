@@ -298,6 +298,17 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// Whether a VM's disk must be one raw file (Firecracker's), not a qcow2 chain (QEMU's).
+    fn needs_raw_disk(&self) -> bool {
+        false
+    }
+
+    /// Whether VMs can run with their memory in a memory file ([`GuestMemory::Shared`] and
+    /// [`GuestMemory::Private`]; QEMU's), rather than keeping it themselves.
+    fn maps_memory_files(&self) -> bool {
+        true
+    }
+
     /// Freezes a running VM's disk as it is now: `overlay`, a new qcow2 image whose header
     /// names the disk's current top as its backing file, becomes the layer the VM writes to,
     /// and the old top is written no more (a build keeps it as its step's layer; a checkpoint

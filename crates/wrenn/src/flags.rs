@@ -8,9 +8,14 @@ use wrenn_vmm::accel::AccelSetting;
 /// How the host agent runs VMs and their network slots.
 #[derive(Debug, Clone, Args)]
 pub struct HostFlags {
-    /// The VMM that runs the VMs (today: qemu).
+    /// The VMM that runs the VMs: qemu (KVM or software emulation) or firecracker (KVM only;
+    /// its kernel from `wrenn image firecracker-kernel`).
     #[arg(long, default_value = "qemu")]
     pub vmm: wrenn_vmm::VmmKind,
+    /// The Firecracker binary `--vmm firecracker` runs (built from
+    /// github.com/firecracker-microvm/firecracker; see docs/architecture.md).
+    #[arg(long, default_value = "firecracker")]
+    pub firecracker: std::path::PathBuf,
     /// auto (probe KVM, fall back to TCG), kvm or tcg.
     #[arg(long, default_value = "auto")]
     pub accel: AccelSetting,

@@ -65,6 +65,8 @@ pub struct AgentConfig {
     /// Which VMM runs the VMs.
     pub vmm: wrenn_vmm::VmmKind,
     pub qemu_binary: PathBuf,
+    /// The `firecracker` binary (with `--vmm firecracker`).
+    pub firecracker_binary: PathBuf,
     pub accel: AccelSetting,
     pub slots: SlotConfig,
     /// Slots kept created ahead of demand.
@@ -218,25 +220,72 @@ fn envd_address(slot: u32) -> SocketAddr {
     SocketAddr::new(Slot::address_of(slot).into(), ENVD_PORT)
 }
 
+/// What Firecracker needs of the host, checked before the agent serves: KVM (it has no
+/// software emulation) and its binary.
+fn check_firecracker(config: &AgentConfig) -> Result<(), AgentError> {
+    if matches!(config.accel, AccelSetting::Tcg) {
+        return Err(AgentError::FailedPrecondition(
+            "Firecracker runs on KVM only: --accel tcg needs --vmm qemu".into(),
+        ));
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map_err(|error| {
+            AgentError::FailedPrecondition(format!(
+                "Firecracker needs KVM, and /dev/kvm cannot be opened ({error}): use --vmm qemu"
+            ))
+        })?;
+    let output = std::process::Command::new(&config.firecracker_binary)
+        .arg("--version")
+        .output()
+        .map_err(|error| {
+            AgentError::FailedPrecondition(format!(
+                "cannot run Firecracker at {} ({error}): build it from \
+                 github.com/firecracker-microvm/firecracker and give --firecracker",
+                config.firecracker_binary.display()
+            ))
+        })?;
+    let version = String::from_utf8_lossy(&output.stdout);
+    tracing::info!(version = %version.lines().next().unwrap_or("").trim(), "Firecracker runs the VMs");
+    Ok(())
+}
+
 impl Manager {
     /// Opens the data directory, chooses the accelerator, recovers what a previous run left.
     pub async fn start(config: AgentConfig) -> Result<Arc<Manager>, AgentError> {
         let store = Store::open(&config.data_dir)?;
-        let kernel = config.image_dir.join("vmlinuz");
-        let accel = wrenn_vmm::accel::resolve(
-            config.accel,
-            &config.qemu_binary,
-            &kernel,
-            Some(&config.data_dir.join("accel-probe.json")),
-        )
-        .await;
-        if accel == Accel::Tcg {
-            tracing::warn!(
-                "guests run under software emulation (QEMU TCG), not KVM: slower, and a weaker \
-                 boundary (a guest faces QEMU's emulator, not a hardware-enforced hypervisor)"
-            );
-        }
-        let vmm = wrenn_vmm::new(config.vmm, &config.qemu_binary, accel);
+        let (accel, vmm) = match config.vmm {
+            wrenn_vmm::VmmKind::Qemu => {
+                let kernel = config.image_dir.join("vmlinuz");
+                let accel = wrenn_vmm::accel::resolve(
+                    config.accel,
+                    &config.qemu_binary,
+                    &kernel,
+                    Some(&config.data_dir.join("accel-probe.json")),
+                )
+                .await;
+                if accel == Accel::Tcg {
+                    tracing::warn!(
+                        "guests run under software emulation (QEMU TCG), not KVM: slower, and a \
+                         weaker boundary (a guest faces QEMU's emulator, not a hardware-enforced \
+                         hypervisor)"
+                    );
+                }
+                (
+                    accel,
+                    wrenn_vmm::new(config.vmm, &config.qemu_binary, accel),
+                )
+            }
+            wrenn_vmm::VmmKind::Firecracker => {
+                check_firecracker(&config)?;
+                (
+                    Accel::Kvm,
+                    wrenn_vmm::new(config.vmm, &config.firecracker_binary, Accel::Kvm),
+                )
+            }
+        };
         let slots = Arc::new(SlotPool::new(config.slots.clone())?);
         slots.install_host_rules().await?;
         if config.host_nat {
@@ -328,6 +377,16 @@ impl Manager {
     pub fn slots_starting(&self) -> u32 {
         self.slots_starting
             .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The name of a sandbox's disk in its directory: a qcow2 overlay, or a raw clone where
+    /// the VMM needs one file (Firecracker).
+    pub(crate) fn disk_name(&self) -> &'static str {
+        if self.vmm.needs_raw_disk() {
+            "disk.raw"
+        } else {
+            "disk.qcow2"
+        }
     }
 
     pub fn config(&self) -> &AgentConfig {

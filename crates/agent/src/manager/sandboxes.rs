@@ -49,7 +49,7 @@ impl Manager {
             slot: None,
             vm: None,
             machine: MachineSpec {
-                disk: dir.join("disk.qcow2"),
+                disk: dir.join(self.disk_name()),
                 ..template.machine.clone()
             },
             created_at_ms: now_ms(),
@@ -156,7 +156,11 @@ impl Manager {
                 })?;
             // The disk and the slot are made ready at the same time.
             let (disk, slot) = tokio::join!(
-                crate::disk::create_overlay(&template_disk, "qcow2", &record.machine.disk),
+                crate::disk::create_sandbox_disk(
+                    self.vmm.needs_raw_disk(),
+                    &template_disk,
+                    &record.machine.disk
+                ),
                 self.slots.lease(&egress)
             );
             if let Err(error) = disk {
@@ -204,7 +208,10 @@ impl Manager {
                     vm
                 }
                 _ => {
-                    let memory = match snapshot.and_then(|snapshot| snapshot.ram.as_deref()) {
+                    let mapped = snapshot
+                        .and_then(|snapshot| snapshot.ram.as_deref())
+                        .filter(|_| self.vmm.maps_memory_files());
+                    let memory = match mapped {
                         Some(ram) => GuestMemory::Private(
                             self.mapped_memory(ram, record.machine.memory_mib).await?,
                         ),

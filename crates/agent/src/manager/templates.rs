@@ -414,7 +414,7 @@ impl Manager {
         );
         let machine = MachineSpec {
             kernel: files.kernel,
-            initrd: Some(files.initrd),
+            initrd: files.initrd,
             cmdline: files.cmdline,
             disk: files.disk,
             memory_mib,
@@ -536,8 +536,16 @@ impl Manager {
                 })?;
                 // The template owns copies of the image's files: a rebuilt image never
                 // changes it.
-                let copy = |name: &str| -> Result<PathBuf, AgentError> {
-                    let target = dir.join(name);
+                let copy_as = |name: &str, target_name: &str| -> Result<PathBuf, AgentError> {
+                    let target = dir.join(target_name);
+                    if !image_dir.join(name).is_file() && name == FIRECRACKER_KERNEL {
+                        return Err(AgentError::FailedPrecondition(format!(
+                            "the image in {} has no Firecracker kernel ({FIRECRACKER_KERNEL}): run \
+                             `wrenn image firecracker-kernel --out {}`",
+                            image_dir.display(),
+                            image_dir.display()
+                        )));
+                    }
                     let status = std::process::Command::new("cp")
                         .arg("--sparse=always")
                         .arg(image_dir.join(name))
@@ -552,14 +560,30 @@ impl Manager {
                     crate::store::private_file(&target)?;
                     Ok(target)
                 };
+                let copy = |name: &str| copy_as(name, name);
                 let base = copy("rootfs.ext4")?;
                 let disk = dir.join("disk.qcow2");
                 crate::disk::create_overlay(&base, "raw", &disk).await?;
+                // Firecracker boots its own kernel (virtio over MMIO built in) with no
+                // initramfs: the kernel mounts the root disk and starts wrenn-init itself.
+                let firecracker = self.vmm.needs_raw_disk();
                 TemplateFiles {
-                    kernel: copy("vmlinuz")?,
-                    initrd: copy("initrd.img")?,
+                    kernel: if firecracker {
+                        copy_as(FIRECRACKER_KERNEL, "vmlinuz")?
+                    } else {
+                        copy("vmlinuz")?
+                    },
+                    initrd: if firecracker {
+                        None
+                    } else {
+                        Some(copy("initrd.img")?)
+                    },
                     disk,
-                    cmdline: manifest.kernel.cmdline.clone(),
+                    cmdline: if firecracker {
+                        firecracker_cmdline(&manifest.kernel.cmdline)
+                    } else {
+                        manifest.kernel.cmdline.clone()
+                    },
                     image_key: manifest.inputs_key.clone(),
                     envd_version: manifest.envd.version.clone(),
                     digests: BTreeMap::new(),
@@ -599,9 +623,19 @@ impl Manager {
                 linked_files(kernel_from, dir, disk)?
             }
         };
+        // A VMM whose disk is one raw file (Firecracker) gets the chain flattened into one.
+        let mut files = files;
+        if self.vmm.needs_raw_disk() {
+            let raw = dir.join("disk.raw");
+            crate::disk::flatten_to_raw(&files.disk, &raw).await?;
+            let _ = std::fs::remove_file(&files.disk);
+            // The image's root filesystem this template copied is in the raw disk now.
+            let _ = std::fs::remove_file(dir.join("rootfs.ext4"));
+            files.disk = raw;
+        }
         // A confined VMM reads these through /proc/self/fd, which checks their own mode: they
         // are Debian's kernel and our initramfs, nothing secret.
-        for public in [&files.kernel, &files.initrd] {
+        for public in std::iter::once(&files.kernel).chain(files.initrd.as_ref()) {
             std::fs::set_permissions(public, std::os::unix::fs::PermissionsExt::from_mode(0o644))
                 .map_err(|error| AgentError::internal("opening the kernel to VMMs", error))?;
         }
@@ -699,7 +733,7 @@ impl Manager {
     /// The memory a template's build VM runs with: a new memory file when templates keep
     /// their memory in one (QEMU's own memory otherwise, or when the file cannot be made).
     fn template_memory(&self, template_id: &str, memory_mib: u32) -> GuestMemory {
-        if !self.config.mapped_memory {
+        if !self.config.mapped_memory || !self.vmm.maps_memory_files() {
             return GuestMemory::Anonymous;
         }
         match wrenn_vmm::memory::create(template_id, u64::from(memory_mib) << 20) {
@@ -786,14 +820,11 @@ fn linked_files(
             })?;
         Ok(target)
     };
-    let initrd = from.machine.initrd.as_ref().ok_or_else(|| {
-        AgentError::FailedPrecondition(format!(
-            "template {} has no initramfs to build on",
-            from.template_id
-        ))
-    })?;
+    let initrd = from.machine.initrd.as_ref();
     let mut digests = BTreeMap::new();
-    for (source, name) in [(&from.machine.kernel, "vmlinuz"), (initrd, "initrd.img")] {
+    for (source, name) in std::iter::once((&from.machine.kernel, "vmlinuz"))
+        .chain(initrd.map(|initrd| (initrd, "initrd.img")))
+    {
         let known = source
             .file_name()
             .and_then(|own| from.digests.get(own.to_str()?));
@@ -803,7 +834,9 @@ fn linked_files(
     }
     Ok(TemplateFiles {
         kernel: link(&from.machine.kernel, "vmlinuz")?,
-        initrd: link(initrd, "initrd.img")?,
+        initrd: initrd
+            .map(|initrd| link(initrd, "initrd.img"))
+            .transpose()?,
         disk,
         cmdline: from.machine.cmdline.clone(),
         image_key: from.image_key.clone(),
@@ -855,7 +888,8 @@ async fn take_layers(
 /// A template's files in its directory.
 struct TemplateFiles {
     kernel: PathBuf,
-    initrd: PathBuf,
+    /// None where the VMM boots without one (Firecracker).
+    initrd: Option<PathBuf>,
     disk: PathBuf,
     cmdline: String,
     image_key: String,
@@ -863,4 +897,46 @@ struct TemplateFiles {
     /// The hashes the template's source had of the files it linked (the same bytes), by
     /// name: a put need not hash them again.
     digests: BTreeMap<String, String>,
+}
+
+/// The file of an image holding the Firecracker kernel (`wrenn image firecracker-kernel`).
+pub const FIRECRACKER_KERNEL: &str = "vmlinux";
+
+/// The kernel command line of a Firecracker guest, from the image's (made for QEMU's
+/// initramfs): the kernel itself starts wrenn-init on the root disk, a reboot ends Firecracker
+/// (`reboot=k`), and there is no PCI bus to probe (its devices are virtio over MMIO).
+pub fn firecracker_cmdline(image_cmdline: &str) -> String {
+    let mut words: Vec<String> = image_cmdline
+        .split_whitespace()
+        .filter(|word| {
+            !word.starts_with("init=")
+                && !word.starts_with("reboot=")
+                && !word.starts_with("pci=")
+                && !word.starts_with("panic=")
+        })
+        .map(str::to_owned)
+        .collect();
+    words.extend(
+        ["panic=1", "reboot=k", "pci=off", "init=/sbin/wrenn-init"]
+            .into_iter()
+            .map(str::to_owned),
+    );
+    words.join(" ")
+}
+
+#[cfg(test)]
+mod firecracker_tests {
+    use super::*;
+
+    #[test]
+    fn a_firecracker_guest_boots_straight_into_wrenn_init() {
+        let qemu = "console=ttyS0 root=/dev/vda rw panic=-1 quiet ip=169.254.0.21::169.254.0.22:255.255.255.252::eth0:off";
+        let firecracker = firecracker_cmdline(qemu);
+        assert_eq!(
+            firecracker,
+            "console=ttyS0 root=/dev/vda rw quiet ip=169.254.0.21::169.254.0.22:255.255.255.252::eth0:off panic=1 reboot=k pci=off init=/sbin/wrenn-init"
+        );
+        // Made again from its own output, it does not change.
+        assert_eq!(firecracker_cmdline(&firecracker), firecracker);
+    }
 }

@@ -222,10 +222,14 @@ impl Manager {
             .store
             .sandbox_dir(&format!("{WARM_DIR_PREFIX}{}", new_id()?));
         crate::store::private_dir(&dir)?;
-        let disk = dir.join("disk.qcow2");
+        let disk = dir.join(self.disk_name());
         let started = async {
             let (overlay, slot) = tokio::join!(
-                crate::disk::create_overlay(&template.machine.disk, "qcow2", &disk),
+                crate::disk::create_sandbox_disk(
+                    self.vmm.needs_raw_disk(),
+                    &template.machine.disk,
+                    &disk
+                ),
                 self.slots.lease(&Egress::Closed)
             );
             let slot = match (overlay, slot) {
@@ -239,7 +243,12 @@ impl Manager {
                 (Ok(()), Err(error)) => return Err(error),
             };
             let vm = async {
-                let memory = match template.snapshot.ram.as_deref() {
+                let mapped = template
+                    .snapshot
+                    .ram
+                    .as_deref()
+                    .filter(|_| self.vmm.maps_memory_files());
+                let memory = match mapped {
                     Some(ram) => GuestMemory::Private(
                         self.mapped_memory(ram, template.machine.memory_mib).await?,
                     ),

@@ -283,8 +283,13 @@ impl Firecracker {
             .map_err(io(format!("creating {}", workdir.display())))?;
         // The VM's user passes through (to its own directory) but lists nothing; the files here
         // are root's alone. Every directory above must let it pass too.
-        std::fs::set_permissions(workdir, std::os::unix::fs::PermissionsExt::from_mode(0o711))
-            .map_err(io(format!("opening {} to its VMM", workdir.display())))?;
+        if owner.is_some() {
+            let absolute =
+                std::path::absolute(workdir).map_err(io("resolving the VM's directory"))?;
+            for directory in absolute.ancestors() {
+                let_pass(directory)?;
+            }
+        }
         // The VM user's directory, made afresh: nothing an earlier process left is trusted.
         let own = files.own();
         if own.exists() {
@@ -575,6 +580,26 @@ fn keep_memory(
     Ok(header)
 }
 
+/// Lets every user pass through `directory` (`o+x`: not list it, nor read what it holds but
+/// what is itself open to them), for an unprivileged Firecracker to reach its own directory.
+fn let_pass(directory: &Path) -> Result<(), VmmError> {
+    use std::os::unix::fs::PermissionsExt;
+    let metadata =
+        std::fs::metadata(directory).map_err(io(format!("reading {}", directory.display())))?;
+    let mode = metadata.permissions().mode();
+    if mode & 0o001 == 0 {
+        std::fs::set_permissions(
+            directory,
+            std::fs::Permissions::from_mode((mode & 0o7777) | 0o001),
+        )
+        .map_err(io(format!(
+            "letting the VMM pass through {}",
+            directory.display()
+        )))?;
+    }
+    Ok(())
+}
+
 /// Kills a Firecracker process and waits (up to 5 s) for it to be gone.
 async fn kill_and_wait(vm: &VmProcess) {
     if vm.is_alive() {
@@ -605,6 +630,14 @@ impl Vmm for Firecracker {
             }
             Ok(vm)
         })
+    }
+
+    fn needs_raw_disk(&self) -> bool {
+        true
+    }
+
+    fn maps_memory_files(&self) -> bool {
+        false
     }
 
     fn start_restore<'a>(

@@ -204,6 +204,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .unwrap_or_else(wrenn_image::default_image_dir),
         vmm: args.host.vmm,
         qemu_binary: args.qemu.clone(),
+        firecracker_binary: args.host.firecracker.clone(),
         accel: args.host.accel,
         slots: args.host.slot_config(),
         slots_ahead: args.slots_ahead,

@@ -69,6 +69,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         image_dir,
         vmm: args.host.vmm,
         qemu_binary: "qemu-system-x86_64".into(),
+        firecracker_binary: args.host.firecracker.clone(),
         accel: args.host.accel,
         slots: args.host.slot_config(),
         slots_ahead: 2,

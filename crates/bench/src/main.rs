@@ -6,6 +6,7 @@ mod api;
 mod build;
 mod egress;
 mod envd;
+mod firecracker;
 mod report;
 mod sandbox;
 mod slots;
@@ -38,6 +39,9 @@ enum BenchCommand {
     /// The userfaultfd page server of Firecracker restores: faults answered a second, and the
     /// prefetcher's rate against a plain copy (needs root).
     Uffd(uffd::UffdBenchArgs),
+    /// The Firecracker backend's phases against a real Firecracker: boot, pause, Full and Diff
+    /// snapshots kept as layers, restore through the page server, destroy (needs root, KVM).
+    Firecracker(firecracker::FirecrackerBenchArgs),
 }
 
 fn main() {
@@ -77,6 +81,7 @@ async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Build(args) => build::run(args).await,
         BenchCommand::Egress(args) => egress::run_bench(args).await,
         BenchCommand::Uffd(args) => uffd::run(args).await,
+        BenchCommand::Firecracker(args) => firecracker::run(args).await,
     }
 }
 

@@ -164,7 +164,8 @@ pub async fn run(args: FirecrackerBenchArgs) -> anyhow::Result<()> {
         let started = Instant::now();
         let diff = firecracker.snapshot(&vm, &dir.join("diff.state")).await?;
         phases.diff_snapshot_ms.push(ms(started.elapsed()));
-        let diff_layer = std::fs::metadata(dir.join("diff.layer"))?.len();
+        let diff_layer =
+            std::fs::metadata(wrenn_vmm::layers::layer_path(&dir.join("diff.state"), 1))?.len();
         phases.diff_layer_kib.push(diff_layer as f64 / 1024.0);
         drop(diff);
         firecracker.destroy(&vm).await?;

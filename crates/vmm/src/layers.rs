@@ -359,6 +359,42 @@ fn write_atomically(
     outcome
 }
 
+/// The layer of generation `generation` of the snapshot whose state is `snapshot_file`
+/// (`memory.snap` → `memory.g3.layer`): every generation's layer has a name of its own.
+pub fn layer_path(snapshot_file: &Path, generation: u32) -> PathBuf {
+    let stem = snapshot_file
+        .file_stem()
+        .map(|stem| stem.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "memory".into());
+    snapshot_file.with_file_name(format!("{stem}.g{generation}.layer"))
+}
+
+/// Removes the layers of `snapshot_file`'s generations (its directory's `<stem>.g<N>.layer`)
+/// that `kept`, the header just written beside it, no longer names (merged away, or of an
+/// earlier pause): nothing else names them, since each directory holds one such header.
+pub fn remove_unnamed_layers(snapshot_file: &Path, kept: &LayerHeader) {
+    let Some(directory) = snapshot_file.parent() else {
+        return;
+    };
+    let stem = snapshot_file
+        .file_stem()
+        .map(|stem| stem.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let prefix = format!("{stem}.g");
+    let Ok(entries) = std::fs::read_dir(directory) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let generation = name
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.strip_suffix(".layer"));
+        if generation.is_some_and(|g| g.parse::<u32>().is_ok()) && !kept.layers.contains(&name) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Which blocks of a memory file a snapshot may have changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Changed {

@@ -234,18 +234,38 @@ async fn boot_snapshot_restore_through_the_page_server_diff_and_destroy() {
     eprintln!(
         "Diff snapshot: {} layers, new layer {} bytes",
         diff_header.layers.len(),
-        std::fs::metadata(snapshots.join("diff.layer"))
-            .unwrap()
-            .len()
+        std::fs::metadata(wrenn_vmm::layers::layer_path(
+            &snapshots.join("diff.state"),
+            1
+        ))
+        .unwrap()
+        .len()
     );
-    // The Diff reads back as the Full where the guest wrote nothing (it could barely run).
     firecracker.destroy(&vm).await.unwrap();
     assert!(!vm.is_alive());
 
-    // And the Diff restores too.
+    // The Diff restores too; paused again, its snapshot goes where it came from (as a sandbox
+    // paused twice): a third generation over the two, the parent's layers kept.
     let third = root.path().join("third");
     let vm = firecracker
         .restore(&restored_machine, &diff, &third)
+        .await
+        .unwrap();
+    assert_eq!(state(&vm), "Running");
+    firecracker.pause(&vm).await.unwrap();
+    let again = firecracker
+        .snapshot(&vm, &snapshots.join("diff.state"))
+        .await
+        .unwrap();
+    let again_header = LayerHeader::read(again.ram.as_ref().unwrap()).unwrap();
+    assert_eq!(again_header.generation, 2);
+    for layer in again_header.layer_paths(again.ram.as_ref().unwrap()) {
+        assert!(layer.is_file(), "{} is gone", layer.display());
+    }
+    firecracker.destroy(&vm).await.unwrap();
+    let fourth = root.path().join("fourth");
+    let vm = firecracker
+        .restore(&restored_machine, &again, &fourth)
         .await
         .unwrap();
     assert_eq!(state(&vm), "Running");

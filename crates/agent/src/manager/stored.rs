@@ -24,6 +24,38 @@ const DISK: &str = "disk.qcow2";
 /// How often a host collects the template store's unnamed blobs.
 pub(super) const STORE_COLLECTION_INTERVAL: Duration = Duration::from_secs(3600);
 
+/// The layers of the layered memory header `ram`, all in its own directory: layers elsewhere
+/// (a checkpoint's, over its template's) are merged into one beside it first, so that the
+/// template stands on its own in the store.
+async fn self_contained_layers(ram: &Path, state: &Path) -> Result<Vec<PathBuf>, AgentError> {
+    let ram = ram.to_path_buf();
+    let state = state.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        use wrenn_vmm::layers::{LayerHeader, layer_path, merge};
+        let read = |path: &Path| {
+            LayerHeader::read(path).map_err(|error| {
+                AgentError::Internal(format!("reading the template's memory: {error}"))
+            })
+        };
+        let header = read(&ram)?;
+        let directory = ram.parent().map(Path::to_path_buf).unwrap_or_default();
+        let paths = header.layer_paths(&ram);
+        if paths
+            .iter()
+            .all(|path| path.parent() == Some(directory.as_path()))
+        {
+            return Ok(paths);
+        }
+        let merged =
+            merge(&ram, &ram, &layer_path(&state, header.generation)).map_err(|error| {
+                AgentError::Internal(format!("merging the template's memory: {error}"))
+            })?;
+        Ok(merged.layer_paths(&ram))
+    })
+    .await
+    .map_err(|error| AgentError::Internal(format!("merging the template's memory: {error}")))?
+}
+
 impl Manager {
     /// The template store, if this host has one.
     pub fn template_store(&self) -> Option<&crate::template_store::TemplateStore> {
@@ -51,6 +83,25 @@ impl Manager {
         ] {
             let Some(path) = path else { continue };
             files.push((path.clone(), self.stored_file(path, name).await?));
+        }
+        // A layered memory file (Firecracker's) goes with its layers, under their own names (the
+        // header names them so); layers of another template's are merged into this one's first.
+        if let Some(ram) = record
+            .snapshot
+            .ram
+            .as_ref()
+            .filter(|ram| wrenn_vmm::layers::is_header(ram))
+        {
+            for layer in self_contained_layers(ram, &record.snapshot.memory).await? {
+                let name = layer
+                    .file_name()
+                    .and_then(|name| name.to_str())
+                    .ok_or_else(|| {
+                        AgentError::Internal(format!("{} names no file", layer.display()))
+                    })?
+                    .to_string();
+                files.push((layer.clone(), self.stored_file(&layer, &name).await?));
+            }
         }
         let chain = wrenn_vmm::qcow2::chain(&record.machine.disk)
             .map_err(|error| AgentError::internal("reading the template's disk chain", error))?;

@@ -558,7 +558,18 @@ fn keep_memory(
         .len();
     let source = fd_path(&file);
     let header = memory_file.with_extension("header");
-    let layer = memory_file.with_extension("layer");
+    // Each generation's layer has a name of its own: a header replaced in place (a sandbox
+    // paused again) still names its parent's layers, which must not be overwritten.
+    let generation = match parent {
+        Some(parent) => {
+            crate::layers::LayerHeader::read(parent)
+                .map_err(|error| VmmError::Invalid(format!("reading the VM's memory: {error}")))?
+                .generation
+                + 1
+        }
+        None => 0,
+    };
+    let layer = crate::layers::layer_path(memory_file, generation);
     let kept = match parent {
         Some(parent) => crate::layers::write_layer(
             parent,
@@ -576,7 +587,9 @@ fn keep_memory(
             &layer,
         ),
     };
-    kept.map_err(|error| VmmError::Invalid(format!("keeping the snapshot's memory: {error}")))?;
+    let kept =
+        kept.map_err(|error| VmmError::Invalid(format!("keeping the snapshot's memory: {error}")))?;
+    crate::layers::remove_unnamed_layers(memory_file, &kept);
     Ok(header)
 }
 
@@ -748,9 +761,11 @@ impl Vmm for Firecracker {
             // The snapshot cleared the dirty log: the next one is a Diff over this one.
             std::fs::write(files.memory_parent(), header.display().to_string())
                 .map_err(io("recording the VM's memory"))?;
-            let layer_bytes = std::fs::metadata(header.with_extension("layer"))
-                .map(|m| m.len())
-                .unwrap_or(0);
+            let layer_bytes = crate::layers::LayerHeader::read(&header)
+                .ok()
+                .and_then(|read| read.layer_paths(&header).pop())
+                .and_then(|newest| std::fs::metadata(newest).ok())
+                .map_or(0, |m| m.len());
             Ok(SnapshotFiles {
                 memory: memory_file.to_path_buf(),
                 bytes: state_bytes + layer_bytes,

@@ -1190,6 +1190,41 @@ mod tests {
     }
 
     #[test]
+    fn layers_are_named_by_generation_and_unnamed_ones_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshot = dir.path().join("memory.snap");
+        assert_eq!(layer_path(&snapshot, 3), dir.path().join("memory.g3.layer"));
+        for name in [
+            "memory.g0.layer",
+            "memory.g1.layer",
+            "memory.g2.layer",
+            "other.g1.layer",
+            "memory.gx.layer",
+            "memory.header",
+        ] {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
+        let mut kept = header();
+        kept.layers = vec!["memory.g0.layer".into(), "memory.g2.layer".into()];
+        remove_unnamed_layers(&snapshot, &kept);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "memory.g0.layer",
+                "memory.g2.layer",
+                "memory.gx.layer",
+                "memory.header",
+                "other.g1.layer"
+            ]
+        );
+    }
+
+    #[test]
     fn relative_paths_climb_out_of_the_header_directory() {
         assert_eq!(
             relative_path(Path::new("/a/b/c.layer"), Path::new("/a/d")).unwrap(),

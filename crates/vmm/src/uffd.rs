@@ -467,19 +467,6 @@ impl Shared {
         self.is_removed(address) || self.memory.is_zero(offset, len)
     }
 
-    /// Places the page at `address` (page-aligned, in `region`): the file's bytes, or the zero
-    /// page for a hole or a removed range.
-    fn place(
-        &self,
-        region: &GuestRegionUffdMapping,
-        address: u64,
-    ) -> Result<Placed, std::io::Error> {
-        let page = region.page_bytes().unwrap_or(4096);
-        let zero = self.is_zero(region, address, page);
-        self.place_range(region, address, page, zero)
-            .map(|(placed, _)| placed)
-    }
-
     /// Places `len` bytes of whole pages at `address` (in `region`), all of them zeros or all of
     /// them the file's: how it ended, and how many bytes were placed before it did.
     fn place_range(
@@ -656,9 +643,14 @@ fn serve_faults(shared: &Shared, stop: &OwnedFd, pidfd: Option<&OwnedFd>) {
             };
             let page = region.page_bytes().unwrap_or(4096);
             let aligned = address & !(page - 1);
-            match shared.place(region, aligned) {
+            // Zeros or the file's bytes, decided once: the page placed and the count agree.
+            let zero = shared.is_zero(region, aligned, page);
+            match shared
+                .place_range(region, aligned, page, zero)
+                .map(|(placed, _)| placed)
+            {
                 Ok(Placed::Done) => {
-                    let counter = if shared.is_zero(region, aligned, page) {
+                    let counter = if zero {
                         &shared.zero_faults
                     } else {
                         &shared.faults_served

@@ -174,3 +174,63 @@ async fn qemu_img(
         )))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    use super::*;
+
+    /// A raw base with data at 1 MiB, a qcow2 overlay over it that writes at 3 MiB: the chain's
+    /// flattened raw file reads as both, keeps its holes, and a sandbox's clone of it is the
+    /// same bytes (a reflink or a sparse copy), a file of its own.
+    #[tokio::test]
+    async fn chains_flatten_into_sparse_raw_disks_that_sandboxes_clone() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("rootfs.ext4");
+        let file = std::fs::File::create(&base).unwrap();
+        file.set_len(8 << 20).unwrap();
+        file.write_all_at(&[7u8; 4096], 1 << 20).unwrap();
+        drop(file);
+        let overlay = dir.path().join("disk.qcow2");
+        create_overlay(&base, "raw", &overlay).await.unwrap();
+        let status = std::process::Command::new("qemu-io")
+            .args(["-q", "-f", "qcow2", "-c", "write -P 9 3M 4k"])
+            .arg(&overlay)
+            .status()
+            .expect("running qemu-io (Debian package qemu-utils)");
+        assert!(status.success(), "qemu-io wrote nothing");
+
+        let raw = dir.path().join("disk.raw");
+        flatten_to_raw(&overlay, &raw).await.unwrap();
+        let bytes = std::fs::read(&raw).unwrap();
+        assert_eq!(bytes.len(), 8 << 20);
+        assert!(bytes[1 << 20..(1 << 20) + 4096].iter().all(|&b| b == 7));
+        assert!(bytes[3 << 20..(3 << 20) + 4096].iter().all(|&b| b == 9));
+        assert!(bytes[5 << 20..6 << 20].iter().all(|&b| b == 0));
+        let metadata = std::fs::metadata(&raw).unwrap();
+        assert!(
+            metadata.blocks() * 512 < 1 << 20,
+            "the raw disk is sparse: {} bytes allocated",
+            metadata.blocks() * 512
+        );
+
+        let sandbox = dir.path().join("sandbox.raw");
+        create_sandbox_disk(true, &raw, &sandbox).await.unwrap();
+        assert_eq!(std::fs::read(&sandbox).unwrap(), bytes);
+        // The clone is the sandbox's own: its writes do not reach the template's disk.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&sandbox)
+            .unwrap()
+            .write_all_at(&[1u8; 4096], 0)
+            .unwrap();
+        assert_eq!(std::fs::read(&raw).unwrap(), bytes);
+
+        let missing = create_sandbox_disk(true, &dir.path().join("gone.raw"), &sandbox)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("gone.raw"), "{missing}");
+    }
+}

@@ -195,7 +195,7 @@ mod tests {
         let overlay = dir.path().join("disk.qcow2");
         create_overlay(&base, "raw", &overlay).await.unwrap();
         let status = std::process::Command::new("qemu-io")
-            .args(["-q", "-f", "qcow2", "-c", "write -P 9 3M 4k"])
+            .args(["-f", "qcow2", "-c", "write -P 9 3M 4k"])
             .arg(&overlay)
             .status()
             .expect("running qemu-io (Debian package qemu-utils)");

@@ -163,6 +163,11 @@ BENCH="$(pwd)/target/debug/wrenn-bench"
 "$BENCH" api --creates 2 --rows 200 --accel tcg
 "$BENCH" build --runs 1 --accel tcg --image "$WRENN_TEST_REGISTRY/wrenn-test/busybox:v1" \
   --store "s3://$WRENN_TEST_S3_BUCKET/bench-$$"
+if [ -n "${FIRECRACKER_BIN:-}" ] && [ -n "${FIRECRACKER_KERNEL:-}" ]; then
+  "$BENCH" firecracker --runs 1 --settle-ms 200
+else
+  echo "wrenn-bench firecracker: skipped (FIRECRACKER_BIN and FIRECRACKER_KERNEL are not set)"
+fi
 
 step "no generated changes left behind"
 if [ -n "$(git status --porcelain)" ]; then

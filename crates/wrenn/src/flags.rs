@@ -45,8 +45,9 @@ pub struct HostFlags {
     /// internal service with a private authority).
     #[arg(long = "egress-ca-file", value_name = "PEM")]
     pub egress_ca_file: Option<std::path::PathBuf>,
-    /// Each VM's QEMU runs as uid and gid BASE + its slot index (numeric, no account needed;
-    /// keep the range unused on this host). 0 runs QEMU as root: for debugging only.
+    /// Each VM's VMM (QEMU or Firecracker) runs as uid and gid BASE + its slot index (numeric,
+    /// no account needed; keep the range unused on this host). 0 runs it as root: for debugging
+    /// only, or for Firecracker on a host whose /dev/net/tun or /dev/kvm only root may open.
     #[arg(long, default_value_t = wrenn_agent::manager::DEFAULT_VMM_UID_BASE)]
     pub vmm_uid_base: u32,
     /// A registry (`host[:port]`) that template builds from images reach over plain HTTP, and

@@ -742,3 +742,70 @@ impl Drop for CreatingFrom<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use wrenn_vmm::layers::{self, Changed, LayerHeader, MemoryImage};
+
+    use super::*;
+
+    /// A checkpoint's memory stands on its template's layer: before the store takes it, it is
+    /// merged into one layer beside its header, which reads the same; a template's own layers
+    /// are taken as they are.
+    #[tokio::test]
+    async fn a_template_put_in_the_store_takes_only_layers_of_its_own() {
+        let root = tempfile::tempdir().unwrap();
+        let (parent_dir, own_dir) = (root.path().join("base"), root.path().join("checkpoint"));
+        std::fs::create_dir(&parent_dir).unwrap();
+        std::fs::create_dir(&own_dir).unwrap();
+        let page = 4096usize;
+        let mut memory = vec![0u8; 16 * page];
+        memory[2 * page..3 * page].fill(5);
+        let full = root.path().join("full.mem");
+        std::fs::write(&full, &memory).unwrap();
+        let parent_state = parent_dir.join("memory.snap");
+        let parent = parent_dir.join("memory.header");
+        layers::write_base(
+            &full,
+            memory.len() as u64,
+            4096,
+            &parent,
+            &layers::layer_path(&parent_state, 0),
+        )
+        .unwrap();
+        let own = self_contained_layers(&parent, &parent_state).await.unwrap();
+        assert_eq!(own, vec![parent_dir.join("memory.g0.layer")]);
+
+        // The checkpoint changed page 7 (a Diff: that page in a sparse file).
+        memory[7 * page..8 * page].fill(9);
+        let diff = root.path().join("diff.mem");
+        let file = std::fs::File::create(&diff).unwrap();
+        file.set_len(memory.len() as u64).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(
+            &file,
+            &memory[7 * page..8 * page],
+            7 * page as u64,
+        )
+        .unwrap();
+        let state = own_dir.join("memory.snap");
+        let header = own_dir.join("memory.header");
+        layers::write_layer(
+            &parent,
+            &diff,
+            Changed::DataOnly,
+            &header,
+            &layers::layer_path(&state, 1),
+            8,
+        )
+        .unwrap();
+        assert_eq!(LayerHeader::read(&header).unwrap().layers.len(), 2);
+
+        let taken = self_contained_layers(&header, &state).await.unwrap();
+        assert_eq!(taken, vec![own_dir.join("memory.g1.layer")]);
+        let merged = LayerHeader::read(&header).unwrap();
+        assert_eq!(merged.layers, vec!["memory.g1.layer".to_string()]);
+        let mut read = vec![0u8; memory.len()];
+        MemoryImage::open(&header).unwrap().read_at(0, &mut read);
+        assert_eq!(read, memory);
+    }
+}

@@ -95,22 +95,10 @@ pub async fn create_sandbox_disk(
 /// `raw` (`qemu-img convert`), through a temporary file renamed into place.
 pub async fn flatten_to_raw(disk: &Path, raw: &Path) -> Result<(), AgentError> {
     let partial = raw.with_extension("raw.partial");
-    let output = tokio::process::Command::new("qemu-img")
-        .args(["convert", "-q", "-O", "raw", "-S", "4k"])
-        .arg(disk)
-        .arg(&partial)
-        .output()
-        .await
-        .map_err(|error| {
-            AgentError::internal("running qemu-img (Debian package qemu-utils)", error)
-        })?;
-    if !output.status.success() {
+    if let Err(error) = qemu_img("convert", &["-q", "-O", "raw", "-S", "4k"], disk, &partial).await
+    {
         let _ = std::fs::remove_file(&partial);
-        return Err(AgentError::Internal(format!(
-            "flattening {} into a raw disk failed: {}",
-            disk.display(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        )));
+        return Err(error);
     }
     std::fs::rename(&partial, raw)
         .map_err(|error| AgentError::internal("putting the raw disk in place", error))?;

@@ -187,16 +187,7 @@ impl LayerHeader {
         let generation = reader.u32();
         let layer_count = reader.u32() as usize;
         let extent_count = reader.u64();
-        if !block_bytes.is_power_of_two() || block_bytes < 4096 {
-            return Err(bad(format!(
-                "block size {block_bytes} is not a power of two ≥ 4096"
-            )));
-        }
-        if memory_bytes == 0 || !memory_bytes.is_multiple_of(u64::from(block_bytes)) {
-            return Err(bad(format!(
-                "memory size {memory_bytes} is not a whole number of blocks"
-            )));
-        }
+        size_problem(memory_bytes, block_bytes).map_or(Ok(()), |problem| Err(bad(problem)))?;
         let mut layers = Vec::with_capacity(layer_count.min(1024));
         for _ in 0..layer_count {
             let len = reader
@@ -489,7 +480,7 @@ fn extents_of(sources: &[BlockSource]) -> Vec<Extent> {
     extents
 }
 
-/// The memory file at `memory`, opened, with its length checked against `memory_bytes`.
+/// The file at `memory`, opened, and its length.
 fn open_memory(memory: &Path) -> Result<(File, u64), LayerError> {
     let file = File::open(memory).map_err(io(format!("opening {}", memory.display())))?;
     let len = file
@@ -619,17 +610,24 @@ pub fn write_base(
 }
 
 fn check_sizes(memory_bytes: u64, block_bytes: u32) -> Result<(), LayerError> {
+    size_problem(memory_bytes, block_bytes)
+        .map_or(Ok(()), |problem| Err(LayerError::Invalid(problem)))
+}
+
+/// What is wrong with a block size and a memory size, if anything: a block is a power of two
+/// of at least a page, and the memory a whole number of blocks.
+fn size_problem(memory_bytes: u64, block_bytes: u32) -> Option<String> {
     if !block_bytes.is_power_of_two() || block_bytes < 4096 {
-        return Err(LayerError::Invalid(format!(
+        return Some(format!(
             "block size {block_bytes} is not a power of two ≥ 4096"
-        )));
+        ));
     }
     if memory_bytes == 0 || !memory_bytes.is_multiple_of(u64::from(block_bytes)) {
-        return Err(LayerError::Invalid(format!(
+        return Some(format!(
             "memory size {memory_bytes} is not a whole number of {block_bytes}-byte blocks"
-        )));
+        ));
     }
-    Ok(())
+    None
 }
 
 /// A new layer must be written beside its header (headers name their own layers by file name).
@@ -863,11 +861,7 @@ unsafe impl Sync for Mapping {}
 
 impl Mapping {
     fn open(path: &Path) -> Result<Self, LayerError> {
-        let file = File::open(path).map_err(io(format!("opening {}", path.display())))?;
-        let len = file
-            .metadata()
-            .map_err(io(format!("reading {}", path.display())))?
-            .len();
+        let (file, len) = open_memory(path)?;
         if len == 0 {
             return Ok(Mapping {
                 base: std::ptr::null(),
@@ -941,11 +935,7 @@ impl MemoryImage {
     }
 
     fn open_plain(path: &Path) -> Result<Self, LayerError> {
-        let file = File::open(path).map_err(io(format!("opening {}", path.display())))?;
-        let len = file
-            .metadata()
-            .map_err(io(format!("reading {}", path.display())))?
-            .len();
+        let (file, len) = open_memory(path)?;
         if len == 0 {
             return Err(LayerError::Invalid(format!("{} is empty", path.display())));
         }

@@ -528,3 +528,148 @@ pub struct ForgottenHost {
     /// How many sandboxes' rows went with it.
     pub sandboxes: u64,
 }
+
+/// How a key or token is shown without its secret part (E2B's `IdentifierMaskingDetails`):
+/// `e2b_` + `ab` + `…` + `wxyz` for a 40-character value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentifierMaskingDetails {
+    /// The kind's prefix (`e2b_`).
+    pub prefix: String,
+    /// The length of the value after the prefix.
+    pub value_length: u32,
+    pub masked_value_prefix: String,
+    pub masked_value_suffix: String,
+}
+
+/// A user, as E2B names a key's maker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TeamUser {
+    pub id: String,
+    pub email: Option<String>,
+}
+
+/// One of a team's API keys (E2B's `TeamAPIKey`), never the key itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TeamApiKey {
+    pub id: String,
+    pub name: String,
+    pub mask: IdentifierMaskingDetails,
+    /// RFC 3339.
+    pub created_at: String,
+    pub created_by: Option<TeamUser>,
+    /// RFC 3339; wrenn does not track it (always null).
+    pub last_used: Option<String>,
+    /// wrenn's: what the key may do in its team (`owner`, `admin`, `member`).
+    pub role: String,
+}
+
+/// `POST /api-keys`'s answer (E2B's `CreatedTeamAPIKey`): the key, shown this once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CreatedTeamApiKey {
+    pub id: String,
+    pub key: String,
+    pub mask: IdentifierMaskingDetails,
+    pub name: String,
+    /// RFC 3339.
+    pub created_at: String,
+    pub created_by: Option<TeamUser>,
+    pub last_used: Option<String>,
+    pub role: String,
+}
+
+/// `POST /api-keys`'s body (E2B's `NewTeamAPIKey`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NewTeamApiKey {
+    pub name: String,
+    /// wrenn's: the new key's role, at most the caller's (the caller's by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+}
+
+/// `PATCH /api-keys/{apiKeyID}`'s body (E2B's `UpdateTeamAPIKey`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct UpdateTeamApiKey {
+    pub name: String,
+}
+
+/// One of the caller's teams (E2B's `Team`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Team {
+    #[serde(rename = "teamID")]
+    pub team_id: String,
+    pub name: String,
+    /// The key the caller called with, for its own team (wrenn keeps no other key readable);
+    /// empty for another team an operator sees.
+    pub api_key: String,
+    /// The caller's own team.
+    pub is_default: bool,
+}
+
+/// One event (`GET /v1/events`, `GET /v1/events/stream`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    pub id: String,
+    /// Its place in the store's order: the cursor (`after`, SSE's `Last-Event-ID`).
+    pub seq: i64,
+    /// RFC 3339.
+    pub timestamp: String,
+    /// `sandbox.created`, `sandbox.paused`, `sandbox.resumed`, `sandbox.timed_out`,
+    /// `sandbox.killed`, `sandbox.failed`, `snapshot.created`, `host.up`, `host.down`,
+    /// `template.built`, `template.build_failed`, `key.created` or `key.revoked`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The team it concerns (empty for the fleet's own events).
+    #[serde(rename = "teamID")]
+    pub team_id: String,
+    /// `key:<id>`, `system`.
+    pub actor: String,
+    /// The id of the sandbox, host, template or key it happened to.
+    pub subject: String,
+    #[schema(value_type = Object)]
+    pub data: serde_json::Value,
+}
+
+/// `GET /v1/events`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Events {
+    pub events: Vec<Event>,
+    /// The cursor of the next page (`after`): the last event's `seq`, or the one given.
+    pub next: i64,
+}
+
+/// One row of the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditEntry {
+    pub id: String,
+    pub seq: i64,
+    /// RFC 3339.
+    pub timestamp: String,
+    #[serde(rename = "teamID")]
+    pub team_id: String,
+    /// Who: `key:<id>`.
+    pub actor: String,
+    /// What: the method and route, `POST /sandboxes/{sandboxID}/pause`.
+    pub action: String,
+    /// Which resource: the path called, or what the call made.
+    pub resource: String,
+    /// The answer's HTTP status.
+    pub outcome: u16,
+    /// The caller's address.
+    pub client: String,
+}
+
+/// `GET /v1/audit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditLog {
+    pub entries: Vec<AuditEntry>,
+    /// The cursor of the next page (`after`).
+    pub next: i64,
+}

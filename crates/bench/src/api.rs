@@ -177,6 +177,8 @@ async fn plane_over(
                 prefix: key[..10].into(),
                 created_at_ms: 0,
                 revoked: false,
+                role: wrenn_cp::store::Role::Owner,
+                mask_suffix: key[40..].into(),
             },
             hash,
         )

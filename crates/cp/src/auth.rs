@@ -24,6 +24,23 @@ pub fn random_id(len: usize) -> Result<String, NoRandomness> {
     wrenn_core::random::id("", len)
 }
 
+/// A random (version 4) UUID, as E2B's ids of builds and keys are.
+pub fn random_uuid() -> Result<String, NoRandomness> {
+    let mut bytes = [0u8; 16];
+    wrenn_core::random::fill(&mut bytes)?;
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex = hex(&bytes);
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    ))
+}
+
 /// A random token in hex (envd access tokens).
 pub fn random_token() -> Result<String, NoRandomness> {
     wrenn_core::random::hex_token(24)

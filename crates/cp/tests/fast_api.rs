@@ -29,6 +29,9 @@ struct Kit {
     key_b: String,
     /// The store's SQLite file.
     database: std::path::PathBuf,
+    /// The calls made through [`Kit::call_full`] that the audit log must record: started,
+    /// and answered.
+    audited: (std::sync::atomic::AtomicI64, std::sync::atomic::AtomicI64),
     _dir: tempfile::TempDir,
 }
 
@@ -60,6 +63,8 @@ async fn add_team(store: &Store, name: &str) -> String {
                 prefix: key[..10].into(),
                 created_at_ms: 0,
                 revoked: false,
+                role: wrenn_cp::store::Role::Owner,
+                mask_suffix: key[40..].into(),
             },
             hash,
         )
@@ -107,6 +112,7 @@ impl Kit {
             key_a,
             key_b,
             database,
+            audited: Default::default(),
             _dir: dir,
         }
     }
@@ -166,6 +172,17 @@ impl Kit {
         tokio::time::sleep(self.plane.fleet.config.down_after + Duration::from_millis(50)).await;
         self.plane.fleet.check_heartbeats(&self.plane.store).await;
         assert!(!self.plane.fleet.host(host_id).unwrap().is_up());
+        // The fleet's events (no team's): it came up when it joined, and went down now.
+        let query = wrenn_cp::store::LogQuery {
+            team_id: Some(String::new()),
+            subject: Some(host_id.to_string()),
+            limit: 100,
+            ..Default::default()
+        };
+        let events = self.plane.store.events(query).await.unwrap();
+        let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds.first(), Some(&"host.up"), "{events:?}");
+        assert_eq!(kinds.last(), Some(&"host.down"), "{events:?}");
     }
 
     /// The name of the host whose agent runs in the control plane's process.
@@ -204,6 +221,15 @@ impl Kit {
             request = request.header("content-type", "application/json");
             axum::body::Body::from(body.to_string())
         };
+        // Every keyed call that may change state is one row of the audit log.
+        let keyed_change = key.is_some()
+            && !matches!(method, "GET" | "HEAD")
+            && !path.starts_with("/templates/files/uploads/");
+        if keyed_change {
+            self.audited
+                .0
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         let response = wrenn_cp::http::router(self.plane.clone())
             .oneshot(request.body(body).unwrap())
             .await
@@ -217,6 +243,25 @@ impl Kit {
             serde_json::from_slice(&bytes)
                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
         };
+        if keyed_change {
+            // Not a keyed route's call: no key was checked (a bad key, a route that is not
+            // there or takes no such method).
+            let unrouted = status == StatusCode::UNAUTHORIZED
+                || status == StatusCode::METHOD_NOT_ALLOWED
+                || value["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("no such route"));
+            if unrouted {
+                self.audited
+                    .0
+                    .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            } else {
+                self.audited
+                    .1
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            self.check_audit(method, path, status).await;
+        }
         // Every answer is what the OpenAPI document says it is.
         static DOCUMENT: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
         let document = DOCUMENT
@@ -230,6 +275,34 @@ impl Kit {
             );
         }
         (status, headers, value)
+    }
+
+    /// The audit log has one row per keyed call that may change state: as many as were
+    /// answered, no more than were started; with no other call under way, the last is this
+    /// call's, with its outcome.
+    async fn check_audit(&self, method: &str, path: &str, status: StatusCode) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let query = wrenn_cp::store::LogQuery {
+            limit: 10_000,
+            ..Default::default()
+        };
+        let rows = self.plane.store.audit(query).await.unwrap();
+        let (started, answered) = (self.audited.0.load(SeqCst), self.audited.1.load(SeqCst));
+        let kept = rows.len() as i64;
+        assert!(
+            answered <= kept && kept <= started,
+            "{method} {path}: {kept} audit rows for {answered} calls answered ({started} started)"
+        );
+        if started == answered {
+            let last = rows.last().expect("a row");
+            assert!(last.action.starts_with(&format!("{method} /")), "{last:?}");
+            assert_eq!(
+                last.outcome,
+                i64::from(status.as_u16()),
+                "{method} {path}: {last:?}"
+            );
+            assert!(last.actor.starts_with("key:"), "{last:?}");
+        }
     }
 
     /// `POST /sandboxes` as `key`'s team, whatever the answer.
@@ -535,6 +608,32 @@ async fn an_expired_sandbox_is_ended_by_the_lifecycle_loop() {
         (StatusCode::OK, json!("paused"))
     );
     assert_eq!(kit.state(&long).await, (StatusCode::OK, json!("running")));
+    // Each timeout is an event of the system's, followed by what it did.
+    for (id, action, then) in [
+        (&short, "kill", "sandbox.killed"),
+        (&paused_at_end, "pause", "sandbox.paused"),
+    ] {
+        let events = kit
+            .call_a("GET", &format!("/v1/events?subject={id}"))
+            .await
+            .1;
+        let seen: Vec<(&str, &str)> = events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["type"].as_str().unwrap(), e["actor"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("sandbox.created", "key:key-a"),
+                ("sandbox.timed_out", "system"),
+                (then, "system")
+            ],
+            "{events}"
+        );
+        assert_eq!(events["events"][1]["data"]["action"], action);
+    }
 }
 
 #[tokio::test]
@@ -2599,4 +2698,377 @@ async fn header_transforms_reach_the_host_and_their_values_are_never_shown() {
         !detail.to_string().contains("second-s3cret-value"),
         "{detail}"
     );
+}
+
+/// A key made for a new team, an operator's (an admin team's) when `operator`.
+async fn team_with_key(kit: &Kit, name: &str, operator: bool) -> (String, String) {
+    let team = Team {
+        id: format!("team-{name}"),
+        name: name.into(),
+        created_at_ms: 1,
+        admin: operator,
+    };
+    kit.plane.store.create_team(team.clone()).await.unwrap();
+    let (key, _) = wrenn_cp::service::keys::make_key(
+        &kit.plane.store,
+        &team.id,
+        "first",
+        wrenn_cp::store::Role::Owner,
+    )
+    .await
+    .unwrap();
+    (team.id, key)
+}
+
+#[tokio::test]
+async fn keys_are_made_listed_renamed_and_revoked_over_the_api_and_a_revoked_key_fails_at_once() {
+    let kit = Kit::new(2, Quotas::default()).await;
+    let (status, made) = kit
+        .call(
+            "POST",
+            "/api-keys",
+            Some(&kit.key_a),
+            json!({"name": "deploy"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{made}");
+    let key = made["key"].as_str().unwrap().to_string();
+    let id = made["id"].as_str().unwrap().to_string();
+    assert!(key.starts_with("e2b_") && key.len() == 44);
+    assert_eq!(made["mask"]["maskedValueSuffix"], json!(key[40..]));
+    assert_eq!(made["mask"]["maskedValuePrefix"], json!(key[4..6]));
+    assert_eq!(made["role"], "owner", "the caller's role by default");
+    // The new key works at once, for its team.
+    assert_eq!(
+        kit.call("GET", "/sandboxes", Some(&key), Value::Null)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let listed = kit.call_a("GET", "/api-keys").await.1;
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a", "deploy"]);
+    assert!(
+        !listed.to_string().contains(&key),
+        "a listing never shows a key"
+    );
+
+    let path = format!("/api-keys/{id}");
+    let renamed = kit
+        .call(
+            "PATCH",
+            &path,
+            Some(&kit.key_a),
+            json!({"name": "deploy-2"}),
+        )
+        .await;
+    assert_eq!(renamed.0, StatusCode::OK, "{}", renamed.1);
+    assert_eq!(
+        kit.call_a("GET", "/api-keys").await.1[1]["name"],
+        "deploy-2"
+    );
+    let bad = kit
+        .call("PATCH", &path, Some(&kit.key_a), json!({"name": ""}))
+        .await;
+    assert_eq!(bad.0, StatusCode::BAD_REQUEST, "{}", bad.1);
+
+    // Another team's key cannot see or touch it.
+    for (method, body) in [("PATCH", json!({"name": "x"})), ("DELETE", Value::Null)] {
+        let (status, _) = kit.call(method, &path, Some(&kit.key_b), body).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{method}");
+    }
+    assert_eq!(kit.call_a("DELETE", &path).await.0, StatusCode::NO_CONTENT);
+    let (status, body) = kit.call("GET", "/sandboxes", Some(&key), Value::Null).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "revoked at once: {body}");
+    assert_eq!(kit.call_a("DELETE", &path).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        kit.call_a("GET", "/api-keys")
+            .await
+            .1
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Both ends of the key's life are events of the team, by the key that did them.
+    let events = kit
+        .call_a("GET", "/v1/events?type=key.created,key.revoked")
+        .await
+        .1;
+    let seen: Vec<(&str, &str, &str)> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap(),
+                e["subject"].as_str().unwrap(),
+                e["actor"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("key.created", id.as_str(), "key:key-a"),
+            ("key.revoked", id.as_str(), "key:key-a")
+        ]
+    );
+}
+
+#[tokio::test]
+async fn roles_members_cannot_make_keys_or_read_the_audit_and_operators_see_every_team() {
+    let kit = Kit::new(2, Quotas::default()).await;
+    let (_, member) = kit
+        .call(
+            "POST",
+            "/api-keys",
+            Some(&kit.key_a),
+            json!({"name": "intern", "role": "member"}),
+        )
+        .await;
+    let member = member["key"].as_str().unwrap().to_string();
+    let call = |method: &'static str, path: &'static str, key: String, body: Value| {
+        let kit = &kit;
+        async move { kit.call(method, path, Some(&key), body).await }
+    };
+    // A member uses sandboxes and lists keys, and nothing more.
+    let (status, body) = call("POST", "/api-keys", member.clone(), json!({"name": "x"})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(message(&body).contains("member"), "{body}");
+    assert_eq!(
+        call("GET", "/api-keys", member.clone(), Value::Null)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call("GET", "/v1/audit", member.clone(), Value::Null)
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
+    kit.create(&member, json!({"templateID": "base"})).await;
+    // An owner cannot hand out more than it has, and no unknown role.
+    let (status, _) = call(
+        "POST",
+        "/api-keys",
+        member.clone(),
+        json!({"name": "x", "role": "owner"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) = call(
+        "POST",
+        "/api-keys",
+        kit.key_a.clone(),
+        json!({"name": "x", "role": "god"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    // An admin cannot revoke an owner's key.
+    let (_, admin) = call(
+        "POST",
+        "/api-keys",
+        kit.key_a.clone(),
+        json!({"name": "ops", "role": "admin"}),
+    )
+    .await;
+    let admin = admin["key"].as_str().unwrap().to_string();
+    let revoke_owner = kit
+        .call("DELETE", "/api-keys/key-a", Some(&admin), Value::Null)
+        .await;
+    assert_eq!(revoke_owner.0, StatusCode::FORBIDDEN, "{}", revoke_owner.1);
+
+    // The owner reads its team's audit log, and only its team's; another team's is refused.
+    let audit = call("GET", "/v1/audit", kit.key_a.clone(), Value::Null)
+        .await
+        .1;
+    let entries = audit["entries"].as_array().unwrap();
+    assert!(entries.iter().all(|e| e["teamID"] == "team-a"), "{audit}");
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["action"] == "POST /api-keys" && e["outcome"] == 403),
+        "refusals are kept too: {audit}"
+    );
+    let (status, _) = kit
+        .call(
+            "GET",
+            "/v1/audit?team=team-a",
+            Some(&kit.key_b),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "a member of no team reads another's audit"
+    );
+    let b_events = kit
+        .call("GET", "/v1/events", Some(&kit.key_b), Value::Null)
+        .await
+        .1;
+    assert_eq!(
+        b_events["events"],
+        json!([]),
+        "team b sees none of team a's events"
+    );
+
+    // An operator sees every team, and every team's log.
+    let (_, operator) = team_with_key(&kit, "ops", true).await;
+    let teams = kit
+        .call("GET", "/teams", Some(&operator), Value::Null)
+        .await
+        .1;
+    assert_eq!(teams.as_array().unwrap().len(), 3, "{teams}");
+    let own = kit.call_a("GET", "/teams").await.1;
+    assert_eq!(own.as_array().unwrap().len(), 1);
+    assert_eq!(own[0]["isDefault"], true);
+    assert_eq!(own[0]["apiKey"], json!(kit.key_a));
+    let all = kit
+        .call(
+            "GET",
+            "/v1/audit?team=all&type=post",
+            Some(&operator),
+            Value::Null,
+        )
+        .await
+        .1;
+    assert!(
+        all["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["teamID"] == "team-a"),
+        "{all}"
+    );
+    let team_a = kit
+        .call(
+            "GET",
+            "/v1/events?team=team-a&type=sandbox.created",
+            Some(&operator),
+            Value::Null,
+        )
+        .await
+        .1;
+    assert_eq!(team_a["events"].as_array().unwrap().len(), 1, "{team_a}");
+}
+
+#[tokio::test]
+async fn lifecycle_changes_are_events_in_order_and_a_stream_delivers_them_live() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let kit = Kit::new(2, Quotas::default()).await;
+    let url = kit.serve().await;
+    // A stream from now on, opened before anything happens.
+    let mut stream = tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let request = format!(
+        "GET /v1/events/stream?type=sandbox.created,sandbox.paused,sandbox.resumed,sandbox.killed HTTP/1.1\r\nHost: x\r\nX-API-KEY: {}\r\n\r\n",
+        kit.key_a
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = vec![0u8; 1024];
+    let read = stream.read(&mut head).await.unwrap();
+    let head = String::from_utf8_lossy(&head[..read]).to_string();
+    assert!(
+        head.starts_with("HTTP/1.1 200") && head.contains("text/event-stream"),
+        "{head}"
+    );
+
+    let id = kit.create(&kit.key_a, json!({"templateID": "base"})).await;
+    for (method, path) in [
+        ("POST", format!("/sandboxes/{id}/pause")),
+        ("POST", format!("/sandboxes/{id}/resume")),
+        ("DELETE", format!("/sandboxes/{id}")),
+    ] {
+        let (status, body) = kit.call_a(method, &path).await;
+        assert!(status.is_success(), "{method} {path}: {status} {body}");
+    }
+    let listed = kit
+        .call_a("GET", &format!("/v1/events?subject={id}"))
+        .await
+        .1;
+    let kinds: Vec<&str> = listed["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "sandbox.created",
+            "sandbox.paused",
+            "sandbox.resumed",
+            "sandbox.killed"
+        ]
+    );
+    assert_eq!(listed["events"][0]["data"]["templateID"], "base");
+    // Paged by the cursor: one at a time, the same order.
+    let first = kit
+        .call_a("GET", &format!("/v1/events?subject={id}&limit=1"))
+        .await
+        .1;
+    let next = first["next"].as_i64().unwrap();
+    let second = kit
+        .call_a(
+            "GET",
+            &format!("/v1/events?subject={id}&limit=1&after={next}"),
+        )
+        .await
+        .1;
+    assert_eq!(second["events"][0]["type"], "sandbox.paused");
+
+    // The stream got the same four, live, each once.
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while text.matches("event: ").count() < 4 {
+        let mut chunk = vec![0u8; 4096];
+        let read = tokio::time::timeout_at(deadline, stream.read(&mut chunk))
+            .await
+            .expect("the stream delivers the events")
+            .unwrap();
+        assert!(read > 0, "the stream ended: {text}");
+        text.push_str(&String::from_utf8_lossy(&chunk[..read]));
+    }
+    let streamed: Vec<&str> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("event: "))
+        .collect();
+    assert_eq!(streamed, kinds, "{text}");
+    assert!(text.contains(&format!("\"subject\":\"{id}\"")), "{text}");
+
+    // A stream resumed from an event's id gets what followed it, and nothing before.
+    let seq = listed["events"][1]["seq"].as_i64().unwrap();
+    let mut resumed = tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let request = format!(
+        "GET /v1/events/stream?subject={id} HTTP/1.1\r\nHost: x\r\nX-API-KEY: {}\r\nLast-Event-ID: {seq}\r\n\r\n",
+        kit.key_a
+    );
+    resumed.write_all(request.as_bytes()).await.unwrap();
+    let mut text = String::new();
+    while text.matches("event: ").count() < 2 {
+        let mut chunk = vec![0u8; 4096];
+        let read = tokio::time::timeout_at(deadline, resumed.read(&mut chunk))
+            .await
+            .expect("the resumed stream delivers")
+            .unwrap();
+        assert!(read > 0);
+        text.push_str(&String::from_utf8_lossy(&chunk[..read]));
+    }
+    let streamed: Vec<&str> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("event: "))
+        .collect();
+    assert_eq!(streamed, ["sandbox.resumed", "sandbox.killed"], "{text}");
 }

@@ -2,6 +2,8 @@
 //! identity), heartbeats, hosts marked down when silent, and hosts forgotten for good.
 
 use super::*;
+use crate::events::EventKind;
+use serde_json::json;
 
 impl Fleet {
     /// Whether `bearer` is the fleet's join token (Unauthenticated if not, Forbidden if agents cannot join).
@@ -129,6 +131,8 @@ impl Fleet {
         };
         store.put_host(row.clone()).await?;
         tracing::info!(host = %row.name, id = %id, api = %row.api_url, new = new_secret.is_some(), "host registered");
+        let data = json!({ "name": row.name, "registered": true, "new": existing.is_none() });
+        store.publish(EventKind::HostUp, "", &id, data).await;
         self.insert(row, Arc::new(agent), false);
         Ok((
             RegisterResponse {
@@ -193,6 +197,8 @@ impl Fleet {
         store.put_host(row.0.clone()).await?;
         if row.1 {
             tracing::info!(host = %row.0.name, "host is back");
+            let data = json!({ "name": row.0.name, "registered": false });
+            store.publish(EventKind::HostUp, "", &row.0.id, data).await;
         }
         Ok(row.1)
     }
@@ -207,6 +213,8 @@ impl Fleet {
         let lost = store.mark_host_lost(&row.id).await?;
         self.routes.forget_host(&row.id);
         tracing::warn!(host = %row.name, lost, "host is down: its sandboxes are lost");
+        let data = json!({ "name": row.name, "lostSandboxes": lost });
+        store.publish(EventKind::HostDown, "", &row.id, data).await;
         Ok(())
     }
 

@@ -8,14 +8,20 @@
 //! [`registry`], and the
 //! OpenAPI document made from their annotations in [`openapi`].
 
+mod audit;
+mod events;
 mod hosts;
+mod keys;
 pub mod openapi;
 mod registry;
 mod sandboxes;
 mod snapshots;
 mod templates;
 
+use audit::*;
+use events::*;
 use hosts::*;
+use keys::*;
 use sandboxes::*;
 pub use sandboxes::{MAX_METRICS_ANSWER, envd_metrics, parse_metadata_filter};
 use snapshots::*;
@@ -104,9 +110,10 @@ impl From<crate::Error> for ApiError {
         use crate::Error as E;
         use wrenn_agent_api::HostAgentError as H;
         let status = match &error {
-            E::SandboxNotFound(_) | E::TemplateNotFound(_) | E::HostNotFound(_) => {
-                StatusCode::NOT_FOUND
-            }
+            E::SandboxNotFound(_)
+            | E::TemplateNotFound(_)
+            | E::HostNotFound(_)
+            | E::KeyNotFound(_) => StatusCode::NOT_FOUND,
             E::InvalidRequest(_) | E::Unsupported(_) => StatusCode::BAD_REQUEST,
             E::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             E::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -273,6 +280,15 @@ pub fn router(plane: Arc<ControlPlane>) -> Router {
         )
         .route("/templates/aliases/{alias}", get(template_alias))
         .route("/hosts", get(list_hosts))
+        .route("/api-keys", get(list_keys).post(create_key))
+        .route(
+            "/api-keys/{api_key_id}",
+            axum::routing::patch(rename_key).delete(revoke_key),
+        )
+        .route("/teams", get(list_teams))
+        .route("/v1/events", get(list_events))
+        .route("/v1/events/stream", get(stream_events))
+        .route("/v1/audit", get(list_audit))
         .route("/hosts/{name}", axum::routing::delete(forget_host))
         .layer(middleware::from_fn_with_state(plane.clone(), require_key))
         .merge(registry::router())
@@ -327,28 +343,115 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
     )
 }
 
+/// Authenticates a keyed route's caller by `X-API-KEY` (read from the store at every call: a
+/// revoked key fails at once), runs the route as the key's actor ([`crate::events::acting_as`])
+/// and appends every call that may change state (any method but GET, HEAD and OPTIONS) to the
+/// audit log, with its outcome, once the route answered.
 async fn require_key(
     State(plane): State<Arc<ControlPlane>>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    let key = request
+    let presented = request
         .headers()
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let Some(key) = key else {
+    let Some(presented) = presented else {
         return ApiError::new(StatusCode::UNAUTHORIZED, "missing X-API-KEY header").into_response();
     };
-    match plane.store.team_of_key(&auth::hash_key(&key)).await {
-        Ok(Some(team)) => {
-            request.extensions_mut().insert(TeamId(team));
-            next.run(request).await
+    let key = match plane.store.key_by_hash(&auth::hash_key(&presented)).await {
+        Ok(Some(key)) => key,
+        Ok(None) => {
+            return ApiError::new(StatusCode::UNAUTHORIZED, "Invalid API key").into_response();
         }
-        Ok(None) => ApiError::new(StatusCode::UNAUTHORIZED, "Invalid API key").into_response(),
-        Err(error) => ApiError::from(error).into_response(),
+        Err(error) => return ApiError::from(error).into_response(),
+    };
+    let actor = format!("key:{}", key.id);
+    let method = request.method().clone();
+    let changes = !matches!(
+        method,
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    );
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|path| path.as_str().to_string())
+        .unwrap_or_else(|| request.uri().path().to_string());
+    let path = request.uri().path().to_string();
+    let client = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip().to_string())
+        .unwrap_or_default();
+    let team_id = key.team_id.clone();
+    request.extensions_mut().insert(TeamId(key.team_id.clone()));
+    request.extensions_mut().insert(Caller { key, presented });
+    let response = crate::events::acting_as(actor.clone(), next.run(request)).await;
+    if changes {
+        let resource = response
+            .extensions()
+            .get::<AuditResource>()
+            .map(|made| made.0.clone())
+            .unwrap_or(path);
+        audit::record(
+            &plane,
+            crate::store::AuditRow {
+                team_id,
+                actor,
+                action: format!("{method} {route}"),
+                resource,
+                outcome: i64::from(response.status().as_u16()),
+                client,
+                ..Default::default()
+            },
+        )
+        .await;
+    }
+    response
+}
+
+/// The key a keyed route was called with (set by [`require_key`]), and the key as presented.
+#[derive(Debug, Clone)]
+struct Caller {
+    key: crate::store::ApiKey,
+    presented: String,
+}
+
+impl Caller {
+    fn role(&self) -> crate::store::Role {
+        self.key.role
+    }
+
+    /// Whether the key's team is an operator's (an admin team: it sees every team).
+    async fn is_operator(&self, plane: &ControlPlane) -> Result<bool, ApiError> {
+        Ok(plane
+            .store
+            .team_by_id(&self.key.team_id)
+            .await?
+            .is_some_and(|team| team.admin))
     }
 }
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, ApiError> {
+        parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the route has no key check",
+            )
+        })
+    }
+}
+
+/// Set on an answer by a route that made something: the audit log's resource is what it made.
+#[derive(Debug, Clone)]
+struct AuditResource(String);
 
 fn rfc3339(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)

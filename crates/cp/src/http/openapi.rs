@@ -6,7 +6,7 @@
 use utoipa::OpenApi;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 
-use super::{hosts, sandboxes, snapshots, templates};
+use super::{audit, events, hosts, keys, sandboxes, snapshots, templates};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -45,6 +45,14 @@ use super::{hosts, sandboxes, snapshots, templates};
         templates::template_alias,
         hosts::list_hosts,
         hosts::forget_host,
+        keys::list_keys,
+        keys::create_key,
+        keys::rename_key,
+        keys::revoke_key,
+        keys::list_teams,
+        events::list_events,
+        events::stream_events,
+        audit::list_audit,
         super::health,
         super::openapi_document,
     ),
@@ -54,6 +62,10 @@ use super::{hosts, sandboxes, snapshots, templates};
         (name = "templates", description = "The templates sandboxes start from"),
         (name = "snapshots", description = "Persistent snapshots of running sandboxes (deleted as templates are)"),
         (name = "hosts", description = "The fleet of host agents (admin teams; agents join over Connect, wrenn.agent.v1.HostRegistry)"),
+        (name = "api-keys", description = "A team's API keys (E2B's routes): members list them, admins and owners make, rename and revoke them"),
+        (name = "teams", description = "The caller's teams (E2B's route)"),
+        (name = "events", description = "Lifecycle events: sandboxes, snapshots, hosts, templates, keys"),
+        (name = "audit", description = "The audit log of every call that changes state (a team's admins and owners; operators)"),
         (name = "service", description = "The control plane itself"),
     )
 )]
@@ -124,6 +136,7 @@ fn operations(
             &mut item.get,
             &mut item.post,
             &mut item.put,
+            &mut item.patch,
             &mut item.delete,
         ]
         .into_iter()
@@ -163,11 +176,16 @@ impl utoipa::Modify for KeyErrors {
 
 /// What a path parameter names, the same on every route that has it: `(parameter, its
 /// description, the description of the 404 when there is no such thing)`.
-const PATH_NAMES: [(&str, &str, &str); 5] = [
+const PATH_NAMES: [(&str, &str, &str); 6] = [
     // Another team's sandbox is not found either.
     ("id", "The sandbox's id", "No such sandbox of the team"),
     ("alias", "A template's alias", "No such template"),
     ("name", "The host's name", "No such host"),
+    (
+        "api_key_id",
+        "The API key's id",
+        "No such live key of the team",
+    ),
     (
         "template_id",
         "A template's id or name",

@@ -105,6 +105,9 @@ pub(super) async fn create_sandbox(
     if let Ok(value) = HeaderValue::from_str(&timing) {
         response.headers_mut().insert("server-timing", value);
     }
+    response
+        .extensions_mut()
+        .insert(AuditResource(format!("/sandboxes/{id}")));
     Ok(response)
 }
 

@@ -10,8 +10,10 @@ use wrenn_core::now_ms;
 
 use super::{ControlPlane, Error};
 use crate::auth;
+use crate::events::EventKind;
 use crate::quota::Change;
 use crate::store::{SandboxRow, SandboxState, StoredNetwork};
+use serde_json::json;
 
 /// A sandbox as a team asked for it (the request's defaults already applied).
 #[derive(Debug, Clone, Default)]
@@ -74,6 +76,39 @@ impl ControlPlane {
             ));
         }
         let id = auth::random_id(20)?;
+        let template_name = template.id.clone();
+        let created = self.create_as(id.clone(), team_id, request, template).await;
+        match &created {
+            Ok(created) => {
+                let data = json!({
+                    "templateID": created.row.template_id,
+                    "hostID": created.row.host_id,
+                });
+                self.store
+                    .publish(EventKind::SandboxCreated, team_id, &id, data)
+                    .await;
+            }
+            // A create no host could carry out; a refusal (a quota, a bad setting) is not one.
+            Err(error @ (Error::NoCapacity(_) | Error::HostDown(_) | Error::Host { .. }))
+            | Err(error @ (Error::HostTimedOut { .. } | Error::Store(_) | Error::Internal(_))) => {
+                let data = json!({ "templateID": template_name, "reason": error.to_string() });
+                self.store
+                    .publish(EventKind::SandboxFailed, team_id, &id, data)
+                    .await;
+            }
+            Err(_) => {}
+        }
+        created
+    }
+
+    /// [`Self::create_from`]'s work, for the sandbox `id`.
+    async fn create_as(
+        &self,
+        id: String,
+        team_id: &str,
+        request: SandboxRequest,
+        template: super::templates::ResolvedTemplate,
+    ) -> Result<Created, Error> {
         let token = request.secure.then(auth::random_token).transpose()?;
         let traffic_access_token = (!request.public_traffic)
             .then(auth::random_token)

@@ -16,6 +16,8 @@ pub enum Error {
     SandboxNotFound(String),
     #[error("template '{0}' not found")]
     TemplateNotFound(String),
+    #[error("API key \"{0}\" not found")]
+    KeyNotFound(String),
     /// A host name or id the fleet does not know.
     #[error("{0}")]
     HostNotFound(String),

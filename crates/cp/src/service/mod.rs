@@ -7,6 +7,7 @@
 
 mod create;
 pub mod error;
+pub mod keys;
 pub mod snapshots;
 pub mod templates;
 
@@ -18,10 +19,12 @@ use std::time::Duration;
 
 use crate::busy::{Busy, Serial};
 use crate::deadlines;
+use crate::events::EventKind;
 use crate::fleet::{self, Fleet};
 use crate::quota::{Admission, Change, Quotas, Reservation, Usage};
 use crate::store::{ListQuery, SandboxRow, SandboxState, Store};
 pub use error::Error;
+use serde_json::json;
 
 /// The control plane's state, shared by the API, the proxy and the background loops.
 #[derive(Debug)]
@@ -189,6 +192,9 @@ impl ControlPlane {
         }
         self.store.delete_sandbox(&row.id).await?;
         tracing::info!(sandbox = %row.id, "sandbox killed");
+        self.store
+            .publish(EventKind::SandboxKilled, &row.team_id, &row.id, json!({}))
+            .await;
         Ok(())
     }
 
@@ -209,6 +215,10 @@ impl ControlPlane {
             ..row.clone()
         };
         admitted.settle(self.store.put_sandbox(paused)).await?;
+        let data = json!({ "memory": memory });
+        self.store
+            .publish(EventKind::SandboxPaused, &row.team_id, &row.id, data)
+            .await;
         Ok(())
     }
 
@@ -283,6 +293,10 @@ impl ControlPlane {
             row.auto_pause = auto_pause;
         }
         admitted.settle(self.store.put_sandbox(row.clone())).await?;
+        let data = json!({ "fromDisk": from_disk });
+        self.store
+            .publish(EventKind::SandboxResumed, &row.team_id, &row.id, data)
+            .await;
         Ok(row)
     }
 
@@ -383,6 +397,15 @@ impl ControlPlane {
             }
         };
         let row = &row;
+        let action = if row.auto_pause { "pause" } else { "kill" };
+        self.store
+            .publish(
+                EventKind::SandboxTimedOut,
+                &row.team_id,
+                &row.id,
+                json!({ "action": action }),
+            )
+            .await;
         let outcome = if row.auto_pause {
             tracing::info!(sandbox = %row.id, "timeout: pausing");
             match self.pause(row, row.auto_pause_memory).await {

@@ -208,6 +208,15 @@ impl ControlPlane {
             total_ms = made.total.as_millis() as u64,
             "snapshot taken"
         );
+        let data = serde_json::json!({ "sandboxID": row.id, "buildID": build.id });
+        self.store
+            .publish(
+                crate::events::EventKind::SnapshotCreated,
+                &template.team_id,
+                &template.id,
+                data,
+            )
+            .await;
         Ok(snapshot_of(template, &tag))
     }
 

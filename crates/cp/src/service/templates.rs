@@ -18,7 +18,9 @@ use wrenn_core::now_ms;
 
 use super::{ControlPlane, Error};
 use crate::auth;
+use crate::events::EventKind;
 use crate::store::{BuildLogRow, BuildRow, BuildStatus, TemplateRow};
+use serde_json::json;
 
 /// The image the SDKs' `from_base_image()` names (on Docker Hub): built as wrenn's base.
 const E2B_BASE_IMAGE: &str = "e2bdev/base";
@@ -291,19 +293,7 @@ pub fn split_name(name: &str) -> Result<(String, String), Error> {
 
 /// A new build id: a random (version 4) UUID.
 pub(super) fn new_build_id() -> Result<String, Error> {
-    let mut bytes = [0u8; 16];
-    wrenn_core::random::fill(&mut bytes)?;
-    bytes[6] = (bytes[6] & 0x0f) | 0x40;
-    bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    Ok(format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    ))
+    Ok(crate::auth::random_uuid()?)
 }
 
 /// The name a build's template has on the hosts.
@@ -739,7 +729,9 @@ impl ControlPlane {
             .expect("build jobs lock")
             .insert(build.id.clone(), cancel.clone());
         let plane = self.clone();
-        tokio::spawn(async move {
+        // Its events are its starter's.
+        let actor = crate::events::current_actor();
+        tokio::spawn(crate::events::acting_as(actor, async move {
             let host = placed.host.clone();
             let build_id = build.id.clone();
             plane.run_build_job(&host, build, job, cancel).await;
@@ -749,7 +741,7 @@ impl ControlPlane {
                 .expect("build jobs lock")
                 .remove(&build_id);
             drop((placed, admitted));
-        });
+        }));
         Ok(())
     }
 
@@ -923,6 +915,21 @@ impl ControlPlane {
             }
             tracing::warn!(build = %ended.id, %error, "a build's end was not kept: retrying");
             tokio::time::sleep(std::time::Duration::from_secs(1 << attempt.min(4))).await;
+        }
+        if let Ok(Some(template)) = self.store.template(&ended.template_id).await {
+            let (kind, data) = if ended.status == BuildStatus::Ready {
+                (EventKind::TemplateBuilt, json!({ "buildID": ended.id }))
+            } else {
+                let data = json!({
+                    "buildID": ended.id,
+                    "reason": ended.reason,
+                    "step": ended.reason_step,
+                });
+                (EventKind::TemplateBuildFailed, data)
+            };
+            self.store
+                .publish(kind, &template.team_id, &template.id, data)
+                .await;
         }
         if let Some(ready) = ready {
             let _turn = self

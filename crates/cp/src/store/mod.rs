@@ -42,7 +42,7 @@ pub struct Team {
 }
 
 /// An API key as stored (never the key itself).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiKey {
     pub id: String,
     pub team_id: String,
@@ -51,6 +51,97 @@ pub struct ApiKey {
     pub prefix: String,
     pub created_at_ms: i64,
     pub revoked: bool,
+    /// What the key may do in its team (keys made before roles existed are owners).
+    pub role: Role,
+    /// The key's last four characters (empty for a key made before they were kept).
+    pub mask_suffix: String,
+}
+
+wrenn_core::named_enum! {
+    /// A key's (or a member's) role in its team: an owner may do everything, an admin all but
+    /// what changes the team itself, a member uses sandboxes and templates.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum Role {
+        Owner = "owner",
+        Admin = "admin",
+        #[default]
+        Member = "member",
+    }
+}
+
+impl Role {
+    /// Whether this role may do what `needed` may (owner > admin > member).
+    pub fn at_least(self, needed: Role) -> bool {
+        let rank = |role: Role| match role {
+            Role::Owner => 2,
+            Role::Admin => 1,
+            Role::Member => 0,
+        };
+        rank(self) >= rank(needed)
+    }
+
+    /// A stored name as a role; one this version does not know reads as the least.
+    pub fn from_stored(name: &str) -> Role {
+        Role::from_name(name).unwrap_or(Role::Member)
+    }
+}
+
+/// One event: a lifecycle change (a sandbox created, paused, …; a host up or down; a template
+/// built; a key made or revoked), recorded once.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRow {
+    /// Its place in the store's order: the cursor of listings and streams.
+    pub seq: i64,
+    pub id: String,
+    pub at_ms: i64,
+    /// The team it concerns; empty for the fleet's own (hosts), which operators alone see.
+    pub team_id: String,
+    /// Who caused it: `key:<id>`, `system` (a timeout, the fleet's watch), `host:<name>`.
+    pub actor: String,
+    /// What happened: `sandbox.created`, `host.down`, … (see `crate::events::EventKind`).
+    pub kind: String,
+    /// What it happened to: a sandbox's, host's, template's or key's id.
+    pub subject: String,
+    /// Details of the kind (a JSON object).
+    pub data: serde_json::Value,
+}
+
+/// One authenticated API action that changed (or tried to change) state: append-only.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRow {
+    pub seq: i64,
+    pub id: String,
+    pub at_ms: i64,
+    pub team_id: String,
+    /// `key:<id>`.
+    pub actor: String,
+    /// The method and route: `POST /sandboxes/{id}/pause`.
+    pub action: String,
+    /// The resource it named: the path's ids, or what it made (a new sandbox's id).
+    pub resource: String,
+    /// The answer's HTTP status.
+    pub outcome: i64,
+    /// The caller's address.
+    pub client: String,
+}
+
+/// Which events (or audit rows) a listing reads: those after `after` (a `seq`), oldest first,
+/// at most `limit`.
+#[derive(Debug, Clone, Default)]
+pub struct LogQuery {
+    /// One team's, or (None) every team's and the fleet's (operators).
+    pub team_id: Option<String>,
+    pub after: i64,
+    pub limit: usize,
+    /// Events: their kinds; audit rows: their actions' methods (`POST`, `DELETE`, …).
+    pub kinds: Vec<String>,
+    /// Events: their subject; audit rows: their resource.
+    pub subject: Option<String>,
+    /// Only rows of this actor.
+    pub actor: Option<String>,
+    /// Only rows at or after this time.
+    pub since_ms: Option<i64>,
 }
 
 /// A sandbox as the control plane knows it.
@@ -242,6 +333,86 @@ pub struct ListQuery {
     pub after: Option<(i64, String)>,
 }
 
+/// A value of a [`LogQuery`]'s clause.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogValue {
+    Text(String),
+    Int(i64),
+}
+
+impl LogQuery {
+    /// Its `WHERE … ORDER BY seq LIMIT …` clause over a log table whose kind column is `kind`
+    /// (for audit rows, the action, matched by its method) and subject column `subject`, each
+    /// value's placeholder made by `placeholder` (1-based), and the values in their order.
+    pub fn clause(
+        &self,
+        kind: &str,
+        subject: &str,
+        placeholder: fn(usize) -> String,
+    ) -> (String, Vec<LogValue>) {
+        let mut conditions = Vec::new();
+        let mut values = Vec::new();
+        let bind = |values: &mut Vec<LogValue>, value: LogValue| {
+            values.push(value);
+            placeholder(values.len())
+        };
+        conditions.push(format!(
+            "seq > {}",
+            bind(&mut values, LogValue::Int(self.after))
+        ));
+        if let Some(team) = &self.team_id {
+            conditions.push(format!(
+                "team_id = {}",
+                bind(&mut values, LogValue::Text(team.clone()))
+            ));
+        }
+        if !self.kinds.is_empty() {
+            let alternatives: Vec<String> = self
+                .kinds
+                .iter()
+                .map(|name| {
+                    if kind == "action" {
+                        let pattern = format!("{name} %");
+                        format!("{kind} LIKE {}", bind(&mut values, LogValue::Text(pattern)))
+                    } else {
+                        format!(
+                            "{kind} = {}",
+                            bind(&mut values, LogValue::Text(name.clone()))
+                        )
+                    }
+                })
+                .collect();
+            conditions.push(format!("({})", alternatives.join(" OR ")));
+        }
+        if let Some(value) = &self.subject {
+            conditions.push(format!(
+                "{subject} = {}",
+                bind(&mut values, LogValue::Text(value.clone()))
+            ));
+        }
+        if let Some(actor) = &self.actor {
+            conditions.push(format!(
+                "actor = {}",
+                bind(&mut values, LogValue::Text(actor.clone()))
+            ));
+        }
+        if let Some(since) = self.since_ms {
+            conditions.push(format!(
+                "at_ms >= {}",
+                bind(&mut values, LogValue::Int(since))
+            ));
+        }
+        let limit = bind(&mut values, LogValue::Int(self.limit.min(10_000) as i64));
+        (
+            format!(
+                "WHERE {} ORDER BY seq LIMIT {limit}",
+                conditions.join(" AND ")
+            ),
+            values,
+        )
+    }
+}
+
 /// A change of state for the sandboxes whose `column` is `value` and whose state is one of
 /// `from`: theirs becomes `to`.
 #[derive(Debug, Clone, Copy)]
@@ -269,9 +440,33 @@ pub trait StoreBackend: Send + Sync + std::fmt::Debug {
     }
 
     async fn add_key(&self, key: ApiKey, hash: String) -> StoreResult<()>;
-    async fn team_of_key(&self, hash: &str) -> StoreResult<Option<String>>;
+    /// The unrevoked key with this hash.
+    async fn key_by_hash(&self, hash: &str) -> StoreResult<Option<ApiKey>>;
+
+    /// The team of the unrevoked key with this hash.
+    async fn team_of_key(&self, hash: &str) -> StoreResult<Option<String>> {
+        Ok(self.key_by_hash(hash).await?.map(|key| key.team_id))
+    }
+
+    /// A key by its id, revoked or not.
+    async fn key(&self, key_id: &str) -> StoreResult<Option<ApiKey>>;
     async fn list_keys(&self, team_id: &str) -> StoreResult<Vec<ApiKey>>;
     async fn revoke_key(&self, key_id: &str, now_ms: i64) -> StoreResult<bool>;
+    /// Renames an unrevoked key: whether there was one.
+    async fn rename_key(&self, key_id: &str, name: &str) -> StoreResult<bool>;
+    /// Every team, oldest first.
+    async fn teams(&self) -> StoreResult<Vec<Team>>;
+
+    /// Records an event (its `seq` is the store's to give): the `seq` it got.
+    async fn add_event(&self, event: EventRow) -> StoreResult<i64>;
+    /// Events after a cursor (`kinds` and `subject` filter them).
+    async fn events(&self, query: LogQuery) -> StoreResult<Vec<EventRow>>;
+    /// The last event's `seq` (0 when there is none): where a live stream starts.
+    async fn last_event_seq(&self) -> StoreResult<i64>;
+    /// Appends a row to the audit log.
+    async fn add_audit(&self, row: AuditRow) -> StoreResult<()>;
+    /// Audit rows after a cursor (`kinds` filter their methods, `subject` their resource).
+    async fn audit(&self, query: LogQuery) -> StoreResult<Vec<AuditRow>>;
     async fn put_sandbox(&self, sandbox: SandboxRow) -> StoreResult<()>;
     async fn sandbox(&self, id: &str) -> StoreResult<Option<SandboxRow>>;
     async fn delete_sandbox(&self, id: &str) -> StoreResult<bool>;
@@ -347,22 +542,36 @@ pub trait StoreBackend: Send + Sync + std::fmt::Debug {
     ) -> StoreResult<Vec<BuildLogRow>>;
 }
 
-/// The store the control plane uses: SQLite or PostgreSQL, behind [`StoreBackend`].
+/// The store the control plane uses: SQLite or PostgreSQL, behind [`StoreBackend`], with the
+/// bus its events are published on (`crate::events`).
 #[derive(Debug, Clone)]
-pub struct Store(Arc<dyn StoreBackend>);
+pub struct Store {
+    backend: Arc<dyn StoreBackend>,
+    bus: tokio::sync::broadcast::Sender<EventRow>,
+}
 
 impl std::ops::Deref for Store {
     type Target = dyn StoreBackend;
 
     fn deref(&self) -> &Self::Target {
-        &*self.0
+        &*self.backend
     }
 }
 
 impl Store {
+    fn over(backend: Arc<dyn StoreBackend>) -> Self {
+        let (bus, _) = tokio::sync::broadcast::channel(crate::events::BUS_CAPACITY);
+        Store { backend, bus }
+    }
+
+    /// The bus every event this process records is published on.
+    pub fn bus(&self) -> &tokio::sync::broadcast::Sender<EventRow> {
+        &self.bus
+    }
+
     /// SQLite in a file (created if missing).
     pub fn open(path: &Path) -> StoreResult<Self> {
-        Ok(Store(Arc::new(sqlite::SqliteStore::open(path)?)))
+        Ok(Store::over(Arc::new(sqlite::SqliteStore::open(path)?)))
     }
 
     /// SQLite at `path`, or PostgreSQL when `database_url` is a `postgres://` URL.
@@ -370,7 +579,9 @@ impl Store {
         match database_url
             .filter(|url| url.starts_with("postgres://") || url.starts_with("postgresql://"))
         {
-            Some(url) => Ok(Store(Arc::new(postgres::PgStore::connect(url).await?))),
+            Some(url) => Ok(Store::over(Arc::new(
+                postgres::PgStore::connect(url).await?,
+            ))),
             // Opening may wait for another opener's turn and migrates: not on a runtime thread.
             None => {
                 let path = path.to_owned();
@@ -498,27 +709,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sqlite = Store::open(&dir.path().join("db.sqlite")).unwrap();
         let mut backends = vec![("sqlite", sqlite, Some(dir))];
-        match std::env::var("WRENN_TEST_DATABASE_URL") {
-            Ok(url) => {
-                let schema = format!("test_{}", crate::auth::random_id(12).unwrap());
-                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-                tokio::spawn(connection);
-                client
-                    .batch_execute(&format!("CREATE SCHEMA {schema}"))
-                    .await
-                    .unwrap();
-                let scoped = format!("{url}?options=-csearch_path%3D{schema}");
-                backends.push((
-                    "postgres",
-                    Store::open_configured(Path::new("/nonexistent"), Some(&scoped))
-                        .await
-                        .unwrap(),
-                    None,
-                ));
-            }
-            Err(_) => wrenn_testkit::missing_prerequisite(
+        match postgres_store().await {
+            Some((store, _)) => backends.push(("postgres", store, None)),
+            None => wrenn_testkit::missing_prerequisite(
                 "the store tests on PostgreSQL",
                 "WRENN_TEST_DATABASE_URL is not set (scripts/postgres.sh starts the server)",
             ),
@@ -527,6 +720,26 @@ mod tests {
             fill(store).await;
         }
         backends
+    }
+
+    /// A PostgreSQL store in a fresh schema of its own, and its URL, when
+    /// `WRENN_TEST_DATABASE_URL` names a server.
+    async fn postgres_store() -> Option<(Store, String)> {
+        let url = std::env::var("WRENN_TEST_DATABASE_URL").ok()?;
+        let schema = format!("test_{}", crate::auth::random_id(12).unwrap());
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .unwrap();
+        let scoped = format!("{url}?options=-csearch_path%3D{schema}");
+        let store = Store::open_configured(Path::new("/nonexistent"), Some(&scoped))
+            .await
+            .unwrap();
+        Some((store, scoped))
     }
 
     async fn fill(store: &Store) {
@@ -614,6 +827,8 @@ mod tests {
                 prefix: "e2b_12".into(),
                 created_at_ms: 1,
                 revoked: false,
+                role: Role::Admin,
+                mask_suffix: "wxyz".into(),
             };
             store.add_key(key, "hash".into()).await.unwrap();
             assert_eq!(
@@ -665,6 +880,158 @@ mod tests {
                 "team names are unique"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn events_and_audit_rows_are_kept_in_order_filtered_and_audit_rows_never_change() {
+        for (backend, store, _dir) in backends().await {
+            for (i, (team, kind, subject)) in [
+                ("a", "sandbox.created", "s1"),
+                ("b", "sandbox.created", "s2"),
+                ("", "host.down", "h1"),
+                ("a", "sandbox.killed", "s1"),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let seq = store
+                    .add_event(EventRow {
+                        id: format!("e{i}"),
+                        at_ms: 100 + i as i64,
+                        team_id: team.into(),
+                        actor: "key:k1".into(),
+                        kind: kind.into(),
+                        subject: subject.into(),
+                        data: serde_json::json!({ "i": i }),
+                        ..EventRow::default()
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(seq, i as i64 + 1, "{backend}");
+            }
+            let ids = |rows: Vec<EventRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
+            let team_a = LogQuery {
+                team_id: Some("a".into()),
+                limit: 10,
+                ..LogQuery::default()
+            };
+            assert_eq!(
+                ids(store.events(team_a.clone()).await.unwrap()),
+                ["e0", "e3"],
+                "{backend}"
+            );
+            let page = LogQuery {
+                team_id: None,
+                after: 1,
+                limit: 2,
+                ..LogQuery::default()
+            };
+            assert_eq!(
+                ids(store.events(page).await.unwrap()),
+                ["e1", "e2"],
+                "{backend}"
+            );
+            let killed = LogQuery {
+                kinds: vec!["sandbox.killed".into(), "host.down".into()],
+                since_ms: Some(103),
+                ..team_a.clone()
+            };
+            let rows = store.events(killed).await.unwrap();
+            assert_eq!(rows[0].data, serde_json::json!({ "i": 3 }), "{backend}");
+            assert_eq!(ids(rows), ["e3"], "{backend}");
+            assert_eq!(store.last_event_seq().await.unwrap(), 4, "{backend}");
+
+            for (i, action) in ["POST /sandboxes", "DELETE /sandboxes/{id}"]
+                .iter()
+                .enumerate()
+            {
+                store
+                    .add_audit(AuditRow {
+                        id: format!("a{i}"),
+                        at_ms: 10,
+                        team_id: "a".into(),
+                        actor: "key:k1".into(),
+                        action: action.to_string(),
+                        resource: format!("/sandboxes/s{i}"),
+                        outcome: 201,
+                        client: "127.0.0.1".into(),
+                        ..AuditRow::default()
+                    })
+                    .await
+                    .unwrap();
+            }
+            let deletes = LogQuery {
+                kinds: vec!["DELETE".into()],
+                ..team_a.clone()
+            };
+            let rows = store.audit(deletes).await.unwrap();
+            assert_eq!(rows.len(), 1, "{backend}");
+            assert_eq!(rows[0].resource, "/sandboxes/s1");
+            assert_eq!(
+                store
+                    .audit(LogQuery {
+                        team_id: Some("b".into()),
+                        ..team_a.clone()
+                    })
+                    .await
+                    .unwrap(),
+                vec![]
+            );
+            // Append-only: the store itself refuses to change or remove a row (PostgreSQL's
+            // trigger: `audit_rows_never_change_on_postgres`).
+            if let Some(dir) = &_dir {
+                let db = rusqlite::Connection::open(dir.path().join("db.sqlite")).unwrap();
+                for statement in [
+                    "UPDATE audit_log SET outcome = 200",
+                    "DELETE FROM audit_log",
+                ] {
+                    let error = db.execute(statement, []).unwrap_err();
+                    assert!(error.to_string().contains("append-only"), "{error}");
+                }
+            }
+            assert_eq!(store.audit(team_a).await.unwrap().len(), 2, "{backend}");
+        }
+    }
+
+    #[tokio::test]
+    async fn audit_rows_never_change_on_postgres() {
+        let Some((store, url)) = postgres_store().await else {
+            return wrenn_testkit::missing_prerequisite(
+                "the audit log's PostgreSQL trigger",
+                "WRENN_TEST_DATABASE_URL is not set (scripts/postgres.sh starts the server)",
+            );
+        };
+        store
+            .add_audit(AuditRow {
+                id: "a1".into(),
+                action: "POST /sandboxes".into(),
+                ..AuditRow::default()
+            })
+            .await
+            .unwrap();
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        for statement in [
+            "UPDATE audit_log SET outcome = 200",
+            "DELETE FROM audit_log",
+        ] {
+            let error = client.batch_execute(statement).await.unwrap_err();
+            let message = format!("{error:?}");
+            assert!(message.contains("append-only"), "{statement}: {message}");
+        }
+        assert_eq!(
+            store
+                .audit(LogQuery {
+                    limit: 10,
+                    ..LogQuery::default()
+                })
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     #[tokio::test]

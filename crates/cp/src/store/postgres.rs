@@ -13,8 +13,8 @@ use tokio_postgres::{NoTls, Row};
 use super::TagRow;
 use super::rows::{BUILD_UPSERT, HOST_UPSERT, SANDBOX_UPSERT, Stored, TEMPLATE_UPSERT, first};
 use super::{
-    ApiKey, BuildLogRow, BuildRow, HostRow, ListQuery, SandboxRow, SandboxState, StateChange,
-    StoreBackend, StoreResult, Team, TemplateRow,
+    ApiKey, AuditRow, BuildLogRow, BuildRow, EventRow, HostRow, ListQuery, LogQuery, LogValue,
+    SandboxRow, SandboxState, StateChange, StoreBackend, StoreResult, Team, TemplateRow,
 };
 
 /// A statement's parameters, as `tokio-postgres` takes them.
@@ -31,7 +31,21 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0006_templates.sql"),
     include_str!("../../migrations/postgres/0007_snapshots.sql"),
     include_str!("../../migrations/postgres/0008_network.sql"),
+    include_str!("../../migrations/postgres/0009_events_audit_key_roles.sql"),
 ];
+
+/// A [`LogQuery`]'s values as PostgreSQL parameters.
+fn pg_values(values: &[LogValue]) -> Vec<Box<dyn ToSql + Sync + Send>> {
+    values
+        .iter()
+        .map(|value| -> Box<dyn ToSql + Sync + Send> {
+            match value {
+                LogValue::Text(text) => Box::new(text.clone()),
+                LogValue::Int(int) => Box::new(*int),
+            }
+        })
+        .collect()
+}
 
 /// Connections to one PostgreSQL database.
 #[derive(Clone)]
@@ -160,18 +174,30 @@ impl StoreBackend for PgStore {
 
     async fn add_key(&self, key: ApiKey, hash: String) -> StoreResult<()> {
         self.execute(
-            "INSERT INTO api_keys (id, team_id, name, hash, prefix, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
-            &[&key.id, &key.team_id, &key.name, &hash, &key.prefix, &key.created_at_ms],
+            "INSERT INTO api_keys (id, team_id, name, hash, prefix, created_at_ms, role, mask_suffix)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            &[
+                &key.id,
+                &key.team_id,
+                &key.name,
+                &hash,
+                &key.prefix,
+                &key.created_at_ms,
+                &key.role.as_str(),
+                &key.mask_suffix,
+            ],
         )
         .await
         .map(drop)
     }
 
-    async fn team_of_key(&self, hash: &str) -> StoreResult<Option<String>> {
-        let sql = "SELECT team_id FROM api_keys WHERE hash = $1 AND revoked_at_ms IS NULL";
-        self.rows(sql, &[&hash], |row| row.try_get(0))
-            .await
-            .map(first)
+    async fn key_by_hash(&self, hash: &str) -> StoreResult<Option<ApiKey>> {
+        let clause = "WHERE hash = $1 AND revoked_at_ms IS NULL";
+        self.select(clause, &[&hash]).await.map(first)
+    }
+
+    async fn key(&self, key_id: &str) -> StoreResult<Option<ApiKey>> {
+        self.select("WHERE id = $1", &[&key_id]).await.map(first)
     }
 
     async fn list_keys(&self, team_id: &str) -> StoreResult<Vec<ApiKey>> {
@@ -182,6 +208,81 @@ impl StoreBackend for PgStore {
     async fn revoke_key(&self, key_id: &str, now_ms: i64) -> StoreResult<bool> {
         let sql = "UPDATE api_keys SET revoked_at_ms = $2 WHERE id = $1 AND revoked_at_ms IS NULL";
         Ok(self.execute(sql, &[&key_id, &now_ms]).await? == 1)
+    }
+
+    async fn rename_key(&self, key_id: &str, name: &str) -> StoreResult<bool> {
+        let sql = "UPDATE api_keys SET name = $2 WHERE id = $1 AND revoked_at_ms IS NULL";
+        Ok(self.execute(sql, &[&key_id, &name]).await? == 1)
+    }
+
+    async fn teams(&self) -> StoreResult<Vec<Team>> {
+        self.select("ORDER BY created_at_ms, id", &[]).await
+    }
+
+    async fn add_event(&self, event: EventRow) -> StoreResult<i64> {
+        let data = event.data.to_string();
+        let rows = self
+            .rows(
+                "INSERT INTO events (id, at_ms, team_id, actor, kind, subject, data)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb) RETURNING seq",
+                &[
+                    &event.id,
+                    &event.at_ms,
+                    &event.team_id,
+                    &event.actor,
+                    &event.kind,
+                    &event.subject,
+                    &data,
+                ],
+                |row| row.try_get::<_, i64>(0),
+            )
+            .await?;
+        Ok(first(rows).unwrap_or(0))
+    }
+
+    async fn events(&self, query: LogQuery) -> StoreResult<Vec<EventRow>> {
+        let (clause, values) = query.clause("kind", "subject", |n| format!("${n}"));
+        let values = pg_values(&values);
+        let parameters: Vec<&(dyn ToSql + Sync)> = values
+            .iter()
+            .map(|value| value.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        self.select(&clause, &parameters).await
+    }
+
+    async fn last_event_seq(&self) -> StoreResult<i64> {
+        let sql = "SELECT COALESCE(MAX(seq), 0)::BIGINT FROM events";
+        let rows = self.rows(sql, &[], |row| row.try_get::<_, i64>(0)).await?;
+        Ok(first(rows).unwrap_or(0))
+    }
+
+    async fn add_audit(&self, row: AuditRow) -> StoreResult<()> {
+        self.execute(
+            "INSERT INTO audit_log (id, at_ms, team_id, actor, action, resource, outcome, client)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            &[
+                &row.id,
+                &row.at_ms,
+                &row.team_id,
+                &row.actor,
+                &row.action,
+                &row.resource,
+                &row.outcome,
+                &row.client,
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn audit(&self, query: LogQuery) -> StoreResult<Vec<AuditRow>> {
+        let (clause, values) = query.clause("action", "resource", |n| format!("${n}"));
+        let values = pg_values(&values);
+        let parameters: Vec<&(dyn ToSql + Sync)> = values
+            .iter()
+            .map(|value| value.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        self.select(&clause, &parameters).await
     }
 
     async fn put_sandbox(&self, sandbox: SandboxRow) -> StoreResult<()> {

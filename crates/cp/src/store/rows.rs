@@ -6,8 +6,8 @@
 use serde::de::DeserializeOwned;
 
 use super::{
-    ApiKey, BuildLogRow, BuildRow, BuildStatus, HostRow, HostState, SandboxRow, SandboxState,
-    TagRow, Team, TemplateRow, sandbox_state,
+    ApiKey, AuditRow, BuildLogRow, BuildRow, BuildStatus, EventRow, HostRow, HostState, Role,
+    SandboxRow, SandboxState, TagRow, Team, TemplateRow, sandbox_state,
 };
 
 /// A row a backend read: its columns by name, as the few kinds of value the store keeps.
@@ -29,6 +29,11 @@ pub trait Columns {
     /// A build's status; one this version does not know reads as an error.
     fn build_status(&self, column: &str) -> Result<BuildStatus, Self::Error> {
         Ok(BuildStatus::from_name(&self.text(column)?).unwrap_or(BuildStatus::Error))
+    }
+
+    /// A key's role, by [`Role::from_stored`].
+    fn role(&self, column: &str) -> Result<Role, Self::Error> {
+        Ok(Role::from_stored(&self.text(column)?))
     }
 
     /// A host's state, by [`HostState::from_stored`].
@@ -122,7 +127,17 @@ stored!(Team from teams { id: text, name: text, created_at_ms: int, admin: flag 
 
 stored!(ApiKey from api_keys {
     id: text, team_id: text, name: text, prefix: text, created_at_ms: int,
-    revoked: flag = "revoked_at_ms IS NOT NULL",
+    revoked: flag = "revoked_at_ms IS NOT NULL", role: role, mask_suffix: text,
+});
+
+stored!(EventRow from events {
+    seq: int, id: text, at_ms: int, team_id: text, actor: text, kind: text, subject: text,
+    data: json = "CAST(data AS TEXT)",
+});
+
+stored!(AuditRow from audit_log {
+    seq: int, id: text, at_ms: int, team_id: text, actor: text, action: text, resource: text,
+    outcome: int, client: text,
 });
 
 // JSON columns are read as text: `jsonb` on PostgreSQL, already text on SQLite.
@@ -211,7 +226,7 @@ mod tests {
         assert_eq!(
             ApiKey::select("ORDER BY id"),
             "SELECT id, team_id, name, prefix, created_at_ms, \
-             revoked_at_ms IS NOT NULL AS revoked FROM api_keys ORDER BY id"
+             revoked_at_ms IS NOT NULL AS revoked, role, mask_suffix FROM api_keys ORDER BY id"
         );
     }
 }

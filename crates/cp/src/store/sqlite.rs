@@ -12,8 +12,9 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::TagRow;
 use super::rows::{BUILD_UPSERT, HOST_UPSERT, SANDBOX_UPSERT, Stored, TEMPLATE_UPSERT, first};
 use super::{
-    ApiKey, BuildLogRow, BuildRow, HostRow, ListQuery, SandboxRow, SandboxState, StateChange,
-    StoreBackend, StoreError, StoreResult, Team, TemplateRow, private_dir,
+    ApiKey, AuditRow, BuildLogRow, BuildRow, EventRow, HostRow, ListQuery, LogQuery, LogValue,
+    SandboxRow, SandboxState, StateChange, StoreBackend, StoreError, StoreResult, Team,
+    TemplateRow, private_dir,
 };
 
 /// A statement's owned values: `values![a, b]` is `vec![Value::from(a), Value::from(b)]`.
@@ -34,6 +35,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0006_templates.sql"),
     include_str!("../../migrations/sqlite/0007_snapshots.sql"),
     include_str!("../../migrations/sqlite/0008_network.sql"),
+    include_str!("../../migrations/sqlite/0009_events_audit_key_roles.sql"),
 ];
 
 /// The SQLite store.
@@ -108,6 +110,17 @@ impl SqliteStore {
         self.rows(T::select(clause), values, |row| T::read(row))
             .await
     }
+}
+
+/// A [`LogQuery`]'s values as SQLite's.
+fn sqlite_values(values: Vec<LogValue>) -> Vec<Value> {
+    values
+        .into_iter()
+        .map(|value| match value {
+            LogValue::Text(text) => Value::from(text),
+            LogValue::Int(int) => Value::from(int),
+        })
+        .collect()
 }
 
 /// How long an open waits for another store's turn ([`opening_lock`]), and a call for SQLite's
@@ -192,17 +205,32 @@ impl StoreBackend for SqliteStore {
 
     async fn add_key(&self, key: ApiKey, hash: String) -> StoreResult<()> {
         self.execute(
-            "INSERT INTO api_keys (id, team_id, name, hash, prefix, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            values![key.id, key.team_id, key.name, hash, key.prefix, key.created_at_ms],
+            "INSERT INTO api_keys (id, team_id, name, hash, prefix, created_at_ms, role, mask_suffix)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            values![
+                key.id,
+                key.team_id,
+                key.name,
+                hash,
+                key.prefix,
+                key.created_at_ms,
+                key.role.as_str().to_string(),
+                key.mask_suffix
+            ],
         )
         .await
         .map(drop)
     }
 
-    /// The team of an unrevoked key with this hash.
-    async fn team_of_key(&self, hash: &str) -> StoreResult<Option<String>> {
-        let sql = "SELECT team_id FROM api_keys WHERE hash = ?1 AND revoked_at_ms IS NULL";
-        self.rows(sql.into(), values![hash.to_string()], |row| row.get(0))
+    async fn key_by_hash(&self, hash: &str) -> StoreResult<Option<ApiKey>> {
+        let clause = "WHERE hash = ?1 AND revoked_at_ms IS NULL";
+        self.select(clause, values![hash.to_string()])
+            .await
+            .map(first)
+    }
+
+    async fn key(&self, key_id: &str) -> StoreResult<Option<ApiKey>> {
+        self.select("WHERE id = ?1", values![key_id.to_string()])
             .await
             .map(first)
     }
@@ -220,6 +248,76 @@ impl StoreBackend for SqliteStore {
         )
         .await
         .map(|changed| changed == 1)
+    }
+
+    async fn rename_key(&self, key_id: &str, name: &str) -> StoreResult<bool> {
+        self.execute(
+            "UPDATE api_keys SET name = ?2 WHERE id = ?1 AND revoked_at_ms IS NULL",
+            values![key_id.to_string(), name.to_string()],
+        )
+        .await
+        .map(|changed| changed == 1)
+    }
+
+    async fn teams(&self) -> StoreResult<Vec<Team>> {
+        self.select("ORDER BY created_at_ms, id", values![]).await
+    }
+
+    async fn add_event(&self, event: EventRow) -> StoreResult<i64> {
+        let data = event.data.to_string();
+        self.with(move |db| {
+            db.execute(
+                "INSERT INTO events (id, at_ms, team_id, actor, kind, subject, data)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                rusqlite::params![
+                    event.id,
+                    event.at_ms,
+                    event.team_id,
+                    event.actor,
+                    event.kind,
+                    event.subject,
+                    data
+                ],
+            )?;
+            Ok(db.last_insert_rowid())
+        })
+        .await
+    }
+
+    async fn events(&self, query: LogQuery) -> StoreResult<Vec<EventRow>> {
+        let (clause, values) = query.clause("kind", "subject", |n| format!("?{n}"));
+        self.select(&clause, sqlite_values(values)).await
+    }
+
+    async fn last_event_seq(&self) -> StoreResult<i64> {
+        let sql = "SELECT COALESCE(MAX(seq), 0) FROM events";
+        self.rows(sql.into(), values![], |row| row.get(0))
+            .await
+            .map(|rows| first(rows).unwrap_or(0))
+    }
+
+    async fn add_audit(&self, row: AuditRow) -> StoreResult<()> {
+        self.execute(
+            "INSERT INTO audit_log (id, at_ms, team_id, actor, action, resource, outcome, client)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            values![
+                row.id,
+                row.at_ms,
+                row.team_id,
+                row.actor,
+                row.action,
+                row.resource,
+                row.outcome,
+                row.client
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn audit(&self, query: LogQuery) -> StoreResult<Vec<AuditRow>> {
+        let (clause, values) = query.clause("action", "resource", |n| format!("?{n}"));
+        self.select(&clause, sqlite_values(values)).await
     }
 
     async fn put_sandbox(&self, sandbox: SandboxRow) -> StoreResult<()> {

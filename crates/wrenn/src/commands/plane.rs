@@ -136,17 +136,11 @@ pub(super) async fn create_key(
     team: &Team,
     name: &str,
 ) -> anyhow::Result<(String, ApiKey)> {
-    let (key, hash) = auth::new_key()?;
-    let record = ApiKey {
-        id: auth::random_id(12)?,
-        team_id: team.id.clone(),
-        name: name.to_string(),
-        prefix: key[..10].to_string(),
-        created_at_ms: now_ms(),
-        revoked: false,
-    };
-    store.add_key(record.clone(), hash).await?;
-    Ok((key, record))
+    // Keys made on the server's command line are their team's owners.
+    Ok(
+        wrenn_cp::service::keys::make_key(store, &team.id, name, wrenn_cp::store::Role::Owner)
+            .await?,
+    )
 }
 
 /// A control plane serving its API and proxy.

@@ -17,6 +17,7 @@ use crate::{
     SandboxDetail, SandboxState, Template, TemplateBuildInfo, TemplateBuildRequest,
     TemplateBuildRequested, TemplateBuildStart, TemplateTag, TimeoutRequest,
 };
+use crate::{AuditLog, CreatedTeamApiKey, Events, NewTeamApiKey, TeamApiKey, UpdateTeamApiKey};
 
 /// The largest answer read: 16 MiB.
 pub const MAX_ANSWER_BYTES: usize = 16 << 20;
@@ -586,6 +587,56 @@ impl Client {
         self.fetch(Method::GET, "/hosts", NO_BODY).await
     }
 
+    /// `GET /v1/audit` with its query (`after=…&limit=…`, already encoded by [`query`]).
+    pub async fn audit(&self, query: &str) -> Result<AuditLog, ClientError> {
+        self.fetch(Method::GET, &format!("/v1/audit?{query}"), NO_BODY)
+            .await
+    }
+
+    /// `GET /v1/events` with its query (already encoded by [`query`]).
+    pub async fn events(&self, query: &str) -> Result<Events, ClientError> {
+        self.fetch(Method::GET, &format!("/v1/events?{query}"), NO_BODY)
+            .await
+    }
+
+    /// `GET /api-keys`.
+    pub async fn api_keys(&self) -> Result<Vec<TeamApiKey>, ClientError> {
+        self.fetch(Method::GET, "/api-keys", NO_BODY).await
+    }
+
+    /// `POST /api-keys`.
+    pub async fn create_api_key(
+        &self,
+        new: &NewTeamApiKey,
+    ) -> Result<CreatedTeamApiKey, ClientError> {
+        self.fetch(Method::POST, "/api-keys", Some(new)).await
+    }
+
+    /// `PATCH /api-keys/{apiKeyID}`.
+    pub async fn rename_api_key(&self, id: &str, name: &str) -> Result<(), ClientError> {
+        let body = UpdateTeamApiKey {
+            name: name.to_string(),
+        };
+        self.expect_success(
+            Method::PATCH,
+            &format!("/api-keys/{}", segment(id)),
+            Some(&body),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// `DELETE /api-keys/{apiKeyID}`.
+    pub async fn revoke_api_key(&self, id: &str) -> Result<(), ClientError> {
+        self.expect_success(
+            Method::DELETE,
+            &format!("/api-keys/{}", segment(id)),
+            NO_BODY,
+        )
+        .await
+        .map(drop)
+    }
+
     /// `DELETE /hosts/{name}`.
     pub async fn forget_host(&self, name: &str) -> Result<ForgottenHost, ClientError> {
         self.fetch(
@@ -595,6 +646,19 @@ impl Client {
         )
         .await
     }
+}
+
+/// A query string of `pairs` (those with a value), each value encoded.
+pub fn query(pairs: &[(&str, Option<String>)]) -> String {
+    pairs
+        .iter()
+        .filter_map(|(name, value)| {
+            value
+                .as_ref()
+                .map(|value| format!("{name}={}", segment(value)))
+        })
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// No request body (a typed `None` for the generic helpers).

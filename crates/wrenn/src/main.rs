@@ -1,6 +1,6 @@
 //! The `wrenn` command: wrenn on one machine (`wrenn up`), the control plane alone (`wrenn
 //! server`), the host agent (`wrenn agent`), the CLI over a control plane (`wrenn sandbox`,
-//! `wrenn snapshot`, `wrenn template`, `wrenn host`), API keys (`wrenn key`) and guest images (`wrenn image`): one
+//! `wrenn snapshot`, `wrenn template`, `wrenn host`, `wrenn audit`, `wrenn events`), API keys (`wrenn key`) and guest images (`wrenn image`): one
 //! module a command group under `commands/`. The benchmarks are the `wrenn-bench` binary.
 
 mod commands;
@@ -11,7 +11,7 @@ mod output;
 mod paths;
 mod secrets;
 
-use commands::{agent, host, image, key, sandbox, server, snapshot, template, up};
+use commands::{agent, audit, host, image, key, sandbox, server, snapshot, template, up};
 
 use clap::{Parser, Subcommand};
 
@@ -50,6 +50,11 @@ enum Command {
     /// Build and check guest images.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// The audit log: every call that changed (or tried to change) state, oldest first
+    /// (a team's admins and owners; operators with --team).
+    Audit(audit::LogArgs),
+    /// Lifecycle events: sandboxes, snapshots, hosts, templates, keys, oldest first.
+    Events(audit::LogArgs),
 }
 
 fn main() {
@@ -78,6 +83,8 @@ fn run() -> anyhow::Result<()> {
         Command::Snapshot(args) => runtime.block_on(snapshot::run(args)),
         Command::Host(args) => runtime.block_on(host::run(args)),
         Command::Key(command) => runtime.block_on(key::run(command)),
+        Command::Audit(args) => runtime.block_on(audit::audit(args)),
+        Command::Events(args) => runtime.block_on(audit::events(args)),
     }
 }
 

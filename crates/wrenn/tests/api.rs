@@ -699,6 +699,23 @@ async fn cli_end_to_end(server: &Server, host_name: &str) {
     );
     let err = wrenn_fails(server, &["sandbox", "list", "--api-key", "e2b_bad"]).await;
     assert!(err.contains("Invalid API key"), "{err}");
+
+    // What the CLI did is in the audit log, from this machine's address, and its events.
+    let out = wrenn_ok(server, &["audit", "--json", "--type", "delete"]).await;
+    let log: Value = serde_json::from_str(&out).unwrap();
+    let kill = log["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|entry| entry["resource"] == format!("/sandboxes/{id}"))
+        .unwrap_or_else(|| panic!("the kill is audited: {log}"));
+    assert_eq!(kill["action"], "DELETE /sandboxes/{id}");
+    assert_eq!(kill["outcome"], 204);
+    assert_eq!(kill["client"], "127.0.0.1");
+    let out = wrenn_ok(server, &["events", "--subject", &id]).await;
+    for kind in ["sandbox.created", "sandbox.paused", "sandbox.resumed", "sandbox.killed"] {
+        assert!(out.contains(kind), "{kind}: {out}");
+    }
 }
 
 /// An upgrade echo server in the guest on port 8766: it answers 101 and then echoes bytes.

@@ -713,7 +713,12 @@ async fn cli_end_to_end(server: &Server, host_name: &str) {
     assert_eq!(kill["outcome"], 204);
     assert_eq!(kill["client"], "127.0.0.1");
     let out = wrenn_ok(server, &["events", "--subject", &id]).await;
-    for kind in ["sandbox.created", "sandbox.paused", "sandbox.resumed", "sandbox.killed"] {
+    for kind in [
+        "sandbox.created",
+        "sandbox.paused",
+        "sandbox.resumed",
+        "sandbox.killed",
+    ] {
         assert!(out.contains(kind), "{kind}: {out}");
     }
 }

@@ -340,16 +340,45 @@ pub enum LogValue {
     Int(i64),
 }
 
+/// A log table's columns a [`LogQuery`] filters: the events' or the audit log's.
+#[derive(Debug, Clone, Copy)]
+pub struct LogTable {
+    /// The column `kinds` match.
+    pub kind: &'static str,
+    /// Whether a kind is a method its column starts with (the audit log's `POST /…`), or the
+    /// whole value (an event's type).
+    pub kind_is_method: bool,
+    /// The column `subject` matches.
+    pub subject: &'static str,
+}
+
+/// The events' columns.
+pub const EVENT_LOG: LogTable = LogTable {
+    kind: "kind",
+    kind_is_method: false,
+    subject: "subject",
+};
+
+/// The audit log's columns.
+pub const AUDIT_LOG: LogTable = LogTable {
+    kind: "action",
+    kind_is_method: true,
+    subject: "resource",
+};
+
 impl LogQuery {
-    /// Its `WHERE … ORDER BY seq LIMIT …` clause over a log table whose kind column is `kind`
-    /// (for audit rows, the action, matched by its method) and subject column `subject`, each
-    /// value's placeholder made by `placeholder` (1-based), and the values in their order.
+    /// Its `WHERE … ORDER BY seq LIMIT …` clause over `table`, each value's placeholder made by
+    /// `placeholder` (1-based), and the values in their order.
     pub fn clause(
         &self,
-        kind: &str,
-        subject: &str,
+        table: LogTable,
         placeholder: fn(usize) -> String,
     ) -> (String, Vec<LogValue>) {
+        let LogTable {
+            kind,
+            kind_is_method,
+            subject,
+        } = table;
         let mut conditions = Vec::new();
         let mut values = Vec::new();
         let bind = |values: &mut Vec<LogValue>, value: LogValue| {
@@ -371,7 +400,7 @@ impl LogQuery {
                 .kinds
                 .iter()
                 .map(|name| {
-                    if kind == "action" {
+                    if kind_is_method {
                         let pattern = format!("{name} %");
                         format!("{kind} LIKE {}", bind(&mut values, LogValue::Text(pattern)))
                     } else {

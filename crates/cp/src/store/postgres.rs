@@ -13,8 +13,9 @@ use tokio_postgres::{NoTls, Row};
 use super::TagRow;
 use super::rows::{BUILD_UPSERT, HOST_UPSERT, SANDBOX_UPSERT, Stored, TEMPLATE_UPSERT, first};
 use super::{
-    ApiKey, AuditRow, BuildLogRow, BuildRow, EventRow, HostRow, ListQuery, LogQuery, LogValue,
-    SandboxRow, SandboxState, StateChange, StoreBackend, StoreResult, Team, TemplateRow,
+    AUDIT_LOG, ApiKey, AuditRow, BuildLogRow, BuildRow, EVENT_LOG, EventRow, HostRow, ListQuery,
+    LogQuery, LogTable, LogValue, SandboxRow, SandboxState, StateChange, StoreBackend, StoreResult,
+    Team, TemplateRow,
 };
 
 /// A statement's parameters, as `tokio-postgres` takes them.
@@ -33,19 +34,6 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0008_network.sql"),
     include_str!("../../migrations/postgres/0009_events_audit_key_roles.sql"),
 ];
-
-/// A [`LogQuery`]'s values as PostgreSQL parameters.
-fn pg_values(values: &[LogValue]) -> Vec<Box<dyn ToSql + Sync + Send>> {
-    values
-        .iter()
-        .map(|value| -> Box<dyn ToSql + Sync + Send> {
-            match value {
-                LogValue::Text(text) => Box::new(text.clone()),
-                LogValue::Int(int) => Box::new(*int),
-            }
-        })
-        .collect()
-}
 
 /// Connections to one PostgreSQL database.
 #[derive(Clone)]
@@ -146,6 +134,25 @@ impl PgStore {
         Ok(rows.iter().map(row_of).collect::<Result<_, _>>()?)
     }
 
+    /// The rows of a log `table` (events, audit) a [`LogQuery`] selects.
+    async fn select_log<T: Stored>(&self, query: LogQuery, table: LogTable) -> StoreResult<Vec<T>> {
+        let (clause, values) = query.clause(table, |n| format!("${n}"));
+        let values: Vec<Box<dyn ToSql + Sync + Send>> = values
+            .into_iter()
+            .map(|value| -> Box<dyn ToSql + Sync + Send> {
+                match value {
+                    LogValue::Text(text) => Box::new(text),
+                    LogValue::Int(int) => Box::new(int),
+                }
+            })
+            .collect();
+        let parameters: Vec<&(dyn ToSql + Sync)> = values
+            .iter()
+            .map(|value| value.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        self.select(&clause, &parameters).await
+    }
+
     /// The `T`s its [`Stored::select`] with `clause` finds.
     async fn select<T: Stored>(
         &self,
@@ -241,13 +248,7 @@ impl StoreBackend for PgStore {
     }
 
     async fn events(&self, query: LogQuery) -> StoreResult<Vec<EventRow>> {
-        let (clause, values) = query.clause("kind", "subject", |n| format!("${n}"));
-        let values = pg_values(&values);
-        let parameters: Vec<&(dyn ToSql + Sync)> = values
-            .iter()
-            .map(|value| value.as_ref() as &(dyn ToSql + Sync))
-            .collect();
-        self.select(&clause, &parameters).await
+        self.select_log(query, EVENT_LOG).await
     }
 
     async fn last_event_seq(&self) -> StoreResult<i64> {
@@ -276,13 +277,7 @@ impl StoreBackend for PgStore {
     }
 
     async fn audit(&self, query: LogQuery) -> StoreResult<Vec<AuditRow>> {
-        let (clause, values) = query.clause("action", "resource", |n| format!("${n}"));
-        let values = pg_values(&values);
-        let parameters: Vec<&(dyn ToSql + Sync)> = values
-            .iter()
-            .map(|value| value.as_ref() as &(dyn ToSql + Sync))
-            .collect();
-        self.select(&clause, &parameters).await
+        self.select_log(query, AUDIT_LOG).await
     }
 
     async fn put_sandbox(&self, sandbox: SandboxRow) -> StoreResult<()> {

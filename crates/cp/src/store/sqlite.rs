@@ -12,9 +12,9 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::TagRow;
 use super::rows::{BUILD_UPSERT, HOST_UPSERT, SANDBOX_UPSERT, Stored, TEMPLATE_UPSERT, first};
 use super::{
-    ApiKey, AuditRow, BuildLogRow, BuildRow, EventRow, HostRow, ListQuery, LogQuery, LogValue,
-    SandboxRow, SandboxState, StateChange, StoreBackend, StoreError, StoreResult, Team,
-    TemplateRow, private_dir,
+    AUDIT_LOG, ApiKey, AuditRow, BuildLogRow, BuildRow, EVENT_LOG, EventRow, HostRow, ListQuery,
+    LogQuery, LogValue, SandboxRow, SandboxState, StateChange, StoreBackend, StoreError,
+    StoreResult, Team, TemplateRow, private_dir,
 };
 
 /// A statement's owned values: `values![a, b]` is `vec![Value::from(a), Value::from(b)]`.
@@ -285,7 +285,7 @@ impl StoreBackend for SqliteStore {
     }
 
     async fn events(&self, query: LogQuery) -> StoreResult<Vec<EventRow>> {
-        let (clause, values) = query.clause("kind", "subject", |n| format!("?{n}"));
+        let (clause, values) = query.clause(EVENT_LOG, |n| format!("?{n}"));
         self.select(&clause, sqlite_values(values)).await
     }
 
@@ -316,7 +316,7 @@ impl StoreBackend for SqliteStore {
     }
 
     async fn audit(&self, query: LogQuery) -> StoreResult<Vec<AuditRow>> {
-        let (clause, values) = query.clause("action", "resource", |n| format!("?{n}"));
+        let (clause, values) = query.clause(AUDIT_LOG, |n| format!("?{n}"));
         self.select(&clause, sqlite_values(values)).await
     }
 

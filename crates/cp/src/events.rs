@@ -5,11 +5,13 @@
 //! notification channels follow. The actor is the caller the API authenticated, set for the
 //! request's task by [`acting_as`]; work of the plane's own loops is `system`'s.
 
+use std::collections::VecDeque;
 use std::future::Future;
+use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::store::{EventRow, Store};
+use crate::store::{EventRow, LogQuery, Store};
 
 wrenn_core::named_enum! {
     /// What an event says happened.
@@ -81,6 +83,62 @@ impl Store {
             Err(error) => {
                 tracing::error!(event = %kind, subject, %error, "an event was not recorded")
             }
+        }
+    }
+}
+
+/// How often a follower reads the store though its bus said nothing (events another replica
+/// of the control plane recorded reach it so).
+pub const FOLLOW_POLL: Duration = Duration::from_secs(2);
+
+/// A reader of the events after a cursor, in order, each once: it reads the store, and waits
+/// on the bus (or [`FOLLOW_POLL`]) when it has read everything. A follower that lags behind
+/// the bus loses nothing: the store has every event.
+#[derive(Debug)]
+pub struct Follower {
+    store: Store,
+    query: LogQuery,
+    bus: tokio::sync::broadcast::Receiver<EventRow>,
+    ready: VecDeque<EventRow>,
+}
+
+impl Follower {
+    /// Follows the events `query` selects after `query.after`, `query.limit` read at a time.
+    /// Subscribe `bus` before reading the cursor, so nothing recorded in between is missed.
+    pub fn new(
+        store: Store,
+        query: LogQuery,
+        bus: tokio::sync::broadcast::Receiver<EventRow>,
+    ) -> Follower {
+        Follower {
+            store,
+            query,
+            bus,
+            ready: VecDeque::new(),
+        }
+    }
+
+    /// The next event after the cursor, waiting for one; None when the store fails.
+    pub async fn next(&mut self) -> Option<EventRow> {
+        loop {
+            if let Some(row) = self.ready.pop_front() {
+                self.query.after = row.seq;
+                return Some(row);
+            }
+            match self.store.events(self.query.clone()).await {
+                Ok(rows) if !rows.is_empty() => {
+                    self.ready.extend(rows);
+                    continue;
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "an event follower cannot read the store: ended");
+                    return None;
+                }
+            }
+            // Woken by the bus (or its lag, which the store's read makes up for), or by the
+            // poll for other replicas' events.
+            let _ = tokio::time::timeout(FOLLOW_POLL, self.bus.recv()).await;
         }
     }
 }

@@ -3,17 +3,13 @@
 //! cursor or from now). A team's keys see its events; operators (admin teams) any team's, or
 //! all with the fleet's own (`team=all`).
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 
 use super::*;
-use crate::store::{EventRow, LogQuery};
+use crate::store::EventRow;
 
-/// How often a stream reads the store though its bus said nothing (events another replica
-/// of the control plane recorded reach it so).
-const STREAM_POLL: Duration = Duration::from_secs(2);
 /// How many events a stream reads from the store at once.
 const STREAM_PAGE: usize = 100;
 
@@ -85,12 +81,7 @@ pub(super) async fn stream_events(
         None => plane.store.last_event_seq().await?,
     };
     query.limit = STREAM_PAGE;
-    let follower = Follower {
-        plane: plane.clone(),
-        query,
-        bus,
-        ready: VecDeque::new(),
-    };
+    let follower = crate::events::Follower::new(plane.store.clone(), query, bus);
     let stream = futures_util::stream::unfold(follower, |mut follower| async move {
         let row = follower.next().await?;
         let event = SseEvent::default()
@@ -103,38 +94,4 @@ pub(super) async fn stream_events(
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
-}
-
-/// A stream's place: the events read and not yet sent, and its cursor.
-struct Follower {
-    plane: Arc<ControlPlane>,
-    query: LogQuery,
-    bus: tokio::sync::broadcast::Receiver<EventRow>,
-    ready: VecDeque<EventRow>,
-}
-
-impl Follower {
-    /// The next event after the cursor, waiting for one; None when the store fails.
-    async fn next(&mut self) -> Option<EventRow> {
-        loop {
-            if let Some(row) = self.ready.pop_front() {
-                self.query.after = row.seq;
-                return Some(row);
-            }
-            match self.plane.store.events(self.query.clone()).await {
-                Ok(rows) if !rows.is_empty() => {
-                    self.ready.extend(rows);
-                    continue;
-                }
-                Ok(_) => {}
-                Err(error) => {
-                    tracing::warn!(%error, "an event stream cannot read the store: ended");
-                    return None;
-                }
-            }
-            // Woken by the bus (or its lag, which the store's read makes up for), or by the
-            // poll for other replicas' events.
-            let _ = tokio::time::timeout(STREAM_POLL, self.bus.recv()).await;
-        }
-    }
 }

@@ -116,7 +116,7 @@ impl From<crate::Error> for ApiError {
             | E::KeyNotFound(_) => StatusCode::NOT_FOUND,
             E::InvalidRequest(_) | E::Unsupported(_) => StatusCode::BAD_REQUEST,
             E::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
-            E::Forbidden(_) => StatusCode::FORBIDDEN,
+            E::Forbidden(_) | E::Refused(_) => StatusCode::FORBIDDEN,
             E::Conflict(_) => StatusCode::CONFLICT,
             // A quota holds until the team frees something: retrying does not help.
             E::QuotaExceeded(_) => {
@@ -242,7 +242,16 @@ impl<Id: PathId> FromRequestParts<Arc<ControlPlane>> for KeyedCall<Id> {
 
 /// The API's routes.
 pub fn router(plane: Arc<ControlPlane>) -> Router {
-    Router::new()
+    router_with(plane, Vec::new())
+}
+
+/// The API's routes and, under `/ext/<name>`, each extension's (`crate::server`), behind the
+/// same key check and audit log.
+pub fn router_with(
+    plane: Arc<ControlPlane>,
+    extensions: Vec<(String, Router<Arc<ControlPlane>>)>,
+) -> Router {
+    let mut keyed = Router::new()
         .route("/sandboxes", post(create_sandbox).get(list_v1))
         .route("/v2/sandboxes", get(list_v2).post(create_sandbox))
         .route("/v2/sandboxes/{id}/connect", post(connect))
@@ -289,7 +298,11 @@ pub fn router(plane: Arc<ControlPlane>) -> Router {
         .route("/v1/events", get(list_events))
         .route("/v1/events/stream", get(stream_events))
         .route("/v1/audit", get(list_audit))
-        .route("/hosts/{name}", axum::routing::delete(forget_host))
+        .route("/hosts/{name}", axum::routing::delete(forget_host));
+    for (name, routes) in extensions {
+        keyed = keyed.nest(&format!("/ext/{name}"), routes);
+    }
+    keyed
         .layer(middleware::from_fn_with_state(plane.clone(), require_key))
         .merge(registry::router())
         // Uploads authorise themselves (the link's token), and may be large.
@@ -412,19 +425,31 @@ async fn require_key(
 }
 
 /// The key a keyed route was called with (set by [`require_key`]), and the key as presented.
+/// Extensions' handlers take it too (`crate::server`).
 #[derive(Debug, Clone)]
-struct Caller {
+pub struct Caller {
     key: crate::store::ApiKey,
     presented: String,
 }
 
 impl Caller {
-    fn role(&self) -> crate::store::Role {
+    /// The key's role in its team.
+    pub fn role(&self) -> crate::store::Role {
         self.key.role
     }
 
+    /// The key's team.
+    pub fn team_id(&self) -> &str {
+        &self.key.team_id
+    }
+
+    /// The key's id.
+    pub fn key_id(&self) -> &str {
+        &self.key.id
+    }
+
     /// Whether the key's team is an operator's (an admin team: it sees every team).
-    async fn is_operator(&self, plane: &ControlPlane) -> Result<bool, ApiError> {
+    pub async fn is_operator(&self, plane: &ControlPlane) -> Result<bool, ApiError> {
         Ok(plane
             .store
             .team_by_id(&self.key.team_id)
@@ -447,6 +472,18 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
             )
         })
     }
+}
+
+/// A 429 for a key past its rate of `what`: when it may try again, in `Retry-After`
+/// (whole seconds, at least 1) and the message.
+fn rate_limited(wait: Duration, what: &str) -> Response {
+    let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+    let message = format!("this API key is over its rate of {what}: try again in {seconds} s");
+    let mut response = ApiError::new(StatusCode::TOO_MANY_REQUESTS, message).into_response();
+    response
+        .headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
+    response
 }
 
 /// Set on an answer by a route that made something: the audit log's resource is what it made.

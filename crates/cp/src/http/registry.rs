@@ -88,7 +88,7 @@ fn connect_error(error: crate::Error) -> ConnectError {
         }
         E::InvalidRequest(_) | E::Unsupported(_) => Code::InvalidArgument,
         E::Unauthenticated(_) => Code::Unauthenticated,
-        E::Forbidden(_) => Code::PermissionDenied,
+        E::Forbidden(_) | E::Refused(_) => Code::PermissionDenied,
         E::Conflict(_) => Code::AlreadyExists,
         E::QuotaExceeded(_) => Code::ResourceExhausted,
         E::NoCapacity(_) | E::HostDown(_) => Code::Unavailable,

@@ -9,16 +9,21 @@ use super::*;
     responses(
         (status = 201, description = "The sandbox runs", body = wrenn_api::Sandbox),
         (status = 400, description = "A bad body or a setting wrenn does not enforce", body = wrenn_api::Error),
+        (status = 403, description = "An extension's hook refused it (the reason in the message)", body = wrenn_api::Error),
         (status = 404, description = "No host has the template", body = wrenn_api::Error),
-        (status = 429, description = "A team quota is reached", body = wrenn_api::Error),
+        (status = 429, description = "A team quota is reached, or the key's create rate (then with Retry-After)", body = wrenn_api::Error),
         (status = 503, description = "No host has room now", body = wrenn_api::Error),
     ))]
 pub(super) async fn create_sandbox(
     TeamCall { plane, team, .. }: TeamCall,
+    caller: Caller,
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let handler_started = std::time::Instant::now();
+    if let Err(wait) = plane.create_limit.take(caller.key_id()) {
+        return Ok(rate_limited(wait, "sandbox creates"));
+    }
     let request: wrenn_api::NewSandbox = checked_body(&body, crate::unsupported::check_create)?;
     // A retried create (same Idempotency-Key) gets the sandbox the first one made.
     let idempotency = headers

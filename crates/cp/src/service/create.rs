@@ -58,6 +58,7 @@ impl ControlPlane {
             ));
         }
         check_network(&request.network)?;
+        self.check_create(team_id, &request).await?;
         let template = self.resolve_template(team_id, &request.template).await?;
         self.create_from(team_id, request, template).await
     }

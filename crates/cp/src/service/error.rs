@@ -30,6 +30,9 @@ pub enum Error {
     /// Something this control plane does not allow at all.
     #[error("{0}")]
     Forbidden(String),
+    /// A hook refused the work (an extension's rule: see `hooks`), for this reason.
+    #[error("{0}")]
+    Refused(String),
     /// A request that contradicts the present state (a name taken, a host still up).
     #[error("{0}")]
     Conflict(String),

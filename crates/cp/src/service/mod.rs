@@ -7,6 +7,7 @@
 
 mod create;
 pub mod error;
+pub mod hooks;
 pub mod keys;
 pub mod snapshots;
 pub mod templates;
@@ -52,6 +53,10 @@ pub struct ControlPlane {
     /// on the host (a template's delete does).
     pub(crate) build_jobs:
         std::sync::Mutex<std::collections::HashMap<String, tokio_util::sync::CancellationToken>>,
+    /// What extensions hook into creates and events ([`hooks`]).
+    pub hooks: Vec<Arc<dyn hooks::Hooks>>,
+    /// Creates each API key may make (none by default; see [`Self::with_create_limit`]).
+    pub create_limit: crate::ratelimit::RateLimit,
 }
 
 impl ControlPlane {
@@ -81,6 +86,8 @@ impl ControlPlane {
             changes: Serial::default(),
             build_jobs: Default::default(),
             template_files: None,
+            hooks: Vec::new(),
+            create_limit: crate::ratelimit::RateLimit::unlimited(),
         };
         (plane, wake)
     }
@@ -88,6 +95,18 @@ impl ControlPlane {
     /// The same control plane keeping template builds' uploaded files in `dir`.
     pub fn with_template_files(mut self, dir: std::path::PathBuf) -> Self {
         self.template_files = Some(templates::TemplateFiles::new(dir));
+        self
+    }
+
+    /// The same control plane with `hooks` asked too (after those it has).
+    pub fn with_hooks(mut self, hooks: Arc<dyn hooks::Hooks>) -> Self {
+        self.hooks.push(hooks);
+        self
+    }
+
+    /// The same control plane with each key's creates limited by `limit`.
+    pub fn with_create_limit(mut self, limit: crate::ratelimit::RateLimit) -> Self {
+        self.create_limit = limit;
         self
     }
 

@@ -82,6 +82,13 @@ pub struct PlaneArgs {
     /// paused one also its memory; 0: no limit).
     #[arg(long, default_value_t = 100)]
     pub(super) quota_disk_gib: u64,
+    /// Sandbox creates each API key may make per second on average (0: no limit); past it
+    /// the API answers 429 with Retry-After.
+    #[arg(long, default_value_t = 10.0)]
+    pub(super) create_rate: f64,
+    /// Sandbox creates each API key may make at once, before --create-rate applies.
+    #[arg(long, default_value_t = 50)]
+    pub(super) create_burst: u32,
 }
 
 /// A duration flag given in milliseconds: a whole number, parsed (and refused) as any other.
@@ -146,6 +153,9 @@ pub(super) async fn create_key(
 /// A control plane serving its API and proxy.
 pub(super) struct Running {
     pub(super) plane: Arc<ControlPlane>,
+    /// The plane's workers (event hooks, extensions'), stopped by `shutdown`.
+    started: wrenn_cp::server::Started,
+    shutdown: tokio_util::sync::CancellationToken,
     pub(super) api_address: SocketAddr,
     pub(super) proxy_address: SocketAddr,
     pub(super) first_key: Option<String>,
@@ -293,6 +303,7 @@ pub(super) async fn start_plane(
     embedded: Option<Arc<dyn wrenn_agent_api::HostAgent>>,
     serve: &ServeFn<'_>,
     stop: &tokio::sync::watch::Receiver<bool>,
+    extensions: &crate::Extensions,
 ) -> anyhow::Result<Running> {
     secure_plane_files(&args.data_dir.join("cp"))?;
     let https = start_https(args, embedded.is_some()).await?;
@@ -323,13 +334,24 @@ pub(super) async fn start_plane(
         None => args.domain.clone(),
     };
     let (plane, wake) = ControlPlane::new(store, fleet, domain, !args.no_internet);
-    let plane = plane.with_template_files(args.data_dir.join("cp/template-files"));
-    let plane = Arc::new(plane.with_quotas(wrenn_cp::quota::Quotas {
-        running: args.quota_running,
-        paused: args.quota_paused,
-        disk_mib: args.quota_disk_gib.saturating_mul(1024),
-    }));
-    let interrupted = plane
+    let plane = plane
+        .with_template_files(args.data_dir.join("cp/template-files"))
+        .with_quotas(wrenn_cp::quota::Quotas {
+            running: args.quota_running,
+            paused: args.quota_paused,
+            disk_mib: args.quota_disk_gib.saturating_mul(1024),
+        })
+        .with_create_limit(wrenn_cp::ratelimit::RateLimit::new(
+            args.create_rate,
+            args.create_burst,
+        ));
+    let mut builder = wrenn_cp::server::Server::builder(plane, wake);
+    for extension in extensions {
+        builder = builder.extension(extension.clone());
+    }
+    let server = builder.build()?;
+    let interrupted = server
+        .plane()
         .fail_interrupted_builds()
         .await
         .context("ending the builds a previous run left")?;
@@ -339,25 +361,23 @@ pub(super) async fn start_plane(
             "template builds a previous run left are failed"
         );
     }
-    tokio::spawn(plane.clone().run_lifecycle());
-    tokio::spawn(plane.clone().run_fleet(wake));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let started = server.start(shutdown.clone());
+    let plane = started.plane.clone();
 
     let api = crate::listen(args.api_listen).await?;
     let proxy = crate::listen(args.proxy_listen).await?;
     let api_address = api.local_addr()?;
     let proxy_address = proxy.local_addr()?;
     let mut servers = vec![
-        serve(api, wrenn_cp::http::router(plane.clone())),
-        serve(proxy, wrenn_cp::proxy::router(plane.clone())),
+        serve(api, started.api_router()),
+        serve(proxy, started.proxy_router()),
     ];
     let https = match https {
         Some((https, listeners, config)) => {
             let host = wrenn_cp::tls::domain_host(&https.domain)?;
-            let front = wrenn_cp::tls::front_router(
-                host,
-                wrenn_cp::http::router(plane.clone()),
-                wrenn_cp::proxy::router(plane.clone()),
-            );
+            let front =
+                wrenn_cp::tls::front_router(host, started.api_router(), started.proxy_router());
             for listener in listeners {
                 servers.push(wrenn_cp::tls::spawn_tls_until_stopped(
                     listener,
@@ -373,6 +393,8 @@ pub(super) async fn start_plane(
     };
     Ok(Running {
         plane,
+        started,
+        shutdown,
         api_address,
         proxy_address,
         first_key,
@@ -381,6 +403,18 @@ pub(super) async fn start_plane(
         servers,
         https,
     })
+}
+
+impl Running {
+    /// Stops the servers (`stop` must have been told) and the plane's workers, and waits for
+    /// them.
+    pub(super) async fn stopped(self) {
+        for server in self.servers {
+            let _ = server.await;
+        }
+        self.shutdown.cancel();
+        self.started.stopped().await;
+    }
 }
 
 pub(super) fn print_endpoints(running: &Running) {

@@ -11,10 +11,10 @@ pub struct ServerArgs {
 }
 
 /// `wrenn server`: the control plane alone; hosts join it.
-pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+pub async fn run(args: ServerArgs, extensions: crate::Extensions) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let serve = server_spawner(stop_rx.clone());
-    let running = start_plane(&args.plane, None, &serve, &stop_rx).await?;
+    let running = start_plane(&args.plane, None, &serve, &stop_rx, &extensions).await?;
     println!(
         "wrenn server is up ({} hosts known, data in {})",
         running.plane.fleet.hosts().len(),
@@ -23,8 +23,6 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     print_endpoints(&running);
     crate::shutdown_signal().await;
     let _ = stop_tx.send(true);
-    for server in running.servers {
-        let _ = server.await;
-    }
+    running.stopped().await;
     Ok(())
 }

@@ -36,7 +36,7 @@ pub struct UpArgs {
     demo: bool,
 }
 
-pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+pub async fn run(args: UpArgs, extensions: crate::Extensions) -> anyhow::Result<()> {
     let image_dir = args
         .image_dir
         .clone()
@@ -121,6 +121,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         Some(Arc::new(wrenn_agent::LocalAgent::new(manager.clone()))),
         &serve,
         &stop_rx,
+        &extensions,
     )
     .await?;
     println!(
@@ -140,14 +141,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
     crate::shutdown_signal().await;
     let _ = stop_tx.send(true);
-    for server in running.servers {
-        let _ = server.await;
-    }
+    let plane = running.plane.clone();
+    running.stopped().await;
     let _ = mmds_server.await;
     // Warm VMMs have no sandbox to outlive the agent for.
     manager.close_warm_pool().await;
     if args.stop_sandboxes_on_exit {
-        let plane = &running.plane;
         for row in plane
             .store
             .sandboxes_on_host(wrenn_cp::fleet::EMBEDDED_HOST_ID)

@@ -140,9 +140,9 @@ class Wrenn:
             return f.read()[-3000:].decode(errors="replace")
 
     def key_cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        """`wrenn key ARGS` on this control plane's data directory (and its store)."""
+        """`wrenn key ARGS --local` on this control plane's data directory (and its store)."""
         return subprocess.run(
-            [self.binary, "key", *args, "--data-dir", self.data],
+            [self.binary, "key", *args, "--local", "--data-dir", self.data],
             capture_output=True, text=True, timeout=60, check=check,
         )
 
@@ -150,6 +150,14 @@ class Wrenn:
         """`wrenn key ARGS --json`, its output parsed (None when it prints nothing)."""
         out = self.key_cli(*args, "--json").stdout
         return json.loads(out) if out.strip() else None
+
+    def api_cli(self, *args: str, key: str, check: bool = True) -> subprocess.CompletedProcess:
+        """`wrenn ARGS` over this control plane's API, as `key`."""
+        env = dict(os.environ, WRENN_API_URL=self.api_url, WRENN_API_KEY=key)
+        return subprocess.run(
+            [self.binary, *args], capture_output=True, text=True, timeout=60, check=check,
+            env=env,
+        )
 
     def new_team_key(self, team: str) -> str:
         return self.key_cli_json("create", "--team", team)["key"]

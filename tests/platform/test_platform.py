@@ -2,6 +2,7 @@
 
 import base64
 import hashlib
+import json
 import http.client
 import os
 import socket
@@ -295,6 +296,41 @@ def test_a_revoked_key_is_refused_and_listed_as_revoked(wrenn):
     # A second revoke of the same key says it found none to revoke.
     again = wrenn.key_cli("revoke", made["id"], check=False)
     assert again.returncode != 0, again.stdout
+
+
+def test_keys_are_managed_over_the_api_by_role_and_revoked_at_once(wrenn):
+    # `wrenn key` goes through E2B's /api-keys routes as the key it is given.
+    owner = wrenn.new_team_key("keyroles")
+    made = json.loads(wrenn.api_cli(
+        "key", "create", "--name", "worker", "--role", "member", "--json", key=owner).stdout)
+    assert made["role"] == "member" and made["name"] == "worker"
+    member = made["key"]
+    listed = json.loads(wrenn.api_cli("key", "list", "--json", key=member).stdout)
+    assert made["id"] in {k["id"] for k in listed}
+    assert all(member not in json.dumps(k) for k in listed), "a listing shows no key"
+    # A member may use the team's sandboxes, not make, rename or revoke keys.
+    assert Sandbox.list(api_key=member).next_items() == []
+    for args in (("key", "create", "--json"), ("key", "revoke", made["id"]),
+                 ("key", "rename", made["id"], "mine")):
+        refused = wrenn.api_cli(*args, key=member, check=False)
+        assert refused.returncode != 0, refused.stdout
+        assert "403" in refused.stderr and "member cannot" in refused.stderr, refused.stderr
+    # Nor may an admin make an owner.
+    admin = json.loads(wrenn.api_cli(
+        "key", "create", "--role", "admin", "--json", key=owner).stdout)["key"]
+    refused = wrenn.api_cli("key", "create", "--role", "owner", key=admin, check=False)
+    assert refused.returncode != 0 and "403" in refused.stderr, refused.stderr
+    wrenn.api_cli("key", "rename", made["id"], "renamed", key=owner)
+    listed = json.loads(wrenn.api_cli("key", "list", "--json", key=owner).stdout)
+    assert {k["id"]: k["name"] for k in listed}[made["id"]] == "renamed"
+    # A revoked key's very next call is refused, by the SDK's route and by the CLI.
+    wrenn.api_cli("key", "revoke", made["id"], key=owner)
+    with pytest.raises(AuthenticationException, match="Invalid API key"):
+        Sandbox.list(api_key=member).next_items()
+    refused = wrenn.api_cli("key", "list", key=member, check=False)
+    assert refused.returncode != 0 and "401" in refused.stderr, refused.stderr
+    listed = json.loads(wrenn.api_cli("key", "list", "--json", key=owner).stdout)
+    assert made["id"] not in {k["id"] for k in listed}
 
 
 def test_envd_through_the_proxy_wants_the_sandboxs_access_token(wrenn):

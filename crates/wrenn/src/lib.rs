@@ -38,9 +38,8 @@ enum Command {
     Up(Box<up::UpArgs>),
     /// Run the control plane alone, for host agents that join it (`wrenn agent serve --join`).
     Server(server::ServerArgs),
-    /// Manage API keys.
-    #[command(subcommand)]
-    Key(key::KeyCommand),
+    /// Manage API keys: over the API, or with --local in this machine's store.
+    Key(key::KeyArgs),
     /// Sandboxes of a control plane: create, list, info, exec, shell, cp, pause, resume,
     /// snapshot, fork, kill, timeout.
     Sandbox(sandbox::SandboxArgs),

@@ -139,7 +139,7 @@ impl Server {
     fn key_of_team(&self, team: &str) -> String {
         let mut command = Command::new(env!("CARGO_BIN_EXE_wrenn"));
         command
-            .args(["key", "create", "--team", team, "--json"])
+            .args(["key", "create", "--local", "--team", team, "--json"])
             .arg("--data-dir")
             .arg(self.data_dir())
             .env_remove("DATABASE_URL");

@@ -423,7 +423,7 @@ pub(super) fn print_endpoints(running: &Running) {
             "  E2B_API_KEY={key}    (also in {})",
             running.key_file.display()
         ),
-        None => println!("  E2B_API_KEY=<a key of yours: `wrenn key create`>"),
+        None => println!("  E2B_API_KEY=<a key of yours: `wrenn key create --local`>"),
     }
     if let Some(https) = &running.https {
         let listening: Vec<String> = https.addresses.iter().map(|a| a.to_string()).collect();

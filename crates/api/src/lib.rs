@@ -673,3 +673,131 @@ pub struct AuditLog {
     /// The cursor of the next page (`after`).
     pub next: i64,
 }
+
+/// `POST /v1/auth/login`'s body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Login {
+    pub email: String,
+    pub password: String,
+}
+
+/// A user as the API shows them (never the password's hash).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct User {
+    #[serde(rename = "userID")]
+    pub user_id: String,
+    pub email: String,
+    /// Operators see and act in every team.
+    pub operator: bool,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+/// `POST /v1/auth/login`'s answer: a session token (shown once; `Authorization: Bearer`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Session {
+    pub token: String,
+    /// RFC 3339.
+    pub expires_at: String,
+    pub user: User,
+}
+
+/// One of a user's teams, with their role in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Membership {
+    #[serde(rename = "teamID")]
+    pub team_id: String,
+    pub name: String,
+    pub role: String,
+}
+
+/// `GET /v1/me`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Me {
+    pub user: User,
+    pub teams: Vec<Membership>,
+}
+
+/// `POST /v1/teams`'s body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NewTeam {
+    pub name: String,
+}
+
+/// A team's member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Member {
+    #[serde(rename = "userID")]
+    pub user_id: String,
+    pub email: String,
+    pub role: String,
+    /// RFC 3339.
+    pub joined_at: String,
+}
+
+/// `PATCH /v1/teams/{teamID}/members/{userID}`'s body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MemberRole {
+    pub role: String,
+}
+
+/// `POST /v1/teams/{teamID}/invitations`'s body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NewInvitation {
+    pub email: String,
+    /// `owner`, `admin` or `member` (the default), at most the inviter's.
+    #[serde(default)]
+    pub role: Option<String>,
+}
+
+/// An invitation made: its one-time token (shown once) for the link
+/// `POST /v1/invitations/{token}/accept`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Invitation {
+    pub id: String,
+    pub token: String,
+    pub email: String,
+    pub role: String,
+    /// RFC 3339.
+    pub expires_at: String,
+}
+
+/// `POST /v1/invitations/{token}/accept`'s body: a password for a new account (none when a
+/// signed-in user accepts).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AcceptInvitation {
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+/// `POST /v1/invitations/{token}/accept`'s answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Accepted {
+    #[serde(rename = "teamID")]
+    pub team_id: String,
+    pub role: String,
+    pub user: User,
+}
+
+/// `POST /access-tokens`'s body (E2B's `NewAccessToken`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NewAccessToken {
+    pub name: String,
+}
+
+/// `POST /access-tokens`'s answer (E2B's `CreatedAccessToken`): the token, shown once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CreatedAccessToken {
+    pub id: String,
+    pub name: String,
+    pub token: String,
+    pub mask: IdentifierMaskingDetails,
+    /// RFC 3339.
+    pub created_at: String,
+}

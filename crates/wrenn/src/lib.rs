@@ -1,6 +1,6 @@
 //! The `wrenn` command: wrenn on one machine (`wrenn up`), the control plane alone (`wrenn
 //! server`), the host agent (`wrenn agent`), the CLI over a control plane (`wrenn sandbox`,
-//! `wrenn snapshot`, `wrenn template`, `wrenn host`, `wrenn audit`, `wrenn events`), API keys (`wrenn key`) and guest images (`wrenn image`): one
+//! `wrenn snapshot`, `wrenn template`, `wrenn host`, `wrenn audit`, `wrenn events`), API keys (`wrenn key`), users (`wrenn user`) and guest images (`wrenn image`): one
 //! module a command group under `commands/`. The benchmarks are the `wrenn-bench` binary.
 //!
 //! A library too: [`main_with`] is the whole command with extensions added to the control
@@ -14,7 +14,7 @@ mod output;
 mod paths;
 mod secrets;
 
-use commands::{agent, audit, host, image, key, sandbox, server, snapshot, template, up};
+use commands::{agent, audit, host, image, key, sandbox, server, snapshot, template, up, user};
 
 use clap::{Parser, Subcommand};
 
@@ -40,6 +40,8 @@ enum Command {
     Server(server::ServerArgs),
     /// Manage API keys: over the API, or with --local in this machine's store.
     Key(key::KeyArgs),
+    /// Users in this machine's store (the first operator; the rest come by invitation).
+    User(user::UserArgs),
     /// Sandboxes of a control plane: create, list, info, exec, shell, cp, pause, resume,
     /// snapshot, fork, kill, timeout.
     Sandbox(sandbox::SandboxArgs),
@@ -89,6 +91,7 @@ fn run(extensions: Extensions) -> anyhow::Result<()> {
         Command::Snapshot(args) => runtime.block_on(snapshot::run(args)),
         Command::Host(args) => runtime.block_on(host::run(args)),
         Command::Key(command) => runtime.block_on(key::run(command)),
+        Command::User(args) => runtime.block_on(user::run(args)),
         Command::Audit(args) => runtime.block_on(audit::audit(args)),
         Command::Events(args) => runtime.block_on(audit::events(args)),
     }

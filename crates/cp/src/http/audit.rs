@@ -50,8 +50,8 @@ impl LogFilters {
         caller: &Caller,
     ) -> Result<crate::store::LogQuery, ApiError> {
         let team_id = match self.team.as_deref() {
-            None => Some(caller.key.team_id.clone()),
-            Some(team) if team == caller.key.team_id => Some(team.to_string()),
+            None => Some(caller.team_id().to_string()),
+            Some(team) if team == caller.team_id() => Some(team.to_string()),
             Some(team) => {
                 if !caller.is_operator(plane).await? {
                     return Err(ApiError::new(

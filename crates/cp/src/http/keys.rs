@@ -125,9 +125,15 @@ pub(super) async fn list_teams(
     State(plane): State<Arc<ControlPlane>>,
     caller: Caller,
 ) -> Result<Response, ApiError> {
-    let own = &caller.key.team_id;
+    let own = &caller.team_id().to_string();
     let teams = if caller.is_operator(&plane).await? {
         plane.store.teams().await?
+    } else if let Some(user) = caller.user() {
+        let mut teams = Vec::new();
+        for member in plane.store.members_where("user_id", &user.id).await? {
+            teams.extend(plane.store.team_by_id(&member.team_id).await?);
+        }
+        teams
     } else {
         plane.store.team_by_id(own).await?.into_iter().collect()
     };

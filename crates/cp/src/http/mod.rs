@@ -17,6 +17,7 @@ mod registry;
 mod sandboxes;
 mod snapshots;
 mod templates;
+mod users;
 
 use audit::*;
 use events::*;
@@ -26,6 +27,7 @@ use sandboxes::*;
 pub use sandboxes::{MAX_METRICS_ANSWER, envd_metrics, parse_metadata_filter};
 use snapshots::*;
 use templates::*;
+use users::*;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -56,6 +58,8 @@ pub struct ApiError {
     message: String,
     /// Sent as `Should-Retry` (the SDKs retry a 429, 502, 503 or 504 unless told not to).
     should_retry: Option<bool>,
+    /// Sent as `Retry-After` (seconds).
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -64,11 +68,17 @@ impl ApiError {
             status,
             message: message.into(),
             should_retry: None,
+            retry_after: None,
         }
     }
     /// A request the API cannot take as it is (400).
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    /// Tells clients when to try again (`Retry-After`, whole seconds, at least 1).
+    pub fn retry_after(mut self, wait: Duration) -> Self {
+        self.retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
+        self
     }
     /// Tells clients that trying again will not help (a limit, not a passing state).
     pub fn final_answer(mut self) -> Self {
@@ -94,6 +104,11 @@ impl IntoResponse for ApiError {
             message: self.message,
         };
         let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         if let Some(retry) = self.should_retry {
             response.headers_mut().insert(
                 "should-retry",
@@ -113,7 +128,14 @@ impl From<crate::Error> for ApiError {
             E::SandboxNotFound(_)
             | E::TemplateNotFound(_)
             | E::HostNotFound(_)
-            | E::KeyNotFound(_) => StatusCode::NOT_FOUND,
+            | E::KeyNotFound(_)
+            | E::TeamNotFound(_)
+            | E::TokenNotFound(_)
+            | E::MemberNotFound(_) => StatusCode::NOT_FOUND,
+            E::RateLimited { retry_after, .. } => {
+                return Self::new(StatusCode::TOO_MANY_REQUESTS, error.to_string())
+                    .retry_after(*retry_after);
+            }
             E::InvalidRequest(_) | E::Unsupported(_) => StatusCode::BAD_REQUEST,
             E::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             E::Forbidden(_) | E::Refused(_) => StatusCode::FORBIDDEN,
@@ -298,13 +320,31 @@ pub fn router_with(
         .route("/v1/events", get(list_events))
         .route("/v1/events/stream", get(stream_events))
         .route("/v1/audit", get(list_audit))
-        .route("/hosts/{name}", axum::routing::delete(forget_host));
+        .route("/hosts/{name}", axum::routing::delete(forget_host))
+        .route("/v1/auth/logout", post(logout))
+        .route("/v1/me", get(me))
+        .route("/v1/teams", post(create_team))
+        .route("/v1/teams/{team_id}", axum::routing::delete(delete_team))
+        .route("/v1/teams/{team_id}/members", get(list_members))
+        .route(
+            "/v1/teams/{team_id}/members/{user_id}",
+            axum::routing::patch(set_member_role).delete(remove_member),
+        )
+        .route("/v1/teams/{team_id}/invitations", post(invite))
+        .route("/access-tokens", post(create_access_token))
+        .route(
+            "/access-tokens/{access_token_id}",
+            axum::routing::delete(delete_access_token),
+        );
     for (name, routes) in extensions {
         keyed = keyed.nest(&format!("/ext/{name}"), routes);
     }
     keyed
         .layer(middleware::from_fn_with_state(plane.clone(), require_key))
         .merge(registry::router())
+        // Their credentials are in their bodies and paths.
+        .route("/v1/auth/login", post(login))
+        .route("/v1/invitations/{token}/accept", post(accept_invitation))
         // Uploads authorise themselves (the link's token), and may be large.
         .route(
             "/templates/files/uploads/{token}",
@@ -356,50 +396,96 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
     )
 }
 
-/// Authenticates a keyed route's caller by `X-API-KEY` (read from the store at every call: a
-/// revoked key fails at once), runs the route as the key's actor ([`crate::events::acting_as`])
-/// and appends every call that may change state (any method but GET, HEAD and OPTIONS) to the
-/// audit log, with its outcome, once the route answered.
+/// The routes a signed-in user of no team may call (every other route acts in a team).
+const NO_TEAM_ROUTES: &[&str] = &[
+    "/v1/me",
+    "/v1/teams",
+    "/teams",
+    "/v1/auth/logout",
+    "/v1/invitations/{token}/accept",
+    "/access-tokens",
+    "/access-tokens/{access_token_id}",
+];
+
+/// Authenticates a keyed route's caller, read from the store at every call (a revoked key or
+/// token fails at once): by `X-API-KEY` (a team's key), else by `Authorization: Bearer` (a
+/// user's session or access token, acting in the team `X-Team-ID` names or their first).
+/// It runs the route as the caller's actor ([`crate::events::acting_as`]) and appends every
+/// call that may change state (any method but GET, HEAD and OPTIONS) to the audit log, with
+/// its outcome, once the route answered.
 async fn require_key(
     State(plane): State<Arc<ControlPlane>>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    let presented = request
-        .headers()
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let Some(presented) = presented else {
-        return ApiError::new(StatusCode::UNAUTHORIZED, "missing X-API-KEY header").into_response();
+    let (presented_key, authorization, team_asked) = {
+        let header = |name: &str| {
+            request
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        (
+            header("x-api-key"),
+            header("authorization"),
+            header("x-team-id"),
+        )
     };
-    let key = match plane.store.key_by_hash(&auth::hash_key(&presented)).await {
-        Ok(Some(key)) => key,
-        Ok(None) => {
-            return ApiError::new(StatusCode::UNAUTHORIZED, "Invalid API key").into_response();
-        }
-        Err(error) => return ApiError::from(error).into_response(),
-    };
-    let actor = format!("key:{}", key.id);
-    let method = request.method().clone();
-    let changes = !matches!(
-        method,
-        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
-    );
+    let bearer = authorization.and_then(|value| {
+        value
+            .strip_prefix("Bearer ")
+            .map(|token| token.trim().to_string())
+    });
     let route = request
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .map(|path| path.as_str().to_string())
         .unwrap_or_else(|| request.uri().path().to_string());
+    let authenticated = match (presented_key, bearer) {
+        (Some(presented), _) => key_caller(&plane, presented).await,
+        (None, Some(token)) => match plane.authenticate_user(&token, team_asked.as_deref()).await {
+            Ok(Some(caller)) => Ok(Caller {
+                inner: caller,
+                presented: String::new(),
+            }),
+            Ok(None) => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "Invalid access token",
+            )),
+            Err(error) => Err(error.into()),
+        },
+        (None, None) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing X-API-KEY header (or Authorization: Bearer with a user's token)",
+        )),
+    };
+    let caller = match authenticated {
+        Ok(caller) => caller,
+        Err(error) => return error.into_response(),
+    };
+    if caller.team_id.is_empty() && !NO_TEAM_ROUTES.contains(&route.as_str()) {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "you belong to no team yet: create one (POST /v1/teams) or accept an invitation",
+        )
+        .into_response();
+    }
+    let actor = caller.actor();
+    let method = request.method().clone();
+    let changes = !matches!(
+        method,
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    );
     let path = request.uri().path().to_string();
     let client = request
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|info| info.0.ip().to_string())
         .unwrap_or_default();
-    let team_id = key.team_id.clone();
-    request.extensions_mut().insert(TeamId(key.team_id.clone()));
-    request.extensions_mut().insert(Caller { key, presented });
+    let team_id = caller.team_id.clone();
+    request.extensions_mut().insert(TeamId(team_id.clone()));
+    request.extensions_mut().insert(caller);
     let response = crate::events::acting_as(actor.clone(), next.run(request)).await;
     if changes {
         let resource = response
@@ -424,37 +510,66 @@ async fn require_key(
     response
 }
 
-/// The key a keyed route was called with (set by [`require_key`]), and the key as presented.
-/// Extensions' handlers take it too (`crate::server`).
+/// The caller an API key names, or a 401.
+async fn key_caller(plane: &ControlPlane, presented: String) -> Result<Caller, ApiError> {
+    let Some(key) = plane.store.key_by_hash(&auth::hash_key(&presented)).await? else {
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "Invalid API key"));
+    };
+    let operator = plane
+        .store
+        .team_by_id(&key.team_id)
+        .await?
+        .is_some_and(|team| team.admin);
+    Ok(Caller {
+        inner: crate::service::users::Caller {
+            team_id: key.team_id.clone(),
+            role: key.role,
+            operator,
+            principal: crate::service::users::Principal::Key(key),
+        },
+        presented,
+    })
+}
+
+/// The caller of a keyed route (set by [`require_key`]): a key, or a user with a token, the
+/// team and role they act in; and the key as presented. Extensions' handlers take it too
+/// (`crate::server`).
 #[derive(Debug, Clone)]
 pub struct Caller {
-    key: crate::store::ApiKey,
+    inner: crate::service::users::Caller,
     presented: String,
 }
 
+impl std::ops::Deref for Caller {
+    type Target = crate::service::users::Caller;
+
+    fn deref(&self) -> &Self::Target {
+        &self.inner
+    }
+}
+
 impl Caller {
-    /// The key's role in its team.
+    /// The role the caller acts with in its team.
     pub fn role(&self) -> crate::store::Role {
-        self.key.role
+        self.inner.role
     }
 
-    /// The key's team.
+    /// The team the caller acts in.
     pub fn team_id(&self) -> &str {
-        &self.key.team_id
+        &self.inner.team_id
     }
 
-    /// The key's id.
-    pub fn key_id(&self) -> &str {
-        &self.key.id
+    /// The key's id, when a key calls.
+    pub fn key_id(&self) -> Option<&str> {
+        match &self.inner.principal {
+            crate::service::users::Principal::Key(key) => Some(&key.id),
+            crate::service::users::Principal::User { .. } => None,
+        }
     }
 
-    /// Whether the key's team is an operator's (an admin team: it sees every team).
-    pub async fn is_operator(&self, plane: &ControlPlane) -> Result<bool, ApiError> {
-        Ok(plane
-            .store
-            .team_by_id(&self.key.team_id)
-            .await?
-            .is_some_and(|team| team.admin))
+    /// Whether the caller sees every team (a key of an admin team, or an operator).
+    pub async fn is_operator(&self, _plane: &ControlPlane) -> Result<bool, ApiError> {
+        Ok(self.inner.operator)
     }
 }
 

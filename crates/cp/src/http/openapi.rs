@@ -6,7 +6,7 @@
 use utoipa::OpenApi;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 
-use super::{audit, events, hosts, keys, sandboxes, snapshots, templates};
+use super::{audit, events, hosts, keys, sandboxes, snapshots, templates, users};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -53,6 +53,18 @@ use super::{audit, events, hosts, keys, sandboxes, snapshots, templates};
         events::list_events,
         events::stream_events,
         audit::list_audit,
+        users::login,
+        users::logout,
+        users::me,
+        users::create_team,
+        users::delete_team,
+        users::list_members,
+        users::set_member_role,
+        users::remove_member,
+        users::invite,
+        users::accept_invitation,
+        users::create_access_token,
+        users::delete_access_token,
         super::health,
         super::openapi_document,
     ),
@@ -66,6 +78,7 @@ use super::{audit, events, hosts, keys, sandboxes, snapshots, templates};
         (name = "teams", description = "The caller's teams (E2B's route)"),
         (name = "events", description = "Lifecycle events: sandboxes, snapshots, hosts, templates, keys"),
         (name = "audit", description = "The audit log of every call that changes state (a team's admins and owners; operators)"),
+        (name = "users", description = "Users (email and password; sessions and access tokens as `Authorization: Bearer`), their teams, members, roles and invitations"),
         (name = "service", description = "The control plane itself"),
     )
 )]
@@ -80,6 +93,12 @@ impl utoipa::Modify for Security {
         components.add_security_scheme(
             "api_key",
             SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))),
+        );
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(utoipa::openapi::security::Http::new(
+                utoipa::openapi::security::HttpAuthScheme::Bearer,
+            )),
         );
     }
 }

@@ -21,7 +21,7 @@ pub(super) async fn create_sandbox(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let handler_started = std::time::Instant::now();
-    if let Err(wait) = plane.create_limit.take(caller.key_id()) {
+    if let Err(wait) = plane.create_limit.take(&caller.actor()) {
         return Ok(rate_limited(wait, "sandbox creates"));
     }
     let request: wrenn_api::NewSandbox = checked_body(&body, crate::unsupported::check_create)?;

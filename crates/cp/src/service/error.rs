@@ -18,6 +18,15 @@ pub enum Error {
     TemplateNotFound(String),
     #[error("API key \"{0}\" not found")]
     KeyNotFound(String),
+    #[error("team \"{0}\" not found")]
+    TeamNotFound(String),
+    #[error("token \"{0}\" not found")]
+    TokenNotFound(String),
+    #[error("member \"{0}\" not found")]
+    MemberNotFound(String),
+    /// Too many calls of one kind: try again after the time given.
+    #[error("too many {what}: try again in {} s", .retry_after.as_secs().max(1))]
+    RateLimited { what: String, retry_after: Duration },
     /// A host name or id the fleet does not know.
     #[error("{0}")]
     HostNotFound(String),

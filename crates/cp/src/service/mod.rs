@@ -11,6 +11,7 @@ pub mod hooks;
 pub mod keys;
 pub mod snapshots;
 pub mod templates;
+pub mod users;
 
 pub use create::{Created, SandboxRequest};
 
@@ -57,6 +58,8 @@ pub struct ControlPlane {
     pub hooks: Vec<Arc<dyn hooks::Hooks>>,
     /// Creates each API key may make (none by default; see [`Self::with_create_limit`]).
     pub create_limit: crate::ratelimit::RateLimit,
+    /// Failed sign-ins by email ([`users`]).
+    pub login_limit: users::LoginLimit,
 }
 
 impl ControlPlane {
@@ -88,6 +91,7 @@ impl ControlPlane {
             template_files: None,
             hooks: Vec::new(),
             create_limit: crate::ratelimit::RateLimit::unlimited(),
+            login_limit: Default::default(),
         };
         (plane, wake)
     }

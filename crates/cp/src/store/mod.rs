@@ -57,6 +57,59 @@ pub struct ApiKey {
     pub mask_suffix: String,
 }
 
+/// A person who signs in (the dashboard, `/access-tokens`), with their password's hash.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRow {
+    pub id: String,
+    pub email: String,
+    /// The argon2id hash (PHC string); never leaves the control plane.
+    #[serde(skip_serializing)]
+    pub password_hash: String,
+    /// An operator sees and may act in every team.
+    pub operator: bool,
+    pub created_at_ms: i64,
+}
+
+/// A user's place in a team.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRow {
+    pub team_id: String,
+    pub user_id: String,
+    pub role: Role,
+    pub created_at_ms: i64,
+}
+
+/// A user's session (the dashboard's sign-in) or access token (E2B's `/access-tokens`), as
+/// stored (never the token itself).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserTokenRow {
+    pub id: String,
+    pub user_id: String,
+    /// `session` or `access`.
+    pub kind: String,
+    pub name: String,
+    pub prefix: String,
+    pub mask_suffix: String,
+    pub created_at_ms: i64,
+    /// When it stops working (0: never).
+    pub expires_at_ms: i64,
+    pub revoked: bool,
+}
+
+/// An invitation to a team, taken once by following its link.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvitationRow {
+    pub id: String,
+    pub team_id: String,
+    pub email: String,
+    pub role: Role,
+    /// Who made it (`key:<id>`, `user:<id>`).
+    pub created_by: String,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+    pub accepted: bool,
+}
+
 wrenn_core::named_enum! {
     /// A key's (or a member's) role in its team: an owner may do everything, an admin all but
     /// what changes the team itself, a member uses sandboxes and templates.
@@ -485,6 +538,39 @@ pub trait StoreBackend: Send + Sync + std::fmt::Debug {
     async fn rename_key(&self, key_id: &str, name: &str) -> StoreResult<bool>;
     /// Every team, oldest first.
     async fn teams(&self) -> StoreResult<Vec<Team>>;
+
+    async fn create_user(&self, user: UserRow) -> StoreResult<()>;
+    /// The user whose `column` (`id` or `email`, both unique) is `value`.
+    async fn user_where(&self, column: &'static str, value: &str) -> StoreResult<Option<UserRow>>;
+    /// Every user, oldest first.
+    async fn users(&self) -> StoreResult<Vec<UserRow>>;
+    /// Adds a member, or changes a member's role.
+    async fn put_member(&self, member: MemberRow) -> StoreResult<()>;
+    /// Removes a member: whether they were one.
+    async fn delete_member(&self, team_id: &str, user_id: &str) -> StoreResult<bool>;
+    /// The members whose `column` (`team_id` or `user_id`) is `value`, oldest first.
+    async fn members_where(&self, column: &'static str, value: &str)
+    -> StoreResult<Vec<MemberRow>>;
+    async fn add_user_token(&self, token: UserTokenRow, hash: String) -> StoreResult<()>;
+    /// The unrevoked token with this hash (expired or not).
+    async fn user_token_by_hash(&self, hash: &str) -> StoreResult<Option<UserTokenRow>>;
+    /// A user's unrevoked tokens of `kind`, oldest first.
+    async fn user_tokens(&self, user_id: &str, kind: &str) -> StoreResult<Vec<UserTokenRow>>;
+    /// Revokes a user's token: whether there was such an unrevoked one.
+    async fn revoke_user_token(
+        &self,
+        user_id: &str,
+        token_id: &str,
+        now_ms: i64,
+    ) -> StoreResult<bool>;
+    async fn add_invitation(&self, invitation: InvitationRow, hash: String) -> StoreResult<()>;
+    /// The invitation with this hash, taken or not.
+    async fn invitation_by_hash(&self, hash: &str) -> StoreResult<Option<InvitationRow>>;
+    /// Takes the invitation with this hash if it is neither taken nor expired: it, taken.
+    async fn take_invitation(&self, hash: &str, now_ms: i64) -> StoreResult<Option<InvitationRow>>;
+    /// Deletes a team with its keys, members and invitations (its sandboxes and templates
+    /// must be gone): whether it was there.
+    async fn delete_team(&self, team_id: &str) -> StoreResult<bool>;
 
     /// Records an event (its `seq` is the store's to give): the `seq` it got.
     async fn add_event(&self, event: EventRow) -> StoreResult<i64>;

@@ -17,6 +17,7 @@ use super::{
     LogQuery, LogTable, LogValue, SandboxRow, SandboxState, StateChange, StoreBackend, StoreResult,
     Team, TemplateRow,
 };
+use super::{InvitationRow, MemberRow, UserRow, UserTokenRow};
 
 /// A statement's parameters, as `tokio-postgres` takes them.
 type Parameters<'a> = [&'a (dyn ToSql + Sync)];
@@ -33,6 +34,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0007_snapshots.sql"),
     include_str!("../../migrations/postgres/0008_network.sql"),
     include_str!("../../migrations/postgres/0009_events_audit_key_roles.sql"),
+    include_str!("../../migrations/postgres/0011_users.sql"),
 ];
 
 /// Connections to one PostgreSQL database.
@@ -224,6 +226,163 @@ impl StoreBackend for PgStore {
 
     async fn teams(&self) -> StoreResult<Vec<Team>> {
         self.select("ORDER BY created_at_ms, id", &[]).await
+    }
+
+    async fn create_user(&self, user: UserRow) -> StoreResult<()> {
+        self.execute(
+            "INSERT INTO users (id, email, password_hash, operator, created_at_ms)
+             VALUES ($1, $2, $3, $4, $5)",
+            &[
+                &user.id,
+                &user.email,
+                &user.password_hash,
+                &user.operator,
+                &user.created_at_ms,
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn user_where(&self, column: &'static str, value: &str) -> StoreResult<Option<UserRow>> {
+        let clause = format!("WHERE {column} = $1");
+        self.select(&clause, &[&value]).await.map(first)
+    }
+
+    async fn users(&self) -> StoreResult<Vec<UserRow>> {
+        self.select("ORDER BY created_at_ms, id", &[]).await
+    }
+
+    async fn put_member(&self, member: MemberRow) -> StoreResult<()> {
+        self.execute(
+            "INSERT INTO memberships (team_id, user_id, role, created_at_ms) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (team_id, user_id) DO UPDATE SET role = excluded.role",
+            &[
+                &member.team_id,
+                &member.user_id,
+                &member.role.as_str(),
+                &member.created_at_ms,
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn delete_member(&self, team_id: &str, user_id: &str) -> StoreResult<bool> {
+        self.execute(
+            "DELETE FROM memberships WHERE team_id = $1 AND user_id = $2",
+            &[&team_id, &user_id],
+        )
+        .await
+        .map(|changed| changed == 1)
+    }
+
+    async fn members_where(
+        &self,
+        column: &'static str,
+        value: &str,
+    ) -> StoreResult<Vec<MemberRow>> {
+        let clause = format!("WHERE {column} = $1 ORDER BY created_at_ms, team_id, user_id");
+        self.select(&clause, &[&value]).await
+    }
+
+    async fn add_user_token(&self, token: UserTokenRow, hash: String) -> StoreResult<()> {
+        self.execute(
+            "INSERT INTO user_tokens (id, user_id, kind, name, hash, prefix, mask_suffix,
+                 created_at_ms, expires_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            &[
+                &token.id,
+                &token.user_id,
+                &token.kind,
+                &token.name,
+                &hash,
+                &token.prefix,
+                &token.mask_suffix,
+                &token.created_at_ms,
+                &token.expires_at_ms,
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn user_token_by_hash(&self, hash: &str) -> StoreResult<Option<UserTokenRow>> {
+        let clause = "WHERE hash = $1 AND revoked_at_ms IS NULL";
+        self.select(clause, &[&hash]).await.map(first)
+    }
+
+    async fn user_tokens(&self, user_id: &str, kind: &str) -> StoreResult<Vec<UserTokenRow>> {
+        let clause =
+            "WHERE user_id = $1 AND kind = $2 AND revoked_at_ms IS NULL ORDER BY created_at_ms, id";
+        self.select(clause, &[&user_id, &kind]).await
+    }
+
+    async fn revoke_user_token(
+        &self,
+        user_id: &str,
+        token_id: &str,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        self.execute(
+            "UPDATE user_tokens SET revoked_at_ms = $3
+             WHERE user_id = $1 AND id = $2 AND revoked_at_ms IS NULL",
+            &[&user_id, &token_id, &now_ms],
+        )
+        .await
+        .map(|changed| changed == 1)
+    }
+
+    async fn add_invitation(&self, invitation: InvitationRow, hash: String) -> StoreResult<()> {
+        self.execute(
+            "INSERT INTO invitations (id, team_id, email, role, hash, created_by, created_at_ms,
+                 expires_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            &[
+                &invitation.id,
+                &invitation.team_id,
+                &invitation.email,
+                &invitation.role.as_str(),
+                &hash,
+                &invitation.created_by,
+                &invitation.created_at_ms,
+                &invitation.expires_at_ms,
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn invitation_by_hash(&self, hash: &str) -> StoreResult<Option<InvitationRow>> {
+        self.select("WHERE hash = $1", &[&hash]).await.map(first)
+    }
+
+    async fn take_invitation(&self, hash: &str, now_ms: i64) -> StoreResult<Option<InvitationRow>> {
+        let taken = self
+            .execute(
+                "UPDATE invitations SET accepted_at_ms = $2
+                 WHERE hash = $1 AND accepted_at_ms IS NULL AND expires_at_ms > $2",
+                &[&hash, &now_ms],
+            )
+            .await?;
+        if taken != 1 {
+            return Ok(None);
+        }
+        self.select("WHERE hash = $1", &[&hash]).await.map(first)
+    }
+
+    async fn delete_team(&self, team_id: &str) -> StoreResult<bool> {
+        let mut client = self.client().await?;
+        let transaction = client.transaction().await?;
+        for table in ["invitations", "memberships", "api_keys"] {
+            let sql = format!("DELETE FROM {table} WHERE team_id = $1");
+            transaction.execute(&sql, &[&team_id]).await?;
+        }
+        let deleted = transaction
+            .execute("DELETE FROM teams WHERE id = $1", &[&team_id])
+            .await?;
+        transaction.commit().await?;
+        Ok(deleted == 1)
     }
 
     async fn add_event(&self, event: EventRow) -> StoreResult<i64> {

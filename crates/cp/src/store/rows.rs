@@ -6,8 +6,9 @@
 use serde::de::DeserializeOwned;
 
 use super::{
-    ApiKey, AuditRow, BuildLogRow, BuildRow, BuildStatus, EventRow, HostRow, HostState, Role,
-    SandboxRow, SandboxState, TagRow, Team, TemplateRow, sandbox_state,
+    ApiKey, AuditRow, BuildLogRow, BuildRow, BuildStatus, EventRow, HostRow, HostState,
+    InvitationRow, MemberRow, Role, SandboxRow, SandboxState, TagRow, Team, TemplateRow, UserRow,
+    UserTokenRow, sandbox_state,
 };
 
 /// A row a backend read: its columns by name, as the few kinds of value the store keeps.
@@ -128,6 +129,22 @@ stored!(Team from teams { id: text, name: text, created_at_ms: int, admin: flag 
 stored!(ApiKey from api_keys {
     id: text, team_id: text, name: text, prefix: text, created_at_ms: int,
     revoked: flag = "revoked_at_ms IS NOT NULL", role: role, mask_suffix: text,
+});
+
+stored!(UserRow from users {
+    id: text, email: text, password_hash: text, operator: flag, created_at_ms: int,
+});
+
+stored!(MemberRow from memberships { team_id: text, user_id: text, role: role, created_at_ms: int });
+
+stored!(UserTokenRow from user_tokens {
+    id: text, user_id: text, kind: text, name: text, prefix: text, mask_suffix: text,
+    created_at_ms: int, expires_at_ms: int, revoked: flag = "revoked_at_ms IS NOT NULL",
+});
+
+stored!(InvitationRow from invitations {
+    id: text, team_id: text, email: text, role: role, created_by: text, created_at_ms: int,
+    expires_at_ms: int, accepted: flag = "accepted_at_ms IS NOT NULL",
 });
 
 stored!(EventRow from events {

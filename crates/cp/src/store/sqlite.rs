@@ -16,6 +16,7 @@ use super::{
     LogQuery, LogValue, SandboxRow, SandboxState, StateChange, StoreBackend, StoreError,
     StoreResult, Team, TemplateRow, private_dir,
 };
+use super::{InvitationRow, MemberRow, UserRow, UserTokenRow};
 
 /// A statement's owned values: `values![a, b]` is `vec![Value::from(a), Value::from(b)]`.
 macro_rules! values {
@@ -36,6 +37,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0007_snapshots.sql"),
     include_str!("../../migrations/sqlite/0008_network.sql"),
     include_str!("../../migrations/sqlite/0009_events_audit_key_roles.sql"),
+    include_str!("../../migrations/sqlite/0011_users.sql"),
 ];
 
 /// The SQLite store.
@@ -261,6 +263,175 @@ impl StoreBackend for SqliteStore {
 
     async fn teams(&self) -> StoreResult<Vec<Team>> {
         self.select("ORDER BY created_at_ms, id", values![]).await
+    }
+
+    async fn create_user(&self, user: UserRow) -> StoreResult<()> {
+        self.execute(
+            "INSERT INTO users (id, email, password_hash, operator, created_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            values![
+                user.id,
+                user.email,
+                user.password_hash,
+                user.operator,
+                user.created_at_ms
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn user_where(&self, column: &'static str, value: &str) -> StoreResult<Option<UserRow>> {
+        let clause = format!("WHERE {column} = ?1");
+        self.select(&clause, values![value.to_string()])
+            .await
+            .map(first)
+    }
+
+    async fn users(&self) -> StoreResult<Vec<UserRow>> {
+        self.select("ORDER BY created_at_ms, id", values![]).await
+    }
+
+    async fn put_member(&self, member: MemberRow) -> StoreResult<()> {
+        self.execute(
+            "INSERT INTO memberships (team_id, user_id, role, created_at_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (team_id, user_id) DO UPDATE SET role = excluded.role",
+            values![
+                member.team_id,
+                member.user_id,
+                member.role.as_str().to_string(),
+                member.created_at_ms
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn delete_member(&self, team_id: &str, user_id: &str) -> StoreResult<bool> {
+        self.execute(
+            "DELETE FROM memberships WHERE team_id = ?1 AND user_id = ?2",
+            values![team_id.to_string(), user_id.to_string()],
+        )
+        .await
+        .map(|changed| changed == 1)
+    }
+
+    async fn members_where(
+        &self,
+        column: &'static str,
+        value: &str,
+    ) -> StoreResult<Vec<MemberRow>> {
+        let clause = format!("WHERE {column} = ?1 ORDER BY created_at_ms, team_id, user_id");
+        self.select(&clause, values![value.to_string()]).await
+    }
+
+    async fn add_user_token(&self, token: UserTokenRow, hash: String) -> StoreResult<()> {
+        self.execute(
+            "INSERT INTO user_tokens (id, user_id, kind, name, hash, prefix, mask_suffix,
+                 created_at_ms, expires_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            values![
+                token.id,
+                token.user_id,
+                token.kind,
+                token.name,
+                hash,
+                token.prefix,
+                token.mask_suffix,
+                token.created_at_ms,
+                token.expires_at_ms
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn user_token_by_hash(&self, hash: &str) -> StoreResult<Option<UserTokenRow>> {
+        let clause = "WHERE hash = ?1 AND revoked_at_ms IS NULL";
+        self.select(clause, values![hash.to_string()])
+            .await
+            .map(first)
+    }
+
+    async fn user_tokens(&self, user_id: &str, kind: &str) -> StoreResult<Vec<UserTokenRow>> {
+        let clause =
+            "WHERE user_id = ?1 AND kind = ?2 AND revoked_at_ms IS NULL ORDER BY created_at_ms, id";
+        self.select(clause, values![user_id.to_string(), kind.to_string()])
+            .await
+    }
+
+    async fn revoke_user_token(
+        &self,
+        user_id: &str,
+        token_id: &str,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        self.execute(
+            "UPDATE user_tokens SET revoked_at_ms = ?3
+             WHERE user_id = ?1 AND id = ?2 AND revoked_at_ms IS NULL",
+            values![user_id.to_string(), token_id.to_string(), now_ms],
+        )
+        .await
+        .map(|changed| changed == 1)
+    }
+
+    async fn add_invitation(&self, invitation: InvitationRow, hash: String) -> StoreResult<()> {
+        self.execute(
+            "INSERT INTO invitations (id, team_id, email, role, hash, created_by, created_at_ms,
+                 expires_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            values![
+                invitation.id,
+                invitation.team_id,
+                invitation.email,
+                invitation.role.as_str().to_string(),
+                hash,
+                invitation.created_by,
+                invitation.created_at_ms,
+                invitation.expires_at_ms
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn invitation_by_hash(&self, hash: &str) -> StoreResult<Option<InvitationRow>> {
+        self.select("WHERE hash = ?1", values![hash.to_string()])
+            .await
+            .map(first)
+    }
+
+    async fn take_invitation(&self, hash: &str, now_ms: i64) -> StoreResult<Option<InvitationRow>> {
+        let taken = self
+            .execute(
+                "UPDATE invitations SET accepted_at_ms = ?2
+                 WHERE hash = ?1 AND accepted_at_ms IS NULL AND expires_at_ms > ?2",
+                values![hash.to_string(), now_ms],
+            )
+            .await?;
+        if taken != 1 {
+            return Ok(None);
+        }
+        self.select("WHERE hash = ?1", values![hash.to_string()])
+            .await
+            .map(first)
+    }
+
+    async fn delete_team(&self, team_id: &str) -> StoreResult<bool> {
+        let team_id = team_id.to_string();
+        self.with(move |db| {
+            let transaction = db.transaction()?;
+            for table in ["invitations", "memberships", "api_keys"] {
+                transaction.execute(
+                    &format!("DELETE FROM {table} WHERE team_id = ?1"),
+                    [&team_id],
+                )?;
+            }
+            let deleted = transaction.execute("DELETE FROM teams WHERE id = ?1", [&team_id])?;
+            transaction.commit()?;
+            Ok(deleted == 1)
+        })
+        .await
     }
 
     async fn add_event(&self, event: EventRow) -> StoreResult<i64> {

@@ -14,3 +14,4 @@ pub mod server;
 pub mod snapshot;
 pub mod template;
 pub mod up;
+pub mod user;

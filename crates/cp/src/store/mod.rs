@@ -5,6 +5,7 @@
 //! (`migrations/{sqlite,postgres}/`) when opened, answer the same calls and read their rows
 //! alike ([`rows`]). [`Store`] is the handle the control plane holds.
 
+pub mod channels;
 pub mod postgres;
 pub mod rows;
 pub mod sqlite;
@@ -14,6 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+pub use channels::{ChannelRow, DeliveryRow, DeliveryState};
 pub use wrenn_api::SandboxState;
 
 /// What a store call gives: its answer, or why the store failed.
@@ -569,6 +571,32 @@ pub trait StoreBackend: Send + Sync + std::fmt::Debug {
         offset: i64,
         limit: i64,
     ) -> StoreResult<Vec<BuildLogRow>>;
+
+    // Notification channels and their outbox (`crate::channels`). The outbox's rows are made
+    // by `add_event` itself, in the event's transaction (migration 0010's trigger).
+    async fn add_channel(&self, channel: ChannelRow) -> StoreResult<()>;
+    async fn channel(&self, id: &str) -> StoreResult<Option<ChannelRow>>;
+    /// A team's channels, oldest first.
+    async fn channels_of(&self, team_id: &str) -> StoreResult<Vec<ChannelRow>>;
+    /// Changes a channel's name, URL, filter, state and failure count: whether it was there.
+    async fn update_channel(&self, channel: ChannelRow) -> StoreResult<bool>;
+    /// Deletes a channel with its deliveries: whether it was there.
+    async fn delete_channel(&self, id: &str) -> StoreResult<bool>;
+    /// Counts a channel's delivery: one delivered resets its failures, one given up adds one,
+    /// and the `disable_after`th in a row disables the channel with `reason`.
+    async fn count_delivery(
+        &self,
+        channel_id: &str,
+        delivered: bool,
+        disable_after: i64,
+        reason: &str,
+    ) -> StoreResult<()>;
+    /// Every enabled channel's oldest pending delivery: the next each is to get.
+    async fn pending_heads(&self) -> StoreResult<Vec<DeliveryRow>>;
+    /// Records a delivery's attempt (its state, attempts, next attempt and last answer).
+    async fn update_delivery(&self, delivery: DeliveryRow) -> StoreResult<()>;
+    /// A channel's deliveries, newest first.
+    async fn deliveries_of(&self, channel_id: &str, limit: usize) -> StoreResult<Vec<DeliveryRow>>;
 }
 
 /// The store the control plane uses: SQLite or PostgreSQL, behind [`StoreBackend`], with the

@@ -6,7 +6,7 @@
 use serde::de::DeserializeOwned;
 
 use super::{
-    ApiKey, AuditRow, BuildLogRow, BuildRow, BuildStatus, EventRow, HostRow, HostState, Role,
+    ApiKey, AuditRow, BuildLogRow, ChannelRow, DeliveryRow, BuildRow, BuildStatus, EventRow, HostRow, HostState, Role,
     SandboxRow, SandboxState, TagRow, Team, TemplateRow, sandbox_state,
 };
 
@@ -177,6 +177,17 @@ stored!(TagRow from template_tags { template_id: text, tag: text, build_id: text
 
 stored!(BuildLogRow from template_build_logs {
     seq: int, timestamp_ms: int, level: text, message: text, step: optional_text,
+});
+
+stored!(ChannelRow from channels {
+    id: text, team_id: text, name: text, kind: text, url_sealed: text, secret_sealed: text,
+    events: text, enabled: flag, consecutive_failures: int, disabled_reason: text,
+    created_at_ms: int,
+});
+
+stored!(DeliveryRow from channel_deliveries {
+    id: int, channel_id: text, event_seq: int, state: text, attempts: int,
+    next_attempt_at_ms: int, last_status: int, last_error: text, updated_at_ms: int,
 });
 
 /// How `put_template` changes a template stored already.

@@ -113,7 +113,8 @@ impl From<crate::Error> for ApiError {
             E::SandboxNotFound(_)
             | E::TemplateNotFound(_)
             | E::HostNotFound(_)
-            | E::KeyNotFound(_) => StatusCode::NOT_FOUND,
+            | E::KeyNotFound(_)
+            | E::ChannelNotFound(_) => StatusCode::NOT_FOUND,
             E::InvalidRequest(_) | E::Unsupported(_) => StatusCode::BAD_REQUEST,
             E::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             E::Forbidden(_) => StatusCode::FORBIDDEN,

@@ -83,9 +83,11 @@ async fn heartbeat(
 fn connect_error(error: crate::Error) -> ConnectError {
     use crate::Error as E;
     let code = match &error {
-        E::HostNotFound(_) | E::SandboxNotFound(_) | E::TemplateNotFound(_) | E::KeyNotFound(_) => {
-            Code::NotFound
-        }
+        E::HostNotFound(_)
+        | E::SandboxNotFound(_)
+        | E::TemplateNotFound(_)
+        | E::KeyNotFound(_)
+        | E::ChannelNotFound(_) => Code::NotFound,
         E::InvalidRequest(_) | E::Unsupported(_) => Code::InvalidArgument,
         E::Unauthenticated(_) => Code::Unauthenticated,
         E::Forbidden(_) => Code::PermissionDenied,

@@ -18,6 +18,8 @@ pub enum Error {
     TemplateNotFound(String),
     #[error("API key \"{0}\" not found")]
     KeyNotFound(String),
+    #[error("channel \"{0}\" not found")]
+    ChannelNotFound(String),
     /// A host name or id the fleet does not know.
     #[error("{0}")]
     HostNotFound(String),

@@ -52,6 +52,9 @@ pub struct ControlPlane {
     /// on the host (a template's delete does).
     pub(crate) build_jobs:
         std::sync::Mutex<std::collections::HashMap<String, tokio_util::sync::CancellationToken>>,
+    /// The notification channels' key and policy (see [`Self::with_channels`]); without them
+    /// the channel routes answer that channels are not configured.
+    pub channels: Option<crate::channels::Channels>,
 }
 
 impl ControlPlane {
@@ -81,6 +84,7 @@ impl ControlPlane {
             changes: Serial::default(),
             build_jobs: Default::default(),
             template_files: None,
+            channels: None,
         };
         (plane, wake)
     }
@@ -88,6 +92,13 @@ impl ControlPlane {
     /// The same control plane keeping template builds' uploaded files in `dir`.
     pub fn with_template_files(mut self, dir: std::path::PathBuf) -> Self {
         self.template_files = Some(templates::TemplateFiles::new(dir));
+        self
+    }
+
+    /// The same control plane with notification channels, their URLs and secrets sealed by
+    /// `channels.secrets` (deliveries are [`crate::channels::run_deliveries`]' to start).
+    pub fn with_channels(mut self, channels: crate::channels::Channels) -> Self {
+        self.channels = Some(channels);
         self
     }
 

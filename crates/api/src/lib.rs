@@ -3,6 +3,7 @@
 //! control plane answers with these types, its OpenAPI document (`docs/openapi.json`, served at
 //! `GET /openapi.json`) is generated from them, and clients read them back with [`client`].
 
+pub mod channels;
 pub mod client;
 pub mod conformance;
 pub mod network;

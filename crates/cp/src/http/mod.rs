@@ -9,6 +9,7 @@
 //! OpenAPI document made from their annotations in [`openapi`].
 
 mod audit;
+mod channels;
 mod events;
 mod hosts;
 mod keys;
@@ -19,6 +20,7 @@ mod snapshots;
 mod templates;
 
 use audit::*;
+use channels::*;
 use events::*;
 use hosts::*;
 use keys::*;
@@ -290,6 +292,18 @@ pub fn router(plane: Arc<ControlPlane>) -> Router {
         .route("/v1/events", get(list_events))
         .route("/v1/events/stream", get(stream_events))
         .route("/v1/audit", get(list_audit))
+        .route("/v1/channels", get(list_channels).post(create_channel))
+        .route(
+            "/v1/channels/{channel_id}",
+            get(get_channel)
+                .patch(update_channel)
+                .delete(delete_channel),
+        )
+        .route("/v1/channels/{channel_id}/test", post(test_channel))
+        .route(
+            "/v1/channels/{channel_id}/deliveries",
+            get(list_deliveries),
+        )
         .route("/hosts/{name}", axum::routing::delete(forget_host))
         .layer(middleware::from_fn_with_state(plane.clone(), require_key))
         .merge(registry::router())

@@ -6,7 +6,7 @@
 use utoipa::OpenApi;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 
-use super::{audit, events, hosts, keys, sandboxes, snapshots, templates};
+use super::{audit, channels, events, hosts, keys, sandboxes, snapshots, templates};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -53,6 +53,13 @@ use super::{audit, events, hosts, keys, sandboxes, snapshots, templates};
         events::list_events,
         events::stream_events,
         audit::list_audit,
+        channels::list_channels,
+        channels::create_channel,
+        channels::get_channel,
+        channels::update_channel,
+        channels::delete_channel,
+        channels::test_channel,
+        channels::list_deliveries,
         super::health,
         super::openapi_document,
     ),
@@ -66,6 +73,7 @@ use super::{audit, events, hosts, keys, sandboxes, snapshots, templates};
         (name = "teams", description = "The caller's teams (E2B's route)"),
         (name = "events", description = "Lifecycle events: sandboxes, snapshots, hosts, templates, keys"),
         (name = "audit", description = "The audit log of every call that changes state (a team's admins and owners; operators)"),
+        (name = "channels", description = "Notification channels: where a team's events go (signed webhooks, Slack, Discord), with their delivery logs"),
         (name = "service", description = "The control plane itself"),
     )
 )]
@@ -176,7 +184,7 @@ impl utoipa::Modify for KeyErrors {
 
 /// What a path parameter names, the same on every route that has it: `(parameter, its
 /// description, the description of the 404 when there is no such thing)`.
-const PATH_NAMES: [(&str, &str, &str); 6] = [
+const PATH_NAMES: [(&str, &str, &str); 7] = [
     // Another team's sandbox is not found either.
     ("id", "The sandbox's id", "No such sandbox of the team"),
     ("alias", "A template's alias", "No such template"),
@@ -195,6 +203,11 @@ const PATH_NAMES: [(&str, &str, &str); 6] = [
         "build_id",
         "A build of the template (a UUID)",
         "No such template",
+    ),
+    (
+        "channel_id",
+        "The channel's id",
+        "No such channel of the team",
     ),
 ];
 

@@ -96,3 +96,133 @@ pub(super) fn count_delivery_sql(mark: fn(usize) -> String) -> String {
          WHERE id = {id}"
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{EventRow, Store};
+
+    fn channel(id: &str, team: &str, events: &[&str], enabled: bool) -> ChannelRow {
+        let kinds: Vec<String> = events.iter().map(|kind| kind.to_string()).collect();
+        ChannelRow {
+            id: id.into(),
+            team_id: team.into(),
+            name: id.into(),
+            kind: "webhook".into(),
+            url_sealed: "v1:sealed".into(),
+            events: ChannelRow::filter_of(&kinds),
+            enabled,
+            created_at_ms: 1,
+            ..ChannelRow::default()
+        }
+    }
+
+    async fn seqs(store: &Store, channel: &str) -> Vec<i64> {
+        let rows = store.deliveries_of(channel, 100).await.unwrap();
+        rows.into_iter().map(|row| row.event_seq).collect()
+    }
+
+    async fn heads(store: &Store) -> Vec<(String, i64)> {
+        let rows = store.pending_heads().await.unwrap();
+        rows.into_iter()
+            .map(|row| (row.channel_id, row.event_seq))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn events_fan_out_to_their_teams_matching_enabled_channels_in_order() {
+        for (backend, store, _dir) in super::super::tests::backends().await {
+            store.add_channel(channel("c1", "a", &[], true)).await.unwrap();
+            let killed = channel("c2", "a", &["sandbox.killed"], true);
+            store.add_channel(killed.clone()).await.unwrap();
+            store.add_channel(channel("c3", "a", &[], false)).await.unwrap();
+            store.add_channel(channel("c4", "b", &[], true)).await.unwrap();
+            assert_eq!(killed.event_kinds(), ["sandbox.killed"]);
+            for (i, (team, kind, subject)) in [
+                ("a", "sandbox.created", "s1"),
+                ("a", "sandbox.killed", "s1"),
+                ("", "host.down", "h1"),
+                ("b", "sandbox.created", "s2"),
+                ("a", "channel.test", "c2"),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let event = EventRow {
+                    id: format!("e{i}"),
+                    at_ms: 10 + i as i64,
+                    team_id: team.into(),
+                    kind: kind.into(),
+                    subject: subject.into(),
+                    ..EventRow::default()
+                };
+                assert_eq!(store.add_event(event).await.unwrap(), i as i64 + 1);
+            }
+            assert_eq!(seqs(&store, "c1").await, [2, 1], "{backend}: newest first");
+            assert_eq!(
+                seqs(&store, "c2").await,
+                [5, 2],
+                "{backend}: its type, and its test"
+            );
+            assert!(seqs(&store, "c3").await.is_empty(), "{backend}: disabled");
+            assert_eq!(seqs(&store, "c4").await, [4], "{backend}: the fleet's go nowhere");
+            let expected = |list: &[(&str, i64)]| -> Vec<(String, i64)> {
+                list.iter().map(|(c, s)| (c.to_string(), *s)).collect()
+            };
+            assert_eq!(
+                heads(&store).await,
+                expected(&[("c1", 1), ("c2", 2), ("c4", 4)]),
+                "{backend}"
+            );
+
+            let mut first = store.deliveries_of("c1", 100).await.unwrap().pop().unwrap();
+            first.state = DeliveryState::Delivered.as_str().into();
+            first.attempts = 2;
+            first.last_status = 204;
+            store.update_delivery(first.clone()).await.unwrap();
+            assert_eq!(
+                heads(&store).await,
+                expected(&[("c1", 2), ("c2", 2), ("c4", 4)]),
+                "{backend}: a channel's next row waits for the one before"
+            );
+            assert_eq!(store.deliveries_of("c1", 100).await.unwrap()[1], first);
+
+            for _ in 0..2 {
+                store.count_delivery("c2", false, 2, "it failed").await.unwrap();
+            }
+            let c2 = store.channel("c2").await.unwrap().unwrap();
+            assert_eq!(
+                (c2.enabled, c2.consecutive_failures, c2.disabled_reason.as_str()),
+                (false, 2, "it failed"),
+                "{backend}"
+            );
+            assert_eq!(
+                heads(&store).await,
+                expected(&[("c1", 2), ("c4", 4)]),
+                "{backend}"
+            );
+            store.count_delivery("c4", false, 2, "x").await.unwrap();
+            store.count_delivery("c4", true, 2, "").await.unwrap();
+            let c4 = store.channel("c4").await.unwrap().unwrap();
+            assert_eq!((c4.enabled, c4.consecutive_failures), (true, 0), "{backend}");
+
+            let enabled = ChannelRow {
+                enabled: true,
+                consecutive_failures: 0,
+                disabled_reason: String::new(),
+                ..c2
+            };
+            assert!(store.update_channel(enabled.clone()).await.unwrap());
+            assert_eq!(store.channel("c2").await.unwrap(), Some(enabled));
+            assert_eq!(store.channels_of("a").await.unwrap().len(), 3, "{backend}");
+            assert!(store.delete_channel("c1").await.unwrap());
+            assert!(!store.delete_channel("c1").await.unwrap());
+            assert!(seqs(&store, "c1").await.is_empty(), "{backend}: its log too");
+            assert_eq!(
+                heads(&store).await,
+                expected(&[("c2", 2), ("c4", 4)]),
+                "{backend}"
+            );
+        }
+    }
+}

@@ -762,7 +762,7 @@ mod tests {
     /// one (scripts/test.sh starts it), each test in a fresh schema of its own. Without it the
     /// PostgreSQL half is skipped with a message, or fails where `WRENN_REQUIRE_PREREQUISITES=1`.
     /// Each store starts with [`fill`]'s rows.
-    async fn backends() -> Vec<(&'static str, Store, Option<tempfile::TempDir>)> {
+    pub(super) async fn backends() -> Vec<(&'static str, Store, Option<tempfile::TempDir>)> {
         let dir = tempfile::tempdir().unwrap();
         let sqlite = Store::open(&dir.path().join("db.sqlite")).unwrap();
         let mut backends = vec![("sqlite", sqlite, Some(dir))];

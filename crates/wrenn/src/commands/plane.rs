@@ -82,6 +82,10 @@ pub struct PlaneArgs {
     /// paused one also its memory; 0: no limit).
     #[arg(long, default_value_t = 100)]
     pub(super) quota_disk_gib: u64,
+    /// Let notification channels call loopback, private and link-local addresses (refused
+    /// by default: a team's channel must not reach into the control plane's network).
+    #[arg(long)]
+    pub(super) channels_allow_private: bool,
 }
 
 /// A duration flag given in milliseconds: a whole number, parsed (and refused) as any other.
@@ -324,6 +328,18 @@ pub(super) async fn start_plane(
     };
     let (plane, wake) = ControlPlane::new(store, fleet, domain, !args.no_internet);
     let plane = plane.with_template_files(args.data_dir.join("cp/template-files"));
+    // Channels' URLs and secrets are sealed under this key: replicas sharing a PostgreSQL
+    // store must share the file too.
+    let secrets_key = args.data_dir.join("cp/secrets.key");
+    let channels = wrenn_cp::channels::Channels {
+        secrets: wrenn_cp::channels::SecretBox::open_or_create(&secrets_key)
+            .context("opening the channels' secrets key")?,
+        policy: wrenn_cp::channels::ChannelPolicy {
+            allow_private: args.channels_allow_private,
+            ..Default::default()
+        },
+    };
+    let plane = plane.with_channels(channels.clone());
     let plane = Arc::new(plane.with_quotas(wrenn_cp::quota::Quotas {
         running: args.quota_running,
         paused: args.quota_paused,
@@ -341,6 +357,13 @@ pub(super) async fn start_plane(
     }
     tokio::spawn(plane.clone().run_lifecycle());
     tokio::spawn(plane.clone().run_fleet(wake));
+    // Deliveries end with the process; one cut short is made again at the next start.
+    tokio::spawn(wrenn_cp::channels::run_deliveries(
+        plane.store.clone(),
+        channels.secrets,
+        channels.policy,
+        tokio_util::sync::CancellationToken::new(),
+    ));
 
     let api = crate::listen(args.api_listen).await?;
     let proxy = crate::listen(args.proxy_listen).await?;

@@ -121,7 +121,10 @@ fn parse_url(url: &str, allow_private: bool) -> Result<reqwest::Url, String> {
     let parsed =
         reqwest::Url::parse(url).map_err(|error| format!("{url:?} is not a URL: {error}"))?;
     if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(format!("a channel's URL is http or https, not {}", parsed.scheme()));
+        return Err(format!(
+            "a channel's URL is http or https, not {}",
+            parsed.scheme()
+        ));
     }
     let host = parsed.host_str().unwrap_or_default();
     if host.is_empty() {
@@ -315,7 +318,9 @@ mod tests {
         for url in ["ftp://example.com/", "not a url", "file:///etc/passwd"] {
             assert!(check_url(url, true).await.is_err(), "{url}");
         }
-        check_url("https://93.184.215.14/hook", false).await.unwrap();
+        check_url("https://93.184.215.14/hook", false)
+            .await
+            .unwrap();
         assert!(is_public("8.8.8.8".parse().unwrap()));
         assert!(!is_public("100.64.0.1".parse().unwrap()));
         assert!(!is_public("::ffff:10.0.0.1".parse().unwrap()));

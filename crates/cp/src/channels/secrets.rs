@@ -28,7 +28,9 @@ pub enum SecretsError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the secrets key {0} is not 32 bytes: replace it from a backup (the channels it sealed are unreadable without it)")]
+    #[error(
+        "the secrets key {0} is not 32 bytes: replace it from a backup (the channels it sealed are unreadable without it)"
+    )]
     KeyLength(String),
     /// A sealed value that is not one, or sealed under another key.
     #[error("a sealed secret cannot be opened: it was sealed under another key, or damaged")]
@@ -145,8 +147,8 @@ pub fn check_webhook_secret(secret: &str) -> Result<(), SecretsError> {
 /// base64 of HMAC-SHA256 under the secret's key of `{id}.{timestamp}.{body}`.
 pub fn sign(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> Result<String, SecretsError> {
     let key = secret_key(secret)?;
-    let mut mac =
-        <Hmac<sha2::Sha256> as Mac>::new_from_slice(&key).map_err(|_| SecretsError::BadWebhookSecret)?;
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&key)
+        .map_err(|_| SecretsError::BadWebhookSecret)?;
     mac.update(format!("{id}.{timestamp}.").as_bytes());
     mac.update(body);
     Ok(format!("v1,{}", BASE64.encode(mac.finalize().into_bytes())))
@@ -182,9 +184,19 @@ mod tests {
         let secrets = SecretBox::open_or_create(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let sealed = secrets.seal("https://hooks.slack.com/services/T/B/x").unwrap();
-        assert!(sealed.starts_with("v1:") && !sealed.contains("slack"), "{sealed}");
-        assert_ne!(sealed, secrets.seal("https://hooks.slack.com/services/T/B/x").unwrap());
+        let sealed = secrets
+            .seal("https://hooks.slack.com/services/T/B/x")
+            .unwrap();
+        assert!(
+            sealed.starts_with("v1:") && !sealed.contains("slack"),
+            "{sealed}"
+        );
+        assert_ne!(
+            sealed,
+            secrets
+                .seal("https://hooks.slack.com/services/T/B/x")
+                .unwrap()
+        );
         let again = SecretBox::open_or_create(&path).unwrap();
         assert_eq!(
             again.open(&sealed).unwrap(),
@@ -192,6 +204,9 @@ mod tests {
         );
         let other = SecretBox::from_key([7; 32]);
         assert!(matches!(other.open(&sealed), Err(SecretsError::Unreadable)));
-        assert!(matches!(secrets.open("v1:AAAA"), Err(SecretsError::Unreadable)));
+        assert!(matches!(
+            secrets.open("v1:AAAA"),
+            Err(SecretsError::Unreadable)
+        ));
     }
 }

@@ -300,10 +300,7 @@ pub fn router(plane: Arc<ControlPlane>) -> Router {
                 .delete(delete_channel),
         )
         .route("/v1/channels/{channel_id}/test", post(test_channel))
-        .route(
-            "/v1/channels/{channel_id}/deliveries",
-            get(list_deliveries),
-        )
+        .route("/v1/channels/{channel_id}/deliveries", get(list_deliveries))
         .route("/hosts/{name}", axum::routing::delete(forget_host))
         .layer(middleware::from_fn_with_state(plane.clone(), require_key))
         .merge(registry::router())

@@ -132,11 +132,20 @@ mod tests {
     #[tokio::test]
     async fn events_fan_out_to_their_teams_matching_enabled_channels_in_order() {
         for (backend, store, _dir) in super::super::tests::backends().await {
-            store.add_channel(channel("c1", "a", &[], true)).await.unwrap();
+            store
+                .add_channel(channel("c1", "a", &[], true))
+                .await
+                .unwrap();
             let killed = channel("c2", "a", &["sandbox.killed"], true);
             store.add_channel(killed.clone()).await.unwrap();
-            store.add_channel(channel("c3", "a", &[], false)).await.unwrap();
-            store.add_channel(channel("c4", "b", &[], true)).await.unwrap();
+            store
+                .add_channel(channel("c3", "a", &[], false))
+                .await
+                .unwrap();
+            store
+                .add_channel(channel("c4", "b", &[], true))
+                .await
+                .unwrap();
             assert_eq!(killed.event_kinds(), ["sandbox.killed"]);
             for (i, (team, kind, subject)) in [
                 ("a", "sandbox.created", "s1"),
@@ -165,7 +174,11 @@ mod tests {
                 "{backend}: its type, and its test"
             );
             assert!(seqs(&store, "c3").await.is_empty(), "{backend}: disabled");
-            assert_eq!(seqs(&store, "c4").await, [4], "{backend}: the fleet's go nowhere");
+            assert_eq!(
+                seqs(&store, "c4").await,
+                [4],
+                "{backend}: the fleet's go nowhere"
+            );
             let expected = |list: &[(&str, i64)]| -> Vec<(String, i64)> {
                 list.iter().map(|(c, s)| (c.to_string(), *s)).collect()
             };
@@ -188,11 +201,18 @@ mod tests {
             assert_eq!(store.deliveries_of("c1", 100).await.unwrap()[1], first);
 
             for _ in 0..2 {
-                store.count_delivery("c2", false, 2, "it failed").await.unwrap();
+                store
+                    .count_delivery("c2", false, 2, "it failed")
+                    .await
+                    .unwrap();
             }
             let c2 = store.channel("c2").await.unwrap().unwrap();
             assert_eq!(
-                (c2.enabled, c2.consecutive_failures, c2.disabled_reason.as_str()),
+                (
+                    c2.enabled,
+                    c2.consecutive_failures,
+                    c2.disabled_reason.as_str()
+                ),
                 (false, 2, "it failed"),
                 "{backend}"
             );
@@ -204,7 +224,11 @@ mod tests {
             store.count_delivery("c4", false, 2, "x").await.unwrap();
             store.count_delivery("c4", true, 2, "").await.unwrap();
             let c4 = store.channel("c4").await.unwrap().unwrap();
-            assert_eq!((c4.enabled, c4.consecutive_failures), (true, 0), "{backend}");
+            assert_eq!(
+                (c4.enabled, c4.consecutive_failures),
+                (true, 0),
+                "{backend}"
+            );
 
             let enabled = ChannelRow {
                 enabled: true,
@@ -217,7 +241,10 @@ mod tests {
             assert_eq!(store.channels_of("a").await.unwrap().len(), 3, "{backend}");
             assert!(store.delete_channel("c1").await.unwrap());
             assert!(!store.delete_channel("c1").await.unwrap());
-            assert!(seqs(&store, "c1").await.is_empty(), "{backend}: its log too");
+            assert!(
+                seqs(&store, "c1").await.is_empty(),
+                "{backend}: its log too"
+            );
             assert_eq!(
                 heads(&store).await,
                 expected(&[("c2", 2), ("c4", 4)]),

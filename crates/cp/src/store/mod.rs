@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 pub use channels::{ChannelRow, DeliveryRow, DeliveryState};
+use serde::{Deserialize, Serialize};
 pub use wrenn_api::SandboxState;
 
 /// What a store call gives: its answer, or why the store failed.

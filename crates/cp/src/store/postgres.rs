@@ -14,9 +14,9 @@ use super::TagRow;
 use super::channels::{PENDING_HEADS, count_delivery_sql};
 use super::rows::{BUILD_UPSERT, HOST_UPSERT, SANDBOX_UPSERT, Stored, TEMPLATE_UPSERT, first};
 use super::{
-    AUDIT_LOG, ApiKey, AuditRow, BuildLogRow, BuildRow, ChannelRow, DeliveryRow, EVENT_LOG, EventRow, HostRow, ListQuery,
-    LogQuery, LogTable, LogValue, SandboxRow, SandboxState, StateChange, StoreBackend, StoreResult,
-    Team, TemplateRow,
+    AUDIT_LOG, ApiKey, AuditRow, BuildLogRow, BuildRow, ChannelRow, DeliveryRow, EVENT_LOG,
+    EventRow, HostRow, ListQuery, LogQuery, LogTable, LogValue, SandboxRow, SandboxState,
+    StateChange, StoreBackend, StoreResult, Team, TemplateRow,
 };
 
 /// A statement's parameters, as `tokio-postgres` takes them.

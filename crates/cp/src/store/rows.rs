@@ -6,8 +6,8 @@
 use serde::de::DeserializeOwned;
 
 use super::{
-    ApiKey, AuditRow, BuildLogRow, ChannelRow, DeliveryRow, BuildRow, BuildStatus, EventRow, HostRow, HostState, Role,
-    SandboxRow, SandboxState, TagRow, Team, TemplateRow, sandbox_state,
+    ApiKey, AuditRow, BuildLogRow, BuildRow, BuildStatus, ChannelRow, DeliveryRow, EventRow,
+    HostRow, HostState, Role, SandboxRow, SandboxState, TagRow, Team, TemplateRow, sandbox_state,
 };
 
 /// A row a backend read: its columns by name, as the few kinds of value the store keeps.

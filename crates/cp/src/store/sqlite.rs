@@ -13,9 +13,9 @@ use super::TagRow;
 use super::channels::{PENDING_HEADS, count_delivery_sql};
 use super::rows::{BUILD_UPSERT, HOST_UPSERT, SANDBOX_UPSERT, Stored, TEMPLATE_UPSERT, first};
 use super::{
-    AUDIT_LOG, ApiKey, AuditRow, BuildLogRow, BuildRow, ChannelRow, DeliveryRow, EVENT_LOG, EventRow, HostRow, ListQuery,
-    LogQuery, LogValue, SandboxRow, SandboxState, StateChange, StoreBackend, StoreError,
-    StoreResult, Team, TemplateRow, private_dir,
+    AUDIT_LOG, ApiKey, AuditRow, BuildLogRow, BuildRow, ChannelRow, DeliveryRow, EVENT_LOG,
+    EventRow, HostRow, ListQuery, LogQuery, LogValue, SandboxRow, SandboxState, StateChange,
+    StoreBackend, StoreError, StoreResult, Team, TemplateRow, private_dir,
 };
 
 /// A statement's owned values: `values![a, b]` is `vec![Value::from(a), Value::from(b)]`.
@@ -684,9 +684,12 @@ impl StoreBackend for SqliteStore {
     }
 
     async fn delete_channel(&self, id: &str) -> StoreResult<bool> {
-        self.execute("DELETE FROM channels WHERE id = ?1", values![id.to_string()])
-            .await
-            .map(|changed| changed == 1)
+        self.execute(
+            "DELETE FROM channels WHERE id = ?1",
+            values![id.to_string()],
+        )
+        .await
+        .map(|changed| changed == 1)
     }
 
     async fn count_delivery(

@@ -621,7 +621,8 @@ pub struct Event {
     pub timestamp: String,
     /// `sandbox.created`, `sandbox.paused`, `sandbox.resumed`, `sandbox.timed_out`,
     /// `sandbox.killed`, `sandbox.failed`, `snapshot.created`, `host.up`, `host.down`,
-    /// `template.built`, `template.build_failed`, `key.created` or `key.revoked`.
+    /// `template.built`, `template.build_failed`, `key.created`, `key.revoked`,
+    /// `channel.test` or `channel.disabled`.
     #[serde(rename = "type")]
     pub kind: String,
     /// The team it concerns (empty for the fleet's own events).

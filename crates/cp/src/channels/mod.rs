@@ -124,13 +124,24 @@ impl Deliverer {
             return Ok(later.iter().map(|head| head.next_attempt_at_ms).min());
         }
         let attempts = due.into_iter().map(|head| self.attempt(head));
+        let mut recorded = false;
+        let mut failed = None;
         for result in futures_util::future::join_all(attempts).await {
-            if let Err(error) = result {
-                tracing::warn!(%error, "a channel delivery could not be recorded");
+            match result {
+                Ok(()) => recorded = true,
+                Err(error) => failed = Some(error),
             }
         }
-        // The channels' next rows may be due at once.
-        Ok(Some(now))
+        match failed {
+            // A store that records nothing is read again after a pause, not at once.
+            Some(error) if !recorded => Err(error),
+            Some(error) => {
+                tracing::warn!(%error, "a channel delivery could not be recorded");
+                Ok(Some(now))
+            }
+            // The channels' next rows may be due at once.
+            None => Ok(Some(now)),
+        }
     }
 
     /// One attempt of `delivery`, recorded.

@@ -48,6 +48,8 @@ struct Receiver {
     got: Arc<Mutex<Vec<Received>>>,
     fail_first: Arc<AtomicUsize>,
     failing: Arc<AtomicUsize>,
+    /// Its first this many requests get no answer for 5 s.
+    hang_first: Arc<AtomicUsize>,
 }
 
 impl Receiver {
@@ -58,6 +60,7 @@ impl Receiver {
             got: Default::default(),
             fail_first: Arc::new(AtomicUsize::new(fail_first)),
             failing: Arc::new(AtomicUsize::new(0)),
+            hang_first: Arc::new(AtomicUsize::new(0)),
         };
         let state = receiver.clone();
         let app = axum::Router::new().route(
@@ -67,6 +70,13 @@ impl Receiver {
                 async move {
                     let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
                     state.got.lock().unwrap().push(Received { headers, body });
+                    let hang = state
+                        .hang_first
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok();
+                    if hang {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
                     let first = state
                         .fail_first
                         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -695,4 +705,38 @@ async fn other_teams_do_not_see_channels_and_members_cannot_change_them() {
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, _) = kit.call("GET", &path, &kit.owner_a, Value::Null).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_receiver_that_hangs_delays_neither_the_api_nor_other_channels() {
+    // Attempts time out after 2 s (`fast_policy`); the API must answer well before.
+    let kit = Kit::new(fast_policy()).await;
+    let slow = Receiver::start(0).await;
+    slow.hang_first.store(1, Ordering::SeqCst);
+    let fast = Receiver::start(0).await;
+    let made = kit.channel("webhook", &slow.url, &[]).await;
+    kit.channel("webhook", &fast.url, &[]).await;
+    let id = kit.event(EventKind::SandboxCreated, "sb1").await;
+    slow.wait_for(1).await;
+    // The slow channel's attempt hangs: the API answers, and the other channel gets its event.
+    let started = std::time::Instant::now();
+    let test = format!("/v1/channels/{}/test", made["id"].as_str().unwrap());
+    let (status, _) = kit.call("POST", &test, &kit.owner_a, Value::Null).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert!(
+        started.elapsed() < Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(fast.wait_for(1).await[0].body["id"], id.as_str());
+    // The hung attempt times out and is made again; the test follows it.
+    let got = slow.wait_for(3).await;
+    assert_eq!(got[1].body["id"], id.as_str());
+    assert_eq!(got[2].body["type"], "channel.test");
+    let log = kit
+        .settled_log(made["id"].as_str().unwrap(), |log| {
+            log.len() == 2 && all_delivered(log)
+        })
+        .await;
+    assert_eq!(log[1]["attempts"], 2, "{log:?}");
 }

@@ -729,14 +729,24 @@ async fn a_receiver_that_hangs_delays_neither_the_api_nor_other_channels() {
         started.elapsed()
     );
     assert_eq!(fast.wait_for(1).await[0].body["id"], id.as_str());
-    // The hung attempt times out and is made again; the test follows it.
-    let got = slow.wait_for(3).await;
-    assert_eq!(got[1].body["id"], id.as_str());
+    let second = kit.event(EventKind::SandboxKilled, "sb1").await;
+    let started = std::time::Instant::now();
+    assert_eq!(fast.wait_for(2).await[1].body["id"], second.as_str());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the other channel's next event waited for the hung attempt: {:?}",
+        started.elapsed()
+    );
+    // The hung attempt times out and is made again; the rest follow it, in order.
+    let got = slow.wait_for(4).await;
+    let ids: Vec<&str> = got.iter().map(|r| r.body["id"].as_str().unwrap()).collect();
+    assert_eq!(ids[..2], [id.as_str(), id.as_str()]);
     assert_eq!(got[2].body["type"], "channel.test");
+    assert_eq!(ids[3], second.as_str());
     let log = kit
         .settled_log(made["id"].as_str().unwrap(), |log| {
-            log.len() == 2 && all_delivered(log)
+            log.len() == 3 && all_delivered(log)
         })
         .await;
-    assert_eq!(log[1]["attempts"], 2, "{log:?}");
+    assert_eq!(log[2]["attempts"], 2, "{log:?}");
 }

@@ -14,9 +14,13 @@ pub mod deliver;
 pub mod manage;
 pub mod secrets;
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use wrenn_core::now_ms;
 
@@ -98,6 +102,11 @@ pub struct Deliverer {
     secrets: SecretBox,
     policy: ChannelPolicy,
     client: deliver::Sender,
+    /// The channels with an attempt under way: a channel has one at a time (its order), the
+    /// channels run side by side (a slow receiver delays only its own channel).
+    in_flight: Mutex<HashSet<String>>,
+    /// Told when an attempt ends: its channel's next row may be due.
+    ended: Notify,
 }
 
 impl Deliverer {
@@ -108,40 +117,45 @@ impl Deliverer {
             secrets,
             policy,
             client,
+            in_flight: Mutex::default(),
+            ended: Notify::new(),
         })
     }
 
-    /// Attempts every channel's next delivery that is due, each channel's at once with the
-    /// others' (a slow receiver delays only its own channel). Its answer: when to look again
-    /// (`None`: nothing is pending).
-    pub async fn deliver_due(&self) -> StoreResult<Option<i64>> {
+    /// Starts, in `tasks`, an attempt of every channel's next delivery that is due and whose
+    /// channel has none under way. Its answer: when the next one not yet due is (`None`:
+    /// none is waiting).
+    pub async fn start_due(self: &Arc<Self>, tasks: &mut JoinSet<()>) -> StoreResult<Option<i64>> {
         let heads = self.store.pending_heads().await?;
         let now = now_ms();
-        let (due, later): (Vec<DeliveryRow>, Vec<DeliveryRow>) = heads
-            .into_iter()
-            .partition(|head| head.next_attempt_at_ms <= now);
-        if due.is_empty() {
-            return Ok(later.iter().map(|head| head.next_attempt_at_ms).min());
-        }
-        let attempts = due.into_iter().map(|head| self.attempt(head));
-        let mut recorded = false;
-        let mut failed = None;
-        for result in futures_util::future::join_all(attempts).await {
-            match result {
-                Ok(()) => recorded = true,
-                Err(error) => failed = Some(error),
+        let mut next = None;
+        let mut in_flight = self.in_flight.lock().expect("in-flight lock");
+        for head in heads {
+            if in_flight.contains(&head.channel_id) {
+                continue;
             }
-        }
-        match failed {
-            // A store that records nothing is read again after a pause, not at once.
-            Some(error) if !recorded => Err(error),
-            Some(error) => {
-                tracing::warn!(%error, "a channel delivery could not be recorded");
-                Ok(Some(now))
+            if head.next_attempt_at_ms > now {
+                next = Some(next.map_or(head.next_attempt_at_ms, |at: i64| {
+                    at.min(head.next_attempt_at_ms)
+                }));
+                continue;
             }
-            // The channels' next rows may be due at once.
-            None => Ok(Some(now)),
+            in_flight.insert(head.channel_id.clone());
+            let deliverer = self.clone();
+            tasks.spawn(async move {
+                let channel = head.channel_id.clone();
+                if let Err(error) = deliverer.attempt(head).await {
+                    tracing::warn!(%channel, %error, "a channel delivery could not be recorded");
+                }
+                deliverer
+                    .in_flight
+                    .lock()
+                    .expect("in-flight lock")
+                    .remove(&channel);
+                deliverer.ended.notify_one();
+            });
         }
+        Ok(next)
     }
 
     /// One attempt of `delivery`, recorded.
@@ -217,9 +231,9 @@ impl Deliverer {
 }
 
 /// Delivers the outbox until `shutdown`: woken by every event the store's bus carries, when
-/// a retry is due, and every [`ChannelPolicy::poll`] in any case. An attempt cut short by
-/// `shutdown` stays pending and is made again by the next deliverer (a receiver may get an
-/// event twice, never none: `webhook-id` tells repeats apart).
+/// an attempt ends, when a retry is due, and every [`ChannelPolicy::poll`] in any case. An
+/// attempt cut short by `shutdown` stays pending and is made again by the next deliverer (a
+/// receiver may get an event twice, never none: `webhook-id` tells repeats apart).
 pub async fn run_deliveries(
     store: Store,
     secrets: SecretBox,
@@ -229,17 +243,20 @@ pub async fn run_deliveries(
     let mut bus = store.bus().subscribe();
     let poll = policy.poll;
     let deliverer = match Deliverer::new(store, secrets, policy) {
-        Ok(deliverer) => deliverer,
+        Ok(deliverer) => Arc::new(deliverer),
         Err(error) => {
             tracing::error!(%error, "no channel deliveries: the HTTP client could not be made");
             return;
         }
     };
+    // Dropped (every attempt under way aborted) when this returns.
+    let mut tasks = JoinSet::new();
     loop {
         let next = tokio::select! {
             () = shutdown.cancelled() => return,
-            next = deliverer.deliver_due() => next,
+            next = deliverer.start_due(&mut tasks) => next,
         };
+        while tasks.try_join_next().is_some() {}
         let wait = match next {
             Ok(Some(at)) => Duration::from_millis((at - now_ms()).max(0) as u64).min(poll),
             Ok(None) => poll,
@@ -248,9 +265,6 @@ pub async fn run_deliveries(
                 poll
             }
         };
-        if wait.is_zero() {
-            continue;
-        }
         tokio::select! {
             () = shutdown.cancelled() => return,
             woken = bus.recv() => {
@@ -258,6 +272,7 @@ pub async fn run_deliveries(
                     tokio::time::sleep(wait).await;
                 }
             }
+            () = deliverer.ended.notified() => {}
             () = tokio::time::sleep(wait) => {}
         }
     }

@@ -48,6 +48,10 @@ pub struct PlaneArgs {
     /// Keep sandboxes off the internet.
     #[arg(long)]
     pub(super) no_internet: bool,
+    /// Let notification channels call loopback, private and link-local addresses (refused
+    /// by default: a team's channel must not reach into the control plane's network).
+    #[arg(long)]
+    pub(super) channels_allow_private: bool,
     /// The token host agents join with [default: one generated into <data>/cp/join-token].
     #[arg(long, env = "WRENN_JOIN_TOKEN", hide_env_values = true)]
     pub(super) join_token: Option<String>,
@@ -82,10 +86,6 @@ pub struct PlaneArgs {
     /// paused one also its memory; 0: no limit).
     #[arg(long, default_value_t = 100)]
     pub(super) quota_disk_gib: u64,
-    /// Let notification channels call loopback, private and link-local addresses (refused
-    /// by default: a team's channel must not reach into the control plane's network).
-    #[arg(long)]
-    pub(super) channels_allow_private: bool,
 }
 
 /// A duration flag given in milliseconds: a whole number, parsed (and refused) as any other.
@@ -284,6 +284,19 @@ fn secure_plane_files(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The notification channels' settings: their sealing key (`<data>/cp/secrets.key`, made at
+/// the first start; replicas sharing a PostgreSQL store must share the file) and policy.
+fn channels(args: &PlaneArgs) -> anyhow::Result<wrenn_cp::channels::Channels> {
+    let key = args.data_dir.join("cp/secrets.key");
+    let secrets = wrenn_cp::channels::SecretBox::open_or_create(&key)
+        .context("opening the channels' secrets key")?;
+    let policy = wrenn_cp::channels::ChannelPolicy {
+        allow_private: args.channels_allow_private,
+        ..Default::default()
+    };
+    Ok(wrenn_cp::channels::Channels { secrets, policy })
+}
+
 /// Writes a secret file (0600, in a 0700 directory) atomically.
 fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
     let dir = path.parent().context("a secret file needs a directory")?;
@@ -326,20 +339,10 @@ pub(super) async fn start_plane(
         Some((https, _, _)) => Some(https.domain.clone()),
         None => args.domain.clone(),
     };
+    let channels = channels(args)?;
     let (plane, wake) = ControlPlane::new(store, fleet, domain, !args.no_internet);
-    let plane = plane.with_template_files(args.data_dir.join("cp/template-files"));
-    // Channels' URLs and secrets are sealed under this key: replicas sharing a PostgreSQL
-    // store must share the file too.
-    let secrets_key = args.data_dir.join("cp/secrets.key");
-    let channels = wrenn_cp::channels::Channels {
-        secrets: wrenn_cp::channels::SecretBox::open_or_create(&secrets_key)
-            .context("opening the channels' secrets key")?,
-        policy: wrenn_cp::channels::ChannelPolicy {
-            allow_private: args.channels_allow_private,
-            ..Default::default()
-        },
-    };
     let plane = plane.with_channels(channels.clone());
+    let plane = plane.with_template_files(args.data_dir.join("cp/template-files"));
     let plane = Arc::new(plane.with_quotas(wrenn_cp::quota::Quotas {
         running: args.quota_running,
         paused: args.quota_paused,
@@ -357,6 +360,11 @@ pub(super) async fn start_plane(
     }
     tokio::spawn(plane.clone().run_lifecycle());
     tokio::spawn(plane.clone().run_fleet(wake));
+
+    let api = crate::listen(args.api_listen).await?;
+    let proxy = crate::listen(args.proxy_listen).await?;
+    let api_address = api.local_addr()?;
+    let proxy_address = proxy.local_addr()?;
     // Deliveries end with the process; one cut short is made again at the next start.
     tokio::spawn(wrenn_cp::channels::run_deliveries(
         plane.store.clone(),
@@ -364,11 +372,6 @@ pub(super) async fn start_plane(
         channels.policy,
         tokio_util::sync::CancellationToken::new(),
     ));
-
-    let api = crate::listen(args.api_listen).await?;
-    let proxy = crate::listen(args.proxy_listen).await?;
-    let api_address = api.local_addr()?;
-    let proxy_address = proxy.local_addr()?;
     let mut servers = vec![
         serve(api, wrenn_cp::http::router(plane.clone())),
         serve(proxy, wrenn_cp::proxy::router(plane.clone())),

@@ -3,6 +3,7 @@
 //! control plane answers with these types, its OpenAPI document (`docs/openapi.json`, served at
 //! `GET /openapi.json`) is generated from them, and clients read them back with [`client`].
 
+pub mod channels;
 pub mod client;
 pub mod conformance;
 pub mod network;
@@ -620,7 +621,8 @@ pub struct Event {
     pub timestamp: String,
     /// `sandbox.created`, `sandbox.paused`, `sandbox.resumed`, `sandbox.timed_out`,
     /// `sandbox.killed`, `sandbox.failed`, `snapshot.created`, `host.up`, `host.down`,
-    /// `template.built`, `template.build_failed`, `key.created` or `key.revoked`.
+    /// `template.built`, `template.build_failed`, `key.created`, `key.revoked`,
+    /// `channel.test` or `channel.disabled`.
     #[serde(rename = "type")]
     pub kind: String,
     /// The team it concerns (empty for the fleet's own events).

@@ -31,6 +31,10 @@ wrenn_core::named_enum! {
         TemplateBuildFailed = "template.build_failed",
         KeyCreated = "key.created",
         KeyRevoked = "key.revoked",
+        /// A test a team asked one of its notification channels for (`crate::channels`).
+        ChannelTest = "channel.test",
+        /// A notification channel the control plane disabled after deliveries failed.
+        ChannelDisabled = "channel.disabled",
     }
 }
 

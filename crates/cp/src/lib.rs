@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod busy;
+pub mod channels;
 pub mod deadlines;
 pub mod events;
 pub mod fleet;

@@ -101,14 +101,24 @@ impl Server {
     }
 
     /// Starts the control plane's loops (lifecycles and timeouts, the fleet's watch and
-    /// reconcile: they end with the process), the event hooks and the extensions' workers
-    /// (they end at `shutdown`: wait for them with [`Started::stopped`]).
+    /// reconcile: they end with the process), the event hooks, the notification channels'
+    /// deliveries and the extensions' workers (they end at `shutdown`: wait for them with
+    /// [`Started::stopped`]).
     pub fn start(self, shutdown: CancellationToken) -> Started {
         tokio::spawn(self.plane.clone().run_lifecycle());
         tokio::spawn(self.plane.clone().run_fleet(self.wake));
         let mut workers = vec![tokio::spawn(
             self.plane.clone().run_event_hooks(shutdown.clone()),
         )];
+        // Notification channels' deliveries; one cut short is made again at the next start.
+        if let Some(channels) = &self.plane.channels {
+            workers.push(tokio::spawn(crate::channels::run_deliveries(
+                self.plane.store.clone(),
+                channels.secrets.clone(),
+                channels.policy.clone(),
+                shutdown.clone(),
+            )));
+        }
         for extension in &self.extensions {
             for work in extension.workers(&self.plane, &shutdown) {
                 workers.push(tokio::spawn(work));
@@ -140,7 +150,7 @@ impl Started {
         crate::proxy::router(self.plane.clone())
     }
 
-    /// Waits for the event hooks and the extensions' workers to return (cancel the shutdown
+    /// Waits for the event hooks, the deliveries and the extensions' workers to return (cancel the shutdown
     /// token first).
     pub async fn stopped(self) {
         for worker in self.workers {

@@ -9,6 +9,7 @@
 //! OpenAPI document made from their annotations in [`openapi`].
 
 mod audit;
+mod channels;
 mod events;
 mod hosts;
 mod keys;
@@ -20,6 +21,7 @@ mod templates;
 mod users;
 
 use audit::*;
+use channels::*;
 use events::*;
 use hosts::*;
 use keys::*;
@@ -130,6 +132,7 @@ impl From<crate::Error> for ApiError {
             | E::HostNotFound(_)
             | E::KeyNotFound(_)
             | E::TeamNotFound(_)
+            | E::ChannelNotFound(_)
             | E::TokenNotFound(_)
             | E::MemberNotFound(_) => StatusCode::NOT_FOUND,
             E::RateLimited { retry_after, .. } => {
@@ -320,6 +323,15 @@ pub fn router_with(
         .route("/v1/events", get(list_events))
         .route("/v1/events/stream", get(stream_events))
         .route("/v1/audit", get(list_audit))
+        .route("/v1/channels", get(list_channels).post(create_channel))
+        .route(
+            "/v1/channels/{channel_id}",
+            get(get_channel)
+                .patch(update_channel)
+                .delete(delete_channel),
+        )
+        .route("/v1/channels/{channel_id}/test", post(test_channel))
+        .route("/v1/channels/{channel_id}/deliveries", get(list_deliveries))
         .route("/hosts/{name}", axum::routing::delete(forget_host))
         .route("/v1/auth/logout", post(logout))
         .route("/v1/me", get(me))

@@ -6,7 +6,7 @@
 use utoipa::OpenApi;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 
-use super::{audit, events, hosts, keys, sandboxes, snapshots, templates, users};
+use super::{audit, channels, events, hosts, keys, sandboxes, snapshots, templates, users};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -65,6 +65,13 @@ use super::{audit, events, hosts, keys, sandboxes, snapshots, templates, users};
         users::accept_invitation,
         users::create_access_token,
         users::delete_access_token,
+        channels::list_channels,
+        channels::create_channel,
+        channels::get_channel,
+        channels::update_channel,
+        channels::delete_channel,
+        channels::test_channel,
+        channels::list_deliveries,
         super::health,
         super::openapi_document,
     ),
@@ -79,6 +86,7 @@ use super::{audit, events, hosts, keys, sandboxes, snapshots, templates, users};
         (name = "events", description = "Lifecycle events: sandboxes, snapshots, hosts, templates, keys"),
         (name = "audit", description = "The audit log of every call that changes state (a team's admins and owners; operators)"),
         (name = "users", description = "Users (email and password; sessions and access tokens as `Authorization: Bearer`), their teams, members, roles and invitations"),
+        (name = "channels", description = "Notification channels: where a team's events go (signed webhooks, Slack, Discord), with their delivery logs"),
         (name = "service", description = "The control plane itself"),
     )
 )]
@@ -195,7 +203,7 @@ impl utoipa::Modify for KeyErrors {
 
 /// What a path parameter names, the same on every route that has it: `(parameter, its
 /// description, the description of the 404 when there is no such thing)`.
-const PATH_NAMES: [(&str, &str, &str); 6] = [
+const PATH_NAMES: [(&str, &str, &str); 7] = [
     // Another team's sandbox is not found either.
     ("id", "The sandbox's id", "No such sandbox of the team"),
     ("alias", "A template's alias", "No such template"),
@@ -214,6 +222,11 @@ const PATH_NAMES: [(&str, &str, &str); 6] = [
         "build_id",
         "A build of the template (a UUID)",
         "No such template",
+    ),
+    (
+        "channel_id",
+        "The channel's id",
+        "No such channel of the team",
     ),
 ];
 

@@ -88,6 +88,7 @@ fn connect_error(error: crate::Error) -> ConnectError {
         | E::TemplateNotFound(_)
         | E::KeyNotFound(_)
         | E::TeamNotFound(_)
+        | E::ChannelNotFound(_)
         | E::TokenNotFound(_)
         | E::MemberNotFound(_) => Code::NotFound,
         E::RateLimited { .. } => Code::ResourceExhausted,

@@ -27,6 +27,8 @@ pub enum Error {
     /// Too many calls of one kind: try again after the time given.
     #[error("too many {what}: try again in {} s", .retry_after.as_secs().max(1))]
     RateLimited { what: String, retry_after: Duration },
+    #[error("channel \"{0}\" not found")]
+    ChannelNotFound(String),
     /// A host name or id the fleet does not know.
     #[error("{0}")]
     HostNotFound(String),

@@ -60,6 +60,9 @@ pub struct ControlPlane {
     pub create_limit: crate::ratelimit::RateLimit,
     /// Failed sign-ins by email ([`users`]).
     pub login_limit: users::LoginLimit,
+    /// The notification channels' key and policy (see [`Self::with_channels`]); without them
+    /// the channel routes answer that channels are not configured.
+    pub channels: Option<crate::channels::Channels>,
 }
 
 impl ControlPlane {
@@ -92,6 +95,7 @@ impl ControlPlane {
             hooks: Vec::new(),
             create_limit: crate::ratelimit::RateLimit::unlimited(),
             login_limit: Default::default(),
+            channels: None,
         };
         (plane, wake)
     }
@@ -111,6 +115,13 @@ impl ControlPlane {
     /// The same control plane with each key's creates limited by `limit`.
     pub fn with_create_limit(mut self, limit: crate::ratelimit::RateLimit) -> Self {
         self.create_limit = limit;
+        self
+    }
+
+    /// The same control plane with notification channels, their URLs and secrets sealed by
+    /// `channels.secrets` (deliveries are [`crate::channels::run_deliveries`]' to start).
+    pub fn with_channels(mut self, channels: crate::channels::Channels) -> Self {
+        self.channels = Some(channels);
         self
     }
 

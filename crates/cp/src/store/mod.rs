@@ -5,6 +5,7 @@
 //! (`migrations/{sqlite,postgres}/`) when opened, answer the same calls and read their rows
 //! alike ([`rows`]). [`Store`] is the handle the control plane holds.
 
+pub mod channels;
 pub mod postgres;
 pub mod rows;
 pub mod sqlite;
@@ -13,6 +14,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
+pub use channels::{ChannelRow, DeliveryRow, DeliveryState};
 use serde::{Deserialize, Serialize};
 pub use wrenn_api::SandboxState;
 
@@ -655,6 +657,32 @@ pub trait StoreBackend: Send + Sync + std::fmt::Debug {
         offset: i64,
         limit: i64,
     ) -> StoreResult<Vec<BuildLogRow>>;
+
+    // Notification channels and their outbox (`crate::channels`). The outbox's rows are made
+    // by `add_event` itself, in the event's transaction (migration 0010's trigger).
+    async fn add_channel(&self, channel: ChannelRow) -> StoreResult<()>;
+    async fn channel(&self, id: &str) -> StoreResult<Option<ChannelRow>>;
+    /// A team's channels, oldest first.
+    async fn channels_of(&self, team_id: &str) -> StoreResult<Vec<ChannelRow>>;
+    /// Changes a channel's name, URL, filter, state and failure count: whether it was there.
+    async fn update_channel(&self, channel: ChannelRow) -> StoreResult<bool>;
+    /// Deletes a channel with its deliveries: whether it was there.
+    async fn delete_channel(&self, id: &str) -> StoreResult<bool>;
+    /// Counts a channel's delivery: one delivered resets its failures, one given up adds one,
+    /// and the `disable_after`th in a row disables the channel with `reason`.
+    async fn count_delivery(
+        &self,
+        channel_id: &str,
+        delivered: bool,
+        disable_after: i64,
+        reason: &str,
+    ) -> StoreResult<()>;
+    /// Every enabled channel's oldest pending delivery: the next each is to get.
+    async fn pending_heads(&self) -> StoreResult<Vec<DeliveryRow>>;
+    /// Records a delivery's attempt (its state, attempts, next attempt and last answer).
+    async fn update_delivery(&self, delivery: DeliveryRow) -> StoreResult<()>;
+    /// A channel's deliveries, newest first.
+    async fn deliveries_of(&self, channel_id: &str, limit: usize) -> StoreResult<Vec<DeliveryRow>>;
 }
 
 /// The store the control plane uses: SQLite or PostgreSQL, behind [`StoreBackend`], with the
@@ -820,7 +848,7 @@ mod tests {
     /// one (scripts/test.sh starts it), each test in a fresh schema of its own. Without it the
     /// PostgreSQL half is skipped with a message, or fails where `WRENN_REQUIRE_PREREQUISITES=1`.
     /// Each store starts with [`fill`]'s rows.
-    async fn backends() -> Vec<(&'static str, Store, Option<tempfile::TempDir>)> {
+    pub(super) async fn backends() -> Vec<(&'static str, Store, Option<tempfile::TempDir>)> {
         let dir = tempfile::tempdir().unwrap();
         let sqlite = Store::open(&dir.path().join("db.sqlite")).unwrap();
         let mut backends = vec![("sqlite", sqlite, Some(dir))];
@@ -1264,5 +1292,139 @@ mod tests {
         drop(store);
         let reopened = Store::open(&dir.path().join("db.sqlite")).unwrap();
         assert_eq!(reopened.all_sandboxes().await.unwrap().len(), 6);
+    }
+
+    #[tokio::test]
+    async fn users_members_tokens_and_invitations_on_both_backends() {
+        for (backend, store, _dir) in backends().await {
+            let user = UserRow {
+                id: "u1".into(),
+                email: "u@example.com".into(),
+                password_hash: "$argon2id$x".into(),
+                operator: false,
+                created_at_ms: 1,
+            };
+            store.create_user(user.clone()).await.unwrap();
+            assert!(
+                store.create_user(user.clone()).await.is_err(),
+                "{backend}: one id"
+            );
+            assert_eq!(
+                store.user_where("email", "u@example.com").await.unwrap(),
+                Some(user.clone())
+            );
+            assert_eq!(
+                store.users().await.unwrap(),
+                vec![user.clone()],
+                "{backend}"
+            );
+
+            let member = MemberRow {
+                team_id: "b".into(),
+                user_id: "u1".into(),
+                role: Role::Member,
+                created_at_ms: 2,
+            };
+            store.put_member(member.clone()).await.unwrap();
+            store
+                .put_member(MemberRow {
+                    role: Role::Admin,
+                    ..member.clone()
+                })
+                .await
+                .unwrap();
+            let of_user = store.members_where("user_id", "u1").await.unwrap();
+            assert_eq!(
+                of_user.len(),
+                1,
+                "{backend}: a role change is no second membership"
+            );
+            assert_eq!(of_user[0].role, Role::Admin, "{backend}");
+
+            let token = UserTokenRow {
+                id: "t1".into(),
+                user_id: "u1".into(),
+                kind: "access".into(),
+                name: "laptop".into(),
+                prefix: "sk_e2b_abcd".into(),
+                mask_suffix: "wxyz".into(),
+                created_at_ms: 3,
+                expires_at_ms: 0,
+                revoked: false,
+            };
+            store
+                .add_user_token(token.clone(), "h1".into())
+                .await
+                .unwrap();
+            assert_eq!(
+                store.user_token_by_hash("h1").await.unwrap(),
+                Some(token.clone()),
+                "{backend}"
+            );
+            assert_eq!(store.user_tokens("u1", "access").await.unwrap().len(), 1);
+            assert!(
+                !store.revoke_user_token("other", "t1", 4).await.unwrap(),
+                "{backend}: not theirs"
+            );
+            assert!(store.revoke_user_token("u1", "t1", 4).await.unwrap());
+            assert_eq!(
+                store.user_token_by_hash("h1").await.unwrap(),
+                None,
+                "{backend}"
+            );
+
+            let invitation = InvitationRow {
+                id: "i1".into(),
+                team_id: "b".into(),
+                email: "new@example.com".into(),
+                role: Role::Member,
+                created_by: "user:u1".into(),
+                created_at_ms: 5,
+                expires_at_ms: 100,
+                accepted: false,
+            };
+            store
+                .add_invitation(invitation.clone(), "ih".into())
+                .await
+                .unwrap();
+            assert_eq!(
+                store.take_invitation("ih", 100).await.unwrap(),
+                None,
+                "{backend}: expired"
+            );
+            let taken = store.take_invitation("ih", 50).await.unwrap().unwrap();
+            assert!(taken.accepted, "{backend}");
+            assert_eq!(
+                store.take_invitation("ih", 50).await.unwrap(),
+                None,
+                "{backend}: once"
+            );
+            assert!(
+                store
+                    .invitation_by_hash("ih")
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .accepted
+            );
+
+            // A team goes with its members, invitations and keys (its sandboxes first).
+            store.delete_sandbox("other").await.unwrap();
+            assert!(store.delete_team("b").await.unwrap(), "{backend}");
+            assert!(store.team_by_id("b").await.unwrap().is_none());
+            assert!(
+                store
+                    .members_where("team_id", "b")
+                    .await
+                    .unwrap()
+                    .is_empty(),
+                "{backend}"
+            );
+            assert!(!store.delete_team("b").await.unwrap(), "{backend}: gone");
+            assert!(
+                store.user_where("id", "u1").await.unwrap().is_some(),
+                "{backend}: users stay"
+            );
+        }
     }
 }

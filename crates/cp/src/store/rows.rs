@@ -6,9 +6,9 @@
 use serde::de::DeserializeOwned;
 
 use super::{
-    ApiKey, AuditRow, BuildLogRow, BuildRow, BuildStatus, EventRow, HostRow, HostState,
-    InvitationRow, MemberRow, Role, SandboxRow, SandboxState, TagRow, Team, TemplateRow, UserRow,
-    UserTokenRow, sandbox_state,
+    ApiKey, AuditRow, BuildLogRow, BuildRow, BuildStatus, ChannelRow, DeliveryRow, EventRow,
+    HostRow, HostState, InvitationRow, MemberRow, Role, SandboxRow, SandboxState, TagRow, Team,
+    TemplateRow, UserRow, UserTokenRow, sandbox_state,
 };
 
 /// A row a backend read: its columns by name, as the few kinds of value the store keeps.
@@ -194,6 +194,17 @@ stored!(TagRow from template_tags { template_id: text, tag: text, build_id: text
 
 stored!(BuildLogRow from template_build_logs {
     seq: int, timestamp_ms: int, level: text, message: text, step: optional_text,
+});
+
+stored!(ChannelRow from channels {
+    id: text, team_id: text, name: text, kind: text, url_sealed: text, secret_sealed: text,
+    events: text, enabled: flag, consecutive_failures: int, disabled_reason: text,
+    created_at_ms: int,
+});
+
+stored!(DeliveryRow from channel_deliveries {
+    id: int, channel_id: text, event_seq: int, state: text, attempts: int,
+    next_attempt_at_ms: int, last_status: int, last_error: text, updated_at_ms: int,
 });
 
 /// How `put_template` changes a template stored already.

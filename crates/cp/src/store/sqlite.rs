@@ -10,11 +10,12 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, TransactionBehavior};
 
 use super::TagRow;
+use super::channels::{PENDING_HEADS, count_delivery_sql};
 use super::rows::{BUILD_UPSERT, HOST_UPSERT, SANDBOX_UPSERT, Stored, TEMPLATE_UPSERT, first};
 use super::{
-    AUDIT_LOG, ApiKey, AuditRow, BuildLogRow, BuildRow, EVENT_LOG, EventRow, HostRow, ListQuery,
-    LogQuery, LogValue, SandboxRow, SandboxState, StateChange, StoreBackend, StoreError,
-    StoreResult, Team, TemplateRow, private_dir,
+    AUDIT_LOG, ApiKey, AuditRow, BuildLogRow, BuildRow, ChannelRow, DeliveryRow, EVENT_LOG,
+    EventRow, HostRow, ListQuery, LogQuery, LogValue, SandboxRow, SandboxState, StateChange,
+    StoreBackend, StoreError, StoreResult, Team, TemplateRow, private_dir,
 };
 use super::{InvitationRow, MemberRow, UserRow, UserTokenRow};
 
@@ -37,6 +38,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0007_snapshots.sql"),
     include_str!("../../migrations/sqlite/0008_network.sql"),
     include_str!("../../migrations/sqlite/0009_events_audit_key_roles.sql"),
+    include_str!("../../migrations/sqlite/0010_channels.sql"),
     include_str!("../../migrations/sqlite/0011_users.sql"),
 ];
 
@@ -797,6 +799,116 @@ impl StoreBackend for SqliteStore {
     ) -> StoreResult<Vec<BuildLogRow>> {
         let clause = "WHERE build_id = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3";
         self.select(clause, values![build_id.to_string(), offset, limit])
+            .await
+    }
+
+    async fn add_channel(&self, channel: ChannelRow) -> StoreResult<()> {
+        self.execute(
+            "INSERT INTO channels (id, team_id, name, kind, url_sealed, secret_sealed, events,
+                enabled, consecutive_failures, disabled_reason, created_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            values![
+                channel.id,
+                channel.team_id,
+                channel.name,
+                channel.kind,
+                channel.url_sealed,
+                channel.secret_sealed,
+                channel.events,
+                channel.enabled,
+                channel.consecutive_failures,
+                channel.disabled_reason,
+                channel.created_at_ms
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn channel(&self, id: &str) -> StoreResult<Option<ChannelRow>> {
+        self.select("WHERE id = ?1", values![id.to_string()])
+            .await
+            .map(first)
+    }
+
+    async fn channels_of(&self, team_id: &str) -> StoreResult<Vec<ChannelRow>> {
+        let clause = "WHERE team_id = ?1 ORDER BY created_at_ms, id";
+        self.select(clause, values![team_id.to_string()]).await
+    }
+
+    async fn update_channel(&self, channel: ChannelRow) -> StoreResult<bool> {
+        self.execute(
+            "UPDATE channels SET name = ?2, url_sealed = ?3, events = ?4, enabled = ?5,
+                consecutive_failures = ?6, disabled_reason = ?7 WHERE id = ?1",
+            values![
+                channel.id,
+                channel.name,
+                channel.url_sealed,
+                channel.events,
+                channel.enabled,
+                channel.consecutive_failures,
+                channel.disabled_reason
+            ],
+        )
+        .await
+        .map(|changed| changed == 1)
+    }
+
+    async fn delete_channel(&self, id: &str) -> StoreResult<bool> {
+        self.execute(
+            "DELETE FROM channels WHERE id = ?1",
+            values![id.to_string()],
+        )
+        .await
+        .map(|changed| changed == 1)
+    }
+
+    async fn count_delivery(
+        &self,
+        channel_id: &str,
+        delivered: bool,
+        disable_after: i64,
+        reason: &str,
+    ) -> StoreResult<()> {
+        self.execute(
+            count_delivery_sql(|n| format!("?{n}")),
+            values![
+                channel_id.to_string(),
+                delivered,
+                disable_after,
+                reason.to_string()
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn pending_heads(&self) -> StoreResult<Vec<DeliveryRow>> {
+        self.select(PENDING_HEADS, values![]).await
+    }
+
+    async fn update_delivery(&self, delivery: DeliveryRow) -> StoreResult<()> {
+        self.execute(
+            "UPDATE channel_deliveries SET state = ?2, attempts = ?3, next_attempt_at_ms = ?4,
+                last_status = ?5, last_error = ?6, updated_at_ms = ?7 WHERE id = ?1",
+            values![
+                delivery.id,
+                delivery.state,
+                delivery.attempts,
+                delivery.next_attempt_at_ms,
+                delivery.last_status,
+                delivery.last_error,
+                delivery.updated_at_ms
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn deliveries_of(&self, channel_id: &str, limit: usize) -> StoreResult<Vec<DeliveryRow>> {
+        let clause = "WHERE channel_id = ?1 ORDER BY event_seq DESC, id DESC LIMIT ?2";
+        let limit = limit.min(10_000) as i64;
+        self.select(clause, values![channel_id.to_string(), limit])
             .await
     }
 

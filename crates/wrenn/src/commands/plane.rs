@@ -48,6 +48,10 @@ pub struct PlaneArgs {
     /// Keep sandboxes off the internet.
     #[arg(long)]
     pub(super) no_internet: bool,
+    /// Let notification channels call loopback, private and link-local addresses (refused
+    /// by default: a team's channel must not reach into the control plane's network).
+    #[arg(long)]
+    pub(super) channels_allow_private: bool,
     /// The token host agents join with [default: one generated into <data>/cp/join-token].
     #[arg(long, env = "WRENN_JOIN_TOKEN", hide_env_values = true)]
     pub(super) join_token: Option<String>,
@@ -290,6 +294,19 @@ fn secure_plane_files(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The notification channels' settings: their sealing key (`<data>/cp/secrets.key`, made at
+/// the first start; replicas sharing a PostgreSQL store must share the file) and policy.
+fn channels(args: &PlaneArgs) -> anyhow::Result<wrenn_cp::channels::Channels> {
+    let key = args.data_dir.join("cp/secrets.key");
+    let secrets = wrenn_cp::channels::SecretBox::open_or_create(&key)
+        .context("opening the channels' secrets key")?;
+    let policy = wrenn_cp::channels::ChannelPolicy {
+        allow_private: args.channels_allow_private,
+        ..Default::default()
+    };
+    Ok(wrenn_cp::channels::Channels { secrets, policy })
+}
+
 /// Writes a secret file (0600, in a 0700 directory) atomically.
 fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
     let dir = path.parent().context("a secret file needs a directory")?;
@@ -333,8 +350,10 @@ pub(super) async fn start_plane(
         Some((https, _, _)) => Some(https.domain.clone()),
         None => args.domain.clone(),
     };
+    let channels = channels(args)?;
     let (plane, wake) = ControlPlane::new(store, fleet, domain, !args.no_internet);
     let plane = plane
+        .with_channels(channels.clone())
         .with_template_files(args.data_dir.join("cp/template-files"))
         .with_quotas(wrenn_cp::quota::Quotas {
             running: args.quota_running,

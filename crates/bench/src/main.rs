@@ -6,6 +6,7 @@ mod api;
 mod build;
 mod egress;
 mod envd;
+mod events;
 mod firecracker;
 mod report;
 mod sandbox;
@@ -20,6 +21,9 @@ use clap::Parser;
 enum BenchCommand {
     /// envd on loopback: start time, idle memory, process round trips, file transfer rates.
     Envd(envd::EnvdBenchArgs),
+    /// Events: what recording one costs, and notification channels' delivery to a local
+    /// webhook (a steady rate in order, the lag, the ceiling).
+    Events(events::EventsBenchArgs),
     /// The base image booted cold under QEMU, to envd's /health.
     Boot(sandbox::BootBenchArgs),
     /// The control plane: REST create vs the agent, listings of 10,000 sandboxes, the proxy.
@@ -73,6 +77,7 @@ pub fn wrenn_binary() -> anyhow::Result<std::path::PathBuf> {
 async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Envd(args) => envd::run(args).await,
+        BenchCommand::Events(args) => events::run(args).await,
         BenchCommand::Boot(args) => sandbox::boot(args).await,
         BenchCommand::Api(args) => api::run(args).await,
         BenchCommand::Sandbox(args) => sandbox::sandbox(args).await,

@@ -55,7 +55,7 @@ impl RateLimit {
             return Ok(());
         }
         *tokens = refilled;
-        Err(Duration::from_secs_f64((1.0 - refilled) / self.rate))
+        Err(Duration::try_from_secs_f64((1.0 - refilled) / self.rate).unwrap_or(Duration::MAX))
     }
 }
 

@@ -97,6 +97,7 @@ pub fn is_public(address: IpAddr) -> bool {
                 || a == 0
                 || (a == 100 && (64..128).contains(&b))
                 || (a == 198 && (b == 18 || b == 19))
+                || (a == 192 && b == 0 && v4.octets()[2] == 0)
                 || a >= 240)
         }
         IpAddr::V6(v6) => {
@@ -109,7 +110,12 @@ pub fn is_public(address: IpAddr) -> bool {
                 || v6.is_multicast()
                 || (first & 0xfe00) == 0xfc00
                 || (first & 0xffc0) == 0xfe80
-                || (first == 0x2001 && v6.segments()[1] == 0x0db8))
+                || (first & 0xffc0) == 0xfec0
+                || (first == 0x2001 && v6.segments()[1] == 0x0db8)
+                // Ranges that carry an IPv4 address (NAT64, 6to4, Teredo): refused whole.
+                || (first == 0x0064 && v6.segments()[1] == 0xff9b)
+                || first == 0x2002
+                || (first == 0x2001 && v6.segments()[1] == 0))
         }
     }
 }
@@ -245,11 +251,10 @@ impl Sender {
                 .header("webhook-timestamp", timestamp.to_string())
                 .header("webhook-signature", signature);
         }
-        let response = request
-            .body(body)
-            .send()
-            .await
-            .map_err(|error| Failure::retried(0, wrenn_http::client::describe(&error)))?;
+        let response = request.body(body).send().await.map_err(|error| {
+            // Never the URL: a chat webhook's URL is its credential.
+            Failure::retried(0, wrenn_http::client::describe(&error.without_url()))
+        })?;
         let status = response.status();
         if status.is_success() {
             return Ok(status.as_u16());
@@ -324,5 +329,15 @@ mod tests {
         assert!(is_public("8.8.8.8".parse().unwrap()));
         assert!(!is_public("100.64.0.1".parse().unwrap()));
         assert!(!is_public("::ffff:10.0.0.1".parse().unwrap()));
+        for refused in [
+            "64:ff9b::a00:1",
+            "2002:a00:1::",
+            "2001:0:4136::1",
+            "fec0::1",
+            "192.0.0.8",
+        ] {
+            assert!(!is_public(refused.parse().unwrap()), "{refused}");
+        }
+        assert!(is_public("2606:4700::1111".parse().unwrap()));
     }
 }

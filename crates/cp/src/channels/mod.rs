@@ -14,7 +14,7 @@ pub mod deliver;
 pub mod manage;
 pub mod secrets;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -104,9 +104,19 @@ pub struct Deliverer {
     client: deliver::Sender,
     /// The channels with an attempt under way: a channel has one at a time (its order), the
     /// channels run side by side (a slow receiver delays only its own channel).
-    in_flight: Mutex<HashSet<String>>,
+    in_flight: Mutex<InFlight>,
     /// Told when an attempt ends: its channel's next row may be due.
     ended: Notify,
+}
+
+/// The attempts under way, and when each channel's last one ended.
+#[derive(Debug, Default)]
+struct InFlight {
+    running: HashSet<String>,
+    /// Counts ended attempts: a head read before its channel's last attempt ended is stale
+    /// (that attempt may have delivered it).
+    ended: u64,
+    last_ended: HashMap<String, u64>,
 }
 
 impl Deliverer {
@@ -126,12 +136,15 @@ impl Deliverer {
     /// channel has none under way. Its answer: when the next one not yet due is (`None`:
     /// none is waiting).
     pub async fn start_due(self: &Arc<Self>, tasks: &mut JoinSet<()>) -> StoreResult<Option<i64>> {
+        let read_at = self.in_flight.lock().expect("in-flight lock").ended;
         let heads = self.store.pending_heads().await?;
         let now = now_ms();
         let mut next = None;
         let mut in_flight = self.in_flight.lock().expect("in-flight lock");
         for head in heads {
-            if in_flight.contains(&head.channel_id) {
+            let stale =
+                (in_flight.last_ended.get(&head.channel_id)).is_some_and(|at| *at > read_at);
+            if in_flight.running.contains(&head.channel_id) || stale {
                 continue;
             }
             if head.next_attempt_at_ms > now {
@@ -140,18 +153,20 @@ impl Deliverer {
                 }));
                 continue;
             }
-            in_flight.insert(head.channel_id.clone());
+            in_flight.running.insert(head.channel_id.clone());
             let deliverer = self.clone();
             tasks.spawn(async move {
                 let channel = head.channel_id.clone();
                 if let Err(error) = deliverer.attempt(head).await {
                     tracing::warn!(%channel, %error, "a channel delivery could not be recorded");
                 }
-                deliverer
-                    .in_flight
-                    .lock()
-                    .expect("in-flight lock")
-                    .remove(&channel);
+                {
+                    let mut in_flight = deliverer.in_flight.lock().expect("in-flight lock");
+                    in_flight.running.remove(&channel);
+                    in_flight.ended += 1;
+                    let ended = in_flight.ended;
+                    in_flight.last_ended.insert(channel, ended);
+                }
                 deliverer.ended.notify_one();
             });
         }

@@ -51,7 +51,13 @@ async fn in_team(plane: &ControlPlane, caller: &Caller, team_id: &str) -> Result
     };
     acting.role = match membership {
         Some(member) => member.role,
-        None if caller.operator && plane.store.team_by_id(team_id).await?.is_some() => Role::Owner,
+        // An operator (user) acts as an owner; an operators' team's key with its own role.
+        None if caller.operator && plane.store.team_by_id(team_id).await?.is_some() => {
+            match caller.user() {
+                Some(_) => Role::Owner,
+                None => caller.role,
+            }
+        }
         None => return Err(not_found()),
     };
     acting.team_id = team_id.to_string();

@@ -78,15 +78,9 @@ pub struct LoginLimit {
 }
 
 impl LoginLimit {
-    /// How long `email` must wait before trying again (None: it may try).
-    fn wait(&self, email: &str) -> Option<Duration> {
-        let failures = self.failures.lock().expect("login limit lock");
-        let (count, since) = failures.get(email)?;
-        let elapsed = since.elapsed();
-        (*count >= LOGIN_FAILURES && elapsed < LOGIN_WINDOW).then(|| LOGIN_WINDOW - elapsed)
-    }
-
-    fn failed(&self, email: &str) {
+    /// Counts an attempt of `email`'s, checked and counted at once (concurrent attempts
+    /// cannot all pass): Err(how long to wait) past the limit.
+    fn attempt(&self, email: &str) -> Result<(), Duration> {
         let mut failures = self.failures.lock().expect("login limit lock");
         if failures.len() > 10_000 {
             failures.retain(|_, (_, since)| since.elapsed() < LOGIN_WINDOW);
@@ -97,9 +91,14 @@ impl LoginLimit {
         if entry.1.elapsed() >= LOGIN_WINDOW {
             *entry = (0, Instant::now());
         }
+        if entry.0 >= LOGIN_FAILURES {
+            return Err(LOGIN_WINDOW.saturating_sub(entry.1.elapsed()));
+        }
         entry.0 += 1;
+        Ok(())
     }
 
+    /// A successful sign-in clears the email's count.
     fn succeeded(&self, email: &str) {
         self.failures
             .lock()
@@ -124,13 +123,45 @@ pub fn normalize_email(email: &str) -> Result<String, Error> {
     Ok(email)
 }
 
-/// The argon2id hash (PHC string) of a password of acceptable length.
-pub fn hash_password(password: &str) -> Result<String, Error> {
+/// A password of acceptable length, or why not.
+pub fn check_password(password: &str) -> Result<(), Error> {
     if password.chars().count() < MIN_PASSWORD || password.len() > MAX_PASSWORD {
         return Err(Error::InvalidRequest(format!(
             "a password is {MIN_PASSWORD} to {MAX_PASSWORD} characters"
         )));
     }
+    Ok(())
+}
+
+/// [`hash_password`] off the async threads (argon2 takes tens of milliseconds of CPU).
+async fn hash_password_off_thread(password: &str) -> Result<String, Error> {
+    let password = password.to_string();
+    tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(|error| Error::Internal(format!("hashing a password: {error}")))?
+}
+
+/// Whether `password` matches `hash`, off the async threads; a missing user is checked
+/// against a hash of nothing, so that both answers take as long.
+async fn password_matches_off_thread(password: &str, hash: Option<String>) -> bool {
+    static NOBODY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let password = password.to_string();
+    tokio::task::spawn_blocking(move || {
+        let hash = match hash {
+            Some(hash) => hash,
+            None => NOBODY
+                .get_or_init(|| hash_password("no user has this password").unwrap_or_default())
+                .clone(),
+        };
+        password_matches(&password, &hash)
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// The argon2id hash (PHC string) of a password of acceptable length.
+pub fn hash_password(password: &str) -> Result<String, Error> {
+    check_password(password)?;
     let mut salt = [0u8; 16];
     wrenn_core::random::fill(&mut salt)?;
     let salt = SaltString::encode_b64(&salt)
@@ -171,7 +202,7 @@ pub async fn make_user(
     let user = UserRow {
         id: auth::random_uuid()?,
         email,
-        password_hash: hash_password(password)?,
+        password_hash: hash_password_off_thread(password).await?,
         operator,
         created_at_ms: now_ms(),
     };
@@ -194,15 +225,16 @@ impl ControlPlane {
     /// passwords get the same answer; an email failing too often must wait.
     pub async fn login(&self, email: &str, password: &str) -> Result<(String, UserRow), Error> {
         let email = email.trim().to_lowercase();
-        if let Some(wait) = self.login_limit.wait(&email) {
+        if let Err(wait) = self.login_limit.attempt(&email) {
             return Err(Error::RateLimited {
                 what: "sign-ins of this email".into(),
                 retry_after: wait,
             });
         }
         let user = self.store.user_where("email", &email).await?;
-        let Some(user) = user.filter(|user| password_matches(password, &user.password_hash)) else {
-            self.login_limit.failed(&email);
+        let hash = user.as_ref().map(|user| user.password_hash.clone());
+        let matches = password_matches_off_thread(password, hash).await;
+        let Some(user) = user.filter(|_| matches) else {
             return Err(Error::Unauthenticated("wrong email or password".into()));
         };
         self.login_limit.succeeded(&email);
@@ -486,7 +518,7 @@ impl ControlPlane {
         // Checked before the invitation is taken: a refused new user leaves it usable.
         let hash = auth::hash_key(token);
         if user.is_none() {
-            hash_password(password.unwrap_or(""))?;
+            check_password(password.unwrap_or(""))?;
             let pending = self.store.invitation_by_hash(&hash).await?;
             if let Some(pending) = pending.filter(|i| !i.accepted && i.expires_at_ms > now_ms())
                 && self

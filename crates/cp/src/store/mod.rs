@@ -570,7 +570,7 @@ pub trait StoreBackend: Send + Sync + std::fmt::Debug {
     async fn invitation_by_hash(&self, hash: &str) -> StoreResult<Option<InvitationRow>>;
     /// Takes the invitation with this hash if it is neither taken nor expired: it, taken.
     async fn take_invitation(&self, hash: &str, now_ms: i64) -> StoreResult<Option<InvitationRow>>;
-    /// Deletes a team with its keys, members and invitations (its sandboxes and templates
+    /// Deletes a team with its keys, members, invitations and channels (its sandboxes and templates
     /// must be gone): whether it was there.
     async fn delete_team(&self, team_id: &str) -> StoreResult<bool>;
 

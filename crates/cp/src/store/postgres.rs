@@ -376,7 +376,7 @@ impl StoreBackend for PgStore {
     async fn delete_team(&self, team_id: &str) -> StoreResult<bool> {
         let mut client = self.client().await?;
         let transaction = client.transaction().await?;
-        for table in ["invitations", "memberships", "api_keys"] {
+        for table in ["invitations", "memberships", "api_keys", "channels"] {
             let sql = format!("DELETE FROM {table} WHERE team_id = $1");
             transaction.execute(&sql, &[&team_id]).await?;
         }

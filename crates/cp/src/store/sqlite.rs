@@ -423,7 +423,7 @@ impl StoreBackend for SqliteStore {
         let team_id = team_id.to_string();
         self.with(move |db| {
             let transaction = db.transaction()?;
-            for table in ["invitations", "memberships", "api_keys"] {
+            for table in ["invitations", "memberships", "api_keys", "channels"] {
                 transaction.execute(
                     &format!("DELETE FROM {table} WHERE team_id = ?1"),
                     [&team_id],

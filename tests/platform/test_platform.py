@@ -329,6 +329,20 @@ def test_keys_are_managed_over_the_api_by_role_and_revoked_at_once(wrenn):
         Sandbox.list(api_key=member).next_items()
     refused = wrenn.api_cli("key", "list", key=member, check=False)
     assert refused.returncode != 0 and "401" in refused.stderr, refused.stderr
+    # And through the HTTPS edge (api.<domain>), which checks keys the same way, uncached.
+    import ssl
+    import urllib.error
+    import urllib.request
+    trusted = ssl.create_default_context(cafile=wrenn.ca_bundle)
+    request = urllib.request.Request(
+        f"https://api.{wrenn.domain}/sandboxes", headers={"X-API-KEY": member})
+    with pytest.raises(urllib.error.HTTPError) as edge:
+        urllib.request.urlopen(request, context=trusted, timeout=10)
+    assert edge.value.code == 401
+    request = urllib.request.Request(
+        f"https://api.{wrenn.domain}/sandboxes", headers={"X-API-KEY": owner})
+    with urllib.request.urlopen(request, context=trusted, timeout=10) as ok:
+        assert ok.status == 200
     listed = json.loads(wrenn.api_cli("key", "list", "--json", key=owner).stdout)
     assert made["id"] not in {k["id"] for k in listed}
 

@@ -108,12 +108,27 @@ pub async fn wait_until(what: &str, within: Duration, mut check: impl AsyncFnMut
     }
 }
 
-/// A loopback port free now (the OS's choice; a test binds it soon after).
+/// The ports [`free_port`] hands out: below the kernel's ephemeral range (32768 and up by
+/// default), so that no outgoing connection of a test running beside it takes the port
+/// between its choice and its use, as one did when the OS chose from that range.
+const FREE_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A loopback port free now (a test binds it soon after): tried from a place that differs
+/// per process and per call, so tests running at once seldom try the same port.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("binding a loopback port")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+    let span = u32::from(FREE_PORTS.end - FREE_PORTS.start);
+    let start = std::process::id()
+        .wrapping_mul(7919)
+        .wrapping_add(CALLS.fetch_add(1, Ordering::Relaxed).wrapping_mul(613));
+    for step in 0..span {
+        let port = FREE_PORTS.start + ((start.wrapping_add(step)) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FREE_PORTS:?}");
 }
 
 /// The environment variable that makes a missing prerequisite fail its test when it is `1`.

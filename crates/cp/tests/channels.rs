@@ -30,6 +30,7 @@ fn fast_policy() -> ChannelPolicy {
         disable_after: 2,
         allow_private: true,
         poll: Duration::from_millis(200),
+        log_retention: Duration::from_secs(3600),
     }
 }
 

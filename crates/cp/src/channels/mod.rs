@@ -61,6 +61,8 @@ pub struct ChannelPolicy {
     /// How often the deliverer reads the outbox though nothing woke it (another replica's
     /// events reach it so).
     pub poll: Duration,
+    /// How long the delivery log keeps a delivered or given-up delivery (pruned hourly).
+    pub log_retention: Duration,
 }
 
 impl Default for ChannelPolicy {
@@ -73,6 +75,7 @@ impl Default for ChannelPolicy {
             disable_after: 5,
             allow_private: false,
             poll: Duration::from_secs(5),
+            log_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -245,6 +248,9 @@ impl Deliverer {
     }
 }
 
+/// How often the deliverer prunes the delivery log ([`ChannelPolicy::log_retention`]).
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
 /// Delivers the outbox until `shutdown`: woken by every event the store's bus carries, when
 /// an attempt ends, when a retry is due, and every [`ChannelPolicy::poll`] in any case. An
 /// attempt cut short by `shutdown` stays pending and is made again by the next deliverer (a
@@ -266,7 +272,17 @@ pub async fn run_deliveries(
     };
     // Dropped (every attempt under way aborted) when this returns.
     let mut tasks = JoinSet::new();
+    let mut pruned_at: Option<std::time::Instant> = None;
     loop {
+        if pruned_at.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+            pruned_at = Some(std::time::Instant::now());
+            let retention = deliverer.policy.log_retention.as_millis() as i64;
+            match deliverer.store.prune_deliveries(now_ms() - retention).await {
+                Ok(0) => {}
+                Ok(pruned) => tracing::info!(pruned, "old deliveries left the delivery log"),
+                Err(error) => tracing::warn!(%error, "the delivery log could not be pruned"),
+            }
+        }
         let next = tokio::select! {
             () = shutdown.cancelled() => return,
             next = deliverer.start_due(&mut tasks) => next,

@@ -252,4 +252,45 @@ mod tests {
             );
         }
     }
+
+    #[tokio::test]
+    async fn pruning_forgets_old_finished_deliveries_and_keeps_pending_ones() {
+        for (backend, store, _dir) in super::super::tests::backends().await {
+            store
+                .add_channel(channel("p1", "a", &[], true))
+                .await
+                .unwrap();
+            for i in 0..3 {
+                let event = EventRow {
+                    id: format!("p{i}"),
+                    at_ms: 10,
+                    team_id: "a".into(),
+                    kind: "sandbox.created".into(),
+                    ..EventRow::default()
+                };
+                store.add_event(event).await.unwrap();
+            }
+            let mut rows = store.deliveries_of("p1", 100).await.unwrap();
+            rows.sort_by_key(|row| row.event_seq);
+            // The first delivered long ago, the second given up lately, the third pending.
+            for (row, state, at) in [
+                (&rows[0], DeliveryState::Delivered, 100),
+                (&rows[1], DeliveryState::Failed, 5_000),
+            ] {
+                let mut row = row.clone();
+                row.state = state.as_str().into();
+                row.updated_at_ms = at;
+                store.update_delivery(row).await.unwrap();
+            }
+            assert_eq!(store.prune_deliveries(1_000).await.unwrap(), 1, "{backend}");
+            let left: Vec<i64> = seqs(&store, "p1").await;
+            assert_eq!(left, [rows[2].event_seq, rows[1].event_seq], "{backend}");
+            assert_eq!(
+                store.prune_deliveries(i64::MAX).await.unwrap(),
+                1,
+                "{backend}: pending stays"
+            );
+            assert_eq!(seqs(&store, "p1").await, [rows[2].event_seq], "{backend}");
+        }
+    }
 }

@@ -683,6 +683,9 @@ pub trait StoreBackend: Send + Sync + std::fmt::Debug {
     async fn update_delivery(&self, delivery: DeliveryRow) -> StoreResult<()>;
     /// A channel's deliveries, newest first.
     async fn deliveries_of(&self, channel_id: &str, limit: usize) -> StoreResult<Vec<DeliveryRow>>;
+    /// Forgets delivered and given-up deliveries last changed before `before_ms` (the delivery
+    /// log's retention; pending ones stay): how many.
+    async fn prune_deliveries(&self, before_ms: i64) -> StoreResult<u64>;
 }
 
 /// The store the control plane uses: SQLite or PostgreSQL, behind [`StoreBackend`], with the

@@ -827,6 +827,14 @@ impl StoreBackend for PgStore {
         self.select(clause, &[&channel_id, &limit]).await
     }
 
+    async fn prune_deliveries(&self, before_ms: i64) -> StoreResult<u64> {
+        self.execute(
+            "DELETE FROM channel_deliveries WHERE state <> 'pending' AND updated_at_ms < $1",
+            &[&before_ms],
+        )
+        .await
+    }
+
     async fn list(&self, query: ListQuery) -> StoreResult<(Vec<SandboxRow>, usize)> {
         let mut values: Vec<Box<dyn ToSql + Sync + Send>> = vec![Box::new(query.team_id.clone())];
         let mut sql = SandboxRow::select("WHERE team_id = $1");

@@ -912,6 +912,15 @@ impl StoreBackend for SqliteStore {
             .await
     }
 
+    async fn prune_deliveries(&self, before_ms: i64) -> StoreResult<u64> {
+        self.execute(
+            "DELETE FROM channel_deliveries WHERE state <> 'pending' AND updated_at_ms < ?1",
+            values![before_ms],
+        )
+        .await
+        .map(|deleted| deleted as u64)
+    }
+
     /// One page of a team's sandboxes; metadata filters match every given pair.
     async fn list(&self, query: ListQuery) -> StoreResult<(Vec<SandboxRow>, usize)> {
         self.with(move |db| {

@@ -52,6 +52,9 @@ pub struct PlaneArgs {
     /// by default: a team's channel must not reach into the control plane's network).
     #[arg(long)]
     pub(super) channels_allow_private: bool,
+    /// How many days the channels' delivery log keeps a delivered or given-up delivery.
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u64).range(1..=3650))]
+    pub(super) channels_log_days: u64,
     /// The token host agents join with [default: one generated into <data>/cp/join-token].
     #[arg(long, env = "WRENN_JOIN_TOKEN", hide_env_values = true)]
     pub(super) join_token: Option<String>,
@@ -302,6 +305,7 @@ fn channels(args: &PlaneArgs) -> anyhow::Result<wrenn_cp::channels::Channels> {
         .context("opening the channels' secrets key")?;
     let policy = wrenn_cp::channels::ChannelPolicy {
         allow_private: args.channels_allow_private,
+        log_retention: Duration::from_secs(args.channels_log_days * 24 * 3600),
         ..Default::default()
     };
     Ok(wrenn_cp::channels::Channels { secrets, policy })

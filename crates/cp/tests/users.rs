@@ -460,6 +460,33 @@ async fn sign_in_failures_are_limited_and_tokens_end_when_revoked_or_signed_out(
         .call("GET", "/v1/me", As::Bearer(&session, None), Value::Null)
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // A user owns at most so many teams (quotas are per team).
+    make_user(&kit.plane.store, "many@example.com", PASSWORD, false)
+        .await
+        .unwrap();
+    let many = kit.login("many@example.com", PASSWORD).await;
+    let mut made = 0;
+    let refused = loop {
+        let body = json!({"name": format!("team-{made}")});
+        let (status, answer) = kit
+            .call("POST", "/v1/teams", As::Bearer(&many, None), body)
+            .await;
+        if status != StatusCode::CREATED {
+            break (status, answer);
+        }
+        made += 1;
+        assert!(made <= wrenn_cp::service::users::TEAMS_PER_USER, "no limit");
+    };
+    assert_eq!(made, wrenn_cp::service::users::TEAMS_PER_USER);
+    assert_eq!(refused.0, StatusCode::FORBIDDEN, "{}", refused.1);
+    assert!(
+        refused.1["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 10 teams"),
+        "{}",
+        refused.1
+    );
     // Bad input: a bad email, a short password.
     assert!(
         make_user(&kit.plane.store, "not-an-email", PASSWORD, false)

@@ -60,6 +60,8 @@ pub struct ControlPlane {
     pub create_limit: crate::ratelimit::RateLimit,
     /// Failed sign-ins by email ([`users`]).
     pub login_limit: users::LoginLimit,
+    /// How many teams a user may own (0: no limit): quotas are per team.
+    pub teams_per_user: usize,
     /// The notification channels' key and policy (see [`Self::with_channels`]); without them
     /// the channel routes answer that channels are not configured.
     pub channels: Option<crate::channels::Channels>,
@@ -95,6 +97,7 @@ impl ControlPlane {
             hooks: Vec::new(),
             create_limit: crate::ratelimit::RateLimit::unlimited(),
             login_limit: Default::default(),
+            teams_per_user: users::TEAMS_PER_USER,
             channels: None,
         };
         (plane, wake)

@@ -27,6 +27,9 @@ pub const MAX_PASSWORD: usize = 1024;
 const LOGIN_FAILURES: u32 = 5;
 const LOGIN_WINDOW: Duration = Duration::from_secs(60);
 
+/// How many teams a user may own by default (`ControlPlane::teams_per_user`).
+pub const TEAMS_PER_USER: usize = 10;
+
 /// The prefix of sessions' tokens.
 pub const SESSION_PREFIX: &str = "wrenn_s_";
 /// The prefix of access tokens (E2B's).
@@ -345,6 +348,16 @@ impl ControlPlane {
     /// A new team made by a signed-in user, who is its owner.
     pub async fn create_team(&self, user: &UserRow, name: &str) -> Result<Team, Error> {
         check_team_name(name)?;
+        let owned = (self.store.members_where("user_id", &user.id).await?)
+            .iter()
+            .filter(|member| member.role == Role::Owner)
+            .count();
+        if self.teams_per_user > 0 && owned >= self.teams_per_user && !user.operator {
+            return Err(Error::Forbidden(format!(
+                "a user owns at most {} teams (this one owns {owned}): delete one first",
+                self.teams_per_user
+            )));
+        }
         if self.store.team_by_name(name).await?.is_some() {
             return Err(Error::Conflict(format!("a team named {name:?} exists")));
         }

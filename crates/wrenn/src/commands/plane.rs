@@ -96,6 +96,9 @@ pub struct PlaneArgs {
     /// Sandbox creates each API key may make at once, before --create-rate applies.
     #[arg(long, default_value_t = 50)]
     pub(super) create_burst: u32,
+    /// Teams a user may own (0: no limit; operators are not limited): quotas are per team.
+    #[arg(long, default_value_t = wrenn_cp::service::users::TEAMS_PER_USER)]
+    pub(super) teams_per_user: usize,
 }
 
 /// A duration flag given in milliseconds: a whole number, parsed (and refused) as any other.
@@ -368,6 +371,8 @@ pub(super) async fn start_plane(
             args.create_rate,
             args.create_burst,
         ));
+    let mut plane = plane;
+    plane.teams_per_user = args.teams_per_user;
     let mut builder = wrenn_cp::server::Server::builder(plane, wake);
     for extension in extensions {
         builder = builder.extension(extension.clone());

@@ -7,6 +7,7 @@ use utoipa::ToSchema;
 /// `POST /v1/channels`: a new channel.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields)]
 pub struct NewChannel {
     /// 1 to 100 characters.
     pub name: String,
@@ -26,6 +27,7 @@ pub struct NewChannel {
 /// `PATCH /v1/channels/{id}`: what is given changes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields)]
 pub struct UpdateChannel {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,

@@ -678,6 +678,7 @@ pub struct AuditLog {
 
 /// `POST /v1/auth/login`'s body.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Login {
     pub email: String,
     pub password: String,
@@ -724,6 +725,7 @@ pub struct Me {
 
 /// `POST /v1/teams`'s body.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct NewTeam {
     pub name: String,
 }
@@ -742,12 +744,14 @@ pub struct Member {
 
 /// `PATCH /v1/teams/{teamID}/members/{userID}`'s body.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct MemberRole {
     pub role: String,
 }
 
 /// `POST /v1/teams/{teamID}/invitations`'s body.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct NewInvitation {
     pub email: String,
     /// `owner`, `admin` or `member` (the default), at most the inviter's.
@@ -771,6 +775,7 @@ pub struct Invitation {
 /// `POST /v1/invitations/{token}/accept`'s body: a password for a new account (none when a
 /// signed-in user accepts).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct AcceptInvitation {
     #[serde(default)]
     pub password: Option<String>,
@@ -788,6 +793,7 @@ pub struct Accepted {
 
 /// `POST /access-tokens`'s body (E2B's `NewAccessToken`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct NewAccessToken {
     pub name: String,
 }

@@ -5,28 +5,17 @@ the extension's refusal comes before placement."""
 import os
 import shutil
 import signal
-import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
 
 import pytest
 
-
-def free_port() -> int:
-    """A loopback port free now, below the kernel's ephemeral range (32768 and up), so that no
-    outgoing connection made beside the test takes it before the server binds it."""
-    import random
-    for _ in range(1000):
-        port = random.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free loopback port in 20000..32000")
+# tests/prerequisites.py, shared with the other suites.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from prerequisites import free_port  # noqa: E402
 
 
 class Server:

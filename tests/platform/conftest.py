@@ -16,7 +16,7 @@ import pytest
 
 # tests/prerequisites.py, shared with the SDK suite.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from prerequisites import missing_prerequisite  # noqa: E402
+from prerequisites import free_port, missing_prerequisite  # noqa: E402
 
 
 # The running-sandbox limit of every team (test_quota_* fills a team of its own up to it).
@@ -27,21 +27,6 @@ QUOTA_RUNNING = 5
 # and the PostgreSQL one) can share the machine at once: scripts/test.sh gives each its own.
 SLOT_PREFIX = os.environ.get("WRENN_PLATFORM_SLOT_PREFIX", "wup")
 FIRST_SLOT = int(os.environ.get("WRENN_PLATFORM_FIRST_SLOT", "600"))
-
-
-def free_port() -> int:
-    """A loopback port free now, below the kernel's ephemeral range (32768 and up), so that no
-    outgoing connection made beside the test takes it before the server binds it."""
-    import random
-    for _ in range(1000):
-        port = random.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free loopback port in 20000..32000")
 
 
 class Wrenn:

@@ -110,6 +110,8 @@ impl FakeTemplateStore {
 #[derive(Debug)]
 pub struct FakeAgent {
     state: Arc<Mutex<State>>,
+    /// What its tests record of its sandboxes, for the control plane to collect.
+    telemetry: crate::telemetry::TelemetryBuffer,
 }
 
 /// A template as the fake's hosts report it: `memory_mib` of memory, a 2 GiB disk.
@@ -129,10 +131,20 @@ pub fn template(template_id: &str, memory_mib: u32) -> TemplateReport {
 use wrenn_core::now_ms;
 
 impl FakeAgent {
+    /// Where its tests record samples and log lines of its sandboxes, as a real host's agent
+    /// does of its guests.
+    pub fn telemetry_buffer(&self) -> &crate::telemetry::TelemetryBuffer {
+        &self.telemetry
+    }
+
     /// A host with `slots_total` network slots, 64 GiB of memory, 1 TiB of disk, and
     /// `templates`.
     pub fn new(slots_total: u32, templates: Vec<TemplateReport>) -> FakeAgent {
         FakeAgent {
+            telemetry: crate::telemetry::TelemetryBuffer::new(
+                Duration::from_secs(5),
+                crate::telemetry::BUFFER_ENTRIES,
+            ),
             state: Arc::new(Mutex::new(State {
                 templates,
                 slots_total,
@@ -711,6 +723,14 @@ impl HostAgent for FakeAgent {
         Some(self.report_now())
     }
 
+    async fn telemetry(
+        &self,
+        request: pb::CollectTelemetryRequest,
+    ) -> Result<pb::CollectTelemetryResponse, HostAgentError> {
+        // Not among its recorded calls: the control plane collects on its own schedule.
+        Ok(self.telemetry.collect(&request))
+    }
+
     /// The fake runs no guest: there is no port to reach.
     fn route(&self, _sandbox_id: &str, _port: u16) -> Option<GuestRoute> {
         None
@@ -826,6 +846,9 @@ impl FakeAgent {
                     .filter_map(|s| agent.sandbox_message(&s.sandbox_id))
                     .collect(),
             })
+        });
+        let router = serve::<rpc::CollectTelemetry, _, _>(router, |agent, request| async move {
+            agent.telemetry(request).await
         });
         let router = serve::<rpc::HostInfo, _, _>(router, |agent, _| async move {
             Ok(pb::HostInfoResponse {

@@ -23,6 +23,7 @@ pub use wrenn_api::network;
 pub mod proxy;
 mod remote;
 mod route;
+pub mod telemetry;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -315,6 +316,12 @@ pub trait HostAgent: Send + Sync + std::fmt::Debug {
     /// Deletes a template of the host ([`HostAgentError::Conflict`] while a sandbox or another
     /// template stands on it, [`HostAgentError::NotFound`] if the host has no such template).
     async fn delete_template(&self, template_id: &str) -> Result<(), HostAgentError>;
+    /// What the host saw of its sandboxes after the request's cursor: resource samples and log
+    /// lines, oldest first ([`telemetry::TelemetryBuffer::collect`]).
+    async fn telemetry(
+        &self,
+        request: wrenn_proto::agent::CollectTelemetryRequest,
+    ) -> Result<wrenn_proto::agent::CollectTelemetryResponse, HostAgentError>;
 }
 
 #[cfg(test)]

@@ -186,6 +186,13 @@ impl HostAgent for RemoteAgent {
         None
     }
 
+    async fn telemetry(
+        &self,
+        request: pb::CollectTelemetryRequest,
+    ) -> Result<pb::CollectTelemetryResponse, HostAgentError> {
+        self.call::<rpc::CollectTelemetry>(&request).await
+    }
+
     async fn delete_template(&self, template_id: &str) -> Result<(), HostAgentError> {
         let request = pb::DeleteTemplateRequest {
             template_id: template_id.into(),

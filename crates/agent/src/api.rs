@@ -48,8 +48,13 @@ pub fn router(manager: Arc<Manager>, token: &str) -> Router {
     let router = serve(router, rpc::ListTemplates, list_templates);
     let router = serve(router, rpc::DeleteTemplate, delete_template);
     let router = serve(router, rpc::HostInfo, host_info);
+    let router = serve(router, rpc::CollectTelemetry, collect_telemetry);
     let router = router.route(rpc::RunTemplateBuild::PATH, post(run_template_build));
     router
+        .route("/metrics", axum::routing::get(prometheus_metrics))
+        .layer(axum::middleware::from_fn(|request, next| {
+            wrenn_http::metrics::track_requests("agent", request, next)
+        }))
         .fallback(|| async {
             unary_error(&ConnectError::new(
                 Code::NotFound,
@@ -376,6 +381,24 @@ async fn delete_template(
     required("template_id", &request.template_id)?;
     manager.delete_template(&request.template_id).await?;
     Ok(pb::DeleteTemplateResponse {})
+}
+
+/// `GET /metrics`: the process's Prometheus metrics, to the loopback or to a caller with the
+/// agent's metrics token (`--metrics-token`).
+async fn prometheus_metrics(
+    State(state): State<ApiState>,
+    request: axum::extract::Request,
+) -> axum::response::Response {
+    let peer = wrenn_http::metrics::peer_of(&request);
+    let token = state.manager.config().metrics_token.as_deref();
+    wrenn_http::metrics::answer(request.headers(), peer, token)
+}
+
+async fn collect_telemetry(
+    manager: Arc<Manager>,
+    request: pb::CollectTelemetryRequest,
+) -> Result<pb::CollectTelemetryResponse, AgentError> {
+    Ok(manager.telemetry.collect(&request))
 }
 
 async fn host_info(

@@ -51,6 +51,33 @@ async fn call(
     token: Option<&str>,
     timeout: Duration,
 ) -> Result<(u16, String), String> {
+    let (status, body) = call_bytes(address, method, path, body, token, timeout).await?;
+    Ok((status, guest_text(&body)))
+}
+
+/// envd's `GET /metrics` (the guest's CPU, memory and disk), within `timeout`; `None` when it
+/// does not answer with a JSON object.
+pub async fn metrics(
+    address: SocketAddr,
+    token: Option<&str>,
+    timeout: Duration,
+) -> Option<serde_json::Map<String, Value>> {
+    match call_bytes(address, http::Method::GET, "/metrics", None, token, timeout).await {
+        Ok((200, body)) => serde_json::from_slice(&body).ok(),
+        _ => None,
+    }
+}
+
+/// [`call`]'s request, its answer's body as the guest sent it (at most [`MAX_CONTROL_ANSWER`]
+/// bytes).
+async fn call_bytes(
+    address: SocketAddr,
+    method: http::Method,
+    path: &str,
+    body: Option<Value>,
+    token: Option<&str>,
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>), String> {
     use wrenn_http::client::{BodyError, describe, read_bounded};
     let url = format!("http://{address}{path}");
     let mut request = control_client()
@@ -81,7 +108,7 @@ async fn call(
             ),
             BodyError::Broken(error) => no_answer(error),
         })?;
-    Ok((status, guest_text(&body)))
+    Ok((status, body.to_vec()))
 }
 
 /// The client of every control call: it keeps no connection once a call ends.

@@ -23,11 +23,13 @@ pub mod host_network;
 pub mod join;
 pub mod local;
 pub mod manager;
+pub mod metrics;
 pub mod mmds;
 pub mod network;
 pub mod oci;
 pub mod proxy;
 pub mod store;
+pub mod telemetry;
 pub mod template_store;
 
 use std::net::SocketAddr;

@@ -114,6 +114,13 @@ impl HostAgent for LocalAgent {
         Some(crate::join::report(&self.manager))
     }
 
+    async fn telemetry(
+        &self,
+        request: wrenn_proto::agent::CollectTelemetryRequest,
+    ) -> Result<wrenn_proto::agent::CollectTelemetryResponse, HostAgentError> {
+        Ok(self.manager.telemetry.collect(&request))
+    }
+
     fn route(&self, sandbox_id: &str, port: u16) -> Option<GuestRoute> {
         let (address, ends) = self.manager.guest_route(sandbox_id, port)?;
         Some(GuestRoute::Direct { address, ends })

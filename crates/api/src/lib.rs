@@ -271,7 +271,8 @@ pub struct SandboxNetwork {
     pub mask_request_host: Option<String>,
 }
 
-/// One sample of a running sandbox's resource use, read from its envd.
+/// One sample of a sandbox's resource use (the guest's view, from its envd), as taken or
+/// averaged over a minute or ten (older history).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SandboxMetric {
@@ -285,6 +286,68 @@ pub struct SandboxMetric {
     pub mem_cache: u64,
     pub disk_used: u64,
     pub disk_total: u64,
+    /// Bytes the guest received since its VM started, as its host counts them (wrenn's; not
+    /// in a sample read live).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_rx_bytes: Option<u64>,
+    /// Bytes the guest sent since its VM started, as its host counts them (wrenn's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_tx_bytes: Option<u64>,
+}
+
+/// One line of a sandbox's log: its console's, envd's, or wrenn's about it (`fields.source`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SandboxLogEntry {
+    /// RFC 3339 with milliseconds.
+    pub timestamp: String,
+    pub message: String,
+    /// `debug`, `info`, `warn` or `error`.
+    pub level: String,
+    pub fields: BTreeMap<String, String>,
+}
+
+/// A line of `GET /sandboxes/{id}/logs` (v1): the time and the text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SandboxLog {
+    pub timestamp: String,
+    pub line: String,
+}
+
+/// `GET /sandboxes/{id}/logs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxLogs {
+    pub logs: Vec<SandboxLog>,
+    pub log_entries: Vec<SandboxLogEntry>,
+}
+
+/// `GET /v2/sandboxes/{id}/logs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SandboxLogsV2 {
+    pub logs: Vec<SandboxLogEntry>,
+}
+
+/// A team's use on one UTC day (`GET /v1/usage`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageDay {
+    /// `YYYY-MM-DD`.
+    pub day: String,
+    /// Seconds its sandboxes ran, summed.
+    pub sandbox_seconds: f64,
+    /// The same, each weighted by its sandbox's memory in GiB.
+    pub gib_seconds: f64,
+}
+
+/// `GET /v1/usage`: a team's use by day, oldest first (days without use are left out).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TeamUsage {
+    #[serde(rename = "teamID")]
+    pub team_id: String,
+    pub days: Vec<UsageDay>,
+    pub total_sandbox_seconds: f64,
+    pub total_gib_seconds: f64,
 }
 
 /// `GET /sandboxes/metrics`: the latest sample of each running sandbox asked for.

@@ -279,6 +279,8 @@ pub async fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
         mapped_memory: true,
         warm_pool: 0,
         warm_pool_min_free_mib: 0,
+        sample_interval: wrenn_agent::telemetry::DEFAULT_INTERVAL,
+        metrics_token: None,
     };
     let mmds = tokio::net::TcpListener::bind("0.0.0.0:0").await?;
     let config = AgentConfig {

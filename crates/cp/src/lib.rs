@@ -14,12 +14,14 @@ pub mod deadlines;
 pub mod events;
 pub mod fleet;
 pub mod http;
+pub mod metrics;
 pub mod proxy;
 pub mod quota;
 pub mod ratelimit;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 pub mod unsupported;
 

@@ -105,11 +105,13 @@ impl Server {
     /// deliveries and the extensions' workers (they end at `shutdown`: wait for them with
     /// [`Started::stopped`]).
     pub fn start(self, shutdown: CancellationToken) -> Started {
+        crate::metrics::register_all();
         tokio::spawn(self.plane.clone().run_lifecycle());
         tokio::spawn(self.plane.clone().run_fleet(self.wake));
-        let mut workers = vec![tokio::spawn(
-            self.plane.clone().run_event_hooks(shutdown.clone()),
-        )];
+        let mut workers = vec![
+            tokio::spawn(self.plane.clone().run_event_hooks(shutdown.clone())),
+            tokio::spawn(self.plane.clone().run_telemetry(shutdown.clone())),
+        ];
         // Notification channels' deliveries; one cut short is made again at the next start.
         if let Some(channels) = &self.plane.channels {
             workers.push(tokio::spawn(crate::channels::run_deliveries(

@@ -81,18 +81,25 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ENVD_LOG").unwrap_or_else(|_| {
-                if args.verbose {
-                    "debug".into()
-                } else {
-                    "info".into()
-                }
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ENVD_LOG").unwrap_or_else(|_| {
+        if args.verbose {
+            "debug".into()
+        } else {
+            "info".into()
+        }
+    });
+    // In a guest (PID 1) envd's log is the console, which the host reads line by line into
+    // the sandbox's log: one JSON object a line there keeps each line's level and fields.
+    let json = std::process::id() == 1
+        || std::env::var("ENVD_LOG_FORMAT").is_ok_and(|format| format == "json");
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        logs.json().with_current_span(false).init();
+    } else {
+        logs.init();
+    }
     // Two worker threads: envd shares a small VM with the user's work.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -6,4 +6,5 @@
 
 pub mod client;
 pub mod forward;
+pub mod metrics;
 pub mod server;

@@ -91,6 +91,20 @@ pub struct HostFlags {
     /// and stops its VMMs meanwhile.
     #[arg(long, default_value_t = wrenn_agent::manager::DEFAULT_WARM_POOL_MIN_FREE_MIB)]
     pub warm_pool_min_free_mib: u64,
+    /// How often each running sandbox's CPU, memory, disk and network are sampled and its
+    /// console read, in seconds (fractions allowed, at least 0.1).
+    #[arg(long, env = "WRENN_SAMPLE_INTERVAL", default_value_t = 5.0, value_parser = crate::flags::seconds_at_least_a_tenth)]
+    pub sample_interval: f64,
+}
+
+/// A `--sample-interval`: a number of seconds, at least 0.1.
+pub fn seconds_at_least_a_tenth(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if (0.1..=3600.0).contains(&seconds) => Ok(seconds),
+        _ => Err(format!(
+            "{text:?} is not a number of seconds from 0.1 to 3600"
+        )),
+    }
 }
 
 impl HostFlags {

@@ -97,6 +97,12 @@ pub struct AgentConfig {
     /// The warm pool starts no VMM while the host has less memory available than this, and
     /// stops its VMMs one by one meanwhile.
     pub warm_pool_min_free_mib: u64,
+    /// How often each running sandbox is sampled and its console read (see
+    /// [`crate::telemetry`]).
+    pub sample_interval: Duration,
+    /// The bearer token `GET /metrics` asks of callers not on the loopback (none: the
+    /// loopback only).
+    pub metrics_token: Option<String>,
 }
 
 /// The default size of the warm pool, per template.
@@ -188,6 +194,8 @@ pub struct Manager {
     /// cores each took over 10 s for `/init`); the others wait their turn, their disk and slot
     /// ready.
     starting: tokio::sync::Semaphore,
+    /// The sandboxes' samples and log lines, for the control plane to collect.
+    pub telemetry: crate::telemetry::Telemetry,
     /// The manager itself, for work it starts in the background.
     me: std::sync::Weak<Manager>,
 }
@@ -308,8 +316,13 @@ impl Manager {
         if let Some(store) = &template_store {
             store.check().await?;
         }
+        let telemetry = crate::telemetry::Telemetry::new(
+            config.sample_interval,
+            crate::telemetry::BUFFER_ENTRIES,
+        );
         let manager = Arc::new_cyclic(|me| Manager {
             me: me.clone(),
+            telemetry,
             warm: warm::WarmPool::default(),
             starting: tokio::sync::Semaphore::new(
                 2 * std::thread::available_parallelism().map_or(1, |cpus| cpus.get()),
@@ -334,8 +347,16 @@ impl Manager {
             building: Mutex::new(HashMap::new()),
         });
         manager.recover().await;
+        crate::metrics::watch(&manager);
         manager.repeat_while_alive(MONITOR_INTERVAL, |manager| async move {
             manager.check_vmms().await
+        });
+        let sample_interval = manager
+            .config
+            .sample_interval
+            .max(Duration::from_millis(100));
+        manager.repeat_while_alive(sample_interval, |manager| async move {
+            manager.sample_sandboxes().await
         });
         if manager.config.warm_pool > 0 {
             manager.repeat_while_alive(warm::WARM_CHECK_INTERVAL, |manager| async move {

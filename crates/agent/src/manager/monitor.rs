@@ -33,6 +33,50 @@ impl Manager {
         tokio::spawn(async move { pool.warm(count).await });
     }
 
+    /// Samples every running sandbox (envd's `/metrics`, the host's traffic counters) and
+    /// reads what its console wrote, into [`Manager::telemetry`].
+    pub(super) async fn sample_sandboxes(&self) {
+        let running: Vec<SandboxRecord> = self
+            .sandboxes
+            .lock()
+            .expect("sandboxes lock")
+            .values()
+            .map(|entry| entry.snapshot())
+            .filter(|record| record.state == SandboxState::Running)
+            .collect();
+        // A guest that does not answer within a part of the interval goes without a sample.
+        let deadline = (self.config.sample_interval / 2)
+            .clamp(Duration::from_millis(50), Duration::from_secs(2));
+        let samples = running.iter().filter_map(|record| {
+            let (vm, slot) = (record.vm.as_ref()?, record.slot?);
+            self.telemetry
+                .follow_console(&record.sandbox_id, &vm.console_log());
+            self.telemetry.read_console(&record.sandbox_id);
+            let token = record.access_token.clone();
+            let pid = vm.pid;
+            let tap = record.machine.tap.clone();
+            Some(async move {
+                let metrics =
+                    envd_client::metrics(envd_address(slot), token.as_deref(), deadline).await?;
+                let traffic = crate::telemetry::guest_traffic(pid, &tap);
+                Some(crate::telemetry::sample_of(
+                    &record.sandbox_id,
+                    now_ms(),
+                    &metrics,
+                    record.machine.vcpus,
+                    traffic,
+                ))
+            })
+        });
+        for sample in futures_util::future::join_all(samples)
+            .await
+            .into_iter()
+            .flatten()
+        {
+            self.telemetry.record_sample(sample);
+        }
+    }
+
     /// Marks sandboxes whose VMM died as failed and frees their slots.
     pub(super) async fn check_vmms(&self) {
         let entries: Vec<Arc<SandboxEntry>> = self

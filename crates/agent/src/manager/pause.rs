@@ -12,6 +12,17 @@ impl Manager {
         sandbox_id: &str,
         disk_only: bool,
     ) -> Result<SandboxRecord, AgentError> {
+        let started = Instant::now();
+        let paused = self.pause_sandbox(sandbox_id, disk_only).await?;
+        crate::metrics::observe_operation("pause", started.elapsed());
+        Ok(paused)
+    }
+
+    async fn pause_sandbox(
+        &self,
+        sandbox_id: &str,
+        disk_only: bool,
+    ) -> Result<SandboxRecord, AgentError> {
         let entry = self.entry(sandbox_id)?;
         let _operation = entry.operation.lock().await;
         let record = entry.snapshot();
@@ -42,6 +53,7 @@ impl Manager {
         match snapshot {
             Ok(snapshot) => {
                 let _ = self.vmm.destroy(&vm).await;
+                self.telemetry.finish_console(sandbox_id);
                 entry.end_connections();
                 self.mmds.remove(slot);
                 self.slots.release(slot).await;
@@ -68,6 +80,17 @@ impl Manager {
     /// Restores a paused sandbox from its own files (or boots it from its disk: see
     /// [`ResumeOptions::from_disk`]).
     pub async fn resume(
+        &self,
+        sandbox_id: &str,
+        options: ResumeOptions,
+    ) -> Result<SandboxRecord, AgentError> {
+        let started = Instant::now();
+        let resumed = self.resume_sandbox(sandbox_id, options).await?;
+        crate::metrics::observe_operation("resume", started.elapsed());
+        Ok(resumed)
+    }
+
+    async fn resume_sandbox(
         &self,
         sandbox_id: &str,
         options: ResumeOptions,

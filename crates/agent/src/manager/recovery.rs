@@ -33,6 +33,10 @@ impl Manager {
                     Err(None)
                 };
                 let alive = adopted.is_ok();
+                if alive {
+                    self.telemetry
+                        .follow_console_from_end(&record.sandbox_id, &vm.console_log());
+                }
                 match (alive, record.state, record.slot) {
                     (true, SandboxState::Running, Some(slot)) => {
                         if let Err(error) = self.slots.claim(slot, &self.egress_of(&record)).await {

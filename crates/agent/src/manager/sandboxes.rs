@@ -10,6 +10,17 @@ impl Manager {
         &self,
         options: CreateOptions,
     ) -> Result<(SandboxRecord, CreateTimings), AgentError> {
+        let created = self.create_sandbox(options).await;
+        if let Ok((_, timings)) = &created {
+            crate::metrics::observe_create(timings);
+        }
+        created
+    }
+
+    async fn create_sandbox(
+        &self,
+        options: CreateOptions,
+    ) -> Result<(SandboxRecord, CreateTimings), AgentError> {
         validate_id("template", &options.template_id)?;
         let _creating = self.creating_from(&options.template_id);
         let (template, pulled_in) = self.template_or_pull(&options.template_id).await?;
@@ -395,6 +406,13 @@ impl Manager {
 
     /// Stops a sandbox's VM and frees everything it had.
     pub async fn destroy(&self, sandbox_id: &str) -> Result<(), AgentError> {
+        let started = Instant::now();
+        self.destroy_sandbox(sandbox_id).await?;
+        crate::metrics::observe_operation("destroy", started.elapsed());
+        Ok(())
+    }
+
+    async fn destroy_sandbox(&self, sandbox_id: &str) -> Result<(), AgentError> {
         let entry = self.entry(sandbox_id)?;
         let _operation = entry.operation.lock().await;
         // A client that sees its stream end and asks again must hear "not found", not be
@@ -411,6 +429,8 @@ impl Manager {
                 .store(false, std::sync::atomic::Ordering::SeqCst);
             return Err(error.into());
         }
+        self.telemetry.finish_console(sandbox_id);
+        self.telemetry.forget_console(sandbox_id);
         entry.end_connections();
         if let Some(slot) = record.slot {
             self.mmds.remove(slot);

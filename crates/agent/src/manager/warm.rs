@@ -49,6 +49,14 @@ pub(super) struct WarmPool {
 }
 
 impl Manager {
+    /// How many warm VMMs wait, of every template.
+    pub fn warm_vmms(&self) -> usize {
+        let ready = self.warm.ready.lock().expect("warm lock");
+        ready.values().map(Vec::len).sum()
+    }
+}
+
+impl Manager {
     /// A warm VMM for `template_id`'s snapshot `snapshot`, if one waits; one that died or was
     /// started for another snapshot is discarded on the way.
     pub(super) async fn take_warm(

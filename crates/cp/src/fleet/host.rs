@@ -52,7 +52,7 @@ impl Host {
     pub fn id(&self) -> String {
         self.row.lock().expect("host lock").id.clone()
     }
-    fn name(&self) -> String {
+    pub fn name(&self) -> String {
         self.row.lock().expect("host lock").name.clone()
     }
     pub fn is_up(&self) -> bool {
@@ -196,6 +196,16 @@ impl Host {
     pub async fn list(&self) -> Result<Vec<SandboxSummary>, Error> {
         let deadline = deadlines::CONTROL_CALL;
         within(&self.name(), "ListSandboxes", deadline, self.agent.list()).await
+    }
+
+    /// What the host saw of its sandboxes after a cursor (`HostAgent::telemetry`).
+    pub async fn telemetry(
+        &self,
+        request: wrenn_proto::agent::CollectTelemetryRequest,
+    ) -> Result<wrenn_proto::agent::CollectTelemetryResponse, Error> {
+        let deadline = deadlines::CONTROL_CALL;
+        let collect = self.agent.telemetry(request);
+        within(&self.name(), "CollectTelemetry", deadline, collect).await
     }
 
     /// How to reach `port` of a running sandbox on this host.

@@ -17,6 +17,7 @@ pub mod openapi;
 mod registry;
 mod sandboxes;
 mod snapshots;
+mod telemetry;
 mod templates;
 mod users;
 
@@ -28,6 +29,7 @@ use keys::*;
 use sandboxes::*;
 pub use sandboxes::{MAX_METRICS_ANSWER, envd_metrics, parse_metadata_filter};
 use snapshots::*;
+use telemetry::*;
 use templates::*;
 use users::*;
 
@@ -287,6 +289,9 @@ pub fn router_with(
         .route("/sandboxes/{id}/connect", post(connect))
         .route("/sandboxes/{id}/resume", post(resume))
         .route("/sandboxes/{id}/metrics", get(metrics))
+        .route("/sandboxes/{id}/logs", get(logs_v1))
+        .route("/v2/sandboxes/{id}/logs", get(logs_v2))
+        .route("/v1/usage", get(usage))
         .route("/sandboxes/{id}/snapshots", post(create_snapshot))
         .route("/sandboxes/{id}/fork", post(fork))
         .route("/snapshots", get(list_snapshots))
@@ -365,10 +370,33 @@ pub fn router_with(
         )
         .route("/health", get(health))
         .route("/openapi.json", get(openapi_document))
+        .route("/metrics", get(prometheus_metrics))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
+        .layer(middleware::from_fn(|request, next| {
+            wrenn_http::metrics::track_requests("api", request, next)
+        }))
         .with_state(plane)
+}
+
+/// `GET /metrics`: the process's Prometheus metrics (OpenMetrics text), to the loopback, or to
+/// a caller with the metrics token when one is set (`--metrics-token`).
+#[utoipa::path(get, path = "/metrics", tag = "service",
+    responses(
+        (status = 200, description = "The metrics, in the OpenMetrics text format", content_type = "application/openmetrics-text", body = String),
+        (status = 401, description = "A metrics token is set and the caller did not send it"),
+        (status = 403, description = "No metrics token is set and the caller is not on the loopback"),
+    ))]
+async fn prometheus_metrics(State(plane): State<Arc<ControlPlane>>, request: Request) -> Response {
+    let peer = wrenn_http::metrics::peer_of(&request);
+    let token = plane.metrics_token.as_deref();
+    if wrenn_http::metrics::may_scrape(request.headers(), peer, token)
+        && let Err(error) = crate::metrics::refresh(&plane).await
+    {
+        tracing::warn!(%error, "the metrics' sandbox and host counts could not be read");
+    }
+    wrenn_http::metrics::answer(request.headers(), peer, token)
 }
 
 /// `GET /health`: 204 while the control plane serves.

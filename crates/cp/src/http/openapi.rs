@@ -6,7 +6,9 @@
 use utoipa::OpenApi;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 
-use super::{audit, channels, events, hosts, keys, sandboxes, snapshots, templates, users};
+use super::{
+    audit, channels, events, hosts, keys, sandboxes, snapshots, telemetry, templates, users,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -27,8 +29,11 @@ use super::{audit, channels, events, hosts, keys, sandboxes, snapshots, template
         sandboxes::connect,
         sandboxes::resume,
         sandboxes::update_network,
-        sandboxes::metrics,
-        sandboxes::metrics_of_many,
+        telemetry::metrics,
+        telemetry::metrics_of_many,
+        telemetry::logs_v1,
+        telemetry::logs_v2,
+        telemetry::usage,
         snapshots::create_snapshot,
         snapshots::list_snapshots,
         snapshots::fork,
@@ -74,10 +79,12 @@ use super::{audit, channels, events, hosts, keys, sandboxes, snapshots, template
         channels::list_deliveries,
         super::health,
         super::openapi_document,
+        super::prometheus_metrics,
     ),
     modifiers(&Security, &V2Aliases, &PathNames, &KeyErrors, &OtherErrors),
     tags(
-        (name = "sandboxes", description = "Sandboxes: create, list, pause, resume, kill, metrics"),
+        (name = "sandboxes", description = "Sandboxes: create, list, pause, resume, kill, metrics, logs"),
+        (name = "usage", description = "A team's use by day: sandbox-seconds and GiB-seconds"),
         (name = "templates", description = "The templates sandboxes start from"),
         (name = "snapshots", description = "Persistent snapshots of running sandboxes (deleted as templates are)"),
         (name = "hosts", description = "The fleet of host agents (admin teams; agents join over Connect, wrenn.agent.v1.HostRegistry)"),

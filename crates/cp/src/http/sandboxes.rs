@@ -463,75 +463,6 @@ pub(super) async fn update_network(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[utoipa::path(get, path = "/sandboxes/{id}/metrics", tag = "sandboxes", security(("api_key" = [])),
-    responses(
-        (status = 200, description = "Its latest sample (none when it does not run)", body = Vec<wrenn_api::SandboxMetric>),
-    ))]
-pub(super) async fn metrics(
-    SandboxCall { plane, team, id }: SandboxCall,
-) -> Result<Response, ApiError> {
-    let row = owned(&plane, &team, &id).await?;
-    let samples: Vec<wrenn_api::SandboxMetric> =
-        live_metric(&plane, &row).await.into_iter().collect();
-    Ok(axum::Json(samples).into_response())
-}
-
-/// The most sandboxes one `GET /sandboxes/metrics` may name.
-const MAX_METRICS_SANDBOXES: usize = 100;
-
-/// `GET /sandboxes/metrics?sandbox_ids=a,b`: the latest sample of each named sandbox of the
-/// caller's team that runs (`{"sandboxes": {id: SandboxMetric}}`); the others are left out.
-#[utoipa::path(get, path = "/sandboxes/metrics", tag = "sandboxes", security(("api_key" = [])),
-    params(("sandbox_ids" = String, Query, description = "Comma-separated sandbox ids, at most 100")),
-    responses(
-        (status = 200, description = "The latest sample of each that runs", body = wrenn_api::SandboxesMetrics),
-        (status = 400, description = "No ids, or too many", body = wrenn_api::Error),
-    ))]
-pub(super) async fn metrics_of_many(
-    TeamCall { plane, team, .. }: TeamCall,
-    axum::extract::RawQuery(query): axum::extract::RawQuery,
-) -> Result<Response, ApiError> {
-    let mut ids: Vec<String> = Vec::new();
-    for (key, value) in url_pairs(query.as_deref().unwrap_or("")) {
-        if key == "sandbox_ids" || key == "sandboxIds" {
-            ids.extend(
-                value
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|id| !id.is_empty())
-                    .map(str::to_string),
-            );
-        }
-    }
-    ids.sort();
-    ids.dedup();
-    if ids.is_empty() {
-        return Err(ApiError::bad_request(
-            "sandbox_ids is required: a comma-separated list of sandbox IDs",
-        ));
-    }
-    if ids.len() > MAX_METRICS_SANDBOXES {
-        return Err(ApiError::bad_request(format!(
-            "sandbox_ids names {} sandboxes; at most {MAX_METRICS_SANDBOXES} at once",
-            ids.len()
-        )));
-    }
-    let mut rows = Vec::new();
-    for id in &ids {
-        if let Ok(row) = owned(&plane, &team, id).await {
-            rows.push(row);
-        }
-    }
-    let samples =
-        futures_util::future::join_all(rows.iter().map(|row| live_metric(&plane, row))).await;
-    let sandboxes = rows
-        .iter()
-        .zip(samples)
-        .filter_map(|(row, sample)| Some((row.id.clone(), sample?)))
-        .collect();
-    Ok(axum::Json(wrenn_api::SandboxesMetrics { sandboxes }).into_response())
-}
-
 /// The decoded `key=value` pairs of a query string (a bare `key` has an empty value).
 pub(super) fn url_pairs(query: &str) -> Vec<(String, String)> {
     query
@@ -578,6 +509,8 @@ pub(super) async fn live_metric(
         mem_cache: count("mem_cache"),
         disk_used: count("disk_used"),
         disk_total: count("disk_total"),
+        net_rx_bytes: None,
+        net_tx_bytes: None,
     })
 }
 

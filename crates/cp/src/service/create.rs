@@ -52,6 +52,17 @@ const OTHER_HOSTS_TRIED: usize = 2;
 impl ControlPlane {
     /// Creates a sandbox for team `team_id`.
     pub async fn create(&self, team_id: &str, request: SandboxRequest) -> Result<Created, Error> {
+        let started = std::time::Instant::now();
+        let created = self.create_checked(team_id, request).await;
+        crate::metrics::count_create(&created, started.elapsed());
+        created
+    }
+
+    async fn create_checked(
+        &self,
+        team_id: &str,
+        request: SandboxRequest,
+    ) -> Result<Created, Error> {
         if !request.public_traffic && !request.secure {
             return Err(Error::InvalidRequest(
                 "a sandbox without public traffic must be secure (secure: true)".into(),

@@ -65,6 +65,11 @@ pub struct ControlPlane {
     /// The notification channels' key and policy (see [`Self::with_channels`]); without them
     /// the channel routes answer that channels are not configured.
     pub channels: Option<crate::channels::Channels>,
+    /// The sandboxes' samples and logs collected from the hosts ([`crate::telemetry`]).
+    pub telemetry: crate::telemetry::Telemetry,
+    /// The bearer token `GET /metrics` asks of callers not on the loopback (none: the
+    /// loopback only).
+    pub metrics_token: Option<String>,
 }
 
 impl ControlPlane {
@@ -99,6 +104,8 @@ impl ControlPlane {
             login_limit: Default::default(),
             teams_per_user: users::TEAMS_PER_USER,
             channels: None,
+            telemetry: crate::telemetry::Telemetry::default(),
+            metrics_token: None,
         };
         (plane, wake)
     }
@@ -125,6 +132,18 @@ impl ControlPlane {
     /// `channels.secrets` (deliveries are [`crate::channels::run_deliveries`]' to start).
     pub fn with_channels(mut self, channels: crate::channels::Channels) -> Self {
         self.channels = Some(channels);
+        self
+    }
+
+    /// The same control plane keeping the sandboxes' telemetry as `settings` say.
+    pub fn with_telemetry(mut self, settings: crate::telemetry::TelemetrySettings) -> Self {
+        self.telemetry = crate::telemetry::Telemetry::new(settings);
+        self
+    }
+
+    /// The same control plane serving `GET /metrics` to callers with `token` too.
+    pub fn with_metrics_token(mut self, token: Option<String>) -> Self {
+        self.metrics_token = token.filter(|token| !token.is_empty());
         self
     }
 
@@ -224,6 +243,18 @@ impl ControlPlane {
             && host.is_up()
         {
             host.destroy(&row.id).await?;
+            // The VM's last lines, read by its host at the destroy, while the row still
+            // names the sandbox's team (a few seconds at most: the kill is done).
+            let last = self.collect_telemetry(&host);
+            match tokio::time::timeout(std::time::Duration::from_secs(5), last).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(sandbox = %row.id, %error, "the killed sandbox's last telemetry was not collected");
+                }
+                Err(_) => {
+                    tracing::warn!(sandbox = %row.id, "the killed sandbox's last telemetry was not collected in time");
+                }
+            }
         } else if row.state != SandboxState::Lost {
             self.fleet.up_host(row)?;
         }

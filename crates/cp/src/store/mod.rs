@@ -9,6 +9,7 @@ pub mod channels;
 pub mod postgres;
 pub mod rows;
 pub mod sqlite;
+pub mod telemetry;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 
 pub use channels::{ChannelRow, DeliveryRow, DeliveryState};
 use serde::{Deserialize, Serialize};
+pub use telemetry::{LogLinesQuery, MetricRow, SandboxLogRow, TelemetryBatch, UsageRow};
 pub use wrenn_api::SandboxState;
 
 /// What a store call gives: its answer, or why the store failed.
@@ -686,6 +688,56 @@ pub trait StoreBackend: Send + Sync + std::fmt::Debug {
     /// Forgets delivered and given-up deliveries last changed before `before_ms` (the delivery
     /// log's retention; pending ones stay): how many.
     async fn prune_deliveries(&self, before_ms: i64) -> StoreResult<u64>;
+
+    /// How many sandboxes of every team are in each state (by the state's stored name).
+    async fn sandbox_counts(&self) -> StoreResult<Vec<(String, i64)>>;
+
+    // What hosts saw of their sandboxes (`crate::telemetry`, migration 0012).
+    /// Adds a collection's samples, log lines and use in one transaction, then trims the log
+    /// of each sandbox that got lines to its cap.
+    async fn add_telemetry(&self, batch: TelemetryBatch) -> StoreResult<()>;
+    /// A sandbox's samples of one tier from `from_ms` up to (not including) `until_ms`, of
+    /// team `team_id` only, oldest first, at most `limit`.
+    async fn metrics_between(
+        &self,
+        sandbox_id: &str,
+        team_id: &str,
+        tier: i64,
+        from_ms: i64,
+        until_ms: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<MetricRow>>;
+    /// A sandbox's newest sample as taken (tier 0), of team `team_id` only.
+    async fn latest_metric(
+        &self,
+        sandbox_id: &str,
+        team_id: &str,
+    ) -> StoreResult<Option<MetricRow>>;
+    /// Where tier `tier` has been made up to (0: nothing yet).
+    async fn rolled_up_until(&self, tier: i64) -> StoreResult<i64>;
+    /// Makes tier `tier` (buckets of `bucket_ms`) from the samples of the tier below from
+    /// `from_ms` to `until_ms`, and records that it is made up to `until_ms`: how many rows.
+    async fn roll_up_metrics(
+        &self,
+        tier: i64,
+        bucket_ms: i64,
+        from_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<u64>;
+    /// Forgets the samples of tier `tier` taken before `before_ms`: how many.
+    async fn prune_metrics(&self, tier: i64, before_ms: i64) -> StoreResult<u64>;
+    /// The log lines a query selects.
+    async fn sandbox_logs(&self, query: LogLinesQuery) -> StoreResult<Vec<SandboxLogRow>>;
+    /// Forgets the logs of sandboxes gone that logged nothing since `before_ms`: how many lines.
+    async fn prune_sandbox_logs(&self, before_ms: i64) -> StoreResult<u64>;
+    /// A team's use on the days from `first_day` to `last_day` (`YYYY-MM-DD`, both included),
+    /// by day.
+    async fn usage_of(
+        &self,
+        team_id: &str,
+        first_day: &str,
+        last_day: &str,
+    ) -> StoreResult<Vec<UsageRow>>;
 }
 
 /// The store the control plane uses: SQLite or PostgreSQL, behind [`StoreBackend`], with the

@@ -13,12 +13,14 @@ use tokio_postgres::{NoTls, Row};
 use super::TagRow;
 use super::channels::{PENDING_HEADS, count_delivery_sql};
 use super::rows::{BUILD_UPSERT, HOST_UPSERT, SANDBOX_UPSERT, Stored, TEMPLATE_UPSERT, first};
+use super::telemetry::{self as telemetry_sql, QueryValue};
 use super::{
     AUDIT_LOG, ApiKey, AuditRow, BuildLogRow, BuildRow, ChannelRow, DeliveryRow, EVENT_LOG,
     EventRow, HostRow, ListQuery, LogQuery, LogTable, LogValue, SandboxRow, SandboxState,
     StateChange, StoreBackend, StoreResult, Team, TemplateRow,
 };
 use super::{InvitationRow, MemberRow, UserRow, UserTokenRow};
+use super::{LogLinesQuery, MetricRow, SandboxLogRow, TelemetryBatch, UsageRow};
 
 /// A statement's parameters, as `tokio-postgres` takes them.
 type Parameters<'a> = [&'a (dyn ToSql + Sync)];
@@ -37,6 +39,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0009_events_audit_key_roles.sql"),
     include_str!("../../migrations/postgres/0010_channels.sql"),
     include_str!("../../migrations/postgres/0011_users.sql"),
+    include_str!("../../migrations/postgres/0012_telemetry.sql"),
 ];
 
 /// Connections to one PostgreSQL database.
@@ -124,7 +127,10 @@ impl PgStore {
 
     /// Runs one statement: how many rows it changed.
     async fn execute(&self, sql: &str, parameters: &Parameters<'_>) -> StoreResult<u64> {
-        Ok(self.client().await?.execute(sql, parameters).await?)
+        let started = std::time::Instant::now();
+        let changed = self.client().await?.execute(sql, parameters).await?;
+        crate::metrics::observe_store_call("postgres", started.elapsed());
+        Ok(changed)
     }
 
     /// Every row one query finds, each made by `row_of`.
@@ -134,7 +140,9 @@ impl PgStore {
         parameters: &Parameters<'_>,
         row_of: impl Fn(&Row) -> Result<T, tokio_postgres::Error>,
     ) -> StoreResult<Vec<T>> {
+        let started = std::time::Instant::now();
         let rows = self.client().await?.query(sql, parameters).await?;
+        crate::metrics::observe_store_call("postgres", started.elapsed());
         Ok(rows.iter().map(row_of).collect::<Result<_, _>>()?)
     }
 
@@ -833,6 +841,204 @@ impl StoreBackend for PgStore {
             &[&before_ms],
         )
         .await
+    }
+
+    async fn sandbox_counts(&self) -> StoreResult<Vec<(String, i64)>> {
+        self.rows(
+            "SELECT state, COUNT(*)::BIGINT FROM sandboxes GROUP BY state",
+            &[],
+            |row| Ok((row.try_get(0)?, row.try_get(1)?)),
+        )
+        .await
+    }
+
+    async fn add_telemetry(&self, batch: TelemetryBatch) -> StoreResult<()> {
+        let mark = |n: usize| format!("${n}");
+        let mut client = self.client().await?;
+        let transaction = client.transaction().await?;
+        let insert = transaction
+            .prepare(&telemetry_sql::insert_metric_sql(mark))
+            .await?;
+        for s in &batch.samples {
+            let cpus = i32::try_from(s.cpu_count).unwrap_or(i32::MAX);
+            transaction
+                .execute(
+                    &insert,
+                    &[
+                        &s.sandbox_id,
+                        &s.team_id,
+                        &s.tier,
+                        &s.at_ms,
+                        &cpus,
+                        &s.cpu_used_pct,
+                        &s.mem_used,
+                        &s.mem_total,
+                        &s.mem_cache,
+                        &s.disk_used,
+                        &s.disk_total,
+                        &s.net_rx_bytes,
+                        &s.net_tx_bytes,
+                    ],
+                )
+                .await?;
+        }
+        let insert = transaction
+            .prepare(&telemetry_sql::insert_log_sql(mark))
+            .await?;
+        for line in &batch.logs {
+            transaction
+                .execute(
+                    &insert,
+                    &[
+                        &line.sandbox_id,
+                        &line.team_id,
+                        &line.at_ms,
+                        &line.level,
+                        &line.message,
+                        &line.fields,
+                    ],
+                )
+                .await?;
+        }
+        let add = transaction
+            .prepare(&telemetry_sql::add_usage_sql(mark))
+            .await?;
+        for usage in &batch.usage {
+            transaction
+                .execute(
+                    &add,
+                    &[&usage.team_id, &usage.day, &usage.sandbox_ms, &usage.mib_ms],
+                )
+                .await?;
+        }
+        let cap = transaction
+            .prepare(&telemetry_sql::cap_logs_sql(mark))
+            .await?;
+        let mut capped: Vec<&str> = batch
+            .logs
+            .iter()
+            .map(|line| line.sandbox_id.as_str())
+            .collect();
+        capped.sort_unstable();
+        capped.dedup();
+        for sandbox in capped {
+            transaction
+                .execute(&cap, &[&sandbox, &batch.log_cap_chars])
+                .await?;
+        }
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    async fn metrics_between(
+        &self,
+        sandbox_id: &str,
+        team_id: &str,
+        tier: i64,
+        from_ms: i64,
+        until_ms: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<MetricRow>> {
+        let clause = "WHERE sandbox_id = $1 AND team_id = $2 AND tier = $3 AND at_ms >= $4
+            AND at_ms < $5 ORDER BY at_ms LIMIT $6";
+        let limit = limit.min(100_000) as i64;
+        self.select(
+            clause,
+            &[&sandbox_id, &team_id, &tier, &from_ms, &until_ms, &limit],
+        )
+        .await
+    }
+
+    async fn latest_metric(
+        &self,
+        sandbox_id: &str,
+        team_id: &str,
+    ) -> StoreResult<Option<MetricRow>> {
+        let clause = "WHERE sandbox_id = $1 AND team_id = $2 AND tier = 0
+            ORDER BY at_ms DESC LIMIT 1";
+        self.select(clause, &[&sandbox_id, &team_id])
+            .await
+            .map(first)
+    }
+
+    async fn rolled_up_until(&self, tier: i64) -> StoreResult<i64> {
+        let row = self
+            .client()
+            .await?
+            .query_one(
+                "SELECT COALESCE(MAX(done_until_ms), 0)::BIGINT FROM metrics_rollups WHERE tier = $1",
+                &[&tier],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    async fn roll_up_metrics(
+        &self,
+        tier: i64,
+        bucket_ms: i64,
+        from_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<u64> {
+        let mark = |n: usize| format!("${n}");
+        let mut client = self.client().await?;
+        let transaction = client.transaction().await?;
+        let made = transaction
+            .execute(
+                &telemetry_sql::roll_up_sql(mark),
+                &[&tier, &bucket_ms, &from_ms, &until_ms],
+            )
+            .await?;
+        transaction
+            .execute(&telemetry_sql::rolled_up_sql(mark), &[&tier, &until_ms])
+            .await?;
+        transaction.commit().await?;
+        Ok(made)
+    }
+
+    async fn prune_metrics(&self, tier: i64, before_ms: i64) -> StoreResult<u64> {
+        self.execute(
+            "DELETE FROM sandbox_metrics WHERE tier = $1 AND at_ms < $2",
+            &[&tier, &before_ms],
+        )
+        .await
+    }
+
+    async fn sandbox_logs(&self, query: LogLinesQuery) -> StoreResult<Vec<SandboxLogRow>> {
+        let (clause, values) = query.clause(|n| format!("${n}"));
+        let values: Vec<Box<dyn ToSql + Sync + Send>> = values
+            .into_iter()
+            .map(|value| -> Box<dyn ToSql + Sync + Send> {
+                match value {
+                    QueryValue::Text(text) => Box::new(text),
+                    QueryValue::Int(int) => Box::new(int),
+                }
+            })
+            .collect();
+        let parameters: Vec<&(dyn ToSql + Sync)> = values
+            .iter()
+            .map(|value| value.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        self.select(&clause, &parameters).await
+    }
+
+    async fn prune_sandbox_logs(&self, before_ms: i64) -> StoreResult<u64> {
+        self.execute(
+            &telemetry_sql::prune_logs_sql(|n| format!("${n}")),
+            &[&before_ms],
+        )
+        .await
+    }
+
+    async fn usage_of(
+        &self,
+        team_id: &str,
+        first_day: &str,
+        last_day: &str,
+    ) -> StoreResult<Vec<UsageRow>> {
+        let clause = "WHERE team_id = $1 AND day >= $2 AND day <= $3 ORDER BY day";
+        self.select(clause, &[&team_id, &first_day, &last_day])
+            .await
     }
 
     async fn list(&self, query: ListQuery) -> StoreResult<(Vec<SandboxRow>, usize)> {

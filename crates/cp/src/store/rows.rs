@@ -5,6 +5,7 @@
 
 use serde::de::DeserializeOwned;
 
+use super::telemetry::{MetricRow, SandboxLogRow, UsageRow};
 use super::{
     ApiKey, AuditRow, BuildLogRow, BuildRow, BuildStatus, ChannelRow, DeliveryRow, EventRow,
     HostRow, HostState, InvitationRow, MemberRow, Role, SandboxRow, SandboxState, TagRow, Team,
@@ -19,6 +20,7 @@ pub trait Columns {
     fn optional_text(&self, column: &str) -> Result<Option<String>, Self::Error>;
     fn int(&self, column: &str) -> Result<i64, Self::Error>;
     fn flag(&self, column: &str) -> Result<bool, Self::Error>;
+    fn real(&self, column: &str) -> Result<f64, Self::Error>;
     /// A count kept in an `INTEGER` column (CPUs, MiB).
     fn count(&self, column: &str) -> Result<u32, Self::Error>;
 
@@ -68,6 +70,10 @@ macro_rules! columns {
             }
 
             fn flag(&self, column: &str) -> Result<bool, $error> {
+                self.$get(column)
+            }
+
+            fn real(&self, column: &str) -> Result<f64, $error> {
                 self.$get(column)
             }
 
@@ -206,6 +212,18 @@ stored!(DeliveryRow from channel_deliveries {
     id: int, channel_id: text, event_seq: int, state: text, attempts: int,
     next_attempt_at_ms: int, last_status: int, last_error: text, updated_at_ms: int,
 });
+
+stored!(MetricRow from sandbox_metrics {
+    sandbox_id: text, team_id: text, tier: int, at_ms: int, cpu_count: count, cpu_used_pct: real,
+    mem_used: int, mem_total: int, mem_cache: int, disk_used: int, disk_total: int,
+    net_rx_bytes: int, net_tx_bytes: int,
+});
+
+stored!(SandboxLogRow from sandbox_logs {
+    seq: int, sandbox_id: text, team_id: text, at_ms: int, level: text, message: text, fields: text,
+});
+
+stored!(UsageRow from team_usage { team_id: text, day: text, sandbox_ms: int, mib_ms: int });
 
 /// How `put_template` changes a template stored already.
 pub const TEMPLATE_UPSERT: &str = "ON CONFLICT (id) DO UPDATE SET alias = excluded.alias,

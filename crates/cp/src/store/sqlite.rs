@@ -12,12 +12,14 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::TagRow;
 use super::channels::{PENDING_HEADS, count_delivery_sql};
 use super::rows::{BUILD_UPSERT, HOST_UPSERT, SANDBOX_UPSERT, Stored, TEMPLATE_UPSERT, first};
+use super::telemetry::{self as telemetry_sql, QueryValue};
 use super::{
     AUDIT_LOG, ApiKey, AuditRow, BuildLogRow, BuildRow, ChannelRow, DeliveryRow, EVENT_LOG,
     EventRow, HostRow, ListQuery, LogQuery, LogValue, SandboxRow, SandboxState, StateChange,
     StoreBackend, StoreError, StoreResult, Team, TemplateRow, private_dir,
 };
 use super::{InvitationRow, MemberRow, UserRow, UserTokenRow};
+use super::{LogLinesQuery, MetricRow, SandboxLogRow, TelemetryBatch, UsageRow};
 
 /// A statement's owned values: `values![a, b]` is `vec![Value::from(a), Value::from(b)]`.
 macro_rules! values {
@@ -40,6 +42,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0009_events_audit_key_roles.sql"),
     include_str!("../../migrations/sqlite/0010_channels.sql"),
     include_str!("../../migrations/sqlite/0011_users.sql"),
+    include_str!("../../migrations/sqlite/0012_telemetry.sql"),
 ];
 
 /// The SQLite store.
@@ -73,14 +76,17 @@ impl SqliteStore {
         work: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error> + Send + 'static,
     ) -> StoreResult<T> {
         let connection = self.connection.clone();
-        tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let done = tokio::task::spawn_blocking(move || {
             let mut connection = connection
                 .lock()
                 .map_err(|_| StoreError::Unavailable("poisoned".into()))?;
             work(&mut connection).map_err(StoreError::from)
         })
         .await
-        .map_err(|error| StoreError::Unavailable(error.to_string()))?
+        .map_err(|error| StoreError::Unavailable(error.to_string()))?;
+        crate::metrics::observe_store_call("sqlite", started.elapsed());
+        done
     }
 
     /// Runs one statement with owned values: how many rows it changed.
@@ -919,6 +925,195 @@ impl StoreBackend for SqliteStore {
         )
         .await
         .map(|deleted| deleted as u64)
+    }
+
+    async fn sandbox_counts(&self) -> StoreResult<Vec<(String, i64)>> {
+        self.rows(
+            "SELECT state, COUNT(*) FROM sandboxes GROUP BY state".into(),
+            values![],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .await
+    }
+
+    async fn add_telemetry(&self, batch: TelemetryBatch) -> StoreResult<()> {
+        let mark = |n: usize| format!("?{n}");
+        self.with(move |db| {
+            let transaction = db.transaction()?;
+            {
+                let mut insert = transaction.prepare(&telemetry_sql::insert_metric_sql(mark))?;
+                for s in &batch.samples {
+                    insert.execute(rusqlite::params![
+                        s.sandbox_id,
+                        s.team_id,
+                        s.tier,
+                        s.at_ms,
+                        s.cpu_count,
+                        s.cpu_used_pct,
+                        s.mem_used,
+                        s.mem_total,
+                        s.mem_cache,
+                        s.disk_used,
+                        s.disk_total,
+                        s.net_rx_bytes,
+                        s.net_tx_bytes
+                    ])?;
+                }
+                let mut insert = transaction.prepare(&telemetry_sql::insert_log_sql(mark))?;
+                for line in &batch.logs {
+                    insert.execute(rusqlite::params![
+                        line.sandbox_id,
+                        line.team_id,
+                        line.at_ms,
+                        line.level,
+                        line.message,
+                        line.fields
+                    ])?;
+                }
+                let mut add = transaction.prepare(&telemetry_sql::add_usage_sql(mark))?;
+                for usage in &batch.usage {
+                    add.execute(rusqlite::params![
+                        usage.team_id,
+                        usage.day,
+                        usage.sandbox_ms,
+                        usage.mib_ms
+                    ])?;
+                }
+                let mut cap = transaction.prepare(&telemetry_sql::cap_logs_sql(mark))?;
+                let mut capped: Vec<&str> = batch
+                    .logs
+                    .iter()
+                    .map(|line| line.sandbox_id.as_str())
+                    .collect();
+                capped.sort_unstable();
+                capped.dedup();
+                for sandbox in capped {
+                    cap.execute(rusqlite::params![sandbox, batch.log_cap_chars])?;
+                }
+            }
+            transaction.commit()
+        })
+        .await
+    }
+
+    async fn metrics_between(
+        &self,
+        sandbox_id: &str,
+        team_id: &str,
+        tier: i64,
+        from_ms: i64,
+        until_ms: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<MetricRow>> {
+        let clause = "WHERE sandbox_id = ?1 AND team_id = ?2 AND tier = ?3 AND at_ms >= ?4
+            AND at_ms < ?5 ORDER BY at_ms LIMIT ?6";
+        self.select(
+            clause,
+            values![
+                sandbox_id.to_string(),
+                team_id.to_string(),
+                tier,
+                from_ms,
+                until_ms,
+                limit.min(100_000) as i64
+            ],
+        )
+        .await
+    }
+
+    async fn latest_metric(
+        &self,
+        sandbox_id: &str,
+        team_id: &str,
+    ) -> StoreResult<Option<MetricRow>> {
+        let clause = "WHERE sandbox_id = ?1 AND team_id = ?2 AND tier = 0
+            ORDER BY at_ms DESC LIMIT 1";
+        self.select(clause, values![sandbox_id.to_string(), team_id.to_string()])
+            .await
+            .map(first)
+    }
+
+    async fn rolled_up_until(&self, tier: i64) -> StoreResult<i64> {
+        self.with(move |db| {
+            db.query_row(
+                "SELECT COALESCE(MAX(done_until_ms), 0) FROM metrics_rollups WHERE tier = ?1",
+                [tier],
+                |row| row.get(0),
+            )
+        })
+        .await
+    }
+
+    async fn roll_up_metrics(
+        &self,
+        tier: i64,
+        bucket_ms: i64,
+        from_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<u64> {
+        let mark = |n: usize| format!("?{n}");
+        self.with(move |db| {
+            let transaction = db.transaction()?;
+            let made = transaction.execute(
+                &telemetry_sql::roll_up_sql(mark),
+                rusqlite::params![tier, bucket_ms, from_ms, until_ms],
+            )?;
+            transaction.execute(
+                &telemetry_sql::rolled_up_sql(mark),
+                rusqlite::params![tier, until_ms],
+            )?;
+            transaction.commit()?;
+            Ok(made as u64)
+        })
+        .await
+    }
+
+    async fn prune_metrics(&self, tier: i64, before_ms: i64) -> StoreResult<u64> {
+        self.execute(
+            "DELETE FROM sandbox_metrics WHERE tier = ?1 AND at_ms < ?2",
+            values![tier, before_ms],
+        )
+        .await
+        .map(|deleted| deleted as u64)
+    }
+
+    async fn sandbox_logs(&self, query: LogLinesQuery) -> StoreResult<Vec<SandboxLogRow>> {
+        let (clause, values) = query.clause(|n| format!("?{n}"));
+        let values = values
+            .into_iter()
+            .map(|value| match value {
+                QueryValue::Text(text) => Value::from(text),
+                QueryValue::Int(int) => Value::from(int),
+            })
+            .collect();
+        self.select(&clause, values).await
+    }
+
+    async fn prune_sandbox_logs(&self, before_ms: i64) -> StoreResult<u64> {
+        self.execute(
+            telemetry_sql::prune_logs_sql(|n| format!("?{n}")),
+            values![before_ms],
+        )
+        .await
+        .map(|deleted| deleted as u64)
+    }
+
+    async fn usage_of(
+        &self,
+        team_id: &str,
+        first_day: &str,
+        last_day: &str,
+    ) -> StoreResult<Vec<UsageRow>> {
+        let clause = "WHERE team_id = ?1 AND day >= ?2 AND day <= ?3 ORDER BY day";
+        self.select(
+            clause,
+            values![
+                team_id.to_string(),
+                first_day.to_string(),
+                last_day.to_string()
+            ],
+        )
+        .await
     }
 
     /// One page of a team's sandboxes; metadata filters match every given pair.

@@ -200,6 +200,13 @@ pub(crate) async fn start(
         .processes
         .start(&spec, request.tag, recorded)
         .map_err(process_error)?;
+    // Its command, not its arguments or environment (which may carry secrets).
+    tracing::info!(
+        pid = process.pid,
+        cmd = %spec.cmd,
+        user = %spec.user.name,
+        "process started"
+    );
 
     // Connect-Timeout-Ms on Start is the process's lifetime, whether or not the client stays.
     if let Some(deadline) = context.deadline {

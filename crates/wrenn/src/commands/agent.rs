@@ -82,6 +82,10 @@ pub struct ServeArgs {
     /// The address the control plane reaches this host at [default: the listen addresses'].
     #[arg(long)]
     advertise_host: Option<String>,
+    /// The bearer token `GET /metrics` (Prometheus) asks of callers not on the loopback;
+    /// without one, only the loopback may read the metrics.
+    #[arg(long, env = "WRENN_METRICS_TOKEN", hide_env_values = true)]
+    metrics_token: Option<String>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -217,6 +221,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         mapped_memory: !args.host.classic_memory,
         warm_pool: args.host.warm_pool,
         warm_pool_min_free_mib: args.host.warm_pool_min_free_mib,
+        sample_interval: std::time::Duration::from_secs_f64(args.host.sample_interval),
+        metrics_token: args.metrics_token.clone(),
     };
     let manager = Manager::start(config).await.context("starting the agent")?;
     let api = crate::listen(args.listen).await?;

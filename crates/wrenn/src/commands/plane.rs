@@ -99,6 +99,19 @@ pub struct PlaneArgs {
     /// Teams a user may own (0: no limit; operators are not limited): quotas are per team.
     #[arg(long, default_value_t = wrenn_cp::service::users::TEAMS_PER_USER)]
     pub(super) teams_per_user: usize,
+    /// The bearer token `GET /metrics` (Prometheus) asks of callers not on the loopback;
+    /// without one, only the loopback may read the metrics.
+    #[arg(long, env = "WRENN_METRICS_TOKEN", hide_env_values = true)]
+    pub(crate) metrics_token: Option<String>,
+    /// The most of a sandbox's log kept, in KiB (its oldest lines go first).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    pub(super) sandbox_log_kib: u64,
+    /// How many days a sandbox's log is kept after it ended.
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u64).range(1..=3650))]
+    pub(super) sandbox_log_days: u64,
+    /// How often the hosts' sandbox samples and log lines are collected, in milliseconds.
+    #[arg(long, default_value = "5000", value_parser = millis())]
+    pub(super) telemetry_interval_ms: Duration,
 }
 
 /// A duration flag given in milliseconds: a whole number, parsed (and refused) as any other.
@@ -371,6 +384,15 @@ pub(super) async fn start_plane(
             args.create_rate,
             args.create_burst,
         ));
+    let plane = plane
+        .with_metrics_token(args.metrics_token.clone())
+        .with_telemetry(wrenn_cp::telemetry::TelemetrySettings {
+            collect_interval: args.telemetry_interval_ms.max(Duration::from_millis(100)),
+            log_cap_chars: i64::try_from(args.sandbox_log_kib.saturating_mul(1024))
+                .unwrap_or(i64::MAX),
+            log_retention: Duration::from_secs(args.sandbox_log_days.saturating_mul(86_400)),
+            ..wrenn_cp::telemetry::TelemetrySettings::default()
+        });
     let mut plane = plane;
     plane.teams_per_user = args.teams_per_user;
     let mut builder = wrenn_cp::server::Server::builder(plane, wake);

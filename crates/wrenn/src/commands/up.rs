@@ -88,6 +88,8 @@ pub async fn run(args: UpArgs, extensions: crate::Extensions) -> anyhow::Result<
         mapped_memory: !args.host.classic_memory,
         warm_pool: args.host.warm_pool,
         warm_pool_min_free_mib: args.host.warm_pool_min_free_mib,
+        sample_interval: std::time::Duration::from_secs_f64(args.host.sample_interval),
+        metrics_token: args.plane.metrics_token.clone(),
     };
     let manager = Manager::start(config)
         .await

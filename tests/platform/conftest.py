@@ -71,6 +71,8 @@ class Wrenn:
                 "--stop-sandboxes-on-exit",
                 # Per team; the other tests never hold more than 4 running sandboxes at once.
                 "--quota-running", str(QUOTA_RUNNING),
+                # Samples and logs every second, so test_operations sees them soon.
+                "--sample-interval", "1", "--telemetry-interval-ms", "1000",
                 *self.extra_args,
             ],
             stdout=self.log,

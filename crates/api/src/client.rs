@@ -18,6 +18,7 @@ use crate::{
     TemplateBuildRequested, TemplateBuildStart, TemplateTag, TimeoutRequest,
 };
 use crate::{AuditLog, CreatedTeamApiKey, Events, NewTeamApiKey, TeamApiKey, UpdateTeamApiKey};
+use crate::{SandboxLogsV2, SandboxMetric, TeamUsage};
 
 /// The largest answer read: 16 MiB.
 pub const MAX_ANSWER_BYTES: usize = 16 << 20;
@@ -580,6 +581,36 @@ impl Client {
         self.expect_success(Method::DELETE, "/templates/tags", Some(request))
             .await
             .map(drop)
+    }
+
+    /// `GET /v2/sandboxes/{id}/logs` with its query (already encoded by [`query`]).
+    pub async fn sandbox_logs(&self, id: &str, query: &str) -> Result<SandboxLogsV2, ClientError> {
+        self.fetch(
+            Method::GET,
+            &format!("/v2/sandboxes/{id}/logs?{query}"),
+            NO_BODY,
+        )
+        .await
+    }
+
+    /// `GET /sandboxes/{id}/metrics` with its query (`start=…&end=…`, Unix seconds).
+    pub async fn sandbox_metrics(
+        &self,
+        id: &str,
+        query: &str,
+    ) -> Result<Vec<SandboxMetric>, ClientError> {
+        self.fetch(
+            Method::GET,
+            &format!("/sandboxes/{id}/metrics?{query}"),
+            NO_BODY,
+        )
+        .await
+    }
+
+    /// `GET /v1/usage` with its query (`start=…&end=…`, days).
+    pub async fn usage(&self, query: &str) -> Result<TeamUsage, ClientError> {
+        self.fetch(Method::GET, &format!("/v1/usage?{query}"), NO_BODY)
+            .await
     }
 
     /// `GET /hosts`.

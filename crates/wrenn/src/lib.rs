@@ -59,6 +59,21 @@ enum Command {
     Audit(audit::LogArgs),
     /// Lifecycle events: sandboxes, snapshots, hosts, templates, keys, oldest first.
     Events(audit::LogArgs),
+    /// The team's use by day (UTC): sandbox-seconds and GiB-seconds.
+    Usage(UsageArgs),
+}
+
+/// `wrenn usage`'s days.
+#[derive(Debug, clap::Args)]
+struct UsageArgs {
+    #[command(flatten)]
+    connection: connection::Connection,
+    /// The first day, YYYY-MM-DD [default: 29 days before --end].
+    #[arg(long)]
+    start: Option<String>,
+    /// The last day, YYYY-MM-DD [default: today].
+    #[arg(long)]
+    end: Option<String>,
 }
 
 /// What `wrenn server` and `wrenn up` add to the control plane they serve.
@@ -94,6 +109,11 @@ fn run(extensions: Extensions) -> anyhow::Result<()> {
         Command::User(args) => runtime.block_on(user::run(args)),
         Command::Audit(args) => runtime.block_on(audit::audit(args)),
         Command::Events(args) => runtime.block_on(audit::events(args)),
+        Command::Usage(args) => runtime.block_on(sandbox::telemetry::usage(
+            &args.connection,
+            args.start,
+            args.end,
+        )),
     }
 }
 

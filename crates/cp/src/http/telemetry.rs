@@ -85,7 +85,16 @@ pub(super) async fn metrics(
         .metrics_history(&team.0, &id, from_ms, until_ms, now)
         .await?
         .ok_or_else(|| ApiError::not_found(&id))?;
-    let samples: Vec<wrenn_api::SandboxMetric> = rows.iter().map(sandbox_metric).collect();
+    let mut samples: Vec<wrenn_api::SandboxMetric> = rows.iter().map(sandbox_metric).collect();
+    // A sandbox just made or resumed has no sample stored yet: one read now, when the range
+    // reaches the present.
+    if samples.is_empty()
+        && until_ms >= now
+        && let Ok(row) = owned(&plane, &team, &id).await
+        && let Some(live) = live_metric(&plane, &row).await
+    {
+        samples.push(live);
+    }
     Ok(axum::Json(samples).into_response())
 }
 

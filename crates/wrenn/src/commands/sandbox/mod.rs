@@ -5,6 +5,7 @@
 
 mod copy;
 mod exec;
+pub mod telemetry;
 
 pub(crate) use exec::bash_request;
 
@@ -125,6 +126,33 @@ pub enum SandboxCommand {
     },
     /// Kill a sandbox.
     Kill { id: String },
+    /// A sandbox's log (its console, envd's lines), oldest first; also after it ended, for
+    /// a while.
+    Logs {
+        id: String,
+        /// Keep printing new lines as they come (Ctrl-C to stop).
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Lines of this level or more severe: debug, info, warn or error.
+        #[arg(long)]
+        level: Option<String>,
+        /// Lines whose message holds this text (any case).
+        #[arg(long)]
+        search: Option<String>,
+        /// Lines from this many seconds ago on [default: every line kept].
+        #[arg(long)]
+        since_secs: Option<u64>,
+        /// At most this many lines a page (at most 1000).
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// A sandbox's resource samples (CPU, memory, disk, network), oldest first.
+    Metrics {
+        id: String,
+        /// Samples of the last this many seconds.
+        #[arg(long, default_value_t = 600)]
+        since_secs: u64,
+    },
     /// Set a sandbox's timeout, from now.
     Timeout { id: String, seconds: u64 },
 }
@@ -306,6 +334,27 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
             if forks.iter().all(|fork| fork.sandbox.is_none()) {
                 anyhow::bail!("no fork of {id} started");
             }
+        }
+        SandboxCommand::Logs {
+            id,
+            follow,
+            level,
+            search,
+            since_secs,
+            limit,
+        } => {
+            let filter = telemetry::LogFilter {
+                level,
+                search,
+                since_ms: since_secs
+                    .map(|secs| wrenn_core::now_ms() - (secs as i64).saturating_mul(1000)),
+                limit,
+            };
+            telemetry::logs(&connection, &id, filter, follow).await?;
+        }
+        SandboxCommand::Metrics { id, since_secs } => {
+            telemetry::metrics(&connection, &id, std::time::Duration::from_secs(since_secs))
+                .await?;
         }
         SandboxCommand::Kill { id } => {
             connection.api()?.kill(&id).await?;

@@ -152,7 +152,8 @@ def test_the_prometheus_metrics_parse_and_move_with_creates(wrenn):
         assert value(after, "wrenn_agent_slots", "wrenn_agent_slots", state="total") > 0
         # Requests by route (templates, never ids).
         routes = {s.labels.get("route") for s in after["wrenn_http_requests"].samples}
-        assert "/sandboxes" in routes, routes
+        # The SDK creates through /v2/sandboxes, and its calls name sandboxes in their paths.
+        assert {"/v2/sandboxes", "/sandboxes/{id}"} <= routes, routes
         assert not any(sandbox.sandbox_id in (route or "") for route in routes)
     finally:
         sandbox.kill()

@@ -161,6 +161,7 @@ BENCH="$(pwd)/target/debug/wrenn-bench"
 "$BENCH" envd --envd-bin "$WRENN_ENVD_BIN" --round-trips 20 --starts 2 --file-mib 4 --transfers 1
 "$BENCH" slots --runs 2
 "$BENCH" events --publishes 50 --rate 200 --seconds 1 --burst 50
+"$BENCH" telemetry --sandboxes 5 --hours 1
 "$BENCH" uffd --memory-mib 64 --fault-mib 16 --touched-mib 16 --changed-mib 4 --runs 1
 "$BENCH" boot --runs 1 --accel tcg
 "$BENCH" sandbox --sequential 2 --concurrent 2 --idle 2 --pauses 1 --accel tcg

@@ -140,6 +140,7 @@ def test_the_prometheus_metrics_parse_and_move_with_creates(wrenn):
     assert created is not None
     sandbox = Sandbox.create(timeout=60)
     try:
+        assert sandbox.get_info().sandbox_id == sandbox.sandbox_id
         after = scrape(wrenn)
         assert value(after, "wrenn_sandbox_creates", "wrenn_sandbox_creates_total",
                      outcome="created") >= created + 1
@@ -157,3 +158,19 @@ def test_the_prometheus_metrics_parse_and_move_with_creates(wrenn):
         assert not any(sandbox.sandbox_id in (route or "") for route in routes)
     finally:
         sandbox.kill()
+
+
+def test_the_grafana_dashboard_charts_only_metrics_wrenn_serves(wrenn):
+    import os
+    import re
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "grafana-dashboard.json")
+    with open(path) as f:
+        dashboard = json.load(f)
+    expressions = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert expressions
+    served = set(scrape(wrenn))
+    for expression in expressions:
+        for name in re.findall(r"\bwrenn_[a-z_]+", expression):
+            family = re.sub(r"_(total|bucket|count|sum)$", "", name)
+            assert family in served, f"{name} in {expression!r} is not served"

@@ -12,6 +12,7 @@ mod report;
 mod sandbox;
 mod slots;
 mod snapshot;
+mod telemetry;
 mod uffd;
 
 use clap::Parser;
@@ -24,6 +25,9 @@ enum BenchCommand {
     /// Events: what recording one costs, and notification channels' delivery to a local
     /// webhook (a steady rate in order, the lag, the ceiling).
     Events(events::EventsBenchArgs),
+    /// Sandbox metrics kept: a collection's write, and the store's size per sandbox-hour in
+    /// each retention tier.
+    Telemetry(telemetry::TelemetryBenchArgs),
     /// The base image booted cold under QEMU, to envd's /health.
     Boot(sandbox::BootBenchArgs),
     /// The control plane: REST create vs the agent, listings of 10,000 sandboxes, the proxy.
@@ -78,6 +82,7 @@ async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Envd(args) => envd::run(args).await,
         BenchCommand::Events(args) => events::run(args).await,
+        BenchCommand::Telemetry(args) => telemetry::run(args).await,
         BenchCommand::Boot(args) => sandbox::boot(args).await,
         BenchCommand::Api(args) => api::run(args).await,
         BenchCommand::Sandbox(args) => sandbox::sandbox(args).await,

@@ -39,7 +39,8 @@ fi
 need_packages=()
 for tool in gcc:gcc mount:mount useradd:passwd ps:procps git:git ip:iproute2 \
   qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils debootstrap:debootstrap \
-  mkfs.ext4:e2fsprogs debugfs:e2fsprogs depmod:kmod cpio:cpio iptables:iptables; do
+  mkfs.ext4:e2fsprogs debugfs:e2fsprogs depmod:kmod cpio:cpio iptables:iptables \
+  systemd-analyze:systemd; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need_packages+=("${tool##*:}")
 done
 if ! command -v python3 >/dev/null 2>&1; then need_packages+=(python3 python3-venv); fi

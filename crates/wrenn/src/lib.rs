@@ -7,6 +7,7 @@
 //! plane it serves (`wrenn server`, `wrenn up`); `main.rs` is it with none.
 
 mod commands;
+mod config;
 mod connection;
 mod dockerfile;
 mod flags;
@@ -25,6 +26,10 @@ use clap::{Parser, Subcommand};
     about = "wrenn: microVM sandboxes, E2B compatible"
 )]
 struct Cli {
+    /// The configuration file (TOML; sections by command, keys by flag) [default:
+    /// /etc/wrenn/wrenn.toml when it exists]; the environment and flags are above it.
+    #[arg(long, global = true, env = "WRENN_CONFIG", value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -61,6 +66,24 @@ enum Command {
     Events(audit::LogArgs),
     /// The team's use by day (UTC): sandbox-seconds and GiB-seconds.
     Usage(UsageArgs),
+    /// The configuration: `wrenn config show COMMAND…` prints a command's effective settings
+    /// (file, environment, flags) and where each came from, secrets masked.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// The effective settings of a command as it would run (`wrenn config show server`,
+    /// `wrenn config show agent serve --listen 0.0.0.0:49990`).
+    Show {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// The command, its words and flags.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
 }
 
 /// `wrenn usage`'s days.
@@ -88,7 +111,10 @@ pub fn main_with(extensions: Extensions) {
 }
 
 fn run(extensions: Extensions) -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let env = |name: &str| std::env::var(name).ok();
+    let layered = config::layer(std::env::args_os().collect(), &env)?;
+    let config_file = layered.file.clone();
+    let cli = Cli::parse_from(layered.args);
     wrenn_core::logging::log_to_stderr("WRENN_LOG", "info");
     if let Command::Image(command) = cli.command {
         return image::run(command);
@@ -109,6 +135,9 @@ fn run(extensions: Extensions) -> anyhow::Result<()> {
         Command::User(args) => runtime.block_on(user::run(args)),
         Command::Audit(args) => runtime.block_on(audit::audit(args)),
         Command::Events(args) => runtime.block_on(audit::events(args)),
+        Command::Config(ConfigCommand::Show { json, command }) => {
+            config::show(&command, config_file.as_deref(), json)
+        }
         Command::Usage(args) => runtime.block_on(sandbox::telemetry::usage(
             &args.connection,
             args.start,

@@ -13,8 +13,14 @@ use wrenn_proto::agent as pb;
 
 /// The most entries a host keeps (samples and lines alike, about 200 bytes each).
 pub const BUFFER_ENTRIES: usize = 50_000;
+/// The most bytes (encoded) the entries a host keeps may take: a guest's long lines cannot
+/// make the buffer larger than this whatever their number.
+pub const BUFFER_BYTES: usize = 32 << 20;
 /// The most entries one collection returns.
 pub const MAX_COLLECT: usize = 5_000;
+/// The most bytes (encoded) one collection returns, well under a Connect message's 4 MiB: a
+/// page of long lines is cut here and says `more`.
+pub const MAX_COLLECT_BYTES: usize = 1 << 20;
 
 /// One entry of the buffer.
 #[derive(Debug, Clone)]
@@ -30,6 +36,14 @@ impl Entry {
             Entry::Log(line) => line.seq,
         }
     }
+
+    /// Its size in a collection's answer.
+    fn bytes(&self) -> usize {
+        match self {
+            Entry::Sample(sample) => prost::Message::encoded_len(sample),
+            Entry::Log(line) => prost::Message::encoded_len(line),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -39,6 +53,8 @@ struct Buffer {
     last_seq: u64,
     /// The highest seq dropped to make room (0: none).
     dropped_through: u64,
+    /// The entries' bytes ([`Entry::bytes`]).
+    bytes: usize,
 }
 
 /// Samples and log lines waiting to be collected.
@@ -83,11 +99,14 @@ impl TelemetryBuffer {
         let mut buffer = self.buffer.lock().expect("telemetry lock");
         buffer.last_seq += 1;
         let entry = make(buffer.last_seq);
+        buffer.bytes += entry.bytes();
         buffer.entries.push_back(entry);
-        while buffer.entries.len() > self.capacity {
-            if let Some(dropped) = buffer.entries.pop_front() {
-                buffer.dropped_through = dropped.seq();
-            }
+        while buffer.entries.len() > self.capacity || buffer.bytes > BUFFER_BYTES {
+            let Some(dropped) = buffer.entries.pop_front() else {
+                break;
+            };
+            buffer.bytes -= dropped.bytes();
+            buffer.dropped_through = dropped.seq();
         }
     }
 
@@ -102,7 +121,8 @@ impl TelemetryBuffer {
     }
 
     /// The entries after the request's cursor, oldest first, at most its `limit` (and
-    /// [`MAX_COLLECT`]). A cursor of another run (or none) starts from the oldest kept.
+    /// [`MAX_COLLECT`]) and [`MAX_COLLECT_BYTES`] (one at least), with `more` when others
+    /// follow. A cursor of another run (or none) starts from the oldest kept.
     pub fn collect(&self, request: &pb::CollectTelemetryRequest) -> pb::CollectTelemetryResponse {
         let limit = match request.limit as usize {
             0 => MAX_COLLECT,
@@ -124,7 +144,13 @@ impl TelemetryBuffer {
         };
         // Entries are in seq order: skip to the first after the cursor.
         let start = buffer.entries.partition_point(|entry| entry.seq() <= after);
-        for entry in buffer.entries.iter().skip(start).take(limit) {
+        let mut bytes = 0;
+        for (taken, entry) in buffer.entries.iter().skip(start).enumerate() {
+            if taken == limit || (taken > 0 && bytes + entry.bytes() > MAX_COLLECT_BYTES) {
+                response.more = true;
+                break;
+            }
+            bytes += entry.bytes();
             response.next = entry.seq();
             match entry {
                 Entry::Sample(sample) => response.samples.push(sample.clone()),
@@ -190,5 +216,37 @@ mod tests {
         let other = telemetry.collect(&ask("t-other", 99));
         assert_eq!(other.samples.len(), 3);
         assert!(other.gap);
+    }
+
+    #[test]
+    fn pages_and_the_buffer_are_bounded_in_bytes_too() {
+        let telemetry = TelemetryBuffer::new(Duration::from_secs(5), 1_000_000);
+        let long = "x".repeat(100_000);
+        for _ in 0..40 {
+            telemetry.record_log(pb::SandboxLogLine {
+                sandbox_id: "s".into(),
+                message: long.clone(),
+                ..pb::SandboxLogLine::default()
+            });
+        }
+        let first = telemetry.collect(&ask("", 0));
+        assert!(first.more, "4 MB of lines is more than a page");
+        let page: usize = first.logs.iter().map(|line| line.message.len()).sum();
+        assert!(page <= MAX_COLLECT_BYTES, "{page}");
+        let second = telemetry.collect(&ask(&first.epoch, first.next));
+        assert_eq!(second.logs.len(), first.logs.len());
+        // 400 lines of 100 kB: the buffer keeps what fits in its bytes, the newest.
+        for _ in 0..400 {
+            telemetry.record_log(pb::SandboxLogLine {
+                message: long.clone(),
+                ..pb::SandboxLogLine::default()
+            });
+        }
+        assert!(
+            telemetry.len() * 100_000 <= BUFFER_BYTES,
+            "{}",
+            telemetry.len()
+        );
+        assert!(telemetry.collect(&ask(&first.epoch, first.next)).gap);
     }
 }

@@ -112,28 +112,17 @@ impl Telemetry {
         );
     }
 
-    /// Reads what a sandbox's console has written since the last read into the buffer.
+    /// Reads what a sandbox's console has written since the last read into the buffer. The
+    /// tails stay locked meanwhile (a read is at most [`MAX_READ_PER_TICK`]), so a pause's or
+    /// destroy's last read and the sampler's never read the same lines.
     pub fn read_console(&self, sandbox_id: &str) {
-        let Some(mut tail) = self
-            .tails
-            .lock()
-            .expect("tails lock")
-            .get(sandbox_id)
-            .cloned()
-        else {
+        let mut tails = self.tails.lock().expect("tails lock");
+        let Some(tail) = tails.get_mut(sandbox_id) else {
             return;
         };
-        let (lines, skipped) = read_new_lines(&mut tail);
+        let (lines, skipped) = read_new_lines(tail);
+        drop(tails);
         self.record_console_lines(sandbox_id, lines, skipped);
-        if let Some(kept) = self
-            .tails
-            .lock()
-            .expect("tails lock")
-            .get_mut(sandbox_id)
-            .filter(|kept| kept.path == tail.path)
-        {
-            *kept = tail;
-        }
     }
 
     /// Reads the rest of a sandbox's console, an unended last line included: its VM stopped.
@@ -282,12 +271,22 @@ fn envd_line(text: &str, now: i64) -> Option<pb::SandboxLogLine> {
     if let Some(target) = document.get("target").and_then(Value::as_str) {
         kept.insert("target".into(), Value::String(target.to_string()));
     }
+    // The fields together are at most a line long: the guest chooses how many there are.
+    let mut room = MAX_LINE_BYTES;
     for (name, value) in fields {
         let value = match value {
             Value::String(text) => text,
             other => other.to_string(),
         };
-        kept.insert(name, Value::String(cut(value)));
+        let name = cut_to(name, 128);
+        let value = cut_to(value, room.saturating_sub(name.len()));
+        let used = name.len() + value.len();
+        if used >= room {
+            kept.insert("truncated".into(), Value::String("true".into()));
+            break;
+        }
+        room -= used;
+        kept.insert(name, Value::String(value));
     }
     let at_ms = document
         .get("timestamp")
@@ -316,9 +315,14 @@ fn level_name(level: &str) -> &'static str {
 }
 
 /// `text` cut to [`MAX_LINE_BYTES`] at a character's boundary.
-fn cut(mut text: String) -> String {
-    if text.len() > MAX_LINE_BYTES {
-        let mut end = MAX_LINE_BYTES;
+fn cut(text: String) -> String {
+    cut_to(text, MAX_LINE_BYTES)
+}
+
+/// `text` cut to `most` bytes at a character's boundary.
+fn cut_to(mut text: String, most: usize) -> String {
+    if text.len() > most {
+        let mut end = most;
         while !text.is_char_boundary(end) {
             end -= 1;
         }
@@ -521,5 +525,20 @@ mod tests {
             (5, 10, 0)
         );
         assert_eq!((sample.net_rx_bytes, sample.net_tx_bytes), (3, 4));
+    }
+
+    #[test]
+    fn a_guests_many_fields_are_cut_to_a_lines_length() {
+        let fields: serde_json::Map<String, Value> = (0..60)
+            .map(|n| (format!("f{n}"), Value::String("x".repeat(4000))))
+            .collect();
+        let raw = serde_json::json!({"level": "INFO", "fields": fields}).to_string();
+        let line = log_line(raw.as_bytes(), 0);
+        assert!(
+            line.fields_json.len() <= MAX_LINE_BYTES + 200,
+            "{}",
+            line.fields_json.len()
+        );
+        assert!(line.fields_json.contains("truncated"));
     }
 }

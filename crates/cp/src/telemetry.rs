@@ -214,7 +214,7 @@ impl ControlPlane {
             );
             cursor.epoch = response.epoch;
             cursor.after = response.next;
-            if entries < wrenn_agent_api::telemetry::MAX_COLLECT {
+            if !response.more || entries == 0 {
                 break;
             }
         }

@@ -85,7 +85,9 @@ fn config_path(args: &mut Vec<OsString>, env: &dyn Fn(&str) -> Option<String>) -
                 .filter(|path| !path.is_empty())
                 .map(PathBuf::from)
         })
-        .or_else(|| Some(PathBuf::from(DEFAULT_PATH)).filter(|path| path.exists()))
+        .or_else(|| {
+            Some(PathBuf::from(DEFAULT_PATH)).filter(|path| path.try_exists().unwrap_or(true))
+        })
 }
 
 /// The command line's definition with its global flags given to every subcommand.

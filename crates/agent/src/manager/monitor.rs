@@ -36,11 +36,13 @@ impl Manager {
     /// Samples every running sandbox (envd's `/metrics`, the host's traffic counters) and
     /// reads what its console wrote, into [`Manager::telemetry`].
     pub(super) async fn sample_sandboxes(&self) {
+        // Not one being destroyed: its console's last read is the destroy's.
         let running: Vec<SandboxRecord> = self
             .sandboxes
             .lock()
             .expect("sandboxes lock")
             .values()
+            .filter(|entry| !entry.destroying.load(std::sync::atomic::Ordering::SeqCst))
             .map(|entry| entry.snapshot())
             .filter(|record| record.state == SandboxState::Running)
             .collect();

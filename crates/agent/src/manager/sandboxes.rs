@@ -430,7 +430,6 @@ impl Manager {
             return Err(error.into());
         }
         self.telemetry.finish_console(sandbox_id);
-        self.telemetry.forget_console(sandbox_id);
         entry.end_connections();
         if let Some(slot) = record.slot {
             self.mmds.remove(slot);
@@ -440,6 +439,8 @@ impl Manager {
             .lock()
             .expect("sandboxes lock")
             .remove(sandbox_id);
+        // After it left the sandboxes: no sampler's tick follows its console again.
+        self.telemetry.forget_console(sandbox_id);
         let dir = self.store.sandbox_dir(sandbox_id);
         std::fs::remove_dir_all(&dir)
             .or_else(|error| {

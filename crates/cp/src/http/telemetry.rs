@@ -331,7 +331,12 @@ pub(super) async fn usage(
             .transpose()
     };
     let end = day("end")?.unwrap_or_else(|| chrono::Utc::now().date_naive());
-    let start = day("start")?.unwrap_or(end - chrono::Days::new(29));
+    let start = match day("start")? {
+        Some(start) => start,
+        None => end
+            .checked_sub_days(chrono::Days::new(29))
+            .ok_or_else(|| ApiError::bad_request("end is too early a day"))?,
+    };
     if start > end {
         return Err(ApiError::bad_request("start is after end"));
     }

@@ -125,9 +125,12 @@ impl Telemetry {
         self.record_console_lines(sandbox_id, lines, skipped);
     }
 
-    /// Reads the rest of a sandbox's console, an unended last line included: its VM stopped.
-    /// The tail stays where it is, so a VM that resumes on the same log goes on after it.
-    pub fn finish_console(&self, sandbox_id: &str) {
+    /// Reads the rest of a sandbox's console at `path`, an unended last line included: its VM
+    /// stopped. A console no sampler's tick followed yet (a sandbox gone within its first
+    /// interval) is read from its start. The tail stays where it is, so a VM that resumes on
+    /// the same log goes on after it.
+    pub fn finish_console(&self, sandbox_id: &str, path: &Path) {
+        self.follow_console(sandbox_id, path);
         self.read_console(sandbox_id);
         let partial = self
             .tails
@@ -467,7 +470,7 @@ mod tests {
         );
         // A line not ended when the VM stops is kept.
         std::fs::write(&log, "five\nsix").unwrap();
-        telemetry.finish_console("s");
+        telemetry.finish_console("s", &log);
         assert_eq!(
             messages(&telemetry),
             ["one", "two", "three", "four", "five", "six"]
@@ -478,6 +481,22 @@ mod tests {
         std::fs::write(&log, "old\nnew\n").unwrap();
         telemetry.read_console("s");
         assert_eq!(messages(&telemetry).last().unwrap(), "new");
+    }
+
+    #[test]
+    fn a_console_never_followed_is_read_whole_when_its_vm_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        std::fs::write(&log, "booted\nlast words").unwrap();
+        let telemetry = Telemetry::new(DEFAULT_INTERVAL, 100);
+        telemetry.finish_console("quick", &log);
+        let messages: Vec<String> = telemetry
+            .collect(&ask("", 0))
+            .logs
+            .into_iter()
+            .map(|line| line.message)
+            .collect();
+        assert_eq!(messages, ["booted", "last words"]);
     }
 
     #[test]

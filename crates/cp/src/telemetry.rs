@@ -28,7 +28,7 @@ use wrenn_proto::agent as pb;
 
 use crate::fleet::Host;
 use crate::service::{ControlPlane, Error};
-use crate::store::{LogLinesQuery, MetricRow, SandboxLogRow, TelemetryBatch, UsageRow};
+use crate::store::{LogLinesQuery, MetricRow, SandboxLogRow, SandboxRow, TelemetryBatch, UsageRow};
 
 /// One resolution samples are kept at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -313,6 +313,23 @@ impl ControlPlane {
             cache.insert(id, entry);
         }
         Ok(batch)
+    }
+
+    /// Keeps a sandbox's team known to the collector after its row goes (for an hour, as one
+    /// seen in a collection), so what its host read at the kill still is its team's when a
+    /// later collection brings it.
+    pub(crate) fn remember_sandbox(&self, row: &SandboxRow) {
+        self.telemetry
+            .known
+            .lock()
+            .expect("known lock")
+            .entry(row.id.clone())
+            .or_insert_with(|| Known {
+                team_id: row.team_id.clone(),
+                memory_mb: row.memory_mb,
+                last_sample_ms: 0,
+                seen_ms: wrenn_core::now_ms(),
+            });
     }
 
     /// Makes each coarser tier from the finer one up to the buckets complete at `now_ms`, then

@@ -180,6 +180,16 @@ impl Kit {
     }
 }
 
+/// `field` of each entry of the array at `key`.
+fn messages(body: &Value, key: &str, field: &str) -> Vec<String> {
+    body[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| entry[field].as_str().unwrap().to_string())
+        .collect()
+}
+
 fn cpu_series(samples: &Value) -> Vec<f64> {
     samples
         .as_array()
@@ -377,14 +387,6 @@ async fn logs_are_read_forward_backward_by_level_and_text_and_outlive_the_sandbo
         .get(&format!("/v2/sandboxes/{id}/logs"), &kit.key_a)
         .await;
     assert_eq!(status, StatusCode::OK, "{v2}");
-    let messages = |body: &Value, key: &str, field: &str| -> Vec<String> {
-        body[key]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|entry| entry[field].as_str().unwrap().to_string())
-            .collect()
-    };
     assert_eq!(
         messages(&v2, "logs", "message"),
         [
@@ -476,6 +478,34 @@ async fn logs_are_read_forward_backward_by_level_and_text_and_outlive_the_sandbo
         .unwrap();
     let (status, _) = kit
         .get(&format!("/v2/sandboxes/{id}/logs"), &kit.key_a)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn lines_a_later_collection_brings_after_the_kill_are_still_the_teams() {
+    let kit = Kit::new(TelemetrySettings::default()).await;
+    let id = kit.create().await;
+    let (status, _) = kit
+        .call(
+            "DELETE",
+            &format!("/sandboxes/{id}"),
+            Some(&kit.key_a),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    // The host's last read of the console reaches the control plane after the kill's own
+    // collection (it timed out, say): the next collection still knows whose lines they are.
+    kit.log(&id, wrenn_core::now_ms(), "info", "late words", "console");
+    kit.collect().await;
+    let (status, after) = kit
+        .get(&format!("/v2/sandboxes/{id}/logs"), &kit.key_a)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{after}");
+    assert_eq!(messages(&after, "logs", "message"), ["late words"]);
+    let (status, _) = kit
+        .get(&format!("/v2/sandboxes/{id}/logs"), &kit.key_b)
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }

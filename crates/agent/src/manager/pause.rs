@@ -53,7 +53,7 @@ impl Manager {
         match snapshot {
             Ok(snapshot) => {
                 let _ = self.vmm.destroy(&vm).await;
-                self.telemetry.finish_console(sandbox_id);
+                self.telemetry.finish_console(sandbox_id, &vm.console_log());
                 entry.end_connections();
                 self.mmds.remove(slot);
                 self.slots.release(slot).await;

@@ -429,7 +429,9 @@ impl Manager {
                 .store(false, std::sync::atomic::Ordering::SeqCst);
             return Err(error.into());
         }
-        self.telemetry.finish_console(sandbox_id);
+        if let Some(vm) = &record.vm {
+            self.telemetry.finish_console(sandbox_id, &vm.console_log());
+        }
         entry.end_connections();
         if let Some(slot) = record.slot {
             self.mmds.remove(slot);

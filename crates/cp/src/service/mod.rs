@@ -243,8 +243,10 @@ impl ControlPlane {
             && host.is_up()
         {
             host.destroy(&row.id).await?;
-            // The VM's last lines, read by its host at the destroy, while the row still
-            // names the sandbox's team (a few seconds at most: the kill is done).
+            // The VM's last lines, read by its host at the destroy, collected now (a few
+            // seconds at most: the kill is done); if not in time, the next collection still
+            // knows whose they are.
+            self.remember_sandbox(row);
             let last = self.collect_telemetry(&host);
             match tokio::time::timeout(std::time::Duration::from_secs(5), last).await {
                 Ok(Ok(_)) => {}

@@ -198,12 +198,147 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
     crate::store::write_file_atomically(path, bytes, mode).map_err(io_error("writing", path))
 }
 
-/// The TLS settings of a server with the certificate chain and key in these PEM files
-/// (HTTP/2 and HTTP/1.1 by ALPN).
-pub fn server_config(
+/// How often the served certificate's files are looked at for a change.
+pub const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+
+/// A served certificate chain and key, read from their PEM files and read again when either
+/// file changes (a renewal by certbot or the local authority): new handshakes get the new
+/// certificate, open connections keep theirs. Files caught half-written, or a key that does
+/// not match its certificate, leave the one being served in place until a later look finds
+/// them whole.
+#[derive(Debug)]
+pub struct ServedCertificate {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+    /// The files' stamps when `current` was read from them.
+    read_at: std::sync::Mutex<[FileStamp; 2]>,
+}
+
+/// What tells a file's change: its inode (a rename), size and times of change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct FileStamp {
+    inode: u64,
+    size: u64,
+    modified: (i64, i64),
+    changed: (i64, i64),
+}
+
+fn stamp(path: &Path) -> Result<FileStamp, TlsError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(io_error("reading", path))?;
+    Ok(FileStamp {
+        inode: meta.ino(),
+        size: meta.size(),
+        modified: (meta.mtime(), meta.mtime_nsec()),
+        changed: (meta.ctime(), meta.ctime_nsec()),
+    })
+}
+
+impl ServedCertificate {
+    /// The certificate chain in `cert_path` with its key in `key_path` (PEM), checked to
+    /// belong together.
+    pub fn load(cert_path: &Path, key_path: &Path) -> Result<Arc<ServedCertificate>, TlsError> {
+        let stamps = [stamp(cert_path)?, stamp(key_path)?];
+        let certified = certified_key(cert_path, key_path)?;
+        Ok(Arc::new(ServedCertificate {
+            cert_path: cert_path.to_owned(),
+            key_path: key_path.to_owned(),
+            current: std::sync::RwLock::new(certified),
+            read_at: std::sync::Mutex::new(stamps),
+        }))
+    }
+
+    /// Reads the files again if either changed since they were last read: `Ok(true)` when a
+    /// new certificate is served from now on, an error (and the old one served) when the
+    /// changed files are not a whole certificate and its key.
+    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        let stamps = [stamp(&self.cert_path)?, stamp(&self.key_path)?];
+        if *self.read_at.lock().expect("stamps lock") == stamps {
+            return Ok(false);
+        }
+        let certified = certified_key(&self.cert_path, &self.key_path)?;
+        *self.current.write().expect("certificate lock") = certified;
+        *self.read_at.lock().expect("stamps lock") = stamps;
+        tracing::info!(path = %self.cert_path.display(), "serving the changed TLS certificate");
+        Ok(true)
+    }
+
+    /// The chain served now (the server's certificate first).
+    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
+        self.current.read().expect("certificate lock").cert.clone()
+    }
+
+    /// The TLS settings of a server serving this certificate (HTTP/2 and HTTP/1.1 by ALPN).
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// Looks at the files every `interval` until `stop` turns true, and before that (when
+    /// `authority` is given: the local authority's own files) renews them once a day, so that
+    /// a control plane running for a year keeps a valid certificate.
+    pub fn watch(
+        self: Arc<Self>,
+        interval: Duration,
+        authority: Option<(PathBuf, String)>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut renewed = tokio::time::Instant::now();
+            let mut failing = false;
+            loop {
+                tokio::select! {
+                    _ = stop.wait_for(|stop| *stop) => return,
+                    () = tokio::time::sleep(interval) => {}
+                }
+                if let Some((dir, host)) = &authority
+                    && renewed.elapsed() >= Duration::from_secs(24 * 3600)
+                {
+                    renewed = tokio::time::Instant::now();
+                    let (dir, host) = (dir.clone(), host.clone());
+                    match tokio::task::spawn_blocking(move || local_authority(&dir, &host)).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(error)) => {
+                            tracing::warn!(%error, "cannot renew the local certificate")
+                        }
+                        Err(error) => tracing::warn!(%error, "the renewal stopped"),
+                    }
+                }
+                match self.reload_if_changed() {
+                    Ok(_) => failing = false,
+                    // Said once, not every look, while the files stay bad.
+                    Err(error) if !failing => {
+                        failing = true;
+                        tracing::warn!(%error, "the changed TLS certificate files are not usable yet: serving the previous certificate");
+                    }
+                    Err(_) => {}
+                }
+            }
+        })
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServedCertificate {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.read().expect("certificate lock").clone())
+    }
+}
+
+/// The chain in `cert_path` and the key in `key_path`, as rustls signs with them, checked to
+/// be a pair.
+fn certified_key(
     cert_path: &Path,
     key_path: &Path,
-) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
     let pem_error = |path: &Path| {
         let path = path.to_owned();
         move |error: rustls::pki_types::pem::Error| TlsError::Pem {
@@ -222,13 +357,15 @@ pub fn server_config(
         });
     }
     let key = PrivateKeyDer::from_pem_file(key_path).map_err(pem_error(key_path))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    let provider = rustls::crypto::ring::default_provider();
+    let certified =
+        rustls::sign::CertifiedKey::from_der(chain, key, &provider).map_err(|error| {
+            TlsError::Pem {
+                path: key_path.to_owned(),
+                detail: format!("not the key of {}: {error}", cert_path.display()),
+            }
+        })?;
+    Ok(Arc::new(certified))
 }
 
 /// One router for the TLS front: requests for `api.<domain>` go to `api`, all others to
@@ -350,6 +487,92 @@ mod tests {
         // The bundle ends with the authority, and the settings load.
         let bundle = std::fs::read_to_string(&other.bundle).unwrap();
         assert!(bundle.ends_with(std::str::from_utf8(&ca).unwrap()));
-        server_config(&other.server_cert, &other.server_key).unwrap();
+        ServedCertificate::load(&other.server_cert, &other.server_key)
+            .unwrap()
+            .server_config()
+            .unwrap();
+    }
+
+    /// The end-entity certificate a TLS client trusting `roots` is served at `address`.
+    async fn served_certificate(address: std::net::SocketAddr, roots: &[&Path]) -> Vec<u8> {
+        let mut store = rustls::RootCertStore::empty();
+        for root in roots {
+            for cert in CertificateDer::pem_file_iter(root).unwrap() {
+                store.add(cert.unwrap()).unwrap();
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(store)
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("api.wrenn.localhost").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_changed_certificate_is_served_to_new_handshakes_and_a_broken_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = local_authority(&dir.path().join("first"), "wrenn.localhost").unwrap();
+        let second = local_authority(&dir.path().join("second"), "wrenn.localhost").unwrap();
+        let live = dir.path().join("live");
+        std::fs::create_dir(&live).unwrap();
+        let (cert, key) = (live.join("cert.pem"), live.join("key.pem"));
+        std::fs::copy(&first.server_cert, &cert).unwrap();
+        std::fs::copy(&first.server_key, &key).unwrap();
+
+        let served = ServedCertificate::load(&cert, &key).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(served.server_config().unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut tls) = acceptor.accept(tcp).await {
+                        use tokio::io::AsyncReadExt;
+                        let _ = tls.read(&mut [0u8; 1]).await;
+                    }
+                });
+            }
+        });
+        let roots = [first.ca_cert.as_path(), second.ca_cert.as_path()];
+        let der = |path: &Path| {
+            CertificateDer::pem_file_iter(path)
+                .unwrap()
+                .next()
+                .unwrap()
+                .unwrap()
+                .to_vec()
+        };
+        assert_eq!(
+            served_certificate(address, &roots).await,
+            der(&first.server_cert)
+        );
+        assert!(!served.reload_if_changed().unwrap(), "nothing changed yet");
+
+        // A renewal caught half-way (a new certificate, the old key): still the old one.
+        std::fs::copy(&second.server_cert, &cert).unwrap();
+        let error = served.reload_if_changed().unwrap_err();
+        assert!(error.to_string().contains("not the key of"), "{error}");
+        assert_eq!(
+            served_certificate(address, &roots).await,
+            der(&first.server_cert)
+        );
+        // Whole: the new one, with no restart.
+        std::fs::copy(&second.server_key, &key).unwrap();
+        assert!(served.reload_if_changed().unwrap());
+        assert_eq!(
+            served_certificate(address, &roots).await,
+            der(&second.server_cert)
+        );
+        assert_eq!(served.chain()[0].to_vec(), der(&second.server_cert));
     }
 }

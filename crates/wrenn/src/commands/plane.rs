@@ -197,18 +197,18 @@ pub(super) struct Https {
     authority: Option<wrenn_cp::tls::LocalAuthority>,
 }
 
+/// The HTTPS front's parts before it serves.
+struct HttpsFront {
+    https: Https,
+    listeners: Vec<tokio::net::TcpListener>,
+    served: Arc<wrenn_cp::tls::ServedCertificate>,
+    /// The local authority's directory and the host it certifies (renewed while running).
+    renew: Option<(PathBuf, String)>,
+}
+
 /// Starts the HTTPS front when `args` (and `local`, for `wrenn up`'s defaults) ask for it:
 /// binds its listeners and makes its certificate.
-async fn start_https(
-    args: &PlaneArgs,
-    local: bool,
-) -> anyhow::Result<
-    Option<(
-        Https,
-        Vec<tokio::net::TcpListener>,
-        Arc<rustls::ServerConfig>,
-    )>,
-> {
+async fn start_https(args: &PlaneArgs, local: bool) -> anyhow::Result<Option<HttpsFront>> {
     if args.no_https {
         return Ok(None);
     }
@@ -256,22 +256,26 @@ async fn start_https(
             )
         }
     };
-    let config = wrenn_cp::tls::server_config(&cert, &key)?;
+    let served = wrenn_cp::tls::ServedCertificate::load(&cert, &key)?;
+    let renew = authority
+        .is_some()
+        .then(|| (args.data_dir.join("tls"), host.clone()));
     let port = bound[0].port();
     let advertised = if domain.contains(':') || port == 443 {
         domain.clone()
     } else {
         format!("{domain}:{port}")
     };
-    Ok(Some((
-        Https {
+    Ok(Some(HttpsFront {
+        https: Https {
             domain: advertised,
             addresses: bound,
             authority,
         },
         listeners,
-        config,
-    )))
+        served,
+        renew,
+    }))
 }
 
 type ServeFn<'a> =
@@ -367,7 +371,7 @@ pub(super) async fn start_plane(
         .await
         .context("loading the fleet")?;
     let domain = match &https {
-        Some((https, _, _)) => Some(https.domain.clone()),
+        Some(front) => Some(front.https.domain.clone()),
         None => args.domain.clone(),
     };
     let channels = channels(args)?;
@@ -424,10 +428,17 @@ pub(super) async fn start_plane(
         serve(proxy, started.proxy_router()),
     ];
     let https = match https {
-        Some((https, listeners, config)) => {
+        Some(HttpsFront {
+            https,
+            listeners,
+            served,
+            renew,
+        }) => {
             let host = wrenn_cp::tls::domain_host(&https.domain)?;
             let front =
                 wrenn_cp::tls::front_router(host, started.api_router(), started.proxy_router());
+            let config = served.server_config()?;
+            servers.push(served.watch(wrenn_cp::tls::RELOAD_INTERVAL, renew, stop.clone()));
             for listener in listeners {
                 servers.push(wrenn_cp::tls::spawn_tls_until_stopped(
                     listener,

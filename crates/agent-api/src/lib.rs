@@ -8,7 +8,8 @@
 //!   agent.
 //! - [`build`]: template builds (their steps, their log); [`image_reference`]: the registry
 //!   image names builds start from.
-//! - [`join`]: the messages an agent registers and heartbeats with.
+//! - [`join`]: the messages an agent registers and heartbeats with; [`fleet_tls`]: the mutual
+//!   TLS between the control plane and its agents.
 //! - [`proxy`]: the headers of the agent's sandbox proxy.
 //! - [`fake`]: an in-memory agent for the control plane's fast tests.
 //! - [`HostAgentError`]: why an operation failed, by cause; the edges map it to HTTP or Connect
@@ -16,6 +17,7 @@
 
 pub mod build;
 pub mod fake;
+pub mod fleet_tls;
 pub mod image_reference;
 pub mod join;
 /// A sandbox's egress settings and their validation (the REST API's types, shared).

@@ -15,6 +15,7 @@
 
 mod host;
 mod join;
+pub mod pki;
 mod placement;
 mod reconcile;
 mod routes;

@@ -114,6 +114,9 @@ pub struct Envd {
     pub cgroups: Option<crate::cgroups::Cgroups>,
     /// The sandbox identity read from MMDS.
     identity: RwLock<Option<SandboxMetadata>>,
+    /// How many identities `/init` gave: a metadata read begun before the newest one (a read
+    /// in flight when the template was snapshotted, finishing in a restored clone) is stale.
+    identities_given: std::sync::atomic::AtomicU64,
     session: RwLock<Session>,
     /// Serialises `/init` calls.
     pub init_lock: tokio::sync::Mutex<()>,
@@ -142,6 +145,7 @@ impl Envd {
                 }
             }),
             identity: RwLock::new(None),
+            identities_given: std::sync::atomic::AtomicU64::new(0),
             connections: std::sync::Arc::default(),
             config,
             accounts,
@@ -223,14 +227,34 @@ impl Envd {
     /// Records the sandbox identity `metadata` (from `source`) and writes its files, when it
     /// differs from the one recorded.
     pub fn set_identity(&self, metadata: &SandboxMetadata, source: &str) {
-        let changed = self.identity.read().expect("identity lock").as_ref() != Some(metadata);
-        if changed {
+        self.set_identity_unless_given_since(metadata, source, None);
+    }
+
+    /// [`Envd::set_identity`], unless `/init` gave an identity since the count was
+    /// `given_before` (then `false`, and nothing changes).
+    fn set_identity_unless_given_since(
+        &self,
+        metadata: &SandboxMetadata,
+        source: &str,
+        given_before: Option<u64>,
+    ) -> bool {
+        use std::sync::atomic::Ordering;
+        let mut identity = self.identity.write().expect("identity lock");
+        if given_before.is_some_and(|before| self.identities_given.load(Ordering::SeqCst) != before)
+        {
+            return false;
+        }
+        if source == "/init" {
+            self.identities_given.fetch_add(1, Ordering::SeqCst);
+        }
+        if identity.as_ref() != Some(metadata) {
             if let Err(error) = crate::mmds::write_identity(&self.config.run_dir, metadata) {
                 tracing::warn!(%error, "could not write the sandbox identity files");
             }
             tracing::info!(sandbox = %metadata.sandbox_id, template = %metadata.template_id, source, "sandbox identity");
-            *self.identity.write().expect("identity lock") = Some(metadata.clone());
+            *identity = Some(metadata.clone());
         }
+        true
     }
 }
 
@@ -244,9 +268,15 @@ impl Envd {
     /// sandbox identity and writes its files. `None` without MMDS or when it does not answer.
     pub async fn refresh_identity(&self, deadline: std::time::Duration) -> Option<SandboxMetadata> {
         let mmds = self.mmds.as_ref()?;
+        let given_before = self
+            .identities_given
+            .load(std::sync::atomic::Ordering::SeqCst);
         match mmds.fetch(deadline).await {
             Ok(metadata) => {
-                self.set_identity(&metadata, "MMDS");
+                if !self.set_identity_unless_given_since(&metadata, "MMDS", Some(given_before)) {
+                    tracing::info!(sandbox = %metadata.sandbox_id, "a metadata read begun before the last /init's identity is dropped");
+                    return None;
+                }
                 Some(metadata)
             }
             Err(error) => {
@@ -272,6 +302,44 @@ mod tests {
         std::fs::write(dir.path().join("group"), "").unwrap();
         let accounts = Accounts::new(dir.path().join("passwd"), dir.path().join("group"));
         (Envd::with_accounts(EnvdConfig::default(), accounts), dir)
+    }
+
+    #[test]
+    fn a_metadata_read_begun_before_an_inits_identity_does_not_undo_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = EnvdConfig {
+            run_dir: dir.path().to_owned(),
+            ..EnvdConfig::default()
+        };
+        let envd = Envd::with_accounts(
+            config,
+            Accounts::new(dir.path().join("passwd"), dir.path().join("group")),
+        );
+        let identity = |id: &str| SandboxMetadata {
+            sandbox_id: id.into(),
+            template_id: "base".into(),
+            ..Default::default()
+        };
+        let sandbox_id = |envd: &Envd| envd.sandbox_env().get("E2B_SANDBOX_ID").cloned();
+        // The template's build: its /init, then a metadata read still in flight at the snapshot.
+        envd.set_identity(&identity("template-base"), "/init");
+        let in_flight = envd
+            .identities_given
+            .load(std::sync::atomic::Ordering::SeqCst);
+        // The restored clone's /init gives its own identity...
+        envd.set_identity(&identity("sbx1"), "/init");
+        // ...and the old read, finishing now, changes nothing.
+        assert!(!envd.set_identity_unless_given_since(
+            &identity("template-base"),
+            "MMDS",
+            Some(in_flight)
+        ));
+        assert_eq!(sandbox_id(&envd).as_deref(), Some("sbx1"));
+        // A read begun after it is taken.
+        let now = envd
+            .identities_given
+            .load(std::sync::atomic::Ordering::SeqCst);
+        assert!(envd.set_identity_unless_given_since(&identity("sbx1"), "MMDS", Some(now)));
     }
 
     /// Asserts that `envd`'s default user is `name`, that its processes start in `cwd`, and

@@ -140,6 +140,11 @@ impl Identity {
         Ok(())
     }
 
+    /// Presents nothing from the next handshake (a certificate past its end).
+    pub fn clear(&self) {
+        *self.current.write().expect("identity lock") = None;
+    }
+
     /// Whether there is a certificate to present.
     pub fn is_set(&self) -> bool {
         self.current.read().expect("identity lock").is_some()
@@ -237,6 +242,133 @@ impl ServerCertVerifier for PinnedName {
     }
 }
 
+/// An agent's check of the control plane at its first registration, before it has the
+/// control plane's authority: the chain the server presents must hold the authority whose
+/// fingerprint the operator gave (`--control-plane-ca sha256:…`), and the server's certificate
+/// must be that authority's for [`PLANE_NAME`]. The authority it found is kept
+/// ([`FirstContact::authority`]) for every later connection.
+#[derive(Debug)]
+pub struct FirstContact {
+    fingerprint: String,
+    name: ServerName<'static>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    found: std::sync::Mutex<Option<CertificateDer<'static>>>,
+}
+
+impl FirstContact {
+    /// Checks servers against the authority of this SHA-256 fingerprint (hex).
+    pub fn new(fingerprint: &str) -> Arc<FirstContact> {
+        Arc::new(FirstContact {
+            fingerprint: fingerprint.to_ascii_lowercase(),
+            name: ServerName::try_from(PLANE_NAME).expect("a valid DNS name"),
+            provider: ring(),
+            found: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// The authority a server presented and passed with (PEM), once one did.
+    pub fn authority(&self) -> Option<String> {
+        let found = self.found.lock().expect("found lock");
+        found.as_ref().map(|der| {
+            let body: String = base64_lines(der);
+            format!("-----BEGIN CERTIFICATE-----\n{body}-----END CERTIFICATE-----\n")
+        })
+    }
+}
+
+/// DER as PEM's body: base64 in lines of 64.
+fn base64_lines(der: &[u8]) -> String {
+    use base64::Engine;
+    let text = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut lines = String::new();
+    for line in text.as_bytes().chunks(64) {
+        lines.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        lines.push('\n');
+    }
+    lines
+}
+
+impl ServerCertVerifier for FirstContact {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _dialled: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let authority = intermediates
+            .iter()
+            .find(|cert| fingerprint(cert) == self.fingerprint)
+            .ok_or_else(|| {
+                rustls::Error::General(
+                    "the control plane's certificate authority is not the one --control-plane-ca names"
+                        .into(),
+                )
+            })?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(authority.clone().into_owned())?;
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|error| rustls::Error::General(error.to_string()))?;
+        verifier.verify_server_cert(end_entity, &[], &self.name, ocsp_response, now)?;
+        *self.found.lock().expect("found lock") = Some(authority.clone().into_owned());
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        signature: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            signature,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        signature: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            signature,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A client's TLS settings for an agent's first registration: the server checked by
+/// [`FirstContact`]; `identity` presented when set.
+pub fn first_contact_config(
+    check: Arc<FirstContact>,
+    identity: Arc<Identity>,
+) -> Result<rustls::ClientConfig, FleetTlsError> {
+    let mut config = rustls::ClientConfig::builder_with_provider(ring())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(check)
+        .with_client_cert_resolver(identity);
+    config.alpn_protocols = Alpn::Http1.protocols();
+    Ok(config)
+}
+
 /// The application protocols a fleet connection offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Alpn {
@@ -273,6 +405,16 @@ pub fn client_config(
         .with_client_cert_resolver(identity);
     config.alpn_protocols = alpn.protocols();
     Ok(config)
+}
+
+/// The TLS settings of calls to one host: one per protocol the call speaks (a forwarded
+/// HTTP/2 request must reach the host's proxy over HTTP/2, an HTTP/1.1 one over HTTP/1.1).
+#[derive(Debug, Clone)]
+pub struct HostTls {
+    pub http1: Arc<rustls::ClientConfig>,
+    pub http2: Arc<rustls::ClientConfig>,
+    /// The name the host's certificate carries (sent as SNI; checked whatever was dialled).
+    pub name: ServerName<'static>,
 }
 
 /// Whether a server takes clients without a certificate.

@@ -1,6 +1,6 @@
 //! [`RemoteAgent`]: the [`HostAgent`] of a host agent in another process, reached over its
-//! Connect API (`wrenn.agent.v1.HostAgent`) and its sandbox proxy, with the agent's bearer
-//! token.
+//! Connect API (`wrenn.agent.v1.HostAgent`) and its sandbox proxy, both over the fleet's mutual
+//! TLS ([`crate::fleet_tls`]), with the agent's bearer token.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -10,6 +10,7 @@ use wrenn_connect::client::{ConnectClient, HttpVersion};
 use wrenn_proto::agent as pb;
 
 use crate::build::{BuildLog, TemplateBuild};
+use crate::fleet_tls::HostTls;
 use crate::join::{HostReport, TemplateReport};
 use crate::{
     CreateOptions, CreateTimings, GuestRoute, HostAgent, HostAgentError, SandboxState,
@@ -24,29 +25,40 @@ pub struct RemoteAgent {
     api: ConnectClient,
     proxy: SocketAddr,
     token: String,
+    tls: HostTls,
 }
 
 impl RemoteAgent {
-    /// The agent whose Connect API is at `api_url` (`http://host:port`) and whose sandbox proxy
-    /// is at `proxy`; connections to its API give up after `connect_timeout`.
+    /// The agent whose Connect API is at `api_url` (`https://host:port`) and whose sandbox
+    /// proxy is at `proxy`, both reached with `tls`; connections to its API give up after
+    /// `connect_timeout`.
     pub fn new(
         api_url: &str,
         proxy: SocketAddr,
         token: &str,
         connect_timeout: Duration,
+        tls: HostTls,
     ) -> Result<RemoteAgent, String> {
-        if !api_url.starts_with("http://") {
+        let Some(authority) = api_url.strip_prefix("https://") else {
             return Err(format!(
-                "the agent's API URL {api_url:?} is not http://host:port"
+                "the agent's API URL {api_url:?} is not https://host:port: agents serve the control plane over mutual TLS only"
+            ));
+        };
+        if authority.is_empty() || authority.contains('/') {
+            return Err(format!(
+                "the agent's API URL {api_url:?} is not https://host:port"
             ));
         }
         let api = ConnectClient::new(api_url, HttpVersion::Http1, Codec::Proto)
             .with_connect_timeout(connect_timeout)
-            .with_header("authorization", &format!("Bearer {token}"));
+            .with_header("authorization", &format!("Bearer {token}"))
+            .with_tls((*tls.http1).clone())
+            .map_err(|error| error.message)?;
         Ok(RemoteAgent {
             api,
             proxy,
             token: token.to_string(),
+            tls,
         })
     }
 
@@ -57,6 +69,7 @@ impl RemoteAgent {
         proxy: &str,
         token: &str,
         connect_timeout: Duration,
+        tls: HostTls,
     ) -> Result<RemoteAgent, String> {
         let address = tokio::time::timeout(connect_timeout, tokio::net::lookup_host(proxy))
             .await
@@ -64,7 +77,7 @@ impl RemoteAgent {
             .map_err(|e| format!("cannot resolve the agent's proxy address {proxy:?}: {e}"))?
             .next()
             .ok_or_else(|| format!("the agent's proxy address {proxy:?} resolves to nothing"))?;
-        RemoteAgent::new(api_url, address, token, connect_timeout)
+        RemoteAgent::new(api_url, address, token, connect_timeout, tls)
     }
 
     async fn call<M>(&self, request: &M::Request) -> Result<M::Response, HostAgentError>
@@ -232,6 +245,7 @@ impl HostAgent for RemoteAgent {
             token: self.token.clone(),
             sandbox_id: sandbox_id.to_string(),
             port,
+            tls: self.tls.clone(),
         })
     }
 }

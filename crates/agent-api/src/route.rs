@@ -5,7 +5,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use wrenn_http::forward::{ForwardError, forward};
+use wrenn_http::forward::{ForwardError, forward, forward_over};
+
+/// How long the TLS handshake with an agent's proxy may take.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 use crate::proxy::{AGENT_TOKEN_HEADER, SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER};
 
@@ -18,12 +21,13 @@ pub enum GuestRoute {
         address: SocketAddr,
         ends: CancellationToken,
     },
-    /// Through the sandbox proxy of the agent on the guest's host.
+    /// Through the sandbox proxy of the agent on the guest's host, over the fleet's mutual TLS.
     ViaAgent {
         proxy: SocketAddr,
         token: String,
         sandbox_id: String,
         port: u16,
+        tls: crate::fleet_tls::HostTls,
     },
 }
 
@@ -43,6 +47,7 @@ impl GuestRoute {
                 token,
                 sandbox_id,
                 port,
+                tls,
             } => {
                 let headers = request.headers_mut();
                 for (name, value) in [
@@ -54,8 +59,27 @@ impl GuestRoute {
                         headers.insert(name, value);
                     }
                 }
+                // An HTTP/2 request goes on over HTTP/2 (ALPN h2), any other over HTTP/1.1.
+                let config = if request.version() == http::Version::HTTP_2 {
+                    tls.http2.clone()
+                } else {
+                    tls.http1.clone()
+                };
+                let (address, name) = (*proxy, tls.name.clone());
+                let session = async move {
+                    let tcp = wrenn_http::forward::connect(address).await?;
+                    let connecting = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, connecting).await {
+                        Ok(Ok(session)) => Some(session),
+                        Ok(Err(error)) => {
+                            tracing::warn!(proxy = %address, %error, "the TLS handshake with the agent's sandbox proxy failed");
+                            None
+                        }
+                        Err(_) => None,
+                    }
+                };
                 // The agent ends the exchange when the VM stops; this side never does.
-                let forwarded = forward(*proxy, request, CancellationToken::new());
+                let forwarded = forward_over(session, *proxy, request, CancellationToken::new());
                 match tokio::time::timeout(answer_deadline, forwarded).await {
                     Ok(answer) => answer,
                     Err(_) => {

@@ -50,12 +50,16 @@ pub struct Listeners {
     pub proxy: tokio::net::TcpListener,
 }
 
-/// Serves the agent's API, metadata service and sandbox proxy until `shutdown`.
+/// Serves the agent's API, metadata service and sandbox proxy until `shutdown`. With
+/// `fleet_tls` (an agent that joins a control plane), the API and the proxy are served over the
+/// fleet's mutual TLS alone, once its settings come (until then connections wait); without
+/// it, over plain HTTP (a standalone agent, on its own machine).
 pub async fn serve(
     manager: Arc<Manager>,
     listeners: Listeners,
     token: &str,
     timeouts: wrenn_http::server::ServerTimeouts,
+    fleet_tls: Option<tokio::sync::watch::Receiver<Option<Arc<rustls::ServerConfig>>>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -63,8 +67,42 @@ pub async fn serve(
         wrenn_http::server::spawn_until_stopped(listener, router, timeouts.clone(), stop_rx.clone())
     };
     let mmds_server = spawn(listeners.mmds, manager.mmds.router());
-    let proxy_server = spawn(listeners.proxy, proxy::router(manager.clone(), token));
-    let api_server = spawn(listeners.api, api::router(manager.clone(), token));
+    let (proxy_router, api_router) = (
+        proxy::router(manager.clone(), token),
+        api::router(manager.clone(), token),
+    );
+    let (proxy_server, api_server) = match fleet_tls {
+        None => (
+            spawn(listeners.proxy, proxy_router),
+            spawn(listeners.api, api_router),
+        ),
+        Some(mut settings) => {
+            let (timeouts, mut stop) = (timeouts.clone(), stop_rx.clone());
+            let served = tokio::spawn(async move {
+                let config = tokio::select! {
+                    known = settings.wait_for(Option::is_some) => match known {
+                        Ok(config) => config.clone().expect("waited for it"),
+                        Err(_) => return,
+                    },
+                    _ = stop.wait_for(|stop| *stop) => return,
+                };
+                let tls = |listener, router| {
+                    wrenn_http::server::spawn_tls_until_stopped(
+                        listener,
+                        config.clone(),
+                        router,
+                        timeouts.clone(),
+                        stop.clone(),
+                        |router, _| router,
+                    )
+                };
+                let proxy = tls(listeners.proxy, proxy_router);
+                let api = tls(listeners.api, api_router);
+                let _ = tokio::join!(proxy, api);
+            });
+            (served, tokio::spawn(async {}))
+        }
+    };
     shutdown.await;
     let _ = stop_tx.send(true);
     let _ = tokio::join!(api_server, proxy_server, mmds_server);

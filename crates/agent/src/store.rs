@@ -314,10 +314,18 @@ pub fn private_file(file: &Path) -> Result<(), AgentError> {
 /// Writes `value` as JSON to `path` with `mode`: to a temporary file beside it, synced,
 /// renamed over it, and the directory (made 0700 if missing) synced.
 pub fn write_atomically(path: &Path, value: &impl Serialize, mode: u32) -> Result<(), AgentError> {
+    let bytes = serde_json::to_vec_pretty(value).expect("records serialise");
+    write_bytes_atomically(path, &bytes, mode)
+}
+
+/// Writes `bytes` to `path` whole or not at all (a temporary beside it, synced, renamed), with
+/// `mode`; its directory is made private if missing.
+pub fn write_bytes_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), AgentError> {
     let dir = path.parent().expect("records live in a directory");
     private_dir(dir)?;
-    let temp = path.with_extension("json.tmp");
-    let bytes = serde_json::to_vec_pretty(value).expect("records serialise");
+    let mut temp = path.as_os_str().to_owned();
+    temp.push(".tmp");
+    let temp = PathBuf::from(temp);
     let written = (|| {
         let mut file = std::fs::OpenOptions::new()
             .create(true)
@@ -325,7 +333,7 @@ pub fn write_atomically(path: &Path, value: &impl Serialize, mode: u32) -> Resul
             .write(true)
             .mode(mode)
             .open(&temp)?;
-        file.write_all(&bytes)?;
+        file.write_all(bytes)?;
         file.sync_all()?;
         std::fs::rename(&temp, path)?;
         // The rename itself is durable only once the directory is.

@@ -19,7 +19,7 @@ pub enum HttpVersion {
     Http2,
 }
 
-/// A client bound to one base URL (`http://host:port`).
+/// A client bound to one base URL (`http://host:port`, or `https://` with [`ConnectClient::with_tls`]).
 #[derive(Debug, Clone)]
 pub struct ConnectClient {
     base_url: String,
@@ -27,14 +27,25 @@ pub struct ConnectClient {
     codec: Codec,
     headers: HeaderMap,
     http: reqwest::Client,
+    connect_timeout: Option<Duration>,
+    tls: Option<rustls::ClientConfig>,
 }
 
-fn http_client(version: HttpVersion, connect_timeout: Option<Duration>) -> reqwest::Client {
-    wrenn_http::client::client(ClientOptions {
+fn http_client(
+    version: HttpVersion,
+    connect_timeout: Option<Duration>,
+    tls: Option<&rustls::ClientConfig>,
+) -> Result<reqwest::Client, ConnectError> {
+    let options = ClientOptions {
         connect_timeout,
         keep_idle: true,
-        http2_prior_knowledge: version == HttpVersion::Http2,
-    })
+        http2_prior_knowledge: version == HttpVersion::Http2 && tls.is_none(),
+    };
+    match tls {
+        None => Ok(wrenn_http::client::client(options)),
+        Some(tls) => wrenn_http::client::tls_client(options, tls.clone())
+            .map_err(|error| ConnectError::new(Code::Internal, format!("the TLS client: {error}"))),
+    }
 }
 
 impl ConnectClient {
@@ -44,15 +55,31 @@ impl ConnectClient {
             version,
             codec,
             headers: HeaderMap::new(),
-            http: http_client(version, None),
+            http: wrenn_http::client::client(ClientOptions {
+                connect_timeout: None,
+                keep_idle: true,
+                http2_prior_knowledge: version == HttpVersion::Http2,
+            }),
+            connect_timeout: None,
+            tls: None,
         }
     }
 
     /// The same client, giving up on a connection not made within `timeout` (without it, the
     /// operating system's own connect timeout applies: minutes).
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
-        self.http = http_client(self.version, Some(timeout));
+        self.connect_timeout = Some(timeout);
+        self.http = http_client(self.version, self.connect_timeout, self.tls.as_ref())
+            .expect("the client built before with these TLS settings");
         self
+    }
+
+    /// The same client over HTTPS alone, with these TLS settings (the HTTP version is the one
+    /// their ALPN offers).
+    pub fn with_tls(mut self, tls: rustls::ClientConfig) -> Result<Self, ConnectError> {
+        self.http = http_client(self.version, self.connect_timeout, Some(&tls))?;
+        self.tls = Some(tls);
+        Ok(self)
     }
 
     /// Adds a header sent with every call (e.g. `X-Access-Token`).

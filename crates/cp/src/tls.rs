@@ -27,8 +27,6 @@ const CA_VALIDITY_DAYS: i64 = 3650;
 const SERVER_VALIDITY_DAYS: i64 = 390;
 /// A server certificate this close to its end is renewed at start.
 const RENEW_BEFORE_DAYS: i64 = 30;
-/// How long a client may take over the TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -404,40 +402,41 @@ fn request_host(request: &http::Request<axum::body::Body>) -> Option<String> {
 }
 
 /// Serves `app` over TLS on `listener` until `stop` turns true: each connection's handshake
-/// within [`HANDSHAKE_TIMEOUT`], then HTTP/2 or HTTP/1.1 with the limits of `timeouts`.
+/// within [`wrenn_http::server::TLS_HANDSHAKE_TIMEOUT`], then HTTP/2 or HTTP/1.1 with the limits of `timeouts`.
 pub fn spawn_tls_until_stopped(
     listener: tokio::net::TcpListener,
     config: Arc<rustls::ServerConfig>,
     app: axum::Router,
     timeouts: wrenn_http::server::ServerTimeouts,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let tracker = Arc::new(wrenn_http::server::ConnectionTracker::default());
-    let stopped = async move {
-        let _ = stop.wait_for(|stop| *stop).await;
-    };
-    tokio::spawn(wrenn_http::server::accept_until(
+    wrenn_http::server::spawn_tls_until_stopped(listener, config, app, timeouts, stop, |app, _| app)
+}
+
+/// Serves the fleet registry (`app`) over the fleet's mutual TLS on `listener` until `stop`
+/// turns true: each request carries the [`crate::fleet::FleetPeer`] its connection's verified
+/// certificate names.
+pub fn spawn_fleet_until_stopped(
+    listener: tokio::net::TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    app: axum::Router,
+    timeouts: wrenn_http::server::ServerTimeouts,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    wrenn_http::server::spawn_tls_until_stopped(
         listener,
-        stopped,
-        move |stream, peer| {
-            let (acceptor, app, tracker, timeouts) = (
-                acceptor.clone(),
-                app.clone(),
-                tracker.clone(),
-                timeouts.clone(),
-            );
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => {
-                        wrenn_http::server::spawn_connection(tls, peer, app, tracker, &timeouts)
-                    }
-                    Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
-            });
+        config,
+        app,
+        timeouts,
+        stop,
+        |app, session| {
+            let host = session
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| wrenn_agent_api::fleet_tls::peer_host_id(leaf));
+            app.layer(axum::Extension(crate::fleet::FleetPeer(host)))
         },
-    ))
+    )
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 use wrenn_agent_api::fake::{FakeAgent, Operation, template};
+use wrenn_agent_api::fleet_tls;
 use wrenn_agent_api::join::TemplateReport;
 use wrenn_agent_api::{HostAgentError, SandboxState};
 use wrenn_cp::ControlPlane;
@@ -29,6 +30,8 @@ struct Kit {
     key_b: String,
     /// The store's SQLite file.
     database: std::path::PathBuf,
+    /// The fleet's certificate authorities.
+    authority: Arc<wrenn_cp::fleet::pki::FleetAuthority>,
     /// The calls made through [`Kit::call_full`] that the audit log must record: started,
     /// and answered.
     audited: (std::sync::atomic::AtomicI64, std::sync::atomic::AtomicI64),
@@ -36,11 +39,96 @@ struct Kit {
 }
 
 /// A fake agent joined to a kit's fleet as a host in another process joins it: served over the
-/// agent's Connect API, registered through the fleet registry.
+/// agent's Connect API with the fleet's mutual TLS, registered through the fleet registry.
 struct Joined {
     agent: Arc<FakeAgent>,
     host_id: String,
     heartbeat_token: String,
+    /// The registry's client, presenting the host's certificate.
+    registry: wrenn_connect::client::ConnectClient,
+}
+
+/// An agent's side of the fleet's TLS in a test: the certificate it presents (none until it
+/// registered) and the control plane's authority it trusts.
+struct AgentTls {
+    identity: Arc<fleet_tls::Identity>,
+    plane_ca: String,
+}
+
+impl AgentTls {
+    fn new(kit: &Kit) -> AgentTls {
+        AgentTls {
+            identity: fleet_tls::Identity::none(),
+            plane_ca: kit.authority.plane_ca_pem().to_string(),
+        }
+    }
+
+    /// The registry at `fleet_url`, called over the fleet's TLS with `codec`.
+    fn registry(
+        &self,
+        fleet_url: &str,
+        codec: wrenn_connect::Codec,
+    ) -> wrenn_connect::client::ConnectClient {
+        let settings = fleet_tls::client_config(
+            fleet_tls::roots(&self.plane_ca).unwrap(),
+            fleet_tls::PLANE_NAME,
+            self.identity.clone(),
+            fleet_tls::Alpn::Http1,
+        )
+        .unwrap();
+        wrenn_connect::client::ConnectClient::new(
+            fleet_url,
+            wrenn_connect::client::HttpVersion::Http1,
+            codec,
+        )
+        .with_tls(settings)
+        .unwrap()
+    }
+
+    /// Serves `router` as an agent does: to the control plane alone, over the fleet's TLS.
+    /// Its `https://` URL.
+    async fn serve(&self, router: axum::Router) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        let settings = fleet_tls::server_config(
+            fleet_tls::roots(&self.plane_ca).unwrap(),
+            fleet_tls::ClientCertificates::Required,
+            self.identity.clone(),
+        )
+        .unwrap();
+        let (_stop, stopped) = tokio::sync::watch::channel(false);
+        let server = wrenn_http::server::spawn_tls_until_stopped(
+            listener,
+            Arc::new(settings),
+            router,
+            wrenn_http::server::ServerTimeouts::default(),
+            stopped,
+            |router, _| router,
+        );
+        tokio::spawn(async move {
+            let _stop = _stop;
+            let _ = server.await;
+        });
+        url
+    }
+}
+
+/// A registration request for `name` with a new key's certificate request: the request and
+/// the key (PEM).
+fn registration(name: &str, api_url: &str) -> (wrenn_agent_api::join::RegisterRequest, String) {
+    let key = fleet_tls::certificate_request().unwrap();
+    (
+        wrenn_agent_api::join::RegisterRequest {
+            name: name.into(),
+            api_url: api_url.into(),
+            proxy_address: "127.0.0.1:1".into(),
+            agent_token: "agent-secret".into(),
+            report: None,
+            identity: None,
+            certificate_request: key.csr_der,
+        },
+        key.key_pem,
+    )
 }
 
 async fn add_team(store: &Store, name: &str) -> String {
@@ -95,7 +183,15 @@ impl Kit {
         let key_a = add_team(&store, "a").await;
         let key_b = add_team(&store, "b").await;
         let agent = Arc::new(FakeAgent::new(slots, vec![template("base", 512)]));
+        let authority = Arc::new(
+            wrenn_cp::fleet::pki::FleetAuthority::open(
+                &dir.path().join("fleet-tls"),
+                wrenn_cp::fleet::pki::DEFAULT_HOST_CERTIFICATE_LIFE,
+            )
+            .unwrap(),
+        );
         let config = FleetConfig {
+            authority: Some(authority.clone()),
             join_token: Some(JOIN_TOKEN.into()),
             orphan_grace: Duration::from_secs(60),
             down_after,
@@ -112,6 +208,7 @@ impl Kit {
             key_a,
             key_b,
             database,
+            authority,
             audited: Default::default(),
             _dir: dir,
         }
@@ -122,8 +219,28 @@ impl Kit {
     async fn with_edge(slots: u32, down_after: Duration, edge: FakeAgent) -> (Kit, String, Joined) {
         let kit = Kit::with_down_after(slots, Quotas::default(), down_after).await;
         let url = kit.serve().await;
-        let edge = kit.join(&url, "edge-1", edge).await;
+        let fleet = kit.serve_fleet().await;
+        let edge = kit.join(&fleet, "edge-1", edge).await;
         (kit, url, edge)
+    }
+
+    /// Serves the fleet registry on a local port over the fleet's TLS: its URL.
+    async fn serve_fleet(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let server = wrenn_cp::tls::spawn_fleet_until_stopped(
+            listener,
+            self.authority.registry_server_config().unwrap(),
+            wrenn_cp::http::registry_router(self.plane.clone()),
+            wrenn_http::server::ServerTimeouts::default(),
+            stopped,
+        );
+        tokio::spawn(async move {
+            let _stop = stop;
+            let _ = server.await;
+        });
+        url
     }
 
     /// Serves the API on a local port: its URL.
@@ -135,34 +252,28 @@ impl Kit {
         url
     }
 
-    /// `agent` joins the fleet of the kit served at `url` as host `name`, reporting what it has.
-    async fn join(&self, url: &str, name: &str, agent: FakeAgent) -> Joined {
+    /// `agent` joins the fleet whose registry is at `fleet_url` as host `name`, reporting what
+    /// it has: served over the fleet's TLS with the certificate its registration brought.
+    async fn join(&self, fleet_url: &str, name: &str, agent: FakeAgent) -> Joined {
         use wrenn_agent_api::HostAgent;
-        use wrenn_agent_api::join::{RegisterRequest, host_registry::Register};
-        use wrenn_connect::Codec;
-        use wrenn_connect::client::{ConnectClient, HttpVersion};
+        use wrenn_agent_api::join::host_registry::Register;
 
         let agent = Arc::new(agent);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let api_url = format!("http://{}", listener.local_addr().unwrap());
-        let router = agent.router("agent-secret");
-        tokio::spawn(async move { axum::serve(listener, router).await });
-        let request = RegisterRequest {
-            name: name.into(),
-            api_url,
-            proxy_address: "127.0.0.1:1".into(),
-            agent_token: "agent-secret".into(),
-            report: agent.report_in_process(),
-            identity: None,
-        };
-        let joined = ConnectClient::new(url, HttpVersion::Http1, Codec::Proto)
+        let tls = AgentTls::new(self);
+        let api_url = tls.serve(agent.router("agent-secret")).await;
+        let (mut request, key) = registration(name, &api_url);
+        request.report = agent.report_in_process();
+        let joined = tls
+            .registry(fleet_url, wrenn_connect::Codec::Proto)
             .call::<Register>(&request, &bearer(JOIN_TOKEN))
             .await
             .unwrap();
+        tls.identity.set(&joined.certificate_chain, &key).unwrap();
         Joined {
             agent,
             host_id: joined.host_id,
             heartbeat_token: joined.heartbeat_token,
+            registry: tls.registry(fleet_url, wrenn_connect::Codec::Proto),
         }
     }
 
@@ -723,18 +834,23 @@ fn bearer(token: &str) -> http::HeaderMap {
 }
 
 #[tokio::test]
-async fn agents_join_and_heartbeat_through_the_fleet_registry_over_connect() {
+async fn agents_join_heartbeat_and_renew_through_the_fleet_registry_over_mutual_tls() {
     use wrenn_agent_api::join::{
-        HeartbeatRequest, HostReport, RegisterRequest, host_registry::Heartbeat,
-        host_registry::Register,
+        HeartbeatRequest, HostReport, RegisterRequest, RenewCertificateRequest,
+        host_registry::Heartbeat, host_registry::Register, host_registry::RenewCertificate,
     };
     use wrenn_connect::client::{ConnectClient, HttpVersion};
     use wrenn_connect::{Code, Codec};
 
     let kit = Kit::new(1, Quotas::default()).await;
     let url = kit.serve().await;
-    let binary = ConnectClient::new(&url, HttpVersion::Http1, Codec::Proto);
-    let json = ConnectClient::new(&url, HttpVersion::Http1, Codec::Json);
+    let fleet = kit.serve_fleet().await;
+    let tls = AgentTls::new(&kit);
+    let api_url = tls
+        .serve(Arc::new(FakeAgent::new(4, vec![template("base", 512)])).router("agent-secret"))
+        .await;
+    let binary = tls.registry(&fleet, Codec::Proto);
+    let json = tls.registry(&fleet, Codec::Json);
 
     let report = HostReport {
         cpus: 2,
@@ -743,28 +859,42 @@ async fn agents_join_and_heartbeat_through_the_fleet_registry_over_connect() {
         templates: vec![template("base", 512)],
         ..Default::default()
     };
-    let request = RegisterRequest {
-        name: "edge-1".into(),
-        api_url: "http://127.0.0.1:1".into(),
-        proxy_address: "127.0.0.1:2".into(),
-        agent_token: "agent-secret".into(),
-        report: Some(report.clone()),
-        identity: None,
-    };
+    let (mut request, key) = registration("edge-1", &api_url);
+    request.report = Some(report.clone());
     refused(
         binary.call::<Register>(&request, &bearer("wrong")).await,
         Code::Unauthenticated,
     );
-    let bad_name = RegisterRequest {
-        name: "not a name".into(),
-        ..request.clone()
-    };
-    refused(
-        binary
-            .call::<Register>(&bad_name, &bearer(JOIN_TOKEN))
-            .await,
-        Code::InvalidArgument,
-    );
+    for bad in [
+        RegisterRequest {
+            name: "not a name".into(),
+            ..request.clone()
+        },
+        // An agent serving plain HTTP is not taken: the fleet speaks mutual TLS only.
+        RegisterRequest {
+            api_url: api_url.replace("https://", "http://"),
+            ..request.clone()
+        },
+        // Nor one that asks for no certificate and has none.
+        RegisterRequest {
+            certificate_request: Vec::new(),
+            ..request.clone()
+        },
+        // Nor a request whose signature is not its key's.
+        RegisterRequest {
+            certificate_request: {
+                let mut forged = request.certificate_request.clone();
+                let last = forged.len() - 1;
+                forged[last] ^= 1;
+                forged
+            },
+            ..request.clone()
+        },
+    ] {
+        let answer = binary.call::<Register>(&bad, &bearer(JOIN_TOKEN)).await;
+        refused(answer, Code::InvalidArgument);
+    }
+    assert!(kit.plane.fleet.hosts().iter().all(|host| host.in_process()));
 
     let joined = binary
         .call::<Register>(&request, &bearer(JOIN_TOKEN))
@@ -775,6 +905,9 @@ async fn agents_join_and_heartbeat_through_the_fleet_registry_over_connect() {
         .clone()
         .expect("a first registration gets an identity");
     assert_eq!(joined.heartbeat_interval_ms, 2000);
+    let chain = fleet_tls::certificates(&joined.certificate_chain, "chain").unwrap();
+    let facts = fleet_tls::certificate_facts(&chain[0]).unwrap();
+    assert_eq!(facts.dns_names, [fleet_tls::host_name(&joined.host_id)]);
     let host = kit
         .plane
         .fleet
@@ -784,7 +917,8 @@ async fn agents_join_and_heartbeat_through_the_fleet_registry_over_connect() {
     assert_eq!(host.row().report, report);
     assert!(host.is_up());
 
-    // The name is the host's: without its identity it is refused, with it taken again.
+    // The name is the host's: without its identity or its certificate it is refused, with
+    // its identity taken again.
     refused(
         json.call::<Register>(&request, &bearer(JOIN_TOKEN)).await,
         Code::AlreadyExists,
@@ -806,7 +940,7 @@ async fn agents_join_and_heartbeat_through_the_fleet_registry_over_connect() {
         "a kept identity is not given again"
     );
 
-    // Heartbeats: the host's own token only, for a host the fleet knows.
+    // Heartbeats: the host's own token, from the host its certificate names.
     let busier = HostReport {
         slots_in_use: 3,
         ..report.clone()
@@ -815,6 +949,15 @@ async fn agents_join_and_heartbeat_through_the_fleet_registry_over_connect() {
         host_id: joined.host_id.clone(),
         report: Some(busier.clone()),
     };
+    refused(
+        binary
+            .call::<Heartbeat>(&beat, &bearer(&rejoined.heartbeat_token))
+            .await,
+        Code::Unauthenticated,
+    );
+    tls.identity.set(&rejoined.certificate_chain, &key).unwrap();
+    // A new client: the old one's pooled connection was made without a certificate.
+    let binary = tls.registry(&fleet, Codec::Proto);
     refused(
         binary.call::<Heartbeat>(&beat, &bearer("wrong")).await,
         Code::Unauthenticated,
@@ -849,9 +992,88 @@ async fn agents_join_and_heartbeat_through_the_fleet_registry_over_connect() {
     // A registration makes the host anew: read it again.
     let host = kit.plane.fleet.host(&joined.host_id).unwrap();
     assert_eq!(host.row().report, busier);
-    json.call::<Heartbeat>(&beat, &bearer(&rejoined.heartbeat_token))
+
+    // With its certificate the host registers again without the join token or its secret.
+    let (by_certificate, _) = registration("edge-1", &api_url);
+    let by_certificate = binary
+        .call::<Register>(&by_certificate, &http::HeaderMap::new())
         .await
         .unwrap();
+    assert_eq!(by_certificate.host_id, joined.host_id);
+
+    // Renewal: a new key's certificate for the host its present certificate names, only.
+    let renewal = fleet_tls::certificate_request().unwrap();
+    let for_another = RenewCertificateRequest {
+        host_id: "h-another".into(),
+        certificate_request: renewal.csr_der.clone(),
+    };
+    refused(
+        binary
+            .call::<RenewCertificate>(&for_another, &http::HeaderMap::new())
+            .await,
+        Code::Unauthenticated,
+    );
+    let renewed = binary
+        .call::<RenewCertificate>(
+            &RenewCertificateRequest {
+                host_id: joined.host_id.clone(),
+                certificate_request: renewal.csr_der,
+            },
+            &http::HeaderMap::new(),
+        )
+        .await
+        .unwrap();
+    tls.identity
+        .set(&renewed.certificate_chain, &renewal.key_pem)
+        .unwrap();
+    let renewed_client = tls.registry(&fleet, Codec::Proto);
+    renewed_client
+        .call::<Heartbeat>(&beat, &bearer(&by_certificate.heartbeat_token))
+        .await
+        .unwrap();
+    // Without a certificate, a renewal is refused.
+    let anonymous = AgentTls::new(&kit).registry(&fleet, Codec::Proto);
+    refused(
+        anonymous
+            .call::<RenewCertificate>(&for_another, &http::HeaderMap::new())
+            .await,
+        Code::Unauthenticated,
+    );
+
+    // A host certificate from another fleet's authority is refused at the handshake.
+    let foreign_dir = tempfile::tempdir().unwrap();
+    let foreign = wrenn_cp::fleet::pki::FleetAuthority::open(
+        foreign_dir.path(),
+        wrenn_cp::fleet::pki::DEFAULT_HOST_CERTIFICATE_LIFE,
+    )
+    .unwrap();
+    let stranger = fleet_tls::certificate_request().unwrap();
+    let (stranger_chain, _) = foreign
+        .certify_host(&joined.host_id, &stranger.csr_der)
+        .unwrap();
+    let impostor = AgentTls::new(&kit);
+    impostor
+        .identity
+        .set(&stranger_chain, &stranger.key_pem)
+        .unwrap();
+    let refused_handshake = impostor
+        .registry(&fleet, Codec::Proto)
+        .call::<Heartbeat>(&beat, &bearer(&by_certificate.heartbeat_token))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused_handshake.code,
+        Code::Unavailable,
+        "{refused_handshake}"
+    );
+
+    // Plain HTTP: the API's port answers registry calls with where agents join.
+    let plain = ConnectClient::new(&url, HttpVersion::Http1, Codec::Proto)
+        .call::<Register>(&request, &bearer(JOIN_TOKEN))
+        .await
+        .unwrap_err();
+    assert_eq!(plain.code, Code::FailedPrecondition, "{plain}");
+    assert!(plain.message.contains("mutual TLS"), "{plain}");
 
     // The REST route the registry replaced is gone (`/hosts/{name}` takes only DELETE).
     let (status, _) = kit.call("POST", "/hosts/register", None, json!({})).await;
@@ -1060,22 +1282,15 @@ async fn a_store_failure_is_a_500_that_hides_the_stores_words_and_leaves_no_sand
 
 #[tokio::test]
 async fn an_agent_cannot_register_under_the_control_planes_own_host_name() {
-    use wrenn_agent_api::join::{RegisterRequest, host_registry::Register};
-    use wrenn_connect::client::{ConnectClient, HttpVersion};
+    use wrenn_agent_api::join::host_registry::Register;
     use wrenn_connect::{Code, Codec};
 
     let kit = Kit::new(1, Quotas::default()).await;
-    let url = kit.serve().await;
+    let fleet = kit.serve_fleet().await;
     let own = kit.own_host_name();
-    let request = RegisterRequest {
-        name: own.clone(),
-        api_url: "http://127.0.0.1:1".into(),
-        proxy_address: "127.0.0.1:2".into(),
-        agent_token: "agent-secret".into(),
-        report: None,
-        identity: None,
-    };
-    let refused = ConnectClient::new(&url, HttpVersion::Http1, Codec::Proto)
+    let (request, _) = registration(&own, "https://127.0.0.1:1");
+    let refused = AgentTls::new(&kit)
+        .registry(&fleet, Codec::Proto)
         .call::<Register>(&request, &bearer(JOIN_TOKEN))
         .await
         .unwrap_err();
@@ -1103,11 +1318,10 @@ async fn an_agent_cannot_register_under_the_control_planes_own_host_name() {
 async fn a_forgotten_hosts_heartbeat_is_refused_and_does_not_bring_it_back() {
     use wrenn_agent_api::HostAgent;
     use wrenn_agent_api::join::{HeartbeatRequest, host_registry::Heartbeat};
-    use wrenn_connect::client::{ConnectClient, HttpVersion};
-    use wrenn_connect::{Code, Codec};
+    use wrenn_connect::Code;
 
     let base = FakeAgent::new(4, vec![template("base", 512)]);
-    let (kit, url, edge) = Kit::with_edge(1, Duration::from_millis(100), base).await;
+    let (kit, _url, edge) = Kit::with_edge(1, Duration::from_millis(100), base).await;
     kit.fall_silent(&edge.host_id).await;
     assert_eq!(
         kit.plane
@@ -1123,7 +1337,8 @@ async fn a_forgotten_hosts_heartbeat_is_refused_and_does_not_bring_it_back() {
         host_id: edge.host_id.clone(),
         report: edge.agent.report_in_process(),
     };
-    let refused = ConnectClient::new(&url, HttpVersion::Http1, Codec::Json)
+    let refused = edge
+        .registry
         .call::<Heartbeat>(&beat, &bearer(&edge.heartbeat_token))
         .await
         .unwrap_err();
@@ -1817,7 +2032,7 @@ async fn a_stored_template_runs_on_a_host_that_pulls_it_and_a_delete_takes_it_ev
     // The edge has no template: builds go to the kit's own host (which has base).
     let edge = FakeAgent::new(4, Vec::new());
     edge.use_store(&store);
-    let (kit, url, edge) = Kit::with_edge(4, FleetConfig::default().down_after, edge).await;
+    let (kit, _url, edge) = Kit::with_edge(4, FleetConfig::default().down_after, edge).await;
     kit.agent.use_store(&store);
     let (template_id, build_id) = kit.request_build("shared").await;
     let path = format!("/v2/templates/{template_id}/builds/{build_id}");
@@ -1877,13 +2092,11 @@ async fn a_stored_template_runs_on_a_host_that_pulls_it_and_a_delete_takes_it_ev
     // The edge tells its aged template in its heartbeat (the kit's own host is read directly).
     {
         use wrenn_agent_api::join::{HeartbeatRequest, host_registry::Heartbeat};
-        use wrenn_connect::Codec;
-        use wrenn_connect::client::{ConnectClient, HttpVersion};
         let beat = HeartbeatRequest {
             host_id: edge.host_id.clone(),
             report: Some(puller.report_in_process().unwrap()),
         };
-        ConnectClient::new(&url, HttpVersion::Http1, Codec::Proto)
+        edge.registry
             .call::<Heartbeat>(&beat, &bearer(&edge.heartbeat_token))
             .await
             .unwrap();

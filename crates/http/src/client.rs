@@ -39,6 +39,25 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A client with `options`. It ignores proxy settings in the environment: wrenn's calls go to
 /// its own hosts and guests, never through a proxy meant for the internet.
 pub fn client(options: ClientOptions) -> reqwest::Client {
+    // Building fails only for TLS back-ends and resolvers, and this client configures neither.
+    builder(options)
+        .build()
+        .expect("a plain-HTTP reqwest client always builds")
+}
+
+/// A client with `options` speaking HTTPS only as `tls` says (the fleet's mutual TLS: its
+/// roots, its name check, the certificate it presents; ALPN as `tls` offers it).
+pub fn tls_client(
+    options: ClientOptions,
+    tls: rustls::ClientConfig,
+) -> Result<reqwest::Client, reqwest::Error> {
+    builder(options)
+        .https_only(true)
+        .tls_backend_preconfigured(tls)
+        .build()
+}
+
+fn builder(options: ClientOptions) -> reqwest::ClientBuilder {
     use_ring_for_tls();
     let mut builder = reqwest::Client::builder()
         .no_proxy()
@@ -53,10 +72,7 @@ pub fn client(options: ClientOptions) -> reqwest::Client {
     if options.http2_prior_knowledge {
         builder = builder.http2_prior_knowledge();
     }
-    // Building fails only for TLS back-ends and resolvers, and this client configures neither.
     builder
-        .build()
-        .expect("a plain-HTTP reqwest client always builds")
 }
 
 /// A client builder for calls to the internet: HTTPS verified against the host's trusted

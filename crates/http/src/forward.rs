@@ -33,27 +33,51 @@ pub async fn forward(
     request: Request<Body>,
     ends: CancellationToken,
 ) -> Result<Response, ForwardError> {
+    forward_over(connect(address), address, request, ends).await
+}
+
+/// A TCP connection to `address` (no delay), within [`CONNECT_TIMEOUT`].
+pub async fn connect(address: SocketAddr) -> Option<tokio::net::TcpStream> {
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(address))
+        .await
+        .ok()?
+        .ok()?;
+    let _ = stream.set_nodelay(true);
+    Some(stream)
+}
+
+/// [`forward`] over the stream `connection` makes (none: the port is closed), a TCP
+/// connection to `address` or a TLS session over one.
+pub async fn forward_over<S>(
+    connection: impl std::future::Future<Output = Option<S>>,
+    address: SocketAddr,
+    request: Request<Body>,
+    ends: CancellationToken,
+) -> Result<Response, ForwardError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let exchange = async {
+        let Some(stream) = connection.await else {
+            return Err(ForwardError::PortClosed);
+        };
+        forward_until(stream, address, request, ends.clone()).await
+    };
     tokio::select! {
-        answer = forward_until(address, request, ends.clone()) => answer,
+        answer = exchange => answer,
         () = ends.cancelled() => Err(ForwardError::Closed),
     }
 }
 
-async fn forward_until(
+async fn forward_until<S>(
+    stream: S,
     address: SocketAddr,
     mut request: Request<Body>,
     ends: CancellationToken,
-) -> Result<Response, ForwardError> {
-    let stream = match tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        tokio::net::TcpStream::connect(address),
-    )
-    .await
-    {
-        Ok(Ok(stream)) => stream,
-        _ => return Err(ForwardError::PortClosed),
-    };
-    let _ = stream.set_nodelay(true);
+) -> Result<Response, ForwardError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     let path = request
         .uri()
         .path_and_query()

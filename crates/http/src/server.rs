@@ -384,6 +384,46 @@ pub fn spawn_connection<I>(
     });
 }
 
+/// How long a client may take over a TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves `app` over TLS on `listener` until `stop` turns true: each connection's handshake
+/// within [`TLS_HANDSHAKE_TIMEOUT`], then HTTP/2 or HTTP/1.1 with the limits of `timeouts`;
+/// `per_connection` may give a connection's requests what its TLS session says (the peer's
+/// certificate).
+pub fn spawn_tls_until_stopped(
+    listener: tokio::net::TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    app: axum::Router,
+    timeouts: ServerTimeouts,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    per_connection: fn(axum::Router, &rustls::ServerConnection) -> axum::Router,
+) -> tokio::task::JoinHandle<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let tracker = Arc::new(ConnectionTracker::default());
+    let stopped = async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    };
+    tokio::spawn(accept_until(listener, stopped, move |stream, peer| {
+        let (acceptor, app, tracker, timeouts) = (
+            acceptor.clone(),
+            app.clone(),
+            tracker.clone(),
+            timeouts.clone(),
+        );
+        tokio::spawn(async move {
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => {
+                    let app = per_connection(app, tls.get_ref().1);
+                    spawn_connection(tls, peer, app, tracker, &timeouts)
+                }
+                Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        });
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,13 +3,26 @@
 
 use super::*;
 
-/// The agent of a host in another process, as it registered.
-pub(super) async fn remote_agent(
-    api_url: &str,
-    proxy: &str,
-    token: &str,
-) -> Result<RemoteAgent, String> {
-    RemoteAgent::resolve(api_url, proxy, token, deadlines::CONNECT).await
+impl Fleet {
+    /// The agent of a host in another process, as it registered (`row`'s URL, proxy and
+    /// token), reached over mutual TLS as the host `row.id` names.
+    pub(super) async fn remote_agent(&self, row: &HostRow) -> Result<RemoteAgent, String> {
+        let authority = self.config.authority.as_ref().ok_or_else(|| {
+            "this control plane has no fleet authority: it reaches no agent in another process"
+                .to_string()
+        })?;
+        let tls = authority
+            .host_tls(&row.id)
+            .map_err(|error| error.to_string())?;
+        RemoteAgent::resolve(
+            &row.api_url,
+            &row.proxy_address,
+            &row.agent_token,
+            deadlines::CONNECT,
+            tls,
+        )
+        .await
+    }
 }
 
 /// Waits at most `deadline` for an agent's operation (an agent in this process finishes it

@@ -21,18 +21,26 @@ impl Fleet {
         Ok(())
     }
 
-    /// Takes an agent's registration: the host is (again) up under its name's id. A name the
-    /// fleet knows is taken only with that host's identity (409 otherwise, and nothing of the
-    /// host changes); a new name gets a new identity, whose secret the answer carries.
-    /// Registrations are taken one at a time.
+    /// Takes an agent's registration: the host is (again) up under its name's id. `peer` is
+    /// the host id the caller's verified certificate names (the fleet's TLS listener read it),
+    /// if it presented one. A known host proves itself with its certificate; without one the
+    /// join token is required, and a name the fleet knows is taken only with that host's
+    /// identity (409 otherwise, and nothing of the host changes); a new name gets a new
+    /// identity, whose secret the answer carries. A registration with a certificate request
+    /// is answered with the host's certificate. Registrations are taken one at a time.
     pub async fn register(
         &self,
         store: &Store,
         bearer: Option<&str>,
+        peer: Option<&str>,
         request: RegisterRequest,
     ) -> Result<(RegisterResponse, bool), Error> {
         use subtle::ConstantTimeEq;
-        self.check_join_token(bearer)?;
+        let by_certificate = peer.and_then(|id| self.host(id));
+        if by_certificate.is_none() {
+            self.check_join_token(bearer)?;
+        }
+        let authority = self.authority()?;
         if request.name.is_empty()
             || request.name.len() > 64
             || !request
@@ -47,13 +55,17 @@ impl Fleet {
         if request.agent_token.is_empty() {
             return Err(Error::InvalidRequest("agentToken is required".into()));
         }
-        let agent = remote_agent(
-            &request.api_url,
-            &request.proxy_address,
-            &request.agent_token,
-        )
-        .await
-        .map_err(Error::InvalidRequest)?;
+        if !request.api_url.starts_with("https://") {
+            return Err(Error::InvalidRequest(format!(
+                "the agent's API URL {:?} is not https://host:port: agents serve the control plane over mutual TLS only",
+                request.api_url
+            )));
+        }
+        if request.certificate_request.is_empty() && by_certificate.is_none() {
+            return Err(Error::InvalidRequest(
+                "certificateRequest is required: a host without a certificate of this fleet asks for one at its registration".into(),
+            ));
+        }
         let _registering = self.registering.lock().await;
         let existing = self
             .hosts()
@@ -68,11 +80,15 @@ impl Fleet {
             }
             Some(host) => {
                 let row = host.row();
-                let proven = request.identity.as_ref().is_some_and(|identity| {
-                    let given = auth::hash_key(&identity.secret);
-                    identity.host_id == row.id
-                        && bool::from(given.as_bytes().ct_eq(row.identity_hash.as_bytes()))
-                });
+                let certified = by_certificate
+                    .as_ref()
+                    .is_some_and(|known| known.id() == row.id);
+                let proven = certified
+                    || request.identity.as_ref().is_some_and(|identity| {
+                        let given = auth::hash_key(&identity.secret);
+                        identity.host_id == row.id
+                            && bool::from(given.as_bytes().ct_eq(row.identity_hash.as_bytes()))
+                    });
                 // A host registered before identities existed: its next registration sets one.
                 let unclaimed = row.identity_hash.is_empty();
                 if !proven && !unclaimed {
@@ -93,9 +109,12 @@ impl Fleet {
                 (row.id, secret, !host.is_up())
             }
             None => {
-                if let Some(identity) = &request.identity
-                    && let Some(other) = self.host(&identity.host_id)
-                {
+                let claimed = request
+                    .identity
+                    .as_ref()
+                    .and_then(|identity| self.host(&identity.host_id))
+                    .or(by_certificate.clone());
+                if let Some(other) = claimed {
                     // The agent is a known host that changed its --host-name.
                     return Err(Error::Conflict(format!(
                         "this agent is host {} (its identity says so), not {name}: register under that name, or forget that host first (`wrenn host forget {}`)",
@@ -106,6 +125,20 @@ impl Fleet {
                 let id = format!("h{}", auth::random_id(11)?);
                 (id, Some(auth::random_token()?), false)
             }
+        };
+        let certificate_chain = if request.certificate_request.is_empty() {
+            String::new()
+        } else {
+            let (chain, facts) = authority
+                .certify_host(&id, &request.certificate_request)
+                .map_err(|error| match error {
+                    pki::PkiError::Request(detail) => Error::InvalidRequest(format!(
+                        "certificateRequest is not a signed certificate request: {detail}"
+                    )),
+                    other => Error::Internal(other.to_string()),
+                })?;
+            tracing::info!(host = %name, id = %id, until = ?facts.not_after, "certified the host");
+            chain
         };
         let identity_hash = match &new_secret {
             Some(secret) => auth::hash_key(secret),
@@ -129,6 +162,10 @@ impl Fleet {
             registered_at_ms: now,
             identity_hash,
         };
+        let agent = self
+            .remote_agent(&row)
+            .await
+            .map_err(Error::InvalidRequest)?;
         store.put_host(row.clone()).await?;
         tracing::info!(host = %row.name, id = %id, api = %row.api_url, new = new_secret.is_some(), "host registered");
         let data = json!({ "name": row.name, "registered": true, "new": existing.is_none() });
@@ -140,9 +177,46 @@ impl Fleet {
                 heartbeat_token,
                 heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
                 host_secret: new_secret,
+                certificate_chain,
             },
             was_down,
         ))
+    }
+
+    /// The fleet's authority, or why agents cannot join without one.
+    fn authority(&self) -> Result<&Arc<pki::FleetAuthority>, Error> {
+        self.config.authority.as_ref().ok_or_else(|| {
+            Error::Forbidden(
+                "this control plane takes no agents (it has no fleet authority)".into(),
+            )
+        })
+    }
+
+    /// Certifies a known host's new key: `peer` (the host its present certificate names) must
+    /// be `host_id`. The new chain (PEM).
+    pub fn renew_certificate(
+        &self,
+        peer: Option<&str>,
+        host_id: &str,
+        csr_der: &[u8],
+    ) -> Result<String, Error> {
+        let refused =
+            || Error::Unauthenticated("a host renews its own certificate, presenting it".into());
+        if peer != Some(host_id) {
+            return Err(refused());
+        }
+        let host = self.host(host_id).ok_or_else(refused)?;
+        let (chain, facts) = self
+            .authority()?
+            .certify_host(host_id, csr_der)
+            .map_err(|error| match error {
+                pki::PkiError::Request(detail) => Error::InvalidRequest(format!(
+                    "certificateRequest is not a signed certificate request: {detail}"
+                )),
+                other => Error::Internal(other.to_string()),
+            })?;
+        tracing::info!(host = %host.row().name, until = ?facts.not_after, "renewed the host's certificate");
+        Ok(chain)
     }
 
     /// Forgets a host that is down, for good (it will not come back, or is replaced by a new
@@ -173,6 +247,7 @@ impl Fleet {
         store: &Store,
         host_id: &str,
         bearer: Option<&str>,
+        peer: Option<&str>,
         report: HostReport,
     ) -> Result<bool, Error> {
         use subtle::ConstantTimeEq;
@@ -181,6 +256,10 @@ impl Fleet {
         // registers again.
         let refused = || Error::Unauthenticated("invalid heartbeat token: register again".into());
         let given = auth::hash_key(bearer.unwrap_or(""));
+        // Only the host itself: the certificate it presented names it.
+        if peer != Some(host_id) {
+            return Err(refused());
+        }
         let host = self.host(host_id).ok_or_else(refused)?;
         let row = {
             let mut row = host.row.lock().expect("host lock");

@@ -21,7 +21,6 @@ mod reconcile;
 mod routes;
 
 pub use host::Host;
-use host::remote_agent;
 pub use placement::{BinPack, Candidate, LeastLoaded, Placed, Placement, placement};
 pub use reconcile::{Reconciled, reconcile_host};
 use routes::{CachedRoute, RouteCache};
@@ -45,6 +44,11 @@ use crate::deadlines;
 use crate::store::SandboxState as RowState;
 use crate::store::{EMBEDDED_API_URL, HostRow, HostState, SandboxRow, Store};
 
+/// The host a request on the fleet's TLS listener comes from: the host id its connection's
+/// verified certificate names (none: no certificate, or not a host's).
+#[derive(Debug, Clone, Default)]
+pub struct FleetPeer(pub Option<String>);
+
 /// The id of the agent embedded in the control plane's process.
 pub const EMBEDDED_HOST_ID: &str = "local";
 
@@ -62,6 +66,9 @@ pub struct FleetConfig {
     /// A sandbox an agent runs that the store does not know is destroyed once it is this old
     /// (younger ones may be creates whose row is being written).
     pub orphan_grace: Duration,
+    /// The fleet's certificate authorities: agents are reached (and registered) over mutual
+    /// TLS with them; without them, no agent in another process is.
+    pub authority: Option<Arc<pki::FleetAuthority>>,
 }
 
 impl Default for FleetConfig {
@@ -72,6 +79,7 @@ impl Default for FleetConfig {
             down_after: Duration::from_secs(10),
             reconcile_interval: Duration::from_secs(30),
             orphan_grace: Duration::from_secs(60),
+            authority: None,
         }
     }
 }
@@ -129,7 +137,7 @@ impl Fleet {
                 }
                 continue;
             }
-            match remote_agent(&row.api_url, &row.proxy_address, &row.agent_token).await {
+            match fleet.remote_agent(&row).await {
                 Ok(agent) => fleet.insert(row, Arc::new(agent), false),
                 Err(error) => {
                     tracing::warn!(host = %row.name, %error, "cannot reach a stored host");
@@ -333,6 +341,10 @@ mod tests {
             registering: tokio::sync::Mutex::new(()),
             creating: Busy::default(),
         };
+        // The agents are never called: any fleet's TLS settings do.
+        let dir = tempfile::tempdir().unwrap();
+        let authority =
+            pki::FleetAuthority::open(dir.path(), pki::DEFAULT_HOST_CERTIFICATE_LIFE).unwrap();
         for (name, state, total, used, memory_mib, disk_bytes) in hosts {
             let row = HostRow {
                 id: format!("id-{name}"),
@@ -355,10 +367,11 @@ mod tests {
                 identity_hash: String::new(),
             };
             let agent = RemoteAgent::new(
-                "http://127.0.0.1:1",
+                "https://127.0.0.1:1",
                 "127.0.0.1:1".parse().unwrap(),
                 "t",
                 Duration::from_secs(1),
+                authority.host_tls(name).unwrap(),
             )
             .unwrap();
             fleet.insert(row, Arc::new(agent), false);

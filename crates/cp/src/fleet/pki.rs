@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use wrenn_agent_api::fleet_tls::{
-    self, Alpn, CertificateFacts, ClientCertificates, FleetTlsError, Identity,
+    self, Alpn, CertificateFacts, ClientCertificates, FleetTlsError, HostTls, Identity,
 };
 
 /// How long an authority is valid.
@@ -261,6 +261,17 @@ impl FleetAuthority {
             ClientCertificates::Optional,
             self.identity.clone(),
         )?))
+    }
+
+    /// The TLS settings of the control plane's calls to host `host_id` (its API and proxy).
+    pub fn host_tls(&self, host_id: &str) -> Result<HostTls, PkiError> {
+        let name = rustls::pki_types::ServerName::try_from(fleet_tls::host_name(host_id))
+            .map_err(|error| PkiError::Request(format!("host id {host_id:?}: {error}")))?;
+        Ok(HostTls {
+            http1: self.host_client_config(host_id, Alpn::Http1)?,
+            http2: self.host_client_config(host_id, Alpn::Http2)?,
+            name,
+        })
     }
 
     /// The TLS settings of the control plane's calls to host `host_id`: its certificate must

@@ -1,7 +1,7 @@
 //! The control plane's HTTP edge: the E2B-compatible REST API (`e2b-compat.md` §2) with E2B's
 //! field names, status codes and `{code, message}` error bodies, and wrenn's fleet routes. Every
-//! call needs `X-API-KEY` (agents call the fleet registry, [`registry`], with their join or
-//! heartbeat token); a team sees only its own
+//! call needs `X-API-KEY` (agents call the fleet registry, [`registry`], on the fleet's own
+//! mutual-TLS listener: [`registry_router`]); a team sees only its own
 //! sandboxes (another team's are 404). This module holds the router, [`ApiError`] (the one
 //! place a cause of [`crate::Error`] becomes a status code), authentication and the bodies'
 //! shared helpers; the handlers are in [`sandboxes`], [`snapshots`], [`templates`], [`hosts`] and
@@ -272,6 +272,12 @@ pub fn router(plane: Arc<ControlPlane>) -> Router {
     router_with(plane, Vec::new())
 }
 
+/// The fleet registry alone (`wrenn.agent.v1.HostRegistry`), for the fleet's TLS listener,
+/// which gives each request the [`crate::fleet::FleetPeer`] its connection's certificate names.
+pub fn registry_router(plane: Arc<ControlPlane>) -> Router {
+    registry::router().fallback(unknown_route).with_state(plane)
+}
+
 /// The API's routes and, under `/ext/<name>`, each extension's (`crate::server`), behind the
 /// same key check and audit log.
 pub fn router_with(
@@ -358,7 +364,7 @@ pub fn router_with(
     }
     keyed
         .layer(middleware::from_fn_with_state(plane.clone(), require_key))
-        .merge(registry::router())
+        .merge(registry::plain_http_refusal())
         // Their credentials are in their bodies and paths.
         .route("/v1/auth/login", post(login))
         .route("/v1/invitations/{token}/accept", post(accept_invitation))

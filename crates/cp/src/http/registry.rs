@@ -1,19 +1,43 @@
-//! The fleet registry (`wrenn.agent.v1.HostRegistry`), served over Connect on the API listener:
-//! agents register with the join token and heartbeat with their host's token. Here a cause of
-//! [`crate::Error`] becomes a Connect code, as [`super::ApiError`] makes it a status for REST.
+//! The fleet registry (`wrenn.agent.v1.HostRegistry`), served over Connect on the fleet's
+//! mutual-TLS listener: agents register (first with the join token and a certificate request,
+//! then with their certificate), heartbeat with their certificate and their host's token, and
+//! renew their certificate. On the API's plain listener its paths answer how to reach it. Here a
+//! cause of [`crate::Error`] becomes a Connect code, as [`super::ApiError`] makes it a status
+//! for REST.
 
 use super::*;
 
-use wrenn_agent_api::join::{HeartbeatResponse, host_registry as rpc};
+use crate::fleet::FleetPeer;
+use wrenn_agent_api::join::{HeartbeatResponse, RenewCertificateResponse, host_registry as rpc};
 use wrenn_connect::server::{serve_unary, unary_error};
 use wrenn_connect::{Code, ConnectError, DEFAULT_MAX_MESSAGE_BYTES};
 use wrenn_proto::Rpc;
 
-/// The registry's two methods; anything else under its service path is NotFound.
+/// The registry's paths on a listener without the fleet's TLS: each answers where agents join.
+pub(super) fn plain_http_refusal() -> Router<Arc<ControlPlane>> {
+    Router::new().route(
+        &format!("{}/{{method}}", rpc::SERVICE),
+        post(|| async {
+            unary_error(&ConnectError::new(
+                Code::FailedPrecondition,
+                "agents join over the fleet's mutual TLS, not here: --join https://<control plane>:<its --fleet-listen port, 3443 by default> --control-plane-ca sha256:<the fingerprint wrenn server prints>",
+            ))
+        }),
+    )
+}
+
+/// The host id the caller's certificate names, as the fleet's listener found it.
+fn peer(peer: &Option<axum::Extension<FleetPeer>>) -> Option<&str> {
+    peer.as_ref()
+        .and_then(|axum::Extension(peer)| peer.0.as_deref())
+}
+
+/// The registry's methods; anything else under its service path is NotFound.
 pub(super) fn router() -> Router<Arc<ControlPlane>> {
     Router::new()
         .route(rpc::Register::PATH, post(register))
         .route(rpc::Heartbeat::PATH, post(heartbeat))
+        .route(rpc::RenewCertificate::PATH, post(renew_certificate))
         .route(
             &format!("{}/{{method}}", rpc::SERVICE),
             post(|| async {
@@ -25,20 +49,23 @@ pub(super) fn router() -> Router<Arc<ControlPlane>> {
         )
 }
 
-/// `Register`: an agent joins (again) with the join token.
+/// `Register`: an agent joins (again) with the join token, or with its certificate.
 async fn register(
     State(plane): State<Arc<ControlPlane>>,
+    fleet_peer: Option<axum::Extension<FleetPeer>>,
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> Response {
-    // The token first: a stranger learns nothing of what a registration looks like.
-    if let Err(error) = plane.fleet.check_join_token(bearer(&headers)) {
+    let peer = peer(&fleet_peer);
+    // The credentials first: a stranger learns nothing of what a registration looks like.
+    let known = peer.is_some_and(|id| plane.fleet.host(id).is_some());
+    if !known && let Err(error) = plane.fleet.check_join_token(bearer(&headers)) {
         return unary_error(&connect_error(error)).into_response();
     }
     serve_unary(&headers, body, DEFAULT_MAX_MESSAGE_BYTES, |request| async {
         let (answer, _) = plane
             .fleet
-            .register(&plane.store, bearer(&headers), request)
+            .register(&plane.store, bearer(&headers), peer, request)
             .await
             .map_err(connect_error)?;
         let _ = plane.reconcile_now.try_send(answer.host_id.clone());
@@ -48,12 +75,14 @@ async fn register(
     .into_response()
 }
 
-/// `Heartbeat`: a host's report, with its heartbeat token.
+/// `Heartbeat`: a host's report, with its certificate and its heartbeat token.
 async fn heartbeat(
     State(plane): State<Arc<ControlPlane>>,
+    fleet_peer: Option<axum::Extension<FleetPeer>>,
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> Response {
+    let peer = peer(&fleet_peer);
     serve_unary(
         &headers,
         body,
@@ -65,6 +94,7 @@ async fn heartbeat(
                     &plane.store,
                     &request.host_id,
                     bearer(&headers),
+                    peer,
                     request.report.unwrap_or_default(),
                 )
                 .await
@@ -73,6 +103,30 @@ async fn heartbeat(
                 let _ = plane.reconcile_now.try_send(request.host_id);
             }
             Ok(HeartbeatResponse {})
+        },
+    )
+    .await
+    .into_response()
+}
+
+/// `RenewCertificate`: a host's new key certified, the host presenting its present certificate.
+async fn renew_certificate(
+    State(plane): State<Arc<ControlPlane>>,
+    fleet_peer: Option<axum::Extension<FleetPeer>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    let peer = peer(&fleet_peer);
+    serve_unary(
+        &headers,
+        body,
+        DEFAULT_MAX_MESSAGE_BYTES,
+        |request: wrenn_agent_api::join::RenewCertificateRequest| async move {
+            let certificate_chain = plane
+                .fleet
+                .renew_certificate(peer, &request.host_id, &request.certificate_request)
+                .map_err(connect_error)?;
+            Ok(RenewCertificateResponse { certificate_chain })
         },
     )
     .await

@@ -67,9 +67,14 @@ pub struct ServeArgs {
     /// Address of the sandbox proxy the control plane's edge proxy forwards to.
     #[arg(long, default_value = "127.0.0.1:49992")]
     proxy_listen: SocketAddr,
-    /// A control plane to join (`http://host:port`, its REST API).
+    /// A control plane to join (`https://host:port`, its --fleet-listen address). A joined
+    /// agent serves its API and proxy to that control plane alone, over mutual TLS.
     #[arg(long, env = "WRENN_CONTROL_PLANE_URL")]
     join: Option<String>,
+    /// The control plane's certificate authority, needed at the first join: `sha256:<hex>`
+    /// as `wrenn server` prints it, or a copy of its <data>/cp/fleet-tls/plane-ca.pem.
+    #[arg(long, env = "WRENN_CONTROL_PLANE_CA", requires = "join")]
+    control_plane_ca: Option<String>,
     /// The control plane's join token (`<data>/cp/join-token` on its machine).
     #[arg(long, env = "WRENN_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
@@ -196,9 +201,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.join_token.clone(),
         args.join_token_file.as_deref(),
     )?;
+    let identity_file = args.data_dir.join(wrenn_agent::join::IDENTITY_FILE);
     anyhow::ensure!(
-        args.join.is_none() || join_token.is_some(),
-        "--join needs --join-token, WRENN_JOIN_TOKEN or --join-token-file"
+        args.join.is_none()
+            || join_token.is_some()
+            || args
+                .data_dir
+                .join(wrenn_agent::join::CERTIFICATE_FILE)
+                .exists(),
+        "--join needs --join-token, WRENN_JOIN_TOKEN or --join-token-file (until the host has its certificate)"
     );
     let config = AgentConfig {
         data_dir: args.data_dir.clone(),
@@ -249,8 +260,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stop.wait_for(|stop| *stop).await;
     };
-    let joiner = match (&args.join, &join_token) {
-        (Some(url), Some(join_token)) => {
+    let (fleet_tls, fleet_settings) = wrenn_agent::join::FleetTls::new();
+    let joiner = match &args.join {
+        Some(url) => {
             anyhow::ensure!(
                 args.advertise_host.is_some()
                     || !(api_address.ip().is_unspecified() || proxy_address.ip().is_unspecified()),
@@ -263,6 +275,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let config = wrenn_agent::join::JoinConfig {
                 control_plane_url: url.trim_end_matches('/').to_string(),
                 join_token: join_token.clone(),
+                control_plane_ca: args
+                    .control_plane_ca
+                    .as_deref()
+                    .map(wrenn_agent::join::PlaneAuthority::parse)
+                    .transpose()
+                    .map_err(anyhow::Error::msg)?,
                 name: match &args.host_name {
                     Some(name) => name.clone(),
                     None => nix::unistd::gethostname()
@@ -270,24 +288,27 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                         .to_string_lossy()
                         .into_owned(),
                 },
-                api_url: format!("http://{}", advertise(api_address)),
+                api_url: format!("https://{}", advertise(api_address)),
                 proxy_address: advertise(proxy_address),
                 agent_token: token.clone(),
-                identity_file: args.data_dir.join(wrenn_agent::join::IDENTITY_FILE),
+                identity_file,
             };
+            wrenn_agent::join::prepare(&config, &fleet_tls).map_err(anyhow::Error::msg)?;
             Some(tokio::spawn(wrenn_agent::join::run(
                 config,
                 manager.clone(),
+                fleet_tls.clone(),
                 stopped(stop_rx.clone()),
             )))
         }
-        _ => None,
+        None => None,
     };
     let server = wrenn_agent::serve(
         manager.clone(),
         wrenn_agent::Listeners { api, mmds, proxy },
         &token,
         timeouts,
+        joiner.is_some().then_some(fleet_settings),
         stopped(stop_rx),
     );
     let signal = async {

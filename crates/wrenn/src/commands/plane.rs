@@ -19,9 +19,17 @@ pub struct PlaneArgs {
     /// Where wrenn keeps its state: the store, the agent's templates and sandboxes.
     #[arg(long, env = "WRENN_DATA_DIR", default_value = crate::paths::DATA_DIR)]
     pub(super) data_dir: PathBuf,
-    /// The E2B REST API (agents join here too).
+    /// The E2B REST API.
     #[arg(long, default_value = "127.0.0.1:3000")]
     pub(super) api_listen: SocketAddr,
+    /// Where host agents join and heartbeat, over the fleet's mutual TLS (`--join
+    /// https://<this>`) [default: nowhere; only the agent of `wrenn up`'s own process serves].
+    #[arg(long, value_name = "ADDRESS")]
+    pub(super) fleet_listen: Option<SocketAddr>,
+    /// How long a host's fleet certificate is valid, in seconds (its agent renews it two
+    /// thirds in; at least 30).
+    #[arg(long, default_value = "2592000", value_parser = clap::value_parser!(u64).range(30..=31_536_000).map(Duration::from_secs))]
+    pub(super) host_certificate_life_secs: Duration,
     /// The edge proxy to sandbox ports (and envd).
     #[arg(long, default_value = "127.0.0.1:3001")]
     pub(super) proxy_listen: SocketAddr,
@@ -186,6 +194,8 @@ pub(super) struct Running {
     pub(super) join_token_file: Option<PathBuf>,
     pub(super) servers: Vec<tokio::task::JoinHandle<()>>,
     pub(super) https: Option<Https>,
+    /// The fleet's listener and the plane authority's fingerprint, when agents may join.
+    pub(super) fleet: Option<(SocketAddr, String)>,
 }
 
 /// The HTTPS front, when it runs.
@@ -359,7 +369,15 @@ pub(super) async fn start_plane(
         std::fs::read_to_string(&key_file).ok()
     };
     let (token, join_token_file) = join_token(args)?;
+    let authority = Arc::new(
+        wrenn_cp::fleet::pki::FleetAuthority::open(
+            &args.data_dir.join("cp/fleet-tls"),
+            args.host_certificate_life_secs,
+        )
+        .context("the fleet's certificate authorities")?,
+    );
     let config = wrenn_cp::fleet::FleetConfig {
+        authority: Some(authority.clone()),
         join_token: Some(token),
         heartbeat_interval: args.heartbeat_interval_ms.max(Duration::from_millis(100)),
         down_after: args.down_after_ms.max(Duration::from_millis(300)),
@@ -427,6 +445,24 @@ pub(super) async fn start_plane(
         serve(api, started.api_router()),
         serve(proxy, started.proxy_router()),
     ];
+    let fleet_address = match args.fleet_listen {
+        Some(address) => {
+            let listener = crate::listen(address)
+                .await
+                .context("the fleet's listener (--fleet-listen)")?;
+            let bound = listener.local_addr()?;
+            servers.push(wrenn_cp::tls::spawn_fleet_until_stopped(
+                listener,
+                authority.registry_server_config()?,
+                wrenn_cp::http::registry_router(plane.clone()),
+                wrenn_http::server::ServerTimeouts::default(),
+                stop.clone(),
+            ));
+            servers.push(renew_plane_certificate(authority.clone(), stop.clone()));
+            Some(bound)
+        }
+        None => None,
+    };
     let https = match https {
         Some(HttpsFront {
             https,
@@ -463,6 +499,25 @@ pub(super) async fn start_plane(
         join_token_file,
         servers,
         https,
+        fleet: fleet_address.map(|address| (address, authority.plane_ca_fingerprint())),
+    })
+}
+
+/// Renews the control plane's own fleet certificate when due (checked hourly) until `stop`.
+fn renew_plane_certificate(
+    authority: Arc<wrenn_cp::fleet::pki::FleetAuthority>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|stop| *stop) => return,
+                () = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            }
+            if let Err(error) = authority.renew_plane_if_due() {
+                tracing::warn!(%error, "cannot renew the control plane's fleet certificate");
+            }
+        }
     })
 }
 
@@ -519,10 +574,12 @@ pub(super) fn print_endpoints(running: &Running) {
         Some(file) => format!("--join-token-file <a copy of {}>", file.display()),
         None => "--join-token <the --join-token>".to_string(),
     };
-    println!(
-        "Hosts join with: wrenn agent serve --join http://{} {token} --token-file <agent token file>",
-        running.api_address
-    );
+    match &running.fleet {
+        Some((address, fingerprint)) => println!(
+            "Hosts join with: wrenn agent serve --join https://{address} --control-plane-ca sha256:{fingerprint} {token} --token-file <agent token file>"
+        ),
+        None => println!("No hosts join (--fleet-listen ADDRESS takes them)."),
+    }
 }
 
 pub(super) fn server_spawner(

@@ -1094,12 +1094,33 @@ mod tests {
     async fn over_its_connect_api_the_fake_answers_as_it_does_in_process() {
         let agent = Arc::new(FakeAgent::new(1, vec![template("base", 512)]));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let router = agent.router("secret");
-        tokio::spawn(async move { axum::serve(listener, router).await });
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        let (served, tls) = crate::fleet_tls::test_fleet();
+        let (_stop, stopped) = tokio::sync::watch::channel(false);
+        let _server = wrenn_http::server::spawn_tls_until_stopped(
+            listener,
+            Arc::new(served),
+            agent.router("secret"),
+            wrenn_http::server::ServerTimeouts::default(),
+            stopped,
+            |router, _| router,
+        );
         let proxy = "127.0.0.1:1".parse().unwrap();
-        let remote =
-            |token| crate::RemoteAgent::new(&url, proxy, token, Duration::from_secs(5)).unwrap();
+        let remote = |token| {
+            crate::RemoteAgent::new(&url, proxy, token, Duration::from_secs(5), tls.clone())
+                .unwrap()
+        };
+        // Plain HTTP is not an agent's API.
+        assert!(
+            crate::RemoteAgent::new(
+                &url.replace("https", "http"),
+                proxy,
+                "secret",
+                Duration::from_secs(5),
+                tls.clone()
+            )
+            .is_err()
+        );
 
         let stranger = remote("wrong").create(options("a")).await.unwrap_err();
         assert!(

@@ -533,6 +533,56 @@ pub fn peer_host_id(der: &[u8]) -> Option<String> {
         .find_map(|name| host_id_of(name).map(str::to_string))
 }
 
+/// A fleet's two authorities made in memory, for this crate's tests: an agent's server
+/// settings for host `h1`, and the control plane's settings to call it.
+#[cfg(test)]
+pub(crate) fn test_fleet() -> (rustls::ServerConfig, HostTls) {
+    let authority = |name: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        (key, params, cert.pem())
+    };
+    let certified =
+        |(ca_key, ca_params, ca_pem): &(rcgen::KeyPair, rcgen::CertificateParams, String),
+         name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+            let issuer = rcgen::Issuer::from_params(ca_params, ca_key);
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            Identity::new(&format!("{}{ca_pem}", cert.pem()), &key.serialize_pem()).unwrap()
+        };
+    let (plane, hosts) = (authority("plane"), authority("hosts"));
+    let agent = server_config(
+        roots(&plane.2).unwrap(),
+        ClientCertificates::Required,
+        certified(&hosts, &host_name("h1")),
+    )
+    .unwrap();
+    let plane_identity = certified(&plane, PLANE_NAME);
+    let config = |alpn| {
+        Arc::new(
+            client_config(
+                roots(&hosts.2).unwrap(),
+                &host_name("h1"),
+                plane_identity.clone(),
+                alpn,
+            )
+            .unwrap(),
+        )
+    };
+    let tls = HostTls {
+        http1: config(Alpn::Http1),
+        http2: config(Alpn::Http2),
+        name: ServerName::try_from(host_name("h1")).unwrap(),
+    };
+    (agent, tls)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

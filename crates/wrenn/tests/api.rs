@@ -34,6 +34,8 @@ struct Server {
     data: tempfile::TempDir,
     api: SocketAddr,
     proxy: SocketAddr,
+    /// The fleet registry's listener (mutual TLS).
+    fleet: SocketAddr,
     database_url: Option<String>,
     join_token: String,
     key: String,
@@ -52,6 +54,7 @@ impl Server {
             data: tempfile::tempdir().unwrap(),
             api: SocketAddr::from(([127, 0, 0, 1], free_port())),
             proxy: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            fleet: SocketAddr::from(([127, 0, 0, 1], free_port())),
             database_url,
             join_token: format!("join-{}", free_port()),
             key: String::new(),
@@ -67,6 +70,15 @@ impl Server {
         format!("http://{}", self.api)
     }
 
+    /// How agents join it.
+    fn fleet(&self) -> FleetAccess {
+        FleetAccess {
+            url: format!("https://{}", self.fleet),
+            cp_data: self.data_dir(),
+            join_token: self.join_token.clone(),
+        }
+    }
+
     fn data_dir(&self) -> PathBuf {
         self.data.path().to_path_buf()
     }
@@ -79,6 +91,7 @@ impl Server {
             .arg(self.data_dir())
             .args(["--api-listen", &self.api.to_string()])
             .args(["--proxy-listen", &self.proxy.to_string()])
+            .args(["--fleet-listen", &self.fleet.to_string()])
             .args(["--heartbeat-interval-ms", "300"])
             // Hosts go down after 3 s of silence, unless the test says otherwise.
             .args(
@@ -455,7 +468,7 @@ async fn postgres_database() -> Option<String> {
 
 /// An agent joined to `server` as `name`, with the template `base` built and reported.
 async fn joined_agent(server: &Server, prefix: &str, first_slot: u32, name: &str) -> Agent {
-    let agent = Agent::start_joined(prefix, first_slot, &server.url(), &server.join_token, name);
+    let agent = Agent::start_joined(prefix, first_slot, &server.fleet(), name);
     agent.build_template("base").await;
     server.wait_host(name, "up", Duration::from_secs(30)).await;
     agent
@@ -1295,8 +1308,7 @@ async fn fifty_creates_at_once_through_the_rest_api_succeed_and_leave_nothing() 
     let mut agent = Agent::start_joined_with(
         "wff",
         1700,
-        &server.url(),
-        &server.join_token,
+        &server.fleet(),
         "fifty",
         ["--slots", "64", "--slots-ahead", "4"]
             .map(String::from)
@@ -1409,39 +1421,31 @@ async fn fleet_end_to_end(database_url: Option<String>, slots: [(&str, u32); 2])
     let host_a = joined_agent(&server, prefix_a, first_a, "fleet-a").await;
     let mut host_b = joined_agent(&server, prefix_b, first_b, "fleet-b").await;
 
-    // A missing or wrong join token is refused before anything else; with the right one, a
-    // malformed registration is a 400; a heartbeat with a wrong token is refused.
-    // (The registry speaks Connect, not the REST API: its answers are not in the OpenAPI
-    // document, so these calls go around the checking `Server::call`.)
-    let register = format!("{}{}", server.url(), Register::PATH);
-    let registration = json!({"name": "x", "apiUrl": "http://127.0.0.1:1",
+    // The API's plain port takes no registrations: agents join over the fleet's mutual TLS
+    // (the registry's own refusals are the fast tests'). (The registry speaks Connect, not
+    // the REST API: its answers are not in the OpenAPI document, so these calls go around
+    // the checking `Server::call`.)
+    let registration = json!({"name": "x", "apiUrl": "https://127.0.0.1:1",
         "proxyAddress": "127.0.0.1:1", "agentToken": "t", "report": {}});
-    for (token, body, expected) in [
-        (None, json!({}), StatusCode::UNAUTHORIZED),
-        (
+    for path in [Register::PATH, Heartbeat::PATH] {
+        let answer = registry_post(
+            &format!("{}{path}", server.url()),
             Some(server.join_token.as_str()),
-            json!({}),
-            StatusCode::BAD_REQUEST,
-        ),
-        (Some("wrong"), registration, StatusCode::UNAUTHORIZED),
-    ] {
-        let answer = registry_post(&register, token, body.to_string())
-            .await
-            .unwrap();
-        assert_eq!(answer.status, expected, "{token:?}: {}", answer.text());
-    }
-    let host_ids: Vec<String> = server
-        .hosts()
-        .await
-        .iter()
-        .map(|h| h["hostID"].as_str().unwrap().to_string())
-        .collect();
-    let heartbeat = format!("{}{}", server.url(), Heartbeat::PATH);
-    let beat = json!({ "hostId": host_ids[0] }).to_string();
-    let answer = registry_post(&heartbeat, Some("wrong"), beat)
+            registration.to_string(),
+        )
         .await
         .unwrap();
-    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.text());
+        assert!(answer.text().contains("mutual TLS"), "{}", answer.text());
+    }
+    // A plain-HTTP client of the fleet's port gets no answer at all.
+    let plain = registry_post(
+        &format!("http://{}{}", server.fleet, Register::PATH),
+        Some(server.join_token.as_str()),
+        registration.to_string(),
+    )
+    .await;
+    assert!(plain.is_err(), "{:?}", plain.map(|answer| answer.status));
 
     // Least-loaded placement: two sandboxes, one on each host.
     // Unsecured (explicit `secure: false`): the scripts below reach envd without a token.
@@ -1524,14 +1528,7 @@ async fn a_snapshot_taken_on_one_host_starts_on_another() {
     ];
     let server = Server::start(None);
     let join = |prefix: &str, slot: u32, name: &str| {
-        Agent::start_joined_with(
-            prefix,
-            slot,
-            &server.url(),
-            &server.join_token,
-            name,
-            with_store.clone(),
-        )
+        Agent::start_joined_with(prefix, slot, &server.fleet(), name, with_store.clone())
     };
     let mut host_a = join("wxa", 1600, "snap-a");
     host_a.build_template("base").await;
@@ -1633,10 +1630,46 @@ struct FakeAgent {
     full: std::sync::Arc<std::sync::atomic::AtomicBool>,
     heartbeats: Option<tokio::task::JoinHandle<()>>,
     identity: Option<wrenn_agent::join::HostIdentity>,
+    /// The certificate it presents (once registered), and how it reaches the control plane.
+    certificate: std::sync::Arc<wrenn_agent_api::fleet_tls::Identity>,
+    fleet: FleetAccess,
+}
+
+/// POSTs `body` (JSON) to the fleet registry's `path` over the fleet's TLS, presenting
+/// `certificate` when set, with `token` as the bearer when given.
+async fn fleet_post(
+    fleet: &FleetAccess,
+    certificate: &std::sync::Arc<wrenn_agent_api::fleet_tls::Identity>,
+    path: &str,
+    token: Option<&str>,
+    body: String,
+) -> Result<(StatusCode, Vec<u8>), String> {
+    use wrenn_agent_api::fleet_tls;
+    let ca = std::fs::read_to_string(fleet.plane_ca()).unwrap();
+    let settings = fleet_tls::client_config(
+        fleet_tls::roots(&ca).unwrap(),
+        fleet_tls::PLANE_NAME,
+        certificate.clone(),
+        fleet_tls::Alpn::Http1,
+    )
+    .unwrap();
+    let client = wrenn_http::client::tls_client(Default::default(), settings).unwrap();
+    let mut request = client
+        .post(format!("{}{path}", fleet.url))
+        .header("content-type", "application/json")
+        .timeout(Duration::from_secs(5))
+        .body(body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.map_err(|error| error.to_string())?;
+    let status = StatusCode::from_u16(response.status().as_u16()).unwrap();
+    let bytes = response.bytes().await.map_err(|error| error.to_string())?;
+    Ok((status, bytes.to_vec()))
 }
 
 impl FakeAgent {
-    async fn start(name: &str, stuck: bool) -> FakeAgent {
+    async fn start(name: &str, stuck: bool, server: &Server) -> FakeAgent {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let agent = FakeAgent {
             address: listener.local_addr().unwrap(),
@@ -1647,12 +1680,29 @@ impl FakeAgent {
             full: Default::default(),
             heartbeats: None,
             identity: None,
+            certificate: wrenn_agent_api::fleet_tls::Identity::none(),
+            fleet: server.fleet(),
         };
         let (sandboxes, destroyed) = (agent.sandboxes.clone(), agent.destroyed.clone());
         let paused = agent.paused.clone();
+        // It serves its control plane alone, over the fleet's TLS, as an agent does.
+        let settings = {
+            use wrenn_agent_api::fleet_tls;
+            let ca = std::fs::read_to_string(agent.fleet.plane_ca()).unwrap();
+            fleet_tls::server_config(
+                fleet_tls::roots(&ca).unwrap(),
+                fleet_tls::ClientCertificates::Required,
+                agent.certificate.clone(),
+            )
+            .unwrap()
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(settings));
         tokio::spawn(async move {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
+                let Ok(stream) = acceptor.accept(stream).await else {
+                    continue;
+                };
                 let (sandboxes, destroyed) = (sandboxes.clone(), destroyed.clone());
                 let paused = paused.clone();
                 let service = hyper::service::service_fn(
@@ -1762,23 +1812,30 @@ impl FakeAgent {
         identity: Option<&wrenn_agent::join::HostIdentity>,
         expected: StatusCode,
     ) -> Value {
+        let key = wrenn_agent_api::fleet_tls::certificate_request().unwrap();
         let request = wrenn_agent::join::RegisterRequest {
             name: name.into(),
-            api_url: format!("http://{}", self.address),
+            api_url: format!("https://{}", self.address),
             proxy_address: self.address.to_string(),
             agent_token: "fake".into(),
             report: Some(self.report()),
             identity: identity.cloned(),
+            certificate_request: key.csr_der,
         };
-        let response = registry_post(
-            &format!("{}{}", server.url(), Register::PATH),
+        let (status, body) = fleet_post(
+            &self.fleet,
+            &self.certificate,
+            Register::PATH,
             Some(&server.join_token),
             serde_json::to_string(&request).unwrap(),
         )
         .await
         .unwrap();
-        let answer = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
-        assert_eq!(response.status, expected, "{name}: {answer}");
+        let answer: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        assert_eq!(status, expected, "{name}: {answer}");
+        if let Some(chain) = answer["certificateChain"].as_str() {
+            self.certificate.set(chain, &key.key_pem).unwrap();
+        }
         answer
     }
 
@@ -1801,7 +1858,7 @@ impl FakeAgent {
             });
         }
         let token = answer["heartbeatToken"].as_str().unwrap().to_string();
-        let url = format!("{}{}", server.url(), Heartbeat::PATH);
+        let (fleet, certificate) = (self.fleet.clone(), self.certificate.clone());
         let this = FakeAgent {
             address: self.address,
             name: self.name.clone(),
@@ -1811,6 +1868,8 @@ impl FakeAgent {
             full: self.full.clone(),
             heartbeats: None,
             identity: None,
+            certificate: self.certificate.clone(),
+            fleet: self.fleet.clone(),
         };
         self.stop_heartbeats();
         self.heartbeats = Some(tokio::spawn(async move {
@@ -1820,7 +1879,7 @@ impl FakeAgent {
                     report: Some(this.report()),
                 };
                 let beat = serde_json::to_string(&beat).unwrap();
-                let _ = registry_post(&url, Some(&token), beat).await;
+                let _ = fleet_post(&fleet, &certificate, Heartbeat::PATH, Some(&token), beat).await;
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }));
@@ -1869,7 +1928,7 @@ async fn a_host_that_never_answers_delays_no_other_hosts_work() {
     }
     // A host that takes creates and then never answers again, with two sandboxes that time out
     // first; then it reports itself full, so that later creates go elsewhere.
-    let mut slow = FakeAgent::start("slow", true).await;
+    let mut slow = FakeAgent::start("slow", true, &server).await;
     slow.join(&server).await;
     let stuck_ids = server
         .create_ids(2, json!({"templateID": "base", "timeout": 1}))
@@ -1885,7 +1944,7 @@ async fn a_host_that_never_answers_delays_no_other_hosts_work() {
 
     // A healthy host: its sandboxes end on time although the slow host's kills (and its
     // reconciles) hang.
-    let mut quick = FakeAgent::start("quick", false).await;
+    let mut quick = FakeAgent::start("quick", false, &server).await;
     quick.join(&server).await;
     let quick_ids = server
         .create_ids(3, json!({"templateID": "base", "timeout": 2}))
@@ -1933,7 +1992,7 @@ async fn a_host_that_never_answers_delays_no_other_hosts_work() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hosts_name_is_taken_only_with_its_identity() {
     let server = Server::start(None);
-    let mut owner = FakeAgent::start("owned", false).await;
+    let mut owner = FakeAgent::start("owned", false, &server).await;
     owner.join(&server).await;
     let identity = owner
         .identity
@@ -1946,7 +2005,7 @@ async fn a_hosts_name_is_taken_only_with_its_identity() {
 
     // A second agent under the live host's name, with no identity or a wrong one: 409, and
     // nothing of the host changes (its address, its heartbeats, its sandbox).
-    let intruder = FakeAgent::start("intruder", false).await;
+    let intruder = FakeAgent::start("intruder", false, &server).await;
     let forged = wrenn_agent::join::HostIdentity {
         host_id: identity.host_id.clone(),
         secret: "guess".into(),
@@ -2055,8 +2114,7 @@ async fn a_second_agent_cannot_take_a_hosts_name() {
 
     // A second real agent under the same name keeps being refused (409): the host, its
     // heartbeats and its sandbox are untouched, up and down.
-    let mut intruder =
-        Agent::start_joined("widb", 1520, &server.url(), &server.join_token, "ident-a");
+    let mut intruder = Agent::start_joined("widb", 1520, &server.fleet(), "ident-a");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = host_view(&server, "ident-a").await;
     assert_eq!(
@@ -2122,7 +2180,7 @@ async fn quotas_and_refused_settings_through_the_real_api() {
             "6",
         ],
     );
-    let mut host = FakeAgent::start("quota-host", false).await;
+    let mut host = FakeAgent::start("quota-host", false, &server).await;
     host.join(&server).await;
     let key = server.key_of_team("limited");
 

@@ -20,7 +20,7 @@ pub(super) fn plain_http_refusal() -> Router<Arc<ControlPlane>> {
         post(|| async {
             unary_error(&ConnectError::new(
                 Code::FailedPrecondition,
-                "agents join over the fleet's mutual TLS, not here: --join https://<control plane>:<its --fleet-listen port, 3443 by default> --control-plane-ca sha256:<the fingerprint wrenn server prints>",
+                "agents join over the fleet's mutual TLS, not here: --join https://<control plane>:<its --fleet-listen port> --control-plane-ca sha256:<the fingerprint wrenn server prints>",
             ))
         }),
     )

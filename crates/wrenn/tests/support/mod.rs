@@ -38,6 +38,44 @@ pub struct Agent {
     extra_args: Vec<String>,
     /// The address the API and the sandbox proxy listen on.
     listen_host: String,
+    /// The control plane it joined (its API then speaks the fleet's mutual TLS alone).
+    fleet: Option<FleetAccess>,
+}
+
+/// A control plane's fleet as its agents (and a test calling them as the control plane) reach
+/// it: the registry's URL, the control plane's data directory (its authorities and its own
+/// certificate) and the join token.
+#[derive(Debug, Clone)]
+pub struct FleetAccess {
+    pub url: String,
+    pub cp_data: PathBuf,
+    pub join_token: String,
+}
+
+impl FleetAccess {
+    fn file(&self, name: &str) -> PathBuf {
+        self.cp_data.join("cp/fleet-tls").join(name)
+    }
+
+    /// The plane authority's certificate (what `--control-plane-ca` may name).
+    pub fn plane_ca(&self) -> PathBuf {
+        self.file("plane-ca.pem")
+    }
+
+    /// TLS settings to call host `host_id`'s agent as its control plane does.
+    pub fn as_control_plane(&self, host_id: &str) -> rustls::ClientConfig {
+        use wrenn_agent_api::fleet_tls;
+        let read = |name: &str| std::fs::read_to_string(self.file(name)).unwrap();
+        let identity =
+            fleet_tls::Identity::new(&read("plane.pem"), &read("plane-key.pem")).unwrap();
+        fleet_tls::client_config(
+            fleet_tls::roots(&read("hosts-ca.pem")).unwrap(),
+            &fleet_tls::host_name(host_id),
+            identity,
+            fleet_tls::Alpn::Http1,
+        )
+        .unwrap()
+    }
 }
 
 impl Agent {
@@ -45,36 +83,38 @@ impl Agent {
         Self::start_with(prefix, first_slot, Vec::new())
     }
 
-    /// An agent that joins the control plane at `url` as host `name`.
-    pub fn start_joined(
-        prefix: &str,
-        first_slot: u32,
-        url: &str,
-        join_token: &str,
-        name: &str,
-    ) -> Agent {
-        Self::start_joined_with(prefix, first_slot, url, join_token, name, Vec::new())
+    /// An agent that joins the control plane of `fleet` as host `name`.
+    pub fn start_joined(prefix: &str, first_slot: u32, fleet: &FleetAccess, name: &str) -> Agent {
+        Self::start_joined_with(prefix, first_slot, fleet, name, Vec::new())
     }
 
     /// [`Agent::start_joined`] with more arguments for `wrenn agent serve`.
     pub fn start_joined_with(
         prefix: &str,
         first_slot: u32,
-        url: &str,
-        join_token: &str,
+        fleet: &FleetAccess,
         name: &str,
         extra_args: Vec<String>,
     ) -> Agent {
+        let ca = fleet.plane_ca().display().to_string();
         let args = [
             "--join",
-            url,
+            &fleet.url,
+            "--control-plane-ca",
+            &ca,
             "--join-token",
-            join_token,
+            &fleet.join_token,
             "--host-name",
             name,
         ];
         let args = args.map(str::to_string).into_iter().chain(extra_args);
-        Self::start_with(prefix, first_slot, args.collect())
+        Self::start_joining(
+            "127.0.0.1",
+            prefix,
+            first_slot,
+            args.collect(),
+            Some(fleet.clone()),
+        )
     }
 
     pub fn start_with(prefix: &str, first_slot: u32, extra_args: Vec<String>) -> Agent {
@@ -88,7 +128,18 @@ impl Agent {
         first_slot: u32,
         extra_args: Vec<String>,
     ) -> Agent {
+        Self::start_joining(listen_host, prefix, first_slot, extra_args, None)
+    }
+
+    fn start_joining(
+        listen_host: &str,
+        prefix: &str,
+        first_slot: u32,
+        extra_args: Vec<String>,
+        fleet: Option<FleetAccess>,
+    ) -> Agent {
         let mut agent = Agent {
+            fleet,
             listen_host: listen_host.to_string(),
             child: None,
             data: tempfile::tempdir().unwrap(),
@@ -175,9 +226,24 @@ impl Agent {
         }
     }
 
-    /// Whether `HostInfo` gets a 200 (a plain HTTP/1.1 call, blocking).
+    /// Whether `HostInfo` gets a 200 (a plain HTTP/1.1 call, blocking; for a joined agent,
+    /// once it registered, a call over the fleet's TLS).
     pub fn answers(&self) -> bool {
         use std::io::{Read, Write};
+        if self.fleet.is_some() {
+            if self.host_id().is_none()
+                || !self
+                    .data_dir()
+                    .join(wrenn_agent::join::CERTIFICATE_FILE)
+                    .exists()
+            {
+                return false;
+            }
+            let call = self.call::<wrenn_proto::agent::host_agent::HostInfo>(
+                &wrenn_proto::agent::HostInfoRequest {},
+            );
+            return tokio::runtime::Handle::current().block_on(call).is_ok();
+        }
         let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.api_port)) else {
             return false;
         };
@@ -213,13 +279,33 @@ impl Agent {
         }
     }
 
+    /// A client of the agent's API with `token`: plain HTTP, or for a joined agent the
+    /// fleet's mutual TLS as its control plane (once it registered).
     pub fn client(&self, token: &str) -> ConnectClient {
-        ConnectClient::new(
-            format!("http://127.0.0.1:{}", self.api_port),
+        let scheme = if self.fleet.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let client = ConnectClient::new(
+            format!("{scheme}://127.0.0.1:{}", self.api_port),
             HttpVersion::Http1,
             Codec::Json,
         )
-        .with_header("authorization", &format!("Bearer {token}"))
+        .with_header("authorization", &format!("Bearer {token}"));
+        match (&self.fleet, self.host_id()) {
+            (Some(fleet), Some(host_id)) => client
+                .with_tls(fleet.as_control_plane(&host_id))
+                .expect("the TLS client builds"),
+            _ => client,
+        }
+    }
+
+    /// The host id its control plane gave it, once it registered.
+    pub fn host_id(&self) -> Option<String> {
+        let kept = std::fs::read(self.data_dir().join(wrenn_agent::join::IDENTITY_FILE)).ok()?;
+        let identity: wrenn_agent::join::HostIdentity = serde_json::from_slice(&kept).ok()?;
+        Some(identity.host_id)
     }
 
     pub async fn call<M>(&self, request: &M::Request) -> Result<M::Response, ConnectError>

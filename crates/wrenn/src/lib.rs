@@ -42,7 +42,7 @@ enum Command {
     /// Start wrenn on this machine: image, template, host agent, control plane, proxy.
     Up(Box<up::UpArgs>),
     /// Run the control plane alone, for host agents that join it (`wrenn agent serve --join`).
-    Server(server::ServerArgs),
+    Server(Box<server::ServerArgs>),
     /// Manage API keys: over the API, or with --local in this machine's store.
     Key(key::KeyArgs),
     /// Users in this machine's store (the first operator; the rest come by invitation).
@@ -126,7 +126,7 @@ fn run(extensions: Extensions) -> anyhow::Result<()> {
         Command::Image(_) => unreachable!("handled above"),
         Command::Agent(command) => runtime.block_on(agent::run(command)),
         Command::Up(args) => runtime.block_on(up::run(*args, extensions)),
-        Command::Server(args) => runtime.block_on(server::run(args, extensions)),
+        Command::Server(args) => runtime.block_on(server::run(*args, extensions)),
         Command::Sandbox(args) => runtime.block_on(sandbox::run(args)),
         Command::Template(args) => runtime.block_on(template::run(args)),
         Command::Snapshot(args) => runtime.block_on(snapshot::run(args)),

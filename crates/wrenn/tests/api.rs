@@ -1923,7 +1923,8 @@ async fn a_host_that_never_answers_delays_no_other_hosts_work() {
         assert_eq!(mode(&cp), 0o700);
         for entry in std::fs::read_dir(&cp).unwrap() {
             let path = entry.unwrap().path();
-            assert_eq!(mode(&path), 0o600, "{}", path.display());
+            let private = if path.is_dir() { 0o700 } else { 0o600 };
+            assert_eq!(mode(&path), private, "{}", path.display());
         }
     }
     // A host that takes creates and then never answers again, with two sandboxes that time out
@@ -2114,7 +2115,7 @@ async fn a_second_agent_cannot_take_a_hosts_name() {
 
     // A second real agent under the same name keeps being refused (409): the host, its
     // heartbeats and its sandbox are untouched, up and down.
-    let mut intruder = Agent::start_joined("widb", 1520, &server.fleet(), "ident-a");
+    let mut intruder = Agent::start_refused("widb", 1520, &server.fleet(), "ident-a");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = host_view(&server, "ident-a").await;
     assert_eq!(

@@ -40,6 +40,9 @@ pub struct Agent {
     listen_host: String,
     /// The control plane it joined (its API then speaks the fleet's mutual TLS alone).
     fleet: Option<FleetAccess>,
+    /// Whether its start waits for its registration (not for an agent the control plane
+    /// refuses: it is ready once its API's port takes connections).
+    awaits_registration: bool,
 }
 
 /// A control plane's fleet as its agents (and a test calling them as the control plane) reach
@@ -86,6 +89,27 @@ impl Agent {
     /// An agent that joins the control plane of `fleet` as host `name`.
     pub fn start_joined(prefix: &str, first_slot: u32, fleet: &FleetAccess, name: &str) -> Agent {
         Self::start_joined_with(prefix, first_slot, fleet, name, Vec::new())
+    }
+
+    /// An agent that tries to join as `name` and is refused: started once its API's port
+    /// takes connections (it has no certificate to serve with).
+    pub fn start_refused(prefix: &str, first_slot: u32, fleet: &FleetAccess, name: &str) -> Agent {
+        let ca = fleet.plane_ca().display().to_string();
+        let args = [
+            "--join",
+            &fleet.url,
+            "--control-plane-ca",
+            &ca,
+            "--join-token",
+            &fleet.join_token,
+            "--host-name",
+            name,
+        ];
+        let args = args.map(str::to_string).to_vec();
+        let mut agent = Self::unstarted("127.0.0.1", prefix, first_slot, args, Some(fleet.clone()));
+        agent.awaits_registration = false;
+        agent.spawn();
+        agent
     }
 
     /// [`Agent::start_joined`] with more arguments for `wrenn agent serve`.
@@ -138,7 +162,21 @@ impl Agent {
         extra_args: Vec<String>,
         fleet: Option<FleetAccess>,
     ) -> Agent {
-        let mut agent = Agent {
+        let mut agent = Self::unstarted(listen_host, prefix, first_slot, extra_args, fleet);
+        agent.spawn();
+        agent
+    }
+
+    /// The agent, not started yet.
+    fn unstarted(
+        listen_host: &str,
+        prefix: &str,
+        first_slot: u32,
+        extra_args: Vec<String>,
+        fleet: Option<FleetAccess>,
+    ) -> Agent {
+        Agent {
+            awaits_registration: fleet.is_some(),
             fleet,
             listen_host: listen_host.to_string(),
             child: None,
@@ -150,9 +188,7 @@ impl Agent {
             mmds_port: free_port(),
             token: format!("token-{prefix}"),
             extra_args,
-        };
-        agent.spawn();
-        agent
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -230,6 +266,9 @@ impl Agent {
     /// once it registered, a call over the fleet's TLS).
     pub fn answers(&self) -> bool {
         use std::io::{Read, Write};
+        if self.fleet.is_some() && !self.awaits_registration {
+            return std::net::TcpStream::connect(("127.0.0.1", self.api_port)).is_ok();
+        }
         if self.fleet.is_some() {
             if self.host_id().is_none()
                 || !self

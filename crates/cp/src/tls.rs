@@ -171,10 +171,16 @@ pub fn local_authority(dir: &Path, host: &str) -> Result<LocalAuthority, TlsErro
 /// The authority's parameters: the same each time, so that a certificate it signs names it
 /// exactly as its own certificate does.
 fn authority_params() -> rcgen::CertificateParams {
+    authority_params_named(CA_NAME)
+}
+
+/// The parameters of a wrenn certificate authority named `common_name` (the local HTTPS one,
+/// the fleet's two): it signs end entities only.
+pub(crate) fn authority_params_named(common_name: &str) -> rcgen::CertificateParams {
     let mut params = rcgen::CertificateParams::default();
     params
         .distinguished_name
-        .push(rcgen::DnType::CommonName, CA_NAME);
+        .push(rcgen::DnType::CommonName, common_name);
     params
         .distinguished_name
         .push(rcgen::DnType::OrganizationName, "wrenn");

@@ -69,19 +69,7 @@ impl Authority {
             });
         }
         let key = rcgen::KeyPair::generate()?;
-        let mut params = rcgen::CertificateParams::default();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, common_name);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::OrganizationName, "wrenn");
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
+        let mut params = crate::tls::authority_params_named(common_name);
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::days(1);
         params.not_after = now + time::Duration::days(AUTHORITY_VALIDITY_DAYS);

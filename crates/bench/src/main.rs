@@ -13,6 +13,7 @@ mod sandbox;
 mod slots;
 mod snapshot;
 mod telemetry;
+mod tls;
 mod uffd;
 
 use clap::Parser;
@@ -32,6 +33,9 @@ enum BenchCommand {
     Boot(sandbox::BootBenchArgs),
     /// The control plane: REST create vs the agent, listings of 10,000 sandboxes, the proxy.
     Api(api::ApiBenchArgs),
+    /// TLS against plain HTTP in one run of a real fleet (a control plane and a joined
+    /// agent): creates, small proxied requests, downloads; and the fleet hop's handshakes.
+    Tls(tls::TlsBenchArgs),
     /// Sandboxes through a host agent: create, pause, resume, the agent's memory.
     Sandbox(sandbox::SandboxBenchArgs),
     /// Snapshots and forks of running sandboxes, and pauses with and without memory.
@@ -86,6 +90,7 @@ async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Boot(args) => sandbox::boot(args).await,
         BenchCommand::Api(args) => api::run(args).await,
         BenchCommand::Sandbox(args) => sandbox::sandbox(args).await,
+        BenchCommand::Tls(args) => tls::run(args).await,
         BenchCommand::Slots(args) => slots::run(args).await,
         BenchCommand::Snapshot(args) => snapshot::run(args).await,
         BenchCommand::Build(args) => build::run(args).await,

@@ -28,13 +28,24 @@ use super::report::{ms, quantile, table};
 #[derive(Debug, Args)]
 pub struct GuestArgs {
     #[arg(long, env = "WRENN_IMAGE_DIR")]
-    image_dir: Option<PathBuf>,
+    pub(super) image_dir: Option<PathBuf>,
     #[arg(long, default_value = "auto")]
-    accel: AccelSetting,
+    pub(super) accel: AccelSetting,
     #[arg(long, default_value_t = 512)]
     pub(super) memory_mib: u32,
     #[arg(long)]
     pub(super) json: bool,
+}
+
+impl GuestArgs {
+    /// `--accel` as `wrenn agent serve` takes it.
+    pub(super) fn accel_name(&self) -> &'static str {
+        match self.accel {
+            AccelSetting::Auto => "auto",
+            AccelSetting::Kvm => "kvm",
+            AccelSetting::Tcg => "tcg",
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -406,11 +417,7 @@ impl BenchAgent {
                 &["--warm-pool", "0"][..]
             })
             .arg("--accel")
-            .arg(match guest.accel {
-                AccelSetting::Auto => "auto",
-                AccelSetting::Kvm => "kvm",
-                AccelSetting::Tcg => "tcg",
-            })
+            .arg(guest.accel_name())
             .arg("--data-dir")
             .arg(data.path())
             .args([

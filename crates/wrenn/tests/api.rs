@@ -2168,6 +2168,110 @@ async fn a_second_agent_cannot_take_a_hosts_name() {
     }
 }
 
+/// The fingerprint of the certificate host `host_id`'s agent at `address` serves its control
+/// plane on a new connection (checked as the control plane checks it).
+async fn served_host_certificate(
+    fleet: &FleetAccess,
+    host_id: &str,
+    address: SocketAddr,
+) -> String {
+    use wrenn_agent_api::fleet_tls;
+    let connector =
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(fleet.as_control_plane(host_id)));
+    let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(fleet_tls::host_name(host_id)).unwrap();
+    let connection = connector
+        .connect(name, stream)
+        .await
+        .expect("the agent's certificate is the fleet's");
+    let (_, session) = connection.get_ref();
+    fleet_tls::fingerprint(&session.peer_certificates().unwrap()[0])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_certificates_rotate_while_a_sandbox_streams_and_takes_new_commands() {
+    use wrenn_agent_api::fleet_tls;
+    if prerequisites().is_none() {
+        return;
+    }
+    // Host certificates of the least life allowed, 30 s: renewed about every 20 s.
+    let server = Server::start_with(None, &["--host-certificate-life-secs", "30"]);
+    let fleet = server.fleet();
+    let agent = joined_agent(&server, "wrot", 1560, "rotating").await;
+    let host = host_view(&server, "rotating").await;
+    let host_id = host["hostID"].as_str().unwrap().to_string();
+    let api_url = host["apiURL"].as_str().unwrap();
+    let api: SocketAddr = api_url.trim_start_matches("https://").parse().unwrap();
+    let kept_certificate = || {
+        let chain =
+            std::fs::read_to_string(agent.data_dir().join(wrenn_agent::join::CERTIFICATE_FILE))
+                .unwrap();
+        fleet_tls::fingerprint(&fleet_tls::certificates(&chain, "kept").unwrap()[0])
+    };
+    let id = server
+        .create_id(json!({"templateID": "base", "timeout": 300, "secure": false}))
+        .await;
+
+    // One command streams its output through the edge proxy for the whole test, on the
+    // connections it opened before any renewal.
+    const TICKS: usize = 55;
+    let streaming = {
+        let (proxy, id) = (server.proxy, id.clone());
+        tokio::spawn(async move {
+            let script = format!("for i in $(seq 1 {TICKS}); do echo tick $i; sleep 1; done");
+            run_via_proxy(proxy, &id, None, &script).await
+        })
+    };
+
+    // Two renewals; after each, the agent serves the new certificate, keeps it, and the
+    // sandbox takes a new command (new connections, over the new certificate).
+    let mut served = vec![served_host_certificate(&fleet, &host_id, api).await];
+    let deadline = Instant::now() + Duration::from_secs(50);
+    while served.len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "{} renewals of the host's certificate in 50 s",
+            served.len() - 1
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = served_host_certificate(&fleet, &host_id, api).await;
+        if served.last() == Some(&now) {
+            continue;
+        }
+        assert!(!served.contains(&now), "a new certificate each time");
+        // The agent keeps what it serves (written just after it is served).
+        let kept_by = Instant::now() + Duration::from_secs(5);
+        while kept_certificate() != now {
+            assert!(
+                Instant::now() < kept_by,
+                "the agent did not keep its new certificate"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        served.push(now);
+        let word = format!("renewal-{}", served.len() - 1);
+        run_via_proxy_expecting(server.proxy, &id, None, &format!("echo {word}"), &word).await;
+        assert_eq!(host_view(&server, "rotating").await["state"], "up");
+    }
+
+    // The stream went on through both: every line, in order, and its end.
+    let ran = streaming.await.unwrap();
+    let expected: Vec<String> = (1..=TICKS).map(|i| format!("tick {i}")).collect();
+    assert_eq!(ran.stdout.lines().collect::<Vec<_>>(), expected, "{ran:?}");
+    assert_eq!(ran.exit_code, Some(0), "{ran:?}");
+    let detail = server.sandbox(&id).detail(StatusCode::OK).await;
+    assert_eq!(detail["state"], "running", "{detail}");
+    assert_eq!(
+        host_view(&server, "rotating").await["hostID"],
+        json!(host_id)
+    );
+
+    server.sandbox(&id).kill(StatusCode::NO_CONTENT).await;
+    let mut agent = agent;
+    agent.stop();
+    assert_eq!(agent.leftovers(), Vec::<String>::new());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quotas_and_refused_settings_through_the_real_api() {
     let server = Server::start_with(

@@ -21,7 +21,8 @@ const PLANE_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 pub const MIN_HOST_CERTIFICATE_LIFE: Duration = Duration::from_secs(30);
 /// The default host certificate life.
 pub const DEFAULT_HOST_CERTIFICATE_LIFE: Duration = Duration::from_secs(30 * 24 * 3600);
-/// A certificate is made valid from this long ago (clocks of a fleet differ a little).
+/// A certificate is made valid from this long ago (clocks of a fleet differ a little), or a
+/// tenth of its life ago when that is less.
 const CLOCK_SKEW: Duration = Duration::from_secs(300);
 
 /// Why the fleet's authority could not do its part.
@@ -85,7 +86,8 @@ impl Authority {
     }
 
     /// Signs a certificate for `public_key` named `name`, for servers and clients, valid
-    /// `life` from now (less the clock skew allowed).
+    /// `life` from now and from a little before (the clock skew allowed, at most a tenth of
+    /// the life: a holder renews two thirds into the whole span, which must stay ahead).
     fn certify(
         &self,
         public_key: &impl rcgen::PublicKeyData,
@@ -97,7 +99,7 @@ impl Authority {
             .distinguished_name
             .push(rcgen::DnType::CommonName, name);
         let now = SystemTime::now();
-        params.not_before = (now - CLOCK_SKEW).into();
+        params.not_before = (now - CLOCK_SKEW.min(life / 10)).into();
         params.not_after = (now + life).into();
         params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
@@ -477,7 +479,10 @@ mod tests {
         let request = fleet_tls::certificate_request().unwrap();
         let (chain, facts) = authority.certify_host("h1", &request.csr_der).unwrap();
         let life = facts.not_after.duration_since(facts.not_before).unwrap();
-        assert!(life <= MIN_HOST_CERTIFICATE_LIFE + CLOCK_SKEW, "{life:?}");
+        assert!(life <= MIN_HOST_CERTIFICATE_LIFE * 11 / 10, "{life:?}");
+        // A short life is renewed ahead of its end, not at once.
+        let renew_in = facts.renew_at().duration_since(SystemTime::now()).unwrap();
+        assert!(renew_in > MIN_HOST_CERTIFICATE_LIFE / 2, "{renew_in:?}");
         identity.set(&chain, &request.key_pem).unwrap();
         assert_ne!(identity.leaf().unwrap(), before);
         assert_eq!(

@@ -345,7 +345,18 @@ where
     connect
         .call::<M>(request, &http::HeaderMap::new())
         .await
-        .map_err(|error| anyhow::anyhow!("{}: {error}", M::PATH))
+        .map_err(|error| {
+            // A joined agent's API speaks only the fleet's mutual TLS, to its control plane:
+            // a plain call gets no HTTP answer at all.
+            let hint = if error.code == wrenn_connect::Code::Unavailable {
+                " (if the agent joined a control plane, it takes calls from its control plane \
+                 alone, over the fleet's mutual TLS: reach its sandboxes with `wrenn sandbox …` \
+                 through the control plane)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("{}: {error}{hint}", M::PATH)
+        })
 }
 
 fn print_sandboxes(sandboxes: &[pb::Sandbox], json: bool) -> anyhow::Result<()> {

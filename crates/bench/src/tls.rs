@@ -50,7 +50,7 @@ pub struct TlsBenchArgs {
     /// The agent's network slots: its prefix (interfaces are named after it) and first slot.
     #[arg(long, default_value = "wbtls")]
     slot_prefix: String,
-    #[arg(long, default_value_t = 900)]
+    #[arg(long, default_value_t = 1700)]
     first_slot: u32,
     #[command(flatten)]
     guest: GuestArgs,
@@ -70,7 +70,7 @@ struct Fleet {
     server: Child,
     agent: Child,
     server_data: tempfile::TempDir,
-    _agent_data: tempfile::TempDir,
+    agent_data: tempfile::TempDir,
     api: SocketAddr,
     proxy: SocketAddr,
     https: SocketAddr,
@@ -92,6 +92,28 @@ impl Drop for Fleet {
             }
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // An agent keeps its VMs running across its stop (only its slots go with
+        // --cleanup-on-exit): the sandboxes a failed run left are its VMMs under its directory.
+        kill_vmms_under(self.agent_data.path());
+    }
+}
+
+/// SIGKILLs the processes whose command line names `dir` (the VMMs of an agent's sandboxes).
+fn kill_vmms_under(dir: &Path) {
+    let marker = dir.display().to_string();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(command_line) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&command_line).contains(&marker) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }
@@ -179,7 +201,7 @@ impl Fleet {
             server: half.server.take().context("the server")?,
             agent,
             server_data,
-            _agent_data: agent_data,
+            agent_data,
             api,
             proxy,
             https,
@@ -298,7 +320,7 @@ impl Fleet {
     async fn kill(&self, id: &str) -> anyhow::Result<()> {
         let response = self
             .plain_client()?
-            .delete(format!("http://{}/v2/sandboxes/{id}", self.api))
+            .delete(format!("http://{}/sandboxes/{id}", self.api))
             .header("x-api-key", &self.key)
             .send()
             .await?;
@@ -405,7 +427,7 @@ async fn handshake(
     let started = Instant::now();
     let stream = tokio::net::TcpStream::connect(address).await?;
     stream.set_nodelay(true)?;
-    let connection = tokio_rustls::TlsConnector::from(settings)
+    let mut connection = tokio_rustls::TlsConnector::from(settings)
         .connect(name, stream)
         .await?;
     let took = started.elapsed();
@@ -413,6 +435,14 @@ async fn handshake(
         connection.get_ref().1.handshake_kind(),
         Some(rustls::HandshakeKind::Resumed)
     );
+    // One request and its answer, as a proxied request makes: the server's session tickets
+    // come after the handshake and are taken in as the answer is read.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    connection
+        .write_all(b"GET /health HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut answer = Vec::new();
+    connection.read_to_end(&mut answer).await?;
     Ok((took, resumed))
 }
 

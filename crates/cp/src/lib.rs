@@ -14,6 +14,7 @@ pub mod deadlines;
 pub mod events;
 pub mod fleet;
 pub mod http;
+pub mod lease;
 pub mod metrics;
 pub mod proxy;
 pub mod quota;

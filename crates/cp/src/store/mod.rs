@@ -625,6 +625,13 @@ pub trait StoreBackend: Send + Sync + std::fmt::Debug {
         self.change_states(change).await
     }
 
+    /// Takes or renews lease `name` for `holder`, to expire `ttl_ms` from now by the store's
+    /// clock (PostgreSQL's own, shared by every replica): the lease's fencing token, raised
+    /// whenever the holder changes, or `None` while another holder's lease has not expired.
+    async fn take_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> StoreResult<Option<i64>>;
+    /// Gives lease `name` up if `holder` has it (another may take it at once): whether it had.
+    async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<bool>;
+
     async fn put_host(&self, host: HostRow) -> StoreResult<()>;
     async fn forget_host(&self, host_id: &str) -> StoreResult<u64>;
     async fn hosts(&self) -> StoreResult<Vec<HostRow>>;
@@ -1347,6 +1354,75 @@ mod tests {
         drop(store);
         let reopened = Store::open(&dir.path().join("db.sqlite")).unwrap();
         assert_eq!(reopened.all_sandboxes().await.unwrap().len(), 6);
+    }
+
+    #[tokio::test]
+    async fn a_lease_has_one_holder_until_it_expires_and_a_new_holder_raises_its_token() {
+        for (backend, store, _dir) in backends().await {
+            let minute = 60_000;
+            let first = store.take_lease("lifecycle", "a", minute).await.unwrap();
+            let token = first.unwrap_or_else(|| panic!("{backend}: a free lease is taken"));
+            assert_eq!(
+                store.take_lease("lifecycle", "b", minute).await.unwrap(),
+                None,
+                "{backend}: held"
+            );
+            assert_eq!(
+                store.take_lease("lifecycle", "a", minute).await.unwrap(),
+                Some(token),
+                "{backend}: a renewal keeps the token"
+            );
+            assert!(
+                store
+                    .take_lease("reconcile", "b", minute)
+                    .await
+                    .unwrap()
+                    .is_some(),
+                "{backend}: leases are apart"
+            );
+
+            // Renewed for a millisecond and left to lapse: the next holder's token is higher,
+            // and the old holder is fenced out.
+            store.take_lease("lifecycle", "a", 1).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            assert_eq!(
+                store.take_lease("lifecycle", "b", minute).await.unwrap(),
+                Some(token + 1),
+                "{backend}"
+            );
+            assert_eq!(
+                store.take_lease("lifecycle", "a", minute).await.unwrap(),
+                None,
+                "{backend}: the lapsed holder is out"
+            );
+
+            // Given up, it is free at once; only its holder gives it up.
+            assert!(!store.release_lease("lifecycle", "a").await.unwrap());
+            assert!(store.release_lease("lifecycle", "b").await.unwrap());
+            assert_eq!(
+                store.take_lease("lifecycle", "a", minute).await.unwrap(),
+                Some(token + 2),
+                "{backend}"
+            );
+
+            // Taken by many at once (a lapsed lease): one of them has it.
+            store.release_lease("lifecycle", "a").await.unwrap();
+            let takers = (0..8).map(|n| {
+                let store = store.clone();
+                async move {
+                    store
+                        .take_lease("lifecycle", &format!("r{n}"), minute)
+                        .await
+                }
+            });
+            let taken = futures_util::future::join_all(takers).await;
+            let winners = taken
+                .into_iter()
+                .map(|answer| answer.unwrap())
+                .filter(Option::is_some)
+                .count();
+            assert_eq!(winners, 1, "{backend}");
+        }
     }
 
     #[tokio::test]

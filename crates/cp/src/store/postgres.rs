@@ -40,6 +40,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0010_channels.sql"),
     include_str!("../../migrations/postgres/0011_users.sql"),
     include_str!("../../migrations/postgres/0012_telemetry.sql"),
+    include_str!("../../migrations/postgres/0013_leases.sql"),
 ];
 
 /// Connections to one PostgreSQL database.
@@ -527,6 +528,32 @@ impl StoreBackend for PgStore {
 
     async fn sandboxes_on_host(&self, host_id: &str) -> StoreResult<Vec<SandboxRow>> {
         self.select("WHERE host_id = $1", &[&host_id]).await
+    }
+
+    async fn take_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> StoreResult<Option<i64>> {
+        // The server's clock, the one every replica shares; the conflicting row is locked, so
+        // of two replicas taking an expired lease at once one wins and the other sees it held.
+        let sql = "INSERT INTO leases (name, holder, token, expires_at_ms)
+                SELECT $1, $2, 1, (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT + $3
+            ON CONFLICT (name) DO UPDATE SET
+                token = leases.token + CASE WHEN leases.holder = EXCLUDED.holder THEN 0 ELSE 1 END,
+                holder = EXCLUDED.holder,
+                expires_at_ms = EXCLUDED.expires_at_ms
+            WHERE leases.holder = EXCLUDED.holder
+                OR leases.expires_at_ms < EXCLUDED.expires_at_ms - $3
+            RETURNING token";
+        let row = self
+            .client()
+            .await?
+            .query_opt(sql, &[&name, &holder, &ttl_ms])
+            .await?;
+        Ok(row.map(|row| row.get::<_, i64>(0)))
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<bool> {
+        // Expired at once, kept for its token (the next holder's is higher).
+        let sql = "UPDATE leases SET expires_at_ms = 0 WHERE name = $1 AND holder = $2";
+        Ok(self.execute(sql, &[&name, &holder]).await? == 1)
     }
 
     async fn put_host(&self, host: HostRow) -> StoreResult<()> {

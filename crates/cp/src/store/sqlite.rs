@@ -43,6 +43,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0010_channels.sql"),
     include_str!("../../migrations/sqlite/0011_users.sql"),
     include_str!("../../migrations/sqlite/0012_telemetry.sql"),
+    include_str!("../../migrations/sqlite/0013_leases.sql"),
 ];
 
 /// The SQLite store.
@@ -590,6 +591,38 @@ impl StoreBackend for SqliteStore {
     }
 
     /// Adds or replaces a host.
+    async fn take_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> StoreResult<Option<i64>> {
+        // One process holds a SQLite store: its own clock is the store's.
+        let now_ms = wrenn_core::now_ms();
+        let (name, holder) = (name.to_string(), holder.to_string());
+        self.with(move |db| {
+            use rusqlite::OptionalExtension;
+            db.query_row(
+                "INSERT INTO leases (name, holder, token, expires_at_ms) VALUES (?1, ?2, 1, ?3 + ?4)
+                 ON CONFLICT (name) DO UPDATE SET
+                     token = token + CASE WHEN holder = excluded.holder THEN 0 ELSE 1 END,
+                     holder = excluded.holder,
+                     expires_at_ms = excluded.expires_at_ms
+                 WHERE holder = excluded.holder OR expires_at_ms < ?3
+                 RETURNING token",
+                rusqlite::params![name, holder, now_ms, ttl_ms],
+                |row| row.get(0),
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<bool> {
+        // Expired at once, kept for its token (the next holder's is higher).
+        self.execute(
+            "UPDATE leases SET expires_at_ms = 0 WHERE name = ?1 AND holder = ?2",
+            values![name.to_string(), holder.to_string()],
+        )
+        .await
+        .map(|changed| changed == 1)
+    }
+
     async fn put_host(&self, host: HostRow) -> StoreResult<()> {
         self.execute(
             format!(

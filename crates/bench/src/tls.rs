@@ -57,7 +57,8 @@ pub struct TlsBenchArgs {
 }
 
 /// The domain the HTTPS front serves under (resolved by no one: the benchmark dials the
-/// listener's address and names the host in SNI and `Host`).
+/// listener's address, names the host in `Host` and checks the certificate against that name;
+/// dialling an address, it sends no SNI, which the front does not need).
 const DOMAIN: &str = "bench.wrenn.test";
 
 /// A free port on the loopback.
@@ -82,7 +83,7 @@ struct Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        // The agent first: with --cleanup-on-exit it takes its VMs, slots and files with it.
+        // The agent first: with --cleanup-on-exit its slots go with it (its VMMs below).
         for child in [&mut self.agent, &mut self.server] {
             let pid = nix::unistd::Pid::from_raw(child.id() as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
@@ -101,7 +102,7 @@ impl Drop for Fleet {
 
 /// SIGKILLs the processes whose command line names `dir` (the VMMs of an agent's sandboxes).
 fn kill_vmms_under(dir: &Path) {
-    let marker = dir.display().to_string();
+    let marker = format!("{}/", dir.display());
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
             continue;
@@ -148,6 +149,7 @@ impl Fleet {
         // Dropped (and stopped) on any error below.
         let mut half = HalfStarted {
             server: Some(server),
+            agent: None,
         };
         wait_for("the control plane's API", Duration::from_secs(60), || {
             std::net::TcpStream::connect(api).is_ok()
@@ -185,6 +187,7 @@ impl Fleet {
             command.arg("--image-dir").arg(image);
         }
         let agent = command.spawn().context("starting wrenn agent serve")?;
+        half.agent = Some((agent, agent_data.path().to_path_buf()));
         let identity_file = agent_data.path().join(wrenn_agent::join::IDENTITY_FILE);
         wait_for("the agent to join", Duration::from_secs(60), || {
             agent_data
@@ -199,7 +202,7 @@ impl Fleet {
             .host_id;
         let fleet = Fleet {
             server: half.server.take().context("the server")?,
-            agent,
+            agent: half.agent.take().context("the agent")?.0,
             server_data,
             agent_data,
             api,
@@ -379,13 +382,20 @@ enum Front {
     Https,
 }
 
-/// The server process until the fleet owns it: stopped if the start fails half-way.
+/// The processes until the fleet owns them: stopped (the agent's VMMs too) if the start fails
+/// half-way.
 struct HalfStarted {
     server: Option<Child>,
+    agent: Option<(Child, PathBuf)>,
 }
 
 impl Drop for HalfStarted {
     fn drop(&mut self) {
+        if let Some((mut agent, data)) = self.agent.take() {
+            let _ = agent.kill();
+            let _ = agent.wait();
+            kill_vmms_under(&data);
+        }
         if let Some(mut server) = self.server.take() {
             let _ = server.kill();
             let _ = server.wait();

@@ -16,12 +16,18 @@ use crate::store::Store;
 /// How long a lease lasts unless renewed, by default: a dead holder's duty resumes elsewhere
 /// within this and one renewal round.
 pub const DEFAULT_LEASE_LIFE: Duration = Duration::from_secs(10);
+/// The shortest life a lease may be kept with (each renewal is a store call).
+pub const MIN_LEASE_LIFE: Duration = Duration::from_millis(300);
+
+/// A hold: the fencing token, and until when this replica may count on it (two thirds of the
+/// life from when its last renewal was asked: the store counts the life from later).
+type Hold = Option<(i64, Instant)>;
 
 /// One replica's hold on one lease, kept by a task of [`keep`].
 #[derive(Debug, Clone)]
 pub struct KeptLease {
     name: &'static str,
-    held: watch::Receiver<Option<i64>>,
+    held: watch::Receiver<Hold>,
 }
 
 impl KeptLease {
@@ -30,20 +36,30 @@ impl KeptLease {
         self.name
     }
 
-    /// The fencing token while this replica holds the lease; `None` while it does not.
+    /// The fencing token while this replica holds the lease; `None` while it does not, and
+    /// from two thirds into a hold whose renewal has not come back (stalled or failed), before
+    /// any other replica may take the lease.
     pub fn token(&self) -> Option<i64> {
-        *self.held.borrow()
+        let held = *self.held.borrow();
+        held.and_then(|(token, until)| (Instant::now() < until).then_some(token))
     }
 
     /// Waits until this replica holds the lease (its token), or the keeping stopped (`None`).
     pub async fn held(&mut self) -> Option<i64> {
-        let held = self.held.wait_for(Option::is_some).await.ok()?;
-        *held
+        loop {
+            if let Some(token) = self.token() {
+                return Some(token);
+            }
+            self.held.changed().await.ok()?;
+        }
     }
 }
 
-/// Keeps lease `name` for `holder` (a replica's id) on `store`, each hold lasting `life`,
-/// until `stop`: the hold, and the keeping task (which gives the lease up as it ends).
+/// Keeps lease `name` for `holder` (one run of one replica: a restarted process must be a new
+/// holder) on `store`, each hold lasting `life` (at least [`MIN_LEASE_LIFE`]), until `stop`:
+/// the hold, and the keeping task, which gives the lease up as it ends. Stop and await the
+/// duties run under the lease before cancelling `stop`: once given up, another replica may
+/// start at once.
 pub fn keep(
     store: Store,
     name: &'static str,
@@ -51,56 +67,50 @@ pub fn keep(
     life: Duration,
     stop: CancellationToken,
 ) -> (KeptLease, tokio::task::JoinHandle<()>) {
+    let life = life.max(MIN_LEASE_LIFE);
     let (held_sender, held) = watch::channel(None);
     let task = tokio::spawn(async move {
         let life_ms = i64::try_from(life.as_millis()).unwrap_or(i64::MAX);
-        // When the last successful take was asked: the hold lasts `life` from then at least.
-        let mut taken_at: Option<Instant> = None;
+        let mut holding = false;
         loop {
             let asked = Instant::now();
-            match store.take_lease(name, &holder, life_ms).await {
+            // A call that does not come back within a renewal round counts as failed.
+            let taken = tokio::time::timeout(life / 3, store.take_lease(name, &holder, life_ms))
+                .await
+                .map_err(|_| "the store did not answer in time".to_string())
+                .and_then(|answer| answer.map_err(|error| error.to_string()));
+            match taken {
                 Ok(Some(token)) => {
-                    if taken_at.is_none() {
+                    if !holding {
                         tracing::info!(lease = name, token, "took the lease");
                     }
-                    taken_at = Some(asked);
-                    held_sender.send_if_modified(|held| replace(held, Some(token)));
+                    holding = true;
+                    held_sender.send_replace(Some((token, asked + life * 2 / 3)));
                 }
                 Ok(None) => {
-                    if taken_at.take().is_some() {
+                    if holding {
                         tracing::warn!(lease = name, "lost the lease to another replica");
                     }
-                    held_sender.send_if_modified(|held| replace(held, None));
+                    holding = false;
+                    held_sender.send_if_modified(|held| held.take().is_some());
                 }
-                Err(error) => {
+                // The hold's own deadline ends it if this goes on; a holder says so.
+                Err(error) if holding => {
                     tracing::warn!(lease = name, %error, "cannot renew the lease");
-                    // Not renewed: stop acting two thirds in, before another may take it.
-                    if taken_at.is_some_and(|at| at.elapsed() >= life * 2 / 3) {
-                        taken_at = None;
-                        held_sender.send_if_modified(|held| replace(held, None));
-                    }
                 }
+                Err(error) => tracing::debug!(lease = name, %error, "cannot take the lease"),
             }
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = tokio::time::sleep(life / 3) => {}
             }
         }
-        held_sender.send_if_modified(|held| replace(held, None));
-        if taken_at.is_some()
-            && let Err(error) = store.release_lease(name, &holder).await
-        {
+        held_sender.send_if_modified(|held| held.take().is_some());
+        if holding && let Err(error) = store.release_lease(name, &holder).await {
             tracing::warn!(lease = name, %error, "cannot give the lease up: it lapses");
         }
     });
     (KeptLease { name, held }, task)
-}
-
-/// Sets `held` to `value`: whether it changed.
-fn replace(held: &mut Option<i64>, value: Option<i64>) -> bool {
-    let changed = *held != value;
-    *held = value;
-    changed
 }
 
 #[cfg(test)]
@@ -116,7 +126,7 @@ mod tests {
     #[tokio::test]
     async fn one_replica_holds_a_lease_and_another_takes_it_when_it_stops_or_dies() {
         let (store, _dir) = store().await;
-        let life = Duration::from_millis(300);
+        let life = Duration::from_secs(2);
         let (stop_a, stop_b) = (CancellationToken::new(), CancellationToken::new());
         let (mut a, a_task) = keep(store.clone(), "duty", "a".into(), life, stop_a.clone());
         let first = a.held().await.expect("a free lease is taken");
@@ -139,6 +149,19 @@ mod tests {
         let taken = within(c.held()).await.unwrap();
         assert!(taken > second);
         stop_b.cancel();
+    }
+
+    #[test]
+    fn a_hold_whose_renewal_did_not_come_back_stops_counting_at_its_deadline() {
+        let (sender, held) = watch::channel(Some((7, Instant::now() + Duration::from_secs(60))));
+        let lease = KeptLease { name: "duty", held };
+        assert_eq!(lease.token(), Some(7));
+        sender.send_replace(Some((7, Instant::now() - Duration::from_millis(1))));
+        assert_eq!(
+            lease.token(),
+            None,
+            "past its deadline, with no renewal since"
+        );
     }
 
     /// `future`'s answer, which must come within five seconds.

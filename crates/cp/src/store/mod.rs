@@ -626,8 +626,10 @@ pub trait StoreBackend: Send + Sync + std::fmt::Debug {
     }
 
     /// Takes or renews lease `name` for `holder`, to expire `ttl_ms` from now by the store's
-    /// clock (PostgreSQL's own, shared by every replica): the lease's fencing token, raised
-    /// whenever the holder changes, or `None` while another holder's lease has not expired.
+    /// clock (PostgreSQL's own, shared by every replica): the lease's fencing token, the same
+    /// for a renewal and raised whenever the lease is taken anew (another holder, or the same
+    /// one after it lapsed), or `None` while another holder's lease has not expired. Holders
+    /// name one run of one process (a restarted replica is a new holder).
     async fn take_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> StoreResult<Option<i64>>;
     /// Gives lease `name` up if `holder` has it (another may take it at once): whether it had.
     async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<bool>;
@@ -1396,12 +1398,21 @@ mod tests {
                 "{backend}: the lapsed holder is out"
             );
 
+            // A holder taking its own lapsed lease again is a new hold: a new token.
+            store.take_lease("lifecycle", "b", 1).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            assert_eq!(
+                store.take_lease("lifecycle", "b", minute).await.unwrap(),
+                Some(token + 2),
+                "{backend}"
+            );
+
             // Given up, it is free at once; only its holder gives it up.
             assert!(!store.release_lease("lifecycle", "a").await.unwrap());
             assert!(store.release_lease("lifecycle", "b").await.unwrap());
             assert_eq!(
                 store.take_lease("lifecycle", "a", minute).await.unwrap(),
-                Some(token + 2),
+                Some(token + 3),
                 "{backend}"
             );
 

@@ -536,17 +536,22 @@ impl StoreBackend for PgStore {
         let sql = "INSERT INTO leases (name, holder, token, expires_at_ms)
                 SELECT $1, $2, 1, (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT + $3
             ON CONFLICT (name) DO UPDATE SET
-                token = leases.token + CASE WHEN leases.holder = EXCLUDED.holder THEN 0 ELSE 1 END,
+                token = leases.token + CASE
+                    WHEN leases.holder = EXCLUDED.holder
+                        AND leases.expires_at_ms >= EXCLUDED.expires_at_ms - $3 THEN 0
+                    ELSE 1 END,
                 holder = EXCLUDED.holder,
                 expires_at_ms = EXCLUDED.expires_at_ms
             WHERE leases.holder = EXCLUDED.holder
                 OR leases.expires_at_ms < EXCLUDED.expires_at_ms - $3
             RETURNING token";
+        let started = std::time::Instant::now();
         let row = self
             .client()
             .await?
             .query_opt(sql, &[&name, &holder, &ttl_ms])
             .await?;
+        crate::metrics::observe_store_call("postgres", started.elapsed());
         Ok(row.map(|row| row.get::<_, i64>(0)))
     }
 

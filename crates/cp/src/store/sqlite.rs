@@ -590,7 +590,6 @@ impl StoreBackend for SqliteStore {
             .await
     }
 
-    /// Adds or replaces a host.
     async fn take_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> StoreResult<Option<i64>> {
         // One process holds a SQLite store: its own clock is the store's.
         let now_ms = wrenn_core::now_ms();
@@ -600,7 +599,8 @@ impl StoreBackend for SqliteStore {
             db.query_row(
                 "INSERT INTO leases (name, holder, token, expires_at_ms) VALUES (?1, ?2, 1, ?3 + ?4)
                  ON CONFLICT (name) DO UPDATE SET
-                     token = token + CASE WHEN holder = excluded.holder THEN 0 ELSE 1 END,
+                     token = token + CASE WHEN holder = excluded.holder AND expires_at_ms >= ?3
+                         THEN 0 ELSE 1 END,
                      holder = excluded.holder,
                      expires_at_ms = excluded.expires_at_ms
                  WHERE holder = excluded.holder OR expires_at_ms < ?3
@@ -623,6 +623,7 @@ impl StoreBackend for SqliteStore {
         .map(|changed| changed == 1)
     }
 
+    /// Adds or replaces a host.
     async fn put_host(&self, host: HostRow) -> StoreResult<()> {
         self.execute(
             format!(

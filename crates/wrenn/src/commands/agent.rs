@@ -347,8 +347,11 @@ where
         .await
         .map_err(|error| {
             // A joined agent's API speaks only the fleet's mutual TLS, to its control plane:
-            // a plain call gets no HTTP answer at all.
-            let hint = if error.code == wrenn_connect::Code::Unavailable {
+            // a plain call is taken and gets no HTTP answer at all.
+            let no_http_answer = error.code == wrenn_connect::Code::Unavailable
+                && error.message.starts_with("request failed")
+                && !error.message.contains("refused");
+            let hint = if no_http_answer {
                 " (if the agent joined a control plane, it takes calls from its control plane \
                  alone, over the fleet's mutual TLS: reach its sandboxes with `wrenn sandbox …` \
                  through the control plane)"

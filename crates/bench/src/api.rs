@@ -89,16 +89,22 @@ async fn create_through_api(
     )
     .await?;
     let took = started.elapsed();
+    Ok((created_sandbox_id(status, &body)?, headers, took))
+}
+
+/// The sandbox id of a `POST /v2/sandboxes` answer, which must be a 201.
+pub(super) fn created_sandbox_id(status: u16, body: &[u8]) -> anyhow::Result<String> {
     anyhow::ensure!(
         status == 201,
         "create: HTTP {status}: {}",
-        String::from_utf8_lossy(&body)
+        String::from_utf8_lossy(body)
     );
-    let id = serde_json::from_slice::<serde_json::Value>(&body)?["sandboxID"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    Ok((id, headers, took))
+    Ok(
+        serde_json::from_slice::<serde_json::Value>(body)?["sandboxID"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
 }
 
 /// The benchmark's one HTTP client.

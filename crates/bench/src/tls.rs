@@ -308,15 +308,8 @@ impl Fleet {
         let status = response.status();
         let body = response.bytes().await?;
         let took = started.elapsed();
-        anyhow::ensure!(
-            status == 201,
-            "create over {front:?}: HTTP {status}: {}",
-            String::from_utf8_lossy(&body)
-        );
-        let id = serde_json::from_slice::<serde_json::Value>(&body)?["sandboxID"]
-            .as_str()
-            .context("no sandboxID")?
-            .to_string();
+        let id = super::api::created_sandbox_id(status.as_u16(), &body)
+            .with_context(|| format!("over {front:?}"))?;
         Ok((id, took))
     }
 

@@ -65,19 +65,13 @@ impl Drop for RunningEnvd {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// Starts envd and returns it with the time from spawn to its first 204 from `/health`.
 async fn start_envd(bin: &PathBuf) -> anyhow::Result<(RunningEnvd, Duration)> {
     start_envd_with(bin, &[]).await
 }
 
 async fn start_envd_with(bin: &PathBuf, extra: &[&str]) -> anyhow::Result<(RunningEnvd, Duration)> {
-    let port = free_port()?;
+    let port = super::free_port()?;
     let started = Instant::now();
     let child = Command::new(bin)
         .args(wrenn_envd::loopback_args(port))

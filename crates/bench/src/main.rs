@@ -70,6 +70,24 @@ fn main() {
     }
 }
 
+/// A port free now on every address, for a child the benchmark starts soon after. Chosen below
+/// the kernel's ephemeral range (32768 and up by default) from a place that differs per process
+/// and per call: a port the OS hands out from that range can be taken by any outgoing connection
+/// in between (as one was, on a tap's address, under an agent's metadata listener).
+pub fn free_port() -> anyhow::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const PORTS: std::ops::Range<u16> = 20_000..32_000;
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+    let span = u32::from(PORTS.end - PORTS.start);
+    let start = std::process::id()
+        .wrapping_mul(7919)
+        .wrapping_add(CALLS.fetch_add(1, Ordering::Relaxed).wrapping_mul(613));
+    (0..span)
+        .map(|step| PORTS.start + (start.wrapping_add(step) % span) as u16)
+        .find(|port| std::net::TcpListener::bind(("0.0.0.0", *port)).is_ok())
+        .ok_or_else(|| anyhow::anyhow!("no free port in {PORTS:?}"))
+}
+
 /// The `wrenn` binary beside this one (the benchmarks run `wrenn agent serve`).
 pub fn wrenn_binary() -> anyhow::Result<std::path::PathBuf> {
     let own = std::env::current_exe()?;

@@ -347,6 +347,19 @@ impl BareRestores<'_> {
     }
 }
 
+/// How one start of the agent ended.
+enum Spawned {
+    /// Its API takes connections.
+    Ready {
+        child: std::process::Child,
+        data: tempfile::TempDir,
+        port: u16,
+        token: &'static str,
+    },
+    /// It exited before that.
+    Exited(std::process::ExitStatus),
+}
+
 /// A `wrenn agent serve` child process for the benchmark.
 pub(super) struct BenchAgent {
     child: std::process::Child,
@@ -378,15 +391,54 @@ impl BenchAgent {
         first_slot: u32,
         extra: &[String],
     ) -> anyhow::Result<BenchAgent> {
-        let proxy_port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let mmds_port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        // Ports are picked by binding and letting go, so another process can take one before
+        // the agent binds it: an agent that exits while starting is started again on others.
+        const ATTEMPTS: u32 = 4;
+        let mut attempt = 1;
+        let (child, data, port, token) = loop {
+            match Self::spawn_once(guest, slot_prefix, first_slot, extra)? {
+                Spawned::Ready {
+                    child,
+                    data,
+                    port,
+                    token,
+                } => break (child, data, port, token),
+                Spawned::Exited(status) if attempt < ATTEMPTS => {
+                    eprintln!(
+                        "the agent exited while starting ({status}), likely on a port taken \
+                         meanwhile; starting it again on other ports"
+                    );
+                    attempt += 1;
+                }
+                Spawned::Exited(status) => {
+                    anyhow::bail!("the agent exited while starting, {ATTEMPTS} times: {status}")
+                }
+            }
+        };
+        let client = ConnectClient::new(
+            format!("http://127.0.0.1:{port}"),
+            HttpVersion::Http1,
+            Codec::Proto,
+        )
+        .with_header("authorization", &format!("Bearer {token}"));
+        Ok(BenchAgent {
+            child,
+            data,
+            client,
+        })
+    }
+
+    /// Starts the agent once on freshly picked ports and waits until its API takes connections
+    /// or it exits.
+    fn spawn_once(
+        guest: &GuestArgs,
+        slot_prefix: &str,
+        first_slot: u32,
+        extra: &[String],
+    ) -> anyhow::Result<Spawned> {
+        let proxy_port = super::free_port()?;
+        let port = super::free_port()?;
+        let mmds_port = super::free_port()?;
         let data = tempfile::tempdir()?;
         let token = "bench-token";
         let mut command = std::process::Command::new(super::wrenn_binary()?);
@@ -432,22 +484,24 @@ impl BenchAgent {
         if let Some(image) = &guest.image_dir {
             command.arg("--image-dir").arg(image);
         }
-        let child = command.spawn().context("starting the agent")?;
+        let mut child = command.spawn().context("starting the agent")?;
         let deadline = Instant::now() + Duration::from_secs(60);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            anyhow::ensure!(Instant::now() < deadline, "the agent did not start");
+            if let Some(status) = child.try_wait()? {
+                return Ok(Spawned::Exited(status));
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!("the agent did not start within 60 s");
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let client = ConnectClient::new(
-            format!("http://127.0.0.1:{port}"),
-            HttpVersion::Http1,
-            Codec::Proto,
-        )
-        .with_header("authorization", &format!("Bearer {token}"));
-        Ok(BenchAgent {
+        Ok(Spawned::Ready {
             child,
             data,
-            client,
+            port,
+            token,
         })
     }
 

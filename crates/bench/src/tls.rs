@@ -63,7 +63,7 @@ const DOMAIN: &str = "bench.wrenn.test";
 
 /// A free port on the loopback.
 fn free_address() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+    Ok(SocketAddr::from(([127, 0, 0, 1], super::free_port()?)))
 }
 
 /// A `wrenn server` and a `wrenn agent serve` joined to it, stopped (SIGTERM) when dropped.
@@ -161,7 +161,7 @@ impl Fleet {
 
         let agent_data = tempfile::tempdir()?;
         let (agent_api, agent_proxy) = (free_address()?, free_address()?);
-        let mmds_port = free_address()?.port();
+        let mmds_port = super::free_port()?;
         let token = "bench-agent-token";
         let mut command = Command::new(&wrenn);
         command

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod quota;
 pub mod ratelimit;
+pub mod replica;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::ControlPlane;
+use crate::replica::Duty;
 use crate::service::hooks::Hooks;
 
 /// The router an extension's routes are: handlers see the control plane as their state, and
@@ -106,19 +107,38 @@ impl Server {
     /// [`Started::stopped`]).
     pub fn start(self, shutdown: CancellationToken) -> Started {
         crate::metrics::register_all();
+        // Among replicas, each duty runs where its lease is held (the loops ask before each
+        // round; the telemetry collection and the deliveries are started and stopped with it).
+        if let Some(replica) = &self.plane.replica {
+            replica.keep_duties(&self.plane.store);
+        }
         tokio::spawn(self.plane.clone().run_lifecycle());
         tokio::spawn(self.plane.clone().run_fleet(self.wake));
+        let plane = self.plane.clone();
         let mut workers = vec![
             tokio::spawn(self.plane.clone().run_event_hooks(shutdown.clone())),
-            tokio::spawn(self.plane.clone().run_telemetry(shutdown.clone())),
+            tokio::spawn(while_held(
+                self.plane.clone(),
+                Duty::Telemetry,
+                shutdown.clone(),
+                move |stop| plane.clone().run_telemetry(stop),
+            )),
         ];
         // Notification channels' deliveries; one cut short is made again at the next start.
         if let Some(channels) = &self.plane.channels {
-            workers.push(tokio::spawn(crate::channels::run_deliveries(
-                self.plane.store.clone(),
-                channels.secrets.clone(),
-                channels.policy.clone(),
+            let (store, channels) = (self.plane.store.clone(), channels.clone());
+            workers.push(tokio::spawn(while_held(
+                self.plane.clone(),
+                Duty::Deliveries,
                 shutdown.clone(),
+                move |stop| {
+                    crate::channels::run_deliveries(
+                        store.clone(),
+                        channels.secrets.clone(),
+                        channels.policy.clone(),
+                        stop,
+                    )
+                },
             )));
         }
         for extension in &self.extensions {
@@ -152,13 +172,61 @@ impl Started {
         crate::proxy::router(self.plane.clone())
     }
 
-    /// Waits for the event hooks, the deliveries and the extensions' workers to return (cancel the shutdown
-    /// token first).
+    /// Waits for the event hooks, the deliveries and the extensions' workers to return (cancel
+    /// the shutdown token first); then a replica gives its duties' leases up, for another to
+    /// take at once.
     pub async fn stopped(self) {
         for worker in self.workers {
             if let Err(error) = worker.await {
                 tracing::error!(%error, "a server worker panicked");
             }
+        }
+        if let Some(replica) = &self.plane.replica {
+            replica.give_up_duties().await;
+        }
+    }
+}
+
+/// How often a replica not holding a duty's lease looks whether it does now.
+const DUTY_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Runs the duty `work` makes (until the token it is given is cancelled) while `plane` holds
+/// `duty` (always, alone on its store): started when the lease is taken, stopped when it is
+/// lost, until `shutdown`.
+async fn while_held<W, F>(
+    plane: Arc<ControlPlane>,
+    duty: Duty,
+    shutdown: CancellationToken,
+    work: W,
+) where
+    W: Fn(CancellationToken) -> F,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    if plane.replica.is_none() {
+        return work(shutdown).await;
+    }
+    loop {
+        while !plane.holds(duty) {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(DUTY_POLL) => {}
+            }
+        }
+        let stop = shutdown.child_token();
+        let mut running = tokio::spawn(work(stop.clone()));
+        loop {
+            tokio::select! {
+                _ = &mut running => break,
+                () = tokio::time::sleep(DUTY_POLL) => {
+                    if !plane.holds(duty) {
+                        tracing::info!(duty = duty.lease_name(), "this replica no longer holds the duty: stopping it");
+                        stop.cancel();
+                    }
+                }
+            }
+        }
+        if shutdown.is_cancelled() {
+            return;
         }
     }
 }

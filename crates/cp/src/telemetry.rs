@@ -187,6 +187,12 @@ impl ControlPlane {
     pub async fn collect_telemetry(&self, host: &Host) -> Result<Collected, Error> {
         let cursor = self.telemetry.cursor(&host.id());
         let mut cursor = cursor.lock().await;
+        // Replicas take the collection over from one another: the store has where it stands.
+        let replicated = self.replica.is_some();
+        if replicated && let Some(stored) = self.store.telemetry_cursor(&host.id()).await? {
+            cursor.epoch = stored.epoch;
+            cursor.after = stored.after;
+        }
         let mut collected = Collected::default();
         for _ in 0..MAX_PAGES {
             let response = host
@@ -201,10 +207,18 @@ impl ControlPlane {
                 tracing::warn!(host = %host.name(), "the host dropped sandbox samples or log lines before they were collected");
             }
             let entries = response.samples.len() + response.logs.len();
-            let batch = self.telemetry_batch(&response).await?;
+            let mut batch = self.telemetry_batch(&response).await?;
             collected.samples += batch.samples.len();
             collected.lines += batch.logs.len();
-            if !batch.samples.is_empty() || !batch.logs.is_empty() {
+            let moved = response.epoch != cursor.epoch || response.next != cursor.after;
+            if replicated && moved {
+                batch.cursor = Some(crate::store::TelemetryCursor {
+                    host_id: host.id(),
+                    epoch: response.epoch.clone(),
+                    after: response.next,
+                });
+            }
+            if !batch.samples.is_empty() || !batch.logs.is_empty() || batch.cursor.is_some() {
                 self.store.add_telemetry(batch).await?;
             }
             crate::metrics::count_telemetry(

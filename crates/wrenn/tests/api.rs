@@ -41,6 +41,8 @@ struct Server {
     key: String,
     /// More arguments of `wrenn server`.
     extra_args: Vec<String>,
+    /// The directory given as `--shared-dir`'s parent (replicas share it), if any.
+    shared: Option<PathBuf>,
 }
 
 impl Server {
@@ -59,6 +61,7 @@ impl Server {
             join_token: format!("join-{}", free_port()),
             key: String::new(),
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            shared: None,
         };
         server.spawn();
         server.key = std::fs::read_to_string(server.data.path().join("cp/initial-api-key"))
@@ -70,11 +73,52 @@ impl Server {
         format!("http://{}", self.api)
     }
 
+    /// One of several replicas on `database_url` (leases of 1.5 s), sharing `shared`'s `cp`
+    /// directory and `join_token`, with the key `key` (the first replica's) or, for the first,
+    /// its own.
+    fn start_replica(
+        database_url: &str,
+        shared: &std::path::Path,
+        join_token: &str,
+        key: Option<&str>,
+    ) -> Server {
+        let mut server = Server {
+            child: None,
+            data: tempfile::tempdir().unwrap(),
+            api: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            proxy: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            fleet: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            database_url: Some(database_url.to_string()),
+            join_token: join_token.to_string(),
+            key: String::new(),
+            extra_args: vec![
+                "--replica".into(),
+                "--lease-life-ms".into(),
+                REPLICA_LEASE_MS.to_string(),
+                "--shared-dir".into(),
+                shared.join("cp").display().to_string(),
+            ],
+            shared: Some(shared.to_path_buf()),
+        };
+        server.spawn();
+        server.key = match key {
+            Some(key) => key.to_string(),
+            None => std::fs::read_to_string(server.data.path().join("cp/initial-api-key"))
+                .expect("the first replica writes the first key"),
+        };
+        server
+    }
+
+    /// Its process id (while it runs).
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// How agents join it.
     fn fleet(&self) -> FleetAccess {
         FleetAccess {
             url: format!("https://{}", self.fleet),
-            cp_data: self.data_dir(),
+            cp_data: self.shared.clone().unwrap_or_else(|| self.data_dir()),
             join_token: self.join_token.clone(),
         }
     }
@@ -2458,4 +2502,311 @@ async fn the_cli_takes_its_api_key_from_a_file() {
         String::from_utf8_lossy(&both.stderr).contains("not both"),
         "{both:?}"
     );
+}
+
+/// How long the replicas' leases last in the tests (renewed every 500 ms).
+const REPLICA_LEASE_MS: u64 = 1500;
+
+/// The store of replicas, read directly: who holds each lease, what was recorded.
+struct ReplicaStore(tokio_postgres::Client);
+
+impl ReplicaStore {
+    async fn open(url: &str) -> ReplicaStore {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        ReplicaStore(client)
+    }
+
+    /// The process id in the holder of lease `name`, while it is held.
+    async fn holder_pid(&self, name: &str) -> Option<u32> {
+        let row = self
+            .0
+            .query_opt(
+                "SELECT holder FROM leases WHERE name = $1
+                 AND expires_at_ms >= (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT",
+                &[&name],
+            )
+            .await
+            .unwrap()?;
+        // `<host name>-<pid>-<random>`
+        let holder: String = row.get(0);
+        holder.rsplit('-').nth(1)?.parse().ok()
+    }
+
+    /// Waits until lease `name` is held by one of `replicas`: its index.
+    async fn holder(&self, name: &str, replicas: &[Server]) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(pid) = self.holder_pid(name).await
+                && let Some(index) = replicas.iter().position(|r| r.pid() == Some(pid))
+            {
+                return index;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no live replica took lease {name}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// How many events of `kind` name `subject`.
+    async fn events(&self, kind: &str, subject: &str) -> i64 {
+        self.0
+            .query_one(
+                "SELECT COUNT(*) FROM events WHERE kind = $1 AND subject = $2",
+                &[&kind, &subject],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+}
+
+/// `POST /sandboxes` with an Idempotency-Key: the status and the sandbox's id.
+async fn create_with_key(server: &Server, key: &str) -> (StatusCode, String) {
+    let api = wrenn_api::client::Client::new(&server.url(), Some(&server.key))
+        .unwrap()
+        .with_deadline(Duration::from_secs(120));
+    let mut headers = http::HeaderMap::new();
+    headers.insert("idempotency-key", key.parse().unwrap());
+    let body = json!({"templateID": "base", "timeout": 300}).to_string();
+    let response = api
+        .send(
+            Method::POST,
+            "/sandboxes",
+            &headers,
+            Some(bytes::Bytes::from(body)),
+        )
+        .await
+        .unwrap();
+    let status = StatusCode::from_u16(response.status.as_u16()).unwrap();
+    let id = response.json()["sandboxID"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    (status, id)
+}
+
+/// Control plane replicas (#23) without VMs: three `wrenn server --replica` on one PostgreSQL
+/// database, two fake hosts heartbeating to different replicas. Any replica serves any call
+/// and sees every host; creates, pauses, resumes and kills spread over them work; a create
+/// retried with its Idempotency-Key at another replica (or sent to two at once) makes one
+/// sandbox; a pause and a kill sent at once to two replicas end with the sandbox killed once.
+/// Then the replicas holding the duties are SIGKILLed one after the other: sandboxes whose
+/// timeout passes during the handover are killed exactly once, a silent host is marked down
+/// exactly once, and a drift is reconciled by the survivor. SQLite is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_serve_any_call_and_hand_their_duties_over_when_one_dies() {
+    // Refused on SQLite, with the reason.
+    let data = tempfile::tempdir().unwrap();
+    let refused = Command::new(env!("CARGO_BIN_EXE_wrenn"))
+        .args(["server", "--replica", "--no-internet"])
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["--api-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--proxy-listen", &format!("127.0.0.1:{}", free_port())])
+        .env_remove("DATABASE_URL")
+        .env("WRENN_JOIN_TOKEN", "join")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("PostgreSQL"), "{said}");
+
+    let Some(database) = postgres_database().await else {
+        return;
+    };
+    let store = ReplicaStore::open(&database).await;
+    let shared = tempfile::tempdir().unwrap();
+    let join_token = format!("join-{}", free_port());
+    let mut replicas = vec![Server::start_replica(
+        &database,
+        shared.path(),
+        &join_token,
+        None,
+    )];
+    let key = replicas[0].key.clone();
+    for _ in 0..2 {
+        replicas.push(Server::start_replica(
+            &database,
+            shared.path(),
+            &join_token,
+            Some(&key),
+        ));
+    }
+    // Each host registers and heartbeats at a replica of its own; every replica sees both.
+    let mut host_a = FakeAgent::start("replica-host-a", false, &replicas[1]).await;
+    host_a.join(&replicas[1]).await;
+    let mut host_b = FakeAgent::start("replica-host-b", false, &replicas[2]).await;
+    host_b.join(&replicas[2]).await;
+    for replica in &replicas {
+        for host in ["replica-host-a", "replica-host-b"] {
+            replica.wait_host(host, "up", Duration::from_secs(10)).await;
+        }
+    }
+    let tables = [host_a.sandboxes.clone(), host_b.sandboxes.clone()];
+    let on_hosts = || {
+        let mut ids: Vec<String> = tables
+            .iter()
+            .flat_map(|table| table.lock().unwrap().iter().cloned().collect::<Vec<_>>())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let kills = [host_a.destroyed.clone(), host_b.destroyed.clone()];
+    let destroyed = |id: &str| {
+        kills
+            .iter()
+            .map(|kills| {
+                kills
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|(gone, _)| gone == id)
+                    .count()
+            })
+            .sum::<usize>()
+    };
+
+    // Creates, reads, pauses, resumes and kills spread over the replicas.
+    let mut ids = Vec::new();
+    for index in 0..4 {
+        let body = json!({"templateID": "base", "timeout": 300});
+        ids.push(replicas[index % 3].create_id(body).await);
+    }
+    for replica in &replicas {
+        for id in &ids {
+            replica.sandbox(id).detail(StatusCode::OK).await;
+        }
+    }
+    replicas[0]
+        .sandbox(&ids[1])
+        .pause(StatusCode::NO_CONTENT)
+        .await;
+    replicas[2]
+        .wait_sandbox("the pause seen by another replica", &ids[1], "paused", 5)
+        .await;
+    replicas[2]
+        .sandbox(&ids[1])
+        .post(StatusCode::CREATED, "/resume", json!({"timeout": 300}))
+        .await;
+    replicas[1]
+        .wait_sandbox("the resume seen by another replica", &ids[1], "running", 5)
+        .await;
+    replicas[1]
+        .sandbox(&ids[1])
+        .kill(StatusCode::NO_CONTENT)
+        .await;
+    for replica in &replicas {
+        replica.sandbox(&ids[1]).detail(StatusCode::NOT_FOUND).await;
+    }
+
+    // A create retried at another replica with its key gets the first one's sandbox; two sent
+    // at once to two replicas make one.
+    let (status, first) = create_with_key(&replicas[0], "retried").await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, again) = create_with_key(&replicas[2], "retried").await;
+    assert_eq!((status, &again), (StatusCode::CREATED, &first));
+    let before = on_hosts().len();
+    let (one, other) = tokio::join!(
+        create_with_key(&replicas[1], "at-once"),
+        create_with_key(&replicas[2], "at-once")
+    );
+    assert_eq!(one.0, StatusCode::CREATED);
+    assert_eq!(
+        one, other,
+        "two creates with one key at once made one sandbox"
+    );
+    assert_eq!(on_hosts().len(), before + 1);
+
+    // A pause and a kill at once, at two replicas: one after the other, the sandbox killed once.
+    let raced = ids[2].clone();
+    let pause_path = format!("/sandboxes/{raced}/pause");
+    let kill_path = format!("/sandboxes/{raced}");
+    let (paused, killed) = tokio::join!(
+        replicas[0].call(Method::POST, &pause_path, json!({})),
+        replicas[1].call(Method::DELETE, &kill_path, Value::Null)
+    );
+    assert_eq!(killed.0, StatusCode::NO_CONTENT, "{}", killed.1);
+    assert!(
+        [StatusCode::NO_CONTENT, StatusCode::NOT_FOUND].contains(&paused.0),
+        "the pause either came first or found the sandbox killed: {paused:?}"
+    );
+    for replica in &replicas {
+        replica.sandbox(&raced).detail(StatusCode::NOT_FOUND).await;
+    }
+    assert_eq!(destroyed(&raced), 1);
+    assert!(!on_hosts().contains(&raced));
+
+    // The lifecycle's replica dies while two sandboxes' timeouts pass: each is killed once.
+    let lifecycle = store.holder("lifecycle", &replicas).await;
+    let creator = (lifecycle + 1) % 3;
+    // The hosts heartbeat to a replica that stays (registering there again).
+    for host in [&mut host_a, &mut host_b] {
+        host.fleet = replicas[creator].fleet();
+        host.join(&replicas[creator]).await;
+    }
+    let expiring = replicas[creator]
+        .create_ids(2, json!({"templateID": "base", "timeout": 2}))
+        .await;
+    replicas[lifecycle].kill();
+    let survivor = &replicas[creator];
+    wait_until(
+        "the sandboxes timed out in the handover to be killed",
+        Duration::from_millis(REPLICA_LEASE_MS) + Duration::from_secs(10),
+        async || expiring.iter().all(|id| destroyed(id) >= 1),
+    )
+    .await;
+    // Killed once, and nothing more happens to them.
+    tokio::time::sleep(Duration::from_millis(REPLICA_LEASE_MS * 2)).await;
+    for id in &expiring {
+        assert_eq!(destroyed(id), 1, "{id} was destroyed once");
+        assert_eq!(store.events("sandbox.timed_out", id).await, 1, "{id}");
+        assert_eq!(store.events("sandbox.killed", id).await, 1, "{id}");
+        survivor.sandbox(id).detail(StatusCode::NOT_FOUND).await;
+    }
+
+    // The fleet watch's replica dies as a host goes silent: the other marks it down, once. The
+    // host that stays heartbeats to the replica that stays (registering there again).
+    let watch = store.holder("fleet-watch", &replicas).await;
+    let stays = (0..3)
+        .find(|&index| index != watch && replicas[index].pid().is_some())
+        .unwrap();
+    host_a.fleet = replicas[stays].fleet();
+    host_a.join(&replicas[stays]).await;
+    host_b.stop_heartbeats();
+    replicas[watch].kill();
+    let last = &replicas[stays];
+    last.wait_host("replica-host-b", "down", Duration::from_secs(15))
+        .await;
+    tokio::time::sleep(Duration::from_millis(REPLICA_LEASE_MS * 2)).await;
+    let host_b_id = host_view(last, "replica-host-b").await["hostID"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_default();
+    assert_eq!(store.events("host.down", &host_b_id).await, 1);
+    assert_eq!(host_view(last, "replica-host-a").await["state"], "up");
+
+    // Reconcile runs at the last replica: a sandbox gone from its host leaves the store.
+    assert_eq!(store.holder("reconcile", &replicas).await, stays);
+    let drifted = last
+        .create_id(json!({"templateID": "base", "timeout": 300}))
+        .await;
+    assert!(
+        host_a.sandboxes.lock().unwrap().remove(&drifted),
+        "the only host up has it"
+    );
+    last.wait_sandbox("the drift to be reconciled", &drifted, "gone", 15)
+        .await;
+
+    // Nothing is left on the hosts once the rest is killed.
+    // (Copied out: the fake host's handlers take the table's lock.)
+    let remaining: Vec<String> = host_a.sandboxes.lock().unwrap().iter().cloned().collect();
+    for id in remaining {
+        last.sandbox(&id).kill(StatusCode::NO_CONTENT).await;
+    }
+    assert!(host_a.sandboxes.lock().unwrap().is_empty());
 }

@@ -241,7 +241,8 @@ impl Fleet {
         Ok(sandboxes)
     }
 
-    /// Takes a heartbeat: whether the host was down until now.
+    /// Takes a heartbeat: whether the host was down until now. A host registered with
+    /// another replica (or registered again there, with a new token) is read from the store.
     pub async fn heartbeat(
         &self,
         store: &Store,
@@ -260,26 +261,120 @@ impl Fleet {
         if peer != Some(host_id) {
             return Err(refused());
         }
-        let host = self.host(host_id).ok_or_else(refused)?;
+        let matches = |host: &Host| {
+            let row = host.row.lock().expect("host lock");
+            bool::from(given.as_bytes().ct_eq(row.heartbeat_hash.as_bytes()))
+        };
+        let host = match self.host(host_id) {
+            Some(host) if matches(&host) => host,
+            _ => {
+                self.refresh(store).await?;
+                self.host(host_id)
+                    .filter(|host| matches(host))
+                    .ok_or_else(refused)?
+            }
+        };
+        // Read and changed at once in the store: a replica marking the host down meanwhile
+        // either sees this heartbeat and does not, or goes first and this one brings it back.
+        let at_ms = now_ms();
+        let before = store
+            .host_heartbeat(host_id, &given, &report, at_ms)
+            .await?
+            .ok_or_else(refused)?;
+        let was_down = before != HostState::Up;
         let row = {
             let mut row = host.row.lock().expect("host lock");
-            if !bool::from(given.as_bytes().ct_eq(row.heartbeat_hash.as_bytes())) {
-                return Err(refused());
-            }
-            let was_down = row.state != HostState::Up;
             row.state = HostState::Up;
             row.report = report;
-            row.last_heartbeat_ms = now_ms();
+            row.last_heartbeat_ms = at_ms;
             *host.last_seen.lock().expect("host lock") = Instant::now();
-            (row.clone(), was_down)
+            row.clone()
         };
-        store.put_host(row.0.clone()).await?;
-        if row.1 {
-            tracing::info!(host = %row.0.name, "host is back");
-            let data = json!({ "name": row.0.name, "registered": false });
-            store.publish(EventKind::HostUp, "", &row.0.id, data).await;
+        if was_down {
+            tracing::info!(host = %row.name, "host is back");
+            let data = json!({ "name": row.name, "registered": false });
+            store.publish(EventKind::HostUp, "", &row.id, data).await;
         }
-        Ok(row.1)
+        Ok(was_down)
+    }
+
+    /// Reads the hosts from the store (replicas: another may have registered, heard or marked
+    /// down a host): new hosts are added, forgotten ones removed, the others' rows replaced (a
+    /// host registered again elsewhere gets an agent at its new address); a host heard from
+    /// since the last read counts as seen now. The hosts that registered or came back since:
+    /// to reconcile.
+    pub async fn refresh(&self, store: &Store) -> Result<Vec<String>, crate::store::StoreError> {
+        let rows = store.hosts().await?;
+        let mut woken = Vec::new();
+        let stored: HashSet<String> = rows.iter().map(|row| row.id.clone()).collect();
+        for row in rows {
+            if row.api_url == EMBEDDED_API_URL {
+                continue;
+            }
+            let Some(host) = self.host(&row.id) else {
+                match self.remote_agent(&row).await {
+                    Ok(agent) => {
+                        if row.state == HostState::Up {
+                            woken.push(row.id.clone());
+                        }
+                        self.insert(row, Arc::new(agent), false);
+                    }
+                    Err(error) => {
+                        tracing::warn!(host = %row.name, %error, "cannot reach a host another replica registered");
+                    }
+                }
+                continue;
+            };
+            if host.in_process {
+                continue;
+            }
+            let (moved, came_up, went_down, heard) = {
+                let mut known = host.row.lock().expect("host lock");
+                let moved = known.api_url != row.api_url
+                    || known.proxy_address != row.proxy_address
+                    || known.agent_token != row.agent_token;
+                let came_up = row.state == HostState::Up
+                    && (known.state != HostState::Up
+                        || known.registered_at_ms != row.registered_at_ms);
+                let went_down = known.state == HostState::Up && row.state != HostState::Up;
+                let heard = row.last_heartbeat_ms > known.last_heartbeat_ms;
+                if !moved {
+                    *known = row.clone();
+                }
+                (moved, came_up, went_down, heard)
+            };
+            if heard {
+                *host.last_seen.lock().expect("host lock") = Instant::now();
+            }
+            if went_down {
+                self.routes.forget_host(&row.id);
+            }
+            if came_up {
+                woken.push(row.id.clone());
+            }
+            if moved {
+                match self.remote_agent(&row).await {
+                    Ok(agent) => {
+                        self.routes.forget_host(&row.id);
+                        self.insert(row, Arc::new(agent), false);
+                    }
+                    Err(error) => {
+                        tracing::warn!(host = %row.name, %error, "cannot reach a host registered again at another replica");
+                    }
+                }
+            }
+        }
+        let forgotten: Vec<String> = self
+            .hosts()
+            .into_iter()
+            .filter(|host| !host.in_process && !stored.contains(&host.id()))
+            .map(|host| host.id())
+            .collect();
+        for id in forgotten {
+            self.hosts.write().expect("fleet lock").remove(&id);
+            self.routes.forget_host(&id);
+        }
+        Ok(woken)
     }
 
     pub(super) async fn mark_down(
@@ -289,6 +384,11 @@ impl Fleet {
     ) -> Result<(), crate::store::StoreError> {
         row.state = HostState::Down;
         store.put_host(row.clone()).await?;
+        self.lost(store, &row).await
+    }
+
+    /// A host marked down (its row says so): its sandboxes are lost.
+    async fn lost(&self, store: &Store, row: &HostRow) -> Result<(), crate::store::StoreError> {
         let lost = store.mark_host_lost(&row.id).await?;
         self.routes.forget_host(&row.id);
         tracing::warn!(host = %row.name, lost, "host is down: its sandboxes are lost");
@@ -312,13 +412,22 @@ impl Fleet {
             if !host.is_up() || silent < self.config.down_after {
                 continue;
             }
-            let row = {
-                let mut row = host.row.lock().expect("host lock");
-                row.state = HostState::Down;
-                row.clone()
-            };
-            if let Err(error) = self.mark_down(store, row).await {
-                tracing::warn!(%error, "cannot mark a host down");
+            let row = host.row();
+            // Down only if no heartbeat reached the store since (at another replica, say).
+            match store
+                .mark_host_down_if_silent(&row.id, row.last_heartbeat_ms)
+                .await
+            {
+                Ok(true) => {
+                    host.row.lock().expect("host lock").state = HostState::Down;
+                    if let Err(error) = self.lost(store, &row).await {
+                        tracing::warn!(%error, "cannot mark a down host's sandboxes lost");
+                    }
+                }
+                Ok(false) => {
+                    tracing::debug!(host = %row.name, "a host found silent was heard from meanwhile");
+                }
+                Err(error) => tracing::warn!(%error, "cannot mark a host down"),
             }
         }
     }

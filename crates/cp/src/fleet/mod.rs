@@ -221,6 +221,12 @@ impl Fleet {
         templates
     }
 
+    /// Keeps each sandbox's route for `life` at most (replicas: another's pause or kill is
+    /// not forgotten in this process).
+    pub fn set_route_life(&mut self, life: Duration) {
+        self.routes.set_life(life);
+    }
+
     /// Forgets where a sandbox runs (it was paused, killed or lost): call it once the store
     /// says so, so that no route read before the change outlives it.
     pub fn forget(&self, sandbox_id: &str) {

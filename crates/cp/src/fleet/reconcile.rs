@@ -76,8 +76,14 @@ pub async fn reconcile_host(
         {
             continue;
         }
-        // Written since the rows were read?
-        if store.sandbox(&sandbox.sandbox_id).await?.is_some() {
+        // Written since the rows were read? Being created or changed by another replica (it
+        // holds the sandbox's turn)?
+        if store.sandbox(&sandbox.sandbox_id).await?.is_some()
+            || (store.shared()
+                && store
+                    .lease_held(&crate::replica::turn_lease_name(&sandbox.sandbox_id))
+                    .await?)
+        {
             continue;
         }
         tracing::warn!(sandbox = %sandbox.sandbox_id, host = %name, "drift: the store does not know this sandbox: destroying it");

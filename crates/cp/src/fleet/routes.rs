@@ -7,7 +7,8 @@
 //! sandbox the store has dropped). So a pause or kill holds the sandbox's route out of the
 //! cache until the store has the change ([`RouteCache::hold`]), every forget is counted, and a
 //! route read before a forget that happened while it was being read is used for its request
-//! but not kept.
+//! but not kept. Among replicas, a change made by another replica is not forgotten here: each
+//! route is then kept for a short life only ([`RouteCache::set_life`]).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -26,7 +27,8 @@ const MOST_ROUTES: usize = 100_000;
 
 #[derive(Debug, Default)]
 struct Routes {
-    by_sandbox: HashMap<String, CachedRoute>,
+    /// Each route, and when it was kept.
+    by_sandbox: HashMap<String, (CachedRoute, std::time::Instant)>,
     /// Forgets so far: a route may be kept only if none came while it was being read.
     forgets: u64,
     /// Sandboxes being changed (paused, killed), and by how many changes: their routes are
@@ -65,6 +67,8 @@ impl Drop for RouteHold<'_> {
 #[derive(Debug, Default)]
 pub struct RouteCache {
     routes: Mutex<Routes>,
+    /// How long a route is kept (none: until forgotten).
+    life: Option<std::time::Duration>,
 }
 
 /// A cache miss's ticket: taken before the route is read from the store, handed back with it.
@@ -92,6 +96,11 @@ impl RouteCache {
         }
     }
 
+    /// Keeps each route `life` at most (replicas: another's changes are not forgotten here).
+    pub fn set_life(&mut self, life: std::time::Duration) {
+        self.life = Some(life);
+    }
+
     /// The cached route of `sandbox_id`, or the ticket to read it with.
     pub fn get(&self, sandbox_id: &str) -> Result<CachedRoute, Miss> {
         let routes = self.lock();
@@ -101,8 +110,10 @@ impl RouteCache {
             });
         }
         match routes.by_sandbox.get(sandbox_id) {
-            Some(route) => Ok(route.clone()),
-            None => Err(Miss {
+            Some((route, kept)) if self.life.is_none_or(|life| kept.elapsed() < life) => {
+                Ok(route.clone())
+            }
+            _ => Err(Miss {
                 forgets_before: routes.forgets,
             }),
         }
@@ -118,7 +129,9 @@ impl RouteCache {
         if routes.by_sandbox.len() >= MOST_ROUTES {
             routes.by_sandbox.clear();
         }
-        routes.by_sandbox.insert(sandbox_id.to_string(), route);
+        routes
+            .by_sandbox
+            .insert(sandbox_id.to_string(), (route, std::time::Instant::now()));
         true
     }
 
@@ -133,7 +146,7 @@ impl RouteCache {
         routes.forgets += 1;
         routes
             .by_sandbox
-            .retain(|_, route| route.host_id != host_id);
+            .retain(|_, (route, _)| route.host_id != host_id);
     }
 }
 

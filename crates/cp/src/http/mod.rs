@@ -745,14 +745,14 @@ async fn owned(plane: &ControlPlane, team: &TeamId, id: &str) -> Result<SandboxR
     Ok(row)
 }
 
-/// A sandbox of the caller's team (not lost), read in its turn of
-/// [`ControlPlane::changes`]: hold the turn while changing its state.
+/// A sandbox of the caller's team (not lost), read in its turn ([`ControlPlane::turn`]):
+/// hold the turn while changing its state.
 async fn owned_in_turn(
     plane: &ControlPlane,
     team: &TeamId,
     id: &str,
-) -> Result<(crate::busy::Turn, SandboxRow), ApiError> {
-    let turn = plane.changes.turn(id.split('-').next().unwrap_or(id)).await;
+) -> Result<(crate::service::ChangeTurn, SandboxRow), ApiError> {
+    let turn = plane.turn(id.split('-').next().unwrap_or(id)).await;
     Ok((turn, owned(plane, team, id).await?))
 }
 

@@ -26,26 +26,11 @@ pub(super) async fn create_sandbox(
     }
     let request: wrenn_api::NewSandbox = checked_body(&body, crate::unsupported::check_create)?;
     // A retried create (same Idempotency-Key) gets the sandbox the first one made.
-    let idempotency = headers
+    let idempotency_key = headers
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .filter(|key| !key.is_empty() && key.len() <= 200)
-        .map(|key| (team.0.clone(), key.to_string()));
-    if let Some(key) = &idempotency {
-        let existing = plane
-            .idempotency
-            .lock()
-            .expect("idempotency lock")
-            .get(key)
-            .cloned();
-        if let Some(id) = existing
-            && let Some(row) = plane.store.sandbox(&id).await?
-        {
-            return Ok(
-                (StatusCode::CREATED, axum::Json(sandbox_body(&plane, &row))).into_response(),
-            );
-        }
-    }
+        .map(str::to_string);
     let template = request
         .template_id
         .filter(|t| !t.is_empty())
@@ -88,15 +73,18 @@ pub(super) async fn create_sandbox(
         row,
         agent_time,
         pull_time,
-    } = plane.create(&team.0, asked).await?;
-    let id = row.id.clone();
-    if let Some(key) = idempotency {
-        let mut remembered = plane.idempotency.lock().expect("idempotency lock");
-        if remembered.len() > 10_000 {
-            remembered.clear();
+    } = match plane
+        .create_once(&team.0, idempotency_key.as_deref(), asked)
+        .await?
+    {
+        crate::service::CreatedOnce::Made(created) => created,
+        crate::service::CreatedOnce::Earlier(row) => {
+            return Ok(
+                (StatusCode::CREATED, axum::Json(sandbox_body(&plane, &row))).into_response(),
+            );
         }
-        remembered.insert(key, id.clone());
-    }
+    };
+    let id = row.id.clone();
     let mut response =
         (StatusCode::CREATED, axum::Json(sandbox_body(&plane, &row))).into_response();
     // The agent's share of the create (and of that, the template's pull from the store) and
@@ -304,10 +292,7 @@ pub(super) async fn get_sandbox(
 pub(super) async fn kill_sandbox(
     SandboxCall { plane, team, id }: SandboxCall,
 ) -> Result<Response, ApiError> {
-    let _turn = plane
-        .changes
-        .turn(id.split('-').next().unwrap_or(&id))
-        .await;
+    let _turn = plane.turn(id.split('-').next().unwrap_or(&id)).await;
     let row = owned_any(&plane, &team, &id).await?;
     plane.kill(&row).await?;
     Ok(StatusCode::NO_CONTENT.into_response())

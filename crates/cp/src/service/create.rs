@@ -12,7 +12,7 @@ use super::{ControlPlane, Error};
 use crate::auth;
 use crate::events::EventKind;
 use crate::quota::Change;
-use crate::store::{SandboxRow, SandboxState, StoredNetwork};
+use crate::store::{IdempotencyClaim, SandboxRow, SandboxState, StoredNetwork};
 use serde_json::json;
 
 /// A sandbox as a team asked for it (the request's defaults already applied).
@@ -49,7 +49,86 @@ pub struct Created {
 /// How many other hosts a create that found a host full may try.
 const OTHER_HOSTS_TRIED: usize = 2;
 
+/// A create with an Idempotency-Key still running is waited for this long by a retry.
+const IDEMPOTENT_WAIT: Duration = Duration::from_secs(120);
+/// A create's claim of its key unsettled this long is taken for one whose replica died.
+const IDEMPOTENT_STALE: Duration = Duration::from_secs(600);
+
+/// What a create with an Idempotency-Key did.
+#[derive(Debug)]
+pub enum CreatedOnce {
+    /// It made the sandbox.
+    Made(Created),
+    /// An earlier create with the key made it.
+    Earlier(SandboxRow),
+}
+
 impl ControlPlane {
+    /// Creates a sandbox for team `team_id` unless an earlier create of the team with
+    /// Idempotency-Key `key` made one (then that one, if it still exists). The keys are in the
+    /// store, so a retry at another replica finds them; a retry arriving while the first create
+    /// runs waits for it.
+    pub async fn create_once(
+        &self,
+        team_id: &str,
+        key: Option<&str>,
+        request: SandboxRequest,
+    ) -> Result<CreatedOnce, Error> {
+        let Some(key) = key else {
+            return self.create(team_id, request).await.map(CreatedOnce::Made);
+        };
+        let claimant = auth::random_token()?;
+        let waited = std::time::Instant::now();
+        loop {
+            let claim = self
+                .store
+                .claim_idempotency(
+                    team_id,
+                    key,
+                    &claimant,
+                    wrenn_core::now_ms(),
+                    IDEMPOTENT_STALE.as_millis() as i64,
+                )
+                .await?;
+            match claim {
+                IdempotencyClaim::Claimed => break,
+                IdempotencyClaim::Made(id) => match self.store.sandbox(&id).await? {
+                    Some(row) if row.team_id == team_id => {
+                        return Ok(CreatedOnce::Earlier(row));
+                    }
+                    // Killed since: the key makes a new sandbox.
+                    _ => {
+                        self.store.forget_idempotency(team_id, key, &id).await?;
+                    }
+                },
+                IdempotencyClaim::Pending if waited.elapsed() > IDEMPOTENT_WAIT => {
+                    return Err(Error::Conflict(format!(
+                        "a create with this Idempotency-Key has run for over {} s: try again later",
+                        IDEMPOTENT_WAIT.as_secs()
+                    )));
+                }
+                IdempotencyClaim::Pending => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        match self.create(team_id, request).await {
+            Ok(created) => {
+                self.store
+                    .settle_idempotency(team_id, key, &claimant, &created.row.id)
+                    .await?;
+                Ok(CreatedOnce::Made(created))
+            }
+            Err(error) => {
+                if let Err(store_error) = self.store.drop_idempotency(team_id, key, &claimant).await
+                {
+                    tracing::warn!(%store_error, "cannot give up a failed create's idempotency key: a retry waits until it is stale");
+                }
+                Err(error)
+            }
+        }
+    }
+
     /// Creates a sandbox for team `team_id`.
     pub async fn create(&self, team_id: &str, request: SandboxRequest) -> Result<Created, Error> {
         let started = std::time::Instant::now();
@@ -146,6 +225,11 @@ impl ControlPlane {
         let admitted = self.admit(team_id, Change::Create { disk_mib }).await?;
         // On a host before it is in the store: reconcile must not take it for an orphan.
         let _creating = self.fleet.creating(&id);
+        // Nor another replica's (the sandbox's turn among them says it is being made).
+        let _turn = match &self.replica {
+            Some(replica) => Some(replica.turn(&self.store, &id).await),
+            None => None,
+        };
         // A host that cannot take it (full) passes it to the next one.
         let mut excluded = Vec::new();
         let mut agent_time = Duration::ZERO;

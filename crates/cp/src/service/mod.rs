@@ -13,7 +13,7 @@ pub mod snapshots;
 pub mod templates;
 pub mod users;
 
-pub use create::{Created, SandboxRequest};
+pub use create::{Created, CreatedOnce, SandboxRequest};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,9 +24,13 @@ use crate::deadlines;
 use crate::events::EventKind;
 use crate::fleet::{self, Fleet};
 use crate::quota::{Admission, Change, Quotas, Reservation, Usage};
+use crate::replica::Duty;
 use crate::store::{ListQuery, SandboxRow, SandboxState, Store};
 pub use error::Error;
 use serde_json::json;
+
+/// How long an Idempotency-Key is remembered after its create.
+pub const IDEMPOTENCY_KEY_LIFE: Duration = Duration::from_secs(24 * 3600);
 
 /// The control plane's state, shared by the API, the proxy and the background loops.
 #[derive(Debug)]
@@ -37,8 +41,6 @@ pub struct ControlPlane {
     pub domain: Option<String>,
     /// Whether sandboxes may reach the internet at all.
     pub internet: bool,
-    /// Creates by (team, Idempotency-Key): the sandbox each made.
-    pub idempotency: std::sync::Mutex<std::collections::HashMap<(String, String), String>>,
     /// Asks the fleet loop to reconcile a host now (it registered or came back).
     pub reconcile_now: tokio::sync::mpsc::Sender<String>,
     /// Every team's limits (none by default; see [`Self::with_quotas`]).
@@ -47,7 +49,7 @@ pub struct ControlPlane {
     admission: Admission,
     /// Changes of a sandbox's state, one at a time per sandbox: take its turn, then read its
     /// row, then change it.
-    pub changes: Serial,
+    changes: Serial,
     /// Where the files template builds copy are kept (see [`templates::TemplateFiles`]).
     pub template_files: Option<templates::TemplateFiles>,
     /// The build jobs running in this process, by build id: cancelling one stops its build
@@ -70,6 +72,15 @@ pub struct ControlPlane {
     /// The bearer token `GET /metrics` asks of callers not on the loopback (none: the
     /// loopback only).
     pub metrics_token: Option<String>,
+    /// This process as one of several replicas on a shared store (none: alone on its store).
+    pub replica: Option<Arc<crate::replica::Replica>>,
+}
+
+/// A change's turn: in this process, and among replicas when there are others.
+#[derive(Debug)]
+pub struct ChangeTurn {
+    _local: crate::busy::Turn,
+    _shared: Option<crate::replica::SharedTurn>,
 }
 
 impl ControlPlane {
@@ -92,7 +103,6 @@ impl ControlPlane {
             fleet,
             domain,
             internet,
-            idempotency: Default::default(),
             reconcile_now,
             quotas: Quotas::default(),
             admission: Admission::default(),
@@ -106,6 +116,7 @@ impl ControlPlane {
             channels: None,
             telemetry: crate::telemetry::Telemetry::default(),
             metrics_token: None,
+            replica: None,
         };
         (plane, wake)
     }
@@ -145,6 +156,44 @@ impl ControlPlane {
     pub fn with_metrics_token(mut self, token: Option<String>) -> Self {
         self.metrics_token = token.filter(|token| !token.is_empty());
         self
+    }
+
+    /// The same control plane as one of several replicas on its store (which must be shared:
+    /// PostgreSQL).
+    pub fn with_replica(
+        mut self,
+        settings: crate::replica::ReplicaSettings,
+    ) -> Result<Self, crate::replica::ReplicaError> {
+        self.replica = Some(Arc::new(crate::replica::Replica::new(
+            &self.store,
+            settings,
+        )?));
+        self.fleet.set_route_life(crate::replica::ROUTE_LIFE);
+        Ok(self)
+    }
+
+    /// Whether this process runs `duty` now: always when alone on its store; as one of
+    /// several replicas, while it holds the duty's lease.
+    pub fn holds(&self, duty: crate::replica::Duty) -> bool {
+        match &self.replica {
+            None => true,
+            Some(replica) => replica.holds(duty).is_some(),
+        }
+    }
+
+    /// Waits for `name`'s turn (a sandbox's id, `template-name:<alias>`) and holds it until
+    /// dropped: changes of one thing are made one at a time, by this process and by every
+    /// replica.
+    pub async fn turn(&self, name: &str) -> ChangeTurn {
+        let local = self.changes.turn(name).await;
+        let shared = match &self.replica {
+            Some(replica) => Some(replica.turn(&self.store, name).await),
+            None => None,
+        };
+        ChangeTurn {
+            _local: local,
+            _shared: shared,
+        }
     }
 
     /// The same control plane with every team limited by `quotas`.
@@ -228,7 +277,7 @@ impl ControlPlane {
 
     /// Kills the sandbox with this id, if there is one: whether there was.
     pub async fn kill_by_id(&self, id: &str) -> Result<bool, Error> {
-        let _turn = self.changes.turn(id).await;
+        let _turn = self.turn(id).await;
         match self.store.sandbox(id).await? {
             Some(row) => self.kill(&row).await.map(|()| true),
             None => Ok(false),
@@ -245,9 +294,16 @@ impl ControlPlane {
             host.destroy(&row.id).await?;
             // The VM's last lines, read by its host at the destroy, collected now (a few
             // seconds at most: the kill is done); if not in time, the next collection still
-            // knows whose they are.
+            // knows whose they are. Among replicas, only the collection's own replica collects
+            // (the others' would race it): its next round has them.
             self.remember_sandbox(row);
-            let last = self.collect_telemetry(&host);
+            let last = async {
+                if self.holds(crate::replica::Duty::Telemetry) {
+                    self.collect_telemetry(&host).await.map(drop)
+                } else {
+                    Ok(())
+                }
+            };
             match tokio::time::timeout(std::time::Duration::from_secs(5), last).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(error)) => {
@@ -315,7 +371,7 @@ impl ControlPlane {
         allow_internet: bool,
         egress: wrenn_agent_api::network::EgressSettings,
     ) -> Result<(), Error> {
-        let _turn = self.changes.turn(sandbox_id).await;
+        let _turn = self.turn(sandbox_id).await;
         let row = self.team_sandbox(team_id, sandbox_id).await?;
         let network = crate::store::StoredNetwork {
             egress,
@@ -374,7 +430,7 @@ impl ControlPlane {
     /// it runs now.
     pub async fn resume_on_traffic(&self, id: &str) -> bool {
         const AUTO_RESUME_TIMEOUT_MS: i64 = 5 * 60 * 1000;
-        let _turn = self.changes.turn(id).await;
+        let _turn = self.turn(id).await;
         let Ok(Some(row)) = self.store.sandbox(id).await else {
             return false;
         };
@@ -405,6 +461,7 @@ impl ControlPlane {
         let busy = Busy::default();
         let mut per_host: HashMap<String, Arc<tokio::sync::Semaphore>> = HashMap::new();
         let mut files_checked: Option<std::time::Instant> = None;
+        let mut keys_pruned: Option<std::time::Instant> = None;
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             // Template files no build used for a week: at the start, then hourly.
@@ -415,6 +472,20 @@ impl ControlPlane {
                     if removed > 0 {
                         tracing::info!(removed, "template files no build used for a week removed");
                     }
+                }
+            }
+            // Among replicas, one ends sandboxes at a time (each end also takes the sandbox's
+            // turn, so a handover never ends one twice).
+            if !self.holds(Duty::Lifecycle) {
+                continue;
+            }
+            if keys_pruned.is_none_or(|at| at.elapsed() > Duration::from_secs(3600)) {
+                keys_pruned = Some(std::time::Instant::now());
+                let before = wrenn_core::now_ms() - IDEMPOTENCY_KEY_LIFE.as_millis() as i64;
+                match self.store.prune_idempotency(before).await {
+                    Ok(0) => {}
+                    Ok(pruned) => tracing::info!(pruned, "day-old idempotency keys forgotten"),
+                    Err(error) => tracing::warn!(%error, "cannot forget old idempotency keys"),
                 }
             }
             let now = chrono::Utc::now().timestamp_millis();
@@ -452,7 +523,7 @@ impl ControlPlane {
     /// Ends a sandbox whose time is up, unless a change made while it waited for its turn
     /// (a new timeout, a pause, a kill) means it is not.
     async fn end(&self, expired: &SandboxRow) {
-        let _turn = self.changes.turn(&expired.id).await;
+        let _turn = self.turn(&expired.id).await;
         let row = match self.store.sandbox(&expired.id).await {
             Ok(Some(row))
                 if row.state == SandboxState::Running
@@ -508,16 +579,36 @@ impl ControlPlane {
         let busy = Busy::default();
         loop {
             tokio::select! {
-                _ = heartbeats.tick() => self.fleet.check_heartbeats(&self.store).await,
+                _ = heartbeats.tick() => {
+                    // Replicas: what the others heard, registered or marked down.
+                    if self.replica.is_some() {
+                        match self.fleet.refresh(&self.store).await {
+                            Ok(woken) if self.holds(Duty::Reconcile) => {
+                                for host in woken.iter().filter_map(|id| self.fleet.host(id)) {
+                                    self.spawn_reconcile(host, &busy);
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(error) => tracing::warn!(%error, "cannot read the hosts from the store"),
+                        }
+                    }
+                    if self.holds(Duty::FleetWatch) {
+                        self.fleet.check_heartbeats(&self.store).await;
+                    }
+                }
                 _ = reconcile.tick() => {
-                    for host in self.fleet.hosts() {
-                        if host.is_up() {
-                            self.spawn_reconcile(host, &busy);
+                    if self.holds(Duty::Reconcile) {
+                        for host in self.fleet.hosts() {
+                            if host.is_up() {
+                                self.spawn_reconcile(host, &busy);
+                            }
                         }
                     }
                 }
                 Some(host_id) = wake.recv() => {
-                    if let Some(host) = self.fleet.host(&host_id) {
+                    if self.holds(Duty::Reconcile)
+                        && let Some(host) = self.fleet.host(&host_id)
+                    {
                         self.spawn_reconcile(host, &busy);
                     }
                 }

@@ -370,18 +370,14 @@ impl ControlPlane {
                 tags.push(tag);
             }
         }
-        let _turn = self.changes.turn(&format!("template-name:{alias}")).await;
+        let _turn = self.turn(&format!("template-name:{alias}")).await;
         let now = now_ms();
         // An existing template is changed in its own turn, which a build's end and a delete
         // take too, and read again in it.
         let mut _template_turn = None;
         let existing = match self.store.template_by_alias(&alias).await? {
             Some(template) if template.team_id == team_id => {
-                _template_turn = Some(
-                    self.changes
-                        .turn(&format!("template:{}", template.id))
-                        .await,
-                );
+                _template_turn = Some(self.turn(&format!("template:{}", template.id)).await);
                 self.store.template(&template.id).await?
             }
             other => other,
@@ -610,10 +606,7 @@ impl ControlPlane {
     ) -> Result<(), Error> {
         let template = self.own_template(team_id, template_id).await?;
         // The template's turn: a delete does not run between the checks and the job's start.
-        let _turn = self
-            .changes
-            .turn(&format!("template:{}", template.id))
-            .await;
+        let _turn = self.turn(&format!("template:{}", template.id)).await;
         if self.store.template(&template.id).await?.is_none() {
             return Err(Error::TemplateNotFound(template_id.to_string()));
         }
@@ -932,10 +925,7 @@ impl ControlPlane {
                 .await;
         }
         if let Some(ready) = ready {
-            let _turn = self
-                .changes
-                .turn(&format!("template:{}", ready.template_id))
-                .await;
+            let _turn = self.turn(&format!("template:{}", ready.template_id)).await;
             match self.store.template(&ready.template_id).await {
                 Ok(Some(template)) => {
                     let template = TemplateRow {
@@ -975,10 +965,7 @@ impl ControlPlane {
     /// or are paused keeps its copy until they are gone (the reconcile pass deletes it then).
     pub async fn delete_template(&self, team_id: &str, named: &str) -> Result<(), Error> {
         let template = self.own_template(team_id, named).await?;
-        let _turn = self
-            .changes
-            .turn(&format!("template:{}", template.id))
-            .await;
+        let _turn = self.turn(&format!("template:{}", template.id)).await;
         // A template's sandboxes outlive it (E2B's rule); a snapshot's do not let it go.
         self.check_snapshot_unused(&template).await?;
         let mut builds = self.store.builds_of(&template.id).await?;

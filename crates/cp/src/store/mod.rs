@@ -17,7 +17,9 @@ use std::sync::Arc;
 
 pub use channels::{ChannelRow, DeliveryRow, DeliveryState};
 use serde::{Deserialize, Serialize};
-pub use telemetry::{LogLinesQuery, MetricRow, SandboxLogRow, TelemetryBatch, UsageRow};
+pub use telemetry::{
+    LogLinesQuery, MetricRow, SandboxLogRow, TelemetryBatch, TelemetryCursor, UsageRow,
+};
 pub use wrenn_api::SandboxState;
 
 /// What a store call gives: its answer, or why the store failed.
@@ -248,7 +250,7 @@ pub struct StoredNetwork {
 }
 
 /// A host agent of the fleet.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct HostRow {
     pub id: String,
     /// Unique in the fleet: an agent registering again under it replaces the entry.
@@ -633,6 +635,67 @@ pub trait StoreBackend: Send + Sync + std::fmt::Debug {
     async fn take_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> StoreResult<Option<i64>>;
     /// Gives lease `name` up if `holder` has it (another may take it at once): whether it had.
     async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<bool>;
+    /// Removes lease `name` if `holder` has it (a short-lived lease, such as a sandbox's turn,
+    /// whose token nobody needs afterwards): whether it had.
+    async fn drop_lease(&self, name: &str, holder: &str) -> StoreResult<bool>;
+
+    /// Whether lease `name` is held now (taken and not expired).
+    async fn lease_held(&self, name: &str) -> StoreResult<bool>;
+
+    /// Whether other processes may share this store (PostgreSQL), so that control plane
+    /// replicas can run on it; SQLite is one process's.
+    fn shared(&self) -> bool;
+
+    /// Claims Idempotency-Key `key` of `team_id` for `claimant` (one create call): what the
+    /// key is now ([`IdempotencyClaim`]). A claim still unsettled `stale_ms` after it was made
+    /// (its replica died in the create) is taken over.
+    async fn claim_idempotency(
+        &self,
+        team_id: &str,
+        key: &str,
+        claimant: &str,
+        now_ms: i64,
+        stale_ms: i64,
+    ) -> StoreResult<IdempotencyClaim>;
+    /// Settles `claimant`'s claim of a key with the sandbox its create made.
+    async fn settle_idempotency(
+        &self,
+        team_id: &str,
+        key: &str,
+        claimant: &str,
+        sandbox_id: &str,
+    ) -> StoreResult<()>;
+    /// Gives up `claimant`'s unsettled claim of a key (its create failed: a retry creates).
+    async fn drop_idempotency(&self, team_id: &str, key: &str, claimant: &str) -> StoreResult<()>;
+    /// Forgets a key settled with `sandbox_id` (the sandbox is gone: the key creates anew).
+    async fn forget_idempotency(
+        &self,
+        team_id: &str,
+        key: &str,
+        sandbox_id: &str,
+    ) -> StoreResult<()>;
+    /// Forgets keys claimed before `before_ms`: how many.
+    async fn prune_idempotency(&self, before_ms: i64) -> StoreResult<u64>;
+
+    /// Takes a host's heartbeat, if `heartbeat_hash` is still the host's: it is up, with
+    /// `report`, heard from at `at_ms`. The state it was in before (`None`: no such host, or
+    /// another heartbeat token), read and changed at once, so that of a heartbeat and a
+    /// replica marking the host down, either the heartbeat comes after and sees it down, or
+    /// the marking sees the heartbeat and does not happen.
+    async fn host_heartbeat(
+        &self,
+        host_id: &str,
+        heartbeat_hash: &str,
+        report: &wrenn_agent_api::join::HostReport,
+        at_ms: i64,
+    ) -> StoreResult<Option<HostState>>;
+    /// Marks a host down if it is up and was last heard from at `last_heartbeat_ms` (no
+    /// heartbeat came since it was found silent): whether it did.
+    async fn mark_host_down_if_silent(
+        &self,
+        host_id: &str,
+        last_heartbeat_ms: i64,
+    ) -> StoreResult<bool>;
 
     async fn put_host(&self, host: HostRow) -> StoreResult<()>;
     async fn forget_host(&self, host_id: &str) -> StoreResult<u64>;
@@ -705,6 +768,9 @@ pub trait StoreBackend: Send + Sync + std::fmt::Debug {
     /// Adds a collection's samples, log lines and use in one transaction, then trims the log
     /// of each sandbox that got lines to its cap.
     async fn add_telemetry(&self, batch: TelemetryBatch) -> StoreResult<()>;
+    /// Where the collection of `host_id`'s telemetry stands, as the last batch with a cursor
+    /// left it.
+    async fn telemetry_cursor(&self, host_id: &str) -> StoreResult<Option<TelemetryCursor>>;
     /// A sandbox's samples of one tier from `from_ms` up to (not including) `until_ms`, of
     /// team `team_id` only, oldest first, at most `limit`.
     async fn metrics_between(
@@ -747,6 +813,17 @@ pub trait StoreBackend: Send + Sync + std::fmt::Debug {
         first_day: &str,
         last_day: &str,
     ) -> StoreResult<Vec<UsageRow>>;
+}
+
+/// What an Idempotency-Key is when a create claims it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdempotencyClaim {
+    /// The caller's now: it creates, then settles or drops the claim.
+    Claimed,
+    /// An earlier create made this sandbox.
+    Made(String),
+    /// An earlier create has it and has not finished: ask again shortly.
+    Pending,
 }
 
 /// The store the control plane uses: SQLite or PostgreSQL, behind [`StoreBackend`], with the
@@ -1239,6 +1316,144 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    #[tokio::test]
+    async fn a_heartbeat_and_a_silent_hosts_marking_down_are_one_after_the_other() {
+        for (backend, store, _dir) in backends().await {
+            let host = HostRow {
+                id: "h9".into(),
+                name: "beat".into(),
+                heartbeat_hash: "sha256:token".into(),
+                state: HostState::Up,
+                last_heartbeat_ms: 10,
+                ..HostRow::default()
+            };
+            store.put_host(host).await.unwrap();
+            let report = wrenn_agent_api::join::HostReport {
+                slots_total: 7,
+                ..Default::default()
+            };
+            // Another token, or no such host: nothing changes.
+            for (id, hash) in [("h9", "sha256:other"), ("nope", "sha256:token")] {
+                let beat = store.host_heartbeat(id, hash, &report, 20).await.unwrap();
+                assert_eq!(beat, None, "{backend}: {id} {hash}");
+            }
+            // Found silent at 10, but a heartbeat came at 20 (at another replica): not down.
+            let beat = store.host_heartbeat("h9", "sha256:token", &report, 20);
+            assert_eq!(beat.await.unwrap(), Some(HostState::Up), "{backend}");
+            assert!(!store.mark_host_down_if_silent("h9", 10).await.unwrap());
+            // Silent since 20: down, once; the next heartbeat finds it down and brings it up.
+            assert!(store.mark_host_down_if_silent("h9", 20).await.unwrap());
+            assert!(!store.mark_host_down_if_silent("h9", 20).await.unwrap());
+            let beat = store.host_heartbeat("h9", "sha256:token", &report, 30);
+            assert_eq!(beat.await.unwrap(), Some(HostState::Down), "{backend}");
+            let stored = store.hosts().await.unwrap();
+            let stored = stored.iter().find(|h| h.id == "h9").unwrap();
+            assert_eq!(stored.state, HostState::Up, "{backend}");
+            assert_eq!(stored.last_heartbeat_ms, 30, "{backend}");
+            assert_eq!(stored.report.slots_total, 7, "{backend}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idempotency_key_is_claimed_once_settled_or_given_up_and_taken_over_when_stale() {
+        for (backend, store, _dir) in backends().await {
+            let claim = |claimant: &'static str, now: i64| {
+                let store = store.clone();
+                async move {
+                    store
+                        .claim_idempotency("team", "key", claimant, now, 1000)
+                        .await
+                        .unwrap()
+                }
+            };
+            assert_eq!(claim("a", 0).await, IdempotencyClaim::Claimed, "{backend}");
+            assert_eq!(claim("b", 10).await, IdempotencyClaim::Pending, "{backend}");
+            // Another team's key of the same name is its own.
+            let other = store.claim_idempotency("other", "key", "c", 10, 1000);
+            assert_eq!(other.await.unwrap(), IdempotencyClaim::Claimed);
+            // Settled only by its claimant.
+            store
+                .settle_idempotency("team", "key", "b", "sbx-b")
+                .await
+                .unwrap();
+            assert_eq!(claim("b", 20).await, IdempotencyClaim::Pending, "{backend}");
+            store
+                .settle_idempotency("team", "key", "a", "sbx-a")
+                .await
+                .unwrap();
+            let made = IdempotencyClaim::Made("sbx-a".into());
+            assert_eq!(
+                claim("b", 5000).await,
+                made,
+                "{backend}: never stale once settled"
+            );
+            // The sandbox is gone: forgotten, the key creates anew.
+            store
+                .forget_idempotency("team", "key", "sbx-a")
+                .await
+                .unwrap();
+            assert_eq!(
+                claim("d", 6000).await,
+                IdempotencyClaim::Claimed,
+                "{backend}"
+            );
+            // A failed create gives its claim up; a dead one's is taken over once stale.
+            store.drop_idempotency("team", "key", "d").await.unwrap();
+            assert_eq!(
+                claim("e", 6001).await,
+                IdempotencyClaim::Claimed,
+                "{backend}"
+            );
+            assert_eq!(
+                claim("f", 6500).await,
+                IdempotencyClaim::Pending,
+                "{backend}"
+            );
+            assert_eq!(
+                claim("f", 7002).await,
+                IdempotencyClaim::Claimed,
+                "{backend}"
+            );
+            // Old keys go.
+            assert_eq!(store.prune_idempotency(7000).await.unwrap(), 1, "{backend}");
+            assert_eq!(store.prune_idempotency(8000).await.unwrap(), 1, "{backend}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_turn_lease_is_seen_held_and_dropped_and_a_telemetry_cursor_is_kept_with_its_rows() {
+        for (backend, store, _dir) in backends().await {
+            assert!(!store.lease_held("turn:x").await.unwrap(), "{backend}");
+            store.take_lease("turn:x", "a/1", 60_000).await.unwrap();
+            assert!(store.lease_held("turn:x").await.unwrap(), "{backend}");
+            assert!(
+                !store.drop_lease("turn:x", "b/1").await.unwrap(),
+                "{backend}"
+            );
+            assert!(
+                store.drop_lease("turn:x", "a/1").await.unwrap(),
+                "{backend}"
+            );
+            assert!(!store.lease_held("turn:x").await.unwrap(), "{backend}");
+
+            assert_eq!(store.telemetry_cursor("h1").await.unwrap(), None);
+            for after in [5, 9] {
+                let cursor = TelemetryCursor {
+                    host_id: "h1".into(),
+                    epoch: "e1".into(),
+                    after,
+                };
+                let batch = TelemetryBatch {
+                    cursor: Some(cursor.clone()),
+                    ..TelemetryBatch::default()
+                };
+                store.add_telemetry(batch).await.unwrap();
+                let kept = store.telemetry_cursor("h1").await.unwrap();
+                assert_eq!(kept, Some(cursor), "{backend}");
+            }
+        }
     }
 
     #[tokio::test]

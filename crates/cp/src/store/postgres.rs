@@ -16,11 +16,11 @@ use super::rows::{BUILD_UPSERT, HOST_UPSERT, SANDBOX_UPSERT, Stored, TEMPLATE_UP
 use super::telemetry::{self as telemetry_sql, QueryValue};
 use super::{
     AUDIT_LOG, ApiKey, AuditRow, BuildLogRow, BuildRow, ChannelRow, DeliveryRow, EVENT_LOG,
-    EventRow, HostRow, ListQuery, LogQuery, LogTable, LogValue, SandboxRow, SandboxState,
-    StateChange, StoreBackend, StoreResult, Team, TemplateRow,
+    EventRow, HostRow, HostState, IdempotencyClaim, ListQuery, LogQuery, LogTable, LogValue,
+    SandboxRow, SandboxState, StateChange, StoreBackend, StoreResult, Team, TemplateRow,
 };
 use super::{InvitationRow, MemberRow, UserRow, UserTokenRow};
-use super::{LogLinesQuery, MetricRow, SandboxLogRow, TelemetryBatch, UsageRow};
+use super::{LogLinesQuery, MetricRow, SandboxLogRow, TelemetryBatch, TelemetryCursor, UsageRow};
 
 /// A statement's parameters, as `tokio-postgres` takes them.
 type Parameters<'a> = [&'a (dyn ToSql + Sync)];
@@ -41,6 +41,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0011_users.sql"),
     include_str!("../../migrations/postgres/0012_telemetry.sql"),
     include_str!("../../migrations/postgres/0013_leases.sql"),
+    include_str!("../../migrations/postgres/0014_replicas.sql"),
 ];
 
 /// Connections to one PostgreSQL database.
@@ -561,6 +562,155 @@ impl StoreBackend for PgStore {
         Ok(self.execute(sql, &[&name, &holder]).await? == 1)
     }
 
+    async fn drop_lease(&self, name: &str, holder: &str) -> StoreResult<bool> {
+        self.execute(
+            "DELETE FROM leases WHERE name = $1 AND holder = $2",
+            &[&name, &holder],
+        )
+        .await
+        .map(|changed| changed == 1)
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn lease_held(&self, name: &str) -> StoreResult<bool> {
+        let sql = "SELECT EXISTS (SELECT 1 FROM leases WHERE name = $1
+            AND expires_at_ms >= (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT)";
+        let row = self.client().await?.query_one(sql, &[&name]).await?;
+        Ok(row.get(0))
+    }
+
+    async fn claim_idempotency(
+        &self,
+        team_id: &str,
+        key: &str,
+        claimant: &str,
+        now_ms: i64,
+        stale_ms: i64,
+    ) -> StoreResult<IdempotencyClaim> {
+        // The conflicting row is locked: of two claims at once, one takes the key and the
+        // other reads it taken. The row's `claimant` then says whose it is.
+        let sql = "INSERT INTO idempotency_keys (team_id, key, claimant, claimed_at_ms)
+                VALUES ($1, $2, $3, $4)
+            ON CONFLICT (team_id, key) DO UPDATE SET
+                claimant = EXCLUDED.claimant, claimed_at_ms = EXCLUDED.claimed_at_ms
+            WHERE idempotency_keys.sandbox_id = ''
+                AND idempotency_keys.claimed_at_ms < $4 - $5
+            RETURNING claimant";
+        let client = self.client().await?;
+        let started = std::time::Instant::now();
+        let claimed = client
+            .query_opt(sql, &[&team_id, &key, &claimant, &now_ms, &stale_ms])
+            .await?
+            .is_some();
+        let answer = if claimed {
+            IdempotencyClaim::Claimed
+        } else {
+            let made = client
+                .query_opt(
+                    "SELECT sandbox_id FROM idempotency_keys WHERE team_id = $1 AND key = $2",
+                    &[&team_id, &key],
+                )
+                .await?
+                .map(|row| row.get::<_, String>(0));
+            match made {
+                Some(id) if !id.is_empty() => IdempotencyClaim::Made(id),
+                _ => IdempotencyClaim::Pending,
+            }
+        };
+        crate::metrics::observe_store_call("postgres", started.elapsed());
+        Ok(answer)
+    }
+
+    async fn settle_idempotency(
+        &self,
+        team_id: &str,
+        key: &str,
+        claimant: &str,
+        sandbox_id: &str,
+    ) -> StoreResult<()> {
+        self.execute(
+            "UPDATE idempotency_keys SET sandbox_id = $4
+             WHERE team_id = $1 AND key = $2 AND claimant = $3",
+            &[&team_id, &key, &claimant, &sandbox_id],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn drop_idempotency(&self, team_id: &str, key: &str, claimant: &str) -> StoreResult<()> {
+        self.execute(
+            "DELETE FROM idempotency_keys
+             WHERE team_id = $1 AND key = $2 AND claimant = $3 AND sandbox_id = ''",
+            &[&team_id, &key, &claimant],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn forget_idempotency(
+        &self,
+        team_id: &str,
+        key: &str,
+        sandbox_id: &str,
+    ) -> StoreResult<()> {
+        self.execute(
+            "DELETE FROM idempotency_keys WHERE team_id = $1 AND key = $2 AND sandbox_id = $3",
+            &[&team_id, &key, &sandbox_id],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn prune_idempotency(&self, before_ms: i64) -> StoreResult<u64> {
+        self.execute(
+            "DELETE FROM idempotency_keys WHERE claimed_at_ms < $1",
+            &[&before_ms],
+        )
+        .await
+    }
+
+    async fn host_heartbeat(
+        &self,
+        host_id: &str,
+        heartbeat_hash: &str,
+        report: &wrenn_agent_api::join::HostReport,
+        at_ms: i64,
+    ) -> StoreResult<Option<HostState>> {
+        let report = serde_json::to_string(report).unwrap_or_else(|_| "{}".into());
+        // The row is locked as it is read, so its state before is the one this heartbeat
+        // replaces: a replica marking the host down at once waits, then finds it heard from.
+        let sql = "WITH before AS (
+                SELECT id, state FROM hosts WHERE id = $1 AND heartbeat_hash = $2 FOR UPDATE)
+            UPDATE hosts SET state = 'up', report = $3::text::jsonb, last_heartbeat_ms = $4
+            FROM before WHERE hosts.id = before.id
+            RETURNING before.state";
+        let started = std::time::Instant::now();
+        let row = self
+            .client()
+            .await?
+            .query_opt(sql, &[&host_id, &heartbeat_hash, &report, &at_ms])
+            .await?;
+        crate::metrics::observe_store_call("postgres", started.elapsed());
+        Ok(row.map(|row| HostState::from_stored(&row.get::<_, String>(0))))
+    }
+
+    async fn mark_host_down_if_silent(
+        &self,
+        host_id: &str,
+        last_heartbeat_ms: i64,
+    ) -> StoreResult<bool> {
+        self.execute(
+            "UPDATE hosts SET state = 'down'
+             WHERE id = $1 AND state = 'up' AND last_heartbeat_ms = $2",
+            &[&host_id, &last_heartbeat_ms],
+        )
+        .await
+        .map(|changed| changed == 1)
+    }
+
     async fn put_host(&self, host: HostRow) -> StoreResult<()> {
         let report = serde_json::to_string(&host.report).unwrap_or_else(|_| "{}".into());
         self.execute(
@@ -958,8 +1108,34 @@ impl StoreBackend for PgStore {
                 .execute(&cap, &[&sandbox, &batch.log_cap_chars])
                 .await?;
         }
+        if let Some(cursor) = &batch.cursor {
+            let after = i64::try_from(cursor.after).unwrap_or(i64::MAX);
+            transaction
+                .execute(
+                    "INSERT INTO telemetry_cursors (host_id, epoch, after) VALUES ($1, $2, $3)
+                     ON CONFLICT (host_id) DO UPDATE SET epoch = EXCLUDED.epoch, after = EXCLUDED.after",
+                    &[&cursor.host_id, &cursor.epoch, &after],
+                )
+                .await?;
+        }
         transaction.commit().await?;
         Ok(())
+    }
+
+    async fn telemetry_cursor(&self, host_id: &str) -> StoreResult<Option<TelemetryCursor>> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT epoch, after FROM telemetry_cursors WHERE host_id = $1",
+                &[&host_id],
+            )
+            .await?;
+        Ok(row.map(|row| TelemetryCursor {
+            host_id: host_id.to_string(),
+            epoch: row.get(0),
+            after: u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
+        }))
     }
 
     async fn metrics_between(

@@ -15,11 +15,12 @@ use super::rows::{BUILD_UPSERT, HOST_UPSERT, SANDBOX_UPSERT, Stored, TEMPLATE_UP
 use super::telemetry::{self as telemetry_sql, QueryValue};
 use super::{
     AUDIT_LOG, ApiKey, AuditRow, BuildLogRow, BuildRow, ChannelRow, DeliveryRow, EVENT_LOG,
-    EventRow, HostRow, ListQuery, LogQuery, LogValue, SandboxRow, SandboxState, StateChange,
-    StoreBackend, StoreError, StoreResult, Team, TemplateRow, private_dir,
+    EventRow, HostRow, HostState, IdempotencyClaim, ListQuery, LogQuery, LogValue, SandboxRow,
+    SandboxState, StateChange, StoreBackend, StoreError, StoreResult, Team, TemplateRow,
+    private_dir,
 };
 use super::{InvitationRow, MemberRow, UserRow, UserTokenRow};
-use super::{LogLinesQuery, MetricRow, SandboxLogRow, TelemetryBatch, UsageRow};
+use super::{LogLinesQuery, MetricRow, SandboxLogRow, TelemetryBatch, TelemetryCursor, UsageRow};
 
 /// A statement's owned values: `values![a, b]` is `vec![Value::from(a), Value::from(b)]`.
 macro_rules! values {
@@ -44,6 +45,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0011_users.sql"),
     include_str!("../../migrations/sqlite/0012_telemetry.sql"),
     include_str!("../../migrations/sqlite/0013_leases.sql"),
+    include_str!("../../migrations/sqlite/0014_replicas.sql"),
 ];
 
 /// The SQLite store.
@@ -623,6 +625,173 @@ impl StoreBackend for SqliteStore {
         .map(|changed| changed == 1)
     }
 
+    async fn drop_lease(&self, name: &str, holder: &str) -> StoreResult<bool> {
+        self.execute(
+            "DELETE FROM leases WHERE name = ?1 AND holder = ?2",
+            values![name.to_string(), holder.to_string()],
+        )
+        .await
+        .map(|changed| changed == 1)
+    }
+
+    fn shared(&self) -> bool {
+        false
+    }
+
+    async fn lease_held(&self, name: &str) -> StoreResult<bool> {
+        let (name, now_ms) = (name.to_string(), wrenn_core::now_ms());
+        self.with(move |db| {
+            db.query_row(
+                "SELECT EXISTS (SELECT 1 FROM leases WHERE name = ?1 AND expires_at_ms >= ?2)",
+                rusqlite::params![name, now_ms],
+                |row| row.get(0),
+            )
+        })
+        .await
+    }
+
+    async fn claim_idempotency(
+        &self,
+        team_id: &str,
+        key: &str,
+        claimant: &str,
+        now_ms: i64,
+        stale_ms: i64,
+    ) -> StoreResult<IdempotencyClaim> {
+        let (team_id, key, claimant) = (team_id.to_string(), key.to_string(), claimant.to_string());
+        self.with(move |db| {
+            use rusqlite::OptionalExtension;
+            let transaction = db.transaction()?;
+            // A new key, or an unsettled claim gone stale, becomes the claimant's.
+            let claimed = transaction.execute(
+                "INSERT INTO idempotency_keys (team_id, key, claimant, claimed_at_ms)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (team_id, key) DO UPDATE SET
+                     claimant = excluded.claimant, claimed_at_ms = excluded.claimed_at_ms
+                 WHERE sandbox_id = '' AND claimed_at_ms < ?4 - ?5",
+                rusqlite::params![team_id, key, claimant, now_ms, stale_ms],
+            )?;
+            let answer = if claimed == 1 {
+                IdempotencyClaim::Claimed
+            } else {
+                let made: Option<String> = transaction
+                    .query_row(
+                        "SELECT sandbox_id FROM idempotency_keys WHERE team_id = ?1 AND key = ?2",
+                        rusqlite::params![team_id, key],
+                        |row| row.get(0),
+                    )
+                    .optional()?;
+                match made {
+                    Some(id) if !id.is_empty() => IdempotencyClaim::Made(id),
+                    _ => IdempotencyClaim::Pending,
+                }
+            };
+            transaction.commit()?;
+            Ok(answer)
+        })
+        .await
+    }
+
+    async fn settle_idempotency(
+        &self,
+        team_id: &str,
+        key: &str,
+        claimant: &str,
+        sandbox_id: &str,
+    ) -> StoreResult<()> {
+        self.execute(
+            "UPDATE idempotency_keys SET sandbox_id = ?4
+             WHERE team_id = ?1 AND key = ?2 AND claimant = ?3",
+            values![
+                team_id.to_string(),
+                key.to_string(),
+                claimant.to_string(),
+                sandbox_id.to_string()
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn drop_idempotency(&self, team_id: &str, key: &str, claimant: &str) -> StoreResult<()> {
+        self.execute(
+            "DELETE FROM idempotency_keys
+             WHERE team_id = ?1 AND key = ?2 AND claimant = ?3 AND sandbox_id = ''",
+            values![team_id.to_string(), key.to_string(), claimant.to_string()],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn forget_idempotency(
+        &self,
+        team_id: &str,
+        key: &str,
+        sandbox_id: &str,
+    ) -> StoreResult<()> {
+        self.execute(
+            "DELETE FROM idempotency_keys WHERE team_id = ?1 AND key = ?2 AND sandbox_id = ?3",
+            values![team_id.to_string(), key.to_string(), sandbox_id.to_string()],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn prune_idempotency(&self, before_ms: i64) -> StoreResult<u64> {
+        self.execute(
+            "DELETE FROM idempotency_keys WHERE claimed_at_ms < ?1",
+            values![before_ms],
+        )
+        .await
+        .map(|changed| changed as u64)
+    }
+
+    async fn host_heartbeat(
+        &self,
+        host_id: &str,
+        heartbeat_hash: &str,
+        report: &wrenn_agent_api::join::HostReport,
+        at_ms: i64,
+    ) -> StoreResult<Option<HostState>> {
+        let (host_id, heartbeat_hash) = (host_id.to_string(), heartbeat_hash.to_string());
+        let report = serde_json::to_string(report).unwrap_or_default();
+        self.with(move |db| {
+            use rusqlite::OptionalExtension;
+            let transaction = db.transaction()?;
+            let before: Option<String> = transaction
+                .query_row(
+                    "SELECT state FROM hosts WHERE id = ?1 AND heartbeat_hash = ?2",
+                    rusqlite::params![host_id, heartbeat_hash],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            if before.is_some() {
+                transaction.execute(
+                    "UPDATE hosts SET state = 'up', report = ?2, last_heartbeat_ms = ?3
+                     WHERE id = ?1",
+                    rusqlite::params![host_id, report, at_ms],
+                )?;
+            }
+            transaction.commit()?;
+            Ok(before.map(|state| HostState::from_stored(&state)))
+        })
+        .await
+    }
+
+    async fn mark_host_down_if_silent(
+        &self,
+        host_id: &str,
+        last_heartbeat_ms: i64,
+    ) -> StoreResult<bool> {
+        self.execute(
+            "UPDATE hosts SET state = 'down'
+             WHERE id = ?1 AND state = 'up' AND last_heartbeat_ms = ?2",
+            values![host_id.to_string(), last_heartbeat_ms],
+        )
+        .await
+        .map(|changed| changed == 1)
+    }
+
     /// Adds or replaces a host.
     async fn put_host(&self, host: HostRow) -> StoreResult<()> {
         self.execute(
@@ -1025,7 +1194,38 @@ impl StoreBackend for SqliteStore {
                     cap.execute(rusqlite::params![sandbox, batch.log_cap_chars])?;
                 }
             }
+            if let Some(cursor) = &batch.cursor {
+                transaction.execute(
+                    "INSERT INTO telemetry_cursors (host_id, epoch, after) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (host_id) DO UPDATE SET epoch = excluded.epoch, after = excluded.after",
+                    rusqlite::params![
+                        cursor.host_id,
+                        cursor.epoch,
+                        i64::try_from(cursor.after).unwrap_or(i64::MAX)
+                    ],
+                )?;
+            }
             transaction.commit()
+        })
+        .await
+    }
+
+    async fn telemetry_cursor(&self, host_id: &str) -> StoreResult<Option<TelemetryCursor>> {
+        let host_id = host_id.to_string();
+        self.with(move |db| {
+            use rusqlite::OptionalExtension;
+            db.query_row(
+                "SELECT epoch, after FROM telemetry_cursors WHERE host_id = ?1",
+                [&host_id],
+                |row| {
+                    Ok(TelemetryCursor {
+                        host_id: host_id.clone(),
+                        epoch: row.get(0)?,
+                        after: u64::try_from(row.get::<_, i64>(1)?).unwrap_or(0),
+                    })
+                },
+            )
+            .optional()
         })
         .await
     }

@@ -63,6 +63,18 @@ pub struct TelemetryBatch {
     pub usage: Vec<UsageRow>,
     /// The most characters of log (messages and fields) a sandbox keeps: its oldest lines go.
     pub log_cap_chars: i64,
+    /// Where the host's collection stands after these rows (kept with them, for a replica
+    /// taking the collection over).
+    pub cursor: Option<TelemetryCursor>,
+}
+
+/// Where the collection of one host's telemetry stands: the host's buffer's epoch, and the
+/// last entry collected of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TelemetryCursor {
+    pub host_id: String,
+    pub epoch: String,
+    pub after: u64,
 }
 
 /// The log levels from the least severe.

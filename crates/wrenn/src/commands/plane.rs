@@ -120,6 +120,30 @@ pub struct PlaneArgs {
     /// How often the hosts' sandbox samples and log lines are collected, in milliseconds.
     #[arg(long, default_value = "5000", value_parser = millis())]
     pub(super) telemetry_interval_ms: Duration,
+    /// Run as one of several replicas on one PostgreSQL store (`wrenn server` only): each
+    /// background duty (timeouts, the fleet's watch, reconcile, telemetry, deliveries) runs in
+    /// one replica at a time, under a lease, and a replica's death hands it to another.
+    /// Replicas share --join-token and --shared-dir. See docs/operations.md.
+    #[arg(long)]
+    pub(super) replica: bool,
+    /// How long a replica's lease on a duty lasts unless renewed (renewed every third of it), in
+    /// milliseconds: a dead replica's duties are taken over within it and a renewal round.
+    #[arg(long, default_value = "10000", value_parser = millis(), requires = "replica")]
+    pub(super) lease_life_ms: Duration,
+    /// Where the secrets replicas must share are kept: the fleet's certificate authorities
+    /// (`fleet-tls/`) and the channels' sealing key (`secrets.key`) [default: <data>/cp]. Give
+    /// every replica the same directory's contents (start one first, which makes them).
+    #[arg(long, value_name = "DIR")]
+    pub(super) shared_dir: Option<PathBuf>,
+}
+
+impl PlaneArgs {
+    /// The directory of the secrets replicas share.
+    fn shared_dir(&self) -> PathBuf {
+        self.shared_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("cp"))
+    }
 }
 
 /// A duration flag given in milliseconds: a whole number, parsed (and refused) as any other.
@@ -330,7 +354,7 @@ fn secure_plane_files(dir: &Path) -> anyhow::Result<()> {
 /// The notification channels' settings: their sealing key (`<data>/cp/secrets.key`, made at
 /// the first start; replicas sharing a PostgreSQL store must share the file) and policy.
 fn channels(args: &PlaneArgs) -> anyhow::Result<wrenn_cp::channels::Channels> {
-    let key = args.data_dir.join("cp/secrets.key");
+    let key = args.shared_dir().join("secrets.key");
     let secrets = wrenn_cp::channels::SecretBox::open_or_create(&key)
         .context("opening the channels' secrets key")?;
     let policy = wrenn_cp::channels::ChannelPolicy {
@@ -357,6 +381,13 @@ pub(super) async fn start_plane(
     extensions: &crate::Extensions,
 ) -> anyhow::Result<Running> {
     secure_plane_files(&args.data_dir.join("cp"))?;
+    if args.shared_dir.is_some() {
+        secure_plane_files(&args.shared_dir())?;
+    }
+    anyhow::ensure!(
+        !(args.replica && embedded.is_some()),
+        "--replica is for `wrenn server`: `wrenn up` runs alone with its own agent"
+    );
     let https = start_https(args, embedded.is_some()).await?;
     let store = open_store(&args.data_dir, args.database_url_file.as_deref()).await?;
     let key_file = args.data_dir.join("cp/initial-api-key");
@@ -371,7 +402,7 @@ pub(super) async fn start_plane(
     let (token, join_token_file) = join_token(args)?;
     let authority = Arc::new(
         wrenn_cp::fleet::pki::FleetAuthority::open(
-            &args.data_dir.join("cp/fleet-tls"),
+            &args.shared_dir().join("fleet-tls"),
             args.host_certificate_life_secs,
         )
         .context("the fleet's certificate authorities")?,
@@ -394,6 +425,23 @@ pub(super) async fn start_plane(
     };
     let channels = channels(args)?;
     let (plane, wake) = ControlPlane::new(store, fleet, domain, !args.no_internet);
+    let plane = if args.replica {
+        let id = format!(
+            "{}-{}-{}",
+            nix::unistd::gethostname()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "replica".into()),
+            std::process::id(),
+            wrenn_cp::auth::random_id(6)?
+        );
+        tracing::info!(replica = %id, "running as a replica");
+        plane.with_replica(wrenn_cp::replica::ReplicaSettings {
+            id,
+            lease_life: args.lease_life_ms,
+        })?
+    } else {
+        plane
+    };
     let plane = plane
         .with_channels(channels.clone())
         .with_template_files(args.data_dir.join("cp/template-files"))

@@ -1,7 +1,7 @@
 //! The control plane's Prometheus metrics (in `wrenn_http::metrics`' registry): creates by
 //! outcome and their latency, sandboxes by state and hosts by state (read from the store and
 //! the fleet at each scrape, [`refresh`]), store calls' latency by backend, and what the
-//! telemetry collector brings. The HTTP servers' request metrics are `wrenn_http`'s.
+//! telemetry collector brings, and which background duties this process runs (replicas). The HTTP servers' request metrics are `wrenn_http`'s.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -24,6 +24,7 @@ pub struct PlaneMetrics {
     store_seconds: Family<Labels, Histogram>,
     telemetry_entries: Family<Labels, Counter>,
     telemetry_gaps: Counter,
+    duties: Family<Labels, Gauge>,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -66,6 +67,11 @@ static METRICS: LazyLock<PlaneMetrics> = LazyLock::new(|| PlaneMetrics {
         "wrenn_telemetry_gaps",
         "Collections that found a host had dropped entries before they were read",
         Counter::default(),
+    ),
+    duties: register(
+        "wrenn_duties_held",
+        "Background duties this process runs now (1) or leaves to another replica (0)",
+        Family::default(),
     ),
 });
 
@@ -154,6 +160,12 @@ pub async fn refresh(plane: &ControlPlane) -> Result<(), Error> {
             .hosts
             .get_or_create(&vec![("state", state.into())])
             .inc();
+    }
+    for duty in crate::replica::Duty::ALL {
+        METRICS
+            .duties
+            .get_or_create(&vec![("duty", duty.lease_name().into())])
+            .set(i64::from(plane.holds(duty)));
     }
     Ok(())
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::lease::{self, KeptLease};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// A background duty that one replica at a time runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -29,16 +29,19 @@ pub enum Duty {
     Telemetry,
     /// Notification channels' deliveries.
     Deliveries,
+    /// Extensions' event hooks (each event told once, by one replica).
+    EventHooks,
 }
 
 impl Duty {
     /// Every duty.
-    pub const ALL: [Duty; 5] = [
+    pub const ALL: [Duty; 6] = [
         Duty::Lifecycle,
         Duty::FleetWatch,
         Duty::Reconcile,
         Duty::Telemetry,
         Duty::Deliveries,
+        Duty::EventHooks,
     ];
 
     /// Its lease's name in the store.
@@ -49,6 +52,7 @@ impl Duty {
             Duty::Reconcile => "reconcile",
             Duty::Telemetry => "telemetry",
             Duty::Deliveries => "deliveries",
+            Duty::EventHooks => "event-hooks",
         }
     }
 }
@@ -155,11 +159,10 @@ impl Replica {
         }
     }
 
-    /// Waits for `name`'s turn among the replicas (a sandbox, a template name) and holds it,
-    /// renewed, until the turn is dropped. A store that does not answer is waited for up to a
-    /// lease's life, then the change goes ahead without the turn (it will likely fail on the
-    /// store too, and a turn must not hold changes up for good).
-    pub async fn turn(&self, store: &Store, name: &str) -> SharedTurn {
+    /// Waits for `name`'s turn among the replicas (a sandbox, a template name, a build) and
+    /// holds it, renewed, until the turn is dropped. A store that does not answer for a whole
+    /// lease life is an error: a change never goes ahead without its turn.
+    pub async fn turn(&self, store: &Store, name: &str) -> Result<SharedTurn, StoreError> {
         let lease_name = turn_lease_name(name);
         let holder = format!(
             "{}/{}",
@@ -168,19 +171,25 @@ impl Replica {
         );
         let life = self.settings.lease_life;
         let life_ms = i64::try_from(life.as_millis()).unwrap_or(i64::MAX);
-        let failing_since = std::time::Instant::now();
-        let mut failing = false;
+        // Since when the store has failed without a break (none: it answers).
+        let mut failing_since: Option<std::time::Instant> = None;
         loop {
-            match store.take_lease(&lease_name, &holder, life_ms).await {
+            let taken =
+                tokio::time::timeout(life / 3, store.take_lease(&lease_name, &holder, life_ms))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(StoreError::Unavailable(
+                            "the store did not answer in time".into(),
+                        ))
+                    });
+            match taken {
                 Ok(Some(_)) => break,
-                Ok(None) => failing = false,
+                Ok(None) => failing_since = None,
                 Err(error) => {
-                    if !failing {
+                    let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() > life {
                         tracing::warn!(turn = %lease_name, %error, "cannot take a turn in the store");
-                    }
-                    failing = true;
-                    if failing_since.elapsed() > life {
-                        return SharedTurn { renewal: None };
+                        return Err(error);
                     }
                 }
             }
@@ -188,15 +197,17 @@ impl Replica {
         }
         // Renewed every third of its life until dropped, then removed at once.
         let done = CancellationToken::new();
-        let renewal = {
+        {
             let (store, done) = (store.clone(), done.clone());
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
                         _ = done.cancelled() => break,
                         () = tokio::time::sleep(life / 3) => {
-                            if let Err(error) = store.take_lease(&lease_name, &holder, life_ms).await {
-                                tracing::warn!(turn = %lease_name, %error, "cannot renew a turn");
+                            match store.take_lease(&lease_name, &holder, life_ms).await {
+                                Ok(Some(_)) => {}
+                                Ok(None) => tracing::error!(turn = %lease_name, "a turn lapsed while held (its renewals were late): another replica may change the same thing"),
+                                Err(error) => tracing::warn!(turn = %lease_name, %error, "cannot renew a turn"),
                             }
                         }
                     }
@@ -204,12 +215,9 @@ impl Replica {
                 if let Err(error) = store.drop_lease(&lease_name, &holder).await {
                     tracing::warn!(turn = %lease_name, %error, "cannot give a turn up: it lapses");
                 }
-            })
-        };
-        drop(renewal);
-        SharedTurn {
-            renewal: Some(done),
+            });
         }
+        Ok(SharedTurn { renewal: done })
     }
 }
 
@@ -221,13 +229,11 @@ pub fn turn_lease_name(name: &str) -> String {
 /// A turn among replicas, given up when dropped.
 #[derive(Debug)]
 pub struct SharedTurn {
-    renewal: Option<CancellationToken>,
+    renewal: CancellationToken,
 }
 
 impl Drop for SharedTurn {
     fn drop(&mut self) {
-        if let Some(done) = self.renewal.take() {
-            done.cancel();
-        }
+        self.renewal.cancel();
     }
 }

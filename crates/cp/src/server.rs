@@ -115,8 +115,14 @@ impl Server {
         tokio::spawn(self.plane.clone().run_lifecycle());
         tokio::spawn(self.plane.clone().run_fleet(self.wake));
         let plane = self.plane.clone();
+        let hooked = self.plane.clone();
         let mut workers = vec![
-            tokio::spawn(self.plane.clone().run_event_hooks(shutdown.clone())),
+            tokio::spawn(while_held(
+                self.plane.clone(),
+                Duty::EventHooks,
+                shutdown.clone(),
+                move |stop| hooked.clone().run_event_hooks(stop),
+            )),
             tokio::spawn(while_held(
                 self.plane.clone(),
                 Duty::Telemetry,
@@ -187,6 +193,9 @@ impl Started {
     }
 }
 
+/// How long a duty that returned by itself waits before it is started again.
+const DUTY_RESTART_PAUSE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How often a replica not holding a duty's lease looks whether it does now.
 const DUTY_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -218,7 +227,7 @@ async fn while_held<W, F>(
             tokio::select! {
                 _ = &mut running => break,
                 () = tokio::time::sleep(DUTY_POLL) => {
-                    if !plane.holds(duty) {
+                    if !plane.holds(duty) && !stop.is_cancelled() {
                         tracing::info!(duty = duty.lease_name(), "this replica no longer holds the duty: stopping it");
                         stop.cancel();
                     }
@@ -227,6 +236,14 @@ async fn while_held<W, F>(
         }
         if shutdown.is_cancelled() {
             return;
+        }
+        // A duty that ended by itself (nothing to do, or it could not start) is not started
+        // again at once.
+        if !stop.is_cancelled() {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(DUTY_RESTART_PAUSE) => {}
+            }
         }
     }
 }

@@ -384,17 +384,18 @@ impl Fleet {
     ) -> Result<(), crate::store::StoreError> {
         row.state = HostState::Down;
         store.put_host(row.clone()).await?;
-        self.lost(store, &row).await
+        let lost = store.mark_host_lost(&row.id).await?;
+        self.went_down(store, &row, lost).await;
+        Ok(())
     }
 
-    /// A host marked down (its row says so): its sandboxes are lost.
-    async fn lost(&self, store: &Store, row: &HostRow) -> Result<(), crate::store::StoreError> {
-        let lost = store.mark_host_lost(&row.id).await?;
+    /// A host marked down in the store, its `lost` sandboxes with it: its routes go, and the
+    /// event is recorded.
+    async fn went_down(&self, store: &Store, row: &HostRow, lost: u64) {
         self.routes.forget_host(&row.id);
         tracing::warn!(host = %row.name, lost, "host is down: its sandboxes are lost");
         let data = json!({ "name": row.name, "lostSandboxes": lost });
         store.publish(EventKind::HostDown, "", &row.id, data).await;
-        Ok(())
     }
 
     /// One pass of the heartbeat watch: the embedded host reports itself, silent hosts go down.
@@ -418,13 +419,11 @@ impl Fleet {
                 .mark_host_down_if_silent(&row.id, row.last_heartbeat_ms)
                 .await
             {
-                Ok(true) => {
+                Ok(Some(lost)) => {
                     host.row.lock().expect("host lock").state = HostState::Down;
-                    if let Err(error) = self.lost(store, &row).await {
-                        tracing::warn!(%error, "cannot mark a down host's sandboxes lost");
-                    }
+                    self.went_down(store, &row, lost).await;
                 }
-                Ok(false) => {
+                Ok(None) => {
                     tracing::debug!(host = %row.name, "a host found silent was heard from meanwhile");
                 }
                 Err(error) => tracing::warn!(%error, "cannot mark a host down"),

@@ -78,11 +78,12 @@ pub async fn reconcile_host(
         }
         // Written since the rows were read? Being created or changed by another replica (it
         // holds the sandbox's turn)?
-        if store.sandbox(&sandbox.sandbox_id).await?.is_some()
-            || (store.shared()
-                && store
-                    .lease_held(&crate::replica::turn_lease_name(&sandbox.sandbox_id))
-                    .await?)
+        // (The turn first: a create writes its row before it gives its turn up.)
+        if (store.shared()
+            && store
+                .lease_held(&crate::replica::turn_lease_name(&sandbox.sandbox_id))
+                .await?)
+            || store.sandbox(&sandbox.sandbox_id).await?.is_some()
         {
             continue;
         }

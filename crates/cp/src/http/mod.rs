@@ -752,7 +752,7 @@ async fn owned_in_turn(
     team: &TeamId,
     id: &str,
 ) -> Result<(crate::service::ChangeTurn, SandboxRow), ApiError> {
-    let turn = plane.turn(id.split('-').next().unwrap_or(id)).await;
+    let turn = plane.turn(id.split('-').next().unwrap_or(id)).await?;
     Ok((turn, owned(plane, team, id).await?))
 }
 

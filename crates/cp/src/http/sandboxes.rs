@@ -292,7 +292,7 @@ pub(super) async fn get_sandbox(
 pub(super) async fn kill_sandbox(
     SandboxCall { plane, team, id }: SandboxCall,
 ) -> Result<Response, ApiError> {
-    let _turn = plane.turn(id.split('-').next().unwrap_or(&id)).await;
+    let _turn = plane.turn(id.split('-').next().unwrap_or(&id)).await?;
     let row = owned_any(&plane, &team, &id).await?;
     plane.kill(&row).await?;
     Ok(StatusCode::NO_CONTENT.into_response())

@@ -63,6 +63,37 @@ pub enum CreatedOnce {
     Earlier(SandboxRow),
 }
 
+/// An Idempotency-Key's claim by a create that has not settled it: given up when dropped
+/// unsettled (the create failed, or its call was cut short), so a retry creates at once.
+struct UnsettledClaim {
+    store: crate::store::Store,
+    team_id: String,
+    key: String,
+    claimant: String,
+    settled: bool,
+}
+
+impl Drop for UnsettledClaim {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let store = self.store.clone();
+        let (team_id, key, claimant) = (
+            std::mem::take(&mut self.team_id),
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.claimant),
+        );
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(error) = store.drop_idempotency(&team_id, &key, &claimant).await {
+                    tracing::warn!(%error, "cannot give up an unsettled idempotency key: a retry waits until it is stale");
+                }
+            });
+        }
+    }
+}
+
 impl ControlPlane {
     /// Creates a sandbox for team `team_id` unless an earlier create of the team with
     /// Idempotency-Key `key` made one (then that one, if it still exists). The keys are in the
@@ -112,21 +143,35 @@ impl ControlPlane {
                 }
             }
         }
-        match self.create(team_id, request).await {
-            Ok(created) => {
-                self.store
-                    .settle_idempotency(team_id, key, &claimant, &created.row.id)
-                    .await?;
-                Ok(CreatedOnce::Made(created))
-            }
-            Err(error) => {
-                if let Err(store_error) = self.store.drop_idempotency(team_id, key, &claimant).await
-                {
-                    tracing::warn!(%store_error, "cannot give up a failed create's idempotency key: a retry waits until it is stale");
+        // Given up if this call ends before it settles the key (its caller went away).
+        let mut claim = UnsettledClaim {
+            store: self.store.clone(),
+            team_id: team_id.to_string(),
+            key: key.to_string(),
+            claimant: claimant.clone(),
+            settled: false,
+        };
+        let created = self.create(team_id, request).await?;
+        // Settled, or the sandbox is answered all the same (a retry then makes another once
+        // the claim is stale; the store failing thrice in a row is rare).
+        for attempt in 1..=3 {
+            match self
+                .store
+                .settle_idempotency(team_id, key, &claimant, &created.row.id)
+                .await
+            {
+                Ok(()) => {
+                    claim.settled = true;
+                    break;
                 }
-                Err(error)
+                Err(error) if attempt == 3 => {
+                    claim.settled = true;
+                    tracing::warn!(sandbox = %created.row.id, %error, "cannot settle the create's idempotency key");
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
+        Ok(CreatedOnce::Made(created))
     }
 
     /// Creates a sandbox for team `team_id`.
@@ -227,7 +272,7 @@ impl ControlPlane {
         let _creating = self.fleet.creating(&id);
         // Nor another replica's (the sandbox's turn among them says it is being made).
         let _turn = match &self.replica {
-            Some(replica) => Some(replica.turn(&self.store, &id).await),
+            Some(replica) => Some(replica.turn(&self.store, &id).await?),
             None => None,
         };
         // A host that cannot take it (full) passes it to the next one.

@@ -29,6 +29,9 @@ use crate::store::{ListQuery, SandboxRow, SandboxState, Store};
 pub use error::Error;
 use serde_json::json;
 
+/// How often the lifecycle's replica looks for builds whose replica stopped.
+const BUILD_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+
 /// How long an Idempotency-Key is remembered after its create.
 pub const IDEMPOTENCY_KEY_LIFE: Duration = Duration::from_secs(24 * 3600);
 
@@ -79,8 +82,10 @@ pub struct ControlPlane {
 /// A change's turn: in this process, and among replicas when there are others.
 #[derive(Debug)]
 pub struct ChangeTurn {
-    _local: crate::busy::Turn,
+    // Fields drop in order: the shared turn is given up before the next waiter in this
+    // process gets its local one.
     _shared: Option<crate::replica::SharedTurn>,
+    _local: crate::busy::Turn,
 }
 
 impl ControlPlane {
@@ -184,16 +189,16 @@ impl ControlPlane {
     /// Waits for `name`'s turn (a sandbox's id, `template-name:<alias>`) and holds it until
     /// dropped: changes of one thing are made one at a time, by this process and by every
     /// replica.
-    pub async fn turn(&self, name: &str) -> ChangeTurn {
+    pub async fn turn(&self, name: &str) -> Result<ChangeTurn, Error> {
         let local = self.changes.turn(name).await;
         let shared = match &self.replica {
-            Some(replica) => Some(replica.turn(&self.store, name).await),
+            Some(replica) => Some(replica.turn(&self.store, name).await?),
             None => None,
         };
-        ChangeTurn {
-            _local: local,
+        Ok(ChangeTurn {
             _shared: shared,
-        }
+            _local: local,
+        })
     }
 
     /// The same control plane with every team limited by `quotas`.
@@ -277,7 +282,7 @@ impl ControlPlane {
 
     /// Kills the sandbox with this id, if there is one: whether there was.
     pub async fn kill_by_id(&self, id: &str) -> Result<bool, Error> {
-        let _turn = self.turn(id).await;
+        let _turn = self.turn(id).await?;
         match self.store.sandbox(id).await? {
             Some(row) => self.kill(&row).await.map(|()| true),
             None => Ok(false),
@@ -371,7 +376,7 @@ impl ControlPlane {
         allow_internet: bool,
         egress: wrenn_agent_api::network::EgressSettings,
     ) -> Result<(), Error> {
-        let _turn = self.turn(sandbox_id).await;
+        let _turn = self.turn(sandbox_id).await?;
         let row = self.team_sandbox(team_id, sandbox_id).await?;
         let network = crate::store::StoredNetwork {
             egress,
@@ -430,7 +435,9 @@ impl ControlPlane {
     /// it runs now.
     pub async fn resume_on_traffic(&self, id: &str) -> bool {
         const AUTO_RESUME_TIMEOUT_MS: i64 = 5 * 60 * 1000;
-        let _turn = self.turn(id).await;
+        let Ok(_turn) = self.turn(id).await else {
+            return false;
+        };
         let Ok(Some(row)) = self.store.sandbox(id).await else {
             return false;
         };
@@ -462,6 +469,7 @@ impl ControlPlane {
         let mut per_host: HashMap<String, Arc<tokio::sync::Semaphore>> = HashMap::new();
         let mut files_checked: Option<std::time::Instant> = None;
         let mut keys_pruned: Option<std::time::Instant> = None;
+        let mut builds_swept: Option<std::time::Instant> = None;
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             // Template files no build used for a week: at the start, then hourly.
@@ -478,6 +486,19 @@ impl ControlPlane {
             // turn, so a handover never ends one twice).
             if !self.holds(Duty::Lifecycle) {
                 continue;
+            }
+            // Among replicas, builds whose replica died (a start sweeps them alone on a store).
+            if self.replica.is_some()
+                && builds_swept.is_none_or(|at| at.elapsed() > BUILD_SWEEP_INTERVAL)
+            {
+                builds_swept = Some(std::time::Instant::now());
+                match self.fail_interrupted_builds().await {
+                    Ok(0) => {}
+                    Ok(failed) => tracing::warn!(failed, "builds whose replica stopped are failed"),
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot look for builds whose replica stopped")
+                    }
+                }
             }
             if keys_pruned.is_none_or(|at| at.elapsed() > Duration::from_secs(3600)) {
                 keys_pruned = Some(std::time::Instant::now());
@@ -523,7 +544,10 @@ impl ControlPlane {
     /// Ends a sandbox whose time is up, unless a change made while it waited for its turn
     /// (a new timeout, a pause, a kill) means it is not.
     async fn end(&self, expired: &SandboxRow) {
-        let _turn = self.turn(&expired.id).await;
+        // Without its turn (the store fails), the next round tries again.
+        let Ok(_turn) = self.turn(&expired.id).await else {
+            return;
+        };
         let row = match self.store.sandbox(&expired.id).await {
             Ok(Some(row))
                 if row.state == SandboxState::Running

@@ -72,7 +72,7 @@ impl ControlPlane {
             .filter(|name| !name.trim().is_empty())
             .map(split_name)
             .transpose()?;
-        let _turn = self.turn(sandbox_id).await;
+        let _turn = self.turn(sandbox_id).await?;
         let row = self.team_sandbox(team_id, sandbox_id).await?;
         if row.state != SandboxState::Running {
             return Err(Error::Conflict(format!(
@@ -91,7 +91,7 @@ impl ControlPlane {
         let admitted = self.admit(team_id, Change::Snapshot { disk_mib }).await?;
         // The name's turn: two snapshots of one name do not both make its template.
         let _name_turn = match &named {
-            Some((alias, _)) => Some(self.turn(&format!("template-name:{alias}")).await),
+            Some((alias, _)) => Some(self.turn(&format!("template-name:{alias}")).await?),
             None => None,
         };
         let now = now_ms();
@@ -164,6 +164,8 @@ impl ControlPlane {
                     .map_or("default".to_string(), |(_, tag)| tag.clone()),
             ],
         };
+        // Among replicas, the build is this one's while it runs (see `fail_interrupted_builds`).
+        let _running = self.hold_build(&build.id).await?;
         self.store.put_build(build.clone()).await?;
         let checkpoint = host
             .checkpoint(&row.id, &build.host_template_id, false)
@@ -304,7 +306,7 @@ impl ControlPlane {
         }
         // Held to the end: the source is not killed or paused between its checkpoint and the
         // forks' creates.
-        let _turn = self.turn(sandbox_id).await;
+        let _turn = self.turn(sandbox_id).await?;
         let row = self.team_sandbox(team_id, sandbox_id).await?;
         if row.state != SandboxState::Running {
             return Err(Error::Conflict(format!(

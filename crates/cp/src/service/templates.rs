@@ -370,14 +370,14 @@ impl ControlPlane {
                 tags.push(tag);
             }
         }
-        let _turn = self.turn(&format!("template-name:{alias}")).await;
+        let _turn = self.turn(&format!("template-name:{alias}")).await?;
         let now = now_ms();
         // An existing template is changed in its own turn, which a build's end and a delete
         // take too, and read again in it.
         let mut _template_turn = None;
         let existing = match self.store.template_by_alias(&alias).await? {
             Some(template) if template.team_id == team_id => {
-                _template_turn = Some(self.turn(&format!("template:{}", template.id)).await);
+                _template_turn = Some(self.turn(&format!("template:{}", template.id)).await?);
                 self.store.template(&template.id).await?
             }
             other => other,
@@ -606,7 +606,7 @@ impl ControlPlane {
     ) -> Result<(), Error> {
         let template = self.own_template(team_id, template_id).await?;
         // The template's turn: a delete does not run between the checks and the job's start.
-        let _turn = self.turn(&format!("template:{}", template.id)).await;
+        let _turn = self.turn(&format!("template:{}", template.id)).await?;
         if self.store.template(&template.id).await?.is_none() {
             return Err(Error::TemplateNotFound(template_id.to_string()));
         }
@@ -715,6 +715,9 @@ impl ControlPlane {
             memory_mb: job.memory_mib.unwrap_or(parent.memory_mib),
             ..build
         };
+        // Among replicas, the build is this one's while its job runs (see
+        // `fail_interrupted_builds`): held before the row says it is building.
+        let running = self.hold_build(&build.id).await?;
         self.store.put_build(build.clone()).await?;
         let cancel = tokio_util::sync::CancellationToken::new();
         self.build_jobs
@@ -733,7 +736,7 @@ impl ControlPlane {
                 .lock()
                 .expect("build jobs lock")
                 .remove(&build_id);
-            drop((placed, admitted));
+            drop((placed, admitted, running));
         }));
         Ok(())
     }
@@ -925,7 +928,10 @@ impl ControlPlane {
                 .await;
         }
         if let Some(ready) = ready {
-            let _turn = self.turn(&format!("template:{}", ready.template_id)).await;
+            let turn = self.turn(&format!("template:{}", ready.template_id)).await;
+            if let Err(error) = &turn {
+                tracing::warn!(build = %ready.id, %error, "cannot take the template's turn: its ready build is set without it");
+            }
             match self.store.template(&ready.template_id).await {
                 Ok(Some(template)) => {
                     let template = TemplateRow {
@@ -965,7 +971,7 @@ impl ControlPlane {
     /// or are paused keeps its copy until they are gone (the reconcile pass deletes it then).
     pub async fn delete_template(&self, team_id: &str, named: &str) -> Result<(), Error> {
         let template = self.own_template(team_id, named).await?;
-        let _turn = self.turn(&format!("template:{}", template.id)).await;
+        let _turn = self.turn(&format!("template:{}", template.id)).await?;
         // A template's sandboxes outlive it (E2B's rule); a snapshot's do not let it go.
         self.check_snapshot_unused(&template).await?;
         let mut builds = self.store.builds_of(&template.id).await?;
@@ -1089,14 +1095,41 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Ends the builds a previous run of the control plane left running: their job went with
-    /// it (a host's build stops when its caller goes). How many there were.
+    /// Among replicas, marks build `build_id` as this replica's while the answer is held (a
+    /// lease renewed while its job runs); alone on its store, nothing.
+    pub(crate) async fn hold_build(
+        &self,
+        build_id: &str,
+    ) -> Result<Option<crate::replica::SharedTurn>, Error> {
+        Ok(match &self.replica {
+            Some(replica) => Some(replica.turn(&self.store, &build_lease(build_id)).await?),
+            None => None,
+        })
+    }
+
+    /// Ends the builds whose job is gone: alone on its store, every build a previous run left
+    /// building (a host's build stops when its caller goes); among replicas, those whose
+    /// replica holds them no more (it died: the lifecycle's replica sweeps them). How many.
     pub async fn fail_interrupted_builds(&self) -> Result<usize, Error> {
-        let interrupted = self.store.builds_in(BuildStatus::Building).await?;
+        let mut interrupted = Vec::new();
+        for build in self.store.builds_in(BuildStatus::Building).await? {
+            let running_elsewhere = self.replica.is_some()
+                && self
+                    .store
+                    .lease_held(&crate::replica::turn_lease_name(&build_lease(&build.id)))
+                    .await?;
+            if !running_elsewhere && !self.build_jobs_running().contains(&build.id) {
+                interrupted.push(build);
+            }
+        }
         let now = now_ms();
         for build in &interrupted {
-            let message =
-                "the control plane restarted during the build: start a new one".to_string();
+            let message = if self.replica.is_some() {
+                "the control plane replica running the build stopped: start a new one"
+            } else {
+                "the control plane restarted during the build: start a new one"
+            }
+            .to_string();
             let line = BuildLogRow {
                 seq: 0,
                 timestamp_ms: now,
@@ -1151,6 +1184,11 @@ fn log_row(line: BuildLog) -> BuildLogRow {
         message: line.message,
         step: line.step,
     }
+}
+
+/// The name of the turn a replica holds while it runs build `build_id`.
+fn build_lease(build_id: &str) -> String {
+    format!("build:{build_id}")
 }
 
 #[cfg(test)]

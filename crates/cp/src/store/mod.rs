@@ -689,13 +689,14 @@ pub trait StoreBackend: Send + Sync + std::fmt::Debug {
         report: &wrenn_agent_api::join::HostReport,
         at_ms: i64,
     ) -> StoreResult<Option<HostState>>;
-    /// Marks a host down if it is up and was last heard from at `last_heartbeat_ms` (no
-    /// heartbeat came since it was found silent): whether it did.
+    /// Marks a host down, and its running and paused sandboxes lost, at once, if it is up and
+    /// was last heard from at `last_heartbeat_ms` (no heartbeat came since it was found
+    /// silent): how many sandboxes were lost, or `None` when it was not marked down.
     async fn mark_host_down_if_silent(
         &self,
         host_id: &str,
         last_heartbeat_ms: i64,
-    ) -> StoreResult<bool>;
+    ) -> StoreResult<Option<u64>>;
 
     async fn put_host(&self, host: HostRow) -> StoreResult<()>;
     async fn forget_host(&self, host_id: &str) -> StoreResult<u64>;
@@ -1342,10 +1343,30 @@ mod tests {
             // Found silent at 10, but a heartbeat came at 20 (at another replica): not down.
             let beat = store.host_heartbeat("h9", "sha256:token", &report, 20);
             assert_eq!(beat.await.unwrap(), Some(HostState::Up), "{backend}");
-            assert!(!store.mark_host_down_if_silent("h9", 10).await.unwrap());
-            // Silent since 20: down, once; the next heartbeat finds it down and brings it up.
-            assert!(store.mark_host_down_if_silent("h9", 20).await.unwrap());
-            assert!(!store.mark_host_down_if_silent("h9", 20).await.unwrap());
+            assert_eq!(
+                store.mark_host_down_if_silent("h9", 10).await.unwrap(),
+                None
+            );
+            // Silent since 20: down, once, its sandboxes lost with it; the next heartbeat finds
+            // it down and brings it up.
+            let team = Team {
+                id: "t9".into(),
+                name: "team t9".into(),
+                created_at_ms: 0,
+                admin: false,
+            };
+            store.create_team(team).await.unwrap();
+            let mut sandbox = row("on-h9", "t9", 1, "running", &[]);
+            sandbox.host_id = "h9".into();
+            store.put_sandbox(sandbox).await.unwrap();
+            let down = store.mark_host_down_if_silent("h9", 20).await.unwrap();
+            assert_eq!(down, Some(1), "{backend}");
+            assert_eq!(
+                store.mark_host_down_if_silent("h9", 20).await.unwrap(),
+                None
+            );
+            let lost = store.sandbox("on-h9").await.unwrap().unwrap();
+            assert_eq!(lost.state, SandboxState::Lost, "{backend}");
             let beat = store.host_heartbeat("h9", "sha256:token", &report, 30);
             assert_eq!(beat.await.unwrap(), Some(HostState::Down), "{backend}");
             let stored = store.hosts().await.unwrap();

@@ -701,14 +701,25 @@ impl StoreBackend for PgStore {
         &self,
         host_id: &str,
         last_heartbeat_ms: i64,
-    ) -> StoreResult<bool> {
-        self.execute(
-            "UPDATE hosts SET state = 'down'
-             WHERE id = $1 AND state = 'up' AND last_heartbeat_ms = $2",
-            &[&host_id, &last_heartbeat_ms],
-        )
-        .await
-        .map(|changed| changed == 1)
+    ) -> StoreResult<Option<u64>> {
+        // One statement: the host and its sandboxes change together or not at all.
+        let sql = "WITH down AS (
+                UPDATE hosts SET state = 'down'
+                WHERE id = $1 AND state = 'up' AND last_heartbeat_ms = $2 RETURNING id),
+            lost AS (
+                UPDATE sandboxes SET state = 'lost'
+                WHERE host_id IN (SELECT id FROM down) AND state IN ('running', 'paused')
+                RETURNING 1)
+            SELECT (SELECT COUNT(*) FROM down), (SELECT COUNT(*) FROM lost)";
+        let started = std::time::Instant::now();
+        let row = self
+            .client()
+            .await?
+            .query_one(sql, &[&host_id, &last_heartbeat_ms])
+            .await?;
+        crate::metrics::observe_store_call("postgres", started.elapsed());
+        let (down, lost): (i64, i64) = (row.get(0), row.get(1));
+        Ok((down == 1).then_some(lost as u64))
     }
 
     async fn put_host(&self, host: HostRow) -> StoreResult<()> {

@@ -782,14 +782,28 @@ impl StoreBackend for SqliteStore {
         &self,
         host_id: &str,
         last_heartbeat_ms: i64,
-    ) -> StoreResult<bool> {
-        self.execute(
-            "UPDATE hosts SET state = 'down'
-             WHERE id = ?1 AND state = 'up' AND last_heartbeat_ms = ?2",
-            values![host_id.to_string(), last_heartbeat_ms],
-        )
+    ) -> StoreResult<Option<u64>> {
+        let host_id = host_id.to_string();
+        self.with(move |db| {
+            let transaction = db.transaction()?;
+            let down = transaction.execute(
+                "UPDATE hosts SET state = 'down'
+                 WHERE id = ?1 AND state = 'up' AND last_heartbeat_ms = ?2",
+                rusqlite::params![host_id, last_heartbeat_ms],
+            )?;
+            let lost = if down == 1 {
+                Some(transaction.execute(
+                    "UPDATE sandboxes SET state = 'lost'
+                     WHERE host_id = ?1 AND state IN ('running', 'paused')",
+                    [&host_id],
+                )? as u64)
+            } else {
+                None
+            };
+            transaction.commit()?;
+            Ok(lost)
+        })
         .await
-        .map(|changed| changed == 1)
     }
 
     /// Adds or replaces a host.

@@ -169,6 +169,7 @@ BENCH="$(pwd)/target/debug/wrenn-bench"
 "$BENCH" egress --downloads 1 --mib 8 --connections 3 --accel tcg
 "$BENCH" api --creates 2 --rows 200 --accel tcg
 "$BENCH" tls --creates 1 --requests 5 --downloads 1 --download-mib 8 --handshakes 3 --accel tcg
+"$BENCH" replicas --kills 2 --lease-life-ms 1000
 "$BENCH" build --runs 1 --accel tcg --image "$WRENN_TEST_REGISTRY/wrenn-test/busybox:v1" \
   --store "s3://$WRENN_TEST_S3_BUCKET/bench-$$"
 if [ -n "${FIRECRACKER_BIN:-}" ] && [ -n "${FIRECRACKER_KERNEL:-}" ]; then

@@ -8,6 +8,7 @@ mod egress;
 mod envd;
 mod events;
 mod firecracker;
+mod replicas;
 mod report;
 mod sandbox;
 mod slots;
@@ -36,6 +37,9 @@ enum BenchCommand {
     /// TLS against plain HTTP in one run of a real fleet (a control plane and a joined
     /// agent): creates, small proxied requests, downloads; and the fleet hop's handshakes.
     Tls(tls::TlsBenchArgs),
+    /// Control plane replicas on PostgreSQL: the lifecycle's handover after its replica is
+    /// SIGKILLed.
+    Replicas(replicas::ReplicasBenchArgs),
     /// Sandboxes through a host agent: create, pause, resume, the agent's memory.
     Sandbox(sandbox::SandboxBenchArgs),
     /// Snapshots and forks of running sandboxes, and pauses with and without memory.
@@ -109,6 +113,7 @@ async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Api(args) => api::run(args).await,
         BenchCommand::Sandbox(args) => sandbox::sandbox(args).await,
         BenchCommand::Tls(args) => tls::run(args).await,
+        BenchCommand::Replicas(args) => replicas::run(args).await,
         BenchCommand::Slots(args) => slots::run(args).await,
         BenchCommand::Snapshot(args) => snapshot::run(args).await,
         BenchCommand::Build(args) => build::run(args).await,
